@@ -1,0 +1,1 @@
+"""fpgrad: a floating-point precision lab for gradient underflow."""

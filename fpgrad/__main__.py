@@ -1,0 +1,5 @@
+import sys
+
+from fpgrad.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""Command-line front over the public API. Exit codes: 0 ok, 2 bad input, 1 internal failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from fpgrad.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of usage dumps."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+def _formats(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from fpgrad.formats import CATALOGUE, get_format
+    from fpgrad.jsonutil import jsonable
+
+    fmts = [get_format(n) for n in args.names] if args.names else list(CATALOGUE.values())
+    rows = [f.describe() for f in fmts]
+    if args.json:
+        print(json.dumps(jsonable(rows), indent=2, allow_nan=False))
+        return 0
+    cols = ["name", "bits", "exponent_bits", "mantissa_bits", "eps", "smallest_subnormal",
+            "smallest_normal", "max", "overflow"]
+    table = [[r[c] if not isinstance(r[c], float) else f"{r[c]:.6g}" for c in cols] for r in rows]
+    heads = ["format", "bits", "exp", "mant", "eps", "smallest subnormal", "smallest normal",
+             "max", "overflow"]
+    print(tabulate(table, headers=heads, tablefmt="github"))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from fpgrad.explain import explain, render_explain
+    from fpgrad.jsonutil import jsonable
+
+    result = explain(args.value, args.format or None)
+    if args.json:
+        print(json.dumps(jsonable(result), indent=2, allow_nan=False))
+    else:
+        print(render_explain(result))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fpgrad.compare import compare
+    from fpgrad.netfile import load_network
+
+    net = load_network(args.network)
+    result = compare(
+        net,
+        precisions=args.precisions,
+        exact_bits=args.exact_bits,
+        reference=args.reference,
+        allow_uncertified=args.allow_uncertified,
+    )
+    if args.json:
+        print(result.to_json())
+    else:
+        print(result.render(max_rows=args.max_rows or None))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fpgrad.report import write_reports
+
+    failures = write_reports(args.out, only=args.only)
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fpgrad", description="A floating-point precision lab for gradient underflow.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("formats", help="the floating-point formats and their constants")
+    p.add_argument("names", nargs="*", help="formats to show (default: the catalogue)")
+    p.add_argument("--json", action="store_true", help="strict JSON output")
+    p.set_defaults(func=_formats)
+
+    p = sub.add_parser("explain", help="how a value rounds into each format")
+    p.add_argument("value", help="a number: 1e-8, 65520, 1+2**-11, 0x1.8p-3")
+    p.add_argument("--format", action="append", help="format to show (repeatable; default the four native ones)")
+    p.add_argument("--json", action="store_true", help="strict JSON output")
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("compare", help="gradients of a network in each precision against exact ones")
+    p.add_argument("network", help="network file (TOML)")
+    p.add_argument("--precisions", default=None, help="comma-separated (default float16,bfloat16,float32,float64)")
+    p.add_argument("--exact-bits", type=int, default=256, help="bits of the exact reference (default 256, >= 64)")
+    p.add_argument("--reference", default="original", choices=None, help="original (default) or rounded")
+    p.add_argument("--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits")
+    p.add_argument("--max-rows", type=int, default=60, help="gradient rows in the table (0: all; default 60)")
+    p.add_argument("--json", action="store_true", help="strict JSON output (every element)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("report", help="write the gallery of reports")
+    p.add_argument("--out", default="reports", help="output directory (default reports)")
+    p.add_argument("--only", default=None, help="comma-separated report names")
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args))
+    except InputError as exc:
+        print(f"fpgrad: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # pragma: no cover - e.g. piped into head
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 1
+        if os.environ.get("FPGRAD_DEBUG"):
+            raise
+        print(f"fpgrad: internal error: {type(exc).__name__}: {exc} (set FPGRAD_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

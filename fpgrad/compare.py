@@ -1,0 +1,277 @@
+"""Traces of several precisions against the certified exact trace.
+
+:func:`compare` is the API behind ``fpgrad compare``: per gradient element and precision a
+verdict (see :mod:`fpgrad.verdicts`), counts per precision, and per layer where the signal
+died (rounding zeros, subnormals and overflows in forward values and backward signals).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fpgrad.errors import InputError
+from fpgrad.evaluate import Trace
+from fpgrad.exact import DEFAULT_BITS, ExactResult, decimal_string, exact_trace
+from fpgrad.jsonutil import jsonable
+from fpgrad.network import Network
+from fpgrad.precisions import Precision, parse_precisions
+from fpgrad.rounding import round_to
+from fpgrad.verdicts import VERDICTS, ExactArray, classify
+
+REFERENCES = ("original", "rounded")
+SIGNAL_COUNTS = ("rounding_zero", "subnormal", "overflow", "structural_zero")
+
+
+@dataclass(frozen=True)
+class Place:
+    """A tensor of the trace: a layer's output (forward) or dL/d(output) (backward)."""
+
+    layer: str
+    kind: str
+    direction: str  # "forward" | "backward"
+    quantity: str  # "z", "a", "dL/dz", "dL/da"
+    op: str  # the operation that produced it
+
+    def label(self) -> str:
+        return f"{self.layer} {self.quantity}"
+
+
+def places(net: Network) -> list[Place]:
+    """Forward places from input to loss, then backward places from the loss back."""
+    out: list[Place] = []
+    for layer in net.layers:
+        q = "a" if layer.is_activation else "z"
+        out.append(Place(layer.name, layer.kind, "forward", q, f"{layer.name} forward ({layer.kind})"))
+    for i in range(len(net.layers) - 1, -1, -1):
+        layer = net.layers[i]
+        q = "dL/da" if layer.is_activation else "dL/dz"
+        if i == len(net.layers) - 1:
+            op = f"loss backward ({net.loss.kind})"
+        else:
+            nxt = net.layers[i + 1]
+            op = f"{nxt.name} backward ({nxt.kind})"
+        out.append(Place(layer.name, layer.kind, "backward", q, op))
+    return out
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare`; renders as tables (:meth:`render`) or JSON (:meth:`to_json`)."""
+
+    network: str
+    precisions: list[str]
+    reference: str
+    exact_bits: int
+    certified_digits: float
+    vanishing: int
+    loss: dict[str, Any]
+    gradients: list[dict[str, Any]]
+    summary: dict[str, dict[str, int]]
+    attribution: dict[str, dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(
+            {
+                "schema": "fpgrad.compare/1",
+                "network": self.network,
+                "reference": self.reference,
+                "exact": {
+                    "bits": self.exact_bits,
+                    "certified_digits": self.certified_digits,
+                    "vanishing_values": self.vanishing,
+                },
+                "precisions": self.precisions,
+                "loss": self.loss,
+                "summary": self.summary,
+                "gradients": self.gradients,
+                "attribution": self.attribution,
+                "notes": self.notes,
+            }
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def render(self, max_rows: int | None = None) -> str:
+        from fpgrad.render import render_comparison
+
+        return render_comparison(self, max_rows=max_rows)
+
+    def counts(self, precision: str) -> dict[str, int]:
+        """Verdict counts of the gradient elements in ``precision``."""
+        return self.summary[precision]
+
+    def verdicts(self, param: str, precision: str) -> list[str]:
+        """Verdicts of every element of one parameter's gradient, in row-major order."""
+        return [g[precision]["verdict"] for g in self.gradients if g["param"] == param]
+
+    def gradient(self, param: str, index: tuple[int, ...]) -> dict[str, Any]:
+        """The entry of one gradient element (exact string and per-precision columns)."""
+        for g in self.gradients:
+            if g["param"] == param and tuple(g["index"]) == tuple(index):
+                return g
+        raise KeyError(f"{param}{list(index)}")
+
+
+def compare(
+    net: Network,
+    precisions: str | list[str] | None = None,
+    exact_bits: int = DEFAULT_BITS,
+    reference: str = "original",
+    allow_uncertified: bool = False,
+) -> Comparison:
+    """Evaluate ``net`` in each precision and exactly; verdict every gradient element."""
+    if reference not in REFERENCES:
+        raise InputError(f"unknown reference {reference!r}; use original or rounded")
+    precs = parse_precisions(precisions)
+    exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified)
+    refs: dict[str, ExactResult] = {}
+    for p in precs:
+        if reference == "rounded":
+            rounded = net.map_values(lambda a, fmt=p.fmt: round_to(a, fmt))
+            refs[p.name] = exact_trace(rounded, exact_bits, allow_uncertified=allow_uncertified)
+        else:
+            refs[p.name] = exact
+    traces = {p.name: p.run(net) for p in precs}
+    certified = min(r.certified_digits for r in (exact, *refs.values()))
+    vanishing = max(r.vanishing for r in (exact, *refs.values()))
+
+    loss: dict[str, Any] = {"exact": decimal_string(exact.trace.loss, exact.digits["loss"].min())}
+    for p in precs:
+        ex = ExactArray.from_mp(np.asarray(refs[p.name].trace.loss, dtype=object))
+        v = classify(ex, np.asarray(traces[p.name].loss), p.fmt)
+        loss[p.name] = {
+            "value": float(traces[p.name].loss),
+            "verdict": str(v.verdict[()]),
+            "kind": str(v.subkind[()]) or None,
+            "rel_err": float(v.rel_err[()]),
+        }
+    gradients = _gradient_entries(net, precs, exact, refs, traces, reference)
+    summary = {p.name: _summary(gradients, p.name) for p in precs}
+    attribution = {p.name: _attribution(net, refs[p.name].trace, traces[p.name], p) for p in precs}
+    notes = [
+        "exact: evaluated at the parameters and data as written (float64 values, exact)"
+        if reference == "original"
+        else "exact: evaluated per precision at the parameters and data rounded into it"
+    ]
+    if vanishing:
+        notes.append(
+            f"{vanishing} exact values are zero to within 2^-{exact.vanishing_bound_bits} "
+            "of their array's largest value (cancellation) and are treated as exact zeros"
+        )
+    return Comparison(
+        network=net.name,
+        precisions=[p.name for p in precs],
+        reference=reference,
+        exact_bits=exact_bits,
+        certified_digits=certified,
+        vanishing=vanishing,
+        loss=loss,
+        gradients=gradients,
+        summary=summary,
+        attribution=attribution,
+        notes=notes,
+    )
+
+
+def _gradient_entries(
+    net: Network,
+    precs: list[Precision],
+    exact: ExactResult,
+    refs: dict[str, ExactResult],
+    traces: dict[str, Trace],
+    reference: str,
+) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    per_param: dict[str, dict[str, Any]] = {}
+    for name in net.params:
+        ex_values = np.asarray(exact.trace.grads[name], dtype=object)
+        digits = exact.digits[f"grads/{name}"]
+        cols: dict[str, Any] = {}
+        for p in precs:
+            ref = refs[p.name]
+            ref_ex = ExactArray.from_mp(ref.trace.grads[name])
+            v = classify(ref_ex, traces[p.name].grads[name], p.fmt)
+            cols[p.name] = (traces[p.name].grads[name], v, ref, ref_ex)
+        per_param[name] = cols
+        for idx in np.ndindex(ex_values.shape):
+            entry: dict[str, Any] = {
+                "param": name,
+                "index": list(idx),
+                "exact": decimal_string(ex_values[idx], digits[idx]),
+            }
+            for p in precs:
+                values, v, ref, _ = cols[p.name]
+                col: dict[str, Any] = {
+                    "value": float(values[idx]),
+                    "verdict": v.verdict[idx],
+                    "kind": v.subkind[idx] or None,
+                    "rel_err": float(v.rel_err[idx]),
+                    "ulps": float(v.ulps[idx]),
+                    "digits": float(v.digits[idx]),
+                }
+                if reference == "rounded":
+                    col["exact"] = decimal_string(
+                        np.asarray(ref.trace.grads[name], dtype=object)[idx],
+                        ref.digits[f"grads/{name}"][idx],
+                    )
+                entry[p.name] = col
+            entries.append(entry)
+    return entries
+
+
+def _summary(gradients: list[dict[str, Any]], precision: str) -> dict[str, int]:
+    counts = Counter(g[precision]["verdict"] for g in gradients)
+    out = {v: counts.get(v, 0) for v in VERDICTS}
+    kinds = Counter(g[precision]["kind"] for g in gradients if g[precision]["kind"])
+    out["rounding_zero_underflow"] = kinds.get("underflow", 0)
+    out["rounding_zero_lost"] = kinds.get("lost", 0)
+    return out
+
+
+def _attribution(net: Network, exact: Trace, trace: Trace, p: Precision) -> dict[str, Any]:
+    rows = []
+    for place in places(net):
+        section = "forward" if place.direction == "forward" else "backward"
+        ex = ExactArray.from_mp(getattr(exact, section)[place.layer])
+        v = classify(ex, getattr(trace, section)[place.layer], p.fmt)
+        verdicts = v.verdict
+        row = {
+            "layer": place.layer,
+            "kind": place.kind,
+            "direction": place.direction,
+            "quantity": place.quantity,
+            "op": place.op,
+            "size": int(verdicts.size),
+            "rounding_zero": int(np.sum(verdicts == "rounding_zero")),
+            "subnormal": int(np.sum(verdicts == "subnormal")),
+            "overflow": int(np.sum((verdicts == "overflow") | (verdicts == "nan"))),
+            "structural_zero": int(np.sum(verdicts == "structural_zero")),
+            "exact_subnormal_range": int(
+                np.sum(~ex.zero & (np.abs(ex.hi) < p.fmt.smallest_normal))
+            ),
+        }
+        rows.append(row)
+    first_backward = next(
+        (r for r in rows if r["direction"] == "backward" and r["rounding_zero"]), None
+    )
+    first_forward = next((r for r in rows if r["direction"] == "forward" and r["rounding_zero"]), None)
+    first_overflow = next((r for r in rows if r["overflow"]), None)
+
+    def where(r: dict[str, Any] | None) -> dict[str, Any] | None:
+        if r is None:
+            return None
+        return {k: r[k] for k in ("layer", "direction", "quantity", "op", "rounding_zero", "overflow")}
+
+    return {
+        "places": rows,
+        "first_rounding_zero_backward": where(first_backward),
+        "first_rounding_zero_forward": where(first_forward),
+        "first_overflow": where(first_overflow),
+    }

@@ -1,0 +1,174 @@
+"""One forward and backward pass of a Network in one number system, keeping every intermediate.
+
+Each layer's forward formula and local derivative are written once, side by side, against
+the :class:`~fpgrad.arith.base.Arith` slots. The backward pass walks the layers in reverse
+without recursion and in a fixed order, so the order of accumulation is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fpgrad.arith.base import Arith
+from fpgrad.network import Layer, Network
+
+
+@dataclass
+class Trace:
+    """Everything one evaluation produced.
+
+    ``forward[layer]`` is the layer's output (pre-activation z for dense and batch_norm,
+    activation a otherwise); ``backward[layer]`` is dL/d(that output); ``grads`` maps
+    ``layer.param`` to dL/dparam. Values are arrays of the number system (float64 arrays of
+    exactly converted values for torch dtypes).
+    """
+
+    system: str
+    loss: Any
+    forward: dict[str, Any] = field(default_factory=dict)
+    backward: dict[str, Any] = field(default_factory=dict)
+    grads: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(net: Network, ar: Arith) -> Trace:
+    """Forward and backward pass of ``net`` in the number system ``ar``."""
+    h = ar.asarray(net.x)
+    inputs: list[Any] = []
+    saved: list[dict[str, Any]] = []
+    trace = Trace(system=ar.name, loss=None)
+    for layer in net.layers:
+        inputs.append(h)
+        h, keep = _forward(ar, layer, h)
+        saved.append(keep)
+        trace.forward[layer.name] = h
+
+    loss, grad = _loss(ar, net, h)
+    trace.loss = loss
+    for index in range(len(net.layers) - 1, -1, -1):
+        layer = net.layers[index]
+        trace.backward[layer.name] = grad
+        grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad)
+        for pname, value in pgrads.items():
+            trace.grads[f"{layer.name}.{pname}"] = value
+    # parameters in layer order, as Network.params lists them
+    trace.grads = {name: trace.grads[name] for name in net.params}
+    return trace
+
+
+def _forward(ar: Arith, layer: Layer, x: Any) -> tuple[Any, dict[str, Any]]:
+    kind = layer.kind
+    if kind == "dense":
+        w = ar.asarray(layer.params["weight"])
+        z = ar.matmul(x, w.T)  # z = x W^T (+ b)
+        if "bias" in layer.params:
+            z = ar.add(z, ar.asarray(layer.params["bias"])[None, :])
+        return z, {"w": w}
+    if kind == "relu":
+        mask = ar.positive(x)  # relu'(0) = 0, as torch
+        return ar.where(mask, x, ar.mul(x, ar.const(0.0))), {"mask": mask}
+    if kind == "leaky_relu":
+        mask = ar.positive(x)  # torch: x > 0 ? 1 : slope (slope at 0)
+        slope = ar.const(layer.slope)
+        return ar.where(mask, x, ar.mul(x, slope)), {"mask": mask, "slope": slope}
+    if kind == "sigmoid":
+        s = ar.sigmoid(x)
+        return s, {"s": s}
+    if kind == "tanh":
+        t = ar.tanh(x)
+        return t, {"t": t}
+    if kind == "softmax":
+        s = _softmax(ar, x)
+        return s, {"s": s}
+    if kind == "batch_norm":
+        n = ar.const(float(x.shape[0]))
+        mean = ar.div(ar.sum(x, axis=0, keepdims=True), n)
+        xc = ar.sub(x, mean)
+        var = ar.div(ar.sum(ar.mul(xc, xc), axis=0, keepdims=True), n)  # biased, as training BN
+        inv = ar.div(ar.const(1.0), ar.sqrt(ar.add(var, ar.const(layer.eps))))
+        xhat = ar.mul(xc, inv)
+        gamma = ar.asarray(layer.params["weight"])[None, :]
+        y = ar.add(ar.mul(xhat, gamma), ar.asarray(layer.params["bias"])[None, :])
+        return y, {"xhat": xhat, "inv": inv, "gamma": gamma, "n": n}
+    raise AssertionError(f"unhandled layer kind {kind}")  # netfile validates kinds
+
+
+def _backward(
+    ar: Arith, layer: Layer, x: Any, keep: dict[str, Any], dy: Any
+) -> tuple[Any, dict[str, Any]]:
+    kind = layer.kind
+    if kind == "dense":
+        grads = {"weight": ar.matmul(dy.T, x)}  # dW = dz^T x
+        if "bias" in layer.params:
+            grads["bias"] = ar.sum(dy, axis=0)  # db = sum over the batch
+        return ar.matmul(dy, keep["w"]), grads  # dx = dz W
+    if kind == "relu":
+        return ar.where(keep["mask"], dy, ar.mul(dy, ar.const(0.0))), {}
+    if kind == "leaky_relu":
+        return ar.where(keep["mask"], dy, ar.mul(dy, keep["slope"])), {}
+    if kind == "sigmoid":
+        return ar.mul(dy, ar.sigmoid_deriv(x, keep["s"])), {}  # s (1 - s)
+    if kind == "tanh":
+        return ar.mul(dy, ar.tanh_deriv(x, keep["t"])), {}  # 1 - t^2
+    if kind == "softmax":
+        s = keep["s"]
+        inner = ar.sum(ar.mul(dy, s), axis=1, keepdims=True)
+        return ar.mul(s, ar.sub(dy, inner)), {}  # s * (dy - <dy, s>)
+    if kind == "batch_norm":
+        xhat, inv, gamma, n = keep["xhat"], keep["inv"], keep["gamma"], keep["n"]
+        grads = {
+            "weight": ar.sum(ar.mul(dy, xhat), axis=0),
+            "bias": ar.sum(dy, axis=0),
+        }
+        dxhat = ar.mul(dy, gamma)
+        s1 = ar.sum(dxhat, axis=0, keepdims=True)
+        s2 = ar.sum(ar.mul(dxhat, xhat), axis=0, keepdims=True)
+        # dx = inv/n * (n dxhat - sum(dxhat) - xhat sum(dxhat xhat))
+        inner = ar.sub(ar.sub(ar.mul(dxhat, n), s1), ar.mul(xhat, s2))
+        return ar.mul(inner, ar.div(inv, n)), grads
+    raise AssertionError(f"unhandled layer kind {kind}")
+
+
+def _softmax(ar: Arith, z: Any) -> Any:
+    e = ar.exp(ar.sub(z, ar.max(z, axis=1, keepdims=True)))
+    return ar.div(e, ar.sum(e, axis=1, keepdims=True))
+
+
+def _loss(ar: Arith, net: Network, out: Any) -> tuple[Any, Any]:
+    """Loss (mean reduction) and dL/d(out)."""
+    kind = net.loss.kind
+    batch = out.shape[0]
+    if kind == "mse":
+        t = ar.asarray(net.y)
+        r = ar.sub(out, t)
+        count = ar.const(float(r.size))
+        loss = ar.div(_total(ar, ar.mul(r, r)), count)
+        return loss, ar.mul(r, ar.div(ar.const(2.0), count))  # 2 (y - t) / N
+    if kind == "cross_entropy":
+        t_values = np.eye(out.shape[1])[net.y.astype(int)] if net.class_targets else net.y
+        t = ar.asarray(t_values)
+        m = ar.max(out, axis=1, keepdims=True)
+        shifted = ar.sub(out, m)
+        e = ar.exp(shifted)
+        total = ar.sum(e, axis=1, keepdims=True)
+        logp = ar.sub(shifted, ar.log(total))  # log_softmax
+        n = ar.const(float(batch))
+        loss = ar.div(ar.sub(ar.const(0.0), _total(ar, ar.mul(t, logp))), n)
+        return loss, ar.div(ar.xent_grad(e, total, t_values), n)  # (p sum(t) - t) / B
+    if kind == "bce":
+        t = ar.asarray(net.y)
+        zero = ar.mul(out, ar.const(0.0))
+        relu = ar.where(ar.positive(out), out, zero)
+        soft = ar.log(ar.add(ar.const(1.0), ar.exp(ar.sub(zero, ar.abs(out)))))
+        terms = ar.add(ar.sub(relu, ar.mul(out, t)), soft)  # max(z,0) - z t + log(1+e^-|z|)
+        count = ar.const(float(out.size))
+        loss = ar.div(_total(ar, terms), count)
+        return loss, ar.div(ar.bce_grad(out, net.y), count)  # (sigmoid(z) - t) / N
+    raise AssertionError(f"unhandled loss {kind}")
+
+
+def _total(ar: Arith, a: Any) -> Any:
+    """Sum of all elements of a 2-D array (rows first, then the row sums)."""
+    return ar.sum(ar.sum(a, axis=1), axis=0)

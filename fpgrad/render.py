@@ -1,0 +1,115 @@
+"""Readable text tables for results (tabulate). Reads results; computes no science."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from tabulate import tabulate
+
+if TYPE_CHECKING:
+    from fpgrad.compare import Comparison
+
+_SHORT = {
+    "ok": "ok",
+    "structural_zero": "STRUCT-0",
+    "rounding_zero": "ROUND-0",
+    "subnormal": "subnormal",
+    "overflow": "OVERFLOW",
+    "nan": "NaN",
+    "wrong_sign": "WRONG-SIGN",
+    "spurious_nonzero": "spurious",
+}
+
+
+def fmt_value(x: float) -> str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "-0" if math.copysign(1.0, x) < 0 else "0"
+    return f"{x:.6g}"
+
+
+def _cell(col: dict[str, Any]) -> str:
+    verdict = col["verdict"]
+    text = f"{fmt_value(col['value'])} {_SHORT[verdict]}"
+    if verdict == "rounding_zero":
+        text += f" ({col['kind']})"
+    elif verdict in ("ok", "subnormal", "wrong_sign") and "ulps" in col:
+        text += f" {col['ulps']:.3g}ulp"
+    elif verdict == "ok":
+        text += f" rel {col['rel_err']:.2g}"
+    return text
+
+
+def _loss_cell(col: dict[str, Any]) -> str:
+    text = _SHORT[col["verdict"]] + (f" ({col['kind']})" if col["kind"] else "")
+    return text + (f", rel. error {col['rel_err']:.2g}" if col["verdict"] == "ok" else "")
+
+
+def _exact_short(s: str) -> str:
+    if s == "0":
+        return "0"
+    mant, _, exp = s.partition("e")
+    return f"{mant[:12]}e{exp}" if exp else mant[:12]
+
+
+def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
+    lines = [
+        f"fpgrad compare: {c.network}",
+        f"reference: {c.reference}; exact = mpmath at {c.exact_bits} bits, "
+        f"certified {c.certified_digits:.1f} significant digits (checked at {2 * c.exact_bits} bits)",
+    ]
+    lines += [f"note: {n}" for n in c.notes[1:]]
+    loss_rows = [["exact", _exact_short(c.loss["exact"]), ""]]
+    loss_rows += [[p, fmt_value(c.loss[p]["value"]), _loss_cell(c.loss[p])] for p in c.precisions]
+    lines += ["", "Loss", tabulate(loss_rows, headers=["precision", "loss", "verdict"], tablefmt="github")]
+
+    verdicts = [v for v in _SHORT if any(c.summary[p][v] for p in c.precisions)] or ["ok"]
+    rows = [[p] + [c.summary[p][v] for v in verdicts] for p in c.precisions]
+    lines += ["", "Gradient verdicts (counts)", tabulate(rows, headers=["precision", *verdicts], tablefmt="github")]
+
+    grad_rows = []
+    for g in c.gradients:
+        label = f"{g['param']}[{','.join(str(i) for i in g['index'])}]"
+        grad_rows.append([label, _exact_short(g["exact"])] + [_cell(g[p]) for p in c.precisions])
+    hidden = 0
+    if max_rows is not None and len(grad_rows) > max_rows:
+        interesting = [r for r, g in zip(grad_rows, c.gradients, strict=True)
+                       if any(g[p]["verdict"] != "ok" for p in c.precisions)]
+        grad_rows = (interesting or grad_rows)[:max_rows]
+        hidden = len(c.gradients) - len(grad_rows)
+    lines += ["", "Gradients (value, verdict, error in ulps of that format)",
+              tabulate(grad_rows, headers=["gradient", "exact", *c.precisions], tablefmt="github")]
+    if hidden:
+        lines.append(f"({hidden} rows not shown; --max-rows 0 shows all, --json gives every element)")
+
+    lines += ["", "Where the signal died (counts per tensor: rounding zeros / subnormals / overflows)"]
+    att_rows = []
+    for place in c.attribution[c.precisions[0]]["places"]:
+        row = [f"{place['direction'][:3]} {place['layer']} {place['quantity']}", place["op"]]
+        for p in c.precisions:
+            match = next(
+                r for r in c.attribution[p]["places"]
+                if r["layer"] == place["layer"] and r["direction"] == place["direction"]
+            )
+            row.append(f"{match['rounding_zero']}/{match['subnormal']}/{match['overflow']}")
+        att_rows.append(row)
+    lines.append(tabulate(att_rows, headers=["tensor", "produced by", *c.precisions], tablefmt="github"))
+    for p in c.precisions:
+        a = c.attribution[p]
+        first = a["first_rounding_zero_backward"]
+        if first:
+            lines.append(
+                f"{p}: going back from the loss, rounding zeros first appear in {first['layer']} "
+                f"{first['quantity']} ({first['rounding_zero']} elements), produced by {first['op']}"
+            )
+        fwd = a["first_rounding_zero_forward"]
+        if fwd:
+            lines.append(f"{p}: forward values rounded to zero first at {fwd['layer']} {fwd['quantity']} ({fwd['op']})")
+        if a["first_overflow"]:
+            o = a["first_overflow"]
+            lines.append(f"{p}: first overflow (inf/NaN) at {o['layer']} {o['quantity']} ({o['op']})")
+    return "\n".join(lines)
