@@ -30,11 +30,29 @@ def _formats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jsonable(rows), indent=2, allow_nan=False))
         return 0
-    cols = ["name", "bits", "exponent_bits", "mantissa_bits", "eps", "smallest_subnormal",
-            "smallest_normal", "max", "overflow"]
+    cols = [
+        "name",
+        "bits",
+        "exponent_bits",
+        "mantissa_bits",
+        "eps",
+        "smallest_subnormal",
+        "smallest_normal",
+        "max",
+        "overflow",
+    ]
     table = [[r[c] if not isinstance(r[c], float) else f"{r[c]:.6g}" for c in cols] for r in rows]
-    heads = ["format", "bits", "exp", "mant", "eps", "smallest subnormal", "smallest normal",
-             "max", "overflow"]
+    heads = [
+        "format",
+        "bits",
+        "exp",
+        "mant",
+        "eps",
+        "smallest subnormal",
+        "smallest normal",
+        "max",
+        "overflow",
+    ]
     print(tabulate(table, headers=heads, tablefmt="github"))
     return 0
 
@@ -78,7 +96,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fpgrad", description="A floating-point precision lab for gradient underflow.")
+    parser = _Parser(
+        prog="fpgrad", description="A floating-point precision lab for gradient underflow."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("formats", help="the floating-point formats and their constants")
@@ -88,17 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="how a value rounds into each format")
     p.add_argument("value", help="a number: 1e-8, 65520, 1+2**-11, 0x1.8p-3")
-    p.add_argument("--format", action="append", help="format to show (repeatable; default the four native ones)")
+    p.add_argument(
+        "--format",
+        action="append",
+        help="format to show (repeatable; default the four native ones)",
+    )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_explain)
 
-    p = sub.add_parser("compare", help="gradients of a network in each precision against exact ones")
+    p = sub.add_parser(
+        "compare", help="gradients of a network in each precision against exact ones"
+    )
     p.add_argument("network", help="network file (TOML)")
-    p.add_argument("--precisions", default=None, help="comma-separated (default float16,bfloat16,float32,float64)")
-    p.add_argument("--exact-bits", type=int, default=256, help="bits of the exact reference (default 256, >= 64)")
-    p.add_argument("--reference", default="original", choices=None, help="original (default) or rounded")
-    p.add_argument("--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits")
-    p.add_argument("--max-rows", type=int, default=60, help="gradient rows in the table (0: all; default 60)")
+    p.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated (default float16,bfloat16,float32,float64)",
+    )
+    p.add_argument(
+        "--exact-bits",
+        type=int,
+        default=256,
+        help="bits of the exact reference (default 256, >= 64)",
+    )
+    p.add_argument(
+        "--reference", default="original", choices=None, help="original (default) or rounded"
+    )
+    p.add_argument(
+        "--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits"
+    )
+    p.add_argument(
+        "--max-rows", type=int, default=60, help="gradient rows in the table (0: all; default 60)"
+    )
     p.add_argument("--json", action="store_true", help="strict JSON output (every element)")
     p.set_defaults(func=_compare)
 
@@ -125,8 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 1
         if os.environ.get("FPGRAD_DEBUG"):
             raise
-        print(f"fpgrad: internal error: {type(exc).__name__}: {exc} (set FPGRAD_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(
+            f"fpgrad: internal error: {type(exc).__name__}: {exc} (set FPGRAD_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

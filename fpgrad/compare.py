@@ -46,7 +46,9 @@ def places(net: Network) -> list[Place]:
     out: list[Place] = []
     for layer in net.layers:
         q = "a" if layer.is_activation else "z"
-        out.append(Place(layer.name, layer.kind, "forward", q, f"{layer.name} forward ({layer.kind})"))
+        out.append(
+            Place(layer.name, layer.kind, "forward", q, f"{layer.name} forward ({layer.kind})")
+        )
     for i in range(len(net.layers) - 1, -1, -1):
         layer = net.layers[i]
         q = "dL/da" if layer.is_activation else "dL/dz"
@@ -261,13 +263,17 @@ def _attribution(net: Network, exact: Trace, trace: Trace, p: Precision) -> dict
     first_backward = next(
         (r for r in rows if r["direction"] == "backward" and r["rounding_zero"]), None
     )
-    first_forward = next((r for r in rows if r["direction"] == "forward" and r["rounding_zero"]), None)
+    first_forward = next(
+        (r for r in rows if r["direction"] == "forward" and r["rounding_zero"]), None
+    )
     first_overflow = next((r for r in rows if r["overflow"]), None)
 
     def where(r: dict[str, Any] | None) -> dict[str, Any] | None:
         if r is None:
             return None
-        return {k: r[k] for k in ("layer", "direction", "quantity", "op", "rounding_zero", "overflow")}
+        return {
+            k: r[k] for k in ("layer", "direction", "quantity", "op", "rounding_zero", "overflow")
+        }
 
     return {
         "places": rows,

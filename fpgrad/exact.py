@@ -52,10 +52,14 @@ class ExactResult:
     vanishing_bound_bits: int
 
 
-def exact_trace(net: Network, bits: int = DEFAULT_BITS, *, allow_uncertified: bool = False) -> ExactResult:
+def exact_trace(
+    net: Network, bits: int = DEFAULT_BITS, *, allow_uncertified: bool = False
+) -> ExactResult:
     """Evaluate ``net`` exactly (mpmath at ``bits`` and ``2*bits``) and certify the digits."""
     if bits < MIN_BITS:
-        raise InputError(f"--exact-bits {bits} is too low: use at least {MIN_BITS} (default {DEFAULT_BITS})")
+        raise InputError(
+            f"--exact-bits {bits} is too low: use at least {MIN_BITS} (default {DEFAULT_BITS})"
+        )
     low = evaluate(net, MPArith(bits))
     high = evaluate(net, MPArith(2 * bits))
     cap = math.floor(bits * math.log10(2))  # what N bits can carry at most

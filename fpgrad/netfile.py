@@ -73,7 +73,9 @@ def load_network(path: str | Path) -> Network:
     return parse_network(doc, base=path.parent, source=str(path))
 
 
-def parse_network(doc: dict[str, Any], base: Path | None = None, source: str = "network") -> Network:
+def parse_network(
+    doc: dict[str, Any], base: Path | None = None, source: str = "network"
+) -> Network:
     """Build a Network from a parsed TOML document (a dict)."""
     where = source
     unknown = set(doc) - _TOP_KEYS
@@ -91,7 +93,7 @@ def parse_network(doc: dict[str, Any], base: Path | None = None, source: str = "
     loss = _parse_loss(doc.get("loss"), where)
     layers_doc = doc.get("layer")
     if not isinstance(layers_doc, list) or not layers_doc:
-        raise InputError(f"{where}: no layers; add [[layer]] tables (type = \"dense\", out = N)")
+        raise InputError(f'{where}: no layers; add [[layer]] tables (type = "dense", out = N)')
 
     layers: list[Layer] = []
     width = x.shape[1]
@@ -114,7 +116,9 @@ def _parse_data(data: Any, base: Path, where: str) -> tuple[np.ndarray, np.ndarr
         raise InputError(f"{where}: [data] must be a table with x and y")
     unknown = set(data) - {"x", "y", "x_file", "y_file"}
     if unknown:
-        raise InputError(f"{where}: [data]: unknown key {sorted(unknown)[0]!r}; use x, y, x_file, y_file")
+        raise InputError(
+            f"{where}: [data]: unknown key {sorted(unknown)[0]!r}; use x, y, x_file, y_file"
+        )
     x = _array_field(data, "x", base, where)
     y = _array_field(data, "y", base, where)
     if x.ndim == 1:
@@ -168,6 +172,8 @@ def _to_array(value: Any, where: str) -> np.ndarray:
         raise InputError(f"{where}: ragged array; every row must have the same length") from None
     flat = arr.ravel()
     for v in flat:
+        if isinstance(v, (list, tuple)):
+            raise InputError(f"{where}: ragged array; every row must have the same length")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InputError(f"{where}: expected numbers, found {v!r}")
         if isinstance(v, int) and abs(v) > 2**53:
@@ -185,7 +191,9 @@ def _check_finite(arr: np.ndarray, where: str) -> None:
     bad = ~np.isfinite(arr)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"{where}: non-finite value {arr[idx]} at index {list(idx)}; data and weights must be finite")
+        raise InputError(
+            f"{where}: non-finite value {arr[idx]} at index {list(idx)}; data and weights must be finite"
+        )
 
 
 # ---- loss and targets --------------------------------------------------------------------
@@ -193,7 +201,9 @@ def _check_finite(arr: np.ndarray, where: str) -> None:
 
 def _parse_loss(spec: Any, where: str) -> Loss:
     if spec is None:
-        raise InputError(f"{where}: missing [loss] table; add type = \"mse\", \"cross_entropy\" or \"bce\"")
+        raise InputError(
+            f'{where}: missing [loss] table; add type = "mse", "cross_entropy" or "bce"'
+        )
     if not isinstance(spec, dict) or "type" not in spec:
         raise InputError(f"{where}: [loss] needs type = one of {', '.join(LOSSES)}")
     unknown = set(spec) - {"type"}
@@ -210,7 +220,9 @@ def _check_targets(loss: Loss, y: np.ndarray, width: int, where: str) -> np.ndar
     kind = loss.kind
     if kind == "cross_entropy":
         if width < 2:
-            raise InputError(f"{where}: cross_entropy needs at least 2 outputs (the last layer gives {width})")
+            raise InputError(
+                f"{where}: cross_entropy needs at least 2 outputs (the last layer gives {width})"
+            )
         if y.ndim == 1:
             if np.any(y != np.round(y)) or y.min() < 0 or y.max() >= width:
                 raise InputError(
@@ -300,11 +312,17 @@ def _parse_dense(
     else:
         out = spec.get("out")
         if not isinstance(out, int) or isinstance(out, bool) or out < 1:
-            raise InputError(f"{at}: dense layer needs out = a positive integer (or explicit weight)")
-        weight = _param(spec, "weight", "init", (out, width), at, rng, width, out, default="xavier_uniform")
+            raise InputError(
+                f"{at}: dense layer needs out = a positive integer (or explicit weight)"
+            )
+        weight = _param(
+            spec, "weight", "init", (out, width), at, rng, width, out, default="xavier_uniform"
+        )
     params = {"weight": weight}
     if spec.get("bias", True) is not False:
-        params["bias"] = _param(spec, "bias", "bias_init", (out,), at, rng, width, out, default="zeros")
+        params["bias"] = _param(
+            spec, "bias", "bias_init", (out,), at, rng, width, out, default="zeros"
+        )
     return Layer(name, "dense", params), out
 
 

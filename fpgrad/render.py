@@ -65,11 +65,19 @@ def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
     lines += [f"note: {n}" for n in c.notes[1:]]
     loss_rows = [["exact", _exact_short(c.loss["exact"]), ""]]
     loss_rows += [[p, fmt_value(c.loss[p]["value"]), _loss_cell(c.loss[p])] for p in c.precisions]
-    lines += ["", "Loss", tabulate(loss_rows, headers=["precision", "loss", "verdict"], tablefmt="github")]
+    lines += [
+        "",
+        "Loss",
+        tabulate(loss_rows, headers=["precision", "loss", "verdict"], tablefmt="github"),
+    ]
 
     verdicts = [v for v in _SHORT if any(c.summary[p][v] for p in c.precisions)] or ["ok"]
     rows = [[p] + [c.summary[p][v] for v in verdicts] for p in c.precisions]
-    lines += ["", "Gradient verdicts (counts)", tabulate(rows, headers=["precision", *verdicts], tablefmt="github")]
+    lines += [
+        "",
+        "Gradient verdicts (counts)",
+        tabulate(rows, headers=["precision", *verdicts], tablefmt="github"),
+    ]
 
     grad_rows = []
     for g in c.gradients:
@@ -77,27 +85,41 @@ def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
         grad_rows.append([label, _exact_short(g["exact"])] + [_cell(g[p]) for p in c.precisions])
     hidden = 0
     if max_rows is not None and len(grad_rows) > max_rows:
-        interesting = [r for r, g in zip(grad_rows, c.gradients, strict=True)
-                       if any(g[p]["verdict"] != "ok" for p in c.precisions)]
+        interesting = [
+            r
+            for r, g in zip(grad_rows, c.gradients, strict=True)
+            if any(g[p]["verdict"] != "ok" for p in c.precisions)
+        ]
         grad_rows = (interesting or grad_rows)[:max_rows]
         hidden = len(c.gradients) - len(grad_rows)
-    lines += ["", "Gradients (value, verdict, error in ulps of that format)",
-              tabulate(grad_rows, headers=["gradient", "exact", *c.precisions], tablefmt="github")]
+    lines += [
+        "",
+        "Gradients (value, verdict, error in ulps of that format)",
+        tabulate(grad_rows, headers=["gradient", "exact", *c.precisions], tablefmt="github"),
+    ]
     if hidden:
-        lines.append(f"({hidden} rows not shown; --max-rows 0 shows all, --json gives every element)")
+        lines.append(
+            f"({hidden} rows not shown; --max-rows 0 shows all, --json gives every element)"
+        )
 
-    lines += ["", "Where the signal died (counts per tensor: rounding zeros / subnormals / overflows)"]
+    lines += [
+        "",
+        "Where the signal died (counts per tensor: rounding zeros / subnormals / overflows)",
+    ]
     att_rows = []
     for place in c.attribution[c.precisions[0]]["places"]:
         row = [f"{place['direction'][:3]} {place['layer']} {place['quantity']}", place["op"]]
         for p in c.precisions:
             match = next(
-                r for r in c.attribution[p]["places"]
+                r
+                for r in c.attribution[p]["places"]
                 if r["layer"] == place["layer"] and r["direction"] == place["direction"]
             )
             row.append(f"{match['rounding_zero']}/{match['subnormal']}/{match['overflow']}")
         att_rows.append(row)
-    lines.append(tabulate(att_rows, headers=["tensor", "produced by", *c.precisions], tablefmt="github"))
+    lines.append(
+        tabulate(att_rows, headers=["tensor", "produced by", *c.precisions], tablefmt="github")
+    )
     for p in c.precisions:
         a = c.attribution[p]
         first = a["first_rounding_zero_backward"]
@@ -108,8 +130,12 @@ def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
             )
         fwd = a["first_rounding_zero_forward"]
         if fwd:
-            lines.append(f"{p}: forward values rounded to zero first at {fwd['layer']} {fwd['quantity']} ({fwd['op']})")
+            lines.append(
+                f"{p}: forward values rounded to zero first at {fwd['layer']} {fwd['quantity']} ({fwd['op']})"
+            )
         if a["first_overflow"]:
             o = a["first_overflow"]
-            lines.append(f"{p}: first overflow (inf/NaN) at {o['layer']} {o['quantity']} ({o['op']})")
+            lines.append(
+                f"{p}: first overflow (inf/NaN) at {o['layer']} {o['quantity']} ({o['op']})"
+            )
     return "\n".join(lines)

@@ -96,7 +96,9 @@ def classify(ex: ExactArray, computed: np.ndarray, fmt: Format) -> Verdicts:
         rel = np.where(ex.zero, np.where(c == 0, 0.0, np.inf), err / np.abs(ex.hi))
         e_exp = np.maximum(exact_exponent(ex), fmt.emin)
         ulp = np.ldexp(1.0, (e_exp - fmt.man_bits).astype(np.int64))
-        ulps = np.where(ex.zero, np.where(c == 0, 0.0, np.abs(c) / fmt.smallest_subnormal), err / ulp)
+        ulps = np.where(
+            ex.zero, np.where(c == 0, 0.0, np.abs(c) / fmt.smallest_subnormal), err / ulp
+        )
         digits = np.where(rel > 0, -np.log10(rel), np.inf)
     digits = np.maximum(digits, 0.0)
 

@@ -66,7 +66,9 @@ def test_confident_softmax_loses_the_gradient_in_float16() -> None:
     exact = float(g["exact"])
     assert -7e-6 < exact < -5e-6
     assert g["float16"]["verdict"] == "rounding_zero"
-    assert g["float16"]["kind"] == "lost"  # float16 can hold 6e-6 (a subnormal): an intermediate lost it
+    assert (
+        g["float16"]["kind"] == "lost"
+    )  # float16 can hold 6e-6 (a subnormal): an intermediate lost it
     assert g["float32"]["verdict"] == "ok"
     died = result.attribution["float16"]["first_rounding_zero_backward"]
     assert died["layer"] == "dense0" and died["op"] == "loss backward (cross_entropy)"
@@ -76,8 +78,11 @@ def test_confident_softmax_loses_the_gradient_in_float16() -> None:
 def test_overflow_to_inf_is_reported_with_its_first_op() -> None:
     # z = 300 * 300 = 90000 > 65504: float16 overflows in the first dense layer; bfloat16 holds it
     net = net_from(
-        [{"type": "dense", "weight": [[300.0]], "bias": [0.0]}, {"type": "tanh"},
-         {"type": "dense", "weight": [[1.0]], "bias": [0.0]}],
+        [
+            {"type": "dense", "weight": [[300.0]], "bias": [0.0]},
+            {"type": "tanh"},
+            {"type": "dense", "weight": [[1.0]], "bias": [0.0]},
+        ],
         "mse",
         x=[[300.0]],
         y=[[0.5]],
@@ -108,7 +113,9 @@ def test_loss_that_rounds_to_zero_has_a_verdict() -> None:
 @pytest.mark.parametrize("reference", ["original", "rounded"])
 def test_reference_modes_are_reported(reference: str) -> None:
     # input 0.1 is not a float16 value: "rounded" evaluates exact at round(0.1) per precision
-    net = net_from([{"type": "dense", "weight": [[1.0]], "bias": [0.0]}], "mse", x=[[0.1]], y=[[0.0]])
+    net = net_from(
+        [{"type": "dense", "weight": [[1.0]], "bias": [0.0]}], "mse", x=[[0.1]], y=[[0.0]]
+    )
     result = compare(net, precisions="float16", reference=reference)
     g = result.gradient("dense0.weight", (0, 0))["float16"]
     if reference == "rounded":

@@ -1,0 +1,74 @@
+"""Plots (matplotlib, Agg, PNG without timestamps) drawn from result objects."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fpgrad.formats import get_format  # noqa: E402
+
+if TYPE_CHECKING:
+    from fpgrad.compare import Comparison
+
+_MARKERS = {
+    "ok": "o",
+    "subnormal": "s",
+    "rounding_zero": "x",
+    "overflow": "^",
+    "nan": "v",
+    "wrong_sign": "D",
+    "spurious_nonzero": "+",
+}
+
+
+def save_png(fig: plt.Figure, path: Path) -> None:
+    """Save without metadata that changes between runs, so the gallery is bit-identical."""
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+
+def gradient_magnitudes(c: Comparison, path: Path) -> None:
+    """log2 |exact gradient| per element, one row per precision, marked by verdict,
+    with each format's smallest subnormal and smallest normal drawn."""
+    precs = c.precisions
+    mags = [math.log2(abs(float(g["exact"]))) for g in c.gradients if float(g["exact"]) != 0]
+    low = min([*mags, math.log2(get_format("float16").smallest_subnormal)]) - 3
+    high = max([*mags, 0.0]) + 3
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(precs)))
+    for row, p in enumerate(precs):
+        for verdict, marker in _MARKERS.items():
+            xs = [
+                math.log2(abs(float(g["exact"])))
+                for g in c.gradients
+                if g[p]["verdict"] == verdict and float(g["exact"]) != 0
+            ]
+            if xs:
+                ax.scatter(
+                    xs,
+                    [row] * len(xs),
+                    marker=marker,
+                    label=verdict,
+                    color=f"C{list(_MARKERS).index(verdict)}",
+                    s=30,
+                )
+        fmt = get_format(p)
+        for value, style in ((fmt.smallest_subnormal, ":"), (fmt.smallest_normal, "--")):
+            if not low <= math.log2(value) <= high:
+                continue  # off the plotted range (e.g. float64's 2^-1074)
+            ax.plot([math.log2(value)] * 2, [row - 0.4, row + 0.4], style, color="grey")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), loc="upper left", fontsize=7, ncol=4)
+    ax.set_yticks(range(len(precs)), precs)
+    ax.set_ylim(-0.6, len(precs) - 0.4 + 0.6)
+    ax.set_xlim(low, high)
+    ax.set_xlabel("log2 |exact gradient|  (dotted: smallest subnormal, dashed: smallest normal)")
+    ax.set_title(f"{c.network}: gradient verdicts by exact magnitude")
+    fig.tight_layout()
+    save_png(fig, path)
