@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from fpgrad.errors import InputError
@@ -88,6 +89,38 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fpgrad.netfile import load_network
+    from fpgrad.optim import OptimConfig
+    from fpgrad.train import train
+
+    net = load_network(args.network)
+    cfg = OptimConfig(
+        name=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        decoupled=args.decoupled,
+    )
+    result = train(
+        net,
+        steps=args.steps,
+        cfg=cfg,
+        runs=args.precisions,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        exact_bits=args.exact_bits,
+        verdict_every=args.verdict_every,
+        progress=sys.stderr.isatty(),
+    )
+    if args.out:
+        written = result.plot(args.out)
+        Path(args.out, "train.json").write_text(result.to_json())
+        print(f"wrote {', '.join(written)} and {Path(args.out, 'train.json')}", file=sys.stderr)
+    print(result.to_json() if args.json else result.render())
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from fpgrad.report import write_reports
 
@@ -142,6 +175,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="strict JSON output (every element)")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("train", help="train side by side in every precision and exactly")
+    p.add_argument("network", help="network file (TOML)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--optimizer", default="sgd", help="sgd (default) or adam")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD heavy-ball momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    p.add_argument("--decoupled", action="store_true", help="decoupled weight decay (AdamW style)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="mini-batch size (default: full batch)"
+    )
+    p.add_argument(
+        "--precisions",
+        default=None,
+        help="runs, comma-separated: float16, bfloat16+master, float16+dynamic, float16+scale=1024, float16+sr, float16+kahan",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of batch order and stochastic rounding"
+    )
+    p.add_argument(
+        "--exact-bits", type=int, default=128, help="bits of the exact run (default 128)"
+    )
+    p.add_argument(
+        "--verdict-every", type=int, default=None, help="steps between gradient verdicts"
+    )
+    p.add_argument("--out", default=None, help="directory for plots (PNG) and train.json")
+    p.add_argument("--json", action="store_true", help="strict JSON output")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("report", help="write the gallery of reports")
     p.add_argument("--out", default="reports", help="output directory (default reports)")

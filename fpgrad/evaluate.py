@@ -33,15 +33,27 @@ class Trace:
     grads: dict[str, Any] = field(default_factory=dict)
 
 
-def evaluate(net: Network, ar: Arith) -> Trace:
-    """Forward and backward pass of ``net`` in the number system ``ar``."""
+def evaluate(
+    net: Network,
+    ar: Arith,
+    params: dict[str, Any] | None = None,
+    rows: np.ndarray | None = None,
+) -> Trace:
+    """Forward and backward pass of ``net`` in the number system ``ar``.
+
+    ``params`` (``layer.param`` -> arrays of ``ar``) replaces the network's float64 values,
+    e.g. the weights of a training run in that system; ``rows`` selects a mini-batch.
+    """
+    if rows is not None:
+        net = net.with_data(net.x[rows], net.y[rows])
+    values = params if params is not None else {k: ar.asarray(v) for k, v in net.params.items()}
     h = ar.asarray(net.x)
     inputs: list[Any] = []
     saved: list[dict[str, Any]] = []
     trace = Trace(system=ar.name, loss=None)
     for layer in net.layers:
         inputs.append(h)
-        h, keep = _forward(ar, layer, h)
+        h, keep = _forward(ar, layer, h, values)
         saved.append(keep)
         trace.forward[layer.name] = h
 
@@ -50,7 +62,7 @@ def evaluate(net: Network, ar: Arith) -> Trace:
     for index in range(len(net.layers) - 1, -1, -1):
         layer = net.layers[index]
         trace.backward[layer.name] = grad
-        grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad)
+        grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad, values)
         for pname, value in pgrads.items():
             trace.grads[f"{layer.name}.{pname}"] = value
     # parameters in layer order, as Network.params lists them
@@ -58,13 +70,13 @@ def evaluate(net: Network, ar: Arith) -> Trace:
     return trace
 
 
-def _forward(ar: Arith, layer: Layer, x: Any) -> tuple[Any, dict[str, Any]]:
+def _forward(ar: Arith, layer: Layer, x: Any, values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     kind = layer.kind
     if kind == "dense":
-        w = ar.asarray(layer.params["weight"])
+        w = values[f"{layer.name}.weight"]
         z = ar.matmul(x, w.T)  # z = x W^T (+ b)
         if "bias" in layer.params:
-            z = ar.add(z, ar.asarray(layer.params["bias"])[None, :])
+            z = ar.add(z, values[f"{layer.name}.bias"][None, :])
         return z, {"w": w}
     if kind == "relu":
         mask = ar.positive(x)  # relu'(0) = 0, as torch
@@ -89,14 +101,14 @@ def _forward(ar: Arith, layer: Layer, x: Any) -> tuple[Any, dict[str, Any]]:
         var = ar.div(ar.sum(ar.mul(xc, xc), axis=0, keepdims=True), n)  # biased, as training BN
         inv = ar.div(ar.const(1.0), ar.sqrt(ar.add(var, ar.const(layer.eps))))
         xhat = ar.mul(xc, inv)
-        gamma = ar.asarray(layer.params["weight"])[None, :]
-        y = ar.add(ar.mul(xhat, gamma), ar.asarray(layer.params["bias"])[None, :])
+        gamma = values[f"{layer.name}.weight"][None, :]
+        y = ar.add(ar.mul(xhat, gamma), values[f"{layer.name}.bias"][None, :])
         return y, {"xhat": xhat, "inv": inv, "gamma": gamma, "n": n}
     raise AssertionError(f"unhandled layer kind {kind}")  # netfile validates kinds
 
 
 def _backward(
-    ar: Arith, layer: Layer, x: Any, keep: dict[str, Any], dy: Any
+    ar: Arith, layer: Layer, x: Any, keep: dict[str, Any], dy: Any, values: dict[str, Any]
 ) -> tuple[Any, dict[str, Any]]:
     kind = layer.kind
     if kind == "dense":

@@ -139,3 +139,138 @@ def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
                 f"{p}: first overflow (inf/NaN) at {o['layer']} {o['quantity']} ({o['op']})"
             )
     return "\n".join(lines)
+
+
+def _detector_text(d: dict[str, Any]) -> dict[str, str]:
+    stall = d["stall"]
+    floor = d["loss_floor"]
+    cyc = d["limit_cycle"]
+    div = d["divergence"]
+    out = {
+        "stall": (
+            f"from step {stall['start_step']} ({stall['length']} steps"
+            + (", to the end)" if stall["until_end"] else ")")
+        )
+        if stall["detected"]
+        else "-",
+        "loss floor": (
+            f"{floor['floor']:.3g} from step {floor['start_step']} "
+            f"({floor['ratio_to_exact']:.3g}x exact)"
+        )
+        if floor["detected"]
+        else "-",
+        "limit cycle": ("fixed point" if cyc["fixed_point"] else f"period {cyc['period']}")
+        + f" from step {cyc['first_step']}"
+        if cyc["detected"]
+        else "-",
+        "divergence": (
+            f"d={fmt_value(div['final_distance'])}"
+            + (
+                f", >{div['threshold']} at step {div['exceeds_at_step']}"
+                if div["exceeds_at_step"] is not None
+                else ""
+            )
+            + (f", twin: {div['twin']['verdict']}" if "twin" in div else "")
+        ),
+        "overflow": (
+            f"step {d['first_overflow']['step']} {d['first_overflow']['layer']} "
+            f"{d['first_overflow']['quantity']}"
+        )
+        if d["first_overflow"]
+        else "-",
+        "swamped": f"{100 * d['swamped_fraction']['total']:.1f}%",
+    }
+    return out
+
+
+def render_training(r: Any) -> str:
+    cfg = r.config
+    opt = cfg["optimizer"]
+    lines = [
+        f"fpgrad train: {r.network}, {cfg['steps']} steps, {opt['name']} lr={opt['lr']}"
+        + (f" momentum={opt['momentum']}" if opt["momentum"] else "")
+        + (
+            f" weight_decay={opt['weight_decay']}{' (decoupled)' if opt['decoupled'] else ''}"
+            if opt["weight_decay"]
+            else ""
+        )
+        + (f", batch {cfg['batch_size']}" if cfg["batch_size"] else ", full batch"),
+        f"exact run: mpmath at {cfg['exact_bits']} bits, trajectory certified to "
+        f"{r.exact_certified_digits:.1f} digits (checked at {2 * cfg['exact_bits']} bits)",
+    ]
+    lines += [f"note: {n}" for n in r.notes]
+    rows = [
+        [
+            "exact",
+            fmt_value(r.exact.loss[0]),
+            fmt_value(r.exact.loss[-1]),
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        ]
+    ]
+    for label in r.runs:
+        h = r.histories[label]
+        t = _detector_text(r.detectors[label])
+        rows.append(
+            [
+                label,
+                fmt_value(h.loss[0]),
+                fmt_value(h.loss[-1]),
+                t["swamped"],
+                t["stall"],
+                t["loss floor"],
+                t["limit cycle"],
+                t["divergence"],
+                t["overflow"],
+                str(sum(h.skipped)),
+            ]
+        )
+    heads = [
+        "run",
+        "loss[0]",
+        "loss[end]",
+        "swamped",
+        "stall",
+        "loss floor",
+        "limit cycle",
+        "distance to exact",
+        "first overflow",
+        "skipped",
+    ]
+    lines += ["", tabulate(rows, headers=heads, tablefmt="github")]
+    vrows = []
+    for label in r.runs:
+        h = r.histories[label]
+        last = max(h.verdicts)
+        counts = h.verdicts[last]
+        vrows.append(
+            [label, last]
+            + [
+                counts.get(v, 0)
+                for v in ("ok", "structural_zero", "rounding_zero", "subnormal", "overflow", "nan")
+            ]
+        )
+    lines += [
+        "",
+        "Gradient verdicts at the last checked step (against exact gradients at the run's own parameters)",
+        tabulate(
+            vrows,
+            headers=[
+                "run",
+                "step",
+                "ok",
+                "structural 0",
+                "rounding 0",
+                "subnormal",
+                "overflow",
+                "nan",
+            ],
+            tablefmt="github",
+        ),
+    ]
+    return "\n".join(lines)

@@ -72,3 +72,55 @@ def gradient_magnitudes(c: Comparison, path: Path) -> None:
     ax.set_title(f"{c.network}: gradient verdicts by exact magnitude")
     fig.tight_layout()
     save_png(fig, path)
+
+
+def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a TrainResult
+    """loss.png (log scale, with the exact run), distance.png, swamped.png in ``out_dir``."""
+    import numpy as np
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(len(r.exact.loss))
+    ax.plot(steps, np.maximum(r.exact.loss, 1e-300), "k-", lw=2.5, label="exact")
+    for label in r.runs:
+        loss = np.asarray(r.histories[label].loss, dtype=float)
+        ax.plot(steps, np.where(loss > 0, loss, np.nan), label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{r.network}: loss per precision")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, out / "loss.png")
+    written.append(str(out / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label in r.runs:
+        d = np.asarray(r.distance[label], dtype=float)
+        ax.plot(np.arange(len(d)), np.where(d > 0, d, np.nan), label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("||w - w_exact|| / ||w_exact||")
+    ax.set_title(f"{r.network}: distance to the exact run")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, out / "distance.png")
+    written.append(str(out / "distance.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label in r.runs:
+        h = r.histories[label]
+        frac = [s / u if u else 0.0 for s, u in zip(h.swamped, h.updated, strict=True)]
+        ax.plot(np.arange(1, len(frac) + 1), frac, label=label)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("swamped updates / requested updates")
+    ax.set_title(f"{r.network}: swamped updates (w + update == w)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, out / "swamped.png")
+    written.append(str(out / "swamped.png"))
+    return written

@@ -1,0 +1,541 @@
+"""Side-by-side training: the same initial parameters in every precision and exactly.
+
+A run is named by a precision and optional policies joined by ``+``:
+
+- ``float16``, ``bfloat16``, ``float32``, ``float64``: torch modules and autograd in that dtype,
+  optimizer state in that dtype;
+- ``+master``: fp32 master weights (the optimizer updates float32 copies; each step computes
+  in the low precision from the master weights rounded into it);
+- ``+scale=S``: static loss scaling by a power of two S; ``+dynamic``: dynamic loss scaling with
+  torch.amp.GradScaler's rules (see :mod:`fpgrad.scaling`);
+- ``+sr``: updates rounded stochastically (seeded); ``+kahan``: Kahan-compensated updates.
+
+The exact run (mpmath at ``exact_bits``, certified by a second run at twice the bits) is
+always computed. Mini-batches follow one seeded order shared by all runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fpgrad.arith.mp import MPArith
+from fpgrad.errors import InputError
+from fpgrad.evaluate import evaluate
+from fpgrad.formats import NATIVE, get_format
+from fpgrad.network import Network
+from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
+from fpgrad.scaling import DynamicScaler, StaticScaler
+from fpgrad.torch_native import build_modules, loss_fn, to_dtype
+from fpgrad.verdicts import ExactArray, classify
+
+POLICIES = ("master", "scale=S", "dynamic", "sr", "kahan")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A precision and its mixed-precision policies."""
+
+    label: str
+    precision: str
+    master: bool = False
+    loss_scale: float | None = None
+    dynamic: bool = False
+    update: str = "nearest"
+
+
+def parse_run(text: str) -> RunSpec:
+    parts = [p.strip().lower() for p in text.split("+")]
+    precision = parts[0]
+    if precision not in NATIVE:
+        raise InputError(
+            f"unknown training precision {parts[0]!r}; use one of {', '.join(NATIVE)} "
+            f"with optional policies +{', +'.join(POLICIES)}"
+        )
+    kw: dict[str, Any] = {}
+    for policy in parts[1:]:
+        if policy == "master":
+            kw["master"] = True
+        elif policy == "dynamic":
+            kw["dynamic"] = True
+        elif policy in ("sr", "kahan"):
+            if "update" in kw:
+                raise InputError(f"run {text!r}: choose one of +sr and +kahan")
+            kw["update"] = "stochastic" if policy == "sr" else "kahan"
+        elif policy.startswith("scale="):
+            try:
+                scale = float(policy[6:])
+            except ValueError:
+                raise InputError(
+                    f"run {text!r}: loss scale {policy[6:]!r} is not a number"
+                ) from None
+            StaticScaler(scale)  # validates: a power of two
+            kw["loss_scale"] = scale
+        else:
+            raise InputError(
+                f"run {text!r}: unknown policy {policy!r}; known: +{', +'.join(POLICIES)}"
+            )
+    if kw.get("dynamic") and kw.get("loss_scale"):
+        raise InputError(f"run {text!r}: choose static (+scale=S) or dynamic scaling, not both")
+    return RunSpec(label="+".join(parts), precision=precision, **kw)
+
+
+def parse_runs(spec: str | list[str] | None) -> list[RunSpec]:
+    names = list(NATIVE) if spec is None else (spec.split(",") if isinstance(spec, str) else spec)
+    runs: list[RunSpec] = []
+    for name in names:
+        if not name.strip():
+            raise InputError("empty run name in --precisions; separate names by commas")
+        if name.strip().lower() == "exact":
+            continue
+        run = parse_run(name)
+        if run.label not in [r.label for r in runs]:
+            runs.append(run)
+    if not runs:
+        raise InputError("no run to train; name at least one precision, e.g. --precisions float16")
+    return runs
+
+
+def batch_schedule(n: int, steps: int, batch_size: int | None, seed: int) -> list[np.ndarray]:
+    """Row indices of every step: full batch, or seeded epoch permutations cut into batches."""
+    if batch_size is None or batch_size >= n:
+        return [np.arange(n)] * steps
+    if batch_size < 1:
+        raise InputError(f"batch size must be positive (got {batch_size})")
+    rng = np.random.default_rng([seed, 1])
+    rows: list[np.ndarray] = []
+    while len(rows) < steps:
+        perm = rng.permutation(n)
+        rows += [
+            np.sort(perm[i : i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)
+        ]
+    return rows[:steps]
+
+
+@dataclass
+class History:
+    """Per-step records of one run (index t: after t steps; index 0 is the initial state)."""
+
+    label: str
+    loss: list[float] = field(default_factory=list)  # loss at the parameters before step t+1
+    grad_norm: list[float] = field(default_factory=list)
+    swamped: list[int] = field(default_factory=list)  # intended update != 0 but w unchanged
+    updated: list[int] = field(default_factory=list)  # elements with a non-zero intended update
+    nonfinite: list[bool] = field(default_factory=list)
+    skipped: list[bool] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    dead_units: list[int] = field(default_factory=list)
+    moved: list[bool] = field(default_factory=list)  # any parameter changed in this step
+    params: list[np.ndarray] = field(default_factory=list)  # float64 vector after t steps
+    state_hash: list[str] = field(default_factory=list)  # whole state after t steps
+    verdicts: dict[int, dict[str, int]] = field(default_factory=dict)  # step -> verdict counts
+    overflow_place: dict[str, Any] | None = None
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return (
+        np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+        if arrays
+        else np.zeros(0)
+    )
+
+
+def _dead_units(net: Network, outputs: dict[str, np.ndarray]) -> int:
+    """Units of activation layers whose output is zero on every sample of the batch."""
+    return sum(
+        int(np.sum(np.all(outputs[ly.name] == 0, axis=0))) for ly in net.layers if ly.is_activation
+    )
+
+
+class TorchRun:
+    """One precision with its policies, trained with torch autograd."""
+
+    def __init__(
+        self, net: Network, spec: RunSpec, cfg: OptimConfig, seed: int, perturb: bool = False
+    ):
+        self.net, self.spec = net, spec
+        self.modules = build_modules(net, spec.precision)
+        named = {
+            f"{ly.name}.{n}": p
+            for ly, m in zip(net.layers, self.modules, strict=True)
+            for n, p in m.named_parameters()
+        }
+        self.params = [named[k] for k in net.params]
+        if perturb:  # the one-ulp twin of the chaos test: first weight nudged up by one ulp
+            with torch.no_grad():
+                w = self.params[0].view(-1)
+                w[0] = torch.nextafter(w[0], torch.tensor(math.inf, dtype=w.dtype))
+        self.master = (
+            [p.detach().to(torch.float32).clone() for p in self.params] if spec.master else None
+        )
+        targets = self.master if self.master is not None else self.params
+        self.opt = TorchOptimizer(targets, cfg, spec.update, seed)
+        self.scaler: DynamicScaler | StaticScaler | None = None
+        if spec.dynamic:
+            self.scaler = DynamicScaler()
+        elif spec.loss_scale is not None:
+            self.scaler = StaticScaler(spec.loss_scale)
+        self.history = History(spec.label)
+
+    def targets(self) -> list[torch.Tensor]:
+        return self.master if self.master is not None else self.params
+
+    def vector(self) -> np.ndarray:
+        return _flat([t.detach().to(torch.float64).numpy() for t in self.targets()])
+
+    def state_hash(self) -> str:
+        h = hashlib.sha1(self.vector().tobytes())
+        h.update(_flat([p.detach().to(torch.float64).numpy() for p in self.params]).tobytes())
+        h.update(self.opt.state_bytes())
+        if self.scaler is not None:
+            h.update(repr((self.scaler.scale, getattr(self.scaler, "clean_steps", 0))).encode())
+        return h.hexdigest()
+
+    def record_initial(self) -> None:
+        self.history.params.append(self.vector())
+        self.history.state_hash.append(self.state_hash())
+
+    def step(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        net, p, hist = self.net, self.spec.precision, self.history
+        part = net.with_data(net.x[rows], net.y[rows])
+        for t in self.params:
+            t.grad = None
+        h = to_dtype(part.x, p)
+        outputs: dict[str, np.ndarray] = {}
+        kept: dict[str, torch.Tensor] = {}
+        for layer, module in zip(net.layers, self.modules, strict=True):
+            h = module(h)
+            h.retain_grad()
+            kept[layer.name] = h
+            outputs[layer.name] = h.detach().to(torch.float64).numpy()
+        loss = loss_fn(part, h, p)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        (loss * scale if scale != 1.0 else loss).backward()
+        if hist.overflow_place is None:
+            hist.overflow_place = _first_nonfinite(net, kept, len(hist.loss))
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self.params]
+        if self.master is not None:
+            grads = [g.to(torch.float32) for g in grads]  # unscale in float32, as GradScaler
+        if scale != 1.0:
+            grads = [g * (1.0 / scale) for g in grads]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        take = self.scaler.update(finite) if self.scaler is not None else True
+        before = self.vector()
+        if take:
+            self.opt.step(grads)
+        if self.master is not None:
+            with torch.no_grad():
+                for low, high in zip(self.params, self.master, strict=True):
+                    low.copy_(high.to(low.dtype))  # float32 -> low precision: one correct rounding
+        after = self.vector()
+        intended = _flat(self.opt.intended) if take else np.zeros_like(after)
+        hist.loss.append(float(loss.detach().to(torch.float64)))
+        g64 = _flat([g.detach().to(torch.float64).numpy() for g in grads])
+        hist.grad_norm.append(float(np.linalg.norm(g64)) if np.all(np.isfinite(g64)) else math.inf)
+        asked = (intended != 0) & np.isfinite(intended)
+        hist.updated.append(int(asked.sum()))
+        hist.swamped.append(int(np.sum(asked & (after == before))))
+        hist.nonfinite.append(not finite or not math.isfinite(hist.loss[-1]))
+        hist.skipped.append(not take)
+        hist.scale.append(scale)
+        hist.dead_units.append(_dead_units(net, outputs))
+        hist.moved.append(bool(np.any((after != before) & ~(np.isnan(after) & np.isnan(before)))))
+        hist.params.append(after)
+        hist.state_hash.append(self.state_hash())
+        return {
+            k: g.detach().to(torch.float64).numpy() for k, g in zip(net.params, grads, strict=True)
+        }
+
+    def current_params(self) -> dict[str, np.ndarray]:
+        """The low-precision parameters (what the forward pass uses) as float64 arrays."""
+        return {
+            k: t.detach().to(torch.float64).numpy().copy()
+            for k, t in zip(self.net.params, self.params, strict=True)
+        }
+
+
+def _first_nonfinite(
+    net: Network, kept: dict[str, torch.Tensor], step: int
+) -> dict[str, Any] | None:
+    """The first forward output, then backward signal (from the loss back), holding inf/NaN."""
+    from fpgrad.compare import places
+
+    for place in places(net):
+        t = kept[place.layer]
+        t = t if place.direction == "forward" else t.grad
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return {
+                "step": step,
+                "layer": place.layer,
+                "direction": place.direction,
+                "quantity": place.quantity,
+                "op": place.op,
+            }
+    return None
+
+
+class ExactRun:
+    """The exact run: mpmath at ``bits``, the optimizer's formulas in exact arithmetic."""
+
+    def __init__(self, net: Network, cfg: OptimConfig, bits: int):
+        self.net = net
+        self.ar = MPArith(bits)
+        self.params = {k: self.ar.asarray(v) for k, v in net.params.items()}
+        self.opt = ArithOptimizer(self.ar, self.params, cfg)
+        self.history = History(f"exact@{bits}")
+        self.exact_params: list[dict[str, Any]] = []
+
+    def vector(self) -> np.ndarray:
+        return _flat([self.ar.to_float64(v) for v in self.params.values()])
+
+    def record_initial(self) -> None:
+        self.history.params.append(self.vector())
+        self.exact_params.append(dict(self.params))
+
+    def step(self, rows: np.ndarray) -> None:
+        trace = evaluate(self.net, self.ar, self.params, rows)
+        new = self.opt.step(self.params, trace.grads)
+        moved = any(bool(np.any(new[k] != self.params[k])) for k in new)
+        self.params = new
+        hist = self.history
+        hist.loss.append(float(trace.loss))
+        g = _flat([self.ar.to_float64(v) for v in trace.grads.values()])
+        hist.grad_norm.append(float(np.linalg.norm(g)))
+        outs = {k: self.ar.to_float64(v) for k, v in trace.forward.items()}
+        hist.dead_units.append(_dead_units(self.net, outs))
+        hist.moved.append(moved)
+        hist.params.append(self.vector())
+        self.exact_params.append(dict(new))
+
+
+def exact_gradient_counts(
+    net: Network,
+    params: dict[str, np.ndarray],
+    grads: dict[str, np.ndarray],
+    precision: str,
+    rows: np.ndarray,
+    bits: int,
+) -> dict[str, int]:
+    """Verdict counts of ``grads`` against the exact gradients at the same parameters.
+
+    At non-finite parameters there is no exact gradient: elements are counted as nan or
+    overflow by their own values, the rest as ``no_reference``.
+    """
+    if not all(np.all(np.isfinite(v)) for v in params.values()):
+        flat = _flat(list(grads.values()))
+        nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
+        return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}
+    ar = MPArith(bits)
+    trace = evaluate(net.with_params(params), ar, rows=rows)
+    fmt = get_format(precision)
+    counts: dict[str, int] = {}
+    for k, g in grads.items():
+        v = classify(ExactArray.from_mp(trace.grads[k]), g, fmt)
+        for name in v.verdict.ravel():
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+@dataclass
+class TrainResult:
+    """Histories of every run and the exact run, with detector verdicts (:func:`train`)."""
+
+    network: str
+    config: dict[str, Any]
+    runs: list[str]
+    histories: dict[str, History]
+    exact: History
+    exact_certified_digits: float
+    detectors: dict[str, dict[str, Any]]
+    distance: dict[str, list[float]]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from fpgrad.jsonutil import jsonable
+
+        def hist(h: History, exact: bool = False) -> dict[str, Any]:
+            d: dict[str, Any] = {
+                "loss": h.loss,
+                "grad_norm": h.grad_norm,
+                "dead_units": h.dead_units,
+                "moved": h.moved,
+            }
+            if not exact:
+                d.update(
+                    swamped=h.swamped,
+                    updated=h.updated,
+                    nonfinite=h.nonfinite,
+                    skipped=h.skipped,
+                    loss_scale=h.scale,
+                    distance_to_exact=self.distance[h.label],
+                    verdicts={str(k): v for k, v in sorted(h.verdicts.items())},
+                    first_overflow=h.overflow_place,
+                )
+            return d
+
+        return jsonable(
+            {
+                "schema": "fpgrad.train/1",
+                "network": self.network,
+                "config": self.config,
+                "exact": {
+                    "bits": self.config["exact_bits"],
+                    "certified_digits": self.exact_certified_digits,
+                    **hist(self.exact, exact=True),
+                },
+                "runs": {
+                    r: {**hist(self.histories[r]), "detectors": self.detectors[r]}
+                    for r in self.runs
+                },
+                "notes": self.notes,
+            }
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def render(self) -> str:
+        from fpgrad.render import render_training
+
+        return render_training(self)
+
+    def plot(self, out_dir: str) -> list[str]:
+        from fpgrad.report.plots import training_plots
+
+        return training_plots(self, out_dir)
+
+
+def train(
+    net: Network,
+    steps: int,
+    cfg: OptimConfig | None = None,
+    runs: str | list[str] | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    exact_bits: int = 128,
+    verdict_every: int | None = None,
+    stall_k: int = 5,
+    perturb: bool = True,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation."""
+    from fpgrad.dynamics import (
+        detect_cycle,
+        detect_divergence,
+        detect_loss_floor,
+        detect_stall,
+        relative_distance,
+    )
+    from fpgrad.exact import MIN_BITS
+
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer (got {steps})")
+    if exact_bits < MIN_BITS:
+        raise InputError(f"--exact-bits {exact_bits} is too low: use at least {MIN_BITS}")
+    cfg = cfg or OptimConfig()
+    specs = parse_runs(runs)
+    schedule = batch_schedule(net.x.shape[0], steps, batch_size, seed)
+    every = verdict_every or max(1, steps // 10)
+    torch_runs = {s.label: TorchRun(net, s, cfg, seed) for s in specs}
+    twins = {s.label: TorchRun(net, s, cfg, seed, perturb=True) for s in specs} if perturb else {}
+    exact = ExactRun(net, cfg, exact_bits)
+    check = ExactRun(net, cfg, 2 * exact_bits)  # certifies the exact trajectory
+    for r in (*torch_runs.values(), *twins.values(), exact, check):
+        r.record_initial()
+    iterator = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="fpgrad train", unit="step", leave=False)
+    for t in iterator:
+        rows = schedule[t]
+        exact.step(rows)
+        check.step(rows)
+        for label, run in torch_runs.items():
+            before = run.current_params()
+            grads = run.step(rows)
+            if t % every == 0 or t == steps - 1:
+                fmt_name = "float32" if run.master is not None else run.spec.precision
+                run.history.verdicts[t] = exact_gradient_counts(
+                    net, before, grads, fmt_name, rows, exact_bits
+                )
+            if label in twins:
+                twins[label].step(rows)
+    digits = _trajectory_digits(exact.exact_params, check.exact_params, exact_bits)
+    notes = []
+    if digits < 17:
+        notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
+    distance: dict[str, list[float]] = {}
+    detectors: dict[str, dict[str, Any]] = {}
+    for label, run in torch_runs.items():
+        h = run.history
+        distance[label] = relative_distance(h.params, exact.history.params)
+        twin_sep = (
+            relative_distance(twins[label].history.params, h.params) if label in twins else None
+        )
+        detectors[label] = {
+            "stall": detect_stall(h.moved, exact.history.moved, stall_k),
+            "loss_floor": detect_loss_floor(h.loss, exact.history.loss),
+            "limit_cycle": detect_cycle(h.state_hash),
+            "divergence": detect_divergence(distance[label], twin_sep),
+            "first_overflow": h.overflow_place,
+            "swamped_fraction": _swamped_fraction(h),
+        }
+    config = {
+        "steps": steps,
+        "optimizer": cfg.__dict__,
+        "batch_size": batch_size,
+        "seed": seed,
+        "exact_bits": exact_bits,
+        "verdict_every": every,
+    }
+    return TrainResult(
+        net.name,
+        config,
+        [s.label for s in specs],
+        {k: r.history for k, r in torch_runs.items()},
+        exact.history,
+        digits,
+        detectors,
+        distance,
+        notes,
+    )
+
+
+def _swamped_fraction(h: History) -> dict[str, Any]:
+    asked = sum(h.updated)
+    lost = sum(h.swamped)
+    always = (
+        all(s == u and u > 0 for s, u in zip(h.swamped, h.updated, strict=True))
+        if h.updated
+        else False
+    )
+    return {
+        "total": lost / asked if asked else 0.0,
+        "every_step_fully_swamped": always,
+        "last": h.swamped[-1] / h.updated[-1] if h.updated and h.updated[-1] else 0.0,
+    }
+
+
+def _trajectory_digits(a: list[dict[str, Any]], b: list[dict[str, Any]], bits: int) -> float:
+    """Significant digits on which two exact trajectories (N and 2N bits) agree, over every
+    parameter at every step (capped by what N bits carry)."""
+    import mpmath
+
+    cap = math.floor(bits * math.log10(2))
+    worst = float(cap)
+    for pa, pb in zip(a, b, strict=True):
+        for k in pa:
+            for x, y in zip(np.ravel(pa[k]), np.ravel(pb[k]), strict=True):
+                if x == y:
+                    continue
+                rel = abs(x - y) / abs(y) if y != 0 else mpmath.mpf(1)
+                worst = min(worst, max(0.0, float(-mpmath.log10(rel))))
+    return worst
