@@ -89,9 +89,12 @@ def detect_cycle(state_hash: list[str]) -> dict[str, Any]:
 
 
 def relative_distance(params: list[np.ndarray], exact_params: list[np.ndarray]) -> list[float]:
+    """||p_t - e_t|| / max(||e_t||, ||e_0||): relative to the parameters' scale, which stays
+    meaningful when the exact parameters converge to zero."""
     out = []
+    start = float(np.linalg.norm(exact_params[0])) if exact_params else 0.0
     for p, e in zip(params, exact_params, strict=True):
-        norm = float(np.linalg.norm(e))
+        norm = max(float(np.linalg.norm(e)), start)
         with np.errstate(all="ignore"):
             d = float(np.linalg.norm(p - e))
         out.append(d / norm if norm > 0 else d)

@@ -100,6 +100,9 @@ def test_swamping_float16_at_2_12_and_bfloat16_at_2_9_fixed_by_master_weights() 
     assert r.detectors["float16"]["swamped_fraction"]["every_step_fully_swamped"]
     assert r.detectors["float16"]["limit_cycle"]["fixed_point"]
     assert r.detectors["float16"]["stall"]["detected"]
+    floor = r.detectors["float16"]["loss_floor"]  # stuck at w = 1 while the exact loss falls
+    assert floor["detected"] and floor["floor"] == r.histories["float16"].loss[0]
+    assert not r.detectors["float32"]["loss_floor"]["detected"]
     assert all(r.histories["float32"].moved) and sum(r.histories["float32"].swamped) == 0
     assert r.histories["float16+master"].params[-1][0] < 1.0  # master weights accumulate
     assert r.exact.moved[-1]  # the exact run keeps moving
@@ -240,3 +243,36 @@ def test_nan_runs_are_reported_not_crashed() -> None:
     place = r.detectors["float16"]["first_overflow"]
     assert place is not None and place["step"] == h.nonfinite.index(True)
     assert r.to_json()  # strict JSON even with inf/NaN inside
+
+
+def _tanh_map(lr: float) -> tuple:  # noqa: UP006
+    # w <- w - 2 lr (tanh w - 0) sech^2 w: bounded; chaotic at lr = 3 (Lyapunov ~0.75/step,
+    # measured in float64), contracting at lr = 0.25
+    net = net_from(
+        [{"type": "dense", "weight": [[0.3]], "bias": False}, {"type": "tanh"}],
+        "mse",
+        x=[[1.0]],
+        y=[[0.0]],
+    )
+    return net, OptimConfig(lr=lr)
+
+
+def test_chaos_at_the_edge_of_stability_is_told_from_a_stable_orbit() -> None:
+    net, cfg = _tanh_map(3.0)
+    # chaos amplifies the exact run's own rounding too: the certificate must show it
+    r = train(net, steps=60, cfg=cfg, runs="float32", verdict_every=1000, perturb=False)
+    assert r.exact_certified_digits < 25  # 128 bits carry 38 digits; ~0.3 digits lost per step
+    r = train(net, steps=60, cfg=cfg, runs="float32,float64", verdict_every=1000, exact_bits=256)
+    for label in r.runs:
+        div = r.detectors[label]["divergence"]
+        assert div["twin"]["verdict"] == "chaotic", label
+        assert div["growth_log2_per_step"] > 0.5, label
+    d32 = r.detectors["float32"]["divergence"]["exceeds_at_step"]
+    d64 = r.detectors["float64"]["divergence"]["exceeds_at_step"]
+    assert d32 is not None and (d64 is None or d32 < d64)  # fewer digits, earlier divergence
+    assert r.exact_certified_digits >= 17
+
+    net, cfg = _tanh_map(0.25)
+    r = train(net, steps=60, cfg=cfg, runs="float32", verdict_every=1000)
+    assert r.detectors["float32"]["divergence"]["twin"]["verdict"] == "stable"
+    assert r.detectors["float32"]["divergence"]["exceeds_at_step"] is None

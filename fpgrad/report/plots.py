@@ -103,7 +103,7 @@ def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a Tra
         ax.plot(np.arange(len(d)), np.where(d > 0, d, np.nan), label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("||w - w_exact|| / ||w_exact||")
+    ax.set_ylabel("||w - w_exact|| / max(||w_exact||, ||w_0||)")
     ax.set_title(f"{r.network}: distance to the exact run")
     ax.legend(fontsize=8)
     fig.tight_layout()
