@@ -125,7 +125,32 @@ def _report(args: argparse.Namespace) -> int:
     from fpgrad.report import write_reports
 
     failures = write_reports(args.out, only=args.only)
+    if failures:
+        print(
+            f"fpgrad: {len(failures)} scenario(s) failed: {', '.join(failures)} (see their reports)",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from fpgrad import scenarios
+
+    rows = [[name, scenarios.get(name).CLAIM] for name in scenarios.available()]
+    print(tabulate(rows, headers=["scenario", "claim"], tablefmt="simple", maxcolwidths=[None, 80]))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fpgrad import scenarios
+
+    result = scenarios.get(args.name).run()
+    print(
+        json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json else result.markdown()
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,10 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("report", help="write the gallery of reports")
+    p = sub.add_parser("report", help="write the gallery of scenario reports")
     p.add_argument("--out", default="reports", help="output directory (default reports)")
-    p.add_argument("--only", default=None, help="comma-separated report names")
+    p.add_argument(
+        "--only", default=None, help="comma-separated scenario names (no index is written)"
+    )
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("list", help="the scenarios of the gallery and their claims")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("run", help="run one scenario and print its report")
+    p.add_argument("name", help="scenario name (see fpgrad list)")
+    p.add_argument("--json", action="store_true", help="strict JSON output")
+    p.set_defaults(func=_run)
     return parser
 
 

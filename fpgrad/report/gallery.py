@@ -1,41 +1,34 @@
-"""Write one Markdown report per shipped example and a self-contained HTML index."""
+"""Write the gallery: one Markdown report per scenario (tables, PNG figures, the computed
+verdict) and one self-contained HTML index with the images embedded.
+
+Content is deterministic (fixed seeds, no timestamps or paths), so the committed gallery is
+regenerated bit-identically by ``make report``.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import sys
-from importlib import resources
 from pathlib import Path
 
-from tabulate import tabulate
-
-from fpgrad.compare import Comparison, compare
+from fpgrad import scenarios
 from fpgrad.errors import InputError
-from fpgrad.netfile import load_network
-from fpgrad.report.plots import gradient_magnitudes
+from fpgrad.scenarios.base import ScenarioResult
 
 
-def example_paths() -> dict[str, Path]:
-    """The networks shipped in fpgrad/examples, by name."""
-    root = resources.files("fpgrad") / "examples"
-    return {
-        p.stem: Path(str(p))
-        for p in sorted(root.iterdir(), key=lambda q: q.name)
-        if p.name.endswith(".toml")
-    }
+def _names(only: str | None) -> list[str]:
+    known = scenarios.available()
+    if not only:
+        return known
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    for n in names:
+        if n not in known:
+            raise InputError(f"unknown scenario {n!r}; known: {', '.join(known)} (see fpgrad list)")
+    return names
 
 
-def write_reports(out: str | Path, only: str | None = None) -> list[str]:
-    """Write the gallery into ``out``; returns the names of reports that failed."""
-    out = Path(out)
-    examples = example_paths()
-    names = list(examples)
-    if only:
-        names = [n.strip() for n in only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in examples]
-        if unknown:
-            raise InputError(f"unknown report {unknown[0]!r}; known: {', '.join(examples)}")
+def _writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".fpgrad-write-test"
@@ -43,98 +36,113 @@ def write_reports(out: str | Path, only: str | None = None) -> list[str]:
         probe.unlink()
     except OSError as exc:
         raise InputError(f"cannot write to output directory {str(out)!r}: {exc.strerror}") from None
+
+
+def write_reports(
+    out: str | Path, only: str | None = None, progress: bool | None = None
+) -> list[str]:
+    """Write the gallery into ``out``; returns the names of scenarios that failed (their
+    reports say why; the others are written all the same)."""
+    out = Path(out)
+    names = _names(only)
+    _writable(out)
+    if progress is None:
+        progress = sys.stderr.isatty()
     failures: list[str] = []
-    entries: list[tuple[str, str, str]] = []
-    for name in names:
-        print(f"fpgrad report: {name} ...", file=sys.stderr)
+    results: list[tuple[str, ScenarioResult | None, str]] = []
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc="fpgrad report", unit="scenario")
+    for name in iterator:
         try:
-            result = compare(load_network(examples[name]))
-            png = f"{name}.png"
-            gradient_magnitudes(result, out / png)
-            md = _markdown(name, examples[name], result, png)
-            summary = _one_line(result)
-        except Exception as exc:  # noqa: BLE001 - a failed report is written, others go on
+            result = scenarios.get(name).run()
+            for fname, draw in result.figures.items():
+                draw(out / fname)
+            (out / f"{name}.md").write_text(result.markdown())
+            results.append((name, result, ""))
+        except Exception as exc:  # noqa: BLE001 - a failed scenario is reported, others go on
             failures.append(name)
-            md = f"# {name}\n\nThis report failed: {type(exc).__name__}: {exc}\n"
-            png, summary = "", f"FAILED: {exc}"
-        (out / f"{name}.md").write_text(md)
-        entries.append((name, summary, png))
-    (out / "index.html").write_text(_index_html(out, entries))
+            message = f"{type(exc).__name__}: {exc}"
+            (out / f"{name}.md").write_text(f"# {name}\n\n**This scenario failed:** {message}\n")
+            results.append((name, None, message))
+    if only is None:
+        (out / "index.html").write_text(_index_html(out, results))
+        (out / "README.md").write_text(_index_md(results))
     return failures
 
 
-def _one_line(c: Comparison) -> str:
-    parts = []
-    for p in c.precisions:
-        s = c.summary[p]
-        parts.append(f"{p}: {s['rounding_zero']} rounding zeros, {s['structural_zero']} structural")
-    return "; ".join(parts)
+def _status(result: ScenarioResult | None) -> str:
+    if result is None:
+        return "FAILED"
+    return {True: "holds", False: "fails", None: "depends"}[result.holds]
 
 
-def _markdown(name: str, path: Path, c: Comparison, png: str) -> str:
-    rows = [
-        [p]
-        + [
-            c.summary[p][v]
-            for v in (
-                "ok",
-                "structural_zero",
-                "rounding_zero",
-                "rounding_zero_underflow",
-                "rounding_zero_lost",
-                "subnormal",
-                "overflow",
-                "nan",
-            )
-        ]
-        for p in c.precisions
-    ]
-    heads = [
-        "precision",
-        "ok",
-        "structural 0",
-        "rounding 0",
-        "underflow",
-        "lost",
-        "subnormal",
-        "overflow",
-        "nan",
-    ]
+def _index_md(results: list[tuple[str, ScenarioResult | None, str]]) -> str:
     lines = [
-        f"# {name}: gradients in every precision against the exact ones",
+        "# fpgrad gallery",
         "",
-        f"Network file: `fpgrad/examples/{path.name}`. Regenerate with `fpgrad report --only {name}`.",
+        "Each report tests one claim about zero gradients; verdicts are computed.",
         "",
-        f"Exact reference: mpmath at {c.exact_bits} bits, certified to {c.certified_digits:.1f} "
-        f"significant digits (checked at {2 * c.exact_bits} bits); reference point: {c.reference}.",
-        "",
-        "## Verdict counts",
-        "",
-        tabulate(rows, headers=heads, tablefmt="github"),
-        "",
-        f"![gradient magnitudes]({png})",
-        "",
-        "## Full comparison",
-        "",
-        "```",
-        c.render(max_rows=None),
-        "```",
-        "",
+        "| scenario | claim | verdict |",
+        "| --- | --- | --- |",
     ]
-    return "\n".join(lines)
+    for name, result, error in results:
+        claim = result.claim if result else ""
+        verdict = f"**{_status(result)}**: " + (result.verdict if result else error)
+        lines.append(f"| [{name}]({name}.md) | {claim} | {verdict} |")
+    return (
+        "\n".join(lines) + "\n\nOpen index.html in a browser for the reports with their figures.\n"
+    )
 
 
-def _index_html(out: Path, entries: list[tuple[str, str, str]]) -> str:
+def _index_html(out: Path, results: list[tuple[str, ScenarioResult | None, str]]) -> str:
+    esc = html.escape
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fpgrad reports</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}img{max-width:100%}</style>",
-        "</head><body><h1>fpgrad reports</h1>",
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'><title>fpgrad gallery</title>",
+        "<style>body{font-family:sans-serif;max-width:62em;margin:2em auto;padding:0 1em}"
+        "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
+        ".holds{color:#060}.fails{color:#a00}.depends{color:#850}.FAILED{color:#a00}</style>",
+        "</head><body><h1>fpgrad gallery</h1>",
+        "<p>Each scenario tests one claim about zero gradients against exact arithmetic; "
+        "every verdict is computed from the results.</p><ul>",
     ]
-    for name, summary, png in entries:
-        parts.append(f"<h2><a href='{html.escape(name)}.md'>{html.escape(name)}</a></h2>")
-        parts.append(f"<p>{html.escape(summary)}</p>")
-        if png:
-            data = base64.b64encode((out / png).read_bytes()).decode("ascii")
-            parts.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+    for name, result, _ in results:
+        parts.append(
+            f"<li><a href='#{esc(name)}'>{esc(name)}</a> "
+            f"<span class='{_status(result)}'>({_status(result)})</span></li>"
+        )
+    parts.append("</ul>")
+    for name, result, error in results:
+        parts.append(f"<section id='{esc(name)}'><h2>{esc(name)}</h2>")
+        if result is None:
+            parts.append(f"<p class='FAILED'>This scenario failed: {esc(error)}</p></section>")
+            continue
+        parts.append(f"<p><b>Claim.</b> {esc(result.claim)}</p>")
+        parts.append(
+            f"<p><b>Verdict (<span class='{_status(result)}'>{_status(result)}</span>).</b> "
+            f"{esc(result.verdict)}</p>"
+        )
+        parts.append(f"<p><b>Setup.</b> {esc(result.setup)}</p>")
+        for sec in result.sections:
+            parts.append(f"<h3>{esc(sec.title)}</h3>")
+            if sec.text:
+                parts.append(f"<p>{esc(sec.text)}</p>")
+            if sec.rows is not None:
+                head = "".join(f"<th>{esc(str(h))}</th>" for h in (sec.headers or []))
+                body = "".join(
+                    "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>"
+                    for row in sec.rows
+                )
+                parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            if sec.figure:
+                data = base64.b64encode((out / sec.figure).read_bytes()).decode("ascii")
+                parts.append(
+                    f"<p><img alt='{esc(sec.title)}' src='data:image/png;base64,{data}'></p>"
+                )
+        parts.append(f"<p><a href='{esc(name)}.md'>{esc(name)}.md</a></p></section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

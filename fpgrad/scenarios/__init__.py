@@ -1,0 +1,49 @@
+"""The gallery's scenarios, one module each; ``SCENARIOS`` maps names to modules.
+
+Each module tests one claim people make about zero gradients with a network and data built
+for it, in every precision and exactly, and computes its verdict from the results.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from fpgrad.errors import InputError
+
+#: Scenario names in gallery order; each is a module fpgrad/scenarios/NAME.py.
+NAMES: tuple[str, ...] = (
+    "dead_relu",
+    "dead_relu_remedies",
+    "relu_killed_by_rounding",
+    "deep_sigmoid_vanishing",
+    "fp16_gradient_underflow",
+    "loss_near_zero_stall",
+    "tiny_learning_rate",
+    "chaotic_oscillation",
+    "extreme_values_overflow",
+    "similar_gradients_from_init",
+    "fp8_formats",
+)
+
+
+def available() -> list[str]:
+    """Names whose module exists (the gallery grows one module at a time)."""
+    out = []
+    for name in NAMES:
+        try:
+            importlib.import_module(f"fpgrad.scenarios.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fpgrad.scenarios.{name}":
+                raise
+            continue
+        out.append(name)
+    return out
+
+
+def get(name: str) -> ModuleType:
+    if name not in available():
+        raise InputError(
+            f"unknown scenario {name!r}; known: {', '.join(available())} (see fpgrad list)"
+        )
+    return importlib.import_module(f"fpgrad.scenarios.{name}")
