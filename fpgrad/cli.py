@@ -247,10 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _negative_values_last(argv: list[str]) -> list[str]:
+    """``fpgrad explain -1e-8``: argparse reads -1e-8 as an option; pass it after ``--``."""
+    if not argv or argv[0] != "explain" or "--" in argv:
+        return argv
+    for i, tok in enumerate(argv[1:], start=1):
+        if (
+            tok.startswith("-")
+            and len(tok) > 1
+            and (tok[1].isdigit() or tok[1] in ".(" or tok[1:4].lower() in ("inf", "nan", "0x"))
+        ):
+            return argv[:i] + argv[i + 1 :] + ["--", tok]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(
+            _negative_values_last(list(sys.argv[1:] if argv is None else argv))
+        )
         if args.command is None:
             parser.print_help()
             return 2

@@ -1,33 +1,66 @@
-"""Strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+"""Strict JSON: every result fpgrad writes goes through :func:`jsonable`.
+
+Non-finite floats become the strings ``"inf"``, ``"-inf"`` and ``"nan"`` (JSON has no such
+numbers); numpy scalars and arrays, tuples, enums, fractions and dataclasses become plain
+lists, numbers and strings.
+
+>>> jsonable({"x": float("inf"), "y": (1, float("nan")), 2: np.float32(0.5)})
+{'x': 'inf', 'y': [1, 'nan'], '2': 0.5}
+>>> dumps([np.arange(2), -float("inf")])
+'[[0, 1], "-inf"]'
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from decimal import Decimal
 from enum import Enum
+from fractions import Fraction
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 
 
+def _float(x: float) -> float | str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
 def jsonable(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts."""
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts (recursively)."""
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return _float(obj)
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [jsonable(v) for v in sorted(obj, key=repr)]
     if isinstance(obj, np.ndarray):
         return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):  # numpy scalars: bool_, integer, floating
+        return jsonable(obj.item())
     if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        if math.isnan(x):
-            return "nan"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return x
-    return obj
+        return jsonable(obj.value)
+    if isinstance(obj, (Fraction, Decimal)):
+        return str(obj)  # exact
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "tolist"):  # torch tensors and other array types
+        return jsonable(obj.tolist())
+    return obj  # anything else is left for json.dumps to accept or reject
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` (``allow_nan=False``; keyword arguments go to json.dumps)."""
+    return json.dumps(jsonable(obj), allow_nan=False, **kwargs)

@@ -41,7 +41,7 @@ class Mode(Enum):
     TOWARD_ZERO = "toward_zero"  #: the neighbour of smaller magnitude (truncation).
     UP = "up"  #: hi (toward +inf).
     DOWN = "down"  #: lo (toward -inf).
-    ODD = "odd"  #: truncate; if inexact, the neighbour whose significand is odd (sets the last bit).
+    ODD = "odd"  #: truncate; if inexact, the neighbour with an odd significand (last bit set).
     STOCHASTIC = "stochastic"  #: hi with probability (x - lo) / (hi - lo), else lo.
     STOCHASTIC_EQUAL = "stochastic_equal"  #: if inexact, lo or hi with probability 1/2 each.
 
@@ -127,45 +127,70 @@ def round_to(
     mode = parse_mode(mode)
     sub = fmt.subnormals if subnormals is None else bool(subnormals)
     x = np.asarray(x, dtype=np.float64)
-    a = np.abs(x)
-    neg = np.signbit(x)
-    finite = np.isfinite(x)
+    shape = x.shape
+    x = np.ascontiguousarray(x).reshape(-1)  # 1-d, so that in-place operations work for 0-d
+    # Few passes and few temporaries (allocating large arrays dominates the cost).
+    # k = man_bits - e, where e = floor(log2 |x|) comes from the exponent field. For float64
+    # subnormals the field gives -1023; that is only used below emin >= -1022: clamped up when
+    # subnormals are on, and when they are off every result from such an input is below the
+    # smallest normal and flushed either way. The quantum of the grid at x is 2**-k.
+    k = x.view(np.int64) >> 52
+    k &= 0x7FF
+    k -= 1023
+    if sub:
+        np.maximum(k, fmt.emin, out=k)  # below the normal range the quantum stays 2**quantum_min
+    np.subtract(fmt.man_bits, k, out=k)  # |k| <= 1076
+    scratch = np.empty_like(k)
     with np.errstate(invalid="ignore", over="ignore"):
-        e = np.frexp(np.where(finite, a, 1.0))[1].astype(np.int64) - 1  # floor(log2 a); 0 -> -1
-        if sub:
-            e = np.maximum(e, fmt.emin)  # below the normal range the quantum stays 2**quantum_min
-        qexp = e - fmt.man_bits  # quantum of the grid at a: 2**qexp
-        y = np.ldexp(np.where(finite, a, 0.0), -qexp)  # exact: a / quantum, below 2**p
-        fl = np.floor(y)
-        frac = y - fl  # exact: fractional distance to the lower neighbour, in quanta
-        inexact = frac != 0.0
+        y = np.abs(x)
+        y *= _pow2(np.right_shift(k, 1, out=scratch))  # y = |x| 2**k in two exact steps
+        y *= _pow2(np.subtract(k, np.right_shift(k, 1, out=scratch), out=scratch))
+        # y = |x| / quantum < 2**p, exactly (inf for inf, nan for nan)
         if mode is Mode.NEAREST_EVEN:
-            r = np.rint(y)  # numpy's rint breaks ties to even
-        elif mode is Mode.NEAREST_AWAY:
-            r = fl + (frac >= 0.5)
+            r = np.rint(y, out=y)  # numpy's rint breaks ties to even
         elif mode is Mode.TOWARD_ZERO:
-            r = fl
-        elif mode is Mode.UP:  # away from zero for positive x, toward zero for negative x
-            r = fl + (inexact & ~neg)
-        elif mode is Mode.DOWN:
-            r = fl + (inexact & neg)
-        elif mode is Mode.ODD:
-            r = fl + (inexact & (np.fmod(fl, 2.0) == 0.0))  # inexact and even: step to the odd one
+            r = np.floor(y, out=y)
         else:
-            u = _generator(rng).random(size=x.shape)
-            up = (u < frac) if mode is Mode.STOCHASTIC else (inexact & (u < 0.5))
-            r = fl + up
-        mag = np.ldexp(r, qexp)  # exact unless beyond float64's range (then inf: overflow below)
+            r = np.floor(y)
+            frac = np.subtract(y, r, out=y)  # exact: distance to the lower neighbour, in quanta
+            if mode is Mode.NEAREST_AWAY:
+                step = frac >= 0.5
+            elif mode is Mode.UP:  # away from zero for positive x, toward zero for negative x
+                step = (frac != 0.0) & ~np.signbit(x)
+            elif mode is Mode.DOWN:
+                step = (frac != 0.0) & np.signbit(x)
+            elif mode is Mode.ODD:  # inexact and even: step to the odd neighbour
+                step = (frac != 0.0) & (np.fmod(r, 2.0) == 0.0)
+            else:
+                u = _generator(rng).random(size=x.shape)
+                step = (u < frac) if mode is Mode.STOCHASTIC else ((frac != 0.0) & (u < 0.5))
+            r += step
+        # back to the magnitude: exact unless it leaves float64's range, which only happens
+        # far above max (inf: overflow) or far below the smallest normal (flushed)
+        r *= _pow2(np.negative(np.right_shift(k, 1, out=scratch), out=scratch))
+        r *= _pow2(np.subtract(np.right_shift(k, 1, out=scratch), k, out=scratch))
         if not sub:
-            mag = np.where(mag < fmt.smallest_normal, 0.0, mag)  # flush after rounding
-        over = mag > fmt.max
-        if False:
-            up_val = _overflow_value(fmt, mode, negative=False)
-            down_val = _overflow_value(fmt, mode, negative=True)
-            mag = np.where(over, np.where(neg, down_val, up_val), mag)
-        mag = np.where(np.isinf(x), _inf_value(fmt), mag)
-        mag = np.where(np.isnan(x), np.nan, mag)
-        return np.asarray(np.copysign(mag, np.where(np.isnan(mag), 1.0, x)))
+            np.copyto(r, 0.0, where=r < fmt.smallest_normal)  # flush after rounding
+        over = r > fmt.max
+        if over.any():
+            neg = np.signbit(x)
+            np.copyto(r, _overflow_value(fmt, mode, negative=False), where=over & ~neg)
+            np.copyto(r, _overflow_value(fmt, mode, negative=True), where=over & neg)
+        if not np.isfinite(x).all():
+            np.copyto(r, _inf_value(fmt), where=np.isinf(x))
+            np.copyto(r, np.nan, where=np.isnan(x))
+        np.copysign(r, x, out=r)  # signed zeros and signs
+        nan = np.isnan(r)
+        if nan.any():
+            r[nan] = np.nan  # a positive NaN
+        return r.reshape(shape)
+
+
+def _pow2(k: np.ndarray) -> np.ndarray:
+    """2.0**k, in place of the int64 array ``k`` (-1022 <= k <= 1023): the exponent field."""
+    k += 1023
+    k <<= 52
+    return k.view(np.float64)
 
 
 # ---- the exact path --------------------------------------------------------------------------
