@@ -1,20 +1,43 @@
 """Precision names to runnable number systems.
 
-``float16``, ``bfloat16``, ``float32``, ``float64``: torch dtypes with real autograd.
+``float16``, ``bfloat16``, ``float32``, ``float64``: torch dtypes with real autograd (native).
 ``exact`` names the certified reference, which every comparison computes anyway.
+
+Any other format of the catalogue or a custom ``eXmY`` (``fp8_e4m3``, ``fp8_e5m2``, ``tf32``,
+``e5m7``) names the strict emulated machine of :mod:`fpgrad.arith.emulated`; so does a native
+format with the qualifier ``:emulated``. Qualifiers, in any order after the format:
+
+- ``:emulated`` (implied by every other qualifier and by a non-native format);
+- an accumulation for dot products and sums: ``:fp32`` (default: exact products, float32
+  accumulator, one rounding), ``:per_op`` (round every product and every add, left to right)
+  or ``:exact`` (one rounding of the exact sum);
+- a rounding mode for every operation (default ``nearest_even``): ``:stochastic`` (seed 0),
+  ``:toward_zero``, ``:up``, ``:down``, ... (see :class:`~fpgrad.rounding.Mode`).
+
+Names are canonical: the format's catalogue name, ``:emulated`` for a native format, then the
+non-default qualifiers (``fp16:emulated:fp32`` is ``float16:emulated``).
+
+>>> [p.name for p in parse_precisions("float16,e5m2,bf16:per_op,tf32:stochastic")]
+['float16', 'fp8_e5m2', 'bfloat16:emulated:per_op', 'tf32:stochastic']
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
-from fpgrad.formats import NATIVE, Format, get_format
+from fpgrad.formats import CATALOGUE, NATIVE, Format, get_format
 from fpgrad.network import Network
+from fpgrad.rounding import Mode, parse_mode
 
 DEFAULT_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
+ACCUMULATIONS = ("fp32", "per_op", "exact")  # as fpgrad.arith.emulated.ACCUMULATIONS
+DEFAULT_ACCUMULATION = "fp32"
+_CUSTOM = re.compile(r"^e\d+m\d+$")
+EMULATED_SEED = 0  #: seed of the generator of stochastic rounding (one per evaluation)
 
 
 @dataclass(frozen=True)
@@ -23,8 +46,10 @@ class Precision:
 
     name: str
     fmt: Format
-    kind: str  #: "native" (torch kernels)
-    runner: Callable[[Network, str], Trace]
+    kind: str  #: "native" (torch kernels) or "emulated" (strict machine, fpgrad.arith.emulated)
+    runner: Callable[[Network, str], Trace] = field(repr=False)
+    accumulation: str | None = None  #: emulated: "fp32", "per_op" or "exact"
+    mode: Mode = Mode.NEAREST_EVEN  #: emulated: rounding mode of every operation
 
     def run(self, net: Network) -> Trace:
         return self.runner(net, self.name)
@@ -36,12 +61,78 @@ def _native_runner(net: Network, name: str) -> Trace:
     return torch_trace(net, name)
 
 
+def _emulated_runner(fmt: Format, accumulation: str, mode: Mode) -> Callable[[Network, str], Trace]:
+    def run(net: Network, name: str) -> Trace:
+        from fpgrad.arith.emulated import EmulatedArith
+        from fpgrad.evaluate import evaluate
+
+        ar = EmulatedArith(fmt, accumulation=accumulation, mode=mode, rng=EMULATED_SEED)
+        trace = evaluate(net, ar)  # asarray rounds data and parameters into fmt first
+        trace.system = name
+        trace.loss = float(trace.loss)
+        return trace
+
+    return run
+
+
+def _known() -> str:
+    formats = ", ".join(f for f in CATALOGUE if f not in NATIVE)
+    return (
+        f"known precisions: {', '.join(NATIVE)} (torch), exact, any format emulated "
+        f"({formats}, eXmY, or a native one with :emulated); qualifiers "
+        f":{'|:'.join(ACCUMULATIONS)} (accumulation) and a rounding mode "
+        f"(:{'|:'.join(m.value for m in Mode)})"
+    )
+
+
 def get_precision(name: str) -> Precision:
-    key = name.strip().lower()
-    if key in NATIVE:
-        return Precision(key, get_format(key), "native", _native_runner)
-    known = ", ".join((*NATIVE, "exact"))
-    raise InputError(f"unknown precision {name!r}; known precisions: {known}")
+    """The precision called ``name`` (see the module docstring for the grammar)."""
+    from fpgrad.arith.emulated import check_emulable
+
+    parts = [s.strip().lower() for s in name.strip().split(":")]
+    try:
+        fmt = get_format(parts[0])
+    except InputError as exc:
+        if _CUSTOM.match(parts[0]):  # a custom eXmY out of range: say which field
+            raise InputError(f"precision {name!r}: {exc}") from None
+        raise InputError(f"unknown precision {name!r}; {_known()}") from None
+    qualifiers = parts[1:]
+    if not qualifiers and fmt.name in NATIVE:
+        return Precision(fmt.name, fmt, "native", _native_runner)
+    accumulation: str | None = None
+    mode: Mode | None = None
+    seen: set[str] = set()
+    for q in qualifiers:
+        if q in seen:
+            raise InputError(f"precision {name!r}: qualifier {q!r} given twice")
+        seen.add(q)
+        if q == "emulated":
+            continue
+        if q.replace("-", "_") in ACCUMULATIONS:
+            if accumulation is not None:
+                raise InputError(f"precision {name!r}: two accumulations; give one of {ACCUMULATIONS}")
+            accumulation = q.replace("-", "_")
+            continue
+        try:
+            m = parse_mode(q)
+        except InputError:
+            raise InputError(
+                f"precision {name!r}: unknown qualifier {q!r}; {_known()}"
+            ) from None
+        if mode is not None:
+            raise InputError(f"precision {name!r}: two rounding modes; give one")
+        mode = m
+    check_emulable(fmt)
+    accumulation = accumulation or DEFAULT_ACCUMULATION
+    mode = mode or Mode.NEAREST_EVEN
+    canonical = fmt.name + (":emulated" if fmt.name in NATIVE else "")
+    if accumulation != DEFAULT_ACCUMULATION:
+        canonical += f":{accumulation}"
+    if mode is not Mode.NEAREST_EVEN:
+        canonical += f":{mode.value}"
+    return Precision(
+        canonical, fmt, "emulated", _emulated_runner(fmt, accumulation, mode), accumulation, mode
+    )
 
 
 def parse_precisions(spec: str | list[str] | tuple[str, ...] | None) -> list[Precision]:

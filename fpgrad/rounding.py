@@ -221,7 +221,8 @@ def _exact_parts(value: Any) -> tuple[bool, int, int, int] | float:
     if mod.startswith("mpmath"):
         import mpmath
 
-        v = mpmath.mpf(value)
+        # read the value's own words: mpmath.mpf(value) would round it to the global precision
+        v = value if hasattr(value, "_mpf_") else mpmath.mpf(value)
         if not mpmath.isfinite(v):
             return float(v)
         sign, man, exp, _ = v._mpf_  # value = (-1)**sign * man * 2**exp exactly

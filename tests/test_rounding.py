@@ -686,3 +686,16 @@ def test_round_exact_inputs() -> None:
         round_exact("1.0", "float16")
     out = round_exact_array([[Fraction(1, 3), 2], [0.1, mpmath.mpf(5)]], "bf16")
     assert out.shape == (2, 2) and out[1, 1] == 5.0
+
+
+def test_round_exact_reads_private_context_values_at_their_own_precision() -> None:
+    # a 300-bit value just above a float16 tie must not be rounded to 53 bits first
+    from mpmath.ctx_mp import MPContext
+
+    from fpgrad.rounding import round_exact
+
+    c = MPContext()
+    c.prec = 300
+    v = c.mpf(1) + c.mpf(2) ** -11 + c.mpf(2) ** -60
+    assert round_exact(v, "float16") == 1.0 + 2.0**-10
+    assert round_exact(-v, "float16") == -(1.0 + 2.0**-10)
