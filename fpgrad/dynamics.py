@@ -102,10 +102,14 @@ def relative_distance(params: list[np.ndarray], exact_params: list[np.ndarray]) 
 
 
 def growth_rate(dist: list[float], threshold: float) -> float | None:
-    """Least-squares slope of log2(distance) per step over the steps where 0 < d < threshold."""
+    """Least-squares slope of log2(distance) per step over the steps where 0 < d, up to the
+    first step beyond ``threshold`` (after that the run has left the trajectory and the
+    distance no longer measures growth)."""
     t = np.arange(len(dist), dtype=np.float64)
     d = np.asarray(dist, dtype=np.float64)
-    ok = np.isfinite(d) & (d > 0) & (d < threshold)
+    beyond = np.flatnonzero(~np.isfinite(d) | (d >= threshold))
+    end = int(beyond[0]) if beyond.size else d.size
+    ok = (t < end) & (d > 0)
     if ok.sum() < 3:
         return None
     slope = np.polyfit(t[ok], np.log2(d[ok]), 1)[0]

@@ -31,7 +31,7 @@ from fpgrad.formats import NATIVE, get_format
 from fpgrad.network import Network
 from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
 from fpgrad.scaling import DynamicScaler, StaticScaler
-from fpgrad.torch_native import build_modules, loss_fn, to_dtype
+from fpgrad.torch_native import build_modules, loss_fn, one_torch_thread, to_dtype
 from fpgrad.verdicts import ExactArray, classify
 
 POLICIES = ("master", "scale=S", "dynamic", "sr", "kahan")
@@ -217,7 +217,8 @@ class TorchRun:
         scale = self.scaler.scale if self.scaler is not None else 1.0
         (loss * scale if scale != 1.0 else loss).backward()
         if hist.overflow_place is None:
-            hist.overflow_place = _first_nonfinite(net, kept, len(hist.loss))
+            named = dict(zip(net.params, self.params, strict=True))
+            hist.overflow_place = _first_nonfinite(net, kept, loss, named, len(hist.loss))
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self.params]
         if self.master is not None:
             grads = [g.to(torch.float32) for g in grads]  # unscale in float32, as GradScaler
@@ -260,22 +261,45 @@ class TorchRun:
 
 
 def _first_nonfinite(
-    net: Network, kept: dict[str, torch.Tensor], step: int
+    net: Network,
+    kept: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    step: int,
 ) -> dict[str, Any] | None:
-    """The first forward output, then backward signal (from the loss back), holding inf/NaN."""
+    """The first tensor of this step holding inf/NaN, in the order they are computed: the
+    parameters, forward outputs, the loss, backward signals (from the loss back), then the
+    parameter gradients."""
     from fpgrad.compare import places
 
-    for place in places(net):
-        t = kept[place.layer]
-        t = t if place.direction == "forward" else t.grad
-        if t is not None and not bool(torch.isfinite(t).all()):
-            return {
-                "step": step,
-                "layer": place.layer,
-                "direction": place.direction,
-                "quantity": place.quantity,
-                "op": place.op,
-            }
+    def where(layer: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
+        return {
+            "step": step,
+            "layer": layer,
+            "direction": direction,
+            "quantity": quantity,
+            "op": op,
+        }
+
+    def bad(t: torch.Tensor | None) -> bool:
+        return t is not None and not bool(torch.isfinite(t).all())
+
+    for name, p in params.items():
+        if bad(p):
+            return where(name.split(".")[0], "parameter", name, "the previous update")
+    steps = places(net)
+    for place in steps:
+        if place.direction == "forward" and bad(kept[place.layer]):
+            return where(place.layer, "forward", place.quantity, place.op)
+    if bad(loss):
+        return where("loss", "forward", "L", f"loss forward ({net.loss.kind})")
+    for place in steps:
+        if place.direction == "backward" and bad(kept[place.layer].grad):
+            return where(place.layer, "backward", place.quantity, place.op)
+    for name, p in params.items():
+        if bad(p.grad):
+            layer = name.split(".")[0]
+            return where(layer, "backward", f"dL/d{name}", f"{layer} backward (parameter gradient)")
     return None
 
 
@@ -426,6 +450,35 @@ def train(
     progress: bool = False,
 ) -> TrainResult:
     """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation."""
+    with one_torch_thread():
+        return _train(
+            net,
+            steps,
+            cfg,
+            runs,
+            batch_size,
+            seed,
+            exact_bits,
+            verdict_every,
+            stall_k,
+            perturb,
+            progress,
+        )
+
+
+def _train(
+    net: Network,
+    steps: int,
+    cfg: OptimConfig | None,
+    runs: str | list[str] | None,
+    batch_size: int | None,
+    seed: int,
+    exact_bits: int,
+    verdict_every: int | None,
+    stall_k: int,
+    perturb: bool,
+    progress: bool,
+) -> TrainResult:
     from fpgrad.dynamics import (
         detect_cycle,
         detect_divergence,

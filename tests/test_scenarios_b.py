@@ -89,7 +89,7 @@ def test_extreme_values_overflow_names_the_first_inf_and_nan(tmp_path: Path) -> 
     e16 = tr["events"]["float16"]
     assert tr["lr_times_curvature"] > 2 and tr["growth_per_step"] > 1
     assert e16["loss_inf"] < e16["grad_nonfinite"] <= e16["weight_inf"] < e16["weight_nan"]
-    assert e16["detector"]["step"] > e16["loss_inf"]  # the detector watches layer tensors only
+    assert e16["detector"]["step"] == e16["loss_inf"] and e16["detector"]["layer"] == "loss"
     assert tr["events"]["bfloat16"]["first_nonfinite"] is None
     _renders(r, tmp_path)
 

@@ -17,8 +17,7 @@ from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
 from fpgrad.rounding import round_to
 from fpgrad.scenarios.base import ScenarioResult, Section
-from fpgrad.scenarios.tiny_learning_rate import one_torch_thread
-from fpgrad.torch_native import torch_trace
+from fpgrad.torch_native import one_torch_thread, torch_trace
 from fpgrad.train import TrainResult, train
 
 NAME = "extreme_values_overflow"
@@ -169,17 +168,11 @@ def _run(small: bool) -> ScenarioResult:
         "(the square in the loss overflows first)"
         + (
             f", the first inf gradient comes at step {e16['grad_nonfinite']}"
-            + (
-                " (a weight gradient, a sum of dL/dz times the inputs, while every layer "
-                "tensor is still finite)"
-                if e16["detector"] is None or e16["detector"]["step"] > e16["grad_nonfinite"]
-                else ""
-            )
             if e16["grad_nonfinite"] is not None
             else ""
         )
         + (
-            f", the first inf layer tensor at step {e16['detector']['step']} in "
+            f"; the first-overflow detector points at step {e16['detector']['step']}: "
             f"{e16['detector']['layer']} {e16['detector']['quantity']} "
             f"({e16['detector']['op']})"
             if e16["detector"]
@@ -291,8 +284,9 @@ def _run(small: bool) -> ScenarioResult:
             Section(
                 "Training until it overflows (diverging regression)",
                 "Step t (from 0) computes the loss and gradients at the weights after t steps "
-                "and writes the weights after t + 1. The first-overflow detector looks at layer "
-                "tensors (forward, then backward), not at the loss or the weight gradients.",
+                "and writes the weights after t + 1. The first-overflow detector checks, in the order "
+                "they are computed, the parameters, the layer outputs, the loss, the backward "
+                "signals and the parameter gradients.",
                 [
                     "run",
                     "loss inf",

@@ -15,7 +15,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.report.plots import gradient_magnitudes
 from fpgrad.scenarios.base import ScenarioResult, Section
-from fpgrad.scenarios.tiny_learning_rate import one_torch_thread
+from fpgrad.torch_native import one_torch_thread
 
 NAME = "fp8_formats"
 CLAIM = (

@@ -15,7 +15,7 @@ from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
 from fpgrad.scenarios.base import ScenarioResult, Section
-from fpgrad.scenarios.tiny_learning_rate import one_torch_thread
+from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import TrainResult, train
 
 NAME = "similar_gradients_from_init"

@@ -3,8 +3,6 @@ bfloat16; fp32 master weights, stochastic rounding and Kahan-compensated updates
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
 from fpgrad.rounding import round_to
 from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import TrainResult, train
 
 NAME = "tiny_learning_rate"
@@ -38,20 +37,6 @@ REMEDIES = (
     "bfloat16+kahan",
 )
 RUNS = (*PLAIN, "float32", *REMEDIES)
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a busy machine every float16/bfloat16
-    kernel then waits milliseconds for a descheduled OpenMP thread (results are identical)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def network() -> Network:
