@@ -138,7 +138,13 @@ def _list(args: argparse.Namespace) -> int:
 
     from fpgrad import scenarios
 
-    rows = [[name, scenarios.get(name).CLAIM] for name in scenarios.available()]
+    rows = []
+    for name in scenarios.available():
+        try:
+            claim = scenarios.get(name).CLAIM
+        except Exception as exc:  # noqa: BLE001 - list the others all the same
+            claim = f"(cannot be loaded: {type(exc).__name__}: {exc})"
+        rows.append([name, claim])
     print(tabulate(rows, headers=["scenario", "claim"], tablefmt="simple", maxcolwidths=[None, 80]))
     return 0
 
