@@ -72,13 +72,14 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from fpgrad.compare import compare
+    from fpgrad.exact import DEFAULT_BITS
     from fpgrad.netfile import load_network
 
     net = load_network(args.network)
     result = compare(
         net,
         precisions=args.precisions,
-        exact_bits=args.exact_bits,
+        exact_bits=DEFAULT_BITS if args.exact_bits is None else args.exact_bits,
         reference=args.reference,
         allow_uncertified=args.allow_uncertified,
     )

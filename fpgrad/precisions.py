@@ -110,15 +110,15 @@ def get_precision(name: str) -> Precision:
             continue
         if q.replace("-", "_") in ACCUMULATIONS:
             if accumulation is not None:
-                raise InputError(f"precision {name!r}: two accumulations; give one of {ACCUMULATIONS}")
+                raise InputError(
+                    f"precision {name!r}: two accumulations; give one of {ACCUMULATIONS}"
+                )
             accumulation = q.replace("-", "_")
             continue
         try:
             m = parse_mode(q)
         except InputError:
-            raise InputError(
-                f"precision {name!r}: unknown qualifier {q!r}; {_known()}"
-            ) from None
+            raise InputError(f"precision {name!r}: unknown qualifier {q!r}; {_known()}") from None
         if mode is not None:
             raise InputError(f"precision {name!r}: two rounding modes; give one")
         mode = m

@@ -32,7 +32,7 @@ from fpgrad.network import Network
 from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
 from fpgrad.scaling import DynamicScaler, StaticScaler
 from fpgrad.torch_native import build_modules, loss_fn, one_torch_thread, to_dtype
-from fpgrad.verdicts import ExactArray, classify
+from fpgrad.verdicts import classify
 
 POLICIES = ("master", "scale=S", "dynamic", "sr", "kahan")
 
@@ -345,21 +345,24 @@ def exact_gradient_counts(
     rows: np.ndarray,
     bits: int,
 ) -> dict[str, int]:
-    """Verdict counts of ``grads`` against the exact gradients at the same parameters.
+    """Verdict counts of ``grads`` against the certified exact gradients at the same
+    parameters and batch (:func:`fpgrad.exact.exact_trace`, noise around exact zeros removed).
 
     At non-finite parameters there is no exact gradient: elements are counted as nan or
     overflow by their own values, the rest as ``no_reference``.
     """
+    from fpgrad.exact import exact_trace
+
     if not all(np.all(np.isfinite(v)) for v in params.values()):
         flat = _flat(list(grads.values()))
         nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
         return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}
-    ar = MPArith(bits)
-    trace = evaluate(net.with_params(params), ar, rows=rows)
+    part = net.with_params(params).with_data(net.x[rows], net.y[rows])
+    exact = exact_trace(part, bits, allow_uncertified=True)
     fmt = get_format(precision)
     counts: dict[str, int] = {}
     for k, g in grads.items():
-        v = classify(ExactArray.from_mp(trace.grads[k]), g, fmt)
+        v = classify(exact.exact_array(f"grads/{k}"), g, fmt)
         for name in v.verdict.ravel():
             counts[name] = counts.get(name, 0) + 1
     return counts

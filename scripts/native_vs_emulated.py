@@ -47,15 +47,20 @@ def functions(name: str) -> None:
     ar = EmulatedArith(fmt)
     t = to_t(v, name)
     ops = {
-        "exp": (torch.exp, ar.exp), "log": (torch.log, ar.log), "tanh": (torch.tanh, ar.tanh),
-        "sigmoid": (torch.sigmoid, ar.sigmoid), "sqrt": (torch.sqrt, ar.sqrt),
+        "exp": (torch.exp, ar.exp),
+        "log": (torch.log, ar.log),
+        "tanh": (torch.tanh, ar.tanh),
+        "sigmoid": (torch.sigmoid, ar.sigmoid),
+        "sqrt": (torch.sqrt, ar.sqrt),
     }
     parts = []
     for op, (tf, ef) in ops.items():
         with np.errstate(all="ignore"):
             parts.append(f"{op} {differ(t64(tf(t)), ef(v))}")
-    print(f"  {name} functions, {v.size} finite inputs, results differing from correct "
-          f"rounding: " + ", ".join(parts))
+    print(
+        f"  {name} functions, {v.size} finite inputs, results differing from correct "
+        f"rounding: " + ", ".join(parts)
+    )
 
 
 def matmuls(name: str, rng: np.random.Generator) -> None:
@@ -65,10 +70,15 @@ def matmuls(name: str, rng: np.random.Generator) -> None:
         a = round_to(rng.normal(size=(64, k)), fmt)
         b = round_to(rng.normal(size=(k, 64)), fmt)
         torch_r = t64(to_t(a, name) @ to_t(b, name))
-        counts = {acc: differ(torch_r, EmulatedArith(fmt, acc).matmul(a, b))
-                  for acc in ("per_op", "fp32", "exact")}
-        print(f"    K={k:5d}: " + ", ".join(f"{acc} {n}" for acc, n in counts.items())
-              + f" (of {torch_r.size})")
+        counts = {
+            acc: differ(torch_r, EmulatedArith(fmt, acc).matmul(a, b))
+            for acc in ("per_op", "fp32", "exact")
+        }
+        print(
+            f"    K={k:5d}: "
+            + ", ".join(f"{acc} {n}" for acc, n in counts.items())
+            + f" (of {torch_r.size})"
+        )
 
 
 def fused_fp32(a: np.ndarray, w: np.ndarray, bias: np.ndarray, fmt_name: str) -> np.ndarray:
@@ -90,9 +100,11 @@ def linear(name: str, rng: np.random.Generator) -> None:
         torch_r = t64(F.linear(to_t(x, name), to_t(w, name), to_t(bias, name)))
         separate = ar.add(ar.matmul(x, w.T), bias[None, :])
         fused = fused_fp32(x, w, bias, name)
-        print(f"  {name} linear with bias, K={k}: differing from torch: separately rounded bias "
-              f"add {differ(torch_r, separate)}, bias in the float32 accumulator "
-              f"{differ(torch_r, fused)} (of {torch_r.size})")
+        print(
+            f"  {name} linear with bias, K={k}: differing from torch: separately rounded bias "
+            f"add {differ(torch_r, separate)}, bias in the float32 accumulator "
+            f"{differ(torch_r, fused)} (of {torch_r.size})"
+        )
 
 
 def sums(name: str, rng: np.random.Generator) -> None:
@@ -100,10 +112,15 @@ def sums(name: str, rng: np.random.Generator) -> None:
     for n in (8, 100, 1000):
         x = round_to(rng.normal(size=(64, n)), fmt)
         torch_r = t64(to_t(x, name).sum(dim=1))
-        counts = {acc: differ(torch_r, EmulatedArith(fmt, acc).sum(x, axis=1))
-                  for acc in ("per_op", "fp32", "exact")}
-        print(f"  {name} sum of {n}: differing from torch: "
-              + ", ".join(f"{acc} {c}" for acc, c in counts.items()) + " (of 64)")
+        counts = {
+            acc: differ(torch_r, EmulatedArith(fmt, acc).sum(x, axis=1))
+            for acc in ("per_op", "fp32", "exact")
+        }
+        print(
+            f"  {name} sum of {n}: differing from torch: "
+            + ", ".join(f"{acc} {c}" for acc, c in counts.items())
+            + " (of 64)"
+        )
 
 
 def main() -> int:

@@ -130,7 +130,9 @@ def same(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     return eq | (np.isnan(got) & np.isnan(want))
 
 
-def assert_same(got: np.ndarray, want: np.ndarray, a: np.ndarray, b: np.ndarray | None = None) -> None:
+def assert_same(
+    got: np.ndarray, want: np.ndarray, a: np.ndarray, b: np.ndarray | None = None
+) -> None:
     ok = same(got, want)
     if not ok.all():
         bad = np.flatnonzero(~ok)[:5]
@@ -189,9 +191,34 @@ def test_fp8_all_pairs(name: str) -> None:
 def boundary_values(fmt: Format) -> np.ndarray:
     ss, sn, mx, eps = fmt.smallest_subnormal, fmt.smallest_normal, fmt.max, fmt.eps
     pos = [
-        0.0, ss, 2 * ss, 3 * ss, sn - ss, sn, sn + ss, 2 * sn, 0.5, 1.0 - eps / 2, 1.0,
-        1.0 + eps, 1.5, 2.0, 3.0, eps, eps / 2, 1.0 + 2 * eps, mx, mx - fmt.ulp(mx), mx / 2,
-        math.ldexp(1.0, fmt.emax), math.sqrt(mx), 1.0 / 3.0, 10.0, 0.1, math.pi, math.inf,
+        0.0,
+        ss,
+        2 * ss,
+        3 * ss,
+        sn - ss,
+        sn,
+        sn + ss,
+        2 * sn,
+        0.5,
+        1.0 - eps / 2,
+        1.0,
+        1.0 + eps,
+        1.5,
+        2.0,
+        3.0,
+        eps,
+        eps / 2,
+        1.0 + 2 * eps,
+        mx,
+        mx - fmt.ulp(mx),
+        mx / 2,
+        math.ldexp(1.0, fmt.emax),
+        math.sqrt(mx),
+        1.0 / 3.0,
+        10.0,
+        0.1,
+        math.pi,
+        math.inf,
     ]
     vals = np.array(pos)
     from fpgrad.rounding import round_to
@@ -259,9 +286,12 @@ def test_fma_single_rounding() -> None:
     x, y, z = (table[rng.integers(0, 65536, 3000)] for _ in range(3))
     ctx = context(fmt, Mode.NEAREST_EVEN)
     want = finish(
-        [as_float(ctx.fma(mpfr(p), mpfr(q), mpfr(r)))
-         for p, q, r in zip(x.tolist(), y.tolist(), z.tolist(), strict=True)],
-        fmt, Mode.NEAREST_EVEN,
+        [
+            as_float(ctx.fma(mpfr(p), mpfr(q), mpfr(r)))
+            for p, q, r in zip(x.tolist(), y.tolist(), z.tolist(), strict=True)
+        ],
+        fmt,
+        Mode.NEAREST_EVEN,
     )
     assert_same(ar.fma(x, y, z), want, x, y)
 
@@ -413,9 +443,13 @@ def test_stochastic_every_op_within_neighbours() -> None:
     ar = EmulatedArith(fmt, mode="stochastic", rng=1)
     lo_ar, hi_ar = EmulatedArith(fmt, mode="down"), EmulatedArith(fmt, mode="up")
     cases: list[tuple[str, Callable[..., np.ndarray], tuple[np.ndarray, ...]]] = [
-        ("add", ar.add, (a, b)), ("mul", ar.mul, (a, b)), ("div", ar.div, (a, b)),
-        ("sqrt", ar.sqrt, (np.abs(a),)), ("tanh", ar.tanh, (a * 1e-30,)),
-        ("exp", ar.exp, (np.clip(a, -80, 80),)), ("log", ar.log, (np.abs(a),)),
+        ("add", ar.add, (a, b)),
+        ("mul", ar.mul, (a, b)),
+        ("div", ar.div, (a, b)),
+        ("sqrt", ar.sqrt, (np.abs(a),)),
+        ("tanh", ar.tanh, (a * 1e-30,)),
+        ("exp", ar.exp, (np.clip(a, -80, 80),)),
+        ("log", ar.log, (np.abs(a),)),
         ("sigmoid", ar.sigmoid, (np.clip(a, -80, 80),)),
     ]
     for name, fn, args in cases:
@@ -440,13 +474,23 @@ def test_stochastic_every_op_within_neighbours() -> None:
 
 
 def test_precision_names() -> None:
-    names = [p.name for p in parse_precisions(
-        "float16,fp8_e5m2,e5m2,e4m3,e5m7,tf32,float16:emulated,fp16:emulated:fp32,"
-        "bfloat16:emulated:per_op,bfloat16:exact,float16:stochastic,float32:emulated,exact"
-    )]
+    names = [
+        p.name
+        for p in parse_precisions(
+            "float16,fp8_e5m2,e5m2,e4m3,e5m7,tf32,float16:emulated,fp16:emulated:fp32,"
+            "bfloat16:emulated:per_op,bfloat16:exact,float16:stochastic,float32:emulated,exact"
+        )
+    ]
     assert names == [
-        "float16", "fp8_e5m2", "fp8_e4m3", "e5m7", "tf32", "float16:emulated",
-        "bfloat16:emulated:per_op", "bfloat16:emulated:exact", "float16:emulated:stochastic",
+        "float16",
+        "fp8_e5m2",
+        "fp8_e4m3",
+        "e5m7",
+        "tf32",
+        "float16:emulated",
+        "bfloat16:emulated:per_op",
+        "bfloat16:emulated:exact",
+        "float16:emulated:stochastic",
         "float32:emulated",
     ]
     p = get_precision("bfloat16:per_op:toward_zero")
@@ -484,8 +528,12 @@ def test_cli_bad_precision_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 def tiny_net():  # noqa: ANN201
     layers = [
-        {"type": "dense", "name": "h", "weight": [[0.5, -0.25], [0.75, 1.0], [-1.0, 0.5]],
-         "bias": [0.1, -0.2, 0.05]},
+        {
+            "type": "dense",
+            "name": "h",
+            "weight": [[0.5, -0.25], [0.75, 1.0], [-1.0, 0.5]],
+            "bias": [0.1, -0.2, 0.05],
+        },
         {"type": "tanh", "name": "t"},
         {"type": "dense", "name": "o", "weight": [[0.3, -0.6, 0.9]], "bias": [0.0]},
     ]
@@ -499,9 +547,22 @@ def test_compare_emulated_end_to_end() -> None:
     result = compare(net, "fp8_e5m2,e5m7,float16:emulated,float16:emulated:per_op")
     n = sum(v.size for v in net.params.values())
     for p in result.precisions:
-        assert sum(result.summary[p][k] for k in ("ok", "structural_zero", "rounding_zero",
-                                                  "subnormal", "overflow", "nan", "wrong_sign",
-                                                  "spurious_nonzero")) == n
+        assert (
+            sum(
+                result.summary[p][k]
+                for k in (
+                    "ok",
+                    "structural_zero",
+                    "rounding_zero",
+                    "subnormal",
+                    "overflow",
+                    "nan",
+                    "wrong_sign",
+                    "spurious_nonzero",
+                )
+            )
+            == n
+        )
         assert result.summary[p]["nan"] == 0 and result.summary[p]["overflow"] == 0
     # float16 is accurate here; the 1e-6 input makes h.weight[:, 1]... fine, [:, 1] of row 3
     # tiny but not in float16's underflow range for the gradient

@@ -172,8 +172,13 @@ class EmulatedArith(OutputDerivatives):
         """Round float64 values (exact, or odd-rounded) with this machine's mode and generator."""
         return round_to(x, fmt or self.fmt, mode or self.mode, rng=self.rng)
 
-    def _round_odd(self, y: np.ndarray, direction: np.ndarray, fmt: Format | None = None,
-                   mode: Mode | None = None) -> np.ndarray:
+    def _round_odd(
+        self,
+        y: np.ndarray,
+        direction: np.ndarray,
+        fmt: Format | None = None,
+        mode: Mode | None = None,
+    ) -> np.ndarray:
         return self._round(to_odd(y, direction), fmt, mode)
 
     # ---- storage -------------------------------------------------------------------------
@@ -381,7 +386,10 @@ class EmulatedArith(OutputDerivatives):
             err = abs(uf) * Fraction(1, 2 ** (prec - 16))  # 65536 ulps
             lo, mid, hi = base + uf - err, base + uf, base + uf + err
             if not self.stochastic:
-                r_lo, r_hi = round_exact(lo, self.fmt, self.mode), round_exact(hi, self.fmt, self.mode)
+                r_lo, r_hi = (
+                    round_exact(lo, self.fmt, self.mode),
+                    round_exact(hi, self.fmt, self.mode),
+                )
                 if _same_scalar(r_lo, r_hi):
                     return r_lo
                 continue

@@ -1,0 +1,231 @@
+"""Benchmark of the exact reference against torch float64 (issue 5), ratios within one run.
+
+Builds a 64-256-256-10 tanh MLP with MSE loss and batch 128 (fixed seed), times one forward
+and backward pass in torch float64 and in fpgrad's fast exact reference (multi-word balls,
+certified by their radii), checks that every gradient certifies at least 100 significant
+bits, and prints the ratio. Also: the plain mpmath object-array reference on a smaller batch
+(two evaluations, N and 2N bits, as fpgrad.exact's mpmath method), the peak memory of the
+exact run, and exact training steps per second on fpgrad/examples/showcase.toml.
+
+BLAS and torch run on ``--threads`` threads (default 1: the machine is shared, and both sides
+get the same resources). Usage: ``python scripts/bench_exact.py [--threads N] [--repeats R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+
+def _threads_from_argv() -> int:
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            return int(sys.argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+_T = str(_threads_from_argv())  # before numpy loads its BLAS
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = _T
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fpgrad.arith.ball import BallArith  # noqa: E402
+from fpgrad.arith.mp import MPArith  # noqa: E402
+from fpgrad.evaluate import evaluate  # noqa: E402
+from fpgrad.exact import exact_trace  # noqa: E402
+from fpgrad.netfile import load_network  # noqa: E402
+from fpgrad.network import Layer, Loss, Network  # noqa: E402
+
+SIZES = (64, 256, 256, 10)
+SHOWCASE = Path(__file__).resolve().parents[1] / "fpgrad" / "examples" / "showcase.toml"
+
+
+def build_mlp(batch: int, seed: int = 0) -> Network:
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+        bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default init
+        weight = rng.uniform(-bound, bound, size=(fan_out, fan_in))
+        bias = rng.uniform(-bound, bound, size=fan_out)
+        layers.append(Layer(f"dense{2 * i}", "dense", {"weight": weight, "bias": bias}))
+        if i < len(SIZES) - 2:
+            layers.append(Layer(f"tanh{2 * i + 1}", "tanh"))
+    x = rng.normal(size=(batch, SIZES[0]))
+    y = rng.normal(size=(batch, SIZES[-1]))
+    return Network(tuple(layers), Loss("mse"), x, y, name=f"mlp-{batch}")
+
+
+def torch_step(net: Network):  # noqa: ANN201 - a closure
+    x = torch.tensor(net.x)
+    y = torch.tensor(net.y)
+    params = []
+    for ly in net.layers:
+        if ly.kind == "dense":
+            w = torch.tensor(ly.params["weight"], requires_grad=True)
+            b = torch.tensor(ly.params["bias"], requires_grad=True)
+            params.append((w, b))
+
+    def run() -> None:
+        for w, b in params:
+            w.grad = None
+            b.grad = None
+        h = x
+        for i, (w, b) in enumerate(params):
+            h = torch.addmm(b, h, w.T)
+            if i < len(params) - 1:
+                h = torch.tanh(h)
+        loss = torch.mean((h - y) ** 2)
+        loss.backward()
+
+    return run
+
+
+# CPU time of this process: with one thread on each side it is the work done, and unlike
+# wall time it does not count the time slices other processes take on a shared machine.
+# With more threads CPU time adds the threads up (and their spinning): wall time then.
+clock = time.process_time if _T == "1" else time.perf_counter
+
+
+def timeit(fn, repeats: int) -> float:  # noqa: ANN001
+    """Fastest CPU time of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return best
+
+
+def interleaved(fns: list, rounds: int, inner: list[int]) -> list[float]:  # noqa: ANN001
+    """Fastest time of each function, measured in alternation so load changes hit all alike."""
+    best = [math.inf] * len(fns)
+    for fn in fns:
+        fn()
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            for _ in range(inner[i]):
+                t0 = clock()
+                fn()
+                best[i] = min(best[i], clock() - t0)
+    return best
+
+
+def plain_mpmath(net: Network, bits: int) -> None:
+    evaluate(net, MPArith(bits))
+    evaluate(net, MPArith(2 * bits))
+
+
+def exact_training(path: Path, steps: int, lr: float, bits: int) -> tuple[float, float]:
+    """Steps per second of SGD in the exact system, and the certified bits at the end."""
+    net = load_network(path)
+    ar = BallArith(bits)
+    params = {k: ar.asarray(v) for k, v in net.params.items()}
+    lr_ball = ar.const(lr)
+    t0 = clock()
+    for _ in range(steps):
+        trace = evaluate(net, ar, params=params)
+        params = {k: ar.sub(params[k], ar.mul(lr_ball, trace.grads[k])) for k in params}
+    elapsed = clock() - t0
+    worst = math.inf
+    for p in params.values():
+        m = np.abs(p.mid[0])
+        nz = m > 0
+        if nz.any():
+            worst = min(worst, float(np.min(-np.log2(np.maximum(p.rad[nz], 2.0**-2000) / m[nz]))))
+    if ar.range_errors or ar.uncertain_branches:
+        worst = -math.inf
+    return steps / elapsed, worst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--bits", type=int, default=150, help="fast exact precision (100, 128, 150)")
+    ap.add_argument("--repeats", type=int, default=10, help="rounds of interleaved timing")
+    ap.add_argument("--mp-batch", type=int, default=2, help="batch of the plain mpmath run")
+    ap.add_argument("--mp-bits", type=int, default=128, help="N of the plain mpmath run (N and 2N)")
+    ap.add_argument("--train-steps", type=int, default=50)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    net = build_mlp(args.batch)
+    t_torch, t_exact = interleaved(
+        [torch_step(net), lambda: exact_trace(net, args.bits, method="fast", progress=False)],
+        args.repeats,
+        [10, 1],
+    )
+    result = exact_trace(net, args.bits, method="fast", progress=False)
+    grad_digits = min(
+        float(result.digits[k].min()) for k in result.digits if k.startswith("grads/")
+    )
+    grad_bits = grad_digits / math.log10(2)
+    all_bits = result.certified_digits / math.log10(2)
+
+    small = build_mlp(args.mp_batch)
+    t_torch_small = timeit(torch_step(small), 100)
+    t0 = clock()
+    plain_mpmath(small, args.mp_bits)
+    t_mp_small = clock() - t0
+
+    tracemalloc.start()
+    exact_trace(net, args.bits, method="fast", progress=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    steps_per_s, train_bits = exact_training(SHOWCASE, args.train_steps, 0.1, args.bits)
+    ratio = t_exact / t_torch
+    print(
+        f"network: {'-'.join(map(str, SIZES))} tanh MLP, MSE, batch {args.batch}, seed 0; "
+        f"{args.threads} BLAS/torch thread(s); times are fastest-of-N "
+        f"{'process CPU' if args.threads == 1 else 'wall'} times"
+    )
+    print(f"torch float64 forward+backward: {t_torch * 1e3:9.2f} ms")
+    print(
+        f"fpgrad exact (fast, {args.bits} bits): {t_exact * 1e3:9.2f} ms   "
+        f"(exact_trace: evaluation + certification)"
+    )
+    print(f"ratio exact / torch float64:   {ratio:9.1f}x   (target <= 10, bar 30)")
+    print(
+        f"certified: every gradient >= {grad_bits:.1f} bits ({grad_digits:.1f} digits); "
+        f"every value of the trace >= {all_bits:.1f} bits; vanishing values: {result.vanishing}"
+    )
+    status = "PASS" if grad_bits >= 100 else "FAIL"
+    print(f"check: every gradient certifies >= 100 bits: {status}")
+    print(
+        f"plain mpmath object arrays ({args.mp_bits}/{2 * args.mp_bits} bits), batch {args.mp_batch}: "
+        f"{t_mp_small:.2f} s = {t_mp_small / t_torch_small:,.0f}x torch float64 at that batch; "
+        f"scaled to batch {args.batch}: {t_mp_small * args.batch / args.mp_batch / t_torch:,.0f}x"
+    )
+    print(
+        f"speed-up of the fast path over plain mpmath (batch {args.batch}, scaled): "
+        f"{t_mp_small * args.batch / args.mp_batch / t_exact:,.0f}x"
+    )
+    print(
+        f"peak memory of one exact run (tracemalloc): {peak / 2**20:.1f} MiB; "
+        f"process max RSS {rss:.0f} MiB"
+    )
+    print(
+        f"exact training on {SHOWCASE.name} (SGD lr 0.1, {args.bits} bits, {args.train_steps} steps): "
+        f"{steps_per_s:.1f} steps/s; parameters certified to {train_bits:.1f} bits at the end"
+    )
+    return 0 if grad_bits >= 100 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
