@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-bits",
         type=int,
-        default=256,
-        help="bits of the exact reference (default 256, >= 64)",
+        default=None,
+        help="bits of the exact reference (default 150: certified ball arithmetic; "
+        "above 150: mpmath checked at twice the bits; at least 64)",
     )
     p.add_argument(
         "--reference", default="original", choices=None, help="original (default) or rounded"

@@ -69,6 +69,7 @@ class Comparison:
     precisions: list[str]
     reference: str
     exact_bits: int
+    exact_method: str
     certified_digits: float
     vanishing: int
     loss: dict[str, Any]
@@ -85,6 +86,7 @@ class Comparison:
                 "reference": self.reference,
                 "exact": {
                     "bits": self.exact_bits,
+                    "method": self.exact_method,
                     "certified_digits": self.certified_digits,
                     "vanishing_values": self.vanishing,
                 },
@@ -172,6 +174,7 @@ def compare(
         precisions=[p.name for p in precs],
         reference=reference,
         exact_bits=exact_bits,
+        exact_method=exact.method,
         certified_digits=certified,
         vanishing=vanishing,
         loss=loss,

@@ -56,11 +56,18 @@ def _exact_short(s: str) -> str:
     return f"{mant[:12]}e{exp}" if exp else mant[:12]
 
 
+def exact_method_text(method: str, bits: int) -> str:
+    """How the exact values were obtained, in words."""
+    if method == "fast":
+        return f"ball arithmetic at {bits} bits (rigorous error bounds)"
+    return f"mpmath at {bits} bits (checked at {2 * bits} bits)"
+
+
 def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
     lines = [
         f"fpgrad compare: {c.network}",
-        f"reference: {c.reference}; exact = mpmath at {c.exact_bits} bits, "
-        f"certified {c.certified_digits:.1f} significant digits (checked at {2 * c.exact_bits} bits)",
+        f"reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.exact_bits)}, "
+        f"certified {c.certified_digits:.1f} significant digits",
     ]
     lines += [f"note: {n}" for n in c.notes[1:]]
     loss_rows = [["exact", _exact_short(c.loss["exact"]), ""]]

@@ -94,7 +94,7 @@ def run(small: bool = False) -> ScenarioResult:
             f"3-{sizes['hidden.bias']}-1 ReLU network, MSE, batch {net.x.shape[0]} with inputs in "
             "[0, 1]; hidden weights in [-1, -0.1] and biases -1, so X W + B < 0 for every input. "
             f"Plain SGD (lr 0.1, no momentum, no weight decay), {steps} full-batch steps from one "
-            "initialisation in float16, bfloat16, float32, float64 and exactly (mpmath, certified)."
+            "initialisation in float16, bfloat16, float32, float64 and exactly (certified)."
         ),
         verdict=verdict,
         holds=holds,
