@@ -180,3 +180,51 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+CANCEL = """
+# two samples whose weight-gradient contributions cancel to about 2^-45 of their size
+[[layer]]
+type = "dense"
+weight = [[1.0]]
+bias = [0.0]
+[[layer]]
+type = "tanh"
+[loss]
+type = "mse"
+[data]
+x = [[0.5], [0.50000000000002842171]]
+y = [[1.4621171572600098], [-0.5378828427399902]]
+"""
+
+
+def test_precision_too_low_to_certify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    path = write(tmp_path, CANCEL)
+    code, _, err = run_cli(
+        ["compare", path, "--exact-bits", "64", "--precisions", "float64"], capsys
+    )
+    assert_one_line_error(
+        code, err, "certifies only", "raise --exact-bits or pass --allow-uncertified"
+    )
+    code, out, err = run_cli(
+        [
+            "compare",
+            path,
+            "--exact-bits",
+            "64",
+            "--allow-uncertified",
+            "--json",
+            "--precisions",
+            "float64",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(out)["exact"]["certified_digits"] < 17
+    code, out, err = run_cli(
+        ["compare", path, "--exact-bits", "200", "--json", "--precisions", "float64"], capsys
+    )
+    assert code == 0, err
+    assert json.loads(out)["exact"]["certified_digits"] >= 17
