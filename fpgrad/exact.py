@@ -316,21 +316,8 @@ class _Ticking:
 
 def _pairs(low: Trace, high: Trace) -> Iterator[tuple[str, Any, Any, Any]]:
     """(key, low value, high value, setter of the high value) for every value of a trace."""
-
-    def setter_for(mapping: dict[str, Any], name: str):  # noqa: ANN202
-        def set_value(value: Any) -> None:
-            mapping[name] = value
-
-        return set_value
-
-    def set_loss(value: Any) -> None:
-        high.loss = value
-
-    yield "loss", low.loss, high.loss, set_loss
-    for section in ("forward", "backward", "grads"):
-        lo_map, hi_map = getattr(low, section), getattr(high, section)
-        for name in lo_map:
-            yield f"{section}/{name}", lo_map[name], hi_map[name], setter_for(hi_map, name)
+    for (key, lo, _), (_, hi, set_hi) in zip(_items(low), _items(high), strict=True):
+        yield key, lo, hi, set_hi
 
 
 def _agreement(

@@ -74,53 +74,77 @@ def gradient_magnitudes(c: Comparison, path: Path) -> None:
     save_png(fig, path)
 
 
+def _runs_figure(
+    r,  # noqa: ANN001 - a TrainResult
+    series: dict[str, tuple[object, object]],
+    ylabel: str,
+    title: str,
+    path: Path,
+    log: bool = True,
+    exact: tuple[object, object] | None = None,
+) -> str:
+    """One line per run (x, y), optionally the exact run in bold; non-positive values are gaps
+    on a log scale."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if exact is not None:
+        ax.plot(
+            exact[0],
+            np.maximum(np.asarray(exact[1], dtype=float), 1e-300),
+            "k-",
+            lw=2.5,
+            label="exact",
+        )
+    for label, (x, y) in series.items():
+        y = np.asarray(y, dtype=float)
+        if log and not np.any(y > 0):
+            label += " (never > 0: off the log scale)"
+        ax.plot(x, np.where(y > 0, y, np.nan) if log else y, label=label)
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{r.network}: {title}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+    return str(path)
+
+
 def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a TrainResult
     """loss.png (log scale, with the exact run), distance.png, swamped.png in ``out_dir``."""
     import numpy as np
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.arange(len(r.exact.loss))
-    ax.plot(steps, np.maximum(r.exact.loss, 1e-300), "k-", lw=2.5, label="exact")
-    for label in r.runs:
-        loss = np.asarray(r.histories[label].loss, dtype=float)
-        ax.plot(steps, np.where(loss > 0, loss, np.nan), label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{r.network}: loss per precision")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, out / "loss.png")
-    written.append(str(out / "loss.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label in r.runs:
-        d = np.asarray(r.distance[label], dtype=float)
-        ax.plot(np.arange(len(d)), np.where(d > 0, d, np.nan), label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("||w - w_exact|| / max(||w_exact||, ||w_0||)")
-    ax.set_title(f"{r.network}: distance to the exact run")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, out / "distance.png")
-    written.append(str(out / "distance.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    loss = {label: (steps, r.histories[label].loss) for label in r.runs}
+    dist = {label: (np.arange(len(r.distance[label])), r.distance[label]) for label in r.runs}
+    swamped = {}
     for label in r.runs:
         h = r.histories[label]
         frac = [s / u if u else 0.0 for s, u in zip(h.swamped, h.updated, strict=True)]
-        ax.plot(np.arange(1, len(frac) + 1), frac, label=label)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("step")
-    ax.set_ylabel("swamped updates / requested updates")
-    ax.set_title(f"{r.network}: swamped updates (w + update == w)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, out / "swamped.png")
-    written.append(str(out / "swamped.png"))
-    return written
+        swamped[label] = (np.arange(1, len(frac) + 1), frac)
+    return [
+        _runs_figure(
+            r, loss, "loss", "loss per precision", out / "loss.png", exact=(steps, r.exact.loss)
+        ),
+        _runs_figure(
+            r,
+            dist,
+            "||w - w_exact|| / max(||w_exact||, ||w_0||)",
+            "distance to the exact run",
+            out / "distance.png",
+        ),
+        _runs_figure(
+            r,
+            swamped,
+            "swamped updates / requested updates",
+            "swamped updates (w + update == w)",
+            out / "swamped.png",
+            log=False,
+        ),
+    ]
