@@ -8,6 +8,12 @@ smallest subnormal. Times are the best of ``--repeat`` runs, as a ratio to one n
 multiply of the same array (``x * 1.0000000000000002``, a fresh output array like every tool's).
 Every tool is timed from float64 to float64 (a cast into the format and back).
 
+``round_to`` is timed as users call it, on its default path: the compiled numba kernel (one pass
+over the float64 bit patterns, :mod:`fpgrad._rounding_kernel`), loaded before the first timing
+(the load time is printed). Beside it, for contrast, the numpy path ``_round_to_numpy`` (several
+vectorised passes; the fallback without numba), whose results must be bit-identical to the
+kernel's: the column ``!=kernel`` counts the values where they are not (must be 0).
+
 Wrong results are counted against an exact oracle that shares no code with round_to: the
 float64's integer significand and exponent, shifted and rounded with integer arithmetic
 (remainder against half, parity for ties), vectorised in numpy int64. The oracle is itself
@@ -22,6 +28,7 @@ float8_e5m2) and numpy's float16 cast.
 
     .venv/bin/python scripts/bench_rounding.py            # 10**7 values, about 5 minutes
     .venv/bin/python scripts/bench_rounding.py --n 1000000 --repeat 1   # a quick look
+    .venv/bin/python scripts/bench_rounding.py --no-numpy-path   # skip the numpy path's timings
 
 Needs the ``bench`` extra (pychop, ml_dtypes); a missing tool is skipped with a note.
 """
@@ -41,12 +48,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fpgrad import rounding  # noqa: E402
 from fpgrad.formats import Format, Special, get_format  # noqa: E402
 from fpgrad.rounding import Mode, round_to  # noqa: E402
 
 FORMATS = ["float16", "bfloat16", "tf32", "fp8_e4m3", "fp8_e5m2", "e5m7", "float32"]
-DETERMINISTIC = [Mode.NEAREST_EVEN, Mode.NEAREST_AWAY, Mode.TOWARD_ZERO, Mode.UP, Mode.DOWN,
-                 Mode.ODD]
+DETERMINISTIC = [
+    Mode.NEAREST_EVEN,
+    Mode.NEAREST_AWAY,
+    Mode.TOWARD_ZERO,
+    Mode.UP,
+    Mode.DOWN,
+    Mode.ODD,
+]
 STOCHASTIC = [Mode.STOCHASTIC, Mode.STOCHASTIC_EQUAL]
 TARGET_RATIO = 5.0
 PYCHOP_N = 10**6
@@ -74,8 +88,18 @@ def sample(fmt: Format, n: int, seed: int) -> np.ndarray:
     near = mids[n_mid:] * (1.0 + k * 2.0**-52)
     x = np.concatenate([log_part, mids[:n_mid], near])
     x *= rng.choice([-1.0, 1.0], n)
-    edges = [0.0, -0.0, math.inf, -math.inf, math.nan, fmt.max, -fmt.max,
-             fmt.smallest_subnormal, fmt.smallest_subnormal / 2, fmt.smallest_normal]
+    edges = [
+        0.0,
+        -0.0,
+        math.inf,
+        -math.inf,
+        math.nan,
+        fmt.max,
+        -fmt.max,
+        fmt.smallest_subnormal,
+        fmt.smallest_subnormal / 2,
+        fmt.smallest_normal,
+    ]
     x[: len(edges)] = edges
     return x
 
@@ -136,12 +160,21 @@ def mpfr_check(fmt: Format, x: np.ndarray) -> int:
     """Mismatches of the integer oracle against MPFR on ``x`` (every deterministic IEEE mode)."""
     import gmpy2
 
-    rounds = {Mode.NEAREST_EVEN: gmpy2.RoundToNearest, Mode.TOWARD_ZERO: gmpy2.RoundToZero,
-              Mode.UP: gmpy2.RoundUp, Mode.DOWN: gmpy2.RoundDown}
+    rounds = {
+        Mode.NEAREST_EVEN: gmpy2.RoundToNearest,
+        Mode.TOWARD_ZERO: gmpy2.RoundToZero,
+        Mode.UP: gmpy2.RoundUp,
+        Mode.DOWN: gmpy2.RoundDown,
+    }
     bad = 0
     for mode, rnd in rounds.items():
-        ctx = gmpy2.context(precision=fmt.precision, emin=fmt.quantum_min + 1, emax=1 << 20,
-                            subnormalize=True, round=rnd)
+        ctx = gmpy2.context(
+            precision=fmt.precision,
+            emin=fmt.quantum_min + 1,
+            emax=1 << 20,
+            subnormalize=True,
+            round=rnd,
+        )
         got = oracle(x, fmt, mode)
         want = np.array([float(ctx.plus(gmpy2.mpfr(v))) for v in x.tolist()])
         want = oracle(want, fmt, mode)  # MPFR has no overflow at this emax; apply the rules
@@ -176,8 +209,12 @@ def other_tools() -> dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]]:
     try:
         import torch
 
-        dt = {"float16": torch.float16, "bfloat16": torch.bfloat16,
-              "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+        dt = {
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "fp8_e4m3": torch.float8_e4m3fn,
+            "fp8_e5m2": torch.float8_e5m2,
+        }
         tools["torch"] = {
             name: (lambda x, d=d: torch.from_numpy(x).to(d).to(torch.float64).numpy())
             for name, d in dt.items()
@@ -187,8 +224,11 @@ def other_tools() -> dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]]:
     try:
         import ml_dtypes
 
-        md = {"bfloat16": ml_dtypes.bfloat16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-              "fp8_e5m2": ml_dtypes.float8_e5m2}
+        md = {
+            "bfloat16": ml_dtypes.bfloat16,
+            "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+            "fp8_e5m2": ml_dtypes.float8_e5m2,
+        }
         tools["ml_dtypes"] = {
             name: (lambda x, d=d: x.astype(d).astype(np.float64)) for name, d in md.items()
         }
@@ -211,13 +251,18 @@ def other_tools() -> dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]]:
     return tools
 
 
-def round_to_peak_bytes(x: np.ndarray, fmt: Format) -> int:
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the memory allocated (numpy arrays included) while ``fn`` runs."""
     tracemalloc.start()
     tracemalloc.reset_peak()
-    round_to(x, fmt)
+    fn()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak
+
+
+def bits_differ(a: np.ndarray, b: np.ndarray) -> int:
+    return int((a.view(np.int64) != b.view(np.int64)).sum())
 
 
 def main() -> int:
@@ -226,14 +271,34 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="timing runs, best kept (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument(
+        "--no-numpy-path",
+        action="store_true",
+        help="do not time the numpy path (its results are still compared with the kernel's)",
+    )
     args = parser.parse_args()
     import platform
 
     import torch
 
-    print(f"bench_rounding: n = {args.n:,} per format, best of {args.repeat}; numpy "
-          f"{np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"bench_rounding: n = {args.n:,} per format, best of {args.repeat}; numpy "
+        f"{np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{platform.processor() or platform.machine()}"
+    )
+    t0 = time.perf_counter()
+    if rounding._load_kernel() is None:
+        print(
+            "note: numba not installed (or FPGRAD_ROUNDING_KERNEL=0): round_to runs the numpy path"
+        )
+    else:
+        rounding._round_to_kernel(np.ones(4), "float16")
+        import numba
+
+        print(
+            f"round_to runs the numba kernel (numba {numba.__version__}); importing numba and "
+            f"compiling or loading the kernel from its cache took {time.perf_counter() - t0:.2f} s"
+        )
     tools = other_tools()
     rows = []
     for name in args.formats.split(","):
@@ -247,20 +312,39 @@ def main() -> int:
             print(f"ORACLE DISAGREES WITH MPFR on {bad} values for {name}; stopping")
             return 1
         print(f"\n{name}: multiply {t_mul * 1e3:.1f} ms; oracle = MPFR on {check.size} values")
-        print(f"  {'tool':<10} {'mode':<17} {'ratio':>7} {'wrong':>10}")
+        print(
+            f"  {'tool':<10} {'mode':<17} {'ratio':>7} {'wrong':>10}   numpy path: "
+            f"{'ratio':>5} {'!=kernel':>8}"
+        )
         for mode in DETERMINISTIC + STOCHASTIC:
             t = best_time(lambda m=mode, v=x, f=fmt: round_to(v, f, m), args.repeat)
             got = round_to(x, fmt, mode)
+            ref = rounding._round_to_numpy(x, fmt, mode)  # the same seed in stochastic modes
+            differ = bits_differ(got, ref)
+            del ref
+            np_ratio = "-"
+            if not args.no_numpy_path:
+                t_np = best_time(lambda m=mode, v=x, f=fmt: rounding._round_to_numpy(v, f, m), 1)
+                np_ratio = f"{t_np / t_mul:.1f}"
             if mode in STOCHASTIC:
                 lo, hi = oracle(x, fmt, Mode.DOWN), oracle(x, fmt, Mode.UP)
                 wrong = int((~(same(got, lo) | same(got, hi))).sum())  # not a neighbour
             else:
                 wrong = int((~same(got, oracle(x, fmt, mode))).sum())
             del got
-            flag = "" if mode is not Mode.NEAREST_EVEN else (
-                "  <= target" if t / t_mul <= TARGET_RATIO else "  ABOVE TARGET")
-            print(f"  {'round_to':<10} {mode.value:<17} {t / t_mul:7.1f} {wrong:10,d}{flag}")
-            rows.append((name, "round_to", mode.value, t / t_mul, wrong))
+            flag = (
+                ""
+                if mode is not Mode.NEAREST_EVEN
+                else ("  <= target" if t / t_mul <= TARGET_RATIO else "  ABOVE TARGET")
+            )
+            print(
+                f"  {'round_to':<10} {mode.value:<17} {t / t_mul:7.1f} {wrong:10,d}   "
+                f"{'':<11} {np_ratio:>5} {differ:8,d}{flag}"
+            )
+            rows.append((name, "round_to", mode.value, t / t_mul, wrong + differ))
+        t_draw = best_time(lambda v=x: np.random.default_rng(0).random(v.size), args.repeat)
+        draws = "(stochastic's draw)"
+        print(f"  {'rng.random':<10} {draws:<17} {t_draw / t_mul:7.1f}")
         want = oracle(x, fmt, Mode.NEAREST_EVEN)
         for tool, fns in tools.items():
             if name not in fns:
@@ -268,7 +352,9 @@ def main() -> int:
             xs, ws = (x[:PYCHOP_N], want[:PYCHOP_N]) if tool == "pychop" else (x, want)
             tm = mul_time(xs, args.repeat) if tool == "pychop" else t_mul
             try:
-                t = best_time(lambda f=fns[name], v=xs: f(v), 1 if tool == "pychop" else args.repeat)
+                t = best_time(
+                    lambda f=fns[name], v=xs: f(v), 1 if tool == "pychop" else args.repeat
+                )
                 wrong = int((~same(fns[name](xs), ws)).sum())
             except Exception as exc:  # noqa: BLE001 - report a tool that fails, go on
                 print(f"  {tool:<10} {'nearest_even':<17} failed: {type(exc).__name__}: {exc}")
@@ -277,18 +363,29 @@ def main() -> int:
             print(f"  {tool:<10} {'nearest_even':<17} {t / tm:7.1f} {wrong:10,d}{note}")
             rows.append((name, tool, "nearest_even", t / tm, wrong))
         del x, want
-    x = sample(get_format("float16"), args.n, args.seed)
-    peak = round_to_peak_bytes(x, get_format("float16"))
-    print(f"\nround_to peak allocation (tracemalloc, float16, nearest even): {peak / 2**20:,.0f} MiB"
-          f" = {peak / x.nbytes:.1f}x the input array")
+    f16 = get_format("float16")
+    x = sample(f16, args.n, args.seed)
+    print(
+        f"\npeak allocation while rounding (tracemalloc; float16, input {x.nbytes / 2**20:,.0f} MiB):"
+    )
+    for label, fn in [
+        ("round_to, nearest even", lambda: round_to(x, f16)),
+        ("round_to, stochastic", lambda: round_to(x, f16, Mode.STOCHASTIC)),
+        ("numpy path, nearest even", lambda: rounding._round_to_numpy(x, f16)),
+        ("numpy path, stochastic", lambda: rounding._round_to_numpy(x, f16, Mode.STOCHASTIC)),
+    ]:
+        peak = peak_bytes(fn)
+        print(f"  {label:<26} {peak / 2**20:7,.0f} MiB = {peak / x.nbytes:.1f}x the input array")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak resident memory of this run: {rss:,.0f} MiB")
     ne = [r for r in rows if r[1] == "round_to" and r[2] == "nearest_even"]
     worst = max(ne, key=lambda r: r[3])
-    wrong = sum(r[4] for r in rows if r[1] == "round_to")
-    print(f"round_to nearest even: worst ratio {worst[3]:.1f} ({worst[0]}), target "
-          f"{TARGET_RATIO:.0f}: {'met' if worst[3] <= TARGET_RATIO else 'NOT met'}; "
-          f"wrong results over all modes: {wrong}")
+    wrong = sum(r[4] for r in rows if r[1] == "round_to")  # wrong, or not the numpy path's
+    print(
+        f"round_to nearest even: worst ratio {worst[3]:.1f} ({worst[0]}), target "
+        f"{TARGET_RATIO:.0f}: {'met' if worst[3] <= TARGET_RATIO else 'NOT met'}; "
+        f"wrong results over all modes: {wrong}"
+    )
     return 0
 
 

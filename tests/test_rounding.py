@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import doctest
+import importlib.util
 import math
 from fractions import Fraction
 
@@ -52,6 +53,18 @@ DETERMINISTIC = [m for m in Mode if m not in STOCHASTIC_MODES]
 SMALL_FORMATS = ["float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "e5m7"]  # all codes enumerable
 CATALOGUE = ["float16", "bfloat16", "float32", "tf32", "fp8_e4m3", "fp8_e5m2", "e5m7"]
 INF = math.inf
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    """Load the compiled kernel before the first test, so that every round_to in this module
+    runs it (round_to's default path once it is loaded); None without numba."""
+    return rounding._load_kernel()
+
+
+def kernel_active() -> bool:
+    return bool(rounding._kernel)
 
 
 # ---- the format's values, decoded independently of Format.decode ----------------------------
@@ -253,6 +266,7 @@ def assert_same(got: np.ndarray, want: np.ndarray, xs: np.ndarray, what: str) ->
 
 def check_all_modes(xs: np.ndarray, fmt: Format, subnormals: bool, what: str) -> int:
     """Compare round_to with MPFR in every deterministic mode; the number of comparisons."""
+    assert kernel_active() or not HAVE_NUMBA  # round_to runs the compiled kernel
     want = mpfr_oracle(xs, fmt, subnormals)
     for mode in DETERMINISTIC:
         got = round_to(xs, fmt, mode, subnormals=subnormals)
@@ -605,6 +619,126 @@ def test_stochastic_is_reproducible_and_exact_values_stay() -> None:
     vals = np.concatenate([vals, -vals])
     for mode in STOCHASTIC_MODES:
         assert_same(round_to(vals, "bfloat16", mode), vals, vals, f"exact values {mode.value}")
+
+
+# ---- the compiled kernel against the numpy path ----------------------------------------------
+
+NEEDS_NUMBA = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
+EXTRA_FORMATS = [  # policies and shapes the catalogue lacks
+    Format("sat16", 5, 10, overflow=Overflow.SATURATE),
+    Format("nan16", 5, 10, overflow=Overflow.NAN),
+    Format("e4m3sat", 4, 3, special=Special.FN, overflow=Overflow.SATURATE),
+    Format("ftz16", 5, 10, subnormals=False),
+    get_format("float64"),
+    get_format("e2m1"),
+    get_format("e11m10"),
+    get_format("e11m52"),
+]
+_F64_MAX = float(np.finfo(np.float64).max)
+SPECIALS = np.concatenate(
+    [
+        [0.0, -0.0, INF, -INF, math.nan, -math.nan, _F64_MAX, -_F64_MAX, 2.0**-1022, -(2.0**-1022)],
+        [5e-324, -5e-324, np.nextafter(2.0**-1022, 0), np.nextafter(-(2.0**-1022), 0)],
+        np.array([0x7FF0_0000_0000_0001, 0x7FF4_0000_0000_0000], np.int64).view(np.float64),  # sNaN
+        np.array([-0x0007_FFFF_FFFF_FFFF], np.int64).view(np.float64),  # a negative NaN, payload
+    ]
+)
+
+
+def assert_same_bits(got: np.ndarray, want: np.ndarray, xs: np.ndarray, what: str) -> None:
+    """Identical float64 bit patterns (so NaN matches only the same NaN: both paths give np.nan)."""
+    assert got.shape == want.shape and got.dtype == want.dtype == np.float64, what
+    g, w = got.reshape(-1).view(np.int64), want.reshape(-1).view(np.int64)
+    if not np.array_equal(g, w):
+        bad = np.nonzero(g != w)[0]
+        shown = ", ".join(
+            f"x={float(xs.reshape(-1)[i]).hex()} kernel {got.reshape(-1)[i]!r} "
+            f"numpy {want.reshape(-1)[i]!r}"
+            for i in bad[:5]
+        )
+        raise AssertionError(f"{what}: {len(bad)} of {g.size} differ: {shown}")
+
+
+def check_kernel_matches_numpy(xs: np.ndarray, fmt: Format, what: str) -> int:
+    """The kernel against the numpy path: every mode (stochastic with the same seed), subnormals
+    on and off; the number of comparisons."""
+    n = 0
+    for mode in Mode:
+        for sub in (True, False):
+            got = rounding._round_to_kernel(xs, fmt, mode, sub, rng=17)
+            want = rounding._round_to_numpy(xs, fmt, mode, sub, rng=17)
+            assert_same_bits(got, want, xs, f"{what} {fmt.name} {mode.value} sub={sub}")
+            n += xs.size
+    return n
+
+
+@NEEDS_NUMBA
+@pytest.mark.parametrize("name", SMALL_FORMATS)
+def test_kernel_matches_numpy_path_exhaustive(name: str) -> None:
+    """Every value, midpoint and float64 neighbour of each (the oracle tests' points), both
+    signs, and the float64 specials, in all 8 modes with subnormals on and off."""
+    fmt = get_format(name)
+    xs, _ = exhaustive_points(fmt)
+    xs = np.concatenate([xs, SPECIALS])
+    assert check_kernel_matches_numpy(xs, fmt, "exhaustive") == 2 * len(Mode) * len(xs)
+
+
+@NEEDS_NUMBA
+@pytest.mark.parametrize(
+    "fmt", [get_format(n) for n in CATALOGUE] + EXTRA_FORMATS, ids=lambda f: f.name
+)
+def test_kernel_matches_numpy_path_random(fmt: Format) -> None:
+    """Random float64 over the whole range (focused on the format's range, float64 subnormals,
+    and raw random bit patterns, NaN and inf among them) for every catalogue format and formats
+    with the other overflow policies, flush to zero, 1 and 52 mantissa bits, 11 exponent bits."""
+    rng = np.random.default_rng(100 + len(fmt.name))
+    raw = rng.integers(-(2**63), 2**63 - 1, 20_000, dtype=np.int64).view(np.float64)
+    xs = np.concatenate([random_points(fmt, 40_000, seed=21), raw, SPECIALS])
+    assert np.isnan(xs).any() and np.isinf(xs).any() and (np.abs(xs) < 2.0**-1022).sum() > 5000
+    assert check_kernel_matches_numpy(xs, fmt, "random") == 2 * len(Mode) * len(xs)
+
+
+@NEEDS_NUMBA
+def test_kernel_layouts_and_inputs() -> None:
+    """Shapes, strides, read-only and converted inputs: the same results as the numpy path."""
+    x = random_points(get_format("float16"), 3000, seed=4).reshape(50, 60)
+    ro = x.copy()
+    ro.flags.writeable = False
+    f32 = np.array([0.1, -2.5e-6, 65519.0, 3e38], np.float32)
+    strided = [x.T, x[::3, 1::2], np.asfortranarray(x), x[7, 9:10], np.broadcast_to(x[0], (4, 60))]
+    buf = np.zeros(8 * 60 + 1, np.uint8)
+    buf[1:] = x[5].view(np.uint8)
+    unaligned = np.frombuffer(buf.data, dtype=np.float64, count=60, offset=1)
+    assert not unaligned.flags.aligned and np.array_equal(unaligned, x[5])
+    strided.append(unaligned)
+    scalars = [np.array(x[1, 2]), float(x[3, 4]), -0.0, 7]
+    inputs = [x, ro, x.tolist(), f32, np.arange(-9, 9), np.empty((0, 3)), *strided, *scalars]
+    for v in inputs:
+        for mode in (Mode.NEAREST_EVEN, Mode.UP, Mode.STOCHASTIC):
+            want = rounding._round_to_numpy(v, "float16", mode, rng=3)
+            got = rounding._round_to_kernel(v, "float16", mode, rng=3)
+            assert got.shape == np.shape(v) and got.flags.c_contiguous
+            assert_same_bits(got, want, np.asarray(v, np.float64), f"{type(v).__name__} {mode}")
+            assert_same_bits(round_to(v, "float16", mode, rng=3), want, np.asarray(v, float), "")
+
+
+def test_round_to_loads_the_kernel_after_enough_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rounding, "_kernel", None)
+    monkeypatch.setattr(rounding, "_numpy_values", 0)
+    small = np.linspace(-3, 3, 1000)
+    want = rounding._round_to_numpy(small, "bf16")
+    assert_same_bits(round_to(small, "bf16"), want, small, "small")
+    assert rounding._kernel is None and rounding._numpy_values == 1000  # numba not even loaded
+    big = np.full(rounding.KERNEL_AFTER - 1000, 1.0 + 2.0**-8)  # a tie: to the even 1.0
+    assert np.all(round_to(big, "bf16") == 1.0)
+    assert kernel_active() is HAVE_NUMBA  # loaded now, and round_to keeps using it
+    assert_same_bits(round_to(small, "bf16"), want, small, "small, after")
+    monkeypatch.setattr(rounding, "_kernel", None)
+    monkeypatch.setenv(rounding.KERNEL_ENV, "0")  # switched off: the numpy path serves
+    assert rounding._load_kernel() is None and not rounding._use_kernel(10**9)
+    assert np.all(round_to(big, "bf16") == 1.0)
+    with pytest.raises(ImportError, match="numba"):
+        rounding._round_to_kernel(small, "bf16")
 
 
 # ---- the exact path --------------------------------------------------------------------------
