@@ -70,12 +70,18 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferred import
+    """A fpgrad network file, or a model file (a torch state dict and its modules)."""
+    from fpgrad.from_torch import load_any
+
+    return load_any(path)
+
+
 def _compare(args: argparse.Namespace) -> int:
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
-    from fpgrad.netfile import load_network
 
-    net = load_network(args.network)
+    net = _load_network(args.network)
     result = compare(
         net,
         precisions=args.precisions,
@@ -91,11 +97,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fpgrad.netfile import load_network
     from fpgrad.optim import OptimConfig
     from fpgrad.train import train
 
-    net = load_network(args.network)
+    net = _load_network(args.network)
     cfg = OptimConfig(
         name=args.optimizer,
         lr=args.lr,
@@ -118,6 +123,52 @@ def _train(args: argparse.Namespace) -> int:
         written = result.plot(args.out)
         Path(args.out, "train.json").write_text(result.to_json())
         print(f"wrote {', '.join(written)} and {Path(args.out, 'train.json')}", file=sys.stderr)
+    print(result.to_json() if args.json else result.render())
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from fpgrad.from_torch import load_model_file, write_network
+
+    imported = load_model_file(args.model)
+    written = write_network(imported, args.out, data=args.data)
+    net = imported.network
+    print(
+        f"wrote {', '.join(written)}: {len(net.layers)} layers "
+        f"({', '.join(ly.kind for ly in net.layers)}), loss {net.loss.kind}, "
+        f"{net.x.shape[0]} samples"
+    )
+    for note in imported.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from fpgrad.advisor import advise
+    from fpgrad.exact import DEFAULT_BITS
+
+    net = _load_network(args.network)
+    exponents = None
+    if args.exponents is not None:
+        lo, sep, hi = args.exponents.partition("..")
+        try:
+            exponents = (int(lo), int(hi))
+        except ValueError:
+            raise InputError(
+                f"--exponents {args.exponents!r}: write LO..HI, e.g. 0..24 (powers of two)"
+            ) from None
+        if not sep:
+            raise InputError(f"--exponents {args.exponents!r}: write LO..HI, e.g. 0..24")
+    result = advise(
+        net,
+        args.format,
+        DEFAULT_BITS if args.exact_bits is None else args.exact_bits,
+        scope="all" if args.signals else "gradients",
+        headroom=args.headroom,
+        exponents=exponents,
+        measure=not args.no_measure,
+        allow_uncertified=args.allow_uncertified,
+    )
     print(result.to_json() if args.json else result.render())
     return 0
 
@@ -184,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="gradients of a network in each precision against exact ones"
     )
-    p.add_argument("network", help="network file (TOML)")
+    p.add_argument("network", help="network file or model file (TOML)")
     p.add_argument(
         "--precisions",
         default=None,
@@ -210,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("train", help="train side by side in every precision and exactly")
-    p.add_argument("network", help="network file (TOML)")
+    p.add_argument("network", help="network file or model file (TOML)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--optimizer", default="sgd", help="sgd (default) or adam")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
@@ -237,6 +288,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for plots (PNG) and train.json")
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "import", help="a torch model (model file: state dict + modules) as a fpgrad network file"
+    )
+    p.add_argument("model", help="model file (TOML with state_dict, modules, [loss], [data])")
+    p.add_argument("--out", required=True, help="the fpgrad network file to write (TOML)")
+    p.add_argument(
+        "--data",
+        default="auto",
+        choices=("auto", "inline", "npy"),
+        help="data inline, or as OUT.x.npy/OUT.y.npy beside it (auto: files above 4096 numbers)",
+    )
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("advise", help="loss scales that keep every exact gradient in a format")
+    p.add_argument("network", help="network file or model file (TOML)")
+    p.add_argument("--format", default="float16", help="format to advise for (default float16)")
+    p.add_argument(
+        "--signals",
+        action="store_true",
+        help="the safe range also keeps every backward signal from underflowing",
+    )
+    p.add_argument(
+        "--headroom",
+        type=int,
+        default=3,
+        help="binades kept below overflow by the recommended scale (default 3)",
+    )
+    p.add_argument(
+        "--exponents", default=None, help="table rows as LO..HI powers of two (default: auto)"
+    )
+    p.add_argument(
+        "--exact-bits", type=int, default=None, help="bits of the exact reference (default 150)"
+    )
+    p.add_argument(
+        "--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits"
+    )
+    p.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="skip torch's backward at each scale and the dynamic scaler",
+    )
+    p.add_argument("--json", action="store_true", help="strict JSON output")
+    p.set_defaults(func=_advise)
 
     p = sub.add_parser("report", help="write the gallery of scenario reports")
     p.add_argument("--out", default="reports", help="output directory (default reports)")
