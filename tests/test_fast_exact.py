@@ -2,7 +2,9 @@
 
 Every error bound the ball arithmetic relies on is checked here with a margin: the
 multi-word kernels (ETA), the elementary functions (eta_fn), the error-free slice products
-(exact against Fractions), and whole networks (the exact value lies in every ball).
+(exact against Fractions), and whole networks (the exact value lies in every ball). The
+compiled kernels (fpgrad.arith.jit_*) that BallArith runs are checked to give the numpy
+kernels' words bit for bit, so the bounds measured on those carry over.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fpgrad.arith import elementary as el
 from fpgrad.arith import expansion as xp
-from fpgrad.arith import ozaki
-from fpgrad.arith.ball import Ball, BallArith
+from fpgrad.arith import jit_ball, ozaki
+from fpgrad.arith.ball import HI_BOUND, RU, Ball, BallArith
 from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
 from fpgrad.evaluate import evaluate
@@ -203,19 +206,162 @@ def test_exact_products_equal_fractions(seed: int, kind: str, shape: tuple[int, 
     assert got == _fraction_product(a, b)
 
 
-@settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), prec=st.sampled_from([60, 100, 130]))
-def test_truncated_products_stay_within_their_bound(seed: int, prec: int) -> None:
+@settings(max_examples=16, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    prec=st.sampled_from([60, 100, 108, 130]),
+    kb=st.sampled_from([1, 3]),
+    transposed=st.booleans(),
+)
+def test_truncated_products_stay_within_their_bound(
+    seed: int, prec: int, kb: int, transposed: bool
+) -> None:
     rng = np.random.default_rng(seed)
     a = random_words(rng, 4 * 30, 3, -20, 20).reshape(3, 4, 30)
-    b = (rng.normal(size=(30, 3)) * np.ldexp(1.0, rng.integers(-20, 21, (30, 3))))[None]
-    levels, bound, risk = ozaki.matmul_levels(a, b, prec)
+    a[:, 1] = 0.0  # a zero row
+    if kb == 1:
+        b = (rng.normal(size=(30, 3)) * np.ldexp(1.0, rng.integers(-20, 21, (30, 3))))[None]
+    else:
+        b = random_words(rng, 30 * 3, 3, -20, 20).reshape(3, 30, 3)
+    if transposed:  # views as BallArith passes them (x.T of a C-contiguous array)
+        a = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)
+        b = np.ascontiguousarray(b.transpose(0, 2, 1)).transpose(0, 2, 1)
+    terms, bound, risk = ozaki.matmul_levels(a, b, prec)
     assert not risk
+    assert len(terms) <= ozaki.exact_levels(30, prec, 3, kb)[0] + 1
     exact = _fraction_product(a, b)
-    approx = _fraction_sum(levels)
+    approx = _fraction_sum(list(terms))
     for i in range(4):
         for j in range(3):
             assert abs(exact[i][j] - approx[i][j]) <= Fraction(float(bound[i, j]))
+    assert not bound[1].any() and all(approx[1][j] == 0 for j in range(3))
+
+
+def test_tail_keeps_the_precision_the_truncation_had() -> None:
+    # 150-bit level: the bound stays below 2**-132 n max|a| max|b| with 5 exact levels
+    for n in (10, 64, 128, 256, 1024):
+        levels, bits = ozaki.exact_levels(n, 130, 3, 3)
+        assert ozaki.tail_factor(n, levels, bits, 3, 3) <= 2.0**-132
+        assert levels <= 6
+
+
+# ---- compiled kernels: the numpy kernels' words, bit for bit --------------------------------
+
+
+def _ball_pair(rng: np.random.Generator, k: int, n: int) -> tuple[Ball, Ball]:
+    a = random_words(rng, n, k)
+    b = random_words(rng, n, k)
+    b[:, : n // 4] = -a[:, : n // 4] * (1 + rng.normal(size=n // 4) * 2.0**-40)
+    b = xp.renorm(list(b), k)
+    ra = np.abs(a[0]) * rng.uniform(0, 2.0**-120, n)
+    rb = np.abs(b[0]) * rng.uniform(0, 2.0**-120, n)
+    ra[::7] = 0.0
+    return Ball(a, ra), Ball(b, rb)
+
+
+@pytest.mark.parametrize("bits", [100, 150])
+def test_compiled_arithmetic_matches_numpy_bit_for_bit(bits: int) -> None:
+    ar = BallArith(bits)
+    k, eta = ar.k, ar.eta
+    a, b = _ball_pair(np.random.default_rng(bits), k, 200)
+    a0, b0 = np.abs(a.mid[0]), np.abs(b.mid[0])
+    for op, ref in ((ar.add, xp.add), (ar.sub, xp.sub), (ar.mul, xp.mul), (ar.div, xp.div)):
+        got = op(a, b)
+        assert np.array_equal(got.mid, ref(a.mid, b.mid, k)), op.__name__
+    # the radii are BallArith's formulas, evaluated in the same order
+    rad = (a.rad + b.rad + eta * (a0 + b0)) * RU
+    assert np.array_equal(ar.add(a, b).rad, rad)
+    m = ar.mul(a, b)
+    rad = ((a0 * b.rad + b0 * a.rad) * HI_BOUND + a.rad * b.rad + eta * np.abs(m.mid[0])) * RU
+    assert np.array_equal(m.rad, rad)
+    q = ar.div(a, b)
+    q0 = np.abs(q.mid[0])
+    prop = (a.rad + q0 * HI_BOUND * b.rad) / (b0 / HI_BOUND - b.rad)
+    prop = np.where((a.rad == 0) & (b.rad == 0), 0.0, prop)
+    assert np.array_equal(q.rad, (prop * RU + eta * q0) * RU)
+    assert ar.range_errors == 0
+    # broadcasting as the network code uses it: a bias row, a column, a scalar, a 1-D array
+    x = Ball(a.mid.reshape(k, 20, 10), a.rad.reshape(20, 10))
+    column = Ball(b.mid[:, :20].reshape(k, 20, 1), b.rad[:20].reshape(20, 1))
+    for y in (b[:10][None, :], column, b[0], b[:10]):
+        got = ar.mul(x, y)
+        ym = y.mid.reshape(k, *(1,) * (2 - y.ndim), *y.shape)
+        assert np.array_equal(got.mid, xp.mul(x.mid, np.broadcast_to(ym, x.mid.shape), k))
+    x3 = Ball(a.mid.reshape(k, 2, 10, 10), a.rad.reshape(2, 10, 10))  # more than two axes
+    got = ar.add(x3, x[:10])
+    assert np.array_equal(
+        got.mid, xp.add(x3.mid, np.broadcast_to(x[:10].mid[:, None], x3.mid.shape), k)
+    )
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_compiled_sums_and_renormalisation_match_numpy(k: int) -> None:
+    rng = np.random.default_rng(k)
+    ar = BallArith(100 if k == 2 else 150)
+    for n in (1, 2, 7, 64, 129):
+        w = random_words(rng, 3 * n, k).reshape(k, 3, n)
+        want = w
+        while want.shape[-1] > 1:  # the pairwise tree of the numpy implementation
+            m, h = want.shape[-1], want.shape[-1] // 2
+            s = xp.add(list(want[..., :h]), list(want[..., h : 2 * h]), k)
+            want = np.concatenate([s, want[..., 2 * h :]], axis=-1) if m % 2 else s
+        assert np.array_equal(ar.sum(Ball(w, np.zeros((3, n))), axis=1).mid, want[..., 0])
+    for count in range(1, 8):
+        terms = [rng.normal(size=50) * 2.0 ** (-20 * t) for t in range(count)]
+        out = np.empty((k, 50))
+        assert jit_ball.renorm(xp_tag(k), np.array(terms), out) == 0
+        assert np.array_equal(out, xp.renorm(terms, k))
+
+
+def xp_tag(k: int) -> tuple[float, ...]:
+    return (0.0,) * k
+
+
+@pytest.mark.parametrize("bits", [100, 150])
+def test_compiled_elementary_functions_match_numpy_bit_for_bit(bits: int) -> None:
+    ar = BallArith(bits)
+    k = ar.k
+    z = _points(np.random.default_rng(9))[:k]
+    ball = Ball(z, np.zeros(z.shape[1:]))
+    t, e, r = el.tanh_parts(z, k, bits)
+    assert np.array_equal(ar.tanh(ball).mid, t)
+    assert np.array_equal(ar.tanh_deriv(ball, None).mid, el.sech2(e, r, k))  # type: ignore[arg-type]
+    s, e, r = el.sigmoid_parts(z, k, bits)
+    assert np.array_equal(ar.sigmoid(ball).mid, s)
+    assert np.array_equal(ar.sigmoid_deriv(ball, None).mid, xp.mul(e, xp.mul(r, r, k), k))  # type: ignore[arg-type]
+    inside = np.abs(z[0]) <= el.EXP_DOMAIN
+    assert np.array_equal(
+        ar.exp(Ball(z[:, inside], ball.rad[inside])).mid, el.exp(z[:, inside], k, bits)
+    )
+
+
+@pytest.mark.parametrize("fn", ["tanh", "tanh_deriv", "sigmoid", "sigmoid_deriv", "exp"])
+def test_compiled_radii_enclose_the_function_on_the_ball(fn: str) -> None:
+    rng = np.random.default_rng(17)
+    x = np.concatenate(
+        [rng.normal(size=30) * 3, np.ldexp(rng.uniform(1, 2, 10), rng.integers(-40, -9, 10)), [0.0]]
+    )
+    x = np.concatenate([x, -x[:10]])
+    n = x.size
+    # radii: none, relative 2**-100, and large ones (the one-by-one libm path)
+    r = np.concatenate([np.zeros(n), np.abs(x) * 2.0**-100, np.full(n, 2.0**-9), np.full(n, 0.3)])
+    z = np.tile(x, 4)
+    ar = BallArith(150)
+    ball = Ball(xp.from_float(z, 3), r)
+    f = {
+        "tanh": CTX.tanh,
+        "tanh_deriv": lambda v: CTX.sech(v) ** 2,
+        "sigmoid": lambda v: 1 / (1 + CTX.exp(-v)),
+        "sigmoid_deriv": lambda v: CTX.exp(-v) / (1 + CTX.exp(-v)) ** 2,
+        "exp": CTX.exp,
+    }[fn]
+    out = getattr(ar, fn)(ball, None) if fn.endswith("deriv") else getattr(ar, fn)(ball)
+    assert ar.range_errors == 0
+    mids = mp_of(out.mid)
+    for zi, ri, mi, rad in zip(z, r, mids, out.rad, strict=True):
+        for frac in (-1, -0.5, 0, 0.5, 1):
+            v = CTX.mpf(float(zi)) + CTX.mpf(float(ri)) * frac
+            assert abs(f(v) - mi) <= CTX.mpf(float(rad)), (fn, zi, ri, frac)
 
 
 # ---- whole networks: the exact value lies in every ball ---------------------------------------

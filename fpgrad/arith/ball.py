@@ -8,9 +8,16 @@ bound on its own rounding error, all rounded upward by a small inflation factor.
 certified precision is read off its own ball: nothing is assumed, and no second evaluation is
 needed.
 
-Matrix products are error-free slice products (:mod:`fpgrad.arith.ozaki`) truncated at the
-working precision, with a rigorous bound on what was dropped; radii propagate through
-``|A| rB + rA |B| + rA rB`` in float64 BLAS, inflated by the BLAS error bound.
+Matrix products are exact slice products (:mod:`fpgrad.arith.ozaki`) down to the working
+precision plus one float64 product of the rest, with a rigorous bound on its rounding;
+radii propagate through ``|A| rB + rA |B| + rA rB`` in float64 BLAS, inflated by the BLAS
+error bound.
+
+Elementwise operations, sums, the slicing and the renormalisation run in compiled kernels
+(:mod:`fpgrad.arith.jit_ball`, :mod:`fpgrad.arith.jit_elementary`; numba, compiled on first
+use and cached on disk): one pass per operation for midpoint, radius and range guard, with
+the same words as the numpy kernels of :mod:`fpgrad.arith.expansion` and
+:mod:`fpgrad.arith.elementary` (tested bit for bit).
 
 Limits, counted instead of guessed: a value whose magnitude leaves [2**-800, 2**800] (or that
 underflows to zero) increments :attr:`BallArith.range_errors`; a comparison (ReLU mask)
@@ -24,11 +31,11 @@ elementary functions) are tested against mpmath with a margin of at least 2**3
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from fpgrad.arith import elementary as el
 from fpgrad.arith import expansion as xp
 from fpgrad.arith import ozaki
 
@@ -107,6 +114,35 @@ def _keep_freed_memory() -> None:
 _MALLOC_TUNED = False
 
 
+def _jit() -> tuple[ModuleType, ModuleType]:
+    """The compiled kernels (numba is imported, and each kernel compiled, on first use)."""
+    from fpgrad.arith import jit_ball, jit_elementary
+
+    return jit_ball, jit_elementary
+
+
+def _words_tag(k: int) -> tuple[float, ...]:
+    return (0.0,) * k  # jit_words.words_tag: k as the length of a tuple
+
+
+def _grid(shape: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, int] | None:
+    """(rows, cols) of an operand of ``shape`` broadcast to the 2-D view of ``out``, or None."""
+    if len(out) > 2:
+        return None
+    pad = (1,) * (2 - len(shape)) + tuple(shape)
+    full = (1,) * (2 - len(out)) + tuple(out)
+    if any(s not in (1, f) for s, f in zip(pad, full, strict=True)):
+        return None
+    return pad[0], pad[1]
+
+
+def _flat(ball: Ball) -> tuple[np.ndarray, np.ndarray]:
+    """C-contiguous (k, N) words and (N,) radii of a ball."""
+    mid = np.ascontiguousarray(ball.mid, dtype=np.float64)
+    rad = np.ascontiguousarray(ball.rad, dtype=np.float64)
+    return mid.reshape(mid.shape[0], -1), rad.reshape(-1)
+
+
 class _LazyBall(Ball):
     """A matrix product computed on first use (the input gradient of the first layer never is)."""
 
@@ -160,13 +196,14 @@ class BallArith:
         self.name = f"ball@{bits}"
         self.eta = xp.ETA[self.k]  # basic operations
         self.eta_fn = ETA_FN[self.k]  # exp, log, tanh, sigmoid, sqrt (tested with margin)
-        # slice products: bits below max|a| max|b| n; at 150 bits the elementwise error, not the
-        # product truncation, limits what certifies (measured), so the products stop earlier
+        # products err below 2**-mm_prec n max|a row| max|b col| (ozaki.exact_levels); at 150
+        # bits the elementwise error, not the products, limits what certifies (measured), so
+        # they stop earlier: 5 exact levels of 20 bits and a float64 tail reach 2**-136
         self.mm_prec = bits + 8 if self.k == 2 else bits - 20
         self.range_errors = 0
         self.uncertain_branches = 0
-        self._tanh_cache: dict[int, tuple[Ball, np.ndarray, np.ndarray]] = {}
-        self._sig_cache: dict[int, tuple[Ball, np.ndarray, np.ndarray]] = {}
+        self._tanh_cache: dict[int, tuple[Ball, tuple[Ball, Ball, int, int]]] = {}
+        self._sig_cache: dict[int, tuple[Ball, tuple[Ball, Ball, int, int]]] = {}
         self.progress: Any = None  # optional callable(str) called after each matrix product
 
     # ---- construction and bookkeeping ---------------------------------------------------
@@ -195,74 +232,104 @@ class BallArith:
         return (prop + self.eta_fn * np.abs(mid[0])) * RU
 
     # ---- arithmetic ---------------------------------------------------------------------
+    def _binop(self, op: int, a: Ball, b: Ball) -> Ball:
+        """One compiled pass: words, radius (formulas in jit_ball.binop) and range guard."""
+        jb, _ = _jit()
+        k = self.k
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        out_m = np.empty((k, *shape))
+        out_r = np.empty(shape)
+        full = (1,) * (2 - len(shape)) + shape if len(shape) <= 2 else (1, out_r.size)
+        args = []
+        for x in (a, b):
+            grid = _grid(x.shape, shape)
+            mid, rad = x.mid, np.asarray(x.rad, dtype=np.float64)
+            if grid is None:  # more than two axes: broadcast in memory
+                mid = mid.reshape(k, *(1,) * (len(shape) - x.ndim), *x.shape)
+                mid = np.broadcast_to(mid, (k, *shape)).reshape(k, *full)
+                rad = np.broadcast_to(rad, shape).reshape(full)
+                grid = full
+            elif grid[1] != full[1]:  # broadcast along the columns: in memory
+                mid = np.broadcast_to(mid.reshape(k, *grid), (k, grid[0], full[1]))
+                rad = np.broadcast_to(rad.reshape(grid), (grid[0], full[1]))
+                grid = (grid[0], full[1])
+            args.append(np.ascontiguousarray(mid, dtype=np.float64).reshape(k, *grid))
+            args.append(np.ascontiguousarray(rad).reshape(grid))
+        bad = jb.binop(
+            _words_tag(k), op, *args, self.eta, out_m.reshape(k, *full), out_r.reshape(full)
+        )
+        self.range_errors += int(bad)
+        return Ball(out_m, out_r)
+
     def add(self, a: Ball, b: Ball) -> Ball:
-        mid = xp.add(a.words(), b.words(), self.k)
-        rad = (a.rad + b.rad + self.eta * (np.abs(a.mid[0]) + np.abs(b.mid[0]))) * RU
-        return self._ball(mid, rad)
+        return self._binop(0, a, b)
 
     def sub(self, a: Ball, b: Ball) -> Ball:
-        mid = xp.add(a.words(), [-w for w in b.mid], self.k)
-        rad = (a.rad + b.rad + self.eta * (np.abs(a.mid[0]) + np.abs(b.mid[0]))) * RU
-        return self._ball(mid, rad)
+        return self._binop(1, a, b)
 
     def mul(self, a: Ball, b: Ball) -> Ball:
-        mid = xp.mul(a.words(), b.words(), self.k)
-        a0, b0 = np.abs(a.mid[0]), np.abs(b.mid[0])
-        rad = (
-            (a0 * b.rad + b0 * a.rad) * HI_BOUND + a.rad * b.rad + self.eta * np.abs(mid[0])
-        ) * RU
-        lost = (a0 > 0) & (b0 > 0) & (mid[0] == 0)
-        if lost.any():
-            self.range_errors += int(lost.sum())
-        return self._ball(mid, rad)
+        return self._binop(2, a, b)
 
     def div(self, a: Ball, b: Ball) -> Ball:
-        mid = xp.div(a.words(), b.words(), self.k)
-        q0 = np.abs(mid[0])
-        den = np.abs(b.mid[0]) / HI_BOUND - b.rad
-        with np.errstate(divide="ignore", invalid="ignore"):
-            prop = np.where(den > 0, (a.rad + q0 * HI_BOUND * b.rad) / den, np.inf)
-        prop = np.where((a.rad == 0) & (b.rad == 0), 0.0, prop)
-        rad = (prop * RU + self.eta * q0) * RU
-        lost = (a.mid[0] != 0) & (mid[0] == 0)
-        if lost.any():
-            self.range_errors += int(lost.sum())
-        return self._ball(mid, rad)
+        return self._binop(3, a, b)
 
     def matmul(self, a: Ball, b: Ball) -> Ball:
         """a @ b, computed when first used."""
         return _LazyBall(lambda: self._matmul(a, b), (a.shape[0], b.shape[1]))
 
     def _matmul(self, a: Ball, b: Ball) -> Ball:
+        jb, _ = _jit()
         am, bm = a.mid, b.mid
-        n = a.shape[-1]
-        levels, bound, risk = ozaki.matmul_levels(am, bm, self.mm_prec, 8 * self.eta)
+        m, n = a.shape
+        # the slicing reads rows: compute (a b)^T = b^T a^T when that copies fewer transposes
+        at, bt = am.transpose(0, 2, 1), bm.transpose(0, 2, 1)
+        copies = am.size * (not am.flags.c_contiguous) + bm.size * (not bm.flags.c_contiguous)
+        flip = (
+            bm.size * (not bt.flags.c_contiguous) + am.size * (not at.flags.c_contiguous) < copies
+        )
+        if flip:  # (a b)^T = b^T a^T
+            terms, bound, risk = ozaki.matmul_levels(bt, at, self.mm_prec, 8 * self.eta)
+        else:
+            terms, bound, risk = ozaki.matmul_levels(am, bm, self.mm_prec, 8 * self.eta)
         if risk:
             self.range_errors += 1
-        mid = xp.renorm(levels, self.k) if levels else np.zeros((self.k, a.shape[0], b.shape[1]))
-        rad = bound  # includes the rounding of the levels into k words (normwise, see ozaki)
+        if len(terms):
+            mid = np.empty((self.k, *terms.shape[1:]))
+            tag = _words_tag(self.k)
+            self.range_errors += jb.renorm(
+                tag, terms.reshape(len(terms), -1), mid.reshape(self.k, -1)
+            )
+        else:
+            mid = np.zeros((self.k, *terms.shape[1:]))
+        if flip:
+            mid, bound = np.ascontiguousarray(mid.transpose(0, 2, 1)), bound.T
+        rad = bound  # includes the rounding of the terms into k words (normwise, see ozaki)
         gamma = 1.0 + (n + 8) * 2.0**-52  # float64 BLAS error on non-negative data
         if b.rad.any():
             rad = rad + ((np.abs(am[0]) * HI_BOUND + a.rad) @ b.rad) * gamma
         if a.rad.any():
             rad = rad + (a.rad @ (np.abs(bm[0]) * HI_BOUND)) * gamma
-        out = self._ball(mid, rad * RU)
+        out = Ball(mid, rad * RU)  # range guarded by renorm
         if self.progress is not None:
             self.progress("matmul")
         return out
 
     def sum(self, a: Ball, axis: int, keepdims: bool = False) -> Ball:
+        """Pairwise (tree) sum along ``axis``: ``depth`` roundings of ETA each per element."""
+        jb, _ = _jit()
         axis = axis % a.ndim
         w = np.moveaxis(a.mid, axis + 1, -1)
         n = w.shape[-1]
-        depth = 0
-        while w.shape[-1] > 1:
-            m = w.shape[-1]
-            h = m // 2
-            s = xp.add(list(w[..., :h]), list(w[..., h : 2 * h]), self.k)
-            w = np.concatenate([s, w[..., 2 * h :]], axis=-1) if m % 2 else s
-            depth += 1
-        mid = w[..., 0]
+        lead = w.shape[1:-1]
+        mid = np.empty((self.k, *lead))
+        jb.sum_last(
+            _words_tag(self.k),
+            np.ascontiguousarray(w, dtype=np.float64).reshape(self.k, -1, n),
+            mid.reshape(self.k, -1),
+        )
+        depth, m = 0, n
+        while m > 1:
+            m, depth = m // 2 + m % 2, depth + 1
         mags = np.sum(np.abs(a.mid[0]), axis=axis)
         rad = (np.sum(a.rad, axis=axis) * (1 + (n + 2) * 2.0**-52) + depth * self.eta * mags) * RU
         if keepdims:
@@ -286,68 +353,65 @@ class BallArith:
             rad = np.squeeze(rad, axis)
         return Ball(mid, rad)
 
-    # ---- elementary functions ---------------------------------------------------------------
+    # ---- elementary functions (compiled: jit_elementary) -----------------------------------
+    def _unary(self, kernel: Any, a: Ball) -> Ball:
+        _, je = _jit()
+        mid, rad = _flat(a)
+        out_m = np.empty((self.k, *a.shape))
+        out_r = np.empty(a.shape)
+        bad = kernel(
+            _words_tag(self.k), mid, rad, self.eta_fn, je.tables(),
+            out_m.reshape(self.k, -1), out_r.reshape(-1),
+        )  # fmt: skip
+        self.range_errors += int(bad)
+        return Ball(out_m, out_r)
+
+    def _pair(self, kernel: Any, cache: dict, z: Ball) -> tuple[Ball, Ball, int, int]:
+        """(f z, f' z, range errors of each): one compiled pass, kept for the backward pass."""
+        hit = cache.get(id(z))
+        if hit is not None and hit[0] is z:
+            return hit[1]  # type: ignore[no-any-return]
+        _, je = _jit()
+        mid, rad = _flat(z)
+        fm, dm = np.empty((self.k, *z.shape)), np.empty((self.k, *z.shape))
+        fr, dr = np.empty(z.shape), np.empty(z.shape)
+        k = self.k
+        bad_f, bad_d = kernel(
+            _words_tag(k), mid, rad, self.eta_fn, je.tables(),
+            fm.reshape(k, -1), fr.reshape(-1), dm.reshape(k, -1), dr.reshape(-1),
+            np.empty(rad.size, dtype=np.uint8),
+        )  # fmt: skip
+        parts = (Ball(fm, fr), Ball(dm, dr), int(bad_f), int(bad_d))
+        cache[id(z)] = (z, parts)
+        return parts
+
     def exp(self, a: Ball) -> Ball:
-        out = np.abs(a.mid[0]) > el.EXP_DOMAIN
-        self._domain(out)
-        x = a.mid
-        if out.any():  # flagged above; keep the words finite and in the table's range
-            x = np.where(out, 0.0, x)
-        mid = el.exp(x, self.k, self.bits)
-        return self._ball(mid, self._fn_rad(mid, np.abs(mid[0]) * HI_BOUND * np.expm1(a.rad) * RU))
+        return self._unary(_jit()[1].exp, a)
 
     def log(self, a: Ball) -> Ball:
-        a0 = a.mid[0]
-        bad = ~(a0 > 0)
-        self._domain(bad)
-        mid = el.log(np.where(bad, 1.0, a.mid), self.k, self.bits)
-        den = a0 / HI_BOUND - a.rad
-        with np.errstate(divide="ignore", invalid="ignore"):
-            prop = np.where(den > 0, a.rad / den, np.inf)
-        # Newton's correction x exp(-y) - 1 is accurate in absolute terms: error ~ eta (|log| + 1)
-        return self._ball(mid, (prop + self.eta_fn * (np.abs(mid[0]) + 1.0)) * RU)
-
-    def _tanh_parts(self, z: Ball) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hit = self._tanh_cache.get(id(z))
-        if hit is not None and hit[0] is z:
-            return hit[1], hit[2], hit[3]  # type: ignore[misc]
-        t, e, d = el.tanh_parts(z.mid, self.k, self.bits)
-        self._tanh_cache[id(z)] = (z, t, e, d)  # type: ignore[assignment]
-        return t, e, d
+        return self._unary(_jit()[1].log, a)
 
     def tanh(self, a: Ball) -> Ball:
-        t, _, _ = self._tanh_parts(a)
-        slope = np.minimum(1.0, 4.0 * np.exp(-2.0 * np.maximum(np.abs(a.mid[0]) - a.rad, 0.0)))
-        return self._ball(t, self._fn_rad(t, a.rad * slope * RU))
+        t, _, bad, _ = self._pair(_jit()[1].tanh, self._tanh_cache, a)
+        self.range_errors += bad
+        return t
 
     def tanh_deriv(self, z: Ball, t: Ball) -> Ball:
-        self._domain(np.abs(z.mid[0]) > el.EXP_DOMAIN / 2)
-        _, e, d = self._tanh_parts(z)
-        mid = el.sech2(e, d, self.k)
-        # |d sech^2 / dz| <= 2 sech^2: relative change at most expm1(2 r)
-        return self._ball(
-            mid, self._fn_rad(mid, np.abs(mid[0]) * HI_BOUND * np.expm1(2 * z.rad) * RU)
-        )
-
-    def _sigmoid_parts(self, z: Ball) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hit = self._sig_cache.get(id(z))
-        if hit is not None and hit[0] is z:
-            return hit[1], hit[2], hit[3]  # type: ignore[misc]
-        s, e, d = el.sigmoid_parts(z.mid, self.k, self.bits)
-        self._sig_cache[id(z)] = (z, s, e, d)  # type: ignore[assignment]
-        return s, e, d
+        """sech^2 z = 4 E R^2 (no cancellation); |d sech^2/dz| <= 2 sech^2 bounds the radius."""
+        _, d, _, bad = self._pair(_jit()[1].tanh, self._tanh_cache, z)
+        self.range_errors += bad
+        return d
 
     def sigmoid(self, a: Ball) -> Ball:
-        self._domain(a.mid[0] < -el.EXP_DOMAIN)
-        s, _, _ = self._sigmoid_parts(a)
-        prop = np.minimum(a.rad / 4, np.abs(s[0]) * HI_BOUND * np.expm1(a.rad)) * RU
-        return self._ball(s, self._fn_rad(s, prop))
+        s, _, bad, _ = self._pair(_jit()[1].sigmoid, self._sig_cache, a)
+        self.range_errors += bad
+        return s
 
     def sigmoid_deriv(self, z: Ball, s: Ball) -> Ball:
-        self._domain(np.abs(z.mid[0]) > el.EXP_DOMAIN)
-        _, e, d = self._sigmoid_parts(z)
-        mid = xp.mul(e, xp.mul(d, d, self.k), self.k)  # s(z) s(-z) = E / (1 + E)^2 = E R^2
-        return self._ball(mid, self._fn_rad(mid, np.abs(mid[0]) * HI_BOUND * np.expm1(z.rad) * RU))
+        """s(z) s(-z) = E R^2 (no cancellation)."""
+        _, d, _, bad = self._pair(_jit()[1].sigmoid, self._sig_cache, z)
+        self.range_errors += bad
+        return d
 
     def sqrt(self, a: Ball) -> Ball:
         a0 = a.mid[0]

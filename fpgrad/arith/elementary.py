@@ -12,6 +12,8 @@ with R = 1 / (1 + E)) come from the same exponential.
 Accuracy (relative, tested against mpmath in tests/test_fast_exact.py): about 2**-150 with
 3 words, 2**-98 with 2. Every function states its domain: the caller
 (:mod:`fpgrad.arith.ball`) guards the range in which words stay normal float64 numbers.
+:class:`~fpgrad.arith.ball.BallArith` runs compiled copies (:mod:`fpgrad.arith.jit_elementary`,
+the same words); these are the reference, and build the tables both use.
 """
 
 from __future__ import annotations

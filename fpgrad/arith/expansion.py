@@ -10,6 +10,9 @@ Accuracy (tested against mpmath in tests/test_fast_exact.py, stated with margin 
 :data:`ETA`): :func:`add` errs by at most ``ETA[k] * (|a| + |b|)``, :func:`mul` and
 :func:`div` by ``ETA[k] * |result|``. Valid while every word stays a normal float64 (the
 ball arithmetic in :mod:`fpgrad.arith.ball` guards the range).
+
+:class:`~fpgrad.arith.ball.BallArith` runs compiled copies of the k = 2, 3 kernels
+(:mod:`fpgrad.arith.jit_words`), which give the same words; these are the reference.
 """
 
 from __future__ import annotations

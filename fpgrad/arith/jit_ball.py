@@ -1,0 +1,269 @@
+"""Compiled array kernels of the ball arithmetic: elementwise ops, sums, renormalisation, slices.
+
+One pass per operation: the midpoint words (the intrinsics of :mod:`.jit_words`,
+bit-identical to the numpy kernels of :mod:`.expansion`), the radius by the formulas of
+:class:`fpgrad.arith.ball.BallArith` and the range guard, element by element. Arrays are
+C-contiguous float64: midpoints ``(k, ...)`` with k = 2 or 3, radii without the word axis;
+``kw`` is :func:`fpgrad.arith.jit_words.words_tag` (k as a compile-time constant). Inner
+loops run along contiguous memory without calls, so LLVM vectorises them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from fpgrad.arith.jit_words import JIT, two_sum, w_add, w_div, w_mul, words_intrinsic
+
+RU = 1.0 + 2.0**-45  # as fpgrad.arith.ball
+HI_BOUND = 1.0 + 2.0**-48
+LO, HI = 2.0**-800, 2.0**800  # the guarded range of |word 0|
+ADD, SUB, MUL, DIV = 0, 1, 2, 3
+BLOCK = 256  # elements per block of the renormalisation
+
+w_two_sum = words_intrinsic(lambda k, a, b: two_sum(a, b), "cc", 2)
+
+
+@njit(**JIT)
+def bad(m0: float) -> int:
+    """1 when |m0| leaves the guarded range [2**-800, 2**800] (0 excepted)."""
+    a = abs(m0)
+    return int(not a <= HI) | int(a < LO and a > 0.0)
+
+
+@njit(**JIT)
+def binop(
+    kw: tuple,
+    op: int,
+    am: np.ndarray,
+    ar: np.ndarray,
+    bm: np.ndarray,
+    br: np.ndarray,
+    eta: float,
+    om: np.ndarray,
+    orad: np.ndarray,
+) -> int:
+    """om, orad = a op b on (k, R, C) words and (R, C) radii; returns the range-error count.
+
+    An operand of shape (k, 1, C) broadcasts along the rows. ``eta``: the relative error
+    bound of the k-word operation (expansion.ETA[k]).
+    """
+    k = len(kw)
+    rows, cols = om.shape[1], om.shape[2]
+    sgn = -1.0 if op == SUB else 1.0  # exact negation of b's words
+    count = 0
+    for r in range(rows):
+        ia = r if am.shape[1] > 1 else 0
+        ib = r if bm.shape[1] > 1 else 0
+        if op == ADD or op == SUB:
+            for c in range(cols):
+                a = (am[0, ia, c], am[1, ia, c], am[2, ia, c] if k == 3 else 0.0)
+                b0 = bm[0, ib, c] * sgn
+                b = (b0, bm[1, ib, c] * sgn, bm[2, ib, c] * sgn if k == 3 else 0.0)
+                m = w_add(kw, a, b)
+                orad[r, c] = (ar[ia, c] + br[ib, c] + eta * (abs(a[0]) + abs(b0))) * RU
+                om[0, r, c], om[1, r, c] = m[0], m[1]
+                if k == 3:
+                    om[2, r, c] = m[2]
+                count += bad(m[0])
+        elif op == MUL:
+            for c in range(cols):
+                a = (am[0, ia, c], am[1, ia, c], am[2, ia, c] if k == 3 else 0.0)
+                b = (bm[0, ib, c], bm[1, ib, c], bm[2, ib, c] if k == 3 else 0.0)
+                m = w_mul(kw, a, b)
+                a0, b0, ra, rb = abs(a[0]), abs(b[0]), ar[ia, c], br[ib, c]
+                orad[r, c] = ((a0 * rb + b0 * ra) * HI_BOUND + ra * rb + eta * abs(m[0])) * RU
+                om[0, r, c], om[1, r, c] = m[0], m[1]
+                if k == 3:
+                    om[2, r, c] = m[2]
+                count += bad(m[0]) + int(a0 > 0.0 and b0 > 0.0 and m[0] == 0.0)
+        else:
+            for c in range(cols):
+                a = (am[0, ia, c], am[1, ia, c], am[2, ia, c] if k == 3 else 0.0)
+                b = (bm[0, ib, c], bm[1, ib, c], bm[2, ib, c] if k == 3 else 0.0)
+                m = w_div(kw, a, b)
+                q0, ra, rb = abs(m[0]), ar[ia, c], br[ib, c]
+                den = abs(b[0]) / HI_BOUND - rb
+                prop = (ra + q0 * HI_BOUND * rb) / den if den > 0.0 else np.inf
+                if ra == 0.0 and rb == 0.0:
+                    prop = 0.0
+                orad[r, c] = (prop * RU + eta * q0) * RU
+                om[0, r, c], om[1, r, c] = m[0], m[1]
+                if k == 3:
+                    om[2, r, c] = m[2]
+                count += bad(m[0]) + int(a[0] != 0.0 and m[0] == 0.0)
+    return count
+
+
+@njit(**JIT)
+def sum_last(kw: tuple, w: np.ndarray, out: np.ndarray) -> None:
+    """out[:, r] = sum of w[:, r, :] by the pairwise tree of BallArith.sum (same order)."""
+    k = len(kw)
+    rows, n = w.shape[1], w.shape[2]
+    buf = np.zeros((3, max(n, 1)))
+    for r in range(rows):
+        for j in range(k):
+            for i in range(n):
+                buf[j, i] = w[j, r, i]
+        m = n
+        while m > 1:
+            h = m // 2
+            for i in range(h):
+                s = w_add(
+                    kw,
+                    (buf[0, i], buf[1, i], buf[2, i]),
+                    (buf[0, i + h], buf[1, i + h], buf[2, i + h]),
+                )
+                buf[0, i], buf[1, i], buf[2, i] = s[0], s[1], s[2]
+            if m % 2:
+                buf[0, h], buf[1, h], buf[2, h] = buf[0, 2 * h], buf[1, 2 * h], buf[2, 2 * h]
+            m = h + m % 2
+        for j in range(k):
+            out[j, r] = buf[j, 0]
+
+
+@njit(**JIT)
+def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
+    """out (k, N) = expansion.renorm of the T >= 1 terms (T, N), element by element.
+
+    The same operations in the same order as the numpy version, run on blocks of elements.
+    Returns the number of results whose word 0 leaves the guarded range.
+    """
+    k = len(kw)
+    nterms, size = terms.shape
+    rest = np.empty((nterms, BLOCK))
+    s = np.empty(BLOCK)
+    words = np.empty((3, BLOCK))
+    flagged = 0
+    for start in range(0, size, BLOCK):
+        n = min(BLOCK, size - start)
+        for t in range(nterms):
+            for j in range(n):
+                rest[t, j] = terms[t, start + j]
+        count = nterms
+        nw = 0
+        while nw < k - 1 and count > 1:  # VecSum: peel off one word, keep the errors
+            for j in range(n):
+                s[j] = rest[count - 1, j]
+            for t in range(count - 2, -1, -1):
+                for j in range(n):
+                    x = w_two_sum(kw, rest[t, j], s[j])
+                    s[j], rest[t, j] = x[0], x[1]
+            for j in range(n):
+                words[nw, j] = s[j]
+            nw += 1
+            count -= 1
+        for j in range(n):
+            words[nw, j] = rest[0, j]
+        for t in range(1, count):
+            for j in range(n):
+                words[nw, j] = words[nw, j] + rest[t, j]
+        for i in range(nw + 1, k):
+            for j in range(n):
+                words[i, j] = 0.0
+        for i in range(k - 1):
+            for j in range(n):
+                x = w_two_sum(kw, words[i, j], words[i + 1, j])
+                words[i, j], words[i + 1, j] = x[0], x[1]
+        for i in range(k):
+            for j in range(n):
+                out[i, start + j] = words[i, j]
+        for j in range(n):
+            flagged += bad(words[0, j])
+    return flagged
+
+
+@njit(**JIT)
+def slices(
+    words: np.ndarray,
+    per_row: bool,
+    bits: int,
+    count: int,
+    expo: np.ndarray,
+    top: np.ndarray,
+    sl: np.ndarray,
+    s_at: np.ndarray,
+    s_r: int,
+    tl: np.ndarray,
+    t_at: np.ndarray,
+    t_r: int,
+) -> tuple[int, int]:
+    """Cut each element of a (R, C) matrix of K <= 3 words into slices (Ozaki's splitting).
+
+    Element (r, c) has the words ``words[:, r, c]``.
+    Each row (``per_row``) or column q gets the scale 2**expo[q] above the largest |word 0|
+    in it (``top[q]``; both computed here, as :func:`fpgrad.arith.ozaki.scale_exponents`).
+    Slice i < count of an element is the sum of its words rounded to multiples of
+    2**(e - bits (i + 1)) by ``(w + sigma) - sigma``, one word at a time, stored at
+    ``sl[s_at[i] + r s_r + c]``; the float64 sum of what remains after t slices (t = 0: the
+    value) at ``tl[t_at[t] + r t_r + c]``, t <= count. Returns (1 + the last slice index
+    with a non-zero digit anywhere, the last t whose remainder has a non-zero word anywhere,
+    -1 for none).
+    """
+    nw, rows, cols = words.shape
+    rem = np.zeros((3, cols))
+    top[:] = 0.0
+    for r in range(rows):  # the scales
+        for c in range(cols):
+            rem[0, c] = abs(words[0, r, c])
+        if per_row:
+            mx = 0.0
+            for c in range(cols):
+                v = rem[0, c]
+                mx = v if v > mx else mx
+            top[r] = mx
+        else:
+            for c in range(cols):
+                v = rem[0, c]
+                top[c] = v if v > top[c] else top[c]
+    sig = np.empty((count, top.shape[0]))  # 1.5 * 2**(e - bits (i + 1) + 52)
+    for q in range(top.shape[0]):
+        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
+        for i in range(count):
+            sig[i, q] = math.ldexp(1.5, expo[q] - bits * (i + 1) + 52)
+    srow = np.empty(cols)
+    last_slice = 0
+    last_rem = -1
+    for r in range(rows):
+        for w in range(nw):
+            for c in range(cols):
+                rem[w, c] = words[w, r, c]
+        base_t = np.uint64(t_at[0] + r * t_r)  # unsigned indices: no wrap-around tests
+        live = False
+        for c in range(cols):
+            tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
+            live |= (rem[0, c] != 0.0) | (rem[1, c] != 0.0) | (rem[2, c] != 0.0)
+        if live:
+            last_rem = max(last_rem, 0)
+        for i in range(count):
+            if per_row:
+                for c in range(cols):
+                    srow[c] = sig[i, r]
+            else:
+                for c in range(cols):
+                    srow[c] = sig[i, c]
+            base_s = np.uint64(s_at[i] + r * s_r)
+            digits = False
+            live = False
+            for c in range(cols):
+                sigma = srow[c]
+                x0, x1, x2 = rem[0, c], rem[1, c], rem[2, c]
+                s0 = (x0 + sigma) - sigma
+                s1 = (x1 + sigma) - sigma
+                s2 = (x2 + sigma) - sigma
+                x0, x1, x2 = x0 - s0, x1 - s1, x2 - s2
+                rem[0, c], rem[1, c], rem[2, c] = x0, x1, x2
+                si = (s0 + s1) + s2  # exact: multiples of one unit, far below 2**53 of it
+                sl[base_s + np.uint64(c)] = si
+                digits |= si != 0.0
+                live |= (x0 != 0.0) | (x1 != 0.0) | (x2 != 0.0)
+            base_t = np.uint64(t_at[i + 1] + r * t_r)
+            for c in range(cols):  # its own loop: fewer arrays per loop, cheap alias checks
+                tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
+            if digits:
+                last_slice = max(last_slice, i + 1)
+            if live:
+                last_rem = max(last_rem, i + 1)
+    return last_slice, last_rem
