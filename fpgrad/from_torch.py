@@ -871,19 +871,9 @@ def _model_data(data: Any, base: Path, where: str) -> tuple[np.ndarray, np.ndarr
 
 
 def _read_array(path: Path, where: str) -> np.ndarray:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        elif suffix == ".csv":
-            arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1)
-        else:
-            raise InputError(f"{where}: data file {str(path)!r}: unknown format; use .npy or .csv")
-    except OSError as exc:
-        raise InputError(f"{where}: cannot read data file {str(path)!r}: {exc}") from None
-    except ValueError as exc:
-        raise InputError(f"{where}: data file {str(path)!r} is not numeric: {exc}") from None
-    return _data_array(arr, f"file {path}")
+    from fpgrad.netfile import load_array_file
+
+    return _data_array(load_array_file(path, where), f"file {path}")
 
 
 def load_any(path: str | Path) -> Network:

@@ -148,6 +148,14 @@ def _array_field(data: dict[str, Any], key: str, base: Path, where: str) -> np.n
 
 
 def _read_array_file(path: Path, where: str) -> np.ndarray:
+    arr = load_array_file(path, where)
+    if arr.dtype.kind not in "fiub":
+        raise InputError(f"{where}: data file {str(path)!r} holds {arr.dtype}, not numbers")
+    return _exact_float64(arr, f"data file {path}", where)
+
+
+def load_array_file(path: Path, where: str) -> np.ndarray:
+    """The array in a .npy (never unpickled) or .csv file, as stored; one-line errors."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
@@ -160,9 +168,7 @@ def _read_array_file(path: Path, where: str) -> np.ndarray:
         raise InputError(f"{where}: cannot read data file {str(path)!r}: {exc}") from None
     except ValueError as exc:
         raise InputError(f"{where}: data file {str(path)!r} is not numeric: {exc}") from None
-    if arr.dtype.kind not in "fiub":
-        raise InputError(f"{where}: data file {str(path)!r} holds {arr.dtype}, not numbers")
-    return _exact_float64(arr, f"data file {path}", where)
+    return arr
 
 
 def _to_array(value: Any, where: str) -> np.ndarray:
