@@ -21,7 +21,7 @@ from fpgrad.jsonutil import jsonable
 from fpgrad.network import Network
 from fpgrad.precisions import Precision, parse_precisions
 from fpgrad.rounding import round_to
-from fpgrad.verdicts import VERDICTS, ExactArray, classify
+from fpgrad.verdicts import VERDICTS, classify
 
 REFERENCES = ("original", "rounded")
 SIGNAL_COUNTS = ("rounding_zero", "subnormal", "overflow", "structural_zero")
@@ -148,7 +148,7 @@ def compare(
 
     loss: dict[str, Any] = {"exact": decimal_string(exact.trace.loss, exact.digits["loss"].min())}
     for p in precs:
-        ex = ExactArray.from_mp(np.asarray(refs[p.name].trace.loss, dtype=object))
+        ex = refs[p.name].exact_array("loss")
         v = classify(ex, np.asarray(traces[p.name].loss), p.fmt)
         loss[p.name] = {
             "value": float(traces[p.name].loss),
@@ -158,7 +158,7 @@ def compare(
         }
     gradients = _gradient_entries(net, precs, exact, refs, traces, reference)
     summary = {p.name: _summary(gradients, p.name) for p in precs}
-    attribution = {p.name: _attribution(net, refs[p.name].trace, traces[p.name], p) for p in precs}
+    attribution = {p.name: _attribution(net, refs[p.name], traces[p.name], p) for p in precs}
     notes = [
         "exact: evaluated at the parameters and data as written (float64 values, exact)"
         if reference == "original"
@@ -201,7 +201,7 @@ def _gradient_entries(
         cols: dict[str, Any] = {}
         for p in precs:
             ref = refs[p.name]
-            ref_ex = ExactArray.from_mp(ref.trace.grads[name])
+            ref_ex = ref.exact_array(f"grads/{name}")
             v = classify(ref_ex, traces[p.name].grads[name], p.fmt)
             cols[p.name] = (traces[p.name].grads[name], v, ref, ref_ex)
         per_param[name] = cols
@@ -240,11 +240,11 @@ def _summary(gradients: list[dict[str, Any]], precision: str) -> dict[str, int]:
     return out
 
 
-def _attribution(net: Network, exact: Trace, trace: Trace, p: Precision) -> dict[str, Any]:
+def _attribution(net: Network, exact: ExactResult, trace: Trace, p: Precision) -> dict[str, Any]:
     rows = []
     for place in places(net):
         section = "forward" if place.direction == "forward" else "backward"
-        ex = ExactArray.from_mp(getattr(exact, section)[place.layer])
+        ex = exact.exact_array(f"{section}/{place.layer}")
         v = classify(ex, getattr(trace, section)[place.layer], p.fmt)
         verdicts = v.verdict
         row = {

@@ -68,6 +68,7 @@ import numpy as np
 from mpmath.ctx_mp import MPContext
 
 from fpgrad.arith.base import OutputDerivatives
+from fpgrad.arith.expansion import two_prod, two_sum
 from fpgrad.errors import InputError
 from fpgrad.formats import FLOAT32, Format, get_format
 from fpgrad.rounding import STOCHASTIC_MODES, Mode, parse_mode, round_exact, round_to
@@ -79,7 +80,6 @@ MAX_EXP_BITS = 9  # values within 2**+-(256 + 26): sums, products, quotients sta
 
 FUNC_REL_ERR = 2.0**-40  # bound on numpy's float64 exp/log/tanh/sigmoid relative error (>> 4 ulp)
 _DBL_MAX = float(np.finfo(np.float64).max)
-_SPLITTER = 2.0**27 + 1.0  # Veltkamp split of a float64 into two 26-bit halves
 _ZIV_PRECS = (128, 256, 512, 1024, 4096)
 
 
@@ -102,30 +102,7 @@ def parse_accumulation(name: str) -> str:
     return key
 
 
-# ---- error-free transformations (numpy float64, vectorised) -----------------------------
-
-
-def two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``s = RN(a + b)`` and ``e`` with ``a + b = s + e`` exactly (Knuth; any finite a, b)."""
-    s = a + b
-    bb = s - a
-    e = (a - (s - bb)) + (b - bb)
-    return s, e
-
-
-def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    c = _SPLITTER * a
-    hi = c - (c - a)
-    return hi, a - hi
-
-
-def two_prod(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``p = RN(a b)`` and ``e`` with ``a b = p + e`` exactly (Dekker; no over/underflow)."""
-    p = a * b
-    ah, al = _split(a)
-    bh, bl = _split(b)
-    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-    return p, e
+# ---- rounding to odd (from expansion.two_sum and two_prod, the error-free transformations) ----
 
 
 def to_odd(y: np.ndarray, direction: np.ndarray) -> np.ndarray:
