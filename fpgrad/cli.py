@@ -84,7 +84,8 @@ def _compare(args: argparse.Namespace) -> int:
     net = _load_network(args.network)
     result = compare(
         net,
-        precisions=args.precisions,
+        precisions=_with_policies(args.precisions, args.policy),
+        loss_scale=args.loss_scale,
         exact_bits=DEFAULT_BITS if args.exact_bits is None else args.exact_bits,
         reference=args.reference,
         allow_uncertified=args.allow_uncertified,
@@ -93,6 +94,45 @@ def _compare(args: argparse.Namespace) -> int:
         print(result.to_json())
     else:
         print(result.render(max_rows=args.max_rows or None))
+    return 0
+
+
+def _with_policies(precisions: str | None, policies: str | None) -> str | None:
+    """--precisions plus the columns (runs) named by --policy; --policy alone: just those."""
+    if not policies:
+        return precisions
+    if precisions is None:
+        return policies
+    return f"{precisions},{policies}"
+
+
+def _policies(args: argparse.Namespace) -> int:
+    from fpgrad.policy import BUILTIN
+
+    net = _load_network(args.network) if args.network else None
+    known = {**BUILTIN, **(net.policies if net is not None else {})}
+    names = args.names or list(known)
+    for name in names:
+        if name not in known:
+            raise InputError(f"unknown policy {name!r}; known: {', '.join(known)}")
+    if args.json:
+        out = {n: known[n].to_dict() for n in names}
+        if net is not None:
+            for n in names:
+                out[n]["plan"] = known[n].resolve(net).to_dict()
+        print(json.dumps(out, indent=2))
+        return 0
+    from fpgrad.render import policy_table
+
+    for n in names:
+        pol = known[n]
+        origin = "built-in" if n in BUILTIN else "network file"
+        print(f"{n} ({origin}): {pol.describe()}")
+    if net is not None:
+        plans = {n: known[n].resolve(net).to_dict() for n in names}
+        print()
+        print(f"On {net.name}:")
+        print(policy_table(plans, names))
     return 0
 
 
@@ -112,7 +152,7 @@ def _train(args: argparse.Namespace) -> int:
         net,
         steps=args.steps,
         cfg=cfg,
-        runs=args.precisions,
+        runs=_with_policies(args.precisions, args.policy),
         batch_size=args.batch_size,
         seed=args.seed,
         exact_bits=args.exact_bits,
@@ -249,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
         "above 150: mpmath checked at twice the bits; at least 64)",
     )
     p.add_argument(
+        "--policy",
+        default=None,
+        help="precision policies as extra columns, comma-separated: autocast, autocast_bf16, "
+        "autocast_cpu, autocast_cpu_bf16 or a [policy.NAME] of the network file "
+        "(alone: only those columns)",
+    )
+    p.add_argument(
+        "--loss-scale",
+        type=float,
+        default=1.0,
+        help="backpropagate S * loss (a power of two) and judge against S * exact",
+    )
+    p.add_argument(
         "--reference", default="original", choices=None, help="original (default) or rounded"
     )
     p.add_argument(
@@ -277,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs, comma-separated: float16, bfloat16+master, float16+dynamic, float16+scale=1024, float16+sr, float16+kahan",
     )
     p.add_argument(
+        "--policy",
+        default=None,
+        help="precision policies as extra runs (autocast, autocast_bf16, ... or a "
+        "[policy.NAME] of the network file; +dynamic etc. allowed); alone: only those runs",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of batch order and stochastic rounding"
     )
     p.add_argument(
@@ -288,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for plots (PNG) and train.json")
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("policies", help="the precision policies and what each op computes in")
+    p.add_argument("names", nargs="*", help="policies to show (default: all known)")
+    p.add_argument(
+        "--network", default=None, help="network file: its own policies and each plan on it"
+    )
+    p.add_argument("--json", action="store_true", help="strict JSON output")
+    p.set_defaults(func=_policies)
 
     p = sub.add_parser(
         "import", help="a torch model (model file: state dict + modules) as a fpgrad network file"

@@ -8,20 +8,25 @@ died (rounding zeros, subnormals and overflows in forward values and backward si
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import mpmath
 import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.exact import DEFAULT_BITS, ExactResult, decimal_string, exact_trace
+from fpgrad.formats import get_format
 from fpgrad.jsonutil import jsonable
 from fpgrad.network import Network
+from fpgrad.policy import Plan
 from fpgrad.precisions import Precision, parse_precisions
 from fpgrad.rounding import round_to
-from fpgrad.verdicts import VERDICTS, classify
+from fpgrad.scaling import StaticScaler
+from fpgrad.verdicts import VERDICTS, ExactArray, classify
 
 REFERENCES = ("original", "rounded")
 SIGNAL_COUNTS = ("rounding_zero", "subnormal", "overflow", "structural_zero")
@@ -77,6 +82,9 @@ class Comparison:
     summary: dict[str, dict[str, int]]
     attribution: dict[str, dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    loss_scale: float = 1.0
+    #: per column: the plan it ran (what each layer computed in) and the dtypes observed
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(
@@ -91,6 +99,8 @@ class Comparison:
                     "vanishing_values": self.vanishing,
                 },
                 "precisions": self.precisions,
+                "policies": self.policies,
+                "loss_scale": self.loss_scale,
                 "loss": self.loss,
                 "summary": self.summary,
                 "gradients": self.gradients,
@@ -129,36 +139,53 @@ def compare(
     exact_bits: int = DEFAULT_BITS,
     reference: str = "original",
     allow_uncertified: bool = False,
+    loss_scale: float = 1.0,
 ) -> Comparison:
-    """Evaluate ``net`` in each precision and exactly; verdict every gradient element."""
+    """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
+
+    ``precisions`` may name precision policies (:mod:`fpgrad.policy`: built-ins such as
+    ``autocast`` or the network file's own). With ``loss_scale`` S (a power of two) every
+    precision backpropagates S * loss, and backward values and gradients are judged as
+    computed, against S times the exact ones.
+    """
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
-    precs = parse_precisions(precisions)
+    StaticScaler(loss_scale)  # a power of two, or a one-line error
+    precs = parse_precisions(precisions, net.policies)
+    plans = {p.name: p.plan(net) for p in precs}
     exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified)
     refs: dict[str, ExactResult] = {}
     for p in precs:
         if reference == "rounded":
-            rounded = net.map_values(lambda a, fmt=p.fmt: round_to(a, fmt))
+            rounded = (
+                _rounded(net, plans[p.name])
+                if p.kind == "policy"
+                else net.map_values(lambda a, fmt=p.fmt: round_to(a, fmt))
+            )
             refs[p.name] = exact_trace(rounded, exact_bits, allow_uncertified=allow_uncertified)
         else:
             refs[p.name] = exact
-    traces = {p.name: p.run(net) for p in precs}
+    traces = {p.name: p.run(net, loss_scale) for p in precs}
+    scaled = {p.name: _Scaled(refs[p.name], loss_scale) for p in precs}
     certified = min(r.certified_digits for r in (exact, *refs.values()))
     vanishing = max(r.vanishing for r in (exact, *refs.values()))
 
     loss: dict[str, Any] = {"exact": decimal_string(exact.trace.loss, exact.digits["loss"].min())}
     for p in precs:
         ex = refs[p.name].exact_array("loss")
-        v = classify(ex, np.asarray(traces[p.name].loss), p.fmt)
+        v = classify(ex, np.asarray(traces[p.name].loss), p.format_of("loss", traces[p.name]))
         loss[p.name] = {
             "value": float(traces[p.name].loss),
             "verdict": str(v.verdict[()]),
             "kind": str(v.subkind[()]) or None,
             "rel_err": float(v.rel_err[()]),
         }
-    gradients = _gradient_entries(net, precs, exact, refs, traces, reference)
+    gradients = _gradient_entries(net, precs, scaled[precs[0].name], scaled, traces, reference)
     summary = {p.name: _summary(gradients, p.name) for p in precs}
-    attribution = {p.name: _attribution(net, refs[p.name], traces[p.name], p) for p in precs}
+    attribution = {p.name: _attribution(net, scaled[p.name], traces[p.name], p) for p in precs}
+    policies = {
+        p.name: {**plans[p.name].to_dict(), "observed": traces[p.name].ran_in} for p in precs
+    }
     notes = [
         "exact: evaluated at the parameters and data as written (float64 values, exact)"
         if reference == "original"
@@ -168,6 +195,11 @@ def compare(
         notes.append(
             f"{vanishing} exact values are zero to within 2^-{exact.vanishing_bound_bits} "
             "of their array's largest value (cancellation) and are treated as exact zeros"
+        )
+    if loss_scale != 1.0:
+        notes.append(
+            f"loss scale {loss_scale:g}: backward values and gradients are those of "
+            f"{loss_scale:g} * loss, judged against {loss_scale:g} times the exact ones"
         )
     return Comparison(
         network=net.name,
@@ -182,34 +214,69 @@ def compare(
         summary=summary,
         attribution=attribution,
         notes=notes,
+        loss_scale=loss_scale,
+        policies=policies,
     )
+
+
+def _rounded(net: Network, plan: Plan) -> Network:
+    """``net`` with parameters rounded into the plan's parameter format, data into its data
+    format: what a policy's run starts from."""
+    pf, df = get_format(plan.params), get_format(plan.data)
+    out = net.with_params({k: round_to(v, pf) for k, v in net.params.items()})
+    y = net.y if net.class_targets else round_to(net.y, df)
+    return out.with_data(round_to(net.x, df), y)
+
+
+class _Scaled:
+    """An exact result seen through a loss scale S: backward values and gradients times S."""
+
+    def __init__(self, ref: ExactResult, scale: float):
+        self.ref, self.scale = ref, scale
+        self.k = int(math.log2(scale))
+        self.digits = ref.digits
+
+    def scaled(self, key: str) -> bool:
+        return self.k != 0 and key.split("/")[0] in ("backward", "grads")
+
+    def exact_array(self, key: str) -> ExactArray:
+        ex = self.ref.exact_array(key)
+        if not self.scaled(key):
+            return ex
+        return ExactArray(np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero)
+
+    def grad_value(self, name: str, idx: tuple[int, ...]) -> Any:
+        """The exact gradient element (an mpf), times S."""
+        v = np.asarray(self.ref.trace.grads[name], dtype=object)[idx]
+        if self.k == 0 or v == 0:
+            return v
+        return getattr(v, "context", mpmath.mp).ldexp(v, self.k)
 
 
 def _gradient_entries(
     net: Network,
     precs: list[Precision],
-    exact: ExactResult,
-    refs: dict[str, ExactResult],
+    exact: _Scaled,
+    refs: dict[str, _Scaled],
     traces: dict[str, Trace],
     reference: str,
 ) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
-    per_param: dict[str, dict[str, Any]] = {}
     for name in net.params:
-        ex_values = np.asarray(exact.trace.grads[name], dtype=object)
-        digits = exact.digits[f"grads/{name}"]
+        key = f"grads/{name}"
+        shape = np.shape(net.params[name])
+        digits = exact.digits[key]
         cols: dict[str, Any] = {}
         for p in precs:
             ref = refs[p.name]
-            ref_ex = ref.exact_array(f"grads/{name}")
-            v = classify(ref_ex, traces[p.name].grads[name], p.fmt)
+            ref_ex = ref.exact_array(key)
+            v = classify(ref_ex, traces[p.name].grads[name], p.format_of(key, traces[p.name]))
             cols[p.name] = (traces[p.name].grads[name], v, ref, ref_ex)
-        per_param[name] = cols
-        for idx in np.ndindex(ex_values.shape):
+        for idx in np.ndindex(shape):
             entry: dict[str, Any] = {
                 "param": name,
                 "index": list(idx),
-                "exact": decimal_string(ex_values[idx], digits[idx]),
+                "exact": decimal_string(exact.grad_value(name, idx), digits[idx]),
             }
             for p in precs:
                 values, v, ref, _ = cols[p.name]
@@ -222,10 +289,7 @@ def _gradient_entries(
                     "digits": float(v.digits[idx]),
                 }
                 if reference == "rounded":
-                    col["exact"] = decimal_string(
-                        np.asarray(ref.trace.grads[name], dtype=object)[idx],
-                        ref.digits[f"grads/{name}"][idx],
-                    )
+                    col["exact"] = decimal_string(ref.grad_value(name, idx), ref.digits[key][idx])
                 entry[p.name] = col
             entries.append(entry)
     return entries
@@ -240,12 +304,14 @@ def _summary(gradients: list[dict[str, Any]], precision: str) -> dict[str, int]:
     return out
 
 
-def _attribution(net: Network, exact: ExactResult, trace: Trace, p: Precision) -> dict[str, Any]:
+def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> dict[str, Any]:
     rows = []
     for place in places(net):
         section = "forward" if place.direction == "forward" else "backward"
-        ex = exact.exact_array(f"{section}/{place.layer}")
-        v = classify(ex, getattr(trace, section)[place.layer], p.fmt)
+        key = f"{section}/{place.layer}"
+        ex = exact.exact_array(key)
+        fmt = p.format_of(key, trace)
+        v = classify(ex, getattr(trace, section)[place.layer], fmt)
         verdicts = v.verdict
         row = {
             "layer": place.layer,
@@ -253,14 +319,13 @@ def _attribution(net: Network, exact: ExactResult, trace: Trace, p: Precision) -
             "direction": place.direction,
             "quantity": place.quantity,
             "op": place.op,
+            "format": fmt.name,
             "size": int(verdicts.size),
             "rounding_zero": int(np.sum(verdicts == "rounding_zero")),
             "subnormal": int(np.sum(verdicts == "subnormal")),
             "overflow": int(np.sum((verdicts == "overflow") | (verdicts == "nan"))),
             "structural_zero": int(np.sum(verdicts == "structural_zero")),
-            "exact_subnormal_range": int(
-                np.sum(~ex.zero & (np.abs(ex.hi) < p.fmt.smallest_normal))
-            ),
+            "exact_subnormal_range": int(np.sum(~ex.zero & (np.abs(ex.hi) < fmt.smallest_normal))),
         }
         rows.append(row)
     first_backward = next(

@@ -31,6 +31,11 @@ class Trace:
     forward: dict[str, Any] = field(default_factory=dict)
     backward: dict[str, Any] = field(default_factory=dict)
     grads: dict[str, Any] = field(default_factory=dict)
+    #: key ("loss", "forward/L", "backward/L", "grads/P") -> the format the value was in,
+    #: where it differs between tensors (precision policies); missing: the system's format
+    formats: dict[str, str] = field(default_factory=dict)
+    #: layer name or "loss" -> observed dtypes of what the op computed on (torch runs)
+    ran_in: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
 def evaluate(
@@ -38,11 +43,14 @@ def evaluate(
     ar: Arith,
     params: dict[str, Any] | None = None,
     rows: np.ndarray | None = None,
+    loss_scale: float = 1.0,
 ) -> Trace:
     """Forward and backward pass of ``net`` in the number system ``ar``.
 
     ``params`` (``layer.param`` -> arrays of ``ar``) replaces the network's float64 values,
-    e.g. the weights of a training run in that system; ``rows`` selects a mini-batch.
+    e.g. the weights of a training run in that system; ``rows`` selects a mini-batch;
+    ``loss_scale`` S multiplies dL/d(output) by S (backward of S * loss; values exactly S
+    times the unscaled ones when S is a power of two and nothing under- or overflows).
     """
     if rows is not None:
         net = net.with_data(net.x[rows], net.y[rows])
@@ -58,6 +66,8 @@ def evaluate(
         trace.forward[layer.name] = h
 
     loss, grad = _loss(ar, net, h)
+    if loss_scale != 1.0:
+        grad = ar.mul(grad, ar.const(loss_scale))
     trace.loss = loss
     for index in range(len(net.layers) - 1, -1, -1):
         layer = net.layers[index]

@@ -20,6 +20,12 @@ The format (documented in the README)::
     x = [[...], ...]         # or x_file = "x.npy" / "x.csv" (relative to the TOML file)
     y = [...]                # or y_file; class indices for cross_entropy, or one-hot rows
 
+    [policy.mixed]           # optional precision policies (fpgrad.policy), any number
+    extends = "autocast"     # optional: start from a built-in policy
+    params = "float32"       # master weights; data = "..." for the inputs (default: params)
+    softmax = "float32"      # op class = precision or "input"; default = "..." for the rest
+    layers = { out = "float32" }
+
 Every number written is a float64 and is taken exactly.
 """
 
@@ -50,7 +56,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_TOP_KEYS = {"name", "seed", "layer", "loss", "data"}
+_TOP_KEYS = {"name", "seed", "layer", "loss", "data", "policy"}
 _LAYER_KEYS = {
     "dense": {"type", "name", "in", "out", "init", "bias_init", "weight", "bias"},
     "batch_norm": {"type", "name", "eps", "weight", "bias", "init", "bias_init"},
@@ -105,7 +111,24 @@ def parse_network(
         names.add(layer.name)
         layers.append(layer)
     y = _check_targets(loss, y, width, where)
-    return Network(tuple(layers), loss, x, y, name=str(doc.get("name", Path(source).stem)))
+    net = Network(tuple(layers), loss, x, y, name=str(doc.get("name", Path(source).stem)))
+    return _parse_policies(doc.get("policy", {}), net, where)
+
+
+def _parse_policies(doc: Any, net: Network, where: str) -> Network:
+    """``[policy.NAME]`` tables, each checked against the network's layers."""
+    from dataclasses import replace
+
+    from fpgrad.policy import parse_policy
+
+    if not isinstance(doc, dict):
+        raise InputError(f"{where}: policy must be tables [policy.NAME]; see the README")
+    policies = {}
+    for name, table in doc.items():
+        policy = parse_policy(name, table, where)
+        policy.resolve(net)  # unknown layer names fail here, at load time
+        policies[name] = policy
+    return replace(net, policies=policies) if policies else net
 
 
 # ---- data ------------------------------------------------------------------------------

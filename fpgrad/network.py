@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,8 @@ class Network:
     x: np.ndarray
     y: np.ndarray
     name: str = "network"
+    #: user precision policies of the network file, by name (:class:`fpgrad.policy.Policy`)
+    policies: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def params(self) -> dict[str, np.ndarray]:

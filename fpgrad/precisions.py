@@ -31,6 +31,7 @@ from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.formats import CATALOGUE, NATIVE, Format, get_format
 from fpgrad.network import Network
+from fpgrad.policy import BUILTIN, LayerPlan, Plan, Policy, get_policy
 from fpgrad.rounding import Mode, parse_mode
 
 DEFAULT_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
@@ -47,27 +48,69 @@ class Precision:
     name: str
     fmt: Format
     kind: str  #: "native" (torch kernels) or "emulated" (strict machine, fpgrad.arith.emulated)
-    runner: Callable[[Network, str], Trace] = field(repr=False)
+    runner: Callable[[Network, str, float], Trace] = field(repr=False)
     accumulation: str | None = None  #: emulated: "fp32", "per_op" or "exact"
     mode: Mode = Mode.NEAREST_EVEN  #: emulated: rounding mode of every operation
+    policy: Policy | None = None  #: kind "policy": the precision policy it runs
 
-    def run(self, net: Network) -> Trace:
-        return self.runner(net, self.name)
+    def run(self, net: Network, loss_scale: float = 1.0) -> Trace:
+        """Forward and backward; with ``loss_scale`` S the backward starts from S * loss."""
+        if self.kind == "policy":
+            from fpgrad.torch_native import torch_trace
+
+            assert self.policy is not None
+            trace = torch_trace(net, self.plan(net), loss_scale)
+            trace.system = self.name
+            return trace
+        return self.runner(net, self.name, loss_scale)
+
+    def plan(self, net: Network) -> Plan:
+        """What each layer of ``net`` computes in (uniform for a plain precision)."""
+        if self.policy is not None:
+            return self.policy.resolve(net)
+        return (
+            Plan.uniform(net, self.fmt.name)
+            if self.fmt.name in NATIVE
+            else _emulated_plan(net, self)
+        )
+
+    def format_of(self, key: str, trace: Trace) -> Format:
+        """The format the value ``key`` of ``trace`` was in."""
+        name = trace.formats.get(key)
+        return get_format(name) if name else self.fmt
 
 
-def _native_runner(net: Network, name: str) -> Trace:
+def _native_runner(net: Network, name: str, loss_scale: float = 1.0) -> Trace:
     from fpgrad.torch_native import torch_trace  # torch import deferred: CLI start-up stays fast
 
-    return torch_trace(net, name)
+    return torch_trace(net, name, loss_scale)
 
 
-def _emulated_runner(fmt: Format, accumulation: str, mode: Mode) -> Callable[[Network, str], Trace]:
-    def run(net: Network, name: str) -> Trace:
+def _emulated_plan(net: Network, p: Precision) -> Plan:
+    """An emulated precision as a uniform plan, named after the precision."""
+    layers = tuple(
+        LayerPlan(ly.name, ly.kind, p.name, p.name if ly.params else None, p.name, "default")
+        for ly in net.layers
+    )
+    return Plan(p.name, p.name, p.name, layers, p.name, "default")
+
+
+def _policy_precision(policy: Policy) -> Precision:
+    """A policy as a comparison column; ``fmt`` is a fallback, each value carries its own."""
+    return Precision(policy.name, get_format("float16"), "policy", _native_runner, policy=policy)
+
+
+def _emulated_runner(
+    fmt: Format, accumulation: str, mode: Mode
+) -> Callable[[Network, str, float], Trace]:
+    def run(net: Network, name: str, loss_scale: float = 1.0) -> Trace:
         from fpgrad.arith.emulated import EmulatedArith
         from fpgrad.evaluate import evaluate
 
         ar = EmulatedArith(fmt, accumulation=accumulation, mode=mode, rng=EMULATED_SEED)
-        trace = evaluate(net, ar)  # asarray rounds data and parameters into fmt first
+        trace = evaluate(
+            net, ar, loss_scale=loss_scale
+        )  # asarray rounds data and parameters into fmt first
         trace.system = name
         trace.loss = float(trace.loss)
         return trace
@@ -81,14 +124,19 @@ def _known() -> str:
         f"known precisions: {', '.join(NATIVE)} (torch), exact, any format emulated "
         f"({formats}, eXmY, or a native one with :emulated); qualifiers "
         f":{'|:'.join(ACCUMULATIONS)} (accumulation) and a rounding mode "
-        f"(:{'|:'.join(m.value for m in Mode)})"
+        f"(:{'|:'.join(m.value for m in Mode)}); policies: {', '.join(BUILTIN)} or a "
+        "[policy.NAME] of the network file"
     )
 
 
-def get_precision(name: str) -> Precision:
-    """The precision called ``name`` (see the module docstring for the grammar)."""
+def get_precision(name: str, policies: dict[str, Policy] | None = None) -> Precision:
+    """The precision called ``name`` (see the module docstring for the grammar), or the
+    built-in or user (``policies``) precision policy of that name."""
     from fpgrad.arith.emulated import check_emulable
 
+    policy = get_policy(name.strip(), policies)
+    if policy is not None:
+        return _policy_precision(policy)
     parts = [s.strip().lower() for s in name.strip().split(":")]
     try:
         fmt = get_format(parts[0])
@@ -135,8 +183,11 @@ def get_precision(name: str) -> Precision:
     )
 
 
-def parse_precisions(spec: str | list[str] | tuple[str, ...] | None) -> list[Precision]:
-    """Comma-separated names (or a list) to precisions, in order, without duplicates or 'exact'."""
+def parse_precisions(
+    spec: str | list[str] | tuple[str, ...] | None, policies: dict[str, Policy] | None = None
+) -> list[Precision]:
+    """Comma-separated names (or a list) to precisions, in order, without duplicates or 'exact';
+    names of precision policies (built-in or in ``policies``) are accepted too."""
     if spec is None:
         names: list[str] = list(DEFAULT_PRECISIONS)
     elif isinstance(spec, str):
@@ -149,7 +200,7 @@ def parse_precisions(spec: str | list[str] | tuple[str, ...] | None) -> list[Pre
             raise InputError("empty precision name in --precisions; separate names by commas")
         if name.strip().lower() == "exact":
             continue
-        p = get_precision(name)
+        p = get_precision(name, policies)
         if p.name not in [q.name for q in out]:
             out.append(p)
     if not out:

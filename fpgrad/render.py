@@ -63,6 +63,32 @@ def exact_method_text(method: str, bits: int) -> str:
     return f"mpmath at {bits} bits (checked at {2 * bits} bits)"
 
 
+def _uniform(plan: dict[str, Any]) -> bool:
+    return plan["summary"].startswith("all ") and "master" not in plan
+
+
+def policy_table(plans: dict[str, dict[str, Any]], columns: list[str]) -> str:
+    """Layers (and the loss) against columns: the precision each op computed in."""
+    first = plans[columns[0]]
+    rows = []
+    for i, lp in enumerate(first["layers"]):
+        row = [f"{lp['layer']} ({lp['kind']})"]
+        for col in columns:
+            cell = plans[col]["layers"][i]
+            text = cell["compute"]
+            if cell["params"] and cell["params"] != cell["compute"]:
+                text += f" (params {cell['params']})"
+            row.append(text)
+        rows.append(row)
+    rows.append(["loss"] + [plans[col]["loss"]["compute"] for col in columns])
+    rows.append(
+        ["parameters stored in"]
+        + [plans[col].get("master", plans[col]["params"]) for col in columns]
+    )
+    rows.append(["data stored in"] + [plans[col]["data"] for col in columns])
+    return tabulate(rows, headers=["op", *columns], tablefmt="github")
+
+
 def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
     lines = [
         f"fpgrad compare: {c.network}",
@@ -79,12 +105,18 @@ def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
     ]
 
     verdicts = [v for v in _SHORT if any(c.summary[p][v] for p in c.precisions)] or ["ok"]
-    rows = [[p] + [c.summary[p][v] for v in verdicts] for p in c.precisions]
+    rows = [
+        [p] + [c.summary[p][v] for v in verdicts] + [c.policies[p]["summary"]] for p in c.precisions
+    ]
     lines += [
         "",
-        "Gradient verdicts (counts)",
-        tabulate(rows, headers=["precision", *verdicts], tablefmt="github"),
+        "Gradient verdicts (counts)"
+        + (f", loss scale {c.loss_scale:g}" if c.loss_scale != 1 else ""),
+        tabulate(rows, headers=["precision", *verdicts, "policy"], tablefmt="github"),
     ]
+    if any(not _uniform(c.policies[p]) for p in c.precisions):
+        lines += ["", "Precision policies (what each op computed in; params: its parameters)"]
+        lines.append(policy_table(c.policies, c.precisions))
 
     grad_rows = []
     for g in c.gradients:
@@ -250,6 +282,11 @@ def render_training(r: Any) -> str:
         "skipped",
     ]
     lines += ["", tabulate(rows, headers=heads, tablefmt="github")]
+    if r.plans:
+        lines += ["", "Policy of each run (what each op computed in)"]
+        lines += [f"- {label}: {r.plans[label]['summary']}" for label in r.runs]
+        if any(not _uniform(r.plans[label]) for label in r.runs):
+            lines += ["", policy_table(r.plans, r.runs)]
     vrows = []
     for label in r.runs:
         h = r.histories[label]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from fpgrad.evaluate import Trace
 from fpgrad.formats import get_format
 from fpgrad.network import Layer, Network
+from fpgrad.policy import Plan
 from fpgrad.rounding import round_to
 
 DTYPES: dict[str, torch.dtype] = {
@@ -105,30 +107,150 @@ def loss_fn(net: Network, out: torch.Tensor, precision: str) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out, to_dtype(net.y, precision))
 
 
-def torch_trace(net: Network, precision: str) -> Trace:
-    """Forward and backward of ``net`` with torch autograd in ``precision``."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def _exact_in(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every value of ``src`` is a value of ``dst`` (the cast is exact)."""
+    return dst == torch.float64 or (dst == torch.float32 and src != torch.float64)
+
+
+def cast_values(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``: exact widening, or one correct rounding (never torch's float64
+    casts, which round twice through float32)."""
+    if t.dtype == dtype or _exact_in(t.dtype, dtype):
+        return t.to(dtype)
+    return to_dtype(to_float64(t), _dtype_name(dtype))
+
+
+class _Cast(torch.autograd.Function):
+    """A differentiable cast: the gradient is cast back to the input's dtype, as torch's."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        ctx.src = t.dtype
+        return cast_values(t, dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return cast_values(grad, ctx.src), None
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` inside autograd (no-op when already there)."""
+    return t if t.dtype == dtype else _Cast.apply(t, dtype)
+
+
+class TorchModel:
+    """The network's torch modules run by a :class:`~fpgrad.policy.Plan`: parameters stored in
+    ``plan.params``, each layer computing in its planned precision, the loss in its own.
+    A uniform plan runs exactly the modules of :func:`build_modules` on same-dtype tensors."""
+
+    def __init__(self, net: Network, plan: Plan):
+        self.net, self.plan = net, plan
+        self.modules = build_modules(net, plan.params)
+        self.ran_in: dict[str, dict[str, str | None]] = {}  #: observed dtypes, last forward
+
+    def named_params(self) -> dict[str, torch.Tensor]:
+        """Parameters by ``layer.param`` name, in the network's order."""
+        named = {
+            f"{ly.name}.{n}": p
+            for ly, m in zip(self.net.layers, self.modules, strict=True)
+            for n, p in m.named_parameters()
+        }
+        return {k: named[k] for k in self.net.params}
+
+    def inputs(self, net: Network) -> torch.Tensor:
+        return to_dtype(net.x, self.plan.data)
+
+    def layer(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``index`` on ``h`` in its planned precision."""
+        layer, module, lp = self.net.layers[index], self.modules[index], self.plan.layers[index]
+        dtype = DTYPES[lp.compute]
+        h = cast(h, dtype)
+        used: str | None = None
+        if layer.kind == "dense":
+            w, b = module.weight, module.bias
+            w = cast(w, dtype)
+            b = cast(b, dtype) if b is not None else None
+            used = _dtype_name(w.dtype)
+            out = F.linear(h, w, b)
+        elif layer.kind == "batch_norm":
+            pd = DTYPES[lp.params or lp.compute]
+            if module.weight.dtype == pd:
+                out = module(h)
+            else:
+                w, b = cast(module.weight, pd), cast(module.bias, pd)
+                out = F.batch_norm(h, None, None, w, b, True, 0.0, layer.eps)
+            used = _dtype_name(pd)
+        else:
+            out = module(h)
+        self.ran_in[layer.name] = {
+            "compute": _dtype_name(h.dtype),
+            "params": used,
+            "output": _dtype_name(out.dtype),
+        }
+        return out
+
+    def loss(self, net: Network, out: torch.Tensor) -> torch.Tensor:
+        """The loss in the planned precision; targets stored in ``plan.data`` and cast."""
+        plan = self.plan
+        dtype = DTYPES[plan.loss]
+        out = cast(out, dtype)
+        kind = net.loss.kind
+        if kind == "cross_entropy" and net.class_targets:
+            loss = F.cross_entropy(out, torch.from_numpy(net.y.astype(np.int64)))
+        else:
+            t = cast(to_dtype(net.y, plan.data), dtype)
+            if kind == "mse":
+                loss = F.mse_loss(out, t)
+            elif kind == "cross_entropy":
+                loss = F.cross_entropy(out, t)
+            else:
+                loss = F.binary_cross_entropy_with_logits(out, t)
+        self.ran_in["loss"] = {
+            "compute": _dtype_name(out.dtype),
+            "params": None,
+            "output": _dtype_name(loss.dtype),
+        }
+        return loss
+
+
+def torch_trace(net: Network, precision: str | Plan, loss_scale: float = 1.0) -> Trace:
+    """Forward and backward of ``net`` with torch autograd in ``precision`` (a native dtype
+    name or a policy's plan); with ``loss_scale`` S, backward starts from S * loss."""
     with one_torch_thread():
-        return _torch_trace(net, precision)
+        return _torch_trace(net, precision, loss_scale)
 
 
-def _torch_trace(net: Network, precision: str) -> Trace:
-    modules = build_modules(net, precision)
-    h = to_dtype(net.x, precision)
+def _torch_trace(net: Network, precision: str | Plan, loss_scale: float) -> Trace:
+    from fpgrad.policy import Plan as _Plan
+
+    plan = _Plan.uniform(net, precision) if isinstance(precision, str) else precision
+    model = TorchModel(net, plan)
+    h = model.inputs(net)
     outputs: dict[str, torch.Tensor] = {}
-    for layer, module in zip(net.layers, modules, strict=True):
-        h = module(h)
+    for index, layer in enumerate(net.layers):
+        h = model.layer(index, h)
         h.retain_grad()
         outputs[layer.name] = h
-    loss = loss_fn(net, h, precision)
-    loss.backward()
-    trace = Trace(system=f"torch.{precision}", loss=float(loss.detach().to(torch.float64)))
-    for layer, module in zip(net.layers, modules, strict=True):
+    loss = model.loss(net, h)
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    label = precision if isinstance(precision, str) else plan.policy
+    trace = Trace(system=f"torch.{label}", loss=float(loss.detach().to(torch.float64)))
+    trace.formats["loss"] = _dtype_name(loss.dtype)
+    params = model.named_params()
+    for layer in net.layers:
         out = outputs[layer.name]
         trace.forward[layer.name] = to_float64(out)
         grad = out.grad if out.grad is not None else torch.zeros_like(out)
         trace.backward[layer.name] = to_float64(grad)
-        for pname, param in module.named_parameters():
-            g = param.grad if param.grad is not None else torch.zeros_like(param)
-            trace.grads[f"{layer.name}.{pname}"] = to_float64(g)
-    trace.grads = {name: trace.grads[name] for name in net.params}
+        trace.formats[f"forward/{layer.name}"] = _dtype_name(out.dtype)
+        trace.formats[f"backward/{layer.name}"] = _dtype_name(grad.dtype)
+    for name, param in params.items():
+        g = param.grad if param.grad is not None else torch.zeros_like(param)
+        trace.grads[name] = to_float64(g)
+        trace.formats[f"grads/{name}"] = _dtype_name(g.dtype)
+    trace.ran_in = dict(model.ran_in)
     return trace

@@ -30,8 +30,9 @@ from fpgrad.evaluate import evaluate
 from fpgrad.formats import NATIVE, get_format
 from fpgrad.network import Network
 from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
+from fpgrad.policy import BUILTIN, Plan, Policy, get_policy
 from fpgrad.scaling import DynamicScaler, StaticScaler
-from fpgrad.torch_native import build_modules, loss_fn, one_torch_thread, to_dtype
+from fpgrad.torch_native import TorchModel, one_torch_thread
 from fpgrad.verdicts import classify
 
 POLICIES = ("master", "scale=S", "dynamic", "sr", "kahan")
@@ -47,17 +48,28 @@ class RunSpec:
     loss_scale: float | None = None
     dynamic: bool = False
     update: str = "nearest"
+    policy: Policy | None = None  #: a precision policy: ``precision`` is its parameters'
+
+    def plan(self, net: Network) -> Plan:
+        """What each layer computes in during this run."""
+        if self.policy is not None:
+            return self.policy.resolve(net)
+        return Plan.uniform(net, self.precision)
 
 
-def parse_run(text: str) -> RunSpec:
+def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
     parts = [p.strip().lower() for p in text.split("+")]
-    precision = parts[0]
-    if precision not in NATIVE:
+    parts[0] = text.split("+")[0].strip()
+    named = get_policy(parts[0], policies)
+    precision = named.params if named is not None else parts[0].lower()
+    parts[0] = named.name if named is not None else precision
+    if named is None and precision not in NATIVE:
         raise InputError(
-            f"unknown training precision {parts[0]!r}; use one of {', '.join(NATIVE)} "
-            f"with optional policies +{', +'.join(POLICIES)}"
+            f"unknown training precision {parts[0]!r}; use one of {', '.join(NATIVE)} or a "
+            f"precision policy ({', '.join(BUILTIN)} or the network file's [policy.NAME]) "
+            f"with optional options +{', +'.join(POLICIES)}"
         )
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"policy": named}
     for policy in parts[1:]:
         if policy == "master":
             kw["master"] = True
@@ -80,12 +92,19 @@ def parse_run(text: str) -> RunSpec:
             raise InputError(
                 f"run {text!r}: unknown policy {policy!r}; known: +{', +'.join(POLICIES)}"
             )
+    if named is not None and kw.get("master"):
+        raise InputError(
+            f"run {text!r}: a policy keeps its parameters in its own precision "
+            f"({named.params}); drop +master or set params in the policy"
+        )
     if kw.get("dynamic") and kw.get("loss_scale"):
         raise InputError(f"run {text!r}: choose static (+scale=S) or dynamic scaling, not both")
     return RunSpec(label="+".join(parts), precision=precision, **kw)
 
 
-def parse_runs(spec: str | list[str] | None) -> list[RunSpec]:
+def parse_runs(
+    spec: str | list[str] | None, policies: dict[str, Policy] | None = None
+) -> list[RunSpec]:
     names = list(NATIVE) if spec is None else (spec.split(",") if isinstance(spec, str) else spec)
     runs: list[RunSpec] = []
     for name in names:
@@ -93,7 +112,7 @@ def parse_runs(spec: str | list[str] | None) -> list[RunSpec]:
             raise InputError("empty run name in --precisions; separate names by commas")
         if name.strip().lower() == "exact":
             continue
-        run = parse_run(name)
+        run = parse_run(name, policies)
         if run.label not in [r.label for r in runs]:
             runs.append(run)
     if not runs:
@@ -159,13 +178,9 @@ class TorchRun:
         self, net: Network, spec: RunSpec, cfg: OptimConfig, seed: int, perturb: bool = False
     ):
         self.net, self.spec = net, spec
-        self.modules = build_modules(net, spec.precision)
-        named = {
-            f"{ly.name}.{n}": p
-            for ly, m in zip(net.layers, self.modules, strict=True)
-            for n, p in m.named_parameters()
-        }
-        self.params = [named[k] for k in net.params]
+        self.model = TorchModel(net, spec.plan(net))
+        self.modules = self.model.modules
+        self.params = list(self.model.named_params().values())
         if perturb:  # the one-ulp twin of the chaos test: first weight nudged up by one ulp
             with torch.no_grad():
                 w = self.params[0].view(-1)
@@ -201,19 +216,19 @@ class TorchRun:
         self.history.state_hash.append(self.state_hash())
 
     def step(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        net, p, hist = self.net, self.spec.precision, self.history
+        net, hist = self.net, self.history
         part = net.with_data(net.x[rows], net.y[rows])
         for t in self.params:
             t.grad = None
-        h = to_dtype(part.x, p)
+        h = self.model.inputs(part)
         outputs: dict[str, np.ndarray] = {}
         kept: dict[str, torch.Tensor] = {}
-        for layer, module in zip(net.layers, self.modules, strict=True):
-            h = module(h)
+        for index, layer in enumerate(net.layers):
+            h = self.model.layer(index, h)
             h.retain_grad()
             kept[layer.name] = h
             outputs[layer.name] = h.detach().to(torch.float64).numpy()
-        loss = loss_fn(part, h, p)
+        loss = self.model.loss(part, h)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         (loss * scale if scale != 1.0 else loss).backward()
         if hist.overflow_place is None:
@@ -381,6 +396,8 @@ class TrainResult:
     detectors: dict[str, dict[str, Any]]
     distance: dict[str, list[float]]
     notes: list[str] = field(default_factory=list)
+    #: per run: the plan it computed with (:meth:`fpgrad.policy.Plan.to_dict`)
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         from fpgrad.jsonutil import jsonable
@@ -416,7 +433,11 @@ class TrainResult:
                     **hist(self.exact, exact=True),
                 },
                 "runs": {
-                    r: {**hist(self.histories[r]), "detectors": self.detectors[r]}
+                    r: {
+                        **hist(self.histories[r]),
+                        "detectors": self.detectors[r],
+                        "policy": self.plans.get(r),
+                    }
                     for r in self.runs
                 },
                 "notes": self.notes,
@@ -496,7 +517,7 @@ def _train(
     if exact_bits < MIN_BITS:
         raise InputError(f"--exact-bits {exact_bits} is too low: use at least {MIN_BITS}")
     cfg = cfg or OptimConfig()
-    specs = parse_runs(runs)
+    specs = parse_runs(runs, net.policies)
     schedule = batch_schedule(net.x.shape[0], steps, batch_size, seed)
     every = verdict_every or max(1, steps // 10)
     torch_runs = {s.label: TorchRun(net, s, cfg, seed) for s in specs}
@@ -562,7 +583,17 @@ def _train(
         detectors,
         distance,
         notes,
+        {s.label: _plan_dict(net, s) for s in specs},
     )
+
+
+def _plan_dict(net: Network, spec: RunSpec) -> dict[str, Any]:
+    """The run's plan, with fp32 master weights named when +master keeps them."""
+    d = spec.plan(net).to_dict()
+    if spec.master:
+        d["summary"] += "; float32 master weights"
+        d["master"] = "float32"
+    return d
 
 
 def _swamped_fraction(h: History) -> dict[str, Any]:
