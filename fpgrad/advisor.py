@@ -53,6 +53,7 @@ from fpgrad.errors import InputError
 from fpgrad.exact import DEFAULT_BITS, exact_trace
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
+from fpgrad.policy import Plan
 from fpgrad.verdicts import ExactArray, classify
 
 GROUPS = ("gradients", "signals")
@@ -128,6 +129,26 @@ def _counts(v: _Values, lim: _Limits, k: int) -> dict[str, int]:
     t = math.ldexp(lim.overflow, -k)
     over = ~v.lt(t) if lim.overflow_tie else ~v.le(t)
     return {"underflow": int(under.sum()), "subnormal": int(sub.sum()), "overflow": int(over.sum())}
+
+
+def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:
+    """Layers whose parameter gradients, outputs (and so backward signals) and loss the plan
+    computes in ``fmt``; everything without a plan."""
+    if plan is None:
+        names = {ly.name for ly in net.layers}
+        return {"params": names, "out": names, "loss": True}
+    return {
+        "params": {lp.layer for lp in plan.layers if lp.params == fmt},
+        "out": {lp.layer for lp in plan.layers if lp.output == fmt},
+        "loss": plan.loss == fmt,
+    }
+
+
+def sizes_text(in_f: dict[str, Any]) -> str:
+    params = ", ".join(sorted(in_f["params"])) or "none"
+    return f"gradients of {params}; signals of {len(in_f['out'])} layer(s)" + (
+        "; the seed" if in_f["loss"] else ""
+    )
 
 
 @dataclass
@@ -284,9 +305,10 @@ def _share(n: int, total: int) -> str:
 
 def advise(
     net: Network,
-    fmt: str = "float16",
+    fmt: str | None = None,
     bits: int = DEFAULT_BITS,
     *,
+    policy: str | None = None,
     scope: str = "gradients",
     headroom: int = 3,
     exponents: tuple[int, int] | None = None,
@@ -298,8 +320,21 @@ def advise(
     ``scope``: "gradients" (underflow of parameter gradients decides the safe range) or "all"
     (backward signals too). ``exponents``: the table's rows (lo, hi) as powers of two; default
     around the safe range. ``measure``: torch's backward at each row's scale and the dynamic
-    scaler (torch formats only).
+    scaler (torch formats only). ``fmt`` defaults to float16, or with a precision ``policy``
+    (``autocast``, a network file's own) to its narrowest format: only values the policy
+    computes in ``fmt`` are judged (gradients of layers computing in it, signals output in it,
+    the seed if the loss is), and torch is measured running the policy.
     """
+    plan = None
+    if policy is not None:
+        from fpgrad.policy import BUILTIN, get_policy
+
+        pol = get_policy(policy, net.policies)
+        if pol is None:
+            known = ", ".join([*BUILTIN, *net.policies])
+            raise InputError(f"unknown policy {policy!r}; known: {known}")
+        plan = pol.resolve(net)
+    fmt = fmt or (plan.lowest() if plan is not None else "float16")
     if scope not in SCOPES:
         raise InputError(f"unknown scope {scope!r}; use gradients or all")
     if not isinstance(headroom, int) or headroom < 0:
@@ -311,9 +346,15 @@ def advise(
             "advise for float16, bfloat16 or an 8-bit format"
         )
     exact = exact_trace(net, bits, allow_uncertified=allow_uncertified)
-    grads = _Values.of([exact.exact_array(f"grads/{k}") for k in net.params])
-    signals = _Values.of([exact.exact_array(f"backward/{ly.name}") for ly in net.layers])
-    seed = _Values(np.ones(1), np.zeros(1), 0)  # dL/dL = 1: the backward pass starts at S
+    in_f = _in_format(net, plan, f.name)
+    grads = _Values.of(
+        [exact.exact_array(f"grads/{k}") for k in net.params if k.split(".")[0] in in_f["params"]]
+    )
+    signals = _Values.of(
+        [exact.exact_array(f"backward/{ly.name}") for ly in net.layers if ly.name in in_f["out"]]
+    )
+    n_seed = 1 if in_f["loss"] else 0  # dL/dL = 1: the backward pass starts at S
+    seed = _Values(np.ones(n_seed), np.zeros(n_seed), 0)
     lim = _Limits.of(f)
     groups = {"gradients": grads, "signals": signals}
     nonzero = [v for v in (grads, signals, seed) if v.size]
@@ -392,7 +433,9 @@ def advise(
     dynamic = None
     notes: list[str] = []
     measurer = (
-        _TorchMeasure(net, f.name, exact, lim) if measure and f.name in TORCH_FORMATS else None
+        _TorchMeasure(net, f.name, exact, lim, plan)
+        if measure and f.name in TORCH_FORMATS
+        else None
     )
     if measurer is not None:
         dynamic = measurer.dynamic()
@@ -454,7 +497,12 @@ def advise(
                 f"({m['lost']} lost: a value on the way underflowed, an input, a forward value or a "
                 "backward signal; fpgrad compare shows where, --signals counts the signals)"
             )
-    if f.name == "float16":
+    if plan is not None:
+        notes.append(
+            f"policy {plan.policy} ({plan.describe()}): judged are the values it computes in "
+            f"{f.name}: {sizes_text(in_f)}; measured: torch running the policy"
+        )
+    elif f.name == "float16":
         notes.append(
             "unscale in float32 (fpgrad train: float16+master+scale=S): unscaling in float16 "
             "underflows the same small gradients again"
@@ -471,7 +519,7 @@ def advise(
     }
     return Advice(
         network=net.name,
-        format=f.name,
+        format=f.name if plan is None else f"{f.name} (policy {plan.policy})",
         scope=scope,
         headroom=headroom,
         exact_bits=bits,
@@ -491,31 +539,38 @@ def advise(
 
 
 class _TorchMeasure:
-    """torch's real backward at a loss scale, as fpgrad.train computes it (loss * S, backward)."""
+    """torch's real backward at a loss scale, as fpgrad.train computes it (loss * S, backward):
+    in one precision, or running a policy's plan."""
 
-    def __init__(self, net: Network, precision: str, exact: Any, lim: _Limits):
-        from fpgrad.torch_native import build_modules
+    def __init__(
+        self, net: Network, precision: str, exact: Any, lim: _Limits, plan: Plan | None = None
+    ):
+        from fpgrad.policy import Plan as _Plan
+        from fpgrad.torch_native import TorchModel
 
         self.net, self.precision = net, precision
-        self.fmt = get_format(precision)
-        self.modules = build_modules(net, precision)
-        self.params = [
-            p for m in self.modules for _, p in m.named_parameters()
-        ]  # layer order = net.params order
+        self.model = TorchModel(net, plan or _Plan.uniform(net, precision))
+        self.params = list(self.model.named_params().values())
         self.exact = [exact.exact_array(f"grads/{k}") for k in net.params]
+        # the format each gradient is computed in (a dense layer's: its compute format)
+        self.fmts = [
+            get_format(lp.params or lp.compute)
+            for ly, lp in zip(net.layers, self.model.plan.layers, strict=True)
+            for _ in ly.params
+        ]
         self.cache: dict[int, list[np.ndarray]] = {}
 
     def grads(self, k: int) -> list[np.ndarray]:
         if k not in self.cache:
-            from fpgrad.torch_native import loss_fn, one_torch_thread, to_dtype
+            from fpgrad.torch_native import one_torch_thread
 
             with one_torch_thread():
                 for p in self.params:
                     p.grad = None
-                h = to_dtype(self.net.x, self.precision)
-                for m in self.modules:
-                    h = m(h)
-                loss = loss_fn(self.net, h, self.precision)
+                h = self.model.inputs(self.net)
+                for index in range(len(self.net.layers)):
+                    h = self.model.layer(index, h)
+                loss = self.model.loss(self.net, h)
                 scale = math.ldexp(1.0, k)
                 (loss * scale if scale != 1.0 else loss).backward()
                 self.cache[k] = [
@@ -528,9 +583,9 @@ class _TorchMeasure:
 
     def at(self, k: int) -> dict[str, int]:
         out = {"rounding_zero": 0, "underflow": 0, "lost": 0, "nonfinite": 0}
-        for ex, g in zip(self.exact, self.grads(k), strict=True):
+        for ex, g, fmt in zip(self.exact, self.grads(k), self.fmts, strict=True):
             scaled = ExactArray(np.ldexp(ex.hi, k), np.ldexp(ex.lo, k), ex.zero)
-            v = classify(scaled, g, self.fmt)
+            v = classify(scaled, g, fmt)
             rz = v.verdict == "rounding_zero"
             out["rounding_zero"] += int(rz.sum())
             out["underflow"] += int((rz & (v.subkind == "underflow")).sum())

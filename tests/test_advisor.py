@@ -130,3 +130,42 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["advise", str(path), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_autocast_policy_drops_the_seed_cap_and_measures_the_policy() -> None:
+    # the net of test_scaling_removes_measured_underflow under autocast: the matmul runs in
+    # float16, the loss in float32. dL/dz = 2^-19 reaches the float16 matmul backward, which
+    # gives 2^-25 (a tie: 0) and 2^-19; the seed S is a float32 value: no cap at 2^15. The
+    # largest value, 2^-19 S, overflows float16 from S = 2^35: safe 2^1 .. 2^34, every value
+    # normal from 2^11, recommended halfway: 2^22.
+    net = one_layer([2.0**-6, 1.0], -(2.0**-20))
+    a = advise(net, policy="autocast", exponents=(0, 36))
+    assert a.format == "float16 (policy autocast)"
+    assert a.safe == [1, 34] and a.normal == [11, 34] and a.recommended == 22
+    assert all(a.row(k)["seed"] == {"underflow": 0, "subnormal": 0, "overflow": 0} for k in (0, 36))
+    assert a.row(0)["measured"] == {"rounding_zero": 1, "underflow": 1, "lost": 0, "nonfinite": 0}
+    for k in range(1, 35):
+        assert a.row(k)["measured"] == {
+            "rounding_zero": 0,
+            "underflow": 0,
+            "lost": 0,
+            "nonfinite": 0,
+        }, k
+    assert a.row(35)["measured"]["nonfinite"] == 2
+    assert a.dynamic is not None and a.dynamic["settled"] == 16 and a.dynamic["skipped"] == 0
+    assert any("policy autocast" in n for n in a.notes)
+
+
+def test_policy_without_a_low_precision_op_needs_no_scale(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fpgrad.errors import InputError
+    from fpgrad.policy import parse_policy
+
+    net = one_layer([1.0], -1.0)
+    wide = parse_policy("wide", {"params": "float64", "default": "float64"})
+    net = replace(net, policies={"wide": wide})
+    with pytest.raises(InputError, match="float64 needs no loss scale"):
+        advise(net, policy="wide")
+    with pytest.raises(InputError, match="unknown policy 'nope'"):
+        advise(net, policy="nope")
