@@ -68,7 +68,7 @@ SUPPORTED = (
 )
 SUPPORTED_TEXT = ", ".join(SUPPORTED)
 LOSS_NAMES = ("cross_entropy", "mse", "bce", "nll")
-MODEL_KEYS = {"name", "state_dict", "state_dict_key", "modules", "loss", "data"}
+MODEL_KEYS = {"name", "state_dict", "state_dict_key", "modules", "loss", "data", "policy"}
 _SPEC_CLASSES = (
     "Linear",
     "ReLU",
@@ -838,7 +838,31 @@ def load_model_file(path: str | Path) -> Imported:
     if not isinstance(loss, dict) or set(loss) != {"type"}:
         raise InputError(f"{where}: [loss] needs exactly type = one of {', '.join(LOSS_NAMES)}")
     x, y = _model_data(doc["data"], path.parent, where)
-    return _finish(entries, x, y, loss["type"], str(doc.get("name", path.stem)), where)
+    imported = _finish(entries, x, y, loss["type"], str(doc.get("name", path.stem)), where)
+    if "policy" in doc:
+        imported = _with_policies(imported, doc["policy"], where)
+    return imported
+
+
+def _with_policies(imported: Imported, tables: Any, where: str) -> Imported:
+    """``[policy.NAME]`` tables of a model file; ``layers`` may name torch paths
+    (``features.3``) or fpgrad layer names."""
+    from dataclasses import replace
+
+    from fpgrad.netfile import parse_policies
+
+    if not isinstance(tables, dict):
+        raise InputError(f"{where}: policy must be tables [policy.NAME]; see the README")
+    by_path = {path: name for name, path in imported.origin.items() if path}
+    translated: dict[str, Any] = {}
+    for pname, table in tables.items():
+        table = dict(table) if isinstance(table, dict) else table
+        if isinstance(table, dict) and isinstance(table.get("layers"), dict):
+            table["layers"] = {by_path.get(k, k): v for k, v in table["layers"].items()}
+        translated[pname] = table
+    net = parse_policies(translated, imported.network, where)
+    doc = {**imported.doc, "policy": translated}
+    return replace(imported, network=net, doc=doc)
 
 
 _MODEL_HELP = {
@@ -929,6 +953,14 @@ def network_toml(imported: Imported, data_files: tuple[str, str] | None = None) 
         lines += [f"x_file = {json.dumps(data_files[0])}", f"y_file = {json.dumps(data_files[1])}"]
     else:
         lines += [f"x = {_toml_value(net.x.tolist())}", f"y = {_toml_value(net.y.tolist())}"]
+    for pname, table in imported.doc.get("policy", {}).items():
+        lines += ["", f"[policy.{json.dumps(pname)}]"]
+        for k, v in table.items():
+            if isinstance(v, dict):
+                inner = ", ".join(f"{json.dumps(a)} = {json.dumps(b)}" for a, b in v.items())
+                lines.append(f"{k} = {{ {inner} }}")
+            else:
+                lines.append(f"{k} = {json.dumps(v)}")
     return "\n".join(lines) + "\n"
 
 

@@ -112,10 +112,10 @@ def parse_network(
         layers.append(layer)
     y = _check_targets(loss, y, width, where)
     net = Network(tuple(layers), loss, x, y, name=str(doc.get("name", Path(source).stem)))
-    return _parse_policies(doc.get("policy", {}), net, where)
+    return parse_policies(doc.get("policy", {}), net, where)
 
 
-def _parse_policies(doc: Any, net: Network, where: str) -> Network:
+def parse_policies(doc: Any, net: Network, where: str) -> Network:
     """``[policy.NAME]`` tables, each checked against the network's layers."""
     from dataclasses import replace
 

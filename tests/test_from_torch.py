@@ -525,3 +525,32 @@ def test_safetensors_state_dict(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a safetensors file"):
         load_model_file(path)
+
+
+def test_model_file_policies_name_torch_paths_and_survive_import(tmp_path: Path) -> None:
+    from fpgrad.compare import compare
+    from fpgrad.from_torch import network_toml
+    from fpgrad.netfile import load_network
+
+    path = _save_model(
+        tmp_path, ["Linear(4, 5)", "BatchNorm1d(5)", "Tanh()", "Linear(5, 3)"], _mlp().state_dict()
+    )
+    path.write_text(
+        path.read_text() + '[policy.head32]\nextends = "autocast"\nlayers = { "3" = "float32" }\n'
+    )
+    imported = load_model_file(path)
+    net = imported.network
+    plan = net.policies["head32"].resolve(net)
+    head = plan.layers[-1]
+    assert imported.origin[head.layer] == "3" and head.compute == "float32"
+    assert plan.layers[0].compute == "float16"
+    c = compare(net, "head32")
+    assert c.policies["head32"]["observed"][head.layer]["compute"] == "float32"
+    out = tmp_path / "net.toml"
+    out.write_text(network_toml(imported))
+    again = load_network(out)
+    assert again.policies["head32"].resolve(again) == plan
+    bad = path.read_text().replace('"3" = "float32"', '"9" = "float32"')
+    path.write_text(bad)
+    with pytest.raises(InputError, match="no layer named '9'"):
+        load_model_file(path)
