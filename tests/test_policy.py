@@ -334,3 +334,18 @@ def test_policy_dataclass_round_trip() -> None:
     p = Policy("x", params="float32", ops=(("dense", "float16"),))
     assert p.to_dict()["ops"] == {"dense": "float16"} and p.to_dict()["data"] == "float32"
     assert "dense float16" in p.describe()
+
+
+def test_rounded_reference_of_a_policy_starts_from_its_stored_values() -> None:
+    net = _net("mse", softmax=True)
+    c = compare(net, "autocast,fp8_e5m2", reference="rounded")
+    # autocast stores parameters and data in float32: its exact reference is taken there
+    from fpgrad.exact import decimal_string, exact_trace
+    from fpgrad.rounding import round_to
+
+    ref = exact_trace(net.map_values(lambda a: round_to(a, "float32")))
+    want = decimal_string(ref.trace.grads["fc1.weight"][0, 0], ref.digits["grads/fc1.weight"][0, 0])
+    fc1 = c.gradient("fc1.weight", (0, 0))
+    assert fc1["autocast"]["exact"] == want != fc1["fp8_e5m2"]["exact"]
+    assert c.policies["fp8_e5m2"]["summary"] == "all fp8_e5m2"
+    assert c.policies["autocast"]["data"] == "float32"
