@@ -147,9 +147,13 @@ class TorchOptimizer:
 class ArithOptimizer:
     """The same formulas over an Arith (the exact run). State lives in that number system."""
 
-    def __init__(self, ar: Arith, params: dict[str, Any], cfg: OptimConfig) -> None:
+    def __init__(
+        self, ar: Arith, params: dict[str, Any], cfg: OptimConfig, fused: bool = False
+    ) -> None:
         self.ar = ar
         self.cfg = cfg
+        self.fused = fused  #: w - a*d with one rounding (ar.fma), as torch's add_/addcdiv_
+        self.intended: dict[str, np.ndarray] = {}  #: fused: the last update in float64
         self.steps = 0
         self.buf: dict[str, Any] = {}
         zeros = {k: ar.mul(v, ar.const(0.0)) for k, v in params.items()}
@@ -174,7 +178,9 @@ class ArithOptimizer:
                         g if prev is None else ar.add(ar.mul(prev, ar.const(cfg.momentum)), g)
                     )
                     g = self.buf[k]
-                out[k] = ar.sub(w, ar.mul(lr, g))
+                out[k] = (
+                    self._update(k, w, g, None, cfg.lr) if self.fused else ar.sub(w, ar.mul(lr, g))
+                )
                 continue
             b1, b2 = ar.const(cfg.beta1), ar.const(cfg.beta2)
             one = ar.const(1.0)
@@ -183,8 +189,27 @@ class ArithOptimizer:
             bc1 = ar.sub(one, _power(ar, b1, self.steps))
             bc2 = ar.sub(one, _power(ar, b2, self.steps))
             denom = ar.add(ar.div(ar.sqrt(self.v[k]), ar.sqrt(bc2)), ar.const(cfg.eps))
-            out[k] = ar.sub(w, ar.mul(ar.div(lr, bc1), ar.div(self.m[k], denom)))
+            if self.fused:
+                rate = cfg.lr / (1 - cfg.beta1**self.steps)
+                out[k] = self._update(k, w, self.m[k], denom, rate)
+            else:
+                out[k] = ar.sub(w, ar.mul(ar.div(lr, bc1), ar.div(self.m[k], denom)))
         return out
+
+    def state_bytes(self) -> bytes:
+        """The optimizer state as float64 bytes (strict machines: float64 arrays)."""
+        arrays = [*self.buf.values(), *self.m.values(), *self.v.values()]
+        return b"".join(np.asarray(self.ar.to_float64(a)).tobytes() for a in arrays)
+
+    def _update(self, k: str, w: Any, d: Any, denom: Any, rate: float) -> Any:
+        """w - rate * d (/ denom) with one rounding of the update, as torch's kernels; the
+        rate is a float64 number, as torch passes it, converted by the machine."""
+        ar = self.ar
+        if denom is not None:
+            d = ar.div(d, denom)
+        d64 = np.asarray(ar.to_float64(d), dtype=np.float64)
+        self.intended[k] = -rate * d64
+        return ar.fma(ar.const(-rate), d, w)  # type: ignore[attr-defined]
 
 
 def _power(ar: Arith, base: Any, n: int) -> Any:

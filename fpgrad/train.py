@@ -31,6 +31,7 @@ from fpgrad.formats import NATIVE, get_format
 from fpgrad.network import Network
 from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
 from fpgrad.policy import BUILTIN, Plan, Policy, get_policy
+from fpgrad.rounding import round_to
 from fpgrad.scaling import DynamicScaler, StaticScaler
 from fpgrad.torch_native import TorchModel, one_torch_thread
 from fpgrad.verdicts import classify
@@ -49,6 +50,7 @@ class RunSpec:
     dynamic: bool = False
     update: str = "nearest"
     policy: Policy | None = None  #: a precision policy: ``precision`` is its parameters'
+    emulated: bool = False  #: a strict emulated machine (:mod:`fpgrad.arith.emulated`)
 
     def plan(self, net: Network) -> Plan:
         """What each layer computes in during this run."""
@@ -63,13 +65,22 @@ def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
     named = get_policy(parts[0], policies)
     precision = named.params if named is not None else parts[0].lower()
     parts[0] = named.name if named is not None else precision
+    emulated = False
     if named is None and precision not in NATIVE:
-        raise InputError(
-            f"unknown training precision {parts[0]!r}; use one of {', '.join(NATIVE)} or a "
-            f"precision policy ({', '.join(BUILTIN)} or the network file's [policy.NAME]) "
-            f"with optional options +{', +'.join(POLICIES)}"
-        )
-    kw: dict[str, Any] = {"policy": named}
+        from fpgrad.precisions import get_precision
+
+        try:
+            prec = get_precision(precision)
+        except InputError:
+            raise InputError(
+                f"unknown training precision {parts[0]!r}; use one of {', '.join(NATIVE)}, an "
+                "emulated format (fp8_e4m3, e5m7, float16:emulated, ...), or a precision policy "
+                f"({', '.join(BUILTIN)} or the network file's [policy.NAME]) with optional "
+                f"options +{', +'.join(POLICIES)}"
+            ) from None
+        precision = parts[0] = prec.name
+        emulated = True
+    kw: dict[str, Any] = {"policy": named, "emulated": emulated}
     for policy in parts[1:]:
         if policy == "master":
             kw["master"] = True
@@ -99,6 +110,12 @@ def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
         )
     if kw.get("dynamic") and kw.get("loss_scale"):
         raise InputError(f"run {text!r}: choose static (+scale=S) or dynamic scaling, not both")
+    if emulated and kw.get("update") == "kahan":
+        raise InputError(f"run {text!r}: +kahan is offered for torch runs only; use +sr or +master")
+    if emulated and kw.get("master"):
+        fmt = get_format(precision.split(":")[0])
+        if fmt.exp_bits > 8 or fmt.man_bits > 23:
+            raise InputError(f"run {text!r}: float32 master weights cannot hold {fmt.name} values")
     return RunSpec(label="+".join(parts), precision=precision, **kw)
 
 
@@ -195,6 +212,7 @@ class TorchRun:
             self.scaler = DynamicScaler()
         elif spec.loss_scale is not None:
             self.scaler = StaticScaler(spec.loss_scale)
+        self.grad_format = "float32" if spec.master else spec.precision
         self.history = History(spec.label)
 
     def targets(self) -> list[torch.Tensor]:
@@ -233,7 +251,15 @@ class TorchRun:
         (loss * scale if scale != 1.0 else loss).backward()
         if hist.overflow_place is None:
             named = dict(zip(net.params, self.params, strict=True))
-            hist.overflow_place = _first_nonfinite(net, kept, loss, named, len(hist.loss))
+            hist.overflow_place = _first_nonfinite(
+                net,
+                named,
+                kept,
+                loss,
+                {k: t.grad for k, t in kept.items()},
+                {k: t.grad for k, t in named.items()},
+                len(hist.loss),
+            )
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self.params]
         if self.master is not None:
             grads = [g.to(torch.float32) for g in grads]  # unscale in float32, as GradScaler
@@ -277,14 +303,16 @@ class TorchRun:
 
 def _first_nonfinite(
     net: Network,
-    kept: dict[str, torch.Tensor],
-    loss: torch.Tensor,
-    params: dict[str, torch.Tensor],
+    params: dict[str, Any],
+    forward: dict[str, Any],
+    loss: Any,
+    backward: dict[str, Any],
+    grads: dict[str, Any],
     step: int,
 ) -> dict[str, Any] | None:
     """The first tensor of this step holding inf/NaN, in the order they are computed: the
     parameters, forward outputs, the loss, backward signals (from the loss back), then the
-    parameter gradients."""
+    parameter gradients. Values are torch tensors or numpy arrays (None: not computed)."""
     from fpgrad.compare import places
 
     def where(layer: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
@@ -296,26 +324,138 @@ def _first_nonfinite(
             "op": op,
         }
 
-    def bad(t: torch.Tensor | None) -> bool:
-        return t is not None and not bool(torch.isfinite(t).all())
+    def bad(t: Any) -> bool:
+        if t is None:
+            return False
+        if isinstance(t, torch.Tensor):
+            return not bool(torch.isfinite(t).all())
+        return not bool(np.all(np.isfinite(np.asarray(t, dtype=np.float64))))
 
     for name, p in params.items():
         if bad(p):
             return where(name.split(".")[0], "parameter", name, "the previous update")
     steps = places(net)
     for place in steps:
-        if place.direction == "forward" and bad(kept[place.layer]):
+        if place.direction == "forward" and bad(forward[place.layer]):
             return where(place.layer, "forward", place.quantity, place.op)
     if bad(loss):
         return where("loss", "forward", "L", f"loss forward ({net.loss.kind})")
     for place in steps:
-        if place.direction == "backward" and bad(kept[place.layer].grad):
+        if place.direction == "backward" and bad(backward.get(place.layer)):
             return where(place.layer, "backward", place.quantity, place.op)
-    for name, p in params.items():
-        if bad(p.grad):
+    for name, g in grads.items():
+        if bad(g):
             layer = name.split(".")[0]
             return where(layer, "backward", f"dL/d{name}", f"{layer} backward (parameter gradient)")
     return None
+
+
+class EmulatedRun:
+    """One emulated precision (any format, :mod:`fpgrad.arith.emulated`) with its options:
+    forward, backward and optimizer in the strict machine, the update ``w - lr d`` rounded
+    once (as torch's kernels); ``+master`` runs the optimizer in emulated float32,
+    ``+sr`` rounds every optimizer operation stochastically."""
+
+    def __init__(
+        self, net: Network, spec: RunSpec, cfg: OptimConfig, seed: int, perturb: bool = False
+    ):
+        from fpgrad.arith.emulated import EmulatedArith
+        from fpgrad.precisions import get_precision
+        from fpgrad.rounding import Mode
+
+        p = get_precision(spec.precision)
+        self.net, self.spec, self.fmt = net, spec, p.fmt
+        acc = p.accumulation or "fp32"
+        self.ar = EmulatedArith(p.fmt, acc, p.mode, rng=np.random.default_rng([seed, 2]))
+        self.params = {k: self.ar.asarray(v) for k, v in net.params.items()}
+        if perturb:  # the one-ulp twin: first weight nudged to the next value above
+            first = next(iter(self.params))
+            w = self.params[first].reshape(-1)
+            w[0] = round_to(np.nextafter(w[0], math.inf), self.fmt, Mode.UP)
+        self.master: dict[str, np.ndarray] | None = None
+        if spec.master:
+            self.opt_ar = EmulatedArith("float32", acc, rng=np.random.default_rng([seed, 3]))
+            self.master = {k: v.copy() for k, v in self.params.items()}  # exact in float32
+        elif spec.update == "stochastic":
+            self.opt_ar = EmulatedArith(
+                p.fmt, acc, Mode.STOCHASTIC, rng=np.random.default_rng([seed, 3])
+            )
+        else:
+            self.opt_ar = self.ar
+        self.opt = ArithOptimizer(self.opt_ar, self.targets(), cfg, fused=True)
+        self.scaler: DynamicScaler | StaticScaler | None = None
+        if spec.dynamic:
+            self.scaler = DynamicScaler()
+        elif spec.loss_scale is not None:
+            self.scaler = StaticScaler(spec.loss_scale)
+        self.grad_format = "float32" if spec.master else p.fmt.name
+        self.history = History(spec.label)
+
+    def targets(self) -> dict[str, np.ndarray]:
+        return self.master if self.master is not None else self.params
+
+    def vector(self) -> np.ndarray:
+        return _flat(list(self.targets().values()))
+
+    def state_hash(self) -> str:
+        h = hashlib.sha1(self.vector().tobytes())
+        h.update(_flat(list(self.params.values())).tobytes())
+        h.update(self.opt.state_bytes())
+        if self.scaler is not None:
+            h.update(repr((self.scaler.scale, getattr(self.scaler, "clean_steps", 0))).encode())
+        return h.hexdigest()
+
+    def record_initial(self) -> None:
+        self.history.params.append(self.vector())
+        self.history.state_hash.append(self.state_hash())
+
+    def step(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        net, hist, oa = self.net, self.history, self.opt_ar
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        trace = evaluate(net, self.ar, self.params, rows, loss_scale=scale)
+        if hist.overflow_place is None:
+            hist.overflow_place = _first_nonfinite(
+                net,
+                self.params,
+                trace.forward,
+                trace.loss,
+                trace.backward,
+                trace.grads,
+                len(hist.loss),
+            )
+        grads = {k: oa.asarray(g) for k, g in trace.grads.items()}  # widening: exact
+        if scale != 1.0:
+            grads = {k: oa.mul(g, oa.const(1.0 / scale)) for k, g in grads.items()}
+        finite = all(bool(np.all(np.isfinite(g))) for g in grads.values())
+        take = self.scaler.update(finite) if self.scaler is not None else True
+        before = self.vector()
+        if take:
+            new = self.opt.step(self.targets(), grads)
+            if self.master is not None:
+                self.master = new
+                self.params = {k: self.ar.asarray(v) for k, v in new.items()}  # one rounding
+            else:
+                self.params = new
+        after = self.vector()
+        intended = _flat(list(self.opt.intended.values())) if take else np.zeros_like(after)
+        hist.loss.append(float(trace.loss))
+        g64 = _flat(list(grads.values()))
+        hist.grad_norm.append(float(np.linalg.norm(g64)) if np.all(np.isfinite(g64)) else math.inf)
+        asked = (intended != 0) & np.isfinite(intended)
+        hist.updated.append(int(asked.sum()))
+        hist.swamped.append(int(np.sum(asked & (after == before))))
+        hist.nonfinite.append(not finite or not math.isfinite(hist.loss[-1]))
+        hist.skipped.append(not take)
+        hist.scale.append(scale)
+        hist.dead_units.append(_dead_units(net, trace.forward))
+        hist.moved.append(bool(np.any((after != before) & ~(np.isnan(after) & np.isnan(before)))))
+        hist.params.append(after)
+        hist.state_hash.append(self.state_hash())
+        return {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()}
+
+    def current_params(self) -> dict[str, np.ndarray]:
+        """The parameters the forward pass uses, as float64 arrays."""
+        return {k: np.array(v, dtype=np.float64) for k, v in self.params.items()}
 
 
 class ExactRun:
@@ -520,8 +660,12 @@ def _train(
     specs = parse_runs(runs, net.policies)
     schedule = batch_schedule(net.x.shape[0], steps, batch_size, seed)
     every = verdict_every or max(1, steps // 10)
-    torch_runs = {s.label: TorchRun(net, s, cfg, seed) for s in specs}
-    twins = {s.label: TorchRun(net, s, cfg, seed, perturb=True) for s in specs} if perturb else {}
+
+    def make(s: RunSpec, twin: bool = False) -> TorchRun | EmulatedRun:
+        return (EmulatedRun if s.emulated else TorchRun)(net, s, cfg, seed, perturb=twin)
+
+    torch_runs = {s.label: make(s) for s in specs}
+    twins = {s.label: make(s, twin=True) for s in specs} if perturb else {}
     exact = ExactRun(net, cfg, exact_bits)
     check = ExactRun(net, cfg, 2 * exact_bits)  # certifies the exact trajectory
     for r in (*torch_runs.values(), *twins.values(), exact, check):
@@ -539,9 +683,8 @@ def _train(
             before = run.current_params()
             grads = run.step(rows)
             if t % every == 0 or t == steps - 1:
-                fmt_name = "float32" if run.master is not None else run.spec.precision
                 run.history.verdicts[t] = exact_gradient_counts(
-                    net, before, grads, fmt_name, rows, exact_bits
+                    net, before, grads, run.grad_format, rows, exact_bits
                 )
             if label in twins:
                 twins[label].step(rows)
