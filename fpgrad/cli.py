@@ -203,6 +203,7 @@ def _advise(args: argparse.Namespace) -> int:
         net,
         args.format,
         DEFAULT_BITS if args.exact_bits is None else args.exact_bits,
+        policy=args.policy,
         scope="all" if args.signals else "gradients",
         headroom=args.headroom,
         exponents=exponents,
@@ -211,6 +212,34 @@ def _advise(args: argparse.Namespace) -> int:
     )
     print(result.to_json() if args.json else result.render())
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fpgrad.sweep import grid_from_args, options_from_args, summary_line, sweep
+
+    try:
+        result = sweep(
+            args.network,
+            task=args.task,
+            grid=grid_from_args(args),
+            out_dir=args.out,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            progress=sys.stderr.isatty(),
+            restart=args.restart,
+            max_cells=args.max_cells,
+            **options_from_args(args),
+        )
+    except KeyboardInterrupt:
+        print(
+            f"fpgrad: sweep interrupted; finished cells are in {Path(args.out, 'cells.jsonl')}: "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(result.to_json() if args.json else result.render())
+    print(summary_line(result), file=sys.stderr)
+    return result.exit_code
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -371,7 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("advise", help="loss scales that keep every exact gradient in a format")
     p.add_argument("network", help="network file or model file (TOML)")
-    p.add_argument("--format", default="float16", help="format to advise for (default float16)")
+    p.add_argument(
+        "--format",
+        default=None,
+        help="format to advise for (default float16, or the policy's narrowest format)",
+    )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="advise for a precision policy (autocast, ... or a [policy.NAME]): judge the "
+        "values it computes in the format, measure torch running it",
+    )
     p.add_argument(
         "--signals",
         action="store_true",
@@ -399,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_advise)
+
+    p = sub.add_parser(
+        "sweep", help="a compare or training over a grid; a table and a plot of verdict counts"
+    )
+    from fpgrad.sweep import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="write the gallery of scenario reports")
     p.add_argument("--out", default="reports", help="output directory (default reports)")
