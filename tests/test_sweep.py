@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from fpgrad import sweep as sweep_mod
 from fpgrad.cli import main
 from fpgrad.compare import compare
 from fpgrad.errors import InputError
 from fpgrad.netfile import parse_network
 from fpgrad.optim import OptimConfig
 from fpgrad.sweep import Grid, scale_init, sweep
+from fpgrad.sweep import cells as sweep_mod
 from fpgrad.train import train
 
 if sys.version_info >= (3, 11):

@@ -1,0 +1,181 @@
+"""``sweep()``: validate, run the cells missing from the log, write ``sweep.md/json/csv/png``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fpgrad.errors import InputError
+from fpgrad.sweep.cells import OPTIONS, CellJob, Source
+from fpgrad.sweep.grid import TASKS, Grid
+from fpgrad.sweep.log import CELLS_FILE, LOG_SCHEMA, CellLog
+from fpgrad.sweep.result import SweepResult
+from fpgrad.sweep.runners import run_dask, run_inline, run_local
+
+if TYPE_CHECKING:
+    from fpgrad.network import Network
+
+
+def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The task's options with their defaults, validated."""
+    known = OPTIONS[task]
+    for name in options:
+        if name not in known:
+            other = next((t for t in TASKS if name in OPTIONS[t]), None)
+            hint = (
+                f"it is a {other} option"
+                if other
+                else f"options of {task}: {', '.join(known)}; lr and seed are grid axes"
+            )
+            raise InputError(f"sweep option {name} does not apply to --task {task}: {hint}")
+    opts = {**known, **{k: v for k, v in options.items() if v is not None}}
+    from fpgrad.exact import DEFAULT_BITS, MIN_BITS
+
+    if opts["exact_bits"] is None:
+        opts["exact_bits"] = DEFAULT_BITS
+    if opts["exact_bits"] < MIN_BITS:
+        raise InputError(f"--exact-bits {opts['exact_bits']} is too low: use at least {MIN_BITS}")
+    if task == "compare":
+        from fpgrad.compare import REFERENCES
+
+        if opts["reference"] not in REFERENCES:
+            raise InputError(f"unknown reference {opts['reference']!r}; use original or rounded")
+    else:
+        steps = opts["steps"]
+        if steps is None:
+            raise InputError("a train sweep needs --steps N")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps must be a positive integer (got {steps})")
+        if opts["batch_size"] is not None and opts["batch_size"] < 1:
+            raise InputError(f"batch size must be positive (got {opts['batch_size']})")
+        from fpgrad.optim import OptimConfig
+
+        OptimConfig(  # validates the optimizer's settings before any cell runs
+            name=opts["optimizer"],
+            momentum=opts["momentum"],
+            weight_decay=opts["weight_decay"],
+            decoupled=opts["decoupled"],
+        )
+    return opts
+
+
+def _write_text(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def sweep(
+    network: str | Path | Mapping[str, Any] | Network,
+    task: str = "compare",
+    grid: Mapping[str, Any] | None = None,
+    out_dir: str | Path = "sweep",
+    *,
+    workers: int | None = None,
+    scheduler: Any = None,
+    progress: bool = False,
+    restart: bool = False,
+    max_cells: int | None = None,
+    **options: Any,
+) -> SweepResult:
+    """Run ``task`` ("compare" or "train") on every cell of ``grid`` and write ``out_dir``.
+
+    ``network``: a network file or model file path, a parsed TOML network document, or a
+    :class:`Network` (the ``seed`` axis re-draws init schemes only for the first two).
+    ``grid``: ``{axis: values}`` (see :meth:`Grid.parse`). ``workers``: local processes
+    (default: one per cell up to the CPU count; 0: in this process). ``scheduler``: a Dask
+    scheduler address (or a ``distributed.Client``) instead of local processes.
+    ``max_cells``: run at most this many new cells (the rest stay pending for a later call).
+    ``options``: the task's options (:data:`OPTIONS`), e.g. ``steps=10`` for training.
+    Cells already in ``out_dir/cells.jsonl`` are not run again unless ``restart``.
+    """
+    if task not in TASKS:
+        raise InputError(f"unknown sweep task {task!r}; use compare or train")
+    opts = _options(task, options)
+    if workers is not None and (isinstance(workers, bool) or workers < 0):
+        raise InputError(f"--workers must be >= 0 (got {workers})")
+    if workers is not None and scheduler is not None:
+        raise InputError("give --workers or --scheduler, not both (a Dask cluster has its workers)")
+    if max_cells is not None and max_cells < 0:
+        raise InputError(f"--max-cells must be >= 0 (got {max_cells})")
+    src = Source(network)
+    g = Grid.parse(task, grid, src.network.policies)
+    if "seed" in g.values and task == "compare" and src.doc is None:
+        raise InputError(
+            "grid axis seed re-draws the init schemes of a TOML network file; "
+            f"{src.where} has no init to re-draw"
+        )
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {str(out)!r}: {exc.strerror}") from None
+
+    cells = g.cells()
+    jobs: list[CellJob] = []
+    for cell in cells:
+        net, digest = src.at(cell.get("seed"))
+        jobs.append(CellJob(task, cell.key, dict(cell.axes), net, digest, opts))
+
+    from fpgrad.jsonutil import jsonable
+
+    header = jsonable({"schema": LOG_SCHEMA, "task": task, "options": opts})
+    log = CellLog(out / CELLS_FILE, header, restart)
+    try:
+        todo: list[CellJob] = []
+        for job in jobs:
+            old = log.records.get(job.key)
+            if old is None or old.get("status") not in ("ok", "input_error"):
+                todo.append(job)
+            elif old.get("network_hash") != job.network_hash:
+                raise InputError(
+                    f"{log.path}: cell {job.key} was computed from a different network (the "
+                    "file or its data changed); use a new --out, or --restart to discard it"
+                )
+        reused = len(jobs) - len(todo)
+        if max_cells is not None:
+            todo = todo[:max_cells]
+        bar = None
+        if progress:
+            import sys
+
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=len(jobs), initial=reused, desc="fpgrad sweep", unit="cell", file=sys.stderr
+            )
+
+        def done(record: dict[str, Any]) -> None:
+            log.append(record)
+            if bar is not None:
+                bar.set_postfix_str(record["key"], refresh=False)
+                bar.update(1)
+
+        try:
+            if todo and scheduler is not None:
+                run_dask(todo, scheduler, done)
+            elif todo and workers == 0:
+                run_inline(todo, done)
+            elif todo:
+                run_local(todo, min(len(todo), workers or os.cpu_count() or 1), done)
+        finally:
+            if bar is not None:
+                bar.close()
+        records = [
+            log.records.get(c.key) or {"key": c.key, "axes": dict(c.axes), "status": "pending"}
+            for c in cells
+        ]
+    finally:
+        log.close()
+    result = SweepResult(src.network.name, task, g, opts, records, out, len(todo), reused)
+    _write_text(out / "sweep.md", result.render())
+    _write_text(out / "sweep.json", result.to_json() + "\n")
+    _write_text(out / "sweep.csv", result.to_csv())
+    result.files = [str(out / n) for n in ("sweep.md", "sweep.json", "sweep.csv")]
+    result.files.append(result.plot(out / "sweep.png"))
+    return result
