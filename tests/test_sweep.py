@@ -364,3 +364,20 @@ def test_outputs_are_strict_and_deterministic(
     assert json.loads(stdout) == doc
     assert "0 cells run, 8 from cells.jsonl" in err
     same_outputs(out, reference)
+
+
+def test_policies_and_emulated_formats_on_the_precision_axis(tmp_path: Path) -> None:
+    doc = tomllib.loads(NET)
+    grid = {"precision": "float16,autocast,fp8_e4m3"}
+    r = sweep(doc, "compare", grid, tmp_path / "c", workers=0)
+    assert (
+        r.record("precision=autocast")["policy"]
+        == compare(parse_network(doc), "autocast").policies["autocast"]["summary"]
+    )
+    md = (tmp_path / "c" / "sweep.md").read_text()
+    assert "- float16: all float16" in md and "- fp8_e4m3: all fp8_e4m3" in md
+    assert "- autocast: " in md and "params float32" in md
+    t = sweep(
+        doc, "train", {"precision": "autocast,fp8_e4m3+master"}, tmp_path / "t", workers=0, steps=2
+    )
+    assert "float32 master weights" in t.record("precision=fp8_e4m3+master")["policy"]

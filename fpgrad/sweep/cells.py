@@ -174,6 +174,7 @@ def _run_compare(job: CellJob) -> dict[str, Any]:
         "first_rounding_zero": f"{first['layer']} {first['quantity']}" if first else None,
         "certified_digits": c.certified_digits,
         "exact_method": c.exact_method,
+        "policy": c.policies[precision]["summary"],
     }
 
 
@@ -226,4 +227,5 @@ def _run_train(job: CellJob) -> dict[str, Any]:
             "first_overflow_step": overflow["step"] if overflow else None,
         },
         "certified_digits": r.exact_certified_digits,
+        "policy": r.plans[label]["summary"],
     }

@@ -171,6 +171,13 @@ class SweepResult:
         counts = set(self._columns())  # right-aligned; the rest is text as written
         text = [i for i, h in enumerate(heads) if h not in counts]
         lines.append(tabulate(rows, headers=heads, tablefmt="github", disable_numparse=text))
+        policies: dict[str, str] = {}
+        for r in self.records:
+            if r["status"] == "ok" and r.get("policy"):
+                policies.setdefault(str(r["axes"]["precision"]), r["policy"])
+        if policies:
+            lines += ["", "What each precision computed in (its policy):", ""]
+            lines += [f"- {p}: {text}" for p, text in policies.items()]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
