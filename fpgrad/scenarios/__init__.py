@@ -18,6 +18,7 @@ NAMES: tuple[str, ...] = (
     "relu_killed_by_rounding",
     "deep_sigmoid_vanishing",
     "fp16_gradient_underflow",
+    "mixed_precision_policy",
     "loss_near_zero_stall",
     "tiny_learning_rate",
     "chaotic_oscillation",
