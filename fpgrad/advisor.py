@@ -137,10 +137,15 @@ def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:
     if plan is None:
         names = {ly.name for ly in net.layers}
         return {"params": names, "out": names, "loss": True}
+    from fpgrad.policy import format_of
+
+    def same(p: str | None) -> bool:
+        return p is not None and format_of(p).name == fmt
+
     return {
-        "params": {lp.layer for lp in plan.layers if lp.params == fmt},
-        "out": {lp.layer for lp in plan.layers if lp.output == fmt},
-        "loss": plan.loss == fmt,
+        "params": {lp.layer for lp in plan.layers if same(lp.params)},
+        "out": {lp.layer for lp in plan.layers if same(lp.output)},
+        "loss": same(plan.loss),
     }
 
 
@@ -334,7 +339,8 @@ def advise(
             known = ", ".join([*BUILTIN, *net.policies])
             raise InputError(f"unknown policy {policy!r}; known: {known}")
         plan = pol.resolve(net)
-    fmt = fmt or (plan.lowest() if plan is not None else "float16")
+    if fmt is None:
+        fmt = plan.lowest().split(":")[0] if plan is not None else "float16"
     if scope not in SCOPES:
         raise InputError(f"unknown scope {scope!r}; use gradients or all")
     if not isinstance(headroom, int) or headroom < 0:
@@ -434,7 +440,7 @@ def advise(
     notes: list[str] = []
     measurer = (
         _TorchMeasure(net, f.name, exact, lim, plan)
-        if measure and f.name in TORCH_FORMATS
+        if measure and f.name in TORCH_FORMATS and (plan is None or not plan.emulated)
         else None
     )
     if measurer is not None:
@@ -462,6 +468,11 @@ def advise(
     elif measure and f.name not in TORCH_FORMATS:
         notes.append(
             f"{f.name} has no torch dtype: the table is predicted only (no measured backward, "
+            "no dynamic scaler)"
+        )
+    elif measure:
+        notes.append(
+            "the policy runs emulated: the table is predicted only (no measured backward, "
             "no dynamic scaler)"
         )
 
@@ -500,7 +511,8 @@ def advise(
     if plan is not None:
         notes.append(
             f"policy {plan.policy} ({plan.describe()}): judged are the values it computes in "
-            f"{f.name}: {sizes_text(in_f)}; measured: torch running the policy"
+            f"{f.name}: {sizes_text(in_f)}"
+            + ("; measured: torch running the policy" if measurer is not None else "")
         )
     elif f.name == "float16":
         notes.append(

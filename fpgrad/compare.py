@@ -19,10 +19,9 @@ import numpy as np
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.exact import DEFAULT_BITS, ExactResult, decimal_string, exact_trace
-from fpgrad.formats import get_format
 from fpgrad.jsonutil import jsonable
 from fpgrad.network import Network
-from fpgrad.policy import Plan
+from fpgrad.policy import Plan, format_of
 from fpgrad.precisions import Precision, parse_precisions
 from fpgrad.rounding import round_to
 from fpgrad.scaling import StaticScaler
@@ -222,7 +221,7 @@ def compare(
 def _rounded(net: Network, plan: Plan) -> Network:
     """``net`` with parameters rounded into the plan's parameter format, data into its data
     format: what a policy's run starts from."""
-    pf, df = get_format(plan.params), get_format(plan.data)
+    pf, df = format_of(plan.params), format_of(plan.data)
     out = net.with_params({k: round_to(v, pf) for k, v in net.params.items()})
     y = net.y if net.class_targets else round_to(net.y, df)
     return out.with_data(round_to(net.x, df), y)

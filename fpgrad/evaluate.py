@@ -7,13 +7,17 @@ without recursion and in a fixed order, so the order of accumulation is determin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fpgrad.arith.base import Arith
 from fpgrad.network import Layer, Network
+
+if TYPE_CHECKING:
+    from fpgrad.policy import Plan
 
 
 @dataclass
@@ -76,6 +80,71 @@ def evaluate(
         for pname, value in pgrads.items():
             trace.grads[f"{layer.name}.{pname}"] = value
     # parameters in layer order, as Network.params lists them
+    trace.grads = {name: trace.grads[name] for name in net.params}
+    return trace
+
+
+def evaluate_plan(
+    net: Network,
+    plan: Plan,
+    arith: Callable[[str], Arith],
+    params: dict[str, Any] | None = None,
+    rows: np.ndarray | None = None,
+    loss_scale: float = 1.0,
+) -> Trace:
+    """Forward and backward of ``net`` with every layer (and the loss) in the number system
+    its :class:`~fpgrad.policy.Plan` names (``arith(precision)``; systems of float64 arrays,
+    e.g. the emulated machines). A value entering a layer in another system is rounded into
+    it; gradients are rounded back into the system of the value they belong to, as autograd
+    casts them; parameters are stored in ``plan.params`` (``params`` overrides, in it) and
+    parameter gradients arrive there. ``loss_scale`` as in :func:`evaluate`."""
+    if rows is not None:
+        net = net.with_data(net.x[rows], net.y[rows])
+    store, data = arith(plan.params), arith(plan.data)
+    stored = params if params is not None else {k: store.asarray(v) for k, v in net.params.items()}
+    if not net.class_targets:  # targets stored in the data's system, then cast for the loss
+        net = net.with_data(net.x, data.to_float64(data.asarray(net.y)))
+    h, prev = data.asarray(net.x), data
+    trace = Trace(system=plan.policy, loss=None)
+    systems: list[Arith] = []
+    inputs: list[Any] = []
+    saved: list[dict[str, Any]] = []
+    used: list[dict[str, Any]] = []
+    for layer, lp in zip(net.layers, plan.layers, strict=True):
+        ar = arith(lp.compute)
+        x = ar.asarray(prev.to_float64(h))
+        pa = arith(lp.params) if lp.params else ar
+        values = {
+            f"{layer.name}.{p}": pa.asarray(store.to_float64(stored[f"{layer.name}.{p}"]))
+            for p in layer.params
+        }
+        h, keep = _forward(ar, layer, x, values)
+        systems.append(ar)
+        inputs.append(x)
+        saved.append(keep)
+        used.append(values)
+        trace.forward[layer.name] = h
+        trace.formats[f"forward/{layer.name}"] = lp.output
+        trace.ran_in[layer.name] = {"compute": lp.compute, "params": lp.params, "output": lp.output}
+        prev = ar
+    la = arith(plan.loss)
+    loss, grad = _loss(la, net, la.asarray(prev.to_float64(h)))
+    if loss_scale != 1.0:
+        grad = la.mul(grad, la.const(loss_scale))
+    trace.loss, trace.formats["loss"] = loss, plan.loss
+    trace.ran_in["loss"] = {"compute": plan.loss, "params": None, "output": plan.loss}
+    prev = la
+    for index in range(len(net.layers) - 1, -1, -1):
+        layer, ar = net.layers[index], systems[index]
+        grad = ar.asarray(prev.to_float64(grad))  # into the system of the layer's output
+        trace.backward[layer.name] = grad
+        trace.formats[f"backward/{layer.name}"] = plan.layers[index].output
+        grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad, used[index])
+        for pname, value in pgrads.items():
+            key = f"{layer.name}.{pname}"
+            trace.grads[key] = store.asarray(ar.to_float64(value))
+            trace.formats[f"grads/{key}"] = plan.params
+        prev = ar
     trace.grads = {name: trace.grads[name] for name in net.params}
     return trace
 

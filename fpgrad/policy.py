@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fpgrad.errors import InputError
-from fpgrad.formats import CATALOGUE, NATIVE
+from fpgrad.formats import CATALOGUE, NATIVE, Format, get_format
 
 if TYPE_CHECKING:
     from fpgrad.network import Network
@@ -37,7 +37,16 @@ OP_CLASSES = ("dense", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "batc
 ALIASES = {"matmul": "dense", "linear": "dense"}
 GROUPS = {"activation": ("relu", "leaky_relu", "sigmoid", "tanh")}
 _FIELDS = ("params", "data", "default", "description", "layers", "extends")
-_WIDTH = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+
+
+def format_of(precision: str) -> Format:
+    """The format of a precision name (``fp8_e4m3``, ``float16:emulated:per_op``, ...)."""
+    return get_format(precision.split(":")[0])
+
+
+def _emulated_name(precision: str) -> str:
+    """A native name as the emulated machine's (``float32`` -> ``float32:emulated``)."""
+    return f"{precision}:emulated" if precision in NATIVE else precision
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,20 @@ class Policy:
                 return ops[group], f"op {group}"
         return self.default, "default"
 
+    @property
+    def emulated(self) -> bool:
+        """True when some value names an emulated format: then every op runs emulated."""
+        values = [self.params, self.data, self.default, *dict(self.ops).values()]
+        values += list(dict(self.layers).values())
+        return any(v is not None and v != INPUT and v not in NATIVE for v in values)
+
     def resolve(self, net: Network) -> Plan:
-        """The concrete precision of every layer of ``net`` and of its loss."""
+        """The concrete precision of every layer of ``net`` and of its loss (for an emulated
+        policy, native names become the emulated machines of those formats)."""
+        policy = replace(self, **_emulated_fields(self)) if self.emulated else self
+        return policy._resolve(net)
+
+    def _resolve(self, net: Network) -> Plan:
         unknown = [name for name, _ in self.layers if name not in {ly.name for ly in net.layers}]
         if unknown:
             names = ", ".join(ly.name for ly in net.layers)
@@ -159,9 +180,15 @@ class Plan:
             out.add(lp.compute)
         return out
 
+    @property
+    def emulated(self) -> bool:
+        """Every op runs in the strict emulated machine (:mod:`fpgrad.arith.emulated`)."""
+        return any(p not in NATIVE for p in self.formats())
+
     def lowest(self) -> str:
-        """The narrowest precision any tensor of the plan is in (float16 before bfloat16)."""
-        return min(self.formats(), key=lambda p: (_WIDTH[p], p != "float16"))
+        """The narrowest precision any tensor of the plan is in (by total bits, then by
+        precision: float16 before bfloat16)."""
+        return min(self.formats(), key=lambda p: (format_of(p).bits, format_of(p).precision, p))
 
     def is_uniform(self) -> bool:
         return len(self.formats()) == 1
@@ -230,10 +257,44 @@ BUILTIN: dict[str, Policy] = {
 
 
 def _precision(value: Any, where: str, allow_input: bool = True) -> str:
+    """A native precision, an emulated one (canonical name), or ``input``."""
     allowed = list(NATIVE) + ([INPUT] if allow_input else [])
-    if not isinstance(value, str) or value.strip().lower() not in allowed:
-        raise InputError(f"{where}: {value!r} is not a policy precision; use one of {allowed}")
-    return value.strip().lower()
+    hint = f"use one of {allowed} or an emulated format (fp8_e4m3, e5m7, bfloat16:emulated...)"
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {value!r} is not a policy precision; {hint}")
+    name = value.strip().lower()
+    if name in allowed:
+        return name
+    from fpgrad.precisions import get_precision
+
+    try:
+        p = get_precision(name)
+    except InputError:
+        raise InputError(f"{where}: {value!r} is not a policy precision; {hint}") from None
+    if p.kind != "emulated" or name == INPUT:
+        raise InputError(f"{where}: {value!r} is not a policy precision; {hint}")
+    return p.name
+
+
+def _emulated_fields(policy: Policy) -> dict[str, Any]:
+    """An emulated policy's values with native names as emulated machines; float64 cannot be
+    emulated (more than 9 exponent bits)."""
+
+    def conv(v: str | None) -> str | None:
+        if v == "float64":
+            raise InputError(
+                f"policy {policy.name!r}: float64 cannot be emulated, and a policy with an "
+                "emulated format runs every op emulated; use float32 there"
+            )
+        return None if v is None or v == INPUT else _emulated_name(v)
+
+    return {
+        "params": conv(policy.params),
+        "data": conv(policy.data),
+        "default": conv(policy.default) or INPUT,
+        "ops": tuple((k, conv(v) or INPUT) for k, v in policy.ops),
+        "layers": tuple((k, conv(v) or INPUT) for k, v in policy.layers),
+    }
 
 
 def parse_policy(name: str, table: Any, where: str = "network") -> Policy:

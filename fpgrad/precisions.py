@@ -27,11 +27,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fpgrad.arith.base import Arith
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.formats import CATALOGUE, NATIVE, Format, get_format
 from fpgrad.network import Network
-from fpgrad.policy import BUILTIN, LayerPlan, Plan, Policy, get_policy
+from fpgrad.policy import BUILTIN, LayerPlan, Plan, Policy, format_of, get_policy
 from fpgrad.rounding import Mode, parse_mode
 
 DEFAULT_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
@@ -59,7 +60,14 @@ class Precision:
             from fpgrad.torch_native import torch_trace
 
             assert self.policy is not None
-            trace = torch_trace(net, self.plan(net), loss_scale)
+            plan = self.plan(net)
+            if plan.emulated:
+                from fpgrad.evaluate import evaluate_plan
+
+                trace = evaluate_plan(net, plan, emulated_systems(), loss_scale=loss_scale)
+                trace.loss = float(trace.loss)
+            else:
+                trace = torch_trace(net, plan, loss_scale)
             trace.system = self.name
             return trace
         return self.runner(net, self.name, loss_scale)
@@ -77,13 +85,32 @@ class Precision:
     def format_of(self, key: str, trace: Trace) -> Format:
         """The format the value ``key`` of ``trace`` was in."""
         name = trace.formats.get(key)
-        return get_format(name) if name else self.fmt
+        return format_of(name) if name else self.fmt
 
 
 def _native_runner(net: Network, name: str, loss_scale: float = 1.0) -> Trace:
     from fpgrad.torch_native import torch_trace  # torch import deferred: CLI start-up stays fast
 
     return torch_trace(net, name, loss_scale)
+
+
+def emulated_systems(seed: int = EMULATED_SEED) -> Callable[[str], Arith]:
+    """Emulated precision name -> its strict machine (one per name, stochastic ones seeded)."""
+    from fpgrad.arith.emulated import EmulatedArith
+
+    made: dict[str, Arith] = {}
+
+    def system(name: str) -> Arith:
+        if name not in made:
+            p = get_precision(name)
+            if p.kind != "emulated":
+                raise InputError(f"{name!r} is not an emulated precision")
+            made[name] = EmulatedArith(
+                p.fmt, p.accumulation or DEFAULT_ACCUMULATION, p.mode, rng=seed + len(made)
+            )
+        return made[name]
+
+    return system
 
 
 def _emulated_plan(net: Network, p: Precision) -> Plan:

@@ -26,7 +26,7 @@ import torch
 
 from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
-from fpgrad.evaluate import evaluate
+from fpgrad.evaluate import evaluate, evaluate_plan
 from fpgrad.formats import NATIVE, get_format
 from fpgrad.network import Network
 from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
@@ -65,7 +65,7 @@ def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
     named = get_policy(parts[0], policies)
     precision = named.params if named is not None else parts[0].lower()
     parts[0] = named.name if named is not None else precision
-    emulated = False
+    emulated = named is not None and named.emulated
     if named is None and precision not in NATIVE:
         from fpgrad.precisions import get_precision
 
@@ -363,7 +363,15 @@ class EmulatedRun:
         from fpgrad.precisions import get_precision
         from fpgrad.rounding import Mode
 
-        p = get_precision(spec.precision)
+        self.plan = None
+        if spec.policy is not None:  # an emulated policy: parameters in its params system
+            from fpgrad.precisions import emulated_systems
+
+            self.plan = spec.policy.resolve(net)
+            self.systems = emulated_systems(seed)
+            p = get_precision(self.plan.params)
+        else:
+            p = get_precision(spec.precision)
         self.net, self.spec, self.fmt = net, spec, p.fmt
         acc = p.accumulation or "fp32"
         self.ar = EmulatedArith(p.fmt, acc, p.mode, rng=np.random.default_rng([seed, 2]))
@@ -412,7 +420,10 @@ class EmulatedRun:
     def step(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         net, hist, oa = self.net, self.history, self.opt_ar
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        trace = evaluate(net, self.ar, self.params, rows, loss_scale=scale)
+        if self.plan is not None:
+            trace = evaluate_plan(net, self.plan, self.systems, self.params, rows, scale)
+        else:
+            trace = evaluate(net, self.ar, self.params, rows, loss_scale=scale)
         if hist.overflow_place is None:
             hist.overflow_place = _first_nonfinite(
                 net,

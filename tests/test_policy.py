@@ -3,6 +3,7 @@ user policies from the network file, loss scaling in compare, and refused inputs
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -349,3 +350,63 @@ def test_rounded_reference_of_a_policy_starts_from_its_stored_values() -> None:
     assert fc1["autocast"]["exact"] == want != fc1["fp8_e5m2"]["exact"]
     assert c.policies["fp8_e5m2"]["summary"] == "all fp8_e5m2"
     assert c.policies["autocast"]["data"] == "float32"
+
+
+# ---- policies with emulated formats (every op in the strict machine) -------------------
+
+
+def test_uniform_emulated_policy_equals_the_emulated_precision() -> None:
+    net = _net("cross_entropy", seed=2)
+    for fmt in ("fp8_e4m3", "bfloat16:emulated:per_op"):
+        pol = parse_policy("u", {"params": fmt, "default": fmt})
+        net_p = replace(net, policies={"u": pol})
+        c = compare(net_p, f"{fmt},u")
+        assert c.policies["u"]["summary"] == f"all {c.precisions[0]}"
+        for g in c.gradients:
+            assert g["u"]["value"] == g[c.precisions[0]]["value"] or (
+                np.isnan(g["u"]["value"]) and np.isnan(g[c.precisions[0]]["value"])
+            )
+        assert c.loss["u"]["value"] == c.loss[c.precisions[0]]["value"]
+
+
+def test_fp8_matmul_policy_casts_by_hand() -> None:
+    # w = 1.0625 stored in float32; the dense layer computes in fp8_e4m3, where 1.0625 is the
+    # midpoint of 1 and 1.125 and rounds to 1 (even). y = 1 * 3 = 3; the float32 loss gives
+    # dL/dy = 2 y = 6 (exact in fp8); dL/dw = 6 * 3 = 18 in fp8, arriving in float32 as 18.
+    # Exact: 2 * (1.0625 * 3) * 3 = 19.125.
+    net = net_from(
+        [{"type": "dense", "name": "d", "out": 1, "weight": [[1.0625]], "bias": False}],
+        "mse",
+        [[3.0]],
+        [[0.0]],
+    )
+    pol = parse_policy("fp8mm", {"params": "float32", "dense": "fp8_e4m3", "loss": "float32"})
+    assert pol.emulated
+    net = replace(net, policies={"fp8mm": pol})
+    plan = pol.resolve(net)
+    assert plan.layers[0].compute == "fp8_e4m3" and plan.loss == "float32:emulated"
+    c = compare(net, "fp8mm")
+    g = c.gradient("d.weight", (0, 0))
+    assert g["fp8mm"]["value"] == 18.0 and float(g["exact"]) == 19.125
+    assert c.loss["fp8mm"]["value"] == 9.0
+    assert c.policies["fp8mm"]["observed"]["d"]["compute"] == "fp8_e4m3"
+    places = {(r["layer"], r["direction"]): r["format"] for r in c.attribution["fp8mm"]["places"]}
+    assert places[("d", "forward")] == "fp8_e4m3"
+    r = train(net, 2, OptimConfig(lr=2.0**-6), runs="fp8mm", perturb=False)
+    # step 1: w = 1.0625 - 18 * 2^-6 = 0.78125 in float32 (the fp8 copy is used only inside)
+    assert r.histories["fp8mm"].params[1][0] == 1.0625 - 18 * 2.0**-6
+
+
+def test_emulated_policies_refuse_float64_and_advise_predicts_only() -> None:
+    from fpgrad.advisor import advise
+
+    net = _net("mse")
+    bad = parse_policy("b", {"params": "float64", "dense": "fp8_e5m2"})
+    with pytest.raises(InputError, match="float64 cannot be emulated"):
+        bad.resolve(net)
+    with pytest.raises(InputError, match="not a policy precision"):
+        parse_policy("c", {"dense": "fp9"})
+    pol = parse_policy("e5", {"extends": "autocast", "dense": "fp8_e5m2"})
+    a = advise(replace(net, policies={"e5": pol}), policy="e5")
+    assert a.format == "fp8_e5m2 (policy e5)" and a.dynamic is None
+    assert any("predicted only" in n for n in a.notes)
