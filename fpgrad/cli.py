@@ -158,6 +158,7 @@ def _train(args: argparse.Namespace) -> int:
         exact_bits=args.exact_bits,
         verdict_every=args.verdict_every,
         progress=sys.stderr.isatty(),
+        exact_method=args.exact_method,
     )
     if args.out:
         written = result.plot(args.out)
@@ -369,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--exact-bits", type=int, default=128, help="bits of the exact run (default 128)"
+    )
+    p.add_argument(
+        "--exact-method",
+        default="auto",
+        choices=("auto", "fast", "mpmath"),
+        help="exact run in certified ball arithmetic (fast, up to 150 bits) or mpmath checked at "
+        "twice the bits; auto (default): fast when it certifies 17 digits",
     )
     p.add_argument(
         "--verdict-every", type=int, default=None, help="steps between gradient verdicts"

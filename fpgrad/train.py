@@ -470,15 +470,23 @@ class EmulatedRun:
 
 
 class ExactRun:
-    """The exact run: mpmath at ``bits``, the optimizer's formulas in exact arithmetic."""
+    """The exact run: the optimizer's formulas in exact arithmetic, mpmath at ``bits`` or, with
+    ``balls``, certified ball arithmetic (:mod:`fpgrad.arith.ball`) at the fast level at or
+    above ``bits``, whose radii bound every value (:meth:`ball_digits`)."""
 
-    def __init__(self, net: Network, cfg: OptimConfig, bits: int):
+    def __init__(self, net: Network, cfg: OptimConfig, bits: int, balls: bool = False):
         self.net = net
-        self.ar = MPArith(bits)
+        if balls:
+            from fpgrad.arith.ball import LEVELS, BallArith
+
+            self.ar: Any = BallArith(min(level for level in LEVELS if level >= bits))
+        else:
+            self.ar = MPArith(bits)
         self.params = {k: self.ar.asarray(v) for k, v in net.params.items()}
         self.opt = ArithOptimizer(self.ar, self.params, cfg)
         self.history = History(f"exact@{bits}")
         self.exact_params: list[dict[str, Any]] = []
+        self.vanishing = 0  #: ball runs: parameter values set to exact zeros (cancellation)
 
     def vector(self) -> np.ndarray:
         return _flat([self.ar.to_float64(v) for v in self.params.values()])
@@ -490,10 +498,15 @@ class ExactRun:
     def step(self, rows: np.ndarray) -> None:
         trace = evaluate(self.net, self.ar, self.params, rows)
         new = self.opt.step(self.params, trace.grads)
-        moved = any(bool(np.any(new[k] != self.params[k])) for k in new)
+        if _is_ball(next(iter(new.values()), None)):
+            new = self._zero_vanishing(new)
+        moved = any(_changed(new[k], self.params[k]) for k in new)
         self.params = new
         hist = self.history
-        hist.loss.append(float(trace.loss))
+        loss = trace.loss
+        hist.loss.append(
+            float(np.asarray(self.ar.to_float64(loss))) if _is_ball(loss) else float(loss)
+        )
         g = _flat([self.ar.to_float64(v) for v in trace.grads.values()])
         hist.grad_norm.append(float(np.linalg.norm(g)))
         outs = {k: self.ar.to_float64(v) for k, v in trace.forward.items()}
@@ -501,6 +514,106 @@ class ExactRun:
         hist.moved.append(moved)
         hist.params.append(self.vector())
         self.exact_params.append(dict(new))
+
+    def _zero_vanishing(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Balls that contain 0 and are within 2^-(bits/2) of the largest parameter are exact
+        zeros up to cancellation noise (a bias before batch norm): set them to 0, as
+        :func:`fpgrad.exact.exact_trace` does, and count them."""
+        from fpgrad.arith.ball import Ball
+
+        scale = max(float(np.max(np.abs(b.mid[0]), initial=0.0)) for b in params.values())
+        bound = scale * 2.0 ** -(self.ar.bits // 2)
+        out = {}
+        for k, b in params.items():
+            r = np.asarray(b.rad)
+            vanish = (r > 0) & (np.abs(b.mid[0]) <= r) & (2 * r <= bound)
+            if vanish.any():
+                self.vanishing += int(vanish.sum())
+                b = Ball(np.where(vanish, 0.0, b.mid), np.where(vanish, 0.0, r))
+            out[k] = b
+        return out
+
+    def failed(self) -> bool:
+        """Ball arithmetic could not vouch (a value out of range, a ReLU branch undecided)."""
+        return bool(
+            getattr(self.ar, "range_errors", 0) or getattr(self.ar, "uncertain_branches", 0)
+        )
+
+    def ball_digits(self) -> float:
+        """Certified significant digits of every parameter at every step, from the radii
+        (capped by what the working precision carries)."""
+        cap = math.floor(self.ar.bits * math.log10(2))
+        worst = float(cap)
+        for params in self.exact_params:
+            for ball in params.values():
+                m, r = np.abs(ball.mid[0]), np.asarray(ball.rad)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    d = np.where(r == 0, cap, np.clip(-np.log10(r / m), 0.0, cap))
+                if d.size:
+                    worst = min(worst, float(np.min(d)))
+        return worst
+
+
+def _is_ball(a: Any) -> bool:
+    from fpgrad.arith.ball import Ball
+
+    return isinstance(a, Ball)
+
+
+def _changed(a: Any, b: Any) -> bool:
+    if _is_ball(a):
+        return bool(np.any(a.mid != b.mid))
+    return bool(np.any(a != b))
+
+
+def exact_trajectory(
+    net: Network,
+    cfg: OptimConfig,
+    schedule: list[np.ndarray],
+    bits: int,
+    method: str = "auto",
+    progress: bool = False,
+) -> tuple[ExactRun, float, str]:
+    """The certified exact run over ``schedule``: (run, certified digits, method).
+
+    ``method="fast"``: ball arithmetic, one run certified by its radii; ``"mpmath"``: mpmath at
+    ``bits``, certified by a second run at ``2 * bits`` (the digits on which they agree);
+    ``"auto"``: fast when ``bits`` <= 150 and the balls vouch for at least 17 digits, else
+    mpmath.
+    """
+    from fpgrad.arith.ball import MAX_BITS
+
+    def steps(runs: list[ExactRun], what: str) -> None:
+        for r in runs:
+            r.record_initial()
+        iterator: Any = schedule
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(schedule, desc=f"fpgrad train: exact ({what})", leave=False)
+        for rows in iterator:
+            for r in runs:
+                r.step(rows)
+            if any(r.failed() for r in runs):
+                return
+
+    if method not in ("auto", "fast", "mpmath"):
+        raise InputError(f"unknown exact method {method!r}; use auto, fast or mpmath")
+    if method != "mpmath" and bits <= MAX_BITS:
+        run = ExactRun(net, cfg, bits, balls=True)
+        steps([run], "balls")
+        if not run.failed():
+            digits = run.ball_digits()
+            if digits >= 17 or method == "fast":
+                return run, digits, "fast"
+    if method == "fast":
+        raise InputError(
+            "the fast exact run cannot certify this training (bits above 150, a value out of "
+            "2**-800..2**800 or a ReLU input too close to 0); use --exact-method mpmath"
+        )
+    exact, check = ExactRun(net, cfg, bits), ExactRun(net, cfg, 2 * bits)
+    steps([exact, check], "mpmath")
+    return exact, _trajectory_digits(exact.exact_params, check.exact_params, bits), "mpmath"
 
 
 def exact_gradient_counts(
@@ -623,8 +736,12 @@ def train(
     stall_k: int = 5,
     perturb: bool = True,
     progress: bool = False,
+    exact_method: str = "auto",
 ) -> TrainResult:
-    """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation."""
+    """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation.
+
+    ``exact_method``: how the exact run is computed and certified (:func:`exact_trajectory`).
+    """
     with one_torch_thread():
         return _train(
             net,
@@ -638,6 +755,7 @@ def train(
             stall_k,
             perturb,
             progress,
+            exact_method,
         )
 
 
@@ -653,6 +771,7 @@ def _train(
     stall_k: int,
     perturb: bool,
     progress: bool,
+    exact_method: str,
 ) -> TrainResult:
     from fpgrad.dynamics import (
         detect_cycle,
@@ -677,9 +796,10 @@ def _train(
 
     torch_runs = {s.label: make(s) for s in specs}
     twins = {s.label: make(s, twin=True) for s in specs} if perturb else {}
-    exact = ExactRun(net, cfg, exact_bits)
-    check = ExactRun(net, cfg, 2 * exact_bits)  # certifies the exact trajectory
-    for r in (*torch_runs.values(), *twins.values(), exact, check):
+    exact, digits, exact_method = exact_trajectory(
+        net, cfg, schedule, exact_bits, exact_method, progress
+    )
+    for r in (*torch_runs.values(), *twins.values()):
         r.record_initial()
     iterator = range(steps)
     if progress:
@@ -688,8 +808,6 @@ def _train(
         iterator = tqdm(iterator, desc="fpgrad train", unit="step", leave=False)
     for t in iterator:
         rows = schedule[t]
-        exact.step(rows)
-        check.step(rows)
         for label, run in torch_runs.items():
             before = run.current_params()
             grads = run.step(rows)
@@ -699,8 +817,13 @@ def _train(
                 )
             if label in twins:
                 twins[label].step(rows)
-    digits = _trajectory_digits(exact.exact_params, check.exact_params, exact_bits)
     notes = []
+    if exact.vanishing:
+        notes.append(
+            f"{exact.vanishing} exact parameter values (over all steps) are zero to within "
+            f"2^-{exact.ar.bits // 2} of the largest parameter (cancellation) and are treated "
+            "as exact zeros"
+        )
     if digits < 17:
         notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
     distance: dict[str, list[float]] = {}
@@ -725,6 +848,8 @@ def _train(
         "batch_size": batch_size,
         "seed": seed,
         "exact_bits": exact_bits,
+        "exact_method": exact_method,
+        "exact_working_bits": getattr(exact.ar, "bits", exact_bits),
         "verdict_every": every,
     }
     return TrainResult(
@@ -773,9 +898,11 @@ def _trajectory_digits(a: list[dict[str, Any]], b: list[dict[str, Any]], bits: i
     cap = math.floor(bits * math.log10(2))
     worst = float(cap)
     for pa, pb in zip(a, b, strict=True):
+        scale = max((abs(v) for k in pb for v in np.ravel(pb[k])), default=0)
+        bound = scale * mpmath.mpf(2) ** -(bits // 2)  # zero up to cancellation noise
         for k in pa:
             for x, y in zip(np.ravel(pa[k]), np.ravel(pb[k]), strict=True):
-                if x == y:
+                if x == y or (abs(x) <= bound and abs(y) <= bound):
                     continue
                 rel = abs(x - y) / abs(y) if y != 0 else mpmath.mpf(1)
                 worst = min(worst, max(0.0, float(-mpmath.log10(rel))))

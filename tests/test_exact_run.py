@@ -1,0 +1,111 @@
+"""The exact training run in certified ball arithmetic: its balls enclose an independent
+high-precision (mpmath) trajectory at every step, and it falls back to mpmath when the balls
+cannot vouch."""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import pytest
+
+from fpgrad.errors import InputError
+from fpgrad.optim import OptimConfig
+from fpgrad.train import ExactRun, batch_schedule, exact_trajectory, train
+from tests.nets import net_from
+
+RNG = np.random.default_rng(11)
+X = RNG.normal(size=(6, 3)).tolist()
+
+NETS = {
+    "tanh_mse": (
+        [{"type": "dense", "out": 4}, {"type": "tanh"}, {"type": "dense", "out": 2}],
+        "mse",
+        RNG.normal(size=(6, 2)).tolist(),
+    ),
+    "bn_sigmoid_bce": (
+        [
+            {"type": "dense", "out": 4},
+            {"type": "batch_norm"},
+            {"type": "sigmoid"},
+            {"type": "dense", "out": 2},
+        ],
+        "bce",
+        RNG.integers(0, 2, (6, 2)).astype(float).tolist(),
+    ),
+    "leaky_softmax_ce": (
+        [
+            {"type": "dense", "out": 5, "init": "he_normal"},
+            {"type": "leaky_relu", "slope": 0.1},
+            {"type": "dense", "out": 3},
+            {"type": "softmax"},
+        ],
+        "cross_entropy",
+        [0, 1, 2, 0, 1, 2],
+    ),
+}
+OPTIMIZERS = {
+    "sgd_momentum_wd": OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adam": OptimConfig(name="adam", lr=0.01),
+    "adamw": OptimConfig(name="adam", lr=0.01, weight_decay=0.1, decoupled=True),
+}
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(NETS))
+def test_balls_enclose_the_mpmath_trajectory(name: str, opt: str) -> None:
+    layers, loss, y = NETS[name]
+    net = net_from(layers, loss, X, y, seed=3)
+    cfg = OPTIMIZERS[opt]
+    schedule = batch_schedule(6, 8, 4, seed=1)
+    run, digits, method = exact_trajectory(net, cfg, schedule, 128)
+    assert method == "fast" and digits >= 17
+    ref = ExactRun(net, cfg, 300)  # independent: mpmath at 300 bits
+    ref.record_initial()
+    for rows in schedule:
+        ref.step(rows)
+    for balls, mps in zip(run.exact_params, ref.exact_params, strict=True):
+        scale = max(abs(v) for k in mps for v in np.ravel(mps[k]))
+        for k, ball in balls.items():
+            mid = np.asarray(run.ar.to_float64(ball))
+            ctx = mpmath.MPContext()
+            ctx.prec = 300
+            words = [ctx.mpf(float(w)) for w in np.ravel(ball.mid[0])]
+            rest = [np.ravel(ball.mid[i]) for i in range(1, ball.mid.shape[0])]
+            for j, value in enumerate(np.ravel(mps[k])):
+                center = words[j] + sum(ctx.mpf(float(r[j])) for r in rest)
+                if center == 0 and np.ravel(ball.rad)[j] == 0 and value != 0:
+                    # set to an exact zero: zero up to noise below 2^-75 of the largest value
+                    assert abs(value) <= scale * ctx.mpf(2) ** -75, (k, j)
+                    continue
+                assert (
+                    abs(center - value)
+                    <= ctx.mpf(float(np.ravel(ball.rad)[j])) * (1 + ctx.mpf(2) ** -50)
+                    + abs(value) * ctx.mpf(2) ** -250
+                ), (k, j)
+            assert mid.shape == np.shape(mps[k])
+
+
+def test_out_of_range_values_fall_back_to_mpmath() -> None:
+    # a weight of 2^-500 times an input of 2^-500: 2^-1000 is outside the balls' range
+    net = net_from(
+        [{"type": "dense", "out": 1, "weight": [[2.0**-500]], "bias": False}],
+        "mse",
+        [[2.0**-500]],
+        [[1.0]],
+    )
+    r = train(net, 2, OptimConfig(lr=0.1), runs="float32", perturb=False)
+    assert r.config["exact_method"] == "mpmath" and r.exact_certified_digits >= 17
+    with pytest.raises(InputError, match="use --exact-method mpmath"):
+        train(net, 2, OptimConfig(lr=0.1), runs="float32", exact_method="fast")
+    fast = train(net_from(*_small()), 3, runs="float16", perturb=False)
+    slow = train(net_from(*_small()), 3, runs="float16", perturb=False, exact_method="mpmath")
+    assert fast.config["exact_method"] == "fast" and slow.config["exact_method"] == "mpmath"
+    assert fast.exact.loss == slow.exact.loss and fast.exact.params[-1].tolist() == pytest.approx(
+        slow.exact.params[-1].tolist(), rel=1e-15
+    )
+    assert "ball arithmetic at 150 bits" in fast.render()
+
+
+def _small() -> tuple:
+    layers, loss, y = NETS["tanh_mse"]
+    return layers, loss, X, y
