@@ -188,7 +188,36 @@ def _dead_units(net: Network, outputs: dict[str, np.ndarray]) -> int:
     )
 
 
-class TorchRun:
+class _Run:
+    """What every non-exact run shares: the state hash of the cycle detector and the first
+    record. Subclasses give ``vector()`` (the optimizer's parameters), ``low_vector()``, ``opt``,
+    ``scaler`` and ``history``."""
+
+    history: History
+    opt: Any
+    scaler: DynamicScaler | StaticScaler | None
+
+    def vector(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def low_vector(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def state_hash(self) -> str:
+        """The whole state: parameters, their low copies, optimizer state, loss scaler."""
+        h = hashlib.sha1(self.vector().tobytes())
+        h.update(self.low_vector().tobytes())
+        h.update(self.opt.state_bytes())
+        if self.scaler is not None:
+            h.update(repr((self.scaler.scale, getattr(self.scaler, "clean_steps", 0))).encode())
+        return h.hexdigest()
+
+    def record_initial(self) -> None:
+        self.history.params.append(self.vector())
+        self.history.state_hash.append(self.state_hash())
+
+
+class TorchRun(_Run):
     """One precision with its policies, trained with torch autograd."""
 
     def __init__(
@@ -221,17 +250,9 @@ class TorchRun:
     def vector(self) -> np.ndarray:
         return _flat([t.detach().to(torch.float64).numpy() for t in self.targets()])
 
-    def state_hash(self) -> str:
-        h = hashlib.sha1(self.vector().tobytes())
-        h.update(_flat([p.detach().to(torch.float64).numpy() for p in self.params]).tobytes())
-        h.update(self.opt.state_bytes())
-        if self.scaler is not None:
-            h.update(repr((self.scaler.scale, getattr(self.scaler, "clean_steps", 0))).encode())
-        return h.hexdigest()
-
-    def record_initial(self) -> None:
-        self.history.params.append(self.vector())
-        self.history.state_hash.append(self.state_hash())
+    def low_vector(self) -> np.ndarray:
+        """The parameters the forward pass uses, flattened to float64."""
+        return _flat([p.detach().to(torch.float64).numpy() for p in self.params])
 
     def step(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         net, hist = self.net, self.history
@@ -350,7 +371,7 @@ def _first_nonfinite(
     return None
 
 
-class EmulatedRun:
+class EmulatedRun(_Run):
     """One emulated precision (any format, :mod:`fpgrad.arith.emulated`) with its options:
     forward, backward and optimizer in the strict machine, the update ``w - lr d`` rounded
     once (as torch's kernels); ``+master`` runs the optimizer in emulated float32,
@@ -405,17 +426,9 @@ class EmulatedRun:
     def vector(self) -> np.ndarray:
         return _flat(list(self.targets().values()))
 
-    def state_hash(self) -> str:
-        h = hashlib.sha1(self.vector().tobytes())
-        h.update(_flat(list(self.params.values())).tobytes())
-        h.update(self.opt.state_bytes())
-        if self.scaler is not None:
-            h.update(repr((self.scaler.scale, getattr(self.scaler, "clean_steps", 0))).encode())
-        return h.hexdigest()
-
-    def record_initial(self) -> None:
-        self.history.params.append(self.vector())
-        self.history.state_hash.append(self.state_hash())
+    def low_vector(self) -> np.ndarray:
+        """The parameters the forward pass uses, flattened to float64."""
+        return _flat(list(self.params.values()))
 
     def step(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         net, hist, oa = self.net, self.history, self.opt_ar

@@ -381,3 +381,10 @@ def test_policies_and_emulated_formats_on_the_precision_axis(tmp_path: Path) -> 
         doc, "train", {"precision": "autocast,fp8_e4m3+master"}, tmp_path / "t", workers=0, steps=2
     )
     assert "float32 master weights" in t.record("precision=fp8_e4m3+master")["policy"]
+
+
+def test_count_columns_are_the_verdicts() -> None:
+    from fpgrad.sweep.cells import COUNTS
+    from fpgrad.verdicts import VERDICTS
+
+    assert COUNTS == VERDICTS

@@ -15,7 +15,8 @@ from fpgrad.sweep.grid import format_value
 if TYPE_CHECKING:
     from fpgrad.network import Network
 
-#: gradient verdicts, in the order of the table and the plot (fpgrad.verdicts.VERDICTS)
+#: gradient verdicts, in the order of the table and the plot: fpgrad.verdicts.VERDICTS, written
+#: out so that building the CLI imports no numpy (tests/test_sweep.py keeps them equal)
 COUNTS = (
     "ok",
     "structural_zero",
