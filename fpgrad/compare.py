@@ -139,20 +139,25 @@ def compare(
     reference: str = "original",
     allow_uncertified: bool = False,
     loss_scale: float = 1.0,
+    exact: ExactResult | None = None,
 ) -> Comparison:
     """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
 
     ``precisions`` may name precision policies (:mod:`fpgrad.policy`: built-ins such as
     ``autocast`` or the network file's own). With ``loss_scale`` S (a power of two) every
     precision backpropagates S * loss, and backward values and gradients are judged as
-    computed, against S times the exact ones.
+    computed, against S times the exact ones. ``exact``: a precomputed
+    ``exact_trace(net, exact_bits, allow_uncertified=...)`` of this same network, reused.
     """
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
     StaticScaler(loss_scale)  # a power of two, or a one-line error
     precs = parse_precisions(precisions, net.policies)
     plans = {p.name: p.plan(net) for p in precs}
-    exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified)
+    if exact is None:
+        exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified)
+    elif exact.bits != exact_bits:
+        raise InputError(f"the exact trace given has {exact.bits} bits, not {exact_bits}")
     refs: dict[str, ExactResult] = {}
     for p in precs:
         if reference == "rounded":

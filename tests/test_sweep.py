@@ -388,3 +388,24 @@ def test_count_columns_are_the_verdicts() -> None:
     from fpgrad.verdicts import VERDICTS
 
     assert COUNTS == VERDICTS
+
+
+def test_cells_of_one_network_share_its_exact_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fpgrad.exact
+
+    calls = []
+    real = fpgrad.exact.exact_trace
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fpgrad.exact, "exact_trace", counting)
+    from fpgrad.sweep import cells
+
+    cells._EXACT.clear()
+    grid = {"precision": "float16,bfloat16", "loss_scale": "1,2^10", "init_scale": "1,0.5"}
+    r = sweep(tomllib.loads(NET), "compare", grid, tmp_path, workers=0)
+    assert r.ran == 8 and len(calls) == 2  # one per network (init scale), not per cell

@@ -167,6 +167,7 @@ def _run_compare(job: CellJob) -> dict[str, Any]:
         reference=opts["reference"],
         allow_uncertified=opts["allow_uncertified"],
         loss_scale=axes.get("loss_scale", 1.0),
+        exact=_exact_for(net, opts["exact_bits"], opts["allow_uncertified"]),
     )
     first = c.attribution[precision]["first_rounding_zero_backward"]
     return {
@@ -177,6 +178,23 @@ def _run_compare(job: CellJob) -> dict[str, Any]:
         "exact_method": c.exact_method,
         "policy": c.policies[precision]["summary"],
     }
+
+
+_EXACT: dict[tuple[str, int, bool], Any] = {}  #: this process's recent exact traces
+_EXACT_KEEP = 4
+
+
+def _exact_for(net: Network, bits: int, allow_uncertified: bool) -> Any:
+    """The exact trace of ``net``, shared by the cells of this process that evaluate the same
+    network (other precisions, loss scales): it does not depend on them."""
+    from fpgrad.exact import exact_trace
+
+    key = (network_hash(net), bits, allow_uncertified)
+    if key not in _EXACT:
+        while len(_EXACT) >= _EXACT_KEEP:
+            _EXACT.pop(next(iter(_EXACT)))
+        _EXACT[key] = exact_trace(net, bits, allow_uncertified=allow_uncertified)
+    return _EXACT[key]
 
 
 def _run_train(job: CellJob) -> dict[str, Any]:
