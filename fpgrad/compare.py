@@ -184,7 +184,7 @@ def compare(
             "kind": str(v.subkind[()]) or None,
             "rel_err": float(v.rel_err[()]),
         }
-    gradients = _gradient_entries(net, precs, scaled[precs[0].name], scaled, traces, reference)
+    gradients = _gradient_entries(net, precs, _Scaled(exact, loss_scale), scaled, traces, reference)
     summary = {p.name: _summary(gradients, p.name) for p in precs}
     attribution = {p.name: _attribution(net, scaled[p.name], traces[p.name], p) for p in precs}
     policies = {

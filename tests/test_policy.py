@@ -410,3 +410,14 @@ def test_emulated_policies_refuse_float64_and_advise_predicts_only() -> None:
     a = advise(replace(net, policies={"e5": pol}), policy="e5")
     assert a.format == "fp8_e5m2 (policy e5)" and a.dynamic is None
     assert any("predicted only" in n for n in a.notes)
+
+
+def test_rounded_reference_keeps_the_original_exact_column() -> None:
+    from fpgrad.exact import decimal_string, exact_trace
+
+    net = _net("mse", seed=5)
+    c = compare(net, "fp8_e4m3,float16", reference="rounded")
+    ref = exact_trace(net)
+    g = c.gradient("fc1.weight", (0, 0))
+    want = decimal_string(ref.trace.grads["fc1.weight"][0, 0], ref.digits["grads/fc1.weight"][0, 0])
+    assert g["exact"] == want != g["fp8_e4m3"]["exact"]
