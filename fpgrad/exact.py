@@ -198,7 +198,7 @@ def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult |
         (float(np.max(np.abs(b.mid[0]))) for _, b, _ in items if b.mid[0].size), default=0.0
     )
     for key, ball, setter in items:
-        d, vanish = _ball_digits(ball, cap, bound_bits, scale)
+        d, vanish = ball_digits(ball, cap, bound_bits, scale)
         if vanish.any():
             vanishing += int(vanish.sum())
             mid = np.where(vanish, 0.0, ball.mid)
@@ -209,7 +209,7 @@ def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult |
     return ExactResult(bits, certified, digits, vanishing, bound_bits, "fast", _balls=balls), ""
 
 
-def _ball_digits(
+def ball_digits(
     ball: Ball, cap: int, bound_bits: int, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Certified digits per element (from the radius) and the mask of vanishing elements.

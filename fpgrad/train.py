@@ -61,10 +61,10 @@ class RunSpec:
 
 def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
     parts = [p.strip().lower() for p in text.split("+")]
-    parts[0] = text.split("+")[0].strip()
-    named = get_policy(parts[0], policies)
-    precision = named.params if named is not None else parts[0].lower()
-    parts[0] = named.name if named is not None else precision
+    named = get_policy(text.split("+")[0].strip(), policies)  # user policy names keep case
+    precision = named.params if named is not None else parts[0]
+    if named is not None:
+        parts[0] = named.name
     emulated = named is not None and named.emulated
     if named is None and precision not in NATIVE:
         from fpgrad.precisions import get_precision
@@ -193,6 +193,7 @@ class _Run:
     record. Subclasses give ``vector()`` (the optimizer's parameters), ``low_vector()``, ``opt``,
     ``scaler`` and ``history``."""
 
+    net: Network
     history: History
     opt: Any
     scaler: DynamicScaler | StaticScaler | None
@@ -215,6 +216,34 @@ class _Run:
     def record_initial(self) -> None:
         self.history.params.append(self.vector())
         self.history.state_hash.append(self.state_hash())
+
+    def _record(
+        self,
+        loss: float,
+        grads: dict[str, np.ndarray],
+        intended: np.ndarray | None,
+        before: np.ndarray,
+        finite: bool,
+        take: bool,
+        scale: float,
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """One step's history, after the update (``intended``: None when it was skipped)."""
+        hist, after = self.history, self.vector()
+        intended = np.zeros_like(after) if intended is None else intended
+        hist.loss.append(loss)
+        g64 = _flat(list(grads.values()))
+        hist.grad_norm.append(float(np.linalg.norm(g64)) if np.all(np.isfinite(g64)) else math.inf)
+        asked = (intended != 0) & np.isfinite(intended)
+        hist.updated.append(int(asked.sum()))
+        hist.swamped.append(int(np.sum(asked & (after == before))))
+        hist.nonfinite.append(not finite or not math.isfinite(loss))
+        hist.skipped.append(not take)
+        hist.scale.append(scale)
+        hist.dead_units.append(_dead_units(self.net, outputs))
+        hist.moved.append(bool(np.any((after != before) & ~(np.isnan(after) & np.isnan(before)))))
+        hist.params.append(after)
+        hist.state_hash.append(self.state_hash())
 
 
 class TorchRun(_Run):
@@ -295,24 +324,20 @@ class TorchRun(_Run):
             with torch.no_grad():
                 for low, high in zip(self.params, self.master, strict=True):
                     low.copy_(high.to(low.dtype))  # float32 -> low precision: one correct rounding
-        after = self.vector()
-        intended = _flat(self.opt.intended) if take else np.zeros_like(after)
-        hist.loss.append(float(loss.detach().to(torch.float64)))
-        g64 = _flat([g.detach().to(torch.float64).numpy() for g in grads])
-        hist.grad_norm.append(float(np.linalg.norm(g64)) if np.all(np.isfinite(g64)) else math.inf)
-        asked = (intended != 0) & np.isfinite(intended)
-        hist.updated.append(int(asked.sum()))
-        hist.swamped.append(int(np.sum(asked & (after == before))))
-        hist.nonfinite.append(not finite or not math.isfinite(hist.loss[-1]))
-        hist.skipped.append(not take)
-        hist.scale.append(scale)
-        hist.dead_units.append(_dead_units(net, outputs))
-        hist.moved.append(bool(np.any((after != before) & ~(np.isnan(after) & np.isnan(before)))))
-        hist.params.append(after)
-        hist.state_hash.append(self.state_hash())
-        return {
+        g64 = {
             k: g.detach().to(torch.float64).numpy() for k, g in zip(net.params, grads, strict=True)
         }
+        self._record(
+            float(loss.detach().to(torch.float64)),
+            g64,
+            _flat(self.opt.intended) if take else None,
+            before,
+            finite,
+            take,
+            scale,
+            outputs,
+        )
+        return g64
 
     def current_params(self) -> dict[str, np.ndarray]:
         """The low-precision parameters (what the forward pass uses) as float64 arrays."""
@@ -460,22 +485,18 @@ class EmulatedRun(_Run):
                 self.params = {k: self.ar.asarray(v) for k, v in new.items()}  # one rounding
             else:
                 self.params = new
-        after = self.vector()
-        intended = _flat(list(self.opt.intended.values())) if take else np.zeros_like(after)
-        hist.loss.append(float(trace.loss))
-        g64 = _flat(list(grads.values()))
-        hist.grad_norm.append(float(np.linalg.norm(g64)) if np.all(np.isfinite(g64)) else math.inf)
-        asked = (intended != 0) & np.isfinite(intended)
-        hist.updated.append(int(asked.sum()))
-        hist.swamped.append(int(np.sum(asked & (after == before))))
-        hist.nonfinite.append(not finite or not math.isfinite(hist.loss[-1]))
-        hist.skipped.append(not take)
-        hist.scale.append(scale)
-        hist.dead_units.append(_dead_units(net, trace.forward))
-        hist.moved.append(bool(np.any((after != before) & ~(np.isnan(after) & np.isnan(before)))))
-        hist.params.append(after)
-        hist.state_hash.append(self.state_hash())
-        return {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()}
+        g64 = {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()}
+        self._record(
+            float(trace.loss),
+            g64,
+            _flat(list(self.opt.intended.values())) if take else None,
+            before,
+            finite,
+            take,
+            scale,
+            trace.forward,
+        )
+        return g64
 
     def current_params(self) -> dict[str, np.ndarray]:
         """The parameters the forward pass uses, as float64 arrays."""
@@ -516,10 +537,7 @@ class ExactRun:
         moved = any(_changed(new[k], self.params[k]) for k in new)
         self.params = new
         hist = self.history
-        loss = trace.loss
-        hist.loss.append(
-            float(np.asarray(self.ar.to_float64(loss))) if _is_ball(loss) else float(loss)
-        )
+        hist.loss.append(float(np.asarray(self.ar.to_float64(trace.loss))))
         g = _flat([self.ar.to_float64(v) for v in trace.grads.values()])
         hist.grad_norm.append(float(np.linalg.norm(g)))
         outs = {k: self.ar.to_float64(v) for k, v in trace.forward.items()}
@@ -529,22 +547,24 @@ class ExactRun:
         self.exact_params.append(dict(new))
 
     def _zero_vanishing(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Balls that contain 0 and are within 2^-(bits/2) of the largest parameter are exact
-        zeros up to cancellation noise (a bias before batch norm): set them to 0, as
-        :func:`fpgrad.exact.exact_trace` does, and count them."""
+        """Balls that are exact zeros up to cancellation noise (a bias before batch norm), by
+        the rule of :func:`fpgrad.exact.ball_digits` against the largest parameter: set them
+        to 0, as :func:`fpgrad.exact.exact_trace` does, and count them."""
         from fpgrad.arith.ball import Ball
+        from fpgrad.exact import ball_digits
 
         scale = max(float(np.max(np.abs(b.mid[0]), initial=0.0)) for b in params.values())
-        bound = scale * 2.0 ** -(self.ar.bits // 2)
         out = {}
         for k, b in params.items():
-            r = np.asarray(b.rad)
-            vanish = (r > 0) & (np.abs(b.mid[0]) <= r) & (2 * r <= bound)
+            _, vanish = ball_digits(b, self._cap(), self.ar.bits // 2, scale)
             if vanish.any():
                 self.vanishing += int(vanish.sum())
-                b = Ball(np.where(vanish, 0.0, b.mid), np.where(vanish, 0.0, r))
+                b = Ball(np.where(vanish, 0.0, b.mid), np.where(vanish, 0.0, b.rad))
             out[k] = b
         return out
+
+    def _cap(self) -> int:
+        return math.floor(self.ar.bits * math.log10(2))
 
     def failed(self) -> bool:
         """Ball arithmetic could not vouch (a value out of range, a ReLU branch undecided)."""
@@ -555,13 +575,12 @@ class ExactRun:
     def ball_digits(self) -> float:
         """Certified significant digits of every parameter at every step, from the radii
         (capped by what the working precision carries)."""
-        cap = math.floor(self.ar.bits * math.log10(2))
-        worst = float(cap)
+        from fpgrad.exact import ball_digits
+
+        worst = float(self._cap())
         for params in self.exact_params:
             for ball in params.values():
-                m, r = np.abs(ball.mid[0]), np.asarray(ball.rad)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    d = np.where(r == 0, cap, np.clip(-np.log10(r / m), 0.0, cap))
+                d, _ = ball_digits(ball, self._cap(), self.ar.bits // 2, 0.0)
                 if d.size:
                     worst = min(worst, float(np.min(d)))
         return worst
