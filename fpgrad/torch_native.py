@@ -95,16 +95,20 @@ def build_modules(net: Network, precision: str) -> list[nn.Module]:
     return modules
 
 
-def loss_fn(net: Network, out: torch.Tensor, precision: str) -> torch.Tensor:
-    """torch's own loss functions, mean reduction."""
+def loss_fn(
+    net: Network, out: torch.Tensor, precision: str, data: str | None = None
+) -> torch.Tensor:
+    """torch's own loss functions, mean reduction, on ``out`` in ``precision``; float targets
+    stored in ``data`` (default: ``precision``) and cast."""
     kind = net.loss.kind
+    if kind == "cross_entropy" and net.class_targets:
+        return F.cross_entropy(out, torch.from_numpy(net.y.astype(np.int64)))
+    t = cast(to_dtype(net.y, data or precision), DTYPES[precision])
     if kind == "mse":
-        return F.mse_loss(out, to_dtype(net.y, precision))
+        return F.mse_loss(out, t)
     if kind == "cross_entropy":
-        if net.class_targets:
-            return F.cross_entropy(out, torch.from_numpy(net.y.astype(np.int64)))
-        return F.cross_entropy(out, to_dtype(net.y, precision))
-    return F.binary_cross_entropy_with_logits(out, to_dtype(net.y, precision))
+        return F.cross_entropy(out, t)
+    return F.binary_cross_entropy_with_logits(out, t)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -195,20 +199,8 @@ class TorchModel:
 
     def loss(self, net: Network, out: torch.Tensor) -> torch.Tensor:
         """The loss in the planned precision; targets stored in ``plan.data`` and cast."""
-        plan = self.plan
-        dtype = DTYPES[plan.loss]
-        out = cast(out, dtype)
-        kind = net.loss.kind
-        if kind == "cross_entropy" and net.class_targets:
-            loss = F.cross_entropy(out, torch.from_numpy(net.y.astype(np.int64)))
-        else:
-            t = cast(to_dtype(net.y, plan.data), dtype)
-            if kind == "mse":
-                loss = F.mse_loss(out, t)
-            elif kind == "cross_entropy":
-                loss = F.cross_entropy(out, t)
-            else:
-                loss = F.binary_cross_entropy_with_logits(out, t)
+        out = cast(out, DTYPES[self.plan.loss])
+        loss = loss_fn(net, out, self.plan.loss, self.plan.data)
         self.ran_in["loss"] = {
             "compute": _dtype_name(out.dtype),
             "params": None,
@@ -225,9 +217,7 @@ def torch_trace(net: Network, precision: str | Plan, loss_scale: float = 1.0) ->
 
 
 def _torch_trace(net: Network, precision: str | Plan, loss_scale: float) -> Trace:
-    from fpgrad.policy import Plan as _Plan
-
-    plan = _Plan.uniform(net, precision) if isinstance(precision, str) else precision
+    plan = Plan.uniform(net, precision) if isinstance(precision, str) else precision
     model = TorchModel(net, plan)
     h = model.inputs(net)
     outputs: dict[str, torch.Tensor] = {}
