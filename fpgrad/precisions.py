@@ -32,7 +32,7 @@ from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.formats import CATALOGUE, NATIVE, Format, get_format
 from fpgrad.network import Network
-from fpgrad.policy import BUILTIN, LayerPlan, Plan, Policy, format_of, get_policy
+from fpgrad.policy import BUILTIN, Plan, Policy, format_of, get_policy
 from fpgrad.rounding import Mode, parse_mode
 
 DEFAULT_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
@@ -56,31 +56,13 @@ class Precision:
 
     def run(self, net: Network, loss_scale: float = 1.0) -> Trace:
         """Forward and backward; with ``loss_scale`` S the backward starts from S * loss."""
-        if self.kind == "policy":
-            from fpgrad.torch_native import torch_trace
-
-            assert self.policy is not None
-            plan = self.plan(net)
-            if plan.emulated:
-                from fpgrad.evaluate import evaluate_plan
-
-                trace = evaluate_plan(net, plan, emulated_systems(), loss_scale=loss_scale)
-                trace.loss = float(trace.loss)
-            else:
-                trace = torch_trace(net, plan, loss_scale)
-            trace.system = self.name
-            return trace
         return self.runner(net, self.name, loss_scale)
 
     def plan(self, net: Network) -> Plan:
         """What each layer of ``net`` computes in (uniform for a plain precision)."""
         if self.policy is not None:
             return self.policy.resolve(net)
-        return (
-            Plan.uniform(net, self.fmt.name)
-            if self.fmt.name in NATIVE
-            else _emulated_plan(net, self)
-        )
+        return Plan.uniform(net, self.name)
 
     def format_of(self, key: str, trace: Trace) -> Format:
         """The format the value ``key`` of ``trace`` was in."""
@@ -113,18 +95,24 @@ def emulated_systems(seed: int = EMULATED_SEED) -> Callable[[str], Arith]:
     return system
 
 
-def _emulated_plan(net: Network, p: Precision) -> Plan:
-    """An emulated precision as a uniform plan, named after the precision."""
-    layers = tuple(
-        LayerPlan(ly.name, ly.kind, p.name, p.name if ly.params else None, p.name, "default")
-        for ly in net.layers
-    )
-    return Plan(p.name, p.name, p.name, layers, p.name, "default")
-
-
 def _policy_precision(policy: Policy) -> Precision:
     """A policy as a comparison column; ``fmt`` is a fallback, each value carries its own."""
-    return Precision(policy.name, get_format("float16"), "policy", _native_runner, policy=policy)
+
+    def run(net: Network, name: str, loss_scale: float = 1.0) -> Trace:
+        plan = policy.resolve(net)
+        if plan.emulated:
+            from fpgrad.evaluate import evaluate_plan
+
+            trace = evaluate_plan(net, plan, emulated_systems(), loss_scale=loss_scale)
+            trace.loss = float(trace.loss)
+        else:
+            from fpgrad.torch_native import torch_trace
+
+            trace = torch_trace(net, plan, loss_scale)
+        trace.system = name
+        return trace
+
+    return Precision(policy.name, get_format("float16"), "policy", run, policy=policy)
 
 
 def _emulated_runner(
