@@ -52,7 +52,7 @@ def _emulated_name(precision: str) -> str:
 @dataclass(frozen=True)
 class Policy:
     """A named precision policy (see the module docstring); ``ops`` and ``layers`` map an op
-    class or a layer name to a native precision or ``input``."""
+    class or a layer name to a precision (native or emulated) or ``input``."""
 
     name: str
     params: str = "float32"
@@ -168,11 +168,8 @@ class Plan:
 
     @classmethod
     def uniform(cls, net: Network, precision: str) -> Plan:
-        """Everything in ``precision``: what a plain native precision means."""
+        """Everything in ``precision``: what a plain precision (native or emulated) means."""
         return Policy(precision, params=precision, default=precision).resolve(net)
-
-    def layer(self, name: str) -> LayerPlan:
-        return next(lp for lp in self.layers if lp.layer == name)
 
     def formats(self) -> set[str]:
         out = {self.params, self.data, self.loss}
@@ -216,6 +213,7 @@ class Plan:
         return {
             "policy": self.policy,
             "summary": self.describe(),
+            "uniform": self.is_uniform(),
             "params": self.params,
             "data": self.data,
             "layers": [
@@ -271,7 +269,7 @@ def _precision(value: Any, where: str, allow_input: bool = True) -> str:
         p = get_precision(name)
     except InputError:
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}") from None
-    if p.kind != "emulated" or name == INPUT:
+    if p.kind != "emulated":
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}")
     return p.name
 

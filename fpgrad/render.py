@@ -63,10 +63,6 @@ def exact_method_text(method: str, bits: int) -> str:
     return f"mpmath at {bits} bits (checked at {2 * bits} bits)"
 
 
-def _uniform(plan: dict[str, Any]) -> bool:
-    return plan["summary"].startswith("all ") and "master" not in plan
-
-
 def policy_table(plans: dict[str, dict[str, Any]], columns: list[str]) -> str:
     """Layers (and the loss) against columns: the precision each op computed in."""
     first = plans[columns[0]]
@@ -114,7 +110,7 @@ def render_comparison(c: Comparison, max_rows: int | None = None) -> str:
         + (f", loss scale {c.loss_scale:g}" if c.loss_scale != 1 else ""),
         tabulate(rows, headers=["precision", *verdicts, "policy"], tablefmt="github"),
     ]
-    if any(not _uniform(c.policies[p]) for p in c.precisions):
+    if any(not c.policies[p]["uniform"] for p in c.precisions):
         lines += ["", "Precision policies (what each op computed in; params: its parameters)"]
         lines.append(policy_table(c.policies, c.precisions))
 
@@ -290,7 +286,7 @@ def render_training(r: Any) -> str:
     if r.plans:
         lines += ["", "Policy of each run (what each op computed in)"]
         lines += [f"- {label}: {r.plans[label]['summary']}" for label in r.runs]
-        if any(not _uniform(r.plans[label]) for label in r.runs):
+        if any(not r.plans[label]["uniform"] for label in r.runs):
             lines += ["", policy_table(r.plans, r.runs)]
     vrows = []
     for label in r.runs:

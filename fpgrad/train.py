@@ -904,6 +904,7 @@ def _plan_dict(net: Network, spec: RunSpec) -> dict[str, Any]:
     if spec.master:
         d["summary"] += "; float32 master weights"
         d["master"] = "float32"
+        d["uniform"] = False
     return d
 
 
