@@ -230,13 +230,8 @@ def render_training(r: Any) -> str:
             else ""
         )
         + (f", batch {cfg['batch_size']}" if cfg["batch_size"] else ", full batch"),
-        (
-            f"exact run: ball arithmetic at {cfg.get('exact_working_bits')} bits, trajectory "
-            f"certified to {r.exact_certified_digits:.1f} digits (rigorous error bounds)"
-            if cfg.get("exact_method") == "fast"
-            else f"exact run: mpmath at {cfg['exact_bits']} bits, trajectory certified to "
-            f"{r.exact_certified_digits:.1f} digits (checked at {2 * cfg['exact_bits']} bits)"
-        ),
+        f"exact run: {exact_method_text(cfg['exact_method'], cfg['exact_working_bits'])}, "
+        f"trajectory certified to {r.exact_certified_digits:.1f} digits",
     ]
     lines += [f"note: {n}" for n in r.notes]
     rows = [
