@@ -56,32 +56,8 @@ def evaluate(
     ``loss_scale`` S multiplies dL/d(output) by S (backward of S * loss; values exactly S
     times the unscaled ones when S is a power of two and nothing under- or overflows).
     """
-    if rows is not None:
-        net = net.with_data(net.x[rows], net.y[rows])
-    values = params if params is not None else {k: ar.asarray(v) for k, v in net.params.items()}
-    h = ar.asarray(net.x)
-    inputs: list[Any] = []
-    saved: list[dict[str, Any]] = []
-    trace = Trace(system=ar.name, loss=None)
-    for layer in net.layers:
-        inputs.append(h)
-        h, keep = _forward(ar, layer, h, values)
-        saved.append(keep)
-        trace.forward[layer.name] = h
-
-    loss, grad = _loss(ar, net, h)
-    if loss_scale != 1.0:
-        grad = ar.mul(grad, ar.const(loss_scale))
-    trace.loss = loss
-    for index in range(len(net.layers) - 1, -1, -1):
-        layer = net.layers[index]
-        trace.backward[layer.name] = grad
-        grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad, values)
-        for pname, value in pgrads.items():
-            trace.grads[f"{layer.name}.{pname}"] = value
-    # parameters in layer order, as Network.params lists them
-    trace.grads = {name: trace.grads[name] for name in net.params}
-    return trace
+    n = len(net.layers)
+    return _evaluate(net, ar.name, [ar] * n, [ar] * n, ar, ar, ar, params, rows, loss_scale)
 
 
 def evaluate_plan(
@@ -98,53 +74,87 @@ def evaluate_plan(
     it; gradients are rounded back into the system of the value they belong to, as autograd
     casts them; parameters are stored in ``plan.params`` (``params`` overrides, in it) and
     parameter gradients arrive there. ``loss_scale`` as in :func:`evaluate`."""
+    systems = [arith(lp.compute) for lp in plan.layers]
+    param_systems = [
+        arith(lp.params) if lp.params else ar for lp, ar in zip(plan.layers, systems, strict=True)
+    ]
+    trace = _evaluate(
+        net,
+        plan.policy,
+        systems,
+        param_systems,
+        arith(plan.loss),
+        arith(plan.data),
+        arith(plan.params),
+        params,
+        rows,
+        loss_scale,
+    )
+    for lp in plan.layers:
+        trace.formats[f"forward/{lp.layer}"] = trace.formats[f"backward/{lp.layer}"] = lp.output
+        trace.ran_in[lp.layer] = {"compute": lp.compute, "params": lp.params, "output": lp.output}
+    trace.formats["loss"] = plan.loss
+    trace.ran_in["loss"] = {"compute": plan.loss, "params": None, "output": plan.loss}
+    for key in trace.grads:
+        trace.formats[f"grads/{key}"] = plan.params
+    return trace
+
+
+def _cast(src: Arith, dst: Arith, value: Any) -> Any:
+    """``value`` of system ``src`` in system ``dst``: itself when they are one system, else
+    rounded into ``dst`` from its float64 value (systems of float64 arrays)."""
+    return value if src is dst else dst.asarray(src.to_float64(value))
+
+
+def _evaluate(
+    net: Network,
+    system: str,
+    systems: list[Arith],
+    param_systems: list[Arith],
+    loss_ar: Arith,
+    data: Arith,
+    store: Arith,
+    params: dict[str, Any] | None,
+    rows: np.ndarray | None,
+    loss_scale: float,
+) -> Trace:
+    """The pass itself: layer i computes in ``systems[i]`` with its parameters, stored in
+    ``store``, cast into ``param_systems[i]``; inputs and targets are stored in ``data``."""
     if rows is not None:
         net = net.with_data(net.x[rows], net.y[rows])
-    store, data = arith(plan.params), arith(plan.data)
     stored = params if params is not None else {k: store.asarray(v) for k, v in net.params.items()}
-    if not net.class_targets:  # targets stored in the data's system, then cast for the loss
+    if not net.class_targets and data is not loss_ar:  # targets stored in data, cast for the loss
         net = net.with_data(net.x, data.to_float64(data.asarray(net.y)))
     h, prev = data.asarray(net.x), data
-    trace = Trace(system=plan.policy, loss=None)
-    systems: list[Arith] = []
+    trace = Trace(system=system, loss=None)
     inputs: list[Any] = []
     saved: list[dict[str, Any]] = []
     used: list[dict[str, Any]] = []
-    for layer, lp in zip(net.layers, plan.layers, strict=True):
-        ar = arith(lp.compute)
-        x = ar.asarray(prev.to_float64(h))
-        pa = arith(lp.params) if lp.params else ar
+    for layer, ar, pa in zip(net.layers, systems, param_systems, strict=True):
+        x = _cast(prev, ar, h)
         values = {
-            f"{layer.name}.{p}": pa.asarray(store.to_float64(stored[f"{layer.name}.{p}"]))
-            for p in layer.params
+            f"{layer.name}.{p}": _cast(store, pa, stored[f"{layer.name}.{p}"]) for p in layer.params
         }
         h, keep = _forward(ar, layer, x, values)
-        systems.append(ar)
         inputs.append(x)
         saved.append(keep)
         used.append(values)
         trace.forward[layer.name] = h
-        trace.formats[f"forward/{layer.name}"] = lp.output
-        trace.ran_in[layer.name] = {"compute": lp.compute, "params": lp.params, "output": lp.output}
         prev = ar
-    la = arith(plan.loss)
-    loss, grad = _loss(la, net, la.asarray(prev.to_float64(h)))
+    loss, grad = _loss(loss_ar, net, _cast(prev, loss_ar, h))
     if loss_scale != 1.0:
-        grad = la.mul(grad, la.const(loss_scale))
-    trace.loss, trace.formats["loss"] = loss, plan.loss
-    trace.ran_in["loss"] = {"compute": plan.loss, "params": None, "output": plan.loss}
-    prev = la
+        grad = loss_ar.mul(grad, loss_ar.const(loss_scale))
+    trace.loss = loss
+    prev = loss_ar
     for index in range(len(net.layers) - 1, -1, -1):
         layer, ar = net.layers[index], systems[index]
-        grad = ar.asarray(prev.to_float64(grad))  # into the system of the layer's output
+        grad = _cast(prev, ar, grad)  # into the system of the layer's output
         trace.backward[layer.name] = grad
-        trace.formats[f"backward/{layer.name}"] = plan.layers[index].output
         grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad, used[index])
         for pname, value in pgrads.items():
-            key = f"{layer.name}.{pname}"
-            trace.grads[key] = store.asarray(ar.to_float64(value))
-            trace.formats[f"grads/{key}"] = plan.params
+            trace.grads[f"{layer.name}.{pname}"] = _cast(ar, store, value)
         prev = ar
+    # parameters in layer order, as Network.params lists them
     trace.grads = {name: trace.grads[name] for name in net.params}
     return trace
 
