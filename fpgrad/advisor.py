@@ -53,7 +53,7 @@ from fpgrad.errors import InputError
 from fpgrad.exact import DEFAULT_BITS, exact_trace
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
-from fpgrad.policy import Plan
+from fpgrad.policy import Plan, format_of
 from fpgrad.verdicts import ExactArray, classify
 
 GROUPS = ("gradients", "signals")
@@ -137,7 +137,6 @@ def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:
     if plan is None:
         names = {ly.name for ly in net.layers}
         return {"params": names, "out": names, "loss": True}
-    from fpgrad.policy import format_of
 
     def same(p: str | None) -> bool:
         return p is not None and format_of(p).name == fmt
@@ -149,7 +148,7 @@ def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:
     }
 
 
-def sizes_text(in_f: dict[str, Any]) -> str:
+def _sizes_text(in_f: dict[str, Any]) -> str:
     params = ", ".join(sorted(in_f["params"])) or "none"
     return f"gradients of {params}; signals of {len(in_f['out'])} layer(s)" + (
         "; the seed" if in_f["loss"] else ""
@@ -354,7 +353,12 @@ def advise(
     exact = exact_trace(net, bits, allow_uncertified=allow_uncertified)
     in_f = _in_format(net, plan, f.name)
     grads = _Values.of(
-        [exact.exact_array(f"grads/{k}") for k in net.params if k.split(".")[0] in in_f["params"]]
+        [
+            exact.exact_array(f"grads/{ly.name}.{p}")
+            for ly in net.layers
+            if ly.name in in_f["params"]
+            for p in ly.params
+        ]
     )
     signals = _Values.of(
         [exact.exact_array(f"backward/{ly.name}") for ly in net.layers if ly.name in in_f["out"]]
@@ -511,7 +515,7 @@ def advise(
     if plan is not None:
         notes.append(
             f"policy {plan.policy} ({plan.describe()}): judged are the values it computes in "
-            f"{f.name}: {sizes_text(in_f)}"
+            f"{f.name}: {_sizes_text(in_f)}"
             + ("; measured: torch running the policy" if measurer is not None else "")
         )
     elif f.name == "float16":
@@ -557,11 +561,10 @@ class _TorchMeasure:
     def __init__(
         self, net: Network, precision: str, exact: Any, lim: _Limits, plan: Plan | None = None
     ):
-        from fpgrad.policy import Plan as _Plan
         from fpgrad.torch_native import TorchModel
 
-        self.net, self.precision = net, precision
-        self.model = TorchModel(net, plan or _Plan.uniform(net, precision))
+        self.net = net
+        self.model = TorchModel(net, plan or Plan.uniform(net, precision))
         self.params = list(self.model.named_params().values())
         self.exact = [exact.exact_array(f"grads/{k}") for k in net.params]
         # the format each gradient is computed in (a dense layer's: its compute format)
