@@ -167,7 +167,7 @@ def _run_compare(job: CellJob) -> dict[str, Any]:
         reference=opts["reference"],
         allow_uncertified=opts["allow_uncertified"],
         loss_scale=axes.get("loss_scale", 1.0),
-        exact=_exact_for(net, opts["exact_bits"], opts["allow_uncertified"]),
+        exact=_exact_for(job, net),
     )
     first = c.attribution[precision]["first_rounding_zero_backward"]
     return {
@@ -180,20 +180,22 @@ def _run_compare(job: CellJob) -> dict[str, Any]:
     }
 
 
-_EXACT: dict[tuple[str, int, bool], Any] = {}  #: this process's recent exact traces
+_EXACT: dict[tuple[str, float, int, bool], Any] = {}  #: this process's recent exact traces
 _EXACT_KEEP = 4
 
 
-def _exact_for(net: Network, bits: int, allow_uncertified: bool) -> Any:
-    """The exact trace of ``net``, shared by the cells of this process that evaluate the same
-    network (other precisions, loss scales): it does not depend on them."""
+def _exact_for(job: CellJob, net: Network) -> Any:
+    """The exact trace of the cell's network ``net`` (the job's network, init-scaled), shared
+    by the cells of this process that evaluate the same network (other precisions, loss
+    scales): it does not depend on them."""
     from fpgrad.exact import exact_trace
 
-    key = (network_hash(net), bits, allow_uncertified)
+    bits, allow = job.options["exact_bits"], job.options["allow_uncertified"]
+    key = (job.network_hash, job.axes.get("init_scale", 1.0), bits, allow)
     if key not in _EXACT:
         while len(_EXACT) >= _EXACT_KEEP:
             _EXACT.pop(next(iter(_EXACT)))
-        _EXACT[key] = exact_trace(net, bits, allow_uncertified=allow_uncertified)
+        _EXACT[key] = exact_trace(net, bits, allow_uncertified=allow)
     return _EXACT[key]
 
 
