@@ -65,6 +65,12 @@ def exact_method_text(method: str, bits: int) -> str:
 
 def policy_table(plans: dict[str, dict[str, Any]], columns: list[str]) -> str:
     """Layers (and the loss) against columns: the precision each op computed in."""
+    return tabulate(policy_rows(plans, columns), headers=["op", *columns], tablefmt="github")
+
+
+def policy_rows(plans: dict[str, dict[str, Any]], columns: list[str]) -> list[list[str]]:
+    """The rows of :func:`policy_table`: each layer, the loss, where parameters and data are
+    stored."""
     first = plans[columns[0]]
     rows = []
     for i, lp in enumerate(first["layers"]):
@@ -82,7 +88,7 @@ def policy_table(plans: dict[str, dict[str, Any]], columns: list[str]) -> str:
         + [plans[col].get("master", plans[col]["params"]) for col in columns]
     )
     rows.append(["data stored in"] + [plans[col]["data"] for col in columns])
-    return tabulate(rows, headers=["op", *columns], tablefmt="github")
+    return rows
 
 
 def render_comparison(c: Comparison, max_rows: int | None = None) -> str:

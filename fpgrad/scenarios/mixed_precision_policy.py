@@ -19,6 +19,7 @@ from fpgrad.formats import get_format
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
+from fpgrad.render import policy_rows
 from fpgrad.report.plots import save_png
 from fpgrad.scenarios.base import ScenarioResult, Section
 from fpgrad.torch_native import one_torch_thread
@@ -196,7 +197,7 @@ def _run(small: bool) -> ScenarioResult:
     verdict += " " + _training_text(training, steps)
 
     verdict_rows = [[col, plans[col]["summary"], *_counts(summary[col])] for col in labels]
-    plan_rows = _plan_rows(plans, labels)
+    plan_rows = policy_rows(plans, labels)
     zero_rows = [
         [
             f"{g['param']}{g['index']}",
@@ -386,25 +387,6 @@ def _run(small: bool) -> ScenarioResult:
         data=data,
         figures={f"{NAME}_verdicts.png": lambda path: _figure(labels, summary, n_nonzero, path)},
     )
-
-
-def _plan_rows(plans: dict[str, dict[str, Any]], labels: list[str]) -> list[list[str]]:
-    """One row per layer, the loss and the parameters: the precision each column used."""
-
-    def cell(lp: dict[str, Any]) -> str:
-        if lp["params"] and lp["params"] != lp["compute"]:
-            return f"{lp['compute']} ({lp['params']} params)"
-        return lp["compute"]
-
-    first = plans[labels[0]]
-    rows = []
-    for i, lp in enumerate(first["layers"]):
-        rows.append(
-            [f"{lp['layer']} ({lp['kind']})", *(cell(plans[c]["layers"][i]) for c in labels)]
-        )
-    rows.append(["loss", *(plans[c]["loss"]["compute"] for c in labels)])
-    rows.append(["parameters (master)", *(plans[c]["params"] for c in labels)])
-    return rows
 
 
 def _training_facts(tr: TrainResult) -> dict[str, Any]:
