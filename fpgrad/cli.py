@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--exact-bits",
         type=int,
         default=None,
-        help="bits of the exact reference (default 150: certified ball arithmetic; "
-        "above 150: mpmath checked at twice the bits; at least 64)",
+        help="starting precision of the certified exact reference (default 150: multi-word "
+        "balls; above 150: Arb balls; raised while values are not certified, up to 8192 bits; "
+        "at least 64)",
     )
     p.add_argument(
         "--policy",
@@ -374,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-method",
         default="auto",
-        choices=("auto", "fast", "mpmath"),
-        help="exact run in certified ball arithmetic (fast, up to 150 bits) or mpmath checked at "
-        "twice the bits; auto (default): fast when it certifies 17 digits",
+        choices=("auto", "fast", "arb", "mpmath"),
+        help="exact run in multi-word balls (fast, up to 150 bits) or Arb balls at escalating "
+        "precision (arb; mpmath is its old name); auto (default): fast when it certifies 17 "
+        "digits, else arb",
     )
     p.add_argument(
         "--verdict-every", type=int, default=None, help="steps between gradient verdicts"

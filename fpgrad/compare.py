@@ -177,7 +177,9 @@ def compare(
     loss: dict[str, Any] = {"exact": decimal_string(exact.trace.loss, exact.digits["loss"].min())}
     for p in precs:
         ex = refs[p.name].exact_array("loss")
-        v = classify(ex, np.asarray(traces[p.name].loss), p.format_of("loss", traces[p.name]))
+        v = classify(
+            ex, np.asarray(traces[p.name].loss), p.format_of("loss", traces[p.name]), p.mode
+        )
         loss[p.name] = {
             "value": float(traces[p.name].loss),
             "verdict": str(v.verdict[()]),
@@ -247,7 +249,10 @@ class _Scaled:
         ex = self.ref.exact_array(key)
         if not self.scaled(key):
             return ex
-        return ExactArray(np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero)
+        rad = None if ex.rad is None else np.ldexp(ex.rad, self.k)
+        return ExactArray(
+            np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero, rad, ex.undetermined
+        )
 
     def grad_value(self, name: str, idx: tuple[int, ...]) -> Any:
         """The exact gradient element (an mpf), times S."""
@@ -274,7 +279,9 @@ def _gradient_entries(
         for p in precs:
             ref = refs[p.name]
             ref_ex = ref.exact_array(key)
-            v = classify(ref_ex, traces[p.name].grads[name], p.format_of(key, traces[p.name]))
+            v = classify(
+                ref_ex, traces[p.name].grads[name], p.format_of(key, traces[p.name]), p.mode
+            )
             cols[p.name] = (traces[p.name].grads[name], v, ref, ref_ex)
         for idx in np.ndindex(shape):
             entry: dict[str, Any] = {
@@ -315,7 +322,7 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
         key = f"{section}/{place.layer}"
         ex = exact.exact_array(key)
         fmt = p.format_of(key, trace)
-        v = classify(ex, getattr(trace, section)[place.layer], fmt)
+        v = classify(ex, getattr(trace, section)[place.layer], fmt, p.mode)
         verdicts = v.verdict
         row = {
             "layer": place.layer,

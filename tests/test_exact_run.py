@@ -85,7 +85,7 @@ def test_balls_enclose_the_mpmath_trajectory(name: str, opt: str) -> None:
             assert mid.shape == np.shape(mps[k])
 
 
-def test_out_of_range_values_fall_back_to_mpmath() -> None:
+def test_out_of_range_values_fall_back_to_arb() -> None:
     # a weight of 2^-500 times an input of 2^-500: 2^-1000 is outside the balls' range
     net = net_from(
         [{"type": "dense", "out": 1, "weight": [[2.0**-500]], "bias": False}],
@@ -94,12 +94,12 @@ def test_out_of_range_values_fall_back_to_mpmath() -> None:
         [[1.0]],
     )
     r = train(net, 2, OptimConfig(lr=0.1), runs="float32", perturb=False)
-    assert r.config["exact_method"] == "mpmath" and r.exact_certified_digits >= 17
-    with pytest.raises(InputError, match="use --exact-method mpmath"):
+    assert r.config["exact_method"] == "arb" and r.exact_certified_digits >= 17
+    with pytest.raises(InputError, match="use --exact-method arb"):
         train(net, 2, OptimConfig(lr=0.1), runs="float32", exact_method="fast")
     fast = train(net_from(*_small()), 3, runs="float16", perturb=False)
-    slow = train(net_from(*_small()), 3, runs="float16", perturb=False, exact_method="mpmath")
-    assert fast.config["exact_method"] == "fast" and slow.config["exact_method"] == "mpmath"
+    slow = train(net_from(*_small()), 3, runs="float16", perturb=False, exact_method="arb")
+    assert fast.config["exact_method"] == "fast" and slow.config["exact_method"] == "arb"
     assert fast.exact.loss == slow.exact.loss and fast.exact.params[-1].tolist() == pytest.approx(
         slow.exact.params[-1].tolist(), rel=1e-15
     )

@@ -22,7 +22,7 @@ the same words as the numpy kernels of :mod:`fpgrad.arith.expansion` and
 Limits, counted instead of guessed: a value whose magnitude leaves [2**-800, 2**800] (or that
 underflows to zero) increments :attr:`BallArith.range_errors`; a comparison (ReLU mask)
 whose ball contains zero increments :attr:`BallArith.uncertain_branches`. A run with either
-count non-zero is not certified by this system (:mod:`fpgrad.exact` falls back to mpmath).
+count non-zero is not certified by this system (:mod:`fpgrad.exact` falls back to Arb balls).
 
 The per-operation error constants (:data:`fpgrad.arith.expansion.ETA` and ``eta_fn`` for the
 elementary functions) are tested against mpmath with a margin of at least 2**3
@@ -184,6 +184,8 @@ class _LazyBall(Ball):
 
 class BallArith:
     """Balls with k-word midpoints at a working precision of ``bits`` (100: k=2; 128, 150: k=3)."""
+
+    exact = True  #: an exact reference: structural identities and cancellation-free forms
 
     def __init__(self, bits: int = MAX_BITS) -> None:
         _keep_freed_memory()
@@ -442,32 +444,6 @@ class BallArith:
 
     def to_float64(self, a: Ball) -> np.ndarray:
         return xp.hi_lo(a.mid)[0]
-
-    # ---- loss derivatives without cancellation --------------------------------------------
-    def xent_grad(self, e: Ball, total: Ball, t: np.ndarray) -> Ball:
-        p = self.div(e, total)
-        out = self.sub(self.mul(p, self.asarray(t.sum(axis=1, keepdims=True))), self.asarray(t))
-        nz = t != 0
-        hot = (nz.sum(axis=1) == 1) & (np.where(nz, t, 0).sum(axis=1) == 1.0)
-        if hot.any():  # one-hot rows: p_k - 1 = -sum_{j != k} p_j
-            others = self.sum(
-                self.mul(e, self.asarray((~nz).astype(np.float64))), axis=1, keepdims=True
-            )
-            comp = self.div(others, total)
-            rows = np.flatnonzero(hot)
-            cols = np.argmax(nz[rows], axis=1)
-            out.mid[:, rows, cols] = -comp.mid[:, rows, 0]
-            out.rad[rows, cols] = comp.rad[rows, 0]
-        return out
-
-    def bce_grad(self, z: Ball, t: np.ndarray) -> Ball:
-        out = self.sub(self.sigmoid(z), self.asarray(t))
-        ones = t == 1.0
-        if ones.any():  # sigmoid(z) - 1 = -sigmoid(-z)
-            neg = self.sigmoid(Ball(-z.mid, z.rad))
-            out.mid[:, ones] = -neg.mid[:, ones]
-            out.rad[ones] = neg.rad[ones]
-        return out
 
     # ---- helpers ------------------------------------------------------------------------------
     def _domain(self, bad: np.ndarray) -> None:
