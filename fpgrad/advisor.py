@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.errors import InputError
-from fpgrad.exact import DEFAULT_BITS, exact_trace
+from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, exact_trace
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
@@ -318,6 +318,7 @@ def advise(
     exponents: tuple[int, int] | None = None,
     measure: bool = True,
     allow_uncertified: bool = False,
+    exact_max_bits: int = DEFAULT_MAX_BITS,
 ) -> Advice:
     """Loss-scale advice for ``net`` in the format ``fmt`` (see the module docstring).
 
@@ -350,7 +351,7 @@ def advise(
             f"{f.name} needs no loss scale (its range covers every exact gradient here); "
             "advise for float16, bfloat16 or an 8-bit format"
         )
-    exact = exact_trace(net, bits, allow_uncertified=allow_uncertified)
+    exact = exact_trace(net, bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits)
     in_f = _in_format(net, plan, f.name)
     grads = _Values.of(
         [

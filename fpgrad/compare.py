@@ -18,7 +18,13 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
-from fpgrad.exact import DEFAULT_BITS, ExactResult, decimal_string, exact_trace
+from fpgrad.exact import (
+    DEFAULT_BITS,
+    DEFAULT_MAX_BITS,
+    ExactResult,
+    decimal_string,
+    exact_trace,
+)
 from fpgrad.jsonutil import jsonable
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
@@ -84,6 +90,8 @@ class Comparison:
     loss_scale: float = 1.0
     #: per column: the plan it ran (what each layer computed in) and the dtypes observed
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the exact reference's working and cap bits, undetermined count and escalations
+    exact_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(
@@ -95,6 +103,7 @@ class Comparison:
                     "bits": self.exact_bits,
                     "method": self.exact_method,
                     "certified_digits": self.certified_digits,
+                    **self.exact_info,
                     "vanishing_values": self.vanishing,
                 },
                 "precisions": self.precisions,
@@ -140,6 +149,7 @@ def compare(
     allow_uncertified: bool = False,
     loss_scale: float = 1.0,
     exact: ExactResult | None = None,
+    exact_max_bits: int = DEFAULT_MAX_BITS,
 ) -> Comparison:
     """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
 
@@ -148,6 +158,7 @@ def compare(
     precision backpropagates S * loss, and backward values and gradients are judged as
     computed, against S times the exact ones. ``exact``: a precomputed
     ``exact_trace(net, exact_bits, allow_uncertified=...)`` of this same network, reused.
+    ``exact_max_bits``: the cap of the exact reference's precision escalation.
     """
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
@@ -155,9 +166,11 @@ def compare(
     precs = parse_precisions(precisions, net.policies)
     plans = {p.name: p.plan(net) for p in precs}
     if exact is None:
-        exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified)
-    elif exact.bits != exact_bits:
-        raise InputError(f"the exact trace given has {exact.bits} bits, not {exact_bits}")
+        exact = exact_trace(
+            net, exact_bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits
+        )
+    elif exact.requested_bits != exact_bits:
+        raise InputError(f"the exact trace given has {exact.requested_bits} bits, not {exact_bits}")
     refs: dict[str, ExactResult] = {}
     for p in precs:
         if reference == "rounded":
@@ -166,7 +179,9 @@ def compare(
                 if p.kind == "policy"
                 else net.map_values(lambda a, fmt=p.fmt: round_to(a, fmt))
             )
-            refs[p.name] = exact_trace(rounded, exact_bits, allow_uncertified=allow_uncertified)
+            refs[p.name] = exact_trace(
+                rounded, exact_bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits
+            )
         else:
             refs[p.name] = exact
     traces = {p.name: p.run(net, loss_scale) for p in precs}
@@ -197,10 +212,12 @@ def compare(
         if reference == "original"
         else "exact: evaluated per precision at the parameters and data rounded into it"
     ]
-    if vanishing:
+    undetermined = max(r.undetermined_count for r in (exact, *refs.values()))
+    if undetermined:
         notes.append(
-            f"{vanishing} exact values are zero to within 2^-{exact.vanishing_bound_bits} "
-            "of their array's largest value (cancellation) and are treated as exact zeros"
+            f"{undetermined} exact values are undetermined: their certified balls still contain "
+            f"0 at {exact.max_bits} bits (sign unknown; shown as |e| <= bound); raise "
+            "--exact-max-bits to try harder"
         )
     if loss_scale != 1.0:
         notes.append(
@@ -222,6 +239,12 @@ def compare(
         notes=notes,
         loss_scale=loss_scale,
         policies=policies,
+        exact_info={
+            "working_bits": max(r.bits for r in (exact, *refs.values())),
+            "max_bits": exact.max_bits,
+            "undetermined_values": undetermined,
+            "escalations": exact.escalations,
+        },
     )
 
 
@@ -253,6 +276,15 @@ class _Scaled:
         return ExactArray(
             np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero, rad, ex.undetermined
         )
+
+    def grad_text(self, name: str, idx: tuple[int, ...], digits: float) -> str:
+        """The exact gradient element as shown: its certified digits, or its bound when the
+        element is undetermined (``|e| <= r``)."""
+        ex = self.exact_array(f"grads/{name}")
+        if ex.undetermined is not None and ex.undetermined[idx]:
+            assert ex.rad is not None
+            return f"|e| <= {ex.rad[idx]:.3g}"
+        return decimal_string(self.grad_value(name, idx), digits)
 
     def grad_value(self, name: str, idx: tuple[int, ...]) -> Any:
         """The exact gradient element (an mpf), times S."""
@@ -287,7 +319,7 @@ def _gradient_entries(
             entry: dict[str, Any] = {
                 "param": name,
                 "index": list(idx),
-                "exact": decimal_string(exact.grad_value(name, idx), digits[idx]),
+                "exact": exact.grad_text(name, idx, digits[idx]),
             }
             for p in precs:
                 values, v, ref, _ = cols[p.name]
@@ -300,7 +332,7 @@ def _gradient_entries(
                     "digits": float(v.digits[idx]),
                 }
                 if reference == "rounded":
-                    col["exact"] = decimal_string(ref.grad_value(name, idx), ref.digits[key][idx])
+                    col["exact"] = ref.grad_text(name, idx, ref.digits[key][idx])
                 entry[p.name] = col
             entries.append(entry)
     return entries

@@ -87,6 +87,8 @@ class ExactResult:
     _arbs: Trace | None = field(default=None, repr=False)
     _trace: Trace | None = field(default=None, repr=False)
     _arrays: dict[str, ExactArray] = field(default_factory=dict, repr=False)
+    requested_bits: int = 0  #: the bits asked for (``bits`` is where the escalation ended)
+    max_bits: int = DEFAULT_MAX_BITS  #: the cap of the escalation
     vanishing: int = 0  # no value is ever zeroed by a threshold (kept for old callers)
     vanishing_bound_bits: int = 0
 
@@ -181,10 +183,10 @@ def exact_trace(
         level = min(b for b in FAST_LEVELS if b >= bits)
         fast, why, sound = _fast(net, level, progress)
         if not why:
-            return _check(fast, allow_uncertified)
+            return _check(_finish(fast, bits, max_bits), allow_uncertified)
         if method == "fast":
             if sound:
-                return _check(fast, allow_uncertified)
+                return _check(_finish(fast, bits, max_bits), allow_uncertified)
             raise InputError(
                 f"the fast exact path cannot certify this network ({why}); use method='arb'"
             )
@@ -193,7 +195,7 @@ def exact_trace(
         if too_big:
             if sound:  # the fast balls are enclosures: report what they prove
                 fast.escalations = [*escalations, f"arb not tried: {too_big}"]
-                return _check(fast, allow_uncertified)
+                return _check(_finish(fast, bits, max_bits), allow_uncertified)
             raise InputError(
                 f"the fast exact path cannot certify this network ({why}) and it is too large "
                 f"for the certified fallback ({too_big}); use a smaller batch or model"
@@ -206,7 +208,12 @@ def exact_trace(
                 "use --exact-bits 150 or less (the fast path), or a smaller batch or model"
             )
     result = _arb(net, max(bits, ARB_START_BITS), max_bits, progress, escalations)
-    return _check(result, allow_uncertified)
+    return _check(_finish(result, bits, max_bits), allow_uncertified)
+
+
+def _finish(result: ExactResult, bits: int, max_bits: int) -> ExactResult:
+    result.requested_bits, result.max_bits = bits, max_bits
+    return result
 
 
 def _check(result: ExactResult, allow_uncertified: bool) -> ExactResult:
@@ -269,7 +276,11 @@ def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult, 
     """Ball evaluation: (result, why it cannot stand ('' when it can), whether its balls are
     sound enclosures: False after a range error or an undecided branch)."""
     ar = BallArith(bits)
-    with _Progress(net, 1, progress, f"exact (fast, {bits} bits)") as bar:
+    # overflow or underflow inside the float64 words is counted in ar.range_errors
+    with (
+        np.errstate(all="ignore"),
+        _Progress(net, 1, progress, f"exact (fast, {bits} bits)") as bar,
+    ):
         balls = evaluate(net, bar.wrap(ar))
         items = [(key, value) for key, value, _ in _items(balls)]
         for _, ball in items:  # compute the lazy products now, so their range is checked
@@ -317,9 +328,7 @@ def _arb(
         prec = min(prec * ARB_GROWTH, cap_bits)
 
 
-def ball_digits(
-    ball: Ball, cap: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(certified digits, exact zeros, undetermined, radii) of a multi-word ball array.
 
     Exact zero: radius 0 at 0. Undetermined: the ball contains 0 otherwise. Digits:

@@ -19,6 +19,7 @@ _SHORT = {
     "nan": "NaN",
     "wrong_sign": "WRONG-SIGN",
     "spurious_nonzero": "spurious",
+    "undetermined": "UNDETERMINED",
 }
 
 

@@ -639,8 +639,7 @@ def exact_trajectory(
             why = f"step {run.failed_at}: a value out of 2**-800..2**800 or a ReLU input too close to 0"
         if method == "fast":
             raise InputError(
-                f"the fast exact run cannot certify this training ({why}); "
-                "use --exact-method arb"
+                f"the fast exact run cannot certify this training ({why}); use --exact-method arb"
             )
         print(
             f"fpgrad train: the ball exact run cannot vouch ({why}); recomputing in Arb balls",
@@ -663,6 +662,7 @@ def exact_gradient_counts(
     precision: str,
     rows: np.ndarray,
     bits: int,
+    max_bits: int | None = None,
 ) -> dict[str, int]:
     """Verdict counts of ``grads`` against the certified exact gradients at the same
     parameters and batch (:func:`fpgrad.exact.exact_trace`, noise around exact zeros removed).
@@ -677,7 +677,10 @@ def exact_gradient_counts(
         nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
         return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}
     part = net.with_params(params).with_data(net.x[rows], net.y[rows])
-    exact = exact_trace(part, bits, allow_uncertified=True)
+    from fpgrad.exact import DEFAULT_MAX_BITS
+
+    cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
+    exact = exact_trace(part, bits, allow_uncertified=True, max_bits=cap)
     fmt = get_format(precision)
     counts: dict[str, int] = {}
     for k, g in grads.items():
@@ -777,10 +780,12 @@ def train(
     perturb: bool = True,
     progress: bool = False,
     exact_method: str = "auto",
+    exact_max_bits: int | None = None,
 ) -> TrainResult:
     """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation.
 
-    ``exact_method``: how the exact run is computed and certified (:func:`exact_trajectory`).
+    ``exact_method``: how the exact run is computed and certified (:func:`exact_trajectory`);
+    ``exact_max_bits``: the cap of its precision escalation (default 8192).
     """
     with one_torch_thread():
         return _train(
@@ -796,6 +801,7 @@ def train(
             perturb,
             progress,
             exact_method,
+            exact_max_bits,
         )
 
 
@@ -812,6 +818,7 @@ def _train(
     perturb: bool,
     progress: bool,
     exact_method: str,
+    exact_max_bits: int | None,
 ) -> TrainResult:
     from fpgrad.dynamics import (
         detect_cycle,
@@ -837,7 +844,7 @@ def _train(
     torch_runs = {s.label: make(s) for s in specs}
     twins = {s.label: make(s, twin=True) for s in specs} if perturb else {}
     exact, digits, exact_method = exact_trajectory(
-        net, cfg, schedule, exact_bits, exact_method, progress
+        net, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
     )
     for r in (*torch_runs.values(), *twins.values()):
         r.record_initial()
@@ -853,7 +860,7 @@ def _train(
             grads = run.step(rows)
             if t % every == 0 or t == steps - 1:
                 run.history.verdicts[t] = exact_gradient_counts(
-                    net, before, grads, run.grad_format, rows, exact_bits
+                    net, before, grads, run.grad_format, rows, exact_bits, exact_max_bits
                 )
             if label in twins:
                 twins[label].step(rows)
