@@ -287,3 +287,44 @@ def test_weight_gradient_product_below_the_fast_range_is_checked() -> None:
         dz = [-p1, p1]
         gw = np.array([[dz[0] * mpmath.mpf(x), dz[0]], [dz[1] * mpmath.mpf(x), dz[1]]])
     _claims_hold(res, "grads/dense0.weight", gw)
+
+
+@pytest.mark.parametrize("bits", [100, 150])
+def test_ball_log1p_encloses_in_every_regime(bits: int) -> None:
+    from fpgrad.arith import expansion
+    from fpgrad.arith.ball import BallArith
+
+    rng = np.random.default_rng(bits)
+    xs = np.concatenate(
+        [
+            [0.0, 2.0**-700, 2.0**-200, 2.0**-199, 2.0**-8, 2.0**-8 * (1 + 2.0**-52), 0.5, 1e10],
+            rng.uniform(-0.5, 0.5, 40) * 2.0 ** rng.integers(-300, 0, 40),
+        ]
+    )
+    ar = BallArith(bits)
+    # inputs with a radius, as the exact reference feeds them (the sum of the others' exps)
+    b = ar.add(ar.asarray(xs), ar.mul(ar.asarray(xs), ar.asarray(np.full(xs.shape, 1 / 3))))
+    out = ar.log1p(b)
+    assert ar.range_errors == 0
+    ctx = mpmath.MPContext()
+    ctx.prec = 2000
+    x_in = expansion.to_mpf(b.mid, ctx)
+    got = expansion.to_mpf(out.mid, ctx)
+    for i in range(xs.size):
+        # the exact log1p of any point of the input ball lies in the output ball: check the
+        # midpoint and both ends
+        for x in (x_in[i] - b.rad[i], x_in[i], x_in[i] + b.rad[i]):
+            assert abs(got[i] - ctx.log1p(x)) <= out.rad[i], (i, xs[i])
+        if xs[i] != 0:
+            assert out.rad[i] <= abs(got[i]) * 2.0 ** -(bits - 60)  # narrow: digits kept
+
+
+def test_confident_classifier_is_certified_by_the_fast_path() -> None:
+    net = net_from(
+        [{"type": "dense", "weight": [[30.0, 0.5], [-30.0, 0.25]], "bias": [0.0, 0.0]}],
+        "cross_entropy",
+        [[1.0, 0.5], [2.0, -1.0], [-1.5, 0.0]],
+        [0, 0, 1],
+    )
+    res = exact_trace(net)
+    assert res.method == "fast" and res.certified_digits >= 17

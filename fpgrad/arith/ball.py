@@ -415,6 +415,44 @@ class BallArith:
         self.range_errors += bad
         return d
 
+    def log1p(self, a: Ball) -> Ball:
+        """log(1 + a) without cancellation for small a.
+
+        ``|a| + rad <= 2**-200``: ``a`` itself, the radius grown by ``(|a| + rad) 2**-200``
+        (``|log1p(a) - a| <= a^2 / 2``); ``<= 2**-8``: ``2 atanh(u)`` with ``u = a / (2 + a)``,
+        summed as ``2 u sum_{j<K} u^2j / (2j + 1)`` with the tail bounded by
+        ``2 |u|^(2K+1) / ((2K + 1)(1 - u^2))``; elsewhere ``log(1 + a)``. Each branch sees
+        only its own elements (the others are set to an exact 0), so no branch leaves the
+        range for elements it does not serve.
+        """
+        bound = np.abs(a.mid[0]) * HI_BOUND + a.rad
+        tiny = bound <= 2.0**-200
+        small = (bound <= 2.0**-8) & ~tiny
+
+        def only(mask: np.ndarray) -> Ball:
+            return Ball(np.where(mask, a.mid, 0.0), np.where(mask, a.rad, 0.0))
+
+        out = self.log(self.add(self.const(1.0), only(~(tiny | small))))
+        if small.any():
+            terms = 18 if self.k == 3 else 12  # |u|^(2K) <= 2**-160 (k=3), 2**-106 (k=2)
+            x = only(small)
+            u = self.div(x, self.add(self.const(2.0), x))
+            u2 = self.mul(u, u)
+            poly = self.div(self.const(1.0), self.const(2.0 * terms - 1))
+            for j in range(terms - 2, -1, -1):
+                odd = self.div(self.const(1.0), self.const(2.0 * j + 1))
+                poly = self.add(self.mul(poly, u2), odd)
+            series = self.mul(self.mul(self.const(2.0), u), poly)
+            ub = np.minimum(np.abs(u.mid[0]) * HI_BOUND + u.rad, 2.0**-8)  # |u| <= ub
+            with np.errstate(under="ignore"):
+                tail = 2.0 * ub ** (2 * terms + 1) / ((2 * terms + 1) * (1.0 - ub * ub))
+            series = Ball(series.mid, (series.rad + tail * RU) * RU)
+            out = self.where(small, series, out)
+        if tiny.any():
+            near = Ball(a.mid, (a.rad + bound * 2.0**-200) * RU)
+            out = self.where(tiny, near, out)
+        return out
+
     def sqrt(self, a: Ball) -> Ball:
         a0 = a.mid[0]
         self._domain(a0 < 0)
