@@ -189,7 +189,7 @@ def compare(
     certified = min(r.certified_digits for r in (exact, *refs.values()))
     vanishing = max(r.vanishing for r in (exact, *refs.values()))
 
-    loss: dict[str, Any] = {"exact": decimal_string(exact.trace.loss, exact.digits["loss"].min())}
+    loss: dict[str, Any] = {"exact": _Scaled(exact, 1.0).text("loss", ())}
     for p in precs:
         ex = refs[p.name].exact_array("loss")
         v = classify(
@@ -277,14 +277,17 @@ class _Scaled:
             np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero, rad, ex.undetermined
         )
 
-    def grad_text(self, name: str, idx: tuple[int, ...], digits: float) -> str:
-        """The exact gradient element as shown: its certified digits, or its bound when the
-        element is undetermined (``|e| <= r``)."""
-        ex = self.exact_array(f"grads/{name}")
+    def text(self, key: str, idx: tuple[int, ...]) -> str:
+        """An exact element as shown: its certified digits, or its bound when it is
+        undetermined (``|e| <= r``)."""
+        ex = self.exact_array(key)
         if ex.undetermined is not None and ex.undetermined[idx]:
             assert ex.rad is not None
             return f"|e| <= {ex.rad[idx]:.3g}"
-        return decimal_string(self.grad_value(name, idx), digits)
+        digits = float(self.digits[key][idx])
+        if key == "loss":
+            return decimal_string(self.ref.trace.loss, digits)
+        return decimal_string(self.grad_value(key.split("/", 1)[1], idx), digits)
 
     def grad_value(self, name: str, idx: tuple[int, ...]) -> Any:
         """The exact gradient element (an mpf), times S."""
@@ -306,7 +309,6 @@ def _gradient_entries(
     for name in net.params:
         key = f"grads/{name}"
         shape = np.shape(net.params[name])
-        digits = exact.digits[key]
         cols: dict[str, Any] = {}
         for p in precs:
             ref = refs[p.name]
@@ -319,7 +321,7 @@ def _gradient_entries(
             entry: dict[str, Any] = {
                 "param": name,
                 "index": list(idx),
-                "exact": exact.grad_text(name, idx, digits[idx]),
+                "exact": exact.text(key, idx),
             }
             for p in precs:
                 values, v, ref, _ = cols[p.name]
@@ -332,7 +334,7 @@ def _gradient_entries(
                     "digits": float(v.digits[idx]),
                 }
                 if reference == "rounded":
-                    col["exact"] = ref.grad_text(name, idx, ref.digits[key][idx])
+                    col["exact"] = ref.text(key, idx)
                 entry[p.name] = col
             entries.append(entry)
     return entries
