@@ -328,3 +328,42 @@ def test_confident_classifier_is_certified_by_the_fast_path() -> None:
     )
     res = exact_trace(net)
     assert res.method == "fast" and res.certified_digits >= 17
+
+
+# ---- options and messages -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--exact-max-bits", "32"], "--exact-max-bits 32 is out of range"),
+        (["--exact-max-bits", "100000"], "--exact-max-bits 100000 is out of range"),
+        (["--exact-bits", "300", "--exact-max-bits", "256"], "above the cap"),
+    ],
+)
+def test_exact_cap_options_are_one_line_errors(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fpgrad.cli import main
+
+    code = main(["compare", "fpgrad/examples/showcase.toml", "--precisions", "float32", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_exact_training_fallback_is_announced_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fpgrad.optim import OptimConfig
+    from fpgrad.train import train
+
+    net = net_from(  # 2^-500 * 2^-500 leaves the fast balls' range
+        [{"type": "dense", "out": 1, "weight": [[2.0**-500]], "bias": False}],
+        "mse",
+        [[2.0**-500]],
+        [[1.0]],
+    )
+    r = train(net, 2, OptimConfig(lr=0.1), runs="float32", perturb=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert r.config["exact_method"] == "arb"
+    assert len(err) == 1 and "recomputing in Arb balls" in err[0] and "step 1" in err[0]
