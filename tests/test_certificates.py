@@ -367,3 +367,19 @@ def test_exact_training_fallback_is_announced_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert r.config["exact_method"] == "arb"
     assert len(err) == 1 and "recomputing in Arb balls" in err[0] and "step 1" in err[0]
+
+
+def test_arb_radii_are_upper_bounds_across_float64s_range() -> None:
+    from flint import arb
+
+    from fpgrad.arith.arb import radii
+
+    big = arb("1 +/- 1e300") * arb(2) ** 3000
+    vals = np.array(
+        [arb(1), big, arb("1 +/- 1e-320"), arb("1 +/- 1e-400"), arb("0 +/- 1e307") * 8],
+        dtype=object,
+    )
+    r = radii(vals)
+    assert r[0] == 0 and r[1] == math.inf
+    for v, bound in zip(vals[2:], r[2:], strict=True):
+        assert bound > 0 and arb(float(bound)) >= v.rad()

@@ -235,8 +235,12 @@ def radii(values: np.ndarray) -> np.ndarray:
             out[i] = 0.0
             continue
         man, exp = r.mid().man_exp()
-        f = math.ldexp(float(int(man)), int(exp)) if exp < 2000 else math.inf
-        out[i] = np.nextafter(f, np.inf)  # float() rounds to nearest: step up once
+        man, exp = int(man), int(exp)
+        if exp + man.bit_length() > 1024:  # beyond float64: no finite bound to give
+            out[i] = math.inf
+            continue
+        f = math.ldexp(float(man), exp)  # float(man) is exact: Arb radii carry 30 bits
+        out[i] = np.nextafter(f, np.inf)  # ldexp may round (subnormal range): step up once
     return out.reshape(np.shape(values))
 
 
