@@ -234,6 +234,9 @@ def radii(values: np.ndarray) -> np.ndarray:
         if r == 0:
             out[i] = 0.0
             continue
+        if not r.is_finite():  # Arb gave up on this value: an unbounded ball
+            out[i] = math.inf
+            continue
         man, exp = r.mid().man_exp()
         man, exp = int(man), int(exp)
         if exp + man.bit_length() > 1024:  # beyond float64: no finite bound to give
