@@ -220,7 +220,11 @@ def to_mpf(values: np.ndarray, prec: int) -> np.ndarray:
     flat = _obj(values).ravel()
     out = np.empty(flat.size, dtype=object)
     for i, v in enumerate(flat):
-        man, exp = v.mid().man_exp()
+        mid = v.mid()
+        if not mid.is_finite():  # a NaN ball (Arb gave up): no midpoint to report
+            out[i] = c.mpf("nan")
+            continue
+        man, exp = mid.man_exp()
         out[i] = c.mpf((int(man), int(exp))) if man != 0 else c.mpf(0)
     return out.reshape(np.shape(values))
 
@@ -264,4 +268,6 @@ def exact_zero(values: np.ndarray) -> np.ndarray:
 
 
 def contains_zero(values: np.ndarray) -> np.ndarray:
-    return np.asarray(np.frompyfunc(lambda v: 0 in v, 1, 1)(_obj(values)), dtype=bool)
+    """Balls that contain 0, or that are not finite (NaN or unbounded: no sign is known)."""
+    test = np.frompyfunc(lambda v: (0 in v) or not v.is_finite(), 1, 1)
+    return np.asarray(test(_obj(values)), dtype=bool)
