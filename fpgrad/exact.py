@@ -288,6 +288,9 @@ def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult, 
     cap = math.floor(bits * math.log10(2))
     digits, zeros, undet, rads, worst = _summarise(items, ball_digits, cap)
     result = ExactResult(bits, worst, digits, "fast", zeros, undet, rads, _balls=balls)
+    broken = sum(int(np.isnan(b.rad).sum() + np.isnan(b.mid[0]).sum()) for _, b in items)
+    if broken:  # 0 * inf in a radius formula: those balls are no enclosures
+        return result, f"{broken} values with a NaN radius or midpoint", False
     if ar.range_errors:
         return result, f"{ar.range_errors} values outside 2**-800 .. 2**800", False
     if ar.uncertain_branches:
@@ -337,7 +340,7 @@ def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     m = np.abs(ball.mid[0])
     r = np.asarray(ball.rad, dtype=np.float64)
     zero = (m == 0) & (r == 0)
-    undet = ~zero & (m / HI_BOUND <= r)
+    undet = ~zero & ~(m / HI_BOUND > r)  # a non-finite radius or midpoint: no sign known
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         d = np.clip(-np.log10(r * HI_BOUND / m), 0.0, cap)
     d = np.where(r == 0, float(cap), d)
