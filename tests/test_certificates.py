@@ -401,7 +401,7 @@ def test_arb_radii_are_upper_bounds_across_float64s_range() -> None:
 def test_arb_escalation_stops_at_the_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     import fpgrad.exact as exact_mod
 
-    monkeypatch.setattr(exact_mod, "ARB_MEMORY", 64 * 2**10)  # 64 KiB: about 1000 bits here
+    monkeypatch.setattr(exact_mod, "ARB_MEMORY", 2**13)  # 8 KiB: about 600 bits here
     tiny = 2.0**-1074
     res = exact_trace(_relu_net([1.0, tiny, -1.0], [1.0, tiny, 1.0]), allow_uncertified=True)
     assert res.method == "arb" and res.bits < 2048
