@@ -1,0 +1,267 @@
+"""Per-op statistics of one output tensor, each special value split into created / inherited.
+
+An element's status (zero, subnormal, inf, NaN) is **created** by the op when the op's exact
+result on the same inputs does not have that status (a zero whose exact value is non-zero, an
+inf whose exact value is finite, a NaN whose exact value is a number), and **inherited** when the
+exact result has it too (the inputs make it so). The exact result is decided by recomputing the
+op in float64 on the same (exactly representable) inputs, with a proof per op family:
+
+* ``exact`` ops (pointwise ``+ - * /``, copies, casts, masks, ReLU and friends): float64 rounds
+  each step correctly and cannot underflow on float32-or-narrower inputs, so the float64 result
+  is zero / non-zero exactly when the exact one is. A float64-subnormal result is undecided.
+* ``reduction`` ops (``mm``, ``addmm``, ``sum``, convolutions, ...): each output is a sum of
+  products, so ``|fl64 - exact| <= gamma_n * fl64(op on |inputs|)`` with ``n`` the largest input
+  size. An element inside that band is recomputed exactly with python-flint rationals for
+  ``mm``/``addmm`` (up to :data:`EXACT_LIMIT` elements per call), otherwise undecided.
+* ``pointwise`` transcendental ops: float64 is accurate to a few ulps, so a normal non-zero
+  float64 result proves a non-zero exact one; a zero one is undecided.
+* any other op: every contested element is undecided.
+
+Infs: created when the float64 result is finite; inherited when it is not and some input is
+non-finite; undecided otherwise (a pole or a float64 overflow). NaNs: created when the float64
+result is not NaN, inherited when it is. Subnormals are split per call: created when no floating
+input of the op holds a subnormal of the output's format, inherited otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fpgrad.formats import get_format
+from fpgrad.watch.exact_fallback import EXACT_LIMIT, exact_elements
+
+#: torch dtype -> fpgrad format name.
+FORMAT_OF = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+EXACT_OPS = frozenset(
+    "mul add sub rsub neg abs relu relu_ threshold threshold_backward where clone _to_copy copy "
+    "copy_ cat stack index index_select gather masked_fill clamp clamp_min clamp_max maximum "
+    "minimum max min div detach fill zeros_like ones_like scatter scatter_add sign square "
+    "nll_loss_backward native_dropout_backward sigmoid_backward tanh_backward hardtanh "
+    "hardtanh_backward leaky_relu leaky_relu_backward mul_ add_ sub_ div_ zero_ fill_ "
+    "constant_pad_nd max_pool2d_with_indices max_pool2d_with_indices_backward _unsafe_index "
+    "index_put embedding".split()
+)
+REDUCTION_OPS = frozenset(
+    "mm addmm bmm baddbmm addmv mv dot matmul sum mean convolution convolution_backward linear "
+    "embedding_dense_backward avg_pool2d avg_pool2d_backward".split()
+)
+POINTWISE_OPS = frozenset(
+    "exp exp2 log log2 log1p expm1 tanh sigmoid pow sqrt rsqrt reciprocal gelu gelu_backward "
+    "silu silu_backward sin cos softplus softplus_backward elu elu_backward erf".split()
+)
+_U64 = 2.0**-53
+_TINY64 = 2.0**-1022
+COUNTS = ("zeros", "subnormals", "infs", "nans")
+
+
+def family(func: Any) -> str:
+    """The proof family of an aten op: exact, reduction, pointwise or other."""
+    name = func.overloadpacket.__name__
+    if name in EXACT_OPS:
+        return "exact"
+    if name in REDUCTION_OPS:
+        return "reduction"
+    if name in POINTWISE_OPS:
+        return "pointwise"
+    return "other"
+
+
+def _to64(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().to(torch.float64)
+    if isinstance(x, torch.dtype) and x.is_floating_point:
+        return torch.float64
+    return x
+
+
+def _abs64(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().to(torch.float64).abs()
+    if isinstance(x, float):
+        return abs(x)
+    return x
+
+
+def _float_outputs(out: Any) -> list[torch.Tensor | None]:
+    flat, _ = tree_flatten(out)
+    return [t if isinstance(t, torch.Tensor) and t.dtype in FORMAT_OF else None for t in flat]
+
+
+def recompute(func: Any, args: tuple, kwargs: dict, absolute: bool = False) -> list | None:
+    """The op's float64 outputs on the same inputs (on ``|inputs|`` if ``absolute``), or None
+    when the op cannot run in float64."""
+    conv = _abs64 if absolute else _to64
+    try:
+        with torch.no_grad():
+            out = func(*tree_map(conv, args), **tree_map(conv, kwargs))
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return None
+    return _float_outputs(out)
+
+
+def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    flat, _ = tree_flatten((args, kwargs))
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
+    """Counts and magnitudes of one tensor, read back with a single device sync."""
+    a = t.detach().abs()
+    zero = a == 0
+    inf = torch.isinf(a)
+    nan = torch.isnan(a)
+    sub = (a < smallest_normal) & ~zero
+    finite_nz = ~(zero | inf | nan)
+    big = torch.tensor(float("inf"), dtype=a.dtype, device=a.device)
+    if a.numel():
+        mn = torch.where(finite_nz, a, big).min().to(torch.float64)
+        mx = torch.where(finite_nz, a, torch.zeros_like(big)).max().to(torch.float64)
+    else:
+        mn = mx = torch.zeros((), dtype=torch.float64, device=a.device)
+    row = torch.stack(
+        [zero.sum(), sub.sum(), inf.sum(), nan.sum(), finite_nz.sum()]
+    ).tolist() + torch.stack([mn, mx]).tolist()
+    z, s, i, n, nz, lo, hi = row
+    return {
+        "zeros": int(z),
+        "subnormals": int(s),
+        "infs": int(i),
+        "nans": int(n),
+        "min_abs": float(lo) if nz else None,
+        "max_abs": float(hi) if nz else None,
+    }
+
+
+class _Shadow:
+    """The float64 recompute of one op call, computed once on first need."""
+
+    def __init__(self, func: Any, args: tuple, kwargs: dict) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self.fam = family(func)
+        self._r64: list | None | bool = False
+        self._abs: list | None | bool = False
+        self._inputs_finite: bool | None = None
+
+    def r64(self, k: int) -> torch.Tensor | None:
+        if self._r64 is False:
+            self._r64 = recompute(self.func, self.args, self.kwargs)
+        return None if self._r64 is None or k >= len(self._r64) else self._r64[k]
+
+    def abs64(self, k: int) -> torch.Tensor | None:
+        if self._abs is False:
+            self._abs = recompute(self.func, self.args, self.kwargs, absolute=True)
+        return None if self._abs is None or k >= len(self._abs) else self._abs[k]
+
+    def inputs_finite(self) -> bool:
+        if self._inputs_finite is None:
+            self._inputs_finite = all(bool(torch.isfinite(t).all()) for t in _inputs(
+                self.args, self.kwargs))
+        return self._inputs_finite
+
+    def gamma(self) -> float:
+        n = max([t.numel() for t in _inputs(self.args, self.kwargs)] + [1])
+        return 1.01 * n * _U64 / (1 - n * _U64) if n * _U64 < 0.5 else float("inf")
+
+
+def _split_zeros(sh: _Shadow, k: int, t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+    zero = t == 0
+    total = int(zero.sum())
+    ar = r.abs()
+    if sh.fam == "exact":
+        sure = ar >= _TINY64
+        created = zero & sure
+        inherited = zero & (ar == 0)
+    elif sh.fam == "reduction":
+        aa = sh.abs64(k)
+        if aa is None or aa.shape != r.shape:
+            return 0, 0, total
+        band = sh.gamma() * aa + 2 * _TINY64
+        created = zero & (ar > band)
+        inherited = zero & (aa == 0)
+        contested = zero & ~created & ~inherited
+        if int(contested.sum()):
+            ex = exact_elements(sh.func, sh.args, sh.kwargs, contested)
+            if ex is not None:
+                return (int(created.sum()) + ex[0], int(inherited.sum()) + ex[1],
+                        total - int(created.sum()) - int(inherited.sum()) - ex[0] - ex[1])
+    elif sh.fam == "pointwise":
+        created = zero & (ar >= _TINY64) & torch.isfinite(r)
+        inherited = torch.zeros_like(zero)
+    else:
+        return 0, 0, total
+    c, i = int(created.sum()), int(inherited.sum())
+    return c, i, total - c - i
+
+
+def _split_infs(sh: _Shadow, t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+    inf = torch.isinf(t)
+    total = int(inf.sum())
+    created = int((inf & torch.isfinite(r)).sum())
+    rest = total - created
+    if sh.inputs_finite():
+        return created, 0, rest
+    return created, rest, 0
+
+
+def _split_nans(t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+    nan = torch.isnan(t)
+    created = int((nan & ~torch.isnan(r)).sum())
+    return created, int(nan.sum()) - created, 0
+
+
+def _input_has_subnormal(args: tuple, kwargs: dict, smallest_normal: float) -> bool:
+    for t in _inputs(args, kwargs):
+        a = t.detach().abs()
+        if bool(((a < smallest_normal) & (a > 0)).any()):
+            return True
+    return False
+
+
+def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
+    """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
+    rows = []
+    sh = _Shadow(func, args, kwargs)
+    for k, t in enumerate(_float_outputs(out)):
+        if t is None:
+            continue
+        fmt = get_format(FORMAT_OF[t.dtype])
+        st = basic_stats(t, fmt.smallest_normal)
+        st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": sh.fam})
+        for name in COUNTS:
+            st[f"{name}_created"] = st[f"{name}_inherited"] = 0
+            st[f"{name}_undecided"] = st[name]
+        if st["subnormals"]:
+            inh = _input_has_subnormal(args, kwargs, fmt.smallest_normal)
+            st["subnormals_created"] = 0 if inh else st["subnormals"]
+            st["subnormals_inherited"] = st["subnormals"] if inh else 0
+            st["subnormals_undecided"] = 0
+        needs = st["zeros"] or st["infs"] or st["nans"]
+        if needs and t.dtype != torch.float64 and "nondeterministic_seeded" not in {
+            str(tag).rsplit(".", 1)[-1] for tag in func.tags
+        }:
+            r = sh.r64(k)
+            if r is not None and r.shape == t.shape:
+                t = t.detach()
+                if st["zeros"]:
+                    c, i, u = _split_zeros(sh, k, t, r)
+                    st.update(zeros_created=c, zeros_inherited=i, zeros_undecided=u)
+                if st["infs"]:
+                    c, i, u = _split_infs(sh, t, r)
+                    st.update(infs_created=c, infs_inherited=i, infs_undecided=u)
+                if st["nans"]:
+                    c, i, u = _split_nans(t, r)
+                    st.update(nans_created=c, nans_inherited=i, nans_undecided=u)
+        n = max(st["numel"], 1)
+        st["subnormal_share"] = st["subnormals"] / n
+        st["underflow_share"] = (st["subnormals"] + st["zeros_created"]) / n
+        rows.append(st)
+    return rows

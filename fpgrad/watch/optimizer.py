@@ -1,0 +1,109 @@
+"""What one optimizer step did to each parameter: swamped updates, update size, state underflow.
+
+The **requested** update is what the same optimizer (same class, hyperparameters and state)
+computes in float64 on the same weights and gradients; an element is **swamped** when that
+update is non-zero but the real step left the weight unchanged (``w + u == w`` in the weight's
+format, or the update itself rounded to zero). The user's optimizer is never touched: the
+float64 step runs on copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fpgrad.formats import get_format
+from fpgrad.watch.classify import FORMAT_OF
+
+
+def _state64(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone()
+            if v.is_floating_point() and k != "step":
+                v = v.to(torch.float64)
+        out[k] = v
+    return out
+
+
+def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
+    """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
+    optimizer cannot be rebuilt from its param_groups (then swamping is not reported)."""
+    groups, pairs = [], []
+    for g in opt.param_groups:
+        ps = []
+        for p in g["params"]:
+            q = p.detach().to(torch.float64).clone()
+            if p.grad is not None:
+                q.grad = p.grad.detach().to(torch.float64)
+            ps.append(q)
+            pairs.append((p, q))
+        ng = {k: v for k, v in g.items() if k != "params"}
+        for k in ("foreach", "fused", "capturable"):
+            if k in ng:
+                ng[k] = False
+        ng["params"] = ps
+        groups.append(ng)
+    try:
+        shadow = type(opt)(groups)
+        for p, q in pairs:
+            if p in opt.state:
+                shadow.state[q] = _state64(opt.state[p])
+        with torch.no_grad():
+            shadow.step()
+    except (TypeError, ValueError, RuntimeError, KeyError):
+        return None
+    return {
+        id(p): q.detach() - p.detach().to(torch.float64) for p, q in pairs if p.grad is not None
+    }
+
+
+def _share(mask: torch.Tensor) -> float:
+    return float(mask.sum()) / max(mask.numel(), 1)
+
+
+def param_stats(
+    name: str,
+    p: torch.Tensor,
+    before: torch.Tensor,
+    requested: torch.Tensor | None,
+    state: dict,
+    group: dict,
+) -> dict[str, Any]:
+    """The record of one parameter after a step (``before``: its value before the step)."""
+    after = p.detach()
+    moved = after != before
+    w64 = before.to(torch.float64)
+    d64 = after.to(torch.float64) - w64
+    wn = float(w64.norm())
+    rec: dict[str, Any] = {
+        "param": name,
+        "dtype": FORMAT_OF.get(p.dtype, str(p.dtype)),
+        "numel": p.numel(),
+        "moved_share": _share(moved),
+        "update_weight_ratio": float(d64.norm()) / wn if wn else None,
+    }
+    if requested is not None:
+        asked = requested != 0
+        swamped = asked & ~moved
+        rec["requested_nonzero"] = int(asked.sum())
+        rec["swamped"] = int(swamped.sum())
+        rec["swamped_share"] = float(swamped.sum()) / max(int(asked.sum()), 1)
+        rec["requested_update_weight_ratio"] = float(requested.norm()) / wn if wn else None
+        rec["swamped_map"] = swamped.reshape(-1).to(torch.uint8).tolist() if p.numel() <= 4096 else None
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
+            sf = get_format(FORMAT_OF.get(v.dtype, "float32"))
+            a = v.detach().abs()
+            rec[f"state_{key}_zero_share"] = _share(a == 0)
+            rec[f"state_{key}_subnormal_share"] = _share((a > 0) & (a < sf.smallest_normal))
+    v = state.get("exp_avg_sq")
+    eps = group.get("eps")
+    if isinstance(v, torch.Tensor) and isinstance(eps, float):
+        eps_in = float(torch.tensor(eps, dtype=v.dtype))
+        rec["eps_in_state_dtype"] = eps_in
+        rec["eps_flushed"] = eps_in == 0.0
+        rec["eps_dominated_share"] = _share(v.detach().to(torch.float64).sqrt() < eps)
+    return rec
