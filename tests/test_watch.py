@@ -42,7 +42,9 @@ def _data(seed: int = 0, gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _ops(w: fpgrad.watch.Watcher, **match: object) -> list[dict]:
-    return [r for r in w.records() if r["kind"] == "op" and all(r[k] == v for k, v in match.items())]
+    return [
+        r for r in w.records() if r["kind"] == "op" and all(r[k] == v for k, v in match.items())
+    ]
 
 
 def test_scaling_creates_zeros_in_backward_and_later_ops_inherit() -> None:
@@ -141,9 +143,10 @@ def test_watching_changes_nothing(every: int) -> None:
     plain = _train(copy.deepcopy(m0), watched=False)
     watched = _train(copy.deepcopy(m0), watched=True, every=every)
     assert len(plain) == len(watched)
-    for a, b in zip(plain, watched):
-        assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8),
-                                                  b.view(-1).view(torch.uint8))
+    for a, b in zip(plain, watched, strict=False):
+        assert a.dtype == b.dtype and torch.equal(
+            a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
+        )
 
 
 def test_optimizer_records_swamping_and_flushed_adam_eps() -> None:
@@ -208,7 +211,7 @@ def test_out_dir_jsonl_and_report(tmp_path, capsys) -> None:
     md = (tmp_path / "rep" / "watch.md").read_text()
     assert "scale" in md and "aten.mul.Tensor" in md
     html = (tmp_path / "rep" / "watch.html").read_text()
-    assert "data:image/png;base64," in html and "<img src=\"watch" not in html
+    assert "data:image/png;base64," in html and '<img src="watch' not in html
 
 
 def test_bad_input(tmp_path, capsys) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fpgrad.formats import get_format
-from fpgrad.watch.exact_fallback import EXACT_LIMIT, exact_elements
+from fpgrad.watch.exact_fallback import exact_elements
 
 #: torch dtype -> fpgrad format name.
 FORMAT_OF = {
@@ -127,9 +127,10 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
         mx = torch.where(finite_nz, a, torch.zeros_like(big)).max().to(torch.float64)
     else:
         mn = mx = torch.zeros((), dtype=torch.float64, device=a.device)
-    row = torch.stack(
-        [zero.sum(), sub.sum(), inf.sum(), nan.sum(), finite_nz.sum()]
-    ).tolist() + torch.stack([mn, mx]).tolist()
+    row = (
+        torch.stack([zero.sum(), sub.sum(), inf.sum(), nan.sum(), finite_nz.sum()]).tolist()
+        + torch.stack([mn, mx]).tolist()
+    )
     z, s, i, n, nz, lo, hi = row
     return {
         "zeros": int(z),
@@ -163,8 +164,9 @@ class _Shadow:
 
     def inputs_finite(self) -> bool:
         if self._inputs_finite is None:
-            self._inputs_finite = all(bool(torch.isfinite(t).all()) for t in _inputs(
-                self.args, self.kwargs))
+            self._inputs_finite = all(
+                bool(torch.isfinite(t).all()) for t in _inputs(self.args, self.kwargs)
+            )
         return self._inputs_finite
 
     def gamma(self) -> float:
@@ -191,8 +193,11 @@ def _split_zeros(sh: _Shadow, k: int, t: torch.Tensor, r: torch.Tensor) -> tuple
         if int(contested.sum()):
             ex = exact_elements(sh.func, sh.args, sh.kwargs, contested)
             if ex is not None:
-                return (int(created.sum()) + ex[0], int(inherited.sum()) + ex[1],
-                        total - int(created.sum()) - int(inherited.sum()) - ex[0] - ex[1])
+                return (
+                    int(created.sum()) + ex[0],
+                    int(inherited.sum()) + ex[1],
+                    total - int(created.sum()) - int(inherited.sum()) - ex[0] - ex[1],
+                )
     elif sh.fam == "pointwise":
         created = zero & (ar >= _TINY64) & torch.isfinite(r)
         inherited = torch.zeros_like(zero)
@@ -245,9 +250,11 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st["subnormals_inherited"] = st["subnormals"] if inh else 0
             st["subnormals_undecided"] = 0
         needs = st["zeros"] or st["infs"] or st["nans"]
-        if needs and t.dtype != torch.float64 and "nondeterministic_seeded" not in {
-            str(tag).rsplit(".", 1)[-1] for tag in func.tags
-        }:
+        if (
+            needs
+            and t.dtype != torch.float64
+            and "nondeterministic_seeded" not in {str(tag).rsplit(".", 1)[-1] for tag in func.tags}
+        ):
             r = sh.r64(k)
             if r is not None and r.shape == t.shape:
                 t = t.detach()

@@ -22,7 +22,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> Any:
     import flint
 
     acc = flint.fmpq(0)
-    for x, y in zip(a.tolist(), b.tolist()):
+    for x, y in zip(a.tolist(), b.tolist(), strict=False):
         if x and y:
             acc += _q(x) * _q(y)
     return acc
@@ -48,7 +48,9 @@ def exact_elements(
     b64 = b.detach().to(torch.float64).cpu().numpy()
     c64 = None
     if bias is not None:
-        c64 = np.broadcast_to(bias.detach().to(torch.float64).cpu().numpy(), (a64.shape[0], b64.shape[1]))
+        c64 = np.broadcast_to(
+            bias.detach().to(torch.float64).cpu().numpy(), (a64.shape[0], b64.shape[1])
+        )
     nonzero = 0
     for i, j in idx.tolist():
         v = _q(alpha) * _dot(a64[i], b64[:, j])

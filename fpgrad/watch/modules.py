@@ -8,7 +8,8 @@ on its inputs pops it; the stack is cleared when the backward pass ends.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.autograd.graph import register_multi_grad_hook

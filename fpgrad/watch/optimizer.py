@@ -92,7 +92,9 @@ def param_stats(
         rec["swamped"] = int(swamped.sum())
         rec["swamped_share"] = float(swamped.sum()) / max(int(asked.sum()), 1)
         rec["requested_update_weight_ratio"] = float(requested.norm()) / wn if wn else None
-        rec["swamped_map"] = swamped.reshape(-1).to(torch.uint8).tolist() if p.numel() <= 4096 else None
+        rec["swamped_map"] = (
+            swamped.reshape(-1).to(torch.uint8).tolist() if p.numel() <= 4096 else None
+        )
     for key, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
             sf = get_format(FORMAT_OF.get(v.dtype, "float32"))

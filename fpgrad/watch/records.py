@@ -23,8 +23,10 @@ class JsonlWriter:
             d.mkdir(parents=True, exist_ok=True)
             self._fh = open(d / FILENAME, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         except OSError as exc:
-            raise InputError(f"watch out={str(directory)!r}: cannot write there ({exc.strerror}); "
-                             "pass a writable directory") from exc
+            raise InputError(
+                f"watch out={str(directory)!r}: cannot write there ({exc.strerror}); "
+                "pass a writable directory"
+            ) from exc
 
     def write(self, records: list[dict[str, Any]]) -> None:
         for r in records:
@@ -45,8 +47,9 @@ def read_records(directory: str | Path) -> list[dict[str, Any]]:
     """The records of a watch directory; a bad file raises InputError naming the line."""
     path = Path(directory) / FILENAME
     if not path.is_file():
-        raise InputError(f"{str(directory)!r} holds no {FILENAME}; pass the out= directory of "
-                         "fpgrad.watch")
+        raise InputError(
+            f"{str(directory)!r} holds no {FILENAME}; pass the out= directory of fpgrad.watch"
+        )
     out = []
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
@@ -57,9 +60,12 @@ def read_records(directory: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 if n > 1 and not line.endswith("\n"):
                     break  # the run is still writing this line
-                raise InputError(f"{path}:{n}: not a JSON line; is this a watch directory?") from None
+                raise InputError(
+                    f"{path}:{n}: not a JSON line; is this a watch directory?"
+                ) from None
             if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
-                raise InputError(f"{path}:{n}: not a watch record (kind must be one of "
-                                 f"{', '.join(KINDS)})")
+                raise InputError(
+                    f"{path}:{n}: not a watch record (kind must be one of {', '.join(KINDS)})"
+                )
             out.append({k: _float(v) for k, v in rec.items()})
     return out

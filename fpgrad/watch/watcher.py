@@ -30,7 +30,9 @@ class _Mode(TorchDispatchMode):
         super().__init__()
         self.watcher = watcher
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+    ) -> Any:
         return self.watcher._on_op(func, args, kwargs or {})
 
 
@@ -91,9 +93,17 @@ class Watcher:
                 self._end_step(scale=used, next_scale=float(self.scaler.get_scale()))
 
             self.scaler.update = update
-        self._emit([{"kind": "meta", "every": self.every, "model": type(self.model).__name__,
-                     "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
-                     "scaler": self.scaler is not None}])
+        self._emit(
+            [
+                {
+                    "kind": "meta",
+                    "every": self.every,
+                    "model": type(self.model).__name__,
+                    "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
+                    "scaler": self.scaler is not None,
+                }
+            ]
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -138,9 +148,16 @@ class Watcher:
             skipped = next_scale < scale
         else:
             skipped = None
-        rec = {"kind": "step", "step": self._step, "sampled": self._sampling, "ops": self._seq,
-               "scale": scale, "next_scale": next_scale, "skipped": skipped,
-               "first_nonfinite": self._first}
+        rec = {
+            "kind": "step",
+            "step": self._step,
+            "sampled": self._sampling,
+            "ops": self._seq,
+            "scale": scale,
+            "next_scale": next_scale,
+            "skipped": skipped,
+            "first_nonfinite": self._first,
+        }
         self._emit([*self._pending, rec])
         self._pending = []
         self._step += 1
@@ -168,16 +185,29 @@ class Watcher:
             direction = "forward"
         op = str(func)
         for row in op_stats(func, a, k, out):
-            row.update(kind="op", step=self._step, seq=self._seq, module=module, op=op,
-                       direction=direction)
+            row.update(
+                kind="op", step=self._step, seq=self._seq, module=module, op=op, direction=direction
+            )
             if self._first is None and row["infs"] + row["nans"]:
-                self._first = {"seq": self._seq, "module": module, "op": op,
-                               "direction": row["direction"],
-                               "created": row["infs_created"] + row["nans_created"] > 0}
-            elif (self._first is not None and not self._first["created"]
-                  and row["infs_created"] + row["nans_created"]):
-                self._first = {"seq": self._seq, "module": module, "op": op,
-                               "direction": row["direction"], "created": True}
+                self._first = {
+                    "seq": self._seq,
+                    "module": module,
+                    "op": op,
+                    "direction": row["direction"],
+                    "created": row["infs_created"] + row["nans_created"] > 0,
+                }
+            elif (
+                self._first is not None
+                and not self._first["created"]
+                and row["infs_created"] + row["nans_created"]
+            ):
+                self._first = {
+                    "seq": self._seq,
+                    "module": module,
+                    "op": op,
+                    "direction": row["direction"],
+                    "created": True,
+                }
             self._pending.append(row)
         self._seq += 1
         return out
@@ -187,8 +217,12 @@ class Watcher:
         self._phase = "optimizer"
         self._before = self._requested = None
         if self._sampling:
-            self._before = {id(p): p.detach().clone() for g in opt.param_groups
-                            for p in g["params"] if p.grad is not None}
+            self._before = {
+                id(p): p.detach().clone()
+                for g in opt.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            }
             self._requested = requested_updates(opt)
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
@@ -200,8 +234,14 @@ class Watcher:
                     if id(p) not in self._before:
                         continue
                     req = None if self._requested is None else self._requested.get(id(p))
-                    rec = param_stats(self._names.get(id(p), f"param{len(recs)}"), p,
-                                      self._before[id(p)], req, opt.state.get(p, {}), g)
+                    rec = param_stats(
+                        self._names.get(id(p), f"param{len(recs)}"),
+                        p,
+                        self._before[id(p)],
+                        req,
+                        opt.state.get(p, {}),
+                        g,
+                    )
                     rec.update(kind="optimizer", step=self._step, direction="optimizer")
                     recs.append(rec)
             self._pending.extend(recs)
