@@ -114,31 +114,40 @@ def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 
 def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
-    """Counts and magnitudes of one tensor, read back with a single device sync."""
+    """Counts and magnitudes of one tensor. Fast path: one ``aminmax`` pass proves there is
+    no zero, subnormal, inf or NaN; otherwise one bucketize + bincount pass counts them."""
     a = t.detach().abs()
-    zero = a == 0
-    inf = torch.isinf(a)
+    if not a.numel():
+        return dict.fromkeys(COUNTS, 0) | {"min_abs": None, "max_abs": None}
+    lo, hi = (float(v) for v in torch.stack(torch.aminmax(a)).tolist())
+    if lo >= smallest_normal and hi < float("inf"):
+        return dict.fromkeys(COUNTS, 0) | {"min_abs": lo, "max_abs": hi}
+    sn = torch.tensor(smallest_normal, dtype=a.dtype, device=a.device)
+    below = torch.nextafter(sn, torch.zeros_like(sn))
+    edges = torch.stack([torch.zeros_like(sn), below, torch.full_like(sn, torch.finfo(a.dtype).max)])
+    # bucket 0: zero, 1: subnormal, 2: normal, 3: inf (bucket i holds edges[i-1] < x <= edges[i])
+    b = torch.bucketize(a, edges, right=False)
     nan = torch.isnan(a)
-    sub = (a < smallest_normal) & ~zero
-    finite_nz = ~(zero | inf | nan)
-    big = torch.tensor(float("inf"), dtype=a.dtype, device=a.device)
-    if a.numel():
-        mn = torch.where(finite_nz, a, big).min().to(torch.float64)
-        mx = torch.where(finite_nz, a, torch.zeros_like(big)).max().to(torch.float64)
-    else:
-        mn = mx = torch.zeros((), dtype=torch.float64, device=a.device)
-    row = (
-        torch.stack([zero.sum(), sub.sum(), inf.sum(), nan.sum(), finite_nz.sum()]).tolist()
-        + torch.stack([mn, mx]).tolist()
-    )
-    z, s, i, n, nz, lo, hi = row
+    b = torch.where(nan, 4, b)
+    z, s, _, i, n = torch.bincount(b.reshape(-1), minlength=5).tolist()
+    finite_nz = (b == 1) | (b == 2)
+    mm = None
+    if z + s + i + n < a.numel():
+        big = torch.tensor(float("inf"), dtype=a.dtype, device=a.device)
+        sel = torch.where(finite_nz, a, big)
+        mn = sel.min()
+        mx = torch.where(finite_nz, a, torch.zeros_like(big)).max()
+        mm = [float(v) for v in torch.stack([mn, mx]).tolist()]
+    elif s:
+        sel = a[finite_nz]
+        mm = [float(sel.min()), float(sel.max())]
     return {
-        "zeros": int(z),
-        "subnormals": int(s),
-        "infs": int(i),
-        "nans": int(n),
-        "min_abs": float(lo) if nz else None,
-        "max_abs": float(hi) if nz else None,
+        "zeros": z,
+        "subnormals": s,
+        "infs": i,
+        "nans": n,
+        "min_abs": mm[0] if mm else None,
+        "max_abs": mm[1] if mm else None,
     }
 
 

@@ -16,6 +16,9 @@ import torch
 from fpgrad.formats import get_format
 from fpgrad.watch.classify import FORMAT_OF
 
+#: Parameters up to this size keep their per-element swamped map in the records.
+MAP_LIMIT = 4096
+
 
 def _state64(state: dict) -> dict:
     out = {}
@@ -60,10 +63,6 @@ def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | N
     }
 
 
-def _share(mask: torch.Tensor) -> float:
-    return float(mask.sum()) / max(mask.numel(), 1)
-
-
 def param_stats(
     name: str,
     p: torch.Tensor,
@@ -74,38 +73,54 @@ def param_stats(
 ) -> dict[str, Any]:
     """The record of one parameter after a step (``before``: its value before the step)."""
     after = p.detach()
+    n = max(p.numel(), 1)
     moved = after != before
     w64 = before.to(torch.float64)
     d64 = after.to(torch.float64) - w64
-    wn = float(w64.norm())
+    vals = [moved.sum(), w64.norm(), d64.norm()]
+    if requested is not None:
+        asked = requested != 0
+        swamped = asked & ~moved
+        vals += [asked.sum(), swamped.sum(), requested.norm()]
+    keys = []
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
+            sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
+            a = v.detach().abs()
+            vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
+            keys.append(key)
+    v = state.get("exp_avg_sq")
+    eps = group.get("eps")
+    adam = isinstance(v, torch.Tensor) and isinstance(eps, float)
+    if adam:
+        vals.append((v.detach().to(torch.float64).sqrt() < eps).sum())
+    got = torch.stack([x.to(torch.float64) for x in vals]).tolist()
+    nmoved, wn, dn = got[:3]
     rec: dict[str, Any] = {
         "param": name,
         "dtype": FORMAT_OF.get(p.dtype, str(p.dtype)),
         "numel": p.numel(),
-        "moved_share": _share(moved),
-        "update_weight_ratio": float(d64.norm()) / wn if wn else None,
+        "moved_share": nmoved / n,
+        "update_weight_ratio": dn / wn if wn else None,
     }
+    i = 3
     if requested is not None:
-        asked = requested != 0
-        swamped = asked & ~moved
-        rec["requested_nonzero"] = int(asked.sum())
-        rec["swamped"] = int(swamped.sum())
-        rec["swamped_share"] = float(swamped.sum()) / max(int(asked.sum()), 1)
-        rec["requested_update_weight_ratio"] = float(requested.norm()) / wn if wn else None
+        nasked, nswamped, rn = got[3:6]
+        i = 6
+        rec["requested_nonzero"] = int(nasked)
+        rec["swamped"] = int(nswamped)
+        rec["swamped_share"] = nswamped / max(nasked, 1)
+        rec["requested_update_weight_ratio"] = rn / wn if wn else None
         rec["swamped_map"] = (
-            swamped.reshape(-1).to(torch.uint8).tolist() if p.numel() <= 4096 else None
+            swamped.reshape(-1).to(torch.uint8).tolist() if p.numel() <= MAP_LIMIT else None
         )
-    for key, v in state.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
-            sf = get_format(FORMAT_OF.get(v.dtype, "float32"))
-            a = v.detach().abs()
-            rec[f"state_{key}_zero_share"] = _share(a == 0)
-            rec[f"state_{key}_subnormal_share"] = _share((a > 0) & (a < sf.smallest_normal))
-    v = state.get("exp_avg_sq")
-    eps = group.get("eps")
-    if isinstance(v, torch.Tensor) and isinstance(eps, float):
+    for key in keys:
+        rec[f"state_{key}_zero_share"] = got[i] / n
+        rec[f"state_{key}_subnormal_share"] = got[i + 1] / n
+        i += 2
+    if adam:
         eps_in = float(torch.tensor(eps, dtype=v.dtype))
         rec["eps_in_state_dtype"] = eps_in
         rec["eps_flushed"] = eps_in == 0.0
-        rec["eps_dominated_share"] = _share(v.detach().to(torch.float64).sqrt() < eps)
+        rec["eps_dominated_share"] = got[i] / n
     return rec

@@ -216,6 +216,9 @@ class Watcher:
     def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._phase = "optimizer"
         self._before = self._requested = None
+        if self._mode_on:  # the optimizer's own ops are not recorded: run them unobserved
+            self._mode.__exit__(None, None, None)
+            self._mode_on = False
         if self._sampling:
             self._before = {
                 id(p): p.detach().clone()
@@ -249,6 +252,9 @@ class Watcher:
         self._phase = "model"
         if self.scaler is None:
             self._end_step()
+        elif self._sampling and self._in_step:
+            self._mode.__enter__()
+            self._mode_on = True
 
 
 def watch(
