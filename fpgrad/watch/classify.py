@@ -114,33 +114,36 @@ def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 
 def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
-    """Counts and magnitudes of one tensor. Fast path: one ``aminmax`` pass proves there is
-    no zero, subnormal, inf or NaN; otherwise one bucketize + bincount pass counts them."""
+    """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
+    ``aminmax`` pass proves there is no zero, subnormal, inf or NaN."""
     a = t.detach().abs()
     if not a.numel():
         return dict.fromkeys(COUNTS, 0) | {"min_abs": None, "max_abs": None}
     lo, hi = (float(v) for v in torch.stack(torch.aminmax(a)).tolist())
     if lo >= smallest_normal and hi < float("inf"):
         return dict.fromkeys(COUNTS, 0) | {"min_abs": lo, "max_abs": hi}
-    sn = torch.tensor(smallest_normal, dtype=a.dtype, device=a.device)
-    below = torch.nextafter(sn, torch.zeros_like(sn))
-    edges = torch.stack([torch.zeros_like(sn), below, torch.full_like(sn, torch.finfo(a.dtype).max)])
-    # bucket 0: zero, 1: subnormal, 2: normal, 3: inf (bucket i holds edges[i-1] < x <= edges[i])
-    b = torch.bucketize(a, edges, right=False)
-    nan = torch.isnan(a)
-    b = torch.where(nan, 4, b)
-    z, s, _, i, n = torch.bincount(b.reshape(-1), minlength=5).tolist()
-    finite_nz = (b == 1) | (b == 2)
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a = a.float()  # exact; half-precision kernels are slow on CPU
+    inf = float("inf")
+    checks = [(a == 0).sum(), (a < smallest_normal).sum()]
+    if hi != hi:  # a NaN
+        checks.append(torch.isnan(a).sum())
+    if hi != hi or hi == inf:
+        checks.append((a == inf).sum())
+    got = torch.stack(checks).tolist()
+    z, below = int(got[0]), int(got[1])
+    s = below - z
+    n = int(got[2]) if hi != hi else 0
+    i = int(got[-1]) if (hi != hi or hi == inf) else 0
     mm = None
-    if z + s + i + n < a.numel():
-        big = torch.tensor(float("inf"), dtype=a.dtype, device=a.device)
-        sel = torch.where(finite_nz, a, big)
-        mn = sel.min()
-        mx = torch.where(finite_nz, a, torch.zeros_like(big)).max()
-        mm = [float(v) for v in torch.stack([mn, mx]).tolist()]
-    elif s:
-        sel = a[finite_nz]
-        mm = [float(sel.min()), float(sel.max())]
+    if z + i + n < a.numel():
+        if hi != hi or hi == inf:
+            fin = a.nan_to_num(nan=0.0, posinf=0.0)
+            mx = fin.max()
+        else:
+            fin, mx = a, torch.tensor(hi)
+        mn = fin.masked_fill(fin == 0, inf).min() if z or fin is not a else torch.tensor(lo)
+        mm = [float(v) for v in torch.stack([mn.to(torch.float64), mx.to(torch.float64)]).tolist()]
     return {
         "zeros": z,
         "subnormals": s,
