@@ -58,7 +58,9 @@ def main() -> None:
     torch.set_num_threads(1)
     base = _model()
     print(f"torch {torch.__version__}, 1 thread, {args.steps} steps per configuration")
-    print("| compute | unwatched ms/step | every=1 ms/step | ratio | every=10 ms/step (mean) | ratio |")
+    print(
+        "| compute | unwatched ms/step | every=1 ms/step | ratio | every=10 ms/step (mean) | ratio |"
+    )
     print("|---|---|---|---|---|---|")
     for autocast in (False, True):
         _steps(copy.deepcopy(base), 3, autocast, None)  # warm-up

@@ -224,3 +224,35 @@ def test_bad_input(tmp_path, capsys) -> None:
     assert main(["watch-report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("fpgrad: error:") for e in err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_basic_stats_match_numpy(dtype: torch.dtype) -> None:
+    import numpy as np
+
+    from fpgrad.formats import get_format
+    from fpgrad.watch.classify import FORMAT_OF, basic_stats
+
+    sn = get_format(FORMAT_OF[dtype]).smallest_normal
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(
+        -160, 140, (300,), generator=g
+    )
+    x[:7] = torch.tensor([0.0, -0.0, float("inf"), float("nan"), sn, -sn / 2, 1e300])
+    t = x.to(dtype)
+    a = np.abs(t.to(torch.float64).numpy())
+    fin = np.isfinite(a) & (a > 0)
+    st = basic_stats(t, sn)
+    assert st["zeros"] == int((a == 0).sum())
+    assert st["subnormals"] == int(((a > 0) & (a < sn)).sum())
+    assert st["infs"] == int(np.isinf(a).sum()) and st["nans"] == int(np.isnan(a).sum())
+    assert st["min_abs"] == a[fin].min() and st["max_abs"] == a[fin].max()
+    clean = torch.tensor([1.0, -2.0, 3.0], dtype=dtype)
+    assert basic_stats(clean, sn) == {
+        "zeros": 0,
+        "subnormals": 0,
+        "infs": 0,
+        "nans": 0,
+        "min_abs": 1.0,
+        "max_abs": 3.0,
+    }

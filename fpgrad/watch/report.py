@@ -199,6 +199,11 @@ def build(recs: list[dict], out: Path) -> tuple[str, list[str]]:
             f"zeros, {first_flush['zeros_inherited']} inherited)."
         )
         lines.append("")
+    elif ops:
+        lines += [
+            "No backward op created a zero (every gradient zero is inherited or undecided).",
+            "",
+        ]
     rows = creators(ops)
     lines.append(
         tabulate(

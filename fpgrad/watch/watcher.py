@@ -100,7 +100,8 @@ class Watcher:
                     "every": self.every,
                     "model": type(self.model).__name__,
                     "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
-                    "scaler": self.scaler is not None,
+                    "scaler": self.scaler is not None
+                    and bool(getattr(self.scaler, "is_enabled", lambda: True)()),
                 }
             ]
         )
