@@ -154,25 +154,84 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     }
 
 
+def _mm_parts(func: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """(bias, a, b, beta, alpha) of an ``mm``/``addmm`` call, or None for other ops."""
+    name = func.overloadpacket.__name__
+    if name == "mm":
+        return None, args[0], args[1], 1.0, 1.0
+    if name == "addmm":
+        beta = float(kwargs.get("beta", args[3] if len(args) > 3 else 1.0))
+        alpha = float(kwargs.get("alpha", args[4] if len(args) > 4 else 1.0))
+        return args[0], args[1], args[2], beta, alpha
+    return None
+
+
 class _Shadow:
-    """The float64 recompute of one op call, computed once on first need."""
+    """The float64 recompute of one op call at selected output elements.
+
+    ``mm``/``addmm`` recompute only the selected dot products and pointwise ops (torch's
+    ``pointwise`` tag) only the selected elements, in float64; other ops are recomputed whole
+    (once per call) and then indexed. The rounding-error bound of a dot product holds for any
+    summation order, so the gathered sums are as good as the whole product."""
 
     def __init__(self, func: Any, args: tuple, kwargs: dict) -> None:
         self.func, self.args, self.kwargs = func, args, kwargs
         self.fam = family(func)
-        self._r64: list | None | bool = False
-        self._abs: list | None | bool = False
+        self._full: dict[bool, list | None] = {}
         self._inputs_finite: bool | None = None
+        self._mm = _mm_parts(func, args, kwargs)
+        self._pointwise = torch.Tag.pointwise in func.tags
 
-    def r64(self, k: int) -> torch.Tensor | None:
-        if self._r64 is False:
-            self._r64 = recompute(self.func, self.args, self.kwargs)
-        return None if self._r64 is None or k >= len(self._r64) else self._r64[k]
+    def _whole(self, k: int, absolute: bool) -> torch.Tensor | None:
+        if absolute not in self._full:
+            self._full[absolute] = recompute(self.func, self.args, self.kwargs, absolute)
+        outs = self._full[absolute]
+        return None if outs is None or k >= len(outs) else outs[k]
 
-    def abs64(self, k: int) -> torch.Tensor | None:
-        if self._abs is False:
-            self._abs = recompute(self.func, self.args, self.kwargs, absolute=True)
-        return None if self._abs is None or k >= len(self._abs) else self._abs[k]
+    def _gather_mm(self, sel: torch.Tensor, absolute: bool) -> torch.Tensor:
+        bias, a, b, beta, alpha = self._mm
+        conv = _abs64 if absolute else _to64
+        i, j = sel.nonzero().unbind(1)
+        rows, ri = torch.unique(i, return_inverse=True)
+        cols, ci = torch.unique(j, return_inverse=True)
+        if rows.numel() * cols.numel() <= 4 * i.numel():
+            # zeros come in whole rows/columns (dead units): one small float64 product
+            r = (conv(a)[rows] @ conv(b)[:, cols])[ri, ci] * conv(alpha)
+        else:
+            r = (conv(a)[i] * conv(b)[:, j].T).sum(1) * conv(alpha)
+        if bias is not None and beta:
+            c = conv(bias).broadcast_to(sel.shape)[sel]
+            r = r + conv(beta) * c
+        return r
+
+    def _gather_pointwise(self, sel: torch.Tensor, absolute: bool) -> torch.Tensor | None:
+        conv = _abs64 if absolute else _to64
+
+        def pick(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim():
+                return conv(x.detach().broadcast_to(sel.shape)[sel])
+            return conv(x)
+
+        try:
+            with torch.no_grad():
+                out = self.func(*tree_map(pick, self.args), **tree_map(pick, self.kwargs))
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            return None
+        return out if isinstance(out, torch.Tensor) and out.dtype == torch.float64 else None
+
+    def at(self, k: int, sel: torch.Tensor | None, absolute: bool = False) -> torch.Tensor | None:
+        """Float64 values of output ``k`` at the mask ``sel`` (1-D; all of it, in its shape,
+        when ``sel`` is None), or None if unavailable."""
+        if sel is None:
+            return self._whole(k, absolute)
+        if self._mm is not None and k == 0 and sel.dim() == 2:
+            return self._gather_mm(sel, absolute)
+        if self._pointwise and k == 0:
+            r = self._gather_pointwise(sel, absolute)
+            if r is not None and r.shape == (int(sel.sum()),):
+                return r
+        r = self._whole(k, absolute)
+        return None if r is None or r.shape != sel.shape else r[sel]
 
     def inputs_finite(self) -> bool:
         if self._inputs_finite is None:
@@ -186,30 +245,31 @@ class _Shadow:
         return 1.01 * n * _U64 / (1 - n * _U64) if n * _U64 < 0.5 else float("inf")
 
 
-def _split_zeros(sh: _Shadow, k: int, t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+def _split_zeros(
+    sh: _Shadow, k: int, sel: torch.Tensor | None, t: torch.Tensor, r: torch.Tensor
+) -> tuple[int, int, int]:
+    """Zeros of ``t`` (the output at ``sel``, or all of it; ``r`` its float64 recompute)."""
     zero = t == 0
     total = int(zero.sum())
     ar = r.abs()
     if sh.fam == "exact":
-        sure = ar >= _TINY64
-        created = zero & sure
+        created = zero & (ar >= _TINY64)
         inherited = zero & (ar == 0)
     elif sh.fam == "reduction":
-        aa = sh.abs64(k)
-        if aa is None or aa.shape != r.shape:
+        aa = sh.at(k, sel, absolute=True)
+        if aa is None:
             return 0, 0, total
         band = sh.gamma() * aa + 2 * _TINY64
         created = zero & (ar > band)
         inherited = zero & (aa == 0)
         contested = zero & ~created & ~inherited
-        if int(contested.sum()):
-            ex = exact_elements(sh.func, sh.args, sh.kwargs, contested)
+        c, i = int(created.sum()), int(inherited.sum())
+        if c + i < total:
+            pos = contested.nonzero() if sel is None else sel.nonzero()[contested]
+            ex = exact_elements(sh.func, sh.args, sh.kwargs, pos)
             if ex is not None:
-                return (
-                    int(created.sum()) + ex[0],
-                    int(inherited.sum()) + ex[1],
-                    total - int(created.sum()) - int(inherited.sum()) - ex[0] - ex[1],
-                )
+                return c + ex[0], i + ex[1], total - c - i - ex[0] - ex[1]
+        return c, i, total - c - i
     elif sh.fam == "pointwise":
         created = zero & (ar >= _TINY64) & torch.isfinite(r)
         inherited = torch.zeros_like(zero)
@@ -247,6 +307,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
     """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
     rows = []
     sh = _Shadow(func, args, kwargs)
+    seeded = "nondeterministic_seeded" in {str(tag).rsplit(".", 1)[-1] for tag in func.tags}
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
             continue
@@ -262,22 +323,24 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st["subnormals_inherited"] = st["subnormals"] if inh else 0
             st["subnormals_undecided"] = 0
         needs = st["zeros"] or st["infs"] or st["nans"]
-        if (
-            needs
-            and t.dtype != torch.float64
-            and "nondeterministic_seeded" not in {str(tag).rsplit(".", 1)[-1] for tag in func.tags}
-        ):
-            r = sh.r64(k)
-            if r is not None and r.shape == t.shape:
-                t = t.detach()
+        if needs and t.dtype != torch.float64 and not seeded:
+            t = t.detach()
+            # few special elements: recompute only those; many: recompute all (masked indexing
+            # of many elements costs more than a whole pointwise recompute)
+            sel = None
+            if 8 * (st["zeros"] + st["infs"] + st["nans"]) <= t.numel():
+                sel = ~torch.isfinite(t) | (t == 0)
+            r = sh.at(k, sel)
+            if r is not None and (sel is not None or r.shape == t.shape):
+                ts = t if sel is None else t[sel]
                 if st["zeros"]:
-                    c, i, u = _split_zeros(sh, k, t, r)
+                    c, i, u = _split_zeros(sh, k, sel, ts, r)
                     st.update(zeros_created=c, zeros_inherited=i, zeros_undecided=u)
                 if st["infs"]:
-                    c, i, u = _split_infs(sh, t, r)
+                    c, i, u = _split_infs(sh, ts, r)
                     st.update(infs_created=c, infs_inherited=i, infs_undecided=u)
                 if st["nans"]:
-                    c, i, u = _split_nans(t, r)
+                    c, i, u = _split_nans(ts, r)
                     st.update(nans_created=c, nans_inherited=i, nans_undecided=u)
         n = max(st["numel"], 1)
         st["subnormal_share"] = st["subnormals"] / n

@@ -29,12 +29,13 @@ def _dot(a: np.ndarray, b: np.ndarray) -> Any:
 
 
 def exact_elements(
-    func: Any, args: tuple, kwargs: dict, contested: torch.Tensor
+    func: Any, args: tuple, kwargs: dict, positions: torch.Tensor
 ) -> tuple[int, int] | None:
-    """(non-zero, zero) counts of the exact op result at the ``contested`` output positions,
-    or None when the op is not ``mm``/``addmm`` or there are more than :data:`EXACT_LIMIT`."""
+    """(non-zero, zero) counts of the exact op result at ``positions`` (rows of output
+    indices), or None when the op is not ``mm``/``addmm`` or there are more than
+    :data:`EXACT_LIMIT`."""
     name = func.overloadpacket.__name__
-    idx = contested.nonzero().cpu().numpy()
+    idx = positions.cpu().numpy()
     if name not in ("mm", "addmm") or len(idx) > EXACT_LIMIT:
         return None
     if name == "mm":
