@@ -141,8 +141,12 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
             fin = a.nan_to_num(nan=0.0, posinf=0.0)
             mx = fin.max()
         else:
-            fin, mx = a, torch.tensor(hi)
-        mn = fin.masked_fill(fin == 0, inf).min() if z or fin is not a else torch.tensor(lo)
+            fin, mx = a, torch.tensor(hi, device=a.device)
+        mn = (
+            fin.masked_fill(fin == 0, inf).min()
+            if z or fin is not a
+            else torch.tensor(lo, device=a.device)
+        )
         mm = [float(v) for v in torch.stack([mn.to(torch.float64), mx.to(torch.float64)]).tolist()]
     return {
         "zeros": z,

@@ -2,12 +2,13 @@
 
 A step starts at the model's first forward call after the previous step ended, and ends after
 ``scaler.update()`` (with a GradScaler), else after ``optimizer.step()`` (with an optimizer),
-else at the next forward after a backward. On sampled steps (every ``every``-th, from step 0) a
-``TorchDispatchMode`` sees each aten op forward and backward: it runs the op exactly as it would
-run unwatched and then records statistics of the outputs (fpgrad.watch.classify); view ops, which
-copy nothing, are not recorded. Ops after the backward pass and outside the model (GradScaler's
-unscaling, gradient clipping) have direction ``post-backward``. Ops inside ``optimizer.step()``
-are summarised per parameter (fpgrad.watch.optimizer) instead. Unsampled steps run with no mode installed.
+else at the model's next forward call (each forward, with its backward, is a step). On sampled
+steps (every ``every``-th, from step 0) a ``TorchDispatchMode`` sees each aten op forward and
+backward: it runs the op exactly as it would run unwatched and then records statistics of the
+outputs (fpgrad.watch.classify); view ops, which copy nothing, are not recorded. Ops after the
+backward pass and outside the model (GradScaler's unscaling, gradient clipping) have direction
+``post-backward``. Ops inside ``optimizer.step()`` run unobserved and are summarised per
+parameter (fpgrad.watch.optimizer). Unsampled steps run with no mode installed.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class Watcher:
             self._writer.write(recs)
 
     def _on_forward(self, module: Any, inputs: Any) -> None:
-        if self._in_step and self.optimizer is None and self.scaler is None and self._backward_seen:
+        if self._in_step and self.optimizer is None and self.scaler is None:
             self._end_step()
         if not self._in_step:
             self._begin_step()
