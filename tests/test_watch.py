@@ -256,3 +256,57 @@ def test_basic_stats_match_numpy(dtype: torch.dtype) -> None:
         "min_abs": 1.0,
         "max_abs": 3.0,
     }
+
+
+class InPlace(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.act = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.mul_(2.0**-30)  # in place: classified on the input as it was before the op
+        return self.act(h)
+
+
+def test_in_place_ops_and_steps_without_optimizer() -> None:
+    torch.manual_seed(0)
+    m = InPlace().half()
+    x = torch.randn(8, 4).half()
+    with fpgrad.watch(m) as w:
+        for _ in range(2):
+            m(x).sum().backward()
+        with torch.no_grad():
+            m(x)
+    steps = [r for r in w.records() if r["kind"] == "step"]
+    assert len(steps) == 3  # each forward (with its backward) is a step
+    mul = _ops(w, step=0, op="aten.mul_.Tensor")
+    assert len(mul) == 1 and mul[0]["zeros_created"] == mul[0]["zeros"] == 32
+    relu = _ops(w, step=0, op="aten.relu_.default")
+    assert relu[0]["zeros_inherited"] == 32  # relu of exact zeros
+    assert not _ops(w, step=2, direction="backward")
+
+
+def test_import_fpgrad_stays_cheap() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, fpgrad; print('torch' in sys.modules, 'fpgrad.watch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    assert callable(fpgrad.watch) and fpgrad.watch.Watcher.__name__ == "Watcher"
+
+
+def test_add_with_alpha_zero_is_undecided_not_inherited() -> None:
+    add = torch.ops.aten.add.Tensor
+    out = torch.zeros(2)
+    # a + alpha * b with alpha = 0.5: float64 gives 0 for the first element, but with alpha not
+    # +-1 a float64 zero proves nothing (alpha * b rounds in general): undecided; the second,
+    # -0.1f + 0.5 * 0.2f, is non-zero in float64 hence exactly: created
+    a, b = torch.tensor([-0.5, -0.1]), torch.tensor([1.0, 0.2])
+    st = op_stats(add, (a, b), {"alpha": 0.5}, out)[0]
+    assert (st["zeros_created"], st["zeros_inherited"], st["zeros_undecided"]) == (1, 0, 1)
+    # without alpha the float64 zero is the exact zero: inherited
+    st = op_stats(add, (torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])), {}, out)[0]
+    assert (st["zeros_created"], st["zeros_inherited"]) == (0, 2)

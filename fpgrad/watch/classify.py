@@ -8,7 +8,8 @@ op in float64 on the same (exactly representable) inputs, with a proof per op fa
 
 * ``exact`` ops (pointwise ``+ - * /``, copies, casts, masks, ReLU and friends): float64 rounds
   each step correctly and cannot underflow on float32-or-narrower inputs, so the float64 result
-  is zero / non-zero exactly when the exact one is. A float64-subnormal result is undecided.
+  is zero / non-zero exactly when the exact one is. A float64-subnormal result is undecided, and
+  so is a float64 zero of ``add``/``sub`` with ``alpha`` other than +-1 (the product rounds).
 * ``reduction`` ops (``mm``, ``addmm``, ``sum``, convolutions, ...): each output is a sum of
   products, so ``|fl64 - exact| <= gamma_n * fl64(op on |inputs|)`` with ``n`` the largest input
   size. An element inside that band is recomputed exactly with python-flint rationals for
@@ -249,6 +250,14 @@ class _Shadow:
         return 1.01 * n * _U64 / (1 - n * _U64) if n * _U64 < 0.5 else float("inf")
 
 
+def _scaled_sum(sh: _Shadow) -> bool:
+    """An add/sub with ``alpha`` other than +-1: its float64 zero does not prove an exact one."""
+    if sh.func.overloadpacket.__name__ not in ("add", "sub", "rsub", "add_", "sub_"):
+        return False
+    alpha = sh.kwargs.get("alpha", 1)
+    return not isinstance(alpha, (int, float)) or abs(alpha) != 1
+
+
 def _split_zeros(
     sh: _Shadow, k: int, sel: torch.Tensor | None, t: torch.Tensor, r: torch.Tensor
 ) -> tuple[int, int, int]:
@@ -259,6 +268,8 @@ def _split_zeros(
     if sh.fam == "exact":
         created = zero & (ar >= _TINY64)
         inherited = zero & (ar == 0)
+        if _scaled_sum(sh):  # a + RN(alpha * b) may cancel where a + alpha * b does not
+            inherited = torch.zeros_like(zero)
     elif sh.fam == "reduction":
         aa = sh.at(k, sel, absolute=True)
         if aa is None:
