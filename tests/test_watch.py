@@ -303,8 +303,8 @@ def test_add_with_alpha_zero_is_undecided_not_inherited() -> None:
     out = torch.zeros(2)
     # a + alpha * b with alpha = 0.5: float64 gives 0 for the first element, but with alpha not
     # +-1 a float64 zero proves nothing (alpha * b rounds in general): undecided; the second,
-    # -0.1f + 0.5 * 0.2f, is non-zero in float64 hence exactly: created
-    a, b = torch.tensor([-0.5, -0.1]), torch.tensor([1.0, 0.2])
+    # -0.1f + 0.5 * 0.3f, is non-zero in float64 hence exactly: created
+    a, b = torch.tensor([-0.5, -0.1]), torch.tensor([1.0, 0.3])
     st = op_stats(add, (a, b), {"alpha": 0.5}, out)[0]
     assert (st["zeros_created"], st["zeros_inherited"], st["zeros_undecided"]) == (1, 0, 1)
     # without alpha the float64 zero is the exact zero: inherited
