@@ -114,6 +114,11 @@ def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``x > 0``, else 0.0 (``x`` without NaN): float arithmetic, no bool mask."""
+    return torch.sign(torch.clamp(x, min=0))
+
+
 def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
     ``aminmax`` pass proves there is no zero, subnormal, inf or NaN."""
@@ -126,6 +131,26 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     if a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()  # exact; half-precision kernels are slow on CPU
     inf = float("inf")
+    if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
+        nonzero = torch.sign(a)
+        big = torch.finfo(a.dtype).max
+        got = torch.stack(
+            [
+                nonzero.sum(dtype=torch.float64),
+                _positive(smallest_normal - a).sum(dtype=torch.float64),
+                (a + (1 - nonzero) * big).min().to(torch.float64),
+            ]
+        ).tolist()
+        z = a.numel() - int(got[0])
+        s = int(got[1]) - z
+        return {
+            "zeros": z,
+            "subnormals": s,
+            "infs": 0,
+            "nans": 0,
+            "min_abs": got[2] if z < a.numel() else None,
+            "max_abs": hi if z < a.numel() else None,
+        }
     checks = [(a == 0).sum(), (a < smallest_normal).sum()]
     if hi != hi:  # a NaN
         checks.append(torch.isnan(a).sum())
@@ -262,6 +287,8 @@ def _split_zeros(
     sh: _Shadow, k: int, sel: torch.Tensor | None, t: torch.Tensor, r: torch.Tensor
 ) -> tuple[int, int, int]:
     """Zeros of ``t`` (the output at ``sel``, or all of it; ``r`` its float64 recompute)."""
+    if sel is None and sh.fam != "other" and bool(torch.isfinite(t).all() & ~torch.isnan(r.sum())):
+        return _split_zeros_dense(sh, k, t, r)
     zero = t == 0
     total = int(zero.sum())
     ar = r.abs()
@@ -291,6 +318,39 @@ def _split_zeros(
     else:
         return 0, 0, total
     c, i = int(created.sum()), int(inherited.sum())
+    return c, i, total - c - i
+
+
+def _split_zeros_dense(
+    sh: _Shadow, k: int, t: torch.Tensor, r: torch.Tensor
+) -> tuple[int, int, int]:
+    """:func:`_split_zeros` on a whole finite output, with float indicators instead of bool
+    masks (the same decisions: 1.0 marks an element, products are ands)."""
+    zero = 1 - torch.sign(t.abs().to(torch.float64))
+    ar = r.abs()
+    aa = None
+    if sh.fam == "reduction":
+        aa = sh.at(k, None, absolute=True)
+        if aa is None or aa.shape != r.shape:
+            return 0, 0, int(zero.sum())
+        created = zero * _positive(ar - (sh.gamma() * aa + 2 * _TINY64))
+        inherited = zero * (1 - torch.sign(aa))
+    elif sh.fam == "exact":
+        created = zero * _positive(ar - _TINY64)
+        inherited = zero * (1 - torch.sign(ar))
+        if _scaled_sum(sh):
+            inherited = torch.zeros_like(zero)
+    else:  # pointwise
+        created = zero * _positive(ar - _TINY64)
+        inherited = torch.zeros_like(zero)
+    total, c, i = (
+        int(v) for v in torch.stack([zero.sum(), created.sum(), inherited.sum()]).tolist()
+    )
+    if sh.fam == "reduction" and c + i < total:
+        contested = zero * (1 - created) * (1 - inherited)
+        ex = exact_elements(sh.func, sh.args, sh.kwargs, contested.nonzero())
+        if ex is not None:
+            return c + ex[0], i + ex[1], total - c - i - ex[0] - ex[1]
     return c, i, total - c - i
 
 
