@@ -123,7 +123,8 @@ def _swamped(opt: list[dict], path: Path) -> None:
     ax = axes[0, 0]
     im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
     ax.set_yticks(range(len(params)), params, fontsize=7)
-    ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
+    every = max(1, len(steps) // 8)
+    ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], fontsize=7)
     ax.set_xlabel("step")
     ax.set_title("swamped share", fontsize=9)
     fig.colorbar(im, ax=ax)
