@@ -23,7 +23,7 @@ from fpgrad.errors import InputError
 from fpgrad.watch.classify import op_stats
 from fpgrad.watch.modules import ModuleStack
 from fpgrad.watch.optimizer import param_stats, requested_updates
-from fpgrad.watch.records import JsonlWriter
+from fpgrad.watch.records import JsonlWriter, read_records
 
 
 class _Mode(TorchDispatchMode):
@@ -71,12 +71,14 @@ class Watcher:
 
     # ---- public ---------------------------------------------------------------------------
     def records(self) -> Any:
-        """All records so far (a pandas DataFrame when pandas is installed, else dicts)."""
+        """All records so far (a pandas DataFrame when pandas is installed, else dicts). With
+        ``out=DIR`` they are read back from DIR/records.jsonl (memory holds none of them)."""
+        recs = read_records(self.out) if self.out is not None else list(self._records)
         try:
             import pandas as pd
         except ImportError:
-            return list(self._records)
-        return pd.DataFrame(self._records)
+            return recs
+        return pd.DataFrame(recs)
 
     def __enter__(self) -> Watcher:
         self._writer = JsonlWriter(self.out) if self.out is not None else None
@@ -121,9 +123,10 @@ class Watcher:
 
     # ---- steps ----------------------------------------------------------------------------
     def _emit(self, recs: list[dict[str, Any]]) -> None:
-        self._records.extend(recs)
         if self._writer is not None:
             self._writer.write(recs)
+        else:
+            self._records.extend(recs)
 
     def _on_forward(self, module: Any, inputs: Any) -> None:
         if self._in_step and self.optimizer is None and self.scaler is None:
