@@ -10,9 +10,9 @@ op in float64 on the same (exactly representable) inputs, with a proof per op fa
   each step correctly and cannot underflow on float32-or-narrower inputs, so the float64 result
   is zero / non-zero exactly when the exact one is. A float64-subnormal result is undecided, and
   so is a float64 zero of ``add``/``sub`` with ``alpha`` other than +-1 (the product rounds).
-* ``reduction`` ops (``mm``, ``addmm``, ``sum``, convolutions, ...): each output is a sum of
-  products, so ``|fl64 - exact| <= gamma_n * fl64(op on |inputs|)`` with ``n`` the largest input
-  size. An element inside that band is recomputed exactly with python-flint rationals for
+* ``reduction`` ops (``mm``, ``addmm``, ``sum``, convolutions, accumulating scatters, ...):
+  each output is a sum of products, so ``|fl64 - exact| <= gamma_n * fl64(op on |inputs|)``
+  (with 1% slack) where ``n`` is the largest input size. An element inside that band is recomputed exactly with python-flint rationals for
   ``mm``/``addmm`` (up to :data:`EXACT_LIMIT` elements per call), otherwise undecided.
 * ``pointwise`` transcendental ops: float64 is accurate to a few ulps, so a normal non-zero
   float64 result proves a non-zero exact one; a zero one is undecided.
@@ -45,15 +45,15 @@ FORMAT_OF = {
 EXACT_OPS = frozenset(
     "mul add sub rsub neg abs relu relu_ threshold threshold_backward where clone _to_copy copy "
     "copy_ cat stack index index_select gather masked_fill clamp clamp_min clamp_max maximum "
-    "minimum max min div detach fill zeros_like ones_like scatter scatter_add sign square "
+    "minimum max min div detach fill zeros_like ones_like scatter sign square "
     "nll_loss_backward native_dropout_backward sigmoid_backward tanh_backward hardtanh "
     "hardtanh_backward leaky_relu leaky_relu_backward mul_ add_ sub_ div_ zero_ fill_ "
-    "constant_pad_nd max_pool2d_with_indices max_pool2d_with_indices_backward _unsafe_index "
-    "index_put embedding".split()
+    "constant_pad_nd max_pool2d_with_indices _unsafe_index embedding".split()
 )
 REDUCTION_OPS = frozenset(
     "mm addmm bmm baddbmm addmv mv dot matmul sum mean convolution convolution_backward linear "
-    "embedding_dense_backward avg_pool2d avg_pool2d_backward".split()
+    "embedding_dense_backward avg_pool2d avg_pool2d_backward scatter_add index_put "
+    "max_pool2d_with_indices_backward".split()
 )
 POINTWISE_OPS = frozenset(
     "exp exp2 log log2 log1p expm1 tanh sigmoid pow sqrt rsqrt reciprocal gelu gelu_backward "
