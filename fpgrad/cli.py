@@ -258,6 +258,14 @@ def _report(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _watch_report(args: argparse.Namespace) -> int:
+    from fpgrad.watch.report import write_report
+
+    dest = write_report(args.dir, args.out)
+    print(f"wrote {dest / 'watch.md'} and {dest / 'watch.html'}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -487,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", default=None, help="comma-separated scenario names (no index is written)"
     )
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watch directory")
+    p.add_argument("dir", help="the out= directory of fpgrad.watch (holds records.jsonl)")
+    p.add_argument("--out", default=None, help="output directory (default: DIR itself)")
+    p.set_defaults(func=_watch_report)
 
     p = sub.add_parser("list", help="the scenarios of the gallery and their claims")
     p.set_defaults(func=_list)
