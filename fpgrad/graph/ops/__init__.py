@@ -1,0 +1,66 @@
+"""The aten ops fpgrad implements, each once, against the number-system interface.
+
+``OPS`` maps an aten overload name (``aten.addmm.default``) to a function
+``fn(cx, *args, **kwargs)``: ``cx`` is the :class:`~fpgrad.graph.interpret.OpContext` (the
+number system ``cx.ar``, the node, the nodes its arguments came from), the arguments are the
+node's with every input node replaced by its value (arrays of the system; integer tensors as
+numpy integer arrays; Python scalars as given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fpgrad.graph.capture import Graph
+
+OpFn = Callable[..., Any]
+OPS: dict[str, OpFn] = {}
+#: op name (overload dropped) -> hint shown when it is refused
+HINTS: dict[str, str] = {
+    "aten.gelu": "exact GELU needs an erf slot (planned); use tanh/sigmoid/SiLU-free models",
+    "aten.convolution": "convolutions are planned (im2col + matmul)",
+    "aten.native_layer_norm": "LayerNorm is planned; write RMSNorm/LayerNorm by hand meanwhile",
+    "aten.native_batch_norm": "batch norm is planned",
+}
+
+
+def op(*names: str) -> Callable[[OpFn], OpFn]:
+    """Register ``fn`` under the aten overload ``names``."""
+
+    def register(fn: OpFn) -> OpFn:
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return register
+
+
+def unsupported_message(graph: Graph) -> str:
+    """One line naming every unsupported op with its module paths, or ''."""
+    from fpgrad.graph.capture import op_key, op_name
+
+    missing: dict[str, list[str]] = {}
+    for node in graph.ops:
+        if op_key(node) not in OPS:
+            where = missing.setdefault(op_key(node), [])
+            path = graph.paths.get(node.name, "") or "<top>"
+            if path not in where:
+                where.append(path)
+    if not missing:
+        return ""
+    parts = []
+    for key, where in missing.items():
+        name = key.rsplit(".", 1)[0]
+        hint = HINTS.get(name, "not implemented yet")
+        parts.append(f"{key} in {', '.join(where)} ({hint})")
+    del op_name
+    return (
+        f"unsupported ops ({len(missing)}): " + "; ".join(parts)
+        + "; see the README section 'Any torch model' for the supported ops"
+    )
+
+
+# register the ops (imports for their side effect)
+from fpgrad.graph.ops import linear, loss, pointwise, reduce, shape  # noqa: E402, F401
