@@ -71,7 +71,9 @@ def test_native_intermediates_are_the_eager_kernels_values() -> None:
     net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
     tr = native_run(net.graph, "float16")
     m = copy.deepcopy(model).half()
-    want = m.inp(x.half()).detach().double().numpy()  # the first Linear, as eager float16 computes it
+    want = (
+        m.inp(x.half()).detach().double().numpy()
+    )  # the first Linear, as eager float16 computes it
     first = next(n for n in net.graph.ops if net.graph.paths[n.name] == "inp"
                  and str(n.target) == "aten.addmm.default")  # fmt: skip
     assert np.array_equal(tr.values[first.name], want)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fpgrad.errors import InputError

@@ -75,7 +75,9 @@ class GraphComparison:
         rows = []
         for p in self.precisions:
             c = self.counts(p)
-            rows.append([p, self.kinds[p], *(c[v] for v in VERDICTS), self.first_nonfinite[p] or "-"])
+            rows.append(
+                [p, self.kinds[p], *(c[v] for v in VERDICTS), self.first_nonfinite[p] or "-"]
+            )
         head = ["precision", "ran", *VERDICTS, "first inf/nan"]
         lines = [
             f"{self.network}: gradients of {len(self.exact.trace.grads)} parameters; exact "
@@ -150,4 +152,3 @@ def _first_nonfinite(net: GraphNetwork, values: dict[str, Any]) -> str | None:
         if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
             return net.graph.label(node)
     return None
-

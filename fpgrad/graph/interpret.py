@@ -75,8 +75,7 @@ def interpret(
     """Evaluate ``graph`` in ``ar``. ``params`` (name -> arrays of ``ar``) replaces the
     captured float64 values; ``keep=False`` drops intermediate values once read."""
     feeds: list[Any] = [
-        params[n] if params is not None else _enter(ar, graph.params[n])
-        for n in graph.param_names
+        params[n] if params is not None else _enter(ar, graph.params[n]) for n in graph.param_names
     ]
     feeds += [_enter(ar, x) for x in (*graph.inputs, graph.targets)]
     env: dict[str, Any] = {}
@@ -93,8 +92,11 @@ def interpret(
             cx = OpContext(ar, node, env, graph)
             args = fx.node.map_arg(node.args, lambda n: env[n.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "layout", "device",
-                                                                  "pin_memory", "memory_format")}
+            kwargs = {
+                k: v
+                for k, v in kwargs.items()
+                if k not in ("dtype", "layout", "device", "pin_memory", "memory_format")
+            }
             env[node.name] = OPS[op_key(node)](cx, *args, **kwargs)
     assert out_node is not None
     outs = fx.node.map_arg(out_node.args[0], lambda n: env[n.name])

@@ -33,8 +33,11 @@ class NativeTrace:
 
 def _f64(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().to(torch.float64).numpy().copy() if value.is_floating_point() \
+        return (
+            value.detach().to(torch.float64).numpy().copy()
+            if value.is_floating_point()
             else value.detach().numpy().copy()
+        )
     if isinstance(value, (tuple, list)):
         return tuple(_f64(v) for v in value)
     return value

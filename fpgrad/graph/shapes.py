@@ -45,9 +45,7 @@ def transpose(x: Any, a: int, b: int) -> Any:
 def expand(x: Any, sizes: Sequence[int]) -> Any:
     old = shape(x)
     lead = len(sizes) - len(old)
-    full = tuple(
-        old[i - lead] if (s == -1 and i >= lead) else int(s) for i, s in enumerate(sizes)
-    )
+    full = tuple(old[i - lead] if (s == -1 and i >= lead) else int(s) for i, s in enumerate(sizes))
     if isinstance(x, Ball):
         k = x.mid.shape[0]
         mid = x.mid.reshape(k, *(1,) * lead, *old)

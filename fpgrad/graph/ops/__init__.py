@@ -57,7 +57,8 @@ def unsupported_message(graph: Graph) -> str:
         parts.append(f"{key} in {', '.join(where)} ({hint})")
     del op_name
     return (
-        f"unsupported ops ({len(missing)}): " + "; ".join(parts)
+        f"unsupported ops ({len(missing)}): "
+        + "; ".join(parts)
         + "; see the README section 'Any torch model' for the supported ops"
     )
 
