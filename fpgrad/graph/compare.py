@@ -20,6 +20,7 @@ from fpgrad.graph.exact import GraphExact, exact_graph
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import native_run
 from fpgrad.graph.network import GraphNetwork
+from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.jsonutil import dumps
 from fpgrad.precisions import emulated_systems, parse_precisions
 from fpgrad.verdicts import VERDICTS, Verdicts, classify
@@ -125,7 +126,10 @@ def compare_graph(
             values = tr.values
         else:
             ar = systems(p.name)
-            it = interpret(net.graph, ar)
+            try:
+                it = interpret(net.graph, ar)
+            except MissingSlot as exc:
+                raise InputError(f"{p.name}: {exc}; compare it natively instead") from None
             g = {k: ar.to_float64(v) for k, v in it.grads.items()}
             loss[p.name] = float(ar.to_float64(it.loss))
             values = {k: v for k, v in it.values.items() if isinstance(v, np.ndarray)}

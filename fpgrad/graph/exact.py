@@ -23,6 +23,7 @@ from fpgrad.errors import InputError
 from fpgrad.exact import REQUIRED_DIGITS, _agreement, ball_digits
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.interpret import GraphTrace, interpret
+from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.verdicts import ExactArray
 
 
@@ -62,7 +63,10 @@ def exact_graph(graph: Graph, bits: int = 150, allow_uncertified: bool = False) 
 
 def _fast(graph: Graph) -> GraphExact | None:
     ar = BallArith(150)
-    trace = interpret(graph, ar, keep=False)
+    try:
+        trace = interpret(graph, ar, keep=False)
+    except MissingSlot:  # an op the balls cannot certify yet (GELU): mpmath
+        return None
     if ar.range_errors or ar.uncertain_branches:
         return None
     cap = math.floor(150 * math.log10(2))

@@ -19,9 +19,7 @@ OpFn = Callable[..., Any]
 OPS: dict[str, OpFn] = {}
 #: op name (overload dropped) -> hint shown when it is refused
 HINTS: dict[str, str] = {
-    "aten.gelu": "exact GELU needs an erf slot (planned); use tanh/sigmoid/SiLU-free models",
     "aten.convolution": "convolutions are planned (im2col + matmul)",
-    "aten.native_layer_norm": "LayerNorm is planned; write RMSNorm/LayerNorm by hand meanwhile",
     "aten.native_batch_norm": "batch norm is planned",
 }
 
@@ -53,7 +51,7 @@ def unsupported_message(graph: Graph) -> str:
     parts = []
     for key, where in missing.items():
         name = key.rsplit(".", 1)[0]
-        hint = HINTS.get(name, "not implemented yet")
+        hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
         parts.append(f"{key} in {', '.join(where)} ({hint})")
     del op_name
     return (
@@ -64,4 +62,12 @@ def unsupported_message(graph: Graph) -> str:
 
 
 # register the ops (imports for their side effect)
-from fpgrad.graph.ops import linear, loss, pointwise, reduce, shape  # noqa: E402, F401
+from fpgrad.graph.ops import (  # noqa: E402, F401
+    attention,
+    linear,
+    loss,
+    norm,
+    pointwise,
+    reduce,
+    shape,
+)

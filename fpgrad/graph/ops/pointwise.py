@@ -166,3 +166,40 @@ def silu_backward(cx: Any, grad: Any, x: Any) -> Any:
     s = ar.sigmoid(x)
     s_neg = ar.sigmoid(ar.mul(x, ar.const(-1.0)))
     return ar.mul(grad, ar.mul(s, ar.add(ar.const(1.0), ar.mul(x, s_neg))))
+
+
+class MissingSlot(ValueError):
+    """The number system lacks a slot an op needs (the exact reference then uses mpmath)."""
+
+
+def _slot(cx: Any, name: str) -> Any:
+    fn = getattr(cx.ar, name, None)
+    if fn is None:
+        raise MissingSlot(f"{cx.label()} needs the slot {name!r}, which {cx.ar.name} lacks")
+    return fn
+
+
+@op("aten.gelu.default")
+def gelu(cx: Any, x: Any, approximate: str = "none") -> Any:
+    """x Phi(x), Phi the standard normal CDF (the slot ``ncdf``)."""
+    _exact_gelu_only(cx, approximate)
+    return cx.ar.mul(x, _slot(cx, "ncdf")(x))
+
+
+@op("aten.gelu_backward.default")
+def gelu_backward(cx: Any, grad: Any, x: Any, approximate: str = "none") -> Any:
+    """grad (Phi(x) + x phi(x)), phi the standard normal density (the slot ``npdf``)."""
+    _exact_gelu_only(cx, approximate)
+    ar = cx.ar
+    d = ar.add(_slot(cx, "ncdf")(x), ar.mul(x, _slot(cx, "npdf")(x)))
+    return ar.mul(grad, d)
+
+
+def _exact_gelu_only(cx: Any, approximate: str) -> None:
+    if approximate != "none":
+        from fpgrad.errors import InputError
+
+        raise InputError(
+            f"{cx.label()}: GELU(approximate={approximate!r}) is not supported yet; "
+            "use GELU() (the exact erf form)"
+        )

@@ -109,3 +109,18 @@ def embedding_dense_backward(
     dim = shapes.shape(grad)[-1]
     g = shapes.reshape(grad, (idx.size, dim))
     return cx.ar.matmul(cx.ar.asarray(np.ascontiguousarray(onehot.T)), g)
+
+
+@op("aten.split.Tensor")
+def split(cx: Any, x: Any, size: int, dim: int = 0) -> list:
+    n = shapes.shape(x)[dim]
+    return [slice_(cx, x, dim, s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@op("aten.split_with_sizes.default")
+def split_with_sizes(cx: Any, x: Any, sizes: Any, dim: int = 0) -> list:
+    out, start = [], 0
+    for s in sizes:
+        out.append(slice_(cx, x, dim, start, start + s))
+        start += s
+    return out
