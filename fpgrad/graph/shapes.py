@@ -80,3 +80,19 @@ def cat(parts: Sequence[Any], dim: int) -> Any:
             np.concatenate([p.rad for p in parts], axis=d),
         )
     return np.concatenate(list(parts), axis=dim)
+
+
+def place(zeros: Any, x: Any, idx: tuple[Any, ...]) -> Any:
+    """A copy of ``zeros`` (an array of exact zeros of the system) with ``x`` at ``idx``."""
+    if isinstance(zeros, Ball):
+        mid, rad = zeros.mid.copy(), zeros.rad.copy()
+        mid[(slice(None), *idx)] = x.mid
+        rad[idx] = x.rad
+        return Ball(mid, rad)
+    out = np.array(zeros, copy=True)
+    out[idx] = x
+    return out
+
+
+def stack(parts: Sequence[Any], dim: int) -> Any:
+    return cat([unsqueeze(p, dim) for p in parts], dim)

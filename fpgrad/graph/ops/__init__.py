@@ -18,10 +18,7 @@ if TYPE_CHECKING:
 OpFn = Callable[..., Any]
 OPS: dict[str, OpFn] = {}
 #: op name (overload dropped) -> hint shown when it is refused
-HINTS: dict[str, str] = {
-    "aten.convolution": "convolutions are planned (im2col + matmul)",
-    "aten.native_batch_norm": "batch norm is planned",
-}
+HINTS: dict[str, str] = {}
 
 
 def op(*names: str) -> Callable[[OpFn], OpFn]:
@@ -64,6 +61,7 @@ def unsupported_message(graph: Graph) -> str:
 # register the ops (imports for their side effect)
 from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
+    conv,
     linear,
     loss,
     norm,

@@ -98,5 +98,3 @@ def sdpa_backward(
         shapes.reshape(dk, ks),
         shapes.reshape(dv, vs),
     )
-
-
