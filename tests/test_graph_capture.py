@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from graph_models import residual_mlp
+from graph_models import residual_mlp, small_cnn, transformer_block
 from torch import nn
 
 import fpgrad
@@ -139,3 +139,36 @@ def test_bad_arguments_are_input_errors() -> None:
         fpgrad.from_module(lambda x: x, torch.ones(2), torch.ones(2), nn.MSELoss())  # type: ignore[arg-type]
     with pytest.raises(InputError, match="tensors"):
         fpgrad.from_module(nn.Linear(2, 2), [1.0, 2.0], torch.ones(2), nn.MSELoss())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda: transformer_block(), id="transformer"),
+        pytest.param(lambda: small_cnn(train=True), id="cnn-train"),
+        pytest.param(lambda: small_cnn(train=False), id="cnn-eval"),
+    ],
+)
+def test_done_when_models(build) -> None:  # noqa: ANN001
+    """float32 column = eager float32 autograd bit for bit; exact = float64 to 1e-8; >= 17 digits."""
+    model, inputs, y = build()
+    loss = nn.CrossEntropyLoss()
+    net = fpgrad.from_module(model, inputs, y, loss)
+    cmp = compare(net, "float32")
+    assert cmp.exact.certified_digits >= 17
+    xs = inputs if isinstance(inputs, tuple) else (inputs,)
+    m32 = copy.deepcopy(model)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loss(m32(*xs), y).backward()
+    finally:
+        torch.set_num_threads(n)
+    m64 = copy.deepcopy(model).double()
+    loss(m64(*(t.double() if t.is_floating_point() else t for t in xs)), y).backward()
+    scale = max(float(p.grad.abs().max()) for p in m64.parameters())
+    for (name, p32), (_, p64) in zip(m32.named_parameters(), m64.named_parameters(), strict=True):
+        assert np.array_equal(cmp.grads["float32"][name], p32.grad.double().numpy()), name
+        e, r = cmp.exact.arrays[f"grads/{name}"], p64.grad.numpy()
+        noise = e.zero & (np.abs(r) <= 1e-12 * scale)  # exact zeros: float64 cancellation noise
+        np.testing.assert_allclose(e.hi[~noise], r[~noise], rtol=1e-8, atol=0, err_msg=name)

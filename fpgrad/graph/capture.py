@@ -55,6 +55,25 @@ class Graph:
     loss_fn: LossFn = field(repr=False)
 
     @property
+    def constants(self) -> set[str]:
+        """Nodes that read no floating data (masks, position tables, integer inputs): torch
+        computes them once, in float64, for every system."""
+        raw = [*(self.params[n] for n in self.param_names), *self.inputs, self.targets]
+        out: set[str] = set()
+        placeholders = iter(raw)
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                if np.asarray(next(placeholders)).dtype.kind != "f":
+                    out.add(node.name)
+            elif node.op == "get_attr":
+                out.add(node.name)
+            elif node.op == "call_function" and all(
+                n.name in out for n in node.all_input_nodes
+            ):
+                out.add(node.name)
+        return out
+
+    @property
     def ops(self) -> list[fx.Node]:
         """The op nodes in execution order (getitem of multi-output ops included)."""
         return [n for n in self.gm.graph.nodes if n.op not in _SKIP]

@@ -66,6 +66,23 @@ def _enter(ar: Arith, value: Any) -> Any:
     return arr
 
 
+_TORCH_ONLY = ("dtype", "layout", "device", "pin_memory", "memory_format")
+
+
+def _enter_const(ar: Arith, value: Any) -> Any:
+    """A constant's value: finite floating arrays in the system; integers, booleans and
+    arrays with infinities (additive -inf masks) as numpy arrays."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_enter_const(ar, v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    arr = value.detach().numpy()
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float64)
+        return ar.asarray(arr) if np.isfinite(arr).all() else arr
+    return arr.copy()
+
+
 def interpret(
     graph: Graph,
     ar: Arith,
@@ -78,25 +95,34 @@ def interpret(
         params[n] if params is not None else _enter(ar, graph.params[n]) for n in graph.param_names
     ]
     feeds += [_enter(ar, x) for x in (*graph.inputs, graph.targets)]
+    raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
     env: dict[str, Any] = {}
-    placeholders = iter(feeds)
+    consts: dict[str, Any] = {}  # torch values of nodes that read no floating data
+    placeholders = iter(zip(feeds, raw, strict=True))
     out_node = None
+    constants = graph.constants
     for node in graph.gm.graph.nodes:
         if node.op == "placeholder":
-            env[node.name] = next(placeholders)
+            env[node.name], value = next(placeholders)
+            if np.asarray(value).dtype.kind != "f":
+                consts[node.name] = torch.from_numpy(np.ascontiguousarray(value))
         elif node.op == "get_attr":
-            env[node.name] = _enter(ar, getattr(graph.gm, str(node.target)))
+            consts[node.name] = getattr(graph.gm, str(node.target))
+            env[node.name] = _enter_const(ar, consts[node.name])
         elif node.op == "output":
             out_node = node
+        elif node.name in constants:
+            # a constant (a mask, a position table): torch computes it once, in float64
+            consts[node.name] = node.target(
+                *fx.node.map_arg(node.args, lambda n: consts[n.name]),
+                **fx.node.map_arg(node.kwargs, lambda n: consts[n.name]),
+            )
+            env[node.name] = _enter_const(ar, consts[node.name])
         else:
             cx = OpContext(ar, node, env, graph)
             args = fx.node.map_arg(node.args, lambda n: env[n.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-            kwargs = {
-                k: v
-                for k, v in kwargs.items()
-                if k not in ("dtype", "layout", "device", "pin_memory", "memory_format")
-            }
+            kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
             env[node.name] = OPS[op_key(node)](cx, *args, **kwargs)
     assert out_node is not None
     outs = fx.node.map_arg(out_node.args[0], lambda n: env[n.name])

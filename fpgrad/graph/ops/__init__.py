@@ -37,8 +37,9 @@ def unsupported_message(graph: Graph) -> str:
     from fpgrad.graph.capture import op_key, op_name
 
     missing: dict[str, list[str]] = {}
+    constants = graph.constants
     for node in graph.ops:
-        if op_key(node) not in OPS:
+        if op_key(node) not in OPS and node.name not in constants:
             where = missing.setdefault(op_key(node), [])
             path = graph.paths.get(node.name, "") or "<top>"
             if path not in where:

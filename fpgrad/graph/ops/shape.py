@@ -124,3 +124,21 @@ def split_with_sizes(cx: Any, x: Any, sizes: Any, dim: int = 0) -> list:
         out.append(slice_(cx, x, dim, start, start + s))
         start += s
     return out
+
+
+@op("aten.select_backward.default")
+def select_backward(cx: Any, g: Any, sizes: Any, dim: int, index: int) -> Any:
+    nd = len(sizes)
+    idx: list[Any] = [slice(None)] * nd
+    idx[dim % nd] = int(index)
+    return shapes.place(cx.ar.asarray(np.zeros(tuple(sizes))), g, tuple(idx))
+
+
+@op("aten.slice_backward.default")
+def slice_backward(
+    cx: Any, g: Any, sizes: Any, dim: int, start: int, end: int, step: int
+) -> Any:
+    nd = len(sizes)
+    idx: list[Any] = [slice(None)] * nd
+    idx[dim % nd] = slice(start, end, step)
+    return shapes.place(cx.ar.asarray(np.zeros(tuple(sizes))), g, tuple(idx))
