@@ -67,9 +67,7 @@ class Graph:
                     out.add(node.name)
             elif node.op == "get_attr":
                 out.add(node.name)
-            elif node.op == "call_function" and all(
-                n.name in out for n in node.all_input_nodes
-            ):
+            elif node.op == "call_function" and all(n.name in out for n in node.all_input_nodes):
                 out.add(node.name)
         return out
 
@@ -176,6 +174,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         raise InputError("the model has no parameters: there is no gradient to diagnose")
     ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
     args = [_widen(t) for t in (*xs, targets)]
+    loss = loss_in(loss, torch.float64)
     fn = joint_function(m64, names, loss)
     joint = _Joint(m64, fn)
 
@@ -242,6 +241,24 @@ def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]
             f"and {len(rest_r)} run ops left over): the model's forward depends on its dtype"
         )
     return pairs
+
+
+def loss_in(loss: LossFn, dtype: torch.dtype, precision: str | None = None) -> LossFn:
+    """A loss module's copy with its floating buffers (class weights) in ``dtype``: widened
+    exactly, or correctly rounded into ``precision``; other callables as given."""
+    if not isinstance(loss, nn.Module):
+        return loss
+    out = copy.deepcopy(loss)
+    with torch.no_grad():
+        for _, b in out.named_buffers():
+            if b.is_floating_point():
+                if precision is None:
+                    b.data = b.data.to(dtype)
+                else:
+                    from fpgrad.torch_native import to_dtype
+
+                    b.data = to_dtype(b.detach().to(torch.float64).numpy(), precision)
+    return out
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function
+from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, loss_in
 from fpgrad.torch_native import DTYPES, one_torch_thread, to_dtype
 
 
@@ -72,7 +72,7 @@ def native_run(graph: Graph, precision: str, keep: bool = True) -> NativeTrace:
     args = [_into(x, precision) for x in (*graph.inputs, graph.targets)]
     rec = OpRecorder() if keep else None
     with one_torch_thread():
-        fn = joint_function(model, names, graph.loss_fn)
+        fn = joint_function(model, names, loss_in(graph.loss_fn, DTYPES[precision], precision))
         if rec is None:
             loss, grads = fn(ps, *args)
         else:

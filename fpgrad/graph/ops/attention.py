@@ -28,8 +28,11 @@ def _mask(cx: Any, q: Any, k: Any, attn_mask: Any, causal: bool) -> tuple[np.nda
         if isinstance(attn_mask, np.ndarray) and attn_mask.dtype == bool:
             keep = keep & attn_mask
         else:  # additive: -inf entries mask, the finite rest is added
-            hi = attn_mask if isinstance(attn_mask, np.ndarray) and attn_mask.dtype.kind == "f" \
+            hi = (
+                attn_mask
+                if isinstance(attn_mask, np.ndarray) and attn_mask.dtype.kind == "f"
                 else cx.ar.to_float64(attn_mask)
+            )
             keep = keep & ~np.isneginf(hi)
             if np.isfinite(hi[~np.isneginf(hi)]).all() and np.any(hi[np.isfinite(hi)] != 0):
                 bias = cx.ar.asarray(np.where(np.isfinite(hi), hi, 0.0))

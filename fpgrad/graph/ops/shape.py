@@ -135,9 +135,7 @@ def select_backward(cx: Any, g: Any, sizes: Any, dim: int, index: int) -> Any:
 
 
 @op("aten.slice_backward.default")
-def slice_backward(
-    cx: Any, g: Any, sizes: Any, dim: int, start: int, end: int, step: int
-) -> Any:
+def slice_backward(cx: Any, g: Any, sizes: Any, dim: int, start: int, end: int, step: int) -> Any:
     nd = len(sizes)
     idx: list[Any] = [slice(None)] * nd
     idx[dim % nd] = slice(start, end, step)
