@@ -81,7 +81,9 @@ def _compare(args: argparse.Namespace) -> int:
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
 
-    net = _load_network(args.network)
+    from fpgrad.graph.script import is_script, load_script
+
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     result = compare(
         net,
         precisions=_with_policies(args.precisions, args.policy),
@@ -305,7 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="gradients of a network in each precision against exact ones"
     )
-    p.add_argument("network", help="network file or model file (TOML)")
+    p.add_argument(
+        "network",
+        help="network file or model file (TOML), or path/to/script.py:build: a Python file "
+        "whose build() returns (model, inputs, targets, loss); it is user code and runs as "
+        "pytest runs test files (imported, its folder first on sys.path)",
+    )
     p.add_argument(
         "--precisions",
         default=None,

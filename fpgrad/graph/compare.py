@@ -72,7 +72,8 @@ class GraphComparison:
     def to_json(self, indent: int | None = 2) -> str:
         return dumps(self.to_dict(), indent=indent)
 
-    def render(self) -> str:
+    def render(self, max_rows: int | None = None) -> str:
+        """Verdict counts per precision (``max_rows``: accepted for the CLI; one row each)."""
         rows = []
         for p in self.precisions:
             c = self.counts(p)
@@ -150,8 +151,12 @@ def compare_graph(
 
 
 def _first_nonfinite(net: GraphNetwork, values: dict[str, Any]) -> str | None:
-    """The label of the first op (graph order) whose output holds inf or NaN."""
+    """The label of the first op (graph order, constants skipped) whose output holds inf or
+    NaN."""
+    constants = net.graph.constants  # masks hold -inf by design
     for node in net.graph.ops:
+        if node.name in constants:
+            continue
         v = values.get(node.name)
         if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
             return net.graph.label(node)
