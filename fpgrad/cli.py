@@ -80,7 +80,6 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
 def _compare(args: argparse.Namespace) -> int:
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
-
     from fpgrad.graph.script import is_script, load_script
 
     net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
