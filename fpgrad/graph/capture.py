@@ -201,7 +201,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         inputs=[_np(t) for t in args[:-1]],
         targets=_np(args[-1]),
         paths=paths,
-        model=model,
+        model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
         loss_fn=loss,
     )
     message = unsupported_message(graph)
@@ -273,8 +273,8 @@ def _forward_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    return path[len("model.") :] if path.startswith("model.") else ("" if path == "model" else "")
+    path = list(stack.values())[-1][0]  # "model.blocks.0.ff.0" under the _Joint wrapper
+    return path[len("model.") :] if path.startswith("model.") else ""
 
 
 def _module_paths(
