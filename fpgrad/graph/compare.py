@@ -38,6 +38,9 @@ class GraphComparison:
     grads: dict[str, dict[str, np.ndarray]]
     verdicts: dict[str, dict[str, Verdicts]]
     first_nonfinite: dict[str, str | None]
+    #: precision -> "label: n of m" of the first op (graph order) whose output is 0 where the
+    #: exact value is certainly not (where the signal died), or None
+    first_lost: dict[str, str | None]
     notes: list[str] = field(default_factory=list)
 
     def counts(self, precision: str) -> dict[str, int]:
@@ -62,6 +65,7 @@ class GraphComparison:
             "loss": {"exact": decimal_string_of(self.exact), **self.loss},
             "summary": {p: self.counts(p) for p in self.precisions},
             "first_nonfinite": self.first_nonfinite,
+            "first_lost": self.first_lost,
             "parameters": {
                 name: {p: _count(self.verdicts[p][name]) for p in self.precisions}
                 for name in self.exact.trace.grads
@@ -81,11 +85,14 @@ class GraphComparison:
                 [p, self.kinds[p], *(c[v] for v in VERDICTS), self.first_nonfinite[p] or "-"]
             )
         head = ["precision", "ran", *VERDICTS, "first inf/nan"]
+        died = [[p, self.first_lost[p]] for p in self.precisions if self.first_lost[p]]
         lines = [
             f"{self.network}: gradients of {len(self.exact.trace.grads)} parameters; exact "
             f"({self.exact.method}) certified to {self.exact.certified_digits:.1f} digits",
             tabulate(rows, head),
         ]
+        if died:
+            lines += ["", "first op computing 0 where the exact value is not:", tabulate(died)]
         return "\n".join(lines + self.notes)
 
 
@@ -119,6 +126,7 @@ def compare_graph(
     verdicts: dict[str, dict[str, Verdicts]] = {}
     loss: dict[str, float] = {}
     first: dict[str, str | None] = {}
+    lost: dict[str, str | None] = {}
     for p in precs:
         if p.kind == "native":
             tr = native_run(net.graph, p.name)
@@ -137,6 +145,7 @@ def compare_graph(
         grads[p.name] = g
         verdicts[p.name] = {k: classify(exact.arrays[f"grads/{k}"], g[k], p.fmt) for k in g}
         first[p.name] = _first_nonfinite(net, values)
+        lost[p.name] = _first_lost(net, exact, values)
     return GraphComparison(
         network=net.name,
         precisions=[p.name for p in precs],
@@ -146,8 +155,26 @@ def compare_graph(
         grads=grads,
         verdicts=verdicts,
         first_nonfinite=first,
+        first_lost=lost,
         notes=["exact: evaluated at the parameters and data as written (float64 values, exact)"],
     )
+
+
+def _first_lost(net: GraphNetwork, exact: GraphExact, values: dict[str, Any]) -> str | None:
+    """``label: n of m`` for the first op (graph order, constants skipped) whose computed
+    output is 0 where the exact value is certainly non-zero."""
+    constants = net.graph.constants
+    for node in net.graph.ops:
+        v = values.get(node.name)
+        if node.name in constants or not (isinstance(v, np.ndarray) and v.dtype.kind == "f"):
+            continue
+        nz = exact.nonzero(node.name)
+        if nz is None or nz.shape != v.shape:
+            continue
+        n = int(np.count_nonzero((v == 0) & nz))
+        if n:
+            return f"{net.graph.label(node)}: {n} of {v.size}"
+    return None
 
 
 def _first_nonfinite(net: GraphNetwork, values: dict[str, Any]) -> str | None:

@@ -4,7 +4,8 @@ First the fast multi-word balls (:class:`~fpgrad.arith.ball.BallArith`, 150 bits
 radii certify every value; when they cannot (a value out of their range, a ReLU input whose
 ball contains 0, fewer than 17 digits), mpmath at N and 2N bits, certified by agreement, as
 :mod:`fpgrad.exact` does for layer networks (the rigorous arb fallback plugs in here).
-Certified digits are judged on the loss and the parameter gradients.
+Certified digits are judged on the loss and the parameter gradients; every node's value is
+kept for attribution (:meth:`GraphExact.nonzero`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import mpmath
 import numpy as np
 
 from fpgrad.arith import expansion
-from fpgrad.arith.ball import BallArith
+from fpgrad.arith.ball import Ball, BallArith
 from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
 from fpgrad.exact import REQUIRED_DIGITS, _agreement, ball_digits
@@ -43,6 +44,18 @@ class GraphExact:
         """Nearest float64 values (for display and tolerances)."""
         return self.arrays[key].hi
 
+    def nonzero(self, node: str) -> np.ndarray | None:
+        """Mask of elements of ``node``'s value that are certainly non-zero (a ball not
+        containing 0; for mpmath, above 2**-(bits/2) of the array's largest value), or None
+        when the node's value is not one floating array."""
+        v = self.trace.values.get(node)
+        if isinstance(v, Ball):
+            return np.abs(v.mid[0]) > 2 * v.rad
+        if isinstance(v, np.ndarray) and v.dtype == object and v.size:
+            hi = np.abs(np.asarray(np.vectorize(float, otypes=[float])(v)))
+            return hi > 2.0 ** -(self.bits // 2) * float(np.max(hi))
+        return None
+
 
 def _keys(trace: GraphTrace) -> list[tuple[str, Any]]:
     return [("loss", trace.loss), *((f"grads/{k}", v) for k, v in trace.grads.items())]
@@ -64,7 +77,7 @@ def exact_graph(graph: Graph, bits: int = 150, allow_uncertified: bool = False) 
 def _fast(graph: Graph) -> GraphExact | None:
     ar = BallArith(150)
     try:
-        trace = interpret(graph, ar, keep=False)
+        trace = interpret(graph, ar)
     except MissingSlot:  # an op the balls cannot certify yet (GELU): mpmath
         return None
     if ar.range_errors or ar.uncertain_branches:
@@ -86,7 +99,7 @@ def _fast(graph: Graph) -> GraphExact | None:
 
 def _mpmath(graph: Graph, bits: int) -> GraphExact:
     low = interpret(graph, MPArith(bits), keep=False)
-    high = interpret(graph, MPArith(2 * bits), keep=False)
+    high = interpret(graph, MPArith(2 * bits))
     cap = math.floor(bits * math.log10(2))
     pairs = list(zip(_keys(low), _keys(high), strict=True))
     scale = max(
