@@ -172,3 +172,17 @@ def test_done_when_models(build) -> None:  # noqa: ANN001
         e, r = cmp.exact.arrays[f"grads/{name}"], p64.grad.numpy()
         noise = e.zero & (np.abs(r) <= 1e-12 * scale)  # exact zeros: float64 cancellation noise
         np.testing.assert_allclose(e.hi[~noise], r[~noise], rtol=1e-8, atol=0, err_msg=name)
+
+
+def test_attribution_names_where_the_signal_died() -> None:
+    """Batch norm of conv outputs whose spread is below float16's resolution: x - mean is 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3))  # fmt: skip
+    x, y = torch.randn(4, 1, 4, 4) * 1e-3, torch.tensor([0, 1, 2, 0])
+    cmp = compare(fpgrad.from_module(model, x, y, nn.CrossEntropyLoss()), "float16,float32")
+    assert cmp.first_lost["float16"] is not None
+    assert cmp.first_lost["float16"].startswith("1 (getitem): ")  # the batch norm's output
+    assert cmp.first_lost["float32"] is None
+    assert cmp.first_nonfinite == {"float16": None, "float32": None}
+    assert "first op computing 0" in cmp.render()
