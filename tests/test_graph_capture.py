@@ -66,9 +66,8 @@ def test_residual_mlp_exact_matches_float64_and_certifies(mlp_comparison) -> Non
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
 
 
-def test_native_intermediates_are_the_eager_kernels_values() -> None:
-    model, x, y = residual_mlp()
-    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+def test_native_intermediates_are_the_eager_kernels_values(mlp_comparison) -> None:  # noqa: ANN001
+    model, x, y, net, _ = mlp_comparison
     tr = native_run(net.graph, "float16")
     m = copy.deepcopy(model).half()
     want = (
@@ -79,9 +78,8 @@ def test_native_intermediates_are_the_eager_kernels_values() -> None:
     assert np.array_equal(tr.values[first.name], want)
 
 
-def test_module_paths_name_forward_and_backward_ops() -> None:
-    model, x, y = residual_mlp()
-    g = fpgrad.from_module(model, x, y, F.cross_entropy).graph
+def test_module_paths_name_forward_and_backward_ops(mlp_comparison) -> None:  # noqa: ANN001
+    g = mlp_comparison[3].graph
     labels = {g.label(n) for n in g.ops}
     assert "blocks.0.ff.0 (aten.addmm)" in labels
     assert "blocks.1.ff.1 (aten.tanh_backward)" in labels

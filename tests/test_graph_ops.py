@@ -127,3 +127,8 @@ def test_embedding_with_repeated_and_unused_tokens() -> None:
     model = nn.Sequential(nn.Embedding(6, 3, padding_idx=5), nn.Flatten(0), nn.Linear(12, 2))
     tokens = torch.tensor([1, 1, 4, 5])
     _check(model, tokens, torch.randn(2), nn.MSELoss(reduction="sum"))
+
+
+def test_l1_loss() -> None:
+    torch.manual_seed(6)
+    _check(nn.Linear(4, 2), torch.randn(5, 4), torch.randn(5, 2), nn.L1Loss())

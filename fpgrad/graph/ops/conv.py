@@ -232,3 +232,27 @@ def avg_pool2d_backward(
     share = ar.div(g, ar.const(float(divisor or k[0] * k[1])))
     cols = shapes.stack([share] * (k[0] * k[1]), 2)
     return _uncols(cx, cols, shapes.shape(x), k, st, (0, 0), (1, 1))
+
+
+def _adaptive_kernel(cx: Any, x: Any, size: Any) -> tuple[int, int]:
+    h, w = shapes.shape(x)[-2:]
+    oh, ow = _pair(size)
+    if h % oh or w % ow:
+        raise InputError(
+            f"{cx.label()}: adaptive average pooling from {h}x{w} to {oh}x{ow} is supported "
+            "only when the output size divides the input size"
+        )
+    return h // oh, w // ow
+
+
+@op("aten._adaptive_avg_pool2d.default")
+def adaptive_avg_pool2d(cx: Any, x: Any, size: Any) -> Any:
+    """Average pooling with kernel = stride = input size / output size (divisible sizes)."""
+    k = _adaptive_kernel(cx, x, size)
+    return avg_pool2d(cx, x, k, k)
+
+
+@op("aten._adaptive_avg_pool2d_backward.default")
+def adaptive_avg_pool2d_backward(cx: Any, g: Any, x: Any) -> Any:
+    k = _adaptive_kernel(cx, x, shapes.shape(g)[-2:])
+    return avg_pool2d_backward(cx, g, x, k, k, 0, False, True, None)

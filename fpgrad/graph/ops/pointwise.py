@@ -203,3 +203,17 @@ def _exact_gelu_only(cx: Any, approximate: str) -> None:
             f"{cx.label()}: GELU(approximate={approximate!r}) is not supported yet; "
             "use GELU() (the exact erf form)"
         )
+
+
+@op("aten.abs.default")
+def abs_(cx: Any, x: Any) -> Any:
+    return cx.ar.abs(x)
+
+
+@op("aten.sgn.default", "aten.sign.default")
+def sgn(cx: Any, x: Any) -> Any:
+    """-1, 0 or 1, decided by exact comparisons (L1 loss's derivative)."""
+    ar = cx.ar
+    pos = ar.positive(x)
+    neg = ar.positive(ar.mul(x, ar.const(-1.0)))
+    return ar.asarray(pos.astype(np.float64) - neg.astype(np.float64))
