@@ -67,6 +67,8 @@ CASES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "conv2d_stride": lambda x, w: F.conv2d(
         x.view(1, 1, 3, 4), w.view(3, 1, 2, 2)[:2], stride=(1, 2)
     ),  # fmt: skip
+    "adaptive_avg_pool": lambda x, w: F.adaptive_avg_pool2d((w * x).view(1, 1, 3, 4), (1, 2)),
+    "abs": lambda x, w: torch.abs(w - x) * x,
     "max_avg_pool": lambda x, w: (
         F.max_pool2d((w * x).view(1, 1, 3, 4), 2) + F.avg_pool2d((w + x).view(1, 1, 3, 4), 2)
     ),
