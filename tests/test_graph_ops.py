@@ -82,7 +82,8 @@ def _check(model: nn.Module, x, y, loss) -> None:  # noqa: ANN001
     xs = x if isinstance(x, tuple) else (x,)
     m64 = copy.deepcopy(model).double()
     loss64 = copy.deepcopy(loss).double() if isinstance(loss, nn.Module) else loss
-    loss64(m64(*(t.double() if t.is_floating_point() else t for t in xs)), y).backward()
+    y64 = y.double() if y.is_floating_point() else y
+    loss64(m64(*(t.double() if t.is_floating_point() else t for t in xs)), y64).backward()
     scale = max(float(p.grad.abs().max()) for p in m64.parameters())
     for name, p in m64.named_parameters():
         e, r = ex.arrays[f"grads/{name}"], p.grad.numpy()
@@ -134,3 +135,41 @@ def test_embedding_with_repeated_and_unused_tokens() -> None:
 def test_l1_loss() -> None:
     torch.manual_seed(6)
     _check(nn.Linear(4, 2), torch.randn(5, 4), torch.randn(5, 2), nn.L1Loss())
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        pytest.param(nn.BCEWithLogitsLoss(), id="bce-with-logits"),
+        pytest.param(nn.HuberLoss(delta=0.5), id="huber"),
+        pytest.param(nn.MSELoss(reduction="sum"), id="mse-sum"),
+    ],
+)
+def test_regression_losses(loss) -> None:  # noqa: ANN001
+    torch.manual_seed(7)
+    _check(nn.Linear(4, 2), torch.randn(5, 4), torch.rand(5, 2), loss)
+
+
+def test_label_smoothing() -> None:
+    torch.manual_seed(8)
+    model = nn.Linear(4, 3)
+    _check(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]),
+           nn.CrossEntropyLoss(label_smoothing=0.1))  # fmt: skip
+
+
+def test_in_place_op_on_a_tensor_read_later_is_refused() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x) * 1.0
+            first = h[0]  # a view: eager sees the in-place product through it
+            h.mul_(2.0)
+            return h + first
+
+    from fpgrad.errors import InputError
+
+    with pytest.raises(InputError, match="read after the in-place op or through a view"):
+        fpgrad.from_module(InPlace(), torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())

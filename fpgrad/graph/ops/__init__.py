@@ -32,6 +32,10 @@ def op(*names: str) -> Callable[[OpFn], OpFn]:
     return register
 
 
+_VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice",
+          "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided"}  # fmt: skip
+
+
 def unsupported_message(graph: Graph) -> str:
     """One line naming every unsupported op with its module paths, or ''."""
     from fpgrad.graph.capture import op_key, op_name
@@ -44,6 +48,19 @@ def unsupported_message(graph: Graph) -> str:
             path = graph.paths.get(node.name, "") or "<top>"
             if path not in where:
                 where.append(path)
+    order = {n.name: i for i, n in enumerate(graph.gm.graph.nodes)}
+    for node in graph.ops:  # an in-place op runs as a new value: its input must not be read later
+        key = op_key(node)
+        inplace = key.count(".") == 2 and key.split(".")[1].endswith("_")
+        if inplace and node.name not in constants and node.args:
+            src = node.args[0]
+            users = [u for u in getattr(src, "users", {}) if u is not node]
+            later = [u for u in users if order[u.name] > order[node.name]]
+            views = [u for u in users if op_name(u).removeprefix("aten.") in _VIEWS]
+            if later or views:
+                where = missing.setdefault(key, [])
+                where.append(f"{graph.paths.get(node.name, '') or '<top>'} (its input is read "
+                             "after the in-place op or through a view)")  # fmt: skip
     if not missing:
         return ""
     parts = []
@@ -51,7 +68,6 @@ def unsupported_message(graph: Graph) -> str:
         name = key.rsplit(".", 1)[0]
         hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
         parts.append(f"{key} in {', '.join(where)} ({hint})")
-    del op_name
     return (
         f"unsupported ops ({len(missing)}): "
         + "; ".join(parts)

@@ -13,6 +13,8 @@ def scalar(cx: Any, x: Any) -> Any:
     """A Python number as a constant of the system; arrays pass through."""
     if isinstance(x, (bool, int, float)):
         return cx.ar.const(float(x))
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":  # a constant computed by torch
+        return cx.ar.asarray(x.astype(np.float64))
     return x
 
 

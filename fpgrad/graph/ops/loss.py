@@ -153,3 +153,63 @@ def mse_loss_backward(cx: Any, grad: Any, a: Any, b: Any, reduction: int) -> Any
     if REDUCTIONS[int(reduction)] == "mean":
         g = ar.div(g, ar.const(float(np.prod(shapes.shape(a)))))
     return g
+
+
+def _reduce(cx: Any, terms: Any, reduction: int) -> Any:
+    if REDUCTIONS[int(reduction)] == "none":
+        return terms
+    total = sum_dims(cx, terms, None, False)
+    if REDUCTIONS[int(reduction)] == "mean":
+        total = cx.ar.div(total, cx.ar.const(float(np.prod(shapes.shape(terms)))))
+    return total
+
+
+@op("aten.binary_cross_entropy_with_logits.default")
+def bce_with_logits(
+    cx: Any, x: Any, t: Any, weight: Any = None, pos_weight: Any = None, reduction: int = 1
+) -> Any:
+    """(1 - t) x + softplus(-x), softplus(-x) = log(1 + exp(-|x|)) + max(-x, 0)."""
+    if pos_weight is not None:
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: BCEWithLogitsLoss(pos_weight=...) is not supported yet")
+    ar = cx.ar
+    neg = ar.mul(x, ar.const(-1.0))
+    zero = ar.asarray(np.zeros(shapes.shape(x)))
+    soft = ar.add(
+        ar.log(ar.add(ar.const(1.0), ar.exp(ar.mul(ar.abs(x), ar.const(-1.0))))),
+        ar.where(ar.positive(neg), neg, zero),
+    )
+    terms = ar.add(ar.mul(ar.sub(ar.const(1.0), t), x), soft)
+    if weight is not None:
+        terms = ar.mul(terms, weight)
+    return _reduce(cx, terms, reduction)
+
+
+@op("aten.huber_loss.default")
+def huber_loss(cx: Any, x: Any, t: Any, reduction: int = 1, delta: float = 1.0) -> Any:
+    """d^2 / 2 where |d| < delta, else delta (|d| - delta / 2); d = x - t."""
+    ar = cx.ar
+    d = ar.sub(x, t)
+    ad = ar.abs(d)
+    dl = ar.const(float(delta))
+    small = ar.positive(ar.sub(dl, ad))
+    quad = ar.mul(ar.mul(d, d), ar.const(0.5))
+    lin = ar.mul(dl, ar.sub(ad, ar.mul(dl, ar.const(0.5))))
+    return _reduce(cx, ar.where(small, quad, lin), reduction)
+
+
+@op("aten.huber_loss_backward.default")
+def huber_loss_backward(cx: Any, g: Any, x: Any, t: Any, reduction: int, delta: float) -> Any:
+    """g * clamp(d, -delta, delta) (/ numel for "mean")."""
+    ar = cx.ar
+    d = ar.sub(x, t)
+    dl = ar.const(float(delta))
+    small = ar.positive(ar.sub(dl, ar.abs(d)))
+    pos = ar.positive(d)
+    full = np.full(shapes.shape(d), float(delta))
+    clamp = ar.where(small, d, ar.where(pos, ar.asarray(full), ar.asarray(-full)))
+    out = ar.mul(clamp, g)
+    if REDUCTIONS[int(reduction)] == "mean":
+        out = ar.div(out, ar.const(float(np.prod(shapes.shape(x)))))
+    return out

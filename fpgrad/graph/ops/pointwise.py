@@ -217,3 +217,29 @@ def sgn(cx: Any, x: Any) -> Any:
     pos = ar.positive(x)
     neg = ar.positive(ar.mul(x, ar.const(-1.0)))
     return ar.asarray(pos.astype(np.float64) - neg.astype(np.float64))
+
+
+@op("aten.div_.Scalar", "aten.div_.Tensor")
+def div_inplace(cx: Any, a: Any, b: Any) -> Any:
+    """In place, as a new value (capture refuses in-place ops whose input is read later)."""
+    return div(cx, a, b)
+
+
+@op("aten.mul_.Scalar", "aten.mul_.Tensor")
+def mul_inplace(cx: Any, a: Any, b: Any) -> Any:
+    return mul(cx, a, b)
+
+
+@op("aten.masked_fill.Scalar", "aten.masked_fill_.Scalar")
+def masked_fill(cx: Any, x: Any, mask: np.ndarray, value: float) -> Any:
+    """x with ``value`` where ``mask`` (a finite value: -inf masks belong in attention's mask)."""
+    if not np.isfinite(value):
+        from fpgrad.errors import InputError
+
+        raise InputError(
+            f"{cx.label()}: masked_fill with {value} is not supported; pass the mask to "
+            "F.scaled_dot_product_attention (attn_mask) or use a large finite negative"
+        )
+    ar = cx.ar
+    fill = ar.asarray(np.full(shapes.shape(x), float(value)))
+    return ar.where(np.broadcast_to(np.asarray(mask, dtype=bool), shapes.shape(x)), fill, x)
