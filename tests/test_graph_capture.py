@@ -184,3 +184,10 @@ def test_attribution_names_where_the_signal_died() -> None:
     assert cmp.first_lost["float32"] is None
     assert cmp.first_nonfinite == {"float16": None, "float32": None}
     assert "first op computing 0" in cmp.render()
+
+
+def test_training_mode_dropout_is_refused_with_the_fix() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+    with pytest.raises(InputError, match=r"native_dropout.default in 1 .*model\.eval\(\)"):
+        fpgrad.from_module(model, torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())
+    fpgrad.from_module(model.eval(), torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())

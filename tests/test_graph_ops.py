@@ -69,6 +69,7 @@ CASES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     ),  # fmt: skip
     "adaptive_avg_pool": lambda x, w: F.adaptive_avg_pool2d((w * x).view(1, 1, 3, 4), (1, 2)),
     "abs": lambda x, w: torch.abs(w - x) * x,
+    "elu_selu": lambda x, w: F.elu(w * x, 0.7) + F.selu(w - x),
     "max_avg_pool": lambda x, w: (
         F.max_pool2d((w * x).view(1, 1, 3, 4), 2) + F.avg_pool2d((w + x).view(1, 1, 3, 4), 2)
     ),

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 OpFn = Callable[..., Any]
 OPS: dict[str, OpFn] = {}
 #: op name (overload dropped) -> hint shown when it is refused
-HINTS: dict[str, str] = {}
+HINTS: dict[str, str] = {
+    "aten.native_dropout": "dropout in training mode draws random masks: call model.eval()",
+    "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
+}
 
 
 def op(*names: str) -> Callable[[OpFn], OpFn]:

@@ -243,3 +243,31 @@ def masked_fill(cx: Any, x: Any, mask: np.ndarray, value: float) -> Any:
     ar = cx.ar
     fill = ar.asarray(np.full(shapes.shape(x), float(value)))
     return ar.where(np.broadcast_to(np.asarray(mask, dtype=bool), shapes.shape(x)), fill, x)
+
+
+@op("aten.elu.default")
+def elu(cx: Any, x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> Any:
+    """scale x for x > 0, else scale alpha (exp(input_scale x) - 1)."""
+    ar = cx.ar
+    neg = ar.mul(ar.sub(ar.exp(ar.mul(x, ar.const(float(input_scale)))), ar.const(1.0)),
+                 ar.const(float(alpha) * float(scale)))  # fmt: skip
+    return ar.where(ar.positive(x), ar.mul(x, ar.const(float(scale))), neg)
+
+
+@op("aten.elu_backward.default")
+def elu_backward(
+    cx: Any, g: Any, alpha: float, scale: float, input_scale: float, is_result: bool, xr: Any
+) -> Any:
+    """g scale (x > 0), else g input_scale scale alpha exp(input_scale x) (from x, also when
+    torch saved the output: then x is the input of the elu node)."""
+    ar = cx.ar
+    if is_result:
+        src = cx.origin(5)
+        if src is None or str(src.target) != "aten.elu.default":
+            from fpgrad.errors import InputError
+
+            raise InputError(f"{cx.label()}: in-place ELU is not supported; use inplace=False")
+        xr = cx.value(src.args[0])
+    c = float(input_scale) * float(scale) * float(alpha)
+    neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), ar.const(c)))
+    return ar.where(ar.positive(xr), ar.mul(g, ar.const(float(scale))), neg)
