@@ -21,6 +21,7 @@ OPS: dict[str, OpFn] = {}
 HINTS: dict[str, str] = {
     "aten.native_dropout": "dropout in training mode draws random masks: call model.eval()",
     "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
+    "aten.bernoulli_": "dropout in training mode draws random masks: call model.eval()",
 }
 
 
