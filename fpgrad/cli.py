@@ -80,8 +80,9 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
 def _compare(args: argparse.Namespace) -> int:
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.graph.script import is_script, load_script
 
-    net = _load_network(args.network)
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     result = compare(
         net,
         precisions=_with_policies(args.precisions, args.policy),
@@ -316,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="gradients of a network in each precision against exact ones"
     )
-    p.add_argument("network", help="network file or model file (TOML)")
+    p.add_argument(
+        "network",
+        help="network file or model file (TOML), or path/to/script.py:build: a Python file "
+        "whose build() returns (model, inputs, targets, loss); it is user code and runs as "
+        "pytest runs test files (imported, its folder first on sys.path)",
+    )
     p.add_argument(
         "--precisions",
         default=None,
