@@ -346,7 +346,7 @@ def _cross_entropy_exact(ar: Arith, out: Any, t_values: np.ndarray) -> tuple[Any
     With z_k a row maximum, log sum_j e^(z_j - z_k) = log1p(sum_{j != k} e^(z_j - z_k)) and
     -sum_j t_j log p_j = S log1p(...) + sum_j t_j (z_k - z_j): a sum of non-negative terms.
     S = sum_j t_j is summed in the system (exactly enclosed), never in float64. The gradient is
-    (p_j S - t_j) / B; on one-hot rows p_c - 1 = -(sum_{j != c} e_j) / total.
+    (p_j S - t_j) / B, the system's ``xent_grad`` (one-hot rows without cancellation).
     """
     shifted, e, others, _ = _shifted_exp(ar, out)
     t = ar.asarray(t_values)
@@ -355,30 +355,21 @@ def _cross_entropy_exact(ar: Arith, out: Any, t_values: np.ndarray) -> tuple[Any
     rows = ar.add(ar.mul(tsum, lse), ar.sum(ar.mul(t, _neg(ar, shifted)), axis=1, keepdims=True))
     n = ar.const(float(out.shape[0]))
     loss = ar.div(ar.sum(ar.sum(rows, axis=1), axis=0), n)
-    total = ar.add(ar.const(1.0), others)
-    grad = ar.sub(ar.mul(ar.div(e, total), tsum), t)
-    nz = t_values != 0
-    onehot = nz & (t_values == 1.0) & (nz.sum(axis=1, keepdims=True) == 1)
-    if onehot.any():
-        rest = ar.sum(ar.mul(e, ar.asarray((~onehot).astype(np.float64))), axis=1, keepdims=True)
-        grad = ar.where(onehot, _neg(ar, ar.div(rest, total)), grad)
+    grad = ar.xent_grad(e, ar.add(ar.const(1.0), others), t_values)
     return loss, ar.div(grad, n)
 
 
 def _bce_exact(ar: Arith, z: Any, t_values: np.ndarray) -> tuple[Any, Any]:
     """BCE with logits (mean) and its gradient without cancellation: per element
     max(z, 0) - z t = z (1 - t) for z > 0 and -z t otherwise, plus log1p(e^-|z|);
-    sigmoid(z) - t is -sigmoid(-z) where t = 1."""
+    the gradient is the system's ``bce_grad`` (-sigmoid(-z) where t = 1)."""
     t = ar.asarray(t_values)
     pos = ar.positive(z)
     lin = ar.where(pos, ar.mul(z, ar.sub(ar.const(1.0), t)), ar.mul(_neg(ar, z), t))
     terms = ar.add(lin, _log1p(ar, ar.exp(_neg(ar, ar.abs(z)))))
     count = ar.const(float(z.size))
     loss = ar.div(_total(ar, terms), count)
-    grad = ar.sub(ar.sigmoid(z), t)
-    ones = t_values == 1.0
-    if ones.any():
-        grad = ar.where(ones, _neg(ar, ar.sigmoid(_neg(ar, z))), grad)
+    grad = ar.bce_grad(z, t_values)
     return loss, ar.div(grad, count)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,8 @@ class ExactResult:
     the cap, :meth:`enclosure` midpoints (mpf) and radii (float64, rounded up). ``method``:
     "fast" or "arb"; ``bits``: the working precision of the evaluation that stands;
     ``certified_digits``: the minimum over elements that are neither zero nor undetermined.
+    ``raw``: what the evaluation returned (a :class:`~fpgrad.evaluate.Trace` of balls for a
+    layer network, a graph trace for a captured model).
     """
 
     bits: int
@@ -86,9 +88,10 @@ class ExactResult:
     radii: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     #: why the precision was raised, in order ("fast@150: 2 ReLU inputs undecided", ...)
     escalations: list[str] = field(default_factory=list)
-    _balls: Trace | None = field(default=None, repr=False)
-    _arbs: Trace | None = field(default=None, repr=False)
+    values: dict[str, Any] = field(default_factory=dict, repr=False)
+    raw: Any = field(default=None, repr=False)
     _trace: Trace | None = field(default=None, repr=False)
+    _mids: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _arrays: dict[str, ExactArray] = field(default_factory=dict, repr=False)
     requested_bits: int = 0  #: the bits asked for (``bits`` is where the escalation ended)
     max_bits: int = DEFAULT_MAX_BITS  #: the cap of the escalation
@@ -101,14 +104,18 @@ class ExactResult:
 
     @property
     def trace(self) -> Trace:
-        """Every value's midpoint as mpf arrays (exactly the balls' midpoints)."""
+        """A layer network's values as mpf arrays (exactly the balls' midpoints)."""
         if self._trace is None:
-            if self._balls is not None:
-                self._trace = _mp_trace_balls(self._balls, self.bits)
-            else:
-                assert self._arbs is not None
-                self._trace = _map_trace(self._arbs, lambda v: arbmod.to_mpf(v, self.bits))
+            assert isinstance(self.raw, Trace), "only layer networks have a Trace"
+            self._trace = _map_trace(self.raw, self._to_mpf)
         return self._trace
+
+    def _to_mpf(self, value: Any) -> Any:
+        if isinstance(value, Ball):
+            ctx = mpmath.MPContext()
+            ctx.prec = 53 * value.mid.shape[0] + 64
+            return expansion.to_mpf(value.mid, ctx)
+        return arbmod.to_mpf(value, self.bits)
 
     def keys(self) -> list[str]:
         return list(self.digits)
@@ -119,26 +126,52 @@ class ExactResult:
     def undetermined(self, key: str) -> np.ndarray:
         return self.undetermined_masks[key]
 
+    def midpoints(self, key: str) -> np.ndarray:
+        """The midpoints of ``key`` as an mpf object array (exactly)."""
+        if key not in self._mids:
+            self._mids[key] = np.asarray(self._to_mpf(self.values[key]), dtype=object)
+        return self._mids[key]
+
     def enclosure(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(midpoints as an mpf object array, radii): ``|exact - mid| <= rad`` elementwise."""
-        mid = np.asarray(_lookup(self.trace, key), dtype=object)
-        return mid, self.radii[key]
+        return self.midpoints(key), self.radii[key]
 
     def exact_array(self, key: str) -> ExactArray:
         """The value of ``key`` as hi + lo float64 pairs with its zero and undetermined
         masks and radii (the interchange format of verdicts)."""
         if key not in self._arrays:
-            if self._balls is not None:
-                ball = _lookup(self._balls, key)
-                hi, lo = expansion.hi_lo(ball.mid)
+            value = self.values[key]
+            if isinstance(value, Ball):
+                hi, lo = expansion.hi_lo(value.mid)
             else:
-                hi, lo = _hi_lo_arb(_lookup(self._arbs, key))
+                hi, lo = _hi_lo_arb(value)
             zero = self.zeros[key]
             und = self.undetermined_masks[key]
             hi = np.where(zero | und, 0.0, hi)
             lo = np.where(zero | und, 0.0, lo)
             self._arrays[key] = ExactArray(hi, lo, zero, self.radii[key], und)
         return self._arrays[key]
+
+    def nonzero(self, value: Any) -> np.ndarray:
+        """Mask of the elements of a value of this result's system (any intermediate) that
+        are certainly non-zero (balls that exclude 0)."""
+        if isinstance(value, Ball):
+            with np.errstate(invalid="ignore"):
+                return np.abs(value.mid[0]) / HI_BOUND > value.rad
+        return ~arbmod.contains_zero(value)
+
+
+#: an evaluation: a number system in, (every value by key, what the evaluation returned) out
+Run = Callable[[Any], tuple[list[tuple[str, Any]], Any]]
+
+
+@dataclass
+class Work:
+    """What an evaluation holds and computes, for the Arb fallback's bounds."""
+
+    values: int  #: elements held (data, parameters, intermediates)
+    macs: int  #: multiply-adds of the matrix products
+    matmuls: int = 0  #: matrix products (for the progress bar)
 
 
 def exact_trace(
@@ -160,6 +193,34 @@ def exact_trace(
     have fewer than 17 digits is an InputError unless ``allow_uncertified``.
     ``progress``: a tqdm bar on stderr for runs longer than 2 s; None: only on a terminal.
     """
+    def run(ar: Any) -> tuple[list[tuple[str, Any]], Any]:
+        trace = evaluate(net, ar)
+        return [(key, value) for key, value, _ in _items(trace)], trace
+
+    return certify(
+        run,
+        _work(net),
+        bits,
+        allow_uncertified=allow_uncertified,
+        method=method,
+        progress=progress,
+        max_bits=max_bits,
+    )
+
+
+def certify(
+    run: Run,
+    work: Work,
+    bits: int = DEFAULT_BITS,
+    *,
+    allow_uncertified: bool = False,
+    method: str = "auto",
+    progress: bool | None = None,
+    max_bits: int = DEFAULT_MAX_BITS,
+) -> ExactResult:
+    """Enclose every value ``run`` produces in certified balls (see :func:`exact_trace`):
+    fast balls first, then Arb at escalating precision up to ``max_bits`` or the memory
+    bound of ``work``."""
     method = ALIASES.get(method, method)
     if method not in METHODS:
         raise InputError(f"unknown exact method {method!r}; use one of {', '.join(METHODS)}")
@@ -181,10 +242,10 @@ def exact_trace(
             f"the fast exact path carries at most {FAST_MAX_BITS} bits; asked for {bits}"
         )
     escalations: list[str] = []
-    fast: ExactResult | None = None
+    too_big = _arb_too_big(work)
     if method != "arb" and bits <= FAST_MAX_BITS:
         level = min(b for b in FAST_LEVELS if b >= bits)
-        fast, why, sound = _fast(net, level, progress)
+        fast, why, sound = _fast(run, work, level, progress)
         if not why:
             return _check(_finish(fast, bits, max_bits), allow_uncertified)
         if method == "fast":
@@ -194,7 +255,6 @@ def exact_trace(
                 f"the fast exact path cannot certify this network ({why}); use method='arb'"
             )
         escalations.append(f"fast@{level}: {why}")
-        too_big = _arb_too_big(net)
         if too_big:
             if sound:  # the fast balls are enclosures: report what they prove
                 fast.escalations = [*escalations, f"arb not tried: {too_big}"]
@@ -203,14 +263,12 @@ def exact_trace(
                 f"the fast exact path cannot certify this network ({why}) and it is too large "
                 f"for the certified fallback ({too_big}); use a smaller batch or model"
             )
-    else:
-        too_big = _arb_too_big(net)
-        if too_big:
-            raise InputError(
-                f"the network is too large for the certified Arb reference ({too_big}); "
-                "use --exact-bits 150 or less (the fast path), or a smaller batch or model"
-            )
-    result = _arb(net, max(bits, ARB_START_BITS), max_bits, progress, escalations)
+    elif too_big:
+        raise InputError(
+            f"the network is too large for the certified Arb reference ({too_big}); "
+            "use --exact-bits 150 or less (the fast path), or a smaller batch or model"
+        )
+    result = _arb(run, work, max(bits, ARB_START_BITS), max_bits, progress, escalations)
     return _check(_finish(result, bits, max_bits), allow_uncertified)
 
 
@@ -236,40 +294,34 @@ def _min_digits(d: np.ndarray, undetermined: np.ndarray) -> float:
     return float(kept.min()) if kept.size else math.inf
 
 
-def _arb_values(net: Network) -> int:
-    """Values an evaluation of ``net`` holds (data, parameters, two per activation)."""
+def _work(net: Network) -> Work:
+    """Values and multiply-adds of one evaluation of a layer network."""
     batch = int(net.x.shape[0])
     values = net.x.size + sum(v.size for v in net.params.values())
-    width = int(net.x.shape[1])
-    for layer in net.layers:
-        if layer.kind == "dense":
-            width = int(net.params[f"{layer.name}.weight"].shape[0])
-        values += 2 * batch * width
-    return values
-
-
-def _arb_memory_bits(net: Network) -> int:
-    """The highest Arb precision whose evaluation of ``net`` fits :data:`ARB_MEMORY`."""
-    per_value = ARB_MEMORY / (4 * max(1, _arb_values(net)))  # the trace and 3x temporaries
-    return max(ARB_START_BITS, int((per_value - 64) * 8))
-
-
-def _arb_too_big(net: Network) -> str:
-    """Why the Arb fallback would take more than its bound of work ('' when it would not)."""
-    batch = int(net.x.shape[0])
-    values = net.x.size + sum(v.size for v in net.params.values())
-    macs = 0
+    macs = matmuls = 0
     width = int(net.x.shape[1])
     for layer in net.layers:
         if layer.kind == "dense":
             out = int(net.params[f"{layer.name}.weight"].shape[0])
             macs += 3 * batch * width * out
+            matmuls += 3
             width = out
         values += 2 * batch * width
-    if values > ARB_MAX_VALUES:
-        return f"{values:,} values, above its bound of {ARB_MAX_VALUES:,}"
-    if macs > ARB_MAX_MACS:
-        return f"{macs:,} multiply-adds, above its bound of {ARB_MAX_MACS:,}"
+    return Work(int(values), int(macs), matmuls)
+
+
+def _arb_memory_bits(work: Work) -> int:
+    """The highest Arb precision whose evaluation fits :data:`ARB_MEMORY`."""
+    per_value = ARB_MEMORY / (4 * max(1, work.values))  # the trace and 3x temporaries
+    return max(ARB_START_BITS, int((per_value - 64) * 8))
+
+
+def _arb_too_big(work: Work) -> str:
+    """Why the Arb fallback would take more than its bound of work ('' when it would not)."""
+    if work.values > ARB_MAX_VALUES:
+        return f"{work.values:,} values, above its bound of {ARB_MAX_VALUES:,}"
+    if work.macs > ARB_MAX_MACS:
+        return f"{work.macs:,} multiply-adds, above its bound of {ARB_MAX_MACS:,}"
     return ""
 
 
@@ -293,22 +345,20 @@ def _summarise(
     return digits, zeros, undet, rads, worst
 
 
-def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult, str, bool]:
+def _fast(run: Run, work: Work, bits: int, progress: bool | None) -> tuple[ExactResult, str, bool]:
     """Ball evaluation: (result, why it cannot stand ('' when it can), whether its balls are
-    sound enclosures: False after a range error or an undecided branch)."""
+    sound enclosures: False after a range error, an undecided branch or a NaN radius)."""
     ar = BallArith(bits)
     # overflow or underflow inside the float64 words is counted in ar.range_errors
     with (
         np.errstate(all="ignore"),
-        _Progress(net, 1, progress, f"exact (fast, {bits} bits)") as bar,
+        _Progress(work.matmuls, progress, f"exact (fast, {bits} bits)") as bar,
     ):
-        balls = evaluate(net, bar.wrap(ar))
-        items = [(key, value) for key, value, _ in _items(balls)]
+        items, raw = run(bar.wrap(ar))
         for _, ball in items:  # compute the lazy products now, so their range is checked
             ball.rad  # noqa: B018
     cap = math.floor(bits * math.log10(2))
-    digits, zeros, undet, rads, worst = _summarise(items, ball_digits, cap)
-    result = ExactResult(bits, worst, digits, "fast", zeros, undet, rads, _balls=balls)
+    result = _result(items, raw, ball_digits, cap, bits, "fast")
     broken = sum(int(np.isnan(b.rad).sum() + np.isnan(b.mid[0]).sum()) for _, b in items)
     if broken:  # 0 * inf in a radius formula: those balls are no enclosures
         return result, f"{broken} values with a NaN radius or midpoint", False
@@ -319,41 +369,64 @@ def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult, 
     n_und = result.undetermined_count
     if n_und:
         return result, f"{n_und} values whose balls contain 0", True
-    if worst < REQUIRED_DIGITS:
-        return result, f"{worst:.1f} certified digits", True
+    if result.certified_digits < REQUIRED_DIGITS:
+        return result, f"{result.certified_digits:.1f} certified digits", True
     return result, "", True
 
 
-def _arb(
-    net: Network, start: int, cap_bits: int, progress: bool | None, escalations: list[str]
+def _result(
+    items: list[tuple[str, Any]], raw: Any, digits_of: Any, cap: float, bits: int, method: str
 ) -> ExactResult:
-    memory_bits = _arb_memory_bits(net)
+    digits, zeros, undet, rads, worst = _summarise(items, digits_of, cap)
+    return ExactResult(
+        bits, worst, digits, method, zeros, undet, rads, values=dict(items), raw=raw
+    )
+
+
+def _arb(
+    run: Run,
+    work: Work,
+    start: int,
+    cap_bits: int,
+    progress: bool | None,
+    escalations: list[str],
+) -> ExactResult:
+    memory_bits = _arb_memory_bits(work)
     if memory_bits < cap_bits:
         cap_bits = max(min(start, cap_bits), memory_bits)
         escalations.append(f"arb: precision capped at {cap_bits} bits by the memory bound")
     prec = min(start, cap_bits)
     while True:
         ar = ArbArith(prec)
-        with _Progress(net, 1, progress, f"exact (arb, {prec} bits)") as bar:
-            arbs = evaluate(net, bar.wrap(ar))
-        items = [(key, value) for key, value, _ in _items(arbs)]
-        cap = math.floor(prec * math.log10(2))
-        digits, zeros, undet, rads, worst = _summarise(items, arb_digits, cap)
+        with _Progress(work.matmuls, progress, f"exact (arb, {prec} bits)") as bar:
+            items, raw = run(bar.wrap(ar))
+        result = _result(items, raw, arb_digits, math.floor(prec * math.log10(2)), prec, "arb")
+        if ar.untracked():  # an undecided branch was taken blindly: nothing is proven
+            _all_undetermined(result)
         why = ""
         if ar.uncertain_branches:
             why = f"{ar.uncertain_branches} ReLU inputs undecided"
-        elif any(m.any() for m in undet.values()):
-            why = f"{sum(int(m.sum()) for m in undet.values())} values whose balls contain 0"
-        elif worst < REQUIRED_DIGITS:
-            why = f"{worst:.1f} certified digits"
+        elif result.undetermined_count:
+            why = f"{result.undetermined_count} values whose balls contain 0"
+        elif result.certified_digits < REQUIRED_DIGITS:
+            why = f"{result.certified_digits:.1f} certified digits"
         if not why or prec >= cap_bits:
             if why:
                 escalations.append(f"arb@{prec}: {why} (the cap)")
-            return ExactResult(
-                prec, worst, digits, "arb", zeros, undet, rads, list(escalations), _arbs=arbs
-            )
+            result.escalations = list(escalations)
+            return result
         escalations.append(f"arb@{prec}: {why}")
         prec = min(prec * ARB_GROWTH, cap_bits)
+
+
+def _all_undetermined(result: ExactResult) -> None:
+    """Withdraw every claim of ``result``: each value undetermined, unbounded."""
+    for key, d in result.digits.items():
+        result.digits[key] = np.zeros(d.shape)
+        result.zeros[key] = np.zeros(d.shape, dtype=bool)
+        result.undetermined_masks[key] = np.ones(d.shape, dtype=bool)
+        result.radii[key] = np.full(d.shape, np.inf)
+    result.certified_digits = 0.0
 
 
 def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -417,20 +490,6 @@ def _items(trace: Trace) -> Iterator[tuple[str, Any, Any]]:
             yield f"{section}/{name}", mapping[name], setter_for(mapping, name)
 
 
-def _lookup(trace: Trace, key: str) -> Any:
-    if key == "loss":
-        return trace.loss
-    section, name = key.split("/", 1)
-    return getattr(trace, section)[name]
-
-
-def _mp_trace_balls(balls: Trace, bits: int) -> Trace:
-    """The ball midpoints as mpf object arrays (the exact word sums)."""
-    ctx = mpmath.MPContext()
-    ctx.prec = 53 * FAST_LEVELS[bits] + 64
-    return _map_trace(balls, lambda ball: expansion.to_mpf(ball.mid, ctx))
-
-
 def _map_trace(src: Trace, fn: Any) -> Trace:
     out = Trace(system=src.system, loss=None)
     loss = np.asarray(fn(src.loss), dtype=object)
@@ -445,9 +504,8 @@ def _map_trace(src: Trace, fn: Any) -> Trace:
 class _Progress:
     """A tqdm bar over the matrix products of ``evaluations`` passes, shown after 2 s."""
 
-    def __init__(self, net: Network, evaluations: int, enabled: bool | None, desc: str) -> None:
-        dense = sum(1 for ly in net.layers if ly.kind == "dense")
-        self.total = 3 * dense * evaluations
+    def __init__(self, matmuls: int, enabled: bool | None, desc: str) -> None:
+        self.total = matmuls
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.bar: Any = None
         self.desc = desc

@@ -26,17 +26,25 @@ import mpmath
 import numpy as np
 from flint import arb, arb_mat, ctx
 
+from fpgrad.arith.base import ExactDerivatives
+
 #: exact-result marker of ``arb.rel_accuracy_bits`` (FLINT's ARF_PREC_EXACT)
 _EXACT_BITS = 2**62
 
 
 class BranchMask(np.ndarray):
-    """A boolean mask (x > 0 where decided) with ``unsure``: elements not decided."""
+    """A boolean mask (x > 0 where decided) with ``unsure``: elements not decided.
 
-    unsure: np.ndarray
+    Only the mask :meth:`ArbArith.positive` returns carries ``unsure``; anything numpy derives
+    from it (a slice, a reshape, ``mask == i``) is a plain mask without it, since the
+    elements may have moved. :meth:`ArbArith.untracked` says whether an undecided mask never
+    reached :meth:`ArbArith.where` itself (its branches were then taken blindly).
+    """
+
+    unsure: np.ndarray | None
 
     def __array_finalize__(self, obj: Any) -> None:
-        self.unsure = getattr(obj, "unsure", None)  # type: ignore[assignment]
+        self.unsure = None
 
 
 class _Prec:
@@ -73,11 +81,13 @@ _SIGMOID = np.frompyfunc(lambda v: 1 / (1 + (-v).exp()), 1, 1)
 _ABS = np.frompyfunc(abs, 1, 1)
 _POS = np.frompyfunc(lambda v: v > 0, 1, 1)
 _NONPOS = np.frompyfunc(lambda v: v <= 0, 1, 1)
+_NCDF = np.frompyfunc(lambda v: (-v / arb(2).sqrt()).erfc() / 2, 1, 1)
+_NPDF = np.frompyfunc(lambda v: (-(v * v) / 2).exp() / (2 * arb.pi()).sqrt(), 1, 1)
 _MAX = np.frompyfunc(lambda a, b: a.max(b), 2, 1)
 _UNION = np.frompyfunc(lambda a, b: a.union(b), 2, 1)
 
 
-class ArbArith:
+class ArbArith(ExactDerivatives):
     """Object arrays of arb balls at ``prec`` bits (an enclosure at every step)."""
 
     exact = True  #: an exact reference: structural identities and cancellation-free forms
@@ -87,6 +97,8 @@ class ArbArith:
         self.name = f"arb@{self.prec}"
         self.uncertain_branches = 0
         self.range_errors = 0  # arb has no range limit; kept for the Arith bookkeeping
+        self._undecided: dict[int, BranchMask] = {}  # masks with undecided elements, by id
+        self._unioned: set[int] = set()  # ... of which where() took both branches
 
     def _p(self) -> _Prec:
         return _Prec(self.prec)
@@ -166,6 +178,16 @@ class ArbArith:
         with self._p():
             return _obj(_SQRT(a))
 
+    def ncdf(self, a: np.ndarray) -> np.ndarray:
+        """The standard normal CDF, erfc(-x / sqrt 2) / 2 (no cancellation in the left tail)."""
+        with self._p():
+            return _obj(_NCDF(a))
+
+    def npdf(self, a: np.ndarray) -> np.ndarray:
+        """The standard normal density exp(-x^2 / 2) / sqrt(2 pi)."""
+        with self._p():
+            return _obj(_NPDF(a))
+
     def abs(self, a: np.ndarray) -> np.ndarray:
         with self._p():
             return _obj(_ABS(a))
@@ -184,12 +206,20 @@ class ArbArith:
         self.uncertain_branches += n
         mask = yes.view(BranchMask)
         mask.unsure = unsure
+        if n:
+            self._undecided[id(mask)] = mask
         return mask
+
+    def untracked(self) -> bool:
+        """Did a mask with undecided elements never reach :meth:`where` itself (a mask
+        derived from it was used instead, so the union of both branches was not taken)?"""
+        return any(key not in self._unioned for key in self._undecided)
 
     def where(self, mask: np.ndarray, a: Any, b: Any) -> np.ndarray:
         out = _obj(np.where(mask, a, b))
         unsure = getattr(mask, "unsure", None)
         if unsure is not None and unsure.any():  # both branches possible: their union
+            self._unioned.add(id(mask))
             shape = out.shape
             aa = np.broadcast_to(_obj(a), shape)
             bb = np.broadcast_to(_obj(b), shape)

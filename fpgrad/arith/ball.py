@@ -38,6 +38,7 @@ import numpy as np
 
 from fpgrad.arith import expansion as xp
 from fpgrad.arith import ozaki
+from fpgrad.arith.base import ExactDerivatives
 
 RU = 1.0 + 2.0**-45  # upward inflation of radius formulas (a few float64 roundings)
 HI_BOUND = 1.0 + 2.0**-48  # |value| <= |word 0| * HI_BOUND for the expansions used here
@@ -182,7 +183,7 @@ class _LazyBall(Ball):
         return len(self._shape)
 
 
-class BallArith:
+class BallArith(ExactDerivatives):
     """Balls with k-word midpoints at a working precision of ``bits`` (100: k=2; 128, 150: k=3)."""
 
     exact = True  #: an exact reference: structural identities and cancellation-free forms

@@ -60,6 +60,35 @@ class Arith(Protocol):
         """d(bce with logits)/dz: sigmoid(z) - t."""
 
 
+class ExactDerivatives:
+    """Loss derivatives of the exact systems, without cancellation, over the slots: the
+    target sum is taken in the system (never in float64), and on one-hot rows
+    ``p_c - 1 = -(sum_{j != c} e_j) / total``, so a saturated softmax never cancels."""
+
+    def xent_grad(self, e: Array, total: Array, t: np.ndarray) -> Array:
+        ar: Arith = self  # type: ignore[assignment]
+        tt = ar.asarray(t)
+        tsum = ar.sum(tt, axis=1, keepdims=True)
+        grad = ar.sub(ar.mul(ar.div(e, total), tsum), tt)
+        nz = t != 0
+        onehot = nz & (t == 1.0) & (nz.sum(axis=1, keepdims=True) == 1)
+        if onehot.any():
+            rest = ar.sum(
+                ar.mul(e, ar.asarray((~onehot).astype(np.float64))), axis=1, keepdims=True
+            )
+            grad = ar.where(onehot, ar.sub(ar.const(0.0), ar.div(rest, total)), grad)
+        return grad
+
+    def bce_grad(self, z: Array, t: np.ndarray) -> Array:
+        ar: Arith = self  # type: ignore[assignment]
+        grad = ar.sub(ar.sigmoid(z), ar.asarray(t))
+        ones = t == 1.0
+        if ones.any():  # sigmoid(z) - 1 = -sigmoid(-z)
+            neg = ar.sub(ar.const(0.0), ar.sigmoid(ar.sub(ar.const(0.0), z)))
+            grad = ar.where(ones, neg, grad)
+        return grad
+
+
 class OutputDerivatives:
     """The naive derivative formulas, rounded per operation: what torch's kernels compute."""
 

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 from mpmath.ctx_mp import MPContext
 
+from fpgrad.arith.base import ExactDerivatives
 
-class MPArith:
+
+class MPArith(ExactDerivatives):
     """Numpy object arrays of mpmath numbers at ``prec`` bits (rounded, not enclosed: a
     high-precision comparison system for tests and benchmarks, never a certificate)."""
 

@@ -194,7 +194,19 @@ def _first_max(ar: Any, cols: Any, m: Any) -> np.ndarray:
         unsure = ~chosen & (d.rad > 0) & (np.abs(d.mid[0]) <= d.rad * 2)
         ar.uncertain_branches += int(unsure.sum())
         return first
-    return np.argmax(~ar.positive(ar.sub(m, cols)), axis=2)
+    # the first maximum by midpoint, then proven: every earlier element certainly below it,
+    # every later one not above it (a tie, exactly 0, keeps the first); what the balls cannot
+    # decide is counted by positive() and escalates the precision
+    kk = shapes.shape(cols)[2]
+    mid = ar.to_float64(cols)
+    first = np.argmax(mid == np.max(mid, axis=2, keepdims=True), axis=2)
+    offset = np.arange(kk)[None, None, :, None, None]
+    chosen = offset == first[:, :, None]
+    top = ar.sum(ar.mul(cols, ar.asarray(chosen.astype(np.float64))), axis=2, keepdims=True)
+    d = ar.sub(top, cols)
+    d = ar.where(chosen, ar.mul(d, ar.const(0.0)), d)  # the chosen element: exactly 0
+    ar.positive(d)
+    return first
 
 
 @op("aten.max_pool2d_with_indices_backward.default")
