@@ -674,8 +674,10 @@ def exact_gradient_counts(
     counts: dict[str, int] = {}
     for k, g in grads.items():
         v = classify(exact.exact_array(f"grads/{k}"), g, fmt)
-        for name in v.verdict.ravel():
-            counts[name] = counts.get(name, 0) + 1
+        found = np.bincount(v.code.ravel(), minlength=len(VERDICTS))
+        for name, n in zip(VERDICTS, found.tolist(), strict=True):
+            if n:
+                counts[name] = counts.get(name, 0) + n
     return counts
 
 
