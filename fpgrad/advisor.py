@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.errors import InputError
-from fpgrad.exact import DEFAULT_BITS, exact_trace
+from fpgrad.exact import DEFAULT_BITS, ExactResult, exact_trace
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
@@ -318,6 +318,7 @@ def advise(
     exponents: tuple[int, int] | None = None,
     measure: bool = True,
     allow_uncertified: bool = False,
+    exact: ExactResult | None = None,
 ) -> Advice:
     """Loss-scale advice for ``net`` in the format ``fmt`` (see the module docstring).
 
@@ -327,7 +328,8 @@ def advise(
     scaler (torch formats only). ``fmt`` defaults to float16, or with a precision ``policy``
     (``autocast``, a network file's own) to its narrowest format: only values the policy
     computes in ``fmt`` are judged (gradients of layers computing in it, signals output in it,
-    the seed if the loss is), and torch is measured running the policy.
+    the seed if the loss is), and torch is measured running the policy. ``exact``: a
+    precomputed ``exact_trace(net, bits)`` of this same network, reused.
     """
     plan = None
     if policy is not None:
@@ -350,7 +352,8 @@ def advise(
             f"{f.name} needs no loss scale (its range covers every exact gradient here); "
             "advise for float16, bfloat16 or an 8-bit format"
         )
-    exact = exact_trace(net, bits, allow_uncertified=allow_uncertified)
+    if exact is None:
+        exact = exact_trace(net, bits, allow_uncertified=allow_uncertified)
     in_f = _in_format(net, plan, f.name)
     grads = _Values.of(
         [

@@ -80,7 +80,10 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
 def _compare(args: argparse.Namespace) -> int:
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.report.own import check_out_dir, write_compare_report
 
+    verdicts = [v.strip() for v in args.verdict.split(",") if v.strip()] if args.verdict else None
+    out = check_out_dir(args.out) if args.out else None
     net = _load_network(args.network)
     result = compare(
         net,
@@ -90,10 +93,14 @@ def _compare(args: argparse.Namespace) -> int:
         reference=args.reference,
         allow_uncertified=args.allow_uncertified,
     )
+    result.source = args.network
+    if out is not None:
+        written = write_compare_report(result, out)
+        print(f"wrote {', '.join(written)}", file=sys.stderr)
     if args.json:
-        print(result.to_json())
+        result.write_json(sys.stdout)
     else:
-        print(result.render(max_rows=args.max_rows or None))
+        print(result.render(max_rows=args.max_rows or None, verdicts=verdicts, param=args.param))
     return 0
 
 
@@ -338,7 +345,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits"
     )
     p.add_argument(
-        "--max-rows", type=int, default=60, help="gradient rows in the table (0: all; default 60)"
+        "--max-rows",
+        type=int,
+        default=60,
+        help="gradient rows in the table, the rows that matter first (0: all; default 60)",
+    )
+    p.add_argument(
+        "--verdict",
+        default=None,
+        help="element table: only rows with these verdicts in some precision (comma-separated: "
+        "rounding_zero, inaccurate, ...)",
+    )
+    p.add_argument("--param", default=None, help="element table: only this parameter's rows")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for a report: compare.md, compare.html (plots inside), PNG plots, "
+        "compare.json and the per-element arrays as gradients.npz",
     )
     p.add_argument("--json", action="store_true", help="strict JSON output (every element)")
     p.set_defaults(func=_compare)

@@ -26,6 +26,7 @@ ball), so it is never taken for noise: it either certifies or fails certificatio
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterator
@@ -97,6 +98,15 @@ class ExactResult:
                     np.asarray(_lookup(self.trace, key), dtype=object)
                 )
         return self._arrays[key]
+
+    def mp_values(self, key: str, flat: np.ndarray) -> np.ndarray:
+        """The elements ``flat`` (row-major indices) of ``key`` as mpf objects, converting only
+        those (the fast method's word sums, as :attr:`trace` would hold them)."""
+        if self._trace is None and self._balls is not None:
+            mid = _lookup(self._balls, key).mid
+            words = mid.reshape(mid.shape[0], -1)[:, np.asarray(flat, dtype=np.int64)]
+            return expansion.to_mpf(words, _mp_context(self.bits))
+        return np.asarray(_lookup(self.trace, key), dtype=object).reshape(-1)[flat]
 
 
 def exact_trace(
@@ -251,10 +261,17 @@ def _lookup(trace: Trace, key: str) -> Any:
     return getattr(trace, section)[name]
 
 
-def _mp_trace(balls: Trace, bits: int) -> Trace:
-    """The ball midpoints as mpf object arrays (the exact word sums, rounded far below the radii)."""
+@functools.cache
+def _mp_context(bits: int) -> mpmath.ctx_mp.MPContext:
+    """The mpmath context that holds the word sums of the fast level ``bits`` exactly enough."""
     ctx = mpmath.MPContext()
     ctx.prec = 53 * FAST_LEVELS[bits] + 64
+    return ctx
+
+
+def _mp_trace(balls: Trace, bits: int) -> Trace:
+    """The ball midpoints as mpf object arrays (the exact word sums, rounded far below the radii)."""
+    ctx = _mp_context(bits)
     out = Trace(system=balls.system, loss=None)
     loss = expansion.to_mpf(balls.loss.mid, ctx)
     out.loss = loss[()] if loss.ndim == 0 else loss

@@ -34,7 +34,7 @@ from fpgrad.policy import BUILTIN, Plan, Policy, get_policy
 from fpgrad.rounding import round_to
 from fpgrad.scaling import DynamicScaler, StaticScaler
 from fpgrad.torch_native import TorchModel, one_torch_thread
-from fpgrad.verdicts import classify
+from fpgrad.verdicts import VERDICTS, classify
 
 POLICIES = ("master", "scale=S", "dynamic", "sr", "kahan")
 
