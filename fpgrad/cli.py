@@ -145,8 +145,11 @@ def _policies(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from fpgrad.optim import OptimConfig
+    from fpgrad.report.outdir import check_out_dir
     from fpgrad.train import train
 
+    if args.out:
+        check_out_dir(args.out)  # before any work: a bad path costs nothing
     net = _load_network(args.network)
     cfg = OptimConfig(
         name=args.optimizer,

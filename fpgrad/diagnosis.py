@@ -135,7 +135,7 @@ def _remedies(
             )
         except InputError:
             adv = None
-        if adv is not None and adv.safe is not None:
+        if adv is not None and adv.safe is not None and adv.recommended > 0:
             k = adv.recommended
             add(
                 "remedy",
@@ -152,7 +152,7 @@ def _remedies(
                     f"fpgrad train {{net}} --steps 20 --precisions {name},"
                     f"{name}+master+scale={2.0**k:g}",
                 )
-        elif adv is not None:
+        elif adv is not None and adv.safe is None:
             add(
                 "remedy",
                 f"no loss scale keeps every exact gradient in {adv.format} (advisor: {adv.reason})",
