@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import textwrap
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -119,22 +118,31 @@ class GradColumns:
         exact = self.exact_strings(flat)
         idx = np.unravel_index(flat, self.shape) if self.shape else ()
         own = {p: self.exact_strings(flat, p) for p in precisions if reference == "rounded"}
+        names, kinds = np.asarray(VERDICTS, dtype=object), np.asarray(SUBKINDS, dtype=object)
+        cols = {}
+        for p in precisions:
+            c = self.cols[p]
+            cols[p] = (
+                c.value.ravel()[flat].tolist(),
+                names[c.code.ravel()[flat]].tolist(),
+                kinds[c.kind.ravel()[flat]].tolist(),
+                c.rel_err.ravel()[flat].tolist(),
+                c.ulps.ravel()[flat].tolist(),
+                c.digits.ravel()[flat].tolist(),
+            )
+        index = np.stack(idx, axis=1).tolist() if idx else [[] for _ in range(flat.size)]
         out = []
-        for j, i in enumerate(flat.tolist()):
-            entry: dict[str, Any] = {
-                "param": self.param,
-                "index": [int(a[j]) for a in idx],
-                "exact": exact[j],
-            }
+        for j in range(flat.size):
+            entry: dict[str, Any] = {"param": self.param, "index": index[j], "exact": exact[j]}
             for p in precisions:
-                c = self.cols[p]
+                value, verdict, kind, rel, ulps, digits = cols[p]
                 col: dict[str, Any] = {
-                    "value": float(c.value.flat[i]),
-                    "verdict": VERDICTS[c.code.flat[i]],
-                    "kind": SUBKINDS[c.kind.flat[i]] or None,
-                    "rel_err": float(c.rel_err.flat[i]),
-                    "ulps": float(c.ulps.flat[i]),
-                    "digits": float(c.digits.flat[i]),
+                    "value": value[j],
+                    "verdict": verdict[j],
+                    "kind": kind[j] or None,
+                    "rel_err": rel[j],
+                    "ulps": ulps[j],
+                    "digits": digits[j],
                 }
                 if reference == "rounded":
                     col["exact"] = own[p][j]
@@ -216,14 +224,19 @@ class Comparison:
         pad = " " * (indent or 0)
         fp.write(f'{pad}"gradients": [' + ("\n" if indent is not None else ""))
         first = True
+        sep = ",\n" if indent is not None else ","
         for g in self.grads:
             for start in range(0, g.size, chunk):
                 flat = np.arange(start, min(start + chunk, g.size))
+                items = []
                 for e in g.entries(flat, self.precisions, self.reference):
-                    item = json.dumps(jsonable(e), indent=indent, allow_nan=False)
-                    if indent is not None:
-                        item = textwrap.indent(item, pad * 2)
-                    fp.write(("" if first else (",\n" if indent is not None else ",")) + item)
+                    try:  # one element per line, by json's C encoder
+                        items.append(json.dumps(e, allow_nan=False))
+                    except ValueError:  # a non-finite value: as the strings "inf", "nan"
+                        items.append(json.dumps(jsonable(e), allow_nan=False))
+                if items:
+                    lead = "" if first else sep
+                    fp.write(lead + pad * 2 + (sep + pad * 2).join(items))
                     first = False
         fp.write(("\n" + pad if indent is not None and not first else "") + "],")
         rest = json.dumps(tail, indent=indent, allow_nan=False)
@@ -355,7 +368,8 @@ def compare(
     certified = min(r.certified_digits for r in (exact, *refs.values()))
     vanishing = max(r.vanishing for r in (exact, *refs.values()))
 
-    loss: dict[str, Any] = {"exact": decimal_string(exact.trace.loss, exact.digits["loss"].min())}
+    loss_value = exact.mp_values("loss", np.zeros(1, dtype=np.int64))[0]  # this element only
+    loss: dict[str, Any] = {"exact": decimal_string(loss_value, exact.digits["loss"].min())}
     for p in precs:
         ex = refs[p.name].exact_array("loss")
         v = classify(ex, np.asarray(traces[p.name].loss), p.format_of("loss", traces[p.name]))
