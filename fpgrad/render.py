@@ -356,6 +356,9 @@ def _detector_text(d: dict[str, Any]) -> dict[str, str]:
         else "-",
         "swamped": f"{100 * d['swamped_fraction']['total']:.1f}%",
     }
+    if d.get("diverged", {}).get("detected"):
+        gone = f"DIVERGED at step {d['diverged']['step']} (NaN/inf parameters)"
+        out["stall"] = out["loss floor"] = out["limit cycle"] = gone
     return out
 
 
@@ -419,11 +422,16 @@ def render_training(r: Any) -> str:
         "skipped",
     ]
     lines += ["", tabulate(rows, headers=heads, tablefmt="github")]
+    for label in r.runs:
+        first = r.detectors[label]["first_overflow"]
+        if first and first.get("cause"):
+            lines.append(f"{label}: first overflow at step {first['step']}: {first['cause']}")
     if r.plans:
         lines += ["", "Policy of each run (what each op computed in)"]
         lines += [f"- {label}: {r.plans[label]['summary']}" for label in r.runs]
         if any(not r.plans[label]["uniform"] for label in r.runs):
             lines += ["", policy_table(r.plans, r.runs)]
+    columns = [*VERDICTS, "no_reference"]  # every verdict: the rows add up to the elements
     vrows = []
     for label in r.runs:
         h = r.histories[label]
@@ -431,27 +439,13 @@ def render_training(r: Any) -> str:
         counts = h.verdicts[last]
         vrows.append(
             [label, last]
-            + [
-                counts.get(v, 0)
-                for v in ("ok", "structural_zero", "rounding_zero", "subnormal", "overflow", "nan")
-            ]
+            + [counts.get(v, 0) for v in columns]
+            + [sum(counts.get(v, 0) for v in columns)]
         )
     lines += [
         "",
-        "Gradient verdicts at the last checked step (against exact gradients at the run's own parameters)",
-        tabulate(
-            vrows,
-            headers=[
-                "run",
-                "step",
-                "ok",
-                "structural 0",
-                "rounding 0",
-                "subnormal",
-                "overflow",
-                "nan",
-            ],
-            tablefmt="github",
-        ),
+        "Gradient verdicts at the last checked step (against exact gradients at the run's own "
+        "parameters; no_reference: no exact gradient at non-finite parameters)",
+        tabulate(vrows, headers=["run", "step", *columns, "elements"], tablefmt="github"),
     ]
     return "\n".join(lines)

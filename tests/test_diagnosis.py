@@ -356,3 +356,33 @@ def test_every_markdown_table_under_reports_has_constant_cells() -> None:
             if len({len(r) for r in t}) != 1:
                 bad.append(path.name)
     assert not bad, f"tables with a varying cell count: {sorted(set(bad))}"
+
+
+# ---- training output that does not mislead -----------------------------------------------
+
+
+def test_float16_adam_diverges_and_names_eps(capsys: pytest.CaptureFixture[str]) -> None:
+    from fpgrad.optim import OptimConfig
+    from fpgrad.rounding import round_to
+    from fpgrad.train import train
+
+    net = load_network(str(SHOWCASE))
+    cfg = OptimConfig(name="adam", lr=0.01)
+    r = train(net, steps=3, cfg=cfg, runs="float16,float16+master", verdict_every=1)
+    assert float(round_to(np.array([cfg.eps]), "float16")[0]) == 0  # the premise
+    d = r.detectors["float16"]
+    assert d["diverged"] == {"detected": True, "step": 1}
+    assert not d["stall"]["detected"] and not d["limit_cycle"]["detected"]
+    assert d["divergence"]["twin"]["verdict"] == "diverged"
+    assert "eps = 1e-08 rounds to 0 in float16" in d["first_overflow"]["cause"]
+    assert not r.detectors["float16+master"]["diverged"]["detected"]
+    text = r.render()
+    assert "DIVERGED at step 1" in text and "fixed point" not in text
+    # the verdict table: every verdict column, rows that add up to the gradient's elements
+    table = text.split("Gradient verdicts at the last checked step")[1].splitlines()[1:]
+    heads = [c.strip() for c in table[0].strip("|").split("|")]
+    assert heads[2:-1] == [*VERDICTS, "no_reference"]
+    n = sum(v.size for v in net.params.values())
+    for row in table[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert sum(int(x) for x in cells[2:-1]) == int(cells[-1]) == n
