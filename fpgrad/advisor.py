@@ -223,20 +223,9 @@ class Advice:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
-    def render(self) -> str:
-        from tabulate import tabulate
-
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows of the per-scale table (as :meth:`render` shows it)."""
         g, s = self.sizes["gradients"], self.sizes["signals"]
-        lines = [
-            f"Loss-scale advice: {self.network} in {self.format} "
-            f"(exact reference: {self.exact_method}, {self.exact_bits} bits, "
-            f"{self.certified_digits:.1f} digits certified)",
-            f"gradients: {g['nonzero']} non-zero of {g['elements']} elements, |exact| in "
-            f"{_range_text(self.log2_range['gradients'])}",
-            f"signals:   {s['nonzero']} non-zero of {s['elements']} backward values dL/d(output), "
-            f"|exact| in {_range_text(self.log2_range['signals'])}; seed dL/dL = 1 (scaled: S)",
-            "",
-        ]
         measured = any(r.get("measured") for r in self.rows)
         heads = ["scale", "grads underflow", "grads subnormal", "signals underflow", "overflows"]
         if measured:
@@ -268,18 +257,18 @@ class Advice:
                     else ["", ""]
                 )
             table.append(row)
-        lines.append(tabulate(table, headers=heads, tablefmt="github", disable_numparse=True))
-        lines.append("")
+        return heads, table
+
+    def summary_lines(self) -> list[str]:
+        """The safe range, the recommendation and the dynamic scaler in words."""
         what = "gradient or backward signal" if self.scope == "all" else "gradient"
-        lines.append(
+        lines = [
             f"Safe scales (no {what} underflows, nothing overflows): {_span(self.safe)}"
-            + (f"; gradients alone: {_span(self.safe_gradients)}" if self.scope == "all" else "")
-        )
-        lines.append(f"Every {what} also normal (full precision): {_span(self.normal)}")
-        lines.append(
+            + (f"; gradients alone: {_span(self.safe_gradients)}" if self.scope == "all" else ""),
+            f"Every {what} also normal (full precision): {_span(self.normal)}",
             f"Recommended static scale: 2^{self.recommended} = {self.recommended_scale:g} "
-            f"({self.reason})"
-        )
+            f"({self.reason})",
+        ]
         if self.dynamic:
             d = self.dynamic
             lines.append(
@@ -287,7 +276,26 @@ class Advice:
                 f"starts at 2^{d['start']}, skips {d['skipped']} step(s), settles at "
                 f"2^{d['settled']}; {d['comparison']}"
             )
-        lines += [f"note: {n}" for n in self.notes]
+        return lines + [f"note: {n}" for n in self.notes]
+
+    def render(self) -> str:
+        from tabulate import tabulate
+
+        g, s = self.sizes["gradients"], self.sizes["signals"]
+        lines = [
+            f"Loss-scale advice: {self.network} in {self.format} "
+            f"(exact reference: {self.exact_method}, {self.exact_bits} bits, "
+            f"{self.certified_digits:.1f} digits certified)",
+            f"gradients: {g['nonzero']} non-zero of {g['elements']} elements, |exact| in "
+            f"{_range_text(self.log2_range['gradients'])}",
+            f"signals:   {s['nonzero']} non-zero of {s['elements']} backward values dL/d(output), "
+            f"|exact| in {_range_text(self.log2_range['signals'])}; seed dL/dL = 1 (scaled: S)",
+            "",
+        ]
+        heads, table = self.table()
+        lines.append(tabulate(table, headers=heads, tablefmt="github", disable_numparse=True))
+        lines.append("")
+        lines += self.summary_lines()
         return "\n".join(lines)
 
 

@@ -197,7 +197,9 @@ def _import(args: argparse.Namespace) -> int:
 def _advise(args: argparse.Namespace) -> int:
     from fpgrad.advisor import advise
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.report.own import check_out_dir, write_advise_report
 
+    out = check_out_dir(args.out) if args.out else None
     net = _load_network(args.network)
     exponents = None
     if args.exponents is not None:
@@ -221,6 +223,8 @@ def _advise(args: argparse.Namespace) -> int:
         measure=not args.no_measure,
         allow_uncertified=args.allow_uncertified,
     )
+    if out is not None:
+        print(f"wrote {', '.join(write_advise_report(result, out))}", file=sys.stderr)
     print(result.to_json() if args.json else result.render())
     return 0
 
@@ -469,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-measure",
         action="store_true",
         help="skip torch's backward at each scale and the dynamic scaler",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for a report: advise.md, advise.html, lost_share.png, advise.json",
     )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_advise)

@@ -386,3 +386,21 @@ def test_float16_adam_diverges_and_names_eps(capsys: pytest.CaptureFixture[str])
     for row in table[2:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert sum(int(x) for x in cells[2:-1]) == int(cells[-1]) == n
+
+
+def test_advise_out_dir_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "advice"
+    assert main(["advise", str(SHOWCASE), "--no-measure", "--out", str(out)]) == 0
+    capsys.readouterr()
+    md = (out / "advise.md").read_text()
+    doc = json.loads((out / "advise.json").read_text())
+    assert (
+        f"2^{doc['recommended']['exponent']}" in md
+        and (out / "lost_share.png").stat().st_size > 1000
+    )
+    for t in tables(md):
+        assert len({len(r) for r in t}) == 1
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
+    ok, total, _ = _chromium_images(out / "advise.html", tmp_path)
+    assert total == 1 and ok == 1

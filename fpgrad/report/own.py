@@ -1,4 +1,4 @@
-"""A report of a user's own model: ``fpgrad compare NET --out DIR``.
+"""A report of a user's own model: ``fpgrad compare NET --out DIR`` (and ``advise --out``).
 
 Writes ``compare.md`` (the diagnosis and the tables), ``compare.html`` (the same, self-contained,
 the figures embedded), three PNG figures, ``compare.json`` (every element, written streaming)
@@ -23,9 +23,10 @@ from fpgrad.report.outdir import check_out_dir
 from fpgrad.verdicts import SUBKINDS, VERDICTS
 
 if TYPE_CHECKING:
+    from fpgrad.advisor import Advice
     from fpgrad.compare import Comparison
 
-__all__ = ["check_out_dir", "write_compare_report", "write_npz"]
+__all__ = ["check_out_dir", "write_advise_report", "write_compare_report", "write_npz"]
 
 #: colours of the verdicts in the stacked bars (a verdict added later gets a grey)
 _COLOURS = {
@@ -211,31 +212,48 @@ def _html(
     from fpgrad.render import exact_method_text
 
     esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        "<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>fpgrad compare: {esc(c.network)}</title>",
-        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-        "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}code{background:#f4f4f4}"
-        "</style></head><body>",
-        f"<h1>fpgrad compare: {esc(c.network)}</h1>",
-        f"<p>Reference: {esc(c.reference)}; exact = "
-        f"{esc(exact_method_text(c.exact_method, c.exact_bits))}, certified "
-        f"{c.certified_digits:.1f} significant digits.</p>",
+    paragraphs = [
+        f"Reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.exact_bits)}, "
+        f"certified {c.certified_digits:.1f} significant digits.",
+        *(f"Note: {n}." for n in c.notes[1:]),
     ]
-    parts += [f"<p>Note: {esc(n)}.</p>" for n in c.notes[1:]]
-    parts.append("<h2>Diagnosis</h2><ul>")
+    items = []
     for f in c.findings:
         text = esc(f["text"])
         if f.get("command"):
             command = f["command"].replace("{net}", c.source)
             text += f"; check: <code>{esc(command)}</code>"
-        prefix = "<b>remedy:</b> " if f["kind"] == "remedy" else ""
-        parts.append(f"<li>{prefix}{text}</li>")
-    parts.append("</ul>")
-    for title, text, heads, rows in sections:
-        parts.append(f"<h2>{esc(title)}</h2>")
+        items.append(("<b>remedy:</b> " if f["kind"] == "remedy" else "") + text)
+    return html_page(f"fpgrad compare: {c.network}", paragraphs, items, sections, figures, out)
+
+
+def html_page(
+    title: str,
+    paragraphs: list[str],
+    diagnosis: list[str],
+    sections: list[tuple[str, str, list[str], list[list[Any]]]],
+    figures: dict[str, tuple[str, Any]],
+    out: Path,
+) -> str:
+    """A self-contained HTML page: paragraphs (plain text), a diagnosis list (HTML items),
+    tables, and the figures embedded as data URIs."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        f"<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+        "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}code{background:#f4f4f4}"
+        "</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    parts += [f"<p>{esc(p)}</p>" for p in paragraphs]
+    if diagnosis:
+        parts.append("<h2>Diagnosis</h2><ul>")
+        parts += [f"<li>{item}</li>" for item in diagnosis]
+        parts.append("</ul>")
+    for name, text, heads, rows in sections:
+        parts.append(f"<h2>{esc(name)}</h2>")
         if text:
             parts.append(f"<p>{esc(text)}</p>")
         head = "".join(f"<th>{esc(str(h))}</th>" for h in heads)
@@ -244,12 +262,104 @@ def _html(
         )
         parts.append(f"<table><tr>{head}</tr>{body}</table>")
     parts.append("<h2>Figures</h2>")
-    for fname, (title, _) in figures.items():
+    for fname, (caption, _) in figures.items():
         data = base64.b64encode((out / fname).read_bytes()).decode("ascii")
-        parts.append(f"<h3>{esc(title)}</h3>")
-        parts.append(f"<p><img alt='{esc(title)}' src='data:image/png;base64,{data}'></p>")
+        parts.append(f"<h3>{esc(caption)}</h3>")
+        parts.append(f"<p><img alt='{esc(caption)}' src='data:image/png;base64,{data}'></p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def write_advise_report(adv: Advice, out: str | Path) -> list[str]:
+    """``fpgrad advise --out DIR``: advise.md, advise.html (self-contained), lost_share.png
+    (the lost share of exact gradients and signals per loss scale) and advise.json."""
+    out = check_out_dir(out)
+    figures = {
+        "lost_share.png": (
+            f"Lost share per loss scale in {adv.format}",
+            lambda path: _lost_share(adv, path),
+        )
+    }
+    for fname, (_, draw) in figures.items():
+        draw(out / fname)
+    g, s = adv.sizes["gradients"], adv.sizes["signals"]
+    paragraphs = [
+        f"Exact reference: {adv.exact_method}, {adv.exact_bits} bits, "
+        f"{adv.certified_digits:.1f} digits certified.",
+        f"Gradients: {g['nonzero']} non-zero of {g['elements']} elements; backward signals: "
+        f"{s['nonzero']} non-zero of {s['elements']}.",
+    ]
+    heads, rows = adv.table()
+    sections = [("Per loss scale", "", heads, rows)]
+    summary = adv.summary_lines()
+    title = f"fpgrad advise: {adv.network} in {adv.format}"
+    md = [f"# {title}", "", *paragraphs, "", "## Recommendation", ""]
+    md += [f"- {line}" for line in summary]
+    md += ["", "## Per loss scale", "", md_table(rows, heads), "", "## Figures", ""]
+    md += [f"![{cap}]({fname})" for fname, (cap, _) in figures.items()] + [""]
+    (out / "advise.md").write_text("\n".join(md))
+    items = [html.escape(line) for line in summary]
+    (out / "advise.html").write_text(html_page(title, paragraphs, items, sections, figures, out))
+    (out / "advise.json").write_text(adv.to_json())
+    return [str(out / n) for n in ("advise.md", "advise.html", *figures, "advise.json")]
+
+
+def _lost_share(adv: Advice, path: Path) -> None:
+    """Per power of two: the share of non-zero exact gradients that underflow or are
+    subnormal, of backward signals that underflow, and (measured) torch's rounding zeros;
+    overflows marked; the recommended scale and the safe range drawn."""
+    from fpgrad.report.plots import plt, save_png
+
+    g, s = adv.sizes["gradients"], adv.sizes["signals"]
+    ks = np.array([r["exponent"] for r in adv.rows])
+
+    def share(values: list[int], n: int) -> np.ndarray:
+        return 100 * np.asarray(values, dtype=float) / max(1, n)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(
+        ks,
+        share([r["gradients"]["underflow"] for r in adv.rows], g["nonzero"]),
+        "-o",
+        label="gradients underflow (exact)",
+    )
+    ax.plot(
+        ks,
+        share([r["gradients"]["subnormal"] for r in adv.rows], g["nonzero"]),
+        "--s",
+        label="gradients subnormal (exact)",
+    )
+    ax.plot(
+        ks,
+        share([r["signals"]["underflow"] for r in adv.rows], s["nonzero"]),
+        ":^",
+        label="signals underflow (exact)",
+    )
+    measured = [r.get("measured") for r in adv.rows]
+    if any(measured):
+        mk = [k for k, m in zip(ks, measured, strict=True) if m]
+        mv = [m["rounding_zero"] for m in measured if m]
+        ax.plot(mk, share(mv, g["nonzero"]), "-x", label="torch: rounding zeros (measured)")
+    over = [k for k, r in zip(ks, adv.rows, strict=True) if _overflows(r)]
+    if over:
+        ax.scatter(over, [100] * len(over), marker="v", color="black", label="overflow")
+    if adv.safe is not None:
+        ax.axvspan(
+            adv.safe[0] - 0.5, adv.safe[1] + 0.5, color="#4daf4a", alpha=0.15, label="safe range"
+        )
+    ax.axvline(adv.recommended, color="#b2182b", label=f"recommended 2^{adv.recommended}")
+    ax.set_xlabel("loss scale (log2)")
+    ax.set_ylabel("% of non-zero exact values")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{adv.network}: lost share per loss scale in {adv.format}")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def _overflows(row: dict[str, Any]) -> bool:
+    from fpgrad.advisor import _overflow
+
+    return _overflow(row) > 0
 
 
 # ---- figures (columnar: histograms and counts, never a point per element) -------------------
@@ -294,15 +404,30 @@ def _magnitudes(c: Comparison, path: Path) -> None:
                 edgecolor="none",
             )
         span = (bins[0] - 4, bins[-1] + 4)
+        off = []
         for i, (p, fmt) in enumerate(fmts):
-            for value, style in (
-                (fmt.smallest_subnormal, ":"),
-                (fmt.smallest_normal, "--"),
-                (fmt.max, "-"),
+            for what, value, style in (
+                ("smallest subnormal", fmt.smallest_subnormal, ":"),
+                ("smallest normal", fmt.smallest_normal, "--"),
+                ("max", fmt.max, "-"),
             ):
                 x = math.log2(value)
                 if span[0] <= x <= span[1]:
                     ax.axvline(x, linestyle=style, color=f"C{i + 1}", label=p)
+                elif what != "max" or x < span[0]:
+                    off.append(f"{p} {what} 2^{x:.0f}")
+        if off:  # thresholds beyond the data's range, named rather than drawn
+            ax.text(
+                0.99,
+                0.02,
+                "off the plot: " + ", ".join(off),
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=6,
+                color="#555555",
+                wrap=True,
+            )
         ax.set_xlim(*span)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=False))
