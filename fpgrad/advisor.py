@@ -346,7 +346,10 @@ def advise(
         pol = get_policy(policy, net.policies)
         if pol is None:
             known = ", ".join([*BUILTIN, *net.policies])
-            raise InputError(f"unknown policy {policy!r}; known: {known}")
+            from fpgrad.suggest import did_you_mean
+
+            hint = did_you_mean(policy, [*BUILTIN, *net.policies])
+            raise InputError(f"unknown policy {policy!r}{hint}; known: {known}")
         plan = pol.resolve(net)
     if fmt is None:
         fmt = plan.lowest().split(":")[0] if plan is not None else "float16"

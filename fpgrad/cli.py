@@ -121,7 +121,10 @@ def _policies(args: argparse.Namespace) -> int:
     names = args.names or list(known)
     for name in names:
         if name not in known:
-            raise InputError(f"unknown policy {name!r}; known: {', '.join(known)}")
+            from fpgrad.suggest import did_you_mean
+
+            hint = did_you_mean(name, known)
+            raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
     if args.json:
         out = {n: known[n].to_dict() for n in names}
         if net is not None:
@@ -299,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fpgrad", description="A floating-point precision lab for gradient underflow."
     )
+    parser.add_argument("--version", action="version", version=f"fpgrad {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("formats", help="the floating-point formats and their constants")
@@ -505,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_run)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the source tree's pyproject when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fpgrad")
+    except PackageNotFoundError:  # pragma: no cover - run from a checkout without install
+        return "(not installed)"
 
 
 def _negative_values_last(argv: list[str]) -> list[str]:

@@ -33,6 +33,7 @@ from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
 from fpgrad.policy import BUILTIN, Plan, Policy, get_policy
 from fpgrad.rounding import round_to
 from fpgrad.scaling import DynamicScaler, StaticScaler
+from fpgrad.suggest import did_you_mean
 from fpgrad.torch_native import TorchModel, one_torch_thread
 from fpgrad.verdicts import VERDICTS, classify
 
@@ -101,7 +102,8 @@ def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
             kw["loss_scale"] = scale
         else:
             raise InputError(
-                f"run {text!r}: unknown policy {policy!r}; known: +{', +'.join(POLICIES)}"
+                f"run {text!r}: unknown policy {policy!r}{did_you_mean(policy, POLICIES)}; "
+                f"known: +{', +'.join(POLICIES)}"
             )
     if named is not None and kw.get("master"):
         raise InputError(

@@ -404,3 +404,32 @@ def test_advise_out_dir_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
         pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
     ok, total, _ = _chromium_images(out / "advise.html", tmp_path)
     assert total == 1 and ok == 1
+
+
+# ---- small things a user expects ---------------------------------------------------------
+
+
+def test_version_and_did_you_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"fpgrad {version('fpgrad')}\n"
+    cases = [
+        (["formats", "bflaot16"], "(did you mean 'bfloat16'?)"),
+        (["compare", str(SHOWCASE), "--precisions", "flaot16"], "(did you mean 'float16'?)"),
+        (["compare", str(SHOWCASE), "--policy", "autocats"], "(did you mean 'autocast'?)"),
+        (["run", "dead_relus"], "(did you mean 'dead_relu'?)"),
+        (["policies", "autocast_bf61"], "(did you mean 'autocast_bf16'?)"),
+        (
+            ["train", str(SHOWCASE), "--steps", "1", "--precisions", "float16+mastr"],
+            "(did you mean 'master'?)",
+        ),
+    ]
+    for args, hint in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and hint in err, (args, err)
+    assert main(["formats", "zzzzzz"]) == 2
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
