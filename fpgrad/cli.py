@@ -290,8 +290,17 @@ def _list(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fpgrad import scenarios
+    from fpgrad.report.outdir import check_out_dir
 
-    result = scenarios.get(args.name).run()
+    module = scenarios.get(args.name)
+    out = check_out_dir(args.out) if args.out else None
+    result = module.run()
+    if out is not None:  # the Markdown and the figures it links, side by side
+        for fname, draw in result.figures.items():
+            draw(out / fname)
+        (out / f"{result.name}.md").write_text(result.markdown())
+        written = [f"{result.name}.md", *result.figures]
+        print(f"wrote {', '.join(str(out / n) for n in written)}", file=sys.stderr)
     print(
         json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json else result.markdown()
     )
@@ -506,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one scenario and print its report")
     p.add_argument("name", help="scenario name (see fpgrad list)")
+    p.add_argument(
+        "--out", default=None, help="directory for NAME.md and the figures (PNG) it links"
+    )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_run)
     return parser

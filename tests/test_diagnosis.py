@@ -433,3 +433,20 @@ def test_version_and_did_you_mean(capsys: pytest.CaptureFixture[str]) -> None:
         assert err.count("\n") == 1 and hint in err, (args, err)
     assert main(["formats", "zzzzzz"]) == 2
     assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
+
+
+def test_run_out_writes_the_figures_its_markdown_links(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from fpgrad import scenarios
+    from fpgrad.scenarios import dead_relu
+
+    small = SimpleNamespace(run=lambda: dead_relu.run(small=True), CLAIM=dead_relu.CLAIM)
+    monkeypatch.setattr(scenarios, "get", lambda name: small)
+    assert main(["run", "dead_relu", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "dead_relu.md").read_text()
+    assert capsys.readouterr().out.strip() == md.strip()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert links and all((tmp_path / link).stat().st_size > 1000 for link in links)
