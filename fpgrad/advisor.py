@@ -65,11 +65,16 @@ _K_LIMIT = 600  # scale exponents considered: 2^-600 .. 2^600
 
 @dataclass
 class _Values:
-    """Non-zero exact magnitudes of one group as |hi| and the low word's signed rest."""
+    """Non-zero exact magnitudes of one group as |hi| and the low word's signed rest, sorted by
+    (|hi|, rest), so that each threshold count is two binary searches, not a pass."""
 
     mag: np.ndarray
     rest: np.ndarray
     zeros: int
+
+    def __post_init__(self) -> None:
+        order = np.lexsort((self.rest, self.mag))
+        self.mag, self.rest = self.mag[order], self.rest[order]
 
     @classmethod
     def of(cls, arrays: list[ExactArray]) -> _Values:
@@ -83,11 +88,18 @@ class _Values:
     def size(self) -> int:
         return int(self.mag.size)
 
-    def le(self, t: float) -> np.ndarray:  # |e| <= t
-        return (self.mag < t) | ((self.mag == t) & (self.rest <= 0))
+    def _count(self, t: float, side: str) -> int:
+        """How many |e| < t, plus those with |hi| == t whose rest is <= 0 (side "right") or
+        < 0 (side "left")."""
+        a = int(np.searchsorted(self.mag, t, "left"))
+        b = int(np.searchsorted(self.mag, t, "right"))
+        return a + int(np.searchsorted(self.rest[a:b], 0.0, side))
 
-    def lt(self, t: float) -> np.ndarray:  # |e| < t
-        return (self.mag < t) | ((self.mag == t) & (self.rest < 0))
+    def le(self, t: float) -> int:  # how many |e| <= t
+        return self._count(t, "right")
+
+    def lt(self, t: float) -> int:  # how many |e| < t
+        return self._count(t, "left")
 
 
 @dataclass
@@ -125,10 +137,10 @@ def _overflow(c: dict[str, dict[str, int]], seed: bool = True) -> int:
 def _counts(v: _Values, lim: _Limits, k: int) -> dict[str, int]:
     """Underflow / subnormal / overflow counts of ``v`` scaled by 2^k (exact thresholds)."""
     under = v.le(math.ldexp(lim.underflow, -k))
-    sub = ~under & v.lt(math.ldexp(lim.normal, -k))
+    sub = v.lt(math.ldexp(lim.normal, -k)) - under  # underflow < normal: a subset
     t = math.ldexp(lim.overflow, -k)
-    over = ~v.lt(t) if lim.overflow_tie else ~v.le(t)
-    return {"underflow": int(under.sum()), "subnormal": int(sub.sum()), "overflow": int(over.sum())}
+    over = v.size - (v.lt(t) if lim.overflow_tie else v.le(t))
+    return {"underflow": under, "subnormal": sub, "overflow": over}
 
 
 def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:
