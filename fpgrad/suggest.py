@@ -1,4 +1,4 @@
-""""Did you mean ...?" for misspelled names (difflib's close matches)."""
+"""Did-you-mean hints for misspelled names (difflib's close matches)."""
 
 from __future__ import annotations
 
