@@ -68,7 +68,7 @@ def write_npz(c: Comparison, path: Path) -> None:
                 ("digits", col.digits),
             ):
                 arrays[f"{g.param}/{p}/{name}"] = np.asarray(a)
-    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # uncompressed: zlib would dominate
 
 
 def _figures(c: Comparison) -> dict[str, tuple[str, Callable[[Path], None]]]:
