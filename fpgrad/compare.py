@@ -334,6 +334,7 @@ def compare(
     allow_uncertified: bool = False,
     loss_scale: float = 1.0,
     exact: ExactResult | None = None,
+    findings: bool = True,
 ) -> Comparison:
     """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
 
@@ -342,6 +343,7 @@ def compare(
     precision backpropagates S * loss, and backward values and gradients are judged as
     computed, against S times the exact ones. ``exact``: a precomputed
     ``exact_trace(net, exact_bits, allow_uncertified=...)`` of this same network, reused.
+    ``findings``: the diagnosis in words (:mod:`fpgrad.diagnosis`; runs the advisor's counts).
     """
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
@@ -416,7 +418,8 @@ def compare(
         loss_scale=loss_scale,
         policies=policies,
     )
-    result.findings = diagnose(result, net, exact, precs)
+    if findings:
+        result.findings = diagnose(result, net, exact, precs)
     return result
 
 
