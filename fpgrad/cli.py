@@ -62,7 +62,7 @@ def _explain(args: argparse.Namespace) -> int:
     from fpgrad.explain import explain, render_explain
     from fpgrad.jsonutil import jsonable
 
-    result = explain(args.value, args.format or None)
+    result = explain(args.value, args.format or None, mode=args.mode, other=args.with_value)
     if args.json:
         print(json.dumps(jsonable(result), indent=2, allow_nan=False))
     else:
@@ -325,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         action="append",
         help="format to show (repeatable; default the four native ones)",
+    )
+    p.add_argument(
+        "--mode",
+        default="nearest_even",
+        help="rounding mode: nearest_even (default), nearest_away, toward_zero, up, down, odd",
+    )
+    p.add_argument(
+        "--with",
+        dest="with_value",
+        default=None,
+        help="a second value b: what a + b (swamping) and a * b (underflow) give in each format",
     )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_explain)

@@ -450,3 +450,34 @@ def test_run_out_writes_the_figures_its_markdown_links(
     assert capsys.readouterr().out.strip() == md.strip()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert links and all((tmp_path / link).stat().st_size > 1000 for link in links)
+
+
+# ---- teaching: explain --mode and --with ----------------------------------------------------
+
+
+def test_explain_mode_and_pair(capsys: pytest.CaptureFixture[str]) -> None:
+    from fractions import Fraction
+
+    from fpgrad.explain import explain, pair
+    from fpgrad.rounding import round_exact
+
+    third = explain("1/3", ["float16"], mode="toward_zero")["formats"][0]["value"]
+    up = explain("1/3", ["float16"], mode="up")["formats"][0]["value"]
+    assert Fraction(third) < Fraction(1, 3) < Fraction(up)
+    assert Fraction(up) - Fraction(third) == Fraction(get_format("float16").ulp(third))
+    # a + b: half an ulp of 1 in float16 is 2^-11; a smaller b is swamped, a tie goes to even
+    rows = {p["format"]: p for p in pair("1", "2**-12", ["float16", "float32"])}
+    assert rows["float16"]["sum"]["what"] == "swamped" and rows["float16"]["sum"]["value"] == 1.0
+    assert rows["float32"]["sum"]["value"] == 1 + 2**-12
+    assert pair("1", "2**-10", ["float16"])[0]["sum"]["what"] == "ok"
+    # a * b: 1e-4 squared is below half float16's smallest subnormal (2^-25)
+    prod = pair("1e-4", "1e-4", ["float16", "bfloat16"])
+    assert [p["product"]["what"] for p in prod] == ["underflow", "ok"]
+    a16 = round_exact(Fraction(1, 10**4), "bfloat16")
+    assert prod[1]["product"]["value"] == round_exact(Fraction(a16) ** 2, "bfloat16")
+    assert main(["explain", "1", "--with", "2**-12", "--mode", "toward_zero"]) == 0
+    out = capsys.readouterr().out
+    assert "mode     toward_zero" in out and "(swamped)" in out and "binade:" in out
+    assert main(["explain", "1", "--mode", "stochastic"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stochastic modes have no single result" in err
