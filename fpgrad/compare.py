@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from fpgrad.decimals import decimal_strings
 from fpgrad.diagnosis import diagnose
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
@@ -451,10 +452,13 @@ class _Scaled:
 
     def strings(self, key: str, flat: np.ndarray) -> list[str]:
         """Decimal strings (certified digits) of the elements ``flat`` of ``key``, times S;
-        converts only these elements."""
-        values = self.ref.mp_values(key, flat)
+        converts only these elements (integer arithmetic on the fast method's words)."""
         digits = self.digits[key].ravel()[flat]
         k = self.k if self.scaled(key) else 0
+        words = self.ref.words(key, flat)
+        if words is not None:
+            return decimal_strings(np.ldexp(words, k), digits)  # exact: a power of two
+        values = self.ref.mp_values(key, flat)
         return [
             decimal_string(v if k == 0 or v == 0 else v.context.ldexp(v, k), float(d))
             for v, d in zip(values, digits, strict=True)

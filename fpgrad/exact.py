@@ -99,6 +99,14 @@ class ExactResult:
                 )
         return self._arrays[key]
 
+    def words(self, key: str, flat: np.ndarray) -> np.ndarray | None:
+        """The fast method's midpoint words (k, len(flat)) of the elements ``flat`` of ``key``,
+        whose exact sums are the values; None for the mpmath method."""
+        if self._balls is None:
+            return None
+        mid = _lookup(self._balls, key).mid
+        return mid.reshape(mid.shape[0], -1)[:, np.asarray(flat, dtype=np.int64)]
+
     def mp_values(self, key: str, flat: np.ndarray) -> np.ndarray:
         """The elements ``flat`` (row-major indices) of ``key`` as mpf objects, converting only
         those (the fast method's word sums, as :attr:`trace` would hold them)."""

@@ -481,3 +481,30 @@ def test_explain_mode_and_pair(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "1", "--mode", "stochastic"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stochastic modes have no single result" in err
+
+
+def test_exact_strings_are_correctly_rounded(showcase) -> None:  # noqa: ANN001
+    """Every exact string of the showcase against the exact word sum (Fractions): within half
+    a unit of its last digit, ties to even, with all the certified digits."""
+    import decimal
+    from fractions import Fraction
+
+    from fpgrad.exact import exact_trace
+
+    ex = exact_trace(load_network(str(SHOWCASE)))
+    c = showcase
+    for g in c.grads:
+        flat = np.arange(g.size)
+        strings = g.exact_strings(flat)
+        words = ex.words(f"grads/{g.param}", flat)
+        for i, text in enumerate(strings):
+            exact = sum((Fraction(w) for w in words[:, i]), Fraction(0))
+            if exact == 0:
+                assert text == "0"
+                continue
+            d = decimal.Decimal(text)
+            n = len(text.split("e")[0].replace("-", "").replace(".", ""))
+            digits = g.digits.ravel()[i]
+            assert n == (40 if math.isinf(digits) else max(1, int(digits)))
+            unit = Fraction(10) ** (d.adjusted() - n + 1)
+            assert abs(Fraction(d) - exact) <= unit / 2
