@@ -78,12 +78,14 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from fpgrad.report.outdir import check_out_dir
+
+    out = check_out_dir(args.out) if args.out else None  # before any work or heavy import
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
-    from fpgrad.report.own import check_out_dir, write_compare_report
+    from fpgrad.report.own import write_compare_report
 
     verdicts = [v.strip() for v in args.verdict.split(",") if v.strip()] if args.verdict else None
-    out = check_out_dir(args.out) if args.out else None
     net = _load_network(args.network)
     result = compare(
         net,
@@ -147,12 +149,13 @@ def _policies(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fpgrad.optim import OptimConfig
     from fpgrad.report.outdir import check_out_dir
-    from fpgrad.train import train
 
     if args.out:
-        check_out_dir(args.out)  # before any work: a bad path costs nothing
+        check_out_dir(args.out)  # before any work or heavy import: a bad path costs nothing
+    from fpgrad.optim import OptimConfig
+    from fpgrad.train import train
+
     net = _load_network(args.network)
     cfg = OptimConfig(
         name=args.optimizer,
