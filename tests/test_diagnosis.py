@@ -524,3 +524,11 @@ def test_exact_strings_are_correctly_rounded(showcase) -> None:  # noqa: ANN001
             assert n == (40 if math.isinf(digits) else max(1, int(digits)))
             unit = Fraction(10) ** (d.adjusted() - n + 1)
             assert abs(Fraction(d) - exact) <= unit / 2
+
+
+def test_scenario_sections_escape_cells() -> None:
+    from fpgrad.scenarios.base import Section
+
+    sec = Section("t", headers=["run", "|w - 0.3|"], rows=[["float16", "0,1,2,3 | 4,5"]])
+    parsed = tables(sec.markdown())
+    assert len(parsed) == 1 and {len(r) for r in parsed[0]} == {2}
