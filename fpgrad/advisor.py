@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.errors import InputError
-from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, exact_trace
+from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult, exact_trace
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
@@ -65,12 +65,17 @@ _K_LIMIT = 600  # scale exponents considered: 2^-600 .. 2^600
 
 @dataclass
 class _Values:
-    """Non-zero exact magnitudes of one group as |hi| and the low word's signed rest."""
+    """Non-zero exact magnitudes of one group as |hi| and the low word's signed rest, sorted by
+    (|hi|, rest), so that each threshold count is two binary searches, not a pass."""
 
     mag: np.ndarray
     rest: np.ndarray
     zeros: int
     undetermined: int = 0  #: exact values whose certified ball still contains 0 (not judged)
+
+    def __post_init__(self) -> None:
+        order = np.lexsort((self.rest, self.mag))
+        self.mag, self.rest = self.mag[order], self.rest[order]
 
     @classmethod
     def of(cls, arrays: list[ExactArray]) -> _Values:
@@ -94,11 +99,18 @@ class _Values:
     def size(self) -> int:
         return int(self.mag.size)
 
-    def le(self, t: float) -> np.ndarray:  # |e| <= t
-        return (self.mag < t) | ((self.mag == t) & (self.rest <= 0))
+    def _count(self, t: float, side: str) -> int:
+        """How many |e| < t, plus those with |hi| == t whose rest is <= 0 (side "right") or
+        < 0 (side "left")."""
+        a = int(np.searchsorted(self.mag, t, "left"))
+        b = int(np.searchsorted(self.mag, t, "right"))
+        return a + int(np.searchsorted(self.rest[a:b], 0.0, side))
 
-    def lt(self, t: float) -> np.ndarray:  # |e| < t
-        return (self.mag < t) | ((self.mag == t) & (self.rest < 0))
+    def le(self, t: float) -> int:  # how many |e| <= t
+        return self._count(t, "right")
+
+    def lt(self, t: float) -> int:  # how many |e| < t
+        return self._count(t, "left")
 
 
 @dataclass
@@ -136,10 +148,10 @@ def _overflow(c: dict[str, dict[str, int]], seed: bool = True) -> int:
 def _counts(v: _Values, lim: _Limits, k: int) -> dict[str, int]:
     """Underflow / subnormal / overflow counts of ``v`` scaled by 2^k (exact thresholds)."""
     under = v.le(math.ldexp(lim.underflow, -k))
-    sub = ~under & v.lt(math.ldexp(lim.normal, -k))
+    sub = v.lt(math.ldexp(lim.normal, -k)) - under  # underflow < normal: a subset
     t = math.ldexp(lim.overflow, -k)
-    over = ~v.lt(t) if lim.overflow_tie else ~v.le(t)
-    return {"underflow": int(under.sum()), "subnormal": int(sub.sum()), "overflow": int(over.sum())}
+    over = v.size - (v.lt(t) if lim.overflow_tie else v.le(t))
+    return {"underflow": under, "subnormal": sub, "overflow": over}
 
 
 def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:
@@ -234,20 +246,9 @@ class Advice:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
-    def render(self) -> str:
-        from tabulate import tabulate
-
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows of the per-scale table (as :meth:`render` shows it)."""
         g, s = self.sizes["gradients"], self.sizes["signals"]
-        lines = [
-            f"Loss-scale advice: {self.network} in {self.format} "
-            f"(exact reference: {self.exact_method}, {self.exact_bits} bits, "
-            f"{self.certified_digits:.1f} digits certified)",
-            f"gradients: {g['nonzero']} non-zero of {g['elements']} elements, |exact| in "
-            f"{_range_text(self.log2_range['gradients'])}",
-            f"signals:   {s['nonzero']} non-zero of {s['elements']} backward values dL/d(output), "
-            f"|exact| in {_range_text(self.log2_range['signals'])}; seed dL/dL = 1 (scaled: S)",
-            "",
-        ]
         measured = any(r.get("measured") for r in self.rows)
         heads = ["scale", "grads underflow", "grads subnormal", "signals underflow", "overflows"]
         if measured:
@@ -279,18 +280,18 @@ class Advice:
                     else ["", ""]
                 )
             table.append(row)
-        lines.append(tabulate(table, headers=heads, tablefmt="github", disable_numparse=True))
-        lines.append("")
+        return heads, table
+
+    def summary_lines(self) -> list[str]:
+        """The safe range, the recommendation and the dynamic scaler in words."""
         what = "gradient or backward signal" if self.scope == "all" else "gradient"
-        lines.append(
+        lines = [
             f"Safe scales (no {what} underflows, nothing overflows): {_span(self.safe)}"
-            + (f"; gradients alone: {_span(self.safe_gradients)}" if self.scope == "all" else "")
-        )
-        lines.append(f"Every {what} also normal (full precision): {_span(self.normal)}")
-        lines.append(
+            + (f"; gradients alone: {_span(self.safe_gradients)}" if self.scope == "all" else ""),
+            f"Every {what} also normal (full precision): {_span(self.normal)}",
             f"Recommended static scale: 2^{self.recommended} = {self.recommended_scale:g} "
-            f"({self.reason})"
-        )
+            f"({self.reason})",
+        ]
         if self.dynamic:
             d = self.dynamic
             lines.append(
@@ -298,7 +299,26 @@ class Advice:
                 f"starts at 2^{d['start']}, skips {d['skipped']} step(s), settles at "
                 f"2^{d['settled']}; {d['comparison']}"
             )
-        lines += [f"note: {n}" for n in self.notes]
+        return lines + [f"note: {n}" for n in self.notes]
+
+    def render(self) -> str:
+        from tabulate import tabulate
+
+        g, s = self.sizes["gradients"], self.sizes["signals"]
+        lines = [
+            f"Loss-scale advice: {self.network} in {self.format} "
+            f"(exact reference: {self.exact_method}, {self.exact_bits} bits, "
+            f"{self.certified_digits:.1f} digits certified)",
+            f"gradients: {g['nonzero']} non-zero of {g['elements']} elements, |exact| in "
+            f"{_range_text(self.log2_range['gradients'])}",
+            f"signals:   {s['nonzero']} non-zero of {s['elements']} backward values dL/d(output), "
+            f"|exact| in {_range_text(self.log2_range['signals'])}; seed dL/dL = 1 (scaled: S)",
+            "",
+        ]
+        heads, table = self.table()
+        lines.append(tabulate(table, headers=heads, tablefmt="github", disable_numparse=True))
+        lines.append("")
+        lines += self.summary_lines()
         return "\n".join(lines)
 
 
@@ -330,6 +350,7 @@ def advise(
     measure: bool = True,
     allow_uncertified: bool = False,
     exact_max_bits: int = DEFAULT_MAX_BITS,
+    exact: ExactResult | None = None,
 ) -> Advice:
     """Loss-scale advice for ``net`` in the format ``fmt`` (see the module docstring).
 
@@ -339,7 +360,8 @@ def advise(
     scaler (torch formats only). ``fmt`` defaults to float16, or with a precision ``policy``
     (``autocast``, a network file's own) to its narrowest format: only values the policy
     computes in ``fmt`` are judged (gradients of layers computing in it, signals output in it,
-    the seed if the loss is), and torch is measured running the policy.
+    the seed if the loss is), and torch is measured running the policy. ``exact``: a
+    precomputed ``exact_trace(net, bits)`` of this same network, reused.
     """
     plan = None
     if policy is not None:
@@ -348,7 +370,10 @@ def advise(
         pol = get_policy(policy, net.policies)
         if pol is None:
             known = ", ".join([*BUILTIN, *net.policies])
-            raise InputError(f"unknown policy {policy!r}; known: {known}")
+            from fpgrad.suggest import did_you_mean
+
+            hint = did_you_mean(policy, [*BUILTIN, *net.policies])
+            raise InputError(f"unknown policy {policy!r}{hint}; known: {known}")
         plan = pol.resolve(net)
     if fmt is None:
         fmt = plan.lowest().split(":")[0] if plan is not None else "float16"
@@ -362,7 +387,10 @@ def advise(
             f"{f.name} needs no loss scale (its range covers every exact gradient here); "
             "advise for float16, bfloat16 or an 8-bit format"
         )
-    exact = exact_trace(net, bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits)
+    if exact is None:
+        exact = exact_trace(
+            net, bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits
+        )
     in_f = _in_format(net, plan, f.name)
     grads = _Values.of(
         [

@@ -62,7 +62,7 @@ def _explain(args: argparse.Namespace) -> int:
     from fpgrad.explain import explain, render_explain
     from fpgrad.jsonutil import jsonable
 
-    result = explain(args.value, args.format or None)
+    result = explain(args.value, args.format or None, mode=args.mode, other=args.with_value)
     if args.json:
         print(json.dumps(jsonable(result), indent=2, allow_nan=False))
     else:
@@ -78,10 +78,17 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from fpgrad.report.outdir import check_out_dir
+
+    out = check_out_dir(args.out) if args.out else None  # before any work or heavy import
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
     from fpgrad.graph.script import is_script, load_script
+    from fpgrad.report.own import write_compare_report
 
+    verdicts = [v.strip() for v in args.verdict.split(",") if v.strip()] if args.verdict else None
+    if is_script(args.network) and out is not None:
+        raise InputError("--out is not supported for captured models yet; drop --out")
     net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     result = compare(
         net,
@@ -92,10 +99,17 @@ def _compare(args: argparse.Namespace) -> int:
         allow_uncertified=args.allow_uncertified,
         exact_max_bits=args.exact_max_bits,
     )
+    if is_script(args.network):  # a captured model: its own, smaller comparison
+        print(result.to_json() if args.json else result.render(max_rows=args.max_rows or None))
+        return 0
+    result.source = args.network
+    if out is not None:
+        written = write_compare_report(result, out)
+        print(f"wrote {', '.join(written)}", file=sys.stderr)
     if args.json:
-        print(result.to_json())
+        result.write_json(sys.stdout)
     else:
-        print(result.render(max_rows=args.max_rows or None))
+        print(result.render(max_rows=args.max_rows or None, verdicts=verdicts, param=args.param))
     return 0
 
 
@@ -116,7 +130,10 @@ def _policies(args: argparse.Namespace) -> int:
     names = args.names or list(known)
     for name in names:
         if name not in known:
-            raise InputError(f"unknown policy {name!r}; known: {', '.join(known)}")
+            from fpgrad.suggest import did_you_mean
+
+            hint = did_you_mean(name, known)
+            raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
     if args.json:
         out = {n: known[n].to_dict() for n in names}
         if net is not None:
@@ -139,6 +156,10 @@ def _policies(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fpgrad.report.outdir import check_out_dir
+
+    if args.out:
+        check_out_dir(args.out)  # before any work or heavy import: a bad path costs nothing
     from fpgrad.optim import OptimConfig
     from fpgrad.train import train
 
@@ -190,7 +211,9 @@ def _import(args: argparse.Namespace) -> int:
 def _advise(args: argparse.Namespace) -> int:
     from fpgrad.advisor import advise
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.report.own import check_out_dir, write_advise_report
 
+    out = check_out_dir(args.out) if args.out else None
     net = _load_network(args.network)
     exponents = None
     if args.exponents is not None:
@@ -215,6 +238,8 @@ def _advise(args: argparse.Namespace) -> int:
         allow_uncertified=args.allow_uncertified,
         exact_max_bits=args.exact_max_bits,
     )
+    if out is not None:
+        print(f"wrote {', '.join(write_advise_report(result, out))}", file=sys.stderr)
     print(result.to_json() if args.json else result.render())
     return 0
 
@@ -285,8 +310,17 @@ def _list(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fpgrad import scenarios
+    from fpgrad.report.outdir import check_out_dir
 
-    result = scenarios.get(args.name).run()
+    module = scenarios.get(args.name)
+    out = check_out_dir(args.out) if args.out else None
+    result = module.run()
+    if out is not None:  # the Markdown and the figures it links, side by side
+        for fname, draw in result.figures.items():
+            draw(out / fname)
+        (out / f"{result.name}.md").write_text(result.markdown())
+        written = [f"{result.name}.md", *result.figures]
+        print(f"wrote {', '.join(str(out / n) for n in written)}", file=sys.stderr)
     print(
         json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json else result.markdown()
     )
@@ -297,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fpgrad", description="A floating-point precision lab for gradient underflow."
     )
+    parser.add_argument("--version", action="version", version=f"fpgrad {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("formats", help="the floating-point formats and their constants")
@@ -310,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         action="append",
         help="format to show (repeatable; default the four native ones)",
+    )
+    p.add_argument(
+        "--mode",
+        default="nearest_even",
+        help="rounding mode: nearest_even (default), nearest_away, toward_zero, up, down, odd",
+    )
+    p.add_argument(
+        "--with",
+        dest="with_value",
+        default=None,
+        help="a second value b: what a + b (swamping) and a * b (underflow) give in each format",
     )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_explain)
@@ -363,7 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
         "unresolved there are reported undetermined",
     )
     p.add_argument(
-        "--max-rows", type=int, default=60, help="gradient rows in the table (0: all; default 60)"
+        "--max-rows",
+        type=int,
+        default=60,
+        help="gradient rows in the table, the rows that matter first (0: all; default 60)",
+    )
+    p.add_argument(
+        "--verdict",
+        default=None,
+        help="element table: only rows with these verdicts in some precision (comma-separated: "
+        "rounding_zero, inaccurate, ...)",
+    )
+    p.add_argument("--param", default=None, help="element table: only this parameter's rows")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for a report: compare.md, compare.html (plots inside), PNG plots, "
+        "compare.json and the per-element arrays as gradients.npz",
     )
     p.add_argument("--json", action="store_true", help="strict JSON output (every element)")
     p.set_defaults(func=_compare)
@@ -484,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip torch's backward at each scale and the dynamic scaler",
     )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for a report: advise.md, advise.html, lost_share.png, advise.json",
+    )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_advise)
 
@@ -512,9 +579,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one scenario and print its report")
     p.add_argument("name", help="scenario name (see fpgrad list)")
+    p.add_argument(
+        "--out", default=None, help="directory for NAME.md and the figures (PNG) it links"
+    )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_run)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the source tree's pyproject when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fpgrad")
+    except PackageNotFoundError:  # pragma: no cover - run from a checkout without install
+        return "(not installed)"
 
 
 def _negative_values_last(argv: list[str]) -> list[str]:

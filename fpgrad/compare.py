@@ -7,15 +7,16 @@ died (rounding zeros, subnormals and overflows in forward values and backward si
 
 from __future__ import annotations
 
+import io
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
-import mpmath
 import numpy as np
 
+from fpgrad.decimals import decimal_strings
+from fpgrad.diagnosis import diagnose
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.exact import (
@@ -31,9 +32,12 @@ from fpgrad.policy import Plan, format_of
 from fpgrad.precisions import Precision, parse_precisions
 from fpgrad.rounding import round_to
 from fpgrad.scaling import StaticScaler
-from fpgrad.verdicts import VERDICTS, ExactArray, classify
+from fpgrad.verdicts import SUBKINDS, VERDICTS, ExactArray, classify
 
 REFERENCES = ("original", "rounded")
+SCHEMA = "fpgrad.compare/2"
+DEFAULT_ROWS = 60  # element rows shown by default (the rows that matter first)
+_CODE = {v: i for i, v in enumerate(VERDICTS)}
 SIGNAL_COUNTS = ("rounding_zero", "subnormal", "overflow", "structural_zero")
 
 
@@ -72,8 +76,97 @@ def places(net: Network) -> list[Place]:
 
 
 @dataclass
+class Column:
+    """One precision's values of one gradient tensor, columnar (numpy arrays of its shape)."""
+
+    value: np.ndarray  # float64: the computed value
+    code: np.ndarray  # uint8: index of the verdict in fpgrad.verdicts.VERDICTS
+    kind: np.ndarray  # uint8: index of the rounding zero's subkind in fpgrad.verdicts.SUBKINDS
+    rel_err: np.ndarray
+    ulps: np.ndarray
+    digits: np.ndarray
+    #: reference "rounded": this precision's own exact values (else None: the shared ones)
+    exact: ExactArray | None = None
+    exact_digits: np.ndarray | None = None
+    below_normal: float = 0.0  # the format's smallest normal (for the summary table)
+
+
+@dataclass
+class GradColumns:
+    """One parameter's gradient: exact values (hi + lo, zero mask, certified digits) and a
+    :class:`Column` per precision. No Python object per element."""
+
+    param: str
+    shape: tuple[int, ...]
+    exact: ExactArray
+    digits: np.ndarray
+    cols: dict[str, Column]
+    #: decimal strings of chosen elements: (precision or "", flat indices) -> strings
+    _strings: Any = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def exact_strings(self, flat: np.ndarray, precision: str | None = None) -> list[str]:
+        """Decimal strings (all certified digits) of the elements ``flat`` (row-major), made
+        only for those; ``precision``: its own exact values under reference "rounded"."""
+        return self._strings(flat, precision)
+
+    def entry(self, flat: int, precisions: list[str], reference: str) -> dict[str, Any]:
+        """The JSON entry of one element (as ``Comparison.gradients`` lists it)."""
+        return self.entries(np.array([flat]), precisions, reference)[0]
+
+    def entries(
+        self, flat: np.ndarray, precisions: list[str], reference: str
+    ) -> list[dict[str, Any]]:
+        """JSON entries of the elements ``flat``: decimal strings for these only."""
+        flat = np.asarray(flat, dtype=np.int64)
+        exact = self.exact_strings(flat)
+        idx = np.unravel_index(flat, self.shape) if self.shape else ()
+        own = {p: self.exact_strings(flat, p) for p in precisions if reference == "rounded"}
+        names, kinds = np.asarray(VERDICTS, dtype=object), np.asarray(SUBKINDS, dtype=object)
+        cols = {}
+        for p in precisions:
+            c = self.cols[p]
+            cols[p] = (
+                c.value.ravel()[flat].tolist(),
+                names[c.code.ravel()[flat]].tolist(),
+                kinds[c.kind.ravel()[flat]].tolist(),
+                c.rel_err.ravel()[flat].tolist(),
+                c.ulps.ravel()[flat].tolist(),
+                c.digits.ravel()[flat].tolist(),
+            )
+        index = np.stack(idx, axis=1).tolist() if idx else [[] for _ in range(flat.size)]
+        out = []
+        for j in range(flat.size):
+            entry: dict[str, Any] = {"param": self.param, "index": index[j], "exact": exact[j]}
+            for p in precisions:
+                value, verdict, kind, rel, ulps, digits = cols[p]
+                col: dict[str, Any] = {
+                    "value": value[j],
+                    "verdict": verdict[j],
+                    "kind": kind[j] or None,
+                    "rel_err": rel[j],
+                    "ulps": ulps[j],
+                    "digits": digits[j],
+                }
+                if reference == "rounded":
+                    col["exact"] = own[p][j]
+                entry[p] = col
+            out.append(entry)
+        return out
+
+    def counts(self, precision: str) -> np.ndarray:
+        """Verdict counts (in VERDICTS order) of this tensor in ``precision``."""
+        return np.bincount(self.cols[precision].code.ravel(), minlength=len(VERDICTS))
+
+
+@dataclass
 class Comparison:
-    """The result of :func:`compare`; renders as tables (:meth:`render`) or JSON (:meth:`to_json`)."""
+    """The result of :func:`compare`; renders as tables (:meth:`render`) or JSON (:meth:`to_json`,
+    :meth:`write_json`, streaming). Gradients are columnar (:attr:`grads`, one
+    :class:`GradColumns` per parameter); :attr:`gradients` lists one dict per element."""
 
     network: str
     precisions: list[str]
@@ -83,7 +176,7 @@ class Comparison:
     certified_digits: float
     vanishing: int
     loss: dict[str, Any]
-    gradients: list[dict[str, Any]]
+    grads: list[GradColumns]
     summary: dict[str, dict[str, int]]
     attribution: dict[str, dict[str, Any]]
     notes: list[str] = field(default_factory=list)
@@ -92,53 +185,155 @@ class Comparison:
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the exact reference's working and cap bits, undetermined count and escalations
     exact_info: dict[str, Any] = field(default_factory=dict)
+    #: the diagnosis in words (fpgrad.diagnosis): findings and remedies with their commands
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    #: how commands in the findings name the network (the CLI sets the path it was given)
+    source: str = "NET"
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "network": self.network,
+            "reference": self.reference,
+            "exact": {
+                "bits": self.exact_bits,
+                "method": self.exact_method,
+                "certified_digits": self.certified_digits,
+                **self.exact_info,
+                "vanishing_values": self.vanishing,
+            },
+            "precisions": self.precisions,
+            "policies": self.policies,
+            "loss_scale": self.loss_scale,
+            "loss": self.loss,
+            "summary": self.summary,
+            "parameters": self.parameter_summary(),
+            "findings": [_with_source(f, self.source) for f in self.findings],
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(
-            {
-                "schema": "fpgrad.compare/1",
-                "network": self.network,
-                "reference": self.reference,
-                "exact": {
-                    "bits": self.exact_bits,
-                    "method": self.exact_method,
-                    "certified_digits": self.certified_digits,
-                    **self.exact_info,
-                    "vanishing_values": self.vanishing,
-                },
-                "precisions": self.precisions,
-                "policies": self.policies,
-                "loss_scale": self.loss_scale,
-                "loss": self.loss,
-                "summary": self.summary,
-                "gradients": self.gradients,
-                "attribution": self.attribution,
-                "notes": self.notes,
-            }
-        )
+        """Every field, gradients one dict per element (use :meth:`write_json` for large models)."""
+        out = self._head()
+        out["gradients"] = self.gradients
+        out["attribution"] = self.attribution
+        out["notes"] = self.notes
+        return jsonable(out)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        buf = io.StringIO()
+        self.write_json(buf, indent=indent)
+        return buf.getvalue()
 
-    def render(self, max_rows: int | None = None) -> str:
+    def write_json(self, fp: IO[str], indent: int | None = 2, chunk: int = 4096) -> None:
+        """Strict JSON to ``fp``, the gradient entries written ``chunk`` at a time (memory stays
+        bounded by one chunk's dicts and strings)."""
+        head = jsonable(self._head())
+        tail = jsonable({"attribution": self.attribution, "notes": self.notes})
+        text = json.dumps(head, indent=indent, allow_nan=False)
+        fp.write(text[:-1].rstrip() + ",\n" if indent is not None else text[:-1] + ",")
+        pad = " " * (indent or 0)
+        fp.write(f'{pad}"gradients": [' + ("\n" if indent is not None else ""))
+        first = True
+        sep = ",\n" if indent is not None else ","
+        for g in self.grads:
+            for start in range(0, g.size, chunk):
+                flat = np.arange(start, min(start + chunk, g.size))
+                items = []
+                for e in g.entries(flat, self.precisions, self.reference):
+                    try:  # one element per line, by json's C encoder
+                        items.append(json.dumps(e, allow_nan=False))
+                    except ValueError:  # a non-finite value: as the strings "inf", "nan"
+                        items.append(json.dumps(jsonable(e), allow_nan=False))
+                if items:
+                    lead = "" if first else sep
+                    fp.write(lead + pad * 2 + (sep + pad * 2).join(items))
+                    first = False
+        fp.write(("\n" + pad if indent is not None and not first else "") + "],")
+        rest = json.dumps(tail, indent=indent, allow_nan=False)
+        fp.write(("\n" if indent is not None else "") + rest[1:].lstrip("\n") + "\n")
+
+    def render(
+        self,
+        max_rows: int | None = DEFAULT_ROWS,
+        verdicts: list[str] | None = None,
+        param: str | None = None,
+    ) -> str:
+        """Text tables: findings, loss, verdict counts, per-parameter summary, the element rows
+        that matter first (at most ``max_rows``; None or 0: all), where the signal died.
+        ``verdicts``/``param`` filter the element table."""
         from fpgrad.render import render_comparison
 
-        return render_comparison(self, max_rows=max_rows)
+        return render_comparison(self, max_rows=max_rows, verdicts=verdicts, param=param)
+
+    @property
+    def gradients(self) -> list[dict[str, Any]]:
+        """One dict per gradient element (param, index, exact string, per precision: value,
+        verdict, kind, rel_err, ulps, digits): convenient on small models, a Python object per
+        element on large ones (prefer :attr:`grads`)."""
+        return [
+            e
+            for g in self.grads
+            for e in g.entries(np.arange(g.size), self.precisions, self.reference)
+        ]
 
     def counts(self, precision: str) -> dict[str, int]:
         """Verdict counts of the gradient elements in ``precision``."""
         return self.summary[precision]
 
+    def column(self, param: str) -> GradColumns:
+        """The columnar gradient of one parameter."""
+        for g in self.grads:
+            if g.param == param:
+                return g
+        raise InputError(
+            f"unknown parameter {param!r}; parameters: {', '.join(g.param for g in self.grads)}"
+        )
+
     def verdicts(self, param: str, precision: str) -> list[str]:
         """Verdicts of every element of one parameter's gradient, in row-major order."""
-        return [g[precision]["verdict"] for g in self.gradients if g["param"] == param]
+        names = np.asarray(VERDICTS, dtype=object)
+        return names[self.column(param).cols[precision].code.ravel()].tolist()
 
     def gradient(self, param: str, index: tuple[int, ...]) -> dict[str, Any]:
         """The entry of one gradient element (exact string and per-precision columns)."""
-        for g in self.gradients:
-            if g["param"] == param and tuple(g["index"]) == tuple(index):
-                return g
-        raise KeyError(f"{param}{list(index)}")
+        g = self.column(param)
+        try:
+            flat = int(np.ravel_multi_index(tuple(index), g.shape)) if g.shape else 0
+        except ValueError:
+            raise KeyError(f"{param}{list(index)}") from None
+        return g.entry(flat, self.precisions, self.reference)
+
+    def parameter_summary(self) -> list[dict[str, Any]]:
+        """Per parameter and precision: verdict counts, the smallest and largest non-zero exact
+        magnitude, and how many non-zero exact values lie below the format's normal range."""
+        rows = []
+        for g in self.grads:
+            mag = np.abs(g.exact.hi[~g.exact.zero])
+            lo = float(mag.min()) if mag.size else None
+            hi = float(mag.max()) if mag.size else None
+            for p in self.precisions:
+                c = g.cols[p]
+                counts = g.counts(p)
+                rows.append(
+                    {
+                        "param": g.param,
+                        "precision": p,
+                        "size": g.size,
+                        "counts": {v: int(n) for v, n in zip(VERDICTS, counts, strict=True)},
+                        "exact_min": lo,
+                        "exact_max": hi,
+                        "nonzero": int(mag.size),
+                        "below_normal": int(np.sum(mag < c.below_normal)),
+                    }
+                )
+        return rows
+
+
+def _with_source(finding: dict[str, Any], source: str) -> dict[str, Any]:
+    out = dict(finding)
+    if out.get("command"):
+        out["command"] = out["command"].replace("{net}", source)
+    return out
 
 
 def compare(
@@ -150,6 +345,7 @@ def compare(
     loss_scale: float = 1.0,
     exact: ExactResult | None = None,
     exact_max_bits: int = DEFAULT_MAX_BITS,
+    findings: bool = True,
 ) -> Comparison:
     """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
 
@@ -159,6 +355,7 @@ def compare(
     computed, against S times the exact ones. ``exact``: a precomputed
     ``exact_trace(net, exact_bits, allow_uncertified=...)`` of this same network, reused.
     ``exact_max_bits``: the cap of the exact reference's precision escalation.
+    ``findings``: the diagnosis in words (:mod:`fpgrad.diagnosis`; runs the advisor's counts).
     """
     if not isinstance(net, Network):  # a captured torch model (fpgrad.from_module)
         from fpgrad.graph.compare import compare_graph
@@ -197,7 +394,7 @@ def compare(
     certified = min(r.certified_digits for r in (exact, *refs.values()))
     vanishing = max(r.vanishing for r in (exact, *refs.values()))
 
-    loss: dict[str, Any] = {"exact": _Scaled(exact, 1.0).text("loss", ())}
+    loss: dict[str, Any] = {"exact": _Scaled(exact, 1.0).strings("loss", np.zeros(1, int))[0]}
     for p in precs:
         ex = refs[p.name].exact_array("loss")
         v = classify(
@@ -209,8 +406,8 @@ def compare(
             "kind": str(v.subkind[()]) or None,
             "rel_err": float(v.rel_err[()]),
         }
-    gradients = _gradient_entries(net, precs, _Scaled(exact, loss_scale), scaled, traces, reference)
-    summary = {p.name: _summary(gradients, p.name) for p in precs}
+    grads = _gradient_columns(net, precs, _Scaled(exact, loss_scale), scaled, traces, reference)
+    summary = {p.name: _summary(grads, p.name) for p in precs}
     attribution = {p.name: _attribution(net, scaled[p.name], traces[p.name], p) for p in precs}
     policies = {
         p.name: {**plans[p.name].to_dict(), "observed": traces[p.name].ran_in} for p in precs
@@ -232,7 +429,7 @@ def compare(
             f"loss scale {loss_scale:g}: backward values and gradients are those of "
             f"{loss_scale:g} * loss, judged against {loss_scale:g} times the exact ones"
         )
-    return Comparison(
+    result = Comparison(
         network=net.name,
         precisions=[p.name for p in precs],
         reference=reference,
@@ -241,7 +438,7 @@ def compare(
         certified_digits=certified,
         vanishing=vanishing,
         loss=loss,
-        gradients=gradients,
+        grads=grads,
         summary=summary,
         attribution=attribution,
         notes=notes,
@@ -254,6 +451,9 @@ def compare(
             "escalations": exact.escalations,
         },
     )
+    if findings:
+        result.findings = diagnose(result, net, exact, precs)
+    return result
 
 
 def _rounded(net: Network, plan: Plan) -> Network:
@@ -285,75 +485,85 @@ class _Scaled:
             np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero, rad, ex.undetermined
         )
 
-    def text(self, key: str, idx: tuple[int, ...]) -> str:
-        """An exact element as shown: its certified digits, or its bound when it is
-        undetermined (``|e| <= r``)."""
+    def strings(self, key: str, flat: np.ndarray) -> list[str]:
+        """Decimal strings (certified digits) of the elements ``flat`` of ``key``, times S;
+        converts only these elements (integer arithmetic on the fast method's words)."""
+        digits = self.digits[key].ravel()[flat]
+        k = self.k if self.scaled(key) else 0
+        words = self.ref.words(key, flat)
+        if words is not None:
+            out = decimal_strings(np.ldexp(words, k), digits)  # exact: a power of two
+        else:
+            values = self.ref.mp_values(key, flat)
+            out = [
+                decimal_string(v if k == 0 or v == 0 else v.context.ldexp(v, k), float(d))
+                for v, d in zip(values, digits, strict=True)
+            ]
         ex = self.exact_array(key)
-        if ex.undetermined is not None and ex.undetermined[idx]:
+        unknown = ex.undetermined_mask().ravel()[flat]
+        if unknown.any():  # no digit is proven: show the bound |e| <= r
             assert ex.rad is not None
-            return f"|e| <= {ex.rad[idx]:.3g}"
-        digits = float(self.digits[key][idx])
-        if key == "loss":
-            return decimal_string(self.ref.trace.loss, digits)
-        return decimal_string(self.grad_value(key.split("/", 1)[1], idx), digits)
-
-    def grad_value(self, name: str, idx: tuple[int, ...]) -> Any:
-        """The exact gradient element (an mpf), times S."""
-        v = np.asarray(self.ref.trace.grads[name], dtype=object)[idx]
-        if self.k == 0 or v == 0:
-            return v
-        return getattr(v, "context", mpmath.mp).ldexp(v, self.k)
+            rad = ex.rad.ravel()[flat]
+            out = [f"|e| <= {r:.3g}" if u else o for o, u, r in zip(out, unknown, rad, strict=True)]
+        return out
 
 
-def _gradient_entries(
+def _gradient_columns(
     net: Network,
     precs: list[Precision],
     exact: _Scaled,
     refs: dict[str, _Scaled],
     traces: dict[str, Trace],
     reference: str,
-) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
+) -> list[GradColumns]:
+    out: list[GradColumns] = []
     for name in net.params:
         key = f"grads/{name}"
-        shape = np.shape(net.params[name])
-        cols: dict[str, Any] = {}
+        cols: dict[str, Column] = {}
         for p in precs:
-            ref = refs[p.name]
-            ref_ex = ref.exact_array(key)
-            v = classify(
-                ref_ex, traces[p.name].grads[name], p.format_of(key, traces[p.name]), p.mode
+            ref_ex = refs[p.name].exact_array(key)
+            fmt = p.format_of(key, traces[p.name])
+            value = np.asarray(traces[p.name].grads[name], dtype=np.float64)
+            v = classify(ref_ex, value, fmt, p.mode)
+            own = reference == "rounded"
+            cols[p.name] = Column(
+                value,
+                v.code,
+                v.kind,
+                v.rel_err,
+                v.ulps,
+                v.digits,
+                ref_ex if own else None,
+                refs[p.name].digits[key] if own else None,
+                fmt.smallest_normal,
             )
-            cols[p.name] = (traces[p.name].grads[name], v, ref, ref_ex)
-        for idx in np.ndindex(shape):
-            entry: dict[str, Any] = {
-                "param": name,
-                "index": list(idx),
-                "exact": exact.text(key, idx),
-            }
-            for p in precs:
-                values, v, ref, _ = cols[p.name]
-                col: dict[str, Any] = {
-                    "value": float(values[idx]),
-                    "verdict": v.verdict[idx],
-                    "kind": v.subkind[idx] or None,
-                    "rel_err": float(v.rel_err[idx]),
-                    "ulps": float(v.ulps[idx]),
-                    "digits": float(v.digits[idx]),
-                }
-                if reference == "rounded":
-                    col["exact"] = ref.text(key, idx)
-                entry[p.name] = col
-            entries.append(entry)
-    return entries
+
+        def strings(flat: np.ndarray, precision: str | None, key: str = key) -> list[str]:
+            src = exact if precision is None else refs[precision]
+            return src.strings(key, flat)
+
+        out.append(
+            GradColumns(
+                name,
+                tuple(np.shape(net.params[name])),
+                exact.exact_array(key),
+                exact.digits[key],
+                cols,
+                strings,
+            )
+        )
+    return out
 
 
-def _summary(gradients: list[dict[str, Any]], precision: str) -> dict[str, int]:
-    counts = Counter(g[precision]["verdict"] for g in gradients)
-    out = {v: counts.get(v, 0) for v in VERDICTS}
-    kinds = Counter(g[precision]["kind"] for g in gradients if g[precision]["kind"])
-    out["rounding_zero_underflow"] = kinds.get("underflow", 0)
-    out["rounding_zero_lost"] = kinds.get("lost", 0)
+def _summary(grads: list[GradColumns], precision: str) -> dict[str, int]:
+    counts = sum((g.counts(precision) for g in grads), np.zeros(len(VERDICTS), dtype=np.int64))
+    out = {v: int(n) for v, n in zip(VERDICTS, counts, strict=True)}
+    kinds = sum(
+        (np.bincount(g.cols[precision].kind.ravel(), minlength=len(SUBKINDS)) for g in grads),
+        np.zeros(len(SUBKINDS), dtype=np.int64),
+    )
+    out["rounding_zero_underflow"] = int(kinds[SUBKINDS.index("underflow")])
+    out["rounding_zero_lost"] = int(kinds[SUBKINDS.index("lost")])
     return out
 
 
@@ -365,7 +575,7 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
         ex = exact.exact_array(key)
         fmt = p.format_of(key, trace)
         v = classify(ex, getattr(trace, section)[place.layer], fmt, p.mode)
-        verdicts = v.verdict
+        code = v.code
         row = {
             "layer": place.layer,
             "kind": place.kind,
@@ -373,11 +583,11 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
             "quantity": place.quantity,
             "op": place.op,
             "format": fmt.name,
-            "size": int(verdicts.size),
-            "rounding_zero": int(np.sum(verdicts == "rounding_zero")),
-            "subnormal": int(np.sum(verdicts == "subnormal")),
-            "overflow": int(np.sum((verdicts == "overflow") | (verdicts == "nan"))),
-            "structural_zero": int(np.sum(verdicts == "structural_zero")),
+            "size": int(code.size),
+            "rounding_zero": int(np.sum(code == _CODE["rounding_zero"])),
+            "subnormal": int(np.sum(code == _CODE["subnormal"])),
+            "overflow": int(np.sum((code == _CODE["overflow"]) | (code == _CODE["nan"]))),
+            "structural_zero": int(np.sum(code == _CODE["structural_zero"])),
             "exact_subnormal_range": int(np.sum(~ex.zero & (np.abs(ex.hi) < fmt.smallest_normal))),
         }
         rows.append(row)

@@ -145,3 +145,28 @@ def detect_divergence(
 
 def first_overflow(nonfinite: list[bool]) -> int | None:
     return next((t for t, bad in enumerate(nonfinite) if bad), None)
+
+
+def detect_diverged(params: list[np.ndarray]) -> dict[str, Any]:
+    """The first step whose parameters hold NaN or inf: the run diverged there, and stall,
+    fixed point, limit cycle, loss floor and a stable twin mean nothing after it."""
+    for t, p in enumerate(params):
+        if not np.all(np.isfinite(p)):
+            return {"detected": True, "step": t}
+    return {"detected": False}
+
+
+def without_false_calm(detectors: dict[str, Any]) -> dict[str, Any]:
+    """``detectors`` of a diverged run with stall, loss floor and limit cycle withdrawn (a NaN
+    state repeats bit for bit, a NaN loss is flat) and the twin's verdict ``diverged``."""
+    div = detectors.get("diverged", {})
+    if not div.get("detected"):
+        return detectors
+    why = {"detected": False, "reason": f"diverged at step {div['step']}"}
+    out = {**detectors, "stall": why, "loss_floor": why, "limit_cycle": why}
+    if "twin" in detectors.get("divergence", {}):
+        out["divergence"] = {
+            **detectors["divergence"],
+            "twin": {**detectors["divergence"]["twin"], "verdict": "diverged"},
+        }
+    return out

@@ -28,6 +28,7 @@ What a result claims, per element (:meth:`ExactResult.zero`, :meth:`ExactResult.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -112,9 +113,7 @@ class ExactResult:
 
     def _to_mpf(self, value: Any) -> Any:
         if isinstance(value, Ball):
-            ctx = mpmath.MPContext()
-            ctx.prec = 53 * value.mid.shape[0] + 64
-            return expansion.to_mpf(value.mid, ctx)
+            return expansion.to_mpf(value.mid, _mp_context(value.mid.shape[0]))
         return arbmod.to_mpf(value, self.bits)
 
     def keys(self) -> list[str]:
@@ -151,6 +150,25 @@ class ExactResult:
             lo = np.where(zero | und, 0.0, lo)
             self._arrays[key] = ExactArray(hi, lo, zero, self.radii[key], und)
         return self._arrays[key]
+
+    def words(self, key: str, flat: np.ndarray) -> np.ndarray | None:
+        """The fast method's midpoint words (k, len(flat)) of the elements ``flat`` of ``key``,
+        whose exact sums are the values; None for Arb balls."""
+        value = self.values[key]
+        if not isinstance(value, Ball):
+            return None
+        mid = value.mid
+        return mid.reshape(mid.shape[0], -1)[:, np.asarray(flat, dtype=np.int64)]
+
+    def mp_values(self, key: str, flat: np.ndarray) -> np.ndarray:
+        """The elements ``flat`` (row-major indices) of ``key`` as mpf objects (exactly the
+        midpoints), converting only those."""
+        value = self.values[key]
+        idx = np.asarray(flat, dtype=np.int64)
+        if isinstance(value, Ball):
+            words = value.mid.reshape(value.mid.shape[0], -1)[:, idx]
+            return expansion.to_mpf(words, _mp_context(value.mid.shape[0]))
+        return arbmod.to_mpf(np.asarray(value, dtype=object).reshape(-1)[idx], self.bits)
 
     def nonzero(self, value: Any) -> np.ndarray:
         """Mask of the elements of a value of this result's system (any intermediate) that
@@ -488,6 +506,14 @@ def _items(trace: Trace) -> Iterator[tuple[str, Any, Any]]:
         mapping = getattr(trace, section)
         for name in mapping:
             yield f"{section}/{name}", mapping[name], setter_for(mapping, name)
+
+
+@functools.cache
+def _mp_context(words: int) -> mpmath.ctx_mp.MPContext:
+    """An mpmath context that holds the sum of ``words`` float64 words exactly."""
+    ctx = mpmath.MPContext()
+    ctx.prec = 53 * words + 64
+    return ctx
 
 
 def _map_trace(src: Trace, fn: Any) -> Trace:

@@ -245,8 +245,10 @@ def _same(a: float, b: float) -> bool:
     )
 
 
-def _describe(fmt: Format, exact: Value, x64: float) -> dict[str, Any]:
-    r = round_exact(exact, fmt)
+def _describe(
+    fmt: Format, exact: Value, x64: float, mode: Mode = Mode.NEAREST_EVEN
+) -> dict[str, Any]:
+    r = round_exact(exact, fmt, mode)
     finite_in = not (isinstance(exact, float) and not math.isfinite(exact))
     ex = Fraction(exact) if finite_in else None
     notes: list[str] = []
@@ -290,8 +292,12 @@ def _describe(fmt: Format, exact: Value, x64: float) -> dict[str, Any]:
         out["lost_addend_down"] = down
     else:
         out["lost_addend_up"] = out["lost_addend_down"] = None
-    if ex is not None:
+    if ex is not None and mode == Mode.NEAREST_EVEN:
         notes.extend(_notes(fmt, ex, r, x64))
+    elif ex is not None:
+        nearest = round_exact(ex, fmt)
+        if not _same(nearest, r):
+            notes.append(f"rounding {mode.value} gives {r!r}; nearest-even would give {nearest!r}")
     out["notes"] = notes
     return out
 
@@ -360,8 +366,15 @@ def _notes(fmt: Format, ex: Fraction, r: float, x64: float) -> list[str]:
     return notes
 
 
-def explain(value: str | float, formats: list[str] | None = None) -> dict[str, Any]:
-    """How the exact ``value`` rounds (nearest-even) into each format; strict-JSON-ready.
+def explain(
+    value: str | float,
+    formats: list[str] | None = None,
+    mode: str = "nearest_even",
+    other: str | float | None = None,
+) -> dict[str, Any]:
+    """How the exact ``value`` rounds (in rounding ``mode``, nearest-even by default) into each
+    format; strict-JSON-ready. With ``other`` (a second value b), also ``pair``: per format
+    what ``a + b`` (swamping) and ``a * b`` (underflow) give (:func:`pair`).
 
     Keys: ``input``, ``exact`` (decimal digits, '...' when truncated), ``exact_fraction``,
     ``float64`` (the nearest float64) and ``float64_exact``, and ``formats``: per format
@@ -374,6 +387,7 @@ def explain(value: str | float, formats: list[str] | None = None) -> dict[str, A
     just below that half; the gap below a power of two is half the gap above), and ``notes``.
     """
     exact = parse_value(value)
+    m = _deterministic(mode)
     x64 = round_exact(exact, "float64")  # the float64 nearest to the input
     names = list(formats) if formats else list(DEFAULT_FORMATS)
     fmts = [get_format(n) for n in names]
@@ -386,9 +400,85 @@ def explain(value: str | float, formats: list[str] | None = None) -> dict[str, A
         "exact_fraction": fraction,
         "float64": x64,
         "float64_exact": not isinstance(exact, Fraction) or _float64_holds(exact, x64),
-        "formats": [_describe(f, exact, x64) for f in fmts],
+        "mode": m.value,
+        "formats": [_describe(f, exact, x64, m) for f in fmts],
     }
+    if other is not None:
+        result["pair"] = pair(value, other, names, m.value)
     return jsonable(result)
+
+
+def _deterministic(mode: str) -> Mode:
+    from fpgrad.rounding import parse_mode
+
+    m = parse_mode(mode)
+    if m in (Mode.STOCHASTIC, Mode.STOCHASTIC_EQUAL):
+        raise InputError(
+            f"--mode {m.value}: explain rounds one value once; stochastic modes have no single "
+            "result (use a deterministic mode: nearest_even, toward_zero, up, down, ...)"
+        )
+    return m
+
+
+def pair(
+    a: str | float, b: str | float, formats: list[str], mode: str = "nearest_even"
+) -> list[dict[str, Any]]:
+    """Per format: ``a`` and ``b`` rounded into it, then ``a + b`` and ``a * b`` computed as a
+    machine of that format does (the exact result of the rounded operands, rounded once), next
+    to the exact results, with what happened: ``swamped`` (b != 0 is lost: the sum is the
+    rounded a), ``underflow`` (a non-zero product rounds to 0), ``subnormal``, ``overflow``,
+    ``ok``.
+
+    >>> [(p["format"], p["sum"]["what"]) for p in pair("1", "2**-12", ["float16", "float32"])]
+    [('float16', 'swamped'), ('float32', 'ok')]
+    """
+    m = _deterministic(mode)
+    ea, eb = parse_value(a), parse_value(b)
+    if not all(isinstance(v, Fraction) for v in (ea, eb)):
+        raise InputError("the values of a + b and a * b must be finite numbers")
+    out = []
+    for name in formats:
+        fmt = get_format(name)
+        ra, rb = round_exact(ea, fmt, m), round_exact(eb, fmt, m)
+        row: dict[str, Any] = {"format": fmt.name, "a": ra, "b": rb}
+        for op, exact_value in (("sum", ea + eb), ("product", ea * eb)):
+            if math.isfinite(ra) and math.isfinite(rb):
+                inputs = Fraction(ra) + Fraction(rb) if op == "sum" else Fraction(ra) * Fraction(rb)
+                r = round_exact(inputs, fmt, m)
+            else:
+                r = ra + rb if op == "sum" else ra * rb
+            row[op] = {
+                "value": r,
+                "exact": exact_decimal(exact_value, 20),
+                "what": _what(op, fmt, r, ra, rb, exact_value),
+            }
+        out.append(row)
+    return out
+
+
+def _what(op: str, fmt: Format, r: float, ra: float, rb: float, exact: Fraction) -> str:
+    if math.isnan(r) or math.isinf(r):
+        return "overflow" if not math.isnan(r) or math.isfinite(ra) else "nan"
+    if op == "sum" and rb != 0 and r == ra:
+        return "swamped"
+    if exact != 0 and r == 0:
+        return "underflow"
+    if r != 0 and abs(r) < fmt.smallest_normal:
+        return "subnormal"
+    return "ok"
+
+
+#: plain-language notes printed under explain's tables
+GLOSSARY = (
+    "ulp: the gap between a value and its neighbour in the format (unit in the last place); "
+    "nearest rounding errs by at most half an ulp",
+    "binade: the values between two powers of two, [2^e, 2^(e+1)); inside one the ulp is "
+    "constant, and it doubles at the next",
+    "subnormal: below the smallest normal the exponent cannot shrink further, so significant "
+    "bits are lost one by one until the value underflows to 0",
+    "lost addend: the largest t for which x + t rounds back to x; an update smaller than that "
+    "is swamped (w + lr*g == w)",
+)
 
 
 def _float64_holds(exact: Fraction, x64: float) -> bool:
@@ -430,4 +520,30 @@ def render_explain(result: dict[str, Any]) -> str:
     heads += ["abs err", "rel err", "ulp", "lost addend"]
     table = tabulate(rows, headers=heads, tablefmt="github", disable_numparse=True)
     notes = [f"  {f['format']}: {n}" for f in result["formats"] for n in f["notes"]]
-    return "\n".join(head + ["", table] + (["", "notes:"] + notes if notes else []))
+    lines = head + ["", table] + (["", "notes:"] + notes if notes else [])
+    if result.get("mode", "nearest_even") != "nearest_even":
+        lines.insert(3, f"mode     {result['mode']}")
+    if result.get("pair"):
+        rows = [
+            [
+                p["format"],
+                _num(p["a"]),
+                _num(p["b"]),
+                f"{_num(p['sum']['value'])} ({p['sum']['what']})",
+                f"{_num(p['product']['value'])} ({p['product']['what']})",
+            ]
+            for p in result["pair"]
+        ]
+        first = result["pair"][0]
+        lines += [
+            "",
+            f"a + b and a * b (exact: {first['sum']['exact']} and {first['product']['exact']}), "
+            "the rounded operands computed exactly and rounded once",
+            tabulate(
+                rows,
+                headers=["format", "a", "b", "a + b", "a * b"],
+                tablefmt="github",
+                disable_numparse=True,
+            ),
+        ]
+    return "\n".join(lines + ["", *(f"{g}" for g in GLOSSARY)])

@@ -249,5 +249,8 @@ def get_format(name: str) -> Format:
     match = _CUSTOM.match(key)
     if match:
         return Format(key, int(match.group(1)), int(match.group(2)))
+    from fpgrad.suggest import did_you_mean
+
     known = ", ".join(list(CATALOGUE) + ["eXmY"])
-    raise InputError(f"unknown format {name!r}; known formats: {known}")
+    hint = did_you_mean(key, [*CATALOGUE, *ALIASES])
+    raise InputError(f"unknown format {name!r}{hint}; known formats: {known}")

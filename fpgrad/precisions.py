@@ -158,7 +158,10 @@ def get_precision(name: str, policies: dict[str, Policy] | None = None) -> Preci
     except InputError as exc:
         if _CUSTOM.match(parts[0]):  # a custom eXmY out of range: say which field
             raise InputError(f"precision {name!r}: {exc}") from None
-        raise InputError(f"unknown precision {name!r}; {_known()}") from None
+        from fpgrad.suggest import did_you_mean
+
+        hint = did_you_mean(parts[0], [*CATALOGUE, *BUILTIN, *(policies or {}), "exact"])
+        raise InputError(f"unknown precision {name!r}{hint}; {_known()}") from None
     qualifiers = parts[1:]
     if not qualifiers and fmt.name in NATIVE:
         return Precision(fmt.name, fmt, "native", _native_runner)

@@ -33,8 +33,9 @@ from fpgrad.optim import ArithOptimizer, OptimConfig, TorchOptimizer
 from fpgrad.policy import BUILTIN, Plan, Policy, get_policy
 from fpgrad.rounding import round_to
 from fpgrad.scaling import DynamicScaler, StaticScaler
+from fpgrad.suggest import did_you_mean
 from fpgrad.torch_native import TorchModel, one_torch_thread
-from fpgrad.verdicts import classify
+from fpgrad.verdicts import VERDICTS, classify
 
 POLICIES = ("master", "scale=S", "dynamic", "sr", "kahan")
 
@@ -101,7 +102,8 @@ def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
             kw["loss_scale"] = scale
         else:
             raise InputError(
-                f"run {text!r}: unknown policy {policy!r}; known: +{', +'.join(POLICIES)}"
+                f"run {text!r}: unknown policy {policy!r}{did_you_mean(policy, POLICIES)}; "
+                f"known: +{', +'.join(POLICIES)}"
             )
     if named is not None and kw.get("master"):
         raise InputError(
@@ -691,8 +693,10 @@ def exact_gradient_counts(
     counts: dict[str, int] = {}
     for k, g in grads.items():
         v = classify(exact.exact_array(f"grads/{k}"), g, fmt)
-        for name in v.verdict.ravel():
-            counts[name] = counts.get(name, 0) + 1
+        found = np.bincount(v.code.ravel(), minlength=len(VERDICTS))
+        for name, n in zip(VERDICTS, found.tolist(), strict=True):
+            if n:
+                counts[name] = counts.get(name, 0) + n
     return counts
 
 
@@ -828,10 +832,12 @@ def _train(
 ) -> TrainResult:
     from fpgrad.dynamics import (
         detect_cycle,
+        detect_diverged,
         detect_divergence,
         detect_loss_floor,
         detect_stall,
         relative_distance,
+        without_false_calm,
     )
     from fpgrad.exact import MIN_BITS
 
@@ -848,6 +854,7 @@ def _train(
         return (EmulatedRun if s.emulated else TorchRun)(net, s, cfg, seed, perturb=twin)
 
     torch_runs = {s.label: make(s) for s in specs}
+    spec_of = {s.label: s for s in specs}
     twins = {s.label: make(s, twin=True) for s in specs} if perturb else {}
     exact, digits, exact_method = exact_trajectory(
         net, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
@@ -886,9 +893,11 @@ def _train(
             "loss_floor": detect_loss_floor(h.loss, exact.history.loss),
             "limit_cycle": detect_cycle(h.state_hash),
             "divergence": detect_divergence(distance[label], twin_sep),
-            "first_overflow": h.overflow_place,
+            "first_overflow": _with_cause(h.overflow_place, cfg, spec_of[label]),
             "swamped_fraction": _swamped_fraction(h),
+            "diverged": detect_diverged(h.params),
         }
+        detectors[label] = without_false_calm(detectors[label])
     config = {
         "steps": steps,
         "optimizer": cfg.__dict__,
@@ -911,6 +920,44 @@ def _train(
         notes,
         {s.label: _plan_dict(net, s) for s in specs},
     )
+
+
+def _with_cause(
+    place: dict[str, Any] | None, cfg: OptimConfig, spec: RunSpec
+) -> dict[str, Any] | None:
+    """The first non-finite value with the optimizer cause that explains it, if one does:
+    Adam's eps rounding to 0 in the format of the optimizer state (then a zero second moment
+    gives 0/0), or the second moment ``(1 - beta2) g^2`` underflowing (then the step is m/eps),
+    each with its fix; else an update that overflowed the format."""
+    if place is None:
+        return None
+    from fpgrad.policy import format_of
+    from fpgrad.rounding import round_to
+
+    state = "float32" if spec.master else spec.precision
+    try:
+        fmt = format_of(state)
+    except InputError:
+        return place
+    fix = "keep the optimizer state in float32 (+master) or raise eps"
+    if cfg.name == "adam":
+        if float(round_to(np.array([cfg.eps]), fmt)[0]) == 0:
+            cause = (
+                f"Adam's eps = {cfg.eps:g} rounds to 0 in {fmt.name}: where the second moment "
+                f"is 0, m / (sqrt(v) + eps) is 0/0 = NaN; fix: {fix}"
+            )
+        else:
+            g_min = math.sqrt(fmt.smallest_subnormal / 2 / (1 - cfg.beta2))
+            cause = (
+                f"in {fmt.name} Adam's second moment (1 - beta2) g^2 underflows for |g| < "
+                f"{g_min:.2g}, and then the step m / eps can overflow; fix: {fix}"
+            )
+    else:
+        cause = (
+            f"an update lr * g or a parameter overflowed {fmt.name} (largest {fmt.max:g}); "
+            "fix: a smaller learning rate or a loss scale that leaves headroom"
+        )
+    return {**place, "cause": cause}
 
 
 def _plan_dict(net: Network, spec: RunSpec) -> dict[str, Any]:

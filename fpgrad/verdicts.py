@@ -15,11 +15,19 @@ results are measured against more than float64 precision.
 | subnormal | non-zero, below the format's smallest normal |
 | undetermined | the exact value's enclosure still contains 0 at the precision cap: its |
 |              | sign is unknown (bound: abs(e) <= rad); never judged as a zero or a value |
+| inaccurate | normal, right sign, relative error above ``sqrt(u)`` (u: the unit roundoff) |
 | ok | with relative error, error in ulps of the format at e, correct digits |
+
+``inaccurate``: rounding explains relative errors of a small multiple of ``u = 2**-p`` (p the
+format's precision in bits: half an ulp per correctly rounded operation, a few per chain of
+them). An error above ``sqrt(u)`` (float16: 2**-5.5, 2.2%; bfloat16: 2**-4, 6.25%; float32:
+2**-12) means at least half of the format's significant bits are wrong, which no plausible
+number of roundings of that size explains: cancellation, an absorbed addend or a lost term did.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,8 +44,22 @@ VERDICTS = (
     "nan",
     "wrong_sign",
     "spurious_nonzero",
+    "inaccurate",
     "undetermined",
 )
+#: subkinds of a rounding zero (codes 1, 2 of :attr:`Verdicts.kind`; 0: none)
+SUBKINDS = ("", "underflow", "lost")
+
+
+def inaccurate_threshold(fmt: Format) -> float:
+    """Relative error above which a normal value of the right sign is ``inaccurate``:
+    ``sqrt(u)`` with ``u = 2**-(man_bits + 1)`` the unit roundoff (see the module docstring).
+
+    >>> from fpgrad.formats import get_format
+    >>> inaccurate_threshold(get_format("bfloat16"))
+    0.0625
+    """
+    return math.ldexp(1.0, -(fmt.man_bits + 1)) ** 0.5
 
 
 @dataclass
@@ -81,6 +103,8 @@ class Verdicts:
     rel_err: np.ndarray
     ulps: np.ndarray
     digits: np.ndarray
+    code: np.ndarray | None = None  # uint8: index of the verdict in VERDICTS
+    kind: np.ndarray | None = None  # uint8: index of the subkind in SUBKINDS
 
 
 def exact_exponent(ex: ExactArray) -> np.ndarray:
@@ -154,14 +178,18 @@ def classify(
         (~ex.zero & zero_c, "rounding_zero"),
         (sign_differs, "wrong_sign"),
         (finite & ~zero_c & (np.abs(c) < fmt.smallest_normal), "subnormal"),
+        (finite & ~zero_c & (rel > inaccurate_threshold(fmt)), "inaccurate"),
     ]
     assigned = np.zeros(shape, dtype=bool)
+    code = np.full(shape, VERDICTS.index("ok"), dtype=np.uint8)
     for mask, name in rules:
         take = mask & ~assigned
         verdict[take] = name
+        code[take] = VERDICTS.index(name)
         assigned |= take
-    rz = verdict == "rounding_zero"
+    rz = code == VERDICTS.index("rounding_zero")
     under = underflows(ex, fmt, mode)
     subkind[rz & under] = "underflow"
     subkind[rz & ~under] = "lost"
-    return Verdicts(verdict, subkind, rel, ulps, digits)
+    kind = np.where(rz, np.where(under, 1, 2), 0).astype(np.uint8)
+    return Verdicts(verdict, subkind, rel, ulps, digits, code, kind)

@@ -157,7 +157,10 @@ def test_ulp() -> None:
 
 
 def test_bad_names_and_fields() -> None:
-    with pytest.raises(InputError, match=r"unknown format 'float17'; known formats: float16, "):
+    with pytest.raises(
+        InputError,
+        match=r"unknown format 'float17' \(did you mean 'float16'\?\); known formats: float16, ",
+    ):
         get_format("float17")
     with pytest.raises(InputError, match="eXmY"):
         get_format("fp4")

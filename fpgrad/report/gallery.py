@@ -14,6 +14,8 @@ from pathlib import Path
 
 from fpgrad import scenarios
 from fpgrad.errors import InputError
+from fpgrad.report.markdown import escape_cell
+from fpgrad.report.outdir import check_out_dir
 from fpgrad.scenarios.base import ScenarioResult
 
 
@@ -29,13 +31,7 @@ def _names(only: str | None) -> list[str]:
 
 
 def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".fpgrad-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"cannot write to output directory {str(out)!r}: {exc.strerror}") from None
+    check_out_dir(out)
 
 
 def write_reports(
@@ -91,7 +87,7 @@ def _index_md(results: list[tuple[str, ScenarioResult | None, str]]) -> str:
     for name, result, error in results:
         claim = result.claim if result else ""
         verdict = f"**{_status(result)}**: " + (result.verdict if result else error)
-        lines.append(f"| [{name}]({name}.md) | {claim} | {verdict} |")
+        lines.append(f"| [{name}]({name}.md) | {escape_cell(claim)} | {escape_cell(verdict)} |")
     return (
         "\n".join(lines) + "\n\nOpen index.html in a browser for the reports with their figures.\n"
     )

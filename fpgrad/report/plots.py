@@ -24,6 +24,7 @@ _MARKERS = {
     "nan": "v",
     "wrong_sign": "D",
     "spurious_nonzero": "+",
+    "inaccurate": "*",
     "undetermined": "?",
 }
 
@@ -37,22 +38,31 @@ def save_png(fig: plt.Figure, path: Path) -> None:
 def gradient_magnitudes(c: Comparison, path: Path) -> None:
     """log2 |exact gradient| per element, one row per precision, marked by verdict,
     with each format's smallest subnormal and smallest normal drawn."""
+    import numpy as np
+
+    from fpgrad.verdicts import VERDICTS
+
     precs = c.precisions
-    mags = [math.log2(abs(float(g["exact"]))) for g in c.gradients if float(g["exact"]) != 0]
-    low = min([*mags, math.log2(get_format("float16").smallest_subnormal)]) - 3
-    high = max([*mags, 0.0]) + 3
+    nonzero = [~g.exact.zero.ravel() for g in c.grads]
+    mags = np.concatenate(
+        [np.log2(np.abs(g.exact.hi.ravel()[nz])) for g, nz in zip(c.grads, nonzero, strict=True)]
+        or [np.zeros(0)]
+    )
+    f16_tiny = math.log2(get_format("float16").smallest_subnormal)
+    low = min(float(mags.min()) if mags.size else f16_tiny, f16_tiny) - 3
+    high = max(float(mags.max()) if mags.size else 0.0, 0.0) + 3
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(precs)))
     for row, p in enumerate(precs):
+        codes = np.concatenate(
+            [g.cols[p].code.ravel()[nz] for g, nz in zip(c.grads, nonzero, strict=True)]
+            or [np.zeros(0, dtype=np.uint8)]
+        )
         for verdict, marker in _MARKERS.items():
-            xs = [
-                math.log2(abs(float(g["exact"])))
-                for g in c.gradients
-                if g[p]["verdict"] == verdict and float(g["exact"]) != 0
-            ]
-            if xs:
+            xs = mags[codes == VERDICTS.index(verdict)]
+            if xs.size:
                 ax.scatter(
                     xs,
-                    [row] * len(xs),
+                    [row] * xs.size,
                     marker=marker,
                     label=verdict,
                     color=f"C{list(_MARKERS).index(verdict)}",

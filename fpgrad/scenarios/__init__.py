@@ -37,5 +37,10 @@ def available() -> list[str]:
 def get(name: str) -> ModuleType:
     """The scenario module ``name``, imported on demand (a broken module fails only itself)."""
     if name not in NAMES:
-        raise InputError(f"unknown scenario {name!r}; known: {', '.join(NAMES)} (see fpgrad list)")
+        from fpgrad.suggest import did_you_mean
+
+        raise InputError(
+            f"unknown scenario {name!r}{did_you_mean(name, NAMES)}; known: {', '.join(NAMES)} "
+            "(see fpgrad list)"
+        )
     return importlib.import_module(f"fpgrad.scenarios.{name}")

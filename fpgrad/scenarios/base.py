@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
+from fpgrad.report.markdown import md_table
 
 Figure = Callable[[Path], None]
 
@@ -32,7 +32,7 @@ class Section:
         if self.text:
             parts += [self.text, ""]
         if self.rows is not None:
-            parts += [tabulate(self.rows, headers=self.headers or [], tablefmt="github"), ""]
+            parts += [md_table(self.rows, self.headers or []), ""]
         if self.figure:
             parts += [f"![{self.title}]({self.figure})", ""]
         return "\n".join(parts)

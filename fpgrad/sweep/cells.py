@@ -26,6 +26,7 @@ COUNTS = (
     "nan",
     "wrong_sign",
     "spurious_nonzero",
+    "inaccurate",
     "undetermined",
 )
 #: options of each task (``sweep(..., **options)``) and their defaults
@@ -169,6 +170,7 @@ def _run_compare(job: CellJob) -> dict[str, Any]:
         allow_uncertified=opts["allow_uncertified"],
         loss_scale=axes.get("loss_scale", 1.0),
         exact=_exact_for(job, net),
+        findings=False,  # a cell's record keeps counts, not the diagnosis in words
     )
     first = c.attribution[precision]["first_rounding_zero_backward"]
     return {

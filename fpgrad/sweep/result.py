@@ -215,6 +215,7 @@ def _num(x: Any) -> float:
 
 _GROUPS = (  # (label, verdicts, colour) in stacking order
     ("ok", ("ok",), "#4daf4a"),
+    ("inaccurate", ("inaccurate",), "#a6d96a"),
     ("structural_zero", ("structural_zero",), "#bdbdbd"),
     ("subnormal", ("subnormal",), "#ffbf00"),
     ("rounding_zero (underflow)", ("rounding_zero_underflow",), "#b2182b"),
