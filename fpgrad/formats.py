@@ -237,7 +237,7 @@ ALIASES: dict[str, str] = {
 #: The formats torch computes in natively on this CPU.
 NATIVE = ("float16", "bfloat16", "float32", "float64")
 
-_CUSTOM = re.compile(r"^e(\d+)m(\d+)$")
+_CUSTOM = re.compile(r"^e(\d{1,4})m(\d{1,4})$")  # more digits are out of range anyway
 
 
 def get_format(name: str) -> Format:
@@ -250,4 +250,5 @@ def get_format(name: str) -> Format:
     if match:
         return Format(key, int(match.group(1)), int(match.group(2)))
     known = ", ".join(list(CATALOGUE) + ["eXmY"])
-    raise InputError(f"unknown format {name!r}; known formats: {known}")
+    shown = name if len(name) <= 40 else name[:40] + "..."
+    raise InputError(f"unknown format {shown!r}; known formats: {known}")
