@@ -238,6 +238,8 @@ def _sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    for note in result.notes:  # damaged lines of cells.jsonl, skipped
+        print(f"fpgrad: warning: {note}", file=sys.stderr)
     print(result.to_json() if args.json else result.render())
     print(summary_line(result), file=sys.stderr)
     return result.exit_code

@@ -52,7 +52,9 @@ def _out_dir(value: str, option: str) -> None:
         raise InputError(f"{option} is empty; name a directory")
     path = Path(value)
     if path.exists() and not path.is_dir():
-        raise InputError(f"{option} {value!r} is an existing file, not a directory; name a directory")
+        raise InputError(
+            f"{option} {value!r} is an existing file, not a directory; name a directory"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -83,8 +85,11 @@ def check_args(args: argparse.Namespace) -> None:
         return getattr(args, name, None)
 
     cmd = opt("command")
-    if isinstance(opt("exact_bits"), int):
-        check_int(opt("exact_bits"), "--exact-bits", 64, MAX_EXACT_BITS)
+    if isinstance(opt("exact_bits"), int) and opt("exact_bits") > MAX_EXACT_BITS:
+        raise InputError(
+            f"--exact-bits {opt('exact_bits')} is too high: use at most {MAX_EXACT_BITS} "
+            "(the exact reference's cost grows with its bits)"
+        )
     if isinstance(opt("steps"), int):
         check_int(opt("steps"), "--steps", 1, MAX_STEPS)
     for name in ("batch_size", "verdict_every"):

@@ -241,7 +241,9 @@ def _leaf(path: str, mod: Any, index: int, params: dict[str, Any] | None = None)
     if cls in ("ReLU", "Sigmoid", "Tanh"):
         return _Entry(path, cls, cls.lower())
     if cls == "LeakyReLU":
-        return _Entry(path, cls, "leaky_relu", slope=_real(mod.negative_slope, f"{at}: negative_slope"))
+        return _Entry(
+            path, cls, "leaky_relu", slope=_real(mod.negative_slope, f"{at}: negative_slope")
+        )
     if cls in ("Softmax", "LogSoftmax"):
         _check_dim(mod.dim, at)
         return _Entry(path, cls, "softmax" if cls == "Softmax" else "log_softmax")

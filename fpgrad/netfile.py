@@ -89,9 +89,7 @@ def parse_network(
         )
     seed = doc.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise InputError(
-            f"{where}: seed must be a non-negative integer below 2**63 (got {seed!r})"
-        )
+        raise InputError(f"{where}: seed must be a non-negative integer below 2**63 (got {seed!r})")
     if "data" not in doc:
         raise InputError(f"{where}: missing [data] table with x and y")
     x, y = _parse_data(doc["data"], base or Path("."), where)
@@ -102,7 +100,9 @@ def parse_network(
 
     if len(layers_doc) > MAX_LAYERS:
         raise InputError(f"{where}: {len(layers_doc)} layers, above the limit of {MAX_LAYERS}")
-    if not any(isinstance(s, dict) and s.get("type") in ("dense", "batch_norm") for s in layers_doc):
+    if not any(
+        isinstance(s, dict) and s.get("type") in ("dense", "batch_norm") for s in layers_doc
+    ):
         raise InputError(
             f'{where}: the network has no parameter; add a [[layer]] with type = "dense"'
         )

@@ -263,9 +263,7 @@ def check_int(value: Any, what: str, low: int, high: int) -> int:
     return int(value)
 
 
-def check_float(
-    value: Any, what: str, low: float, high: float, *, open_low: bool = False
-) -> float:
+def check_float(value: Any, what: str, low: float, high: float, *, open_low: bool = False) -> float:
     """A finite number in [low, high] (or (low, high] with ``open_low``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise InputError(f"{what} must be a number (got {value!r})")
