@@ -47,7 +47,8 @@ def join_negative_values(argv: list[str]) -> list[str]:
 
 
 def _out_dir(value: str, option: str) -> None:
-    """An output directory that exists or can be made, and can be written."""
+    """An output directory that exists, or whose nearest existing ancestor is a directory that
+    can be written (nothing is created here: a refused command leaves no trace)."""
     if not value.strip():
         raise InputError(f"{option} is empty; name a directory")
     path = Path(value)
@@ -55,12 +56,13 @@ def _out_dir(value: str, option: str) -> None:
         raise InputError(
             f"{option} {value!r} is an existing file, not a directory; name a directory"
         )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create {option} directory {value!r}: {exc.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"{option} directory {value!r} is not writable; choose another")
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot create {option} directory {value!r}: {str(probe)!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{option} directory {value!r} cannot be written; choose another")
 
 
 def _out_file(value: str, option: str) -> None:
