@@ -46,9 +46,10 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _out_dir(value: str, option: str) -> None:
+def _out_dir(value: str, option: str, create: bool = False) -> None:
     """An output directory that exists, or whose nearest existing ancestor is a directory that
-    can be written (nothing is created here: a refused command leaves no trace)."""
+    can be written; made now with ``create`` (a sweep makes its own after its checks, so that
+    a refused sweep leaves no trace)."""
     if not value.strip():
         raise InputError(f"{option} is empty; name a directory")
     path = Path(value)
@@ -63,6 +64,13 @@ def _out_dir(value: str, option: str) -> None:
         raise InputError(f"cannot create {option} directory {value!r}: {str(probe)!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"{option} directory {value!r} cannot be written; choose another")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(
+                f"cannot create {option} directory {value!r}: {exc.strerror}; choose another"
+            ) from None
 
 
 def _out_file(value: str, option: str) -> None:
@@ -115,7 +123,7 @@ def check_args(args: argparse.Namespace) -> None:
     if isinstance(opt("loss_scale"), float):
         check_float(opt("loss_scale"), "--loss-scale", 0.0, 2.0**1000, open_low=True)
     if cmd in ("train", "sweep", "report") and isinstance(opt("out"), str):
-        _out_dir(opt("out"), "--out")
+        _out_dir(opt("out"), "--out", create=cmd != "sweep")
     if cmd == "import" and isinstance(opt("out"), str):
         _out_file(opt("out"), "--out")
     if cmd == "report" and opt("only") is not None:
