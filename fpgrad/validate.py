@@ -26,7 +26,7 @@ else:  # pragma: no cover
 #: bytes of a network, model or data file (a larger one is refused before it is read)
 MAX_FILE_BYTES = 512 * 2**20
 #: numbers in one network: parameters plus data, all arrays together
-MAX_ELEMENTS = 2 * 10**6
+MAX_ELEMENTS = 10**6
 #: width of one layer (units) and features of the data
 MAX_WIDTH = 10**6
 #: layers of one network
