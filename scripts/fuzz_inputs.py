@@ -3,6 +3,8 @@ option values) through the CLI in this process, each under a time and a memory l
 
     python scripts/fuzz_inputs.py --cases 3000 --seed 0
 
+The known cases (issue 18's inputs) run first.
+
 Prints the counts per kind and outcome and every case that broke the exit-code contract
 (exit 0, or exit 2 with one line); exits 1 if any did.
 """
@@ -12,12 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import faulthandler
+import itertools
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from fpgrad.fuzz import cases, run_case
+from fpgrad.fuzz import cases, known_cases, run_case
 
 
 def main() -> int:
@@ -33,7 +36,9 @@ def main() -> int:
     slowest = (0.0, None)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fpgrad-fuzz-") as tmp:
-        for i, case in enumerate(cases(args.seed, args.cases)):
+        known = known_cases()
+        campaign = itertools.chain(known, cases(args.seed, args.cases))
+        for i, case in enumerate(campaign):
             # a hang in C code that SIGALRM cannot interrupt ends the campaign with a traceback
             faulthandler.dump_traceback_later(args.seconds * 5, exit=True)
             d = Path(tmp, str(i))
@@ -49,7 +54,10 @@ def main() -> int:
     total = time.monotonic() - start
     kinds = sorted({k for k, _ in counts})
     verdicts = sorted({v for _, v in counts})
-    print(f"{args.cases} cases (seed {args.seed}) in {total:.0f} s; slowest {slowest[0]:.1f} s")
+    print(
+        f"{len(known)} known and {args.cases} drawn cases (seed {args.seed}) in {total:.0f} s; "
+        f"slowest {slowest[0]:.1f} s"
+    )
     print("kind      " + "".join(f"{v:>12}" for v in verdicts))
     for k in kinds:
         print(f"{k:10}" + "".join(f"{counts[(k, v)]:>12}" for v in verdicts))
