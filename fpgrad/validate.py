@@ -40,7 +40,7 @@ MAX_RATE = 1e6
 #: seeds lie in [0, 2**32)
 MAX_SEED = 2**32 - 1
 #: characters of an ``explain`` value and of a policy or format name
-MAX_EXPRESSION_CHARS = 1000
+MAX_EXPRESSION_CHARS = 10_000
 #: decimal exponent of a literal in ``explain`` (10**100000 has 332,193 bits)
 MAX_DECIMAL_EXPONENT = 100_000
 #: binary exponent of a hex float (``0x1p-N``)
