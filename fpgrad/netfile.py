@@ -434,6 +434,8 @@ def _param(
         for k, v in init.items()
         if k != "scheme"
     }
+    if "std" in kwargs:
+        kwargs["std"] += 0.0  # -0.0 is 0 (numpy refuses a negative zero scale)
     if kwargs.get("std", 1.0) < 0:
         raise InputError(f"{at}: {init_key}.std must be >= 0 (got {kwargs['std']})")
     if kwargs.get("low", -1.0) > kwargs.get("high", 1.0):

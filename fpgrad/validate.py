@@ -187,7 +187,7 @@ def load_npy(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.nda
             shape, fortran, dtype = fmt.read_array_header_2_0(f)
         else:
             raise ValueError
-    except (ValueError, SyntaxError, TypeError, OverflowError, MemoryError, RecursionError):
+    except Exception:  # noqa: BLE001 - numpy's header parser raises many kinds on bad bytes
         raise InputError(
             f"{where}: data file {name!r} is not a valid .npy file; save it with numpy.save"
         ) from None
