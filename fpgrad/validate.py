@@ -166,8 +166,8 @@ def load_npy(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.nda
     """A ``.npy`` array, never unpickled; its header is checked (dtype, shape, size against
     the file) before the data are read."""
     fmt = np.lib.format
-    size = regular_file_size(path, "data file")
-    data = read_bytes(path, "data file")
+    size = regular_file_size(path, f"{where}: data file")
+    data = read_bytes(path, f"{where}: data file")
     import io
 
     f = io.BytesIO(data)
@@ -217,7 +217,7 @@ def load_npy(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.nda
 
 def load_csv(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
     """A comma-separated numeric array; errors name the line and column, never the content."""
-    text = read_text(path, "data file")
+    text = read_text(path, f"{where}: data file")
     name = str(path)
     rows: list[list[float]] = []
     count = 0

@@ -192,5 +192,5 @@ def _write_error(path: Path, exc: OSError, kept: int) -> InputError:
     """An unwritable or full output, as bad input: the cells written so far are kept."""
     return InputError(
         f"cannot write {path}: {exc.strerror or exc}; free space or choose another --out "
-        f"({kept} finished cells are kept there; rerun to continue)"
+        f"(the {kept} cells read or finished before are kept there; rerun to continue)"
     )
