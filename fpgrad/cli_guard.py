@@ -74,17 +74,20 @@ def _out_dir(value: str, option: str, create: bool = False) -> None:
 
 
 def _out_file(value: str, option: str) -> None:
-    """An output file whose directory exists and can be written."""
+    """An output file (not a directory) whose nearest existing ancestor is a writable
+    directory (missing directories are made when it is written)."""
     if not value.strip():
         raise InputError(f"{option} is empty; name a file")
     path = Path(value)
     if path.is_dir():
         raise InputError(f"{option} {value!r} is a directory; name a file")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(f"{option} {value!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{option} {value!r} cannot be written; choose another place")
+    probe = path.absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {value!r}: {str(probe)!r} is not a writable directory")
 
 
 def check_args(args: argparse.Namespace) -> None:
