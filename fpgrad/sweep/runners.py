@@ -14,13 +14,15 @@ from fpgrad.sweep.cells import CellJob
 
 
 def _worker_init(parent: int) -> None:
-    """Local workers leave Ctrl-C to the parent, which stops them, and die with it: on Linux
-    the kernel kills them when it dies (``PR_SET_PDEATHSIG``); elsewhere, and as a backstop,
-    a thread checks every second that the parent is still there."""
+    """Local workers leave Ctrl-C to the parent, which stops them, drop library warnings, and
+    die with the parent: on Linux the kernel kills them when it dies (``PR_SET_PDEATHSIG``);
+    elsewhere, and as a backstop, a thread checks every second that the parent is still there."""
     import signal
     import threading
+    import warnings
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")  # as in the CLI: no library warning adds lines to stderr
     if sys.platform.startswith("linux"):
         import ctypes
 
