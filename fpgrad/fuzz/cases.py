@@ -1,27 +1,13 @@
-"""A campaign of hostile and broken inputs through the command line, in this process.
-
-:func:`cases` draws deterministic cases from a seed: mutated network files, data files
-(.npy, .csv), model files with their state dicts, and hostile option values. :func:`run_case`
-writes a case's files, calls :func:`fpgrad.cli.main` under a time limit and a memory limit, and
-judges the outcome by the exit-code contract: exit 0, or exit 2 with one line
-``fpgrad: error: ...``; never exit 1, a hang, memory exhaustion, or a message that quotes the
-content of a file the user did not name (a canary planted in every data file).
-"""
+"""Seeded hostile cases: mutated network, data and model files, hostile option values."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-import os
 import random
-import resource
-import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,15 +123,6 @@ class Case:
     files: dict[str, bytes | str] = field(default_factory=dict)
 
 
-@dataclass
-class Outcome:
-    case: Case
-    code: int
-    seconds: float
-    err: str
-    problem: str | None  #: None: the contract holds
-
-
 # ---- TOML writing (inline tables, so any mutated value can be written) ---------------------
 
 
@@ -257,7 +234,7 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     return data.replace(b"1", b"1" * rng.choice([2, 400, 5000]), 1)
 
 
-def _npy(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=arr.dtype.hasobject)
     return buf.getvalue()
@@ -274,25 +251,25 @@ def npy_case(rng: random.Random) -> bytes | str:
         np.savez(buf, x=x)
         return buf.getvalue()  # an .npz under the .npy name
     if op == 2:
-        data = _npy(x)
+        data = npy_bytes(x)
         return data.replace(b"(3, 2)", b"(300000000, 200000)")
     if op == 3:
-        return _npy(x)[: rng.randrange(10, 120)]
+        return npy_bytes(x)[: rng.randrange(10, 120)]
     if op == 4:
-        return _npy(np.array([{"a": CANARY}, None], dtype=object))
+        return npy_bytes(np.array([{"a": CANARY}, None], dtype=object))
     if op == 5:
-        return _npy(np.array([CANARY, "b"]))
+        return npy_bytes(np.array([CANARY, "b"]))
     if op == 6:
-        return _npy(np.array(1.5))  # a scalar
+        return npy_bytes(np.array(1.5))  # a scalar
     if op == 7:
-        return _npy(np.array([[1 + 2j, 3], [4, 5], [6, 7]]))
+        return npy_bytes(np.array([[1 + 2j, 3], [4, 5], [6, 7]]))
     if op == 8:
         return rng.choice(["fifo", "dir", "link:/dev/zero", "link:missing"])
     if op == 9:
-        return _npy(np.array([[2**62, 1], [2, 3], [4, 5]], dtype=np.int64))
+        return npy_bytes(np.array([[2**62, 1], [2, 3], [4, 5]], dtype=np.int64))
     if op == 10:
-        return mutate_bytes(_npy(x), rng)
-    return _npy(x)
+        return mutate_bytes(npy_bytes(x), rng)
+    return npy_bytes(x)
 
 
 def csv_case(rng: random.Random) -> bytes | str:
@@ -428,256 +405,9 @@ def _option_case(rng: random.Random) -> Case:
     return Case("option", argv, files)
 
 
-def _net(**changes: Any) -> bytes:
-    """GOOD_NET with top-level or data changes (``data_x=...`` sets data.x)."""
-    doc = json.loads(json.dumps(GOOD_NET))
-    for k, v in changes.items():
-        if k.startswith("data_"):
-            doc["data"] = {**doc["data"], k[5:]: v}
-            if v is None:
-                del doc["data"][k[5:]]
-        elif k == "layers":
-            doc["layer"] = v
-        else:
-            doc[k] = v
-    return toml_doc(doc).encode()
-
-
-def known_cases() -> list[Case]:
-    """The inputs of issue 18 that once broke the contract, one case each."""
-    cmp = ["compare", "{d}/net.toml", "--precisions", "float32", "--max-rows", "2"]
-    dense = {"type": "dense", "out": 2}
-    tanh = {"type": "tanh"}
-    c = [
-        Case("known", cmp, {"net.toml": _net(data_y=1.5)}),  # a scalar target
-        Case("known", cmp, {"net.toml": _net(data_x=None, data_x_file="x.npy"), "x.npy": b""}),
-    ]
-    npz = io.BytesIO()
-    np.savez(npz, x=np.ones((3, 2)))
-    huge = _npy(np.ones((3, 2))).replace(b"(3, 2)", b"(300000000, 200000)")
-    broken = _npy(np.ones((3, 2))).replace(b"(3, 2)", b"(3, '''")  # a tokenizer error
-    for content in (
-        npz.getvalue(),
-        huge,
-        broken,
-        "link:/dev/zero",
-        "fifo",
-        "dir",
-        b"\x93NUMPY\x01",
-    ):
-        files = {"net.toml": _net(data_x=None, data_x_file="x.npy"), "x.npy": content}
-        c.append(Case("known", cmp, files))
-    for csv in (b"\xff\xfe1\n2\n3\n", f"{CANARY}:x:0\n".encode(), "link:/etc/passwd"):
-        c.append(
-            Case("known", cmp, {"net.toml": _net(data_y=None, data_y_file="y.csv"), "y.csv": csv})
-        )
-    c += [
-        Case("known", cmp, {"net.toml": b"\xff\xfe[[layer]]"}),  # not UTF-8
-        Case("known", cmp, {"net.toml": b"x = " + b"[" * 5000 + b"]" * 5000}),
-        Case("known", cmp, {"net.toml": b"seed = 1" + b"0" * 5000 + b"\n"}),
-        Case("known", cmp, {"net.toml": "fifo"}),
-        Case("known", cmp, {"net.toml": "link:/dev/zero"}),
-    ]
-    for out in (10**6, 10**9):
-        c.append(
-            Case(
-                "known",
-                cmp,
-                {"net.toml": _net(layers=[{"type": "dense", "out": out}, tanh, dense])},
-            )
-        )
-    for init in (
-        {"scheme": "normal", "std": -1.0},
-        {"scheme": "uniform", "low": 1.0, "high": -1.0},
-        {"scheme": "uniform", "low": -1e308, "high": 1e308},
-    ):
-        c.append(
-            Case("known", cmp, {"net.toml": _net(layers=[{**dense, "init": init}, tanh, dense])})
-        )
-    zero_std = [{**dense, "init": {"scheme": "normal", "std": -0.0}}, tanh, dense]
-    c.append(Case("known-ok", cmp, {"net.toml": _net(layers=zero_std)}))
-    c += [
-        Case("known", cmp, {"net.toml": _net(layers=[tanh, dense])}),  # activation first
-        Case("known", cmp, {"net.toml": _net(layers=[tanh])}),  # no parameter
-        Case(
-            "known",
-            cmp,
-            {
-                "net.toml": _net(
-                    layers=[dense, {"type": "batch_norm"}, dense], data_x=[[1.0, 2.0]], data_y=[0]
-                )
-            },
-        ),
-        Case(
-            "known",
-            cmp,
-            {"net.toml": _net(layers=[dense, {"type": "leaky_relu", "slope": 1e300}, dense])},
-        ),
-        Case(
-            "known-ok",
-            ["advise", "{d}/net.toml", "--no-measure"],
-            {"net.toml": _net(data_x=[[1e-310, 5e-324], [2e-320, -1e-315], [0.0, 1e-309]])},
-        ),
-        Case("known", cmp, {"net.toml": _net(policy={"p": {"extends": 5}})}),
-        Case("known", cmp, {"net.toml": _net(policy={"p": {"extends": ["autocast"]}})}),
-        Case("known", ["explain", "1e99999999"]),
-        Case("known-ok", ["explain", "10**10000"]),
-        Case("known", ["explain", "1e-8", "--format", "e" + "9" * 3000 + "m2"]),
-        Case(
-            "known", ["compare", "{d}/net.toml", "--exact-bits", str(2**40)], {"net.toml": _net()}
-        ),
-        Case(
-            "known", ["compare", "{d}/net.toml", "--exact-bits", str(2**31)], {"net.toml": _net()}
-        ),
-    ]
-    train = ["train", "{d}/net.toml", "--steps", "1", "--precisions", "float32"]
-    files = {"net.toml": _net(), "file": b"x"}
-    for extra in (
-        ["--lr", "1e308"],
-        ["--seed", "-1"],
-        ["--lr", "-1e-3"],
-        ["--out", "{d}/file"],
-        ["--out", ""],
-        ["--out", "/proc/x"],
-        ["--steps", "0"],
-    ):
-        c.append(Case("known", train + extra, files))
-    c += [
-        Case("known", ["report", "--only", ",", "--out", "{d}/r"]),
-        Case("known", ["import", "{d}/m.toml", "--out", ""], {}),
-    ]
-    import torch
-
-    model = {
-        "state_dict": "m.pt",
-        "modules": ["Linear(2, 2)", "Tanh()", "Linear(2, 1)"],
-        "loss": {"type": "mse"},
-        "data": {"x": [[1.0, 2.0], [0.5, 1.0]], "y": [0.5, 0.25]},
-    }
-    good = {
-        "0.weight": torch.ones(2, 2),
-        "0.bias": torch.zeros(2),
-        "2.weight": torch.ones(1, 2),
-        "2.bias": torch.zeros(1),
-    }
-    variants: list[tuple[dict[Any, Any], list[str]]] = [
-        ({**good, 3: torch.ones(1)}, model["modules"]),
-        ({**good, "0.weight": torch.ones(2, 2).to_sparse()}, model["modules"]),
-        ({**good, "0.bias": torch.zeros(2, device="meta")}, model["modules"]),
-        (good, ["Linear(2, 2)", "LeakyReLU('abc')", "Linear(2, 1)"]),
-        (
-            {**good, "1.weight": torch.ones(2), "1.bias": torch.zeros(2)},
-            ["Linear(2, 2)", "BatchNorm1d(2, eps=None)", "Linear(2, 1)"],
-        ),
-        ({"0.weight": torch.ones(4096, 4096), "0.bias": torch.zeros(4096)}, ["Linear(4096, 4096)"]),
-    ]
-    for sd, modules in variants:
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        doc = toml_doc({**model, "modules": modules}).encode()
-        c.append(
-            Case(
-                "known",
-                ["compare", "{d}/m.toml", "--precisions", "float32"],
-                {"m.toml": doc, "m.pt": buf.getvalue()},
-            )
-        )
-    c.append(
-        Case(
-            "known",
-            ["sweep", "{d}/net.toml", "--out", "{d}/s", "--seeds", "0..1000000000000"],
-            {"net.toml": _net()},
-        )
-    )
-    return c
-
-
 def cases(seed: int, n: int) -> Iterator[Case]:
     """``n`` deterministic cases of every kind."""
     rng = random.Random(seed)
     makers = [_network_case, _network_case, _model_case, _option_case, _option_case]
     for _ in range(n):
         yield rng.choice(makers)(rng)
-
-
-# ---- running -------------------------------------------------------------------------------
-
-
-class CaseTimeout(BaseException):
-    """A case ran past its time limit (a BaseException: the CLI's handler does not catch it)."""
-
-
-def _write(case: Case, d: Path) -> None:
-    for name, content in case.files.items():
-        path = d / name
-        if content == "fifo":
-            os.mkfifo(path)
-        elif content == "dir":
-            path.mkdir()
-        elif isinstance(content, str) and content.startswith("link:"):
-            target = content[5:]
-            path.symlink_to(target if target.startswith("/") else d / target)
-        else:
-            path.write_bytes(content if isinstance(content, bytes) else content.encode())
-
-
-def _vm_data() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmData:"):
-                return int(line.split()[1]) * 1024
-    return 0  # pragma: no cover
-
-
-@contextlib.contextmanager
-def limits(seconds: float, memory_bytes: int) -> Iterator[None]:
-    """At most ``seconds`` of wall time (SIGALRM raises :class:`CaseTimeout`) and at most
-    ``memory_bytes`` more of private memory (RLIMIT_DATA: allocations beyond fail)."""
-
-    def alarm(signum: int, frame: Any) -> None:
-        raise CaseTimeout
-
-    old_handler = signal.signal(signal.SIGALRM, alarm)
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    cap = _vm_data() + memory_bytes
-    resource.setrlimit(resource.RLIMIT_DATA, (min(cap, hard) if hard > 0 else cap, hard))
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
-
-
-def run_case(case: Case, d: Path, seconds: float = 20.0, memory_bytes: int = 2**31) -> Outcome:
-    """Run one case in directory ``d`` (empty) and judge it by the exit-code contract."""
-    from fpgrad.cli import main
-
-    _write(case, d)
-    argv = [a.replace("{d}", str(d)) for a in case.argv]
-    out, err = io.StringIO(), io.StringIO()
-    start = time.monotonic()
-    code = -1
-    problem = None
-    try:
-        with limits(seconds, memory_bytes), contextlib.redirect_stdout(out):
-            with contextlib.redirect_stderr(err):
-                code = main(argv)
-    except CaseTimeout:
-        problem = f"hang: more than {seconds:g} s"
-    elapsed = time.monotonic() - start
-    text = err.getvalue()
-    lines = text.strip().splitlines()
-    if problem is None:
-        if code == 1:
-            problem = "exit 1"
-        elif code not in (0, 2):
-            problem = f"exit {code}"
-        elif "out of memory" in text:
-            problem = "memory exhausted"
-        elif code == 2 and (len(lines) != 1 or not lines[0].startswith("fpgrad: error: ")):
-            problem = "exit 2 without exactly one 'fpgrad: error:' line"
-        elif CANARY in text or CANARY in out.getvalue():
-            problem = "a message quotes a data file's content"
-    return Outcome(case, code, elapsed, text.strip()[:300], problem)
