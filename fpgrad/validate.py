@@ -47,7 +47,7 @@ MAX_DECIMAL_EXPONENT = 100_000
 MAX_BINARY_EXPONENT = 400_000
 #: digits of one integer or significand literal
 MAX_LITERAL_DIGITS = 4000
-#: nesting of parentheses, brackets and tables
+#: nesting of parentheses in an ``explain`` value
 MAX_NESTING = 100
 #: local sweep workers
 MAX_WORKERS = 256
@@ -127,8 +127,7 @@ def read_text(path: str | Path, what: str, cap: int = MAX_FILE_BYTES) -> str:
 
 
 def _nesting(text: str) -> int:
-    """The deepest nesting of brackets and braces outside strings (approximate: strings with
-    brackets only make it larger, which errs on the refusing side)."""
+    """The deepest nesting of brackets, braces and parentheses."""
     depth = deepest = 0
     for ch in text:
         if ch in "[{(":
@@ -142,16 +141,14 @@ def _nesting(text: str) -> int:
 def load_toml(path: str | Path, what: str = "network file") -> dict[str, Any]:
     """A TOML document of a regular file, with one-line errors for every way it can be bad."""
     text = read_text(path, what)
-    if _nesting(text) > MAX_NESTING:
-        raise InputError(
-            f"{path}: arrays or tables nest deeper than {MAX_NESTING} levels; flatten them"
-        )
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: malformed TOML: {exc}; fix the syntax there") from None
-    except RecursionError:
-        raise InputError(f"{path}: nesting too deep for the TOML parser; flatten it") from None
+    except RecursionError:  # tomllib is pure Python: deep nesting ends here, safely
+        raise InputError(
+            f"{path}: arrays or tables nest too deep for the TOML parser; flatten them"
+        ) from None
     except ValueError:  # an integer literal beyond Python's digit limit
         raise InputError(
             f"{path}: a number has too many digits (more than {sys.get_int_max_str_digits()}); "
