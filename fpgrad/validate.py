@@ -68,37 +68,41 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def regular_file_size(path: str | Path, what: str, cap: int = MAX_FILE_BYTES) -> int:
+def regular_file_size(
+    path: str | Path, what: str, cap: int = MAX_FILE_BYTES, where: str = ""
+) -> int:
     """The size of ``path`` if it is a regular file (symlinks followed) of at most ``cap``
-    bytes; otherwise a one-line refusal."""
+    bytes; otherwise a one-line refusal (prefixed by ``where``, the file that named it)."""
+    at = f"{where}: " if where else ""
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise InputError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+        raise InputError(f"{at}cannot read {what} {str(path)!r}: {exc.strerror}") from None
     except ValueError:  # embedded NUL
-        raise InputError(f"cannot read {what} {str(path)!r}: not a valid path") from None
+        raise InputError(f"{at}cannot read {what} {str(path)!r}: not a valid path") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{what} {str(path)!r} is {_kind(st.st_mode)}; give a regular file")
+        raise InputError(f"{at}{what} {str(path)!r} is {_kind(st.st_mode)}; give a regular file")
     if st.st_size > cap:
         raise InputError(
-            f"{what} {str(path)!r} has {st.st_size} bytes, above the limit of {cap}; "
+            f"{at}{what} {str(path)!r} has {st.st_size} bytes, above the limit of {cap}; "
             "give a smaller file"
         )
     return st.st_size
 
 
-def read_bytes(path: str | Path, what: str, cap: int = MAX_FILE_BYTES) -> bytes:
+def read_bytes(path: str | Path, what: str, cap: int = MAX_FILE_BYTES, where: str = "") -> bytes:
     """The bytes of a regular file of at most ``cap`` bytes. It is opened without blocking and
     checked again once open, so a pipe or device swapped in is refused, never read forever."""
-    regular_file_size(path, what, cap)
+    regular_file_size(path, what, cap, where)
+    at = f"{where}: " if where else ""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise InputError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+        raise InputError(f"{at}cannot read {what} {str(path)!r}: {exc.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise InputError(f"{what} {str(path)!r} is {_kind(mode)}; give a regular file")
+            raise InputError(f"{at}{what} {str(path)!r} is {_kind(mode)}; give a regular file")
         chunks, total = [], 0
         while total <= cap:
             chunk = os.read(fd, min(2**20, cap + 1 - total))
@@ -107,22 +111,23 @@ def read_bytes(path: str | Path, what: str, cap: int = MAX_FILE_BYTES) -> bytes:
             chunks.append(chunk)
             total += len(chunk)
     except OSError as exc:
-        raise InputError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+        raise InputError(f"{at}cannot read {what} {str(path)!r}: {exc.strerror}") from None
     finally:
         os.close(fd)
     if total > cap:
-        raise InputError(f"{what} {str(path)!r} grew above {cap} bytes while read; give a file")
+        raise InputError(f"{at}{what} {str(path)!r} grew above {cap} bytes while read; give a file")
     return b"".join(chunks)
 
 
-def read_text(path: str | Path, what: str, cap: int = MAX_FILE_BYTES) -> str:
+def read_text(path: str | Path, what: str, cap: int = MAX_FILE_BYTES, where: str = "") -> str:
     """A regular UTF-8 text file of at most ``cap`` bytes."""
-    data = read_bytes(path, what, cap)
+    data = read_bytes(path, what, cap, where)
+    at = f"{where}: " if where else ""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(
-            f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            f"{at}{what} {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
         ) from None
 
 
@@ -163,8 +168,8 @@ def load_npy(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.nda
     """A ``.npy`` array, never unpickled; its header is checked (dtype, shape, size against
     the file) before the data are read."""
     fmt = np.lib.format
-    size = regular_file_size(path, f"{where}: data file")
-    data = read_bytes(path, f"{where}: data file")
+    size = regular_file_size(path, "data file", where=where)
+    data = read_bytes(path, "data file", where=where)
     import io
 
     f = io.BytesIO(data)
@@ -214,7 +219,7 @@ def load_npy(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.nda
 
 def load_csv(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
     """A comma-separated numeric array; errors name the line and column, never the content."""
-    text = read_text(path, f"{where}: data file")
+    text = read_text(path, "data file", where=where)
     name = str(path)
     rows: list[list[float]] = []
     count = 0
