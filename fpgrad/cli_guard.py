@@ -4,6 +4,7 @@ like ``-1e-8`` after an option, and the exit-code contract (0 ok, 2 bad input, 1
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import stat
@@ -103,30 +104,33 @@ def check_args(args: argparse.Namespace) -> None:
             f"--exact-bits {opt('exact_bits')} is too high: use at most {MAX_EXACT_BITS} "
             "(the exact reference's cost grows with its bits)"
         )
-    if isinstance(opt("steps"), int):
-        check_int(opt("steps"), "--steps", 1, MAX_STEPS)
-    for name in ("batch_size", "verdict_every"):
-        if isinstance(opt(name), int):
-            check_int(opt(name), f"--{name.replace('_', '-')}", 1, MAX_ELEMENTS)
+    # upper bounds only where the command checks the lower one with its own message
+    for name, high in (("steps", MAX_STEPS), ("batch_size", MAX_ELEMENTS)):
+        if isinstance(opt(name), int) and opt(name) > high:
+            raise InputError(f"--{name.replace('_', '-')} {opt(name)} is too large: at most {high}")
+    for name in ("lr", "momentum", "weight_decay"):
+        value = opt(name)
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_RATE):
+            flag = f"--{name.replace('_', '-')}"
+            raise InputError(f"{flag} must be finite and at most {MAX_RATE:g} (got {value})")
+    if isinstance(opt("verdict_every"), int):
+        check_int(opt("verdict_every"), "--verdict-every", 1, MAX_STEPS)
     if isinstance(opt("max_rows"), int):
         check_int(opt("max_rows"), "--max-rows", 0, MAX_ELEMENTS)
-    if isinstance(opt("max_cells"), int):
-        check_int(opt("max_cells"), "--max-cells", 0, MAX_ELEMENTS)
-    if isinstance(opt("workers"), int):
-        check_int(opt("workers"), "--workers", 0, MAX_WORKERS)
+    if isinstance(opt("max_cells"), int) and opt("max_cells") > MAX_ELEMENTS:
+        raise InputError(f"--max-cells {opt('max_cells')} is too large: at most {MAX_ELEMENTS}")
+    if isinstance(opt("workers"), int) and opt("workers") > MAX_WORKERS:
+        raise InputError(f"--workers {opt('workers')} is too many: at most {MAX_WORKERS}")
     if isinstance(opt("headroom"), int):
         check_int(opt("headroom"), "--headroom", 0, 1000)
     if isinstance(opt("seed"), int):
         check_int(opt("seed"), "--seed", 0, MAX_SEED)
-    if isinstance(opt("lr"), float):
-        check_float(opt("lr"), "--lr", 0.0, MAX_RATE, open_low=True)
-    for name in ("momentum", "weight_decay"):
-        if isinstance(opt(name), float):
-            check_float(opt(name), f"--{name.replace('_', '-')}", 0.0, MAX_RATE)
     if isinstance(opt("loss_scale"), float):
         check_float(opt("loss_scale"), "--loss-scale", 0.0, 2.0**1000, open_low=True)
-    if cmd in ("train", "sweep", "report") and isinstance(opt("out"), str):
-        _out_dir(opt("out"), "--out", create=cmd != "sweep")
+    if cmd in ("train", "sweep") and isinstance(opt("out"), str):
+        _out_dir(opt("out"), "--out", create=cmd == "train")
+    if cmd == "report" and isinstance(opt("out"), str) and not opt("out").strip():
+        raise InputError("--out is empty; name a directory")  # report checks the rest itself
     if cmd == "import" and isinstance(opt("out"), str):
         _out_file(opt("out"), "--out")
     if cmd == "report" and opt("only") is not None:

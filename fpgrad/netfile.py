@@ -116,11 +116,6 @@ def parse_network(
             raise InputError(f"{where}: layer {index}: duplicate layer name {layer.name!r}")
         names.add(layer.name)
         layers.append(layer)
-    if x.shape[0] < 2 and any(ly.kind == "batch_norm" for ly in layers):
-        raise InputError(
-            f"{where}: batch_norm needs at least 2 samples in [data] (the batch has 1); "
-            "add samples or remove the batch_norm layer"
-        )
     y = _check_targets(loss, y, width, where)
     net = Network(tuple(layers), loss, x, y, name=str(doc.get("name", Path(source).stem)))
     return parse_policies(doc.get("policy", {}), net, where)

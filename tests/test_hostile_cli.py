@@ -107,9 +107,16 @@ def test_negative_values_after_an_option_are_values(argv: list[str], joined: lis
     assert join_negative_values(argv) == joined
 
 
-def test_a_negative_learning_rate_is_named(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["train", "x.toml", "--steps", "1", "--lr", "-1e-3"]) == 2
-    assert "--lr must be a finite number in (0, 1e+06] (got -0.001)" in capsys.readouterr().err
+def test_a_negative_learning_rate_is_read_and_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fpgrad.fuzz.known import _net
+
+    (tmp_path / "n.toml").write_bytes(_net())
+    assert cli.main(["train", str(tmp_path / "n.toml"), "--steps", "1", "--lr", "-1e-3"]) == 2
+    assert "learning rate must be positive" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path / "n.toml"), "--steps", "1", "--lr", "1e308"]) == 2
+    assert "--lr must be finite and at most 1e+06 (got 1e+308)" in capsys.readouterr().err
 
 
 def test_files_must_be_regular_and_small(tmp_path: Path) -> None:
