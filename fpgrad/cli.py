@@ -161,8 +161,11 @@ def _train(args: argparse.Namespace) -> int:
         exact_method=args.exact_method,
     )
     if args.out:
-        written = result.plot(args.out)
-        Path(args.out, "train.json").write_text(result.to_json())
+        try:
+            written = result.plot(args.out)
+            Path(args.out, "train.json").write_text(result.to_json())
+        except OSError as exc:  # a full disk, or the directory taken away while training
+            raise InputError(f"cannot write into --out {args.out!r}: {exc.strerror}") from None
         print(f"wrote {', '.join(written)} and {Path(args.out, 'train.json')}", file=sys.stderr)
     print(result.to_json() if args.json else result.render())
     return 0
