@@ -63,6 +63,14 @@ MAX_ROWS = 40
 _K_LIMIT = 600  # scale exponents considered: 2^-600 .. 2^600
 
 
+def _log2_ratio(a: float, b: float) -> float:
+    """log2(a / b) of positive floats without forming a / b, within +-4 * _K_LIMIT (a zero
+    side counts as the far end)."""
+    if a <= 0 or b <= 0:
+        return -4.0 * _K_LIMIT if a <= 0 else 4.0 * _K_LIMIT
+    return min(4.0 * _K_LIMIT, max(-4.0 * _K_LIMIT, math.log2(a) - math.log2(b)))
+
+
 @dataclass
 class _Values:
     """Non-zero exact magnitudes of one group as |hi| and the low word's signed rest, sorted by
@@ -410,8 +418,9 @@ def advise(
     nonzero = [v for v in (grads, signals, seed) if v.size]
     lo_all = min(float(v.mag.min()) for v in nonzero)
     hi_all = max(float(v.mag.max()) for v in nonzero)
-    ka = max(-_K_LIMIT, math.floor(math.log2(lim.underflow / hi_all)) - 2)
-    kb = min(_K_LIMIT, math.ceil(math.log2(lim.overflow / lo_all)) + 2)
+    # log2 of each side (a ratio overflows for subnormal values), clamped before rounding
+    ka = max(-_K_LIMIT, math.floor(_log2_ratio(lim.underflow, hi_all)) - 2)
+    kb = min(_K_LIMIT, math.ceil(_log2_ratio(lim.overflow, lo_all)) + 2)
     span = range(ka, kb + 1)
     table = {k: _row_counts(groups, seed, lim, k) for k in span}
 

@@ -185,8 +185,11 @@ def _train(args: argparse.Namespace) -> int:
         exact_max_bits=args.exact_max_bits,
     )
     if args.out:
-        written = result.plot(args.out)
-        Path(args.out, "train.json").write_text(result.to_json())
+        try:
+            written = result.plot(args.out)
+            Path(args.out, "train.json").write_text(result.to_json())
+        except OSError as exc:  # a full disk, or the directory taken away while training
+            raise InputError(f"cannot write into --out {args.out!r}: {exc.strerror}") from None
         print(f"wrote {', '.join(written)} and {Path(args.out, 'train.json')}", file=sys.stderr)
     print(result.to_json() if args.json else result.render())
     return 0
@@ -267,6 +270,8 @@ def _sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    for note in result.notes:  # damaged lines of cells.jsonl, skipped
+        print(f"fpgrad: warning: {note}", file=sys.stderr)
     print(result.to_json() if args.json else result.render())
     print(summary_line(result), file=sys.stderr)
     return result.exit_code
@@ -612,25 +617,51 @@ def _negative_values_last(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    with warnings.catch_warnings():  # library warnings would add lines to the one-line errors
+        warnings.simplefilter("ignore")
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from fpgrad.cli_guard import check_args, join_negative_values, one_line, stdout_closed
+
     try:
         parser = build_parser()
         args = parser.parse_args(
-            _negative_values_last(list(sys.argv[1:] if argv is None else argv))
+            join_negative_values(
+                _negative_values_last(list(sys.argv[1:] if argv is None else argv))
+            )
         )
         if args.command is None:
             parser.print_help()
             return 2
+        check_args(args)
         return int(args.func(args))
     except InputError as exc:
-        print(f"fpgrad: error: {exc}", file=sys.stderr)
+        print(f"fpgrad: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # pragma: no cover - e.g. piped into head
-        return 0
+    except MemoryError:
+        print(
+            "fpgrad: error: out of memory: the input asks for more than this machine holds; "
+            "use smaller layers, less data or fewer --exact-bits (see the README's bounds)",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 1
+        if isinstance(exc, BrokenPipeError) and stdout_closed():  # e.g. piped into head
+            from fpgrad.cli_guard import silence_stdout
+
+            silence_stdout()
+            return 0
         if os.environ.get("FPGRAD_DEBUG"):
             raise
         print(
-            f"fpgrad: internal error: {type(exc).__name__}: {exc} (set FPGRAD_DEBUG=1 for a traceback)",
+            one_line(
+                f"fpgrad: internal error: {type(exc).__name__}: {exc} "
+                "(set FPGRAD_DEBUG=1 for a traceback)"
+            ),
             file=sys.stderr,
         )
         return 1

@@ -28,6 +28,7 @@ from fpgrad.errors import InputError
 from fpgrad.formats import Format, get_format
 from fpgrad.jsonutil import jsonable
 from fpgrad.rounding import Mode, round_exact, round_to
+from fpgrad.validate import check_expression
 
 DEFAULT_FORMATS = ("float16", "bfloat16", "float32", "float64")
 #: torch dtypes whose float64 cast ``explain`` checks against the correct rounding.
@@ -92,6 +93,7 @@ def parse_value(text: str | float | int | Fraction) -> Value:
     if not isinstance(text, str):
         raise _parse_error(repr(text))
     src = text.strip()
+    check_expression(src, f"value {src[:40]!r}")  # bounded work before any number is built
     word = src.lower().lstrip("+")
     neg = word.startswith("-")
     if word.lstrip("-") in _SPECIAL:
@@ -392,7 +394,10 @@ def explain(
     names = list(formats) if formats else list(DEFAULT_FORMATS)
     fmts = [get_format(n) for n in names]
     fraction = None  # "n/d", when short
-    if isinstance(exact, Fraction) and len(str(exact)) <= 80:
+    short = isinstance(exact, Fraction) and (
+        exact.numerator.bit_length() + exact.denominator.bit_length() <= 280
+    )  # str() of a huge Fraction is slow, and refused above 4300 digits
+    if short and len(str(exact)) <= 80:
         fraction = str(exact)
     result = {
         "input": str(value),

@@ -237,7 +237,7 @@ ALIASES: dict[str, str] = {
 #: The formats torch computes in natively on this CPU.
 NATIVE = ("float16", "bfloat16", "float32", "float64")
 
-_CUSTOM = re.compile(r"^e(\d+)m(\d+)$")
+_CUSTOM = re.compile(r"^e(\d{1,4})m(\d{1,4})$")  # more digits are out of range anyway
 
 
 def get_format(name: str) -> Format:
@@ -252,5 +252,6 @@ def get_format(name: str) -> Format:
     from fpgrad.suggest import did_you_mean
 
     known = ", ".join(list(CATALOGUE) + ["eXmY"])
-    hint = did_you_mean(key, [*CATALOGUE, *ALIASES])
-    raise InputError(f"unknown format {name!r}{hint}; known formats: {known}")
+    shown = name if len(name) <= 40 else name[:40] + "..."
+    hint = did_you_mean(key, [*CATALOGUE, *ALIASES]) if len(key) <= 40 else ""
+    raise InputError(f"unknown format {shown!r}{hint}; known formats: {known}")

@@ -49,9 +49,9 @@ from fpgrad.errors import InputError
 from fpgrad.network import Network
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 SUPPORTED = (
     "Linear",
@@ -231,12 +231,19 @@ def _leaf(path: str, mod: Any, index: int, params: dict[str, Any] | None = None)
         if note:
             note = f"{cls} {path or index}: {note} (their gradients are reported; torch has none)"
         return _Entry(
-            path, cls, "batch_norm", {"weight": gamma, "bias": beta}, eps=float(mod.eps), note=note
+            path,
+            cls,
+            "batch_norm",
+            {"weight": gamma, "bias": beta},
+            eps=_real(mod.eps, f"{at}: eps", positive=True),
+            note=note,
         )
     if cls in ("ReLU", "Sigmoid", "Tanh"):
         return _Entry(path, cls, cls.lower())
     if cls == "LeakyReLU":
-        return _Entry(path, cls, "leaky_relu", slope=float(mod.negative_slope))
+        return _Entry(
+            path, cls, "leaky_relu", slope=_real(mod.negative_slope, f"{at}: negative_slope")
+        )
     if cls in ("Softmax", "LogSoftmax"):
         _check_dim(mod.dim, at)
         return _Entry(path, cls, "softmax" if cls == "Softmax" else "log_softmax")
@@ -252,6 +259,14 @@ def _leaf(path: str, mod: Any, index: int, params: dict[str, Any] | None = None)
             )
         return _Entry(path, cls, "identity")
     raise _unsupported(cls, index, path)  # pragma: no cover - callers check the class
+
+
+def _real(value: Any, at: str, positive: bool = False) -> float:
+    """A module's numeric argument (slope, eps) as a float, within float32's range."""
+    from fpgrad.validate import check_float
+
+    v = check_float(value, at, 0.0 if positive else -3.4e38, 3.4e38, open_low=positive)
+    return v
 
 
 def _check_dim(dim: Any, at: str) -> None:
@@ -563,9 +578,10 @@ def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, Any]:
 
     import torch
 
+    from fpgrad.validate import regular_file_size
+
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"cannot read state dict file {str(path)!r}: no such file")
+    regular_file_size(path, "state dict file")
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -611,6 +627,7 @@ def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, Any]:
             f"{path} holds a {type(obj).__name__}, not a state dict; save "
             "torch.save(model.state_dict(), PATH)"
         )
+    _check_tensors(obj, path, torch)
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         nested = [k for k in bad if isinstance(obj[k], Mapping)]
@@ -623,6 +640,33 @@ def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, Any]:
             f"{path}: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor{hint}"
         )
     return dict(obj)
+
+
+def _check_tensors(obj: Mapping[Any, Any], path: Path, torch: Any) -> None:
+    """String keys; dense, real, materialized tensors; at most MAX_ELEMENTS numbers in all."""
+    from fpgrad.validate import MAX_ELEMENTS
+
+    total = 0
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise InputError(
+                f"{path}: a key of the state dict is a {type(k).__name__}, not a string; save "
+                "torch.save(model.state_dict(), PATH)"
+            )
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.layout != torch.strided or v.is_meta or v.is_complex() or v.is_quantized:
+            kind = "a meta" if v.is_meta else f"a {v.layout}/{v.dtype}"
+            raise InputError(
+                f"{path}: entry {k!r} is {kind} tensor; save dense real weights "
+                "(tensor.to_dense(), on the cpu)"
+            )
+        total += v.numel()
+        if total > MAX_ELEMENTS:
+            raise InputError(
+                f"{path}: the state dict holds more than {MAX_ELEMENTS} numbers; fpgrad's exact "
+                "reference is for smaller models"
+            )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -802,15 +846,9 @@ def is_model_doc(doc: Mapping[str, Any]) -> bool:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read network file {str(path)!r}: {exc.strerror}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: malformed TOML: {exc}; fix the syntax there") from None
+    from fpgrad.validate import load_toml
+
+    return load_toml(path, "network file")
 
 
 def load_model_file(path: str | Path) -> Imported:

@@ -32,7 +32,6 @@ Every number written is a float64 and is taken exactly.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,16 @@ from fpgrad.network import (
     init_array,
     layer_seed,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from fpgrad.validate import (
+    MAX_ELEMENTS,
+    MAX_LAYERS,
+    MAX_WIDTH,
+    check_float,
+    check_int,
+    load_csv,
+    load_npy,
+    load_toml,
+)
 
 _TOP_KEYS = {"name", "seed", "layer", "loss", "data", "policy"}
 _LAYER_KEYS = {
@@ -68,14 +72,7 @@ _INIT_KEYS = {"scheme", "value", "low", "high", "mean", "std", "gain"}
 def load_network(path: str | Path) -> Network:
     """Read and validate a network file; raises InputError with a one-line message."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read network file {str(path)!r}: {exc.strerror}") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: malformed TOML: {exc}; fix the syntax there") from None
+    doc = load_toml(path, "network file")
     return parse_network(doc, base=path.parent, source=str(path))
 
 
@@ -91,8 +88,8 @@ def parse_network(
             f"allowed: {', '.join(sorted(_TOP_KEYS))}"
         )
     seed = doc.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise InputError(f"{where}: seed must be a non-negative integer (got {seed!r})")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise InputError(f"{where}: seed must be a non-negative integer below 2**63 (got {seed!r})")
     if "data" not in doc:
         raise InputError(f"{where}: missing [data] table with x and y")
     x, y = _parse_data(doc["data"], base or Path("."), where)
@@ -101,11 +98,20 @@ def parse_network(
     if not isinstance(layers_doc, list) or not layers_doc:
         raise InputError(f'{where}: no layers; add [[layer]] tables (type = "dense", out = N)')
 
+    if len(layers_doc) > MAX_LAYERS:
+        raise InputError(f"{where}: {len(layers_doc)} layers, above the limit of {MAX_LAYERS}")
+    if not any(
+        isinstance(s, dict) and s.get("type") in ("dense", "batch_norm") for s in layers_doc
+    ):
+        raise InputError(
+            f'{where}: the network has no parameter; add a [[layer]] with type = "dense"'
+        )
     layers: list[Layer] = []
     width = x.shape[1]
     names: set[str] = set()
+    budget = [MAX_ELEMENTS - x.size - y.size]  # numbers the parameters may still take
     for index, spec in enumerate(layers_doc):
-        layer, width = _parse_layer(spec, index, width, seed, where)
+        layer, width = _parse_layer(spec, index, width, seed, where, budget)
         if layer.name in names:
             raise InputError(f"{where}: layer {index}: duplicate layer name {layer.name!r}")
         names.add(layer.name)
@@ -150,6 +156,13 @@ def _parse_data(data: Any, base: Path, where: str) -> tuple[np.ndarray, np.ndarr
         raise InputError(f"{where}: data x must be a 2-D array [batch, features] (got {x.ndim}-D)")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"{where}: data x is empty")
+    if y.ndim == 0:
+        raise InputError(f"{where}: data y is a single number; give one target per input row")
+    if x.size + y.size > MAX_ELEMENTS or x.shape[1] > MAX_WIDTH:
+        raise InputError(
+            f"{where}: [data] holds {x.size + y.size} numbers ({x.shape[1]} features), above "
+            f"the limit of {MAX_ELEMENTS} numbers and {MAX_WIDTH} features; use less data"
+        )
     if y.shape[0] != x.shape[0]:
         raise InputError(
             f"{where}: data y has {y.shape[0]} rows but x has {x.shape[0]}; give one target per input row"
@@ -180,18 +193,11 @@ def _read_array_file(path: Path, where: str) -> np.ndarray:
 def load_array_file(path: Path, where: str) -> np.ndarray:
     """The array in a .npy (never unpickled) or .csv file, as stored; one-line errors."""
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        elif suffix == ".csv":
-            arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1)
-        else:
-            raise InputError(f"{where}: data file {str(path)!r}: unknown format; use .npy or .csv")
-    except OSError as exc:
-        raise InputError(f"{where}: cannot read data file {str(path)!r}: {exc}") from None
-    except ValueError as exc:
-        raise InputError(f"{where}: data file {str(path)!r} is not numeric: {exc}") from None
-    return arr
+    if suffix == ".npy":
+        return load_npy(path, where)
+    if suffix == ".csv":
+        return load_csv(path, where)
+    raise InputError(f"{where}: data file {str(path)!r}: unknown format; use .npy or .csv")
 
 
 def _to_array(value: Any, where: str) -> np.ndarray:
@@ -282,7 +288,9 @@ def _check_targets(loss: Loss, y: np.ndarray, width: int, where: str) -> np.ndar
 # ---- layers ------------------------------------------------------------------------------
 
 
-def _parse_layer(spec: Any, index: int, width: int, seed: int, where: str) -> tuple[Layer, int]:
+def _parse_layer(
+    spec: Any, index: int, width: int, seed: int, where: str, budget: list[int]
+) -> tuple[Layer, int]:
     if not isinstance(spec, dict) or "type" not in spec:
         raise InputError(f"{where}: layer {index}: needs type = one of {', '.join(LAYER_TYPES)}")
     kind = spec["type"]
@@ -297,26 +305,51 @@ def _parse_layer(spec: Any, index: int, width: int, seed: int, where: str) -> tu
             f"{where}: layer {index} ({kind}): unknown key {sorted(unknown)[0]!r}; "
             f"allowed: {', '.join(sorted(allowed))}"
         )
-    name = str(spec.get("name", f"{kind}{index}"))
+    name = spec.get("name", f"{kind}{index}")
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise InputError(f"{where}: layer {index}: name must be a string of 1 to 200 characters")
     at = f"{where}: layer {index} ({name})"
+    if index == 0 and kind in ACTIVATIONS:
+        raise InputError(
+            f"{at}: the first layer is an activation ({kind}); start with a dense layer "
+            "(an activation of the data belongs in the data)"
+        )
     rng = layer_seed(seed, index)
     if kind == "dense":
-        return _parse_dense(spec, at, width, rng, name)
+        return _parse_dense(spec, at, width, rng, name, budget)
     if kind == "batch_norm":
-        eps = _number(spec.get("eps", 1e-5), f"{at}: eps")
+        eps = check_float(_number(spec.get("eps", 1e-5), f"{at}: eps"), f"{at}: eps", 0, 1e30)
         if not eps > 0:
             raise InputError(f"{at}: eps must be positive (got {eps})")
+        _spend(budget, 2 * width, at)
         gamma = _param(spec, "weight", "init", (width,), at, rng, width, width, default="constant1")
         beta = _param(spec, "bias", "bias_init", (width,), at, rng, width, width, default="zeros")
         return Layer(name, kind, {"weight": gamma, "bias": beta}, eps=eps), width
     if kind == "leaky_relu":
-        slope = _number(spec.get("slope", 0.01), f"{at}: slope")
+        slope = check_float(
+            _number(spec.get("slope", 0.01), f"{at}: slope"), f"{at}: slope", -1e30, 1e30
+        )
         return Layer(name, kind, slope=slope), width
     return Layer(name, kind), width
 
 
+def _spend(budget: list[int], n: int, at: str) -> None:
+    """Take ``n`` numbers from the network's element budget (:data:`MAX_ELEMENTS`)."""
+    budget[0] -= n
+    if budget[0] < 0:
+        raise InputError(
+            f"{at}: the network holds more than {MAX_ELEMENTS} numbers (parameters and data); "
+            "use smaller layers or less data"
+        )
+
+
 def _parse_dense(
-    spec: dict[str, Any], at: str, width: int, rng: np.random.Generator, name: str
+    spec: dict[str, Any],
+    at: str,
+    width: int,
+    rng: np.random.Generator,
+    name: str,
+    budget: list[int],
 ) -> tuple[Layer, int]:
     if "in" in spec and spec["in"] != width:
         raise InputError(
@@ -338,12 +371,15 @@ def _parse_dense(
         if "init" in spec:
             raise InputError(f"{at}: give either weight or init, not both")
         _check_finite(weight, f"{at}: weight")
+        _spend(budget, (width + 1) * out, at)
     else:
         out = spec.get("out")
         if not isinstance(out, int) or isinstance(out, bool) or out < 1:
             raise InputError(
                 f"{at}: dense layer needs out = a positive integer (or explicit weight)"
             )
+        check_int(out, f"{at}: out", 1, MAX_WIDTH)
+        _spend(budget, (width + 1) * out, at)
         weight = _param(
             spec, "weight", "init", (out, width), at, rng, width, out, default="xavier_uniform"
         )
@@ -388,7 +424,20 @@ def _param(
     scheme = init["scheme"]
     if scheme not in INIT_SCHEMES:
         raise InputError(f"{at}: unknown init scheme {scheme!r}; known: {', '.join(INIT_SCHEMES)}")
-    kwargs = {k: _number(v, f"{at}: {init_key}.{k}") for k, v in init.items() if k != "scheme"}
+    kwargs = {
+        k: check_float(_number(v, f"{at}: {init_key}.{k}"), f"{at}: {init_key}.{k}", -1e30, 1e30)
+        for k, v in init.items()
+        if k != "scheme"
+    }
+    if "std" in kwargs:
+        kwargs["std"] += 0.0  # -0.0 is 0 (numpy refuses a negative zero scale)
+    if kwargs.get("std", 1.0) < 0:
+        raise InputError(f"{at}: {init_key}.std must be >= 0 (got {kwargs['std']})")
+    if kwargs.get("low", -1.0) > kwargs.get("high", 1.0):
+        raise InputError(
+            f"{at}: {init_key}: low = {kwargs.get('low', -1.0)} is above high = "
+            f"{kwargs.get('high', 1.0)}; swap them"
+        )
     arr = init_array(scheme, shape, rng, fan_in, fan_out, **kwargs)
     _check_finite(arr, f"{at}: {init_key}")
     return arr

@@ -307,7 +307,7 @@ def parse_policy(name: str, table: Any, where: str = "network") -> Policy:
     base = Policy(name)
     if "extends" in table:
         parent = table["extends"]
-        if parent not in BUILTIN:
+        if not isinstance(parent, str) or parent not in BUILTIN:
             raise InputError(f"{at}: extends {parent!r}: known built-ins: {', '.join(BUILTIN)}")
         base = replace(BUILTIN[parent], name=name, description="")
     ops = dict(base.ops)

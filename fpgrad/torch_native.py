@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.formats import get_format
 from fpgrad.network import Layer, Network
@@ -181,6 +182,12 @@ class TorchModel:
             used = _dtype_name(w.dtype)
             out = F.linear(h, w, b)
         elif layer.kind == "batch_norm":
+            if h.shape[0] < 2:  # torch's training-mode BatchNorm1d refuses a batch of one
+                raise InputError(
+                    f"layer {layer.name} (batch_norm): torch normalises over the batch and needs "
+                    "at least 2 samples (the batch has 1); give more samples or a larger "
+                    "--batch-size"
+                )
             pd = DTYPES[lp.params or lp.compute]
             if module.weight.dtype == pd:
                 out = module(h)

@@ -500,7 +500,7 @@ def test_bad_files_around_the_model(tmp_path: Path, capsys: Any) -> None:
     (tmp_path / "model.pt").write_bytes(b"not a torch file")
     _one_line_error(["compare", str(path)], capsys, "not a state dict file of torch.save")
     (tmp_path / "model.pt").unlink()
-    _one_line_error(["compare", str(path)], capsys, "no such file")
+    _one_line_error(["compare", str(path)], capsys, "No such file")
     text = path.read_text()
     path.write_text(text.replace('state_dict = "model.pt"\n', ""))
     _one_line_error(["advise", str(path)], capsys, "model file needs state_dict")

@@ -72,15 +72,26 @@ class Grid:
             if axis not in given:
                 continue
             values: list[Any] = []
+            seen: set[Any] = set()
             for item in _items(axis, given[axis]):
                 for value in _parse_value(axis, item, task, policies):
-                    if value in values:
+                    if value in seen:
                         raise InputError(
                             f"grid axis {axis}: value {format_value(value)} given twice"
                         )
+                    seen.add(value)
                     values.append(value)
+                if len(values) > MAX_AXIS_VALUES:
+                    raise InputError(
+                        f"grid axis {axis} has more than {MAX_AXIS_VALUES} values; give fewer"
+                    )
             axes.append((axis, tuple(values)))
         out = cls(task, tuple(axes))
+        if len(out) > MAX_CELLS:
+            raise InputError(
+                f"the grid has {len(out)} cells ({out.describe()}), above {MAX_CELLS}; "
+                "give fewer values"
+            )
         if task == "train" and "loss_scale" in out.values:
             from fpgrad.train import parse_run
 
@@ -114,6 +125,10 @@ class Grid:
 
     def describe(self) -> str:
         return " x ".join(f"{a} ({len(v)})" for a, v in self.axes)
+
+
+MAX_AXIS_VALUES = 10_000  #: values of one axis (a range included)
+MAX_CELLS = 100_000  #: cells of one grid
 
 
 def _axis_name(name: str) -> str:
@@ -166,6 +181,11 @@ def _parse_value(
         lo, _, hi = text.partition("..")
         if axis == "seed":
             a, b = _parse_value(axis, lo, task)[0], _parse_value(axis, hi, task)[0]
+            if b - a >= MAX_AXIS_VALUES:
+                raise InputError(
+                    f"grid axis seed: range {text[:40]!r} has {b - a + 1} values, above "
+                    f"{MAX_AXIS_VALUES}; give a shorter range"
+                )
             values: list[Any] = list(range(a, b + 1))
         else:
             a, b = (math.frexp(_parse_value(axis, s, task)[0])[1] - 1 for s in (lo, hi))
@@ -178,6 +198,8 @@ def _parse_value(
             raise InputError(f"grid axis seed: {item!r} is not a non-negative integer")
         try:
             seed = int(item)
+            if not 0 <= seed < 2**63:
+                raise ValueError
         except ValueError:
             raise InputError(f"grid axis seed: {item!r} is not a non-negative integer") from None
         if seed < 0:

@@ -14,56 +14,140 @@ CELLS_FILE = "cells.jsonl"
 LOG_SCHEMA = "fpgrad.sweep.cells/1"
 
 
+_NUM = "num"  # a JSON number or "inf"/"-inf"/"nan"
+_RECORD = {"key": str, "axes": dict, "network_hash": str, "status": str}
+_OK = {  # the fields of an "ok" record that the table, CSV and plot read, per task
+    "compare": {
+        "counts": "counts",
+        "loss": {"value": _NUM, "verdict": str, "kind": (str, type(None))},
+        "certified_digits": _NUM,
+    },
+    "train": {
+        "counts": "counts",
+        "verdict_step": int,
+        "loss": {"first": _NUM, "last": _NUM, "exact_last": _NUM},
+        "distance": _NUM,
+        "swamped": _NUM,
+        "skipped": int,
+        "nonfinite": bool,
+        "events": {
+            "stall": bool,
+            "loss_floor": bool,
+            "limit_cycle": bool,
+            "chaotic": bool,
+            "first_overflow_step": (int, type(None)),
+        },
+    },
+}
+
+
+def _fits(value: Any, spec: Any) -> bool:
+    if spec == _NUM:
+        if isinstance(value, str):
+            return value in ("inf", "-inf", "nan")
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec == "counts":
+        return isinstance(value, dict) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value.values()
+        )
+    if isinstance(spec, dict):
+        return isinstance(value, dict) and all(
+            k in value and _fits(value[k], s) for k, s in spec.items()
+        )
+    if spec is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, spec)
+
+
+def record_problem(rec: Any, task: str) -> str | None:
+    """Why a cell line cannot be reused (None if it can)."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for name, kind in _RECORD.items():
+        if not isinstance(rec.get(name), kind):
+            return f"field {name} missing or not a {kind.__name__}"
+    status = rec["status"]
+    if status in ("input_error", "internal_error"):
+        return None if isinstance(rec.get("error"), str) else "field error missing"
+    if status != "ok":
+        return f"unknown status {status[:20]!r}"
+    for name, spec in _OK.get(task, {}).items():
+        if name not in rec or not _fits(rec[name], spec):
+            return f"field {name} missing or ill-formed"
+    return None
+
+
 class CellLog:
     """A header line (task and options), then one JSON line per finished cell, appended and
-    flushed to disk as each cell finishes; a truncated last line is dropped on reading."""
+    flushed to disk as each cell finishes. On reading, a truncated last line is dropped, and
+    a damaged or ill-formed line is reported (``notes``) and left out, so that its cell runs
+    again; the file is then rewritten without it."""
 
     def __init__(self, path: Path, header: dict[str, Any], restart: bool):
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
-        if restart and path.exists():
-            path.unlink()
-        lines = self._read() if path.exists() else []
-        if lines:
-            self._check_header(lines[0], header)
-            for rec in lines[1:]:
-                self.records[str(rec.get("key"))] = rec  # the last line of a key wins
+        self.notes: list[str] = []
+        self._file = None
         try:
+            if restart and path.exists():
+                path.unlink()
+            lines = self._read(header["task"]) if path.exists() else []
+            if lines:
+                self._check_header(lines[0], header)
+                for rec in lines[1:]:
+                    self.records[rec["key"]] = rec  # the last line of a key wins
+            if self.notes:
+                self._rewrite([lines[0], *self.records.values()])
             self._file = path.open("a", encoding="utf-8")
+            if not lines:
+                self._write(header)
         except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror}") from None
-        if not lines:
-            self._write(header)
+            raise _write_error(path, exc, len(self.records)) from None
 
-    def _read(self) -> list[dict[str, Any]]:
-        data = self.path.read_bytes()
+    def _read(self, task: str) -> list[dict[str, Any]]:
+        from fpgrad.validate import read_bytes
+
+        data = read_bytes(self.path, "cell log")
         out: list[dict[str, Any]] = []
-        good = 0  # bytes up to the end of the last complete line
-        for number, line in enumerate(data.split(b"\n"), start=1):
-            end = good + len(line) + 1
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
-                good = min(end, len(data))
                 continue
+            last = number == len(lines)  # no newline after it: cut short by an interruption
             try:
                 obj = json.loads(line)
+            except (ValueError, RecursionError):
+                if last:
+                    self.notes.append(f"{self.path}: line {number} was cut short; dropped")
+                    continue
+                obj = None
+            if not out:  # the header
                 if not isinstance(obj, dict):
-                    raise ValueError
-            except ValueError:
-                if end >= len(data):  # a last line cut short by an interruption
-                    break
-                raise InputError(
-                    f"{self.path}: line {number} is not a JSON object; the file is damaged: "
-                    "use --restart (or a new --out)"
-                ) from None
+                    raise InputError(
+                        f"{self.path}: line {number} (the header) is damaged; use a new --out "
+                        "or --restart"
+                    )
+                out.append(obj)
+                continue
+            problem = record_problem(obj, task) if obj is not None else "not JSON"
+            if problem:
+                self.notes.append(
+                    f"{self.path}: line {number} is damaged ({problem}); skipped, its cell "
+                    "runs again"
+                )
+                continue
             out.append(obj)
-            good = min(end, len(data))
-        if good < len(data) or (data and not data.endswith(b"\n")):
-            with self.path.open("r+b") as f:  # drop the partial line, end on a newline
-                f.truncate(good)
-                if good and not data[:good].endswith(b"\n"):
-                    f.seek(good)
-                    f.write(b"\n")
         return out
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        from fpgrad.jsonutil import dumps
+
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def _check_header(self, found: dict[str, Any], header: dict[str, Any]) -> None:
         if found.get("schema") != LOG_SCHEMA:
@@ -90,8 +174,23 @@ class CellLog:
         os.fsync(self._file.fileno())
 
     def append(self, record: dict[str, Any]) -> None:
-        self._write(record)
+        try:
+            self._write(record)
+        except OSError as exc:
+            raise _write_error(self.path, exc, len(self.records)) from None
         self.records[record["key"]] = record
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:  # the write that failed has been reported
+                pass
+
+
+def _write_error(path: Path, exc: OSError, kept: int) -> InputError:
+    """An unwritable or full output, as bad input: the cells written so far are kept."""
+    return InputError(
+        f"cannot write {path}: {exc.strerror or exc}; free space or choose another --out "
+        f"(the {kept} cells read or finished before are kept there; rerun to continue)"
+    )

@@ -29,6 +29,7 @@ class SweepResult:
     ran: int = 0  #: cells computed by this call
     reused: int = 0  #: cells read from cells.jsonl
     files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  #: damaged log lines skipped, one each
 
     @property
     def complete(self) -> bool:

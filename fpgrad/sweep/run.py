@@ -13,6 +13,7 @@ from fpgrad.sweep.grid import TASKS, Grid
 from fpgrad.sweep.log import CELLS_FILE, LOG_SCHEMA, CellLog
 from fpgrad.sweep.result import SweepResult
 from fpgrad.sweep.runners import run_dask, run_inline, run_local
+from fpgrad.validate import MAX_EXACT_BITS
 
 if TYPE_CHECKING:
     from fpgrad.network import Network
@@ -37,6 +38,10 @@ def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
         opts["exact_bits"] = DEFAULT_BITS
     if opts["exact_bits"] < MIN_BITS:
         raise InputError(f"--exact-bits {opts['exact_bits']} is too low: use at least {MIN_BITS}")
+    if opts["exact_bits"] > MAX_EXACT_BITS:
+        raise InputError(
+            f"--exact-bits {opts['exact_bits']} is too high: use at most {MAX_EXACT_BITS}"
+        )
     if task == "compare":
         from fpgrad.compare import REFERENCES
 
@@ -63,11 +68,44 @@ def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _write_text(path: Path, text: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {path}: {exc.strerror or exc}; free space or choose another --out "
+            f"(the finished cells are kept in {path.parent / CELLS_FILE}; rerun to write it)"
+        ) from None
+
+
+class OutputLock:
+    """An exclusive lock on an output directory (``DIR/.lock``, released when its holder
+    exits, even killed): a second sweep into the same directory is refused."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out / ".lock"
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(
+                f"cannot write in {str(out)!r}: {exc.strerror}; choose another --out"
+            ) from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise InputError(
+                f"another sweep is writing {str(out)!r} (it holds {self.path}); wait for it to "
+                "finish or choose another --out"
+            ) from None
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing the descriptor releases the lock
 
 
 def sweep(
@@ -111,10 +149,35 @@ def sweep(
             f"{src.where} has no init to re-draw"
         )
     out = Path(out_dir)
+    if not str(out_dir).strip():
+        raise InputError("--out is empty; name a directory")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is an existing file; name a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create output directory {str(out)!r}: {exc.strerror}") from None
+    lock = OutputLock(out)
+    try:
+        return _sweep_locked(
+            src, task, g, opts, out, workers, scheduler, progress, restart, max_cells
+        )
+    finally:
+        lock.release()
+
+
+def _sweep_locked(
+    src: Source,
+    task: str,
+    g: Grid,
+    opts: dict[str, Any],
+    out: Path,
+    workers: int | None,
+    scheduler: Any,
+    progress: bool,
+    restart: bool,
+    max_cells: int | None,
+) -> SweepResult:
 
     cells = g.cells()
     jobs: list[CellJob] = []
@@ -130,7 +193,11 @@ def sweep(
         todo: list[CellJob] = []
         for job in jobs:
             old = log.records.get(job.key)
-            if old is None or old.get("status") not in ("ok", "input_error"):
+            if (
+                old is None
+                or old.get("status") not in ("ok", "input_error")
+                or old.get("axes") != jsonable(job.axes)
+            ):
                 todo.append(job)
             elif old.get("network_hash") != job.network_hash:
                 raise InputError(
@@ -173,6 +240,7 @@ def sweep(
     finally:
         log.close()
     result = SweepResult(src.network.name, task, g, opts, records, out, len(todo), reused)
+    result.notes = list(log.notes)
     _write_text(out / "sweep.md", result.render())
     _write_text(out / "sweep.json", result.to_json() + "\n")
     _write_text(out / "sweep.csv", result.to_csv())

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,11 +13,35 @@ from fpgrad.sweep import cells
 from fpgrad.sweep.cells import CellJob
 
 
-def _worker_init() -> None:
-    """Local workers leave Ctrl-C to the parent, which stops them."""
+def _worker_init(parent: int) -> None:
+    """Local workers leave Ctrl-C to the parent, which stops them, drop library warnings, and
+    die with the parent: on Linux the kernel kills them when it dies (``PR_SET_PDEATHSIG``);
+    elsewhere, and as a backstop, a thread checks every second that the parent is still there."""
     import signal
+    import threading
+    import warnings
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")  # as in the CLI: no library warning adds lines to stderr
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread does it
+            pass
+    if os.getppid() != parent:  # the parent died before the death signal was set
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _failure(job: CellJob, exc: BaseException) -> dict[str, Any]:
@@ -41,6 +67,7 @@ def run_local(jobs: list[CellJob], workers: int, done: Callable[[dict[str, Any]]
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),  # torch and fork do not mix
         initializer=_worker_init,
+        initargs=(os.getpid(),),
     )
     try:
         futures = {pool.submit(cells.run_cell, job): job for job in jobs}
