@@ -7,6 +7,7 @@ raise anything else and never claim something wrong.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fpgrad.errors import InputError
@@ -78,3 +79,82 @@ def test_adam_exact_trajectory_with_a_zero_gradient_does_not_crash() -> None:
         )
     except InputError:
         pass
+
+
+# ---- 3. fast balls: NaN radii (0 * inf) pass as certified values ---------------------------
+# A batch-norm column whose two inputs differ only below the fast path's precision
+# (1 + 2**-120 + 2**-200 vs 1 + 2**-120: the Ozaki product keeps ~2**-130) gets xc = x - mean
+# with midpoint exactly 0 and a radius r; var + eps = [eps +/- r**2] contains 0, so
+# inv = 1 / sqrt(var + eps) gets an infinite radius (jit_ball.binop DIV: den <= 0 -> inf) and
+# xhat = xc * inv a NaN radius (MUL: |xc0| * r_inv = 0 * inf). NaN radii are neither "zero"
+# nor "undetermined" in exact.ball_digits (comparisons with NaN are False), their digits are
+# NaN, _summarise's min() skips NaN, BallArith.positive never flags them: the fast run
+# "stands" with 40 certified digits while every downstream value is wrong.
+# Exact values (tests/oracle and by hand): x0 - x1 = 2**-200, var = 2**-402 >> eps, so
+# xhat = +-(1 - 5e-80), y = [1, -1], loss = ((1 - 0.5)**2 + (-1 - 0.25)**2) / 2 = 0.90625.
+def _bn_below_precision_net(eps: float = 1e-200):  # noqa: ANN202
+    layers = [
+        {"type": "dense", "in": 3, "out": 1, "weight": [[1.0, 1.0, 1.0]], "bias": [0.0]},
+        {"type": "batch_norm", "eps": eps},
+    ]
+    x = [[1.0, 2.0**-120, 2.0**-200], [1.0, 2.0**-120, 0.0]]
+    return net_from(layers, "mse", x, [[0.5], [0.25]])
+
+
+def test_nan_radius_is_never_certified() -> None:
+    r = exact_trace(_bn_below_precision_net(), allow_uncertified=True)
+    for key in r.keys():
+        _, rad = r.enclosure(key)
+        claimed = ~(r.zero(key) | r.undetermined(key))
+        assert np.all(np.isfinite(rad[claimed])), f"{key}: certified with radius {rad}"
+        assert not np.any(np.isnan(r.digits[key])), f"{key}: digits {r.digits[key]}"
+
+
+def test_batch_norm_below_fast_precision_loss_is_enclosed() -> None:
+    r = exact_trace(_bn_below_precision_net(), allow_uncertified=True)
+    mid, rad = r.enclosure("loss")
+    # claimed (fast, 40 digits): 0.15625 +/- nan; exact 0.90625 (to 1e-70)
+    assert not r.undetermined("loss")
+    assert abs(float(mid) - 0.90625) <= float(rad) + 1e-60, (r.method, mid, rad)
+
+
+def test_batch_norm_below_fast_precision_output_signs() -> None:
+    r = exact_trace(_bn_below_precision_net(), allow_uncertified=True)
+    mid, _ = r.enclosure("forward/batch_norm1")
+    claimed = ~(r.zero("forward/batch_norm1") | r.undetermined("forward/batch_norm1"))
+    exact_sign = np.array([[1.0], [-1.0]])  # y = gamma xhat + beta = +-(1 - 5e-80)
+    got = np.sign(np.array([[float(v) for v in row] for row in mid]))
+    assert np.all(got[claimed] == exact_sign[claimed]), (got, r.digits["forward/batch_norm1"])
+
+
+def test_batch_norm_below_fast_precision_default_eps() -> None:
+    # the same with eps = 1e-5: inputs near 2**130 make r**2 > eps
+    layers = [
+        {"type": "dense", "in": 3, "out": 1, "weight": [[1.0, 1.0, 1.0]], "bias": [0.0]},
+        {"type": "batch_norm"},
+    ]
+    x = [[2.0**130, 2.0**10, 2.0**-70], [2.0**130, 2.0**10, 0.0]]
+    r = exact_trace(net_from(layers, "mse", x, [[0.5], [0.25]]), allow_uncertified=True)
+    mid, _ = r.enclosure("forward/batch_norm1")
+    und = r.undetermined("forward/batch_norm1")
+    # exact y = +-1.339e-19 (2**-71 / sqrt(2**-142 + 1e-5)); claimed: mid 0, "certified"
+    assert und[0, 0] or float(mid[0, 0]) > 0, (mid, r.digits["forward/batch_norm1"])
+
+
+def test_exact_trajectory_certifies_wrong_parameters() -> None:
+    # one SGD step (lr 1/8): exact dL/dgamma = sum(dy xhat) = 0.5 + 1.25 = 1.75, so
+    # gamma' = 1 - 1.75/8 = 0.78125; dL/dW[0, 2] ~ 1e-79, so W'[0, 2] = 1 (to 1e-70).
+    # Claimed (fast, 45 certified digits): gamma' = 1.0, W'[0, 2] = 9.7e37.
+    res = train(
+        _bn_below_precision_net(),
+        1,
+        OptimConfig(lr=0.125),
+        runs="float32",
+        perturb=False,
+        verdict_every=1000,
+        exact_method="auto",
+    )
+    final = res.exact.params[-1]  # dense0.weight (3), dense0.bias, gamma, beta
+    if res.exact_certified_digits >= 17:
+        assert abs(final[2] - 1.0) < 1e-12, final
+        assert abs(final[4] - 0.78125) < 1e-12, final
