@@ -8,7 +8,6 @@ raise anything else and never claim something wrong.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from fpgrad.errors import InputError
 from fpgrad.exact import exact_trace
@@ -64,7 +63,10 @@ def test_adam_exact_trajectory_with_a_zero_gradient_does_not_crash() -> None:
     # dL/db = 0 exactly (odd symmetry: tanh(w) + tanh(-w)), enclosed by Arb as [0 +/- r];
     # Adam's v = (1 - b2) g*g straddles 0 and Arb's sqrt(v) is nan (fpgrad/optim.py
     # ArithOptimizer.step); ExactRun.ball_digits -> arb_digits -> radii() raises ValueError.
-    layers = [{"type": "dense", "in": 1, "out": 1, "weight": [[0.5]], "bias": [0.0]}, {"type": "tanh"}]
+    layers = [
+        {"type": "dense", "in": 1, "out": 1, "weight": [[0.5]], "bias": [0.0]},
+        {"type": "tanh"},
+    ]
     net = net_from(layers, "mse", [[1.0], [-1.0]], [[0.0], [0.0]])
     try:
         train(
