@@ -8,6 +8,7 @@ raise anything else and never claim something wrong.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fpgrad.errors import InputError
 from fpgrad.exact import exact_trace
@@ -160,3 +161,71 @@ def test_exact_trajectory_certifies_wrong_parameters() -> None:
     if res.exact_certified_digits >= 17:
         assert abs(final[2] - 1.0) < 1e-12, final
         assert abs(final[4] - 0.78125) < 1e-12, final
+
+
+def _fan_in_net(seed: int, rep: int, n: int = 24):  # noqa: ANN202
+    """Random 2 x n fan-in net with exact cancellation pairs and exponents 2**+-spread
+    (replays the attack fuzzer's generator: rep-th draw of seed)."""
+    rng = np.random.default_rng(seed)
+    for i in range(rep + 1):
+        spread = int(rng.choice([0, 40, 200, 350]))
+        x = rng.normal(size=(2, n)) * np.ldexp(1.0, rng.integers(-spread, spread + 1, (2, n)))
+        w = rng.normal(size=(2, n)) * np.ldexp(1.0, rng.integers(-spread, spread + 1, (2, n)))
+        h = n // 2
+        x[:, h : 2 * h] = x[:, :h]
+        w[:, h : 2 * h] = -w[:, :h]
+        w[0, -1] = rng.choice([0.0, 2.0 ** -int(rng.integers(100, 700))])
+        act = str(rng.choice(["relu", "tanh", "sigmoid", "leaky_relu"]))
+        loss = str(rng.choice(["mse", "cross_entropy", "bce"]))
+        layers = [
+            {
+                "type": "dense",
+                "in": n,
+                "out": 2,
+                "weight": w.tolist(),
+                "bias": [0.0, float(rng.normal())],
+            },
+            {"type": act},
+            {
+                "type": "dense",
+                "in": 2,
+                "out": 2,
+                "weight": rng.normal(size=(2, 2)).tolist(),
+                "bias": [0.0, 0.0],
+            },
+        ]
+        if rng.random() < 0.3:
+            layers.insert(1, {"type": "batch_norm"})
+        y = [0, 1] if loss == "cross_entropy" else rng.choice([0.0, 1.0, 0.5], size=(2, 2)).tolist()
+        if i == rep:
+            return net_from(layers, loss, x.tolist(), y)
+    raise AssertionError
+
+
+@pytest.mark.parametrize("rep", [0, 2])
+def test_random_fan_in_with_wide_exponents_does_not_crash(rep: int) -> None:
+    # rep 0: tanh + cross-entropy, exponents up to 2**+-350; rep 2: tanh + mse, 2**+-200.
+    # The fast path declines (range), Arb at 256 bits meets a non-finite ball and radii()
+    # raises ValueError (man_exp on an infinite radius) before any escalation.
+    _exact_or_refuse(_fan_in_net(2, rep))
+
+
+# ---- 4. tanh error constant: less than the 3 bits of margin the docs promise ----------------
+def test_tanh_error_keeps_its_documented_margin_near_2_to_minus_10() -> None:
+    # README / ball.py: the elementary error constants are "verified against mpmath with at
+    # least 3 bits to spare" (measured worst 2**-150 at k=3, eta_fn = 2**-146). Just above
+    # |z| = 2**-10 (where tanh leaves expm1's small path, jit_elementary.tanh) tanh computes
+    # E - 1 with ~9 bits of cancellation: measured 2**-148.1 here (err/rad = 0.23 > 1/8).
+    import mpmath
+
+    from fpgrad.arith import expansion as xp
+    from fpgrad.arith.ball import Ball, BallArith
+
+    ctx = mpmath.MPContext()
+    ctx.prec = 400
+    z = np.array([[0.000976605330246485], [1.3979744922722962e-20], [-7.5238034859225e-37]])
+    ar = BallArith(150)
+    t = ar.tanh(Ball(z, np.zeros(1)))
+    got = xp.to_mpf(t.mid, ctx)[0]
+    want = ctx.tanh(xp.to_mpf(z, ctx)[0])
+    assert abs(got - want) <= abs(want) * ar.eta_fn / 8
