@@ -55,7 +55,9 @@ def build_mlp(widths: tuple[int, ...], batch: int, seed: int = 0):  # noqa: ANN2
             layers.append(Layer(f"relu{2 * i + 1}", "relu"))
     x = rng.uniform(0.0, 1.0, size=(batch, widths[0]))  # pixel-like inputs
     y = rng.integers(0, widths[-1], size=batch).astype(np.float64)
-    return Network(tuple(layers), Loss("cross_entropy"), x, y, name=f"mlp-{'-'.join(map(str, widths))}")
+    return Network(
+        tuple(layers), Loss("cross_entropy"), x, y, name=f"mlp-{'-'.join(map(str, widths))}"
+    )
 
 
 def _torch_f64(net, repeats: int) -> float:  # noqa: ANN001
@@ -129,7 +131,9 @@ def child(size: str, batch: int, tasks: list[str], bits: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default=",".join(SIZES), help="millions of parameters: " + ", ".join(SIZES))
+    ap.add_argument(
+        "--sizes", default=",".join(SIZES), help="millions of parameters: " + ", ".join(SIZES)
+    )
     ap.add_argument("--tasks", default="exact,compare,advise", help="of: " + ", ".join(TASKS))
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--bits", type=int, default=150, help="exact precision (fast method)")
@@ -146,7 +150,12 @@ def main() -> int:
     sizes = [s for s in args.sizes.split(",") if s]
     if bad := [s for s in sizes if s not in SIZES]:
         ap.error(f"unknown size {bad[0]!r}; choose from {', '.join(SIZES)}")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     env["PYTHONPATH"] = str(ROOT)
     limit = int(args.limit_gib * 2**30)
     print(
@@ -179,7 +188,9 @@ def main() -> int:
         for r in rows:
             ratio = f"{r['s'] / base:8.1f}x" if base else ""
             extra = f"  certified {r['digits']} digits" if "digits" in r else ""
-            print(f"  {r['phase']:24s} {r['s']:9.3f} s {ratio}  peak RSS {r['rss_mib']:7.0f} MiB{extra}")
+            print(
+                f"  {r['phase']:24s} {r['s']:9.3f} s {ratio}  peak RSS {r['rss_mib']:7.0f} MiB{extra}"
+            )
         if status != "exit 0":
             last = err.strip().splitlines()[-1] if err.strip() else ""
             print(f"  stopped: {status} {last}")
