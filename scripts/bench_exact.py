@@ -240,7 +240,10 @@ def main() -> int:
     for width in [int(w) for w in args.widths.split(",") if w]:
         wide = build_mlp(args.batch, sizes=(SIZES[0], width, width, SIZES[-1]))
         t_t, t_e = interleaved(
-            [torch_step(wide), lambda w=wide: exact_trace(w, args.bits, method="fast", progress=False)],
+            [
+                torch_step(wide),
+                lambda w=wide: exact_trace(w, args.bits, method="fast", progress=False),
+            ],
             max(2, args.repeats // 2),
             [10, 1],
         )
