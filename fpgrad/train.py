@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -521,6 +522,9 @@ class ExactRun:
         self.history = History(f"exact@{bits}")
         self.exact_params: list[dict[str, Any]] = []
         self.vanishing = 0  #: ball runs: parameter values set to exact zeros (cancellation)
+        self.steps_done = 0
+        #: why this run was given up for another (the ball run falling back to mpmath), or None
+        self.fallback: str | None = None
 
     def vector(self) -> np.ndarray:
         return _flat([self.ar.to_float64(v) for v in self.params.values()])
@@ -545,6 +549,27 @@ class ExactRun:
         hist.moved.append(moved)
         hist.params.append(self.vector())
         self.exact_params.append(dict(new))
+        self.steps_done += 1
+
+    def why_not_certified(self) -> str | None:
+        """Ball runs: why the balls cannot vouch after the last step, or None (a value out of
+        range, a ReLU branch undecided, a parameter certified to fewer than 17 digits)."""
+        errors = getattr(self.ar, "range_errors", 0)
+        if errors:
+            return f"{errors} value(s) left 2**-800..2**800 or underflowed"
+        branches = getattr(self.ar, "uncertain_branches", 0)
+        if branches:
+            return f"{branches} ReLU input(s) whose ball contains 0"
+        from fpgrad.exact import ball_digits
+
+        worst = float(self._cap())
+        for ball in self.exact_params[-1].values():
+            d, _ = ball_digits(ball, self._cap(), self.ar.bits // 2, 0.0)
+            if d.size:
+                worst = min(worst, float(np.min(d)))
+        if worst < 17:
+            return f"the parameters' balls certify {worst:.1f} digits, fewer than 17"
+        return None
 
     def _zero_vanishing(self, params: dict[str, Any]) -> dict[str, Any]:
         """Balls that are exact zeros up to cancellation noise (a bias before batch norm), by
@@ -615,7 +640,9 @@ def exact_trajectory(
     """
     from fpgrad.arith.ball import MAX_BITS
 
-    def steps(runs: list[ExactRun], what: str) -> None:
+    def steps(runs: list[ExactRun], what: str, watch: bool = False) -> str | None:
+        """Run the schedule; ``watch``: stop at the first step the balls cannot vouch for
+        (returns why, naming the step)."""
         for r in runs:
             r.record_initial()
         iterator: Any = schedule
@@ -626,14 +653,20 @@ def exact_trajectory(
         for rows in iterator:
             for r in runs:
                 r.step(rows)
+            if watch:
+                why = runs[0].why_not_certified()
+                if why is not None:
+                    return f"the balls give up at step {runs[0].steps_done}: {why}"
             if any(r.failed() for r in runs):
-                return
+                return None
+        return None
 
     if method not in ("auto", "fast", "mpmath"):
         raise InputError(f"unknown exact method {method!r}; use auto, fast or mpmath")
+    why = None
     if method != "mpmath" and bits <= MAX_BITS:
         run = ExactRun(net, cfg, bits, balls=True)
-        steps([run], "balls")
+        why = steps([run], "balls", watch=method == "auto") or "the balls cannot vouch"
         if not run.failed():
             digits = run.ball_digits()
             if digits >= 17 or method == "fast":
@@ -643,7 +676,12 @@ def exact_trajectory(
             "the fast exact run cannot certify this training (bits above 150, a value out of "
             "2**-800..2**800 or a ReLU input too close to 0); use --exact-method mpmath"
         )
+    fallback = None
+    if why is not None:  # the balls were tried (auto) and gave up
+        fallback = f"the certified exact run falls back to mpmath (slower): {why}"
+        print(f"fpgrad train: {fallback}", file=sys.stderr)
     exact, check = ExactRun(net, cfg, bits), ExactRun(net, cfg, 2 * bits)
+    exact.fallback = fallback
     steps([exact, check], "mpmath")
     return exact, _trajectory_digits(exact.exact_params, check.exact_params, bits), "mpmath"
 
@@ -849,7 +887,7 @@ def _train(
                 )
             if label in twins:
                 twins[label].step(rows)
-    notes = []
+    notes = [exact.fallback] if exact.fallback else []
     if exact.vanishing:
         notes.append(
             f"{exact.vanishing} exact parameter values (over all steps) are zero to within "

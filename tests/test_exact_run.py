@@ -109,3 +109,45 @@ def test_out_of_range_values_fall_back_to_mpmath() -> None:
 def _small() -> tuple:
     layers, loss, y = NETS["tanh_mse"]
     return layers, loss, X, y
+
+
+def test_fallback_names_its_step_and_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    # a hidden unit whose pre-activation is exactly 0 for one sample: its ReLU branch is
+    # undecided in balls at step 1, so auto falls back to mpmath and says where and why
+    net = net_from(
+        [
+            {"type": "dense", "weight": [[1.0, -1.0], [0.5, 0.25]], "bias": [0.0, 0.1]},
+            {"type": "relu"},
+            {"type": "dense", "weight": [[1.0, -2.0]], "bias": [0.0]},
+        ],
+        "mse",
+        [[0.5, 0.5], [1.0, -1.0]],
+        [[0.3], [0.1]],
+    )
+    run, _, method = exact_trajectory(net, OptimConfig(lr=0.1), batch_schedule(2, 3, None, 0), 64)
+    assert method == "mpmath"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "falls back to mpmath" in err and "at step 1" in err, err
+    assert "ReLU" in err and run.fallback and run.fallback in err
+    result = train(net, steps=3, cfg=OptimConfig(lr=0.1), runs="float32", exact_bits=64)
+    assert result.notes[0] == run.fallback and run.fallback in capsys.readouterr().err
+    fast, _, method = exact_trajectory(
+        net, OptimConfig(lr=0.1), batch_schedule(2, 3, None, 0), 64, "mpmath"
+    )
+    assert (
+        method == "mpmath" and fast.fallback is None and "falls back" not in capsys.readouterr().err
+    )
+
+
+def test_why_not_certified_counts_digits() -> None:
+    layers, loss, y = NETS["tanh_mse"]
+    net = net_from(layers, loss, X, y, seed=3)
+    run = ExactRun(net, OptimConfig(lr=0.1), 150, balls=True)
+    run.record_initial()
+    run.step(np.arange(6))
+    assert run.why_not_certified() is None
+    key = next(iter(run.params))
+    ball = run.exact_params[-1][key]
+    ball.rad[...] = np.abs(ball.mid[0]) * 1e-12  # 12 digits
+    why = run.why_not_certified()
+    assert why is not None and "fewer than 17" in why and "1" in why
