@@ -54,6 +54,7 @@ from fpgrad.exact import DEFAULT_BITS, exact_trace
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
+from fpgrad.progress import phase
 from fpgrad.verdicts import ExactArray, classify
 
 GROUPS = ("gradients", "signals")
@@ -318,6 +319,7 @@ def advise(
     exponents: tuple[int, int] | None = None,
     measure: bool = True,
     allow_uncertified: bool = False,
+    progress: bool | None = None,
 ) -> Advice:
     """Loss-scale advice for ``net`` in the format ``fmt`` (see the module docstring).
 
@@ -327,7 +329,8 @@ def advise(
     scaler (torch formats only). ``fmt`` defaults to float16, or with a precision ``policy``
     (``autocast``, a network file's own) to its narrowest format: only values the policy
     computes in ``fmt`` are judged (gradients of layers computing in it, signals output in it,
-    the seed if the loss is), and torch is measured running the policy.
+    the seed if the loss is), and torch is measured running the policy. ``progress``: bars on
+    stderr for phases over 2 s (None: when stderr is a terminal).
     """
     plan = None
     if policy is not None:
@@ -350,7 +353,7 @@ def advise(
             f"{f.name} needs no loss scale (its range covers every exact gradient here); "
             "advise for float16, bfloat16 or an 8-bit format"
         )
-    exact = exact_trace(net, bits, allow_uncertified=allow_uncertified)
+    exact = exact_trace(net, bits, allow_uncertified=allow_uncertified, progress=progress)
     in_f = _in_format(net, plan, f.name)
     grads = _Values.of(
         [
@@ -373,7 +376,10 @@ def advise(
     ka = max(-_K_LIMIT, math.floor(math.log2(lim.underflow / hi_all)) - 2)
     kb = min(_K_LIMIT, math.ceil(math.log2(lim.overflow / lo_all)) + 2)
     span = range(ka, kb + 1)
-    table = {k: _row_counts(groups, seed, lim, k) for k in span}
+    table = {
+        k: _row_counts(groups, seed, lim, k)
+        for k in phase(span, "fpgrad advise: counts per scale", progress, "scale")
+    }
 
     def lowest(ok: Any) -> int | None:
         return next((k for k in span if ok(table[k])), None)
@@ -498,7 +504,7 @@ def advise(
         stride = math.ceil(len(ks) / MAX_ROWS)
         ks = sorted({*ks[::stride], *(k for k in keys if start <= k <= stop)})
     rows = []
-    for k in ks:
+    for k in phase(ks, "fpgrad advise: rows" + (" (torch)" if measurer else ""), progress, "row"):
         counts = table.get(k) or _row_counts(groups, seed, lim, k)
         row: dict[str, Any] = {"exponent": k, "scale": math.ldexp(1.0, k), **counts}
         if measurer is not None:

@@ -23,6 +23,7 @@ from fpgrad.jsonutil import jsonable
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
 from fpgrad.precisions import Precision, parse_precisions
+from fpgrad.progress import phase
 from fpgrad.rounding import round_to
 from fpgrad.scaling import StaticScaler
 from fpgrad.verdicts import VERDICTS, ExactArray, classify
@@ -140,6 +141,7 @@ def compare(
     allow_uncertified: bool = False,
     loss_scale: float = 1.0,
     exact: ExactResult | None = None,
+    progress: bool | None = None,
 ) -> Comparison:
     """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
 
@@ -148,6 +150,7 @@ def compare(
     precision backpropagates S * loss, and backward values and gradients are judged as
     computed, against S times the exact ones. ``exact``: a precomputed
     ``exact_trace(net, exact_bits, allow_uncertified=...)`` of this same network, reused.
+    ``progress``: bars on stderr for phases over 2 s (None: when stderr is a terminal).
     """
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
@@ -155,7 +158,7 @@ def compare(
     precs = parse_precisions(precisions, net.policies)
     plans = {p.name: p.plan(net) for p in precs}
     if exact is None:
-        exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified)
+        exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified, progress=progress)
     elif exact.bits != exact_bits:
         raise InputError(f"the exact trace given has {exact.bits} bits, not {exact_bits}")
     refs: dict[str, ExactResult] = {}
@@ -166,10 +169,15 @@ def compare(
                 if p.kind == "policy"
                 else net.map_values(lambda a, fmt=p.fmt: round_to(a, fmt))
             )
-            refs[p.name] = exact_trace(rounded, exact_bits, allow_uncertified=allow_uncertified)
+            refs[p.name] = exact_trace(
+                rounded, exact_bits, allow_uncertified=allow_uncertified, progress=progress
+            )
         else:
             refs[p.name] = exact
-    traces = {p.name: p.run(net, loss_scale) for p in precs}
+    traces = {
+        p.name: p.run(net, loss_scale)
+        for p in phase(precs, "fpgrad compare: precisions", progress, "precision")
+    }
     scaled = {p.name: _Scaled(refs[p.name], loss_scale) for p in precs}
     certified = min(r.certified_digits for r in (exact, *refs.values()))
     vanishing = max(r.vanishing for r in (exact, *refs.values()))
