@@ -3,7 +3,8 @@
 Each case runs in a child process of its own (so its peak RSS is its own) under an
 address-space limit (``--limit-gib``, default 4, as ``ulimit -v``), with BLAS and torch on one
 thread. Per case it prints the time of one torch float64 forward+backward of the same model
-(fastest of a few, measured first in the same process), and as ratios to it:
+(fastest of a few, measured first in the same process; process CPU time, which on one thread
+is the work done whatever else runs on a shared machine, and wall time), and as ratios to it:
 
 * ``exact``: the certified exact trace alone (:func:`fpgrad.exact.exact_trace`, fast method);
 * ``compare``: :func:`fpgrad.compare.compare` with float16, bfloat16, float32, reusing that
@@ -11,7 +12,8 @@ thread. Per case it prints the time of one torch float64 forward+backward of the
 * ``advise``: :func:`fpgrad.advisor.advise` (float16, no torch measurement), its own exact
   trace included;
 
-with the child's peak RSS after each phase. A phase that exceeds ``--timeout`` seconds or the
+with the child's peak RSS after each phase, and with ``--profile N`` where its time goes (its N
+functions of largest own time, cProfile). A phase that exceeds ``--timeout`` seconds or the
 memory limit ends the case and is reported as such (the benchmark goes on with the next).
 Usage: ``python scripts/bench_scale.py [--sizes 0.1,0.67,1.86,5.8] [--tasks exact,compare,advise]``.
 """
@@ -60,8 +62,8 @@ def build_mlp(widths: tuple[int, ...], batch: int, seed: int = 0):  # noqa: ANN2
     )
 
 
-def _torch_f64(net, repeats: int) -> float:  # noqa: ANN001
-    """Fastest wall time of one torch float64 forward+backward of ``net``."""
+def _torch_f64(net, repeats: int) -> tuple[float, float]:  # noqa: ANN001
+    """Fastest (CPU, wall) times of one torch float64 forward+backward of ``net``."""
     import time
 
     import torch
@@ -73,23 +75,28 @@ def _torch_f64(net, repeats: int) -> float:  # noqa: ANN001
          torch.tensor(ly.params["bias"], requires_grad=True))
         for ly in net.layers if ly.kind == "dense"
     ]  # fmt: skip
-    best = float("inf")
+    best, best_wall = float("inf"), float("inf")
     for _ in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0, w0 = time.process_time(), time.perf_counter()
         h = x
         for i, (w, b) in enumerate(params):
             h = torch.addmm(b, h, w.T)
             if i < len(params) - 1:
                 h = torch.relu(h)
         torch.nn.functional.cross_entropy(h, y).backward()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
+        best_wall = min(best_wall, time.perf_counter() - w0)
         for w, b in params:
             w.grad = b.grad = None
-    return best
+    return best, best_wall
 
 
-def child(size: str, batch: int, tasks: list[str], bits: int) -> None:
-    """One case: prints one JSON line per phase (name, seconds, peak RSS in MiB)."""
+def child(size: str, batch: int, tasks: list[str], bits: int, profile: int) -> None:
+    """One case: prints one JSON line per phase (name, CPU and wall seconds, peak RSS in MiB,
+    with ``profile`` the phase's top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
     import resource
     import time
 
@@ -99,34 +106,54 @@ def child(size: str, batch: int, tasks: list[str], bits: int) -> None:
     sys.path.insert(0, str(ROOT))
     from fpgrad.exact import exact_trace
 
-    def emit(phase: str, seconds: float, **extra: object) -> None:
+    def timed(phase: str, fn, **extra: object):  # noqa: ANN001, ANN202
+        prof = cProfile.Profile() if profile else None
+        t0, w0 = time.process_time(), time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        out = fn()
+        if prof is not None:
+            prof.disable()
+        cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+        top = []
+        if prof is not None:
+            stats = pstats.Stats(prof, stream=io.StringIO()).stats  # type: ignore[attr-defined]
+            rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:profile]
+            top = [
+                [f"{Path(f).name}:{line}({name})", round(v[2], 3)] for (f, line, name), v in rows
+            ]
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"phase": phase, "s": seconds, "rss_mib": rss, **extra}), flush=True)
+        extra = {k: (v(out) if callable(v) else v) for k, v in extra.items()}
+        row = {"phase": phase, "s": cpu, "wall": wall, "rss_mib": rss, "top": top, **extra}
+        print(json.dumps(row), flush=True)
+        return out
 
     net = build_mlp(SIZES[size], batch)
     params = sum(a.size for ly in net.layers for a in ly.params.values())
-    emit("torch float64", _torch_f64(net, 3), params=int(params))
+    cpu, wall = _torch_f64(net, 3)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = {"phase": "torch float64", "s": cpu, "wall": wall, "rss_mib": rss, "params": int(params)}
+    print(json.dumps(row), flush=True)
     exact = None
     if "exact" in tasks or "compare" in tasks:
         exact_trace(build_mlp((8, 8, 2), 4), bits, method="fast", progress=False)  # compile
-        t0 = time.perf_counter()
-        exact = exact_trace(net, bits, method="fast", progress=False)
-        emit("exact", time.perf_counter() - t0, digits=round(exact.certified_digits, 1))
+        exact = timed(
+            "exact",
+            lambda: exact_trace(net, bits, method="fast", progress=False),
+            digits=lambda r: round(r.certified_digits, 1),
+        )
     if "compare" in tasks:
         from fpgrad.compare import compare
 
-        t0 = time.perf_counter()
-        result = compare(net, "float16,bfloat16,float32", bits, exact=exact)
-        emit("compare (exact reused)", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        result.render()
-        emit("render", time.perf_counter() - t0)
+        result = timed(
+            "compare (exact reused)",
+            lambda: compare(net, "float16,bfloat16,float32", bits, exact=exact, progress=False),
+        )
+        timed("render", result.render)
     if "advise" in tasks:
         from fpgrad.advisor import advise
 
-        t0 = time.perf_counter()
-        advise(net, "float16", bits, measure=False)
-        emit("advise", time.perf_counter() - t0)
+        timed("advise", lambda: advise(net, "float16", bits, measure=False, progress=False))
 
 
 def main() -> int:
@@ -139,13 +166,14 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=150, help="exact precision (fast method)")
     ap.add_argument("--limit-gib", type=float, default=4.0, help="address-space limit per case")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    ap.add_argument("--profile", type=int, default=0, help="show each phase's top N functions")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
     if bad := [t for t in tasks if t not in TASKS]:
         ap.error(f"unknown task {bad[0]!r}; choose from {', '.join(TASKS)}")
     if args.child:
-        child(args.child, args.batch, tasks, args.bits)
+        child(args.child, args.batch, tasks, args.bits, args.profile)
         return 0
     sizes = [s for s in args.sizes.split(",") if s]
     if bad := [s for s in sizes if s not in SIZES]:
@@ -160,12 +188,15 @@ def main() -> int:
     limit = int(args.limit_gib * 2**30)
     print(
         f"ReLU MLPs, cross-entropy, batch {args.batch}, seed 0; one thread; address space limited "
-        f"to {args.limit_gib:g} GiB per case; exact: fast method, {args.bits} bits; wall times"
+        f"to {args.limit_gib:g} GiB per case; exact: fast method, {args.bits} bits; times: "
+        "process CPU (one thread: the work done, whatever else runs on the machine), ratio of "
+        "CPU times, and wall"
     )
     for size in sizes:
         widths = "-".join(map(str, SIZES[size]))
         cmd = [sys.executable, __file__, "--child", size, "--tasks", ",".join(tasks),
-               "--batch", str(args.batch), "--bits", str(args.bits)]  # fmt: skip
+               "--batch", str(args.batch), "--bits", str(args.bits),
+               "--profile", str(args.profile)]  # fmt: skip
 
         def limit_memory() -> None:
             import resource
@@ -189,8 +220,11 @@ def main() -> int:
             ratio = f"{r['s'] / base:8.1f}x" if base else ""
             extra = f"  certified {r['digits']} digits" if "digits" in r else ""
             print(
-                f"  {r['phase']:24s} {r['s']:9.3f} s {ratio}  peak RSS {r['rss_mib']:7.0f} MiB{extra}"
+                f"  {r['phase']:24s} {r['s']:9.3f} s {ratio}  (wall {r['wall']:8.3f} s)  "
+                f"peak RSS {r['rss_mib']:7.0f} MiB{extra}"
             )
+            for name, secs in r.get("top", []):
+                print(f"      {secs:9.3f} s  {name}")
         if status != "exit 0":
             last = err.strip().splitlines()[-1] if err.strip() else ""
             print(f"  stopped: {status} {last}")
