@@ -151,3 +151,21 @@ def test_why_not_certified_counts_digits() -> None:
     ball.rad[...] = np.abs(ball.mid[0]) * 1e-12  # 12 digits
     why = run.why_not_certified()
     assert why is not None and "fewer than 17" in why and "1" in why
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_kept_powers_give_the_same_balls(opt: str) -> None:
+    # the bias corrections resume beta**t from the last step's power: the same products in
+    # the same order as t products from 1 every step, so every ball is bit-identical
+    layers, loss, y = NETS["tanh_mse"]
+    net = net_from(layers, loss, X, y, seed=3)
+    schedule = batch_schedule(6, 6, 4, seed=1)
+    kept, fresh = (ExactRun(net, OPTIMIZERS[opt], 150, balls=True) for _ in range(2))
+    fresh.opt._keep_powers = False
+    for rows in schedule:
+        kept.step(rows)
+        fresh.step(rows)
+        for k in kept.params:
+            assert np.array_equal(kept.params[k].mid, fresh.params[k].mid)
+            assert np.array_equal(kept.params[k].rad, fresh.params[k].rad)
+    assert kept.opt._powers and not fresh.opt._powers
