@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -84,11 +85,24 @@ class _Values:
     def size(self) -> int:
         return int(self.mag.size)
 
-    def le(self, t: float) -> np.ndarray:  # |e| <= t
-        return (self.mag < t) | ((self.mag == t) & (self.rest <= 0))
+    @cached_property
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mag, rest) sorted by mag, ties by rest: each count is two binary searches."""
+        order = np.lexsort((self.rest, self.mag))
+        return self.mag[order], self.rest[order]
 
-    def lt(self, t: float) -> np.ndarray:  # |e| < t
-        return (self.mag < t) | ((self.mag == t) & (self.rest < 0))
+    def count_le(self, t: float) -> int:
+        """How many |e| <= t: mag < t, or mag == t and rest <= 0 (binary searches)."""
+        return self._count(t, "right")
+
+    def count_lt(self, t: float) -> int:
+        """How many |e| < t: mag < t, or mag == t and rest < 0."""
+        return self._count(t, "left")
+
+    def _count(self, t: float, side: str) -> int:
+        mag, rest = self._sorted
+        lo, hi = np.searchsorted(mag, t, "left"), np.searchsorted(mag, t, "right")
+        return int(lo + np.searchsorted(rest[lo:hi], 0.0, side))  # type: ignore[call-overload]
 
 
 @dataclass
@@ -125,11 +139,13 @@ def _overflow(c: dict[str, dict[str, int]], seed: bool = True) -> int:
 
 def _counts(v: _Values, lim: _Limits, k: int) -> dict[str, int]:
     """Underflow / subnormal / overflow counts of ``v`` scaled by 2^k (exact thresholds)."""
-    under = v.le(math.ldexp(lim.underflow, -k))
-    sub = ~under & v.lt(math.ldexp(lim.normal, -k))
+    under = v.count_le(math.ldexp(lim.underflow, -k))
+    # below the normal threshold and not underflowing: the values <= the underflow threshold
+    # are all below the normal one when that is larger (else there are none)
+    sub = max(0, v.count_lt(math.ldexp(lim.normal, -k)) - under)
     t = math.ldexp(lim.overflow, -k)
-    over = ~v.lt(t) if lim.overflow_tie else ~v.le(t)
-    return {"underflow": int(under.sum()), "subnormal": int(sub.sum()), "overflow": int(over.sum())}
+    over = v.size - (v.count_lt(t) if lim.overflow_tie else v.count_le(t))
+    return {"underflow": under, "subnormal": sub, "overflow": over}
 
 
 def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:
