@@ -87,22 +87,21 @@ class _Values:
 
     @cached_property
     def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mag, rest) sorted by mag, ties by rest: each count is two binary searches."""
-        order = np.lexsort((self.rest, self.mag))
+        """(mag, rest) sorted by mag: a count is two binary searches and a look at the ties."""
+        order = np.argsort(self.mag)
         return self.mag[order], self.rest[order]
 
     def count_le(self, t: float) -> int:
-        """How many |e| <= t: mag < t, or mag == t and rest <= 0 (binary searches)."""
-        return self._count(t, "right")
+        """How many |e| <= t: mag < t, or mag == t and rest <= 0."""
+        mag, rest = self._sorted
+        lo, hi = np.searchsorted(mag, t, "left"), np.searchsorted(mag, t, "right")
+        return int(lo) + int(np.count_nonzero(rest[lo:hi] <= 0))
 
     def count_lt(self, t: float) -> int:
         """How many |e| < t: mag < t, or mag == t and rest < 0."""
-        return self._count(t, "left")
-
-    def _count(self, t: float, side: str) -> int:
         mag, rest = self._sorted
         lo, hi = np.searchsorted(mag, t, "left"), np.searchsorted(mag, t, "right")
-        return int(lo + np.searchsorted(rest[lo:hi], 0.0, side))  # type: ignore[call-overload]
+        return int(lo) + int(np.count_nonzero(rest[lo:hi] < 0))
 
 
 @dataclass
