@@ -12,7 +12,9 @@ is the work done whatever else runs on a shared machine, and wall time), and as 
 * ``advise``: :func:`fpgrad.advisor.advise` (float16, no torch measurement), its own exact
   trace included;
 
-with the child's peak RSS after each phase, and with ``--profile N`` where its time goes (its N
+with the child's peak RSS after each phase (for the exact trace also how many values it holds,
+parameters, gradients and intermediates, and its RSS growth over the torch phase as a multiple
+of 4 float64 words per value: 3 midpoint words and a radius), and with ``--profile N`` where its time goes (its N
 functions of largest own time, cProfile). A phase that exceeds ``--timeout`` seconds or the
 memory limit ends the case and is reported as such (the benchmark goes on with the next).
 Usage: ``python scripts/bench_scale.py [--sizes 0.1,0.67,1.86,5.8] [--tasks exact,compare,advise]``.
@@ -141,6 +143,7 @@ def child(size: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             "exact",
             lambda: exact_trace(net, bits, method="fast", progress=False),
             digits=lambda r: round(r.certified_digits, 1),
+            values=lambda r: int(sum(d.size for d in r.digits.values())),
         )
     if "compare" in tasks:
         from fpgrad.compare import compare
@@ -220,6 +223,12 @@ def main() -> int:
         for r in rows:
             ratio = f"{r['s'] / base:8.1f}x" if base else ""
             extra = f"  certified {r['digits']} digits" if "digits" in r else ""
+            if "values" in r:  # growth over the torch phase per value held (3 words + radius)
+                grown = (r["rss_mib"] - rows[0]["rss_mib"]) * 2**20
+                extra += (
+                    f"; {r['values'] / 1e6:.2f}M values, RSS growth "
+                    f"{grown / (r['values'] * 32):.1f}x their 4 float64 words"
+                )
             print(
                 f"  {r['phase']:24s} {r['s']:9.3f} s {ratio}  (wall {r['wall']:8.3f} s)  "
                 f"peak RSS {r['rss_mib']:7.0f} MiB{extra}"
