@@ -7,6 +7,8 @@ thread. Per case it prints the time of one torch float64 forward+backward of the
 is the work done whatever else runs on a shared machine, and wall time), and as ratios to it:
 
 * ``exact``: the certified exact trace alone (:func:`fpgrad.exact.exact_trace`, fast method);
+* ``native`` (also run by ``compare``): one run of each of float16, bfloat16, float32 as compare
+  runs them (torch, forward and backward, every intermediate kept);
 * ``compare``: :func:`fpgrad.compare.compare` with float16, bfloat16, float32, reusing that
   exact trace (so compare's own time: native runs, verdicts, summaries), and its rendering;
 * ``advise``: :func:`fpgrad.advisor.advise` (float16, no torch measurement), its own exact
@@ -37,7 +39,7 @@ SIZES = {
     "1.86": (784, 1024, 1024, 10),
     "5.8": (784, 2048, 2048, 10),
 }
-TASKS = ("exact", "compare", "advise")
+TASKS = ("exact", "native", "compare", "advise")
 
 
 def build_mlp(widths: tuple[int, ...], batch: int, seed: int = 0):  # noqa: ANN201
@@ -145,6 +147,12 @@ def child(size: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             digits=lambda r: round(r.certified_digits, 1),
             values=lambda r: int(sum(d.size for d in r.digits.values())),
         )
+    if "native" in tasks or "compare" in tasks:
+        from fpgrad.precisions import parse_precisions
+
+        precs = parse_precisions("float16,bfloat16,float32")
+        for p in precs:
+            timed(f"native {p.name}", lambda p=p: p.run(net))
     if "compare" in tasks:
         from fpgrad.compare import compare
 
