@@ -559,7 +559,7 @@ class ExactRun:
             return f"{errors} value(s) left 2**-800..2**800 or underflowed"
         branches = getattr(self.ar, "uncertain_branches", 0)
         if branches:
-            return f"{branches} ReLU input(s) whose ball contains 0"
+            return f"{branches} ReLU branch(es) undecided (an input ball contains 0)"
         from fpgrad.exact import ball_digits
 
         worst = float(self._cap())
