@@ -151,6 +151,30 @@ def exact_training(path: Path, steps: int, lr: float, bits: int) -> tuple[float,
     return steps / elapsed, worst
 
 
+def arb_product(bits: int, shape: tuple[int, int, int] = (128, 256, 256)) -> str | None:
+    """One product of random float64 matrices as balls (this engine) and as python-flint
+    arb_mat at the same precision, times side by side; None without python-flint."""
+    try:
+        import flint
+    except ImportError:
+        return None
+    m, n, p = shape
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(m, n)), rng.normal(size=(n, p))
+    ar = BallArith(bits)
+    ba, bb = ar.asarray(a), ar.asarray(b)
+    flint.ctx.prec = bits
+    t0 = clock()
+    fa, fb = flint.arb_mat(a.tolist()), flint.arb_mat(b.tolist())
+    t_conv = clock() - t0
+    t_ball, t_arb = interleaved([lambda: ar._matmul(ba, bb), lambda: fa * fb], 3, [3, 1])
+    return (
+        f"one {m}x{n}x{p} product at {bits} bits: balls (Ozaki) {t_ball * 1e3:.1f} ms, "
+        f"python-flint arb_mat {t_arb * 1e3:.1f} ms ({t_arb / t_ball:.1f}x; converting the "
+        f"operands to arb_mat {t_conv * 1e3:.0f} ms more)"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
@@ -237,6 +261,9 @@ def main() -> int:
         f"exact training on {SHOWCASE.name} (SGD lr 0.1, {args.bits} bits, {args.train_steps} steps): "
         f"{steps_per_s:.1f} steps/s; parameters certified to {train_bits:.1f} bits at the end"
     )
+    arb = arb_product(args.bits)
+    if arb is not None:
+        print(arb)
     for width in [int(w) for w in args.widths.split(",") if w]:
         wide = build_mlp(args.batch, sizes=(SIZES[0], width, width, SIZES[-1]))
         t_t, t_e = interleaved(
