@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.errors import InputError
-from fpgrad.exact import DEFAULT_BITS, exact_trace
+from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, exact_trace
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
@@ -72,14 +72,25 @@ class _Values:
     mag: np.ndarray
     rest: np.ndarray
     zeros: int
+    undetermined: int = 0  #: exact values whose certified ball still contains 0 (not judged)
 
     @classmethod
     def of(cls, arrays: list[ExactArray]) -> _Values:
         hi = np.concatenate([a.hi.ravel() for a in arrays]) if arrays else np.zeros(0)
         lo = np.concatenate([a.lo.ravel() for a in arrays]) if arrays else np.zeros(0)
         zero = np.concatenate([a.zero.ravel() for a in arrays]) if arrays else np.zeros(0, bool)
-        keep = ~zero & (hi != 0)
-        return cls(np.abs(hi[keep]), (lo * np.sign(hi))[keep], int((~keep).sum()))
+        und = (
+            np.concatenate([a.undetermined_mask().ravel() for a in arrays])
+            if arrays
+            else np.zeros(0, bool)
+        )
+        keep = ~zero & ~und & (hi != 0)
+        return cls(
+            np.abs(hi[keep]),
+            (lo * np.sign(hi))[keep],
+            int((~keep & ~und).sum()),
+            int(und.sum()),
+        )
 
     @property
     def size(self) -> int:
@@ -334,6 +345,7 @@ def advise(
     exponents: tuple[int, int] | None = None,
     measure: bool = True,
     allow_uncertified: bool = False,
+    exact_max_bits: int = DEFAULT_MAX_BITS,
     progress: bool | None = None,
 ) -> Advice:
     """Loss-scale advice for ``net`` in the format ``fmt`` (see the module docstring).
@@ -368,7 +380,9 @@ def advise(
             f"{f.name} needs no loss scale (its range covers every exact gradient here); "
             "advise for float16, bfloat16 or an 8-bit format"
         )
-    exact = exact_trace(net, bits, allow_uncertified=allow_uncertified, progress=progress)
+    exact = exact_trace(
+        net, bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits, progress=progress
+    )
     in_f = _in_format(net, plan, f.name)
     grads = _Values.of(
         [
@@ -551,9 +565,20 @@ def advise(
         return [math.log2(float(v.mag.min())), math.log2(float(v.mag.max()))]
 
     sizes = {
-        name: {"elements": v.size + v.zeros, "nonzero": v.size, "exact_zero": v.zeros}
+        name: {
+            "elements": v.size + v.zeros + v.undetermined,
+            "nonzero": v.size,
+            "exact_zero": v.zeros,
+            "undetermined": v.undetermined,
+        }
         for name, v in groups.items()
     }
+    unknown = sum(v.undetermined for v in groups.values())
+    if unknown:
+        notes.append(
+            f"{unknown} exact values are undetermined (their certified balls still contain 0 "
+            f"at {exact.max_bits} bits) and are left out of the advice"
+        )
     return Advice(
         network=net.name,
         format=f.name if plan is None else f"{f.name} (policy {plan.policy})",

@@ -89,6 +89,7 @@ def _compare(args: argparse.Namespace) -> int:
         exact_bits=DEFAULT_BITS if args.exact_bits is None else args.exact_bits,
         reference=args.reference,
         allow_uncertified=args.allow_uncertified,
+        exact_max_bits=args.exact_max_bits,
     )
     if args.json:
         print(result.to_json())
@@ -159,6 +160,7 @@ def _train(args: argparse.Namespace) -> int:
         verdict_every=args.verdict_every,
         progress=sys.stderr.isatty(),
         exact_method=args.exact_method,
+        exact_max_bits=args.exact_max_bits,
     )
     if args.out:
         written = result.plot(args.out)
@@ -210,6 +212,7 @@ def _advise(args: argparse.Namespace) -> int:
         exponents=exponents,
         measure=not args.no_measure,
         allow_uncertified=args.allow_uncertified,
+        exact_max_bits=args.exact_max_bits,
     )
     print(result.to_json() if args.json else result.render())
     return 0
@@ -315,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--exact-bits",
         type=int,
         default=None,
-        help="bits of the exact reference (default 150: certified ball arithmetic; "
-        "above 150: mpmath checked at twice the bits; at least 64)",
+        help="starting precision of the certified exact reference (default 150: multi-word "
+        "balls; above 150: Arb balls; raised while values are not certified, up to 8192 bits; "
+        "at least 64)",
     )
     p.add_argument(
         "--policy",
@@ -336,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits"
+    )
+    p.add_argument(
+        "--exact-max-bits",
+        type=int,
+        default=8192,
+        help="cap of the exact reference's precision escalation (default 8192); values still "
+        "unresolved there are reported undetermined",
     )
     p.add_argument(
         "--max-rows", type=int, default=60, help="gradient rows in the table (0: all; default 60)"
@@ -374,9 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-method",
         default="auto",
-        choices=("auto", "fast", "mpmath"),
-        help="exact run in certified ball arithmetic (fast, up to 150 bits) or mpmath checked at "
-        "twice the bits; auto (default): fast when it certifies 17 digits",
+        choices=("auto", "fast", "arb", "mpmath"),
+        help="exact run in multi-word balls (fast, up to 150 bits) or Arb balls at escalating "
+        "precision (arb; mpmath is its old name); auto (default): fast when it certifies 17 "
+        "digits, else arb",
+    )
+    p.add_argument(
+        "--exact-max-bits",
+        type=int,
+        default=8192,
+        help="cap of the exact reference's precision escalation (default 8192); values still "
+        "unresolved there are reported undetermined",
     )
     p.add_argument(
         "--verdict-every", type=int, default=None, help="steps between gradient verdicts"
@@ -438,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits"
+    )
+    p.add_argument(
+        "--exact-max-bits",
+        type=int,
+        default=8192,
+        help="cap of the exact reference's precision escalation (default 8192); values still "
+        "unresolved there are reported undetermined",
     )
     p.add_argument(
         "--no-measure",

@@ -18,7 +18,13 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
-from fpgrad.exact import DEFAULT_BITS, ExactResult, decimal_string, exact_trace
+from fpgrad.exact import (
+    DEFAULT_BITS,
+    DEFAULT_MAX_BITS,
+    ExactResult,
+    decimal_string,
+    exact_trace,
+)
 from fpgrad.jsonutil import jsonable
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
@@ -85,6 +91,8 @@ class Comparison:
     loss_scale: float = 1.0
     #: per column: the plan it ran (what each layer computed in) and the dtypes observed
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the exact reference's working and cap bits, undetermined count and escalations
+    exact_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(
@@ -96,6 +104,7 @@ class Comparison:
                     "bits": self.exact_bits,
                     "method": self.exact_method,
                     "certified_digits": self.certified_digits,
+                    **self.exact_info,
                     "vanishing_values": self.vanishing,
                 },
                 "precisions": self.precisions,
@@ -141,6 +150,7 @@ def compare(
     allow_uncertified: bool = False,
     loss_scale: float = 1.0,
     exact: ExactResult | None = None,
+    exact_max_bits: int = DEFAULT_MAX_BITS,
     progress: bool | None = None,
 ) -> Comparison:
     """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
@@ -150,6 +160,7 @@ def compare(
     precision backpropagates S * loss, and backward values and gradients are judged as
     computed, against S times the exact ones. ``exact``: a precomputed
     ``exact_trace(net, exact_bits, allow_uncertified=...)`` of this same network, reused.
+    ``exact_max_bits``: the cap of the exact reference's precision escalation.
     ``progress``: bars on stderr for phases over 2 s (None: when stderr is a terminal).
     """
     if reference not in REFERENCES:
@@ -158,9 +169,15 @@ def compare(
     precs = parse_precisions(precisions, net.policies)
     plans = {p.name: p.plan(net) for p in precs}
     if exact is None:
-        exact = exact_trace(net, exact_bits, allow_uncertified=allow_uncertified, progress=progress)
-    elif exact.bits != exact_bits:
-        raise InputError(f"the exact trace given has {exact.bits} bits, not {exact_bits}")
+        exact = exact_trace(
+            net,
+            exact_bits,
+            allow_uncertified=allow_uncertified,
+            max_bits=exact_max_bits,
+            progress=progress,
+        )
+    elif exact.requested_bits != exact_bits:
+        raise InputError(f"the exact trace given has {exact.requested_bits} bits, not {exact_bits}")
     refs: dict[str, ExactResult] = {}
     for p in precs:
         if reference == "rounded":
@@ -170,7 +187,11 @@ def compare(
                 else net.map_values(lambda a, fmt=p.fmt: round_to(a, fmt))
             )
             refs[p.name] = exact_trace(
-                rounded, exact_bits, allow_uncertified=allow_uncertified, progress=progress
+                rounded,
+                exact_bits,
+                allow_uncertified=allow_uncertified,
+                max_bits=exact_max_bits,
+                progress=progress,
             )
         else:
             refs[p.name] = exact
@@ -182,10 +203,12 @@ def compare(
     certified = min(r.certified_digits for r in (exact, *refs.values()))
     vanishing = max(r.vanishing for r in (exact, *refs.values()))
 
-    loss: dict[str, Any] = {"exact": decimal_string(exact.trace.loss, exact.digits["loss"].min())}
+    loss: dict[str, Any] = {"exact": _Scaled(exact, 1.0).text("loss", ())}
     for p in precs:
         ex = refs[p.name].exact_array("loss")
-        v = classify(ex, np.asarray(traces[p.name].loss), p.format_of("loss", traces[p.name]))
+        v = classify(
+            ex, np.asarray(traces[p.name].loss), p.format_of("loss", traces[p.name]), p.mode
+        )
         loss[p.name] = {
             "value": float(traces[p.name].loss),
             "verdict": str(v.verdict[()]),
@@ -203,10 +226,12 @@ def compare(
         if reference == "original"
         else "exact: evaluated per precision at the parameters and data rounded into it"
     ]
-    if vanishing:
+    undetermined = max(r.undetermined_count for r in (exact, *refs.values()))
+    if undetermined:
         notes.append(
-            f"{vanishing} exact values are zero to within 2^-{exact.vanishing_bound_bits} "
-            "of their array's largest value (cancellation) and are treated as exact zeros"
+            f"{undetermined} exact values are undetermined: their certified balls still contain "
+            f"0 at {exact.max_bits} bits (sign unknown; shown as |e| <= bound); raise "
+            "--exact-max-bits to try harder"
         )
     if loss_scale != 1.0:
         notes.append(
@@ -228,6 +253,12 @@ def compare(
         notes=notes,
         loss_scale=loss_scale,
         policies=policies,
+        exact_info={
+            "working_bits": max(r.bits for r in (exact, *refs.values())),
+            "max_bits": exact.max_bits,
+            "undetermined_values": undetermined,
+            "escalations": exact.escalations,
+        },
     )
 
 
@@ -255,7 +286,22 @@ class _Scaled:
         ex = self.ref.exact_array(key)
         if not self.scaled(key):
             return ex
-        return ExactArray(np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero)
+        rad = None if ex.rad is None else np.ldexp(ex.rad, self.k)
+        return ExactArray(
+            np.ldexp(ex.hi, self.k), np.ldexp(ex.lo, self.k), ex.zero, rad, ex.undetermined
+        )
+
+    def text(self, key: str, idx: tuple[int, ...]) -> str:
+        """An exact element as shown: its certified digits, or its bound when it is
+        undetermined (``|e| <= r``)."""
+        ex = self.exact_array(key)
+        if ex.undetermined is not None and ex.undetermined[idx]:
+            assert ex.rad is not None
+            return f"|e| <= {ex.rad[idx]:.3g}"
+        digits = float(self.digits[key][idx])
+        if key == "loss":
+            return decimal_string(self.ref.trace.loss, digits)
+        return decimal_string(self.grad_value(key.split("/", 1)[1], idx), digits)
 
     def grad_value(self, name: str, idx: tuple[int, ...]) -> Any:
         """The exact gradient element (an mpf), times S."""
@@ -277,18 +323,19 @@ def _gradient_entries(
     for name in net.params:
         key = f"grads/{name}"
         shape = np.shape(net.params[name])
-        digits = exact.digits[key]
         cols: dict[str, Any] = {}
         for p in precs:
             ref = refs[p.name]
             ref_ex = ref.exact_array(key)
-            v = classify(ref_ex, traces[p.name].grads[name], p.format_of(key, traces[p.name]))
+            v = classify(
+                ref_ex, traces[p.name].grads[name], p.format_of(key, traces[p.name]), p.mode
+            )
             cols[p.name] = (traces[p.name].grads[name], v, ref, ref_ex)
         for idx in np.ndindex(shape):
             entry: dict[str, Any] = {
                 "param": name,
                 "index": list(idx),
-                "exact": decimal_string(exact.grad_value(name, idx), digits[idx]),
+                "exact": exact.text(key, idx),
             }
             for p in precs:
                 values, v, ref, _ = cols[p.name]
@@ -301,7 +348,7 @@ def _gradient_entries(
                     "digits": float(v.digits[idx]),
                 }
                 if reference == "rounded":
-                    col["exact"] = decimal_string(ref.grad_value(name, idx), ref.digits[key][idx])
+                    col["exact"] = ref.text(key, idx)
                 entry[p.name] = col
             entries.append(entry)
     return entries
@@ -323,7 +370,7 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
         key = f"{section}/{place.layer}"
         ex = exact.exact_array(key)
         fmt = p.format_of(key, trace)
-        v = classify(ex, getattr(trace, section)[place.layer], fmt)
+        v = classify(ex, getattr(trace, section)[place.layer], fmt, p.mode)
         verdicts = v.verdict
         row = {
             "layer": place.layer,

@@ -151,6 +151,10 @@ def _evaluate(
         grad = _cast(prev, ar, grad)  # into the system of the layer's output
         trace.backward[layer.name] = grad
         grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad, used[index])
+        if "bias" in pgrads and _exact(ar) and _feeds_batch_norm(net, index):
+            # structural identity: batch norm subtracts the per-feature batch mean, so its
+            # output does not depend on a per-feature bias added before it (dL/db == 0)
+            pgrads["bias"] = ar.mul(pgrads["bias"], ar.const(0.0))
         for pname, value in pgrads.items():
             trace.grads[f"{layer.name}.{pname}"] = _cast(ar, store, value)
         prev = ar
@@ -181,6 +185,9 @@ def _forward(ar: Arith, layer: Layer, x: Any, values: dict[str, Any]) -> tuple[A
         t = ar.tanh(x)
         return t, {"t": t}
     if kind == "softmax":
+        if _exact(ar):
+            s, hot = _softmax_exact(ar, x)
+            return s, {"s": s, "hot": hot}
         s = _softmax(ar, x)
         return s, {"s": s}
     if kind == "batch_norm":
@@ -215,6 +222,8 @@ def _backward(
         return ar.mul(dy, ar.tanh_deriv(x, keep["t"])), {}  # 1 - t^2
     if kind == "softmax":
         s = keep["s"]
+        if "hot" in keep:
+            return _softmax_backward_exact(ar, s, keep["hot"], dy), {}
         inner = ar.sum(ar.mul(dy, s), axis=1, keepdims=True)
         return ar.mul(s, ar.sub(dy, inner)), {}  # s * (dy - <dy, s>)
     if kind == "batch_norm":
@@ -247,6 +256,11 @@ def _loss(ar: Arith, net: Network, out: Any) -> tuple[Any, Any]:
         count = ar.const(float(r.size))
         loss = ar.div(_total(ar, ar.mul(r, r)), count)
         return loss, ar.mul(r, ar.div(ar.const(2.0), count))  # 2 (y - t) / N
+    if kind == "cross_entropy" and _exact(ar):
+        t_values = np.eye(out.shape[1])[net.y.astype(int)] if net.class_targets else net.y
+        return _cross_entropy_exact(ar, out, t_values)
+    if kind == "bce" and _exact(ar):
+        return _bce_exact(ar, out, np.asarray(net.y, dtype=np.float64))
     if kind == "cross_entropy":
         t_values = np.eye(out.shape[1])[net.y.astype(int)] if net.class_targets else net.y
         t = ar.asarray(t_values)
@@ -268,6 +282,104 @@ def _loss(ar: Arith, net: Network, out: Any) -> tuple[Any, Any]:
         loss = ar.div(_total(ar, terms), count)
         return loss, ar.div(ar.bce_grad(out, net.y), count)  # (sigmoid(z) - t) / N
     raise AssertionError(f"unhandled loss {kind}")
+
+
+def _exact(ar: Arith) -> bool:
+    """Is ``ar`` an exact reference (balls), which takes the cancellation-free forms below?"""
+    return bool(getattr(ar, "exact", False))
+
+
+def _feeds_batch_norm(net: Network, index: int) -> bool:
+    return index + 1 < len(net.layers) and net.layers[index + 1].kind == "batch_norm"
+
+
+def _log1p(ar: Arith, x: Any) -> Any:
+    fn = getattr(ar, "log1p", None)
+    return fn(x) if fn is not None else ar.log(ar.add(ar.const(1.0), x))
+
+
+def _neg(ar: Arith, x: Any) -> Any:
+    return ar.sub(ar.const(0.0), x)
+
+
+def _row_max_mask(ar: Arith, z: Any) -> np.ndarray:
+    """One-hot mask of a largest element per row (by midpoint; the first of ties)."""
+    mid = ar.to_float64(z)
+    hot = np.zeros(mid.shape, dtype=bool)
+    hot[np.arange(mid.shape[0]), np.argmax(mid, axis=1)] = True
+    return hot
+
+
+def _pick(ar: Arith, x: Any, hot: np.ndarray) -> Any:
+    """The element of each row that ``hot`` marks, as a column (an exact gather)."""
+    return ar.sum(ar.mul(x, ar.asarray(hot.astype(np.float64))), axis=1, keepdims=True)
+
+
+def _shifted_exp(ar: Arith, z: Any) -> tuple[Any, Any, Any, np.ndarray]:
+    """(z - z_k, exp of it, sum over j != k of exp, hot) with z_k a row maximum and the
+    k-th shifted value the exact 0, so that the sum of the others carries 1 - p_k."""
+    hot = _row_max_mask(ar, z)
+    shifted = ar.sub(z, _pick(ar, z, hot))
+    shifted = ar.where(hot, ar.mul(shifted, ar.const(0.0)), shifted)
+    e = ar.exp(shifted)
+    others = ar.sum(ar.mul(e, ar.asarray((~hot).astype(np.float64))), axis=1, keepdims=True)
+    return shifted, e, others, hot
+
+
+def _softmax_exact(ar: Arith, z: Any) -> tuple[Any, np.ndarray]:
+    _, e, others, hot = _shifted_exp(ar, z)
+    return ar.div(e, ar.add(ar.const(1.0), others)), hot
+
+
+def _softmax_backward_exact(ar: Arith, s: Any, hot: np.ndarray, dy: Any) -> Any:
+    """s_i (dy_i - <dy, s>) without cancellation near a one-hot s: with k the row's largest
+    probability, dy_i - <dy, s> = (dy_i - dy_k) + sum_{j != k} s_j (dy_k - dy_j)."""
+    notk = ar.asarray((~hot).astype(np.float64))
+    diff = ar.sub(_pick(ar, dy, hot), dy)  # dy_k - dy_j
+    comp = ar.sum(ar.mul(ar.mul(s, diff), notk), axis=1, keepdims=True)
+    return ar.mul(s, ar.add(ar.mul(_neg(ar, diff), notk), comp))
+
+
+def _cross_entropy_exact(ar: Arith, out: Any, t_values: np.ndarray) -> tuple[Any, Any]:
+    """Cross-entropy (mean over rows) and its gradient without cancellation.
+
+    With z_k a row maximum, log sum_j e^(z_j - z_k) = log1p(sum_{j != k} e^(z_j - z_k)) and
+    -sum_j t_j log p_j = S log1p(...) + sum_j t_j (z_k - z_j): a sum of non-negative terms.
+    S = sum_j t_j is summed in the system (exactly enclosed), never in float64. The gradient is
+    (p_j S - t_j) / B; on one-hot rows p_c - 1 = -(sum_{j != c} e_j) / total.
+    """
+    shifted, e, others, _ = _shifted_exp(ar, out)
+    t = ar.asarray(t_values)
+    tsum = ar.sum(t, axis=1, keepdims=True)
+    lse = _log1p(ar, others)
+    rows = ar.add(ar.mul(tsum, lse), ar.sum(ar.mul(t, _neg(ar, shifted)), axis=1, keepdims=True))
+    n = ar.const(float(out.shape[0]))
+    loss = ar.div(ar.sum(ar.sum(rows, axis=1), axis=0), n)
+    total = ar.add(ar.const(1.0), others)
+    grad = ar.sub(ar.mul(ar.div(e, total), tsum), t)
+    nz = t_values != 0
+    onehot = nz & (t_values == 1.0) & (nz.sum(axis=1, keepdims=True) == 1)
+    if onehot.any():
+        rest = ar.sum(ar.mul(e, ar.asarray((~onehot).astype(np.float64))), axis=1, keepdims=True)
+        grad = ar.where(onehot, _neg(ar, ar.div(rest, total)), grad)
+    return loss, ar.div(grad, n)
+
+
+def _bce_exact(ar: Arith, z: Any, t_values: np.ndarray) -> tuple[Any, Any]:
+    """BCE with logits (mean) and its gradient without cancellation: per element
+    max(z, 0) - z t = z (1 - t) for z > 0 and -z t otherwise, plus log1p(e^-|z|);
+    sigmoid(z) - t is -sigmoid(-z) where t = 1."""
+    t = ar.asarray(t_values)
+    pos = ar.positive(z)
+    lin = ar.where(pos, ar.mul(z, ar.sub(ar.const(1.0), t)), ar.mul(_neg(ar, z), t))
+    terms = ar.add(lin, _log1p(ar, ar.exp(_neg(ar, ar.abs(z)))))
+    count = ar.const(float(z.size))
+    loss = ar.div(_total(ar, terms), count)
+    grad = ar.sub(ar.sigmoid(z), t)
+    ones = t_values == 1.0
+    if ones.any():
+        grad = ar.where(ones, _neg(ar, ar.sigmoid(_neg(ar, z))), grad)
+    return loss, ar.div(grad, count)
 
 
 def _total(ar: Arith, a: Any) -> Any:

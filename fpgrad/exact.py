@@ -1,27 +1,29 @@
-"""The exact reference: every value of a trace with its certified significant digits.
+"""The exact reference: every value of a trace enclosed by rigorous balls, and certified.
 
-Two methods, one result type (:class:`ExactResult`):
+Every value is a ball (midpoint and radius) that provably contains the exact value: the result
+of the network's mathematics on the float64 parameters and data as written. Two systems, one
+result type (:class:`ExactResult`):
 
-* ``"fast"`` (the default for ``bits <= 150``): multi-word ball arithmetic
-  (:mod:`fpgrad.arith.ball`). Each value carries a midpoint in 2 or 3 float64 words and a
-  rigorous radius; its certified digits are ``-log10(radius / |midpoint|)``, so one
-  evaluation certifies itself. Runs that leave what the fast path can vouch for (values
-  outside 2**-800 .. 2**800, a ReLU input whose ball contains 0, fewer than 17 digits) fall
-  back to mpmath under ``method="auto"``.
-* ``"mpmath"``: mpmath at N bits, certified by a second evaluation at 2N bits. Every value
-  is compared between the two evaluations; the number of significant decimal digits on which
-  they agree is its certified precision. The 2N-bit values are the ones reported.
+* ``"fast"`` (tried first when ``bits <= 150``): multi-word float64 balls
+  (:mod:`fpgrad.arith.ball`) at 100 or 150 bits.
+* ``"arb"``: python-flint's Arb balls (:mod:`fpgrad.arith.arb`) at escalating precision
+  (256, 1024, 4096 ... bits, up to ``max_bits``, default 8192).
 
-The minimum over all values is the run's certificate. Values that are zero in both
-evaluations (or balls of radius 0 around 0) are exact zeros (the exact number systems use
-cancellation-free formulas for saturating functions, so saturation never rounds them to 0).
-A value that is not certified, lies below ``2**-(N/2)`` times the largest value of the trace,
-and (mpmath) is exactly 0 at N bits or shrinks by at least ``2**(N/2)`` when the precision
-doubles, or (fast) whose
-ball contains 0 with ``2 * radius`` below that bound, is *vanishing*: rounding noise around
-an exact zero (cancellation). It is reported as zero, counted separately, never as certified
-digits. A genuinely tiny value keeps its size when the precision doubles (or has a small
-ball), so it is never taken for noise: it either certifies or fails certification.
+The fast run stands only when it vouches for everything it reports: every value in range
+(lazy products included), every ReLU branch decided, every value an exact zero or certified to
+:data:`REQUIRED_DIGITS` digits. Otherwise the network is evaluated again in Arb balls, at a
+precision raised until the same holds or the cap is reached.
+
+What a result claims, per element (:meth:`ExactResult.zero`, :meth:`ExactResult.undetermined`):
+
+* **exact zero**: the ball is exactly {0}: a product with an exact 0 (a dead unit's mask), a
+  sum of exact zeros, rational arithmetic on float64 values carried out exactly (Arb at a
+  precision that holds the result), or a structural identity stated in
+  :mod:`fpgrad.evaluate` (the bias of a layer feeding batch norm);
+* **undetermined**: the ball still contains 0 at the cap; reported with its bound
+  ``|e| <= rad``, never as a zero and never with digits;
+* **certified**: the ball excludes 0; its digits are ``-log10(rad / |mid|)``, so the sign and
+  every reported digit are proven.
 """
 
 from __future__ import annotations
@@ -35,67 +37,104 @@ from typing import Any
 import mpmath
 import numpy as np
 
+from fpgrad.arith import arb as arbmod
 from fpgrad.arith import expansion
+from fpgrad.arith.arb import ArbArith
+from fpgrad.arith.ball import HI_BOUND, Ball, BallArith
 from fpgrad.arith.ball import LEVELS as FAST_LEVELS
 from fpgrad.arith.ball import MAX_BITS as FAST_MAX_BITS
-from fpgrad.arith.ball import Ball, BallArith
-from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace, evaluate
 from fpgrad.network import Network
 from fpgrad.verdicts import ExactArray
 
-DEFAULT_BITS = 150  # the fast path's top level; above FAST_MAX_BITS only mpmath can honour
+DEFAULT_BITS = 150  # the fast path's top level
 MIN_BITS = 64
+DEFAULT_MAX_BITS = 8192  # the cap of the Arb escalation (--exact-max-bits)
+MAX_MAX_BITS = 65536  # the most any caller may ask for
+ARB_START_BITS = 256
+ARB_GROWTH = 4  # each escalation multiplies the precision by this
 REQUIRED_DIGITS = 17  # enough to round correctly into float64 and every smaller format
-METHODS = ("auto", "fast", "mpmath")
+METHODS = ("auto", "fast", "arb")
+ALIASES = {"mpmath": "arb"}  # the old name of the fallback
+#: work the Arb fallback may take on (trace elements; multiply-adds of the matrix products)
+ARB_MAX_VALUES = 2_000_000
+ARB_MAX_MACS = 60_000_000
 
 
 @dataclass
 class ExactResult:
     """A certified exact trace.
 
-    ``digits`` maps each value's key ("loss", "forward/dense0", "grads/dense0.weight", ...) to
-    an array of certified significant digits (inf for exact zeros). ``method`` says which
-    system computed it: "mpmath" (two precisions, N and 2N bits) or "fast" (multi-word balls,
-    :mod:`fpgrad.arith.ball`). :meth:`exact_array` gives any value as an
-    :class:`~fpgrad.verdicts.ExactArray` (``hi + lo`` float64 and an exact-zero mask), the
-    interchange format, vectorised for the fast method. :attr:`trace` holds mpf arrays (at 2N
-    bits for mpmath; the exact sums of the words for the fast method, built on first access,
-    with vanishing values replaced by exact zeros in both).
+    Per value key ("loss", "forward/dense0", "backward/dense0", "grads/dense0.weight", ...):
+    ``digits[key]`` certified significant digits (inf for exact zeros, 0 for undetermined
+    elements), :meth:`zero` proven exact zeros, :meth:`undetermined` balls that contain 0 at
+    the cap, :meth:`enclosure` midpoints (mpf) and radii (float64, rounded up). ``method``:
+    "fast" or "arb"; ``bits``: the working precision of the evaluation that stands;
+    ``certified_digits``: the minimum over elements that are neither zero nor undetermined.
     """
 
     bits: int
     certified_digits: float
     digits: dict[str, np.ndarray]
-    vanishing: int
-    vanishing_bound_bits: int
-    method: str = "mpmath"
-    _trace: Trace | None = field(default=None, repr=False)
+    method: str
+    zeros: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    undetermined_masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    radii: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: why the precision was raised, in order ("fast@150: 2 ReLU inputs undecided", ...)
+    escalations: list[str] = field(default_factory=list)
     _balls: Trace | None = field(default=None, repr=False)
+    _arbs: Trace | None = field(default=None, repr=False)
+    _trace: Trace | None = field(default=None, repr=False)
     _arrays: dict[str, ExactArray] = field(default_factory=dict, repr=False)
+    requested_bits: int = 0  #: the bits asked for (``bits`` is where the escalation ended)
+    max_bits: int = DEFAULT_MAX_BITS  #: the cap of the escalation
+    vanishing: int = 0  # no value is ever zeroed by a threshold (kept for old callers)
+    vanishing_bound_bits: int = 0
+
+    @property
+    def undetermined_count(self) -> int:
+        return int(sum(int(m.sum()) for m in self.undetermined_masks.values()))
 
     @property
     def trace(self) -> Trace:
+        """Every value's midpoint as mpf arrays (exactly the balls' midpoints)."""
         if self._trace is None:
-            assert self._balls is not None
-            self._trace = _mp_trace(self._balls, self.bits)
+            if self._balls is not None:
+                self._trace = _mp_trace_balls(self._balls, self.bits)
+            else:
+                assert self._arbs is not None
+                self._trace = _map_trace(self._arbs, lambda v: arbmod.to_mpf(v, self.bits))
         return self._trace
 
     def keys(self) -> list[str]:
         return list(self.digits)
 
+    def zero(self, key: str) -> np.ndarray:
+        return self.zeros[key]
+
+    def undetermined(self, key: str) -> np.ndarray:
+        return self.undetermined_masks[key]
+
+    def enclosure(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(midpoints as an mpf object array, radii): ``|exact - mid| <= rad`` elementwise."""
+        mid = np.asarray(_lookup(self.trace, key), dtype=object)
+        return mid, self.radii[key]
+
     def exact_array(self, key: str) -> ExactArray:
-        """The value of ``key`` as hi + lo float64 pairs and an exact-zero mask."""
+        """The value of ``key`` as hi + lo float64 pairs with its zero and undetermined
+        masks and radii (the interchange format of verdicts)."""
         if key not in self._arrays:
             if self._balls is not None:
                 ball = _lookup(self._balls, key)
                 hi, lo = expansion.hi_lo(ball.mid)
-                self._arrays[key] = ExactArray(hi, lo, ball.mid[0] == 0)
             else:
-                self._arrays[key] = ExactArray.from_mp(
-                    np.asarray(_lookup(self.trace, key), dtype=object)
-                )
+                hi, lo = _hi_lo_arb(_lookup(self._arbs, key))
+            zero = self.zeros[key]
+            und = self.undetermined_masks[key]
+            hi = np.where(zero | und, 0.0, hi)
+            lo = np.where(zero | und, 0.0, lo)
+            self._arrays[key] = ExactArray(hi, lo, zero, self.radii[key], und)
         return self._arrays[key]
 
 
@@ -106,125 +145,231 @@ def exact_trace(
     allow_uncertified: bool = False,
     method: str = "auto",
     progress: bool | None = None,
+    max_bits: int = DEFAULT_MAX_BITS,
 ) -> ExactResult:
-    """Evaluate ``net`` exactly and certify the digits of every value.
+    """Enclose every value of ``net``'s forward and backward pass in certified balls.
 
-    ``method="mpmath"``: mpmath at ``bits`` and ``2*bits``, certified by agreement.
-    ``method="fast"``: multi-word ball arithmetic at the fast level at or above ``bits``
-    (100: double-double, 150: triple-double; at most 150), certified by its rigorous radii;
-    an InputError when the network leaves what the fast path can certify. ``method="auto"`` (default): the fast path when
-    ``bits <= 150``, and mpmath whenever the fast path cannot certify the run (range, an
-    uncertain ReLU branch, fewer than 17 digits).
-    ``progress``: a tqdm bar on stderr for runs longer than 2 s; None: only when stderr is a
-    terminal.
+    ``method="fast"``: the multi-word balls only (an InputError when they cannot vouch);
+    ``"arb"``: Arb balls from ``max(bits, 256)`` bits; ``"auto"`` (default): fast first when
+    ``bits <= 150``, then Arb. Arb raises its precision (x4 per step) while a ReLU branch is
+    undecided or a value is neither an exact zero nor certified to 17 digits, up to
+    ``max_bits``; what still contains 0 there is undetermined. A result whose certified values
+    have fewer than 17 digits is an InputError unless ``allow_uncertified``.
+    ``progress``: a tqdm bar on stderr for runs longer than 2 s; None: only on a terminal.
     """
+    method = ALIASES.get(method, method)
     if method not in METHODS:
         raise InputError(f"unknown exact method {method!r}; use one of {', '.join(METHODS)}")
     if bits < MIN_BITS:
         raise InputError(
             f"--exact-bits {bits} is too low: use at least {MIN_BITS} (default {DEFAULT_BITS})"
         )
+    if not MIN_BITS <= max_bits <= MAX_MAX_BITS:
+        raise InputError(
+            f"--exact-max-bits {max_bits} is out of range: use {MIN_BITS} .. {MAX_MAX_BITS} "
+            f"(default {DEFAULT_MAX_BITS})"
+        )
+    if bits > max_bits:
+        raise InputError(
+            f"--exact-bits {bits} is above the cap --exact-max-bits {max_bits}: raise the cap"
+        )
     if method == "fast" and bits > FAST_MAX_BITS:
         raise InputError(
             f"the fast exact path carries at most {FAST_MAX_BITS} bits; asked for {bits}"
         )
-    if method != "mpmath" and bits <= FAST_MAX_BITS:
+    escalations: list[str] = []
+    fast: ExactResult | None = None
+    if method != "arb" and bits <= FAST_MAX_BITS:
         level = min(b for b in FAST_LEVELS if b >= bits)
-        result, why = _fast(net, level, progress)
-        if result is not None and (result.certified_digits >= REQUIRED_DIGITS or method == "fast"):
-            return _check(result, allow_uncertified)
+        fast, why, sound = _fast(net, level, progress)
+        if not why:
+            return _check(_finish(fast, bits, max_bits), allow_uncertified)
         if method == "fast":
+            if sound:
+                return _check(_finish(fast, bits, max_bits), allow_uncertified)
             raise InputError(
-                f"the fast exact path cannot certify this network ({why}); use method='mpmath'"
+                f"the fast exact path cannot certify this network ({why}); use method='arb'"
             )
-    return _check(_mpmath(net, bits, progress), allow_uncertified)
+        escalations.append(f"fast@{level}: {why}")
+        too_big = _arb_too_big(net)
+        if too_big:
+            if sound:  # the fast balls are enclosures: report what they prove
+                fast.escalations = [*escalations, f"arb not tried: {too_big}"]
+                return _check(_finish(fast, bits, max_bits), allow_uncertified)
+            raise InputError(
+                f"the fast exact path cannot certify this network ({why}) and it is too large "
+                f"for the certified fallback ({too_big}); use a smaller batch or model"
+            )
+    else:
+        too_big = _arb_too_big(net)
+        if too_big:
+            raise InputError(
+                f"the network is too large for the certified Arb reference ({too_big}); "
+                "use --exact-bits 150 or less (the fast path), or a smaller batch or model"
+            )
+    result = _arb(net, max(bits, ARB_START_BITS), max_bits, progress, escalations)
+    return _check(_finish(result, bits, max_bits), allow_uncertified)
+
+
+def _finish(result: ExactResult, bits: int, max_bits: int) -> ExactResult:
+    result.requested_bits, result.max_bits = bits, max_bits
+    return result
 
 
 def _check(result: ExactResult, allow_uncertified: bool) -> ExactResult:
     if result.certified_digits < REQUIRED_DIGITS and not allow_uncertified:
         digits = result.digits
-        worst = min(digits, key=lambda k: float(digits[k].min()) if digits[k].size else math.inf)
+        worst = min(digits, key=lambda k: _min_digits(digits[k], result.undetermined_masks[k]))
         raise InputError(
             f"the exact reference certifies only {result.certified_digits:.1f} digits at "
-            f"{result.bits} bits (worst: {worst}); raise --exact-bits or pass --allow-uncertified"
+            f"{result.bits} bits (worst: {worst}); raise --exact-max-bits or pass "
+            "--allow-uncertified"
         )
     return result
 
 
-def _mpmath(net: Network, bits: int, progress: bool | None) -> ExactResult:
-    with _Progress(net, 2, progress, f"exact (mpmath {bits}/{2 * bits} bits)") as bar:
-        low = evaluate(net, bar.wrap(MPArith(bits)))
-        high = evaluate(net, bar.wrap(MPArith(2 * bits)))
-    cap = math.floor(bits * math.log10(2))  # what N bits can carry at most
+def _min_digits(d: np.ndarray, undetermined: np.ndarray) -> float:
+    kept = d[~undetermined]
+    return float(kept.min()) if kept.size else math.inf
+
+
+def _arb_too_big(net: Network) -> str:
+    """Why the Arb fallback would take more than its bound of work ('' when it would not)."""
+    batch = int(net.x.shape[0])
+    values = net.x.size + sum(v.size for v in net.params.values())
+    macs = 0
+    width = int(net.x.shape[1])
+    for layer in net.layers:
+        if layer.kind == "dense":
+            out = int(net.params[f"{layer.name}.weight"].shape[0])
+            macs += 3 * batch * width * out
+            width = out
+        values += 2 * batch * width
+    if values > ARB_MAX_VALUES:
+        return f"{values:,} values, above its bound of {ARB_MAX_VALUES:,}"
+    if macs > ARB_MAX_MACS:
+        return f"{macs:,} multiply-adds, above its bound of {ARB_MAX_MACS:,}"
+    return ""
+
+
+def _summarise(
+    items: list[tuple[str, Any]],
+    digits_of: Any,
+    cap: float,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict, float]:
+    """digits, zeros, undetermined masks, radii per key, and the certified minimum."""
     digits: dict[str, np.ndarray] = {}
-    vanishing = 0
-    bound_bits = bits // 2
-    pairs = list(_pairs(low, high))
-    # noise around an exact zero is judged against the whole trace: a gradient that is zero
-    # by cancellation (a bias before batch norm) is noise in every element of its array
-    scale = max(
-        (abs(v) for _, lo, _, _ in pairs for v in np.asarray(lo, dtype=object).ravel()),
-        default=mpmath.mpf(0),
-    )
-    for key, lo, hi, setter in pairs:
-        lo_arr = np.asarray(lo, dtype=object)
-        hi_arr = np.asarray(hi, dtype=object)
-        d, vanish = _agreement(lo_arr, hi_arr, cap, bound_bits, scale)
-        if vanish.any():
-            vanishing += int(vanish.sum())
-            hi_arr = np.where(vanish, mpmath.mpf(0), hi_arr)
-            setter(hi_arr if hi_arr.ndim else hi_arr[()])
-        digits[key] = d
-    certified = min((float(d.min()) for d in digits.values() if d.size), default=float(cap))
-    certified = min(certified, float(cap))
-    return ExactResult(bits, certified, digits, vanishing, bound_bits, "mpmath", _trace=high)
+    zeros: dict[str, np.ndarray] = {}
+    undet: dict[str, np.ndarray] = {}
+    rads: dict[str, np.ndarray] = {}
+    worst = cap
+    for key, value in items:
+        d, z, u, r = digits_of(value, cap)
+        digits[key], zeros[key], undet[key], rads[key] = d, z, u, r
+        kept = d[~(z | u)]
+        if kept.size:
+            worst = min(worst, float(kept.min()))
+    return digits, zeros, undet, rads, worst
 
 
-def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult | None, str]:
-    """Ball evaluation; (None, reason) when the run leaves what the fast path can certify."""
+def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult, str, bool]:
+    """Ball evaluation: (result, why it cannot stand ('' when it can), whether its balls are
+    sound enclosures: False after a range error or an undecided branch)."""
     ar = BallArith(bits)
-    with _Progress(net, 1, progress, f"exact (fast, {bits} bits)") as bar:
+    # overflow or underflow inside the float64 words is counted in ar.range_errors
+    with (
+        np.errstate(all="ignore"),
+        _Progress(net, 1, progress, f"exact (fast, {bits} bits)") as bar,
+    ):
         balls = evaluate(net, bar.wrap(ar))
-    if ar.range_errors:
-        return None, f"{ar.range_errors} values outside 2**-800 .. 2**800"
-    if ar.uncertain_branches:
-        return None, f"{ar.uncertain_branches} ReLU inputs too close to 0 to decide"
+        items = [(key, value) for key, value, _ in _items(balls)]
+        for _, ball in items:  # compute the lazy products now, so their range is checked
+            ball.rad  # noqa: B018
     cap = math.floor(bits * math.log10(2))
-    bound_bits = bits // 2
-    digits: dict[str, np.ndarray] = {}
-    vanishing = 0
-    items = list(_items(balls))
-    scale = max(
-        (float(np.max(np.abs(b.mid[0]))) for _, b, _ in items if b.mid[0].size), default=0.0
-    )
-    for key, ball, setter in items:
-        d, vanish = ball_digits(ball, cap, bound_bits, scale)
-        if vanish.any():
-            vanishing += int(vanish.sum())
-            mid = np.where(vanish, 0.0, ball.mid)
-            setter(Ball(mid, np.where(vanish, 0.0, ball.rad)))
-        digits[key] = d
-    certified = min((float(d.min()) for d in digits.values() if d.size), default=float(cap))
-    certified = min(certified, float(cap))
-    return ExactResult(bits, certified, digits, vanishing, bound_bits, "fast", _balls=balls), ""
+    digits, zeros, undet, rads, worst = _summarise(items, ball_digits, cap)
+    result = ExactResult(bits, worst, digits, "fast", zeros, undet, rads, _balls=balls)
+    if ar.range_errors:
+        return result, f"{ar.range_errors} values outside 2**-800 .. 2**800", False
+    if ar.uncertain_branches:
+        return result, f"{ar.uncertain_branches} ReLU inputs too close to 0 to decide", False
+    n_und = result.undetermined_count
+    if n_und:
+        return result, f"{n_und} values whose balls contain 0", True
+    if worst < REQUIRED_DIGITS:
+        return result, f"{worst:.1f} certified digits", True
+    return result, "", True
 
 
-def ball_digits(
-    ball: Ball, cap: int, bound_bits: int, scale: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Certified digits per element (from the radius) and the mask of vanishing elements.
+def _arb(
+    net: Network, start: int, cap_bits: int, progress: bool | None, escalations: list[str]
+) -> ExactResult:
+    prec = min(start, cap_bits)
+    while True:
+        ar = ArbArith(prec)
+        with _Progress(net, 1, progress, f"exact (arb, {prec} bits)") as bar:
+            arbs = evaluate(net, bar.wrap(ar))
+        items = [(key, value) for key, value, _ in _items(arbs)]
+        cap = math.floor(prec * math.log10(2))
+        digits, zeros, undet, rads, worst = _summarise(items, arb_digits, cap)
+        why = ""
+        if ar.uncertain_branches:
+            why = f"{ar.uncertain_branches} ReLU inputs undecided"
+        elif any(m.any() for m in undet.values()):
+            why = f"{sum(int(m.sum()) for m in undet.values())} values whose balls contain 0"
+        elif worst < REQUIRED_DIGITS:
+            why = f"{worst:.1f} certified digits"
+        if not why or prec >= cap_bits:
+            if why:
+                escalations.append(f"arb@{prec}: {why} (the cap)")
+            return ExactResult(
+                prec, worst, digits, "arb", zeros, undet, rads, list(escalations), _arbs=arbs
+            )
+        escalations.append(f"arb@{prec}: {why}")
+        prec = min(prec * ARB_GROWTH, cap_bits)
 
-    Vanishing: the ball contains 0 and ``|value| <= 2 rad <= 2**-bound_bits`` times the
-    largest midpoint of the trace (``scale``): zero to within the bound, as the mpmath path
-    defines it.
+
+def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(certified digits, exact zeros, undetermined, radii) of a multi-word ball array.
+
+    Exact zero: radius 0 at 0. Undetermined: the ball contains 0 otherwise. Digits:
+    ``-log10(rad / |mid|)`` with ``|mid| >= |word 0| / HI_BOUND``, capped at ``cap``.
     """
     m = np.abs(ball.mid[0])
-    r = ball.rad
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.clip(-np.log10(r / m), 0.0, cap)
-    d = np.where(r == 0, np.where(m == 0, np.inf, float(cap)), d)
-    vanish = (r > 0) & (m <= r) & (2 * r <= scale * 2.0**-bound_bits)
-    return np.where(vanish, np.inf, d), vanish
+    r = np.asarray(ball.rad, dtype=np.float64)
+    zero = (m == 0) & (r == 0)
+    undet = ~zero & (m / HI_BOUND <= r)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = np.clip(-np.log10(r * HI_BOUND / m), 0.0, cap)
+    d = np.where(r == 0, float(cap), d)
+    d = np.where(zero, np.inf, np.where(undet, 0.0, d))
+    return d, zero, undet, r
+
+
+def arb_digits(
+    values: np.ndarray, cap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(certified digits, exact zeros, undetermined, radii) of an Arb ball array."""
+    arr = np.asarray(values, dtype=object)
+    zero = arbmod.exact_zero(arr)
+    undet = ~zero & arbmod.contains_zero(arr)
+    bits = arbmod.rel_bits(arr)  # a lower bound on -log2(rad / |mid|)
+    d = np.clip(bits * math.log10(2), 0.0, cap)
+    d = np.where(zero, np.inf, np.where(undet, 0.0, d))
+    return d, zero, undet, arbmod.radii(arr)
+
+
+def _hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest float64 of each midpoint and the nearest float64 of the rest."""
+    arr = np.asarray(values, dtype=object)
+    mids = arbmod.to_mpf(arr, 64)
+    flat = mids.ravel()
+    hi = np.empty(flat.size)
+    lo = np.empty(flat.size)
+    for i, v in enumerate(flat):
+        h = float(v)
+        hi[i] = h
+        lo[i] = float(v - h) if math.isfinite(h) else 0.0
+    return hi.reshape(arr.shape), lo.reshape(arr.shape)
 
 
 def _items(trace: Trace) -> Iterator[tuple[str, Any, Any]]:
@@ -251,17 +396,21 @@ def _lookup(trace: Trace, key: str) -> Any:
     return getattr(trace, section)[name]
 
 
-def _mp_trace(balls: Trace, bits: int) -> Trace:
-    """The ball midpoints as mpf object arrays (the exact word sums, rounded far below the radii)."""
+def _mp_trace_balls(balls: Trace, bits: int) -> Trace:
+    """The ball midpoints as mpf object arrays (the exact word sums)."""
     ctx = mpmath.MPContext()
     ctx.prec = 53 * FAST_LEVELS[bits] + 64
-    out = Trace(system=balls.system, loss=None)
-    loss = expansion.to_mpf(balls.loss.mid, ctx)
+    return _map_trace(balls, lambda ball: expansion.to_mpf(ball.mid, ctx))
+
+
+def _map_trace(src: Trace, fn: Any) -> Trace:
+    out = Trace(system=src.system, loss=None)
+    loss = np.asarray(fn(src.loss), dtype=object)
     out.loss = loss[()] if loss.ndim == 0 else loss
     for section in ("forward", "backward", "grads"):
-        src, dst = getattr(balls, section), getattr(out, section)
-        for name, ball in src.items():
-            dst[name] = expansion.to_mpf(ball.mid, ctx)
+        dst = getattr(out, section)
+        for name, value in getattr(src, section).items():
+            dst[name] = fn(value)
     return out
 
 
@@ -312,44 +461,6 @@ class _Ticking:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ar, name)
-
-
-def _pairs(low: Trace, high: Trace) -> Iterator[tuple[str, Any, Any, Any]]:
-    """(key, low value, high value, setter of the high value) for every value of a trace."""
-    for (key, lo, _), (_, hi, set_hi) in zip(_items(low), _items(high), strict=True):
-        yield key, lo, hi, set_hi
-
-
-def _agreement(
-    lo: np.ndarray, hi: np.ndarray, cap: int, bound_bits: int, scale: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """Certified digits per element, and the mask of vanishing elements.
-
-    Vanishing: the two evaluations disagree, both lie below ``2**-bound_bits * scale`` (the
-    largest value of the trace), and the value is exactly 0 at N bits or shrinks by at least
-    ``2**bound_bits`` at 2N bits: the signature of rounding noise around an exact zero.
-    """
-    flat_lo, flat_hi = lo.ravel(), hi.ravel()
-    bound = scale * mpmath.ldexp(1, -bound_bits)
-    shrink = mpmath.ldexp(1, -bound_bits)
-    out = np.empty(flat_hi.size)
-    vanish = np.zeros(flat_hi.size, dtype=bool)
-    for i, (a, b) in enumerate(zip(flat_lo, flat_hi, strict=True)):
-        if a == b:
-            out[i] = math.inf if b == 0 else cap
-            continue
-        if b == 0:
-            rel = mpmath.mpf(1)
-        else:
-            rel = abs(a - b) / abs(b)
-        d = float(-mpmath.log10(rel)) if rel > 0 else cap
-        noise = a == 0 or abs(b) <= abs(a) * shrink
-        if d < REQUIRED_DIGITS and abs(a) <= bound and abs(b) <= bound and noise:
-            vanish[i] = True
-            out[i] = math.inf
-            continue
-        out[i] = max(0.0, min(d, cap))
-    return out.reshape(hi.shape), vanish.reshape(hi.shape)
 
 
 def decimal_string(value: Any, digits: float) -> str:

@@ -19,6 +19,7 @@ _SHORT = {
     "nan": "NaN",
     "wrong_sign": "WRONG-SIGN",
     "spurious_nonzero": "spurious",
+    "undetermined": "UNDETERMINED",
 }
 
 
@@ -60,7 +61,7 @@ def exact_method_text(method: str, bits: int) -> str:
     """How the exact values were obtained, in words."""
     if method == "fast":
         return f"ball arithmetic at {bits} bits (rigorous error bounds)"
-    return f"mpmath at {bits} bits (checked at {2 * bits} bits)"
+    return f"Arb ball arithmetic at {bits} bits (rigorous error bounds)"
 
 
 def policy_table(plans: dict[str, dict[str, Any]], columns: list[str]) -> str:

@@ -10,8 +10,8 @@ A run is named by a precision and optional policies joined by ``+``:
   torch.amp.GradScaler's rules (see :mod:`fpgrad.scaling`);
 - ``+sr``: updates rounded stochastically (seeded); ``+kahan``: Kahan-compensated updates.
 
-The exact run (mpmath at ``exact_bits``, certified by a second run at twice the bits) is
-always computed. Mini-batches follow one seeded order shared by all runs.
+The exact run (certified balls: multi-word at up to 150 bits, else Arb at escalating precision;
+:func:`exact_trajectory`) is always computed. Mini-batches follow one seeded order shared by all runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
 from fpgrad.evaluate import evaluate, evaluate_plan
 from fpgrad.formats import NATIVE, get_format
@@ -505,9 +504,9 @@ class EmulatedRun(_Run):
 
 
 class ExactRun:
-    """The exact run: the optimizer's formulas in exact arithmetic, mpmath at ``bits`` or, with
-    ``balls``, certified ball arithmetic (:mod:`fpgrad.arith.ball`) at the fast level at or
-    above ``bits``, whose radii bound every value (:meth:`ball_digits`)."""
+    """The exact run: the optimizer's formulas in certified balls, the multi-word balls of
+    :mod:`fpgrad.arith.ball` (``balls``, at the fast level at or above ``bits``) or Arb balls
+    at ``bits`` (:mod:`fpgrad.arith.arb`); the radii bound every value (:meth:`ball_digits`)."""
 
     def __init__(self, net: Network, cfg: OptimConfig, bits: int, balls: bool = False):
         self.net = net
@@ -516,14 +515,16 @@ class ExactRun:
 
             self.ar: Any = BallArith(min(level for level in LEVELS if level >= bits))
         else:
-            self.ar = MPArith(bits)
+            from fpgrad.arith.arb import ArbArith
+
+            self.ar = ArbArith(bits)
+        self.bits = self.ar.bits if balls else bits
         self.params = {k: self.ar.asarray(v) for k, v in net.params.items()}
         self.opt = ArithOptimizer(self.ar, self.params, cfg)
         self.history = History(f"exact@{bits}")
         self.exact_params: list[dict[str, Any]] = []
-        self.vanishing = 0  #: ball runs: parameter values set to exact zeros (cancellation)
-        self.steps_done = 0
-        #: why this run was given up for another (the ball run falling back to mpmath), or None
+        self.failed_at: int | None = None  #: the first step the balls could not vouch for
+        #: why the ball run gave way to Arb balls (one line, with the step), or None
         self.fallback: str | None = None
 
     def vector(self) -> np.ndarray:
@@ -536,8 +537,6 @@ class ExactRun:
     def step(self, rows: np.ndarray) -> None:
         trace = evaluate(self.net, self.ar, self.params, rows)
         new = self.opt.step(self.params, trace.grads)
-        if _is_ball(next(iter(new.values()), None)):
-            new = self._zero_vanishing(new)
         moved = any(_changed(new[k], self.params[k]) for k in new)
         self.params = new
         hist = self.history
@@ -549,65 +548,40 @@ class ExactRun:
         hist.moved.append(moved)
         hist.params.append(self.vector())
         self.exact_params.append(dict(new))
-        self.steps_done += 1
+        if self.failed_at is None and self.failed():
+            self.failed_at = len(hist.loss)
 
-    def why_not_certified(self) -> str | None:
-        """Ball runs: why the balls cannot vouch after the last step, or None (a value out of
-        range, a ReLU branch undecided, a parameter certified to fewer than 17 digits)."""
-        errors = getattr(self.ar, "range_errors", 0)
-        if errors:
-            return f"{errors} value(s) left 2**-800..2**800 or underflowed"
-        branches = getattr(self.ar, "uncertain_branches", 0)
-        if branches:
-            return f"{branches} ReLU branch(es) undecided (an input ball contains 0)"
-        from fpgrad.exact import ball_digits
-
-        worst = float(self._cap())
-        for ball in self.exact_params[-1].values():
-            d, _ = ball_digits(ball, self._cap(), self.ar.bits // 2, 0.0)
-            if d.size:
-                worst = min(worst, float(np.min(d)))
-        if worst < 17:
-            return f"the parameters' balls certify {worst:.1f} digits, fewer than 17"
-        return None
-
-    def _zero_vanishing(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Balls that are exact zeros up to cancellation noise (a bias before batch norm), by
-        the rule of :func:`fpgrad.exact.ball_digits` against the largest parameter: set them
-        to 0, as :func:`fpgrad.exact.exact_trace` does, and count them."""
-        from fpgrad.arith.ball import Ball
-        from fpgrad.exact import ball_digits
-
-        scale = max(float(np.max(np.abs(b.mid[0]), initial=0.0)) for b in params.values())
-        out = {}
-        for k, b in params.items():
-            _, vanish = ball_digits(b, self._cap(), self.ar.bits // 2, scale)
-            if vanish.any():
-                self.vanishing += int(vanish.sum())
-                b = Ball(np.where(vanish, 0.0, b.mid), np.where(vanish, 0.0, b.rad))
-            out[k] = b
-        return out
+    def digits_now(self) -> float:
+        """Certified significant digits of the current parameters (as :meth:`ball_digits`)."""
+        return self._digits([self.params])
 
     def _cap(self) -> int:
-        return math.floor(self.ar.bits * math.log10(2))
+        return math.floor(self.bits * math.log10(2))
 
     def failed(self) -> bool:
-        """Ball arithmetic could not vouch (a value out of range, a ReLU branch undecided)."""
-        return bool(
-            getattr(self.ar, "range_errors", 0) or getattr(self.ar, "uncertain_branches", 0)
-        )
+        """Multi-word balls could not vouch (a value out of range, a ReLU branch undecided:
+        their values are no longer enclosures). Arb balls always enclose."""
+        if _is_ball(next(iter(self.params.values()), None)):
+            return bool(self.ar.range_errors or self.ar.uncertain_branches)
+        return False
 
     def ball_digits(self) -> float:
         """Certified significant digits of every parameter at every step, from the radii
-        (capped by what the working precision carries)."""
-        from fpgrad.exact import ball_digits
+        (capped by what the working precision carries; exact zeros do not count, a ball that
+        contains 0 otherwise counts as 0 digits)."""
+        return self._digits(self.exact_params)
 
+    def _digits(self, steps: list[dict[str, Any]]) -> float:
+        from fpgrad.exact import arb_digits, ball_digits
+
+        digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
         worst = float(self._cap())
-        for params in self.exact_params:
-            for ball in params.values():
-                d, _ = ball_digits(ball, self._cap(), self.ar.bits // 2, 0.0)
-                if d.size:
-                    worst = min(worst, float(np.min(d)))
+        for params in steps:
+            for value in params.values():
+                d, zero, _, _ = digits_of(value, self._cap())
+                kept = d[~zero]
+                if kept.size:
+                    worst = min(worst, float(np.min(kept)))
         return worst
 
 
@@ -620,6 +594,8 @@ def _is_ball(a: Any) -> bool:
 def _changed(a: Any, b: Any) -> bool:
     if _is_ball(a):
         return bool(np.any(a.mid != b.mid))
+    if isinstance(a, np.ndarray) and a.dtype == object:  # Arb balls: midpoints moved
+        return any(x.mid() != y.mid() for x, y in zip(a.ravel(), b.ravel(), strict=True))
     return bool(np.any(a != b))
 
 
@@ -630,60 +606,71 @@ def exact_trajectory(
     bits: int,
     method: str = "auto",
     progress: bool = False,
+    max_bits: int | None = None,
 ) -> tuple[ExactRun, float, str]:
     """The certified exact run over ``schedule``: (run, certified digits, method).
 
-    ``method="fast"``: ball arithmetic, one run certified by its radii; ``"mpmath"``: mpmath at
-    ``bits``, certified by a second run at ``2 * bits`` (the digits on which they agree);
-    ``"auto"``: fast when ``bits`` <= 150 and the balls vouch for at least 17 digits, else
-    mpmath.
+    ``method="fast"``: multi-word balls (at most 150 bits); ``"arb"``: Arb balls from
+    ``max(bits, 256)`` bits, raised x4 while fewer than 17 digits are certified, up to
+    ``max_bits`` (default :data:`fpgrad.exact.DEFAULT_MAX_BITS`); ``"auto"``: fast when
+    ``bits`` <= 150 and the balls vouch for at least 17 digits, else Arb. A fall back is
+    announced on stderr in one line (reason and step).
     """
     from fpgrad.arith.ball import MAX_BITS
+    from fpgrad.exact import ALIASES, ARB_GROWTH, ARB_START_BITS, DEFAULT_MAX_BITS
 
-    def steps(runs: list[ExactRun], what: str, watch: bool = False) -> str | None:
-        """Run the schedule; ``watch``: stop at the first step the balls cannot vouch for
-        (returns why, naming the step)."""
-        for r in runs:
-            r.record_initial()
+    cap_bits = DEFAULT_MAX_BITS if max_bits is None else max_bits
+
+    def steps(run: ExactRun, what: str, watch: bool = False) -> int | None:
+        """Run the schedule; ``watch``: stop at the first step whose parameters certify fewer
+        than 17 digits, and return it."""
+        run.record_initial()
         iterator: Any = schedule
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(schedule, desc=f"fpgrad train: exact ({what})", leave=False)
         for rows in iterator:
-            for r in runs:
-                r.step(rows)
-            if watch:
-                why = runs[0].why_not_certified()
-                if why is not None:
-                    return f"the balls give up at step {runs[0].steps_done}: {why}"
-            if any(r.failed() for r in runs):
+            run.step(rows)
+            if run.failed():
                 return None
+            if watch and run.digits_now() < 17:
+                return len(run.history.loss)
         return None
 
-    if method not in ("auto", "fast", "mpmath"):
-        raise InputError(f"unknown exact method {method!r}; use auto, fast or mpmath")
-    why = None
-    if method != "mpmath" and bits <= MAX_BITS:
+    method = ALIASES.get(method, method)
+    if method not in ("auto", "fast", "arb"):
+        raise InputError(f"unknown exact method {method!r}; use auto, fast or arb")
+    fallback = None
+    if method != "arb" and bits <= MAX_BITS:
         run = ExactRun(net, cfg, bits, balls=True)
-        why = steps([run], "balls", watch=method == "auto") or "the balls cannot vouch"
+        low = steps(run, "balls", watch=method == "auto")
         if not run.failed():
             digits = run.ball_digits()
             if digits >= 17 or method == "fast":
                 return run, digits, "fast"
-    if method == "fast":
-        raise InputError(
-            "the fast exact run cannot certify this training (bits above 150, a value out of "
-            "2**-800..2**800 or a ReLU input too close to 0); use --exact-method mpmath"
-        )
-    fallback = None
-    if why is not None:  # the balls were tried (auto) and gave up
-        fallback = f"the certified exact run falls back to mpmath (slower): {why}"
+            why = (
+                f"step {low}: {digits:.1f} certified digits"
+                if low is not None
+                else f"{digits:.1f} certified digits after {len(schedule)} steps"
+            )
+        else:
+            why = f"step {run.failed_at}: a value out of 2**-800..2**800 or a ReLU input too close to 0"
+        if method == "fast":
+            raise InputError(
+                f"the fast exact run cannot certify this training ({why}); use --exact-method arb"
+            )
+        fallback = f"the ball exact run cannot vouch ({why}); recomputing in Arb balls"
         print(f"fpgrad train: {fallback}", file=sys.stderr)
-    exact, check = ExactRun(net, cfg, bits), ExactRun(net, cfg, 2 * bits)
-    exact.fallback = fallback
-    steps([exact, check], "mpmath")
-    return exact, _trajectory_digits(exact.exact_params, check.exact_params, bits), "mpmath"
+    prec = min(max(bits, ARB_START_BITS), cap_bits)
+    while True:
+        exact = ExactRun(net, cfg, prec)
+        exact.fallback = fallback
+        steps(exact, f"arb {prec} bits")
+        digits = exact.ball_digits()
+        if digits >= 17 or prec >= cap_bits:
+            return exact, digits, "arb"
+        prec = min(prec * ARB_GROWTH, cap_bits)
 
 
 def exact_gradient_counts(
@@ -693,6 +680,7 @@ def exact_gradient_counts(
     precision: str,
     rows: np.ndarray,
     bits: int,
+    max_bits: int | None = None,
 ) -> dict[str, int]:
     """Verdict counts of ``grads`` against the certified exact gradients at the same
     parameters and batch (:func:`fpgrad.exact.exact_trace`, noise around exact zeros removed).
@@ -707,7 +695,10 @@ def exact_gradient_counts(
         nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
         return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}
     part = net.with_params(params).with_data(net.x[rows], net.y[rows])
-    exact = exact_trace(part, bits, allow_uncertified=True)
+    from fpgrad.exact import DEFAULT_MAX_BITS
+
+    cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
+    exact = exact_trace(part, bits, allow_uncertified=True, max_bits=cap)
     fmt = get_format(precision)
     counts: dict[str, int] = {}
     for k, g in grads.items():
@@ -807,10 +798,12 @@ def train(
     perturb: bool = True,
     progress: bool = False,
     exact_method: str = "auto",
+    exact_max_bits: int | None = None,
 ) -> TrainResult:
     """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation.
 
-    ``exact_method``: how the exact run is computed and certified (:func:`exact_trajectory`).
+    ``exact_method``: how the exact run is computed and certified (:func:`exact_trajectory`);
+    ``exact_max_bits``: the cap of its precision escalation (default 8192).
     """
     with one_torch_thread():
         return _train(
@@ -826,6 +819,7 @@ def train(
             perturb,
             progress,
             exact_method,
+            exact_max_bits,
         )
 
 
@@ -842,6 +836,7 @@ def _train(
     perturb: bool,
     progress: bool,
     exact_method: str,
+    exact_max_bits: int | None,
 ) -> TrainResult:
     from fpgrad.dynamics import (
         detect_cycle,
@@ -867,7 +862,7 @@ def _train(
     torch_runs = {s.label: make(s) for s in specs}
     twins = {s.label: make(s, twin=True) for s in specs} if perturb else {}
     exact, digits, exact_method = exact_trajectory(
-        net, cfg, schedule, exact_bits, exact_method, progress
+        net, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
     )
     for r in (*torch_runs.values(), *twins.values()):
         r.record_initial()
@@ -883,17 +878,11 @@ def _train(
             grads = run.step(rows)
             if t % every == 0 or t == steps - 1:
                 run.history.verdicts[t] = exact_gradient_counts(
-                    net, before, grads, run.grad_format, rows, exact_bits
+                    net, before, grads, run.grad_format, rows, exact_bits, exact_max_bits
                 )
             if label in twins:
                 twins[label].step(rows)
     notes = [exact.fallback] if exact.fallback else []
-    if exact.vanishing:
-        notes.append(
-            f"{exact.vanishing} exact parameter values (over all steps) are zero to within "
-            f"2^-{exact.ar.bits // 2} of the largest parameter (cancellation) and are treated "
-            "as exact zeros"
-        )
     if digits < 17:
         notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
     distance: dict[str, list[float]] = {}
@@ -919,7 +908,7 @@ def _train(
         "seed": seed,
         "exact_bits": exact_bits,
         "exact_method": exact_method,
-        "exact_working_bits": getattr(exact.ar, "bits", exact_bits),
+        "exact_working_bits": exact.bits,
         "verdict_every": every,
     }
     return TrainResult(
@@ -959,22 +948,3 @@ def _swamped_fraction(h: History) -> dict[str, Any]:
         "every_step_fully_swamped": always,
         "last": h.swamped[-1] / h.updated[-1] if h.updated and h.updated[-1] else 0.0,
     }
-
-
-def _trajectory_digits(a: list[dict[str, Any]], b: list[dict[str, Any]], bits: int) -> float:
-    """Significant digits on which two exact trajectories (N and 2N bits) agree, over every
-    parameter at every step (capped by what N bits carry)."""
-    import mpmath
-
-    cap = math.floor(bits * math.log10(2))
-    worst = float(cap)
-    for pa, pb in zip(a, b, strict=True):
-        scale = max((abs(v) for k in pb for v in np.ravel(pb[k])), default=0)
-        bound = scale * mpmath.mpf(2) ** -(bits // 2)  # zero up to cancellation noise
-        for k in pa:
-            for x, y in zip(np.ravel(pa[k]), np.ravel(pb[k]), strict=True):
-                if x == y or (abs(x) <= bound and abs(y) <= bound):
-                    continue
-                rel = abs(x - y) / abs(y) if y != 0 else mpmath.mpf(1)
-                worst = min(worst, max(0.0, float(-mpmath.log10(rel))))
-    return worst

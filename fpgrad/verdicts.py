@@ -13,6 +13,8 @@ results are measured against more than float64 precision.
 | overflow, nan | computed +-inf or NaN (e is always finite) |
 | wrong_sign | non-zero, sign differs from e |
 | subnormal | non-zero, below the format's smallest normal |
+| undetermined | the exact value's enclosure still contains 0 at the precision cap: its |
+|              | sign is unknown (bound: abs(e) <= rad); never judged as a zero or a value |
 | ok | with relative error, error in ulps of the format at e, correct digits |
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fpgrad.formats import Format
+from fpgrad.rounding import STOCHASTIC_MODES, Mode
 
 VERDICTS = (
     "ok",
@@ -33,16 +36,26 @@ VERDICTS = (
     "nan",
     "wrong_sign",
     "spurious_nonzero",
+    "undetermined",
 )
 
 
 @dataclass
 class ExactArray:
-    """An exact array as ``hi + lo`` float64 pairs and an exact-zero mask."""
+    """An exact array as ``hi + lo`` float64 pairs, a mask of proven exact zeros, and
+    (from certified balls) radii ``rad`` and the mask of ``undetermined`` elements (the ball
+    contains 0 but is not proven zero; ``hi = lo = 0`` there)."""
 
     hi: np.ndarray
     lo: np.ndarray
     zero: np.ndarray
+    rad: np.ndarray | None = None
+    undetermined: np.ndarray | None = None
+
+    def undetermined_mask(self) -> np.ndarray:
+        if self.undetermined is None:
+            return np.zeros(np.shape(self.hi), dtype=bool)
+        return self.undetermined
 
     @classmethod
     def from_mp(cls, values: np.ndarray) -> ExactArray:
@@ -78,15 +91,40 @@ def exact_exponent(ex: ExactArray) -> np.ndarray:
     return np.where(below, e - 1, e)
 
 
-def underflows(ex: ExactArray, fmt: Format) -> np.ndarray:
-    """abs(e) <= half the smallest subnormal: correct rounding to ``fmt`` gives zero."""
-    half = fmt.smallest_subnormal / 2
+def underflows(ex: ExactArray, fmt: Format, mode: Mode | str = "nearest_even") -> np.ndarray:
+    """Correct rounding of ``e`` into ``fmt`` in ``mode`` gives zero.
+
+    Nearest modes: ``abs(e)`` at most half the smallest subnormal (ties go to the even 0);
+    toward zero: below the smallest subnormal; up (down): non-positive (non-negative) values
+    below it; odd: never (a non-zero value rounds to an odd neighbour); stochastic: zero is
+    one of the two outcomes whenever ``abs(e)`` is below the smallest subnormal.
+    """
+    m = Mode(mode)
+    tiny = fmt.smallest_subnormal
     mag, rest = np.abs(ex.hi), ex.lo * np.sign(ex.hi)
-    return ~ex.zero & ((mag < half) | ((mag == half) & (rest <= 0)))
+    below = (mag < tiny) | ((mag == tiny) & (rest < 0))
+    if m in (Mode.NEAREST_EVEN, Mode.NEAREST_AWAY):
+        half = tiny / 2
+        if m is Mode.NEAREST_EVEN:
+            hit = (mag < half) | ((mag == half) & (rest <= 0))
+        else:
+            hit = (mag < half) | ((mag == half) & (rest < 0))
+    elif m is Mode.TOWARD_ZERO or m in STOCHASTIC_MODES:
+        hit = below
+    elif m is Mode.UP:
+        hit = below & (ex.hi < 0)
+    elif m is Mode.DOWN:
+        hit = below & (ex.hi > 0)
+    else:  # round to odd: the smallest subnormal is odd, so nothing non-zero becomes 0
+        hit = np.zeros(np.shape(mag), dtype=bool)
+    return ~ex.zero & ~ex.undetermined_mask() & hit
 
 
-def classify(ex: ExactArray, computed: np.ndarray, fmt: Format) -> Verdicts:
-    """Verdicts of ``computed`` (float64 values of the format) against ``ex``."""
+def classify(
+    ex: ExactArray, computed: np.ndarray, fmt: Format, mode: Mode | str = "nearest_even"
+) -> Verdicts:
+    """Verdicts of ``computed`` (float64 values of the format) against ``ex``; ``mode``: the
+    rounding mode of the column (it decides a rounding zero's ``underflow``/``lost``)."""
     c = np.asarray(computed, dtype=np.float64)
     shape = c.shape
     verdict = np.full(shape, "ok", dtype=object)
@@ -104,11 +142,13 @@ def classify(ex: ExactArray, computed: np.ndarray, fmt: Format) -> Verdicts:
 
     zero_c = c == 0
     finite = np.isfinite(c)
-    sign_differs = finite & ~zero_c & ~ex.zero & (np.sign(c) != np.sign(ex.hi))
+    und = ex.undetermined_mask()
+    sign_differs = finite & ~zero_c & ~ex.zero & ~und & (np.sign(c) != np.sign(ex.hi))
     # order matters: later assignments do not overwrite earlier, more specific ones
     rules = [
         (np.isnan(c), "nan"),
         (np.isinf(c), "overflow"),
+        (und, "undetermined"),
         (ex.zero & zero_c, "structural_zero"),
         (ex.zero & ~zero_c, "spurious_nonzero"),
         (~ex.zero & zero_c, "rounding_zero"),
@@ -121,7 +161,7 @@ def classify(ex: ExactArray, computed: np.ndarray, fmt: Format) -> Verdicts:
         verdict[take] = name
         assigned |= take
     rz = verdict == "rounding_zero"
-    under = underflows(ex, fmt)
+    under = underflows(ex, fmt, mode)
     subkind[rz & under] = "underflow"
     subkind[rz & ~under] = "lost"
     return Verdicts(verdict, subkind, rel, ulps, digits)

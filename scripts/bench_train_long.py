@@ -29,7 +29,6 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fpgrad.exact import ball_digits  # noqa: E402
 from fpgrad.from_torch import load_model_file  # noqa: E402
 from fpgrad.network import Network  # noqa: E402
 from fpgrad.optim import OptimConfig  # noqa: E402
@@ -74,14 +73,6 @@ def torch_step_time(net: Network, cfg: OptimConfig, schedule: list[np.ndarray]) 
     return best
 
 
-def digits_now(run: ExactRun) -> float:
-    cap = int(run.ar.bits * np.log10(2))
-    return min(
-        float(np.min(ball_digits(b, cap, run.ar.bits // 2, 0.0)[0], initial=cap))
-        for b in run.params.values()
-    )
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -111,20 +102,20 @@ def main() -> int:
             if run.failed():
                 below = (t, "a value out of range or a ReLU branch undecided")
                 break
-            d = digits_now(run)
+            d = run.digits_now()
             if t % args.every == 0:
                 trail.append(f"{t}: {d:.1f}")
             if d < 17:
                 below = (t, f"{d:.1f} digits")
                 break
-        steps = run.steps_done
+        steps = len(run.history.loss)
         per = spent / max(steps, 1)
         print(f"\n{name} (lr {cfg.lr:g}): certified digits by step: {', '.join(trail)}")
         if below is None:
             print(f"  {steps} steps, >= 17 digits throughout")
         else:
-            print(f"  below 17 digits at step {below[0]} ({below[1]}): fpgrad train falls back")
-        lost = (digits_now(run) - 45) / max(steps, 1)
+            print(f"  below 17 digits at step {below[0]} ({below[1]}): train recomputes in Arb")
+        lost = (run.digits_now() - run._cap()) / max(steps, 1)
         print(
             f"  {per * 1e3:.2f} ms per exact step vs torch float64 {t_torch * 1e3:.3f} ms "
             f"({per / t_torch:.0f}x); about {-lost:.2f} digits lost per step"

@@ -203,16 +203,28 @@ def test_precision_too_low_to_certify(tmp_path: Path, capsys: pytest.CaptureFixt
 
     path = write(tmp_path, CANCEL)
     code, _, err = run_cli(
-        ["compare", path, "--exact-bits", "64", "--precisions", "float64"], capsys
+        [
+            "compare",
+            path,
+            "--exact-bits",
+            "64",
+            "--exact-max-bits",
+            "64",
+            "--precisions",
+            "float64",
+        ],
+        capsys,
     )
     assert_one_line_error(
-        code, err, "certifies only", "raise --exact-bits or pass --allow-uncertified"
+        code, err, "certifies only", "raise --exact-max-bits or pass --allow-uncertified"
     )
     code, out, err = run_cli(
         [
             "compare",
             path,
             "--exact-bits",
+            "64",
+            "--exact-max-bits",
             "64",
             "--allow-uncertified",
             "--json",

@@ -85,7 +85,7 @@ def test_balls_enclose_the_mpmath_trajectory(name: str, opt: str) -> None:
             assert mid.shape == np.shape(mps[k])
 
 
-def test_out_of_range_values_fall_back_to_mpmath() -> None:
+def test_out_of_range_values_fall_back_to_arb() -> None:
     # a weight of 2^-500 times an input of 2^-500: 2^-1000 is outside the balls' range
     net = net_from(
         [{"type": "dense", "out": 1, "weight": [[2.0**-500]], "bias": False}],
@@ -94,12 +94,12 @@ def test_out_of_range_values_fall_back_to_mpmath() -> None:
         [[1.0]],
     )
     r = train(net, 2, OptimConfig(lr=0.1), runs="float32", perturb=False)
-    assert r.config["exact_method"] == "mpmath" and r.exact_certified_digits >= 17
-    with pytest.raises(InputError, match="use --exact-method mpmath"):
+    assert r.config["exact_method"] == "arb" and r.exact_certified_digits >= 17
+    with pytest.raises(InputError, match="use --exact-method arb"):
         train(net, 2, OptimConfig(lr=0.1), runs="float32", exact_method="fast")
     fast = train(net_from(*_small()), 3, runs="float16", perturb=False)
-    slow = train(net_from(*_small()), 3, runs="float16", perturb=False, exact_method="mpmath")
-    assert fast.config["exact_method"] == "fast" and slow.config["exact_method"] == "mpmath"
+    slow = train(net_from(*_small()), 3, runs="float16", perturb=False, exact_method="arb")
+    assert fast.config["exact_method"] == "fast" and slow.config["exact_method"] == "arb"
     assert fast.exact.loss == slow.exact.loss and fast.exact.params[-1].tolist() == pytest.approx(
         slow.exact.params[-1].tolist(), rel=1e-15
     )
@@ -113,7 +113,7 @@ def _small() -> tuple:
 
 def test_fallback_names_its_step_and_reason(capsys: pytest.CaptureFixture[str]) -> None:
     # a hidden unit whose pre-activation is exactly 0 for one sample: its ReLU branch is
-    # undecided in balls at step 1, so auto falls back to mpmath and says where and why
+    # undecided in balls at step 1, so auto recomputes in Arb balls and says where and why
     net = net_from(
         [
             {"type": "dense", "weight": [[1.0, -1.0], [0.5, 0.25]], "bias": [0.0, 0.1]},
@@ -124,33 +124,41 @@ def test_fallback_names_its_step_and_reason(capsys: pytest.CaptureFixture[str]) 
         [[0.5, 0.5], [1.0, -1.0]],
         [[0.3], [0.1]],
     )
-    run, _, method = exact_trajectory(net, OptimConfig(lr=0.1), batch_schedule(2, 3, None, 0), 64)
-    assert method == "mpmath"
+    schedule = batch_schedule(2, 3, None, 0)
+    run, _, method = exact_trajectory(net, OptimConfig(lr=0.1), schedule, 64)
+    assert method == "arb"
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "falls back to mpmath" in err and "at step 1" in err, err
-    assert "ReLU" in err and run.fallback and run.fallback in err
+    assert err.count("\n") == 1 and "recomputing in Arb balls" in err and "step 1" in err, err
+    assert run.fallback and run.fallback in err
     result = train(net, steps=3, cfg=OptimConfig(lr=0.1), runs="float32", exact_bits=64)
     assert result.notes[0] == run.fallback and run.fallback in capsys.readouterr().err
-    fast, _, method = exact_trajectory(
-        net, OptimConfig(lr=0.1), batch_schedule(2, 3, None, 0), 64, "mpmath"
-    )
-    assert (
-        method == "mpmath" and fast.fallback is None and "falls back" not in capsys.readouterr().err
-    )
+    arb, _, method = exact_trajectory(net, OptimConfig(lr=0.1), schedule, 64, "arb")
+    assert method == "arb" and arb.fallback is None and capsys.readouterr().err == ""
 
 
-def test_why_not_certified_counts_digits() -> None:
+def test_balls_stop_at_the_first_step_below_17_digits(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # digits sink below 17 at step 3 (the radii are inflated there): auto stops the ball run
+    # at step 3, not at the end of the schedule, and names that step
     layers, loss, y = NETS["tanh_mse"]
     net = net_from(layers, loss, X, y, seed=3)
-    run = ExactRun(net, OptimConfig(lr=0.1), 150, balls=True)
-    run.record_initial()
-    run.step(np.arange(6))
-    assert run.why_not_certified() is None
-    key = next(iter(run.params))
-    ball = run.exact_params[-1][key]
-    ball.rad[...] = np.abs(ball.mid[0]) * 1e-12  # 12 digits
-    why = run.why_not_certified()
-    assert why is not None and "fewer than 17" in why and "1" in why
+    real_step = ExactRun.step
+
+    def step(self: ExactRun, rows: np.ndarray) -> None:
+        real_step(self, rows)
+        if self.ar.name.startswith("ball") and len(self.history.loss) == 3:
+            for ball in self.params.values():
+                ball.rad[...] = np.abs(ball.mid[0]) * 1e-12  # 12 digits
+        if self.ar.name.startswith("ball"):
+            taken.append(len(self.history.loss))
+
+    taken: list[int] = []
+    monkeypatch.setattr(ExactRun, "step", step)
+    _, _, method = exact_trajectory(net, OptimConfig(lr=0.1), batch_schedule(6, 8, 4, 1), 128)
+    assert method == "arb" and taken == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert "step 3: 12.0 certified digits" in err, err
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw"])

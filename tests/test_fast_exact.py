@@ -467,11 +467,11 @@ def _small_tanh_net(seed: int = 0):  # noqa: ANN202
     )
 
 
-def test_fast_and_mpmath_agree_to_the_certified_digits() -> None:
+def test_fast_and_arb_agree_to_the_certified_digits() -> None:
     net = _small_tanh_net()
     fast = exact_trace(net, 150, method="fast")
-    slow = exact_trace(net, 256, method="mpmath")
-    assert fast.method == "fast" and slow.method == "mpmath"
+    slow = exact_trace(net, 256, method="arb")
+    assert fast.method == "fast" and slow.method == "arb"
     assert fast.certified_digits >= 30
     for key in fast.keys():
         f = np.asarray(
@@ -492,7 +492,7 @@ def test_fast_and_mpmath_agree_to_the_certified_digits() -> None:
 def test_auto_method_choice_and_fallback() -> None:
     net = _small_tanh_net()
     assert exact_trace(net).method == "fast"
-    assert exact_trace(net, 256).method == "mpmath"  # beyond what the fast path carries
+    assert exact_trace(net, 256).method == "arb"  # beyond what the fast path carries
     with pytest.raises(InputError):
         exact_trace(net, 256, method="fast")
     far = net_from(  # sigmoid(-900): below float64, the fast path declines
@@ -501,7 +501,7 @@ def test_auto_method_choice_and_fallback() -> None:
         [[-1.0], [1.0]],
         [[0.0], [1.0]],
     )
-    assert exact_trace(far, 128, allow_uncertified=True).method == "mpmath"
+    assert exact_trace(far, 128, allow_uncertified=True).method == "arb"
     with pytest.raises(InputError):
         exact_trace(far, 128, method="fast")
     with pytest.raises(InputError):
@@ -526,9 +526,15 @@ def test_exact_cancellation_gives_exact_zeros_not_noise() -> None:
         np.hstack([x, -x]).tolist(),
         rng.normal(size=(4, 1)).tolist(),
     )
+    # the fast balls bound the cancelled sum but cannot prove it 0: undetermined, never zero
     fast = exact_trace(net, 150, method="fast")
-    slow = exact_trace(net, 128, method="mpmath")
-    for result in (fast, slow):
+    assert np.all(fast.undetermined("forward/dense0")[:, 0])
+    assert not fast.zero("forward/dense0")[:, 0].any()
+    # Arb carries the float64 products exactly and proves the zero; auto falls back to it
+    auto = exact_trace(net, 150)
+    slow = exact_trace(net, 128, method="arb")
+    assert auto.method == "arb"
+    for result in (auto, slow):
         assert np.all(result.exact_array("forward/dense0").zero[:, 0])
         assert np.all(np.isinf(result.digits["forward/dense0"][:, 0]))
         assert np.all(

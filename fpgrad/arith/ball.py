@@ -22,7 +22,7 @@ the same words as the numpy kernels of :mod:`fpgrad.arith.expansion` and
 Limits, counted instead of guessed: a value whose magnitude leaves [2**-800, 2**800] (or that
 underflows to zero) increments :attr:`BallArith.range_errors`; a comparison (ReLU mask)
 whose ball contains zero increments :attr:`BallArith.uncertain_branches`. A run with either
-count non-zero is not certified by this system (:mod:`fpgrad.exact` falls back to mpmath).
+count non-zero is not certified by this system (:mod:`fpgrad.exact` falls back to Arb balls).
 
 The per-operation error constants (:data:`fpgrad.arith.expansion.ETA` and ``eta_fn`` for the
 elementary functions) are tested against mpmath with a margin of at least 2**3
@@ -184,6 +184,8 @@ class _LazyBall(Ball):
 
 class BallArith:
     """Balls with k-word midpoints at a working precision of ``bits`` (100: k=2; 128, 150: k=3)."""
+
+    exact = True  #: an exact reference: structural identities and cancellation-free forms
 
     def __init__(self, bits: int = MAX_BITS) -> None:
         _keep_freed_memory()
@@ -413,6 +415,44 @@ class BallArith:
         self.range_errors += bad
         return d
 
+    def log1p(self, a: Ball) -> Ball:
+        """log(1 + a) without cancellation for small a.
+
+        ``|a| + rad <= 2**-200``: ``a`` itself, the radius grown by ``(|a| + rad) 2**-200``
+        (``|log1p(a) - a| <= a^2 / 2``); ``<= 2**-8``: ``2 atanh(u)`` with ``u = a / (2 + a)``,
+        summed as ``2 u sum_{j<K} u^2j / (2j + 1)`` with the tail bounded by
+        ``2 |u|^(2K+1) / ((2K + 1)(1 - u^2))``; elsewhere ``log(1 + a)``. Each branch sees
+        only its own elements (the others are set to an exact 0), so no branch leaves the
+        range for elements it does not serve.
+        """
+        bound = np.abs(a.mid[0]) * HI_BOUND + a.rad
+        tiny = bound <= 2.0**-200
+        small = (bound <= 2.0**-8) & ~tiny
+
+        def only(mask: np.ndarray) -> Ball:
+            return Ball(np.where(mask, a.mid, 0.0), np.where(mask, a.rad, 0.0))
+
+        out = self.log(self.add(self.const(1.0), only(~(tiny | small))))
+        if small.any():
+            terms = 18 if self.k == 3 else 12  # |u|^(2K) <= 2**-160 (k=3), 2**-106 (k=2)
+            x = only(small)
+            u = self.div(x, self.add(self.const(2.0), x))
+            u2 = self.mul(u, u)
+            poly = self.div(self.const(1.0), self.const(2.0 * terms - 1))
+            for j in range(terms - 2, -1, -1):
+                odd = self.div(self.const(1.0), self.const(2.0 * j + 1))
+                poly = self.add(self.mul(poly, u2), odd)
+            series = self.mul(self.mul(self.const(2.0), u), poly)
+            ub = np.minimum(np.abs(u.mid[0]) * HI_BOUND + u.rad, 2.0**-8)  # |u| <= ub
+            with np.errstate(under="ignore"):
+                tail = 2.0 * ub ** (2 * terms + 1) / ((2 * terms + 1) * (1.0 - ub * ub))
+            series = Ball(series.mid, (series.rad + tail * RU) * RU)
+            out = self.where(small, series, out)
+        if tiny.any():
+            near = Ball(a.mid, (a.rad + bound * 2.0**-200) * RU)
+            out = self.where(tiny, near, out)
+        return out
+
     def sqrt(self, a: Ball) -> Ball:
         a0 = a.mid[0]
         self._domain(a0 < 0)
@@ -442,32 +482,6 @@ class BallArith:
 
     def to_float64(self, a: Ball) -> np.ndarray:
         return xp.hi_lo(a.mid)[0]
-
-    # ---- loss derivatives without cancellation --------------------------------------------
-    def xent_grad(self, e: Ball, total: Ball, t: np.ndarray) -> Ball:
-        p = self.div(e, total)
-        out = self.sub(self.mul(p, self.asarray(t.sum(axis=1, keepdims=True))), self.asarray(t))
-        nz = t != 0
-        hot = (nz.sum(axis=1) == 1) & (np.where(nz, t, 0).sum(axis=1) == 1.0)
-        if hot.any():  # one-hot rows: p_k - 1 = -sum_{j != k} p_j
-            others = self.sum(
-                self.mul(e, self.asarray((~nz).astype(np.float64))), axis=1, keepdims=True
-            )
-            comp = self.div(others, total)
-            rows = np.flatnonzero(hot)
-            cols = np.argmax(nz[rows], axis=1)
-            out.mid[:, rows, cols] = -comp.mid[:, rows, 0]
-            out.rad[rows, cols] = comp.rad[rows, 0]
-        return out
-
-    def bce_grad(self, z: Ball, t: np.ndarray) -> Ball:
-        out = self.sub(self.sigmoid(z), self.asarray(t))
-        ones = t == 1.0
-        if ones.any():  # sigmoid(z) - 1 = -sigmoid(-z)
-            neg = self.sigmoid(Ball(-z.mid, z.rad))
-            out.mid[:, ones] = -neg.mid[:, ones]
-            out.rad[ones] = neg.rad[ones]
-        return out
 
     # ---- helpers ------------------------------------------------------------------------------
     def _domain(self, bad: np.ndarray) -> None:

@@ -1,8 +1,7 @@
 """mpmath at a fixed precision: numpy object arrays of mpf in a private context.
 
 Each instance owns an ``MPContext`` so its precision never leaks into, or depends on, the
-global ``mpmath.mp``. Every operation is rounded to ``prec`` bits; :mod:`fpgrad.exact`
-certifies the results by evaluating twice at different precisions.
+global ``mpmath.mp``. Every operation is rounded to ``prec`` bits.
 """
 
 from __future__ import annotations
@@ -14,7 +13,10 @@ from mpmath.ctx_mp import MPContext
 
 
 class MPArith:
-    """Numpy object arrays of mpmath numbers at ``prec`` bits."""
+    """Numpy object arrays of mpmath numbers at ``prec`` bits (rounded, not enclosed: a
+    high-precision comparison system for tests and benchmarks, never a certificate)."""
+
+    exact = True  #: takes the exact reference's cancellation-free forms in evaluate
 
     def __init__(self, prec: int) -> None:
         self.prec = prec
@@ -24,6 +26,7 @@ class MPArith:
         c = self.ctx
         self._exp = np.frompyfunc(c.exp, 1, 1)
         self._log = np.frompyfunc(c.log, 1, 1)
+        self._log1p = np.frompyfunc(c.log1p, 1, 1)
         self._tanh = np.frompyfunc(c.tanh, 1, 1)
         self._sqrt = np.frompyfunc(c.sqrt, 1, 1)
         self._sigmoid = np.frompyfunc(lambda v: 1 / (1 + c.exp(-v)), 1, 1)
@@ -65,6 +68,9 @@ class MPArith:
     def log(self, a: np.ndarray) -> np.ndarray:
         return _obj(self._log(a))
 
+    def log1p(self, a: np.ndarray) -> np.ndarray:
+        return _obj(self._log1p(a))
+
     def tanh(self, a: np.ndarray) -> np.ndarray:
         return _obj(self._tanh(a))
 
@@ -92,23 +98,6 @@ class MPArith:
 
     def sigmoid_deriv(self, z: np.ndarray, s: np.ndarray) -> np.ndarray:
         return _obj(s * self.sigmoid(-z))  # s (1 - s) = s(z) s(-z)
-
-    def xent_grad(self, e: np.ndarray, total: np.ndarray, t: np.ndarray) -> np.ndarray:
-        p = _obj(e / total)
-        out = _obj(p * self.asarray(t.sum(axis=1, keepdims=True)) - self.asarray(t))
-        for row in range(t.shape[0]):
-            hot = np.flatnonzero(t[row])
-            if hot.size == 1 and t[row, hot[0]] == 1.0:  # one-hot: p_k - 1 = -sum_{j!=k} p_j
-                k = int(hot[0])
-                others = [e[row, j] for j in range(t.shape[1]) if j != k]
-                out[row, k] = -self.ctx.fsum(others) / total[row, 0]
-        return out
-
-    def bce_grad(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
-        out = _obj(self.sigmoid(z) - self.asarray(t))
-        ones = t == 1.0
-        out[ones] = -self.sigmoid(-z[ones])  # sigmoid(z) - 1 = -sigmoid(-z)
-        return out
 
 
 def _obj(a: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ _MARKERS = {
     "nan": "v",
     "wrong_sign": "D",
     "spurious_nonzero": "+",
+    "undetermined": "?",
 }
 
 

@@ -26,6 +26,7 @@ COUNTS = (
     "nan",
     "wrong_sign",
     "spurious_nonzero",
+    "undetermined",
 )
 #: options of each task (``sweep(..., **options)``) and their defaults
 OPTIONS: dict[str, dict[str, Any]] = {

@@ -222,6 +222,7 @@ _GROUPS = (  # (label, verdicts, colour) in stacking order
     ("rounding_zero", ("rounding_zero",), "#d6604d"),
     ("overflow / nan", ("overflow", "nan"), "#7b3294"),
     ("wrong_sign / spurious_nonzero", ("wrong_sign", "spurious_nonzero"), "#252525"),
+    ("undetermined", ("undetermined",), "#2166ac"),
     ("no_reference", ("no_reference",), "#80cdc1"),
 )
 

@@ -1,0 +1,273 @@
+"""Rigorous balls at any precision: numpy object arrays of python-flint ``arb``.
+
+Every operation of Arb (FLINT's ball arithmetic) returns a ball proven to contain the exact
+result of the operation applied to any points of its input balls, so a value computed through
+any chain of these operations encloses the exact value. This is the exact reference's
+fallback when the fast multi-word balls (:mod:`fpgrad.arith.ball`) cannot vouch for a run, and
+:mod:`fpgrad.exact` escalates its precision until the balls are narrow enough or a cap is
+reached.
+
+Exact zeros: an arb ball of radius 0 at 0 is exactly 0; products with an exact 0 and sums of
+exact zeros stay exact, and sums and products of float64 values (dyadic rationals) are exact
+whenever the working precision holds their result, so rational computations decide their own
+signs once the precision is high enough.
+
+Branches: :meth:`ArbArith.positive` returns a :class:`BranchMask` that knows which elements
+it could not decide (a ball that contains 0 and is not exactly 0); :meth:`ArbArith.where`
+takes the union of both branches there, so undecided ReLU inputs still give enclosures.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mpmath
+import numpy as np
+from flint import arb, arb_mat, ctx
+
+#: exact-result marker of ``arb.rel_accuracy_bits`` (FLINT's ARF_PREC_EXACT)
+_EXACT_BITS = 2**62
+
+
+class BranchMask(np.ndarray):
+    """A boolean mask (x > 0 where decided) with ``unsure``: elements not decided."""
+
+    unsure: np.ndarray
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.unsure = getattr(obj, "unsure", None)  # type: ignore[assignment]
+
+
+class _Prec:
+    """Scoped working precision of FLINT's global context (restored on exit)."""
+
+    __slots__ = ("prec", "old")
+
+    def __init__(self, prec: int) -> None:
+        self.prec = prec
+        self.old = 0
+
+    def __enter__(self) -> None:
+        self.old = ctx.prec
+        ctx.prec = self.prec
+
+    def __exit__(self, *exc: object) -> None:
+        ctx.prec = self.old
+
+
+def _obj(a: Any) -> np.ndarray:
+    return np.asarray(a, dtype=object)
+
+
+_ARB = np.frompyfunc(arb, 1, 1)
+_EXP = np.frompyfunc(lambda v: v.exp(), 1, 1)
+_LOG = np.frompyfunc(lambda v: v.log(), 1, 1)
+_LOG1P = np.frompyfunc(lambda v: v.log1p(), 1, 1)
+_TANH = np.frompyfunc(lambda v: v.tanh(), 1, 1)
+_SECH2 = np.frompyfunc(lambda v: v.sech() ** 2, 1, 1)
+_SQRT = np.frompyfunc(lambda v: v.sqrt(), 1, 1)
+_SIGMOID = np.frompyfunc(lambda v: 1 / (1 + (-v).exp()), 1, 1)
+_ABS = np.frompyfunc(abs, 1, 1)
+_POS = np.frompyfunc(lambda v: v > 0, 1, 1)
+_NONPOS = np.frompyfunc(lambda v: v <= 0, 1, 1)
+_MAX = np.frompyfunc(lambda a, b: a.max(b), 2, 1)
+_UNION = np.frompyfunc(lambda a, b: a.union(b), 2, 1)
+
+
+class ArbArith:
+    """Object arrays of arb balls at ``prec`` bits (an enclosure at every step)."""
+
+    exact = True  #: an exact reference: structural identities and cancellation-free forms
+
+    def __init__(self, prec: int) -> None:
+        self.prec = int(prec)
+        self.name = f"arb@{self.prec}"
+        self.uncertain_branches = 0
+        self.range_errors = 0  # arb has no range limit; kept for the Arith bookkeeping
+
+    def _p(self) -> _Prec:
+        return _Prec(self.prec)
+
+    # ---- construction -------------------------------------------------------------------
+    def asarray(self, x: Any) -> np.ndarray:
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            return arr  # already balls (parameters of an exact run)
+        return _obj(_ARB(np.asarray(arr, dtype=np.float64)))  # arb(float) is exact
+
+    def const(self, value: float) -> Any:
+        return arb(float(value))
+
+    # ---- arithmetic ---------------------------------------------------------------------
+    def add(self, a: Any, b: Any) -> np.ndarray:
+        with self._p():
+            return _obj(np.add(a, b))
+
+    def sub(self, a: Any, b: Any) -> np.ndarray:
+        with self._p():
+            return _obj(np.subtract(a, b))
+
+    def mul(self, a: Any, b: Any) -> np.ndarray:
+        with self._p():
+            return _obj(np.multiply(a, b))
+
+    def div(self, a: Any, b: Any) -> np.ndarray:
+        with self._p():
+            return _obj(np.true_divide(a, b))
+
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        m, n = a.shape
+        p = b.shape[1]
+        if m == 0 or n == 0 or p == 0:
+            return _obj(np.full((m, p), arb(0), dtype=object))
+        with self._p():
+            prod = arb_mat(m, n, list(a.ravel())) * arb_mat(n, p, list(b.ravel()))
+            return _obj(np.array(prod.entries(), dtype=object).reshape(m, p))
+
+    def sum(self, a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
+        with self._p():
+            if a.shape[axis] == 0:
+                shape = list(a.shape)
+                shape[axis] = 1
+                out = np.full(shape, arb(0), dtype=object)
+                return _obj(out if keepdims else np.squeeze(out, axis))
+            return _obj(np.sum(a, axis=axis, keepdims=keepdims))
+
+    def max(self, a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
+        """The largest element along ``axis``, as a ball containing the true maximum."""
+        with self._p():
+            return _obj(_MAX.reduce(_obj(a), axis=axis, keepdims=keepdims))
+
+    # ---- elementary functions -----------------------------------------------------------
+    def exp(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_EXP(a))
+
+    def log(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_LOG(a))
+
+    def log1p(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_LOG1P(a))
+
+    def tanh(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_TANH(a))
+
+    def sigmoid(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_SIGMOID(a))
+
+    def sqrt(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_SQRT(a))
+
+    def abs(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_ABS(a))
+
+    def neg(self, a: np.ndarray) -> np.ndarray:
+        return _obj(-a)
+
+    # ---- branches -----------------------------------------------------------------------
+    def positive(self, a: np.ndarray) -> BranchMask:
+        """a > 0 where the ball decides it; ``unsure`` where it contains 0 and is not 0."""
+        arr = _obj(a)
+        yes = np.asarray(_POS(arr), dtype=bool)
+        no = np.asarray(_NONPOS(arr), dtype=bool)
+        unsure = ~(yes | no)
+        n = int(unsure.sum())
+        self.uncertain_branches += n
+        mask = yes.view(BranchMask)
+        mask.unsure = unsure
+        return mask
+
+    def where(self, mask: np.ndarray, a: Any, b: Any) -> np.ndarray:
+        out = _obj(np.where(mask, a, b))
+        unsure = getattr(mask, "unsure", None)
+        if unsure is not None and unsure.any():  # both branches possible: their union
+            shape = out.shape
+            aa = np.broadcast_to(_obj(a), shape)
+            bb = np.broadcast_to(_obj(b), shape)
+            u = np.broadcast_to(unsure, shape)
+            with self._p():
+                out[u] = _UNION(aa[u], bb[u])
+        return out
+
+    def to_float64(self, a: Any) -> np.ndarray:
+        return np.asarray(np.frompyfunc(float, 1, 1)(_obj(a)), dtype=np.float64)
+
+    # ---- cancellation-free derivatives --------------------------------------------------
+    def tanh_deriv(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_SECH2(z))  # 1 - tanh^2 = sech^2
+
+    def sigmoid_deriv(self, z: np.ndarray, s: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(s * _SIGMOID(-z))  # s (1 - s) = s(z) s(-z)
+
+
+# ---- reading balls back ---------------------------------------------------------------------
+_MID_MAN_EXP = np.frompyfunc(lambda v: v.mid().man_exp(), 1, 1)
+
+
+def to_mpf(values: np.ndarray, prec: int) -> np.ndarray:
+    """Exact midpoints as mpmath mpf (in a context wide enough to hold them exactly)."""
+    c = mpmath.MPContext()
+    c.prec = prec + 64
+    flat = _obj(values).ravel()
+    out = np.empty(flat.size, dtype=object)
+    for i, v in enumerate(flat):
+        mid = v.mid()
+        if not mid.is_finite():  # a NaN ball (Arb gave up): no midpoint to report
+            out[i] = c.mpf("nan")
+            continue
+        man, exp = mid.man_exp()
+        out[i] = c.mpf((int(man), int(exp))) if man != 0 else c.mpf(0)
+    return out.reshape(np.shape(values))
+
+
+def radii(values: np.ndarray) -> np.ndarray:
+    """Radii as float64, rounded up (inf where beyond float64's range)."""
+    flat = _obj(values).ravel()
+    out = np.empty(flat.size)
+    for i, v in enumerate(flat):
+        r = v.rad()
+        if r == 0:
+            out[i] = 0.0
+            continue
+        if not r.is_finite():  # Arb gave up on this value: an unbounded ball
+            out[i] = math.inf
+            continue
+        man, exp = r.mid().man_exp()
+        man, exp = int(man), int(exp)
+        if exp + man.bit_length() > 1024:  # beyond float64: no finite bound to give
+            out[i] = math.inf
+            continue
+        f = math.ldexp(float(man), exp)  # float(man) is exact: Arb radii carry 30 bits
+        out[i] = np.nextafter(f, np.inf)  # ldexp may round (subnormal range): step up once
+    return out.reshape(np.shape(values))
+
+
+def rel_bits(values: np.ndarray) -> np.ndarray:
+    """Relative accuracy of every ball in bits (FLINT's estimate of -log2(rad/|mid|));
+    ``inf`` for exact values, negative when the ball contains 0."""
+    flat = _obj(values).ravel()
+    out = np.empty(flat.size)
+    for i, v in enumerate(flat):
+        b = v.rel_accuracy_bits()
+        out[i] = math.inf if b >= _EXACT_BITS - 1 else float(b)
+    return out.reshape(np.shape(values))
+
+
+def exact_zero(values: np.ndarray) -> np.ndarray:
+    """Balls that are exactly 0 (radius 0 at 0)."""
+    return np.asarray(np.frompyfunc(lambda v: v.is_zero(), 1, 1)(_obj(values)), dtype=bool)
+
+
+def contains_zero(values: np.ndarray) -> np.ndarray:
+    """Balls that contain 0, or that are not finite (NaN or unbounded: no sign is known)."""
+    test = np.frompyfunc(lambda v: (0 in v) or not v.is_finite(), 1, 1)
+    return np.asarray(test(_obj(values)), dtype=bool)
