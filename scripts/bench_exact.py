@@ -167,9 +167,12 @@ def arb_product(bits: int, shape: tuple[int, int, int] = (128, 256, 256)) -> str
     t0 = clock()
     fa, fb = flint.arb_mat(a.tolist()), flint.arb_mat(b.tolist())
     t_conv = clock() - t0
-    t_ball, t_arb = interleaved([lambda: ar._matmul(ba, bb), lambda: fa * fb], 3, [3, 1])
+    t_ball, t_arb, t_gemm = interleaved(
+        [lambda: ar._matmul(ba, bb), lambda: fa * fb, lambda: a @ b], 3, [3, 1, 10]
+    )
     return (
-        f"one {m}x{n}x{p} product at {bits} bits: balls (Ozaki) {t_ball * 1e3:.1f} ms, "
+        f"one {m}x{n}x{p} product at {bits} bits: float64 GEMM {t_gemm * 1e3:.2f} ms, "
+        f"balls (Ozaki) {t_ball * 1e3:.1f} ms ({t_ball / t_gemm:.0f} GEMMs), "
         f"python-flint arb_mat {t_arb * 1e3:.1f} ms ({t_arb / t_ball:.1f}x; converting the "
         f"operands to arb_mat {t_conv * 1e3:.0f} ms more)"
     )
