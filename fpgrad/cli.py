@@ -80,8 +80,9 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
 def _compare(args: argparse.Namespace) -> int:
     from fpgrad.compare import compare
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.graph.script import is_script, load_script
 
-    net = _load_network(args.network)
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     result = compare(
         net,
         precisions=_with_policies(args.precisions, args.policy),
@@ -258,6 +259,14 @@ def _report(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _watch_report(args: argparse.Namespace) -> int:
+    from fpgrad.watch.report import write_report
+
+    dest = write_report(args.dir, args.out)
+    print(f"wrote {dest / 'watch.md'} and {dest / 'watch.html'}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -308,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="gradients of a network in each precision against exact ones"
     )
-    p.add_argument("network", help="network file or model file (TOML)")
+    p.add_argument(
+        "network",
+        help="network file or model file (TOML), or path/to/script.py:build: a Python file "
+        "whose build() returns (model, inputs, targets, loss); it is user code and runs as "
+        "pytest runs test files (imported, its folder first on sys.path)",
+    )
     p.add_argument(
         "--precisions",
         default=None,
@@ -487,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", default=None, help="comma-separated scenario names (no index is written)"
     )
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watch directory")
+    p.add_argument("dir", help="the out= directory of fpgrad.watch (holds records.jsonl)")
+    p.add_argument("--out", default=None, help="output directory (default: DIR itself)")
+    p.set_defaults(func=_watch_report)
 
     p = sub.add_parser("list", help="the scenarios of the gallery and their claims")
     p.set_defaults(func=_list)

@@ -163,6 +163,14 @@ def compare(
     ``exact_max_bits``: the cap of the exact reference's precision escalation.
     ``progress``: bars on stderr for phases over 2 s (None: when stderr is a terminal).
     """
+    if not isinstance(net, Network):  # a captured torch model (fpgrad.from_module)
+        from fpgrad.graph.compare import compare_graph
+
+        if reference != "original" or loss_scale != 1.0 or exact is not None:
+            raise InputError(
+                "captured models compare with the original reference, no loss scale, yet"
+            )
+        return compare_graph(net, precisions, exact_bits, allow_uncertified)  # type: ignore[return-value]
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
     StaticScaler(loss_scale)  # a power of two, or a one-line error

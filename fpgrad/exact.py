@@ -60,6 +60,9 @@ ALIASES = {"mpmath": "arb"}  # the old name of the fallback
 #: work the Arb fallback may take on (trace elements; multiply-adds of the matrix products)
 ARB_MAX_VALUES = 2_000_000
 ARB_MAX_MACS = 60_000_000
+#: memory the Arb fallback may use: it holds every value of the trace and a few temporaries,
+#: each an object of about 64 + prec / 8 bytes; a precision beyond this budget is not tried
+ARB_MEMORY = 2 * 2**30
 
 
 @dataclass
@@ -233,6 +236,24 @@ def _min_digits(d: np.ndarray, undetermined: np.ndarray) -> float:
     return float(kept.min()) if kept.size else math.inf
 
 
+def _arb_values(net: Network) -> int:
+    """Values an evaluation of ``net`` holds (data, parameters, two per activation)."""
+    batch = int(net.x.shape[0])
+    values = net.x.size + sum(v.size for v in net.params.values())
+    width = int(net.x.shape[1])
+    for layer in net.layers:
+        if layer.kind == "dense":
+            width = int(net.params[f"{layer.name}.weight"].shape[0])
+        values += 2 * batch * width
+    return values
+
+
+def _arb_memory_bits(net: Network) -> int:
+    """The highest Arb precision whose evaluation of ``net`` fits :data:`ARB_MEMORY`."""
+    per_value = ARB_MEMORY / (4 * max(1, _arb_values(net)))  # the trace and 3x temporaries
+    return max(ARB_START_BITS, int((per_value - 64) * 8))
+
+
 def _arb_too_big(net: Network) -> str:
     """Why the Arb fallback would take more than its bound of work ('' when it would not)."""
     batch = int(net.x.shape[0])
@@ -288,6 +309,9 @@ def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult, 
     cap = math.floor(bits * math.log10(2))
     digits, zeros, undet, rads, worst = _summarise(items, ball_digits, cap)
     result = ExactResult(bits, worst, digits, "fast", zeros, undet, rads, _balls=balls)
+    broken = sum(int(np.isnan(b.rad).sum() + np.isnan(b.mid[0]).sum()) for _, b in items)
+    if broken:  # 0 * inf in a radius formula: those balls are no enclosures
+        return result, f"{broken} values with a NaN radius or midpoint", False
     if ar.range_errors:
         return result, f"{ar.range_errors} values outside 2**-800 .. 2**800", False
     if ar.uncertain_branches:
@@ -303,6 +327,10 @@ def _fast(net: Network, bits: int, progress: bool | None) -> tuple[ExactResult, 
 def _arb(
     net: Network, start: int, cap_bits: int, progress: bool | None, escalations: list[str]
 ) -> ExactResult:
+    memory_bits = _arb_memory_bits(net)
+    if memory_bits < cap_bits:
+        cap_bits = max(min(start, cap_bits), memory_bits)
+        escalations.append(f"arb: precision capped at {cap_bits} bits by the memory bound")
     prec = min(start, cap_bits)
     while True:
         ar = ArbArith(prec)
@@ -337,7 +365,7 @@ def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     m = np.abs(ball.mid[0])
     r = np.asarray(ball.rad, dtype=np.float64)
     zero = (m == 0) & (r == 0)
-    undet = ~zero & (m / HI_BOUND <= r)
+    undet = ~zero & ~(m / HI_BOUND > r)  # a non-finite radius or midpoint: no sign known
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         d = np.clip(-np.log10(r * HI_BOUND / m), 0.0, cap)
     d = np.where(r == 0, float(cap), d)

@@ -562,7 +562,10 @@ class ExactRun:
         """Multi-word balls could not vouch (a value out of range, a ReLU branch undecided:
         their values are no longer enclosures). Arb balls always enclose."""
         if _is_ball(next(iter(self.params.values()), None)):
-            return bool(self.ar.range_errors or self.ar.uncertain_branches)
+            nan = any(
+                np.isnan(b.rad).any() or np.isnan(b.mid[0]).any() for b in self.params.values()
+            )
+            return bool(self.ar.range_errors or self.ar.uncertain_branches or nan)
         return False
 
     def ball_digits(self) -> float:
@@ -655,7 +658,10 @@ def exact_trajectory(
                 else f"{digits:.1f} certified digits after {len(schedule)} steps"
             )
         else:
-            why = f"step {run.failed_at}: a value out of 2**-800..2**800 or a ReLU input too close to 0"
+            why = (
+                f"step {run.failed_at}: a value out of 2**-800..2**800, a ReLU input too close "
+                "to 0 or a NaN radius"
+            )
         if method == "fast":
             raise InputError(
                 f"the fast exact run cannot certify this training ({why}); use --exact-method arb"

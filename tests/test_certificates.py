@@ -396,3 +396,14 @@ def test_arb_radii_are_upper_bounds_across_float64s_range() -> None:
     assert r[0] == 0 and r[1] == r[2] == math.inf
     for v, bound in zip(vals[3:], r[3:], strict=True):
         assert bound > 0 and arb(float(bound)) >= v.rad()
+
+
+def test_arb_escalation_stops_at_the_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fpgrad.exact as exact_mod
+
+    monkeypatch.setattr(exact_mod, "ARB_MEMORY", 2**13)  # 8 KiB: about 600 bits here
+    tiny = 2.0**-1074
+    res = exact_trace(_relu_net([1.0, tiny, -1.0], [1.0, tiny, 1.0]), allow_uncertified=True)
+    assert res.method == "arb" and res.bits < 2048
+    assert any("memory bound" in e for e in res.escalations)
+    assert res.undetermined("forward/dense0").all()  # 2,150 bits would decide it: honest

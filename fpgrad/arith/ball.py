@@ -472,7 +472,7 @@ class BallArith:
 
     def positive(self, a: Ball) -> np.ndarray:
         a0 = a.mid[0]
-        unsure = (a.rad > 0) & (np.abs(a0) / HI_BOUND <= a.rad)
+        unsure = ~(a.rad <= 0) & ~(np.abs(a0) / HI_BOUND > a.rad)  # NaN radii: unsure
         if unsure.any():
             self.uncertain_branches += int(unsure.sum())
         return a0 > 0

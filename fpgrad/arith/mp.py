@@ -30,6 +30,8 @@ class MPArith:
         self._tanh = np.frompyfunc(c.tanh, 1, 1)
         self._sqrt = np.frompyfunc(c.sqrt, 1, 1)
         self._sigmoid = np.frompyfunc(lambda v: 1 / (1 + c.exp(-v)), 1, 1)
+        self._ncdf = np.frompyfunc(c.ncdf, 1, 1)
+        self._npdf = np.frompyfunc(c.npdf, 1, 1)
         self._sech2 = np.frompyfunc(lambda v: c.sech(v) ** 2, 1, 1)
         self._pos = np.frompyfunc(lambda v: v > 0, 1, 1)
         self._float = np.frompyfunc(float, 1, 1)
@@ -79,6 +81,14 @@ class MPArith:
 
     def sqrt(self, a: np.ndarray) -> np.ndarray:
         return _obj(self._sqrt(a))
+
+    def ncdf(self, a: np.ndarray) -> np.ndarray:
+        """The standard normal CDF Phi (GELU)."""
+        return _obj(self._ncdf(a))
+
+    def npdf(self, a: np.ndarray) -> np.ndarray:
+        """The standard normal density phi (GELU's derivative)."""
+        return _obj(self._npdf(a))
 
     def abs(self, a: np.ndarray) -> np.ndarray:
         return _obj(np.abs(a))

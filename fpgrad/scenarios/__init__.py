@@ -25,6 +25,7 @@ NAMES: tuple[str, ...] = (
     "extreme_values_overflow",
     "similar_gradients_from_init",
     "fp8_formats",
+    "gradscaler_skipped_steps",
 )
 
 

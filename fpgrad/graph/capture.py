@@ -1,0 +1,305 @@
+"""Capture a torch model's joint forward and backward as one graph of aten ops.
+
+``make_fx`` traces a function that runs the model through ``torch.func.functional_call`` and
+calls ``torch.autograd.grad`` of the loss with respect to every parameter. The trace is taken
+at the dispatch level below autograd, so it records exactly the aten ops that eager autograd
+runs (composite ops such as ``linear`` already split into ``t`` + ``addmm``; backward formulas
+as the ops ``mm``, ``threshold_backward``, ...), in the order eager runs them: a
+TorchDispatchMode around the eager model sees the same sequence (:mod:`fpgrad.graph.native`
+checks it op by op). No decomposition table is applied, so nothing changes what a native
+column computes.
+
+Module paths: forward nodes carry ``nn_module_stack`` (``record_module_stack``); a backward
+op inherits the path of the forward op whose autograd node runs it (matched through the
+autograd sequence numbers in an eager float64 run).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fpgrad.errors import InputError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_SKIP = {"placeholder", "output", "get_attr"}
+
+
+@dataclass
+class Graph:
+    """A captured joint forward+backward.
+
+    ``gm.graph`` placeholders are the parameters (in ``param_names`` order), the inputs, then
+    the targets; its output is ``(loss, *grads)``. ``paths[node.name]`` is the module path
+    of each op node ("" for the loss and top-level code); ``params``, ``inputs`` and
+    ``targets`` hold the float64 values (integers as given) the graph was traced with.
+    """
+
+    gm: fx.GraphModule
+    param_names: list[str]
+    params: dict[str, np.ndarray]
+    inputs: list[np.ndarray]
+    targets: np.ndarray
+    paths: dict[str, str]
+    model: nn.Module = field(repr=False)
+    loss_fn: LossFn = field(repr=False)
+
+    @property
+    def constants(self) -> set[str]:
+        """Nodes that read no floating data (masks, position tables, integer inputs): torch
+        computes them once, in float64, for every system."""
+        raw = [*(self.params[n] for n in self.param_names), *self.inputs, self.targets]
+        out: set[str] = set()
+        placeholders = iter(raw)
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                if np.asarray(next(placeholders)).dtype.kind != "f":
+                    out.add(node.name)
+            elif node.op == "get_attr":
+                out.add(node.name)
+            elif node.op == "call_function" and all(n.name in out for n in node.all_input_nodes):
+                out.add(node.name)
+        return out
+
+    @property
+    def ops(self) -> list[fx.Node]:
+        """The op nodes in execution order (getitem of multi-output ops included)."""
+        return [n for n in self.gm.graph.nodes if n.op not in _SKIP]
+
+    def label(self, node: fx.Node) -> str:
+        """``ff.0 (aten.addmm)``: where a node came from, for display."""
+        path = self.paths.get(node.name, "")
+        op = op_name(node)
+        return f"{path} ({op})" if path else f"<top> ({op})"
+
+
+def op_name(node: fx.Node) -> str:
+    """``aten.addmm`` for an aten node (overload dropped), ``getitem`` for tuple access."""
+    if node.target is operator.getitem:
+        return "getitem"
+    return str(node.target).rsplit(".", 1)[0]
+
+
+def op_key(node: fx.Node) -> str:
+    """The registry key of a node: ``aten.addmm.default``."""
+    return "getitem" if node.target is operator.getitem else str(node.target)
+
+
+def joint_function(model: nn.Module, names: list[str], loss_fn: LossFn) -> Callable[..., Any]:
+    """f(params, *inputs, targets) -> (loss, grads): the function every column runs."""
+
+    def joint(params: list[torch.Tensor], *args: torch.Tensor) -> tuple[Any, ...]:
+        *inputs, targets = args
+        out = functional_call(model, dict(zip(names, params, strict=True)), tuple(inputs))
+        loss = loss_fn(out, targets)
+        return loss, torch.autograd.grad(loss, params)
+
+    return joint
+
+
+class _Joint(nn.Module):
+    """Holds the model so that ``make_fx`` records module paths under it."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, params: list[torch.Tensor], *args: torch.Tensor) -> Any:
+        return self._fn(params, *args)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op run below autograd: (op, outputs, autograd sequence numbers).
+
+    ``seq`` is the sequence number of the autograd node a forward op created (the counter
+    after the op, minus one); ``in_backward`` that of the autograd node running a backward op.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[Any, Any, int, int | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        node = torch._C._current_autograd_node()
+        seq = torch.autograd._get_sequence_nr() - 1
+        self.records.append((func, out, seq, None if node is None else node._sequence_nr()))
+        return out
+
+
+def as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """A tensor or a tuple of tensors as a tuple (InputError otherwise)."""
+    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    for t in items:
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"model inputs must be tensors (a tensor or a tuple of them), got "
+                f"{type(t).__name__}; pass torch tensors"
+            )
+    return tuple(items)
+
+
+def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) -> Graph:
+    """Trace ``loss(model(*inputs), targets)`` and its gradient w.r.t. every parameter.
+
+    The model is copied and traced in float64 (the values as the user wrote them, widened
+    exactly); the model itself is not modified. Raises :class:`InputError` listing every op
+    no number system of fpgrad implements, with its module path.
+    """
+    import torch.fx.traceback as fx_traceback
+
+    from fpgrad.graph.ops import unsupported_message
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"from_module needs a torch nn.Module, got {type(model).__name__}")
+    if not callable(loss):
+        raise InputError("loss must be a torch loss module, a torch functional loss or a callable")
+    if not isinstance(targets, torch.Tensor):
+        raise InputError(f"targets must be a tensor, got {type(targets).__name__}")
+    xs = as_tuple(inputs)
+    m64 = copy.deepcopy(model).to(torch.float64)
+    names = [n for n, _ in m64.named_parameters()]
+    if not names:
+        raise InputError("the model has no parameters: there is no gradient to diagnose")
+    ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
+    args = [_widen(t) for t in (*xs, targets)]
+    loss = loss_in(loss, torch.float64)
+    fn = joint_function(m64, names, loss)
+    joint = _Joint(m64, fn)
+
+    def traced(params: list[torch.Tensor], *rest: torch.Tensor) -> Any:
+        return joint(params, *rest)
+
+    traced._orig_mod = joint  # type: ignore[attr-defined]  # make_fx: record module paths
+    try:
+        with fx_traceback.preserve_node_meta():
+            gm = make_fx(traced, record_module_stack=True)(ps, *args)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"torch could not trace the model's forward and backward ({first}); fpgrad needs "
+            "a forward that make_fx can trace (no data-dependent Python control flow)"
+        ) from None
+    paths = _module_paths(gm, copy.deepcopy(model).to(torch.float64), names, loss, args)
+    graph = Graph(
+        gm=gm,
+        param_names=names,
+        params={n: p.detach().numpy().copy() for n, p in zip(names, ps, strict=True)},
+        inputs=[_np(t) for t in args[:-1]],
+        targets=_np(args[-1]),
+        paths=paths,
+        model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
+        loss_fn=loss,
+    )
+    message = unsupported_message(graph)
+    if message:
+        raise InputError(message)
+    return graph
+
+
+_NO_VALUE = {"aten.detach.default", "aten.alias.default"}
+
+
+def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]:
+    """Pair graph op nodes with recorded eager ops, in order; a detach or alias present on
+    one side only is skipped (they change no value). Raises InputError on any other
+    difference: then the graph is not what eager runs."""
+    pairs: list[tuple[fx.Node, Any]] = []
+    i = j = 0
+    while i < len(nodes) and j < len(records):
+        node, rec = nodes[i], records[j]
+        if node.target == rec[0]:
+            pairs.append((node, rec))
+            i, j = i + 1, j + 1
+        elif str(rec[0]) in _NO_VALUE:
+            j += 1
+        elif str(node.target) in _NO_VALUE:
+            i += 1
+        else:
+            raise InputError(
+                f"the eager run diverges from the captured graph at op {i} ({node.target} "
+                f"traced, {rec[0]} run): the model's forward depends on its dtype or data"
+            )
+    rest = [n for n in nodes[i:] if str(n.target) not in _NO_VALUE]
+    rest_r = [r for r in records[j:] if str(r[0]) not in _NO_VALUE]
+    if rest or rest_r:
+        raise InputError(
+            f"the eager run and the captured graph differ in length ({len(rest)} traced ops "
+            f"and {len(rest_r)} run ops left over): the model's forward depends on its dtype"
+        )
+    return pairs
+
+
+def loss_in(loss: LossFn, dtype: torch.dtype, precision: str | None = None) -> LossFn:
+    """A loss module's copy with its floating buffers (class weights) in ``dtype``: widened
+    exactly, or correctly rounded into ``precision``; other callables as given."""
+    if not isinstance(loss, nn.Module):
+        return loss
+    out = copy.deepcopy(loss)
+    with torch.no_grad():
+        for _, b in out.named_buffers():
+            if b.is_floating_point():
+                if precision is None:
+                    b.data = b.data.to(dtype)
+                else:
+                    from fpgrad.torch_native import to_dtype
+
+                    b.data = to_dtype(b.detach().to(torch.float64).numpy(), precision)
+    return out
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().copy()
+
+
+def _forward_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]  # "model.blocks.0.ff.0" under the _Joint wrapper
+    return path[len("model.") :] if path.startswith("model.") else ""
+
+
+def _module_paths(
+    gm: fx.GraphModule, m64: nn.Module, names: list[str], loss: LossFn, args: list[torch.Tensor]
+) -> dict[str, str]:
+    """Module path per op node: forward from ``nn_module_stack``, backward from the forward
+    op that created the autograd node running it (an eager float64 run, matched op by op)."""
+    ops = [n for n in gm.graph.nodes if n.op not in _SKIP and n.target is not operator.getitem]
+    rec = OpRecorder()
+    ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
+    with rec:
+        joint_function(m64, names, loss)(ps, *args)
+    paths: dict[str, str] = {}
+    by_seq: dict[int, str] = {}
+    pairs = align(ops, rec.records)
+    matched = {node.name: r for node, r in pairs}
+    for node in ops:
+        r = matched.get(node.name)
+        if r is None or r[3] is None:
+            paths[node.name] = _forward_path(node)
+            if r is not None:
+                by_seq.setdefault(r[2], paths[node.name])
+        else:
+            paths[node.name] = by_seq.get(r[3], "")
+    for node in gm.graph.nodes:  # getitem: the path of the tuple it reads
+        if node.target is operator.getitem:
+            paths[node.name] = paths.get(node.args[0].name, "")
+    return paths

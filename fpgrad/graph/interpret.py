@@ -1,0 +1,136 @@
+"""Run a captured graph in any number system (exact balls, mpmath, the emulated machines).
+
+Nodes run in graph order (no recursion); each op is the function :data:`fpgrad.graph.ops.OPS`
+registers for it, written once against the :class:`~fpgrad.arith.base.Arith` slots.
+Floating tensors (parameters, inputs, targets, constants) enter the system through
+``ar.asarray`` of their float64 values; integer tensors stay numpy integer arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from fpgrad.arith.base import Arith
+from fpgrad.graph.capture import Graph, op_key
+from fpgrad.graph.ops import OPS
+
+_PASS_THROUGH = {"aten.detach.default", "aten.alias.default", "aten.clone.default"}
+
+
+@dataclass
+class GraphTrace:
+    """Every node's value (arrays of the system), the loss, and gradients by parameter name."""
+
+    system: str
+    loss: Any
+    grads: dict[str, Any]
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OpContext:
+    """What an op sees besides its arguments: the system, its node, earlier values."""
+
+    ar: Arith
+    node: fx.Node
+    env: dict[str, Any]
+    graph: Graph
+
+    def value(self, node: Any) -> Any:
+        return self.env[node.name] if isinstance(node, fx.Node) else node
+
+    def origin(self, i: int) -> fx.Node | None:
+        """The node argument ``i`` came from, looking through detach/alias/clone."""
+        node = self.node.args[i]
+        while isinstance(node, fx.Node) and str(node.target) in _PASS_THROUGH:
+            node = node.args[0]
+        return node if isinstance(node, fx.Node) else None
+
+    def label(self) -> str:
+        return self.graph.label(self.node)
+
+
+def _enter(ar: Arith, value: Any) -> Any:
+    """A float64 (or integer) numpy array or tensor as a value of the system."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        value = value.to(torch.float64).numpy() if value.is_floating_point() else value.numpy()
+    arr = np.asarray(value)
+    if arr.dtype.kind == "f":
+        return ar.asarray(arr.astype(np.float64))
+    return arr
+
+
+_TORCH_ONLY = ("dtype", "layout", "device", "pin_memory", "memory_format")
+
+
+def _enter_const(ar: Arith, value: Any) -> Any:
+    """A constant's value: finite floating arrays in the system; integers, booleans and
+    arrays with infinities (additive -inf masks) as numpy arrays."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_enter_const(ar, v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    arr = value.detach().numpy()
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float64)
+        return ar.asarray(arr) if np.isfinite(arr).all() else arr
+    return arr.copy()
+
+
+def interpret(
+    graph: Graph,
+    ar: Arith,
+    params: dict[str, Any] | None = None,
+    keep: bool = True,
+) -> GraphTrace:
+    """Evaluate ``graph`` in ``ar``. ``params`` (name -> arrays of ``ar``) replaces the
+    captured float64 values; ``keep=False`` drops intermediate values once read."""
+    feeds: list[Any] = [
+        params[n] if params is not None else _enter(ar, graph.params[n]) for n in graph.param_names
+    ]
+    feeds += [_enter(ar, x) for x in (*graph.inputs, graph.targets)]
+    raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
+    env: dict[str, Any] = {}
+    consts: dict[str, Any] = {}  # torch values of nodes that read no floating data
+    placeholders = iter(zip(feeds, raw, strict=True))
+    out_node = None
+    constants = graph.constants
+    for node in graph.gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node.name], value = next(placeholders)
+            if np.asarray(value).dtype.kind != "f":
+                consts[node.name] = torch.from_numpy(np.ascontiguousarray(value))
+        elif node.op == "get_attr":
+            consts[node.name] = getattr(graph.gm, str(node.target))
+            env[node.name] = _enter_const(ar, consts[node.name])
+        elif node.op == "output":
+            out_node = node
+        elif node.name in constants:
+            # a constant (a mask, a position table): torch computes it once, in float64
+            consts[node.name] = node.target(
+                *fx.node.map_arg(node.args, lambda n: consts[n.name]),
+                **fx.node.map_arg(node.kwargs, lambda n: consts[n.name]),
+            )
+            env[node.name] = _enter_const(ar, consts[node.name])
+        else:
+            cx = OpContext(ar, node, env, graph)
+            args = fx.node.map_arg(node.args, lambda n: env[n.name])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+            kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
+            env[node.name] = OPS[op_key(node)](cx, *args, **kwargs)
+    assert out_node is not None
+    outs = fx.node.map_arg(out_node.args[0], lambda n: env[n.name])
+    flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    loss, grads = flat[0], flat[1:]
+    return GraphTrace(
+        system=ar.name,
+        loss=loss,
+        grads=dict(zip(graph.param_names, grads, strict=True)),
+        values=env if keep else {},
+    )

@@ -1,0 +1,92 @@
+"""The aten ops fpgrad implements, each once, against the number-system interface.
+
+``OPS`` maps an aten overload name (``aten.addmm.default``) to a function
+``fn(cx, *args, **kwargs)``: ``cx`` is the :class:`~fpgrad.graph.interpret.OpContext` (the
+number system ``cx.ar``, the node, the nodes its arguments came from), the arguments are the
+node's with every input node replaced by its value (arrays of the system; integer tensors as
+numpy integer arrays; Python scalars as given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fpgrad.graph.capture import Graph
+
+OpFn = Callable[..., Any]
+OPS: dict[str, OpFn] = {}
+#: op name (overload dropped) -> hint shown when it is refused
+HINTS: dict[str, str] = {
+    "aten.native_dropout": "dropout in training mode draws random masks: call model.eval()",
+    "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
+    "aten.bernoulli_": "dropout in training mode draws random masks: call model.eval()",
+}
+
+
+def op(*names: str) -> Callable[[OpFn], OpFn]:
+    """Register ``fn`` under the aten overload ``names``."""
+
+    def register(fn: OpFn) -> OpFn:
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return register
+
+
+_VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice",
+          "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided"}  # fmt: skip
+
+
+def unsupported_message(graph: Graph) -> str:
+    """One line naming every unsupported op with its module paths, or ''."""
+    from fpgrad.graph.capture import op_key, op_name
+
+    missing: dict[str, list[str]] = {}
+    constants = graph.constants
+    for node in graph.ops:
+        if op_key(node) not in OPS and node.name not in constants:
+            where = missing.setdefault(op_key(node), [])
+            path = graph.paths.get(node.name, "") or "<top>"
+            if path not in where:
+                where.append(path)
+    order = {n.name: i for i, n in enumerate(graph.gm.graph.nodes)}
+    for node in graph.ops:  # an in-place op runs as a new value: its input must not be read later
+        key = op_key(node)
+        inplace = key.count(".") == 2 and key.split(".")[1].endswith("_")
+        if inplace and node.name not in constants and node.args:
+            src = node.args[0]
+            users = [u for u in getattr(src, "users", {}) if u is not node]
+            later = [u for u in users if order[u.name] > order[node.name]]
+            views = [u for u in users if op_name(u).removeprefix("aten.") in _VIEWS]
+            if later or views:
+                where = missing.setdefault(key, [])
+                where.append(f"{graph.paths.get(node.name, '') or '<top>'} (its input is read "
+                             "after the in-place op or through a view)")  # fmt: skip
+    if not missing:
+        return ""
+    parts = []
+    for key, where in missing.items():
+        name = key.rsplit(".", 1)[0]
+        hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
+        parts.append(f"{key} in {', '.join(where)} ({hint})")
+    return (
+        f"unsupported ops ({len(missing)}): "
+        + "; ".join(parts)
+        + "; see the README section 'Any torch model' for the supported ops"
+    )
+
+
+# register the ops (imports for their side effect)
+from fpgrad.graph.ops import (  # noqa: E402, F401
+    attention,
+    conv,
+    linear,
+    loss,
+    norm,
+    pointwise,
+    reduce,
+    shape,
+)

@@ -1,0 +1,45 @@
+"""Helpers shared by the op modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fpgrad.graph import shapes
+
+
+def scalar(cx: Any, x: Any) -> Any:
+    """A Python number as a constant of the system; arrays pass through."""
+    if isinstance(x, (bool, int, float)):
+        return cx.ar.const(float(x))
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":  # a constant computed by torch
+        return cx.ar.asarray(x.astype(np.float64))
+    return x
+
+
+def zeros(cx: Any, shape: tuple[int, ...]) -> Any:
+    return cx.ar.asarray(np.zeros(shape))
+
+
+def sum_dims(cx: Any, x: Any, dims: Any, keepdim: bool) -> Any:
+    """Sum over ``dims`` (None or empty: all), one slot call per axis, last axis first."""
+    nd = len(shapes.shape(x))
+    if nd == 0:
+        return x
+    axes = range(nd) if dims is None or len(dims) == 0 else dims
+    axes = sorted({int(d) % nd for d in axes}, reverse=True)
+    out = x
+    for a in axes:
+        out = cx.ar.sum(out, axis=a, keepdims=True)
+    if not keepdim:
+        out = shapes.reshape(out, [s for i, s in enumerate(shapes.shape(out)) if i not in axes])
+    return out
+
+
+def count(x: Any, dims: Any) -> int:
+    """How many elements a reduction over ``dims`` (None or empty: all) takes."""
+    s = shapes.shape(x)
+    if dims is None or len(dims) == 0:
+        return int(np.prod(s)) if s else 1
+    return int(np.prod([s[int(d) % len(s)] for d in set(int(d) % len(s) for d in dims)]))

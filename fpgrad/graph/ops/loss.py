@@ -1,0 +1,215 @@
+"""Softmax, log-softmax, NLL and MSE, forward and backward.
+
+The log-softmax backward fed by an NLL backward (cross-entropy) is computed as
+``c * (p * sum(t) - t)`` through the system's ``xent_grad`` slot, from the logits: the
+exact systems write ``p_k - 1`` as ``-sum_{j != k} p_j``, so a saturated softmax never
+cancels to 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fpgrad.graph import shapes
+from fpgrad.graph.ops import op
+from fpgrad.graph.ops._util import sum_dims
+
+REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+def _shifted_exp(cx: Any, z: Any, dim: int) -> tuple[Any, Any]:
+    """(exp(z - max z), its sum over ``dim``, kept)."""
+    ar = cx.ar
+    e = ar.exp(ar.sub(z, ar.max(z, axis=dim, keepdims=True)))
+    return e, ar.sum(e, axis=dim, keepdims=True)
+
+
+@op("aten._softmax.default")
+def softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
+    e, total = _shifted_exp(cx, z, dim)
+    return cx.ar.div(e, total)
+
+
+@op("aten._softmax_backward_data.default")
+def softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = None) -> Any:
+    """p * (g - sum(g * p))."""
+    ar = cx.ar
+    dot = ar.sum(ar.mul(grad, out), axis=dim, keepdims=True)
+    return ar.mul(out, ar.sub(grad, dot))
+
+
+@op("aten._log_softmax.default")
+def log_softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
+    ar = cx.ar
+    m = ar.max(z, axis=dim, keepdims=True)
+    shifted = ar.sub(z, m)
+    total = ar.sum(ar.exp(shifted), axis=dim, keepdims=True)
+    return ar.sub(shifted, ar.log(total))
+
+
+@op("aten._log_softmax_backward_data.default")
+def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = None) -> Any:
+    """g - exp(out) * sum(g); fed by an unweighted NLL backward: ``c * xent_grad``."""
+    ar = cx.ar
+    src, ls = cx.origin(0), cx.origin(1)
+    nd = len(shapes.shape(out))
+    if (
+        src is not None
+        and ls is not None
+        and str(src.target) == "aten.nll_loss_backward.default"
+        and str(ls.target) == "aten._log_softmax.default"
+        and src.args[3] is None
+        and nd == 2
+        and dim % nd == 1
+    ):
+        go = cx.value(src.args[0])
+        target = np.asarray(cx.value(src.args[2]))
+        reduction, ignore = int(src.args[4]), int(src.args[5])
+        t = _onehot(target, ignore, shapes.shape(out)[1])
+        e, total = _shifted_exp(cx, cx.value(ls.args[0]), 1)
+        c = go if reduction != 1 else ar.div(go, cx.value(src.args[6]))
+        return ar.mul(ar.xent_grad(e, total, t), c)
+    return ar.sub(grad, ar.mul(ar.exp(out), ar.sum(grad, axis=dim, keepdims=True)))
+
+
+def _onehot(target: np.ndarray, ignore: int, classes: int) -> np.ndarray:
+    t = np.zeros((target.size, classes))
+    keep = target != ignore
+    t[np.flatnonzero(keep), target[keep]] = 1.0
+    return t
+
+
+def _weights(cx: Any, target: np.ndarray, weight: Any, ignore: int) -> Any:
+    """Per-row weights: weight[target] (1 without weights), 0 where target == ignore_index."""
+    keep = (target != ignore).astype(np.float64)
+    w = cx.ar.asarray(keep)
+    if weight is not None:
+        safe = np.where(target != ignore, target, 0)
+        w = cx.ar.mul(shapes.index(weight, (safe,)), w)
+    return w
+
+
+@op("aten.nll_loss_forward.default")
+def nll_loss_forward(
+    cx: Any, logp: Any, target: np.ndarray, weight: Any, reduction: int, ignore: int
+) -> tuple[Any, Any]:
+    """(loss, total weight): -sum w_i logp[i, t_i] (over total weight for "mean")."""
+    ar = cx.ar
+    target = np.asarray(target).ravel()
+    if len(shapes.shape(logp)) == 1:
+        logp = shapes.reshape(logp, (1, -1))
+    safe = np.where(target != ignore, target, 0)
+    picked = shapes.index(logp, (np.arange(target.size), safe))
+    w = _weights(cx, target, weight, ignore)
+    terms = ar.mul(ar.mul(picked, w), ar.const(-1.0))
+    total_w = sum_dims(cx, w, None, False)
+    if REDUCTIONS[int(reduction)] == "none":
+        return terms, total_w
+    loss = sum_dims(cx, terms, None, False)
+    if REDUCTIONS[int(reduction)] == "mean":
+        loss = ar.div(loss, total_w)
+    return loss, total_w
+
+
+@op("aten.nll_loss_backward.default")
+def nll_loss_backward(
+    cx: Any, go: Any, logp: Any, target: np.ndarray, weight: Any, reduction: int, ignore: int,
+    total_w: Any,
+) -> Any:  # fmt: skip
+    """-w_i * go (/ total weight for "mean") at (i, t_i), 0 elsewhere."""
+    ar = cx.ar
+    shape = shapes.shape(logp)
+    target = np.asarray(target).ravel()
+    n, classes = (1, shape[0]) if len(shape) == 1 else shape
+    t = _onehot(target, ignore, classes)
+    w = shapes.reshape(_weights(cx, target, weight, ignore), (n, 1))
+    scale = ar.mul(go if int(reduction) != 0 else shapes.reshape(go, (n, 1)), ar.const(-1.0))
+    if int(reduction) == 1:
+        scale = ar.div(scale, total_w)
+    out = ar.mul(ar.mul(ar.asarray(t), w), scale)
+    return shapes.reshape(out, shape)
+
+
+@op("aten.mse_loss.default")
+def mse_loss(cx: Any, a: Any, b: Any, reduction: int = 1) -> Any:
+    ar = cx.ar
+    d = ar.sub(a, b)
+    sq = ar.mul(d, d)
+    if REDUCTIONS[int(reduction)] == "none":
+        return sq
+    total = sum_dims(cx, sq, None, False)
+    if REDUCTIONS[int(reduction)] == "mean":
+        total = ar.div(total, ar.const(float(np.prod(shapes.shape(sq)))))
+    return total
+
+
+@op("aten.mse_loss_backward.default")
+def mse_loss_backward(cx: Any, grad: Any, a: Any, b: Any, reduction: int) -> Any:
+    """2 (a - b) grad (/ numel for "mean"), as torch's formula."""
+    ar = cx.ar
+    g = ar.mul(ar.mul(ar.sub(a, b), ar.const(2.0)), grad)
+    if REDUCTIONS[int(reduction)] == "mean":
+        g = ar.div(g, ar.const(float(np.prod(shapes.shape(a)))))
+    return g
+
+
+def _reduce(cx: Any, terms: Any, reduction: int) -> Any:
+    if REDUCTIONS[int(reduction)] == "none":
+        return terms
+    total = sum_dims(cx, terms, None, False)
+    if REDUCTIONS[int(reduction)] == "mean":
+        total = cx.ar.div(total, cx.ar.const(float(np.prod(shapes.shape(terms)))))
+    return total
+
+
+@op("aten.binary_cross_entropy_with_logits.default")
+def bce_with_logits(
+    cx: Any, x: Any, t: Any, weight: Any = None, pos_weight: Any = None, reduction: int = 1
+) -> Any:
+    """(1 - t) x + softplus(-x), softplus(-x) = log(1 + exp(-|x|)) + max(-x, 0)."""
+    if pos_weight is not None:
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: BCEWithLogitsLoss(pos_weight=...) is not supported yet")
+    ar = cx.ar
+    neg = ar.mul(x, ar.const(-1.0))
+    zero = ar.asarray(np.zeros(shapes.shape(x)))
+    soft = ar.add(
+        ar.log(ar.add(ar.const(1.0), ar.exp(ar.mul(ar.abs(x), ar.const(-1.0))))),
+        ar.where(ar.positive(neg), neg, zero),
+    )
+    terms = ar.add(ar.mul(ar.sub(ar.const(1.0), t), x), soft)
+    if weight is not None:
+        terms = ar.mul(terms, weight)
+    return _reduce(cx, terms, reduction)
+
+
+@op("aten.huber_loss.default")
+def huber_loss(cx: Any, x: Any, t: Any, reduction: int = 1, delta: float = 1.0) -> Any:
+    """d^2 / 2 where |d| < delta, else delta (|d| - delta / 2); d = x - t."""
+    ar = cx.ar
+    d = ar.sub(x, t)
+    ad = ar.abs(d)
+    dl = ar.const(float(delta))
+    small = ar.positive(ar.sub(dl, ad))
+    quad = ar.mul(ar.mul(d, d), ar.const(0.5))
+    lin = ar.mul(dl, ar.sub(ad, ar.mul(dl, ar.const(0.5))))
+    return _reduce(cx, ar.where(small, quad, lin), reduction)
+
+
+@op("aten.huber_loss_backward.default")
+def huber_loss_backward(cx: Any, g: Any, x: Any, t: Any, reduction: int, delta: float) -> Any:
+    """g * clamp(d, -delta, delta) (/ numel for "mean")."""
+    ar = cx.ar
+    d = ar.sub(x, t)
+    dl = ar.const(float(delta))
+    small = ar.positive(ar.sub(dl, ar.abs(d)))
+    pos = ar.positive(d)
+    full = np.full(shapes.shape(d), float(delta))
+    clamp = ar.where(small, d, ar.where(pos, ar.asarray(full), ar.asarray(-full)))
+    out = ar.mul(clamp, g)
+    if REDUCTIONS[int(reduction)] == "mean":
+        out = ar.div(out, ar.const(float(np.prod(shapes.shape(x)))))
+    return out

@@ -1,0 +1,142 @@
+"""Views, copies and index ops: values unchanged, only where they sit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fpgrad.graph import shapes
+from fpgrad.graph.ops import op
+
+
+@op("aten.detach.default", "aten.alias.default", "aten.clone.default",
+    "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.contiguous.default")  # fmt: skip
+def identity(cx: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return x
+
+
+@op("getitem")
+def getitem(cx: Any, x: Any, i: int) -> Any:
+    return x[i]
+
+
+@op("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+def view(cx: Any, x: Any, size: Any) -> Any:
+    return shapes.reshape(x, size)
+
+
+@op("aten.t.default")
+def t(cx: Any, x: Any) -> Any:
+    return x if len(shapes.shape(x)) < 2 else shapes.transpose(x, 0, 1)
+
+
+@op("aten.transpose.int")
+def transpose(cx: Any, x: Any, a: int, b: int) -> Any:
+    return shapes.transpose(x, a, b)
+
+
+@op("aten.permute.default")
+def permute(cx: Any, x: Any, dims: Any) -> Any:
+    return shapes.permute(x, dims)
+
+
+@op("aten.expand.default")
+def expand(cx: Any, x: Any, sizes: Any, implicit: bool = False) -> Any:
+    return shapes.expand(x, sizes)
+
+
+@op("aten.unsqueeze.default")
+def unsqueeze(cx: Any, x: Any, dim: int) -> Any:
+    return shapes.unsqueeze(x, dim)
+
+
+@op("aten.squeeze.dim", "aten.squeeze.dims")
+def squeeze(cx: Any, x: Any, dims: Any) -> Any:
+    return shapes.squeeze_dims(x, [dims] if isinstance(dims, int) else dims)
+
+
+@op("aten.cat.default")
+def cat(cx: Any, parts: Any, dim: int = 0) -> Any:
+    return shapes.cat(parts, dim)
+
+
+@op("aten.slice.Tensor")
+def slice_(cx: Any, x: Any, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> Any:
+    nd = len(shapes.shape(x))
+    idx = [slice(None)] * nd
+    idx[dim % nd] = slice(start, end, step)
+    return shapes.index(x, tuple(idx))
+
+
+@op("aten.select.int")
+def select(cx: Any, x: Any, dim: int, index: int) -> Any:
+    nd = len(shapes.shape(x))
+    idx: list[Any] = [slice(None)] * nd
+    idx[dim % nd] = int(index)
+    return shapes.index(x, tuple(idx))
+
+
+@op("aten.ones_like.default")
+def ones_like(cx: Any, x: Any, **kwargs: Any) -> Any:
+    return cx.ar.asarray(np.ones(shapes.shape(x)))
+
+
+@op("aten.zeros_like.default")
+def zeros_like(cx: Any, x: Any, **kwargs: Any) -> Any:
+    return cx.ar.asarray(np.zeros(shapes.shape(x)))
+
+
+@op("aten.embedding.default")
+def embedding(cx: Any, weight: Any, indices: np.ndarray, *args: Any) -> Any:
+    return shapes.index(weight, (np.asarray(indices),))
+
+
+@op("aten.embedding_dense_backward.default")
+def embedding_dense_backward(
+    cx: Any, grad: Any, indices: np.ndarray, num_weights: int, padding_idx: int, scale: bool
+) -> Any:
+    """onehot(indices)^T @ grad: each row's gradients summed by the system's matmul."""
+    if scale:
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: Embedding(scale_grad_by_freq=True) is not supported")
+    idx = np.asarray(indices).ravel()
+    onehot = np.zeros((idx.size, int(num_weights)))
+    onehot[np.arange(idx.size), idx] = 1.0
+    if padding_idx >= 0:
+        onehot[:, padding_idx] = 0.0
+    dim = shapes.shape(grad)[-1]
+    g = shapes.reshape(grad, (idx.size, dim))
+    return cx.ar.matmul(cx.ar.asarray(np.ascontiguousarray(onehot.T)), g)
+
+
+@op("aten.split.Tensor")
+def split(cx: Any, x: Any, size: int, dim: int = 0) -> list:
+    n = shapes.shape(x)[dim]
+    return [slice_(cx, x, dim, s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@op("aten.split_with_sizes.default")
+def split_with_sizes(cx: Any, x: Any, sizes: Any, dim: int = 0) -> list:
+    out, start = [], 0
+    for s in sizes:
+        out.append(slice_(cx, x, dim, start, start + s))
+        start += s
+    return out
+
+
+@op("aten.select_backward.default")
+def select_backward(cx: Any, g: Any, sizes: Any, dim: int, index: int) -> Any:
+    nd = len(sizes)
+    idx: list[Any] = [slice(None)] * nd
+    idx[dim % nd] = int(index)
+    return shapes.place(cx.ar.asarray(np.zeros(tuple(sizes))), g, tuple(idx))
+
+
+@op("aten.slice_backward.default")
+def slice_backward(cx: Any, g: Any, sizes: Any, dim: int, start: int, end: int, step: int) -> Any:
+    nd = len(sizes)
+    idx: list[Any] = [slice(None)] * nd
+    idx[dim % nd] = slice(start, end, step)
+    return shapes.place(cx.ar.asarray(np.zeros(tuple(sizes))), g, tuple(idx))

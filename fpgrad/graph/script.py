@@ -1,0 +1,56 @@
+"""``path/to/script.py:build``: a Python file whose function returns (model, inputs, targets,
+loss). The file is user code and runs as pytest runs test files: imported as a module, its
+directory first on ``sys.path``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from fpgrad.errors import InputError
+from fpgrad.graph.network import GraphNetwork, from_module
+
+
+def is_script(spec: str) -> bool:
+    """Whether a command-line network argument names a Python build script."""
+    path = spec.rsplit(":", 1)[0] if ":" in spec else spec
+    return path.endswith(".py")
+
+
+def load_script(spec: str) -> GraphNetwork:
+    """Run ``build()`` (or the function after the colon) of the script and capture its model."""
+    path_s, _, func = spec.partition(":") if spec.count(":") else (spec, "", "")
+    func = func or "build"
+    path = Path(path_s)
+    if not path.is_file():
+        raise InputError(f"no such script: {path_s}; give path/to/script.py:build")
+    name = f"fpgrad_user_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"{path_s} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        module_spec.loader.exec_module(module)
+        build = getattr(module, func, None)
+        if not callable(build):
+            raise InputError(f"{path_s} defines no function {func}(); it must return "
+                             "(model, inputs, targets, loss)")  # fmt: skip
+        built = build()
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code failed: say where, one line
+        raise InputError(
+            f"{path_s}:{func} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return from_module(*_unpack(built, f"{path_s}:{func}"), name=Path(path_s).stem)
+
+
+def _unpack(built: Any, where: str) -> tuple[Any, Any, Any, Any]:
+    if not isinstance(built, tuple) or len(built) != 4:
+        raise InputError(f"{where} must return a tuple (model, inputs, targets, loss)")
+    return built  # type: ignore[return-value]

@@ -1,0 +1,101 @@
+"""Which module of the watched model is running, forward and backward.
+
+Modelled on ``torch.utils.module_tracker.ModuleTracker``, but restricted to one model, keyed by
+``named_modules`` paths and kept as a stack so the innermost module is known: forward pre/post
+hooks push/pop in forward; in backward a multi-grad hook on a module's outputs pushes it and one
+on its inputs pops it; the stack is cleared when the backward pass ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.autograd.graph import register_multi_grad_hook
+from torch.utils._pytree import tree_flatten
+
+
+def _grad_tensors(x: Any) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(x)
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+class ModuleStack:
+    """The stack of module paths currently running; ``current`` is the innermost."""
+
+    def __init__(self, model: torch.nn.Module, active: Callable[[], bool]) -> None:
+        self.stack: list[str] = []
+        self._active = active
+        self._handles: list[Any] = []
+        self._grad_handles: list[Any] = []
+        self._callback_queued = False
+        for name, mod in model.named_modules():
+            path = name or "(root)"
+            self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
+            self._handles.append(mod.register_forward_hook(self._post(path)))
+
+    @property
+    def current(self) -> str:
+        """The innermost running module: the latest entry that is no other entry's ancestor
+        (in backward, a module and its parent can be entered by the same output's hook)."""
+        for path in reversed(self.stack):
+            if path == "(root)" and len(set(self.stack)) > 1:
+                continue
+            if not any(q.startswith(path + ".") for q in self.stack):
+                return path
+        return "(outside)"
+
+    def _pop(self, path: str) -> None:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i] == path:
+                del self.stack[i]
+                return
+
+    def _bw_push(self, path: str) -> Callable[..., None]:
+        def fn(*_: Any) -> None:
+            if not self._callback_queued:
+                torch.autograd.Variable._execution_engine.queue_callback(self._bw_done)
+                self._callback_queued = True
+            self.stack.append(path)
+
+        return fn
+
+    def _bw_pop(self, path: str) -> Callable[..., None]:
+        return lambda *_: self._pop(path)
+
+    def _bw_done(self) -> None:
+        self.stack.clear()
+        self._callback_queued = False
+
+    def _pre(self, path: str) -> Callable[..., None]:
+        def hook(mod: torch.nn.Module, inputs: Any) -> None:
+            self.stack.append(path)
+            if self._active() and torch.is_grad_enabled():
+                ts = _grad_tensors(inputs)
+                if ts:
+                    self._grad_handles.append(register_multi_grad_hook(ts, self._bw_pop(path)))
+
+        return hook
+
+    def _post(self, path: str) -> Callable[..., None]:
+        def hook(mod: torch.nn.Module, inputs: Any, output: Any) -> None:
+            self._pop(path)
+            if self._active() and torch.is_grad_enabled():
+                ts = _grad_tensors(output)
+                if ts:
+                    self._grad_handles.append(register_multi_grad_hook(ts, self._bw_push(path)))
+
+        return hook
+
+    def clear_grad_hooks(self) -> None:
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles.clear()
+
+    def close(self) -> None:
+        self.clear_grad_hooks()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.stack.clear()

@@ -1,0 +1,133 @@
+"""What one optimizer step did to each parameter: swamped updates, update size, state underflow.
+
+The **requested** update is what the same optimizer (same class, hyperparameters and state)
+computes in float64 on the same weights and gradients; an element is **swamped** when that
+update is non-zero but the real step left the weight unchanged (``w + u == w`` in the weight's
+format, or the update itself rounded to zero). The user's optimizer is never touched: the
+float64 step runs on copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fpgrad.formats import get_format
+from fpgrad.watch.classify import FORMAT_OF
+
+#: Parameters up to this size keep their per-element swamped map in the records.
+MAP_LIMIT = 4096
+
+
+def _state64(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone()
+            if v.is_floating_point() and k != "step":
+                v = v.to(torch.float64)
+        out[k] = v
+    return out
+
+
+def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
+    """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
+    optimizer cannot be rebuilt from its param_groups (then swamping is not reported)."""
+    groups, pairs = [], []
+    for g in opt.param_groups:
+        ps = []
+        for p in g["params"]:
+            q = p.detach().to(torch.float64).clone()
+            if p.grad is not None:
+                q.grad = p.grad.detach().to(torch.float64)
+            ps.append(q)
+            pairs.append((p, q))
+        ng = {k: v for k, v in g.items() if k != "params"}
+        for k in ("foreach", "fused", "capturable"):
+            if k in ng:
+                ng[k] = False
+        ng["params"] = ps
+        groups.append(ng)
+    try:
+        shadow = type(opt)(groups)
+        for p, q in pairs:
+            if p in opt.state:
+                shadow.state[q] = _state64(opt.state[p])
+        with torch.no_grad():
+            shadow.step()
+    except (TypeError, ValueError, RuntimeError, KeyError):
+        return None
+    return {
+        id(p): q.detach() - p.detach().to(torch.float64) for p, q in pairs if p.grad is not None
+    }
+
+
+def param_stats(
+    name: str,
+    p: torch.Tensor,
+    before: torch.Tensor,
+    requested: torch.Tensor | None,
+    state: dict,
+    group: dict,
+) -> dict[str, Any]:
+    """The record of one parameter after a step (``before``: its value before the step)."""
+    after = p.detach()
+    n = max(p.numel(), 1)
+    w64 = before.to(torch.float64)
+    d64 = after.to(torch.float64) - w64
+    # float indicators (1.0 / 0.0) where everything is finite: much faster than bool masks
+    check = d64.sum() + w64.sum() + (requested.sum() if requested is not None else 0.0)
+    finite = bool(torch.isfinite(check))
+    moved = torch.sign(d64.abs()) if finite else (after != before).to(torch.float64)
+    vals = [moved.sum(), w64.norm(), d64.norm()]
+    if requested is not None:
+        asked = torch.sign(requested.abs()) if finite else (requested != 0).to(torch.float64)
+        swamped = asked * (1 - moved)
+        vals += [asked.sum(), swamped.sum(), requested.norm()]
+    keys = []
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
+            sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
+            a = v.detach().abs().to(torch.float64)
+            if bool(torch.isfinite(a.sum())):
+                zero = 1 - torch.sign(a)
+                vals += [zero.sum(), torch.sign(torch.clamp(sn - a, min=0)).sum() - zero.sum()]
+            else:
+                vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
+            keys.append(key)
+    v = state.get("exp_avg_sq")
+    eps = group.get("eps")
+    adam = isinstance(v, torch.Tensor) and isinstance(eps, float)
+    if adam:
+        vals.append((v.detach().to(torch.float64).sqrt() < eps).sum())
+    got = torch.stack([x.to(torch.float64) for x in vals]).tolist()
+    nmoved, wn, dn = got[:3]
+    rec: dict[str, Any] = {
+        "param": name,
+        "dtype": FORMAT_OF.get(p.dtype, str(p.dtype)),
+        "numel": p.numel(),
+        "moved_share": nmoved / n,
+        "update_weight_ratio": dn / wn if wn else None,
+    }
+    i = 3
+    if requested is not None:
+        nasked, nswamped, rn = got[3:6]
+        i = 6
+        rec["requested_nonzero"] = int(nasked)
+        rec["swamped"] = int(nswamped)
+        rec["swamped_share"] = nswamped / max(nasked, 1)
+        rec["requested_update_weight_ratio"] = rn / wn if wn else None
+        rec["swamped_map"] = (
+            swamped.reshape(-1).to(torch.uint8).tolist() if p.numel() <= MAP_LIMIT else None
+        )
+    for key in keys:
+        rec[f"state_{key}_zero_share"] = got[i] / n
+        rec[f"state_{key}_subnormal_share"] = got[i + 1] / n
+        i += 2
+    if adam:
+        eps_in = float(torch.tensor(eps, dtype=v.dtype))
+        rec["eps_in_state_dtype"] = eps_in
+        rec["eps_flushed"] = eps_in == 0.0
+        rec["eps_dominated_share"] = got[i] / n
+    return rec

@@ -1,0 +1,71 @@
+"""Watch records on disk: one JSON object per line in ``DIR/records.jsonl``, flushed per step,
+so a report can read a run while it goes on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fpgrad.errors import InputError
+from fpgrad.jsonutil import jsonable
+
+FILENAME = "records.jsonl"
+KINDS = ("meta", "op", "optimizer", "step")
+
+
+class JsonlWriter:
+    """Appends records to ``DIR/records.jsonl`` (the file is created empty on open)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        d = Path(directory)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self._fh = open(d / FILENAME, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise InputError(
+                f"watch out={str(directory)!r}: cannot write there ({exc.strerror}); "
+                "pass a writable directory"
+            ) from exc
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self._fh.write(json.dumps(jsonable(r), allow_nan=False) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _float(v: Any) -> Any:
+    if v in ("inf", "-inf", "nan"):
+        return float(v)
+    return v
+
+
+def read_records(directory: str | Path) -> list[dict[str, Any]]:
+    """The records of a watch directory; a bad file raises InputError naming the line."""
+    path = Path(directory) / FILENAME
+    if not path.is_file():
+        raise InputError(
+            f"{str(directory)!r} holds no {FILENAME}; pass the out= directory of fpgrad.watch"
+        )
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if n > 1 and not line.endswith("\n"):
+                    break  # the run is still writing this line
+                raise InputError(
+                    f"{path}:{n}: not a JSON line; is this a watch directory?"
+                ) from None
+            if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
+                raise InputError(
+                    f"{path}:{n}: not a watch record (kind must be one of {', '.join(KINDS)})"
+                )
+            out.append({k: _float(v) for k, v in rec.items()})
+    return out

@@ -1,0 +1,275 @@
+"""``fpgrad.watch``: observe every aten op of the user's own training loop, changing nothing.
+
+A step starts at the model's first forward call after the previous step ended, and ends after
+``scaler.update()`` (with a GradScaler), else after ``optimizer.step()`` (with an optimizer),
+else at the model's next forward call (each forward, with its backward, is a step). On sampled
+steps (every ``every``-th, from step 0) a ``TorchDispatchMode`` sees each aten op forward and
+backward: it runs the op exactly as it would run unwatched and then records statistics of the
+outputs (fpgrad.watch.classify); view ops, which copy nothing, are not recorded. Ops after the
+backward pass and outside the model (GradScaler's unscaling, gradient clipping) have direction
+``post-backward``. Ops inside ``optimizer.step()`` run unobserved and are summarised per
+parameter (fpgrad.watch.optimizer). Unsampled steps run with no mode installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from fpgrad.errors import InputError
+from fpgrad.watch.classify import op_stats
+from fpgrad.watch.modules import ModuleStack
+from fpgrad.watch.optimizer import param_stats, requested_updates
+from fpgrad.watch.records import JsonlWriter, read_records
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, watcher: Watcher) -> None:
+        super().__init__()
+        self.watcher = watcher
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+    ) -> Any:
+        return self.watcher._on_op(func, args, kwargs or {})
+
+
+def _clone(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+class Watcher:
+    """The context manager returned by :func:`watch`; ``records()`` gives what it saw."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: Any = None,
+        out: str | None = None,
+        every: int = 1,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"watch: model must be a torch.nn.Module (got {type(model).__name__})")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise InputError("watch: optimizer must be a torch.optim.Optimizer or None")
+        if scaler is not None and not (hasattr(scaler, "update") and hasattr(scaler, "get_scale")):
+            raise InputError("watch: scaler must be a torch.amp.GradScaler or None")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise InputError(f"watch: every must be a positive integer (got {every!r})")
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.out, self.every = out, every
+        self._records: list[dict[str, Any]] = []
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._mode = _Mode(self)
+        self._step = 0
+        self._in_step = self._sampling = self._mode_on = False
+        self._phase = "model"
+
+    # ---- public ---------------------------------------------------------------------------
+    def records(self) -> Any:
+        """All records so far (a pandas DataFrame when pandas is installed, else dicts). With
+        ``out=DIR`` they are read back from DIR/records.jsonl (memory holds none of them)."""
+        recs = read_records(self.out) if self.out is not None else list(self._records)
+        try:
+            import pandas as pd
+        except ImportError:
+            return recs
+        return pd.DataFrame(recs)
+
+    def __enter__(self) -> Watcher:
+        self._writer = JsonlWriter(self.out) if self.out is not None else None
+        self._handles = [self.model.register_forward_pre_hook(self._on_forward, prepend=True)]
+        self._stack = ModuleStack(self.model, lambda: self._sampling)
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._opt_pre))
+            self._handles.append(self.optimizer.register_step_post_hook(self._opt_post))
+        if self.scaler is not None:
+            original = self.scaler.update
+
+            def update(new_scale: Any = None) -> None:
+                used = float(self.scaler.get_scale())
+                original(new_scale)
+                self._end_step(scale=used, next_scale=float(self.scaler.get_scale()))
+
+            self.scaler.update = update
+        self._emit(
+            [
+                {
+                    "kind": "meta",
+                    "every": self.every,
+                    "model": type(self.model).__name__,
+                    "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
+                    "scaler": self.scaler is not None
+                    and bool(getattr(self.scaler, "is_enabled", lambda: True)()),
+                }
+            ]
+        )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._in_step:
+            self._end_step()
+        for h in self._handles:
+            h.remove()
+        self._stack.close()
+        if self.scaler is not None and "update" in vars(self.scaler):
+            del self.scaler.update
+        if self._writer is not None:
+            self._writer.close()
+
+    # ---- steps ----------------------------------------------------------------------------
+    def _emit(self, recs: list[dict[str, Any]]) -> None:
+        if self._writer is not None:
+            self._writer.write(recs)
+        else:
+            self._records.extend(recs)
+
+    def _on_forward(self, module: Any, inputs: Any) -> None:
+        if self._in_step and self.optimizer is None and self.scaler is None:
+            self._end_step()
+        if not self._in_step:
+            self._begin_step()
+
+    def _begin_step(self) -> None:
+        self._in_step, self._stepped, self._backward_seen = True, False, False
+        self._sampling = self._step % self.every == 0
+        self._seq, self._pending, self._first = 0, [], None
+        if self._sampling:
+            self._mode.__enter__()
+            self._mode_on = True
+
+    def _end_step(self, scale: float | None = None, next_scale: float | None = None) -> None:
+        if self._mode_on:
+            self._mode.__exit__(None, None, None)
+            self._mode_on = False
+        self._stack.clear_grad_hooks()
+        if self.optimizer is not None:
+            skipped = not self._stepped
+        elif scale is not None and next_scale is not None:
+            skipped = next_scale < scale
+        else:
+            skipped = None
+        rec = {
+            "kind": "step",
+            "step": self._step,
+            "sampled": self._sampling,
+            "ops": self._seq,
+            "scale": scale,
+            "next_scale": next_scale,
+            "skipped": skipped,
+            "first_nonfinite": self._first,
+        }
+        self._emit([*self._pending, rec])
+        self._pending = []
+        self._step += 1
+        self._in_step = self._sampling = False
+
+    # ---- ops --------------------------------------------------------------------------------
+    def _on_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if not self._sampling or self._phase == "optimizer":
+            return func(*args, **kwargs)
+        before = None
+        if func._schema.is_mutable:
+            before = tree_map(_clone, (args, kwargs))
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return out
+        backward = torch._C._current_graph_task_id() != -1
+        self._backward_seen |= backward
+        a, k = before if before is not None else (args, kwargs)
+        module = self._stack.current
+        if backward:
+            direction = "backward"
+        elif self._backward_seen and module == "(outside)":
+            direction = "post-backward"
+        else:
+            direction = "forward"
+        op = str(func)
+        for row in op_stats(func, a, k, out):
+            row.update(
+                kind="op", step=self._step, seq=self._seq, module=module, op=op, direction=direction
+            )
+            if self._first is None and row["infs"] + row["nans"]:
+                self._first = {
+                    "seq": self._seq,
+                    "module": module,
+                    "op": op,
+                    "direction": row["direction"],
+                    "created": row["infs_created"] + row["nans_created"] > 0,
+                }
+            elif (
+                self._first is not None
+                and not self._first["created"]
+                and row["infs_created"] + row["nans_created"]
+            ):
+                self._first = {
+                    "seq": self._seq,
+                    "module": module,
+                    "op": op,
+                    "direction": row["direction"],
+                    "created": True,
+                }
+            self._pending.append(row)
+        self._seq += 1
+        return out
+
+    # ---- optimizer ------------------------------------------------------------------------
+    def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self._phase = "optimizer"
+        self._before = self._requested = None
+        if self._mode_on:  # the optimizer's own ops are not recorded: run them unobserved
+            self._mode.__exit__(None, None, None)
+            self._mode_on = False
+        if self._sampling:
+            self._before = {
+                id(p): p.detach().clone()
+                for g in opt.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            }
+            self._requested = requested_updates(opt)
+
+    def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self._stepped = True
+        if self._before is not None:
+            recs = []
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) not in self._before:
+                        continue
+                    req = None if self._requested is None else self._requested.get(id(p))
+                    rec = param_stats(
+                        self._names.get(id(p), f"param{len(recs)}"),
+                        p,
+                        self._before[id(p)],
+                        req,
+                        opt.state.get(p, {}),
+                        g,
+                    )
+                    rec.update(kind="optimizer", step=self._step, direction="optimizer")
+                    recs.append(rec)
+            self._pending.extend(recs)
+            self._before = self._requested = None
+        self._phase = "model"
+        if self.scaler is None:
+            self._end_step()
+        elif self._sampling and self._in_step:
+            self._mode.__enter__()
+            self._mode_on = True
+
+
+def watch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    out: str | None = None,
+    every: int = 1,
+) -> Watcher:
+    """Watch a training loop: ``with fpgrad.watch(model, opt, scaler) as w: ...``; then
+    ``w.records()``. ``out=DIR`` writes DIR/records.jsonl as it goes (flushed per step);
+    ``every=N`` observes steps 0, N, 2N, ... only."""
+    return Watcher(model, optimizer, scaler, out, every)

@@ -1,0 +1,85 @@
+"""Overhead of fpgrad.watch: watched / unwatched training-step time, measured in one run.
+
+A small MLP (64-256-256-10, batch 256) trained with Adam, in float32 and under
+torch.autocast(bfloat16), unwatched, watched on every step (every=1: every aten op shadowed)
+and watched on every 10th step (every=10). Each configuration runs the same steps on a copy of
+the same model; the mean step time of the best of
+several interleaved rounds is compared (the machine may be shared).
+
+    PYTHONPATH=. python scripts/bench_watch.py [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+import fpgrad
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+
+
+def _steps(m: torch.nn.Module, n: int, autocast: bool, every: int | None) -> list[float]:
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 64, generator=g)
+    y = torch.randint(0, 10, (256,), generator=g)
+    times = []
+    ctx = fpgrad.watch(m, opt, every=every) if every else nullcontext()
+    with ctx:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    base = _model()
+    print(
+        f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds of "
+        f"{args.steps} steps per configuration; per configuration the best round"
+    )
+    print("| compute | unwatched ms/step | every=1 ms/step | ratio | every=10 ms/step | ratio |")
+    print("|---|---|---|---|---|---|")
+    for autocast in (False, True):
+        _steps(copy.deepcopy(base), 3, autocast, 1)  # warm-up (imports, allocator)
+        best: dict[int | None, float] = {}
+        for _ in range(args.rounds):
+            for every in (None, 1, 10):
+                # the mean step: with every=10 a run pays 1 sampled + 9 light steps
+                t = statistics.mean(_steps(copy.deepcopy(base), args.steps, autocast, every))
+                best[every] = min(best.get(every, float("inf")), t)
+        plain, w1, w10 = best[None], best[1], best[10]
+        name = "autocast bfloat16" if autocast else "float32"
+        print(
+            f"| {name} | {plain * 1e3:.2f} | {w1 * 1e3:.2f} | {w1 / plain:.2f}x | "
+            f"{w10 * 1e3:.2f} | {w10 / plain:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
