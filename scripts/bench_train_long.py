@@ -4,8 +4,8 @@ Builds the README's digits example (scripts/digits_example.py: 64-32-10 ReLU cla
 cross-entropy, 256 samples) in a temporary directory and runs the exact trajectory in ball
 arithmetic (150 bits) with Adam, AdamW and SGD with momentum, batches of 64, up to ``--steps``
 steps or until the balls stop vouching for 17 digits. Prints the certified digits of every
-parameter every ``--every`` steps, the first step below 17 (where ``fpgrad train`` falls back to
-mpmath), and the CPU time per step against one torch float64 training step (forward, backward,
+parameter every ``--every`` steps, the first step below 17 (where ``fpgrad train`` recomputes in
+Arb balls), and the CPU time per step against one torch float64 training step (forward, backward,
 torch.optim step) of the same model, one thread each, measured in the same run.
 Usage: ``python scripts/bench_train_long.py [--steps 1000] [--every 25]``.
 """
