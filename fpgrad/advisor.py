@@ -54,6 +54,7 @@ from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult, exact_trac
 from fpgrad.formats import Format, get_format
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
+from fpgrad.progress import phase
 from fpgrad.verdicts import ExactArray, classify
 
 GROUPS = ("gradients", "signals")
@@ -359,6 +360,7 @@ def advise(
     allow_uncertified: bool = False,
     exact_max_bits: int = DEFAULT_MAX_BITS,
     exact: ExactResult | None = None,
+    progress: bool | None = None,
 ) -> Advice:
     """Loss-scale advice for ``net`` in the format ``fmt`` (see the module docstring).
 
@@ -369,7 +371,8 @@ def advise(
     (``autocast``, a network file's own) to its narrowest format: only values the policy
     computes in ``fmt`` are judged (gradients of layers computing in it, signals output in it,
     the seed if the loss is), and torch is measured running the policy. ``exact``: a
-    precomputed ``exact_trace(net, bits)`` of this same network, reused.
+    precomputed ``exact_trace(net, bits)`` of this same network, reused. ``progress``: bars on
+    stderr for phases over 2 s (None: when stderr is a terminal).
     """
     plan = None
     if policy is not None:
@@ -397,7 +400,11 @@ def advise(
         )
     if exact is None:
         exact = exact_trace(
-            net, bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits
+            net,
+            bits,
+            allow_uncertified=allow_uncertified,
+            max_bits=exact_max_bits,
+            progress=progress,
         )
     in_f = _in_format(net, plan, f.name)
     grads = _Values.of(
@@ -422,7 +429,10 @@ def advise(
     ka = max(-_K_LIMIT, math.floor(_log2_ratio(lim.underflow, hi_all)) - 2)
     kb = min(_K_LIMIT, math.ceil(_log2_ratio(lim.overflow, lo_all)) + 2)
     span = range(ka, kb + 1)
-    table = {k: _row_counts(groups, seed, lim, k) for k in span}
+    table = {
+        k: _row_counts(groups, seed, lim, k)
+        for k in phase(span, "fpgrad advise: counts per scale", progress, "scale")
+    }
 
     def lowest(ok: Any) -> int | None:
         return next((k for k in span if ok(table[k])), None)
@@ -547,7 +557,7 @@ def advise(
         stride = math.ceil(len(ks) / MAX_ROWS)
         ks = sorted({*ks[::stride], *(k for k in keys if start <= k <= stop)})
     rows = []
-    for k in ks:
+    for k in phase(ks, "fpgrad advise: rows" + (" (torch)" if measurer else ""), progress, "row"):
         counts = table.get(k) or _row_counts(groups, seed, lim, k)
         row: dict[str, Any] = {"exponent": k, "scale": math.ldexp(1.0, k), **counts}
         if measurer is not None:

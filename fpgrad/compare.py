@@ -30,6 +30,7 @@ from fpgrad.jsonutil import jsonable
 from fpgrad.network import Network
 from fpgrad.policy import Plan, format_of
 from fpgrad.precisions import Precision, parse_precisions
+from fpgrad.progress import phase
 from fpgrad.rounding import round_to
 from fpgrad.scaling import StaticScaler
 from fpgrad.verdicts import SUBKINDS, VERDICTS, ExactArray, classify
@@ -346,6 +347,7 @@ def compare(
     exact: ExactResult | None = None,
     exact_max_bits: int = DEFAULT_MAX_BITS,
     findings: bool = True,
+    progress: bool | None = None,
 ) -> Comparison:
     """Evaluate ``net`` in each precision and exactly; verdict every gradient element.
 
@@ -356,6 +358,7 @@ def compare(
     ``exact_trace(net, exact_bits, allow_uncertified=...)`` of this same network, reused.
     ``exact_max_bits``: the cap of the exact reference's precision escalation.
     ``findings``: the diagnosis in words (:mod:`fpgrad.diagnosis`; runs the advisor's counts).
+    ``progress``: bars on stderr for phases over 2 s (None: when stderr is a terminal).
     """
     if not isinstance(net, Network):  # a captured torch model (fpgrad.from_module)
         from fpgrad.graph.compare import compare_graph
@@ -372,7 +375,11 @@ def compare(
     plans = {p.name: p.plan(net) for p in precs}
     if exact is None:
         exact = exact_trace(
-            net, exact_bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits
+            net,
+            exact_bits,
+            allow_uncertified=allow_uncertified,
+            max_bits=exact_max_bits,
+            progress=progress,
         )
     elif exact.requested_bits != exact_bits:
         raise InputError(f"the exact trace given has {exact.requested_bits} bits, not {exact_bits}")
@@ -385,11 +392,18 @@ def compare(
                 else net.map_values(lambda a, fmt=p.fmt: round_to(a, fmt))
             )
             refs[p.name] = exact_trace(
-                rounded, exact_bits, allow_uncertified=allow_uncertified, max_bits=exact_max_bits
+                rounded,
+                exact_bits,
+                allow_uncertified=allow_uncertified,
+                max_bits=exact_max_bits,
+                progress=progress,
             )
         else:
             refs[p.name] = exact
-    traces = {p.name: p.run(net, loss_scale) for p in precs}
+    traces = {
+        p.name: p.run(net, loss_scale)
+        for p in phase(precs, "fpgrad compare: precisions", progress, "precision")
+    }
     scaled = {p.name: _Scaled(refs[p.name], loss_scale) for p in precs}
     certified = min(r.certified_digits for r in (exact, *refs.values()))
     vanishing = max(r.vanishing for r in (exact, *refs.values()))

@@ -159,6 +159,10 @@ class ArithOptimizer:
         zeros = {k: ar.mul(v, ar.const(0.0)) for k, v in params.items()}
         self.m = dict(zeros) if cfg.name == "adam" else {}
         self.v = dict(zeros) if cfg.name == "adam" else {}
+        # beta**t as t products in a row; a deterministic machine keeps the last power (the
+        # same products, so the same values) instead of redoing t products per parameter
+        self._powers: dict[float, tuple[int, Any]] = {}
+        self._keep_powers = not getattr(ar, "stochastic", False)
 
     def step(self, params: dict[str, Any], grads: dict[str, Any]) -> dict[str, Any]:
         ar, cfg = self.ar, self.cfg
@@ -186,8 +190,8 @@ class ArithOptimizer:
             one = ar.const(1.0)
             self.m[k] = ar.add(ar.mul(self.m[k], b1), ar.mul(g, ar.sub(one, b1)))
             self.v[k] = ar.add(ar.mul(self.v[k], b2), ar.mul(ar.mul(g, g), ar.sub(one, b2)))
-            bc1 = ar.sub(one, _power(ar, b1, self.steps))
-            bc2 = ar.sub(one, _power(ar, b2, self.steps))
+            bc1 = ar.sub(one, self._power(b1, cfg.beta1, self.steps))
+            bc2 = ar.sub(one, self._power(b2, cfg.beta2, self.steps))
             denom = ar.add(ar.div(ar.sqrt(self.v[k]), ar.sqrt(bc2)), ar.const(cfg.eps))
             if self.fused:
                 rate = cfg.lr / (1 - cfg.beta1**self.steps)
@@ -211,9 +215,15 @@ class ArithOptimizer:
         self.intended[k] = -rate * d64
         return ar.fma(ar.const(-rate), d, w)  # type: ignore[attr-defined]
 
-
-def _power(ar: Arith, base: Any, n: int) -> Any:
-    out = ar.const(1.0)
-    for _ in range(n):
-        out = ar.mul(out, base)
-    return out
+    def _power(self, base: Any, beta: float, n: int) -> Any:
+        """base**n (base: the machine's ``beta``) as n products in a row from 1, resumed from
+        the last power when kept."""
+        ar = self.ar
+        done, out = self._powers.get(beta, (0, None)) if self._keep_powers else (0, None)
+        if out is None or done > n:
+            done, out = 0, ar.const(1.0)
+        for _ in range(n - done):
+            out = ar.mul(out, base)
+        if self._keep_powers:
+            self._powers[beta] = (n, out)
+        return out

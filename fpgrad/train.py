@@ -526,6 +526,8 @@ class ExactRun:
         self.history = History(f"exact@{bits}")
         self.exact_params: list[dict[str, Any]] = []
         self.failed_at: int | None = None  #: the first step the balls could not vouch for
+        #: why the ball run gave way to Arb balls (one line, with the step), or None
+        self.fallback: str | None = None
 
     def vector(self) -> np.ndarray:
         return _flat([self.ar.to_float64(v) for v in self.params.values()])
@@ -551,6 +553,10 @@ class ExactRun:
         if self.failed_at is None and self.failed():
             self.failed_at = len(hist.loss)
 
+    def digits_now(self) -> float:
+        """Certified significant digits of the current parameters (as :meth:`ball_digits`)."""
+        return self._digits([self.params])
+
     def _cap(self) -> int:
         return math.floor(self.bits * math.log10(2))
 
@@ -568,11 +574,14 @@ class ExactRun:
         """Certified significant digits of every parameter at every step, from the radii
         (capped by what the working precision carries; exact zeros do not count, a ball that
         contains 0 otherwise counts as 0 digits)."""
+        return self._digits(self.exact_params)
+
+    def _digits(self, steps: list[dict[str, Any]]) -> float:
         from fpgrad.exact import arb_digits, ball_digits
 
         digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
         worst = float(self._cap())
-        for params in self.exact_params:
+        for params in steps:
             for value in params.values():
                 d, zero, _, _ = digits_of(value, self._cap())
                 kept = d[~zero]
@@ -617,7 +626,9 @@ def exact_trajectory(
 
     cap_bits = DEFAULT_MAX_BITS if max_bits is None else max_bits
 
-    def steps(run: ExactRun, what: str) -> None:
+    def steps(run: ExactRun, what: str, watch: bool = False) -> int | None:
+        """Run the schedule; ``watch``: stop at the first step whose parameters certify fewer
+        than 17 digits, and return it."""
         run.record_initial()
         iterator: Any = schedule
         if progress:
@@ -627,19 +638,27 @@ def exact_trajectory(
         for rows in iterator:
             run.step(rows)
             if run.failed():
-                return
+                return None
+            if watch and run.digits_now() < 17:
+                return len(run.history.loss)
+        return None
 
     method = ALIASES.get(method, method)
     if method not in ("auto", "fast", "arb"):
         raise InputError(f"unknown exact method {method!r}; use auto, fast or arb")
+    fallback = None
     if method != "arb" and bits <= MAX_BITS:
         run = ExactRun(net, cfg, bits, balls=True)
-        steps(run, "balls")
+        low = steps(run, "balls", watch=method == "auto")
         if not run.failed():
             digits = run.ball_digits()
             if digits >= 17 or method == "fast":
                 return run, digits, "fast"
-            why = f"{digits:.1f} certified digits after {len(schedule)} steps"
+            why = (
+                f"step {low}: {digits:.1f} certified digits"
+                if low is not None
+                else f"{digits:.1f} certified digits after {len(schedule)} steps"
+            )
         else:
             why = (
                 f"step {run.failed_at}: a value out of 2**-800..2**800, a ReLU input too close "
@@ -649,13 +668,12 @@ def exact_trajectory(
             raise InputError(
                 f"the fast exact run cannot certify this training ({why}); use --exact-method arb"
             )
-        print(
-            f"fpgrad train: the ball exact run cannot vouch ({why}); recomputing in Arb balls",
-            file=sys.stderr,
-        )
+        fallback = f"the ball exact run cannot vouch ({why}); recomputing in Arb balls"
+        print(f"fpgrad train: {fallback}", file=sys.stderr)
     prec = min(max(bits, ARB_START_BITS), cap_bits)
     while True:
         exact = ExactRun(net, cfg, prec)
+        exact.fallback = fallback
         steps(exact, f"arb {prec} bits")
         digits = exact.ball_digits()
         if digits >= 17 or prec >= cap_bits:
@@ -877,7 +895,7 @@ def _train(
                 )
             if label in twins:
                 twins[label].step(rows)
-    notes = []
+    notes = [exact.fallback] if exact.fallback else []
     if digits < 17:
         notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
     distance: dict[str, list[float]] = {}

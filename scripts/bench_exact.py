@@ -53,18 +53,18 @@ SIZES = (64, 256, 256, 10)
 SHOWCASE = Path(__file__).resolve().parents[1] / "fpgrad" / "examples" / "showcase.toml"
 
 
-def build_mlp(batch: int, seed: int = 0) -> Network:
+def build_mlp(batch: int, seed: int = 0, sizes: tuple[int, ...] = SIZES) -> Network:
     rng = np.random.default_rng(seed)
     layers = []
-    for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default init
         weight = rng.uniform(-bound, bound, size=(fan_out, fan_in))
         bias = rng.uniform(-bound, bound, size=fan_out)
         layers.append(Layer(f"dense{2 * i}", "dense", {"weight": weight, "bias": bias}))
-        if i < len(SIZES) - 2:
+        if i < len(sizes) - 2:
             layers.append(Layer(f"tanh{2 * i + 1}", "tanh"))
-    x = rng.normal(size=(batch, SIZES[0]))
-    y = rng.normal(size=(batch, SIZES[-1]))
+    x = rng.normal(size=(batch, sizes[0]))
+    y = rng.normal(size=(batch, sizes[-1]))
     return Network(tuple(layers), Loss("mse"), x, y, name=f"mlp-{batch}")
 
 
@@ -151,6 +151,33 @@ def exact_training(path: Path, steps: int, lr: float, bits: int) -> tuple[float,
     return steps / elapsed, worst
 
 
+def arb_product(bits: int, shape: tuple[int, int, int] = (128, 256, 256)) -> str | None:
+    """One product of random float64 matrices as balls (this engine) and as python-flint
+    arb_mat at the same precision, times side by side; None without python-flint."""
+    try:
+        import flint
+    except ImportError:
+        return None
+    m, n, p = shape
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(m, n)), rng.normal(size=(n, p))
+    ar = BallArith(bits)
+    ba, bb = ar.asarray(a), ar.asarray(b)
+    flint.ctx.prec = bits
+    t0 = clock()
+    fa, fb = flint.arb_mat(a.tolist()), flint.arb_mat(b.tolist())
+    t_conv = clock() - t0
+    t_ball, t_arb, t_gemm = interleaved(
+        [lambda: ar._matmul(ba, bb), lambda: fa * fb, lambda: a @ b], 3, [3, 1, 10]
+    )
+    return (
+        f"one {m}x{n}x{p} product at {bits} bits: float64 GEMM {t_gemm * 1e3:.2f} ms, "
+        f"balls (Ozaki) {t_ball * 1e3:.1f} ms ({t_ball / t_gemm:.0f} GEMMs), "
+        f"python-flint arb_mat {t_arb * 1e3:.1f} ms ({t_arb / t_ball:.1f}x; converting the "
+        f"operands to arb_mat {t_conv * 1e3:.0f} ms more)"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
@@ -160,6 +187,10 @@ def main() -> int:
     ap.add_argument("--mp-batch", type=int, default=2, help="batch of the plain mpmath run")
     ap.add_argument("--mp-bits", type=int, default=128, help="N of the plain mpmath run (N and 2N)")
     ap.add_argument("--train-steps", type=int, default=50)
+    ap.add_argument(
+        "--widths", default="64,256,512,1024",
+        help="hidden widths W of 64-W-W-10 MLPs whose ratios are printed too ('' for none)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -233,6 +264,26 @@ def main() -> int:
         f"exact training on {SHOWCASE.name} (SGD lr 0.1, {args.bits} bits, {args.train_steps} steps): "
         f"{steps_per_s:.1f} steps/s; parameters certified to {train_bits:.1f} bits at the end"
     )
+    arb = arb_product(args.bits)
+    if arb is not None:
+        print(arb)
+    for width in [int(w) for w in args.widths.split(",") if w]:
+        wide = build_mlp(args.batch, sizes=(SIZES[0], width, width, SIZES[-1]))
+        t_t, t_e = interleaved(
+            [
+                torch_step(wide),
+                lambda w=wide: exact_trace(w, args.bits, method="fast", progress=False),
+            ],
+            max(2, args.repeats // 2),
+            [10, 1],
+        )
+        res = exact_trace(wide, args.bits, method="fast", progress=False)
+        bits_w = min(float(res.digits[k].min()) for k in res.digits if k.startswith("grads/"))
+        print(
+            f"width {width:5d} (64-{width}-{width}-10): torch {t_t * 1e3:8.2f} ms, "
+            f"exact {t_e * 1e3:9.2f} ms, ratio {t_e / t_t:6.1f}x; "
+            f"gradients >= {bits_w / math.log10(2):.1f} bits"
+        )
     return 0 if grad_bits >= 100 else 1
 
 

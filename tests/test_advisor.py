@@ -169,3 +169,45 @@ def test_policy_without_a_low_precision_op_needs_no_scale(tmp_path: Path) -> Non
         advise(net, policy="wide")
     with pytest.raises(InputError, match="unknown policy 'nope'"):
         advise(net, policy="nope")
+
+
+def test_counts_by_binary_search_equal_the_masks() -> None:
+    # values on and around every threshold of every scale, with low words of each sign: the
+    # sorted counts give what the elementwise comparisons give
+    import math
+
+    import numpy as np
+
+    from fpgrad.advisor import _counts, _Limits, _Values
+    from fpgrad.formats import get_format
+
+    rng = np.random.default_rng(4)
+    for name in ("float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"):
+        lim = _Limits.of(get_format(name))
+        ks = range(-40, 41, 3)
+        ties = [math.ldexp(t, -k) for k in ks for t in (lim.underflow, lim.normal, lim.overflow)]
+        mag = np.concatenate([ties * 3, np.exp2(rng.uniform(-200, 200, 3000))])
+        rest = np.concatenate(
+            [np.repeat([-1.0, 0.0, 1.0], len(ties)) * np.tile(ties, 3) * 2.0**-60,
+             rng.normal(size=3000) * mag[-3000:] * 2.0**-58]
+        )  # fmt: skip
+        v = _Values(mag, rest, 0)
+
+        def le(t: float, mag: np.ndarray = mag, rest: np.ndarray = rest) -> np.ndarray:
+            return (mag < t) | ((mag == t) & (rest <= 0))
+
+        def lt(t: float, mag: np.ndarray = mag, rest: np.ndarray = rest) -> np.ndarray:
+            return (mag < t) | ((mag == t) & (rest < 0))
+
+        for k in ks:
+            under = le(math.ldexp(lim.underflow, -k))
+            sub = ~under & lt(math.ldexp(lim.normal, -k))
+            t = math.ldexp(lim.overflow, -k)
+            over = ~lt(t) if lim.overflow_tie else ~le(t)
+            want = {
+                "underflow": int(under.sum()),
+                "subnormal": int(sub.sum()),
+                "overflow": int(over.sum()),
+            }
+            assert _counts(v, lim, k) == want, (name, k)
+            assert 0 < want["underflow"] + want["subnormal"] < len(mag)

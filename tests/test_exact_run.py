@@ -109,3 +109,71 @@ def test_out_of_range_values_fall_back_to_arb() -> None:
 def _small() -> tuple:
     layers, loss, y = NETS["tanh_mse"]
     return layers, loss, X, y
+
+
+def test_fallback_names_its_step_and_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    # a hidden unit whose pre-activation is exactly 0 for one sample: its ReLU branch is
+    # undecided in balls at step 1, so auto recomputes in Arb balls and says where and why
+    net = net_from(
+        [
+            {"type": "dense", "weight": [[1.0, -1.0], [0.5, 0.25]], "bias": [0.0, 0.1]},
+            {"type": "relu"},
+            {"type": "dense", "weight": [[1.0, -2.0]], "bias": [0.0]},
+        ],
+        "mse",
+        [[0.5, 0.5], [1.0, -1.0]],
+        [[0.3], [0.1]],
+    )
+    schedule = batch_schedule(2, 3, None, 0)
+    run, _, method = exact_trajectory(net, OptimConfig(lr=0.1), schedule, 64)
+    assert method == "arb"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "recomputing in Arb balls" in err and "step 1" in err, err
+    assert run.fallback and run.fallback in err
+    result = train(net, steps=3, cfg=OptimConfig(lr=0.1), runs="float32", exact_bits=64)
+    assert result.notes[0] == run.fallback and run.fallback in capsys.readouterr().err
+    arb, _, method = exact_trajectory(net, OptimConfig(lr=0.1), schedule, 64, "arb")
+    assert method == "arb" and arb.fallback is None and capsys.readouterr().err == ""
+
+
+def test_balls_stop_at_the_first_step_below_17_digits(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # digits sink below 17 at step 3 (the radii are inflated there): auto stops the ball run
+    # at step 3, not at the end of the schedule, and names that step
+    layers, loss, y = NETS["tanh_mse"]
+    net = net_from(layers, loss, X, y, seed=3)
+    real_step = ExactRun.step
+
+    def step(self: ExactRun, rows: np.ndarray) -> None:
+        real_step(self, rows)
+        if self.ar.name.startswith("ball") and len(self.history.loss) == 3:
+            for ball in self.params.values():
+                ball.rad[...] = np.abs(ball.mid[0]) * 1e-12  # 12 digits
+        if self.ar.name.startswith("ball"):
+            taken.append(len(self.history.loss))
+
+    taken: list[int] = []
+    monkeypatch.setattr(ExactRun, "step", step)
+    _, _, method = exact_trajectory(net, OptimConfig(lr=0.1), batch_schedule(6, 8, 4, 1), 128)
+    assert method == "arb" and taken == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert "step 3: 12.0 certified digits" in err, err
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_kept_powers_give_the_same_balls(opt: str) -> None:
+    # the bias corrections resume beta**t from the last step's power: the same products in
+    # the same order as t products from 1 every step, so every ball is bit-identical
+    layers, loss, y = NETS["tanh_mse"]
+    net = net_from(layers, loss, X, y, seed=3)
+    schedule = batch_schedule(6, 6, 4, seed=1)
+    kept, fresh = (ExactRun(net, OPTIMIZERS[opt], 150, balls=True) for _ in range(2))
+    fresh.opt._keep_powers = False
+    for rows in schedule:
+        kept.step(rows)
+        fresh.step(rows)
+        for k in kept.params:
+            assert np.array_equal(kept.params[k].mid, fresh.params[k].mid)
+            assert np.array_equal(kept.params[k].rad, fresh.params[k].rad)
+    assert kept.opt._powers and not fresh.opt._powers
