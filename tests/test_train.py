@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fpgrad.errors import InputError
 from fpgrad.optim import OptimConfig, TorchOptimizer
 from fpgrad.scaling import DynamicScaler
 from fpgrad.train import train
@@ -260,8 +261,13 @@ def _tanh_map(lr: float) -> tuple:  # noqa: UP006
 def test_chaos_at_the_edge_of_stability_is_told_from_a_stable_orbit() -> None:
     net, cfg = _tanh_map(3.0)
     # chaos amplifies the exact run's own rounding too: the certificate must show it
-    r = train(net, 60, cfg, runs="float32", verdict_every=1000, perturb=False, exact_method="fast")
-    assert r.exact_certified_digits < 25  # 150 bits carry 45 digits; ~0.3 digits lost per step
+    try:  # the fast balls alone: chaos eats their digits, or blows a radius up entirely
+        r = train(
+            net, 60, cfg, runs="float32", verdict_every=1000, perturb=False, exact_method="fast"
+        )
+        assert r.exact_certified_digits < 25  # 150 bits carry 45 digits; ~0.3 lost per step
+    except InputError as exc:
+        assert "cannot certify" in str(exc)
     # by default the exact run raises its precision until 17 digits are certified again
     r = train(net, steps=60, cfg=cfg, runs="float32", verdict_every=1000, perturb=False)
     assert r.exact_certified_digits >= 17 and r.config["exact_working_bits"] > 150
