@@ -1,0 +1,183 @@
+"""What fpgrad's exact reference claims, element by element, checked against the oracle.
+
+The claims API (:meth:`ExactResult.enclosure`, ``zero``, ``undetermined``) is used when the
+result has it; otherwise the claims are derived from today's fields: the midpoint is the value
+in ``result.trace``, a zero claim is ``digits == inf``, an undetermined value is one with
+``digits <= 0`` (no digit certified: the ball may contain 0), and the implied radius is
+``|mid| 10**-digits``. The checks per element:
+
+- enclosure: ``|oracle - mid| <= rad``;
+- zero claim: the oracle is exactly 0;
+- certified (neither zero nor undetermined): the oracle is not 0, has the sign of ``mid`` and
+  ``|oracle - mid| <= |mid| 10**-digits`` (a relative slack of 1e-9 on the digit value only).
+
+An element whose oracle class is UNKNOWN is not checked; it is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import mpmath
+import numpy as np
+from gmpy2 import mpq
+
+from tests.oracle.reference import UNKNOWN, ZERO, OracleResult, as_mpq
+
+DIGIT_SLACK = 1e-9  # relative slack on 10**-digits (the float digit value)
+ORACLE_SLACK = mpq(1, 2**900)  # relative error of an oracle mpf (two runs agree to 2**-1000)
+
+
+@dataclass
+class Claims:
+    """One key's claims: midpoints (object array of mpf), radii, masks and digits."""
+
+    mid: np.ndarray
+    rad: np.ndarray
+    zero: np.ndarray
+    undetermined: np.ndarray
+    digits: np.ndarray
+
+
+def claims(result: Any, key: str) -> Claims:
+    """The claims of ``result`` (an :class:`fpgrad.exact.ExactResult`) about ``key``."""
+    digits = np.asarray(result.digits[key], dtype=np.float64)
+    if hasattr(result, "enclosure"):
+        mid, rad = result.enclosure(key)
+        return Claims(
+            np.asarray(mid, dtype=object),
+            np.asarray(rad, dtype=np.float64),
+            np.asarray(result.zero(key), dtype=bool),
+            np.asarray(result.undetermined(key), dtype=bool),
+            digits,
+        )
+    mid = np.asarray(_lookup(result.trace, key), dtype=object)
+    zero = np.isinf(digits)
+    undetermined = ~zero & (digits <= 0)
+    mag = np.array([float(abs(v)) for v in mid.ravel()]).reshape(mid.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rad = np.where(zero, 0.0, np.where(undetermined, np.inf, mag * 10.0**-digits))
+    return Claims(mid, rad, zero, undetermined, digits)
+
+
+def _lookup(trace: Any, key: str) -> Any:
+    if key == "loss":
+        return trace.loss
+    section, name = key.split("/", 1)
+    return getattr(trace, section)[name]
+
+
+@dataclass
+class Tally:
+    """Counts over many checks, and the first few failures (for the message)."""
+
+    networks: int = 0
+    values: int = 0
+    wrong_certified: int = 0
+    false_zeros: int = 0
+    enclosure_failures: int = 0
+    undetermined: int = 0
+    oracle_unknown: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, other: Tally) -> None:
+        for name in (
+            "networks",
+            "values",
+            "wrong_certified",
+            "false_zeros",
+            "enclosure_failures",
+            "undetermined",
+            "oracle_unknown",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failures.extend(other.failures[: max(0, 20 - len(self.failures))])
+
+    @property
+    def wrong(self) -> int:
+        return self.wrong_certified + self.false_zeros + self.enclosure_failures
+
+    def line(self) -> str:
+        return (
+            f"networks {self.networks}, values checked {self.values}, wrong certified "
+            f"{self.wrong_certified}, false zeros {self.false_zeros}, enclosure failures "
+            f"{self.enclosure_failures}, undetermined {self.undetermined}, oracle unknown "
+            f"{self.oracle_unknown}"
+        )
+
+
+def check(result: Any, ref: OracleResult, label: str = "") -> Tally:
+    """Every claim of ``result`` against the oracle ``ref``."""
+    tally = Tally(networks=1)
+    for key in result.keys():
+        c = claims(result, key)
+        values, status = ref.values[key], ref.status[key]
+        if c.mid.shape != values.shape:
+            raise AssertionError(f"{label} {key}: shape {c.mid.shape} vs oracle {values.shape}")
+        for i in np.ndindex(values.shape):
+            why = _check_one(c, i, values[i], int(status[i]))
+            if why is None:
+                continue
+            kind, text = why
+            if kind == "unknown":
+                tally.oracle_unknown += 1
+                continue
+            if kind == "undetermined":
+                tally.undetermined += 1
+                tally.values += 1
+                continue
+            tally.values += 1
+            if kind == "ok":
+                continue
+            setattr(tally, kind, getattr(tally, kind) + 1)
+            if len(tally.failures) < 20:
+                tally.failures.append(f"{label} {key}{list(i)}: {text}")
+    return tally
+
+
+def _check_one(c: Claims, i: tuple[int, ...], truth: Any, status: int) -> tuple[str, str] | None:
+    if status == UNKNOWN:
+        return "unknown", ""
+    mid, rad = c.mid[i], float(c.rad[i])
+    exact_zero = status == ZERO
+    t = mpq(0) if exact_zero else as_mpq(truth)
+    m = as_mpq(mid) if hasattr(mid, "_mpf_") or isinstance(mid, type(mpq(0))) else mpq(mid)
+    err = abs(t - m)
+    slack = abs(t) * ORACLE_SLACK
+    if math.isfinite(rad) and err > mpq(rad) + slack:
+        return (
+            "enclosure_failures",
+            f"|oracle - mid| = {float(err):.3e} > rad {rad:.3e} "
+            f"(oracle {_show(t)}, mid {_show(m)})",
+        )
+    if c.zero[i]:
+        if not exact_zero:
+            return "false_zeros", f"claimed exact zero, oracle {_show(t)}"
+        return "ok", ""
+    if c.undetermined[i]:
+        return "undetermined", ""
+    d = float(c.digits[i])
+    if exact_zero:
+        return "wrong_certified", f"{d:.1f} digits certified for {_show(m)}, oracle exactly 0"
+    if (t > 0) != (m > 0):
+        return "wrong_certified", f"sign: mid {_show(m)}, oracle {_show(t)} ({d:.1f} digits)"
+    bound = abs(m) * mpq(10.0 ** -min(d, 300)) * (1 + mpq(DIGIT_SLACK))
+    if d > 300 and m != 0:
+        bound = mpq(0)
+    if err > bound + slack:
+        rel = float(err / abs(t))
+        return (
+            "wrong_certified",
+            f"{d:.1f} digits certified, relative error {rel:.2e} "
+            f"(oracle {_show(t)}, mid {_show(m)})",
+        )
+    return "ok", ""
+
+
+def _show(q: Any) -> str:
+    if q == 0:
+        return "0"
+    v = mpmath.mpf(int(q.numerator)) / int(q.denominator)
+    return mpmath.nstr(v, 8)
