@@ -146,34 +146,28 @@ def _check_one(c: Claims, i: tuple[int, ...], truth: Any, status: int) -> tuple[
     m = as_mpq(mid) if hasattr(mid, "_mpf_") or isinstance(mid, type(mpq(0))) else mpq(mid)
     err = abs(t - m)
     slack = abs(t) * ORACLE_SLACK
-    if math.isfinite(rad) and err > mpq(rad) + slack:
-        return (
-            "enclosure_failures",
-            f"|oracle - mid| = {float(err):.3e} > rad {rad:.3e} "
-            f"(oracle {_show(t)}, mid {_show(m)})",
-        )
+    # one category per element, the most severe first
     if c.zero[i]:
         if not exact_zero:
             return "false_zeros", f"claimed exact zero, oracle {_show(t)}"
-        return "ok", ""
-    if c.undetermined[i]:
-        return "undetermined", ""
-    d = float(c.digits[i])
-    if exact_zero:
-        return "wrong_certified", f"{d:.1f} digits certified for {_show(m)}, oracle exactly 0"
-    if (t > 0) != (m > 0):
-        return "wrong_certified", f"sign: mid {_show(m)}, oracle {_show(t)} ({d:.1f} digits)"
-    bound = abs(m) * mpq(10.0 ** -min(d, 300)) * (1 + mpq(DIGIT_SLACK))
-    if d > 300 and m != 0:
-        bound = mpq(0)
-    if err > bound + slack:
-        rel = float(err / abs(t))
-        return (
-            "wrong_certified",
-            f"{d:.1f} digits certified, relative error {rel:.2e} "
-            f"(oracle {_show(t)}, mid {_show(m)})",
+    elif not c.undetermined[i]:
+        d = float(c.digits[i])
+        if exact_zero:
+            return "wrong_certified", f"{d:.1f} digits certified for {_show(m)}, oracle exactly 0"
+        if (t > 0) != (m > 0):
+            return "wrong_certified", f"sign: mid {_show(m)}, oracle {_show(t)} ({d:.1f} digits)"
+        bound = abs(m) * mpq(10.0 ** -min(d, 300)) * (1 + mpq(DIGIT_SLACK)) if d <= 300 else 0
+        if err > bound + slack:
+            rel = float(err / abs(t))
+            return "wrong_certified", (
+                f"{d:.1f} digits certified, relative error {rel:.2e} "
+                f"(oracle {_show(t)}, mid {_show(m)})"
+            )
+    if math.isfinite(rad) and err > mpq(rad) + slack:
+        return "enclosure_failures", (
+            f"|oracle - mid| = {float(err):.3e} > rad {rad:.3e} (oracle {_show(t)}, mid {_show(m)})"
         )
-    return "ok", ""
+    return ("undetermined", "") if c.undetermined[i] and not c.zero[i] else ("ok", "")
 
 
 def _show(q: Any) -> str:
