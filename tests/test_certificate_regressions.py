@@ -60,12 +60,9 @@ def test_kind1_one_plus_tiny_minus_one_before_relu(sign: float) -> None:
 
 
 def test_kind2_tiny_input_feature() -> None:
+    """Feature 2**-200 taken exactly into a pre-activation (6.2e-61): a genuine value."""
     x = [[2.0**-200, 1.0], [2.0**-200, -0.5]]
-    layers = [
-        dense("d0", [[0.75, 0.5], [0.25, -1.5]], [0.1, 0.2]),
-        act("t", "tanh"),
-        dense("d1", [[1.0, -1.0]]),
-    ]
+    layers = [dense("d0", [[1.0, 0.0], [0.5, 1.0]]), act("t", "tanh"), dense("d1", [[1.0, -1.0]])]
     assert_right(net(layers, "mse", x, [[0.3], [-0.2]]))
 
 
