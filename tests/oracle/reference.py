@@ -20,7 +20,9 @@ the largest argument of exp/tanh/sigmoid met) and classifies every element: ``EX
 rational, the same in both runs), ``ZERO`` (an exact rational 0, or an mpf 0 in both runs or one
 that shrank by 2**1000 when the precision rose: cancellation to an exact zero), ``NUMERIC``
 (two mpf that agree to 2**-1000 relative) or ``UNKNOWN``. A zero reached only through mpf
-(a bias before batch norm: exactly 0, noise of 2**-P at P bits) rests on that 2,000-bit margin:
+(a bias before batch norm: exactly 0, noise of 2**-P at P bits) rests on that 2,000-bit margin
+(and an element that is 0 at P bits but not at P + 2000 is ZERO when a third run at P + 4000
+shrinks it by 2**1000 again):
 this is a test's oracle, not a certificate.
 """
 
@@ -297,6 +299,16 @@ def oracle(net: Network, prec: int | None = None) -> OracleResult:
             [_classify(a, b) for a, b in zip(lo.ravel(), hi.ravel(), strict=True)], dtype=np.int8
         ).reshape(hi.shape)
         status[key] = st if agree else np.full(hi.shape, UNKNOWN, dtype=np.int8)
+    if agree and any((st == UNKNOWN).any() for st in status.values()):
+        # 0 at P bits, noise at P + 2000: a third run at P + 4000 must shrink it by 2**1000
+        third, _ = evaluate(net, p + 2 * CHECK_BITS)
+        for key, st in status.items():
+            for i in np.ndindex(st.shape):
+                if st[i] != UNKNOWN:
+                    continue
+                a, b, c = low[key][i], high[key][i], third[key][i]
+                if a == 0 and _classify(b, c) == ZERO:
+                    st[i] = ZERO
     return OracleResult(high, status, p + CHECK_BITS, agree)
 
 
