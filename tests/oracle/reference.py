@@ -93,7 +93,7 @@ class _Pass:
 
     def note_reach(self, a: np.ndarray) -> None:
         if a.size:
-            top = max(abs(float(v)) for v in a.ravel())
+            top = max(_magnitude(v) for v in a.ravel())
             self.reach = min(max(self.reach, top), MAX_REACH)
 
     def positive(self, a: np.ndarray) -> np.ndarray:
@@ -111,6 +111,14 @@ class _Pass:
         self.note_reach(a)
         mp = self.mp
         return self.fn(lambda v: 1 / (1 + mp.exp(-v)), a)
+
+
+def _magnitude(v: Any) -> float:
+    """|v| as a float, inf beyond float64."""
+    try:
+        return abs(float(v))
+    except OverflowError:
+        return math.inf
 
 
 def _rational(a: np.ndarray) -> bool:
