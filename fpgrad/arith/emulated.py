@@ -15,8 +15,12 @@ operation on its (already rounded) operands, rounded once into the format with t
 - ``exp``, ``log``, ``tanh``, ``sigmoid``: numpy's float64 value ``y`` with a relative error
   bound of 2**-40 (libm and numpy's SIMD kernels are within a few ulps, 2**-50); if the whole
   interval ``y (1 +- 2**-40)`` rounds to one value of the format, that is the correctly rounded
-  result. Otherwise (a result too close to a rounding boundary, float64 overflow or underflow)
-  the element is recomputed with mpmath in a Ziv loop (128, 256, ... bits) and rounded exactly.
+  result. Overflow and underflow are decided directly in every mode: a float64 result beyond
+  2**1000 (exp's float64 overflow included) or within 2**-1000 of its base stands in as
+  +-2**1000 or +-2**-1000, which round as the true value does in every mode and format.
+  Otherwise (a result too close to a rounding boundary) the element is recomputed with mpmath
+  in a Ziv loop (128, 256, ... bits) and rounded exactly; the loop clamps its value to
+  2**+-1100 (2**-1200) first, so its cost does not grow with the argument.
   The exact special points (exp(0) = 1, log(1) = 0, tanh(0) = 0, sigmoid(0) = 1/2, infinities)
   are the only inputs whose results are dyadic, so the loop always ends.
 - ``matmul`` and ``sum`` with an accumulation:
