@@ -10,7 +10,7 @@ values checked, wrong certified values, false zeros, enclosure failures, undeter
 values where the oracle was inconclusive, networks refused. Exit status 1 if anything is wrong.
 
 Usage: ``python scripts/certificate_campaign.py [--networks N] [--seed S] [--bits B]
-[--regime NAME ...] [--show K]`` (run from the repository root).
+[--regime NAME ...] [--show K] [--every N]`` (run from the repository root).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, default=None, help="exact_trace bits (default: its own)")
     ap.add_argument("--regime", nargs="*", choices=REGIMES, default=list(REGIMES))
     ap.add_argument("--show", type=int, default=10, help="failures to print")
+    ap.add_argument("--every", type=int, default=0, help="progress line every N networks")
     args = ap.parse_args(argv)
     per: dict[str, Tally] = {r: Tally() for r in args.regime}
     start = time.perf_counter()
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     @given(networks(tuple(args.regime)))
     def one(net) -> None:  # noqa: ANN001
         per[net.name.split("-")[0]].add(run_one(net, args.bits))
+        done = sum(t.networks for t in per.values())
+        if args.every and done % args.every == 0:
+            wrong = sum(t.wrong for t in per.values())
+            print(f"... {done} networks, {wrong} wrong", file=sys.stderr, flush=True)
 
     one()
     total = Tally()
