@@ -9,35 +9,34 @@ wrong certified value, no false exact zero, no enclosure that misses.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.oracle.claims import Tally, run_one
 from tests.oracle.generate import REGIMES, networks
 
-SAMPLE = 48  # networks (about 20 s)
+PER_REGIME = 6  # networks per regime: 48 in all, about 25 s
 
 
-def test_campaign_sample() -> None:
+@pytest.mark.parametrize("regime", REGIMES)
+def test_campaign_sample(regime: str) -> None:
     total = Tally()
-    regimes: set[str] = set()
 
     @settings(
-        max_examples=SAMPLE,
+        max_examples=PER_REGIME,
         derandomize=True,
         database=None,
         deadline=None,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(networks())
+    @given(networks((regime,)))
     def one(net) -> None:  # noqa: ANN001
-        regimes.add(net.name.split("-")[0])
         total.add(run_one(net))
 
     one()
-    assert total.networks == SAMPLE
-    assert regimes == set(REGIMES), f"regimes not drawn: {set(REGIMES) - regimes}"
-    assert total.values >= 20 * SAMPLE
+    assert total.networks == PER_REGIME
+    assert total.values >= 5 * PER_REGIME
     assert total.oracle_unknown <= total.values // 100, total.line()  # the oracle is conclusive
     assert total.wrong == 0, total.line() + "\n" + "\n".join(total.failures[:10])
 
