@@ -335,14 +335,3 @@ def _classify(a: Any, b: Any) -> int:
     if ab <= abs(a) * mpmath.ldexp(1, -AGREE):  # shrank by 2**1000: noise around 0
         return ZERO
     return UNKNOWN
-
-
-def as_mpq(v: Any) -> Any:
-    """An mpf or mpq as an exact rational (mpf are dyadic)."""
-    if isinstance(v, type(mpq(0))):
-        return v
-    sign, man, exp, _ = v._mpf_
-    if not man:
-        return mpq(0)
-    q = mpq(int(man)) * (mpq(2) ** int(exp)) if exp >= 0 else mpq(int(man), 2 ** int(-exp))
-    return -q if sign else q
