@@ -15,8 +15,12 @@ operation on its (already rounded) operands, rounded once into the format with t
 - ``exp``, ``log``, ``tanh``, ``sigmoid``: numpy's float64 value ``y`` with a relative error
   bound of 2**-40 (libm and numpy's SIMD kernels are within a few ulps, 2**-50); if the whole
   interval ``y (1 +- 2**-40)`` rounds to one value of the format, that is the correctly rounded
-  result. Otherwise (a result too close to a rounding boundary, float64 overflow or underflow)
-  the element is recomputed with mpmath in a Ziv loop (128, 256, ... bits) and rounded exactly.
+  result. Overflow and underflow are decided directly in every mode: a float64 result beyond
+  2**1000 (exp's float64 overflow included) or within 2**-1000 of its base stands in as
+  +-2**1000 or +-2**-1000, which round as the true value does in every mode and format.
+  Otherwise (a result too close to a rounding boundary) the element is recomputed with mpmath
+  in a Ziv loop (128, 256, ... bits) and rounded exactly; the loop clamps its value to
+  2**+-1100 (2**-1200) first, so its cost does not grow with the argument.
   The exact special points (exp(0) = 1, log(1) = 0, tanh(0) = 0, sigmoid(0) = 1/2, infinities)
   are the only inputs whose results are dyadic, so the loop always ends.
 - ``matmul`` and ``sum`` with an accumulation:
@@ -79,7 +83,7 @@ MAX_PRECISION = 26  # 2p <= 53: the product of two values is exact in float64
 MAX_EXP_BITS = 9  # values within 2**+-(256 + 26): sums, products, quotients stay normal float64
 
 FUNC_REL_ERR = 2.0**-40  # bound on numpy's float64 exp/log/tanh/sigmoid relative error (>> 4 ulp)
-_DBL_MAX = float(np.finfo(np.float64).max)
+_BIG = 2.0**1000  # above every emulable format's max (< 2**257); 2**1000 (1 + 2**-40) is finite
 _ZIV_PRECS = (128, 256, 512, 1024, 4096)
 
 
@@ -320,11 +324,13 @@ class EmulatedArith(OutputDerivatives):
                 special |= x <= 0  # log: -inf at 0, NaN below
             for point in exact_points:
                 special |= x == point  # exp(0) = 1, log(1) = 0, tanh(0) = 0, sigmoid(0) = 1/2
-            # a result beyond float64 (exp overflow) or within 2**-1000 of base (underflow of
-            # u, saturation) is replaced by a stand-in that rounds the same way in every mode:
-            # DBL_MAX (odd, overflows every format), or +-2**-1000 (below half of every
-            # format's smallest subnormal; 1 -+ 2**-1000 round to odd as 1 -+ 2**-53 does).
-            u = np.where(np.isinf(u) & ~special, np.copysign(_DBL_MAX, u), u)
+            # overflow and underflow decided here, in every mode, whatever the argument's size:
+            # a result beyond 2**1000 (exp overflow included) or within 2**-1000 of base
+            # (underflow of u, saturation) is replaced by a stand-in that rounds the same way
+            # in every mode: +-2**1000 (above every format's max, and u +- err stays finite),
+            # or +-2**-1000 (below half of every format's smallest subnormal; 1 -+ 2**-1000
+            # round to odd as 1 -+ 2**-53 does). Neither is ever sent to the exact retry.
+            u = np.where((np.abs(u) > _BIG) & ~special, np.copysign(_BIG, u), u)
             u = np.where((np.abs(u) < 2.0**-1001) & ~special, np.copysign(2.0**-1000, u), u)
             err = np.abs(u) * FUNC_REL_ERR
             ends = [self._odd_sum(base, u - err), self._odd_sum(base, u + err)]
@@ -357,7 +363,7 @@ class EmulatedArith(OutputDerivatives):
         for prec in _ZIV_PRECS:
             c.prec = prec
             base, u = fmp(c, c.mpf(x))  # the value is base + u, u within a few ulps of prec
-            uf = _fraction(u)
+            uf = _fraction(_clamp(c, u))  # a cost that does not grow with the exponent of u
             if not isinstance(uf, Fraction):  # 0 (exact results are special points) or inf
                 return float(self._round(base + uf))
             err = abs(uf) * Fraction(1, 2 ** (prec - 16))  # 65536 ulps
@@ -445,6 +451,20 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _same_scalar(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _clamp(c: MPContext, v: Any) -> Any:
+    """``v`` with a magnitude above 2**1100 or below 2**-1200 replaced by that power of two
+    (same sign): stand-ins that :func:`~fpgrad.rounding.round_exact` rounds as it rounds ``v``,
+    in every mode and format, so the exact retry never builds a Fraction of ~x / ln 2 bits."""
+    if not v or not c.isfinite(v):
+        return v
+    e = int(c.mag(v))  # |v| < 2**e, within a few units
+    if e > 1100:
+        return c.ldexp(c.sign(v), 1100)
+    if e < -1200:
+        return c.ldexp(c.sign(v), -1200)
+    return v
 
 
 def _fraction(v: Any) -> Fraction | float:

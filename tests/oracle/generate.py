@@ -3,7 +3,8 @@
 Hypothesis draws the knobs (regime, sizes, exponents, gaps, a seed); a numpy generator seeded
 from them fills the arrays, so each example is small, reproducible and shrinks on its knobs.
 Regimes: ReLU inputs exactly 0 or +-2**-k from 0 (k up to 1000, through ``1 + s 2**-k - 1``);
-saturated tanh and sigmoid; cross-entropy logit gaps up to 1e4; soft targets and label
+saturated tanh and sigmoid; cross-entropy logit gaps up to 1e4 (half of them with the top
+class as target: a loss of about e**-gap); soft targets and label
 smoothing near the optimum; inputs and weights near 2**+-1000; deep chains; wide fan-in with
 cancellation; training batch norm (a bias before it: an exact zero gradient).
 """
@@ -110,6 +111,8 @@ def networks(draw: st.DrawFn, regimes: tuple[str, ...] = REGIMES) -> Network:
         gap = 10.0 ** draw(st.floats(0.0, 4.0))
         last.params["bias"][...] = rng.choice([0.0, -gap, gap], size=width)
         last.params["weight"][...] *= 2.0 ** -draw(st.integers(0, 30))
+        if width > 1 and draw(st.booleans()):  # the target is the top class: loss ~ e**-gap
+            y = np.full(batch, float(np.argmax(last.params["bias"])))
     if regime == "soft_targets" and width > 1:
         smooth = draw(st.sampled_from((0.0, 0.1, 0.2)))
         if smooth:
