@@ -59,6 +59,22 @@ POINTWISE_OPS = frozenset(
     "exp exp2 log log2 log1p expm1 tanh sigmoid pow sqrt rsqrt reciprocal gelu gelu_backward "
     "silu silu_backward sin cos softplus softplus_backward elu elu_backward erf".split()
 )
+#: Ops whose every output element is one of their input elements or scalar arguments (or a
+#: constant): with inputs and scalars exactly representable in the output's format, the float64
+#: recompute equals the output, so each zero is inherited (see :func:`_selection_exact`).
+SELECTION_OPS = frozenset(
+    "relu relu_ threshold_backward clone detach copy copy_ _to_copy neg abs cat stack index "
+    "index_select gather _unsafe_index embedding where masked_fill clamp clamp_min clamp_max "
+    "maximum minimum max min max_pool2d_with_indices constant_pad_nd zero_ fill fill_ "
+    "zeros_like ones_like".split()
+)
+#: dtype -> the dtypes whose every value it holds exactly.
+_WIDER = {
+    torch.float16: (torch.float16,),
+    torch.bfloat16: (torch.bfloat16,),
+    torch.float32: (torch.float16, torch.bfloat16, torch.float32),
+    torch.float64: (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
 _U64 = 2.0**-53
 _TINY64 = 2.0**-1022
 COUNTS = ("zeros", "subnormals", "infs", "nans")
@@ -119,6 +135,15 @@ def _positive(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(torch.clamp(x, min=0))
 
 
+def count(indicator: torch.Tensor) -> torch.Tensor:
+    """The number of 1.0s in a tensor of 0.0s and 1.0s, as a 0-d tensor. Summed in float32 up to
+    2^24 elements (every partial sum is an integer <= 2^24, so exact; a float32 sum is several
+    times faster than a float64 one on CPU), else in float64."""
+    if indicator.numel() <= 2**24:
+        return indicator.sum(dtype=torch.float32)
+    return indicator.sum(dtype=torch.float64)
+
+
 def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
     ``aminmax`` pass proves there is no zero, subnormal, inf or NaN."""
@@ -134,21 +159,19 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
         nonzero = torch.sign(a)
         big = torch.finfo(a.dtype).max
-        got = torch.stack(
-            [
-                nonzero.sum(dtype=torch.float64),
-                _positive(smallest_normal - a).sum(dtype=torch.float64),
-                (a + (1 - nonzero) * big).min().to(torch.float64),
-            ]
-        ).tolist()
-        z = a.numel() - int(got[0])
-        s = int(got[1]) - z
+        # the smallest non-zero magnitude: zeros replaced by the largest finite value
+        masked = (1 - nonzero).mul_(big).add_(a)
+        z_mn = torch.stack([count(nonzero), masked.amin().to(torch.float64)]).tolist()
+        z = a.numel() - int(z_mn[0])
+        s = 0
+        if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
+            s = int(count((smallest_normal - a).clamp_(min=0).sign_())) - z
         return {
             "zeros": z,
             "subnormals": s,
             "infs": 0,
             "nans": 0,
-            "min_abs": got[2] if z < a.numel() else None,
+            "min_abs": z_mn[1] if z < a.numel() else None,
             "max_abs": hi if z < a.numel() else None,
         }
     checks = [(a == 0).sum(), (a < smallest_normal).sum()]
@@ -378,6 +401,29 @@ def _input_has_subnormal(args: tuple, kwargs: dict, smallest_normal: float) -> b
     return False
 
 
+def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -> bool:
+    """True when ``func`` is a selection op (:data:`SELECTION_OPS`) whose floating inputs and
+    numeric scalars all lie in ``dtype``: its output then holds exactly what the float64
+    recompute would give (selections and comparisons of the same values), so a zero of it is
+    exactly zero and the recompute can be skipped."""
+    if func.overloadpacket.__name__ not in SELECTION_OPS:
+        return False
+    flat, _ = tree_flatten((args, kwargs))
+    ok = _WIDER[dtype]
+    for x in flat:
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() and x.dtype not in ok:
+                return False
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            if float(torch.tensor(x, dtype=dtype)) != x:
+                return False
+        elif not isinstance(
+            x, (bool, torch.dtype, torch.layout, torch.device, torch.memory_format, str, type(None))
+        ):
+            return False
+    return True
+
+
 def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
     """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
     rows = []
@@ -398,6 +444,10 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st["subnormals_inherited"] = st["subnormals"] if inh else 0
             st["subnormals_undecided"] = 0
         needs = st["zeros"] or st["infs"] or st["nans"]
+        if needs and t.dtype != torch.float64 and not seeded and not (st["infs"] or st["nans"]):
+            if _selection_exact(func, args, kwargs, t.dtype):
+                st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
+                needs = 0
         if needs and t.dtype != torch.float64 and not seeded:
             t = t.detach()
             # few special elements: recompute only those; many: recompute all (masked indexing
