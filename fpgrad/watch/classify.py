@@ -247,13 +247,14 @@ class _Shadow:
         i, j = sel.nonzero().unbind(1)
         rows, ri = torch.unique(i, return_inverse=True)
         cols, ci = torch.unique(j, return_inverse=True)
+        # index first, then convert: only the rows and columns used are widened
         if rows.numel() * cols.numel() <= 4 * i.numel():
             # zeros come in whole rows/columns (dead units): one small float64 product
-            r = (conv(a)[rows] @ conv(b)[:, cols])[ri, ci] * conv(alpha)
+            r = (conv(a[rows]) @ conv(b[:, cols]))[ri, ci] * conv(alpha)
         else:
-            r = (conv(a)[i] * conv(b)[:, j].T).sum(1) * conv(alpha)
+            r = (conv(a[i]) * conv(b[:, j]).T).sum(1) * conv(alpha)
         if bias is not None and beta:
-            c = conv(bias).broadcast_to(sel.shape)[sel]
+            c = conv(bias.detach().broadcast_to(sel.shape)[sel])
             r = r + conv(beta) * c
         return r
 
