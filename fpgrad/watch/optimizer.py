@@ -20,47 +20,96 @@ from fpgrad.watch.classify import FORMAT_OF
 MAP_LIMIT = 4096
 
 
-def _state64(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor):
-            v = v.detach().clone()
-            if v.is_floating_point() and k != "step":
-                v = v.to(torch.float64)
-        out[k] = v
-    return out
+def _hyper(g: dict) -> dict:
+    """A param_group's hyperparameters for the float64 shadow (single-tensor implementation)."""
+    ng = {k: v for k, v in g.items() if k != "params"}
+    for k in ("foreach", "fused", "capturable"):
+        if k in ng:
+            ng[k] = False
+    return ng
+
+
+def _put(dst: dict, key: Any, v: Any) -> None:
+    """``dst[key] = v`` for a state entry: a float64 copy of a floating tensor (``step`` keeps its
+    dtype), reusing the tensor already there when its shape and dtype fit."""
+    if not isinstance(v, torch.Tensor):
+        dst[key] = v
+        return
+    dtype = torch.float64 if v.is_floating_point() and key != "step" else v.dtype
+    old = dst.get(key)
+    if isinstance(old, torch.Tensor) and old.shape == v.shape and old.dtype == dtype:
+        old.copy_(v.detach())
+    else:
+        dst[key] = v.detach().to(dtype, copy=True)
+
+
+class ShadowOptimizer:
+    """The user's optimizer rebuilt once in float64 on copies of the weights; each
+    :meth:`requested_updates` copies the current weights, gradients, state and hyperparameters
+    into it (reusing its tensors) and steps it. The user's optimizer is never touched."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._shadow: torch.optim.Optimizer | None = None
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _build(self, opt: torch.optim.Optimizer) -> None:
+        groups, self._pairs = [], []
+        for g in opt.param_groups:
+            ps = []
+            for p in g["params"]:
+                q = p.detach().to(torch.float64, copy=True)
+                ps.append(q)
+                self._pairs.append((p, q))
+            groups.append(_hyper(g) | {"params": ps})
+        self._shadow = type(opt)(groups)
+
+    def requested_updates(self, opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
+        """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
+        optimizer cannot be rebuilt from its param_groups (then swamping is not reported)."""
+        key = (type(opt), tuple(tuple(map(id, g["params"])) for g in opt.param_groups))
+        try:
+            if key != self._key or self._shadow is None:
+                self._key = None
+                self._build(opt)
+                self._key = key
+            shadow = self._shadow
+            assert shadow is not None
+            for g, sg in zip(opt.param_groups, shadow.param_groups, strict=True):
+                sg.update(_hyper(g))
+            for p, q in self._pairs:
+                q.copy_(p.detach())
+                if p.grad is None:
+                    q.grad = None
+                elif q.grad is None or q.grad.shape != p.grad.shape:
+                    q.grad = p.grad.detach().to(torch.float64, copy=True)
+                else:
+                    q.grad.copy_(p.grad.detach())
+                if p in opt.state:
+                    st = shadow.state[q]
+                    src = opt.state[p]
+                    for k in [k for k in st if k not in src]:
+                        del st[k]
+                    for k, v in src.items():
+                        _put(st, k, v)
+                else:
+                    shadow.state.pop(q, None)
+            with torch.no_grad():
+                shadow.step()
+        except (TypeError, ValueError, RuntimeError, KeyError):
+            self._key = self._shadow = None
+            return None
+        return {
+            id(p): q.detach() - p.detach().to(torch.float64)
+            for p, q in self._pairs
+            if p.grad is not None
+        }
 
 
 def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
-    """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
-    optimizer cannot be rebuilt from its param_groups (then swamping is not reported)."""
-    groups, pairs = [], []
-    for g in opt.param_groups:
-        ps = []
-        for p in g["params"]:
-            q = p.detach().to(torch.float64).clone()
-            if p.grad is not None:
-                q.grad = p.grad.detach().to(torch.float64)
-            ps.append(q)
-            pairs.append((p, q))
-        ng = {k: v for k, v in g.items() if k != "params"}
-        for k in ("foreach", "fused", "capturable"):
-            if k in ng:
-                ng[k] = False
-        ng["params"] = ps
-        groups.append(ng)
-    try:
-        shadow = type(opt)(groups)
-        for p, q in pairs:
-            if p in opt.state:
-                shadow.state[q] = _state64(opt.state[p])
-        with torch.no_grad():
-            shadow.step()
-    except (TypeError, ValueError, RuntimeError, KeyError):
-        return None
-    return {
-        id(p): q.detach() - p.detach().to(torch.float64) for p, q in pairs if p.grad is not None
-    }
+    """Per parameter (by ``id``), the float64 update the optimizer asks for (a fresh shadow; a
+    :class:`ShadowOptimizer` kept across steps does the same with its tensors reused)."""
+    return ShadowOptimizer().requested_updates(opt)
 
 
 def param_stats(
