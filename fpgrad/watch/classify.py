@@ -136,9 +136,11 @@ def _positive(x: torch.Tensor) -> torch.Tensor:
 
 
 def count(indicator: torch.Tensor) -> torch.Tensor:
-    """The number of 1.0s in a tensor of 0.0s and 1.0s, as a 0-d tensor. Summed in float32 up to
-    2^24 elements (every partial sum is an integer <= 2^24, so exact; a float32 sum is several
-    times faster than a float64 one on CPU), else in float64."""
+    """The number of 1.0s in a tensor of 0.0s and 1.0s, as a 0-d tensor. A float32 tensor is
+    summed in float32 up to 2^24 elements (every partial sum is an integer <= 2^24, so exact;
+    several times faster on CPU than widening to float64), else in float64."""
+    if indicator.dtype == torch.float64:
+        return indicator.sum()
     if indicator.numel() <= 2**24:
         return indicator.sum(dtype=torch.float32)
     return indicator.sum(dtype=torch.float64)

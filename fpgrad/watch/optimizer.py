@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fpgrad.formats import get_format
-from fpgrad.watch.classify import FORMAT_OF
+from fpgrad.watch.classify import FORMAT_OF, count
 
 #: Parameters up to this size keep their per-element swamped map in the records.
 MAP_LIMIT = 4096
@@ -124,24 +124,30 @@ def param_stats(
     after = p.detach()
     n = max(p.numel(), 1)
     w64 = before.to(torch.float64)
-    d64 = after.to(torch.float64) - w64
-    # float indicators (1.0 / 0.0) where everything is finite: much faster than bool masks
-    check = d64.sum() + w64.sum() + (requested.sum() if requested is not None else 0.0)
+    d64 = after.to(torch.float64).sub_(w64)
+    # float indicators (1.0 / 0.0) where everything is finite: much faster than bool masks (a
+    # non-finite weight before or after makes d64 non-finite, so d64 and requested suffice)
+    check = d64.sum() + (requested.sum() if requested is not None else 0.0)
     finite = bool(torch.isfinite(check))
-    moved = torch.sign(d64.abs()) if finite else (after != before).to(torch.float64)
+    moved = d64.abs().sign_() if finite else (after != before).to(torch.float64)
     vals = [moved.sum(), w64.norm(), d64.norm()]
     if requested is not None:
-        asked = torch.sign(requested.abs()) if finite else (requested != 0).to(torch.float64)
-        swamped = asked * (1 - moved)
+        asked = requested.abs().sign_() if finite else (requested != 0).to(torch.float64)
+        swamped = (1 - moved).mul_(asked)
         vals += [asked.sum(), swamped.sum(), requested.norm()]
     keys = []
     for key, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
             sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
-            a = v.detach().abs().to(torch.float64)
+            # counted in the state's own format (float32 for narrower ones): a zero is a zero
+            # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
+            a = v.detach().abs()
+            if a.dtype != torch.float64:
+                a = a.float()
             if bool(torch.isfinite(a.sum())):
                 zero = 1 - torch.sign(a)
-                vals += [zero.sum(), torch.sign(torch.clamp(sn - a, min=0)).sum() - zero.sum()]
+                nz = count(zero)
+                vals += [nz, count((sn - a).clamp_(min=0).sign_()) - nz]
             else:
                 vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
             keys.append(key)
@@ -149,7 +155,11 @@ def param_stats(
     eps = group.get("eps")
     adam = isinstance(v, torch.Tensor) and isinstance(eps, float)
     if adam:
-        vals.append((v.detach().to(torch.float64).sqrt() < eps).sum())
+        root = v.detach().to(torch.float64).sqrt()
+        if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
+            vals.append(count((eps - root).clamp_(min=0).sign_()))
+        else:
+            vals.append((root < eps).sum())
     got = torch.stack([x.to(torch.float64) for x in vals]).tolist()
     nmoved, wn, dn = got[:3]
     rec: dict[str, Any] = {
