@@ -431,7 +431,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
     """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
     rows = []
     sh = _Shadow(func, args, kwargs)
-    seeded = "nondeterministic_seeded" in {str(tag).rsplit(".", 1)[-1] for tag in func.tags}
+    seeded = torch.Tag.nondeterministic_seeded in func.tags
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
             continue
@@ -457,7 +457,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             # of many elements costs more than a whole pointwise recompute)
             sel = None
             if 8 * (st["zeros"] + st["infs"] + st["nans"]) <= t.numel():
-                sel = ~torch.isfinite(t) | (t == 0)
+                sel = t == 0 if not (st["infs"] or st["nans"]) else ~torch.isfinite(t) | (t == 0)
             r = sh.at(k, sel)
             if r is not None and (sel is not None or r.shape == t.shape):
                 ts = t if sel is None else t[sel]

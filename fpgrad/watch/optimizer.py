@@ -142,9 +142,14 @@ def param_stats(
             # counted in the state's own format (float32 for narrower ones): a zero is a zero
             # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
             a = v.detach().abs()
+            lo, hi = torch.stack(torch.aminmax(a)).tolist()
+            if lo >= sn and hi < float("inf"):  # no zero, subnormal, inf or NaN
+                vals += [torch.zeros((), dtype=torch.float64)] * 2
+                keys.append(key)
+                continue
             if a.dtype != torch.float64:
                 a = a.float()
-            if bool(torch.isfinite(a.sum())):
+            if hi < float("inf"):
                 zero = 1 - torch.sign(a)
                 nz = count(zero)
                 vals += [nz, count((sn - a).clamp_(min=0).sign_()) - nz]
