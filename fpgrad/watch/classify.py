@@ -236,6 +236,20 @@ class _Shadow:
         self._inputs_finite: bool | None = None
         self._mm = _mm_parts(func, args, kwargs)
         self._pointwise = torch.Tag.pointwise in func.tags
+        self._where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rc: tuple | None = None
+
+    def where(self, sel: torch.Tensor) -> torch.Tensor:
+        """``sel.nonzero()`` (rows of indices, in row-major order), computed once per mask."""
+        if self._where is None or self._where[0] is not sel:
+            self._where = (sel, sel.nonzero())
+        return self._where[1]
+
+    def pick(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """``x[sel]`` (same order) by integer indices: cheaper than a boolean mask index."""
+        if sel.dim() == 0:
+            return x[sel]
+        return x[self.where(sel).unbind(1)]
 
     def _whole(self, k: int, absolute: bool) -> torch.Tensor | None:
         if absolute not in self._full:
@@ -246,9 +260,12 @@ class _Shadow:
     def _gather_mm(self, sel: torch.Tensor, absolute: bool) -> torch.Tensor:
         bias, a, b, beta, alpha = self._mm
         conv = _abs64 if absolute else _to64
-        i, j = sel.nonzero().unbind(1)
-        rows, ri = torch.unique(i, return_inverse=True)
-        cols, ci = torch.unique(j, return_inverse=True)
+        if self._rc is None or self._rc[0] is not sel:  # once per mask
+            i, j = self.where(sel).unbind(1)
+            rows, ri = torch.unique(i, return_inverse=True)
+            cols, ci = torch.unique(j, return_inverse=True)
+            self._rc = (sel, i, j, rows, ri, cols, ci)
+        _, i, j, rows, ri, cols, ci = self._rc
         # index first, then convert: only the rows and columns used are widened
         if rows.numel() * cols.numel() <= 4 * i.numel():
             # zeros come in whole rows/columns (dead units): one small float64 product
@@ -256,7 +273,7 @@ class _Shadow:
         else:
             r = (conv(a[i]) * conv(b[:, j]).T).sum(1) * conv(alpha)
         if bias is not None and beta:
-            c = conv(bias.detach().broadcast_to(sel.shape)[sel])
+            c = conv(self.pick(bias.detach().broadcast_to(sel.shape), sel))
             r = r + conv(beta) * c
         return r
 
@@ -265,7 +282,7 @@ class _Shadow:
 
         def pick(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.dim():
-                return conv(x.detach().broadcast_to(sel.shape)[sel])
+                return conv(self.pick(x.detach().broadcast_to(sel.shape), sel))
             return conv(x)
 
         try:
@@ -284,10 +301,10 @@ class _Shadow:
             return self._gather_mm(sel, absolute)
         if self._pointwise and k == 0:
             r = self._gather_pointwise(sel, absolute)
-            if r is not None and r.shape == (int(sel.sum()),):
+            if r is not None and r.shape == (len(self.where(sel)),):
                 return r
         r = self._whole(k, absolute)
-        return None if r is None or r.shape != sel.shape else r[sel]
+        return None if r is None or r.shape != sel.shape else self.pick(r, sel)
 
     def inputs_finite(self) -> bool:
         if self._inputs_finite is None:
@@ -333,7 +350,7 @@ def _split_zeros(
         contested = zero & ~created & ~inherited
         c, i = int(created.sum()), int(inherited.sum())
         if c + i < total:
-            pos = contested.nonzero() if sel is None else sel.nonzero()[contested]
+            pos = contested.nonzero() if sel is None else sh.where(sel)[contested]
             ex = exact_elements(sh.func, sh.args, sh.kwargs, pos)
             if ex is not None:
                 return c + ex[0], i + ex[1], total - c - i - ex[0] - ex[1]
@@ -460,7 +477,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 sel = t == 0 if not (st["infs"] or st["nans"]) else ~torch.isfinite(t) | (t == 0)
             r = sh.at(k, sel)
             if r is not None and (sel is not None or r.shape == t.shape):
-                ts = t if sel is None else t[sel]
+                ts = t if sel is None else sh.pick(t, sel)
                 if st["zeros"]:
                     c, i, u = _split_zeros(sh, k, sel, ts, r)
                     st.update(zeros_created=c, zeros_inherited=i, zeros_undecided=u)
