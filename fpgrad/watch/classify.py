@@ -264,14 +264,21 @@ class _Shadow:
             i, j = self.where(sel).unbind(1)
             rows, ri = torch.unique(i, return_inverse=True)
             cols, ci = torch.unique(j, return_inverse=True)
-            self._rc = (sel, i, j, rows, ri, cols, ci)
-        _, i, j, rows, ri, cols, ci = self._rc
-        # index first, then convert: only the rows and columns used are widened
-        if rows.numel() * cols.numel() <= 4 * i.numel():
-            # zeros come in whole rows/columns (dead units): one small float64 product
-            r = (conv(a[rows]) @ conv(b[:, cols]))[ri, ci] * conv(alpha)
+            # gather first, then widen: only the rows and columns used (index_select: a fast
+            # gather, the same values as a[rows] and b[:, cols])
+            if rows.numel() * cols.numel() <= 4 * i.numel():
+                # zeros come in whole rows/columns (dead units): one small float64 product
+                parts = (True, _to64(a.index_select(0, rows)), _to64(b.index_select(1, cols)))
+            else:
+                parts = (False, _to64(a.index_select(0, i)), _to64(b.index_select(1, j)).T)
+            self._rc = (sel, ri, ci, *parts)
+        _, ri, ci, small, a64, b64 = self._rc
+        if absolute:  # |a| and |b| of the same gathered float64 values
+            a64, b64 = a64.abs(), b64.abs()
+        if small:
+            r = (a64 @ b64)[ri, ci] * conv(alpha)
         else:
-            r = (conv(a[i]) * conv(b[:, j]).T).sum(1) * conv(alpha)
+            r = (a64 * b64).sum(1) * conv(alpha)
         if bias is not None and beta:
             c = conv(self.pick(bias.detach().broadcast_to(sel.shape), sel))
             r = r + conv(beta) * c
