@@ -137,3 +137,33 @@ def test_param_stats_state_counts_and_eps_share_match_numpy() -> None:
     assert rec["state_other_zero_share"] == rec["state_other_subnormal_share"] == 0
     assert rec["eps_dominated_share"] == (np.sqrt(av) < 1e-8).sum() / 300
     assert 0 < rec["eps_dominated_share"] < 1 and rec["moved_share"] == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_statistics_never_touch_the_model(dtype: torch.dtype) -> None:
+    # the statistics work in place on temporaries; a float64 parameter widened "to float64" is
+    # the parameter itself, so this checks they never write into it
+    def train(watched: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        m.to(dtype)
+        opt = torch.optim.Adam(m.parameters(), lr=0.01)
+        x = torch.randn(6, 4, dtype=dtype)
+        with fpgrad.watch(m, opt) if watched else _Null():
+            for _ in range(3):
+                opt.zero_grad()
+                m(x).square().mean().backward()
+                opt.step()
+        state = [t for s in opt.state.values() for t in s.values()]
+        return [p.detach().clone() for p in m.parameters()] + state
+
+    for a, b in zip(train(False), train(True), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

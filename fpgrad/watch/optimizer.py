@@ -64,9 +64,13 @@ class ShadowOptimizer:
             groups.append(_hyper(g) | {"params": ps})
         self._shadow = type(opt)(groups)
 
-    def requested_updates(self, opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
+    def requested_updates(
+        self, opt: torch.optim.Optimizer, before: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor] | None:
         """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
-        optimizer cannot be rebuilt from its param_groups (then swamping is not reported)."""
+        optimizer cannot be rebuilt from its param_groups (then swamping is not reported).
+        ``before``: the weights now, already in float64 (saves widening them again). The
+        updates live in the shadow's tensors until the next call."""
         key = (type(opt), tuple(tuple(map(id, g["params"])) for g in opt.param_groups))
         try:
             if key != self._key or self._shadow is None:
@@ -99,11 +103,12 @@ class ShadowOptimizer:
         except (TypeError, ValueError, RuntimeError, KeyError):
             self._key = self._shadow = None
             return None
-        return {
-            id(p): q.detach() - p.detach().to(torch.float64)
-            for p, q in self._pairs
-            if p.grad is not None
-        }
+        out = {}
+        for p, q in self._pairs:
+            if p.grad is not None:
+                w = before.get(id(p)) if before is not None else None
+                out[id(p)] = q.sub_(w if w is not None else p.detach().to(torch.float64))
+        return out
 
 
 def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
@@ -124,7 +129,7 @@ def param_stats(
     after = p.detach()
     n = max(p.numel(), 1)
     w64 = before.to(torch.float64)
-    d64 = after.to(torch.float64).sub_(w64)
+    d64 = after.to(torch.float64, copy=True).sub_(w64)  # never the parameter itself
     # float indicators (1.0 / 0.0) where everything is finite: much faster than bool masks (a
     # non-finite weight before or after makes d64 non-finite, so d64 and requested suffice)
     check = d64.sum() + (requested.sum() if requested is not None else 0.0)

@@ -226,13 +226,13 @@ class Watcher:
             self._mode.__exit__(None, None, None)
             self._mode_on = False
         if self._sampling:
-            self._before = {
-                id(p): p.detach().clone()
+            self._before = {  # float64 copies: param_stats and the shadow need them widened
+                id(p): p.detach().to(torch.float64, copy=True)
                 for g in opt.param_groups
                 for p in g["params"]
                 if p.grad is not None
             }
-            self._requested = self._shadow_opt.requested_updates(opt)
+            self._requested = self._shadow_opt.requested_updates(opt, self._before)
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
