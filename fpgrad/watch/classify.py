@@ -22,6 +22,12 @@ Infs: created when the float64 result is finite; inherited when it is not and so
 non-finite; undecided otherwise (a pole or a float64 overflow). NaNs: created when the float64
 result is not NaN, inherited when it is. Subnormals are split per call: created when no floating
 input of the op holds a subnormal of the output's format, inherited otherwise.
+
+Cost: an output with no zero, subnormal, inf or NaN costs one ``abs`` and one ``aminmax`` pass;
+counts use float indicators (``sign``, ``clamp``) summed in float32, not boolean masks (several
+times slower on CPU). A zeros-only output of a selection op (:data:`SELECTION_OPS`: ReLU, its
+backward, copies, gathers, ...) whose inputs and scalars all lie in the output's format is not
+recomputed: its float64 recompute would equal the output, so every zero is inherited.
 """
 
 from __future__ import annotations

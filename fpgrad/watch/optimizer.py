@@ -4,7 +4,8 @@ The **requested** update is what the same optimizer (same class, hyperparameters
 computes in float64 on the same weights and gradients; an element is **swamped** when that
 update is non-zero but the real step left the weight unchanged (``w + u == w`` in the weight's
 format, or the update itself rounded to zero). The user's optimizer is never touched: the
-float64 step runs on copies.
+float64 step runs on copies (a :class:`ShadowOptimizer` built once per watch, its tensors
+refilled on each sampled step).
 """
 
 from __future__ import annotations
