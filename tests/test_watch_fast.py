@@ -55,6 +55,7 @@ def test_selection_shortcut_reports_what_the_recompute_does(
     shortcut = [r for r in fast if r["kind"] == "op" and r["zeros"] and r["op"].count("relu")]
     assert shortcut  # the ReLU outputs (and threshold_backward) have zeros: the shortcut ran
     monkeypatch.setattr(classify, "SELECTION_OPS", frozenset())
+    monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
     _same(fast, _mlp_records(dtype, autocast, factor))
 
 
@@ -167,3 +168,23 @@ class _Null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_mm_structural_zeros_shortcut_matches_the_recompute(monkeypatch) -> None:
+    mm = torch.ops.aten.mm.default
+    a = torch.tensor([[1.0, 0.0, 0.0], [1.0, -1.0, 0.0], [2.0**-60, 1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 1.0], [5.0, 0.0]])
+    # row 0: supports disjoint from column 0 (a structural zero); row 1, column 1: 1 - 1 cancels
+    # (an exact zero, but the supports overlap: the shortcut declines, the recompute decides)
+    out = mm(a[:1], b)  # one zero, structural
+    assert classify._mm_zeros_structural(mm, (a[:1], b), out, 1)
+    out = mm(a[1:2], b)  # two zeros: (1,0) structural, (1,1) a cancellation
+    assert not classify._mm_zeros_structural(mm, (a[1:2], b), out, 2)
+    # a float32-underflowing product: fl32 gives 0, the exact result 2^-60 * 5 is not
+    x, y = torch.tensor([[2.0**-100, 0.0]]), torch.tensor([[2.0**-60], [1.0]])
+    out = mm(x, y)
+    assert out.item() == 0.0 and not classify._mm_zeros_structural(mm, (x, y), out, 1)
+    fast = [op_stats(mm, (x, y), {}, mm(x, y))[0] for x, y in ((a, b), (a[:1], b), (x, y))]
+    monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
+    slow = [op_stats(mm, (x, y), {}, mm(x, y))[0] for x, y in ((a, b), (a[:1], b), (x, y))]
+    assert fast == slow and fast[2]["zeros_created"] == 1

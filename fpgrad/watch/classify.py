@@ -457,6 +457,25 @@ def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -
     return True
 
 
+def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) -> bool:
+    """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
+    zero factor (no overlap of the supports of row i and column j). There the exact result and
+    its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
+    recompute would find. Checked with a float32 product of the 0/1 support indicators (counts
+    of overlapping pairs: integers up to 2^24, exact)."""
+    if func.overloadpacket.__name__ != "mm" or t.dim() != 2:
+        return False
+    a, b = args[0], args[1]
+    if a.shape[1] > 2**24:
+        return False
+    sa = a.detach().abs().sign_().float()  # sign first: a tiny non-zero stays 1
+    sb = b.detach().abs().sign_().float()
+    overlap = torch.sign(sa @ sb)
+    zt = 1 - t.detach().abs().sign_().float()
+    z = float(count(zt.mul_(1 - overlap)))
+    return z == zeros
+
+
 def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
     """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
     rows = []
@@ -478,7 +497,9 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st["subnormals_undecided"] = 0
         needs = st["zeros"] or st["infs"] or st["nans"]
         if needs and t.dtype != torch.float64 and not seeded and not (st["infs"] or st["nans"]):
-            if _selection_exact(func, args, kwargs, t.dtype):
+            if _selection_exact(func, args, kwargs, t.dtype) or (
+                k == 0 and _mm_zeros_structural(func, args, t, st["zeros"])
+            ):
                 st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
                 needs = 0
         if needs and t.dtype != torch.float64 and not seeded:
