@@ -22,6 +22,12 @@ Infs: created when the float64 result is finite; inherited when it is not and so
 non-finite; undecided otherwise (a pole or a float64 overflow). NaNs: created when the float64
 result is not NaN, inherited when it is. Subnormals are split per call: created when no floating
 input of the op holds a subnormal of the output's format, inherited otherwise.
+
+Cost: an output with no zero, subnormal, inf or NaN costs one ``abs`` and one ``aminmax`` pass;
+counts use float indicators (``sign``, ``clamp``) summed in float32, not boolean masks (several
+times slower on CPU). A zeros-only output of a selection op (:data:`SELECTION_OPS`: ReLU, its
+backward, copies, gathers, ...) whose inputs and scalars all lie in the output's format is not
+recomputed: its float64 recompute would equal the output, so every zero is inherited.
 """
 
 from __future__ import annotations
@@ -59,6 +65,22 @@ POINTWISE_OPS = frozenset(
     "exp exp2 log log2 log1p expm1 tanh sigmoid pow sqrt rsqrt reciprocal gelu gelu_backward "
     "silu silu_backward sin cos softplus softplus_backward elu elu_backward erf".split()
 )
+#: Ops whose every output element is one of their input elements or scalar arguments (or a
+#: constant): with inputs and scalars exactly representable in the output's format, the float64
+#: recompute equals the output, so each zero is inherited (see :func:`_selection_exact`).
+SELECTION_OPS = frozenset(
+    "relu relu_ threshold_backward clone detach copy copy_ _to_copy neg abs cat stack index "
+    "index_select gather _unsafe_index embedding where masked_fill clamp clamp_min clamp_max "
+    "maximum minimum max min max_pool2d_with_indices constant_pad_nd zero_ fill fill_ "
+    "zeros_like ones_like".split()
+)
+#: dtype -> the dtypes whose every value it holds exactly.
+_WIDER = {
+    torch.float16: (torch.float16,),
+    torch.bfloat16: (torch.bfloat16,),
+    torch.float32: (torch.float16, torch.bfloat16, torch.float32),
+    torch.float64: (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
 _U64 = 2.0**-53
 _TINY64 = 2.0**-1022
 COUNTS = ("zeros", "subnormals", "infs", "nans")
@@ -119,6 +141,17 @@ def _positive(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(torch.clamp(x, min=0))
 
 
+def count(indicator: torch.Tensor) -> torch.Tensor:
+    """The number of 1.0s in a tensor of 0.0s and 1.0s, as a 0-d tensor. A float32 tensor is
+    summed in float32 up to 2^24 elements (every partial sum is an integer <= 2^24, so exact;
+    several times faster on CPU than widening to float64), else in float64."""
+    if indicator.dtype == torch.float64:
+        return indicator.sum()
+    if indicator.numel() <= 2**24:
+        return indicator.sum(dtype=torch.float32)
+    return indicator.sum(dtype=torch.float64)
+
+
 def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
     ``aminmax`` pass proves there is no zero, subnormal, inf or NaN."""
@@ -134,21 +167,19 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
         nonzero = torch.sign(a)
         big = torch.finfo(a.dtype).max
-        got = torch.stack(
-            [
-                nonzero.sum(dtype=torch.float64),
-                _positive(smallest_normal - a).sum(dtype=torch.float64),
-                (a + (1 - nonzero) * big).min().to(torch.float64),
-            ]
-        ).tolist()
-        z = a.numel() - int(got[0])
-        s = int(got[1]) - z
+        # the smallest non-zero magnitude: zeros replaced by the largest finite value
+        masked = (1 - nonzero).mul_(big).add_(a)
+        z_mn = torch.stack([count(nonzero), masked.amin().to(torch.float64)]).tolist()
+        z = a.numel() - int(z_mn[0])
+        s = 0
+        if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
+            s = int(count((smallest_normal - a).clamp_(min=0).sign_())) - z
         return {
             "zeros": z,
             "subnormals": s,
             "infs": 0,
             "nans": 0,
-            "min_abs": got[2] if z < a.numel() else None,
+            "min_abs": z_mn[1] if z < a.numel() else None,
             "max_abs": hi if z < a.numel() else None,
         }
     checks = [(a == 0).sum(), (a < smallest_normal).sum()]
@@ -211,6 +242,20 @@ class _Shadow:
         self._inputs_finite: bool | None = None
         self._mm = _mm_parts(func, args, kwargs)
         self._pointwise = torch.Tag.pointwise in func.tags
+        self._where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rc: tuple | None = None
+
+    def where(self, sel: torch.Tensor) -> torch.Tensor:
+        """``sel.nonzero()`` (rows of indices, in row-major order), computed once per mask."""
+        if self._where is None or self._where[0] is not sel:
+            self._where = (sel, sel.nonzero())
+        return self._where[1]
+
+    def pick(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """``x[sel]`` (same order) by integer indices: cheaper than a boolean mask index."""
+        if sel.dim() == 0:
+            return x[sel]
+        return x[self.where(sel).unbind(1)]
 
     def _whole(self, k: int, absolute: bool) -> torch.Tensor | None:
         if absolute not in self._full:
@@ -221,16 +266,27 @@ class _Shadow:
     def _gather_mm(self, sel: torch.Tensor, absolute: bool) -> torch.Tensor:
         bias, a, b, beta, alpha = self._mm
         conv = _abs64 if absolute else _to64
-        i, j = sel.nonzero().unbind(1)
-        rows, ri = torch.unique(i, return_inverse=True)
-        cols, ci = torch.unique(j, return_inverse=True)
-        if rows.numel() * cols.numel() <= 4 * i.numel():
-            # zeros come in whole rows/columns (dead units): one small float64 product
-            r = (conv(a)[rows] @ conv(b)[:, cols])[ri, ci] * conv(alpha)
+        if self._rc is None or self._rc[0] is not sel:  # once per mask
+            i, j = self.where(sel).unbind(1)
+            rows, ri = torch.unique(i, return_inverse=True)
+            cols, ci = torch.unique(j, return_inverse=True)
+            # gather first, then widen: only the rows and columns used (index_select: a fast
+            # gather, the same values as a[rows] and b[:, cols])
+            if rows.numel() * cols.numel() <= 4 * i.numel():
+                # zeros come in whole rows/columns (dead units): one small float64 product
+                parts = (True, _to64(a.index_select(0, rows)), _to64(b.index_select(1, cols)))
+            else:
+                parts = (False, _to64(a.index_select(0, i)), _to64(b.index_select(1, j)).T)
+            self._rc = (sel, ri, ci, *parts)
+        _, ri, ci, small, a64, b64 = self._rc
+        if absolute:  # |a| and |b| of the same gathered float64 values
+            a64, b64 = a64.abs(), b64.abs()
+        if small:
+            r = (a64 @ b64)[ri, ci] * conv(alpha)
         else:
-            r = (conv(a)[i] * conv(b)[:, j].T).sum(1) * conv(alpha)
+            r = (a64 * b64).sum(1) * conv(alpha)
         if bias is not None and beta:
-            c = conv(bias).broadcast_to(sel.shape)[sel]
+            c = conv(self.pick(bias.detach().broadcast_to(sel.shape), sel))
             r = r + conv(beta) * c
         return r
 
@@ -239,7 +295,7 @@ class _Shadow:
 
         def pick(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.dim():
-                return conv(x.detach().broadcast_to(sel.shape)[sel])
+                return conv(self.pick(x.detach().broadcast_to(sel.shape), sel))
             return conv(x)
 
         try:
@@ -258,10 +314,10 @@ class _Shadow:
             return self._gather_mm(sel, absolute)
         if self._pointwise and k == 0:
             r = self._gather_pointwise(sel, absolute)
-            if r is not None and r.shape == (int(sel.sum()),):
+            if r is not None and r.shape == (len(self.where(sel)),):
                 return r
         r = self._whole(k, absolute)
-        return None if r is None or r.shape != sel.shape else r[sel]
+        return None if r is None or r.shape != sel.shape else self.pick(r, sel)
 
     def inputs_finite(self) -> bool:
         if self._inputs_finite is None:
@@ -307,7 +363,7 @@ def _split_zeros(
         contested = zero & ~created & ~inherited
         c, i = int(created.sum()), int(inherited.sum())
         if c + i < total:
-            pos = contested.nonzero() if sel is None else sel.nonzero()[contested]
+            pos = contested.nonzero() if sel is None else sh.where(sel)[contested]
             ex = exact_elements(sh.func, sh.args, sh.kwargs, pos)
             if ex is not None:
                 return c + ex[0], i + ex[1], total - c - i - ex[0] - ex[1]
@@ -378,11 +434,53 @@ def _input_has_subnormal(args: tuple, kwargs: dict, smallest_normal: float) -> b
     return False
 
 
+def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -> bool:
+    """True when ``func`` is a selection op (:data:`SELECTION_OPS`) whose floating inputs and
+    numeric scalars all lie in ``dtype``: its output then holds exactly what the float64
+    recompute would give (selections and comparisons of the same values), so a zero of it is
+    exactly zero and the recompute can be skipped."""
+    if func.overloadpacket.__name__ not in SELECTION_OPS:
+        return False
+    flat, _ = tree_flatten((args, kwargs))
+    ok = _WIDER[dtype]
+    for x in flat:
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() and x.dtype not in ok:
+                return False
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            if float(torch.tensor(x, dtype=dtype)) != x:
+                return False
+        elif not isinstance(
+            x, (bool, torch.dtype, torch.layout, torch.device, torch.memory_format, str, type(None))
+        ):
+            return False
+    return True
+
+
+def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) -> bool:
+    """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
+    zero factor (no overlap of the supports of row i and column j). There the exact result and
+    its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
+    recompute would find. Checked with a float32 product of the 0/1 support indicators (counts
+    of overlapping pairs: integers up to 2^24, exact)."""
+    if func.overloadpacket.__name__ != "mm" or t.dim() != 2:
+        return False
+    a, b = args[0], args[1]
+    if a.shape[1] > 2**24:
+        return False
+    sa = a.detach().abs().sign_().float()  # sign first: a tiny non-zero stays 1
+    sb = b.detach().abs().sign_().float()
+    overlap = torch.sign(sa @ sb)
+    zt = 1 - t.detach().abs().sign_().float()
+    z = float(count(zt.mul_(1 - overlap)))
+    return z == zeros
+
+
 def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
     """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
     rows = []
     sh = _Shadow(func, args, kwargs)
-    seeded = "nondeterministic_seeded" in {str(tag).rsplit(".", 1)[-1] for tag in func.tags}
+    seeded = torch.Tag.nondeterministic_seeded in func.tags
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
             continue
@@ -398,16 +496,22 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st["subnormals_inherited"] = st["subnormals"] if inh else 0
             st["subnormals_undecided"] = 0
         needs = st["zeros"] or st["infs"] or st["nans"]
+        if needs and t.dtype != torch.float64 and not seeded and not (st["infs"] or st["nans"]):
+            if _selection_exact(func, args, kwargs, t.dtype) or (
+                k == 0 and _mm_zeros_structural(func, args, t, st["zeros"])
+            ):
+                st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
+                needs = 0
         if needs and t.dtype != torch.float64 and not seeded:
             t = t.detach()
             # few special elements: recompute only those; many: recompute all (masked indexing
             # of many elements costs more than a whole pointwise recompute)
             sel = None
             if 8 * (st["zeros"] + st["infs"] + st["nans"]) <= t.numel():
-                sel = ~torch.isfinite(t) | (t == 0)
+                sel = t == 0 if not (st["infs"] or st["nans"]) else ~torch.isfinite(t) | (t == 0)
             r = sh.at(k, sel)
             if r is not None and (sel is not None or r.shape == t.shape):
-                ts = t if sel is None else t[sel]
+                ts = t if sel is None else sh.pick(t, sel)
                 if st["zeros"]:
                     c, i, u = _split_zeros(sh, k, sel, ts, r)
                     st.update(zeros_created=c, zeros_inherited=i, zeros_undecided=u)

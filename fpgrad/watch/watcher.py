@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 from fpgrad.errors import InputError
 from fpgrad.watch.classify import op_stats
 from fpgrad.watch.modules import ModuleStack
-from fpgrad.watch.optimizer import param_stats, requested_updates
+from fpgrad.watch.optimizer import ShadowOptimizer, param_stats
 from fpgrad.watch.records import JsonlWriter, read_records
 
 
@@ -65,6 +65,7 @@ class Watcher:
         self._records: list[dict[str, Any]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._mode = _Mode(self)
+        self._shadow_opt = ShadowOptimizer()
         self._step = 0
         self._in_step = self._sampling = self._mode_on = False
         self._phase = "model"
@@ -225,13 +226,13 @@ class Watcher:
             self._mode.__exit__(None, None, None)
             self._mode_on = False
         if self._sampling:
-            self._before = {
-                id(p): p.detach().clone()
+            self._before = {  # float64 copies: param_stats and the shadow need them widened
+                id(p): p.detach().to(torch.float64, copy=True)
                 for g in opt.param_groups
                 for p in g["params"]
                 if p.grad is not None
             }
-            self._requested = requested_updates(opt)
+            self._requested = self._shadow_opt.requested_updates(opt, self._before)
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True

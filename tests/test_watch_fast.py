@@ -1,0 +1,190 @@
+"""The shortcuts that make fpgrad.watch cheap report exactly what the full computation does:
+selection ops without the float64 recompute, float-indicator counts, the reused float64 shadow
+optimizer, the optimizer-state statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fpgrad
+from fpgrad.formats import get_format
+from fpgrad.watch import classify
+from fpgrad.watch.classify import FORMAT_OF, basic_stats, op_stats
+from fpgrad.watch.optimizer import ShadowOptimizer, param_stats, requested_updates
+
+
+def _mlp_records(dtype: torch.dtype, autocast: bool, factor: float) -> list[dict]:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU()
+    )
+    m.append(torch.nn.Linear(32, 4)).to(dtype)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(16, 8, generator=g) * factor).to(dtype)
+    y = torch.randint(0, 4, (16,), generator=g)
+    with fpgrad.watch(m, opt) as w:
+        for _ in range(2):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                h = m(x)
+            torch.nn.functional.cross_entropy(h.float(), y).backward()
+            opt.step()
+    recs = w.records()
+    return recs.to_dict("records") if hasattr(recs, "to_dict") else recs
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:  # NaN-safe equality (pandas fills missing values with NaN)
+            assert x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]), (k, x, y)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "factor"),
+    [(torch.float32, False, 1.0), (torch.float32, True, 1.0), (torch.float16, False, 2.0**-12)],
+)
+def test_selection_shortcut_reports_what_the_recompute_does(
+    monkeypatch, dtype: torch.dtype, autocast: bool, factor: float
+) -> None:
+    fast = _mlp_records(dtype, autocast, factor)
+    shortcut = [r for r in fast if r["kind"] == "op" and r["zeros"] and r["op"].count("relu")]
+    assert shortcut  # the ReLU outputs (and threshold_backward) have zeros: the shortcut ran
+    monkeypatch.setattr(classify, "SELECTION_OPS", frozenset())
+    monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
+    _same(fast, _mlp_records(dtype, autocast, factor))
+
+
+def test_selection_needs_inputs_and_scalars_in_the_output_format() -> None:
+    sel = classify._selection_exact
+    x16, x32 = torch.ones(3, dtype=torch.float16), torch.ones(3)
+    relu, clamp = torch.ops.aten.relu.default, torch.ops.aten.clamp.default
+    assert sel(relu, (x32,), {}, torch.float32) and sel(relu, (x16,), {}, torch.float32)
+    assert not sel(relu, (x32,), {}, torch.float16)  # a float32 input in a float16 output
+    assert sel(clamp, (x32, 0.5), {}, torch.float32)
+    assert not sel(clamp, (x32, 0.1), {}, torch.float32)  # 0.1 rounds in float32
+    assert not sel(torch.ops.aten.mul.Tensor, (x32, x32), {}, torch.float32)
+    # clamp to a bound that float32 flushes to zero creates the zero: recomputed, created
+    st = op_stats(clamp, (torch.tensor([0.0, 1.0]), 1e-50), {}, torch.tensor([0.0, 1.0]))[0]
+    assert (st["zeros_created"], st["zeros_inherited"]) == (1, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_basic_stats_finite_with_zeros_and_subnormals_match_numpy(dtype: torch.dtype) -> None:
+    sn = get_format(FORMAT_OF[dtype]).smallest_normal
+    g = torch.Generator().manual_seed(7)
+    for sub in (False, True):
+        x = torch.randn(500, generator=g).to(dtype)
+        x[::3] = 0
+        if sub:
+            x[1::7] = torch.tensor(sn / 4, dtype=dtype)
+        a = np.abs(x.to(torch.float64).numpy())
+        st = basic_stats(x, sn)
+        assert st["zeros"] == int((a == 0).sum())
+        assert st["subnormals"] == int(((a > 0) & (a < sn)).sum()) == (72 if sub else 0)
+        assert st["min_abs"] == a[a > 0].min() and st["max_abs"] == a.max()
+    assert basic_stats(torch.zeros(4, dtype=dtype), sn)["min_abs"] is None
+
+
+def _train_shadows(opt_cls: type, **kw: object) -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(40))
+    b = torch.nn.Parameter(torch.randn(5))
+    opt = opt_cls([{"params": [w]}, {"params": [b], "lr": 0.05}], **kw)
+    shadow = ShadowOptimizer()
+    for step in range(3):
+        opt.zero_grad()
+        loss = (w**2).sum() + (b.sum() if step != 1 else 0 * w.sum())  # b: no grad at step 1
+        loss.backward()
+        if step == 1:
+            b.grad = None
+        opt.param_groups[0]["lr"] *= 0.5  # a schedule: the shadow follows the groups
+        reused, fresh = shadow.requested_updates(opt), requested_updates(opt)
+        assert reused is not None and fresh is not None and reused.keys() == fresh.keys()
+        for k in fresh:
+            assert torch.equal(reused[k], fresh[k])
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("opt_cls", "kw"),
+    [(torch.optim.Adam, {"lr": 0.1}), (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})],
+)
+def test_reused_shadow_optimizer_equals_a_fresh_one(opt_cls: type, kw: dict) -> None:
+    _train_shadows(opt_cls, **kw)
+
+
+def test_param_stats_state_counts_and_eps_share_match_numpy() -> None:
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(300, generator=g)
+    before = p.clone()
+    p.data[::2] += 1e-3
+    sn = get_format("float32").smallest_normal
+    m = torch.randn(300, generator=g)
+    m[::5], m[1::9] = 0.0, sn / 8
+    v = torch.rand(300, generator=g) * 4e-16  # around eps^2 = 1e-16
+    v[::4] = 0.0
+    clean = torch.rand(300, generator=g) + 1.0
+    state = {"step": torch.tensor(2.0), "exp_avg": m, "exp_avg_sq": v, "other": clean}
+    rec = param_stats("w", p, before, None, state, {"eps": 1e-8})
+    am, av = np.abs(m.double().numpy()), v.double().numpy()
+    assert rec["state_exp_avg_zero_share"] == (am == 0).sum() / 300
+    assert rec["state_exp_avg_subnormal_share"] == ((am > 0) & (am < sn)).sum() / 300
+    assert rec["state_exp_avg_sq_zero_share"] == (av == 0).sum() / 300
+    assert rec["state_other_zero_share"] == rec["state_other_subnormal_share"] == 0
+    assert rec["eps_dominated_share"] == (np.sqrt(av) < 1e-8).sum() / 300
+    assert 0 < rec["eps_dominated_share"] < 1 and rec["moved_share"] == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_statistics_never_touch_the_model(dtype: torch.dtype) -> None:
+    # the statistics work in place on temporaries; a float64 parameter widened "to float64" is
+    # the parameter itself, so this checks they never write into it
+    def train(watched: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        m.to(dtype)
+        opt = torch.optim.Adam(m.parameters(), lr=0.01)
+        x = torch.randn(6, 4, dtype=dtype)
+        with fpgrad.watch(m, opt) if watched else _Null():
+            for _ in range(3):
+                opt.zero_grad()
+                m(x).square().mean().backward()
+                opt.step()
+        state = [t for s in opt.state.values() for t in s.values()]
+        return [p.detach().clone() for p in m.parameters()] + state
+
+    for a, b in zip(train(False), train(True), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_mm_structural_zeros_shortcut_matches_the_recompute(monkeypatch) -> None:
+    mm = torch.ops.aten.mm.default
+    a = torch.tensor([[1.0, 0.0, 0.0], [1.0, -1.0, 0.0], [2.0**-60, 1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 1.0], [5.0, 0.0]])
+    # row 0: supports disjoint from column 0 (a structural zero); row 1, column 1: 1 - 1 cancels
+    # (an exact zero, but the supports overlap: the shortcut declines, the recompute decides)
+    out = mm(a[:1], b)  # one zero, structural
+    assert classify._mm_zeros_structural(mm, (a[:1], b), out, 1)
+    out = mm(a[1:2], b)  # two zeros: (1,0) structural, (1,1) a cancellation
+    assert not classify._mm_zeros_structural(mm, (a[1:2], b), out, 2)
+    # a float32-underflowing product: fl32 gives 0, the exact result 2^-60 * 5 is not
+    x, y = torch.tensor([[2.0**-100, 0.0]]), torch.tensor([[2.0**-60], [1.0]])
+    out = mm(x, y)
+    assert out.item() == 0.0 and not classify._mm_zeros_structural(mm, (x, y), out, 1)
+    fast = [op_stats(mm, (x, y), {}, mm(x, y))[0] for x, y in ((a, b), (a[:1], b), (x, y))]
+    monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
+    slow = [op_stats(mm, (x, y), {}, mm(x, y))[0] for x, y in ((a, b), (a[:1], b), (x, y))]
+    assert fast == slow and fast[2]["zeros_created"] == 1
