@@ -235,7 +235,17 @@ def _backward(
     if kind == "softmax":
         p = k["p"]
         dy = ps.real(dy)
-        return p * (dy - ps.sum(dy * p, 1)), {}
+        # dy_i - <dy, p> = sum_j p_j (dy_i - dy_j) since sum_j p_j = 1: no cancellation when
+        # p is nearly one-hot (the difference form would need the 1 - p_k bits)
+        b, c = dy.shape
+        inner = np.array(
+            [
+                [sum(p[r, j] * (dy[r, i] - dy[r, j]) for j in range(c)) for i in range(c)]
+                for r in range(b)
+            ],
+            dtype=object,
+        )
+        return p * inner, {}
     if kind == "batch_norm":
         xhat, inv, gamma, n = k["xhat"], k["inv"], k["gamma"], k["n"]
         dy = ps.real(dy)
@@ -267,12 +277,21 @@ def _loss(ps: _Pass, net: Network, out: np.ndarray) -> tuple[Any, np.ndarray]:
         z = ps.real(out)
         m = np.max(z, axis=1, keepdims=True)
         ps.note_reach(z - m)
-        lse = m + ps.fn(mp.log, ps.sum(ps.exp(z - m), 1))
+        e = ps.exp(z - m)
+        top = np.argmax(z == m, axis=1)  # a maximum: its e is exactly exp(0) = 1
+        rest = np.array([[sum(e[i, j] for j in range(c) if j != top[i])] for i in range(b)])
+        lse = m + ps.fn(mp.log1p, rest)  # log sum_j e_j = log(1 + the others), no cancellation
         logp = z - lse
         tr = ps.real(t)
         loss = -np.sum(tr * logp) / mp.mpf(b)
-        p = _softmax(ps, out)
-        return loss, (p * ps.real(row) - tr) / mp.mpf(b)
+        total = ps.sum(e, 1)
+        grad = e / total * ps.real(row) - tr
+        for i in range(b):  # one-hot rows: p_c - 1 = -(sum of the other e_j) / total, exactly
+            hot = [j for j in range(c) if t[i, j] != 0]
+            if len(hot) == 1 and t[i, hot[0]] == 1:
+                k = hot[0]
+                grad[i, k] = -sum(e[i, j] for j in range(c) if j != k) / total[i, 0]
+        return loss, grad / mp.mpf(b)
     if kind == "bce":
         t = ps.real(_q(net.y))
         z = ps.real(out)
