@@ -280,8 +280,9 @@ def _loss(ps: _Pass, net: Network, out: np.ndarray) -> tuple[Any, np.ndarray]:
         e = ps.exp(z - m)
         top = np.argmax(z == m, axis=1)  # a maximum: its e is exactly exp(0) = 1
         rest = np.array([[sum(e[i, j] for j in range(c) if j != top[i])] for i in range(b)])
-        lse = m + ps.fn(mp.log1p, rest)  # log sum_j e_j = log(1 + the others), no cancellation
-        logp = z - lse
+        # log p = (z - m) - log(1 + the others): no cancellation, and m (possibly huge) never
+        # absorbs the tiny log1p
+        logp = (z - m) - ps.fn(mp.log1p, rest)
         tr = ps.real(t)
         loss = -np.sum(tr * logp) / mp.mpf(b)
         total = ps.sum(e, 1)
@@ -336,6 +337,14 @@ def oracle(net: Network, prec: int | None = None) -> OracleResult:
                 a, b, c = low[key][i], high[key][i], third[key][i]
                 if a == 0 and _classify(b, c) == ZERO:
                     st[i] = ZERO
+    if lps.reach >= MAX_REACH:
+        # an exp argument beyond the oracle's reach: a zero that both runs agree on may be a
+        # value e^-(huge) that cancelled at both precisions, so it proves nothing
+        for key, st in status.items():
+            for i in np.ndindex(st.shape):
+                v = high[key][i]
+                if st[i] == ZERO and not isinstance(v, type(mpq(0))):
+                    st[i] = UNKNOWN
     return OracleResult(high, status, p + CHECK_BITS, agree)
 
 
