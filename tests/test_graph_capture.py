@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from graph_models import residual_mlp, small_cnn, transformer_block
 from torch import nn
 
 import fpgrad
 from fpgrad.compare import compare
 from fpgrad.errors import InputError
 from fpgrad.graph.native import native_run
+from tests.graph_models import residual_mlp, small_cnn, transformer_block
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
