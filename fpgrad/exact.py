@@ -211,9 +211,10 @@ def exact_trace(
     have fewer than 17 digits is an InputError unless ``allow_uncertified``.
     ``progress``: a tqdm bar on stderr for runs longer than 2 s; None: only on a terminal.
     """
+
     def run(ar: Any) -> tuple[list[tuple[str, Any]], Any]:
         trace = evaluate(net, ar)
-        return [(key, value) for key, value, _ in _items(trace)], trace
+        return list(_items(trace)), trace
 
     return certify(
         run,
@@ -396,9 +397,7 @@ def _result(
     items: list[tuple[str, Any]], raw: Any, digits_of: Any, cap: float, bits: int, method: str
 ) -> ExactResult:
     digits, zeros, undet, rads, worst = _summarise(items, digits_of, cap)
-    return ExactResult(
-        bits, worst, digits, method, zeros, undet, rads, values=dict(items), raw=raw
-    )
+    return ExactResult(bits, worst, digits, method, zeros, undet, rads, values=dict(items), raw=raw)
 
 
 def _arb(
@@ -491,21 +490,12 @@ def _hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
     return hi.reshape(arr.shape), lo.reshape(arr.shape)
 
 
-def _items(trace: Trace) -> Iterator[tuple[str, Any, Any]]:
-    def setter_for(mapping: dict[str, Any], name: str):  # noqa: ANN202
-        def set_value(value: Any) -> None:
-            mapping[name] = value
-
-        return set_value
-
-    def set_loss(value: Any) -> None:
-        trace.loss = value
-
-    yield "loss", trace.loss, set_loss
+def _items(trace: Trace) -> Iterator[tuple[str, Any]]:
+    """(key, value) of every value of a trace: the loss, forward, backward, gradients."""
+    yield "loss", trace.loss
     for section in ("forward", "backward", "grads"):
-        mapping = getattr(trace, section)
-        for name in mapping:
-            yield f"{section}/{name}", mapping[name], setter_for(mapping, name)
+        for name, value in getattr(trace, section).items():
+            yield f"{section}/{name}", value
 
 
 @functools.cache
