@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fpgrad.errors import InputError
 
@@ -74,7 +74,18 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
     """A fpgrad network file, or a model file (a torch state dict and its modules)."""
     from fpgrad.from_torch import load_any
 
-    return load_any(path)
+    net = load_any(path)
+    _warn_double_softmax(net)
+    return net
+
+
+def _warn_double_softmax(net: Any) -> None:
+    """One line on stderr when the last layer is a softmax under cross_entropy."""
+    from fpgrad.network import double_softmax_warning
+
+    twice = double_softmax_warning(net)
+    if twice:
+        print(f"fpgrad: warning: {twice}", file=sys.stderr)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -199,6 +210,7 @@ def _import(args: argparse.Namespace) -> int:
     from fpgrad.from_torch import load_model_file, write_network
 
     imported = load_model_file(args.model)
+    _warn_double_softmax(imported.network)
     written = write_network(imported, args.out, data=args.data)
     net = imported.network
     print(

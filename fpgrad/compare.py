@@ -27,7 +27,7 @@ from fpgrad.exact import (
     exact_trace,
 )
 from fpgrad.jsonutil import jsonable
-from fpgrad.network import Network
+from fpgrad.network import Network, double_softmax_warning
 from fpgrad.policy import Plan, format_of
 from fpgrad.precisions import Precision, parse_precisions
 from fpgrad.progress import phase
@@ -443,6 +443,10 @@ def compare(
             f"loss scale {loss_scale:g}: backward values and gradients are those of "
             f"{loss_scale:g} * loss, judged against {loss_scale:g} times the exact ones"
         )
+    notes += list(net.notes)
+    twice = double_softmax_warning(net)
+    if twice:
+        notes.append(f"warning: {twice}")
     result = Comparison(
         network=net.name,
         precisions=[p.name for p in precs],

@@ -39,7 +39,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,8 @@ SUPPORTED = (
 )
 SUPPORTED_TEXT = ", ".join(SUPPORTED)
 LOSS_NAMES = ("cross_entropy", "mse", "bce", "nll")
-MODEL_KEYS = {"name", "state_dict", "state_dict_key", "modules", "loss", "data", "policy"}
+MODEL_KEYS = {"name", "state_dict", "state_dict_key", "modules", "mode", "loss", "data", "policy"}
+MODES = ("train", "eval")
 _SPEC_CLASSES = (
     "Linear",
     "ReLU",
@@ -503,6 +504,7 @@ def _finish(
     from fpgrad.netfile import parse_network
 
     entries = list(entries)
+    notes = [e.note for e in entries if e.note]
     if x.ndim == 0:
         raise InputError("data x must be an array [batch, features]")
     flattened = False
@@ -537,7 +539,6 @@ def _finish(
     layers: list[dict[str, Any]] = []
     origin: dict[str, str] = {}
     used: set[str] = set()
-    notes = [e.note for e in kept if e.note]
     if flattened:
         notes.append("inputs flattened to [batch, features] by the leading Flatten")
     if _loss_kind(loss) == "nll":
@@ -564,7 +565,7 @@ def _finish(
         "loss": {"type": kind},
         "data": {"x": x.tolist(), "y": y.tolist()},
     }
-    net = parse_network(doc, source=source)
+    net = replace(parse_network(doc, source=source), notes=tuple(notes))
     return Imported(net, doc, origin, notes)
 
 
@@ -728,11 +729,12 @@ def parse_spec(text: str, where: str) -> tuple[str | None, str, list[Any], dict[
 
 
 def entries_from_state_dict(
-    specs: list[Any], state_dict: Mapping[str, Any], where: str = "model"
+    specs: list[Any], state_dict: Mapping[str, Any], where: str = "model", mode: str = "train"
 ) -> list[_Entry]:
     """The layers named by ``specs`` (see :func:`parse_spec`), in order, with their tensors
     from ``state_dict``. Every tensor of the state dict must belong to one module; shapes must
-    match the modules' arguments."""
+    match the modules' arguments. ``mode`` "eval" refuses a BatchNorm1d with running
+    statistics (see :func:`_refuse_eval_batch_norm`); Dropout is the identity in either mode."""
     from torch import nn
 
     if not isinstance(specs, list) or not specs:
@@ -789,20 +791,24 @@ def entries_from_state_dict(
                     f"{label} has bias=False but the state dict holds {prefix}bias; "
                     "remove bias=False"
                 )
-            meta.train()
+            if cls == "BatchNorm1d" and mode == "eval" and meta.track_running_stats:
+                raise _refuse_eval_batch_norm(label)
+            meta.train()  # eval mode without running statistics uses batch statistics too
             entries.append(_leaf(path, meta, i, params=tensors))
         else:
             try:
                 mod = getattr(nn, cls)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - torch's own argument checks
                 raise InputError(f"{label}: {_first_line(exc)}") from None
+            if cls == "Dropout":
+                mod.eval()  # one deterministic pass: dropout as in eval mode, the identity
+            entry = _leaf(path, mod, i)
             if cls == "Dropout" and mod.p != 0:
-                raise InputError(
-                    f"{label}: dropout is random in training and fpgrad evaluates one "
-                    'deterministic pass; write "Dropout(p=0)" or "Identity()" to evaluate '
-                    "without it"
+                entry.note = (
+                    f"modules[{i}] Dropout(p={mod.p}): evaluated as in eval mode, the identity "
+                    "(training-mode dropout is random; fpgrad evaluates one deterministic pass)"
                 )
-            entries.append(_leaf(path, mod, i))
+            entries.append(entry)
     if remaining:
         key = next(iter(remaining))
         raise InputError(
@@ -810,6 +816,16 @@ def entries_from_state_dict(
             'with its path ("fc1: Linear", or its index in nn.Sequential)'
         )
     return entries
+
+
+def _refuse_eval_batch_norm(label: str) -> InputError:
+    """Eval-mode BatchNorm1d normalises with running_mean/running_var; no fpgrad layer does."""
+    return InputError(
+        f'{label}: mode = "eval" makes BatchNorm1d normalise with its running statistics, which '
+        "fpgrad's batch_norm layer cannot express (it uses batch statistics), and folding them "
+        "into a dense layer is not bit-identical to torch (even in float32); drop mode = "
+        '"eval" to evaluate it with batch statistics (training mode)'
+    )
 
 
 def _shape_from_state_dict(
@@ -870,8 +886,11 @@ def load_model_file(path: str | Path) -> Imported:
     key = doc.get("state_dict_key")
     if key is not None and not isinstance(key, str):
         raise InputError(f"{where}: state_dict_key must be a string")
+    mode = doc.get("mode", "train")
+    if mode not in MODES:
+        raise InputError(f'{where}: mode = {mode!r}: use "train" (the default) or "eval"')
     sd = load_state_dict(path.parent / doc["state_dict"], key)
-    entries = entries_from_state_dict(doc["modules"], sd, where)
+    entries = entries_from_state_dict(doc["modules"], sd, where, mode)
     loss = doc["loss"]
     if not isinstance(loss, dict) or set(loss) != {"type"}:
         raise InputError(f"{where}: [loss] needs exactly type = one of {', '.join(LOSS_NAMES)}")

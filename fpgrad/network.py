@@ -73,6 +73,8 @@ class Network:
     name: str = "network"
     #: user precision policies of the network file, by name (:class:`fpgrad.policy.Policy`)
     policies: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: how an imported model was read (a Dropout taken as the identity, ...); compare shows them
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def params(self) -> dict[str, np.ndarray]:
@@ -155,3 +157,17 @@ def init_array(
 def layer_seed(seed: int, index: int) -> np.random.Generator:
     """The generator for layer ``index``: independent streams from one network seed."""
     return np.random.default_rng([seed, index])
+
+
+def double_softmax_warning(net: Network) -> str | None:
+    """The warning for a last ``softmax`` layer under a ``cross_entropy`` loss, else None.
+
+    cross_entropy takes logits and applies softmax itself, so the layer's softmax is applied
+    twice (almost always a bug).
+    """
+    if net.loss.kind != "cross_entropy" or not net.layers or net.layers[-1].kind != "softmax":
+        return None
+    return (
+        f"layer {net.layers[-1].name!r}: a softmax before cross_entropy applies softmax twice "
+        "(cross_entropy takes logits and applies its own); remove the softmax layer"
+    )

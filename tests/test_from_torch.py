@@ -477,7 +477,7 @@ def test_malicious_pickle_is_refused_unexecuted(tmp_path: Path, capsys: Any) -> 
         (["Linear(4, 3, dtype='float16')"], {}, ["drop dtype="]),
         (["Linear(4, 3, nonsense=1)"], {}, ["modules[0]", "nonsense"]),
         (["Sequential(Linear(4, 3))"], {}, ["list the modules inside it one by one"]),
-        (["Dropout(p=0.5, inplace=False)"], {}, ['write "Dropout(p=0)"']),
+        (["Dropout(p=1.5)"], {}, ["modules[0]", "between 0 and 1"]),
         (
             ["Linear(4, 3)"],
             {"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(3, dtype=torch.int64)},
@@ -554,3 +554,105 @@ def test_model_file_policies_name_torch_paths_and_survive_import(tmp_path: Path)
     path.write_text(bad)
     with pytest.raises(InputError, match="no layer named '9'"):
         load_model_file(path)
+
+
+def _dropout_mlp() -> nn.Sequential:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(4, 5), nn.Dropout(p=0.2), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_dropout_line_is_the_identity_as_in_eval_mode(tmp_path: Path, capsys: Any) -> None:
+    from fpgrad.compare import compare
+
+    model = _dropout_mlp()
+    lines = [f"({i}): {m!r}" for i, m in enumerate(model)]  # the lines of print(model)
+    assert lines[1] == "(1): Dropout(p=0.2, inplace=False)"
+    path = _save_model(tmp_path, lines, model.state_dict())
+    imported = load_model_file(path)
+    x = np.linspace(-1, 1, 24).reshape(6, 4)
+    _same(imported.network, network_from_module(model.eval(), x, np.arange(6) % 3))
+    note = "modules[1] Dropout(p=0.2): evaluated as in eval mode, the identity"
+    assert any(note in n for n in imported.notes) and imported.network.notes == tuple(
+        imported.notes
+    )
+    assert any(note in n for n in compare(imported.network, "float32").notes)
+    assert main(["compare", str(path), "--precisions", "float32"]) == 0
+    assert f"note: {note}" in capsys.readouterr().out
+    # the short form, and mode = "eval" (no batch norm to refuse)
+    path = _save_model(
+        tmp_path,
+        ["Linear(4, 5)", "Dropout(p=0.2)", "ReLU()", "3: Linear"],
+        model.state_dict(),
+        mode='"eval"',
+    )
+    _same(load_model_file(path).network, imported.network)
+
+
+def test_eval_mode_batch_norm_is_refused_by_name(tmp_path: Path, capsys: Any) -> None:
+    modules = ["Linear(4, 5)", "BatchNorm1d(5)", "Tanh()", "Linear(5, 3)"]
+    path = _save_model(tmp_path, modules, _mlp().state_dict(), mode='"eval"')
+    _one_line_error(
+        ["compare", str(path)],
+        capsys,
+        "modules[1] 'BatchNorm1d(5)'",
+        "running statistics",
+        "cannot express",
+        "not bit-identical",
+    )
+    # without running statistics torch's eval mode uses the batch statistics: accepted
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(), nn.Linear(5, 3)
+    )
+    modules[1] = "BatchNorm1d(5, track_running_stats=False)"
+    path = _save_model(tmp_path, modules, model.state_dict(), mode='"eval"')
+    x = np.linspace(-1, 1, 24).reshape(6, 4)
+    _same(load_model_file(path).network, network_from_module(model.eval(), x, np.arange(6) % 3))
+    path = _save_model(tmp_path, modules, model.state_dict(), mode='"inference"')
+    _one_line_error(["compare", str(path)], capsys, "mode = 'inference'", '"train"', '"eval"')
+    path = _save_model(tmp_path, modules, model.state_dict(), mode="1")
+    _one_line_error(["compare", str(path)], capsys, "mode = 1")
+
+
+_SOFTMAX_NET = """name = "twice"
+[[layer]]
+type = "dense"
+name = "fc"
+weight = [[1.0, -2.0], [0.5, 3.0]]
+bias = [0.0, 0.25]
+[[layer]]
+type = "softmax"
+name = "probs"
+[loss]
+type = "{loss}"
+[data]
+x = [[1.0, 0.5], [-1.0, 2.0]]
+y = {y}
+"""
+
+
+def test_softmax_before_cross_entropy_warns(tmp_path: Path, capsys: Any) -> None:
+    net = tmp_path / "net.toml"
+    net.write_text(_SOFTMAX_NET.format(loss="cross_entropy", y="[0, 1]"))
+    assert main(["compare", str(net), "--precisions", "float32"]) == 0
+    captured = capsys.readouterr()
+    warning = "layer 'probs': a softmax before cross_entropy applies softmax twice"
+    assert captured.err.strip().splitlines() == [
+        f"fpgrad: warning: {warning} (cross_entropy takes logits and applies its own); "
+        "remove the softmax layer"
+    ]
+    assert f"note: warning: {warning}" in captured.out
+    # a model file (Softmax last, cross_entropy), through import too
+    model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1))
+    path = _save_model(tmp_path, ["Linear(4, 3)", "Softmax(dim=1)"], model.state_dict())
+    assert main(["import", str(path), "--out", str(tmp_path / "out.toml")]) == 0
+    assert "softmax before cross_entropy applies softmax twice" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "out.toml"), "--precisions", "float32"]) == 0
+    assert "layer '1': a softmax before cross_entropy" in capsys.readouterr().err
+    # softmax under mse, and cross_entropy on logits: no warning
+    net.write_text(_SOFTMAX_NET.format(loss="mse", y="[[1.0, 0.0], [0.0, 1.0]]"))
+    assert main(["compare", str(net), "--precisions", "float32"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    path = _save_model(tmp_path, ["Linear(4, 3)"], nn.Sequential(nn.Linear(4, 3)).state_dict())
+    assert main(["compare", str(path), "--precisions", "float32"]) == 0
+    assert "warning" not in (out := capsys.readouterr()).err and "warning" not in out.out
