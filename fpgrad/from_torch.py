@@ -23,8 +23,9 @@ the activations; Softmax(dim=1 or -1) -> softmax; BatchNorm1d -> batch_norm (bat
 biased variance, as a BatchNorm1d in training mode; ``affine=False`` or ``bias=False`` become
 gamma = 1, beta = 0, which change no value); a final LogSoftmax with NLLLoss -> cross_entropy on
 the logits (torch's cross_entropy *is* log_softmax followed by nll_loss); Flatten (first, on
-[batch, ...] data), Identity and Dropout (p=0, or in eval mode) are dropped. Anything else is
-refused, by name and place. Weights and data are widened to float64 exactly.
+[batch, ...] data), Identity and Dropout (p=0, or in eval mode; in a model file any p, noted)
+are dropped. A model file's ``mode = "eval"`` refuses a BatchNorm1d with running statistics.
+Anything else is refused, by name and place. Weights and data are widened to float64 exactly.
 
 Every imported network goes through :func:`fpgrad.netfile.parse_network` as the document that
 ``fpgrad import`` writes, so an imported model and its TOML file are the same network, checked
