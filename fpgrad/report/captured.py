@@ -89,9 +89,9 @@ def write_graph_report(gc: GraphComparison, out: str | Path) -> list[str]:
     md += ["## Figures", "", *(f"![{cap}]({fname})\n" for fname, (cap, _) in figures.items())]
     md += ["Every element: gradients.npz (numpy arrays per tensor); counts: compare.json.", ""]
     (out / "compare.md").write_text("\n".join(md))
-    (out / "compare.html").write_text(html_page(
-        title, paragraphs, [html.escape(d) for d in died], sections, figures, out
-    ))
+    (out / "compare.html").write_text(
+        html_page(title, paragraphs, [html.escape(d) for d in died], sections, figures, out)
+    )
     (out / "compare.json").write_text(gc.to_json() + "\n")
     save_columns(gc.precisions, grads, out / "gradients.npz")
     names = ["compare.md", "compare.html", *figures, "compare.json", "gradients.npz"]

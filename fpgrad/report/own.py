@@ -404,9 +404,7 @@ def magnitudes_figure(
     from fpgrad.report.plots import plt, save_png
 
     logs = {
-        g.param: np.log2(np.abs(g.exact.hi[~g.exact.zero]))
-        for g in grads
-        if (~g.exact.zero).any()
+        g.param: np.log2(np.abs(g.exact.hi[~g.exact.zero])) for g in grads if (~g.exact.zero).any()
     }
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * max(1, len(logs))))
     if logs:
