@@ -130,3 +130,24 @@ def test_out_dir_of_a_captured_model_checked_before_any_work(
     assert main(["compare", f"{tmp_path / 'net.py'}:build", "--out", str(blocker / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write to output directory" in err
+
+
+def test_magnitudes_figure_skips_undetermined_elements(tmp_path: Path) -> None:
+    """An undetermined element (its ball holds 0: hi = 0, not a proven zero) has no log2; the
+    transformer block's report failed on log2(0) = -inf before."""
+    import numpy as np
+
+    from fpgrad.compare import Column, GradColumns
+    from fpgrad.formats import get_format
+    from fpgrad.report.own import magnitudes_figure
+    from fpgrad.verdicts import ExactArray
+
+    hi = np.array([0.0, 2.0**-30, 0.0])
+    zero = np.array([False, False, True])
+    ex = ExactArray(hi, np.zeros(3), zero, np.zeros(3), np.array([True, False, False]))
+    z8 = np.zeros(3, dtype=np.uint8)
+    col = Column(hi, z8, z8, np.zeros(3), np.zeros(3), np.zeros(3))
+    g = GradColumns("b", (3,), ex, np.zeros(3), {"float16": col})
+    path = tmp_path / "m.png"
+    magnitudes_figure("net", [g], [("float16", get_format("float16"))], path)
+    assert path.stat().st_size > 1000

@@ -112,7 +112,7 @@ def _sections(gc: GraphComparison, grads: list[GradColumns]) -> list[Section]:
     ]
     prow = []
     for g in grads:
-        mags = np.abs(g.exact.hi[~g.exact.zero])
+        mags = np.abs(g.exact.hi[g.exact.hi != 0])  # undetermined: hi = 0
         span = (
             f"2^{math.floor(math.log2(mags.min()))} .. 2^{math.floor(math.log2(mags.max()))}"
             if mags.size

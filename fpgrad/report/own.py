@@ -398,14 +398,14 @@ def _formats(c: Comparison) -> list[tuple[str, Format]]:
 def magnitudes_figure(
     network: str, grads: list[GradColumns], fmts: list[tuple[str, Format]], path: Path
 ) -> None:
-    """Per parameter, a histogram of log2 |exact gradient| (non-zero elements), with each
+    """Per parameter, a histogram of log2 |exact gradient| (non-zero, determined), with each
     precision's smallest subnormal (dotted), smallest normal (dashed) and largest finite value
     (solid) drawn."""
     from fpgrad.report.plots import plt, save_png
 
-    logs = {
-        g.param: np.log2(np.abs(g.exact.hi[~g.exact.zero])) for g in grads if (~g.exact.zero).any()
-    }
+    # non-zero and determined (an undetermined element's ball holds 0: hi = 0 there)
+    logs = {g.param: np.log2(np.abs(g.exact.hi[g.exact.hi != 0])) for g in grads}
+    logs = {name: v for name, v in logs.items() if v.size}
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * max(1, len(logs))))
     if logs:
         lo = min(float(v.min()) for v in logs.values())
