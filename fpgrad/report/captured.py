@@ -76,14 +76,19 @@ def write_graph_report(gc: GraphComparison, out: str | Path) -> list[str]:
         f"{gc.exact.certified_digits:.1f} significant digits.",
         *(f"Note: {n}." for n in gc.notes),
     ]
-    died = [
-        f"{p}: the first op computing 0 where the exact value is not: {where}"
-        for p, where in gc.first_lost.items()
-        if where
-    ]
+    lost = [(p, where) for p, where in gc.first_lost.items() if where]
+    died = [f"{p}: the first op computing 0 where the exact value is not: {w}" for p, w in lost]
     md = [f"# {title}", "", *paragraphs, ""]
     if died:
-        md += ["## Diagnosis", "", *(f"- {d}" for d in died), ""]
+        md += [
+            "## Diagnosis",
+            "",
+            *(
+                f"- {p}: the first op computing 0 where the exact value is not: `{w}`"
+                for p, w in lost
+            ),
+            "",
+        ]
     for name, text, heads, rows in sections:
         md += [f"## {name}", ""] + ([text, ""] if text else []) + [md_table(rows, heads), ""]
     md += ["## Figures", "", *(f"![{cap}]({fname})\n" for fname, (cap, _) in figures.items())]
