@@ -98,8 +98,6 @@ def _compare(args: argparse.Namespace) -> int:
     from fpgrad.report.own import write_compare_report
 
     verdicts = [v.strip() for v in args.verdict.split(",") if v.strip()] if args.verdict else None
-    if is_script(args.network) and out is not None:
-        raise InputError("--out is not supported for captured models yet; drop --out")
     net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     result = compare(
         net,
@@ -111,6 +109,10 @@ def _compare(args: argparse.Namespace) -> int:
         exact_max_bits=args.exact_max_bits,
     )
     if is_script(args.network):  # a captured model: its own, smaller comparison
+        if out is not None:
+            from fpgrad.report.captured import write_graph_report
+
+            print(f"wrote {', '.join(write_graph_report(result, out))}", file=sys.stderr)
         print(result.to_json() if args.json else result.render(max_rows=args.max_rows or None))
         return 0
     result.source = args.network

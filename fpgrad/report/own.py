@@ -24,9 +24,18 @@ from fpgrad.verdicts import SUBKINDS, VERDICTS
 
 if TYPE_CHECKING:
     from fpgrad.advisor import Advice
-    from fpgrad.compare import Comparison
+    from fpgrad.compare import Comparison, GradColumns
+    from fpgrad.formats import Format
 
-__all__ = ["check_out_dir", "write_advise_report", "write_compare_report", "write_npz"]
+__all__ = [
+    "check_out_dir",
+    "magnitudes_figure",
+    "save_columns",
+    "verdict_bars_figure",
+    "write_advise_report",
+    "write_compare_report",
+    "write_npz",
+]
 
 #: colours of the verdicts in the stacked bars (a verdict added later gets a grey)
 _COLOURS = {
@@ -43,6 +52,11 @@ _COLOURS = {
 
 
 def write_npz(c: Comparison, path: Path) -> None:
+    """The per-element arrays of ``c`` (see :func:`save_columns`)."""
+    save_columns(c.precisions, c.grads, path)
+
+
+def save_columns(precisions: list[str], grads: list[GradColumns], path: Path) -> None:
     """The per-element arrays: ``PARAM/exact_hi``, ``exact_lo`` (the exact value is their sum,
     double-double), ``exact_zero``, ``exact_digits`` (certified), and per precision
     ``PARAM/PRECISION/value``, ``verdict`` (uint8 index into the array ``verdicts``), ``kind``
@@ -50,14 +64,14 @@ def write_npz(c: Comparison, path: Path) -> None:
     arrays: dict[str, np.ndarray] = {
         "verdicts": np.array(VERDICTS),
         "kinds": np.array(SUBKINDS),
-        "precisions": np.array(c.precisions),
+        "precisions": np.array(precisions),
     }
-    for g in c.grads:
+    for g in grads:
         arrays[f"{g.param}/exact_hi"] = g.exact.hi
         arrays[f"{g.param}/exact_lo"] = g.exact.lo
         arrays[f"{g.param}/exact_zero"] = g.exact.zero
         arrays[f"{g.param}/exact_digits"] = g.digits
-        for p in c.precisions:
+        for p in precisions:
             col = g.cols[p]
             for name, a in (
                 ("value", col.value),
@@ -75,11 +89,11 @@ def _figures(c: Comparison) -> dict[str, tuple[str, Callable[[Path], None]]]:
     return {
         "magnitudes.png": (
             "Exact gradient magnitudes per parameter against each format's thresholds",
-            lambda path: _magnitudes(c, path),
+            lambda path: magnitudes_figure(c.network, c.grads, _formats(c), path),
         ),
         "verdicts.png": (
             "Verdict counts per parameter and precision",
-            lambda path: _verdict_bars(c, path),
+            lambda path: verdict_bars_figure(c.network, c.precisions, c.grads, path),
         ),
         "signal.png": (
             "Where the signal died along the network",
@@ -365,19 +379,11 @@ def _overflows(row: dict[str, Any]) -> bool:
 # ---- figures (columnar: histograms and counts, never a point per element) -------------------
 
 
-def _magnitudes(c: Comparison, path: Path) -> None:
-    """Per parameter, a histogram of log2 |exact gradient| (non-zero elements), with each
-    precision's smallest subnormal (dotted), smallest normal (dashed) and largest finite value
-    (solid) drawn."""
+def _formats(c: Comparison) -> list[tuple[str, Format]]:
+    """Each precision's format; a policy column: its narrowest format."""
     from fpgrad.formats import get_format
     from fpgrad.policy import format_of
-    from fpgrad.report.plots import plt, save_png
 
-    logs = {
-        g.param: np.log2(np.abs(g.exact.hi[~g.exact.zero]))
-        for g in c.grads
-        if (~g.exact.zero).any()
-    }
     fmts = []
     for p in c.precisions:
         try:
@@ -386,6 +392,20 @@ def _magnitudes(c: Comparison, path: Path) -> None:
             plan = c.policies[p]
             names = {lp["compute"] for lp in plan["layers"]} | {plan["loss"]["compute"]}
             fmts.append((p, min((format_of(n) for n in names), key=lambda f: f.bits)))
+    return fmts
+
+
+def magnitudes_figure(
+    network: str, grads: list[GradColumns], fmts: list[tuple[str, Format]], path: Path
+) -> None:
+    """Per parameter, a histogram of log2 |exact gradient| (non-zero, determined), with each
+    precision's smallest subnormal (dotted), smallest normal (dashed) and largest finite value
+    (solid) drawn."""
+    from fpgrad.report.plots import plt, save_png
+
+    # non-zero and determined (an undetermined element's ball holds 0: hi = 0 there)
+    logs = {g.param: np.log2(np.abs(g.exact.hi[g.exact.hi != 0])) for g in grads}
+    logs = {name: v for name, v in logs.items() if v.size}
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * max(1, len(logs))))
     if logs:
         lo = min(float(v.min()) for v in logs.values())
@@ -438,18 +458,20 @@ def _magnitudes(c: Comparison, path: Path) -> None:
     ax.set_xlabel(
         "log2 |exact gradient|  (dotted: smallest subnormal, dashed: smallest normal, solid: max)"
     )
-    ax.set_title(f"{c.network}: exact gradient magnitudes per parameter")
+    ax.set_title(f"{network}: exact gradient magnitudes per parameter")
     fig.tight_layout()
     save_png(fig, path)
 
 
-def _verdict_bars(c: Comparison, path: Path) -> None:
+def verdict_bars_figure(
+    network: str, precisions: list[str], grads: list[GradColumns], path: Path
+) -> None:
     """One stacked bar per parameter and precision: its gradient's verdict counts."""
     from fpgrad.report.plots import plt, save_png
 
     labels, counts = [], []
-    for g in c.grads:
-        for p in c.precisions:
+    for g in grads:
+        for p in precisions:
             labels.append(f"{g.param} {p}")
             counts.append(g.counts(p))
     n = len(labels)
@@ -464,7 +486,7 @@ def _verdict_bars(c: Comparison, path: Path) -> None:
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_xlabel("gradient elements")
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(f"{c.network}: gradient verdicts per parameter and precision")
+    ax.set_title(f"{network}: gradient verdicts per parameter and precision")
     fig.tight_layout()
     save_png(fig, path)
 
