@@ -93,9 +93,11 @@ def _runs_figure(
     path: Path,
     log: bool = True,
     exact: tuple[object, object] | None = None,
+    beside: dict[str, tuple[object, object]] | None = None,
 ) -> str:
-    """One line per run (x, y), optionally the exact run in bold; non-positive values are gaps
-    on a log scale."""
+    """One line per run (x, y), optionally the exact run in bold and, per run, a dashed series
+    with markers in the run's colour (``beside``, labelled ``RUN: exact loss at its
+    parameters``); non-positive values are gaps on a log scale."""
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -111,7 +113,18 @@ def _runs_figure(
         y = np.asarray(y, dtype=float)
         if log and not np.any(y > 0):
             label += " (never > 0: off the log scale)"
-        ax.plot(x, np.where(y > 0, y, np.nan) if log else y, label=label)
+        (line,) = ax.plot(x, np.where(y > 0, y, np.nan) if log else y, label=label)
+        if beside and beside.get(label) is not None:
+            bx, by = beside[label]
+            by = np.asarray(by, dtype=float)
+            ax.plot(
+                bx,
+                np.where(by > 0, by, np.nan) if log else by,
+                "--o",
+                ms=3,
+                color=line.get_color(),
+                label=f"{label}: exact loss at its parameters",
+            )
     if log:
         ax.set_yscale("log")
     else:
@@ -132,7 +145,14 @@ def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a Tra
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = np.arange(len(r.exact.loss))
-    loss = {label: (steps, r.histories[label].loss) for label in r.runs}
+    loss = {
+        label: (np.arange(len(r.histories[label].loss)), r.histories[label].loss)
+        for label in r.runs
+    }
+    beside = {}
+    for label in r.runs:
+        at = sorted(r.histories[label].exact_loss_at_params.items())
+        beside[label] = ([t for t, _ in at], [v for _, v in at])
     dist = {label: (np.arange(len(r.distance[label])), r.distance[label]) for label in r.runs}
     swamped = {}
     for label in r.runs:
@@ -141,7 +161,13 @@ def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a Tra
         swamped[label] = (np.arange(1, len(frac) + 1), frac)
     return [
         _runs_figure(
-            r, loss, "loss", "loss per precision", out / "loss.png", exact=(steps, r.exact.loss)
+            r,
+            loss,
+            "loss (solid: the run's own; dashed: exact at the run's parameters)",
+            "loss per precision",
+            out / "loss.png",
+            exact=(steps, r.exact.loss),
+            beside=beside,
         ),
         _runs_figure(
             r,
