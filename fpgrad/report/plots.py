@@ -109,13 +109,14 @@ def _runs_figure(
             lw=2.5,
             label="exact",
         )
-    for label, (x, y) in series.items():
+    for run, (x, y) in series.items():
         y = np.asarray(y, dtype=float)
+        label = run
         if log and not np.any(y > 0):
             label += " (never > 0: off the log scale)"
         (line,) = ax.plot(x, np.where(y > 0, y, np.nan) if log else y, label=label)
-        if beside and beside.get(label) is not None:
-            bx, by = beside[label]
+        if beside and beside.get(run) is not None:
+            bx, by = beside[run]
             by = np.asarray(by, dtype=float)
             ax.plot(
                 bx,
@@ -123,7 +124,7 @@ def _runs_figure(
                 "--o",
                 ms=3,
                 color=line.get_color(),
-                label=f"{label}: exact loss at its parameters",
+                label=f"{run}: exact loss at its parameters",
             )
     if log:
         ax.set_yscale("log")
@@ -139,7 +140,8 @@ def _runs_figure(
 
 
 def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a TrainResult
-    """loss.png (log scale, with the exact run), distance.png, swamped.png in ``out_dir``."""
+    """loss.png (log scale: the exact run, each run's own loss and, dashed, the exact loss at
+    its parameters at the checked steps), distance.png, swamped.png in ``out_dir``."""
     import numpy as np
 
     out = Path(out_dir)
@@ -163,7 +165,7 @@ def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a Tra
         _runs_figure(
             r,
             loss,
-            "loss (solid: the run's own; dashed: exact at the run's parameters)",
+            "loss",
             "loss per precision",
             out / "loss.png",
             exact=(steps, r.exact.loss),
