@@ -585,6 +585,8 @@ class ExactRun:
         """Append the loss at the final parameters on ``rows`` (one extra forward pass)."""
         trace = evaluate(self.net, self.ar, self.params, rows)
         self.history.loss.append(float(np.asarray(self.ar.to_float64(trace.loss))))
+        if self.failed_at is None and self.failed():  # the balls could not vouch for it
+            self.failed_at = len(self.history.loss) - 1
 
     def digits_now(self) -> float:
         """Certified significant digits of the current parameters (as :meth:`ball_digits`)."""
