@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unresolved there are reported undetermined",
     )
     p.add_argument(
-        "--verdict-every", type=int, default=None, help="steps between gradient verdicts"
+        "--verdict-every", type=int, default=None, help="steps between gradient verdicts and exact losses at the run's parameters"
     )
     p.add_argument("--out", default=None, help="directory for plots (PNG) and train.json")
     p.add_argument("--json", action="store_true", help="strict JSON output")

@@ -160,7 +160,9 @@ class History:
     """Per-step records of one run (index t: after t steps; index 0 is the initial state)."""
 
     label: str
-    loss: list[float] = field(default_factory=list)  # loss at the parameters before step t+1
+    #: loss at the parameters after t steps, on step t+1's batch; the last entry (index
+    #: ``steps``) is one extra forward pass at the final parameters, on the last step's batch
+    loss: list[float] = field(default_factory=list)
     grad_norm: list[float] = field(default_factory=list)
     swamped: list[int] = field(default_factory=list)  # intended update != 0 but w unchanged
     updated: list[int] = field(default_factory=list)  # elements with a non-zero intended update
@@ -173,6 +175,8 @@ class History:
     state_hash: list[str] = field(default_factory=list)  # whole state after t steps
     verdicts: dict[int, dict[str, int]] = field(default_factory=dict)  # step -> verdict counts
     overflow_place: dict[str, Any] | None = None
+    #: step -> certified exact loss at the run's own parameters after that many steps
+    exact_loss_at_params: dict[int, float] = field(default_factory=dict)
 
 
 def _flat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -218,6 +222,13 @@ class _Run:
     def record_initial(self) -> None:
         self.history.params.append(self.vector())
         self.history.state_hash.append(self.state_hash())
+
+    def final_loss(self, rows: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def record_final(self, rows: np.ndarray) -> None:
+        """Append the loss at the final parameters on ``rows`` (one extra forward pass)."""
+        self.history.loss.append(self.final_loss(rows))
 
     def _record(
         self,
@@ -340,6 +351,15 @@ class TorchRun(_Run):
             outputs,
         )
         return g64
+
+    def final_loss(self, rows: np.ndarray) -> float:
+        """The unscaled loss at the current parameters on ``rows``, forward only."""
+        part = self.net.with_data(self.net.x[rows], self.net.y[rows])
+        with torch.no_grad():
+            h = self.model.inputs(part)
+            for index in range(len(self.net.layers)):
+                h = self.model.layer(index, h)
+            return float(self.model.loss(part, h).to(torch.float64))
 
     def current_params(self) -> dict[str, np.ndarray]:
         """The low-precision parameters (what the forward pass uses) as float64 arrays."""
@@ -500,6 +520,14 @@ class EmulatedRun(_Run):
         )
         return g64
 
+    def final_loss(self, rows: np.ndarray) -> float:
+        """The unscaled loss at the current parameters on ``rows`` in the run's machine."""
+        if self.plan is not None:
+            trace = evaluate_plan(self.net, self.plan, self.systems, self.params, rows)
+        else:
+            trace = evaluate(self.net, self.ar, self.params, rows)
+        return float(trace.loss)
+
     def current_params(self) -> dict[str, np.ndarray]:
         """The parameters the forward pass uses, as float64 arrays."""
         return {k: np.array(v, dtype=np.float64) for k, v in self.params.items()}
@@ -552,6 +580,13 @@ class ExactRun:
         self.exact_params.append(dict(new))
         if self.failed_at is None and self.failed():
             self.failed_at = len(hist.loss)
+
+    def record_final(self, rows: np.ndarray) -> None:
+        """Append the loss at the final parameters on ``rows`` (one extra forward pass)."""
+        trace = evaluate(self.net, self.ar, self.params, rows)
+        self.history.loss.append(float(np.asarray(self.ar.to_float64(trace.loss))))
+        if self.failed_at is None and self.failed():  # the balls could not vouch for it
+            self.failed_at = len(self.history.loss) - 1
 
     def digits_now(self) -> float:
         """Certified significant digits of the current parameters (as :meth:`ball_digits`)."""
@@ -641,6 +676,7 @@ def exact_trajectory(
                 return None
             if watch and run.digits_now() < 17:
                 return len(run.history.loss)
+        run.record_final(schedule[-1])
         return None
 
     method = ALIASES.get(method, method)
@@ -696,17 +732,57 @@ def exact_gradient_counts(
     At non-finite parameters there is no exact gradient: elements are counted as nan or
     overflow by their own values, the rest as ``no_reference``.
     """
-    from fpgrad.exact import exact_trace
+    return exact_check(net, params, grads, precision, rows, bits, max_bits)[0]
+
+
+def _exact_at(
+    net: Network, params: dict[str, np.ndarray], rows: np.ndarray, bits: int, max_bits: int | None
+) -> Any:
+    """The certified exact trace at float64 ``params`` on ``rows``; None at non-finite ones."""
+    from fpgrad.exact import DEFAULT_MAX_BITS, exact_trace
 
     if not all(np.all(np.isfinite(v)) for v in params.values()):
+        return None
+    wide = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    part = net.with_params(wide).with_data(net.x[rows], net.y[rows])
+    cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
+    return exact_trace(part, bits, allow_uncertified=True, max_bits=cap)
+
+
+def _exact_loss(exact: Any) -> float:
+    """The exact loss of a certified trace, rounded to float64 (hi + lo)."""
+    a = exact.exact_array("loss")
+    return float(np.asarray(a.hi, dtype=np.float64).sum() + np.asarray(a.lo).sum())
+
+
+def exact_loss_at(
+    net: Network,
+    params: dict[str, np.ndarray],
+    rows: np.ndarray,
+    bits: int,
+    max_bits: int | None = None,
+) -> float | None:
+    """The certified exact loss at float64 ``params`` on ``rows``; None at non-finite ones."""
+    exact = _exact_at(net, params, rows, bits, max_bits)
+    return None if exact is None else _exact_loss(exact)
+
+
+def exact_check(
+    net: Network,
+    params: dict[str, np.ndarray],
+    grads: dict[str, np.ndarray],
+    precision: str,
+    rows: np.ndarray,
+    bits: int,
+    max_bits: int | None = None,
+) -> tuple[dict[str, int], float | None]:
+    """(:func:`exact_gradient_counts`, the exact loss at ``params`` or None at non-finite
+    parameters), from one exact trace."""
+    exact = _exact_at(net, params, rows, bits, max_bits)
+    if exact is None:
         flat = _flat(list(grads.values()))
         nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
-        return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}
-    part = net.with_params(params).with_data(net.x[rows], net.y[rows])
-    from fpgrad.exact import DEFAULT_MAX_BITS
-
-    cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
-    exact = exact_trace(part, bits, allow_uncertified=True, max_bits=cap)
+        return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}, None
     fmt = get_format(precision)
     counts: dict[str, int] = {}
     for k, g in grads.items():
@@ -715,7 +791,7 @@ def exact_gradient_counts(
         for name, n in zip(VERDICTS, found.tolist(), strict=True):
             if n:
                 counts[name] = counts.get(name, 0) + n
-    return counts
+    return counts, _exact_loss(exact)
 
 
 @dataclass
@@ -754,6 +830,9 @@ class TrainResult:
                     distance_to_exact=self.distance[h.label],
                     verdicts={str(k): v for k, v in sorted(h.verdicts.items())},
                     first_overflow=h.overflow_place,
+                    exact_loss_at_params={
+                        str(k): v for k, v in sorted(h.exact_loss_at_params.items())
+                    },
                 )
             return d
 
@@ -890,11 +969,19 @@ def _train(
             before = run.current_params()
             grads = run.step(rows)
             if t % every == 0 or t == steps - 1:
-                run.history.verdicts[t] = exact_gradient_counts(
+                counts, loss = exact_check(
                     net, before, grads, run.grad_format, rows, exact_bits, exact_max_bits
                 )
+                run.history.verdicts[t] = counts
+                if loss is not None:
+                    run.history.exact_loss_at_params[t] = loss
             if label in twins:
                 twins[label].step(rows)
+    for run in torch_runs.values():  # the loss at the final parameters, run's own and exact
+        run.record_final(schedule[-1])
+        loss = exact_loss_at(net, run.current_params(), schedule[-1], exact_bits, exact_max_bits)
+        if loss is not None:
+            run.history.exact_loss_at_params[steps] = loss
     notes = [exact.fallback] if exact.fallback else []
     if digits < 17:
         notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")

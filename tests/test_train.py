@@ -285,3 +285,63 @@ def test_chaos_at_the_edge_of_stability_is_told_from_a_stable_orbit() -> None:
     r = train(net, steps=60, cfg=cfg, runs="float32", verdict_every=1000)
     assert r.detectors["float32"]["divergence"]["twin"]["verdict"] == "stable"
     assert r.detectors["float32"]["divergence"]["exceeds_at_step"] is None
+
+
+ONE_WEIGHT = dict(
+    layers=[{"type": "dense", "weight": [[1.0]], "bias": [0.0]}], loss="mse", x=[[2.0]], y=[[1.0]]
+)
+
+
+def test_loss_end_is_the_loss_at_the_final_parameters_after_one_sgd_step() -> None:
+    # by hand: out = 1*2 + 0 = 2, L0 = (2-1)^2 = 1, dL/dw = 2*1*2 = 4, dL/db = 2*1 = 2;
+    # lr 1/8: w1 = 0.5, b1 = -0.25, out = 0.75, L1 = 0.0625 (the pre-fix loss[end] was L0 = 1)
+    net = net_from(**ONE_WEIGHT)
+    runs = "float16,float32,float16:emulated"
+    r = train(net, steps=1, cfg=OptimConfig(lr=0.125), runs=runs, perturb=False)
+    for h in [r.exact, *r.histories.values()]:
+        assert h.loss == [1.0, 0.0625], h.label
+    for label in r.runs:
+        assert r.histories[label].exact_loss_at_params == {0: 1.0, 1: 0.0625}
+    d = r.to_dict()
+    assert d["exact"]["loss"][-1] == 0.0625
+    assert d["runs"]["float16"]["loss"][-1] == 0.0625
+    assert d["runs"]["float16"]["exact_loss_at_params"] == {"0": 1.0, "1": 0.0625}
+    assert "| exact " in r.render() and "0.0625" in r.render()
+
+
+def test_exact_loss_at_params_differs_from_a_rounded_run_and_is_plotted(
+    tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    # float16 holds w = 0.7001953125, b = 0.0999755859375, x = 0.333251953125, and its output
+    # w*x + b = 0.3333... rounds to 0.333251953125 = y: float16's loss is 0 at every step (zero
+    # gradient, no move), but at those parameters on the float64 data the residual is
+    # 0.7001953125/3 + b - y = 2^-13 (to 1e-16), so the exact loss there is 2^-26
+    net = net_from(
+        [{"type": "dense", "weight": [[0.7]], "bias": [0.1]}],
+        "mse",
+        x=[[1 / 3]],
+        y=[[0.333251953125]],
+    )
+    r = train(net, steps=4, cfg=OptimConfig(lr=0.5), runs="float16", perturb=False, verdict_every=2)
+    h = r.histories["float16"]
+    assert h.loss == [0.0] * 5 and sorted(h.exact_loss_at_params) == [0, 2, 3, 4]
+    for v in h.exact_loss_at_params.values():
+        assert abs(v - 2.0**-26) < 1e-6 * 2.0**-26
+    assert r.to_dict()["runs"]["float16"]["exact_loss_at_params"]["4"] == h.exact_loss_at_params[4]
+    import fpgrad.report.plots as plots
+
+    legends: list[list[str]] = []
+    save = plots.save_png
+
+    def spy(fig, path) -> None:  # noqa: ANN001
+        legends.append([t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()])
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "save_png", spy)
+    paths = r.plot(str(tmp_path))
+    assert (tmp_path / "loss.png").stat().st_size > 0 and str(tmp_path / "loss.png") in paths
+    assert legends[0] == [  # the exact series is drawn even where the run's own is off the scale
+        "exact",
+        "float16 (never > 0: off the log scale)",
+        "float16: exact loss at its parameters",
+    ]

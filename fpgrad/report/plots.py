@@ -93,9 +93,11 @@ def _runs_figure(
     path: Path,
     log: bool = True,
     exact: tuple[object, object] | None = None,
+    beside: dict[str, tuple[object, object]] | None = None,
 ) -> str:
-    """One line per run (x, y), optionally the exact run in bold; non-positive values are gaps
-    on a log scale."""
+    """One line per run (x, y), optionally the exact run in bold and, per run, a dashed series
+    with markers in the run's colour (``beside``, labelled ``RUN: exact loss at its
+    parameters``); non-positive values are gaps on a log scale."""
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -107,11 +109,23 @@ def _runs_figure(
             lw=2.5,
             label="exact",
         )
-    for label, (x, y) in series.items():
+    for run, (x, y) in series.items():
         y = np.asarray(y, dtype=float)
+        label = run
         if log and not np.any(y > 0):
             label += " (never > 0: off the log scale)"
-        ax.plot(x, np.where(y > 0, y, np.nan) if log else y, label=label)
+        (line,) = ax.plot(x, np.where(y > 0, y, np.nan) if log else y, label=label)
+        if beside and beside.get(run) is not None:
+            bx, by = beside[run]
+            by = np.asarray(by, dtype=float)
+            ax.plot(
+                bx,
+                np.where(by > 0, by, np.nan) if log else by,
+                "--o",
+                ms=3,
+                color=line.get_color(),
+                label=f"{run}: exact loss at its parameters",
+            )
     if log:
         ax.set_yscale("log")
     else:
@@ -126,13 +140,21 @@ def _runs_figure(
 
 
 def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a TrainResult
-    """loss.png (log scale, with the exact run), distance.png, swamped.png in ``out_dir``."""
+    """loss.png (log scale: the exact run, each run's own loss and, dashed, the exact loss at
+    its parameters at the checked steps), distance.png, swamped.png in ``out_dir``."""
     import numpy as np
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = np.arange(len(r.exact.loss))
-    loss = {label: (steps, r.histories[label].loss) for label in r.runs}
+    loss = {
+        label: (np.arange(len(r.histories[label].loss)), r.histories[label].loss)
+        for label in r.runs
+    }
+    beside = {}
+    for label in r.runs:
+        at = sorted(r.histories[label].exact_loss_at_params.items())
+        beside[label] = ([t for t, _ in at], [v for _, v in at])
     dist = {label: (np.arange(len(r.distance[label])), r.distance[label]) for label in r.runs}
     swamped = {}
     for label in r.runs:
@@ -141,7 +163,13 @@ def training_plots(r, out_dir: str | Path) -> list[str]:  # noqa: ANN001 - a Tra
         swamped[label] = (np.arange(1, len(frac) + 1), frac)
     return [
         _runs_figure(
-            r, loss, "loss", "loss per precision", out / "loss.png", exact=(steps, r.exact.loss)
+            r,
+            loss,
+            "loss",
+            "loss per precision",
+            out / "loss.png",
+            exact=(steps, r.exact.loss),
+            beside=beside,
         ),
         _runs_figure(
             r,

@@ -116,8 +116,8 @@ def _run(small: bool) -> ScenarioResult:
         net, steps=steps, cfg=OptimConfig(lr=LR), runs=RUNS, perturb=False, verdict_every=steps
     )
     ex = tr.exact.loss
-    # loss[t] is computed at params[t]: the final loss belongs to params[-2]
-    true_loss = {label: exact_mse(net, tr.histories[label].params[-2]) for label in tr.runs}
+    # loss[t] is computed at params[t]; the last entry at the final parameters, params[-1]
+    true_loss = {label: exact_mse(net, tr.histories[label].params[-1]) for label in tr.runs}
     mse_rows = []
     for label in tr.runs:
         d = tr.detectors[label]
