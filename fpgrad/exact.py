@@ -211,6 +211,9 @@ def exact_trace(
     have fewer than 17 digits is an InputError unless ``allow_uncertified``.
     ``progress``: a tqdm bar on stderr for runs longer than 2 s; None: only on a terminal.
     """
+    from fpgrad.runlog import record
+
+    record("exact", "exact")
 
     def run(ar: Any) -> tuple[list[tuple[str, Any]], Any]:
         trace = evaluate(net, ar)

@@ -61,6 +61,8 @@ class Policy:
     ops: tuple[tuple[str, str], ...] = ()
     layers: tuple[tuple[str, str], ...] = ()
     description: str = ""
+    #: whose torch.autocast op list this follows: "cuda", "cpu", or "" (its own); ``extends`` keeps it
+    autocast_device: str = ""
 
     def rule(self, layer: str, kind: str) -> tuple[str, str]:
         """The precision for a layer (or ``loss``) and the rule that chose it."""
@@ -240,7 +242,7 @@ def _autocast(name: str, low: str, softmax_fp32: bool, where: str) -> Policy:
         f"{'softmax and ' if softmax_fp32 else ''}losses in float32, other ops in their "
         "input's precision, float32 master weights"
     )
-    return Policy(name, params="float32", ops=tuple(ops), description=text)
+    return Policy(name, params="float32", ops=tuple(ops), description=text, autocast_device=where)
 
 
 BUILTIN: dict[str, Policy] = {

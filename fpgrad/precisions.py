@@ -56,6 +56,13 @@ class Precision:
 
     def run(self, net: Network, loss_scale: float = 1.0) -> Trace:
         """Forward and backward; with ``loss_scale`` S the backward starts from S * loss."""
+        from fpgrad.runlog import policy_how, record
+
+        if self.policy is not None:
+            how = policy_how(self.policy.autocast_device, self.policy.resolve(net).emulated)
+        else:
+            how = self.kind
+        record(self.name, how)
         return self.runner(net, self.name, loss_scale)
 
     def plan(self, net: Network) -> Plan:

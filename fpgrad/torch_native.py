@@ -219,6 +219,10 @@ class TorchModel:
 def torch_trace(net: Network, precision: str | Plan, loss_scale: float = 1.0) -> Trace:
     """Forward and backward of ``net`` with torch autograd in ``precision`` (a native dtype
     name or a policy's plan); with ``loss_scale`` S, backward starts from S * loss."""
+    if isinstance(precision, str):
+        from fpgrad.runlog import record
+
+        record(precision, "native")
     with one_torch_thread():
         return _torch_trace(net, precision, loss_scale)
 

@@ -265,6 +265,10 @@ class TorchRun(_Run):
     def __init__(
         self, net: Network, spec: RunSpec, cfg: OptimConfig, seed: int, perturb: bool = False
     ):
+        from fpgrad.runlog import policy_how, record
+
+        device = spec.policy.autocast_device if spec.policy is not None else None
+        record(spec.label, "native" if device is None else policy_how(device, False))
         self.net, self.spec = net, spec
         self.model = TorchModel(net, spec.plan(net))
         self.modules = self.model.modules
@@ -430,7 +434,9 @@ class EmulatedRun(_Run):
         from fpgrad.arith.emulated import EmulatedArith
         from fpgrad.precisions import get_precision
         from fpgrad.rounding import Mode
+        from fpgrad.runlog import record
 
+        record(spec.label, "emulated")
         self.plan = None
         if spec.policy is not None:  # an emulated policy: parameters in its params system
             from fpgrad.precisions import emulated_systems
@@ -539,6 +545,9 @@ class ExactRun:
     at ``bits`` (:mod:`fpgrad.arith.arb`); the radii bound every value (:meth:`ball_digits`)."""
 
     def __init__(self, net: Network, cfg: OptimConfig, bits: int, balls: bool = False):
+        from fpgrad.runlog import record
+
+        record("exact", "exact")
         self.net = net
         if balls:
             from fpgrad.arith.ball import LEVELS, BallArith

@@ -7,12 +7,14 @@ A scenario module defines ``NAME``, ``CLAIM`` and ``run(small: bool = False) -> 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fpgrad.report.markdown import md_table
+from fpgrad.runlog import recording, runs_line
 
 Figure = Callable[[Path], None]
 
@@ -51,6 +53,22 @@ class ScenarioResult:
     sections: list[Section] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # the numbers behind the verdict
     figures: dict[str, Figure] = field(default_factory=dict)
+    #: name -> how it computed (fpgrad.runlog.HOW); filled by :func:`records_runs`
+    runs: dict[str, str] = field(default_factory=dict)
+    #: which figures of the report depend on this CPU's kernels, and how ("" when none known)
+    cpu_dependent: str = ""
+
+    def cpu_line(self) -> str:
+        """The report's "CPU-dependent" paragraph."""
+        if self.cpu_dependent:
+            return f"**CPU-dependent.** {self.cpu_dependent}"
+        native = [n for n, how in self.runs.items() if how not in ("emulated", "exact")]
+        if not native:
+            return "**CPU-dependent.** nothing: no run used torch's kernels."
+        return (
+            f"**CPU-dependent.** no figure is marked; the runs by torch's kernels "
+            f"({', '.join(native)}) may round differently on another CPU."
+        )
 
     def markdown(self) -> str:
         status = {True: "the claim holds", False: "the claim fails", None: "it depends"}[self.holds]
@@ -60,6 +78,10 @@ class ScenarioResult:
             f"**Claim.** {self.claim}",
             "",
             f"**Verdict ({status}).** {self.verdict}",
+            "",
+            runs_line(self.runs),
+            "",
+            self.cpu_line(),
             "",
             "## Setup",
             "",
@@ -83,6 +105,8 @@ class ScenarioResult:
                 "claim": self.claim,
                 "verdict": self.verdict,
                 "holds": self.holds,
+                "runs": self.runs,
+                "cpu_dependent": self.cpu_dependent,
                 "data": self.data,
                 "sections": [
                     {"title": s.title, "text": s.text, "headers": s.headers, "rows": s.rows}
@@ -90,3 +114,17 @@ class ScenarioResult:
                 ],
             }
         )
+
+
+def records_runs(run: Callable[..., ScenarioResult]) -> Callable[..., ScenarioResult]:
+    """Decorate a scenario's ``run``: its result's ``runs`` become what it ran
+    (:func:`fpgrad.runlog.recording`), plus any the scenario recorded itself."""
+
+    @functools.wraps(run)
+    def wrapped(*args: Any, **kwargs: Any) -> ScenarioResult:
+        with recording() as runs:
+            result = run(*args, **kwargs)
+        result.runs = {**runs, **result.runs}
+        return result
+
+    return wrapped

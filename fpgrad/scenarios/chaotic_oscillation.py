@@ -14,7 +14,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import TrainResult, train
 
@@ -79,6 +79,7 @@ def growth_before_leaving(dist: list[float], leaves: int | None) -> float | None
     return float(np.polyfit(t[ok], np.log2(d[ok]), 1)[0])
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

@@ -11,7 +11,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import training_plots
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.train import train
 
 NAME = "dead_relu"
@@ -40,6 +40,7 @@ def network(batch: int = 16, width: int = 4) -> Network:
     return parse_network(doc, source=NAME)
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     net = network(batch=4 if small else 16)
     steps = 10 if small else 100

@@ -15,7 +15,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import TrainResult, train
 
@@ -200,6 +200,7 @@ def zero_gradient_units(net: Network, vec: np.ndarray, precision: str) -> tuple[
     return zero_p, zero_e
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

@@ -14,7 +14,7 @@ from fpgrad.formats import get_format
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.report.plots import save_png
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 
 NAME = "deep_sigmoid_vanishing"
@@ -92,6 +92,7 @@ def decay_bits_per_layer(exact: list[float]) -> float | None:
     return float(np.polyfit(xs, ys, 1)[0])
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

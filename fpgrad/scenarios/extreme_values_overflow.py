@@ -16,7 +16,7 @@ from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
 from fpgrad.rounding import round_to
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread, torch_trace
 from fpgrad.train import TrainResult, train
 
@@ -90,6 +90,7 @@ def _first(rows: list[dict[str, Any]], p: str, which: int) -> dict[str, Any] | N
     return next((r for r in rows if r[p][which]), None)
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

@@ -17,7 +17,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import train
 
@@ -88,6 +88,7 @@ def _range_text(window: list[int]) -> str:
     return ", ".join(f"2^{k}" for k in window)
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

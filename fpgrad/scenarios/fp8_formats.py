@@ -14,7 +14,7 @@ from fpgrad.formats import get_format
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.report.plots import gradient_magnitudes
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 
 NAME = "fp8_formats"
@@ -70,6 +70,7 @@ def _stats(cmp: Comparison, p: str) -> dict[str, Any]:
     }
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.runlog import record
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.watch import watch
 from fpgrad.watch.report import _scale, creators
@@ -32,6 +33,7 @@ def _model() -> nn.Module:
 
 def _train(model: nn.Module, steps: int, watched: bool) -> tuple[list[torch.Tensor], Any]:
     """The user's loop: Adam, MSE in float32 on float16 autocast logits, a GradScaler."""
+    record("torch.autocast('cpu', float16) + GradScaler", "native")
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -56,6 +58,7 @@ def _train(model: nn.Module, steps: int, watched: bool) -> tuple[list[torch.Tens
     return [p.detach().clone() for p in model.parameters()], w
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     steps = 10 if small else 24
     base = _model()

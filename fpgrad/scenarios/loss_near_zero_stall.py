@@ -19,7 +19,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png, training_plots
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import TrainResult, train
 
@@ -103,6 +103,7 @@ def threshold(precision: str, lo: float, hi: float, resolution: float) -> tuple[
     return lo, hi
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

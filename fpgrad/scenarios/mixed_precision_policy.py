@@ -21,7 +21,7 @@ from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.render import policy_rows
 from fpgrad.report.plots import save_png
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import TrainResult, train
 
@@ -114,6 +114,7 @@ def _counts(summary: dict[str, int]) -> list[int]:
     return [summary[v] for v in VERDICT_COLUMNS] + [summary["overflow"] + summary["nan"]]
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

@@ -14,7 +14,7 @@ from fpgrad.compare import Comparison, compare
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.report.plots import save_png
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread, torch_trace
 
 NAME = "relu_killed_by_rounding"
@@ -112,6 +112,7 @@ def _kept(c: Comparison, unit: int, precision: str) -> float:
     return g[precision]["value"] / float(g["exact"]) + 0.0  # no -0
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)

@@ -13,7 +13,7 @@ from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
 from fpgrad.rounding import round_to
-from fpgrad.scenarios.base import ScenarioResult, Section
+from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.train import TrainResult, train
 
@@ -69,6 +69,7 @@ def _pow2(v: float) -> str:
     return f"2^{int(np.log2(v))}" if v > 0 and float(np.log2(v)).is_integer() else f"{v:g}"
 
 
+@records_runs
 def run(small: bool = False) -> ScenarioResult:
     with one_torch_thread():
         return _run(small)
