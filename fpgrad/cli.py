@@ -198,12 +198,13 @@ def _train(args: argparse.Namespace) -> int:
         exact_max_bits=args.exact_max_bits,
     )
     if args.out:
+        from fpgrad.report.own import write_train_report
+
         try:
-            written = result.plot(args.out)
-            Path(args.out, "train.json").write_text(result.to_json())
+            written = write_train_report(result, args.out)
         except OSError as exc:  # a full disk, or the directory taken away while training
             raise InputError(f"cannot write into --out {args.out!r}: {exc.strerror}") from None
-        print(f"wrote {', '.join(written)} and {Path(args.out, 'train.json')}", file=sys.stderr)
+        print(f"wrote {', '.join(written)}", file=sys.stderr)
     print(result.to_json() if args.json else result.render())
     return 0
 

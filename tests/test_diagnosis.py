@@ -532,3 +532,24 @@ def test_scenario_sections_escape_cells() -> None:
     sec = Section("t", headers=["run", "|w - 0.3|"], rows=[["float16", "0,1,2,3 | 4,5"]])
     parsed = tables(sec.markdown())
     assert len(parsed) == 1 and {len(r) for r in parsed[0]} == {2}
+
+
+def test_train_out_writes_markdown_html_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "train"
+    code = main(
+        ["train", str(SHOWCASE), "--steps", "3", "--precisions", "float32", "--out", str(out)]
+    )
+    capsys.readouterr()
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"train.md", "train.html", "train.json", "loss.png"} <= names
+    md = (out / "train.md").read_text()
+    assert "![" in md and "loss.png" in md and "```" in md
+    page = (out / "train.html").read_text()
+    assert page.count("data:image/png;base64,") == sum(n.endswith(".png") for n in names)
+    if not CHROMIUM:
+        pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
+    ok, total, _ = _chromium_images(out / "train.html", tmp_path)
+    assert total >= 1 and ok == total

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from fpgrad.advisor import Advice
     from fpgrad.compare import Comparison, GradColumns
     from fpgrad.formats import Format
+    from fpgrad.train import TrainResult
 
 __all__ = [
     "check_out_dir",
@@ -248,9 +249,10 @@ def html_page(
     sections: list[tuple[str, str, list[str], list[list[Any]]]],
     figures: dict[str, tuple[str, Any]],
     out: Path,
+    preformatted: str = "",
 ) -> str:
     """A self-contained HTML page: paragraphs (plain text), a diagnosis list (HTML items),
-    tables, and the figures embedded as data URIs."""
+    tables, text shown as is (``preformatted``), and the figures embedded as data URIs."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -275,6 +277,8 @@ def html_page(
             "<tr>" + "".join(f"<td>{esc(str(x))}</td>" for x in row) + "</tr>" for row in rows
         )
         parts.append(f"<table><tr>{head}</tr>{body}</table>")
+    if preformatted:
+        parts.append(f"<pre>{esc(preformatted)}</pre>")
     parts.append("<h2>Figures</h2>")
     for fname, (caption, _) in figures.items():
         data = base64.b64encode((out / fname).read_bytes()).decode("ascii")
@@ -316,6 +320,29 @@ def write_advise_report(adv: Advice, out: str | Path) -> list[str]:
     (out / "advise.html").write_text(html_page(title, paragraphs, items, sections, figures, out))
     (out / "advise.json").write_text(adv.to_json())
     return [str(out / n) for n in ("advise.md", "advise.html", *figures, "advise.json")]
+
+
+def write_train_report(result: TrainResult, out: str | Path) -> list[str]:
+    """``fpgrad train --out DIR``: train.md and train.html (self-contained) around the
+    training tables as printed, the plots (loss, distance to exact, swamped updates) and
+    train.json."""
+    out = check_out_dir(out)
+    pngs = [Path(p).name for p in result.plot(str(out))]
+    captions = {
+        "loss.png": "Loss per step, and the exact loss at each run's parameters",
+        "distance.png": "Relative distance of each run's parameters from the exact run",
+        "swamped.png": "Share of swamped updates per step",
+    }
+    figures = {name: (captions.get(name, name), None) for name in pngs}
+    text = result.render()
+    title = f"fpgrad train: {result.network}"
+    md = [f"# {title}", "", "```", text, "```", "", "## Figures", ""]
+    md += [f"![{cap}]({fname})" for fname, (cap, _) in figures.items()] + [""]
+    (out / "train.md").write_text("\n".join(md))
+    page = html_page(title, [], [], [], figures, out, preformatted=text)
+    (out / "train.html").write_text(page)
+    (out / "train.json").write_text(result.to_json())
+    return [str(out / n) for n in ("train.md", "train.html", *pngs, "train.json")]
 
 
 def _lost_share(adv: Advice, path: Path) -> None:
