@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -25,10 +24,10 @@ from fpgrad.netfile import load_network
 from fpgrad.render import QUIET, ROW_ORDER, select_rows
 from fpgrad.report.markdown import escape_cell, md_table, tables
 from fpgrad.verdicts import VERDICTS, ExactArray, classify, inaccurate_threshold
+from tests.browser import CHROMIUM, chromium_images
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOWCASE = ROOT / "fpgrad" / "examples" / "showcase.toml"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -256,38 +255,6 @@ def _model_file(tmp_path: Path) -> Path:
     return path
 
 
-def _chromium_images(page: Path, tmp_path: Path) -> tuple[int, int, str]:
-    probe = (
-        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-        " const ok = imgs.filter(i => i.complete && i.naturalWidth > 100).length;"
-        " document.body.setAttribute('data-images', ok + '/' + imgs.length); });</script>"
-    )
-    probed = tmp_path / "probe.html"
-    probed.write_text(page.read_text().replace("</body>", probe + "</body>"))
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=5000",
-    ]
-    proc = subprocess.run(
-        [CHROMIUM, *flags, "--dump-dom", probed.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HOME": str(tmp_path)},
-        check=False,
-    )
-    match = re.search(r'data-images="(\d+)/(\d+)"', proc.stdout)
-    assert match, proc.stderr[-2000:]
-    return int(match.group(1)), int(match.group(2)), proc.stdout
-
-
 @pytest.mark.parametrize("kind", ["toml", "model_file"])
 def test_out_dir_report(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     net = SHOWCASE if kind == "toml" else _model_file(tmp_path)
@@ -306,7 +273,7 @@ def test_out_dir_report(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture
     assert doc["summary"]["float16"]["rounding_zero"] > 0
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
-    ok, total, dom = _chromium_images(out / "compare.html", tmp_path)
+    ok, total, dom = chromium_images(out / "compare.html", tmp_path)
     assert total == 3 and ok == total
     assert "Diagnosis" in dom
 
@@ -418,7 +385,7 @@ def test_advise_out_dir_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert len({len(r) for r in t}) == 1
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
-    ok, total, _ = _chromium_images(out / "advise.html", tmp_path)
+    ok, total, _ = chromium_images(out / "advise.html", tmp_path)
     assert total == 1 and ok == 1
 
 
@@ -551,5 +518,5 @@ def test_train_out_writes_markdown_html_and_plots(
     assert page.count("data:image/png;base64,") == sum(n.endswith(".png") for n in names)
     if not CHROMIUM:
         pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
-    ok, total, _ = _chromium_images(out / "train.html", tmp_path)
+    ok, total, _ = chromium_images(out / "train.html", tmp_path)
     assert total >= 1 and ok == total

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,8 +12,7 @@ from fpgrad import scenarios
 from fpgrad.cli import main
 from fpgrad.report import gallery
 from fpgrad.scenarios import dead_relu
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from tests.browser import CHROMIUM, chromium_images
 
 
 def _small(monkeypatch: pytest.MonkeyPatch, names: list[str], broken: str | None = None) -> None:
@@ -103,36 +99,6 @@ def test_index_opens_in_headless_chromium_with_its_images(
     _small(monkeypatch, ["dead_relu"])
     out = tmp_path / "gallery"
     assert gallery.write_reports(out, progress=False) == []
-    html = (out / "index.html").read_text()
-    # a probe run by the browser after load: every image must have decoded to a real size
-    probe = (
-        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-        " const ok = imgs.filter(i => i.complete && i.naturalWidth > 100).length;"
-        " document.body.setAttribute('data-images', ok + '/' + imgs.length); });</script>"
-    )
-    page = tmp_path / "probe.html"
-    page.write_text(html.replace("</body>", probe + "</body>"))
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=5000",
-    ]
-    proc = subprocess.run(
-        [CHROMIUM, *flags, "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HOME": str(tmp_path)},
-        check=False,
-    )
-    match = re.search(r'data-images="(\d+)/(\d+)"', proc.stdout)
-    assert match, proc.stderr[-2000:]
-    ok, total = int(match.group(1)), int(match.group(2))
+    ok, total, dom = chromium_images(out / "index.html", tmp_path)
     assert total >= 1 and ok == total
-    assert "dead_relu" in proc.stdout
+    assert "dead_relu" in dom

@@ -75,7 +75,7 @@ def test_out_dir_report_of_a_captured_model(
 
     from fpgrad.report.markdown import tables
     from fpgrad.verdicts import VERDICTS
-    from tests.test_diagnosis import CHROMIUM, _chromium_images
+    from tests.browser import CHROMIUM, chromium_images
 
     script = tmp_path / "net.py"
     script.write_text(REPORT_SCRIPT)
@@ -116,7 +116,7 @@ def test_out_dir_report_of_a_captured_model(
         assert (w[rz] == 0).all() and (exact[rz] != 0).all()
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
-    ok, total, dom = _chromium_images(out / "compare.html", tmp_path)
+    ok, total, dom = chromium_images(out / "compare.html", tmp_path)
     assert total == 2 and ok == total
     assert "Diagnosis" in dom and "inp.weight" in dom
 
