@@ -14,7 +14,7 @@ from fpgrad.runlog import record
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.watch import watch
-from fpgrad.watch.report import _scale, creators
+from fpgrad.watch.report import CREATOR_HEADERS, _scale, creators
 
 NAME = "gradscaler_skipped_steps"
 CLAIM = (
@@ -144,17 +144,7 @@ def run(small: bool = False) -> ScenarioResult:
             ),
             Section(
                 "Ops that created special values (all steps)",
-                headers=[
-                    "module",
-                    "op",
-                    "direction",
-                    "zeros created",
-                    "zeros inherited",
-                    "zeros undecided",
-                    "subnormals created",
-                    "infs created",
-                    "NaNs created",
-                ],
+                headers=CREATOR_HEADERS,
                 rows=creators(ops),
             ),
         ],

@@ -46,6 +46,20 @@ def _by_kind(recs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+#: the columns of :func:`creators`' rows
+CREATOR_HEADERS = [
+    "module",
+    "op",
+    "direction",
+    "zeros created",
+    "zeros inherited",
+    "zeros undecided",
+    "subnormals created",
+    "infs created",
+    "NaNs created",
+]
+
+
 def creators(ops: list[dict]) -> list[list[Any]]:
     """Per (module, op, direction), summed over steps: zeros created / inherited / undecided,
     created infs and NaNs; rows with anything created, most created zeros first."""
@@ -209,17 +223,7 @@ def build(recs: list[dict], out: Path) -> tuple[str, list[str]]:
     lines.append(
         tabulate(
             rows[:20],
-            headers=[
-                "module",
-                "op",
-                "direction",
-                "zeros created",
-                "zeros inherited",
-                "zeros undecided",
-                "subnormals created",
-                "infs created",
-                "NaNs created",
-            ],
+            headers=CREATOR_HEADERS,
             tablefmt="github",
         )
         if rows
