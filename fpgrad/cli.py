@@ -347,6 +347,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _exact_max_bits_option(p: argparse.ArgumentParser) -> None:
+    """``--exact-max-bits`` of compare, advise and train (the default is
+    :data:`fpgrad.exact.DEFAULT_MAX_BITS`, written out so that building the parser imports no
+    numerics; tests/test_certificates.py keeps the two equal)."""
+    p.add_argument(
+        "--exact-max-bits",
+        type=int,
+        default=8192,
+        help="cap of the exact reference's precision escalation (default 8192); values still "
+        "unresolved there are reported undetermined",
+    )
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fpgrad", description="A floating-point precision lab for gradient underflow."
@@ -421,13 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits"
     )
-    p.add_argument(
-        "--exact-max-bits",
-        type=int,
-        default=8192,
-        help="cap of the exact reference's precision escalation (default 8192); values still "
-        "unresolved there are reported undetermined",
-    )
+    _exact_max_bits_option(p)
     p.add_argument(
         "--max-rows",
         type=int,
@@ -486,13 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "precision (arb; mpmath is its old name); auto (default): fast when it certifies 17 "
         "digits, else arb",
     )
-    p.add_argument(
-        "--exact-max-bits",
-        type=int,
-        default=8192,
-        help="cap of the exact reference's precision escalation (default 8192); values still "
-        "unresolved there are reported undetermined",
-    )
+    _exact_max_bits_option(p)
     p.add_argument(
         "--verdict-every", type=int, default=None, help="steps between gradient verdicts and exact losses at the run's parameters"
     )
@@ -554,13 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-uncertified", action="store_true", help="accept fewer than 17 certified digits"
     )
-    p.add_argument(
-        "--exact-max-bits",
-        type=int,
-        default=8192,
-        help="cap of the exact reference's precision escalation (default 8192); values still "
-        "unresolved there are reported undetermined",
-    )
+    _exact_max_bits_option(p)
     p.add_argument(
         "--no-measure",
         action="store_true",

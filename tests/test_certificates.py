@@ -407,3 +407,16 @@ def test_arb_escalation_stops_at_the_memory_bound(monkeypatch: pytest.MonkeyPatc
     assert res.method == "arb" and res.bits < 2048
     assert any("memory bound" in e for e in res.escalations)
     assert res.undetermined("forward/dense0").all()  # 2,150 bits would decide it: honest
+
+
+def test_cli_exact_cap_default_is_the_library_default() -> None:
+    from fpgrad.cli import build_parser
+    from fpgrad.exact import DEFAULT_MAX_BITS
+
+    parser = build_parser()
+    for command in (
+        ["compare", "n.toml"],
+        ["advise", "n.toml"],
+        ["train", "n.toml", "--steps", "1"],
+    ):
+        assert parser.parse_args(command).exact_max_bits == DEFAULT_MAX_BITS
