@@ -475,10 +475,11 @@ def compare(
 
 
 def _rounded(net: Network, plan: Plan) -> Network:
-    """``net`` with parameters rounded into the plan's parameter format, data into its data
-    format: what a policy's run starts from."""
+    """``net`` with parameters (and running statistics) rounded into the plan's parameter
+    format, data into its data format: what a policy's run starts from."""
     pf, df = format_of(plan.params), format_of(plan.data)
     out = net.with_params({k: round_to(v, pf) for k, v in net.params.items()})
+    out = out.map_stats(lambda a: round_to(a, pf))
     y = net.y if net.class_targets else round_to(net.y, df)
     return out.with_data(round_to(net.x, df), y)
 

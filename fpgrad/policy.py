@@ -13,6 +13,8 @@ A policy is torch.autocast made explicit, per op class and per layer. Its fields
 An op computing in precision P casts its input, and its parameters, to P (a correct rounding
 when narrowing; autograd casts the gradient back). Batch norm computing in ``input`` with
 float32 parameters and a float16/bfloat16 input runs torch's mixed kernel, as under autocast.
+Eval-mode batch norm (``batch_norm_eval``) is op class ``batch_norm``; its running statistics
+are stored and cast with its parameters.
 
 Built-in policies follow torch.autocast's op lists for the ops fpgrad has: ``autocast``
 (CUDA, float16: matmuls in float16, softmax and losses in float32, float32 master weights),
@@ -101,11 +103,11 @@ class Policy:
         current = data
         plans: list[LayerPlan] = []
         for ly in net.layers:
-            wanted, why = self.rule(ly.name, ly.kind)
+            wanted, why = self.rule(ly.name, ly.op_class)
             compute = current if wanted == INPUT else wanted
-            if not ly.params:
+            if not ly.params and not ly.stats:
                 params = None
-            elif ly.kind == "batch_norm" and wanted == INPUT and _mixed_bn(compute, self.params):
+            elif ly.op_class == "batch_norm" and wanted == INPUT and _mixed_bn(compute, self.params):
                 params = self.params  # torch's mixed batch norm: float32 parameters kept
             else:
                 params = compute
