@@ -436,3 +436,15 @@ def test_bad_network_files_are_one_line(
     path = tmp_path / "net.toml"
     path.write_text("\n".join(lines) + "\n")
     _one_line(["compare", str(path)], capsys, needle)
+
+
+def test_sweep_cells_depend_on_the_running_statistics() -> None:
+    from dataclasses import replace
+
+    from fpgrad.sweep.cells import network_hash
+
+    net = _small_net()
+    bn = net.layers[1]
+    moved = {**bn.stats, "running_var": bn.stats["running_var"] * 2}
+    other = replace(net, layers=(net.layers[0], replace(bn, stats=moved), net.layers[2]))
+    assert network_hash(other) != network_hash(net)
