@@ -19,10 +19,11 @@ Two ways in:
       y_file = "y.npy"
 
 Mapping (torch -> fpgrad): Linear -> dense; ReLU, LeakyReLU(negative_slope), Sigmoid, Tanh ->
-the activations; Softmax(dim=1 or -1) -> softmax; BatchNorm1d in training mode -> batch_norm (batch
-statistics, biased variance; ``affine=False`` or ``bias=False`` become gamma = 1, beta = 0, which
-change no value); BatchNorm1d in eval mode with running statistics -> batch_norm_eval (its
-running_mean and running_var, not updated; no weight or bias where torch has none); a final LogSoftmax with NLLLoss -> cross_entropy on
+the activations; Softmax(dim=1 or -1) -> softmax; BatchNorm1d in training mode -> batch_norm
+(batch statistics, biased variance; ``affine=False`` or ``bias=False`` become gamma = 1,
+beta = 0, which change no value); BatchNorm1d in eval mode with running statistics ->
+batch_norm_eval (its running_mean and running_var, not updated; no weight or bias where torch
+has none); a final LogSoftmax with NLLLoss -> cross_entropy on
 the logits (torch's cross_entropy *is* log_softmax followed by nll_loss); Flatten (first, on
 [batch, ...] data), Identity and Dropout (p=0, or in eval mode; in a model file any p, noted)
 are dropped. A model file's ``mode = "eval"`` puts its BatchNorm1d modules in eval mode.
@@ -217,7 +218,7 @@ def _leaf(path: str, mod: Any, index: int, params: dict[str, Any] | None = None)
         return _Entry(path, cls, "dense", p)
     if cls == "BatchNorm1d":
         if not mod.training and mod.track_running_stats and mod.running_mean is not None:
-            return _eval_batch_norm(path, mod, at, get)
+            return _eval_batch_norm(path, index, mod, at, get)
         n = mod.num_features
         note = None
         if mod.affine and get("weight") is not None:
@@ -262,7 +263,7 @@ def _leaf(path: str, mod: Any, index: int, params: dict[str, Any] | None = None)
     raise _unsupported(cls, index, path)  # pragma: no cover - callers check the class
 
 
-def _eval_batch_norm(path: str, mod: Any, at: str, get: Any) -> _Entry:
+def _eval_batch_norm(path: str, index: int, mod: Any, at: str, get: Any) -> _Entry:
     """An eval-mode BatchNorm1d with running statistics: batch_norm_eval, normalising with
     running_mean and running_var (never updated); no weight or bias where torch has none."""
     stats = {b: _floats(get(b), f"{at}: {b}") for b in ("running_mean", "running_var")}
@@ -274,13 +275,11 @@ def _eval_batch_norm(path: str, mod: Any, at: str, get: Any) -> _Entry:
         if t is not None:
             params[pname] = _floats(t, f"{at}: {pname}")
     note = (
-        f"BatchNorm1d {path or at}: eval mode, normalised with its running statistics "
+        f"BatchNorm1d {path or index}: eval mode, normalised with its running statistics "
         "(running_mean, running_var: constants, not updated)"
     )
-    entry = _Entry(path, "BatchNorm1d", "batch_norm_eval", params, note=note)
-    entry.eps = _real(mod.eps, f"{at}: eps", positive=True)
-    entry.stats = stats
-    return entry
+    eps = _real(mod.eps, f"{at}: eps", positive=True)
+    return _Entry(path, "BatchNorm1d", "batch_norm_eval", params, eps=eps, note=note, stats=stats)
 
 
 def _real(value: Any, at: str, positive: bool = False) -> float:

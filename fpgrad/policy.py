@@ -107,7 +107,9 @@ class Policy:
             compute = current if wanted == INPUT else wanted
             if not ly.params and not ly.stats:
                 params = None
-            elif ly.op_class == "batch_norm" and wanted == INPUT and _mixed_bn(compute, self.params):
+            elif (
+                ly.op_class == "batch_norm" and wanted == INPUT and _mixed_bn(compute, self.params)
+            ):
                 params = self.params  # torch's mixed batch norm: float32 parameters kept
             else:
                 params = compute
