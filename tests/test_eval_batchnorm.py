@@ -448,3 +448,23 @@ def test_sweep_cells_depend_on_the_running_statistics() -> None:
     moved = {**bn.stats, "running_var": bn.stats["running_var"] * 2}
     other = replace(net, layers=(net.layers[0], replace(bn, stats=moved), net.layers[2]))
     assert network_hash(other) != network_hash(net)
+
+
+def test_rounded_reference_rounds_the_running_statistics() -> None:
+    """reference = "rounded" starts from the values the run holds: the running statistics are
+    stored with the parameters, so they are rounded into that format too."""
+    from fpgrad.compare import _rounded
+    from fpgrad.formats import get_format
+    from fpgrad.policy import Plan
+    from fpgrad.rounding import round_to
+
+    net = _small_net()
+    f16, f32 = get_format("float16"), get_format("float32")
+    for rounded, fmt in (
+        (net.map_values(lambda a: round_to(a, f16)), f16),
+        (_rounded(net, Plan.uniform(net, "float16")), f16),
+        (_rounded(net, BUILTIN["autocast"].resolve(net)), f32),  # stored in float32
+    ):
+        for k, v in net.layers[1].stats.items():
+            got = rounded.layers[1].stats[k]
+            assert np.array_equal(got, round_to(v, fmt)) and not np.array_equal(got, v), k
