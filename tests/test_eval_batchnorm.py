@@ -411,6 +411,13 @@ def test_missing_running_statistics_in_a_model_file(tmp_path: Path, capsys: Any)
     _one_line(["compare", str(path)], capsys, "no 1.running_var", 'mode = "eval"')
 
 
+def test_non_finite_running_statistics_in_a_state_dict(tmp_path: Path, capsys: Any) -> None:
+    sd = _model().state_dict()
+    sd["1.running_var"][2] = float("nan")
+    path = _save(tmp_path, ["Linear(4, 5)", "BatchNorm1d(5)", "Tanh()", "Linear(5, 3)"], sd)
+    _one_line(["compare", str(path)], capsys, "running_var", "non-finite value nan")
+
+
 _BN = {"type": "batch_norm_eval", "running_mean": [0.0, 1.0], "running_var": [1.0, 2.0]}
 
 
@@ -424,6 +431,8 @@ _BN = {"type": "batch_norm_eval", "running_mean": [0.0, 1.0], "running_var": [1.
         ({"weight": False}, "weight = false needs bias = false"),
         ({"eps": 0.0}, "eps must be positive"),
         ({"momentum": 0.1}, "unknown key 'momentum'"),
+        ({"running_mean": ["a", 1.0]}, "running_mean: expected numbers"),
+        ({"bias": False, "bias_init": "zeros"}, "bias = false has no bias_init"),
     ],
 )
 def test_bad_network_files_are_one_line(
