@@ -477,3 +477,38 @@ def test_rounded_reference_rounds_the_running_statistics() -> None:
         for k, v in net.layers[1].stats.items():
             got = rounded.layers[1].stats[k]
             assert np.array_equal(got, round_to(v, fmt)) and not np.array_equal(got, v), k
+
+
+def test_folding_into_a_dense_layer_is_not_what_torch_computes() -> None:
+    """Why batch_norm_eval is its own kind: the fold into a dense layer (weight diag(gamma /
+    sqrt(running_var + eps)), bias beta - gamma running_mean / sqrt(running_var + eps), both
+    computed in float64 and rounded once) gives other values than torch's eval-mode
+    BatchNorm1d, while batch_norm_eval's native column is torch's own. Prints the counts
+    (``pytest -s``) quoted in the README."""
+    from fpgrad.torch_native import to_dtype
+
+    gen = torch.Generator().manual_seed(11)
+    x64 = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    bn = nn.BatchNorm1d(8, dtype=torch.float64).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(8, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(8, generator=gen, dtype=torch.float64) * 2 + 0.1)
+        bn.weight.copy_(torch.randn(8, generator=gen, dtype=torch.float64))
+        bn.bias.copy_(torch.randn(8, generator=gen, dtype=torch.float64))
+    gamma, beta = bn.weight.detach().numpy(), bn.bias.detach().numpy()
+    scale = gamma / np.sqrt(bn.running_var.numpy() + bn.eps)
+    shift = beta - scale * bn.running_mean.numpy()
+    for name in ("float16", "bfloat16", "float32"):
+        dtype = getattr(torch, name)
+        mod = copy.deepcopy(bn)
+        for t in (mod.running_mean, mod.running_var, mod.weight, mod.bias):
+            t.data = to_dtype(t.detach().numpy(), name)
+        x = to_dtype(x64.numpy(), name)
+        with one_torch_thread(), torch.no_grad():
+            want = mod(x)
+            folded = F.linear(x, to_dtype(np.diag(scale), name), to_dtype(shift, name))
+            net = import_module(mod, x, torch.zeros(64, 8, dtype=dtype), "mse").network
+        differ = int((want != folded).sum())
+        print(f"{name}: the fold differs from torch in {differ} of {want.numel()} values")
+        assert differ > 0
+        assert np.array_equal(torch_trace(net, name).forward[net.layers[0].name], to_float64(want))
