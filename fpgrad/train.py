@@ -618,7 +618,7 @@ class ExactRun:
 
     def radius_report(self) -> str:
         """Where the radii stand after the last step, for the fallback line: the widest
-        relative radius (radius / |midpoint|, exact zeros aside) of the gradient, of the
+        relative radius (radius / |midpoint|, zero midpoints aside) of the gradient, of the
         optimizer's state (momentum buffer; Adam's m and v), of the update and of the
         parameters, each with its parameter's name; multi-word balls only ("" otherwise)."""
         if not _is_ball(next(iter(self.params.values()), None)):
@@ -636,10 +636,11 @@ class ExactRun:
         for what, values in parts:
             worst, where = 0.0, ""
             for k, b in values.items():
-                m, r = np.abs(b.mid[0]), np.asarray(b.rad)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    rel = np.where(m > 0, r / np.where(m > 0, m, 1.0), np.where(r > 0, np.inf, 0))
-                top = float(np.max(rel)) if rel.size else 0.0
+                m = np.abs(b.mid[0])
+                nonzero = m > 0
+                top = (
+                    float(np.max(np.asarray(b.rad)[nonzero] / m[nonzero])) if nonzero.any() else 0.0
+                )
                 if top > worst or not where:
                     worst, where = top, k
             if where:
