@@ -681,6 +681,9 @@ def _changed(a: Any, b: Any) -> bool:
     return bool(np.any(a != b))
 
 
+ARB_WATCH_EVERY = 10  #: an Arb run checks its certified digits every this many steps
+
+
 def arb_bits_for(lost_per_step: float, steps: int, cap: int) -> int:
     """The Arb precision expected to keep 17 certified digits over ``steps`` steps that lose
     ``lost_per_step`` digits each (as measured on a shorter run): 17 digits, 10 more, and a
@@ -721,24 +724,28 @@ def exact_trajectory(
     n = len(schedule)
 
     def steps(run: ExactRun, what: str, watch: bool = False) -> tuple[int | None, float]:
-        """Run the schedule; ``watch``: stop at the first step whose parameters certify fewer
-        than 17 digits, and return (that step, digits lost per step since step 1)."""
+        """Run the schedule; ``watch``: stop at the first checked step (balls: every step;
+        Arb: step 1 and every ARB_WATCH_EVERY steps) whose parameters certify fewer than 17
+        digits, and return (that step, digits lost per step since step 1)."""
         run.record_initial()
         iterator: Any = schedule
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(schedule, desc=f"fpgrad train: exact ({what})", leave=False)
-        first = None
+        first: tuple[int, float] | None = None
+        # Arb digits cost a Python loop per element: checked every ARB_WATCH_EVERY steps
+        every = 1 if _is_ball(next(iter(run.params.values()), None)) else ARB_WATCH_EVERY
         for rows in iterator:
             run.step(rows)
             if run.failed():
                 return None, 0.0
-            if watch:
-                d, t = run.digits_now(), len(run.history.loss)
-                first = d if first is None else first
+            t = len(run.history.loss)
+            if watch and (t % every == 0 or t == 1):
+                d = run.digits_now()
+                first = (t, d) if first is None else first
                 if d < 17:
-                    return t, (first - d) / max(t - 1, 1)
+                    return t, (first[1] - d) / max(t - first[0], 1)
         run.record_final(schedule[-1])
         return None, 0.0
 
@@ -779,8 +786,10 @@ def exact_trajectory(
         exact = ExactRun(net, cfg, prec)
         exact.fallback = fallback
         low, rate = steps(exact, f"arb {prec} bits", watch=prec < cap_bits)
-        if low is None:
-            return exact, exact.ball_digits(), "arb"
+        if low is None:  # to the end: an unchecked step may still hold fewer than 17 digits
+            digits = exact.ball_digits()
+            if digits >= 17 or prec >= cap_bits:
+                return exact, digits, "arb"
         prec = min(max(2 * prec, arb_bits_for(rate, n, cap_bits)), cap_bits)
 
 
