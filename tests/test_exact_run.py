@@ -233,3 +233,32 @@ def test_digit_loss_fallback_encloses_a_2000_bit_mpmath_trajectory(
             for ball, value in zip(np.ravel(values), np.ravel(mps[k]), strict=True):
                 mid, rad = (ctx.mpf(tuple(map(int, x.man_exp()))) for x in (ball.mid(), ball.rad()))
                 assert abs(mid - value) <= rad + abs(value) * ctx.mpf(2) ** -1900, (k, mid, value)
+
+
+def test_an_arb_run_below_17_digits_is_redone_at_more_bits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a forecast that is too low (always 256 bits): the Arb run loses its digits before the
+    # end, stops at a checked step and is redone at more bits, which certify >= 17
+    import fpgrad.train as train_mod
+
+    layers, loss, y = NETS["tanh_mse"]
+    net = net_from(layers, loss, X, y, seed=3)
+    monkeypatch.setattr(train_mod, "arb_bits_for", lambda rate, steps, cap: ARB_START_BITS)
+    seen: list[tuple[int, int]] = []
+    real_step = ExactRun.step
+
+    def step(self: ExactRun, rows: np.ndarray) -> None:
+        real_step(self, rows)
+        seen.append((self.bits, len(self.history.loss)))
+
+    monkeypatch.setattr(ExactRun, "step", step)
+    opt = OptimConfig(name="adam", lr=0.1)
+    run, digits, method = exact_trajectory(net, opt, batch_schedule(6, 400, 4, 1), 128)
+    tried = sorted({bits for bits, _ in seen if bits >= ARB_START_BITS})
+    assert method == "arb" and digits >= 17 and len(tried) >= 2 and run.bits == tried[-1]
+    assert tried == [ARB_START_BITS * 2**i for i in range(len(tried))]  # x2 each time
+    for bits in tried[:-1]:  # each stopped early, at a checked step
+        last = max(t for b, t in seen if b == bits)
+        assert last < 400 and last % 10 == 0, (bits, last)
+    assert f"at {ARB_START_BITS} bits" in capsys.readouterr().err
