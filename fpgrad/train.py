@@ -768,7 +768,7 @@ def exact_trajectory(
                     f"{run.radius_report()}"
                 )
             else:
-                why = f"{digits:.1f} certified digits after {n} steps"
+                why = f"{digits:.1f} certified digits after {n} steps; {run.radius_report()}"
         else:
             why = (
                 f"step {run.failed_at}: a value out of 2**-800..2**800, a ReLU input too close "
