@@ -254,11 +254,11 @@ def test_an_arb_run_below_17_digits_is_redone_at_more_bits(
 
     monkeypatch.setattr(ExactRun, "step", step)
     opt = OptimConfig(name="adam", lr=0.1)
-    run, digits, method = exact_trajectory(net, opt, batch_schedule(6, 400, 4, 1), 128)
+    run, digits, method = exact_trajectory(net, opt, batch_schedule(6, 250, 4, 1), 128)
     tried = sorted({bits for bits, _ in seen if bits >= ARB_START_BITS})
     assert method == "arb" and digits >= 17 and len(tried) >= 2 and run.bits == tried[-1]
     assert tried == [ARB_START_BITS * 2**i for i in range(len(tried))]  # x2 each time
     for bits in tried[:-1]:  # each stopped early, at a checked step
         last = max(t for b, t in seen if b == bits)
-        assert last < 400 and last % 10 == 0, (bits, last)
+        assert last < 250 and last % 10 == 0, (bits, last)
     assert f"at {ARB_START_BITS} bits" in capsys.readouterr().err
