@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
 from torch.func import functional_call
 
 from fpgrad.graph.capture import Graph, LossFn, OpRecorder, align, joint_function, loss_in, op_name

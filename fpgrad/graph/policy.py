@@ -296,4 +296,13 @@ def scaled_seed(graph: Graph, scale: float) -> Graph:
     )  # fmt: skip
 
 
-__all__ = ["CUDA_FP32", "CUDA_LOWER", "CastMode", "GraphPlan", "OP_CLASS", "op_class", "owners", "resolve"]
+__all__ = [
+    "CUDA_FP32",
+    "CUDA_LOWER",
+    "CastMode",
+    "GraphPlan",
+    "OP_CLASS",
+    "op_class",
+    "owners",
+    "resolve",
+]
