@@ -229,10 +229,11 @@ def _import(args: argparse.Namespace) -> int:
 def _advise(args: argparse.Namespace) -> int:
     from fpgrad.advisor import advise
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.graph.script import is_script, load_script
     from fpgrad.report.own import check_out_dir, write_advise_report
 
     out = check_out_dir(args.out) if args.out else None
-    net = _load_network(args.network)
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     exponents = None
     if args.exponents is not None:
         lo, sep, hi = args.exponents.partition("..")
