@@ -157,6 +157,7 @@ def compare_graph(
     precs = parse_precisions(precisions, net.policies)
     plans = {p.name: resolve(p.policy, net.graph) for p in precs if p.policy is not None}
     kw: dict[str, Any] = {} if exact_max_bits is None else {"max_bits": exact_max_bits}
+    record("exact", "exact")
     exact = exact_graph(net.graph, exact_bits, allow_uncertified, **kw)
     refs = {
         p.name: exact_graph(
