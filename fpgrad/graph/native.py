@@ -157,7 +157,7 @@ def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> 
     ps = [p.detach().clone().requires_grad_() for _, p in model.named_parameters()]
     args = [_into(x, plan.data) for x in (*graph.inputs, graph.targets)]
     nodes = [n for n in graph.ops if n.target is not operator.getitem]
-    mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda")
+    mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
     loss_fn = loss_in(graph.loss_fn, DTYPES[plan.params], plan.params)
     with one_torch_thread():
         fn = scaled_joint(model, names, loss_fn, loss_scale)

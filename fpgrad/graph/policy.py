@@ -106,6 +106,19 @@ def owners(graph: Graph) -> dict[str, str]:
     return out
 
 
+def _linear_bias_of(node: fx.Node) -> fx.Node | None:
+    """The ``mm`` of ``linear`` when ``node`` is its bias add (``add(view(mm(x, t(w))), b)``
+    with ``b`` a parameter), else None."""
+    if op_name(node) != "aten.add" or len(node.args) != 2:
+        return None
+    x, b = node.args
+    if not (isinstance(b, fx.Node) and b.op == "placeholder" and isinstance(x, fx.Node)):
+        return None
+    while op_name(x) in ("aten._unsafe_view", "aten.view") and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return x if op_name(x) == "aten.mm" else None
+
+
 @dataclass(frozen=True)
 class GraphPlan:
     """A policy resolved against a graph: the precision of each op node that casts (absent:
@@ -120,6 +133,8 @@ class GraphPlan:
     dtypes: dict[str, str] = field(default_factory=dict)
     rules: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    #: backward op node -> the forward op node whose autograd node runs it
+    owners: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         """How the column runs, in words (for reports)."""
@@ -196,25 +211,46 @@ def resolve(policy: Policy, graph: Graph) -> GraphPlan:
         prec, why = _rule(policy, graph.paths.get(node.name, ""), op_class(node))
         if prec != INPUT:
             forward[node.name] = (prec, why)
+    for node in nodes:  # linear on a 3-D input: mm + view + add of the bias, one op to autocast
+        dense = _linear_bias_of(node)
+        if dense is not None and dense.name in forward and node.name not in own:
+            prec, why = forward[dense.name]
+            forward[node.name] = (prec, f"{why} (the bias add of a linear)")
     dtypes, rules = {}, {}
     for node in nodes:
         chosen = forward.get(own.get(node.name, node.name))
         if chosen is not None:
             dtypes[node.name], rules[node.name] = chosen
     how = "cuda" if device == "cuda" and BUILTIN.get(policy.name) == policy else "cast"
-    return GraphPlan(how=how, dtypes=dtypes, rules=rules, **base)  # type: ignore[arg-type]
+    return GraphPlan(how=how, dtypes=dtypes, rules=rules, owners=own, **base)  # type: ignore[arg-type]
+
+
+def _key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
 
 class CastMode(TorchDispatchMode):
     """Casts each op's floating inputs to its node's precision and records its output.
 
-    Ops arrive in graph order; a ``_to_copy``, ``detach`` or ``alias`` the graph lacks (the
-    casts of torch.autocast and of autograd's gradient dtype checks) is run uncast and not
-    paired. Any other difference is an error."""
+    A forward op casts every floating input (not float64 ones with ``keep_f64``, as autocast
+    does). A backward op casts only the tensors its forward op cast (the inputs autograd
+    saved before the cast; what torch.autocast would have saved is their cast) and the
+    ``input_dtype`` of a softmax backward; gradients and saved outputs already have the
+    forward's dtypes. Ops arrive in graph order; a ``_to_copy``, ``detach`` or ``alias`` the
+    graph lacks (the casts of torch.autocast and of autograd's gradient dtype checks) is run
+    uncast and not paired. Any other difference is an error."""
 
-    def __init__(self, nodes: list[fx.Node], dtypes: dict[str, str], keep_f64: bool) -> None:
+    def __init__(
+        self,
+        nodes: list[fx.Node],
+        dtypes: dict[str, str],
+        keep_f64: bool,
+        owners: dict[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.nodes, self.dtypes, self.keep_f64 = nodes, dtypes, keep_f64
+        self.owners = owners or {}
+        self.cast: dict[str, set[tuple[Any, ...]]] = {}  # forward node -> originals it cast
         self.i = 0
         self.values: dict[str, Any] = {}
 
@@ -240,17 +276,23 @@ class CastMode(TorchDispatchMode):
         kwargs = kwargs or {}
         node = self._node(func)
         prec = None if node is None else self.dtypes.get(node.name)
-        if prec is not None:
+        if node is not None and prec is not None:
             dtype = DTYPES[prec]
-
             retype = str(func).endswith("_backward_data.default")  # softmax's input_dtype
+            owner = self.owners.get(node.name)
+            done = self.cast.setdefault(node.name, set()) if owner is None else None
+            saved = self.cast.get(owner, set()) if owner is not None else set()
 
             def cast(t: Any) -> Any:
                 if retype and isinstance(t, torch.dtype) and t.is_floating_point:
                     return dtype
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                     return t
-                if self.keep_f64 and t.dtype == torch.float64:
+                if t.dtype == dtype or (self.keep_f64 and t.dtype == torch.float64):
+                    return t
+                if done is not None:
+                    done.add(_key(t))
+                elif _key(t) not in saved:
                     return t
                 return t.to(dtype)
 
