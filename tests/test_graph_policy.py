@@ -227,3 +227,17 @@ def test_cli_policies_loss_scale_reference_and_advise(
     assert err.count("\n") == 1 and "drop --signals" in err
     assert main(["compare", f"{script}:build", "--policy", "nope"]) == 2
     assert "unknown precision 'nope'" in capsys.readouterr().err
+
+
+def test_layer_norm_op_class_on_the_transformer_block() -> None:
+    model, inputs, targets = transformer_block()
+    pol = parse_policy(
+        "ln32", {"params": "bfloat16", "default": "bfloat16", "layer_norm": "float32"}
+    )
+    net = fpgrad.from_module(model, inputs, targets, nn.CrossEntropyLoss(), policies={"ln32": pol})
+    plan = resolve(pol, net.graph)
+    ln = {n: plan.dtypes[n] for n, p in net.graph.paths.items() if "layer_norm" in n}
+    assert ln and set(ln.values()) == {"float32"}  # forward and backward of both LayerNorms
+    tr = native_run(net.graph, "ln32", plan=plan)
+    assert tr.formats["grads/ln1.weight"] == "float32"
+    assert tr.formats["grads/mlp.0.weight"] == "bfloat16"

@@ -173,6 +173,12 @@ def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> 
         for k, v in mode.values.items()
         if isinstance(v, torch.Tensor) and v.is_floating_point()
     }
+    for node in graph.ops:  # an element of a multi-output op: its own dtype
+        src = mode.values.get(node.args[0].name) if node.target is operator.getitem else None
+        if isinstance(src, (tuple, list)):
+            item = src[node.args[1]]
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                formats[node.name] = _NAMES[item.dtype]
     values = {k: _f64(v) for k, v in mode.values.items()}
     _getitems(graph, values)
     out = next(n for n in graph.gm.graph.nodes if n.op == "output")
