@@ -225,6 +225,9 @@ def test_cli_policies_loss_scale_reference_and_advise(
     assert main(["advise", f"{script}:build", "--signals"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "drop --signals" in err
+    assert main(["policies", "--network", f"{script}:build", "head32", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["head32"]["modules"]
+    assert set(shown["2"]) == {"float32"} and set(shown["0"]) == {"float16"}
     assert main(["compare", f"{script}:build", "--policy", "nope"]) == 2
     assert "unknown precision 'nope'" in capsys.readouterr().err
 

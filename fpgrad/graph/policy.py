@@ -338,6 +338,40 @@ def scaled_seed(graph: Graph, scale: float) -> Graph:
     )  # fmt: skip
 
 
+def show_plans(net: Any, names: list[str] | None, as_json: bool) -> str:
+    """``fpgrad policies script.py:build``: per policy how it runs and, per module path, how
+    many op nodes (forward and backward) it casts to each precision."""
+    import json
+
+    from fpgrad.policy import BUILTIN, get_policy
+    from fpgrad.suggest import did_you_mean
+
+    known = [*BUILTIN, *net.policies]
+    out: dict[str, Any] = {}
+    for name in names or known:
+        pol = get_policy(name, net.policies)
+        if pol is None:
+            hint = did_you_mean(name, known)
+            raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
+        plan = resolve(pol, net.graph)
+        per: dict[str, dict[str, int]] = {}
+        for node, prec in plan.dtypes.items():
+            counts = per.setdefault(net.graph.paths.get(node, "") or "<top>", {})
+            counts[prec] = counts.get(prec, 0) + 1
+        out[name] = {"ran": plan.describe(), "description": plan.description,
+                     "params": plan.params, "data": plan.data, "modules": per}  # fmt: skip
+    if as_json:
+        return json.dumps(out, indent=2)
+    lines = []
+    for name, d in out.items():
+        lines.append(f"{name}: {d['description']}")
+        lines.append(f"  runs as: {d['ran']}")
+        for path, counts in sorted(d["modules"].items()):
+            cast = ", ".join(f"{n} ops to {p}" for p, n in sorted(counts.items()))
+            lines.append(f"  {path}: {cast}")
+    return "\n".join(lines)
+
+
 __all__ = [
     "CUDA_FP32",
     "CUDA_LOWER",
