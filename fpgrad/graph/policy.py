@@ -254,7 +254,11 @@ class CastMode(TorchDispatchMode):
         self.i = 0
         self.values: dict[str, Any] = {}
 
-    def _node(self, func: Any) -> fx.Node | None:
+    def _node(self, func: Any, kwargs: dict[str, Any]) -> fx.Node | None:
+        if str(func) == "aten._to_copy.default":  # a cast the graph has casts to its dtype
+            nxt = self.nodes[self.i] if self.i < len(self.nodes) else None
+            if nxt is None or nxt.target != func or nxt.kwargs.get("dtype") != kwargs.get("dtype"):
+                return None
         while (
             self.i < len(self.nodes)
             and self.nodes[self.i].target != func
@@ -274,7 +278,7 @@ class CastMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        node = self._node(func)
+        node = self._node(func, kwargs)
         prec = None if node is None else self.dtypes.get(node.name)
         if node is not None and prec is not None:
             dtype = DTYPES[prec]
