@@ -35,7 +35,10 @@ if TYPE_CHECKING:
     from fpgrad.network import Network
 
 INPUT = "input"
-OP_CLASSES = ("dense", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "batch_norm", "loss")
+#: ``layer_norm`` applies to captured models only (fpgrad.graph.policy): layer networks have none
+OP_CLASSES = (
+    "dense", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "batch_norm", "layer_norm", "loss"
+)  # fmt: skip
 ALIASES = {"matmul": "dense", "linear": "dense"}
 GROUPS = {"activation": ("relu", "leaky_relu", "sigmoid", "tanh")}
 _FIELDS = ("params", "data", "default", "description", "layers", "extends")
