@@ -74,22 +74,24 @@ def reciprocal(cx: Any, a: Any) -> Any:
 
 @op("aten.pow.Tensor_Scalar")
 def pow_scalar(cx: Any, a: Any, e: float) -> Any:
-    """Integer powers by repeated products; +-1/2 through sqrt."""
+    """Integer powers by repeated products; half-integer powers as powers of sqrt(a)
+    (``x.pow(-0.5)``'s backward reads ``x.pow(-1.5)``)."""
     ar = cx.ar
     e = float(e)
-    if e in (0.5, -0.5):
-        r = ar.sqrt(a)
-        return r if e > 0 else ar.div(ar.const(1.0), r)
-    if e != int(e) or abs(e) > 64:
+    if 2 * e != int(2 * e) or abs(e) > 64:
         from fpgrad.errors import InputError
 
         raise InputError(
-            f"{cx.label()}: pow with exponent {e} is not supported (integers and +-0.5 are)"
+            f"{cx.label()}: pow with exponent {e} is not supported (integers and halves are)"
         )
-    n = abs(int(e))
+    if e != int(e):
+        base = ar.sqrt(a)
+        n = abs(int(2 * e))
+    else:
+        base, n = a, abs(int(e))
     if n == 0:
         return ar.asarray(np.ones(shapes.shape(a)))
-    out, base, first = None, a, True
+    out, first = None, True
     while n:  # square and multiply
         if n & 1:
             out = base if first else ar.mul(out, base)
