@@ -131,6 +131,12 @@ ADD_MASK = torch.tensor([[0.0, float("-inf"), 0.5], [0.25, 0.0, float("-inf")],
                          [float("-inf"), -1.0, 0.0]])  # fmt: skip
 
 
+MASK = torch.tensor([[False, True, False, True], [True, False, False, False],
+                     [False, False, True, False]])  # fmt: skip
+ADD_BIAS = torch.tensor([[0.0, float("-inf"), 1.0, 0.5], [float("-inf"), 0.0, 0.0, 0.0],
+                         [0.0, 0.0, float("-inf"), -2.0]])  # fmt: skip
+
+
 def _sdpa(kind: str) -> tuple[Callable, Oracle]:
     def t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         q, k, v = _qkv(x, w)
@@ -203,6 +209,43 @@ POINTWISE: dict[str, tuple[Callable, Oracle]] = {
         lambda x, w: (
             R.max_pool2d((w * x).reshape(1, 1, 3, 4), 2, 2)
             + R.avg_pool2d((w + x).reshape(1, 1, 3, 4), 2, 2)
+        ),
+    ),
+    "gelu_tanh": (
+        lambda x, w: F.gelu(w * x * 3, approximate="tanh"),
+        lambda x, w: R.gelu_tanh(w * x * 3),
+    ),
+    "var": (
+        lambda x, w: torch.var(w * x, 1) + (w + x).var(0, correction=0)[:3] + w.var(),
+        lambda x, w: R.var(w * x, 1, 1) + R.var(w + x, 0, 0)[:3] + R.var(w.reshape(-1), 0, 1),
+    ),
+    "max_avg_pool_padding_ceil_mode": (
+        lambda x, w: torch.stack(
+            [
+                F.max_pool2d((w * x).view(1, 1, 3, 4), 2, padding=1, ceil_mode=True).sum(),
+                F.max_pool2d((w - x).view(1, 1, 3, 4), 3, 2, padding=1).sum(),
+                F.avg_pool2d((w + x).view(1, 1, 3, 4), 2, padding=1, ceil_mode=True).sum(),
+                F.avg_pool2d((w * w).view(1, 1, 3, 4), 3, 2, 1, True, False).sum(),
+            ]
+        ),
+        lambda x, w: np.array(
+            [
+                np.sum(R.max_pool2d((w * x).reshape(1, 1, 3, 4), 2, 2, 1, True)),
+                np.sum(R.max_pool2d((w - x).reshape(1, 1, 3, 4), 3, 2, 1)),
+                np.sum(R.avg_pool2d((w + x).reshape(1, 1, 3, 4), 2, 2, 1, True)),
+                np.sum(R.avg_pool2d((w * w).reshape(1, 1, 3, 4), 3, 2, 1, True, False)),
+            ],
+            dtype=object,
+        ),
+    ),
+    "masked_fill_neg_inf_softmax": (
+        lambda x, w: (
+            torch.softmax((w * x).masked_fill(MASK, float("-inf")), -1)
+            + torch.softmax(w + x + ADD_BIAS, 0)
+        ),
+        lambda x, w: (
+            R.softmax(np.where(MASK.numpy(), R.NEG_INF, w * x), -1)
+            + R.softmax(w + x + R.mp(ADD_BIAS), 0)
         ),
     ),
     "adaptive_avg_pool": (
@@ -394,6 +437,10 @@ REGRESSION: dict[str, tuple[Any, Oracle]] = {
     "l1_sum": (nn.L1Loss(reduction="sum"), lambda y, t: R.l1(y, t, "sum")),
     "huber": (nn.HuberLoss(delta=0.5), lambda y, t: R.huber(y, t, 0.5)),
     "bce_with_logits_mean": (nn.BCEWithLogitsLoss(), lambda y, t: R.bce_logits(y, t)),
+    "bce_with_logits_pos_weight": (
+        nn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0, 0.5])),
+        lambda y, t: R.bce_logits(y, t, R.mp(torch.tensor([3.0, 0.5]))),
+    ),
     "bce_with_logits_sum": (
         nn.BCEWithLogitsLoss(reduction="sum"),
         lambda y, t: R.bce_logits(y, t, reduction="sum"),

@@ -222,6 +222,11 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     return (x - m) / sqrt(v + CTX.mpf(eps)) * g + b
 
 
+def var(x: np.ndarray, axis: int, correction: int) -> np.ndarray:
+    m = np.sum(x, axis=axis, keepdims=True) / x.shape[axis]
+    return np.sum((x - m) ** 2, axis=axis) / (x.shape[axis] - correction)
+
+
 # ---- attention -----------------------------------------------------------------------------
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray | None = None,
               scale: Any = None) -> np.ndarray:  # fmt: skip
