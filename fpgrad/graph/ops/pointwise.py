@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -280,11 +279,11 @@ def mul_inplace(cx: Any, a: Any, b: Any) -> Any:
     return mul(cx, a, b)
 
 
-@dataclass
-class NegInfMasked:
+class NegInfMasked(NamedTuple):
     """A value that is -inf where ``mask`` (``masked_fill`` with -inf): -inf is a mask, never
     a number. ``value`` holds the other elements (0 under the mask); only softmax reads it
-    (capture refuses any other reader: :func:`fpgrad.graph.ops.unsupported_message`)."""
+    (capture refuses any other reader: :func:`fpgrad.graph.ops.unsupported_message`). A
+    tuple, so that attribution skips it as it skips multi-output values."""
 
     value: Any
     mask: np.ndarray
