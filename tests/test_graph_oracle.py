@@ -249,8 +249,14 @@ POINTWISE: dict[str, tuple[Callable, Oracle]] = {
         ),
     ),
     "adaptive_avg_pool": (
-        lambda x, w: F.adaptive_avg_pool2d((w * x).view(1, 1, 3, 4), (1, 2)),
-        lambda x, w: R.adaptive_avg_pool2d((w * x).reshape(1, 1, 3, 4), 1, 2),
+        lambda x, w: (
+            F.adaptive_avg_pool2d((w * x).view(1, 1, 3, 4), (1, 2)).sum()
+            + F.adaptive_avg_pool2d((w + x).view(1, 1, 3, 4), (2, 3))
+        ),
+        lambda x, w: (
+            np.sum(R.adaptive_avg_pool2d((w * x).reshape(1, 1, 3, 4), 1, 2))
+            + R.adaptive_avg_pool2d((w + x).reshape(1, 1, 3, 4), 2, 3)
+        ),
     ),
 }
 

@@ -338,25 +338,56 @@ def avg_pool2d_backward(
     return geo.uncols(cx, cols, shapes.shape(x))
 
 
-def _adaptive_kernel(cx: Any, x: Any, size: Any) -> tuple[int, int]:
-    h, w = shapes.shape(x)[-2:]
+def _adaptive_rows(n: int, o: int) -> np.ndarray:
+    """(o, n) 0/1 matrix: window i covers [floor(i n / o), ceil((i + 1) n / o))."""
+    m = np.zeros((o, n))
+    for i in range(o):
+        m[i, (i * n) // o : -((-(i + 1) * n) // o)] = 1.0
+    return m
+
+
+def _adaptive(cx: Any, x_shape: Any, size: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Window matrices (oh, H), (ow, W) and the window sizes (oh, ow) as a value."""
+    h, w = x_shape[-2:]
     oh, ow = _pair(size)
-    if h % oh or w % ow:
-        raise InputError(
-            f"{cx.label()}: adaptive average pooling from {h}x{w} to {oh}x{ow} is supported "
-            "only when the output size divides the input size"
-        )
-    return h // oh, w // ow
+    ah, aw = _adaptive_rows(h, oh), _adaptive_rows(w, ow)
+    counts = ah.sum(1)[:, None] * aw.sum(1)[None, :]
+    return ah, aw, counts
+
+
+def _apply_rows(cx: Any, x: Any, left: np.ndarray, right: np.ndarray) -> Any:
+    """left @ x @ right^T over the last two axes of (N, C, a, b), by the system's matmul."""
+    ar = cx.ar
+    n, c, a, b = shapes.shape(x)
+    y = ar.matmul(shapes.reshape(x, (n * c * a, b)), ar.asarray(right.T.copy()))
+    y = shapes.reshape(shapes.transpose(shapes.reshape(y, (n * c, a, -1)), 1, 2), (-1, a))
+    y = ar.matmul(y, ar.asarray(left.T.copy()))
+    q = right.shape[0]
+    return shapes.reshape(shapes.transpose(shapes.reshape(y, (n * c, q, -1)), 1, 2),
+                          (n, c, left.shape[0], q))  # fmt: skip
 
 
 @op("aten._adaptive_avg_pool2d.default")
 def adaptive_avg_pool2d(cx: Any, x: Any, size: Any) -> Any:
-    """Average pooling with kernel = stride = input size / output size (divisible sizes)."""
-    k = _adaptive_kernel(cx, x, size)
-    return avg_pool2d(cx, x, k, k)
+    """Average pooling with kernel = stride = input size / output size when it divides;
+    otherwise window sums through 0/1 window matrices over torch's window sizes."""
+    h, w = shapes.shape(x)[-2:]
+    oh, ow = _pair(size)
+    if h % oh == 0 and w % ow == 0:
+        k = (h // oh, w // ow)
+        return avg_pool2d(cx, x, k, k)
+    ah, aw, counts = _adaptive(cx, shapes.shape(x), size)
+    total = _apply_rows(cx, x, ah, aw)
+    return cx.ar.div(total, cx.ar.asarray(np.broadcast_to(counts, shapes.shape(total)).copy()))
 
 
 @op("aten._adaptive_avg_pool2d_backward.default")
 def adaptive_avg_pool2d_backward(cx: Any, g: Any, x: Any) -> Any:
-    k = _adaptive_kernel(cx, x, shapes.shape(g)[-2:])
-    return avg_pool2d_backward(cx, g, x, k, k, 0, False, True, None)
+    h, w = shapes.shape(x)[-2:]
+    oh, ow = shapes.shape(g)[-2:]
+    if h % oh == 0 and w % ow == 0:
+        k = (h // oh, w // ow)
+        return avg_pool2d_backward(cx, g, x, k, k, 0, False, True, None)
+    ah, aw, counts = _adaptive(cx, shapes.shape(x), (oh, ow))
+    share = cx.ar.div(g, cx.ar.asarray(np.broadcast_to(counts, shapes.shape(g)).copy()))
+    return _apply_rows(cx, share, ah.T, aw.T)
