@@ -76,9 +76,13 @@ def test_safetensors_inputs_and_options(tmp_path: Path) -> None:
 
 def _rewrite(src: Path, dst: Path, change: dict[str, bytes]) -> None:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        names = [info.filename.split("/", 1)[1] for info in zin.infolist()]
         for info in zin.infolist():
             data = change.get(info.filename.split("/", 1)[1], zin.read(info.filename))
             zout.writestr(info, data)
+        for name, data in change.items():
+            if name not in names:
+                zout.writestr(f"model/{name}", data)
 
 
 def test_hostile_archives_are_refused_and_never_unpickled(tmp_path: Path) -> None:
@@ -95,6 +99,21 @@ def test_hostile_archives_are_refused_and_never_unpickled(tmp_path: Path) -> Non
             "data/weights/weight_0": boom,
         },
         "broken json": {"models/model.json": b"{not json"},
+        "an opaque constant": {
+            "data/constants/model_constants_config.json": json.dumps(
+                {
+                    "config": {
+                        "evil": {
+                            "path_name": "opaque_obj_0",
+                            "is_param": False,
+                            "use_pickle": True,
+                            "tensor_meta": None,
+                        }
+                    }
+                }
+            ).encode(),
+            "data/constants/opaque_obj_0": pickle.dumps(_Boom()),
+        },  # fmt: skip
     }
     for what, change in cases.items():
         _rewrite(src, tmp_path / "model.pt2.tmp", change)
@@ -103,8 +122,10 @@ def test_hostile_archives_are_refused_and_never_unpickled(tmp_path: Path) -> Non
         with pytest.raises(InputError) as info:
             load_pt2(str(tmp_path / "bad.pt2"))
         assert "\n" not in str(info.value), what
-        if what != "broken json":
+        if what in ("sample inputs", "a pickled weight"):
             assert "pickled object (tests.test_graph_pt2._mark)" in str(info.value), what
+        if what == "an opaque constant":
+            assert "never unpickles arbitrary objects" in str(info.value)
     assert MARK == []
     (tmp_path / "junk.pt2").write_bytes(b"\x80\x04not a zip")
     (tmp_path / "junk.toml").write_text((tmp_path / "model.toml").read_text())
