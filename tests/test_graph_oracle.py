@@ -418,6 +418,11 @@ CLASSIFICATION: dict[str, tuple[Any, Any, Oracle]] = {
         torch.softmax(torch.arange(15.0).view(5, 3).sin(), 1),
         lambda z, t: R.cross_entropy(z, t, smoothing=0.1),
     ),
+    "ce_probabilities_weights_sum": (
+        nn.CrossEntropyLoss(weight=WEIGHTS, reduction="sum"),
+        torch.softmax(torch.arange(15.0).view(5, 3).cos(), 1),
+        lambda z, t: R.cross_entropy(z, t, R.mp(WEIGHTS), reduction="sum"),
+    ),
     "f_cross_entropy": (F.cross_entropy, TARGETS, lambda z, t: R.cross_entropy(z, t)),
     "nll_log_softmax": (
         lambda o, t: nn.NLLLoss()(F.log_softmax(o, 1), t),
