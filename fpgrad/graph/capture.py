@@ -211,6 +211,8 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
 
 
 _NO_VALUE = {"aten.detach.default", "aten.alias.default"}
+#: (traced, run) pairs that are one op: make_fx copies a tensor literal that eager lifts
+_SAME = {("aten.lift_fresh_copy.default", "aten.lift_fresh.default")}
 
 
 def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]:
@@ -221,7 +223,7 @@ def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]
     i = j = 0
     while i < len(nodes) and j < len(records):
         node, rec = nodes[i], records[j]
-        if node.target == rec[0]:
+        if node.target == rec[0] or (str(node.target), str(rec[0])) in _SAME:
             pairs.append((node, rec))
             i, j = i + 1, j + 1
         elif str(rec[0]) in _NO_VALUE:

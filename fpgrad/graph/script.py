@@ -15,13 +15,21 @@ from fpgrad.graph.network import GraphNetwork, from_module
 
 
 def is_script(spec: str) -> bool:
-    """Whether a command-line network argument names a Python build script."""
+    """Whether a command-line network argument names a captured model: a Python build script
+    or a ``.pt2`` program (:mod:`fpgrad.graph.pt2`)."""
+    from fpgrad.graph.pt2 import is_pt2
+
     path = spec.rsplit(":", 1)[0] if ":" in spec else spec
-    return path.endswith(".py")
+    return path.endswith(".py") or is_pt2(spec)
 
 
 def load_script(spec: str) -> GraphNetwork:
-    """Run ``build()`` (or the function after the colon) of the script and capture its model."""
+    """Run ``build()`` (or the function after the colon) of the script and capture its model;
+    a ``.pt2`` program is loaded with its data file instead."""
+    from fpgrad.graph.pt2 import is_pt2, load_pt2
+
+    if is_pt2(spec):
+        return load_pt2(spec)
     path_s, _, func = spec.partition(":") if spec.count(":") else (spec, "", "")
     func = func or "build"
     path = Path(path_s)

@@ -40,6 +40,14 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expan
           "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided"}  # fmt: skip
 
 
+_READS_NEG_INF = {"aten._softmax.default", "aten.masked_fill.Scalar", "aten.masked_fill_.Scalar"}
+
+
+def _neg_inf(node: Any) -> bool:
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    return isinstance(value, float) and value == float("-inf")
+
+
 def unsupported_message(graph: Graph) -> str:
     """One line naming every unsupported op with its module paths, or ''."""
     from fpgrad.graph.capture import op_key, op_name
@@ -65,12 +73,24 @@ def unsupported_message(graph: Graph) -> str:
                 where = missing.setdefault(key, [])
                 where.append(f"{graph.paths.get(node.name, '') or '<top>'} (its input is read "
                              "after the in-place op or through a view)")  # fmt: skip
+    for node in graph.ops:  # -inf from masked_fill is a mask: only softmax may read it
+        if (
+            op_key(node).startswith("aten.masked_fill")
+            and _neg_inf(node)
+            and (node.name not in constants)
+        ):
+            for user in node.users:
+                if op_key(user) not in _READS_NEG_INF:
+                    where = missing.setdefault(f"{op_key(user)} reading masked_fill(-inf)", [])
+                    where.append(graph.paths.get(user.name, "") or "<top>")
     if not missing:
         return ""
     parts = []
     for key, where in missing.items():
         name = key.rsplit(".", 1)[0]
         hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
+        if key.endswith("reading masked_fill(-inf)"):
+            hint = "-inf is a mask that only softmax reads"
         parts.append(f"{key} in {', '.join(where)} ({hint})")
     return (
         f"unsupported ops ({len(missing)}): "

@@ -56,6 +56,12 @@ def squeeze(cx: Any, x: Any, dims: Any) -> Any:
     return shapes.squeeze_dims(x, [dims] if isinstance(dims, int) else dims)
 
 
+@op("aten.stack.default")
+def stack(cx: Any, parts: Any, dim: int = 0) -> Any:
+    nd = len(shapes.shape(parts[0])) + 1
+    return shapes.stack(list(parts), int(dim) % nd)
+
+
 @op("aten.cat.default")
 def cat(cx: Any, parts: Any, dim: int = 0) -> Any:
     return shapes.cat(parts, dim)
