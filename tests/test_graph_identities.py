@@ -381,3 +381,36 @@ def test_a_proof_contradicted_by_an_enclosure_is_an_error() -> None:
     assert ar.to_float64(out).tolist() == [1.0, 0.0]
     with pytest.raises(RuntimeError, match="bug"):
         settle_zeros(ar, value, np.array([True, False]), "x")
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True,
+                                                norm_first=True)  # fmt: skip
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x)).flatten(0, 1)
+
+
+class CrossAttention(nn.Module):
+    """kdim and vdim differ from the embedding: separate projection weights, packed bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, kdim=3, vdim=5, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, k, v, need_weights=False)[0]).flatten(0, 1)
+
+
+def test_torch_encoder_layer_and_cross_attention_key_bias() -> None:
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (6,))
+    ex = check(EncoderLayer(), (torch.randn(2, 3, 4),), y,
+               {"layer.self_attn.in_proj_bias": slice(4, 8)})  # fmt: skip
+    assert ex.bits == 150
+    inputs = (torch.randn(2, 3, 4), torch.randn(2, 4, 3), torch.randn(2, 4, 5))
+    check(CrossAttention(), inputs, y, {"attn.in_proj_bias": slice(4, 8)})
