@@ -338,7 +338,10 @@ class _Pass:
             key = _key(node)
             if key not in _SEEDS and not any(n.name in self.facts for n in node.all_input_nodes):
                 continue  # no fact flows in and the op creates none
-            out = self.rule(node, key)
+            try:
+                out = self.rule(node, key)
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+                out = None  # arguments not as expected: no fact (never a wrong one)
             if out is None:
                 continue
             if isinstance(out, tuple | list):
@@ -454,6 +457,8 @@ class _Pass:
         if causal != bool(_arg(fwd, 4, "is_causal", False)) or mask is not fwd.kwargs.get(
             "attn_mask"
         ):
+            return None
+        if node.kwargs.get("scale") != fwd.kwargs.get("scale"):
             return None
         qs, ks = _shape(node.args[1]), _shape(node.args[2])
         if qs is None or ks is None or not self.every_query_keeps_a_key(qs, ks, causal, mask):
