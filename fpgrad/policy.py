@@ -272,15 +272,15 @@ def _precision(value: Any, where: str, allow_input: bool = True) -> str:
     name = value.strip().lower()
     if name in allowed:
         return name
-    from fpgrad.precisions import get_precision
+    from fpgrad.precision_names import parse_name
 
     try:
-        p = get_precision(name)
+        p = parse_name(name)
     except InputError:
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}") from None
     if p.kind != "emulated":
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}")
-    return p.name
+    return p.canonical
 
 
 def _emulated_fields(policy: Policy) -> dict[str, Any]:
