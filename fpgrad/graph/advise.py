@@ -14,15 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.advisor import (
-    SCOPES,
-    TORCH_FORMATS,
-    Advice,
-    _Limits,
-    _TorchMeasure,
-    _Values,
-    advice_from_values,
-)
+from fpgrad.advisor.advice import Advice
+from fpgrad.advisor.core import advice_from_values
+from fpgrad.advisor.measure import _TorchMeasure
+from fpgrad.advisor.scales import SCOPES, TORCH_FORMATS, _Limits, _Values
 from fpgrad.errors import InputError
 from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS
 from fpgrad.formats import get_format

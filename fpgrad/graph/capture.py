@@ -30,6 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fpgrad.errors import InputError
+from fpgrad.graph.names import op_name
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SKIP = {"placeholder", "output", "get_attr"}
@@ -81,18 +82,6 @@ class Graph:
         path = self.paths.get(node.name, "")
         op = op_name(node)
         return f"{path} ({op})" if path else f"<top> ({op})"
-
-
-def op_name(node: fx.Node) -> str:
-    """``aten.addmm`` for an aten node (overload dropped), ``getitem`` for tuple access."""
-    if node.target is operator.getitem:
-        return "getitem"
-    return str(node.target).rsplit(".", 1)[0]
-
-
-def op_key(node: fx.Node) -> str:
-    """The registry key of a node: ``aten.addmm.default``."""
-    return "getitem" if node.target is operator.getitem else str(node.target)
 
 
 def joint_function(model: nn.Module, names: list[str], loss_fn: LossFn) -> Callable[..., Any]:

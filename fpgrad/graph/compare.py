@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tabulate import tabulate
@@ -27,12 +27,14 @@ from fpgrad.graph.capture import Graph
 from fpgrad.graph.exact import GraphExact, exact_graph
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import native_run
-from fpgrad.graph.network import GraphNetwork
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.graph.policy import GraphPlan, resolve, scaled_seed
 from fpgrad.jsonutil import dumps
 from fpgrad.precisions import Precision, emulated_systems, parse_precisions
 from fpgrad.verdicts import VERDICTS, ExactArray, Verdicts, classify
+
+if TYPE_CHECKING:
+    from fpgrad.graph.network import GraphNetwork
 
 REFERENCES = ("original", "rounded")
 

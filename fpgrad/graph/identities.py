@@ -58,7 +58,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from fpgrad.graph.capture import Graph, op_key
+from fpgrad.graph.capture import Graph
+from fpgrad.graph.names import op_key
 
 UNKNOWN = -1
 ZERO = -2

@@ -17,7 +17,8 @@ import torch
 from torch import fx
 
 from fpgrad.arith.base import Arith
-from fpgrad.graph.capture import Graph, op_key
+from fpgrad.graph.capture import Graph
+from fpgrad.graph.names import op_key
 from fpgrad.graph.ops import OPS
 
 _PASS_THROUGH = {"aten.detach.default", "aten.alias.default", "aten.clone.default"}

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from fpgrad.graph.capture import Graph, LossFn, OpRecorder, align, joint_function, loss_in, op_name
+from fpgrad.graph.capture import Graph, LossFn, OpRecorder, align, joint_function, loss_in
+from fpgrad.graph.names import op_name
 from fpgrad.torch_native import DTYPES, one_torch_thread, to_dtype
 
 if TYPE_CHECKING:

@@ -33,7 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from fpgrad.errors import InputError
-from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, op_name
+from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function
+from fpgrad.graph.names import op_name
 from fpgrad.policy import GROUPS, INPUT, Policy
 from fpgrad.torch_native import DTYPES, one_torch_thread
 

@@ -9,32 +9,15 @@ numpy integer arrays; Python scalars as given).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from fpgrad.graph.names import op_key, op_name
+from fpgrad.graph.ops.registry import HINTS, OPS, OpFn, op
 
 if TYPE_CHECKING:
     from fpgrad.graph.capture import Graph
 
-OpFn = Callable[..., Any]
-OPS: dict[str, OpFn] = {}
-#: op name (overload dropped) -> hint shown when it is refused
-HINTS: dict[str, str] = {
-    "aten.native_dropout": "dropout in training mode draws random masks: call model.eval()",
-    "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
-    "aten.bernoulli_": "dropout in training mode draws random masks: call model.eval()",
-}
-
-
-def op(*names: str) -> Callable[[OpFn], OpFn]:
-    """Register ``fn`` under the aten overload ``names``."""
-
-    def register(fn: OpFn) -> OpFn:
-        for name in names:
-            OPS[name] = fn
-        return fn
-
-    return register
-
+__all__ = ["HINTS", "OPS", "OpFn", "op", "unsupported_message"]
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice",
           "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided"}  # fmt: skip
@@ -50,8 +33,6 @@ def _neg_inf(node: Any) -> bool:
 
 def unsupported_message(graph: Graph) -> str:
     """One line naming every unsupported op with its module paths, or ''."""
-    from fpgrad.graph.capture import op_key, op_name
-
     missing: dict[str, list[str]] = {}
     constants = graph.constants
     for node in graph.ops:

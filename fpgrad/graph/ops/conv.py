@@ -15,8 +15,8 @@ import numpy as np
 from fpgrad.arith.ball import Ball
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops.registry import op
 
 
 def _pair(v: Any) -> tuple[int, int]:

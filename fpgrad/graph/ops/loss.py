@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
+from fpgrad.graph.ops.registry import op
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 

@@ -9,8 +9,8 @@ import numpy as np
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import scalar, zeros
+from fpgrad.graph.ops.registry import op
 
 
 @op("aten.add.Tensor", "aten.add.Scalar")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import count, sum_dims
+from fpgrad.graph.ops.registry import op
 
 
 @op("aten.sum.dim_IntList")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
+from fpgrad.graph.ops.registry import op
 
 
 @op("aten.detach.default", "aten.alias.default", "aten.clone.default",
