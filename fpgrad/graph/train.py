@@ -1,0 +1,370 @@
+"""Training a captured model side by side in torch dtypes and exactly.
+
+Runs take the grammar of :func:`fpgrad.train.parse_run`: ``float16``, ``bfloat16``, ``float32``,
+``float64`` with ``+master``, ``+scale=S``, ``+dynamic``, ``+sr``, ``+kahan``. Each is eager torch
+training of the user's module (a copy, parameters and floating buffers correctly rounded into
+the dtype) on one thread: forward, ``backward()`` of the loss times the scale, the gradients
+unscaled, the update of :class:`fpgrad.optim.TorchOptimizer` (torch.optim's SGD and Adam, bit
+for bit). The exact run interprets the captured graph in certified balls at every step and
+applies the same optimizer formulas in the balls (:func:`fpgrad.train.exact_trajectory` with
+:class:`GraphExactRun`), so the radii bound the exact trajectory.
+
+Full batch only (the graph holds the data ``build()`` returned). Refused: emulated formats and
+precision policies (use ``fpgrad compare`` for those on a captured model), ``--batch-size``
+smaller than the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fpgrad.errors import InputError
+from fpgrad.graph.capture import Graph, loss_in
+from fpgrad.graph.interpret import interpret
+from fpgrad.graph.native import _into, model_in
+from fpgrad.graph.network import GraphNetwork
+from fpgrad.graph.ops.pointwise import MissingSlot
+from fpgrad.optim import OptimConfig, TorchOptimizer
+from fpgrad.scaling import DynamicScaler, StaticScaler
+from fpgrad.torch_native import DTYPES, one_torch_thread
+from fpgrad.train import (
+    ExactRun,
+    History,
+    RunSpec,
+    TrainResult,
+    _exact_loss,
+    _flat,
+    _Run,
+    exact_trajectory,
+    parse_runs,
+    run_detectors,
+)
+from fpgrad.verdicts import VERDICTS, classify
+
+
+@dataclasses.dataclass
+class Trainee:
+    """A captured model as the training code sees a network: its float64 parameters by name,
+    its graph, no layers (no dead-unit count)."""
+
+    graph: Graph
+    name: str
+    layers: tuple[()] = ()
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.graph.params
+
+
+class GraphTorchRun(_Run):
+    """One torch dtype with its options: the module trained eagerly, as a torch loop does."""
+
+    def __init__(self, net: Trainee, spec: RunSpec, cfg: OptimConfig, seed: int) -> None:
+        from fpgrad.runlog import record
+
+        record(spec.label, "native")
+        self.net, self.spec = net, spec
+        graph = net.graph
+        self.model = model_in(graph, spec.precision)
+        named = dict(self.model.named_parameters())
+        self.names = list(graph.param_names)
+        self.params = [named[n] for n in self.names]
+        self.inputs = [_into(x, spec.precision) for x in graph.inputs]
+        self.y = _into(graph.targets, spec.precision)
+        self.loss_fn = loss_in(graph.loss_fn, DTYPES[spec.precision], spec.precision)
+        self.master = (
+            [p.detach().to(torch.float32).clone() for p in self.params] if spec.master else None
+        )
+        self.opt = TorchOptimizer(self.targets(), cfg, spec.update, seed)
+        self.scaler: DynamicScaler | StaticScaler | None = None
+        if spec.dynamic:
+            self.scaler = DynamicScaler()
+        elif spec.loss_scale is not None:
+            self.scaler = StaticScaler(spec.loss_scale)
+        self.grad_format = "float32" if spec.master else spec.precision
+        self.history = History(spec.label)
+
+    def targets(self) -> list[torch.Tensor]:
+        """The tensors the optimizer updates (float32 masters or the parameters)."""
+        return self.master if self.master is not None else self.params
+
+    def vector(self) -> np.ndarray:
+        return _flat([t.detach().to(torch.float64).numpy() for t in self.targets()])
+
+    def low_vector(self) -> np.ndarray:
+        return _flat([p.detach().to(torch.float64).numpy() for p in self.params])
+
+    def current_params(self) -> dict[str, np.ndarray]:
+        """The parameters the forward pass uses, as float64 arrays by name."""
+        return {
+            k: p.detach().to(torch.float64).numpy().copy()
+            for k, p in zip(self.names, self.params, strict=True)
+        }
+
+    def step(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One optimizer step on the whole data; the unscaled gradients in float64."""
+        hist = self.history
+        for p in self.params:
+            p.grad = None
+        loss = self.loss_fn(self.model(*self.inputs), self.y)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        (loss * scale if scale != 1.0 else loss).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.master is not None:
+            grads = [g.to(torch.float32) for g in grads]  # unscale in float32, as GradScaler
+        if scale != 1.0:
+            grads = [g * (1.0 / scale) for g in grads]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if hist.overflow_place is None:
+            hist.overflow_place = self._first_nonfinite(loss, grads, len(hist.loss))
+        take = self.scaler.update(finite) if self.scaler is not None else True
+        before = self.vector()
+        if take:
+            self.opt.step(grads)
+        if self.master is not None:
+            with torch.no_grad():
+                for low, high in zip(self.params, self.master, strict=True):
+                    low.copy_(high.to(low.dtype))  # float32 -> the dtype: one correct rounding
+        g64 = {
+            k: g.detach().to(torch.float64).numpy() for k, g in zip(self.names, grads, strict=True)
+        }
+        intended = _flat(self.opt.intended) if take else None
+        loss64 = float(loss.detach().to(torch.float64))
+        self._record(loss64, g64, intended, before, finite, take, scale, {})
+        return g64
+
+    def _first_nonfinite(
+        self, loss: torch.Tensor, grads: list[torch.Tensor], step: int
+    ) -> dict[str, Any] | None:
+        """The first of: a parameter, the loss, a parameter gradient (graph order) holding
+        inf/NaN at this step, or None."""
+
+        def where(name: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            return {"step": step, "layer": layer, "direction": direction, "quantity": quantity,
+                    "op": op}  # fmt: skip
+
+        for name, p in zip(self.names, self.params, strict=True):
+            if not bool(torch.isfinite(p).all()):
+                return where(name, "parameter", name, "the previous update")
+        if not bool(torch.isfinite(loss).all()):
+            return where("loss", "forward", "L", "the forward pass or the loss")
+        for name, g in zip(self.names, grads, strict=True):
+            if not bool(torch.isfinite(g).all()):
+                return where(name, "backward", f"dL/d{name}", "the backward pass")
+        return None
+
+    def final_loss(self, rows: np.ndarray | None = None) -> float:
+        """The unscaled loss at the current parameters, forward only."""
+        with torch.no_grad():
+            return float(self.loss_fn(self.model(*self.inputs), self.y).to(torch.float64))
+
+
+class _NoSlot(Exception):
+    """The multi-word balls lack an op of the graph (then the exact run uses Arb balls)."""
+
+
+class GraphExactRun(ExactRun):
+    """The exact run of a captured model: the graph interpreted in the run's balls."""
+
+    net: Trainee
+
+    def trace(self, rows: np.ndarray) -> Any:
+        try:
+            it = interpret(self.net.graph, self.ar, self.params, keep=False)
+        except MissingSlot as exc:
+            raise _NoSlot(str(exc)) from None
+        return SimpleNamespace(loss=it.loss, grads=it.grads, forward={})
+
+
+def _exact_run(
+    net: Trainee,
+    cfg: OptimConfig,
+    schedule: list[np.ndarray],
+    bits: int,
+    method: str,
+    progress: bool,
+    max_bits: int | None,
+) -> tuple[ExactRun, float, str]:
+    """:func:`fpgrad.train.exact_trajectory` through the graph; an op the multi-word balls
+    lack sends the run to Arb balls (announced in one line), or is refused under ``fast``."""
+    from fpgrad.exact import ALIASES
+
+    try:
+        return exact_trajectory(
+            net, cfg, schedule, bits, method, progress, max_bits, run_type=GraphExactRun
+        )
+    except _NoSlot as exc:
+        if ALIASES.get(method, method) == "fast":
+            raise InputError(
+                f"the fast exact run cannot evaluate this model ({exc}); use --exact-method arb"
+            ) from None
+        why = f"the ball exact run cannot evaluate this model (step 1: {exc}); computing in Arb balls"
+        print(f"fpgrad train: {why}", file=sys.stderr)
+    run, digits, used = exact_trajectory(
+        net, cfg, schedule, bits, "arb", progress, max_bits, run_type=GraphExactRun
+    )
+    run.fallback = why
+    return run, digits, used
+
+
+def exact_check(
+    net: Trainee,
+    params: dict[str, np.ndarray],
+    grads: dict[str, np.ndarray],
+    precision: str,
+    bits: int,
+    max_bits: int | None = None,
+) -> tuple[dict[str, int], float | None]:
+    """Verdict counts of ``grads`` against the certified exact gradients of the graph at the
+    same (float64) parameters, and the exact loss there; at non-finite parameters there is
+    no exact reference (counted as nan, overflow or ``no_reference``; loss None)."""
+    from fpgrad.exact import DEFAULT_MAX_BITS
+    from fpgrad.formats import get_format
+    from fpgrad.graph.exact import exact_graph
+
+    if not all(np.all(np.isfinite(v)) for v in params.values()):
+        flat = _flat(list(grads.values()))
+        nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
+        return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}, None
+    at = dataclasses.replace(
+        net.graph, params={k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    )
+    cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
+    exact = exact_graph(at, bits, allow_uncertified=True, max_bits=cap)
+    fmt = get_format(precision)
+    counts: dict[str, int] = {}
+    for k, g in grads.items():
+        v = classify(exact.result.exact_array(f"grads/{k}"), g, fmt)
+        found = np.bincount(v.code.ravel(), minlength=len(VERDICTS))
+        for name, n in zip(VERDICTS, found.tolist(), strict=True):
+            if n:
+                counts[name] = counts.get(name, 0) + n
+    return counts, _exact_loss(exact.result)
+
+
+def _specs(runs: str | list[str] | None) -> list[RunSpec]:
+    specs = parse_runs(runs)
+    for s in specs:
+        if s.policy is not None or s.emulated:
+            raise InputError(
+                f"run {s.label!r}: captured models train in torch dtypes only (float16, "
+                "bfloat16, float32, float64 with +master, +scale=S, +dynamic, +sr, +kahan); "
+                "compare emulated formats with fpgrad compare"
+            )
+    return specs
+
+
+def _plan(spec: RunSpec) -> dict[str, Any]:
+    """What the run computed in, for the report."""
+    text = f"native torch {spec.precision} on this CPU (eager module, one thread)"
+    if spec.master:
+        text += "; float32 master weights"
+    if spec.dynamic:
+        text += "; dynamic loss scaling (GradScaler's rules)"
+    elif spec.loss_scale is not None:
+        text += f"; loss scale {spec.loss_scale:g}"
+    return {"summary": text, "uniform": True}
+
+
+def train_graph(
+    net: GraphNetwork,
+    steps: int,
+    cfg: OptimConfig | None = None,
+    runs: str | list[str] | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    exact_bits: int = 128,
+    verdict_every: int | None = None,
+    stall_k: int = 5,
+    progress: bool = False,
+    exact_method: str = "auto",
+    exact_max_bits: int | None = None,
+) -> TrainResult:
+    """Train the captured ``net`` for ``steps`` full-batch steps in every run and exactly,
+    from the parameters it was captured with (:func:`fpgrad.train.train`'s result)."""
+    from fpgrad.exact import MIN_BITS
+
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer (got {steps})")
+    if exact_bits < MIN_BITS:
+        raise InputError(f"--exact-bits {exact_bits} is too low: use at least {MIN_BITS}")
+    graph = net.graph
+    n = int(np.shape(graph.inputs[0])[0]) if graph.inputs and np.ndim(graph.inputs[0]) else 1
+    if batch_size is not None and batch_size < n:
+        raise InputError(
+            f"a captured model trains full batch on the {n} samples its build() returns; drop "
+            "--batch-size (or return a smaller batch)"
+        )
+    cfg = cfg or OptimConfig()
+    specs = _specs(runs)
+    trainee = Trainee(graph, net.name)
+    schedule = [np.arange(n)] * steps
+    every = verdict_every or max(1, steps // 10)
+    with one_torch_thread():
+        native = {s.label: GraphTorchRun(trainee, s, cfg, seed) for s in specs}
+        exact, digits, method = _exact_run(
+            trainee, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
+        )
+        for r in native.values():
+            r.record_initial()
+        for t in range(steps):
+            for run in native.values():
+                before = run.current_params()
+                grads = run.step()
+                if t % every == 0 or t == steps - 1:
+                    counts, loss = exact_check(
+                        trainee, before, grads, run.grad_format, exact_bits, exact_max_bits
+                    )
+                    run.history.verdicts[t] = counts
+                    if loss is not None:
+                        run.history.exact_loss_at_params[t] = loss
+        for run in native.values():
+            run.history.loss.append(run.final_loss())
+            _, loss = exact_check(trainee, run.current_params(), {}, "float64", exact_bits,
+                                  exact_max_bits)  # fmt: skip
+            if loss is not None:
+                run.history.exact_loss_at_params[steps] = loss
+    notes = [exact.fallback] if exact.fallback else []
+    if digits < 17:
+        notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
+    notes.append(
+        "captured model: every run is eager torch training of the module on this CPU; the "
+        "exact run interprets the captured graph in certified balls"
+    )
+    distance: dict[str, list[float]] = {}
+    detectors: dict[str, dict[str, Any]] = {}
+    spec_of = {s.label: s for s in specs}
+    for label, run in native.items():
+        distance[label], detectors[label] = run_detectors(
+            run.history, exact.history, None, cfg, spec_of[label], stall_k
+        )
+    config = {
+        "steps": steps,
+        "optimizer": cfg.__dict__,
+        "batch_size": None,
+        "seed": seed,
+        "exact_bits": exact_bits,
+        "exact_method": method,
+        "exact_working_bits": exact.bits,
+        "verdict_every": every,
+        "model": "captured",
+    }
+    return TrainResult(
+        net.name,
+        config,
+        [s.label for s in specs],
+        {k: r.history for k, r in native.items()},
+        exact.history,
+        digits,
+        detectors,
+        distance,
+        notes,
+        {s.label: _plan(s) for s in specs},
+    )
