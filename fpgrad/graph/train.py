@@ -205,7 +205,9 @@ def _exact_run(
             raise InputError(
                 f"the fast exact run cannot evaluate this model ({exc}); use --exact-method arb"
             ) from None
-        why = f"the ball exact run cannot evaluate this model (step 1: {exc}); computing in Arb balls"
+        why = (
+            f"the ball exact run cannot evaluate this model (step 1: {exc}); computing in Arb balls"
+        )
         print(f"fpgrad train: {why}", file=sys.stderr)
     run, digits, used = exact_trajectory(
         net, cfg, schedule, bits, "arb", progress, max_bits, run_type=GraphExactRun
