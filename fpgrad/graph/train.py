@@ -251,7 +251,7 @@ def exact_check(
     return counts, _exact_loss(exact.result)
 
 
-def _specs(runs: str | list[str] | None) -> list[RunSpec]:
+def parse_graph_runs(runs: str | list[str] | None) -> list[RunSpec]:
     specs = parse_runs(runs)
     for s in specs:
         if s.policy is not None or s.emulated:
@@ -305,7 +305,7 @@ def train_graph(
             "--batch-size (or return a smaller batch)"
         )
     cfg = cfg or OptimConfig()
-    specs = _specs(runs)
+    specs = parse_graph_runs(runs)
     trainee = Trainee(graph, net.name)
     schedule = [np.arange(n)] * steps
     every = verdict_every or max(1, steps // 10)

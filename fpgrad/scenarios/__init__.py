@@ -26,6 +26,7 @@ NAMES: tuple[str, ...] = (
     "similar_gradients_from_init",
     "fp8_formats",
     "gradscaler_skipped_steps",
+    "cnn_digits_loss_scaling",
 )
 
 
