@@ -34,7 +34,9 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (1797 images of 8x8 pixels 0..16, classes 0..9), read from
     its CSV file without importing scikit-learn (as ``load_digits`` reads it)."""
     spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.origin).parent / "datasets/data/digits.csv.gz" if spec and spec.origin else None
+    path = (
+        Path(spec.origin).parent / "datasets/data/digits.csv.gz" if spec and spec.origin else None
+    )
     if path is None or not path.is_file():
         raise InputError(
             f"scenario {NAME} needs scikit-learn's bundled digits data; install scikit-learn "
@@ -110,7 +112,10 @@ def run(small: bool = False) -> ScenarioResult:
     cfg = OptimConfig(lr=LR, momentum=MOMENTUM)
     result = train(net, steps, cfg, runs=list(RUNS), verdict_every=steps)
     with one_torch_thread():
-        fresh = {s.label: GraphTorchRun(Trainee(net.graph, net.name), s, cfg, 0) for s in parse_graph_runs(list(RUNS))}
+        fresh = {
+            s.label: GraphTorchRun(Trainee(net.graph, net.name), s, cfg, 0)
+            for s in parse_graph_runs(list(RUNS))
+        }
         bits = _bits(net, fresh)
     f16 = get_format("float16")
     e = np.abs(bits["exact"])
@@ -124,37 +129,41 @@ def run(small: bool = False) -> ScenarioResult:
     def recovers(r: str) -> bool:
         return lost_below[r] <= lost_below[plain] // 10
 
+    swamp = {r: 100 * result.detectors[r]["swamped_fraction"]["total"] for r in RUNS}
+    head = (
+        f"{underflowing} of {e.size} exact gradient elements lie below float16's smallest normal "
+        f"(2^-14); float16 computes {lost_below[plain]} of them with fewer than {GOOD_BITS} "
+        f"correct bits"
+    )
     if underflowing == 0 or lost_below[plain] == 0:
         holds: bool | None = False
-        verdict = (
-            f"No gradient bits were lost to underflow: {underflowing} exact gradient elements lie "
-            f"below float16's smallest normal, {lost_below[plain]} of them lost bits."
-        )
+        verdict = f"{head}: no gradient bits were lost to underflow."
     elif recovers(scaled):
         holds = True
+        verdict = f"{head}; loss scaling by {SCALE:g} leaves {lost_below[scaled]}."
+    elif recovers(master):
+        holds = None
         verdict = (
-            f"{underflowing} of {e.size} exact gradient elements lie below float16's smallest "
-            f"normal; float16 computes {lost_below[plain]} of them with fewer than {GOOD_BITS} "
-            f"correct bits, loss scaling by {SCALE:g} leaves {lost_below[scaled]}."
+            f"{head}; loss scaling by {SCALE:g} alone leaves {lost_below[scaled]} (unscaling the "
+            "gradients in float16, the parameters' dtype, underflows them again), with float32 "
+            f"master weights (gradients unscaled in float32) {lost_below[master]} remain: "
+            "loss scaling recovers them only together with float32 gradients."
         )
     else:
-        holds = None if recovers(master) else False
+        holds = False
         verdict = (
-            f"{underflowing} of {e.size} exact gradient elements lie below float16's smallest "
-            f"normal; float16 computes {lost_below[plain]} of them with fewer than {GOOD_BITS} "
-            f"correct bits, and loss scaling by {SCALE:g} alone leaves {lost_below[scaled]}: the "
-            "scaled backward keeps them, but unscaling the gradients in float16 (the parameters' "
-            "dtype) underflows them again. "
-            + (
-                f"With float32 master weights (gradients unscaled in float32) {lost_below[master]} "
-                "remain: loss scaling recovers them only together with float32 gradients."
-                if holds is None
-                else f"Even with float32 master weights {lost_below[master]} remain."
-            )
+            f"{head}; loss scaling by {SCALE:g} leaves {lost_below[scaled]}, and with float32 "
+            f"master weights (gradients unscaled in float32) {lost_below[master]} remain. "
+            f"Scaling by {SCALE:g} lifts every backward value {int(np.log2(SCALE))} binades "
+            "further from float16's underflow threshold and these elements still lose their bits: "
+            "here they are lost to rounding (float16's 11-bit significand), not to underflow. "
+            "What float32 master weights change is the update: "
+            f"float16 leaves {swamp[plain]:.0f}% of requested updates swamped ({swamp[scaled]:.0f}% "
+            f"with loss scaling), master weights {swamp[master]:.1f}%."
         )
     runs_table = []
     for r in RUNS:
-        h, det = result.histories[r], result.detectors[r]
+        h = result.histories[r]
         runs_table.append(
             [
                 r,
@@ -162,7 +171,7 @@ def run(small: bool = False) -> ScenarioResult:
                 f"{h.loss[-1]:.6g}",
                 f"{h.exact_loss_at_params[steps]:.6g}",
                 f"{result.distance[r][-1]:.3g}",
-                f"{100 * det['swamped_fraction']['total']:.1f}%",
+                f"{swamp[r]:.1f}%",
                 sum(h.skipped),
             ]
         )
@@ -170,8 +179,21 @@ def run(small: bool = False) -> ScenarioResult:
         ["exact", f"{result.exact.loss[0]:.6g}", f"{result.exact.loss[-1]:.6g}", "", "0", "", ""]
     )
     verdict_rows = [
-        [r, t, *(c.get(v, 0) for v in ("ok", "rounding_zero", "subnormal", "wrong_sign",
-                                       "inaccurate", "overflow"))]  # fmt: skip
+        [
+            r,
+            t,
+            *(
+                c.get(v, 0)
+                for v in (
+                    "ok",
+                    "rounding_zero",
+                    "subnormal",
+                    "wrong_sign",
+                    "inaccurate",
+                    "overflow",
+                )
+            ),
+        ]  # fmt: skip
         for r in RUNS
         for t, c in sorted(result.histories[r].verdicts.items())
     ]
@@ -182,13 +204,15 @@ def run(small: bool = False) -> ScenarioResult:
         "lost_bits": lost,
         "lost_bits_below_normal": lost_below,
         "computed_zero": zeros,
-        "certified_digits": {"trajectory": result.exact_certified_digits,
-                             "first_gradient": bits["certified_digits"]},  # fmt: skip
+        "certified_digits": {
+            "trajectory": result.exact_certified_digits,
+            "first_gradient": bits["certified_digits"],
+        },  # fmt: skip
         "exact_method": result.config["exact_method"],
         "loss_end": {r: result.histories[r].loss[-1] for r in RUNS},
         "exact_loss_end": result.exact.loss[-1],
         "distance": {r: result.distance[r][-1] for r in RUNS},
-        "swamped_fraction": {r: result.detectors[r]["swamped_fraction"]["total"] for r in RUNS},
+        "swamped_percent": swamp,
     }
     setup = (
         "`Conv2d(1, 4, 3, padding=1) -> SiLU -> AvgPool2d(2) -> Flatten -> Linear(64, 10)`, "
@@ -216,8 +240,25 @@ def run(small: bool = False) -> ScenarioResult:
                 text=f"Elements with fewer than {GOOD_BITS} correct bits, all and among the "
                 f"{underflowing} whose exact value lies below float16's smallest normal "
                 f"(2^-14); computed zero: no correct bit.",
-                headers=["run", f"< {GOOD_BITS} bits", "of them below 2^-14", "computed 0"],
-                rows=[[r, lost[r], lost_below[r], zeros[r]] for r in RUNS],
+                headers=[
+                    "run",
+                    f"< {GOOD_BITS} bits",
+                    "of them below 2^-14",
+                    "computed 0",
+                    "median bits",
+                    "median bits below 2^-14",
+                ],  # fmt: skip
+                rows=[
+                    [
+                        r,
+                        lost[r],
+                        lost_below[r],
+                        zeros[r],
+                        f"{np.median(bits[r]):.1f}",
+                        f"{np.median(bits[r][below]):.1f}" if underflowing else "-",
+                    ]  # fmt: skip
+                    for r in RUNS
+                ],
                 figure=f"{NAME}_bits.png",
             ),
             Section(
@@ -225,8 +266,15 @@ def run(small: bool = False) -> ScenarioResult:
                 text="Loss at the start and at the final parameters; the certified exact loss at "
                 "each run's final parameters; relative distance of its parameters from the exact "
                 "trajectory; share of requested updates that left the weight unchanged.",
-                headers=["run", "loss[0]", "loss[end]", "exact loss at its params", "distance",
-                         "swamped", "skipped"],  # fmt: skip
+                headers=[
+                    "run",
+                    "loss[0]",
+                    "loss[end]",
+                    "exact loss at its params",
+                    "distance",
+                    "swamped",
+                    "skipped",
+                ],  # fmt: skip
                 rows=runs_table,
                 figure=f"{NAME}_loss.png",
             ),
@@ -234,8 +282,16 @@ def run(small: bool = False) -> ScenarioResult:
                 "Gradient verdicts (fpgrad train)",
                 text="Against the certified exact gradients at each run's own parameters, in the "
                 "run's gradient format (float32 for +master).",
-                headers=["run", "step", "ok", "rounding_zero", "subnormal", "wrong_sign",
-                         "inaccurate", "overflow"],  # fmt: skip
+                headers=[
+                    "run",
+                    "step",
+                    "ok",
+                    "rounding_zero",
+                    "subnormal",
+                    "wrong_sign",
+                    "inaccurate",
+                    "overflow",
+                ],  # fmt: skip
                 rows=verdict_rows,
             ),
         ],
