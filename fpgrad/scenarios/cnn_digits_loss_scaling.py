@@ -57,7 +57,7 @@ def cnn() -> nn.Module:
     )
 
 
-def _pretrained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def pretrained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The CNN after PRETRAIN float32 Adam steps on TRAIN_ROWS samples (pixels / 16, exact),
     and the first BATCH of them: the batch every run trains on."""
     from fpgrad.runlog import record
@@ -107,7 +107,7 @@ def run(small: bool = False) -> ScenarioResult:
     from fpgrad.train import train
 
     steps = 4 if small else 10
-    model, x, y = _pretrained()
+    model, x, y = pretrained()
     net = from_module(model, x, y, nn.CrossEntropyLoss(), name="digits_cnn")
     cfg = OptimConfig(lr=LR, momentum=MOMENTUM)
     result = train(net, steps, cfg, runs=list(RUNS), verdict_every=steps)
