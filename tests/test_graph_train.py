@@ -143,6 +143,19 @@ def test_missing_ball_op_falls_back_to_arb_with_one_note(capsys: pytest.CaptureF
         train(net, 2, OptimConfig(lr=0.1), runs="float32", exact_method="fast")
 
 
+def test_undecidable_max_pool_tie_is_not_certified() -> None:
+    """Windows of equal inexact values: neither ball kind can prove which is the first
+    maximum, so the trajectory certifies 0 digits and a note names the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(4, 1, 2, 2).repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+    net = fpgrad.from_module(model, x, torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
+    r = train(net, 2, OptimConfig(lr=0.1), runs="float32", exact_max_bits=256)
+    assert r.config["exact_method"] == "arb" and r.exact_certified_digits == 0.0
+    # step 1 starts from exact float64 parameters: its ties are exact and decided
+    assert any(n.startswith("step 2: the Arb exact run met a branch") for n in r.notes)
+
+
 SCRIPT = """
 import torch
 from torch import nn

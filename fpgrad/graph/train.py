@@ -174,13 +174,23 @@ class GraphExactRun(ExactRun):
     """The exact run of a captured model: the graph interpreted in the run's balls."""
 
     net: Trainee
+    #: the first evaluation (1-based step; steps + 1: the final loss) in which Arb balls took
+    #: a branch they could not decide (a max-pool tie): nothing is proven from there
+    unproven_at: int | None = None
 
     def trace(self, rows: np.ndarray) -> Any:
         try:
             it = interpret(self.net.graph, self.ar, self.params, keep=False)
         except MissingSlot as exc:
             raise _NoSlot(str(exc)) from None
+        untracked = getattr(self.ar, "untracked", None)
+        if self.unproven_at is None and untracked is not None and untracked():
+            self.unproven_at = len(self.history.loss) + 1
         return SimpleNamespace(loss=it.loss, grads=it.grads, forward={})
+
+    def ball_digits(self) -> float:
+        """As :meth:`ExactRun.ball_digits`; 0 once a branch was taken undecided."""
+        return 0.0 if self.unproven_at is not None else super().ball_digits()
 
 
 def _exact_run(
@@ -334,7 +344,13 @@ def train_graph(
             if loss is not None:
                 run.history.exact_loss_at_params[steps] = loss
     notes = [exact.fallback] if exact.fallback else []
-    if digits < 17:
+    unproven = getattr(exact, "unproven_at", None)
+    if unproven is not None:
+        notes.append(
+            f"step {unproven}: the Arb exact run met a branch its balls cannot decide (a max-pool "
+            "window with tied values); the exact trajectory is not proven from there"
+        )
+    if digits < 17 and unproven is None:
         notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
     notes.append(
         "captured model: every run is eager torch training of the module on this CPU; the "
