@@ -156,6 +156,24 @@ def test_undecidable_max_pool_tie_is_not_certified() -> None:
     assert any(n.startswith("step 2: the Arb exact run met a branch") for n in r.notes)
 
 
+def test_emulated_run_interprets_the_graph_and_rounds_updates_once() -> None:
+    from fpgrad.formats import get_format
+    from fpgrad.graph.compare import compare_graph
+    from fpgrad.graph.train import GraphEmulatedRun, Trainee, parse_graph_runs
+    from fpgrad.rounding import round_to
+
+    model, x, y = _cnn()
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    spec = parse_graph_runs("fp8_e4m3")[0]
+    first = GraphEmulatedRun(Trainee(net.graph, net.name), spec, OptimConfig(lr=0.1), 0).step()
+    theirs = compare_graph(net, "fp8_e4m3").grads["fp8_e4m3"]
+    assert all(np.array_equal(first[k], theirs[k]) for k in net.param_names)
+    r = train(net, 3, OptimConfig(lr=0.5, momentum=0.9), runs="bfloat16:emulated")
+    final = r.histories["bfloat16:emulated"].params[-1]
+    assert np.array_equal(round_to(final, get_format("bfloat16")), final)  # stored in bfloat16
+    assert not np.array_equal(final, r.histories["bfloat16:emulated"].params[0])
+
+
 SCRIPT = """
 import torch
 from torch import nn
@@ -189,8 +207,8 @@ def test_cli_trains_a_script(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     ("extra", "message"),
     [
         (["--batch-size", "2"], "full batch on the 5 samples"),
-        (["--precisions", "fp8_e4m3"], "captured models train in torch dtypes only"),
-        (["--precisions", "autocast"], "captured models train in torch dtypes only"),
+        (["--precisions", "fp8_e4m3+scale=4"], "loss scaling of an emulated run"),
+        (["--precisions", "autocast"], "policies train on layer networks only"),
         (["--policy", "autocast"], "policies train on layer networks only"),
         (["--precisions", "float16+bogus"], "unknown policy 'bogus'"),
     ],

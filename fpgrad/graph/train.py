@@ -9,9 +9,10 @@ for bit). The exact run interprets the captured graph in certified balls at ever
 applies the same optimizer formulas in the balls (:func:`fpgrad.train.exact_trajectory` with
 :class:`GraphExactRun`), so the radii bound the exact trajectory.
 
-Full batch only (the graph holds the data ``build()`` returned). Refused: emulated formats and
-precision policies (use ``fpgrad compare`` for those on a captured model), ``--batch-size``
-smaller than the data.
+An emulated format (``fp8_e4m3``, ``bfloat16:emulated``, with ``+master`` or ``+sr``) interprets
+the graph on the strict machine and updates as :class:`fpgrad.train.EmulatedRun`. Full batch
+only (the graph holds the data ``build()`` returned). Refused: precision policies, loss scaling
+of emulated runs, ``--batch-size`` smaller than the data.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fpgrad.optim import OptimConfig, TorchOptimizer
 from fpgrad.scaling import DynamicScaler, StaticScaler
 from fpgrad.torch_native import DTYPES, one_torch_thread
 from fpgrad.train import (
+    EmulatedRun,
     ExactRun,
     History,
     RunSpec,
@@ -122,7 +124,10 @@ class GraphTorchRun(_Run):
             grads = [g * (1.0 / scale) for g in grads]
         finite = all(bool(torch.isfinite(g).all()) for g in grads)
         if hist.overflow_place is None:
-            hist.overflow_place = self._first_nonfinite(loss, grads, len(hist.loss))
+            named = dict(zip(self.names, self.params, strict=True))
+            hist.overflow_place = _first_nonfinite_place(
+                named, loss, dict(zip(self.names, grads, strict=True)), len(hist.loss)
+            )
         take = self.scaler.update(finite) if self.scaler is not None else True
         before = self.vector()
         if take:
@@ -139,31 +144,72 @@ class GraphTorchRun(_Run):
         self._record(loss64, g64, intended, before, finite, take, scale, {})
         return g64
 
-    def _first_nonfinite(
-        self, loss: torch.Tensor, grads: list[torch.Tensor], step: int
-    ) -> dict[str, Any] | None:
-        """The first of: a parameter, the loss, a parameter gradient (graph order) holding
-        inf/NaN at this step, or None."""
-
-        def where(name: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
-            layer = name.rsplit(".", 1)[0] if "." in name else name
-            return {"step": step, "layer": layer, "direction": direction, "quantity": quantity,
-                    "op": op}  # fmt: skip
-
-        for name, p in zip(self.names, self.params, strict=True):
-            if not bool(torch.isfinite(p).all()):
-                return where(name, "parameter", name, "the previous update")
-        if not bool(torch.isfinite(loss).all()):
-            return where("loss", "forward", "L", "the forward pass or the loss")
-        for name, g in zip(self.names, grads, strict=True):
-            if not bool(torch.isfinite(g).all()):
-                return where(name, "backward", f"dL/d{name}", "the backward pass")
-        return None
-
     def final_loss(self, rows: np.ndarray | None = None) -> float:
         """The unscaled loss at the current parameters, forward only."""
         with torch.no_grad():
             return float(self.loss_fn(self.model(*self.inputs), self.y).to(torch.float64))
+
+
+class GraphEmulatedRun(EmulatedRun):
+    """One emulated format (:mod:`fpgrad.arith.emulated`) with +master or +sr: the graph
+    interpreted on the strict machine, then the optimizer of :class:`EmulatedRun` (the update
+    rounded once, as torch's kernels). No loss scaling: the graph's backward starts at 1."""
+
+    net: Trainee  # type: ignore[assignment]
+
+    def step(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        hist, oa = self.history, self.opt_ar
+        try:
+            it = interpret(self.net.graph, self.ar, self.params, keep=False)
+        except MissingSlot as exc:
+            raise InputError(f"{self.spec.label}: {exc}; train it natively instead") from None
+        grads = {k: oa.asarray(g) for k, g in it.grads.items()}  # widening: exact
+        finite = all(bool(np.all(np.isfinite(g))) for g in grads.values())
+        if hist.overflow_place is None:
+            hist.overflow_place = _first_nonfinite_place(
+                self.params, it.loss, grads, len(hist.loss)
+            )
+        before = self.vector()
+        new = self.opt.step(self.targets(), grads)
+        if self.master is not None:
+            self.master = new
+            self.params = {k: self.ar.asarray(v) for k, v in new.items()}  # one rounding
+        else:
+            self.params = new
+        g64 = {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()}
+        intended = _flat(list(self.opt.intended.values()))
+        self._record(float(it.loss), g64, intended, before, finite, True, 1.0, {})
+        return g64
+
+    def final_loss(self, rows: np.ndarray | None = None) -> float:
+        return float(interpret(self.net.graph, self.ar, self.params, keep=False).loss)
+
+
+def _first_nonfinite_place(
+    params: dict[str, Any], loss: Any, grads: dict[str, Any], step: int
+) -> dict[str, Any] | None:
+    """The first of: a parameter, the loss, a parameter gradient (graph order) holding inf/NaN
+    at this step (values: tensors or float64 arrays), or None."""
+
+    def bad(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return not bool(torch.isfinite(v).all())
+        return not bool(np.all(np.isfinite(np.asarray(v, dtype=np.float64))))
+
+    def where(name: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        return {"step": step, "layer": layer, "direction": direction, "quantity": quantity,
+                "op": op}  # fmt: skip
+
+    for name, p in params.items():
+        if bad(p):
+            return where(name, "parameter", name, "the previous update")
+    if bad(loss):
+        return where("loss", "forward", "L", "the forward pass or the loss")
+    for name, g in grads.items():
+        if bad(g):
+            return where(name, "backward", f"dL/d{name}", "the backward pass")
+    return None
 
 
 class _NoSlot(Exception):
@@ -262,26 +308,37 @@ def exact_check(
 
 
 def parse_graph_runs(runs: str | list[str] | None) -> list[RunSpec]:
+    """The runs of :func:`fpgrad.train.parse_runs` a captured model can train."""
     specs = parse_runs(runs)
     for s in specs:
-        if s.policy is not None or s.emulated:
+        if s.policy is not None:
             raise InputError(
-                f"run {s.label!r}: captured models train in torch dtypes only (float16, "
-                "bfloat16, float32, float64 with +master, +scale=S, +dynamic, +sr, +kahan); "
-                "compare emulated formats with fpgrad compare"
+                f"run {s.label!r}: precision policies train on layer networks only; name torch "
+                "dtypes (float16+master, ...) or emulated formats (fp8_e4m3, ...)"
+            )
+        if s.emulated and (s.loss_scale is not None or s.dynamic):
+            raise InputError(
+                f"run {s.label!r}: loss scaling of an emulated run of a captured model is not "
+                "implemented; scale natively (float16+scale=S) or drop the scale"
             )
     return specs
 
 
 def _plan(spec: RunSpec) -> dict[str, Any]:
     """What the run computed in, for the report."""
-    text = f"native torch {spec.precision} on this CPU (eager module, one thread)"
+    text = (
+        f"emulated {spec.precision} (fpgrad's strict machine interprets the captured graph)"
+        if spec.emulated
+        else f"native torch {spec.precision} on this CPU (eager module, one thread)"
+    )
     if spec.master:
         text += "; float32 master weights"
     if spec.dynamic:
         text += "; dynamic loss scaling (GradScaler's rules)"
     elif spec.loss_scale is not None:
         text += f"; loss scale {spec.loss_scale:g}"
+    if spec.update != "nearest":
+        text += f"; {spec.update} updates"
     return {"summary": text, "uniform": True}
 
 
@@ -320,7 +377,10 @@ def train_graph(
     schedule = [np.arange(n)] * steps
     every = verdict_every or max(1, steps // 10)
     with one_torch_thread():
-        native = {s.label: GraphTorchRun(trainee, s, cfg, seed) for s in specs}
+        native = {
+            s.label: (GraphEmulatedRun if s.emulated else GraphTorchRun)(trainee, s, cfg, seed)
+            for s in specs
+        }
         exact, digits, method = _exact_run(
             trainee, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
         )
@@ -353,8 +413,9 @@ def train_graph(
     if digits < 17 and unproven is None:
         notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
     notes.append(
-        "captured model: every run is eager torch training of the module on this CPU; the "
-        "exact run interprets the captured graph in certified balls"
+        "captured model: torch dtypes are eager torch training of the module on this CPU, "
+        "emulated formats interpret the captured graph on fpgrad's strict machine, the exact "
+        "run interprets it in certified balls"
     )
     distance: dict[str, list[float]] = {}
     detectors: dict[str, dict[str, Any]] = {}
