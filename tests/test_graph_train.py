@@ -119,7 +119,7 @@ def test_native_run_is_the_torch_loop_bit_for_bit(
 def test_exact_run_is_certified_and_tracks_float64() -> None:
     model, x, y = _cnn()
     net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
-    r = train(net, 3, OptimConfig(lr=0.5, momentum=0.9), runs="float64,float16")
+    r = net.train(3, cfg=OptimConfig(lr=0.5, momentum=0.9), runs="float64,float16")
     assert r.config["exact_method"] == "fast" and r.exact_certified_digits >= 17
     exact, f64 = np.array(r.exact.loss), np.array(r.histories["float64"].loss)
     assert exact.shape == f64.shape == (4,)
