@@ -195,6 +195,7 @@ def test_cli_trains_a_script(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     res = json.loads(capsys.readouterr().out)
     assert list(res["runs"]) == ["float16", "float16+dynamic"]
     assert len(res["runs"]["float16"]["loss"]) == 4 and res["exact"]["certified_digits"] >= 17
+    assert res["runs"]["float16"]["dead_units"] == [] and res["config"]["model"] == "captured"
     dyn = res["runs"]["float16+dynamic"]
     assert dyn["loss_scale"][0] == 65536.0
     for t in range(2):  # GradScaler's rule: a step with inf/NaN gradients is skipped, scale/2

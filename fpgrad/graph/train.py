@@ -403,6 +403,8 @@ def train_graph(
                                   exact_max_bits)  # fmt: skip
             if loss is not None:
                 run.history.exact_loss_at_params[steps] = loss
+    for h in (exact.history, *(r.history for r in native.values())):
+        h.dead_units.clear()  # no layers: not counted (an empty list in the JSON, not zeros)
     notes = [exact.fallback] if exact.fallback else []
     unproven = getattr(exact, "unproven_at", None)
     if unproven is not None:
