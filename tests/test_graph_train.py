@@ -174,6 +174,18 @@ def test_emulated_run_interprets_the_graph_and_rounds_updates_once() -> None:
     assert not np.array_equal(final, r.histories["bfloat16:emulated"].params[0])
 
 
+def test_first_overflow_names_the_module_and_the_loss_scale() -> None:
+    model, x, y = _mlp(nn.Tanh())
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    r = train(net, 2, OptimConfig(lr=0.1), runs="float16,float16+scale=65536")
+    assert r.detectors["float16"]["first_overflow"] is None
+    first = r.detectors["float16+scale=65536"]["first_overflow"]
+    assert first["step"] == 0 and first["direction"] == "backward"
+    assert first["layer"] in {"0", "1", "2"} and first["op"].startswith(first["layer"] + " (")
+    assert "loss scale 65536" in first["cause"]
+    assert r.histories["float16+scale=65536"].skipped == [True, True]  # static: never taken
+
+
 SCRIPT = """
 import torch
 from torch import nn

@@ -17,13 +17,16 @@ of emulated runs, ``--batch-size`` smaller than the data.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fpgrad.errors import InputError
 from fpgrad.graph.capture import Graph, loss_in
@@ -128,6 +131,10 @@ class GraphTorchRun(_Run):
             hist.overflow_place = _first_nonfinite_place(
                 named, loss, dict(zip(self.names, grads, strict=True)), len(hist.loss)
             )
+            if hist.overflow_place is not None and hist.overflow_place["direction"] != "parameter":
+                hist.overflow_place = (
+                    self._module_place(scale, len(hist.loss)) or hist.overflow_place
+                )
         take = self.scaler.update(finite) if self.scaler is not None else True
         before = self.vector()
         if take:
@@ -143,6 +150,57 @@ class GraphTorchRun(_Run):
         loss64 = float(loss.detach().to(torch.float64))
         self._record(loss64, g64, intended, before, finite, take, scale, {})
         return g64
+
+    def _module_place(self, scale: float, step: int) -> dict[str, Any] | None:
+        """The first leaf module whose output (forward) or input gradient (backward) holds
+        inf/NaN, from a second pass of this step on a copy of the model with hooks (they
+        observe; the training itself runs without them); None when none is found or the
+        model refuses backward hooks (in-place ops on a module's input)."""
+        model = copy.deepcopy(self.model)
+        found: list[dict[str, Any]] = []
+
+        def bad(values: Any) -> bool:
+            items = values if isinstance(values, (tuple, list)) else (values,)
+            return any(
+                isinstance(t, torch.Tensor) and t.is_floating_point()
+                and not bool(torch.isfinite(t).all())
+                for t in items
+            )  # fmt: skip
+
+        def place(name: str, mod: nn.Module, direction: str, quantity: str) -> None:
+            if not found:
+                kind = type(mod).__name__
+                found.append({"step": step, "layer": name, "direction": direction,
+                              "quantity": quantity, "op": f"{name} ({kind}) {direction}"})  # fmt: skip
+
+        def forward_hook(name: str) -> Any:
+            def hook(mod: nn.Module, _inputs: Any, out: Any) -> None:  # returns None: observes
+                if bad(out):
+                    place(name, mod, "forward", "output")
+
+            return hook
+
+        def backward_hook(name: str) -> Any:
+            def hook(mod: nn.Module, grad_in: Any, _grad_out: Any) -> None:
+                if bad(grad_in):
+                    place(name, mod, "backward", "dL/d(input)")
+
+            return hook
+
+        for name, mod in model.named_modules():
+            if next(mod.children(), None) is None:  # leaf modules
+                mod.register_forward_hook(forward_hook(name))
+                mod.register_full_backward_hook(backward_hook(name))
+        try:
+            with warnings.catch_warnings():  # the first module's input needs no gradient
+                warnings.simplefilter("ignore", UserWarning)
+                loss = self.loss_fn(model(*self.inputs), self.y)
+                if bad(loss) and not found:
+                    return None  # the loss itself: the simple place says so
+                (loss * scale if scale != 1.0 else loss).backward()
+        except RuntimeError:
+            return None
+        return found[0] if found else None
 
     def final_loss(self, rows: np.ndarray | None = None) -> float:
         """The unscaled loss at the current parameters, forward only."""
@@ -324,6 +382,19 @@ def parse_graph_runs(runs: str | list[str] | None) -> list[RunSpec]:
     return specs
 
 
+def _scaled_cause(place: dict[str, Any] | None, h: History, fmt: str) -> None:
+    """A backward pass that overflowed under a loss scale gets that as its cause."""
+    if place is None or place["direction"] != "backward" or place["step"] >= len(h.scale):
+        return
+    scale = h.scale[place["step"]]
+    if scale != 1.0:
+        place["cause"] = (
+            f"with the loss scale {scale:g} the backward pass produced inf/NaN in {fmt} first at "
+            f"{place['op']}; a smaller loss scale leaves headroom (+dynamic halves it and skips "
+            "the step)"
+        )
+
+
 def _plan(spec: RunSpec) -> dict[str, Any]:
     """What the run computed in, for the report."""
     text = (
@@ -426,6 +497,7 @@ def train_graph(
         distance[label], detectors[label] = run_detectors(
             run.history, exact.history, None, cfg, spec_of[label], stall_k
         )
+        _scaled_cause(detectors[label]["first_overflow"], run.history, run.grad_format)
     config = {
         "steps": steps,
         "optimizer": cfg.__dict__,
