@@ -143,6 +143,21 @@ def test_missing_ball_op_falls_back_to_arb_with_one_note(capsys: pytest.CaptureF
         train(net, 2, OptimConfig(lr=0.1), runs="float32", exact_method="fast")
 
 
+def test_zero_bias_before_batch_norm_stays_an_undetermined_ball() -> None:
+    """A zero bias in front of batch norm has exact gradient 0 at every step, which no ball
+    proves: its elements stay balls around 0, named in a note, outside the certified digits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].bias.zero_()
+    net = fpgrad.from_module(model, torch.randn(8, 4), torch.randint(0, 2, (8,)),
+                             nn.CrossEntropyLoss())  # fmt: skip
+    r = train(net, 2, OptimConfig(lr=0.1), runs="float32")
+    assert r.config["exact_method"] == "fast" and r.exact_certified_digits >= 17
+    note = [n for n in r.notes if "balls around 0" in n]
+    assert len(note) == 1 and note[0].startswith("3 parameter elements of the exact run (0.bias)")
+
+
 def test_undecidable_max_pool_tie_is_not_certified() -> None:
     """Windows of equal inexact values: neither ball kind can prove which is the first
     maximum, so the trajectory certifies 0 digits and a note names the step."""

@@ -296,6 +296,27 @@ class GraphExactRun(ExactRun):
         """As :meth:`ExactRun.ball_digits`; 0 once a branch was taken undecided."""
         return 0.0 if self.unproven_at is not None else super().ball_digits()
 
+    def _digits(self, steps: list[dict[str, Any]]) -> float:
+        """The fewest certified digits of the parameter elements whose sign the balls decide
+        (as ``compare`` counts: exact zeros and balls around 0 left out); the balls around 0
+        of the last step are kept in :attr:`undetermined` (name -> (count, largest radius))."""
+        from fpgrad.exact import arb_digits, ball_digits
+        from fpgrad.train import _is_ball
+
+        digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
+        worst = float(self._cap())
+        self.undetermined: dict[str, tuple[int, float]] = {}
+        for i, params in enumerate(steps):
+            for name, value in params.items():
+                d, zero, undet, rad = digits_of(value, self._cap())
+                kept = d[~zero & ~undet]
+                if kept.size:
+                    worst = min(worst, float(np.min(kept)))
+                if i == len(steps) - 1 and undet.any():
+                    radius = float(np.max(np.asarray(rad, dtype=np.float64)[undet]))
+                    self.undetermined[name] = (int(undet.sum()), radius)
+        return worst
+
 
 def _exact_run(
     net: Trainee,
@@ -452,28 +473,28 @@ def train_graph(
             s.label: (GraphEmulatedRun if s.emulated else GraphTorchRun)(trainee, s, cfg, seed)
             for s in specs
         }
-        exact, digits, method = _exact_run(
-            trainee, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
-        )
         for r in native.values():
             r.record_initial()
-        for t in range(steps):
-            for run in native.values():
-                before = run.current_params()
-                grads = run.step()
-                if t % every == 0 or t == steps - 1:
-                    counts, loss = exact_check(
-                        trainee, before, grads, run.grad_format, exact_bits, exact_max_bits
-                    )
-                    run.history.verdicts[t] = counts
-                    if loss is not None:
-                        run.history.exact_loss_at_params[t] = loss
+        for t in range(steps):  # every run's step first: a refusal comes before exact work
+            stepped = [(run, run.current_params(), run.step()) for run in native.values()]
+            if t % every and t != steps - 1:
+                continue
+            for run, before, grads in stepped:
+                counts, loss = exact_check(
+                    trainee, before, grads, run.grad_format, exact_bits, exact_max_bits
+                )
+                run.history.verdicts[t] = counts
+                if loss is not None:
+                    run.history.exact_loss_at_params[t] = loss
         for run in native.values():
             run.history.loss.append(run.final_loss())
             _, loss = exact_check(trainee, run.current_params(), {}, "float64", exact_bits,
                                   exact_max_bits)  # fmt: skip
             if loss is not None:
                 run.history.exact_loss_at_params[steps] = loss
+        exact, digits, method = _exact_run(
+            trainee, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
+        )
     for h in (exact.history, *(r.history for r in native.values())):
         h.dead_units.clear()  # no layers: not counted (an empty list in the JSON, not zeros)
     notes = [exact.fallback] if exact.fallback else []
@@ -482,6 +503,15 @@ def train_graph(
         notes.append(
             f"step {unproven}: the Arb exact run met a branch its balls cannot decide (a max-pool "
             "window with tied values); the exact trajectory is not proven from there"
+        )
+    undetermined = getattr(exact, "undetermined", {})
+    if undetermined and unproven is None:
+        n = sum(c for c, _ in undetermined.values())
+        radius = max(r for _, r in undetermined.values())
+        notes.append(
+            f"{n} parameter elements of the exact run ({', '.join(undetermined)}) end as balls "
+            f"around 0 of radius <= {radius:.1e}: their exact values lie that close to 0, sign "
+            "undetermined; the certified digits count the other elements"
         )
     if digits < 17 and unproven is None:
         notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
