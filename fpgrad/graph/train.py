@@ -475,7 +475,12 @@ def train_graph(
         }
         for r in native.values():
             r.record_initial()
-        for t in range(steps):  # every run's step first: a refusal comes before exact work
+        iterator: Any = range(steps)
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, desc="fpgrad train", unit="step", leave=False)
+        for t in iterator:  # every run's step first: a refusal comes before exact work
             stepped = [(run, run.current_params(), run.step()) for run in native.values()]
             if t % every and t != steps - 1:
                 continue
