@@ -132,6 +132,20 @@ def test_exact_run_is_certified_and_tracks_float64() -> None:
     assert "captured model" in r.render()
 
 
+def test_exact_trajectory_equals_the_layer_networks_exact_trajectory() -> None:
+    """The same MLP as a layer network (fpgrad's own evaluator) and as a captured graph: two
+    certified trajectories of the same exact values, so their losses agree to float64."""
+    from fpgrad.from_torch import network_from_module
+
+    model, x, y = _mlp(nn.Tanh())
+    cfg = OptimConfig(lr=0.5, momentum=0.9)
+    layered = train(network_from_module(model, x, y), 4, cfg, runs="float32", perturb=False)
+    graphed = train(fpgrad.from_module(model, x, y, nn.CrossEntropyLoss()), 4, cfg, runs="float32")
+    a, b = np.array(layered.exact.loss), np.array(graphed.exact.loss)
+    assert a.shape == b.shape == (5,) and a[-1] < a[0]
+    assert np.all(np.abs(a - b) <= 2e-16 * np.abs(a))
+
+
 def test_missing_ball_op_falls_back_to_arb_with_one_note(capsys: pytest.CaptureFixture) -> None:
     model, x, y = _mlp(nn.GELU())
     net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
