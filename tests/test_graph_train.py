@@ -210,9 +210,17 @@ def test_first_overflow_names_the_module_and_the_loss_scale() -> None:
     assert r.detectors["float16"]["first_overflow"] is None
     first = r.detectors["float16+scale=65536"]["first_overflow"]
     assert first["step"] == 0 and first["direction"] == "backward"
-    assert first["layer"] in {"0", "1", "2"} and first["op"].startswith(first["layer"] + " (")
-    assert "loss scale 65536" in first["cause"]
+    # 65536 is above float16's largest value: d(loss * 65536)/d loss is already inf
+    assert first["layer"] == "loss" and first["op"] == "loss (CrossEntropyLoss) backward"
+    assert "above float16's largest value (65504)" in first["cause"] and "32768" in first["cause"]
     assert r.histories["float16+scale=65536"].skipped == [True, True]  # static: never taken
+    with torch.no_grad():
+        model[2].weight.mul_(300)  # dL/dh = W^T dL/dlogits overflows under the scale
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    r = train(net, 1, OptimConfig(lr=0.1), runs="float16+scale=16384")
+    first = r.detectors["float16+scale=16384"]["first_overflow"]
+    assert first["op"] == "2 (Linear) backward" and first["quantity"] == "dL/d(input)"
+    assert first["cause"].startswith("with the loss scale 16384 the backward pass produced")
 
 
 SCRIPT = """

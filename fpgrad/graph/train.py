@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from fpgrad.errors import InputError
+from fpgrad.formats import get_format
 from fpgrad.graph.capture import Graph, loss_in
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import _into, model_in
@@ -186,10 +188,13 @@ class GraphTorchRun(_Run):
             if next(mod.children(), None) is None:  # leaf modules
                 mod.register_forward_hook(forward_hook(name))
                 mod.register_full_backward_hook(backward_hook(name))
+        loss_fn = copy.deepcopy(self.loss_fn)
+        if isinstance(loss_fn, nn.Module):  # the loss module: its backward runs first
+            loss_fn.register_full_backward_hook(backward_hook("loss"))
         try:
             with warnings.catch_warnings():  # the first module's input needs no gradient
                 warnings.simplefilter("ignore", UserWarning)
-                loss = self.loss_fn(model(*self.inputs), self.y)
+                loss = loss_fn(model(*self.inputs), self.y)
                 if bad(loss) and not found:
                     return None  # the loss itself: the simple place says so
                 (loss * scale if scale != 1.0 else loss).backward()
@@ -287,7 +292,13 @@ def _scaled_cause(place: dict[str, Any] | None, h: History, fmt: str) -> None:
     if place is None or place["direction"] != "backward" or place["step"] >= len(h.scale):
         return
     scale = h.scale[place["step"]]
-    if scale != 1.0:
+    largest = get_format(fmt.split(":")[0]).max
+    if scale > largest:
+        place["cause"] = (
+            f"the loss scale {scale:g} is above {fmt}'s largest value ({largest:g}): the backward "
+            f"pass starts at inf; use a scale of at most {2.0 ** math.floor(math.log2(largest)):g}"
+        )
+    elif scale != 1.0:
         place["cause"] = (
             f"with the loss scale {scale:g} the backward pass produced inf/NaN in {fmt} first at "
             f"{place['op']}; a smaller loss scale leaves headroom (+dynamic halves it and skips "
@@ -411,7 +422,7 @@ def train_graph(
         distance[label], detectors[label] = run_detectors(
             run.history, exact.history, None, cfg, spec_of[label], stall_k
         )
-        _scaled_cause(detectors[label]["first_overflow"], run.history, run.grad_format)
+        _scaled_cause(detectors[label]["first_overflow"], run.history, spec_of[label].precision)
     config = {
         "steps": steps,
         "optimizer": cfg.__dict__,
