@@ -372,8 +372,17 @@ def advise(
     computes in ``fmt`` are judged (gradients of layers computing in it, signals output in it,
     the seed if the loss is), and torch is measured running the policy. ``exact``: a
     precomputed ``exact_trace(net, bits)`` of this same network, reused. ``progress``: bars on
-    stderr for phases over 2 s (None: when stderr is a terminal).
+    stderr for phases over 2 s (None: when stderr is a terminal). A captured model
+    (:func:`fpgrad.from_module`) is advised by :func:`fpgrad.graph.advise.advise_graph`.
     """
+    if not isinstance(net, Network):
+        from fpgrad.graph.advise import advise_graph
+
+        return advise_graph(
+            net, fmt, bits, policy=policy, scope=scope, headroom=headroom, exponents=exponents,
+            measure=measure, allow_uncertified=allow_uncertified, exact_max_bits=exact_max_bits,
+            progress=progress,
+        )  # fmt: skip
     plan = None
     if policy is not None:
         from fpgrad.policy import BUILTIN, get_policy
@@ -420,6 +429,46 @@ def advise(
     )
     n_seed = 1 if in_f["loss"] else 0  # dL/dL = 1: the backward pass starts at S
     seed = _Values(np.ones(n_seed), np.zeros(n_seed), 0)
+    lim = _Limits.of(f)
+    measurer = (
+        _TorchMeasure(net, f.name, exact, lim, plan)
+        if measure and f.name in TORCH_FORMATS and (plan is None or not plan.emulated)
+        else None
+    )
+    policy_note = None
+    if plan is not None:
+        policy_note = (
+            f"policy {plan.policy} ({plan.describe()}): judged are the values it computes in "
+            f"{f.name}: {_sizes_text(in_f)}"
+            + ("; measured: torch running the policy" if measurer is not None else "")
+        )
+    return advice_from_values(
+        net.name, f, exact, bits, grads, signals, seed, measurer, scope=scope,
+        headroom=headroom, exponents=exponents, measure=measure, progress=progress,
+        policy=plan.policy if plan is not None else None, policy_note=policy_note,
+    )  # fmt: skip
+
+
+def advice_from_values(
+    name: str,
+    f: Format,
+    exact: Any,
+    bits: int,
+    grads: _Values,
+    signals: _Values,
+    seed: _Values,
+    measurer: Any,
+    *,
+    scope: str,
+    headroom: int,
+    exponents: tuple[int, int] | None,
+    measure: bool,
+    progress: bool | None,
+    policy: str | None = None,
+    policy_note: str | None = None,
+) -> Advice:
+    """The advice from the exact non-zero magnitudes of each group (any kind of network):
+    ``measurer`` (or None) gives torch's measured backward per scale (``at``, ``dynamic``)."""
     lim = _Limits.of(f)
     groups = {"gradients": grads, "signals": signals}
     nonzero = [v for v in (grads, signals, seed) if v.size]
@@ -501,11 +550,6 @@ def advise(
 
     dynamic = None
     notes: list[str] = []
-    measurer = (
-        _TorchMeasure(net, f.name, exact, lim, plan)
-        if measure and f.name in TORCH_FORMATS and (plan is None or not plan.emulated)
-        else None
-    )
     if measurer is not None:
         dynamic = measurer.dynamic()
         d = dynamic["settled"]
@@ -571,12 +615,8 @@ def advise(
                 f"({m['lost']} lost: a value on the way underflowed, an input, a forward value or a "
                 "backward signal; fpgrad compare shows where, --signals counts the signals)"
             )
-    if plan is not None:
-        notes.append(
-            f"policy {plan.policy} ({plan.describe()}): judged are the values it computes in "
-            f"{f.name}: {_sizes_text(in_f)}"
-            + ("; measured: torch running the policy" if measurer is not None else "")
-        )
+    if policy_note is not None:
+        notes.append(policy_note)
     elif f.name == "float16":
         notes.append(
             "unscale in float32 (fpgrad train: float16+master+scale=S): unscaling in float16 "
@@ -604,8 +644,8 @@ def advise(
             f"at {exact.max_bits} bits) and are left out of the advice"
         )
     return Advice(
-        network=net.name,
-        format=f.name if plan is None else f"{f.name} (policy {plan.policy})",
+        network=name,
+        format=f.name if policy is None else f"{f.name} (policy {policy})",
         scope=scope,
         headroom=headroom,
         exact_bits=bits,

@@ -136,8 +136,14 @@ def _with_policies(precisions: str | None, policies: str | None) -> str | None:
 
 
 def _policies(args: argparse.Namespace) -> int:
+    from fpgrad.graph.script import is_script, load_script
     from fpgrad.policy import BUILTIN
 
+    if args.network and is_script(args.network):  # a captured model: precision per op
+        from fpgrad.graph.policy import show_plans
+
+        print(show_plans(load_script(args.network), args.names, args.json))
+        return 0
     net = _load_network(args.network) if args.network else None
     known = {**BUILTIN, **(net.policies if net is not None else {})}
     names = args.names or list(known)
@@ -233,10 +239,11 @@ def _import(args: argparse.Namespace) -> int:
 def _advise(args: argparse.Namespace) -> int:
     from fpgrad.advisor import advise
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.graph.script import is_script, load_script
     from fpgrad.report.own import check_out_dir, write_advise_report
 
     out = check_out_dir(args.out) if args.out else None
-    net = _load_network(args.network)
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     exponents = None
     if args.exponents is not None:
         lo, sep, hi = args.exponents.partition("..")
@@ -510,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="the precision policies and what each op computes in")
     p.add_argument("names", nargs="*", help="policies to show (default: all known)")
     p.add_argument(
-        "--network", default=None, help="network file: its own policies and each plan on it"
+        "--network", default=None, help="network file or script.py:build: its own policies and each plan on it"
     )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_policies)

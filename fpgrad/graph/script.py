@@ -1,5 +1,6 @@
 """``path/to/script.py:build``: a Python file whose function returns (model, inputs, targets,
-loss). The file is user code and runs as pytest runs test files: imported as a module, its
+loss); a module-level ``POLICIES`` dict (name -> table as a network file's ``[policy.NAME]``,
+``layers`` keyed by module path) adds the model's own precision policies. The file is user code and runs as pytest runs test files: imported as a module, its
 directory first on ``sys.path``."""
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def load_script(spec: str) -> GraphNetwork:
             raise InputError(f"{path_s} defines no function {func}(); it must return "
                              "(model, inputs, targets, loss)")  # fmt: skip
         built = build()
+        policies = getattr(module, "POLICIES", None)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's code failed: say where, one line
@@ -47,7 +49,9 @@ def load_script(spec: str) -> GraphNetwork:
         ) from None
     finally:
         sys.path.remove(str(path.resolve().parent))
-    return from_module(*_unpack(built, f"{path_s}:{func}"), name=Path(path_s).stem)
+    return from_module(
+        *_unpack(built, f"{path_s}:{func}"), name=Path(path_s).stem, policies=policies
+    )
 
 
 def _unpack(built: Any, where: str) -> tuple[Any, Any, Any, Any]:

@@ -270,9 +270,10 @@ def _first_nonfinite_place(
     return None
 
 
-def parse_graph_runs(runs: str | list[str] | None) -> list[RunSpec]:
-    """The runs of :func:`fpgrad.train.parse_runs` a captured model can train."""
-    specs = parse_runs(runs)
+def parse_graph_runs(runs: str | list[str] | None, policies: Any = None) -> list[RunSpec]:
+    """The runs of :func:`fpgrad.train.parse_runs` a captured model can train (``policies``:
+    the model's own, by name, so that naming one is refused as a policy)."""
+    specs = parse_runs(runs, policies or None)
     for s in specs:
         if s.policy is not None:
             raise InputError(
@@ -354,7 +355,7 @@ def train_graph(
             "--batch-size (or return a smaller batch)"
         )
     cfg = cfg or OptimConfig()
-    specs = parse_graph_runs(runs)
+    specs = parse_graph_runs(runs, getattr(net, "policies", None))
     trainee = Trainee(graph, net.name)
     schedule = [np.arange(n)] * steps
     every = verdict_every or max(1, steps // 10)
