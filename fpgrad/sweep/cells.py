@@ -204,7 +204,7 @@ def _exact_for(job: CellJob, net: Network) -> Any:
 
 def _run_train(job: CellJob) -> dict[str, Any]:
     from fpgrad.optim import OptimConfig
-    from fpgrad.train import train
+    from fpgrad.training import train
 
     opts, axes = job.options, job.axes
     net = scale_init(job.network, axes.get("init_scale", 1.0))
