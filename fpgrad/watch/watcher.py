@@ -5,7 +5,8 @@ A step starts at the model's first forward call after the previous step ended, a
 else at the model's next forward call (each forward, with its backward, is a step). On sampled
 steps (every ``every``-th, from step 0) a ``TorchDispatchMode`` sees each aten op forward and
 backward: it runs the op exactly as it would run unwatched and then records statistics of the
-outputs (fpgrad.watch.classify); view ops, which copy nothing, are not recorded. Ops after the
+outputs (fpgrad.watch.classify); view ops, which copy nothing, and ops returning uninitialised
+memory (``empty``, ``empty_like``, ...: :data:`UNINITIALISED`) are not recorded. Ops after the
 backward pass and outside the model (GradScaler's unscaling, gradient clipping) have direction
 ``post-backward``. Ops inside ``optimizer.step()`` run unobserved and are summarised per
 parameter (fpgrad.watch.optimizer). Unsampled steps run with no mode installed.
@@ -24,6 +25,11 @@ from fpgrad.watch.classify import op_stats
 from fpgrad.watch.modules import ModuleStack
 from fpgrad.watch.optimizer import ShadowOptimizer, param_stats
 from fpgrad.watch.records import JsonlWriter, read_records
+
+#: Ops whose outputs hold uninitialised memory (garbage until written): never recorded.
+UNINITIALISED = frozenset(
+    "empty empty_like empty_strided new_empty new_empty_strided empty_permuted".split()
+)
 
 
 class _Mode(TorchDispatchMode):
@@ -177,7 +183,7 @@ class Watcher:
         if func._schema.is_mutable:
             before = tree_map(_clone, (args, kwargs))
         out = func(*args, **kwargs)
-        if func.is_view:
+        if func.is_view or func.overloadpacket.__name__ in UNINITIALISED:
             return out
         backward = torch._C._current_graph_task_id() != -1
         self._backward_seen |= backward

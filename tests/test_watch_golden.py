@@ -1,0 +1,126 @@
+"""The fast watch statistics record exactly what the reference implementation (the code before
+the fast paths, kept in tests/watch_reference/) records, on small models that exercise every
+path: zeros created and inherited, subnormals, infs and NaNs with a GradScaler, dead ReLU units
+(structural ``mm`` zeros), dropout, convolutions, Adam and SGD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpgrad
+from fpgrad.watch import watcher
+from tests.watch_reference import classify as ref_classify
+from tests.watch_reference import optimizer as ref_optimizer
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def _mlp(dtype: torch.dtype, factor: float, dead: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Linear(8, 24),
+        Scale(factor),
+        torch.nn.ReLU(),
+        torch.nn.Linear(24, 24),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.25),
+        torch.nn.Linear(24, 4),
+    )
+    if dead:  # units that never fire: whole zero rows and columns in the gradients
+        with torch.no_grad():
+            m[0].bias[:8] = -100.0
+    return m.to(dtype)
+
+
+def _conv() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(27, 4),
+    )
+
+
+CASES = {
+    "float32-adam-dead": (lambda: _mlp(torch.float32, 1.0, dead=True), "adam", None, None, 1.0),
+    "float16-sgd-underflow": (lambda: _mlp(torch.float16, 2.0**-20), "sgd", None, None, 1.0),
+    "float16-subnormals": (lambda: _mlp(torch.float16, 2.0**-12), "adam", None, None, 2.0**-4),
+    "autocast16-scaler-overflow": (
+        lambda: _mlp(torch.float32, 4096.0),
+        "adam",
+        torch.float16,
+        2.0**10,
+        10.0,
+    ),
+    "autocast-bf16-adam": (lambda: _mlp(torch.float32, 1.0), "adam", torch.bfloat16, None, 1.0),
+    "conv-float32": (_conv, "sgd", None, None, 1.0),
+}
+
+
+def _records(case: str) -> list[dict]:
+    make, opt_name, autocast, scale, gain = CASES[case]
+    m = make()
+    dtype = next(m.parameters()).dtype
+    if opt_name == "adam":
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    g = torch.Generator().manual_seed(1)
+    shape = (16, 1, 8, 8) if case.startswith("conv") else (16, 8)
+    x = (torch.randn(shape, generator=g) * gain).to(dtype)
+    y = torch.randint(0, 4, (16,), generator=g)
+    torch.manual_seed(2)  # dropout draws
+    with fpgrad.watch(m, opt, scaler) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=autocast or torch.float16, enabled=bool(autocast)):
+                out = m(x)
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+    return list(w._records)
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys(), (x, y)
+        for k in x:  # NaN-safe equality
+            assert x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]), (k, x, y)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_statistics_equal_the_reference(monkeypatch, case: str) -> None:
+    fast = _records(case)
+    ops = [r for r in fast if r["kind"] == "op"]
+    assert ops and [r for r in fast if r["kind"] in ("optimizer", "step")]
+    monkeypatch.setattr(watcher, "op_stats", ref_classify.op_stats)
+    monkeypatch.setattr(watcher, "param_stats", ref_optimizer.param_stats)
+    monkeypatch.setattr(watcher, "ShadowOptimizer", ref_optimizer.ShadowOptimizer)
+    _same(fast, _records(case))
+
+
+def test_the_cases_reach_every_kind_of_special_value() -> None:
+    # the comparison above is only as good as what the cases produce: zeros created and
+    # inherited, subnormals, infs created, NaNs, swamped updates
+    recs = [r for case in CASES for r in _records(case)]
+    ops = [r for r in recs if r["kind"] == "op"]
+    for key in ("zeros_created", "zeros_inherited", "subnormals", "infs_created", "nans"):
+        assert any(r[key] for r in ops), key
+    assert any(r.get("swamped") for r in recs if r["kind"] == "optimizer")
