@@ -35,10 +35,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from fpgrad.formats import get_format
 from fpgrad.watch.exact_fallback import exact_elements
+from fpgrad.watch.leaves import leaves
 
 #: torch dtype -> fpgrad format name.
 FORMAT_OF = {
@@ -115,7 +116,7 @@ def _abs64(x: Any) -> Any:
 
 
 def _float_outputs(out: Any) -> list[torch.Tensor | None]:
-    flat, _ = tree_flatten(out)
+    flat = leaves(out)
     return [t if isinstance(t, torch.Tensor) and t.dtype in FORMAT_OF else None for t in flat]
 
 
@@ -132,7 +133,7 @@ def recompute(func: Any, args: tuple, kwargs: dict, absolute: bool = False) -> l
 
 
 def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    flat, _ = tree_flatten((args, kwargs))
+    flat = leaves((args, kwargs))
     return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
@@ -441,7 +442,7 @@ def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -
     exactly zero and the recompute can be skipped."""
     if func.overloadpacket.__name__ not in SELECTION_OPS:
         return False
-    flat, _ = tree_flatten((args, kwargs))
+    flat = leaves((args, kwargs))
     ok = _WIDER[dtype]
     for x in flat:
         if isinstance(x, torch.Tensor):

@@ -15,9 +15,17 @@ import torch
 from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._pytree import tree_flatten
 
+from fpgrad.watch.leaves import leaves
+
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None))
+
 
 def _grad_tensors(x: Any) -> list[torch.Tensor]:
-    flat, _ = tree_flatten(x)
+    if isinstance(x, torch.Tensor):
+        return [x] if x.requires_grad else []
+    flat = leaves(x)
+    if not all(isinstance(t, _PLAIN) for t in flat):  # another container type: ask pytree
+        flat, _ = tree_flatten(x)
     return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
@@ -26,6 +34,7 @@ class ModuleStack:
 
     def __init__(self, model: torch.nn.Module, active: Callable[[], bool]) -> None:
         self.stack: list[str] = []
+        self._current: tuple[tuple[str, ...], str] | None = None
         self._active = active
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
@@ -38,7 +47,14 @@ class ModuleStack:
     @property
     def current(self) -> str:
         """The innermost running module: the latest entry that is no other entry's ancestor
-        (in backward, a module and its parent can be entered by the same output's hook)."""
+        (in backward, a module and its parent can be entered by the same output's hook).
+        Cached until the stack changes."""
+        key = tuple(self.stack)
+        if self._current is None or self._current[0] != key:
+            self._current = (key, self._innermost())
+        return self._current[1]
+
+    def _innermost(self) -> str:
         for path in reversed(self.stack):
             if path == "(root)" and len(set(self.stack)) > 1:
                 continue

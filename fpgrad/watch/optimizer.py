@@ -16,6 +16,7 @@ import torch
 
 from fpgrad.formats import get_format
 from fpgrad.watch.classify import FORMAT_OF, count
+from fpgrad.watch.scratch import Scratch
 
 #: Parameters up to this size keep their per-element swamped map in the records.
 MAP_LIMIT = 4096
@@ -118,6 +119,48 @@ def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | N
     return ShadowOptimizer().requested_updates(opt)
 
 
+def _eps_threshold(dtype: torch.dtype, eps: float) -> float:
+    """The smallest ``x >= 0`` of ``dtype`` with ``not (fl64(sqrt(x)) < eps)`` (``0 < eps <
+    inf``): ``fl64(sqrt(fl64(x)))`` is non-decreasing in ``x >= 0``, so for every ``x >= 0`` of
+    ``dtype``, ``sqrt(x) < eps`` in float64 exactly when ``x <`` this threshold. Found by
+    bisection over the bit patterns of ``dtype`` with torch's own float64 ``sqrt``; cached."""
+    key = (dtype, eps)
+    got = _THRESHOLDS.get(key)
+    if got is not None:
+        return got
+    ity = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(ity))
+
+    def below(k: int) -> bool:  # fl64(sqrt(value with bits k)) < eps
+        x = torch.tensor(k, dtype=ity).view(dtype).to(torch.float64)
+        return bool(x.sqrt() < eps)
+
+    lo, hi = 0, inf_bits  # below(hi) is False (sqrt(inf) = inf); find the first False
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if below(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    got = _THRESHOLDS[key] = float(torch.tensor(lo, dtype=ity).view(dtype))
+    return got
+
+
+_THRESHOLDS: dict[tuple[torch.dtype, float], float] = {}
+
+
+def _count_below(x: torch.Tensor, bound: float, buf: torch.Tensor) -> torch.Tensor:
+    """The number of elements of ``x`` (no NaN, no -inf; ``bound`` finite, in x's format) below
+    ``bound``: ``bound - x`` is positive exactly when ``x < bound`` (a difference of two
+    distinct floats never rounds to zero), counted with float indicators in ``buf``."""
+    return count(_rsub(x, bound, buf).clamp_(min=0).sign_())
+
+
+def _rsub(x: torch.Tensor, c: float, buf: torch.Tensor) -> torch.Tensor:
+    """``c - x`` written into ``buf`` (as ``-x + c``: the same exact sum, so the same rounding)."""
+    return buf.copy_(x).neg_().add_(c)
+
+
 def param_stats(
     name: str,
     p: torch.Tensor,
@@ -125,30 +168,51 @@ def param_stats(
     requested: torch.Tensor | None,
     state: dict,
     group: dict,
+    scratch: Scratch | None = None,
 ) -> dict[str, Any]:
-    """The record of one parameter after a step (``before``: its value before the step)."""
+    """The record of one parameter after a step (``before``: its value before the step, in
+    float64). Temporaries live in ``scratch`` (fresh buffers when None)."""
+    scratch = scratch if scratch is not None else Scratch()
     after = p.detach()
     n = max(p.numel(), 1)
-    w64 = before.to(torch.float64)
-    d64 = after.to(torch.float64, copy=True).sub_(w64)  # never the parameter itself
+    dev = p.device
+    w64 = before if before.dtype == torch.float64 else before.to(torch.float64)
+    d64 = scratch.get("d64", p.shape, torch.float64, dev)
+    d64.copy_(after).sub_(w64)  # never the parameter itself
     # float indicators (1.0 / 0.0) where everything is finite: much faster than bool masks (a
     # non-finite weight before or after makes d64 non-finite, so d64 and requested suffice)
     check = d64.sum() + (requested.sum() if requested is not None else 0.0)
     finite = bool(torch.isfinite(check))
-    moved = d64.abs().sign_() if finite else (after != before).to(torch.float64)
+    if finite:
+        moved = torch.abs(d64, out=scratch.get("moved", p.shape, torch.float64, dev)).sign_()
+    else:
+        moved = (after != before).to(torch.float64)
     vals = [moved.sum(), w64.norm(), d64.norm()]
+    swamped = None
     if requested is not None:
-        asked = requested.abs().sign_() if finite else (requested != 0).to(torch.float64)
-        swamped = (1 - moved).mul_(asked)
+        if finite:
+            asked = torch.abs(
+                requested, out=scratch.get("asked", p.shape, torch.float64, dev)
+            ).sign_()
+        else:
+            asked = (requested != 0).to(torch.float64)
+        swamped = moved.sub_(1).neg_().mul_(asked)  # (1 - moved) * asked, in moved's buffer
         vals += [asked.sum(), swamped.sum(), requested.norm()]
     keys = []
+    bounds: dict[Any, tuple[float, float]] = {}
     for key, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
             sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
             # counted in the state's own format (float32 for narrower ones): a zero is a zero
             # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
-            a = v.detach().abs()
-            lo, hi = torch.stack(torch.aminmax(a)).tolist()
+            v = v.detach()
+            vlo, vhi = torch.stack(torch.aminmax(v)).tolist()
+            bounds[key] = (vlo, vhi)
+            if vlo >= 0:  # no negative, no NaN: |v| is v (up to the sign of zeros)
+                a, lo, hi = v, vlo, vhi
+            else:
+                a = torch.abs(v, out=scratch.get("state", v.shape, v.dtype, dev))
+                lo, hi = torch.stack(torch.aminmax(a)).tolist()
             if lo >= sn and hi < float("inf"):  # no zero, subnormal, inf or NaN
                 vals += [torch.zeros((), dtype=torch.float64)] * 2
                 keys.append(key)
@@ -156,9 +220,10 @@ def param_stats(
             if a.dtype != torch.float64:
                 a = a.float()
             if hi < float("inf"):
-                zero = 1 - torch.sign(a)
+                buf = scratch.get("state_ind", a.shape, a.dtype, dev)
+                zero = torch.sign(a, out=buf).sub_(1).neg_()  # 1 - sign(|v|)
                 nz = count(zero)
-                vals += [nz, count((sn - a).clamp_(min=0).sign_()) - nz]
+                vals += [nz, count(_rsub(a, sn, buf).clamp_(min=0).sign_()) - nz]
             else:
                 vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
             keys.append(key)
@@ -166,11 +231,24 @@ def param_stats(
     eps = group.get("eps")
     adam = isinstance(v, torch.Tensor) and isinstance(eps, float)
     if adam:
-        root = v.detach().to(torch.float64).sqrt()
-        if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
-            vals.append(count((eps - root).clamp_(min=0).sign_()))
+        vlo, vhi = bounds.get("exp_avg_sq") or torch.stack(torch.aminmax(v.detach())).tolist()
+        if 0 < eps < float("inf") and vlo >= 0 and v.dtype in FORMAT_OF:
+            # sqrt(v) < eps in float64 exactly when v < the threshold (no sqrt, no widening)
+            t = _eps_threshold(v.dtype, eps)
+            if vhi < t:
+                vals.append(torch.tensor(float(v.numel()), dtype=torch.float64))
+            elif t == 0:
+                vals.append(torch.zeros((), dtype=torch.float64))
+            elif vhi < float("inf"):
+                vals.append(_count_below(v.detach(), t, scratch.get("eps", v.shape, v.dtype, dev)))
+            else:
+                vals.append((v.detach() < t).sum())
         else:
-            vals.append((root < eps).sum())
+            root = v.detach().to(torch.float64).sqrt()
+            if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
+                vals.append(count((eps - root).clamp_(min=0).sign_()))
+            else:
+                vals.append((root < eps).sum())
     got = torch.stack([x.to(torch.float64) for x in vals]).tolist()
     nmoved, wn, dn = got[:3]
     rec: dict[str, Any] = {
@@ -181,7 +259,7 @@ def param_stats(
         "update_weight_ratio": dn / wn if wn else None,
     }
     i = 3
-    if requested is not None:
+    if requested is not None and swamped is not None:
         nasked, nswamped, rn = got[3:6]
         i = 6
         rec["requested_nonzero"] = int(nasked)

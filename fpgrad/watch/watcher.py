@@ -25,6 +25,7 @@ from fpgrad.watch.classify import op_stats
 from fpgrad.watch.modules import ModuleStack
 from fpgrad.watch.optimizer import ShadowOptimizer, param_stats
 from fpgrad.watch.records import JsonlWriter, read_records
+from fpgrad.watch.scratch import Scratch
 
 #: Ops whose outputs hold uninitialised memory (garbage until written): never recorded.
 UNINITIALISED = frozenset(
@@ -71,6 +72,8 @@ class Watcher:
         self._records: list[dict[str, Any]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._mode = _Mode(self)
+        self._ops: dict[Any, tuple[bool, bool, str]] = {}
+        self._scratch = Scratch()
         self._shadow_opt = ShadowOptimizer()
         self._step = 0
         self._in_step = self._sampling = self._mode_on = False
@@ -127,6 +130,7 @@ class Watcher:
             del self.scaler.update
         if self._writer is not None:
             self._writer.close()
+        self._scratch.clear()
 
     # ---- steps ----------------------------------------------------------------------------
     def _emit(self, recs: list[dict[str, Any]]) -> None:
@@ -176,14 +180,23 @@ class Watcher:
         self._in_step = self._sampling = False
 
     # ---- ops --------------------------------------------------------------------------------
+    def _op_info(self, func: Any) -> tuple[bool, bool, str]:
+        """(mutable, not recorded, name) of an aten op, cached per op."""
+        info = self._ops.get(func)
+        if info is None:
+            skip = func.is_view or func.overloadpacket.__name__ in UNINITIALISED
+            info = self._ops[func] = (func._schema.is_mutable, skip, str(func))
+        return info
+
     def _on_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if not self._sampling or self._phase == "optimizer":
             return func(*args, **kwargs)
+        mutable, skip, op = self._op_info(func)
         before = None
-        if func._schema.is_mutable:
+        if mutable and not skip:
             before = tree_map(_clone, (args, kwargs))
         out = func(*args, **kwargs)
-        if func.is_view or func.overloadpacket.__name__ in UNINITIALISED:
+        if skip:
             return out
         backward = torch._C._current_graph_task_id() != -1
         self._backward_seen |= backward
@@ -195,7 +208,6 @@ class Watcher:
             direction = "post-backward"
         else:
             direction = "forward"
-        op = str(func)
         for row in op_stats(func, a, k, out):
             row.update(
                 kind="op", step=self._step, seq=self._seq, module=module, op=op, direction=direction
@@ -256,6 +268,7 @@ class Watcher:
                         req,
                         opt.state.get(p, {}),
                         g,
+                        scratch=self._scratch,
                     )
                     rec.update(kind="optimizer", step=self._step, direction="optimizer")
                     recs.append(rec)
