@@ -97,6 +97,25 @@ def _records(case: str) -> list[dict]:
     return list(w._records)
 
 
+def _reference_widen(params: list[torch.Tensor], scratch: object) -> dict:
+    return {id(p): p.detach().to(torch.float64, copy=True) for p in params}
+
+
+def _reference_step_records(
+    opt: torch.optim.Optimizer, names: dict, before: dict, requested: dict | None, scratch: object
+) -> list[dict]:
+    recs = []
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if id(p) not in before:
+                continue
+            req = None if requested is None else requested.get(id(p))
+            name = names.get(id(p), f"param{len(recs)}")
+            state = opt.state.get(p, {})
+            recs.append(ref_optimizer.param_stats(name, p, before[id(p)], req, state, g))
+    return recs
+
+
 def _same(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
@@ -111,9 +130,8 @@ def test_fast_statistics_equal_the_reference(monkeypatch, case: str) -> None:
     ops = [r for r in fast if r["kind"] == "op"]
     assert ops and [r for r in fast if r["kind"] in ("optimizer", "step")]
     monkeypatch.setattr(watcher, "op_stats", ref_classify.op_stats)
-    monkeypatch.setattr(
-        watcher, "param_stats", lambda *a, scratch=None: ref_optimizer.param_stats(*a)
-    )
+    monkeypatch.setattr(watcher, "step_records", _reference_step_records)
+    monkeypatch.setattr(watcher, "widen", _reference_widen)
     monkeypatch.setattr(watcher, "ShadowOptimizer", ref_optimizer.ShadowOptimizer)
     _same(fast, _records(case))
 

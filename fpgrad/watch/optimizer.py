@@ -161,6 +161,72 @@ def _rsub(x: torch.Tensor, c: float, buf: torch.Tensor) -> torch.Tensor:
     return buf.copy_(x).neg_().add_(c)
 
 
+def _state_counts(
+    state: dict, p: torch.Tensor, scratch: Scratch
+) -> tuple[list[torch.Tensor], list[Any], dict[Any, tuple[float, float]]]:
+    """(zero count, subnormal count) 0-d tensors of each floating state tensor shaped like
+    ``p``, flattened, with the state keys they belong to and each tensor's (min, max)."""
+    vals: list[torch.Tensor] = []
+    keys = []
+    bounds: dict[Any, tuple[float, float]] = {}
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
+            sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
+            # counted in the state's own format (float32 for narrower ones): a zero is a zero
+            # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
+            v = v.detach()
+            vlo, vhi = torch.stack(torch.aminmax(v)).tolist()
+            bounds[key] = (vlo, vhi)
+            if vlo >= 0:  # no negative, no NaN: |v| is v (up to the sign of zeros)
+                a, lo, hi = v, vlo, vhi
+            else:
+                a = torch.abs(v, out=scratch.get("state", v.shape, v.dtype, v.device))
+                lo, hi = torch.stack(torch.aminmax(a)).tolist()
+            if lo >= sn and hi < float("inf"):  # no zero, subnormal, inf or NaN
+                vals += [torch.zeros((), dtype=torch.float64)] * 2
+                keys.append(key)
+                continue
+            if a.dtype != torch.float64:
+                a = a.float()
+            if hi < float("inf"):
+                buf = scratch.get("state_ind", a.shape, a.dtype, a.device)
+                zero = torch.sign(a, out=buf).sub_(1).neg_()  # 1 - sign(|v|)
+                nz = count(zero)
+                vals += [nz, count(_rsub(a, sn, buf).clamp_(min=0).sign_()) - nz]
+            else:
+                vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
+            keys.append(key)
+    return vals, keys, bounds
+
+
+def _eps_count(
+    state: dict, group: dict, scratch: Scratch, bounds: dict[Any, tuple[float, float]]
+) -> torch.Tensor | None:
+    """For an Adam-like state (``exp_avg_sq`` and a float ``eps``): the number of elements whose
+    float64 ``sqrt(exp_avg_sq)`` is below ``eps``; else None. ``bounds``: (min, max) of state
+    tensors already known."""
+    v = state.get("exp_avg_sq")
+    eps = group.get("eps")
+    if not (isinstance(v, torch.Tensor) and isinstance(eps, float)):
+        return None
+    v = v.detach()
+    vlo, vhi = bounds.get("exp_avg_sq") or torch.stack(torch.aminmax(v)).tolist()
+    if 0 < eps < float("inf") and vlo >= 0 and v.dtype in FORMAT_OF:
+        # sqrt(v) < eps in float64 exactly when v < the threshold (no sqrt, no widening)
+        t = _eps_threshold(v.dtype, eps)
+        if vhi < t:
+            return torch.tensor(float(v.numel()), dtype=torch.float64)
+        if t == 0:
+            return torch.zeros((), dtype=torch.float64)
+        if vhi < float("inf"):
+            return _count_below(v, t, scratch.get("eps", v.shape, v.dtype, v.device))
+        return (v < t).sum()
+    root = v.to(torch.float64).sqrt()
+    if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
+        return count((eps - root).clamp_(min=0).sign_())
+    return (root < eps).sum()
+
+
 def param_stats(
     name: str,
     p: torch.Tensor,
@@ -198,57 +264,12 @@ def param_stats(
             asked = (requested != 0).to(torch.float64)
         swamped = moved.sub_(1).neg_().mul_(asked)  # (1 - moved) * asked, in moved's buffer
         vals += [asked.sum(), swamped.sum(), requested.norm()]
-    keys = []
-    bounds: dict[Any, tuple[float, float]] = {}
-    for key, v in state.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
-            sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
-            # counted in the state's own format (float32 for narrower ones): a zero is a zero
-            # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
-            v = v.detach()
-            vlo, vhi = torch.stack(torch.aminmax(v)).tolist()
-            bounds[key] = (vlo, vhi)
-            if vlo >= 0:  # no negative, no NaN: |v| is v (up to the sign of zeros)
-                a, lo, hi = v, vlo, vhi
-            else:
-                a = torch.abs(v, out=scratch.get("state", v.shape, v.dtype, dev))
-                lo, hi = torch.stack(torch.aminmax(a)).tolist()
-            if lo >= sn and hi < float("inf"):  # no zero, subnormal, inf or NaN
-                vals += [torch.zeros((), dtype=torch.float64)] * 2
-                keys.append(key)
-                continue
-            if a.dtype != torch.float64:
-                a = a.float()
-            if hi < float("inf"):
-                buf = scratch.get("state_ind", a.shape, a.dtype, dev)
-                zero = torch.sign(a, out=buf).sub_(1).neg_()  # 1 - sign(|v|)
-                nz = count(zero)
-                vals += [nz, count(_rsub(a, sn, buf).clamp_(min=0).sign_()) - nz]
-            else:
-                vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
-            keys.append(key)
-    v = state.get("exp_avg_sq")
-    eps = group.get("eps")
-    adam = isinstance(v, torch.Tensor) and isinstance(eps, float)
-    if adam:
-        vlo, vhi = bounds.get("exp_avg_sq") or torch.stack(torch.aminmax(v.detach())).tolist()
-        if 0 < eps < float("inf") and vlo >= 0 and v.dtype in FORMAT_OF:
-            # sqrt(v) < eps in float64 exactly when v < the threshold (no sqrt, no widening)
-            t = _eps_threshold(v.dtype, eps)
-            if vhi < t:
-                vals.append(torch.tensor(float(v.numel()), dtype=torch.float64))
-            elif t == 0:
-                vals.append(torch.zeros((), dtype=torch.float64))
-            elif vhi < float("inf"):
-                vals.append(_count_below(v.detach(), t, scratch.get("eps", v.shape, v.dtype, dev)))
-            else:
-                vals.append((v.detach() < t).sum())
-        else:
-            root = v.detach().to(torch.float64).sqrt()
-            if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
-                vals.append(count((eps - root).clamp_(min=0).sign_()))
-            else:
-                vals.append((root < eps).sum())
+    svals, keys, bounds = _state_counts(state, p, scratch)
+    vals += svals
+    e = _eps_count(state, group, scratch, bounds)
+    adam = e is not None
+    if e is not None:
+        vals.append(e)
     got = torch.stack([x.to(torch.float64) for x in vals]).tolist()
     nmoved, wn, dn = got[:3]
     rec: dict[str, Any] = {
@@ -274,8 +295,154 @@ def param_stats(
         rec[f"state_{key}_subnormal_share"] = got[i + 1] / n
         i += 2
     if adam:
-        eps_in = float(torch.tensor(eps, dtype=v.dtype))
+        v = state["exp_avg_sq"]
+        eps_in = float(torch.tensor(group["eps"], dtype=v.dtype))
         rec["eps_in_state_dtype"] = eps_in
         rec["eps_flushed"] = eps_in == 0.0
         rec["eps_dominated_share"] = got[i] / n
     return rec
+
+
+#: Steps whose parameters hold more elements than this are summarised parameter by parameter
+#: (the batched path keeps four float64 work buffers of this size).
+BATCH_LIMIT = 2**22
+
+
+def widen(params: list[torch.Tensor], scratch: Scratch) -> dict[int, torch.Tensor]:
+    """Float64 copies of ``params`` (by ``id``), as views of one reused buffer when they share a
+    device and are few enough elements (:data:`BATCH_LIMIT`), else fresh tensors."""
+    n = sum(p.numel() for p in params)
+    if not params or n > BATCH_LIMIT or len({p.device for p in params}) > 1:
+        return {id(p): p.detach().to(torch.float64, copy=True) for p in params}
+    flat = scratch.get("before", (n,), torch.float64, params[0].device)
+    views, o = [], 0
+    for p in params:
+        views.append(flat[o : o + p.numel()].view(p.shape))
+        o += p.numel()
+    torch._foreach_copy_(views, [p.detach() for p in params])
+    return {id(p): v for p, v in zip(params, views, strict=True)}
+
+
+def step_records(
+    opt: torch.optim.Optimizer,
+    names: dict[int, str],
+    before: dict[int, torch.Tensor],
+    requested: dict[int, torch.Tensor] | None,
+    scratch: Scratch,
+) -> list[dict[str, Any]]:
+    """The :func:`param_stats` record of every parameter in ``before`` (param_groups order),
+    computed for all of them at once: one flat float64 buffer per indicator, segment sums for
+    the counts, ``_foreach`` norms (the same kernel per tensor as ``Tensor.norm``). Falls back
+    to :func:`param_stats` per parameter for anything the batch does not cover (non-finite
+    updates, several devices, empty or very many parameters, a missing requested update)."""
+    ents = [(g, p) for g in opt.param_groups for p in g["params"] if id(p) in before]
+    n = sum(p.numel() for _, p in ents)
+    reqs = None if requested is None else [requested.get(id(p)) for _, p in ents]
+    if (
+        not ents
+        or n > BATCH_LIMIT
+        or len({p.device for _, p in ents}) > 1
+        or any(p.numel() == 0 for _, p in ents)
+        or (reqs is not None and any(r is None for r in reqs))
+    ):
+        return _one_by_one(ents, names, before, requested, opt, scratch)
+    dev = ents[0][1].device
+    ind = scratch.get("indicators", (3, n), torch.float64, dev)
+    rows = [[], [], []]
+    o = 0
+    for _, p in ents:
+        for k in range(3):
+            rows[k].append(ind[k, o : o + p.numel()].view(p.shape))
+        o += p.numel()
+    d = rows[0]  # the update done, then the "moved" indicator in the same place
+    befores = [before[id(p)] for _, p in ents]
+    torch._foreach_copy_(d, [p.detach() for _, p in ents])
+    torch._foreach_sub_(d, befores)
+    checks = [ind[0].sum()]
+    if reqs is not None:
+        torch._foreach_copy_(rows[1], reqs)
+        checks.append(ind[1].sum())
+    if not bool(torch.isfinite(torch.stack(checks).sum())):
+        return _one_by_one(ents, names, before, requested, opt, scratch)
+    norms = [torch._foreach_norm(befores, 2), torch._foreach_norm(d, 2)]
+    ind[0].abs_().sign_()
+    if reqs is not None:
+        norms.append(torch._foreach_norm(reqs, 2))
+        ind[1].abs_().sign_()
+        torch.mul(ind[0], ind[1], out=ind[2])
+        torch.sub(ind[1], ind[2], out=ind[2])  # asked and not moved: swamped
+    k_rows = 3 if reqs is not None else 1
+    lengths = torch.tensor([p.numel() for _, p in ents], device=dev)
+    counts = torch.segment_reduce(
+        ind[:k_rows], "sum", lengths=lengths.expand(k_rows, -1).contiguous(), axis=1
+    )
+    # state tensors (zero and subnormal shares) and Adam's eps share
+    states = [opt.state.get(p, {}) for _, p in ents]
+    state_vals = [_state_counts(st, p, scratch) for st, (_, p) in zip(states, ents, strict=True)]
+    eps_vals = [
+        _eps_count(st, g, scratch, sv[2])
+        for st, (g, _), sv in zip(states, ents, state_vals, strict=True)
+    ]
+    flat = [*counts.reshape(-1), *(x for ns in norms for x in ns)]
+    for sv, e in zip(state_vals, eps_vals, strict=True):  # per parameter: state, then eps
+        flat += sv[0] + ([e] if e is not None else [])
+    got = torch.stack([x.to(torch.float64) for x in flat]).tolist()
+    P = len(ents)
+    cnt = [got[k * P : (k + 1) * P] for k in range(k_rows)]
+    nrm = [got[k_rows * P + k * P : k_rows * P + (k + 1) * P] for k in range(len(norms))]
+    i = k_rows * P + len(norms) * P
+    small = ind[2].to(torch.uint8) if reqs is not None else None
+    out, o = [], 0
+    for j, (g, p) in enumerate(ents):
+        m = max(p.numel(), 1)
+        wn, dn = nrm[0][j], nrm[1][j]
+        rec: dict[str, Any] = {
+            "param": names.get(id(p), f"param{j}"),
+            "dtype": FORMAT_OF.get(p.dtype, str(p.dtype)),
+            "numel": p.numel(),
+            "moved_share": cnt[0][j] / m,
+            "update_weight_ratio": dn / wn if wn else None,
+        }
+        if reqs is not None and small is not None:
+            nasked, nswamped, rn = cnt[1][j], cnt[2][j], nrm[2][j]
+            rec["requested_nonzero"] = int(nasked)
+            rec["swamped"] = int(nswamped)
+            rec["swamped_share"] = nswamped / max(nasked, 1)
+            rec["requested_update_weight_ratio"] = rn / wn if wn else None
+            rec["swamped_map"] = (
+                small[o : o + p.numel()].tolist() if p.numel() <= MAP_LIMIT else None
+            )
+        for key in state_vals[j][1]:
+            rec[f"state_{key}_zero_share"] = got[i] / m
+            rec[f"state_{key}_subnormal_share"] = got[i + 1] / m
+            i += 2
+        if eps_vals[j] is not None:
+            v = states[j]["exp_avg_sq"]
+            eps_in = float(torch.tensor(g["eps"], dtype=v.dtype))
+            rec["eps_in_state_dtype"] = eps_in
+            rec["eps_flushed"] = eps_in == 0.0
+            rec["eps_dominated_share"] = got[i] / m
+            i += 1
+        out.append(rec)
+        o += p.numel()
+    return out
+
+
+def _one_by_one(
+    ents: list, names: dict, before: dict, requested: dict | None, opt: Any, scratch: Scratch
+) -> list[dict[str, Any]]:
+    recs = []
+    for g, p in ents:
+        req = None if requested is None else requested.get(id(p))
+        recs.append(
+            param_stats(
+                names.get(id(p), f"param{len(recs)}"),
+                p,
+                before[id(p)],
+                req,
+                opt.state.get(p, {}),
+                g,
+                scratch=scratch,
+            )
+        )
+    return recs

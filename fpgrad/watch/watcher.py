@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map
 from fpgrad.errors import InputError
 from fpgrad.watch.classify import op_stats
 from fpgrad.watch.modules import ModuleStack
-from fpgrad.watch.optimizer import ShadowOptimizer, param_stats
+from fpgrad.watch.optimizer import ShadowOptimizer, step_records, widen
 from fpgrad.watch.records import JsonlWriter, read_records
 from fpgrad.watch.scratch import Scratch
 
@@ -243,35 +243,17 @@ class Watcher:
         if self._mode_on:  # the optimizer's own ops are not recorded: run them unobserved
             self._mode.__exit__(None, None, None)
             self._mode_on = False
-        if self._sampling:
-            self._before = {  # float64 copies: param_stats and the shadow need them widened
-                id(p): p.detach().to(torch.float64, copy=True)
-                for g in opt.param_groups
-                for p in g["params"]
-                if p.grad is not None
-            }
+        if self._sampling:  # float64 copies: the statistics and the shadow need them widened
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            self._before = widen(params, self._scratch)
             self._requested = self._shadow_opt.requested_updates(opt, self._before)
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
         if self._before is not None:
-            recs = []
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if id(p) not in self._before:
-                        continue
-                    req = None if self._requested is None else self._requested.get(id(p))
-                    rec = param_stats(
-                        self._names.get(id(p), f"param{len(recs)}"),
-                        p,
-                        self._before[id(p)],
-                        req,
-                        opt.state.get(p, {}),
-                        g,
-                        scratch=self._scratch,
-                    )
-                    rec.update(kind="optimizer", step=self._step, direction="optimizer")
-                    recs.append(rec)
+            recs = step_records(opt, self._names, self._before, self._requested, self._scratch)
+            for rec in recs:
+                rec.update(kind="optimizer", step=self._step, direction="optimizer")
             self._pending.extend(recs)
             self._before = self._requested = None
         self._phase = "model"
