@@ -372,10 +372,9 @@ def step_records(
         torch.mul(ind[0], ind[1], out=ind[2])
         torch.sub(ind[1], ind[2], out=ind[2])  # asked and not moved: swamped
     k_rows = 3 if reqs is not None else 1
-    lengths = torch.tensor([p.numel() for _, p in ents], device=dev)
-    counts = torch.segment_reduce(
-        ind[:k_rows], "sum", lengths=lengths.expand(k_rows, -1).contiguous(), axis=1
-    )
+    # per-parameter sums of the 0/1 indicators: exact integers (fewer than 2^53 of them)
+    parts = ind[:k_rows].split([p.numel() for _, p in ents], dim=1)
+    counts = torch.stack([t.sum(1) for t in parts], dim=1)
     # state tensors (zero and subnormal shares) and Adam's eps share
     states = [opt.state.get(p, {}) for _, p in ents]
     state_vals = [_state_counts(st, p, scratch) for st, (_, p) in zip(states, ents, strict=True)]
