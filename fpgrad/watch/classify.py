@@ -35,11 +35,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from fpgrad.formats import get_format
 from fpgrad.watch.exact_fallback import exact_elements
-from fpgrad.watch.leaves import leaves
+from fpgrad.watch.leaves import leaves, map_leaves
 
 #: torch dtype -> fpgrad format name.
 FORMAT_OF = {
@@ -126,7 +125,7 @@ def recompute(func: Any, args: tuple, kwargs: dict, absolute: bool = False) -> l
     conv = _abs64 if absolute else _to64
     try:
         with torch.no_grad():
-            out = func(*tree_map(conv, args), **tree_map(conv, kwargs))
+            out = func(*map_leaves(conv, args), **map_leaves(conv, kwargs))
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None
     return _float_outputs(out)
@@ -167,14 +166,16 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     inf = float("inf")
     if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
         nonzero = torch.sign(a)
-        big = torch.finfo(a.dtype).max
-        # the smallest non-zero magnitude: zeros replaced by the largest finite value
-        masked = (1 - nonzero).mul_(big).add_(a)
-        z_mn = torch.stack([count(nonzero), masked.amin().to(torch.float64)]).tolist()
+        nz = count(nonzero)
+        # the smallest non-zero magnitude: zeros replaced by the largest finite value, as
+        # a + (-big) * (sign(a) - 1): exact (the product is 0 or big)
+        masked = torch.add(a, nonzero.sub_(1), alpha=-torch.finfo(a.dtype).max, out=nonzero)
+        z_mn = torch.stack([nz.to(torch.float64), masked.amin().to(torch.float64)]).tolist()
         z = a.numel() - int(z_mn[0])
         s = 0
         if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
-            s = int(count((smallest_normal - a).clamp_(min=0).sign_())) - z
+            # the zeros are "big" in masked: below the smallest normal are the subnormals
+            s = int(count(masked.neg_().add_(smallest_normal).clamp_(min=0).sign_()))
         return {
             "zeros": z,
             "subnormals": s,
@@ -301,7 +302,7 @@ class _Shadow:
 
         try:
             with torch.no_grad():
-                out = self.func(*tree_map(pick, self.args), **tree_map(pick, self.kwargs))
+                out = self.func(*map_leaves(pick, self.args), **map_leaves(pick, self.kwargs))
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
             return None
         return out if isinstance(out, torch.Tensor) and out.dtype == torch.float64 else None

@@ -5,6 +5,7 @@ dicts are containers, anything else is a leaf. The same leaves, in the same orde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -24,3 +25,16 @@ def _walk(x: Any, out: list[Any]) -> None:
             _walk(v, out)
     else:
         out.append(x)
+
+
+def map_leaves(fn: Callable[[Any], Any], x: Any) -> Any:
+    """``x`` with every leaf replaced by ``fn(leaf)``: lists stay lists, tuples tuples (named
+    tuples keep their type), dicts dicts; the structures aten ops take."""
+    if isinstance(x, list):
+        return [map_leaves(fn, v) for v in x]
+    if isinstance(x, tuple):
+        vals = [map_leaves(fn, v) for v in x]
+        return type(x)(*vals) if hasattr(x, "_fields") else tuple(vals)
+    if isinstance(x, dict):
+        return {k: map_leaves(fn, v) for k, v in x.items()}
+    return fn(x)
