@@ -377,15 +377,23 @@ def step_records(
     counts = torch.stack([t.sum(1) for t in parts], dim=1)
     # state tensors (zero and subnormal shares) and Adam's eps share
     states = [opt.state.get(p, {}) for _, p in ents]
-    state_vals = [_state_counts(st, p, scratch) for st, (_, p) in zip(states, ents, strict=True)]
-    eps_vals = [
-        _eps_count(st, g, scratch, sv[2])
-        for st, (g, _), sv in zip(states, ents, state_vals, strict=True)
-    ]
-    flat = [*counts.reshape(-1), *(x for ns in norms for x in ns)]
+    flat_state = _flat_state_counts(ents, states, scratch)
+    if flat_state is not None:
+        state_vals, eps_vals = flat_state
+    else:
+        state_vals = [
+            _state_counts(st, p, scratch)[:2] for st, (_, p) in zip(states, ents, strict=True)
+        ]
+        eps_vals = [_eps_count(st, g, scratch, {}) for st, (g, _) in zip(states, ents, strict=True)]
+    got = torch.cat(
+        [counts.reshape(-1).to(torch.float64), torch.stack([x for ns in norms for x in ns])]
+    ).tolist()
+    tail: list[Any] = []
     for sv, e in zip(state_vals, eps_vals, strict=True):  # per parameter: state, then eps
-        flat += sv[0] + ([e] if e is not None else [])
-    got = torch.stack([x.to(torch.float64) for x in flat]).tolist()
+        tail += sv[0] + ([e] if e is not None else [])
+    if tail and isinstance(tail[0], torch.Tensor):  # the per-parameter functions' 0-d tensors
+        tail = torch.stack([x.to(torch.float64) for x in tail]).tolist()
+    got += tail
     P = len(ents)
     cnt = [got[k * P : (k + 1) * P] for k in range(k_rows)]
     nrm = [got[k_rows * P + k * P : k_rows * P + (k + 1) * P] for k in range(len(norms))]
@@ -425,6 +433,95 @@ def step_records(
         out.append(rec)
         o += p.numel()
     return out
+
+
+def _eligible(state: dict, p: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+    return [
+        (k, v)
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel()
+    ]
+
+
+def _flat_state_counts(
+    ents: list, states: list[dict], scratch: Scratch
+) -> tuple[list[tuple[list[float], list[Any]]], list[float | None]] | None:
+    """:func:`_state_counts` and :func:`_eps_count` of every parameter at once: the state
+    tensors of one key copied into one flat buffer (float32 for narrower formats, as
+    :func:`_state_counts` counts), indicator rows (non-zero, below the smallest normal, below
+    the eps threshold) and per-parameter sums. None when a state tensor is not finite or
+    negative where eps is counted, when the formats or eps values of a key differ, or anything
+    else the flat path does not cover: then the per-parameter functions decide."""
+    per = [_eligible(st, p) for st, (_, p) in zip(states, ents, strict=True)]
+    groups: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+    for j, kv in enumerate(per):
+        for k, v in kv:
+            groups.setdefault(k, []).append((j, v.detach()))
+    eps_of: dict[int, float] = {}
+    for j, ((g, _), st) in enumerate(zip(ents, states, strict=True)):
+        v, eps = st.get("exp_avg_sq"), g.get("eps")
+        if isinstance(v, torch.Tensor) and isinstance(eps, float):
+            if not any(k == "exp_avg_sq" for k, _ in per[j]):
+                return None
+            eps_of[j] = eps
+    if len(set(eps_of.values())) > 1:
+        return None
+    counts: dict[tuple[Any, int], Any] = {}
+    for key, members in groups.items():
+        dtypes = {v.dtype for _, v in members}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in FORMAT_OF:
+            return None
+        dtype = next(iter(dtypes))
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        sn = get_format(FORMAT_OF[dtype]).smallest_normal
+        sizes = [v.numel() for _, v in members]
+        n = sum(sizes)
+        with_eps = key == "exp_avg_sq" and bool(eps_of)
+        rows = 3 if with_eps else 2
+        buf = scratch.get("state_flat", (rows + 1, n), cdt, members[0][1].device)
+        f = buf[0]
+        views, o = [], 0
+        for _, v in members:
+            views.append(f[o : o + v.numel()].view(v.shape))
+            o += v.numel()
+        torch._foreach_copy_(views, [v for _, v in members])
+        lo, hi = (float(x) for x in torch.stack(torch.aminmax(f)).tolist())
+        if not (lo > float("-inf") and hi < float("inf")):  # an inf or NaN (NaN fails too)
+            return None
+        t = None
+        if with_eps:
+            eps = next(iter(eps_of.values()))
+            if not (0 < eps < float("inf") and lo >= 0):
+                return None
+            t = _eps_threshold(dtype, eps)
+            if t == float("inf"):
+                return None
+        if lo < 0:
+            f.abs_()
+        torch.sign(f, out=buf[1])  # 1 where non-zero
+        torch.sub(f, sn, out=buf[2]).neg_().clamp_(min=0).sign_()  # 1 where |v| < sn
+        if t is not None:
+            torch.sub(f, t, out=buf[3]).neg_().clamp_(min=0).sign_()  # 1 where v < t
+        parts = buf[1:].split(sizes, dim=1)
+        for (j, _), part in zip(members, parts, strict=True):
+            counts[(key, j)] = part.sum(1)
+    order = list(counts)
+    got = torch.cat([counts[c] for c in order]).tolist() if order else []
+    pos, i = {}, 0
+    for c in order:
+        pos[c] = got[i : i + counts[c].numel()]
+        i += counts[c].numel()
+    state_vals = []
+    eps_vals: list[float | None] = []
+    for j, kv in enumerate(per):
+        vals: list[float] = []
+        for k, v in kv:
+            nonzero, below = pos[(k, j)][:2]
+            zero = v.numel() - nonzero
+            vals += [zero, below - zero]
+        state_vals.append((vals, [k for k, _ in kv]))
+        eps_vals.append(pos[("exp_avg_sq", j)][2] if j in eps_of else None)
+    return state_vals, eps_vals
 
 
 def _one_by_one(
