@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fpgrad
-from fpgrad.watch import watcher
+from fpgrad.watch import optimizer, watcher
 from tests.watch_reference import classify as ref_classify
 from tests.watch_reference import optimizer as ref_optimizer
 
@@ -144,3 +144,19 @@ def test_the_cases_reach_every_kind_of_special_value() -> None:
     for key in ("zeros_created", "zeros_inherited", "subnormals", "infs_created", "nans"):
         assert any(r[key] for r in ops), key
     assert any(r.get("swamped") for r in recs if r["kind"] == "optimizer")
+
+
+@pytest.mark.parametrize("case", ["float32-adam-dead", "float16-subnormals"])
+def test_per_parameter_fallback_equals_the_reference(monkeypatch, case: str) -> None:
+    # the path taken for very many parameters (and for non-finite updates or state)
+    monkeypatch.setattr(optimizer, "BATCH_LIMIT", 0)
+    fast = _records(case)
+    monkeypatch.setattr(optimizer, "_flat_state_counts", lambda *a: None)
+    _same(_opt(_records(case)), _opt(fast))
+    monkeypatch.setattr(watcher, "step_records", _reference_step_records)
+    monkeypatch.setattr(watcher, "widen", _reference_widen)
+    _same(fast, _records(case))
+
+
+def _opt(recs: list[dict]) -> list[dict]:
+    return [r for r in recs if r["kind"] == "optimizer"]
