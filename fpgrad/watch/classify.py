@@ -152,13 +152,19 @@ def count(indicator: torch.Tensor) -> torch.Tensor:
     return indicator.sum(dtype=torch.float64)
 
 
-def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
+def basic_stats(
+    t: torch.Tensor, smallest_normal: float, known: tuple | None = None
+) -> dict[str, Any]:
     """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
-    ``aminmax`` pass proves there is no zero, subnormal, inf or NaN."""
-    a = t.detach().abs()
-    if not a.numel():
-        return dict.fromkeys(COUNTS, 0) | {"min_abs": None, "max_abs": None}
-    lo, hi = _bounds(a)
+    ``aminmax`` pass proves there is no zero, subnormal, inf or NaN. ``known``: ``(|t|, min,
+    max)`` already computed (``|t|`` may be overwritten)."""
+    if known is not None:
+        a, lo, hi = known
+    else:
+        a = t.detach().abs()
+        if not a.numel():
+            return dict.fromkeys(COUNTS, 0) | {"min_abs": None, "max_abs": None}
+        lo, hi = _bounds(a)
     if lo >= smallest_normal and hi < float("inf"):
         return dict.fromkeys(COUNTS, 0) | {"min_abs": lo, "max_abs": hi}
     if a.dtype in (torch.float16, torch.bfloat16):
@@ -470,6 +476,22 @@ def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) ->
     a, b = args[0], args[1]
     if a.shape[1] > 2**24:
         return False
+    # first the common case, cheaply: every zero lies in a zero row of A or a zero column of B
+    # (dead units); zr * n + zc * m - zr * zc elements of t lie in one
+    rmin, rmax = torch.aminmax(a.detach(), dim=1)
+    cmin, cmax = torch.aminmax(b.detach(), dim=0)
+    zr, zc = (
+        int(v)
+        for v in torch.stack(
+            [
+                count(1 - torch.sign(rmax.abs() + rmin.abs()).float()),
+                count(1 - torch.sign(cmax.abs() + cmin.abs()).float()),
+            ]
+        ).tolist()
+    )
+    m, n = t.shape
+    if zr * n + zc * m - zr * zc == zeros:
+        return True
     sa = a.detach().abs().sign_().float()  # sign first: a tiny non-zero stays 1
     sb = b.detach().abs().sign_().float()
     overlap = torch.sign(sa @ sb)
@@ -518,14 +540,17 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         if t is None:
             continue
         sn = _SMALLEST_NORMAL[t.dtype]
+        known = None
         if t.numel():
-            lo, hi = _bounds(t.detach().abs())
+            a = t.detach().abs()
+            lo, hi = _bounds(a)
             if lo >= sn and hi < float("inf"):
                 rows.append(_plain_row(k, FORMAT_OF[t.dtype], t.numel(), fam, lo, hi))
                 continue
+            known = (a, lo, hi)
         if sh is None:
             sh = _Shadow(func, args, kwargs)
-        st = basic_stats(t, sn)
+        st = basic_stats(t, sn, known)
         st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": fam})
         for name in COUNTS:
             st[f"{name}_created"] = st[f"{name}_inherited"] = 0
