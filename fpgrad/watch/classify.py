@@ -469,29 +469,20 @@ def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) ->
     """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
     zero factor (no overlap of the supports of row i and column j). There the exact result and
     its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
-    recompute would find. Checked with a float32 product of the 0/1 support indicators (counts
-    of overlapping pairs: integers up to 2^24, exact)."""
+    recompute would find. Checked at the zeros only (rows of A and columns of B gathered there)
+    when they are few, else with a float32 product of the 0/1 support indicators; either way
+    counts of overlapping pairs, integers up to 2^24, exact."""
     if func.overloadpacket.__name__ != "mm" or t.dim() != 2:
         return False
     a, b = args[0], args[1]
     if a.shape[1] > 2**24:
         return False
-    # first the common case, cheaply: every zero lies in a zero row of A or a zero column of B
-    # (dead units); zr * n + zc * m - zr * zc elements of t lie in one
-    rmin, rmax = torch.aminmax(a.detach(), dim=1)
-    cmin, cmax = torch.aminmax(b.detach(), dim=0)
-    zr, zc = (
-        int(v)
-        for v in torch.stack(
-            [
-                count(1 - torch.sign(rmax.abs() + rmin.abs()).float()),
-                count(1 - torch.sign(cmax.abs() + cmin.abs()).float()),
-            ]
-        ).tolist()
-    )
-    m, n = t.shape
-    if zr * n + zc * m - zr * zc == zeros:
-        return True
+    if zeros * a.shape[1] <= 2**22:  # few zeros: test the supports at the zeros only
+        i, j = (t.detach() == 0).nonzero().unbind(1)
+        ai = a.detach().index_select(0, i).abs().sign_()  # gather, then indicators
+        bj = b.detach().index_select(1, j).t().abs().sign_()
+        overlap = ai.mul_(bj).sum(1, dtype=torch.float32)  # integers <= 2^24: exact
+        return int(count(1 - torch.sign(overlap))) == zeros
     sa = a.detach().abs().sign_().float()  # sign first: a tiny non-zero stays 1
     sb = b.detach().abs().sign_().float()
     overlap = torch.sign(sa @ sb)
