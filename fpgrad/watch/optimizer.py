@@ -358,16 +358,15 @@ def step_records(
     befores = [before[id(p)] for _, p in ents]
     torch._foreach_copy_(d, [p.detach() for _, p in ents])
     torch._foreach_sub_(d, befores)
-    checks = [ind[0].sum()]
-    if reqs is not None:
-        torch._foreach_copy_(rows[1], reqs)
-        checks.append(ind[1].sum())
-    if not bool(torch.isfinite(torch.stack(checks).sum())):
-        return _one_by_one(ents, names, before, requested, opt, scratch)
     norms = [torch._foreach_norm(befores, 2), torch._foreach_norm(d, 2)]
-    ind[0].abs_().sign_()
     if reqs is not None:
         norms.append(torch._foreach_norm(reqs, 2))
+    # a finite 2-norm proves every element finite (an overflowing one only sends us the slow way)
+    if not bool(torch.isfinite(torch.stack([x for ns in norms[1:] for x in ns])).all()):
+        return _one_by_one(ents, names, before, requested, opt, scratch)
+    ind[0].abs_().sign_()
+    if reqs is not None:
+        torch._foreach_copy_(rows[1], reqs)
         ind[1].abs_().sign_()
         torch.mul(ind[0], ind[1], out=ind[2])
         torch.sub(ind[1], ind[2], out=ind[2])  # asked and not moved: swamped
@@ -398,7 +397,7 @@ def step_records(
     cnt = [got[k * P : (k + 1) * P] for k in range(k_rows)]
     nrm = [got[k_rows * P + k * P : k_rows * P + (k + 1) * P] for k in range(len(norms))]
     i = k_rows * P + len(norms) * P
-    small = ind[2].to(torch.uint8) if reqs is not None else None
+    small = ind[2] if reqs is not None else None
     out, o = [], 0
     for j, (g, p) in enumerate(ents):
         m = max(p.numel(), 1)
@@ -417,7 +416,9 @@ def step_records(
             rec["swamped_share"] = nswamped / max(nasked, 1)
             rec["requested_update_weight_ratio"] = rn / wn if wn else None
             rec["swamped_map"] = (
-                small[o : o + p.numel()].tolist() if p.numel() <= MAP_LIMIT else None
+                small[o : o + p.numel()].to(torch.uint8).tolist()
+                if p.numel() <= MAP_LIMIT
+                else None
             )
         for key in state_vals[j][1]:
             rec[f"state_{key}_zero_share"] = got[i] / m
