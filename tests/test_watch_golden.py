@@ -1,5 +1,5 @@
 """The fast watch statistics record exactly what the reference implementation (the code before
-the fast paths, kept in tests/watch_reference/) records, on small models that exercise every
+the fast paths, kept in tests/watch_reference/, with multi-grad hooks for every module) records, on small models that exercise every
 path: zeros created and inherited, subnormals, infs and NaNs with a GradScaler, dead ReLU units
 (structural ``mm`` zeros), dropout, convolutions, Adam and SGD."""
 
@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.autograd.graph import register_multi_grad_hook
 
 import fpgrad
-from fpgrad.watch import optimizer, watcher
+from fpgrad.watch import modules, optimizer, watcher
 from tests.watch_reference import classify as ref_classify
 from tests.watch_reference import optimizer as ref_optimizer
 
@@ -133,6 +134,7 @@ def test_fast_statistics_equal_the_reference(monkeypatch, case: str) -> None:
     monkeypatch.setattr(watcher, "step_records", _reference_step_records)
     monkeypatch.setattr(watcher, "widen", _reference_widen)
     monkeypatch.setattr(watcher, "ShadowOptimizer", ref_optimizer.ShadowOptimizer)
+    monkeypatch.setattr(modules, "_grad_hook", register_multi_grad_hook)  # module paths
     _same(fast, _records(case))
 
 

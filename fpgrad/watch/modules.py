@@ -29,6 +29,14 @@ def _grad_tensors(x: Any) -> list[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+def _grad_hook(ts: list[torch.Tensor], fn: Callable[..., None]) -> Any:
+    """Call ``fn`` once the gradients of all of ``ts`` are computed in a backward pass: a plain
+    tensor hook for one tensor (much cheaper), else a multi-grad hook."""
+    if len(ts) == 1:
+        return ts[0].register_hook(lambda _grad: fn())
+    return register_multi_grad_hook(ts, fn)
+
+
 class ModuleStack:
     """The stack of module paths currently running; ``current`` is the innermost."""
 
@@ -90,7 +98,7 @@ class ModuleStack:
             if self._active() and torch.is_grad_enabled():
                 ts = _grad_tensors(inputs)
                 if ts:
-                    self._grad_handles.append(register_multi_grad_hook(ts, self._bw_pop(path)))
+                    self._grad_handles.append(_grad_hook(ts, self._bw_pop(path)))
 
         return hook
 
@@ -100,7 +108,7 @@ class ModuleStack:
             if self._active() and torch.is_grad_enabled():
                 ts = _grad_tensors(output)
                 if ts:
-                    self._grad_handles.append(register_multi_grad_hook(ts, self._bw_push(path)))
+                    self._grad_handles.append(_grad_hook(ts, self._bw_push(path)))
 
         return hook
 
