@@ -11,6 +11,7 @@ from torch.autograd.graph import register_multi_grad_hook
 
 import fpgrad
 from fpgrad.watch import modules, optimizer, watcher
+from fpgrad.watch.scratch import Scratch
 from tests.watch_reference import classify as ref_classify
 from tests.watch_reference import optimizer as ref_optimizer
 
@@ -162,3 +163,29 @@ def test_per_parameter_fallback_equals_the_reference(monkeypatch, case: str) -> 
 
 def _opt(recs: list[dict]) -> list[dict]:
     return [r for r in recs if r["kind"] == "optimizer"]
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_eps_share_equals_the_reference_near_and_away_from_eps(near: bool) -> None:
+    # exp_avg_sq values around eps^2: torch's float64 sqrt is not always correctly rounded, so
+    # elements within 2^-30 of eps go the per-parameter way (torch's own sqrt); others are
+    # decided by the threshold
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(300, dtype=torch.float64))  # float32 has no value that
+    opt = torch.optim.Adam([w], lr=1e-3, eps=1e-8)  # close to eps^2 = 1e-16; float64 has
+    w.grad = torch.randn(300, dtype=torch.float64)
+    opt.step()
+    v = opt.state[w]["exp_avg_sq"]
+    v.copy_(torch.logspace(-20, -12, 300))  # 1e-16 = eps^2 in the middle
+    if near:
+        v[7] = 1e-16
+        v[8] = torch.nextafter(v[7], torch.tensor(0.0, dtype=v.dtype))
+    else:
+        v[(v - 1e-16).abs() < 1e-20] = 2e-16
+    before = {id(w): w.detach().to(torch.float64, copy=True)}  # the records read the state
+    flat = optimizer._flat_state_counts([(opt.param_groups[0], w)], [opt.state[w]], Scratch())
+    assert (flat is None) == near
+    got = optimizer.step_records(opt, {id(w): "w"}, before, None, Scratch())
+    ref = _reference_step_records(opt, {id(w): "w"}, before, None, None)
+    _same(got, ref)
+    assert 0 < got[0]["eps_dominated_share"] < 1

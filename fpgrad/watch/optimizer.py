@@ -10,6 +10,8 @@ refilled on each sampled step).
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Any
 
 import torch
@@ -120,40 +122,38 @@ def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | N
 
 
 def _eps_threshold(dtype: torch.dtype, eps: float) -> float:
-    """The smallest ``x >= 0`` of ``dtype`` with ``not (fl64(sqrt(x)) < eps)`` (``0 < eps <
-    inf``): ``fl64(sqrt(fl64(x)))`` is non-decreasing in ``x >= 0``, so for every ``x >= 0`` of
-    ``dtype``, ``sqrt(x) < eps`` in float64 exactly when ``x <`` this threshold. Found by
-    bisection over the bit patterns of ``dtype`` with torch's own float64 ``sqrt``; cached."""
+    """The smallest ``x >= 0`` of ``dtype`` with ``not (math.sqrt(x) < eps)`` (``0 < eps <
+    inf``): the correctly rounded square root is non-decreasing, so for ``x >= 0`` of ``dtype``,
+    ``math.sqrt(x) < eps`` exactly when ``x <`` this threshold. Found by bisection over the bit
+    patterns of ``dtype``; cached. (torch's float64 ``sqrt`` is not always correctly rounded
+    on CPU, so :func:`_flat_state_counts` uses this only away from ``eps``.)"""
     key = (dtype, eps)
     got = _THRESHOLDS.get(key)
     if got is not None:
         return got
-    ity = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-    inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(ity))
-
-    def below(k: int) -> bool:  # fl64(sqrt(value with bits k)) < eps
-        x = torch.tensor(k, dtype=ity).view(dtype).to(torch.float64)
-        return bool(x.sqrt() < eps)
-
-    lo, hi = 0, inf_bits  # below(hi) is False (sqrt(inf) = inf); find the first False
+    value = _FROM_BITS[dtype]
+    inf_bits = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000}.get(
+        dtype, 0x7FF0000000000000
+    )
+    lo, hi = 0, inf_bits  # sqrt(inf) = inf is not below eps: find the first bit pattern that fails
     while lo < hi:
         mid = (lo + hi) // 2
-        if below(mid):
+        if math.sqrt(value(mid)) < eps:
             lo = mid + 1
         else:
             hi = mid
-    got = _THRESHOLDS[key] = float(torch.tensor(lo, dtype=ity).view(dtype))
+    got = _THRESHOLDS[key] = value(lo)
     return got
 
 
+#: dtype -> the value (a float) of a non-negative bit pattern of that format.
+_FROM_BITS = {
+    torch.float16: lambda k: struct.unpack("<e", struct.pack("<H", k))[0],
+    torch.bfloat16: lambda k: struct.unpack("<f", struct.pack("<I", k << 16))[0],
+    torch.float32: lambda k: struct.unpack("<f", struct.pack("<I", k))[0],
+    torch.float64: lambda k: struct.unpack("<d", struct.pack("<Q", k))[0],
+}
 _THRESHOLDS: dict[tuple[torch.dtype, float], float] = {}
-
-
-def _count_below(x: torch.Tensor, bound: float, buf: torch.Tensor) -> torch.Tensor:
-    """The number of elements of ``x`` (no NaN, no -inf; ``bound`` finite, in x's format) below
-    ``bound``: ``bound - x`` is positive exactly when ``x < bound`` (a difference of two
-    distinct floats never rounds to zero), counted with float indicators in ``buf``."""
-    return count(_rsub(x, bound, buf).clamp_(min=0).sign_())
 
 
 def _rsub(x: torch.Tensor, c: float, buf: torch.Tensor) -> torch.Tensor:
@@ -199,28 +199,14 @@ def _state_counts(
     return vals, keys, bounds
 
 
-def _eps_count(
-    state: dict, group: dict, scratch: Scratch, bounds: dict[Any, tuple[float, float]]
-) -> torch.Tensor | None:
+def _eps_count(state: dict, group: dict) -> torch.Tensor | None:
     """For an Adam-like state (``exp_avg_sq`` and a float ``eps``): the number of elements whose
-    float64 ``sqrt(exp_avg_sq)`` is below ``eps``; else None. ``bounds``: (min, max) of state
-    tensors already known."""
+    float64 ``sqrt(exp_avg_sq)`` (torch's) is below ``eps``; else None."""
     v = state.get("exp_avg_sq")
     eps = group.get("eps")
     if not (isinstance(v, torch.Tensor) and isinstance(eps, float)):
         return None
     v = v.detach()
-    vlo, vhi = bounds.get("exp_avg_sq") or torch.stack(torch.aminmax(v)).tolist()
-    if 0 < eps < float("inf") and vlo >= 0 and v.dtype in FORMAT_OF:
-        # sqrt(v) < eps in float64 exactly when v < the threshold (no sqrt, no widening)
-        t = _eps_threshold(v.dtype, eps)
-        if vhi < t:
-            return torch.tensor(float(v.numel()), dtype=torch.float64)
-        if t == 0:
-            return torch.zeros((), dtype=torch.float64)
-        if vhi < float("inf"):
-            return _count_below(v, t, scratch.get("eps", v.shape, v.dtype, v.device))
-        return (v < t).sum()
     root = v.to(torch.float64).sqrt()
     if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
         return count((eps - root).clamp_(min=0).sign_())
@@ -264,9 +250,9 @@ def param_stats(
             asked = (requested != 0).to(torch.float64)
         swamped = moved.sub_(1).neg_().mul_(asked)  # (1 - moved) * asked, in moved's buffer
         vals += [asked.sum(), swamped.sum(), requested.norm()]
-    svals, keys, bounds = _state_counts(state, p, scratch)
+    svals, keys, _ = _state_counts(state, p, scratch)
     vals += svals
-    e = _eps_count(state, group, scratch, bounds)
+    e = _eps_count(state, group)
     adam = e is not None
     if e is not None:
         vals.append(e)
@@ -383,7 +369,7 @@ def step_records(
         state_vals = [
             _state_counts(st, p, scratch)[:2] for st, (_, p) in zip(states, ents, strict=True)
         ]
-        eps_vals = [_eps_count(st, g, scratch, {}) for st, (g, _) in zip(states, ents, strict=True)]
+        eps_vals = [_eps_count(st, g) for st, (g, _) in zip(states, ents, strict=True)]
     got = torch.cat(
         [counts.reshape(-1).to(torch.float64), torch.stack([x for ns in norms for x in ns])]
     ).tolist()
@@ -478,7 +464,7 @@ def _flat_state_counts(
         sizes = [v.numel() for _, v in members]
         n = sum(sizes)
         with_eps = key == "exp_avg_sq" and bool(eps_of)
-        rows = 3 if with_eps else 2
+        rows = 4 if with_eps else 2
         buf = scratch.get("state_flat", (rows + 1, n), cdt, members[0][1].device)
         f = buf[0]
         views, o = [], 0
@@ -489,20 +475,27 @@ def _flat_state_counts(
         lo, hi = (float(x) for x in torch.stack(torch.aminmax(f)).tolist())
         if not (lo > float("-inf") and hi < float("inf")):  # an inf or NaN (NaN fails too)
             return None
-        t = None
+        band = None
         if with_eps:
             eps = next(iter(eps_of.values()))
             if not (0 < eps < float("inf") and lo >= 0):
                 return None
-            t = _eps_threshold(dtype, eps)
-            if t == float("inf"):
+            # below t_lo, sqrt(v) < eps(1 - 2^-30) and so is torch's float64 sqrt (accurate to
+            # far better than 2^-30); from t_hi on, neither is below eps. Elements between:
+            # the per-parameter path computes torch's sqrt itself.
+            band = (
+                _eps_threshold(dtype, eps * (1 - 2.0**-30)),
+                _eps_threshold(dtype, eps * (1 + 2.0**-30)),
+            )
+            if float("inf") in band:
                 return None
         if lo < 0:
             f.abs_()
         torch.sign(f, out=buf[1])  # 1 where non-zero
         torch.sub(f, sn, out=buf[2]).neg_().clamp_(min=0).sign_()  # 1 where |v| < sn
-        if t is not None:
-            torch.sub(f, t, out=buf[3]).neg_().clamp_(min=0).sign_()  # 1 where v < t
+        if band is not None:
+            torch.sub(f, band[0], out=buf[3]).neg_().clamp_(min=0).sign_()  # v < t_lo
+            torch.sub(f, band[1], out=buf[4]).neg_().clamp_(min=0).sign_()  # v < t_hi
         parts = buf[1:].split(sizes, dim=1)
         for (j, _), part in zip(members, parts, strict=True):
             counts[(key, j)] = part.sum(1)
@@ -521,7 +514,13 @@ def _flat_state_counts(
             zero = v.numel() - nonzero
             vals += [zero, below - zero]
         state_vals.append((vals, [k for k, _ in kv]))
-        eps_vals.append(pos[("exp_avg_sq", j)][2] if j in eps_of else None)
+        if j in eps_of:
+            below_lo, below_hi = pos[("exp_avg_sq", j)][2:4]
+            if below_lo != below_hi:  # an element within 2^-30 of eps: let torch's sqrt decide
+                return None
+            eps_vals.append(below_lo)
+        else:
+            eps_vals.append(None)
     return state_vals, eps_vals
 
 
