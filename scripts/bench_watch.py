@@ -124,6 +124,15 @@ def _breakdown(steps: int, rounds: int) -> None:
                 best[level] = min(best.get(level, float("inf")), t)
     finally:
         restore()
+    calls = []
+    for every in (None, 1):  # aten calls per step (torch.profiler), unwatched and watched
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _steps(copy.deepcopy(base), 10, False, every)
+        ka = prof.key_averages()
+        calls.append(sum(e.count for e in ka if e.key.startswith("aten::")) / 10)
+    print(f"aten calls per step: unwatched {calls[0]:.0f}, watched {calls[1]:.0f}")
     print("| float32 step | ms/step | ratio to unwatched |")
     print("|---|---|---|")
     print(f"| unwatched | {best[-1] * 1e3:.2f} | 1.00x |")
