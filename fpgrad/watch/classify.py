@@ -176,7 +176,7 @@ def basic_stats(
         # the smallest non-zero magnitude: zeros replaced by the largest finite value, as
         # a + (-big) * (sign(a) - 1): exact (the product is 0 or big)
         masked = torch.add(a, nonzero.sub_(1), alpha=-torch.finfo(a.dtype).max, out=nonzero)
-        z_mn = torch.stack([nz.to(torch.float64), masked.amin().to(torch.float64)]).tolist()
+        z_mn = _bounds_pair(nz, masked.amin())
         z = a.numel() - int(z_mn[0])
         s = 0
         if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
@@ -456,7 +456,7 @@ def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -
             if x.is_floating_point() and x.dtype not in ok:
                 return False
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            if float(torch.tensor(x, dtype=dtype)) != x:
+            if not _fits(x, dtype):
                 return False
         elif not isinstance(
             x, (bool, torch.dtype, torch.layout, torch.device, torch.memory_format, str, type(None))
@@ -505,6 +505,30 @@ def _bounds(a: torch.Tensor) -> tuple[float, float]:
     return lo_hi[0], lo_hi[1]
 
 
+def _bounds_pair(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Two 0-d tensors as floats (widened exactly): one host transfer off CPU."""
+    if x.device.type == "cpu":
+        return [float(x.item()), float(y.item())]
+    return torch.stack([x.to(torch.float64), y.to(torch.float64)]).tolist()
+
+
+_FITS: dict[tuple[float, torch.dtype], bool] = {}
+
+
+def _fits(x: float, dtype: torch.dtype) -> bool:
+    """Whether the number ``x`` is exactly representable in ``dtype`` (cached, up to 4096
+    numbers; NaN never is)."""
+    if x != x:
+        return False
+    key = (x, dtype)
+    got = _FITS.get(key)
+    if got is None:
+        if len(_FITS) >= 4096:
+            _FITS.clear()
+        got = _FITS[key] = float(torch.tensor(x, dtype=dtype)) == x
+    return got
+
+
 def _plain_row(k: int, dtype: str, numel: int, fam: str, lo: float, hi: float) -> dict:
     """The record of an output with no zero, subnormal, inf or NaN (what the full path gives)."""
     return {
@@ -533,7 +557,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         sn = _SMALLEST_NORMAL[t.dtype]
         known = None
         if t.numel():
-            a = t.detach().abs()
+            a = (t.detach() if t.requires_grad else t).abs()
             lo, hi = _bounds(a)
             if lo >= sn and hi < float("inf"):
                 rows.append(_plain_row(k, FORMAT_OF[t.dtype], t.numel(), fam, lo, hi))
