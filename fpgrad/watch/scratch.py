@@ -1,8 +1,8 @@
-"""Reusable work buffers for the watch statistics. Fresh tensors of a few hundred kilobytes
-cost more than the arithmetic done in them on CPU (each new allocation is mapped and zeroed
-page by page), so the statistics write their temporaries into buffers kept across ops and
-steps: one per (slot, dtype, device), grown to the largest size asked for and dropped when
-the watch ends."""
+"""Reusable work buffers for the optimizer records. Fresh float64 tensors of a few hundred
+kilobytes can cost more than the arithmetic done in them on CPU (a new large allocation is
+mapped and zeroed page by page), so the records write their temporaries into buffers kept
+across steps: one per (slot, dtype, device), grown to the largest size asked for and dropped
+when the watch ends."""
 
 from __future__ import annotations
 
