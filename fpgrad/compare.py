@@ -306,10 +306,11 @@ class Comparison:
 
     def parameter_summary(self) -> list[dict[str, Any]]:
         """Per parameter and precision: verdict counts, the smallest and largest non-zero exact
-        magnitude, and how many non-zero exact values lie below the format's normal range."""
+        magnitude, and how many non-zero exact values lie below the format's normal range
+        (non-zero: certified so; undetermined values are in neither)."""
         rows = []
-        for g in self.grads:
-            mag = np.abs(g.exact.hi[~g.exact.zero])
+        for g in self.grads:  # undetermined values (the ball holds 0) have no magnitude
+            mag = np.abs(g.exact.hi[~g.exact.zero & ~g.exact.undetermined_mask()])
             lo = float(mag.min()) if mag.size else None
             hi = float(mag.max()) if mag.size else None
             for p in self.precisions:
@@ -606,7 +607,9 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
             "subnormal": int(np.sum(code == _CODE["subnormal"])),
             "overflow": int(np.sum((code == _CODE["overflow"]) | (code == _CODE["nan"]))),
             "structural_zero": int(np.sum(code == _CODE["structural_zero"])),
-            "exact_subnormal_range": int(np.sum(~ex.zero & (np.abs(ex.hi) < fmt.smallest_normal))),
+            "exact_subnormal_range": int(
+                np.sum(~ex.zero & ~ex.undetermined_mask() & (np.abs(ex.hi) < fmt.smallest_normal))
+            ),
         }
         rows.append(row)
     first_backward = next(

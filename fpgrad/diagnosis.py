@@ -33,7 +33,7 @@ def diagnose(
 ) -> list[dict[str, Any]]:
     """Findings and remedies per precision, in the order they are shown."""
     out: list[dict[str, Any]] = []
-    nonzero = sum(int((~g.exact.zero).sum()) for g in c.grads)
+    nonzero = sum(int((~g.exact.zero & ~g.exact.undetermined_mask()).sum()) for g in c.grads)
     for p in precs:
         out += _precision_findings(c, net, exact, p, nonzero)
     return out
