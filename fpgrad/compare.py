@@ -33,12 +33,11 @@ from fpgrad.precisions import Precision, parse_precisions
 from fpgrad.progress import phase
 from fpgrad.rounding import round_to
 from fpgrad.scaling import StaticScaler
-from fpgrad.verdicts import SUBKINDS, VERDICTS, ExactArray, classify
+from fpgrad.verdicts import SUBKINDS, VERDICTS, ExactArray, classify, signal_counts
 
 REFERENCES = ("original", "rounded")
 SCHEMA = "fpgrad.compare/2"
 DEFAULT_ROWS = 60  # element rows shown by default (the rows that matter first)
-_CODE = {v: i for i, v in enumerate(VERDICTS)}
 SIGNAL_COUNTS = ("rounding_zero", "subnormal", "overflow", "structural_zero")
 
 
@@ -593,8 +592,8 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
         key = f"{section}/{place.layer}"
         ex = exact.exact_array(key)
         fmt = p.format_of(key, trace)
-        v = classify(ex, getattr(trace, section)[place.layer], fmt, p.mode)
-        code = v.code
+        computed = np.asarray(getattr(trace, section)[place.layer])
+        n = signal_counts(ex, computed, fmt)
         row = {
             "layer": place.layer,
             "kind": place.kind,
@@ -602,14 +601,12 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
             "quantity": place.quantity,
             "op": place.op,
             "format": fmt.name,
-            "size": int(code.size),
-            "rounding_zero": int(np.sum(code == _CODE["rounding_zero"])),
-            "subnormal": int(np.sum(code == _CODE["subnormal"])),
-            "overflow": int(np.sum((code == _CODE["overflow"]) | (code == _CODE["nan"]))),
-            "structural_zero": int(np.sum(code == _CODE["structural_zero"])),
-            "exact_subnormal_range": int(
-                np.sum(~ex.zero & ~ex.undetermined_mask() & (np.abs(ex.hi) < fmt.smallest_normal))
-            ),
+            "size": int(computed.size),
+            "rounding_zero": n["rounding_zero"],
+            "subnormal": n["subnormal"],
+            "overflow": n["overflow"],
+            "structural_zero": n["structural_zero"],
+            "exact_subnormal_range": n["exact_subnormal_range"],
         }
         rows.append(row)
     first_backward = next(

@@ -208,3 +208,26 @@ def classify(
 
 
 _C = {v: np.uint8(i) for i, v in enumerate(VERDICTS)}
+
+
+def signal_counts(ex: ExactArray, computed: np.ndarray, fmt: Format) -> dict[str, int]:
+    """How many elements :func:`classify` would call ``rounding_zero``, ``subnormal``,
+    ``overflow`` or ``nan`` (together: ``overflow``) and ``structural_zero``, and how many
+    certified non-zero exact values lie below the format's smallest normal
+    (``exact_subnormal_range``), from masks alone (no errors, no logarithms): what "where the
+    signal died" counts per tensor."""
+    c = np.asarray(computed, dtype=np.float64)
+    zero, und = ex.zero, ex.undetermined_mask()
+    zero_c = c == 0
+    known = ~zero & ~und  # a certified non-zero exact value
+    with np.errstate(invalid="ignore"):
+        small = (np.abs(c) < fmt.smallest_normal) & ~zero_c & (np.sign(c) == np.sign(ex.hi))
+    return {
+        "rounding_zero": int(np.count_nonzero(known & zero_c)),
+        "subnormal": int(np.count_nonzero(known & small)),
+        "overflow": int(np.count_nonzero(~np.isfinite(c))),
+        "structural_zero": int(np.count_nonzero(zero & ~und & zero_c)),
+        "exact_subnormal_range": int(
+            np.count_nonzero(known & (np.abs(ex.hi) < fmt.smallest_normal))
+        ),
+    }

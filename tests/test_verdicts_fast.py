@@ -120,3 +120,24 @@ def test_classify_zero_dimensional_and_shaped() -> None:
     assert v2.code.shape == (6, 10)
     np.testing.assert_array_equal(v2.code.ravel(), flat.code)
     np.testing.assert_array_equal(v2.kind.ravel(), flat.kind)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "fp8_e5m2"])
+def test_signal_counts_are_classify_counts(name: str) -> None:
+    from fpgrad.verdicts import signal_counts
+
+    fmt = get_format(name)
+    ex, c = hostile(4000, fmt, seed=7 * len(name))
+    code = classify(ex, c, fmt).code
+    n = np.bincount(code, minlength=len(VERDICTS))
+    got = signal_counts(ex, c, fmt)
+    assert got == {
+        "rounding_zero": n[VERDICTS.index("rounding_zero")],
+        "subnormal": n[VERDICTS.index("subnormal")],
+        "overflow": n[VERDICTS.index("overflow")] + n[VERDICTS.index("nan")],
+        "structural_zero": n[VERDICTS.index("structural_zero")],
+        "exact_subnormal_range": int(
+            np.sum(~ex.zero & ~ex.undetermined & (np.abs(ex.hi) < fmt.smallest_normal))
+        ),
+    }
+    assert min(got.values()) > 0 and n[VERDICTS.index("wrong_sign")] > 0
