@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fpgrad.compare import compare
 from tests.test_certificates import _relu_net
 
@@ -20,3 +22,20 @@ def test_undetermined_gradients_have_no_magnitude() -> None:
         assert place["exact_subnormal_range"] == 0
     text = c.render()
     assert "| - .. -" in text and "every one of the 0 non-zero" in text
+
+
+def test_advisor_values_cache_gives_the_same_advice() -> None:
+    """compare's diagnosis shares the advisor's sorted magnitudes between float16 and
+    bfloat16: the advice is the one each format gets on its own."""
+    from fpgrad.advisor import advise
+    from fpgrad.exact import exact_trace
+    from fpgrad.netfile import load_network
+
+    net = load_network(Path(__file__).resolve().parents[1] / "fpgrad/examples/showcase.toml")
+    exact = exact_trace(net)
+    cache: dict = {}
+    for fmt in ("float16", "bfloat16", "float16"):
+        shared = advise(net, fmt, measure=False, exact=exact, values_cache=cache)
+        alone = advise(net, fmt, measure=False, exact=exact)
+        assert shared.to_json() == alone.to_json()
+    assert len(cache) == 2  # gradients and signals, built once for both formats
