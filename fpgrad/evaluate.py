@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class Trace:
     """Everything one evaluation produced.
 
-    ``forward[layer]`` is the layer's output (pre-activation z for dense and batch_norm,
+    ``forward[layer]`` is the layer's output (pre-activation z for dense and the batch norms,
     activation a otherwise); ``backward[layer]`` is dL/d(that output); ``grads`` maps
     ``layer.param`` to dL/dparam. Values are arrays of the number system (float64 arrays of
     exactly converted values for torch dtypes).
@@ -135,6 +135,8 @@ def _evaluate(
         values = {
             f"{layer.name}.{p}": _cast(store, pa, stored[f"{layer.name}.{p}"]) for p in layer.params
         }
+        for s, v in layer.stats.items():  # constants stored with the parameters
+            values[f"{layer.name}.{s}"] = _cast(store, pa, store.asarray(v))
         h, keep = _forward(ar, layer, x, values)
         inputs.append(x)
         saved.append(keep)
@@ -155,7 +157,8 @@ def _evaluate(
         )  # the data's own gradient (index 0) is never used: not computed
         if "bias" in pgrads and _exact(ar) and _feeds_batch_norm(net, index):
             # structural identity: batch norm subtracts the per-feature batch mean, so its
-            # output does not depend on a per-feature bias added before it (dL/db == 0)
+            # output does not depend on a per-feature bias added before it (dL/db == 0);
+            # not for batch_norm_eval, which subtracts a constant running mean
             pgrads["bias"] = ar.mul(pgrads["bias"], ar.const(0.0))
         for pname, value in pgrads.items():
             trace.grads[f"{layer.name}.{pname}"] = _cast(ar, store, value)
@@ -202,6 +205,19 @@ def _forward(ar: Arith, layer: Layer, x: Any, values: dict[str, Any]) -> tuple[A
         gamma = values[f"{layer.name}.weight"][None, :]
         y = ar.add(ar.mul(xhat, gamma), values[f"{layer.name}.bias"][None, :])
         return y, {"xhat": xhat, "inv": inv, "gamma": gamma, "n": n}
+    if kind == "batch_norm_eval":
+        # y = (x - running_mean) * inv * w + b, inv = 1 / sqrt(running_var + eps): constants
+        mean = values[f"{layer.name}.running_mean"][None, :]
+        var = values[f"{layer.name}.running_var"][None, :]
+        inv = ar.div(ar.const(1.0), ar.sqrt(ar.add(var, ar.const(layer.eps))))
+        xhat = ar.mul(ar.sub(x, mean), inv)
+        y, keep = xhat, {"xhat": xhat, "inv": inv}
+        if "weight" in layer.params:
+            keep["gamma"] = values[f"{layer.name}.weight"][None, :]
+            y = ar.mul(y, keep["gamma"])
+        if "bias" in layer.params:
+            y = ar.add(y, values[f"{layer.name}.bias"][None, :])
+        return y, keep
     raise AssertionError(f"unhandled layer kind {kind}")  # netfile validates kinds
 
 
@@ -246,6 +262,15 @@ def _backward(
         # dx = inv/n * (n dxhat - sum(dxhat) - xhat sum(dxhat xhat))
         inner = ar.sub(ar.sub(ar.mul(dxhat, n), s1), ar.mul(xhat, s2))
         return ar.mul(inner, ar.div(inv, n)), grads
+    if kind == "batch_norm_eval":
+        # dx = dy * w * inv, dw = sum dy * xhat, db = sum dy (over the batch)
+        grads = {}
+        if "weight" in layer.params:
+            grads["weight"] = ar.sum(ar.mul(dy, keep["xhat"]), axis=0)
+        if "bias" in layer.params:
+            grads["bias"] = ar.sum(dy, axis=0)
+        dxhat = ar.mul(dy, keep["gamma"]) if "gamma" in keep else dy
+        return ar.mul(dxhat, keep["inv"]), grads
     raise AssertionError(f"unhandled layer kind {kind}")
 
 

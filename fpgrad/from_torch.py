@@ -19,12 +19,14 @@ Two ways in:
       y_file = "y.npy"
 
 Mapping (torch -> fpgrad): Linear -> dense; ReLU, LeakyReLU(negative_slope), Sigmoid, Tanh ->
-the activations; Softmax(dim=1 or -1) -> softmax; BatchNorm1d -> batch_norm (batch statistics,
-biased variance, as a BatchNorm1d in training mode; ``affine=False`` or ``bias=False`` become
-gamma = 1, beta = 0, which change no value); a final LogSoftmax with NLLLoss -> cross_entropy on
+the activations; Softmax(dim=1 or -1) -> softmax; BatchNorm1d in training mode -> batch_norm
+(batch statistics, biased variance; ``affine=False`` or ``bias=False`` become gamma = 1,
+beta = 0, which change no value); BatchNorm1d in eval mode with running statistics ->
+batch_norm_eval (its running_mean and running_var, not updated; no weight or bias where torch
+has none); a final LogSoftmax with NLLLoss -> cross_entropy on
 the logits (torch's cross_entropy *is* log_softmax followed by nll_loss); Flatten (first, on
 [batch, ...] data), Identity and Dropout (p=0, or in eval mode; in a model file any p, noted)
-are dropped. A model file's ``mode = "eval"`` refuses a BatchNorm1d with running statistics.
+are dropped. A model file's ``mode = "eval"`` puts its BatchNorm1d modules in eval mode.
 Anything else is refused, by name and place. Weights and data are widened to float64 exactly.
 
 Every imported network goes through :func:`fpgrad.netfile.parse_network` as the document that
@@ -99,6 +101,7 @@ class _Entry:
     eps: float | None = None
     flatten: tuple[int, int] | None = None
     note: str | None = None
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -215,10 +218,7 @@ def _leaf(path: str, mod: Any, index: int, params: dict[str, Any] | None = None)
         return _Entry(path, cls, "dense", p)
     if cls == "BatchNorm1d":
         if not mod.training and mod.track_running_stats and mod.running_mean is not None:
-            raise InputError(
-                f"{at} is in eval mode and would normalise with its running statistics; "
-                "fpgrad's batch_norm uses the batch statistics (training mode): call .train() on it"
-            )
+            return _eval_batch_norm(path, index, mod, at, get)
         n = mod.num_features
         note = None
         if mod.affine and get("weight") is not None:
@@ -261,6 +261,25 @@ def _leaf(path: str, mod: Any, index: int, params: dict[str, Any] | None = None)
             )
         return _Entry(path, cls, "identity")
     raise _unsupported(cls, index, path)  # pragma: no cover - callers check the class
+
+
+def _eval_batch_norm(path: str, index: int, mod: Any, at: str, get: Any) -> _Entry:
+    """An eval-mode BatchNorm1d with running statistics: batch_norm_eval, normalising with
+    running_mean and running_var (never updated); no weight or bias where torch has none."""
+    stats = {b: _floats(get(b), f"{at}: {b}") for b in ("running_mean", "running_var")}
+    if np.any(stats["running_var"] < 0):
+        raise InputError(f"{at}: running_var has a negative value; a variance is >= 0")
+    params: dict[str, np.ndarray] = {}
+    for pname in ("weight", "bias"):
+        t = get(pname) if mod.affine else None
+        if t is not None:
+            params[pname] = _floats(t, f"{at}: {pname}")
+    note = (
+        f"BatchNorm1d {path or index}: eval mode, normalised with its running statistics "
+        "(running_mean, running_var: constants, not updated)"
+    )
+    eps = _real(mod.eps, f"{at}: eps", positive=True)
+    return _Entry(path, "BatchNorm1d", "batch_norm_eval", params, eps=eps, note=note, stats=stats)
 
 
 def _real(value: Any, at: str, positive: bool = False) -> float:
@@ -557,6 +576,12 @@ def _finish(
             spec["eps"] = e.eps
             spec["weight"] = e.params["weight"].tolist()
             spec["bias"] = e.params["bias"].tolist()
+        elif e.kind == "batch_norm_eval":
+            spec["eps"] = e.eps
+            spec["running_mean"] = e.stats["running_mean"].tolist()
+            spec["running_var"] = e.stats["running_var"].tolist()
+            for pname in ("weight", "bias"):
+                spec[pname] = e.params[pname].tolist() if pname in e.params else False
         elif e.kind == "leaky_relu":
             spec["slope"] = e.slope
         layers.append(spec)
@@ -734,8 +759,9 @@ def entries_from_state_dict(
 ) -> list[_Entry]:
     """The layers named by ``specs`` (see :func:`parse_spec`), in order, with their tensors
     from ``state_dict``. Every tensor of the state dict must belong to one module; shapes must
-    match the modules' arguments. ``mode`` "eval" refuses a BatchNorm1d with running
-    statistics (see :func:`_refuse_eval_batch_norm`); Dropout is the identity in either mode."""
+    match the modules' arguments. ``mode`` "eval" makes a BatchNorm1d with running statistics
+    batch_norm_eval (its running_mean and running_var required); Dropout is the identity in
+    either mode."""
     from torch import nn
 
     if not isinstance(specs, list) or not specs:
@@ -783,6 +809,8 @@ def entries_from_state_dict(
             if cls == "BatchNorm1d":
                 tensors.setdefault("weight", None)
                 tensors.setdefault("bias", None)
+                if mode == "eval" and meta.track_running_stats:
+                    tensors.update(_running_stats(label, prefix, state_dict, meta.num_features))
                 for b in _BN_BUFFERS:  # running statistics: unused in training mode
                     remaining.pop(prefix + b, None)
             elif "bias" not in tensors:
@@ -792,9 +820,8 @@ def entries_from_state_dict(
                     f"{label} has bias=False but the state dict holds {prefix}bias; "
                     "remove bias=False"
                 )
-            if cls == "BatchNorm1d" and mode == "eval" and meta.track_running_stats:
-                raise _refuse_eval_batch_norm(label)
-            meta.train()  # eval mode without running statistics uses batch statistics too
+            # eval mode without running statistics uses batch statistics, as training mode
+            meta.train(not (cls == "BatchNorm1d" and mode == "eval" and meta.track_running_stats))
             entries.append(_leaf(path, meta, i, params=tensors))
         else:
             try:
@@ -819,14 +846,26 @@ def entries_from_state_dict(
     return entries
 
 
-def _refuse_eval_batch_norm(label: str) -> InputError:
-    """Eval-mode BatchNorm1d normalises with running_mean/running_var; no fpgrad layer does."""
-    return InputError(
-        f'{label}: mode = "eval" makes BatchNorm1d normalise with its running statistics, which '
-        "fpgrad's batch_norm layer cannot express (it uses batch statistics), and folding them "
-        "into a dense layer is not bit-identical to torch (even in float32); drop mode = "
-        '"eval" to evaluate it with batch statistics (training mode)'
-    )
+def _running_stats(
+    label: str, prefix: str, state_dict: Mapping[str, Any], n: int
+) -> dict[str, Any]:
+    """running_mean and running_var [n] of an eval-mode BatchNorm1d from the state dict."""
+    out: dict[str, Any] = {}
+    for b in ("running_mean", "running_var"):
+        t = state_dict.get(prefix + b)
+        if t is None:
+            raise InputError(
+                f'{label}: mode = "eval" normalises with the running statistics, but the state '
+                f"dict has no {prefix}{b}; save the module's state dict with its buffers, or use "
+                'BatchNorm1d(..., track_running_stats=False) (batch statistics) or mode = "train"'
+            )
+        if tuple(t.shape) != (n,):
+            raise InputError(
+                f"{label} expects {prefix}{b} of shape [{n}] but the state dict holds "
+                f"{list(t.shape)}"
+            )
+        out[b] = t
+    return out
 
 
 def _shape_from_state_dict(

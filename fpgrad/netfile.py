@@ -6,7 +6,8 @@ The format (documented in the README)::
     seed = 0                 # seed of the init schemes
 
     [[layer]]
-    type = "dense"           # dense, batch_norm, relu, leaky_relu, sigmoid, tanh, softmax
+    type = "dense"           # dense, batch_norm, batch_norm_eval, relu, leaky_relu, sigmoid,
+                             # tanh, softmax
     out = 4                  # width; "in" is taken from the previous layer or the data
     init = "he_normal"       # or a table {scheme = "uniform", low = -1, high = 1}
     bias_init = "zeros"      # default zeros; bias = false for no bias
@@ -64,6 +65,17 @@ _TOP_KEYS = {"name", "seed", "layer", "loss", "data", "policy"}
 _LAYER_KEYS = {
     "dense": {"type", "name", "in", "out", "init", "bias_init", "weight", "bias"},
     "batch_norm": {"type", "name", "eps", "weight", "bias", "init", "bias_init"},
+    "batch_norm_eval": {
+        "type",
+        "name",
+        "eps",
+        "running_mean",
+        "running_var",
+        "weight",
+        "bias",
+        "init",
+        "bias_init",
+    },
     "leaky_relu": {"type", "name", "slope"},
 }
 _INIT_KEYS = {"scheme", "value", "low", "high", "mean", "std", "gain"}
@@ -101,7 +113,12 @@ def parse_network(
     if len(layers_doc) > MAX_LAYERS:
         raise InputError(f"{where}: {len(layers_doc)} layers, above the limit of {MAX_LAYERS}")
     if not any(
-        isinstance(s, dict) and s.get("type") in ("dense", "batch_norm") for s in layers_doc
+        isinstance(s, dict)
+        and (
+            s.get("type") in ("dense", "batch_norm")
+            or (s.get("type") == "batch_norm_eval" and s.get("weight", True) is not False)
+        )
+        for s in layers_doc
     ):
         raise InputError(
             f'{where}: the network has no parameter; add a [[layer]] with type = "dense"'
@@ -318,19 +335,75 @@ def _parse_layer(
     if kind == "dense":
         return _parse_dense(spec, at, width, rng, name, budget)
     if kind == "batch_norm":
-        eps = check_float(_number(spec.get("eps", 1e-5), f"{at}: eps"), f"{at}: eps", 0, 1e30)
-        if not eps > 0:
-            raise InputError(f"{at}: eps must be positive (got {eps})")
+        eps = _eps(spec, at)
         _spend(budget, 2 * width, at)
         gamma = _param(spec, "weight", "init", (width,), at, rng, width, width, default="constant1")
         beta = _param(spec, "bias", "bias_init", (width,), at, rng, width, width, default="zeros")
         return Layer(name, kind, {"weight": gamma, "bias": beta}, eps=eps), width
+    if kind == "batch_norm_eval":
+        return _parse_batch_norm_eval(spec, at, width, rng, name, budget), width
     if kind == "leaky_relu":
         slope = check_float(
             _number(spec.get("slope", 0.01), f"{at}: slope"), f"{at}: slope", -1e30, 1e30
         )
         return Layer(name, kind, slope=slope), width
     return Layer(name, kind), width
+
+
+def _eps(spec: dict[str, Any], at: str) -> float:
+    eps = check_float(_number(spec.get("eps", 1e-5), f"{at}: eps"), f"{at}: eps", 0, 1e30)
+    if not eps > 0:
+        raise InputError(f"{at}: eps must be positive (got {eps})")
+    return eps
+
+
+def _parse_batch_norm_eval(
+    spec: dict[str, Any],
+    at: str,
+    width: int,
+    rng: np.random.Generator,
+    name: str,
+    budget: list[int],
+) -> Layer:
+    """Eval-mode batch norm: running_mean and running_var [width] required (the statistics the
+    layer normalises with); weight (default ones) and bias (default zeros), each ``false`` for
+    none, as torch's affine=False (neither) and bias=False."""
+    eps = _eps(spec, at)
+    stats: dict[str, np.ndarray] = {}
+    for key in ("running_mean", "running_var"):
+        if key not in spec:
+            raise InputError(
+                f"{at}: batch_norm_eval needs {key} = [{width} numbers] (the module's running "
+                "statistics); without them use batch_norm (batch statistics)"
+            )
+        arr = _to_array(spec[key], f"{at}: {key}")
+        if arr.shape != (width,):
+            raise InputError(f"{at}: {key} has shape {list(arr.shape)}; expected [{width}]")
+        _check_finite(arr, f"{at}: {key}")
+        stats[key] = arr
+    if np.any(stats["running_var"] < 0):
+        bad = float(stats["running_var"][stats["running_var"] < 0][0])
+        raise InputError(f"{at}: running_var must be >= 0 (a variance; found {bad})")
+    if spec.get("weight", True) is False and spec.get("bias", True) is not False:
+        raise InputError(
+            f"{at}: weight = false needs bias = false too (torch's BatchNorm1d(affine=False) has "
+            "neither); give weight = ones for a bias alone"
+        )
+    _spend(budget, 4 * width, at)
+    params: dict[str, np.ndarray] = {}
+    if spec.get("weight", True) is not False:
+        params["weight"] = _param(
+            spec, "weight", "init", (width,), at, rng, width, width, default="constant1"
+        )
+    elif "init" in spec:
+        raise InputError(f"{at}: weight = false has no init; remove init")
+    if spec.get("bias", True) is not False:
+        params["bias"] = _param(
+            spec, "bias", "bias_init", (width,), at, rng, width, width, default="zeros"
+        )
+    elif "bias_init" in spec:
+        raise InputError(f"{at}: bias = false has no bias_init; remove bias_init")
+    return Layer(name, "batch_norm_eval", params, eps=eps, stats=stats)
 
 
 def _spend(budget: list[int], n: int, at: str) -> None:

@@ -16,7 +16,9 @@ import numpy as np
 from fpgrad.errors import InputError
 
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "softmax")
-LAYER_TYPES = ("dense", "batch_norm", *ACTIVATIONS)
+LAYER_TYPES = ("dense", "batch_norm", "batch_norm_eval", *ACTIVATIONS)
+#: the policy op class of a layer kind where it is not the kind itself
+OP_CLASS = {"batch_norm_eval": "batch_norm"}
 LOSSES = ("mse", "cross_entropy", "bce")
 INIT_SCHEMES = (
     "zeros",
@@ -37,6 +39,9 @@ class Layer:
     dense: weight [out, in] (as torch.nn.Linear), optional bias [out].
     batch_norm: weight (gamma) and bias (beta) [features]; training-mode batch statistics
     (biased variance), ``eps`` added to the variance.
+    batch_norm_eval: eval-mode batch norm, (x - running_mean) / sqrt(running_var + eps) *
+    weight + bias with the constants ``stats["running_mean"]``, ``stats["running_var"]``
+    [features] (never updated); weight and bias optional (torch's affine=False, bias=False).
     leaky_relu: ``slope`` for negative inputs. softmax: over the feature axis.
     """
 
@@ -45,10 +50,17 @@ class Layer:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     slope: float = 0.01
     eps: float = 1e-5
+    #: constants of the layer that are not parameters (no gradient, never trained), float64
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def is_activation(self) -> bool:
         return self.kind in ACTIVATIONS
+
+    @property
+    def op_class(self) -> str:
+        """The policy op class of the layer (:data:`fpgrad.policy.OP_CLASSES`)."""
+        return OP_CLASS.get(self.kind, self.kind)
 
 
 @dataclass(frozen=True)
@@ -94,12 +106,21 @@ class Network:
             layers.append(replace(ly, params=new))
         return replace(self, layers=tuple(layers))
 
+    def map_stats(self, fn) -> Network:  # type: ignore[no-untyped-def]
+        """Apply ``fn`` to every layer constant (running statistics)."""
+        layers = tuple(
+            replace(ly, stats={k: fn(v) for k, v in ly.stats.items()}) if ly.stats else ly
+            for ly in self.layers
+        )
+        return replace(self, layers=layers)
+
     def with_data(self, x: np.ndarray, y: np.ndarray) -> Network:
         return replace(self, x=x, y=y)
 
     def map_values(self, fn) -> Network:  # type: ignore[no-untyped-def]
-        """Apply ``fn`` to every parameter array and to the inputs (and float targets)."""
-        net = self.with_params({k: fn(v) for k, v in self.params.items()})
+        """Apply ``fn`` to every parameter array, every layer constant (running statistics)
+        and to the inputs (and float targets)."""
+        net = self.with_params({k: fn(v) for k, v in self.params.items()}).map_stats(fn)
         y = self.y if self.class_targets else fn(self.y)
         return net.with_data(fn(self.x), y)
 

@@ -13,6 +13,8 @@ A policy is torch.autocast made explicit, per op class and per layer. Its fields
 An op computing in precision P casts its input, and its parameters, to P (a correct rounding
 when narrowing; autograd casts the gradient back). Batch norm computing in ``input`` with
 float32 parameters and a float16/bfloat16 input runs torch's mixed kernel, as under autocast.
+Eval-mode batch norm (``batch_norm_eval``) is op class ``batch_norm``; its running statistics
+are stored and cast with its parameters.
 
 Built-in policies follow torch.autocast's op lists for the ops fpgrad has: ``autocast``
 (CUDA, float16: matmuls in float16, softmax and losses in float32, float32 master weights),
@@ -33,7 +35,10 @@ if TYPE_CHECKING:
     from fpgrad.network import Network
 
 INPUT = "input"
-OP_CLASSES = ("dense", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "batch_norm", "loss")
+#: ``layer_norm`` applies to captured models only (fpgrad.graph.policy): layer networks have none
+OP_CLASSES = (
+    "dense", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "batch_norm", "layer_norm", "loss"
+)  # fmt: skip
 ALIASES = {"matmul": "dense", "linear": "dense"}
 GROUPS = {"activation": ("relu", "leaky_relu", "sigmoid", "tanh")}
 _FIELDS = ("params", "data", "default", "description", "layers", "extends")
@@ -101,11 +106,13 @@ class Policy:
         current = data
         plans: list[LayerPlan] = []
         for ly in net.layers:
-            wanted, why = self.rule(ly.name, ly.kind)
+            wanted, why = self.rule(ly.name, ly.op_class)
             compute = current if wanted == INPUT else wanted
-            if not ly.params:
+            if not ly.params and not ly.stats:
                 params = None
-            elif ly.kind == "batch_norm" and wanted == INPUT and _mixed_bn(compute, self.params):
+            elif (
+                ly.op_class == "batch_norm" and wanted == INPUT and _mixed_bn(compute, self.params)
+            ):
                 params = self.params  # torch's mixed batch norm: float32 parameters kept
             else:
                 params = compute
@@ -265,15 +272,15 @@ def _precision(value: Any, where: str, allow_input: bool = True) -> str:
     name = value.strip().lower()
     if name in allowed:
         return name
-    from fpgrad.precisions import get_precision
+    from fpgrad.precision_names import parse_name
 
     try:
-        p = get_precision(name)
+        p = parse_name(name)
     except InputError:
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}") from None
     if p.kind != "emulated":
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}")
-    return p.name
+    return p.canonical
 
 
 def _emulated_fields(policy: Policy) -> dict[str, Any]:

@@ -77,6 +77,8 @@ def build_module(layer: Layer, width: int, precision: str) -> tuple[nn.Module, i
             bn.weight.copy_(to_dtype(layer.params["weight"], precision))
             bn.bias.copy_(to_dtype(layer.params["bias"], precision))
         return bn, width
+    if layer.kind == "batch_norm_eval":
+        return _eval_batch_norm(layer, width, precision), width
     simple: dict[str, nn.Module] = {
         "relu": nn.ReLU(),
         "leaky_relu": nn.LeakyReLU(negative_slope=layer.slope),
@@ -85,6 +87,24 @@ def build_module(layer: Layer, width: int, precision: str) -> tuple[nn.Module, i
         "softmax": nn.Softmax(dim=1),
     }
     return simple[layer.kind], width
+
+
+def _eval_batch_norm(layer: Layer, width: int, precision: str) -> nn.BatchNorm1d:
+    """An eval-mode BatchNorm1d: running statistics, weight and bias rounded into
+    ``precision``; no weight and bias is affine=False, no bias is bias=False."""
+    affine = "weight" in layer.params
+    bn = nn.BatchNorm1d(
+        width,
+        eps=layer.eps,
+        affine=affine,
+        bias="bias" in layer.params or not affine,
+        dtype=DTYPES[precision],
+    )
+    bn.eval()
+    with torch.no_grad():
+        for name, values in (*layer.stats.items(), *layer.params.items()):
+            getattr(bn, name).copy_(to_dtype(values, precision))
+    return bn
 
 
 def build_modules(net: Network, precision: str) -> list[nn.Module]:
@@ -194,6 +214,23 @@ class TorchModel:
             else:
                 w, b = cast(module.weight, pd), cast(module.bias, pd)
                 out = F.batch_norm(h, None, None, w, b, True, 0.0, layer.eps)
+            used = _dtype_name(pd)
+        elif layer.kind == "batch_norm_eval":
+            pd = DTYPES[lp.params or lp.compute]
+            if module.running_mean.dtype == pd:
+                out = module(h)
+            else:  # the statistics and parameters as the op uses them, cast into pd
+                w, b = module.weight, module.bias
+                out = F.batch_norm(
+                    h,
+                    cast_values(module.running_mean, pd),
+                    cast_values(module.running_var, pd),
+                    cast(w, pd) if w is not None else None,
+                    cast(b, pd) if b is not None else None,
+                    False,
+                    0.0,
+                    layer.eps,
+                )
             used = _dtype_name(pd)
         else:
             out = module(h)

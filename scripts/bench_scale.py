@@ -19,7 +19,7 @@ is the work done whatever else runs on a shared machine, and wall time), and as 
 * ``json``: ``write_json`` of that comparison to a null sink (``--json``; one line per gradient
   element, so it grows with the parameters; MLPs only);
 * ``advise``: :func:`fpgrad.advisor.advise` (float16, no torch measurement), its own exact
-  trace included (MLPs only: captured models have no advisor yet);
+  trace included (MLPs only here);
 
 with the child's peak RSS after each phase (for the exact trace of an MLP also how many values
 it holds and its RSS growth over the torch phase as a multiple of 4 float64 words per value: 3

@@ -104,7 +104,7 @@ def network_hash(net: Network) -> str:
     add(net.loss.kind, sorted((k, repr(v)) for k, v in net.policies.items()))
     for ly in net.layers:
         add(ly.name, ly.kind, ly.slope, ly.eps)
-        for name, value in ly.params.items():
+        for name, value in (*ly.params.items(), *ly.stats.items()):
             arr = np.ascontiguousarray(value, dtype=np.float64)
             add(name, arr.shape)
             h.update(arr.tobytes())
