@@ -12,6 +12,8 @@ torch dtype is the same sequence of kernels on the same correctly rounded values
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,11 @@ class LayerStack(nn.Module):
                     "an nn.Module attribute); rename the layer to compare it on the graph path"
                 )
             module, width = build_module(layer, width, "float64")
+            if layer.kind == "batch_norm":
+                # momentum only weights the running-statistics update, which no output or
+                # gradient reads; torch_native's None (a cumulative average) divides by the
+                # step counter with .item(), which make_fx cannot trace
+                module.momentum = 0.0
             self.add_module(layer.name, module)
             self.names.append(layer.name)
         self._batch_norm = [ly.name for ly in net.layers if ly.kind == "batch_norm"]
@@ -90,3 +97,14 @@ def from_network(net: Network) -> GraphNetwork:
             f"{list(net.params)}"
         )
     return graph_net
+
+
+def compare_graph_path(
+    net: Network, precisions: str | list[str] | None = None, **kwargs: Any
+) -> Any:
+    """:func:`fpgrad.graph.compare.compare_graph` of ``from_network(net)``: the layer
+    network through the captured-graph path, to run beside :func:`fpgrad.compare.compare`
+    (the layer path). ``kwargs``: ``exact_bits``, ``allow_uncertified``."""
+    from fpgrad.graph.compare import compare_graph
+
+    return compare_graph(from_network(net), precisions, **kwargs)
