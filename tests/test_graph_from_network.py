@@ -13,6 +13,7 @@ layer value where they part.
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import cache
 from typing import Any
 
@@ -94,6 +95,7 @@ BUILDERS = {
     "ce-class-plain": lambda: _random(4, [None], "cross_entropy", True),
     "bn-ce-class": lambda: _random(1, ["batch_norm"], "cross_entropy", True),
     "tanh-bn-leaky-mse": lambda: _random(27, ["tanh", "batch_norm", "leaky_relu"], "mse"),
+    "bn-mse": lambda: _random(3, ["batch_norm"], "mse"),
 }
 
 
@@ -121,11 +123,15 @@ def _layer_values(trace: Trace, net: Network) -> list[tuple[str, np.ndarray]]:
     return fwd + bwd
 
 
-def _first_unmatched(trace: Trace, net: Network, values: list[np.ndarray]) -> str | None:
-    """The first layer value (in evaluation order) that no graph value equals bit for bit."""
+def _first_unmatched(
+    trace: Trace, net: Network, values: list[np.ndarray], signed: bool = True
+) -> str | None:
+    """The first layer value (in evaluation order) that no graph value equals bit for bit
+    (``signed=False``: as numbers, -0.0 == 0.0)."""
     for key, ref in _layer_values(trace, net):
         ref = np.asarray(ref, dtype=np.float64)
-        if not any(v.shape == ref.shape and _same_bits(v, ref).all() for v in values):
+        same = _same_bits if signed else lambda a, b: np.isnan(a) & np.isnan(b) | (a == b)
+        if not any(v.shape == ref.shape and same(v, ref).all() for v in values):
             return key
     return None
 
@@ -258,7 +264,7 @@ def test_bias_before_batch_norm_is_undetermined_on_the_graph_path() -> None:
     [
         ("showcase", (*NATIVE, *EMULATED)),
         ("relu-sigmoid-bce", (*NATIVE, *EMULATED)),
-        ("eval-bn-ce", (*NATIVE, *EMULATED)),
+        ("eval-bn-ce", NATIVE),
         ("tanh-sigmoid-mse", NATIVE),
         ("ce-class-plain", NATIVE),
     ],
@@ -270,7 +276,34 @@ def test_compare_verdict_counts_are_identical(name: str, precisions: tuple[str, 
     graph = compare_graph(_graph(name), spec)
     assert graph.precisions == layer.precisions
     for p in layer.precisions:
-        assert graph.counts(p) == layer.summary[p], (name, p)
+        # the layer summary adds rounding-zero subkind counts; GraphComparison.counts has
+        # the verdicts only: the subkinds are counted from its per-element verdicts
+        sub = Counter(
+            f"rounding_zero_{k}"
+            for v in graph.verdicts[p].values()
+            for k in v.subkind.astype(str).ravel()
+            if k
+        )
+        subkinds = {k: sub[k] for k in layer.summary[p] if k.startswith("rounding_zero_")}
+        assert {**graph.counts(p), **subkinds} == layer.summary[p], (name, p)
+
+
+def test_verdicts_of_a_bias_before_batch_norm_differ_only_there() -> None:
+    """Element by element the verdicts agree, except the dense bias feeding training-mode
+    batch norm: structural zero or spurious nonzero on the layer path (its proven zero),
+    undetermined on the graph path."""
+    net = _net("bn-mse")
+    spec = ",".join((*NATIVE, *EMULATED))
+    layer, graph = compare(net, spec, findings=False), compare_graph(_graph("bn-mse"), spec)
+    for p in layer.precisions:
+        for k in net.params:
+            mine = graph.verdicts[p][k].verdict.astype(str).ravel().tolist()
+            theirs = layer.verdicts(k, p)
+            if k == "dense0.bias":
+                assert set(mine) == {"undetermined"}
+                assert set(theirs) <= {"structural_zero", "spurious_nonzero"}
+            else:
+                assert mine == theirs, (p, k)
 
 
 def test_compare_graph_path_switch_runs_the_compiled_network() -> None:
@@ -278,7 +311,11 @@ def test_compare_graph_path_switch_runs_the_compiled_network() -> None:
     c = compare_graph_path(net, "float16,float32")
     assert c.network == net.name and sorted(c.grads["float16"]) == sorted(net.params)
     layer = compare(net, "float16,float32", findings=False)
-    assert c.counts("float16") == layer.summary["float16"]
+    assert all(
+        c.counts("float16")[k] == n
+        for k, n in layer.summary["float16"].items()
+        if k in c.counts("float16")
+    )
     assert c.counts("float16")["rounding_zero"] > 0  # the showcase's float16 underflow
 
 
@@ -293,7 +330,7 @@ def _emulated(net: Network, g: GraphNetwork, name: str) -> tuple[Trace, Any, Any
 
 IDENTICAL_EMULATED = [
     "showcase", "relu-ce-class", "tanh-sigmoid-ce-class", "relu-sigmoid-bce", "softmax-bce",
-    "leaky-bce", "eval-bn-ce", "eval-bn-mse", "relu-ce-soft",
+    "leaky-bce", "eval-bn-mse", "ce-class-plain", "bn-mse",
 ]  # fmt: skip
 
 
@@ -302,23 +339,25 @@ def test_emulated_values_are_identical(name: str) -> None:
     net, g = _net(name), _graph(name)
     for p in EMULATED:
         layer, graph, ar = _emulated(net, g, p)
-        assert _same_bits(ar.to_float64(graph.loss), layer.loss).all(), (name, p)
+        assert ar.to_float64(graph.loss) == layer.loss, (name, p)  # -0.0 == 0.0: see below
         for k in net.params:
             assert (ar.to_float64(graph.grads[k]) == layer.grads[k]).all(), (name, p, k)
 
 
-#: recorded differences: the first layer value (evaluation order) that no graph value equals
+#: recorded differences: (precision, the first layer value in evaluation order that no value
+#: of the graph's interpretation equals): in each, the backward of the loss
 KNOWN_EMULATED = {
-    # MSE backward: the layer path rounds 2/N into the format and multiplies (r * (2/N)); the
-    # graph's aten.mse_loss_backward computes (r * 2) * g / N: they part when N = batch * width
-    # is not a power of two (here 3 * 3)
+    # MSE: the layer path rounds 2/N into the format and multiplies, r * (2/N); the graph's
+    # aten.mse_loss_backward rounds (r * 2) * g / N: they part where N (batch * width, here
+    # 4 * 3) is not a power of two
     "tanh-sigmoid-mse": ("bfloat16:emulated", "backward/sigmoid3"),
-    # soft-free cross-entropy backward: the layer path's (softmax - onehot) / N against the
-    # graph's nll_loss_backward then _log_softmax_backward_data (g - exp(logp) * sum(g))
-    "ce-class-plain": ("bfloat16:emulated", "backward/dense0"),
-    # training batch norm backward: different formulas (the layer path's against
-    # aten.native_batch_norm_backward's rstd * (gw - mean(gw) - xhat * mean(gw xhat)))
-    "bn-ce-class": ("bfloat16:emulated", "backward/dense0"),
+    # cross-entropy, class targets: the layer path's (softmax - onehot) / N against the
+    # graph's nll_loss_backward then _log_softmax_backward_data (g - exp(logp) * sum(g)), which
+    # part where the batch (here 3) is not a power of two
+    "bn-ce-class": ("bfloat16:emulated", "backward/batch_norm1"),
+    # cross-entropy, probability targets: same two formulas, part even at batch 2
+    "relu-ce-soft": ("bfloat16:emulated", "backward/relu1"),
+    "eval-bn-ce": ("bfloat16:emulated", "backward/batch_norm_eval4"),
 }
 
 
@@ -327,10 +366,35 @@ def test_known_emulated_differences(name: str) -> None:
     net, g = _net(name), _graph(name)
     precision, first = KNOWN_EMULATED[name]
     layer, graph, ar = _emulated(net, g, precision)
-    assert _first_unmatched(layer, net, _float_values(graph.values, ar.to_float64)) == first
-    assert not _same_bits(
-        ar.to_float64(graph.grads["dense0.weight"]), layer.grads["dense0.weight"]
-    ).all()
+    values = _float_values(graph.values, ar.to_float64)
+    assert _first_unmatched(layer, net, values, signed=False) == first
+    assert any(
+        not np.array_equal(ar.to_float64(graph.grads[k]), layer.grads[k]) for k in net.params
+    )
+
+
+def test_emulated_relu_of_a_negative_is_positive_zero_on_the_graph_path() -> None:
+    """Recorded difference: the layer path's emulated relu is where(x > 0, x, x * 0), -0.0
+    for a negative input; the graph's aten.relu gives +0.0, as torch does."""
+    net, g = _net("relu-ce-soft"), _graph("relu-ce-soft")
+    layer, graph, ar = _emulated(net, g, "bfloat16:emulated")
+    values = _float_values(graph.values, ar.to_float64)
+    assert _first_unmatched(layer, net, values) == "forward/relu1"
+    assert np.signbit(layer.forward["relu1"]).any()
+    native = native_run(g.graph, "bfloat16").values
+    relu = next(n.name for n in g.graph.ops if str(n.target) == "aten.relu.default")
+    assert not np.signbit(native[relu]).any()
+
+
+def test_emulated_zero_loss_has_the_sign_of_the_graph_nll_loss() -> None:
+    """Recorded difference: the showcase's fp8_e4m3 loss rounds to zero; the graph's
+    aten.nll_loss_forward gives -0.0 (torch's natively computed zero loss is +0.0), the
+    layer path +0.0."""
+    net, g = _net("showcase"), _graph("showcase")
+    layer, graph, ar = _emulated(net, g, "fp8_e4m3")
+    assert layer.loss == 0.0 and not np.signbit(layer.loss)
+    assert np.signbit(ar.to_float64(graph.loss))
+    assert not np.signbit(float(native_run(g.graph, "float16").loss))
 
 
 def test_relu_of_nan_differs_in_emulated_fp8() -> None:
