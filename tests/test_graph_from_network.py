@@ -306,6 +306,30 @@ def test_verdicts_of_a_bias_before_batch_norm_differ_only_there() -> None:
                 assert mine == theirs, (p, k)
 
 
+@pytest.mark.parametrize("name", ["dead_relu", "fp8_formats", "fp16_gradient_underflow"])
+def test_gallery_verdict_counts_are_identical(name: str) -> None:
+    import importlib
+
+    net = importlib.import_module(f"fpgrad.scenarios.{name}").network()
+    spec = ",".join((*NATIVE, *EMULATED))
+    layer, graph = compare(net, spec, findings=False), compare_graph_path(net, spec)
+    for p in layer.precisions:
+        counts = graph.counts(p)
+        assert counts == {k: n for k, n in layer.summary[p].items() if k in counts}, (name, p)
+
+
+def test_where_the_signal_died_is_per_layer_against_per_op() -> None:
+    """Recorded difference: the showcase in float16. The layer path names the first layer
+    place with rounding zeros (the loss backward into the logits); the graph path the first
+    aten op computing 0 where the exact value is not (the loss's log-softmax forward)."""
+    net = _net("showcase")
+    layer = compare(net, "float16", findings=False).attribution["float16"]
+    first = layer["first_rounding_zero_backward"]
+    assert (first["layer"], first["op"]) == ("logits", "loss backward (cross_entropy)")
+    graph = compare_graph(_graph("showcase"), "float16").first_lost["float16"]
+    assert graph is not None and graph.startswith("<top> (aten._log_softmax)")
+
+
 def test_compare_graph_path_switch_runs_the_compiled_network() -> None:
     net = _net("showcase")
     c = compare_graph_path(net, "float16,float32")
@@ -407,3 +431,6 @@ def test_relu_of_nan_differs_in_emulated_fp8() -> None:
     layer, graph, ar = _emulated(net, from_network(net), "fp8_e4m3")
     assert np.isnan(layer.loss) and np.isnan(layer.forward["act"]).any()
     assert np.isfinite(ar.to_float64(graph.loss))
+    import torch
+
+    assert torch.relu(torch.tensor(float("nan"))).isnan()  # torch keeps NaN
