@@ -96,6 +96,7 @@ BUILDERS = {
     "bn-ce-class": lambda: _random(1, ["batch_norm"], "cross_entropy", True),
     "tanh-bn-leaky-mse": lambda: _random(27, ["tanh", "batch_norm", "leaky_relu"], "mse"),
     "bn-mse": lambda: _random(3, ["batch_norm"], "mse"),
+    "bce-batch3": lambda: _random(6, [None], "bce"),
 }
 
 
@@ -395,6 +396,62 @@ def test_known_emulated_differences(name: str) -> None:
     assert any(
         not np.array_equal(ar.to_float64(graph.grads[k]), layer.grads[k]) for k in net.params
     )
+
+
+def test_emulated_bce_loss_value_differs_its_gradients_do_not() -> None:
+    """Recorded difference: the layer path's emulated BCE loss rounds
+    max(z, 0) - z t + log(1 + e^-|z|), the graph's aten.binary_cross_entropy_with_logits
+    torch's (1 - t) z + log(1 + e^-|z|) + max(-z, 0): the loss values part, while the
+    gradients (sigmoid(z) - t) / N agree."""
+    net, g = _net("bce-batch3"), _graph("bce-batch3")
+    layer, graph, ar = _emulated(net, g, "bfloat16:emulated")
+    assert ar.to_float64(graph.loss) != layer.loss
+    for k in net.params:
+        assert np.array_equal(ar.to_float64(graph.grads[k]), layer.grads[k]), k
+
+
+def _eval_bn(affine: bool, bias: bool) -> Network:
+    layer: dict[str, Any] = {"type": "batch_norm_eval", "running_mean": [0.5, -1.0],
+                             "running_var": [0.25, 3.0]}  # fmt: skip
+    if not affine:
+        layer |= {"weight": False, "bias": False}
+    elif not bias:
+        layer |= {"weight": [1.5, -0.75], "bias": False}
+    x, y = (
+        [[1.0, 2.0, -1.0], [0.5, -3.0, 2.0], [0.0, 1.0, 1.0]],
+        [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+    )
+    dense = {"type": "dense", "weight": [[0.5, -1.0, 0.25], [1.0, 0.125, -0.5]], "bias": False}
+    return net_from([dense, layer, {"type": "tanh"}], "mse", x, y)
+
+
+@pytest.mark.parametrize(("affine", "bias"), [(False, False), (True, False)])
+def test_eval_batch_norm_without_weight_or_bias(affine: bool, bias: bool) -> None:
+    net = _eval_bn(affine, bias)
+    g = from_network(net)
+    assert g.param_names == list(net.params)
+    for p in NATIVE:
+        graph_run, layer_run = native_run(g.graph, p, keep=False), torch_trace(net, p)
+        assert _same_bits(graph_run.loss, layer_run.loss).all(), p
+        assert all(_same_bits(graph_run.grads[k], layer_run.grads[k]).all() for k in net.params)
+
+
+RANDOM_KINDS = ["relu", "leaky_relu", "tanh", "sigmoid", "softmax", "batch_norm_eval", None]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_native_columns_of_random_stacks(seed: int) -> None:
+    """1-3 dense layers, each followed by a random layer kind; a random loss form."""
+    rng = np.random.default_rng(1000 + seed)
+    kinds = [RANDOM_KINDS[int(i)] for i in rng.integers(0, len(RANDOM_KINDS), rng.integers(1, 4))]
+    loss = ["mse", "cross_entropy", "bce"][seed % 3]
+    net = _random(1000 + seed, kinds, loss, class_targets=loss == "cross_entropy" and seed % 2 == 1)
+    g = from_network(net)
+    for p in NATIVE:
+        graph_run, layer_run = native_run(g.graph, p, keep=False), torch_trace(net, p)
+        assert _same_bits(graph_run.loss, layer_run.loss).all(), (kinds, loss, p)
+        for k in net.params:
+            assert _same_bits(graph_run.grads[k], layer_run.grads[k]).all(), (kinds, loss, p, k)
 
 
 def test_emulated_relu_of_a_negative_is_positive_zero_on_the_graph_path() -> None:
