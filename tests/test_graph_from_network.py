@@ -165,9 +165,10 @@ def test_parameters_keep_the_network_keys_and_ops_their_layer() -> None:
     assert g.name == net.name
 
 
-def test_a_name_torch_cannot_take_is_one_line() -> None:
-    net = net_from([{"type": "dense", "name": "a.b", "out": 2}], "mse", [[1.0]], [[0.0, 1.0]])
-    with pytest.raises(InputError, match=r"layer 'a.b'.*rename the layer"):
+@pytest.mark.parametrize("name", ["a.b", "forward", "training", "names"])
+def test_a_name_torch_cannot_take_is_one_line(name: str) -> None:
+    net = net_from([{"type": "dense", "name": name, "out": 2}], "mse", [[1.0]], [[0.0, 1.0]])
+    with pytest.raises(InputError, match=rf"layer '{name}'.*rename the layer"):
         from_network(net)
 
 

@@ -24,9 +24,6 @@ from fpgrad.graph.network import GraphNetwork, from_module
 from fpgrad.network import Network
 from fpgrad.torch_native import build_module
 
-#: names nn.Module refuses for a submodule, or that shadow its attributes
-_RESERVED = set(dir(nn.Module()))
-
 
 class LayerStack(nn.Module):
     """The layers of a network, in order, each a submodule named by its layer."""
@@ -34,9 +31,10 @@ class LayerStack(nn.Module):
     def __init__(self, net: Network) -> None:
         super().__init__()
         self.names: list[str] = []
+        self._batch_norm = [ly.name for ly in net.layers if ly.kind == "batch_norm"]
         width = net.x.shape[1]
         for layer in net.layers:
-            if "." in layer.name or layer.name in _RESERVED or layer.name == "names":
+            if "." in layer.name or hasattr(self, layer.name):
                 raise InputError(
                     f"layer {layer.name!r}: a torch submodule cannot take this name (a dot, or "
                     "an nn.Module attribute); rename the layer to compare it on the graph path"
@@ -49,7 +47,6 @@ class LayerStack(nn.Module):
                 module.momentum = 0.0
             self.add_module(layer.name, module)
             self.names.append(layer.name)
-        self._batch_norm = [ly.name for ly in net.layers if ly.kind == "batch_norm"]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self._batch_norm and h.shape[0] < 2:  # as fpgrad.torch_native.TorchModel.layer
