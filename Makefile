@@ -18,10 +18,11 @@ report: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-	$(BIN)/ruff check fpgrad tests scripts
+	$(MAKE) --no-print-directory lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check fpgrad tests scripts
+	$(BIN)/python -m mypy
 
 clean:
 	rm -rf $(VENV)

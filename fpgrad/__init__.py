@@ -1,17 +1,63 @@
-"""fpgrad: a floating-point precision lab for gradient underflow."""
+"""fpgrad: a floating-point precision lab for gradient underflow.
 
-from typing import Any
+The public API, each name imported on first use so that ``import fpgrad`` stays cheap:
+
+- :func:`compare` a network in precisions and exactly, every gradient element judged;
+- :func:`train` side by side from one initialisation; :func:`advise` a loss scale;
+- :func:`sweep` grids of compares or trainings; :func:`watch` your own training loop;
+- :func:`from_module` a torch model captured for all of these; :func:`load_network` a network
+  file or a model file;
+- :func:`round_to` correctly rounded values in any format; :func:`get_format` its constants.
+
+>>> import fpgrad
+>>> fpgrad.round_to([65520.0, 1e-8, 1 + 2**-11], "float16").tolist()
+[inf, 0.0, 1.0]
+>>> fpgrad.get_format("fp8_e4m3").max
+448.0
+>>> net = fpgrad.load_network("fpgrad/examples/showcase.toml")
+>>> fpgrad.compare(net, "float16").counts("float16")["rounding_zero"]
+5
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> (module, attribute)
+_API: dict[str, tuple[str, str]] = {
+    "compare": ("fpgrad.compare", "compare"),
+    "train": ("fpgrad.train", "train"),
+    "advise": ("fpgrad.advisor", "advise"),
+    "sweep": ("fpgrad.sweep", "sweep"),
+    "watch": ("fpgrad.watch", "watch"),
+    "from_module": ("fpgrad.graph", "from_module"),
+    "load_network": ("fpgrad.netfile", "load_network"),
+    "round_to": ("fpgrad.rounding", "round_to"),
+    "get_format": ("fpgrad.formats", "get_format"),
+}
+__all__ = list(_API)
+
+if TYPE_CHECKING:  # the names as the type checker sees them
+    from fpgrad.advisor import advise
+    from fpgrad.compare import compare
+    from fpgrad.formats import get_format
+    from fpgrad.graph import from_module
+    from fpgrad.netfile import load_network
+    from fpgrad.rounding import round_to
+    from fpgrad.sweep import sweep
+    from fpgrad.train import train
+    from fpgrad.watch import watch
 
 
 def __getattr__(name: str) -> Any:
-    """Public entry points imported on first use, so ``import fpgrad`` stays cheap:
-    ``fpgrad.watch`` (the watch package, callable) and ``fpgrad.from_module``."""
-    if name == "watch":
-        import importlib
+    if name not in _API:
+        raise AttributeError(f"module 'fpgrad' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # once bound, later lookups skip this hook
+    return value
 
-        return importlib.import_module("fpgrad.watch")
-    if name == "from_module":
-        from fpgrad.graph import from_module
 
-        return from_module
-    raise AttributeError(f"module 'fpgrad' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

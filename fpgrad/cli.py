@@ -136,8 +136,14 @@ def _with_policies(precisions: str | None, policies: str | None) -> str | None:
 
 
 def _policies(args: argparse.Namespace) -> int:
+    from fpgrad.graph.script import is_script, load_script
     from fpgrad.policy import BUILTIN
 
+    if args.network and is_script(args.network):  # a captured model: precision per op
+        from fpgrad.graph.policy import show_plans
+
+        print(show_plans(load_script(args.network), args.names, args.json))
+        return 0
     net = _load_network(args.network) if args.network else None
     known = {**BUILTIN, **(net.policies if net is not None else {})}
     names = args.names or list(known)
@@ -173,10 +179,14 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.out:
         check_out_dir(args.out)  # before any work or heavy import: a bad path costs nothing
+    from fpgrad.graph.script import is_script, load_script
     from fpgrad.optim import OptimConfig
     from fpgrad.train import train
 
-    net = _load_network(args.network)
+    if is_script(args.network) and args.policy:
+        raise InputError("--policy: precision policies train on layer networks only; name "
+                         "torch dtypes in --precisions for a captured model")  # fmt: skip
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     cfg = OptimConfig(
         name=args.optimizer,
         lr=args.lr,
@@ -229,10 +239,11 @@ def _import(args: argparse.Namespace) -> int:
 def _advise(args: argparse.Namespace) -> int:
     from fpgrad.advisor import advise
     from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.graph.script import is_script, load_script
     from fpgrad.report.own import check_out_dir, write_advise_report
 
     out = check_out_dir(args.out) if args.out else None
-    net = _load_network(args.network)
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     exponents = None
     if args.exponents is not None:
         lo, sep, hi = args.exponents.partition("..")
@@ -458,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("train", help="train side by side in every precision and exactly")
-    p.add_argument("network", help="network file or model file (TOML)")
+    p.add_argument(
+        "network", help="network file or model file (TOML), or a script path/to/model.py:build"
+    )
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--optimizer", default="sgd", help="sgd (default) or adam")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
@@ -504,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="the precision policies and what each op computes in")
     p.add_argument("names", nargs="*", help="policies to show (default: all known)")
     p.add_argument(
-        "--network", default=None, help="network file: its own policies and each plan on it"
+        "--network", default=None, help="network file or script.py:build: its own policies and each plan on it"
     )
     p.add_argument("--json", action="store_true", help="strict JSON output")
     p.set_defaults(func=_policies)

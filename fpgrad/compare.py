@@ -363,11 +363,11 @@ def compare(
     if not isinstance(net, Network):  # a captured torch model (fpgrad.from_module)
         from fpgrad.graph.compare import compare_graph
 
-        if reference != "original" or loss_scale != 1.0 or exact is not None:
-            raise InputError(
-                "captured models compare with the original reference, no loss scale, yet"
-            )
-        return compare_graph(net, precisions, exact_bits, allow_uncertified)  # type: ignore[return-value]
+        if exact is not None:
+            raise InputError("captured models compute their own exact reference; pass exact=None")
+        return compare_graph(  # type: ignore[return-value]
+            net, precisions, exact_bits, allow_uncertified, loss_scale, reference, exact_max_bits
+        )
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
     StaticScaler(loss_scale)  # a power of two, or a one-line error

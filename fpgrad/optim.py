@@ -154,6 +154,9 @@ class ArithOptimizer:
         self.cfg = cfg
         self.fused = fused  #: w - a*d with one rounding (ar.fma), as torch's add_/addcdiv_
         self.intended: dict[str, np.ndarray] = {}  #: fused: the last update in float64
+        #: not fused: the last update ``lr * d`` (Adam: ``lr / bc1 * m / denom``) per parameter,
+        #: in the machine (kept to say which quantity's radius grew)
+        self.update: dict[str, Any] = {}
         self.steps = 0
         self.buf: dict[str, Any] = {}
         zeros = {k: ar.mul(v, ar.const(0.0)) for k, v in params.items()}
@@ -182,9 +185,11 @@ class ArithOptimizer:
                         g if prev is None else ar.add(ar.mul(prev, ar.const(cfg.momentum)), g)
                     )
                     g = self.buf[k]
-                out[k] = (
-                    self._update(k, w, g, None, cfg.lr) if self.fused else ar.sub(w, ar.mul(lr, g))
-                )
+                if self.fused:
+                    out[k] = self._update(k, w, g, None, cfg.lr)
+                else:
+                    self.update[k] = ar.mul(lr, g)
+                    out[k] = ar.sub(w, self.update[k])
                 continue
             b1, b2 = ar.const(cfg.beta1), ar.const(cfg.beta2)
             one = ar.const(1.0)
@@ -197,7 +202,8 @@ class ArithOptimizer:
                 rate = cfg.lr / (1 - cfg.beta1**self.steps)
                 out[k] = self._update(k, w, self.m[k], denom, rate)
             else:
-                out[k] = ar.sub(w, ar.mul(ar.div(lr, bc1), ar.div(self.m[k], denom)))
+                self.update[k] = ar.mul(ar.div(lr, bc1), ar.div(self.m[k], denom))
+                out[k] = ar.sub(w, self.update[k])
         return out
 
     def state_bytes(self) -> bytes:

@@ -35,7 +35,10 @@ if TYPE_CHECKING:
     from fpgrad.network import Network
 
 INPUT = "input"
-OP_CLASSES = ("dense", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "batch_norm", "loss")
+#: ``layer_norm`` applies to captured models only (fpgrad.graph.policy): layer networks have none
+OP_CLASSES = (
+    "dense", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "batch_norm", "layer_norm", "loss"
+)  # fmt: skip
 ALIASES = {"matmul": "dense", "linear": "dense"}
 GROUPS = {"activation": ("relu", "leaky_relu", "sigmoid", "tanh")}
 _FIELDS = ("params", "data", "default", "description", "layers", "extends")
@@ -269,15 +272,15 @@ def _precision(value: Any, where: str, allow_input: bool = True) -> str:
     name = value.strip().lower()
     if name in allowed:
         return name
-    from fpgrad.precisions import get_precision
+    from fpgrad.precision_names import parse_name
 
     try:
-        p = get_precision(name)
+        p = parse_name(name)
     except InputError:
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}") from None
     if p.kind != "emulated":
         raise InputError(f"{where}: {value!r} is not a policy precision; {hint}")
-    return p.name
+    return p.canonical
 
 
 def _emulated_fields(policy: Policy) -> dict[str, Any]:

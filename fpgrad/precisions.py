@@ -23,7 +23,6 @@ non-default qualifiers (``fp16:emulated:fp32`` is ``float16:emulated``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,12 +32,10 @@ from fpgrad.evaluate import Trace
 from fpgrad.formats import CATALOGUE, NATIVE, Format, get_format
 from fpgrad.network import Network
 from fpgrad.policy import BUILTIN, Plan, Policy, format_of, get_policy
-from fpgrad.rounding import Mode, parse_mode
+from fpgrad.precision_names import ACCUMULATIONS, DEFAULT_ACCUMULATION, parse_name
+from fpgrad.rounding import Mode
 
 DEFAULT_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
-ACCUMULATIONS = ("fp32", "per_op", "exact")  # as fpgrad.arith.emulated.ACCUMULATIONS
-DEFAULT_ACCUMULATION = "fp32"
-_CUSTOM = re.compile(r"^e\d+m\d+$")
 EMULATED_SEED = 0  #: seed of the generator of stochastic rounding (one per evaluation)
 
 
@@ -154,57 +151,20 @@ def _known() -> str:
 def get_precision(name: str, policies: dict[str, Policy] | None = None) -> Precision:
     """The precision called ``name`` (see the module docstring for the grammar), or the
     built-in or user (``policies``) precision policy of that name."""
-    from fpgrad.arith.emulated import check_emulable
-
     policy = get_policy(name.strip(), policies)
     if policy is not None:
         return _policy_precision(policy)
-    parts = [s.strip().lower() for s in name.strip().split(":")]
-    try:
-        fmt = get_format(parts[0])
-    except InputError as exc:
-        if _CUSTOM.match(parts[0]):  # a custom eXmY out of range: say which field
-            raise InputError(f"precision {name!r}: {exc}") from None
-        from fpgrad.suggest import did_you_mean
-
-        hint = did_you_mean(parts[0], [*CATALOGUE, *BUILTIN, *(policies or {}), "exact"])
-        raise InputError(f"unknown precision {name!r}{hint}; {_known()}") from None
-    qualifiers = parts[1:]
-    if not qualifiers and fmt.name in NATIVE:
-        return Precision(fmt.name, fmt, "native", _native_runner)
-    accumulation: str | None = None
-    mode: Mode | None = None
-    seen: set[str] = set()
-    for q in qualifiers:
-        if q in seen:
-            raise InputError(f"precision {name!r}: qualifier {q!r} given twice")
-        seen.add(q)
-        if q == "emulated":
-            continue
-        if q.replace("-", "_") in ACCUMULATIONS:
-            if accumulation is not None:
-                raise InputError(
-                    f"precision {name!r}: two accumulations; give one of {ACCUMULATIONS}"
-                )
-            accumulation = q.replace("-", "_")
-            continue
-        try:
-            m = parse_mode(q)
-        except InputError:
-            raise InputError(f"precision {name!r}: unknown qualifier {q!r}; {_known()}") from None
-        if mode is not None:
-            raise InputError(f"precision {name!r}: two rounding modes; give one")
-        mode = m
-    check_emulable(fmt)
-    accumulation = accumulation or DEFAULT_ACCUMULATION
-    mode = mode or Mode.NEAREST_EVEN
-    canonical = fmt.name + (":emulated" if fmt.name in NATIVE else "")
-    if accumulation != DEFAULT_ACCUMULATION:
-        canonical += f":{accumulation}"
-    if mode is not Mode.NEAREST_EVEN:
-        canonical += f":{mode.value}"
+    parsed = parse_name(name, _known, [*BUILTIN, *(policies or {})])
+    if parsed.kind == "native":
+        return Precision(parsed.canonical, parsed.fmt, "native", _native_runner)
+    accumulation = parsed.accumulation or DEFAULT_ACCUMULATION
     return Precision(
-        canonical, fmt, "emulated", _emulated_runner(fmt, accumulation, mode), accumulation, mode
+        parsed.canonical,
+        parsed.fmt,
+        "emulated",
+        _emulated_runner(parsed.fmt, accumulation, parsed.mode),
+        accumulation,
+        parsed.mode,
     )
 
 

@@ -565,6 +565,7 @@ class ExactRun:
         self.failed_at: int | None = None  #: the first step the balls could not vouch for
         #: why the ball run gave way to Arb balls (one line, with the step), or None
         self.fallback: str | None = None
+        self.grads: dict[str, Any] = {}  #: the last step's gradients (kept for radius_report)
 
     def vector(self) -> np.ndarray:
         return _flat([self.ar.to_float64(v) for v in self.params.values()])
@@ -573,9 +574,15 @@ class ExactRun:
         self.history.params.append(self.vector())
         self.exact_params.append(dict(self.params))
 
+    def trace(self, rows: np.ndarray) -> Any:
+        """Loss, gradients and forward outputs at the current parameters on ``rows``
+        (a subclass evaluates another kind of network: :mod:`fpgrad.graph.train`)."""
+        return evaluate(self.net, self.ar, self.params, rows)
+
     def step(self, rows: np.ndarray) -> None:
-        trace = evaluate(self.net, self.ar, self.params, rows)
+        trace = self.trace(rows)
         new = self.opt.step(self.params, trace.grads)
+        self.grads = trace.grads
         moved = any(_changed(new[k], self.params[k]) for k in new)
         self.params = new
         hist = self.history
@@ -592,7 +599,7 @@ class ExactRun:
 
     def record_final(self, rows: np.ndarray) -> None:
         """Append the loss at the final parameters on ``rows`` (one extra forward pass)."""
-        trace = evaluate(self.net, self.ar, self.params, rows)
+        trace = self.trace(rows)
         self.history.loss.append(float(np.asarray(self.ar.to_float64(trace.loss))))
         if self.failed_at is None and self.failed():  # the balls could not vouch for it
             self.failed_at = len(self.history.loss) - 1
@@ -613,6 +620,37 @@ class ExactRun:
             )
             return bool(self.ar.range_errors or self.ar.uncertain_branches or nan)
         return False
+
+    def radius_report(self) -> str:
+        """Where the radii stand after the last step, for the fallback line: the widest
+        relative radius (radius / |midpoint|, zero midpoints aside) of the gradient, of the
+        optimizer's state (momentum buffer; Adam's m and v), of the update and of the
+        parameters, each with its parameter's name; multi-word balls only ("" otherwise)."""
+        if not _is_ball(next(iter(self.params.values()), None)):
+            return ""
+        opt = self.opt
+        parts = [
+            ("gradient", self.grads),
+            ("momentum buffer", opt.buf),
+            ("m", opt.m),
+            ("v", opt.v),
+            ("update", opt.update),
+            ("parameters", self.params),
+        ]
+        said = []
+        for what, values in parts:
+            worst, where = 0.0, ""
+            for k, b in values.items():
+                m = np.abs(b.mid[0])
+                nonzero = m > 0
+                top = (
+                    float(np.max(np.asarray(b.rad)[nonzero] / m[nonzero])) if nonzero.any() else 0.0
+                )
+                if top > worst or not where:
+                    worst, where = top, k
+            if where:
+                said.append(f"{what} {worst:.1e} ({where})")
+        return "widest relative radii: " + ", ".join(said)
 
     def ball_digits(self) -> float:
         """Certified significant digits of every parameter at every step, from the radii
@@ -648,6 +686,22 @@ def _changed(a: Any, b: Any) -> bool:
     return bool(np.any(a != b))
 
 
+ARB_WATCH_EVERY = 10  #: an Arb run checks its certified digits every this many steps
+
+
+def arb_bits_for(lost_per_step: float, steps: int, cap: int) -> int:
+    """The Arb precision expected to keep 17 certified digits over ``steps`` steps that lose
+    ``lost_per_step`` digits each (as measured on a shorter run): 17 digits, 10 more, and a
+    quarter more than ``lost_per_step * steps``, in bits, rounded up to a multiple of 64;
+    at least :data:`fpgrad.exact.ARB_START_BITS`, at most ``cap``. A forecast, not a
+    certificate: the run it starts says itself how many digits it certified."""
+    from fpgrad.exact import ARB_START_BITS
+
+    digits = 27 + 1.25 * max(lost_per_step, 0.0) * steps
+    bits = 64 * math.ceil(digits / math.log10(2) / 64)
+    return min(max(bits, ARB_START_BITS), cap)
+
+
 def exact_trajectory(
     net: Network,
     cfg: OptimConfig,
@@ -656,54 +710,74 @@ def exact_trajectory(
     method: str = "auto",
     progress: bool = False,
     max_bits: int | None = None,
+    run_type: type[ExactRun] | None = None,
 ) -> tuple[ExactRun, float, str]:
     """The certified exact run over ``schedule``: (run, certified digits, method).
 
+    ``run_type``: the :class:`ExactRun` subclass that evaluates ``net`` (default ExactRun).
+
     ``method="fast"``: multi-word balls (at most 150 bits); ``"arb"``: Arb balls from
-    ``max(bits, 256)`` bits, raised x4 while fewer than 17 digits are certified, up to
-    ``max_bits`` (default :data:`fpgrad.exact.DEFAULT_MAX_BITS`); ``"auto"``: fast when
-    ``bits`` <= 150 and the balls vouch for at least 17 digits, else Arb. A fall back is
-    announced on stderr in one line (reason and step).
+    ``max(bits, 256)`` bits; ``"auto"``: fast when ``bits`` <= 150 and the balls vouch for at
+    least 17 digits, else Arb balls. A run that certifies fewer than 17 digits stops at that
+    step and the trajectory is recomputed in Arb balls at the precision that the digits it
+    lost per step forecast for the whole schedule (:func:`arb_bits_for`; at least twice the
+    last precision), up to ``max_bits`` (default :data:`fpgrad.exact.DEFAULT_MAX_BITS`), where
+    the run goes to the end whatever it certifies. A fall back is announced on stderr in one
+    line (the step, the digits, the widest radii), on a terminal or not.
     """
     from fpgrad.arith.ball import MAX_BITS
-    from fpgrad.exact import ALIASES, ARB_GROWTH, ARB_START_BITS, DEFAULT_MAX_BITS
+    from fpgrad.exact import ALIASES, ARB_START_BITS, DEFAULT_MAX_BITS
 
     cap_bits = DEFAULT_MAX_BITS if max_bits is None else max_bits
+    make = run_type or ExactRun
+    n = len(schedule)
 
-    def steps(run: ExactRun, what: str, watch: bool = False) -> int | None:
-        """Run the schedule; ``watch``: stop at the first step whose parameters certify fewer
-        than 17 digits, and return it."""
+    def steps(run: ExactRun, what: str, watch: bool = False) -> tuple[int | None, float]:
+        """Run the schedule; ``watch``: stop at the first checked step (balls: every step;
+        Arb: step 1 and every ARB_WATCH_EVERY steps) whose parameters certify fewer than 17
+        digits, and return (that step, digits lost per step since step 1)."""
         run.record_initial()
         iterator: Any = schedule
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(schedule, desc=f"fpgrad train: exact ({what})", leave=False)
+        first: tuple[int, float] | None = None
+        # Arb digits cost a Python loop per element: checked every ARB_WATCH_EVERY steps
+        every = 1 if _is_ball(next(iter(run.params.values()), None)) else ARB_WATCH_EVERY
         for rows in iterator:
             run.step(rows)
             if run.failed():
-                return None
-            if watch and run.digits_now() < 17:
-                return len(run.history.loss)
+                return None, 0.0
+            t = len(run.history.loss)
+            if watch and (t % every == 0 or t == 1):
+                d = run.digits_now()
+                first = (t, d) if first is None else first
+                if d < 17:
+                    return t, (first[1] - d) / max(t - first[0], 1)
         run.record_final(schedule[-1])
-        return None
+        return None, 0.0
 
     method = ALIASES.get(method, method)
     if method not in ("auto", "fast", "arb"):
         raise InputError(f"unknown exact method {method!r}; use auto, fast or arb")
     fallback = None
+    prec = min(max(bits, ARB_START_BITS), cap_bits)
     if method != "arb" and bits <= MAX_BITS:
-        run = ExactRun(net, cfg, bits, balls=True)
-        low = steps(run, "balls", watch=method == "auto")
+        run = make(net, cfg, bits, balls=True)
+        low, rate = steps(run, "balls", watch=method == "auto")
         if not run.failed():
             digits = run.ball_digits()
             if digits >= 17 or method == "fast":
                 return run, digits, "fast"
-            why = (
-                f"step {low}: {digits:.1f} certified digits"
-                if low is not None
-                else f"{digits:.1f} certified digits after {len(schedule)} steps"
-            )
+            if low is not None:
+                prec = max(prec, arb_bits_for(rate, n, cap_bits))
+                why = (
+                    f"step {low}: {digits:.1f} certified digits, {rate:.2f} lost per step; "
+                    f"{run.radius_report()}"
+                )
+            else:
+                why = f"{digits:.1f} certified digits after {n} steps; {run.radius_report()}"
         else:
             why = (
                 f"step {run.failed_at}: a value out of 2**-800..2**800, a ReLU input too close "
@@ -713,17 +787,19 @@ def exact_trajectory(
             raise InputError(
                 f"the fast exact run cannot certify this training ({why}); use --exact-method arb"
             )
-        fallback = f"the ball exact run cannot vouch ({why}); recomputing in Arb balls"
+        fallback = (
+            f"the ball exact run cannot vouch ({why}); recomputing in Arb balls at {prec} bits"
+        )
         print(f"fpgrad train: {fallback}", file=sys.stderr)
-    prec = min(max(bits, ARB_START_BITS), cap_bits)
     while True:
-        exact = ExactRun(net, cfg, prec)
+        exact = make(net, cfg, prec)
         exact.fallback = fallback
-        steps(exact, f"arb {prec} bits")
-        digits = exact.ball_digits()
-        if digits >= 17 or prec >= cap_bits:
-            return exact, digits, "arb"
-        prec = min(prec * ARB_GROWTH, cap_bits)
+        low, rate = steps(exact, f"arb {prec} bits", watch=prec < cap_bits)
+        if low is None:  # to the end: an unchecked step may still hold fewer than 17 digits
+            digits = exact.ball_digits()
+            if digits >= 17 or prec >= cap_bits:
+                return exact, digits, "arb"
+        prec = min(max(2 * prec, arb_bits_for(rate, n, cap_bits)), cap_bits)
 
 
 def exact_gradient_counts(
@@ -884,7 +960,7 @@ class TrainResult:
 
 
 def train(
-    net: Network,
+    net: Network | Any,
     steps: int,
     cfg: OptimConfig | None = None,
     runs: str | list[str] | None = None,
@@ -901,8 +977,18 @@ def train(
     """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation.
 
     ``exact_method``: how the exact run is computed and certified (:func:`exact_trajectory`);
-    ``exact_max_bits``: the cap of its precision escalation (default 8192).
+    ``exact_max_bits``: the cap of its precision escalation (default 8192). A captured model
+    (:func:`fpgrad.from_module`) trains by :func:`fpgrad.graph.train.train_graph`.
     """
+    from fpgrad.graph.network import GraphNetwork
+
+    if isinstance(net, GraphNetwork):
+        from fpgrad.graph.train import train_graph
+
+        return train_graph(
+            net, steps, cfg, runs, batch_size, seed, exact_bits, verdict_every, stall_k,
+            progress, exact_method, exact_max_bits,
+        )  # fmt: skip
     with one_torch_thread():
         return _train(
             net,
@@ -936,15 +1022,6 @@ def _train(
     exact_method: str,
     exact_max_bits: int | None,
 ) -> TrainResult:
-    from fpgrad.dynamics import (
-        detect_cycle,
-        detect_diverged,
-        detect_divergence,
-        detect_loss_floor,
-        detect_stall,
-        relative_distance,
-        without_false_calm,
-    )
     from fpgrad.exact import MIN_BITS
 
     if not isinstance(steps, int) or steps < 1:
@@ -997,21 +1074,10 @@ def _train(
     distance: dict[str, list[float]] = {}
     detectors: dict[str, dict[str, Any]] = {}
     for label, run in torch_runs.items():
-        h = run.history
-        distance[label] = relative_distance(h.params, exact.history.params)
-        twin_sep = (
-            relative_distance(twins[label].history.params, h.params) if label in twins else None
+        twin = twins[label].history if label in twins else None
+        distance[label], detectors[label] = run_detectors(
+            run.history, exact.history, twin, cfg, spec_of[label], stall_k
         )
-        detectors[label] = {
-            "stall": detect_stall(h.moved, exact.history.moved, stall_k),
-            "loss_floor": detect_loss_floor(h.loss, exact.history.loss),
-            "limit_cycle": detect_cycle(h.state_hash),
-            "divergence": detect_divergence(distance[label], twin_sep),
-            "first_overflow": _with_cause(h.overflow_place, cfg, spec_of[label]),
-            "swamped_fraction": _swamped_fraction(h),
-            "diverged": detect_diverged(h.params),
-        }
-        detectors[label] = without_false_calm(detectors[label])
     config = {
         "steps": steps,
         "optimizer": cfg.__dict__,
@@ -1034,6 +1100,40 @@ def _train(
         notes,
         {s.label: _plan_dict(net, s) for s in specs},
     )
+
+
+def run_detectors(
+    h: History,
+    exact: History,
+    twin: History | None,
+    cfg: OptimConfig,
+    spec: RunSpec,
+    stall_k: int = 5,
+) -> tuple[list[float], dict[str, Any]]:
+    """(distance to the exact run per step, the dynamics detectors) of one run's history;
+    ``twin``: the history of its one-ulp perturbed twin, if it ran."""
+    from fpgrad.dynamics import (
+        detect_cycle,
+        detect_diverged,
+        detect_divergence,
+        detect_loss_floor,
+        detect_stall,
+        relative_distance,
+        without_false_calm,
+    )
+
+    distance = relative_distance(h.params, exact.params)
+    twin_sep = relative_distance(twin.params, h.params) if twin is not None else None
+    detectors = {
+        "stall": detect_stall(h.moved, exact.moved, stall_k),
+        "loss_floor": detect_loss_floor(h.loss, exact.loss),
+        "limit_cycle": detect_cycle(h.state_hash),
+        "divergence": detect_divergence(distance, twin_sep),
+        "first_overflow": _with_cause(h.overflow_place, cfg, spec),
+        "swamped_fraction": _swamped_fraction(h),
+        "diverged": detect_diverged(h.params),
+    }
+    return distance, without_false_calm(detectors)
 
 
 def _with_cause(

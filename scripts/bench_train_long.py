@@ -4,10 +4,17 @@ Builds the README's digits example (scripts/digits_example.py: 64-32-10 ReLU cla
 cross-entropy, 256 samples) in a temporary directory and runs the exact trajectory in ball
 arithmetic (150 bits) with Adam, AdamW and SGD with momentum, batches of 64, up to ``--steps``
 steps or until the balls stop vouching for 17 digits. Prints the certified digits of every
-parameter every ``--every`` steps, the first step below 17 (where ``fpgrad train`` recomputes in
-Arb balls), and the CPU time per step against one torch float64 training step (forward, backward,
-torch.optim step) of the same model, one thread each, measured in the same run.
-Usage: ``python scripts/bench_train_long.py [--steps 1000] [--every 25]``.
+parameter every ``--every`` steps, the first step below 17 with the widest relative radii
+there, then the run ``fpgrad train`` falls back to: Arb balls at the precision forecast from
+the digits lost per step (:func:`fpgrad.train.arb_bits_for`), over all the steps, with its
+certified digits. CPU times per step against one torch float64 training step (forward,
+backward, torch.optim step) of the same model, one thread each, measured in the same run.
+
+``--sensitivity N`` measures instead (no certificate) whether the exact trajectory itself
+amplifies small errors over N Adam steps: the 150-bit ball midpoints against the 100-bit
+ball midpoints (each step's rounding, 2^-100, carried along) and against a run from initial
+weights moved by 1e-20 relative (random signs, in the second word), beside the 150-bit radii.
+Usage: ``python scripts/bench_train_long.py [--steps 1000] [--every 25] [--sensitivity N]``.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fpgrad.arith import expansion as xp  # noqa: E402
+from fpgrad.exact import DEFAULT_MAX_BITS  # noqa: E402
 from fpgrad.from_torch import load_model_file  # noqa: E402
 from fpgrad.network import Network  # noqa: E402
 from fpgrad.optim import OptimConfig  # noqa: E402
-from fpgrad.train import ExactRun, batch_schedule  # noqa: E402
+from fpgrad.train import ExactRun, arb_bits_for, batch_schedule  # noqa: E402
 
 OPTIMIZERS = {
     "adam": OptimConfig(name="adam", lr=1e-3),
@@ -73,17 +82,87 @@ def torch_step_time(net: Network, cfg: OptimConfig, schedule: list[np.ndarray]) 
     return best
 
 
+def run_exact(
+    run: ExactRun, schedule: list[np.ndarray], every: int
+) -> tuple[list[str], tuple[int, str] | None, float, float]:
+    """Step ``run`` until the end or the first step below 17 digits: (digits every ``every``
+    steps, (that step, why) or None, CPU seconds per step, digits lost per step after step 1)."""
+    run.record_initial()
+    trail, below, spent, first, d = [], None, 0.0, None, 0.0
+    for t, rows in enumerate(schedule, start=1):
+        t0 = time.process_time()
+        run.step(rows)
+        spent += time.process_time() - t0
+        if run.failed():
+            below = (t, "a value out of range or a ReLU branch undecided")
+            break
+        d = run.digits_now()
+        first = d if first is None else first
+        if t % every == 0:
+            trail.append(f"{t}: {d:.1f}")
+        if d < 17:
+            below = (t, f"{d:.1f} digits")
+            break
+    steps = len(run.history.loss)
+    return trail, below, spent / max(steps, 1), ((first or d) - d) / max(steps - 1, 1)
+
+
+def _rel_dev(a: dict, b: dict) -> float:
+    """Largest |a - b| / |a| over the parameters (multi-word midpoints, float64 result)."""
+    worst = 0.0
+    for k in a:
+        ha, la = xp.hi_lo(a[k].mid)
+        hb, lb = xp.hi_lo(b[k].mid)
+        d, m = np.abs((ha - hb) + (la - lb)), np.abs(ha)
+        worst = max(worst, float(np.max(d[m > 0] / m[m > 0])))
+    return worst
+
+
+def sensitivity(net: Network, steps: int, every: int) -> None:
+    """The trajectory's own amplification of small errors (a measurement, not a proof)."""
+    cfg = OPTIMIZERS["adam"]
+    schedule = batch_schedule(net.x.shape[0], steps, BATCH, 0)
+    ref, low, moved = (ExactRun(net, cfg, bits, balls=True) for bits in (150, 100, 150))
+    rng = np.random.default_rng(0)
+    for ball in moved.params.values():
+        ball.mid[1] += ball.mid[0] * 1e-20 * rng.choice([-1.0, 1.0], ball.mid[0].shape)
+    print(
+        f"\nadam (lr {cfg.lr:g}): 150-bit ball radii against the spread of the trajectory "
+        "itself (midpoints; relative, largest over the parameters)"
+    )
+    print("step | 150-bit radius | 100-bit midpoints | start moved by 1e-20 (growth)")
+    for t, rows in enumerate(schedule, start=1):
+        for run in (ref, low, moved):
+            run.step(rows)
+        if t % every == 0 or t == 1:
+            rad = max(
+                float(np.max(b.rad[np.abs(b.mid[0]) > 0] / np.abs(b.mid[0][np.abs(b.mid[0]) > 0])))
+                for b in ref.params.values()
+            )
+            dev = _rel_dev(ref.params, moved.params)
+            print(
+                f"{t:4d} | {rad:.1e} | {_rel_dev(ref.params, low.params):.1e} | "
+                f"{dev:.1e} ({dev / 1e-20:.2f}x)",
+                flush=True,
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--no-arb", action="store_true", help="skip the Arb run after the balls")
+    ap.add_argument("--sensitivity", type=int, default=0, metavar="N")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         script = ROOT / "scripts" / "digits_example.py"
         subprocess.run([sys.executable, str(script), "--out", tmp], check=True, capture_output=True)
         net = load_model_file(Path(tmp, "digits.toml")).network
+    if args.sensitivity:
+        sensitivity(net, args.sensitivity, args.every)
+        return 0
     print(
         f"digits example ({net.name}: {net.x.shape[0]} samples), batches of {BATCH}, exact run in "
         f"balls at 150 bits; one thread; CPU times"
@@ -93,32 +172,27 @@ def main() -> int:
         schedule = batch_schedule(net.x.shape[0], args.steps, BATCH, 0)
         t_torch = torch_step_time(net, cfg, schedule)
         run = ExactRun(net, cfg, 150, balls=True)
-        run.record_initial()
-        trail, below, spent = [], None, 0.0
-        for t, rows in enumerate(schedule, start=1):
-            t0 = time.process_time()
-            run.step(rows)
-            spent += time.process_time() - t0
-            if run.failed():
-                below = (t, "a value out of range or a ReLU branch undecided")
-                break
-            d = run.digits_now()
-            if t % args.every == 0:
-                trail.append(f"{t}: {d:.1f}")
-            if d < 17:
-                below = (t, f"{d:.1f} digits")
-                break
-        steps = len(run.history.loss)
-        per = spent / max(steps, 1)
+        trail, below, per, lost = run_exact(run, schedule, args.every)
         print(f"\n{name} (lr {cfg.lr:g}): certified digits by step: {', '.join(trail)}")
         if below is None:
-            print(f"  {steps} steps, >= 17 digits throughout")
+            print(f"  {len(schedule)} steps, >= 17 digits throughout")
         else:
-            print(f"  below 17 digits at step {below[0]} ({below[1]}): train recomputes in Arb")
-        lost = (run.digits_now() - run._cap()) / max(steps, 1)
+            print(f"  below 17 digits at step {below[0]} ({below[1]}); {run.radius_report()}")
         print(
-            f"  {per * 1e3:.2f} ms per exact step vs torch float64 {t_torch * 1e3:.3f} ms "
-            f"({per / t_torch:.0f}x); about {-lost:.2f} digits lost per step"
+            f"  {per * 1e3:.2f} ms per ball step vs torch float64 {t_torch * 1e3:.3f} ms "
+            f"({per / t_torch:.0f}x); about {lost:.2f} digits lost per step"
+        )
+        if below is None or args.no_arb:
+            continue
+        bits = arb_bits_for(lost, len(schedule), DEFAULT_MAX_BITS)
+        arb = ExactRun(net, cfg, bits)
+        trail, below, per, lost = run_exact(arb, schedule, args.every)
+        print(f"  Arb balls at {bits} bits: certified digits by step: {', '.join(trail)}")
+        print(
+            f"  {len(arb.history.loss)} steps, "
+            + ("certified digits >= 17 throughout" if below is None else f"below 17 at {below}")
+            + f"; {per * 1e3:.1f} ms per step ({per / t_torch:.0f}x torch float64), "
+            f"about {lost:.3f} digits lost per step"
         )
     return 0
 

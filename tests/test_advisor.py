@@ -178,7 +178,7 @@ def test_counts_by_binary_search_equal_the_masks() -> None:
 
     import numpy as np
 
-    from fpgrad.advisor import _counts, _Limits, _Values
+    from fpgrad.advisor.scales import _counts, _Limits, _Values
     from fpgrad.formats import get_format
 
     rng = np.random.default_rng(4)

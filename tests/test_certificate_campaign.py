@@ -18,6 +18,7 @@ from tests.oracle.generate import REGIMES, networks
 PER_REGIME = 6  # networks per regime: 48 in all, about 25 s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", REGIMES)
 def test_campaign_sample(regime: str) -> None:
     total = Tally()

@@ -173,6 +173,7 @@ def test_doctests() -> None:
 # ---- exhaustive fp8 arithmetic ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_all_pairs(name: str) -> None:
     fmt = get_format(name)
@@ -302,6 +303,7 @@ def test_fma_single_rounding() -> None:
 FUNCTIONS = ["sqrt", "exp", "log", "tanh", "sigmoid"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])
 def test_functions_every_value(name: str) -> None:
     """Every value in round to nearest even; directed modes on every 9th float16 value."""
@@ -315,6 +317,7 @@ def test_functions_every_value(name: str) -> None:
             assert_same(got, oracle1(fmt, mode, fn, x), x)
 
 
+@pytest.mark.slow
 def test_functions_fp8_and_e5m7_every_value() -> None:
     for name in ("fp8_e4m3", "fp8_e5m2", "e5m7"):
         fmt = get_format(name)

@@ -1,16 +1,22 @@
 """The exact training run in certified ball arithmetic: its balls enclose an independent
-high-precision (mpmath) trajectory at every step, and it falls back to mpmath when the balls
-cannot vouch."""
+high-precision (mpmath) trajectory at every step; when they cannot vouch it says why in one
+line and recomputes in Arb balls, which enclose a 2000-bit mpmath trajectory."""
 
 from __future__ import annotations
+
+import math
+import re
 
 import mpmath
 import numpy as np
 import pytest
 
+from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
-from fpgrad.optim import OptimConfig
-from fpgrad.train import ExactRun, batch_schedule, exact_trajectory, train
+from fpgrad.evaluate import evaluate
+from fpgrad.exact import ARB_START_BITS, DEFAULT_MAX_BITS
+from fpgrad.optim import ArithOptimizer, OptimConfig
+from fpgrad.train import ExactRun, arb_bits_for, batch_schedule, exact_trajectory, train
 from tests.nets import net_from
 
 RNG = np.random.default_rng(11)
@@ -48,6 +54,7 @@ OPTIMIZERS = {
     "adam": OptimConfig(name="adam", lr=0.01),
     "adamw": OptimConfig(name="adam", lr=0.01, weight_decay=0.1, decoupled=True),
 }
+_adam = OPTIMIZERS["adam"]
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
@@ -59,7 +66,7 @@ def test_balls_enclose_the_mpmath_trajectory(name: str, opt: str) -> None:
     schedule = batch_schedule(6, 8, 4, seed=1)
     run, digits, method = exact_trajectory(net, cfg, schedule, 128)
     assert method == "fast" and digits >= 17
-    ref = ExactRun(net, cfg, 300)  # independent: mpmath at 300 bits
+    ref = ExactRun(net, cfg, 300)  # independent: Arb balls at 300 bits (midpoints compared)
     ref.record_initial()
     for rows in schedule:
         ref.step(rows)
@@ -177,3 +184,81 @@ def test_kept_powers_give_the_same_balls(opt: str) -> None:
             assert np.array_equal(kept.params[k].mid, fresh.params[k].mid)
             assert np.array_equal(kept.params[k].rad, fresh.params[k].rad)
     assert kept.opt._powers and not fresh.opt._powers
+
+
+def test_arb_precision_forecast_keeps_17_digits_with_margin() -> None:
+    cap = DEFAULT_MAX_BITS
+    for rate, steps in [(0.0, 10), (0.21, 1000), (0.5, 300), (3.0, 8), (0.13, 1000)]:
+        bits = arb_bits_for(rate, steps, cap)
+        assert bits % 64 == 0 and ARB_START_BITS <= bits <= cap
+        # the forecast leaves 10 digits and a quarter of the expected loss above 17
+        assert bits * math.log10(2) >= 17 + 10 + 1.25 * rate * steps
+        assert bits == ARB_START_BITS or (bits - 64) * math.log10(2) < 27 + 1.25 * rate * steps
+    assert arb_bits_for(10.0, 1000, 2048) == 2048  # capped
+
+
+@pytest.mark.parametrize(
+    ("name", "opt"), [("tanh_mse", OptimConfig(name="adam", lr=0.1)), ("leaky_softmax_ce", _adam)]
+)
+def test_digit_loss_fallback_encloses_a_2000_bit_mpmath_trajectory(
+    name: str, opt: OptimConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Adam's balls lose digits step by step and fall below 17 (step 74, step 89): auto says
+    # where, how fast and which radii, and recomputes in Arb balls at the forecast precision;
+    # those balls enclose an independent mpmath trajectory at 2000 bits at every step
+    layers, loss, y = NETS[name]
+    net = net_from(layers, loss, X, y, seed=3)
+    schedule = batch_schedule(6, 150, 4, seed=1)
+    run, digits, method = exact_trajectory(net, opt, schedule, 128)
+    err = capsys.readouterr().err
+    found = re.search(
+        r"\(step (\d+): ([\d.]+) certified digits, ([\d.]+) lost per step; widest relative "
+        r"radii: gradient .*, m .*, v .*, update .*, parameters [\d.e+-]+ \(.*\)\); recomputing "
+        r"in Arb balls at (\d+) bits\n$",
+        err,
+    )
+    assert found and err.count("\n") == 1, err
+    step, low, rate, bits = (float(g) for g in found.groups())
+    assert 17 > low and 1 < step < 150 and run.bits == bits and method == "arb" and digits >= 17
+    assert abs(bits - arb_bits_for(rate, 150, DEFAULT_MAX_BITS)) <= 64
+    mp = MPArith(2000)  # independent: rounded at 2000 bits, no balls
+    params = {k: mp.asarray(v) for k, v in net.params.items()}
+    mp_opt, trail = ArithOptimizer(mp, params, opt), [params]
+    for rows in schedule:
+        params = mp_opt.step(params, evaluate(net, mp, params, rows).grads)
+        trail.append(params)
+    ctx = mp.ctx
+    for balls, mps in zip(run.exact_params, trail, strict=True):
+        for k, values in balls.items():
+            for ball, value in zip(np.ravel(values), np.ravel(mps[k]), strict=True):
+                mid, rad = (ctx.mpf(tuple(map(int, x.man_exp()))) for x in (ball.mid(), ball.rad()))
+                assert abs(mid - value) <= rad + abs(value) * ctx.mpf(2) ** -1900, (k, mid, value)
+
+
+def test_an_arb_run_below_17_digits_is_redone_at_more_bits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a forecast that is too low (always 256 bits): the Arb run loses its digits before the
+    # end, stops at a checked step and is redone at more bits, which certify >= 17
+    import fpgrad.train as train_mod
+
+    layers, loss, y = NETS["tanh_mse"]
+    net = net_from(layers, loss, X, y, seed=3)
+    monkeypatch.setattr(train_mod, "arb_bits_for", lambda rate, steps, cap: ARB_START_BITS)
+    seen: list[tuple[int, int]] = []
+    real_step = ExactRun.step
+
+    def step(self: ExactRun, rows: np.ndarray) -> None:
+        real_step(self, rows)
+        seen.append((self.bits, len(self.history.loss)))
+
+    monkeypatch.setattr(ExactRun, "step", step)
+    opt = OptimConfig(name="adam", lr=0.1)
+    run, digits, method = exact_trajectory(net, opt, batch_schedule(6, 250, 4, 1), 128)
+    tried = sorted({bits for bits, _ in seen if bits >= ARB_START_BITS})
+    assert method == "arb" and digits >= 17 and len(tried) >= 2 and run.bits == tried[-1]
+    assert tried == [ARB_START_BITS * 2**i for i in range(len(tried))]  # x2 each time
+    for bits in tried[:-1]:  # each stopped early, at a checked step
+        last = max(t for b, t in seen if b == bits)
+        assert last < 250 and last % 10 == 0, (bits, last)
+    assert f"at {ARB_START_BITS} bits" in capsys.readouterr().err

@@ -217,20 +217,10 @@ def test_native_columns_of_gallery_networks(name: str) -> None:
 # ---- (b) the exact reference ----------------------------------------------------------------
 
 
-def _bias_before_batch_norm(net: Network) -> set[str]:
-    """Gradient keys of dense biases feeding training-mode batch norm (structurally zero)."""
-    out = set()
-    for a, b in zip(net.layers, net.layers[1:], strict=False):
-        if a.kind == "dense" and "bias" in a.params and b.kind == "batch_norm":
-            out.add(f"grads/{a.name}.bias")
-    return out
-
-
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_exact_references_agree(name: str) -> None:
     net, g = _net(name), _graph(name)
     layer, graph = exact_trace(net), exact_graph(g.graph).result
-    structural = _bias_before_batch_norm(net)
     for key in ["loss", *(f"grads/{k}" for k in net.params)]:
         lz, gz = layer.zero(key), graph.zero(key)
         # a zero either path proves lies in the other's ball
@@ -240,22 +230,10 @@ def test_exact_references_agree(name: str) -> None:
         for i in range(lm.size):
             gap = abs(mpmath.mpf(lm[i]) - mpmath.mpf(gm[i]))
             assert gap <= mpmath.mpf(float(lr[i])) + mpmath.mpf(float(gr[i])), (name, key, i)
-        assert not (gz & ~lz).any(), (name, key)  # no zero proven on the graph path alone
-        if key in structural:  # proven by the layer path's structural identity only
-            assert lz.all() and (gz | graph.undetermined(key)).all(), (name, key)
-        else:
-            assert np.array_equal(lz, gz), (name, key)
-
-
-def test_bias_before_batch_norm_is_undetermined_on_the_graph_path() -> None:
-    """Recorded difference: fpgrad.graph.exact has no structural identity for a dense bias
-    feeding training-mode batch norm yet; its gradient is undetermined (never certified
-    non-zero). When the identity lands, this test fails: then drop it."""
-    net, g = _net("bn-ce-class"), _graph("bn-ce-class")
-    key = "grads/dense0.bias"
-    assert exact_trace(net).zero(key).all()
-    graph = exact_graph(g.graph).result
-    assert graph.undetermined(key).all() and not graph.zero(key).any()
+        # the same zeros proven (the bias feeding training batch norm: by the layer path's
+        # structural identity and by fpgrad/graph/identities.py)
+        assert np.array_equal(lz, gz), (name, key)
+        assert np.array_equal(layer.undetermined(key), graph.undetermined(key)), (name, key)
 
 
 # ---- (c) compare verdict counts -------------------------------------------------------------
@@ -290,22 +268,23 @@ def test_compare_verdict_counts_are_identical(name: str, precisions: tuple[str, 
         assert {**graph.counts(p), **subkinds} == layer.summary[p], (name, p)
 
 
-def test_verdicts_of_a_bias_before_batch_norm_differ_only_there() -> None:
-    """Element by element the verdicts agree, except the dense bias feeding training-mode
-    batch norm: structural zero or spurious nonzero on the layer path (its proven zero),
-    undetermined on the graph path."""
-    net = _net("bn-mse")
-    spec = ",".join((*NATIVE, *EMULATED))
-    layer, graph = compare(net, spec, findings=False), compare_graph(_graph("bn-mse"), spec)
+@pytest.mark.parametrize("name", ["bn-mse", "tanh-bn-leaky-mse"])
+def test_verdicts_of_a_bias_before_batch_norm_agree_element_by_element(name: str) -> None:
+    """The dense bias feeding training-mode batch norm: a proven zero on both paths, so its
+    verdicts (structural zero or spurious nonzero) agree too, element by element."""
+    net = _net(name)
+    layer, graph = (
+        compare(net, ",".join(NATIVE), findings=False),
+        compare_graph(_graph(name), ",".join(NATIVE)),
+    )
     for p in layer.precisions:
         for k in net.params:
-            mine = graph.verdicts[p][k].verdict.astype(str).ravel().tolist()
-            theirs = layer.verdicts(k, p)
-            if k == "dense0.bias":
-                assert set(mine) == {"undetermined"}
-                assert set(theirs) <= {"structural_zero", "spurious_nonzero"}
-            else:
-                assert mine == theirs, (p, k)
+            assert graph.verdicts[p][k].verdict.astype(str).ravel().tolist() == layer.verdicts(
+                k, p
+            ), (p, k)
+    before = [a for a, b in zip(net.layers, net.layers[1:], strict=False) if b.kind == "batch_norm"]
+    bias = f"{before[0].name}.bias"
+    assert set(layer.verdicts(bias, "float64")) <= {"structural_zero", "spurious_nonzero"}
 
 
 @pytest.mark.parametrize("name", ["dead_relu", "fp8_formats", "fp16_gradient_underflow"])

@@ -174,3 +174,48 @@ def test_in_place_op_on_a_tensor_read_later_is_refused() -> None:
 
     with pytest.raises(InputError, match="read after the in-place op or through a view"):
         fpgrad.from_module(InPlace(), torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())
+
+
+def test_neg_inf_mask_read_by_anything_but_softmax_is_refused() -> None:
+    from fpgrad.errors import InputError
+
+    mask = torch.tensor([[True, False, False, False]] * 3)
+    model = Fn(lambda x, w: torch.exp((w * x).masked_fill(mask, float("-inf"))))
+    with pytest.raises(InputError, match="only softmax reads"):
+        fpgrad.from_module(model, torch.randn(3, 4), torch.randn(3, 4), nn.MSELoss())
+    bias = torch.where(mask, float("-inf"), 0.0)
+    model = Fn(lambda x, w: torch.relu(w * x + bias))
+    net = fpgrad.from_module(model, torch.randn(3, 4), torch.randn(3, 4), nn.MSELoss())
+    with pytest.raises(InputError, match="only softmax reads"):
+        exact_graph(net.graph)
+
+
+def test_fully_masked_softmax_row_is_refused() -> None:
+    from fpgrad.errors import InputError
+
+    mask = torch.tensor([[True] * 4, [False] * 4, [False] * 4])
+    model = Fn(lambda x, w: torch.softmax((w * x).masked_fill(mask, float("-inf")), 1))
+    net = fpgrad.from_module(model, torch.randn(3, 4), torch.randn(3, 4), nn.MSELoss())
+    with pytest.raises(InputError, match="-inf everywhere"):
+        exact_graph(net.graph)
+
+
+def test_gelu_tanh_and_padded_pooling_run_in_every_column() -> None:
+    """Native and emulated columns of the ops added for issue 13 (the oracle checks the
+    exact values): float32 native and emulated agree with torch float32 to rounding."""
+    from fpgrad.compare import compare
+
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GELU(approximate="tanh"),
+                          nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+                          nn.AvgPool2d(2, padding=1, ceil_mode=True, count_include_pad=False),
+                          nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+    x, y = torch.randn(2, 1, 5, 5), torch.tensor([0, 2])
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    result = compare(net, "float32,float32:emulated")
+    for p in ("float32", "float32:emulated"):
+        counts = result.counts(p)
+        assert counts["nan"] == counts["overflow"] == counts["wrong_sign"] == 0
+        assert counts["ok"] + counts["structural_zero"] == sum(
+            int(np.size(v)) for v in result.grads[p].values()
+        )

@@ -390,6 +390,7 @@ def test_numpy_float32_and_float16_casts_agree_with_the_oracle() -> None:
 # ---- exhaustive ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL_FORMATS)
 def test_exhaustive_values_midpoints_and_neighbours(name: str) -> None:
     fmt = get_format(name)
@@ -403,6 +404,7 @@ def test_exhaustive_values_midpoints_and_neighbours(name: str) -> None:
     assert n == len(DETERMINISTIC) * 12 * n_vals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL_FORMATS)
 def test_exhaustive_flush_to_zero_near_the_bottom(name: str) -> None:
     fmt = get_format(name)
@@ -672,6 +674,7 @@ def check_kernel_matches_numpy(xs: np.ndarray, fmt: Format, what: str) -> int:
     return n
 
 
+@pytest.mark.slow
 @NEEDS_NUMBA
 @pytest.mark.parametrize("name", SMALL_FORMATS)
 def test_kernel_matches_numpy_path_exhaustive(name: str) -> None:

@@ -191,6 +191,7 @@ def test_init_scale_multiplies_dense_weights_only(tmp_path: Path) -> None:
     assert r.records[0]["counts"] == compare(scaled, precisions="float16").summary["float16"]
 
 
+@pytest.mark.slow
 def test_local_processes_and_dask_give_identical_outputs(
     full: tuple[str, Path, Any], tmp_path: Path
 ) -> None:

@@ -12,7 +12,8 @@ operation on its (already rounded) operands, rounded once into the format with t
   Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to
   odd", IEEE TC 2008). Plain float64-then-round would be right for round-to-nearest only (53 >=
   2p + 2, Figueroa) and wrong for directed modes (``1 - 2**-100`` rounds up to 1 in float64).
-- ``exp``, ``log``, ``tanh``, ``sigmoid``: numpy's float64 value ``y`` with a relative error
+- ``exp``, ``log``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density):
+  numpy's (libm's) float64 value ``y`` with a relative error
   bound of 2**-40 (libm and numpy's SIMD kernels are within a few ulps, 2**-50); if the whole
   interval ``y (1 +- 2**-40)`` rounds to one value of the format, that is the correctly rounded
   result. Overflow and underflow are decided directly in every mode: a float64 result beyond
@@ -307,6 +308,14 @@ class EmulatedArith(OutputDerivatives):
     def sigmoid(self, a: Any) -> np.ndarray:
         return self._function(a, _f64_sigmoid, _mp_sigmoid, (0.0,))
 
+    def ncdf(self, a: Any) -> np.ndarray:
+        """The standard normal CDF Phi (GELU), correctly rounded."""
+        return self._function(a, _f64_ncdf, _mp_ncdf, (0.0,))
+
+    def npdf(self, a: Any) -> np.ndarray:
+        """The standard normal density phi (GELU's derivative), correctly rounded."""
+        return self._function(a, _f64_npdf, _mp_npdf, ())
+
     def _function(
         self,
         a: Any,
@@ -417,6 +426,16 @@ def _mp_sigmoid(c: MPContext, v: Any) -> tuple[int, Any]:
     return 0, 1 / (1 + c.exp(-v))
 
 
+def _mp_ncdf(c: MPContext, v: Any) -> tuple[int, Any]:
+    if v > 0:
+        return 1, -c.erfc(v / c.sqrt(2)) / 2  # Phi(v) = 1 - Phi(-v)
+    return 0, c.erfc(-v / c.sqrt(2)) / 2
+
+
+def _mp_npdf(c: MPContext, v: Any) -> tuple[int, Any]:
+    return 0, c.exp(-v * v / 2) / c.sqrt(2 * c.pi)
+
+
 # The functions in float64, as (base, u): the value is the exact base (0 or +-1) plus u, and u
 # has a relative error below FUNC_REL_ERR (each is a few libm operations of <= 4 ulp each).
 # Saturating functions carry their distance to +-1 in u, as the mpmath versions below.
@@ -442,6 +461,27 @@ def _f64_sigmoid(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pos = x > 0
     tail = 1.0 / (1.0 + np.exp(np.abs(x)))  # sigmoid(-|x|), relative error a few ulps
     return np.where(pos, 1.0, 0.0), np.where(pos, -tail, tail)  # sigmoid(x) = 1 - sigmoid(-x)
+
+
+_ERFC = np.frompyfunc(math.erfc, 1, 1)
+_RSQRT2 = math.sqrt(0.5)
+_RSQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _f64_ncdf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Phi(x) = erfc(-x / sqrt 2) / 2 (x <= 0) or 1 - erfc(x / sqrt 2) / 2: libm's erfc (a few
+    ulps) of an argument t off by 2 ulps, whose effect 2 t^2 2**-52 stays below 3e-13 where
+    erfc(t) is a normal float64 (t < 27); tests/test_emulated_gelu.py checks every float16 and
+    bfloat16 input against MPFR."""
+    tail = np.asarray(_ERFC(np.abs(x) * _RSQRT2), dtype=np.float64) * 0.5
+    pos = x > 0
+    return np.where(pos, 1.0, 0.0), np.where(pos, -tail, tail)
+
+
+def _f64_npdf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(-x^2 / 2) / sqrt(2 pi) from the exact square (hi + lo): a few ulps."""
+    hi, lo = two_prod(x, x)
+    return np.zeros_like(x), np.exp(-0.5 * hi) * np.exp(-0.5 * lo) * _RSQRT2PI
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:

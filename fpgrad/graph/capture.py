@@ -30,6 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fpgrad.errors import InputError
+from fpgrad.graph.names import op_name
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SKIP = {"placeholder", "output", "get_attr"}
@@ -81,18 +82,6 @@ class Graph:
         path = self.paths.get(node.name, "")
         op = op_name(node)
         return f"{path} ({op})" if path else f"<top> ({op})"
-
-
-def op_name(node: fx.Node) -> str:
-    """``aten.addmm`` for an aten node (overload dropped), ``getitem`` for tuple access."""
-    if node.target is operator.getitem:
-        return "getitem"
-    return str(node.target).rsplit(".", 1)[0]
-
-
-def op_key(node: fx.Node) -> str:
-    """The registry key of a node: ``aten.addmm.default``."""
-    return "getitem" if node.target is operator.getitem else str(node.target)
 
 
 def joint_function(model: nn.Module, names: list[str], loss_fn: LossFn) -> Callable[..., Any]:
@@ -211,6 +200,8 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
 
 
 _NO_VALUE = {"aten.detach.default", "aten.alias.default"}
+#: (traced, run) pairs that are one op: make_fx copies a tensor literal that eager lifts
+_SAME = {("aten.lift_fresh_copy.default", "aten.lift_fresh.default")}
 
 
 def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]:
@@ -221,7 +212,7 @@ def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]
     i = j = 0
     while i < len(nodes) and j < len(records):
         node, rec = nodes[i], records[j]
-        if node.target == rec[0]:
+        if node.target == rec[0] or (str(node.target), str(rec[0])) in _SAME:
             pairs.append((node, rec))
             i, j = i + 1, j + 1
         elif str(rec[0]) in _NO_VALUE:

@@ -3,27 +3,40 @@
 Native precisions (float16, bfloat16, float32, float64) run the model eagerly in the dtype
 (:mod:`fpgrad.graph.native`); emulated ones interpret the graph on the strict machine
 (:mod:`fpgrad.arith.emulated`). Every gradient element gets a verdict
-(:func:`fpgrad.verdicts.classify`); the first op whose output holds inf or NaN is named by
-its module path.
+(:func:`fpgrad.verdicts.classify`) in the format torch computed it in; the first op whose
+output holds inf or NaN is named by its module path.
+
+Precision policies (:mod:`fpgrad.graph.policy`) run natively, cast per op (or under the real
+``torch.autocast("cpu")``). With a loss scale S every column backpropagates S * loss and its
+gradients are judged against S times the exact ones; with ``reference="rounded"`` each column
+is judged against the exact gradients at the parameters and data rounded into its formats.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tabulate import tabulate
 
 from fpgrad.errors import InputError
+from fpgrad.formats import get_format
+from fpgrad.graph.capture import Graph
 from fpgrad.graph.exact import GraphExact, exact_graph
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import native_run
-from fpgrad.graph.network import GraphNetwork
 from fpgrad.graph.ops.pointwise import MissingSlot
+from fpgrad.graph.policy import GraphPlan, resolve, scaled_seed
 from fpgrad.jsonutil import dumps
-from fpgrad.precisions import emulated_systems, parse_precisions
-from fpgrad.verdicts import VERDICTS, Verdicts, classify
+from fpgrad.precisions import Precision, emulated_systems, parse_precisions
+from fpgrad.verdicts import VERDICTS, ExactArray, Verdicts, classify
+
+if TYPE_CHECKING:
+    from fpgrad.graph.network import GraphNetwork
+
+REFERENCES = ("original", "rounded")
 
 
 @dataclass
@@ -42,6 +55,21 @@ class GraphComparison:
     #: exact value is certainly not (where the signal died), or None
     first_lost: dict[str, str | None]
     notes: list[str] = field(default_factory=list)
+    loss_scale: float = 1.0
+    reference: str = "original"
+    #: precision -> the format each gradient was computed in ("grads/<param>" -> name)
+    formats: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: policy column -> how it ran and what it casts (:meth:`GraphPlan` summary)
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: reference "rounded": precision -> its own exact reference
+    references: dict[str, GraphExact] = field(default_factory=dict)
+
+    def format_of(self, precision: str) -> str:
+        """The narrowest format of a column (a policy's lowest), for figures."""
+        names = set(self.formats.get(precision, {}).values()) or {precision.split(":")[0]}
+        from fpgrad.formats import get_format
+
+        return min(names, key=lambda n: (get_format(n).bits, get_format(n).precision, n))
 
     def counts(self, precision: str) -> dict[str, int]:
         """Verdict counts over every gradient element of ``precision``."""
@@ -70,6 +98,9 @@ class GraphComparison:
                 name: {p: _count(self.verdicts[p][name]) for p in self.precisions}
                 for name in self.exact.trace.grads
             },
+            "loss_scale": self.loss_scale,
+            "reference": self.reference,
+            "policies": self.policies,
             "notes": self.notes,
         }
 
@@ -93,6 +124,8 @@ class GraphComparison:
         ]
         if died:
             lines += ["", "first op computing 0 where the exact value is not:", tabulate(died)]
+        for name, pol in self.policies.items():
+            lines.append(f"{name}: {pol['ran']}; {pol['summary']}")
         return "\n".join(lines + self.notes)
 
 
@@ -111,41 +144,83 @@ def compare_graph(
     precisions: str | list[str] | None = None,
     exact_bits: int = 150,
     allow_uncertified: bool = False,
+    loss_scale: float = 1.0,
+    reference: str = "original",
+    exact_max_bits: int | None = None,
 ) -> GraphComparison:
-    """Every precision's gradients of ``net`` with verdicts against the exact reference."""
-    precs = parse_precisions(precisions)
-    for p in precs:
-        if p.kind == "policy":
-            raise InputError(
-                f"precision policy {p.name!r} is not supported on captured models yet; "
-                "name formats (float16, bfloat16:emulated, fp8_e4m3, ...)"
-            )
-    exact = exact_graph(net.graph, exact_bits, allow_uncertified)
+    """Every precision's gradients of ``net`` with verdicts against the exact reference (see
+    the module docstring for policies, ``loss_scale`` and ``reference``)."""
+    from fpgrad.runlog import record
+    from fpgrad.scaling import StaticScaler
+
+    if reference not in REFERENCES:
+        raise InputError(f"unknown reference {reference!r}; use original or rounded")
+    StaticScaler(loss_scale)  # a power of two, or a one-line error
+    precs = parse_precisions(precisions, net.policies)
+    plans = {p.name: resolve(p.policy, net.graph) for p in precs if p.policy is not None}
+    kw: dict[str, Any] = {} if exact_max_bits is None else {"max_bits": exact_max_bits}
+    record("exact", "exact")
+    exact = exact_graph(net.graph, exact_bits, allow_uncertified, **kw)
+    refs = {
+        p.name: exact_graph(
+            _rounded(net.graph, p, plans.get(p.name)), exact_bits, allow_uncertified, **kw
+        )  # fmt: skip
+        if reference == "rounded"
+        else exact
+        for p in precs
+    }
+    k = int(math.log2(loss_scale))
+    scaled_graph = scaled_seed(net.graph, loss_scale)
     systems = emulated_systems()
     grads: dict[str, dict[str, np.ndarray]] = {}
     verdicts: dict[str, dict[str, Verdicts]] = {}
+    formats: dict[str, dict[str, str]] = {}
     loss: dict[str, float] = {}
     first: dict[str, str | None] = {}
     lost: dict[str, str | None] = {}
     for p in precs:
-        if p.kind == "native":
-            tr = native_run(net.graph, p.name)
+        plan = plans.get(p.name)
+        if p.kind == "native" or plan is not None:
+            record(p.name, "native" if plan is None else _how(plan))
+            tr = native_run(net.graph, p.name, loss_scale=loss_scale, plan=plan)
             g = tr.grads
             loss[p.name] = float(tr.loss)
             values = tr.values
+            fmts = {key: tr.formats[f"grads/{key}"] for key in g}
         else:
+            record(p.name, "emulated")
             ar = systems(p.name)
             try:
-                it = interpret(net.graph, ar)
+                it = interpret(scaled_graph, ar)
             except MissingSlot as exc:
                 raise InputError(f"{p.name}: {exc}; compare it natively instead") from None
-            g = {k: ar.to_float64(v) for k, v in it.grads.items()}
+            g = {key: ar.to_float64(v) for key, v in it.grads.items()}
             loss[p.name] = float(ar.to_float64(it.loss))
-            values = {k: v for k, v in it.values.items() if isinstance(v, np.ndarray)}
+            values = {key: v for key, v in it.values.items() if isinstance(v, np.ndarray)}
+            fmts = dict.fromkeys(g, p.name)
         grads[p.name] = g
-        verdicts[p.name] = {k: classify(exact.arrays[f"grads/{k}"], g[k], p.fmt) for k in g}
+        formats[p.name] = fmts
+        verdicts[p.name] = {
+            key: classify(
+                _scaled(refs[p.name].arrays[f"grads/{key}"], k),
+                g[key],
+                p.fmt if p.kind == "emulated" else get_format(fmts[key]),
+            )
+            for key in g
+        }
         first[p.name] = _first_nonfinite(net, values)
-        lost[p.name] = _first_lost(net, exact, values)
+        lost[p.name] = _first_lost(net, refs[p.name], values)
+    notes = [
+        "exact: evaluated at the parameters and data as written (float64 values, exact)"
+        if reference == "original"
+        else "exact: evaluated per precision at the parameters and data rounded into it "
+        "(a policy: parameters into its params format, data into its data format)"
+    ]
+    if loss_scale != 1.0:
+        notes.append(
+            f"loss scale {loss_scale:g}: gradients are those of the backward of "
+            f"{loss_scale:g} * loss, judged against {loss_scale:g} times the exact ones"
+        )
     return GraphComparison(
         network=net.name,
         precisions=[p.name for p in precs],
@@ -156,7 +231,71 @@ def compare_graph(
         verdicts=verdicts,
         first_nonfinite=first,
         first_lost=lost,
-        notes=["exact: evaluated at the parameters and data as written (float64 values, exact)"],
+        notes=notes,
+        loss_scale=loss_scale,
+        reference=reference,
+        formats=formats,
+        policies={name: _plan_dict(plan, formats[name]) for name, plan in plans.items()},
+        references={n: r for n, r in refs.items() if r is not exact},
+    )
+
+
+def _how(plan: GraphPlan) -> str:
+    """The :data:`fpgrad.runlog.HOW` key of a policy column."""
+    return "cuda_policy" if plan.how == "cuda" else "policy"
+
+
+def _plan_dict(plan: GraphPlan, formats: dict[str, str]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for prec in plan.dtypes.values():
+        counts[prec] = counts.get(prec, 0) + 1
+    cast = ", ".join(f"{n} ops to {prec}" for prec, n in sorted(counts.items()))
+    grads: dict[str, int] = {}
+    for prec in formats.values():
+        grads[prec] = grads.get(prec, 0) + 1
+    summary = (
+        f"params {plan.params}, data {plan.data}; "
+        + (f"autocast to {plan.autocast_dtype}" if plan.how == "autocast" else f"cast {cast}")
+        + "; gradients computed in "
+        + ", ".join(f"{prec} ({n})" for prec, n in sorted(grads.items()))
+    )
+    return {
+        "ran": plan.describe(),
+        "how": plan.how,
+        "summary": summary,
+        "params": plan.params,
+        "data": plan.data,
+        "description": plan.description,
+        "cast": dict(plan.dtypes),
+        "rules": dict(plan.rules),
+        "gradient_formats": formats,
+    }
+
+
+def _scaled(ex: ExactArray, k: int) -> ExactArray:
+    """``ex`` times 2^k (exact)."""
+    if k == 0:
+        return ex
+    rad = None if ex.rad is None else np.ldexp(ex.rad, k)
+    return ExactArray(np.ldexp(ex.hi, k), np.ldexp(ex.lo, k), ex.zero, rad, ex.undetermined)
+
+
+def _rounded(graph: Graph, p: Precision, plan: GraphPlan | None) -> Graph:
+    """``graph`` with parameters and floating data correctly rounded into the column's
+    formats (a policy: parameters into ``params``, data into ``data``)."""
+    from fpgrad.rounding import round_to
+
+    pf = get_format(plan.params) if plan is not None else p.fmt
+    df = get_format(plan.data) if plan is not None else p.fmt
+
+    def rnd(a: np.ndarray, fmt: Any) -> np.ndarray:
+        return round_to(a, fmt) if np.asarray(a).dtype.kind == "f" else a
+
+    return replace(
+        graph,
+        params={n: rnd(v, pf) for n, v in graph.params.items()},
+        inputs=[rnd(x, df) for x in graph.inputs],
+        targets=rnd(graph.targets, df),
     )
 
 

@@ -5,6 +5,11 @@ into it by :func:`fpgrad.torch_native.to_dtype`), with real autograd, on one thr
 :class:`~fpgrad.graph.capture.OpRecorder` keeps each op's output, and the ops are paired with
 the graph's nodes in order (:func:`~fpgrad.graph.capture.align`). Parameter gradients are
 those of ``torch.autograd.grad``: the model's own eager autograd, bit for bit.
+
+With a loss scale S the backward starts from ``grad_outputs=torch.ones_like(loss) * S`` (the
+graph gets the same ``mul``: :func:`fpgrad.graph.policy.scaled_seed`). With a policy plan
+(:mod:`fpgrad.graph.policy`) the run casts per op, or runs under the real ``torch.autocast``;
+``formats`` then says which dtype each node's output and each gradient was computed in.
 """
 
 from __future__ import annotations
@@ -12,13 +17,26 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
-from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, loss_in
+from fpgrad.graph.capture import Graph, LossFn, OpRecorder, align, joint_function, loss_in
+from fpgrad.graph.names import op_name
 from fpgrad.torch_native import DTYPES, one_torch_thread, to_dtype
+
+if TYPE_CHECKING:
+    from fpgrad.graph.policy import GraphPlan
+
+#: ops that only move values: a gradient's format is that of the op before them
+_MOVES = {
+    "aten.t", "aten.view", "aten._unsafe_view", "aten.reshape", "aten.permute", "aten.transpose",
+    "aten.expand", "aten.squeeze", "aten.unsqueeze", "aten.detach", "aten.alias", "aten.clone",
+    "aten._to_copy",
+}  # fmt: skip
+_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -29,6 +47,8 @@ class NativeTrace:
     loss: np.ndarray
     grads: dict[str, np.ndarray]
     values: dict[str, Any] = field(default_factory=dict)
+    #: node name or "grads/<param>" -> the dtype (precision name) torch computed it in
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 def _f64(value: Any) -> Any:
@@ -62,17 +82,47 @@ def model_in(graph: Graph, precision: str) -> torch.nn.Module:
     return model
 
 
-def native_run(graph: Graph, precision: str, keep: bool = True) -> NativeTrace:
-    """Forward and backward of the model in the torch dtype ``precision``, eagerly."""
+def scaled_joint(model: torch.nn.Module, names: list[str], loss: LossFn, scale: float) -> Any:
+    """:func:`~fpgrad.graph.capture.joint_function` whose backward starts from S."""
+    if scale == 1.0:
+        return joint_function(model, names, loss)
+
+    def joint(params: list[torch.Tensor], *args: torch.Tensor) -> tuple[Any, ...]:
+        *inputs, targets = args
+        out = functional_call(model, dict(zip(names, params, strict=True)), tuple(inputs))
+        value = loss(out, targets)
+        seed = torch.ones_like(value, memory_format=torch.preserve_format) * scale
+        return value, torch.autograd.grad(value, params, grad_outputs=seed)
+
+    return joint
+
+
+def native_run(
+    graph: Graph,
+    precision: str,
+    keep: bool = True,
+    loss_scale: float = 1.0,
+    plan: GraphPlan | None = None,
+) -> NativeTrace:
+    """Forward and backward of the model in the torch dtype ``precision``, eagerly; with
+    ``loss_scale`` S the backward of S * loss; with ``plan`` the policy's run (parameters in
+    ``plan.params``, data in ``plan.data``; ``precision`` is then only its name)."""
+    if plan is not None:
+        return _policy_run(graph, plan, precision, loss_scale)
     if precision not in DTYPES:
         raise ValueError(f"{precision!r} is not a torch dtype")
+    from fpgrad.graph.policy import scaled_seed
+
+    graph = scaled_seed(graph, loss_scale)
     model = model_in(graph, precision)
     names = graph.param_names
     ps = [p.detach().clone().requires_grad_() for _, p in model.named_parameters()]
     args = [_into(x, precision) for x in (*graph.inputs, graph.targets)]
     rec = OpRecorder() if keep else None
     with one_torch_thread():
-        fn = joint_function(model, names, loss_in(graph.loss_fn, DTYPES[precision], precision))
+        fn = scaled_joint(
+            model, names, loss_in(graph.loss_fn, DTYPES[precision], precision), loss_scale
+        )
         if rec is None:
             loss, grads = fn(ps, *args)
         else:
@@ -83,12 +133,66 @@ def native_run(graph: Graph, precision: str, keep: bool = True) -> NativeTrace:
         ops = [n for n in graph.ops if n.target is not operator.getitem]
         for node, r in align(ops, rec.records):
             values[node.name] = _f64(r[1])
-        for node in graph.ops:
-            if node.target is operator.getitem and node.args[0].name in values:
-                values[node.name] = values[node.args[0].name][node.args[1]]
+        _getitems(graph, values)
     return NativeTrace(
         system=precision,
         loss=_f64(loss),
         grads={n: _f64(g) for n, g in zip(names, grads, strict=True)},
         values=values,
+        formats={**{k: precision for k in values}, **{f"grads/{n}": precision for n in names}},
+    )
+
+
+def _getitems(graph: Graph, values: dict[str, Any]) -> None:
+    for node in graph.ops:
+        if node.target is operator.getitem and node.args[0].name in values:
+            values[node.name] = values[node.args[0].name][node.args[1]]
+
+
+def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> NativeTrace:
+    from fpgrad.graph.policy import CastMode, scaled_seed
+
+    graph = scaled_seed(graph, loss_scale)
+    model = model_in(graph, plan.params)
+    names = graph.param_names
+    ps = [p.detach().clone().requires_grad_() for _, p in model.named_parameters()]
+    args = [_into(x, plan.data) for x in (*graph.inputs, graph.targets)]
+    nodes = [n for n in graph.ops if n.target is not operator.getitem]
+    mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
+    loss_fn = loss_in(graph.loss_fn, DTYPES[plan.params], plan.params)
+    with one_torch_thread():
+        fn = scaled_joint(model, names, loss_fn, loss_scale)
+        if plan.how == "autocast":
+            with torch.autocast("cpu", dtype=DTYPES[plan.autocast_dtype]), mode:
+                loss, grads = fn(ps, *args)
+        else:
+            with mode:
+                loss, grads = fn(ps, *args)
+    mode.finish()
+    formats = {
+        k: _NAMES[v.dtype]
+        for k, v in mode.values.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+    for node in graph.ops:  # an element of a multi-output op: its own dtype
+        src = mode.values.get(node.args[0].name) if node.target is operator.getitem else None
+        if isinstance(src, (tuple, list)):
+            item = src[node.args[1]]
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                formats[node.name] = _NAMES[item.dtype]
+    values = {k: _f64(v) for k, v in mode.values.items()}
+    _getitems(graph, values)
+    out = next(n for n in graph.gm.graph.nodes if n.op == "output")
+    for pname, node in zip(names, out.args[0][1:], strict=True):
+        while isinstance(node, torch.fx.Node) and op_name(node) in _MOVES:
+            node = node.args[0]
+        where = node.name if isinstance(node, torch.fx.Node) else ""
+        formats[f"grads/{pname}"] = formats.get(where, plan.params)
+    formats["loss"] = _NAMES[loss.dtype]
+    return NativeTrace(
+        system=name,
+        loss=_f64(loss),
+        grads={n: _f64(g) for n, g in zip(names, grads, strict=True)},
+        values=values,
+        formats=formats,
     )

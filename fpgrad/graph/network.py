@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from fpgrad.graph.capture import Graph, LossFn, capture
+from fpgrad.policy import Policy, parse_policy
 
 
 @dataclass
@@ -17,6 +19,8 @@ class GraphNetwork:
 
     graph: Graph
     name: str = "model"
+    #: the model's own precision policies by name (:mod:`fpgrad.graph.policy`)
+    policies: dict[str, Policy] = field(default_factory=dict)
 
     @property
     def param_names(self) -> list[str]:
@@ -29,15 +33,28 @@ class GraphNetwork:
 
         return compare_graph(self, precisions, **kwargs)
 
+    def train(self, steps: int, **kwargs: Any) -> Any:
+        """:func:`fpgrad.graph.train.train_graph` of this network (a TrainResult)."""
+        from fpgrad.graph.train import train_graph
+
+        return train_graph(self, steps, **kwargs)
+
 
 def from_module(
-    model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn, name: str | None = None
+    model: nn.Module,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss: LossFn,
+    name: str | None = None,
+    policies: Mapping[str, Any] | None = None,
 ) -> GraphNetwork:
     """Capture ``loss(model(*inputs), targets)`` and its gradients for every precision.
 
     ``inputs``: a tensor or a tuple of tensors; ``targets``: a tensor; ``loss``: a torch loss
     module, a functional loss (``F.cross_entropy``) or any callable of (output, targets).
     The values are taken as written (widened exactly to float64); the model is not modified.
+    ``policies``: name -> a :class:`~fpgrad.policy.Policy` or a table as in a network file's
+    ``[policy.NAME]`` (op classes, ``layers`` keyed by module path, ``extends``, ...).
     Raises :class:`~fpgrad.errors.InputError` naming every unsupported op.
 
     >>> import torch
@@ -46,5 +63,21 @@ def from_module(
     >>> net.param_names
     ['weight', 'bias']
     """
+    own = parse_policies(policies or {}, "from_module")
     graph = capture(model, inputs, targets, loss)
-    return GraphNetwork(graph, name or type(model).__name__)
+    return GraphNetwork(graph, name or type(model).__name__, own)
+
+
+def parse_policies(tables: Any, where: str) -> dict[str, Policy]:
+    """Policies from name -> Policy or ``[policy.NAME]``-style table (InputError otherwise)."""
+    from fpgrad.errors import InputError
+
+    if not isinstance(tables, Mapping):
+        raise InputError(f"{where}: policies must be a dict of name -> policy table")
+    out: dict[str, Policy] = {}
+    for key, table in tables.items():
+        if isinstance(table, Policy):
+            out[str(key)] = table
+        else:
+            out[str(key)] = parse_policy(str(key), table, where)
+    return out

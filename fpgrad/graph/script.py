@@ -1,5 +1,6 @@
 """``path/to/script.py:build``: a Python file whose function returns (model, inputs, targets,
-loss). The file is user code and runs as pytest runs test files: imported as a module, its
+loss); a module-level ``POLICIES`` dict (name -> table as a network file's ``[policy.NAME]``,
+``layers`` keyed by module path) adds the model's own precision policies. The file is user code and runs as pytest runs test files: imported as a module, its
 directory first on ``sys.path``."""
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ from fpgrad.graph.network import GraphNetwork, from_module
 
 
 def is_script(spec: str) -> bool:
-    """Whether a command-line network argument names a Python build script."""
+    """Whether a command-line network argument names a captured model: a Python build script
+    or a ``.pt2`` program (:mod:`fpgrad.graph.pt2`)."""
+    from fpgrad.graph.pt2 import is_pt2
+
     path = spec.rsplit(":", 1)[0] if ":" in spec else spec
-    return path.endswith(".py")
+    return path.endswith(".py") or is_pt2(spec)
 
 
 def load_script(spec: str) -> GraphNetwork:
-    """Run ``build()`` (or the function after the colon) of the script and capture its model."""
+    """Run ``build()`` (or the function after the colon) of the script and capture its model;
+    a ``.pt2`` program is loaded with its data file instead."""
+    from fpgrad.graph.pt2 import is_pt2, load_pt2
+
+    if is_pt2(spec):
+        return load_pt2(spec)
     path_s, _, func = spec.partition(":") if spec.count(":") else (spec, "", "")
     func = func or "build"
     path = Path(path_s)
@@ -39,6 +48,7 @@ def load_script(spec: str) -> GraphNetwork:
             raise InputError(f"{path_s} defines no function {func}(); it must return "
                              "(model, inputs, targets, loss)")  # fmt: skip
         built = build()
+        policies = getattr(module, "POLICIES", None)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's code failed: say where, one line
@@ -47,7 +57,9 @@ def load_script(spec: str) -> GraphNetwork:
         ) from None
     finally:
         sys.path.remove(str(path.resolve().parent))
-    return from_module(*_unpack(built, f"{path_s}:{func}"), name=Path(path_s).stem)
+    return from_module(
+        *_unpack(built, f"{path_s}:{func}"), name=Path(path_s).stem, policies=policies
+    )
 
 
 def _unpack(built: Any, where: str) -> tuple[Any, Any, Any, Any]:

@@ -56,7 +56,7 @@ def write_graph_report(gc: GraphComparison, out: str | Path) -> list[str]:
 
     out = check_out_dir(out)
     grads = columns(gc)
-    fmts = [(p, get_format(p.split(":")[0])) for p in gc.precisions]
+    fmts = [(p, get_format(gc.format_of(p))) for p in gc.precisions]
     figures: dict[str, tuple[str, Callable[[Path], None]]] = {
         "magnitudes.png": (
             "Exact gradient magnitudes per parameter against each format's thresholds",

@@ -398,7 +398,7 @@ def _lost_share(adv: Advice, path: Path) -> None:
 
 
 def _overflows(row: dict[str, Any]) -> bool:
-    from fpgrad.advisor import _overflow
+    from fpgrad.advisor.scales import _overflow
 
     return _overflow(row) > 0
 

@@ -26,6 +26,9 @@ NAMES: tuple[str, ...] = (
     "similar_gradients_from_init",
     "fp8_formats",
     "gradscaler_skipped_steps",
+    "graph_attention_fp16",
+    "graph_norm_fp16",
+    "cnn_digits_loss_scaling",
 )
 
 

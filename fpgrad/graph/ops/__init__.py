@@ -9,41 +9,30 @@ numpy integer arrays; Python scalars as given).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from fpgrad.graph.names import op_key, op_name
+from fpgrad.graph.ops.registry import HINTS, OPS, OpFn, op
 
 if TYPE_CHECKING:
     from fpgrad.graph.capture import Graph
 
-OpFn = Callable[..., Any]
-OPS: dict[str, OpFn] = {}
-#: op name (overload dropped) -> hint shown when it is refused
-HINTS: dict[str, str] = {
-    "aten.native_dropout": "dropout in training mode draws random masks: call model.eval()",
-    "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
-    "aten.bernoulli_": "dropout in training mode draws random masks: call model.eval()",
-}
-
-
-def op(*names: str) -> Callable[[OpFn], OpFn]:
-    """Register ``fn`` under the aten overload ``names``."""
-
-    def register(fn: OpFn) -> OpFn:
-        for name in names:
-            OPS[name] = fn
-        return fn
-
-    return register
-
+__all__ = ["HINTS", "OPS", "OpFn", "op", "unsupported_message"]
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice",
           "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided"}  # fmt: skip
 
 
+_READS_NEG_INF = {"aten._softmax.default", "aten.masked_fill.Scalar", "aten.masked_fill_.Scalar"}
+
+
+def _neg_inf(node: Any) -> bool:
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    return isinstance(value, float) and value == float("-inf")
+
+
 def unsupported_message(graph: Graph) -> str:
     """One line naming every unsupported op with its module paths, or ''."""
-    from fpgrad.graph.capture import op_key, op_name
-
     missing: dict[str, list[str]] = {}
     constants = graph.constants
     for node in graph.ops:
@@ -65,12 +54,24 @@ def unsupported_message(graph: Graph) -> str:
                 where = missing.setdefault(key, [])
                 where.append(f"{graph.paths.get(node.name, '') or '<top>'} (its input is read "
                              "after the in-place op or through a view)")  # fmt: skip
+    for node in graph.ops:  # -inf from masked_fill is a mask: only softmax may read it
+        if (
+            op_key(node).startswith("aten.masked_fill")
+            and _neg_inf(node)
+            and (node.name not in constants)
+        ):
+            for user in node.users:
+                if op_key(user) not in _READS_NEG_INF:
+                    where = missing.setdefault(f"{op_key(user)} reading masked_fill(-inf)", [])
+                    where.append(graph.paths.get(user.name, "") or "<top>")
     if not missing:
         return ""
     parts = []
     for key, where in missing.items():
         name = key.rsplit(".", 1)[0]
         hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
+        if key.endswith("reading masked_fill(-inf)"):
+            hint = "-inf is a mask that only softmax reads"
         parts.append(f"{key} in {', '.join(where)} ({hint})")
     return (
         f"unsupported ops ({len(missing)}): "

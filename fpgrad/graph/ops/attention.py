@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops.linear import bmm
+from fpgrad.graph.ops.registry import op
 
 
 def _flat(x: Any) -> tuple[Any, tuple[int, ...]]:

@@ -2,7 +2,8 @@
 
 Windows are strided slices of the zero-padded input (shape-only, exact); backward ops
 place each window offset's contribution back into a zero array and sum them with the
-system's additions. Pooling supports padding 0 and ``ceil_mode=False``.
+system's additions. Pooling: any padding (at most half the kernel, as torch requires),
+stride, dilation (max) and ``ceil_mode``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import numpy as np
 from fpgrad.arith.ball import Ball
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops.registry import op
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -159,12 +160,80 @@ def convolution_backward(
     return dx, dw, db
 
 
-def _pool_args(cx: Any, k: Any, stride: Any, padding: Any, ceil_mode: bool):  # noqa: ANN202
-    k = _pair(k)
-    st = _pair(stride) if stride else k
-    if any(_pair(padding)) or ceil_mode:
-        raise InputError(f"{cx.label()}: pooling with padding or ceil_mode is not supported yet")
-    return k, st
+def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """torch's pooling output size: with ``ceil_mode`` the last window must start inside the
+    input or the left padding."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+class _Pool:
+    """A 2-D pooling geometry: kernel, stride, padding, dilation, output size, and the extra
+    bottom/right cells ``ceil_mode`` windows reach beyond the padded input."""
+
+    def __init__(self, cx: Any, x_shape: Any, k: Any, stride: Any, padding: Any, dilation: Any,
+                 ceil: bool) -> None:  # fmt: skip
+        self.k, self.st = _pair(k), (_pair(stride) if stride else _pair(k))
+        self.pad, self.dil = _pair(padding), _pair(dilation)
+        if any(2 * p > kk for p, kk in zip(self.pad, self.k, strict=True)):
+            raise InputError(f"{cx.label()}: pooling padding must be at most half the kernel")
+        self.size = tuple(int(v) for v in x_shape[-2:])
+        self.out = tuple(_pool_size(n, k, s, p, d, ceil) for n, k, s, p, d in
+                         zip(self.size, self.k, self.st, self.pad, self.dil, strict=True))  # fmt: skip
+        self.extra = tuple(max(0, (o - 1) * s + d * (k - 1) + 1 - (n + 2 * p)) for o, s, d, k, n, p
+                           in zip(self.out, self.st, self.dil, self.k, self.size, self.pad, strict=True))  # fmt: skip
+
+    @property
+    def plain(self) -> bool:
+        return not any(self.pad) and not any(self.extra)
+
+    def cols(self, cx: Any, x: Any) -> Any:
+        """(N, C, kh*kw, oh, ow) windows of the input, zero-padded."""
+        (ph, pw), (eh, ew) = self.pad, self.extra
+        s = shapes.shape(x)
+        xp = x
+        if ph or pw or eh or ew:
+            zeros = cx.ar.asarray(np.zeros((*s[:-2], s[-2] + 2 * ph + eh, s[-1] + 2 * pw + ew)))
+            xp = shapes.place(zeros, x, (..., slice(ph, ph + s[-2]), slice(pw, pw + s[-1])))
+        offsets = _offsets(self.k, self.st, self.dil, *self.out)
+        return shapes.stack([shapes.index(xp, (..., *idx)) for _, _, idx in offsets], 2)
+
+    def uncols(self, cx: Any, cols: Any, x_shape: Any) -> Any:
+        """The adjoint of :meth:`cols`: each offset placed, summed, the padding cropped."""
+        (ph, pw), (eh, ew) = self.pad, self.extra
+        n, c, h, w = x_shape
+        zeros = cx.ar.asarray(np.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew)))
+        total = None
+        for i, (_, _, idx) in enumerate(_offsets(self.k, self.st, self.dil, *self.out)):
+            part = shapes.place(zeros, shapes.index(cols, (slice(None), slice(None), i)),
+                                (..., *idx))  # fmt: skip
+            total = part if total is None else cx.ar.add(total, part)
+        return shapes.index(total, (..., slice(ph, ph + h), slice(pw, pw + w)))
+
+    def valid(self) -> np.ndarray:
+        """(kh*kw, oh, ow): the window offsets that fall inside the input."""
+        axes = []
+        for o, s, p, d, k, n in zip(self.out, self.st, self.pad, self.dil, self.k, self.size,
+                                    strict=True):  # fmt: skip
+            pos = np.arange(o)[None, :] * s - p + np.arange(k)[:, None] * d  # (k, o)
+            axes.append((pos >= 0) & (pos < n))
+        vh, vw = axes
+        return (vh[:, None, :, None] & vw[None, :, None, :]).reshape(-1, *self.out)
+
+    def divisors(self, count_include_pad: bool, divisor: Any) -> np.ndarray:
+        """torch's average-pooling divisor per window (oh, ow)."""
+        if divisor:
+            return np.full(self.out, float(divisor))
+        sizes = []
+        for o, s, p, k, n in zip(self.out, self.st, self.pad, self.k, self.size, strict=True):
+            start = np.arange(o) * s - p
+            end = np.minimum(start + k, n + p)
+            pool = end - start
+            inside = np.minimum(end, n) - np.maximum(start, 0)
+            sizes.append(pool if count_include_pad else inside)
+        return (sizes[0][:, None] * sizes[1][None, :]).astype(np.float64)
 
 
 @op("aten.max_pool2d_with_indices.default")
@@ -172,26 +241,40 @@ def max_pool2d(
     cx: Any, x: Any, k: Any, stride: Any = (), padding: Any = 0, dilation: Any = 1,
     ceil_mode: bool = False,
 ) -> tuple:  # fmt: skip
-    """(max over each window, the offset of its first maximum: decided on exact values)."""
+    """(max over each window's elements inside the input, the offset of its first maximum:
+    decided on exact values). Cells outside the input (padding, ``ceil_mode``) hold a copy
+    of the window's first element inside it, never chosen: padding is never a value."""
     ar = cx.ar
-    k, st = _pool_args(cx, k, stride, padding, ceil_mode)
-    cols, _, _ = _cols(cx, x, k, st, (0, 0), _pair(dilation))
+    geo = _Pool(cx, shapes.shape(x), k, stride, padding, dilation, ceil_mode)
+    cols = geo.cols(cx, x)
+    valid = None
+    if not geo.plain:
+        valid = geo.valid()
+        first = np.argmax(valid, axis=0)  # (oh, ow): every window has an element inside
+        ii, jj = np.ogrid[: geo.out[0], : geo.out[1]]
+        head = shapes.unsqueeze(shapes.index(cols, (slice(None), slice(None), first, ii, jj)), 2)
+        mask = np.broadcast_to(valid, shapes.shape(cols))
+        cols = ar.where(mask, cols, shapes.expand(head, shapes.shape(cols)))
+        valid = mask
     m = ar.max(cols, axis=2, keepdims=True)
-    return shapes.reshape(m, shapes.shape(m)[:2] + shapes.shape(m)[3:]), _first_max(ar, cols, m)
+    out = shapes.reshape(m, shapes.shape(m)[:2] + shapes.shape(m)[3:])
+    return out, _first_max(ar, cols, m, valid)
 
 
-def _first_max(ar: Any, cols: Any, m: Any) -> np.ndarray:
-    """Offset of the first window element equal to the maximum ``m`` (torch's choice).
+def _first_max(ar: Any, cols: Any, m: Any, valid: np.ndarray | None = None) -> np.ndarray:
+    """Offset of the first window element (inside the input: ``valid``) equal to the
+    maximum ``m`` (torch's choice).
 
     Balls: the element ``max`` took (identical words); every other element must lie below
     it, else the choice is uncertain and counted (the exact reference then uses mpmath).
     Other systems: the first element with not (m > x), compared exactly.
     """
+    inside = np.ones(shapes.shape(cols), dtype=bool) if valid is None else valid
     if isinstance(cols, Ball):
-        first = np.argmax(np.all(cols.mid == m.mid, axis=0), axis=2)
+        first = np.argmax(np.all(cols.mid == m.mid, axis=0) & inside, axis=2)
         chosen = np.arange(shapes.shape(cols)[2])[None, None, :, None, None] == first[:, :, None]
         d = ar.sub(m, cols)
-        unsure = ~chosen & (d.rad > 0) & (np.abs(d.mid[0]) <= d.rad * 2)
+        unsure = ~chosen & inside & (d.rad > 0) & (np.abs(d.mid[0]) <= d.rad * 2)
         ar.uncertain_branches += int(unsure.sum())
         return first
     # the first maximum by midpoint, then proven: every earlier element certainly below it,
@@ -199,12 +282,12 @@ def _first_max(ar: Any, cols: Any, m: Any) -> np.ndarray:
     # decide is counted by positive() and escalates the precision
     kk = shapes.shape(cols)[2]
     mid = ar.to_float64(cols)
-    first = np.argmax(mid == np.max(mid, axis=2, keepdims=True), axis=2)
+    first = np.argmax((mid == np.max(mid, axis=2, keepdims=True)) & inside, axis=2)
     offset = np.arange(kk)[None, None, :, None, None]
     chosen = offset == first[:, :, None]
     top = ar.sum(ar.mul(cols, ar.asarray(chosen.astype(np.float64))), axis=2, keepdims=True)
     d = ar.sub(top, cols)
-    d = ar.where(chosen, ar.mul(d, ar.const(0.0)), d)  # the chosen element: exactly 0
+    d = ar.where(chosen | ~inside, ar.mul(d, ar.const(0.0)), d)  # exactly 0: not compared
     ar.positive(d)
     return first
 
@@ -216,11 +299,11 @@ def max_pool2d_backward(
 ) -> Any:  # fmt: skip
     """Each window's gradient to its first maximum (offsets from the forward op above)."""
     ar = cx.ar
-    k, st = _pool_args(cx, k, stride, padding, ceil_mode)
+    geo = _Pool(cx, shapes.shape(x), k, stride, padding, dilation, ceil_mode)
     zero = ar.asarray(np.zeros(shapes.shape(g)))
-    kk = k[0] * k[1]
+    kk = geo.k[0] * geo.k[1]
     cols = shapes.stack([ar.where(indices == i, g, zero) for i in range(kk)], 2)
-    return _uncols(cx, cols, shapes.shape(x), k, st, (0, 0), _pair(dilation))
+    return geo.uncols(cx, cols, shapes.shape(x))
 
 
 @op("aten.avg_pool2d.default")
@@ -228,10 +311,19 @@ def avg_pool2d(
     cx: Any, x: Any, k: Any, stride: Any = (), padding: Any = 0, ceil_mode: bool = False,
     count_include_pad: bool = True, divisor: Any = None,
 ) -> Any:  # fmt: skip
+    """Window sums (zero padding) over torch's divisor: the window's size within the padded
+    input (``count_include_pad``), its elements inside the input, or ``divisor``."""
     ar = cx.ar
-    k, st = _pool_args(cx, k, stride, padding, ceil_mode)
-    cols, _, _ = _cols(cx, x, k, st, (0, 0), (1, 1))
-    return ar.div(sum_dims(cx, cols, [2], False), ar.const(float(divisor or k[0] * k[1])))
+    geo = _Pool(cx, shapes.shape(x), k, stride, padding, 1, ceil_mode)
+    total = sum_dims(cx, geo.cols(cx, x), [2], False)
+    return ar.div(total, _divisor(cx, geo, total, count_include_pad, divisor))
+
+
+def _divisor(cx: Any, geo: _Pool, like: Any, count_include_pad: bool, divisor: Any) -> Any:
+    div = geo.divisors(count_include_pad, divisor)
+    if np.all(div == div.flat[0]):
+        return cx.ar.const(float(div.flat[0]))
+    return cx.ar.asarray(np.broadcast_to(div, shapes.shape(like)).copy())
 
 
 @op("aten.avg_pool2d_backward.default")
@@ -240,31 +332,62 @@ def avg_pool2d_backward(
     count_include_pad: bool, divisor: Any,
 ) -> Any:  # fmt: skip
     ar = cx.ar
-    k, st = _pool_args(cx, k, stride, padding, ceil_mode)
-    share = ar.div(g, ar.const(float(divisor or k[0] * k[1])))
-    cols = shapes.stack([share] * (k[0] * k[1]), 2)
-    return _uncols(cx, cols, shapes.shape(x), k, st, (0, 0), (1, 1))
+    geo = _Pool(cx, shapes.shape(x), k, stride, padding, 1, ceil_mode)
+    share = ar.div(g, _divisor(cx, geo, g, count_include_pad, divisor))
+    cols = shapes.stack([share] * (geo.k[0] * geo.k[1]), 2)
+    return geo.uncols(cx, cols, shapes.shape(x))
 
 
-def _adaptive_kernel(cx: Any, x: Any, size: Any) -> tuple[int, int]:
-    h, w = shapes.shape(x)[-2:]
+def _adaptive_rows(n: int, o: int) -> np.ndarray:
+    """(o, n) 0/1 matrix: window i covers [floor(i n / o), ceil((i + 1) n / o))."""
+    m = np.zeros((o, n))
+    for i in range(o):
+        m[i, (i * n) // o : -((-(i + 1) * n) // o)] = 1.0
+    return m
+
+
+def _adaptive(cx: Any, x_shape: Any, size: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Window matrices (oh, H), (ow, W) and the window sizes (oh, ow) as a value."""
+    h, w = x_shape[-2:]
     oh, ow = _pair(size)
-    if h % oh or w % ow:
-        raise InputError(
-            f"{cx.label()}: adaptive average pooling from {h}x{w} to {oh}x{ow} is supported "
-            "only when the output size divides the input size"
-        )
-    return h // oh, w // ow
+    ah, aw = _adaptive_rows(h, oh), _adaptive_rows(w, ow)
+    counts = ah.sum(1)[:, None] * aw.sum(1)[None, :]
+    return ah, aw, counts
+
+
+def _apply_rows(cx: Any, x: Any, left: np.ndarray, right: np.ndarray) -> Any:
+    """left @ x @ right^T over the last two axes of (N, C, a, b), by the system's matmul."""
+    ar = cx.ar
+    n, c, a, b = shapes.shape(x)
+    y = ar.matmul(shapes.reshape(x, (n * c * a, b)), ar.asarray(right.T.copy()))
+    y = shapes.reshape(shapes.transpose(shapes.reshape(y, (n * c, a, -1)), 1, 2), (-1, a))
+    y = ar.matmul(y, ar.asarray(left.T.copy()))
+    q = right.shape[0]
+    return shapes.reshape(shapes.transpose(shapes.reshape(y, (n * c, q, -1)), 1, 2),
+                          (n, c, left.shape[0], q))  # fmt: skip
 
 
 @op("aten._adaptive_avg_pool2d.default")
 def adaptive_avg_pool2d(cx: Any, x: Any, size: Any) -> Any:
-    """Average pooling with kernel = stride = input size / output size (divisible sizes)."""
-    k = _adaptive_kernel(cx, x, size)
-    return avg_pool2d(cx, x, k, k)
+    """Average pooling with kernel = stride = input size / output size when it divides;
+    otherwise window sums through 0/1 window matrices over torch's window sizes."""
+    h, w = shapes.shape(x)[-2:]
+    oh, ow = _pair(size)
+    if h % oh == 0 and w % ow == 0:
+        k = (h // oh, w // ow)
+        return avg_pool2d(cx, x, k, k)
+    ah, aw, counts = _adaptive(cx, shapes.shape(x), size)
+    total = _apply_rows(cx, x, ah, aw)
+    return cx.ar.div(total, cx.ar.asarray(np.broadcast_to(counts, shapes.shape(total)).copy()))
 
 
 @op("aten._adaptive_avg_pool2d_backward.default")
 def adaptive_avg_pool2d_backward(cx: Any, g: Any, x: Any) -> Any:
-    k = _adaptive_kernel(cx, x, shapes.shape(g)[-2:])
-    return avg_pool2d_backward(cx, g, x, k, k, 0, False, True, None)
+    h, w = shapes.shape(x)[-2:]
+    oh, ow = shapes.shape(g)[-2:]
+    if h % oh == 0 and w % ow == 0:
+        k = (h // oh, w // ow)
+        return avg_pool2d_backward(cx, g, x, k, k, 0, False, True, None)
+    ah, aw, counts = _adaptive(cx, shapes.shape(x), (oh, ow))
+    share = cx.ar.div(g, cx.ar.asarray(np.broadcast_to(counts, shapes.shape(g)).copy()))
+    return _apply_rows(cx, share, ah.T, aw.T)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import scalar
+from fpgrad.graph.ops.registry import op
 
 
 @op("aten.mm.default")

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
+from fpgrad.graph.ops.registry import op
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -28,6 +29,8 @@ def _shifted_exp(cx: Any, z: Any, dim: int) -> tuple[Any, Any]:
 
 @op("aten._softmax.default")
 def softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
+    if isinstance(z, NegInfMasked):
+        return masked_softmax(cx, z, dim % len(z.mask.shape))
     e, total = _shifted_exp(cx, z, dim)
     return cx.ar.div(e, total)
 
@@ -168,11 +171,8 @@ def _reduce(cx: Any, terms: Any, reduction: int) -> Any:
 def bce_with_logits(
     cx: Any, x: Any, t: Any, weight: Any = None, pos_weight: Any = None, reduction: int = 1
 ) -> Any:
-    """(1 - t) x + softplus(-x), softplus(-x) = log(1 + exp(-|x|)) + max(-x, 0)."""
-    if pos_weight is not None:
-        from fpgrad.errors import InputError
-
-        raise InputError(f"{cx.label()}: BCEWithLogitsLoss(pos_weight=...) is not supported yet")
+    """(1 - t) x + l softplus(-x), softplus(-x) = log(1 + exp(-|x|)) + max(-x, 0), with
+    l = 1 + (pos_weight - 1) t (1 without pos_weight), torch's formula."""
     ar = cx.ar
     neg = ar.mul(x, ar.const(-1.0))
     zero = ar.asarray(np.zeros(shapes.shape(x)))
@@ -180,6 +180,8 @@ def bce_with_logits(
         ar.log(ar.add(ar.const(1.0), ar.exp(ar.mul(ar.abs(x), ar.const(-1.0))))),
         ar.where(ar.positive(neg), neg, zero),
     )
+    if pos_weight is not None:
+        soft = ar.mul(soft, ar.add(ar.mul(ar.sub(pos_weight, ar.const(1.0)), t), ar.const(1.0)))
     terms = ar.add(ar.mul(ar.sub(ar.const(1.0), t), x), soft)
     if weight is not None:
         terms = ar.mul(terms, weight)

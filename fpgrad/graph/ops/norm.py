@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops.registry import op
 
 
 def _axes(x: Any, normalized: Any) -> list[int]:

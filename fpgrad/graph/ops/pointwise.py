@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
 from fpgrad.graph.ops._util import scalar, zeros
+from fpgrad.graph.ops.registry import op
 
 
 @op("aten.add.Tensor", "aten.add.Scalar")
 def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
+    """a + alpha b; a constant additive mask with -inf (``scores + causal``) gives a
+    :class:`NegInfMasked` when softmax reads the sum."""
+    for x, y in ((a, b), (b, a)):
+        if (
+            isinstance(x, np.ndarray)
+            and x.dtype.kind == "f"
+            and np.isneginf(x).any()
+            and alpha == 1
+        ):
+            return _add_mask(cx, y, x)
+    for x, y in ((a, b), (b, a)):
+        if isinstance(x, NegInfMasked) and alpha == 1:
+            only_softmax(cx)
+            return NegInfMasked(add(cx, x.value, y), x.mask)
     b = scalar(cx, b)
     if alpha != 1:
         b = cx.ar.mul(b, cx.ar.const(float(alpha)))
@@ -34,6 +50,15 @@ def rsub(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
 
 @op("aten.mul.Tensor", "aten.mul.Scalar")
 def mul(cx: Any, a: Any, b: Any) -> Any:
+    """a * b; in the exact systems var's backward scale (torch's float64 2 / (n - correction))
+    is the rational it rounds: a * 2 / (n - correction)."""
+    if isinstance(b, float) and isinstance(cx.ar, ExactDerivatives):
+        from fpgrad.graph.ops.reduce import var_backward_divisor
+
+        div = var_backward_divisor(cx, b)
+        if div is not None:
+            ar = cx.ar
+            return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), ar.const(div))
     return cx.ar.mul(scalar(cx, a), scalar(cx, b))
 
 
@@ -74,22 +99,24 @@ def reciprocal(cx: Any, a: Any) -> Any:
 
 @op("aten.pow.Tensor_Scalar")
 def pow_scalar(cx: Any, a: Any, e: float) -> Any:
-    """Integer powers by repeated products; +-1/2 through sqrt."""
+    """Integer powers by repeated products; half-integer powers as powers of sqrt(a)
+    (``x.pow(-0.5)``'s backward reads ``x.pow(-1.5)``)."""
     ar = cx.ar
     e = float(e)
-    if e in (0.5, -0.5):
-        r = ar.sqrt(a)
-        return r if e > 0 else ar.div(ar.const(1.0), r)
-    if e != int(e) or abs(e) > 64:
+    if 2 * e != int(2 * e) or abs(e) > 64:
         from fpgrad.errors import InputError
 
         raise InputError(
-            f"{cx.label()}: pow with exponent {e} is not supported (integers and +-0.5 are)"
+            f"{cx.label()}: pow with exponent {e} is not supported (integers and halves are)"
         )
-    n = abs(int(e))
+    if e != int(e):
+        base = ar.sqrt(a)
+        n = abs(int(2 * e))
+    else:
+        base, n = a, abs(int(e))
     if n == 0:
         return ar.asarray(np.ones(shapes.shape(a)))
-    out, base, first = None, a, True
+    out, first = None, True
     while n:  # square and multiply
         if n & 1:
             out = base if first else ar.mul(out, base)
@@ -179,30 +206,52 @@ def _slot(cx: Any, name: str) -> Any:
     return fn
 
 
+#: torch's tanh-GELU constants as its CPU kernel holds them (float64): sqrt(2/pi), 0.044715
+GELU_BETA = math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5
+GELU_KAPPA = 0.044715
+
+
 @op("aten.gelu.default")
 def gelu(cx: Any, x: Any, approximate: str = "none") -> Any:
-    """x Phi(x), Phi the standard normal CDF (the slot ``ncdf``)."""
-    _exact_gelu_only(cx, approximate)
+    """x Phi(x), Phi the standard normal CDF (the slot ``ncdf``); ``approximate="tanh"``:
+    x/2 (1 + tanh(u)), u = beta (x + kappa x^3), with torch's float64 beta and kappa."""
+    if approximate == "tanh":
+        ar = cx.ar
+        return ar.mul(ar.mul(x, ar.const(0.5)), _one_plus_tanh(cx, _gelu_inner(cx, x)))
     return cx.ar.mul(x, _slot(cx, "ncdf")(x))
 
 
 @op("aten.gelu_backward.default")
 def gelu_backward(cx: Any, grad: Any, x: Any, approximate: str = "none") -> Any:
-    """grad (Phi(x) + x phi(x)), phi the standard normal density (the slot ``npdf``)."""
-    _exact_gelu_only(cx, approximate)
+    """grad (Phi(x) + x phi(x)), phi the standard normal density (the slot ``npdf``); tanh:
+    grad ((1 + t)/2 + x/2 sech^2(u) beta (1 + 3 kappa x^2)), torch's formula."""
     ar = cx.ar
+    if approximate == "tanh":
+        u = _gelu_inner(cx, x)
+        left = ar.mul(_one_plus_tanh(cx, u), ar.const(0.5))
+        x2 = ar.mul(ar.mul(x, x), ar.const(3.0))
+        slope = ar.add(ar.const(1.0), ar.mul(x2, ar.const(GELU_KAPPA)))
+        sech2 = ar.tanh_deriv(u, ar.tanh(u))
+        right = ar.mul(ar.mul(ar.mul(x, ar.const(0.5)), sech2),
+                       ar.mul(slope, ar.const(GELU_BETA)))  # fmt: skip
+        return ar.mul(grad, ar.add(left, right))
     d = ar.add(_slot(cx, "ncdf")(x), ar.mul(x, _slot(cx, "npdf")(x)))
     return ar.mul(grad, d)
 
 
-def _exact_gelu_only(cx: Any, approximate: str) -> None:
-    if approximate != "none":
-        from fpgrad.errors import InputError
+def _gelu_inner(cx: Any, x: Any) -> Any:
+    ar = cx.ar
+    cube = ar.mul(ar.mul(x, x), x)
+    return ar.mul(ar.add(x, ar.mul(cube, ar.const(GELU_KAPPA))), ar.const(GELU_BETA))
 
-        raise InputError(
-            f"{cx.label()}: GELU(approximate={approximate!r}) is not supported yet; "
-            "use GELU() (the exact erf form)"
-        )
+
+def _one_plus_tanh(cx: Any, u: Any) -> Any:
+    """1 + tanh(u): as torch rounds it in a strict machine; 2 sigmoid(2u) in the exact
+    systems (no cancellation where tanh(u) is near -1)."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        return ar.mul(ar.sigmoid(ar.mul(u, ar.const(2.0))), ar.const(2.0))
+    return ar.add(ar.const(1.0), ar.tanh(u))
 
 
 @op("aten.abs.default")
@@ -230,19 +279,83 @@ def mul_inplace(cx: Any, a: Any, b: Any) -> Any:
     return mul(cx, a, b)
 
 
+class NegInfMasked(NamedTuple):
+    """A value that is -inf where ``mask`` (``masked_fill`` with -inf): -inf is a mask, never
+    a number. ``value`` holds the other elements (0 under the mask); only softmax reads it
+    (capture refuses any other reader: :func:`fpgrad.graph.ops.unsupported_message`). A
+    tuple, so that attribution skips it as it skips multi-output values."""
+
+    value: Any
+    mask: np.ndarray
+
+
 @op("aten.masked_fill.Scalar", "aten.masked_fill_.Scalar")
 def masked_fill(cx: Any, x: Any, mask: np.ndarray, value: float) -> Any:
-    """x with ``value`` where ``mask`` (a finite value: -inf masks belong in attention's mask)."""
+    """x with ``value`` where ``mask``; -inf gives a :class:`NegInfMasked` (softmax's mask)."""
+    ar = cx.ar
+    inner = x.value if isinstance(x, NegInfMasked) else x
+    shape = shapes.shape(inner)
+    where = np.broadcast_to(np.asarray(mask, dtype=bool), shape)
+    if np.isneginf(value):
+        old = x.mask if isinstance(x, NegInfMasked) else np.zeros(shape, dtype=bool)
+        zero = ar.asarray(np.zeros(shape))
+        return NegInfMasked(ar.where(where, zero, inner), old | where)
     if not np.isfinite(value):
         from fpgrad.errors import InputError
 
-        raise InputError(
-            f"{cx.label()}: masked_fill with {value} is not supported; pass the mask to "
-            "F.scaled_dot_product_attention (attn_mask) or use a large finite negative"
-        )
+        raise InputError(f"{cx.label()}: masked_fill with {value} is not supported (-inf as a "
+                         "softmax mask and finite values are)")  # fmt: skip
+    out = ar.where(where, ar.asarray(np.full(shape, float(value))), inner)
+    if isinstance(x, NegInfMasked):
+        return NegInfMasked(out, x.mask & ~where)
+    return out
+
+
+def _add_mask(cx: Any, x: Any, mask: np.ndarray) -> NegInfMasked:
+    """x + a constant with -inf entries (finite ones added), read by softmax only."""
+    only_softmax(cx)
     ar = cx.ar
-    fill = ar.asarray(np.full(shapes.shape(x), float(value)))
-    return ar.where(np.broadcast_to(np.asarray(mask, dtype=bool), shapes.shape(x)), fill, x)
+    inner = x.value if isinstance(x, NegInfMasked) else x
+    shape = np.broadcast_shapes(shapes.shape(inner), mask.shape)
+    neg = np.broadcast_to(np.isneginf(mask), shape)
+    if np.isposinf(mask).any() or np.isnan(mask).any():
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: an additive mask with +inf or NaN is not supported")
+    finite = np.where(np.isneginf(mask), 0.0, mask)
+    out = ar.add(inner, ar.asarray(np.broadcast_to(finite, shape).copy()))
+    old = x.mask if isinstance(x, NegInfMasked) else np.zeros(shape, dtype=bool)
+    zero = ar.asarray(np.zeros(shape))
+    return NegInfMasked(ar.where(neg, zero, out), np.broadcast_to(old, shape) | neg)
+
+
+def only_softmax(cx: Any) -> None:
+    """Refuse a -inf mask that anything but softmax (or another mask) reads."""
+    readers = {str(u.target) for u in cx.node.users}
+    bad = readers - {"aten._softmax.default", "aten.masked_fill.Scalar", "aten.add.Tensor"}
+    if bad:
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: a -inf mask is read by {', '.join(sorted(bad))}; "
+                         "-inf is a mask that only softmax reads")  # fmt: skip
+
+
+def masked_softmax(cx: Any, x: NegInfMasked, dim: int) -> Any:
+    """softmax of a value with -inf under its mask: exactly 0 there; the shift is the
+    maximum of the other elements (the masked ones hold a copy of their row's first)."""
+    ar = cx.ar
+    keep = ~x.mask
+    if not keep.any(axis=dim).all():
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: a softmax row is -inf everywhere (torch gives NaN)")
+    idx = list(np.indices(x.mask.shape, sparse=True))
+    idx[dim] = np.expand_dims(np.argmax(keep, axis=dim), dim)
+    head = shapes.expand(shapes.index(x.value, tuple(idx)), x.mask.shape)
+    z = ar.where(keep, x.value, head)
+    zero = ar.asarray(np.zeros(x.mask.shape))
+    e = ar.where(keep, ar.exp(ar.sub(z, ar.max(z, axis=dim, keepdims=True))), zero)
+    return ar.div(e, ar.sum(e, axis=dim, keepdims=True))
 
 
 @op("aten.elu.default")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import op
+from fpgrad.graph.ops.registry import op
 
 
 @op("aten.detach.default", "aten.alias.default", "aten.clone.default",
@@ -54,6 +54,12 @@ def unsqueeze(cx: Any, x: Any, dim: int) -> Any:
 @op("aten.squeeze.dim", "aten.squeeze.dims")
 def squeeze(cx: Any, x: Any, dims: Any) -> Any:
     return shapes.squeeze_dims(x, [dims] if isinstance(dims, int) else dims)
+
+
+@op("aten.stack.default")
+def stack(cx: Any, parts: Any, dim: int = 0) -> Any:
+    nd = len(shapes.shape(parts[0])) + 1
+    return shapes.stack(list(parts), int(dim) % nd)
 
 
 @op("aten.cat.default")

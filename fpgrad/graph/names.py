@@ -1,0 +1,19 @@
+"""Names of graph nodes: the registry key (``aten.addmm.default``) and the op (``aten.addmm``)."""
+
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+
+def op_name(node: fx.Node) -> str:
+    """``aten.addmm`` for an aten node (overload dropped), ``getitem`` for tuple access."""
+    if node.target is operator.getitem:
+        return "getitem"
+    return str(node.target).rsplit(".", 1)[0]
+
+
+def op_key(node: fx.Node) -> str:
+    """The registry key of a node: ``aten.addmm.default``."""
+    return "getitem" if node.target is operator.getitem else str(node.target)

@@ -1,0 +1,27 @@
+"""The op registry: ``OPS`` maps an aten overload name to the function that computes it, and
+``HINTS`` the refused ops to the hint shown (filled by the modules of :mod:`fpgrad.graph.ops`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+OpFn = Callable[..., Any]
+OPS: dict[str, OpFn] = {}
+#: op name (overload dropped) -> hint shown when it is refused
+HINTS: dict[str, str] = {
+    "aten.native_dropout": "dropout in training mode draws random masks: call model.eval()",
+    "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
+    "aten.bernoulli_": "dropout in training mode draws random masks: call model.eval()",
+}
+
+
+def op(*names: str) -> Callable[[OpFn], OpFn]:
+    """Register ``fn`` under the aten overload ``names``."""
+
+    def register(fn: OpFn) -> OpFn:
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return register

@@ -1,0 +1,72 @@
+"""The package's shape: no import cycle among fpgrad's modules.
+
+Every ``import`` and ``from ... import`` executed at run time counts, at any depth (a
+function-level import is a cycle deferred, not removed); imports under ``if TYPE_CHECKING:``
+are annotations only and do not count. ``from package import name`` counts as an import of
+the submodule ``package.name`` when there is one, else of the package.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fpgrad"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for stmt in node.body:
+                skip.update(id(n) for n in ast.walk(stmt))
+    return skip
+
+
+def import_graph() -> nx.DiGraph:
+    """Module -> modules it imports at run time (fpgrad's own only)."""
+    mods = _modules()
+    graph = nx.DiGraph()
+    graph.add_nodes_from(mods)
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = _type_checking_nodes(tree)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            graph.add_edges_from((name, t) for t in targets if t in mods and t != name)
+    return graph
+
+
+def test_import_graph_is_read() -> None:
+    graph = import_graph()
+    assert graph.has_edge("fpgrad.precisions", "fpgrad.precision_names")
+    assert graph.number_of_edges() > 100
+
+
+def test_no_import_cycle() -> None:
+    cycles = [sorted(c) for c in nx.strongly_connected_components(import_graph()) if len(c) > 1]
+    assert not cycles, f"import cycles: {cycles}"
