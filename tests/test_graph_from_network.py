@@ -311,6 +311,28 @@ def test_where_the_signal_died_is_per_layer_against_per_op() -> None:
     assert graph is not None and graph.startswith("<top> (aten._log_softmax)")
 
 
+@pytest.mark.parametrize("name", ["showcase", "eval-bn-mse"])
+@pytest.mark.parametrize("kwargs", [{"loss_scale": 1024.0}, {"reference": "rounded"}])
+def test_loss_scale_and_rounded_reference_verdicts_are_identical(
+    name: str, kwargs: dict[str, Any]
+) -> None:
+    net, spec = _net(name), "float16,bfloat16"
+    layer = compare(net, spec, findings=False, **kwargs)
+    graph = compare_graph_path(net, spec, **kwargs)
+    for p in layer.precisions:
+        counts = graph.counts(p)
+        assert counts == {k: n for k, n in layer.summary[p].items() if k in counts}, (name, p)
+
+
+def test_autocast_policy_verdicts_differ() -> None:
+    """Recorded difference: under the autocast policy the two paths' verdict counts differ
+    (the showcase: the layer path reads more gradients as inaccurate); not examined yet."""
+    net = _net("showcase")
+    layer = compare(net, "autocast", findings=False).summary["autocast"]
+    counts = compare_graph_path(net, "autocast").counts("autocast")
+    assert counts != {k: n for k, n in layer.items() if k in counts}
+
+
 def test_compare_graph_path_switch_runs_the_compiled_network() -> None:
     net = _net("showcase")
     c = compare_graph_path(net, "float16,float32")
