@@ -1,4 +1,9 @@
-"""Command-line front over the public API. Exit codes: 0 ok, 2 bad input, 1 internal failure."""
+"""Command-line front over the public API. Exit codes: 0 ok, 2 bad input, 1 internal failure.
+
+Long module: the argument parsers and thin handlers of every command live together, so that the
+options' names, bounds and help read as one surface; each handler only parses and calls the
+library.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 :func:`compare` is the API behind ``fpgrad compare``: per gradient element and precision a
 verdict (see :mod:`fpgrad.verdicts`), counts per precision, and per layer where the signal
 died (rounding zeros, subnormals and overflows in forward values and backward signals).
+
+Long module: the comparison's result type, its columnar gradient arrays and the compare() that
+fills them; it splits when the per-layer path retires onto the graph path.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ What a result claims, per element (:meth:`ExactResult.zero`, :meth:`ExactResult.
   ``|e| <= rad``, never as a zero and never with digits;
 * **certified**: the ball excludes 0; its digits are ``-log10(rad / |mid|)``, so the sign and
   every reported digit are proven.
+
+Long module: the certifier (escalation, memory and size bounds) and the queries on its result
+(zeros, undetermined values, digits, enclosures) are one proof procedure, reviewed together.
 """
 
 from __future__ import annotations

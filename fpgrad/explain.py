@@ -10,6 +10,9 @@ described: bits, class, errors, ulp, the largest addend it swamps, and the traps
 [('float16', 'inf'), ('bfloat16', 65536.0)]
 >>> explain("1+2**-11", ["float16"])["formats"][0]["notes"][0]
 'a tie between 1.0 and 1.0009765625: goes to the even one, 1.0'
+
+Long module: the teaching view of one value is text over many cases (classes, modes, swamping,
+underflow, notes), with no logic that would stand as a module of its own.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ The format (documented in the README)::
     layers = { out = "float32" }
 
 Every number written is a float64 and is taken exactly.
+
+Long module: every rule a network file must satisfy is checked here, in one place, so that a
+file, an imported model and the Python API are held to the same rules.
 """
 
 from __future__ import annotations

@@ -70,3 +70,18 @@ def test_import_graph_is_read() -> None:
 def test_no_import_cycle() -> None:
     cycles = [sorted(c) for c in nx.strongly_connected_components(import_graph()) if len(c) > 1]
     assert not cycles, f"import cycles: {cycles}"
+
+
+LONG = 500  #: lines above which a module says at its top why it is one module
+
+
+def test_long_modules_say_why() -> None:
+    """A module over LONG lines carries a "Long module:" paragraph in its docstring."""
+    silent = []
+    for name, path in _modules().items():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > LONG:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if "Long module:" not in doc:
+                silent.append(f"{name} ({text.count(chr(10))} lines)")
+    assert not silent, f"modules over {LONG} lines without a reason at the top: {silent}"

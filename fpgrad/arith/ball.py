@@ -27,6 +27,9 @@ count non-zero is not certified by this system (:mod:`fpgrad.exact` falls back t
 The per-operation error constants (:data:`fpgrad.arith.expansion.ETA` and ``eta_fn`` for the
 elementary functions) are tested against mpmath with a margin of at least 2**3
 (tests/test_fast_exact.py); they are not machine-checked proofs.
+
+Long module: the multi-word ball arithmetic: every slot with its rigorous error bound; the
+bounds are reviewed together.
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ format except float64, and custom ``eXmY`` with X <= 9, Y <= 25.
 1.0
 >>> float(EmulatedArith("float16", mode="down").sub(ar.const(1.0), ar.const(2.0**-24)))
 0.99951171875
+
+Long module: the strict emulated machine: every Arith slot correctly rounded into one format;
+the slots are checked against each other.
 """
 
 from __future__ import annotations

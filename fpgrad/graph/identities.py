@@ -45,6 +45,9 @@ itself computed; the pass checks that the saved statistics come from that forwar
 concludes (reductions and the convolution's bias gradient); the exact reference
 (:mod:`fpgrad.graph.exact`) sets them to exact zero balls after checking that each enclosure
 contains 0.
+
+Long module: the zero-sum facts, every rule that creates or carries one and the conclusion form
+one proof; the rules stay side by side so that their soundness is reviewed together.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ the figures embedded), three PNG figures, ``compare.json`` (every element, writt
 and ``gradients.npz`` (the per-element arrays, columnar: numpy and pandas read them directly).
 It reads a :class:`~fpgrad.comparison.Comparison` only, so any network that compare takes (a TOML
 network, a model file, a captured torch model) gets the same report.
+
+Long module: the Markdown and HTML report of compare, advise and train for your own model: page
+layout only, one function per section.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """dead_relu_remedies: momentum, weight decay, batch norm, leaky ReLU and He init against dead
-ReLU units, side by side in every precision and exactly."""
+ReLU units, side by side in every precision and exactly.
+
+Long module: one gallery scenario: its network, its runs, its computed verdict and its report
+text.
+"""
 
 from __future__ import annotations
 

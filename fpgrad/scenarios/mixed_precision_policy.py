@@ -1,7 +1,11 @@
 """mixed_precision_policy: does torch.autocast (float16 matmuls, float32 softmax, loss and
 master weights) keep a confident classifier's float16 gradients from underflowing? Compared
 with pure float16, autocast_bf16, autocast with the advisor's loss scale, and a user policy
-that keeps the last dense layer in float32; then a short Adam run of each remedy."""
+that keeps the last dense layer in float32; then a short Adam run of each remedy.
+
+Long module: one gallery scenario: its network, its runs, its computed verdict and its report
+text.
+"""
 
 from __future__ import annotations
 

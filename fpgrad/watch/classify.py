@@ -28,6 +28,9 @@ counts use float indicators (``sign``, ``clamp``) summed in float32, not boolean
 times slower on CPU). A zeros-only output of a selection op (:data:`SELECTION_OPS`: ReLU, its
 backward, copies, gathers, ...) whose inputs and scalars all lie in the output's format is not
 recomputed: its float64 recompute would equal the output, so every zero is inherited.
+
+Long module: the per-op statistics and the created/inherited decision share one pass over each
+output (the watch's fast path); splitting them would cost a second pass.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ update is non-zero but the real step left the weight unchanged (``w + u == w`` i
 format, or the update itself rounded to zero). The user's optimizer is never touched: the
 float64 step runs on copies (a :class:`ShadowOptimizer` built once per watch, its tensors
 refilled on each sampled step).
+
+Long module: the optimizer record (swamped updates, update-to-weight ratios, state underflow) is
+one float64 shadow step over shared columnar buffers.
 """
 
 from __future__ import annotations
