@@ -143,7 +143,18 @@ def sweep(
         raise InputError(f"--max-cells must be >= 0 (got {max_cells})")
     src = Source(network)
     g = Grid.parse(task, grid, src.network.policies)
-    if "seed" in g.values and task == "compare" and src.doc is None:
+    if src.script is not None:
+        if task != "compare":
+            raise InputError(
+                f"{src.where}: a train sweep of a captured model is not supported yet; "
+                "use --task compare"
+            )
+        if "init_scale" in g.values:
+            raise InputError(
+                f"grid axis init_scale scales the dense layers of a TOML network; {src.where} is "
+                "a captured model: scale its weights in build() (e.g. build(seed) or a new script)"
+            )
+    elif "seed" in g.values and task == "compare" and src.doc is None:
         raise InputError(
             "grid axis seed re-draws the init schemes of a TOML network file; "
             f"{src.where} has no init to re-draw"
