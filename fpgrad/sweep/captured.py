@@ -75,12 +75,14 @@ _GRAPHS: dict[tuple[str, int | None], tuple[GraphNetwork, str]] = {}  #: this pr
 _KEEP = 4
 
 
-def load(ref: ScriptRef) -> tuple[GraphNetwork, str]:
-    """The captured model of ``ref`` and its :func:`graph_hash` (cached per process)."""
+def load(ref: ScriptRef, fresh: bool = False) -> tuple[GraphNetwork, str]:
+    """The captured model of ``ref`` and its :func:`graph_hash` (cached per process;
+    ``fresh``: build it again, as when the sweep starts, so that edits are seen)."""
     from fpgrad.graph.script import load_script
 
     key = (ref.spec, ref.seed)
-    if key not in _GRAPHS:
+    if fresh or key not in _GRAPHS:
+        _GRAPHS.pop(key, None)
         net = load_script(ref.spec, ref.seed)
         digest = graph_hash(net, absolute_spec(ref.spec)[1], ref.seed)
         while len(_GRAPHS) >= _KEEP:
@@ -95,6 +97,8 @@ def run_compare(ref: ScriptRef, expected_hash: str, axes: dict[str, Any], opts: 
     from fpgrad.graph.compare import compare_graph
 
     net, digest = load(ref)
+    if digest != expected_hash:  # this process built an older version: build it again
+        net, digest = load(ref, fresh=True)
     if digest != expected_hash:
         raise InputError(
             f"{ref.spec.partition(':')[0]} built another network in this worker (the script or "

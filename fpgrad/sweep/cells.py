@@ -68,7 +68,7 @@ class Source:
 
             self.script = captured.absolute_spec(str(network))[0]
             self.where = str(network)
-            self.network: Any = captured.load(captured.ScriptRef(self.script))[0]
+            self.network: Any = captured.load(captured.ScriptRef(self.script), fresh=True)[0]
             return
         if not isinstance(network, (str, Path, Mapping, Network)):
             raise InputError(
@@ -101,8 +101,10 @@ class Source:
         if self.script is not None:
             from fpgrad.sweep import captured
 
-            ref = captured.ScriptRef(self.script, seed)
-            return ref, captured.load(ref)[1]
+            if seed not in self._cache:
+                ref = captured.ScriptRef(self.script, seed)
+                self._cache[seed] = (ref, captured.load(ref, fresh=seed is not None)[1])
+            return self._cache[seed]
 
         use = seed if self.doc is not None else None
         if use not in self._cache:
