@@ -179,10 +179,14 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.out:
         check_out_dir(args.out)  # before any work or heavy import: a bad path costs nothing
+    from fpgrad.graph.script import is_script, load_script
     from fpgrad.optim import OptimConfig
     from fpgrad.train import train
 
-    net = _load_network(args.network)
+    if is_script(args.network) and args.policy:
+        raise InputError("--policy: precision policies train on layer networks only; name "
+                         "torch dtypes in --precisions for a captured model")  # fmt: skip
+    net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     cfg = OptimConfig(
         name=args.optimizer,
         lr=args.lr,
@@ -465,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("train", help="train side by side in every precision and exactly")
-    p.add_argument("network", help="network file or model file (TOML)")
+    p.add_argument(
+        "network", help="network file or model file (TOML), or a script path/to/model.py:build"
+    )
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--optimizer", default="sgd", help="sgd (default) or adam")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")

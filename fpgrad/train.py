@@ -574,8 +574,13 @@ class ExactRun:
         self.history.params.append(self.vector())
         self.exact_params.append(dict(self.params))
 
+    def trace(self, rows: np.ndarray) -> Any:
+        """Loss, gradients and forward outputs at the current parameters on ``rows``
+        (a subclass evaluates another kind of network: :mod:`fpgrad.graph.train`)."""
+        return evaluate(self.net, self.ar, self.params, rows)
+
     def step(self, rows: np.ndarray) -> None:
-        trace = evaluate(self.net, self.ar, self.params, rows)
+        trace = self.trace(rows)
         new = self.opt.step(self.params, trace.grads)
         self.grads = trace.grads
         moved = any(_changed(new[k], self.params[k]) for k in new)
@@ -594,7 +599,7 @@ class ExactRun:
 
     def record_final(self, rows: np.ndarray) -> None:
         """Append the loss at the final parameters on ``rows`` (one extra forward pass)."""
-        trace = evaluate(self.net, self.ar, self.params, rows)
+        trace = self.trace(rows)
         self.history.loss.append(float(np.asarray(self.ar.to_float64(trace.loss))))
         if self.failed_at is None and self.failed():  # the balls could not vouch for it
             self.failed_at = len(self.history.loss) - 1
@@ -705,8 +710,11 @@ def exact_trajectory(
     method: str = "auto",
     progress: bool = False,
     max_bits: int | None = None,
+    run_type: type[ExactRun] | None = None,
 ) -> tuple[ExactRun, float, str]:
     """The certified exact run over ``schedule``: (run, certified digits, method).
+
+    ``run_type``: the :class:`ExactRun` subclass that evaluates ``net`` (default ExactRun).
 
     ``method="fast"``: multi-word balls (at most 150 bits); ``"arb"``: Arb balls from
     ``max(bits, 256)`` bits; ``"auto"``: fast when ``bits`` <= 150 and the balls vouch for at
@@ -721,6 +729,7 @@ def exact_trajectory(
     from fpgrad.exact import ALIASES, ARB_START_BITS, DEFAULT_MAX_BITS
 
     cap_bits = DEFAULT_MAX_BITS if max_bits is None else max_bits
+    make = run_type or ExactRun
     n = len(schedule)
 
     def steps(run: ExactRun, what: str, watch: bool = False) -> tuple[int | None, float]:
@@ -755,7 +764,7 @@ def exact_trajectory(
     fallback = None
     prec = min(max(bits, ARB_START_BITS), cap_bits)
     if method != "arb" and bits <= MAX_BITS:
-        run = ExactRun(net, cfg, bits, balls=True)
+        run = make(net, cfg, bits, balls=True)
         low, rate = steps(run, "balls", watch=method == "auto")
         if not run.failed():
             digits = run.ball_digits()
@@ -783,7 +792,7 @@ def exact_trajectory(
         )
         print(f"fpgrad train: {fallback}", file=sys.stderr)
     while True:
-        exact = ExactRun(net, cfg, prec)
+        exact = make(net, cfg, prec)
         exact.fallback = fallback
         low, rate = steps(exact, f"arb {prec} bits", watch=prec < cap_bits)
         if low is None:  # to the end: an unchecked step may still hold fewer than 17 digits
@@ -951,7 +960,7 @@ class TrainResult:
 
 
 def train(
-    net: Network,
+    net: Network | Any,
     steps: int,
     cfg: OptimConfig | None = None,
     runs: str | list[str] | None = None,
@@ -968,8 +977,18 @@ def train(
     """Train ``net`` for ``steps`` steps in every run and exactly, from one initialisation.
 
     ``exact_method``: how the exact run is computed and certified (:func:`exact_trajectory`);
-    ``exact_max_bits``: the cap of its precision escalation (default 8192).
+    ``exact_max_bits``: the cap of its precision escalation (default 8192). A captured model
+    (:func:`fpgrad.from_module`) trains by :func:`fpgrad.graph.train.train_graph`.
     """
+    from fpgrad.graph.network import GraphNetwork
+
+    if isinstance(net, GraphNetwork):
+        from fpgrad.graph.train import train_graph
+
+        return train_graph(
+            net, steps, cfg, runs, batch_size, seed, exact_bits, verdict_every, stall_k,
+            progress, exact_method, exact_max_bits,
+        )  # fmt: skip
     with one_torch_thread():
         return _train(
             net,
@@ -1003,15 +1022,6 @@ def _train(
     exact_method: str,
     exact_max_bits: int | None,
 ) -> TrainResult:
-    from fpgrad.dynamics import (
-        detect_cycle,
-        detect_diverged,
-        detect_divergence,
-        detect_loss_floor,
-        detect_stall,
-        relative_distance,
-        without_false_calm,
-    )
     from fpgrad.exact import MIN_BITS
 
     if not isinstance(steps, int) or steps < 1:
@@ -1064,21 +1074,10 @@ def _train(
     distance: dict[str, list[float]] = {}
     detectors: dict[str, dict[str, Any]] = {}
     for label, run in torch_runs.items():
-        h = run.history
-        distance[label] = relative_distance(h.params, exact.history.params)
-        twin_sep = (
-            relative_distance(twins[label].history.params, h.params) if label in twins else None
+        twin = twins[label].history if label in twins else None
+        distance[label], detectors[label] = run_detectors(
+            run.history, exact.history, twin, cfg, spec_of[label], stall_k
         )
-        detectors[label] = {
-            "stall": detect_stall(h.moved, exact.history.moved, stall_k),
-            "loss_floor": detect_loss_floor(h.loss, exact.history.loss),
-            "limit_cycle": detect_cycle(h.state_hash),
-            "divergence": detect_divergence(distance[label], twin_sep),
-            "first_overflow": _with_cause(h.overflow_place, cfg, spec_of[label]),
-            "swamped_fraction": _swamped_fraction(h),
-            "diverged": detect_diverged(h.params),
-        }
-        detectors[label] = without_false_calm(detectors[label])
     config = {
         "steps": steps,
         "optimizer": cfg.__dict__,
@@ -1101,6 +1100,40 @@ def _train(
         notes,
         {s.label: _plan_dict(net, s) for s in specs},
     )
+
+
+def run_detectors(
+    h: History,
+    exact: History,
+    twin: History | None,
+    cfg: OptimConfig,
+    spec: RunSpec,
+    stall_k: int = 5,
+) -> tuple[list[float], dict[str, Any]]:
+    """(distance to the exact run per step, the dynamics detectors) of one run's history;
+    ``twin``: the history of its one-ulp perturbed twin, if it ran."""
+    from fpgrad.dynamics import (
+        detect_cycle,
+        detect_diverged,
+        detect_divergence,
+        detect_loss_floor,
+        detect_stall,
+        relative_distance,
+        without_false_calm,
+    )
+
+    distance = relative_distance(h.params, exact.params)
+    twin_sep = relative_distance(twin.params, h.params) if twin is not None else None
+    detectors = {
+        "stall": detect_stall(h.moved, exact.moved, stall_k),
+        "loss_floor": detect_loss_floor(h.loss, exact.loss),
+        "limit_cycle": detect_cycle(h.state_hash),
+        "divergence": detect_divergence(distance, twin_sep),
+        "first_overflow": _with_cause(h.overflow_place, cfg, spec),
+        "swamped_fraction": _swamped_fraction(h),
+        "diverged": detect_diverged(h.params),
+    }
+    return distance, without_false_calm(detectors)
 
 
 def _with_cause(

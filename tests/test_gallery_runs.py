@@ -19,6 +19,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "fp8_formats": {"fp8_e4m3": "emulated", "fp8_e5m2": "emulated", "float16": "native"},
     "mixed_precision_policy": {"autocast": "cuda_policy", "float16": "native"},
     "gradscaler_skipped_steps": {"torch.autocast('cpu', float16) + GradScaler": "native"},
+    "cnn_digits_loss_scaling": {"float16+scale=1024": "native", "exact": "exact"},
 }
 
 

@@ -33,6 +33,12 @@ class GraphNetwork:
 
         return compare_graph(self, precisions, **kwargs)
 
+    def train(self, steps: int, **kwargs: Any) -> Any:
+        """:func:`fpgrad.graph.train.train_graph` of this network (a TrainResult)."""
+        from fpgrad.graph.train import train_graph
+
+        return train_graph(self, steps, **kwargs)
+
 
 def from_module(
     model: nn.Module,

@@ -28,6 +28,7 @@ NAMES: tuple[str, ...] = (
     "gradscaler_skipped_steps",
     "graph_attention_fp16",
     "graph_norm_fp16",
+    "cnn_digits_loss_scaling",
 )
 
 

@@ -1,0 +1,449 @@
+"""Training a captured model side by side in torch dtypes and exactly.
+
+Runs take the grammar of :func:`fpgrad.train.parse_run`: ``float16``, ``bfloat16``, ``float32``,
+``float64`` with ``+master``, ``+scale=S``, ``+dynamic``, ``+sr``, ``+kahan``. Each is eager torch
+training of the user's module (a copy, parameters and floating buffers correctly rounded into
+the dtype) on one thread: forward, ``backward()`` of the loss times the scale, the gradients
+unscaled, the update of :class:`fpgrad.optim.TorchOptimizer` (torch.optim's SGD and Adam, bit
+for bit). The exact run interprets the captured graph in certified balls at every step and
+applies the same optimizer formulas in the balls (:func:`fpgrad.train.exact_trajectory` with
+:class:`fpgrad.graph.train_exact.GraphExactRun`), so the radii bound the exact trajectory.
+
+An emulated format (``fp8_e4m3``, ``bfloat16:emulated``, with ``+master`` or ``+sr``) interprets
+the graph on the strict machine and updates as :class:`fpgrad.train.EmulatedRun`. Full batch
+only (the graph holds the data ``build()`` returned). Refused: precision policies, loss scaling
+of emulated runs, ``--batch-size`` smaller than the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fpgrad.errors import InputError
+from fpgrad.formats import get_format
+from fpgrad.graph.capture import Graph, loss_in
+from fpgrad.graph.interpret import interpret
+from fpgrad.graph.native import _into, model_in
+from fpgrad.graph.network import GraphNetwork
+from fpgrad.graph.ops.pointwise import MissingSlot
+from fpgrad.graph.train_exact import exact_check, exact_run
+from fpgrad.optim import OptimConfig, TorchOptimizer
+from fpgrad.scaling import DynamicScaler, StaticScaler
+from fpgrad.torch_native import DTYPES, one_torch_thread
+from fpgrad.train import (
+    EmulatedRun,
+    History,
+    RunSpec,
+    TrainResult,
+    _flat,
+    _Run,
+    parse_runs,
+    run_detectors,
+)
+
+
+@dataclasses.dataclass
+class Trainee:
+    """A captured model as the training code sees a network: its float64 parameters by name,
+    its graph, no layers (no dead-unit count)."""
+
+    graph: Graph
+    name: str
+    layers: tuple[()] = ()
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.graph.params
+
+
+class GraphTorchRun(_Run):
+    """One torch dtype with its options: the module trained eagerly, as a torch loop does."""
+
+    def __init__(self, net: Trainee, spec: RunSpec, cfg: OptimConfig, seed: int) -> None:
+        from fpgrad.runlog import record
+
+        record(spec.label, "native")
+        self.net, self.spec = net, spec
+        graph = net.graph
+        self.model = model_in(graph, spec.precision)
+        named = dict(self.model.named_parameters())
+        self.names = list(graph.param_names)
+        self.params = [named[n] for n in self.names]
+        self.inputs = [_into(x, spec.precision) for x in graph.inputs]
+        self.y = _into(graph.targets, spec.precision)
+        self.loss_fn = loss_in(graph.loss_fn, DTYPES[spec.precision], spec.precision)
+        self.master = (
+            [p.detach().to(torch.float32).clone() for p in self.params] if spec.master else None
+        )
+        self.opt = TorchOptimizer(self.targets(), cfg, spec.update, seed)
+        self.scaler: DynamicScaler | StaticScaler | None = None
+        if spec.dynamic:
+            self.scaler = DynamicScaler()
+        elif spec.loss_scale is not None:
+            self.scaler = StaticScaler(spec.loss_scale)
+        self.grad_format = "float32" if spec.master else spec.precision
+        self.history = History(spec.label)
+
+    def targets(self) -> list[torch.Tensor]:
+        """The tensors the optimizer updates (float32 masters or the parameters)."""
+        return self.master if self.master is not None else self.params
+
+    def vector(self) -> np.ndarray:
+        return _flat([t.detach().to(torch.float64).numpy() for t in self.targets()])
+
+    def low_vector(self) -> np.ndarray:
+        return _flat([p.detach().to(torch.float64).numpy() for p in self.params])
+
+    def current_params(self) -> dict[str, np.ndarray]:
+        """The parameters the forward pass uses, as float64 arrays by name."""
+        return {
+            k: p.detach().to(torch.float64).numpy().copy()
+            for k, p in zip(self.names, self.params, strict=True)
+        }
+
+    def step(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One optimizer step on the whole data; the unscaled gradients in float64."""
+        hist = self.history
+        for p in self.params:
+            p.grad = None
+        loss = self.loss_fn(self.model(*self.inputs), self.y)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        (loss * scale if scale != 1.0 else loss).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.master is not None:
+            grads = [g.to(torch.float32) for g in grads]  # unscale in float32, as GradScaler
+        if scale != 1.0:
+            grads = [g * (1.0 / scale) for g in grads]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if hist.overflow_place is None:
+            named = dict(zip(self.names, self.params, strict=True))
+            hist.overflow_place = _first_nonfinite_place(
+                named, loss, dict(zip(self.names, grads, strict=True)), len(hist.loss)
+            )
+            if hist.overflow_place is not None and hist.overflow_place["direction"] != "parameter":
+                hist.overflow_place = (
+                    self._module_place(scale, len(hist.loss)) or hist.overflow_place
+                )
+        take = self.scaler.update(finite) if self.scaler is not None else True
+        before = self.vector()
+        if take:
+            self.opt.step(grads)
+        if self.master is not None:
+            with torch.no_grad():
+                for low, high in zip(self.params, self.master, strict=True):
+                    low.copy_(high.to(low.dtype))  # float32 -> the dtype: one correct rounding
+        g64 = {
+            k: g.detach().to(torch.float64).numpy() for k, g in zip(self.names, grads, strict=True)
+        }
+        intended = _flat(self.opt.intended) if take else None
+        loss64 = float(loss.detach().to(torch.float64))
+        self._record(loss64, g64, intended, before, finite, take, scale, {})
+        return g64
+
+    def _module_place(self, scale: float, step: int) -> dict[str, Any] | None:
+        """The first leaf module whose output (forward) or input gradient (backward) holds
+        inf/NaN, from a second pass of this step on a copy of the model with hooks (they
+        observe; the training itself runs without them); None when none is found or the
+        model refuses backward hooks (in-place ops on a module's input)."""
+        model = copy.deepcopy(self.model)
+        found: list[dict[str, Any]] = []
+
+        def bad(values: Any) -> bool:
+            items = values if isinstance(values, (tuple, list)) else (values,)
+            return any(
+                isinstance(t, torch.Tensor) and t.is_floating_point()
+                and not bool(torch.isfinite(t).all())
+                for t in items
+            )  # fmt: skip
+
+        def place(name: str, mod: nn.Module, direction: str, quantity: str) -> None:
+            if not found:
+                kind = type(mod).__name__
+                found.append({"step": step, "layer": name, "direction": direction,
+                              "quantity": quantity, "op": f"{name} ({kind}) {direction}"})  # fmt: skip
+
+        def forward_hook(name: str) -> Any:
+            def hook(mod: nn.Module, _inputs: Any, out: Any) -> None:  # returns None: observes
+                if bad(out):
+                    place(name, mod, "forward", "output")
+
+            return hook
+
+        def backward_hook(name: str) -> Any:
+            def hook(mod: nn.Module, grad_in: Any, _grad_out: Any) -> None:
+                if bad(grad_in):
+                    place(name, mod, "backward", "dL/d(input)")
+
+            return hook
+
+        for name, mod in model.named_modules():
+            if next(mod.children(), None) is None:  # leaf modules
+                mod.register_forward_hook(forward_hook(name))
+                mod.register_full_backward_hook(backward_hook(name))
+        loss_fn = copy.deepcopy(self.loss_fn)
+        if isinstance(loss_fn, nn.Module):  # the loss module: its backward runs first
+            loss_fn.register_full_backward_hook(backward_hook("loss"))
+        try:
+            with warnings.catch_warnings():  # the first module's input needs no gradient
+                warnings.simplefilter("ignore", UserWarning)
+                loss = loss_fn(model(*self.inputs), self.y)
+                if bad(loss) and not found:
+                    return None  # the loss itself: the simple place says so
+                (loss * scale if scale != 1.0 else loss).backward()
+        except RuntimeError:
+            return None
+        return found[0] if found else None
+
+    def final_loss(self, rows: np.ndarray | None = None) -> float:
+        """The unscaled loss at the current parameters, forward only."""
+        with torch.no_grad():
+            return float(self.loss_fn(self.model(*self.inputs), self.y).to(torch.float64))
+
+
+class GraphEmulatedRun(EmulatedRun):
+    """One emulated format (:mod:`fpgrad.arith.emulated`) with +master or +sr: the graph
+    interpreted on the strict machine, then the optimizer of :class:`EmulatedRun` (the update
+    rounded once, as torch's kernels). No loss scaling: the graph's backward starts at 1."""
+
+    net: Trainee  # type: ignore[assignment]
+
+    def step(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        hist, oa = self.history, self.opt_ar
+        try:
+            it = interpret(self.net.graph, self.ar, self.params, keep=False)
+        except MissingSlot as exc:
+            raise InputError(f"{self.spec.label}: {exc}; train it natively instead") from None
+        grads = {k: oa.asarray(g) for k, g in it.grads.items()}  # widening: exact
+        finite = all(bool(np.all(np.isfinite(g))) for g in grads.values())
+        if hist.overflow_place is None:
+            hist.overflow_place = _first_nonfinite_place(
+                self.params, it.loss, grads, len(hist.loss)
+            )
+        before = self.vector()
+        new = self.opt.step(self.targets(), grads)
+        if self.master is not None:
+            self.master = new
+            self.params = {k: self.ar.asarray(v) for k, v in new.items()}  # one rounding
+        else:
+            self.params = new
+        g64 = {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()}
+        intended = _flat(list(self.opt.intended.values()))
+        self._record(float(it.loss), g64, intended, before, finite, True, 1.0, {})
+        return g64
+
+    def final_loss(self, rows: np.ndarray | None = None) -> float:
+        return float(interpret(self.net.graph, self.ar, self.params, keep=False).loss)
+
+
+def _first_nonfinite_place(
+    params: dict[str, Any], loss: Any, grads: dict[str, Any], step: int
+) -> dict[str, Any] | None:
+    """The first of: a parameter, the loss, a parameter gradient (graph order) holding inf/NaN
+    at this step (values: tensors or float64 arrays), or None."""
+
+    def bad(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return not bool(torch.isfinite(v).all())
+        return not bool(np.all(np.isfinite(np.asarray(v, dtype=np.float64))))
+
+    def where(name: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        return {"step": step, "layer": layer, "direction": direction, "quantity": quantity,
+                "op": op}  # fmt: skip
+
+    for name, p in params.items():
+        if bad(p):
+            return where(name, "parameter", name, "the previous update")
+    if bad(loss):
+        return where("loss", "forward", "L", "the forward pass or the loss")
+    for name, g in grads.items():
+        if bad(g):
+            return where(name, "backward", f"dL/d{name}", "the backward pass")
+    return None
+
+
+def parse_graph_runs(runs: str | list[str] | None, policies: Any = None) -> list[RunSpec]:
+    """The runs of :func:`fpgrad.train.parse_runs` a captured model can train (``policies``:
+    the model's own, by name, so that naming one is refused as a policy)."""
+    specs = parse_runs(runs, policies or None)
+    for s in specs:
+        if s.policy is not None:
+            raise InputError(
+                f"run {s.label!r}: precision policies train on layer networks only; name torch "
+                "dtypes (float16+master, ...) or emulated formats (fp8_e4m3, ...)"
+            )
+        if s.emulated and (s.loss_scale is not None or s.dynamic):
+            raise InputError(
+                f"run {s.label!r}: loss scaling of an emulated run of a captured model is not "
+                "implemented; scale natively (float16+scale=S) or drop the scale"
+            )
+    return specs
+
+
+def _scaled_cause(place: dict[str, Any] | None, h: History, fmt: str) -> None:
+    """A backward pass that overflowed under a loss scale gets that as its cause."""
+    if place is None or place["direction"] != "backward" or place["step"] >= len(h.scale):
+        return
+    scale = h.scale[place["step"]]
+    largest = get_format(fmt.split(":")[0]).max
+    if scale > largest:
+        place["cause"] = (
+            f"the loss scale {scale:g} is above {fmt}'s largest value ({largest:g}): the backward "
+            f"pass starts at inf; use a scale of at most {2.0 ** math.floor(math.log2(largest)):g}"
+        )
+    elif scale != 1.0:
+        place["cause"] = (
+            f"with the loss scale {scale:g} the backward pass produced inf/NaN in {fmt} first at "
+            f"{place['op']}; a smaller loss scale leaves headroom (+dynamic halves it and skips "
+            "the step)"
+        )
+
+
+def _plan(spec: RunSpec) -> dict[str, Any]:
+    """What the run computed in, for the report."""
+    text = (
+        f"emulated {spec.precision} (fpgrad's strict machine interprets the captured graph)"
+        if spec.emulated
+        else f"native torch {spec.precision} on this CPU (eager module, one thread)"
+    )
+    if spec.master:
+        text += "; float32 master weights"
+    if spec.dynamic:
+        text += "; dynamic loss scaling (GradScaler's rules)"
+    elif spec.loss_scale is not None:
+        text += f"; loss scale {spec.loss_scale:g}"
+    if spec.update != "nearest":
+        text += f"; {spec.update} updates"
+    return {"summary": text, "uniform": True}
+
+
+def train_graph(
+    net: GraphNetwork,
+    steps: int,
+    cfg: OptimConfig | None = None,
+    runs: str | list[str] | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    exact_bits: int = 128,
+    verdict_every: int | None = None,
+    stall_k: int = 5,
+    progress: bool = False,
+    exact_method: str = "auto",
+    exact_max_bits: int | None = None,
+) -> TrainResult:
+    """Train the captured ``net`` for ``steps`` full-batch steps in every run and exactly,
+    from the parameters it was captured with (:func:`fpgrad.train.train`'s result)."""
+    from fpgrad.exact import MIN_BITS
+
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer (got {steps})")
+    if exact_bits < MIN_BITS:
+        raise InputError(f"--exact-bits {exact_bits} is too low: use at least {MIN_BITS}")
+    graph = net.graph
+    n = int(np.shape(graph.inputs[0])[0]) if graph.inputs and np.ndim(graph.inputs[0]) else 1
+    if batch_size is not None and batch_size < n:
+        raise InputError(
+            f"a captured model trains full batch on the {n} samples its build() returns; drop "
+            "--batch-size (or return a smaller batch)"
+        )
+    cfg = cfg or OptimConfig()
+    specs = parse_graph_runs(runs, getattr(net, "policies", None))
+    trainee = Trainee(graph, net.name)
+    schedule = [np.arange(n)] * steps
+    every = verdict_every or max(1, steps // 10)
+    with one_torch_thread():
+        native = {
+            s.label: (GraphEmulatedRun if s.emulated else GraphTorchRun)(trainee, s, cfg, seed)
+            for s in specs
+        }
+        for r in native.values():
+            r.record_initial()
+        iterator: Any = range(steps)
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, desc="fpgrad train", unit="step", leave=False)
+        for t in iterator:  # every run's step first: a refusal comes before exact work
+            stepped = [(run, run.current_params(), run.step()) for run in native.values()]
+            if t % every and t != steps - 1:
+                continue
+            for run, before, grads in stepped:
+                counts, loss = exact_check(
+                    trainee, before, grads, run.grad_format, exact_bits, exact_max_bits
+                )
+                run.history.verdicts[t] = counts
+                if loss is not None:
+                    run.history.exact_loss_at_params[t] = loss
+        for run in native.values():
+            run.history.loss.append(run.final_loss())
+            _, loss = exact_check(trainee, run.current_params(), {}, "float64", exact_bits,
+                                  exact_max_bits)  # fmt: skip
+            if loss is not None:
+                run.history.exact_loss_at_params[steps] = loss
+        exact, digits, method = exact_run(
+            trainee, cfg, schedule, exact_bits, exact_method, progress, exact_max_bits
+        )
+    for h in (exact.history, *(r.history for r in native.values())):
+        h.dead_units.clear()  # no layers: not counted (an empty list in the JSON, not zeros)
+    notes = [exact.fallback] if exact.fallback else []
+    unproven = getattr(exact, "unproven_at", None)
+    if unproven is not None:
+        notes.append(
+            f"step {unproven}: the Arb exact run met a branch its balls cannot decide (a max-pool "
+            "window with tied values); the exact trajectory is not proven from there"
+        )
+    undetermined = getattr(exact, "undetermined", {})
+    if undetermined and unproven is None:
+        n = sum(c for c, _ in undetermined.values())
+        radius = max(r for _, r in undetermined.values())
+        notes.append(
+            f"{n} parameter elements of the exact run ({', '.join(undetermined)}) end as balls "
+            f"around 0 of radius <= {radius:.1e}: their exact values lie that close to 0, sign "
+            "undetermined; the certified digits count the other elements"
+        )
+    if digits < 17 and unproven is None:
+        notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
+    notes.append(
+        "captured model: torch dtypes are eager torch training of the module on this CPU, "
+        "emulated formats interpret the captured graph on fpgrad's strict machine, the exact "
+        "run interprets it in certified balls"
+    )
+    distance: dict[str, list[float]] = {}
+    detectors: dict[str, dict[str, Any]] = {}
+    spec_of = {s.label: s for s in specs}
+    for label, run in native.items():
+        distance[label], detectors[label] = run_detectors(
+            run.history, exact.history, None, cfg, spec_of[label], stall_k
+        )
+        _scaled_cause(detectors[label]["first_overflow"], run.history, spec_of[label].precision)
+    config = {
+        "steps": steps,
+        "optimizer": cfg.__dict__,
+        "batch_size": None,
+        "seed": seed,
+        "exact_bits": exact_bits,
+        "exact_method": method,
+        "exact_working_bits": exact.bits,
+        "verdict_every": every,
+        "model": "captured",
+    }
+    return TrainResult(
+        net.name,
+        config,
+        [s.label for s in specs],
+        {k: r.history for k, r in native.items()},
+        exact.history,
+        digits,
+        detectors,
+        distance,
+        notes,
+        {s.label: _plan(s) for s in specs},
+    )
