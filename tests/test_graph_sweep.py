@@ -125,7 +125,10 @@ def test_a_worker_refuses_a_network_other_than_the_sweeps(tmp_path: Path) -> Non
     [
         (":fixed", ["--seeds", "0,1"], "takes no seed argument"),
         (":build", ["--init-scales", "0.5"], "captured model"),
-        (":build", ["--task", "train", "--steps", "2"], "not supported yet"),
+        (":build", ["--task", "train", "--steps", "2", "--precisions", "autocast"],
+         "precision policies train on layer networks only"),
+        (":build", ["--task", "train", "--steps", "2", "--precisions", "fp8_e4m3",
+                    "--loss-scales", "1,1024"], "loss scaling of an emulated run"),
         (":nope", [], "defines no function nope()"),
     ],
 )
@@ -152,6 +155,28 @@ def test_cli_table_names_the_first_inf_nan(
     first = {c["axes"]["precision"]: c["first_nonfinite"] for c in doc["cells"]}
     assert first["float32"] is None and first["float16"], first
     assert "first inf/nan" in (tmp_path / "o" / "sweep.md").read_text()
+
+
+def test_train_cells_equal_train_called_directly(tmp_path: Path) -> None:
+    from fpgrad.optim import OptimConfig
+    from fpgrad.train import train
+
+    spec = script(tmp_path)
+    grid = {"seed": "0,1", "precision": "float16", "lr": "0.5", "loss_scale": "1,2^10"}
+    result = sweep(spec, "train", grid, tmp_path / "out", workers=0, steps=3)
+    assert result.complete and result.ran == 4
+    lasts = set()
+    for r in result.records:
+        ax = r["axes"]
+        assert r["status"] == "ok", r
+        run = "float16" + ("" if ax["loss_scale"] == 1 else f"+scale={int(ax['loss_scale'])}")
+        t = train(load_script(spec, ax["seed"]), 3, OptimConfig(lr=0.5), runs=[run],
+                  seed=ax["seed"])  # fmt: skip
+        h = t.histories[t.runs[0]]
+        assert r["loss"]["last"] == h.loss[-1] and r["verdict_step"] == max(h.verdicts)
+        assert r["counts"] == {**dict.fromkeys(r["counts"], 0), **h.verdicts[max(h.verdicts)]}
+        lasts.add(r["loss"]["last"])
+    assert len(lasts) > 1
 
 
 @pytest.mark.slow

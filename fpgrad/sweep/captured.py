@@ -91,11 +91,8 @@ def load(ref: ScriptRef, fresh: bool = False) -> tuple[GraphNetwork, str]:
     return _GRAPHS[key]
 
 
-def run_compare(ref: ScriptRef, expected_hash: str, axes: dict[str, Any], opts: dict[str, Any]
-                ) -> dict[str, Any]:  # fmt: skip
-    """One compare cell of a captured model: verdict counts, loss, first lost and inf/NaN."""
-    from fpgrad.graph.compare import compare_graph
-
+def network(ref: ScriptRef, expected_hash: str) -> GraphNetwork:
+    """The captured model of a cell, refused when it is not the one the sweep recorded."""
     net, digest = load(ref)
     if digest != expected_hash:  # this process built an older version: build it again
         net, digest = load(ref, fresh=True)
@@ -104,6 +101,13 @@ def run_compare(ref: ScriptRef, expected_hash: str, axes: dict[str, Any], opts: 
             f"{ref.spec.partition(':')[0]} built another network in this worker (the script or "
             "its data changed during the sweep, or build() is not deterministic); fix it and rerun"
         )
+    return net
+
+
+def run_compare(net: GraphNetwork, axes: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """One compare cell of a captured model: verdict counts, loss, first lost and inf/NaN."""
+    from fpgrad.graph.compare import compare_graph
+
     precision = axes["precision"]
     c = compare_graph(
         net,

@@ -175,11 +175,15 @@ def run_cell(job: CellJob) -> dict[str, Any]:
         if not hasattr(job.network, "layers"):  # a captured model's ScriptRef
             from fpgrad.sweep import captured
 
-            if job.task != "compare":
-                raise InputError("a train sweep of a captured model is not supported yet")
-            result = captured.run_compare(job.network, job.network_hash, job.axes, job.options)
+            graph = captured.network(job.network, job.network_hash)  # type: ignore[arg-type]
+            if job.task == "compare":
+                result = captured.run_compare(graph, job.axes, job.options)
+            else:
+                result = _run_train(job, graph)
+        elif job.task == "compare":
+            result = _run_compare(job)
         else:
-            result = _run_compare(job) if job.task == "compare" else _run_train(job)
+            result = _run_train(job, scale_init(job.network, job.axes.get("init_scale", 1.0)))
         record.update(status="ok", **result)
     except InputError as exc:
         record.update(status="input_error", error=str(exc))
@@ -234,12 +238,12 @@ def _exact_for(job: CellJob, net: Network) -> Any:
     return _EXACT[key]
 
 
-def _run_train(job: CellJob) -> dict[str, Any]:
+def _run_train(job: CellJob, net: Any) -> dict[str, Any]:
+    """One training cell of ``net`` (the job's network, init-scaled, or a captured model)."""
     from fpgrad.optim import OptimConfig
     from fpgrad.train import train
 
     opts, axes = job.options, job.axes
-    net = scale_init(job.network, axes.get("init_scale", 1.0))
     run = axes["precision"]
     scale = axes.get("loss_scale", 1.0)
     if scale != 1.0:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fpgrad.errors import InputError
 from fpgrad.sweep.cells import OPTIONS, CellJob, Source
-from fpgrad.sweep.grid import TASKS, Grid
+from fpgrad.sweep.grid import TASKS, Grid, format_value
 from fpgrad.sweep.log import CELLS_FILE, LOG_SCHEMA, CellLog
 from fpgrad.sweep.result import SweepResult
 from fpgrad.sweep.runners import run_dask, run_inline, run_local
@@ -144,11 +144,12 @@ def sweep(
     src = Source(network)
     g = Grid.parse(task, grid, src.network.policies)
     if src.script is not None:
-        if task != "compare":
-            raise InputError(
-                f"{src.where}: a train sweep of a captured model is not supported yet; "
-                "use --task compare"
-            )
+        if task == "train":  # refused runs (policies) before any cell
+            from fpgrad.graph.train import parse_graph_runs
+
+            scales = [s for s in g.values.get("loss_scale", ()) if s != 1.0]
+            runs = [f"{r}+scale={format_value(s)}" for r in g.values["precision"] for s in scales]
+            parse_graph_runs([*g.values["precision"], *runs], src.network.policies)
         if "init_scale" in g.values:
             raise InputError(
                 f"grid axis init_scale scales the dense layers of a TOML network; {src.where} is "
