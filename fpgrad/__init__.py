@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 #: public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {
     "compare": ("fpgrad.compare", "compare"),
-    "train": ("fpgrad.train", "train"),
+    "train": ("fpgrad.training", "train"),
     "advise": ("fpgrad.advisor", "advise"),
     "sweep": ("fpgrad.sweep", "sweep"),
     "watch": ("fpgrad.watch", "watch"),
@@ -39,15 +39,15 @@ _API: dict[str, tuple[str, str]] = {
 __all__ = list(_API)
 
 if TYPE_CHECKING:  # the names as the type checker sees them
-    from fpgrad.advisor import advise
-    from fpgrad.compare import compare
-    from fpgrad.formats import get_format
-    from fpgrad.graph import from_module
-    from fpgrad.netfile import load_network
-    from fpgrad.rounding import round_to
-    from fpgrad.sweep import sweep
-    from fpgrad.train import train
-    from fpgrad.watch import watch
+    from fpgrad.advisor import advise as advise
+    from fpgrad.compare import compare as compare
+    from fpgrad.formats import get_format as get_format
+    from fpgrad.graph import from_module as from_module
+    from fpgrad.netfile import load_network as load_network
+    from fpgrad.rounding import round_to as round_to
+    from fpgrad.sweep import sweep as sweep
+    from fpgrad.training import train as train
+    from fpgrad.watch import watch as watch
 
 
 def __getattr__(name: str) -> Any:

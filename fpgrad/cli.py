@@ -181,7 +181,7 @@ def _train(args: argparse.Namespace) -> int:
         check_out_dir(args.out)  # before any work or heavy import: a bad path costs nothing
     from fpgrad.graph.script import is_script, load_script
     from fpgrad.optim import OptimConfig
-    from fpgrad.train import train
+    from fpgrad.training import train
 
     if is_script(args.network) and args.policy:
         raise InputError("--policy: precision policies train on layer networks only; name "

@@ -33,12 +33,11 @@ from fpgrad.precisions import Precision, parse_precisions
 from fpgrad.progress import phase
 from fpgrad.rounding import round_to
 from fpgrad.scaling import StaticScaler
-from fpgrad.verdicts import SUBKINDS, VERDICTS, ExactArray, classify
+from fpgrad.verdicts import SUBKINDS, VERDICTS, ExactArray, classify, signal_counts
 
 REFERENCES = ("original", "rounded")
 SCHEMA = "fpgrad.compare/2"
 DEFAULT_ROWS = 60  # element rows shown by default (the rows that matter first)
-_CODE = {v: i for i, v in enumerate(VERDICTS)}
 SIGNAL_COUNTS = ("rounding_zero", "subnormal", "overflow", "structural_zero")
 
 
@@ -306,10 +305,11 @@ class Comparison:
 
     def parameter_summary(self) -> list[dict[str, Any]]:
         """Per parameter and precision: verdict counts, the smallest and largest non-zero exact
-        magnitude, and how many non-zero exact values lie below the format's normal range."""
+        magnitude, and how many non-zero exact values lie below the format's normal range
+        (non-zero: certified so; undetermined values are in neither)."""
         rows = []
-        for g in self.grads:
-            mag = np.abs(g.exact.hi[~g.exact.zero])
+        for g in self.grads:  # undetermined values (the ball holds 0) have no magnitude
+            mag = np.abs(g.exact.hi[~g.exact.zero & ~g.exact.undetermined_mask()])
             lo = float(mag.min()) if mag.size else None
             hi = float(mag.max()) if mag.size else None
             for p in self.precisions:
@@ -593,8 +593,8 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
         key = f"{section}/{place.layer}"
         ex = exact.exact_array(key)
         fmt = p.format_of(key, trace)
-        v = classify(ex, getattr(trace, section)[place.layer], fmt, p.mode)
-        code = v.code
+        computed = np.asarray(getattr(trace, section)[place.layer])
+        n = signal_counts(ex, computed, fmt)
         row = {
             "layer": place.layer,
             "kind": place.kind,
@@ -602,12 +602,12 @@ def _attribution(net: Network, exact: _Scaled, trace: Trace, p: Precision) -> di
             "quantity": place.quantity,
             "op": place.op,
             "format": fmt.name,
-            "size": int(code.size),
-            "rounding_zero": int(np.sum(code == _CODE["rounding_zero"])),
-            "subnormal": int(np.sum(code == _CODE["subnormal"])),
-            "overflow": int(np.sum((code == _CODE["overflow"]) | (code == _CODE["nan"]))),
-            "structural_zero": int(np.sum(code == _CODE["structural_zero"])),
-            "exact_subnormal_range": int(np.sum(~ex.zero & (np.abs(ex.hi) < fmt.smallest_normal))),
+            "size": int(computed.size),
+            "rounding_zero": n["rounding_zero"],
+            "subnormal": n["subnormal"],
+            "overflow": n["overflow"],
+            "structural_zero": n["structural_zero"],
+            "exact_subnormal_range": n["exact_subnormal_range"],
         }
         rows.append(row)
     first_backward = next(

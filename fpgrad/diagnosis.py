@@ -33,9 +33,10 @@ def diagnose(
 ) -> list[dict[str, Any]]:
     """Findings and remedies per precision, in the order they are shown."""
     out: list[dict[str, Any]] = []
-    nonzero = sum(int((~g.exact.zero).sum()) for g in c.grads)
+    nonzero = sum(int((~g.exact.zero & ~g.exact.undetermined_mask()).sum()) for g in c.grads)
+    cache: dict[tuple[str, ...], Any] = {}  # the advisor's sorted magnitudes, built once
     for p in precs:
-        out += _precision_findings(c, net, exact, p, nonzero)
+        out += _precision_findings(c, net, exact, p, nonzero, cache)
     return out
 
 
@@ -48,7 +49,12 @@ def _narrowest(c: Comparison, p: Precision) -> Format:
 
 
 def _precision_findings(
-    c: Comparison, net: Network, exact: ExactResult, p: Precision, nonzero: int
+    c: Comparison,
+    net: Network,
+    exact: ExactResult,
+    p: Precision,
+    nonzero: int,
+    cache: dict[tuple[str, ...], Any],
 ) -> list[dict[str, Any]]:
     name = p.name
     s = c.summary[name]
@@ -109,12 +115,18 @@ def _precision_findings(
             f"{name}: the first inf/NaN appears in {o['op']} ({o['layer']} {o['quantity']})",
         )
     if lost or s["subnormal"]:
-        _remedies(c, net, exact, p, fmt, add)
+        _remedies(c, net, exact, p, fmt, add, cache)
     return out
 
 
 def _remedies(
-    c: Comparison, net: Network, exact: ExactResult, p: Precision, fmt: Format, add: Any
+    c: Comparison,
+    net: Network,
+    exact: ExactResult,
+    p: Precision,
+    fmt: Format,
+    add: Any,
+    cache: dict[tuple[str, ...], Any],
 ) -> None:
     name = p.name
     column = f"--policy {name}" if p.kind == "policy" else f"--precisions {name}"
@@ -132,6 +144,7 @@ def _remedies(
                 measure=False,
                 allow_uncertified=True,
                 exact=exact,
+                values_cache=cache,
             )
         except InputError:
             adv = None

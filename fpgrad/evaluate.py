@@ -152,7 +152,9 @@ def _evaluate(
         layer, ar = net.layers[index], systems[index]
         grad = _cast(prev, ar, grad)  # into the system of the layer's output
         trace.backward[layer.name] = grad
-        grad, pgrads = _backward(ar, layer, inputs[index], saved[index], grad, used[index])
+        grad, pgrads = _backward(
+            ar, layer, inputs[index], saved[index], grad, used[index], need_input=index > 0
+        )  # the data's own gradient (index 0) is never used: not computed
         if "bias" in pgrads and _exact(ar) and _feeds_batch_norm(net, index):
             # structural identity: batch norm subtracts the per-feature batch mean, so its
             # output does not depend on a per-feature bias added before it (dL/db == 0);
@@ -220,14 +222,20 @@ def _forward(ar: Arith, layer: Layer, x: Any, values: dict[str, Any]) -> tuple[A
 
 
 def _backward(
-    ar: Arith, layer: Layer, x: Any, keep: dict[str, Any], dy: Any, values: dict[str, Any]
+    ar: Arith,
+    layer: Layer,
+    x: Any,
+    keep: dict[str, Any],
+    dy: Any,
+    values: dict[str, Any],
+    need_input: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     kind = layer.kind
     if kind == "dense":
         grads = {"weight": ar.matmul(dy.T, x)}  # dW = dz^T x
         if "bias" in layer.params:
             grads["bias"] = ar.sum(dy, axis=0)  # db = sum over the batch
-        return ar.matmul(dy, keep["w"]), grads  # dx = dz W
+        return (ar.matmul(dy, keep["w"]) if need_input else None), grads  # dx = dz W
     if kind == "relu":
         return ar.where(keep["mask"], dy, ar.mul(dy, ar.const(0.0))), {}
     if kind == "leaky_relu":

@@ -96,23 +96,31 @@ class ExactArray:
 
 @dataclass
 class Verdicts:
-    """Per-element verdicts of one computed array against one exact array."""
+    """Per-element verdicts of one computed array against one exact array, as uint8 codes;
+    the names (:attr:`verdict`, :attr:`subkind`) are object arrays made on request."""
 
-    verdict: np.ndarray  # str
-    subkind: np.ndarray  # str: "underflow" / "lost" for rounding zeros, "" otherwise
     rel_err: np.ndarray
     ulps: np.ndarray
     digits: np.ndarray
-    code: np.ndarray | None = None  # uint8: index of the verdict in VERDICTS
-    kind: np.ndarray | None = None  # uint8: index of the subkind in SUBKINDS
+    code: np.ndarray  # uint8: index of the verdict in VERDICTS
+    kind: np.ndarray  # uint8: index of the subkind in SUBKINDS
+
+    @property
+    def verdict(self) -> np.ndarray:
+        """The verdict names (str objects), shape of the array."""
+        return np.asarray(VERDICTS, dtype=object)[self.code.ravel()].reshape(self.code.shape)
+
+    @property
+    def subkind(self) -> np.ndarray:
+        """The subkind names: underflow or lost for rounding zeros, "" otherwise (str objects)."""
+        return np.asarray(SUBKINDS, dtype=object)[self.kind.ravel()].reshape(self.kind.shape)
 
 
 def exact_exponent(ex: ExactArray) -> np.ndarray:
     """floor(log2|e|) for non-zero e, correct at powers of two (uses the low word)."""
     mant, exp = np.frexp(np.abs(ex.hi))
-    e = exp - 1
     below = (mant == 0.5) & (ex.lo * np.sign(ex.hi) < 0)  # hi rounded up onto a power of two
-    return np.where(below, e - 1, e)
+    return np.where(below, exp - 2, exp - 1)
 
 
 def underflows(ex: ExactArray, fmt: Format, mode: Mode | str = "nearest_even") -> np.ndarray:
@@ -148,48 +156,78 @@ def classify(
     ex: ExactArray, computed: np.ndarray, fmt: Format, mode: Mode | str = "nearest_even"
 ) -> Verdicts:
     """Verdicts of ``computed`` (float64 values of the format) against ``ex``; ``mode``: the
-    rounding mode of the column (it decides a rounding zero's ``underflow``/``lost``)."""
+    rounding mode of the column (it decides a rounding zero's ``underflow``/``lost``).
+    Vectorised, a few temporaries of the array's size, no Python object per element."""
     c = np.asarray(computed, dtype=np.float64)
     shape = c.shape
-    verdict = np.full(shape, "ok", dtype=object)
-    subkind = np.full(shape, "", dtype=object)
-    with np.errstate(all="ignore"):
-        err = np.abs((c - ex.hi) - ex.lo)  # c - hi is exact when c is near e (Sterbenz)
-        rel = np.where(ex.zero, np.where(c == 0, 0.0, np.inf), err / np.abs(ex.hi))
-        e_exp = np.maximum(exact_exponent(ex), fmt.emin)
-        ulp = np.ldexp(1.0, (e_exp - fmt.man_bits).astype(np.int64))
-        ulps = np.where(
-            ex.zero, np.where(c == 0, 0.0, np.abs(c) / fmt.smallest_subnormal), err / ulp
-        )
-        digits = np.where(rel > 0, -np.log10(rel), np.inf)
-    digits = np.maximum(digits, 0.0)
 
+    def flat(a: np.ndarray) -> np.ndarray:  # 1-d (a view where it can be), shape of c
+        return np.broadcast_to(a, shape).reshape(-1)
+
+    hi, lo, zero, und = flat(ex.hi), flat(ex.lo), flat(ex.zero), flat(ex.undetermined_mask())
+    c = c.reshape(-1)
     zero_c = c == 0
-    finite = np.isfinite(c)
-    und = ex.undetermined_mask()
-    sign_differs = finite & ~zero_c & ~ex.zero & ~und & (np.sign(c) != np.sign(ex.hi))
-    # order matters: later assignments do not overwrite earlier, more specific ones
-    rules = [
-        (np.isnan(c), "nan"),
-        (np.isinf(c), "overflow"),
-        (und, "undetermined"),
-        (ex.zero & zero_c, "structural_zero"),
-        (ex.zero & ~zero_c, "spurious_nonzero"),
-        (~ex.zero & zero_c, "rounding_zero"),
-        (sign_differs, "wrong_sign"),
-        (finite & ~zero_c & (np.abs(c) < fmt.smallest_normal), "subnormal"),
-        (finite & ~zero_c & (rel > inaccurate_threshold(fmt)), "inaccurate"),
-    ]
-    assigned = np.zeros(shape, dtype=bool)
-    code = np.full(shape, VERDICTS.index("ok"), dtype=np.uint8)
-    for mask, name in rules:
-        take = mask & ~assigned
-        verdict[take] = name
-        code[take] = VERDICTS.index(name)
-        assigned |= take
-    rz = code == VERDICTS.index("rounding_zero")
-    under = underflows(ex, fmt, mode)
-    subkind[rz & under] = "underflow"
-    subkind[rz & ~under] = "lost"
-    kind = np.where(rz, np.where(under, 1, 2), 0).astype(np.uint8)
-    return Verdicts(verdict, subkind, rel, ulps, digits, code, kind)
+    with np.errstate(all="ignore"):
+        err = c - hi  # exact when c is near e (Sterbenz)
+        err -= lo
+        np.abs(err, out=err)
+        rel = err / np.abs(hi)
+        np.copyto(rel, np.where(zero_c, 0.0, np.inf), where=zero)  # exact 0: no error iff c = 0
+        e_exp = np.maximum(exact_exponent(ExactArray(hi, lo, zero)), fmt.emin)
+        e_exp -= fmt.man_bits
+        ulps = err / np.ldexp(1.0, e_exp.astype(np.int64, copy=False))
+        at_zero = np.abs(c)
+        at_zero /= fmt.smallest_subnormal
+        at_zero[zero_c] = 0.0
+        np.copyto(ulps, at_zero, where=zero)
+        digits = np.log10(rel)
+        np.negative(digits, out=digits)
+        digits[~(rel > 0)] = np.inf
+    np.maximum(digits, 0.0, out=digits)
+
+    # the verdict of the first rule that holds, in this order: nan, overflow, undetermined,
+    # structural_zero, spurious_nonzero, rounding_zero, wrong_sign, subnormal, inaccurate, ok.
+    # Written from the last rule to the first, each overwriting: a rule's other conditions
+    # (finite, non-zero computed value, non-zero exact value) are those of the rules before it
+    code = np.zeros(c.size, dtype=np.uint8)  # ok
+    with np.errstate(invalid="ignore"):
+        np.copyto(code, _C["inaccurate"], where=rel > inaccurate_threshold(fmt))
+        np.copyto(code, _C["subnormal"], where=np.abs(c) < fmt.smallest_normal)
+        np.copyto(code, _C["wrong_sign"], where=np.sign(c) != np.sign(hi))
+    np.copyto(code, np.where(zero, _C["structural_zero"], _C["rounding_zero"]), where=zero_c)
+    np.copyto(code, _C["spurious_nonzero"], where=zero & ~zero_c)
+    np.copyto(code, _C["undetermined"], where=und)
+    np.copyto(code, _C["overflow"], where=np.isinf(c))
+    np.copyto(code, _C["nan"], where=np.isnan(c))
+    kind = np.zeros(c.size, dtype=np.uint8)
+    rz = np.flatnonzero(code == _C["rounding_zero"])
+    if rz.size:  # underflow (1) or lost (2), judged on the rounding zeros only
+        sub = ExactArray(hi[rz], lo[rz], zero[rz], None, und[rz])
+        kind[rz] = np.where(underflows(sub, fmt, mode), 1, 2)
+    return Verdicts(*(a.reshape(shape) for a in (rel, ulps, digits, code, kind)))
+
+
+_C = {v: np.uint8(i) for i, v in enumerate(VERDICTS)}
+
+
+def signal_counts(ex: ExactArray, computed: np.ndarray, fmt: Format) -> dict[str, int]:
+    """How many elements :func:`classify` would call ``rounding_zero``, ``subnormal``,
+    ``overflow`` or ``nan`` (together: ``overflow``) and ``structural_zero``, and how many
+    certified non-zero exact values lie below the format's smallest normal
+    (``exact_subnormal_range``), from masks alone (no errors, no logarithms): what "where the
+    signal died" counts per tensor."""
+    c = np.asarray(computed, dtype=np.float64)
+    zero, und = ex.zero, ex.undetermined_mask()
+    zero_c = c == 0
+    known = ~zero & ~und  # a certified non-zero exact value
+    with np.errstate(invalid="ignore"):
+        small = (np.abs(c) < fmt.smallest_normal) & ~zero_c & (np.sign(c) == np.sign(ex.hi))
+    return {
+        "rounding_zero": int(np.count_nonzero(known & zero_c)),
+        "subnormal": int(np.count_nonzero(known & small)),
+        "overflow": int(np.count_nonzero(~np.isfinite(c))),
+        "structural_zero": int(np.count_nonzero(zero & ~und & zero_c)),
+        "exact_subnormal_range": int(
+            np.count_nonzero(known & (np.abs(ex.hi) < fmt.smallest_normal))
+        ),
+    }

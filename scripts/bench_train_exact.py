@@ -16,7 +16,7 @@ import numpy as np
 from fpgrad.netfile import load_network, parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
-from fpgrad.train import batch_schedule, exact_trajectory
+from fpgrad.training import batch_schedule, exact_trajectory
 
 
 def classifier() -> Network:

@@ -6,7 +6,7 @@ arithmetic (150 bits) with Adam, AdamW and SGD with momentum, batches of 64, up 
 steps or until the balls stop vouching for 17 digits. Prints the certified digits of every
 parameter every ``--every`` steps, the first step below 17 with the widest relative radii
 there, then the run ``fpgrad train`` falls back to: Arb balls at the precision forecast from
-the digits lost per step (:func:`fpgrad.train.arb_bits_for`), over all the steps, with its
+the digits lost per step (:func:`fpgrad.training.arb_bits_for`), over all the steps, with its
 certified digits. CPU times per step against one torch float64 training step (forward,
 backward, torch.optim step) of the same model, one thread each, measured in the same run.
 
@@ -41,7 +41,7 @@ from fpgrad.exact import DEFAULT_MAX_BITS  # noqa: E402
 from fpgrad.from_torch import load_model_file  # noqa: E402
 from fpgrad.network import Network  # noqa: E402
 from fpgrad.optim import OptimConfig  # noqa: E402
-from fpgrad.train import ExactRun, arb_bits_for, batch_schedule  # noqa: E402
+from fpgrad.training import ExactRun, arb_bits_for, batch_schedule  # noqa: E402
 
 OPTIMIZERS = {
     "adam": OptimConfig(name="adam", lr=1e-3),

@@ -6,7 +6,11 @@ and watched on every 10th step (every=10). Each configuration runs the same step
 the same model; the mean step time of the best of
 several interleaved rounds is compared (the machine may be shared).
 
-    PYTHONPATH=. python scripts/bench_watch.py [--steps 40] [--clock process]
+    PYTHONPATH=. python scripts/bench_watch.py [--steps 40] [--clock process] [--breakdown]
+
+``--breakdown`` instead times the float32 watched step with its parts switched off one after
+another (op records, optimizer records, the float64 shadow step, the rest of the per-op
+bookkeeping, module tracking), interleaved: the differences are what each part costs.
 
 ``--clock process`` times CPU time of this process (time.process_time) instead of wall time: on
 a shared machine it leaves out the time the process waits for a core.
@@ -58,11 +62,90 @@ def _steps(m: torch.nn.Module, n: int, autocast: bool, every: int | None) -> lis
     return times
 
 
+def _breakdown(steps: int, rounds: int) -> None:
+    """Watched float32 step time with the watch's parts switched off cumulatively."""
+    from fpgrad.watch import modules, watcher
+
+    saved = (
+        watcher.op_stats,
+        watcher.step_records,
+        watcher.ShadowOptimizer.requested_updates,
+        watcher.widen,
+        watcher.Watcher._on_op,
+        modules.ModuleStack.__init__,
+    )
+    init = modules.ModuleStack.__init__
+
+    def restore() -> None:
+        (
+            watcher.op_stats,
+            watcher.step_records,
+            watcher.ShadowOptimizer.requested_updates,
+            watcher.widen,
+            watcher.Watcher._on_op,
+            modules.ModuleStack.__init__,
+        ) = saved
+
+    def off(level: int) -> None:
+        restore()
+        if level >= 1:
+            watcher.op_stats = lambda *a, **k: []
+        if level >= 2:
+            watcher.step_records = lambda *a, **k: []
+        if level >= 3:
+            watcher.ShadowOptimizer.requested_updates = lambda *a, **k: None
+            watcher.widen = lambda *a, **k: {}
+        if level >= 4:
+            watcher.Watcher._on_op = lambda self, func, args, kwargs: func(*args, **kwargs)
+        if level >= 5:
+            modules.ModuleStack.__init__ = lambda self, model, active: init(
+                self, torch.nn.Module(), active
+            )
+
+    labels = [
+        "watched (every=1)",
+        "- op records",
+        "- optimizer records",
+        "- float64 shadow step",
+        "- per-op bookkeeping",
+        "- module tracking (the dispatch mode alone)",
+    ]
+    base = _model()
+    _steps(copy.deepcopy(base), 3, False, 1)
+    best: dict[int, float] = {}
+    try:
+        for _ in range(rounds):
+            for level in range(-1, len(labels)):
+                if level >= 0:
+                    off(level)
+                t = statistics.mean(
+                    _steps(copy.deepcopy(base), steps, False, None if level < 0 else 1)
+                )
+                best[level] = min(best.get(level, float("inf")), t)
+    finally:
+        restore()
+    calls = []
+    for every in (None, 1):  # aten calls per step (torch.profiler), unwatched and watched
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _steps(copy.deepcopy(base), 10, False, every)
+        ka = prof.key_averages()
+        calls.append(sum(e.count for e in ka if e.key.startswith("aten::")) / 10)
+    print(f"aten calls per step: unwatched {calls[0]:.0f}, watched {calls[1]:.0f}")
+    print("| float32 step | ms/step | ratio to unwatched |")
+    print("|---|---|---|")
+    print(f"| unwatched | {best[-1] * 1e3:.2f} | 1.00x |")
+    for level, label in enumerate(labels):
+        print(f"| {label} | {best[level] * 1e3:.2f} | {best[level] / best[-1]:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clock", choices=("wall", "process"), default="wall")
+    ap.add_argument("--breakdown", action="store_true", help="time the watch's parts (float32)")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
@@ -72,6 +155,9 @@ def main() -> None:
         f"torch {torch.__version__}, 1 thread, {args.clock} clock, {args.rounds} interleaved rounds of "
         f"{args.steps} steps per configuration; per configuration the best round"
     )
+    if args.breakdown:
+        _breakdown(args.steps, args.rounds)
+        return
     print("| compute | unwatched ms/step | every=1 ms/step | ratio | every=10 ms/step | ratio |")
     print("|---|---|---|---|---|---|")
     for autocast in (False, True):

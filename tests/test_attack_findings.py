@@ -13,7 +13,7 @@ import pytest
 from fpgrad.errors import InputError
 from fpgrad.exact import exact_trace
 from fpgrad.optim import OptimConfig
-from fpgrad.train import train
+from fpgrad.training import train
 from tests.nets import net_from
 
 

@@ -361,7 +361,7 @@ def test_exact_training_fallback_is_announced_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from fpgrad.optim import OptimConfig
-    from fpgrad.train import train
+    from fpgrad.training import train
 
     net = net_from(  # 2^-500 * 2^-500 leaves the fast balls' range
         [{"type": "dense", "out": 1, "weight": [[2.0**-500]], "bias": False}],

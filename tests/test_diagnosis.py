@@ -347,7 +347,7 @@ def test_every_markdown_table_under_reports_has_constant_cells() -> None:
 def test_float16_adam_diverges_and_names_eps(capsys: pytest.CaptureFixture[str]) -> None:
     from fpgrad.optim import OptimConfig
     from fpgrad.rounding import round_to
-    from fpgrad.train import train
+    from fpgrad.training import train
 
     net = load_network(str(SHOWCASE))
     cfg = OptimConfig(name="adam", lr=0.01)

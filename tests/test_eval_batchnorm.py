@@ -29,7 +29,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.optim import OptimConfig
 from fpgrad.policy import BUILTIN
 from fpgrad.torch_native import one_torch_thread, to_float64, torch_trace
-from fpgrad.train import train
+from fpgrad.training import train
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 

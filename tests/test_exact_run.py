@@ -16,7 +16,7 @@ from fpgrad.errors import InputError
 from fpgrad.evaluate import evaluate
 from fpgrad.exact import ARB_START_BITS, DEFAULT_MAX_BITS
 from fpgrad.optim import ArithOptimizer, OptimConfig
-from fpgrad.train import ExactRun, arb_bits_for, batch_schedule, exact_trajectory, train
+from fpgrad.training import ExactRun, arb_bits_for, batch_schedule, exact_trajectory, train
 from tests.nets import net_from
 
 RNG = np.random.default_rng(11)
@@ -240,7 +240,7 @@ def test_an_arb_run_below_17_digits_is_redone_at_more_bits(
 ) -> None:
     # a forecast that is too low (always 256 bits): the Arb run loses its digits before the
     # end, stops at a checked step and is redone at more bits, which certify >= 17
-    import fpgrad.train as train_mod
+    import fpgrad.training.exact_run as train_mod
 
     layers, loss, y = NETS["tanh_mse"]
     net = net_from(layers, loss, X, y, seed=3)

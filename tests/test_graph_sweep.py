@@ -159,7 +159,7 @@ def test_cli_table_names_the_first_inf_nan(
 
 def test_train_cells_equal_train_called_directly(tmp_path: Path) -> None:
     from fpgrad.optim import OptimConfig
-    from fpgrad.train import train
+    from fpgrad.training import train
 
     spec = script(tmp_path)
     grid = {"seed": "0,1", "precision": "float16", "lr": "0.5", "loss_scale": "1,2^10"}

@@ -28,7 +28,7 @@ from fpgrad.torch_native import (
     to_float64,
     torch_trace,
 )
-from fpgrad.train import train
+from fpgrad.training import train
 from tests.nets import net_from
 
 LAYERS = [

@@ -18,7 +18,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.optim import OptimConfig
 from fpgrad.sweep import Grid, scale_init, sweep
 from fpgrad.sweep import cells as sweep_mod
-from fpgrad.train import train
+from fpgrad.training import train
 
 if sys.version_info >= (3, 11):
     import tomllib

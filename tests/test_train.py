@@ -9,7 +9,7 @@ import torch
 from fpgrad.errors import InputError
 from fpgrad.optim import OptimConfig, TorchOptimizer
 from fpgrad.scaling import DynamicScaler
-from fpgrad.train import train
+from fpgrad.training import train
 from tests.nets import net_from
 
 DEAD = dict(

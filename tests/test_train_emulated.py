@@ -9,7 +9,7 @@ import pytest
 from fpgrad.errors import InputError
 from fpgrad.optim import OptimConfig
 from fpgrad.rounding import round_to
-from fpgrad.train import train
+from fpgrad.training import train
 from tests.nets import net_from
 
 

@@ -60,6 +60,7 @@ def advise(
     exact_max_bits: int = DEFAULT_MAX_BITS,
     exact: ExactResult | None = None,
     progress: bool | None = None,
+    values_cache: dict[tuple[str, ...], Any] | None = None,
 ) -> Advice:
     """Loss-scale advice for ``net`` in the format ``fmt`` (see the module docstring).
 
@@ -71,7 +72,9 @@ def advise(
     computes in ``fmt`` are judged (gradients of layers computing in it, signals output in it,
     the seed if the loss is), and torch is measured running the policy. ``exact``: a
     precomputed ``exact_trace(net, bits)`` of this same network, reused. ``progress``: bars on
-    stderr for phases over 2 s (None: when stderr is a terminal). A captured model
+    stderr for phases over 2 s (None: when stderr is a terminal). ``values_cache``: a dict
+    shared by calls with the same ``exact`` (the sorted magnitudes of each group of keys are
+    built once; compare's diagnosis advises float16 and bfloat16 on one trace). A captured model
     (:func:`fpgrad.from_module`) is advised by :func:`fpgrad.graph.advise.advise_graph`.
     """
     if not isinstance(net, Network):
@@ -115,17 +118,23 @@ def advise(
             progress=progress,
         )
     in_f = _in_format(net, plan, f.name)
-    grads = _Values.of(
+
+    def values(keys: list[str]) -> _Values:
+        if values_cache is None:
+            return _Values.of([exact.exact_array(k) for k in keys])
+        if tuple(keys) not in values_cache:
+            values_cache[tuple(keys)] = _Values.of([exact.exact_array(k) for k in keys])
+        return values_cache[tuple(keys)]
+
+    grads = values(
         [
-            exact.exact_array(f"grads/{ly.name}.{p}")
+            f"grads/{ly.name}.{p}"
             for ly in net.layers
             if ly.name in in_f["params"]
             for p in ly.params
         ]
     )
-    signals = _Values.of(
-        [exact.exact_array(f"backward/{ly.name}") for ly in net.layers if ly.name in in_f["out"]]
-    )
+    signals = values([f"backward/{ly.name}" for ly in net.layers if ly.name in in_f["out"]])
     n_seed = 1 if in_f["loss"] else 0  # dL/dL = 1: the backward pass starts at S
     seed = _Values(np.ones(n_seed), np.zeros(n_seed), 0)
     lim = _Limits.of(f)

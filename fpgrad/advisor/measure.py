@@ -17,7 +17,7 @@ from fpgrad.verdicts import ExactArray, classify
 
 
 class _TorchMeasure:
-    """torch's real backward at a loss scale, as fpgrad.train computes it (loss * S, backward):
+    """torch's real backward at a loss scale, as fpgrad.training computes it (loss * S, backward):
     in one precision, or running a policy's plan."""
 
     def __init__(

@@ -4,7 +4,7 @@ overflow counts (found by binary search in the magnitudes sorted once)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
@@ -28,17 +28,21 @@ def _log2_ratio(a: float, b: float) -> float:
 
 @dataclass
 class _Values:
-    """Non-zero exact magnitudes of one group as |hi| and the low word's signed rest, sorted by
-    (|hi|, rest), so that each threshold count is two binary searches, not a pass."""
+    """Non-zero exact magnitudes of one group as |hi| sorted, and apart the sorted |hi| of those
+    whose low word's signed rest is negative or zero (for ties at a threshold), so that each
+    threshold count is a few binary searches, not a pass. Built from ``mag`` and ``rest``."""
 
     mag: np.ndarray
-    rest: np.ndarray
+    rest: InitVar[np.ndarray]
     zeros: int
     undetermined: int = 0  #: exact values whose certified ball still contains 0 (not judged)
+    _neg: np.ndarray = field(init=False, repr=False)  # sorted |hi| whose rest < 0
+    _nil: np.ndarray = field(init=False, repr=False)  # sorted |hi| whose rest == 0
 
-    def __post_init__(self) -> None:
-        order = np.lexsort((self.rest, self.mag))
-        self.mag, self.rest = self.mag[order], self.rest[order]
+    def __post_init__(self, rest: np.ndarray) -> None:
+        self._neg = np.sort(self.mag[rest < 0])
+        self._nil = np.sort(self.mag[rest == 0])
+        self.mag = np.sort(self.mag)
 
     @classmethod
     def of(cls, arrays: list[ExactArray]) -> _Values:
@@ -65,9 +69,14 @@ class _Values:
     def _count(self, t: float, side: str) -> int:
         """How many |e| < t, plus those with |hi| == t whose rest is <= 0 (side "right") or
         < 0 (side "left")."""
-        a = int(np.searchsorted(self.mag, t, "left"))
-        b = int(np.searchsorted(self.mag, t, "right"))
-        return a + int(np.searchsorted(self.rest[a:b], 0.0, side))
+
+        def at(a: np.ndarray) -> int:  # how many of ``a`` equal t
+            return int(np.searchsorted(a, t, "right") - np.searchsorted(a, t, "left"))
+
+        below = int(np.searchsorted(self.mag, t, "left"))
+        if below == self.mag.size or self.mag[below] != t:  # no tie (the common case)
+            return below
+        return below + at(self._neg) + (at(self._nil) if side == "right" else 0)
 
     def le(self, t: float) -> int:  # how many |e| <= t
         return self._count(t, "right")

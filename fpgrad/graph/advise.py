@@ -10,7 +10,7 @@ policy's run). Backward signals are not judged on captured models (``scope="all"
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +23,10 @@ from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS
 from fpgrad.formats import get_format
 from fpgrad.graph.exact import exact_graph
 from fpgrad.graph.native import native_run
-from fpgrad.graph.network import GraphNetwork
 from fpgrad.graph.policy import GraphPlan, resolve
+
+if TYPE_CHECKING:
+    from fpgrad.graph.network import GraphNetwork
 
 
 class _GraphMeasure(_TorchMeasure):

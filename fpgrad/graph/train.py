@@ -1,16 +1,16 @@
 """Training a captured model side by side in torch dtypes and exactly.
 
-Runs take the grammar of :func:`fpgrad.train.parse_run`: ``float16``, ``bfloat16``, ``float32``,
+Runs take the grammar of :func:`fpgrad.training.parse_run`: ``float16``, ``bfloat16``, ``float32``,
 ``float64`` with ``+master``, ``+scale=S``, ``+dynamic``, ``+sr``, ``+kahan``. Each is eager torch
 training of the user's module (a copy, parameters and floating buffers correctly rounded into
 the dtype) on one thread: forward, ``backward()`` of the loss times the scale, the gradients
 unscaled, the update of :class:`fpgrad.optim.TorchOptimizer` (torch.optim's SGD and Adam, bit
 for bit). The exact run interprets the captured graph in certified balls at every step and
-applies the same optimizer formulas in the balls (:func:`fpgrad.train.exact_trajectory` with
+applies the same optimizer formulas in the balls (:func:`fpgrad.training.exact_trajectory` with
 :class:`fpgrad.graph.train_exact.GraphExactRun`), so the radii bound the exact trajectory.
 
 An emulated format (``fp8_e4m3``, ``bfloat16:emulated``, with ``+master`` or ``+sr``) interprets
-the graph on the strict machine and updates as :class:`fpgrad.train.EmulatedRun`. Full batch
+the graph on the strict machine and updates as :class:`fpgrad.training.EmulatedRun`. Full batch
 only (the graph holds the data ``build()`` returned). Refused: precision policies, loss scaling
 of emulated runs, ``--batch-size`` smaller than the data.
 """
@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,22 +32,20 @@ from fpgrad.formats import get_format
 from fpgrad.graph.capture import Graph, loss_in
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import _into, model_in
-from fpgrad.graph.network import GraphNetwork
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.graph.train_exact import exact_check, exact_run
 from fpgrad.optim import OptimConfig, TorchOptimizer
 from fpgrad.scaling import DynamicScaler, StaticScaler
 from fpgrad.torch_native import DTYPES, one_torch_thread
-from fpgrad.train import (
-    EmulatedRun,
-    History,
-    RunSpec,
-    TrainResult,
-    _flat,
-    _Run,
-    parse_runs,
-    run_detectors,
-)
+from fpgrad.training.detectors import run_detectors
+from fpgrad.training.emulated_run import EmulatedRun
+from fpgrad.training.history import History, _flat
+from fpgrad.training.result import TrainResult
+from fpgrad.training.runs import RunSpec, parse_runs
+from fpgrad.training.torch_run import _Run
+
+if TYPE_CHECKING:
+    from fpgrad.graph.network import GraphNetwork
 
 
 @dataclasses.dataclass
@@ -271,7 +269,7 @@ def _first_nonfinite_place(
 
 
 def parse_graph_runs(runs: str | list[str] | None, policies: Any = None) -> list[RunSpec]:
-    """The runs of :func:`fpgrad.train.parse_runs` a captured model can train (``policies``:
+    """The runs of :func:`fpgrad.training.parse_runs` a captured model can train (``policies``:
     the model's own, by name, so that naming one is refused as a policy)."""
     specs = parse_runs(runs, policies or None)
     for s in specs:
@@ -340,7 +338,7 @@ def train_graph(
     exact_max_bits: int | None = None,
 ) -> TrainResult:
     """Train the captured ``net`` for ``steps`` full-batch steps in every run and exactly,
-    from the parameters it was captured with (:func:`fpgrad.train.train`'s result)."""
+    from the parameters it was captured with (:func:`fpgrad.training.train`'s result)."""
     from fpgrad.exact import MIN_BITS
 
     if not isinstance(steps, int) or steps < 1:

@@ -1,5 +1,5 @@
 """The exact references of captured-model training: the certified trajectory through the
-graph (:class:`GraphExactRun` under :func:`fpgrad.train.exact_trajectory`) and the certified
+graph (:class:`GraphExactRun` under :func:`fpgrad.training.exact_trajectory`) and the certified
 gradients at a run's own parameters (:func:`exact_check`)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from fpgrad.errors import InputError
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.optim import OptimConfig
-from fpgrad.train import ExactRun, _exact_loss, _flat, exact_trajectory
+from fpgrad.training.exact_run import ExactRun, _exact_loss, exact_trajectory
+from fpgrad.training.history import _flat
 from fpgrad.verdicts import VERDICTS, classify
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class GraphExactRun(ExactRun):
         (as ``compare`` counts: exact zeros and balls around 0 left out); the balls around 0
         of the last step are kept in :attr:`undetermined` (name -> (count, largest radius))."""
         from fpgrad.exact import arb_digits, ball_digits
-        from fpgrad.train import _is_ball
+        from fpgrad.training.exact_run import _is_ball
 
         digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
         worst = float(self._cap())
@@ -79,7 +80,7 @@ def exact_run(
     progress: bool,
     max_bits: int | None,
 ) -> tuple[ExactRun, float, str]:
-    """:func:`fpgrad.train.exact_trajectory` through the graph; an op the multi-word balls
+    """:func:`fpgrad.training.exact_trajectory` through the graph; an op the multi-word balls
     lack sends the run to Arb balls (announced in one line), or is refused under ``fast``."""
     from fpgrad.exact import ALIASES
 

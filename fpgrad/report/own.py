@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from fpgrad.advisor import Advice
     from fpgrad.compare import Comparison, GradColumns
     from fpgrad.formats import Format
-    from fpgrad.train import TrainResult
+    from fpgrad.training import TrainResult
 
 __all__ = [
     "check_out_dir",

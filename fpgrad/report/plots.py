@@ -43,7 +43,7 @@ def gradient_magnitudes(c: Comparison, path: Path) -> None:
     from fpgrad.verdicts import VERDICTS
 
     precs = c.precisions
-    nonzero = [~g.exact.zero.ravel() for g in c.grads]
+    nonzero = [(~g.exact.zero & ~g.exact.undetermined_mask()).ravel() for g in c.grads]
     mags = np.concatenate(
         [np.log2(np.abs(g.exact.hi.ravel()[nz])) for g, nz in zip(c.grads, nonzero, strict=True)]
         or [np.zeros(0)]

@@ -12,7 +12,7 @@ from fpgrad.network import Network
 from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import training_plots
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.train import train
+from fpgrad.training import train
 
 NAME = "dead_relu"
 CLAIM = (

@@ -17,7 +17,7 @@ from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
-from fpgrad.train import TrainResult, train
+from fpgrad.training import TrainResult, train
 
 NAME = "dead_relu_remedies"
 CLAIM = (

@@ -18,7 +18,7 @@ from fpgrad.report.plots import save_png
 from fpgrad.rounding import round_to
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread, torch_trace
-from fpgrad.train import TrainResult, train
+from fpgrad.training import TrainResult, train
 
 NAME = "extreme_values_overflow"
 CLAIM = (

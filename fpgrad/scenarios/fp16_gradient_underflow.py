@@ -19,7 +19,7 @@ from fpgrad.optim import OptimConfig
 from fpgrad.report.plots import save_png
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
-from fpgrad.train import train
+from fpgrad.training import train
 
 NAME = "fp16_gradient_underflow"
 CLAIM = (

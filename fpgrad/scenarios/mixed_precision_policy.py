@@ -23,7 +23,7 @@ from fpgrad.render import policy_rows
 from fpgrad.report.plots import save_png
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
-from fpgrad.train import TrainResult, train
+from fpgrad.training import TrainResult, train
 
 NAME = "mixed_precision_policy"
 CLAIM = (

@@ -15,7 +15,7 @@ from fpgrad.report.plots import save_png
 from fpgrad.rounding import round_to
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.torch_native import one_torch_thread
-from fpgrad.train import TrainResult, train
+from fpgrad.training import TrainResult, train
 
 NAME = "tiny_learning_rate"
 CLAIM = (

@@ -241,7 +241,7 @@ def _exact_for(job: CellJob, net: Network) -> Any:
 def _run_train(job: CellJob, net: Any) -> dict[str, Any]:
     """One training cell of ``net`` (the job's network, init-scaled, or a captured model)."""
     from fpgrad.optim import OptimConfig
-    from fpgrad.train import train
+    from fpgrad.training import train
 
     opts, axes = job.options, job.axes
     run = axes["precision"]

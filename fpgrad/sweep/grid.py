@@ -93,7 +93,7 @@ class Grid:
                 "give fewer values"
             )
         if task == "train" and "loss_scale" in out.values:
-            from fpgrad.train import parse_run
+            from fpgrad.training import parse_run
 
             for run in out.values["precision"]:
                 spec = parse_run(run, dict(policies or {}))
@@ -224,7 +224,7 @@ def _canonical_precision(name: str, task: str, policies: Mapping[str, Any] | Non
     if name.strip().lower() == "exact":
         raise InputError("grid axis precision: exact is the reference of every cell; drop it")
     if task == "train":
-        from fpgrad.train import parse_run
+        from fpgrad.training import parse_run
 
         return parse_run(name, dict(policies or {})).label
     from fpgrad.precisions import parse_precisions

@@ -35,10 +35,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
 from fpgrad.formats import get_format
 from fpgrad.watch.exact_fallback import exact_elements
+from fpgrad.watch.leaves import leaves, map_leaves
 
 #: torch dtype -> fpgrad format name.
 FORMAT_OF = {
@@ -115,7 +115,7 @@ def _abs64(x: Any) -> Any:
 
 
 def _float_outputs(out: Any) -> list[torch.Tensor | None]:
-    flat, _ = tree_flatten(out)
+    flat = leaves(out)
     return [t if isinstance(t, torch.Tensor) and t.dtype in FORMAT_OF else None for t in flat]
 
 
@@ -125,14 +125,14 @@ def recompute(func: Any, args: tuple, kwargs: dict, absolute: bool = False) -> l
     conv = _abs64 if absolute else _to64
     try:
         with torch.no_grad():
-            out = func(*tree_map(conv, args), **tree_map(conv, kwargs))
+            out = func(*map_leaves(conv, args), **map_leaves(conv, kwargs))
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None
     return _float_outputs(out)
 
 
 def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    flat, _ = tree_flatten((args, kwargs))
+    flat = leaves((args, kwargs))
     return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
@@ -152,13 +152,19 @@ def count(indicator: torch.Tensor) -> torch.Tensor:
     return indicator.sum(dtype=torch.float64)
 
 
-def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
+def basic_stats(
+    t: torch.Tensor, smallest_normal: float, known: tuple | None = None
+) -> dict[str, Any]:
     """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
-    ``aminmax`` pass proves there is no zero, subnormal, inf or NaN."""
-    a = t.detach().abs()
-    if not a.numel():
-        return dict.fromkeys(COUNTS, 0) | {"min_abs": None, "max_abs": None}
-    lo, hi = (float(v) for v in torch.stack(torch.aminmax(a)).tolist())
+    ``aminmax`` pass proves there is no zero, subnormal, inf or NaN. ``known``: ``(|t|, min,
+    max)`` already computed (``|t|`` may be overwritten)."""
+    if known is not None:
+        a, lo, hi = known
+    else:
+        a = t.detach().abs()
+        if not a.numel():
+            return dict.fromkeys(COUNTS, 0) | {"min_abs": None, "max_abs": None}
+        lo, hi = _bounds(a)
     if lo >= smallest_normal and hi < float("inf"):
         return dict.fromkeys(COUNTS, 0) | {"min_abs": lo, "max_abs": hi}
     if a.dtype in (torch.float16, torch.bfloat16):
@@ -166,14 +172,16 @@ def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
     inf = float("inf")
     if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
         nonzero = torch.sign(a)
-        big = torch.finfo(a.dtype).max
-        # the smallest non-zero magnitude: zeros replaced by the largest finite value
-        masked = (1 - nonzero).mul_(big).add_(a)
-        z_mn = torch.stack([count(nonzero), masked.amin().to(torch.float64)]).tolist()
+        nz = count(nonzero)
+        # the smallest non-zero magnitude: zeros replaced by the largest finite value, as
+        # a + (-big) * (sign(a) - 1): exact (the product is 0 or big)
+        masked = torch.add(a, nonzero.sub_(1), alpha=-torch.finfo(a.dtype).max, out=nonzero)
+        z_mn = _bounds_pair(nz, masked.amin())
         z = a.numel() - int(z_mn[0])
         s = 0
         if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
-            s = int(count((smallest_normal - a).clamp_(min=0).sign_())) - z
+            # the zeros are "big" in masked: below the smallest normal are the subnormals
+            s = int(count(masked.neg_().add_(smallest_normal).clamp_(min=0).sign_()))
         return {
             "zeros": z,
             "subnormals": s,
@@ -300,7 +308,7 @@ class _Shadow:
 
         try:
             with torch.no_grad():
-                out = self.func(*tree_map(pick, self.args), **tree_map(pick, self.kwargs))
+                out = self.func(*map_leaves(pick, self.args), **map_leaves(pick, self.kwargs))
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
             return None
         return out if isinstance(out, torch.Tensor) and out.dtype == torch.float64 else None
@@ -441,14 +449,14 @@ def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -
     exactly zero and the recompute can be skipped."""
     if func.overloadpacket.__name__ not in SELECTION_OPS:
         return False
-    flat, _ = tree_flatten((args, kwargs))
+    flat = leaves((args, kwargs))
     ok = _WIDER[dtype]
     for x in flat:
         if isinstance(x, torch.Tensor):
             if x.is_floating_point() and x.dtype not in ok:
                 return False
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            if float(torch.tensor(x, dtype=dtype)) != x:
+            if not _fits(x, dtype):
                 return False
         elif not isinstance(
             x, (bool, torch.dtype, torch.layout, torch.device, torch.memory_format, str, type(None))
@@ -461,13 +469,20 @@ def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) ->
     """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
     zero factor (no overlap of the supports of row i and column j). There the exact result and
     its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
-    recompute would find. Checked with a float32 product of the 0/1 support indicators (counts
-    of overlapping pairs: integers up to 2^24, exact)."""
+    recompute would find. Checked at the zeros only (rows of A and columns of B gathered there)
+    when they are few, else with a float32 product of the 0/1 support indicators; either way
+    counts of overlapping pairs, integers up to 2^24, exact."""
     if func.overloadpacket.__name__ != "mm" or t.dim() != 2:
         return False
     a, b = args[0], args[1]
     if a.shape[1] > 2**24:
         return False
+    if zeros * a.shape[1] <= 2**22:  # few zeros: test the supports at the zeros only
+        i, j = (t.detach() == 0).nonzero().unbind(1)
+        ai = a.detach().index_select(0, i).abs().sign_()  # gather, then indicators
+        bj = b.detach().index_select(1, j).t().abs().sign_()
+        overlap = ai.mul_(bj).sum(1, dtype=torch.float32)  # integers <= 2^24: exact
+        return int(count(1 - torch.sign(overlap))) == zeros
     sa = a.detach().abs().sign_().float()  # sign first: a tiny non-zero stays 1
     sb = b.detach().abs().sign_().float()
     overlap = torch.sign(sa @ sb)
@@ -476,22 +491,87 @@ def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) ->
     return z == zeros
 
 
+#: dtype -> the smallest normal magnitude of its format.
+_SMALLEST_NORMAL = {d: get_format(f).smallest_normal for d, f in FORMAT_OF.items()}
+_FUNC_INFO: dict[Any, tuple[str, bool]] = {}
+
+
+def _bounds(a: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a non-empty tensor as floats: one ``aminmax`` pass, one host transfer."""
+    lo, hi = torch.aminmax(a)
+    if a.device.type == "cpu":
+        return lo.item(), hi.item()
+    lo_hi = torch.stack([lo, hi]).tolist()
+    return lo_hi[0], lo_hi[1]
+
+
+def _bounds_pair(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Two 0-d tensors as floats (widened exactly): one host transfer off CPU."""
+    if x.device.type == "cpu":
+        return [float(x.item()), float(y.item())]
+    return torch.stack([x.to(torch.float64), y.to(torch.float64)]).tolist()
+
+
+_FITS: dict[tuple[float, torch.dtype], bool] = {}
+
+
+def _fits(x: float, dtype: torch.dtype) -> bool:
+    """Whether the number ``x`` is exactly representable in ``dtype`` (cached, up to 4096
+    numbers; NaN never is)."""
+    if x != x:
+        return False
+    key = (x, dtype)
+    got = _FITS.get(key)
+    if got is None:
+        if len(_FITS) >= 4096:
+            _FITS.clear()
+        got = _FITS[key] = float(torch.tensor(x, dtype=dtype)) == x
+    return got
+
+
+def _plain_row(k: int, dtype: str, numel: int, fam: str, lo: float, hi: float) -> dict:
+    """The record of an output with no zero, subnormal, inf or NaN (what the full path gives)."""
+    return {
+        "zeros": 0, "subnormals": 0, "infs": 0, "nans": 0, "min_abs": lo, "max_abs": hi,
+        "out": k, "dtype": dtype, "numel": numel, "family": fam,
+        "zeros_created": 0, "zeros_inherited": 0, "zeros_undecided": 0,
+        "subnormals_created": 0, "subnormals_inherited": 0, "subnormals_undecided": 0,
+        "infs_created": 0, "infs_inherited": 0, "infs_undecided": 0,
+        "nans_created": 0, "nans_inherited": 0, "nans_undecided": 0,
+        "subnormal_share": 0.0, "underflow_share": 0.0,
+    }  # fmt: skip
+
+
 def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
-    """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
+    """One statistics dict per floating output of ``func(*args, **kwargs) -> out``. Fast path:
+    one ``abs`` and one ``aminmax`` pass prove an output has nothing to classify."""
     rows = []
-    sh = _Shadow(func, args, kwargs)
-    seeded = torch.Tag.nondeterministic_seeded in func.tags
+    info = _FUNC_INFO.get(func)
+    if info is None:
+        info = _FUNC_INFO[func] = (family(func), torch.Tag.nondeterministic_seeded in func.tags)
+    fam, seeded = info
+    sh: _Shadow | None = None
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
             continue
-        fmt = get_format(FORMAT_OF[t.dtype])
-        st = basic_stats(t, fmt.smallest_normal)
-        st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": sh.fam})
+        sn = _SMALLEST_NORMAL[t.dtype]
+        known = None
+        if t.numel():
+            a = (t.detach() if t.requires_grad else t).abs()
+            lo, hi = _bounds(a)
+            if lo >= sn and hi < float("inf"):
+                rows.append(_plain_row(k, FORMAT_OF[t.dtype], t.numel(), fam, lo, hi))
+                continue
+            known = (a, lo, hi)
+        if sh is None:
+            sh = _Shadow(func, args, kwargs)
+        st = basic_stats(t, sn, known)
+        st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": fam})
         for name in COUNTS:
             st[f"{name}_created"] = st[f"{name}_inherited"] = 0
             st[f"{name}_undecided"] = st[name]
         if st["subnormals"]:
-            inh = _input_has_subnormal(args, kwargs, fmt.smallest_normal)
+            inh = _input_has_subnormal(args, kwargs, sn)
             st["subnormals_created"] = 0 if inh else st["subnormals"]
             st["subnormals_inherited"] = st["subnormals"] if inh else 0
             st["subnormals_undecided"] = 0

@@ -15,10 +15,26 @@ import torch
 from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._pytree import tree_flatten
 
+from fpgrad.watch.leaves import leaves
+
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None))
+
 
 def _grad_tensors(x: Any) -> list[torch.Tensor]:
-    flat, _ = tree_flatten(x)
+    if isinstance(x, torch.Tensor):
+        return [x] if x.requires_grad else []
+    flat = leaves(x)
+    if not all(isinstance(t, _PLAIN) for t in flat):  # another container type: ask pytree
+        flat, _ = tree_flatten(x)
     return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _grad_hook(ts: list[torch.Tensor], fn: Callable[..., None]) -> Any:
+    """Call ``fn`` once the gradients of all of ``ts`` are computed in a backward pass: a plain
+    tensor hook for one tensor (much cheaper), else a multi-grad hook."""
+    if len(ts) == 1:
+        return ts[0].register_hook(lambda _grad: fn())
+    return register_multi_grad_hook(ts, fn)
 
 
 class ModuleStack:
@@ -26,6 +42,7 @@ class ModuleStack:
 
     def __init__(self, model: torch.nn.Module, active: Callable[[], bool]) -> None:
         self.stack: list[str] = []
+        self._current: tuple[tuple[str, ...], str] | None = None
         self._active = active
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
@@ -38,7 +55,14 @@ class ModuleStack:
     @property
     def current(self) -> str:
         """The innermost running module: the latest entry that is no other entry's ancestor
-        (in backward, a module and its parent can be entered by the same output's hook)."""
+        (in backward, a module and its parent can be entered by the same output's hook).
+        Cached until the stack changes."""
+        key = tuple(self.stack)
+        if self._current is None or self._current[0] != key:
+            self._current = (key, self._innermost())
+        return self._current[1]
+
+    def _innermost(self) -> str:
         for path in reversed(self.stack):
             if path == "(root)" and len(set(self.stack)) > 1:
                 continue
@@ -74,7 +98,7 @@ class ModuleStack:
             if self._active() and torch.is_grad_enabled():
                 ts = _grad_tensors(inputs)
                 if ts:
-                    self._grad_handles.append(register_multi_grad_hook(ts, self._bw_pop(path)))
+                    self._grad_handles.append(_grad_hook(ts, self._bw_pop(path)))
 
         return hook
 
@@ -84,7 +108,7 @@ class ModuleStack:
             if self._active() and torch.is_grad_enabled():
                 ts = _grad_tensors(output)
                 if ts:
-                    self._grad_handles.append(register_multi_grad_hook(ts, self._bw_push(path)))
+                    self._grad_handles.append(_grad_hook(ts, self._bw_push(path)))
 
         return hook
 

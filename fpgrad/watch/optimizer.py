@@ -10,12 +10,15 @@ refilled on each sampled step).
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Any
 
 import torch
 
 from fpgrad.formats import get_format
 from fpgrad.watch.classify import FORMAT_OF, count
+from fpgrad.watch.scratch import Scratch
 
 #: Parameters up to this size keep their per-element swamped map in the records.
 MAP_LIMIT = 4096
@@ -118,37 +121,67 @@ def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | N
     return ShadowOptimizer().requested_updates(opt)
 
 
-def param_stats(
-    name: str,
-    p: torch.Tensor,
-    before: torch.Tensor,
-    requested: torch.Tensor | None,
-    state: dict,
-    group: dict,
-) -> dict[str, Any]:
-    """The record of one parameter after a step (``before``: its value before the step)."""
-    after = p.detach()
-    n = max(p.numel(), 1)
-    w64 = before.to(torch.float64)
-    d64 = after.to(torch.float64, copy=True).sub_(w64)  # never the parameter itself
-    # float indicators (1.0 / 0.0) where everything is finite: much faster than bool masks (a
-    # non-finite weight before or after makes d64 non-finite, so d64 and requested suffice)
-    check = d64.sum() + (requested.sum() if requested is not None else 0.0)
-    finite = bool(torch.isfinite(check))
-    moved = d64.abs().sign_() if finite else (after != before).to(torch.float64)
-    vals = [moved.sum(), w64.norm(), d64.norm()]
-    if requested is not None:
-        asked = requested.abs().sign_() if finite else (requested != 0).to(torch.float64)
-        swamped = (1 - moved).mul_(asked)
-        vals += [asked.sum(), swamped.sum(), requested.norm()]
+def _eps_threshold(dtype: torch.dtype, eps: float) -> float:
+    """The smallest ``x >= 0`` of ``dtype`` with ``not (math.sqrt(x) < eps)`` (``0 < eps <
+    inf``): the correctly rounded square root is non-decreasing, so for ``x >= 0`` of ``dtype``,
+    ``math.sqrt(x) < eps`` exactly when ``x <`` this threshold. Found by bisection over the bit
+    patterns of ``dtype``; cached. (torch's float64 ``sqrt`` is not always correctly rounded
+    on CPU, so :func:`_flat_state_counts` uses this only away from ``eps``.)"""
+    key = (dtype, eps)
+    got = _THRESHOLDS.get(key)
+    if got is not None:
+        return got
+    value = _FROM_BITS[dtype]
+    inf_bits = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000}.get(
+        dtype, 0x7FF0000000000000
+    )
+    lo, hi = 0, inf_bits  # sqrt(inf) = inf is not below eps: find the first bit pattern that fails
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if math.sqrt(value(mid)) < eps:
+            lo = mid + 1
+        else:
+            hi = mid
+    got = _THRESHOLDS[key] = value(lo)
+    return got
+
+
+#: dtype -> the value (a float) of a non-negative bit pattern of that format.
+_FROM_BITS = {
+    torch.float16: lambda k: struct.unpack("<e", struct.pack("<H", k))[0],
+    torch.bfloat16: lambda k: struct.unpack("<f", struct.pack("<I", k << 16))[0],
+    torch.float32: lambda k: struct.unpack("<f", struct.pack("<I", k))[0],
+    torch.float64: lambda k: struct.unpack("<d", struct.pack("<Q", k))[0],
+}
+_THRESHOLDS: dict[tuple[torch.dtype, float], float] = {}
+
+
+def _rsub(x: torch.Tensor, c: float, buf: torch.Tensor) -> torch.Tensor:
+    """``c - x`` written into ``buf`` (as ``-x + c``: the same exact sum, so the same rounding)."""
+    return buf.copy_(x).neg_().add_(c)
+
+
+def _state_counts(
+    state: dict, p: torch.Tensor, scratch: Scratch
+) -> tuple[list[torch.Tensor], list[Any], dict[Any, tuple[float, float]]]:
+    """(zero count, subnormal count) 0-d tensors of each floating state tensor shaped like
+    ``p``, flattened, with the state keys they belong to and each tensor's (min, max)."""
+    vals: list[torch.Tensor] = []
     keys = []
+    bounds: dict[Any, tuple[float, float]] = {}
     for key, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
             sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
             # counted in the state's own format (float32 for narrower ones): a zero is a zero
             # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
-            a = v.detach().abs()
-            lo, hi = torch.stack(torch.aminmax(a)).tolist()
+            v = v.detach()
+            vlo, vhi = torch.stack(torch.aminmax(v)).tolist()
+            bounds[key] = (vlo, vhi)
+            if vlo >= 0:  # no negative, no NaN: |v| is v (up to the sign of zeros)
+                a, lo, hi = v, vlo, vhi
+            else:
+                a = torch.abs(v, out=scratch.get("state", v.shape, v.dtype, v.device))
+                lo, hi = torch.stack(torch.aminmax(a)).tolist()
             if lo >= sn and hi < float("inf"):  # no zero, subnormal, inf or NaN
                 vals += [torch.zeros((), dtype=torch.float64)] * 2
                 keys.append(key)
@@ -156,21 +189,73 @@ def param_stats(
             if a.dtype != torch.float64:
                 a = a.float()
             if hi < float("inf"):
-                zero = 1 - torch.sign(a)
+                buf = scratch.get("state_ind", a.shape, a.dtype, a.device)
+                zero = torch.sign(a, out=buf).sub_(1).neg_()  # 1 - sign(|v|)
                 nz = count(zero)
-                vals += [nz, count((sn - a).clamp_(min=0).sign_()) - nz]
+                vals += [nz, count(_rsub(a, sn, buf).clamp_(min=0).sign_()) - nz]
             else:
                 vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
             keys.append(key)
+    return vals, keys, bounds
+
+
+def _eps_count(state: dict, group: dict) -> torch.Tensor | None:
+    """For an Adam-like state (``exp_avg_sq`` and a float ``eps``): the number of elements whose
+    float64 ``sqrt(exp_avg_sq)`` (torch's) is below ``eps``; else None."""
     v = state.get("exp_avg_sq")
     eps = group.get("eps")
-    adam = isinstance(v, torch.Tensor) and isinstance(eps, float)
-    if adam:
-        root = v.detach().to(torch.float64).sqrt()
-        if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
-            vals.append(count((eps - root).clamp_(min=0).sign_()))
+    if not (isinstance(v, torch.Tensor) and isinstance(eps, float)):
+        return None
+    v = v.detach()
+    root = v.to(torch.float64).sqrt()
+    if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
+        return count((eps - root).clamp_(min=0).sign_())
+    return (root < eps).sum()
+
+
+def param_stats(
+    name: str,
+    p: torch.Tensor,
+    before: torch.Tensor,
+    requested: torch.Tensor | None,
+    state: dict,
+    group: dict,
+    scratch: Scratch | None = None,
+) -> dict[str, Any]:
+    """The record of one parameter after a step (``before``: its value before the step, in
+    float64). Temporaries live in ``scratch`` (fresh buffers when None)."""
+    scratch = scratch if scratch is not None else Scratch()
+    after = p.detach()
+    n = max(p.numel(), 1)
+    dev = p.device
+    w64 = before if before.dtype == torch.float64 else before.to(torch.float64)
+    d64 = scratch.get("d64", p.shape, torch.float64, dev)
+    d64.copy_(after).sub_(w64)  # never the parameter itself
+    # float indicators (1.0 / 0.0) where everything is finite: much faster than bool masks (a
+    # non-finite weight before or after makes d64 non-finite, so d64 and requested suffice)
+    check = d64.sum() + (requested.sum() if requested is not None else 0.0)
+    finite = bool(torch.isfinite(check))
+    if finite:
+        moved = torch.abs(d64, out=scratch.get("moved", p.shape, torch.float64, dev)).sign_()
+    else:
+        moved = (after != before).to(torch.float64)
+    vals = [moved.sum(), w64.norm(), d64.norm()]
+    swamped = None
+    if requested is not None:
+        if finite:
+            asked = torch.abs(
+                requested, out=scratch.get("asked", p.shape, torch.float64, dev)
+            ).sign_()
         else:
-            vals.append((root < eps).sum())
+            asked = (requested != 0).to(torch.float64)
+        swamped = moved.sub_(1).neg_().mul_(asked)  # (1 - moved) * asked, in moved's buffer
+        vals += [asked.sum(), swamped.sum(), requested.norm()]
+    svals, keys, _ = _state_counts(state, p, scratch)
+    vals += svals
+    e = _eps_count(state, group)
+    adam = e is not None
+    if e is not None:
+        vals.append(e)
     got = torch.stack([x.to(torch.float64) for x in vals]).tolist()
     nmoved, wn, dn = got[:3]
     rec: dict[str, Any] = {
@@ -181,7 +266,7 @@ def param_stats(
         "update_weight_ratio": dn / wn if wn else None,
     }
     i = 3
-    if requested is not None:
+    if requested is not None and swamped is not None:
         nasked, nswamped, rn = got[3:6]
         i = 6
         rec["requested_nonzero"] = int(nasked)
@@ -196,8 +281,264 @@ def param_stats(
         rec[f"state_{key}_subnormal_share"] = got[i + 1] / n
         i += 2
     if adam:
-        eps_in = float(torch.tensor(eps, dtype=v.dtype))
+        v = state["exp_avg_sq"]
+        eps_in = float(torch.tensor(group["eps"], dtype=v.dtype))
         rec["eps_in_state_dtype"] = eps_in
         rec["eps_flushed"] = eps_in == 0.0
         rec["eps_dominated_share"] = got[i] / n
     return rec
+
+
+#: Steps whose parameters hold more elements than this are summarised parameter by parameter
+#: (the batched path keeps four float64 work buffers of this size).
+BATCH_LIMIT = 2**22
+
+
+def widen(params: list[torch.Tensor], scratch: Scratch) -> dict[int, torch.Tensor]:
+    """Float64 copies of ``params`` (by ``id``), as views of one reused buffer when they share a
+    device and are few enough elements (:data:`BATCH_LIMIT`), else fresh tensors."""
+    n = sum(p.numel() for p in params)
+    if not params or n > BATCH_LIMIT or len({p.device for p in params}) > 1:
+        return {id(p): p.detach().to(torch.float64, copy=True) for p in params}
+    flat = scratch.get("before", (n,), torch.float64, params[0].device)
+    views, o = [], 0
+    for p in params:
+        views.append(flat[o : o + p.numel()].view(p.shape))
+        o += p.numel()
+    torch._foreach_copy_(views, [p.detach() for p in params])
+    return {id(p): v for p, v in zip(params, views, strict=True)}
+
+
+def step_records(
+    opt: torch.optim.Optimizer,
+    names: dict[int, str],
+    before: dict[int, torch.Tensor],
+    requested: dict[int, torch.Tensor] | None,
+    scratch: Scratch,
+) -> list[dict[str, Any]]:
+    """The :func:`param_stats` record of every parameter in ``before`` (param_groups order),
+    computed for all of them at once: one flat float64 buffer per indicator, segment sums for
+    the counts, ``_foreach`` norms (the same kernel per tensor as ``Tensor.norm``). Falls back
+    to :func:`param_stats` per parameter for anything the batch does not cover (non-finite
+    updates, several devices, empty or very many parameters, a missing requested update)."""
+    ents = [(g, p) for g in opt.param_groups for p in g["params"] if id(p) in before]
+    n = sum(p.numel() for _, p in ents)
+    reqs = None if requested is None else [requested.get(id(p)) for _, p in ents]
+    if (
+        not ents
+        or n > BATCH_LIMIT
+        or len({p.device for _, p in ents}) > 1
+        or any(p.numel() == 0 for _, p in ents)
+        or (reqs is not None and any(r is None for r in reqs))
+    ):
+        return _one_by_one(ents, names, before, requested, opt, scratch)
+    dev = ents[0][1].device
+    ind = scratch.get("indicators", (3, n), torch.float64, dev)
+    rows = [[], [], []]
+    o = 0
+    for _, p in ents:
+        for k in range(3):
+            rows[k].append(ind[k, o : o + p.numel()].view(p.shape))
+        o += p.numel()
+    d = rows[0]  # the update done, then the "moved" indicator in the same place
+    befores = [before[id(p)] for _, p in ents]
+    torch._foreach_copy_(d, [p.detach() for _, p in ents])
+    torch._foreach_sub_(d, befores)
+    norms = [torch._foreach_norm(befores, 2), torch._foreach_norm(d, 2)]
+    if reqs is not None:
+        norms.append(torch._foreach_norm(reqs, 2))
+    # a finite 2-norm proves every element finite (an overflowing one only sends us the slow way)
+    if not bool(torch.isfinite(torch.stack([x for ns in norms[1:] for x in ns])).all()):
+        return _one_by_one(ents, names, before, requested, opt, scratch)
+    ind[0].abs_().sign_()
+    if reqs is not None:
+        torch._foreach_copy_(rows[1], reqs)
+        ind[1].abs_().sign_()
+        torch.mul(ind[0], ind[1], out=ind[2])
+        torch.sub(ind[1], ind[2], out=ind[2])  # asked and not moved: swamped
+    k_rows = 3 if reqs is not None else 1
+    # per-parameter sums of the 0/1 indicators: exact integers (fewer than 2^53 of them)
+    parts = ind[:k_rows].split([p.numel() for _, p in ents], dim=1)
+    counts = torch.stack([t.sum(1) for t in parts], dim=1)
+    # state tensors (zero and subnormal shares) and Adam's eps share
+    states = [opt.state.get(p, {}) for _, p in ents]
+    flat_state = _flat_state_counts(ents, states, scratch)
+    if flat_state is not None:
+        state_vals, eps_vals = flat_state
+    else:
+        state_vals = [
+            _state_counts(st, p, scratch)[:2] for st, (_, p) in zip(states, ents, strict=True)
+        ]
+        eps_vals = [_eps_count(st, g) for st, (g, _) in zip(states, ents, strict=True)]
+    got = torch.cat(
+        [counts.reshape(-1).to(torch.float64), torch.stack([x for ns in norms for x in ns])]
+    ).tolist()
+    tail: list[Any] = []
+    for sv, e in zip(state_vals, eps_vals, strict=True):  # per parameter: state, then eps
+        tail += sv[0] + ([e] if e is not None else [])
+    if tail and isinstance(tail[0], torch.Tensor):  # the per-parameter functions' 0-d tensors
+        tail = torch.stack([x.to(torch.float64) for x in tail]).tolist()
+    got += tail
+    P = len(ents)
+    cnt = [got[k * P : (k + 1) * P] for k in range(k_rows)]
+    nrm = [got[k_rows * P + k * P : k_rows * P + (k + 1) * P] for k in range(len(norms))]
+    i = k_rows * P + len(norms) * P
+    small = ind[2] if reqs is not None else None
+    out, o = [], 0
+    for j, (g, p) in enumerate(ents):
+        m = max(p.numel(), 1)
+        wn, dn = nrm[0][j], nrm[1][j]
+        rec: dict[str, Any] = {
+            "param": names.get(id(p), f"param{j}"),
+            "dtype": FORMAT_OF.get(p.dtype, str(p.dtype)),
+            "numel": p.numel(),
+            "moved_share": cnt[0][j] / m,
+            "update_weight_ratio": dn / wn if wn else None,
+        }
+        if reqs is not None and small is not None:
+            nasked, nswamped, rn = cnt[1][j], cnt[2][j], nrm[2][j]
+            rec["requested_nonzero"] = int(nasked)
+            rec["swamped"] = int(nswamped)
+            rec["swamped_share"] = nswamped / max(nasked, 1)
+            rec["requested_update_weight_ratio"] = rn / wn if wn else None
+            rec["swamped_map"] = (
+                small[o : o + p.numel()].to(torch.uint8).tolist()
+                if p.numel() <= MAP_LIMIT
+                else None
+            )
+        for key in state_vals[j][1]:
+            rec[f"state_{key}_zero_share"] = got[i] / m
+            rec[f"state_{key}_subnormal_share"] = got[i + 1] / m
+            i += 2
+        if eps_vals[j] is not None:
+            v = states[j]["exp_avg_sq"]
+            eps_in = float(torch.tensor(g["eps"], dtype=v.dtype))
+            rec["eps_in_state_dtype"] = eps_in
+            rec["eps_flushed"] = eps_in == 0.0
+            rec["eps_dominated_share"] = got[i] / m
+            i += 1
+        out.append(rec)
+        o += p.numel()
+    return out
+
+
+def _eligible(state: dict, p: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+    return [
+        (k, v)
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel()
+    ]
+
+
+def _flat_state_counts(
+    ents: list, states: list[dict], scratch: Scratch
+) -> tuple[list[tuple[list[float], list[Any]]], list[float | None]] | None:
+    """:func:`_state_counts` and :func:`_eps_count` of every parameter at once: the state
+    tensors of one key copied into one flat buffer (float32 for narrower formats, as
+    :func:`_state_counts` counts), indicator rows (non-zero, below the smallest normal, below
+    the eps threshold) and per-parameter sums. None when a state tensor is not finite or
+    negative where eps is counted, when the formats or eps values of a key differ, or anything
+    else the flat path does not cover: then the per-parameter functions decide."""
+    per = [_eligible(st, p) for st, (_, p) in zip(states, ents, strict=True)]
+    groups: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+    for j, kv in enumerate(per):
+        for k, v in kv:
+            groups.setdefault(k, []).append((j, v.detach()))
+    eps_of: dict[int, float] = {}
+    for j, ((g, _), st) in enumerate(zip(ents, states, strict=True)):
+        v, eps = st.get("exp_avg_sq"), g.get("eps")
+        if isinstance(v, torch.Tensor) and isinstance(eps, float):
+            if not any(k == "exp_avg_sq" for k, _ in per[j]):
+                return None
+            eps_of[j] = eps
+    if len(set(eps_of.values())) > 1:
+        return None
+    counts: dict[tuple[Any, int], Any] = {}
+    for key, members in groups.items():
+        dtypes = {v.dtype for _, v in members}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in FORMAT_OF:
+            return None
+        dtype = next(iter(dtypes))
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        sn = get_format(FORMAT_OF[dtype]).smallest_normal
+        sizes = [v.numel() for _, v in members]
+        n = sum(sizes)
+        with_eps = key == "exp_avg_sq" and bool(eps_of)
+        rows = 4 if with_eps else 2
+        buf = scratch.get("state_flat", (rows + 1, n), cdt, members[0][1].device)
+        f = buf[0]
+        views, o = [], 0
+        for _, v in members:
+            views.append(f[o : o + v.numel()].view(v.shape))
+            o += v.numel()
+        torch._foreach_copy_(views, [v for _, v in members])
+        lo, hi = (float(x) for x in torch.stack(torch.aminmax(f)).tolist())
+        if not (lo > float("-inf") and hi < float("inf")):  # an inf or NaN (NaN fails too)
+            return None
+        band = None
+        if with_eps:
+            eps = next(iter(eps_of.values()))
+            if not (0 < eps < float("inf") and lo >= 0):
+                return None
+            # below t_lo, sqrt(v) < eps(1 - 2^-30) and so is torch's float64 sqrt (accurate to
+            # far better than 2^-30); from t_hi on, neither is below eps. Elements between:
+            # the per-parameter path computes torch's sqrt itself.
+            band = (
+                _eps_threshold(dtype, eps * (1 - 2.0**-30)),
+                _eps_threshold(dtype, eps * (1 + 2.0**-30)),
+            )
+            if float("inf") in band:
+                return None
+        if lo < 0:
+            f.abs_()
+        torch.sign(f, out=buf[1])  # 1 where non-zero
+        torch.sub(f, sn, out=buf[2]).neg_().clamp_(min=0).sign_()  # 1 where |v| < sn
+        if band is not None:
+            torch.sub(f, band[0], out=buf[3]).neg_().clamp_(min=0).sign_()  # v < t_lo
+            torch.sub(f, band[1], out=buf[4]).neg_().clamp_(min=0).sign_()  # v < t_hi
+        parts = buf[1:].split(sizes, dim=1)
+        for (j, _), part in zip(members, parts, strict=True):
+            counts[(key, j)] = part.sum(1)
+    order = list(counts)
+    got = torch.cat([counts[c] for c in order]).tolist() if order else []
+    pos, i = {}, 0
+    for c in order:
+        pos[c] = got[i : i + counts[c].numel()]
+        i += counts[c].numel()
+    state_vals = []
+    eps_vals: list[float | None] = []
+    for j, kv in enumerate(per):
+        vals: list[float] = []
+        for k, v in kv:
+            nonzero, below = pos[(k, j)][:2]
+            zero = v.numel() - nonzero
+            vals += [zero, below - zero]
+        state_vals.append((vals, [k for k, _ in kv]))
+        if j in eps_of:
+            below_lo, below_hi = pos[("exp_avg_sq", j)][2:4]
+            if below_lo != below_hi:  # an element within 2^-30 of eps: let torch's sqrt decide
+                return None
+            eps_vals.append(below_lo)
+        else:
+            eps_vals.append(None)
+    return state_vals, eps_vals
+
+
+def _one_by_one(
+    ents: list, names: dict, before: dict, requested: dict | None, opt: Any, scratch: Scratch
+) -> list[dict[str, Any]]:
+    recs = []
+    for g, p in ents:
+        req = None if requested is None else requested.get(id(p))
+        recs.append(
+            param_stats(
+                names.get(id(p), f"param{len(recs)}"),
+                p,
+                before[id(p)],
+                req,
+                opt.state.get(p, {}),
+                g,
+                scratch=scratch,
+            )
+        )
+    return recs

@@ -5,7 +5,8 @@ A step starts at the model's first forward call after the previous step ended, a
 else at the model's next forward call (each forward, with its backward, is a step). On sampled
 steps (every ``every``-th, from step 0) a ``TorchDispatchMode`` sees each aten op forward and
 backward: it runs the op exactly as it would run unwatched and then records statistics of the
-outputs (fpgrad.watch.classify); view ops, which copy nothing, are not recorded. Ops after the
+outputs (fpgrad.watch.classify); view ops, which copy nothing, and ops returning uninitialised
+memory (``empty``, ``empty_like``, ...: :data:`UNINITIALISED`) are not recorded. Ops after the
 backward pass and outside the model (GradScaler's unscaling, gradient clipping) have direction
 ``post-backward``. Ops inside ``optimizer.step()`` run unobserved and are summarised per
 parameter (fpgrad.watch.optimizer). Unsampled steps run with no mode installed.
@@ -22,8 +23,14 @@ from torch.utils._pytree import tree_map
 from fpgrad.errors import InputError
 from fpgrad.watch.classify import op_stats
 from fpgrad.watch.modules import ModuleStack
-from fpgrad.watch.optimizer import ShadowOptimizer, param_stats
+from fpgrad.watch.optimizer import ShadowOptimizer, step_records, widen
 from fpgrad.watch.records import JsonlWriter, read_records
+from fpgrad.watch.scratch import Scratch
+
+#: Ops whose outputs hold uninitialised memory (garbage until written): never recorded.
+UNINITIALISED = frozenset(
+    "empty empty_like empty_strided new_empty new_empty_strided empty_permuted".split()
+)
 
 
 class _Mode(TorchDispatchMode):
@@ -65,6 +72,8 @@ class Watcher:
         self._records: list[dict[str, Any]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._mode = _Mode(self)
+        self._ops: dict[Any, tuple[bool, bool, str]] = {}
+        self._scratch = Scratch()
         self._shadow_opt = ShadowOptimizer()
         self._step = 0
         self._in_step = self._sampling = self._mode_on = False
@@ -121,6 +130,7 @@ class Watcher:
             del self.scaler.update
         if self._writer is not None:
             self._writer.close()
+        self._scratch.clear()
 
     # ---- steps ----------------------------------------------------------------------------
     def _emit(self, recs: list[dict[str, Any]]) -> None:
@@ -170,14 +180,23 @@ class Watcher:
         self._in_step = self._sampling = False
 
     # ---- ops --------------------------------------------------------------------------------
+    def _op_info(self, func: Any) -> tuple[bool, bool, str]:
+        """(mutable, not recorded, name) of an aten op, cached per op."""
+        info = self._ops.get(func)
+        if info is None:
+            skip = func.is_view or func.overloadpacket.__name__ in UNINITIALISED
+            info = self._ops[func] = (func._schema.is_mutable, skip, str(func))
+        return info
+
     def _on_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if not self._sampling or self._phase == "optimizer":
             return func(*args, **kwargs)
+        mutable, skip, op = self._op_info(func)
         before = None
-        if func._schema.is_mutable:
+        if mutable and not skip:
             before = tree_map(_clone, (args, kwargs))
         out = func(*args, **kwargs)
-        if func.is_view:
+        if skip:
             return out
         backward = torch._C._current_graph_task_id() != -1
         self._backward_seen |= backward
@@ -189,7 +208,6 @@ class Watcher:
             direction = "post-backward"
         else:
             direction = "forward"
-        op = str(func)
         for row in op_stats(func, a, k, out):
             row.update(
                 kind="op", step=self._step, seq=self._seq, module=module, op=op, direction=direction
@@ -225,34 +243,17 @@ class Watcher:
         if self._mode_on:  # the optimizer's own ops are not recorded: run them unobserved
             self._mode.__exit__(None, None, None)
             self._mode_on = False
-        if self._sampling:
-            self._before = {  # float64 copies: param_stats and the shadow need them widened
-                id(p): p.detach().to(torch.float64, copy=True)
-                for g in opt.param_groups
-                for p in g["params"]
-                if p.grad is not None
-            }
+        if self._sampling:  # float64 copies: the statistics and the shadow need them widened
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            self._before = widen(params, self._scratch)
             self._requested = self._shadow_opt.requested_updates(opt, self._before)
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
         if self._before is not None:
-            recs = []
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if id(p) not in self._before:
-                        continue
-                    req = None if self._requested is None else self._requested.get(id(p))
-                    rec = param_stats(
-                        self._names.get(id(p), f"param{len(recs)}"),
-                        p,
-                        self._before[id(p)],
-                        req,
-                        opt.state.get(p, {}),
-                        g,
-                    )
-                    rec.update(kind="optimizer", step=self._step, direction="optimizer")
-                    recs.append(rec)
+            recs = step_records(opt, self._names, self._before, self._requested, self._scratch)
+            for rec in recs:
+                rec.update(kind="optimizer", step=self._step, direction="optimizer")
             self._pending.extend(recs)
             self._before = self._requested = None
         self._phase = "model"

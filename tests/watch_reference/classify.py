@@ -1,0 +1,528 @@
+"""Per-op statistics of one output tensor, each special value split into created / inherited.
+
+An element's status (zero, subnormal, inf, NaN) is **created** by the op when the op's exact
+result on the same inputs does not have that status (a zero whose exact value is non-zero, an
+inf whose exact value is finite, a NaN whose exact value is a number), and **inherited** when the
+exact result has it too (the inputs make it so). The exact result is decided by recomputing the
+op in float64 on the same (exactly representable) inputs, with a proof per op family:
+
+* ``exact`` ops (pointwise ``+ - * /``, copies, casts, masks, ReLU and friends): float64 rounds
+  each step correctly and cannot underflow on float32-or-narrower inputs, so the float64 result
+  is zero / non-zero exactly when the exact one is. A float64-subnormal result is undecided, and
+  so is a float64 zero of ``add``/``sub`` with ``alpha`` other than +-1 (the product rounds).
+* ``reduction`` ops (``mm``, ``addmm``, ``sum``, convolutions, accumulating scatters, ...):
+  each output is a sum of products, so ``|fl64 - exact| <= gamma_n * fl64(op on |inputs|)``
+  (with 1% slack) where ``n`` is the largest input size. An element inside that band is recomputed exactly with python-flint rationals for
+  ``mm``/``addmm`` (up to :data:`EXACT_LIMIT` elements per call), otherwise undecided.
+* ``pointwise`` transcendental ops: float64 is accurate to a few ulps, so a normal non-zero
+  float64 result proves a non-zero exact one; a zero one is undecided.
+* any other op: every contested element is undecided.
+
+Infs: created when the float64 result is finite; inherited when it is not and some input is
+non-finite; undecided otherwise (a pole or a float64 overflow). NaNs: created when the float64
+result is not NaN, inherited when it is. Subnormals are split per call: created when no floating
+input of the op holds a subnormal of the output's format, inherited otherwise.
+
+Cost: an output with no zero, subnormal, inf or NaN costs one ``abs`` and one ``aminmax`` pass;
+counts use float indicators (``sign``, ``clamp``) summed in float32, not boolean masks (several
+times slower on CPU). A zeros-only output of a selection op (:data:`SELECTION_OPS`: ReLU, its
+backward, copies, gathers, ...) whose inputs and scalars all lie in the output's format is not
+recomputed: its float64 recompute would equal the output, so every zero is inherited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fpgrad.formats import get_format
+from tests.watch_reference.exact_fallback import exact_elements
+
+#: torch dtype -> fpgrad format name.
+FORMAT_OF = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+EXACT_OPS = frozenset(
+    "mul add sub rsub neg abs relu relu_ threshold threshold_backward where clone _to_copy copy "
+    "copy_ cat stack index index_select gather masked_fill clamp clamp_min clamp_max maximum "
+    "minimum max min div detach fill zeros_like ones_like scatter sign square "
+    "nll_loss_backward native_dropout_backward sigmoid_backward tanh_backward hardtanh "
+    "hardtanh_backward leaky_relu leaky_relu_backward mul_ add_ sub_ div_ zero_ fill_ "
+    "constant_pad_nd max_pool2d_with_indices _unsafe_index embedding".split()
+)
+REDUCTION_OPS = frozenset(
+    "mm addmm bmm baddbmm addmv mv dot matmul sum mean convolution convolution_backward linear "
+    "embedding_dense_backward avg_pool2d avg_pool2d_backward scatter_add index_put "
+    "max_pool2d_with_indices_backward".split()
+)
+POINTWISE_OPS = frozenset(
+    "exp exp2 log log2 log1p expm1 tanh sigmoid pow sqrt rsqrt reciprocal gelu gelu_backward "
+    "silu silu_backward sin cos softplus softplus_backward elu elu_backward erf".split()
+)
+#: Ops whose every output element is one of their input elements or scalar arguments (or a
+#: constant): with inputs and scalars exactly representable in the output's format, the float64
+#: recompute equals the output, so each zero is inherited (see :func:`_selection_exact`).
+SELECTION_OPS = frozenset(
+    "relu relu_ threshold_backward clone detach copy copy_ _to_copy neg abs cat stack index "
+    "index_select gather _unsafe_index embedding where masked_fill clamp clamp_min clamp_max "
+    "maximum minimum max min max_pool2d_with_indices constant_pad_nd zero_ fill fill_ "
+    "zeros_like ones_like".split()
+)
+#: dtype -> the dtypes whose every value it holds exactly.
+_WIDER = {
+    torch.float16: (torch.float16,),
+    torch.bfloat16: (torch.bfloat16,),
+    torch.float32: (torch.float16, torch.bfloat16, torch.float32),
+    torch.float64: (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+_U64 = 2.0**-53
+_TINY64 = 2.0**-1022
+COUNTS = ("zeros", "subnormals", "infs", "nans")
+
+
+def family(func: Any) -> str:
+    """The proof family of an aten op: exact, reduction, pointwise or other."""
+    name = func.overloadpacket.__name__
+    if name in EXACT_OPS:
+        return "exact"
+    if name in REDUCTION_OPS:
+        return "reduction"
+    if name in POINTWISE_OPS:
+        return "pointwise"
+    return "other"
+
+
+def _to64(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().to(torch.float64)
+    if isinstance(x, torch.dtype) and x.is_floating_point:
+        return torch.float64
+    return x
+
+
+def _abs64(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().to(torch.float64).abs()
+    if isinstance(x, float):
+        return abs(x)
+    return x
+
+
+def _float_outputs(out: Any) -> list[torch.Tensor | None]:
+    flat, _ = tree_flatten(out)
+    return [t if isinstance(t, torch.Tensor) and t.dtype in FORMAT_OF else None for t in flat]
+
+
+def recompute(func: Any, args: tuple, kwargs: dict, absolute: bool = False) -> list | None:
+    """The op's float64 outputs on the same inputs (on ``|inputs|`` if ``absolute``), or None
+    when the op cannot run in float64."""
+    conv = _abs64 if absolute else _to64
+    try:
+        with torch.no_grad():
+            out = func(*tree_map(conv, args), **tree_map(conv, kwargs))
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return None
+    return _float_outputs(out)
+
+
+def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    flat, _ = tree_flatten((args, kwargs))
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``x > 0``, else 0.0 (``x`` without NaN): float arithmetic, no bool mask."""
+    return torch.sign(torch.clamp(x, min=0))
+
+
+def count(indicator: torch.Tensor) -> torch.Tensor:
+    """The number of 1.0s in a tensor of 0.0s and 1.0s, as a 0-d tensor. A float32 tensor is
+    summed in float32 up to 2^24 elements (every partial sum is an integer <= 2^24, so exact;
+    several times faster on CPU than widening to float64), else in float64."""
+    if indicator.dtype == torch.float64:
+        return indicator.sum()
+    if indicator.numel() <= 2**24:
+        return indicator.sum(dtype=torch.float32)
+    return indicator.sum(dtype=torch.float64)
+
+
+def basic_stats(t: torch.Tensor, smallest_normal: float) -> dict[str, Any]:
+    """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
+    ``aminmax`` pass proves there is no zero, subnormal, inf or NaN."""
+    a = t.detach().abs()
+    if not a.numel():
+        return dict.fromkeys(COUNTS, 0) | {"min_abs": None, "max_abs": None}
+    lo, hi = (float(v) for v in torch.stack(torch.aminmax(a)).tolist())
+    if lo >= smallest_normal and hi < float("inf"):
+        return dict.fromkeys(COUNTS, 0) | {"min_abs": lo, "max_abs": hi}
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a = a.float()  # exact; half-precision kernels are slow on CPU
+    inf = float("inf")
+    if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
+        nonzero = torch.sign(a)
+        big = torch.finfo(a.dtype).max
+        # the smallest non-zero magnitude: zeros replaced by the largest finite value
+        masked = (1 - nonzero).mul_(big).add_(a)
+        z_mn = torch.stack([count(nonzero), masked.amin().to(torch.float64)]).tolist()
+        z = a.numel() - int(z_mn[0])
+        s = 0
+        if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
+            s = int(count((smallest_normal - a).clamp_(min=0).sign_())) - z
+        return {
+            "zeros": z,
+            "subnormals": s,
+            "infs": 0,
+            "nans": 0,
+            "min_abs": z_mn[1] if z < a.numel() else None,
+            "max_abs": hi if z < a.numel() else None,
+        }
+    checks = [(a == 0).sum(), (a < smallest_normal).sum()]
+    if hi != hi:  # a NaN
+        checks.append(torch.isnan(a).sum())
+    if hi != hi or hi == inf:
+        checks.append((a == inf).sum())
+    got = torch.stack(checks).tolist()
+    z, below = int(got[0]), int(got[1])
+    s = below - z
+    n = int(got[2]) if hi != hi else 0
+    i = int(got[-1]) if (hi != hi or hi == inf) else 0
+    mm = None
+    if z + i + n < a.numel():
+        if hi != hi or hi == inf:
+            fin = a.nan_to_num(nan=0.0, posinf=0.0)
+            mx = fin.max()
+        else:
+            fin, mx = a, torch.tensor(hi, device=a.device)
+        mn = (
+            fin.masked_fill(fin == 0, inf).min()
+            if z or fin is not a
+            else torch.tensor(lo, device=a.device)
+        )
+        mm = [float(v) for v in torch.stack([mn.to(torch.float64), mx.to(torch.float64)]).tolist()]
+    return {
+        "zeros": z,
+        "subnormals": s,
+        "infs": i,
+        "nans": n,
+        "min_abs": mm[0] if mm else None,
+        "max_abs": mm[1] if mm else None,
+    }
+
+
+def _mm_parts(func: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """(bias, a, b, beta, alpha) of an ``mm``/``addmm`` call, or None for other ops."""
+    name = func.overloadpacket.__name__
+    if name == "mm":
+        return None, args[0], args[1], 1.0, 1.0
+    if name == "addmm":
+        beta = float(kwargs.get("beta", args[3] if len(args) > 3 else 1.0))
+        alpha = float(kwargs.get("alpha", args[4] if len(args) > 4 else 1.0))
+        return args[0], args[1], args[2], beta, alpha
+    return None
+
+
+class _Shadow:
+    """The float64 recompute of one op call at selected output elements.
+
+    ``mm``/``addmm`` recompute only the selected dot products and pointwise ops (torch's
+    ``pointwise`` tag) only the selected elements, in float64; other ops are recomputed whole
+    (once per call) and then indexed. The rounding-error bound of a dot product holds for any
+    summation order, so the gathered sums are as good as the whole product."""
+
+    def __init__(self, func: Any, args: tuple, kwargs: dict) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self.fam = family(func)
+        self._full: dict[bool, list | None] = {}
+        self._inputs_finite: bool | None = None
+        self._mm = _mm_parts(func, args, kwargs)
+        self._pointwise = torch.Tag.pointwise in func.tags
+        self._where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rc: tuple | None = None
+
+    def where(self, sel: torch.Tensor) -> torch.Tensor:
+        """``sel.nonzero()`` (rows of indices, in row-major order), computed once per mask."""
+        if self._where is None or self._where[0] is not sel:
+            self._where = (sel, sel.nonzero())
+        return self._where[1]
+
+    def pick(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """``x[sel]`` (same order) by integer indices: cheaper than a boolean mask index."""
+        if sel.dim() == 0:
+            return x[sel]
+        return x[self.where(sel).unbind(1)]
+
+    def _whole(self, k: int, absolute: bool) -> torch.Tensor | None:
+        if absolute not in self._full:
+            self._full[absolute] = recompute(self.func, self.args, self.kwargs, absolute)
+        outs = self._full[absolute]
+        return None if outs is None or k >= len(outs) else outs[k]
+
+    def _gather_mm(self, sel: torch.Tensor, absolute: bool) -> torch.Tensor:
+        bias, a, b, beta, alpha = self._mm
+        conv = _abs64 if absolute else _to64
+        if self._rc is None or self._rc[0] is not sel:  # once per mask
+            i, j = self.where(sel).unbind(1)
+            rows, ri = torch.unique(i, return_inverse=True)
+            cols, ci = torch.unique(j, return_inverse=True)
+            # gather first, then widen: only the rows and columns used (index_select: a fast
+            # gather, the same values as a[rows] and b[:, cols])
+            if rows.numel() * cols.numel() <= 4 * i.numel():
+                # zeros come in whole rows/columns (dead units): one small float64 product
+                parts = (True, _to64(a.index_select(0, rows)), _to64(b.index_select(1, cols)))
+            else:
+                parts = (False, _to64(a.index_select(0, i)), _to64(b.index_select(1, j)).T)
+            self._rc = (sel, ri, ci, *parts)
+        _, ri, ci, small, a64, b64 = self._rc
+        if absolute:  # |a| and |b| of the same gathered float64 values
+            a64, b64 = a64.abs(), b64.abs()
+        if small:
+            r = (a64 @ b64)[ri, ci] * conv(alpha)
+        else:
+            r = (a64 * b64).sum(1) * conv(alpha)
+        if bias is not None and beta:
+            c = conv(self.pick(bias.detach().broadcast_to(sel.shape), sel))
+            r = r + conv(beta) * c
+        return r
+
+    def _gather_pointwise(self, sel: torch.Tensor, absolute: bool) -> torch.Tensor | None:
+        conv = _abs64 if absolute else _to64
+
+        def pick(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim():
+                return conv(self.pick(x.detach().broadcast_to(sel.shape), sel))
+            return conv(x)
+
+        try:
+            with torch.no_grad():
+                out = self.func(*tree_map(pick, self.args), **tree_map(pick, self.kwargs))
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            return None
+        return out if isinstance(out, torch.Tensor) and out.dtype == torch.float64 else None
+
+    def at(self, k: int, sel: torch.Tensor | None, absolute: bool = False) -> torch.Tensor | None:
+        """Float64 values of output ``k`` at the mask ``sel`` (1-D; all of it, in its shape,
+        when ``sel`` is None), or None if unavailable."""
+        if sel is None:
+            return self._whole(k, absolute)
+        if self._mm is not None and k == 0 and sel.dim() == 2:
+            return self._gather_mm(sel, absolute)
+        if self._pointwise and k == 0:
+            r = self._gather_pointwise(sel, absolute)
+            if r is not None and r.shape == (len(self.where(sel)),):
+                return r
+        r = self._whole(k, absolute)
+        return None if r is None or r.shape != sel.shape else self.pick(r, sel)
+
+    def inputs_finite(self) -> bool:
+        if self._inputs_finite is None:
+            self._inputs_finite = all(
+                bool(torch.isfinite(t).all()) for t in _inputs(self.args, self.kwargs)
+            )
+        return self._inputs_finite
+
+    def gamma(self) -> float:
+        n = max([t.numel() for t in _inputs(self.args, self.kwargs)] + [1])
+        return 1.01 * n * _U64 / (1 - n * _U64) if n * _U64 < 0.5 else float("inf")
+
+
+def _scaled_sum(sh: _Shadow) -> bool:
+    """An add/sub with ``alpha`` other than +-1: its float64 zero does not prove an exact one."""
+    if sh.func.overloadpacket.__name__ not in ("add", "sub", "rsub", "add_", "sub_"):
+        return False
+    alpha = sh.kwargs.get("alpha", 1)
+    return not isinstance(alpha, (int, float)) or abs(alpha) != 1
+
+
+def _split_zeros(
+    sh: _Shadow, k: int, sel: torch.Tensor | None, t: torch.Tensor, r: torch.Tensor
+) -> tuple[int, int, int]:
+    """Zeros of ``t`` (the output at ``sel``, or all of it; ``r`` its float64 recompute)."""
+    if sel is None and sh.fam != "other" and bool(torch.isfinite(t).all() & ~torch.isnan(r.sum())):
+        return _split_zeros_dense(sh, k, t, r)
+    zero = t == 0
+    total = int(zero.sum())
+    ar = r.abs()
+    if sh.fam == "exact":
+        created = zero & (ar >= _TINY64)
+        inherited = zero & (ar == 0)
+        if _scaled_sum(sh):  # a + RN(alpha * b) may cancel where a + alpha * b does not
+            inherited = torch.zeros_like(zero)
+    elif sh.fam == "reduction":
+        aa = sh.at(k, sel, absolute=True)
+        if aa is None:
+            return 0, 0, total
+        band = sh.gamma() * aa + 2 * _TINY64
+        created = zero & (ar > band)
+        inherited = zero & (aa == 0)
+        contested = zero & ~created & ~inherited
+        c, i = int(created.sum()), int(inherited.sum())
+        if c + i < total:
+            pos = contested.nonzero() if sel is None else sh.where(sel)[contested]
+            ex = exact_elements(sh.func, sh.args, sh.kwargs, pos)
+            if ex is not None:
+                return c + ex[0], i + ex[1], total - c - i - ex[0] - ex[1]
+        return c, i, total - c - i
+    elif sh.fam == "pointwise":
+        created = zero & (ar >= _TINY64) & torch.isfinite(r)
+        inherited = torch.zeros_like(zero)
+    else:
+        return 0, 0, total
+    c, i = int(created.sum()), int(inherited.sum())
+    return c, i, total - c - i
+
+
+def _split_zeros_dense(
+    sh: _Shadow, k: int, t: torch.Tensor, r: torch.Tensor
+) -> tuple[int, int, int]:
+    """:func:`_split_zeros` on a whole finite output, with float indicators instead of bool
+    masks (the same decisions: 1.0 marks an element, products are ands)."""
+    zero = 1 - torch.sign(t.abs().to(torch.float64))
+    ar = r.abs()
+    aa = None
+    if sh.fam == "reduction":
+        aa = sh.at(k, None, absolute=True)
+        if aa is None or aa.shape != r.shape:
+            return 0, 0, int(zero.sum())
+        created = zero * _positive(ar - (sh.gamma() * aa + 2 * _TINY64))
+        inherited = zero * (1 - torch.sign(aa))
+    elif sh.fam == "exact":
+        created = zero * _positive(ar - _TINY64)
+        inherited = zero * (1 - torch.sign(ar))
+        if _scaled_sum(sh):
+            inherited = torch.zeros_like(zero)
+    else:  # pointwise
+        created = zero * _positive(ar - _TINY64)
+        inherited = torch.zeros_like(zero)
+    total, c, i = (
+        int(v) for v in torch.stack([zero.sum(), created.sum(), inherited.sum()]).tolist()
+    )
+    if sh.fam == "reduction" and c + i < total:
+        contested = zero * (1 - created) * (1 - inherited)
+        ex = exact_elements(sh.func, sh.args, sh.kwargs, contested.nonzero())
+        if ex is not None:
+            return c + ex[0], i + ex[1], total - c - i - ex[0] - ex[1]
+    return c, i, total - c - i
+
+
+def _split_infs(sh: _Shadow, t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+    inf = torch.isinf(t)
+    total = int(inf.sum())
+    created = int((inf & torch.isfinite(r)).sum())
+    rest = total - created
+    if sh.inputs_finite():
+        return created, 0, rest
+    return created, rest, 0
+
+
+def _split_nans(t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+    nan = torch.isnan(t)
+    created = int((nan & ~torch.isnan(r)).sum())
+    return created, int(nan.sum()) - created, 0
+
+
+def _input_has_subnormal(args: tuple, kwargs: dict, smallest_normal: float) -> bool:
+    for t in _inputs(args, kwargs):
+        a = t.detach().abs()
+        if bool(((a < smallest_normal) & (a > 0)).any()):
+            return True
+    return False
+
+
+def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -> bool:
+    """True when ``func`` is a selection op (:data:`SELECTION_OPS`) whose floating inputs and
+    numeric scalars all lie in ``dtype``: its output then holds exactly what the float64
+    recompute would give (selections and comparisons of the same values), so a zero of it is
+    exactly zero and the recompute can be skipped."""
+    if func.overloadpacket.__name__ not in SELECTION_OPS:
+        return False
+    flat, _ = tree_flatten((args, kwargs))
+    ok = _WIDER[dtype]
+    for x in flat:
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() and x.dtype not in ok:
+                return False
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            if float(torch.tensor(x, dtype=dtype)) != x:
+                return False
+        elif not isinstance(
+            x, (bool, torch.dtype, torch.layout, torch.device, torch.memory_format, str, type(None))
+        ):
+            return False
+    return True
+
+
+def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) -> bool:
+    """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
+    zero factor (no overlap of the supports of row i and column j). There the exact result and
+    its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
+    recompute would find. Checked with a float32 product of the 0/1 support indicators (counts
+    of overlapping pairs: integers up to 2^24, exact)."""
+    if func.overloadpacket.__name__ != "mm" or t.dim() != 2:
+        return False
+    a, b = args[0], args[1]
+    if a.shape[1] > 2**24:
+        return False
+    sa = a.detach().abs().sign_().float()  # sign first: a tiny non-zero stays 1
+    sb = b.detach().abs().sign_().float()
+    overlap = torch.sign(sa @ sb)
+    zt = 1 - t.detach().abs().sign_().float()
+    z = float(count(zt.mul_(1 - overlap)))
+    return z == zeros
+
+
+def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
+    """One statistics dict per floating output of ``func(*args, **kwargs) -> out``."""
+    rows = []
+    sh = _Shadow(func, args, kwargs)
+    seeded = torch.Tag.nondeterministic_seeded in func.tags
+    for k, t in enumerate(_float_outputs(out)):
+        if t is None:
+            continue
+        fmt = get_format(FORMAT_OF[t.dtype])
+        st = basic_stats(t, fmt.smallest_normal)
+        st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": sh.fam})
+        for name in COUNTS:
+            st[f"{name}_created"] = st[f"{name}_inherited"] = 0
+            st[f"{name}_undecided"] = st[name]
+        if st["subnormals"]:
+            inh = _input_has_subnormal(args, kwargs, fmt.smallest_normal)
+            st["subnormals_created"] = 0 if inh else st["subnormals"]
+            st["subnormals_inherited"] = st["subnormals"] if inh else 0
+            st["subnormals_undecided"] = 0
+        needs = st["zeros"] or st["infs"] or st["nans"]
+        if needs and t.dtype != torch.float64 and not seeded and not (st["infs"] or st["nans"]):
+            if _selection_exact(func, args, kwargs, t.dtype) or (
+                k == 0 and _mm_zeros_structural(func, args, t, st["zeros"])
+            ):
+                st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
+                needs = 0
+        if needs and t.dtype != torch.float64 and not seeded:
+            t = t.detach()
+            # few special elements: recompute only those; many: recompute all (masked indexing
+            # of many elements costs more than a whole pointwise recompute)
+            sel = None
+            if 8 * (st["zeros"] + st["infs"] + st["nans"]) <= t.numel():
+                sel = t == 0 if not (st["infs"] or st["nans"]) else ~torch.isfinite(t) | (t == 0)
+            r = sh.at(k, sel)
+            if r is not None and (sel is not None or r.shape == t.shape):
+                ts = t if sel is None else sh.pick(t, sel)
+                if st["zeros"]:
+                    c, i, u = _split_zeros(sh, k, sel, ts, r)
+                    st.update(zeros_created=c, zeros_inherited=i, zeros_undecided=u)
+                if st["infs"]:
+                    c, i, u = _split_infs(sh, ts, r)
+                    st.update(infs_created=c, infs_inherited=i, infs_undecided=u)
+                if st["nans"]:
+                    c, i, u = _split_nans(ts, r)
+                    st.update(nans_created=c, nans_inherited=i, nans_undecided=u)
+        n = max(st["numel"], 1)
+        st["subnormal_share"] = st["subnormals"] / n
+        st["underflow_share"] = (st["subnormals"] + st["zeros_created"]) / n
+        rows.append(st)
+    return rows
