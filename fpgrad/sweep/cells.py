@@ -172,10 +172,10 @@ def run_cell(job: CellJob) -> dict[str, Any]:
 
     record: dict[str, Any] = {"key": job.key, "axes": job.axes, "network_hash": job.network_hash}
     try:
-        if not hasattr(job.network, "layers"):  # a captured model's ScriptRef
-            from fpgrad.sweep import captured
+        from fpgrad.sweep import captured
 
-            graph = captured.network(job.network, job.network_hash)  # type: ignore[arg-type]
+        if isinstance(job.network, captured.ScriptRef):  # a captured model: build it here
+            graph = captured.network(job.network, job.network_hash)
             if job.task == "compare":
                 result = captured.run_compare(graph, job.axes, job.options)
             else:
