@@ -196,3 +196,30 @@ def test_local_processes_and_dask_give_identical_outputs(
         dask = sweep(spec, "compare", GRID, tmp_path / "dask", scheduler=cluster.scheduler_address)
     assert dask.ran == 8
     same_outputs(tmp_path / "dask", reference)
+
+
+def test_a_pt2_program_sweeps_and_its_data_file_is_hashed(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3) * 1e-5, torch.tensor([0, 1, 1, 0, 1])
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt2")
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    (tmp_path / "model.toml").write_text(
+        'inputs = ["x.npy"]\ntargets = "y.npy"\nloss = "cross_entropy"\n'
+    )
+    spec, grid = str(tmp_path / "model.pt2"), {"precision": "float16,float32"}
+    r = sweep(spec, "compare", grid, tmp_path / "out", workers=0)
+    assert [c["status"] for c in r.records] == ["ok", "ok"]
+    assert r.records[0]["counts"] == compare_graph(load_script(spec), ["float16"]).counts("float16")
+    with pytest.raises(InputError, match="no build"):
+        sweep(spec, "compare", {"seed": "0,1"}, tmp_path / "seeds", workers=0)
+    (tmp_path / "model.toml").write_text(
+        'inputs = ["x.npy"]\ntargets = "y.npy"\nloss = "cross_entropy"\nreduction = "sum"\n'
+    )
+    with pytest.raises(InputError, match="different network"):
+        sweep(spec, "compare", grid, tmp_path / "out", workers=0)
