@@ -98,7 +98,7 @@ def network(ref: ScriptRef, expected_hash: str) -> GraphNetwork:
         net, digest = load(ref, fresh=True)
     if digest != expected_hash:
         raise InputError(
-            f"{ref.spec.partition(':')[0]} built another network in this worker (the script or "
+            f"{Path(ref.spec.partition(':')[0]).name} built another network in this worker (the script or "
             "its data changed during the sweep, or build() is not deterministic); fix it and rerun"
         )
     return net
