@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 #: public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {
-    "compare": ("fpgrad.compare", "compare"),
+    "compare": ("fpgrad.comparison", "compare"),
     "train": ("fpgrad.training", "train"),
     "advise": ("fpgrad.advisor", "advise"),
     "sweep": ("fpgrad.sweep", "sweep"),
@@ -40,7 +40,7 @@ __all__ = list(_API)
 
 if TYPE_CHECKING:  # the names as the type checker sees them
     from fpgrad.advisor import advise as advise
-    from fpgrad.compare import compare as compare
+    from fpgrad.comparison import compare as compare
     from fpgrad.formats import get_format as get_format
     from fpgrad.graph import from_module as from_module
     from fpgrad.netfile import load_network as load_network

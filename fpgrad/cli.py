@@ -92,7 +92,7 @@ def _compare(args: argparse.Namespace) -> int:
     from fpgrad.report.outdir import check_out_dir
 
     out = check_out_dir(args.out) if args.out else None  # before any work or heavy import
-    from fpgrad.compare import compare
+    from fpgrad.comparison import compare
     from fpgrad.exact import DEFAULT_BITS
     from fpgrad.graph.script import is_script, load_script
     from fpgrad.report.own import write_compare_report

@@ -1,7 +1,7 @@
 """The diagnosis of a comparison in words: what each precision lost, where the signal died, and
 the remedies the data supports, each with the command that checks it.
 
-Computed from a :class:`~fpgrad.compare.Comparison`'s columnar results (counts, attribution)
+Computed from a :class:`~fpgrad.comparison.Comparison`'s columnar results (counts, attribution)
 and, for the loss-scale remedy, :func:`fpgrad.advisor.advise` over the same exact trace (no
 second exact evaluation, no torch measurement). A finding is a dict: ``kind`` ("lost", "ok",
 "loss", "where" or "remedy"), ``precision``, ``text`` and, for remedies, ``command`` with
@@ -19,7 +19,7 @@ from fpgrad.policy import BUILTIN, format_of
 from fpgrad.verdicts import inaccurate_threshold, underflows
 
 if TYPE_CHECKING:
-    from fpgrad.compare import Comparison
+    from fpgrad.comparison import Comparison
     from fpgrad.exact import ExactResult
     from fpgrad.network import Network
     from fpgrad.precisions import Precision

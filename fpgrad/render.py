@@ -12,7 +12,7 @@ from fpgrad.errors import InputError
 from fpgrad.verdicts import VERDICTS
 
 if TYPE_CHECKING:
-    from fpgrad.compare import Comparison, GradColumns
+    from fpgrad.comparison import Comparison, GradColumns
 
 _SHORT = {
     "ok": "ok",

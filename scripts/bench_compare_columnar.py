@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fpgrad.compare import compare  # noqa: E402
+from fpgrad.comparison import compare  # noqa: E402
 from fpgrad.exact import exact_trace  # noqa: E402
 from fpgrad.netfile import parse_network  # noqa: E402
 from fpgrad.report.own import write_npz  # noqa: E402

@@ -12,7 +12,7 @@ is the work done whatever else runs on a shared machine, and wall time), and as 
 * ``native``: one run of each of float16, bfloat16, float32 as compare runs them (torch,
   forward and backward, every intermediate kept; MLPs only);
 * ``compare``: what ``fpgrad compare NET --precisions float16,bfloat16,float32`` does after
-  loading the model: :func:`fpgrad.compare.compare` end to end (its own exact trace, the
+  loading the model: :func:`fpgrad.comparison.compare` end to end (its own exact trace, the
   native runs, verdicts, where the signal died, the diagnosis with the advisor's counts), then
   ``render()`` (the default 60 rows), with where compare's time goes (CPU seconds in its
   parts, from a profile on the process clock) and the total as one ratio;
@@ -219,7 +219,7 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
 
     if case in GRAPHS:
         import fpgrad
-        from fpgrad.compare import compare
+        from fpgrad.comparison import compare
         from fpgrad.graph.exact import exact_graph
 
         model, inputs, y, loss = build_graph(case)
@@ -261,7 +261,7 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             p.run(small)  # load the rounding kernels
             timed(f"native {p.name}", lambda p=p: p.run(net))
     if "compare" in tasks or "json" in tasks:
-        from fpgrad.compare import compare
+        from fpgrad.comparison import compare
 
         compare(small, PRECISIONS, bits, progress=False)  # imports, kernels
         result = timed(

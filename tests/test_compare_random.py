@@ -24,7 +24,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.exact import exact_trace
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network

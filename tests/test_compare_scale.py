@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from tests.test_certificates import _relu_net
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fpgrad.cli import main
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.formats import get_format
 from fpgrad.netfile import load_network
 from fpgrad.render import QUIET, ROW_ORDER, select_rows

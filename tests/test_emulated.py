@@ -32,7 +32,7 @@ from gmpy2 import mpfr
 import fpgrad.arith.emulated as emulated
 from fpgrad.arith.emulated import EmulatedArith
 from fpgrad.cli import main
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.errors import InputError
 from fpgrad.formats import Format, get_format
 from fpgrad.netfile import load_network

@@ -98,7 +98,7 @@ def test_ncdf_npdf_correctly_rounded_on_every_input(fmt: str, mode: Mode) -> Non
 
 
 def test_gelu_model_has_an_emulated_column() -> None:
-    from fpgrad.compare import compare
+    from fpgrad.comparison import compare
 
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))

@@ -462,7 +462,7 @@ def test_sweep_cells_depend_on_the_running_statistics() -> None:
 def test_rounded_reference_rounds_the_running_statistics() -> None:
     """reference = "rounded" starts from the values the run holds: the running statistics are
     stored with the parameters, so they are rounded into that format too."""
-    from fpgrad.compare import _rounded
+    from fpgrad.comparison import _rounded
     from fpgrad.formats import get_format
     from fpgrad.policy import Plan
     from fpgrad.rounding import round_to

@@ -529,7 +529,7 @@ def test_safetensors_state_dict(tmp_path: Path) -> None:
 
 
 def test_model_file_policies_name_torch_paths_and_survive_import(tmp_path: Path) -> None:
-    from fpgrad.compare import compare
+    from fpgrad.comparison import compare
     from fpgrad.from_torch import network_toml
     from fpgrad.netfile import load_network
 
@@ -563,7 +563,7 @@ def _dropout_mlp() -> nn.Sequential:
 
 
 def test_dropout_line_is_the_identity_as_in_eval_mode(tmp_path: Path, capsys: Any) -> None:
-    from fpgrad.compare import compare
+    from fpgrad.comparison import compare
 
     model = _dropout_mlp()
     lines = [f"({i}): {m!r}" for i, m in enumerate(model)]  # the lines of print(model)

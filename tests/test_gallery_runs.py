@@ -8,7 +8,7 @@ import re
 import pytest
 
 from fpgrad import scenarios
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.netfile import load_network
 from fpgrad.runlog import HOW, record, recording, runs_line
 from tests.test_diagnosis import SHOWCASE

@@ -137,7 +137,7 @@ def test_magnitudes_figure_skips_undetermined_elements(tmp_path: Path) -> None:
     transformer block's report failed on log2(0) = -inf before."""
     import numpy as np
 
-    from fpgrad.compare import Column, GradColumns
+    from fpgrad.comparison import Column, GradColumns
     from fpgrad.formats import get_format
     from fpgrad.report.own import magnitudes_figure
     from fpgrad.verdicts import ExactArray

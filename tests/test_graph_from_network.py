@@ -21,7 +21,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.errors import InputError
 from fpgrad.evaluate import Trace
 from fpgrad.exact import exact_trace

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fpgrad.cli import main
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.errors import InputError
 from fpgrad.netfile import load_network, parse_network
 from fpgrad.network import Network

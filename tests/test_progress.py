@@ -8,7 +8,7 @@ import pytest
 
 from fpgrad import progress
 from fpgrad.advisor import advise
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from tests.nets import net_from
 
 

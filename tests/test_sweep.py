@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fpgrad.cli import main
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.errors import InputError
 from fpgrad.netfile import parse_network
 from fpgrad.optim import OptimConfig

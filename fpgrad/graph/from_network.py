@@ -100,7 +100,7 @@ def compare_graph_path(
     net: Network, precisions: str | list[str] | None = None, **kwargs: Any
 ) -> Any:
     """:func:`fpgrad.graph.compare.compare_graph` of ``from_network(net)``: the layer
-    network through the captured-graph path, to run beside :func:`fpgrad.compare.compare`
+    network through the captured-graph path, to run beside :func:`fpgrad.comparison.compare`
     (the layer path). ``kwargs``: ``exact_bits``, ``allow_uncertified``."""
     from fpgrad.graph.compare import compare_graph
 

@@ -22,7 +22,7 @@ from fpgrad.report.own import html_page, magnitudes_figure, save_columns, verdic
 from fpgrad.verdicts import VERDICTS
 
 if TYPE_CHECKING:
-    from fpgrad.compare import GradColumns
+    from fpgrad.comparison import GradColumns
     from fpgrad.graph.compare import GraphComparison
 
 __all__ = ["columns", "write_graph_report"]
@@ -31,9 +31,9 @@ Section = tuple[str, str, list[str], list[list[Any]]]
 
 
 def columns(gc: GraphComparison) -> list[GradColumns]:
-    """The comparison as one :class:`~fpgrad.compare.GradColumns` per parameter (arrays shared,
+    """The comparison as one :class:`~fpgrad.comparison.GradColumns` per parameter (arrays shared,
     not copied)."""
-    from fpgrad.compare import Column, GradColumns
+    from fpgrad.comparison import Column, GradColumns
 
     arrays = gc.exact.arrays
     out = []

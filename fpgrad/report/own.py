@@ -3,7 +3,7 @@
 Writes ``compare.md`` (the diagnosis and the tables), ``compare.html`` (the same, self-contained,
 the figures embedded), three PNG figures, ``compare.json`` (every element, written streaming)
 and ``gradients.npz`` (the per-element arrays, columnar: numpy and pandas read them directly).
-It reads a :class:`~fpgrad.compare.Comparison` only, so any network that compare takes (a TOML
+It reads a :class:`~fpgrad.comparison.Comparison` only, so any network that compare takes (a TOML
 network, a model file, a captured torch model) gets the same report.
 """
 
@@ -24,7 +24,7 @@ from fpgrad.verdicts import SUBKINDS, VERDICTS
 
 if TYPE_CHECKING:
     from fpgrad.advisor import Advice
-    from fpgrad.compare import Comparison, GradColumns
+    from fpgrad.comparison import Comparison, GradColumns
     from fpgrad.formats import Format
     from fpgrad.training import TrainResult
 

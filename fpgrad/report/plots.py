@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fpgrad.formats import get_format  # noqa: E402
 
 if TYPE_CHECKING:
-    from fpgrad.compare import Comparison
+    from fpgrad.comparison import Comparison
 
 _MARKERS = {
     "ok": "o",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network
 from fpgrad.optim import OptimConfig

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.compare import Comparison, compare, places
+from fpgrad.comparison import Comparison, compare, places
 from fpgrad.formats import get_format
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network

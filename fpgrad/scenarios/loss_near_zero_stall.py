@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fpgrad.compare import Comparison, compare
+from fpgrad.comparison import Comparison, compare
 from fpgrad.formats import get_format
 from fpgrad.netfile import parse_network
 from fpgrad.network import Network

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.advisor import advise
-from fpgrad.compare import compare
+from fpgrad.comparison import compare
 from fpgrad.exact import exact_trace
 from fpgrad.formats import get_format
 from fpgrad.netfile import parse_network

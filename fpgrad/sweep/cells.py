@@ -193,7 +193,7 @@ def run_cell(job: CellJob) -> dict[str, Any]:
 
 
 def _run_compare(job: CellJob) -> dict[str, Any]:
-    from fpgrad.compare import compare
+    from fpgrad.comparison import compare
 
     opts, axes = job.options, job.axes
     net = scale_init(job.network, axes.get("init_scale", 1.0))

@@ -43,7 +43,7 @@ def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
             f"--exact-bits {opts['exact_bits']} is too high: use at most {MAX_EXACT_BITS}"
         )
     if task == "compare":
-        from fpgrad.compare import REFERENCES
+        from fpgrad.comparison import REFERENCES
 
         if opts["reference"] not in REFERENCES:
             raise InputError(f"unknown reference {opts['reference']!r}; use original or rounded")

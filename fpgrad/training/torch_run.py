@@ -208,7 +208,7 @@ def _first_nonfinite(
     """The first tensor of this step holding inf/NaN, in the order they are computed: the
     parameters, forward outputs, the loss, backward signals (from the loss back), then the
     parameter gradients. Values are torch tensors or numpy arrays (None: not computed)."""
-    from fpgrad.compare import places
+    from fpgrad.comparison import places
 
     def where(layer: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
         return {
