@@ -318,12 +318,94 @@ def _first_lost(net: GraphNetwork, exact: GraphExact, values: dict[str, Any]) ->
 
 def _first_nonfinite(net: GraphNetwork, values: dict[str, Any]) -> str | None:
     """The label of the first op (graph order, constants skipped) whose output holds inf or
-    NaN."""
+    NaN, an intended -inf mask (:func:`_mask_positions`) excepted."""
     constants = net.graph.constants  # masks hold -inf by design
+    masks = _mask_positions(net.graph, values)
     for node in net.graph.ops:
         if node.name in constants:
             continue
         v = values.get(node.name)
-        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
-            return net.graph.label(node)
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            bad = ~np.isfinite(v)
+            m = masks.get(node.name)
+            if m is not None and m.shape == v.shape:
+                bad &= ~(m & np.isneginf(v))
+            if bad.any():
+                return net.graph.label(node)
     return None
+
+
+#: ops that move a mask's -inf entries without computing: replayed on an indicator tensor
+_MASK_MOVES = {
+    "t", "view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "squeeze",
+    "unsqueeze", "detach", "alias", "clone", "_to_copy", "slice", "select", "contiguous",
+    "repeat",
+}  # fmt: skip
+
+
+def _mask_positions(graph: Graph, values: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Node name -> where its output is an intended -inf: the -inf entries of floating data
+    and constants, ``masked_fill(x, m, -inf)`` under ``m``, carried through ``add`` (alpha 1),
+    ``masked_fill`` with a finite value and the ops of :data:`_MASK_MOVES`. A -inf anywhere
+    else (an overflow, or a mask read by any other op) is not a mask."""
+    import torch
+    from torch import fx
+
+    from fpgrad.graph.names import op_key
+
+    raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
+    feed = iter(raw)
+    out: dict[str, np.ndarray] = {}
+
+    def value(arg: Any) -> Any:
+        return values.get(arg.name) if isinstance(arg, fx.Node) else None
+
+    for node in graph.gm.graph.nodes:
+        if node.op == "placeholder":
+            v = np.asarray(next(feed, None))
+            if v.dtype.kind == "f" and np.isneginf(v).any():
+                out[node.name] = np.isneginf(v)
+            continue
+        if node.op != "call_function":
+            continue
+        v = values.get(node.name)
+        if not (isinstance(v, np.ndarray) and v.dtype.kind == "f"):
+            continue
+        if node.name in graph.constants:
+            if np.isneginf(v).any():
+                out[node.name] = np.isneginf(v)
+            continue
+        key = op_key(node).removeprefix("aten.")
+        name = key.split(".")[0]
+        args = node.args
+        ins = [out.get(a.name) if isinstance(a, fx.Node) else None for a in args]
+        try:
+            if name.startswith("masked_fill") and len(args) > 2:
+                m = value(args[1])
+                if m is None:
+                    continue
+                m = np.broadcast_to(np.asarray(m, dtype=bool), v.shape)
+                old = ins[0] if ins[0] is not None else np.zeros(v.shape, dtype=bool)
+                old = np.broadcast_to(old, v.shape)
+                fill = args[2]
+                got = (m | old) if fill == float("-inf") else (old & ~m)
+            elif name == "add" and len(args) >= 2 and node.kwargs.get("alpha", 1) == 1:
+                if ins[0] is None and ins[1] is None:
+                    continue
+                got = np.zeros(v.shape, dtype=bool)
+                for m in ins[:2]:
+                    if m is not None:
+                        got = got | np.broadcast_to(m, v.shape)
+            elif name in _MASK_MOVES and ins and ins[0] is not None:
+                if any(isinstance(a, fx.Node) for a in (*args[1:], *node.kwargs.values())):
+                    continue
+                indicator = torch.from_numpy(np.where(ins[0], -np.inf, 0.0))
+                moved = node.target(indicator, *args[1:], **node.kwargs)
+                got = np.isneginf(moved.detach().to(torch.float64).numpy())
+            else:
+                continue
+        except (TypeError, ValueError, RuntimeError):  # shapes that do not fit: no mask
+            continue
+        if got.shape == v.shape and got.any():
+            out[node.name] = np.ascontiguousarray(got)
+    return out

@@ -23,12 +23,15 @@ def is_script(spec: str) -> bool:
     return path.endswith(".py") or is_pt2(spec)
 
 
-def load_script(spec: str) -> GraphNetwork:
+def load_script(spec: str, seed: int | None = None) -> GraphNetwork:
     """Run ``build()`` (or the function after the colon) of the script and capture its model;
-    a ``.pt2`` program is loaded with its data file instead."""
+    a ``.pt2`` program is loaded with its data file instead. ``seed``: called as
+    ``build(seed=seed)`` (a build without a ``seed`` parameter is refused)."""
     from fpgrad.graph.pt2 import is_pt2, load_pt2
 
     if is_pt2(spec):
+        if seed is not None:
+            raise InputError(f"{spec}: a .pt2 program has no build(seed) to re-draw; drop the seed")
         return load_pt2(spec)
     path_s, _, func = spec.partition(":") if spec.count(":") else (spec, "", "")
     func = func or "build"
@@ -47,7 +50,10 @@ def load_script(spec: str) -> GraphNetwork:
         if not callable(build):
             raise InputError(f"{path_s} defines no function {func}(); it must return "
                              "(model, inputs, targets, loss)")  # fmt: skip
-        built = build()
+        if seed is not None and not takes_seed(build):
+            raise InputError(f"{path_s}:{func} takes no seed argument; define "
+                             f"{func}(seed=0) to vary it, or drop the seed")  # fmt: skip
+        built = build() if seed is None else build(seed=seed)
         policies = getattr(module, "POLICIES", None)
     except InputError:
         raise
@@ -60,6 +66,17 @@ def load_script(spec: str) -> GraphNetwork:
     return from_module(
         *_unpack(built, f"{path_s}:{func}"), name=Path(path_s).stem, policies=policies
     )
+
+
+def takes_seed(fn: Any) -> bool:
+    """Whether ``fn`` can be called as ``fn(seed=...)``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "seed" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _unpack(built: Any, where: str) -> tuple[Any, Any, Any, Any]:

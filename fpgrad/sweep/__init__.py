@@ -17,8 +17,11 @@ a header line with the task and its options; a rerun skips the cells already the
 interrupted sweep resumes. The outputs ``sweep.md``, ``sweep.json``, ``sweep.csv`` and
 ``sweep.png`` list every cell of the grid in grid order.
 
+Captured models (``script.py:build``, ``model.pt2``): precision, loss_scale, seed (called as
+``build(seed=S)``) and lr; each worker builds the model again (:mod:`~fpgrad.sweep.captured`).
+
 Modules: :mod:`~fpgrad.sweep.grid` (axes, values, cells), :mod:`~fpgrad.sweep.cells` (the
-network and one cell's run), :mod:`~fpgrad.sweep.log` (``cells.jsonl``),
+network and one cell's run), :mod:`~fpgrad.sweep.captured` (captured models), :mod:`~fpgrad.sweep.log` (``cells.jsonl``),
 :mod:`~fpgrad.sweep.runners` (inline, local processes, Dask), :mod:`~fpgrad.sweep.result`
 (tables, JSON, CSV, plot), :mod:`~fpgrad.sweep.run` (:func:`sweep`), :mod:`~fpgrad.sweep.cli`.
 """

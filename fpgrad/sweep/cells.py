@@ -14,6 +14,7 @@ from fpgrad.sweep.grid import format_value
 
 if TYPE_CHECKING:
     from fpgrad.network import Network
+    from fpgrad.sweep.captured import ScriptRef
 
 #: gradient verdicts, in the order of the table and the plot: fpgrad.verdicts.VERDICTS, written
 #: out so that building the CLI imports no numpy (tests/test_sweep.py keeps them equal)
@@ -49,15 +50,31 @@ DEFAULT_LR = 0.01  #: the learning rate of a training sweep without an lr axis
 
 class Source:
     """The network of a sweep: a TOML network file or document (re-parsed per seed), a model
-    file, or a :class:`Network`."""
+    file, a :class:`Network`, or a captured model's ``script.py:build`` / ``model.pt2``
+    (built again per seed: ``build(seed=S)``)."""
 
     def __init__(self, network: str | Path | Mapping[str, Any] | Network):
+        from fpgrad.graph.script import is_script
         from fpgrad.netfile import parse_network
         from fpgrad.network import Network
 
         self.doc: dict[str, Any] | None = None
         self.base = Path(".")
         self.where = "network"
+        self.script: str | None = None  #: a captured model's absolute spec
+        self._cache: dict[int | None, tuple[Any, str]] = {}
+        if isinstance(network, (str, Path)) and is_script(str(network)):
+            from fpgrad.sweep import captured
+
+            self.script = captured.absolute_spec(str(network))[0]
+            self.where = str(network)
+            self.network: Any = captured.load(captured.ScriptRef(self.script), fresh=True)[0]
+            return
+        if not isinstance(network, (str, Path, Mapping, Network)):
+            raise InputError(
+                "sweep a captured model by its script (script.py:build) or model.pt2: each "
+                "worker builds it again"
+            )
         if isinstance(network, Network):
             self.network = network
         elif isinstance(network, Mapping):
@@ -74,12 +91,20 @@ class Source:
             else:
                 self.doc, self.base, self.where = doc, path.parent, str(path)
                 self.network = parse_network(doc, base=self.base, source=self.where)
-        self._cache: dict[int | None, tuple[Network, str]] = {}
 
-    def at(self, seed: int | None) -> tuple[Network, str]:
+    def at(self, seed: int | None) -> tuple[Any, str]:
         """The network with its init schemes drawn from ``seed`` (None, or a source without a
-        TOML document: as given), and its :func:`network_hash`."""
+        TOML document: as given), and its :func:`network_hash`; a captured model: the
+        :class:`~fpgrad.sweep.captured.ScriptRef` a cell carries and its ``graph_hash``."""
         from fpgrad.netfile import parse_network
+
+        if self.script is not None:
+            from fpgrad.sweep import captured
+
+            if seed not in self._cache:
+                ref = captured.ScriptRef(self.script, seed)
+                self._cache[seed] = (ref, captured.load(ref, fresh=seed is not None)[1])
+            return self._cache[seed]
 
         use = seed if self.doc is not None else None
         if use not in self._cache:
@@ -135,7 +160,7 @@ class CellJob:
     task: str
     key: str
     axes: dict[str, Any]
-    network: Network
+    network: Network | ScriptRef
     network_hash: str
     options: dict[str, Any]
 
@@ -147,7 +172,18 @@ def run_cell(job: CellJob) -> dict[str, Any]:
 
     record: dict[str, Any] = {"key": job.key, "axes": job.axes, "network_hash": job.network_hash}
     try:
-        result = _run_compare(job) if job.task == "compare" else _run_train(job)
+        from fpgrad.sweep import captured
+
+        if isinstance(job.network, captured.ScriptRef):  # a captured model: build it here
+            graph = captured.network(job.network, job.network_hash)
+            if job.task == "compare":
+                result = captured.run_compare(graph, job.axes, job.options)
+            else:
+                result = _run_train(job, graph)
+        elif job.task == "compare":
+            result = _run_compare(job)
+        else:
+            result = _run_train(job, scale_init(job.network, job.axes.get("init_scale", 1.0)))
         record.update(status="ok", **result)
     except InputError as exc:
         record.update(status="input_error", error=str(exc))
@@ -202,12 +238,12 @@ def _exact_for(job: CellJob, net: Network) -> Any:
     return _EXACT[key]
 
 
-def _run_train(job: CellJob) -> dict[str, Any]:
+def _run_train(job: CellJob, net: Any) -> dict[str, Any]:
+    """One training cell of ``net`` (the job's network, init-scaled, or a captured model)."""
     from fpgrad.optim import OptimConfig
     from fpgrad.training import train
 
     opts, axes = job.options, job.axes
-    net = scale_init(job.network, axes.get("init_scale", 1.0))
     run = axes["precision"]
     scale = axes.get("loss_scale", 1.0)
     if scale != 1.0:

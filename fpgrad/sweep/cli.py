@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``fpgrad sweep`` (each axis option takes comma-separated values and may
     be repeated)."""
-    p.add_argument("network", help="network file or model file (TOML)")
+    p.add_argument(
+        "network", help="network file or model file (TOML), script.py:build or model.pt2"
+    )
     p.add_argument("--task", default="compare", choices=TASKS, help="compare (default) or train")
     p.add_argument(
         "--out", required=True, help="output directory (cells.jsonl, sweep.md/json/csv/png)"

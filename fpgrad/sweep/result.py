@@ -86,8 +86,10 @@ class SweepResult:
 
         axes = [a for a, _ in self.grid.axes]
         counts = self._columns()
+        # a captured model's cells: no loss verdict; the first op whose output holds inf/NaN
+        captured = any("first_nonfinite" in r for r in self.records)
         extra = (
-            ["loss", "loss verdict", "digits"]
+            ["loss", "first inf/nan" if captured else "loss verdict", "digits"]
             if self.task == "compare"
             else [
                 "step",
@@ -113,7 +115,9 @@ class SweepResult:
                 loss = r["loss"]
                 row += [
                     fmt_value(_num(loss["value"])),
-                    loss["verdict"] + (f" ({loss['kind']})" if loss["kind"] else ""),
+                    (r.get("first_nonfinite") or "-")
+                    if captured
+                    else loss["verdict"] + (f" ({loss['kind']})" if loss["kind"] else ""),
                     f"{_num(r['certified_digits']):.1f}",
                 ]
             else:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fpgrad.errors import InputError
 from fpgrad.sweep.cells import OPTIONS, CellJob, Source
-from fpgrad.sweep.grid import TASKS, Grid
+from fpgrad.sweep.grid import TASKS, Grid, format_value
 from fpgrad.sweep.log import CELLS_FILE, LOG_SCHEMA, CellLog
 from fpgrad.sweep.result import SweepResult
 from fpgrad.sweep.runners import run_dask, run_inline, run_local
@@ -143,7 +143,19 @@ def sweep(
         raise InputError(f"--max-cells must be >= 0 (got {max_cells})")
     src = Source(network)
     g = Grid.parse(task, grid, src.network.policies)
-    if "seed" in g.values and task == "compare" and src.doc is None:
+    if src.script is not None:
+        if task == "train":  # refused runs (policies) before any cell
+            from fpgrad.graph.train import parse_graph_runs
+
+            scales = [s for s in g.values.get("loss_scale", ()) if s != 1.0]
+            runs = [f"{r}+scale={format_value(s)}" for r in g.values["precision"] for s in scales]
+            parse_graph_runs([*g.values["precision"], *runs], src.network.policies)
+        if "init_scale" in g.values:
+            raise InputError(
+                f"grid axis init_scale scales the dense layers of a TOML network; {src.where} is "
+                "a captured model: scale its weights in build() (e.g. build(seed) or a new script)"
+            )
+    elif "seed" in g.values and task == "compare" and src.doc is None:
         raise InputError(
             "grid axis seed re-draws the init schemes of a TOML network file; "
             f"{src.where} has no init to re-draw"
