@@ -4,7 +4,7 @@ Times one forward+backward of torch float64 (eager autograd) and one certified e
 evaluation of the captured graph (:func:`fpgrad.graph.exact.exact_graph`) for the CNN and the
 transformer block of the tests (tests/graph_models.py), and a wider residual MLP with
 hand-written RMSNorm. Prints each time, the ratio exact / float64, the exact method (fast
-balls, or mpmath where an op has no ball slot: GELU) and the certified digits.
+balls, or Arb where an op has no ball slot: GELU) and the certified digits.
 Usage: ``python scripts/bench_graph.py [--repeats R]`` (one thread for BLAS and torch).
 """
 

@@ -209,6 +209,7 @@ class BallArith(ExactDerivatives):
         self.uncertain_branches = 0
         self._tanh_cache: dict[int, tuple[Ball, tuple[Ball, Ball, int, int]]] = {}
         self._sig_cache: dict[int, tuple[Ball, tuple[Ball, Ball, int, int]]] = {}
+        self._ncdf_cache: dict[int, tuple[Ball, Ball]] = {}
         self.progress: Any = None  # optional callable(str) called after each matrix product
 
     # ---- construction and bookkeeping ---------------------------------------------------
@@ -456,6 +457,74 @@ class BallArith(ExactDerivatives):
             out = self.where(tiny, near, out)
         return out
 
+    def npdf(self, a: Ball) -> Ball:
+        """The standard normal density ``exp(-a^2 / 2) / sqrt(2 pi)`` (the constant enclosed
+        by Arb, :func:`_inv_sqrt_2pi`)."""
+        e = self.exp(self.mul(self.const(-0.5), self.mul(a, a)))
+        return self.mul(e, _inv_sqrt_2pi(self.k))
+
+    def ncdf(self, a: Ball) -> Ball:
+        """The standard normal CDF Phi, in three ranges of ``|a|``.
+
+        ``|mid| HI_BOUND + rad <= 12``: at the midpoint ``m`` (``|m| <= ub = |word 0|
+        HI_BOUND``), ``Phi(m) = 1/2 + phi(m) S(m)`` with ``S(m) = sum_n m^(2n+1) / (2n+1)!!``
+        (every term of one sign, consecutive terms in the ratio ``m^2 / (2n+3)``), summed by
+        Horner over ``n < N`` with the tail bounded by ``t_N / (1 - ub^2 / (2N+3))``,
+        ``t_N = ub^(2N+1) / (2N+1)!!``, added to the radius. The ball's own radius adds
+        ``max phi * rad`` (``Phi' = phi <= exp(-lo^2 / 2) / 2.5``, ``lo`` the least ``|a|``
+        of the ball), so the left tail keeps its relative accuracy.
+        Beyond 12: ``a > 0``: ``[1 - q, 1 + q]``; ``a < 0``: ``[0, 2 q]``, with ``q >= phi(lo)
+        / lo >= 1 - Phi(lo)`` (Mills' ratio; the left tail is not certified there: the
+        reference moves to Arb); a ball reaching ``|a| < 1``: ``[0, 1]``. Each range sees only
+        its own elements (the others are set to 0).
+        """
+        hit = self._ncdf_cache.get(id(a))
+        if hit is not None and hit[0] is a:  # GELU's backward asks again for its input
+            return hit[1]
+        out = self._ncdf(a)
+        self._ncdf_cache[id(a)] = (a, out)
+        return out
+
+    def _ncdf(self, a: Ball) -> Ball:
+        bound = np.abs(a.mid[0]) * HI_BOUND + a.rad
+        mid_range = bound <= 12.0
+
+        def only(mask: np.ndarray) -> Ball:
+            return Ball(np.where(mask, a.mid, 0.0), np.where(mask, a.rad, 0.0))
+
+        x = only(mid_range)
+        ub = np.where(mid_range, np.abs(a.mid[0]) * HI_BOUND, 0.0)
+        lo = np.maximum(np.abs(x.mid[0]) / HI_BOUND - x.rad, 0.0)  # least |a| in the ball
+        lip = np.exp(-0.5 * lo * lo) / 2.5  # >= max phi on the ball (sqrt(2 pi) > 2.5)
+        x = Ball(x.mid, np.zeros(x.rad.shape))  # the series at the midpoint, then |Phi'| rad
+        terms = _ncdf_terms(float(ub.max()) if ub.size else 0.0)
+        x2 = self.mul(x, x)
+        one = self.const(1.0)
+        poly = one
+        for m in range(terms - 1, 0, -1):
+            poly = self.add(one, self.div(self.mul(poly, x2), self.const(2.0 * m + 1)))
+        series = self.mul(x, poly)
+        tail = ub.copy()  # t_N = ub^(2N+1) / (2N+1)!!, each factor rounded up
+        for m in range(1, terms + 1):
+            tail = tail * (ub * ub / (2.0 * m + 1)) * RU
+        ratio = ub * ub / (2.0 * terms + 3)
+        tail = tail / (1.0 - ratio) * RU
+        tail = np.where(ub > 0, np.maximum(tail, 2.0**-700), 0.0)  # no bound rounds to 0
+        series = Ball(series.mid, (series.rad + tail) * RU)
+        out = self.add(self.const(0.5), self.mul(self.npdf(x), series))
+        out = Ball(out.mid, (out.rad + lip * np.where(mid_range, a.rad, 0.0)) * RU)
+        far = ~mid_range
+        if far.any():
+            lo = np.abs(a.mid[0]) / HI_BOUND - a.rad  # every point of the ball has |a| >= lo
+            lo_ok = np.where(far & (lo >= 1.0), lo, 1.0)
+            with np.errstate(under="ignore"):  # phi(lo) / lo (sqrt(2 pi) > 2.5), not below 2**-700
+                q = np.maximum(np.exp(-0.5 * lo_ok * lo_ok) / (2.5 * lo_ok), 2.0**-700)
+            right = a.mid[0] > 0
+            mid = np.where(lo < 1.0, 0.5, np.where(right, 1.0, q))
+            rad = np.where(lo < 1.0, 0.5, q) * RU  # a ball reaching |a| < 1: all of [0, 1]
+            out = self.where(far, Ball(xp.from_float(mid, self.k), rad), out)
+        return out
+
     def sqrt(self, a: Ball) -> Ball:
         a0 = a.mid[0]
         self._domain(a0 < 0)
@@ -490,3 +559,52 @@ class BallArith(ExactDerivatives):
     def _domain(self, bad: np.ndarray) -> None:
         if np.any(bad):
             self.range_errors += int(np.sum(bad))
+
+
+_NCDF_TARGET = 2.0**-170  # the series' tail bound, absolute (certified Phi are above 2**-80)
+
+
+def _ncdf_terms(ub: float) -> int:
+    """Terms N of the series of :meth:`BallArith.ncdf` for ``|a| <= ub <= 12``: the first N
+    whose tail bound is below :data:`_NCDF_TARGET` (at most 600)."""
+    t, n = ub, 0
+    while n < 600:
+        n += 1
+        t = t * ub * ub / (2.0 * n + 1)
+        ratio = ub * ub / (2.0 * n + 3)
+        if ratio < 0.5 and t / (1.0 - ratio) < _NCDF_TARGET:
+            return n
+    raise AssertionError("ncdf series: |a| above 12 reached the series")
+
+
+_CONSTS: dict[tuple[str, int], Ball] = {}
+
+
+def _inv_sqrt_2pi(k: int) -> Ball:
+    """``1 / sqrt(2 pi)`` as a k-word ball: Arb encloses it at 400 bits; the words are its
+    midpoint rounded greedily, the radius Arb's plus what the words leave out, rounded up."""
+    key = ("inv_sqrt_2pi", k)
+    if key not in _CONSTS:
+        import mpmath
+        from flint import arb, ctx
+
+        old = ctx.prec
+        ctx.prec = 400
+        try:
+            c = 1 / (2 * arb.pi()).sqrt()
+            man, exp = c.mid().man_exp()
+            rman, rexp = c.rad().mid().man_exp()
+        finally:
+            ctx.prec = old
+        mp = mpmath.MPContext()
+        mp.prec = 600
+        rest = mp.ldexp(mp.mpf(int(man)), int(exp))
+        words = []
+        for _ in range(k):
+            w = float(rest)
+            words.append(w)
+            rest = rest - mp.mpf(w)  # exact: 600 bits hold it
+        left = abs(rest) + mp.ldexp(mp.mpf(int(rman)), int(rexp))
+        rad = float(mp.mpf(left)) * 2.0  # float() rounds to nearest: doubling rounds up
+        _CONSTS[key] = Ball(np.array(words), np.asarray(rad))
+    return _CONSTS[key]

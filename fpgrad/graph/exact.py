@@ -6,18 +6,28 @@ lack, such as GELU's normal CDF, goes straight to Arb). Every claim is read off 
 for layer networks (:mod:`fpgrad.exact`): exact zeros, undetermined values, certified digits.
 The loss and the parameter gradients are the certified values; every node's value of the
 evaluation that stands is kept for attribution (:meth:`GraphExact.nonzero`).
+
+Zeros by cancellation (a bias before training-mode batch norm, attention's key bias) are
+proven by :mod:`fpgrad.graph.identities` from the graph's structure; each such element is set
+to an exact zero ball during the evaluation, after checking that its enclosure contains 0 (an
+enclosure that excludes 0 contradicts the proof: an error, never a silent zero). Elements
+whose enclosure is not finite keep it (the identities assume finite values).
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch import fx
 
+from fpgrad.arith import arb as arbmod
+from fpgrad.arith.ball import HI_BOUND, Ball
 from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult, Work, certify
 from fpgrad.graph.capture import Graph
+from fpgrad.graph.identities import Identities, prove_zeros
 from fpgrad.graph.interpret import GraphTrace, interpret
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.verdicts import ExactArray
@@ -31,6 +41,7 @@ class GraphExact:
     """Certified loss and gradients (``keys``: "loss", "grads/<param>")."""
 
     result: ExactResult
+    identities: Identities = field(default_factory=Identities)
 
     @property
     def method(self) -> str:
@@ -75,9 +86,44 @@ class GraphExact:
         return self.result.nonzero(v)
 
 
-def _run(graph: Graph) -> Any:
+def settle_zeros(ar: Any, value: Any, mask: np.ndarray, where: str) -> Any:
+    """``value`` (balls of ``ar``) with the elements ``mask`` proven exactly 0 set to exact
+    zeros. Raises RuntimeError where a finite enclosure excludes 0 (the proof and the balls
+    disagree: a bug); leaves non-finite enclosures, and every element after a range error
+    of the fast balls (that evaluation is discarded), as they are."""
+    if isinstance(value, Ball):
+        if getattr(ar, "range_errors", 0):
+            return value
+        m0, rad = value.mid[0], np.asarray(value.rad)
+        finite = np.isfinite(m0) & np.isfinite(rad) & mask
+        with np.errstate(invalid="ignore"):
+            excludes = np.abs(m0) / HI_BOUND > rad
+    else:
+        arr = np.asarray(value, dtype=object)
+        finite = np.zeros(mask.shape, dtype=bool)
+        excludes = np.zeros(mask.shape, dtype=bool)
+        picked = arr[mask]
+        finite[mask] = [bool(v.is_finite()) for v in picked]
+        excludes[mask] = ~arbmod.contains_zero(picked)
+    if (finite & excludes).any():
+        raise RuntimeError(
+            f"{where}: {int((finite & excludes).sum())} values proven exactly 0 by a structural "
+            "identity have enclosures that exclude 0; this is a bug in fpgrad, please report it"
+        )
+    if not finite.any():
+        return value
+    return ar.where(finite, ar.asarray(np.zeros(mask.shape)), value)
+
+
+def _run(graph: Graph, ids: Identities) -> Any:
     def run(ar: Any) -> tuple[list[tuple[str, Any]], Any]:
-        trace = interpret(graph, ar)
+        def settle(node: fx.Node, value: Any) -> Any:
+            mask = ids.zeros.get(node.name)
+            if mask is None:
+                return value
+            return settle_zeros(ar, value, mask, graph.label(node))
+
+        trace = interpret(graph, ar, settle=settle if ids.zeros else None)
         items = [("loss", trace.loss), *((f"grads/{k}", v) for k, v in trace.grads.items())]
         return items, trace
 
@@ -113,7 +159,8 @@ def exact_graph(
     max_bits: int = DEFAULT_MAX_BITS,
 ) -> GraphExact:
     """Evaluate ``graph`` exactly and certify the loss and every gradient element."""
-    run = _run(graph)
+    ids = prove_zeros(graph)
+    run = _run(graph, ids)
     w = work(graph)
     try:
         result = certify(run, w, bits, allow_uncertified=allow_uncertified, max_bits=max_bits)
@@ -121,4 +168,4 @@ def exact_graph(
         result = certify(
             run, w, bits, allow_uncertified=allow_uncertified, method="arb", max_bits=max_bits
         )
-    return GraphExact(result)
+    return GraphExact(result, ids)

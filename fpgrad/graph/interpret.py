@@ -8,6 +8,7 @@ Floating tensors (parameters, inputs, targets, constants) enter the system throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +89,12 @@ def interpret(
     ar: Arith,
     params: dict[str, Any] | None = None,
     keep: bool = True,
+    settle: Callable[[fx.Node, Any], Any] | None = None,
 ) -> GraphTrace:
     """Evaluate ``graph`` in ``ar``. ``params`` (name -> arrays of ``ar``) replaces the
-    captured float64 values; ``keep=False`` drops intermediate values once read."""
+    captured float64 values; ``keep=False`` drops intermediate values once read;
+    ``settle(node, value)`` may replace each op's value (the exact reference sets the zeros
+    that :mod:`fpgrad.graph.identities` proves)."""
     feeds: list[Any] = [
         params[n] if params is not None else _enter(ar, graph.params[n]) for n in graph.param_names
     ]
@@ -124,6 +128,8 @@ def interpret(
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
             kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
             env[node.name] = OPS[op_key(node)](cx, *args, **kwargs)
+            if settle is not None:
+                env[node.name] = settle(node, env[node.name])
     assert out_node is not None
     outs = fx.node.map_arg(out_node.args[0], lambda n: env[n.name])
     flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]

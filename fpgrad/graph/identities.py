@@ -1,0 +1,666 @@
+"""Exact zero-sum identities of a captured graph, proven from its structure alone.
+
+Some exact gradients are 0 by cancellation: a bias in front of training-mode batch norm (the
+norm subtracts the per-channel batch mean), attention's key bias (softmax ignores a shift per
+query). No ball can prove such a zero: its enclosure always keeps a small radius around 0.
+This pass proves them statically, from the ops of the graph, never from values.
+
+**Facts.** The fact of a floating tensor ``T`` is an int64 array ``gid`` of its shape:
+
+* ``gid[i] == ZERO``: ``T[i] == 0`` exactly;
+* ``gid[i] == g >= 0``: the elements labelled ``g`` sum to exactly 0 (every group has at least
+  two elements: a one-element zero sum is a ``ZERO``);
+* ``gid[i] == UNKNOWN``: nothing is claimed.
+
+**Sources** (each identity holds for the exact values, with the forward statistics the graph
+itself computed; the pass checks that the saved statistics come from that forward op):
+
+* ``native_batch_norm_backward`` in training mode: ``dx = rstd (gw - mean(gw) - xhat
+  mean(gw xhat))`` sums to 0 over (N, spatial) per channel, because ``sum(x - mean(x)) = 0``;
+* ``native_layer_norm_backward``: ``dx`` sums to 0 over the normalised axes (same reason);
+* ``_softmax_backward_data``: ``y (g - sum(g y))`` sums to 0 along ``dim`` as ``sum(y) = 1``;
+* ``_log_softmax_backward_data``: ``g - exp(y) sum(g)`` sums to 0 along ``dim``;
+* the CPU flash-attention backward's ``grad_key``: ``dk = ds^T q`` with ``ds = p (dp -
+  sum(dp p))``, whose rows sum to 0 as every softmax row sums to 1, so ``dk`` sums to 0 over
+  the keys (per batch, head and feature). Only when the mask is a constant that leaves every
+  query at least one key (a fully masked row has no softmax) and dropout is 0.
+
+**Propagation** (each rule is sound; anything else, or any doubt, drops the fact):
+
+* data movement (views, transposes, permutes, squeeze/unsqueeze, expand, clone, select, slice,
+  split, cat, select/slice_backward): run on index tensors by torch itself; a group stays a
+  group only if every member is read the same number of times (copies form their own groups);
+  zero fill is ``ZERO``;
+* sums and means over axes: outputs linked by a shared group form a group; an output whose
+  fibre holds only complete groups and zeros is ``ZERO`` (that is where a proof concludes);
+* ``a + alpha b``: elements linked through a group of either operand form a group, unless one
+  of them is ``UNKNOWN`` in an operand;
+* ``t * c``, ``t / c``: a group survives when every member meets the same element of ``c``
+  (a scalar, or ``c`` broadcast along the group);
+* ``a @ b`` (mm, bmm, addmm): groups of ``a`` that each lie in one column give output groups
+  ``{(i, k): i in R}`` per column ``k`` for each set ``R`` of rows they link (and likewise for
+  ``b``'s rows).
+
+:func:`prove_zeros` returns the elements proven exactly 0 at the nodes where a proof
+concludes (reductions and the convolution's bias gradient); the exact reference
+(:mod:`fpgrad.graph.exact`) sets them to exact zero balls after checking that each enclosure
+contains 0.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from fpgrad.graph.capture import Graph, op_key
+
+UNKNOWN = -1
+ZERO = -2
+Fact = np.ndarray | None
+
+_PASS = {"aten.detach.default", "aten.alias.default", "aten.clone.default"}
+#: ops whose every output element is a copy of one input element or a zero fill
+_MOVES = {
+    "aten.detach.default", "aten.alias.default", "aten.clone.default",
+    "aten.contiguous.default", "aten.view.default", "aten._unsafe_view.default",
+    "aten.reshape.default", "aten.t.default", "aten.transpose.int", "aten.permute.default",
+    "aten.expand.default", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims",
+    "aten.squeeze.default", "aten.slice.Tensor", "aten.select.int", "aten.cat.default",
+    "aten.split.Tensor", "aten.split_with_sizes.default", "aten.select_backward.default",
+    "aten.slice_backward.default",
+}  # fmt: skip
+#: data movement that fills zeros around its input: a fact even for an input without one
+_FILLS = {"aten.select_backward.default", "aten.slice_backward.default"}
+_SUMS = {"aten.sum.dim_IntList", "aten.sum.default", "aten.mean.dim", "aten.mean.default"}
+
+
+@dataclass
+class Identities:
+    """What the pass proved: ``zeros[node]`` marks the elements of ``node``'s value that are
+    exactly 0; ``facts[node]`` every fact derived (for tests and inspection)."""
+
+    zeros: dict[str, np.ndarray] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(sum(int(m.sum()) for m in self.zeros.values()))
+
+
+# ---- labels ----------------------------------------------------------------------------------
+def canon(gid: np.ndarray) -> Fact:
+    """Relabel groups 0..G-1, turn one-element groups into ZERO; None when nothing is known."""
+    flat = gid.ravel().copy()
+    pos = flat >= 0
+    if pos.any():
+        _, inv, counts = np.unique(flat[pos], return_inverse=True, return_counts=True)
+        keep = counts > 1
+        remap = np.cumsum(keep) - 1
+        flat[pos] = np.where(keep[inv], remap[inv], ZERO)
+    if (flat == UNKNOWN).all():
+        return None
+    return flat.reshape(gid.shape)
+
+
+def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected components of ``n`` nodes joined by edges (u[e], v[e]): the smallest node of
+    each component as its label (root hooking and pointer jumping, vectorised)."""
+    lab = np.arange(n, dtype=np.int64)
+    while u.size:
+        lu, lv = lab[u], lab[v]
+        differ = lu != lv
+        if not differ.any():
+            break
+        lu, lv = lu[differ], lv[differ]
+        low = np.minimum(lu, lv)
+        np.minimum.at(lab, lu, low)  # roots hook onto a smaller root: no cycles
+        np.minimum.at(lab, lv, low)
+        while True:
+            nxt = lab[lab]
+            if np.array_equal(nxt, lab):
+                break
+            lab = nxt
+    return lab
+
+
+def _group_minmax(gid: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """For flat ``gid`` (groups >= 0): does ``key`` take one value on each group?"""
+    pos = gid >= 0
+    n = int(gid[pos].max()) + 1 if pos.any() else 0
+    lo = np.full(n, np.iinfo(np.int64).max)
+    hi = np.full(n, np.iinfo(np.int64).min)
+    np.minimum.at(lo, gid[pos], key[pos])
+    np.maximum.at(hi, gid[pos], key[pos])
+    return lo == hi
+
+
+def _unknown(shape: tuple[int, ...]) -> np.ndarray:
+    return np.full(shape, UNKNOWN, dtype=np.int64)
+
+
+# ---- rules -----------------------------------------------------------------------------------
+def gather(gid: np.ndarray, src: np.ndarray) -> Fact:
+    """The fact of ``out.flat[o] = T.flat[src[o]]`` (``src < 0``: a zero fill)."""
+    g = gid.ravel()
+    s = src.ravel().astype(np.int64)
+    read = s >= 0
+    out = np.full(s.shape, ZERO, dtype=np.int64)
+    out[read] = g[s[read]]
+    pos = out >= 0
+    if pos.any():
+        counts = np.bincount(s[read], minlength=g.size)
+        same = _group_minmax(g, counts)  # every member read equally often
+        # the k-th reader of each member: members' k-th copies form group (g, k)
+        idx = np.flatnonzero(read)
+        order = np.argsort(s[idx], kind="stable")
+        srt = s[idx][order]
+        start = np.r_[True, srt[1:] != srt[:-1]]
+        first = np.maximum.accumulate(np.where(start, np.arange(srt.size), 0))
+        rank = np.empty(idx.size, dtype=np.int64)
+        rank[order] = np.arange(srt.size) - first
+        copy = np.zeros(s.shape, dtype=np.int64)
+        copy[idx] = rank
+        m = int(counts.max())
+        out[pos] = np.where(same[out[pos]], out[pos] * m + copy[pos], UNKNOWN)
+    return canon(out.reshape(src.shape))
+
+
+def broadcast(gid: Fact, shape: tuple[int, ...], out: tuple[int, ...]) -> Fact:
+    """The fact of ``T`` broadcast from ``shape`` to ``out`` (numpy rules)."""
+    if gid is None or tuple(shape) == tuple(out):
+        return gid
+    n = int(np.prod(shape, dtype=np.int64))
+    src = np.broadcast_to(np.arange(n, dtype=np.int64).reshape(shape), out)
+    return gather(gid, np.ascontiguousarray(src))
+
+
+def reduce(gid: np.ndarray, dst: np.ndarray, n_out: int) -> Fact:
+    """The fact of ``out.flat[o] = sum of T.flat[i] over dst[i] == o``."""
+    g = gid.ravel()
+    d = dst.ravel().astype(np.int64)
+    pos = g >= 0
+    n_groups = int(g[pos].max()) + 1 if pos.any() else 0
+    lab = components(n_out + n_groups, d[pos], n_out + g[pos])
+    bad = np.zeros(n_out + n_groups, dtype=bool)
+    bad[lab[d[g == UNKNOWN]]] = True
+    out_lab = lab[:n_out]
+    return canon(np.where(bad[out_lab], UNKNOWN, out_lab))
+
+
+def reduce_axes(gid: np.ndarray, axes: list[int], keepdim: bool) -> Fact:
+    """The fact of ``T.sum(axes)`` (axes already non-negative; empty: every axis)."""
+    shape = gid.shape
+    axes = sorted(set(axes)) if axes else list(range(len(shape)))
+    kept = tuple(1 if a in axes else s for a, s in enumerate(shape))
+    n_out = int(np.prod(kept, dtype=np.int64))
+    dst = np.broadcast_to(np.arange(n_out, dtype=np.int64).reshape(kept), shape)
+    out = reduce(gid, dst, n_out)
+    if out is None:
+        return None
+    final = kept if keepdim else tuple(s for a, s in enumerate(shape) if a not in axes)
+    return out.reshape(final)
+
+
+def add(a: Fact, b: Fact, shape: tuple[int, ...]) -> Fact:
+    """The fact of ``a + alpha b`` (both already of ``shape``)."""
+    if a is None or b is None:
+        return None
+    ga, gb = a.ravel(), b.ravel()
+    n = ga.size
+    na = int(ga.max()) + 1 if (ga >= 0).any() else 0
+    nb = int(gb.max()) + 1 if (gb >= 0).any() else 0
+    ia, ib = np.flatnonzero(ga >= 0), np.flatnonzero(gb >= 0)
+    u = np.concatenate([ia, ib])
+    v = np.concatenate([n + ga[ia], n + na + gb[ib]])
+    lab = components(n + na + nb, u, v)
+    bad = np.zeros(n + na + nb, dtype=bool)
+    bad[lab[:n][(ga == UNKNOWN) | (gb == UNKNOWN)]] = True
+    out = np.where(bad[lab[:n]], UNKNOWN, lab[:n])
+    return canon(out.reshape(shape))
+
+
+def scale(t: Fact, factor_index: np.ndarray | None, factor: Fact = None) -> Fact:
+    """The fact of ``t * c`` where element ``i`` meets ``c.flat[factor_index[i]]`` (None: a
+    scalar); ``factor``: the fact of ``c`` broadcast (its ZEROs make zero products)."""
+    if t is None and factor is None:
+        return None
+    shape = t.shape if t is not None else factor.shape  # type: ignore[union-attr]
+    out = _unknown(shape).ravel() if t is None else t.ravel().copy()
+    if t is not None and factor_index is not None:
+        same = _group_minmax(out, factor_index.ravel().astype(np.int64))
+        pos = out >= 0
+        out[pos] = np.where(same[out[pos]], out[pos], UNKNOWN)
+    if factor is not None:
+        out[factor.ravel() == ZERO] = ZERO
+    return canon(out.reshape(shape))
+
+
+def matmul_left(a: np.ndarray, k: int) -> Fact:
+    """The fact of ``a @ b`` (a of shape (B, n, m), b of (B, m, k)) from ``a``'s fact."""
+    nb, n, m = a.shape
+    g = a.ravel().copy()
+    bi, ii, ji = (x.ravel() for x in np.indices(a.shape))
+    pos = g >= 0
+    if pos.any():  # each group must lie in one column of one batch
+        same = _group_minmax(g, bi * m + ji)
+        g[pos] = np.where(same[g[pos]], g[pos], UNKNOWN)
+    rows = bi * n + ii
+    pos = g >= 0
+    n_groups = int(g[pos].max()) + 1 if pos.any() else 0
+    lab = components(nb * n + n_groups, rows[pos], nb * n + g[pos])
+    bad = np.zeros(nb * n + n_groups, dtype=bool)
+    bad[lab[rows[g == UNKNOWN]]] = True
+    row = np.where(bad[lab[: nb * n]], UNKNOWN, lab[: nb * n]).reshape(nb, n, 1)
+    out = np.where(row >= 0, row * k + np.arange(k), UNKNOWN)
+    return canon(out)
+
+
+def matmul(a: Fact, b: Fact, ashape: tuple, bshape: tuple) -> Fact:
+    """The fact of ``a @ b`` for 2-D (mm) or 3-D (bmm) operands."""
+    batched = len(ashape) == 3
+    a3 = None if a is None else (a if batched else a[None])
+    b3 = None if b is None else (b if batched else b[None])
+    k, n = bshape[-1], ashape[-2]
+    left = None if a3 is None else matmul_left(a3, k)
+    right = None
+    if b3 is not None:
+        r = matmul_left(np.ascontiguousarray(b3.transpose(0, 2, 1)), n)
+        right = None if r is None else np.ascontiguousarray(r.transpose(0, 2, 1))
+    out = left if left is not None else right
+    if left is not None and right is not None:
+        out = left.copy()
+        out[right == ZERO] = ZERO
+        out = canon(out)
+    if out is None:
+        return None
+    return out if batched else out[0]
+
+
+# ---- the pass --------------------------------------------------------------------------------
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    return None
+
+
+def _floating(node: Any) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def origin(node: Any) -> Any:
+    """``node`` looking through detach, alias and clone."""
+    while isinstance(node, fx.Node) and str(node.target) in _PASS:
+        node = node.args[0]
+    return node
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _item_of(node: Any, op: str, index: int) -> fx.Node | None:
+    """The op node whose output ``index`` ``node`` reads (through detach/clone), if ``op``."""
+    node = origin(node)
+    if not (isinstance(node, fx.Node) and node.target is operator.getitem):
+        return None
+    parent, i = node.args
+    if i != index or not isinstance(parent, fx.Node) or str(parent.target) != op:
+        return None
+    return parent
+
+
+class _Pass:
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.facts: dict[str, Any] = {}
+        self.zeros: dict[str, np.ndarray] = {}
+        self._consts: dict[str, Any] | None = None
+
+    def fact(self, node: Any) -> Fact:
+        if not isinstance(node, fx.Node):
+            return None
+        f = self.facts.get(node.name)
+        return f if isinstance(f, np.ndarray) else None
+
+    def run(self) -> Identities:
+        constants = self.graph.constants
+        for node in self.graph.gm.graph.nodes:
+            if node.op != "call_function" or node.name in constants:
+                continue
+            key = _key(node)
+            if key not in _SEEDS and not any(n.name in self.facts for n in node.all_input_nodes):
+                continue  # no fact flows in and the op creates none
+            try:
+                out = self.rule(node, key)
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+                out = None  # arguments not as expected: no fact (never a wrong one)
+            if out is None:
+                continue
+            if isinstance(out, tuple | list):
+                if all(o is None for o in out):
+                    continue
+                out = tuple(out)
+            self.facts[node.name] = out
+            if _concludes(node) and isinstance(out, np.ndarray) and (out == ZERO).any():
+                self.zeros[node.name] = out == ZERO
+        return Identities(self.zeros, self.facts)
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def rule(self, node: fx.Node, key: str) -> Any:
+        if key == "getitem":
+            parent, i = node.args
+            f = self.facts.get(parent.name) if isinstance(parent, fx.Node) else None
+            return f[i] if isinstance(f, tuple) and i < len(f) else None
+        fn = _RULES.get(key)
+        if fn is not None:
+            return fn(self, node)
+        if key in _MOVES:
+            return self.move(node)
+        return None
+
+    def move(self, node: fx.Node) -> Any:
+        """Data movement, replayed by torch on index tensors (value i + 1; 0 is a fill)."""
+        inputs = list(node.all_input_nodes)
+        if not all(_floating(n) for n in inputs):
+            return None
+        facts = [self.fact(n) for n in inputs]
+        if all(f is None for f in facts) and _key(node) not in _FILLS:
+            return None
+        shapes = [_shape(n) for n in inputs]
+        if any(s is None for s in shapes):
+            return None
+        offset, ids, gids = 0, {}, []
+        for n, s, f in zip(inputs, shapes, facts, strict=True):
+            size = int(np.prod(s, dtype=np.int64))
+            ids[n.name] = torch.arange(offset + 1, offset + size + 1, dtype=torch.float64).reshape(s)
+            gids.append(_unknown(s).ravel() if f is None else f.ravel())
+            offset += size
+        gid = np.concatenate(gids) if gids else np.zeros(0, dtype=np.int64)
+        args = fx.node.map_arg(node.args, lambda n: ids.get(n.name, n))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: ids.get(n.name, n))
+        try:
+            with torch.no_grad():
+                res = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - an op torch cannot replay on indices: no fact
+            return None
+
+        def one(t: Any) -> Fact:
+            src = t.detach().contiguous().numpy().astype(np.int64) - 1
+            return gather(gid, src)
+
+        if isinstance(res, tuple | list):
+            return tuple(one(t) for t in res)
+        return one(res)
+
+    # ---- sources -----------------------------------------------------------------------------
+    def batch_norm_backward(self, node: fx.Node) -> Any:
+        g, x, _w, _rm, _rv, smean, srstd, train, _eps, mask = node.args[:10]
+        fwd = _item_of(smean, "aten.native_batch_norm.default", 1)
+        if not (train and mask[0] and fwd is not None):
+            return None
+        if _item_of(srstd, "aten.native_batch_norm.default", 2) is not fwd:
+            return None
+        if not fwd.args[5] or origin(fwd.args[0]) is not origin(x):
+            return None
+        shape = _shape(node.args[0])
+        if shape is None or len(shape) < 2:
+            return None
+        gid = np.broadcast_to(np.arange(shape[1]).reshape(1, -1, *([1] * (len(shape) - 2))), shape)
+        return (canon(np.ascontiguousarray(gid)), None, None)
+
+    def layer_norm_backward(self, node: fx.Node) -> Any:
+        g, x, normalized, mean, rstd, _w, _b, mask = node.args[:8]
+        fwd = _item_of(mean, "aten.native_layer_norm.default", 1)
+        if not (mask[0] and fwd is not None):
+            return None
+        if _item_of(rstd, "aten.native_layer_norm.default", 2) is not fwd:
+            return None
+        if origin(fwd.args[0]) is not origin(x) or list(fwd.args[1]) != list(normalized):
+            return None
+        shape = _shape(g)
+        if shape is None:
+            return None
+        return (_along(shape, list(range(len(shape) - len(normalized), len(shape)))), None, None)
+
+    def softmax_backward(self, node: fx.Node, forward: str) -> Fact:
+        g, y, dim = node.args[:3]
+        fwd = origin(y)
+        shape = _shape(g)
+        if shape is None or not isinstance(fwd, fx.Node) or str(fwd.target) != forward:
+            return None
+        nd = max(1, len(shape))
+        if int(fwd.args[1]) % nd != int(dim) % nd:
+            return None
+        return _along(shape, [int(dim) % nd]) if shape else None
+
+    def sdpa_backward(self, node: fx.Node) -> Any:
+        fwd = _item_of(node.args[4], "aten._scaled_dot_product_flash_attention_for_cpu.default", 0)
+        if fwd is None:
+            return None
+        lse = _item_of(node.args[5], "aten._scaled_dot_product_flash_attention_for_cpu.default", 1)
+        if lse is not fwd or any(origin(a) is not origin(b) for a, b in
+                                 zip(node.args[1:4], fwd.args[:3], strict=True)):  # fmt: skip
+            return None
+        dropout = _arg(node, 6, "dropout_p", 0.0)
+        causal = bool(_arg(node, 7, "is_causal", False))
+        mask = node.kwargs.get("attn_mask")
+        if dropout or float(_arg(fwd, 3, "dropout_p", 0.0)):
+            return None
+        if causal != bool(_arg(fwd, 4, "is_causal", False)) or mask is not fwd.kwargs.get(
+            "attn_mask"
+        ):
+            return None
+        if node.kwargs.get("scale") != fwd.kwargs.get("scale"):
+            return None
+        qs, ks = _shape(node.args[1]), _shape(node.args[2])
+        if qs is None or ks is None or not self.every_query_keeps_a_key(qs, ks, causal, mask):
+            return None
+        return (None, _along(ks, [len(ks) - 2]), None)
+
+    def every_query_keeps_a_key(self, qs: tuple, ks: tuple, causal: bool, mask: Any) -> bool:
+        """Does every softmax row of the attention have a key that is not masked?"""
+        lq, lk = qs[-2], ks[-2]
+        keep = np.ones((lq, lk), dtype=bool)
+        if causal:
+            keep &= np.tril(np.ones((lq, lk), dtype=bool))
+        if mask is not None:
+            value = self.constant(mask)
+            if value is None:
+                return False  # a mask computed from floating data: not known statically
+            arr = value.detach().numpy()
+            if arr.dtype == bool:
+                keep = keep & arr
+            else:
+                if np.isnan(arr).any() or np.isposinf(arr).any():
+                    return False
+                keep = keep & ~np.isneginf(arr)
+        return bool(lk > 0 and keep.any(axis=-1).all())
+
+    def constant(self, node: fx.Node) -> torch.Tensor | None:
+        """The torch value of a constant node (one that reads no floating data)."""
+        if self._consts is None:
+            self._consts = _constant_values(self.graph)
+        value = self._consts.get(node.name)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def conv_backward(self, node: fx.Node) -> Any:
+        g, mask = node.args[0], node.args[10]
+        f, shape = self.fact(g), _shape(g)
+        if f is None or shape is None or not mask[2]:
+            return None
+        return (None, None, reduce_axes(f, [a for a in range(len(shape)) if a != 1], False))
+
+    # ---- linear rules ------------------------------------------------------------------------
+    def sums(self, node: fx.Node) -> Fact:
+        x = node.args[0]
+        f, shape = self.fact(x), _shape(x)
+        if f is None or shape is None:
+            return None
+        if str(node.target).endswith(".default"):
+            return reduce_axes(f, [], False)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = bool(_arg(node, 2, "keepdim", False))
+        nd = max(1, len(shape))
+        axes = [int(d) % nd for d in dims] if dims else []
+        return reduce_axes(f, axes, keep) if shape else f
+
+    def add_sub(self, node: fx.Node) -> Fact:
+        a, b = node.args[:2]
+        out = _shape(node)
+        if out is None:
+            return None
+        if not isinstance(b, fx.Node):
+            return self._operand(a, out) if b == 0 else None
+        if not isinstance(a, fx.Node):
+            return None
+        return add(self._operand(a, out), self._operand(b, out), out)
+
+    def _operand(self, x: Any, out: tuple[int, ...]) -> Fact:
+        s = _shape(x)
+        return None if s is None else broadcast(self.fact(x), s, out)
+
+    def mul_div(self, node: fx.Node) -> Fact:
+        a, b = node.args[:2]
+        out = _shape(node)
+        if out is None:
+            return None
+        divide = str(node.target).startswith("aten.div")
+        if not isinstance(b, fx.Node):  # a Python scalar
+            return self._operand(a, out)
+        if not isinstance(a, fx.Node):
+            return None if divide else self._operand(b, out)
+        fa, fb = self._operand(a, out), self._operand(b, out)
+        ia, ib = _index_in(_shape(a), out), _index_in(_shape(b), out)
+        if ia is None or ib is None:
+            return None
+        if divide:  # a / b: only a's groups, b a common factor
+            return None if fa is None else scale(fa, ib)
+        if fa is not None:
+            return scale(fa, ib, fb)
+        return scale(fb, ia, fa)
+
+    def neg(self, node: fx.Node) -> Fact:
+        return self.fact(node.args[0])
+
+    def mm(self, node: fx.Node) -> Fact:
+        a, b = node.args[:2]
+        sa, sb = _shape(a), _shape(b)
+        if sa is None or sb is None:
+            return None
+        return matmul(self.fact(a), self.fact(b), sa, sb)
+
+    def addmm(self, node: fx.Node) -> Fact:
+        bias, a, b = node.args[:3]
+        out, sa, sb, sc = _shape(node), _shape(a), _shape(b), _shape(bias)
+        if out is None or sa is None or sb is None or sc is None:
+            return None
+        prod = matmul(self.fact(a), self.fact(b), sa, sb)
+        if float(node.kwargs.get("beta", 1)) == 0:
+            return prod
+        return add(broadcast(self.fact(bias), sc, out), prod, out)
+
+
+def _along(shape: tuple[int, ...], axes: list[int]) -> Fact:
+    """Groups: each index of the other axes, its members running over ``axes``."""
+    kept = tuple(1 if a in axes else s for a, s in enumerate(shape))
+    n = int(np.prod(kept, dtype=np.int64))
+    gid = np.broadcast_to(np.arange(n, dtype=np.int64).reshape(kept), shape)
+    return canon(np.ascontiguousarray(gid))
+
+
+def _index_in(shape: tuple[int, ...] | None, out: tuple[int, ...]) -> np.ndarray | None:
+    """For each element of ``out``, the flat index of the element of a tensor of ``shape``
+    broadcast to it."""
+    if shape is None:
+        return None
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.broadcast_to(np.arange(n, dtype=np.int64).reshape(shape), out)
+
+
+def _constant_values(graph: Graph) -> dict[str, Any]:
+    """Torch values of the graph's constant nodes, computed as the interpreter does."""
+    raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
+    names = graph.constants
+    values: dict[str, Any] = {}
+    feeds = iter(raw)
+    for node in graph.gm.graph.nodes:
+        if node.op == "placeholder":
+            value = next(feeds)
+            if np.asarray(value).dtype.kind != "f":
+                values[node.name] = torch.from_numpy(np.ascontiguousarray(value))
+        elif node.op == "get_attr":
+            values[node.name] = getattr(graph.gm, str(node.target)).clone()
+        elif node.op == "call_function" and node.name in names:
+            values[node.name] = node.target(
+                *fx.node.map_arg(node.args, lambda n: values[n.name]),
+                **fx.node.map_arg(node.kwargs, lambda n: values[n.name]),
+            )
+    return values
+
+
+def _concludes(node: fx.Node) -> bool:
+    """Is ``node`` where a proof may conclude zeros (a reduction, a source's output)?"""
+    key = _key(node)
+    if key == "getitem":
+        parent = node.args[0]
+        return isinstance(parent, fx.Node) and str(parent.target) in _SOURCES
+    return key in _SUMS or key in _SOFTMAX
+
+
+_RULES: dict[str, Callable[[_Pass, fx.Node], Any]] = {
+    "aten.native_batch_norm_backward.default": _Pass.batch_norm_backward,
+    "aten.native_layer_norm_backward.default": _Pass.layer_norm_backward,
+    "aten._softmax_backward_data.default": lambda p, n: p.softmax_backward(
+        n, "aten._softmax.default"
+    ),
+    "aten._log_softmax_backward_data.default": lambda p, n: p.softmax_backward(
+        n, "aten._log_softmax.default"
+    ),
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": _Pass.sdpa_backward,
+    "aten.convolution_backward.default": _Pass.conv_backward,
+    "aten.add.Tensor": _Pass.add_sub,
+    "aten.sub.Tensor": _Pass.add_sub,
+    "aten.mul.Tensor": _Pass.mul_div,
+    "aten.div.Tensor": _Pass.mul_div,
+    "aten.mul.Scalar": _Pass.mul_div,
+    "aten.div.Scalar": _Pass.mul_div,
+    "aten.neg.default": _Pass.neg,
+    "aten.mm.default": _Pass.mm,
+    "aten.bmm.default": _Pass.mm,
+    "aten.addmm.default": _Pass.addmm,
+    **{k: _Pass.sums for k in _SUMS},
+}
+_SOFTMAX = {"aten._softmax_backward_data.default", "aten._log_softmax_backward_data.default"}
+_SOURCES = {
+    "aten.native_batch_norm_backward.default",
+    "aten.native_layer_norm_backward.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+    "aten.convolution_backward.default",
+}
+
+
+_SEEDS = {*_SOFTMAX, *_FILLS, "aten.native_batch_norm_backward.default",
+          "aten.native_layer_norm_backward.default",
+          "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"}  # fmt: skip
+_KEYS: dict[Any, str] = {}
+
+
+def _key(node: fx.Node) -> str:
+    """:func:`~fpgrad.graph.capture.op_key`, cached per op (``str`` of an op is slow)."""
+    key = _KEYS.get(node.target)
+    if key is None:
+        key = _KEYS[node.target] = op_key(node)
+    return key
+
+
+def prove_zeros(graph: Graph) -> Identities:
+    """Run the pass over ``graph``: the elements proven exactly 0, per concluding node."""
+    return _Pass(graph).run()
