@@ -2,8 +2,8 @@
 
 Times one forward+backward of torch float64 (eager autograd) and one certified exact
 evaluation of the captured graph (:func:`fpgrad.graph.exact.exact_graph`) for the CNN and the
-transformer block of the tests (tests/graph_models.py), and a wider residual MLP with
-hand-written RMSNorm. Prints each time, the ratio exact / float64, the exact method (fast
+transformer block of the tests (tests/graph_models.py), a wider transformer block, and a wider
+residual MLP with hand-written RMSNorm. Prints each time, the ratio exact / float64, the exact method (fast
 balls, or Arb where an op has no ball slot: GELU) and the certified digits.
 Usage: ``python scripts/bench_graph.py [--repeats R]`` (one thread for BLAS and torch).
 """
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from graph_models import ResidualMLP, small_cnn, transformer_block  # noqa: E402
+from graph_models import ResidualMLP, TransformerBlock, small_cnn, transformer_block  # noqa: E402
 
 import fpgrad  # noqa: E402
 from fpgrad.graph.exact import exact_graph  # noqa: E402
@@ -44,6 +44,14 @@ def _f64_time(model: nn.Module, inputs: tuple, y: torch.Tensor, repeats: int) ->
     return best
 
 
+def _wider_transformer() -> tuple:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (4, 8))
+    pad = torch.zeros(4, 8, dtype=torch.bool)
+    pad[1, -2:] = True
+    return TransformerBlock(11, 16, 4), (tokens, pad), torch.randint(0, 11, (32,))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -57,6 +65,7 @@ def main() -> None:
             mlp, (torch.randn(64, 16),), torch.randint(0, 10, (64,))),
         "CNN (tests/graph_models.py)": (lambda m, x, y: (m, (x,), y))(*small_cnn()),
         "transformer block (tests/graph_models.py)": transformer_block(),
+        "transformer block (16 wide, 4 heads, 4 x 8)": _wider_transformer(),
     }  # fmt: skip
     print(f"{'model':45s} {'float64 s':>10s} {'exact s':>9s} {'ratio':>8s}  method  digits")
     for name, (model, inputs, y) in cases.items():

@@ -442,3 +442,14 @@ def test_ball_normal_cdf_and_density_enclose_arb(name: str) -> None:
             assert abs(got[i] - mids[i]) <= out.rad[i] + rr[i], xs[i]
             if abs(xs[i]) <= 12 and xs[i] >= -10.5:
                 assert out.rad[i] <= 1e-17 * abs(float(mids[i])), xs[i]
+
+
+def test_no_key_bias_claim_when_a_query_sees_no_key() -> None:
+    """A sequence whose every key is padded has no softmax (0/0): nothing is claimed."""
+    model, (x, pad), y = mha(0, 4, 2, 2, 3, "padding")
+    pad[0, :] = True
+    graph = fpgrad.from_module(model, (x, pad), y, CE).graph
+    assert ids.prove_zeros(graph).zeros == {}
+    pad[0, :] = False  # the same model with a key for every query: the k third is proven
+    zeros = ids.prove_zeros(fpgrad.from_module(model, (x, pad), y, CE).graph).zeros
+    assert [int(m.sum()) for m in zeros.values()] == [4]

@@ -340,7 +340,7 @@ class _Pass:
                 continue  # no fact flows in and the op creates none
             try:
                 out = self.rule(node, key)
-            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError, RuntimeError):
                 out = None  # arguments not as expected: no fact (never a wrong one)
             if out is None:
                 continue
