@@ -374,7 +374,43 @@ def _eval_bn() -> nn.Module:
     return m.eval()
 
 
+_PER_KEY = torch.linspace(0.5, 2, 6)[None, None, :, None]
+_SOME_KEYS = torch.tensor([1.0, 0, 1, 0, 0, 1])[None, None, :, None]
+
+
+class _Attn(nn.Module):
+    """SDPA over q/k/v Linears; ``per_key``: keys scaled per key (k.bias not zero);
+    ``some_keys``: a second bias added to three keys only (not zero; k.bias still zero)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(4, 4) for _ in range(4))
+        self.kind = kind
+        if kind == "some_keys":
+            self.kb = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x)[:, None], self.k(x)[:, None], self.v(x)[:, None]
+        k = k * _PER_KEY if self.kind == "per_key" else k + _SOME_KEYS * self.kb
+        return self.o(F.scaled_dot_product_attention(q, k, v)[:, 0]).flatten(0, 1)
+
+
+class _Mix(nn.Module):
+    """Linear(4, 6) viewed as (N, 3 channels, 2) before BatchNorm1d(3): a bias element per
+    (channel, position), the norm per channel: the bias gradient is not zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.h = nn.Linear(4, 6), nn.BatchNorm1d(3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(torch.tanh(self.bn(self.a(x).view(-1, 3, 2))).flatten(1))
+
+
 GRAPH_CASES = {
+    "key bias with a per-key scale (SDPA)": (lambda: _Attn("per_key"), set()),
+    "a bias added to some keys only (SDPA)": (lambda: _Attn("some_keys"), {"k.bias"}),
+    "bias per (channel, position) before BatchNorm1d per channel": (_Mix, set()),
     "bias feeds batch norm and another branch": (_BNTwo, set()),
     "weight-tied linear before batch norm and at the output": (_Tied, set()),
     "bias before LayerNorm": (_LN, set()),
@@ -395,6 +431,8 @@ def test_structural_zeros_on_near_misses(case: str) -> None:
     model = make()
     x = torch.randn(5, 3 if "tied" in case else 4)
     y = torch.tensor([0, 1, 2, 0, 1])
+    if "SDPA" in case:
+        x, y = torch.randn(2, 6, 4), torch.arange(12) % 4
     ex = exact_graph(fpgrad.from_module(model, (x,), y, CE).graph)
     m64 = copy.deepcopy(model).double()
     named = list(m64.named_parameters())
