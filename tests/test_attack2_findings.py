@@ -32,7 +32,7 @@ from fpgrad.netfile import parse_network
 from fpgrad.optim import OptimConfig
 from fpgrad.policy import parse_policy
 from fpgrad.torch_native import one_torch_thread, to_float64, torch_trace
-from fpgrad.train import batch_schedule, exact_trajectory
+from fpgrad.train import batch_schedule, exact_trajectory, train
 from tests.test_eval_batchnorm import _mp_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched")
@@ -312,6 +312,31 @@ def test_a_parameter_zero_by_cancellation_is_never_certified() -> None:
     assert digits == 0.0
     w = np.asarray(run.exact_params[-1]["a.weight"], dtype=object).ravel()
     assert not arbmod.exact_zero(w).any() and arbmod.contains_zero(w).all()
+
+
+def test_few_digits_note_names_the_unsigned_parameter_and_the_option_that_helps() -> None:
+    """Finding (wrong message): the note said "raise --exact-bits" although the Arb run had
+    stopped at its cap (--exact-bits cannot pass --exact-max-bits), and did not say which
+    parameter held a ball containing 0 (here a.weight, exactly 0 by cancellation)."""
+    p = [0.25, 0.25, 0.5]
+    net = _net(
+        [
+            {
+                "type": "dense",
+                "name": "a",
+                "weight": [[0.0]] * 3,
+                "bias": [float(np.log(v)) for v in p],
+            }
+        ],
+        "cross_entropy",
+        [[1.0], [-1.0]],
+        [p, p],
+    )
+    r = train(net, 3, OptimConfig(name="adam", lr=0.01), runs="float64", exact_max_bits=512)
+    note = r.notes[-1]
+    assert "certifies only 0.0 digits" in note and "balls containing 0 in a.weight" in note
+    assert "raise --exact-max-bits (the Arb run stopped at its cap, 512 bits)" in note
+    assert "a.bias" not in note
 
 
 # ---- structural zeros on captured graphs -----------------------------------------------------
