@@ -136,6 +136,19 @@ class ExactRun:
         contains 0 otherwise counts as 0 digits)."""
         return self._digits(self.exact_params)
 
+    def unsigned_params(self) -> list[str]:
+        """Parameters whose ball contains 0 without being exactly 0 at some step (their
+        certified digits count as 0)."""
+        from fpgrad.exact import arb_digits, ball_digits
+
+        digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
+        names: list[str] = []
+        for params in self.exact_params:
+            for name, value in params.items():
+                if name not in names and digits_of(value, self._cap())[2].any():
+                    names.append(name)
+        return names
+
     def _digits(self, steps: list[dict[str, Any]]) -> float:
         from fpgrad.exact import arb_digits, ball_digits
 
@@ -148,6 +161,28 @@ class ExactRun:
                 if kept.size:
                     worst = min(worst, float(np.min(kept)))
         return worst
+
+
+def _few_digits_note(exact: ExactRun, digits: float, method: str, max_bits: int | None) -> str:
+    """Why the exact trajectory certifies fewer than 17 digits and which option can help:
+    the Arb run stops at its cap (--exact-bits alone cannot pass it); parameters whose balls
+    contain 0 are named (a value exactly 0 by cancellation stays unsigned at every precision)."""
+    from fpgrad.exact import DEFAULT_MAX_BITS
+
+    cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
+    names = exact.unsigned_params()
+    where = ""
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        where = (
+            f"; balls containing 0 in {shown} (a value exactly 0 by cancellation stays "
+            "undetermined at every precision)"
+        )
+    if method == "arb" and exact.bits >= cap:
+        fix = f"raise --exact-max-bits (the Arb run stopped at its cap, {cap} bits)"
+    else:
+        fix = "raise --exact-bits or use --exact-method arb"
+    return f"the exact trajectory certifies only {digits:.1f} digits{where}: {fix}"
 
 
 def _is_ball(a: Any) -> bool:

@@ -10,7 +10,12 @@ from fpgrad.optim import OptimConfig
 from fpgrad.torch_native import one_torch_thread
 from fpgrad.training.detectors import run_detectors
 from fpgrad.training.emulated_run import EmulatedRun
-from fpgrad.training.exact_run import exact_check, exact_loss_at, exact_trajectory
+from fpgrad.training.exact_run import (
+    _few_digits_note,
+    exact_check,
+    exact_loss_at,
+    exact_trajectory,
+)
 from fpgrad.training.result import TrainResult
 from fpgrad.training.runs import RunSpec, batch_schedule, parse_runs
 from fpgrad.training.torch_run import TorchRun
@@ -127,7 +132,7 @@ def _train(
             run.history.exact_loss_at_params[steps] = loss
     notes = [exact.fallback] if exact.fallback else []
     if digits < 17:
-        notes.append(f"the exact trajectory certifies only {digits:.1f} digits: raise --exact-bits")
+        notes.append(_few_digits_note(exact, digits, exact_method, exact_max_bits))
     distance: dict[str, list[float]] = {}
     detectors: dict[str, dict[str, Any]] = {}
     for label, run in torch_runs.items():
