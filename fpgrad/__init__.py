@@ -29,8 +29,8 @@ _API: dict[str, tuple[str, str]] = {
     "compare": ("fpgrad.comparison", "compare"),
     "train": ("fpgrad.training", "train"),
     "advise": ("fpgrad.advisor", "advise"),
-    "sweep": ("fpgrad.sweep", "sweep"),
-    "watch": ("fpgrad.watch", "watch"),
+    "sweep": ("fpgrad.sweeps", "sweep"),
+    "watch": ("fpgrad.watching", "watch"),
     "from_module": ("fpgrad.graph", "from_module"),
     "load_network": ("fpgrad.netfile", "load_network"),
     "round_to": ("fpgrad.rounding", "round_to"),
@@ -45,9 +45,9 @@ if TYPE_CHECKING:  # the names as the type checker sees them
     from fpgrad.graph import from_module as from_module
     from fpgrad.netfile import load_network as load_network
     from fpgrad.rounding import round_to as round_to
-    from fpgrad.sweep import sweep as sweep
+    from fpgrad.sweeps import sweep as sweep
     from fpgrad.training import train as train
-    from fpgrad.watch import watch as watch
+    from fpgrad.watching import watch as watch
 
 
 def __getattr__(name: str) -> Any:

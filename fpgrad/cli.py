@@ -279,7 +279,7 @@ def _advise(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from fpgrad.sweep import grid_from_args, options_from_args, summary_line, sweep
+    from fpgrad.sweeps import grid_from_args, options_from_args, summary_line, sweep
 
     try:
         result = sweep(
@@ -321,7 +321,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _watch_report(args: argparse.Namespace) -> int:
-    from fpgrad.watch.report import write_report
+    from fpgrad.watching.report import write_report
 
     dest = write_report(args.dir, args.out)
     print(f"wrote {dest / 'watch.md'} and {dest / 'watch.html'}")
@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep", help="a compare or training over a grid; a table and a plot of verdict counts"
     )
-    from fpgrad.sweep import add_arguments
+    from fpgrad.sweeps import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=_sweep)
@@ -602,8 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watch directory")
-    p.add_argument("dir", help="the out= directory of fpgrad.watch (holds records.jsonl)")
+    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watching directory")
+    p.add_argument("dir", help="the out= directory of fpgrad.watching (holds records.jsonl)")
     p.add_argument("--out", default=None, help="output directory (default: DIR itself)")
     p.set_defaults(func=_watch_report)
 

@@ -368,7 +368,7 @@ def compare(
 
         if exact is not None:
             raise InputError("captured models compute their own exact reference; pass exact=None")
-        return compare_graph(  # type: ignore[return-value]
+        return compare_graph(
             net, precisions, exact_bits, allow_uncertified, loss_scale, reference, exact_max_bits
         )
     if reference not in REFERENCES:

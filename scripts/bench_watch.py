@@ -1,4 +1,4 @@
-"""Overhead of fpgrad.watch: watched / unwatched training-step time, measured in one run.
+"""Overhead of fpgrad.watching: watched / unwatched training-step time, measured in one run.
 
 A small MLP (64-256-256-10, batch 256) trained with Adam, in float32 and under
 torch.autocast(bfloat16), unwatched, watched on every step (every=1: every aten op shadowed)
@@ -64,7 +64,7 @@ def _steps(m: torch.nn.Module, n: int, autocast: bool, every: int | None) -> lis
 
 def _breakdown(steps: int, rounds: int) -> None:
     """Watched float32 step time with the watch's parts switched off cumulatively."""
-    from fpgrad.watch import modules, watcher
+    from fpgrad.watching import modules, watcher
 
     saved = (
         watcher.op_stats,

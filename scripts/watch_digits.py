@@ -1,6 +1,6 @@
 """The README's "Watching your own training loop" example: the digits classifier
 (64-32-10 MLP on scikit-learn's bundled 8x8 digits) trained with an ordinary loop in float16
-under torch.autocast with a GradScaler and Adam, watched by fpgrad.watch.
+under torch.autocast with a GradScaler and Adam, watched by fpgrad.watching.
 
     PYTHONPATH=. python scripts/watch_digits.py --out build/watch-digits
     fpgrad watch-report build/watch-digits

@@ -450,7 +450,7 @@ def test_bad_network_files_are_one_line(
 def test_sweep_cells_depend_on_the_running_statistics() -> None:
     from dataclasses import replace
 
-    from fpgrad.sweep.cells import network_hash
+    from fpgrad.sweeps.cells import network_hash
 
     net = _small_net()
     bn = net.layers[1]

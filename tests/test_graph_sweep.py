@@ -14,7 +14,7 @@ from fpgrad.cli import main
 from fpgrad.errors import InputError
 from fpgrad.graph.compare import compare_graph
 from fpgrad.graph.script import load_script
-from fpgrad.sweep import sweep
+from fpgrad.sweeps import sweep
 
 # a linear layer on inputs near float16's smallest normal: rounding zeros that a loss scale
 # and the seed move; the data file's scale is read by build()
@@ -107,8 +107,8 @@ def test_changed_script_or_data_is_refused_until_restart(tmp_path: Path) -> None
 
 
 def test_a_worker_refuses_a_network_other_than_the_sweeps(tmp_path: Path) -> None:
-    from fpgrad.sweep import captured
-    from fpgrad.sweep.cells import CellJob, run_cell
+    from fpgrad.sweeps import captured
+    from fpgrad.sweeps.cells import CellJob, run_cell
 
     spec = script(tmp_path)
     ref = captured.ScriptRef(captured.absolute_spec(spec)[0])

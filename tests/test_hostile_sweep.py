@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from fpgrad.cli import main
-from fpgrad.sweep import cells as sweep_mod
-from fpgrad.sweep import log as log_mod
-from fpgrad.sweep.run import OutputLock
+from fpgrad.sweeps import cells as sweep_mod
+from fpgrad.sweeps import log as log_mod
+from fpgrad.sweeps.run import OutputLock
 from tests.test_sweep import NET, cell_lines, net_file
 
 ROOT = Path(__file__).resolve().parents[1]

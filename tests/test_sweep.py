@@ -16,8 +16,8 @@ from fpgrad.comparison import compare
 from fpgrad.errors import InputError
 from fpgrad.netfile import parse_network
 from fpgrad.optim import OptimConfig
-from fpgrad.sweep import Grid, scale_init, sweep
-from fpgrad.sweep import cells as sweep_mod
+from fpgrad.sweeps import Grid, scale_init, sweep
+from fpgrad.sweeps import cells as sweep_mod
 from fpgrad.training import train
 
 if sys.version_info >= (3, 11):
@@ -385,7 +385,7 @@ def test_policies_and_emulated_formats_on_the_precision_axis(tmp_path: Path) -> 
 
 
 def test_count_columns_are_the_verdicts() -> None:
-    from fpgrad.sweep.cells import COUNTS
+    from fpgrad.sweeps.cells import COUNTS
     from fpgrad.verdicts import VERDICTS
 
     assert COUNTS == VERDICTS
@@ -404,7 +404,7 @@ def test_cells_of_one_network_share_its_exact_trace(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fpgrad.exact, "exact_trace", counting)
-    from fpgrad.sweep import cells
+    from fpgrad.sweeps import cells
 
     cells._EXACT.clear()
     grid = {"precision": "float16,bfloat16", "loss_scale": "1,2^10", "init_scale": "1,0.5"}

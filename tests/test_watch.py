@@ -1,4 +1,4 @@
-"""fpgrad.watch on tiny float16 models: created vs inherited, overflow and skipped steps,
+"""fpgrad.watching on tiny float16 models: created vs inherited, overflow and skipped steps,
 bit-identical training, the optimizer records, the JSON lines and the report."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import fpgrad
 from fpgrad.cli import main
 from fpgrad.errors import InputError
-from fpgrad.watch.classify import op_stats
-from fpgrad.watch.records import read_records
+from fpgrad.watching.classify import op_stats
+from fpgrad.watching.records import read_records
 
 
 class Scale(torch.nn.Module):
@@ -41,7 +41,7 @@ def _data(seed: int = 0, gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randn(32, 8, generator=g) * gain, torch.randn(32, 4, generator=g)
 
 
-def _ops(w: fpgrad.watch.Watcher, **match: object) -> list[dict]:
+def _ops(w: fpgrad.watching.Watcher, **match: object) -> list[dict]:
     return [
         r for r in w.records() if r["kind"] == "op" and all(r[k] == v for k, v in match.items())
     ]
@@ -245,7 +245,7 @@ def test_basic_stats_match_numpy(dtype: torch.dtype) -> None:
     import numpy as np
 
     from fpgrad.formats import get_format
-    from fpgrad.watch.classify import FORMAT_OF, basic_stats
+    from fpgrad.watching.classify import FORMAT_OF, basic_stats
 
     sn = get_format(FORMAT_OF[dtype]).smallest_normal
     g = torch.Generator().manual_seed(5)
@@ -306,10 +306,12 @@ def test_import_fpgrad_stays_cheap() -> None:
     import subprocess
     import sys
 
-    code = "import sys, fpgrad; print('torch' in sys.modules, 'fpgrad.watch' in sys.modules)"
+    code = "import sys, fpgrad; print('torch' in sys.modules, 'fpgrad.watching' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
-    assert callable(fpgrad.watch) and fpgrad.watch.Watcher.__name__ == "Watcher"
+    from fpgrad.watching import Watcher
+
+    assert fpgrad.watch.__name__ == "watch" and Watcher.__name__ == "Watcher"
 
 
 def test_add_with_alpha_zero_is_undecided_not_inherited() -> None:

@@ -1,4 +1,4 @@
-"""The shortcuts that make fpgrad.watch cheap report exactly what the full computation does:
+"""The shortcuts that make fpgrad.watching cheap report exactly what the full computation does:
 selection ops without the float64 recompute, float-indicator counts, the reused float64 shadow
 optimizer, the optimizer-state statistics."""
 
@@ -10,9 +10,9 @@ import torch
 
 import fpgrad
 from fpgrad.formats import get_format
-from fpgrad.watch import classify
-from fpgrad.watch.classify import FORMAT_OF, basic_stats, op_stats
-from fpgrad.watch.optimizer import ShadowOptimizer, param_stats, requested_updates
+from fpgrad.watching import classify
+from fpgrad.watching.classify import FORMAT_OF, basic_stats, op_stats
+from fpgrad.watching.optimizer import ShadowOptimizer, param_stats, requested_updates
 
 
 def _mlp_records(dtype: torch.dtype, autocast: bool, factor: float) -> list[dict]:

@@ -10,8 +10,8 @@ import torch
 from torch.autograd.graph import register_multi_grad_hook
 
 import fpgrad
-from fpgrad.watch import modules, optimizer, watcher
-from fpgrad.watch.scratch import Scratch
+from fpgrad.watching import modules, optimizer, watcher
+from fpgrad.watching.scratch import Scratch
 from tests.watch_reference import classify as ref_classify
 from tests.watch_reference import optimizer as ref_optimizer
 

@@ -219,7 +219,7 @@ def run(small: bool = False) -> ScenarioResult:
         f"cross-entropy, pretrained in float32 ({PRETRAIN} torch.optim.Adam steps, lr 0.02, on "
         f"{TRAIN_ROWS} digits, pixels / 16) so the loss is small, then captured with "
         f"`fpgrad.from_module` on a batch of {BATCH} and trained {steps} full-batch SGD steps "
-        f"(lr {LR}, momentum {MOMENTUM}) by `fpgrad.training`: the runs {', '.join(RUNS)} are eager "
+        f"(lr {LR}, momentum {MOMENTUM}) by `fpgrad.train`: the runs {', '.join(RUNS)} are eager "
         "torch training of the module on this CPU (parameters rounded into float16; +master keeps "
         "float32 master weights and unscales the gradients in float32); the exact run interprets "
         "the captured graph in certified balls each step "

@@ -18,15 +18,15 @@ interrupted sweep resumes. The outputs ``sweep.md``, ``sweep.json``, ``sweep.csv
 ``sweep.png`` list every cell of the grid in grid order.
 
 Captured models (``script.py:build``, ``model.pt2``): precision, loss_scale, seed (called as
-``build(seed=S)``) and lr; each worker builds the model again (:mod:`~fpgrad.sweep.captured`).
+``build(seed=S)``) and lr; each worker builds the model again (:mod:`~fpgrad.sweeps.captured`).
 
-Modules: :mod:`~fpgrad.sweep.grid` (axes, values, cells), :mod:`~fpgrad.sweep.cells` (the
-network and one cell's run), :mod:`~fpgrad.sweep.captured` (captured models), :mod:`~fpgrad.sweep.log` (``cells.jsonl``),
-:mod:`~fpgrad.sweep.runners` (inline, local processes, Dask), :mod:`~fpgrad.sweep.result`
-(tables, JSON, CSV, plot), :mod:`~fpgrad.sweep.run` (:func:`sweep`), :mod:`~fpgrad.sweep.cli`.
+Modules: :mod:`~fpgrad.sweeps.grid` (axes, values, cells), :mod:`~fpgrad.sweeps.cells` (the
+network and one cell's run), :mod:`~fpgrad.sweeps.captured` (captured models), :mod:`~fpgrad.sweeps.log` (``cells.jsonl``),
+:mod:`~fpgrad.sweeps.runners` (inline, local processes, Dask), :mod:`~fpgrad.sweeps.result`
+(tables, JSON, CSV, plot), :mod:`~fpgrad.sweeps.run` (:func:`sweep`), :mod:`~fpgrad.sweeps.cli`.
 """
 
-from fpgrad.sweep.cells import (
+from fpgrad.sweeps.cells import (
     COUNTS,
     DEFAULT_LR,
     OPTIONS,
@@ -35,11 +35,11 @@ from fpgrad.sweep.cells import (
     run_cell,
     scale_init,
 )
-from fpgrad.sweep.cli import add_arguments, grid_from_args, options_from_args, summary_line
-from fpgrad.sweep.grid import AXES, TASKS, Cell, Grid, format_value
-from fpgrad.sweep.log import CELLS_FILE
-from fpgrad.sweep.result import SweepResult
-from fpgrad.sweep.run import sweep
+from fpgrad.sweeps.cli import add_arguments, grid_from_args, options_from_args, summary_line
+from fpgrad.sweeps.grid import AXES, TASKS, Cell, Grid, format_value
+from fpgrad.sweeps.log import CELLS_FILE
+from fpgrad.sweeps.result import SweepResult
+from fpgrad.sweeps.run import sweep
 
 __all__ = [
     "AXES",

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fpgrad.errors import InputError
-from fpgrad.sweep.grid import format_value
+from fpgrad.sweeps.grid import format_value
 
 if TYPE_CHECKING:
     from fpgrad.network import Network
-    from fpgrad.sweep.captured import ScriptRef
+    from fpgrad.sweeps.captured import ScriptRef
 
 #: gradient verdicts, in the order of the table and the plot: fpgrad.verdicts.VERDICTS, written
 #: out so that building the CLI imports no numpy (tests/test_sweep.py keeps them equal)
@@ -64,7 +64,7 @@ class Source:
         self.script: str | None = None  #: a captured model's absolute spec
         self._cache: dict[int | None, tuple[Any, str]] = {}
         if isinstance(network, (str, Path)) and is_script(str(network)):
-            from fpgrad.sweep import captured
+            from fpgrad.sweeps import captured
 
             self.script = captured.absolute_spec(str(network))[0]
             self.where = str(network)
@@ -95,11 +95,11 @@ class Source:
     def at(self, seed: int | None) -> tuple[Any, str]:
         """The network with its init schemes drawn from ``seed`` (None, or a source without a
         TOML document: as given), and its :func:`network_hash`; a captured model: the
-        :class:`~fpgrad.sweep.captured.ScriptRef` a cell carries and its ``graph_hash``."""
+        :class:`~fpgrad.sweeps.captured.ScriptRef` a cell carries and its ``graph_hash``."""
         from fpgrad.netfile import parse_network
 
         if self.script is not None:
-            from fpgrad.sweep import captured
+            from fpgrad.sweeps import captured
 
             if seed not in self._cache:
                 ref = captured.ScriptRef(self.script, seed)
@@ -172,7 +172,7 @@ def run_cell(job: CellJob) -> dict[str, Any]:
 
     record: dict[str, Any] = {"key": job.key, "axes": job.axes, "network_hash": job.network_hash}
     try:
-        from fpgrad.sweep import captured
+        from fpgrad.sweeps import captured
 
         if isinstance(job.network, captured.ScriptRef):  # a captured model: build it here
             graph = captured.network(job.network, job.network_hash)

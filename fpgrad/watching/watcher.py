@@ -5,11 +5,11 @@ A step starts at the model's first forward call after the previous step ended, a
 else at the model's next forward call (each forward, with its backward, is a step). On sampled
 steps (every ``every``-th, from step 0) a ``TorchDispatchMode`` sees each aten op forward and
 backward: it runs the op exactly as it would run unwatched and then records statistics of the
-outputs (fpgrad.watch.classify); view ops, which copy nothing, and ops returning uninitialised
+outputs (fpgrad.watching.classify); view ops, which copy nothing, and ops returning uninitialised
 memory (``empty``, ``empty_like``, ...: :data:`UNINITIALISED`) are not recorded. Ops after the
 backward pass and outside the model (GradScaler's unscaling, gradient clipping) have direction
 ``post-backward``. Ops inside ``optimizer.step()`` run unobserved and are summarised per
-parameter (fpgrad.watch.optimizer). Unsampled steps run with no mode installed.
+parameter (fpgrad.watching.optimizer). Unsampled steps run with no mode installed.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from fpgrad.errors import InputError
-from fpgrad.watch.classify import op_stats
-from fpgrad.watch.modules import ModuleStack
-from fpgrad.watch.optimizer import ShadowOptimizer, step_records, widen
-from fpgrad.watch.records import JsonlWriter, read_records
-from fpgrad.watch.scratch import Scratch
+from fpgrad.watching.classify import op_stats
+from fpgrad.watching.modules import ModuleStack
+from fpgrad.watching.optimizer import ShadowOptimizer, step_records, widen
+from fpgrad.watching.records import JsonlWriter, read_records
+from fpgrad.watching.scratch import Scratch
 
 #: Ops whose outputs hold uninitialised memory (garbage until written): never recorded.
 UNINITIALISED = frozenset(
@@ -148,7 +148,9 @@ class Watcher:
     def _begin_step(self) -> None:
         self._in_step, self._stepped, self._backward_seen = True, False, False
         self._sampling = self._step % self.every == 0
-        self._seq, self._pending, self._first = 0, [], None
+        self._seq = 0
+        self._pending: list[dict[str, Any]] = []
+        self._first: dict[str, Any] | None = None
         if self._sampling:
             self._mode.__enter__()
             self._mode_on = True

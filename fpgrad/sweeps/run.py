@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fpgrad.errors import InputError
-from fpgrad.sweep.cells import OPTIONS, CellJob, Source
-from fpgrad.sweep.grid import TASKS, Grid, format_value
-from fpgrad.sweep.log import CELLS_FILE, LOG_SCHEMA, CellLog
-from fpgrad.sweep.result import SweepResult
-from fpgrad.sweep.runners import run_dask, run_inline, run_local
+from fpgrad.sweeps.cells import OPTIONS, CellJob, Source
+from fpgrad.sweeps.grid import TASKS, Grid, format_value
+from fpgrad.sweeps.log import CELLS_FILE, LOG_SCHEMA, CellLog
+from fpgrad.sweeps.result import SweepResult
+from fpgrad.sweeps.runners import run_dask, run_inline, run_local
 from fpgrad.validate import MAX_EXACT_BITS
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from fpgrad.formats import get_format
-from fpgrad.watch.classify import FORMAT_OF, count
-from fpgrad.watch.scratch import Scratch
+from fpgrad.watching.classify import FORMAT_OF, count
+from fpgrad.watching.scratch import Scratch
 
 #: Parameters up to this size keep their per-element swamped map in the records.
 MAP_LIMIT = 4096

@@ -48,7 +48,7 @@ def read_records(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / FILENAME
     if not path.is_file():
         raise InputError(
-            f"{str(directory)!r} holds no {FILENAME}; pass the out= directory of fpgrad.watch"
+            f"{str(directory)!r} holds no {FILENAME}; pass the out= directory of fpgrad.watching"
         )
     out = []
     with open(path, encoding="utf-8") as fh:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from fpgrad.errors import InputError
-from fpgrad.sweep.grid import format_value
+from fpgrad.sweeps.grid import format_value
 
 CELLS_FILE = "cells.jsonl"
-LOG_SCHEMA = "fpgrad.sweep.cells/1"
+LOG_SCHEMA = "fpgrad.sweeps.cells/1"
 
 
 _NUM = "num"  # a JSON number or "inf"/"-inf"/"nan"

@@ -1,5 +1,5 @@
 """Running cells in this process, in local processes or on a Dask cluster. Workers get
-:func:`~fpgrad.sweep.cells.run_cell`, a top-level function, looked up at each call."""
+:func:`~fpgrad.sweeps.cells.run_cell`, a top-level function, looked up at each call."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fpgrad.errors import InputError
-from fpgrad.sweep import cells
-from fpgrad.sweep.cells import CellJob
+from fpgrad.sweeps import cells
+from fpgrad.sweeps.cells import CellJob
 
 
 def _worker_init(parent: int) -> None:

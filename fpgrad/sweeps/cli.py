@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fpgrad.sweep.cells import DEFAULT_LR, OPTIONS
-from fpgrad.sweep.grid import AXES, TASKS
-from fpgrad.sweep.log import CELLS_FILE
+from fpgrad.sweeps.cells import DEFAULT_LR, OPTIONS
+from fpgrad.sweeps.grid import AXES, TASKS
+from fpgrad.sweeps.log import CELLS_FILE
 
 if TYPE_CHECKING:
     import argparse
 
-    from fpgrad.sweep.result import SweepResult
+    from fpgrad.sweeps.result import SweepResult
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

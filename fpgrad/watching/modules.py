@@ -15,7 +15,7 @@ import torch
 from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._pytree import tree_flatten
 
-from fpgrad.watch.leaves import leaves
+from fpgrad.watching.leaves import leaves
 
 _PLAIN = (torch.Tensor, int, float, bool, str, type(None))
 

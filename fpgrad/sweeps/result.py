@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fpgrad.sweep.cells import COUNTS, DEFAULT_LR
-from fpgrad.sweep.grid import Grid, format_value
+from fpgrad.sweeps.cells import COUNTS, DEFAULT_LR
+from fpgrad.sweeps.grid import Grid, format_value
 
 _SCHEMA = "fpgrad.sweep/1"
 

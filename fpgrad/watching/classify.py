@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from fpgrad.formats import get_format
-from fpgrad.watch.exact_fallback import exact_elements
-from fpgrad.watch.leaves import leaves, map_leaves
+from fpgrad.watching.exact_fallback import exact_elements
+from fpgrad.watching.leaves import leaves, map_leaves
 
 #: torch dtype -> fpgrad format name.
 FORMAT_OF = {
