@@ -29,7 +29,7 @@ from fpgrad.exact import (
     decimal_string,
     exact_trace,
 )
-from fpgrad.jsonutil import jsonable
+from fpgrad.jsonutil import json_numbers, json_strings, jsonable
 from fpgrad.network import Network, double_softmax_warning
 from fpgrad.policy import Plan, format_of
 from fpgrad.precisions import Precision, parse_precisions
@@ -160,6 +160,41 @@ class GradColumns:
             out.append(entry)
         return out
 
+    def lines(self, flat: np.ndarray, precisions: list[str], reference: str) -> list[str]:
+        """``json.dumps`` of each of :meth:`entries` (strict: non-finite as "inf", "nan"), made
+        column by column: numbers by ``repr`` in bulk, one ``str.format`` per element."""
+        flat = np.asarray(flat, dtype=np.int64)
+        if flat.size == 0:
+            return []
+        rounded = reference == "rounded"
+        idx = np.unravel_index(flat, self.shape) if self.shape else ()
+        index = ("[" + ", ".join(["{}"] * len(idx)) + "]").format
+        columns: list[list[str]] = [
+            list(map(index, *(i.tolist() for i in idx))) if idx else ["[]"] * flat.size,
+            json_strings(self.exact_strings(flat)),
+        ]
+        verdict = np.asarray([json.dumps(v) for v in VERDICTS], dtype=object)
+        kind = np.asarray([json.dumps(k or None) for k in SUBKINDS], dtype=object)
+        parts = ['{{"param": ' + _braces(json.dumps(self.param)) + ', "index": {}, "exact": {}']
+        for p in precisions:
+            c = self.cols[p]
+            columns += [
+                json_numbers(c.value.ravel()[flat]),
+                verdict[c.code.ravel()[flat]].tolist(),
+                kind[c.kind.ravel()[flat]].tolist(),
+                json_numbers(c.rel_err.ravel()[flat]),
+                json_numbers(c.ulps.ravel()[flat]),
+                json_numbers(c.digits.ravel()[flat]),
+            ]
+            fields = ["value", "verdict", "kind", "rel_err", "ulps", "digits"]
+            if rounded:
+                columns.append(json_strings(self.exact_strings(flat, p)))
+                fields.append("exact")
+            body = ", ".join(f'"{f}": {{}}' for f in fields)
+            parts.append(", " + _braces(json.dumps(p)) + ": {{" + body + "}}")
+        template = "".join(parts) + "}}"
+        return list(map(template.format, *columns))
+
     def counts(self, precision: str) -> np.ndarray:
         """Verdict counts (in VERDICTS order) of this tensor in ``precision``."""
         return np.bincount(self.cols[precision].code.ravel(), minlength=len(VERDICTS))
@@ -227,7 +262,7 @@ class Comparison:
         self.write_json(buf, indent=indent)
         return buf.getvalue()
 
-    def write_json(self, fp: IO[str], indent: int | None = 2, chunk: int = 4096) -> None:
+    def write_json(self, fp: IO[str], indent: int | None = 2, chunk: int = 16384) -> None:
         """Strict JSON to ``fp``, the gradient entries written ``chunk`` at a time (memory stays
         bounded by one chunk's dicts and strings)."""
         head = jsonable(self._head())
@@ -241,12 +276,7 @@ class Comparison:
         for g in self.grads:
             for start in range(0, g.size, chunk):
                 flat = np.arange(start, min(start + chunk, g.size))
-                items = []
-                for e in g.entries(flat, self.precisions, self.reference):
-                    try:  # one element per line, by json's C encoder
-                        items.append(json.dumps(e, allow_nan=False))
-                    except ValueError:  # a non-finite value: as the strings "inf", "nan"
-                        items.append(json.dumps(jsonable(e), allow_nan=False))
+                items = g.lines(flat, self.precisions, self.reference)  # one element a line
                 if items:
                     lead = "" if first else sep
                     fp.write(lead + pad * 2 + (sep + pad * 2).join(items))
@@ -475,6 +505,11 @@ def compare(
     if findings:
         result.findings = diagnose(result, net, exact, precs)
     return result
+
+
+def _braces(text: str) -> str:
+    """``text`` as a literal inside a ``str.format`` template."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _rounded(net: Network, plan: Plan) -> Network:

@@ -61,6 +61,36 @@ def jsonable(obj: Any) -> Any:
     return obj  # anything else is left for json.dumps to accept or reject
 
 
+def json_numbers(a: np.ndarray) -> list[str]:
+    """The JSON text of each element of ``a`` (bool, int or float, flattened) as :func:`dumps`
+    writes it: ``repr`` of the Python number, non-finite floats as the strings "inf", "nan".
+
+    >>> json_numbers(np.array([0.1, -np.inf, 3.0, np.nan]))
+    ['0.1', '"-inf"', '3.0', '"nan"']
+    """
+    a = np.asarray(a).ravel()
+    if a.dtype.kind == "b":
+        return np.where(a, "true", "false").tolist()
+    out = list(map(repr, a.tolist()))
+    if a.dtype.kind == "f":
+        for i in np.flatnonzero(~np.isfinite(a)).tolist():
+            out[i] = json.dumps(_float(float(a[i])))
+    return out
+
+
+def json_strings(strings: list[str]) -> list[str]:
+    """``json.dumps`` of each string: quoted as they are when no character needs escaping (the
+    decimal strings fpgrad writes), else one ``json.dumps`` each.
+
+    >>> json_strings(["1.5e-3", "|e| <= 2"]), json_strings(['a"b'])
+    (['"1.5e-3"', '"|e| <= 2"'], ['"a\\"b"'])
+    """
+    joined = "".join(strings)
+    if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
+        return [f'"{s}"' for s in strings]
+    return list(map(json.dumps, strings))
+
+
 def dumps(obj: Any, **kwargs: Any) -> str:
     """Strict JSON text of ``obj`` (``allow_nan=False``; keyword arguments go to json.dumps)."""
     return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
