@@ -79,7 +79,7 @@ def json_numbers(a: np.ndarray) -> list[str]:
 
 
 def json_strings(strings: list[str]) -> list[str]:
-    """``json.dumps`` of each string: quoted as they are when no character needs escaping (the
+    r"""``json.dumps`` of each string: quoted as they are when no character needs escaping (the
     decimal strings fpgrad writes), else one ``json.dumps`` each.
 
     >>> json_strings(["1.5e-3", "|e| <= 2"]), json_strings(['a"b'])
