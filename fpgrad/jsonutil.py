@@ -64,18 +64,27 @@ def jsonable(obj: Any) -> Any:
 def json_numbers(a: np.ndarray) -> list[str]:
     """The JSON text of each element of ``a`` (bool, int or float, flattened) as :func:`dumps`
     writes it: ``repr`` of the Python number, non-finite floats as the strings "inf", "nan".
+    Each distinct bit pattern is formatted once (gradient columns repeat many values).
 
-    >>> json_numbers(np.array([0.1, -np.inf, 3.0, np.nan]))
-    ['0.1', '"-inf"', '3.0', '"nan"']
+    >>> json_numbers(np.array([0.1, -np.inf, 3.0, np.nan, -0.0, 0.0, 0.1]))
+    ['0.1', '"-inf"', '3.0', '"nan"', '-0.0', '0.0', '0.1']
     """
     a = np.asarray(a).ravel()
     if a.dtype.kind == "b":
         return np.where(a, "true", "false").tolist()
-    out = list(map(repr, a.tolist()))
     if a.dtype.kind == "f":
-        for i in np.flatnonzero(~np.isfinite(a)).tolist():
-            out[i] = json.dumps(_float(float(a[i])))
-    return out
+        a = a.astype(np.float64, copy=False)
+        bits, inverse = np.unique(a.view(np.int64), return_inverse=True)
+        text = [
+            x if x[-1].isdigit() else json.dumps(_float(float(x)))
+            for x in map(repr, bits.view(np.float64).tolist())
+        ]
+    elif a.dtype.kind in "iu":
+        values, inverse = np.unique(a, return_inverse=True)
+        text = list(map(repr, values.tolist()))
+    else:
+        raise TypeError(f"json_numbers: not a number array ({a.dtype})")
+    return np.asarray(text, dtype=object)[inverse].tolist()
 
 
 def json_strings(strings: list[str]) -> list[str]:
