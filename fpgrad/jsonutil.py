@@ -75,10 +75,10 @@ def json_numbers(a: np.ndarray) -> list[str]:
     if a.dtype.kind == "f":
         a = a.astype(np.float64, copy=False)
         bits, inverse = np.unique(a.view(np.int64), return_inverse=True)
-        text = [
-            x if x[-1].isdigit() else json.dumps(_float(float(x)))
-            for x in map(repr, bits.view(np.float64).tolist())
-        ]
+        values = bits.view(np.float64)
+        text = list(map(repr, values.tolist()))
+        for i in np.flatnonzero(~np.isfinite(values)).tolist():
+            text[i] = json.dumps(_float(float(values[i])))
     elif a.dtype.kind in "iu":
         values, inverse = np.unique(a, return_inverse=True)
         text = list(map(repr, values.tolist()))
