@@ -13,8 +13,8 @@ from pathlib import Path
 
 from fpgrad.errors import InputError
 from fpgrad.validate import (
-    MAX_ELEMENTS,
     MAX_EXACT_BITS,
+    MAX_OPTION_COUNT,
     MAX_RATE,
     MAX_SEED,
     MAX_STEPS,
@@ -105,7 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
             "(the exact reference's cost grows with its bits)"
         )
     # upper bounds only where the command checks the lower one with its own message
-    for name, high in (("steps", MAX_STEPS), ("batch_size", MAX_ELEMENTS)):
+    for name, high in (("steps", MAX_STEPS), ("batch_size", MAX_OPTION_COUNT)):
         if isinstance(opt(name), int) and opt(name) > high:
             raise InputError(f"--{name.replace('_', '-')} {opt(name)} is too large: at most {high}")
     for name in ("lr", "momentum", "weight_decay"):
@@ -116,9 +116,9 @@ def check_args(args: argparse.Namespace) -> None:
     if isinstance(opt("verdict_every"), int):
         check_int(opt("verdict_every"), "--verdict-every", 1, MAX_STEPS)
     if isinstance(opt("max_rows"), int):
-        check_int(opt("max_rows"), "--max-rows", 0, MAX_ELEMENTS)
-    if isinstance(opt("max_cells"), int) and opt("max_cells") > MAX_ELEMENTS:
-        raise InputError(f"--max-cells {opt('max_cells')} is too large: at most {MAX_ELEMENTS}")
+        check_int(opt("max_rows"), "--max-rows", 0, MAX_OPTION_COUNT)
+    if isinstance(opt("max_cells"), int) and opt("max_cells") > MAX_OPTION_COUNT:
+        raise InputError(f"--max-cells {opt('max_cells')} is too large: at most {MAX_OPTION_COUNT}")
     if isinstance(opt("workers"), int) and opt("workers") > MAX_WORKERS:
         raise InputError(f"--workers {opt('workers')} is too many: at most {MAX_WORKERS}")
     if isinstance(opt("headroom"), int):

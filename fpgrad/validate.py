@@ -25,8 +25,12 @@ else:  # pragma: no cover
 
 #: bytes of a network, model or data file (a larger one is refused before it is read)
 MAX_FILE_BYTES = 512 * 2**20
-#: numbers in one network: parameters plus data, all arrays together
-MAX_ELEMENTS = 10**6
+#: numbers in one network: parameters plus data, all arrays together (and in one state dict).
+#: The 784-2048-2048-10 MLP with a batch of 256 holds 6.02M; compare on it peaks at 1.9 GiB
+#: RSS, about linear in the numbers, so a network at the bound stays near 2.5 GiB (docs/benchmarks.md)
+MAX_ELEMENTS = 8 * 10**6
+#: counts given as options (--batch-size, --max-rows, --max-cells)
+MAX_OPTION_COUNT = 10**6
 #: width of one layer (units) and features of the data
 MAX_WIDTH = 10**6
 #: layers of one network

@@ -209,7 +209,8 @@ def mutate_doc(doc: dict[str, Any], rng: random.Random, rounds: int) -> dict[str
                 )
         elif op < 0.9:
             kinds = ["dense", "relu", "batch_norm", "softmax", "sigmoid", "leaky_relu", "x"]
-            layer = {"type": rng.choice(kinds), "out": rng.choice([1, 2, 3, 10**6, 0])}
+            out = rng.choice([1, 2, 3, 10**7, 0])  # 10**7: above MAX_WIDTH, refused
+            layer = {"type": rng.choice(kinds), "out": out}
             layers = doc.get("layer") if isinstance(doc.get("layer"), list) else []
             doc = {**doc, "layer": [*layers[: rng.randrange(len(layers) + 1)], layer]}
         else:
