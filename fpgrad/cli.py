@@ -142,7 +142,7 @@ def _with_policies(precisions: str | None, policies: str | None) -> str | None:
 
 def _policies(args: argparse.Namespace) -> int:
     from fpgrad.graph.script import is_script, load_script
-    from fpgrad.policy import BUILTIN
+    from fpgrad.policy import BUILTIN, require_policy
 
     if args.network and is_script(args.network):  # a captured model: precision per op
         from fpgrad.graph.policy import show_plans
@@ -154,10 +154,7 @@ def _policies(args: argparse.Namespace) -> int:
     names = args.names or list(known)
     for name in names:
         if name not in known:
-            from fpgrad.suggest import did_you_mean
-
-            hint = did_you_mean(name, known)
-            raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
+            require_policy(name, net.policies if net is not None else None)  # raises
     if args.json:
         out = {n: known[n].to_dict() for n in names}
         if net is not None:

@@ -352,4 +352,26 @@ def get_policy(name: str, user: Mapping[str, Policy] | None = None) -> Policy | 
     return BUILTIN.get(name.strip().lower())
 
 
-__all__ = ["BUILTIN", "INPUT", "LayerPlan", "Plan", "Policy", "get_policy", "parse_policy"]
+def require_policy(name: str, user: Mapping[str, Policy] | None = None) -> Policy:
+    """The built-in or user policy called ``name``; an unknown name is an InputError naming
+    the closest known one and every known one."""
+    pol = get_policy(name, user)
+    if pol is None:
+        from fpgrad.suggest import did_you_mean
+
+        known = [*BUILTIN, *(user or {})]
+        hint = did_you_mean(name, known)
+        raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
+    return pol
+
+
+__all__ = [
+    "BUILTIN",
+    "INPUT",
+    "LayerPlan",
+    "Plan",
+    "Policy",
+    "get_policy",
+    "parse_policy",
+    "require_policy",
+]

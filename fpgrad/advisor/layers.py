@@ -87,16 +87,9 @@ def advise(
         )  # fmt: skip
     plan = None
     if policy is not None:
-        from fpgrad.policy import BUILTIN, get_policy
+        from fpgrad.policy import require_policy
 
-        pol = get_policy(policy, net.policies)
-        if pol is None:
-            known = ", ".join([*BUILTIN, *net.policies])
-            from fpgrad.suggest import did_you_mean
-
-            hint = did_you_mean(policy, [*BUILTIN, *net.policies])
-            raise InputError(f"unknown policy {policy!r}{hint}; known: {known}")
-        plan = pol.resolve(net)
+        plan = require_policy(policy, net.policies).resolve(net)
     if fmt is None:
         fmt = plan.lowest().split(":")[0] if plan is not None else "float16"
     if scope not in SCOPES:

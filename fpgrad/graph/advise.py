@@ -78,15 +78,9 @@ def advise_graph(
         raise InputError(f"headroom must be a non-negative integer of binades (got {headroom!r})")
     plan = None
     if policy is not None:
-        from fpgrad.policy import BUILTIN, get_policy
-        from fpgrad.suggest import did_you_mean
+        from fpgrad.policy import require_policy
 
-        pol = get_policy(policy, net.policies)
-        if pol is None:
-            names = [*BUILTIN, *net.policies]
-            hint = did_you_mean(policy, names)
-            raise InputError(f"unknown policy {policy!r}{hint}; known: {', '.join(names)}")
-        plan = resolve(pol, net.graph)
+        plan = resolve(require_policy(policy, net.policies), net.graph)
     names = net.param_names
     if plan is not None:  # which format torch computed each gradient in (an unscaled run)
         trace = native_run(net.graph, plan.policy, keep=False, plan=plan)

@@ -348,17 +348,12 @@ def show_plans(net: Any, names: list[str] | None, as_json: bool) -> str:
     many op nodes (forward and backward) it casts to each precision."""
     import json
 
-    from fpgrad.policy import BUILTIN, get_policy
-    from fpgrad.suggest import did_you_mean
+    from fpgrad.policy import BUILTIN, require_policy
 
     known = [*BUILTIN, *net.policies]
     out: dict[str, Any] = {}
     for name in names or known:
-        pol = get_policy(name, net.policies)
-        if pol is None:
-            hint = did_you_mean(name, known)
-            raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
-        plan = resolve(pol, net.graph)
+        plan = resolve(require_policy(name, net.policies), net.graph)
         per: dict[str, dict[str, int]] = {}
         for node, prec in plan.dtypes.items():
             counts = per.setdefault(net.graph.paths.get(node, "") or "<top>", {})
