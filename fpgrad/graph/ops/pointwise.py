@@ -53,12 +53,12 @@ def mul(cx: Any, a: Any, b: Any) -> Any:
     """a * b; in the exact systems var's backward scale (torch's float64 2 / (n - correction))
     is the rational it rounds: a * 2 / (n - correction)."""
     if isinstance(b, float) and isinstance(cx.ar, ExactDerivatives):
-        from fpgrad.graph.ops.reduce import var_backward_divisor
+        from fpgrad.graph.ops.reduce import dof, var_backward_divisor
 
         div = var_backward_divisor(cx, b)
         if div is not None:
             ar = cx.ar
-            return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), ar.const(div))
+            return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), dof(cx, *div))
     return cx.ar.mul(scalar(cx, a), scalar(cx, b))
 
 
