@@ -80,3 +80,16 @@ def test_fractional_correction_divides_by_the_exact_n_minus_correction() -> None
             grads[i][j] = out[j] * 2 * (v - mu) / dof
     _inside(ex, "loss", [sum(o * o for o in out) / 2])
     _inside(ex, "grads/w", [g for row in grads for g in row])
+
+
+def test_fast_ncdf_counts_a_nan_radius_or_midpoint() -> None:
+    """The fast ball ``ncdf`` of a ball with a NaN radius (0 * inf upstream) or a NaN / inf
+    midpoint returned a finite ball ([0.90, 1.10] for midpoint 0.1, where Phi(0.1) = 0.54)
+    with no range error; the run then only checks its outputs for NaN, so it laundered."""
+    from fpgrad.arith import expansion
+    from fpgrad.arith.ball import Ball, BallArith
+
+    for mid, rad in ((0.1, np.nan), (np.nan, 0.0), (np.inf, 0.0), (-np.inf, 0.0)):
+        ar = BallArith(150)
+        ar.ncdf(Ball(expansion.from_float(np.array([mid]), ar.k), np.array([rad])))
+        assert ar.range_errors == 1, (mid, rad)
