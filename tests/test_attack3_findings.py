@@ -4,16 +4,23 @@ Oracles are exact rationals (``fractions.Fraction``) of the float64 parameters."
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import mpmath
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import fpgrad
 from fpgrad.graph.exact import exact_graph
 
+ROOT = Path(__file__).resolve().parents[1]
 W = [[1.0, 2.0], [3.0, 5.0], [4.0, 9.0], [1.5, -2.0], [0.25, 7.0]]
 
 
@@ -93,3 +100,95 @@ def test_fast_ncdf_counts_a_nan_radius_or_midpoint() -> None:
         ar = BallArith(150)
         ar.ncdf(Ball(expansion.from_float(np.array([mid]), ar.k), np.array([rad])))
         assert ar.range_errors == 1, (mid, rad)
+
+
+def _pt2(tmp: Path, toml: str = 'inputs = ["x.npy"]\ntargets = "y.npy"\nloss = "mse"\n') -> Path:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    torch.export.save(torch.export.export(model, (x,)), tmp / "model.pt2")
+    np.save(tmp / "x.npy", x.numpy())
+    np.save(tmp / "y.npy", np.zeros((4, 2), np.float32))
+    (tmp / "model.toml").write_text(toml)
+    return tmp / "model.pt2"
+
+
+def _rezip(
+    src: Path, dst: Path, deflate: str = "", extra: tuple = (), nested: bool = False
+) -> None:
+    """``src``'s members into ``dst``: member ``deflate`` compressed (1 MiB of zeros when it
+    is a weight), ``extra`` (name, bytes) added, the sample inputs' own members compressed."""
+    import copy
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data, info = zin.read(info.filename), copy.copy(info)
+            if info.filename.endswith(deflate) and deflate:
+                info.compress_type = zipfile.ZIP_DEFLATED
+                data = b"\0" * 2**20 if "weight_" in deflate else data
+            if nested and info.filename.endswith("sample_inputs/model.pt"):
+                buf = io.BytesIO()
+                with zipfile.ZipFile(io.BytesIO(data)) as inner, zipfile.ZipFile(buf, "w") as z:
+                    for sub in inner.infolist():
+                        z.writestr(sub.filename, inner.read(sub.filename), zipfile.ZIP_DEFLATED)
+                data = buf.getvalue()
+            zout.writestr(info, data)
+        for name, data in extra:
+            zout.writestr(name, data)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"deflate": "weight_0"}, "is compressed (1048576 bytes declared)"),
+        ({"nested": True}, "is compressed"),
+        ({"extra": (("model/../../evil.txt", b"x"),)}, "named outside the archive"),
+        ({"extra": (("/tmp/evil.txt", b"x"),)}, "named outside the archive"),
+    ],
+)
+def test_pt2_compressed_or_escaping_members_are_refused(
+    tmp_path: Path, change: dict, message: str
+) -> None:
+    """A deflated member (a zip bomb: torch inflated a 1 MiB member for 1 KiB of file, so
+    512 MiB could inflate to ~500 GiB) or a member named outside the archive was read."""
+    from fpgrad.errors import InputError
+    from fpgrad.graph.pt2 import load_pt2
+
+    src = _pt2(tmp_path)
+    _rezip(src, tmp_path / "bad.pt2", **change)
+    (tmp_path / "bad.toml").write_text((tmp_path / "model.toml").read_text())
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_pt2(str(tmp_path / "bad.pt2"))
+
+
+@pytest.mark.parametrize("name", ["../x.npy", "ABS"])
+def test_pt2_data_outside_the_toml_directory_is_refused(tmp_path: Path, name: str) -> None:
+    from fpgrad.errors import InputError
+    from fpgrad.graph.pt2 import load_pt2
+
+    (tmp_path / "m").mkdir()
+    _pt2(tmp_path / "m")
+    np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
+    name = str(tmp_path / "x.npy") if name == "ABS" else name
+    (tmp_path / "m" / "model.toml").write_text(f'inputs = ["{name}"]\ntargets = "y.npy"\n'
+                                               'loss = "mse"\n')  # fmt: skip
+    with pytest.raises(InputError, match="outside the data file's directory"):
+        load_pt2(str(tmp_path / "m" / "model.pt2"))
+
+
+def test_pt2_torch_errors_and_devices_are_one_line(tmp_path: Path) -> None:
+    """A zip torch cannot read printed torch.export's warning with its traceback before the
+    refusal; a pipe named model.pt2 was "no such program"."""
+    src = _pt2(tmp_path)
+    _rezip(src, tmp_path / "bad.pt2", extra=(("other/x.txt", b"x"),))
+    (tmp_path / "bad.toml").write_text((tmp_path / "model.toml").read_text())
+    os.mkfifo(tmp_path / "pipe.pt2")
+    (tmp_path / "pipe.toml").write_text((tmp_path / "model.toml").read_text())
+    for name, message in (("bad.pt2", "not a torch.export.save program"), ("pipe.pt2", "a pipe")):
+        proc = subprocess.run([sys.executable, "-m", "fpgrad", "compare", str(tmp_path / name)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr
