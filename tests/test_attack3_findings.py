@@ -192,3 +192,33 @@ def test_pt2_torch_errors_and_devices_are_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert message in proc.stderr
+
+
+_M1 = [[False, True, False], [True, False, True]]
+_M2 = [[False, True, False], [False, False, True]]
+
+
+class _Masked(nn.Module):
+    def __init__(self, refill: list) -> None:
+        super().__init__()
+        self.refill = torch.tensor(refill)
+        self.w = nn.Parameter(torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (self.w * x).masked_fill(torch.tensor(_M1), float("-inf"))
+        return s.masked_fill(self.refill, 0.0) * 2.0
+
+
+def test_masked_fill_that_overwrites_every_neg_inf_is_a_plain_value() -> None:
+    """``masked_fill(m, -inf).masked_fill(m, 0.0) * 2``: the mask is gone, but the value
+    stayed a mask and ``mul`` failed (AttributeError); with some -inf left, it is refused."""
+    from fpgrad.errors import InputError
+
+    x, y = torch.ones(2, 3), torch.zeros(2, 3)
+    model = _Masked(_M1)
+    ex = exact_graph(fpgrad.from_module(model, x, y, nn.MSELoss()).graph).result
+    w = [[Fraction(v) for v in row] for row in model.w.detach().double().tolist()]
+    grads = [Fraction(0) if _M1[i][j] else 8 * w[i][j] / 6 for i in range(2) for j in range(3)]
+    _inside(ex, "grads/w", grads)
+    with pytest.raises(InputError, match="only softmax reads"):
+        fpgrad.from_module(_Masked(_M2), x, y, nn.MSELoss()).compare("float32")

@@ -307,7 +307,11 @@ def masked_fill(cx: Any, x: Any, mask: np.ndarray, value: float) -> Any:
                          "softmax mask and finite values are)")  # fmt: skip
     out = ar.where(where, ar.asarray(np.full(shape, float(value))), inner)
     if isinstance(x, NegInfMasked):
-        return NegInfMasked(out, x.mask & ~where)
+        left = x.mask & ~where
+        if not left.any():  # every -inf overwritten: a plain value again
+            return out
+        only_softmax(cx)  # some -inf remain: still a mask
+        return NegInfMasked(out, left)
     return out
 
 
