@@ -222,3 +222,35 @@ def test_masked_fill_that_overwrites_every_neg_inf_is_a_plain_value() -> None:
     _inside(ex, "grads/w", grads)
     with pytest.raises(InputError, match="only softmax reads"):
         fpgrad.from_module(_Masked(_M2), x, y, nn.MSELoss()).compare("float32")
+
+
+class _Pow(nn.Module):
+    def __init__(self, e: float) -> None:
+        super().__init__()
+        self.e = e
+        self.w = nn.Parameter(torch.tensor([[0.5, -1.0], [2.0, 3.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x).pow(self.e) + torch.sqrt(self.w * x) * 0.0
+
+
+def test_sqrt_of_a_negative_value_is_not_certified() -> None:
+    """``(-1) ** 1.5`` (torch: NaN) went to Arb, whose square root cut the ball [-1, -1] to
+    its non-negative part: sqrt(-1) = 0 exactly, a certified loss of 8.78125 and a proven
+    zero gradient, where torch's loss and that gradient are NaN."""
+    x, y = torch.ones(2, 2), torch.zeros(2, 2)
+    for e in (1.5, 2.5):
+        ex = exact_graph(fpgrad.from_module(_Pow(e), x, y, nn.MSELoss()).graph).result
+        assert ex.undetermined("loss").all()
+        assert ex.undetermined("grads/w").reshape(2, 2)[0, 1]
+        assert not ex.zero("grads/w").any()
+
+
+@pytest.mark.parametrize("e", [float("inf"), float("nan")])
+def test_pow_with_a_non_finite_exponent_is_refused(e: float) -> None:
+    """``int(2 * e)`` raised OverflowError / ValueError (a traceback) before the refusal."""
+    from fpgrad.errors import InputError
+
+    net = fpgrad.from_module(_Pow(e), torch.ones(2, 2), torch.zeros(2, 2), nn.MSELoss())
+    with pytest.raises(InputError, match="not supported"):
+        exact_graph(net.graph)

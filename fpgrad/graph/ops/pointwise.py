@@ -103,7 +103,7 @@ def pow_scalar(cx: Any, a: Any, e: float) -> Any:
     (``x.pow(-0.5)``'s backward reads ``x.pow(-1.5)``)."""
     ar = cx.ar
     e = float(e)
-    if 2 * e != int(2 * e) or abs(e) > 64:
+    if not abs(e) <= 64 or 2 * e != int(2 * e):  # inf and NaN included
         from fpgrad.errors import InputError
 
         raise InputError(
