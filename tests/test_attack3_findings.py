@@ -254,3 +254,62 @@ def test_pow_with_a_non_finite_exponent_is_refused(e: float) -> None:
     net = fpgrad.from_module(_Pow(e), torch.ones(2, 2), torch.zeros(2, 2), nn.MSELoss())
     with pytest.raises(InputError, match="not supported"):
         exact_graph(net.graph)
+
+
+def _codes(e_bits: int, m_bits: int, fn: bool) -> np.ndarray:
+    """Every finite value of a format with ``e_bits``/``m_bits`` (``fn``: no inf, one NaN)."""
+    bias = 2 ** (e_bits - 1) - 1
+    m = np.arange(2**m_bits) / 2**m_bits
+    vals = [m * 2.0 ** (1 - bias)]
+    for e in range(1, 2**e_bits - (0 if fn else 1)):
+        vals.append((1 + m) * 2.0 ** (e - bias))
+    v = np.concatenate(vals)
+    v = v[:-1] if fn else v  # e4m3fn: S.1111.111 is NaN
+    return np.unique(np.concatenate([v, -v]))
+
+
+@pytest.mark.parametrize(("fmt", "e_bits", "m_bits"), [("fp8_e4m3", 4, 3), ("fp8_e5m2", 5, 2),
+                                                       ("e5m7", 5, 7)])  # fmt: skip
+def test_emulated_ncdf_npdf_correctly_rounded_in_small_formats(
+    fmt: str, e_bits: int, m_bits: int
+) -> None:
+    """(No finding: a check.) Every input of fp8_e4m3, fp8_e5m2 and e5m7 in five modes
+    against MPFR's neighbours of the 400-bit value (which never lies on a boundary here)."""
+    import gmpy2
+
+    from fpgrad.arith.emulated import EmulatedArith
+    from fpgrad.rounding import Mode
+
+    x = _codes(e_bits, m_bits, fmt == "fp8_e4m3")
+    bias = 2 ** (e_bits - 1) - 1
+    wide = gmpy2.context(precision=400, emin=gmpy2.get_emin_min(), emax=gmpy2.get_emax_max())
+    tiny = gmpy2.mpfr(2) ** -(10**6)  # MPFR's range ends near |x| = 38000: a positive stand-in
+    for fn in ("ncdf", "npdf"):
+        exact = []
+        with gmpy2.context(wide):
+            rpi, r2 = gmpy2.sqrt(2 * gmpy2.const_pi()), gmpy2.sqrt(gmpy2.mpfr(2))
+            for v in x.tolist():
+                m = gmpy2.mpfr(v)
+                if fn == "npdf":
+                    exact.append((0, gmpy2.exp(-m * m / 2) / rpi or tiny))
+                else:
+                    t = gmpy2.erfc(abs(m) / r2) / 2 or tiny
+                    exact.append((1, -t) if v > 0 else (0, t))
+        nb = []
+        for rnd in (gmpy2.RoundDown, gmpy2.RoundUp):
+            ctx = gmpy2.context(precision=m_bits + 1, emin=2 - bias - m_bits, emax=bias + 2,
+                                subnormalize=True, round=rnd)  # fmt: skip
+            with gmpy2.context(ctx):
+                nb.append(np.array([float(b + t) for b, t in exact]))
+        lo, hi = nb
+        with gmpy2.context(wide):
+            near_lo = np.array([(b + t) - lo_ < hi_ - (b + t) for (b, t), lo_, hi_
+                                in zip(exact, lo.tolist(), hi.tolist(), strict=True)])  # fmt: skip
+        nearest = np.where(lo == hi, lo, np.where(near_lo, lo, hi))
+        want = {Mode.NEAREST_EVEN: nearest, Mode.NEAREST_AWAY: nearest, Mode.UP: hi,
+                Mode.DOWN: lo, Mode.TOWARD_ZERO: np.where(lo >= 0, lo, hi)}  # fmt: skip
+        for mode, ref in want.items():
+            ar = EmulatedArith(fmt, mode=mode)
+            got = getattr(ar, fn)(ar.asarray(x))
+            bad = np.flatnonzero(got != ref)
+            assert bad.size == 0, f"{fn} {fmt} {mode}: {x[bad[:4]]} {got[bad[:4]]} {ref[bad[:4]]}"
