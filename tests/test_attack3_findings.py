@@ -313,3 +313,17 @@ def test_emulated_ncdf_npdf_correctly_rounded_in_small_formats(
             got = getattr(ar, fn)(ar.asarray(x))
             bad = np.flatnonzero(got != ref)
             assert bad.size == 0, f"{fn} {fmt} {mode}: {x[bad[:4]]} {got[bad[:4]]} {ref[bad[:4]]}"
+
+
+def test_pt2_safetensors_element_limit(tmp_path: Path) -> None:
+    """A .npy input above the element limit is refused; a safetensors tensor was not."""
+    from safetensors.numpy import save_file
+
+    from fpgrad.errors import InputError
+    from fpgrad.graph.pt2 import load_pt2
+    from fpgrad.validate import MAX_ELEMENTS
+
+    _pt2(tmp_path, 'inputs = ["d.safetensors:x"]\ntargets = "y.npy"\nloss = "mse"\n')
+    save_file({"x": np.zeros(MAX_ELEMENTS + 1, np.float32)}, str(tmp_path / "d.safetensors"))
+    with pytest.raises(InputError, match="above the limit"):
+        load_pt2(str(tmp_path / "model.pt2"))

@@ -30,7 +30,14 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.graph.network import GraphNetwork, from_module
-from fpgrad.validate import MAX_FILE_BYTES, load_npy, load_toml, read_bytes, regular_file_size
+from fpgrad.validate import (
+    MAX_ELEMENTS,
+    MAX_FILE_BYTES,
+    load_npy,
+    load_toml,
+    read_bytes,
+    regular_file_size,
+)
 
 KEYS = {"inputs", "targets", "loss", "reduction", "label_smoothing", "delta", "name"}
 LOSSES = ("cross_entropy", "nll", "mse", "l1", "huber", "bce_with_logits")
@@ -193,6 +200,9 @@ def _tensor(spec: Any, base: Path, where: str, what: str) -> Any:
             raise InputError(f"{where}: {name} has no tensor {key!r} "
                              f"(it has {', '.join(sorted(tensors)[:8]) or 'none'})")  # fmt: skip
         arr = tensors[key]
+        if arr.size > MAX_ELEMENTS:
+            raise InputError(f"{where}: {what}: {spec} holds {arr.size} numbers, above the limit "
+                             f"of {MAX_ELEMENTS}; use less data")  # fmt: skip
     else:
         raise InputError(f"{where}: {what}: {name!r}: use a .npy or .safetensors file")
     if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
