@@ -327,3 +327,39 @@ def test_pt2_safetensors_element_limit(tmp_path: Path) -> None:
     save_file({"x": np.zeros(MAX_ELEMENTS + 1, np.float32)}, str(tmp_path / "d.safetensors"))
     with pytest.raises(InputError, match="above the limit"):
         load_pt2(str(tmp_path / "model.pt2"))
+
+
+def test_fast_ncdf_npdf_enclose_mpmath() -> None:
+    """(No finding: a check.) Fast-ball Phi and phi contain mpmath's value (1000 bits) at the
+    midpoint and both ends of balls of radii 0 .. 11 around points of [-13, 13] (subnormals,
+    +-12, +-38 included), unless a range error sends the run to Arb."""
+    from fpgrad.arith import expansion
+    from fpgrad.arith.ball import Ball, BallArith
+
+    rng = np.random.default_rng(0)
+    special = [0.0, 5e-324, -5e-324, 1e-300, 12.0, -12.0, 11.999999999999998, -38.5, 38.0, 1.0]
+    xs = np.concatenate([rng.uniform(-13, 13, 40), special])
+    with mpmath.workprec(1000):
+        for bits in (100, 150):
+            for rad in (0.0, 1e-30, 1e-10, 0.5, 11.0):
+                for fn in ("ncdf", "npdf"):
+                    ar = BallArith(bits)
+                    a = Ball(expansion.from_float(xs, ar.k), np.full(xs.shape, rad))
+                    out = getattr(ar, fn)(a)
+                    if ar.range_errors:
+                        ar = BallArith(bits)  # the finite, in-range inputs alone
+                        keep = np.abs(xs) > 1e-100
+                        keep &= (np.abs(xs) < 30) if fn == "npdf" else keep
+                        xs_k = xs[keep]
+                        a = Ball(expansion.from_float(xs_k, ar.k), np.full(xs_k.shape, rad))
+                        out = getattr(ar, fn)(a)
+                        assert ar.range_errors == 0, (bits, rad, fn)
+                    else:
+                        xs_k = xs
+                    mids = expansion.to_mpf(out.mid.reshape(out.mid.shape[0], -1), mpmath.mp)
+                    ref = mpmath.ncdf if fn == "ncdf" else mpmath.npdf
+                    r = mpmath.mpf(rad)
+                    for i, x in enumerate(xs_k.tolist()):
+                        for p in (mpmath.mpf(x) - r, mpmath.mpf(x), mpmath.mpf(x) + r):
+                            v = ref(p)
+                            assert abs(v - mids[i]) <= out.rad[i], (bits, fn, x, rad, p)
