@@ -75,8 +75,10 @@ _LOG1P = np.frompyfunc(lambda v: v.log1p(), 1, 1)
 _TANH = np.frompyfunc(lambda v: v.tanh(), 1, 1)
 _SECH2 = np.frompyfunc(lambda v: v.sech() ** 2, 1, 1)
 # square roots in networks are of non-negative quantities (a variance plus eps, Adam's second
-# moment): a ball that reaches below 0 only by its radius is cut to its non-negative part
-_SQRT = np.frompyfunc(lambda v: v.nonnegative_part().sqrt(), 1, 1)
+# moment): a ball that reaches below 0 only by its radius is cut to its non-negative part; a
+# ball entirely below 0 is a domain error (torch: NaN), never the square root of 0
+_NAN = arb("nan")
+_SQRT = np.frompyfunc(lambda v: _NAN if v < 0 else v.nonnegative_part().sqrt(), 1, 1)
 _SIGMOID = np.frompyfunc(lambda v: 1 / (1 + (-v).exp()), 1, 1)
 _ABS = np.frompyfunc(abs, 1, 1)
 _POS = np.frompyfunc(lambda v: v > 0, 1, 1)

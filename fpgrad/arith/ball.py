@@ -489,6 +489,9 @@ class BallArith(ExactDerivatives):
         return out
 
     def _ncdf(self, a: Ball) -> Ball:
+        # a NaN radius or a non-finite midpoint encloses nothing: the ranges below would
+        # turn it into a finite ball, so it counts as a range error (the run goes to Arb)
+        self._domain(~np.isfinite(a.mid[0]) | np.isnan(a.rad))
         bound = np.abs(a.mid[0]) * HI_BOUND + a.rad
         mid_range = bound <= 12.0
 

@@ -53,12 +53,12 @@ def mul(cx: Any, a: Any, b: Any) -> Any:
     """a * b; in the exact systems var's backward scale (torch's float64 2 / (n - correction))
     is the rational it rounds: a * 2 / (n - correction)."""
     if isinstance(b, float) and isinstance(cx.ar, ExactDerivatives):
-        from fpgrad.graph.ops.reduce import var_backward_divisor
+        from fpgrad.graph.ops.reduce import dof, var_backward_divisor
 
         div = var_backward_divisor(cx, b)
         if div is not None:
             ar = cx.ar
-            return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), ar.const(div))
+            return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), dof(cx, *div))
     return cx.ar.mul(scalar(cx, a), scalar(cx, b))
 
 
@@ -103,7 +103,7 @@ def pow_scalar(cx: Any, a: Any, e: float) -> Any:
     (``x.pow(-0.5)``'s backward reads ``x.pow(-1.5)``)."""
     ar = cx.ar
     e = float(e)
-    if 2 * e != int(2 * e) or abs(e) > 64:
+    if not abs(e) <= 64 or 2 * e != int(2 * e):  # inf and NaN included
         from fpgrad.errors import InputError
 
         raise InputError(
@@ -307,7 +307,11 @@ def masked_fill(cx: Any, x: Any, mask: np.ndarray, value: float) -> Any:
                          "softmax mask and finite values are)")  # fmt: skip
     out = ar.where(where, ar.asarray(np.full(shape, float(value))), inner)
     if isinstance(x, NegInfMasked):
-        return NegInfMasked(out, x.mask & ~where)
+        left = x.mask & ~where
+        if not left.any():  # every -inf overwritten: a plain value again
+            return out
+        only_softmax(cx)  # some -inf remain: still a mask
+        return NegInfMasked(out, left)
     return out
 
 
