@@ -30,7 +30,7 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.graph.network import GraphNetwork, from_module
-from fpgrad.validate import MAX_FILE_BYTES, load_npy, load_toml, read_bytes, regular_file_size
+from fpgrad.model.validate import MAX_FILE_BYTES, load_npy, load_toml, read_bytes, regular_file_size
 
 KEYS = {"inputs", "targets", "loss", "reduction", "label_smoothing", "delta", "name"}
 LOSSES = ("cross_entropy", "nll", "mse", "l1", "huber", "bce_with_logits")
