@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fpgrad.errors import InputError
-from fpgrad.validate import (
+from fpgrad.model.validate import (
     MAX_ELEMENTS,
     MAX_EXACT_BITS,
     MAX_RATE,

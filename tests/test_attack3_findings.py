@@ -278,7 +278,7 @@ def test_emulated_ncdf_npdf_correctly_rounded_in_small_formats(
     import gmpy2
 
     from fpgrad.arith.emulated import EmulatedArith
-    from fpgrad.rounding import Mode
+    from fpgrad.numbers.rounding import Mode
 
     x = _codes(e_bits, m_bits, fmt == "fp8_e4m3")
     bias = 2 ** (e_bits - 1) - 1
@@ -321,7 +321,7 @@ def test_pt2_safetensors_element_limit(tmp_path: Path) -> None:
 
     from fpgrad.errors import InputError
     from fpgrad.graph.pt2 import load_pt2
-    from fpgrad.validate import MAX_ELEMENTS
+    from fpgrad.model.validate import MAX_ELEMENTS
 
     _pt2(tmp_path, 'inputs = ["d.safetensors:x"]\ntargets = "y.npy"\nloss = "mse"\n')
     save_file({"x": np.zeros(MAX_ELEMENTS + 1, np.float32)}, str(tmp_path / "d.safetensors"))

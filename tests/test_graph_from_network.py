@@ -2,7 +2,7 @@
 against the per-layer path, on the shipped example, gallery networks and random networks.
 
 (a) native columns: loss, every gradient and every layer value bit for bit (sign of zero
-included) against :func:`fpgrad.torch_native.torch_trace`, float16/bfloat16/float32/float64;
+included) against :func:`fpgrad.run.torch_native.torch_trace`, float16/bfloat16/float32/float64;
 (b) exact reference: the certified balls of the two paths overlap everywhere, and every zero
 one path proves is consistent with the other (the structural zero of a dense bias feeding
 training-mode batch norm is proven on the layer path only: undetermined on the graph path);
@@ -21,20 +21,20 @@ import mpmath
 import numpy as np
 import pytest
 
-from fpgrad.comparison import compare
+from fpgrad.diagnose.comparison import compare
 from fpgrad.errors import InputError
-from fpgrad.evaluate import Trace
-from fpgrad.exact import exact_trace
 from fpgrad.graph.compare import compare_graph
 from fpgrad.graph.exact import exact_graph
 from fpgrad.graph.from_network import compare_graph_path, from_network
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import native_run
 from fpgrad.graph.network import GraphNetwork
-from fpgrad.netfile import load_network
-from fpgrad.network import Network
-from fpgrad.precisions import emulated_systems, parse_precisions
-from fpgrad.torch_native import torch_trace
+from fpgrad.model.netfile import load_network
+from fpgrad.model.network import Network
+from fpgrad.reference.exact import exact_trace
+from fpgrad.run.evaluate import Trace
+from fpgrad.run.precisions import emulated_systems, parse_precisions
+from fpgrad.run.torch_native import torch_trace
 from tests.nets import net_from
 
 NATIVE = ("float16", "bfloat16", "float32", "float64")

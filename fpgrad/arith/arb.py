@@ -4,7 +4,7 @@ Every operation of Arb (FLINT's ball arithmetic) returns a ball proven to contai
 result of the operation applied to any points of its input balls, so a value computed through
 any chain of these operations encloses the exact value. This is the exact reference's
 fallback when the fast multi-word balls (:mod:`fpgrad.arith.ball`) cannot vouch for a run, and
-:mod:`fpgrad.exact` escalates its precision until the balls are narrow enough or a cap is
+:mod:`fpgrad.reference.exact` escalates its precision until the balls are narrow enough or a cap is
 reached.
 
 Exact zeros: an arb ball of radius 0 at 0 is exactly 0; products with an exact 0 and sums of

@@ -2,7 +2,7 @@
 
 Values are float64 numpy arrays holding values of the format. Each operation is the exact
 operation on its (already rounded) operands, rounded once into the format with the chosen
-:class:`~fpgrad.rounding.Mode`:
+:class:`~fpgrad.numbers.rounding.Mode`:
 
 - ``add``, ``sub``, ``mul``, ``div``, ``sqrt``, ``fma``: computed in float64 together with the
   sign of the float64 error (an error-free transformation: TwoSum for sums, exact products,
@@ -78,8 +78,8 @@ from mpmath.ctx_mp import MPContext
 from fpgrad.arith.base import OutputDerivatives
 from fpgrad.arith.expansion import two_prod, two_sum
 from fpgrad.errors import InputError
-from fpgrad.formats import FLOAT32, Format, get_format
-from fpgrad.rounding import STOCHASTIC_MODES, Mode, parse_mode, round_exact, round_to
+from fpgrad.numbers.formats import FLOAT32, Format, get_format
+from fpgrad.numbers.rounding import STOCHASTIC_MODES, Mode, parse_mode, round_exact, round_to
 
 ACCUMULATIONS = ("fp32", "per_op", "exact")
 DEFAULT_ACCUMULATION = "fp32"
@@ -498,7 +498,7 @@ def _same_scalar(a: float, b: float) -> bool:
 
 def _clamp(c: MPContext, v: Any) -> Any:
     """``v`` with a magnitude above 2**1100 or below 2**-1200 replaced by that power of two
-    (same sign): stand-ins that :func:`~fpgrad.rounding.round_exact` rounds as it rounds ``v``,
+    (same sign): stand-ins that :func:`~fpgrad.numbers.rounding.round_exact` rounds as it rounds ``v``,
     in every mode and format, so the exact retry never builds a Fraction of ~x / ln 2 bits."""
     if not v or not c.isfinite(v):
         return v

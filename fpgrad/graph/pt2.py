@@ -30,7 +30,7 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.graph.network import GraphNetwork, from_module
-from fpgrad.validate import (
+from fpgrad.model.validate import (
     MAX_ELEMENTS,
     MAX_FILE_BYTES,
     load_npy,

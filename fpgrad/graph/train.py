@@ -4,7 +4,7 @@ Runs take the grammar of :func:`fpgrad.training.parse_run`: ``float16``, ``bfloa
 ``float64`` with ``+master``, ``+scale=S``, ``+dynamic``, ``+sr``, ``+kahan``. Each is eager torch
 training of the user's module (a copy, parameters and floating buffers correctly rounded into
 the dtype) on one thread: forward, ``backward()`` of the loss times the scale, the gradients
-unscaled, the update of :class:`fpgrad.optim.TorchOptimizer` (torch.optim's SGD and Adam, bit
+unscaled, the update of :class:`fpgrad.run.optim.TorchOptimizer` (torch.optim's SGD and Adam, bit
 for bit). The exact run interprets the captured graph in certified balls at every step and
 applies the same optimizer formulas in the balls (:func:`fpgrad.training.exact_trajectory` with
 :class:`fpgrad.graph.train_exact.GraphExactRun`), so the radii bound the exact trajectory.
@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from fpgrad.errors import InputError
-from fpgrad.formats import get_format
 from fpgrad.graph.capture import Graph, loss_in
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import _into, model_in
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.graph.train_exact import exact_check, exact_run
-from fpgrad.optim import OptimConfig
-from fpgrad.torch_native import DTYPES, one_torch_thread
+from fpgrad.numbers.formats import get_format
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import DTYPES, one_torch_thread
 from fpgrad.training.detectors import run_detectors
 from fpgrad.training.emulated_run import EmulatedRun
 from fpgrad.training.history import History, _flat
@@ -65,7 +65,7 @@ class GraphTorchRun(_TorchState):
     """One torch dtype with its options: the module trained eagerly, as a torch loop does."""
 
     def __init__(self, net: Trainee, spec: RunSpec, cfg: OptimConfig, seed: int) -> None:
-        from fpgrad.runlog import record
+        from fpgrad.run.runlog import record
 
         record(spec.label, "native")
         self.net, self.spec = net, spec
@@ -318,7 +318,7 @@ def train_graph(
 ) -> TrainResult:
     """Train the captured ``net`` for ``steps`` full-batch steps in every run and exactly,
     from the parameters it was captured with (:func:`fpgrad.training.train`'s result)."""
-    from fpgrad.exact import MIN_BITS
+    from fpgrad.reference.exact import MIN_BITS
 
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer (got {steps})")

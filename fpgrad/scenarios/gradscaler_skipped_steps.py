@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fpgrad.runlog import record
+from fpgrad.run.runlog import record
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread
 from fpgrad.watching import watch
 from fpgrad.watching.report import CREATOR_HEADERS, _scale, creators
 

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig, TorchOptimizer
-from fpgrad.scaling import DynamicScaler, StaticScaler
-from fpgrad.torch_native import TorchModel
+from fpgrad.model.network import Network
+from fpgrad.run.optim import OptimConfig, TorchOptimizer
+from fpgrad.run.scaling import DynamicScaler, StaticScaler
+from fpgrad.run.torch_native import TorchModel
 from fpgrad.training.history import History, _dead_units, _flat
 from fpgrad.training.runs import RunSpec
 
@@ -121,7 +121,7 @@ class TorchRun(_TorchState):
     def __init__(
         self, net: Network, spec: RunSpec, cfg: OptimConfig, seed: int, perturb: bool = False
     ):
-        from fpgrad.runlog import policy_how, record
+        from fpgrad.run.runlog import policy_how, record
 
         device = spec.policy.autocast_device if spec.policy is not None else None
         record(spec.label, "native" if device is None else policy_how(device, False))
@@ -220,7 +220,7 @@ def _first_nonfinite(
     """The first tensor of this step holding inf/NaN, in the order they are computed: the
     parameters, forward outputs, the loss, backward signals (from the loss back), then the
     parameter gradients. Values are torch tensors or numpy arrays (None: not computed)."""
-    from fpgrad.comparison import places
+    from fpgrad.diagnose.comparison import places
 
     def where(layer: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
         return {

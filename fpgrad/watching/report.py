@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from fpgrad.errors import InputError  # noqa: E402
-from fpgrad.report.plots import save_png  # noqa: E402
+from fpgrad.present.report.plots import save_png  # noqa: E402
 from fpgrad.watching.records import read_records  # noqa: E402
 
 _TOP = 8
