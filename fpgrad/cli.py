@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watching directory")
+    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watch(..., out=DIR) directory")
     p.add_argument("dir", help="the out= directory of fpgrad.watching (holds records.jsonl)")
     p.add_argument("--out", default=None, help="output directory (default: DIR itself)")
     p.set_defaults(func=_watch_report)

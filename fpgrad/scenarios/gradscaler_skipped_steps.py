@@ -1,4 +1,4 @@
-"""gradscaler_skipped_steps: fpgrad.watching on an ordinary autocast + GradScaler loop; every step
+"""gradscaler_skipped_steps: fpgrad.watch on an ordinary autocast + GradScaler loop; every step
 GradScaler skips is one where some op created an inf (its exact result on its own inputs is
 finite), and the NaNs that follow are inherited."""
 
@@ -20,7 +20,7 @@ NAME = "gradscaler_skipped_steps"
 CLAIM = (
     "GradScaler skips exactly the steps in which some op created an inf or NaN (an op whose exact "
     "result on its own inputs is finite: a float16 overflow), and every NaN after it is inherited "
-    "from that inf; watching the loop with fpgrad.watching changes none of its results."
+    "from that inf; watching the loop with fpgrad.watch changes none of its results."
 )
 INIT_SCALE = 2.0**24
 GROWTH_INTERVAL = 4
