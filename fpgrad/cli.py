@@ -670,7 +670,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except MemoryError:
         print(
             "fpgrad: error: out of memory: the input asks for more than this machine holds; "
-            "use smaller layers, less data or fewer --exact-bits (see the README's bounds)",
+            "use smaller layers, less data or fewer --exact-bits (see docs/reference/bad-input.md)",
             file=sys.stderr,
         )
         return 2

@@ -246,7 +246,7 @@ def load_pt2(spec: str) -> GraphNetwork:
     if not data_path.is_file():
         raise InputError(f"{name}: its data file {data_path} is missing: write inputs, targets "
                          'and loss there (inputs = ["x.npy"], targets = "y.npy", '
-                         'loss = "cross_entropy"); see the README')  # fmt: skip
+                         'loss = "cross_entropy"); see docs/howto/torch-models.md')  # fmt: skip
     where = str(data_path)
     doc = load_toml(data_path, "data file")
     unknown = set(doc) - KEYS
@@ -255,7 +255,7 @@ def load_pt2(spec: str) -> GraphNetwork:
                          f"{', '.join(sorted(KEYS))}")  # fmt: skip
     for key in ("inputs", "targets", "loss"):
         if key not in doc:
-            raise InputError(f"{where}: needs {key} (see the README section 'Any torch model')")
+            raise InputError(f"{where}: needs {key} (see docs/howto/torch-models.md)")
     files = doc["inputs"] if isinstance(doc["inputs"], list) else [doc["inputs"]]
     base = data_path.parent
     inputs = tuple(_tensor(f, base, where, f"inputs[{i}]") for i, f in enumerate(files))

@@ -1,6 +1,6 @@
 """TOML network files to :class:`~fpgrad.model.network.Network`; all validation of user input.
 
-The format (documented in the README)::
+The format (documented in docs/reference/files.md)::
 
     name = "tiny"            # optional
     seed = 0                 # seed of the init schemes
@@ -148,7 +148,7 @@ def parse_policies(doc: Any, net: Network, where: str) -> Network:
     from fpgrad.model.policy import parse_policy
 
     if not isinstance(doc, dict):
-        raise InputError(f"{where}: policy must be tables [policy.NAME]; see the README")
+        raise InputError(f"{where}: policy must be tables [policy.NAME]; see docs/howto/policies.md")
     policies = {}
     for name, table in doc.items():
         policy = parse_policy(name, table, where)

@@ -377,7 +377,7 @@ def _with_policies(imported: Imported, tables: Any, where: str) -> Imported:
     from fpgrad.model.netfile import parse_policies
 
     if not isinstance(tables, dict):
-        raise InputError(f"{where}: policy must be tables [policy.NAME]; see the README")
+        raise InputError(f"{where}: policy must be tables [policy.NAME]; see docs/howto/policies.md")
     by_path = {path: name for name, path in imported.origin.items() if path}
     translated: dict[str, Any] = {}
     for pname, table in tables.items():
