@@ -7,8 +7,8 @@ included) against :func:`fpgrad.torch_native.torch_trace`, float16/bfloat16/floa
 one path proves is consistent with the other (the structural zero of a dense bias feeding
 training-mode batch norm is proven on the layer path only: undetermined on the graph path);
 (c) ``compare`` verdict counts per precision identical; (d) emulated formats: identical values
-where the two paths round the same operations, and the known differences pinned to the first
-layer value where they part.
+(both paths round torch's kernels' operations), and the one known difference (training batch
+norm backward) pinned to the first layer value where they part.
 """
 
 from __future__ import annotations
