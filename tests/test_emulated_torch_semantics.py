@@ -118,3 +118,23 @@ def test_mse_backward_rounds_torchs_norm_times_difference() -> None:
         torch.tensor(b, dtype=torch.float16), 1,
     )  # fmt: skip
     assert _bits(got.ravel()) == _bits(ref.double().numpy().ravel())
+
+
+def test_threshold_backward_with_a_threshold_matches_torch() -> None:
+    ar = EmulatedArith("float16")
+    x = np.concatenate([SPECIAL, [0.5, 0.75, 0.25]])
+    g = np.concatenate([GRAD, [1.0, -1.0, 2.0]])
+    got = pointwise.threshold_backward(_Cx(ar), g, x, 0.5)
+    ref = torch.ops.aten.threshold_backward(_torch(g), _torch(x), 0.5)
+    assert _bits(got) == _bits(ref.double().numpy())
+
+
+def test_torchs_bce_with_logits_is_one_minus_t_z_minus_log_sigmoid() -> None:
+    """The sequence the strict machines round (:func:`fpgrad.evaluate.bce_terms_torch`) is
+    torch's: its float16 kernel equals ``(1 - t) * z - logsigmoid(z)`` computed op by op."""
+    rng = np.random.default_rng(0)
+    z = torch.tensor(rng.normal(0, 3, 4096), dtype=torch.float16)
+    t = torch.tensor(rng.uniform(0, 1, 4096), dtype=torch.float16)
+    ref = torch.ops.aten.binary_cross_entropy_with_logits(z, t, None, None, 0)
+    ops = (1 - t) * z - torch.nn.functional.logsigmoid(z)
+    assert torch.equal(ref, ops)
