@@ -47,40 +47,46 @@ def _torch(values: np.ndarray) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("grad_sign", [1.0, -1.0])
-def test_graph_relu_and_threshold_backward_match_torch(grad_sign: float) -> None:
+@pytest.mark.parametrize("size", [9, 1024])  # torch's scalar tail and its vectorized body
+def test_graph_relu_and_threshold_backward_match_torch(grad_sign: float, size: int) -> None:
     ar = EmulatedArith("float16")
     cx = _Cx(ar)
-    out = pointwise.relu(cx, SPECIAL)
-    ref = torch.relu(_torch(SPECIAL))
+    x = np.resize(SPECIAL, size)
+    out = pointwise.relu(cx, x)
+    ref = torch.relu(_torch(x))
     assert _bits(out) == _bits(ref.double().numpy())
-    g = grad_sign * GRAD
+    g = grad_sign * np.resize(GRAD, size)
     back = pointwise.threshold_backward(cx, g, out, 0)
     ref_back = torch.ops.aten.threshold_backward(_torch(g), ref, 0)
     assert _bits(back) == _bits(ref_back.double().numpy())
 
 
-def test_layer_relu_matches_torch() -> None:
+@pytest.mark.parametrize("size", [9, 1024])
+def test_layer_relu_matches_torch(size: int) -> None:
     ar = EmulatedArith("float16")
     layer = Layer(name="r", kind="relu")
-    x = SPECIAL[None, :]
+    x = np.resize(SPECIAL, size)[None, :]
     out, keep = _forward(ar, layer, x, {})
-    xt = _torch(SPECIAL).requires_grad_(True)
+    xt = _torch(x[0]).requires_grad_(True)
     yt = torch.relu(xt)
     assert _bits(out[0]) == _bits(yt.detach().double().numpy())
     for sign in (1.0, -1.0):
-        dy = sign * GRAD[None, :]
+        dy = sign * np.resize(GRAD, size)[None, :]
         (gt,) = torch.autograd.grad(yt, xt, _torch(dy[0]), retain_graph=True)
         dx, _ = _backward(ar, layer, x, keep, dy, {})
         assert _bits(dx[0]) == _bits(gt.double().numpy()), sign
 
 
-def test_elu_of_nan_takes_torchs_positive_branch() -> None:
+def test_elu_backward_of_nan_is_nan_as_torchs_vectorized_kernel() -> None:
+    """torch's elu_backward selects by ``x > 0`` in its vectorized body (NaN: the negative
+    branch, NaN) and by ``x <= 0`` in its scalar tail (NaN: grad * scale); a tensor of 1024
+    elements takes the vectorized body at element 0."""
     ar = EmulatedArith("float16")
-    x = SPECIAL
-    ref = torch.ops.aten.elu_backward(_torch(GRAD), 1.0, 1.0, 1.0, False, _torch(x))
-    out = pointwise.elu_backward(_Cx(ar), GRAD, 1.0, 1.0, 1.0, False, x)
-    assert np.isnan(out[0]) == bool(ref[0].isnan())
-    assert out[0] == float(ref[0])  # NaN input: grad * scale, as torch
+    x, g = np.full(1024, -1.0), np.ones(1024)
+    x[0] = np.nan
+    ref = torch.ops.aten.elu_backward(_torch(g), 1.0, 1.0, 1.0, False, _torch(x))
+    out = pointwise.elu_backward(_Cx(ar), g, 1.0, 1.0, 1.0, False, x)
+    assert bool(ref[0].isnan()) and np.isnan(out[0])
 
 
 def test_zero_nll_loss_is_positive_zero_as_torch() -> None:
@@ -122,8 +128,8 @@ def test_mse_backward_rounds_torchs_norm_times_difference() -> None:
 
 def test_threshold_backward_with_a_threshold_matches_torch() -> None:
     ar = EmulatedArith("float16")
-    x = np.concatenate([SPECIAL, [0.5, 0.75, 0.25]])
-    g = np.concatenate([GRAD, [1.0, -1.0, 2.0]])
+    x = np.resize(np.concatenate([SPECIAL, [0.5, 0.75, 0.25]]), 1024)
+    g = np.resize(np.concatenate([GRAD, [1.0, -1.0, 2.0]]), 1024)
     got = pointwise.threshold_backward(_Cx(ar), g, x, 0.5)
     ref = torch.ops.aten.threshold_backward(_torch(g), _torch(x), 0.5)
     assert _bits(got) == _bits(ref.double().numpy())

@@ -377,7 +377,7 @@ def elu(cx: Any, x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: fl
     ar = cx.ar
     neg = ar.mul(ar.sub(ar.exp(ar.mul(x, ar.const(float(input_scale)))), ar.const(1.0)),
                  ar.const(float(alpha) * float(scale)))  # fmt: skip
-    return ar.where(above(cx, x), ar.mul(x, ar.const(float(scale))), neg)
+    return ar.where(ar.positive(x), ar.mul(x, ar.const(float(scale))), neg)
 
 
 @op("aten.elu_backward.default")
@@ -396,4 +396,6 @@ def elu_backward(
         xr = cx.value(src.args[0])
     c = float(input_scale) * float(scale) * float(alpha)
     neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), ar.const(c)))
-    return ar.where(above(cx, xr), ar.mul(g, ar.const(float(scale))), neg)
+    # NaN input: the negative branch (NaN), as torch's vectorized kernel (b > 0 selects);
+    # its scalar tail (b <= 0 selects) would give g * scale
+    return ar.where(ar.positive(xr), ar.mul(g, ar.const(float(scale))), neg)
