@@ -9,7 +9,7 @@ tanh are correctly rounded; sigmoid is 1 / (1 + exp(-x)) at 300 bits, then round
 
 Coverage: all 65,536 operand pairs of add, sub, mul and div for fp8_e4m3 and fp8_e5m2 (nearest
 even, toward zero, up, down); float16 and bfloat16 on the cartesian product of special and
-boundary operands plus random pairs; sqrt, exp, log, tanh, sigmoid on every float16 value and
+boundary operands plus random pairs; sqrt, exp, log, log1p, tanh, sigmoid on every float16 value and
 every bfloat16 value (round to nearest even; directed modes on every 9th float16 value, and on
 every value of fp8_e4m3, fp8_e5m2, e5m7); the mpmath path alone (a huge error bound); accumulation modes on hand-computed dot products and against scalar
 simulations; stochastic rounding; and the precisions in ``compare`` and on the command line.
@@ -300,7 +300,7 @@ def test_fma_single_rounding() -> None:
 
 # ---- sqrt and the functions on every value ---------------------------------------------------
 
-FUNCTIONS = ["sqrt", "exp", "log", "tanh", "sigmoid"]
+FUNCTIONS = ["sqrt", "exp", "log", "log1p", "tanh", "sigmoid"]
 
 
 @pytest.mark.slow
@@ -332,7 +332,7 @@ def test_functions_hard_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(emulated, "FUNC_REL_ERR", 2.0**-6)
     fmt = get_format("bfloat16")
     v = all_values(fmt)[::37]
-    for fn in ("exp", "tanh", "sigmoid", "log"):
+    for fn in ("exp", "tanh", "sigmoid", "log", "log1p"):
         for mode in (Mode.NEAREST_EVEN, Mode.UP):
             got = getattr(EmulatedArith(fmt, mode=mode), fn)(v)
             assert_same(got, oracle1(fmt, mode, fn, v), v)

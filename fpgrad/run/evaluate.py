@@ -177,6 +177,9 @@ def _forward(ar: Arith, layer: Layer, x: Any, values: dict[str, Any]) -> tuple[A
             z = ar.add(z, values[f"{layer.name}.bias"][None, :])
         return z, {"w": w}
     if kind == "relu":
+        if not _exact(ar):  # torch: x < 0 ? +0 : x (NaN, -0 kept); backward: out <= 0 ? +0 : dy
+            v = np.asarray(x, dtype=np.float64)
+            return ar.where(v < 0, ar.asarray(np.zeros(v.shape)), x), {"mask": ~(v <= 0)}
         mask = ar.positive(x)  # relu'(0) = 0, as torch
         return ar.where(mask, x, ar.mul(x, ar.const(0.0))), {"mask": mask}
     if kind == "leaky_relu":
@@ -237,7 +240,8 @@ def _backward(
             grads["bias"] = ar.sum(dy, axis=0)  # db = sum over the batch
         return (ar.matmul(dy, keep["w"]) if need_input else None), grads  # dx = dz W
     if kind == "relu":
-        return ar.where(keep["mask"], dy, ar.mul(dy, ar.const(0.0))), {}
+        zero = ar.mul(dy, ar.const(0.0)) if _exact(ar) else ar.asarray(np.zeros(np.shape(dy)))
+        return ar.where(keep["mask"], dy, zero), {}
     if kind == "leaky_relu":
         return ar.where(keep["mask"], dy, ar.mul(dy, keep["slope"])), {}
     if kind == "sigmoid":
@@ -282,39 +286,65 @@ def _softmax(ar: Arith, z: Any) -> Any:
 def _loss(ar: Arith, net: Network, out: Any) -> tuple[Any, Any]:
     """Loss (mean reduction) and dL/d(out)."""
     kind = net.loss.kind
-    batch = out.shape[0]
     if kind == "mse":
         t = ar.asarray(net.y)
         r = ar.sub(out, t)
-        count = ar.const(float(r.size))
-        loss = ar.div(_total(ar, ar.mul(r, r)), count)
-        return loss, ar.mul(r, ar.div(ar.const(2.0), count))  # 2 (y - t) / N
+        loss = ar.div(_total(ar, ar.mul(r, r)), ar.const(float(r.size)))
+        if _exact(ar):
+            return loss, ar.mul(r, ar.div(ar.const(2.0), ar.const(float(r.size))))  # 2 r / N
+        return loss, ar.mul(ar.const(2.0 / r.size), r)  # torch: round(2. / N) * r (* 1)
     if kind == "cross_entropy" and _exact(ar):
         t_values = np.eye(out.shape[1])[net.y.astype(int)] if net.class_targets else net.y
         return _cross_entropy_exact(ar, out, t_values)
     if kind == "bce" and _exact(ar):
         return _bce_exact(ar, out, np.asarray(net.y, dtype=np.float64))
     if kind == "cross_entropy":
-        t_values = np.eye(out.shape[1])[net.y.astype(int)] if net.class_targets else net.y
-        t = ar.asarray(t_values)
-        m = ar.max(out, axis=1, keepdims=True)
-        shifted = ar.sub(out, m)
-        e = ar.exp(shifted)
-        total = ar.sum(e, axis=1, keepdims=True)
-        logp = ar.sub(shifted, ar.log(total))  # log_softmax
-        n = ar.const(float(batch))
-        loss = ar.div(ar.sub(ar.const(0.0), _total(ar, ar.mul(t, logp))), n)
-        return loss, ar.div(ar.xent_grad(e, total, t_values), n)  # (p sum(t) - t) / B
+        return _cross_entropy_torch(ar, net, out)
     if kind == "bce":
-        t = ar.asarray(net.y)
-        zero = ar.mul(out, ar.const(0.0))
-        relu = ar.where(ar.positive(out), out, zero)
-        soft = ar.log(ar.add(ar.const(1.0), ar.exp(ar.sub(zero, ar.abs(out)))))
-        terms = ar.add(ar.sub(relu, ar.mul(out, t)), soft)  # max(z,0) - z t + log(1+e^-|z|)
+        terms = bce_terms_torch(ar, out, ar.asarray(net.y))  # (1 - t) z - log_sigmoid(z)
         count = ar.const(float(out.size))
         loss = ar.div(_total(ar, terms), count)
         return loss, ar.div(ar.bce_grad(out, net.y), count)  # (sigmoid(z) - t) / N
     raise AssertionError(f"unhandled loss {kind}")
+
+
+def bce_terms_torch(ar: Any, x: Any, t: Any, weight: Any = None, pos_weight: Any = None) -> Any:
+    """torch's CPU sequence for BCE with logits, each operation rounded: ``(1 - t) * x -
+    l * log_sigmoid(x)``, log_sigmoid(x) = ``min(x, 0) - log1p(exp(-|x|))``, l = ``(pos_weight
+    - 1) * t + 1``, then ``* weight``."""
+    v = np.asarray(x, dtype=np.float64)
+    low = ar.where(v > 0, ar.asarray(np.zeros(v.shape)), x)  # std::min(x, 0): -0, NaN kept
+    logsig = ar.sub(low, ar.log1p(ar.exp(ar.mul(ar.abs(x), ar.const(-1.0)))))
+    if pos_weight is not None:
+        logsig = ar.mul(ar.add(ar.mul(ar.sub(pos_weight, ar.const(1.0)), t), ar.const(1.0)), logsig)
+    terms = ar.sub(ar.mul(ar.sub(ar.const(1.0), t), x), logsig)
+    return terms if weight is None else ar.mul(terms, weight)
+
+
+def _cross_entropy_torch(ar: Arith, net: Network, out: Any) -> tuple[Any, Any]:
+    """Cross-entropy (mean) and its gradient as torch computes them, each operation rounded:
+    log_softmax, then class targets: nll_loss (``0 - logp[i, y_i] - ...``, over B) and its
+    backward ``-(1 / B)`` at the target; probability targets: ``-sum(logp * t) / B`` and its
+    backward ``-(1 / B) * t``; then log_softmax's backward ``g - exp(logp) * sum(g)``."""
+    batch, classes = out.shape
+    m = ar.max(out, axis=1, keepdims=True)
+    shifted = ar.sub(out, m)
+    logp = ar.sub(shifted, ar.log(ar.sum(ar.exp(shifted), axis=1, keepdims=True)))
+    n = ar.const(float(batch))
+    g = ar.mul(ar.div(ar.const(1.0), n), ar.const(-1.0))  # -(1 / B): exact negation
+    if net.class_targets:
+        hot = np.zeros((batch, classes), dtype=bool)
+        hot[np.arange(batch), net.y.astype(int)] = True
+        picked = np.asarray(logp)[np.arange(batch), net.y.astype(int)]  # a strict machine's
+        loss = ar.add(ar.const(0.0), ar.sum(ar.mul(picked, ar.const(-1.0)), axis=0))
+        loss = ar.div(loss, n)
+        grad = ar.where(hot, np.broadcast_to(g, hot.shape), ar.asarray(np.zeros(hot.shape)))
+    else:
+        t = ar.asarray(net.y)
+        loss = ar.div(ar.mul(_total(ar, ar.mul(logp, t)), ar.const(-1.0)), n)
+        grad = ar.mul(np.broadcast_to(g, t.shape), t)
+    dot = ar.sum(grad, axis=1, keepdims=True)
+    return loss, ar.sub(grad, ar.mul(ar.exp(logp), dot))
 
 
 def _exact(ar: Arith) -> bool:
