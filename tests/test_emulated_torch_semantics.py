@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from fpgrad.arith.emulated import EmulatedArith
-from fpgrad.evaluate import _backward, _forward
 from fpgrad.graph.ops import loss as loss_ops
 from fpgrad.graph.ops import pointwise
-from fpgrad.network import Layer
+from fpgrad.model.network import Layer
+from fpgrad.run.evaluate import _backward, _forward
 
 SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, -1.5, 2.0, -2.0**-24, 2.0**-24])
 GRAD = np.array([1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0])
@@ -136,7 +136,7 @@ def test_threshold_backward_with_a_threshold_matches_torch() -> None:
 
 
 def test_torchs_bce_with_logits_is_one_minus_t_z_minus_log_sigmoid() -> None:
-    """The sequence the strict machines round (:func:`fpgrad.evaluate.bce_terms_torch`) is
+    """The sequence the strict machines round (:func:`fpgrad.run.evaluate.bce_terms_torch`) is
     torch's: its float16 kernel equals ``(1 - t) * z - logsigmoid(z)`` computed op by op."""
     rng = np.random.default_rng(0)
     z = torch.tensor(rng.normal(0, 3, 4096), dtype=torch.float16)

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from fpgrad.arith.base import ExactDerivatives
-from fpgrad.evaluate import bce_terms_torch
 from fpgrad.graph import shapes
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
 from fpgrad.graph.ops.registry import op
+from fpgrad.run.evaluate import bce_terms_torch
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
