@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fpgrad.present.report.watch import CREATOR_HEADERS, _scale, creators
 from fpgrad.run.runlog import record
 from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.watching import watch
-from fpgrad.watching.report import CREATOR_HEADERS, _scale, creators
 
 NAME = "gradscaler_skipped_steps"
 CLAIM = (
