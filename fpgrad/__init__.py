@@ -26,25 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 #: public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {
-    "compare": ("fpgrad.comparison", "compare"),
+    "compare": ("fpgrad.diagnose.comparison", "compare"),
     "train": ("fpgrad.training", "train"),
-    "advise": ("fpgrad.advisor", "advise"),
+    "advise": ("fpgrad.diagnose.advisor", "advise"),
     "sweep": ("fpgrad.sweeps", "sweep"),
     "watch": ("fpgrad.watching", "watch"),
     "from_module": ("fpgrad.graph", "from_module"),
-    "load_network": ("fpgrad.netfile", "load_network"),
-    "round_to": ("fpgrad.rounding", "round_to"),
-    "get_format": ("fpgrad.formats", "get_format"),
+    "load_network": ("fpgrad.model.netfile", "load_network"),
+    "round_to": ("fpgrad.numbers.rounding", "round_to"),
+    "get_format": ("fpgrad.numbers.formats", "get_format"),
 }
 __all__ = list(_API)
 
 if TYPE_CHECKING:  # the names as the type checker sees them
-    from fpgrad.advisor import advise as advise
-    from fpgrad.comparison import compare as compare
-    from fpgrad.formats import get_format as get_format
+    from fpgrad.diagnose.advisor import advise as advise
+    from fpgrad.diagnose.comparison import compare as compare
     from fpgrad.graph import from_module as from_module
-    from fpgrad.netfile import load_network as load_network
-    from fpgrad.rounding import round_to as round_to
+    from fpgrad.model.netfile import load_network as load_network
+    from fpgrad.numbers.formats import get_format as get_format
+    from fpgrad.numbers.rounding import round_to as round_to
     from fpgrad.sweeps import sweep as sweep
     from fpgrad.training import train as train
     from fpgrad.watching import watch as watch

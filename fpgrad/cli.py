@@ -28,8 +28,8 @@ class _Parser(argparse.ArgumentParser):
 def _formats(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from fpgrad.formats import CATALOGUE, get_format
     from fpgrad.jsonutil import jsonable
+    from fpgrad.numbers.formats import CATALOGUE, get_format
 
     fmts = [get_format(n) for n in args.names] if args.names else list(CATALOGUE.values())
     rows = [f.describe() for f in fmts]
@@ -64,8 +64,8 @@ def _formats(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from fpgrad.explain import explain, render_explain
     from fpgrad.jsonutil import jsonable
+    from fpgrad.present.explain import explain, render_explain
 
     result = explain(args.value, args.format or None, mode=args.mode, other=args.with_value)
     if args.json:
@@ -77,7 +77,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferred import
     """A fpgrad network file, or a model file (a torch state dict and its modules)."""
-    from fpgrad.from_torch import load_any
+    from fpgrad.model.from_torch import load_any
 
     net = load_any(path)
     _warn_double_softmax(net)
@@ -86,7 +86,7 @@ def _load_network(path: str):  # noqa: ANN202 - a Network; torch stays a deferre
 
 def _warn_double_softmax(net: Any) -> None:
     """One line on stderr when the last layer is a softmax under cross_entropy."""
-    from fpgrad.network import double_softmax_warning
+    from fpgrad.model.network import double_softmax_warning
 
     twice = double_softmax_warning(net)
     if twice:
@@ -94,13 +94,13 @@ def _warn_double_softmax(net: Any) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fpgrad.report.outdir import check_out_dir
+    from fpgrad.present.report.outdir import check_out_dir
 
     out = check_out_dir(args.out) if args.out else None  # before any work or heavy import
-    from fpgrad.comparison import compare
-    from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.diagnose.comparison import compare
     from fpgrad.graph.script import is_script, load_script
-    from fpgrad.report.own import write_compare_report
+    from fpgrad.present.report.own import write_compare_report
+    from fpgrad.reference.exact import DEFAULT_BITS
 
     verdicts = [v.strip() for v in args.verdict.split(",") if v.strip()] if args.verdict else None
     net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
@@ -115,7 +115,7 @@ def _compare(args: argparse.Namespace) -> int:
     )
     if is_script(args.network):  # a captured model: its own, smaller comparison
         if out is not None:
-            from fpgrad.report.captured import write_graph_report
+            from fpgrad.present.report.captured import write_graph_report
 
             print(f"wrote {', '.join(write_graph_report(result, out))}", file=sys.stderr)
         print(result.to_json() if args.json else result.render(max_rows=args.max_rows or None))
@@ -142,7 +142,7 @@ def _with_policies(precisions: str | None, policies: str | None) -> str | None:
 
 def _policies(args: argparse.Namespace) -> int:
     from fpgrad.graph.script import is_script, load_script
-    from fpgrad.policy import BUILTIN
+    from fpgrad.model.policy import BUILTIN, require_policy
 
     if args.network and is_script(args.network):  # a captured model: precision per op
         from fpgrad.graph.policy import show_plans
@@ -154,10 +154,7 @@ def _policies(args: argparse.Namespace) -> int:
     names = args.names or list(known)
     for name in names:
         if name not in known:
-            from fpgrad.suggest import did_you_mean
-
-            hint = did_you_mean(name, known)
-            raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
+            require_policy(name, net.policies if net is not None else None)  # raises
     if args.json:
         out = {n: known[n].to_dict() for n in names}
         if net is not None:
@@ -165,7 +162,7 @@ def _policies(args: argparse.Namespace) -> int:
                 out[n]["plan"] = known[n].resolve(net).to_dict()
         print(json.dumps(out, indent=2))
         return 0
-    from fpgrad.render import policy_table
+    from fpgrad.present.render import policy_table
 
     for n in names:
         pol = known[n]
@@ -180,12 +177,12 @@ def _policies(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fpgrad.report.outdir import check_out_dir
+    from fpgrad.present.report.outdir import check_out_dir
 
     if args.out:
         check_out_dir(args.out)  # before any work or heavy import: a bad path costs nothing
     from fpgrad.graph.script import is_script, load_script
-    from fpgrad.optim import OptimConfig
+    from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
     if is_script(args.network) and args.policy:
@@ -213,7 +210,7 @@ def _train(args: argparse.Namespace) -> int:
         exact_max_bits=args.exact_max_bits,
     )
     if args.out:
-        from fpgrad.report.own import write_train_report
+        from fpgrad.present.report.own import write_train_report
 
         try:
             written = write_train_report(result, args.out)
@@ -225,7 +222,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from fpgrad.from_torch import load_model_file, write_network
+    from fpgrad.model.from_torch import load_model_file, write_network
 
     imported = load_model_file(args.model)
     _warn_double_softmax(imported.network)
@@ -242,10 +239,10 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from fpgrad.advisor import advise
-    from fpgrad.exact import DEFAULT_BITS
+    from fpgrad.diagnose.advisor import advise
     from fpgrad.graph.script import is_script, load_script
-    from fpgrad.report.own import check_out_dir, write_advise_report
+    from fpgrad.present.report.own import check_out_dir, write_advise_report
+    from fpgrad.reference.exact import DEFAULT_BITS
 
     out = check_out_dir(args.out) if args.out else None
     net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
@@ -309,7 +306,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fpgrad.report import write_reports
+    from fpgrad.scenarios.gallery import write_reports
 
     failures = write_reports(args.out, only=args.only)
     if failures:
@@ -346,7 +343,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fpgrad import scenarios
-    from fpgrad.report.outdir import check_out_dir
+    from fpgrad.present.report.outdir import check_out_dir
 
     module = scenarios.get(args.name)
     out = check_out_dir(args.out) if args.out else None
@@ -366,7 +363,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _exact_max_bits_option(p: argparse.ArgumentParser) -> None:
     """``--exact-max-bits`` of compare, advise and train (the default is
-    :data:`fpgrad.exact.DEFAULT_MAX_BITS`, written out so that building the parser imports no
+    :data:`fpgrad.reference.exact.DEFAULT_MAX_BITS`, written out so that building the parser imports no
     numerics; tests/test_certificates.py keeps the two equal)."""
     p.add_argument(
         "--exact-max-bits",
@@ -602,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watching directory")
+    p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watch(..., out=DIR) directory")
     p.add_argument("dir", help="the out= directory of fpgrad.watching (holds records.jsonl)")
     p.add_argument("--out", default=None, help="output directory (default: DIR itself)")
     p.set_defaults(func=_watch_report)
@@ -673,7 +670,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except MemoryError:
         print(
             "fpgrad: error: out of memory: the input asks for more than this machine holds; "
-            "use smaller layers, less data or fewer --exact-bits (see the README's bounds)",
+            "use smaller layers, less data or fewer --exact-bits (see docs/reference/bad-input.md)",
             file=sys.stderr,
         )
         return 2

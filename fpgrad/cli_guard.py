@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fpgrad.errors import InputError
-from fpgrad.validate import (
+from fpgrad.model.validate import (
     MAX_EXACT_BITS,
     MAX_OPTION_COUNT,
     MAX_RATE,
@@ -92,8 +92,8 @@ def _out_file(value: str, option: str) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every option of every command within its bound, before any work (see the README's
-    "Bounds" table)."""
+    """Every option of every command within its bound, before any work (see the bounds
+    table in docs/reference/bad-input.md)."""
 
     def opt(name: str) -> object:
         return getattr(args, name, None)

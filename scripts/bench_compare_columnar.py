@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fpgrad.comparison import compare  # noqa: E402
-from fpgrad.exact import exact_trace  # noqa: E402
-from fpgrad.netfile import parse_network  # noqa: E402
-from fpgrad.report.own import write_npz  # noqa: E402
+from fpgrad.diagnose.comparison import compare  # noqa: E402
+from fpgrad.model.netfile import parse_network  # noqa: E402
+from fpgrad.present.report.own import write_npz  # noqa: E402
+from fpgrad.reference.exact import exact_trace  # noqa: E402
 
 
 def network(width: int, batch: int):  # noqa: ANN201 - a Network
@@ -51,7 +51,7 @@ def network(width: int, batch: int):  # noqa: ANN201 - a Network
 
 def torch_unit(net) -> float:  # noqa: ANN001
     """Seconds of one torch float64 forward+backward (best of 5), one thread."""
-    from fpgrad.torch_native import torch_trace
+    from fpgrad.run.torch_native import torch_trace
 
     torch.set_num_threads(1)
     torch_trace(net, "float64")  # warm-up

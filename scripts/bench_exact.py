@@ -4,7 +4,7 @@ Builds a 64-256-256-10 tanh MLP with MSE loss and batch 128 (fixed seed), times 
 and backward pass in torch float64 and in fpgrad's fast exact reference (multi-word balls,
 certified by their radii), checks that every gradient certifies at least 100 significant
 bits, and prints the ratio. Also: the plain mpmath object-array reference on a smaller batch
-(two evaluations, N and 2N bits, as fpgrad.exact's mpmath method), the peak memory of the
+(two evaluations, N and 2N bits, as fpgrad.reference.exact's mpmath method), the peak memory of the
 exact run, and exact training steps per second on fpgrad/examples/showcase.toml.
 
 BLAS and torch run on ``--threads`` threads (default 1: the machine is shared, and both sides
@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fpgrad.arith.ball import BallArith  # noqa: E402
 from fpgrad.arith.mp import MPArith  # noqa: E402
-from fpgrad.evaluate import evaluate  # noqa: E402
-from fpgrad.exact import exact_trace  # noqa: E402
-from fpgrad.netfile import load_network  # noqa: E402
-from fpgrad.network import Layer, Loss, Network  # noqa: E402
+from fpgrad.model.netfile import load_network  # noqa: E402
+from fpgrad.model.network import Layer, Loss, Network  # noqa: E402
+from fpgrad.reference.exact import exact_trace  # noqa: E402
+from fpgrad.run.evaluate import evaluate  # noqa: E402
 
 SIZES = (64, 256, 256, 10)
 SHOWCASE = Path(__file__).resolve().parents[1] / "fpgrad" / "examples" / "showcase.toml"

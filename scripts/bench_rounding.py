@@ -9,7 +9,7 @@ multiply of the same array (``x * 1.0000000000000002``, a fresh output array lik
 Every tool is timed from float64 to float64 (a cast into the format and back).
 
 ``round_to`` is timed as users call it, on its default path: the compiled numba kernel (one pass
-over the float64 bit patterns, :mod:`fpgrad._rounding_kernel`), loaded before the first timing
+over the float64 bit patterns, :mod:`fpgrad.numbers._rounding_kernel`), loaded before the first timing
 (the load time is printed). Beside it, for contrast, the numpy path ``_round_to_numpy`` (several
 vectorised passes; the fallback without numba), whose results must be bit-identical to the
 kernel's: the column ``!=kernel`` counts the values where they are not (must be 0).
@@ -48,9 +48,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fpgrad import rounding  # noqa: E402
-from fpgrad.formats import Format, Special, get_format  # noqa: E402
-from fpgrad.rounding import Mode, round_to  # noqa: E402
+from fpgrad.numbers import rounding  # noqa: E402
+from fpgrad.numbers.formats import Format, Special, get_format  # noqa: E402
+from fpgrad.numbers.rounding import Mode, round_to  # noqa: E402
 
 FORMATS = ["float16", "bfloat16", "tf32", "fp8_e4m3", "fp8_e5m2", "e5m7", "float32"]
 DETERMINISTIC = [

@@ -7,18 +7,18 @@ thread. Per case it prints the time of one torch float64 forward+backward of the
 (fastest of a few, measured first in the same process; process CPU time, which on one thread
 is the work done whatever else runs on a shared machine, and wall time), and as ratios to it:
 
-* ``exact``: the certified exact trace alone (:func:`fpgrad.exact.exact_trace`, fast method;
+* ``exact``: the certified exact trace alone (:func:`fpgrad.reference.exact.exact_trace`, fast method;
   captured models: :func:`fpgrad.graph.exact.exact_graph`);
 * ``native``: one run of each of float16, bfloat16, float32 as compare runs them (torch,
   forward and backward, every intermediate kept; MLPs only);
 * ``compare``: what ``fpgrad compare NET --precisions float16,bfloat16,float32`` does after
-  loading the model: :func:`fpgrad.comparison.compare` end to end (its own exact trace, the
+  loading the model: :func:`fpgrad.diagnose.comparison.compare` end to end (its own exact trace, the
   native runs, verdicts, where the signal died, the diagnosis with the advisor's counts), then
   ``render()`` (the default 60 rows), with where compare's time goes (CPU seconds in its
   parts, from a profile on the process clock) and the total as one ratio;
 * ``json``: ``write_json`` of that comparison to a null sink (``--json``; one line per gradient
   element, so it grows with the parameters; MLPs only);
-* ``advise``: :func:`fpgrad.advisor.advise` (float16, no torch measurement), its own exact
+* ``advise``: :func:`fpgrad.diagnose.advisor.advise` (float16, no torch measurement), its own exact
   trace included (MLPs only here);
 
 with the child's peak RSS after each phase (for the exact trace of an MLP also how many values
@@ -69,7 +69,7 @@ def build_mlp(widths: tuple[int, ...], batch: int, seed: int = 0):  # noqa: ANN2
 
     import numpy as np
 
-    from fpgrad.network import Layer, Loss, Network
+    from fpgrad.model.network import Layer, Loss, Network
 
     rng = np.random.default_rng(seed)
     layers = []
@@ -219,7 +219,7 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
 
     if case in GRAPHS:
         import fpgrad
-        from fpgrad.comparison import compare
+        from fpgrad.diagnose.comparison import compare
         from fpgrad.graph.exact import exact_graph
 
         model, inputs, y, loss = build_graph(case)
@@ -237,7 +237,7 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             timed("render", result.render)
         return
 
-    from fpgrad.exact import exact_trace
+    from fpgrad.reference.exact import exact_trace
 
     net = build_mlp(SIZES[case], batch)
     params = sum(a.size for ly in net.layers for a in ly.params.values())
@@ -255,13 +255,13 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             values=lambda r: int(sum(d.size for d in r.digits.values())),
         )
     if "native" in tasks:
-        from fpgrad.precisions import parse_precisions
+        from fpgrad.run.precisions import parse_precisions
 
         for p in parse_precisions(PRECISIONS):
             p.run(small)  # load the rounding kernels
             timed(f"native {p.name}", lambda p=p: p.run(net))
     if "compare" in tasks or "json" in tasks:
-        from fpgrad.comparison import compare
+        from fpgrad.diagnose.comparison import compare
 
         compare(small, PRECISIONS, bits, progress=False)  # imports, kernels
         result = timed(
@@ -273,7 +273,7 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             sink = _Null()
             timed("json", lambda: result.write_json(sink), chars=lambda _: sink.chars)
     if "advise" in tasks:
-        from fpgrad.advisor import advise
+        from fpgrad.diagnose.advisor import advise
 
         advise(small, "float16", bits, measure=False, progress=False)  # imports
         timed("advise", lambda: advise(net, "float16", bits, measure=False, progress=False))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fpgrad.netfile import load_network, parse_network
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig
+from fpgrad.model.netfile import load_network, parse_network
+from fpgrad.model.network import Network
+from fpgrad.run.optim import OptimConfig
 from fpgrad.training import batch_schedule, exact_trajectory
 
 

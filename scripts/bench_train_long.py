@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fpgrad.arith import expansion as xp  # noqa: E402
-from fpgrad.exact import DEFAULT_MAX_BITS  # noqa: E402
-from fpgrad.from_torch import load_model_file  # noqa: E402
-from fpgrad.network import Network  # noqa: E402
-from fpgrad.optim import OptimConfig  # noqa: E402
+from fpgrad.model.from_torch import load_model_file  # noqa: E402
+from fpgrad.model.network import Network  # noqa: E402
+from fpgrad.reference.exact import DEFAULT_MAX_BITS  # noqa: E402
+from fpgrad.run.optim import OptimConfig  # noqa: E402
 from fpgrad.training import ExactRun, arb_bits_for, batch_schedule  # noqa: E402
 
 OPTIMIZERS = {

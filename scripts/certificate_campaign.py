@@ -3,7 +3,7 @@
 Draws ``--networks`` small networks at the extremes with hypothesis (tests/oracle/generate.py:
 ReLU inputs exactly 0 or 2**-k from 0, saturated tanh and sigmoid, logit gaps up to 1e4, soft
 targets and label smoothing, values near 2**+-1000, deep chains, wide fan-in with cancellation,
-batch norm), runs each through ``fpgrad.exact.exact_trace(net, allow_uncertified=True)`` (or
+batch norm), runs each through ``fpgrad.reference.exact.exact_trace(net, allow_uncertified=True)`` (or
 ``--bits``) and checks every value against tests/oracle (exact rationals and mpmath at 4,000+
 adaptive bits, confirmed 2,000 bits higher). Prints counts per regime and in total: networks,
 values checked, wrong certified values, false zeros, enclosure failures, undetermined values,

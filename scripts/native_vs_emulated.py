@@ -20,8 +20,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fpgrad.arith.emulated import EmulatedArith, to_odd, two_sum  # noqa: E402
-from fpgrad.formats import FLOAT32, get_format  # noqa: E402
-from fpgrad.rounding import round_to  # noqa: E402
+from fpgrad.numbers.formats import FLOAT32, get_format  # noqa: E402
+from fpgrad.numbers.rounding import round_to  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

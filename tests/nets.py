@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
 
 
 def net_from(layers: list[dict[str, Any]], loss: str, x: Any, y: Any, seed: int = 0) -> Network:

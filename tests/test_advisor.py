@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from fpgrad.advisor import advise
 from fpgrad.cli import main
+from fpgrad.diagnose.advisor import advise
 from tests.nets import net_from
 
 
@@ -160,7 +160,7 @@ def test_policy_without_a_low_precision_op_needs_no_scale(tmp_path: Path) -> Non
     from dataclasses import replace
 
     from fpgrad.errors import InputError
-    from fpgrad.policy import parse_policy
+    from fpgrad.model.policy import parse_policy
 
     net = one_layer([1.0], -1.0)
     wide = parse_policy("wide", {"params": "float64", "default": "float64"})
@@ -178,8 +178,8 @@ def test_counts_by_binary_search_equal_the_masks() -> None:
 
     import numpy as np
 
-    from fpgrad.advisor.scales import _counts, _Limits, _Values
-    from fpgrad.formats import get_format
+    from fpgrad.diagnose.advisor.scales import _counts, _Limits, _Values
+    from fpgrad.numbers.formats import get_format
 
     rng = np.random.default_rng(4)
     for name in ("float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"):

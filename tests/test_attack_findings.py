@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from fpgrad.errors import InputError
-from fpgrad.exact import exact_trace
-from fpgrad.optim import OptimConfig
+from fpgrad.reference.exact import exact_trace
+from fpgrad.run.optim import OptimConfig
 from fpgrad.training import train
 from tests.nets import net_from
 
@@ -62,7 +62,7 @@ def test_batch_norm_constant_column_tiny_eps_does_not_crash() -> None:
 
 def test_adam_exact_trajectory_with_a_zero_gradient_does_not_crash() -> None:
     # dL/db = 0 exactly (odd symmetry: tanh(w) + tanh(-w)), enclosed by Arb as [0 +/- r];
-    # Adam's v = (1 - b2) g*g straddles 0 and Arb's sqrt(v) is nan (fpgrad/optim.py
+    # Adam's v = (1 - b2) g*g straddles 0 and Arb's sqrt(v) is nan (fpgrad/run/optim.py
     # ArithOptimizer.step); ExactRun.ball_digits -> arb_digits -> radii() raises ValueError.
     layers = [
         {"type": "dense", "in": 1, "out": 1, "weight": [[0.5]], "bias": [0.0]},

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fpgrad.comparison import compare
+from fpgrad.diagnose.comparison import compare
 from tests.nets import net_from
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fpgrad.exact import exact_trace
-from fpgrad.network import Layer, Loss, Network
+from fpgrad.model.network import Layer, Loss, Network
+from fpgrad.reference.exact import exact_trace
 from tests.oracle.claims import check
 from tests.oracle.reference import oracle
 

@@ -14,9 +14,9 @@ import mpmath
 import numpy as np
 import pytest
 
-from fpgrad.exact import exact_trace
-from fpgrad.formats import get_format
-from fpgrad.verdicts import ExactArray, classify
+from fpgrad.diagnose.verdicts import ExactArray, classify
+from fpgrad.numbers.formats import get_format
+from fpgrad.reference.exact import exact_trace
 from tests.nets import net_from
 
 
@@ -360,7 +360,7 @@ def test_exact_cap_options_are_one_line_errors(
 def test_exact_training_fallback_is_announced_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from fpgrad.optim import OptimConfig
+    from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
     net = net_from(  # 2^-500 * 2^-500 leaves the fast balls' range
@@ -399,7 +399,7 @@ def test_arb_radii_are_upper_bounds_across_float64s_range() -> None:
 
 
 def test_arb_escalation_stops_at_the_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fpgrad.exact as exact_mod
+    import fpgrad.reference.exact as exact_mod
 
     monkeypatch.setattr(exact_mod, "ARB_MEMORY", 2**13)  # 8 KiB: about 600 bits here
     tiny = 2.0**-1074
@@ -411,7 +411,7 @@ def test_arb_escalation_stops_at_the_memory_bound(monkeypatch: pytest.MonkeyPatc
 
 def test_cli_exact_cap_default_is_the_library_default() -> None:
     from fpgrad.cli import build_parser
-    from fpgrad.exact import DEFAULT_MAX_BITS
+    from fpgrad.reference.exact import DEFAULT_MAX_BITS
 
     parser = build_parser()
     for command in (

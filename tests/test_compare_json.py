@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fpgrad.comparison import Comparison, compare
-from fpgrad.decimals import decimal_strings, words_decimal
+from fpgrad.diagnose.comparison import Comparison, compare
 from fpgrad.jsonutil import jsonable
-from fpgrad.netfile import load_network
+from fpgrad.model.netfile import load_network
+from fpgrad.numbers.decimals import decimal_strings, words_decimal
 from scripts.bench_scale import build_mlp
 from tests.test_certificates import _relu_net
 

@@ -24,11 +24,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fpgrad.comparison import compare
-from fpgrad.exact import exact_trace
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.verdicts import VERDICTS
+from fpgrad.diagnose.comparison import compare
+from fpgrad.diagnose.verdicts import VERDICTS
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.reference.exact import exact_trace
 
 PRECISIONS = ("float32", "float64")
 

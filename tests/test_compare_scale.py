@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fpgrad.comparison import compare
+from fpgrad.diagnose.comparison import compare
 from tests.test_certificates import _relu_net
 
 
@@ -27,9 +27,9 @@ def test_undetermined_gradients_have_no_magnitude() -> None:
 def test_advisor_values_cache_gives_the_same_advice() -> None:
     """compare's diagnosis shares the advisor's sorted magnitudes between float16 and
     bfloat16: the advice is the one each format gets on its own."""
-    from fpgrad.advisor import advise
-    from fpgrad.exact import exact_trace
-    from fpgrad.netfile import load_network
+    from fpgrad.diagnose.advisor import advise
+    from fpgrad.model.netfile import load_network
+    from fpgrad.reference.exact import exact_trace
 
     net = load_network(Path(__file__).resolve().parents[1] / "fpgrad/examples/showcase.toml")
     exact = exact_trace(net)

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from fpgrad.cli import main
-from fpgrad.comparison import compare
-from fpgrad.formats import get_format
-from fpgrad.netfile import load_network
-from fpgrad.render import QUIET, ROW_ORDER, select_rows
-from fpgrad.report.markdown import escape_cell, md_table, tables
-from fpgrad.verdicts import VERDICTS, ExactArray, classify, inaccurate_threshold
+from fpgrad.diagnose.comparison import compare
+from fpgrad.diagnose.verdicts import VERDICTS, ExactArray, classify, inaccurate_threshold
+from fpgrad.model.netfile import load_network
+from fpgrad.numbers.formats import get_format
+from fpgrad.present.render import QUIET, ROW_ORDER, select_rows
+from fpgrad.present.report.markdown import escape_cell, md_table, tables
 from tests.browser import CHROMIUM, chromium_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_per_parameter_summary_adds_up(showcase) -> None:  # noqa: ANN001
 
 
 def test_findings_name_the_first_death_and_the_advisors_scale(showcase) -> None:  # noqa: ANN001
-    from fpgrad.advisor import advise
+    from fpgrad.diagnose.advisor import advise
 
     c = showcase
     c.source = "NET.toml"
@@ -220,7 +220,7 @@ def test_streamed_json_equals_the_dict(showcase) -> None:  # noqa: ANN001
 
 
 def test_npz_holds_every_element(showcase, tmp_path: Path) -> None:  # noqa: ANN001
-    from fpgrad.report.own import write_npz
+    from fpgrad.present.report.own import write_npz
 
     c = showcase
     write_npz(c, tmp_path / "g.npz")
@@ -324,7 +324,7 @@ def test_markdown_cells_are_escaped() -> None:
 def test_gallery_index_escapes_cells() -> None:
     from types import SimpleNamespace
 
-    from fpgrad.report.gallery import _index_md
+    from fpgrad.scenarios.gallery import _index_md
 
     fake = SimpleNamespace(claim="a |claim|", verdict="x | y", holds=True)
     parsed = tables(_index_md([("s", fake, "")]))  # type: ignore[list-item]
@@ -345,8 +345,8 @@ def test_every_markdown_table_under_reports_has_constant_cells() -> None:
 
 
 def test_float16_adam_diverges_and_names_eps(capsys: pytest.CaptureFixture[str]) -> None:
-    from fpgrad.optim import OptimConfig
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.rounding import round_to
+    from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
     net = load_network(str(SHOWCASE))
@@ -441,8 +441,8 @@ def test_run_out_writes_the_figures_its_markdown_links(
 def test_explain_mode_and_pair(capsys: pytest.CaptureFixture[str]) -> None:
     from fractions import Fraction
 
-    from fpgrad.explain import explain, pair
-    from fpgrad.rounding import round_exact
+    from fpgrad.numbers.rounding import round_exact
+    from fpgrad.present.explain import explain, pair
 
     third = explain("1/3", ["float16"], mode="toward_zero")["formats"][0]["value"]
     up = explain("1/3", ["float16"], mode="up")["formats"][0]["value"]
@@ -472,7 +472,7 @@ def test_exact_strings_are_correctly_rounded(showcase) -> None:  # noqa: ANN001
     import decimal
     from fractions import Fraction
 
-    from fpgrad.exact import exact_trace
+    from fpgrad.reference.exact import exact_trace
 
     ex = exact_trace(load_network(str(SHOWCASE)))
     c = showcase

@@ -4,12 +4,12 @@ Oracle: MPFR through gmpy2, one context per rounding direction with the format's
 ``emin = quantum_min + 1`` and ``subnormalize`` (MPFR's exponent convention is 0.5 <= m < 1, so
 the smallest subnormal 2**quantum_min is 0.5 * 2**emin), and an exponent range unbounded above;
 the format's overflow rules are applied by :func:`finish`, written here from IEEE 754 7.4 and the
-format's policy independently of fpgrad.rounding. MPFR's add, sub, mul, div, sqrt, exp, log and
+format's policy independently of fpgrad.numbers.rounding. MPFR's add, sub, mul, div, sqrt, exp, log and
 tanh are correctly rounded; sigmoid is 1 / (1 + exp(-x)) at 300 bits, then rounded once.
 
 Coverage: all 65,536 operand pairs of add, sub, mul and div for fp8_e4m3 and fp8_e5m2 (nearest
 even, toward zero, up, down); float16 and bfloat16 on the cartesian product of special and
-boundary operands plus random pairs; sqrt, exp, log, tanh, sigmoid on every float16 value and
+boundary operands plus random pairs; sqrt, exp, log, log1p, tanh, sigmoid on every float16 value and
 every bfloat16 value (round to nearest even; directed modes on every 9th float16 value, and on
 every value of fp8_e4m3, fp8_e5m2, e5m7); the mpmath path alone (a huge error bound); accumulation modes on hand-computed dot products and against scalar
 simulations; stochastic rounding; and the precisions in ``compare`` and on the command line.
@@ -32,13 +32,13 @@ from gmpy2 import mpfr
 import fpgrad.arith.emulated as emulated
 from fpgrad.arith.emulated import EmulatedArith
 from fpgrad.cli import main
-from fpgrad.comparison import compare
+from fpgrad.diagnose.comparison import compare
+from fpgrad.diagnose.verdicts import VERDICTS
 from fpgrad.errors import InputError
-from fpgrad.formats import Format, get_format
-from fpgrad.netfile import load_network
-from fpgrad.precisions import get_precision, parse_precisions
-from fpgrad.rounding import Mode
-from fpgrad.verdicts import VERDICTS
+from fpgrad.model.netfile import load_network
+from fpgrad.numbers.formats import Format, get_format
+from fpgrad.numbers.rounding import Mode
+from fpgrad.run.precisions import get_precision, parse_precisions
 from tests.nets import net_from
 
 DIRECTED = [Mode.NEAREST_EVEN, Mode.TOWARD_ZERO, Mode.UP, Mode.DOWN]
@@ -165,7 +165,7 @@ def test_oracle_set_up() -> None:
 
 def test_doctests() -> None:
     assert doctest.testmod(emulated).failed == 0
-    import fpgrad.precisions as precisions
+    import fpgrad.run.precisions as precisions
 
     assert doctest.testmod(precisions).failed == 0
 
@@ -223,7 +223,7 @@ def boundary_values(fmt: Format) -> np.ndarray:
         math.inf,
     ]
     vals = np.array(pos)
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.rounding import round_to
 
     vals = round_to(vals, fmt)  # 1/3, 0.1, pi, sqrt(max) into the format
     return np.concatenate([vals, -vals, [math.nan]])
@@ -237,7 +237,7 @@ def random_pairs(fmt: Format, n: int, seed: int) -> tuple[np.ndarray, np.ndarray
     b = table[rng.choice(codes, n)]
     # pairs of close magnitude (cancellation, ties in sums): b = a * (1 + small) rounded
     c = table[rng.choice(codes, n)]
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.rounding import round_to
 
     d = round_to(c * (1 + rng.uniform(-2, 2, n) * 2.0**-fmt.man_bits * rng.integers(1, 8, n)), fmt)
     return np.concatenate([a, c]), np.concatenate([b, -d])
@@ -300,7 +300,7 @@ def test_fma_single_rounding() -> None:
 
 # ---- sqrt and the functions on every value ---------------------------------------------------
 
-FUNCTIONS = ["sqrt", "exp", "log", "tanh", "sigmoid"]
+FUNCTIONS = ["sqrt", "exp", "log", "log1p", "tanh", "sigmoid"]
 
 
 @pytest.mark.slow
@@ -332,7 +332,7 @@ def test_functions_hard_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(emulated, "FUNC_REL_ERR", 2.0**-6)
     fmt = get_format("bfloat16")
     v = all_values(fmt)[::37]
-    for fn in ("exp", "tanh", "sigmoid", "log"):
+    for fn in ("exp", "tanh", "sigmoid", "log", "log1p"):
         for mode in (Mode.NEAREST_EVEN, Mode.UP):
             got = getattr(EmulatedArith(fmt, mode=mode), fn)(v)
             assert_same(got, oracle1(fmt, mode, fn, v), v)
@@ -390,7 +390,7 @@ def test_accumulation_hand_computed() -> None:
 def test_accumulation_against_scalar_simulations() -> None:
     fmt = get_format("float16")
     rng = np.random.default_rng(5)
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.rounding import round_to
 
     a = round_to(rng.normal(0, 1, (4, 9)) * 2.0 ** rng.integers(-8, 8, (4, 9)), fmt)
     b = round_to(rng.normal(0, 1, (9, 5)), fmt)
@@ -462,7 +462,7 @@ def test_stochastic_every_op_within_neighbours() -> None:
         assert (same(got, lo) | same(got, hi)).all(), name
         inexact = lo != hi
         assert (got[inexact] == lo[inexact]).any() and (got[inexact] == hi[inexact]).any(), name
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.rounding import round_to
 
     m = round_to(rng.normal(size=(8, 8)), fmt)
     for acc in ("per_op", "fp32", "exact"):

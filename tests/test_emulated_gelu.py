@@ -13,7 +13,7 @@ from torch import nn
 
 import fpgrad
 from fpgrad.arith.emulated import EmulatedArith
-from fpgrad.rounding import Mode
+from fpgrad.numbers.rounding import Mode
 
 #: (precision, emin, emax) of MPFR contexts with subnormals, as gmpy2.ieee() builds them
 FORMATS = {"float16": (11, -23, 16), "bfloat16": (8, -132, 128)}
@@ -98,7 +98,7 @@ def test_ncdf_npdf_correctly_rounded_on_every_input(fmt: str, mode: Mode) -> Non
 
 
 def test_gelu_model_has_an_emulated_column() -> None:
-    from fpgrad.comparison import compare
+    from fpgrad.diagnose.comparison import compare
 
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))

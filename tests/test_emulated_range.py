@@ -21,8 +21,8 @@ from gmpy2 import mpfr
 
 from fpgrad.arith import emulated
 from fpgrad.arith.emulated import EmulatedArith
-from fpgrad.formats import Format, get_format
-from fpgrad.rounding import Mode
+from fpgrad.numbers.formats import Format, get_format
+from fpgrad.numbers.rounding import Mode
 from tests.test_emulated import GMPY_ROUND, as_float, context, finish, oracle1, same
 
 FORMATS = ["float16", "bfloat16", "float32", "tf32", "fp8_e4m3", "fp8_e5m2", "e5m7", "e9m25"]

@@ -22,13 +22,13 @@ from torch import nn
 
 from fpgrad.arith.emulated import EmulatedArith
 from fpgrad.cli import main
-from fpgrad.evaluate import evaluate
-from fpgrad.exact import exact_trace
-from fpgrad.from_torch import import_module, load_model_file, network_toml
-from fpgrad.netfile import parse_network
-from fpgrad.optim import OptimConfig
-from fpgrad.policy import BUILTIN
-from fpgrad.torch_native import one_torch_thread, to_float64, torch_trace
+from fpgrad.model.from_torch import import_module, load_model_file, network_toml
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.policy import BUILTIN
+from fpgrad.reference.exact import exact_trace
+from fpgrad.run.evaluate import evaluate
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import one_torch_thread, to_float64, torch_trace
 from fpgrad.training import train
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -128,7 +128,7 @@ def test_autocast_policies_are_bit_identical_to_torch_autocast(name: str, low: t
 
 
 def test_policy_computing_batch_norm_in_float16_casts_the_statistics() -> None:
-    from fpgrad.policy import parse_policy
+    from fpgrad.model.policy import parse_policy
 
     model = _model()
     x, y = _data(torch.float32)
@@ -462,10 +462,10 @@ def test_sweep_cells_depend_on_the_running_statistics() -> None:
 def test_rounded_reference_rounds_the_running_statistics() -> None:
     """reference = "rounded" starts from the values the run holds: the running statistics are
     stored with the parameters, so they are rounded into that format too."""
-    from fpgrad.comparison import _rounded
-    from fpgrad.formats import get_format
-    from fpgrad.policy import Plan
-    from fpgrad.rounding import round_to
+    from fpgrad.diagnose.comparison import _rounded
+    from fpgrad.model.policy import Plan
+    from fpgrad.numbers.formats import get_format
+    from fpgrad.numbers.rounding import round_to
 
     net = _small_net()
     f16, f32 = get_format("float16"), get_format("float32")
@@ -485,7 +485,7 @@ def test_folding_into_a_dense_layer_is_not_what_torch_computes() -> None:
     computed in float64 and rounded once) gives other values than torch's eval-mode
     BatchNorm1d, while batch_norm_eval's native column is torch's own. Prints the counts
     (``pytest -s``) quoted in the README."""
-    from fpgrad.torch_native import to_dtype
+    from fpgrad.run.torch_native import to_dtype
 
     gen = torch.Generator().manual_seed(11)
     x64 = torch.randn(64, 8, generator=gen, dtype=torch.float64)

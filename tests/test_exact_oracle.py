@@ -3,7 +3,7 @@
 The oracle writes the loss as ONE sympy expression, with a sympy symbol for every parameter
 element and the data as exact ``Rational``s (each float64 converted exactly through
 ``Fraction``). The layer and loss formulas are written here from their definitions, directly
-in the forward direction (no backward formulas, nothing from :mod:`fpgrad.evaluate`):
+in the forward direction (no backward formulas, nothing from :mod:`fpgrad.run.evaluate`):
 
 - dense ``z = x W^T + b``; relu ``z if z > 0 else 0`` and leaky_relu ``z if z > 0 else
   slope*z``, the branch taken at the parameter values (so relu'(0) = 0, leaky'(0) = slope);
@@ -50,10 +50,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fpgrad.arith.mp import MPArith
-from fpgrad.evaluate import evaluate
-from fpgrad.exact import exact_trace
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.reference.exact import exact_trace
+from fpgrad.run.evaluate import evaluate
 
 ORACLE_BITS = 600  # working precision of the oracle's non-rational values (~180 digits)
 ZERO_BITS = 400  # an oracle value below 2**-400 is an exact zero (the nets here are O(1))

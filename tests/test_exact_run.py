@@ -13,9 +13,9 @@ import pytest
 
 from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
-from fpgrad.evaluate import evaluate
-from fpgrad.exact import ARB_START_BITS, DEFAULT_MAX_BITS
-from fpgrad.optim import ArithOptimizer, OptimConfig
+from fpgrad.reference.exact import ARB_START_BITS, DEFAULT_MAX_BITS
+from fpgrad.run.evaluate import evaluate
+from fpgrad.run.optim import ArithOptimizer, OptimConfig
 from fpgrad.training import ExactRun, arb_bits_for, batch_schedule, exact_trajectory, train
 from tests.nets import net_from
 

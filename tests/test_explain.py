@@ -1,4 +1,4 @@
-"""fpgrad.explain (exact parsing, per-format descriptions, notes) and fpgrad.jsonutil."""
+"""fpgrad.present.explain (exact parsing, per-format descriptions, notes) and fpgrad.jsonutil."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-import fpgrad.explain as explain_module
 import fpgrad.jsonutil as jsonutil
+import fpgrad.present.explain as explain_module
 from fpgrad.errors import InputError
-from fpgrad.explain import exact_decimal, explain, parse_value, render_explain
 from fpgrad.jsonutil import dumps, jsonable
-from fpgrad.rounding import round_exact
+from fpgrad.numbers.rounding import round_exact
+from fpgrad.present.explain import exact_decimal, explain, parse_value, render_explain
 
 
 def by_format(result: dict) -> dict[str, dict]:

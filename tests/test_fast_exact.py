@@ -23,10 +23,10 @@ from fpgrad.arith import expansion as xp
 from fpgrad.arith import jit_ball, ozaki
 from fpgrad.arith.ball import HI_BOUND, RU, Ball, BallArith
 from fpgrad.arith.mp import MPArith
+from fpgrad.diagnose.verdicts import ExactArray
 from fpgrad.errors import InputError
-from fpgrad.evaluate import evaluate
-from fpgrad.exact import exact_trace
-from fpgrad.verdicts import ExactArray
+from fpgrad.reference.exact import exact_trace
+from fpgrad.run.evaluate import evaluate
 from tests.nets import net_from
 
 CTX = mpmath.MPContext()

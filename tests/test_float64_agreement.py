@@ -51,10 +51,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from fpgrad.exact import exact_trace
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.torch_native import torch_trace
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.reference.exact import exact_trace
+from fpgrad.run.torch_native import torch_trace
 
 U = 2.0**-53  # float64 unit roundoff
 C = 2.0  # safety factor over the first-order bound (see the module docstring)

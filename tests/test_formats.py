@@ -1,4 +1,4 @@
-"""fpgrad.formats: constants against numpy/torch, defining identities, bit views."""
+"""fpgrad.numbers.formats: constants against numpy/torch, defining identities, bit views."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import fpgrad.formats as formats
+import fpgrad.numbers.formats as formats
 from fpgrad.errors import InputError
-from fpgrad.formats import CATALOGUE, Format, Special, get_format
-from fpgrad.rounding import round_exact, round_to
+from fpgrad.numbers.formats import CATALOGUE, Format, Special, get_format
+from fpgrad.numbers.rounding import round_exact, round_to
 
 TORCH_DTYPES = {
     "float16": torch.float16,

@@ -20,15 +20,15 @@ from torch import nn
 
 from fpgrad.cli import main
 from fpgrad.errors import InputError
-from fpgrad.from_torch import (
+from fpgrad.model.from_torch import (
     import_module,
     load_model_file,
     load_state_dict,
     network_from_module,
     write_network,
 )
-from fpgrad.netfile import load_network
-from fpgrad.torch_native import one_torch_thread, torch_trace
+from fpgrad.model.netfile import load_network
+from fpgrad.run.torch_native import one_torch_thread, torch_trace
 
 
 class Chain(nn.Module):
@@ -529,9 +529,9 @@ def test_safetensors_state_dict(tmp_path: Path) -> None:
 
 
 def test_model_file_policies_name_torch_paths_and_survive_import(tmp_path: Path) -> None:
-    from fpgrad.comparison import compare
-    from fpgrad.from_torch import network_toml
-    from fpgrad.netfile import load_network
+    from fpgrad.diagnose.comparison import compare
+    from fpgrad.model.from_torch import network_toml
+    from fpgrad.model.netfile import load_network
 
     path = _save_model(
         tmp_path, ["Linear(4, 5)", "BatchNorm1d(5)", "Tanh()", "Linear(5, 3)"], _mlp().state_dict()
@@ -563,7 +563,7 @@ def _dropout_mlp() -> nn.Sequential:
 
 
 def test_dropout_line_is_the_identity_as_in_eval_mode(tmp_path: Path, capsys: Any) -> None:
-    from fpgrad.comparison import compare
+    from fpgrad.diagnose.comparison import compare
 
     model = _dropout_mlp()
     lines = [f"({i}): {m!r}" for i, m in enumerate(model)]  # the lines of print(model)

@@ -10,8 +10,7 @@ import pytest
 
 from fpgrad import scenarios
 from fpgrad.cli import main
-from fpgrad.report import gallery
-from fpgrad.scenarios import dead_relu
+from fpgrad.scenarios import dead_relu, gallery
 from tests.browser import CHROMIUM, chromium_images
 
 

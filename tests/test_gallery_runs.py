@@ -1,5 +1,5 @@
 """Issue 15: every gallery report says which runs were native torch on this CPU and which
-emulated, and names what depends on the CPU (fpgrad.runlog, ScenarioResult.runs)."""
+emulated, and names what depends on the CPU (fpgrad.run.runlog, ScenarioResult.runs)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 import pytest
 
 from fpgrad import scenarios
-from fpgrad.comparison import compare
-from fpgrad.netfile import load_network
-from fpgrad.runlog import HOW, record, recording, runs_line
+from fpgrad.diagnose.comparison import compare
+from fpgrad.model.netfile import load_network
+from fpgrad.run.runlog import HOW, record, recording, runs_line
 from tests.test_diagnosis import SHOWCASE
 
 #: what each scenario must report it ran, and how (a subset: the runs the claim rests on)

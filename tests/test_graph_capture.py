@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fpgrad
-from fpgrad.comparison import compare
+from fpgrad.diagnose.comparison import compare
 from fpgrad.errors import InputError
 from fpgrad.graph.native import native_run
 from tests.graph_models import residual_mlp, small_cnn, transformer_block

@@ -73,8 +73,8 @@ def test_out_dir_report_of_a_captured_model(
 
     import numpy as np
 
-    from fpgrad.report.markdown import tables
-    from fpgrad.verdicts import VERDICTS
+    from fpgrad.diagnose.verdicts import VERDICTS
+    from fpgrad.present.report.markdown import tables
     from tests.browser import CHROMIUM, chromium_images
 
     script = tmp_path / "net.py"
@@ -137,10 +137,10 @@ def test_magnitudes_figure_skips_undetermined_elements(tmp_path: Path) -> None:
     transformer block's report failed on log2(0) = -inf before."""
     import numpy as np
 
-    from fpgrad.comparison import Column, GradColumns
-    from fpgrad.formats import get_format
-    from fpgrad.report.own import magnitudes_figure
-    from fpgrad.verdicts import ExactArray
+    from fpgrad.diagnose.comparison import Column, GradColumns
+    from fpgrad.diagnose.verdicts import ExactArray
+    from fpgrad.numbers.formats import get_format
+    from fpgrad.present.report.own import magnitudes_figure
 
     hi = np.array([0.0, 2.0**-30, 0.0])
     zero = np.array([False, False, True])

@@ -425,7 +425,7 @@ def test_ball_normal_cdf_and_density_enclose_arb(name: str) -> None:
     from fpgrad.arith import expansion as xp
     from fpgrad.arith.arb import ArbArith
     from fpgrad.arith.ball import Ball, BallArith
-    from fpgrad.exact import _mp_context
+    from fpgrad.reference.exact import _mp_context
 
     xs = np.concatenate([np.linspace(-13, 13, 131), [0.0, 3.3e-8, -0.7, 11.999, -11.999, 12.0,
                          -12.0, 12.0001, -12.0001, 25.0, -25.0]])  # fmt: skip

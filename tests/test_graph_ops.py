@@ -203,7 +203,7 @@ def test_fully_masked_softmax_row_is_refused() -> None:
 def test_gelu_tanh_and_padded_pooling_run_in_every_column() -> None:
     """Native and emulated columns of the ops added for issue 13 (the oracle checks the
     exact values): float32 native and emulated agree with torch float32 to rounding."""
-    from fpgrad.comparison import compare
+    from fpgrad.diagnose.comparison import compare
 
     torch.manual_seed(11)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GELU(approximate="tanh"),

@@ -20,8 +20,8 @@ from fpgrad.graph.capture import OpRecorder
 from fpgrad.graph.compare import compare_graph
 from fpgrad.graph.native import model_in, native_run
 from fpgrad.graph.policy import resolve
-from fpgrad.policy import BUILTIN, parse_policy
-from fpgrad.torch_native import one_torch_thread
+from fpgrad.model.policy import BUILTIN, parse_policy
+from fpgrad.run.torch_native import one_torch_thread
 from tests.graph_models import residual_mlp, transformer_block
 
 _CASTS = {"aten._to_copy.default", "aten.detach.default", "aten.alias.default"}

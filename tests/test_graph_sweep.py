@@ -158,7 +158,7 @@ def test_cli_table_names_the_first_inf_nan(
 
 
 def test_train_cells_equal_train_called_directly(tmp_path: Path) -> None:
-    from fpgrad.optim import OptimConfig
+    from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
     spec = script(tmp_path)

@@ -15,7 +15,7 @@ from torch import nn
 import fpgrad
 from fpgrad.cli import main
 from fpgrad.errors import InputError
-from fpgrad.optim import OptimConfig
+from fpgrad.run.optim import OptimConfig
 from fpgrad.training import train
 
 
@@ -109,7 +109,7 @@ def test_native_run_is_the_torch_loop_bit_for_bit(
     steps = 4
     result = train(net, steps, cfg, runs=run, verdict_every=steps)
     ours = result.histories[run].params[-1]
-    with fpgrad.torch_native.one_torch_thread():
+    with fpgrad.run.torch_native.one_torch_thread():
         theirs = _torch_loop(model, x, y, dtype, make_opt, steps, scale)
     assert ours.shape == theirs.shape
     assert np.array_equal(ours, theirs)
@@ -119,7 +119,7 @@ def test_native_run_is_the_torch_loop_bit_for_bit(
 def test_exact_run_is_certified_and_tracks_float64() -> None:
     model, x, y = _cnn()
     net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
-    r = net.train(3, cfg=OptimConfig(lr=0.5, momentum=0.9), runs="float64,float16")
+    r = train(net, 3, cfg=OptimConfig(lr=0.5, momentum=0.9), runs="float64,float16")
     assert r.config["exact_method"] == "fast" and r.exact_certified_digits >= 17
     exact, f64 = np.array(r.exact.loss), np.array(r.histories["float64"].loss)
     assert exact.shape == f64.shape == (4,)
@@ -135,7 +135,7 @@ def test_exact_run_is_certified_and_tracks_float64() -> None:
 def test_exact_trajectory_equals_the_layer_networks_exact_trajectory() -> None:
     """The same MLP as a layer network (fpgrad's own evaluator) and as a captured graph: two
     certified trajectories of the same exact values, so their losses agree to float64."""
-    from fpgrad.from_torch import network_from_module
+    from fpgrad.model.from_torch import network_from_module
 
     model, x, y = _mlp(nn.Tanh())
     cfg = OptimConfig(lr=0.5, momentum=0.9)
@@ -191,10 +191,10 @@ def test_undecidable_max_pool_tie_is_not_certified() -> None:
 
 
 def test_emulated_run_interprets_the_graph_and_rounds_updates_once() -> None:
-    from fpgrad.formats import get_format
     from fpgrad.graph.compare import compare_graph
     from fpgrad.graph.train import GraphEmulatedRun, Trainee, parse_graph_runs
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.formats import get_format
+    from fpgrad.numbers.rounding import round_to
 
     model, x, y = _cnn()
     net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())

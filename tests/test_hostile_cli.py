@@ -16,7 +16,7 @@ import pytest
 import fpgrad.cli as cli
 from fpgrad.cli_guard import join_negative_values
 from fpgrad.errors import InputError
-from fpgrad.validate import check_expression, load_csv, load_npy, read_bytes
+from fpgrad.model.validate import check_expression, load_csv, load_npy, read_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle among fpgrad's modules.
+"""The package's shape: one folder per stage of the data flow, every import pointing down the
+flow, no import cycle, and modules short or saying why they are not.
 
 Every ``import`` and ``from ... import`` executed at run time counts, at any depth (a
 function-level import is a cycle deferred, not removed); imports under ``if TYPE_CHECKING:``
@@ -63,7 +64,7 @@ def import_graph() -> nx.DiGraph:
 
 def test_import_graph_is_read() -> None:
     graph = import_graph()
-    assert graph.has_edge("fpgrad.precisions", "fpgrad.precision_names")
+    assert graph.has_edge("fpgrad.run.precisions", "fpgrad.model.precision_names")
     assert graph.number_of_edges() > 100
 
 
@@ -85,3 +86,50 @@ def test_long_modules_say_why() -> None:
             if "Long module:" not in doc:
                 silent.append(f"{name} ({text.count(chr(10))} lines)")
     assert not silent, f"modules over {LONG} lines without a reason at the top: {silent}"
+
+
+#: the stages, in the order data flows through them; a module may import its own stage and
+#: those before it. ``top`` holds what drives everything (gallery scenarios, sweeps, the
+#: watcher, the hostile-input campaign, the command line).
+STAGES = ("base", "numbers", "arith", "model", "run", "reference", "graph", "diagnose",
+          "training", "present", "top")  # fmt: skip
+_BASE = {"fpgrad", "fpgrad.errors", "fpgrad.suggest", "fpgrad.progress", "fpgrad.jsonutil"}
+#: the captured-graph path spans stages: its comparison and advice diagnose, its runs train
+_GRAPH = {
+    "fpgrad.graph.compare": "diagnose",
+    "fpgrad.graph.advise": "diagnose",
+    "fpgrad.graph.from_network": "diagnose",
+    "fpgrad.graph.train": "training",
+    "fpgrad.graph.train_exact": "training",
+}
+#: the only imports up the flow: a result's convenience methods that hand it to presentation
+#: (``Comparison.render()``, ``TrainResult.render()`` and ``.plots()``), imported when called
+_FACADES = {
+    ("fpgrad.diagnose.comparison", "fpgrad.present.render"),
+    ("fpgrad.training.result", "fpgrad.present.render"),
+    ("fpgrad.training.result", "fpgrad.present.report.plots"),
+}
+
+
+def stage(module: str) -> str:
+    if module in _BASE:
+        return "base"
+    if module in _GRAPH:
+        return _GRAPH[module]
+    part = module.split(".")[1]
+    return part if part in STAGES else "top"
+
+
+def test_every_import_points_down_the_flow() -> None:
+    up = [
+        f"{a} ({stage(a)}) -> {b} ({stage(b)})"
+        for a, b in import_graph().edges()
+        if STAGES.index(stage(a)) < STAGES.index(stage(b)) and (a, b) not in _FACADES
+    ]
+    assert not up, f"imports up the data flow: {up}"
+
+
+def test_top_level_holds_only_the_stages_and_the_front() -> None:
+    loose = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__", "__main__", "cli", "cli_guard", "errors", "jsonutil",
+                     "progress", "suggest"]  # fmt: skip

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fpgrad.cli import main
-from fpgrad.comparison import compare
+from fpgrad.diagnose.comparison import compare
 from fpgrad.errors import InputError
-from fpgrad.netfile import load_network, parse_network
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig
-from fpgrad.policy import BUILTIN, Plan, Policy, parse_policy
-from fpgrad.torch_native import (
+from fpgrad.model.netfile import load_network, parse_network
+from fpgrad.model.network import Network
+from fpgrad.model.policy import BUILTIN, Plan, Policy, parse_policy
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import (
     build_modules,
     cast_values,
     loss_fn,
@@ -341,8 +341,8 @@ def test_rounded_reference_of_a_policy_starts_from_its_stored_values() -> None:
     net = _net("mse", softmax=True)
     c = compare(net, "autocast,fp8_e5m2", reference="rounded")
     # autocast stores parameters and data in float32: its exact reference is taken there
-    from fpgrad.exact import decimal_string, exact_trace
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.rounding import round_to
+    from fpgrad.reference.exact import decimal_string, exact_trace
 
     ref = exact_trace(net.map_values(lambda a: round_to(a, "float32")))
     want = decimal_string(ref.trace.grads["fc1.weight"][0, 0], ref.digits["grads/fc1.weight"][0, 0])
@@ -398,7 +398,7 @@ def test_fp8_matmul_policy_casts_by_hand() -> None:
 
 
 def test_emulated_policies_refuse_float64_and_advise_predicts_only() -> None:
-    from fpgrad.advisor import advise
+    from fpgrad.diagnose.advisor import advise
 
     net = _net("mse")
     bad = parse_policy("b", {"params": "float64", "dense": "fp8_e5m2"})
@@ -413,7 +413,7 @@ def test_emulated_policies_refuse_float64_and_advise_predicts_only() -> None:
 
 
 def test_rounded_reference_keeps_the_original_exact_column() -> None:
-    from fpgrad.exact import decimal_string, exact_trace
+    from fpgrad.reference.exact import decimal_string, exact_trace
 
     net = _net("mse", seed=5)
     c = compare(net, "fp8_e4m3,float16", reference="rounded")

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from fpgrad import progress
-from fpgrad.advisor import advise
-from fpgrad.comparison import compare
+from fpgrad.diagnose.advisor import advise
+from fpgrad.diagnose.comparison import compare
 from tests.nets import net_from
 
 

@@ -1,4 +1,4 @@
-"""fpgrad.rounding against independent oracles.
+"""fpgrad.numbers.rounding against independent oracles.
 
 Oracles:
 - MPFR (through gmpy2), one context per rounding direction, with the format's precision and an
@@ -37,10 +37,10 @@ import pytest
 import torch
 from gmpy2 import mpfr, mpq
 
-import fpgrad.rounding as rounding
+import fpgrad.numbers.rounding as rounding
 from fpgrad.errors import InputError
-from fpgrad.formats import Format, Overflow, Special, get_format
-from fpgrad.rounding import (
+from fpgrad.numbers.formats import Format, Overflow, Special, get_format
+from fpgrad.numbers.rounding import (
     STOCHASTIC_MODES,
     Mode,
     parse_mode,
@@ -829,7 +829,7 @@ def test_round_exact_reads_private_context_values_at_their_own_precision() -> No
     # a 300-bit value just above a float16 tie must not be rounded to 53 bits first
     from mpmath.ctx_mp import MPContext
 
-    from fpgrad.rounding import round_exact
+    from fpgrad.numbers.rounding import round_exact
 
     c = MPContext()
     c.prec = 300

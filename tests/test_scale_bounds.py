@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fpgrad.netfile import load_network
-from fpgrad.validate import MAX_ELEMENTS, MAX_OPTION_COUNT
+from fpgrad.model.netfile import load_network
+from fpgrad.model.validate import MAX_ELEMENTS, MAX_OPTION_COUNT
 from tests.test_bad_input import assert_one_line_error, run_cli, write
 
 

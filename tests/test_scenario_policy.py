@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios import mixed_precision_policy as mpp
 from fpgrad.scenarios.base import ScenarioResult
-from fpgrad.torch_native import one_torch_thread
 
 SCALED = "autocast, S=2^15"
 AUTOCAST_PLAN = "dense, relu float16; loss float32; params float32"

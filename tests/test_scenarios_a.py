@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fpgrad.formats import get_format
+from fpgrad.numbers.formats import get_format
 from fpgrad.scenarios import (
     dead_relu_remedies,
     deep_sigmoid_vanishing,

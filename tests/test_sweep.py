@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from fpgrad.cli import main
-from fpgrad.comparison import compare
+from fpgrad.diagnose.comparison import compare
 from fpgrad.errors import InputError
-from fpgrad.netfile import parse_network
-from fpgrad.optim import OptimConfig
+from fpgrad.model.netfile import parse_network
+from fpgrad.run.optim import OptimConfig
 from fpgrad.sweeps import Grid, scale_init, sweep
 from fpgrad.sweeps import cells as sweep_mod
 from fpgrad.training import train
@@ -385,8 +385,8 @@ def test_policies_and_emulated_formats_on_the_precision_axis(tmp_path: Path) -> 
 
 
 def test_count_columns_are_the_verdicts() -> None:
+    from fpgrad.diagnose.verdicts import VERDICTS
     from fpgrad.sweeps.cells import COUNTS
-    from fpgrad.verdicts import VERDICTS
 
     assert COUNTS == VERDICTS
 
@@ -394,16 +394,16 @@ def test_count_columns_are_the_verdicts() -> None:
 def test_cells_of_one_network_share_its_exact_trace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fpgrad.exact
+    import fpgrad.reference.exact
 
     calls = []
-    real = fpgrad.exact.exact_trace
+    real = fpgrad.reference.exact.exact_trace
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fpgrad.exact, "exact_trace", counting)
+    monkeypatch.setattr(fpgrad.reference.exact, "exact_trace", counting)
     from fpgrad.sweeps import cells
 
     cells._EXACT.clear()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fpgrad.errors import InputError
-from fpgrad.optim import OptimConfig, TorchOptimizer
-from fpgrad.scaling import DynamicScaler
+from fpgrad.run.optim import OptimConfig, TorchOptimizer
+from fpgrad.run.scaling import DynamicScaler
 from fpgrad.training import train
 from tests.nets import net_from
 
@@ -328,7 +328,7 @@ def test_exact_loss_at_params_differs_from_a_rounded_run_and_is_plotted(
     for v in h.exact_loss_at_params.values():
         assert abs(v - 2.0**-26) < 1e-6 * 2.0**-26
     assert r.to_dict()["runs"]["float16"]["exact_loss_at_params"]["4"] == h.exact_loss_at_params[4]
-    import fpgrad.report.plots as plots
+    import fpgrad.present.report.plots as plots
 
     legends: list[list[str]] = []
     save = plots.save_png

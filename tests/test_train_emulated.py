@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fpgrad.errors import InputError
-from fpgrad.optim import OptimConfig
-from fpgrad.rounding import round_to
+from fpgrad.numbers.rounding import round_to
+from fpgrad.run.optim import OptimConfig
 from fpgrad.training import train
 from tests.nets import net_from
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fpgrad.formats import get_format
-from fpgrad.rounding import Mode
-from fpgrad.verdicts import (
+from fpgrad.diagnose.verdicts import (
     SUBKINDS,
     VERDICTS,
     ExactArray,
@@ -17,6 +15,8 @@ from fpgrad.verdicts import (
     inaccurate_threshold,
     underflows,
 )
+from fpgrad.numbers.formats import get_format
+from fpgrad.numbers.rounding import Mode
 
 
 def reference(ex: ExactArray, c: np.ndarray, fmt, mode) -> tuple:  # noqa: ANN001
@@ -124,7 +124,7 @@ def test_classify_zero_dimensional_and_shaped() -> None:
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "fp8_e5m2"])
 def test_signal_counts_are_classify_counts(name: str) -> None:
-    from fpgrad.verdicts import signal_counts
+    from fpgrad.diagnose.verdicts import signal_counts
 
     fmt = get_format(name)
     ex, c = hostile(4000, fmt, seed=7 * len(name))

@@ -244,7 +244,7 @@ def test_bad_input(tmp_path, capsys) -> None:
 def test_basic_stats_match_numpy(dtype: torch.dtype) -> None:
     import numpy as np
 
-    from fpgrad.formats import get_format
+    from fpgrad.numbers.formats import get_format
     from fpgrad.watching.classify import FORMAT_OF, basic_stats
 
     sn = get_format(FORMAT_OF[dtype]).smallest_normal

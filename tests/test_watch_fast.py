@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fpgrad
-from fpgrad.formats import get_format
+from fpgrad.numbers.formats import get_format
 from fpgrad.watching import classify
 from fpgrad.watching.classify import FORMAT_OF, basic_stats, op_stats
 from fpgrad.watching.optimizer import ShadowOptimizer, param_stats, requested_updates

@@ -4,7 +4,7 @@ Every operation of Arb (FLINT's ball arithmetic) returns a ball proven to contai
 result of the operation applied to any points of its input balls, so a value computed through
 any chain of these operations encloses the exact value. This is the exact reference's
 fallback when the fast multi-word balls (:mod:`fpgrad.arith.ball`) cannot vouch for a run, and
-:mod:`fpgrad.exact` escalates its precision until the balls are narrow enough or a cap is
+:mod:`fpgrad.reference.exact` escalates its precision until the balls are narrow enough or a cap is
 reached.
 
 Exact zeros: an arb ball of radius 0 at 0 is exactly 0; products with an exact 0 and sums of
@@ -75,8 +75,10 @@ _LOG1P = np.frompyfunc(lambda v: v.log1p(), 1, 1)
 _TANH = np.frompyfunc(lambda v: v.tanh(), 1, 1)
 _SECH2 = np.frompyfunc(lambda v: v.sech() ** 2, 1, 1)
 # square roots in networks are of non-negative quantities (a variance plus eps, Adam's second
-# moment): a ball that reaches below 0 only by its radius is cut to its non-negative part
-_SQRT = np.frompyfunc(lambda v: v.nonnegative_part().sqrt(), 1, 1)
+# moment): a ball that reaches below 0 only by its radius is cut to its non-negative part; a
+# ball entirely below 0 is a domain error (torch: NaN), never the square root of 0
+_NAN = arb("nan")
+_SQRT = np.frompyfunc(lambda v: _NAN if v < 0 else v.nonnegative_part().sqrt(), 1, 1)
 _SIGMOID = np.frompyfunc(lambda v: 1 / (1 + (-v).exp()), 1, 1)
 _ABS = np.frompyfunc(abs, 1, 1)
 _POS = np.frompyfunc(lambda v: v > 0, 1, 1)

@@ -22,7 +22,7 @@ the same words as the numpy kernels of :mod:`fpgrad.arith.expansion` and
 Limits, counted instead of guessed: a value whose magnitude leaves [2**-800, 2**800] (or that
 underflows to zero) increments :attr:`BallArith.range_errors`; a comparison (ReLU mask)
 whose ball contains zero increments :attr:`BallArith.uncertain_branches`. A run with either
-count non-zero is not certified by this system (:mod:`fpgrad.exact` falls back to Arb balls).
+count non-zero is not certified by this system (:mod:`fpgrad.reference.exact` falls back to Arb balls).
 
 The per-operation error constants (:data:`fpgrad.arith.expansion.ETA` and ``eta_fn`` for the
 elementary functions) are tested against mpmath with a margin of at least 2**3
@@ -489,6 +489,9 @@ class BallArith(ExactDerivatives):
         return out
 
     def _ncdf(self, a: Ball) -> Ball:
+        # a NaN radius or a non-finite midpoint encloses nothing: the ranges below would
+        # turn it into a finite ball, so it counts as a range error (the run goes to Arb)
+        self._domain(~np.isfinite(a.mid[0]) | np.isnan(a.rad))
         bound = np.abs(a.mid[0]) * HI_BOUND + a.rad
         mid_range = bound <= 12.0
 

@@ -1,4 +1,4 @@
-"""The slots a number system fills so that :mod:`fpgrad.evaluate` can run a network in it.
+"""The slots a number system fills so that :mod:`fpgrad.run.evaluate` can run a network in it.
 
 After mpmath's contexts: generic algorithms take the number system as first argument and
 use only these operations, so a new number system is one class. Arrays are whatever the

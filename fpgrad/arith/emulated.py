@@ -2,7 +2,7 @@
 
 Values are float64 numpy arrays holding values of the format. Each operation is the exact
 operation on its (already rounded) operands, rounded once into the format with the chosen
-:class:`~fpgrad.rounding.Mode`:
+:class:`~fpgrad.numbers.rounding.Mode`:
 
 - ``add``, ``sub``, ``mul``, ``div``, ``sqrt``, ``fma``: computed in float64 together with the
   sign of the float64 error (an error-free transformation: TwoSum for sums, exact products,
@@ -12,7 +12,7 @@ operation on its (already rounded) operands, rounded once into the format with t
   Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to
   odd", IEEE TC 2008). Plain float64-then-round would be right for round-to-nearest only (53 >=
   2p + 2, Figueroa) and wrong for directed modes (``1 - 2**-100`` rounds up to 1 in float64).
-- ``exp``, ``log``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density):
+- ``exp``, ``log``, ``log1p``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density):
   numpy's (libm's) float64 value ``y`` with a relative error
   bound of 2**-40 (libm and numpy's SIMD kernels are within a few ulps, 2**-50); if the whole
   interval ``y (1 +- 2**-40)`` rounds to one value of the format, that is the correctly rounded
@@ -78,8 +78,8 @@ from mpmath.ctx_mp import MPContext
 from fpgrad.arith.base import OutputDerivatives
 from fpgrad.arith.expansion import two_prod, two_sum
 from fpgrad.errors import InputError
-from fpgrad.formats import FLOAT32, Format, get_format
-from fpgrad.rounding import STOCHASTIC_MODES, Mode, parse_mode, round_exact, round_to
+from fpgrad.numbers.formats import FLOAT32, Format, get_format
+from fpgrad.numbers.rounding import STOCHASTIC_MODES, Mode, parse_mode, round_exact, round_to
 
 ACCUMULATIONS = ("fp32", "per_op", "exact")
 DEFAULT_ACCUMULATION = "fp32"
@@ -305,6 +305,10 @@ class EmulatedArith(OutputDerivatives):
     def log(self, a: Any) -> np.ndarray:
         return self._function(a, _f64_log, _mp_log, (1.0,), positive_only=True)
 
+    def log1p(self, a: Any) -> np.ndarray:
+        """log(1 + a), correctly rounded (torch's log_sigmoid reads it); -inf at -1, NaN below."""
+        return self._function(a, _f64_log1p, _mp_log1p, (0.0,), below=-1.0)
+
     def tanh(self, a: Any) -> np.ndarray:
         return self._function(a, _f64_tanh, _mp_tanh, (0.0,))
 
@@ -326,6 +330,7 @@ class EmulatedArith(OutputDerivatives):
         fmp: MPFunction,
         exact_points: tuple[float, ...],
         positive_only: bool = False,
+        below: float | None = None,
     ) -> np.ndarray:
         """Correct rounding of a function given as ``base + u`` (see :data:`F64Function`)."""
         x = np.asarray(a, dtype=np.float64)
@@ -334,6 +339,8 @@ class EmulatedArith(OutputDerivatives):
             special = ~np.isfinite(x)  # and the points where the float64 result is exact:
             if positive_only:
                 special |= x <= 0  # log: -inf at 0, NaN below
+            if below is not None:
+                special |= x <= below  # log1p: -inf at -1, NaN below
             for point in exact_points:
                 special |= x == point  # exp(0) = 1, log(1) = 0, tanh(0) = 0, sigmoid(0) = 1/2
             # overflow and underflow decided here, in every mode, whatever the argument's size:
@@ -416,6 +423,10 @@ def _mp_log(c: MPContext, v: Any) -> tuple[int, Any]:
     return 0, c.log(v)
 
 
+def _mp_log1p(c: MPContext, v: Any) -> tuple[int, Any]:
+    return 0, c.log1p(v)
+
+
 def _mp_tanh(c: MPContext, v: Any) -> tuple[int, Any]:
     if abs(v) < 1:
         return 0, c.tanh(v)
@@ -451,6 +462,10 @@ def _f64_exp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _f64_log(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros_like(x), np.log(x)
+
+
+def _f64_log1p(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros_like(x), np.log1p(x)
 
 
 def _f64_tanh(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -498,7 +513,7 @@ def _same_scalar(a: float, b: float) -> bool:
 
 def _clamp(c: MPContext, v: Any) -> Any:
     """``v`` with a magnitude above 2**1100 or below 2**-1200 replaced by that power of two
-    (same sign): stand-ins that :func:`~fpgrad.rounding.round_exact` rounds as it rounds ``v``,
+    (same sign): stand-ins that :func:`~fpgrad.numbers.rounding.round_exact` rounds as it rounds ``v``,
     in every mode and format, so the exact retry never builds a Fraction of ~x / ln 2 bits."""
     if not v or not c.isfinite(v):
         return v

@@ -1,6 +1,6 @@
-"""The loss-scale advisor (:mod:`fpgrad.advisor`) on a captured model.
+"""The loss-scale advisor (:mod:`fpgrad.diagnose.advisor`) on a captured model.
 
-The advisor's logic is reused as is (:func:`fpgrad.advisor.advice_from_values`); this module
+The advisor's logic is reused as is (:func:`fpgrad.diagnose.advisor.advice_from_values`); this module
 supplies its inputs from the graph: the certified exact gradients (those a policy computes
 in the format, from the dtype torch computed each in), the seed dL/dL = 1, and torch's real
 backward of S * loss at each scale (:func:`fpgrad.graph.native.native_run`, natively, or the
@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fpgrad.advisor.advice import Advice
-from fpgrad.advisor.core import advice_from_values
-from fpgrad.advisor.measure import _TorchMeasure
-from fpgrad.advisor.scales import SCOPES, TORCH_FORMATS, _Limits, _Values
+from fpgrad.diagnose.advisor.advice import Advice
+from fpgrad.diagnose.advisor.core import advice_from_values
+from fpgrad.diagnose.advisor.measure import _TorchMeasure
+from fpgrad.diagnose.advisor.scales import SCOPES, TORCH_FORMATS, _Limits, _Values
 from fpgrad.errors import InputError
-from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS
-from fpgrad.formats import get_format
 from fpgrad.graph.exact import exact_graph
 from fpgrad.graph.native import native_run
 from fpgrad.graph.policy import GraphPlan, resolve
+from fpgrad.numbers.formats import get_format
+from fpgrad.reference.exact import DEFAULT_BITS, DEFAULT_MAX_BITS
 
 if TYPE_CHECKING:
     from fpgrad.graph.network import GraphNetwork
@@ -78,15 +78,9 @@ def advise_graph(
         raise InputError(f"headroom must be a non-negative integer of binades (got {headroom!r})")
     plan = None
     if policy is not None:
-        from fpgrad.policy import BUILTIN, get_policy
-        from fpgrad.suggest import did_you_mean
+        from fpgrad.model.policy import require_policy
 
-        pol = get_policy(policy, net.policies)
-        if pol is None:
-            names = [*BUILTIN, *net.policies]
-            hint = did_you_mean(policy, names)
-            raise InputError(f"unknown policy {policy!r}{hint}; known: {', '.join(names)}")
-        plan = resolve(pol, net.graph)
+        plan = resolve(require_policy(policy, net.policies), net.graph)
     names = net.param_names
     if plan is not None:  # which format torch computed each gradient in (an unscaled run)
         trace = native_run(net.graph, plan.policy, keep=False, plan=plan)

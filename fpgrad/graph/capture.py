@@ -246,7 +246,7 @@ def loss_in(loss: LossFn, dtype: torch.dtype, precision: str | None = None) -> L
                 if precision is None:
                     b.data = b.data.to(dtype)
                 else:
-                    from fpgrad.torch_native import to_dtype
+                    from fpgrad.run.torch_native import to_dtype
 
                     b.data = to_dtype(b.detach().to(torch.float64).numpy(), precision)
     return out

@@ -3,7 +3,7 @@
 Native precisions (float16, bfloat16, float32, float64) run the model eagerly in the dtype
 (:mod:`fpgrad.graph.native`); emulated ones interpret the graph on the strict machine
 (:mod:`fpgrad.arith.emulated`). Every gradient element gets a verdict
-(:func:`fpgrad.verdicts.classify`) in the format torch computed it in; the first op whose
+(:func:`fpgrad.diagnose.verdicts.classify`) in the format torch computed it in; the first op whose
 output holds inf or NaN is named by its module path.
 
 Precision policies (:mod:`fpgrad.graph.policy`) run natively, cast per op (or under the real
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tabulate import tabulate
 
+from fpgrad.diagnose.verdicts import VERDICTS, ExactArray, Verdicts, classify
 from fpgrad.errors import InputError
-from fpgrad.formats import get_format
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.exact import GraphExact, exact_graph
 from fpgrad.graph.interpret import interpret
@@ -30,8 +30,8 @@ from fpgrad.graph.native import native_run
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.graph.policy import GraphPlan, resolve, scaled_seed
 from fpgrad.jsonutil import dumps
-from fpgrad.precisions import Precision, emulated_systems, parse_precisions
-from fpgrad.verdicts import VERDICTS, ExactArray, Verdicts, classify
+from fpgrad.numbers.formats import get_format
+from fpgrad.run.precisions import Precision, emulated_systems, parse_precisions
 
 if TYPE_CHECKING:
     from fpgrad.graph.network import GraphNetwork
@@ -67,7 +67,7 @@ class GraphComparison:
     def format_of(self, precision: str) -> str:
         """The narrowest format of a column (a policy's lowest), for figures."""
         names = set(self.formats.get(precision, {}).values()) or {precision.split(":")[0]}
-        from fpgrad.formats import get_format
+        from fpgrad.numbers.formats import get_format
 
         return min(names, key=lambda n: (get_format(n).bits, get_format(n).precision, n))
 
@@ -150,8 +150,8 @@ def compare_graph(
 ) -> GraphComparison:
     """Every precision's gradients of ``net`` with verdicts against the exact reference (see
     the module docstring for policies, ``loss_scale`` and ``reference``)."""
-    from fpgrad.runlog import record
-    from fpgrad.scaling import StaticScaler
+    from fpgrad.run.runlog import record
+    from fpgrad.run.scaling import StaticScaler
 
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}; use original or rounded")
@@ -241,7 +241,7 @@ def compare_graph(
 
 
 def _how(plan: GraphPlan) -> str:
-    """The :data:`fpgrad.runlog.HOW` key of a policy column."""
+    """The :data:`fpgrad.run.runlog.HOW` key of a policy column."""
     return "cuda_policy" if plan.how == "cuda" else "policy"
 
 
@@ -283,7 +283,7 @@ def _scaled(ex: ExactArray, k: int) -> ExactArray:
 def _rounded(graph: Graph, p: Precision, plan: GraphPlan | None) -> Graph:
     """``graph`` with parameters and floating data correctly rounded into the column's
     formats (a policy: parameters into ``params``, data into ``data``)."""
-    from fpgrad.rounding import round_to
+    from fpgrad.numbers.rounding import round_to
 
     pf = get_format(plan.params) if plan is not None else p.fmt
     df = get_format(plan.data) if plan is not None else p.fmt

@@ -1,9 +1,9 @@
 """The certified exact reference of a captured graph.
 
-The graph is interpreted in the exact reference's ball systems by :func:`fpgrad.exact.certify`:
+The graph is interpreted in the exact reference's ball systems by :func:`fpgrad.reference.exact.certify`:
 first the fast multi-word balls, then Arb balls at escalating precision (an op the fast balls
 lack, such as GELU's normal CDF, goes straight to Arb). Every claim is read off the balls, as
-for layer networks (:mod:`fpgrad.exact`): exact zeros, undetermined values, certified digits.
+for layer networks (:mod:`fpgrad.reference.exact`): exact zeros, undetermined values, certified digits.
 The loss and the parameter gradients are the certified values; every node's value of the
 evaluation that stands is kept for attribution (:meth:`GraphExact.nonzero`).
 
@@ -25,12 +25,12 @@ from torch import fx
 
 from fpgrad.arith import arb as arbmod
 from fpgrad.arith.ball import HI_BOUND, Ball
-from fpgrad.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult, Work, certify
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.identities import Identities, prove_zeros
 from fpgrad.graph.interpret import GraphTrace, interpret
 from fpgrad.graph.ops.pointwise import MissingSlot
-from fpgrad.verdicts import ExactArray
+from fpgrad.reference.array import ExactArray
+from fpgrad.reference.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult, Work, certify
 
 #: ops whose cost is a matrix product (multiply-adds estimated from their output and inputs)
 _PRODUCTS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.convolution", "aten.convolution_backward")

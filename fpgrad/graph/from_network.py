@@ -1,13 +1,13 @@
-"""A layer network (:class:`~fpgrad.network.Network`) compiled to a torch module and captured.
+"""A layer network (:class:`~fpgrad.model.network.Network`) compiled to a torch module and captured.
 
-:func:`from_network` builds the modules :mod:`fpgrad.torch_native` runs (its own
-:func:`~fpgrad.torch_native.build_module`, in float64, so the values are the network's
+:func:`from_network` builds the modules :mod:`fpgrad.run.torch_native` runs (its own
+:func:`~fpgrad.run.torch_native.build_module`, in float64, so the values are the network's
 exactly) under one ``nn.Module`` whose submodules are named by the layers, and the loss
-:func:`~fpgrad.torch_native.loss_fn` computes, then captures them with
+:func:`~fpgrad.run.torch_native.loss_fn` computes, then captures them with
 :func:`~fpgrad.graph.network.from_module`. Parameters keep the network's keys
 (``hidden.weight``), module paths are layer names. For a uniform precision the eager run in a
 torch dtype is the same sequence of kernels on the same correctly rounded values as
-:func:`fpgrad.torch_native.torch_trace` (tests/test_graph_from_network.py checks it bit for bit).
+:func:`fpgrad.run.torch_native.torch_trace` (tests/test_graph_from_network.py checks it bit for bit).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import nn
 
 from fpgrad.errors import InputError
 from fpgrad.graph.network import GraphNetwork, from_module
-from fpgrad.network import Network
-from fpgrad.torch_native import build_module
+from fpgrad.model.network import Network
+from fpgrad.run.torch_native import build_module
 
 
 class LayerStack(nn.Module):
@@ -49,7 +49,7 @@ class LayerStack(nn.Module):
             self.names.append(layer.name)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self._batch_norm and h.shape[0] < 2:  # as fpgrad.torch_native.TorchModel.layer
+        if self._batch_norm and h.shape[0] < 2:  # as fpgrad.run.torch_native.TorchModel.layer
             raise InputError(
                 f"layer {self._batch_norm[0]} (batch_norm): torch normalises over the batch and "
                 f"needs at least 2 samples (the batch has {h.shape[0]}); give more samples or a "
@@ -61,7 +61,7 @@ class LayerStack(nn.Module):
 
 
 class LayerLoss:
-    """The network's loss as :func:`fpgrad.torch_native.loss_fn` computes it (mean reduction;
+    """The network's loss as :func:`fpgrad.run.torch_native.loss_fn` computes it (mean reduction;
     targets arrive rounded into the column's dtype, class indices as int64)."""
 
     def __init__(self, kind: str) -> None:
@@ -100,7 +100,7 @@ def compare_graph_path(
     net: Network, precisions: str | list[str] | None = None, **kwargs: Any
 ) -> Any:
     """:func:`fpgrad.graph.compare.compare_graph` of ``from_network(net)``: the layer
-    network through the captured-graph path, to run beside :func:`fpgrad.comparison.compare`
+    network through the captured-graph path, to run beside :func:`fpgrad.diagnose.comparison.compare`
     (the layer path). ``kwargs``: ``exact_bits``, ``allow_uncertified``."""
     from fpgrad.graph.compare import compare_graph
 

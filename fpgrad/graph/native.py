@@ -1,7 +1,7 @@
 """Native columns: what torch really computes in float16/bfloat16/float32/float64.
 
 The model runs eagerly in the dtype (parameters, buffers and floating data correctly rounded
-into it by :func:`fpgrad.torch_native.to_dtype`), with real autograd, on one thread; an
+into it by :func:`fpgrad.run.torch_native.to_dtype`), with real autograd, on one thread; an
 :class:`~fpgrad.graph.capture.OpRecorder` keeps each op's output, and the ops are paired with
 the graph's nodes in order (:func:`~fpgrad.graph.capture.align`). Parameter gradients are
 those of ``torch.autograd.grad``: the model's own eager autograd, bit for bit.
@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from fpgrad.graph.capture import Graph, LossFn, OpRecorder, align, joint_function, loss_in
 from fpgrad.graph.names import op_name
-from fpgrad.torch_native import DTYPES, one_torch_thread, to_dtype
+from fpgrad.run.torch_native import DTYPES, one_torch_thread, to_dtype
 
 if TYPE_CHECKING:
     from fpgrad.graph.policy import GraphPlan

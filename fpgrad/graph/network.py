@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fpgrad.graph.capture import Graph, LossFn, capture
-from fpgrad.policy import Policy, parse_policy
+from fpgrad.model.policy import Policy, parse_policy
 
 
 @dataclass
@@ -27,18 +27,6 @@ class GraphNetwork:
         """Parameter names, as ``model.named_parameters()`` gives them."""
         return list(self.graph.param_names)
 
-    def compare(self, precisions: str | list[str] | None = None, **kwargs: Any) -> Any:
-        """:func:`fpgrad.graph.compare.compare_graph` of this network."""
-        from fpgrad.graph.compare import compare_graph
-
-        return compare_graph(self, precisions, **kwargs)
-
-    def train(self, steps: int, **kwargs: Any) -> Any:
-        """:func:`fpgrad.graph.train.train_graph` of this network (a TrainResult)."""
-        from fpgrad.graph.train import train_graph
-
-        return train_graph(self, steps, **kwargs)
-
 
 def from_module(
     model: nn.Module,
@@ -53,7 +41,7 @@ def from_module(
     ``inputs``: a tensor or a tuple of tensors; ``targets``: a tensor; ``loss``: a torch loss
     module, a functional loss (``F.cross_entropy``) or any callable of (output, targets).
     The values are taken as written (widened exactly to float64); the model is not modified.
-    ``policies``: name -> a :class:`~fpgrad.policy.Policy` or a table as in a network file's
+    ``policies``: name -> a :class:`~fpgrad.model.policy.Policy` or a table as in a network file's
     ``[policy.NAME]`` (op classes, ``layers`` keyed by module path, ``extends``, ...).
     Raises :class:`~fpgrad.errors.InputError` naming every unsupported op.
 

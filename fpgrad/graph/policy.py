@@ -1,6 +1,6 @@
 """Precision policies on captured models: which dtype each aten op of the graph computes in.
 
-A :class:`~fpgrad.policy.Policy` maps op classes and module paths to precisions. On a graph:
+A :class:`~fpgrad.model.policy.Policy` maps op classes and module paths to precisions. On a graph:
 
 - a forward op takes the rule of the longest module path in ``policy.layers`` that is its own
   path or a parent of it, else that of its op class (:func:`op_class`), else ``default``;
@@ -35,8 +35,8 @@ from torch.utils._pytree import tree_map
 from fpgrad.errors import InputError
 from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function
 from fpgrad.graph.names import op_name
-from fpgrad.policy import GROUPS, INPUT, Policy
-from fpgrad.torch_native import DTYPES, one_torch_thread
+from fpgrad.model.policy import GROUPS, INPUT, Policy
+from fpgrad.run.torch_native import DTYPES, one_torch_thread
 
 #: aten op (overload dropped) -> the policy op class it belongs to
 OP_CLASS: dict[str, str] = {
@@ -190,7 +190,7 @@ def resolve(policy: Policy, graph: Graph) -> GraphPlan:
     base = dict(policy=policy.name, params=policy.params, data=data,
                 description=policy.describe())  # fmt: skip
     device = policy.autocast_device
-    from fpgrad.policy import BUILTIN
+    from fpgrad.model.policy import BUILTIN
 
     if device == "cpu" and BUILTIN.get(policy.name) == policy:
         low = dict(policy.ops)["dense"]
@@ -348,17 +348,12 @@ def show_plans(net: Any, names: list[str] | None, as_json: bool) -> str:
     many op nodes (forward and backward) it casts to each precision."""
     import json
 
-    from fpgrad.policy import BUILTIN, get_policy
-    from fpgrad.suggest import did_you_mean
+    from fpgrad.model.policy import BUILTIN, require_policy
 
     known = [*BUILTIN, *net.policies]
     out: dict[str, Any] = {}
     for name in names or known:
-        pol = get_policy(name, net.policies)
-        if pol is None:
-            hint = did_you_mean(name, known)
-            raise InputError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
-        plan = resolve(pol, net.graph)
+        plan = resolve(require_policy(name, net.policies), net.graph)
         per: dict[str, dict[str, int]] = {}
         for node, prec in plan.dtypes.items():
             counts = per.setdefault(net.graph.paths.get(node, "") or "<top>", {})

@@ -30,7 +30,14 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.graph.network import GraphNetwork, from_module
-from fpgrad.validate import MAX_FILE_BYTES, load_npy, load_toml, read_bytes, regular_file_size
+from fpgrad.model.validate import (
+    MAX_ELEMENTS,
+    MAX_FILE_BYTES,
+    load_npy,
+    load_toml,
+    read_bytes,
+    regular_file_size,
+)
 
 KEYS = {"inputs", "targets", "loss", "reduction", "label_smoothing", "delta", "name"}
 LOSSES = ("cross_entropy", "nll", "mse", "l1", "huber", "bce_with_logits")
@@ -80,8 +87,9 @@ def load_program(path: Path) -> Any:
     if data[:2] != b"PK":
         raise InputError(f"{path}: not a torch.export.save archive (a .pt2 file is a zip); "
                          "save it with torch.export.save(torch.export.export(model, args), PATH)")  # fmt: skip
+    check_archive(data, path)
     try:
-        with _tensors_only():
+        with _tensors_only(), _quiet():
             return torch.export.load(io.BytesIO(data))
     except _Refused as exc:
         raise InputError(f"{path}: the program holds {exc}; fpgrad never unpickles arbitrary "
@@ -98,6 +106,63 @@ def load_program(path: Path) -> Any:
                          f"{_first_line(exc)})") from None  # fmt: skip
 
 
+def check_archive(data: bytes, path: Path, depth: int = 0) -> None:
+    """Refuse, before torch reads it, a zip whose members are compressed (a zip bomb:
+    torch.export.save and torch.save store them), lie outside the file, or are named outside
+    the archive (``..``, absolute); members that are zips themselves (torch.save files) alike."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as exc:
+        raise InputError(f"{path}: not a torch.export.save archive (a broken zip: "
+                         f"{_first_line(exc)}); save it again with torch.export.save") from None  # fmt: skip
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise InputError(f"{path}: archive member {name!r} is named outside the archive; "
+                             "fpgrad reads only archives written by torch.export.save")  # fmt: skip
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise InputError(f"{path}: archive member {name!r} is compressed ({info.file_size} "
+                             "bytes declared); torch.export.save stores members uncompressed: "
+                             "save it again with torch.export.save")  # fmt: skip
+        if info.header_offset + info.compress_size > len(data):
+            raise InputError(f"{path}: archive member {name!r} runs past the end of the file "
+                             "(truncated); save it again with torch.export.save")  # fmt: skip
+    if depth == 0:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in infos:
+                if info.file_size >= 4:
+                    with archive.open(info) as member:
+                        if member.read(4) == b"PK\x03\x04":
+                            check_archive(archive.read(info), path, 1)
+
+
+@contextmanager
+def _quiet() -> Any:
+    """torch.export's loggers and Python warnings off while it loads: their lines on stderr
+    (a traceback among them) would come before the one-line refusal."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in _LOGGERS]
+    before = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, was in zip(loggers, before, strict=True):
+            lg.disabled = was
+
+
+_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -111,6 +176,9 @@ def _tensor(spec: Any, base: Path, where: str, what: str) -> Any:
     if not isinstance(spec, str) or not spec:
         raise InputError(f'{where}: {what} must be a file name ("x.npy" or "d.safetensors:key")')
     name, _, key = spec.partition(":")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise InputError(f"{where}: {what}: {name!r} is outside the data file's directory; "
+                         "put the data file beside it (or below) and name it relatively")  # fmt: skip
     path = base / name
     if name.lower().endswith(".npy"):
         if key:
@@ -132,6 +200,9 @@ def _tensor(spec: Any, base: Path, where: str, what: str) -> Any:
             raise InputError(f"{where}: {name} has no tensor {key!r} "
                              f"(it has {', '.join(sorted(tensors)[:8]) or 'none'})")  # fmt: skip
         arr = tensors[key]
+        if arr.size > MAX_ELEMENTS:
+            raise InputError(f"{where}: {what}: {spec} holds {arr.size} numbers, above the limit "
+                             f"of {MAX_ELEMENTS}; use less data")  # fmt: skip
     else:
         raise InputError(f"{where}: {what}: {name!r}: use a .npy or .safetensors file")
     if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
@@ -169,12 +240,13 @@ def load_pt2(spec: str) -> GraphNetwork:
     name, _, toml = spec.partition(":")
     path = Path(name)
     data_path = Path(toml) if toml else path.with_suffix(".toml")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise InputError(f"no such program: {name}; give model.pt2 saved by torch.export.save")
+    regular_file_size(path, "torch.export program", MAX_FILE_BYTES)
     if not data_path.is_file():
         raise InputError(f"{name}: its data file {data_path} is missing: write inputs, targets "
                          'and loss there (inputs = ["x.npy"], targets = "y.npy", '
-                         'loss = "cross_entropy"); see the README')  # fmt: skip
+                         'loss = "cross_entropy"); see docs/howto/torch-models.md')  # fmt: skip
     where = str(data_path)
     doc = load_toml(data_path, "data file")
     unknown = set(doc) - KEYS
@@ -183,7 +255,7 @@ def load_pt2(spec: str) -> GraphNetwork:
                          f"{', '.join(sorted(KEYS))}")  # fmt: skip
     for key in ("inputs", "targets", "loss"):
         if key not in doc:
-            raise InputError(f"{where}: needs {key} (see the README section 'Any torch model')")
+            raise InputError(f"{where}: needs {key} (see docs/howto/torch-models.md)")
     files = doc["inputs"] if isinstance(doc["inputs"], list) else [doc["inputs"]]
     base = data_path.parent
     inputs = tuple(_tensor(f, base, where, f"inputs[{i}]") for i, f in enumerate(files))

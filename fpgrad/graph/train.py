@@ -4,7 +4,7 @@ Runs take the grammar of :func:`fpgrad.training.parse_run`: ``float16``, ``bfloa
 ``float64`` with ``+master``, ``+scale=S``, ``+dynamic``, ``+sr``, ``+kahan``. Each is eager torch
 training of the user's module (a copy, parameters and floating buffers correctly rounded into
 the dtype) on one thread: forward, ``backward()`` of the loss times the scale, the gradients
-unscaled, the update of :class:`fpgrad.optim.TorchOptimizer` (torch.optim's SGD and Adam, bit
+unscaled, the update of :class:`fpgrad.run.optim.TorchOptimizer` (torch.optim's SGD and Adam, bit
 for bit). The exact run interprets the captured graph in certified balls at every step and
 applies the same optimizer formulas in the balls (:func:`fpgrad.training.exact_trajectory` with
 :class:`fpgrad.graph.train_exact.GraphExactRun`), so the radii bound the exact trajectory.
@@ -28,21 +28,20 @@ import torch
 from torch import nn
 
 from fpgrad.errors import InputError
-from fpgrad.formats import get_format
 from fpgrad.graph.capture import Graph, loss_in
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import _into, model_in
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.graph.train_exact import exact_check, exact_run
-from fpgrad.optim import OptimConfig, TorchOptimizer
-from fpgrad.scaling import DynamicScaler, StaticScaler
-from fpgrad.torch_native import DTYPES, one_torch_thread
+from fpgrad.numbers.formats import get_format
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import DTYPES, one_torch_thread
 from fpgrad.training.detectors import run_detectors
 from fpgrad.training.emulated_run import EmulatedRun
 from fpgrad.training.history import History, _flat
 from fpgrad.training.result import TrainResult
 from fpgrad.training.runs import RunSpec, parse_runs
-from fpgrad.training.torch_run import _Run
+from fpgrad.training.torch_run import _TorchState
 
 if TYPE_CHECKING:
     from fpgrad.graph.network import GraphNetwork
@@ -62,11 +61,11 @@ class Trainee:
         return self.graph.params
 
 
-class GraphTorchRun(_Run):
+class GraphTorchRun(_TorchState):
     """One torch dtype with its options: the module trained eagerly, as a torch loop does."""
 
     def __init__(self, net: Trainee, spec: RunSpec, cfg: OptimConfig, seed: int) -> None:
-        from fpgrad.runlog import record
+        from fpgrad.run.runlog import record
 
         record(spec.label, "native")
         self.net, self.spec = net, spec
@@ -78,27 +77,7 @@ class GraphTorchRun(_Run):
         self.inputs = [_into(x, spec.precision) for x in graph.inputs]
         self.y = _into(graph.targets, spec.precision)
         self.loss_fn = loss_in(graph.loss_fn, DTYPES[spec.precision], spec.precision)
-        self.master = (
-            [p.detach().to(torch.float32).clone() for p in self.params] if spec.master else None
-        )
-        self.opt = TorchOptimizer(self.targets(), cfg, spec.update, seed)
-        self.scaler: DynamicScaler | StaticScaler | None = None
-        if spec.dynamic:
-            self.scaler = DynamicScaler()
-        elif spec.loss_scale is not None:
-            self.scaler = StaticScaler(spec.loss_scale)
-        self.grad_format = "float32" if spec.master else spec.precision
-        self.history = History(spec.label)
-
-    def targets(self) -> list[torch.Tensor]:
-        """The tensors the optimizer updates (float32 masters or the parameters)."""
-        return self.master if self.master is not None else self.params
-
-    def vector(self) -> np.ndarray:
-        return _flat([t.detach().to(torch.float64).numpy() for t in self.targets()])
-
-    def low_vector(self) -> np.ndarray:
-        return _flat([p.detach().to(torch.float64).numpy() for p in self.params])
+        self._init_state(spec, cfg, seed)
 
     def current_params(self) -> dict[str, np.ndarray]:
         """The parameters the forward pass uses, as float64 arrays by name."""
@@ -339,7 +318,7 @@ def train_graph(
 ) -> TrainResult:
     """Train the captured ``net`` for ``steps`` full-batch steps in every run and exactly,
     from the parameters it was captured with (:func:`fpgrad.training.train`'s result)."""
-    from fpgrad.exact import MIN_BITS
+    from fpgrad.reference.exact import MIN_BITS
 
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer (got {steps})")

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fpgrad.diagnose.verdicts import VERDICTS, classify
 from fpgrad.errors import InputError
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.ops.pointwise import MissingSlot
-from fpgrad.optim import OptimConfig
+from fpgrad.run.optim import OptimConfig
 from fpgrad.training.exact_run import ExactRun, _exact_loss, exact_trajectory
 from fpgrad.training.history import _flat
-from fpgrad.verdicts import VERDICTS, classify
 
 if TYPE_CHECKING:
     from fpgrad.graph.train import Trainee
@@ -53,7 +53,7 @@ class GraphExactRun(ExactRun):
         """The fewest certified digits of the parameter elements whose sign the balls decide
         (as ``compare`` counts: exact zeros and balls around 0 left out); the balls around 0
         of the last step are kept in :attr:`undetermined` (name -> (count, largest radius))."""
-        from fpgrad.exact import arb_digits, ball_digits
+        from fpgrad.reference.exact import arb_digits, ball_digits
         from fpgrad.training.exact_run import _is_ball
 
         digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
@@ -82,7 +82,7 @@ def exact_run(
 ) -> tuple[ExactRun, float, str]:
     """:func:`fpgrad.training.exact_trajectory` through the graph; an op the multi-word balls
     lack sends the run to Arb balls (announced in one line), or is refused under ``fast``."""
-    from fpgrad.exact import ALIASES
+    from fpgrad.reference.exact import ALIASES
 
     try:
         return exact_trajectory(
@@ -115,9 +115,9 @@ def exact_check(
     """Verdict counts of ``grads`` against the certified exact gradients of the graph at the
     same (float64) parameters, and the exact loss there; at non-finite parameters there is
     no exact reference (counted as nan, overflow or ``no_reference``; loss None)."""
-    from fpgrad.exact import DEFAULT_MAX_BITS
-    from fpgrad.formats import get_format
     from fpgrad.graph.exact import exact_graph
+    from fpgrad.numbers.formats import get_format
+    from fpgrad.reference.exact import DEFAULT_MAX_BITS
 
     if not all(np.all(np.isfinite(v)) for v in params.values()):
         flat = _flat(list(grads.values()))

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fpgrad.report.markdown import md_table
-from fpgrad.runlog import recording, runs_line
+from fpgrad.present.report.markdown import md_table
+from fpgrad.run.runlog import recording, runs_line
 
 Figure = Callable[[Path], None]
 
@@ -53,7 +53,7 @@ class ScenarioResult:
     sections: list[Section] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # the numbers behind the verdict
     figures: dict[str, Figure] = field(default_factory=dict)
-    #: name -> how it computed (fpgrad.runlog.HOW); filled by :func:`records_runs`
+    #: name -> how it computed (fpgrad.run.runlog.HOW); filled by :func:`records_runs`
     runs: dict[str, str] = field(default_factory=dict)
     #: which figures of the report depend on this CPU's kernels, and how ("" when none known)
     cpu_dependent: str = ""
@@ -118,7 +118,7 @@ class ScenarioResult:
 
 def records_runs(run: Callable[..., ScenarioResult]) -> Callable[..., ScenarioResult]:
     """Decorate a scenario's ``run``: its result's ``runs`` become what it ran
-    (:func:`fpgrad.runlog.recording`), plus any the scenario recorded itself."""
+    (:func:`fpgrad.run.runlog.recording`), plus any the scenario recorded itself."""
 
     @functools.wraps(run)
     def wrapped(*args: Any, **kwargs: Any) -> ScenarioResult:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fpgrad.graph.compare import GraphComparison
-from fpgrad.runlog import HOW
+from fpgrad.run.runlog import HOW
 
 HEADERS = [
     "column", "ran", "first inf/NaN (module (op))", "gradients NaN", "gradients inf",

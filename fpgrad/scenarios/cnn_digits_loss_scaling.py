@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from fpgrad.errors import InputError
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread
 
 NAME = "cnn_digits_loss_scaling"
 CLAIM = (
@@ -60,7 +60,7 @@ def cnn() -> nn.Module:
 def pretrained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The CNN after PRETRAIN float32 Adam steps on TRAIN_ROWS samples (pixels / 16, exact),
     and the first BATCH of them: the batch every run trains on."""
-    from fpgrad.runlog import record
+    from fpgrad.run.runlog import record
 
     record("float32 pretraining (torch.optim.Adam)", "native")
     x_all, y_all = digits()
@@ -100,10 +100,10 @@ def _bits(net: Any, runs: dict[str, Any]) -> dict[str, Any]:
 
 @records_runs
 def run(small: bool = False) -> ScenarioResult:
-    from fpgrad.formats import get_format
     from fpgrad.graph import from_module
     from fpgrad.graph.train import GraphTorchRun, Trainee, parse_graph_runs
-    from fpgrad.optim import OptimConfig
+    from fpgrad.numbers.formats import get_format
+    from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
     steps = 4 if small else 10
@@ -306,7 +306,7 @@ def run(small: bool = False) -> ScenarioResult:
 
 
 def _bits_figure(bits: dict[str, Any], path: Path) -> None:
-    from fpgrad.report.plots import plt, save_png
+    from fpgrad.present.report.plots import plt, save_png
 
     e = np.log2(np.abs(bits["exact"]))
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -321,7 +321,7 @@ def _bits_figure(bits: dict[str, Any], path: Path) -> None:
 
 
 def _loss_figure(result: Any, path: Path) -> None:
-    from fpgrad.report.plots import plt, save_png
+    from fpgrad.present.report.plots import plt, save_png
 
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(result.exact.loss, "k-", lw=2, label="exact")

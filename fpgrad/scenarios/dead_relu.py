@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fpgrad.comparison import compare
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig
-from fpgrad.report.plots import training_plots
+from fpgrad.diagnose.comparison import compare
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.present.report.plots import training_plots
+from fpgrad.run.optim import OptimConfig
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
 from fpgrad.training import train
 

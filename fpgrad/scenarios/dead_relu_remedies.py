@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.comparison import compare
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig
-from fpgrad.report.plots import save_png
+from fpgrad.diagnose.comparison import compare
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.present.report.plots import save_png
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread
 from fpgrad.training import TrainResult, train
 
 NAME = "dead_relu_remedies"

@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.comparison import Comparison, compare
-from fpgrad.formats import get_format
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.report.plots import save_png
+from fpgrad.diagnose.comparison import Comparison, compare
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.numbers.formats import get_format
+from fpgrad.present.report.plots import save_png
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread
 
 NAME = "deep_sigmoid_vanishing"
 CLAIM = (

@@ -1,4 +1,4 @@
-"""gradscaler_skipped_steps: fpgrad.watching on an ordinary autocast + GradScaler loop; every step
+"""gradscaler_skipped_steps: fpgrad.watch on an ordinary autocast + GradScaler loop; every step
 GradScaler skips is one where some op created an inf (its exact result on its own inputs is
 finite), and the NaNs that follow are inherited."""
 
@@ -10,17 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from fpgrad.runlog import record
+from fpgrad.present.report.watch import CREATOR_HEADERS, _scale, creators
+from fpgrad.run.runlog import record
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread
 from fpgrad.watching import watch
-from fpgrad.watching.report import CREATOR_HEADERS, _scale, creators
 
 NAME = "gradscaler_skipped_steps"
 CLAIM = (
     "GradScaler skips exactly the steps in which some op created an inf or NaN (an op whose exact "
     "result on its own inputs is finite: a float16 overflow), and every NaN after it is inherited "
-    "from that inf; watching the loop with fpgrad.watching changes none of its results."
+    "from that inf; watching the loop with fpgrad.watch changes none of its results."
 )
 INIT_SCALE = 2.0**24
 GROWTH_INTERVAL = 4

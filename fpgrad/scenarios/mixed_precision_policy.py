@@ -16,17 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.advisor import advise
-from fpgrad.comparison import compare
-from fpgrad.exact import exact_trace
-from fpgrad.formats import get_format
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig
-from fpgrad.render import policy_rows
-from fpgrad.report.plots import save_png
+from fpgrad.diagnose.advisor import advise
+from fpgrad.diagnose.comparison import compare
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.numbers.formats import get_format
+from fpgrad.present.render import policy_rows
+from fpgrad.present.report.plots import save_png
+from fpgrad.reference.exact import exact_trace
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread
 from fpgrad.training import TrainResult, train
 
 NAME = "mixed_precision_policy"
@@ -262,7 +262,7 @@ def _run(small: bool) -> ScenarioResult:
         f"({c.certified_digits:.1f} digits): pure float16, float32, the built-in policies "
         "autocast and autocast_bf16, autocast with loss scale S, and the user policy "
         f"{USER} (autocast with the last dense layer in float32). S = 2^{k} is what "
-        f"fpgrad.advisor.advise recommends for this network in float16 ({adv.reason}); "
+        f"fpgrad.diagnose.advisor.advise recommends for this network in float16 ({adv.reason}); "
         "for the autocast policy (float32 loss: no cap by the seed) its safe range is "
         f"{_exponents(adv_ac.safe)} and it recommends 2^{adv_ac.recommended}. 2^{k} is "
         f"{'inside' if in_autocast_range else 'outside'} that range and also serves "

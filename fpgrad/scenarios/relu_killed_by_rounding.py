@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.comparison import Comparison, compare
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.report.plots import save_png
+from fpgrad.diagnose.comparison import Comparison, compare
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.present.report.plots import save_png
+from fpgrad.run.torch_native import one_torch_thread, torch_trace
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread, torch_trace
 
 NAME = "relu_killed_by_rounding"
 CLAIM = (

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fpgrad.formats import get_format
-from fpgrad.netfile import parse_network
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig
-from fpgrad.report.plots import save_png
-from fpgrad.rounding import round_to
+from fpgrad.model.netfile import parse_network
+from fpgrad.model.network import Network
+from fpgrad.numbers.formats import get_format
+from fpgrad.numbers.rounding import round_to
+from fpgrad.present.report.plots import save_png
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.torch_native import one_torch_thread
 from fpgrad.training import TrainResult, train
 
 NAME = "tiny_learning_rate"

@@ -13,10 +13,10 @@ from fpgrad.errors import InputError
 from fpgrad.sweeps.grid import format_value
 
 if TYPE_CHECKING:
-    from fpgrad.network import Network
+    from fpgrad.model.network import Network
     from fpgrad.sweeps.captured import ScriptRef
 
-#: gradient verdicts, in the order of the table and the plot: fpgrad.verdicts.VERDICTS, written
+#: gradient verdicts, in the order of the table and the plot: fpgrad.diagnose.verdicts.VERDICTS, written
 #: out so that building the CLI imports no numpy (tests/test_sweep.py keeps them equal)
 COUNTS = (
     "ok",
@@ -32,7 +32,7 @@ COUNTS = (
 )
 #: options of each task (``sweep(..., **options)``) and their defaults
 OPTIONS: dict[str, dict[str, Any]] = {
-    # exact_bits None: fpgrad.exact.DEFAULT_BITS
+    # exact_bits None: fpgrad.reference.exact.DEFAULT_BITS
     "compare": {"exact_bits": None, "reference": "original", "allow_uncertified": False},
     "train": {
         "steps": None,
@@ -55,8 +55,8 @@ class Source:
 
     def __init__(self, network: str | Path | Mapping[str, Any] | Network):
         from fpgrad.graph.script import is_script
-        from fpgrad.netfile import parse_network
-        from fpgrad.network import Network
+        from fpgrad.model.netfile import parse_network
+        from fpgrad.model.network import Network
 
         self.doc: dict[str, Any] | None = None
         self.base = Path(".")
@@ -81,7 +81,7 @@ class Source:
             self.doc = dict(network)
             self.network = parse_network(self.doc, base=self.base, source=self.where)
         else:
-            from fpgrad.from_torch import is_model_doc, load_model_file, read_toml
+            from fpgrad.model.from_torch import is_model_doc, load_model_file, read_toml
 
             path = Path(network)
             doc = read_toml(path)
@@ -96,7 +96,7 @@ class Source:
         """The network with its init schemes drawn from ``seed`` (None, or a source without a
         TOML document: as given), and its :func:`network_hash`; a captured model: the
         :class:`~fpgrad.sweeps.captured.ScriptRef` a cell carries and its ``graph_hash``."""
-        from fpgrad.netfile import parse_network
+        from fpgrad.model.netfile import parse_network
 
         if self.script is not None:
             from fpgrad.sweeps import captured
@@ -193,7 +193,7 @@ def run_cell(job: CellJob) -> dict[str, Any]:
 
 
 def _run_compare(job: CellJob) -> dict[str, Any]:
-    from fpgrad.comparison import compare
+    from fpgrad.diagnose.comparison import compare
 
     opts, axes = job.options, job.axes
     net = scale_init(job.network, axes.get("init_scale", 1.0))
@@ -227,7 +227,7 @@ def _exact_for(job: CellJob, net: Network) -> Any:
     """The exact trace of the cell's network ``net`` (the job's network, init-scaled), shared
     by the cells of this process that evaluate the same network (other precisions, loss
     scales): it does not depend on them."""
-    from fpgrad.exact import exact_trace
+    from fpgrad.reference.exact import exact_trace
 
     bits, allow = job.options["exact_bits"], job.options["allow_uncertified"]
     key = (job.network_hash, job.axes.get("init_scale", 1.0), bits, allow)
@@ -240,7 +240,7 @@ def _exact_for(job: CellJob, net: Network) -> Any:
 
 def _run_train(job: CellJob, net: Any) -> dict[str, Any]:
     """One training cell of ``net`` (the job's network, init-scaled, or a captured model)."""
-    from fpgrad.optim import OptimConfig
+    from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
     opts, axes = job.options, job.axes

@@ -105,7 +105,7 @@ class CellLog:
             raise _write_error(path, exc, len(self.records)) from None
 
     def _read(self, task: str) -> list[dict[str, Any]]:
-        from fpgrad.validate import read_bytes
+        from fpgrad.model.validate import read_bytes
 
         data = read_bytes(self.path, "cell log")
         out: list[dict[str, Any]] = []

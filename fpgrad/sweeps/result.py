@@ -82,7 +82,7 @@ class SweepResult:
 
     def rows(self) -> tuple[list[str], list[list[Any]]]:
         """Headers and one row per cell: axes, verdict counts, the task's headline values."""
-        from fpgrad.render import fmt_value
+        from fpgrad.present.render import fmt_value
 
         axes = [a for a, _ in self.grid.axes]
         counts = self._columns()
@@ -236,7 +236,7 @@ _GROUPS = (  # (label, verdicts, colour) in stacking order
 def _plot(result: SweepResult, path: Path) -> str:
     from matplotlib.ticker import MaxNLocator
 
-    from fpgrad.report.plots import plt, save_png
+    from fpgrad.present.report.plots import plt, save_png
 
     varying = result.grid.varying() or [a for a, _ in result.grid.axes]
     fixed = [a for a, _ in result.grid.axes if a not in varying]

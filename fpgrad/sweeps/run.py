@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fpgrad.errors import InputError
+from fpgrad.model.validate import MAX_EXACT_BITS
 from fpgrad.sweeps.cells import OPTIONS, CellJob, Source
 from fpgrad.sweeps.grid import TASKS, Grid, format_value
 from fpgrad.sweeps.log import CELLS_FILE, LOG_SCHEMA, CellLog
 from fpgrad.sweeps.result import SweepResult
 from fpgrad.sweeps.runners import run_dask, run_inline, run_local
-from fpgrad.validate import MAX_EXACT_BITS
 
 if TYPE_CHECKING:
-    from fpgrad.network import Network
+    from fpgrad.model.network import Network
 
 
 def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
             )
             raise InputError(f"sweep option {name} does not apply to --task {task}: {hint}")
     opts = {**known, **{k: v for k, v in options.items() if v is not None}}
-    from fpgrad.exact import DEFAULT_BITS, MIN_BITS
+    from fpgrad.reference.exact import DEFAULT_BITS, MIN_BITS
 
     if opts["exact_bits"] is None:
         opts["exact_bits"] = DEFAULT_BITS
@@ -43,7 +43,7 @@ def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
             f"--exact-bits {opts['exact_bits']} is too high: use at most {MAX_EXACT_BITS}"
         )
     if task == "compare":
-        from fpgrad.comparison import REFERENCES
+        from fpgrad.diagnose.comparison import REFERENCES
 
         if opts["reference"] not in REFERENCES:
             raise InputError(f"unknown reference {opts['reference']!r}; use original or rounded")
@@ -55,7 +55,7 @@ def _options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
             raise InputError(f"steps must be a positive integer (got {steps})")
         if opts["batch_size"] is not None and opts["batch_size"] < 1:
             raise InputError(f"batch size must be positive (got {opts['batch_size']})")
-        from fpgrad.optim import OptimConfig
+        from fpgrad.run.optim import OptimConfig
 
         OptimConfig(  # validates the optimizer's settings before any cell runs
             name=opts["optimizer"],

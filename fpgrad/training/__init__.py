@@ -7,7 +7,7 @@ A run is named by a precision and optional policies joined by ``+``:
 - ``+master``: fp32 master weights (the optimizer updates float32 copies; each step computes
   in the low precision from the master weights rounded into it);
 - ``+scale=S``: static loss scaling by a power of two S; ``+dynamic``: dynamic loss scaling with
-  torch.amp.GradScaler's rules (see :mod:`fpgrad.scaling`);
+  torch.amp.GradScaler's rules (see :mod:`fpgrad.run.scaling`);
 - ``+sr``: updates rounded stochastically (seeded); ``+kahan``: Kahan-compensated updates.
 
 The exact run (certified balls: multi-word at up to 150 bits, else Arb at escalating precision;

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from fpgrad.errors import InputError
-from fpgrad.optim import OptimConfig
-from fpgrad.rounding import round_to
+from fpgrad.numbers.rounding import round_to
+from fpgrad.run.optim import OptimConfig
 from fpgrad.training.history import History
 from fpgrad.training.runs import RunSpec
 
@@ -25,7 +25,7 @@ def run_detectors(
 ) -> tuple[list[float], dict[str, Any]]:
     """(distance to the exact run per step, the dynamics detectors) of one run's history;
     ``twin``: the history of its one-ulp perturbed twin, if it ran."""
-    from fpgrad.dynamics import (
+    from fpgrad.training.dynamics import (
         detect_cycle,
         detect_diverged,
         detect_divergence,
@@ -58,7 +58,7 @@ def _with_cause(
     each with its fix; else an update that overflowed the format."""
     if place is None:
         return None
-    from fpgrad.policy import format_of
+    from fpgrad.model.policy import format_of
 
     state = "float32" if spec.master else spec.precision
     try:

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from fpgrad.diagnose.verdicts import VERDICTS, classify
 from fpgrad.errors import InputError
-from fpgrad.evaluate import evaluate
-from fpgrad.formats import get_format
-from fpgrad.network import Network
-from fpgrad.optim import ArithOptimizer, OptimConfig
+from fpgrad.model.network import Network
+from fpgrad.numbers.formats import get_format
+from fpgrad.run.evaluate import evaluate
+from fpgrad.run.optim import ArithOptimizer, OptimConfig
 from fpgrad.training.history import History, _dead_units, _flat
-from fpgrad.verdicts import VERDICTS, classify
 
 
 class ExactRun:
@@ -23,7 +23,7 @@ class ExactRun:
     at ``bits`` (:mod:`fpgrad.arith.arb`); the radii bound every value (:meth:`ball_digits`)."""
 
     def __init__(self, net: Network, cfg: OptimConfig, bits: int, balls: bool = False):
-        from fpgrad.runlog import record
+        from fpgrad.run.runlog import record
 
         record("exact", "exact")
         self.net = net
@@ -139,7 +139,7 @@ class ExactRun:
     def unsigned_params(self) -> list[str]:
         """Parameters whose ball contains 0 without being exactly 0 at some step (their
         certified digits count as 0)."""
-        from fpgrad.exact import arb_digits, ball_digits
+        from fpgrad.reference.exact import arb_digits, ball_digits
 
         digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
         names: list[str] = []
@@ -150,7 +150,7 @@ class ExactRun:
         return names
 
     def _digits(self, steps: list[dict[str, Any]]) -> float:
-        from fpgrad.exact import arb_digits, ball_digits
+        from fpgrad.reference.exact import arb_digits, ball_digits
 
         digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
         worst = float(self._cap())
@@ -167,7 +167,7 @@ def _few_digits_note(exact: ExactRun, digits: float, method: str, max_bits: int 
     """Why the exact trajectory certifies fewer than 17 digits and which option can help:
     the Arb run stops at its cap (--exact-bits alone cannot pass it); parameters whose balls
     contain 0 are named (a value exactly 0 by cancellation stays unsigned at every precision)."""
-    from fpgrad.exact import DEFAULT_MAX_BITS
+    from fpgrad.reference.exact import DEFAULT_MAX_BITS
 
     cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
     names = exact.unsigned_params()
@@ -206,9 +206,9 @@ def arb_bits_for(lost_per_step: float, steps: int, cap: int) -> int:
     """The Arb precision expected to keep 17 certified digits over ``steps`` steps that lose
     ``lost_per_step`` digits each (as measured on a shorter run): 17 digits, 10 more, and a
     quarter more than ``lost_per_step * steps``, in bits, rounded up to a multiple of 64;
-    at least :data:`fpgrad.exact.ARB_START_BITS`, at most ``cap``. A forecast, not a
+    at least :data:`fpgrad.reference.exact.ARB_START_BITS`, at most ``cap``. A forecast, not a
     certificate: the run it starts says itself how many digits it certified."""
-    from fpgrad.exact import ARB_START_BITS
+    from fpgrad.reference.exact import ARB_START_BITS
 
     digits = 27 + 1.25 * max(lost_per_step, 0.0) * steps
     bits = 64 * math.ceil(digits / math.log10(2) / 64)
@@ -234,12 +234,12 @@ def exact_trajectory(
     least 17 digits, else Arb balls. A run that certifies fewer than 17 digits stops at that
     step and the trajectory is recomputed in Arb balls at the precision that the digits it
     lost per step forecast for the whole schedule (:func:`arb_bits_for`; at least twice the
-    last precision), up to ``max_bits`` (default :data:`fpgrad.exact.DEFAULT_MAX_BITS`), where
+    last precision), up to ``max_bits`` (default :data:`fpgrad.reference.exact.DEFAULT_MAX_BITS`), where
     the run goes to the end whatever it certifies. A fall back is announced on stderr in one
     line (the step, the digits, the widest radii), on a terminal or not.
     """
     from fpgrad.arith.ball import MAX_BITS
-    from fpgrad.exact import ALIASES, ARB_START_BITS, DEFAULT_MAX_BITS
+    from fpgrad.reference.exact import ALIASES, ARB_START_BITS, DEFAULT_MAX_BITS
 
     cap_bits = DEFAULT_MAX_BITS if max_bits is None else max_bits
     make = run_type or ExactRun
@@ -325,7 +325,7 @@ def exact_gradient_counts(
     max_bits: int | None = None,
 ) -> dict[str, int]:
     """Verdict counts of ``grads`` against the certified exact gradients at the same
-    parameters and batch (:func:`fpgrad.exact.exact_trace`, noise around exact zeros removed).
+    parameters and batch (:func:`fpgrad.reference.exact.exact_trace`, noise around exact zeros removed).
 
     At non-finite parameters there is no exact gradient: elements are counted as nan or
     overflow by their own values, the rest as ``no_reference``.
@@ -337,7 +337,7 @@ def _exact_at(
     net: Network, params: dict[str, np.ndarray], rows: np.ndarray, bits: int, max_bits: int | None
 ) -> Any:
     """The certified exact trace at float64 ``params`` on ``rows``; None at non-finite ones."""
-    from fpgrad.exact import DEFAULT_MAX_BITS, exact_trace
+    from fpgrad.reference.exact import DEFAULT_MAX_BITS, exact_trace
 
     if not all(np.all(np.isfinite(v)) for v in params.values()):
         return None

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.network import Network
+from fpgrad.model.network import Network
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fpgrad.errors import InputError
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig
-from fpgrad.torch_native import one_torch_thread
+from fpgrad.model.network import Network
+from fpgrad.run.optim import OptimConfig
+from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.training.detectors import run_detectors
 from fpgrad.training.emulated_run import EmulatedRun
 from fpgrad.training.exact_run import (
@@ -84,7 +84,7 @@ def _train(
     exact_method: str,
     exact_max_bits: int | None,
 ) -> TrainResult:
-    from fpgrad.exact import MIN_BITS
+    from fpgrad.reference.exact import MIN_BITS
 
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer (got {steps})")

@@ -21,7 +21,7 @@ class TrainResult:
     detectors: dict[str, dict[str, Any]]
     distance: dict[str, list[float]]
     notes: list[str] = field(default_factory=list)
-    #: per run: the plan it computed with (:meth:`fpgrad.policy.Plan.to_dict`)
+    #: per run: the plan it computed with (:meth:`fpgrad.model.policy.Plan.to_dict`)
     plans: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,11 +78,11 @@ class TrainResult:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def render(self) -> str:
-        from fpgrad.render import render_training
+        from fpgrad.present.render import render_training
 
         return render_training(self)
 
     def plot(self, out_dir: str) -> list[str]:
-        from fpgrad.report.plots import training_plots
+        from fpgrad.present.report.plots import training_plots
 
         return training_plots(self, out_dir)

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 
 from fpgrad.errors import InputError
-from fpgrad.formats import NATIVE, get_format
-from fpgrad.network import Network
-from fpgrad.policy import BUILTIN, Plan, Policy, get_policy
-from fpgrad.scaling import StaticScaler
+from fpgrad.model.network import Network
+from fpgrad.model.policy import BUILTIN, Plan, Policy, get_policy
+from fpgrad.numbers.formats import NATIVE, get_format
+from fpgrad.run.scaling import StaticScaler
 from fpgrad.suggest import did_you_mean
 
 POLICIES = ("master", "scale=S", "dynamic", "sr", "kahan")
@@ -45,7 +45,7 @@ def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
         parts[0] = named.name
     emulated = named is not None and named.emulated
     if named is None and precision not in NATIVE:
-        from fpgrad.precisions import get_precision
+        from fpgrad.run.precisions import get_precision
 
         try:
             prec = get_precision(precision)

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fpgrad.network import Network
-from fpgrad.optim import OptimConfig, TorchOptimizer
-from fpgrad.scaling import DynamicScaler, StaticScaler
-from fpgrad.torch_native import TorchModel
+from fpgrad.model.network import Network
+from fpgrad.run.optim import OptimConfig, TorchOptimizer
+from fpgrad.run.scaling import DynamicScaler, StaticScaler
+from fpgrad.run.torch_native import TorchModel
 from fpgrad.training.history import History, _dead_units, _flat
 from fpgrad.training.runs import RunSpec
 
@@ -82,13 +82,46 @@ class _Run:
         hist.state_hash.append(self.state_hash())
 
 
-class TorchRun(_Run):
+class _TorchState(_Run):
+    """What a run trained by torch keeps besides its module: the float32 master copies
+    (``+master``), the optimizer over what it updates, the loss scaler, the format of the
+    gradients it judges and its history. ``params``: the tensors the forward pass uses."""
+
+    params: list[torch.Tensor]
+    spec: RunSpec
+
+    def _init_state(self, spec: RunSpec, cfg: OptimConfig, seed: int) -> None:
+        self.master = (
+            [p.detach().to(torch.float32).clone() for p in self.params] if spec.master else None
+        )
+        self.opt = TorchOptimizer(self.targets(), cfg, spec.update, seed)
+        self.scaler: DynamicScaler | StaticScaler | None = None
+        if spec.dynamic:
+            self.scaler = DynamicScaler()
+        elif spec.loss_scale is not None:
+            self.scaler = StaticScaler(spec.loss_scale)
+        self.grad_format = "float32" if spec.master else spec.precision
+        self.history = History(spec.label)
+
+    def targets(self) -> list[torch.Tensor]:
+        """The tensors the optimizer updates (float32 masters or the parameters)."""
+        return self.master if self.master is not None else self.params
+
+    def vector(self) -> np.ndarray:
+        return _flat([t.detach().to(torch.float64).numpy() for t in self.targets()])
+
+    def low_vector(self) -> np.ndarray:
+        """The parameters the forward pass uses, flattened to float64."""
+        return _flat([p.detach().to(torch.float64).numpy() for p in self.params])
+
+
+class TorchRun(_TorchState):
     """One precision with its policies, trained with torch autograd."""
 
     def __init__(
         self, net: Network, spec: RunSpec, cfg: OptimConfig, seed: int, perturb: bool = False
     ):
-        from fpgrad.runlog import policy_how, record
+        from fpgrad.run.runlog import policy_how, record
 
         device = spec.policy.autocast_device if spec.policy is not None else None
         record(spec.label, "native" if device is None else policy_how(device, False))
@@ -100,28 +133,7 @@ class TorchRun(_Run):
             with torch.no_grad():
                 w = self.params[0].view(-1)
                 w[0] = torch.nextafter(w[0], torch.tensor(math.inf, dtype=w.dtype))
-        self.master = (
-            [p.detach().to(torch.float32).clone() for p in self.params] if spec.master else None
-        )
-        targets = self.master if self.master is not None else self.params
-        self.opt = TorchOptimizer(targets, cfg, spec.update, seed)
-        self.scaler: DynamicScaler | StaticScaler | None = None
-        if spec.dynamic:
-            self.scaler = DynamicScaler()
-        elif spec.loss_scale is not None:
-            self.scaler = StaticScaler(spec.loss_scale)
-        self.grad_format = "float32" if spec.master else spec.precision
-        self.history = History(spec.label)
-
-    def targets(self) -> list[torch.Tensor]:
-        return self.master if self.master is not None else self.params
-
-    def vector(self) -> np.ndarray:
-        return _flat([t.detach().to(torch.float64).numpy() for t in self.targets()])
-
-    def low_vector(self) -> np.ndarray:
-        """The parameters the forward pass uses, flattened to float64."""
-        return _flat([p.detach().to(torch.float64).numpy() for p in self.params])
+        self._init_state(spec, cfg, seed)
 
     def step(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         net, hist = self.net, self.history
@@ -208,7 +220,7 @@ def _first_nonfinite(
     """The first tensor of this step holding inf/NaN, in the order they are computed: the
     parameters, forward outputs, the loss, backward signals (from the loss back), then the
     parameter gradients. Values are torch tensors or numpy arrays (None: not computed)."""
-    from fpgrad.comparison import places
+    from fpgrad.diagnose.comparison import places
 
     def where(layer: str, direction: str, quantity: str, op: str) -> dict[str, Any]:
         return {

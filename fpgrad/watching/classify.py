@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from fpgrad.formats import get_format
+from fpgrad.numbers.formats import get_format
 from fpgrad.watching.exact_fallback import exact_elements
 from fpgrad.watching.leaves import leaves, map_leaves
 

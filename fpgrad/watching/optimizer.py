@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fpgrad.formats import get_format
+from fpgrad.numbers.formats import get_format
 from fpgrad.watching.classify import FORMAT_OF, count
 from fpgrad.watching.scratch import Scratch
 

@@ -25,7 +25,7 @@ import numpy as np
 from gmpy2 import mpq
 
 from fpgrad.errors import InputError
-from fpgrad.exact import exact_trace
+from fpgrad.reference.exact import exact_trace
 from tests.oracle.reference import UNKNOWN, ZERO, OracleResult, oracle
 
 DIGIT_SLACK = 1e-9  # relative slack on 10**-digits (the float digit value)
@@ -51,7 +51,7 @@ class Claims:
 
 
 def claims(result: Any, key: str) -> Claims:
-    """The claims of ``result`` (an :class:`fpgrad.exact.ExactResult`) about ``key``."""
+    """The claims of ``result`` (an :class:`fpgrad.reference.exact.ExactResult`) about ``key``."""
     digits = np.asarray(result.digits[key], dtype=np.float64)
     if hasattr(result, "enclosure"):
         mid, rad = result.enclosure(key)

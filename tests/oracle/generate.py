@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from fpgrad.network import Layer, Loss, Network
+from fpgrad.model.network import Layer, Loss, Network
 
 REGIMES = (
     "relu_edge",

@@ -36,7 +36,7 @@ import mpmath
 import numpy as np
 from gmpy2 import mpq
 
-from fpgrad.network import Network
+from fpgrad.model.network import Network
 
 EXACT, ZERO, NUMERIC, UNKNOWN = 0, 1, 2, 3
 BASE_BITS = 4000

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fpgrad.formats import get_format
+from fpgrad.numbers.formats import get_format
 from tests.watch_reference.exact_fallback import exact_elements
 
 #: torch dtype -> fpgrad format name.

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fpgrad.formats import get_format
+from fpgrad.numbers.formats import get_format
 from tests.watch_reference.classify import FORMAT_OF, count
 
 #: Parameters up to this size keep their per-element swamped map in the records.

@@ -76,7 +76,7 @@ def unsupported_message(graph: Graph) -> str:
     return (
         f"unsupported ops ({len(missing)}): "
         + "; ".join(parts)
-        + "; see the README section 'Any torch model' for the supported ops"
+        + "; see docs/howto/torch-models.md for the supported ops"
     )
 
 

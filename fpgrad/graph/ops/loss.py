@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
 from fpgrad.graph.ops.registry import op
+from fpgrad.run.evaluate import bce_terms_torch
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -54,12 +56,14 @@ def log_softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
 
 @op("aten._log_softmax_backward_data.default")
 def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = None) -> Any:
-    """g - exp(out) * sum(g); fed by an unweighted NLL backward: ``c * xent_grad``."""
+    """g - exp(out) * sum(g), torch's formula; in the exact systems, fed by an unweighted NLL
+    backward: ``c * xent_grad`` (no cancellation where the softmax saturates)."""
     ar = cx.ar
     src, ls = cx.origin(0), cx.origin(1)
     nd = len(shapes.shape(out))
     if (
-        src is not None
+        isinstance(ar, ExactDerivatives)
+        and src is not None
         and ls is not None
         and str(src.target) == "aten.nll_loss_backward.default"
         and str(ls.target) == "aten._log_softmax.default"
@@ -98,19 +102,24 @@ def _weights(cx: Any, target: np.ndarray, weight: Any, ignore: int) -> Any:
 def nll_loss_forward(
     cx: Any, logp: Any, target: np.ndarray, weight: Any, reduction: int, ignore: int
 ) -> tuple[Any, Any]:
-    """(loss, total weight): -sum w_i logp[i, t_i] (over total weight for "mean")."""
+    """(loss, total weight) as torch's CPU kernel: "none": ``-logp[i, t_i] * w_i`` (+0 where
+    ignored); else ``0 - logp[i, t_i] (* w_i) - ...`` (the sum of the negated picks added to
+    0, so a zero loss is +0.0 as torch's), over the total weight for "mean"."""
     ar = cx.ar
     target = np.asarray(target).ravel()
     if len(shapes.shape(logp)) == 1:
         logp = shapes.reshape(logp, (1, -1))
-    safe = np.where(target != ignore, target, 0)
+    keep = target != ignore
+    safe = np.where(keep, target, 0)
     picked = shapes.index(logp, (np.arange(target.size), safe))
     w = _weights(cx, target, weight, ignore)
-    terms = ar.mul(ar.mul(picked, w), ar.const(-1.0))
+    zero = ar.asarray(np.zeros(target.size))
+    neg = ar.mul(picked, ar.const(-1.0))  # exact
     total_w = sum_dims(cx, w, None, False)
     if REDUCTIONS[int(reduction)] == "none":
-        return terms, total_w
-    loss = sum_dims(cx, terms, None, False)
+        return ar.where(keep, ar.mul(neg, w) if weight is not None else neg, zero), total_w
+    terms = ar.mul(ar.mul(picked, w), ar.const(-1.0)) if weight is not None else neg
+    loss = ar.add(ar.const(0.0), sum_dims(cx, ar.where(keep, terms, zero), None, False))
     if REDUCTIONS[int(reduction)] == "mean":
         loss = ar.div(loss, total_w)
     return loss, total_w
@@ -121,17 +130,27 @@ def nll_loss_backward(
     cx: Any, go: Any, logp: Any, target: np.ndarray, weight: Any, reduction: int, ignore: int,
     total_w: Any,
 ) -> Any:  # fmt: skip
-    """-w_i * go (/ total weight for "mean") at (i, t_i), 0 elsewhere."""
+    """torch's CPU kernel: ``w_i * -(go / total weight)`` ("mean"; ``-go`` for "sum", ``-w_i *
+    go_i`` for "none") at (i, t_i), +0 elsewhere (without weights: no product)."""
     ar = cx.ar
     shape = shapes.shape(logp)
     target = np.asarray(target).ravel()
     n, classes = (1, shape[0]) if len(shape) == 1 else shape
-    t = _onehot(target, ignore, classes)
-    w = shapes.reshape(_weights(cx, target, weight, ignore), (n, 1))
-    scale = ar.mul(go if int(reduction) != 0 else shapes.reshape(go, (n, 1)), ar.const(-1.0))
-    if int(reduction) == 1:
-        scale = ar.div(scale, total_w)
-    out = ar.mul(ar.mul(ar.asarray(t), w), scale)
+    hot = _onehot(target, ignore, classes) != 0
+    if int(reduction) == 0:
+        g = shapes.reshape(go, (n, 1))
+        if weight is not None:
+            w = shapes.reshape(_weights(cx, target, weight, ignore), (n, 1))
+            g = ar.mul(ar.mul(w, ar.const(-1.0)), g)
+        else:
+            g = ar.mul(g, ar.const(-1.0))
+    else:
+        g = ar.div(go, total_w) if int(reduction) == 1 else go
+        g = ar.mul(g, ar.const(-1.0))
+        if weight is not None:
+            w = shapes.reshape(_weights(cx, target, weight, ignore), (n, 1))
+            g = ar.mul(w, g)
+    out = ar.where(hot, shapes.expand(g, (n, classes)), ar.asarray(np.zeros((n, classes))))
     return shapes.reshape(out, shape)
 
 
@@ -150,12 +169,15 @@ def mse_loss(cx: Any, a: Any, b: Any, reduction: int = 1) -> Any:
 
 @op("aten.mse_loss_backward.default")
 def mse_loss_backward(cx: Any, grad: Any, a: Any, b: Any, reduction: int) -> Any:
-    """2 (a - b) grad (/ numel for "mean"), as torch's formula."""
+    """torch's CPU kernel: ``norm * (a - b) * grad``, norm = 2 / numel ("mean", the float64
+    quotient held in the format) or 2; the exact systems: 2 (a - b) grad / numel."""
     ar = cx.ar
-    g = ar.mul(ar.mul(ar.sub(a, b), ar.const(2.0)), grad)
-    if REDUCTIONS[int(reduction)] == "mean":
-        g = ar.div(g, ar.const(float(np.prod(shapes.shape(a)))))
-    return g
+    mean = REDUCTIONS[int(reduction)] == "mean"
+    count = float(np.prod(shapes.shape(a)))
+    if isinstance(ar, ExactDerivatives):  # the exact rational 2 / numel
+        g = ar.mul(ar.mul(ar.sub(a, b), ar.const(2.0)), grad)
+        return ar.div(g, ar.const(count)) if mean else g
+    return ar.mul(ar.mul(ar.const(2.0 / count if mean else 2.0), ar.sub(a, b)), grad)
 
 
 def _reduce(cx: Any, terms: Any, reduction: int) -> Any:
@@ -172,8 +194,11 @@ def bce_with_logits(
     cx: Any, x: Any, t: Any, weight: Any = None, pos_weight: Any = None, reduction: int = 1
 ) -> Any:
     """(1 - t) x + l softplus(-x), softplus(-x) = log(1 + exp(-|x|)) + max(-x, 0), with
-    l = 1 + (pos_weight - 1) t (1 without pos_weight), torch's formula."""
+    l = 1 + (pos_weight - 1) t (1 without pos_weight); a strict machine rounds torch's own
+    sequence, :func:`bce_terms_torch`."""
     ar = cx.ar
+    if not isinstance(ar, ExactDerivatives):
+        return _reduce(cx, bce_terms_torch(ar, x, t, weight, pos_weight), reduction)
     neg = ar.mul(x, ar.const(-1.0))
     zero = ar.asarray(np.zeros(shapes.shape(x)))
     soft = ar.add(

@@ -53,12 +53,12 @@ def mul(cx: Any, a: Any, b: Any) -> Any:
     """a * b; in the exact systems var's backward scale (torch's float64 2 / (n - correction))
     is the rational it rounds: a * 2 / (n - correction)."""
     if isinstance(b, float) and isinstance(cx.ar, ExactDerivatives):
-        from fpgrad.graph.ops.reduce import var_backward_divisor
+        from fpgrad.graph.ops.reduce import dof, var_backward_divisor
 
         div = var_backward_divisor(cx, b)
         if div is not None:
             ar = cx.ar
-            return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), ar.const(div))
+            return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), dof(cx, *div))
     return cx.ar.mul(scalar(cx, a), scalar(cx, b))
 
 
@@ -103,7 +103,7 @@ def pow_scalar(cx: Any, a: Any, e: float) -> Any:
     (``x.pow(-0.5)``'s backward reads ``x.pow(-1.5)``)."""
     ar = cx.ar
     e = float(e)
-    if 2 * e != int(2 * e) or abs(e) > 64:
+    if not abs(e) <= 64 or 2 * e != int(2 * e):  # inf and NaN included
         from fpgrad.errors import InputError
 
         raise InputError(
@@ -129,14 +129,27 @@ def pow_scalar(cx: Any, a: Any, e: float) -> Any:
 
 @op("aten.relu.default")
 def relu(cx: Any, x: Any) -> Any:
-    return cx.ar.where(cx.ar.positive(x), x, zeros(cx, shapes.shape(x)))  # relu'(0) = 0
+    """torch's ``x < 0 ? 0 : x``: +0.0 for a negative, NaN and -0.0 kept (relu'(0) = 0)."""
+    ar, zero = cx.ar, zeros(cx, shapes.shape(x))
+    if isinstance(ar, ExactDerivatives):
+        return ar.where(ar.positive(x), x, zero)  # no NaN; the branch the certifier tracks
+    return ar.where(np.asarray(x, dtype=np.float64) < 0, zero, x)
+
+
+def above(cx: Any, x: Any, threshold: float = 0.0) -> Any:
+    """torch's ``!(x <= threshold)``: x > threshold, or NaN (a strict machine's NaN takes
+    the branch torch's kernels take for it); the exact systems hold no NaN."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        return ar.positive(x if threshold == 0 else ar.sub(x, ar.const(float(threshold))))
+    x = np.asarray(x, dtype=np.float64)  # exact comparison with the threshold the format holds
+    return (x > (ar.const(float(threshold)) if threshold != 0 else 0.0)) | np.isnan(x)
 
 
 @op("aten.threshold_backward.default")
 def threshold_backward(cx: Any, grad: Any, out: Any, threshold: float) -> Any:
-    ar = cx.ar
-    mask = ar.positive(out if threshold == 0 else ar.sub(out, ar.const(float(threshold))))
-    return ar.where(mask, grad, zeros(cx, shapes.shape(grad)))
+    """torch's ``out <= threshold ? 0 : grad``: +0.0 below, the gradient where out is NaN."""
+    return cx.ar.where(above(cx, out, threshold), grad, zeros(cx, shapes.shape(grad)))
 
 
 @op("aten.leaky_relu.default")
@@ -307,7 +320,11 @@ def masked_fill(cx: Any, x: Any, mask: np.ndarray, value: float) -> Any:
                          "softmax mask and finite values are)")  # fmt: skip
     out = ar.where(where, ar.asarray(np.full(shape, float(value))), inner)
     if isinstance(x, NegInfMasked):
-        return NegInfMasked(out, x.mask & ~where)
+        left = x.mask & ~where
+        if not left.any():  # every -inf overwritten: a plain value again
+            return out
+        only_softmax(cx)  # some -inf remain: still a mask
+        return NegInfMasked(out, left)
     return out
 
 
@@ -383,4 +400,6 @@ def elu_backward(
         xr = cx.value(src.args[0])
     c = float(input_scale) * float(scale) * float(alpha)
     neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), ar.const(c)))
+    # NaN input: the negative branch (NaN), as torch's vectorized kernel (b > 0 selects);
+    # its scalar tail (b <= 0 selects) would give g * scale
     return ar.where(ar.positive(xr), ar.mul(g, ar.const(float(scale))), neg)

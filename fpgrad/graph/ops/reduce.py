@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
+from torch import fx
+
+from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph.ops._util import count, sum_dims
 from fpgrad.graph.ops.registry import op
 
@@ -45,13 +49,48 @@ def var(
                          f"{n - c}; use a smaller correction")  # fmt: skip
     mean = ar.div(sum_dims(cx, x, dims, True), ar.const(float(n)))
     d = ar.sub(x, mean)
-    return ar.div(sum_dims(cx, ar.mul(d, d), dims, keepdim), ar.const(float(n - c)))
+    return ar.div(sum_dims(cx, ar.mul(d, d), dims, keepdim), dof(cx, n, c))
 
 
-def var_backward_divisor(cx: Any, scale: float) -> float | None:
-    """``n - correction`` when the node (``mul.Scalar(g, scale)``) is var's backward scale:
-    a user multiplies it by ``x - mean(x, dims)``, the graph has ``var.correction(x, dims,
-    correction)`` and ``scale == 2 / (n - correction)`` in float64; else None."""
+def dof(cx: Any, n: int, c: float) -> Any:
+    """``n - c`` as a constant of the system: exact in the exact systems (a fractional
+    correction makes torch's float64 ``n - c`` a rounding), torch's float64 value elsewhere."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        return ar.sub(ar.const(float(n)), ar.const(float(c)))
+    return ar.const(float(n - c))
+
+
+_BACKWARD: WeakKeyDictionary[fx.Graph, set[fx.Node]] = WeakKeyDictionary()
+
+
+def backward_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from the loss (the graph's first output): the autograd backward.
+    A forward node never reads the loss, so a user's own constant is never among them."""
+    if graph not in _BACKWARD:
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        loss = out.args[0][0]
+        seen: set[fx.Node] = set()
+        stack = list(loss.users)
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(node.users)
+        _BACKWARD[graph] = seen
+    return _BACKWARD[graph]
+
+
+def var_backward_divisor(cx: Any, scale: float) -> tuple[int, float] | None:
+    """``(n, correction)`` when the node is var's backward scale: an ``aten.mul.Scalar(g,
+    scale)`` of the backward (it reads the loss; torch's Python ``t * 0.5`` traces as
+    ``mul.Tensor``), a user multiplies it by ``x - mean(x, dims)``, the graph has
+    ``var.correction(x, dims, correction)`` and ``scale == 2 / (n - correction)`` as torch
+    computes it in float64; else None."""
+    if str(cx.node.target) != "aten.mul.Scalar":
+        return None
+    if cx.node not in backward_nodes(cx.node.graph):
+        return None
     for user in cx.node.users:
         if str(user.target) != "aten.mul.Tensor":
             continue
@@ -71,7 +110,7 @@ def var_backward_divisor(cx: Any, scale: float) -> float | None:
                 if sorted(vdims or []) != sorted(dims or []):
                     continue
                 corr = var.kwargs.get("correction", var.args[2] if len(var.args) > 2 else None)
-                n = count(cx.value(x), vdims) - (1.0 if corr is None else float(corr))
-                if n > 0 and 2.0 / n == scale:
-                    return float(n)
+                n, c = count(cx.value(x), vdims), 1.0 if corr is None else float(corr)
+                if n - c > 0 and 2.0 / (n - c) == scale:
+                    return n, c
     return None

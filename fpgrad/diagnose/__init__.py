@@ -1,0 +1,1 @@
+"""Diagnosis: verdicts, the comparison, the diagnosis in words, the loss-scale advisor."""

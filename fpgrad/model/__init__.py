@@ -1,0 +1,1 @@
+"""Models: the layer network, network and model files, input bounds, torch modules to networks."""

@@ -1,0 +1,1 @@
+"""Numbers: formats, correct rounding in every mode, exact decimal strings."""

@@ -1,0 +1,1 @@
+"""Presentation: text tables, the teaching view of a value, reports (Markdown, HTML, figures)."""
