@@ -32,22 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fpgrad.diagnose.verdict_names import VERDICTS
 from fpgrad.numbers.formats import Format
 from fpgrad.numbers.rounding import STOCHASTIC_MODES, Mode
 from fpgrad.reference.array import ExactArray
 
-VERDICTS = (
-    "ok",
-    "structural_zero",
-    "rounding_zero",
-    "subnormal",
-    "overflow",
-    "nan",
-    "wrong_sign",
-    "spurious_nonzero",
-    "inaccurate",
-    "undetermined",
-)
 #: subkinds of a rounding zero (codes 1, 2 of :attr:`Verdicts.kind`; 0: none)
 SUBKINDS = ("", "underflow", "lost")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fpgrad.diagnose.verdict_names import VERDICTS
 from fpgrad.errors import InputError
 from fpgrad.sweeps.grid import format_value
 
@@ -16,20 +17,7 @@ if TYPE_CHECKING:
     from fpgrad.model.network import Network
     from fpgrad.sweeps.captured import ScriptRef
 
-#: gradient verdicts, in the order of the table and the plot: fpgrad.diagnose.verdicts.VERDICTS, written
-#: out so that building the CLI imports no numpy (tests/test_sweep.py keeps them equal)
-COUNTS = (
-    "ok",
-    "structural_zero",
-    "rounding_zero",
-    "subnormal",
-    "overflow",
-    "nan",
-    "wrong_sign",
-    "spurious_nonzero",
-    "inaccurate",
-    "undetermined",
-)
+COUNTS = VERDICTS  #: the verdict counts of a cell, in table order
 #: options of each task (``sweep(..., **options)``) and their defaults
 OPTIONS: dict[str, dict[str, Any]] = {
     # exact_bits None: fpgrad.reference.exact.DEFAULT_BITS
