@@ -299,6 +299,12 @@ class Comparison:
         return render_comparison(self, max_rows=max_rows, verdicts=verdicts, param=param)
 
     @property
+    def working_bits(self) -> int:
+        """The precision the exact reference worked at (an Arb escalation raises it above the
+        requested :attr:`exact_bits`)."""
+        return int(self.exact_info.get("working_bits", self.exact_bits))
+
+    @property
     def gradients(self) -> list[dict[str, Any]]:
         """One dict per gradient element (param, index, exact string, per precision: value,
         verdict, kind, rel_err, ulps, digits): convenient on small models, a Python object per

@@ -94,12 +94,7 @@ class GraphTorchRun(_TorchState):
         loss = self.loss_fn(self.model(*self.inputs), self.y)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         (loss * scale if scale != 1.0 else loss).backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.master is not None:
-            grads = [g.to(torch.float32) for g in grads]  # unscale in float32, as GradScaler
-        if scale != 1.0:
-            grads = [g * (1.0 / scale) for g in grads]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        grads, finite = self._unscaled(scale)
         if hist.overflow_place is None:
             named = dict(zip(self.names, self.params, strict=True))
             hist.overflow_place = _first_nonfinite_place(
@@ -109,21 +104,7 @@ class GraphTorchRun(_TorchState):
                 hist.overflow_place = (
                     self._module_place(scale, len(hist.loss)) or hist.overflow_place
                 )
-        take = self.scaler.update(finite) if self.scaler is not None else True
-        before = self.vector()
-        if take:
-            self.opt.step(grads)
-        if self.master is not None:
-            with torch.no_grad():
-                for low, high in zip(self.params, self.master, strict=True):
-                    low.copy_(high.to(low.dtype))  # float32 -> the dtype: one correct rounding
-        g64 = {
-            k: g.detach().to(torch.float64).numpy() for k, g in zip(self.names, grads, strict=True)
-        }
-        intended = _flat(self.opt.intended) if take else None
-        loss64 = float(loss.detach().to(torch.float64))
-        self._record(loss64, g64, intended, before, finite, take, scale, {})
-        return g64
+        return self._update(self.names, grads, finite, loss, scale, {})
 
     def _module_place(self, scale: float, step: int) -> dict[str, Any] | None:
         """The first leaf module whose output (forward) or input gradient (backward) holds

@@ -226,7 +226,7 @@ def render_comparison(
 ) -> str:
     lines = [
         f"fpgrad compare: {c.network}",
-        f"reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.exact_info.get('working_bits', c.exact_bits))}, "
+        f"reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.working_bits)}, "
         f"certified {c.certified_digits:.1f} significant digits",
     ]
     lines += [f"note: {n}" for n in c.notes[1:]]

@@ -8,6 +8,7 @@ from typing import Any
 
 from fpgrad.graph.compare import GraphComparison
 from fpgrad.run.runlog import HOW
+from fpgrad.scenarios.base import Section
 
 HEADERS = [
     "column", "ran", "first inf/NaN (module (op))", "gradients NaN", "gradients inf",
@@ -53,3 +54,14 @@ def column_rows(data: dict[str, dict[str, Any]]) -> list[list[Any]]:
 def clean(d: dict[str, Any]) -> bool:
     """No op produced inf or NaN and no gradient is inf or NaN."""
     return d["first_nonfinite"] is None and d["nan"] == 0 and d["overflow"] == 0
+
+
+def columns_section(data: dict[str, dict[str, Any]]) -> Section:
+    """The table of where the first inf appeared in each column, with the gradients' verdicts."""
+    return Section(
+        "Where the first inf appears, per column",
+        "Gradient verdicts against the certified exact gradients; each gradient judged in "
+        "the dtype torch computed it in.",
+        HEADERS,
+        column_rows(data),
+    )

@@ -13,7 +13,7 @@ from torch import nn
 from fpgrad.graph import from_module
 from fpgrad.graph.compare import compare_graph
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.scenarios.captured import HEADERS, clean, column_data, column_rows
+from fpgrad.scenarios.captured import clean, column_data, columns_section
 
 NAME = "graph_attention_fp16"
 CLAIM = (
@@ -117,13 +117,7 @@ def run(small: bool = False) -> ScenarioResult:
         "is torch's eager autograd on this CPU; the exact reference is certified ball arithmetic."
     )
     sections = [
-        Section(
-            "Where the first inf appears, per column",
-            "Gradient verdicts against the certified exact gradients; each gradient judged in "
-            "the dtype torch computed it in.",
-            HEADERS,
-            column_rows(data),
-        ),
+        columns_section(data),
         Section(
             "Why",
             f"exp(s) overflows float16 for s > {math.log(65504):.4f}; the scores reach {top:.2f}. "

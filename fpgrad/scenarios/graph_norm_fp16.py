@@ -10,7 +10,7 @@ from torch import nn
 from fpgrad.graph import from_module
 from fpgrad.graph.compare import compare_graph
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
-from fpgrad.scenarios.captured import HEADERS, clean, column_data, column_rows
+from fpgrad.scenarios.captured import clean, column_data, columns_section
 
 NAME = "graph_norm_fp16"
 CLAIM = (
@@ -115,13 +115,7 @@ def run(small: bool = False) -> ScenarioResult:
         "certified ball arithmetic."
     )
     sections = [
-        Section(
-            "Where the first inf appears, per column",
-            "Gradient verdicts against the certified exact gradients; each gradient judged in "
-            "the dtype torch computed it in.",
-            HEADERS,
-            column_rows(data),
-        ),
+        columns_section(data),
         Section(
             "Why no NaN",
             "x.pow(2) is inf for |x| > 255.9 in float16, so mean(x^2) + eps is inf and "

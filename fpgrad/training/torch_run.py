@@ -114,6 +114,41 @@ class _TorchState(_Run):
         """The parameters the forward pass uses, flattened to float64."""
         return _flat([p.detach().to(torch.float64).numpy() for p in self.params])
 
+    def _unscaled(self, scale: float) -> tuple[list[torch.Tensor], bool]:
+        """The parameters' gradients after a backward of ``scale * loss``, unscaled (in float32
+        with master weights, as GradScaler), and whether all are finite."""
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self.params]
+        if self.master is not None:
+            grads = [g.to(torch.float32) for g in grads]
+        if scale != 1.0:
+            grads = [g * (1.0 / scale) for g in grads]
+        return grads, all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def _update(
+        self,
+        names: list[str],
+        grads: list[torch.Tensor],
+        finite: bool,
+        loss: torch.Tensor,
+        scale: float,
+        outputs: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """The scaler's decision, the optimizer step (masters rounded back into the parameters:
+        one correct rounding), the step recorded; the unscaled gradients in float64."""
+        take = self.scaler.update(finite) if self.scaler is not None else True
+        before = self.vector()
+        if take:
+            self.opt.step(grads)
+        if self.master is not None:
+            with torch.no_grad():
+                for low, high in zip(self.params, self.master, strict=True):
+                    low.copy_(high.to(low.dtype))
+        g64 = {k: g.detach().to(torch.float64).numpy() for k, g in zip(names, grads, strict=True)}
+        intended = _flat(self.opt.intended) if take else None
+        loss64 = float(loss.detach().to(torch.float64))
+        self._record(loss64, g64, intended, before, finite, take, scale, outputs)
+        return g64
+
 
 class TorchRun(_TorchState):
     """One precision with its policies, trained with torch autograd."""
@@ -162,34 +197,8 @@ class TorchRun(_TorchState):
                 {k: t.grad for k, t in named.items()},
                 len(hist.loss),
             )
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self.params]
-        if self.master is not None:
-            grads = [g.to(torch.float32) for g in grads]  # unscale in float32, as GradScaler
-        if scale != 1.0:
-            grads = [g * (1.0 / scale) for g in grads]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        take = self.scaler.update(finite) if self.scaler is not None else True
-        before = self.vector()
-        if take:
-            self.opt.step(grads)
-        if self.master is not None:
-            with torch.no_grad():
-                for low, high in zip(self.params, self.master, strict=True):
-                    low.copy_(high.to(low.dtype))  # float32 -> low precision: one correct rounding
-        g64 = {
-            k: g.detach().to(torch.float64).numpy() for k, g in zip(net.params, grads, strict=True)
-        }
-        self._record(
-            float(loss.detach().to(torch.float64)),
-            g64,
-            _flat(self.opt.intended) if take else None,
-            before,
-            finite,
-            take,
-            scale,
-            outputs,
-        )
-        return g64
+        grads, finite = self._unscaled(scale)
+        return self._update(list(net.params), grads, finite, loss, scale, outputs)
 
     def final_loss(self, rows: np.ndarray) -> float:
         """The unscaled loss at the current parameters on ``rows``, forward only."""

@@ -222,7 +222,7 @@ def advice_from_values(
         format=f.name if policy is None else f"{f.name} (policy {policy})",
         scope=scope,
         headroom=headroom,
-        exact_bits=max(bits, int(getattr(exact, "bits", bits))),  # the precision it worked at
+        exact_bits=max(bits, exact.bits),  # the precision the reference worked at
         exact_method=exact.method,
         certified_digits=exact.certified_digits,
         sizes=sizes,

@@ -193,7 +193,7 @@ def _intro(c: Comparison) -> list[str]:
     from fpgrad.present.render import exact_method_text, findings_lines
 
     lines = [
-        f"Reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.exact_info.get('working_bits', c.exact_bits))}, "
+        f"Reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.working_bits)}, "
         f"certified {c.certified_digits:.1f} significant digits.",
     ]
     lines += [f"Note: {n}." for n in c.notes[1:]]
@@ -231,7 +231,7 @@ def _html(
 
     esc = html.escape
     paragraphs = [
-        f"Reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.exact_info.get('working_bits', c.exact_bits))}, "
+        f"Reference: {c.reference}; exact = {exact_method_text(c.exact_method, c.working_bits)}, "
         f"certified {c.certified_digits:.1f} significant digits.",
         *(f"Note: {n}." for n in c.notes[1:]),
     ]
