@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fpgrad.diagnose.comparison import compare  # noqa: E402
+from fpgrad.graph.layers import exact_trace  # noqa: E402
 from fpgrad.model.netfile import parse_network  # noqa: E402
 from fpgrad.present.report.own import write_npz  # noqa: E402
-from fpgrad.reference.exact import exact_trace  # noqa: E402
 
 
 def network(width: int, batch: int):  # noqa: ANN201 - a Network

@@ -44,10 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fpgrad.arith.ball import BallArith  # noqa: E402
 from fpgrad.arith.mp import MPArith  # noqa: E402
+from fpgrad.graph.layers import evaluate, exact_trace  # noqa: E402
 from fpgrad.model.netfile import load_network  # noqa: E402
 from fpgrad.model.network import Layer, Loss, Network  # noqa: E402
-from fpgrad.reference.exact import exact_trace  # noqa: E402
-from fpgrad.run.evaluate import evaluate  # noqa: E402
 
 SIZES = (64, 256, 256, 10)
 SHOWCASE = Path(__file__).resolve().parents[1] / "fpgrad" / "examples" / "showcase.toml"

@@ -237,7 +237,7 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             timed("render", result.render)
         return
 
-    from fpgrad.reference.exact import exact_trace
+    from fpgrad.graph.layers import exact_trace
 
     net = build_mlp(SIZES[case], batch)
     params = sum(a.size for ly in net.layers for a in ly.params.values())
@@ -255,7 +255,7 @@ def child(case: str, batch: int, tasks: list[str], bits: int, profile: int) -> N
             values=lambda r: int(sum(d.size for d in r.digits.values())),
         )
     if "native" in tasks:
-        from fpgrad.run.precisions import parse_precisions
+        from fpgrad.graph.precisions import parse_precisions
 
         for p in parse_precisions(PRECISIONS):
             p.run(small)  # load the rounding kernels

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def warm_compiled_kernels() -> None:
     """Load (or compile) the numba kernels: rounding and the exact balls' elementary words."""
+    from fpgrad.graph.layers import exact_trace
     from fpgrad.model.netfile import load_network
     from fpgrad.numbers.rounding import round_to
-    from fpgrad.reference.exact import exact_trace
 
     round_to(np.array([1.0, 2.0**-30, 3.0e5]), "float16")
     exact_trace(load_network(ROOT / "fpgrad" / "examples" / "showcase.toml"))

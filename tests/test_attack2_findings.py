@@ -26,10 +26,10 @@ from fpgrad.arith import arb as arbmod
 from fpgrad.arith.ball import Ball
 from fpgrad.cli import main
 from fpgrad.errors import InputError
+from fpgrad.graph.layers import exact_trace
 from fpgrad.model.from_torch import import_module
 from fpgrad.model.netfile import parse_network
 from fpgrad.model.policy import parse_policy
-from fpgrad.reference.exact import exact_trace
 from fpgrad.run.optim import OptimConfig
 from fpgrad.run.torch_native import one_torch_thread, to_float64, torch_trace
 from fpgrad.training import batch_schedule, exact_trajectory, train

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fpgrad.errors import InputError
-from fpgrad.reference.exact import exact_trace
+from fpgrad.graph.layers import exact_trace
 from fpgrad.run.optim import OptimConfig
 from fpgrad.training import train
 from tests.nets import net_from

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fpgrad.graph.layers import exact_trace
 from fpgrad.model.network import Layer, Loss, Network
-from fpgrad.reference.exact import exact_trace
 from tests.oracle.claims import check
 from tests.oracle.reference import oracle
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fpgrad.diagnose.verdicts import ExactArray, classify
+from fpgrad.graph.layers import exact_trace
 from fpgrad.numbers.formats import get_format
-from fpgrad.reference.exact import exact_trace
 from tests.nets import net_from
 
 

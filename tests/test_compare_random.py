@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 
 from fpgrad.diagnose.comparison import compare
 from fpgrad.diagnose.verdicts import VERDICTS
+from fpgrad.graph.layers import exact_trace
 from fpgrad.model.netfile import parse_network
 from fpgrad.model.network import Network
-from fpgrad.reference.exact import exact_trace
 
 PRECISIONS = ("float32", "float64")
 

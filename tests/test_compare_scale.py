@@ -28,8 +28,8 @@ def test_advisor_values_cache_gives_the_same_advice() -> None:
     """compare's diagnosis shares the advisor's sorted magnitudes between float16 and
     bfloat16: the advice is the one each format gets on its own."""
     from fpgrad.diagnose.advisor import advise
+    from fpgrad.graph.layers import exact_trace
     from fpgrad.model.netfile import load_network
-    from fpgrad.reference.exact import exact_trace
 
     net = load_network(Path(__file__).resolve().parents[1] / "fpgrad/examples/showcase.toml")
     exact = exact_trace(net)

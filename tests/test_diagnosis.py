@@ -472,7 +472,7 @@ def test_exact_strings_are_correctly_rounded(showcase) -> None:  # noqa: ANN001
     import decimal
     from fractions import Fraction
 
-    from fpgrad.reference.exact import exact_trace
+    from fpgrad.graph.layers import exact_trace
 
     ex = exact_trace(load_network(str(SHOWCASE)))
     c = showcase

@@ -35,10 +35,10 @@ from fpgrad.cli import main
 from fpgrad.diagnose.comparison import compare
 from fpgrad.diagnose.verdicts import VERDICTS
 from fpgrad.errors import InputError
+from fpgrad.graph.precisions import get_precision, parse_precisions
 from fpgrad.model.netfile import load_network
 from fpgrad.numbers.formats import Format, get_format
 from fpgrad.numbers.rounding import Mode
-from fpgrad.run.precisions import get_precision, parse_precisions
 from tests.nets import net_from
 
 DIRECTED = [Mode.NEAREST_EVEN, Mode.TOWARD_ZERO, Mode.UP, Mode.DOWN]
@@ -165,7 +165,7 @@ def test_oracle_set_up() -> None:
 
 def test_doctests() -> None:
     assert doctest.testmod(emulated).failed == 0
-    import fpgrad.run.precisions as precisions
+    import fpgrad.graph.precisions as precisions
 
     assert doctest.testmod(precisions).failed == 0
 

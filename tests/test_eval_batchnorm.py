@@ -22,11 +22,10 @@ from torch import nn
 
 from fpgrad.arith.emulated import EmulatedArith
 from fpgrad.cli import main
+from fpgrad.graph.layers import evaluate, exact_trace
 from fpgrad.model.from_torch import import_module, load_model_file, network_toml
 from fpgrad.model.netfile import parse_network
 from fpgrad.model.policy import BUILTIN
-from fpgrad.reference.exact import exact_trace
-from fpgrad.run.evaluate import evaluate
 from fpgrad.run.optim import OptimConfig
 from fpgrad.run.torch_native import one_torch_thread, to_float64, torch_trace
 from fpgrad.training import train

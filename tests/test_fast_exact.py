@@ -25,8 +25,7 @@ from fpgrad.arith.ball import HI_BOUND, RU, Ball, BallArith
 from fpgrad.arith.mp import MPArith
 from fpgrad.diagnose.verdicts import ExactArray
 from fpgrad.errors import InputError
-from fpgrad.reference.exact import exact_trace
-from fpgrad.run.evaluate import evaluate
+from fpgrad.graph.layers import evaluate, exact_trace
 from tests.nets import net_from
 
 CTX = mpmath.MPContext()

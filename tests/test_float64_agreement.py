@@ -51,9 +51,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+from fpgrad.graph.layers import exact_trace
 from fpgrad.model.netfile import parse_network
 from fpgrad.model.network import Network
-from fpgrad.reference.exact import exact_trace
 from fpgrad.run.torch_native import torch_trace
 
 U = 2.0**-53  # float64 unit roundoff

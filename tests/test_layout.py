@@ -64,7 +64,7 @@ def import_graph() -> nx.DiGraph:
 
 def test_import_graph_is_read() -> None:
     graph = import_graph()
-    assert graph.has_edge("fpgrad.run.precisions", "fpgrad.model.precision_names")
+    assert graph.has_edge("fpgrad.graph.precisions", "fpgrad.model.precision_names")
     assert graph.number_of_edges() > 100
 
 
@@ -98,7 +98,6 @@ _BASE = {"fpgrad", "fpgrad.errors", "fpgrad.suggest", "fpgrad.progress", "fpgrad
 _GRAPH = {
     "fpgrad.graph.compare": "diagnose",
     "fpgrad.graph.advise": "diagnose",
-    "fpgrad.graph.from_network": "diagnose",
     "fpgrad.graph.train": "training",
     "fpgrad.graph.train_exact": "training",
 }

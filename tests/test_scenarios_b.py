@@ -114,7 +114,7 @@ def test_similar_gradients_from_init_symmetry_and_rounding_collapse(tmp_path: Pa
 
 
 def _fp8_available() -> bool:
-    from fpgrad.run.precisions import get_precision
+    from fpgrad.graph.precisions import get_precision
 
     try:
         get_precision("fp8_e5m2")
@@ -124,7 +124,7 @@ def _fp8_available() -> bool:
 
 
 @pytest.mark.skipif(
-    not _fp8_available(), reason="fpgrad.run.precisions cannot build fp8_e5m2 (emulated formats)"
+    not _fp8_available(), reason="fpgrad.graph.precisions cannot build fp8_e5m2 (emulated formats)"
 )
 def test_fp8_formats_e4m3_range_limited_e5m2_precision_limited(tmp_path: Path) -> None:
     r = fp8.run(small=True)

@@ -394,16 +394,16 @@ def test_count_columns_are_the_verdicts() -> None:
 def test_cells_of_one_network_share_its_exact_trace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fpgrad.reference.exact
+    import fpgrad.graph.layers
 
     calls = []
-    real = fpgrad.reference.exact.exact_trace
+    real = fpgrad.graph.layers.exact_trace
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fpgrad.reference.exact, "exact_trace", counting)
+    monkeypatch.setattr(fpgrad.graph.layers, "exact_trace", counting)
     from fpgrad.sweeps import cells
 
     cells._EXACT.clear()

@@ -21,6 +21,8 @@ import numpy as np
 from fpgrad.diagnose.diagnosis import diagnose
 from fpgrad.diagnose.verdicts import SUBKINDS, VERDICTS, ExactArray, classify, signal_counts
 from fpgrad.errors import InputError
+from fpgrad.graph.layers import exact_trace
+from fpgrad.graph.precisions import Precision, parse_precisions
 from fpgrad.jsonutil import json_numbers, json_strings, jsonable
 from fpgrad.model.network import Network, double_softmax_warning
 from fpgrad.model.policy import Plan, format_of
@@ -32,10 +34,8 @@ from fpgrad.reference.exact import (
     DEFAULT_MAX_BITS,
     ExactResult,
     decimal_string,
-    exact_trace,
 )
 from fpgrad.run.evaluate import Trace
-from fpgrad.run.precisions import Precision, parse_precisions
 from fpgrad.run.scaling import StaticScaler
 
 REFERENCES = ("original", "rounded")

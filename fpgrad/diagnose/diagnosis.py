@@ -20,9 +20,9 @@ from fpgrad.numbers.formats import Format, get_format
 
 if TYPE_CHECKING:
     from fpgrad.diagnose.comparison import Comparison
+    from fpgrad.graph.precisions import Precision
     from fpgrad.model.network import Network
     from fpgrad.reference.exact import ExactResult
-    from fpgrad.run.precisions import Precision
 
 #: a format narrower than this many exponent bits is offered bfloat16 as a remedy
 _BF16 = get_format("bfloat16")

@@ -54,6 +54,9 @@ class Graph:
     paths: dict[str, str]
     model: nn.Module = field(repr=False)
     loss_fn: LossFn = field(repr=False)
+    #: names of tapped intermediates (:data:`TAPS`): the output then also holds, after the
+    #: parameter gradients, dL/d(tap) for each tap and the taps' values
+    taps: list[str] = field(default_factory=list)
 
     @property
     def constants(self) -> set[str]:
@@ -84,16 +87,44 @@ class Graph:
         return f"{path} ({op})" if path else f"<top> ({op})"
 
 
-def joint_function(model: nn.Module, names: list[str], loss_fn: LossFn) -> Callable[..., Any]:
-    """f(params, *inputs, targets) -> (loss, grads): the function every column runs."""
+#: a model may set this attribute in its forward to a list of (name, tensor): intermediates
+#: whose values and gradients the graph also returns (the layers of a layer network)
+TAPS = "fpgrad_taps"
+
+
+def joint_function(
+    model: nn.Module, names: list[str], loss_fn: LossFn, scale: float = 1.0
+) -> Callable[..., Any]:
+    """f(params, *inputs, targets) -> (loss, grads): the function every column runs. With
+    ``scale`` S the backward starts from ``torch.ones_like(loss) * S``; with taps (:data:`TAPS`)
+    it returns (loss, grads, tap gradients, tap values)."""
 
     def joint(params: list[torch.Tensor], *args: torch.Tensor) -> tuple[Any, ...]:
         *inputs, targets = args
         out = functional_call(model, dict(zip(names, params, strict=True)), tuple(inputs))
         loss = loss_fn(out, targets)
-        return loss, torch.autograd.grad(loss, params)
+        taps = [t for _, t in getattr(model, TAPS, None) or ()]
+        wrt = [*params, *taps]
+        if scale == 1.0:
+            grads = torch.autograd.grad(loss, wrt)
+        else:
+            seed = torch.ones_like(loss, memory_format=torch.preserve_format) * scale
+            grads = torch.autograd.grad(loss, wrt, grad_outputs=seed)
+        if not taps:
+            return loss, grads
+        n = len(params)
+        return loss, grads[:n], grads[n:], tuple(taps)
 
     return joint
+
+
+def split_outputs(graph: Graph, flat: list[Any]) -> tuple[Any, list[Any], dict[str, tuple[Any, Any]]]:
+    """(loss, parameter gradients, tap name -> (value, gradient)) from the graph's flat outputs."""
+    n, k = len(graph.param_names), len(graph.taps)
+    loss, grads = flat[0], flat[1 : 1 + n]
+    tap_grads, tap_values = flat[1 + n : 1 + n + k], flat[1 + n + k :]
+    taps = {t: (v, g) for t, v, g in zip(graph.taps, tap_values, tap_grads, strict=True)}
+    return loss, grads, taps
 
 
 class _Joint(nn.Module):
@@ -183,6 +214,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
             "a forward that make_fx can trace (no data-dependent Python control flow)"
         ) from None
     paths = _module_paths(gm, copy.deepcopy(model).to(torch.float64), names, loss, args)
+    taps = [name for name, _ in getattr(m64, TAPS, None) or ()]
     graph = Graph(
         gm=gm,
         param_names=names,
@@ -192,6 +224,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         paths=paths,
         model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
         loss_fn=loss,
+        taps=taps,
     )
     message = unsupported_message(graph)
     if message:

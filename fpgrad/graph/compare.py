@@ -29,12 +29,13 @@ from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import native_run
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.graph.policy import GraphPlan, resolve, scaled_seed
+from fpgrad.graph.precisions import Precision, emulated_systems, parse_precisions
 from fpgrad.jsonutil import dumps
 from fpgrad.numbers.formats import get_format
-from fpgrad.run.precisions import Precision, emulated_systems, parse_precisions
 
 if TYPE_CHECKING:
     from fpgrad.graph.network import GraphNetwork
+    from fpgrad.model.network import Network
 
 REFERENCES = ("original", "rounded")
 
@@ -409,3 +410,14 @@ def _mask_positions(graph: Graph, values: dict[str, Any]) -> dict[str, np.ndarra
         if got.shape == v.shape and got.any():
             out[node.name] = np.ascontiguousarray(got)
     return out
+
+
+def compare_graph_path(
+    net: Network, precisions: str | list[str] | None = None, **kwargs: Any
+) -> Any:
+    """:func:`fpgrad.graph.compare.compare_graph` of ``from_network(net)``: the layer
+    network through the captured-graph path, to run beside :func:`fpgrad.diagnose.comparison.compare`
+    (the layer path). ``kwargs``: ``exact_bits``, ``allow_uncertified``."""
+    from fpgrad.graph.from_network import from_network
+
+    return compare_graph(from_network(net), precisions, **kwargs)

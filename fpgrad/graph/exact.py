@@ -20,6 +20,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import mpmath
 import numpy as np
 from torch import fx
 
@@ -103,8 +104,12 @@ def settle_zeros(ar: Any, value: Any, mask: np.ndarray, where: str) -> Any:
         finite = np.zeros(mask.shape, dtype=bool)
         excludes = np.zeros(mask.shape, dtype=bool)
         picked = arr[mask]
-        finite[mask] = [bool(v.is_finite()) for v in picked]
-        excludes[mask] = ~arbmod.contains_zero(picked)
+        if picked.size and not hasattr(picked.flat[0], "is_finite"):
+            # mpmath numbers (rounded, no enclosure that could contradict the proof)
+            finite[mask] = [bool(mpmath.isfinite(v)) for v in picked]
+        else:
+            finite[mask] = [bool(v.is_finite()) for v in picked]
+            excludes[mask] = ~arbmod.contains_zero(picked)
     if (finite & excludes).any():
         raise RuntimeError(
             f"{where}: {int((finite & excludes).sum())} values proven exactly 0 by a structural "

@@ -12,14 +12,13 @@ torch dtype is the same sequence of kernels on the same correctly rounded values
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fpgrad.errors import InputError
+from fpgrad.graph.capture import TAPS
 from fpgrad.graph.network import GraphNetwork, from_module
 from fpgrad.model.network import Network
 from fpgrad.run.torch_native import build_module
@@ -28,9 +27,10 @@ from fpgrad.run.torch_native import build_module
 class LayerStack(nn.Module):
     """The layers of a network, in order, each a submodule named by its layer."""
 
-    def __init__(self, net: Network) -> None:
+    def __init__(self, net: Network, taps: bool = False) -> None:
         super().__init__()
         self.names: list[str] = []
+        self._tap = taps
         self._batch_norm = [ly.name for ly in net.layers if ly.kind == "batch_norm"]
         width = net.x.shape[1]
         for layer in net.layers:
@@ -55,8 +55,14 @@ class LayerStack(nn.Module):
                 f"needs at least 2 samples (the batch has {h.shape[0]}); give more samples or a "
                 "larger --batch-size"
             )
+        taps: list[tuple[str, torch.Tensor]] = []
+        if self._tap and not h.requires_grad:  # dL/d(every layer's output) is asked for
+            h = h.detach().requires_grad_()
         for name in self.names:
             h = getattr(self, name)(h)
+            taps.append((name, h))
+        if self._tap:
+            setattr(self, TAPS, taps)
         return h
 
 
@@ -75,12 +81,14 @@ class LayerLoss:
         return F.binary_cross_entropy_with_logits(out, targets)
 
 
-def from_network(net: Network) -> GraphNetwork:
+def from_network(net: Network, taps: bool = False) -> GraphNetwork:
     """``net`` as a captured torch model: the same parameters (same keys), data and loss.
-    Raises :class:`~fpgrad.errors.InputError` for a layer name torch cannot take."""
+    ``taps``: the graph also returns every layer's output and dL/d(output) (the layer values
+    of a :class:`~fpgrad.run.evaluate.Trace`). Raises :class:`~fpgrad.errors.InputError` for a
+    layer name torch cannot take."""
     if not isinstance(net, Network):
         raise InputError(f"from_network needs a layer Network, got {type(net).__name__}")
-    model = LayerStack(net)
+    model = LayerStack(net, taps)
     x = torch.from_numpy(np.ascontiguousarray(net.x, dtype=np.float64))
     if net.class_targets:
         y = torch.from_numpy(np.ascontiguousarray(net.y).astype(np.int64))
@@ -94,14 +102,3 @@ def from_network(net: Network) -> GraphNetwork:
             f"{list(net.params)}"
         )
     return graph_net
-
-
-def compare_graph_path(
-    net: Network, precisions: str | list[str] | None = None, **kwargs: Any
-) -> Any:
-    """:func:`fpgrad.graph.compare.compare_graph` of ``from_network(net)``: the layer
-    network through the captured-graph path, to run beside :func:`fpgrad.diagnose.comparison.compare`
-    (the layer path). ``kwargs``: ``exact_bits``, ``allow_uncertified``."""
-    from fpgrad.graph.compare import compare_graph
-
-    return compare_graph(from_network(net), precisions, **kwargs)

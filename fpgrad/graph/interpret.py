@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from fpgrad.arith.base import Arith
-from fpgrad.graph.capture import Graph
+from fpgrad.graph.capture import Graph, split_outputs
 from fpgrad.graph.names import op_key
 from fpgrad.graph.ops import OPS
 
@@ -32,6 +32,8 @@ class GraphTrace:
     loss: Any
     grads: dict[str, Any]
     values: dict[str, Any] = field(default_factory=dict)
+    #: tap name -> (value, gradient) (:data:`fpgrad.graph.capture.TAPS`)
+    taps: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,10 +136,11 @@ def interpret(
     assert out_node is not None
     outs = fx.node.map_arg(out_node.args[0], lambda n: env[n.name])
     flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-    loss, grads = flat[0], flat[1:]
+    loss, grads, taps = split_outputs(graph, flat)
     return GraphTrace(
         system=ar.name,
         loss=loss,
         grads=dict(zip(graph.param_names, grads, strict=True)),
         values=env if keep else {},
+        taps=taps,
     )

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
-from fpgrad.graph.capture import Graph, LossFn, OpRecorder, align, joint_function, loss_in
+from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, loss_in, split_outputs
 from fpgrad.graph.names import op_name
 from fpgrad.run.torch_native import DTYPES, one_torch_thread, to_dtype
 
@@ -49,6 +48,8 @@ class NativeTrace:
     values: dict[str, Any] = field(default_factory=dict)
     #: node name or "grads/<param>" -> the dtype (precision name) torch computed it in
     formats: dict[str, str] = field(default_factory=dict)
+    #: tap name -> (value, gradient) (:data:`fpgrad.graph.capture.TAPS`)
+    taps: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _f64(value: Any) -> Any:
@@ -82,21 +83,6 @@ def model_in(graph: Graph, precision: str) -> torch.nn.Module:
     return model
 
 
-def scaled_joint(model: torch.nn.Module, names: list[str], loss: LossFn, scale: float) -> Any:
-    """:func:`~fpgrad.graph.capture.joint_function` whose backward starts from S."""
-    if scale == 1.0:
-        return joint_function(model, names, loss)
-
-    def joint(params: list[torch.Tensor], *args: torch.Tensor) -> tuple[Any, ...]:
-        *inputs, targets = args
-        out = functional_call(model, dict(zip(names, params, strict=True)), tuple(inputs))
-        value = loss(out, targets)
-        seed = torch.ones_like(value, memory_format=torch.preserve_format) * scale
-        return value, torch.autograd.grad(value, params, grad_outputs=seed)
-
-    return joint
-
-
 def native_run(
     graph: Graph,
     precision: str,
@@ -120,14 +106,15 @@ def native_run(
     args = [_into(x, precision) for x in (*graph.inputs, graph.targets)]
     rec = OpRecorder() if keep else None
     with one_torch_thread():
-        fn = scaled_joint(
+        fn = joint_function(
             model, names, loss_in(graph.loss_fn, DTYPES[precision], precision), loss_scale
         )
         if rec is None:
-            loss, grads = fn(ps, *args)
+            out = fn(ps, *args)
         else:
             with rec:
-                loss, grads = fn(ps, *args)
+                out = fn(ps, *args)
+    loss, grads, taps = _outputs(graph, out)
     values: dict[str, Any] = {}
     if rec is not None:
         ops = [n for n in graph.ops if n.target is not operator.getitem]
@@ -140,7 +127,18 @@ def native_run(
         grads={n: _f64(g) for n, g in zip(names, grads, strict=True)},
         values=values,
         formats={**{k: precision for k in values}, **{f"grads/{n}": precision for n in names}},
+        taps=taps,
     )
+
+
+def _outputs(graph: Graph, out: tuple[Any, ...]) -> tuple[Any, Any, dict[str, Any]]:
+    """(loss, gradients, tap name -> (value, gradient) as float64) of a joint's return."""
+    if not graph.taps:
+        return out[0], out[1], {}
+    loss, grads, tap_grads, tap_values = out
+    flat = [loss, *grads, *tap_grads, *tap_values]
+    _, _, taps = split_outputs(graph, flat)
+    return loss, grads, {k: (_f64(v), _f64(g)) for k, (v, g) in taps.items()}
 
 
 def _getitems(graph: Graph, values: dict[str, Any]) -> None:
@@ -161,14 +159,15 @@ def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> 
     mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
     loss_fn = loss_in(graph.loss_fn, DTYPES[plan.params], plan.params)
     with one_torch_thread():
-        fn = scaled_joint(model, names, loss_fn, loss_scale)
+        fn = joint_function(model, names, loss_fn, loss_scale)
         if plan.how == "autocast":
             with torch.autocast("cpu", dtype=DTYPES[plan.autocast_dtype]), mode:
-                loss, grads = fn(ps, *args)
+                out = fn(ps, *args)
         else:
             with mode:
-                loss, grads = fn(ps, *args)
+                out = fn(ps, *args)
     mode.finish()
+    loss, grads, taps = _outputs(graph, out)
     formats = {
         k: _NAMES[v.dtype]
         for k, v in mode.values.items()
@@ -195,4 +194,5 @@ def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> 
         grads={n: _f64(g) for n, g in zip(names, grads, strict=True)},
         values=values,
         formats=formats,
+        taps=taps,
     )

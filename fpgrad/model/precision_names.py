@@ -1,6 +1,6 @@
 """The precision-name grammar: a name to its format, machine kind, accumulation and mode.
 
-This module only parses; :mod:`fpgrad.run.precisions` attaches the runners and the precision
+This module only parses; :mod:`fpgrad.graph.precisions` attaches the runners and the precision
 policies. A name is a format of the catalogue or a custom ``eXmY``, then qualifiers in any order
 (``:emulated``, an accumulation ``:fp32|:per_op|:exact``, a rounding mode); a native format
 without qualifiers is native torch, anything else the strict emulated machine.

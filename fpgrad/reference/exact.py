@@ -50,7 +50,7 @@ from fpgrad.arith.ball import MAX_BITS as FAST_MAX_BITS
 from fpgrad.errors import InputError
 from fpgrad.model.network import Network
 from fpgrad.reference.array import ExactArray
-from fpgrad.run.evaluate import Trace, evaluate
+from fpgrad.run.evaluate import Trace
 
 DEFAULT_BITS = 150  # the fast path's top level
 MIN_BITS = 64
@@ -195,44 +195,6 @@ class Work:
     matmuls: int = 0  #: matrix products (for the progress bar)
 
 
-def exact_trace(
-    net: Network,
-    bits: int = DEFAULT_BITS,
-    *,
-    allow_uncertified: bool = False,
-    method: str = "auto",
-    progress: bool | None = None,
-    max_bits: int = DEFAULT_MAX_BITS,
-) -> ExactResult:
-    """Enclose every value of ``net``'s forward and backward pass in certified balls.
-
-    ``method="fast"``: the multi-word balls only (an InputError when they cannot vouch);
-    ``"arb"``: Arb balls from ``max(bits, 256)`` bits; ``"auto"`` (default): fast first when
-    ``bits <= 150``, then Arb. Arb raises its precision (x4 per step) while a ReLU branch is
-    undecided or a value is neither an exact zero nor certified to 17 digits, up to
-    ``max_bits``; what still contains 0 there is undetermined. A result whose certified values
-    have fewer than 17 digits is an InputError unless ``allow_uncertified``.
-    ``progress``: a tqdm bar on stderr for runs longer than 2 s; None: only on a terminal.
-    """
-    from fpgrad.run.runlog import record
-
-    record("exact", "exact")
-
-    def run(ar: Any) -> tuple[list[tuple[str, Any]], Any]:
-        trace = evaluate(net, ar)
-        return list(_items(trace)), trace
-
-    return certify(
-        run,
-        _work(net),
-        bits,
-        allow_uncertified=allow_uncertified,
-        method=method,
-        progress=progress,
-        max_bits=max_bits,
-    )
-
-
 def certify(
     run: Run,
     work: Work,
@@ -319,7 +281,7 @@ def _min_digits(d: np.ndarray, undetermined: np.ndarray) -> float:
     return float(kept.min()) if kept.size else math.inf
 
 
-def _work(net: Network) -> Work:
+def layer_work(net: Network) -> Work:
     """Values and multiply-adds of one evaluation of a layer network."""
     batch = int(net.x.shape[0])
     values = net.x.size + sum(v.size for v in net.params.values())
@@ -496,7 +458,7 @@ def _hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
     return hi.reshape(arr.shape), lo.reshape(arr.shape)
 
 
-def _items(trace: Trace) -> Iterator[tuple[str, Any]]:
+def trace_items(trace: Trace) -> Iterator[tuple[str, Any]]:
     """(key, value) of every value of a trace: the loss, forward, backward, gradients."""
     yield "loss", trace.loss
     for section in ("forward", "backward", "grads"):
@@ -551,24 +513,18 @@ class _Progress:
             self.bar.close()
 
     def wrap(self, ar: Any) -> Any:
-        return ar if self.bar is None else _Ticking(ar, self.bar)
+        """``ar`` itself (its type unchanged: ops test it), its ``matmul`` advancing the bar."""
+        if self.bar is None:
+            return ar
+        inner, bar = ar.matmul, self.bar
 
+        def matmul(a: Any, b: Any) -> Any:
+            out = inner(a, b)
+            bar.update(1)
+            return out
 
-class _Ticking:
-    """An Arith that advances a progress bar after each matrix product."""
-
-    def __init__(self, ar: Any, bar: Any) -> None:
-        self._ar = ar
-        self._bar = bar
-        self.name = ar.name
-
-    def matmul(self, a: Any, b: Any) -> Any:
-        out = self._ar.matmul(a, b)
-        self._bar.update(1)
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ar, name)
+        ar.matmul = matmul
+        return ar
 
 
 def decimal_string(value: Any, digits: float) -> str:

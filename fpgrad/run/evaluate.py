@@ -42,24 +42,6 @@ class Trace:
     ran_in: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
-def evaluate(
-    net: Network,
-    ar: Arith,
-    params: dict[str, Any] | None = None,
-    rows: np.ndarray | None = None,
-    loss_scale: float = 1.0,
-) -> Trace:
-    """Forward and backward pass of ``net`` in the number system ``ar``.
-
-    ``params`` (``layer.param`` -> arrays of ``ar``) replaces the network's float64 values,
-    e.g. the weights of a training run in that system; ``rows`` selects a mini-batch;
-    ``loss_scale`` S multiplies dL/d(output) by S (backward of S * loss; values exactly S
-    times the unscaled ones when S is a power of two and nothing under- or overflows).
-    """
-    n = len(net.layers)
-    return _evaluate(net, ar.name, [ar] * n, [ar] * n, ar, ar, ar, params, rows, loss_scale)
-
-
 def evaluate_plan(
     net: Network,
     plan: Plan,

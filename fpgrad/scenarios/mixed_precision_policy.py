@@ -18,12 +18,12 @@ import numpy as np
 
 from fpgrad.diagnose.advisor import advise
 from fpgrad.diagnose.comparison import compare
+from fpgrad.graph.layers import exact_trace
 from fpgrad.model.netfile import parse_network
 from fpgrad.model.network import Network
 from fpgrad.numbers.formats import get_format
 from fpgrad.present.render import policy_rows
 from fpgrad.present.report.plots import save_png
-from fpgrad.reference.exact import exact_trace
 from fpgrad.run.optim import OptimConfig
 from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs

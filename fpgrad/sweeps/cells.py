@@ -215,7 +215,7 @@ def _exact_for(job: CellJob, net: Network) -> Any:
     """The exact trace of the cell's network ``net`` (the job's network, init-scaled), shared
     by the cells of this process that evaluate the same network (other precisions, loss
     scales): it does not depend on them."""
-    from fpgrad.reference.exact import exact_trace
+    from fpgrad.graph.layers import exact_trace
 
     bits, allow = job.options["exact_bits"], job.options["allow_uncertified"]
     key = (job.network_hash, job.axes.get("init_scale", 1.0), bits, allow)

@@ -64,7 +64,7 @@ class Grid:
         if "lr" in given and task == "compare":
             raise InputError("grid axis lr is for --task train; compare has no learning rate")
         if "precision" not in given:
-            from fpgrad.run.precisions import DEFAULT_PRECISIONS
+            from fpgrad.graph.precisions import DEFAULT_PRECISIONS
 
             given["precision"] = list(DEFAULT_PRECISIONS)
         axes: list[tuple[str, tuple[Any, ...]]] = []
@@ -227,6 +227,6 @@ def _canonical_precision(name: str, task: str, policies: Mapping[str, Any] | Non
         from fpgrad.training import parse_run
 
         return parse_run(name, dict(policies or {})).label
-    from fpgrad.run.precisions import parse_precisions
+    from fpgrad.graph.precisions import parse_precisions
 
     return parse_precisions([name], dict(policies or {}))[0].name

@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 
+from fpgrad.graph.layers import evaluate
 from fpgrad.model.network import Network
 from fpgrad.numbers.rounding import round_to
-from fpgrad.run.evaluate import evaluate, evaluate_plan
+from fpgrad.run.evaluate import evaluate_plan
 from fpgrad.run.optim import ArithOptimizer, OptimConfig
 from fpgrad.run.scaling import DynamicScaler, StaticScaler
 from fpgrad.training.history import History, _flat
@@ -26,14 +27,14 @@ class EmulatedRun(_Run):
         self, net: Network, spec: RunSpec, cfg: OptimConfig, seed: int, perturb: bool = False
     ):
         from fpgrad.arith.emulated import EmulatedArith
+        from fpgrad.graph.precisions import get_precision
         from fpgrad.numbers.rounding import Mode
-        from fpgrad.run.precisions import get_precision
         from fpgrad.run.runlog import record
 
         record(spec.label, "emulated")
         self.plan = None
         if spec.policy is not None:  # an emulated policy: parameters in its params system
-            from fpgrad.run.precisions import emulated_systems
+            from fpgrad.graph.precisions import emulated_systems
 
             self.plan = spec.policy.resolve(net)
             self.systems = emulated_systems(seed)

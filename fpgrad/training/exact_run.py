@@ -10,9 +10,9 @@ import numpy as np
 
 from fpgrad.diagnose.verdicts import VERDICTS, classify
 from fpgrad.errors import InputError
+from fpgrad.graph.layers import evaluate
 from fpgrad.model.network import Network
 from fpgrad.numbers.formats import get_format
-from fpgrad.run.evaluate import evaluate
 from fpgrad.run.optim import ArithOptimizer, OptimConfig
 from fpgrad.training.history import History, _dead_units, _flat
 
@@ -337,7 +337,8 @@ def _exact_at(
     net: Network, params: dict[str, np.ndarray], rows: np.ndarray, bits: int, max_bits: int | None
 ) -> Any:
     """The certified exact trace at float64 ``params`` on ``rows``; None at non-finite ones."""
-    from fpgrad.reference.exact import DEFAULT_MAX_BITS, exact_trace
+    from fpgrad.graph.layers import exact_trace
+    from fpgrad.reference.exact import DEFAULT_MAX_BITS
 
     if not all(np.all(np.isfinite(v)) for v in params.values()):
         return None

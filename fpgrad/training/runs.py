@@ -45,7 +45,7 @@ def parse_run(text: str, policies: dict[str, Policy] | None = None) -> RunSpec:
         parts[0] = named.name
     emulated = named is not None and named.emulated
     if named is None and precision not in NATIVE:
-        from fpgrad.run.precisions import get_precision
+        from fpgrad.graph.precisions import get_precision
 
         try:
             prec = get_precision(precision)

@@ -25,7 +25,7 @@ import numpy as np
 from gmpy2 import mpq
 
 from fpgrad.errors import InputError
-from fpgrad.reference.exact import exact_trace
+from fpgrad.graph.layers import exact_trace
 from tests.oracle.reference import UNKNOWN, ZERO, OracleResult, oracle
 
 DIGIT_SLACK = 1e-9  # relative slack on 10**-digits (the float digit value)

@@ -16,10 +16,11 @@ from fpgrad.diagnose.advisor.scales import (
     _Values,
 )
 from fpgrad.errors import InputError
+from fpgrad.graph.layers import exact_trace
 from fpgrad.model.network import Network
 from fpgrad.model.policy import Plan, format_of
 from fpgrad.numbers.formats import get_format
-from fpgrad.reference.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult, exact_trace
+from fpgrad.reference.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult
 
 
 def _in_format(net: Network, plan: Plan | None, fmt: str) -> dict[str, Any]:

@@ -47,7 +47,20 @@ def softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = None) 
 
 @op("aten._log_softmax.default")
 def log_softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
+    """``z - max - log(sum exp(z - max))``; in the exact systems ``z - z_k - log1p(sum_{j != k}
+    exp(z_j - z_k))`` with ``z_k`` a largest element (by midpoint, the first of ties): the same
+    value for any k, and no ``log`` of ``1 + tiny`` where the softmax saturates."""
     ar = cx.ar
+    if getattr(ar, "exact", False) and not isinstance(z, NegInfMasked):
+        mid = ar.to_float64(z)
+        hot = np.zeros(mid.shape, dtype=bool)
+        np.put_along_axis(hot, np.expand_dims(np.argmax(mid, axis=dim), dim), True, axis=dim)
+        zk = ar.sum(ar.mul(z, ar.asarray(hot.astype(np.float64))), axis=dim, keepdims=True)
+        shifted = ar.sub(z, zk)
+        shifted = ar.where(hot, ar.mul(shifted, ar.const(0.0)), shifted)  # exactly 0 at k
+        e = ar.exp(shifted)
+        others = ar.sum(ar.mul(e, ar.asarray((~hot).astype(np.float64))), axis=dim, keepdims=True)
+        return ar.sub(shifted, ar.log1p(others))
     m = ar.max(z, axis=dim, keepdims=True)
     shifted = ar.sub(z, m)
     total = ar.sum(ar.exp(shifted), axis=dim, keepdims=True)

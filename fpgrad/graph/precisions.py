@@ -106,7 +106,9 @@ def _policy_precision(policy: Policy) -> Precision:
 
     def run(net: Network, name: str, loss_scale: float = 1.0) -> Trace:
         plan = policy.resolve(net)
-        if plan.emulated:
+        if plan.emulated and len(plan.formats()) == 1:  # one machine: the precision itself
+            trace = get_precision(plan.params).runner(net, name, loss_scale)
+        elif plan.emulated:
             from fpgrad.run.evaluate import evaluate_plan
 
             trace = evaluate_plan(net, plan, emulated_systems(), loss_scale=loss_scale)
@@ -126,7 +128,7 @@ def _emulated_runner(
 ) -> Callable[[Network, str, float], Trace]:
     def run(net: Network, name: str, loss_scale: float = 1.0) -> Trace:
         from fpgrad.arith.emulated import EmulatedArith
-        from fpgrad.run.evaluate import evaluate
+        from fpgrad.graph.layers import evaluate
 
         ar = EmulatedArith(fmt, accumulation=accumulation, mode=mode, rng=EMULATED_SEED)
         trace = evaluate(
