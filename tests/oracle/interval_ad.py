@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from mpmath import iv
+from mpmath import iv, mp
 
 
 class Undecided(Exception):
@@ -160,21 +160,15 @@ def _sqrt(x: Any) -> tuple[Any, Any]:
     return y, 1 / (2 * y)
 
 
-def _softplus(x: Any) -> tuple[Any, Any]:
-    """log(1 + e^x) as max(x, 0) + log1p(e^-|x|); derivative sigmoid(x)."""
-    if _pos(x) or (_is_point(x) and x.a == 0):
-        y = x + iv.log1p(iv.exp(-x))
-    elif _neg(x):
-        y = iv.log1p(iv.exp(x))
-    else:
-        raise Undecided("softplus")
-    return y, 1 / (1 + iv.exp(-x))
-
-
 def _erf_gelu(x: Any) -> tuple[Any, Any]:
-    """GELU x Phi(x) with Phi = erfc(-x/sqrt2)/2; derivative Phi + x phi."""
-    r2 = iv.sqrt(2)
-    phi_c = iv.erfc(-x / r2) / 2 if hasattr(iv, "erfc") else (1 + iv.erf(x / r2)) / 2
+    """GELU x Phi(x) with Phi = erfc(-x/sqrt2)/2 (mpmath's erfc at the interval's precision
+    plus 2^-(prec - 8) relative: iv lacks erfc); derivative Phi + x phi. Point inputs only."""
+    if not _is_point(x):
+        raise Undecided("gelu of a non-point interval")
+    with mp.workprec(iv.prec + 20):
+        c = mp.erfc(-mp.mpf(x.a) / mp.sqrt(2)) / 2
+        pad = abs(c) * mp.mpf(2) ** (8 - iv.prec)
+        phi_c = iv.mpf([c - pad, c + pad])
     pdf = iv.exp(-x * x / 2) / iv.sqrt(2 * iv.pi)
     return x * phi_c, phi_c + x * pdf
 
@@ -187,7 +181,6 @@ absv = _unary(_abs)
 log = _unary(_log)
 log1p = _unary(_log1p)
 sqrt = _unary(_sqrt)
-softplus = _unary(_softplus)
 gelu = _unary(_erf_gelu)
 
 
@@ -272,7 +265,9 @@ def gradients(
             out = loss(nodes)
             backward(out)
             grads = {k: np.frompyfunc(lambda n: n.g, 1, 1)(v) for k, v in nodes.items()}
-            if dps >= max_dps or all(_resolved(g) for g in [out.v, *(x for a in grads.values() for x in a.ravel())]):
+            if dps >= max_dps or all(
+                _resolved(g) for g in [out.v, *(x for a in grads.values() for x in a.ravel())]
+            ):
                 return out.v, grads, dps
         except Undecided:
             if dps >= max_dps:
