@@ -409,15 +409,44 @@ def test_attention_with_masked_rows_and_huge_scores(row: int) -> None:
     check(Attn(), mask, torch.zeros(3, 2, dtype=torch.float64), nn.MSELoss(), _attn_oracle)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="label smoothing: the graph holds torch's float64 "
-    "fl(1 - eps) and fl(eps / C), read as exact (see the attack5 report)",
-)
-def test_label_smoothing_constants_are_the_rationals_they_round() -> None:
-    """CrossEntropyLoss(label_smoothing=0.1) on 3 classes: the exact loss uses 1 - 0.1 and
-    0.1 / 3 (of the float64 0.1); torch's decomposition rounds both to float64, and the exact
-    reference certified 2,400 digits of that rounded-constant loss (wrong from digit 17)."""
-    x, t = _t(LOGITS["1e4"]), torch.tensor([0, 1])
-    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
-    check(Scale(torch.ones(2, 3)), x, t, loss, _ce_oracle(0.1), undetermined=True)
+SMOOTHING: dict[str, tuple[Any, Callable]] = {
+    "module": (nn.CrossEntropyLoss(label_smoothing=0.1), _ce_oracle(0.1)),
+    "functional": (lambda z, t: F.cross_entropy(z, t, label_smoothing=0.2), _ce_oracle(0.2)),
+    "weight": (
+        nn.CrossEntropyLoss(weight=_t([0.5, 2.0, 3.0]), label_smoothing=0.25),
+        _ce_oracle(0.25, weight=_t([0.5, 2.0, 3.0])),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SMOOTHING))
+def test_label_smoothing_constants_are_the_rationals_they_round(kind: str) -> None:
+    """Label smoothing eps on 3 classes: the exact loss uses 1 - eps and eps / 3 (of the
+    float64 eps); torch's decomposition rounds both to float64, and the exact reference
+    certified 2,400 digits of that rounded-constant loss (wrong from digit 17) before the fix."""
+    loss, oracle = SMOOTHING[kind]
+    benign = torch.tensor([[0.5, -1.0, 0.25], [0.0, 1.5, -0.5]], dtype=torch.float64)
+    t = torch.tensor([0, 2])
+    w = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
+    out = loss(w * benign, t)
+    out.backward()
+    value, grads, _ = A.gradients(lambda p: oracle(p, benign, t), {"w": np.ones((2, 3))})
+    assert abs(float(value.mid) - out.item()) < 1e-12
+    got = [float(g.mid) for g in grads["w"].ravel()]
+    np.testing.assert_allclose(got, w.grad.numpy().ravel(), atol=1e-12)
+    check(Scale(torch.ones(2, 3)), benign, t, loss, oracle)
+    check(Scale(torch.ones(2, 3)), _t(LOGITS["1e4"]), t, loss, oracle, undetermined=True)
+
+
+def test_label_smoothing_that_torch_rounds_ambiguously_is_refused() -> None:
+    """Without a traced F.cross_entropy call, 0.1 over 3 classes cannot be told from its
+    float64 predecessor (both round to 0.9 and 0.1 / 3): a one-line InputError."""
+    from fpgrad.errors import InputError
+
+    def raw(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.cross_entropy_loss(z, t, None, 1, -100, 0.1)
+
+    model = Scale(torch.ones(2, 3)).double()
+    net = fpgrad.from_module(model, _t(LOGITS["700"]), torch.tensor([0, 1]), raw)
+    with pytest.raises(InputError, match="label smoothing is one of 2 float64 values"):
+        exact_graph(net.graph)

@@ -51,14 +51,19 @@ def rsub(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
 @op("aten.mul.Tensor", "aten.mul.Scalar")
 def mul(cx: Any, a: Any, b: Any) -> Any:
     """a * b; in the exact systems var's backward scale (torch's float64 2 / (n - correction))
-    is the rational it rounds: a * 2 / (n - correction)."""
+    is the rational it rounds: a * 2 / (n - correction), and label smoothing's ``fl(1 - eps)``
+    and ``fl(eps / C)`` are ``1 - eps`` and ``eps / C`` (:mod:`fpgrad.graph.ops.smoothing`)."""
     if isinstance(b, float) and isinstance(cx.ar, ExactDerivatives):
         from fpgrad.graph.ops.reduce import dof, var_backward_divisor
+        from fpgrad.graph.ops.smoothing import smoothing_factor
 
         div = var_backward_divisor(cx, b)
         if div is not None:
             ar = cx.ar
             return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), dof(cx, *div))
+        factor = smoothing_factor(cx, b)
+        if factor is not None:
+            return cx.ar.mul(scalar(cx, a), factor)
     return cx.ar.mul(scalar(cx, a), scalar(cx, b))
 
 
