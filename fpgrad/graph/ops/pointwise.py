@@ -29,6 +29,12 @@ def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
         if isinstance(x, NegInfMasked) and alpha == 1:
             only_softmax(cx)
             return NegInfMasked(add(cx, x.value, y), x.mask)
+    if isinstance(b, float) and alpha == 1 and isinstance(cx.ar, ExactDerivatives):
+        from fpgrad.graph.ops.smoothing import smoothing_factor
+
+        factor = smoothing_factor(cx, b)  # label smoothing's eps / C (probability targets)
+        if factor is not None:
+            return cx.ar.add(scalar(cx, a), factor)
     b = scalar(cx, b)
     if alpha != 1:
         b = cx.ar.mul(b, cx.ar.const(float(alpha)))

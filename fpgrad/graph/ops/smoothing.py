@@ -2,7 +2,8 @@
 
 torch's cross-entropy with label smoothing ``eps`` over ``C`` classes returns
 ``fl(1 - eps) * nll + smooth * fl(eps / C)`` and seeds its backward with the same two float64
-constants (``aten.mul.Scalar`` nodes). The exact systems use ``1 - eps`` and ``eps / C``
+constants (``aten.mul.Scalar`` nodes); with probability targets ``t`` it weighs the
+log-probabilities by ``t * fl(1 - eps) + fl(eps / C)`` (``mul.Scalar``, ``add.Scalar``). The exact systems use ``1 - eps`` and ``eps / C``
 themselves: ``eps`` is the ``label_smoothing`` of a traced ``F.cross_entropy`` call
 (:attr:`Graph.smoothing`) that rounds to both constants, else the one float64 ``eps`` that
 does (an InputError where several do: 0.1 and its predecessor both give 0.9 and 0.1 / 3).
@@ -63,6 +64,27 @@ def _backward_pair(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     return None
 
 
+def _probability_pair(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(the ``mul.Scalar(t, fl(1 - eps))``, the ``add.Scalar(.., fl(eps / C))``, the log-softmax)
+    when ``node`` is one of them and the sum multiplies a log-softmax."""
+    mul = node if _is(node, _MUL) else node.args[0]
+    if not _is(mul, _MUL) or len(mul.users) != 1:  # type: ignore[union-attr]
+        return None
+    add = next(iter(mul.users))  # type: ignore[union-attr]
+    if (
+        not _is(add, "aten.add.Scalar")
+        or add.args[0] is not mul
+        or (node is not mul and node is not add)
+    ):
+        return None
+    for user in add.users:
+        if _is(user, "aten.mul.Tensor"):
+            other = user.args[0] if user.args[1] is add else user.args[1]
+            if _is(other, "aten._log_softmax.default"):
+                return mul, add, other  # type: ignore[return-value]
+    return None
+
+
 def _candidates(a: float, b: float, classes: int) -> list[float]:
     """Every float64 eps with ``1 - eps == a`` and ``eps / classes == b`` in float64."""
     eps, out = b * classes, []
@@ -76,16 +98,20 @@ def _candidates(a: float, b: float, classes: int) -> list[float]:
 
 
 def smoothing_factor(cx: Any, scale: float) -> Any | None:
-    """The exact value (in ``cx.ar``) of the label-smoothing constant ``scale`` multiplied by
-    this ``aten.mul.Scalar`` node, or None when the node is not one."""
+    """The exact value (in ``cx.ar``) of the label-smoothing constant ``scale`` that this
+    ``aten.mul.Scalar`` or ``aten.add.Scalar`` node applies, or None when it is not one."""
     node = cx.node
-    if str(node.target) != _MUL:
-        return None
-    pair = _forward_pair(node) or _backward_pair(node)
+    if _is(node, _MUL):
+        pair = _forward_pair(node) or _backward_pair(node) or _probability_pair(node)
+    else:
+        pair = _probability_pair(node) if _is(node, "aten.add.Scalar") else None
     if pair is None:
         return None
     m1, m2, nll = pair
-    logp = nll.args[0] if _is(nll, _NLL_FORWARD) else nll.args[1]
+    if _is(nll, "aten._log_softmax.default"):
+        logp = nll
+    else:
+        logp = nll.args[0] if _is(nll, _NLL_FORWARD) else nll.args[1]
     shape = shapes.shape(cx.value(logp))
     classes = shape[1] if len(shape) >= 2 else shape[0]
     a, b = m1.args[1], m2.args[1]
