@@ -450,3 +450,43 @@ def test_label_smoothing_that_torch_rounds_ambiguously_is_refused() -> None:
     net = fpgrad.from_module(model, _t(LOGITS["700"]), torch.tensor([0, 1]), raw)
     with pytest.raises(InputError, match="label smoothing is one of 2 float64 values"):
         exact_graph(net.graph)
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention with its default need_weights=True (torch scales q by its
+    float64 ``sqrt(1 / head_dim)``); head_dim 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.a = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x, x, x)[0]
+
+
+def _mha_oracle(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+    xs = A.arr(x.numpy())[0]
+    qkv = xs @ p["a.in_proj_weight"].T + p["a.in_proj_bias"]
+    scale = 1 / iv.sqrt(3)  # the definition's 1 / sqrt(head_dim)
+    heads = []
+    for h in range(2):
+        q, k, v = (qkv[:, 6 * j + 3 * h : 6 * j + 3 * h + 3] for j in range(3))
+        s = (q @ k.T) * A.V(scale)
+        rows = []
+        for i in range(3):
+            top = max(range(3), key=lambda j: float(s[i, j].v.mid))
+            e = A.exp(s[i] - s[i, top])
+            rows.append(e / A.total(e))
+        heads.append(np.array(rows, dtype=object) @ v)
+    o = np.concatenate(heads, axis=1) @ p["a.out_proj.weight"].T + p["a.out_proj.bias"]
+    d = o - A.arr(t.numpy())[0]
+    return A.total(d * d) / d.size
+
+
+def test_multihead_attention_scale_is_the_real_inverse_square_root() -> None:
+    """torch's q * fl(sqrt(1/3)) inside nn.MultiheadAttention was read as the exact scale."""
+    torch.manual_seed(6)
+    x = torch.randn(1, 3, 6, dtype=torch.float64) * 4
+    t = torch.randn(1, 3, 6, dtype=torch.float64)
+    check(MHA(), x, t, nn.MSELoss(), _mha_oracle, max_dps=320)  # key bias: 0 by cancellation

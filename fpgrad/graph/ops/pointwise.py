@@ -30,9 +30,9 @@ def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
             only_softmax(cx)
             return NegInfMasked(add(cx, x.value, y), x.mask)
     if isinstance(b, float) and alpha == 1 and isinstance(cx.ar, ExactDerivatives):
-        from fpgrad.graph.ops.smoothing import smoothing_factor
+        from fpgrad.graph.ops.derived import derived_constant
 
-        factor = smoothing_factor(cx, b)  # label smoothing's eps / C (probability targets)
+        factor = derived_constant(cx, b)  # label smoothing's eps / C (probability targets)
         if factor is not None:
             return cx.ar.add(scalar(cx, a), factor)
     b = scalar(cx, b)
@@ -58,16 +58,17 @@ def rsub(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
 def mul(cx: Any, a: Any, b: Any) -> Any:
     """a * b; in the exact systems var's backward scale (torch's float64 2 / (n - correction))
     is the rational it rounds: a * 2 / (n - correction), and label smoothing's ``fl(1 - eps)``
-    and ``fl(eps / C)`` are ``1 - eps`` and ``eps / C`` (:mod:`fpgrad.graph.ops.smoothing`)."""
+    and ``fl(eps / C)`` are ``1 - eps`` and ``eps / C``, nn.MultiheadAttention's
+    ``fl(sqrt(1 / d))`` is ``1 / sqrt(d)`` (:mod:`fpgrad.graph.ops.derived`)."""
     if isinstance(b, float) and isinstance(cx.ar, ExactDerivatives):
+        from fpgrad.graph.ops.derived import derived_constant
         from fpgrad.graph.ops.reduce import dof, var_backward_divisor
-        from fpgrad.graph.ops.smoothing import smoothing_factor
 
         div = var_backward_divisor(cx, b)
         if div is not None:
             ar = cx.ar
             return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), dof(cx, *div))
-        factor = smoothing_factor(cx, b)
+        factor = derived_constant(cx, b)
         if factor is not None:
             return cx.ar.mul(scalar(cx, a), factor)
     return cx.ar.mul(scalar(cx, a), scalar(cx, b))

@@ -1,5 +1,6 @@
-"""Label smoothing's two constants as the rationals torch rounds them from.
+"""Constants torch derives in float64 from a definition, as the reals they round.
 
+Label smoothing:
 torch's cross-entropy with label smoothing ``eps`` over ``C`` classes returns
 ``fl(1 - eps) * nll + smooth * fl(eps / C)`` and seeds its backward with the same two float64
 constants (``aten.mul.Scalar`` nodes); with probability targets ``t`` it weighs the
@@ -7,6 +8,9 @@ log-probabilities by ``t * fl(1 - eps) + fl(eps / C)`` (``mul.Scalar``, ``add.Sc
 themselves: ``eps`` is the ``label_smoothing`` of a traced ``F.cross_entropy`` call
 (:attr:`Graph.smoothing`) that rounds to both constants, else the one float64 ``eps`` that
 does (an InputError where several do: 0.1 and its predecessor both give 0.9 and 0.1 / 3).
+
+nn.MultiheadAttention with ``need_weights=True`` scales q by torch's float64
+``sqrt(1 / head_dim)``: the exact systems use ``1 / sqrt(head_dim)``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 import operator
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
@@ -135,3 +139,28 @@ def smoothing_factor(cx: Any, scale: float) -> Any | None:
     if node is m1:
         return ar.sub(ar.const(1.0), ar.const(eps))
     return ar.div(ar.const(eps), ar.const(float(classes)))
+
+
+def attention_scale(cx: Any, scale: float) -> Any | None:
+    """``1 / sqrt(head_dim)`` (in ``cx.ar``) where this node, inside an
+    ``nn.MultiheadAttention``, multiplies by torch's float64 ``sqrt(1 / head_dim)``; else None."""
+    try:
+        module = cx.graph.model.get_submodule(cx.graph.paths.get(cx.node.name, ""))
+    except AttributeError:
+        return None
+    if not isinstance(module, nn.MultiheadAttention):
+        return None
+    dim = float(module.head_dim)
+    if scale != math.sqrt(1.0 / dim):
+        return None
+    return cx.ar.div(cx.ar.const(1.0), cx.ar.sqrt(cx.ar.const(dim)))
+
+
+def derived_constant(cx: Any, value: float) -> Any | None:
+    """The real constant (in ``cx.ar``) that the float ``value`` of this node rounds, where
+    torch derived it from a definition (label smoothing, attention's scale); else None."""
+    if _is(cx.node, ("aten.mul.Tensor", _MUL)):
+        found = attention_scale(cx, value)
+        if found is not None:
+            return found
+    return smoothing_factor(cx, value)
