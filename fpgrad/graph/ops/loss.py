@@ -1,9 +1,9 @@
 """Softmax, log-softmax, NLL and MSE, forward and backward.
 
 The log-softmax backward fed by an NLL backward (cross-entropy) is computed as
-``c * (p * sum(t) - t)`` through the system's ``xent_grad`` slot, from the logits: the
+``c * w[t] * (p * sum(t) - t)`` through the system's ``xent_grad`` slot, from the logits: the
 exact systems write ``p_k - 1`` as ``-sum_{j != k} p_j``, so a saturated softmax never
-cancels to 0.
+cancels to 0; the log-softmax itself as ``(z - z_k) - log1p(sum_{j != k} e^(z_j - z_k))``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fpgrad.graph import shapes
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
 from fpgrad.graph.ops.registry import op
-from fpgrad.run.evaluate import bce_terms_torch
+from fpgrad.run.evaluate import bce_terms_torch, log1p_of, shifted_exp_rows
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -47,7 +47,14 @@ def softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = None) 
 
 @op("aten._log_softmax.default")
 def log_softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
+    """z - max - log(sum exp(z - max)); in the exact systems over the last axis
+    ``(z - z_k) - log1p(sum_{j != k} e^(z_j - z_k))``, z_k a row maximum: a saturated row's
+    log-probabilities (and cross-entropy) never cancel to a ball around 0."""
     ar = cx.ar
+    s = shapes.shape(z)
+    if isinstance(ar, ExactDerivatives) and len(s) >= 1 and dim % len(s) == len(s) - 1:
+        shifted, _, others, _ = shifted_exp_rows(ar, shapes.reshape(z, (-1, s[-1])))
+        return shapes.reshape(ar.sub(shifted, log1p_of(ar, others)), s)
     m = ar.max(z, axis=dim, keepdims=True)
     shifted = ar.sub(z, m)
     total = ar.sum(ar.exp(shifted), axis=dim, keepdims=True)
@@ -56,8 +63,8 @@ def log_softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
 
 @op("aten._log_softmax_backward_data.default")
 def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = None) -> Any:
-    """g - exp(out) * sum(g), torch's formula; in the exact systems, fed by an unweighted NLL
-    backward: ``c * xent_grad`` (no cancellation where the softmax saturates)."""
+    """g - exp(out) * sum(g), torch's formula; in the exact systems, fed by an NLL backward:
+    ``c * w[t] * xent_grad`` (no cancellation where the softmax saturates)."""
     ar = cx.ar
     src, ls = cx.origin(0), cx.origin(1)
     nd = len(shapes.shape(out))
@@ -67,7 +74,6 @@ def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = No
         and ls is not None
         and str(src.target) == "aten.nll_loss_backward.default"
         and str(ls.target) == "aten._log_softmax.default"
-        and src.args[3] is None
         and nd == 2
         and dim % nd == 1
     ):
@@ -77,7 +83,11 @@ def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = No
         t = _onehot(target, ignore, shapes.shape(out)[1])
         e, total = _shifted_exp(cx, cx.value(ls.args[0]), 1)
         c = go if reduction != 1 else ar.div(go, cx.value(src.args[6]))
-        return ar.mul(ar.xent_grad(e, total, t), c)
+        grad = ar.xent_grad(e, total, t)
+        if src.args[3] is not None:  # class weights: w[t_i] times the unweighted row
+            rows = _weights(cx, target, cx.value(src.args[3]), ignore)
+            grad = ar.mul(grad, shapes.reshape(rows, (-1, 1)))
+        return ar.mul(grad, c)
     return ar.sub(grad, ar.mul(ar.exp(out), ar.sum(grad, axis=dim, keepdims=True)))
 
 
