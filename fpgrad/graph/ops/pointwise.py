@@ -6,6 +6,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
+from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
@@ -41,8 +42,27 @@ def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
     return cx.ar.add(scalar(cx, a), b)
 
 
+def _data(cx: Any, node: Any) -> np.ndarray | None:
+    """The float64 values of an input or target placeholder ``node`` (None for others)."""
+    g = cx.graph
+    holders = [n for n in g.gm.graph.nodes if n.op == "placeholder"][len(g.param_names) :]
+    for holder, value in zip(holders, [*g.inputs, g.targets], strict=False):
+        if holder is node:
+            arr = np.asarray(value)
+            return arr.astype(np.float64) if arr.dtype.kind == "f" else None
+    return None
+
+
 @op("aten.sub.Tensor", "aten.sub.Scalar")
 def sub(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
+    """a - alpha b; in the exact systems ``sigmoid(z) - t`` of data targets (BCE with logits'
+    backward) is the system's ``bce_grad`` (``-sigmoid(-z)`` where t = 1: no cancellation)."""
+    src = cx.origin(0) if isinstance(cx.node.args[0], fx.Node) else None
+    if alpha == 1 and isinstance(cx.ar, ExactDerivatives) and src is not None:
+        if str(src.target) == "aten.sigmoid.default":
+            t = _data(cx, cx.node.args[1])
+            if t is not None and t.shape == shapes.shape(a):
+                return cx.ar.bce_grad(cx.value(src.args[0]), t)
     b = scalar(cx, b)
     if alpha != 1:
         b = cx.ar.mul(b, cx.ar.const(float(alpha)))
