@@ -23,6 +23,7 @@ from torch import nn
 import fpgrad
 from fpgrad.graph.exact import exact_graph
 from tests.oracle import interval_ad as A
+from tests.oracle.claims import claims
 
 NEG_INF = float("-inf")
 
@@ -32,12 +33,13 @@ def _meets(o: Any, m: Any, r: Any) -> bool:
 
 
 def _claims(ex: Any, key: str, oracle: Any) -> None:
+    """Every claim of ``ex`` about ``key`` against the oracle's intervals (digits checked up to
+    300, the oracle's width)."""
     oracle = np.asarray(oracle, dtype=object)
-    mid, rad = ex.enclosure(key)
-    mid = np.asarray(mid, dtype=object).reshape(oracle.shape)
-    rad = np.asarray(rad, dtype=np.float64).reshape(oracle.shape)
-    zero, und = ex.zero(key).reshape(oracle.shape), ex.undetermined(key).reshape(oracle.shape)
-    digits = np.asarray(ex.digits[key], dtype=np.float64).reshape(oracle.shape)
+    c = claims(ex, key)
+    mid, rad, zero, und, digits = (
+        np.reshape(v, oracle.shape) for v in (c.mid, c.rad, c.zero, c.undetermined, c.digits)
+    )
     for idx in np.ndindex(oracle.shape):
         o, m, r = oracle[idx], mpf(mid[idx]), mpf(float(rad[idx]))
         where = f"{key}{list(idx)}: oracle {iv.nstr(o, 20)}, fpgrad {nstr(m, 20)} +- {nstr(r, 5)}"
@@ -511,3 +513,23 @@ def test_user_constants_equal_to_torch_smoothing_constants_stay_as_written() -> 
 
     x, t = _t([[0.5, -1.0, 0.25], [0.0, 1.5, -0.5]]), torch.tensor([0, 2])
     check(Scale(torch.ones(2, 3)), x, t, loss, oracle)
+
+
+def test_huber_exactly_at_delta_and_below_tiny() -> None:
+    """Residuals exactly at +-delta (the branch point), just inside, and 2^-1074."""
+    x = _t([[1.5, -0.5, 1.0, 5e-324]])
+    t = _t([[0.5, 0.5, 1.0 - (1.0 - 2**-53), 0.0]])
+    delta = 1.0
+
+    def oracle(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+        r = p["w"] * A.arr(x.numpy()) - A.arr(t.numpy())
+        terms = np.empty(r.shape, dtype=object)
+        for i in np.ndindex(r.shape):
+            z = A.absv(r[i])
+            inside = bool(z.v.b < delta)
+            if not inside and not bool(z.v.a >= delta):
+                raise A.Undecided("huber branch")
+            terms[i] = z * z * 0.5 if inside else (z - 0.5 * delta) * delta
+        return A.total(terms) / r.size
+
+    check(Scale(torch.ones(1, 4)), x, t, nn.HuberLoss(delta=delta), oracle)
