@@ -230,8 +230,8 @@ def test_pointwise_tails_and_kinks(name: str, data: str) -> None:
     check(Scale(torch.ones(2, 4), f), x, t, nn.MSELoss(), _mse_oracle(g))
 
 
-def test_l1_at_zero_and_huber_at_delta() -> None:
-    """L1 at a zero residual (torch: sign(0) = 0) and Huber exactly at its delta."""
+def test_l1_at_zero_residuals() -> None:
+    """L1 at a zero residual (torch: sign(0) = 0) and at 2^-52 from one."""
     x = _t([[1.0, 2.0, 3.0, 0.5]])
     t = _t([[1.0, 3.0, 2.0, 0.5 + 2**-52]])
 
