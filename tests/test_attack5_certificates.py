@@ -533,3 +533,29 @@ def test_huber_exactly_at_delta_and_below_tiny() -> None:
         return A.total(terms) / r.size
 
     check(Scale(torch.ones(1, 4)), x, t, nn.HuberLoss(delta=delta), oracle)
+
+
+@pytest.mark.parametrize("rows", [3, 4])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_reduction_none_scales_rows_not_classes(rows: int, weighted: bool) -> None:
+    """``(F.cross_entropy(z, t, reduction="none") * r).sum()``: the upstream gradient is one
+    per row. With as many rows as classes the exact reference multiplied class j by r_j and
+    certified the wrong gradients (w[0, 1]: -0.2229 against -0.1115)."""
+    r = _t([1.0, 2.0, 5.0, 0.5][:rows])
+    cw = _t([0.5, 2.0, 3.0]) if weighted else None
+    x = _t([[0.5, -1.0, 0.25], [0.0, 1.5, -0.5], [2.0, 0.0, 1.0], [1e4, -1e4, 0.0]][:rows])
+    t = torch.tensor([0, 2, 1, -100][:rows])
+
+    def loss(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (F.cross_entropy(z, t, weight=cw, reduction="none") * r).sum()
+
+    def oracle(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+        logp = _log_softmax_rows(p["w"] * A.arr(x.numpy()))
+        terms = [
+            -logp[i, int(t[i])] * (1.0 if cw is None else float(cw[int(t[i])])) * float(r[i])
+            for i in range(rows)
+            if int(t[i]) != -100
+        ]
+        return A.total(np.array(terms, dtype=object))
+
+    check(Scale(torch.ones(rows, 3)), x, t, loss, oracle)

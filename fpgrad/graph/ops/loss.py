@@ -83,6 +83,8 @@ def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = No
         t = _onehot(target, ignore, shapes.shape(out)[1])
         e, total = _shifted_exp(cx, cx.value(ls.args[0]), 1)
         c = go if reduction != 1 else ar.div(go, cx.value(src.args[6]))
+        if reduction == 0:  # "none": one upstream gradient per row, not per class
+            c = shapes.reshape(c, (-1, 1))
         grad = ar.xent_grad(e, total, t)
         if src.args[3] is not None:  # class weights: w[t_i] times the unweighted row
             rows = _weights(cx, target, cx.value(src.args[3]), ignore)
