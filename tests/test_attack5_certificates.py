@@ -559,3 +559,60 @@ def test_cross_entropy_reduction_none_scales_rows_not_classes(rows: int, weighte
         return A.total(np.array(terms, dtype=object))
 
     check(Scale(torch.ones(rows, 3)), x, t, loss, oracle)
+
+
+class PadPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(_t([[3.0, 3.0, -1.0], [3.0, -2.0, -1.0], [-5.0, -5.0, -5.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d((self.w * x)[None, None], 2, 2, padding=1).reshape(4)
+
+
+def _pad_pool_oracle(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+    h = p["w"] * A.arr(x.numpy())
+    outs = []
+    for i0 in (-1, 1):
+        for j0 in (-1, 1):
+            cells = [
+                h[i, j] for i in (i0, i0 + 1) for j in (j0, j0 + 1) if 0 <= i < 3 and 0 <= j < 3
+            ]
+            outs.append(A.first_max(cells))
+    d = np.array(outs, dtype=object) - A.arr(t.numpy())
+    return A.total(d * d) / 4
+
+
+def test_max_pool_with_padding_ties_and_negative_windows() -> None:
+    """Padding cells (-inf for torch) never win, even beside ties and all-negative windows."""
+    x, t = torch.ones(3, 3, dtype=torch.float64), _t([0.5, -1.0, 3.0, 0.25])
+    model = PadPool()
+    ex = check(model, x, t, nn.MSELoss(), _pad_pool_oracle)
+    m = copy.deepcopy(model).double()
+    nn.MSELoss()(m(x), t).backward()
+    mid = np.array([float(v) for v in ex.midpoints("grads/w").ravel()]).reshape(3, 3)
+    np.testing.assert_array_equal(mid, m.w.grad.numpy())
+
+
+class Centered(nn.Module):
+    """sum(h - mean(h)) is exactly 0 for every w; the balls cannot prove it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(_t([0.1, 1e300, -3.0, 2**-60]))
+        self.v = nn.Parameter(_t([1.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w * x
+        return ((h - h.mean()).sum() * self.v + 1.0).reshape(1)
+
+
+def test_sum_of_centered_values_is_never_certified_nonzero() -> None:
+    def oracle(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+        h = p["w"] * A.arr(x.numpy())
+        c = A.total(h - A.total(h) / 4) * p["v"][0] + 1.0
+        return (c - float(t[0])) * (c - float(t[0]))
+
+    x, t = _t([1.0, 1.0, 3.0, -1.0]), _t([0.25])
+    ex = check(Centered(), x, t, nn.MSELoss(), oracle, max_dps=320, undetermined=True)
+    assert (ex.zero("grads/v") | ex.undetermined("grads/v")).all()  # never a nonzero
