@@ -340,6 +340,7 @@ def scaled_seed(graph: Graph, scale: float) -> Graph:
     return Graph(
         gm=gm, param_names=graph.param_names, params=graph.params, inputs=graph.inputs,
         targets=graph.targets, paths=paths, model=graph.model, loss_fn=graph.loss_fn,
+        smoothing=graph.smoothing,
     )  # fmt: skip
 
 
