@@ -616,3 +616,28 @@ def test_sum_of_centered_values_is_never_certified_nonzero() -> None:
     x, t = _t([1.0, 1.0, 3.0, -1.0]), _t([0.25])
     ex = check(Centered(), x, t, nn.MSELoss(), oracle, max_dps=320, undetermined=True)
     assert (ex.zero("grads/v") | ex.undetermined("grads/v")).all()  # never a nonzero
+
+
+@pytest.mark.parametrize("kind", ["var", "sqrt_var"])
+def test_variance_backward_scale_is_the_rational(kind: str) -> None:
+    """torch's backward scales by its float64 2 / (n - 1) (n = 4: 2/3 rounded)."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return z.var(1).sqrt() if kind == "sqrt_var" else z.var(1)
+
+    def g(z: np.ndarray) -> np.ndarray:
+        out = []
+        for row in z:
+            mean = A.total(row) / 4
+            var = A.total((row - mean) * (row - mean)) / 3
+            out.append(A.sqrt(var) if kind == "sqrt_var" else var)
+        return np.array(out, dtype=object)
+
+    x = _t([[1.0, 2.0, 4.0, 8.0], [0.1, 0.2, 0.3, 0.7]])
+    t = _t([0.5, 0.01])
+
+    def oracle(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+        d = g(p["w"] * A.arr(x.numpy())) - A.arr(t.numpy())
+        return A.total(d * d) / 2
+
+    check(Scale(torch.ones(2, 4), f), x, t, nn.MSELoss(), oracle)
