@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fpgrad.errors import InputError
@@ -57,6 +59,9 @@ class Graph:
     #: names of tapped intermediates (:data:`TAPS`): the output then also holds, after the
     #: parameter gradients, dL/d(tap) for each tap and the taps' values
     taps: list[str] = field(default_factory=list)
+    #: the ``label_smoothing`` of every ``F.cross_entropy`` call traced (exact Python floats;
+    #: the graph holds only torch's float64 ``1 - eps`` and ``eps / C``)
+    smoothing: tuple[float, ...] = ()
 
     @property
     def constants(self) -> set[str]:
@@ -170,6 +175,22 @@ def as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(items)
 
 
+class _Smoothing(TorchFunctionMode):
+    """Records the ``label_smoothing`` argument of every ``F.cross_entropy`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.cross_entropy:
+            eps = kwargs.get("label_smoothing", args[7] if len(args) > 7 else 0.0)
+            if isinstance(eps, float) and eps:
+                self.values.append(eps)
+        return func(*args, **kwargs)
+
+
 def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) -> Graph:
     """Trace ``loss(model(*inputs), targets)`` and its gradient w.r.t. every parameter.
 
@@ -202,8 +223,9 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         return joint(params, *rest)
 
     traced._orig_mod = joint  # type: ignore[attr-defined]  # make_fx: record module paths
+    seen = _Smoothing()
     try:
-        with fx_traceback.preserve_node_meta():
+        with fx_traceback.preserve_node_meta(), seen:
             gm = make_fx(traced, record_module_stack=True)(ps, *args)
     except InputError:
         raise
@@ -225,6 +247,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
         loss_fn=loss,
         taps=taps,
+        smoothing=tuple(seen.values),
     )
     message = unsupported_message(graph)
     if message:

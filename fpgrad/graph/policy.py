@@ -341,6 +341,7 @@ def scaled_seed(graph: Graph, scale: float) -> Graph:
         gm=gm, param_names=graph.param_names, params=graph.params, inputs=graph.inputs,
         targets=graph.targets, paths=paths, model=graph.model, loss_fn=graph.loss_fn,
         taps=graph.taps,
+        smoothing=graph.smoothing,
     )  # fmt: skip
 
 

@@ -338,7 +338,7 @@ def _feeds_batch_norm(net: Network, index: int) -> bool:
     return index + 1 < len(net.layers) and net.layers[index + 1].kind == "batch_norm"
 
 
-def _log1p(ar: Arith, x: Any) -> Any:
+def log1p_of(ar: Arith, x: Any) -> Any:
     fn = getattr(ar, "log1p", None)
     return fn(x) if fn is not None else ar.log(ar.add(ar.const(1.0), x))
 
@@ -360,7 +360,7 @@ def _pick(ar: Arith, x: Any, hot: np.ndarray) -> Any:
     return ar.sum(ar.mul(x, ar.asarray(hot.astype(np.float64))), axis=1, keepdims=True)
 
 
-def _shifted_exp(ar: Arith, z: Any) -> tuple[Any, Any, Any, np.ndarray]:
+def shifted_exp_rows(ar: Arith, z: Any) -> tuple[Any, Any, Any, np.ndarray]:
     """(z - z_k, exp of it, sum over j != k of exp, hot) with z_k a row maximum and the
     k-th shifted value the exact 0, so that the sum of the others carries 1 - p_k."""
     hot = _row_max_mask(ar, z)
@@ -372,7 +372,7 @@ def _shifted_exp(ar: Arith, z: Any) -> tuple[Any, Any, Any, np.ndarray]:
 
 
 def _softmax_exact(ar: Arith, z: Any) -> tuple[Any, np.ndarray]:
-    _, e, others, hot = _shifted_exp(ar, z)
+    _, e, others, hot = shifted_exp_rows(ar, z)
     return ar.div(e, ar.add(ar.const(1.0), others)), hot
 
 
@@ -393,10 +393,10 @@ def _cross_entropy_exact(ar: Arith, out: Any, t_values: np.ndarray) -> tuple[Any
     S = sum_j t_j is summed in the system (exactly enclosed), never in float64. The gradient is
     (p_j S - t_j) / B, the system's ``xent_grad`` (one-hot rows without cancellation).
     """
-    shifted, e, others, _ = _shifted_exp(ar, out)
+    shifted, e, others, _ = shifted_exp_rows(ar, out)
     t = ar.asarray(t_values)
     tsum = ar.sum(t, axis=1, keepdims=True)
-    lse = _log1p(ar, others)
+    lse = log1p_of(ar, others)
     rows = ar.add(ar.mul(tsum, lse), ar.sum(ar.mul(t, _neg(ar, shifted)), axis=1, keepdims=True))
     n = ar.const(float(out.shape[0]))
     loss = ar.div(ar.sum(ar.sum(rows, axis=1), axis=0), n)
@@ -411,7 +411,7 @@ def _bce_exact(ar: Arith, z: Any, t_values: np.ndarray) -> tuple[Any, Any]:
     t = ar.asarray(t_values)
     pos = ar.positive(z)
     lin = ar.where(pos, ar.mul(z, ar.sub(ar.const(1.0), t)), ar.mul(_neg(ar, z), t))
-    terms = ar.add(lin, _log1p(ar, ar.exp(_neg(ar, ar.abs(z)))))
+    terms = ar.add(lin, log1p_of(ar, ar.exp(_neg(ar, ar.abs(z)))))
     count = ar.const(float(z.size))
     loss = ar.div(_total(ar, terms), count)
     grad = ar.bce_grad(z, t_values)

@@ -292,12 +292,12 @@ def cross_entropy(z: np.ndarray, target: np.ndarray, weight: np.ndarray | None =
                   ignore_index: int = -100, smoothing: float = 0.0,
                   reduction: str = "mean") -> Any:  # fmt: skip
     """torch's cross-entropy of logits (N, C) with class indices or probabilities (N, C).
-    Label smoothing's coefficients ``1 - eps`` and ``eps / C`` are the float64 numbers
-    torch's Python code computes (constants of the captured graph), not the real ones."""
+    Label smoothing's coefficients are the real ``1 - eps`` and ``eps / C`` of the float64
+    ``eps`` (torch rounds both to float64; the exact reference does not)."""
     lp = log_softmax(z, 1)
     c = z.shape[1]
     w = np.array([CTX.mpf(1)] * c, dtype=object) if weight is None else weight
-    keep_c, eps_c = CTX.mpf(1.0 - smoothing), CTX.mpf(smoothing / c)
+    keep_c, eps_c = 1 - CTX.mpf(smoothing), CTX.mpf(smoothing) / c
     if target.dtype.kind == "f" or target.dtype == object:  # probabilities
         t = target * keep_c + eps_c
         terms = -np.sum(lp * t * w, axis=1)

@@ -1,9 +1,9 @@
 """Softmax, log-softmax, NLL and MSE, forward and backward.
 
 The log-softmax backward fed by an NLL backward (cross-entropy) is computed as
-``c * (p * sum(t) - t)`` through the system's ``xent_grad`` slot, from the logits: the
+``c * w[t] * (p * sum(t) - t)`` through the system's ``xent_grad`` slot, from the logits: the
 exact systems write ``p_k - 1`` as ``-sum_{j != k} p_j``, so a saturated softmax never
-cancels to 0.
+cancels to 0; the log-softmax itself as ``(z - z_k) - log1p(sum_{j != k} e^(z_j - z_k))``.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def log_softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
 
 @op("aten._log_softmax_backward_data.default")
 def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = None) -> Any:
-    """g - exp(out) * sum(g), torch's formula; in the exact systems, fed by an unweighted NLL
-    backward: ``c * xent_grad`` (no cancellation where the softmax saturates)."""
+    """g - exp(out) * sum(g), torch's formula; in the exact systems, fed by an NLL backward:
+    ``c * w[t] * xent_grad`` (no cancellation where the softmax saturates)."""
     ar = cx.ar
     src, ls = cx.origin(0), cx.origin(1)
     nd = len(shapes.shape(out))
@@ -80,7 +80,6 @@ def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = No
         and ls is not None
         and str(src.target) == "aten.nll_loss_backward.default"
         and str(ls.target) == "aten._log_softmax.default"
-        and src.args[3] is None
         and nd == 2
         and dim % nd == 1
     ):
@@ -90,7 +89,13 @@ def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = No
         t = _onehot(target, ignore, shapes.shape(out)[1])
         e, total = _shifted_exp(cx, cx.value(ls.args[0]), 1)
         c = go if reduction != 1 else ar.div(go, cx.value(src.args[6]))
-        return ar.mul(ar.xent_grad(e, total, t), c)
+        if reduction == 0:  # "none": one upstream gradient per row, not per class
+            c = shapes.reshape(c, (-1, 1))
+        grad = ar.xent_grad(e, total, t)
+        if src.args[3] is not None:  # class weights: w[t_i] times the unweighted row
+            rows = _weights(cx, target, cx.value(src.args[3]), ignore)
+            grad = ar.mul(grad, shapes.reshape(rows, (-1, 1)))
+        return ar.mul(grad, c)
     return ar.sub(grad, ar.mul(ar.exp(out), ar.sum(grad, axis=dim, keepdims=True)))
 
 

@@ -6,6 +6,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
+from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
@@ -29,14 +30,39 @@ def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
         if isinstance(x, NegInfMasked) and alpha == 1:
             only_softmax(cx)
             return NegInfMasked(add(cx, x.value, y), x.mask)
+    if isinstance(b, float) and alpha == 1 and isinstance(cx.ar, ExactDerivatives):
+        from fpgrad.graph.ops.derived import derived_constant
+
+        factor = derived_constant(cx, b)  # label smoothing's eps / C (probability targets)
+        if factor is not None:
+            return cx.ar.add(scalar(cx, a), factor)
     b = scalar(cx, b)
     if alpha != 1:
         b = cx.ar.mul(b, cx.ar.const(float(alpha)))
     return cx.ar.add(scalar(cx, a), b)
 
 
+def _data(cx: Any, node: Any) -> np.ndarray | None:
+    """The float64 values of an input or target placeholder ``node`` (None for others)."""
+    g = cx.graph
+    holders = [n for n in g.gm.graph.nodes if n.op == "placeholder"][len(g.param_names) :]
+    for holder, value in zip(holders, [*g.inputs, g.targets], strict=False):
+        if holder is node:
+            arr = np.asarray(value)
+            return arr.astype(np.float64) if arr.dtype.kind == "f" else None
+    return None
+
+
 @op("aten.sub.Tensor", "aten.sub.Scalar")
 def sub(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
+    """a - alpha b; in the exact systems ``sigmoid(z) - t`` of data targets (BCE with logits'
+    backward) is the system's ``bce_grad`` (``-sigmoid(-z)`` where t = 1: no cancellation)."""
+    src = cx.origin(0) if isinstance(cx.node.args[0], fx.Node) else None
+    if alpha == 1 and isinstance(cx.ar, ExactDerivatives) and src is not None:
+        if str(src.target) == "aten.sigmoid.default":
+            t = _data(cx, cx.node.args[1])
+            if t is not None and t.shape == shapes.shape(a):
+                return cx.ar.bce_grad(cx.value(src.args[0]), t)
     b = scalar(cx, b)
     if alpha != 1:
         b = cx.ar.mul(b, cx.ar.const(float(alpha)))
@@ -51,14 +77,20 @@ def rsub(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
 @op("aten.mul.Tensor", "aten.mul.Scalar")
 def mul(cx: Any, a: Any, b: Any) -> Any:
     """a * b; in the exact systems var's backward scale (torch's float64 2 / (n - correction))
-    is the rational it rounds: a * 2 / (n - correction)."""
+    is the rational it rounds: a * 2 / (n - correction), and label smoothing's ``fl(1 - eps)``
+    and ``fl(eps / C)`` are ``1 - eps`` and ``eps / C``, nn.MultiheadAttention's
+    ``fl(sqrt(1 / d))`` is ``1 / sqrt(d)`` (:mod:`fpgrad.graph.ops.derived`)."""
     if isinstance(b, float) and isinstance(cx.ar, ExactDerivatives):
+        from fpgrad.graph.ops.derived import derived_constant
         from fpgrad.graph.ops.reduce import dof, var_backward_divisor
 
         div = var_backward_divisor(cx, b)
         if div is not None:
             ar = cx.ar
             return ar.div(ar.mul(scalar(cx, a), ar.const(2.0)), dof(cx, *div))
+        factor = derived_constant(cx, b)
+        if factor is not None:
+            return cx.ar.mul(scalar(cx, a), factor)
     return cx.ar.mul(scalar(cx, a), scalar(cx, b))
 
 
