@@ -23,6 +23,7 @@ from fpgrad.model.policy import Plan
 from fpgrad.numbers.formats import get_format
 from fpgrad.numbers.rounding import round_to
 from fpgrad.run.evaluate import Trace
+from fpgrad.run.torch_gemm import FastHalfMM
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -274,7 +275,8 @@ def _torch_trace(net: Network, precision: str | Plan, loss_scale: float) -> Trac
         h.retain_grad()
         outputs[layer.name] = h
     loss = model.loss(net, h)
-    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    with FastHalfMM():  # torch's own bits, without its slow float16/bfloat16 layout
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     label = precision if isinstance(precision, str) else plan.policy
     trace = Trace(system=f"torch.{label}", loss=float(loss.detach().to(torch.float64)))
     trace.formats["loss"] = _dtype_name(loss.dtype)
