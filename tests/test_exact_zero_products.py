@@ -58,7 +58,12 @@ def test_random_relu_nets_with_dead_units_against_rationals(seed: int) -> None:
     for out in (7, 6):
         w = rng.integers(-4, 5, size=(out, width)) / 4.0
         layers += [
-            {"type": "dense", "out": out, "weight": w.tolist(), "bias": (-rng.random(out)).tolist()},
+            {
+                "type": "dense",
+                "out": out,
+                "weight": w.tolist(),
+                "bias": (-rng.random(out)).tolist(),
+            },
             {"type": "relu"},
         ]
         width = out

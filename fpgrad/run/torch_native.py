@@ -22,8 +22,8 @@ from fpgrad.model.network import Layer, Network
 from fpgrad.model.policy import Plan
 from fpgrad.numbers.formats import get_format
 from fpgrad.numbers.rounding import round_to
+from fpgrad.run import torch_gemm
 from fpgrad.run.evaluate import Trace
-from fpgrad.run.torch_gemm import FastHalfMM
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -201,7 +201,7 @@ class TorchModel:
             w = cast(w, dtype)
             b = cast(b, dtype) if b is not None else None
             used = _dtype_name(w.dtype)
-            out = F.linear(h, w, b)
+            out = torch_gemm.linear(h, w, b)  # F.linear, faster float16 backward
         elif layer.kind == "batch_norm":
             if h.shape[0] < 2:  # torch's training-mode BatchNorm1d refuses a batch of one
                 raise InputError(
@@ -275,8 +275,7 @@ def _torch_trace(net: Network, precision: str | Plan, loss_scale: float) -> Trac
         h.retain_grad()
         outputs[layer.name] = h
     loss = model.loss(net, h)
-    with FastHalfMM():  # torch's own bits, without its slow float16/bfloat16 layout
-        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     label = precision if isinstance(precision, str) else plan.policy
     trace = Trace(system=f"torch.{label}", loss=float(loss.detach().to(torch.float64)))
     trace.formats["loss"] = _dtype_name(loss.dtype)
