@@ -116,3 +116,18 @@ def test_balls_holding_zero_are_not_zeros() -> None:
     out = ar.matmul(_exact([[1.0, 1.0, 1.0]]), _exact([[2.0**100], [-(2.0**100)], [2.0**-400]]))
     assert not _zeros(out).any()
     assert abs(2.0**-400 - float(out.mid[:, 0, 0].sum())) <= out.rad[0, 0]
+
+
+def test_arb_products_keep_the_same_zeros() -> None:
+    """The Arb fallback: arb_mat products of exact zeros are exact zeros (no bound added)."""
+    from fpgrad.arith import arb as arbmod
+    from fpgrad.arith.arb import ArbArith
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((7, 10)) * (rng.random((7, 10)) < 0.3)
+    b = rng.standard_normal((10, 6)) * (rng.random((10, 6)) < 0.3)
+    ar = ArbArith(256)
+    out = ar.matmul(ar.asarray(a), ar.asarray(b))
+    structural = (a != 0).astype(int) @ (b != 0).astype(int) == 0
+    assert structural.any() and not structural.all()
+    assert np.array_equal(arbmod.exact_zero(out), structural)
