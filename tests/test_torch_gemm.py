@@ -95,3 +95,15 @@ def test_traces_are_those_of_torch_autograd(
         for part in ("forward", "backward", "grads"):
             for key, value in getattr(old, part).items():
                 assert np.array_equal(getattr(new, part)[key], value, equal_nan=True), key
+
+
+def test_autocast_and_mixed_dtypes_keep_torchs_linear() -> None:
+    x = torch.randn(4, 8).half().requires_grad_()
+    w = torch.randn(3, 8).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = torch_gemm.linear(x, w.half(), None)
+    assert out.grad_fn is not None and "Linear" not in type(out.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="dtype"):  # torch's own error, not a wrong gradient
+        torch_gemm.linear(x, w, None)
+    plain = torch_gemm.linear(x, w.half(), None)
+    assert torch_gemm.reproduces(torch.float16) <= ("Linear" in type(plain.grad_fn).__name__)

@@ -147,6 +147,14 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, w, b)`` with the same forward and backward bits; float16/bfloat16 on the
     CPU with the layouts of :func:`_plain` computes its input gradient by :func:`mm`."""
-    if x.dtype in _FORMATS and x.device.type == "cpu" and _plain(x, w) and reproduces(x.dtype):
+    same = w.dtype == x.dtype and (b is None or b.dtype == x.dtype)
+    if (
+        x.dtype in _FORMATS
+        and same
+        and x.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")  # autocast would cast inside the forward
+        and _plain(x, w)
+        and reproduces(x.dtype)
+    ):
         return _Linear.apply(x, w, b)  # type: ignore[no-any-return]
     return F.linear(x, w, b)
