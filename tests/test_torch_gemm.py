@@ -107,3 +107,10 @@ def test_autocast_and_mixed_dtypes_keep_torchs_linear() -> None:
         torch_gemm.linear(x, w, None)
     plain = torch_gemm.linear(x, w.half(), None)
     assert torch_gemm.reproduces(torch.float16) <= ("Linear" in type(plain.grad_fn).__name__)
+
+
+def test_cpus_with_native_half_units_keep_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert not torch_gemm.reproduces.__wrapped__(torch.float16)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert torch_gemm._native_units()  # a torch without the probe: assume the units

@@ -98,11 +98,18 @@ def _eligible(a: Any, b: Any) -> bool:
     )
 
 
+def _native_units() -> bool:
+    """Whether the CPU has the units for which torch's half-precision products go to oneDNN
+    (perhaps from some size on, which the probe of :func:`reproduces` might not reach)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported")
+    return any(getattr(torch.cpu, name, lambda: True)() for name in checks)
+
+
 @functools.cache
 def reproduces(dtype: torch.dtype) -> bool:
     """Whether :func:`mm` gives torch's bits for ``dtype`` here (random operands of several
     shapes, each inner size modulo 4)."""
-    if dtype not in _FORMATS:
+    if dtype not in _FORMATS or _native_units():
         return False
     gen = torch.Generator().manual_seed(0)
     for m, k, n in ((7, 61, 9), (16, 130, 33), (5, 259, 12), (24, 512, 40)):
