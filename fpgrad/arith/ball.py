@@ -142,6 +142,35 @@ def _grid(shape: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, int] | Non
     return pad[0], pad[1]
 
 
+def exact_zeros(ball: Ball) -> np.ndarray:
+    """Proven exact zeros: every midpoint word 0 and radius 0 (the ball is {0})."""
+    return ~(ball.mid != 0).any(axis=0) & (ball.rad == 0)
+
+
+def _prove_zeros(a: Ball, b: Ball, mid: np.ndarray, rad: np.ndarray) -> None:
+    """Set ``rad`` (of ``a @ b``, midpoint ``mid``) to 0 where every term has an exact-zero factor.
+
+    There ``a_ik b_kj`` is exactly 0 for every k (a proven zero times anything), so the product
+    is exactly 0; the product's error bound, a row-times-column norm, does not see it. Decided
+    by a float32 product of the supports (1 where an element is not a proven zero): a sum of
+    non-negative numbers, zero exactly when every product is. Only elements whose midpoint is
+    already 0 with a positive radius are looked at; their midpoint words are exact sums of
+    exact zeros, so 0 already.
+    """
+    cand = (mid[0] == 0) & (rad > 0)
+    if not cand.any():
+        return
+    rows, cols = np.flatnonzero(cand.any(axis=1)), np.flatnonzero(cand.any(axis=0))
+    live_a = ~exact_zeros(Ball(a.mid[:, rows], np.asarray(a.rad)[rows]))
+    live_b = ~exact_zeros(Ball(b.mid[:, :, cols], np.asarray(b.rad)[:, cols]))
+    support = live_a.astype(np.float32) @ live_b.astype(np.float32)  # BLAS: no subtraction
+    dead = (support == 0) & cand[np.ix_(rows, cols)]
+    if dead.any():
+        r, c = np.nonzero(dead)
+        assert not mid[:, rows[r], cols[c]].any(), "a sum of exact zeros is 0"
+        rad[rows[r], cols[c]] = 0.0
+
+
 def _flat(ball: Ball) -> tuple[np.ndarray, np.ndarray]:
     """C-contiguous (k, N) words and (N,) radii of a ball."""
     mid = np.ascontiguousarray(ball.mid, dtype=np.float64)
@@ -318,7 +347,9 @@ class BallArith(ExactDerivatives):
             rad = rad + ((np.abs(am[0]) * HI_BOUND + a.rad) @ b.rad) * gamma
         if a.rad.any():
             rad = rad + (a.rad @ (np.abs(bm[0]) * HI_BOUND)) * gamma
-        out = Ball(mid, rad * RU)  # range guarded by renorm
+        rad = rad * RU
+        _prove_zeros(a, b, mid, rad)
+        out = Ball(mid, rad)  # range guarded by renorm
         if self.progress is not None:
             self.progress("matmul")
         return out

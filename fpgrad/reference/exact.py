@@ -17,7 +17,8 @@ precision raised until the same holds or the cap is reached.
 What a result claims, per element (:meth:`ExactResult.zero`, :meth:`ExactResult.undetermined`):
 
 * **exact zero**: the ball is exactly {0}: a product with an exact 0 (a dead unit's mask), a
-  sum of exact zeros, rational arithmetic on float64 values carried out exactly (Arb at a
+  sum of exact zeros (in a matrix product: every term with a proven-zero factor, decided on
+  the supports, :func:`fpgrad.arith.ball._prove_zeros`), rational arithmetic on float64 values carried out exactly (Arb at a
   precision that holds the result), or a structural identity stated in
   :mod:`fpgrad.run.evaluate` (the bias of a layer feeding batch norm);
 * **undetermined**: the ball still contains 0 at the cap; reported with its bound
