@@ -1,5 +1,5 @@
 """Watch records as TensorBoard scalars (``fpgrad.watch(..., tensorboard=DIR)`` and ``fpgrad
-watch-report DIR --tensorboard TB``): the tags of :func:`fpgrad.watching.series.step_scalars`,
+watch-report DIR --tensorboard TB``): the tags of :func:`fpgrad.present.report.watch_series.step_scalars`,
 one point per sampled step, written with ``torch.utils.tensorboard.SummaryWriter``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fpgrad.errors import InputError
-from fpgrad.watching.series import step_scalars
+from fpgrad.present.report.watch_series import step_scalars
 
 
 class TensorBoardWriter:

@@ -26,7 +26,7 @@ from tabulate import tabulate  # noqa: E402
 
 from fpgrad.errors import InputError  # noqa: E402
 from fpgrad.present.report.plots import save_png  # noqa: E402
-from fpgrad.watching.series import module_sums  # noqa: E402
+from fpgrad.present.report.watch_series import module_sums  # noqa: E402
 
 _TOP = 8
 
