@@ -487,15 +487,9 @@ def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) ->
         return True
     if zeros * a.shape[1] <= 2**22:  # few zeros: test the supports at the zeros only
         i, j = (t.detach() == 0).nonzero().unbind(1)
-        if a.stride(0) < a.stride(1):  # A column-major (a transpose, as in weight gradients):
-            # gather its rows as columns of A^T, products laid out (K, zeros)
-            ai = a.detach().t().index_select(1, i).abs_().sign_()
-            bj = b.detach().index_select(1, j).abs_().sign_()
-            overlap = ai.mul_(bj).sum(0, dtype=torch.float32)  # integers <= 2^24: exact
-        else:
-            ai = a.detach().index_select(0, i).abs().sign_()  # gather, then indicators
-            bj = b.detach().index_select(1, j).t().abs().sign_()
-            overlap = ai.mul_(bj).sum(1, dtype=torch.float32)
+        ai = a.detach().index_select(0, i).abs().sign_()  # gather, then indicators
+        bj = b.detach().index_select(1, j).t().abs().sign_()
+        overlap = ai.mul_(bj).sum(1, dtype=torch.float32)  # integers <= 2^24: exact
         return int(count(1 - torch.sign(overlap))) == zeros
     sa = a.detach().abs().sign_().float()  # sign first: a tiny non-zero stays 1
     sb = b.detach().abs().sign_().float()
