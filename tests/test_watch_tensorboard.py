@@ -15,7 +15,7 @@ import fpgrad
 from fpgrad.cli import main
 from fpgrad.errors import InputError
 from fpgrad.watching.records import read_records
-from tests.test_watch import Net, _data
+from tests.test_watch import Net, _data, scaled_steps
 
 pytest.importorskip("tensorboard")
 
@@ -81,15 +81,8 @@ def test_loss_scale_and_overflow_series_with_gradscaler(tmp_path: Path) -> None:
     m = Net(4096.0)  # overflows float16 in the forward under autocast
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x, y = _data(gain=10.0)
     with fpgrad.watch(m, opt, scaler, tensorboard=str(tmp_path / "tb"), every=2) as w:
-        for _ in range(3):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = ((m(x).float() - y) ** 2).mean()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        scaled_steps(m, opt, scaler, 3)
         recs = list(w._records)
     got = _scalars(tmp_path / "tb")
     assert got == _expected(recs)

@@ -9,6 +9,7 @@ from typing import Any
 
 from fpgrad.errors import InputError
 from fpgrad.present.report.watch_series import step_scalars
+from fpgrad.watching.records import unwritable
 
 
 class TensorBoardWriter:
@@ -25,10 +26,7 @@ class TensorBoardWriter:
         try:
             self._w = SummaryWriter(log_dir=str(logdir))
         except OSError as exc:
-            raise InputError(
-                f"watch tensorboard={str(logdir)!r}: cannot write there ({exc.strerror}); "
-                "pass a writable directory"
-            ) from exc
+            raise unwritable("tensorboard", logdir, exc) from exc
 
     def write(self, recs: list[dict[str, Any]]) -> None:
         """Add the scalars of ``recs`` (whole steps) and flush, so TensorBoard sees them live."""
