@@ -320,8 +320,10 @@ def _report(args: argparse.Namespace) -> int:
 def _watch_report(args: argparse.Namespace) -> int:
     from fpgrad.watching.report import write_report
 
-    dest = write_report(args.dir, args.out)
+    dest = write_report(args.dir, args.out, args.tensorboard)
     print(f"wrote {dest / 'watch.md'} and {dest / 'watch.html'}")
+    if args.tensorboard is not None:
+        print(f"wrote TensorBoard scalars to {args.tensorboard}")
     return 0
 
 
@@ -602,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch-report", help="Markdown + HTML report of a fpgrad.watch(..., out=DIR) directory")
     p.add_argument("dir", help="the out= directory of fpgrad.watching (holds records.jsonl)")
     p.add_argument("--out", default=None, help="output directory (default: DIR itself)")
+    p.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="TB",
+        help="also write the per-module and per-parameter series as TensorBoard scalars into "
+        "TB (needs pip install tensorboard)",
+    )
     p.set_defaults(func=_watch_report)
 
     p = sub.add_parser("list", help="the scenarios of the gallery and their claims")

@@ -6,11 +6,14 @@ and watched on every 10th step (every=10). Each configuration runs the same step
 the same model; the mean step time of the best of
 several interleaved rounds is compared (the machine may be shared).
 
-    PYTHONPATH=. python scripts/bench_watch.py [--steps 40] [--clock process] [--breakdown]
+    PYTHONPATH=. python scripts/bench_watch.py [--steps 40] [--clock process] [--breakdown|--per-op]
 
 ``--breakdown`` instead times the float32 watched step with its parts switched off one after
 another (op records, optimizer records, the float64 shadow step, the rest of the per-op
 bookkeeping, module tracking), interleaved: the differences are what each part costs.
+
+``--per-op`` instead times the op records of a watched float32 step per aten op (the statistics
+of its outputs, ``fpgrad.watching.classify.op_stats``), split by whether an output held a zero.
 
 ``--clock process`` times CPU time of this process (time.process_time) instead of wall time: on
 a shared machine it leaves out the time the process waits for a core.
@@ -23,6 +26,7 @@ import copy
 import statistics
 import time
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 
@@ -140,12 +144,48 @@ def _breakdown(steps: int, rounds: int) -> None:
         print(f"| {label} | {best[level] * 1e3:.2f} | {best[level] / best[-1]:.2f}x |")
 
 
+def _per_op(steps: int) -> None:
+    """Time spent in the op records of a watched float32 step, per aten op."""
+    from fpgrad.watching import watcher
+
+    acc: dict[tuple[str, bool], list[float]] = {}
+    stats = watcher.op_stats
+
+    def timed(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
+        t0 = CLOCK()
+        rows = stats(func, args, kwargs, out)
+        key = (str(func), any(r["zeros"] for r in rows))
+        e = acc.setdefault(key, [0, 0.0])
+        e[0] += 1
+        e[1] += CLOCK() - t0
+        return rows
+
+    base = _model()
+    _steps(copy.deepcopy(base), 3, False, 1)
+    watcher.op_stats = timed
+    try:
+        _steps(copy.deepcopy(base), steps, False, 1)
+    finally:
+        watcher.op_stats = stats
+    print("| aten op | output with zeros | calls/step | us/call | ms/step |")
+    print("|---|---|---|---|---|")
+    total = 0.0
+    for (op, zeros), (n, t) in sorted(acc.items(), key=lambda kv: -kv[1][1]):
+        total += t
+        print(
+            f"| {op} | {'yes' if zeros else 'no'} | {n / steps:.1f} | {t / n * 1e6:.0f} | "
+            f"{t / steps * 1e3:.3f} |"
+        )
+    print(f"| all | | | | {total / steps * 1e3:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clock", choices=("wall", "process"), default="wall")
     ap.add_argument("--breakdown", action="store_true", help="time the watch's parts (float32)")
+    ap.add_argument("--per-op", action="store_true", help="time the op records per aten op")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
@@ -157,6 +197,9 @@ def main() -> None:
     )
     if args.breakdown:
         _breakdown(args.steps, args.rounds)
+        return
+    if args.per_op:
+        _per_op(args.steps)
         return
     print("| compute | unwatched ms/step | every=1 ms/step | ratio | every=10 ms/step | ratio |")
     print("|---|---|---|---|---|---|")

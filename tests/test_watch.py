@@ -75,20 +75,32 @@ def test_scaling_creates_zeros_in_backward_and_later_ops_inherit() -> None:
     assert {r["op"] for r in later} >= {"aten.mm.default"}
 
 
+def scaled_steps(
+    m: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    n: int,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """``n`` float16-autocast GradScaler steps of a mean squared error on ``data`` (default
+    ``_data(gain=10)``)."""
+    x, y = data if data is not None else _data(gain=10.0)
+    for _ in range(n):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = ((m(x).float() - y) ** 2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 def test_forward_overflow_names_the_op_and_gradscaler_skip_points_to_it() -> None:
     torch.manual_seed(0)
     m = Net(4096.0)  # float32 weights, float16 compute under autocast
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x, y = _data(gain=10.0)
     with fpgrad.watch(m, opt, scaler) as w:
-        for _ in range(2):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = ((m(x).float() - y) ** 2).mean()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        scaled_steps(m, opt, scaler, 2)
     steps = [r for r in w.records() if r["kind"] == "step"]
     assert [s["skipped"] for s in steps] == [True, True]
     assert [s["scale"] for s in steps] == [1024.0, 512.0]
@@ -116,22 +128,12 @@ def _train(m: torch.nn.Module, watched: bool, every: int = 1) -> list[torch.Tens
     torch.manual_seed(1)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    x, y = _data(seed=3)
-
-    def loop() -> None:
-        for _ in range(4):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = ((m(x).float() - y) ** 2).mean()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
+    data = _data(seed=3)
     if watched:
         with fpgrad.watch(m, opt, scaler, every=every):
-            loop()
+            scaled_steps(m, opt, scaler, 4, data)
     else:
-        loop()
+        scaled_steps(m, opt, scaler, 4, data)
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     return [p.detach().clone() for p in m.parameters()] + state + [scaler._scale.clone()]
 

@@ -54,8 +54,11 @@ def test_selection_shortcut_reports_what_the_recompute_does(
     fast = _mlp_records(dtype, autocast, factor)
     shortcut = [r for r in fast if r["kind"] == "op" and r["zeros"] and r["op"].count("relu")]
     assert shortcut  # the ReLU outputs (and threshold_backward) have zeros: the shortcut ran
+    nll = [r for r in fast if r.get("op") == "aten.nll_loss_backward.default"]
+    assert nll and all(r["zeros"] for r in nll)  # the off-target zeros: that shortcut ran too
     monkeypatch.setattr(classify, "SELECTION_OPS", frozenset())
     monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
+    monkeypatch.setattr(classify, "_nll_zeros_structural", lambda *_: False)
     _same(fast, _mlp_records(dtype, autocast, factor))
 
 
@@ -188,3 +191,38 @@ def test_mm_structural_zeros_shortcut_matches_the_recompute(monkeypatch) -> None
     monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
     slow = [op_stats(mm, (x, y), {}, mm(x, y))[0] for x, y in ((a, b), (a[:1], b), (x, y))]
     assert fast == slow and fast[2]["zeros_created"] == 1
+
+
+def test_mm_zero_lines_count_dead_rows_and_columns_only() -> None:
+    nan = float("nan")
+    a = torch.tensor([[0.0, 0.0], [1.0, 2.0], [0.0, nan], [-0.0, 0.0]])  # rows 0, 3 zero
+    b = torch.tensor([[1.0, 0.0, 3.0], [1.0, 0.0, 0.0]])  # column 1 zero
+    assert classify._zero_lines(a, b) == 2 * 3 + 1 * 4 - 2 * 1
+
+
+def test_nll_backward_shortcut_matches_the_recompute(monkeypatch) -> None:
+    nll_bw = torch.ops.aten.nll_loss_backward.default
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(6, 4, generator=g), 1)
+    target = torch.tensor([0, 1, 2, 3, -100, 1])
+    cases = [  # (weight, reduction, grad_output): mean / sum, an ignored row, a zero weight
+        (None, 1, torch.tensor(1.0)),
+        (None, 2, torch.tensor(2.0**-30)),
+        (torch.tensor([1.0, 0.0, 1.0, 1.0]), 1, torch.tensor(1.0)),  # class 1: on-target zeros
+        (None, 1, torch.tensor(2.0**-149)),  # -go / 5 underflows: created zeros on target
+    ]
+    fast, slow, took = [], [], []
+    for w, red, go in cases:
+        tw = torch.tensor(5.0)
+        args = (go, lp, target, w, red, -100, tw)
+        out = nll_bw(*args)
+        took.append(classify._nll_zeros_structural(nll_bw, args, {}, out, int((out == 0).sum())))
+        fast.append(op_stats(nll_bw, args, {}, out)[0])
+    monkeypatch.setattr(classify, "_nll_zeros_structural", lambda *_: False)
+    for w, red, go in cases:
+        args = (go, lp, target, w, red, -100, torch.tensor(5.0))
+        slow.append(op_stats(nll_bw, args, {}, nll_bw(*args))[0])
+    assert took == [True, True, False, False]
+    assert fast == slow
+    assert fast[0]["zeros"] == 24 - 5 and fast[0]["zeros_inherited"] == 19
+    assert fast[3]["zeros_created"] == 5

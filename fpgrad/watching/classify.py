@@ -27,7 +27,10 @@ Cost: an output with no zero, subnormal, inf or NaN costs one ``abs`` and one ``
 counts use float indicators (``sign``, ``clamp``) summed in float32, not boolean masks (several
 times slower on CPU). A zeros-only output of a selection op (:data:`SELECTION_OPS`: ReLU, its
 backward, copies, gathers, ...) whose inputs and scalars all lie in the output's format is not
-recomputed: its float64 recompute would equal the output, so every zero is inherited.
+recomputed: its float64 recompute would equal the output, so every zero is inherited. Nor is
+an ``mm`` whose zeros all lie where no product is non-zero (zero rows of A or columns of B,
+e.g. dead units, else checked at the zeros), nor an ``nll_loss_backward`` whose zeros are
+exactly its off-target elements: the recompute would find those zeros inherited too.
 
 Long module: the per-op statistics and the created/inherited decision share one pass over each
 output (the watch's fast path); splitting them would cost a second pass.
@@ -480,6 +483,8 @@ def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) ->
     a, b = args[0], args[1]
     if a.shape[1] > 2**24:
         return False
+    if a.shape[1] and _zero_lines(a, b) == zeros:  # dead units: whole zero rows / columns
+        return True
     if zeros * a.shape[1] <= 2**22:  # few zeros: test the supports at the zeros only
         i, j = (t.detach() == 0).nonzero().unbind(1)
         ai = a.detach().index_select(0, i).abs().sign_()  # gather, then indicators
@@ -492,6 +497,32 @@ def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) ->
     zt = 1 - t.detach().abs().sign_().float()
     z = float(count(zt.mul_(1 - overlap)))
     return z == zeros
+
+
+def _zero_lines(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The number of elements of ``A @ B`` in a row ``i`` where row ``i`` of A is all zeros or a
+    column ``j`` where column ``j`` of B is: zeros with no non-zero product (a NaN row or column
+    is not counted). Two ``amax`` passes instead of gathering rows and columns at every zero."""
+    za = int((a.detach().abs().amax(1) == 0).sum())  # small: one value per row / column
+    zb = int((b.detach().abs().amax(0) == 0).sum())
+    return za * b.shape[1] + zb * a.shape[0] - za * zb
+
+
+def _nll_zeros_structural(
+    func: Any, args: tuple, kwargs: dict, t: torch.Tensor, zeros: int
+) -> bool:
+    """True when every zero of ``t = nll_loss_backward(...)`` lies off the target positions
+    (``t[i, target[i]]`` for targets other than ``ignore_index``): the op writes exact zeros
+    there (its exact value too, so the float64 recompute would call them inherited), and they
+    are all the zeros exactly when their number, ``numel - valid targets``, is ``zeros``."""
+    if func.overloadpacket.__name__ != "nll_loss_backward":
+        return False
+    target = args[2] if len(args) > 2 else kwargs.get("target")
+    ignore = args[5] if len(args) > 5 else kwargs.get("ignore_index", -100)
+    if not isinstance(target, torch.Tensor) or not isinstance(ignore, int):
+        return False
+    valid = int((target != ignore).sum())
+    return t.numel() - valid == zeros
 
 
 #: dtype -> the smallest normal magnitude of its format.
@@ -580,8 +611,10 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st["subnormals_undecided"] = 0
         needs = st["zeros"] or st["infs"] or st["nans"]
         if needs and t.dtype != torch.float64 and not seeded and not (st["infs"] or st["nans"]):
-            if _selection_exact(func, args, kwargs, t.dtype) or (
-                k == 0 and _mm_zeros_structural(func, args, t, st["zeros"])
+            if (
+                _selection_exact(func, args, kwargs, t.dtype)
+                or (k == 0 and _mm_zeros_structural(func, args, t, st["zeros"]))
+                or (k == 0 and _nll_zeros_structural(func, args, kwargs, t, st["zeros"]))
             ):
                 st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
                 needs = 0

@@ -14,6 +14,14 @@ FILENAME = "records.jsonl"
 KINDS = ("meta", "op", "optimizer", "step")
 
 
+def unwritable(option: str, directory: str | Path, exc: OSError) -> InputError:
+    """The one-line error for a watch output directory that cannot be written."""
+    return InputError(
+        f"watch {option}={str(directory)!r}: cannot write there ({exc.strerror}); "
+        "pass a writable directory"
+    )
+
+
 class JsonlWriter:
     """Appends records to ``DIR/records.jsonl`` (the file is created empty on open)."""
 
@@ -23,10 +31,7 @@ class JsonlWriter:
             d.mkdir(parents=True, exist_ok=True)
             self._fh = open(d / FILENAME, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         except OSError as exc:
-            raise InputError(
-                f"watch out={str(directory)!r}: cannot write there ({exc.strerror}); "
-                "pass a writable directory"
-            ) from exc
+            raise unwritable("out", directory, exc) from exc
 
     def write(self, records: list[dict[str, Any]]) -> None:
         for r in records:

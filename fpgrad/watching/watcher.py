@@ -26,6 +26,7 @@ from fpgrad.watching.modules import ModuleStack
 from fpgrad.watching.optimizer import ShadowOptimizer, step_records, widen
 from fpgrad.watching.records import JsonlWriter, read_records
 from fpgrad.watching.scratch import Scratch
+from fpgrad.watching.tensorboard import TensorBoardWriter
 
 #: Ops whose outputs hold uninitialised memory (garbage until written): never recorded.
 UNINITIALISED = frozenset(
@@ -58,6 +59,7 @@ class Watcher:
         scaler: Any = None,
         out: str | None = None,
         every: int = 1,
+        tensorboard: str | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"watch: model must be a torch.nn.Module (got {type(model).__name__})")
@@ -68,7 +70,7 @@ class Watcher:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InputError(f"watch: every must be a positive integer (got {every!r})")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.out, self.every = out, every
+        self.out, self.every, self.tensorboard = out, every, tensorboard
         self._records: list[dict[str, Any]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._mode = _Mode(self)
@@ -92,6 +94,7 @@ class Watcher:
 
     def __enter__(self) -> Watcher:
         self._writer = JsonlWriter(self.out) if self.out is not None else None
+        self._tb = TensorBoardWriter(self.tensorboard) if self.tensorboard is not None else None
         self._handles = [self.model.register_forward_pre_hook(self._on_forward, prepend=True)]
         self._stack = ModuleStack(self.model, lambda: self._sampling)
         if self.optimizer is not None:
@@ -130,10 +133,14 @@ class Watcher:
             del self.scaler.update
         if self._writer is not None:
             self._writer.close()
+        if self._tb is not None:
+            self._tb.close()
         self._scratch.clear()
 
     # ---- steps ----------------------------------------------------------------------------
     def _emit(self, recs: list[dict[str, Any]]) -> None:
+        if self._tb is not None:
+            self._tb.write(recs)
         if self._writer is not None:
             self._writer.write(recs)
         else:
@@ -272,8 +279,11 @@ def watch(
     scaler: Any = None,
     out: str | None = None,
     every: int = 1,
+    tensorboard: str | None = None,
 ) -> Watcher:
     """Watch a training loop: ``with fpgrad.watch(model, opt, scaler) as w: ...``; then
     ``w.records()``. ``out=DIR`` writes DIR/records.jsonl as it goes (flushed per step);
-    ``every=N`` observes steps 0, N, 2N, ... only."""
-    return Watcher(model, optimizer, scaler, out, every)
+    ``every=N`` observes steps 0, N, 2N, ... only; ``tensorboard=DIR`` also writes per-module
+    and per-parameter scalars there (fpgrad.watching.tensorboard; needs ``pip install
+    tensorboard``)."""
+    return Watcher(model, optimizer, scaler, out, every, tensorboard)

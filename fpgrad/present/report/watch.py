@@ -26,6 +26,7 @@ from tabulate import tabulate  # noqa: E402
 
 from fpgrad.errors import InputError  # noqa: E402
 from fpgrad.present.report.plots import save_png  # noqa: E402
+from fpgrad.present.report.watch_series import module_sums  # noqa: E402
 
 _TOP = 8
 
@@ -81,13 +82,7 @@ def creators(ops: list[dict]) -> list[list[Any]]:
 
 
 def _timelines(ops: list[dict], path: Path) -> None:
-    per: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0]))
-    for r in ops:
-        a = per[r["module"]][r["step"]]
-        a[0] += r["zeros_created"]
-        a[1] += r["subnormals"]
-        a[2] += r["numel"]
-        a[3] += r["infs_created"] + r["nans_created"]
+    per = module_sums(ops)
     top = sorted(per, key=lambda m: -sum(v[0] + v[1] + v[3] for v in per[m].values()))[:_TOP]
     fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
     for i, m in enumerate(top):
