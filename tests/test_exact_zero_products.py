@@ -16,7 +16,8 @@ import pytest
 
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.ball import Ball, BallArith
-from fpgrad.reference.exact import ball_digits, exact_trace
+from fpgrad.graph.layers import exact_trace
+from fpgrad.reference.exact import ball_digits
 from tests.nets import net_from
 from tests.oracle.claims import check
 from tests.oracle.reference import ZERO, oracle
