@@ -120,15 +120,23 @@ def settle_zeros(ar: Any, value: Any, mask: np.ndarray, where: str) -> Any:
     return ar.where(finite, ar.asarray(np.zeros(mask.shape)), value)
 
 
+def settler(graph: Graph, ar: Any, zeros: dict[str, np.ndarray]) -> Any:
+    """The ``settle`` of :func:`~fpgrad.graph.interpret.interpret` for the exact systems: the
+    elements ``zeros`` (node name -> mask, proven by :mod:`fpgrad.graph.identities`) set to
+    exact zeros; None when there are none."""
+    if not zeros:
+        return None
+
+    def settle(node: fx.Node, value: Any) -> Any:
+        mask = zeros.get(node.name)
+        return value if mask is None else settle_zeros(ar, value, mask, graph.label(node))
+
+    return settle
+
+
 def _run(graph: Graph, ids: Identities) -> Any:
     def run(ar: Any) -> tuple[list[tuple[str, Any]], Any]:
-        def settle(node: fx.Node, value: Any) -> Any:
-            mask = ids.zeros.get(node.name)
-            if mask is None:
-                return value
-            return settle_zeros(ar, value, mask, graph.label(node))
-
-        trace = interpret(graph, ar, settle=settle if ids.zeros else None)
+        trace = interpret(graph, ar, settle=settler(graph, ar, ids.zeros))
         items = [("loss", trace.loss), *((f"grads/{k}", v) for k, v in trace.grads.items())]
         return items, trace
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from fpgrad.arith.base import Arith
 from fpgrad.graph.capture import Graph
-from fpgrad.graph.exact import settle_zeros
+from fpgrad.graph.exact import settler
 from fpgrad.graph.from_network import from_network
 from fpgrad.graph.identities import Identities, prove_zeros
 from fpgrad.graph.interpret import GraphTrace, interpret
@@ -110,21 +110,8 @@ def evaluate(
     """
     cap, sub = _captured(net, rows)
     graph = _with_data(cap.at(loss_scale), net, sub)
-    settle = _settler(graph, ar, cap.zeros()) if getattr(ar, "exact", False) else None
+    settle = settler(graph, ar, cap.zeros()) if getattr(ar, "exact", False) else None
     return as_trace(net, interpret(graph, ar, params=params, keep=False, settle=settle))
-
-
-def _settler(graph: Graph, ar: Any, zeros: dict[str, np.ndarray]) -> Any:
-    """The exact systems' ``settle``: the zeros :mod:`fpgrad.graph.identities` proves (None
-    when it proves none)."""
-    if not zeros:
-        return None
-
-    def settle(node: Any, value: Any) -> Any:
-        mask = zeros.get(node.name)
-        return value if mask is None else settle_zeros(ar, value, mask, graph.label(node))
-
-    return settle
 
 
 def exact_trace(

@@ -206,7 +206,8 @@ def certify(
     progress: bool | None = None,
     max_bits: int = DEFAULT_MAX_BITS,
 ) -> ExactResult:
-    """Enclose every value ``run`` produces in certified balls (see :func:`exact_trace`):
+    """Enclose every value ``run`` produces in certified balls (see
+    :func:`fpgrad.graph.layers.exact_trace`):
     fast balls first, then Arb at escalating precision up to ``max_bits`` or the memory
     bound of ``work``."""
     method = ALIASES.get(method, method)
