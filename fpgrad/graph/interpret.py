@@ -87,21 +87,44 @@ def _enter_const(ar: Arith, value: Any) -> Any:
     return arr.copy()
 
 
+def _cast_reads(
+    node: fx.Node, env: dict[str, Any], where: dict[str, Arith], here: Arith
+) -> dict[str, Any]:
+    """The floating arrays ``node`` reads from another system, rounded into ``here``
+    (systems of float64 arrays), by node name."""
+    out: dict[str, Any] = {}
+    for n in node.all_input_nodes:
+        src, v = where.get(n.name, here), env[n.name]
+        if src is not here and isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            out[n.name] = here.asarray(src.to_float64(v))
+    return out
+
+
 def interpret(
     graph: Graph,
     ar: Arith,
     params: dict[str, Any] | None = None,
     keep: bool = True,
     settle: Callable[[fx.Node, Any], Any] | None = None,
+    systems: dict[str, Arith] | None = None,
+    data: Arith | None = None,
 ) -> GraphTrace:
     """Evaluate ``graph`` in ``ar``. ``params`` (name -> arrays of ``ar``) replaces the
     captured float64 values; ``keep=False`` drops intermediate values once read;
     ``settle(node, value)`` may replace each op's value (the exact reference sets the zeros
-    that :mod:`fpgrad.graph.identities` proves)."""
+    that :mod:`fpgrad.graph.identities` proves). ``systems``: node name -> the system that op
+    computes in (systems of float64 arrays, e.g. emulated machines; others: ``ar``), a floating
+    input from another system rounded into it first; ``data``: the system the inputs and
+    targets are stored in (default ``ar``)."""
     feeds: list[Any] = [
         params[n] if params is not None else _enter(ar, graph.params[n]) for n in graph.param_names
     ]
-    feeds += [_enter(ar, x) for x in (*graph.inputs, graph.targets)]
+    feeds += [_enter(data or ar, x) for x in (*graph.inputs, graph.targets)]
+    where: dict[str, Arith] = {}  # with systems: the system of each value
+    if systems is not None:
+        where = {n.name: ar for n in graph.gm.graph.nodes if n.op == "placeholder"}
+        for n in list(where)[len(graph.param_names) :]:
+            where[n] = data or ar
     raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
     env: dict[str, Any] = {}
     consts: dict[str, Any] = {}  # torch values of nodes that read no floating data
@@ -126,11 +149,15 @@ def interpret(
             )
             env[node.name] = _enter_const(ar, consts[node.name])
         else:
-            cx = OpContext(ar, node, env, graph)
-            args = fx.node.map_arg(node.args, lambda n: env[n.name])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+            here = ar if systems is None else systems.get(node.name, ar)
+            cast = {} if systems is None else _cast_reads(node, env, where, here)
+            cx = OpContext(here, node, env, graph)
+            args = fx.node.map_arg(node.args, lambda n, c=cast: c.get(n.name, env[n.name]))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n, c=cast: c.get(n.name, env[n.name]))
             kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
             env[node.name] = OPS[op_key(node)](cx, *args, **kwargs)
+            if systems is not None:
+                where[node.name] = here
             if settle is not None:
                 env[node.name] = settle(node, env[node.name])
     assert out_node is not None

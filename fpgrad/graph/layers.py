@@ -12,8 +12,9 @@ Graphs are captured once per network object and batch size.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from fpgrad.reference.exact import (
     trace_items,
 )
 from fpgrad.run.evaluate import Trace
+
+if TYPE_CHECKING:
+    from fpgrad.model.policy import Plan
 
 
 @dataclass
@@ -152,3 +156,41 @@ def exact_trace(
         progress=progress,
         max_bits=max_bits,
     )
+
+
+def evaluate_plan(
+    net: Network,
+    plan: Plan,
+    arith: Callable[[str], Arith],
+    params: dict[str, Any] | None = None,
+    rows: np.ndarray | None = None,
+    loss_scale: float = 1.0,
+) -> Trace:
+    """Forward and backward of ``net`` under a precision policy's :class:`~fpgrad.model.policy.Plan`
+    in systems of float64 arrays (``arith(precision)``, e.g. the emulated machines): every op of
+    a layer, forward and backward, computes in the layer's ``compute`` system, the loss's ops in
+    the plan's ``loss`` one; a value read from another system is rounded into the reader's (a
+    cast, as autocast's); parameters are stored in ``plan.params`` (``params`` overrides, in
+    it) and their gradients rounded into it; data are stored in ``plan.data``. ``loss_scale``
+    as in :func:`evaluate`."""
+    cap, sub = _captured(net, rows)
+    graph = _with_data(cap.at(loss_scale), net, sub)
+    store, data = arith(plan.params), arith(plan.data)
+    compute = {lp.layer: arith(lp.compute) for lp in plan.layers}
+    loss_ar = arith(plan.loss)
+    systems = {
+        node.name: compute.get(graph.paths.get(node.name, ""), loss_ar) for node in graph.ops
+    }
+    stored = params if params is not None else {k: store.asarray(v) for k, v in net.params.items()}
+    it = interpret(graph, store, params=stored, keep=False, systems=systems, data=data)
+    trace = as_trace(net, it)
+    trace.system = plan.policy
+    trace.grads = {k: store.asarray(loss_ar.to_float64(g)) for k, g in trace.grads.items()}
+    for lp in plan.layers:
+        trace.formats[f"forward/{lp.layer}"] = trace.formats[f"backward/{lp.layer}"] = lp.output
+        trace.ran_in[lp.layer] = {"compute": lp.compute, "params": lp.params, "output": lp.output}
+    trace.formats["loss"] = plan.loss
+    trace.ran_in["loss"] = {"compute": plan.loss, "params": None, "output": plan.loss}
+    for key in trace.grads:
+        trace.formats[f"grads/{key}"] = plan.params
+    return trace

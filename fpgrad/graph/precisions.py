@@ -109,7 +109,7 @@ def _policy_precision(policy: Policy) -> Precision:
         if plan.emulated and len(plan.formats()) == 1:  # one machine: the precision itself
             trace = get_precision(plan.params).runner(net, name, loss_scale)
         elif plan.emulated:
-            from fpgrad.run.evaluate import evaluate_plan
+            from fpgrad.graph.layers import evaluate_plan
 
             trace = evaluate_plan(net, plan, emulated_systems(), loss_scale=loss_scale)
             trace.loss = float(trace.loss)

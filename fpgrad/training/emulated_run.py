@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 
-from fpgrad.graph.layers import evaluate
+from fpgrad.graph.layers import evaluate, evaluate_plan
 from fpgrad.model.network import Network
 from fpgrad.numbers.rounding import round_to
-from fpgrad.run.evaluate import evaluate_plan
 from fpgrad.run.optim import ArithOptimizer, OptimConfig
 from fpgrad.run.scaling import DynamicScaler, StaticScaler
 from fpgrad.training.history import History, _flat

@@ -17,7 +17,6 @@ from fpgrad.graph import shapes
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
 from fpgrad.graph.ops.registry import op
-from fpgrad.run.evaluate import bce_terms_torch
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -258,3 +257,16 @@ def huber_loss_backward(cx: Any, g: Any, x: Any, t: Any, reduction: int, delta: 
     if REDUCTIONS[int(reduction)] == "mean":
         out = ar.div(out, ar.const(float(np.prod(shapes.shape(x)))))
     return out
+
+
+def bce_terms_torch(ar: Any, x: Any, t: Any, weight: Any = None, pos_weight: Any = None) -> Any:
+    """torch's CPU sequence for BCE with logits, each operation rounded: ``(1 - t) * x -
+    l * log_sigmoid(x)``, log_sigmoid(x) = ``min(x, 0) - log1p(exp(-|x|))``, l = ``(pos_weight
+    - 1) * t + 1``, then ``* weight``."""
+    v = np.asarray(x, dtype=np.float64)
+    low = ar.where(v > 0, ar.asarray(np.zeros(v.shape)), x)  # std::min(x, 0): -0, NaN kept
+    logsig = ar.sub(low, ar.log1p(ar.exp(ar.mul(ar.abs(x), ar.const(-1.0)))))
+    if pos_weight is not None:
+        logsig = ar.mul(ar.add(ar.mul(ar.sub(pos_weight, ar.const(1.0)), t), ar.const(1.0)), logsig)
+    terms = ar.sub(ar.mul(ar.sub(ar.const(1.0), t), x), logsig)
+    return terms if weight is None else ar.mul(terms, weight)
