@@ -82,12 +82,16 @@ def _with_data(graph: Graph, net: Network, sub: Network) -> Graph:
     return replace(graph, inputs=[np.asarray(sub.x, dtype=np.float64)], targets=y)
 
 
+def _tapped(net: Network, rows: np.ndarray | None, loss_scale: float) -> tuple[_Captured, Graph]:
+    cap, sub = _captured(net, rows)
+    return cap, _with_data(cap.at(loss_scale), net, sub)
+
+
 def tapped(net: Network, rows: np.ndarray | None = None, loss_scale: float = 1.0) -> Graph:
     """The tapped graph of ``net`` on the samples ``rows`` (all when None) whose backward
     starts from ``loss_scale``, captured once per network and batch size; the data of
     ``rows`` replace the traced ones."""
-    cap, sub = _captured(net, rows)
-    return _with_data(cap.at(loss_scale), net, sub)
+    return _tapped(net, rows, loss_scale)[1]
 
 
 def as_trace(net: Network, it: GraphTrace) -> Trace:
@@ -112,8 +116,7 @@ def evaluate(
     e.g. the weights of a training run in that system; ``rows`` selects a mini-batch;
     ``loss_scale`` S starts the backward from S (the backward of S * loss).
     """
-    cap, sub = _captured(net, rows)
-    graph = _with_data(cap.at(loss_scale), net, sub)
+    cap, graph = _tapped(net, rows, loss_scale)
     settle = settler(graph, ar, cap.zeros()) if getattr(ar, "exact", False) else None
     return as_trace(net, interpret(graph, ar, params=params, keep=False, settle=settle))
 
@@ -173,8 +176,7 @@ def evaluate_plan(
     cast, as autocast's); parameters are stored in ``plan.params`` (``params`` overrides, in
     it) and their gradients rounded into it; data are stored in ``plan.data``. ``loss_scale``
     as in :func:`evaluate`."""
-    cap, sub = _captured(net, rows)
-    graph = _with_data(cap.at(loss_scale), net, sub)
+    _, graph = _tapped(net, rows, loss_scale)
     store, data = arith(plan.params), arith(plan.data)
     compute = {lp.layer: arith(lp.compute) for lp in plan.layers}
     loss_ar = arith(plan.loss)
@@ -185,7 +187,7 @@ def evaluate_plan(
     it = interpret(graph, store, params=stored, keep=False, systems=systems, data=data)
     trace = as_trace(net, it)
     trace.system = plan.policy
-    trace.grads = {k: store.asarray(loss_ar.to_float64(g)) for k, g in trace.grads.items()}
+    trace.grads = {k: store.asarray(g) for k, g in trace.grads.items()}  # float64 arrays
     for lp in plan.layers:
         trace.formats[f"forward/{lp.layer}"] = trace.formats[f"backward/{lp.layer}"] = lp.output
         trace.ran_in[lp.layer] = {"compute": lp.compute, "params": lp.params, "output": lp.output}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, loss_in, split_outputs
+from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, loss_in
 from fpgrad.graph.names import op_name
 from fpgrad.run.torch_native import DTYPES, one_torch_thread, to_dtype
 
@@ -136,9 +136,8 @@ def _outputs(graph: Graph, out: tuple[Any, ...]) -> tuple[Any, Any, dict[str, An
     if not graph.taps:
         return out[0], out[1], {}
     loss, grads, tap_grads, tap_values = out
-    flat = [loss, *grads, *tap_grads, *tap_values]
-    _, _, taps = split_outputs(graph, flat)
-    return loss, grads, {k: (_f64(v), _f64(g)) for k, (v, g) in taps.items()}
+    pairs = zip(graph.taps, tap_values, tap_grads, strict=True)
+    return loss, grads, {t: (_f64(v), _f64(g)) for t, v, g in pairs}
 
 
 def _getitems(graph: Graph, values: dict[str, Any]) -> None:

@@ -106,9 +106,7 @@ def _policy_precision(policy: Policy) -> Precision:
 
     def run(net: Network, name: str, loss_scale: float = 1.0) -> Trace:
         plan = policy.resolve(net)
-        if plan.emulated and len(plan.formats()) == 1:  # one machine: the precision itself
-            trace = get_precision(plan.params).runner(net, name, loss_scale)
-        elif plan.emulated:
+        if plan.emulated:
             from fpgrad.graph.layers import evaluate_plan
 
             trace = evaluate_plan(net, plan, emulated_systems(), loss_scale=loss_scale)
