@@ -113,13 +113,6 @@ def _compare(args: argparse.Namespace) -> int:
         allow_uncertified=args.allow_uncertified,
         exact_max_bits=args.exact_max_bits,
     )
-    if is_script(args.network):  # a captured model: its own, smaller comparison
-        if out is not None:
-            from fpgrad.present.report.captured import write_graph_report
-
-            print(f"wrote {', '.join(write_graph_report(result, out))}", file=sys.stderr)
-        print(result.to_json() if args.json else result.render(max_rows=args.max_rows or None))
-        return 0
     result.source = args.network
     if out is not None:
         written = write_compare_report(result, out)

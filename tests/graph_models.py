@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fpgrad.examples.transformer_block import Block as AttentionBlock
+
 
 class RMSNorm(nn.Module):
     """RMSNorm written by hand: pow, mean, rsqrt."""
@@ -50,26 +52,10 @@ def residual_mlp(seed: int = 0, n: int = 6) -> tuple[nn.Module, torch.Tensor, to
     return model, x, y
 
 
-class TransformerBlock(nn.Module):
-    """Embedding, pre-norm causal self-attention with a padding mask, GELU MLP, residuals."""
-
-    def __init__(self, vocab: int = 7, d: int = 4, heads: int = 2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        h = self.emb(tokens)
-        n = tokens.shape[1]
-        causal = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
-        a = self.ln1(h)
-        h = h + self.attn(a, a, a, attn_mask=causal, key_padding_mask=pad, need_weights=False)[0]
-        h = h + self.mlp(self.ln2(h))
-        return self.head(h).flatten(0, 1)
+def TransformerBlock(vocab: int = 7, d: int = 4, heads: int = 2) -> nn.Module:  # noqa: N802
+    """The example's block (fpgrad/examples/transformer_block.py), MLP twice as wide, a
+    boolean padding mask; small by default."""
+    return AttentionBlock(vocab=vocab, d=d, heads=heads, mlp=2, float_mask=False)
 
 
 def transformer_block(seed: int = 0):  # noqa: ANN201

@@ -12,6 +12,7 @@ from torch import nn
 
 import fpgrad
 from fpgrad.diagnose.comparison import compare
+from fpgrad.diagnose.verdicts import VERDICTS
 from fpgrad.errors import InputError
 from fpgrad.graph.native import native_run
 from tests.graph_models import residual_mlp, small_cnn, transformer_block
@@ -33,11 +34,11 @@ def eager_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss, dtype)
     return {k: p.grad.double().numpy() for k, p in m.named_parameters()}
 
 
-def assert_close_to_float64(net, exact, model, x, y, loss) -> None:  # noqa: ANN001
+def assert_close_to_float64(cmp, model, x, y, loss) -> None:  # noqa: ANN001
     """Exact gradients agree with torch float64 to 1e-8 relative (zeros: to float64 noise)."""
     ref = eager_grads(model, x, y, loss, torch.float64)
     for name, r in ref.items():
-        e = exact.arrays[f"grads/{name}"].hi
+        e = cmp.column(name).exact.hi
         scale = np.max(np.abs(r)) or 1.0
         np.testing.assert_allclose(e, r, rtol=1e-8, atol=1e-13 * scale, err_msg=name)
 
@@ -55,15 +56,15 @@ def test_residual_mlp_float32_is_eager_autograd_bit_for_bit(mlp_comparison) -> N
     for prec, dtype in DTYPES.items():
         ref = eager_grads(model, x, y, nn.CrossEntropyLoss(), dtype)
         for name in net.param_names:
-            assert np.array_equal(cmp.grads[prec][name], ref[name]), (prec, name)
+            assert np.array_equal(cmp.values(prec)[name], ref[name]), (prec, name)
 
 
 def test_residual_mlp_exact_matches_float64_and_certifies(mlp_comparison) -> None:  # noqa: ANN001
     model, x, y, net, cmp = mlp_comparison
-    assert cmp.exact.certified_digits >= 17
-    assert_close_to_float64(net, cmp.exact, model, x, y, nn.CrossEntropyLoss())
+    assert cmp.certified_digits >= 17
+    assert_close_to_float64(cmp, model, x, y, nn.CrossEntropyLoss())
     counts = cmp.counts("float32")
-    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    assert sum(counts[v] for v in VERDICTS) == sum(p.numel() for p in model.parameters())
 
 
 def test_native_intermediates_are_the_eager_kernels_values(mlp_comparison) -> None:  # noqa: ANN001
@@ -105,12 +106,12 @@ def test_mse_tuple_inputs_and_callable_loss() -> None:
 
     net = fpgrad.from_module(model, (u, v), t, loss)
     cmp = compare(net, "float32,float32:emulated")
-    assert cmp.exact.certified_digits >= 17
+    assert cmp.certified_digits >= 17
     m64 = copy.deepcopy(model).double()
     loss(m64(u.double(), v.double()), t.double()).backward()
     for name, p in m64.named_parameters():
-        np.testing.assert_allclose(cmp.exact.arrays[f"grads/{name}"].hi, p.grad.numpy(), rtol=1e-12)
-        emulated = cmp.grads["float32:emulated"][name]  # a strict float32 machine: near
+        np.testing.assert_allclose(cmp.column(name).exact.hi, p.grad.numpy(), rtol=1e-12)
+        emulated = cmp.values("float32:emulated")[name]  # a strict float32 machine: near
         np.testing.assert_allclose(emulated, p.grad.numpy(), rtol=2e-5, atol=1e-6)
 
 
@@ -153,7 +154,7 @@ def test_done_when_models(build) -> None:  # noqa: ANN001
     loss = nn.CrossEntropyLoss()
     net = fpgrad.from_module(model, inputs, y, loss)
     cmp = compare(net, "float32")
-    assert cmp.exact.certified_digits >= 17
+    assert cmp.certified_digits >= 17
     xs = inputs if isinstance(inputs, tuple) else (inputs,)
     m32 = copy.deepcopy(model)
     n = torch.get_num_threads()
@@ -166,8 +167,8 @@ def test_done_when_models(build) -> None:  # noqa: ANN001
     loss(m64(*(t.double() if t.is_floating_point() else t for t in xs)), y).backward()
     scale = max(float(p.grad.abs().max()) for p in m64.parameters())
     for (name, p32), (_, p64) in zip(m32.named_parameters(), m64.named_parameters(), strict=True):
-        assert np.array_equal(cmp.grads["float32"][name], p32.grad.double().numpy()), name
-        e, r = cmp.exact.arrays[f"grads/{name}"], p64.grad.numpy()
+        assert np.array_equal(cmp.values("float32")[name], p32.grad.double().numpy()), name
+        e, r = cmp.column(name).exact, p64.grad.numpy()
         # exact zeros, proven or undetermined (a ball around 0, e.g. the key bias of attention,
         # zero by the softmax's shift invariance): float64 cancellation noise
         unknown = e.undetermined_mask()
@@ -183,11 +184,13 @@ def test_attribution_names_where_the_signal_died() -> None:
                           nn.Linear(2 * 4 * 4, 3))  # fmt: skip
     x, y = torch.randn(4, 1, 4, 4) * 1e-3, torch.tensor([0, 1, 2, 0])
     cmp = compare(fpgrad.from_module(model, x, y, nn.CrossEntropyLoss()), "float16,float32")
-    assert cmp.first_lost["float16"] is not None
-    assert cmp.first_lost["float16"].startswith("1 (getitem): ")  # the batch norm's output
-    assert cmp.first_lost["float32"] is None
-    assert cmp.first_nonfinite == {"float16": None, "float32": None}
-    assert "first op computing 0" in cmp.render()
+    att = cmp.attribution
+    # the batch norm's output is the first op computing 0 where the exact value is not
+    assert att["float16"]["first_lost"].startswith("1 (aten.native_batch_norm[0]): ")
+    assert att["float16"]["first_rounding_zero_forward"]["op"] == "1 (aten.native_batch_norm[0])"
+    assert att["float32"]["first_lost"] is None
+    assert att["float16"]["first_nonfinite"] is None and att["float32"]["first_nonfinite"] is None
+    assert "forward values first round to zero in 1 (aten.native_batch_norm[0])" in cmp.render()
 
 
 def test_training_mode_dropout_is_refused_with_the_fix() -> None:

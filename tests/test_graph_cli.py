@@ -29,9 +29,14 @@ def test_script_build_compares(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["compare", f"{script}:build", "--precisions", "float16,float32", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["precisions"] == ["float16", "float32"]
-    assert out["certified_digits"] >= 17
-    assert sum(out["summary"]["float32"].values()) == 3 * 4 + 4 + 4 * 2 + 2
-    assert set(out["parameters"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert out["exact"]["certified_digits"] >= 17
+    summary = {
+        k: n for k, n in out["summary"]["float32"].items() if not k.startswith("rounding_zero_")
+    }
+    assert sum(summary.values()) == 3 * 4 + 4 + 4 * 2 + 2
+    assert {r["param"] for r in out["parameters"]} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert len(out["gradients"]) == 3 * 4 + 4 + 4 * 2 + 2  # every element, as for networks
+    assert out["kinds"] == {"float16": "native", "float32": "native"}
 
 
 @pytest.mark.parametrize(
@@ -91,24 +96,27 @@ def test_out_dir_report_of_a_captured_model(
         "gradients.npz",
         "magnitudes.png",
         "verdicts.png",
+        "signal.png",
     }
     md = (out / "compare.md").read_text()
     assert tables(md) and all(len({len(r) for r in t}) == 1 for t in tables(md))
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert links == ["magnitudes.png", "verdicts.png"]
+    assert links == ["magnitudes.png", "verdicts.png", "signal.png"]
     assert all((out / link).stat().st_size > 1000 for link in links)
     doc = json.loads((out / "compare.json").read_text())
     assert doc["summary"]["float16"]["rounding_zero"] > 0
-    assert "## Diagnosis" in md and doc["first_lost"]["float16"] in md
+    first = doc["attribution"]["float16"]["first_rounding_zero_backward"]
+    assert "## Diagnosis" in md and first["op"] in md
     # the npz: every element, its verdict codes agreeing with the JSON counts
     with np.load(out / "gradients.npz") as z:
         assert list(z["precisions"]) == ["float16", "bfloat16"]
-        names = list(doc["parameters"])
+        names = list(dict.fromkeys(r["param"] for r in doc["parameters"]))
         assert "inp.weight" in names
         for p in ("float16", "bfloat16"):
             codes = np.concatenate([z[f"{n}/{p}/verdict"].ravel() for n in names])
             counts = np.bincount(codes, minlength=len(VERDICTS))
-            assert dict(zip(VERDICTS, counts.tolist(), strict=True)) == doc["summary"][p]
+            summary = {v: doc["summary"][p][v] for v in VERDICTS}
+            assert dict(zip(VERDICTS, counts.tolist(), strict=True)) == summary
         w = z["inp.weight/float16/value"]
         rz = z["inp.weight/float16/verdict"] == VERDICTS.index("rounding_zero")
         exact = z["inp.weight/exact_hi"] + z["inp.weight/exact_lo"]
@@ -117,7 +125,7 @@ def test_out_dir_report_of_a_captured_model(
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed: `apt-get install chromium` for the browser check")
     ok, total, dom = chromium_images(out / "compare.html", tmp_path)
-    assert total == 2 and ok == total
+    assert total == 3 and ok == total
     assert "Diagnosis" in dom and "inp.weight" in dom
 
 

@@ -217,5 +217,5 @@ def test_gelu_tanh_and_padded_pooling_run_in_every_column() -> None:
         counts = result.counts(p)
         assert counts["nan"] == counts["overflow"] == counts["wrong_sign"] == 0
         assert counts["ok"] + counts["structural_zero"] == sum(
-            int(np.size(v)) for v in result.grads[p].values()
+            int(np.size(v)) for v in result.values(p).values()
         )

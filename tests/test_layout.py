@@ -104,7 +104,7 @@ _GRAPH = {
 #: the only imports up the flow: a result's convenience methods that hand it to presentation
 #: (``Comparison.render()``, ``TrainResult.render()`` and ``.plots()``), imported when called
 _FACADES = {
-    ("fpgrad.diagnose.comparison", "fpgrad.present.render"),
+    ("fpgrad.diagnose.result", "fpgrad.present.render"),
     ("fpgrad.training.result", "fpgrad.present.render"),
     ("fpgrad.training.result", "fpgrad.present.report.plots"),
 }

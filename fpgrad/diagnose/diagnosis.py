@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from fpgrad.diagnose.verdicts import inaccurate_threshold, underflows
 from fpgrad.errors import InputError
+from fpgrad.model.network import Network
 from fpgrad.model.policy import BUILTIN, format_of
 from fpgrad.numbers.formats import Format, get_format
 
 if TYPE_CHECKING:
-    from fpgrad.diagnose.comparison import Comparison
+    from fpgrad.diagnose.result import Comparison
     from fpgrad.graph.precisions import Precision
-    from fpgrad.model.network import Network
     from fpgrad.reference.exact import ExactResult
 
 #: a format narrower than this many exponent bits is offered bfloat16 as a remedy
@@ -42,6 +42,9 @@ def diagnose(
 
 def _narrowest(c: Comparison, p: Precision) -> Format:
     plan = c.policies[p.name]
+    if p.kind == "policy" and plan.get("graph"):  # a captured model: the gradients' formats
+        names = set(plan["gradient_formats"].values())
+        return min((format_of(n) for n in names), key=lambda f: (f.bits, f.precision))
     if p.kind == "policy":
         names = {lp["compute"] for lp in plan["layers"]} | {plan["loss"]["compute"]}
         return min((format_of(n) for n in names), key=lambda f: (f.bits, f.precision))
@@ -114,7 +117,8 @@ def _precision_findings(
             "where",
             f"{name}: the first inf/NaN appears in {o['op']} ({o['layer']} {o['quantity']})",
         )
-    if lost or s["subnormal"]:
+    captured_overflow = not isinstance(net, Network) and att["first_overflow"]
+    if lost or s["subnormal"] or captured_overflow:
         _remedies(c, net, exact, p, fmt, add, cache)
     return out
 
@@ -133,19 +137,8 @@ def _remedies(
     s = c.summary[name]
     small = s["rounding_zero_underflow"] + s["rounding_zero_lost"] + s["subnormal"]
     if small and fmt.exp_bits <= 8 and c.loss_scale == 1.0:
-        from fpgrad.diagnose.advisor import advise
-
         try:
-            adv = advise(
-                net,
-                fmt.name if p.kind != "policy" else None,
-                exact.bits,
-                policy=name if p.kind == "policy" else None,
-                measure=False,
-                allow_uncertified=True,
-                exact=exact,
-                values_cache=cache,
-            )
+            adv = _advise(net, exact, p, fmt, cache)
         except InputError:
             adv = None
         if adv is not None and adv.safe is not None and adv.recommended > 0:
@@ -182,7 +175,21 @@ def _remedies(
                 "fpgrad compare {net} --precisions bfloat16",
             )
     first = c.attribution[name]["first_rounding_zero_backward"]
-    if first and p.kind != "policy":
+    if not isinstance(net, Network):  # a captured model: the first op, in execution order,
+        # computing 0 where the exact value is not, or inf/NaN (later ones may be inherited)
+        died = next(
+            (r for r in c.attribution[name]["places"] if r["rounding_zero"] or r["overflow"]),
+            None,
+        )
+        if died and p.kind != "policy":
+            add(
+                "remedy",
+                f"compute {died['op']} in float32 under a precision policy (a rule for its "
+                "module path or op class; autocast keeps softmax, norms, exp, log and the losses "
+                "in float32)",
+                f"fpgrad compare {{net}} --precisions {name} --policy autocast",
+            )
+    elif first and p.kind != "policy":
         op = first["op"]
         layer = _producer(net, op)
         where = 'loss = "float32"' if layer is None else f'layers = {{ {layer} = "float32" }}'
@@ -200,6 +207,26 @@ def _remedies(
             if computes == "float32"
             else "fpgrad policies --network {net}",
         )
+
+
+def _advise(
+    net: Any, exact: ExactResult, p: Precision, fmt: Format, cache: dict[tuple[str, ...], Any]
+) -> Any:
+    """The loss-scale advisor over the comparison's own exact trace (no torch measurement)."""
+    policy = p.name if p.kind == "policy" else None
+    if not isinstance(net, Network):  # a captured model
+        from fpgrad.graph.advise import advise_graph
+
+        return advise_graph(
+            net, fmt.name if policy is None else None, exact.bits, policy=policy, measure=False,
+            allow_uncertified=True, exact=exact,
+        )  # fmt: skip
+    from fpgrad.diagnose.advisor import advise
+
+    return advise(
+        net, fmt.name if policy is None else None, exact.bits, policy=policy, measure=False,
+        allow_uncertified=True, exact=exact, values_cache=cache,
+    )  # fmt: skip
 
 
 def _producer(net: Network, op: str) -> str | None:

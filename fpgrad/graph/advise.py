@@ -23,7 +23,7 @@ from fpgrad.graph.exact import exact_graph
 from fpgrad.graph.native import native_run
 from fpgrad.graph.policy import GraphPlan, resolve
 from fpgrad.numbers.formats import get_format
-from fpgrad.reference.exact import DEFAULT_BITS, DEFAULT_MAX_BITS
+from fpgrad.reference.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult
 
 if TYPE_CHECKING:
     from fpgrad.graph.network import GraphNetwork
@@ -64,9 +64,11 @@ def advise_graph(
     allow_uncertified: bool = False,
     exact_max_bits: int = DEFAULT_MAX_BITS,
     progress: bool | None = None,
+    exact: ExactResult | None = None,
 ) -> Advice:
     """Loss-scale advice for a captured model in ``fmt`` (default float16, or a policy's
-    narrowest format); with ``policy`` only the gradients it computes in ``fmt`` are judged."""
+    narrowest format); with ``policy`` only the gradients it computes in ``fmt`` are judged.
+    ``exact``: a certified trace of this same graph (``exact_graph(...).result``), reused."""
     if scope not in SCOPES:
         raise InputError(f"unknown scope {scope!r}; use gradients or all")
     if scope == "all":
@@ -96,9 +98,10 @@ def advise_graph(
         )
     if plan is None:
         formats = [f.name] * len(names)
-    exact = exact_graph(net.graph, bits, allow_uncertified, max_bits=exact_max_bits)
+    if exact is None:  # else: a certified trace of this same graph, reused
+        exact = exact_graph(net.graph, bits, allow_uncertified, max_bits=exact_max_bits).result
     judged = [n for n, g in zip(names, formats, strict=True) if g == f.name]
-    grads = _Values.of([exact.arrays[f"grads/{n}"] for n in judged])
+    grads = _Values.of([exact.exact_array(f"grads/{n}") for n in judged])
     signals = _Values.of([])
     loss_fmt = f.name if plan is None else trace.formats.get("loss", plan.params)
     n_seed = 1 if loss_fmt == f.name else 0
@@ -106,7 +109,7 @@ def advise_graph(
     measurer = None
     if measure and f.name in TORCH_FORMATS:
         precision = f.name if plan is None else plan.policy
-        measurer = _GraphMeasure(net, precision, exact.result, names, formats, plan)
+        measurer = _GraphMeasure(net, precision, exact, names, formats, plan)
     note = None
     if plan is not None:
         note = (
@@ -117,7 +120,7 @@ def advise_graph(
         )
     _Limits.of(f)  # the format's thresholds exist (raises for formats without them)
     advice = advice_from_values(
-        net.name, f, exact.result, bits, grads, signals, seed, measurer, scope=scope,
+        net.name, f, exact, bits, grads, signals, seed, measurer, scope=scope,
         headroom=headroom, exponents=exponents, measure=measure, progress=progress,
         policy=plan.policy if plan is not None else None, policy_note=note,
     )  # fmt: skip

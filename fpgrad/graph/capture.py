@@ -89,6 +89,8 @@ class Graph:
         """``ff.0 (aten.addmm)``: where a node came from, for display."""
         path = self.paths.get(node.name, "")
         op = op_name(node)
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            op = f"{op_name(node.args[0])}[{node.args[1]}]"  # an output of a multi-output op
         return f"{path} ({op})" if path else f"<top> ({op})"
 
 

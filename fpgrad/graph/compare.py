@@ -19,19 +19,19 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tabulate import tabulate
+from torch import fx
 
-from fpgrad.diagnose.verdicts import VERDICTS, ExactArray, Verdicts, classify
+from fpgrad.diagnose.verdicts import VERDICTS, ExactArray, Verdicts, classify, signal_counts
 from fpgrad.errors import InputError
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.exact import GraphExact, exact_graph
 from fpgrad.graph.interpret import interpret
+from fpgrad.graph.names import MOVES, op_name
 from fpgrad.graph.native import native_run
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.graph.policy import GraphPlan, resolve, scaled_seed
 from fpgrad.graph.precisions import Precision, emulated_systems, parse_precisions
-from fpgrad.jsonutil import dumps
-from fpgrad.numbers.formats import get_format
+from fpgrad.numbers.formats import Format, get_format
 
 if TYPE_CHECKING:
     from fpgrad.graph.network import GraphNetwork
@@ -42,7 +42,9 @@ REFERENCES = ("original", "rounded")
 
 @dataclass
 class GraphComparison:
-    """Gradients per precision, their verdicts, and the exact reference."""
+    """Gradients per precision, their verdicts, and the exact reference: what the gallery's
+    captured scenarios and sweeps read. Shown (tables, JSON, reports) as the one
+    :class:`~fpgrad.diagnose.comparison.Comparison` (:func:`fpgrad.diagnose.captured.to_comparison`)."""
 
     network: str
     precisions: list[str]
@@ -64,6 +66,10 @@ class GraphComparison:
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: reference "rounded": precision -> its own exact reference
     references: dict[str, GraphExact] = field(default_factory=dict)
+    #: precision -> the format the loss was computed in
+    loss_formats: dict[str, str] = field(default_factory=dict)
+    #: precision -> per op node (graph order): where the signal died (:func:`op_places`)
+    places: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def format_of(self, precision: str) -> str:
         """The narrowest format of a column (a policy's lowest), for figures."""
@@ -83,61 +89,6 @@ class GraphComparison:
 
     def gradient(self, param: str, precision: str) -> np.ndarray:
         return self.grads[precision][param]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "network": self.network,
-            "precisions": self.precisions,
-            "kinds": self.kinds,
-            "exact_method": self.exact.method,
-            "certified_digits": self.exact.certified_digits,
-            "loss": {"exact": decimal_string_of(self.exact), **self.loss},
-            "summary": {p: self.counts(p) for p in self.precisions},
-            "first_nonfinite": self.first_nonfinite,
-            "first_lost": self.first_lost,
-            "parameters": {
-                name: {p: _count(self.verdicts[p][name]) for p in self.precisions}
-                for name in self.exact.trace.grads
-            },
-            "loss_scale": self.loss_scale,
-            "reference": self.reference,
-            "policies": self.policies,
-            "notes": self.notes,
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return dumps(self.to_dict(), indent=indent)
-
-    def render(self, max_rows: int | None = None) -> str:
-        """Verdict counts per precision (``max_rows``: accepted for the CLI; one row each)."""
-        rows = []
-        for p in self.precisions:
-            c = self.counts(p)
-            rows.append(
-                [p, self.kinds[p], *(c[v] for v in VERDICTS), self.first_nonfinite[p] or "-"]
-            )
-        head = ["precision", "ran", *VERDICTS, "first inf/nan"]
-        died = [[p, self.first_lost[p]] for p in self.precisions if self.first_lost[p]]
-        lines = [
-            f"{self.network}: gradients of {len(self.exact.trace.grads)} parameters; exact "
-            f"({self.exact.method}) certified to {self.exact.certified_digits:.1f} digits",
-            tabulate(rows, head),
-        ]
-        if died:
-            lines += ["", "first op computing 0 where the exact value is not:", tabulate(died)]
-        for name, pol in self.policies.items():
-            lines.append(f"{name}: {pol['ran']}; {pol['summary']}")
-        return "\n".join(lines + self.notes)
-
-
-def decimal_string_of(exact: GraphExact) -> str:
-    arr = exact.arrays["loss"]
-    return repr(float(arr.hi)) if not arr.zero else "0"
-
-
-def _count(v: Verdicts) -> dict[str, int]:
-    names, n = np.unique(v.verdict.astype(str), return_counts=True)
-    return {str(k): int(c) for k, c in zip(names, n, strict=True)}
 
 
 def compare_graph(
@@ -179,6 +130,9 @@ def compare_graph(
     loss: dict[str, float] = {}
     first: dict[str, str | None] = {}
     lost: dict[str, str | None] = {}
+    loss_formats: dict[str, str] = {}
+    places: dict[str, list[dict[str, Any]]] = {}
+    forward = forward_nodes(net.graph)
     for p in precs:
         plan = plans.get(p.name)
         if p.kind == "native" or plan is not None:
@@ -188,6 +142,8 @@ def compare_graph(
             loss[p.name] = float(tr.loss)
             values = tr.values
             fmts = {key: tr.formats[f"grads/{key}"] for key in g}
+            node_formats = tr.formats
+            loss_formats[p.name] = tr.formats.get("loss", p.name)
         else:
             record(p.name, "emulated")
             ar = systems(p.name)
@@ -199,6 +155,8 @@ def compare_graph(
             loss[p.name] = float(ar.to_float64(it.loss))
             values = {key: v for key, v in it.values.items() if isinstance(v, np.ndarray)}
             fmts = dict.fromkeys(g, p.name)
+            node_formats = {}
+            loss_formats[p.name] = p.name
         grads[p.name] = g
         formats[p.name] = fmts
         verdicts[p.name] = {
@@ -211,6 +169,9 @@ def compare_graph(
         }
         first[p.name] = _first_nonfinite(net, values)
         lost[p.name] = _first_lost(net, refs[p.name], values)
+        places[p.name] = op_places(
+            net, refs[p.name], values, node_formats, p.fmt, forward, k
+        )  # fmt: skip
     notes = [
         "exact: evaluated at the parameters and data as written (float64 values, exact)"
         if reference == "original"
@@ -238,6 +199,8 @@ def compare_graph(
         formats=formats,
         policies={name: _plan_dict(plan, formats[name]) for name, plan in plans.items()},
         references={n: r for n, r in refs.items() if r is not exact},
+        loss_formats=loss_formats,
+        places=places,
     )
 
 
@@ -315,6 +278,67 @@ def _first_lost(net: GraphNetwork, exact: GraphExact, values: dict[str, Any]) ->
         if n:
             return f"{net.graph.label(node)}: {n} of {v.size}"
     return None
+
+
+def forward_nodes(graph: Graph) -> set[str]:
+    """The op nodes the loss depends on (the forward); every other op is backward."""
+    out = next(n for n in graph.gm.graph.nodes if n.op == "output")
+    loss = out.args[0][0]
+    seen: set[str] = set()
+    todo = [loss] if isinstance(loss, fx.Node) else []
+    while todo:
+        node = todo.pop()
+        if node.name not in seen:
+            seen.add(node.name)
+            todo += node.all_input_nodes
+    return seen
+
+
+def op_places(
+    net: GraphNetwork,
+    exact: GraphExact,
+    values: dict[str, Any],
+    formats: dict[str, str],
+    default: Format,
+    forward: set[str],
+    k: int,
+) -> list[dict[str, Any]]:
+    """Per op node that computes one floating output (graph order; constants and ops that only
+    move values (:data:`~fpgrad.graph.names.MOVES`) skipped): module path, op, direction, the
+    format it was computed in and :func:`signal_counts` against the exact value (backward
+    values against 2^k times it); intended ``-inf`` masks are no overflow."""
+    constants = net.graph.constants
+    masks = _mask_positions(net.graph, values)
+    rows = []
+    for node in net.graph.ops:
+        v = values.get(node.name)
+        if node.name in constants or not (isinstance(v, np.ndarray) and v.dtype.kind == "f"):
+            continue
+        if op_name(node) in MOVES:
+            continue
+        ex = exact.node_array(node.name)
+        if ex is None or ex.hi.shape != v.shape:
+            continue
+        back = node.name not in forward
+        fmt = get_format(formats[node.name]) if node.name in formats else default
+        computed = v
+        m = masks.get(node.name)
+        if m is not None and m.shape == v.shape:  # a mask's -inf is no overflow
+            computed = np.where(m & np.isneginf(v), 0.0, v)
+        n = signal_counts(_scaled(ex, k) if back else ex, computed, fmt)
+        rows.append(
+            {
+                "layer": net.graph.paths.get(node.name, "") or "<top>",
+                "kind": op_name(node),
+                "direction": "backward" if back else "forward",
+                "quantity": node.name,
+                "op": net.graph.label(node),
+                "format": fmt.name,
+                "size": int(v.size),
+                **n,
+            }
+        )
+    return rows
 
 
 def _first_nonfinite(net: GraphNetwork, values: dict[str, Any]) -> str | None:

@@ -25,13 +25,23 @@ import numpy as np
 from torch import fx
 
 from fpgrad.arith import arb as arbmod
+from fpgrad.arith import expansion
 from fpgrad.arith.ball import HI_BOUND, Ball
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.identities import Identities, prove_zeros
 from fpgrad.graph.interpret import GraphTrace, interpret
 from fpgrad.graph.ops.pointwise import MissingSlot
 from fpgrad.reference.array import ExactArray
-from fpgrad.reference.exact import DEFAULT_BITS, DEFAULT_MAX_BITS, ExactResult, Work, certify
+from fpgrad.reference.exact import (
+    DEFAULT_BITS,
+    DEFAULT_MAX_BITS,
+    ExactResult,
+    Work,
+    arb_digits,
+    ball_digits,
+    certify,
+    hi_lo_arb,
+)
 
 #: ops whose cost is a matrix product (multiply-adds estimated from their output and inputs)
 _PRODUCTS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.convolution", "aten.convolution_backward")
@@ -75,6 +85,23 @@ class GraphExact:
     def float64(self, key: str) -> np.ndarray:
         """Nearest float64 values (for display and tolerances)."""
         return self.result.exact_array(key).hi
+
+    def node_array(self, node: str) -> ExactArray | None:
+        """``node``'s exact value as an :class:`ExactArray` (exact zeros, undetermined balls,
+        radii), or None when it is not one floating array."""
+        v = self.trace.values.get(node)
+        if v is None or isinstance(v, tuple | list):
+            return None
+        if isinstance(v, Ball):
+            _, zero, und, rad = ball_digits(v, 0.0)
+            hi, lo = expansion.hi_lo(v.mid)
+        elif isinstance(v, np.ndarray) and v.dtype == object:
+            _, zero, und, rad = arb_digits(v, 0.0)
+            hi, lo = hi_lo_arb(v)
+        else:
+            return None
+        hi, lo = np.where(zero | und, 0.0, hi), np.where(zero | und, 0.0, lo)
+        return ExactArray(hi, lo, zero, rad, und)
 
     def nonzero(self, node: str) -> np.ndarray | None:
         """Mask of the elements of ``node``'s exact value that are certainly non-zero (balls

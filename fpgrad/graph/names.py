@@ -17,3 +17,10 @@ def op_name(node: fx.Node) -> str:
 def op_key(node: fx.Node) -> str:
     """The registry key of a node: ``aten.addmm.default``."""
     return "getitem" if node.target is operator.getitem else str(node.target)
+
+
+#: ops that only move or alias values (no arithmetic, no rounding: a cast is not one of them)
+MOVES = frozenset({
+    "aten.t", "aten.view", "aten._unsafe_view", "aten.reshape", "aten.permute", "aten.transpose",
+    "aten.expand", "aten.squeeze", "aten.unsqueeze", "aten.detach", "aten.alias", "aten.clone",
+})  # fmt: skip

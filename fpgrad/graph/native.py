@@ -23,18 +23,14 @@ import numpy as np
 import torch
 
 from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, loss_in
-from fpgrad.graph.names import op_name
+from fpgrad.graph.names import MOVES, op_name
 from fpgrad.run.torch_native import DTYPES, one_torch_thread, to_dtype
 
 if TYPE_CHECKING:
     from fpgrad.graph.policy import GraphPlan
 
 #: ops that only move values: a gradient's format is that of the op before them
-_MOVES = {
-    "aten.t", "aten.view", "aten._unsafe_view", "aten.reshape", "aten.permute", "aten.transpose",
-    "aten.expand", "aten.squeeze", "aten.unsqueeze", "aten.detach", "aten.alias", "aten.clone",
-    "aten._to_copy",
-}  # fmt: skip
+_MOVES = {*MOVES, "aten._to_copy"}
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -12,7 +12,7 @@ from fpgrad.diagnose.verdicts import VERDICTS
 from fpgrad.errors import InputError
 
 if TYPE_CHECKING:
-    from fpgrad.diagnose.comparison import Comparison, GradColumns
+    from fpgrad.diagnose.result import Comparison, GradColumns
 
 _SHORT = {
     "ok": "ok",
@@ -218,6 +218,48 @@ def findings_lines(c: Comparison) -> list[str]:
     return out
 
 
+def signal_indices(c: Comparison) -> list[int]:
+    """The places of "where the signal died" to show: every layer value of a layer network;
+    the op outputs of a captured model with a rounding zero, subnormal or overflow."""
+    places = [c.attribution[p]["places"] for p in c.precisions]
+    if not c.kinds:
+        return list(range(len(places[0])))
+    keys = ("rounding_zero", "subnormal", "overflow")
+    return [i for i in range(len(places[0])) if any(ps[i][k] for ps in places for k in keys)]
+
+
+def signal_rows(c: Comparison, max_rows: int | None = None) -> tuple[list[list[str]], int]:
+    """Rows (tensor, produced by, counts per precision) of the places shown, at most
+    ``max_rows`` on a captured model, and how many were left out."""
+    places = [c.attribution[p]["places"] for p in c.precisions]
+    chosen = signal_indices(c)
+    shown = chosen[:max_rows] if c.kinds and max_rows else chosen
+    rows = []
+    for i in shown:
+        place = places[0][i]
+        label = f"{place['direction'][:3]} {place['layer']} {place['quantity']}"
+        counts = (
+            f"{r['rounding_zero']}/{r['subnormal']}/{r['overflow']}"
+            for r in (ps[i] for ps in places)
+        )
+        rows.append([label, place["op"], *counts])
+    return rows, len(chosen) - len(shown)
+
+
+def signal_table(c: Comparison, max_rows: int | None) -> list[str]:
+    """Where the signal died: counts per tensor (a layer network's layer values, or a captured
+    model's op outputs with a count) and precision."""
+    what = "op output" if c.kinds else "tensor"
+    out = [f"Where the signal died (counts per {what}: rounding zeros / subnormals / overflows)"]
+    rows, hidden = signal_rows(c, max_rows)
+    if not rows:
+        return [*out, "(no op output holds a rounding zero, a subnormal or an overflow)"]
+    out.append(tabulate(rows, headers=["tensor", "produced by", *c.precisions], tablefmt="github"))
+    if hidden:
+        out.append(f"({hidden} more op outputs with a count; --json gives every op)")
+    return out
+
+
 def render_comparison(
     c: Comparison,
     max_rows: int | None = 60,
@@ -251,7 +293,13 @@ def render_comparison(
         + (f", loss scale {c.loss_scale:g}" if c.loss_scale != 1 else ""),
         tabulate(rows, headers=["precision", *verdict_cols, "policy"], tablefmt="github"),
     ]
-    if any(not c.policies[p]["uniform"] for p in c.precisions):
+    graph_policies = [p for p in c.precisions if c.policies[p].get("graph")]
+    if any(not c.policies[p]["uniform"] for p in c.precisions) and graph_policies:
+        lines += ["", "Precision policies (captured model: what torch ran)"]
+        lines += [
+            f"{p}: {c.policies[p]['ran']}" for p in c.precisions if not c.policies[p]["uniform"]
+        ]
+    elif any(not c.policies[p]["uniform"] for p in c.precisions):
         lines += ["", "Precision policies (what each op computed in; params: its parameters)"]
         lines.append(policy_table(c.policies, c.precisions))
 
@@ -279,24 +327,7 @@ def render_comparison(
             "filter, --json or --out give every element)"
         )
 
-    lines += [
-        "",
-        "Where the signal died (counts per tensor: rounding zeros / subnormals / overflows)",
-    ]
-    att_rows = []
-    for place in c.attribution[c.precisions[0]]["places"]:
-        row = [f"{place['direction'][:3]} {place['layer']} {place['quantity']}", place["op"]]
-        for p in c.precisions:
-            match = next(
-                r
-                for r in c.attribution[p]["places"]
-                if r["layer"] == place["layer"] and r["direction"] == place["direction"]
-            )
-            row.append(f"{match['rounding_zero']}/{match['subnormal']}/{match['overflow']}")
-        att_rows.append(row)
-    lines.append(
-        tabulate(att_rows, headers=["tensor", "produced by", *c.precisions], tablefmt="github")
-    )
+    lines += ["", *signal_table(c, max_rows)]
     for p in c.precisions:
         a = c.attribution[p]
         first = a["first_rounding_zero_backward"]

@@ -147,7 +147,7 @@ class ExactResult:
             if isinstance(value, Ball):
                 hi, lo = expansion.hi_lo(value.mid)
             else:
-                hi, lo = _hi_lo_arb(value)
+                hi, lo = hi_lo_arb(value)
             zero = self.zeros[key]
             und = self.undetermined_masks[key]
             hi = np.where(zero | und, 0.0, hi)
@@ -446,7 +446,7 @@ def arb_digits(
     return d, zero, undet, arbmod.radii(arr)
 
 
-def _hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
+def hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
     """Nearest float64 of each midpoint and the nearest float64 of the rest."""
     arr = np.asarray(values, dtype=object)
     mids = arbmod.to_mpf(arr, 64)

@@ -90,5 +90,3 @@ class _TorchMeasure:
             "skipped": sum(not h["finite"] for h in history),
             "steps": history,
         }
-
-

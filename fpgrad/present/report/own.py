@@ -27,7 +27,7 @@ from fpgrad.present.report.outdir import check_out_dir
 
 if TYPE_CHECKING:
     from fpgrad.diagnose.advisor import Advice
-    from fpgrad.diagnose.comparison import Comparison, GradColumns
+    from fpgrad.diagnose.result import Comparison, GradColumns
     from fpgrad.numbers.formats import Format
     from fpgrad.training import TrainResult
 
@@ -132,6 +132,7 @@ def _sections(c: Comparison) -> list[tuple[str, str, list[str], list[list[Any]]]
         fmt_value,
         parameter_rows,
         select_rows,
+        signal_rows,
     )
 
     out = []
@@ -167,21 +168,17 @@ def _sections(c: Comparison) -> list[tuple[str, str, list[str], list[list[Any]]]
             erows,
         )
     )
-    att_rows = []
-    for place in c.attribution[c.precisions[0]]["places"]:
-        row = [f"{place['direction'][:3]} {place['layer']} {place['quantity']}", place["op"]]
-        for p in c.precisions:
-            match = next(
-                r
-                for r in c.attribution[p]["places"]
-                if r["layer"] == place["layer"] and r["direction"] == place["direction"]
-            )
-            row.append(f"{match['rounding_zero']}/{match['subnormal']}/{match['overflow']}")
-        att_rows.append(row)
+    att_rows, hidden = signal_rows(c, 60)
     out.append(
         (
             "Where the signal died",
-            "Counts per tensor: rounding zeros / subnormals / overflows.",
+            (
+                "Counts per op output with a count (captured model)"
+                if c.kinds
+                else "Counts per tensor"
+            )
+            + ": rounding zeros / subnormals / overflows."
+            + (f" {hidden} more in compare.json." if hidden else ""),
             ["tensor", "produced by", *c.precisions],
             att_rows,
         )
@@ -420,7 +417,11 @@ def _formats(c: Comparison) -> list[tuple[str, Format]]:
             fmts.append((p, get_format(p.split(":")[0])))
         except Exception:  # noqa: BLE001 - a policy column: its narrowest format
             plan = c.policies[p]
-            names = {lp["compute"] for lp in plan["layers"]} | {plan["loss"]["compute"]}
+            names = (
+                set(plan["gradient_formats"].values())
+                if plan.get("graph")
+                else {lp["compute"] for lp in plan["layers"]} | {plan["loss"]["compute"]}
+            )
             fmts.append((p, min((format_of(n) for n in names), key=lambda f: f.bits)))
     return fmts
 
@@ -524,13 +525,15 @@ def verdict_bars_figure(
 def _signal(c: Comparison, path: Path) -> None:
     """Share of each tensor's elements that are rounding zeros (solid) and subnormal (dashed),
     forward from the input, then backward from the loss: where the signal died."""
+    from fpgrad.present.render import signal_indices
     from fpgrad.present.report.plots import plt, save_png
 
-    places = c.attribution[c.precisions[0]]["places"]
+    keep = signal_indices(c)[:40] or [0]
+    places = [c.attribution[c.precisions[0]]["places"][j] for j in keep]
     labels = [f"{r['direction'][:3]} {r['layer']} {r['quantity']}" for r in places]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     for i, p in enumerate(c.precisions):
-        rows = c.attribution[p]["places"]
+        rows = [c.attribution[p]["places"][j] for j in keep]
         size = np.array([max(1, r["size"]) for r in rows], dtype=float)
         rz = np.array([r["rounding_zero"] for r in rows]) / size
         sub = np.array([r["subnormal"] for r in rows]) / size

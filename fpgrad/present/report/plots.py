@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fpgrad.numbers.formats import get_format  # noqa: E402
 
 if TYPE_CHECKING:
-    from fpgrad.diagnose.comparison import Comparison
+    from fpgrad.diagnose.result import Comparison
 
 _MARKERS = {
     "ok": "o",
