@@ -261,7 +261,6 @@ def test_cli_trains_a_script(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--batch-size", "2"], "full batch on the 5 samples"),
         (["--precisions", "fp8_e4m3+scale=4"], "loss scaling of an emulated run"),
         (["--precisions", "autocast"], "policies train on layer networks only"),
         (["--policy", "autocast"], "policies train on layer networks only"),
@@ -276,3 +275,45 @@ def test_cli_refusals_are_one_line(
     assert main(["train", f"{script}:build", "--steps", "2", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_mini_batches_are_the_torch_loop_and_the_exact_run_follows_them() -> None:
+    """--batch-size: the same seeded batches in every run; float32 is the user's loop over
+    them bit for bit; the exact run steps on the same batches (batch norm: the batch's own
+    statistics) and tracks float64."""
+    from fpgrad.training.runs import batch_schedule
+
+    model, x, y = _cnn()
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    steps, b = 4, 3
+    cfg = OptimConfig(lr=0.2, momentum=0.9)
+    r = train(net, steps, cfg, runs="float32,float64", batch_size=b, seed=5)
+    assert r.config["batch_size"] == b
+    schedule = batch_schedule(6, steps, b, 5)
+    assert len({tuple(rows) for rows in schedule}) > 1  # the batches differ
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
+    with fpgrad.run.torch_native.one_torch_thread():
+        for rows in schedule:
+            idx = torch.from_numpy(rows)
+            opt.zero_grad()
+            nn.CrossEntropyLoss()(m(x[idx]), y[idx]).backward()
+            opt.step()
+    theirs = np.concatenate([p.detach().double().numpy().ravel() for p in m.parameters()])
+    assert np.array_equal(r.histories["float32"].params[-1], theirs)
+    assert r.exact_certified_digits >= 17
+    exact, f64 = np.array(r.exact.loss), np.array(r.histories["float64"].loss)
+    assert exact.shape == f64.shape == (steps + 1,)
+    assert np.all(np.abs(exact - f64) <= 1e-12 * np.abs(exact))
+    full = train(net, steps, cfg, runs="float64")  # full batch: another trajectory
+    assert not np.allclose(full.exact.loss, r.exact.loss)
+
+
+def test_mini_batches_need_per_sample_inputs_and_targets() -> None:
+    from fpgrad.examples.transformer_block import build
+
+    model, inputs, targets, loss = build()  # 2 sequences, 10 token targets
+    net = fpgrad.from_module(model, inputs, targets, loss)
+    with pytest.raises(InputError, match=r"the targets has shape \(10,\) for 2 samples") as err:
+        train(net, 2, runs="float32", batch_size=1)
+    assert "\n" not in str(err.value)

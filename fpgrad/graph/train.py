@@ -10,9 +10,10 @@ applies the same optimizer formulas in the balls (:func:`fpgrad.training.exact_t
 :class:`fpgrad.graph.train_exact.GraphExactRun`), so the radii bound the exact trajectory.
 
 An emulated format (``fp8_e4m3``, ``bfloat16:emulated``, with ``+master`` or ``+sr``) interprets
-the graph on the strict machine and updates as :class:`fpgrad.training.EmulatedRun`. Full batch
-only (the graph holds the data ``build()`` returned). Refused: precision policies, loss scaling
-of emulated runs, ``--batch-size`` smaller than the data.
+the graph on the strict machine and updates as :class:`fpgrad.training.EmulatedRun`. Full batch,
+or mini-batches (``--batch-size``: every input and the targets cut along their first dimension;
+the model captured once more at that batch size, its data replaced per batch). Refused:
+precision policies, loss scaling of emulated runs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from fpgrad.training.detectors import run_detectors
 from fpgrad.training.emulated_run import EmulatedRun
 from fpgrad.training.history import History, _flat
 from fpgrad.training.result import TrainResult
-from fpgrad.training.runs import RunSpec, parse_runs
+from fpgrad.training.runs import RunSpec, batch_schedule, parse_runs
 from fpgrad.training.torch_run import _TorchState
 
 if TYPE_CHECKING:
@@ -50,15 +51,57 @@ if TYPE_CHECKING:
 @dataclasses.dataclass
 class Trainee:
     """A captured model as the training code sees a network: its float64 parameters by name,
-    its graph, no layers (no dead-unit count)."""
+    its graph, no layers (no dead-unit count); :meth:`graph_at` a mini-batch's graph."""
 
     graph: Graph
     name: str
     layers: tuple[()] = ()
+    #: batch size -> the model captured on that many samples (data replaced per batch)
+    batches: dict[int, Graph] = dataclasses.field(default_factory=dict)
 
     @property
     def params(self) -> dict[str, np.ndarray]:
         return self.graph.params
+
+    @property
+    def samples(self) -> int:
+        """The number of samples ``build()`` returned (the first dimension of the inputs)."""
+        x = self.graph.inputs[0] if self.graph.inputs else None
+        return int(np.shape(x)[0]) if x is not None and np.ndim(x) else 1
+
+    def check_batches(self) -> None:
+        """Mini-batches cut every input and the targets along their first dimension: each
+        must hold one entry per sample (else a one-line InputError)."""
+        n = self.samples
+        named = [*(f"input {i}" for i in range(len(self.graph.inputs))), "the targets"]
+        for what, a in zip(named, [*self.graph.inputs, self.graph.targets], strict=True):
+            if np.ndim(a) == 0 or np.shape(a)[0] != n:
+                raise InputError(
+                    f"--batch-size cuts every input and the targets into samples along their "
+                    f"first dimension, but {what} has shape {tuple(np.shape(a))} for {n} samples; "
+                    "return per-sample tensors from build() or drop --batch-size"
+                )
+
+    def graph_at(self, rows: np.ndarray | None) -> Graph:
+        """The graph on the samples ``rows`` (None: all of them, the captured graph): the model
+        captured once per batch size, its data replaced by these samples."""
+        if rows is None or len(rows) == self.samples:
+            if rows is None or np.array_equal(rows, np.arange(self.samples)):
+                return self.graph
+        rows = np.asarray(rows, dtype=np.int64)
+        g = self.graph
+        b = int(rows.size)
+        if b not in self.batches:
+            from fpgrad.graph.capture import capture
+
+            first = [torch.from_numpy(np.ascontiguousarray(a[:b])) for a in (*g.inputs, g.targets)]
+            self.batches[b] = capture(g.model, tuple(first[:-1]), first[-1], g.loss_fn)
+        return dataclasses.replace(
+            self.batches[b],
+            params=g.params,
+            inputs=[np.ascontiguousarray(a[rows]) for a in g.inputs],
+            targets=np.ascontiguousarray(g.targets[rows]),
+        )
 
 
 class GraphTorchRun(_TorchState):
@@ -86,12 +129,22 @@ class GraphTorchRun(_TorchState):
             for k, p in zip(self.names, self.params, strict=True)
         }
 
+    def _data(self, rows: np.ndarray | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The inputs and targets of the samples ``rows`` (None: all)."""
+        if rows is None or len(rows) == self.net.samples:
+            if rows is None or np.array_equal(rows, np.arange(self.net.samples)):
+                return self.inputs, self.y
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return [x[idx] for x in self.inputs], self.y[idx]
+
     def step(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """One optimizer step on the whole data; the unscaled gradients in float64."""
+        """One optimizer step on the samples ``rows`` (None: all); the unscaled gradients in
+        float64."""
         hist = self.history
         for p in self.params:
             p.grad = None
-        loss = self.loss_fn(self.model(*self.inputs), self.y)
+        inputs, y = self._data(rows)
+        loss = self.loss_fn(self.model(*inputs), y)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         (loss * scale if scale != 1.0 else loss).backward()
         grads, finite = self._unscaled(scale)
@@ -102,11 +155,13 @@ class GraphTorchRun(_TorchState):
             )
             if hist.overflow_place is not None and hist.overflow_place["direction"] != "parameter":
                 hist.overflow_place = (
-                    self._module_place(scale, len(hist.loss)) or hist.overflow_place
+                    self._module_place(scale, len(hist.loss), rows) or hist.overflow_place
                 )
         return self._update(self.names, grads, finite, loss, scale, {})
 
-    def _module_place(self, scale: float, step: int) -> dict[str, Any] | None:
+    def _module_place(
+        self, scale: float, step: int, rows: np.ndarray | None = None
+    ) -> dict[str, Any] | None:
         """The first leaf module whose output (forward) or input gradient (backward) holds
         inf/NaN, from a second pass of this step on a copy of the model with hooks (they
         observe; the training itself runs without them); None when none is found or the
@@ -149,10 +204,11 @@ class GraphTorchRun(_TorchState):
         loss_fn = copy.deepcopy(self.loss_fn)
         if isinstance(loss_fn, nn.Module):  # the loss module: its backward runs first
             loss_fn.register_full_backward_hook(backward_hook("loss"))
+        inputs, y = self._data(rows)
         try:
             with warnings.catch_warnings():  # the first module's input needs no gradient
                 warnings.simplefilter("ignore", UserWarning)
-                loss = loss_fn(model(*self.inputs), self.y)
+                loss = loss_fn(model(*inputs), y)
                 if bad(loss) and not found:
                     return None  # the loss itself: the simple place says so
                 (loss * scale if scale != 1.0 else loss).backward()
@@ -161,9 +217,11 @@ class GraphTorchRun(_TorchState):
         return found[0] if found else None
 
     def final_loss(self, rows: np.ndarray | None = None) -> float:
-        """The unscaled loss at the current parameters, forward only."""
+        """The unscaled loss at the current parameters on the samples ``rows`` (None: all),
+        forward only."""
+        inputs, y = self._data(rows)
         with torch.no_grad():
-            return float(self.loss_fn(self.model(*self.inputs), self.y).to(torch.float64))
+            return float(self.loss_fn(self.model(*inputs), y).to(torch.float64))
 
 
 class GraphEmulatedRun(EmulatedRun):
@@ -176,7 +234,7 @@ class GraphEmulatedRun(EmulatedRun):
     def step(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         hist, oa = self.history, self.opt_ar
         try:
-            it = interpret(self.net.graph, self.ar, self.params, keep=False)
+            it = interpret(self.net.graph_at(rows), self.ar, self.params, keep=False)
         except MissingSlot as exc:
             raise InputError(f"{self.spec.label}: {exc}; train it natively instead") from None
         grads = {k: oa.asarray(g) for k, g in it.grads.items()}  # widening: exact
@@ -198,7 +256,8 @@ class GraphEmulatedRun(EmulatedRun):
         return g64
 
     def final_loss(self, rows: np.ndarray | None = None) -> float:
-        return float(interpret(self.net.graph, self.ar, self.params, keep=False).loss)
+        graph = self.net.graph_at(rows)
+        return float(interpret(graph, self.ar, self.params, keep=False).loss)
 
 
 def _first_nonfinite_place(
@@ -297,25 +356,23 @@ def train_graph(
     exact_method: str = "auto",
     exact_max_bits: int | None = None,
 ) -> TrainResult:
-    """Train the captured ``net`` for ``steps`` full-batch steps in every run and exactly,
-    from the parameters it was captured with (:func:`fpgrad.training.train`'s result)."""
+    """Train the captured ``net`` for ``steps`` steps in every run and exactly, from the
+    parameters it was captured with (:func:`fpgrad.training.train`'s result): full batch, or
+    with ``batch_size`` seeded mini-batches (:func:`fpgrad.training.runs.batch_schedule`: the
+    same samples in every run) of every input and the targets along their first dimension."""
     from fpgrad.reference.exact import MIN_BITS
 
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer (got {steps})")
     if exact_bits < MIN_BITS:
         raise InputError(f"--exact-bits {exact_bits} is too low: use at least {MIN_BITS}")
-    graph = net.graph
-    n = int(np.shape(graph.inputs[0])[0]) if graph.inputs and np.ndim(graph.inputs[0]) else 1
+    trainee = Trainee(net.graph, net.name)
+    n = trainee.samples
     if batch_size is not None and batch_size < n:
-        raise InputError(
-            f"a captured model trains full batch on the {n} samples its build() returns; drop "
-            "--batch-size (or return a smaller batch)"
-        )
+        trainee.check_batches()
+    schedule = batch_schedule(n, steps, batch_size, seed)
     cfg = cfg or OptimConfig()
     specs = parse_graph_runs(runs, getattr(net, "policies", None))
-    trainee = Trainee(graph, net.name)
-    schedule = [np.arange(n)] * steps
     every = verdict_every or max(1, steps // 10)
     with one_torch_thread():
         native = {
@@ -330,20 +387,22 @@ def train_graph(
 
             iterator = tqdm(iterator, desc="fpgrad train", unit="step", leave=False)
         for t in iterator:  # every run's step first: a refusal comes before exact work
-            stepped = [(run, run.current_params(), run.step()) for run in native.values()]
+            rows = schedule[t]
+            stepped = [(run, run.current_params(), run.step(rows)) for run in native.values()]
             if t % every and t != steps - 1:
                 continue
             for run, before, grads in stepped:
                 counts, loss = exact_check(
-                    trainee, before, grads, run.grad_format, exact_bits, exact_max_bits
+                    trainee, before, grads, run.grad_format, exact_bits, exact_max_bits, rows
                 )
                 run.history.verdicts[t] = counts
                 if loss is not None:
                     run.history.exact_loss_at_params[t] = loss
+        last = schedule[-1]  # the final loss is taken on the last batch, as for networks
         for run in native.values():
-            run.history.loss.append(run.final_loss())
+            run.history.loss.append(run.final_loss(last))
             _, loss = exact_check(trainee, run.current_params(), {}, "float64", exact_bits,
-                                  exact_max_bits)  # fmt: skip
+                                  exact_max_bits, last)  # fmt: skip
             if loss is not None:
                 run.history.exact_loss_at_params[steps] = loss
         exact, digits, method = exact_run(
@@ -385,7 +444,7 @@ def train_graph(
     config = {
         "steps": steps,
         "optimizer": cfg.__dict__,
-        "batch_size": None,
+        "batch_size": batch_size if batch_size is not None and batch_size < n else None,
         "seed": seed,
         "exact_bits": exact_bits,
         "exact_method": method,

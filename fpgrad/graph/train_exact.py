@@ -37,7 +37,7 @@ class GraphExactRun(ExactRun):
 
     def trace(self, rows: np.ndarray) -> Any:
         try:
-            it = interpret(self.net.graph, self.ar, self.params, keep=False)
+            it = interpret(self.net.graph_at(rows), self.ar, self.params, keep=False)
         except MissingSlot as exc:
             raise _NoSlot(str(exc)) from None
         untracked = getattr(self.ar, "untracked", None)
@@ -111,10 +111,12 @@ def exact_check(
     precision: str,
     bits: int,
     max_bits: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[dict[str, int], float | None]:
     """Verdict counts of ``grads`` against the certified exact gradients of the graph at the
-    same (float64) parameters, and the exact loss there; at non-finite parameters there is
-    no exact reference (counted as nan, overflow or ``no_reference``; loss None)."""
+    same (float64) parameters on the samples ``rows`` (None: all), and the exact loss there;
+    at non-finite parameters there is no exact reference (counted as nan, overflow or
+    ``no_reference``; loss None)."""
     from fpgrad.graph.exact import exact_graph
     from fpgrad.numbers.formats import get_format
     from fpgrad.reference.exact import DEFAULT_MAX_BITS
@@ -124,7 +126,7 @@ def exact_check(
         nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
         return {"nan": nan, "overflow": inf, "no_reference": flat.size - nan - inf}, None
     at = dataclasses.replace(
-        net.graph, params={k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+        net.graph_at(rows), params={k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     )
     cap = DEFAULT_MAX_BITS if max_bits is None else max_bits
     exact = exact_graph(at, bits, allow_uncertified=True, max_bits=cap)
