@@ -133,6 +133,7 @@ def compare_graph(
     loss_formats: dict[str, str] = {}
     places: dict[str, list[dict[str, Any]]] = {}
     forward = forward_nodes(net.graph)
+    masks: dict[str, np.ndarray] | None = None
     for p in precs:
         plan = plans.get(p.name)
         if p.kind == "native" or plan is not None:
@@ -167,10 +168,12 @@ def compare_graph(
             )
             for key in g
         }
-        first[p.name] = _first_nonfinite(net, values)
+        if masks is None:  # where -inf is an intended mask: the same in every column
+            masks = _mask_positions(net.graph, values)
+        first[p.name] = _first_nonfinite(net, values, masks)
         lost[p.name] = _first_lost(net, refs[p.name], values)
         places[p.name] = op_places(
-            net, refs[p.name], values, node_formats, p.fmt, forward, k
+            net, refs[p.name], values, node_formats, p.fmt, forward, k, masks
         )  # fmt: skip
     notes = [
         "exact: evaluated at the parameters and data as written (float64 values, exact)"
@@ -302,13 +305,14 @@ def op_places(
     default: Format,
     forward: set[str],
     k: int,
+    masks: dict[str, np.ndarray],
 ) -> list[dict[str, Any]]:
     """Per op node that computes one floating output (graph order; constants and ops that only
     move values (:data:`~fpgrad.graph.names.MOVES`) skipped): module path, op, direction, the
     format it was computed in and :func:`signal_counts` against the exact value (backward
-    values against 2^k times it); intended ``-inf`` masks are no overflow."""
+    values against 2^k times it); intended ``-inf`` masks (:func:`_mask_positions`) are no
+    overflow."""
     constants = net.graph.constants
-    masks = _mask_positions(net.graph, values)
     rows = []
     for node in net.graph.ops:
         v = values.get(node.name)
@@ -341,11 +345,14 @@ def op_places(
     return rows
 
 
-def _first_nonfinite(net: GraphNetwork, values: dict[str, Any]) -> str | None:
+def _first_nonfinite(
+    net: GraphNetwork, values: dict[str, Any], masks: dict[str, np.ndarray] | None = None
+) -> str | None:
     """The label of the first op (graph order, constants skipped) whose output holds inf or
     NaN, an intended -inf mask (:func:`_mask_positions`) excepted."""
     constants = net.graph.constants  # masks hold -inf by design
-    masks = _mask_positions(net.graph, values)
+    if masks is None:
+        masks = _mask_positions(net.graph, values)
     for node in net.graph.ops:
         if node.name in constants:
             continue
