@@ -178,9 +178,6 @@ def _train(args: argparse.Namespace) -> int:
     from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
-    if is_script(args.network) and args.policy:
-        raise InputError("--policy: precision policies train on layer networks only; name "
-                         "torch dtypes in --precisions for a captured model")  # fmt: skip
     net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     cfg = OptimConfig(
         name=args.optimizer,

@@ -125,8 +125,6 @@ def test_a_worker_refuses_a_network_other_than_the_sweeps(tmp_path: Path) -> Non
     [
         (":fixed", ["--seeds", "0,1"], "takes no seed argument"),
         (":build", ["--init-scales", "0.5"], "captured model"),
-        (":build", ["--task", "train", "--steps", "2", "--precisions", "autocast"],
-         "precision policies train on layer networks only"),
         (":build", ["--task", "train", "--steps", "2", "--precisions", "fp8_e4m3",
                     "--loss-scales", "1,1024"], "loss scaling of an emulated run"),
         (":nope", [], "defines no function nope()"),

@@ -262,8 +262,6 @@ def test_cli_trains_a_script(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     ("extra", "message"),
     [
         (["--precisions", "fp8_e4m3+scale=4"], "loss scaling of an emulated run"),
-        (["--precisions", "autocast"], "policies train on layer networks only"),
-        (["--policy", "autocast"], "policies train on layer networks only"),
         (["--precisions", "float16+bogus"], "unknown policy 'bogus'"),
     ],
 )
@@ -316,4 +314,65 @@ def test_mini_batches_need_per_sample_inputs_and_targets() -> None:
     net = fpgrad.from_module(model, inputs, targets, loss)
     with pytest.raises(InputError, match=r"the targets has shape \(10,\) for 2 samples") as err:
         train(net, 2, runs="float32", batch_size=1)
+    assert "\n" not in str(err.value)
+
+
+def test_autocast_policy_trains_as_the_users_autocast_loop() -> None:
+    """autocast_cpu: float32 parameters, torch.autocast("cpu", bfloat16) around the forward
+    and the loss, backward outside: the loop a user writes, bit for bit."""
+    model, x, y = _mlp()
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    cfg = OptimConfig(lr=0.1, momentum=0.9)
+    r = train(net, 3, cfg, runs="autocast_cpu_bf16", verdict_every=3)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    with fpgrad.run.torch_native.one_torch_thread():
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.CrossEntropyLoss()(m(x), y)
+            loss.backward()
+            opt.step()
+    theirs = np.concatenate([p.detach().double().numpy().ravel() for p in m.parameters()])
+    h = r.histories["autocast_cpu_bf16"]
+    assert np.array_equal(h.params[-1], theirs)
+    assert "autocast to bfloat16" in r.plans["autocast_cpu_bf16"]["summary"]
+    f32 = train(net, 3, cfg, runs="float32", verdict_every=3).histories["float32"].params[-1]
+    assert not np.array_equal(h.params[-1], f32)  # bfloat16 products: another trajectory
+
+
+def test_cast_policy_first_gradients_are_compares_column() -> None:
+    """Policies cast per op (the built-in ``autocast``: torch's CUDA lists; a module-path
+    policy): a training step's gradients of S * loss are compare's policy column, bit for bit;
+    the exact run and the verdicts follow."""
+    from fpgrad.graph.compare import compare_graph
+    from fpgrad.graph.train import GraphTorchRun, Trainee, parse_graph_runs
+
+    model, x, y = _cnn()
+    tables = {"conv16": {"default": "float32", "layers": {"0": "float16"}}}
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss(), policies=tables)
+    for name in ("autocast", "conv16"):
+        spec = parse_graph_runs(f"{name}+scale=256", net.policies)[0]
+        run = GraphTorchRun(Trainee(net.graph, net.name), spec, OptimConfig(lr=0.1), 0)
+        with fpgrad.run.torch_native.one_torch_thread():
+            grads = run.step(None)  # unscaled (by 1/256: exact here), as float64
+        column = compare_graph(net, name, loss_scale=256.0).grads[name]
+        for k in net.param_names:
+            assert np.array_equal(grads[k] * 256.0, column[k]), (name, k)
+        r = train(net, 2, OptimConfig(lr=0.1), runs=f"{name}+scale=256", verdict_every=1)
+        h = r.histories[f"{name}+scale=256"]
+        assert sum(h.verdicts[0].values()) == sum(p.numel() for p in model.parameters())
+        assert not np.array_equal(h.params[0], h.params[-1])
+        assert r.exact_certified_digits >= 17 and "each op's inputs cast" in str(r.plans) or (
+            "op lists emulated" in str(r.plans)
+        )
+
+
+def test_policy_naming_an_emulated_format_is_refused_in_training() -> None:
+    model, x, y = _mlp()
+    net = fpgrad.from_module(
+        model, x, y, nn.CrossEntropyLoss(), policies={"f8": {"default": "fp8_e4m3"}}
+    )
+    with pytest.raises(InputError, match="policies run natively only") as err:
+        train(net, 1, runs="f8")
     assert "\n" not in str(err.value)

@@ -29,7 +29,7 @@ from fpgrad.graph.interpret import interpret
 from fpgrad.graph.names import MOVES, op_name
 from fpgrad.graph.native import native_run
 from fpgrad.graph.ops.pointwise import MissingSlot
-from fpgrad.graph.policy import GraphPlan, resolve, scaled_seed
+from fpgrad.graph.policy import GraphPlan, how_key, resolve, scaled_seed
 from fpgrad.graph.precisions import Precision, emulated_systems, parse_precisions
 from fpgrad.numbers.formats import Format, get_format
 
@@ -137,7 +137,7 @@ def compare_graph(
     for p in precs:
         plan = plans.get(p.name)
         if p.kind == "native" or plan is not None:
-            record(p.name, "native" if plan is None else _how(plan))
+            record(p.name, "native" if plan is None else how_key(plan))
             tr = native_run(net.graph, p.name, loss_scale=loss_scale, plan=plan)
             g = tr.grads
             loss[p.name] = float(tr.loss)
@@ -205,11 +205,6 @@ def compare_graph(
         loss_formats=loss_formats,
         places=places,
     )
-
-
-def _how(plan: GraphPlan) -> str:
-    """The :data:`fpgrad.run.runlog.HOW` key of a policy column."""
-    return "cuda_policy" if plan.how == "cuda" else "policy"
 
 
 def _plan_dict(plan: GraphPlan, formats: dict[str, str]) -> dict[str, Any]:

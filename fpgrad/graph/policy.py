@@ -147,6 +147,11 @@ class GraphPlan:
         }[self.how]
 
 
+def how_key(plan: GraphPlan) -> str:
+    """The :data:`fpgrad.run.runlog.HOW` key of a policy column."""
+    return "cuda_policy" if plan.how == "cuda" else "policy"
+
+
 def _layer_rule(policy: Policy, path: str) -> tuple[str, str] | None:
     best = None
     for name, prec in policy.layers:

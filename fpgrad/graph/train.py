@@ -12,8 +12,10 @@ applies the same optimizer formulas in the balls (:func:`fpgrad.training.exact_t
 An emulated format (``fp8_e4m3``, ``bfloat16:emulated``, with ``+master`` or ``+sr``) interprets
 the graph on the strict machine and updates as :class:`fpgrad.training.EmulatedRun`. Full batch,
 or mini-batches (``--batch-size``: every input and the targets cut along their first dimension;
-the model captured once more at that batch size, its data replaced per batch). Refused:
-precision policies, loss scaling of emulated runs.
+the model captured once more at that batch size, its data replaced per batch). Precision policies
+(``autocast_cpu``, ``autocast``, the model's own) run natively as in ``compare``: under the real
+``torch.autocast("cpu")`` around the forward and the loss, or each op cast to its precision.
+Refused: policies naming an emulated format, loss scaling of emulated runs.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import operator
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fpgrad.errors import InputError
-from fpgrad.graph.capture import Graph, loss_in
+from fpgrad.graph.capture import Graph, joint_function, loss_in
 from fpgrad.graph.interpret import interpret
-from fpgrad.graph.native import _into, model_in
+from fpgrad.graph.native import _NAMES, _into, model_in
 from fpgrad.graph.ops.pointwise import MissingSlot
+from fpgrad.graph.policy import CastMode, GraphPlan, how_key, resolve, scaled_seed
 from fpgrad.graph.train_exact import exact_check, exact_run
 from fpgrad.numbers.formats import get_format
 from fpgrad.run.optim import OptimConfig
@@ -110,17 +114,66 @@ class GraphTorchRun(_TorchState):
     def __init__(self, net: Trainee, spec: RunSpec, cfg: OptimConfig, seed: int) -> None:
         from fpgrad.run.runlog import record
 
-        record(spec.label, "native")
         self.net, self.spec = net, spec
         graph = net.graph
-        self.model = model_in(graph, spec.precision)
+        #: a policy run: batch size -> the policy resolved on that batch's graph
+        self.plans: dict[int, GraphPlan] = {}
+        self.seeded: dict[tuple[int, float], list[fx.Node]] = {}  #: see :meth:`_nodes`
+        plan = self._plan(None)
+        record(spec.label, "native" if plan is None else how_key(plan))
+        params = plan.params if plan is not None else spec.precision
+        data = plan.data if plan is not None else spec.precision
+        self.model = model_in(graph, params)
         named = dict(self.model.named_parameters())
         self.names = list(graph.param_names)
         self.params = [named[n] for n in self.names]
-        self.inputs = [_into(x, spec.precision) for x in graph.inputs]
-        self.y = _into(graph.targets, spec.precision)
-        self.loss_fn = loss_in(graph.loss_fn, DTYPES[spec.precision], spec.precision)
+        self.inputs = [_into(x, data) for x in graph.inputs]
+        self.y = _into(graph.targets, data)
+        self.loss_fn = loss_in(graph.loss_fn, DTYPES[params], params)
         self._init_state(spec, cfg, seed)
+
+    def _plan(self, rows: np.ndarray | None) -> GraphPlan | None:
+        """The run's policy resolved on the graph of these samples (None: no policy)."""
+        if self.spec.policy is None:
+            return None
+        b = self.net.samples if rows is None else len(rows)
+        if b not in self.plans:
+            self.plans[b] = resolve(self.spec.policy, self.net.graph_at(rows))
+        return self.plans[b]
+
+    def _nodes(self, rows: np.ndarray | None, scale: float) -> list[fx.Node]:
+        """The op nodes a cast policy's run follows: the graph of these samples with the
+        backward seeded by ``scale`` (:func:`fpgrad.graph.policy.scaled_seed`)."""
+        key = (self.net.samples if rows is None else len(rows), scale)
+        if key not in self.seeded:
+            graph = scaled_seed(self.net.graph_at(rows), scale)
+            self.seeded[key] = [n for n in graph.ops if n.target is not operator.getitem]
+        return self.seeded[key]
+
+    def _loss_and_grads(self, rows: np.ndarray | None, scale: float) -> torch.Tensor:
+        """Forward and backward of ``scale`` * loss on the samples ``rows``, the parameters'
+        ``.grad`` set; the loss. A policy run: under the real ``torch.autocast("cpu")`` around
+        the forward and the loss (as a user's loop), or each op cast to its precision
+        (:class:`fpgrad.graph.policy.CastMode`, the graph's ops in order)."""
+        inputs, y = self._data(rows)
+        plan = self._plan(rows)
+        if plan is not None and plan.how != "autocast":
+            nodes = self._nodes(rows, scale)
+            mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
+            fn = joint_function(self.model, self.names, self.loss_fn, scale)
+            with mode:
+                out = fn(self.params, *inputs, y)
+            mode.finish()
+            for p, g in zip(self.params, out[1], strict=True):
+                p.grad = g
+            return out[0]  # type: ignore[no-any-return]
+        if plan is not None:
+            with torch.autocast("cpu", dtype=DTYPES[plan.autocast_dtype]):
+                loss = self.loss_fn(self.model(*inputs), y)
+        else:
+            loss = self.loss_fn(self.model(*inputs), y)
+        (loss * scale if scale != 1.0 else loss).backward()
+        return loss
 
     def current_params(self) -> dict[str, np.ndarray]:
         """The parameters the forward pass uses, as float64 arrays by name."""
@@ -143,17 +196,17 @@ class GraphTorchRun(_TorchState):
         hist = self.history
         for p in self.params:
             p.grad = None
-        inputs, y = self._data(rows)
-        loss = self.loss_fn(self.model(*inputs), y)
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        (loss * scale if scale != 1.0 else loss).backward()
+        loss = self._loss_and_grads(rows, scale)
+        self.loss_format = _NAMES[loss.dtype]  #: where the backward starts (for reports)
         grads, finite = self._unscaled(scale)
         if hist.overflow_place is None:
             named = dict(zip(self.names, self.params, strict=True))
             hist.overflow_place = _first_nonfinite_place(
                 named, loss, dict(zip(self.names, grads, strict=True)), len(hist.loss)
             )
-            if hist.overflow_place is not None and hist.overflow_place["direction"] != "parameter":
+            located = hist.overflow_place is not None and self.spec.policy is None
+            if located and hist.overflow_place["direction"] != "parameter":  # type: ignore[index]
                 hist.overflow_place = (
                     self._module_place(scale, len(hist.loss), rows) or hist.overflow_place
                 )
@@ -220,7 +273,19 @@ class GraphTorchRun(_TorchState):
         """The unscaled loss at the current parameters on the samples ``rows`` (None: all),
         forward only."""
         inputs, y = self._data(rows)
-        with torch.no_grad():
+        plan = self._plan(rows)
+        if plan is not None and plan.how != "autocast":  # the policy's forward and loss
+            nodes = self._nodes(rows, 1.0)
+            mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
+            fn = joint_function(self.model, self.names, self.loss_fn)
+            with mode:
+                loss = fn([p.detach().requires_grad_() for p in self.params], *inputs, y)[0]
+            mode.finish()
+            return float(loss.detach().to(torch.float64))
+        with torch.no_grad(), torch.autocast(
+            "cpu", dtype=DTYPES[plan.autocast_dtype] if plan else torch.bfloat16,
+            enabled=plan is not None,
+        ):  # fmt: skip
             return float(self.loss_fn(self.model(*inputs), y).to(torch.float64))
 
 
@@ -292,10 +357,10 @@ def parse_graph_runs(runs: str | list[str] | None, policies: Any = None) -> list
     the model's own, by name, so that naming one is refused as a policy)."""
     specs = parse_runs(runs, policies or None)
     for s in specs:
-        if s.policy is not None:
+        if s.policy is not None and s.emulated:
             raise InputError(
-                f"run {s.label!r}: precision policies train on layer networks only; name torch "
-                "dtypes (float16+master, ...) or emulated formats (fp8_e4m3, ...)"
+                f"run {s.label!r}: policy {s.policy.name!r} names an emulated format; on "
+                "captured models policies run natively only (train the format as a plain run)"
             )
         if s.emulated and (s.loss_scale is not None or s.dynamic):
             raise InputError(
@@ -305,15 +370,20 @@ def parse_graph_runs(runs: str | list[str] | None, policies: Any = None) -> list
     return specs
 
 
-def _scaled_cause(place: dict[str, Any] | None, h: History, fmt: str) -> None:
-    """A backward pass that overflowed under a loss scale gets that as its cause."""
+def _scaled_cause(
+    place: dict[str, Any] | None, h: History, fmt: str, seed: str | None = None
+) -> None:
+    """A backward pass that overflowed under a loss scale gets that as its cause (``fmt``: the
+    narrowest format the run computes in; ``seed``: the loss's, where the backward starts;
+    default ``fmt``)."""
     if place is None or place["direction"] != "backward" or place["step"] >= len(h.scale):
         return
     scale = h.scale[place["step"]]
-    largest = get_format(fmt.split(":")[0]).max
+    seed = seed or fmt
+    largest = get_format(seed.split(":")[0]).max
     if scale > largest:
         place["cause"] = (
-            f"the loss scale {scale:g} is above {fmt}'s largest value ({largest:g}): the backward "
+            f"the loss scale {scale:g} is above {seed}'s largest value ({largest:g}): the backward "
             f"pass starts at inf; use a scale of at most {2.0 ** math.floor(math.log2(largest)):g}"
         )
     elif scale != 1.0:
@@ -324,13 +394,30 @@ def _scaled_cause(place: dict[str, Any] | None, h: History, fmt: str) -> None:
         )
 
 
-def _plan(spec: RunSpec) -> dict[str, Any]:
+def _narrowest(run: Any) -> str:
+    """The narrowest format a run computes in: a policy's narrowest op precision."""
+    plans = getattr(run, "plans", {})
+    names = {d for plan in plans.values() for d in plan.dtypes.values()} or {run.spec.precision}
+    return min(names, key=lambda n: (get_format(n.split(":")[0]).bits, n))
+
+
+def _plan(spec: RunSpec, run: Any) -> dict[str, Any]:
     """What the run computed in, for the report."""
-    text = (
-        f"emulated {spec.precision} (fpgrad's strict machine interprets the captured graph)"
-        if spec.emulated
-        else f"native torch {spec.precision} on this CPU (eager module, one thread)"
+    plan = (
+        run.plans.get(run.net.samples) or next(iter(run.plans.values()), None)
+        if spec.policy
+        else None
     )
+    if plan is not None:
+        text = (
+            f"policy {spec.policy.name}: {plan.describe()}; params {plan.params}, data {plan.data}"  # type: ignore[union-attr]
+        )
+        if plan.how == "autocast":
+            text += f"; autocast to {plan.autocast_dtype} around the forward and the loss"
+    elif spec.emulated:
+        text = f"emulated {spec.precision} (fpgrad's strict machine interprets the captured graph)"
+    else:
+        text = f"native torch {spec.precision} on this CPU (eager module, one thread)"
     if spec.master:
         text += "; float32 master weights"
     if spec.dynamic:
@@ -440,7 +527,10 @@ def train_graph(
         distance[label], detectors[label] = run_detectors(
             run.history, exact.history, None, cfg, spec_of[label], stall_k
         )
-        _scaled_cause(detectors[label]["first_overflow"], run.history, spec_of[label].precision)
+        _scaled_cause(
+            detectors[label]["first_overflow"], run.history, _narrowest(run),
+            getattr(run, "loss_format", None),
+        )  # fmt: skip
     config = {
         "steps": steps,
         "optimizer": cfg.__dict__,
@@ -462,5 +552,5 @@ def train_graph(
         detectors,
         distance,
         notes,
-        {s.label: _plan(s) for s in specs},
+        {s.label: _plan(s, native[s.label]) for s in specs},
     )
