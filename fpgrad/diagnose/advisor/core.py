@@ -4,6 +4,7 @@ measured rounding zeros (shared by layer networks and captured models)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from fpgrad.diagnose.advisor.advice import Advice
@@ -21,6 +22,151 @@ from fpgrad.diagnose.advisor.scales import (
 from fpgrad.errors import InputError
 from fpgrad.numbers.formats import Format
 from fpgrad.progress import phase
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Where the scales stand (exponents k of S = 2^k): ``k_values`` the largest before a
+    gradient or signal overflows, ``k_cap`` the largest the format holds (the seed is S),
+    ``k_hi`` the lower of the two; ``safe`` [lowest without an underflow in scope, k_hi] (None
+    when empty), ``safe_g`` the same for gradients alone, ``normal`` [lowest with every value
+    in scope normal, k_hi]; ``k_lo`` the lowest without an underflow in scope."""
+
+    k_values: int
+    k_cap: int
+    k_hi: int
+    k_lo: int | None
+    safe: list[int] | None
+    safe_g: list[int] | None
+    normal: list[int] | None
+
+
+def _range(table: dict[int, Any], span: range, in_scope: tuple[str, ...], f: Format) -> _Range:
+    def lowest(ok: Any) -> int | None:
+        return next((k for k in span if ok(table[k])), None)
+
+    # values that may grow during training must keep the headroom; the seed is S itself
+    k_values = max((k for k in span if _overflow(table[k], seed=False) == 0), default=None)
+    k_cap = max((k for k in span if table[k]["seed"]["overflow"] == 0), default=None)
+    if k_values is None or k_cap is None:  # pragma: no cover - some scale always fits
+        raise InputError(f"every scale overflows some value in {f.name}")
+    k_hi = min(k_values, k_cap)
+    k_lo_g = lowest(lambda c: c["gradients"]["underflow"] == 0)
+    k_lo = lowest(lambda c: all(c[g]["underflow"] == 0 for g in in_scope))
+    k_norm = lowest(
+        lambda c: all(c[g]["underflow"] == 0 and c[g]["subnormal"] == 0 for g in in_scope)
+    )
+
+    def up_to_hi(k: int | None) -> list[int] | None:
+        return [k, k_hi] if k is not None and k <= k_hi else None
+
+    return _Range(k_values, k_cap, k_hi, k_lo, up_to_hi(k_lo), up_to_hi(k_lo_g), up_to_hi(k_norm))
+
+
+def _recommend(
+    r: _Range, f: Format, headroom: int, table: dict[int, Any], sizes: dict[str, int],
+    in_scope: tuple[str, ...],
+) -> tuple[int, str]:  # fmt: skip
+    """The recommended exponent and why."""
+    cap_text = (
+        f"capped at 2^{r.k_cap}, the largest scale {f.name} holds: the backward pass starts "
+        "from the scale itself"
+    )
+    if r.normal is not None:  # every value keeps full precision: only the margins matter
+        if r.normal[0] + headroom <= 0 <= min(r.k_cap, r.k_values - headroom):
+            return 0, (
+                f"no scaling: every value is already normal, with at least {headroom} binades "
+                "of margin on both sides"
+            )
+        rec = min(r.k_cap, (r.normal[0] + r.k_values) // 2)
+        return rec, (
+            "every value normal, halfway between the subnormal range and the overflow of any "
+            f"gradient or signal: {rec - r.normal[0]} binades of margin above, "
+            f"{r.k_values - rec} below" + (f"; {cap_text}" if rec == r.k_cap else "")
+        )
+    if r.safe is not None:
+        mid = (r.safe[0] + r.safe[1]) // 2
+        rec = min(r.k_cap, max(mid, r.k_values - headroom))
+        if rec == r.k_cap and r.k_cap < r.k_values - headroom:
+            return rec, (
+                f"the largest safe scale: {cap_text}; the largest gradient or signal still has "
+                f"{r.k_values - r.k_cap} binades below overflow (at least the headroom of "
+                f"{headroom})"
+            )
+        if rec == r.k_values - headroom:
+            return rec, (
+                f"the largest safe scale with {headroom} binades of headroom below the overflow "
+                "of any gradient or signal; larger scales keep more small values normal, a static "
+                "scale cannot back off"
+            )
+        return rec, (
+            f"the middle of the safe range: {rec - r.safe[0]} binades above underflow, "
+            f"{r.k_hi - rec} below overflow (the range is narrower than twice the headroom "
+            f"of {headroom})"
+        )
+    lost = sum(table[r.k_hi][g]["underflow"] for g in in_scope)
+    total = sum(sizes[g] for g in in_scope)
+    return r.k_hi, (
+        f"no scale is safe: the largest scale without overflow, where {lost} of {total} "
+        f"values still underflow (an overflow skips the step and loses every gradient)"
+    )
+
+
+def _dynamic(measurer: Any, rec: int, r: _Range, f: Format, counts: Any) -> dict[str, Any]:
+    """torch's dynamic scaler run by ``measurer``, with where it settled against the
+    prediction (``counts(k)``: the predicted counts at 2^k)."""
+    dynamic: dict[str, Any] = measurer.dynamic()
+    d = dynamic["settled"]
+    parts = ["the recommended scale"] if d == rec else []
+    if d == r.k_values:
+        parts.append(
+            "the last scale before a gradient or signal overflows: no headroom for values that grow"
+        )
+    elif d == r.k_cap:
+        parts.append(
+            f"the cap of {f.name} (the scale itself must fit); gradients and signals keep "
+            f"{r.k_values - d} binades below overflow"
+        )
+    elif d < r.k_hi:
+        parts.append(f"{r.k_hi - d} binade(s) below the largest safe scale 2^{r.k_hi}")
+    else:
+        parts.append(f"above the predicted overflow limit 2^{r.k_hi}")
+    if r.safe is not None and d < r.safe[0]:
+        under = counts(d)["gradients"]
+        parts.append(f"below the safe range: {under['underflow']} gradients underflow there")
+    dynamic["comparison"] = "; ".join(parts)
+    return dynamic
+
+
+def _exponents(
+    exponents: tuple[int, int] | None, r: _Range, rec: int, dynamic: dict[str, Any] | None
+) -> list[int]:
+    """The exponents of the table's rows: the given range, or one around every key scale
+    (at most :data:`MAX_ROWS` rows, key scales always kept)."""
+    if exponents is None:
+        keys = [k for k in (0, r.k_hi, rec, *(r.safe or []), *(r.normal or [])) if k is not None]
+        if dynamic:
+            keys.append(dynamic["settled"])
+        start, stop = min(keys), max(keys) + 2
+        if r.safe is None and r.k_lo is not None:
+            stop = max(stop, min(r.k_lo, r.k_hi + 8))
+    else:
+        start, stop = exponents
+        if start > stop:
+            raise InputError(f"exponent range {start}..{stop} is empty; give lo <= hi")
+        keys = []
+    start, stop = max(start, -_K_LIMIT), min(stop, _K_LIMIT)
+    ks = list(range(start, stop + 1))
+    if len(ks) > MAX_ROWS and exponents is None:
+        stride = math.ceil(len(ks) / MAX_ROWS)
+        ks = sorted({*ks[::stride], *(k for k in keys if start <= k <= stop)})
+    return ks
+
+
+def _log2_range(v: _Values) -> list[float] | None:
+    if not v.size:
+        return None
+    return [math.log2(float(v.mag.min())), math.log2(float(v.mag.max()))]
 
 
 def advice_from_values(
@@ -57,95 +203,18 @@ def advice_from_values(
         for k in phase(span, "fpgrad advise: counts per scale", progress, "scale")
     }
 
-    def lowest(ok: Any) -> int | None:
-        return next((k for k in span if ok(table[k])), None)
+    def counts(k: int) -> Any:
+        return table.get(k) or _row_counts(groups, seed, lim, k)
 
-    # values that may grow during training must keep the headroom; the seed is S itself
-    k_values = max((k for k in span if _overflow(table[k], seed=False) == 0), default=None)
-    k_cap = max((k for k in span if table[k]["seed"]["overflow"] == 0), default=None)
-    if k_values is None or k_cap is None:  # pragma: no cover - some scale always fits
-        raise InputError(f"every scale overflows some value in {f.name}")
-    k_hi = min(k_values, k_cap)
     in_scope = ("gradients",) if scope == "gradients" else GROUPS
-    k_lo_g = lowest(lambda c: c["gradients"]["underflow"] == 0)
-    k_lo = lowest(lambda c: all(c[g]["underflow"] == 0 for g in in_scope))
-    k_norm = lowest(
-        lambda c: all(c[g]["underflow"] == 0 and c[g]["subnormal"] == 0 for g in in_scope)
+    r = _range(table, span, in_scope, f)
+    rec, reason = _recommend(
+        r, f, headroom, table, {g: v.size for g, v in groups.items()}, in_scope
     )
-    safe = [k_lo, k_hi] if k_lo is not None and k_lo <= k_hi else None
-    safe_g = [k_lo_g, k_hi] if k_lo_g is not None and k_lo_g <= k_hi else None
-    normal = [k_norm, k_hi] if k_norm is not None and k_norm <= k_hi else None
-    cap_text = (
-        f"capped at 2^{k_cap}, the largest scale {f.name} holds: the backward pass starts "
-        "from the scale itself"
-    )
-    if normal is not None:  # every value keeps full precision: only the margins matter
-        if normal[0] + headroom <= 0 <= min(k_cap, k_values - headroom):
-            rec = 0
-            reason = (
-                f"no scaling: every value is already normal, with at least {headroom} binades "
-                "of margin on both sides"
-            )
-        else:
-            rec = min(k_cap, (normal[0] + k_values) // 2)
-            reason = (
-                "every value normal, halfway between the subnormal range and the overflow of any "
-                f"gradient or signal: {rec - normal[0]} binades of margin above, "
-                f"{k_values - rec} below" + (f"; {cap_text}" if rec == k_cap else "")
-            )
-    elif safe is not None:
-        mid = (safe[0] + safe[1]) // 2
-        rec = min(k_cap, max(mid, k_values - headroom))
-        if rec == k_cap and k_cap < k_values - headroom:
-            reason = (
-                f"the largest safe scale: {cap_text}; the largest gradient or signal still has "
-                f"{k_values - k_cap} binades below overflow (at least the headroom of {headroom})"
-            )
-        elif rec == k_values - headroom:
-            reason = (
-                f"the largest safe scale with {headroom} binades of headroom below the overflow "
-                "of any gradient or signal; larger scales keep more small values normal, a static "
-                "scale cannot back off"
-            )
-        else:
-            reason = (
-                f"the middle of the safe range: {rec - safe[0]} binades above underflow, "
-                f"{k_hi - rec} below overflow (the range is narrower than twice the headroom "
-                f"of {headroom})"
-            )
-    else:
-        rec = k_hi
-        lost = sum(table[k_hi][g]["underflow"] for g in in_scope)
-        total = sum(groups[g].size for g in in_scope)
-        reason = (
-            f"no scale is safe: the largest scale without overflow, where {lost} of {total} "
-            f"values still underflow (an overflow skips the step and loses every gradient)"
-        )
-
     dynamic = None
     notes: list[str] = []
     if measurer is not None:
-        dynamic = measurer.dynamic()
-        d = dynamic["settled"]
-        parts = ["the recommended scale"] if d == rec else []
-        if d == k_values:
-            parts.append(
-                "the last scale before a gradient or signal overflows: no headroom for values that grow"
-            )
-        elif d == k_cap:
-            parts.append(
-                f"the cap of {f.name} (the scale itself must fit); gradients and signals keep "
-                f"{k_values - d} binades below overflow"
-            )
-        elif d < k_hi:
-            parts.append(f"{k_hi - d} binade(s) below the largest safe scale 2^{k_hi}")
-        else:
-            parts.append(f"above the predicted overflow limit 2^{k_hi}")
-        if safe is not None and d < safe[0]:
-            under = (table[d] if d in table else _row_counts(groups, seed, lim, d))["gradients"]
-            parts.append(f"below the safe range: {under['underflow']} gradients underflow there")
-        comparison = "; ".join(parts)
-        dynamic["comparison"] = comparison
+        dynamic = _dynamic(measurer, rec, r, f, counts)
     elif measure and f.name not in TORCH_FORMATS:
         notes.append(
             f"{f.name} has no torch dtype: the table is predicted only (no measured backward, "
@@ -156,28 +225,10 @@ def advice_from_values(
             "the policy runs emulated: the table is predicted only (no measured backward, "
             "no dynamic scaler)"
         )
-
-    if exponents is None:
-        keys = [k for k in (0, k_hi, rec, *(safe or []), *(normal or [])) if k is not None]
-        if dynamic:
-            keys.append(dynamic["settled"])
-        start, stop = min(keys), max(keys) + 2
-        if safe is None and k_lo is not None:
-            stop = max(stop, min(k_lo, k_hi + 8))
-    else:
-        start, stop = exponents
-        if start > stop:
-            raise InputError(f"exponent range {start}..{stop} is empty; give lo <= hi")
-        keys = []
-    start, stop = max(start, -_K_LIMIT), min(stop, _K_LIMIT)
-    ks = list(range(start, stop + 1))
-    if len(ks) > MAX_ROWS and exponents is None:
-        stride = math.ceil(len(ks) / MAX_ROWS)
-        ks = sorted({*ks[::stride], *(k for k in keys if start <= k <= stop)})
     rows = []
+    ks = _exponents(exponents, r, rec, dynamic)
     for k in phase(ks, "fpgrad advise: rows" + (" (torch)" if measurer else ""), progress, "row"):
-        counts = table.get(k) or _row_counts(groups, seed, lim, k)
-        row: dict[str, Any] = {"exponent": k, "scale": math.ldexp(1.0, k), **counts}
+        row: dict[str, Any] = {"exponent": k, "scale": math.ldexp(1.0, k), **counts(k)}
         if measurer is not None:
             row["measured"] = measurer.at(k)
         rows.append(row)
@@ -196,12 +247,6 @@ def advice_from_values(
             "unscale in float32 (fpgrad train: float16+master+scale=S): unscaling in float16 "
             "underflows the same small gradients again"
         )
-
-    def log2_range(v: _Values) -> list[float] | None:
-        if not v.size:
-            return None
-        return [math.log2(float(v.mag.min())), math.log2(float(v.mag.max()))]
-
     sizes = {
         name: {
             "elements": v.size + v.zeros + v.undetermined,
@@ -226,11 +271,11 @@ def advice_from_values(
         exact_method=exact.method,
         certified_digits=exact.certified_digits,
         sizes=sizes,
-        log2_range={name: log2_range(v) for name, v in groups.items()},
+        log2_range={name: _log2_range(v) for name, v in groups.items()},
         rows=rows,
-        safe=safe,
-        safe_gradients=safe_g,
-        normal=normal,
+        safe=r.safe,
+        safe_gradients=r.safe_g,
+        normal=r.normal,
         recommended=rec,
         reason=reason,
         dynamic=dynamic,
