@@ -192,7 +192,8 @@ def test_undecidable_max_pool_tie_is_not_certified() -> None:
 
 def test_emulated_run_interprets_the_graph_and_rounds_updates_once() -> None:
     from fpgrad.graph.compare import compare_graph
-    from fpgrad.graph.train import GraphEmulatedRun, Trainee, parse_graph_runs
+    from fpgrad.graph.train import parse_graph_runs
+    from fpgrad.graph.train_runs import GraphEmulatedRun, Trainee
     from fpgrad.numbers.formats import get_format
     from fpgrad.numbers.rounding import round_to
 
@@ -346,7 +347,8 @@ def test_cast_policy_first_gradients_are_compares_column() -> None:
     policy): a training step's gradients of S * loss are compare's policy column, bit for bit;
     the exact run and the verdicts follow."""
     from fpgrad.graph.compare import compare_graph
-    from fpgrad.graph.train import GraphTorchRun, Trainee, parse_graph_runs
+    from fpgrad.graph.train import parse_graph_runs
+    from fpgrad.graph.train_runs import GraphTorchRun, Trainee
 
     model, x, y = _cnn()
     tables = {"conv16": {"default": "float32", "layers": {"0": "float16"}}}

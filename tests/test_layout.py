@@ -99,6 +99,7 @@ _GRAPH = {
     "fpgrad.graph.compare": "diagnose",
     "fpgrad.graph.advise": "diagnose",
     "fpgrad.graph.train": "training",
+    "fpgrad.graph.train_runs": "training",
     "fpgrad.graph.train_exact": "training",
 }
 #: the only imports up the flow: a result's convenience methods that hand it to presentation

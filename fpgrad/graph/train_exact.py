@@ -20,7 +20,7 @@ from fpgrad.training.exact_run import ExactRun, _exact_loss, exact_trajectory
 from fpgrad.training.history import _flat
 
 if TYPE_CHECKING:
-    from fpgrad.graph.train import Trainee
+    from fpgrad.graph.train_runs import Trainee
 
 
 class _NoSlot(Exception):

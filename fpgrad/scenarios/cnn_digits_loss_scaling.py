@@ -101,7 +101,8 @@ def _bits(net: Any, runs: dict[str, Any]) -> dict[str, Any]:
 @records_runs
 def run(small: bool = False) -> ScenarioResult:
     from fpgrad.graph import from_module
-    from fpgrad.graph.train import GraphTorchRun, Trainee, parse_graph_runs
+    from fpgrad.graph.train import parse_graph_runs
+    from fpgrad.graph.train_runs import GraphTorchRun, Trainee
     from fpgrad.numbers.formats import get_format
     from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
