@@ -135,3 +135,48 @@ def test_activation_constants_are_the_definitions_reals(name: str, bits: int | N
     model = Scale(torch.ones(2, 4), f)
     _matches_torch(model, x, t, nn.MSELoss(), _mse(g), tol=1e-13)
     check(model, x, t, nn.MSELoss(), _mse(g), bits=bits)
+
+
+# ---- attention: a query whose every key is masked -------------------------------------------
+
+
+class MaskedSDPA(nn.Module):
+    """F.scaled_dot_product_attention(q, q, 2 q) with a boolean mask given as data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(_t(np.linspace(-2.0, 3.0, 12).reshape(1, 1, 3, 4)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.w * x
+        return F.scaled_dot_product_attention(q, q, q * 2.0, attn_mask=mask)
+
+
+def _sdpa_oracle(p: dict, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor) -> A.V:
+    q = (p["w"] * A.arr(x.numpy()))[0, 0]
+    scale = A.V(1 / iv.sqrt(4))
+    out = np.empty(q.shape, dtype=object)
+    for i in range(3):
+        keep = [j for j in range(3) if bool(mask[i, j])]
+        if not keep:  # torch's CPU kernel: the row's weights are 0
+            out[i] = np.array([A.V(0)] * 4, dtype=object)
+            continue
+        s = {j: A.total(q[i] * q[j]) * scale for j in keep}
+        top = max(keep, key=lambda j: float(s[j].v.mid))
+        e = {j: A.exp(s[j] - s[top]) for j in keep}
+        z = A.total(np.array(list(e.values()), dtype=object))
+        out[i] = sum((q[j] * 2.0 * (e[j] / z) for j in keep), np.zeros(4, dtype=object) + A.V(0))
+    d = out - A.arr(t.numpy())[0, 0]
+    return A.total(d * d) / d.size
+
+
+@pytest.mark.parametrize("bits", SYSTEMS)
+def test_attention_query_with_every_key_masked_gets_weights_zero(bits: int | None) -> None:
+    """torch's CPU attention kernel writes 0 for a query whose keys are all masked (and no
+    gradient flows through it); the exact reference computed 0/0 there: every value of the
+    model (loss 2.28 in torch) NaN and undetermined, up to the 8192-bit cap."""
+    mask = torch.tensor([[False, False, False], [True, True, False], [False, True, True]])
+    x = torch.ones(1, 1, 3, 4, dtype=torch.float64)
+    t = _t(np.linspace(1.0, -1.0, 12).reshape(1, 1, 3, 4))
+    _matches_torch(MaskedSDPA(), (x, mask), t, nn.MSELoss(), _sdpa_oracle)
+    check(MaskedSDPA(), (x, mask), t, nn.MSELoss(), _sdpa_oracle, bits=bits)
