@@ -479,9 +479,10 @@ def _nonfinite_at(sh: _Shadow, shape: torch.Size, sel: torch.Tensor | None) -> t
     inputs that do not broadcast."""
     if not (sh._pointwise or sh.fam == "pointwise"):
         return None
-    bad = torch.zeros(shape, dtype=torch.bool)
+    xs = _inputs(sh.args, sh.kwargs)
+    bad = torch.zeros(shape, dtype=torch.bool, device=xs[0].device if xs else None)
     try:
-        for x in _inputs(sh.args, sh.kwargs):
+        for x in xs:
             bad |= ~torch.isfinite(x.detach().broadcast_to(shape))
     except RuntimeError:
         return None
