@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from mpmath import iv
 from torch import nn
 
-import fpgrad
-from fpgrad.graph.exact import exact_graph
 from tests.oracle import interval_ad as A
 from tests.test_attack5_certificates import Scale, _t, check
 
@@ -46,6 +44,7 @@ def _matches_torch(model: nn.Module, x: Any, t: torch.Tensor, loss: Any, oracle:
     assert abs(float(value.mid) - out.item()) <= tol * max(1.0, abs(out.item()))
     for n, p in m.named_parameters():
         got = np.array([float(g.mid) for g in grads[n].ravel()])
+        assert p.grad is not None
         np.testing.assert_allclose(got, p.grad.numpy().ravel(), rtol=tol, atol=tol)
 
 
