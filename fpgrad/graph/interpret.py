@@ -134,10 +134,10 @@ def interpret(
     for node in graph.gm.graph.nodes:
         if node.op == "placeholder":
             env[node.name], value = next(placeholders)
-            if np.asarray(value).dtype.kind != "f":
-                consts[node.name] = torch.from_numpy(np.ascontiguousarray(value))
+            if np.asarray(value).dtype.kind != "f":  # a copy: in-place ops must not reach it
+                consts[node.name] = torch.from_numpy(np.array(value, copy=True))
         elif node.op == "get_attr":
-            consts[node.name] = getattr(graph.gm, str(node.target))
+            consts[node.name] = getattr(graph.gm, str(node.target)).clone()
             env[node.name] = _enter_const(ar, consts[node.name])
         elif node.op == "output":
             out_node = node
