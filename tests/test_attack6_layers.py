@@ -144,3 +144,47 @@ def test_embedding_with_padding_and_repeats_tied_to_the_projection() -> None:
     t = _t(np.linspace(1.0, -1.0, 40).reshape(2, 4, 5))
     check(Tokens(), idx, t, nn.MSELoss(), _tokens_oracle)
 
+
+class TanhPool(nn.Module):
+    """conv2d (padding 1) -> tanh -> max_pool2d(2) on an image that is 0 outside a patch: the
+    convolution is the bias in the blank region, so many windows hold equal maxima."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(_t(np.linspace(-1.0, 1.25, 18).reshape(2, 1, 3, 3)))
+        self.b = nn.Parameter(_t([0.25, -0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(torch.tanh(F.conv2d(x, self.w, self.b, padding=1)), 2)
+
+
+def _tanh_pool_oracle(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+    """The first maximum of tanh(z) is that of z (tanh is strictly increasing): decided on
+    the exact z, its tanh taken after."""
+    w, b = p["w"], p["b"]
+    xp = _zeros((8, 8))
+    xp[1:7, 1:7] = A.arr(x.numpy()[0, 0])
+    outs = []
+    for o in range(2):
+        z = np.empty((6, 6), dtype=object)
+        for i, j in np.ndindex(z.shape):
+            z[i, j] = b[o] + A.total(w[o, 0] * xp[i : i + 3, j : j + 3])
+        for i, j in np.ndindex(3, 3):
+            outs.append(
+                A.tanh(A.first_max([z[2 * i + a, 2 * j + c] for a in (0, 1) for c in (0, 1)]))
+            )
+    d = np.array(outs, dtype=object) - A.arr(t.numpy().ravel())
+    return A.total(d * d) / d.size
+
+
+@pytest.mark.parametrize("bits", SYSTEMS)
+def test_max_pool_ties_after_tanh_are_decided_on_its_argument(bits: int | None) -> None:
+    """Equal maxima after tanh: the balls of tanh(z) cannot tell equal values apart, so the
+    routing was undecided and every value of the model undetermined, after escalating to the
+    8192-bit cap (loss and 20 gradients, four Arb runs). tanh is strictly increasing: the exact
+    systems decide the first maximum on z (exact here), as torch's rule on exact values."""
+    x = torch.zeros(1, 1, 6, 6, dtype=torch.float64)
+    x[0, 0, 1:3, 2:4] = _t([[1.0, -2.0], [0.5, 3.0]])
+    t = _t(np.linspace(-0.5, 0.75, 18).reshape(1, 2, 3, 3))
+    ex = check(TanhPool(), x, t, nn.MSELoss(), _tanh_pool_oracle, bits=bits)
+    assert ex.bits <= 256, ex.escalations

@@ -27,7 +27,7 @@ def _f32(v: list[float]) -> torch.Tensor:
 
 
 def _status(x: Any) -> str:
-    """"zero", "inf", "nan" or "finite" of an exact value (None: not a number)."""
+    """ "zero", "inf", "nan" or "finite" of an exact value (None: not a number)."""
     if x is None:
         return "nan"
     if x == 0:
@@ -64,8 +64,12 @@ def _q(x: float) -> Any:
     [
         ("mul", aten.mul.Tensor, 1e-300, lambda q: q * Fraction(1e-300)),
         ("div", aten.div.Tensor, 1e300, lambda q: q / Fraction(1e300)),
-        ("mul0d", aten.mul.Tensor, torch.tensor(1e-300, dtype=torch.float64),
-         lambda q: q * Fraction(1e-300)),
+        (
+            "mul0d",
+            aten.mul.Tensor,
+            torch.tensor(1e-300, dtype=torch.float64),
+            lambda q: q * Fraction(1e-300),
+        ),
     ],  # fmt: skip
     ids=lambda o: o[0],
 )
@@ -116,7 +120,9 @@ def test_nan_of_a_float64_overflow_is_not_inherited() -> None:
     def exact(v: float) -> Any:
         return _mp(lambda z: mpmath.exp(z) / (mpmath.exp(z) + 1))(v)
 
-    row = _verdicts(aten.softplus_backward.default, (g, x, 1.0, 1e6), [exact(v) for v in x.tolist()])
+    row = _verdicts(
+        aten.softplus_backward.default, (g, x, 1.0, 1e6), [exact(v) for v in x.tolist()]
+    )
     assert row["nans"] == 2 and row["nans_inherited"] == 1  # the NaN input's element
 
 
