@@ -18,10 +18,8 @@ from torch import fx
 
 from fpgrad.arith.base import Arith
 from fpgrad.graph.capture import Graph, split_outputs
-from fpgrad.graph.names import op_key
+from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.ops import OPS
-
-_PASS_THROUGH = {"aten.detach.default", "aten.alias.default", "aten.clone.default"}
 
 
 @dataclass
@@ -51,7 +49,7 @@ class OpContext:
     def origin(self, i: int) -> fx.Node | None:
         """The node argument ``i`` came from, looking through detach/alias/clone."""
         node = self.node.args[i]
-        while isinstance(node, fx.Node) and str(node.target) in _PASS_THROUGH:
+        while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
             node = node.args[0]
         return node if isinstance(node, fx.Node) else None
 

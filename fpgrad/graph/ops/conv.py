@@ -17,6 +17,7 @@ from fpgrad.arith.ball import Ball
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
+from fpgrad.graph.names import PASS_THROUGH
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.registry import op
 
@@ -292,8 +293,6 @@ def _increasing_source(cx: Any, shape: Any) -> Any:
     ``z``, which the balls often hold exactly (a convolution of float64 values) where the
     balls of ``f(z)`` cannot tell equal values apart (ties of a constant image region).
     Elsewhere None: a rounding machine's ``f`` may round different ``z`` to one value."""
-    from fpgrad.graph.interpret import _PASS_THROUGH
-
     if not isinstance(cx.ar, ExactDerivatives):
         return None
     node, found = cx.origin(0), None
@@ -302,7 +301,7 @@ def _increasing_source(cx: Any, shape: Any) -> Any:
         if not all(isinstance(c, (int, float)) and c > 0 for c in coefs):
             break
         found = node.args[0]
-        while isinstance(found, fx.Node) and str(found.target) in _PASS_THROUGH:
+        while isinstance(found, fx.Node) and str(found.target) in PASS_THROUGH:
             found = found.args[0]
         node = found
     if not isinstance(found, fx.Node):
