@@ -63,12 +63,14 @@ def check(
     oracle: Callable[..., Any],
     max_dps: int = 40000,
     undetermined: bool = False,
+    bits: int | None = None,
 ) -> Any:
     """fpgrad's certificates against ``oracle(params, *inputs, targets)`` (object arrays of
-    :class:`A.V`); returns the exact result."""
+    :class:`A.V`), at ``bits`` when given (above 150: Arb); returns the exact result."""
     model = model.double()
     net = fpgrad.from_module(model, inputs, targets, loss)
-    ex = exact_graph(net.graph, allow_uncertified=True).result
+    kw = {} if bits is None else {"bits": bits}
+    ex = exact_graph(net.graph, allow_uncertified=True, **kw).result
     if not undetermined:
         assert ex.undetermined_count == 0, ex.escalations
     params = {n: p.detach().numpy() for n, p in model.named_parameters()}

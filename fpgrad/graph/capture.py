@@ -217,6 +217,9 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         raise InputError("the model has no parameters: there is no gradient to diagnose")
     ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
     args = [_widen(t) for t in (*xs, targets)]
+    # the values as given: the forward may change its inputs in place while it is traced
+    params = {n: p.detach().numpy().copy() for n, p in zip(names, ps, strict=True)}
+    data = [_np(t) for t in args]
     loss = loss_in(loss, torch.float64)
     fn = joint_function(m64, names, loss)
     joint = _Joint(m64, fn)
@@ -237,14 +240,15 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
             f"torch could not trace the model's forward and backward ({first}); fpgrad needs "
             "a forward that make_fx can trace (no data-dependent Python control flow)"
         ) from None
-    paths = _module_paths(gm, copy.deepcopy(model).to(torch.float64), names, loss, args)
+    fresh = [torch.from_numpy(a.copy()) for a in data]
+    paths = _module_paths(gm, copy.deepcopy(model).to(torch.float64), names, loss, fresh)
     taps = [name for name, _ in getattr(m64, TAPS, None) or ()]
     graph = Graph(
         gm=gm,
         param_names=names,
-        params={n: p.detach().numpy().copy() for n, p in zip(names, ps, strict=True)},
-        inputs=[_np(t) for t in args[:-1]],
-        targets=_np(args[-1]),
+        params=params,
+        inputs=data[:-1],
+        targets=data[-1],
         paths=paths,
         model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
         loss_fn=loss,
@@ -311,7 +315,9 @@ def loss_in(loss: LossFn, dtype: torch.dtype, precision: str | None = None) -> L
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
+    """A copy (never the caller's storage: the forward may write to its inputs), floating
+    tensors widened exactly to float64."""
+    return t.detach().to(torch.float64 if t.is_floating_point() else t.dtype, copy=True)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -598,8 +598,8 @@ def _constant_values(graph: Graph) -> dict[str, Any]:
     for node in graph.gm.graph.nodes:
         if node.op == "placeholder":
             value = next(feeds)
-            if np.asarray(value).dtype.kind != "f":
-                values[node.name] = torch.from_numpy(np.ascontiguousarray(value))
+            if np.asarray(value).dtype.kind != "f":  # a copy: in-place ops must not reach it
+                values[node.name] = torch.from_numpy(np.array(value, copy=True))
         elif node.op == "get_attr":
             values[node.name] = getattr(graph.gm, str(node.target)).clone()
         elif node.op == "call_function" and node.name in names:

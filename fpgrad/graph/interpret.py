@@ -18,10 +18,8 @@ from torch import fx
 
 from fpgrad.arith.base import Arith
 from fpgrad.graph.capture import Graph, split_outputs
-from fpgrad.graph.names import op_key
+from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.ops import OPS
-
-_PASS_THROUGH = {"aten.detach.default", "aten.alias.default", "aten.clone.default"}
 
 
 @dataclass
@@ -51,7 +49,7 @@ class OpContext:
     def origin(self, i: int) -> fx.Node | None:
         """The node argument ``i`` came from, looking through detach/alias/clone."""
         node = self.node.args[i]
-        while isinstance(node, fx.Node) and str(node.target) in _PASS_THROUGH:
+        while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
             node = node.args[0]
         return node if isinstance(node, fx.Node) else None
 
@@ -134,10 +132,10 @@ def interpret(
     for node in graph.gm.graph.nodes:
         if node.op == "placeholder":
             env[node.name], value = next(placeholders)
-            if np.asarray(value).dtype.kind != "f":
-                consts[node.name] = torch.from_numpy(np.ascontiguousarray(value))
+            if np.asarray(value).dtype.kind != "f":  # a copy: in-place ops must not reach it
+                consts[node.name] = torch.from_numpy(np.array(value, copy=True))
         elif node.op == "get_attr":
-            consts[node.name] = getattr(graph.gm, str(node.target))
+            consts[node.name] = getattr(graph.gm, str(node.target)).clone()
             env[node.name] = _enter_const(ar, consts[node.name])
         elif node.op == "output":
             out_node = node

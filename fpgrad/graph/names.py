@@ -6,6 +6,9 @@ import operator
 
 from torch import fx
 
+#: ops that pass their input through unchanged (no value of their own)
+PASS_THROUGH = frozenset({"aten.detach.default", "aten.alias.default", "aten.clone.default"})
+
 
 def op_name(node: fx.Node) -> str:
     """``aten.addmm`` for an aten node (overload dropped), ``getitem`` for tuple access."""

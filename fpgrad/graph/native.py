@@ -63,7 +63,7 @@ def _f64(value: Any) -> Any:
 def _into(value: np.ndarray, precision: str) -> torch.Tensor:
     if np.asarray(value).dtype.kind == "f":
         return to_dtype(value, precision)
-    return torch.from_numpy(np.ascontiguousarray(value))
+    return torch.from_numpy(np.array(value, copy=True))  # the forward may write to it
 
 
 def model_in(graph: Graph, precision: str) -> torch.nn.Module:

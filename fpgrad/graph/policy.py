@@ -92,7 +92,7 @@ def owners(graph: Graph) -> dict[str, str]:
     run, matched op by op through autograd sequence numbers)."""
     model = copy.deepcopy(graph.model).to(torch.float64)
     ps = [p.detach().clone().requires_grad_() for _, p in model.named_parameters()]
-    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in (*graph.inputs, graph.targets)]
+    args = [torch.from_numpy(np.array(a, copy=True)) for a in (*graph.inputs, graph.targets)]
     rec = OpRecorder()
     with rec, one_torch_thread():
         joint_function(model, graph.param_names, graph.loss_fn)(ps, *args)

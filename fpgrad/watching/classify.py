@@ -18,9 +18,15 @@ op in float64 on the same (exactly representable) inputs, with a proof per op fa
   float64 result proves a non-zero exact one; a zero one is undecided.
 * any other op: every contested element is undecided.
 
-Infs: created when the float64 result is finite; inherited when it is not and some input is
-non-finite; undecided otherwise (a pole or a float64 overflow). NaNs: created when the float64
-result is not NaN, inherited when it is. Subnormals are split per call: created when no floating
+A numeric scalar (or 0-d float64 tensor) outside 2^-600..2^600 voids the float64 proofs of
+zeros (``x * 1e-300`` underflows in float64 where the exact product does not): such zeros are
+created or undecided, never inherited.
+
+Infs: created when the float64 result is finite; inherited when it is not and an input is
+non-finite (an input element of that output element for pointwise ops); undecided otherwise (a
+pole or a float64 overflow). NaNs: created when the float64 result is not NaN; inherited when it
+is and the recompute cannot overflow (exact and reduction ops) or an input is non-finite (per
+element for pointwise ops); undecided otherwise. Subnormals are split per call: created when no floating
 input of the op holds a subnormal of the output's format, inherited otherwise.
 
 Cost: an output with no zero, subnormal, inf or NaN costs one ``abs`` and one ``aminmax`` pass;
@@ -353,6 +359,29 @@ def _scaled_sum(sh: _Shadow) -> bool:
     return not isinstance(alpha, (int, float)) or abs(alpha) != 1
 
 
+#: Scalars (and 0-d float64 tensors) within 2^-600..2^600 keep every product or quotient of
+#: float32-range values by them normal-or-zero in float64 (2^-149 2^-600 > 2^-1074).
+_SCALAR_RANGE = (2.0**-600, 2.0**600)
+
+
+def _wide_scalar(sh: _Shadow) -> bool:
+    """A numeric scalar or 0-d float64 tensor argument outside :data:`_SCALAR_RANGE`
+    (``x * 1e-300``, ``x / 1e300``): the float64 recompute may underflow to 0 where the exact
+    result is not 0, so its zero proves nothing."""
+    lo, hi = _SCALAR_RANGE
+    for x in leaves((sh.args, sh.kwargs)):
+        if isinstance(x, torch.Tensor):
+            if x.dim() or x.dtype != torch.float64:
+                continue
+            x = float(x)
+        elif isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        a = abs(float(x))
+        if a != 0 and a == a and (a < lo or hi < a < float("inf")):
+            return True
+    return False
+
+
 def _split_zeros(
     sh: _Shadow, k: int, sel: torch.Tensor | None, t: torch.Tensor, r: torch.Tensor
 ) -> tuple[int, int, int]:
@@ -365,7 +394,7 @@ def _split_zeros(
     if sh.fam == "exact":
         created = zero & (ar >= _TINY64)
         inherited = zero & (ar == 0)
-        if _scaled_sum(sh):  # a + RN(alpha * b) may cancel where a + alpha * b does not
+        if _scaled_sum(sh) or _wide_scalar(sh):  # a + RN(alpha b) may cancel, s x underflow
             inherited = torch.zeros_like(zero)
     elif sh.fam == "reduction":
         aa = sh.at(k, sel, absolute=True)
@@ -373,7 +402,7 @@ def _split_zeros(
             return 0, 0, total
         band = sh.gamma() * aa + 2 * _TINY64
         created = zero & (ar > band)
-        inherited = zero & (aa == 0)
+        inherited = zero & (aa == 0) & (not _wide_scalar(sh))
         contested = zero & ~created & ~inherited
         c, i = int(created.sum()), int(inherited.sum())
         if c + i < total:
@@ -404,11 +433,11 @@ def _split_zeros_dense(
         if aa is None or aa.shape != r.shape:
             return 0, 0, int(zero.sum())
         created = zero * _positive(ar - (sh.gamma() * aa + 2 * _TINY64))
-        inherited = zero * (1 - torch.sign(aa))
+        inherited = zero * (1 - torch.sign(aa)) * (0.0 if _wide_scalar(sh) else 1.0)
     elif sh.fam == "exact":
         created = zero * _positive(ar - _TINY64)
         inherited = zero * (1 - torch.sign(ar))
-        if _scaled_sum(sh):
+        if _scaled_sum(sh) or _wide_scalar(sh):
             inherited = torch.zeros_like(zero)
     else:  # pointwise
         created = zero * _positive(ar - _TINY64)
@@ -424,20 +453,62 @@ def _split_zeros_dense(
     return c, i, total - c - i
 
 
-def _split_infs(sh: _Shadow, t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+def _split_infs(
+    sh: _Shadow, t: torch.Tensor, r: torch.Tensor, sel: torch.Tensor | None
+) -> tuple[int, int, int]:
+    """Infs of ``t`` (the output at ``sel``, or all of it): created where the float64 value is
+    finite; else inherited where an input is not finite: for a pointwise op, an input element
+    of *this* output element (``exp([1000, inf])``: the first inf is a float64 overflow from a
+    finite input, undecided), for other ops any input element; else undecided."""
     inf = torch.isinf(t)
     total = int(inf.sum())
     created = int((inf & torch.isfinite(r)).sum())
     rest = total - created
     if sh.inputs_finite():
         return created, 0, rest
-    return created, rest, 0
+    bad = _nonfinite_at(sh, t.shape if sel is None else sel.shape, sel)
+    if bad is None:
+        return created, rest, 0
+    inherited = int((inf & ~torch.isfinite(r) & bad).sum())
+    return created, inherited, rest - inherited
 
 
-def _split_nans(t: torch.Tensor, r: torch.Tensor) -> tuple[int, int, int]:
+def _nonfinite_at(sh: _Shadow, shape: torch.Size, sel: torch.Tensor | None) -> torch.Tensor | None:
+    """For a pointwise op (torch's tag or the pointwise family): whether some input element
+    at each output element (``sel``'s, or all of them) is not finite; None for other ops or
+    inputs that do not broadcast."""
+    if not (sh._pointwise or sh.fam == "pointwise"):
+        return None
+    xs = _inputs(sh.args, sh.kwargs)
+    bad = torch.zeros(shape, dtype=torch.bool, device=xs[0].device if xs else None)
+    try:
+        for x in xs:
+            bad |= ~torch.isfinite(x.detach().broadcast_to(shape))
+    except RuntimeError:
+        return None
+    return bad if sel is None else sh.pick(bad, sel)
+
+
+def _split_nans(
+    sh: _Shadow, t: torch.Tensor, r: torch.Tensor, sel: torch.Tensor | None
+) -> tuple[int, int, int]:
+    """NaNs of ``t``: created where the float64 value is a number. A float64 NaN is inherited
+    where the recompute cannot overflow (exact and reduction ops without a wide scalar:
+    ``0/0``, ``inf - inf`` of the inputs) or where an input is not finite (per element for a
+    pointwise op, any for others); elsewhere it may be a float64 overflow of a finite exact
+    value (``softplus_backward`` at 1000, ``cumprod`` of 3e38s then 0): undecided."""
     nan = torch.isnan(t)
+    total = int(nan.sum())
     created = int((nan & ~torch.isnan(r)).sum())
-    return created, int(nan.sum()) - created, 0
+    if sh.fam in ("exact", "reduction") and not _wide_scalar(sh):
+        return created, total - created, 0
+    if sh.inputs_finite():
+        return created, 0, total - created
+    bad = _nonfinite_at(sh, t.shape if sel is None else sel.shape, sel)
+    if bad is None:
+        return created, total - created, 0
+    inherited = int((nan & torch.isnan(r) & bad).sum())
+    return created, inherited, total - created - inherited
 
 
 def _input_has_subnormal(args: tuple, kwargs: dict, smallest_normal: float) -> bool:
@@ -632,10 +703,10 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                     c, i, u = _split_zeros(sh, k, sel, ts, r)
                     st.update(zeros_created=c, zeros_inherited=i, zeros_undecided=u)
                 if st["infs"]:
-                    c, i, u = _split_infs(sh, ts, r)
+                    c, i, u = _split_infs(sh, ts, r, sel)
                     st.update(infs_created=c, infs_inherited=i, infs_undecided=u)
                 if st["nans"]:
-                    c, i, u = _split_nans(ts, r)
+                    c, i, u = _split_nans(sh, ts, r, sel)
                     st.update(nans_created=c, nans_inherited=i, nans_undecided=u)
         n = max(st["numel"], 1)
         st["subnormal_share"] = st["subnormals"] / n

@@ -16,7 +16,6 @@ functions must be smooth within ``h`` of the point (random data: no ties, no kin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -89,10 +88,10 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """0.5 x (1 + tanh(b (x + k x^3))), b and k the float64 constants torch's kernel uses
-    (b = sqrt(2) * (2/sqrt(pi)) * 0.5 rounded as C computes it, k = 0.044715)."""
-    b = CTX.mpf(math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5)
-    return x / 2 * (1 + tanh(b * (x + CTX.mpf(0.044715) * x * x * x)))
+    """0.5 x (1 + tanh(b (x + k x^3))) as defined: b = sqrt(2 / pi) and k = 0.044715 the
+    reals (the exact reference's choice; torch's kernel uses their float64 roundings)."""
+    b = CTX.sqrt(2 / CTX.pi)
+    return x / 2 * (1 + tanh(b * (x + CTX.mpf(44715) / 10**6 * x * x * x)))
 
 
 def softmax(z: np.ndarray, axis: int) -> np.ndarray:

@@ -9,6 +9,7 @@ numpy integer arrays; Python scalars as given).
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 from fpgrad.graph.names import op_key, op_name
@@ -31,6 +32,37 @@ def _neg_inf(node: Any) -> bool:
     return isinstance(value, float) and value == float("-inf")
 
 
+def _inplace(node: Any) -> bool:
+    key = op_key(node)
+    return key.count(".") == 2 and key.split(".")[1].endswith("_")
+
+
+def _aliased_write(node: Any, constants: set[str]) -> str:
+    """Why the in-place op ``node`` cannot run as a new value ('' when it can): it writes
+    through a view or a detached alias (the base it shares storage with keeps its old value
+    in the graph), or into a buffer (a ``get_attr`` tensor) that something else reads: the
+    graph holds the buffer's value after the traced forward wrote it. Constants the forward
+    creates (a float mask filled in place) are computed by torch in graph order: faithful."""
+    if not _inplace(node) or not node.args or not hasattr(node.args[0], "op"):
+        return ""
+    chain, base = [node], node.args[0]
+    while _inplace(base) and base.args and hasattr(base.args[0], "op"):
+        chain.append(base)
+        base = base.args[0]
+    if (
+        node.name not in constants  # torch computes constants, views sharing storage as eager
+        and base.op == "call_function"
+        and (op_name(base).removeprefix("aten.") in _VIEWS or base.target is operator.getitem)
+    ):
+        return "it writes through a view or a detached alias; write into a copy (clone())"
+    if base.op == "get_attr":
+        members = {n.name for n in chain} | {base.name}
+        readers = [u for n in (base, *chain) for u in n.users if u.name not in members]
+        if any(not _inplace(u) for u in readers):
+            return "it writes into a buffer that is read; write into a copy"
+    return ""
+
+
 def unsupported_message(graph: Graph) -> str:
     """One line naming every unsupported op with its module paths, or ''."""
     missing: dict[str, list[str]] = {}
@@ -42,9 +74,14 @@ def unsupported_message(graph: Graph) -> str:
             if path not in where:
                 where.append(path)
     order = {n.name: i for i, n in enumerate(graph.gm.graph.nodes)}
+    for node in graph.ops:  # an in-place op writing through an alias or into a buffer
+        why = _aliased_write(node, constants)
+        if why:
+            where = missing.setdefault(op_key(node), [])
+            where.append(f"{graph.paths.get(node.name, '') or '<top>'} ({why})")
     for node in graph.ops:  # an in-place op runs as a new value: its input must not be read later
         key = op_key(node)
-        inplace = key.count(".") == 2 and key.split(".")[1].endswith("_")
+        inplace = _inplace(node)
         if inplace and node.name not in constants and node.args:
             src = node.args[0]
             users = [u for u in getattr(src, "users", {}) if u is not node]
@@ -70,6 +107,8 @@ def unsupported_message(graph: Graph) -> str:
     for key, where in missing.items():
         name = key.rsplit(".", 1)[0]
         hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
+        if key in OPS:  # implemented: refused for its in-place write alone
+            hint = "fpgrad runs an in-place op as a new value"
         if key.endswith("reading masked_fill(-inf)"):
             hint = "-inf is a mask that only softmax reads"
         parts.append(f"{key} in {', '.join(where)} ({hint})")

@@ -1,5 +1,7 @@
 """Scaled dot-product attention (torch's CPU kernel op and its backward) through bmm and a
-masked softmax; masked positions (boolean False, additive -inf, causal) get weight exactly 0."""
+masked softmax; masked positions (boolean False, additive -inf, causal) get weight exactly 0,
+and so does every key of a query whose keys are all masked (torch's CPU kernel: its output row
+is 0, its gradients 0)."""
 
 from __future__ import annotations
 
@@ -60,6 +62,9 @@ def _probs(cx: Any, q: Any, k: Any, attn_mask: Any, causal: bool, scale: Any) ->
     m = ar.max(s, axis=2, keepdims=True)  # any shift at or above the kept scores is exact
     e = ar.where(keep, ar.exp(ar.sub(s, m)), zero)
     total = ar.sum(e, axis=2, keepdims=True)
+    empty = ~keep.any(axis=2, keepdims=True)
+    if empty.any():  # a query with every key masked: torch's kernel gives weights 0, not NaN
+        total = ar.where(empty, ar.asarray(np.ones(empty.shape)), total)
     return ar.div(e, total), m, total, qf, kf, sc, qs
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from torch import fx
 
 from fpgrad.arith.ball import Ball
+from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
+from fpgrad.graph.names import PASS_THROUGH
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.registry import op
 
@@ -243,22 +246,68 @@ def max_pool2d(
 ) -> tuple:  # fmt: skip
     """(max over each window's elements inside the input, the offset of its first maximum:
     decided on exact values). Cells outside the input (padding, ``ceil_mode``) hold a copy
-    of the window's first element inside it, never chosen: padding is never a value."""
+    of the window's first element inside it, never chosen: padding is never a value. In the
+    exact systems, where ``x = f(z)`` for a strictly increasing ``f``, the first maximum is
+    decided on ``z`` (:func:`_increasing_source`)."""
     ar = cx.ar
     geo = _Pool(cx, shapes.shape(x), k, stride, padding, dilation, ceil_mode)
-    cols = geo.cols(cx, x)
-    valid = None
-    if not geo.plain:
-        valid = geo.valid()
-        first = np.argmax(valid, axis=0)  # (oh, ow): every window has an element inside
-        ii, jj = np.ogrid[: geo.out[0], : geo.out[1]]
-        head = shapes.unsqueeze(shapes.index(cols, (slice(None), slice(None), first, ii, jj)), 2)
-        mask = np.broadcast_to(valid, shapes.shape(cols))
-        cols = ar.where(mask, cols, shapes.expand(head, shapes.shape(cols)))
-        valid = mask
+    cols, valid = _windows(cx, geo, x)
     m = ar.max(cols, axis=2, keepdims=True)
     out = shapes.reshape(m, shapes.shape(m)[:2] + shapes.shape(m)[3:])
+    z = _increasing_source(cx, shapes.shape(x))
+    if z is not None:  # the same first maximum, decided on f's argument
+        zcols, _ = _windows(cx, geo, z)
+        return out, _first_max(ar, zcols, ar.max(zcols, axis=2, keepdims=True), valid)
     return out, _first_max(ar, cols, m, valid)
+
+
+def _windows(cx: Any, geo: _Pool, x: Any) -> tuple[Any, np.ndarray | None]:
+    """(the windows of ``x``, cells outside the input holding a copy of the window's first
+    cell inside it; the mask of cells inside, None when all are)."""
+    cols = geo.cols(cx, x)
+    if geo.plain:
+        return cols, None
+    valid = geo.valid()
+    first = np.argmax(valid, axis=0)  # (oh, ow): every window has an element inside
+    ii, jj = np.ogrid[: geo.out[0], : geo.out[1]]
+    head = shapes.unsqueeze(shapes.index(cols, (slice(None), slice(None), first, ii, jj)), 2)
+    mask = np.broadcast_to(valid, shapes.shape(cols))
+    return cx.ar.where(mask, cols, shapes.expand(head, shapes.shape(cols))), mask
+
+
+#: elementwise ops strictly increasing in their first argument (with these coefficients > 0)
+_INCREASING = {
+    "aten.tanh.default": (),
+    "aten.sigmoid.default": (),
+    "aten.exp.default": (),
+    "aten.leaky_relu.default": (1,),
+    "aten.elu.default": (1, 2, 3),
+}
+
+
+def _increasing_source(cx: Any, shape: Any) -> Any:
+    """In the exact systems, where the pooled input is ``f(z)`` for a chain of strictly
+    increasing elementwise ``f`` (tanh, sigmoid, exp, leaky ReLU and ELU with positive
+    coefficients): the value of ``z``. There ``f(z_i) < f(z_j)`` exactly when ``z_i < z_j``
+    and ``f(z_i) = f(z_j)`` exactly when ``z_i = z_j``, so the first maximum is decided on
+    ``z``, which the balls often hold exactly (a convolution of float64 values) where the
+    balls of ``f(z)`` cannot tell equal values apart (ties of a constant image region).
+    Elsewhere None: a rounding machine's ``f`` may round different ``z`` to one value."""
+    if not isinstance(cx.ar, ExactDerivatives):
+        return None
+    node, found = cx.origin(0), None
+    while isinstance(node, fx.Node) and str(node.target) in _INCREASING:
+        coefs = [node.args[i] if i < len(node.args) else 1 for i in _INCREASING[str(node.target)]]
+        if not all(isinstance(c, (int, float)) and c > 0 for c in coefs):
+            break
+        found = node.args[0]
+        while isinstance(found, fx.Node) and str(found.target) in PASS_THROUGH:
+            found = found.args[0]
+        node = found
+    if not isinstance(found, fx.Node):
+        return None
+    z = cx.value(found)
+    return z if shapes.shape(z) == tuple(shape) and not isinstance(z, tuple) else None
 
 
 def _first_max(ar: Any, cols: Any, m: Any, valid: np.ndarray | None = None) -> np.ndarray:

@@ -57,9 +57,15 @@ def layer_norm_backward(
     m1 = ar.div(sum_dims(cx, gw, axes, True), n)
     m2 = ar.div(sum_dims(cx, ar.mul(gw, xhat), axes, True), n)
     dx = ar.mul(rstd, ar.sub(ar.sub(gw, m1), ar.mul(xhat, m2))) if mask[0] else None
-    dw = sum_dims(cx, ar.mul(g, xhat), lead, False) if (w is not None and mask[1]) else None
-    db = sum_dims(cx, g, lead, False) if (b is not None and mask[2]) else None
+    dw = _over(cx, ar.mul(g, xhat), lead) if (w is not None and mask[1]) else None
+    db = _over(cx, g, lead) if (b is not None and mask[2]) else None
     return dx, dw, db
+
+
+def _over(cx: Any, x: Any, lead: list[int]) -> Any:
+    """The sum over the ``lead`` axes; none (every axis normalised) is no sum at all, not
+    :func:`sum_dims`'s empty-means-all."""
+    return sum_dims(cx, x, lead, False) if lead else x
 
 
 def _channel_axes(x: Any) -> tuple[list[int], tuple[int, ...]]:

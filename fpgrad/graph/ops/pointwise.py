@@ -256,10 +256,22 @@ GELU_BETA = math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5
 GELU_KAPPA = 0.044715
 
 
+def _gelu_constants(cx: Any) -> tuple[Any, Any]:
+    """(beta, kappa) of the tanh GELU: the definition's reals ``sqrt(2 / pi)`` (as
+    ``2 npdf(0)``) and ``44715 / 10^6`` in the exact systems, as label smoothing's and
+    attention's constants (:mod:`fpgrad.graph.ops.derived`); torch's float64 roundings of
+    them elsewhere (what its kernels compute with)."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        beta = ar.mul(_slot(cx, "npdf")(ar.const(0.0)), ar.const(2.0))
+        return beta, ar.div(ar.const(44715.0), ar.const(1e6))
+    return ar.const(GELU_BETA), ar.const(GELU_KAPPA)
+
+
 @op("aten.gelu.default")
 def gelu(cx: Any, x: Any, approximate: str = "none") -> Any:
     """x Phi(x), Phi the standard normal CDF (the slot ``ncdf``); ``approximate="tanh"``:
-    x/2 (1 + tanh(u)), u = beta (x + kappa x^3), with torch's float64 beta and kappa."""
+    x/2 (1 + tanh(u)), u = beta (x + kappa x^3) (:func:`_gelu_constants`)."""
     if approximate == "tanh":
         ar = cx.ar
         return ar.mul(ar.mul(x, ar.const(0.5)), _one_plus_tanh(cx, _gelu_inner(cx, x)))
@@ -273,12 +285,12 @@ def gelu_backward(cx: Any, grad: Any, x: Any, approximate: str = "none") -> Any:
     ar = cx.ar
     if approximate == "tanh":
         u = _gelu_inner(cx, x)
+        beta, kappa = _gelu_constants(cx)
         left = ar.mul(_one_plus_tanh(cx, u), ar.const(0.5))
         x2 = ar.mul(ar.mul(x, x), ar.const(3.0))
-        slope = ar.add(ar.const(1.0), ar.mul(x2, ar.const(GELU_KAPPA)))
+        slope = ar.add(ar.const(1.0), ar.mul(x2, kappa))
         sech2 = ar.tanh_deriv(u, ar.tanh(u))
-        right = ar.mul(ar.mul(ar.mul(x, ar.const(0.5)), sech2),
-                       ar.mul(slope, ar.const(GELU_BETA)))  # fmt: skip
+        right = ar.mul(ar.mul(ar.mul(x, ar.const(0.5)), sech2), ar.mul(slope, beta))
         return ar.mul(grad, ar.add(left, right))
     d = ar.add(_slot(cx, "ncdf")(x), ar.mul(x, _slot(cx, "npdf")(x)))
     return ar.mul(grad, d)
@@ -286,8 +298,9 @@ def gelu_backward(cx: Any, grad: Any, x: Any, approximate: str = "none") -> Any:
 
 def _gelu_inner(cx: Any, x: Any) -> Any:
     ar = cx.ar
+    beta, kappa = _gelu_constants(cx)
     cube = ar.mul(ar.mul(x, x), x)
-    return ar.mul(ar.add(x, ar.mul(cube, ar.const(GELU_KAPPA))), ar.const(GELU_BETA))
+    return ar.mul(ar.add(x, ar.mul(cube, kappa)), beta)
 
 
 def _one_plus_tanh(cx: Any, u: Any) -> Any:
@@ -412,8 +425,20 @@ def elu(cx: Any, x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: fl
     """scale x for x > 0, else scale alpha (exp(input_scale x) - 1)."""
     ar = cx.ar
     neg = ar.mul(ar.sub(ar.exp(ar.mul(x, ar.const(float(input_scale)))), ar.const(1.0)),
-                 ar.const(float(alpha) * float(scale)))  # fmt: skip
+                 _coef(cx, alpha, scale))  # fmt: skip
     return ar.where(ar.positive(x), ar.mul(x, ar.const(float(scale))), neg)
+
+
+def _coef(cx: Any, *factors: float) -> Any:
+    """The product of float constants: exact in the exact systems (SELU's ``alpha * scale``
+    is not a float64), torch's float64 product elsewhere."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        out = ar.const(float(factors[0]))
+        for f in factors[1:]:
+            out = ar.mul(out, ar.const(float(f)))
+        return out
+    return ar.const(math.prod(float(f) for f in factors))
 
 
 @op("aten.elu_backward.default")
@@ -430,8 +455,8 @@ def elu_backward(
 
             raise InputError(f"{cx.label()}: in-place ELU is not supported; use inplace=False")
         xr = cx.value(src.args[0])
-    c = float(input_scale) * float(scale) * float(alpha)
-    neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), ar.const(c)))
+    c = _coef(cx, input_scale, scale, alpha)
+    neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), c))
     # NaN input: the negative branch (NaN), as torch's vectorized kernel (b > 0 selects);
     # its scalar tail (b <= 0 selects) would give g * scale
     return ar.where(ar.positive(xr), ar.mul(g, ar.const(float(scale))), neg)
