@@ -285,12 +285,7 @@ class GraphEmulatedRun(EmulatedRun):
                 self.params, it.loss, grads, len(hist.loss)
             )
         before = self.vector()
-        new = self.opt.step(self.targets(), grads)
-        if self.master is not None:
-            self.master = new
-            self.params = {k: self.ar.asarray(v) for k, v in new.items()}  # one rounding
-        else:
-            self.params = new
+        self.apply(grads)
         g64 = {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()}
         intended = _flat(list(self.opt.intended.values()))
         self._record(float(it.loss), g64, intended, before, finite, True, 1.0, {})

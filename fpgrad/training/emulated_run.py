@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -101,12 +102,7 @@ class EmulatedRun(_Run):
         take = self.scaler.update(finite) if self.scaler is not None else True
         before = self.vector()
         if take:
-            new = self.opt.step(self.targets(), grads)
-            if self.master is not None:
-                self.master = new
-                self.params = {k: self.ar.asarray(v) for k, v in new.items()}  # one rounding
-            else:
-                self.params = new
+            self.apply(grads)
         g64 = {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()}
         self._record(
             float(trace.loss),
@@ -119,6 +115,16 @@ class EmulatedRun(_Run):
             trace.forward,
         )
         return g64
+
+    def apply(self, grads: dict[str, Any]) -> None:
+        """The optimizer's update of what it updates; with master weights the parameters
+        are the masters rounded once into the format."""
+        new = self.opt.step(self.targets(), grads)
+        if self.master is not None:
+            self.master = new
+            self.params = {k: self.ar.asarray(v) for k, v in new.items()}  # one rounding
+        else:
+            self.params = new
 
     def final_loss(self, rows: np.ndarray) -> float:
         """The unscaled loss at the current parameters on ``rows`` in the run's machine."""
