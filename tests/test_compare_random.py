@@ -84,17 +84,24 @@ def _no_nan_constants(token: str) -> Any:
     raise AssertionError(f"non-standard JSON token {token}")
 
 
-def _exact_zero_masks(net: Network) -> dict[str, np.ndarray]:
+def _exact_zero_masks(net: Network) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The proven exact zeros and the undetermined elements (balls around 0 at the cap) of
+    each gradient."""
     res = exact_trace(net)
-    return {
-        name: np.vectorize(lambda v: v == 0, otypes=[bool])(
-            np.asarray(res.trace.grads[name], dtype=object)
-        )
-        for name in net.params
-    }
+    keys = {name: f"grads/{name}" for name in net.params}
+    return (
+        {name: res.zero(key) for name, key in keys.items()},
+        {name: res.undetermined(key) for name, key in keys.items()},
+    )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: derandomized: the same examples on every run, so that CI cannot fail by drawing a new one
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(nets())
 def test_compare_pipeline_properties(net: Network) -> None:
     result = compare(net, precisions=",".join(PRECISIONS))
@@ -111,11 +118,16 @@ def test_compare_pipeline_properties(net: Network) -> None:
             assert isinstance(g[p]["verdict"], str) and g[p]["verdict"] in VERDICTS
 
     # exact zeros and structural zeros
-    zeros = _exact_zero_masks(net)
+    zeros, unknown = _exact_zero_masks(net)
     only_masks = not any(ly.kind in ("batch_norm", "softmax") for ly in net.layers)
     for g in result.gradients:
         zero = bool(zeros[g["param"]][tuple(g["index"])])
         assert (g["exact"] == "0") == zero
+        if unknown[g["param"]][tuple(g["index"])]:  # a ball around 0: no sign, no zero claimed
+            assert g["exact"].startswith("|e| <= ")
+            # (nan and overflow come first in classify's order)
+            assert all(g[p]["verdict"] in ("undetermined", "nan", "overflow") for p in PRECISIONS)
+            continue
         for p in PRECISIONS:
             v = g[p]["verdict"]
             if v == "structural_zero":
