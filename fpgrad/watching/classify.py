@@ -471,18 +471,32 @@ def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -
     return True
 
 
-def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) -> bool:
+def _mm_zeros_structural(
+    func: Any, args: tuple, t: torch.Tensor, zeros: int, absolute: torch.Tensor | None = None
+) -> bool:
     """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
     zero factor (no overlap of the supports of row i and column j). There the exact result and
     its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
     recompute would find. Checked at the zeros only (rows of A and columns of B gathered there)
     when they are few, else with a float32 product of the 0/1 support indicators; either way
-    counts of overlapping pairs, integers up to 2^24, exact."""
+    counts of overlapping pairs, integers up to 2^24, exact. First, when the zeros lie in few
+    rows of ``t`` (``absolute``: ``|t|`` if already computed): the support product of those
+    rows of A with B, checked at every element of them."""
     if func.overloadpacket.__name__ != "mm" or t.dim() != 2:
         return False
     a, b = args[0], args[1]
     if a.shape[1] > 2**24:
         return False
+    if absolute is None:
+        absolute = t.detach().abs()
+    rows = (absolute.amin(1) == 0).nonzero().view(-1)  # the rows of t holding its zeros
+    if rows.numel() * b.shape[0] * b.shape[1] <= 2**22:  # few: their support products
+        sa = a.detach().index_select(0, rows).abs().sign_()  # sign first: a tiny non-zero
+        sb = b.detach().abs().sign_()  # stays 1
+        overlap = torch.sign(sa.float() @ sb.float())  # pair counts <= 2^24: exact
+        # 1 at a zero of t whose pairs overlap, else 0 or -1
+        bad = overlap.sub_(torch.sign(absolute.index_select(0, rows).float()))
+        return float(bad.amax()) < 1
     if a.shape[1] and _zero_lines(a, b) == zeros:  # dead units: whole zero rows / columns
         return True
     if zeros * a.shape[1] <= 2**22:  # few zeros: test the supports at the zeros only
@@ -597,6 +611,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 rows.append(_plain_row(k, FORMAT_OF[t.dtype], t.numel(), fam, lo, hi))
                 continue
             known = (a, lo, hi)
+        absolute = known[0] if known is not None and known[0].dtype == t.dtype else None
         if sh is None:
             sh = _Shadow(func, args, kwargs)
         st = basic_stats(t, sn, known)
@@ -613,7 +628,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         if needs and t.dtype != torch.float64 and not seeded and not (st["infs"] or st["nans"]):
             if (
                 _selection_exact(func, args, kwargs, t.dtype)
-                or (k == 0 and _mm_zeros_structural(func, args, t, st["zeros"]))
+                or (k == 0 and _mm_zeros_structural(func, args, t, st["zeros"], absolute))
                 or (k == 0 and _nll_zeros_structural(func, args, kwargs, t, st["zeros"]))
             ):
                 st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
