@@ -177,17 +177,17 @@ def basic_stats(
         a = a.float()  # exact; half-precision kernels are slow on CPU
     inf = float("inf")
     if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
-        nonzero = torch.sign(a)
-        nz = count(nonzero)
+        zero = torch.eq(a, 0, out=torch.empty_like(a))  # 0/1 floats, one pass
+        nzero = count(zero)
         # the smallest non-zero magnitude: zeros replaced by the largest finite value, as
-        # a + (-big) * (sign(a) - 1): exact (the product is 0 or big)
-        masked = torch.add(a, nonzero.sub_(1), alpha=-torch.finfo(a.dtype).max, out=nonzero)
-        z_mn = _bounds_pair(nz, masked.amin())
-        z = a.numel() - int(z_mn[0])
+        # a + big * zero: exact (one term is 0)
+        masked = torch.add(a, zero, alpha=torch.finfo(a.dtype).max, out=zero)
+        z_mn = _bounds_pair(nzero, masked.amin())
+        z = int(z_mn[0])
         s = 0
         if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
             # the zeros are "big" in masked: below the smallest normal are the subnormals
-            s = int(count(masked.neg_().add_(smallest_normal).clamp_(min=0).sign_()))
+            s = int(count(torch.lt(masked, smallest_normal, out=masked)))
         return {
             "zeros": z,
             "subnormals": s,

@@ -366,7 +366,7 @@ def step_records(
     lay = scratch.layout(
         "indicators", 3, [p.shape for _, p in ents], torch.float64, ents[0][1].device
     )
-    ind, rows = lay.buf, lay.views
+    rows = lay.views
     d = rows[0]  # the update done, then the "moved" indicator in the same place
     befores = [before[id(p)] for _, p in ents]
     torch._foreach_copy_(d, [p.detach() for _, p in ents])
@@ -388,10 +388,9 @@ def step_records(
         cnt = [[float(p.numel()) for _, p in ents]] * 2 + [[0.0] * P]
         small = None
     else:
-        head.sign_()
-        if reqs is not None:
-            torch.mul(ind[0], ind[1], out=ind[2])
-            torch.sub(ind[1], ind[2], out=ind[2])  # asked and not moved: swamped
+        head.sign_()  # moved, asked: 0/1
+        if reqs is not None:  # asked and not moved: swamped (asked - moved * asked, exact)
+            torch.addcmul(lay.row(1), lay.row(0), lay.row(1), value=-1, out=lay.row(2))
         k_rows = 3 if reqs is not None else 1
         # per-parameter sums of the 0/1 indicators: exact integers (fewer than 2^53 of them)
         sums = torch.stack([t.sum(1) for t in lay.parts(0, k_rows)], dim=1).reshape(-1).tolist()
@@ -524,12 +523,13 @@ def _flat_state_counts(
             for j, v in members:
                 counts[(key, j)] = [float(v.numel())] + [0.0] * (rows - 1)
             continue
-        buf, f = lay.buf, lay.row(0)
-        torch.sign(f, out=buf[1])  # 1 where non-zero
-        torch.sub(f, sn, out=buf[2]).neg_().clamp_(min=0).sign_()  # 1 where |v| < sn
+        # 0/1 indicator rows, each one comparison written as floats (no NaN here)
+        f = lay.row(0)
+        torch.ne(f, 0, out=lay.row(1))  # non-zero
+        torch.lt(f, sn, out=lay.row(2))  # |v| < sn
         if band is not None:
-            torch.sub(f, band[0], out=buf[3]).neg_().clamp_(min=0).sign_()  # v < t_lo
-            torch.sub(f, band[1], out=buf[4]).neg_().clamp_(min=0).sign_()  # v < t_hi
+            torch.lt(f, band[0], out=lay.row(3))  # v < t_lo
+            torch.lt(f, band[1], out=lay.row(4))  # v < t_hi
         for (j, _), part in zip(members, lay.parts(1, rows + 1), strict=True):
             counts[(key, j)] = part.sum(1)
     order = [c for c in counts if isinstance(counts[c], torch.Tensor)]
