@@ -121,6 +121,8 @@ def _abs64(x: Any) -> Any:
 
 
 def _float_outputs(out: Any) -> list[torch.Tensor | None]:
+    if isinstance(out, torch.Tensor):  # the common case, without walking a structure
+        return [out if out.dtype in FORMAT_OF else None]
     flat = leaves(out)
     return [t if isinstance(t, torch.Tensor) and t.dtype in FORMAT_OF else None for t in flat]
 
@@ -577,17 +579,18 @@ def _fits(x: float, dtype: torch.dtype) -> bool:
     return got
 
 
-def _plain_row(k: int, dtype: str, numel: int, fam: str, lo: float, hi: float) -> dict:
-    """The record of an output with no zero, subnormal, inf or NaN (what the full path gives)."""
-    return {
-        "zeros": 0, "subnormals": 0, "infs": 0, "nans": 0, "min_abs": lo, "max_abs": hi,
-        "out": k, "dtype": dtype, "numel": numel, "family": fam,
-        "zeros_created": 0, "zeros_inherited": 0, "zeros_undecided": 0,
-        "subnormals_created": 0, "subnormals_inherited": 0, "subnormals_undecided": 0,
-        "infs_created": 0, "infs_inherited": 0, "infs_undecided": 0,
-        "nans_created": 0, "nans_inherited": 0, "nans_undecided": 0,
-        "subnormal_share": 0.0, "underflow_share": 0.0,
-    }  # fmt: skip
+#: The record of an output with no zero, subnormal, inf or NaN (what the full path gives), less
+#: its ``min_abs``, ``max_abs``, ``out``, ``dtype``, ``numel`` and ``family``: copied per output.
+_PLAIN: dict[str, Any] = {
+    "zeros": 0, "subnormals": 0, "infs": 0, "nans": 0, "min_abs": None, "max_abs": None,
+    "out": 0, "dtype": "", "numel": 0, "family": "",
+    "zeros_created": 0, "zeros_inherited": 0, "zeros_undecided": 0,
+    "subnormals_created": 0, "subnormals_inherited": 0, "subnormals_undecided": 0,
+    "infs_created": 0, "infs_inherited": 0, "infs_undecided": 0,
+    "nans_created": 0, "nans_inherited": 0, "nans_undecided": 0,
+    "subnormal_share": 0.0, "underflow_share": 0.0,
+}  # fmt: skip
+_INF = float("inf")
 
 
 def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
@@ -607,8 +610,11 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         if t.numel():
             a = (t.detach() if t.requires_grad else t).abs()
             lo, hi = _bounds(a)
-            if lo >= sn and hi < float("inf"):
-                rows.append(_plain_row(k, FORMAT_OF[t.dtype], t.numel(), fam, lo, hi))
+            if lo >= sn and hi < _INF:
+                row = _PLAIN.copy()
+                row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
+                row["min_abs"], row["max_abs"] = lo, hi
+                rows.append(row)
                 continue
             known = (a, lo, hi)
         absolute = known[0] if known is not None and known[0].dtype == t.dtype else None
