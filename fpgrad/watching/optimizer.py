@@ -331,11 +331,8 @@ def widen(params: list[torch.Tensor], scratch: Scratch) -> dict[int, torch.Tenso
     n = sum(p.numel() for p in params)
     if not params or n > BATCH_LIMIT or len({p.device for p in params}) > 1:
         return {id(p): p.detach().to(torch.float64, copy=True) for p in params}
-    flat = scratch.get("before", (n,), torch.float64, params[0].device)
-    views, o = [], 0
-    for p in params:
-        views.append(flat[o : o + p.numel()].view(p.shape))
-        o += p.numel()
+    shapes = [p.shape for p in params]
+    views = scratch.layout("before", 1, shapes, torch.float64, params[0].device).views[0]
     torch._foreach_copy_(views, [p.detach() for p in params])
     return {id(p): v for p, v in zip(params, views, strict=True)}
 
