@@ -109,28 +109,31 @@ class ShadowOptimizer:
                 sg.update(_hyper(g))
             dst: list[torch.Tensor] = []  # refilled with one _foreach_copy_ (same values
             src: list[torch.Tensor] = []  # as a copy_ per tensor, fewer calls)
-            for p, q in self._pairs:
-                dst.append(q)
-                src.append(p.detach())
-                if p.grad is None:
-                    q.grad = None
-                elif q.grad is None or q.grad.shape != p.grad.shape:
-                    q.grad = p.grad.detach().to(torch.float64, copy=True)
-                else:
-                    dst.append(q.grad)
-                    src.append(p.grad.detach())
-                if p in opt.state:
-                    st = shadow.state[q]
-                    state = opt.state[p]
-                    for k in [k for k in st if k not in state]:
-                        del st[k]
+            ostate, sstate = opt.state, shadow.state
+            with torch.no_grad():  # copies of tensors that require grad: no graph recorded
+                for p, q in self._pairs:
+                    dst.append(q)
+                    src.append(p)
+                    grad = p.grad
+                    if grad is None:
+                        q.grad = None
+                    elif q.grad is None or q.grad.shape != grad.shape:
+                        q.grad = grad.to(torch.float64, copy=True)
+                    else:
+                        dst.append(q.grad)
+                        src.append(grad)
+                    state = ostate.get(p)
+                    if state is None:
+                        sstate.pop(q, None)
+                        continue
+                    st = sstate[q]
+                    if st.keys() != state.keys():
+                        for k in [k for k in st if k not in state]:
+                            del st[k]
                     for k, v in state.items():
                         if not _refill(st, k, v, dst, src):
                             _put(st, k, v)
-                else:
-                    shadow.state.pop(q, None)
-            torch._foreach_copy_(dst, src)
-            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
                 shadow.step()
         except (TypeError, ValueError, RuntimeError, KeyError):
             self._key = self._shadow = None
