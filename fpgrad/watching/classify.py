@@ -543,13 +543,15 @@ def _nll_zeros_structural(
 
 #: dtype -> the smallest normal magnitude of its format.
 _SMALLEST_NORMAL = {d: get_format(f).smallest_normal for d, f in FORMAT_OF.items()}
-_FUNC_INFO: dict[Any, tuple[str, bool]] = {}
+#: id of an aten op -> (the op, its family, whether it draws random numbers): keyed by ``id``
+#: (an OpOverload's own ``__hash__`` is Python code), the op kept to check the entry is its own.
+_FUNC_INFO: dict[int, tuple[Any, str, bool]] = {}
 
 
 def _bounds(a: torch.Tensor) -> tuple[float, float]:
     """(min, max) of a non-empty tensor as floats: one ``aminmax`` pass, one host transfer."""
     lo, hi = torch.aminmax(a)
-    if a.device.type == "cpu":
+    if a.is_cpu:
         return lo.item(), hi.item()
     lo_hi = torch.stack([lo, hi]).tolist()
     return lo_hi[0], lo_hi[1]
@@ -557,7 +559,7 @@ def _bounds(a: torch.Tensor) -> tuple[float, float]:
 
 def _bounds_pair(x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Two 0-d tensors as floats (widened exactly): one host transfer off CPU."""
-    if x.device.type == "cpu":
+    if x.is_cpu:
         return [float(x.item()), float(y.item())]
     return torch.stack([x.to(torch.float64), y.to(torch.float64)]).tolist()
 
@@ -597,10 +599,11 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
     """One statistics dict per floating output of ``func(*args, **kwargs) -> out``. Fast path:
     one ``abs`` and one ``aminmax`` pass prove an output has nothing to classify."""
     rows = []
-    info = _FUNC_INFO.get(func)
-    if info is None:
-        info = _FUNC_INFO[func] = (family(func), torch.Tag.nondeterministic_seeded in func.tags)
-    fam, seeded = info
+    info = _FUNC_INFO.get(id(func))
+    if info is None or info[0] is not func:
+        info = (func, family(func), torch.Tag.nondeterministic_seeded in func.tags)
+        _FUNC_INFO[id(func)] = info
+    _, fam, seeded = info
     sh: _Shadow | None = None
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
