@@ -621,8 +621,6 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 continue
             known = (a, lo, hi)
         absolute = known[0] if known is not None and known[0].dtype == t.dtype else None
-        if sh is None:
-            sh = _Shadow(func, args, kwargs)
         st = basic_stats(t, sn, known)
         st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": fam})
         for name in COUNTS:
@@ -643,6 +641,8 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
                 needs = 0
         if needs and t.dtype != torch.float64 and not seeded:
+            if sh is None:  # one per op call, shared by its outputs
+                sh = _Shadow(func, args, kwargs)
             t = t.detach()
             # few special elements: recompute only those; many: recompute all (masked indexing
             # of many elements costs more than a whole pointwise recompute)
