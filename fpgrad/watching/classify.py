@@ -542,7 +542,7 @@ def _nll_zeros_structural(
 
 
 #: dtype -> the smallest normal magnitude of its format.
-_SMALLEST_NORMAL = {d: get_format(f).smallest_normal for d, f in FORMAT_OF.items()}
+SMALLEST_NORMAL = {d: get_format(f).smallest_normal for d, f in FORMAT_OF.items()}
 #: id of an aten op -> (the op, its family, whether it draws random numbers): keyed by ``id``
 #: (an OpOverload's own ``__hash__`` is Python code), the op kept to check the entry is its own.
 _FUNC_INFO: dict[int, tuple[Any, str, bool]] = {}
@@ -608,7 +608,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
             continue
-        sn = _SMALLEST_NORMAL[t.dtype]
+        sn = SMALLEST_NORMAL[t.dtype]
         known = None
         if t.numel():
             a = (t.detach() if t.requires_grad else t).abs()

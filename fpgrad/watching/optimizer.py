@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fpgrad.numbers.formats import get_format
-from fpgrad.watching.classify import FORMAT_OF, count
+from fpgrad.watching.classify import FORMAT_OF, SMALLEST_NORMAL, count
 from fpgrad.watching.scratch import Scratch
 
 #: Parameters up to this size keep their per-element swamped map in the records.
@@ -441,13 +441,27 @@ def step_records(
             i += 2
         if eps_vals[j] is not None:
             v = states[j]["exp_avg_sq"]
-            eps_in = float(torch.tensor(g["eps"], dtype=v.dtype))
+            eps_in = _rounded(g["eps"], v.dtype)
             rec["eps_in_state_dtype"] = eps_in
             rec["eps_flushed"] = eps_in == 0.0
             rec["eps_dominated_share"] = got[i] / m
             i += 1
         out.append(rec)
     return out
+
+
+_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+
+
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded into ``dtype`` (as ``torch.tensor`` rounds it), cached (up to 256 pairs)."""
+    key = (x, dtype)
+    got = _ROUNDED.get(key)
+    if got is None:
+        if len(_ROUNDED) >= 256:
+            _ROUNDED.clear()
+        got = _ROUNDED[key] = float(torch.tensor(x, dtype=dtype))
+    return got
 
 
 def _eligible(state: dict, p: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
@@ -504,7 +518,7 @@ def _flat_state_counts(
     ):
         if not (lo > float("-inf") and hi < float("inf")):  # an inf or NaN (NaN fails too)
             return None
-        sn = get_format(FORMAT_OF[dtype]).smallest_normal
+        sn = SMALLEST_NORMAL[dtype]
         band = None
         if with_eps:
             eps = next(iter(eps_of.values()))
