@@ -295,3 +295,23 @@ def test_nll_backward_shortcut_matches_the_recompute(monkeypatch) -> None:
     assert fast == slow
     assert fast[0]["zeros"] == 24 - 5 and fast[0]["zeros_inherited"] == 19
     assert fast[3]["zeros_created"] == 5
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, 2.0, 3.0],  # no zero: the plain record from aminmax(t) alone
+        [-0.0, 0.0, 1.0, -2.0, 1e-40],  # zeros of both signs and a subnormal
+        [-0.0, -0.0],  # only zeros
+        [float("nan"), 1.0, -1.0],  # NaN: |t| is computed after all
+        [float("inf"), 0.0, 5.0],
+    ],
+)
+@pytest.mark.parametrize("op", ["relu", "abs", "exp"])
+def test_nonnegative_outputs_skip_abs_and_equal_the_reference(values: list, op: str) -> None:
+    from tests.watch_reference import classify as ref
+
+    x = torch.tensor(values)
+    func = getattr(torch.ops.aten, op).default
+    out = x.clone() if op == "relu" else func(x)  # relu's output keeps the -0.0s as given
+    assert op_stats(func, (x,), {}, out) == ref.op_stats(func, (x,), {}, out)

@@ -80,6 +80,8 @@ SELECTION_OPS = frozenset(
     "maximum minimum max min max_pool2d_with_indices constant_pad_nd zero_ fill fill_ "
     "zeros_like ones_like".split()
 )
+#: Ops whose outputs are usually >= 0: their statistics try ``aminmax(t)`` before ``|t|``.
+NONNEGATIVE_OPS = frozenset("relu relu_ abs exp sigmoid _softmax softmax square".split())
 #: dtype -> the dtypes whose every value it holds exactly.
 _WIDER = {
     torch.float16: (torch.float16,),
@@ -90,6 +92,7 @@ _WIDER = {
 _U64 = 2.0**-53
 _TINY64 = 2.0**-1022
 COUNTS = ("zeros", "subnormals", "infs", "nans")
+_COUNT_KEYS = [(n, f"{n}_created", f"{n}_inherited", f"{n}_undecided") for n in COUNTS]
 
 
 def family(func: Any) -> str:
@@ -165,7 +168,7 @@ def basic_stats(
 ) -> dict[str, Any]:
     """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
     ``aminmax`` pass proves there is no zero, subnormal, inf or NaN. ``known``: ``(|t|, min,
-    max)`` already computed (``|t|`` may be overwritten)."""
+    max)`` already computed (``|t|`` is only read: it may be ``t`` itself)."""
     if known is not None:
         a, lo, hi = known
     else:
@@ -543,9 +546,10 @@ def _nll_zeros_structural(
 
 #: dtype -> the smallest normal magnitude of its format.
 SMALLEST_NORMAL = {d: get_format(f).smallest_normal for d, f in FORMAT_OF.items()}
-#: id of an aten op -> (the op, its family, whether it draws random numbers): keyed by ``id``
+#: id of an aten op -> (the op, its family, whether it draws random numbers, whether it is in
+#: :data:`NONNEGATIVE_OPS`): keyed by ``id``
 #: (an OpOverload's own ``__hash__`` is Python code), the op kept to check the entry is its own.
-_FUNC_INFO: dict[int, tuple[Any, str, bool]] = {}
+_FUNC_INFO: dict[int, tuple[Any, str, bool, bool]] = {}
 
 
 def _bounds(a: torch.Tensor) -> tuple[float, float]:
@@ -601,9 +605,10 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
     rows = []
     info = _FUNC_INFO.get(id(func))
     if info is None or info[0] is not func:
-        info = (func, family(func), torch.Tag.nondeterministic_seeded in func.tags)
+        nonneg = func.overloadpacket.__name__ in NONNEGATIVE_OPS
+        info = (func, family(func), torch.Tag.nondeterministic_seeded in func.tags, nonneg)
         _FUNC_INFO[id(func)] = info
-    _, fam, seeded = info
+    _, fam, seeded, nonneg = info
     sh: _Shadow | None = None
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
@@ -611,8 +616,13 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         sn = SMALLEST_NORMAL[t.dtype]
         known = None
         if t.numel():
-            a = (t.detach() if t.requires_grad else t).abs()
-            lo, hi = _bounds(a)
+            a = t.detach() if t.requires_grad else t
+            lo = -1.0
+            if nonneg:  # an output that is usually >= 0: |t| is t when its minimum is >= 0
+                lo, hi = _bounds(a)  # (a NaN fails the test; -0.0 and 0.0 compare equal)
+            if not lo >= 0:
+                a = a.abs()
+                lo, hi = _bounds(a)
             if lo >= sn and hi < _INF:
                 row = _PLAIN.copy()
                 row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
@@ -623,9 +633,9 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         absolute = known[0] if known is not None and known[0].dtype == t.dtype else None
         st = basic_stats(t, sn, known)
         st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": fam})
-        for name in COUNTS:
-            st[f"{name}_created"] = st[f"{name}_inherited"] = 0
-            st[f"{name}_undecided"] = st[name]
+        for name, created, inherited, undecided in _COUNT_KEYS:
+            st[created] = st[inherited] = 0
+            st[undecided] = st[name]
         if st["subnormals"]:
             inh = _input_has_subnormal(args, kwargs, sn)
             st["subnormals_created"] = 0 if inh else st["subnormals"]
