@@ -30,8 +30,8 @@ MAP_LIMIT = 4096
 def _hyper(g: dict) -> dict:
     """A param_group's hyperparameters for the float64 shadow: the multi-tensor (``foreach``)
     implementation where the optimizer has one (fewer Python calls; elementwise the same
-    operations as the single-tensor one, compared in tests/test_watch_golden.py), never
-    ``fused`` or ``capturable``."""
+    operations as the single-tensor one: tests/test_watch_fast.py compares the two bit for bit
+    for six optimizers), never ``fused`` or ``capturable``."""
     ng = {k: v for k, v in g.items() if k != "params"}
     for k in ("foreach", "fused", "capturable"):
         if k in ng:
