@@ -315,3 +315,22 @@ def test_nonnegative_outputs_skip_abs_and_equal_the_reference(values: list, op: 
     func = getattr(torch.ops.aten, op).default
     out = x.clone() if op == "relu" else func(x)  # relu's output keeps the -0.0s as given
     assert op_stats(func, (x,), {}, out) == ref.op_stats(func, (x,), {}, out)
+
+
+def test_scratch_layout_views_are_kept_until_the_buffer_or_shapes_change() -> None:
+    from fpgrad.watching.scratch import Scratch
+
+    sc = Scratch()
+    shapes = [torch.Size([3, 4]), torch.Size([5])]
+    lay = sc.layout("x", 2, shapes, torch.float64, torch.device("cpu"))
+    assert lay.buf.shape == (2, 17) and [v.shape for v in lay.views[1]] == shapes
+    lay.views[1][1].fill_(7.0)  # the views are the buffer's rows, cut per shape
+    assert lay.row(1)[12:].tolist() == [7.0] * 5 and lay.parts(1, 2)[1].tolist() == [[7.0] * 5]
+    assert sc.layout("x", 2, shapes, torch.float64, torch.device("cpu")) is lay  # kept
+    other = sc.layout("x", 2, [torch.Size([40])], torch.float64, torch.device("cpu"))
+    assert other is not lay and other.buf.data_ptr() != lay.buf.data_ptr()  # grown: new
+    again = sc.layout("x", 2, shapes, torch.float64, torch.device("cpu"))
+    assert again is not lay  # rebuilt on the grown buffer
+    assert again.buf.data_ptr() == other.buf.data_ptr()
+    sc.clear()
+    assert sc.layout("x", 1, shapes, torch.float64, torch.device("cpu")).buf.shape == (1, 17)
