@@ -121,6 +121,75 @@ def test_reused_shadow_optimizer_equals_a_fresh_one(opt_cls: type, kw: dict) -> 
     _train_shadows(opt_cls, **kw)
 
 
+@pytest.mark.parametrize(
+    ("opt_cls", "kw"),
+    [
+        (torch.optim.Adam, {"lr": 0.1, "weight_decay": 0.01}),
+        (torch.optim.Adam, {"lr": 0.1, "amsgrad": True}),
+        (torch.optim.AdamW, {"lr": 0.1}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5}),
+        (torch.optim.Adagrad, {"lr": 0.1}),
+    ],
+)
+def test_shadow_multi_tensor_step_equals_the_single_tensor_one(opt_cls: type, kw: dict) -> None:
+    # the shadow steps with foreach=True; the single-tensor float64 step is the reference
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in ((33, 7), (7,), (1,))]
+    opt = opt_cls(ps, **kw)
+    shadow = ShadowOptimizer()
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn_like(p) * 10.0 ** torch.randint(-30, 3, p.shape)
+        got = shadow.requested_updates(opt)
+        ref = [p.detach().double().clone().requires_grad_() for p in ps]
+        for r, p in zip(ref, ps, strict=True):
+            r.grad = p.grad.double()
+        ropt = opt_cls(ref, **(kw | {"foreach": False}))
+        for r, p in zip(ref, ps, strict=True):
+            ropt.state[r] = {
+                k: v.double() if v.is_floating_point() and k != "step" else v.clone()
+                for k, v in opt.state[p].items()
+            }
+        before = [r.detach().clone() for r in ref]
+        ropt.step()
+        assert got is not None
+        for p, r, b in zip(ps, ref, before, strict=True):
+            assert torch.equal(got[id(p)], r.detach() - b)
+        opt.step()
+
+
+def _mm_structural_brute(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every zero of a @ b has no non-zero product (numpy: supports as integers)."""
+    t = (a @ b).numpy()
+    overlap = (a.numpy() != 0).astype(np.int64) @ (b.numpy() != 0).astype(np.int64)
+    return bool(((t != 0) | (overlap == 0)).all())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 200])
+@pytest.mark.parametrize("cancel", [False, True])
+def test_mm_structural_zeros_equal_a_brute_force_check(rows: int, cancel: bool) -> None:
+    # zeros in a few rows (one small support product) or many rows of a wide product (the
+    # other paths), with and
+    # without a zero made by cancellation (1*1 + 1*(-1)), which is not structural
+    g = torch.Generator().manual_seed(rows)
+    a = torch.randn(256, 64, generator=g)
+    b = torch.randn(64, 48 if rows < 200 else 512, generator=g)  # 200 rows: too many
+    zero_rows = torch.randperm(256, generator=g)[:rows]
+    a[zero_rows, :60] = 0  # those rows meet b only in its last 4 rows...
+    b[60:, :20] = 0  # ...where the first 20 columns are 0: zeros at (zero row, j < 20)
+    if cancel:
+        i = int(zero_rows[0])
+        a[i, 60:62], b[60:62, 30] = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
+        a[i, 62:], b[62:, 30] = 0, 0
+    t = a @ b
+    zeros = int((t == 0).sum())
+    assert zeros >= 20 * rows
+    mm = torch.ops.aten.mm.default
+    assert classify._mm_zeros_structural(mm, (a, b), t, zeros) == _mm_structural_brute(a, b)
+    assert classify._mm_zeros_structural(mm, (a, b), t, zeros) is (not cancel)
+
+
 def test_param_stats_state_counts_and_eps_share_match_numpy() -> None:
     g = torch.Generator().manual_seed(3)
     p = torch.randn(300, generator=g)
@@ -226,3 +295,42 @@ def test_nll_backward_shortcut_matches_the_recompute(monkeypatch) -> None:
     assert fast == slow
     assert fast[0]["zeros"] == 24 - 5 and fast[0]["zeros_inherited"] == 19
     assert fast[3]["zeros_created"] == 5
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, 2.0, 3.0],  # no zero: the plain record from aminmax(t) alone
+        [-0.0, 0.0, 1.0, -2.0, 1e-40],  # zeros of both signs and a subnormal
+        [-0.0, -0.0],  # only zeros
+        [float("nan"), 1.0, -1.0],  # NaN: |t| is computed after all
+        [float("inf"), 0.0, 5.0],
+    ],
+)
+@pytest.mark.parametrize("op", ["relu", "abs", "exp"])
+def test_nonnegative_outputs_skip_abs_and_equal_the_reference(values: list, op: str) -> None:
+    from tests.watch_reference import classify as ref
+
+    x = torch.tensor(values)
+    func = getattr(torch.ops.aten, op).default
+    out = x.clone() if op == "relu" else func(x)  # relu's output keeps the -0.0s as given
+    assert op_stats(func, (x,), {}, out) == ref.op_stats(func, (x,), {}, out)
+
+
+def test_scratch_layout_views_are_kept_until_the_buffer_or_shapes_change() -> None:
+    from fpgrad.watching.scratch import Scratch
+
+    sc = Scratch()
+    shapes = [torch.Size([3, 4]), torch.Size([5])]
+    lay = sc.layout("x", 2, shapes, torch.float64, torch.device("cpu"))
+    assert lay.buf.shape == (2, 17) and [v.shape for v in lay.views[1]] == shapes
+    lay.views[1][1].fill_(7.0)  # the views are the buffer's rows, cut per shape
+    assert lay.row(1)[12:].tolist() == [7.0] * 5 and lay.parts(1, 2)[1].tolist() == [[7.0] * 5]
+    assert sc.layout("x", 2, shapes, torch.float64, torch.device("cpu")) is lay  # kept
+    other = sc.layout("x", 2, [torch.Size([40])], torch.float64, torch.device("cpu"))
+    assert other is not lay and other.buf.data_ptr() != lay.buf.data_ptr()  # grown: new
+    again = sc.layout("x", 2, shapes, torch.float64, torch.device("cpu"))
+    assert again is not lay  # rebuilt on the grown buffer
+    assert again.buf.data_ptr() == other.buf.data_ptr()
+    sc.clear()
+    assert sc.layout("x", 1, shapes, torch.float64, torch.device("cpu")).buf.shape == (1, 17)

@@ -86,6 +86,8 @@ SELECTION_OPS = frozenset(
     "maximum minimum max min max_pool2d_with_indices constant_pad_nd zero_ fill fill_ "
     "zeros_like ones_like".split()
 )
+#: Ops whose outputs are usually >= 0: their statistics try ``aminmax(t)`` before ``|t|``.
+NONNEGATIVE_OPS = frozenset("relu relu_ abs exp sigmoid _softmax softmax square".split())
 #: dtype -> the dtypes whose every value it holds exactly.
 _WIDER = {
     torch.float16: (torch.float16,),
@@ -96,6 +98,7 @@ _WIDER = {
 _U64 = 2.0**-53
 _TINY64 = 2.0**-1022
 COUNTS = ("zeros", "subnormals", "infs", "nans")
+_COUNT_KEYS = [(n, f"{n}_created", f"{n}_inherited", f"{n}_undecided") for n in COUNTS]
 
 
 def family(func: Any) -> str:
@@ -127,6 +130,8 @@ def _abs64(x: Any) -> Any:
 
 
 def _float_outputs(out: Any) -> list[torch.Tensor | None]:
+    if isinstance(out, torch.Tensor):  # the common case, without walking a structure
+        return [out if out.dtype in FORMAT_OF else None]
     flat = leaves(out)
     return [t if isinstance(t, torch.Tensor) and t.dtype in FORMAT_OF else None for t in flat]
 
@@ -169,7 +174,7 @@ def basic_stats(
 ) -> dict[str, Any]:
     """Counts and magnitudes (of the finite non-zero elements) of one tensor. Fast path: one
     ``aminmax`` pass proves there is no zero, subnormal, inf or NaN. ``known``: ``(|t|, min,
-    max)`` already computed (``|t|`` may be overwritten)."""
+    max)`` already computed (``|t|`` is only read: it may be ``t`` itself)."""
     if known is not None:
         a, lo, hi = known
     else:
@@ -183,17 +188,17 @@ def basic_stats(
         a = a.float()  # exact; half-precision kernels are slow on CPU
     inf = float("inf")
     if hi < inf:  # no inf, no NaN: count with float arithmetic (much faster than bool masks)
-        nonzero = torch.sign(a)
-        nz = count(nonzero)
+        zero = torch.eq(a, 0, out=torch.empty_like(a))  # 0/1 floats, one pass
+        nzero = count(zero)
         # the smallest non-zero magnitude: zeros replaced by the largest finite value, as
-        # a + (-big) * (sign(a) - 1): exact (the product is 0 or big)
-        masked = torch.add(a, nonzero.sub_(1), alpha=-torch.finfo(a.dtype).max, out=nonzero)
-        z_mn = _bounds_pair(nz, masked.amin())
-        z = a.numel() - int(z_mn[0])
+        # a + big * zero: exact (one term is 0)
+        masked = torch.add(a, zero, alpha=torch.finfo(a.dtype).max, out=zero)
+        z_mn = _bounds_pair(nzero, masked.amin())
+        z = int(z_mn[0])
         s = 0
         if z < a.numel() and z_mn[1] < smallest_normal:  # a subnormal exists: count them
             # the zeros are "big" in masked: below the smallest normal are the subnormals
-            s = int(count(masked.neg_().add_(smallest_normal).clamp_(min=0).sign_()))
+            s = int(count(torch.lt(masked, smallest_normal, out=masked)))
         return {
             "zeros": z,
             "subnormals": s,
@@ -542,18 +547,32 @@ def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -
     return True
 
 
-def _mm_zeros_structural(func: Any, args: tuple, t: torch.Tensor, zeros: int) -> bool:
+def _mm_zeros_structural(
+    func: Any, args: tuple, t: torch.Tensor, zeros: int, absolute: torch.Tensor | None = None
+) -> bool:
     """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
     zero factor (no overlap of the supports of row i and column j). There the exact result and
     its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
     recompute would find. Checked at the zeros only (rows of A and columns of B gathered there)
     when they are few, else with a float32 product of the 0/1 support indicators; either way
-    counts of overlapping pairs, integers up to 2^24, exact."""
+    counts of overlapping pairs, integers up to 2^24, exact. First, when the zeros lie in few
+    rows of ``t`` (``absolute``: ``|t|`` if already computed): the support product of those
+    rows of A with B, checked at every element of them."""
     if func.overloadpacket.__name__ != "mm" or t.dim() != 2:
         return False
     a, b = args[0], args[1]
     if a.shape[1] > 2**24:
         return False
+    if absolute is None:
+        absolute = t.detach().abs()
+    rows = (absolute.amin(1) == 0).nonzero().view(-1)  # the rows of t holding its zeros
+    if rows.numel() * b.shape[0] * b.shape[1] <= 2**22:  # few: their support products
+        sa = a.detach().index_select(0, rows).abs().sign_()  # sign first: a tiny non-zero
+        sb = b.detach().abs().sign_()  # stays 1
+        overlap = torch.sign(sa.float() @ sb.float())  # pair counts <= 2^24: exact
+        # 1 at a zero of t whose pairs overlap, else 0 or -1
+        bad = overlap.sub_(torch.sign(absolute.index_select(0, rows).float()))
+        return float(bad.amax()) < 1
     if a.shape[1] and _zero_lines(a, b) == zeros:  # dead units: whole zero rows / columns
         return True
     if zeros * a.shape[1] <= 2**22:  # few zeros: test the supports at the zeros only
@@ -597,14 +616,17 @@ def _nll_zeros_structural(
 
 
 #: dtype -> the smallest normal magnitude of its format.
-_SMALLEST_NORMAL = {d: get_format(f).smallest_normal for d, f in FORMAT_OF.items()}
-_FUNC_INFO: dict[Any, tuple[str, bool]] = {}
+SMALLEST_NORMAL = {d: get_format(f).smallest_normal for d, f in FORMAT_OF.items()}
+#: id of an aten op -> (the op, its family, whether it draws random numbers, whether it is in
+#: :data:`NONNEGATIVE_OPS`): keyed by ``id``
+#: (an OpOverload's own ``__hash__`` is Python code), the op kept to check the entry is its own.
+_FUNC_INFO: dict[int, tuple[Any, str, bool, bool]] = {}
 
 
 def _bounds(a: torch.Tensor) -> tuple[float, float]:
     """(min, max) of a non-empty tensor as floats: one ``aminmax`` pass, one host transfer."""
     lo, hi = torch.aminmax(a)
-    if a.device.type == "cpu":
+    if a.is_cpu:
         return lo.item(), hi.item()
     lo_hi = torch.stack([lo, hi]).tolist()
     return lo_hi[0], lo_hi[1]
@@ -612,7 +634,7 @@ def _bounds(a: torch.Tensor) -> tuple[float, float]:
 
 def _bounds_pair(x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Two 0-d tensors as floats (widened exactly): one host transfer off CPU."""
-    if x.device.type == "cpu":
+    if x.is_cpu:
         return [float(x.item()), float(y.item())]
     return torch.stack([x.to(torch.float64), y.to(torch.float64)]).tolist()
 
@@ -634,47 +656,57 @@ def _fits(x: float, dtype: torch.dtype) -> bool:
     return got
 
 
-def _plain_row(k: int, dtype: str, numel: int, fam: str, lo: float, hi: float) -> dict:
-    """The record of an output with no zero, subnormal, inf or NaN (what the full path gives)."""
-    return {
-        "zeros": 0, "subnormals": 0, "infs": 0, "nans": 0, "min_abs": lo, "max_abs": hi,
-        "out": k, "dtype": dtype, "numel": numel, "family": fam,
-        "zeros_created": 0, "zeros_inherited": 0, "zeros_undecided": 0,
-        "subnormals_created": 0, "subnormals_inherited": 0, "subnormals_undecided": 0,
-        "infs_created": 0, "infs_inherited": 0, "infs_undecided": 0,
-        "nans_created": 0, "nans_inherited": 0, "nans_undecided": 0,
-        "subnormal_share": 0.0, "underflow_share": 0.0,
-    }  # fmt: skip
+#: The record of an output with no zero, subnormal, inf or NaN (what the full path gives), less
+#: its ``min_abs``, ``max_abs``, ``out``, ``dtype``, ``numel`` and ``family``: copied per output.
+_PLAIN: dict[str, Any] = {
+    "zeros": 0, "subnormals": 0, "infs": 0, "nans": 0, "min_abs": None, "max_abs": None,
+    "out": 0, "dtype": "", "numel": 0, "family": "",
+    "zeros_created": 0, "zeros_inherited": 0, "zeros_undecided": 0,
+    "subnormals_created": 0, "subnormals_inherited": 0, "subnormals_undecided": 0,
+    "infs_created": 0, "infs_inherited": 0, "infs_undecided": 0,
+    "nans_created": 0, "nans_inherited": 0, "nans_undecided": 0,
+    "subnormal_share": 0.0, "underflow_share": 0.0,
+}  # fmt: skip
+_INF = float("inf")
 
 
 def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
     """One statistics dict per floating output of ``func(*args, **kwargs) -> out``. Fast path:
     one ``abs`` and one ``aminmax`` pass prove an output has nothing to classify."""
     rows = []
-    info = _FUNC_INFO.get(func)
-    if info is None:
-        info = _FUNC_INFO[func] = (family(func), torch.Tag.nondeterministic_seeded in func.tags)
-    fam, seeded = info
+    info = _FUNC_INFO.get(id(func))
+    if info is None or info[0] is not func:
+        nonneg = func.overloadpacket.__name__ in NONNEGATIVE_OPS
+        info = (func, family(func), torch.Tag.nondeterministic_seeded in func.tags, nonneg)
+        _FUNC_INFO[id(func)] = info
+    _, fam, seeded, nonneg = info
     sh: _Shadow | None = None
     for k, t in enumerate(_float_outputs(out)):
         if t is None:
             continue
-        sn = _SMALLEST_NORMAL[t.dtype]
+        sn = SMALLEST_NORMAL[t.dtype]
         known = None
         if t.numel():
-            a = (t.detach() if t.requires_grad else t).abs()
-            lo, hi = _bounds(a)
-            if lo >= sn and hi < float("inf"):
-                rows.append(_plain_row(k, FORMAT_OF[t.dtype], t.numel(), fam, lo, hi))
+            a = t.detach() if t.requires_grad else t
+            lo = -1.0
+            if nonneg:  # an output that is usually >= 0: |t| is t when its minimum is >= 0
+                lo, hi = _bounds(a)  # (a NaN fails the test; -0.0 and 0.0 compare equal)
+            if not lo >= 0:
+                a = a.abs()
+                lo, hi = _bounds(a)
+            if lo >= sn and hi < _INF:
+                row = _PLAIN.copy()
+                row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
+                row["min_abs"], row["max_abs"] = lo, hi
+                rows.append(row)
                 continue
             known = (a, lo, hi)
-        if sh is None:
-            sh = _Shadow(func, args, kwargs)
+        absolute = known[0] if known is not None and known[0].dtype == t.dtype else None
         st = basic_stats(t, sn, known)
         st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": fam})
-        for name in COUNTS:
-            st[f"{name}_created"] = st[f"{name}_inherited"] = 0
-            st[f"{name}_undecided"] = st[name]
+        for name, created, inherited, undecided in _COUNT_KEYS:
+            st[created] = st[inherited] = 0
+            st[undecided] = st[name]
         if st["subnormals"]:
             inh = _input_has_subnormal(args, kwargs, sn)
             st["subnormals_created"] = 0 if inh else st["subnormals"]
@@ -684,12 +716,14 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         if needs and t.dtype != torch.float64 and not seeded and not (st["infs"] or st["nans"]):
             if (
                 _selection_exact(func, args, kwargs, t.dtype)
-                or (k == 0 and _mm_zeros_structural(func, args, t, st["zeros"]))
+                or (k == 0 and _mm_zeros_structural(func, args, t, st["zeros"], absolute))
                 or (k == 0 and _nll_zeros_structural(func, args, kwargs, t, st["zeros"]))
             ):
                 st.update(zeros_inherited=st["zeros"], zeros_undecided=0)
                 needs = 0
         if needs and t.dtype != torch.float64 and not seeded:
+            if sh is None:  # one per op call, shared by its outputs
+                sh = _Shadow(func, args, kwargs)
             t = t.detach()
             # few special elements: recompute only those; many: recompute all (masked indexing
             # of many elements costs more than a whole pointwise recompute)

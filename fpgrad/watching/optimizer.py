@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fpgrad.numbers.formats import get_format
-from fpgrad.watching.classify import FORMAT_OF, count
+from fpgrad.watching.classify import FORMAT_OF, SMALLEST_NORMAL, count
 from fpgrad.watching.scratch import Scratch
 
 #: Parameters up to this size keep their per-element swamped map in the records.
@@ -28,11 +28,16 @@ MAP_LIMIT = 4096
 
 
 def _hyper(g: dict) -> dict:
-    """A param_group's hyperparameters for the float64 shadow (single-tensor implementation)."""
+    """A param_group's hyperparameters for the float64 shadow: the multi-tensor (``foreach``)
+    implementation where the optimizer has one (fewer Python calls; elementwise the same
+    operations as the single-tensor one: tests/test_watch_fast.py compares the two bit for bit
+    for six optimizers), never ``fused`` or ``capturable``."""
     ng = {k: v for k, v in g.items() if k != "params"}
     for k in ("foreach", "fused", "capturable"):
         if k in ng:
             ng[k] = False
+    if "foreach" in ng and not ng.get("differentiable"):
+        ng["foreach"] = True
     return ng
 
 
@@ -48,6 +53,20 @@ def _put(dst: dict, key: Any, v: Any) -> None:
         old.copy_(v.detach())
     else:
         dst[key] = v.detach().to(dtype, copy=True)
+
+
+def _refill(dst: dict, key: Any, v: Any, into: list[torch.Tensor], src: list[torch.Tensor]) -> bool:
+    """For :func:`_put` of a tensor that fits the one already in ``dst``: queue the copy
+    (``into``, ``src``) instead of doing it; False when :func:`_put` must do it."""
+    if not isinstance(v, torch.Tensor):
+        return False
+    old = dst.get(key)
+    dtype = torch.float64 if v.is_floating_point() and key != "step" else v.dtype
+    if isinstance(old, torch.Tensor) and old.shape == v.shape and old.dtype == dtype:
+        into.append(old)
+        src.append(v.detach())
+        return True
+    return False
 
 
 class ShadowOptimizer:
@@ -88,34 +107,46 @@ class ShadowOptimizer:
             assert shadow is not None
             for g, sg in zip(opt.param_groups, shadow.param_groups, strict=True):
                 sg.update(_hyper(g))
-            for p, q in self._pairs:
-                q.copy_(p.detach())
-                if p.grad is None:
-                    q.grad = None
-                elif q.grad is None or q.grad.shape != p.grad.shape:
-                    q.grad = p.grad.detach().to(torch.float64, copy=True)
-                else:
-                    q.grad.copy_(p.grad.detach())
-                if p in opt.state:
-                    st = shadow.state[q]
-                    src = opt.state[p]
-                    for k in [k for k in st if k not in src]:
-                        del st[k]
-                    for k, v in src.items():
-                        _put(st, k, v)
-                else:
-                    shadow.state.pop(q, None)
-            with torch.no_grad():
+            dst: list[torch.Tensor] = []  # refilled with one _foreach_copy_ (same values
+            src: list[torch.Tensor] = []  # as a copy_ per tensor, fewer calls)
+            ostate, sstate = opt.state, shadow.state
+            with torch.no_grad():  # copies of tensors that require grad: no graph recorded
+                for p, q in self._pairs:
+                    dst.append(q)
+                    src.append(p)
+                    grad = p.grad
+                    if grad is None:
+                        q.grad = None
+                    elif q.grad is None or q.grad.shape != grad.shape:
+                        q.grad = grad.to(torch.float64, copy=True)
+                    else:
+                        dst.append(q.grad)
+                        src.append(grad)
+                    state = ostate.get(p)
+                    if state is None:
+                        sstate.pop(q, None)
+                        continue
+                    st = sstate[q]
+                    if st.keys() != state.keys():
+                        for k in [k for k in st if k not in state]:
+                            del st[k]
+                    for k, v in state.items():
+                        if not _refill(st, k, v, dst, src):
+                            _put(st, k, v)
+                torch._foreach_copy_(dst, src)
                 shadow.step()
         except (TypeError, ValueError, RuntimeError, KeyError):
             self._key = self._shadow = None
             return None
-        out = {}
+        qs, ws = [], []
         for p, q in self._pairs:
             if p.grad is not None:
                 w = before.get(id(p)) if before is not None else None
-                out[id(p)] = q.sub_(w if w is not None else p.detach().to(torch.float64))
-        return out
+                qs.append(q)
+                ws.append(w if w is not None else p.detach().to(torch.float64))
+        if qs:
+            torch._foreach_sub_(qs, ws)
+        return {id(p): q for p, q in self._pairs if p.grad is not None}
 
 
 def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
@@ -303,11 +334,8 @@ def widen(params: list[torch.Tensor], scratch: Scratch) -> dict[int, torch.Tenso
     n = sum(p.numel() for p in params)
     if not params or n > BATCH_LIMIT or len({p.device for p in params}) > 1:
         return {id(p): p.detach().to(torch.float64, copy=True) for p in params}
-    flat = scratch.get("before", (n,), torch.float64, params[0].device)
-    views, o = [], 0
-    for p in params:
-        views.append(flat[o : o + p.numel()].view(p.shape))
-        o += p.numel()
+    shapes = [p.shape for p in params]
+    views = scratch.layout("before", 1, shapes, torch.float64, params[0].device).views[0]
     torch._foreach_copy_(views, [p.detach() for p in params])
     return {id(p): v for p, v in zip(params, views, strict=True)}
 
@@ -335,34 +363,39 @@ def step_records(
         or (reqs is not None and any(r is None for r in reqs))
     ):
         return _one_by_one(ents, names, before, requested, opt, scratch)
-    dev = ents[0][1].device
-    ind = scratch.get("indicators", (3, n), torch.float64, dev)
-    rows = [[], [], []]
-    o = 0
-    for _, p in ents:
-        for k in range(3):
-            rows[k].append(ind[k, o : o + p.numel()].view(p.shape))
-        o += p.numel()
+    lay = scratch.layout(
+        "indicators", 3, [p.shape for _, p in ents], torch.float64, ents[0][1].device
+    )
+    rows = lay.views
     d = rows[0]  # the update done, then the "moved" indicator in the same place
     befores = [before[id(p)] for _, p in ents]
     torch._foreach_copy_(d, [p.detach() for _, p in ents])
     torch._foreach_sub_(d, befores)
     norms = [torch._foreach_norm(befores, 2), torch._foreach_norm(d, 2)]
+    k_rows = 1
     if reqs is not None:
         norms.append(torch._foreach_norm(reqs, 2))
-    # a finite 2-norm proves every element finite (an overflowing one only sends us the slow way)
-    if not bool(torch.isfinite(torch.stack([x for ns in norms[1:] for x in ns])).all()):
-        return _one_by_one(ents, names, before, requested, opt, scratch)
-    ind[0].abs_().sign_()
-    if reqs is not None:
         torch._foreach_copy_(rows[1], reqs)
-        ind[1].abs_().sign_()
-        torch.mul(ind[0], ind[1], out=ind[2])
-        torch.sub(ind[1], ind[2], out=ind[2])  # asked and not moved: swamped
-    k_rows = 3 if reqs is not None else 1
-    # per-parameter sums of the 0/1 indicators: exact integers (fewer than 2^53 of them)
-    parts = ind[:k_rows].split([p.numel() for _, p in ents], dim=1)
-    counts = torch.stack([t.sum(1) for t in parts], dim=1)
+        k_rows = 2
+    head = lay.head(k_rows).abs_()  # |update done|, |update asked|
+    P = len(ents)
+    got = torch.cat([head.amin(1), torch.stack([x for ns in norms for x in ns])]).tolist()
+    nrm = [got[k_rows + k * P : k_rows + (k + 1) * P] for k in range(len(norms))]
+    # a finite 2-norm proves every element finite (an overflowing one only sends us the slow way)
+    if not all(math.isfinite(v) for ns in nrm[1:] for v in ns):
+        return _one_by_one(ents, names, before, requested, opt, scratch)
+    if min(got[:k_rows]) > 0:  # every weight moved (and every update was asked): no swamping
+        cnt = [[float(p.numel()) for _, p in ents]] * 2 + [[0.0] * P]
+        small = None
+    else:
+        head.sign_()  # moved, asked: 0/1
+        if reqs is not None:  # asked and not moved: swamped (asked - moved * asked, exact)
+            torch.addcmul(lay.row(1), lay.row(0), lay.row(1), value=-1, out=lay.row(2))
+        k_rows = 3 if reqs is not None else 1
+        # per-parameter sums of the 0/1 indicators: exact integers (fewer than 2^53 of them)
+        sums = torch.stack([t.sum(1) for t in lay.parts(0, k_rows)], dim=1).reshape(-1).tolist()
+        cnt = [sums[k * P : (k + 1) * P] for k in range(k_rows)]
+        small = rows[2]
     # state tensors (zero and subnormal shares) and Adam's eps share
     states = [opt.state.get(p, {}) for _, p in ents]
     flat_state = _flat_state_counts(ents, states, scratch)
@@ -373,21 +406,13 @@ def step_records(
             _state_counts(st, p, scratch)[:2] for st, (_, p) in zip(states, ents, strict=True)
         ]
         eps_vals = [_eps_count(st, g) for st, (g, _) in zip(states, ents, strict=True)]
-    got = torch.cat(
-        [counts.reshape(-1).to(torch.float64), torch.stack([x for ns in norms for x in ns])]
-    ).tolist()
     tail: list[Any] = []
     for sv, e in zip(state_vals, eps_vals, strict=True):  # per parameter: state, then eps
         tail += sv[0] + ([e] if e is not None else [])
     if tail and isinstance(tail[0], torch.Tensor):  # the per-parameter functions' 0-d tensors
         tail = torch.stack([x.to(torch.float64) for x in tail]).tolist()
-    got += tail
-    P = len(ents)
-    cnt = [got[k * P : (k + 1) * P] for k in range(k_rows)]
-    nrm = [got[k_rows * P + k * P : k_rows * P + (k + 1) * P] for k in range(len(norms))]
-    i = k_rows * P + len(norms) * P
-    small = ind[2] if reqs is not None else None
-    out, o = [], 0
+    got, i = tail, 0
+    out = []
     for j, (g, p) in enumerate(ents):
         m = max(p.numel(), 1)
         wn, dn = nrm[0][j], nrm[1][j]
@@ -398,31 +423,45 @@ def step_records(
             "moved_share": cnt[0][j] / m,
             "update_weight_ratio": dn / wn if wn else None,
         }
-        if reqs is not None and small is not None:
+        if reqs is not None:
             nasked, nswamped, rn = cnt[1][j], cnt[2][j], nrm[2][j]
             rec["requested_nonzero"] = int(nasked)
             rec["swamped"] = int(nswamped)
             rec["swamped_share"] = nswamped / max(nasked, 1)
             rec["requested_update_weight_ratio"] = rn / wn if wn else None
-            rec["swamped_map"] = (
-                small[o : o + p.numel()].to(torch.uint8).tolist()
-                if p.numel() <= MAP_LIMIT
-                else None
-            )
+            if p.numel() > MAP_LIMIT:
+                rec["swamped_map"] = None
+            elif small is None:
+                rec["swamped_map"] = [0] * p.numel()
+            else:
+                rec["swamped_map"] = small[j].reshape(-1).to(torch.uint8).tolist()
         for key in state_vals[j][1]:
             rec[f"state_{key}_zero_share"] = got[i] / m
             rec[f"state_{key}_subnormal_share"] = got[i + 1] / m
             i += 2
         if eps_vals[j] is not None:
             v = states[j]["exp_avg_sq"]
-            eps_in = float(torch.tensor(g["eps"], dtype=v.dtype))
+            eps_in = _rounded(g["eps"], v.dtype)
             rec["eps_in_state_dtype"] = eps_in
             rec["eps_flushed"] = eps_in == 0.0
             rec["eps_dominated_share"] = got[i] / m
             i += 1
         out.append(rec)
-        o += p.numel()
     return out
+
+
+_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+
+
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded into ``dtype`` (as ``torch.tensor`` rounds it), cached (up to 256 pairs)."""
+    key = (x, dtype)
+    got = _ROUNDED.get(key)
+    if got is None:
+        if len(_ROUNDED) >= 256:
+            _ROUNDED.clear()
+        got = _ROUNDED[key] = float(torch.tensor(x, dtype=dtype))
+    return got
 
 
 def _eligible(state: dict, p: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
@@ -456,28 +495,30 @@ def _flat_state_counts(
             eps_of[j] = eps
     if len(set(eps_of.values())) > 1:
         return None
-    counts: dict[tuple[Any, int], Any] = {}
+    plans, bounds = [], []
     for key, members in groups.items():
         dtypes = {v.dtype for _, v in members}
         if len(dtypes) != 1 or next(iter(dtypes)) not in FORMAT_OF:
             return None
         dtype = next(iter(dtypes))
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        sn = get_format(FORMAT_OF[dtype]).smallest_normal
-        sizes = [v.numel() for _, v in members]
-        n = sum(sizes)
         with_eps = key == "exp_avg_sq" and bool(eps_of)
         rows = 4 if with_eps else 2
-        buf = scratch.get("state_flat", (rows + 1, n), cdt, members[0][1].device)
-        f = buf[0]
-        views, o = [], 0
-        for _, v in members:
-            views.append(f[o : o + v.numel()].view(v.shape))
-            o += v.numel()
-        torch._foreach_copy_(views, [v for _, v in members])
-        lo, hi = (float(x) for x in torch.stack(torch.aminmax(f)).tolist())
+        shapes = [v.shape for _, v in members]
+        lay = scratch.layout(f"state_{key}", rows + 1, shapes, cdt, members[0][1].device)
+        torch._foreach_copy_(lay.views[0], [v for _, v in members])
+        if not with_eps:  # |v| (exp_avg_sq must be >= 0 as it is: its eps share needs that)
+            lay.row(0).abs_()
+        bounds.append(torch.stack(torch.aminmax(lay.row(0))))
+        plans.append((key, members, lay, dtype, rows, with_eps))
+    got_b = torch.cat(bounds).tolist() if bounds else []
+    counts: dict[tuple[Any, int], Any] = {}
+    for (key, members, lay, dtype, rows, with_eps), lo, hi in zip(
+        plans, got_b[0::2], got_b[1::2], strict=True
+    ):
         if not (lo > float("-inf") and hi < float("inf")):  # an inf or NaN (NaN fails too)
             return None
+        sn = SMALLEST_NORMAL[dtype]
         band = None
         if with_eps:
             eps = next(iter(eps_of.values()))
@@ -492,22 +533,28 @@ def _flat_state_counts(
             )
             if float("inf") in band:
                 return None
-        if lo < 0:
-            f.abs_()
-        torch.sign(f, out=buf[1])  # 1 where non-zero
-        torch.sub(f, sn, out=buf[2]).neg_().clamp_(min=0).sign_()  # 1 where |v| < sn
+        if lo >= sn and (band is None or lo >= band[1]):  # nothing below any threshold
+            for j, v in members:
+                counts[(key, j)] = [float(v.numel())] + [0.0] * (rows - 1)
+            continue
+        # 0/1 indicator rows, each one comparison written as floats (no NaN here)
+        f = lay.row(0)
+        torch.ne(f, 0, out=lay.row(1))  # non-zero
+        torch.lt(f, sn, out=lay.row(2))  # |v| < sn
         if band is not None:
-            torch.sub(f, band[0], out=buf[3]).neg_().clamp_(min=0).sign_()  # v < t_lo
-            torch.sub(f, band[1], out=buf[4]).neg_().clamp_(min=0).sign_()  # v < t_hi
-        parts = buf[1:].split(sizes, dim=1)
-        for (j, _), part in zip(members, parts, strict=True):
+            torch.lt(f, band[0], out=lay.row(3))  # v < t_lo
+            torch.lt(f, band[1], out=lay.row(4))  # v < t_hi
+        for (j, _), part in zip(members, lay.parts(1, rows + 1), strict=True):
             counts[(key, j)] = part.sum(1)
-    order = list(counts)
+    order = [c for c in counts if isinstance(counts[c], torch.Tensor)]
     got = torch.cat([counts[c] for c in order]).tolist() if order else []
     pos, i = {}, 0
     for c in order:
         pos[c] = got[i : i + counts[c].numel()]
         i += counts[c].numel()
+    for c in counts:
+        if c not in pos:
+            pos[c] = counts[c]
     state_vals = []
     eps_vals: list[float | None] = []
     for j, kv in enumerate(per):

@@ -74,7 +74,7 @@ class Watcher:
         self._records: list[dict[str, Any]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._mode = _Mode(self)
-        self._ops: dict[Any, tuple[bool, bool, str]] = {}
+        self._ops: dict[int, tuple[Any, bool, bool, str]] = {}
         self._scratch = Scratch()
         self._shadow_opt = ShadowOptimizer()
         self._step = 0
@@ -189,18 +189,19 @@ class Watcher:
         self._in_step = self._sampling = False
 
     # ---- ops --------------------------------------------------------------------------------
-    def _op_info(self, func: Any) -> tuple[bool, bool, str]:
-        """(mutable, not recorded, name) of an aten op, cached per op."""
-        info = self._ops.get(func)
-        if info is None:
+    def _op_info(self, func: Any) -> tuple[Any, bool, bool, str]:
+        """(the op, mutable, not recorded, name) of an aten op, cached per op (by ``id``: an
+        OpOverload's ``__hash__`` is Python code; the op kept to check the entry is its own)."""
+        info = self._ops.get(id(func))
+        if info is None or info[0] is not func:
             skip = func.is_view or func.overloadpacket.__name__ in UNINITIALISED
-            info = self._ops[func] = (func._schema.is_mutable, skip, str(func))
+            info = self._ops[id(func)] = (func, func._schema.is_mutable, skip, str(func))
         return info
 
     def _on_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if not self._sampling or self._phase == "optimizer":
             return func(*args, **kwargs)
-        mutable, skip, op = self._op_info(func)
+        _, mutable, skip, op = self._op_info(func)
         before = None
         if mutable and not skip:
             before = tree_map(_clone, (args, kwargs))
