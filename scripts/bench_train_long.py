@@ -84,15 +84,18 @@ def torch_step_time(net: Network, cfg: OptimConfig, schedule: list[np.ndarray]) 
 
 def run_exact(
     run: ExactRun, schedule: list[np.ndarray], every: int
-) -> tuple[list[str], tuple[int, str] | None, float, float]:
+) -> tuple[list[str], tuple[int, str] | None, float, float, list[int]]:
     """Step ``run`` until the end or the first step below 17 digits: (digits every ``every``
-    steps, (that step, why) or None, CPU seconds per step, digits lost per step after step 1)."""
+    steps, (that step, why) or None, CPU seconds per step, digits lost per step after step 1,
+    the working precision of every step)."""
     run.record_initial()
     trail, below, spent, first, d = [], None, 0.0, None, 0.0
+    bits: list[int] = []
     for t, rows in enumerate(schedule, start=1):
         t0 = time.process_time()
         run.step(rows)
         spent += time.process_time() - t0
+        bits.append(getattr(run.ar, "prec", run.bits))
         if run.failed():
             below = (t, "a value out of range or a ReLU branch undecided")
             break
@@ -104,7 +107,8 @@ def run_exact(
             below = (t, f"{d:.1f} digits")
             break
     steps = len(run.history.loss)
-    return trail, below, spent / max(steps, 1), ((first or d) - d) / max(steps - 1, 1)
+    lost = ((first or d) - d) / max(steps - 1, 1)
+    return trail, below, spent / max(steps, 1), lost, bits
 
 
 def _rel_dev(a: dict, b: dict) -> float:
@@ -172,7 +176,7 @@ def main() -> int:
         schedule = batch_schedule(net.x.shape[0], args.steps, BATCH, 0)
         t_torch = torch_step_time(net, cfg, schedule)
         run = ExactRun(net, cfg, 150, balls=True)
-        trail, below, per, lost = run_exact(run, schedule, args.every)
+        trail, below, per, lost, _ = run_exact(run, schedule, args.every)
         print(f"\n{name} (lr {cfg.lr:g}): certified digits by step: {', '.join(trail)}")
         if below is None:
             print(f"  {len(schedule)} steps, >= 17 digits throughout")
@@ -186,8 +190,12 @@ def main() -> int:
             continue
         bits = arb_bits_for(lost, len(schedule), DEFAULT_MAX_BITS)
         arb = ExactRun(net, cfg, bits)
-        trail, below, per, lost = run_exact(arb, schedule, args.every)
-        print(f"  Arb balls at {bits} bits: certified digits by step: {', '.join(trail)}")
+        arb.horizon = len(schedule)
+        trail, below, per, lost, used = run_exact(arb, schedule, args.every)
+        print(
+            f"  Arb balls from {bits} bits (working precision: mean {np.mean(used):.0f}, "
+            f"last {used[-1]}): certified digits by step: {', '.join(trail)}"
+        )
         print(
             f"  {len(arb.history.loss)} steps, "
             + ("certified digits >= 17 throughout" if below is None else f"below 17 at {below}")
