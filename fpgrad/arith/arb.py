@@ -151,7 +151,7 @@ class ArbArith(ExactDerivatives):
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
         with self._p():
-            prod = arb_mat(m, n, list(a.ravel())) * arb_mat(n, p, list(b.ravel()))
+            prod = arb_mat(_obj(a).tolist()) * arb_mat(_obj(b).tolist())  # rows of balls
             # fromiter: no per-element probing for nested sequences (np.array does that)
             return np.fromiter(prod.entries(), dtype=object, count=m * p).reshape(m, p)
 
