@@ -296,10 +296,12 @@ def test_adaptive_arb_run_encloses_a_2000_bit_mpmath_trajectory(opt: str) -> Non
 
 
 def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
-    # exact parameters: the full precision; then 64 bits above the least accurate parameter
+    # exact parameters: the full precision; then ARB_MARGIN_BITS above the least accurate one
     # (exact and sign-undecided balls left out), and with a horizon no more than the forecast
     # for the steps left at the rate the run itself lost
     from flint import arb
+
+    from fpgrad.training.exact_run import ARB_MARGIN_BITS
 
     layers, loss, y = NETS["tanh_mse"]
     net = net_from(layers, loss, X, y, seed=3)
@@ -310,11 +312,11 @@ def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
     vals.flat[0] = arb(1, 2.0**-300)  # 300 bits
     vals.flat[1] = arb(0, 1.0)  # contains 0: left out
     run.params[key] = vals
-    assert 300 + 64 - 2 <= run.working_bits() <= 300 + 64 + 2
+    assert abs(run.working_bits() - (300 + ARB_MARGIN_BITS)) <= 2
     run.horizon = 100
     run._accuracy = [600 - 3 * i for i in range(41)]  # 3 bits (0.9 digits) lost per step
     run._accuracy.pop()
     run.history.loss = [0.0] * 40
     vals.flat[0] = arb(1, 2.0**-480)  # 480 bits now; 60 steps left at ~0.9 digits each
     want = 64 * math.ceil((27 + 1.25 * 3 * math.log10(2) * 60) / math.log10(2) / 64)
-    assert run.working_bits() == min(480 + 64, want) == want
+    assert run.working_bits() == min(480 + ARB_MARGIN_BITS, want) == want

@@ -66,7 +66,7 @@ class ExactRun:
     def working_bits(self) -> int:
         """The Arb precision of the next step, between ``ARB_FLOOR_BITS`` and ``bits``: at most
         ``ARB_MARGIN_BITS`` above the relative accuracy of the least accurate parameter (balls
-        that contain 0 or are exact left out), so rounding adds about 2^-64 of the radii the
+        that contain 0 or are exact left out), so rounding adds about 2^-32 of the radii the
         parameters already carry; and, with a ``horizon``, at most what the remaining steps
         need to end with 27 digits (the forecast of
         :func:`arb_bits_for`, at the digits this run lost per step over its last half, once
@@ -236,7 +236,7 @@ def _changed(a: Any, b: Any) -> bool:
     return bool(np.any(a != b))
 
 
-ARB_MARGIN_BITS = 64  #: adaptive Arb runs: working bits above the parameters' accuracy
+ARB_MARGIN_BITS = 32  #: adaptive Arb runs: working bits above the parameters' accuracy
 ARB_FLOOR_BITS = 128  #: ... and never fewer than these
 ARB_RATE_STEPS = 20  #: steps an adaptive run takes before it forecasts from its own loss
 ARB_WATCH_EVERY = 10  #: an Arb run checks its certified digits every this many steps
