@@ -219,7 +219,8 @@ def test_digit_loss_fallback_encloses_a_2000_bit_mpmath_trajectory(
     )
     assert found and err.count("\n") == 1, err
     step, low, rate, bits = (float(g) for g in found.groups())
-    assert 17 >= low and 1 < step < 150  # low: printed to 0.1 digit and run.bits == bits and method == "arb" and digits >= 17
+    assert 17 >= low and 1 < step < 150  # low: printed to 0.1 digit
+    assert run.bits == bits and method == "arb" and digits >= 17
     assert abs(bits - arb_bits_for(rate, 150, DEFAULT_MAX_BITS)) <= 64
     mp = MPArith(2000)  # independent: rounded at 2000 bits, no balls
     params = {k: mp.asarray(v) for k, v in net.params.items()}

@@ -309,18 +309,14 @@ def radii(values: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(values))
 
 
+_REL_BITS = np.frompyfunc(lambda v: v.rel_accuracy_bits(), 1, 1)
+
+
 def rel_bits(values: np.ndarray) -> np.ndarray:
     """Relative accuracy of every ball in bits (FLINT's estimate of -log2(rad/|mid|));
     ``inf`` for exact values, negative when the ball contains 0."""
-    flat = _obj(values).ravel()
-    out = np.empty(flat.size)
-    for i, v in enumerate(flat):
-        b = v.rel_accuracy_bits()
-        out[i] = math.inf if b >= _EXACT_BITS - 1 else float(b)
-    return out.reshape(np.shape(values))
-
-
-_REL_BITS = np.frompyfunc(lambda v: v.rel_accuracy_bits(), 1, 1)
+    bits = np.asarray(_REL_BITS(_obj(values)), dtype=np.int64).reshape(np.shape(values))
+    return np.where(bits >= _EXACT_BITS - 1, math.inf, bits.astype(np.float64))
 
 
 def min_rel_bits(values: np.ndarray) -> int | None:

@@ -187,13 +187,17 @@ class ExactRun:
         return names
 
     def _digits(self, steps: list[dict[str, Any]]) -> float:
-        from fpgrad.reference.exact import arb_digits, ball_digits
+        from fpgrad.reference.exact import arb_min_digits, ball_digits
 
-        digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
+        balls = _is_ball(next(iter(self.params.values()), None))
         worst = float(self._cap())
         for params in steps:
             for value in params.values():
-                d, zero, _, _ = digits_of(value, self._cap())
+                if not balls:
+                    least = arb_min_digits(value, self._cap())
+                    worst = worst if least is None else min(worst, least)
+                    continue
+                d, zero, _, _ = ball_digits(value, self._cap())
                 kept = d[~zero]
                 if kept.size:
                     worst = min(worst, float(np.min(kept)))
