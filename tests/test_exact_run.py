@@ -14,6 +14,7 @@ import pytest
 from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
 from fpgrad.graph.layers import evaluate
+from fpgrad.model.network import Network
 from fpgrad.reference.exact import ARB_START_BITS, DEFAULT_MAX_BITS
 from fpgrad.run.optim import ArithOptimizer, OptimConfig
 from fpgrad.training import ExactRun, arb_bits_for, batch_schedule, exact_trajectory, train
@@ -222,18 +223,7 @@ def test_digit_loss_fallback_encloses_a_2000_bit_mpmath_trajectory(
     assert 17 >= low and 1 < step < 150  # low: printed to 0.1 digit
     assert run.bits == bits and method == "arb" and digits >= 17
     assert abs(bits - arb_bits_for(rate, 150, DEFAULT_MAX_BITS)) <= 64
-    mp = MPArith(2000)  # independent: rounded at 2000 bits, no balls
-    params = {k: mp.asarray(v) for k, v in net.params.items()}
-    mp_opt, trail = ArithOptimizer(mp, params, opt), [params]
-    for rows in schedule:
-        params = mp_opt.step(params, evaluate(net, mp, params, rows).grads)
-        trail.append(params)
-    ctx = mp.ctx
-    for balls, mps in zip(run.exact_params, trail, strict=True):
-        for k, values in balls.items():
-            for ball, value in zip(np.ravel(values), np.ravel(mps[k]), strict=True):
-                mid, rad = (ctx.mpf(tuple(map(int, x.man_exp()))) for x in (ball.mid(), ball.rad()))
-                assert abs(mid - value) <= rad + abs(value) * ctx.mpf(2) ** -1900, (k, mid, value)
+    _assert_encloses_mpmath(run, net, opt, schedule)
 
 
 def test_an_arb_run_below_17_digits_is_redone_at_more_bits(
@@ -282,18 +272,7 @@ def test_adaptive_arb_run_encloses_a_2000_bit_mpmath_trajectory(opt: str) -> Non
         run.step(rows)
         used.append(run.ar.prec)
     assert used[0] == 512 and min(used) < 320 and run.ball_digits() >= 17, used
-    mp = MPArith(2000)
-    params = {k: mp.asarray(v) for k, v in net.params.items()}
-    mp_opt, trail = ArithOptimizer(mp, params, cfg), [params]
-    for rows in schedule:
-        params = mp_opt.step(params, evaluate(net, mp, params, rows).grads)
-        trail.append(params)
-    ctx = mp.ctx
-    for balls, mps in zip(run.exact_params, trail, strict=True):
-        for k, values in balls.items():
-            for ball, value in zip(np.ravel(values), np.ravel(mps[k]), strict=True):
-                mid, rad = (ctx.mpf(tuple(map(int, x.man_exp()))) for x in (ball.mid(), ball.rad()))
-                assert abs(mid - value) <= rad + abs(value) * ctx.mpf(2) ** -1900, (k, mid, value)
+    _assert_encloses_mpmath(run, net, cfg, schedule)
 
 
 def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
@@ -321,3 +300,22 @@ def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
     vals.flat[0] = arb(1, 2.0**-480)  # 480 bits now; 60 steps left at ~0.9 digits each
     want = 64 * math.ceil((27 + 1.25 * 3 * math.log10(2) * 60) / math.log10(2) / 64)
     assert run.working_bits() == min(480 + ARB_MARGIN_BITS, want) == want
+
+
+def _assert_encloses_mpmath(
+    run: ExactRun, net: Network, cfg: OptimConfig, schedule: list[np.ndarray]
+) -> None:
+    """Every Arb ball of ``run`` at every step encloses an independent trajectory of the same
+    optimizer in mpmath at 2000 bits (rounded, no balls)."""
+    mp = MPArith(2000)
+    params = {k: mp.asarray(v) for k, v in net.params.items()}
+    mp_opt, trail = ArithOptimizer(mp, params, cfg), [params]
+    for rows in schedule:
+        params = mp_opt.step(params, evaluate(net, mp, params, rows).grads)
+        trail.append(params)
+    ctx = mp.ctx
+    for balls, mps in zip(run.exact_params, trail, strict=True):
+        for k, values in balls.items():
+            for ball, value in zip(np.ravel(values), np.ravel(mps[k]), strict=True):
+                mid, rad = (ctx.mpf(tuple(map(int, x.man_exp()))) for x in (ball.mid(), ball.rad()))
+                assert abs(mid - value) <= rad + abs(value) * ctx.mpf(2) ** -1900, (k, mid, value)
