@@ -68,10 +68,10 @@ class ExactRun:
         ``ARB_MARGIN_BITS`` above the relative accuracy of the least accurate parameter (balls
         that contain 0 or are exact left out), so rounding adds about 2^-32 of the radii the
         parameters already carry; and, with a ``horizon``, at most what the remaining steps
-        need to end with 27 digits (the forecast of
-        :func:`arb_bits_for`, at the digits this run lost per step over its last half, once
-        it has taken ``ARB_RATE_STEPS`` steps). Any precision encloses; this only spends fewer bits where
-        the radii have grown or few steps remain."""
+        need to end with 27 digits (the forecast of :func:`arb_bits_for`, at the digits this
+        run lost per step over its last half, once it has taken ``ARB_RATE_STEPS`` steps).
+        Any precision encloses: this only spends fewer bits where the radii have grown or few
+        steps remain."""
         from fpgrad.arith.arb import min_rel_bits
 
         acc = min(
