@@ -5,16 +5,20 @@ cross-entropy, 256 samples) in a temporary directory and runs the exact trajecto
 arithmetic (150 bits) with Adam, AdamW and SGD with momentum, batches of 64, up to ``--steps``
 steps or until the balls stop vouching for 17 digits. Prints the certified digits of every
 parameter every ``--every`` steps, the first step below 17 with the widest relative radii
-there, then the run ``fpgrad train`` falls back to: Arb balls at the precision forecast from
-the digits lost per step (:func:`fpgrad.training.arb_bits_for`), over all the steps, with its
-certified digits. CPU times per step against one torch float64 training step (forward,
-backward, torch.optim step) of the same model, one thread each, measured in the same run.
+there, then the run ``fpgrad train`` falls back to: Arb balls from the precision forecast
+from the digits lost per step (:func:`fpgrad.training.arb_bits_for`; ``--arb-bits`` sets it),
+the working precision lowered step by step as :meth:`fpgrad.training.ExactRun.working_bits`
+decides (``--fixed``: one precision throughout), over all the steps, with its certified digits
+and the mean working precision. CPU times per step against one torch float64 training step
+(forward, backward, torch.optim step) of the same model, one thread each, measured in the same
+run (the Arb run's time excludes the digit checks the script makes after every step).
 
 ``--sensitivity N`` measures instead (no certificate) whether the exact trajectory itself
 amplifies small errors over N Adam steps: the 150-bit ball midpoints against the 100-bit
 ball midpoints (each step's rounding, 2^-100, carried along) and against a run from initial
 weights moved by 1e-20 relative (random signs, in the second word), beside the 150-bit radii.
-Usage: ``python scripts/bench_train_long.py [--steps 1000] [--every 25] [--sensitivity N]``.
+Usage: ``python scripts/bench_train_long.py [--steps 1000] [--every 25] [--optimizers adam]
+[--arb-bits B] [--fixed] [--no-arb] [--sensitivity N]``.
 """
 
 from __future__ import annotations
@@ -84,15 +88,18 @@ def torch_step_time(net: Network, cfg: OptimConfig, schedule: list[np.ndarray]) 
 
 def run_exact(
     run: ExactRun, schedule: list[np.ndarray], every: int
-) -> tuple[list[str], tuple[int, str] | None, float, float]:
+) -> tuple[list[str], tuple[int, str] | None, float, float, list[int]]:
     """Step ``run`` until the end or the first step below 17 digits: (digits every ``every``
-    steps, (that step, why) or None, CPU seconds per step, digits lost per step after step 1)."""
+    steps, (that step, why) or None, CPU seconds per step, digits lost per step after step 1,
+    the working precision of every step)."""
     run.record_initial()
     trail, below, spent, first, d = [], None, 0.0, None, 0.0
+    bits: list[int] = []
     for t, rows in enumerate(schedule, start=1):
         t0 = time.process_time()
         run.step(rows)
         spent += time.process_time() - t0
+        bits.append(getattr(run.ar, "prec", run.bits))
         if run.failed():
             below = (t, "a value out of range or a ReLU branch undecided")
             break
@@ -104,7 +111,8 @@ def run_exact(
             below = (t, f"{d:.1f} digits")
             break
     steps = len(run.history.loss)
-    return trail, below, spent / max(steps, 1), ((first or d) - d) / max(steps - 1, 1)
+    lost = ((first or d) - d) / max(steps - 1, 1)
+    return trail, below, spent / max(steps, 1), lost, bits
 
 
 def _rel_dev(a: dict, b: dict) -> float:
@@ -153,6 +161,12 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--no-arb", action="store_true", help="skip the Arb run after the balls")
+    ap.add_argument(
+        "--arb-bits", type=int, default=0, help="start the Arb run here (default: forecast)"
+    )
+    ap.add_argument(
+        "--fixed", action="store_true", help="Arb run at one precision throughout (not adaptive)"
+    )
     ap.add_argument("--sensitivity", type=int, default=0, metavar="N")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -172,7 +186,7 @@ def main() -> int:
         schedule = batch_schedule(net.x.shape[0], args.steps, BATCH, 0)
         t_torch = torch_step_time(net, cfg, schedule)
         run = ExactRun(net, cfg, 150, balls=True)
-        trail, below, per, lost = run_exact(run, schedule, args.every)
+        trail, below, per, lost, _ = run_exact(run, schedule, args.every)
         print(f"\n{name} (lr {cfg.lr:g}): certified digits by step: {', '.join(trail)}")
         if below is None:
             print(f"  {len(schedule)} steps, >= 17 digits throughout")
@@ -184,15 +198,20 @@ def main() -> int:
         )
         if below is None or args.no_arb:
             continue
-        bits = arb_bits_for(lost, len(schedule), DEFAULT_MAX_BITS)
+        bits = args.arb_bits or arb_bits_for(lost, len(schedule), DEFAULT_MAX_BITS)
         arb = ExactRun(net, cfg, bits)
-        trail, below, per, lost = run_exact(arb, schedule, args.every)
-        print(f"  Arb balls at {bits} bits: certified digits by step: {', '.join(trail)}")
+        arb.horizon, arb.adaptive = len(schedule), not args.fixed
+        trail, below, per, lost, used = run_exact(arb, schedule, args.every)
+        print(
+            f"  Arb balls from {bits} bits (working precision: mean {np.mean(used):.0f}, "
+            f"last {used[-1]}): certified digits by step: {', '.join(trail)}"
+        )
         print(
             f"  {len(arb.history.loss)} steps, "
             + ("certified digits >= 17 throughout" if below is None else f"below 17 at {below}")
-            + f"; {per * 1e3:.1f} ms per step ({per / t_torch:.0f}x torch float64), "
-            f"about {lost:.3f} digits lost per step"
+            + f"; {per * 1e3:.1f} ms per step ({per / t_torch:.0f}x torch float64)"
+            # adaptive: the digits follow the working precision, not only the radii's growth
+            + (f", about {lost:.3f} digits lost per step" if args.fixed else "")
         )
     return 0
 

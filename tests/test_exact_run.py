@@ -14,6 +14,7 @@ import pytest
 from fpgrad.arith.mp import MPArith
 from fpgrad.errors import InputError
 from fpgrad.graph.layers import evaluate
+from fpgrad.model.network import Network
 from fpgrad.reference.exact import ARB_START_BITS, DEFAULT_MAX_BITS
 from fpgrad.run.optim import ArithOptimizer, OptimConfig
 from fpgrad.training import ExactRun, arb_bits_for, batch_schedule, exact_trajectory, train
@@ -219,20 +220,10 @@ def test_digit_loss_fallback_encloses_a_2000_bit_mpmath_trajectory(
     )
     assert found and err.count("\n") == 1, err
     step, low, rate, bits = (float(g) for g in found.groups())
-    assert 17 >= low and 1 < step < 150  # low: printed to 0.1 digit and run.bits == bits and method == "arb" and digits >= 17
+    assert 17 >= low and 1 < step < 150  # low: printed to 0.1 digit
+    assert run.bits == bits and method == "arb" and digits >= 17
     assert abs(bits - arb_bits_for(rate, 150, DEFAULT_MAX_BITS)) <= 64
-    mp = MPArith(2000)  # independent: rounded at 2000 bits, no balls
-    params = {k: mp.asarray(v) for k, v in net.params.items()}
-    mp_opt, trail = ArithOptimizer(mp, params, opt), [params]
-    for rows in schedule:
-        params = mp_opt.step(params, evaluate(net, mp, params, rows).grads)
-        trail.append(params)
-    ctx = mp.ctx
-    for balls, mps in zip(run.exact_params, trail, strict=True):
-        for k, values in balls.items():
-            for ball, value in zip(np.ravel(values), np.ravel(mps[k]), strict=True):
-                mid, rad = (ctx.mpf(tuple(map(int, x.man_exp()))) for x in (ball.mid(), ball.rad()))
-                assert abs(mid - value) <= rad + abs(value) * ctx.mpf(2) ** -1900, (k, mid, value)
+    _assert_encloses_mpmath(run, net, opt, schedule)
 
 
 def test_an_arb_run_below_17_digits_is_redone_at_more_bits(
@@ -262,3 +253,69 @@ def test_an_arb_run_below_17_digits_is_redone_at_more_bits(
         last = max(t for b, t in seen if b == bits)
         assert last < 250 and last % 10 == 0, (bits, last)
     assert f"at {ARB_START_BITS} bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_adaptive_arb_run_encloses_a_2000_bit_mpmath_trajectory(opt: str) -> None:
+    # an Arb run told its horizon lowers its working precision as the radii grow and the
+    # remaining steps shrink (working_bits); its balls still enclose an independent mpmath
+    # trajectory at 2000 bits at every step, and certify >= 17 digits throughout
+    layers, loss, y = NETS["leaky_softmax_ce"]  # cross-entropy: the softmax reuse too
+    net = net_from(layers, loss, X, y, seed=3)
+    cfg = OPTIMIZERS[opt]
+    schedule = batch_schedule(6, 60, 4, seed=1)
+    run = ExactRun(net, cfg, 512)
+    run.horizon = len(schedule)
+    run.record_initial()
+    used = []
+    for rows in schedule:
+        run.step(rows)
+        used.append(run.ar.prec)
+    assert used[0] == 512 and min(used) < 320 and run.ball_digits() >= 17, used
+    _assert_encloses_mpmath(run, net, cfg, schedule)
+
+
+def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
+    # exact parameters: the full precision; then ARB_MARGIN_BITS above the least accurate one
+    # (exact and sign-undecided balls left out), and with a horizon no more than the forecast
+    # for the steps left at the rate the run itself lost
+    from flint import arb
+
+    from fpgrad.training.exact_run import ARB_MARGIN_BITS
+
+    layers, loss, y = NETS["tanh_mse"]
+    net = net_from(layers, loss, X, y, seed=3)
+    run = ExactRun(net, OptimConfig(lr=0.1), 1024)
+    assert run.working_bits() == 1024
+    key = next(iter(run.params))
+    vals = np.asarray(run.params[key]).copy()
+    vals.flat[0] = arb(1, 2.0**-300)  # 300 bits
+    vals.flat[1] = arb(0, 1.0)  # contains 0: left out
+    run.params[key] = vals
+    assert abs(run.working_bits() - (300 + ARB_MARGIN_BITS)) <= 2
+    run.horizon = 100
+    run._accuracy = [600 - 3 * i for i in range(41)]  # 3 bits (0.9 digits) lost per step
+    run._accuracy.pop()
+    run.history.loss = [0.0] * 40
+    vals.flat[0] = arb(1, 2.0**-480)  # 480 bits now; 60 steps left at ~0.9 digits each
+    want = 64 * math.ceil((27 + 1.25 * 3 * math.log10(2) * 60) / math.log10(2) / 64)
+    assert run.working_bits() == min(480 + ARB_MARGIN_BITS, want) == want
+
+
+def _assert_encloses_mpmath(
+    run: ExactRun, net: Network, cfg: OptimConfig, schedule: list[np.ndarray]
+) -> None:
+    """Every Arb ball of ``run`` at every step encloses an independent trajectory of the same
+    optimizer in mpmath at 2000 bits (rounded, no balls)."""
+    mp = MPArith(2000)
+    params = {k: mp.asarray(v) for k, v in net.params.items()}
+    mp_opt, trail = ArithOptimizer(mp, params, cfg), [params]
+    for rows in schedule:
+        params = mp_opt.step(params, evaluate(net, mp, params, rows).grads)
+        trail.append(params)
+    ctx = mp.ctx
+    for balls, mps in zip(run.exact_params, trail, strict=True):
+        for k, values in balls.items():
+            for ball, value in zip(np.ravel(values), np.ravel(mps[k]), strict=True):
+                mid, rad = (ctx.mpf(tuple(map(int, x.man_exp()))) for x in (ball.mid(), ball.rad()))
+                assert abs(mid - value) <= rad + abs(value) * ctx.mpf(2) ** -1900, (k, mid, value)

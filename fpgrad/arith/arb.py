@@ -79,20 +79,33 @@ _SECH2 = np.frompyfunc(lambda v: v.sech() ** 2, 1, 1)
 # ball entirely below 0 is a domain error (torch: NaN), never the square root of 0
 _NAN = arb("nan")
 _SQRT = np.frompyfunc(lambda v: _NAN if v < 0 else v.nonnegative_part().sqrt(), 1, 1)
+_ARB_SQRT = np.frompyfunc(arb.sqrt, 1, 1)
 _SIGMOID = np.frompyfunc(lambda v: 1 / (1 + (-v).exp()), 1, 1)
 _ABS = np.frompyfunc(abs, 1, 1)
-_POS = np.frompyfunc(lambda v: v > 0, 1, 1)
-_NONPOS = np.frompyfunc(lambda v: v <= 0, 1, 1)
+_ZERO = arb(0)
 _NCDF = np.frompyfunc(lambda v: (-v / arb(2).sqrt()).erfc() / 2, 1, 1)
 _NPDF = np.frompyfunc(lambda v: (-(v * v) / 2).exp() / (2 * arb.pi()).sqrt(), 1, 1)
 _MAX = np.frompyfunc(lambda a, b: a.max(b), 2, 1)
 _UNION = np.frompyfunc(lambda a, b: a.union(b), 2, 1)
 
 
+def _to_arb(arr: np.ndarray) -> np.ndarray:
+    """float64 values as exact arb balls; repeated values (masks, one-hot targets, pixel
+    data) share one ball each (arb balls are immutable)."""
+    if arr.size < 64:
+        return _obj(_ARB(arr))
+    values, inverse = np.unique(arr, return_inverse=True)  # -0.0 and 0.0: the same ball
+    if 2 * values.size > arr.size:
+        return _obj(_ARB(arr))
+    return _obj(_ARB(values))[inverse.reshape(arr.shape)]
+
+
 class ArbArith(ExactDerivatives):
     """Object arrays of arb balls at ``prec`` bits (an enclosure at every step)."""
 
     exact = True  #: an exact reference: structural identities and cancellation-free forms
+    #: the cross-entropy backward reuses the log-softmax's exponentials (fpgrad.graph.ops.loss)
+    reuse_softmax = True
 
     def __init__(self, prec: int) -> None:
         self.prec = int(prec)
@@ -110,7 +123,7 @@ class ArbArith(ExactDerivatives):
         arr = np.asarray(x)
         if arr.dtype == object:
             return arr  # already balls (parameters of an exact run)
-        return _obj(_ARB(np.asarray(arr, dtype=np.float64)))  # arb(float) is exact
+        return _to_arb(np.asarray(arr, dtype=np.float64))
 
     def const(self, value: float) -> Any:
         return arb(float(value))
@@ -138,8 +151,9 @@ class ArbArith(ExactDerivatives):
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
         with self._p():
-            prod = arb_mat(m, n, list(a.ravel())) * arb_mat(n, p, list(b.ravel()))
-            return _obj(np.array(prod.entries(), dtype=object).reshape(m, p))
+            prod = arb_mat(_obj(a).tolist()) * arb_mat(_obj(b).tolist())  # rows of balls
+            # fromiter: no per-element probing for nested sequences (np.array does that)
+            return np.fromiter(prod.entries(), dtype=object, count=m * p).reshape(m, p)
 
     def sum(self, a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
         with self._p():
@@ -177,8 +191,16 @@ class ArbArith(ExactDerivatives):
             return _obj(_SIGMOID(a))
 
     def sqrt(self, a: np.ndarray) -> np.ndarray:
+        arr = _obj(a)
         with self._p():
-            return _obj(_SQRT(a))
+            if arr.ndim == 0:
+                return _obj(_SQRT(arr))
+            # balls entirely >= 0 (the usual case) need no cut: Arb's sqrt directly
+            plain = np.asarray(np.greater_equal(arr, _ZERO), dtype=bool)
+            out = _obj(_ARB_SQRT(arr))
+            if not plain.all():
+                out[~plain] = _SQRT(arr[~plain])
+            return out
 
     def ncdf(self, a: np.ndarray) -> np.ndarray:
         """The standard normal CDF, erfc(-x / sqrt 2) / 2 (no cancellation in the left tail)."""
@@ -201,8 +223,9 @@ class ArbArith(ExactDerivatives):
     def positive(self, a: np.ndarray) -> BranchMask:
         """a > 0 where the ball decides it; ``unsure`` where it contains 0 and is not 0."""
         arr = _obj(a)
-        yes = np.asarray(_POS(arr), dtype=bool)
-        no = np.asarray(_NONPOS(arr), dtype=bool)
+        # arb's comparisons are True only where every point of the ball satisfies them
+        yes = np.asarray(np.greater(arr, _ZERO), dtype=bool)
+        no = np.asarray(np.less_equal(arr, _ZERO), dtype=bool)
         unsure = ~(yes | no)
         n = int(unsure.sum())
         self.uncertain_branches += n
@@ -231,7 +254,8 @@ class ArbArith(ExactDerivatives):
         return out
 
     def to_float64(self, a: Any) -> np.ndarray:
-        return np.asarray(np.frompyfunc(float, 1, 1)(_obj(a)), dtype=np.float64)
+        arr = _obj(a)
+        return np.fromiter(map(float, arr.ravel()), np.float64, arr.size).reshape(arr.shape)
 
     # ---- cancellation-free derivatives --------------------------------------------------
     def tanh_deriv(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -285,15 +309,22 @@ def radii(values: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(values))
 
 
+_REL_BITS = np.frompyfunc(lambda v: v.rel_accuracy_bits(), 1, 1)
+
+
 def rel_bits(values: np.ndarray) -> np.ndarray:
     """Relative accuracy of every ball in bits (FLINT's estimate of -log2(rad/|mid|));
     ``inf`` for exact values, negative when the ball contains 0."""
-    flat = _obj(values).ravel()
-    out = np.empty(flat.size)
-    for i, v in enumerate(flat):
-        b = v.rel_accuracy_bits()
-        out[i] = math.inf if b >= _EXACT_BITS - 1 else float(b)
-    return out.reshape(np.shape(values))
+    bits = np.asarray(_REL_BITS(_obj(values)), dtype=np.int64).reshape(np.shape(values))
+    return np.where(bits >= _EXACT_BITS - 1, math.inf, bits.astype(np.float64))
+
+
+def min_rel_bits(values: np.ndarray) -> int | None:
+    """The lowest relative accuracy in bits (:func:`rel_bits`) of the balls that are neither
+    exact nor contain 0; None when there is none."""
+    bits = np.asarray(_REL_BITS(_obj(values)), dtype=np.int64).ravel()
+    bits = bits[(bits > 0) & (bits < _EXACT_BITS - 1)]
+    return int(bits.min()) if bits.size else None
 
 
 def exact_zero(values: np.ndarray) -> np.ndarray:

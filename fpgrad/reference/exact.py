@@ -446,6 +446,19 @@ def arb_digits(
     return d, zero, undet, arbmod.radii(arr)
 
 
+def arb_min_digits(values: np.ndarray, cap: float) -> float | None:
+    """The fewest certified digits in an Arb ball array, as :func:`arb_digits` counts them
+    (exact zeros left out: None when all are; a ball that contains 0 counts 0), without the
+    radii."""
+    arr = np.asarray(values, dtype=object)
+    zero = arbmod.exact_zero(arr)
+    if zero.all():
+        return None
+    if (arbmod.contains_zero(arr) & ~zero).any():
+        return 0.0
+    return float(np.clip(np.min(arbmod.rel_bits(arr)[~zero]) * math.log10(2), 0.0, cap))
+
+
 def hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
     """Nearest float64 of each midpoint and the nearest float64 of the rest."""
     arr = np.asarray(values, dtype=object)

@@ -44,6 +44,12 @@ class ExactRun:
         #: why the ball run gave way to Arb balls (one line, with the step), or None
         self.fallback: str | None = None
         self.grads: dict[str, Any] = {}  #: the last step's gradients (kept for radius_report)
+        #: Arb balls: each step works at :meth:`working_bits` (``bits`` at most)
+        self.adaptive = not balls
+        #: the number of steps the run is meant to take (lets :meth:`working_bits` lower the
+        #: precision to what the remaining steps need), or None
+        self.horizon: int | None = None
+        self._accuracy: list[int] = []  #: the parameters' accuracy in bits before each step
 
     def vector(self) -> np.ndarray:
         return _flat([self.ar.to_float64(v) for v in self.params.values()])
@@ -57,7 +63,38 @@ class ExactRun:
         (a subclass evaluates another kind of network: :mod:`fpgrad.graph.train`)."""
         return evaluate(self.net, self.ar, self.params, rows)
 
+    def working_bits(self) -> int:
+        """The Arb precision of the next step, between ``ARB_FLOOR_BITS`` and ``bits``: at most
+        ``ARB_MARGIN_BITS`` above the relative accuracy of the least accurate parameter (balls
+        that contain 0 or are exact left out), so rounding adds about 2^-32 of the radii the
+        parameters already carry; and, with a ``horizon``, at most what the remaining steps
+        need to end with 27 digits (the forecast of :func:`arb_bits_for`, at the digits this
+        run lost per step over its last half, once it has taken ``ARB_RATE_STEPS`` steps).
+        Any precision encloses: this only spends fewer bits where the radii have grown or few
+        steps remain."""
+        from fpgrad.arith.arb import min_rel_bits
+
+        acc = min(
+            (b for b in (min_rel_bits(v) for v in self.params.values()) if b is not None),
+            default=None,
+        )
+        if acc is None:
+            self._accuracy.clear()  # exact parameters: no trail yet
+            return self.bits
+        trail = self._accuracy
+        trail.append(acc)
+        bits = min(self.bits, acc + ARB_MARGIN_BITS)
+        done = len(trail) - 1
+        if self.horizon is not None and done >= ARB_RATE_STEPS:
+            back = done // 2
+            rate = max(trail[-1 - back] - acc, 0) * math.log10(2) / back  # digits per step
+            left = max(self.horizon - len(self.history.loss), 0)
+            bits = min(bits, _forecast_bits(rate, left))
+        return max(ARB_FLOOR_BITS, bits)
+
     def step(self, rows: np.ndarray) -> None:
+        if self.adaptive:
+            self.ar.prec = self.working_bits()
         trace = self.trace(rows)
         new = self.opt.step(self.params, trace.grads)
         self.grads = trace.grads
@@ -150,13 +187,17 @@ class ExactRun:
         return names
 
     def _digits(self, steps: list[dict[str, Any]]) -> float:
-        from fpgrad.reference.exact import arb_digits, ball_digits
+        from fpgrad.reference.exact import arb_min_digits, ball_digits
 
-        digits_of = ball_digits if _is_ball(next(iter(self.params.values()), None)) else arb_digits
+        balls = _is_ball(next(iter(self.params.values()), None))
         worst = float(self._cap())
         for params in steps:
             for value in params.values():
-                d, zero, _, _ = digits_of(value, self._cap())
+                if not balls:
+                    least = arb_min_digits(value, self._cap())
+                    worst = worst if least is None else min(worst, least)
+                    continue
+                d, zero, _, _ = ball_digits(value, self._cap())
                 kept = d[~zero]
                 if kept.size:
                     worst = min(worst, float(np.min(kept)))
@@ -199,7 +240,17 @@ def _changed(a: Any, b: Any) -> bool:
     return bool(np.any(a != b))
 
 
+ARB_MARGIN_BITS = 32  #: adaptive Arb runs: working bits above the parameters' accuracy
+ARB_FLOOR_BITS = 128  #: ... and never fewer than these
+ARB_RATE_STEPS = 20  #: steps an adaptive run takes before it forecasts from its own loss
 ARB_WATCH_EVERY = 10  #: an Arb run checks its certified digits every this many steps
+
+
+def _forecast_bits(lost_per_step: float, steps: int) -> int:
+    """Bits for 17 digits, 10 more and a quarter more than ``lost_per_step * steps``,
+    rounded up to a multiple of 64."""
+    digits = 27 + 1.25 * max(lost_per_step, 0.0) * steps
+    return 64 * math.ceil(digits / math.log10(2) / 64)
 
 
 def arb_bits_for(lost_per_step: float, steps: int, cap: int) -> int:
@@ -210,9 +261,7 @@ def arb_bits_for(lost_per_step: float, steps: int, cap: int) -> int:
     certificate: the run it starts says itself how many digits it certified."""
     from fpgrad.reference.exact import ARB_START_BITS
 
-    digits = 27 + 1.25 * max(lost_per_step, 0.0) * steps
-    bits = 64 * math.ceil(digits / math.log10(2) / 64)
-    return min(max(bits, ARB_START_BITS), cap)
+    return min(max(_forecast_bits(lost_per_step, steps), ARB_START_BITS), cap)
 
 
 def exact_trajectory(
@@ -306,7 +355,7 @@ def exact_trajectory(
         print(f"fpgrad train: {fallback}", file=sys.stderr)
     while True:
         exact = make(net, cfg, prec)
-        exact.fallback = fallback
+        exact.fallback, exact.horizon = fallback, n
         low, rate = steps(exact, f"arb {prec} bits", watch=prec < cap_bits)
         if low is None:  # to the end: an unchecked step may still hold fewer than 17 digits
             digits = exact.ball_digits()

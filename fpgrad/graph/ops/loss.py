@@ -8,6 +8,7 @@ cancels to 0; the log-softmax itself as ``(z - z_k) - log1p(sum_{j != k} e^(z_j 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,19 @@ from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
 from fpgrad.graph.ops.registry import op
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+#: id(an exact log-softmax's output) -> (exp(z - z_k), 1 + sum_{j != k} exp(z_j - z_k)) from
+#: its forward, while that output lives; kept for systems with ``reuse_softmax`` (Arb balls,
+#: whose exponentials cost most): the cross-entropy backward divides them instead of
+#: computing exp(z - max z) and its sum again (the same softmax: it is shift-invariant)
+_SOFTMAX_PARTS: dict[int, tuple[Any, Any]] = {}
+
+
+def _remember(out: Any, parts: tuple[Any, Any]) -> None:
+    key = id(out)
+    _SOFTMAX_PARTS[key] = parts
+    weakref.finalize(out, _SOFTMAX_PARTS.pop, key, None)
 
 
 def _shifted_exp(cx: Any, z: Any, dim: int) -> tuple[Any, Any]:
@@ -59,7 +73,10 @@ def log_softmax(cx: Any, z: Any, dim: int, half_to_float: bool = False) -> Any:
         shifted = ar.where(hot, ar.mul(shifted, ar.const(0.0)), shifted)  # exactly 0 at k
         e = ar.exp(shifted)
         others = ar.sum(ar.mul(e, ar.asarray((~hot).astype(np.float64))), axis=dim, keepdims=True)
-        return ar.sub(shifted, ar.log1p(others))
+        out = ar.sub(shifted, ar.log1p(others))
+        if getattr(ar, "reuse_softmax", False) and dim % len(shapes.shape(z)) == 1:
+            _remember(out, (e, ar.add(ar.const(1.0), others)))  # e is exactly 1 at k
+        return out
     m = ar.max(z, axis=dim, keepdims=True)
     shifted = ar.sub(z, m)
     total = ar.sum(ar.exp(shifted), axis=dim, keepdims=True)
@@ -86,7 +103,8 @@ def log_softmax_backward(cx: Any, grad: Any, out: Any, dim: int, dtype: Any = No
         target = np.asarray(cx.value(src.args[2]))
         reduction, ignore = int(src.args[4]), int(src.args[5])
         t = _onehot(target, ignore, shapes.shape(out)[1])
-        e, total = _shifted_exp(cx, cx.value(ls.args[0]), 1)
+        parts = _SOFTMAX_PARTS.get(id(cx.value(ls)))
+        e, total = parts if parts is not None else _shifted_exp(cx, cx.value(ls.args[0]), 1)
         c = go if reduction != 1 else ar.div(go, cx.value(src.args[6]))
         if reduction == 0:  # "none": one upstream gradient per row, not per class
             c = shapes.reshape(c, (-1, 1))
