@@ -22,6 +22,8 @@ HI_BOUND = 1.0 + 2.0**-48
 LO, HI = 2.0**-800, 2.0**800  # the guarded range of |word 0|
 ADD, SUB, MUL, DIV = 0, 1, 2, 3
 BLOCK = 256  # elements per block of the renormalisation
+LOG10_2 = math.log10(2.0)
+MAG = np.int64(0x7FFFFFFFFFFFFFFF)  # all bits of a float64 but the sign
 
 w_two_sum = words_intrinsic(lambda k, a, b: two_sum(a, b), "cc", 2)
 
@@ -189,6 +191,7 @@ def slices(
     tl: np.ndarray,
     t_at: np.ndarray,
     t_r: int,
+    dmax: np.ndarray,
 ) -> tuple[int, int]:
     """Cut each element of a (R, C) matrix of K <= 3 words into slices (Ozaki's splitting).
 
@@ -198,7 +201,8 @@ def slices(
     Slice i < count of an element is the sum of its words rounded to multiples of
     2**(e - bits (i + 1)) by ``(w + sigma) - sigma``, one word at a time, stored at
     ``sl[s_at[i] + r s_r + c]``; the float64 sum of what remains after t slices (t = 0: the
-    value) at ``tl[t_at[t] + r t_r + c]``, t <= count. Returns (1 + the last slice index
+    value) at ``tl[t_at[t] + r t_r + c]``, t <= count. ``dmax[i]``: the largest |digit| of
+    slice i (|slice| / its unit; powers of two, so exact). Returns (1 + the last slice index
     with a non-zero digit anywhere, the last t whose remainder has a non-zero word anywhere,
     -1 for none).
     """
@@ -224,6 +228,11 @@ def slices(
         for i in range(count):
             sig[i, q] = math.ldexp(1.5, expo[q] - bits * (i + 1) + 52)
     srow = np.empty(cols)
+    cmax = np.zeros((count, cols if not per_row else 1), dtype=np.int64)  # per column
+    slbits = sl.view(np.int64)
+    pat = np.zeros(1, dtype=np.int64)
+    patf = pat.view(np.float64)
+    dmax[:] = 0.0
     last_slice = 0
     last_rem = -1
     for r in range(rows):
@@ -259,6 +268,18 @@ def slices(
                 sl[base_s + np.uint64(c)] = si
                 digits |= si != 0.0
                 live |= (x0 != 0.0) | (x1 != 0.0) | (x2 != 0.0)
+            # largest |slice|: on the bit patterns, ordered as the values (the max vectorises)
+            if per_row:
+                imax = np.int64(0)
+                for c in range(cols):
+                    imax = max(imax, slbits[base_s + np.uint64(c)] & MAG)
+                pat[0] = imax
+                dmax[i] = max(dmax[i], math.ldexp(patf[0], bits * (i + 1) - expo[r]))
+            else:
+                cm = cmax[i]
+                seg = slbits[base_s : base_s + np.uint64(cols)]
+                for c in range(cols):
+                    cm[c] = max(cm[c], seg[c] & MAG)
             base_t = np.uint64(t_at[i + 1] + r * t_r)
             for c in range(cols):  # its own loop: fewer arrays per loop, cheap alias checks
                 tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
@@ -266,4 +287,34 @@ def slices(
                 last_slice = max(last_slice, i + 1)
             if live:
                 last_rem = max(last_rem, i + 1)
+    if not per_row:
+        for i in range(count):
+            for c in range(cols):
+                pat[0] = cmax[i, c]
+                dmax[i] = max(dmax[i], math.ldexp(patf[0], bits * (i + 1) - expo[c]))
     return last_slice, last_rem
+
+
+@njit(**JIT)
+def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.ndarray,
+           undet: np.ndarray) -> None:  # fmt: skip
+    """The numpy formulas of :func:`fpgrad.reference.exact.ball_digits` in one pass (1-D).
+
+    Exact zero: ``m0 == 0`` and ``rad == 0`` (digits inf). Undetermined: otherwise not
+    ``|m0| / HI_BOUND > rad`` (NaN included; digits 0). Else ``rad == 0``: ``cap``; else
+    ``-log2(rad HI_BOUND / |m0|) log10(2)`` clipped to ``[0, cap]`` (log2: half the time
+    of log10; the two differ in the last bit at most).
+    """
+    for i in range(m0.size):
+        m, r = abs(m0[i]), rad[i]
+        z = m == 0.0 and r == 0.0
+        u = not z and not (m / HI_BOUND > r)
+        zero[i], undet[i] = z, u
+        if z:
+            d[i] = np.inf
+        elif u:
+            d[i] = 0.0
+        elif r == 0.0:
+            d[i] = cap
+        else:
+            d[i] = min(max(-math.log2(r * HI_BOUND / m) * LOG10_2, 0.0), cap)

@@ -89,29 +89,68 @@ def exact_products(a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
     return [sa[i] @ sb[j] for i in range(len(sa)) for j in range(len(sb))]
 
 
-def tail_factor(n: int, levels: int, bits: int, ka: int, kb: int) -> float:
+def wide_bits(n: int, levels: int) -> int:
+    """Largest b with ``n 2**(2b) (1 + (s - 1) / 4) <= 2**53 / (1 + 2**-8)`` for every level
+    ``s < levels`` (level 0: ``n 2**(2b)``): exact levels when slice 0's digits are at most
+    2**b and later slices' at most 2**(b-1) (as rounding to nearest leaves them for
+    canonical expansions, up to a few units; checked on the digits themselves,
+    :func:`levels_exact`)."""
+    weight = 1.0 + max(levels - 2, 0) / 4.0
+    b = 26
+    while b > 1 and n * 2.0 ** (2 * b) * weight * (1 + 2.0**-8) > 2.0**53:
+        b -= 1
+    return b
+
+
+def levels_exact(n: int, levels: int, da: np.ndarray, db: np.ndarray) -> bool:
+    """Whether every level ``s < levels`` is an exact BLAS product for slices whose largest
+    |digits| are ``da``, ``db``: ``n sum_{i+j=s} da_i db_j <= 2**53`` (every partial sum
+    of the integer products is then an integer of at most 53 bits, whatever the order)."""
+    for s in range(levels):
+        total = sum(float(da[i]) * float(db[s - i]) for i in range(s + 1))
+        if n * total * (1 + 2.0**-50) > 2.0**53:
+            return False
+    return True
+
+
+def tail_factor(
+    n: int, levels: int, bits: int, ka: int, kb: int, spread: float | None = None
+) -> float:
     """Bound of the tail's error per unit of ``n 2**(ea + eb)`` (see :func:`matmul_levels`).
 
-    With A_i the slices of a (|A_i| <= 2 * 2**(ea - bits i)) and R_t the remainders of b
-    after t slices (|R_t| <= kb 2**(eb - bits t - 1), held as float64 sums of their words):
-    the float64 product of the blocks [A_0 .. A_{L-1}, R^a_L] and [R_L .. R_1, b] sums
-    (L + 1) n products of at most ``kb (L + ka/2) 2**(ea + eb - bits L)`` together, so it errs
-    by gamma_{(L+1) n} times that; rounding each remainder to one float64 adds gamma_2 of it.
+    ``spread``: ``sum_{i<L} d_i 2**-bits`` with ``d_i`` the largest |digit| of a's slice i
+    (default ``2 L``: digits below ``2**(bits+1)``). With ``|A_i| <= d_i 2**(ea - bits (i+1))``,
+    the remainders of b after t slices ``|R_t| <= kb 2**(eb - bits t - 1)`` (each word's
+    remainder at most half the last unit), ``|R^a_L| <= ka 2**(ea - bits L - 1)`` and
+    ``|b| < 2**eb``: the float64 product of the blocks [A_0 .. A_{L-1}, R^a_L] and
+    [R_L .. R_1, b] sums (L + 1) n products whose absolute values add up to at most
+    ``n 2**(ea + eb - bits L) S`` with ``S = kb spread / 2 + ka / 2``, so it errs by
+    gamma_{(L+1) n} S; holding each remainder as one rounded float64 (two additions)
+    adds ``(2 gamma_2 + gamma_2**2) S``.
     """
+    if spread is None:
+        spread = 2.0 * levels
     u = 2.0**-53
     big = (levels + 1) * n * u
     gamma_n = big / (1 - big)
     gamma_2 = 2 * u / (1 - 2 * u)
-    gemm = gamma_n * kb * (levels + ka / 2) * (1 + 2.0**-50)
-    held = gamma_2 * (levels * kb + ka * (1 + kb) / 2) * (1 + 2.0**-50)
-    return math.ldexp(gemm + held, -bits * levels) * (1 + 2.0**-40)
+    total = (kb * spread / 2 + ka / 2) * (1 + 2.0**-50)
+    err = (gamma_n + 2.01 * gamma_2) * total * (1 + 2.0**-50)
+    return math.ldexp(err, -bits * levels) * (1 + 2.0**-40)
 
 
-def exact_levels(n: int, prec: int, ka: int, kb: int) -> tuple[int, int]:
-    """(L, bits): the fewest exact levels whose tail errs below 2**-(prec + 2) n 2**(ea + eb)."""
+def exact_levels(n: int, prec: int, ka: int, kb: int, wide: bool = True) -> tuple[int, int]:
+    """(L, bits): the fewest exact levels whose tail errs below 2**-(prec + 2) n 2**(ea + eb).
+
+    ``wide``: slices of :func:`wide_bits` (digits nominally 2**b, then 2**(b-1)); else of
+    :func:`digit_bits` (digits below 2**(b+1), always)."""
     for levels in range(1, MAX_SLICES):
-        bits = digit_bits(n, levels)
-        if tail_factor(n, levels, bits, ka, kb) <= 2.0 ** -(prec + 2):
+        if wide:
+            bits = wide_bits(n, levels)
+            spread = (1.0 + (levels - 1) / 2.0) * (1 + 2.0**-8)
+        else:
+            bits, spread = digit_bits(n, levels), 2.0 * levels
+        if tail_factor(n, levels, bits, ka, kb, spread) <= 2.0 ** -(prec + 2):
             return levels, bits
     raise ValueError(f"no slicing reaches {prec} bits for inner dimension {n}")
 
@@ -127,22 +166,49 @@ def _cut(
     tl: np.ndarray,
     t_at: list[int],
     t_r: int,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
     """jit_ball.slices of x (K, R, C): slice i of row r at ``sl.flat[s_at[i] + r s_r:][:C]``,
-    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]``. Returns (scale exponents, largest |word 0|, per row or column; the two counts of
-    jit_ball.slices)."""
+    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]``. Returns (scale exponents, largest
+    |word 0|, per row or column; the two counts of jit_ball.slices; the largest |digit| of
+    each slice)."""
     from fpgrad.arith import jit_ball
 
     x = np.ascontiguousarray(x, dtype=np.float64)
     size = x.shape[1] if by_row else x.shape[2]
     expo = np.empty(size, dtype=np.int64)
     top = np.empty(size)
+    dmax = np.empty(levels)
     out = jit_ball.slices(
         x, by_row, bits, levels, expo, top,
         sl.reshape(-1), np.array(s_at, dtype=np.int64), s_r,
-        tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r,
+        tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r, dmax,
     )  # fmt: skip
-    return expo, top, int(out[0]), int(out[1])
+    return expo, top, int(out[0]), int(out[1]), dmax
+
+
+def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int) -> tuple:
+    """Slices and remainders of a (by row) and b (by column), laid out for the products."""
+    _, m, n = a.shape
+    p = b.shape[2]
+    big = levels + 1
+    acat = np.empty((m, big, n))  # acat[:, i] = slice i of a; acat[:, L] = a's remainder
+    brev = np.empty((levels, n, p))  # brev[L - 1 - j] = slice j of b
+    btail = np.empty((big, n, p))  # btail[L - t] = b's remainder after t slices
+    # a's remainder after t slices goes to slot t of acat, where slice t overwrites it (t < L)
+    at = [i * n for i in range(big)]
+    cut_a = _cut(a, True, bits, levels, acat, at, big * n, acat, at, big * n)
+    bs = [(levels - 1 - j) * n * p for j in range(levels)]
+    bt = [(levels - t) * n * p for t in range(big)]
+    cut_b = _cut(b, False, bits, levels, brev, bs, p, btail, bt, p)
+    return acat, brev, btail, cut_a, cut_b
+
+
+def _checked(n: int, levels: int, bits: int, da: np.ndarray, db: np.ndarray) -> bool:
+    """Exact levels, and every digit below 2**(bits+1) (the sum bound of matmul_levels)."""
+    top = 2.0 ** (bits + 1)
+    return bool(da.max(initial=0.0) <= top and db.max(initial=0.0) <= top) and levels_exact(
+        n, levels, da, db
+    )
 
 
 def matmul_levels(
@@ -161,16 +227,15 @@ def matmul_levels(
     ka, m, n = a.shape
     kb, _, p = b.shape
     levels, bits = exact_levels(n, prec, ka, kb)
+    acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits)
+    unsound = False
+    if not _checked(n, levels, bits, cut_a[4], cut_b[4]):  # digits wider than nominal
+        levels, bits = exact_levels(n, prec, ka, kb, wide=False)
+        acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits)
+        unsound = not _checked(n, levels, bits, cut_a[4], cut_b[4])
+    ea, top_a, na, ra, da = cut_a
+    eb, top_b, nb, rb, _ = cut_b
     big = levels + 1
-    acat = np.empty((m, big, n))  # acat[:, i] = slice i of a; acat[:, L] = a's remainder
-    brev = np.empty((levels, n, p))  # brev[L - 1 - j] = slice j of b
-    btail = np.empty((big, n, p))  # btail[L - t] = b's remainder after t slices
-    # a's remainder after t slices goes to slot t of acat, where slice t overwrites it (t < L)
-    at = [i * n for i in range(big)]
-    ea, top_a, na, ra = _cut(a, True, bits, levels, acat, at, big * n, acat, at, big * n)
-    bs = [(levels - 1 - j) * n * p for j in range(levels)]
-    bt = [(levels - t) * n * p for t in range(big)]
-    eb, top_b, nb, rb = _cut(b, False, bits, levels, brev, bs, p, btail, bt, p)
     terms = np.empty((big, m, p))
     count = 0
     for s in range(levels):
@@ -190,7 +255,7 @@ def matmul_levels(
         left = acat[:, lo : hi + 1, :].reshape(m, -1)
         np.matmul(left, btail[lo : hi + 1].reshape(-1, p), out=terms[count])
         count += 1
-        factor += tail_factor(n, levels, bits, ka, kb)
+        factor += tail_factor(n, levels, bits, ka, kb, math.ldexp(float(da.sum()), -bits))
     nz_a, nz_b = top_a > 0, top_b > 0
     # factor n 2**(ea + eb) as a product of powers of two (exact while risk is False)
     scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
@@ -198,7 +263,7 @@ def matmul_levels(
     bound = np.multiply.outer(scale_a, scale_b)
     ea_nz, eb_nz = ea[nz_a], eb[nz_b]
     risk = bool(ea_nz.size and eb_nz.size)
-    risk = risk and bool(
+    risk = unsound or risk and bool(
         ea_nz.min() + eb_nz.min() - bits * (levels + 2) - 60 < -1000
         or ea_nz.max() + eb_nz.max() > 900
     )
