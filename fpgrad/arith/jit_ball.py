@@ -201,7 +201,7 @@ def slices(
     Slice i < count of an element is the sum of its words rounded to multiples of
     2**(e - bits (i + 1)) by ``(w + sigma) - sigma``, one word at a time, stored at
     ``sl[s_at[i] + r s_r + c]``; the float64 sum of what remains after t slices (t = 0: the
-    value) at ``tl[t_at[t] + r t_r + c]``, t <= count. ``dmax[i]``: the largest |digit| of
+    value) at ``tl[t_at[t] + r t_r + c]``, t <= count (not kept where ``t_at[t] < 0``). ``dmax[i]``: the largest |digit| of
     slice i (|slice| / its unit; powers of two, so exact). Returns (1 + the last slice index
     with a non-zero digit anywhere, the last t whose remainder has a non-zero word anywhere,
     -1 for none).
@@ -239,11 +239,13 @@ def slices(
         for w in range(nw):
             for c in range(cols):
                 rem[w, c] = words[w, r, c]
-        base_t = np.uint64(t_at[0] + r * t_r)  # unsigned indices: no wrap-around tests
         live = False
         for c in range(cols):
-            tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
             live |= (rem[0, c] != 0.0) | (rem[1, c] != 0.0) | (rem[2, c] != 0.0)
+        if t_at[0] >= 0:
+            base_t = np.uint64(t_at[0] + r * t_r)  # unsigned indices: no wrap-around tests
+            for c in range(cols):
+                tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
         if live:
             last_rem = max(last_rem, 0)
         for i in range(count):
@@ -280,9 +282,10 @@ def slices(
                 seg = slbits[base_s : base_s + np.uint64(cols)]
                 for c in range(cols):
                     cm[c] = max(cm[c], seg[c] & MAG)
-            base_t = np.uint64(t_at[i + 1] + r * t_r)
-            for c in range(cols):  # its own loop: fewer arrays per loop, cheap alias checks
-                tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
+            if t_at[i + 1] >= 0:
+                base_t = np.uint64(t_at[i + 1] + r * t_r)
+                for c in range(cols):  # its own loop: fewer arrays per loop, cheap alias checks
+                    tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
             if digits:
                 last_slice = max(last_slice, i + 1)
             if live:

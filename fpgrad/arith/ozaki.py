@@ -168,7 +168,7 @@ def _cut(
     t_r: int,
 ) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
     """jit_ball.slices of x (K, R, C): slice i of row r at ``sl.flat[s_at[i] + r s_r:][:C]``,
-    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]``. Returns (scale exponents, largest
+    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]`` (none where ``t_at[t] < 0``). Returns (scale exponents, largest
     |word 0|, per row or column; the two counts of jit_ball.slices; the largest |digit| of
     each slice)."""
     from fpgrad.arith import jit_ball
@@ -194,9 +194,10 @@ def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int) -> tuple:
     acat = np.empty((m, big, n))  # acat[:, i] = slice i of a; acat[:, L] = a's remainder
     brev = np.empty((levels, n, p))  # brev[L - 1 - j] = slice j of b
     btail = np.empty((big, n, p))  # btail[L - t] = b's remainder after t slices
-    # a's remainder after t slices goes to slot t of acat, where slice t overwrites it (t < L)
+    # a's remainder after L slices goes to slot L of acat (the others are not kept)
     at = [i * n for i in range(big)]
-    cut_a = _cut(a, True, bits, levels, acat, at, big * n, acat, at, big * n)
+    keep = [-1] * levels + [levels * n]
+    cut_a = _cut(a, True, bits, levels, acat, at, big * n, acat, keep, big * n)
     bs = [(levels - 1 - j) * n * p for j in range(levels)]
     bt = [(levels - t) * n * p for t in range(big)]
     cut_b = _cut(b, False, bits, levels, brev, bs, p, btail, bt, p)
