@@ -81,7 +81,7 @@ def test_wide_products_of_float64_operands() -> None:
 
 
 def test_level_choice_for_the_reference() -> None:
-    # BallArith at 150 bits asks 2**-135 of n max|a row| max|b col|; nominal digits
+    # BallArith at 150 bits asks 2**-135 of n max|a row| max|b col| (nominal digits)
     for n in (10, 64, 128, 256, 1024):
         levels, bits = ozaki.exact_levels(n, 133, 3, 3)
         spread = (1 + 0.75 * (levels - 1)) * (1 + 2.0**-8)

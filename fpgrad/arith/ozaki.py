@@ -12,9 +12,14 @@ sum is exact too.
 :func:`exact_products` keeps every slice and every pair: the unevaluated sum of its matrices
 is the exact product. :func:`matmul_levels` computes the exact levels ``s < L`` and all the
 pairs below them as one float64 product (the *tail*, about ``2**-(b L)`` of the result, so its
-rounding, bounded by :func:`tail_factor`, lands about ``2**-(b L + 38)`` down): 5 levels of
-20 bits reach 2**-138 where 7 levels of truncated pairs reached 2**-134, with 15 + 6 slice
-products instead of 28 (k-word times k-word; 12 + 3 instead of 18 against a float64 matrix).
+rounding, bounded by :func:`tail_factor`, lands about ``2**-(b L + 38)`` down). Its slices
+are as wide as the digits they actually hold allow (:func:`wide_bits`: 21 bits for an inner
+dimension of 256, 22 for 128, where digits below ``2**(b+1)`` allow 20): the slicing reports
+the largest digit of every slice, every level is checked to be an exact BLAS product for those
+digits (:func:`levels_exact`) and the tail is bounded with them; where the check fails the
+product is cut again with :func:`digit_bits`. 5 levels of 21 bits reach 2**-144, with 15 + 6
+slice products (k-word times k-word; fewer against a float64 matrix, whose slices run out
+sooner).
 The slicing there is compiled (:func:`fpgrad.arith.jit_ball.slices`).
 """
 
@@ -90,12 +95,12 @@ def exact_products(a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
 
 
 def wide_bits(n: int, levels: int) -> int:
-    """Largest b with ``n 2**(2b) (1 + (s - 1) / 4) <= 2**53 / (1 + 2**-8)`` for every level
-    ``s < levels`` (level 0: ``n 2**(2b)``): exact levels when slice 0's digits are at most
-    2**b and later slices' at most 2**(b-1) (as rounding to nearest leaves them for
-    canonical expansions, up to a few units; checked on the digits themselves,
-    :func:`levels_exact`)."""
-    weight = 1.0 + max(levels - 2, 0) / 4.0
+    """Largest b whose levels ``s < levels`` stay exact for nominal digits: at most 2**b in
+    slice 0 and ``0.75 2**b`` later (rounding to nearest leaves ``2**(b-1)`` of a word, and a
+    canonical expansion's next word adds at most half of that where it takes over), i.e.
+    ``n 2**(2b) w_s <= 2**53 / (1 + 2**-8)`` with ``w_0 = 1``, ``w_s = 1.5 + 0.5625 (s - 1)``.
+    Nominal only: :func:`matmul_levels` checks the digits themselves (:func:`levels_exact`)."""
+    weight = 1.0 if levels < 2 else 1.5 + 0.5625 * (levels - 2)
     b = 26
     while b > 1 and n * 2.0 ** (2 * b) * weight * (1 + 2.0**-8) > 2.0**53:
         b -= 1
@@ -142,12 +147,12 @@ def tail_factor(
 def exact_levels(n: int, prec: int, ka: int, kb: int, wide: bool = True) -> tuple[int, int]:
     """(L, bits): the fewest exact levels whose tail errs below 2**-(prec + 2) n 2**(ea + eb).
 
-    ``wide``: slices of :func:`wide_bits` (digits nominally 2**b, then 2**(b-1)); else of
+    ``wide``: slices of :func:`wide_bits` (digits nominally 2**b, then 0.75 2**b); else of
     :func:`digit_bits` (digits below 2**(b+1), always)."""
     for levels in range(1, MAX_SLICES):
         if wide:
             bits = wide_bits(n, levels)
-            spread = (1.0 + (levels - 1) / 2.0) * (1 + 2.0**-8)
+            spread = (1.0 + 0.75 * (levels - 1)) * (1 + 2.0**-8)
         else:
             bits, spread = digit_bits(n, levels), 2.0 * levels
         if tail_factor(n, levels, bits, ka, kb, spread) <= 2.0 ** -(prec + 2):
@@ -264,8 +269,8 @@ def matmul_levels(
     bound = np.multiply.outer(scale_a, scale_b)
     ea_nz, eb_nz = ea[nz_a], eb[nz_b]
     risk = bool(ea_nz.size and eb_nz.size)
-    risk = unsound or risk and bool(
+    risk = risk and bool(
         ea_nz.min() + eb_nz.min() - bits * (levels + 2) - 60 < -1000
         or ea_nz.max() + eb_nz.max() > 900
     )
-    return terms[:count], bound, risk
+    return terms[:count], bound, risk or unsound
