@@ -1,12 +1,12 @@
 """Wide Ozaki slices (fpgrad.arith.ozaki.wide_bits) and the compiled digit counts.
 
-Slices are as wide as their *measured* digits allow: jit_ball.slices reports the largest
-|digit| of every slice, matmul_levels checks that every level is an exact BLAS product for
-those digits (ozaki.levels_exact) and bounds the tail with them, and falls back to the
-narrow slices of ozaki.digit_bits (digits below 2**(b+1), always) when they are wider than
-nominal. Checked here against exact rationals, with cancellation, magnitudes from 2**-300 to
-2**300 and exact zeros, and on the fallback path. Also: ball_digits' compiled kernel
-against its numpy formulas.
+Slices are as wide as their nominal digits allow: jit_ball.slices counts the digits above
+their nominal bound (ozaki.digit_caps), the levels are exact BLAS products for digits within
+it (ozaki.levels_exact) and the tail is bounded with it; matmul_levels cuts the product again
+with the narrow slices of ozaki.digit_bits (digits below 2**(b+1)) where a digit exceeds it.
+Checked here against exact rationals, with cancellation, magnitudes from 2**-300 to 2**300
+and exact zeros, and on both fallback paths. Also: ball_digits' compiled kernel against its
+numpy formulas.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def test_level_choice_for_the_reference() -> None:
     # BallArith at 150 bits asks 2**-135 of n max|a row| max|b col| (nominal digits)
     for n in (10, 64, 128, 256, 1024):
         levels, bits = ozaki.exact_levels(n, 133, 3, 3)
-        spread = (1 + 0.75 * (levels - 1)) * (1 + 2.0**-8)
+        caps = ozaki.digit_caps(levels, bits, True)
+        assert ozaki.levels_exact(n, levels, caps, caps)
+        spread = math.ldexp(float(caps.sum()), -bits)
         assert ozaki.tail_factor(n, levels, bits, 3, 3, spread) <= 2.0**-135
         assert bits >= ozaki.digit_bits(n, levels)  # never narrower than the safe slices
 
@@ -95,35 +97,51 @@ def test_levels_exact_is_the_integer_bound() -> None:
     assert ozaki.levels_exact(256, 5, nominal, nominal)
     assert ozaki.levels_exact(256, 5, nominal * 2, nominal)  # 2**52.7
     assert not ozaki.levels_exact(256, 5, nominal * 4, nominal)  # 2**53.7
-    # digits 2**22: level 0 is n 2**44, level 1 n 2**45 (against 2**53, with a hair of slack)
+    # digits 2**22: level 1 is n 2**45, exactly 2**53 at n = 256 (exact); one unit more is not
     d = np.array([2.0**22, 2.0**22])
-    assert ozaki.levels_exact(256, 1, d, d) and ozaki.levels_exact(128, 2, d, d)
-    assert not ozaki.levels_exact(256, 2, d, d)
+    assert ozaki.levels_exact(256, 2, d, d) and not ozaki.levels_exact(512, 2, d, d)
+    assert not ozaki.levels_exact(256, 2, d + np.array([0.0, 1.0]), d)
 
 
-def test_fallback_to_narrow_slices_when_digits_are_too_wide(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # slices far too wide for exact levels: the measured digits fail the check, the product
-    # is cut again with digit_bits and stays within its bound
-    calls = []
-    real = ozaki.levels_exact
+def _spy_cuts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(bits, digits above their caps) of every operand matmul_levels cuts."""
+    calls: list[tuple[int, int]] = []
+    real = ozaki._cut
 
-    def spy(n: int, levels: int, da: np.ndarray, db: np.ndarray) -> bool:
-        ok = real(n, levels, da, db)
-        calls.append(ok)
-        return ok
+    def spy(*args: object) -> tuple:
+        out = real(*args)  # type: ignore[arg-type]
+        calls.append((int(args[2]), out[4]))  # type: ignore[call-overload]
+        return out
 
+    monkeypatch.setattr(ozaki, "_cut", spy)
+    return calls
+
+
+def test_fallback_when_the_levels_would_not_be_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # slices far too wide for exact levels: cut again with digit_bits, within the bound
+    calls = _spy_cuts(monkeypatch)
     monkeypatch.setattr(ozaki, "wide_bits", lambda n, levels: 26)
-    monkeypatch.setattr(ozaki, "levels_exact", spy)
     rng = np.random.default_rng(5)
-    a = _words(rng, (2, 64), -3, 3)
-    b = _words(rng, (64, 2), -3, 3)
-    _check_within_bound(a, b, 133)
-    assert calls == [False, True]
+    _check_within_bound(_words(rng, (2, 64), -3, 3), _words(rng, (64, 2), -3, 3), 133)
+    narrow = ozaki.exact_levels(64, 133, 3, 3, wide=False)[1]
+    assert [c[0] for c in calls] == [26, 26, narrow, narrow]
 
 
-def test_slice_digit_maxima() -> None:
+def test_fallback_when_digits_exceed_their_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # nominal caps far too low: digits above them are counted, and the product is cut again
+    calls = _spy_cuts(monkeypatch)
+    real = ozaki.digit_caps
+    monkeypatch.setattr(
+        ozaki,
+        "digit_caps",
+        lambda levels, bits, wide: real(levels, bits, wide) / (8 if wide else 1),
+    )
+    rng = np.random.default_rng(6)
+    _check_within_bound(_words(rng, (2, 64), -3, 3), _words(rng, (64, 2), -3, 3), 133)
+    assert calls[0][1] > 0 and calls[2][1] == 0 and calls[3][1] == 0
+
+
+def test_slice_digits_are_counted_against_their_caps() -> None:
     rng = np.random.default_rng(7)
     x = _words(rng, (5, 40), -30, 30)
     x[:, 3] = 0.0
@@ -134,13 +152,19 @@ def test_slice_digit_maxima() -> None:
         tl = np.empty((levels + 1, rows, cols))
         s_at = [i * rows * cols for i in range(levels)]
         t_at = [t * rows * cols for t in range(levels + 1)]
-        expo, _, _, _, dmax = ozaki._cut(x, by_row, bits, levels, sl, s_at, cols, tl, t_at, cols)
-        scale = expo[:, None] if by_row else expo[None, :]
+        caps = np.array([2.0**bits, 2.0**20, 2.0**19 + 5, 3.0])
+        out = ozaki._cut(x, by_row, bits, levels, sl, s_at, cols, tl, t_at, cols, caps)
+        expo = out[0][:, None] if by_row else out[0][None, :]
+        over = 0
         for i in range(levels):
-            digits = np.abs(np.ldexp(sl[i], bits * (i + 1) - scale))
+            digits = np.abs(np.ldexp(sl[i], bits * (i + 1) - expo))
             assert np.all(digits == np.round(digits))  # integers in their unit
-            assert dmax[i] == digits.max()
-        assert dmax[0] <= 2.0**bits and dmax.max() <= 2.0 ** (bits + 1)
+            assert digits.max() <= 2.0 ** (bits + 1)
+            over += int((digits > caps[i]).sum())
+        assert out[4] == over > 0
+        nominal = ozaki._cut(x, by_row, bits, levels, sl, s_at, cols, tl, t_at, cols,
+                             ozaki.digit_caps(levels, bits, True))  # fmt: skip
+        assert nominal[4] == 0
 
 
 def test_digits_kernel_matches_the_numpy_formulas() -> None:

@@ -23,7 +23,6 @@ LO, HI = 2.0**-800, 2.0**800  # the guarded range of |word 0|
 ADD, SUB, MUL, DIV = 0, 1, 2, 3
 BLOCK = 256  # elements per block of the renormalisation
 LOG10_2 = math.log10(2.0)
-MAG = np.int64(0x7FFFFFFFFFFFFFFF)  # all bits of a float64 but the sign
 
 w_two_sum = words_intrinsic(lambda k, a, b: two_sum(a, b), "cc", 2)
 
@@ -191,8 +190,8 @@ def slices(
     tl: np.ndarray,
     t_at: np.ndarray,
     t_r: int,
-    dmax: np.ndarray,
-) -> tuple[int, int]:
+    cap: np.ndarray,
+) -> tuple[int, int, int]:
     """Cut each element of a (R, C) matrix of K <= 3 words into slices (Ozaki's splitting).
 
     Element (r, c) has the words ``words[:, r, c]``.
@@ -201,10 +200,11 @@ def slices(
     Slice i < count of an element is the sum of its words rounded to multiples of
     2**(e - bits (i + 1)) by ``(w + sigma) - sigma``, one word at a time, stored at
     ``sl[s_at[i] + r s_r + c]``; the float64 sum of what remains after t slices (t = 0: the
-    value) at ``tl[t_at[t] + r t_r + c]``, t <= count (not kept where ``t_at[t] < 0``). ``dmax[i]``: the largest |digit| of
-    slice i (|slice| / its unit; powers of two, so exact). Returns (1 + the last slice index
-    with a non-zero digit anywhere, the last t whose remainder has a non-zero word anywhere,
-    -1 for none).
+    value) at ``tl[t_at[t] + r t_r + c]``, t <= count (not kept where ``t_at[t] < 0``).
+    Returns (1 + the last slice index with a non-zero digit anywhere, the last t whose
+    remainder has a non-zero word anywhere, -1 for none; how many digits of slice i exceed
+    ``cap[i]`` in absolute value, over all i: digits are |slice| / unit, compared as
+    ``|slice| > cap[i] * unit``, a power-of-two scaling, exact in the guarded range).
     """
     nw, rows, cols = words.shape
     rem = np.zeros((3, cols))
@@ -223,18 +223,17 @@ def slices(
                 v = rem[0, c]
                 top[c] = v if v > top[c] else top[c]
     sig = np.empty((count, top.shape[0]))  # 1.5 * 2**(e - bits (i + 1) + 52)
+    lim = np.empty((count, top.shape[0]))  # cap[i] * 2**(e - bits (i + 1))
     for q in range(top.shape[0]):
         expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
         for i in range(count):
             sig[i, q] = math.ldexp(1.5, expo[q] - bits * (i + 1) + 52)
+            lim[i, q] = math.ldexp(cap[i], expo[q] - bits * (i + 1))
     srow = np.empty(cols)
-    cmax = np.zeros((count, cols if not per_row else 1), dtype=np.int64)  # per column
-    slbits = sl.view(np.int64)
-    pat = np.zeros(1, dtype=np.int64)
-    patf = pat.view(np.float64)
-    dmax[:] = 0.0
+    lrow = np.empty(cols)
     last_slice = 0
     last_rem = -1
+    over = 0
     for r in range(rows):
         for w in range(nw):
             for c in range(cols):
@@ -252,9 +251,11 @@ def slices(
             if per_row:
                 for c in range(cols):
                     srow[c] = sig[i, r]
+                    lrow[c] = lim[i, r]
             else:
                 for c in range(cols):
                     srow[c] = sig[i, c]
+                    lrow[c] = lim[i, c]
             base_s = np.uint64(s_at[i] + r * s_r)
             digits = False
             live = False
@@ -270,18 +271,7 @@ def slices(
                 sl[base_s + np.uint64(c)] = si
                 digits |= si != 0.0
                 live |= (x0 != 0.0) | (x1 != 0.0) | (x2 != 0.0)
-            # largest |slice|: on the bit patterns, ordered as the values (the max vectorises)
-            if per_row:
-                imax = np.int64(0)
-                for c in range(cols):
-                    imax = max(imax, slbits[base_s + np.uint64(c)] & MAG)
-                pat[0] = imax
-                dmax[i] = max(dmax[i], math.ldexp(patf[0], bits * (i + 1) - expo[r]))
-            else:
-                cm = cmax[i]
-                seg = slbits[base_s : base_s + np.uint64(cols)]
-                for c in range(cols):
-                    cm[c] = max(cm[c], seg[c] & MAG)
+                over += abs(si) > lrow[c]
             if t_at[i + 1] >= 0:
                 base_t = np.uint64(t_at[i + 1] + r * t_r)
                 for c in range(cols):  # its own loop: fewer arrays per loop, cheap alias checks
@@ -290,12 +280,7 @@ def slices(
                 last_slice = max(last_slice, i + 1)
             if live:
                 last_rem = max(last_rem, i + 1)
-    if not per_row:
-        for i in range(count):
-            for c in range(cols):
-                pat[0] = cmax[i, c]
-                dmax[i] = max(dmax[i], math.ldexp(patf[0], bits * (i + 1) - expo[c]))
-    return last_slice, last_rem
+    return last_slice, last_rem, over
 
 
 @njit(**JIT)

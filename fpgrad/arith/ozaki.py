@@ -13,19 +13,19 @@ sum is exact too.
 is the exact product. :func:`matmul_levels` computes the exact levels ``s < L`` and all the
 pairs below them as one float64 product (the *tail*, about ``2**-(b L)`` of the result, so its
 rounding, bounded by :func:`tail_factor`, lands about ``2**-(b L + 38)`` down). Its slices
-are as wide as the digits they actually hold allow (:func:`wide_bits`: 21 bits for an inner
-dimension of 256, 22 for 128, where digits below ``2**(b+1)`` allow 20): the slicing reports
-the largest digit of every slice, every level is checked to be an exact BLAS product for those
-digits (:func:`levels_exact`) and the tail is bounded with them; where the check fails the
-product is cut again with :func:`digit_bits`. 5 levels of 21 bits reach 2**-144, with 15 + 6
-slice products (k-word times k-word; fewer against a float64 matrix, whose slices run out
-sooner).
-The slicing there is compiled (:func:`fpgrad.arith.jit_ball.slices`).
+are as wide as the digits they nominally hold allow (:func:`wide_bits`: 21 bits for an inner
+dimension of 256, 22 for 128, where digits below ``2**(b+1)`` allow 20): the slicing counts
+the digits above their nominal bound (:func:`digit_caps`), the levels are exact BLAS products
+for digits within it (:func:`levels_exact`) and the tail is bounded with it; where a digit
+exceeds it the product is cut again with :func:`digit_bits`. 5 levels of 21 bits reach
+2**-144, with 15 + 6 slice products (k-word times k-word; fewer against a float64 matrix,
+whose slices run out sooner). The slicing there is compiled (:func:`fpgrad.arith.jit_ball.slices`).
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -98,8 +98,9 @@ def wide_bits(n: int, levels: int) -> int:
     """Largest b whose levels ``s < levels`` stay exact for nominal digits: at most 2**b in
     slice 0 and ``0.75 2**b`` later (rounding to nearest leaves ``2**(b-1)`` of a word, and a
     canonical expansion's next word adds at most half of that where it takes over), i.e.
-    ``n 2**(2b) w_s <= 2**53 / (1 + 2**-8)`` with ``w_0 = 1``, ``w_s = 1.5 + 0.5625 (s - 1)``.
-    Nominal only: :func:`matmul_levels` checks the digits themselves (:func:`levels_exact`)."""
+    ``n 2**(2b) w_s <= 2**53 / (1 + 2**-8)`` with ``w_0 = 1``, ``w_s = 1.5 + 0.5625 (s - 1)``
+    (the margin covers the 4 units of :func:`digit_caps`). Nominal only: :func:`matmul_levels`
+    counts the digits beyond it."""
     weight = 1.0 if levels < 2 else 1.5 + 0.5625 * (levels - 2)
     b = 26
     while b > 1 and n * 2.0 ** (2 * b) * weight * (1 + 2.0**-8) > 2.0**53:
@@ -108,14 +109,21 @@ def wide_bits(n: int, levels: int) -> int:
 
 
 def levels_exact(n: int, levels: int, da: np.ndarray, db: np.ndarray) -> bool:
-    """Whether every level ``s < levels`` is an exact BLAS product for slices whose largest
-    |digits| are ``da``, ``db``: ``n sum_{i+j=s} da_i db_j <= 2**53`` (every partial sum
-    of the integer products is then an integer of at most 53 bits, whatever the order)."""
-    for s in range(levels):
-        total = sum(float(da[i]) * float(db[s - i]) for i in range(s + 1))
-        if n * total * (1 + 2.0**-50) > 2.0**53:
-            return False
-    return True
+    """Whether every level ``s < levels`` is an exact BLAS product for slices whose |digits|
+    are at most ``da``, ``db``: ``n sum_{i+j=s} da_i db_j <= 2**53`` (every partial sum of
+    the integer products is then an integer of at most 53 bits, whatever the order);
+    evaluated in rationals."""
+    fa = [Fraction(float(x)) for x in da]
+    fb = [Fraction(float(x)) for x in db]
+    return all(n * sum(fa[i] * fb[s - i] for i in range(s + 1)) <= 2**53 for s in range(levels))
+
+
+def digit_caps(levels: int, bits: int, wide: bool) -> np.ndarray:
+    """The |digit| bound of each slice that :func:`matmul_levels` checks: nominal for wide
+    slices (``2**b``, then ``0.75 2**b``, each plus 4 units), ``2**(b+1)`` for narrow ones."""
+    if not wide:
+        return np.full(levels, 2.0 ** (bits + 1))
+    return np.array([2.0**bits + 4] + [0.75 * 2.0**bits + 4] * (levels - 1))
 
 
 def tail_factor(
@@ -123,7 +131,7 @@ def tail_factor(
 ) -> float:
     """Bound of the tail's error per unit of ``n 2**(ea + eb)`` (see :func:`matmul_levels`).
 
-    ``spread``: ``sum_{i<L} d_i 2**-bits`` with ``d_i`` the largest |digit| of a's slice i
+    ``spread``: ``sum_{i<L} d_i 2**-bits`` with ``d_i`` a bound on the |digits| of a's slice i
     (default ``2 L``: digits below ``2**(bits+1)``). With ``|A_i| <= d_i 2**(ea - bits (i+1))``,
     the remainders of b after t slices ``|R_t| <= kb 2**(eb - bits t - 1)`` (each word's
     remainder at most half the last unit), ``|R^a_L| <= ka 2**(ea - bits L - 1)`` and
@@ -147,14 +155,11 @@ def tail_factor(
 def exact_levels(n: int, prec: int, ka: int, kb: int, wide: bool = True) -> tuple[int, int]:
     """(L, bits): the fewest exact levels whose tail errs below 2**-(prec + 2) n 2**(ea + eb).
 
-    ``wide``: slices of :func:`wide_bits` (digits nominally 2**b, then 0.75 2**b); else of
-    :func:`digit_bits` (digits below 2**(b+1), always)."""
+    ``wide``: slices of :func:`wide_bits`, else of :func:`digit_bits`; the tail bounded with
+    :func:`digit_caps`."""
     for levels in range(1, MAX_SLICES):
-        if wide:
-            bits = wide_bits(n, levels)
-            spread = (1.0 + 0.75 * (levels - 1)) * (1 + 2.0**-8)
-        else:
-            bits, spread = digit_bits(n, levels), 2.0 * levels
+        bits = wide_bits(n, levels) if wide else digit_bits(n, levels)
+        spread = math.ldexp(float(digit_caps(levels, bits, wide).sum()), -bits)
         if tail_factor(n, levels, bits, ka, kb, spread) <= 2.0 ** -(prec + 2):
             return levels, bits
     raise ValueError(f"no slicing reaches {prec} bits for inner dimension {n}")
@@ -171,27 +176,27 @@ def _cut(
     tl: np.ndarray,
     t_at: list[int],
     t_r: int,
-) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    caps: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """jit_ball.slices of x (K, R, C): slice i of row r at ``sl.flat[s_at[i] + r s_r:][:C]``,
-    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]`` (none where ``t_at[t] < 0``). Returns (scale exponents, largest
-    |word 0|, per row or column; the two counts of jit_ball.slices; the largest |digit| of
-    each slice)."""
+    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]`` (none where ``t_at[t] < 0``). Returns
+    (scale exponents, largest |word 0|, per row or column; the three counts of
+    jit_ball.slices, the last: digits above ``caps``)."""
     from fpgrad.arith import jit_ball
 
     x = np.ascontiguousarray(x, dtype=np.float64)
     size = x.shape[1] if by_row else x.shape[2]
     expo = np.empty(size, dtype=np.int64)
     top = np.empty(size)
-    dmax = np.empty(levels)
     out = jit_ball.slices(
         x, by_row, bits, levels, expo, top,
         sl.reshape(-1), np.array(s_at, dtype=np.int64), s_r,
-        tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r, dmax,
+        tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r, caps,
     )  # fmt: skip
-    return expo, top, int(out[0]), int(out[1]), dmax
+    return expo, top, int(out[0]), int(out[1]), int(out[2])
 
 
-def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int) -> tuple:
+def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int, caps: np.ndarray) -> tuple:
     """Slices and remainders of a (by row) and b (by column), laid out for the products."""
     _, m, n = a.shape
     p = b.shape[2]
@@ -202,19 +207,11 @@ def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int) -> tuple:
     # a's remainder after L slices goes to slot L of acat (the others are not kept)
     at = [i * n for i in range(big)]
     keep = [-1] * levels + [levels * n]
-    cut_a = _cut(a, True, bits, levels, acat, at, big * n, acat, keep, big * n)
+    cut_a = _cut(a, True, bits, levels, acat, at, big * n, acat, keep, big * n, caps)
     bs = [(levels - 1 - j) * n * p for j in range(levels)]
     bt = [(levels - t) * n * p for t in range(big)]
-    cut_b = _cut(b, False, bits, levels, brev, bs, p, btail, bt, p)
+    cut_b = _cut(b, False, bits, levels, brev, bs, p, btail, bt, p, caps)
     return acat, brev, btail, cut_a, cut_b
-
-
-def _checked(n: int, levels: int, bits: int, da: np.ndarray, db: np.ndarray) -> bool:
-    """Exact levels, and every digit below 2**(bits+1) (the sum bound of matmul_levels)."""
-    top = 2.0 ** (bits + 1)
-    return bool(da.max(initial=0.0) <= top and db.max(initial=0.0) <= top) and levels_exact(
-        n, levels, da, db
-    )
 
 
 def matmul_levels(
@@ -233,13 +230,14 @@ def matmul_levels(
     ka, m, n = a.shape
     kb, _, p = b.shape
     levels, bits = exact_levels(n, prec, ka, kb)
-    acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits)
-    unsound = False
-    if not _checked(n, levels, bits, cut_a[4], cut_b[4]):  # digits wider than nominal
+    caps = digit_caps(levels, bits, wide=True)
+    acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
+    if cut_a[4] or cut_b[4] or not levels_exact(n, levels, caps, caps):  # narrow slices
         levels, bits = exact_levels(n, prec, ka, kb, wide=False)
-        acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits)
-        unsound = not _checked(n, levels, bits, cut_a[4], cut_b[4])
-    ea, top_a, na, ra, da = cut_a
+        caps = digit_caps(levels, bits, wide=False)
+        acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
+    unsound = bool(cut_a[4] or cut_b[4]) or not levels_exact(n, levels, caps, caps)
+    ea, top_a, na, ra, _ = cut_a
     eb, top_b, nb, rb, _ = cut_b
     big = levels + 1
     terms = np.empty((big, m, p))
@@ -261,7 +259,7 @@ def matmul_levels(
         left = acat[:, lo : hi + 1, :].reshape(m, -1)
         np.matmul(left, btail[lo : hi + 1].reshape(-1, p), out=terms[count])
         count += 1
-        factor += tail_factor(n, levels, bits, ka, kb, math.ldexp(float(da.sum()), -bits))
+        factor += tail_factor(n, levels, bits, ka, kb, math.ldexp(float(caps.sum()), -bits))
     nz_a, nz_b = top_a > 0, top_b > 0
     # factor n 2**(ea + eb) as a product of powers of two (exact while risk is False)
     scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
