@@ -12,6 +12,7 @@ numpy formulas.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from fractions import Fraction
 
 import numpy as np
@@ -103,6 +104,14 @@ def test_levels_exact_is_the_integer_bound() -> None:
     assert not ozaki.levels_exact(256, 2, d + np.array([0.0, 1.0]), d)
 
 
+@pytest.fixture
+def fresh_plans() -> Iterator[None]:
+    """matmul_levels' plans made under this test's patches only (and forgotten after)."""
+    ozaki._plan.cache_clear()
+    yield
+    ozaki._plan.cache_clear()
+
+
 def _spy_cuts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """(bits, digits above their caps) of every operand matmul_levels cuts."""
     calls: list[tuple[int, int]] = []
@@ -117,6 +126,7 @@ def _spy_cuts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return calls
 
 
+@pytest.mark.usefixtures("fresh_plans")
 def test_fallback_when_the_levels_would_not_be_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     # slices far too wide for exact levels: cut again with digit_bits, within the bound
     calls = _spy_cuts(monkeypatch)
@@ -127,6 +137,7 @@ def test_fallback_when_the_levels_would_not_be_exact(monkeypatch: pytest.MonkeyP
     assert [c[0] for c in calls] == [26, 26, narrow, narrow]
 
 
+@pytest.mark.usefixtures("fresh_plans")
 def test_fallback_when_digits_exceed_their_caps(monkeypatch: pytest.MonkeyPatch) -> None:
     # nominal caps far too low: digits above them are counted, and the product is cut again
     calls = _spy_cuts(monkeypatch)

@@ -24,6 +24,7 @@ whose slices run out sooner). The slicing there is compiled (:func:`fpgrad.arith
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -165,6 +166,19 @@ def exact_levels(n: int, prec: int, ka: int, kb: int, wide: bool = True) -> tupl
     raise ValueError(f"no slicing reaches {prec} bits for inner dimension {n}")
 
 
+@functools.lru_cache(maxsize=256)
+def _plan(
+    n: int, prec: int, ka: int, kb: int, wide: bool
+) -> tuple[int, int, np.ndarray, bool, float]:
+    """(levels, bits, digit caps, levels exact for them, tail factor) of one product shape."""
+    levels, bits = exact_levels(n, prec, ka, kb, wide)
+    caps = digit_caps(levels, bits, wide)
+    caps.flags.writeable = False
+    spread = math.ldexp(float(caps.sum()), -bits)
+    tail = tail_factor(n, levels, bits, ka, kb, spread)
+    return levels, bits, caps, levels_exact(n, levels, caps, caps), tail
+
+
 def _cut(
     x: np.ndarray,
     by_row: bool,
@@ -229,14 +243,12 @@ def matmul_levels(
     """
     ka, m, n = a.shape
     kb, _, p = b.shape
-    levels, bits = exact_levels(n, prec, ka, kb)
-    caps = digit_caps(levels, bits, wide=True)
+    levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, True)
     acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
-    if cut_a[4] or cut_b[4] or not levels_exact(n, levels, caps, caps):  # narrow slices
-        levels, bits = exact_levels(n, prec, ka, kb, wide=False)
-        caps = digit_caps(levels, bits, wide=False)
+    if cut_a[4] or cut_b[4] or not exact:  # digits above their caps: narrow slices
+        levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, False)
         acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
-    unsound = bool(cut_a[4] or cut_b[4]) or not levels_exact(n, levels, caps, caps)
+    unsound = bool(cut_a[4] or cut_b[4]) or not exact
     ea, top_a, na, ra, _ = cut_a
     eb, top_b, nb, rb, _ = cut_b
     big = levels + 1
@@ -259,7 +271,7 @@ def matmul_levels(
         left = acat[:, lo : hi + 1, :].reshape(m, -1)
         np.matmul(left, btail[lo : hi + 1].reshape(-1, p), out=terms[count])
         count += 1
-        factor += tail_factor(n, levels, bits, ka, kb, math.ldexp(float(caps.sum()), -bits))
+        factor += tail
     nz_a, nz_b = top_a > 0, top_b > 0
     # factor n 2**(ea + eb) as a product of powers of two (exact while risk is False)
     scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
