@@ -219,11 +219,23 @@ def main() -> int:
     ap.add_argument("--mp-bits", type=int, default=128, help="N of the plain mpmath run (N and 2N)")
     ap.add_argument("--train-steps", type=int, default=50)
     ap.add_argument(
+        "--mm-prec", type=int, default=None,
+        help="products to 2**-(P+2) of n max|a row| max|b col| (BallArith.mm_prec; a study)",
+    )  # fmt: skip
+    ap.add_argument(
         "--widths", default="64,256,512,1024",
         help="hidden widths W of 64-W-W-10 MLPs whose ratios are printed too ('' for none)",
     )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mm_prec is not None:
+        init = BallArith.__init__
+
+        def at_prec(self: BallArith, bits: int = args.bits) -> None:
+            init(self, bits)
+            self.mm_prec = args.mm_prec
+
+        BallArith.__init__ = at_prec  # type: ignore[method-assign]
 
     net = build_mlp(args.batch)
     t0 = time.perf_counter()
