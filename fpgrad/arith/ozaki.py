@@ -135,12 +135,13 @@ def tail_factor(
     ``spread``: ``sum_{i<L} d_i 2**-bits`` with ``d_i`` a bound on the |digits| of a's slice i
     (default ``2 L``: digits below ``2**(bits+1)``). With ``|A_i| <= d_i 2**(ea - bits (i+1))``,
     the remainders of b after t slices ``|R_t| <= kb 2**(eb - bits t - 1)`` (each word's
-    remainder at most half the last unit), ``|R^a_L| <= ka 2**(ea - bits L - 1)`` and
-    ``|b| < 2**eb``: the float64 product of the blocks [A_0 .. A_{L-1}, R^a_L] and
-    [R_L .. R_1, b] sums (L + 1) n products whose absolute values add up to at most
-    ``n 2**(ea + eb - bits L) S`` with ``S = kb spread / 2 + ka / 2``, so it errs by
-    gamma_{(L+1) n} S; holding each remainder as one rounded float64 (two additions)
-    adds ``(2 gamma_2 + gamma_2**2) S``.
+    remainder at most half the last unit), ``|R^a_L| <= ka 2**(ea - bits L - 1)`` and the
+    words of b each below ``2**eb`` (as its top word, which sets eb): the float64 product of
+    the blocks [A_0 .. A_{L-1}, R^a_L] and [R_L .. R_1, b] sums (L + 1) n products whose
+    absolute values add up to at most ``n 2**(ea + eb - bits L) S`` with
+    ``S = kb spread / 2 + ka kb / 2``, so it errs by gamma_{(L+1) n} S; holding each remainder
+    and b as one rounded float64 of its words (two additions, error gamma_2 times the sum of
+    the words' absolute values) adds ``(2 gamma_2 + gamma_2**2) S``.
     """
     if spread is None:
         spread = 2.0 * levels
@@ -148,7 +149,7 @@ def tail_factor(
     big = (levels + 1) * n * u
     gamma_n = big / (1 - big)
     gamma_2 = 2 * u / (1 - 2 * u)
-    total = (kb * spread / 2 + ka / 2) * (1 + 2.0**-50)
+    total = (kb * spread / 2 + ka * kb / 2) * (1 + 2.0**-50)
     err = (gamma_n + 2.01 * gamma_2) * total * (1 + 2.0**-50)
     return math.ldexp(err, -bits * levels) * (1 + 2.0**-40)
 
