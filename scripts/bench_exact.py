@@ -177,6 +177,24 @@ def arb_product(bits: int, shape: tuple[int, int, int] = (128, 256, 256)) -> str
     )
 
 
+def profile(net: Network, bits: int, top: int, runs: int = 5) -> None:
+    """The ``top`` functions by own process CPU time in ``runs`` exact runs, per run."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    for _ in range(runs):
+        exact_trace(net, bits, method="fast", progress=False)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"profile (cProfile, own CPU time per exact run, {runs} runs):")
+    for (path, line, name), (_, calls, own, _, _) in rows:
+        where = f"{Path(path).name}:{line}({name})" if line else name
+        print(f"  {own / runs * 1e3:8.2f} ms  {calls // runs:5d} calls  {where}")
+
+
 def slice_gemm_time(net: Network, bits: int, repeats: int) -> tuple[float, int]:
     """CPU time of the BLAS calls inside fpgrad.arith.ozaki (the slice products) in one exact
     run (fastest of ``repeats``), and their number: the floor the products set."""
@@ -218,6 +236,12 @@ def main() -> int:
     ap.add_argument("--mp-batch", type=int, default=2, help="batch of the plain mpmath run")
     ap.add_argument("--mp-bits", type=int, default=128, help="N of the plain mpmath run (N and 2N)")
     ap.add_argument("--train-steps", type=int, default=50)
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="print the N functions of the exact run with the most own CPU time (per run)",
+    )
     ap.add_argument(
         "--mm-prec", type=int, default=None,
         help="products to 2**-(P+2) of n max|a row| max|b col| (BallArith.mm_prec; a study)",
@@ -280,6 +304,8 @@ def main() -> int:
         f"(exact_trace: evaluation + certification)"
     )
     print(f"ratio exact / torch float64:   {ratio:9.1f}x   (target <= 10, bar 30)")
+    if args.profile:
+        profile(net, args.bits, args.profile)
     t_gemm, n_gemm = slice_gemm_time(net, args.bits, max(3, args.repeats // 2))
     print(
         f"of which the slice products' BLAS calls ({n_gemm}): {t_gemm * 1e3:9.2f} ms = "
