@@ -177,6 +177,56 @@ def arb_product(bits: int, shape: tuple[int, int, int] = (128, 256, 256)) -> str
     )
 
 
+def profile(net: Network, bits: int, top: int, runs: int = 5) -> None:
+    """The ``top`` functions by own process CPU time in ``runs`` exact runs, per run."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    for _ in range(runs):
+        exact_trace(net, bits, method="fast", progress=False)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"profile (cProfile, own CPU time per exact run, {runs} runs):")
+    for (path, line, name), (_, calls, own, _, _) in rows:
+        where = f"{Path(path).name}:{line}({name})" if line else name
+        print(f"  {own / runs * 1e3:8.2f} ms  {calls // runs:5d} calls  {where}")
+
+
+def slice_gemm_time(net: Network, bits: int, repeats: int) -> tuple[float, int]:
+    """CPU time of the BLAS calls inside fpgrad.arith.ozaki (the slice products) in one exact
+    run (fastest of ``repeats``), and their number: the floor the products set."""
+    import types
+
+    from fpgrad.arith import ozaki
+
+    spent = [0.0, 0]
+    real = np.matmul
+
+    def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        t0 = clock()
+        out = real(*args, **kwargs)
+        spent[0] += clock() - t0
+        spent[1] += 1
+        return out
+
+    proxy = types.ModuleType("numpy")
+    proxy.__dict__.update(np.__dict__)
+    proxy.matmul = timed  # type: ignore[attr-defined]
+    ozaki.np = proxy  # type: ignore[attr-defined]
+    best, calls = math.inf, 0
+    try:
+        for _ in range(repeats):
+            spent[:] = [0.0, 0]
+            exact_trace(net, bits, method="fast", progress=False)
+            best, calls = min(best, spent[0]), int(spent[1])
+    finally:
+        ozaki.np = np  # type: ignore[attr-defined]
+    return best, calls
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
@@ -187,11 +237,29 @@ def main() -> int:
     ap.add_argument("--mp-bits", type=int, default=128, help="N of the plain mpmath run (N and 2N)")
     ap.add_argument("--train-steps", type=int, default=50)
     ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="print the N functions of the exact run with the most own CPU time (per run)",
+    )
+    ap.add_argument(
+        "--mm-prec", type=int, default=None,
+        help="products to 2**-(P+2) of n max|a row| max|b col| (BallArith.mm_prec; a study)",
+    )  # fmt: skip
+    ap.add_argument(
         "--widths", default="64,256,512,1024",
         help="hidden widths W of 64-W-W-10 MLPs whose ratios are printed too ('' for none)",
     )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mm_prec is not None:
+        init = BallArith.__init__
+
+        def at_prec(self: BallArith, bits: int = args.bits) -> None:
+            init(self, bits)
+            self.mm_prec = args.mm_prec
+
+        BallArith.__init__ = at_prec  # type: ignore[method-assign]
 
     net = build_mlp(args.batch)
     t0 = time.perf_counter()
@@ -236,6 +304,13 @@ def main() -> int:
         f"(exact_trace: evaluation + certification)"
     )
     print(f"ratio exact / torch float64:   {ratio:9.1f}x   (target <= 10, bar 30)")
+    if args.profile:
+        profile(net, args.bits, args.profile)
+    t_gemm, n_gemm = slice_gemm_time(net, args.bits, max(3, args.repeats // 2))
+    print(
+        f"of which the slice products' BLAS calls ({n_gemm}): {t_gemm * 1e3:9.2f} ms = "
+        f"{t_gemm / t_torch:.1f}x torch float64 (the floor of this product engine)"
+    )
     print(
         f"first exact call in this process: {t_first:.2f} s wall "
         f"(numba compile, or load from its cache, and one evaluation)"

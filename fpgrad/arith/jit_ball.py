@@ -22,6 +22,7 @@ HI_BOUND = 1.0 + 2.0**-48
 LO, HI = 2.0**-800, 2.0**800  # the guarded range of |word 0|
 ADD, SUB, MUL, DIV = 0, 1, 2, 3
 BLOCK = 256  # elements per block of the renormalisation
+LOG10_2 = math.log10(2.0)
 
 w_two_sum = words_intrinsic(lambda k, a, b: two_sum(a, b), "cc", 2)
 
@@ -189,7 +190,8 @@ def slices(
     tl: np.ndarray,
     t_at: np.ndarray,
     t_r: int,
-) -> tuple[int, int]:
+    cap: np.ndarray,
+) -> tuple[int, int, int]:
     """Cut each element of a (R, C) matrix of K <= 3 words into slices (Ozaki's splitting).
 
     Element (r, c) has the words ``words[:, r, c]``.
@@ -198,9 +200,11 @@ def slices(
     Slice i < count of an element is the sum of its words rounded to multiples of
     2**(e - bits (i + 1)) by ``(w + sigma) - sigma``, one word at a time, stored at
     ``sl[s_at[i] + r s_r + c]``; the float64 sum of what remains after t slices (t = 0: the
-    value) at ``tl[t_at[t] + r t_r + c]``, t <= count. Returns (1 + the last slice index
-    with a non-zero digit anywhere, the last t whose remainder has a non-zero word anywhere,
-    -1 for none).
+    value) at ``tl[t_at[t] + r t_r + c]``, t <= count (not kept where ``t_at[t] < 0``).
+    Returns (1 + the last slice index with a non-zero digit anywhere, the last t whose
+    remainder has a non-zero word anywhere, -1 for none; how many digits of slice i exceed
+    ``cap[i]`` in absolute value, over all i: digits are |slice| / unit, compared as
+    ``|slice| > cap[i] * unit``, a power-of-two scaling, exact in the guarded range).
     """
     nw, rows, cols = words.shape
     rem = np.zeros((3, cols))
@@ -219,31 +223,39 @@ def slices(
                 v = rem[0, c]
                 top[c] = v if v > top[c] else top[c]
     sig = np.empty((count, top.shape[0]))  # 1.5 * 2**(e - bits (i + 1) + 52)
+    lim = np.empty((count, top.shape[0]))  # cap[i] * 2**(e - bits (i + 1))
     for q in range(top.shape[0]):
         expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
         for i in range(count):
             sig[i, q] = math.ldexp(1.5, expo[q] - bits * (i + 1) + 52)
+            lim[i, q] = math.ldexp(cap[i], expo[q] - bits * (i + 1))
     srow = np.empty(cols)
+    lrow = np.empty(cols)
     last_slice = 0
     last_rem = -1
+    over = 0
     for r in range(rows):
         for w in range(nw):
             for c in range(cols):
                 rem[w, c] = words[w, r, c]
-        base_t = np.uint64(t_at[0] + r * t_r)  # unsigned indices: no wrap-around tests
         live = False
         for c in range(cols):
-            tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
             live |= (rem[0, c] != 0.0) | (rem[1, c] != 0.0) | (rem[2, c] != 0.0)
+        if t_at[0] >= 0:
+            base_t = np.uint64(t_at[0] + r * t_r)  # unsigned indices: no wrap-around tests
+            for c in range(cols):
+                tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
         if live:
             last_rem = max(last_rem, 0)
         for i in range(count):
             if per_row:
                 for c in range(cols):
                     srow[c] = sig[i, r]
+                    lrow[c] = lim[i, r]
             else:
                 for c in range(cols):
                     srow[c] = sig[i, c]
+                    lrow[c] = lim[i, c]
             base_s = np.uint64(s_at[i] + r * s_r)
             digits = False
             live = False
@@ -259,11 +271,38 @@ def slices(
                 sl[base_s + np.uint64(c)] = si
                 digits |= si != 0.0
                 live |= (x0 != 0.0) | (x1 != 0.0) | (x2 != 0.0)
-            base_t = np.uint64(t_at[i + 1] + r * t_r)
-            for c in range(cols):  # its own loop: fewer arrays per loop, cheap alias checks
-                tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
+                over += abs(si) > lrow[c]
+            if t_at[i + 1] >= 0:
+                base_t = np.uint64(t_at[i + 1] + r * t_r)
+                for c in range(cols):  # its own loop: fewer arrays per loop, cheap alias checks
+                    tl[base_t + np.uint64(c)] = (rem[0, c] + rem[1, c]) + rem[2, c]
             if digits:
                 last_slice = max(last_slice, i + 1)
             if live:
                 last_rem = max(last_rem, i + 1)
-    return last_slice, last_rem
+    return last_slice, last_rem, over
+
+
+@njit(**JIT)
+def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.ndarray,
+           undet: np.ndarray) -> None:  # fmt: skip
+    """The numpy formulas of :func:`fpgrad.reference.exact.ball_digits` in one pass (1-D).
+
+    Exact zero: ``m0 == 0`` and ``rad == 0`` (digits inf). Undetermined: otherwise not
+    ``|m0| / HI_BOUND > rad`` (NaN included; digits 0). Else ``rad == 0``: ``cap``; else
+    ``-log2(rad HI_BOUND / |m0|) log10(2)`` clipped to ``[0, cap]`` (log2: half the time
+    of log10; the two differ in the last bit at most).
+    """
+    for i in range(m0.size):
+        m, r = abs(m0[i]), rad[i]
+        z = m == 0.0 and r == 0.0
+        u = not z and not (m / HI_BOUND > r)
+        zero[i], undet[i] = z, u
+        if z:
+            d[i] = np.inf
+        elif u:
+            d[i] = 0.0
+        elif r == 0.0:
+            d[i] = cap
+        else:
+            d[i] = min(max(-math.log2(r * HI_BOUND / m) * LOG10_2, 0.0), cap)

@@ -12,15 +12,21 @@ sum is exact too.
 :func:`exact_products` keeps every slice and every pair: the unevaluated sum of its matrices
 is the exact product. :func:`matmul_levels` computes the exact levels ``s < L`` and all the
 pairs below them as one float64 product (the *tail*, about ``2**-(b L)`` of the result, so its
-rounding, bounded by :func:`tail_factor`, lands about ``2**-(b L + 38)`` down): 5 levels of
-20 bits reach 2**-138 where 7 levels of truncated pairs reached 2**-134, with 15 + 6 slice
-products instead of 28 (k-word times k-word; 12 + 3 instead of 18 against a float64 matrix).
-The slicing there is compiled (:func:`fpgrad.arith.jit_ball.slices`).
+rounding, bounded by :func:`tail_factor`, lands about ``2**-(b L + 38)`` down). Its slices
+are as wide as the digits they nominally hold allow (:func:`wide_bits`: 21 bits for an inner
+dimension of 256, 22 for 128, where digits below ``2**(b+1)`` allow 20): the slicing counts
+the digits above their nominal bound (:func:`digit_caps`), the levels are exact BLAS products
+for digits within it (:func:`levels_exact`) and the tail is bounded with it; where a digit
+exceeds it the product is cut again with :func:`digit_bits`. 5 levels of 21 bits reach
+2**-144, with 15 + 6 slice products (k-word times k-word; fewer against a float64 matrix,
+whose slices run out sooner). The slicing there is compiled (:func:`fpgrad.arith.jit_ball.slices`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -89,31 +95,89 @@ def exact_products(a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
     return [sa[i] @ sb[j] for i in range(len(sa)) for j in range(len(sb))]
 
 
-def tail_factor(n: int, levels: int, bits: int, ka: int, kb: int) -> float:
+def wide_bits(n: int, levels: int) -> int:
+    """Largest b whose levels ``s < levels`` stay exact for nominal digits: at most 2**b in
+    slice 0 and ``0.75 2**b`` later (rounding to nearest leaves ``2**(b-1)`` of a word, and a
+    canonical expansion's next word adds at most half of that where it takes over), i.e.
+    ``n 2**(2b) w_s <= 2**53 / (1 + 2**-8)`` with ``w_0 = 1``, ``w_s = 1.5 + 0.5625 (s - 1)``
+    (the margin covers the 4 units of :func:`digit_caps`). Nominal only: :func:`matmul_levels`
+    counts the digits beyond it."""
+    weight = 1.0 if levels < 2 else 1.5 + 0.5625 * (levels - 2)
+    b = 26
+    while b > 1 and n * 2.0 ** (2 * b) * weight * (1 + 2.0**-8) > 2.0**53:
+        b -= 1
+    return b
+
+
+def levels_exact(n: int, levels: int, da: np.ndarray, db: np.ndarray) -> bool:
+    """Whether every level ``s < levels`` is an exact BLAS product for slices whose |digits|
+    are at most ``da``, ``db``: ``n sum_{i+j=s} da_i db_j <= 2**53`` (every partial sum of
+    the integer products is then an integer of at most 53 bits, whatever the order);
+    evaluated in rationals."""
+    fa = [Fraction(float(x)) for x in da]
+    fb = [Fraction(float(x)) for x in db]
+    return all(n * sum(fa[i] * fb[s - i] for i in range(s + 1)) <= 2**53 for s in range(levels))
+
+
+def digit_caps(levels: int, bits: int, wide: bool) -> np.ndarray:
+    """The |digit| bound of each slice that :func:`matmul_levels` checks: nominal for wide
+    slices (``2**b``, then ``0.75 2**b``, each plus 4 units), ``2**(b+1)`` for narrow ones."""
+    if not wide:
+        return np.full(levels, 2.0 ** (bits + 1))
+    return np.array([2.0**bits + 4] + [0.75 * 2.0**bits + 4] * (levels - 1))
+
+
+def tail_factor(
+    n: int, levels: int, bits: int, ka: int, kb: int, spread: float | None = None
+) -> float:
     """Bound of the tail's error per unit of ``n 2**(ea + eb)`` (see :func:`matmul_levels`).
 
-    With A_i the slices of a (|A_i| <= 2 * 2**(ea - bits i)) and R_t the remainders of b
-    after t slices (|R_t| <= kb 2**(eb - bits t - 1), held as float64 sums of their words):
-    the float64 product of the blocks [A_0 .. A_{L-1}, R^a_L] and [R_L .. R_1, b] sums
-    (L + 1) n products of at most ``kb (L + ka/2) 2**(ea + eb - bits L)`` together, so it errs
-    by gamma_{(L+1) n} times that; rounding each remainder to one float64 adds gamma_2 of it.
+    ``spread``: ``sum_{i<L} d_i 2**-bits`` with ``d_i`` a bound on the |digits| of a's slice i
+    (default ``2 L``: digits below ``2**(bits+1)``). With ``|A_i| <= d_i 2**(ea - bits (i+1))``,
+    the remainders of b after t slices ``|R_t| <= kb 2**(eb - bits t - 1)`` (each word's
+    remainder at most half the last unit), ``|R^a_L| <= ka 2**(ea - bits L - 1)`` and the
+    words of b each below ``2**eb`` (as its top word, which sets eb): the float64 product of
+    the blocks [A_0 .. A_{L-1}, R^a_L] and [R_L .. R_1, b] sums (L + 1) n products whose
+    absolute values add up to at most ``n 2**(ea + eb - bits L) S`` with
+    ``S = kb spread / 2 + ka kb / 2``, so it errs by gamma_{(L+1) n} S; holding each remainder
+    and b as one rounded float64 of its words (two additions, error gamma_2 times the sum of
+    the words' absolute values) adds ``(2 gamma_2 + gamma_2**2) S``.
     """
+    if spread is None:
+        spread = 2.0 * levels
     u = 2.0**-53
     big = (levels + 1) * n * u
     gamma_n = big / (1 - big)
     gamma_2 = 2 * u / (1 - 2 * u)
-    gemm = gamma_n * kb * (levels + ka / 2) * (1 + 2.0**-50)
-    held = gamma_2 * (levels * kb + ka * (1 + kb) / 2) * (1 + 2.0**-50)
-    return math.ldexp(gemm + held, -bits * levels) * (1 + 2.0**-40)
+    total = (kb * spread / 2 + ka * kb / 2) * (1 + 2.0**-50)
+    err = (gamma_n + 2.01 * gamma_2) * total * (1 + 2.0**-50)
+    return math.ldexp(err, -bits * levels) * (1 + 2.0**-40)
 
 
-def exact_levels(n: int, prec: int, ka: int, kb: int) -> tuple[int, int]:
-    """(L, bits): the fewest exact levels whose tail errs below 2**-(prec + 2) n 2**(ea + eb)."""
+def exact_levels(n: int, prec: int, ka: int, kb: int, wide: bool = True) -> tuple[int, int]:
+    """(L, bits): the fewest exact levels whose tail errs below 2**-(prec + 2) n 2**(ea + eb).
+
+    ``wide``: slices of :func:`wide_bits`, else of :func:`digit_bits`; the tail bounded with
+    :func:`digit_caps`."""
     for levels in range(1, MAX_SLICES):
-        bits = digit_bits(n, levels)
-        if tail_factor(n, levels, bits, ka, kb) <= 2.0 ** -(prec + 2):
+        bits = wide_bits(n, levels) if wide else digit_bits(n, levels)
+        spread = math.ldexp(float(digit_caps(levels, bits, wide).sum()), -bits)
+        if tail_factor(n, levels, bits, ka, kb, spread) <= 2.0 ** -(prec + 2):
             return levels, bits
     raise ValueError(f"no slicing reaches {prec} bits for inner dimension {n}")
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    n: int, prec: int, ka: int, kb: int, wide: bool
+) -> tuple[int, int, np.ndarray, bool, float]:
+    """(levels, bits, digit caps, levels exact for them, tail factor) of one product shape."""
+    levels, bits = exact_levels(n, prec, ka, kb, wide)
+    caps = digit_caps(levels, bits, wide)
+    caps.flags.writeable = False
+    spread = math.ldexp(float(caps.sum()), -bits)
+    tail = tail_factor(n, levels, bits, ka, kb, spread)
+    return levels, bits, caps, levels_exact(n, levels, caps, caps), tail
 
 
 def _cut(
@@ -127,10 +191,12 @@ def _cut(
     tl: np.ndarray,
     t_at: list[int],
     t_r: int,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+    caps: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """jit_ball.slices of x (K, R, C): slice i of row r at ``sl.flat[s_at[i] + r s_r:][:C]``,
-    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]``. Returns (scale exponents, largest |word 0|, per row or column; the two counts of
-    jit_ball.slices)."""
+    remainder t at ``tl.flat[t_at[t] + r t_r:][:C]`` (none where ``t_at[t] < 0``). Returns
+    (scale exponents, largest |word 0|, per row or column; the three counts of
+    jit_ball.slices, the last: digits above ``caps``)."""
     from fpgrad.arith import jit_ball
 
     x = np.ascontiguousarray(x, dtype=np.float64)
@@ -140,9 +206,27 @@ def _cut(
     out = jit_ball.slices(
         x, by_row, bits, levels, expo, top,
         sl.reshape(-1), np.array(s_at, dtype=np.int64), s_r,
-        tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r,
+        tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r, caps,
     )  # fmt: skip
-    return expo, top, int(out[0]), int(out[1])
+    return expo, top, int(out[0]), int(out[1]), int(out[2])
+
+
+def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int, caps: np.ndarray) -> tuple:
+    """Slices and remainders of a (by row) and b (by column), laid out for the products."""
+    _, m, n = a.shape
+    p = b.shape[2]
+    big = levels + 1
+    acat = np.empty((m, big, n))  # acat[:, i] = slice i of a; acat[:, L] = a's remainder
+    brev = np.empty((levels, n, p))  # brev[L - 1 - j] = slice j of b
+    btail = np.empty((big, n, p))  # btail[L - t] = b's remainder after t slices
+    # a's remainder after L slices goes to slot L of acat (the others are not kept)
+    at = [i * n for i in range(big)]
+    keep = [-1] * levels + [levels * n]
+    cut_a = _cut(a, True, bits, levels, acat, at, big * n, acat, keep, big * n, caps)
+    bs = [(levels - 1 - j) * n * p for j in range(levels)]
+    bt = [(levels - t) * n * p for t in range(big)]
+    cut_b = _cut(b, False, bits, levels, brev, bs, p, btail, bt, p, caps)
+    return acat, brev, btail, cut_a, cut_b
 
 
 def matmul_levels(
@@ -160,17 +244,15 @@ def matmul_levels(
     """
     ka, m, n = a.shape
     kb, _, p = b.shape
-    levels, bits = exact_levels(n, prec, ka, kb)
+    levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, True)
+    acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
+    if cut_a[4] or cut_b[4] or not exact:  # digits above their caps: narrow slices
+        levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, False)
+        acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
+    unsound = bool(cut_a[4] or cut_b[4]) or not exact
+    ea, top_a, na, ra, _ = cut_a
+    eb, top_b, nb, rb, _ = cut_b
     big = levels + 1
-    acat = np.empty((m, big, n))  # acat[:, i] = slice i of a; acat[:, L] = a's remainder
-    brev = np.empty((levels, n, p))  # brev[L - 1 - j] = slice j of b
-    btail = np.empty((big, n, p))  # btail[L - t] = b's remainder after t slices
-    # a's remainder after t slices goes to slot t of acat, where slice t overwrites it (t < L)
-    at = [i * n for i in range(big)]
-    ea, top_a, na, ra = _cut(a, True, bits, levels, acat, at, big * n, acat, at, big * n)
-    bs = [(levels - 1 - j) * n * p for j in range(levels)]
-    bt = [(levels - t) * n * p for t in range(big)]
-    eb, top_b, nb, rb = _cut(b, False, bits, levels, brev, bs, p, btail, bt, p)
     terms = np.empty((big, m, p))
     count = 0
     for s in range(levels):
@@ -190,7 +272,7 @@ def matmul_levels(
         left = acat[:, lo : hi + 1, :].reshape(m, -1)
         np.matmul(left, btail[lo : hi + 1].reshape(-1, p), out=terms[count])
         count += 1
-        factor += tail_factor(n, levels, bits, ka, kb)
+        factor += tail
     nz_a, nz_b = top_a > 0, top_b > 0
     # factor n 2**(ea + eb) as a product of powers of two (exact while risk is False)
     scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
@@ -202,4 +284,4 @@ def matmul_levels(
         ea_nz.min() + eb_nz.min() - bits * (levels + 2) - 60 < -1000
         or ea_nz.max() + eb_nz.max() > 900
     )
-    return terms[:count], bound, risk
+    return terms[:count], bound, risk or unsound

@@ -420,16 +420,20 @@ def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     """(certified digits, exact zeros, undetermined, radii) of a multi-word ball array.
 
     Exact zero: radius 0 at 0. Undetermined: the ball contains 0 otherwise. Digits:
-    ``-log10(rad / |mid|)`` with ``|mid| >= |word 0| / HI_BOUND``, capped at ``cap``.
+    ``-log10(rad / |mid|)`` with ``|mid| >= |word 0| / HI_BOUND``, capped at ``cap``; one
+    compiled pass (:func:`fpgrad.arith.jit_ball.digits`).
     """
-    m = np.abs(ball.mid[0])
+    from fpgrad.arith import jit_ball
+
     r = np.asarray(ball.rad, dtype=np.float64)
-    zero = (m == 0) & (r == 0)
-    undet = ~zero & ~(m / HI_BOUND > r)  # a non-finite radius or midpoint: no sign known
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        d = np.clip(-np.log10(r * HI_BOUND / m), 0.0, cap)
-    d = np.where(r == 0, float(cap), d)
-    d = np.where(zero, np.inf, np.where(undet, 0.0, d))
+    m0 = np.ascontiguousarray(ball.mid[0], dtype=np.float64).reshape(-1)
+    d = np.empty(r.shape)
+    zero = np.empty(r.shape, dtype=bool)
+    undet = np.empty(r.shape, dtype=bool)
+    jit_ball.digits(
+        m0, np.ascontiguousarray(r).reshape(-1), float(cap),
+        d.reshape(-1), zero.reshape(-1), undet.reshape(-1),
+    )  # fmt: skip
     return d, zero, undet, r
 
 
