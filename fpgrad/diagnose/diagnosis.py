@@ -78,7 +78,12 @@ def _precision_findings(
                 f"{s['rounding_zero_lost']} lost upstream (an intermediate died first)",
             ]
             parts += [f"{s[k]} {k}" for k in ("overflow", "nan") if s[k]]
-            text = f"{name}: {lost} of {nonzero} non-zero exact gradients lost ({', '.join(parts)})"
+            text = (
+                f"{name}: {lost} of {nonzero} non-zero exact gradients lost ({', '.join(parts)})"
+                if lost <= nonzero
+                else f"{name}: {lost} gradients lost ({', '.join(parts)}; only {nonzero} exact "
+                "gradients are certified non-zero: the others are zero or undetermined)"
+            )
         else:
             text = f"{name}: none of the {nonzero} non-zero exact gradients lost"
         more = []
