@@ -170,9 +170,7 @@ def compare_graph(
         }
         if masks is None:  # where -inf is an intended mask: the same in every column
             masks = _mask_positions(net.graph, values)
-        first[p.name] = _first_nonfinite(net, values, masks)
-        lost[p.name] = _first_lost(net, refs[p.name], values)
-        places[p.name] = op_places(
+        places[p.name], lost[p.name], first[p.name] = op_places(
             net, refs[p.name], values, node_formats, p.fmt, forward, k, masks
         )  # fmt: skip
     notes = [
@@ -261,23 +259,6 @@ def _rounded(graph: Graph, p: Precision, plan: GraphPlan | None) -> Graph:
     )
 
 
-def _first_lost(net: GraphNetwork, exact: GraphExact, values: dict[str, Any]) -> str | None:
-    """``label: n of m`` for the first op (graph order, constants skipped) whose computed
-    output is 0 where the exact value is certainly non-zero."""
-    constants = net.graph.constants
-    for node in net.graph.ops:
-        v = values.get(node.name)
-        if node.name in constants or not (isinstance(v, np.ndarray) and v.dtype.kind == "f"):
-            continue
-        nz = exact.nonzero(node.name)
-        if nz is None or nz.shape != v.shape:
-            continue
-        n = int(np.count_nonzero((v == 0) & nz))
-        if n:
-            return f"{net.graph.label(node)}: {n} of {v.size}"
-    return None
-
-
 def forward_nodes(graph: Graph) -> set[str]:
     """The op nodes the loss depends on (the forward); every other op is backward."""
     out = next(n for n in graph.gm.graph.nodes if n.op == "output")
@@ -301,30 +282,46 @@ def op_places(
     forward: set[str],
     k: int,
     masks: dict[str, np.ndarray],
-) -> list[dict[str, Any]]:
-    """Per op node that computes one floating output (graph order; constants and ops that only
-    move values (:data:`~fpgrad.graph.names.MOVES`) skipped): module path, op, direction, the
-    format it was computed in and :func:`signal_counts` against the exact value (backward
-    values against 2^k times it); intended ``-inf`` masks (:func:`_mask_positions`) are no
-    overflow."""
+) -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """One pass over the op nodes with one floating output (graph order, constants skipped):
+
+    - the rows of "where the signal died", for the ops that compute (those that only move
+      values, :data:`~fpgrad.graph.names.MOVES`, left out): module path, op, direction, the
+      format it was computed in and :func:`signal_counts` against the exact value (backward
+      values against 2^k times it), an intended ``-inf`` mask (:func:`_mask_positions`) no
+      overflow;
+    - ``label: n of m`` of the first op (moves included) whose output is 0 where the exact
+      value is certainly non-zero, or None;
+    - the label of the first op (moves included) whose output holds inf or NaN other than an
+      intended ``-inf`` mask, or None."""
     constants = net.graph.constants
-    rows = []
+    rows: list[dict[str, Any]] = []
+    lost: str | None = None
+    nonfinite: str | None = None
     for node in net.graph.ops:
         v = values.get(node.name)
         if node.name in constants or not (isinstance(v, np.ndarray) and v.dtype.kind == "f"):
             continue
-        if op_name(node) in MOVES:
-            continue
+        m = masks.get(node.name)
+        mask = m & np.isneginf(v) if m is not None and m.shape == v.shape else None
+        if nonfinite is None:
+            bad = ~np.isfinite(v) if mask is None else ~np.isfinite(v) & ~mask
+            if bad.any():
+                nonfinite = net.graph.label(node)
         ex = exact.node_array(node.name)
         if ex is None or ex.hi.shape != v.shape:
             continue
+        if lost is None:
+            n = int(np.count_nonzero((v == 0) & ~ex.zero & ~ex.undetermined_mask()))
+            if n:
+                lost = f"{net.graph.label(node)}: {n} of {v.size}"
+        if op_name(node) in MOVES:
+            continue
         back = node.name not in forward
         fmt = get_format(formats[node.name]) if node.name in formats else default
-        computed = v
-        m = masks.get(node.name)
-        if m is not None and m.shape == v.shape:  # a mask's -inf is no overflow
-            computed = np.where(m & np.isneginf(v), 0.0, v)
-        n = signal_counts(_scaled(ex, k) if back else ex, computed, fmt)
+        counts = signal_counts(_scaled(ex, k) if back else ex, v, fmt)
+        if mask is not None:  # a mask's -inf is no overflow (and counts nowhere else)
+            counts["overflow"] -= int(np.count_nonzero(mask))
         rows.append(
             {
                 "layer": net.graph.paths.get(node.name, "") or "<top>",
@@ -334,32 +331,10 @@ def op_places(
                 "op": net.graph.label(node),
                 "format": fmt.name,
                 "size": int(v.size),
-                **n,
+                **counts,
             }
         )
-    return rows
-
-
-def _first_nonfinite(
-    net: GraphNetwork, values: dict[str, Any], masks: dict[str, np.ndarray] | None = None
-) -> str | None:
-    """The label of the first op (graph order, constants skipped) whose output holds inf or
-    NaN, an intended -inf mask (:func:`_mask_positions`) excepted."""
-    constants = net.graph.constants  # masks hold -inf by design
-    if masks is None:
-        masks = _mask_positions(net.graph, values)
-    for node in net.graph.ops:
-        if node.name in constants:
-            continue
-        v = values.get(node.name)
-        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
-            bad = ~np.isfinite(v)
-            m = masks.get(node.name)
-            if m is not None and m.shape == v.shape:
-                bad &= ~(m & np.isneginf(v))
-            if bad.any():
-                return net.graph.label(node)
-    return None
+    return rows, lost, nonfinite
 
 
 #: ops that move a mask's -inf entries without computing: replayed on an indicator tensor
