@@ -62,12 +62,17 @@ class Trainee:
                     "return per-sample tensors from build() or drop --batch-size"
                 )
 
+    def all_rows(self, rows: np.ndarray | None) -> bool:
+        """Whether ``rows`` is every sample in order (None: all)."""
+        return rows is None or (
+            len(rows) == self.samples and np.array_equal(rows, np.arange(self.samples))
+        )
+
     def graph_at(self, rows: np.ndarray | None) -> Graph:
         """The graph on the samples ``rows`` (None: all of them, the captured graph): the model
         captured once per batch size, its data replaced by these samples."""
-        if rows is None or len(rows) == self.samples:
-            if rows is None or np.array_equal(rows, np.arange(self.samples)):
-                return self.graph
+        if self.all_rows(rows):
+            return self.graph
         rows = np.asarray(rows, dtype=np.int64)
         g = self.graph
         b = int(rows.size)
@@ -126,23 +131,34 @@ class GraphTorchRun(_TorchState):
             self.seeded[key] = [n for n in graph.ops if n.target is not operator.getitem]
         return self.seeded[key]
 
+    def _cast_joint(
+        self, plan: GraphPlan, rows: np.ndarray | None, scale: float, params: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(loss, gradients of ``scale`` * loss) on the samples ``rows``, each op cast to its
+        precision under ``plan`` (:class:`fpgrad.graph.policy.CastMode`, the graph's ops in
+        order), at ``params`` (tensors that require grad)."""
+        inputs, y = self._data(rows)
+        mode = CastMode(
+            self._nodes(rows, scale), plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners
+        )
+        fn = joint_function(self.model, self.names, self.loss_fn, scale)
+        with mode:
+            out = fn(params, *inputs, y)
+        mode.finish()
+        return out[0], out[1]
+
     def _loss_and_grads(self, rows: np.ndarray | None, scale: float) -> torch.Tensor:
         """Forward and backward of ``scale`` * loss on the samples ``rows``, the parameters'
         ``.grad`` set; the loss. A policy run: under the real ``torch.autocast("cpu")`` around
         the forward and the loss (as a user's loop), or each op cast to its precision
         (:class:`fpgrad.graph.policy.CastMode`, the graph's ops in order)."""
-        inputs, y = self._data(rows)
         plan = self._plan(rows)
         if plan is not None and plan.how != "autocast":
-            nodes = self._nodes(rows, scale)
-            mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
-            fn = joint_function(self.model, self.names, self.loss_fn, scale)
-            with mode:
-                out = fn(self.params, *inputs, y)
-            mode.finish()
-            for p, g in zip(self.params, out[1], strict=True):
+            loss, grads = self._cast_joint(plan, rows, scale, self.params)
+            for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
-            return out[0]  # type: ignore[no-any-return]
+            return loss
+        inputs, y = self._data(rows)
         if plan is not None:
             with torch.autocast("cpu", dtype=DTYPES[plan.autocast_dtype]):
                 loss = self.loss_fn(self.model(*inputs), y)
@@ -160,9 +176,8 @@ class GraphTorchRun(_TorchState):
 
     def _data(self, rows: np.ndarray | None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The inputs and targets of the samples ``rows`` (None: all)."""
-        if rows is None or len(rows) == self.net.samples:
-            if rows is None or np.array_equal(rows, np.arange(self.net.samples)):
-                return self.inputs, self.y
+        if self.net.all_rows(rows):
+            return self.inputs, self.y
         idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         return [x[idx] for x in self.inputs], self.y[idx]
 
@@ -248,16 +263,11 @@ class GraphTorchRun(_TorchState):
     def final_loss(self, rows: np.ndarray | None = None) -> float:
         """The unscaled loss at the current parameters on the samples ``rows`` (None: all),
         forward only."""
-        inputs, y = self._data(rows)
         plan = self._plan(rows)
         if plan is not None and plan.how != "autocast":  # the policy's forward and loss
-            nodes = self._nodes(rows, 1.0)
-            mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
-            fn = joint_function(self.model, self.names, self.loss_fn)
-            with mode:
-                loss = fn([p.detach().requires_grad_() for p in self.params], *inputs, y)[0]
-            mode.finish()
-            return float(loss.detach().to(torch.float64))
+            params = [p.detach().requires_grad_() for p in self.params]
+            return float(self._cast_joint(plan, rows, 1.0, params)[0].detach().to(torch.float64))
+        inputs, y = self._data(rows)
         with torch.no_grad(), torch.autocast(
             "cpu", dtype=DTYPES[plan.autocast_dtype] if plan else torch.bfloat16,
             enabled=plan is not None,
