@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.arith import expansion as xp
-from fpgrad.arith import ozaki
+from fpgrad.arith import crt, ozaki
 from fpgrad.arith.base import ExactDerivatives
 
 RU = 1.0 + 2.0**-45  # upward inflation of radius formulas (a few float64 roundings)
@@ -326,10 +326,13 @@ class BallArith(ExactDerivatives):
         flip = (
             bm.size * (not bt.flags.c_contiguous) + am.size * (not at.flags.c_contiguous) < copies
         )
-        if flip:  # (a b)^T = b^T a^T
-            terms, bound, risk = ozaki.matmul_levels(bt, at, self.mm_prec, 8 * self.eta)
-        else:
-            terms, bound, risk = ozaki.matmul_levels(am, bm, self.mm_prec, 8 * self.eta)
+        left, right = (bt, at) if flip else (am, bm)  # (a b)^T = b^T a^T
+        done = None
+        if crt.usable():  # int8 GEMMs where torch._int_mm is exact here, else float64 slices
+            done = crt.matmul(left, right, self.mm_prec, 8 * self.eta)
+        if done is None:
+            done = ozaki.matmul_levels(left, right, self.mm_prec, 8 * self.eta)
+        terms, bound, risk = done
         if risk:
             self.range_errors += 1
         if len(terms):

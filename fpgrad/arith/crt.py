@@ -1,0 +1,245 @@
+"""Matrix products by int8 GEMMs and the Chinese remainder theorem (Ozaki scheme II).
+
+Each row of A (each column of B) gets the power-of-two scale 2**e of
+:func:`fpgrad.arith.ozaki.scale_exponents`; its elements are cut to integers
+``A' = round(a 2**(B - e))`` of about B bits (``|a - A' 2**(e - B)| <= ka 2**(e - B - 1)``,
+:func:`fpgrad.arith.jit_crt.residues`). The integer product ``C' = A' B'`` is known modulo N
+pairwise-coprime odd moduli m_j <= 255: one exact int8 GEMM (``torch._int_mm``, int32
+accumulator) of the symmetric residues each, |residue| <= 127, so an inner dimension of at
+most :data:`INT32_TERMS` cannot overflow (longer ones are cut and summed in int64). With
+``M = prod m_j >= 8 max|C'|``, the CRT gives C' exactly (:func:`fpgrad.arith.jit_crt.crt_digits`)
+as an exact float64 BLAS product of its CRT digits with the 40-bit limbs of the constants
+``M / m_j`` and M (every partial sum an integer below 2**53), carried to balanced limbs
+(:func:`fpgrad.arith.jit_crt.carry_terms`). The limbs above 2**-(prec + 4) of
+``n 2**(2B)`` are the terms; the ones below, the truncation to A', B' and the caller's
+rounding of the terms' sum go into the bound (:func:`plan`).
+
+The engine is used where ``torch._int_mm`` exists and passes an exactness probe
+(:func:`usable`, decided once per process); else :func:`fpgrad.arith.ozaki.matmul_levels`.
+Rows whose scale leaves the window of :func:`plan` (magnitudes near 2**-860 or 2**1000) make
+:func:`matmul` return None: the float64 engine (and its range accounting) takes the product.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+INT32_TERMS = (2**31 - 1) // 127**2  #: 133144 products of |x| <= 127 sum below 2**31
+BETA = 40  # limb width of the CRT constants
+CHUNK_BITS = 40  # widest chunk of A' in the residue kernel
+
+
+def _moduli() -> tuple[int, ...]:
+    """Odd pairwise-coprime moduli, greedily from 255 down (each fits int8 as |r| <= 127)."""
+    out: list[int] = []
+    for m in range(255, 2, -2):
+        if all(math.gcd(m, q) == 1 for q in out):
+            out.append(m)
+    return tuple(out)
+
+
+MODULI = _moduli()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The constants of one product shape (see :func:`plan`)."""
+
+    bits: int  # B = nch * bc
+    nch: int
+    bc: int
+    mods: np.ndarray  # (N,) int64
+    rtab: np.ndarray  # (nch, N) float64: 2**(bc (nch - 1 - i)) mod m_j, symmetric
+    cinv: np.ndarray  # (N,) int64: (M / m_j)**-1 mod m_j, symmetric
+    limbs: np.ndarray  # (J - j0, N + 1) float64: BETA-bit limbs j0.. of M / m_j, then of -M
+    top: int  # jt - j0: the highest limb that can be non-zero, from j0
+    cap: float  # bound on |limb jt|: (Cmax + D + P(jt)) / 2**(BETA jt), rounded up
+    pw: np.ndarray  # (J - j0,) 2**(BETA (j0 + l) - 2B)
+    factor: float  # error bound per unit of n 2**(ea + eb)
+    lo: int  # window of scale exponents
+    hi: int
+
+
+def _sym(x: int, m: int) -> int:
+    r = x % m
+    return r - m if r > m // 2 else r
+
+
+@functools.lru_cache(maxsize=64)
+def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
+    """Constants for (ka, m, n) @ (kb, n, p) words to about 2**-prec of n max|a row| max|b col|.
+
+    B: the fewest bits (a multiple of the chunk count) with truncation error
+    ``2**(-B-1) (ka + kb Amax/2**B) <= 2**-(prec+9)`` per unit ``n 2**(ea+eb)`` (``|a| <
+    2**ea``, ``|A'| <= Amax = 2**B + ka``, the same for b): about the float64 engine's error
+    at this prec. ``|C'| <= Cmax = n Amax Bmax``; moduli until ``M >= 8 Cmax``. Each limb sum
+    is at most ``Smax = (127 N + N/2 + 1) (2**BETA - 1)``, so the limbs below j0, not
+    computed, add up to at most ``D = Smax (2**(BETA j0) - 1) / (2**BETA - 1)`` (j0 the
+    largest with ``D <= 2**-(prec+12) n 2**(2B)``); the kept ones, carried from j0, sum to
+    ``K = C' - D``, and after the carries those from j0 to below j add up to at most
+    ``P(j) = 2**(BETA-1) (2**(BETA j) - 2**(BETA j0)) / (2**BETA - 1)``: the limbs above jt
+    (the least with ``Cmax + D + P(jt+1) < 2**(BETA (jt+1))``) are 0, limb jt is at most
+    ``(Cmax + D + P(jt)) / 2**(BETA jt)`` (both checked per element) and the terms' absolute
+    values add up to at most ``Cmax + D + 2 P(jt)``, against which ``rounding`` (the
+    caller's relative error on their sum) is charged. All in rationals, rounded up once.
+    """
+    assert 1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1
+    bits = prec + 3
+    while True:
+        nch = -(-bits // CHUNK_BITS)
+        bits = nch * (-(-bits // nch))
+        amax, bmax = 2**bits + ka, 2**bits + kb
+        trunc = Fraction(ka + kb * Fraction(amax, 2**bits), 2 ** (bits + 1))
+        if trunc <= Fraction(1, 2 ** (prec + 9)):
+            break
+        bits += 1
+    bc = bits // nch
+    assert nch <= 4 and nch * 2 ** (bc + 1) * 127 < 2**51, "residue sums exact in float64"
+    cmax = n * amax * bmax
+    mods: list[int] = []
+    big_m = 1
+    for m in MODULI:
+        if big_m >= 8 * cmax:
+            break
+        mods.append(m)
+        big_m *= m
+    if big_m < 8 * cmax:
+        raise ValueError(f"no CRT basis for {bits}-bit operands and inner dimension {n}")
+    nm = len(mods)
+    assert nm * nm < 2**50 // 8, "recombine's k exact: N**2 2**-53 < 1/2 - 1/8"
+    rtab = np.array(
+        [[_sym(pow(2, bc * (nch - 1 - i), m), m) for m in mods] for i in range(nch)], dtype=float
+    )
+    assert np.abs(rtab).max() <= 127
+    cinv = [_sym(pow(big_m // m, -1, m), m) for m in mods]
+    nj = -(-big_m.bit_length() // BETA)
+    smax = (127 * nm + nm // 2 + 1) * (2**BETA - 1)
+    assert smax + 2**14 < 2**53, "limb sums and carries exact"
+    unit = Fraction(n * 2 ** (2 * bits))
+
+    def dropped(j0: int) -> Fraction:
+        return Fraction(smax * (2 ** (BETA * j0) - 1), 2**BETA - 1)
+
+    j0 = 0
+    while j0 + 1 < nj and dropped(j0 + 1) <= unit / 2 ** (prec + 12):
+        j0 += 1
+
+    def p_sum(j: int) -> Fraction:
+        return Fraction(2 ** (BETA - 1) * (2 ** (BETA * j) - 2 ** (BETA * j0)), 2**BETA - 1)
+
+    jt = j0
+    while cmax + dropped(j0) + p_sum(jt + 1) >= 2 ** (BETA * (jt + 1)):
+        jt += 1
+    consts = [big_m // m for m in mods] + [-big_m]
+    limbs = np.array(
+        [[math.copysign((abs(c) >> (BETA * j)) & (2**BETA - 1), c) for c in consts]
+         for j in range(j0, nj)]
+    )  # fmt: skip
+    terms_sum = cmax + dropped(j0) + 2 * p_sum(jt)
+    cap = math.ceil((cmax + dropped(j0) + p_sum(jt)) / 2 ** (BETA * jt))
+    assert cap < 2**52
+    factor = (trunc + dropped(j0) / unit + Fraction(rounding) * terms_sum / unit) * (
+        1 + Fraction(1, 2**40)
+    )
+    pw = np.array([math.ldexp(1.0, BETA * j - 2 * bits) for j in range(j0, nj)])
+    for arr in (rtab, limbs, pw):
+        arr.flags.writeable = False
+    return Plan(
+        bits, nch, bc, np.array(mods, dtype=np.int64), rtab,
+        np.array(cinv, dtype=np.int64), limbs, jt - j0, float(cap), pw,
+        float(factor) * (1 + 2.0**-50), bits - 1000 + 8, 1000,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def usable() -> bool:
+    """Whether ``torch._int_mm`` runs here and multiplies int8 exactly (a fixed probe with
+    |x| <= 127 against int64: residues, the sign extremes, odd shapes); decided once."""
+    try:
+        import torch
+
+        rng = np.random.default_rng(14)
+        for m, n, p in ((17, 40, 9), (33, 1031, 5), (8, 300, 48)):
+            a = rng.integers(-127, 128, (m, n)).astype(np.int8)
+            b = rng.integers(-127, 128, (n, p)).astype(np.int8)
+            a[0], b[:, 0], a[1], b[:, 1] = -127, -127, 127, 127
+            got = torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+            if got.dtype != np.int32 or not np.array_equal(
+                got.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64)
+            ):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - no torch, no kernel for this CPU: the float64 engine
+        return False
+
+
+def _int_products(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
+    """``ra[j] @ rb[j]`` for every modulus j, exactly: (N, m, p) int32, or int64 when the inner
+    dimension is cut into pieces of at most INT32_TERMS (each piece's int32 sum cannot
+    overflow: ``INT32_TERMS 127**2 < 2**31``)."""
+    import torch
+
+    nm, m, n = ra.shape
+    p = rb.shape[2]
+    step = INT32_TERMS
+    if n <= step:
+        out = torch.empty((nm, m, p), dtype=torch.int32)
+        ta, tb = torch.from_numpy(ra), torch.from_numpy(rb)
+        for j in range(nm):
+            torch._int_mm(ta[j], tb[j], out=out[j])
+        return out.numpy()
+    total = np.zeros((nm, m, p), dtype=np.int64)
+    for lo in range(0, n, step):
+        ta = torch.from_numpy(np.ascontiguousarray(ra[:, :, lo : lo + step]))
+        tb = torch.from_numpy(np.ascontiguousarray(rb[:, lo : lo + step]))
+        for j in range(nm):
+            total[j] += torch._int_mm(ta[j], tb[j]).numpy()
+    return total
+
+
+def matmul(
+    a: np.ndarray, b: np.ndarray, prec: int, rounding: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """As :func:`fpgrad.arith.ozaki.matmul_levels` (terms, bound, risk), or None where this
+    engine does not apply (a scale outside the window, a chunk above its cap)."""
+    from fpgrad.arith import jit_crt
+
+    ka, m, n = a.shape
+    kb, _, p = b.shape
+    pl = plan(n, prec, ka, kb, rounding)
+    nm = len(pl.mods)
+    ra = np.empty((nm, m, n), dtype=np.int8)
+    rb = np.empty((nm, n, p), dtype=np.int8)
+    ea, top_a = np.empty(m, dtype=np.int64), np.empty(m)
+    eb, top_b = np.empty(p, dtype=np.int64), np.empty(p)
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    b = np.ascontiguousarray(b, dtype=np.float64)
+    args = (pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab)
+    if jit_crt.residues(a, True, *args, ea, top_a, ra) != 0:
+        return None
+    if jit_crt.residues(b, False, *args, eb, top_b, rb) != 0:
+        return None
+    nz_a, nz_b = top_a > 0, top_b > 0
+    ea_nz, eb_nz = ea[nz_a], eb[nz_b]
+    if ea_nz.size and eb_nz.size:  # every term a normal float64 (as ozaki's risk test)
+        if ea_nz.min() + eb_nz.min() - 2 * pl.bits - 60 < -1000:
+            return None
+        if ea_nz.max() + eb_nz.max() > 900:
+            return None
+    prods = _int_products(ra, rb).reshape(nm, m * p)
+    assert n * 127**3 < 2**51, "recombine: |prods cinv| < 2**51"
+    scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
+    scale = np.multiply.outer(scale_a, np.where(nz_b, np.ldexp(1.0, eb), 0.0))  # exact, normal
+    terms = np.empty((pl.top + 1, m, p))
+    bad = jit_crt.recombine(
+        prods, pl.mods, pl.cinv, pl.limbs, BETA, pl.top, pl.cap, pl.pw, scale.reshape(-1),
+        terms.reshape(len(terms), -1),
+    )  # fmt: skip
+    if bad:
+        raise AssertionError(f"CRT product beyond its proven bound ({bad} limbs)")
+    return terms, scale * (pl.factor * n * (1 + 2.0**-40)), False

@@ -1,0 +1,217 @@
+"""Compiled kernels of the integer (CRT) product engine, :mod:`fpgrad.arith.crt`.
+
+Integers are held in float64 wherever they stay below 2**51 (every operation on them is then
+exact); a residue is reduced by ``y = x - m rint(x fl(1/m))`` for an odd modulus m and
+``|x| < 2**51``: ``fl(x fl(1/m))`` is within ``2 u |x / m| < 1 / (2m)`` of ``x / m``
+(u = 2**-53), while ``x / m`` is at least ``1 / (2m)`` from every half-integer (``2x`` is even,
+``(2j + 1) m`` odd), so the rint is that of ``x / m`` and y is the symmetric residue,
+``|y| <= (m - 1) / 2``, computed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from fpgrad.arith.jit_words import JIT
+
+ROUND = 1.5 * 2.0**52  # (x + ROUND) - ROUND: x rounded to the nearest integer, |x| <= 2**51
+
+
+@njit(**JIT)
+def _rint(x: float) -> float:
+    """x rounded to the nearest integer (ties to even) for |x| <= 2**51, in two additions
+    (``ulp(ROUND + x) = 1``): unlike libm's rint, LLVM vectorises it."""
+    return (x + ROUND) - ROUND
+
+
+
+@njit(**JIT)
+def residues(
+    words: np.ndarray,
+    per_row: bool,
+    bc: int,
+    nch: int,
+    lo: int,
+    hi: int,
+    mods: np.ndarray,
+    rtab: np.ndarray,
+    expo: np.ndarray,
+    top: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """Symmetric residues of the scaled integers of a (R, C) matrix of K <= 3 words.
+
+    Each row (``per_row``) or column q gets the scale exponent ``expo[q]`` of
+    :func:`fpgrad.arith.jit_ball.slices` (``max |word 0| (1 + 2**-48) < 2**expo``; ``top[q]``
+    the max). Element x becomes the integer ``X = sum_i d_i 2**(bc (nch - 1 - i))``, its
+    chunk i the sum over words of ``(w + sigma_i) - sigma_i`` (w: the word's remainder,
+    ``ulp(sigma_i) = 2**(e - bc (i + 1))``), scaled by ``2**(bc (i + 1) - e)`` to an integer
+    ``d_i``; each word's remainder after chunk nch is at most half its unit, so
+    ``|x - X 2**(e - bc nch)| <= K 2**(e - bc nch - 1)``. ``out[j, r, c] = X mod mods[j]``
+    (symmetric, int8) from ``sum_i d_i rtab[i, j]`` (``rtab[i, j] = 2**(bc (nch-1-i)) mod
+    mods[j]``, |.| <= 127), exact while ``nch 2**(bc + 1) 127 < 2**51`` (the caller checks);
+    ``nch <= 4``.
+    Returns -1 (nothing written) when a non-zero scale leaves [lo, hi], else the number of
+    chunks above ``2**(bc + 1)`` in absolute value (where that bound, and exactness, fail).
+    """
+    nw, rows, cols = words.shape
+    nq = top.shape[0]
+    top[:] = 0.0
+    for r in range(rows):
+        if per_row:
+            mx = 0.0
+            for c in range(cols):
+                v = abs(words[0, r, c])
+                mx = v if v > mx else mx
+            top[r] = mx
+        else:
+            for c in range(cols):
+                v = abs(words[0, r, c])
+                top[c] = v if v > top[c] else top[c]
+    for q in range(nq):
+        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
+        if top[q] > 0.0 and (expo[q] < lo or expo[q] > hi):
+            return -1
+    sig = np.empty((nch, nq))
+    up = np.empty((nch, nq))
+    for q in range(nq):
+        for i in range(nch):
+            sig[i, q] = math.ldexp(1.5, expo[q] - bc * (i + 1) + 52)
+            up[i, q] = math.ldexp(1.0, bc * (i + 1) - expo[q])
+    nm = mods.shape[0]
+    fm = np.empty(nm)
+    im = np.empty(nm)
+    for j in range(nm):
+        fm[j] = float(mods[j])
+        im[j] = 1.0 / fm[j]
+    rem = np.zeros((3, cols))
+    ch = np.zeros((4, cols))  # chunks nch .. 3 stay 0 (with rtab rows of 0)
+    tab = np.zeros((4, nm))
+    tab[:nch] = rtab
+    srow = np.empty(cols)
+    urow = np.empty(cols)
+    cap = math.ldexp(1.0, bc + 1)
+    over = 0
+    for r in range(rows):
+        for w in range(nw):
+            for c in range(cols):
+                rem[w, c] = words[w, r, c]
+        for i in range(nch):
+            if per_row:
+                for c in range(cols):
+                    srow[c] = sig[i, r]
+                    urow[c] = up[i, r]
+            else:
+                for c in range(cols):
+                    srow[c] = sig[i, c]
+                    urow[c] = up[i, c]
+            ci = ch[i]
+            for c in range(cols):
+                sigma = srow[c]
+                x0, x1, x2 = rem[0, c], rem[1, c], rem[2, c]
+                s0 = (x0 + sigma) - sigma
+                s1 = (x1 + sigma) - sigma
+                s2 = (x2 + sigma) - sigma
+                rem[0, c], rem[1, c], rem[2, c] = x0 - s0, x1 - s1, x2 - s2
+                d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled by 2**k
+                ci[c] = d
+                over += abs(d) > cap
+        c0, c1, c2, c3 = ch[0], ch[1], ch[2], ch[3]
+        for j in range(nm):  # one pass per modulus over 1-D views: LLVM vectorises it
+            t0, t1, t2, t3 = tab[0, j], tab[1, j], tab[2, j], tab[3, j]
+            m, inv = fm[j], im[j]
+            oj = out[j, r]
+            for c in range(cols):
+                x = ((c0[c] * t0 + c1[c] * t1) + c2[c] * t2) + c3[c] * t3
+                oj[c] = np.int8(x - m * _rint(x * inv))
+    return over
+
+
+@njit(**JIT)
+def recombine(
+    prods: np.ndarray,
+    mods: np.ndarray,
+    cinv: np.ndarray,
+    limbs: np.ndarray,
+    beta: int,
+    top: int,
+    cap: float,
+    pw: np.ndarray,
+    scale: np.ndarray,
+    terms: np.ndarray,
+) -> int:
+    """Terms of the integers C (one per column e) given ``prods[j, e] = C mod mods[j]``.
+
+    CRT digits: ``t_j`` = the symmetric residue of ``prods[j] cinv[j]`` (``cinv[j]`` the
+    inverse of ``M / m_j`` mod m_j, M the product of the moduli; exact while
+    ``|prods| 127 < 2**51``), so ``C = sum_j t_j M / m_j - k M`` with
+    ``k = rint(sum_j t_j fl(1/m_j))`` whenever ``|C| / M <= 1/2 - N**2 2**-53`` (the float
+    sum errs by at most ``(N + 2) 2**-53 sum_j |t_j / m_j| <= N**2 2**-53``). Limb sums
+    ``S_l = sum_j t_j limbs[l, j] + k limbs[l, N]`` (signed limbs of ``M / m_j`` and -M, from the
+    caller's lowest kept limb up; integers below 2**53 in every partial sum, the caller's
+    bound), then carries upward: ``v = S_l + carry``, ``carry = rint(v 2**-beta)``, limb
+    ``v - carry 2**beta`` (|limb| <= 2**(beta - 1), exact). Limb l <= top times
+    ``pw[l] scale[e]`` (powers of two) goes to ``terms[top - l, e]``, largest first.
+    Returns how many limbs above ``top`` and final carries are non-zero, plus how many limbs
+    ``top`` exceed ``cap`` in absolute value: 0 whenever C is within the caller's bound (so
+    a wrong k, off by at least M, is caught; anything counted is a fault).
+    """
+    nm, size = prods.shape
+    nl = limbs.shape[0]
+    block = 256
+    tb = np.empty((nm + 1, block))
+    ksum = np.empty(block)
+    acc = np.empty(block)
+    carry = np.empty(block)
+    down = math.ldexp(1.0, -beta)
+    up = math.ldexp(1.0, beta)
+    bad = 0
+    for start in range(0, size, block):
+        n = min(block, size - start)
+        for e in range(n):
+            ksum[e] = 0.0
+        for j in range(nm):
+            m = float(mods[j])
+            inv = 1.0 / m
+            ci = float(cinv[j])
+            pj, tj = prods[j, start : start + n], tb[j]
+            for e in range(n):
+                t = float(pj[e]) * ci
+                t = t - m * _rint(t * inv)
+                tj[e] = t
+                ksum[e] += t * inv
+        tk = tb[nm]
+        for e in range(n):
+            tk[e] = _rint(ksum[e])  # k, against the limbs of -M
+            carry[e] = 0.0
+        for lo in range(nl):
+            for e in range(n):
+                acc[e] = 0.0
+            for j in range(nm + 1):
+                w = limbs[lo, j]
+                tj = tb[j]
+                for e in range(n):
+                    acc[e] += tj[e] * w
+            if lo <= top:
+                f = pw[lo]
+                sc, out = scale[start : start + n], terms[top - lo, start : start + n]
+                for e in range(n):
+                    v = acc[e] + carry[e]
+                    cy = _rint(v * down)
+                    carry[e] = cy
+                    limb = v - cy * up
+                    out[e] = (limb * f) * sc[e]
+                    if lo == top:
+                        bad += abs(limb) > cap
+            else:
+                for e in range(n):
+                    v = acc[e] + carry[e]
+                    cy = _rint(v * down)
+                    carry[e] = cy
+                    bad += (v - cy * up) != 0.0
+        for e in range(n):
+            bad += carry[e] != 0.0
+    return bad
