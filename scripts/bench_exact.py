@@ -171,7 +171,7 @@ def arb_product(bits: int, shape: tuple[int, int, int] = (128, 256, 256)) -> str
     )
     return (
         f"one {m}x{n}x{p} product at {bits} bits: float64 GEMM {t_gemm * 1e3:.2f} ms, "
-        f"balls (Ozaki) {t_ball * 1e3:.1f} ms ({t_ball / t_gemm:.0f} GEMMs), "
+        f"balls {t_ball * 1e3:.1f} ms ({t_ball / t_gemm:.0f} GEMMs), "
         f"python-flint arb_mat {t_arb * 1e3:.1f} ms ({t_arb / t_ball:.1f}x; converting the "
         f"operands to arb_mat {t_conv * 1e3:.0f} ms more)"
     )
@@ -196,26 +196,32 @@ def profile(net: Network, bits: int, top: int, runs: int = 5) -> None:
 
 
 def slice_gemm_time(net: Network, bits: int, repeats: int) -> tuple[float, int]:
-    """CPU time of the BLAS calls inside fpgrad.arith.ozaki (the slice products) in one exact
-    run (fastest of ``repeats``), and their number: the floor the products set."""
+    """CPU time of the GEMMs of the product engines in one exact run (fastest of
+    ``repeats``), and their number: the float64 BLAS calls inside fpgrad.arith.ozaki (slice
+    products) and the int8 ``torch._int_mm`` calls of fpgrad.arith.crt (one per modulus);
+    the floor the products set."""
     import types
 
     from fpgrad.arith import ozaki
 
     spent = [0.0, 0]
-    real = np.matmul
+    real, real_int = np.matmul, torch._int_mm
 
-    def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        t0 = clock()
-        out = real(*args, **kwargs)
-        spent[0] += clock() - t0
-        spent[1] += 1
-        return out
+    def timer(fn):  # noqa: ANN001, ANN202
+        def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            t0 = clock()
+            out = fn(*args, **kwargs)
+            spent[0] += clock() - t0
+            spent[1] += 1
+            return out
+
+        return timed
 
     proxy = types.ModuleType("numpy")
     proxy.__dict__.update(np.__dict__)
-    proxy.matmul = timed  # type: ignore[attr-defined]
+    proxy.matmul = timer(real)  # type: ignore[attr-defined]
     ozaki.np = proxy  # type: ignore[attr-defined]
+    torch._int_mm = timer(real_int)
     best, calls = math.inf, 0
     try:
         for _ in range(repeats):
@@ -224,6 +230,7 @@ def slice_gemm_time(net: Network, bits: int, repeats: int) -> tuple[float, int]:
             best, calls = min(best, spent[0]), int(spent[1])
     finally:
         ozaki.np = np  # type: ignore[attr-defined]
+        torch._int_mm = real_int
     return best, calls
 
 
@@ -250,8 +257,17 @@ def main() -> int:
         "--widths", default="64,256,512,1024",
         help="hidden widths W of 64-W-W-10 MLPs whose ratios are printed too ('' for none)",
     )  # fmt: skip
+    ap.add_argument(
+        "--engine", choices=("auto", "float64"), default="auto",
+        help="products: auto (int8 CRT where torch._int_mm is exact, fpgrad.arith.crt) or "
+        "float64 (Ozaki slices only, fpgrad.arith.ozaki)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.engine == "float64":
+        from fpgrad.arith import crt
+
+        crt.applies = lambda n: False  # type: ignore[assignment]
     if args.mm_prec is not None:
         init = BallArith.__init__
 
@@ -308,8 +324,8 @@ def main() -> int:
         profile(net, args.bits, args.profile)
     t_gemm, n_gemm = slice_gemm_time(net, args.bits, max(3, args.repeats // 2))
     print(
-        f"of which the slice products' BLAS calls ({n_gemm}): {t_gemm * 1e3:9.2f} ms = "
-        f"{t_gemm / t_torch:.1f}x torch float64 (the floor of this product engine)"
+        f"of which the product engines' GEMMs ({n_gemm}): {t_gemm * 1e3:9.2f} ms = "
+        f"{t_gemm / t_torch:.1f}x torch float64 (the floor of these product engines)"
     )
     print(
         f"first exact call in this process: {t_first:.2f} s wall "

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.arith import expansion as xp
 from fpgrad.arith import crt, ozaki
+from fpgrad.arith import expansion as xp
 from fpgrad.arith.base import ExactDerivatives
 
 RU = 1.0 + 2.0**-45  # upward inflation of radius formulas (a few float64 roundings)
@@ -328,7 +328,7 @@ class BallArith(ExactDerivatives):
         )
         left, right = (bt, at) if flip else (am, bm)  # (a b)^T = b^T a^T
         done = None
-        if crt.usable():  # int8 GEMMs where torch._int_mm is exact here, else float64 slices
+        if crt.applies(n):  # int8 GEMMs where torch._int_mm is exact here, else float64 slices
             done = crt.matmul(left, right, self.mm_prec, 8 * self.eta)
         if done is None:
             done = ozaki.matmul_levels(left, right, self.mm_prec, 8 * self.eta)

@@ -15,7 +15,8 @@ as an exact float64 BLAS product of its CRT digits with the 40-bit limbs of the 
 rounding of the terms' sum go into the bound (:func:`plan`).
 
 The engine is used where ``torch._int_mm`` exists and passes an exactness probe
-(:func:`usable`, decided once per process); else :func:`fpgrad.arith.ozaki.matmul_levels`.
+(:func:`usable`, decided once per process) for inner dimensions of at least
+:data:`MIN_INNER` (:func:`applies`); else :func:`fpgrad.arith.ozaki.matmul_levels`.
 Rows whose scale leaves the window of :func:`plan` (magnitudes near 2**-860 or 2**1000) make
 :func:`matmul` return None: the float64 engine (and its range accounting) takes the product.
 """
@@ -32,6 +33,11 @@ import numpy as np
 INT32_TERMS = (2**31 - 1) // 127**2  #: 133144 products of |x| <= 127 sum below 2**31
 BETA = 40  # limb width of the CRT constants
 CHUNK_BITS = 40  # widest chunk of A' in the residue kernel
+# inner dimensions from which this engine is used: its residues and CRT cost per element of
+# A, B and C (about 40 moduli each), its GEMMs per multiply-add; below ~200 the float64
+# slices are as fast or faster (docs/benchmarks.md). A shape rule: results never depend on
+# timing.
+MIN_INNER = 192
 
 
 def _moduli() -> tuple[int, ...]:
@@ -154,6 +160,12 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
         np.array(cinv, dtype=np.int64), limbs, jt - j0, float(cap), pw,
         float(factor) * (1 + 2.0**-50), bits - 1000 + 8, 1000,
     )  # fmt: skip
+
+
+def applies(n: int) -> bool:
+    """Whether products with inner dimension n go to this engine (:func:`usable` and
+    ``n >= MIN_INNER``); otherwise :func:`fpgrad.arith.ozaki.matmul_levels` computes them."""
+    return n >= MIN_INNER and usable()
 
 
 @functools.lru_cache(maxsize=1)

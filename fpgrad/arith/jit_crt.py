@@ -27,7 +27,6 @@ def _rint(x: float) -> float:
     return (x + ROUND) - ROUND
 
 
-
 @njit(**JIT)
 def residues(
     words: np.ndarray,

@@ -1,0 +1,240 @@
+"""The int8 CRT product engine (fpgrad.arith.crt, Ozaki scheme II) against exact rationals.
+
+Every returned ball must enclose the exact product: random multi-word operands with a huge
+exponent spread within a row, zeros, subnormals, +-2**k edges, residues at +-127, inner
+dimensions cut for the int32 accumulator (a mocked smaller limit), and the CRT recombination
+at the extremes of its proven range. Also: the residues are those of one integer within the
+truncation bound, exact products are exact in both engines, and the fallbacks.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from fpgrad.arith import crt, jit_crt, ozaki
+from fpgrad.arith import expansion as xp
+from fpgrad.arith.ball import Ball, BallArith
+
+PREC, ROUNDING = 133, 8 * xp.ETA[3]
+pytestmark = pytest.mark.skipif(not crt.usable(), reason="torch._int_mm absent or inexact here")
+
+
+def _words(rng: np.random.Generator, shape: tuple[int, int], lo: int, hi: int) -> np.ndarray:
+    """3-word canonical values, magnitudes 2**lo .. 2**hi, random signs."""
+    n = shape[0] * shape[1]
+    head = rng.uniform(1, 2, n) * np.ldexp(1.0, rng.integers(lo, hi + 1, n))
+    head *= rng.choice([-1, 1], n)
+    terms = [head] + [head * rng.normal(size=n) * 2.0 ** (-53 * i) for i in (1, 2)]
+    return xp.renorm(terms, 3).reshape(3, *shape)
+
+
+def _exact(x: np.ndarray) -> list[list[Fraction]]:
+    return [
+        [sum(Fraction(float(w)) for w in x[:, i, j]) for j in range(x.shape[2])]
+        for i in range(x.shape[1])
+    ]
+
+
+def _check(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """crt.matmul's terms are within its bound of the exact a @ b, element by element."""
+    out = crt.matmul(a, b, PREC, ROUNDING)
+    assert out is not None
+    terms, bound, risk = out
+    assert not risk
+    fa, fb = _exact(a), _exact(b)
+    n = a.shape[2]
+    for i in range(a.shape[1]):
+        for j in range(b.shape[2]):
+            want = sum((fa[i][q] * fb[q][j] for q in range(n)), Fraction(0))
+            got = sum((Fraction(float(t[i, j])) for t in terms), Fraction(0))
+            assert abs(want - got) <= Fraction(float(bound[i, j])), (i, j)
+    return terms, bound
+
+
+@pytest.mark.parametrize("n", [1, 10, 256])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_multiword_products_within_their_bound(n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = _words(rng, (3, n), -300, 300), _words(rng, (n, 4), -300, 300)
+    _, bound = _check(a, b)
+    # the bound is tight: about 2**-142 of n max|a row| max|b col|
+    scale = np.abs(a[0]).max(axis=1)[:, None] * np.abs(b[0]).max(axis=0)[None, :] * n
+    assert np.all(bound <= scale * 2.0**-139)
+
+
+def test_cancellation_zeros_subnormals_and_power_of_two_edges() -> None:
+    rng = np.random.default_rng(2)
+    n = 200
+    a, b = _words(rng, (5, n), -40, 40), _words(rng, (n, 5), -40, 40)
+    a[:, 0] = 0.0  # a zero row
+    b[:, :, 1] = 0.0  # a zero column
+    a[0, 1, :3] = [2.0**-1074, -(2.0**-1074), 2.0**-1060]  # subnormals beside normal values
+    a[1:, 1, :3] = 0.0
+    a[:, 2] = 0.0
+    a[0, 2, :4] = [2.0**5, -(2.0**5), np.nextafter(2.0**5, 0), 1.0]  # max exactly 2**k
+    a[:, 3] = -a[:, 4]  # rows that cancel ...
+    b[:, :, 2] = b[:, :, 3]  # ... against equal columns
+    terms, bound = _check(a, b)
+    assert not np.any(terms[:, 0]) and not np.any(terms[:, :, 1])
+    assert np.all(bound[0] == 0) and np.all(bound[:, 1] == 0)
+
+
+def test_residues_are_those_of_one_integer_within_the_truncation_bound() -> None:
+    """Per element, the N residues are consistent with one integer X (CRT) and
+    ``|x - X 2**(e - B)| <= K 2**(e - B - 1)``; values at X = +-127, +-2**B and +-1 units."""
+    rng = np.random.default_rng(3)
+    pl = crt.plan(64, PREC, 3, 3, ROUNDING)
+    x = _words(rng, (4, 64), -60, 0)
+    x[:, 0] = 0.0
+    x[0, 0, :8] = [0.5, 127 * 2.0**-pl.bits, -127 * 2.0**-pl.bits, 2.0**-pl.bits,
+                   -(2.0**-pl.bits), 128 * 2.0**-pl.bits, -(0.5 - 2.0**-54), 3 * 2.0**-pl.bits]  # fmt: skip
+    x[:, 1] = np.abs(x[:, 1])  # one sign only
+    nm = len(pl.mods)
+    out = np.empty((nm, 4, 64), dtype=np.int8)
+    expo, top = np.empty(4, dtype=np.int64), np.empty(4)
+    over = jit_crt.residues(x, True, pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab, expo, top, out)
+    assert over == 0 and expo[0] == 0
+    mods = [int(m) for m in pl.mods]
+    big_m = int(np.prod([Fraction(m) for m in mods]))
+    seen = set()
+    for r in range(4):
+        for c in range(64):
+            res = [int(v) for v in out[:, r, c]]
+            assert all(abs(v) <= (m - 1) // 2 for v, m in zip(res, mods, strict=True))
+            big = sum(
+                v * (big_m // m) * pow(big_m // m, -1, m) for v, m in zip(res, mods, strict=True)
+            )
+            big %= big_m
+            big = big - big_m if big > big_m // 2 else big
+            seen.add(big)
+            val = sum(Fraction(float(w)) for w in x[:, r, c])
+            unit = Fraction(2) ** (int(expo[r]) - pl.bits)
+            assert abs(val - big * unit) <= 3 * unit / 2
+    assert {127, -127, 1, -1, 128, 3, 0, 2 ** (pl.bits - 1)} <= seen
+
+
+def test_inner_dimension_cut_for_the_int32_accumulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    a, b = _words(rng, (3, 61), -20, 20), _words(rng, (61, 2), -20, 20)
+    a[0, :, :] = np.sign(a[0]) * 2.0**20  # every residue product large: the same in each cut
+    whole, _ = _check(a, b)
+    monkeypatch.setattr(crt, "INT32_TERMS", 7)  # 9 pieces, int64 sums
+    cut, _ = _check(a, b)
+    assert np.array_equal(whole, cut)
+
+
+def test_recombination_at_the_extremes_of_its_range() -> None:
+    """Integers C from 0 to +-Cmax (and with multiples of each modulus added, as GEMM sums
+    give them) come back within the dropped-limb bound; C beyond the proven range is caught."""
+    n = 256
+    pl = crt.plan(n, PREC, 3, 3, ROUNDING)
+    mods = [int(m) for m in pl.mods]
+    amax = 2**pl.bits + 3
+    cmax = n * amax * amax
+    rng = np.random.default_rng(5)
+    values = [0, 1, -1, cmax, -cmax, cmax - 1, 2 ** (2 * pl.bits), -(2 ** (2 * pl.bits)) + 12345]
+    values += [int(v) for v in rng.integers(-(2**62), 2**62, 8)]
+    values += [cmax * int(v) // 2**20 for v in rng.integers(-(2**20), 2**20, 8)]
+    big = np.array([[c % m + m * int(rng.integers(-1000, 1000)) for c in values] for m in mods])
+    prods = big.astype(np.int64)
+    scale = np.ones(len(values))
+    terms = np.empty((pl.top + 1, len(values)))
+    bad = jit_crt.recombine(prods, pl.mods, pl.cinv, pl.limbs, crt.BETA, pl.top, pl.cap, pl.pw,
+                            scale, terms)  # fmt: skip
+    assert bad == 0
+    drop = Fraction(n * 2 ** (2 * pl.bits), 2 ** (PREC + 12))
+    for e, c in enumerate(values):
+        got = sum((Fraction(float(t)) for t in terms[:, e]), Fraction(0)) * 2 ** (2 * pl.bits)
+        assert abs(got - c) <= drop
+    big_m = int(np.prod([Fraction(m) for m in mods]))
+    beyond = np.array([[(big_m // 2 - 1) % m] for m in mods], dtype=np.int64)
+    bad = jit_crt.recombine(beyond, pl.mods, pl.cinv, pl.limbs, crt.BETA, pl.top, pl.cap, pl.pw,
+                            np.ones(1), np.empty((pl.top + 1, 1)))  # fmt: skip
+    assert bad > 0
+
+
+def test_out_of_window_scales_fall_back_to_the_float64_engine() -> None:
+    rng = np.random.default_rng(6)
+    a, b = _words(rng, (2, 200), -5, 5), _words(rng, (200, 2), -5, 5)
+    tiny = a * 2.0**-900  # every row scale below the window: None, the float64 engine's case
+    assert crt.matmul(tiny, b, PREC, ROUNDING) is None
+    huge = b * 2.0**1010
+    assert crt.matmul(a, huge, PREC, ROUNDING) is None
+
+
+def _ball_product(
+    ar: BallArith, a: Ball, b: Ball, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> Ball:
+    with monkeypatch.context() as mp:
+        mp.setattr(crt, "applies", (lambda n: True) if engine == "crt" else (lambda n: False))
+        return ar._matmul(a, b)
+
+
+def test_exact_claims_are_exact_in_both_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Integer operands: the float64 engine's levels are the exact product; the CRT engine's
+    midpoint may miss it by the limbs it drops (within its radius), and a proven-zero row is
+    exactly 0 with radius 0 in both."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(-(2**20), 2**20, (6, 256)).astype(float)
+    b = rng.integers(-(2**20), 2**20, (256, 5)).astype(float)
+    a[2] = 0.0
+    ar = BallArith(150)
+    ba, bb = ar.asarray(a), ar.asarray(b)
+    want = a.astype(object) @ b.astype(object)  # exact integers
+    for engine in ("crt", "float64"):
+        out = _ball_product(ar, ba, bb, engine, monkeypatch)
+        assert np.all(out.rad[2] == 0) and not out.mid[:, 2].any()  # the exact claim
+        assert np.count_nonzero(out.rad == 0) == 5
+        for i in range(6):
+            for j in range(5):
+                got = sum(Fraction(float(w)) for w in out.mid[:, i, j])
+                assert abs(got - want[i, j]) <= Fraction(float(out.rad[i, j]))
+        if engine == "float64":
+            assert np.array_equal(out.mid[0], want.astype(float)) and not out.mid[1:].any()
+
+
+def test_balls_with_radii_enclose_the_exact_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(8)
+    ar = BallArith(150)
+    am, bm = _words(rng, (3, 200), -30, 30), _words(rng, (200, 3), -30, 30)
+    a = Ball(am, np.abs(am[0]) * 2.0**-120)
+    b = Ball(bm, np.zeros(bm.shape[1:]))
+    out = _ball_product(ar, a, b, "crt", monkeypatch)
+    fa, fb = _exact(am), _exact(bm)
+    for i in range(3):
+        for j in range(3):
+            want = sum((fa[i][q] * fb[q][j] for q in range(200)), Fraction(0))
+            got = sum(Fraction(float(w)) for w in out.mid[:, i, j])
+            radius_part = sum(Fraction(float(a.rad[i, q])) * abs(fb[q][j]) for q in range(200))
+            assert abs(want - got) + radius_part <= Fraction(float(out.rad[i, j]))
+
+
+def test_engine_choice_is_by_capability_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert crt.applies(crt.MIN_INNER) and not crt.applies(crt.MIN_INNER - 1)
+    import torch
+
+    def broken(a: object, b: object, out: object = None) -> object:
+        raise RuntimeError("no int8 kernel")
+
+    monkeypatch.setattr(torch, "_int_mm", broken)
+    crt.usable.cache_clear()
+    try:
+        assert not crt.usable() and not crt.applies(1024)
+    finally:
+        monkeypatch.undo()
+        crt.usable.cache_clear()
+    assert crt.usable()
+    # the float64 engine alone gives the same enclosure contract
+    rng = np.random.default_rng(9)
+    a, b = _words(rng, (2, 256), -3, 3), _words(rng, (256, 2), -3, 3)
+    terms, bound, _ = ozaki.matmul_levels(a, b, PREC, ROUNDING)
+    cterms, cbound = _check(a, b)
+    for i in range(2):
+        for j in range(2):
+            diff = sum(Fraction(float(t)) for t in terms[:, i, j]) - sum(
+                Fraction(float(t)) for t in cterms[:, i, j]
+            )
+            assert abs(diff) <= Fraction(float(bound[i, j])) + Fraction(float(cbound[i, j]))
