@@ -123,6 +123,21 @@ def interleaved(fns: list, rounds: int, inner: list[int]) -> list[float]:  # noq
     return best
 
 
+def float64_only(fn):  # noqa: ANN001, ANN201 - a wrapper
+    """``fn`` with every product on the float64 slices (fpgrad.arith.ozaki), not int8 CRT."""
+    from fpgrad.arith import crt
+
+    def run():  # noqa: ANN202
+        saved = crt.applies
+        crt.applies = lambda m, n, p: False  # type: ignore[assignment]
+        try:
+            return fn()
+        finally:
+            crt.applies = saved  # type: ignore[assignment]
+
+    return run
+
+
 def plain_mpmath(net: Network, bits: int) -> None:
     evaluate(net, MPArith(bits))
     evaluate(net, MPArith(2 * bits))
@@ -267,7 +282,7 @@ def main() -> int:
     if args.engine == "float64":
         from fpgrad.arith import crt
 
-        crt.applies = lambda n: False  # type: ignore[assignment]
+        crt.applies = lambda m, n, p: False  # type: ignore[assignment]
     if args.mm_prec is not None:
         init = BallArith.__init__
 
@@ -281,11 +296,14 @@ def main() -> int:
     t0 = time.perf_counter()
     exact_trace(net, args.bits, method="fast", progress=False)
     t_first = time.perf_counter() - t0
-    t_torch, t_exact = interleaved(
-        [torch_step(net), lambda: exact_trace(net, args.bits, method="fast", progress=False)],
-        args.repeats,
-        [10, 1],
-    )
+    from fpgrad.arith import crt
+
+    exact_run = lambda: exact_trace(net, args.bits, method="fast", progress=False)  # noqa: E731
+    fns = [torch_step(net), exact_run]
+    if args.engine == "auto" and crt.usable():  # the float64 engine alone, in the same rounds
+        fns.append(float64_only(exact_run))
+    times = interleaved(fns, args.repeats, [10, 1, 1])
+    t_torch, t_exact = times[0], times[1]
     result = exact_trace(net, args.bits, method="fast", progress=False)
     grad_digits = min(
         float(result.digits[k].min()) for k in result.digits if k.startswith("grads/")
@@ -320,6 +338,11 @@ def main() -> int:
         f"(exact_trace: evaluation + certification)"
     )
     print(f"ratio exact / torch float64:   {ratio:9.1f}x   (target <= 10, bar 30)")
+    if len(times) > 2:
+        print(
+            f"the same with every product on float64 slices (no int8 CRT): {times[2] * 1e3:.2f} ms "
+            f"= {times[2] / t_torch:.1f}x (same rounds)"
+        )
     if args.profile:
         profile(net, args.bits, args.profile)
     t_gemm, n_gemm = slice_gemm_time(net, args.bits, max(3, args.repeats // 2))
@@ -357,21 +380,25 @@ def main() -> int:
     arb = arb_product(args.bits)
     if arb is not None:
         print(arb)
+    from fpgrad.arith import crt
+
+    both = args.engine == "auto" and crt.usable()  # then also the float64 engine alone
     for width in [int(w) for w in args.widths.split(",") if w]:
         wide = build_mlp(args.batch, sizes=(SIZES[0], width, width, SIZES[-1]))
-        t_t, t_e = interleaved(
-            [
-                torch_step(wide),
-                lambda w=wide: exact_trace(w, args.bits, method="fast", progress=False),
-            ],
-            max(2, args.repeats // 2),
-            [10, 1],
-        )
+        fns = [
+            torch_step(wide),
+            lambda w=wide: exact_trace(w, args.bits, method="fast", progress=False),
+        ]
+        if both:
+            fns.append(float64_only(fns[1]))
+        times = interleaved(fns, max(2, args.repeats // 2), [10, 1, 1])
+        t_t, t_e = times[0], times[1]
         res = exact_trace(wide, args.bits, method="fast", progress=False)
         bits_w = min(float(res.digits[k].min()) for k in res.digits if k.startswith("grads/"))
+        alone = f"; float64 slices alone {times[2] / t_t:6.1f}x" if both else ""
         print(
             f"width {width:5d} (64-{width}-{width}-10): torch {t_t * 1e3:8.2f} ms, "
-            f"exact {t_e * 1e3:9.2f} ms, ratio {t_e / t_t:6.1f}x; "
+            f"exact {t_e * 1e3:9.2f} ms, ratio {t_e / t_t:6.1f}x{alone}; "
             f"gradients >= {bits_w / math.log10(2):.1f} bits"
         )
     return 0 if grad_bits >= 100 else 1

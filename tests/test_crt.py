@@ -95,7 +95,9 @@ def test_residues_are_those_of_one_integer_within_the_truncation_bound() -> None
     nm = len(pl.mods)
     out = np.empty((nm, 4, 64), dtype=np.int8)
     expo, top = np.empty(4, dtype=np.int64), np.empty(4)
-    over = jit_crt.residues(x, True, pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab, expo, top, out)
+    over = jit_crt.residues(
+        x, True, pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab, pl.caps, expo, top, out
+    )
     assert over == 0 and expo[0] == 0
     mods = [int(m) for m in pl.mods]
     big_m = int(np.prod([Fraction(m) for m in mods]))
@@ -132,7 +134,7 @@ def test_recombination_at_the_extremes_of_its_range() -> None:
     n = 256
     pl = crt.plan(n, PREC, 3, 3, ROUNDING)
     mods = [int(m) for m in pl.mods]
-    amax = 2**pl.bits + 3
+    amax = sum(int(c) * 2 ** (pl.bc * (pl.nch - 1 - i)) for i, c in enumerate(pl.caps))
     cmax = n * amax * amax
     rng = np.random.default_rng(5)
     values = [0, 1, -1, cmax, -cmax, cmax - 1, 2 ** (2 * pl.bits), -(2 ** (2 * pl.bits)) + 12345]
@@ -169,7 +171,9 @@ def _ball_product(
     ar: BallArith, a: Ball, b: Ball, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> Ball:
     with monkeypatch.context() as mp:
-        mp.setattr(crt, "applies", (lambda n: True) if engine == "crt" else (lambda n: False))
+        mp.setattr(
+            crt, "applies", (lambda m, n, p: True) if engine == "crt" else (lambda m, n, p: False)
+        )
         return ar._matmul(a, b)
 
 
@@ -213,7 +217,9 @@ def test_balls_with_radii_enclose_the_exact_product(monkeypatch: pytest.MonkeyPa
 
 
 def test_engine_choice_is_by_capability_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert crt.applies(crt.MIN_INNER) and not crt.applies(crt.MIN_INNER - 1)
+    lo, hi = crt.MIN_OUTER, crt.MIN_INNER
+    assert crt.applies(lo, hi, lo) and not crt.applies(lo, hi - 1, lo)
+    assert not crt.applies(lo - 1, hi, lo) and not crt.applies(lo, hi, lo - 1)
     import torch
 
     def broken(a: object, b: object, out: object = None) -> object:
@@ -222,7 +228,7 @@ def test_engine_choice_is_by_capability_and_shape(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch, "_int_mm", broken)
     crt.usable.cache_clear()
     try:
-        assert not crt.usable() and not crt.applies(1024)
+        assert not crt.usable() and not crt.applies(1024, 1024, 1024)
     finally:
         monkeypatch.undo()
         crt.usable.cache_clear()

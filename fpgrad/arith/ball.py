@@ -328,7 +328,7 @@ class BallArith(ExactDerivatives):
         )
         left, right = (bt, at) if flip else (am, bm)  # (a b)^T = b^T a^T
         done = None
-        if crt.applies(n):  # int8 GEMMs where torch._int_mm is exact here, else float64 slices
+        if crt.applies(left.shape[1], n, right.shape[2]):  # int8 GEMMs (exact int_mm here)
             done = crt.matmul(left, right, self.mm_prec, 8 * self.eta)
         if done is None:
             done = ozaki.matmul_levels(left, right, self.mm_prec, 8 * self.eta)

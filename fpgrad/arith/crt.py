@@ -7,16 +7,16 @@ Each row of A (each column of B) gets the power-of-two scale 2**e of
 pairwise-coprime odd moduli m_j <= 255: one exact int8 GEMM (``torch._int_mm``, int32
 accumulator) of the symmetric residues each, |residue| <= 127, so an inner dimension of at
 most :data:`INT32_TERMS` cannot overflow (longer ones are cut and summed in int64). With
-``M = prod m_j >= 8 max|C'|``, the CRT gives C' exactly (:func:`fpgrad.arith.jit_crt.crt_digits`)
-as an exact float64 BLAS product of its CRT digits with the 40-bit limbs of the constants
-``M / m_j`` and M (every partial sum an integer below 2**53), carried to balanced limbs
-(:func:`fpgrad.arith.jit_crt.carry_terms`). The limbs above 2**-(prec + 4) of
-``n 2**(2B)`` are the terms; the ones below, the truncation to A', B' and the caller's
-rounding of the terms' sum go into the bound (:func:`plan`).
+``M = prod m_j >= 8 max|C'|``, the CRT gives C' exactly (:func:`fpgrad.arith.jit_crt.recombine`):
+its CRT digits times the 40-bit limbs of the constants ``M / m_j`` and M (every partial sum
+an integer below 2**53), carried to balanced limbs. The limbs above about 2**-(prec + 12) of
+``n 2**(2B)`` are the terms; the ones below (not computed), the truncation to A', B' and the
+caller's rounding of the terms' sum go into the bound (:func:`plan`).
 
 The engine is used where ``torch._int_mm`` exists and passes an exactness probe
-(:func:`usable`, decided once per process) for inner dimensions of at least
-:data:`MIN_INNER` (:func:`applies`); else :func:`fpgrad.arith.ozaki.matmul_levels`.
+(:func:`usable`, decided once per process) for products with an inner dimension of at least
+:data:`MIN_INNER` and a result at least :data:`MIN_OUTER` wide both ways (:func:`applies`);
+else :func:`fpgrad.arith.ozaki.matmul_levels`.
 Rows whose scale leaves the window of :func:`plan` (magnitudes near 2**-860 or 2**1000) make
 :func:`matmul` return None: the float64 engine (and its range accounting) takes the product.
 """
@@ -33,11 +33,12 @@ import numpy as np
 INT32_TERMS = (2**31 - 1) // 127**2  #: 133144 products of |x| <= 127 sum below 2**31
 BETA = 40  # limb width of the CRT constants
 CHUNK_BITS = 40  # widest chunk of A' in the residue kernel
-# inner dimensions from which this engine is used: its residues and CRT cost per element of
-# A, B and C (about 40 moduli each), its GEMMs per multiply-add; below ~200 the float64
-# slices are as fast or faster (docs/benchmarks.md). A shape rule: results never depend on
-# timing.
+# shapes this engine takes: its residues and CRT cost per element of A, B and C (about 40
+# moduli each), its GEMMs per multiply-add, so it needs a long inner dimension and a wide
+# result; elsewhere the float64 slices are as fast or faster (docs/benchmarks.md). A shape
+# rule: results never depend on timing.
 MIN_INNER = 192
+MIN_OUTER = 64
 
 
 def _moduli() -> tuple[int, ...]:
@@ -65,6 +66,7 @@ class Plan:
     limbs: np.ndarray  # (J - j0, N + 1) float64: BETA-bit limbs j0.. of M / m_j, then of -M
     top: int  # jt - j0: the highest limb that can be non-zero, from j0
     cap: float  # bound on |limb jt|: (Cmax + D + P(jt)) / 2**(BETA jt), rounded up
+    caps: np.ndarray  # (nch,) bounds on the chunks |d_i| the residue kernel checks
     pw: np.ndarray  # (J - j0,) 2**(BETA (j0 + l) - 2B)
     factor: float  # error bound per unit of n 2**(ea + eb)
     lo: int  # window of scale exponents
@@ -80,10 +82,14 @@ def _sym(x: int, m: int) -> int:
 def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
     """Constants for (ka, m, n) @ (kb, n, p) words to about 2**-prec of n max|a row| max|b col|.
 
-    B: the fewest bits (a multiple of the chunk count) with truncation error
-    ``2**(-B-1) (ka + kb Amax/2**B) <= 2**-(prec+9)`` per unit ``n 2**(ea+eb)`` (``|a| <
-    2**ea``, ``|A'| <= Amax = 2**B + ka``, the same for b): about the float64 engine's error
-    at this prec. ``|C'| <= Cmax = n Amax Bmax``; moduli until ``M >= 8 Cmax``. Each limb sum
+    B: the fewest bits (a multiple of the chunk count) whose truncation error is at most
+    ``2**-(prec+9)`` per unit ``n 2**(ea+eb)``, about the float64 engine's error at this prec.
+    It rests only on what the residue kernel checks: chunks ``|d_0| <= 2**bc + 4`` (rounding
+    the words of ``|a| < 2**e`` one at a time adds at most ka/2) and ``|d_i| <= 2**(bc+1)``
+    after, so ``|A'| <= Amax = sum_i cap_i 2**(bc (nch-1-i))``; each word rounds to its last
+    unit ``u = 2**(e-B)``, ``|a - A' u| <= ka u/2`` and ``|b| <= (Bmax + kb/2) v``, so
+    ``|ab - A'B' uv| <= n uv (ka (Bmax + kb/2) + kb Amax) / 2``. ``|C'| <= Cmax = n Amax
+    Bmax``; moduli until ``M >= 8 Cmax``. Each limb sum
     is at most ``Smax = (127 N + N/2 + 1) (2**BETA - 1)``, so the limbs below j0, not
     computed, add up to at most ``D = Smax (2**(BETA j0) - 1) / (2**BETA - 1)`` (j0 the
     largest with ``D <= 2**-(prec+12) n 2**(2B)``); the kept ones, carried from j0, sum to
@@ -99,12 +105,13 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
     while True:
         nch = -(-bits // CHUNK_BITS)
         bits = nch * (-(-bits // nch))
-        amax, bmax = 2**bits + ka, 2**bits + kb
-        trunc = Fraction(ka + kb * Fraction(amax, 2**bits), 2 ** (bits + 1))
+        bc = bits // nch
+        caps = [2**bc + 4] + [2 ** (bc + 1)] * (nch - 1)
+        amax = bmax = sum(c * 2 ** (bc * (nch - 1 - i)) for i, c in enumerate(caps))
+        trunc = Fraction(ka * (2 * bmax + kb) + 2 * kb * amax, 2 ** (2 * bits + 2))
         if trunc <= Fraction(1, 2 ** (prec + 9)):
             break
         bits += 1
-    bc = bits // nch
     assert nch <= 4 and nch * 2 ** (bc + 1) * 127 < 2**51, "residue sums exact in float64"
     cmax = n * amax * bmax
     mods: list[int] = []
@@ -153,19 +160,21 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
         1 + Fraction(1, 2**40)
     )
     pw = np.array([math.ldexp(1.0, BETA * j - 2 * bits) for j in range(j0, nj)])
-    for arr in (rtab, limbs, pw):
+    chunk_caps = np.array(caps, dtype=float)
+    for arr in (rtab, limbs, pw, chunk_caps):
         arr.flags.writeable = False
     return Plan(
         bits, nch, bc, np.array(mods, dtype=np.int64), rtab,
-        np.array(cinv, dtype=np.int64), limbs, jt - j0, float(cap), pw,
+        np.array(cinv, dtype=np.int64), limbs, jt - j0, float(cap), chunk_caps, pw,
         float(factor) * (1 + 2.0**-50), bits - 1000 + 8, 1000,
     )  # fmt: skip
 
 
-def applies(n: int) -> bool:
-    """Whether products with inner dimension n go to this engine (:func:`usable` and
-    ``n >= MIN_INNER``); otherwise :func:`fpgrad.arith.ozaki.matmul_levels` computes them."""
-    return n >= MIN_INNER and usable()
+def applies(m: int, n: int, p: int) -> bool:
+    """Whether an (m, n) @ (n, p) product goes to this engine: :func:`usable`, ``n >=
+    MIN_INNER`` and ``m, p >= MIN_OUTER``; otherwise :func:`fpgrad.arith.ozaki.matmul_levels`
+    computes it."""
+    return n >= MIN_INNER and min(m, p) >= MIN_OUTER and usable()
 
 
 @functools.lru_cache(maxsize=1)
@@ -231,7 +240,7 @@ def matmul(
     eb, top_b = np.empty(p, dtype=np.int64), np.empty(p)
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
-    args = (pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab)
+    args = (pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab, pl.caps)
     if jit_crt.residues(a, True, *args, ea, top_a, ra) != 0:
         return None
     if jit_crt.residues(b, False, *args, eb, top_b, rb) != 0:

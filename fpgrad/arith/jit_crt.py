@@ -37,6 +37,7 @@ def residues(
     hi: int,
     mods: np.ndarray,
     rtab: np.ndarray,
+    caps: np.ndarray,
     expo: np.ndarray,
     top: np.ndarray,
     out: np.ndarray,
@@ -51,10 +52,10 @@ def residues(
     ``d_i``; each word's remainder after chunk nch is at most half its unit, so
     ``|x - X 2**(e - bc nch)| <= K 2**(e - bc nch - 1)``. ``out[j, r, c] = X mod mods[j]``
     (symmetric, int8) from ``sum_i d_i rtab[i, j]`` (``rtab[i, j] = 2**(bc (nch-1-i)) mod
-    mods[j]``, |.| <= 127), exact while ``nch 2**(bc + 1) 127 < 2**51`` (the caller checks);
-    ``nch <= 4``.
-    Returns -1 (nothing written) when a non-zero scale leaves [lo, hi], else the number of
-    chunks above ``2**(bc + 1)`` in absolute value (where that bound, and exactness, fail).
+    mods[j]``, |.| <= 127), exact while ``|d_i| <= caps[i] <= 2**(bc + 1)`` and
+    ``nch 2**(bc + 1) 127 < 2**51`` (the caller checks); ``nch <= 4``. Returns -1 (nothing
+    written) when a non-zero scale leaves [lo, hi], else the number of chunks with
+    ``|d_i| > caps[i]``: where that count is not 0, the residues are void.
     """
     nw, rows, cols = words.shape
     nq = top.shape[0]
@@ -92,7 +93,6 @@ def residues(
     tab[:nch] = rtab
     srow = np.empty(cols)
     urow = np.empty(cols)
-    cap = math.ldexp(1.0, bc + 1)
     over = 0
     for r in range(rows):
         for w in range(nw):
@@ -108,6 +108,7 @@ def residues(
                     srow[c] = sig[i, c]
                     urow[c] = up[i, c]
             ci = ch[i]
+            cap = caps[i]
             for c in range(cols):
                 sigma = srow[c]
                 x0, x1, x2 = rem[0, c], rem[1, c], rem[2, c]
