@@ -17,8 +17,10 @@ The engine is used where ``torch._int_mm`` exists and passes an exactness probe
 (:func:`usable`, decided once per process) for products with an inner dimension of at least
 :data:`MIN_INNER` and a result at least :data:`MIN_OUTER` wide both ways (:func:`applies`);
 else :func:`fpgrad.arith.ozaki.matmul_levels`.
-Rows whose scale leaves the window of :func:`plan` (magnitudes near 2**-860 or 2**1000) make
-:func:`matmul` return None: the float64 engine (and its range accounting) takes the product.
+Rows whose scale leaves the window of :func:`plan` (magnitudes near 2**-860 or 2**1000), words
+the residue kernel rejects (NaN, lower words far above word 0, a zero word 0 over non-zero
+words) and precisions or word counts without a plan make :func:`matmul` return None: the
+float64 engine (and its range accounting) takes the product.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
     values add up to at most ``Cmax + D + 2 P(jt)``, against which ``rounding`` (the
     caller's relative error on their sum) is charged. All in rationals, rounded up once.
     """
-    assert 1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1
+    if not (1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1):
+        raise ValueError(f"no CRT plan for {ka} x {kb} words, inner dimension {n}")
     bits = prec + 3
     while True:
         nch = -(-bits // CHUNK_BITS)
@@ -112,7 +115,9 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
         if trunc <= Fraction(1, 2 ** (prec + 9)):
             break
         bits += 1
-    assert nch <= 4 and nch * 2 ** (bc + 1) * 127 < 2**51, "residue sums exact in float64"
+    if nch > 4:  # the residue kernel's chunks: prec <= 149
+        raise ValueError(f"no CRT plan for {bits}-bit operands (at most 4 chunks)")
+    assert nch * 2 ** (bc + 1) * 127 < 2**51, "residue sums exact in float64"
     cmax = n * amax * bmax
     mods: list[int] = []
     big_m = 1
@@ -227,12 +232,16 @@ def matmul(
     a: np.ndarray, b: np.ndarray, prec: int, rounding: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, bool] | None:
     """As :func:`fpgrad.arith.ozaki.matmul_levels` (terms, bound, risk), or None where this
-    engine does not apply (a scale outside the window, a chunk above its cap)."""
+    engine does not apply (no :func:`plan`: more than 3 words, prec above 149; a scale
+    outside the window; a fault of :func:`fpgrad.arith.jit_crt.residues`)."""
     from fpgrad.arith import jit_crt
 
     ka, m, n = a.shape
     kb, _, p = b.shape
-    pl = plan(n, prec, ka, kb, rounding)
+    try:
+        pl = plan(n, prec, ka, kb, rounding)
+    except ValueError:
+        return None
     nm = len(pl.mods)
     ra = np.empty((nm, m, n), dtype=np.int8)
     rb = np.empty((nm, n, p), dtype=np.int8)

@@ -54,8 +54,11 @@ def residues(
     (symmetric, int8) from ``sum_i d_i rtab[i, j]`` (``rtab[i, j] = 2**(bc (nch-1-i)) mod
     mods[j]``, |.| <= 127), exact while ``|d_i| <= caps[i] <= 2**(bc + 1)`` and
     ``nch 2**(bc + 1) 127 < 2**51`` (the caller checks); ``nch <= 4``. Returns -1 (nothing
-    written) when a non-zero scale leaves [lo, hi], else the number of chunks with
-    ``|d_i| > caps[i]``: where that count is not 0, the residues are void.
+    written) when a non-zero scale leaves [lo, hi], else the number of faults: chunks with
+    ``|d_i| > caps[i]`` or NaN, lower words with ``|w1| + |w2| > caps[i]`` units before chunk
+    i (so every ``(w + sigma) - sigma`` and the sum of a chunk are exact) and rows or columns
+    whose word 0 is all zero (scale 0) holding a non-zero or NaN word. Where that count is
+    not 0, the residues are void.
     """
     nw, rows, cols = words.shape
     nq = top.shape[0]
@@ -71,6 +74,13 @@ def residues(
             for c in range(cols):
                 v = abs(words[0, r, c])
                 top[c] = v if v > top[c] else top[c]
+    over = 0
+    for q in range(nq):  # a zero scale claims the row (column) is 0: every word must be
+        if top[q] == 0.0:
+            for w in range(nw):
+                for s in range(cols if per_row else rows):
+                    v = words[w, q, s] if per_row else words[w, s, q]
+                    over += v != 0.0  # NaN too
     for q in range(nq):
         expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
         if top[q] > 0.0 and (expo[q] < lo or expo[q] > hi):
@@ -93,7 +103,6 @@ def residues(
     tab[:nch] = rtab
     srow = np.empty(cols)
     urow = np.empty(cols)
-    over = 0
     for r in range(rows):
         for w in range(nw):
             for c in range(cols):
@@ -118,7 +127,8 @@ def residues(
                 rem[0, c], rem[1, c], rem[2, c] = x0 - s0, x1 - s1, x2 - s2
                 d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled by 2**k
                 ci[c] = d
-                over += abs(d) > cap
+                low = (abs(x1) + abs(x2)) * urow[c]  # huge lower words (cancelling or not)
+                over += (not abs(d) <= cap) | (not low <= cap)  # NaN counted
         c0, c1, c2, c3 = ch[0], ch[1], ch[2], ch[3]
         for j in range(nm):  # one pass per modulus over 1-D views: LLVM vectorises it
             t0, t1, t2, t3 = tab[0, j], tab[1, j], tab[2, j], tab[3, j]
