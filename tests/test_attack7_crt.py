@@ -337,3 +337,34 @@ def test_both_engines_enclose_adversarial_ball_products(
                 num, den = float(out.rad[idx]).as_integer_ratio()
                 assert (abs(miss[idx]) + part[idx]) * den <= num * 2 ** (2 * SHIFT), (case, reg)
         assert ar.range_errors == 0
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_engine_shape_ball_products_enclose_on_a_sample(
+    flip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real path (crt.applies by shape, 64 x 192 x 64) on mixed adversarial rows, a
+    transposed operand (the flipped product) and int64 sums: 8 x 8 elements checked."""
+    rng = np.random.default_rng(77 + flip)
+    m, n = crt.MIN_OUTER, crt.MIN_INNER
+    ar = BallArith(150)
+    regs = ["spread", "trunc", "zeros", "edge", "res127", "pow2", "opposing", "subnormal"]
+    am = np.concatenate([_gen(rng, 3, (8, n), ar.mm_prec, r) for r in regs], axis=1)
+    bt = np.concatenate([_gen(rng, 3, (8, n), ar.mm_prec, r) for r in regs[::-1]], axis=1)
+    bm = bt.transpose(0, 2, 1) if flip else np.ascontiguousarray(bt.transpose(0, 2, 1))
+    assert crt.applies(m, n, m)
+    monkeypatch.setattr(crt, "INT32_TERMS", 50)
+    calls: list[bool] = []
+    real = crt.matmul
+
+    def spy(*args: object) -> object:
+        out = real(*args)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(crt, "matmul", spy)
+    out = ar._matmul(Ball(am, np.zeros((m, n))), Ball(bm, np.zeros((n, m))))
+    assert calls == [True] and ar.range_errors == 0
+    rows, cols = rng.choice(m, 8, replace=False), rng.choice(m, 8, replace=False)
+    sub = Ball(out.mid[:, rows][:, :, cols], np.asarray(out.rad)[np.ix_(rows, cols)])
+    assert _encloses(am[:, rows], bm[:, :, cols], sub)
