@@ -117,7 +117,7 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
         bits += 1
     if nch > 4:  # the residue kernel's chunks: prec <= 149
         raise ValueError(f"no CRT plan for {bits}-bit operands (at most 4 chunks)")
-    assert nch * 2 ** (bc + 1) * 127 < 2**51, "residue sums exact in float64"
+    assert nch * 2 ** (bc + 1) * 127 <= 2**50, "residues exact (jit_crt)"
     cmax = n * amax * bmax
     mods: list[int] = []
     big_m = 1
@@ -262,7 +262,7 @@ def matmul(
         if ea_nz.max() + eb_nz.max() > 900:
             return None
     prods = _int_products(ra, rb).reshape(nm, m * p)
-    assert n * 127**3 < 2**51, "recombine: |prods cinv| < 2**51"
+    assert n * 127**3 <= 2**50, "recombine: |prods cinv| <= 2**50 (jit_crt)"
     scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
     scale = np.multiply.outer(scale_a, np.where(nz_b, np.ldexp(1.0, eb), 0.0))  # exact, normal
     terms = np.empty((pl.top + 1, m, p))

@@ -1,8 +1,8 @@
 """Compiled kernels of the integer (CRT) product engine, :mod:`fpgrad.arith.crt`.
 
-Integers are held in float64 wherever they stay below 2**51 (every operation on them is then
+Integers are held in float64 wherever they stay below 2**50 (every operation on them is then
 exact); a residue is reduced by ``y = x - m rint(x fl(1/m))`` for an odd modulus m and
-``|x| < 2**51``: ``fl(x fl(1/m))`` is within ``2 u |x / m| < 1 / (2m)`` of ``x / m``
+``|x| <= 2**50``: ``fl(x fl(1/m))`` is within ``(2u + u**2) |x / m| < 1 / (2m)`` of ``x / m``
 (u = 2**-53), while ``x / m`` is at least ``1 / (2m)`` from every half-integer (``2x`` is even,
 ``(2j + 1) m`` odd), so the rint is that of ``x / m`` and y is the symmetric residue,
 ``|y| <= (m - 1) / 2``, computed exactly.
@@ -53,7 +53,7 @@ def residues(
     ``|x - X 2**(e - bc nch)| <= K 2**(e - bc nch - 1)``. ``out[j, r, c] = X mod mods[j]``
     (symmetric, int8) from ``sum_i d_i rtab[i, j]`` (``rtab[i, j] = 2**(bc (nch-1-i)) mod
     mods[j]``, |.| <= 127), exact while ``|d_i| <= caps[i] <= 2**(bc + 1)`` and
-    ``nch 2**(bc + 1) 127 < 2**51`` (the caller checks); ``nch <= 4``. Returns -1 (nothing
+    ``nch 2**(bc + 1) 127 <= 2**50`` (the caller checks); ``nch <= 4``. Returns -1 (nothing
     written) when a non-zero scale leaves [lo, hi], else the number of faults: chunks with
     ``|d_i| > caps[i]`` or NaN, lower words with ``|w1| + |w2| > caps[i]`` units before chunk
     i (so every ``(w + sigma) - sigma`` and the sum of a chunk are exact) and rows or columns
@@ -157,7 +157,7 @@ def recombine(
 
     CRT digits: ``t_j`` = the symmetric residue of ``prods[j] cinv[j]`` (``cinv[j]`` the
     inverse of ``M / m_j`` mod m_j, M the product of the moduli; exact while
-    ``|prods| 127 < 2**51``), so ``C = sum_j t_j M / m_j - k M`` with
+    ``|prods| 127 <= 2**50``), so ``C = sum_j t_j M / m_j - k M`` with
     ``k = rint(sum_j t_j fl(1/m_j))`` whenever ``|C| / M <= 1/2 - N**2 2**-53`` (the float
     sum errs by at most ``(N + 2) 2**-53 sum_j |t_j / m_j| <= N**2 2**-53``). Limb sums
     ``S_l = sum_j t_j limbs[l, j] + k limbs[l, N]`` (signed limbs of ``M / m_j`` and -M, from the
