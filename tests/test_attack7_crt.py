@@ -368,3 +368,28 @@ def test_engine_shape_ball_products_enclose_on_a_sample(
     rows, cols = rng.choice(m, 8, replace=False), rng.choice(m, 8, replace=False)
     sub = Ball(out.mid[:, rows][:, :, cols], np.asarray(out.rad)[np.ix_(rows, cols)])
     assert _encloses(am[:, rows], bm[:, :, cols], sub)
+
+
+@pytest.mark.parametrize("prec", [53, 108, 133])
+def test_window_edges_are_sound_or_declined(prec: int) -> None:
+    """Scale exponents at the plan's window (row scales near 2**lo, 2**1000) and at the
+    engine's range limits (``ea + eb - 2B - 60`` at -1000, ``ea + eb`` at 900), +-2."""
+    rng = np.random.default_rng(prec)
+    n = 24
+    pl = crt.plan(n, prec, 2, 2, ROUNDING)
+    pairs = []
+    for total in range(2 * pl.bits - 942, 2 * pl.bits - 937):
+        pairs += [(ea, total - ea) for ea in (pl.lo - 1, pl.lo, pl.lo + 1, total // 2)]
+    pairs += [(ea, t - ea) for t in (898, 899, 900, 901) for ea in (1001, 1000, 999, 500)]
+    seen = {"none": 0, "done": 0}
+    for ea, eb in pairs:
+        a, b = rng.normal(size=(2, 3, n)), rng.normal(size=(2, n, 3))
+        a[1], b[1] = a[1] * 2.0**-60, b[1] * 2.0**-60
+        a[0, :, 0], b[0, 0, :] = 0.75, 0.75  # scales 2**ea, 2**eb
+        a, b = a * 2.0**ea, b * 2.0**eb
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            continue
+        out = crt.matmul(a, b, prec, ROUNDING)
+        seen["none" if out is None else "done"] += 1
+        assert out is None or _misses(a, b, out[0], out[1]) == 0, (ea, eb)
+    assert seen["none"] > 0 and seen["done"] > 0, seen
