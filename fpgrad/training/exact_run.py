@@ -118,7 +118,8 @@ class ExactRun:
         hist.loss.append(float(np.asarray(self.ar.to_float64(trace.loss))))
         g = _flat([self.ar.to_float64(v) for v in trace.grads.values()])
         hist.grad_norm.append(float(np.linalg.norm(g)))
-        outs = {k: self.ar.to_float64(v) for k, v in trace.forward.items()}
+        acts = [ly.name for ly in self.net.layers if ly.is_activation]  # what _dead_units reads
+        outs = {k: self.ar.to_float64(trace.forward[k]) for k in acts}
         hist.dead_units.append(_dead_units(self.net, outs))
         hist.moved.append(moved)
         hist.params.append(self.vector())
