@@ -299,17 +299,18 @@ def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
     vals.flat[1] = arb(0, 1.0)  # contains 0: left out
     assert abs(at(0, 300) - (300 + ARB_MARGIN_BITS)) <= 2
     run.horizon, run._accuracy = 100, [(1, 600)]
-    assert abs(at(10, 570) - (570 + ARB_MARGIN_BITS)) <= 2  # the first probe: no forecast
-    # its end: 3 bits (0.9 digits) lost per step since step 1, 80 steps left
+    assert abs(at(10, 573) - (573 + ARB_MARGIN_BITS)) <= 2  # the first probe: no forecast
+    # its end: 3 bits (0.9 digits) lost per step since its step 10 (steps 1-4 left out), 80
+    # steps left
     got = at(ARB_RATE_STEPS, 600 - 3 * (ARB_RATE_STEPS - 1))
     assert run._rate is not None and abs(run._rate - 3 * math.log10(2)) < 0.02
     assert got == _forecast_bits(run._rate, 100 - ARB_RATE_STEPS) < 543
     assert abs(at(45, 400) - (400 + ARB_MARGIN_BITS)) <= 2  # the next probe (steps 40-59)
-    # its end: 33 bits in 20 steps (0.50 digits per step); the median of 0.9, 0.1, 0.5
-    run._rates, run._accuracy = [0.9, 0.1], [(40, 500)]
+    # its end: 33 bits from its step 5 (0.66 digits per step); the median of 0.9, 0.7, 0.66
+    run._rates, run._accuracy = [0.9, 0.7], [(44, 510), (45, 500)]
     got = at(60, 467)
-    assert abs(run._rate - 33 * math.log10(2) / 20) < 0.02
-    assert got == _forecast_bits(run._rate, 40) == 192
+    assert abs(run._rates[-1] - 33 * math.log10(2) / 15) < 0.02 and run._rate == 0.7
+    assert got == _forecast_bits(0.7, 40)
 
 
 def _assert_encloses_mpmath(

@@ -96,8 +96,9 @@ class ExactRun:
             return max(ARB_FLOOR_BITS, bits)
         phase = done % ARB_PROBE_EVERY
         if phase == ARB_RATE_STEPS or (phase > ARB_RATE_STEPS and self._rate is None):
-            start = next((a for t, a in trail if t >= done - ARB_RATE_STEPS), acc)
-            since = done - next(t for t, _ in trail if t >= done - ARB_RATE_STEPS)
+            first = next(t for t, _ in trail if t >= done - ARB_RATE_STEPS + ARB_PROBE_SETTLE)
+            start = next(a for t, a in trail if t == first)
+            since = done - first
             if since > 0:
                 self._rates.append(max(start - acc, 0) * math.log10(2) / since)
                 self._rate = statistics.median(self._rates[-ARB_PROBES_KEPT:])
@@ -259,6 +260,9 @@ ARB_MARGIN_BITS = 32  #: adaptive Arb runs: working bits above the parameters' a
 ARB_FLOOR_BITS = 128  #: ... and never fewer than these
 ARB_RATE_STEPS = 20  #: steps of a probe: the adaptive run measures its radii's growth
 ARB_PROBE_EVERY = 40  #: a probe starts every this many steps
+#: ... and measures from its step this many: the first steps still carry the rounding of the
+#: steps before (the first probe: the radii's rise from exact parameters)
+ARB_PROBE_SETTLE = 5
 ARB_PROBES_KEPT = 3  #: the forecast's rate is the median of the rates of this many last probes
 ARB_WATCH_EVERY = 10  #: an Arb run checks its certified digits every this many steps
 
