@@ -309,7 +309,7 @@ def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
     # its end: 33 bits from its step 5 (0.66 digits per step); the median of 0.9, 0.7, 0.66
     run._rates, run._accuracy = [0.9, 0.7], [(44, 510), (45, 500)]
     got = at(60, 467)
-    assert abs(run._rates[-1] - 33 * math.log10(2) / 15) < 0.02 and run._rate == 0.7
+    assert abs(run._rates[-1] - 33 * math.log10(2) / 15) < 0.05 and run._rate == 0.7  # +-1 bit
     assert got == _forecast_bits(0.7, 40)
 
 
