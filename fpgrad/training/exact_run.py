@@ -74,11 +74,12 @@ class ExactRun:
         that contain 0 or are exact left out), so rounding adds about 2^-32 of the radii the
         parameters already carry; and, with a ``horizon``, outside the probes at most what the
         remaining steps need to end with 27 digits (:func:`arb_bits_for`'s forecast at the
-        rate of the last probe). A probe is ``ARB_RATE_STEPS`` steps that work only under the
-        first bound (rounding too small to move the radii), every ``ARB_PROBE_EVERY`` steps
-        from the first; the accuracy they lose per step is the radii's own growth, which the
-        forecast's rounding would hide. Any precision encloses: this only spends fewer bits
-        where the radii have grown or few steps remain."""
+        median rate of the last ``ARB_PROBES_KEPT`` probes). A probe is ``ARB_RATE_STEPS``
+        steps under the first bound alone (rounding too small to move the radii), every
+        ``ARB_PROBE_EVERY`` steps from the first; the accuracy it loses per step from its step
+        ``ARB_PROBE_SETTLE`` is the radii's own growth, which the forecast's rounding would
+        hide. Any precision encloses: this only spends fewer bits where the radii have grown
+        or few steps remain."""
         from fpgrad.arith.arb import min_rel_bits
 
         acc = min(
