@@ -277,11 +277,11 @@ def test_adaptive_arb_run_encloses_a_2000_bit_mpmath_trajectory(opt: str) -> Non
 
 def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
     # exact parameters: the full precision; then ARB_MARGIN_BITS above the least accurate one
-    # (exact and sign-undecided balls left out), and with a horizon no more than the forecast
-    # for the steps left at the rate the run itself lost
+    # (exact and sign-undecided balls left out); with a horizon, outside the probes no more
+    # than the forecast for the steps left at the median rate of the last three probes
     from flint import arb
 
-    from fpgrad.training.exact_run import ARB_MARGIN_BITS
+    from fpgrad.training.exact_run import ARB_MARGIN_BITS, ARB_RATE_STEPS, _forecast_bits
 
     layers, loss, y = NETS["tanh_mse"]
     net = net_from(layers, loss, X, y, seed=3)
@@ -289,17 +289,28 @@ def test_working_bits_follow_the_accuracy_and_the_steps_left() -> None:
     assert run.working_bits() == 1024
     key = next(iter(run.params))
     vals = np.asarray(run.params[key]).copy()
-    vals.flat[0] = arb(1, 2.0**-300)  # 300 bits
-    vals.flat[1] = arb(0, 1.0)  # contains 0: left out
     run.params[key] = vals
-    assert abs(run.working_bits() - (300 + ARB_MARGIN_BITS)) <= 2
-    run.horizon = 100
-    run._accuracy = [600 - 3 * i for i in range(41)]  # 3 bits (0.9 digits) lost per step
-    run._accuracy.pop()
-    run.history.loss = [0.0] * 40
-    vals.flat[0] = arb(1, 2.0**-480)  # 480 bits now; 60 steps left at ~0.9 digits each
-    want = 64 * math.ceil((27 + 1.25 * 3 * math.log10(2) * 60) / math.log10(2) / 64)
-    assert run.working_bits() == min(480 + ARB_MARGIN_BITS, want) == want
+
+    def at(done: int, bits: int) -> int:  # working_bits after ``done`` steps, at ``bits``
+        vals.flat[0] = arb(1, 2.0**-bits)
+        run.history.loss = [0.0] * done
+        return run.working_bits()
+
+    vals.flat[1] = arb(0, 1.0)  # contains 0: left out
+    assert abs(at(0, 300) - (300 + ARB_MARGIN_BITS)) <= 2
+    run.horizon, run._accuracy = 100, [(1, 600)]
+    assert abs(at(10, 573) - (573 + ARB_MARGIN_BITS)) <= 2  # the first probe: no forecast
+    # its end: 3 bits (0.9 digits) lost per step since its step 10 (steps 1-4 left out), 80
+    # steps left
+    got = at(ARB_RATE_STEPS, 600 - 3 * (ARB_RATE_STEPS - 1))
+    assert run._rate is not None and abs(run._rate - 3 * math.log10(2)) < 0.02
+    assert got == _forecast_bits(run._rate, 100 - ARB_RATE_STEPS) < 543
+    assert abs(at(45, 400) - (400 + ARB_MARGIN_BITS)) <= 2  # the next probe (steps 40-59)
+    # its end: 33 bits from its step 5 (0.66 digits per step); the median of 0.9, 0.7, 0.66
+    run._rates, run._accuracy = [0.9, 0.7], [(44, 510), (45, 500)]
+    got = at(60, 467)
+    assert abs(run._rates[-1] - 33 * math.log10(2) / 15) < 0.05 and run._rate == 0.7  # +-1 bit
+    assert got == _forecast_bits(0.7, 40)
 
 
 def _assert_encloses_mpmath(

@@ -20,6 +20,7 @@ takes the union of both branches there, so undecided ReLU inputs still give encl
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import mpmath
@@ -94,10 +95,47 @@ def _to_arb(arr: np.ndarray) -> np.ndarray:
     data) share one ball each (arb balls are immutable)."""
     if arr.size < 64:
         return _obj(_ARB(arr))
-    values, inverse = np.unique(arr, return_inverse=True)  # -0.0 and 0.0: the same ball
+    flat = np.sort(arr, axis=None)  # NaNs last; -0.0 and 0.0 equal: the same ball
+    values = flat[np.concatenate(([True], flat[1:] != flat[:-1]))]
     if 2 * values.size > arr.size:
         return _obj(_ARB(arr))
-    return _obj(_ARB(values))[inverse.reshape(arr.shape)]
+    # the first equal value (NaN: the first NaN; np.unique's inverse, without its argsort)
+    return _obj(_ARB(values))[np.searchsorted(values, arr)]
+
+
+#: id(an object array of balls) -> its arb_mat, while that array lives: an input and a
+#: hidden activation each meet two products (forward, then backward) and convert once (the
+#: interpreter never changes a value in place, as for loss.py's softmax parts)
+_MATS: dict[int, Any] = {}
+_MATS_KEPT = 8  #: at most this many (one evaluation of a layer stack reuses within a few)
+
+
+def _as_mat(a: Any) -> Any:
+    """``a`` (2-D) as an arb_mat (the same balls), from :data:`_MATS` when ``a``, or the
+    array that ``a`` is the transpose of, was converted before."""
+    if not (isinstance(a, np.ndarray) and a.dtype == object):
+        return arb_mat(_obj(a).tolist())
+    base = a.base
+    if (
+        isinstance(base, np.ndarray)
+        and base.dtype == object
+        and a.shape == base.shape[::-1]
+        and a.strides == base.strides[::-1]
+        and a.ctypes.data == base.ctypes.data
+    ):
+        return _kept_mat(base).transpose()  # a is base.T
+    return _kept_mat(a)
+
+
+def _kept_mat(a: np.ndarray) -> Any:
+    key = id(a)
+    mat = _MATS.get(key)
+    if mat is None:
+        mat = _MATS[key] = arb_mat(a.tolist())
+        weakref.finalize(a, _MATS.pop, key, None)
+        if len(_MATS) > _MATS_KEPT:  # arrays kept alive elsewhere (parameters): the oldest
+            _MATS.pop(next(iter(_MATS)))
+    return mat
 
 
 class ArbArith(ExactDerivatives):
@@ -151,7 +189,7 @@ class ArbArith(ExactDerivatives):
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
         with self._p():
-            prod = arb_mat(_obj(a).tolist()) * arb_mat(_obj(b).tolist())  # rows of balls
+            prod = _as_mat(a) * _as_mat(b)
             # fromiter: no per-element probing for nested sequences (np.array does that)
             return np.fromiter(prod.entries(), dtype=object, count=m * p).reshape(m, p)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from typing import Any
 
@@ -49,7 +50,11 @@ class ExactRun:
         #: the number of steps the run is meant to take (lets :meth:`working_bits` lower the
         #: precision to what the remaining steps need), or None
         self.horizon: int | None = None
-        self._accuracy: list[int] = []  #: the parameters' accuracy in bits before each step
+        #: (steps done, the parameters' accuracy in bits) before each step
+        self._accuracy: list[tuple[int, int]] = []
+        self._rates: list[float] = []  #: digits lost per step over each probe
+        #: the forecast's rate: the median of the last ``ARB_PROBES_KEPT`` probes' rates
+        self._rate: float | None = None
 
     def vector(self) -> np.ndarray:
         return _flat([self.ar.to_float64(v) for v in self.params.values()])
@@ -67,11 +72,14 @@ class ExactRun:
         """The Arb precision of the next step, between ``ARB_FLOOR_BITS`` and ``bits``: at most
         ``ARB_MARGIN_BITS`` above the relative accuracy of the least accurate parameter (balls
         that contain 0 or are exact left out), so rounding adds about 2^-32 of the radii the
-        parameters already carry; and, with a ``horizon``, at most what the remaining steps
-        need to end with 27 digits (the forecast of :func:`arb_bits_for`, at the digits this
-        run lost per step over its last half, once it has taken ``ARB_RATE_STEPS`` steps).
-        Any precision encloses: this only spends fewer bits where the radii have grown or few
-        steps remain."""
+        parameters already carry; and, with a ``horizon``, outside the probes at most what the
+        remaining steps need to end with 27 digits (:func:`arb_bits_for`'s forecast at the
+        median rate of the last ``ARB_PROBES_KEPT`` probes). A probe is ``ARB_RATE_STEPS``
+        steps under the first bound alone (rounding too small to move the radii), every
+        ``ARB_PROBE_EVERY`` steps from the first; the accuracy it loses per step from its step
+        ``ARB_PROBE_SETTLE`` is the radii's own growth, which the forecast's rounding would
+        hide. Any precision encloses: this only spends fewer bits where the radii have grown
+        or few steps remain."""
         from fpgrad.arith.arb import min_rel_bits
 
         acc = min(
@@ -81,15 +89,23 @@ class ExactRun:
         if acc is None:
             self._accuracy.clear()  # exact parameters: no trail yet
             return self.bits
+        done = len(self.history.loss)
         trail = self._accuracy
-        trail.append(acc)
+        trail.append((done, acc))
         bits = min(self.bits, acc + ARB_MARGIN_BITS)
-        done = len(trail) - 1
-        if self.horizon is not None and done >= ARB_RATE_STEPS:
-            back = done // 2
-            rate = max(trail[-1 - back] - acc, 0) * math.log10(2) / back  # digits per step
-            left = max(self.horizon - len(self.history.loss), 0)
-            bits = min(bits, _forecast_bits(rate, left))
+        if self.horizon is None:
+            return max(ARB_FLOOR_BITS, bits)
+        phase = done % ARB_PROBE_EVERY
+        if phase == ARB_RATE_STEPS or (phase > ARB_RATE_STEPS and self._rate is None):
+            first = next(t for t, _ in trail if t >= done - ARB_RATE_STEPS + ARB_PROBE_SETTLE)
+            start = next(a for t, a in trail if t == first)
+            since = done - first
+            if since > 0:
+                self._rates.append(max(start - acc, 0) * math.log10(2) / since)
+                self._rate = statistics.median(self._rates[-ARB_PROBES_KEPT:])
+        if phase >= ARB_RATE_STEPS and self._rate is not None:
+            left = max(self.horizon - done, 0)
+            bits = min(bits, _forecast_bits(self._rate, left))
         return max(ARB_FLOOR_BITS, bits)
 
     def step(self, rows: np.ndarray) -> None:
@@ -104,7 +120,8 @@ class ExactRun:
         hist.loss.append(float(np.asarray(self.ar.to_float64(trace.loss))))
         g = _flat([self.ar.to_float64(v) for v in trace.grads.values()])
         hist.grad_norm.append(float(np.linalg.norm(g)))
-        outs = {k: self.ar.to_float64(v) for k, v in trace.forward.items()}
+        acts = [ly.name for ly in self.net.layers if ly.is_activation]  # what _dead_units reads
+        outs = {k: self.ar.to_float64(trace.forward[k]) for k in acts}
         hist.dead_units.append(_dead_units(self.net, outs))
         hist.moved.append(moved)
         hist.params.append(self.vector())
@@ -242,7 +259,12 @@ def _changed(a: Any, b: Any) -> bool:
 
 ARB_MARGIN_BITS = 32  #: adaptive Arb runs: working bits above the parameters' accuracy
 ARB_FLOOR_BITS = 128  #: ... and never fewer than these
-ARB_RATE_STEPS = 20  #: steps an adaptive run takes before it forecasts from its own loss
+ARB_RATE_STEPS = 20  #: steps of a probe: the adaptive run measures its radii's growth
+ARB_PROBE_EVERY = 40  #: a probe starts every this many steps
+#: ... and measures from its step this many: the first steps still carry the rounding of the
+#: steps before (the first probe: the radii's rise from exact parameters)
+ARB_PROBE_SETTLE = 5
+ARB_PROBES_KEPT = 3  #: the forecast's rate is the median of the rates of this many last probes
 ARB_WATCH_EVERY = 10  #: an Arb run checks its certified digits every this many steps
 
 
