@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._C._dynamo.eval_frame import set_eval_frame
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
@@ -35,6 +36,15 @@ UNINITIALISED = frozenset(
 
 
 class _Mode(TorchDispatchMode):
+    """Hands each aten op to the watcher. torch wraps a mode's ``__torch_dispatch__`` in
+    ``torch._disable_dynamo`` (about 1 us of Python per op); this mode opts out of that wrapper
+    and does what it does for a dispatch frame itself: Dynamo's frame callback is off while the
+    watcher runs (``set_eval_frame(None)``) and restored after."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
     def __init__(self, watcher: Watcher) -> None:
         super().__init__()
         self.watcher = watcher
@@ -42,7 +52,11 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
     ) -> Any:
-        return self.watcher._on_op(func, args, kwargs or {})
+        prior = set_eval_frame(None)
+        try:
+            return self.watcher._on_op(func, args, kwargs or {})
+        finally:
+            set_eval_frame(prior)
 
 
 def _clone(x: Any) -> Any:
