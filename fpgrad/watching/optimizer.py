@@ -112,9 +112,8 @@ class ShadowOptimizer:
             ostate, sstate = opt.state, shadow.state
             with torch.no_grad():  # copies of tensors that require grad: no graph recorded
                 for p, q in self._pairs:
-                    dst.append(q)  # the weight: its float64 copy when given (the same values)
-                    w = before.get(id(p)) if before is not None else None
-                    src.append(p if w is None else w)
+                    dst.append(q)
+                    src.append(p)
                     grad = p.grad
                     if grad is None:
                         q.grad = None
@@ -370,8 +369,8 @@ def step_records(
     rows = lay.views
     d = rows[0]  # the update done, then the "moved" indicator in the same place
     befores = [before[id(p)] for _, p in ents]
-    for (_, p), b, dv in zip(ents, befores, d, strict=True):  # float64(p) - b: one pass, the
-        torch.sub(p.detach(), b, out=dv)  # same values as a float64 copy of p minus b
+    torch._foreach_copy_(d, [p.detach() for _, p in ents])
+    torch._foreach_sub_(d, befores)
     norms = [torch._foreach_norm(befores, 2), torch._foreach_norm(d, 2)]
     k_rows = 1
     if reqs is not None:
@@ -479,8 +478,7 @@ def _flat_state_counts(
     """:func:`_state_counts` and :func:`_eps_count` of every parameter at once: the state
     tensors of one key copied into one flat buffer (float32 for narrower formats, as
     :func:`_state_counts` counts), indicator rows (non-zero, below the smallest normal, below
-    the eps threshold) and per-parameter sums; for ``exp_avg_sq`` first only non-zero and
-    below the largest threshold, which decide all four counts when only zeros lie below it. None when a state tensor is not finite or
+    the eps threshold) and per-parameter sums. None when a state tensor is not finite or
     negative where eps is counted, when the formats or eps values of a key differ, or anything
     else the flat path does not cover: then the per-parameter functions decide."""
     per = [_eligible(st, p) for st, (_, p) in zip(states, ents, strict=True)]
@@ -498,7 +496,6 @@ def _flat_state_counts(
     if len(set(eps_of.values())) > 1:
         return None
     plans, bounds = [], []
-    redo: list[tuple[Any, list, Any, float, tuple[float, float]]] = []
     for key, members in groups.items():
         dtypes = {v.dtype for _, v in members}
         if len(dtypes) != 1 or next(iter(dtypes)) not in FORMAT_OF:
@@ -543,30 +540,21 @@ def _flat_state_counts(
         # 0/1 indicator rows, each one comparison written as floats (no NaN here)
         f = lay.row(0)
         torch.ne(f, 0, out=lay.row(1))  # non-zero
-        if band is None:
-            torch.lt(f, sn, out=lay.row(2))  # |v| < sn
-            for (j, _), part in zip(members, lay.parts(1, 3), strict=True):
-                counts[(key, j)] = part.sum(1)
-            continue
-        # first only v < max(sn, t_hi): when just the zeros are below it, they are below each
-        # of sn, t_lo, t_hi (all positive) and nothing else is: those counts are the zeros
-        torch.lt(f, max(sn, band[1]), out=lay.row(2))
-        for (j, _), part in zip(members, lay.parts(1, 3), strict=True):
-            counts[(key, j)] = part.sum(1)
-        redo.append((key, members, lay, sn, band))
-    pos = _fetch(counts)
-    for key, members, lay, sn, band in redo:  # eps rows: [nonzero, below max(sn, t_hi)]
-        if all(pos[(key, j)][0] + pos[(key, j)][1] == v.numel() for j, v in members):
-            for j, v in members:
-                nz = pos[(key, j)][0]
-                pos[(key, j)] = [nz] + [v.numel() - nz] * 3
-            continue
-        f = lay.row(0)  # elements between 0 and the thresholds: all four rows
         torch.lt(f, sn, out=lay.row(2))  # |v| < sn
-        torch.lt(f, band[0], out=lay.row(3))  # v < t_lo
-        torch.lt(f, band[1], out=lay.row(4))  # v < t_hi
-        parts = zip(members, lay.parts(1, 5), strict=True)
-        pos.update(_fetch({(key, j): part.sum(1) for (j, _), part in parts}))
+        if band is not None:
+            torch.lt(f, band[0], out=lay.row(3))  # v < t_lo
+            torch.lt(f, band[1], out=lay.row(4))  # v < t_hi
+        for (j, _), part in zip(members, lay.parts(1, rows + 1), strict=True):
+            counts[(key, j)] = part.sum(1)
+    order = [c for c in counts if isinstance(counts[c], torch.Tensor)]
+    got = torch.cat([counts[c] for c in order]).tolist() if order else []
+    pos, i = {}, 0
+    for c in order:
+        pos[c] = got[i : i + counts[c].numel()]
+        i += counts[c].numel()
+    for c in counts:
+        if c not in pos:
+            pos[c] = counts[c]
     state_vals = []
     eps_vals: list[float | None] = []
     for j, kv in enumerate(per):
@@ -584,21 +572,6 @@ def _flat_state_counts(
         else:
             eps_vals.append(None)
     return state_vals, eps_vals
-
-
-def _fetch(counts: dict[Any, Any]) -> dict[Any, list[float]]:
-    """``counts`` with its tensors (1-D) read back as lists of floats in one host transfer (its
-    lists kept as they are)."""
-    order = [c for c in counts if isinstance(counts[c], torch.Tensor)]
-    got = torch.cat([counts[c] for c in order]).tolist() if order else []
-    pos, i = {}, 0
-    for c in order:
-        pos[c] = got[i : i + counts[c].numel()]
-        i += counts[c].numel()
-    for c in counts:
-        if c not in pos:
-            pos[c] = counts[c]
-    return pos
 
 
 def _one_by_one(
