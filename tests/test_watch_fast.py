@@ -317,6 +317,35 @@ def test_nonnegative_outputs_skip_abs_and_equal_the_reference(values: list, op: 
     assert op_stats(func, (x,), {}, out) == ref.op_stats(func, (x,), {}, out)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [3.0],
+        [-2.5, 1.0, 7.0],  # mixed signs: the plain record from Python magnitudes
+        [0.0],
+        [-0.0, 1.0],
+        [1e-40, 1.0],  # a float32 subnormal
+        [float("nan")],
+        [1.0, float("nan"), 2.0],  # min/max of Python floats would miss this NaN
+        [float("inf"), 1.0],
+        [float("-inf")],
+        [1.0] * 16,
+        [-1.5] * 17,  # above TINY: the tensor path
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_tiny_outputs_checked_in_python_equal_the_reference(
+    values: list, dtype: torch.dtype
+) -> None:
+    from tests.watch_reference import classify as ref
+
+    x = torch.tensor(values, dtype=dtype)
+    for op in ("clone", "neg"):
+        func = getattr(torch.ops.aten, op).default
+        out = func(x)
+        assert op_stats(func, (x,), {}, out) == ref.op_stats(func, (x,), {}, out)
+
+
 def test_scratch_layout_views_are_kept_until_the_buffer_or_shapes_change() -> None:
     from fpgrad.watching.scratch import Scratch
 
