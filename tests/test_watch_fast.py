@@ -403,3 +403,25 @@ def test_flat_step_records_equal_the_per_parameter_records(between: bool) -> Non
     shares = [r["eps_dominated_share"] for r in flat]
     zeros = [r["state_exp_avg_sq_zero_share"] for r in flat]
     assert (shares != zeros) is between and all(z > 0 for z in zeros)
+
+
+def test_dispatch_frames_stay_out_of_dynamo() -> None:
+    """The watch's __torch_dispatch__ (without torch's per-call disable wrapper) is marked for
+    Dynamo to skip and runs the watcher with Dynamo's frame callback off, restored after."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    from fpgrad.watching import watcher
+
+    seen = []
+    m = torch.nn.Linear(3, 2)
+    with fpgrad.watch(m) as w:
+        on_op = w._on_op
+
+        def spy(func, args, kwargs):  # type: ignore[no-untyped-def]
+            seen.append(get_eval_frame_callback())
+            return on_op(func, args, kwargs)
+
+        w._on_op = spy  # type: ignore[method-assign]
+        m(torch.ones(1, 3)).sum().backward()
+    assert watcher._Mode.__dict__["__torch_dispatch__"]._torchdynamo_disable
+    assert seen and all(cb is None for cb in seen)

@@ -38,8 +38,9 @@ UNINITIALISED = frozenset(
 class _Mode(TorchDispatchMode):
     """Hands each aten op to the watcher. torch wraps a mode's ``__torch_dispatch__`` in
     ``torch._disable_dynamo`` (about 1 us of Python per op); this mode opts out of that wrapper
-    and does what it does for a dispatch frame itself: Dynamo's frame callback is off while the
-    watcher runs (``set_eval_frame(None)``) and restored after."""
+    and does the same itself: the frame is marked for Dynamo to skip (once, when a watch
+    starts) and Dynamo's frame callback is off while the watcher runs (``set_eval_frame(None)``,
+    the prior callback restored after), so no frame of the watcher is compiled."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -107,6 +108,10 @@ class Watcher:
         return pd.DataFrame(recs)
 
     def __enter__(self) -> Watcher:
+        if not getattr(_Mode.__torch_dispatch__, "_torchdynamo_disable", False):
+            from torch._dynamo.decorators import skip  # torch.optim imports it anyway
+
+            skip(_Mode.__torch_dispatch__)
         self._writer = JsonlWriter(self.out) if self.out is not None else None
         self._tb = TensorBoardWriter(self.tensorboard) if self.tensorboard is not None else None
         self._handles = [self.model.register_forward_pre_hook(self._on_forward, prepend=True)]
