@@ -10,6 +10,11 @@ bit equal to the unwatched ones (else it fails).
 
     git archive <commit> fpgrad | tar -x -C /tmp/ref
     PYTHONPATH=. python scripts/bench_watch_ab.py --against /tmp/ref [--rounds 12] [--autocast]
+    PYTHONPATH=. python scripts/bench_watch_ab.py --parts [--rounds 10]
+
+``--parts`` instead times this tree's watched step with its parts switched off one after
+another (as ``bench_watch.py --breakdown``: op records, optimizer records, the float64 shadow
+step, the per-op bookkeeping, module tracking), interleaved the same way.
 """
 
 from __future__ import annotations
@@ -84,23 +89,85 @@ def _same(a: list[dict], b: list[dict]) -> None:
             assert x[k] == y[k] or nan, (k, x[k], y[k])
 
 
+def _parts_off(level: int) -> None:
+    """Switch off the watch's parts up to ``level`` (0: none), as ``bench_watch --breakdown``."""
+    from fpgrad.watching import modules, watcher
+
+    saved = _SAVED.setdefault(
+        "x",
+        (
+            watcher.op_stats,
+            watcher.step_records,
+            watcher.ShadowOptimizer.requested_updates,
+            watcher.widen,
+            watcher.Watcher._on_op,
+            modules.ModuleStack.__init__,
+        ),
+    )
+    (
+        watcher.op_stats,
+        watcher.step_records,
+        watcher.ShadowOptimizer.requested_updates,
+        watcher.widen,
+        watcher.Watcher._on_op,
+        modules.ModuleStack.__init__,
+    ) = saved
+    if level >= 1:
+        watcher.op_stats = lambda *a, **k: []
+    if level >= 2:
+        watcher.step_records = lambda *a, **k: []
+    if level >= 3:
+        watcher.ShadowOptimizer.requested_updates = lambda *a, **k: None
+        watcher.widen = lambda *a, **k: {}
+    if level >= 4:
+        watcher.Watcher._on_op = lambda self, func, args, kwargs: func(*args, **kwargs)
+    if level >= 5:
+        init = saved[5]
+        modules.ModuleStack.__init__ = lambda self, model, active: init(
+            self, torch.nn.Module(), active
+        )
+
+
+_SAVED: dict[str, tuple] = {}
+PARTS = [
+    "watched (every=1)",
+    "- op records",
+    "- optimizer records",
+    "- float64 shadow step",
+    "- per-op bookkeeping",
+    "- module tracking (the dispatch mode alone)",
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--against", required=True, type=Path, help="folder holding fpgrad/")
+    ap.add_argument("--against", type=Path, help="folder holding fpgrad/")
+    ap.add_argument("--parts", action="store_true", help="time the watch's parts instead")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--autocast", action="store_true", help="autocast bfloat16")
     args = ap.parse_args()
+    if (args.against is None) == (not args.parts):
+        ap.error("give --against DIR or --parts")
     torch.set_num_threads(1)
-    cfg = {"unwatched": None, "reference": _load_ref(args.against), "this tree": fpgrad}
+    if args.parts:
+        cfg: dict[str, Any] = {"unwatched": None, **dict.fromkeys(PARTS, fpgrad)}
+    else:
+        cfg = {"unwatched": None, "reference": _load_ref(args.against), "this tree": fpgrad}
     for pkg in cfg.values():
         _run(pkg, 3, args.autocast)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in cfg}
     last: dict[str, tuple[list[dict], list[torch.Tensor]]] = {}
-    for _ in range(args.rounds):
-        for k, pkg in cfg.items():
-            t, recs, params = _run(pkg, 12, args.autocast)
-            times[k] += t[2:]  # the first two steps of a run build the shadow and buffers
-            last[k] = (recs, params)
+    try:
+        for _ in range(args.rounds):
+            for k, pkg in cfg.items():
+                if args.parts:
+                    _parts_off(PARTS.index(k) if k in PARTS else 0)
+                t, recs, params = _run(pkg, 12, args.autocast)
+                times[k] += t[2:]  # the first two steps of a run build the shadow and buffers
+                last[k] = (recs, params)
+    finally:
+        if args.parts:
+            _parts_off(0)
 
     def q(v: list[float], f: float) -> float:
         return sorted(v)[int(f * (len(v) - 1))]
@@ -118,6 +185,8 @@ def main() -> None:
             f"{q(v, 0.1) / q(u, 0.1):.2f}x | {q(v, 0.25) / q(u, 0.25):.2f}x | "
             f"{q(v, 0.5) / q(u, 0.5):.2f}x |"
         )
+    if args.parts:
+        return
     _same(last["reference"][0], last["this tree"][0])
     for a, b in zip(last["unwatched"][1], last["this tree"][1], strict=True):
         assert torch.equal(a, b)
