@@ -317,6 +317,35 @@ def test_nonnegative_outputs_skip_abs_and_equal_the_reference(values: list, op: 
     assert op_stats(func, (x,), {}, out) == ref.op_stats(func, (x,), {}, out)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [3.0],
+        [-2.5, 1.0, 7.0],  # mixed signs: the plain record from Python magnitudes
+        [0.0],
+        [-0.0, 1.0],
+        [1e-40, 1.0],  # a float32 subnormal
+        [float("nan")],
+        [1.0, float("nan"), 2.0],  # min/max of Python floats would miss this NaN
+        [float("inf"), 1.0],
+        [float("-inf")],
+        [1.0] * 16,
+        [-1.5] * 17,  # above TINY: the tensor path
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_tiny_outputs_checked_in_python_equal_the_reference(
+    values: list, dtype: torch.dtype
+) -> None:
+    from tests.watch_reference import classify as ref
+
+    x = torch.tensor(values, dtype=dtype)
+    for op in ("clone", "neg"):
+        func = getattr(torch.ops.aten, op).default
+        out = func(x)
+        assert op_stats(func, (x,), {}, out) == ref.op_stats(func, (x,), {}, out)
+
+
 def test_scratch_layout_views_are_kept_until_the_buffer_or_shapes_change() -> None:
     from fpgrad.watching.scratch import Scratch
 
@@ -334,3 +363,65 @@ def test_scratch_layout_views_are_kept_until_the_buffer_or_shapes_change() -> No
     assert again.buf.data_ptr() == other.buf.data_ptr()
     sc.clear()
     assert sc.layout("x", 1, shapes, torch.float64, torch.device("cpu")).buf.shape == (1, 17)
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_flat_step_records_equal_the_per_parameter_records(between: bool) -> None:
+    """The batched optimizer records (flat state rows; for exp_avg_sq first only 'non-zero' and
+    'below the largest threshold') equal param_stats per parameter, with zeros only below the
+    thresholds (the short way) and with subnormals and values around eps^2 (all four rows)."""
+    from fpgrad.watching import optimizer
+    from fpgrad.watching.scratch import Scratch
+
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (300, 40, 7)]
+    opt = torch.optim.Adam(ps, lr=1e-3, eps=1e-8)
+    sn = get_format("float32").smallest_normal
+    for k, p in enumerate(ps):
+        p.grad = torch.randn(p.shape, generator=g)
+        m = torch.randn(p.shape, generator=g)
+        v = torch.rand(p.shape, generator=g) + 0.5
+        m[:: 3 + k] = v[:: 3 + k] = p.grad[:: 3 + k] = 0.0  # stay zero through the step
+        if between and k != 1:  # where the gradient is 0: scaled by beta1, beta2
+            m[1 :: 5 + k] = p.grad[1 :: 5 + k] = 0.0
+            m[1 :: 5 + k] = sn / 4
+            v[1 :: 5 + k] = torch.rand(len(v[1 :: 5 + k]), generator=g) * 4e-16
+            v[2 :: 7 + k] = p.grad[2 :: 7 + k] = 0.0
+            v[2 :: 7 + k] = sn / 2
+        opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": m, "exp_avg_sq": v}
+    names = {id(p): f"p{k}" for k, p in enumerate(ps)}
+    sc = Scratch()
+    before = optimizer.widen(ps, sc)
+    req = ShadowOptimizer().requested_updates(opt, before)
+    opt.step()
+    flat = optimizer.step_records(opt, names, before, req, sc)
+    one = [
+        param_stats(names[id(p)], p, before[id(p)], req[id(p)], opt.state[p], opt.param_groups[0])
+        for p in ps
+    ]
+    assert flat == one
+    shares = [r["eps_dominated_share"] for r in flat]
+    zeros = [r["state_exp_avg_sq_zero_share"] for r in flat]
+    assert (shares != zeros) is between and all(z > 0 for z in zeros)
+
+
+def test_dispatch_frames_stay_out_of_dynamo() -> None:
+    """The watch's __torch_dispatch__ (without torch's per-call disable wrapper) is marked for
+    Dynamo to skip and runs the watcher with Dynamo's frame callback off, restored after."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    from fpgrad.watching import watcher
+
+    seen = []
+    m = torch.nn.Linear(3, 2)
+    with fpgrad.watch(m) as w:
+        on_op = w._on_op
+
+        def spy(func, args, kwargs):  # type: ignore[no-untyped-def]
+            seen.append(get_eval_frame_callback())
+            return on_op(func, args, kwargs)
+
+        w._on_op = spy  # type: ignore[method-assign]
+        m(torch.ones(1, 3)).sum().backward()
+    assert watcher._Mode.__dict__["__torch_dispatch__"]._torchdynamo_disable
+    assert seen and all(cb is None for cb in seen)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._C._dynamo.eval_frame import set_eval_frame
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
@@ -35,6 +36,16 @@ UNINITIALISED = frozenset(
 
 
 class _Mode(TorchDispatchMode):
+    """Hands each aten op to the watcher. torch wraps a mode's ``__torch_dispatch__`` in
+    ``torch._disable_dynamo`` (about 1 us of Python per op); this mode opts out of that wrapper
+    and does the same itself: the frame is marked for Dynamo to skip (once, when a watch
+    starts) and Dynamo's frame callback is off while the watcher runs (``set_eval_frame(None)``,
+    the prior callback restored after), so no frame of the watcher is compiled."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
     def __init__(self, watcher: Watcher) -> None:
         super().__init__()
         self.watcher = watcher
@@ -42,7 +53,11 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
     ) -> Any:
-        return self.watcher._on_op(func, args, kwargs or {})
+        prior = set_eval_frame(None)
+        try:
+            return self.watcher._on_op(func, args, kwargs or {})
+        finally:
+            set_eval_frame(prior)
 
 
 def _clone(x: Any) -> Any:
@@ -93,6 +108,10 @@ class Watcher:
         return pd.DataFrame(recs)
 
     def __enter__(self) -> Watcher:
+        if not getattr(_Mode.__torch_dispatch__, "_torchdynamo_disable", False):
+            from torch._dynamo.decorators import skip  # torch.optim imports it anyway
+
+            skip(_Mode.__torch_dispatch__)
         self._writer = JsonlWriter(self.out) if self.out is not None else None
         self._tb = TensorBoardWriter(self.tensorboard) if self.tensorboard is not None else None
         self._handles = [self.model.register_forward_pre_hook(self._on_forward, prepend=True)]
