@@ -34,7 +34,9 @@ def main() -> None:
                 np.array_equal(old[k], state[k]) for k in state
             )
             worst = max(float(np.max(np.abs(old[k] - state[k]))) for k in state)
-        print(f"{WEIGHTS.name}: {'equal bit for bit' if same else f'differs, max |diff| {worst:.3g}'}")
+        print(
+            f"{WEIGHTS.name}: {'equal bit for bit' if same else f'differs, max |diff| {worst:.3g}'}"
+        )
     if args.write:
         np.savez(WEIGHTS, **state)
         print(f"wrote {WEIGHTS}")
