@@ -85,8 +85,6 @@ def test_huge_cancelling_lower_words_are_declined(shift: int, side: str) -> None
     assert crt.matmul(a, b, PREC, ROUNDING) is None
 
 
-@pytest.mark.xfail(strict=True, reason="ozaki/jit_ball.slices: the slice sum (s0+s1)+s2 is "
-                   "inexact for huge cancelling lower words; the cap check sees only the sum")  # fmt: skip
 def test_huge_cancelling_lower_words_float64_engine() -> None:
     a, b = _ones()
     a[1, 0, 3], a[2, 0, 3] = 2.0**70, -(2.0**70)
@@ -94,7 +92,6 @@ def test_huge_cancelling_lower_words_float64_engine() -> None:
     assert risk or _misses(a, b, terms, bound) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="crt declines (fixed) but the float64 fallback is unsound")
 def test_huge_cancelling_lower_words_ball_product(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = _ones()
     a[1, 0, 3], a[2, 0, 3] = 2.0**70, -(2.0**70)
@@ -124,8 +121,6 @@ def test_zero_top_word_over_nonzero_lower_words(low: float, side: str) -> None:
     assert out is not None and not out[0][:, 0].any() and not out[1][0].any()
 
 
-@pytest.mark.xfail(strict=True, reason="ozaki: a zero scale gives bound 0 while the tail "
-                   "product of tiny lower words rounds")  # fmt: skip
 def test_zero_top_word_float64_engine() -> None:
     rng = np.random.default_rng(1)
     a, b = np.zeros((3, 2, 16)), np.zeros((3, 16, 2))
@@ -194,8 +189,6 @@ def test_more_than_three_words_are_declined() -> None:
     assert crt.matmul(a, np.concatenate([b, b[:1]]), PREC, ROUNDING) is None
 
 
-@pytest.mark.xfail(strict=True, reason="ozaki/jit_ball.slices: K > 3 words write past rem "
-                   "(3, C) (heap corruption, a crash at exit) and words 3.. are ignored")  # fmt: skip
 def test_float64_engine_more_than_three_words() -> None:
     code = textwrap.dedent("""
         import numpy as np

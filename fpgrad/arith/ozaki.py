@@ -195,8 +195,8 @@ def _cut(
 ) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """jit_ball.slices of x (K, R, C): slice i of row r at ``sl.flat[s_at[i] + r s_r:][:C]``,
     remainder t at ``tl.flat[t_at[t] + r t_r:][:C]`` (none where ``t_at[t] < 0``). Returns
-    (scale exponents, largest |word 0|, per row or column; the three counts of
-    jit_ball.slices, the last: digits above ``caps``)."""
+    (scale exponents, largest |word 0|, per row or column; the four counts of
+    jit_ball.slices: digits above ``caps``, then faults)."""
     from fpgrad.arith import jit_ball
 
     x = np.ascontiguousarray(x, dtype=np.float64)
@@ -208,7 +208,17 @@ def _cut(
         sl.reshape(-1), np.array(s_at, dtype=np.int64), s_r,
         tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r, caps,
     )  # fmt: skip
-    return expo, top, int(out[0]), int(out[1]), int(out[2])
+    return expo, top, int(out[0]), int(out[1]), int(out[2]), int(out[3])
+
+
+def _renormalised(x: np.ndarray) -> np.ndarray:
+    """x's k words renormalised by :func:`fpgrad.arith.expansion.renorm`: error-free for k
+    terms into k words (k - 1 VecSum passes leave one term, so the last word is not a rounded
+    sum; two_sum is exact), so word 0 is the rounded sum of the words (unless a sum
+    overflows: then inf or NaN, a fault again)."""
+    from fpgrad.arith import expansion
+
+    return expansion.renorm(list(x), x.shape[0]) if x.shape[0] > 1 else x
 
 
 def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int, caps: np.ndarray) -> tuple:
@@ -234,24 +244,35 @@ def matmul_levels(
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Terms of ``a @ b`` to about ``prec`` bits of max|a row| * max|b col| * n.
 
-    ``a``: (ka, m, n) words, ``b``: (kb, n, p) words, ka, kb <= 3. Returns (terms (T, m, p),
+    ``a``: (ka, m, n) words, ``b``: (kb, n, p) words, 1 <= ka, kb <= 3 (else ValueError).
+    Returns (terms (T, m, p),
     bound, underflow risk) with ``|a @ b - sum(terms)| <= bound`` elementwise. The terms are
     the exact levels 0 .. L-1 (all slice pairs i + j = s, one BLAS call each) and one float64
     product of everything below (the *tail*: each slice of a with the remainder of b below
     level L, and the remainder of a with b), whose rounding the bound covers
     (:func:`tail_factor`). ``rounding``: a relative error bound on the caller's rounding of
     the terms' sum, added to the bound against ``sum |terms| <= n 2**(ea + eb) * 4.01``.
+    An operand with faults (words off their row's or column's scale, see
+    :func:`fpgrad.arith.jit_ball.slices`: huge lower words, a zero word 0 over non-zero words)
+    is renormalised (exactly, :func:`_renormalised`) and cut again; faults left, or digits
+    above their caps in narrow slices, set the risk flag (the bound is then void).
     """
     ka, m, n = a.shape
     kb, _, p = b.shape
+    if not (1 <= ka <= 3 and 1 <= kb <= 3):
+        raise ValueError(f"matmul_levels: 1 to 3 words, not {ka} and {kb}")
     levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, True)
     acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
+    if cut_a[5] or cut_b[5]:  # rare: canonical words (BallArith's) have no faults
+        a = _renormalised(a) if cut_a[5] else a
+        b = _renormalised(b) if cut_b[5] else b
+        acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
     if cut_a[4] or cut_b[4] or not exact:  # digits above their caps: narrow slices
         levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, False)
         acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
-    unsound = bool(cut_a[4] or cut_b[4]) or not exact
-    ea, top_a, na, ra, _ = cut_a
-    eb, top_b, nb, rb, _ = cut_b
+    unsound = bool(cut_a[4] or cut_b[4] or cut_a[5] or cut_b[5]) or not exact
+    ea, top_a, na, ra, _, _ = cut_a
+    eb, top_b, nb, rb, _, _ = cut_b
     big = levels + 1
     terms = np.empty((big, m, p))
     count = 0
@@ -283,5 +304,6 @@ def matmul_levels(
     risk = risk and bool(
         ea_nz.min() + eb_nz.min() - bits * (levels + 2) - 60 < -1000
         or ea_nz.max() + eb_nz.max() > 900
+        or max(ea_nz.max(), eb_nz.max()) > 960  # sigma = 1.5 2**(e - bits + 52) finite
     )
     return terms[:count], bound, risk or unsound
