@@ -81,14 +81,30 @@ def slices(words: np.ndarray, e: np.ndarray, b: int, count: int | None) -> tuple
     return np.stack(out), not any(live)
 
 
+def _scaled(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, its scale exponents along ``axis``, kept 2-D), x renormalised (exactly,
+    :func:`_renormalised`) where a |word| exceeds 2**e or a zero word 0 holds non-zero words:
+    then :func:`slices` is exact (as :func:`fpgrad.arith.jit_ball.slices` without faults);
+    ValueError where that is still so (NaN, inf)."""
+    for again in (False, True):
+        top = np.max(np.abs(x[0]), axis=axis, keepdims=True)
+        e = np.expand_dims(scale_exponents(x[0], axis), axis)
+        if np.all(np.abs(x) <= np.where(top > 0, np.ldexp(1.0, e), 0.0)):
+            return x, e
+        if again:
+            raise ValueError("exact_products: words beyond the float64 range")
+        x = _renormalised(x)
+    raise AssertionError("unreachable")
+
+
 def exact_products(a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
     """Matrices whose (unevaluated) sum is exactly ``a @ b``; a, b: float64 or (k, ...) words."""
     a = a[None] if a.ndim == 2 else a
     b = b[None] if b.ndim == 2 else b
     n = a.shape[2]
     bits = digit_bits(n, 1)
-    ea = scale_exponents(a[0], axis=1)[:, None]
-    eb = scale_exponents(b[0], axis=0)[None, :]
+    a, ea = _scaled(a, 1)
+    b, eb = _scaled(b, 0)
     sa, za = slices(a, ea, bits, None)
     sb, zb = slices(b, eb, bits, None)
     assert za and zb, "operands beyond the float64 range"
