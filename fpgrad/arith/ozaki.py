@@ -20,6 +20,8 @@ for digits within it (:func:`levels_exact`) and the tail is bounded with it; whe
 exceeds it the product is cut again with :func:`digit_bits`. 5 levels of 21 bits reach
 2**-144, with 15 + 6 slice products (k-word times k-word; fewer against a float64 matrix,
 whose slices run out sooner). The slicing there is compiled (:func:`fpgrad.arith.jit_ball.slices`).
+Both slicings are exact only for words within their scale (no |word| above 2**e); operands
+with words beyond it (non-canonical expansions) are renormalised first, exactly.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def _cut(
     t_at: list[int],
     t_r: int,
     caps: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+) -> tuple[np.ndarray, np.ndarray, int, int, int, int]:
     """jit_ball.slices of x (K, R, C): slice i of row r at ``sl.flat[s_at[i] + r s_r:][:C]``,
     remainder t at ``tl.flat[t_at[t] + r t_r:][:C]`` (none where ``t_at[t] < 0``). Returns
     (scale exponents, largest |word 0|, per row or column; the four counts of
@@ -261,12 +263,11 @@ def matmul_levels(
     """Terms of ``a @ b`` to about ``prec`` bits of max|a row| * max|b col| * n.
 
     ``a``: (ka, m, n) words, ``b``: (kb, n, p) words, 1 <= ka, kb <= 3 (else ValueError).
-    Returns (terms (T, m, p),
-    bound, underflow risk) with ``|a @ b - sum(terms)| <= bound`` elementwise. The terms are
-    the exact levels 0 .. L-1 (all slice pairs i + j = s, one BLAS call each) and one float64
-    product of everything below (the *tail*: each slice of a with the remainder of b below
-    level L, and the remainder of a with b), whose rounding the bound covers
-    (:func:`tail_factor`). ``rounding``: a relative error bound on the caller's rounding of
+    Returns (terms (T, m, p), bound, underflow risk) with ``|a @ b - sum(terms)| <= bound``
+    elementwise. The terms are the exact levels 0 .. L-1 (all slice pairs i + j = s, one BLAS
+    call each) and one float64 product of everything below (the *tail*: each slice of a with
+    the remainder of b below level L, and the remainder of a with b), whose rounding the bound
+    covers (:func:`tail_factor`). ``rounding``: a relative error bound on the caller's rounding of
     the terms' sum, added to the bound against ``sum |terms| <= n 2**(ea + eb) * 4.01``.
     An operand with faults (words off their row's or column's scale, see
     :func:`fpgrad.arith.jit_ball.slices`: huge lower words, a zero word 0 over non-zero words)
