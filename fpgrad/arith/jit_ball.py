@@ -191,7 +191,7 @@ def slices(
     t_at: np.ndarray,
     t_r: int,
     cap: np.ndarray,
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int]:
     """Cut each element of a (R, C) matrix of K <= 3 words into slices (Ozaki's splitting).
 
     Element (r, c) has the words ``words[:, r, c]``.
@@ -204,9 +204,28 @@ def slices(
     Returns (1 + the last slice index with a non-zero digit anywhere, the last t whose
     remainder has a non-zero word anywhere, -1 for none; how many digits of slice i exceed
     ``cap[i]`` in absolute value, over all i: digits are |slice| / unit, compared as
-    ``|slice| > cap[i] * unit``, a power-of-two scaling, exact in the guarded range).
+    ``|slice| > cap[i] * unit``, a power-of-two scaling, exact in the guarded range; the
+    number of faults: words ``w`` with ``not |w| <= 2**e`` (NaN, inf, lower words above the
+    scale; in a row or column of scale 0, any non-zero word). ValueError unless 1 <= K <= 3.
+
+    Without faults every step is exact (bits <= 26). Proof: let ``u = 2**(e - bits (i + 1))``,
+    so sigma is ``1.5 2**52 u``. At i = 0 word 0 is below ``2**e = 2**bits u`` (it sets e) and
+    the lower words are at most that (no fault); after an exact slice i - 1 a remainder is at
+    most half its unit, ``2**(bits - 1) u``: by induction every word x before slice i has
+    ``|x| <= 2**bits u <= 2**51 u``. Then ``x + sigma`` lies in ``[2**52 u, 2**53 u]`` where
+    the floats are the multiples of u (where ``u < 2**-1074``: of the spacing 2**-1074, and s
+    = x), so it rounds to ``sigma + s`` with s a multiple of u nearest x, and subtracting
+    sigma gives s exactly; ``x - s`` is exact (``|x - s| <= u / 2``: x itself where s = 0,
+    else a multiple of ulp(x) <= u / 2 at most ``2**53 ulp(x)``). Each ``|s| <= 2**bits u +
+    u / 2``, so the partial sums of the three are multiples of u below ``2**29 u``: exact. So
+    the slices and remainders of an element sum exactly to its words' sum, each word's
+    remainder after slice i is at most half its unit and the sum of an element's |words| is
+    at most ``K 2**e`` (the premises of :func:`fpgrad.arith.ozaki.tail_factor`). A zero scale
+    (word 0 all zero) without faults: every word of the row (column) is 0, and so is the row.
     """
     nw, rows, cols = words.shape
+    if nw < 1 or nw > 3:
+        raise ValueError("jit_ball.slices: 1 to 3 words")
     rem = np.zeros((3, cols))
     top[:] = 0.0
     for r in range(rows):  # the scales
@@ -224,8 +243,10 @@ def slices(
                 top[c] = v if v > top[c] else top[c]
     sig = np.empty((count, top.shape[0]))  # 1.5 * 2**(e - bits (i + 1) + 52)
     lim = np.empty((count, top.shape[0]))  # cap[i] * 2**(e - bits (i + 1))
+    wlim = np.empty(top.shape[0])  # 2**e, 0 for a zero scale: the bound on every |word|
     for q in range(top.shape[0]):
         expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
+        wlim[q] = math.ldexp(1.0, expo[q]) if top[q] > 0.0 else 0.0
         for i in range(count):
             sig[i, q] = math.ldexp(1.5, expo[q] - bits * (i + 1) + 52)
             lim[i, q] = math.ldexp(cap[i], expo[q] - bits * (i + 1))
@@ -234,10 +255,20 @@ def slices(
     last_slice = 0
     last_rem = -1
     over = 0
+    faults = 0
     for r in range(rows):
         for w in range(nw):
-            for c in range(cols):
-                rem[w, c] = words[w, r, c]
+            if per_row:
+                wl = wlim[r]
+                for c in range(cols):
+                    v = words[w, r, c]
+                    rem[w, c] = v
+                    faults += not abs(v) <= wl  # NaN counted
+            else:
+                for c in range(cols):
+                    v = words[w, r, c]
+                    rem[w, c] = v
+                    faults += not abs(v) <= wlim[c]
         live = False
         for c in range(cols):
             live |= (rem[0, c] != 0.0) | (rem[1, c] != 0.0) | (rem[2, c] != 0.0)
@@ -280,7 +311,7 @@ def slices(
                 last_slice = max(last_slice, i + 1)
             if live:
                 last_rem = max(last_rem, i + 1)
-    return last_slice, last_rem, over
+    return last_slice, last_rem, over, faults
 
 
 @njit(**JIT)

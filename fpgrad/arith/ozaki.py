@@ -20,6 +20,8 @@ for digits within it (:func:`levels_exact`) and the tail is bounded with it; whe
 exceeds it the product is cut again with :func:`digit_bits`. 5 levels of 21 bits reach
 2**-144, with 15 + 6 slice products (k-word times k-word; fewer against a float64 matrix,
 whose slices run out sooner). The slicing there is compiled (:func:`fpgrad.arith.jit_ball.slices`).
+Both slicings are exact only for words within their scale (no |word| above 2**e); operands
+with words beyond it (non-canonical expansions) are renormalised first, exactly.
 """
 
 from __future__ import annotations
@@ -81,14 +83,30 @@ def slices(words: np.ndarray, e: np.ndarray, b: int, count: int | None) -> tuple
     return np.stack(out), not any(live)
 
 
+def _scaled(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, its scale exponents along ``axis``, kept 2-D), x renormalised (exactly,
+    :func:`_renormalised`) where a |word| exceeds 2**e or a zero word 0 holds non-zero words:
+    then :func:`slices` is exact (as :func:`fpgrad.arith.jit_ball.slices` without faults);
+    ValueError where that is still so (NaN, inf)."""
+    for again in (False, True):
+        top = np.max(np.abs(x[0]), axis=axis, keepdims=True)
+        e = np.expand_dims(scale_exponents(x[0], axis), axis)
+        if np.all(np.abs(x) <= np.where(top > 0, np.ldexp(1.0, e), 0.0)):
+            return x, e
+        if again:
+            raise ValueError("exact_products: words beyond the float64 range")
+        x = _renormalised(x)
+    raise AssertionError("unreachable")
+
+
 def exact_products(a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
     """Matrices whose (unevaluated) sum is exactly ``a @ b``; a, b: float64 or (k, ...) words."""
     a = a[None] if a.ndim == 2 else a
     b = b[None] if b.ndim == 2 else b
     n = a.shape[2]
     bits = digit_bits(n, 1)
-    ea = scale_exponents(a[0], axis=1)[:, None]
-    eb = scale_exponents(b[0], axis=0)[None, :]
+    a, ea = _scaled(a, 1)
+    b, eb = _scaled(b, 0)
     sa, za = slices(a, ea, bits, None)
     sb, zb = slices(b, eb, bits, None)
     assert za and zb, "operands beyond the float64 range"
@@ -192,11 +210,11 @@ def _cut(
     t_at: list[int],
     t_r: int,
     caps: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+) -> tuple[np.ndarray, np.ndarray, int, int, int, int]:
     """jit_ball.slices of x (K, R, C): slice i of row r at ``sl.flat[s_at[i] + r s_r:][:C]``,
     remainder t at ``tl.flat[t_at[t] + r t_r:][:C]`` (none where ``t_at[t] < 0``). Returns
-    (scale exponents, largest |word 0|, per row or column; the three counts of
-    jit_ball.slices, the last: digits above ``caps``)."""
+    (scale exponents, largest |word 0|, per row or column; the four counts of
+    jit_ball.slices: digits above ``caps``, then faults)."""
     from fpgrad.arith import jit_ball
 
     x = np.ascontiguousarray(x, dtype=np.float64)
@@ -208,7 +226,17 @@ def _cut(
         sl.reshape(-1), np.array(s_at, dtype=np.int64), s_r,
         tl.reshape(-1), np.array(t_at, dtype=np.int64), t_r, caps,
     )  # fmt: skip
-    return expo, top, int(out[0]), int(out[1]), int(out[2])
+    return expo, top, int(out[0]), int(out[1]), int(out[2]), int(out[3])
+
+
+def _renormalised(x: np.ndarray) -> np.ndarray:
+    """x's k words renormalised by :func:`fpgrad.arith.expansion.renorm`: error-free for k
+    terms into k words (k - 1 VecSum passes leave one term, so the last word is not a rounded
+    sum; two_sum is exact), so word 0 is the rounded sum of the words (unless a sum
+    overflows: then inf or NaN, a fault again)."""
+    from fpgrad.arith import expansion
+
+    return expansion.renorm(list(x), x.shape[0]) if x.shape[0] > 1 else x
 
 
 def _slice_pair(a: np.ndarray, b: np.ndarray, levels: int, bits: int, caps: np.ndarray) -> tuple:
@@ -234,24 +262,34 @@ def matmul_levels(
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Terms of ``a @ b`` to about ``prec`` bits of max|a row| * max|b col| * n.
 
-    ``a``: (ka, m, n) words, ``b``: (kb, n, p) words, ka, kb <= 3. Returns (terms (T, m, p),
-    bound, underflow risk) with ``|a @ b - sum(terms)| <= bound`` elementwise. The terms are
-    the exact levels 0 .. L-1 (all slice pairs i + j = s, one BLAS call each) and one float64
-    product of everything below (the *tail*: each slice of a with the remainder of b below
-    level L, and the remainder of a with b), whose rounding the bound covers
-    (:func:`tail_factor`). ``rounding``: a relative error bound on the caller's rounding of
+    ``a``: (ka, m, n) words, ``b``: (kb, n, p) words, 1 <= ka, kb <= 3 (else ValueError).
+    Returns (terms (T, m, p), bound, underflow risk) with ``|a @ b - sum(terms)| <= bound``
+    elementwise. The terms are the exact levels 0 .. L-1 (all slice pairs i + j = s, one BLAS
+    call each) and one float64 product of everything below (the *tail*: each slice of a with
+    the remainder of b below level L, and the remainder of a with b), whose rounding the bound
+    covers (:func:`tail_factor`). ``rounding``: a relative error bound on the caller's rounding of
     the terms' sum, added to the bound against ``sum |terms| <= n 2**(ea + eb) * 4.01``.
+    An operand with faults (words off their row's or column's scale, see
+    :func:`fpgrad.arith.jit_ball.slices`: huge lower words, a zero word 0 over non-zero words)
+    is renormalised (exactly, :func:`_renormalised`) and cut again; faults left, or digits
+    above their caps in narrow slices, set the risk flag (the bound is then void).
     """
     ka, m, n = a.shape
     kb, _, p = b.shape
+    if not (1 <= ka <= 3 and 1 <= kb <= 3):
+        raise ValueError(f"matmul_levels: 1 to 3 words, not {ka} and {kb}")
     levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, True)
     acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
+    if cut_a[5] or cut_b[5]:  # rare: canonical words (BallArith's) have no faults
+        a = _renormalised(a) if cut_a[5] else a
+        b = _renormalised(b) if cut_b[5] else b
+        acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
     if cut_a[4] or cut_b[4] or not exact:  # digits above their caps: narrow slices
         levels, bits, caps, exact, tail = _plan(n, prec, ka, kb, False)
         acat, brev, btail, cut_a, cut_b = _slice_pair(a, b, levels, bits, caps)
-    unsound = bool(cut_a[4] or cut_b[4]) or not exact
-    ea, top_a, na, ra, _ = cut_a
-    eb, top_b, nb, rb, _ = cut_b
+    unsound = bool(cut_a[4] or cut_b[4] or cut_a[5] or cut_b[5]) or not exact
+    ea, top_a, na, ra, _, _ = cut_a
+    eb, top_b, nb, rb, _, _ = cut_b
     big = levels + 1
     terms = np.empty((big, m, p))
     count = 0
@@ -283,5 +321,6 @@ def matmul_levels(
     risk = risk and bool(
         ea_nz.min() + eb_nz.min() - bits * (levels + 2) - 60 < -1000
         or ea_nz.max() + eb_nz.max() > 900
+        or max(ea_nz.max(), eb_nz.max()) > 960  # sigma = 1.5 2**(e - bits + 52) finite
     )
     return terms[:count], bound, risk or unsound
