@@ -10,8 +10,8 @@ needed.
 
 Matrix products are exact slice products (:mod:`fpgrad.arith.ozaki`) down to the working
 precision plus one float64 product of the rest, with a rigorous bound on its rounding;
-radii propagate through ``|A| rB + rA |B| + rA rB`` in float64 BLAS, inflated by the BLAS
-error bound.
+radii propagate through ``(|A| + rA) rB + rA |B|``, upper bounds from float32 GEMMs
+(:mod:`fpgrad.arith.radius`; float64 BLAS, inflated by its error bound, outside their range).
 
 Elementwise operations, sums, the slicing and the renormalisation run in compiled kernels
 (:mod:`fpgrad.arith.jit_ball`, :mod:`fpgrad.arith.jit_elementary`; numba, compiled on first
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.arith import crt, ozaki
+from fpgrad.arith import crt, ozaki, radius
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.base import ExactDerivatives
 
@@ -347,10 +347,16 @@ class BallArith(ExactDerivatives):
             mid, bound = np.ascontiguousarray(mid.transpose(0, 2, 1)), bound.T
         rad = bound  # includes the rounding of the terms into k words (normwise, see ozaki)
         gamma = 1.0 + (n + 8) * 2.0**-52  # float64 BLAS error on non-negative data
-        if b.rad.any():
-            rad = rad + ((np.abs(am[0]) * HI_BOUND + a.rad) @ b.rad) * gamma
+        if b.rad.any():  # float32 bounds (fpgrad.arith.radius), float64 out of their range
+            up = radius.upper_matmul(am[0], a.rad, None, b.rad, rad)
+            if up is None:
+                up = rad + ((np.abs(am[0]) * HI_BOUND + a.rad) @ b.rad) * gamma
+            rad = up
         if a.rad.any():
-            rad = rad + (a.rad @ (np.abs(bm[0]) * HI_BOUND)) * gamma
+            up = radius.upper_matmul(None, a.rad, bm[0], None, rad)
+            if up is None:
+                up = rad + (a.rad @ (np.abs(bm[0]) * HI_BOUND)) * gamma
+            rad = up
         rad = rad * RU
         _prove_zeros(a, b, mid, rad)
         out = Ball(mid, rad)  # range guarded by renorm

@@ -1,0 +1,128 @@
+"""The float32 radius products (fpgrad.arith.radius) bound the exact products from above.
+
+The oracle is rational arithmetic (fractions): every float is exact there, so each bound is
+compared with the exact value of ``(|x0| HI_BOUND + xr) @ (|y0| HI_BOUND + yr)``.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fpgrad.arith import radius
+from fpgrad.arith.ball import BallArith
+
+H = Fraction(radius.HI_BOUND)
+
+
+def _exact(m0: np.ndarray | None, r: np.ndarray | None) -> list[list[Fraction]]:
+    ref = r if r is not None else m0
+    assert ref is not None
+    rows, cols = ref.shape
+    return [
+        [
+            (abs(Fraction(float(m0[i, j]))) * H if m0 is not None else Fraction(0))
+            + (Fraction(float(r[i, j])) if r is not None else Fraction(0))
+            for j in range(cols)
+        ]
+        for i in range(rows)
+    ]
+
+
+def _wide(rng: np.random.Generator, shape: tuple[int, int], span: int) -> np.ndarray:
+    """Values of both signs over 2**-span .. 2**span, some exact zeros."""
+    v = rng.normal(size=shape) * np.exp2(rng.integers(-span, span, size=shape))
+    v[rng.random(shape) < 0.1] = 0.0
+    return v
+
+
+@pytest.mark.parametrize("span", [2, 60, 300])
+def test_operands_round_up_into_float32(span: int) -> None:
+    """Every float32 element is >= its exact scaled value (fails without the upward factor,
+    half the elements round down, or without the floor, tiny elements become 0) and exact
+    zeros stay 0."""
+    rng = np.random.default_rng(span)
+    m0, r = _wide(rng, (20, 30), span), np.abs(_wide(rng, (20, 30), span)) * 2.0**-40
+    for parts in ((m0, r), (m0, None), (None, r)):
+        got = radius._scaled(*parts)
+        assert got is not None
+        f, shift = got
+        exact = _exact(*parts)
+        for i in range(20):
+            for j in range(30):
+                want = exact[i][j] * Fraction(2) ** shift
+                assert Fraction(float(f[i, j])) >= want, (parts[0] is None, i, j)
+                assert (f[i, j] == 0) == (want == 0)
+
+
+@pytest.mark.parametrize("span", [2, 40, 300])
+def test_upper_matmul_bounds_the_exact_product(span: int, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(radius, "MIN_MACS", 0)
+    rng = np.random.default_rng(span + 1)
+    x0, xr = _wide(rng, (7, 64), span), np.abs(_wide(rng, (7, 64), span)) * 2.0**-30
+    y0, yr = _wide(rng, (64, 5), span), np.abs(_wide(rng, (64, 5), span)) * 2.0**-30
+    acc = np.zeros((7, 5))
+    for x, y in (((x0, xr), (None, yr)), ((None, xr), (y0, None)), ((x0, xr), (y0, yr))):
+        got = radius.upper_matmul(*x, *y, acc)
+        assert got is not None
+        ex, ey = _exact(*x), _exact(*y)
+        for i in range(7):
+            for j in range(5):
+                want = sum((ex[i][k] * ey[k][j] for k in range(64)), Fraction(0))
+                assert Fraction(float(got[i, j])) >= want
+                if want and span <= 40:  # useful: within 2**-12 (wider: floors)
+                    assert Fraction(float(got[i, j])) <= want * (1 + Fraction(1, 2**12))
+
+
+def test_float32_accumulation_losses_are_covered(monkeypatch) -> None:  # noqa: ANN001
+    """A sum whose small terms each fall below half an ulp of the running float32 sum: the
+    GEMM returns about the large term alone; the bound still covers all of them."""
+    monkeypatch.setattr(radius, "MIN_MACS", 0)
+    n = 4096
+    xr = np.ones((1, n))
+    yr = np.full((n, 1), 2.0**-26)
+    yr[0, 0] = 1.0
+    got = radius.upper_matmul(None, xr, None, yr, np.zeros((1, 1)))
+    assert got is not None
+    want = Fraction(1) + (n - 1) * Fraction(2) ** -26
+    assert Fraction(float(got[0, 0])) >= want
+
+
+def test_out_of_range_operands_fall_back(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(radius, "MIN_MACS", 0)
+    ok, acc = np.ones((3, 3)), np.zeros((3, 3))
+    assert radius.upper_matmul(None, ok, None, ok, acc) is not None
+    for bad in (np.inf, np.nan, 2.0**600, 2.0**-600):
+        assert radius.upper_matmul(None, np.full((3, 3), bad), None, ok, acc) is None
+    assert radius.upper_matmul(np.full((3, 3), np.nan), ok, None, ok, acc) is None
+
+
+def test_ball_products_with_radii_enclose_the_exact_product() -> None:
+    """BallArith.matmul on balls with radii, through the float32 path: the exact product at
+    the worst corner of the operand balls (every term pushed outward) lies within the result's
+    radius of its midpoint, and the radius is not more than 2**-10 above that distance."""
+    rng = np.random.default_rng(7)
+    ar = BallArith(150)
+    a, b = ar.asarray(rng.normal(size=(64, 128))), ar.asarray(rng.normal(size=(128, 160)))
+    a.rad = np.abs(rng.normal(size=(64, 128))) * 2.0**-90
+    b.rad = np.abs(rng.normal(size=(128, 160))) * 2.0**-90
+    assert 64 * 128 * 160 >= radius.MIN_MACS  # the float32 path runs
+    out = ar._matmul(a, b)
+
+    def value(x: Any, *idx: int) -> Fraction:
+        return sum((Fraction(float(w)) for w in x.mid[(slice(None), *idx)]), Fraction(0))
+
+    for i, j in ((0, 0), (5, 17), (63, 159)):
+        mid = value(out, i, j)
+        exact = Fraction(0)
+        for k in range(128):  # the corner that moves every term upward
+            p, q = value(a, i, k), value(b, k, j)
+            p2 = p + (1 if q >= 0 else -1) * Fraction(float(a.rad[i, k]))
+            q2 = q + (1 if p >= 0 else -1) * Fraction(float(b.rad[k, j]))
+            exact += p2 * q2
+        rad = Fraction(float(out.rad[i, j]))
+        assert abs(exact - mid) <= rad
+        assert rad <= abs(exact - mid) * (1 + Fraction(1, 2**10)) + abs(mid) * Fraction(2) ** -130
