@@ -126,3 +126,31 @@ def test_ball_products_with_radii_enclose_the_exact_product() -> None:
         rad = Fraction(float(out.rad[i, j]))
         assert abs(exact - mid) <= rad
         assert rad <= abs(exact - mid) * (1 + Fraction(1, 2**10)) + abs(mid) * Fraction(2) ** -130
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize(
+    "shape", [(128, 256), (7, 3), (1, 4), (128, 1), (2, 5), (128, 2), (300, 3)]
+)
+def test_column_sums_give_the_floats_of_the_transposed_path(k: int, shape: tuple) -> None:
+    """BallArith.sum over axis 0 of a C-contiguous ball (jit_ball.sum_rows) returns the words
+    of the general path (jit_ball.sum_last on a transposed copy) and the radii of numpy's
+    sums, bit for bit."""
+    from fpgrad.arith import jit_ball
+    from fpgrad.arith.ball import RU, Ball
+
+    rng = np.random.default_rng(shape[0] * 10 + k)
+    ar = BallArith(100 if k == 2 else 150)
+    mid = rng.normal(size=(k, *shape)) * np.exp2(rng.integers(-30, 30, size=(k, *shape)))
+    mid[1:] *= 2.0**-60
+    rad = np.abs(rng.normal(size=shape)) * np.exp2(rng.integers(-110, -90, size=shape))
+    got = ar.sum(Ball(mid, rad), 0)
+    want = np.empty((k, shape[1]))
+    words = np.ascontiguousarray(np.moveaxis(mid, 1, -1))
+    jit_ball.sum_last((0.0,) * k, words, want)
+    n, depth = shape[0], int(np.ceil(np.log2(shape[0])))
+    mags = np.sum(np.abs(mid[0]), axis=0)
+    want_rad = (np.sum(rad, axis=0) * (1 + (n + 2) * 2.0**-52) + depth * ar.eta * mags) * RU
+    assert np.array_equal(got.mid, want) and np.array_equal(got.rad, want_rad)
+    kept = ar.sum(Ball(mid, rad), 0, keepdims=True)
+    assert kept.mid.shape == (k, 1, shape[1]) and np.array_equal(kept.rad[0], got.rad)

@@ -368,20 +368,28 @@ class BallArith(ExactDerivatives):
         """Pairwise (tree) sum along ``axis``: ``depth`` roundings of ETA each per element."""
         jb, _ = _jit()
         axis = axis % a.ndim
-        w = np.moveaxis(a.mid, axis + 1, -1)
-        n = w.shape[-1]
-        lead = w.shape[1:-1]
-        mid = np.empty((self.k, *lead))
-        jb.sum_last(
-            _words_tag(self.k),
-            np.ascontiguousarray(w, dtype=np.float64).reshape(self.k, -1, n),
-            mid.reshape(self.k, -1),
-        )
+        am, ar = a.mid, np.asarray(a.rad, dtype=np.float64)
+        n = am.shape[axis + 1]
+        fast = am.ndim == 3 and am.dtype == np.float64 and am.flags.c_contiguous
+        if axis == 0 and n and fast and ar.flags.c_contiguous and am.shape[2] > 1:
+            # the same floats as below in one pass, without the transposed copy (one column:
+            # numpy sums it pairwise, not row by row)
+            cols = am.shape[2]
+            mid, mags, rsum = np.empty((self.k, cols)), np.empty(cols), np.empty(cols)
+            jb.sum_rows(_words_tag(self.k), am, ar, mid, mags, rsum)
+        else:
+            w = np.moveaxis(am, axis + 1, -1)
+            mid = np.empty((self.k, *w.shape[1:-1]))
+            jb.sum_last(
+                _words_tag(self.k),
+                np.ascontiguousarray(w, dtype=np.float64).reshape(self.k, -1, n),
+                mid.reshape(self.k, -1),
+            )
+            mags, rsum = np.sum(np.abs(am[0]), axis=axis), np.sum(ar, axis=axis)
         depth, m = 0, n
         while m > 1:
             m, depth = m // 2 + m % 2, depth + 1
-        mags = np.sum(np.abs(a.mid[0]), axis=axis)
-        rad = (np.sum(a.rad, axis=axis) * (1 + (n + 2) * 2.0**-52) + depth * self.eta * mags) * RU
+        rad = (rsum * (1 + (n + 2) * 2.0**-52) + depth * self.eta * mags) * RU
         if keepdims:
             mid = np.expand_dims(mid, axis + 1)
             rad = np.expand_dims(rad, axis)

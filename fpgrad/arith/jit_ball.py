@@ -126,6 +126,49 @@ def sum_last(kw: tuple, w: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(**JIT)
+def sum_rows(
+    kw: tuple, w: np.ndarray, rad: np.ndarray, out: np.ndarray, mags: np.ndarray, rsum: np.ndarray
+) -> None:
+    """Column sums of (k, R, C) words, R >= 1: ``out[:, c]`` by the pairwise tree of
+    :func:`sum_last` (the same operations per column, run across columns); ``mags[c]``,
+    ``rsum[c]``: the sums of ``|w[0, :, c]|`` and ``rad[:, c]`` row after row (numpy's order
+    for axis 0 of a C-contiguous array, so the same floats)."""
+    k = len(kw)
+    n, cols = w.shape[1], w.shape[2]
+    buf = np.zeros((3, n, cols))
+    for j in range(k):
+        for i in range(n):
+            for c in range(cols):
+                buf[j, i, c] = w[j, i, c]
+    m = n
+    while m > 1:
+        h = m // 2
+        for i in range(h):
+            for c in range(cols):
+                s = w_add(
+                    kw,
+                    (buf[0, i, c], buf[1, i, c], buf[2, i, c]),
+                    (buf[0, i + h, c], buf[1, i + h, c], buf[2, i + h, c]),
+                )
+                buf[0, i, c], buf[1, i, c], buf[2, i, c] = s[0], s[1], s[2]
+        if m % 2:
+            for j in range(3):
+                for c in range(cols):
+                    buf[j, h, c] = buf[j, 2 * h, c]
+        m = h + m % 2
+    for j in range(k):
+        for c in range(cols):
+            out[j, c] = buf[j, 0, c]
+    for c in range(cols):
+        mags[c] = abs(w[0, 0, c])
+        rsum[c] = rad[0, c]
+    for i in range(1, n):
+        for c in range(cols):
+            mags[c] += abs(w[0, i, c])
+            rsum[c] += rad[i, c]
+
+
+@njit(**JIT)
 def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
     """out (k, N) = expansion.renorm of the T >= 1 terms (T, N), element by element.
 
