@@ -328,14 +328,16 @@ def slices(
 
 @njit(**JIT)
 def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.ndarray,
-           undet: np.ndarray) -> None:  # fmt: skip
-    """The numpy formulas of :func:`fpgrad.reference.exact.ball_digits` in one pass (1-D).
+           undet: np.ndarray) -> float:  # fmt: skip
+    """The numpy formulas of :func:`fpgrad.reference.exact.ball_digits` in one pass (1-D);
+    returns the least digits of the elements neither zero nor undetermined (``cap`` if none).
 
     Exact zero: ``m0 == 0`` and ``rad == 0`` (digits inf). Undetermined: otherwise not
     ``|m0| / HI_BOUND > rad`` (NaN included; digits 0). Else ``rad == 0``: ``cap``; else
     ``-log2(rad HI_BOUND / |m0|) log10(2)`` clipped to ``[0, cap]`` (log2: half the time
     of log10; the two differ in the last bit at most).
     """
+    low = cap
     for i in range(m0.size):
         m, r = abs(m0[i]), rad[i]
         z = m == 0.0 and r == 0.0
@@ -349,3 +351,5 @@ def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.
             d[i] = cap
         else:
             d[i] = min(max(-math.log2(r * HI_BOUND / m) * LOG10_2, 0.0), cap)
+            low = min(low, d[i])
+    return low

@@ -1,7 +1,9 @@
-"""The float32 radius products (fpgrad.arith.radius) bound the exact products from above.
+"""Kernels of the fast exact trace (issue 14).
 
-The oracle is rational arithmetic (fractions): every float is exact there, so each bound is
-compared with the exact value of ``(|x0| HI_BOUND + xr) @ (|y0| HI_BOUND + yr)``.
+The float32 radius products (fpgrad.arith.radius) bound the exact products from above: the
+oracle is rational arithmetic (fractions), where every float is exact, so each bound is
+compared with the exact value of ``(|x0| HI_BOUND + xr) @ (|y0| HI_BOUND + yr)``. The column
+sums and the digit summary give the floats of the code they replace, bit for bit.
 """
 
 from __future__ import annotations
@@ -154,3 +156,26 @@ def test_column_sums_give_the_floats_of_the_transposed_path(k: int, shape: tuple
     assert np.array_equal(got.mid, want) and np.array_equal(got.rad, want_rad)
     kept = ar.sum(Ball(mid, rad), 0, keepdims=True)
     assert kept.mid.shape == (k, 1, shape[1]) and np.array_equal(kept.rad[0], got.rad)
+
+
+def test_digit_summary_is_the_least_kept_digits() -> None:
+    """ball_summary's least digits are those of the elements neither zero nor undetermined,
+    as _summarise computed them from the arrays (zeros, NaN, radius 0, undetermined)."""
+    from fpgrad.arith.ball import Ball
+    from fpgrad.reference.exact import ball_summary
+
+    rng = np.random.default_rng(3)
+    m0 = rng.normal(size=(50, 40))
+    rad = np.abs(m0) * np.exp2(-rng.uniform(0, 160, size=m0.shape))
+    m0[0, :5], rad[0, :5] = 0.0, 0.0  # exact zeros
+    rad[1, :5] = np.abs(m0[1, :5]) * 2  # undetermined
+    rad[2, :3], m0[3, :3] = np.nan, np.nan
+    rad[4, :5] = 0.0  # exact values: the cap
+    ball = Ball(np.stack([m0, m0 * 2.0**-60]), rad)
+    for cap in (45.0, 30.0, 0.0):
+        d, z, u, r, low = ball_summary(ball, cap)
+        kept = d[~(z | u)]
+        assert low == float(kept.min())
+        assert np.array_equal(r, rad, equal_nan=True)
+    only = Ball(np.zeros((2, 3)), np.zeros(3))  # nothing kept: the cap
+    assert ball_summary(only, 45.0)[4] == 45.0
