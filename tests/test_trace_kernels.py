@@ -48,7 +48,7 @@ def test_operands_round_up_into_float32(span: int) -> None:
     zeros stay 0."""
     rng = np.random.default_rng(span)
     m0, r = _wide(rng, (20, 30), span), np.abs(_wide(rng, (20, 30), span)) * 2.0**-40
-    for parts in ((m0, r), (m0, None), (None, r)):
+    for parts in ((m0, r), (m0, None), (None, r), (m0.T.copy().T, r.T.copy().T)):
         got = radius._scaled(*parts)
         assert got is not None
         f, shift = got
@@ -60,12 +60,15 @@ def test_operands_round_up_into_float32(span: int) -> None:
                 assert (f[i, j] == 0) == (want == 0)
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("span", [2, 40, 300])
-def test_upper_matmul_bounds_the_exact_product(span: int, monkeypatch) -> None:  # noqa: ANN001
+def test_upper_matmul_bounds_the_exact_product(span: int, order: str, monkeypatch) -> None:  # noqa: ANN001
+    """Also on column-major operands (transposed views: the kernel walks them transposed)."""
     monkeypatch.setattr(radius, "MIN_MACS", 0)
     rng = np.random.default_rng(span + 1)
     x0, xr = _wide(rng, (7, 64), span), np.abs(_wide(rng, (7, 64), span)) * 2.0**-30
     y0, yr = _wide(rng, (64, 5), span), np.abs(_wide(rng, (64, 5), span)) * 2.0**-30
+    x0, xr, y0, yr = (np.asarray(v, order=order) for v in (x0, xr, y0, yr))
     acc = np.zeros((7, 5))
     for x, y in (((x0, xr), (None, yr)), ((None, xr), (y0, None)), ((x0, xr), (y0, yr))):
         got = radius.upper_matmul(*x, *y, acc)

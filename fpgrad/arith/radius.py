@@ -89,8 +89,13 @@ def _scaled(m0: np.ndarray | None, r: np.ndarray | None) -> tuple[np.ndarray, in
     shift = 0 if top == 0.0 else TOP - math.frexp(top)[1]
     if abs(shift) > MAX_SHIFT:
         return None
-    out = np.empty(ref.shape, dtype=np.float32)
-    _up32(m0_, r_, m0 is not None, r is not None, math.ldexp(1.0, shift), out)
+    flip = not ref.flags.c_contiguous and ref.flags.f_contiguous  # walk memory in order
+    out = np.empty(ref.shape, dtype=np.float32, order="F" if flip else "C")
+    if flip:  # the transposes are C-contiguous views; BLAS reads ``out`` transposed
+        m0_, r_, view = m0_.T, r_.T, out.T
+    else:
+        view = out
+    _up32(m0_, r_, m0 is not None, r is not None, math.ldexp(1.0, shift), view)
     return out, shift
 
 
