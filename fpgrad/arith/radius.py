@@ -110,9 +110,10 @@ def upper_matmul(
     yr)`` (float64 2-D arrays, None for an absent part, at least one per side), by one float32
     GEMM, in float64 rounded to nearest (the caller's inflation covers that addition); None
     when the operands are out of its range (the module's proof)."""
-    n = (xr if xr is not None else x0).shape[1]  # type: ignore[union-attr]
-    rows, cols = acc.shape
-    if n > 2**20 or rows * n * cols < MIN_MACS:
+    x, y = (xr if xr is not None else x0), (yr if yr is not None else y0)
+    assert x is not None and y is not None
+    (rows, n), cols = x.shape, y.shape[1]
+    if acc.shape != (rows, cols) or n > 2**20 or rows * n * cols < MIN_MACS:
         return None
     xs, ys = _scaled(x0, xr), _scaled(y0, yr)
     if xs is None or ys is None:
