@@ -138,6 +138,21 @@ def float64_only(fn):  # noqa: ANN001, ANN201 - a wrapper
     return run
 
 
+def float64_radii(fn):  # noqa: ANN001, ANN201 - a wrapper
+    """``fn`` with the radius products in float64 BLAS (fpgrad.arith.radius off)."""
+    from fpgrad.arith import radius
+
+    def run():  # noqa: ANN202
+        saved = radius.MIN_MACS
+        radius.MIN_MACS = math.inf  # type: ignore[assignment]
+        try:
+            return fn()
+        finally:
+            radius.MIN_MACS = saved
+
+    return run
+
+
 def plain_mpmath(net: Network, bits: int) -> None:
     evaluate(net, MPArith(bits))
     evaluate(net, MPArith(2 * bits))
@@ -273,6 +288,11 @@ def main() -> int:
         help="hidden widths W of 64-W-W-10 MLPs whose ratios are printed too ('' for none)",
     )  # fmt: skip
     ap.add_argument(
+        "--float64-radii", action="store_true",
+        help="also time, in the same rounds, the exact run with its radius products in float64 "
+        "BLAS instead of float32 upper bounds (fpgrad.arith.radius)",
+    )  # fmt: skip
+    ap.add_argument(
         "--engine", choices=("auto", "float64"), default="auto",
         help="products: auto (int8 CRT where torch._int_mm is exact, fpgrad.arith.crt) or "
         "float64 (Ozaki slices only, fpgrad.arith.ozaki)",
@@ -302,7 +322,10 @@ def main() -> int:
     fns = [torch_step(net), exact_run]
     if args.engine == "auto" and crt.usable():  # the float64 engine alone, in the same rounds
         fns.append(float64_only(exact_run))
-    times = interleaved(fns, args.repeats, [10, 1, 1])
+    at_radii = len(fns)
+    if args.float64_radii:
+        fns.append(float64_radii(exact_run))
+    times = interleaved(fns, args.repeats, [10] + [1] * (len(fns) - 1))
     t_torch, t_exact = times[0], times[1]
     result = exact_trace(net, args.bits, method="fast", progress=False)
     grad_digits = min(
@@ -338,7 +361,13 @@ def main() -> int:
         f"(exact_trace: evaluation + certification)"
     )
     print(f"ratio exact / torch float64:   {ratio:9.1f}x   (target <= 10, bar 30)")
-    if len(times) > 2:
+    if args.float64_radii:
+        t_r = times[at_radii]
+        print(
+            f"the same with the radius products in float64 BLAS: {t_r * 1e3:.2f} ms = "
+            f"{t_r / t_torch:.1f}x (same rounds)"
+        )
+    if at_radii > 2:
         print(
             f"the same with every product on float64 slices (no int8 CRT): {times[2] * 1e3:.2f} ms "
             f"= {times[2] / t_torch:.1f}x (same rounds)"

@@ -10,8 +10,8 @@ needed.
 
 Matrix products are exact slice products (:mod:`fpgrad.arith.ozaki`) down to the working
 precision plus one float64 product of the rest, with a rigorous bound on its rounding;
-radii propagate through ``|A| rB + rA |B| + rA rB`` in float64 BLAS, inflated by the BLAS
-error bound.
+radii propagate through ``(|A| + rA) rB + rA |B|``, upper bounds from float32 GEMMs
+(:mod:`fpgrad.arith.radius`; float64 BLAS, inflated by its error bound, outside their range).
 
 Elementwise operations, sums, the slicing and the renormalisation run in compiled kernels
 (:mod:`fpgrad.arith.jit_ball`, :mod:`fpgrad.arith.jit_elementary`; numba, compiled on first
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.arith import crt, ozaki
+from fpgrad.arith import crt, ozaki, radius
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.base import ExactDerivatives
 
@@ -347,10 +347,16 @@ class BallArith(ExactDerivatives):
             mid, bound = np.ascontiguousarray(mid.transpose(0, 2, 1)), bound.T
         rad = bound  # includes the rounding of the terms into k words (normwise, see ozaki)
         gamma = 1.0 + (n + 8) * 2.0**-52  # float64 BLAS error on non-negative data
-        if b.rad.any():
-            rad = rad + ((np.abs(am[0]) * HI_BOUND + a.rad) @ b.rad) * gamma
+        if b.rad.any():  # float32 bounds (fpgrad.arith.radius), float64 out of their range
+            up = radius.upper_matmul(am[0], a.rad, None, b.rad, rad)
+            if up is None:
+                up = rad + ((np.abs(am[0]) * HI_BOUND + a.rad) @ b.rad) * gamma
+            rad = up
         if a.rad.any():
-            rad = rad + (a.rad @ (np.abs(bm[0]) * HI_BOUND)) * gamma
+            up = radius.upper_matmul(None, a.rad, bm[0], None, rad)
+            if up is None:
+                up = rad + (a.rad @ (np.abs(bm[0]) * HI_BOUND)) * gamma
+            rad = up
         rad = rad * RU
         _prove_zeros(a, b, mid, rad)
         out = Ball(mid, rad)  # range guarded by renorm
@@ -362,20 +368,28 @@ class BallArith(ExactDerivatives):
         """Pairwise (tree) sum along ``axis``: ``depth`` roundings of ETA each per element."""
         jb, _ = _jit()
         axis = axis % a.ndim
-        w = np.moveaxis(a.mid, axis + 1, -1)
-        n = w.shape[-1]
-        lead = w.shape[1:-1]
-        mid = np.empty((self.k, *lead))
-        jb.sum_last(
-            _words_tag(self.k),
-            np.ascontiguousarray(w, dtype=np.float64).reshape(self.k, -1, n),
-            mid.reshape(self.k, -1),
-        )
+        am, ar = a.mid, np.asarray(a.rad, dtype=np.float64)
+        n = am.shape[axis + 1]
+        fast = am.ndim == 3 and am.dtype == np.float64 and am.flags.c_contiguous
+        if axis == 0 and n and fast and ar.flags.c_contiguous and am.shape[2] > 1:
+            # the same floats as below in one pass, without the transposed copy (one column:
+            # numpy sums it pairwise, not row by row)
+            cols = am.shape[2]
+            mid, mags, rsum = np.empty((self.k, cols)), np.empty(cols), np.empty(cols)
+            jb.sum_rows(_words_tag(self.k), am, ar, mid, mags, rsum)
+        else:
+            w = np.moveaxis(am, axis + 1, -1)
+            mid = np.empty((self.k, *w.shape[1:-1]))
+            jb.sum_last(
+                _words_tag(self.k),
+                np.ascontiguousarray(w, dtype=np.float64).reshape(self.k, -1, n),
+                mid.reshape(self.k, -1),
+            )
+            mags, rsum = np.sum(np.abs(am[0]), axis=axis), np.sum(ar, axis=axis)
         depth, m = 0, n
         while m > 1:
             m, depth = m // 2 + m % 2, depth + 1
-        mags = np.sum(np.abs(a.mid[0]), axis=axis)
-        rad = (np.sum(a.rad, axis=axis) * (1 + (n + 2) * 2.0**-52) + depth * self.eta * mags) * RU
+        rad = (rsum * (1 + (n + 2) * 2.0**-52) + depth * self.eta * mags) * RU
         if keepdims:
             mid = np.expand_dims(mid, axis + 1)
             rad = np.expand_dims(rad, axis)

@@ -126,6 +126,49 @@ def sum_last(kw: tuple, w: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(**JIT)
+def sum_rows(
+    kw: tuple, w: np.ndarray, rad: np.ndarray, out: np.ndarray, mags: np.ndarray, rsum: np.ndarray
+) -> None:
+    """Column sums of (k, R, C) words, R >= 1: ``out[:, c]`` by the pairwise tree of
+    :func:`sum_last` (the same operations per column, run across columns); ``mags[c]``,
+    ``rsum[c]``: the sums of ``|w[0, :, c]|`` and ``rad[:, c]`` row after row (numpy's order
+    for axis 0 of a C-contiguous array, so the same floats)."""
+    k = len(kw)
+    n, cols = w.shape[1], w.shape[2]
+    buf = np.zeros((3, n, cols))
+    for j in range(k):
+        for i in range(n):
+            for c in range(cols):
+                buf[j, i, c] = w[j, i, c]
+    m = n
+    while m > 1:
+        h = m // 2
+        for i in range(h):
+            for c in range(cols):
+                s = w_add(
+                    kw,
+                    (buf[0, i, c], buf[1, i, c], buf[2, i, c]),
+                    (buf[0, i + h, c], buf[1, i + h, c], buf[2, i + h, c]),
+                )
+                buf[0, i, c], buf[1, i, c], buf[2, i, c] = s[0], s[1], s[2]
+        if m % 2:
+            for j in range(3):
+                for c in range(cols):
+                    buf[j, h, c] = buf[j, 2 * h, c]
+        m = h + m % 2
+    for j in range(k):
+        for c in range(cols):
+            out[j, c] = buf[j, 0, c]
+    for c in range(cols):
+        mags[c] = abs(w[0, 0, c])
+        rsum[c] = rad[0, c]
+    for i in range(1, n):
+        for c in range(cols):
+            mags[c] += abs(w[0, i, c])
+            rsum[c] += rad[i, c]
+
+
+@njit(**JIT)
 def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
     """out (k, N) = expansion.renorm of the T >= 1 terms (T, N), element by element.
 
@@ -316,14 +359,16 @@ def slices(
 
 @njit(**JIT)
 def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.ndarray,
-           undet: np.ndarray) -> None:  # fmt: skip
-    """The numpy formulas of :func:`fpgrad.reference.exact.ball_digits` in one pass (1-D).
+           undet: np.ndarray) -> float:  # fmt: skip
+    """The numpy formulas of :func:`fpgrad.reference.exact.ball_digits` in one pass (1-D);
+    returns the least digits of the elements neither zero nor undetermined (``cap`` if none).
 
     Exact zero: ``m0 == 0`` and ``rad == 0`` (digits inf). Undetermined: otherwise not
     ``|m0| / HI_BOUND > rad`` (NaN included; digits 0). Else ``rad == 0``: ``cap``; else
     ``-log2(rad HI_BOUND / |m0|) log10(2)`` clipped to ``[0, cap]`` (log2: half the time
     of log10; the two differ in the last bit at most).
     """
+    low = cap
     for i in range(m0.size):
         m, r = abs(m0[i]), rad[i]
         z = m == 0.0 and r == 0.0
@@ -337,3 +382,5 @@ def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.
             d[i] = cap
         else:
             d[i] = min(max(-math.log2(r * HI_BOUND / m) * LOG10_2, 0.0), cap)
+            low = min(low, d[i])
+    return low

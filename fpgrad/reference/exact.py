@@ -326,8 +326,11 @@ def _summarise(
     rads: dict[str, np.ndarray] = {}
     worst = cap
     for key, value in items:
-        d, z, u, r = digits_of(value, cap)
+        d, z, u, r, *low = digits_of(value, cap)  # the least kept digits, when given
         digits[key], zeros[key], undet[key], rads[key] = d, z, u, r
+        if low:
+            worst = min(worst, low[0])
+            continue
         kept = d[~(z | u)]
         if kept.size:
             worst = min(worst, float(kept.min()))
@@ -347,15 +350,16 @@ def _fast(run: Run, work: Work, bits: int, progress: bool | None) -> tuple[Exact
         for _, ball in items:  # compute the lazy products now, so their range is checked
             ball.rad  # noqa: B018
     cap = math.floor(bits * math.log10(2))
-    result = _result(items, raw, ball_digits, cap, bits, "fast")
-    broken = sum(int(np.isnan(b.rad).sum() + np.isnan(b.mid[0]).sum()) for _, b in items)
+    result = _result(items, raw, ball_summary, cap, bits, "fast")
+    n_und = result.undetermined_count
+    # a NaN radius or word 0 makes its element undetermined (ball_digits): none without
+    broken = n_und and sum(int(np.isnan(b.rad).sum() + np.isnan(b.mid[0]).sum()) for _, b in items)
     if broken:  # 0 * inf in a radius formula: those balls are no enclosures
         return result, f"{broken} values with a NaN radius or midpoint", False
     if ar.range_errors:
         return result, f"{ar.range_errors} values outside 2**-800 .. 2**800", False
     if ar.uncertain_branches:
         return result, f"{ar.uncertain_branches} ReLU inputs too close to 0 to decide", False
-    n_und = result.undetermined_count
     if n_und:
         return result, f"{n_und} values whose balls contain 0", True
     if result.certified_digits < REQUIRED_DIGITS:
@@ -423,6 +427,14 @@ def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     ``-log10(rad / |mid|)`` with ``|mid| >= |word 0| / HI_BOUND``, capped at ``cap``; one
     compiled pass (:func:`fpgrad.arith.jit_ball.digits`).
     """
+    return ball_summary(ball, cap)[:4]  # type: ignore[return-value]
+
+
+def ball_summary(
+    ball: Ball, cap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """:func:`ball_digits` and the least digits of the elements neither zero nor undetermined
+    (``cap`` when there are none), from the same pass."""
     from fpgrad.arith import jit_ball
 
     r = np.asarray(ball.rad, dtype=np.float64)
@@ -430,11 +442,11 @@ def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     d = np.empty(r.shape)
     zero = np.empty(r.shape, dtype=bool)
     undet = np.empty(r.shape, dtype=bool)
-    jit_ball.digits(
+    low = jit_ball.digits(
         m0, np.ascontiguousarray(r).reshape(-1), float(cap),
         d.reshape(-1), zero.reshape(-1), undet.reshape(-1),
     )  # fmt: skip
-    return d, zero, undet, r
+    return d, zero, undet, r, float(low)
 
 
 def arb_digits(
