@@ -1,0 +1,122 @@
+"""One compiled pass over a tensor's bit patterns: the counts and magnitudes of the watch.
+
+For a CPU contiguous float16, bfloat16, float32 or float64 tensor, its bits (a zero-copy
+unsigned-integer view) are read once: with ``b = bits & ~sign``, a zero is ``b == 0``, a
+subnormal ``0 < b < bits(smallest normal)``, an inf ``b == bits(inf)``, a NaN ``b > bits(inf)``,
+and for non-negative (or absolute) values ``|x| < y`` exactly when ``b < bits(y)`` (IEEE bit
+patterns of non-negative numbers are ordered as the numbers). The smallest and largest finite
+non-zero magnitudes are found as bit patterns and decoded once, so they are the exact values.
+Other tensors (non-contiguous, not on CPU) keep the torch paths of the callers.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit
+
+from fpgrad.arith.jit_words import JIT
+
+#: dtype -> (the torch integer dtype of its width, numpy unsigned dtype, |x| mask, bits of inf,
+#: bits of the smallest normal).
+FIELDS: dict[torch.dtype, tuple[torch.dtype, Any, int, int, int]] = {
+    torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00, 0x0400),
+    torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80, 0x0080),
+    torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000, 0x00800000),
+    torch.float64: (torch.int64, np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000, 1 << 52),
+}
+#: dtype -> (mask, inf bits, smallest-normal bits) as numpy scalars of the unsigned type.
+_CONST = {d: (u(m), u(i), u(s)) for d, (_, u, m, i, s) in FIELDS.items()}
+
+
+@njit(**JIT)
+def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, t1: Any, t2: Any, out: np.ndarray) -> None:
+    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < inf``, ``b <= inf``, ``b < t1``,
+    ``b < t2``, ``b`` with the sign bit set and ``b != 0`` (negatives, NaNs included), then
+    the smallest ``0 < b < inf`` (``inf`` when none) and the largest ``b < inf`` (``b = a[k] &
+    mask``, unsigned)."""
+    zero = a.dtype.type(0)
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = 0
+    mn = inf
+    mx = zero
+    for k in range(a.size):
+        r = a[k]
+        b = r & mask
+        c0 += b == zero
+        c1 += b < sn
+        c2 += b < inf
+        c3 += b <= inf
+        c4 += b < t1
+        c5 += b < t2
+        c6 += (r != b) & (b != zero)
+        mn = min(mn, b if (b != zero) & (b < inf) else inf)
+        mx = max(mx, b if b < inf else zero)
+    out[0], out[1], out[2], out[3], out[4], out[5], out[6] = c0, c1, c2, c3, c4, c5, c6
+    out[7], out[8] = mn, mx
+
+
+def bits_of(t: torch.Tensor) -> np.ndarray | None:
+    """The bit patterns of ``t`` as a flat unsigned numpy view (no copy), or None when ``t`` is
+    not a contiguous CPU tensor of one of the four formats."""
+    f = FIELDS.get(t.dtype)
+    if f is None or not t.is_cpu or not t.is_contiguous():
+        return None
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().reshape(-1).view(f[1])
+    return t.numpy().reshape(-1).view(f[1])
+
+
+_PACK = {
+    torch.float16: (struct.Struct("<H"), struct.Struct("<e"), 0),
+    torch.bfloat16: (struct.Struct("<I"), struct.Struct("<f"), 16),
+    torch.float32: (struct.Struct("<I"), struct.Struct("<f"), 0),
+    torch.float64: (struct.Struct("<Q"), struct.Struct("<d"), 0),
+}
+
+
+def decode(dtype: torch.dtype, b: int) -> float:
+    """The value of the non-negative bit pattern ``b`` of ``dtype`` (exact)."""
+    pk, unpk, shift = _PACK[dtype]
+    return float(unpk.unpack(pk.pack(b << shift))[0])
+
+
+def scan(
+    bits: np.ndarray, dtype: torch.dtype, t1: int = 0, t2: int = 0
+) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """:func:`_scan` of ``bits`` (from :func:`bits_of` of a ``dtype`` tensor): (zeros,
+    below smallest normal, finite, not NaN, below ``t1``, below ``t2``, negative or signed NaN,
+    min finite non-zero b, max finite b) as Python ints, thresholds as bit patterns."""
+    mask, inf, sn = _CONST[dtype]
+    u = FIELDS[dtype][1]
+    out = np.zeros(9, np.uint64)
+    _scan(bits, mask, inf, sn, u(t1), u(t2), out)
+    return tuple(out.tolist())  # type: ignore[return-value]
+
+
+_NONE: dict[str, Any] = {"min_abs": None, "max_abs": None}
+
+
+def bit_stats(t: torch.Tensor) -> dict[str, Any] | None:
+    """``basic_stats`` of ``t`` in one compiled pass: the counts of zeros, subnormals, infs and
+    NaNs and the smallest and largest finite non-zero magnitude (None when there is none); None
+    when :func:`bits_of` cannot view ``t``."""
+    bits = bits_of(t)
+    if bits is None:
+        return None
+    n = bits.size
+    z, below, fin, notnan, _, _, _, mn, mx = scan(bits, t.dtype)
+    st: dict[str, Any] = {
+        "zeros": z,
+        "subnormals": below - z,
+        "infs": notnan - fin,
+        "nans": n - notnan,
+    }
+    if fin - z == 0:  # no finite non-zero element
+        return st | _NONE
+    st["min_abs"] = decode(t.dtype, mn)
+    st["max_abs"] = decode(t.dtype, mx)
+    return st
