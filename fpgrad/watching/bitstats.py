@@ -33,29 +33,53 @@ _CONST = {d: (u(m), u(i), u(s)) for d, (_, u, m, i, s) in FIELDS.items()}
 
 
 @njit(**JIT)
-def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, t1: Any, t2: Any, out: np.ndarray) -> None:
-    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < inf``, ``b <= inf``, ``b < t1``,
-    ``b < t2``, ``b`` with the sign bit set and ``b != 0`` (negatives, NaNs included), then
-    the smallest ``0 < b < inf`` (``inf`` when none) and the largest ``b < inf`` (``b = a[k] &
+def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
+    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < inf``, ``b <= inf``, then the
+    smallest ``0 < b < inf`` (``inf`` when none) and the largest ``b < inf`` (``b = a[k] &
     mask``, unsigned)."""
     zero = a.dtype.type(0)
-    c0 = c1 = c2 = c3 = c4 = c5 = c6 = 0
+    c0 = c1 = c2 = c3 = 0
     mn = inf
     mx = zero
+    for k in range(a.size):
+        b = a[k] & mask
+        c0 += b == zero
+        c1 += b < sn
+        c2 += b < inf
+        c3 += b <= inf
+        mn = min(mn, b if (b != zero) & (b < inf) else inf)
+        mx = max(mx, b if b < inf else zero)
+    out[0], out[1], out[2], out[3], out[4], out[5] = c0, c1, c2, c3, mn, mx
+
+
+@njit(**JIT)
+def _scan_state(
+    a: np.ndarray, mask: Any, inf: Any, sn: Any, t1: Any, t2: Any, out: np.ndarray
+) -> None:
+    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < t1``, ``b < t2`` and of the
+    elements that are negative (``-0.0`` excepted), infinite or NaN (``b = a[k] & mask``)."""
+    zero = a.dtype.type(0)
+    c0 = c1 = c2 = c3 = c4 = 0
     for k in range(a.size):
         r = a[k]
         b = r & mask
         c0 += b == zero
         c1 += b < sn
-        c2 += b < inf
-        c3 += b <= inf
-        c4 += b < t1
-        c5 += b < t2
-        c6 += (r != b) & (b != zero)
-        mn = min(mn, b if (b != zero) & (b < inf) else inf)
-        mx = max(mx, b if b < inf else zero)
-    out[0], out[1], out[2], out[3], out[4], out[5], out[6] = c0, c1, c2, c3, c4, c5, c6
-    out[7], out[8] = mn, mx
+        c2 += b < t1
+        c3 += b < t2
+        c4 += ((r != b) & (b != zero)) | (b >= inf)
+    out[0], out[1], out[2], out[3], out[4] = c0, c1, c2, c3, c4
+
+
+@njit(**JIT)
+def _range(a: np.ndarray, mask: Any, out: np.ndarray) -> None:
+    """Into ``out``: the smallest and the largest ``a[k] & mask`` (``a`` non-empty)."""
+    mn = mx = a[0] & mask
+    for k in range(a.size):
+        b = a[k] & mask
+        mn = min(mn, b)
+        mx = max(mx, b)
+    out[0], out[1] = mn, mx
 
 
 def bits_of(t: torch.Tensor) -> np.ndarray | None:
@@ -84,19 +108,18 @@ def decode(dtype: torch.dtype, b: int) -> float:
     return float(unpk.unpack(pk.pack(b << shift))[0])
 
 
-def scan(
-    bits: np.ndarray, dtype: torch.dtype, t1: int = 0, t2: int = 0
-) -> tuple[int, int, int, int, int, int, int, int, int]:
-    """:func:`_scan` of ``bits`` (from :func:`bits_of` of a ``dtype`` tensor): (zeros,
-    below smallest normal, finite, not NaN, below ``t1``, below ``t2``, negative or signed NaN,
-    min finite non-zero b, max finite b) as Python ints, thresholds as bit patterns."""
+def state_counts(bits: np.ndarray, dtype: torch.dtype, t1: int, t2: int) -> list[int]:
+    """:func:`_scan_state` of ``bits`` (from :func:`bits_of` of a ``dtype`` tensor), thresholds
+    as bit patterns: [zeros, below the smallest normal, below t1, below t2, negative or not
+    finite]."""
     mask, inf, sn = _CONST[dtype]
     u = FIELDS[dtype][1]
-    out = np.zeros(9, np.uint64)
-    _scan(bits, mask, inf, sn, u(t1), u(t2), out)
-    return tuple(out.tolist())  # type: ignore[return-value]
+    out = np.empty(5, np.uint64)
+    _scan_state(bits, mask, inf, sn, u(t1), u(t2), out)
+    return out.tolist()
 
 
+_COUNTS = ("zeros", "subnormals", "infs", "nans")
 _NONE: dict[str, Any] = {"min_abs": None, "max_abs": None}
 
 
@@ -108,7 +131,21 @@ def bit_stats(t: torch.Tensor) -> dict[str, Any] | None:
     if bits is None:
         return None
     n = bits.size
-    z, below, fin, notnan, _, _, _, mn, mx = scan(bits, t.dtype)
+    if n:  # first the cheap test: every magnitude normal and finite (two reductions)
+        mask, inf, sn = _CONST[t.dtype]
+        out = np.empty(2, np.uint64)
+        _range(bits, mask, out)
+        lo, hi = out.tolist()
+        if lo >= sn and hi < inf:
+            return dict.fromkeys(_COUNTS, 0) | {
+                "min_abs": decode(t.dtype, lo),
+                "max_abs": decode(t.dtype, hi),
+            }
+        out = np.empty(6, np.uint64)
+        _scan(bits, mask, inf, sn, out)
+        z, below, fin, notnan, mn, mx = out.tolist()
+    else:
+        z = below = fin = notnan = mn = mx = 0
     st: dict[str, Any] = {
         "zeros": z,
         "subnormals": below - z,
