@@ -12,6 +12,7 @@ Other tensors (non-contiguous, not on CPU) keep the torch paths of the callers.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,10 +57,10 @@ def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
 def _scan_state(
     a: np.ndarray, mask: Any, inf: Any, sn: Any, t1: Any, t2: Any, out: np.ndarray
 ) -> None:
-    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < t1``, ``b < t2`` and of the
-    elements that are negative (``-0.0`` excepted), infinite or NaN (``b = a[k] & mask``)."""
+    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < t1``, ``b < t2``, the infinite or
+    NaN elements and the negative ones (``-0.0`` excepted; ``b = a[k] & mask``)."""
     zero = a.dtype.type(0)
-    c0 = c1 = c2 = c3 = c4 = 0
+    c0 = c1 = c2 = c3 = c4 = c5 = 0
     for k in range(a.size):
         r = a[k]
         b = r & mask
@@ -67,8 +68,9 @@ def _scan_state(
         c1 += b < sn
         c2 += b < t1
         c3 += b < t2
-        c4 += ((r != b) & (b != zero)) | (b >= inf)
-    out[0], out[1], out[2], out[3], out[4] = c0, c1, c2, c3, c4
+        c4 += b >= inf
+        c5 += (r != b) & (b != zero)
+    out[0], out[1], out[2], out[3], out[4], out[5] = c0, c1, c2, c3, c4, c5
 
 
 @njit(**JIT)
@@ -108,15 +110,70 @@ def decode(dtype: torch.dtype, b: int) -> float:
     return float(unpk.unpack(pk.pack(b << shift))[0])
 
 
-def state_counts(bits: np.ndarray, dtype: torch.dtype, t1: int, t2: int) -> list[int]:
-    """:func:`_scan_state` of ``bits`` (from :func:`bits_of` of a ``dtype`` tensor), thresholds
-    as bit patterns: [zeros, below the smallest normal, below t1, below t2, negative or not
-    finite]."""
-    mask, inf, sn = _CONST[dtype]
-    u = FIELDS[dtype][1]
-    out = np.empty(5, np.uint64)
-    _scan_state(bits, mask, inf, sn, u(t1), u(t2), out)
-    return out.tolist()
+def to_bits(dtype: torch.dtype, x: float) -> int:
+    """The bit pattern of the non-negative ``x`` of ``dtype`` (``x`` must be one of its values)."""
+    pk, unpk, shift = _PACK[dtype]
+    return int(pk.unpack(unpk.pack(x))[0]) >> shift
+
+
+def state_counts(
+    per: list[list[tuple[Any, torch.Tensor]]],
+    eps_of: dict[int, float],
+    threshold: Callable[[torch.dtype, float], float],
+) -> tuple[list[tuple[list[int], list[Any]]], list[int | None]] | None:
+    """The optimizer's state counts by one compiled pass per state tensor: for each parameter
+    ``j`` (``per[j]``: its (key, state tensor) pairs) ([zeros, subnormals] per key, the keys),
+    and for the parameters of ``eps_of`` the number of ``exp_avg_sq`` elements below
+    ``threshold(dtype, eps)``, counted below ``threshold(eps (1 -+ 2^-30))`` (as
+    ``optimizer._flat_state_counts``). None where that function returns None (a state tensor
+    not finite, a negative ``exp_avg_sq``, formats of a key that differ, an element near eps)
+    and where a tensor has no bit view."""
+    dtypes: dict[Any, torch.dtype] = {}
+    for kv in per:
+        for k, v in kv:
+            if dtypes.setdefault(k, v.dtype) != v.dtype or v.dtype not in FIELDS:
+                return None
+    t1 = t2 = 0
+    if eps_of:
+        eps = next(iter(eps_of.values()))
+        if not 0 < eps < float("inf") or "exp_avg_sq" not in dtypes:
+            return None
+        d = dtypes["exp_avg_sq"]
+        band = (threshold(d, eps * (1 - 2.0**-30)), threshold(d, eps * (1 + 2.0**-30)))
+        if float("inf") in band:
+            return None
+        t1, t2 = to_bits(d, band[0]), to_bits(d, band[1])
+    out = np.empty(6, np.uint64)
+    state_vals: list[tuple[list[int], list[Any]]] = []
+    eps_vals: list[int | None] = []
+    for j, kv in enumerate(per):
+        vals: list[int] = []
+        below_eps = None
+        for k, v in kv:
+            bits = bits_of(v)
+            if bits is None:
+                return None
+            mask, inf, sn = _CONST[v.dtype]
+            u = FIELDS[v.dtype][1]
+            with_eps = k == "exp_avg_sq" and bool(eps_of)
+            # the cheap test first: with eps, the raw bits (a set sign bit is above ``mask``)
+            if bits.size:
+                _range(bits, ~u(0) if with_eps else mask, out)
+            lo, hi = (out[0], out[1]) if bits.size else (sn, 0)
+            if hi < inf and lo >= sn and (not with_eps or lo >= t2):  # nothing to count
+                vals += [0, 0]
+                below_eps = 0 if with_eps else below_eps
+                continue
+            _scan_state(bits, mask, inf, sn, u(t1 if with_eps else 0), u(t2 if with_eps else 0), out)
+            z, below, lo, hi, bad, neg = out.tolist()
+            if bad or (with_eps and neg) or lo != hi:
+                return None
+            vals += [z, below - z]
+            if with_eps:
+                below_eps = lo
+        state_vals.append((vals, [k for k, _ in kv]))
+        eps_vals.append(below_eps if j in eps_of else None)
+    return state_vals, eps_vals
 
 
 _COUNTS = ("zeros", "subnormals", "infs", "nans")
