@@ -164,7 +164,9 @@ def state_counts(
                 vals += [0, 0]
                 below_eps = 0 if with_eps else below_eps
                 continue
-            _scan_state(bits, mask, inf, sn, u(t1 if with_eps else 0), u(t2 if with_eps else 0), out)
+            _scan_state(
+                bits, mask, inf, sn, u(t1 if with_eps else 0), u(t2 if with_eps else 0), out
+            )
             z, below, lo, hi, bad, neg = out.tolist()
             if bad or (with_eps and neg) or lo != hi:
                 return None
