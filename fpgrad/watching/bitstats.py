@@ -54,6 +54,21 @@ def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
 
 
 @njit(**JIT)
+def _scan_finite(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
+    """:func:`_scan` of an ``a`` without inf or NaN (``b < inf`` everywhere): into ``out``
+    the counts of ``b == 0`` and ``b < sn`` and the smallest ``b != 0`` (``inf`` when none)."""
+    zero = a.dtype.type(0)
+    c0 = c1 = 0
+    mn = inf
+    for k in range(a.size):
+        b = a[k] & mask
+        c0 += b == zero
+        c1 += b < sn
+        mn = min(mn, b if b != zero else inf)
+    out[0], out[1], out[2] = c0, c1, mn
+
+
+@njit(**JIT)
 def _scan_state(
     a: np.ndarray, mask: Any, inf: Any, sn: Any, t1: Any, t2: Any, out: np.ndarray
 ) -> None:
@@ -90,7 +105,8 @@ def bits_of(t: torch.Tensor) -> np.ndarray | None:
     f = FIELDS.get(t.dtype)
     if f is None or not t.is_cpu or not t.is_contiguous():
         return None
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().reshape(-1).view(f[1])
     return t.numpy().reshape(-1).view(f[1])
@@ -200,9 +216,15 @@ def bit_stats(t: torch.Tensor) -> dict[str, Any] | None:
                 "min_abs": decode(t.dtype, lo),
                 "max_abs": decode(t.dtype, hi),
             }
-        out = np.empty(6, np.uint64)
-        _scan(bits, mask, inf, sn, out)
-        z, below, fin, notnan, mn, mx = out.tolist()
+        if hi < inf:  # no inf, no NaN: fewer counts
+            _scan_finite(bits, mask, inf, sn, out3 := np.empty(3, np.uint64))
+            z, below, mn = out3.tolist()
+            fin = notnan = n
+            mx = hi
+        else:
+            out = np.empty(6, np.uint64)
+            _scan(bits, mask, inf, sn, out)
+            z, below, fin, notnan, mn, mx = out.tolist()
     else:
         z = below = fin = notnan = mn = mx = 0
     st: dict[str, Any] = {
