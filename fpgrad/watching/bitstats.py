@@ -1,12 +1,14 @@
-"""One compiled pass over a tensor's bit patterns: the counts and magnitudes of the watch.
+"""Compiled passes over a tensor's bit patterns: the counts and magnitudes of the watch.
 
 For a CPU contiguous float16, bfloat16, float32 or float64 tensor, its bits (a zero-copy
-unsigned-integer view) are read once: with ``b = bits & ~sign``, a zero is ``b == 0``, a
-subnormal ``0 < b < bits(smallest normal)``, an inf ``b == bits(inf)``, a NaN ``b > bits(inf)``,
-and for non-negative (or absolute) values ``|x| < y`` exactly when ``b < bits(y)`` (IEEE bit
-patterns of non-negative numbers are ordered as the numbers). The smallest and largest finite
-non-zero magnitudes are found as bit patterns and decoded once, so they are the exact values.
-Other tensors (non-contiguous, not on CPU) keep the torch paths of the callers.
+unsigned-integer view) are read by compiled loops: first the smallest and largest ``b`` (a
+plain tensor needs nothing more), else one counting pass. With ``b = bits & ~sign``, a zero is
+``b == 0``, a subnormal ``0 < b < bits(smallest normal)``, an inf ``b == bits(inf)``, a NaN
+``b > bits(inf)``, and for non-negative (or absolute) values ``|x| < y`` exactly when ``b <
+bits(y)`` (IEEE bit patterns of non-negative numbers are ordered as the numbers). The smallest
+and largest finite non-zero magnitudes are found as bit patterns and decoded once, so they are
+the exact values. The kernels compile once per width (about 1.5 s, then cached on disk as
+numba caches). Other tensors (non-contiguous, not on CPU) keep the torch paths of the callers.
 """
 
 from __future__ import annotations
@@ -107,9 +109,12 @@ def bits_of(t: torch.Tensor) -> np.ndarray | None:
         return None
     if t.requires_grad:
         t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().reshape(-1).view(f[1])
-    return t.numpy().reshape(-1).view(f[1])
+    try:  # (a tensor numpy cannot view, e.g. a subclass without storage: the torch path)
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().reshape(-1).view(f[1])
+        return t.numpy().reshape(-1).view(f[1])
+    except (RuntimeError, TypeError):
+        return None
 
 
 _PACK = {
