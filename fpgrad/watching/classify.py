@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from fpgrad.numbers.formats import get_format
+from fpgrad.watching.bitstats import bit_stats
 from fpgrad.watching.exact_fallback import exact_elements
 from fpgrad.watching.leaves import leaves, map_leaves
 
@@ -699,7 +700,15 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 row["min_abs"], row["max_abs"] = lo, hi
                 rows.append(row)
                 continue
-        if t.numel():
+        st = bit_stats(t)  # one compiled pass over the bits (CPU contiguous tensors)
+        if st is not None:
+            if t.numel() and not (st["zeros"] or st["subnormals"] or st["infs"] or st["nans"]):
+                row = _PLAIN.copy()
+                row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
+                row["min_abs"], row["max_abs"] = st["min_abs"], st["max_abs"]
+                rows.append(row)
+                continue
+        elif t.numel():
             a = t.detach() if t.requires_grad else t
             lo = -1.0
             if nonneg:  # an output that is usually >= 0: |t| is t when its minimum is >= 0
@@ -715,7 +724,8 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 continue
             known = (a, lo, hi)
         absolute = known[0] if known is not None and known[0].dtype == t.dtype else None
-        st = basic_stats(t, sn, known)
+        if st is None:
+            st = basic_stats(t, sn, known)
         st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": fam})
         for name, created, inherited, undecided in _COUNT_KEYS:
             st[created] = st[inherited] = 0

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fpgrad.numbers.formats import get_format
+from fpgrad.watching.bitstats import state_counts
 from fpgrad.watching.classify import FORMAT_OF, SMALLEST_NORMAL, count
 from fpgrad.watching.scratch import Scratch
 
@@ -495,6 +496,9 @@ def _flat_state_counts(
             eps_of[j] = eps
     if len(set(eps_of.values())) > 1:
         return None
+    fast = state_counts(per, eps_of, _eps_threshold)  # one compiled pass per state tensor
+    if fast is not None:
+        return fast  # type: ignore[return-value]
     plans, bounds = [], []
     for key, members in groups.items():
         dtypes = {v.dtype for _, v in members}

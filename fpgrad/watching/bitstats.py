@@ -1,0 +1,245 @@
+"""Compiled passes over a tensor's bit patterns: the counts and magnitudes of the watch.
+
+For a CPU contiguous float16, bfloat16, float32 or float64 tensor, its bits (a zero-copy
+unsigned-integer view) are read by compiled loops: first the smallest and largest ``b`` (a
+plain tensor needs nothing more), else one counting pass. With ``b = bits & ~sign``, a zero is
+``b == 0``, a subnormal ``0 < b < bits(smallest normal)``, an inf ``b == bits(inf)``, a NaN
+``b > bits(inf)``, and for non-negative (or absolute) values ``|x| < y`` exactly when ``b <
+bits(y)`` (IEEE bit patterns of non-negative numbers are ordered as the numbers). The smallest
+and largest finite non-zero magnitudes are found as bit patterns and decoded once, so they are
+the exact values. The kernels compile once per width (about 1.5 s, then cached on disk as
+numba caches). Other tensors (non-contiguous, not on CPU) keep the torch paths of the callers.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit
+
+from fpgrad.arith.jit_words import JIT
+
+#: dtype -> (the torch integer dtype of its width, numpy unsigned dtype, |x| mask, bits of inf,
+#: bits of the smallest normal).
+FIELDS: dict[torch.dtype, tuple[torch.dtype, Any, int, int, int]] = {
+    torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00, 0x0400),
+    torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80, 0x0080),
+    torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000, 0x00800000),
+    torch.float64: (torch.int64, np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000, 1 << 52),
+}
+#: dtype -> (mask, inf bits, smallest-normal bits) as numpy scalars of the unsigned type.
+_CONST = {d: (u(m), u(i), u(s)) for d, (_, u, m, i, s) in FIELDS.items()}
+
+
+@njit(**JIT)
+def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
+    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < inf``, ``b <= inf``, then the
+    smallest ``0 < b < inf`` (``inf`` when none) and the largest ``b < inf`` (``b = a[k] &
+    mask``, unsigned)."""
+    zero = a.dtype.type(0)
+    c0 = c1 = c2 = c3 = 0
+    mn = inf
+    mx = zero
+    for k in range(a.size):
+        b = a[k] & mask
+        c0 += b == zero
+        c1 += b < sn
+        c2 += b < inf
+        c3 += b <= inf
+        mn = min(mn, b if (b != zero) & (b < inf) else inf)
+        mx = max(mx, b if b < inf else zero)
+    out[0], out[1], out[2], out[3], out[4], out[5] = c0, c1, c2, c3, mn, mx
+
+
+@njit(**JIT)
+def _scan_finite(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
+    """:func:`_scan` of an ``a`` without inf or NaN (``b < inf`` everywhere): into ``out``
+    the counts of ``b == 0`` and ``b < sn`` and the smallest ``b != 0`` (``inf`` when none)."""
+    zero = a.dtype.type(0)
+    c0 = c1 = 0
+    mn = inf
+    for k in range(a.size):
+        b = a[k] & mask
+        c0 += b == zero
+        c1 += b < sn
+        mn = min(mn, b if b != zero else inf)
+    out[0], out[1], out[2] = c0, c1, mn
+
+
+@njit(**JIT)
+def _scan_state(
+    a: np.ndarray, mask: Any, inf: Any, sn: Any, t1: Any, t2: Any, out: np.ndarray
+) -> None:
+    """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < t1``, ``b < t2``, the infinite or
+    NaN elements and the negative ones (``-0.0`` excepted; ``b = a[k] & mask``)."""
+    zero = a.dtype.type(0)
+    c0 = c1 = c2 = c3 = c4 = c5 = 0
+    for k in range(a.size):
+        r = a[k]
+        b = r & mask
+        c0 += b == zero
+        c1 += b < sn
+        c2 += b < t1
+        c3 += b < t2
+        c4 += b >= inf
+        c5 += (r != b) & (b != zero)
+    out[0], out[1], out[2], out[3], out[4], out[5] = c0, c1, c2, c3, c4, c5
+
+
+@njit(**JIT)
+def _range(a: np.ndarray, mask: Any, out: np.ndarray) -> None:
+    """Into ``out``: the smallest and the largest ``a[k] & mask`` (``a`` non-empty)."""
+    mn = mx = a[0] & mask
+    for k in range(a.size):
+        b = a[k] & mask
+        mn = min(mn, b)
+        mx = max(mx, b)
+    out[0], out[1] = mn, mx
+
+
+def bits_of(t: torch.Tensor) -> np.ndarray | None:
+    """The bit patterns of ``t`` as a flat unsigned numpy view (no copy), or None when ``t`` is
+    not a contiguous CPU tensor of one of the four formats."""
+    f = FIELDS.get(t.dtype)
+    if f is None or not t.is_cpu or not t.is_contiguous():
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    try:  # (a tensor numpy cannot view, e.g. a subclass without storage: the torch path)
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().reshape(-1).view(f[1])
+        return t.numpy().reshape(-1).view(f[1])
+    except (RuntimeError, TypeError):
+        return None
+
+
+_PACK = {
+    torch.float16: (struct.Struct("<H"), struct.Struct("<e"), 0),
+    torch.bfloat16: (struct.Struct("<I"), struct.Struct("<f"), 16),
+    torch.float32: (struct.Struct("<I"), struct.Struct("<f"), 0),
+    torch.float64: (struct.Struct("<Q"), struct.Struct("<d"), 0),
+}
+
+
+def decode(dtype: torch.dtype, b: int) -> float:
+    """The value of the non-negative bit pattern ``b`` of ``dtype`` (exact)."""
+    pk, unpk, shift = _PACK[dtype]
+    return float(unpk.unpack(pk.pack(b << shift))[0])
+
+
+def to_bits(dtype: torch.dtype, x: float) -> int:
+    """The bit pattern of the non-negative ``x`` of ``dtype`` (``x`` must be one of its values)."""
+    pk, unpk, shift = _PACK[dtype]
+    return int(pk.unpack(unpk.pack(x))[0]) >> shift
+
+
+def state_counts(
+    per: list[list[tuple[Any, torch.Tensor]]],
+    eps_of: dict[int, float],
+    threshold: Callable[[torch.dtype, float], float],
+) -> tuple[list[tuple[list[int], list[Any]]], list[int | None]] | None:
+    """The optimizer's state counts by one compiled pass per state tensor: for each parameter
+    ``j`` (``per[j]``: its (key, state tensor) pairs) ([zeros, subnormals] per key, the keys),
+    and for the parameters of ``eps_of`` the number of ``exp_avg_sq`` elements below
+    ``threshold(dtype, eps)``, counted below ``threshold(eps (1 -+ 2^-30))`` (as
+    ``optimizer._flat_state_counts``). None where that function returns None (a state tensor
+    not finite, a negative ``exp_avg_sq``, formats of a key that differ, an element near eps)
+    and where a tensor has no bit view."""
+    dtypes: dict[Any, torch.dtype] = {}
+    for kv in per:
+        for k, v in kv:
+            if dtypes.setdefault(k, v.dtype) != v.dtype or v.dtype not in FIELDS:
+                return None
+    t1 = t2 = 0
+    if eps_of:
+        eps = next(iter(eps_of.values()))
+        if not 0 < eps < float("inf") or "exp_avg_sq" not in dtypes:
+            return None
+        d = dtypes["exp_avg_sq"]
+        band = (threshold(d, eps * (1 - 2.0**-30)), threshold(d, eps * (1 + 2.0**-30)))
+        if float("inf") in band:
+            return None
+        t1, t2 = to_bits(d, band[0]), to_bits(d, band[1])
+    out = np.empty(6, np.uint64)
+    state_vals: list[tuple[list[int], list[Any]]] = []
+    eps_vals: list[int | None] = []
+    for j, kv in enumerate(per):
+        vals: list[int] = []
+        below_eps = None
+        for k, v in kv:
+            bits = bits_of(v)
+            if bits is None:
+                return None
+            mask, inf, sn = _CONST[v.dtype]
+            u = FIELDS[v.dtype][1]
+            with_eps = k == "exp_avg_sq" and bool(eps_of)
+            # the cheap test first: with eps, the raw bits (a set sign bit is above ``mask``)
+            if bits.size:
+                _range(bits, ~u(0) if with_eps else mask, out)
+            lo, hi = (out[0], out[1]) if bits.size else (sn, 0)
+            if hi < inf and lo >= sn and (not with_eps or lo >= t2):  # nothing to count
+                vals += [0, 0]
+                below_eps = 0 if with_eps else below_eps
+                continue
+            _scan_state(
+                bits, mask, inf, sn, u(t1 if with_eps else 0), u(t2 if with_eps else 0), out
+            )
+            z, below, lo, hi, bad, neg = out.tolist()
+            if bad or (with_eps and neg) or lo != hi:
+                return None
+            vals += [z, below - z]
+            if with_eps:
+                below_eps = lo
+        state_vals.append((vals, [k for k, _ in kv]))
+        eps_vals.append(below_eps if j in eps_of else None)
+    return state_vals, eps_vals
+
+
+_COUNTS = ("zeros", "subnormals", "infs", "nans")
+_NONE: dict[str, Any] = {"min_abs": None, "max_abs": None}
+
+
+def bit_stats(t: torch.Tensor) -> dict[str, Any] | None:
+    """``basic_stats`` of ``t`` in one compiled pass: the counts of zeros, subnormals, infs and
+    NaNs and the smallest and largest finite non-zero magnitude (None when there is none); None
+    when :func:`bits_of` cannot view ``t``."""
+    bits = bits_of(t)
+    if bits is None:
+        return None
+    n = bits.size
+    if n:  # first the cheap test: every magnitude normal and finite (two reductions)
+        mask, inf, sn = _CONST[t.dtype]
+        out = np.empty(2, np.uint64)
+        _range(bits, mask, out)
+        lo, hi = out.tolist()
+        if lo >= sn and hi < inf:
+            return dict.fromkeys(_COUNTS, 0) | {
+                "min_abs": decode(t.dtype, lo),
+                "max_abs": decode(t.dtype, hi),
+            }
+        if hi < inf:  # no inf, no NaN: fewer counts
+            _scan_finite(bits, mask, inf, sn, out3 := np.empty(3, np.uint64))
+            z, below, mn = out3.tolist()
+            fin = notnan = n
+            mx = hi
+        else:
+            out = np.empty(6, np.uint64)
+            _scan(bits, mask, inf, sn, out)
+            z, below, fin, notnan, mn, mx = out.tolist()
+    else:
+        z = below = fin = notnan = mn = mx = 0
+    st: dict[str, Any] = {
+        "zeros": z,
+        "subnormals": below - z,
+        "infs": notnan - fin,
+        "nans": n - notnan,
+    }
+    if fin - z == 0:  # no finite non-zero element
+        return st | _NONE
+    st["min_abs"] = decode(t.dtype, mn)
+    st["max_abs"] = decode(t.dtype, mx)
+    return st

@@ -1,0 +1,101 @@
+"""The compiled bit-pattern statistics against the torch paths they replace."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fpgrad.watching import optimizer
+from fpgrad.watching.bitstats import bit_stats, bits_of, state_counts
+from fpgrad.watching.classify import SMALLEST_NORMAL, basic_stats, op_stats
+from fpgrad.watching.scratch import Scratch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _specials(dt: torch.dtype) -> list[float]:
+    fi = torch.finfo(dt)
+    tiny = fi.smallest_normal
+    sub = float(torch.tensor(tiny / 4, dtype=dt))
+    return [0.0, -0.0, tiny, -tiny, sub, -sub, fi.max, -fi.max, math.inf, -math.inf, math.nan]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_bit_stats_is_basic_stats(dt: torch.dtype) -> None:
+    """Every mix of zeros, -0.0, subnormals, max finite, infs, NaNs and normals, and empty."""
+    sp = _specials(dt)
+    g = torch.Generator().manual_seed(0)
+    cases = [[], [0.0], [-0.0], [math.nan], [sp[4]], [1.0, 2.0]]
+    for _ in range(400):
+        k = int(torch.randint(0, 12, (1,), generator=g))
+        idx = torch.randint(0, len(sp), (k,), generator=g).tolist()
+        normals = torch.randn(int(torch.randint(0, 5, (1,), generator=g)), generator=g).tolist()
+        cases.append([sp[i] for i in idx] + normals)
+    seen = set()
+    for vals in cases:
+        t = torch.tensor(vals, dtype=torch.float64).to(dt)
+        got, want = bit_stats(t), basic_stats(t, SMALLEST_NORMAL[dt])
+        assert str(got) == str(want), (dt, vals)  # str: NaN-free dicts, None and -0.0 alike
+        assert got is not None
+        seen.add(tuple(bool(got[c]) for c in ("zeros", "subnormals", "infs", "nans")))
+    assert len(seen) == 16  # every combination of the four counts, zero or not, was checked
+
+
+def test_bits_of_declines_other_layouts() -> None:
+    t = torch.randn(4, 6)
+    assert bits_of(t.t()) is None  # non-contiguous: the torch path
+    assert bits_of(t.to(torch.int32)) is None
+    assert bits_of(t.t()) is None and bit_stats(t.t()) is None
+
+
+def test_op_stats_same_on_non_contiguous() -> None:
+    """A transposed output (torch path) gives the record of its contiguous copy (bit path)."""
+    x = torch.tensor([[0.0, 1e-40, 2.0], [3.0, -0.0, float("inf")]])
+    f = torch.ops.aten.clone.default
+    a = op_stats(f, (x.t(),), {}, x.t())
+    b = op_stats(f, (x.t().contiguous(),), {}, x.t().contiguous())
+    assert a == b and a[0]["zeros"] == 2 and a[0]["subnormals"] == 1 and a[0]["infs"] == 1
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_state_counts_is_flat_path(dt: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adam-like states with zeros, subnormals and values on both sides of every threshold
+    (smallest normal, the eps band): the same counts as the torch flat path, or None alike."""
+    eps = 1e-3 if dt in (torch.float16, torch.bfloat16) else 1e-8
+    t_lo = optimizer._eps_threshold(dt, eps * (1 - 2.0**-30))
+    t_hi = optimizer._eps_threshold(dt, eps * (1 + 2.0**-30))
+    sn = SMALLEST_NORMAL[dt]
+    sub = float(torch.tensor(sn / 4, dtype=dt))
+    g = torch.Generator().manual_seed(1)
+    compared = 0
+    for trial in range(60):
+        below = float(torch.nextafter(torch.tensor(t_lo, dtype=dt), torch.tensor(0, dtype=dt)))
+        picks = [0.0, -0.0, sub, sn, below, t_hi, 1.0, float(torch.finfo(dt).max)]
+        if trial % 5 == 0:
+            picks.append(t_lo)  # in the band for wide formats: None
+        params, states, groups = [], [], []
+        for j in range(3):
+            n = 1 + j * 5
+            idx = torch.randint(0, len(picks), (n,), generator=g)
+            sq = torch.tensor([picks[i] for i in idx], dtype=torch.float64).to(dt)
+            avg = (torch.randn(n, generator=g) * 1e-39).to(dt) if trial % 2 else sq.neg()
+            if trial == 7 and j == 1:
+                avg[0] = math.nan  # not finite: None
+            if trial == 9 and j == 2:
+                sq[0] = -1.0  # a negative exp_avg_sq: None
+            params.append(torch.zeros(n, dtype=dt))
+            states.append({"step": torch.tensor(1.0), "exp_avg": avg, "exp_avg_sq": sq})
+            groups.append({"eps": eps})
+        ents = list(zip(groups, params, strict=True))
+        got = optimizer._flat_state_counts(ents, states, Scratch())
+        monkeypatch.setattr(optimizer, "state_counts", lambda *a: None)
+        want = optimizer._flat_state_counts(ents, states, Scratch())
+        monkeypatch.undo()
+        assert (got is None) == (want is None), trial
+        assert got == want, trial  # ints against the flat path's float sums
+        compared += got is not None
+    assert compared >= 20  # most trials have counts (some fall back near eps)
+    per = [[("exp_avg_sq", torch.zeros(4, dtype=dt)[::2])]]  # no bit view: None
+    assert state_counts(per, {0: eps}, optimizer._eps_threshold) is None
