@@ -57,7 +57,7 @@ def cnn() -> nn.Module:
     )
 
 
-PRETRAINING = "float32 pretraining (torch.optim.Adam; its weights shipped)"
+PRETRAINING = "float32 pretraining (torch.optim.Adam, weights shipped)"
 WEIGHTS = Path(__file__).with_name("cnn_digits_pretrained.npz")  #: pretrain()'s result, shipped
 
 
