@@ -33,6 +33,48 @@ import torch
 import fpgrad
 
 
+def parts_off(level: int) -> None:
+    """Switch off the watch's parts up to ``level`` (0: none), as ``bench_watch --breakdown``."""
+    from fpgrad.watching import modules, watcher
+
+    saved = SAVED.setdefault(
+        "x",
+        (
+            watcher.op_stats,
+            watcher.step_records,
+            watcher.ShadowOptimizer.requested_updates,
+            watcher.widen,
+            watcher.Watcher._on_op,
+            modules.ModuleStack.__init__,
+        ),
+    )
+    (
+        watcher.op_stats,
+        watcher.step_records,
+        watcher.ShadowOptimizer.requested_updates,
+        watcher.widen,
+        watcher.Watcher._on_op,
+        modules.ModuleStack.__init__,
+    ) = saved
+    if level >= 1:
+        watcher.op_stats = lambda *a, **k: []
+    if level >= 2:
+        watcher.step_records = lambda *a, **k: []
+    if level >= 3:
+        watcher.ShadowOptimizer.requested_updates = lambda *a, **k: None
+        watcher.widen = lambda *a, **k: {}
+    if level >= 4:
+        watcher.Watcher._on_op = lambda self, func, args, kwargs: func(*args, **kwargs)
+    if level >= 5:
+        init = saved[5]
+        modules.ModuleStack.__init__ = lambda self, model, active: init(
+            self, torch.nn.Module(), active
+        )
+
+
+SAVED: dict[str, tuple] = {}
+
+
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -68,44 +110,6 @@ def _steps(m: torch.nn.Module, n: int, autocast: bool, every: int | None) -> lis
 
 def _breakdown(steps: int, rounds: int) -> None:
     """Watched float32 step time with the watch's parts switched off cumulatively."""
-    from fpgrad.watching import modules, watcher
-
-    saved = (
-        watcher.op_stats,
-        watcher.step_records,
-        watcher.ShadowOptimizer.requested_updates,
-        watcher.widen,
-        watcher.Watcher._on_op,
-        modules.ModuleStack.__init__,
-    )
-    init = modules.ModuleStack.__init__
-
-    def restore() -> None:
-        (
-            watcher.op_stats,
-            watcher.step_records,
-            watcher.ShadowOptimizer.requested_updates,
-            watcher.widen,
-            watcher.Watcher._on_op,
-            modules.ModuleStack.__init__,
-        ) = saved
-
-    def off(level: int) -> None:
-        restore()
-        if level >= 1:
-            watcher.op_stats = lambda *a, **k: []
-        if level >= 2:
-            watcher.step_records = lambda *a, **k: []
-        if level >= 3:
-            watcher.ShadowOptimizer.requested_updates = lambda *a, **k: None
-            watcher.widen = lambda *a, **k: {}
-        if level >= 4:
-            watcher.Watcher._on_op = lambda self, func, args, kwargs: func(*args, **kwargs)
-        if level >= 5:
-            modules.ModuleStack.__init__ = lambda self, model, active: init(
-                self, torch.nn.Module(), active
-            )
-
     labels = [
         "watched (every=1)",
         "- op records",
@@ -121,13 +125,13 @@ def _breakdown(steps: int, rounds: int) -> None:
         for _ in range(rounds):
             for level in range(-1, len(labels)):
                 if level >= 0:
-                    off(level)
+                    parts_off(level)
                 t = statistics.mean(
                     _steps(copy.deepcopy(base), steps, False, None if level < 0 else 1)
                 )
                 best[level] = min(best.get(level, float("inf")), t)
     finally:
-        restore()
+        parts_off(0)
     calls = []
     for every in (None, 1):  # aten calls per step (torch.profiler), unwatched and watched
         from torch.profiler import ProfilerActivity, profile

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_watch import parts_off  # the script folder is on sys.path
 
 import fpgrad
 
@@ -89,46 +90,6 @@ def _same(a: list[dict], b: list[dict]) -> None:
             assert x[k] == y[k] or nan, (k, x[k], y[k])
 
 
-def _parts_off(level: int) -> None:
-    """Switch off the watch's parts up to ``level`` (0: none), as ``bench_watch --breakdown``."""
-    from fpgrad.watching import modules, watcher
-
-    saved = _SAVED.setdefault(
-        "x",
-        (
-            watcher.op_stats,
-            watcher.step_records,
-            watcher.ShadowOptimizer.requested_updates,
-            watcher.widen,
-            watcher.Watcher._on_op,
-            modules.ModuleStack.__init__,
-        ),
-    )
-    (
-        watcher.op_stats,
-        watcher.step_records,
-        watcher.ShadowOptimizer.requested_updates,
-        watcher.widen,
-        watcher.Watcher._on_op,
-        modules.ModuleStack.__init__,
-    ) = saved
-    if level >= 1:
-        watcher.op_stats = lambda *a, **k: []
-    if level >= 2:
-        watcher.step_records = lambda *a, **k: []
-    if level >= 3:
-        watcher.ShadowOptimizer.requested_updates = lambda *a, **k: None
-        watcher.widen = lambda *a, **k: {}
-    if level >= 4:
-        watcher.Watcher._on_op = lambda self, func, args, kwargs: func(*args, **kwargs)
-    if level >= 5:
-        init = saved[5]
-        modules.ModuleStack.__init__ = lambda self, model, active: init(
-            self, torch.nn.Module(), active
-        )
-
-
-_SAVED: dict[str, tuple] = {}
 PARTS = [
     "watched (every=1)",
     "- op records",
@@ -161,13 +122,13 @@ def main() -> None:
         for _ in range(args.rounds):
             for k, pkg in cfg.items():
                 if args.parts:
-                    _parts_off(PARTS.index(k) if k in PARTS else 0)
+                    parts_off(PARTS.index(k) if k in PARTS else 0)
                 t, recs, params = _run(pkg, 12, args.autocast)
                 times[k] += t[2:]  # the first two steps of a run build the shadow and buffers
                 last[k] = (recs, params)
     finally:
         if args.parts:
-            _parts_off(0)
+            parts_off(0)
 
     def q(v: list[float], f: float) -> float:
         return sorted(v)[int(f * (len(v) - 1))]

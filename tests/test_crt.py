@@ -17,25 +17,10 @@ import pytest
 from fpgrad.arith import crt, jit_crt, ozaki
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.ball import Ball, BallArith
+from tests.test_wide_slices import _exact, _words
 
 PREC, ROUNDING = 133, 8 * xp.ETA[3]
 pytestmark = pytest.mark.skipif(not crt.usable(), reason="torch._int_mm absent or inexact here")
-
-
-def _words(rng: np.random.Generator, shape: tuple[int, int], lo: int, hi: int) -> np.ndarray:
-    """3-word canonical values, magnitudes 2**lo .. 2**hi, random signs."""
-    n = shape[0] * shape[1]
-    head = rng.uniform(1, 2, n) * np.ldexp(1.0, rng.integers(lo, hi + 1, n))
-    head *= rng.choice([-1, 1], n)
-    terms = [head] + [head * rng.normal(size=n) * 2.0 ** (-53 * i) for i in (1, 2)]
-    return xp.renorm(terms, 3).reshape(3, *shape)
-
-
-def _exact(x: np.ndarray) -> list[list[Fraction]]:
-    return [
-        [sum(Fraction(float(w)) for w in x[:, i, j]) for j in range(x.shape[2])]
-        for i in range(x.shape[1])
-    ]
 
 
 def _check(a: np.ndarray, b: np.ndarray, prec: int = PREC) -> tuple[np.ndarray, np.ndarray]:
