@@ -32,47 +32,39 @@ import torch
 
 import fpgrad
 
+PARTS = [
+    "watched (every=1)",
+    "- op records",
+    "- optimizer records",
+    "- float64 shadow step",
+    "- per-op bookkeeping",
+    "- module tracking (the dispatch mode alone)",
+]  #: --breakdown's rows: PARTS[k] (k >= 1) is the step with parts_off(k)
+
+SAVED: dict[tuple[Any, str], Any] = {}  # (owner, attribute) -> the watch's own function
+
 
 def parts_off(level: int) -> None:
     """Switch off the watch's parts up to ``level`` (0: none), as ``bench_watch --breakdown``."""
     from fpgrad.watching import modules, watcher
 
-    saved = SAVED.setdefault(
-        "x",
+    init = SAVED.setdefault((modules.ModuleStack, "__init__"), modules.ModuleStack.__init__)
+    stubs: list[tuple[int, Any, str, Any]] = [
+        (1, watcher, "op_stats", lambda *a, **k: []),
+        (2, watcher, "step_records", lambda *a, **k: []),
+        (3, watcher.ShadowOptimizer, "requested_updates", lambda *a, **k: None),
+        (3, watcher, "widen", lambda *a, **k: {}),
+        (4, watcher.Watcher, "_on_op", lambda self, func, args, kwargs: func(*args, **kwargs)),
         (
-            watcher.op_stats,
-            watcher.step_records,
-            watcher.ShadowOptimizer.requested_updates,
-            watcher.widen,
-            watcher.Watcher._on_op,
-            modules.ModuleStack.__init__,
+            5,
+            modules.ModuleStack,
+            "__init__",
+            lambda self, model, active: init(self, torch.nn.Module(), active),
         ),
-    )
-    (
-        watcher.op_stats,
-        watcher.step_records,
-        watcher.ShadowOptimizer.requested_updates,
-        watcher.widen,
-        watcher.Watcher._on_op,
-        modules.ModuleStack.__init__,
-    ) = saved
-    if level >= 1:
-        watcher.op_stats = lambda *a, **k: []
-    if level >= 2:
-        watcher.step_records = lambda *a, **k: []
-    if level >= 3:
-        watcher.ShadowOptimizer.requested_updates = lambda *a, **k: None
-        watcher.widen = lambda *a, **k: {}
-    if level >= 4:
-        watcher.Watcher._on_op = lambda self, func, args, kwargs: func(*args, **kwargs)
-    if level >= 5:
-        init = saved[5]
-        modules.ModuleStack.__init__ = lambda self, model, active: init(
-            self, torch.nn.Module(), active
-        )
-
-
-SAVED: dict[str, tuple] = {}
+    ]
+    for at, owner, name, stub in stubs:
+        own = SAVED.setdefault((owner, name), getattr(owner, name))
+        setattr(owner, name, stub if level >= at else own)
 
 
 def _model() -> torch.nn.Module:
@@ -110,14 +102,7 @@ def _steps(m: torch.nn.Module, n: int, autocast: bool, every: int | None) -> lis
 
 def _breakdown(steps: int, rounds: int) -> None:
     """Watched float32 step time with the watch's parts switched off cumulatively."""
-    labels = [
-        "watched (every=1)",
-        "- op records",
-        "- optimizer records",
-        "- float64 shadow step",
-        "- per-op bookkeeping",
-        "- module tracking (the dispatch mode alone)",
-    ]
+    labels = PARTS
     base = _model()
     _steps(copy.deepcopy(base), 3, False, 1)
     best: dict[int, float] = {}

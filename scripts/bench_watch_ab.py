@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_watch import parts_off  # the script folder is on sys.path
+from bench_watch import PARTS, parts_off  # the script folder is on sys.path
 
 import fpgrad
 
@@ -88,16 +88,6 @@ def _same(a: list[dict], b: list[dict]) -> None:
         for k in x:
             nan = isinstance(x[k], float) and math.isnan(x[k]) and math.isnan(y[k])
             assert x[k] == y[k] or nan, (k, x[k], y[k])
-
-
-PARTS = [
-    "watched (every=1)",
-    "- op records",
-    "- optimizer records",
-    "- float64 shadow step",
-    "- per-op bookkeeping",
-    "- module tracking (the dispatch mode alone)",
-]
 
 
 def main() -> None:
