@@ -185,12 +185,14 @@ def applies(m: int, n: int, p: int) -> bool:
 @functools.lru_cache(maxsize=1)
 def usable() -> bool:
     """Whether ``torch._int_mm`` runs here and multiplies int8 exactly (a fixed probe with
-    |x| <= 127 against int64: residues, the sign extremes, odd shapes); decided once."""
+    |x| <= 127 against int64: residues, the sign extremes, odd shapes); decided once. The
+    extreme rows of the inner dimension 1101 sum to +-1101 * 127**2, an odd number above 2**24:
+    a kernel accumulating in float32 fails the probe."""
     try:
         import torch
 
         rng = np.random.default_rng(14)
-        for m, n, p in ((17, 40, 9), (33, 1031, 5), (8, 300, 48)):
+        for m, n, p in ((17, 40, 9), (33, 1101, 5), (8, 300, 48)):
             a = rng.integers(-127, 128, (m, n)).astype(np.int8)
             b = rng.integers(-127, 128, (n, p)).astype(np.int8)
             a[0], b[:, 0], a[1], b[:, 1] = -127, -127, 127, 127
