@@ -8,6 +8,9 @@ with it exactly. ``MIN_MACS`` is patched to 0 so that small shapes take the floa
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import sys
 from fractions import Fraction
 from typing import Any
 
@@ -229,9 +232,11 @@ def test_seeded_property() -> None:
     assert fell_back < 60  # most cases run the float32 path
 
 
-def test_ball_matmul_encloses_on_extreme_inputs() -> None:
+@pytest.mark.parametrize("case", ["both", "a_only", "b_only", "transposed"])
+def test_ball_matmul_encloses_on_extreme_inputs(case: str) -> None:
     """End to end: |exact(mid a @ mid b) - mid| + |a| rb + ra |b| + ra rb <= rad, exactly,
-    on midpoints spanning the guard's range and radii just above float32 values."""
+    on midpoints spanning the guard's range and radii just above float32 values (subnormal
+    ones too); ``transposed`` passes column-major views (the flipped product)."""
     rng = np.random.default_rng(8)
     ar = BallArith(150)
     m, n, p = 16, 256, 16  # 2**16 multiply-adds: MIN_MACS is patched to 0
@@ -239,10 +244,17 @@ def test_ball_matmul_encloses_on_extreme_inputs() -> None:
     bm = rng.normal(size=(n, p)) * np.exp2(rng.integers(-300, 300, size=(n, p)))
     am[0, :] = 2.0**-790
     bm[:, 0] = 2.0**700
-    a, b = ar.asarray(am), ar.asarray(bm)
-    a.rad = _just_above_f32(rng, (m, n)) * np.abs(am) * 2.0**-40
-    b.rad = _just_above_f32(rng, (n, p)) * 2.0**-100
-    b.rad[:, 3] = 5e-324
+    arad = _just_above_f32(rng, (m, n)) * np.abs(am) * 2.0**-40
+    brad = _just_above_f32(rng, (n, p)) * 2.0**-100
+    brad[:, 3] = 5e-324
+    if case == "transposed":
+        at, bt = ar.asarray(am.T.copy()), ar.asarray(bm.T.copy())
+        at.rad, bt.rad = arad.T.copy(), brad.T.copy()
+        a, b = at.T, bt.T
+    else:
+        a, b = ar.asarray(am), ar.asarray(bm)
+        a.rad = arad if case != "b_only" else np.zeros((m, n))
+        b.rad = brad if case != "a_only" else np.zeros((n, p))
     out = ar._matmul(a, b)
 
     def fr(v: float) -> Fraction:
@@ -258,3 +270,40 @@ def test_ball_matmul_encloses_on_extreme_inputs() -> None:
             exact += pa * pb
             spread += abs(pa) * rb + ra * abs(pb) + ra * rb
         assert abs(exact - mid) + spread <= fr(out.rad[i, j]), (i, j)
+
+
+def _set_ftz_daz(libm: Any, env: Any, on: bool) -> None:
+    """Set (or clear) FTZ and DAZ in the MXCSR word of a glibc x86-64 fenv_t (offset 28)."""
+    raw = bytearray(bytes(env))
+    mx = int.from_bytes(raw[28:32], "little")
+    raw[28:32] = ((mx | 0x8040) if on else (mx & ~0x8040)).to_bytes(4, "little")
+    assert libm.fesetenv((ctypes.c_ubyte * 32).from_buffer_copy(bytes(raw))) == 0
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86 MXCSR")
+def test_bounds_hold_with_flush_to_zero_and_denormals_are_zero() -> None:
+    """A library built with -ffast-math may set FTZ/DAZ process-wide: then _up32 reads a
+    subnormal float64 as 0 and writes 0 (not >= it, unlike step 2 of the module's proof); the
+    ``2 n eta`` term must still cover it (a subnormal is below eta after any allowed shift)."""
+    libm = ctypes.CDLL("libm.so.6")
+    env = (ctypes.c_ubyte * 32)()
+    assert libm.fegetenv(env) == 0
+    x = np.ones((3, 40))
+    x[0] = 5e-324
+    x[1, ::2] = 2.0**-1030
+    tiny = np.full((3, 40), 5e-324)  # all subnormal: top reads as 0 under DAZ, shift 0
+    y = np.ones((40, 2))
+    _set_ftz_daz(libm, env, True)
+    try:
+        daz = bool(np.array([5e-324])[0] == 0.0)
+        results = [radius.upper_matmul(None, v, None, y, np.zeros((3, 2))) for v in (x, tiny)]
+        results.append(radius.upper_matmul(x, None, None, y, np.zeros((3, 2))))
+    finally:
+        assert libm.fesetenv(env) == 0
+    assert daz  # the mode was really on
+    for v, got, hi in zip((x, tiny, x), results, (False, False, True), strict=True):
+        assert got is not None
+        want = np.dot(_exact(v if hi else None, None if hi else v), _exact(None, y))
+        for idx, w in np.ndenumerate(want):
+            num, den = float(got[idx]).as_integer_ratio()
+            assert num * (2 ** (2 * S) // den) >= w, idx
