@@ -78,6 +78,14 @@ def _just_above_f32(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndar
 def test_values_just_above_a_float32() -> None:
     rng = np.random.default_rng(1)
     x, y = _just_above_f32(rng, (6, 200)), _just_above_f32(rng, (200, 5))
+    for parts in ((None, x), (x, None), (x, x * 2.0**-20)):  # each element rounds up
+        got = radius._scaled(*parts)
+        assert got is not None
+        f, shift = got
+        want = _exact(*parts) * 2**shift  # shift < S: still integers
+        for idx, w in np.ndenumerate(want):
+            num, den = float(f[idx]).as_integer_ratio()
+            assert num * (2**S // den) >= w, idx
     assert _check((None, x), (None, y))
     assert _check((x, None), (None, y))
     assert _check((x, x * 2.0**-20), (y, None))
