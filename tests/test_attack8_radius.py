@@ -315,3 +315,23 @@ def test_bounds_hold_with_flush_to_zero_and_denormals_are_zero() -> None:
         for idx, w in np.ndenumerate(want):
             num, den = float(got[idx]).as_integer_ratio()
             assert num * (2 ** (2 * S) // den) >= w, idx
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ball.py's float64 fallback bounds the radius products by (...) @ rad * gamma: a "
+    "relative error only, so products below 2**-1074 underflow to 0 and the ball becomes {0} "
+    "(a proven exact zero) with no range error; the float32 path has its 2 n eta floor",
+)
+@pytest.mark.parametrize("macs", ["small", "shift"])
+def test_ball_matmul_radius_products_underflow(macs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zero midpoints with radii 2**-600: the product ball holds +-n 2**-1200, not only 0.
+    ``small``: below MIN_MACS (the real one); ``shift``: radii beyond the float32 shift cut."""
+    if macs == "small":
+        monkeypatch.setattr(radius, "MIN_MACS", 2**20)
+    ar = BallArith(150)
+    a, b = ar.asarray(np.zeros((2, 3))), ar.asarray(np.zeros((3, 2)))
+    a.rad, b.rad = np.full((2, 3), 2.0**-600), np.full((3, 2), 2.0**-600)
+    out = ar._matmul(a, b)
+    assert ar.range_errors == 0  # nothing reports it
+    assert Fraction(float(out.rad[0, 0])) >= 3 * Fraction(2) ** -1200
