@@ -317,12 +317,6 @@ def test_bounds_hold_with_flush_to_zero_and_denormals_are_zero() -> None:
             assert num * (2 ** (2 * S) // den) >= w, idx
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ball.py's float64 fallback bounds the radius products by (...) @ rad * gamma: a "
-    "relative error only, so products below 2**-1074 underflow to 0 and the ball becomes {0} "
-    "(a proven exact zero) with no range error; the float32 path has its 2 n eta floor",
-)
 @pytest.mark.parametrize("macs", ["small", "shift"])
 def test_ball_matmul_radius_products_underflow(macs: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Zero midpoints with radii 2**-600: the product ball holds +-n 2**-1200, not only 0.

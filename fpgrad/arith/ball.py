@@ -217,6 +217,20 @@ class _LazyBall(Ball):
         return len(self._shape)
 
 
+def _nonneg_matmul(p: np.ndarray, q: np.ndarray, gamma: float) -> np.ndarray:
+    """An upper bound of ``p @ q`` for non-negative float64 ``p`` (m, n), ``q`` (n, p): the
+    BLAS product times ``gamma`` (its relative error) where no term is below 2**-1020, else
+    also ``n 2**-1074`` wherever some term ``p_ik q_kj`` is positive: each of the n products
+    and n - 1 additions (or n fused multiply-adds) in the subnormal range errs by at most
+    2**-1075 absolutely, which no relative factor covers (2**-600 times 2**-600 gives 0)."""
+    out = (p @ q) * gamma
+    pp, qq = p[p > 0], q[q > 0]
+    if pp.size and qq.size and float(pp.min()) * float(qq.min()) < 2.0**-1020:
+        terms = (p > 0).astype(np.float64) @ (q > 0).astype(np.float64)  # exact counts
+        out += np.where(terms > 0, q.shape[0] * 2.0**-1074, 0.0)
+    return out
+
+
 class BallArith(ExactDerivatives):
     """Balls with k-word midpoints at a working precision of ``bits`` (100: k=2; 128, 150: k=3)."""
 
@@ -346,16 +360,16 @@ class BallArith(ExactDerivatives):
         if flip:
             mid, bound = np.ascontiguousarray(mid.transpose(0, 2, 1)), bound.T
         rad = bound  # includes the rounding of the terms into k words (normwise, see ozaki)
-        gamma = 1.0 + (n + 8) * 2.0**-52  # float64 BLAS error on non-negative data
+        gamma = 1.0 + (n + 8) * 2.0**-52  # float64 BLAS relative error, non-negative data
         if b.rad.any():  # float32 bounds (fpgrad.arith.radius), float64 out of their range
             up = radius.upper_matmul(am[0], a.rad, None, b.rad, rad)
             if up is None:
-                up = rad + ((np.abs(am[0]) * HI_BOUND + a.rad) @ b.rad) * gamma
+                up = rad + _nonneg_matmul(np.abs(am[0]) * HI_BOUND + a.rad, b.rad, gamma)
             rad = up
         if a.rad.any():
             up = radius.upper_matmul(None, a.rad, bm[0], None, rad)
             if up is None:
-                up = rad + (a.rad @ (np.abs(bm[0]) * HI_BOUND)) * gamma
+                up = rad + _nonneg_matmul(a.rad, np.abs(bm[0]) * HI_BOUND, gamma)
             rad = up
         rad = rad * RU
         _prove_zeros(a, b, mid, rad)
