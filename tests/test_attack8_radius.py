@@ -329,3 +329,21 @@ def test_ball_matmul_radius_products_underflow(macs: str, monkeypatch: pytest.Mo
     out = ar._matmul(a, b)
     assert ar.range_errors == 0  # nothing reports it
     assert Fraction(float(out.rad[0, 0])) >= 3 * Fraction(2) ** -1200
+
+
+def test_elementwise_mul_and_div_radii_do_not_underflow_to_zero() -> None:
+    """Zero midpoints with radii 2**-600 (the product holds +-2**-1200, not only 0) and a
+    quotient whose q0 HI rb term falls below 2**-1074: the radius must stay positive."""
+    ar = BallArith(150)
+    a, b = ar.asarray(np.zeros(3)), ar.asarray(np.zeros(3))
+    a.rad, b.rad = np.full(3, 2.0**-600), np.full(3, 2.0**-600)
+    out = ar.mul(a, b)
+    assert ar.range_errors == 0 and (out.rad > 0).all()
+    for x, y in ((a, b), (b, a)):  # one exact factor 2**-600 times a radius 2**-600
+        exact = ar.asarray(np.full(3, 2.0**-600))
+        assert (ar.mul(exact, y).rad > 0).all() and (ar.mul(x, exact).rad > 0).all()
+    # q = 2**-700 / 1 with the divisor's radius 2**-500: q0 rb = 2**-1200 (rounds to 0)
+    num, den = ar.asarray(np.full(3, 2.0**-700)), ar.asarray(np.ones(3))
+    den.rad = np.full(3, 2.0**-500)
+    q = ar.div(num, den)
+    assert Fraction(float(q.rad[0])) >= Fraction(2) ** -1200

@@ -27,6 +27,9 @@ LOG10_2 = math.log10(2.0)
 w_two_sum = words_intrinsic(lambda k, a, b: two_sum(a, b), "cc", 2)
 
 
+TINY_PAD = 8 * 2.0**-1074  #: covers the absolute (subnormal) rounding of a radius formula
+
+
 @njit(**JIT)
 def bad(m0: float) -> int:
     """1 when |m0| leaves the guarded range [2**-800, 2**800] (0 excepted)."""
@@ -75,7 +78,15 @@ def binop(
                 b = (bm[0, ib, c], bm[1, ib, c], bm[2, ib, c] if k == 3 else 0.0)
                 m = w_mul(kw, a, b)
                 a0, b0, ra, rb = abs(a[0]), abs(b[0]), ar[ia, c], br[ib, c]
-                orad[r, c] = ((a0 * rb + b0 * ra) * HI_BOUND + ra * rb + eta * abs(m[0])) * RU
+                # three products that can fall below 2**-1022 (2**-600 radii): each errs by at
+                # most 2**-1075 absolutely, which RU does not cover; the pad is lost in any
+                # normal radius and only keeps a ball that holds non-zero values from being {0}
+                pad = (
+                    TINY_PAD
+                    if (ra > 0.0 and (rb > 0.0 or b0 > 0.0)) or (rb > 0.0 and a0 > 0.0)
+                    else 0.0
+                )
+                orad[r, c] = ((a0 * rb + b0 * ra) * HI_BOUND + ra * rb + eta * abs(m[0]) + pad) * RU
                 om[0, r, c], om[1, r, c] = m[0], m[1]
                 if k == 3:
                     om[2, r, c] = m[2]
@@ -88,6 +99,8 @@ def binop(
                 q0, ra, rb = abs(m[0]), ar[ia, c], br[ib, c]
                 den = abs(b[0]) / HI_BOUND - rb
                 prop = (ra + q0 * HI_BOUND * rb) / den if den > 0.0 else np.inf
+                if q0 > 0.0 and rb > 0.0:  # q0 HI rb can fall below 2**-1022 (see MUL)
+                    prop += TINY_PAD / den
                 if ra == 0.0 and rb == 0.0:
                     prop = 0.0
                 orad[r, c] = (prop * RU + eta * q0) * RU
