@@ -138,6 +138,23 @@ def float64_only(fn):  # noqa: ANN001, ANN201 - a wrapper
     return run
 
 
+def int8_forced(fn):  # noqa: ANN001, ANN201 - a wrapper
+    """``fn`` with the int8 CRT engine taken wherever the shape rule allows, whatever this
+    CPU's int8 unit (fpgrad.arith.crt.fast forced on): the engine choice before issue 14's
+    capability gate."""
+    from fpgrad.arith import crt
+
+    def run():  # noqa: ANN202
+        saved = crt.fast
+        crt.fast = lambda: True  # type: ignore[assignment]
+        try:
+            return fn()
+        finally:
+            crt.fast = saved  # type: ignore[assignment]
+
+    return run
+
+
 def float64_radii(fn):  # noqa: ANN001, ANN201 - a wrapper
     """``fn`` with the radius products in float64 BLAS (fpgrad.arith.radius off)."""
     from fpgrad.arith import radius
@@ -293,6 +310,11 @@ def main() -> int:
         "BLAS instead of float32 upper bounds (fpgrad.arith.radius)",
     )  # fmt: skip
     ap.add_argument(
+        "--int8", action="store_true",
+        help="also time, in the same rounds, the int8 CRT engine forced on where this CPU has "
+        "no int8 dot-product unit (fpgrad.arith.crt.fast False: the choice before the gate)",
+    )  # fmt: skip
+    ap.add_argument(
         "--engine", choices=("auto", "float64"), default="auto",
         help="products: auto (int8 CRT where torch._int_mm is exact, fpgrad.arith.crt) or "
         "float64 (Ozaki slices only, fpgrad.arith.ozaki)",
@@ -320,8 +342,12 @@ def main() -> int:
 
     exact_run = lambda: exact_trace(net, args.bits, method="fast", progress=False)  # noqa: E731
     fns = [torch_step(net), exact_run]
-    if args.engine == "auto" and crt.usable():  # the float64 engine alone, in the same rounds
+    crt_on = args.engine == "auto" and crt.fast() and crt.usable()
+    forced = args.int8 and args.engine == "auto" and not crt.fast() and crt.usable()
+    if crt_on:  # the float64 engine alone, in the same rounds
         fns.append(float64_only(exact_run))
+    if forced:  # the int8 engine on a CPU without an int8 unit, in the same rounds
+        fns.append(int8_forced(exact_run))
     at_radii = len(fns)
     if args.float64_radii:
         fns.append(float64_radii(exact_run))
@@ -355,6 +381,14 @@ def main() -> int:
         f"{args.threads} BLAS/torch thread(s); times are fastest-of-N "
         f"{'process CPU' if args.threads == 1 else 'wall'} times"
     )
+    if args.engine == "float64":
+        engine = "float64 slices (--engine float64)"
+    elif crt_on:
+        engine = "int8 CRT where the shape rule allows (this CPU has an int8 unit), else float64 slices"
+    else:
+        why = "torch._int_mm inexact or absent" if crt.fast() else "no int8 dot-product unit"
+        engine = f"float64 slices ({why}: fpgrad.arith.crt.fast/usable)"
+    print(f"products: {engine}")
     print(f"torch float64 forward+backward: {t_torch * 1e3:9.2f} ms")
     print(
         f"fpgrad exact (fast, {args.bits} bits): {t_exact * 1e3:9.2f} ms   "
@@ -367,10 +401,15 @@ def main() -> int:
             f"the same with the radius products in float64 BLAS: {t_r * 1e3:.2f} ms = "
             f"{t_r / t_torch:.1f}x (same rounds)"
         )
-    if at_radii > 2:
+    if crt_on:
         print(
             f"the same with every product on float64 slices (no int8 CRT): {times[2] * 1e3:.2f} ms "
             f"= {times[2] / t_torch:.1f}x (same rounds)"
+        )
+    if forced:
+        print(
+            f"the same with the int8 CRT engine forced on (no int8 unit here): "
+            f"{times[2] * 1e3:.2f} ms = {times[2] / t_torch:.1f}x (same rounds)"
         )
     if args.profile:
         profile(net, args.bits, args.profile)
@@ -411,7 +450,7 @@ def main() -> int:
         print(arb)
     from fpgrad.arith import crt
 
-    both = args.engine == "auto" and crt.usable()  # then also the float64 engine alone
+    both = crt_on  # then also the float64 engine alone
     for width in [int(w) for w in args.widths.split(",") if w]:
         wide = build_mlp(args.batch, sizes=(SIZES[0], width, width, SIZES[-1]))
         fns = [

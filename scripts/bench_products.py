@@ -51,6 +51,11 @@ def main() -> int:
     if not crt.usable():
         print("torch._int_mm is absent or inexact here: only the float64 engine runs")
         return 0
+    if not crt.fast():
+        print(
+            "no int8 dot-product unit here (fpgrad.arith.crt.fast): exact runs take the float64 "
+            "slices for every shape; the int8 engine is timed anyway"
+        )
     ar = BallArith(150)
     prec, rounding = ar.mm_prec, 8 * ar.eta
     rng = np.random.default_rng(0)

@@ -204,6 +204,9 @@ def test_balls_with_radii_enclose_the_exact_product(monkeypatch: pytest.MonkeyPa
 
 def test_engine_choice_is_by_capability_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     lo, hi = crt.MIN_OUTER, crt.MIN_INNER
+    monkeypatch.setattr(crt, "fast", lambda: False)  # no int8 unit: never, whatever the shape
+    assert not crt.applies(lo, hi, lo) and not crt.applies(1024, 1024, 1024)
+    monkeypatch.setattr(crt, "fast", lambda: True)
     assert crt.applies(lo, hi, lo) and not crt.applies(lo, hi - 1, lo)
     assert not crt.applies(lo - 1, hi, lo) and not crt.applies(lo, hi, lo - 1)
     import torch
@@ -211,13 +214,14 @@ def test_engine_choice_is_by_capability_and_shape(monkeypatch: pytest.MonkeyPatc
     def broken(a: object, b: object, out: object = None) -> object:
         raise RuntimeError("no int8 kernel")
 
-    monkeypatch.setattr(torch, "_int_mm", broken)
-    crt.usable.cache_clear()
-    try:
-        assert not crt.usable() and not crt.applies(1024, 1024, 1024)
-    finally:
-        monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "_int_mm", broken)
         crt.usable.cache_clear()
+        try:
+            assert not crt.usable() and not crt.applies(1024, 1024, 1024)
+        finally:
+            mp.undo()
+            crt.usable.cache_clear()
     assert crt.usable()
     # the float64 engine alone gives the same enclosure contract
     rng = np.random.default_rng(9)
@@ -230,3 +234,47 @@ def test_engine_choice_is_by_capability_and_shape(monkeypatch: pytest.MonkeyPatc
                 Fraction(float(t)) for t in cterms[:, i, j]
             )
             assert abs(diff) <= Fraction(float(bound[i, j])) + Fraction(float(cbound[i, j]))
+
+
+@pytest.mark.parametrize(
+    ("caps", "env", "want"),
+    [
+        ({"avx2": True}, "", False),  # AVX2 alone: torch's _int_mm is a plain loop there
+        ({"avx2": True, "avx512_vnni": True}, "", True),
+        ({"amx_int8": True}, "", True),
+        ({"avx512_vnni": False, "avx_vnni": True}, "", False),  # not in INT8_FEATURES
+        ({"avx2": True}, "1", True),  # the override, both ways
+        ({"avx512_vnni": True}, "0", False),
+        ({"avx512_vnni": True}, "yes", True),  # not "0" or "1": the features decide
+    ],
+)
+def test_fast_is_the_cpu_features_or_the_override(
+    caps: dict, env: str, want: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    monkeypatch.setenv(crt.INT8_ENV, env)
+    crt.fast.cache_clear()
+    try:
+        assert crt.fast() is want
+        assert crt.applies(crt.MIN_OUTER, crt.MIN_INNER, crt.MIN_OUTER) is want
+    finally:
+        monkeypatch.undo()
+        crt.fast.cache_clear()
+
+
+def test_fast_without_a_capability_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    def missing() -> dict:
+        raise AttributeError("no get_capabilities in this torch")
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", missing)
+    monkeypatch.delenv(crt.INT8_ENV, raising=False)
+    crt.fast.cache_clear()
+    try:
+        assert not crt.fast()
+    finally:
+        monkeypatch.undo()
+        crt.fast.cache_clear()

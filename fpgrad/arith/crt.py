@@ -13,10 +13,11 @@ an integer below 2**53), carried to balanced limbs. The limbs above about 2**-(p
 ``n 2**(2B)`` are the terms; the ones below (not computed), the truncation to A', B' and the
 caller's rounding of the terms' sum go into the bound (:func:`plan`).
 
-The engine is used where ``torch._int_mm`` exists and passes an exactness probe
-(:func:`usable`, decided once per process) for products with an inner dimension of at least
-:data:`MIN_INNER` and a result at least :data:`MIN_OUTER` wide both ways (:func:`applies`);
-else :func:`fpgrad.arith.ozaki.matmul_levels`.
+The engine is used where the CPU has an int8 dot-product unit (:func:`fast`, a property of the
+machine) and ``torch._int_mm`` exists and passes an exactness probe (:func:`usable`; both
+decided once per process) for products with an inner dimension of at least :data:`MIN_INNER`
+and a result at least :data:`MIN_OUTER` wide both ways (:func:`applies`); else
+:func:`fpgrad.arith.ozaki.matmul_levels`.
 Rows whose scale leaves the window of :func:`plan` (magnitudes near 2**-860 or 2**1000), words
 the residue kernel rejects (NaN, lower words far above word 0, a zero word 0 over non-zero
 words) and precisions or word counts without a plan make :func:`matmul` return None: the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -176,10 +178,36 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
 
 
 def applies(m: int, n: int, p: int) -> bool:
-    """Whether an (m, n) @ (n, p) product goes to this engine: :func:`usable`, ``n >=
-    MIN_INNER`` and ``m, p >= MIN_OUTER``; otherwise :func:`fpgrad.arith.ozaki.matmul_levels`
-    computes it."""
-    return n >= MIN_INNER and min(m, p) >= MIN_OUTER and usable()
+    """Whether an (m, n) @ (n, p) product goes to this engine: :func:`fast`, :func:`usable`,
+    ``n >= MIN_INNER`` and ``m, p >= MIN_OUTER``; otherwise
+    :func:`fpgrad.arith.ozaki.matmul_levels` computes it."""
+    return n >= MIN_INNER and min(m, p) >= MIN_OUTER and fast() and usable()
+
+
+#: CPU features (``torch.cpu.get_capabilities``) with an int8 dot-product unit behind torch's
+#: CPU int8 GEMM: with AVX512-VNNI a 128x256x256 ``_int_mm`` runs about 8x faster than a
+#: float64 GEMM (docs/benchmarks.md); on AVX2 alone (an AMD EPYC, torch 2.13) about 10x
+#: slower, a plain loop, and this engine then makes the MLP of scripts/bench_exact.py 14x
+#: slower than the float64 slices (243x torch float64 against 17.5x, measured).
+INT8_FEATURES = ("avx512_vnni", "amx_int8")
+INT8_ENV = "FPGRAD_INT8_GEMM"  # "1" or "0": overrides :func:`fast` (read once per process)
+
+
+@functools.lru_cache(maxsize=1)
+def fast() -> bool:
+    """Whether this machine has one of :data:`INT8_FEATURES` (or :data:`INT8_ENV` is "1", and
+    not "0"): a fixed property of the machine, decided once, never a timing, so results do not
+    depend on load. Without torch (or its capability query): False."""
+    forced = os.environ.get(INT8_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        import torch
+
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # noqa: BLE001 - no torch, an older torch: the float64 engine
+        return False
+    return any(bool(caps.get(f, False)) for f in INT8_FEATURES)
 
 
 @functools.lru_cache(maxsize=1)
