@@ -459,11 +459,14 @@ def main() -> int:
         ]
         if both:
             fns.append(float64_only(fns[1]))
+        if forced:
+            fns.append(int8_forced(fns[1]))
         times = interleaved(fns, max(2, args.repeats // 2), [10, 1, 1])
         t_t, t_e = times[0], times[1]
         res = exact_trace(wide, args.bits, method="fast", progress=False)
         bits_w = min(float(res.digits[k].min()) for k in res.digits if k.startswith("grads/"))
         alone = f"; float64 slices alone {times[2] / t_t:6.1f}x" if both else ""
+        alone += f"; int8 CRT forced on {times[2] / t_t:6.1f}x" if forced else ""
         print(
             f"width {width:5d} (64-{width}-{width}-10): torch {t_t * 1e3:8.2f} ms, "
             f"exact {t_e * 1e3:9.2f} ms, ratio {t_e / t_t:6.1f}x{alone}; "
