@@ -187,8 +187,8 @@ def applies(m: int, n: int, p: int) -> bool:
 #: CPU features (``torch.cpu.get_capabilities``) with an int8 dot-product unit behind torch's
 #: CPU int8 GEMM: with AVX512-VNNI a 128x256x256 ``_int_mm`` runs about 8x faster than a
 #: float64 GEMM (docs/benchmarks.md); on AVX2 alone (an AMD EPYC, torch 2.13) about 10x
-#: slower, a plain loop, and this engine then makes the MLP of scripts/bench_exact.py 14x
-#: slower than the float64 slices (243x torch float64 against 17.5x, measured).
+#: slower, a plain loop, and this engine then makes the MLP of scripts/bench_exact.py 12-14x
+#: slower than the float64 slices (241.5-243x torch float64 against 17.5-19.9x, measured).
 INT8_FEATURES = ("avx512_vnni", "amx_int8")
 INT8_ENV = "FPGRAD_INT8_GEMM"  # "1" or "0": overrides :func:`fast` (read once per process)
 
