@@ -489,6 +489,7 @@ class BallArith(ExactDerivatives):
         """log(1 + a) without cancellation for small a.
 
         ``|a| + rad <= 2**-200``: ``a`` itself, the radius grown by ``(|a| + rad) 2**-200``
+        (at least 2**-1074 where ``|a| + rad > 0``)
         (``|log1p(a) - a| <= a^2 / 2``); ``<= 2**-8``: ``2 atanh(u)`` with ``u = a / (2 + a)``,
         summed as ``2 u sum_{j<K} u^2j / (2j + 1)`` with the tail bounded by
         ``2 |u|^(2K+1) / ((2K + 1)(1 - u^2))``; elsewhere ``log(1 + a)``. Each branch sees
@@ -519,7 +520,12 @@ class BallArith(ExactDerivatives):
             series = Ball(series.mid, (series.rad + tail * RU) * RU)
             out = self.where(small, series, out)
         if tiny.any():
-            near = Ball(a.mid, (a.rad + bound * 2.0**-200) * RU)
+            # |log1p(x) - x| <= x^2 <= bound 2**-200 on the ball; where that product falls
+            # below 2**-1022 it rounds down by up to 2**-1075 (to 0 below 2**-1075), but there
+            # bound <= 2**-822 and x^2 <= 2**-1644 < 2**-1074: a floor of 2**-1074 holds it
+            # (0 +- 2**-1074 gave [-2**-1074, 2**-1074], missing log1p(-2**-1074))
+            square = np.maximum(bound * 2.0**-200, np.where(bound > 0, 2.0**-1074, 0.0))
+            near = Ball(a.mid, (a.rad + square) * RU)
             out = self.where(tiny, near, out)
         return out
 
