@@ -238,3 +238,36 @@ def test_out_of_domain_and_out_of_range_are_counted(bits: int) -> None:
         with np.errstate(all="ignore"):
             np.asarray(fn(ba, ba.asarray(np.array([x]))).rad)
         assert ba.range_errors > 0, x
+
+
+_NAN_SCRIPT = """
+import numpy as np
+from fpgrad.arith.ball import Ball, BallArith
+for bits in (100, 150):
+    ba = BallArith(bits)
+    mid = np.zeros((ba.k, 3))
+    mid[0] = [np.nan, 1.0, -2.0]
+    for name in ("exp", "tanh", "sigmoid"):
+        before = ba.range_errors
+        out = getattr(ba, name)(Ball(mid.copy(), np.zeros(3)))
+        assert ba.range_errors - before >= 1, name  # the NaN is counted
+        assert np.isnan(out.mid[0, 0]) and not np.isnan(out.mid[0, 1:]).any(), name
+print("ok")
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="attack9 finding: a NaN midpoint indexes the exp tables")
+def test_nan_midpoints_stay_inside_the_exp_tables(tmp_path: Any) -> None:
+    """A NaN midpoint (counted upstream as a range error) gave the table look-ups of
+    jit_elementary._reduce_block an index int(NaN) + J1, read out of bounds (numba checks no
+    bounds): a crash or garbage read, not a certificate. Compiled here with bounds checks."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=root)
+    run = subprocess.run(
+        [sys.executable, "-c", _NAN_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
