@@ -256,10 +256,9 @@ print("ok")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="attack9 finding: a NaN midpoint indexes the exp tables")
 def test_nan_midpoints_stay_inside_the_exp_tables(tmp_path: Any) -> None:
     """A NaN midpoint (counted upstream as a range error) gave the table look-ups of
-    jit_elementary._reduce_block an index int(NaN) + J1, read out of bounds (numba checks no
+    jit_elementary._reduce_block an index int(NaN) + J1, read out of bounds before attack 9 (numba checks no
     bounds): a crash or garbage read, not a certificate. Compiled here with bounds checks."""
     import os
     import subprocess
