@@ -1,5 +1,6 @@
-"""Attack 9 on the int8 CRT engine's exact zeros: is a ReLU input ever "exactly 0" (radius 0
-at 0) or decided in sign without being so, after a product the engine computed?
+"""Attack 9 on exact zeros after products, in the int8 CRT engine (and the float64 slices on
+a smaller shape): is a ReLU input ever "exactly 0" (radius 0 at 0) or decided in sign
+without being so, after a product the engine computed?
 
 Rows of A (columns of B) are built so that the truncation to B-bit integers drops whole
 products (a row 1, 2**-300 against a column that is non-zero only under the 2**-300), the
@@ -17,9 +18,8 @@ import pytest
 from fpgrad.arith import crt
 from fpgrad.arith.ball import Ball, BallArith, exact_zeros
 
-pytestmark = pytest.mark.skipif(not crt.usable(), reason="torch._int_mm absent or inexact here")
 SHIFT = 1074
-M, N, P = 64, 192, 64  # the engine's smallest shape (crt.MIN_OUTER, crt.MIN_INNER)
+SHAPES = {"crt": (64, 192, 64), "float64": (8, 16, 8)}  # CRT: its smallest shape
 
 
 def _ints(words: np.ndarray) -> np.ndarray:
@@ -33,12 +33,13 @@ def _ints(words: np.ndarray) -> np.ndarray:
     return out
 
 
-def _operands(k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _operands(k: int, seed: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    m, n, p = shape
     rng = np.random.default_rng(seed)
-    a = np.zeros((k, M, N))
-    b = np.zeros((k, N, P))
-    a[0] = rng.normal(size=(M, N))
-    b[0] = rng.normal(size=(N, P))
+    a = np.zeros((k, m, n))
+    b = np.zeros((k, n, p))
+    a[0] = rng.normal(size=(m, n))
+    b[0] = rng.normal(size=(n, p))
     a[0, 0] = 0.0  # a zero row: every product in it is exactly 0
     a[0, 1] = -0.0
     a[0, 2] = 0.0
@@ -61,11 +62,16 @@ def _operands(k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+@pytest.mark.parametrize("engine", list(SHAPES))
 @pytest.mark.parametrize("bits", [100, 150])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_crt_exact_zeros_and_signs_are_proven(
-    bits: int, seed: int, monkeypatch: pytest.MonkeyPatch
+def test_exact_zeros_and_signs_after_products_are_proven(
+    engine: str, bits: int, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The CRT engine (and, on a smaller shape, the float64 slices) claim 0 only for products
+    that are 0, and positive() decides only true signs."""
+    if engine == "crt" and not crt.usable():
+        pytest.skip("torch._int_mm absent or inexact here")
     ba = BallArith(bits)
     used: list[Any] = []
     real = crt.matmul
@@ -76,10 +82,11 @@ def test_crt_exact_zeros_and_signs_are_proven(
         return out
 
     monkeypatch.setattr(crt, "matmul", spy)
-    a, b = _operands(ba.k, seed)
-    out = ba.matmul(Ball(a, np.zeros((M, N))), Ball(b, np.zeros((N, P))))
+    m, n, p = SHAPES[engine]
+    a, b = _operands(ba.k, seed, SHAPES[engine])
+    out = ba.matmul(Ball(a, np.zeros((m, n))), Ball(b, np.zeros((n, p))))
     mid, rad = out.mid, out.rad
-    assert used == [True], "the product must run in the CRT engine"
+    assert used == ([True] if engine == "crt" else []), "the product must run in that engine"
     exact = _ints(a) @ _ints(b)  # times 2**(2 SHIFT)
     got = _ints(mid)  # times 2**SHIFT
     zero = exact_zeros(out)
@@ -90,7 +97,7 @@ def test_crt_exact_zeros_and_signs_are_proven(
     assert not zero[3, 0] and not zero[2, 4]
     assert not zero[4, 1]  # 0 by cancellation: not proven by a normwise bound
     # enclosure, exactly: |exact - mid| <= rad
-    for idx in np.ndindex(M, P):
+    for idx in np.ndindex(m, p):
         r = float(rad[idx])
         num, den = r.as_integer_ratio()
         assert abs(exact[idx] - got[idx] * 2**SHIFT) * den <= num * 2 ** (2 * SHIFT), idx
