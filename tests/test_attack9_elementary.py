@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import mpmath
@@ -270,3 +271,46 @@ def test_nan_midpoints_stay_inside_the_exp_tables(tmp_path: Any) -> None:
         [sys.executable, "-c", _NAN_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+
+
+def _word_zero_bound_misses(out: Ball) -> int:
+    """Elements whose words break ``|value| <= |w0| HI_BOUND`` and ``|w0| <= |value|
+    HI_BOUND`` (every radius formula reads ``|w0|`` for ``|value|``), or whose zero word 0
+    sits over non-zero words; exact rationals."""
+    mid = np.asarray(out.mid).reshape(out.mid.shape[0], -1)
+    hi = Fraction(2**48 + 1, 2**48)
+    bad = 0
+    for i in range(mid.shape[1]):
+        ws = [float(w) for w in mid[:, i]]
+        if not all(math.isfinite(w) for w in ws):
+            continue
+        value: Fraction = sum((Fraction(w) for w in ws), Fraction(0))
+        w0 = Fraction(ws[0])
+        bad += not (abs(value) <= abs(w0) * hi and abs(w0) <= abs(value) * hi)
+    return bad
+
+
+def test_outputs_keep_the_word_zero_bound() -> None:
+    """The premise of the radius formulas, on the outputs of every kernel above over the
+    regimes (ties of half an ulp in the lower words included)."""
+    rng = np.random.default_rng(29)
+    names = list(MIDS)
+    bad = 0
+    for bits in (100, 150):
+        for _ in range(16):
+            ra, rb = rng.choice(names, 2)
+            a, b = _words(rng, MIDS[ra](rng, 24)), _words(rng, MIDS[rb](rng, 24))
+            tie = rng.random(24) < 0.3
+            a[1] = np.where(tie, np.array([math.ulp(x) / 2 if x else 0.0 for x in a[0]]), a[1])
+            ba = BallArith(bits)
+            x, y = Ball(a[: ba.k].copy(), np.zeros(24)), Ball(b[: ba.k].copy(), np.zeros(24))
+            with np.errstate(all="ignore"):
+                outs = [fn(ba, x, y) for fn, _ in BINARY.values()]
+                outs += [
+                    fn(ba, x) for name, (fn, _, _) in UNARY.items() if name not in ("log", "sqrt")
+                ]
+                outs += [ba.log(ba.abs(x)), ba.sqrt(ba.abs(x))]
+                both = Ball(np.stack([a[: ba.k], b[: ba.k]], 1), np.zeros((2, 24)))
+                outs.append(ba.sum(both, axis=0))
+            bad += sum(_word_zero_bound_misses(o) for o in outs)
+    assert bad == 0
