@@ -314,3 +314,36 @@ def test_outputs_keep_the_word_zero_bound() -> None:
                 outs.append(ba.sum(both, axis=0))
             bad += sum(_word_zero_bound_misses(o) for o in outs)
     assert bad == 0
+
+
+@pytest.mark.parametrize("bits", [100, 150])
+@pytest.mark.parametrize(
+    "axis",
+    [
+        pytest.param(
+            0,
+            marks=pytest.mark.xfail(
+                strict=True, reason="attack9 finding: sum's |w0| total rounds below its value"
+            ),
+        ),
+        1,  # numpy's pairwise total keeps the small terms: no finding
+    ],
+)
+def test_sum_radius_holds_its_bound_with_the_exact_magnitudes(bits: int, axis: int) -> None:
+    """BallArith.sum's radius is proven as ``sum r_i + depth ETA sum |x_i|``; the float64
+    total of |word 0| (row after row, or numpy's pairwise) loses up to (n - 1) 2**-53 of it:
+    1 followed by 4095 terms 0.99 2**-53 sums to 1, 2**-41 below the exact total, which
+    RU (2**-45) does not cover. Checked in exact rationals against the bound itself."""
+    n = 4096
+    ba = BallArith(bits)
+    col = np.full(n, 0.99 * 2.0**-53)
+    col[0] = 1.0
+    mid = np.zeros((ba.k, n, 2))
+    mid[0] = col[:, None]
+    a = Ball(mid, np.zeros((n, 2)))
+    if axis == 1:
+        a = Ball(np.ascontiguousarray(np.swapaxes(mid, 1, 2)), np.zeros((2, n)))
+    out = ba.sum(a, axis=axis)
+    depth = 12  # ceil(log2(4096))
+    need = depth * Fraction(ba.eta) * sum(Fraction(float(v)) for v in col)
+    assert all(Fraction(float(r)) >= need for r in np.ravel(out.rad))
