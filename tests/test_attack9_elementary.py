@@ -320,20 +320,15 @@ def test_outputs_keep_the_word_zero_bound() -> None:
 @pytest.mark.parametrize(
     "axis",
     [
-        pytest.param(
-            0,
-            marks=pytest.mark.xfail(
-                strict=True, reason="attack9 finding: sum's |w0| total rounds below its value"
-            ),
-        ),
-        1,  # numpy's pairwise total keeps the small terms: no finding
+        0,  # row after row: the finding (fixed)
+        1,  # numpy's pairwise total keeps the small terms
     ],
 )
 def test_sum_radius_holds_its_bound_with_the_exact_magnitudes(bits: int, axis: int) -> None:
     """BallArith.sum's radius is proven as ``sum r_i + depth ETA sum |x_i|``; the float64
     total of |word 0| (row after row, or numpy's pairwise) loses up to (n - 1) 2**-53 of it:
     1 followed by 4095 terms 0.99 2**-53 sums to 1, 2**-41 below the exact total, which
-    RU (2**-45) does not cover. Checked in exact rationals against the bound itself."""
+    RU (2**-45) did not cover before attack 9. Checked in exact rationals against the bound."""
     n = 4096
     ba = BallArith(bits)
     col = np.full(n, 0.99 * 2.0**-53)
