@@ -379,7 +379,11 @@ class BallArith(ExactDerivatives):
         return out
 
     def sum(self, a: Ball, axis: int, keepdims: bool = False) -> Ball:
-        """Pairwise (tree) sum along ``axis``: ``depth`` roundings of ETA each per element."""
+        """Pairwise (tree) sum along ``axis``: ``depth`` roundings of ETA each per element.
+
+        Radius: ``sum r_i + depth ETA sum |x_i|`` (level by level, the additions' operands add
+        up to at most ``sum |x_i|``), from float64 totals enlarged by their own error bound.
+        """
         jb, _ = _jit()
         axis = axis % a.ndim
         am, ar = a.mid, np.asarray(a.rad, dtype=np.float64)
@@ -403,7 +407,12 @@ class BallArith(ExactDerivatives):
         depth, m = 0, n
         while m > 1:
             m, depth = m // 2 + m % 2, depth + 1
-        rad = (rsum * (1 + (n + 2) * 2.0**-52) + depth * self.eta * mags) * RU
+        # rsum and mags are float64 totals of n non-negative terms (row after row, or numpy's
+        # pairwise): each within (n - 1) 2**-53 / (1 - (n - 1) 2**-53) <= (n + 2) 2**-52 of
+        # the exact total, below it at worst (1 and 4095 terms 0.99 2**-53 give 1), so both
+        # take that factor; RU covers HI_BOUND (|x_i| <= |w0_i| HI_BOUND) and the roundings here
+        grow = 1 + (n + 2) * 2.0**-52
+        rad = (rsum * grow + depth * self.eta * (mags * grow)) * RU
         if keepdims:
             mid = np.expand_dims(mid, axis + 1)
             rad = np.expand_dims(rad, axis)
@@ -489,6 +498,7 @@ class BallArith(ExactDerivatives):
         """log(1 + a) without cancellation for small a.
 
         ``|a| + rad <= 2**-200``: ``a`` itself, the radius grown by ``(|a| + rad) 2**-200``
+        (at least 2**-1074 where ``|a| + rad > 0``)
         (``|log1p(a) - a| <= a^2 / 2``); ``<= 2**-8``: ``2 atanh(u)`` with ``u = a / (2 + a)``,
         summed as ``2 u sum_{j<K} u^2j / (2j + 1)`` with the tail bounded by
         ``2 |u|^(2K+1) / ((2K + 1)(1 - u^2))``; elsewhere ``log(1 + a)``. Each branch sees
@@ -519,7 +529,12 @@ class BallArith(ExactDerivatives):
             series = Ball(series.mid, (series.rad + tail * RU) * RU)
             out = self.where(small, series, out)
         if tiny.any():
-            near = Ball(a.mid, (a.rad + bound * 2.0**-200) * RU)
+            # |log1p(x) - x| <= x^2 <= bound 2**-200 on the ball; where that product falls
+            # below 2**-1022 it rounds down by up to 2**-1075 (to 0 below 2**-1075), but there
+            # bound <= 2**-822 and x^2 <= 2**-1644 < 2**-1074: a floor of 2**-1074 holds it
+            # (0 +- 2**-1074 gave [-2**-1074, 2**-1074], missing log1p(-2**-1074))
+            square = np.maximum(bound * 2.0**-200, np.where(bound > 0, 2.0**-1074, 0.0))
+            near = Ball(a.mid, (a.rad + square) * RU)
             out = self.where(tiny, near, out)
         return out
 

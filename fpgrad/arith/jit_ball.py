@@ -53,6 +53,15 @@ def binop(
 
     An operand of shape (k, 1, C) broadcasts along the rows. ``eta``: the relative error
     bound of the k-word operation (expansion.ETA[k]).
+
+    Division's radius ``(ra + q0 HI rb) / den`` (``den = |b0| / HI - rb``: ``|b| >= den`` on
+    the ball) rounds each of its operations to nearest: relatively within 2**-53 (covered by
+    RU) where the result is normal, within 2**-1075 absolutely where it falls below 2**-1022,
+    which no factor covers: ``(0 +- 2**-1074) / 23`` gave the radius 0, the ball {0}. So a
+    positive ``ra`` adds ``TINY_PAD`` after the division (it covers the quotient's rounding;
+    ``TINY_PAD / den`` the numerator's, as in MUL), and the radius is 0 only where ``ra = 0``
+    and ``q0 rb = 0``: a proven 0 divided by a ball away from 0, or exact operands. A
+    normal ``prop`` loses the pad in its rounding (``TINY_PAD < ulp(2**-1019) / 2``).
     """
     k = len(kw)
     rows, cols = om.shape[1], om.shape[2]
@@ -101,6 +110,8 @@ def binop(
                 prop = (ra + q0 * HI_BOUND * rb) / den if den > 0.0 else np.inf
                 if q0 > 0.0 and rb > 0.0:  # q0 HI rb can fall below 2**-1022 (see MUL)
                     prop += TINY_PAD / den
+                if ra > 0.0:  # the quotient can fall below 2**-1022 (0 +- 2**-1074 over 23)
+                    prop += TINY_PAD
                 if ra == 0.0 and rb == 0.0:
                     prop = 0.0
                 orad[r, c] = (prop * RU + eta * q0) * RU

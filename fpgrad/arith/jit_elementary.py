@@ -171,14 +171,20 @@ def _reduce_block(kw: tuple, a: np.ndarray, n: int, tab: tuple, red: np.ndarray)
     """red[:, j] = (n, j1, j2, t, T1[j1], T2[j2]) for the arguments a[:, j], j < n.
 
     Two loops: the reduction (vectorised) and the table look-ups (gathers), so that every
-    loop's memory accesses stay affine.
+    loop's memory accesses stay affine. Arguments within the domain give ``|j1| <= J1`` and
+    ``|j2| <= J2``; any other (a NaN midpoint, counted where it arose) reads entry 0 and
+    stores j1 = j2 = 0: ``int(NaN)`` indexed out of the tables (numba checks no bounds).
     """
     t1, _, t2, _ = tab
     for j in range(n):
         r = exp_reduce(kw, (a[0, j], a[1, j], a[2, j]))
         red[0, j], red[1, j], red[2, j], red[3, j], red[4, j], red[5, j] = r
     for j in range(n):
-        i1, i2 = int(red[1, j]) + J1, int(red[2, j]) + J2
+        f1, f2 = red[1, j], red[2, j]
+        f1 = f1 if abs(f1) <= J1 else 0.0  # NaN: 0
+        f2 = f2 if abs(f2) <= J2 else 0.0
+        red[1, j], red[2, j] = f1, f2
+        i1, i2 = int(f1) + J1, int(f2) + J2
         red[6, j], red[7, j], red[8, j] = t1[i1, 0], t1[i1, 1], t1[i1, 2]
         red[9, j], red[10, j], red[11, j] = t2[i2, 0], t2[i2, 1], t2[i2, 2]
 
