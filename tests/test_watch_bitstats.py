@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fpgrad.watching import optimizer
+from fpgrad.watching import bitstats, optimizer
 from fpgrad.watching.bitstats import bit_stats, bits_of, state_counts
 from fpgrad.watching.classify import SMALLEST_NORMAL, basic_stats, op_stats
 from fpgrad.watching.scratch import Scratch
@@ -99,3 +99,54 @@ def test_state_counts_is_flat_path(dt: torch.dtype, monkeypatch: pytest.MonkeyPa
     assert compared >= 20  # most trials have counts (some fall back near eps)
     per = [[("exp_avg_sq", torch.zeros(4, dtype=dt)[::2])]]  # no bit view: None
     assert state_counts(per, {0: eps}, optimizer._eps_threshold) is None
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_mm_structural_kernel_is_the_torch_check(
+    dt: torch.dtype, transposed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sparse factors (dead rows / columns, scattered zeros, a cancellation, subnormal factors),
+    # strided like autograd's mm of a transposed activation; the compiled count of overlapping
+    # zeros must give the torch paths' answer (mm_overlaps switched off) and a brute force one
+    from fpgrad.watching import classify
+
+    mm = torch.ops.aten.mm.default
+    tiny = torch.finfo(dt).tiny / 4
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        m, k, n = 7 + seed, 70 + 3 * seed, 5 + 2 * seed
+        a = torch.randn(m, k, generator=g) * (torch.rand(m, k, generator=g) < 0.1)
+        b = torch.randn(k, n, generator=g) * (torch.rand(k, n, generator=g) < 0.2)
+        a[seed % m] = 0
+        b[:, seed % n] = 0
+        if seed % 3 == 0:  # 1*1 + 1*(-1): an exact zero of overlapping supports
+            a[1], b[:, 1] = 0, 0
+            a[1, :2], b[:2, 1] = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
+        if seed % 4 == 1:  # subnormal factors of the format
+            a[2, 5] = tiny
+        a, b = a.to(dt), b.to(dt)
+        if transposed:
+            a = a.t().contiguous().t()
+        t = mm(a, b)
+        zeros = int((t == 0).sum())
+        if not zeros or not torch.isfinite(t).all():
+            continue
+        supports = (a.double() != 0).double() @ (b.double() != 0).double()
+        brute = bool(((t != 0) | (supports == 0)).all())
+        fast = classify._mm_zeros_structural(mm, (a, b), t, zeros)
+        with monkeypatch.context() as mp:
+            mp.setattr(classify, "mm_overlaps", lambda *_: None)
+            slow = classify._mm_zeros_structural(mm, (a, b), t, zeros)
+        assert fast == slow == brute, (seed, fast, slow, brute)
+        assert bitstats.mm_overlaps(a, b, t) == int(((t == 0) & (supports > 0)).sum())
+
+
+def test_mm_overlaps_declines_non_finite_inputs() -> None:
+    a = torch.tensor([[float("inf"), 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert bitstats.mm_overlaps(a, b, torch.zeros(2, 2)) == -1
+    assert bitstats.mm_overlaps(b, a, torch.zeros(2, 2)) == -1
+    t = torch.tensor([[0.0, float("nan")], [0.0, 1.0]])
+    assert bitstats.mm_overlaps(b, b, t) == -1
+    assert bitstats.mm_overlaps(b, b.double(), t) is None  # formats differ: the torch path

@@ -243,3 +243,90 @@ def bit_stats(t: torch.Tensor) -> dict[str, Any] | None:
     st["min_abs"] = decode(t.dtype, mn)
     st["max_abs"] = decode(t.dtype, mx)
     return st
+
+
+@njit(**JIT)
+def _supports(x: np.ndarray, mask: Any, lines: np.ndarray, by_row: bool, out: np.ndarray) -> Any:
+    """Into ``out[ln]`` (64-bit words, zeroed): the bits ``k`` of ``x[ln, k] & mask != 0`` (rows
+    ``ln`` of ``x``, or with ``by_row`` False, bits ``k`` of ``x[k, ln]``: columns) for the
+    lines ``ln`` flagged in ``lines``; returns the largest ``x & mask`` (every element read, in memory
+    order)."""
+    mx = x.dtype.type(0)
+    r, c = x.shape
+    if x.strides[0] >= x.strides[1]:  # rows contiguous-ish: row outer
+        for i in range(r):
+            for j in range(c):
+                v = x[i, j] & mask
+                mx = max(mx, v)
+                ln, k = (i, j) if by_row else (j, i)
+                if lines[ln]:
+                    out[ln, k >> 6] |= np.uint64(v != 0) << np.uint64(k & 63)
+    else:
+        for j in range(c):
+            for i in range(r):
+                v = x[i, j] & mask
+                mx = max(mx, v)
+                ln, k = (i, j) if by_row else (j, i)
+                if lines[ln]:
+                    out[ln, k >> 6] |= np.uint64(v != 0) << np.uint64(k & 63)
+    return mx
+
+
+@njit(**JIT)
+def _mm_overlaps(a: np.ndarray, b: np.ndarray, t: np.ndarray, mask: Any, inf: Any) -> int:
+    """For the bit patterns of ``t = a @ b`` (2-D, any strides): -1 when ``a``, ``b`` or ``t``
+    holds an inf or NaN, else the number of zeros ``t[i, j]`` with some ``k`` where ``a[i, k]``
+    and ``b[k, j]`` are both non-zero (``bits & mask``). The supports of the rows of ``a`` and
+    columns of ``b`` that meet a zero of ``t`` are 64-bit words, tested a word at a time."""
+    m, kk = a.shape
+    n = b.shape[1]
+    zero = t.dtype.type(0)
+    zr = np.zeros(m, np.uint8)  # rows and columns of t holding a zero (0/1 bytes: bools
+    zc = np.zeros(n, np.uint8)  # or-ed in place are many times slower here)
+    mx = zero
+    for i in range(m):
+        r = np.uint8(0)
+        for j in range(n):
+            v = t[i, j] & mask
+            mx = max(mx, v)
+            z = np.uint8(v == zero)
+            r |= z
+            zc[j] |= z
+        zr[i] = r
+    if mx >= inf:
+        return -1
+    w = (kk + 63) // 64
+    ra = np.zeros((m, w), np.uint64)
+    cb = np.zeros((n, w), np.uint64)
+    if _supports(a, mask, zr, True, ra) >= inf or _supports(b, mask, zc, False, cb) >= inf:
+        return -1
+    bad = 0
+    for i in range(m):
+        if zr[i]:
+            for j in range(n):
+                if zc[j] and t[i, j] & mask == zero:
+                    hit = np.uint64(0)
+                    for q in range(w):
+                        hit |= ra[i, q] & cb[j, q]
+                    bad += hit != 0
+    return bad
+
+
+def mm_overlaps(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> int | None:
+    """:func:`_mm_overlaps` of ``t = a @ b`` (-1: an inf or NaN in ``a``, ``b`` or ``t``), or None when
+    the three are not 2-D CPU tensors of one of the four formats with a numpy view."""
+    f = FIELDS.get(t.dtype)
+    if f is None or a.dtype != t.dtype or b.dtype != t.dtype:
+        return None
+    views = []
+    for x in (a, b, t):
+        if not x.is_cpu or x.dim() != 2 or x.layout != torch.strided:
+            return None
+        x = x.detach()
+        try:
+            v = x.view(f[0]).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+        except (RuntimeError, TypeError):
+            return None
+        views.append(v.view(f[1]))
+    mask, inf, _ = _CONST[t.dtype]
+    return int(_mm_overlaps(views[0], views[1], views[2], mask, inf))
