@@ -150,3 +150,41 @@ def test_mm_overlaps_declines_non_finite_inputs() -> None:
     t = torch.tensor([[0.0, float("nan")], [0.0, 1.0]])
     assert bitstats.mm_overlaps(b, b, t) == -1
     assert bitstats.mm_overlaps(b, b.double(), t) is None  # formats differ: the torch path
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_update_counts_kernel_is_the_torch_path(dt: torch.dtype, monkeypatch) -> None:
+    # weights from about 1e-4 to 1e7 (1e13 in float64) and Adam's lr 1e-4: the large ones cannot
+    # move (swamped), the small ones do; a parameter of 3000 elements (its swamped map kept) and one of 5000 (not):
+    # the compiled pass (d, counts, maps) must record what the torch path records
+    import fpgrad
+
+    def records() -> tuple[list[dict], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(60, 50), torch.nn.Linear(50, 100)).to(dt)
+        with torch.no_grad():
+            for p in m.parameters():
+                top = 8 if dt == torch.float32 else 14
+                p.mul_(10.0 ** torch.randint(-3, top, p.shape).to(dt))
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+        x = torch.randn(8, 60, dtype=dt)
+        with fpgrad.watch(m, opt) as w:
+            for _ in range(2):
+                opt.zero_grad()
+                m(x).square().mean().backward()
+                opt.step()
+        recs = [r for r in w._records if r["kind"] == "optimizer"]
+        return recs, [p.detach().clone() for p in m.parameters()]
+
+    fast, pf = records()
+    if dt == torch.float32:  # (float64 weights: the float64 request is the update done)
+        assert any(0 < r["swamped"] < r["numel"] for r in fast)
+    assert any(0 < r["moved_share"] < 1 for r in fast)
+    assert {r["swamped_map"] is None for r in fast} == {True, False}
+    with monkeypatch.context() as mp:
+        mp.setattr(optimizer, "update_counts", lambda *_: None)
+        slow, ps = records()
+    assert len(fast) == len(slow) == 8
+    for a, b in zip(fast, slow, strict=True):
+        assert a == b
+    assert all(torch.equal(a, b) for a, b in zip(pf, ps, strict=True))

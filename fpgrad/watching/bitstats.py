@@ -330,3 +330,74 @@ def mm_overlaps(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> int | None
         views.append(v.view(f[1]))
     mask, inf, _ = _CONST[t.dtype]
     return int(_mm_overlaps(views[0], views[1], views[2], mask, inf))
+
+
+@njit(**JIT)
+def _update_counts(
+    after: np.ndarray,
+    before: np.ndarray,
+    req: np.ndarray,
+    d: np.ndarray,
+    smap: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """One pass over a parameter (flat): ``d = float64(after) - before`` (exact widening, one
+    rounded subtraction, as torch's copy then sub), then into ``out`` the counts of ``d != 0``
+    (moved), ``req != 0`` (asked) and both asked and not moved (swamped), the last also as 0/1
+    bytes in ``smap`` when it has the parameter's size (``req`` empty: no request, two zeros)."""
+    moved = asked = swamped = 0
+    with_req = req.size == d.size
+    with_map = smap.size == d.size
+    for k in range(d.size):
+        v = np.float64(after[k]) - before[k]
+        d[k] = v
+        m = v != 0.0
+        moved += m
+        if with_req:
+            a = req[k] != 0.0
+            s = a and not m
+            asked += a
+            swamped += s
+            if with_map:
+                smap[k] = s
+    out[0], out[1], out[2] = moved, asked, swamped
+
+
+def update_counts(
+    after: list[torch.Tensor],
+    before: list[torch.Tensor],
+    req: list[torch.Tensor] | None,
+    d: list[torch.Tensor],
+    map_limit: int,
+) -> tuple[list[list[float]], list[list[int] | None]] | None:
+    """:func:`_update_counts` of each parameter (its values ``after`` a step, ``before`` it in
+    float64, the requested float64 updates or None, ``d`` the float64 buffers receiving the
+    update done): the counts [moved], [asked], [swamped] per parameter, as floats, and the
+    swamped maps of parameters up to ``map_limit`` elements (None when ``req`` is None). None,
+    with nothing written, unless every tensor is a contiguous CPU tensor, the parameters float32
+    or float64 and the others float64."""
+    arrays = []
+    for j, p in enumerate(after):
+        group = (p, before[j], d[j]) + ((req[j],) if req is not None else ())
+        for x in group:
+            if not (x.is_cpu and x.is_contiguous() and x.layout == torch.strided):
+                return None
+        if p.dtype not in (torch.float32, torch.float64) or any(
+            x.dtype != torch.float64 for x in group[1:]
+        ):
+            return None
+        try:
+            arrays.append([x.detach().numpy().reshape(-1) for x in group])
+        except (RuntimeError, TypeError):
+            return None
+    none = np.empty(0, np.float64)
+    counts: list[list[float]] = [[], [], []]
+    maps: list[list[int] | None] = []
+    out = np.empty(3, np.int64)
+    for a, b, dd, *r in arrays:
+        smap = np.empty(a.size if r and a.size <= map_limit else 0, np.uint8)
+        _update_counts(a, b, r[0] if r else none, dd, smap, out)
+        for c, v in zip(counts, out.tolist(), strict=True):
+            c.append(float(v))
+        maps.append(smap.tolist() if r and a.size <= map_limit else None)
+    return counts, maps

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fpgrad.numbers.formats import get_format
-from fpgrad.watching.bitstats import state_counts
+from fpgrad.watching.bitstats import state_counts, update_counts
 from fpgrad.watching.classify import FORMAT_OF, SMALLEST_NORMAL, count
 from fpgrad.watching.scratch import Scratch
 
@@ -370,16 +370,28 @@ def step_records(
     rows = lay.views
     d = rows[0]  # the update done, then the "moved" indicator in the same place
     befores = [before[id(p)] for _, p in ents]
-    torch._foreach_copy_(d, [p.detach() for _, p in ents])
-    torch._foreach_sub_(d, befores)
+    P = len(ents)
+    # one compiled pass per parameter: d and the counts (CPU float32/float64 parameters)
+    fused = update_counts([p for _, p in ents], befores, reqs, d, MAP_LIMIT)
+    if fused is None:
+        torch._foreach_copy_(d, [p.detach() for _, p in ents])
+        torch._foreach_sub_(d, befores)
     norms = [torch._foreach_norm(befores, 2), torch._foreach_norm(d, 2)]
+    if fused is not None:
+        if reqs is not None:
+            norms.append(torch._foreach_norm(reqs, 2))
+        got = torch.stack([x for ns in norms for x in ns]).tolist()
+        nrm = [got[k * P : (k + 1) * P] for k in range(len(norms))]
+        if not all(math.isfinite(v) for ns in nrm[1:] for v in ns):
+            return _one_by_one(ents, names, before, requested, opt, scratch)
+        cnt, maps = fused
+        return _finish(ents, names, opt, scratch, reqs is not None, nrm, cnt, maps)
     k_rows = 1
     if reqs is not None:
         norms.append(torch._foreach_norm(reqs, 2))
         torch._foreach_copy_(rows[1], reqs)
         k_rows = 2
     head = lay.head(k_rows).abs_()  # |update done|, |update asked|
-    P = len(ents)
     got = torch.cat([head.amin(1), torch.stack([x for ns in norms for x in ns])]).tolist()
     nrm = [got[k_rows + k * P : k_rows + (k + 1) * P] for k in range(len(norms))]
     # a finite 2-norm proves every element finite (an overflowing one only sends us the slow way)
@@ -397,6 +409,29 @@ def step_records(
         sums = torch.stack([t.sum(1) for t in lay.parts(0, k_rows)], dim=1).reshape(-1).tolist()
         cnt = [sums[k * P : (k + 1) * P] for k in range(k_rows)]
         small = rows[2]
+    maps: list[list[int] | None] = []
+    for j, (_, p) in enumerate(ents):
+        if reqs is None or p.numel() > MAP_LIMIT:
+            maps.append(None)
+        elif small is None:
+            maps.append([0] * p.numel())
+        else:
+            maps.append(small[j].reshape(-1).to(torch.uint8).tolist())
+    return _finish(ents, names, opt, scratch, reqs is not None, nrm, cnt, maps)
+
+
+def _finish(
+    ents: list,
+    names: dict[int, str],
+    opt: torch.optim.Optimizer,
+    scratch: Scratch,
+    with_req: bool,
+    nrm: list[list[float]],
+    cnt: list[list[float]],
+    maps: list[list[int] | None],
+) -> list[dict[str, Any]]:
+    """The records of :func:`step_records` from the norms (before, done, requested), the counts
+    (moved, asked, swamped) and the swamped maps per parameter, with the state statistics."""
     # state tensors (zero and subnormal shares) and Adam's eps share
     states = [opt.state.get(p, {}) for _, p in ents]
     flat_state = _flat_state_counts(ents, states, scratch)
@@ -424,18 +459,13 @@ def step_records(
             "moved_share": cnt[0][j] / m,
             "update_weight_ratio": dn / wn if wn else None,
         }
-        if reqs is not None:
+        if with_req:
             nasked, nswamped, rn = cnt[1][j], cnt[2][j], nrm[2][j]
             rec["requested_nonzero"] = int(nasked)
             rec["swamped"] = int(nswamped)
             rec["swamped_share"] = nswamped / max(nasked, 1)
             rec["requested_update_weight_ratio"] = rn / wn if wn else None
-            if p.numel() > MAP_LIMIT:
-                rec["swamped_map"] = None
-            elif small is None:
-                rec["swamped_map"] = [0] * p.numel()
-            else:
-                rec["swamped_map"] = small[j].reshape(-1).to(torch.uint8).tolist()
+            rec["swamped_map"] = maps[j]
         for key in state_vals[j][1]:
             rec[f"state_{key}_zero_share"] = got[i] / m
             rec[f"state_{key}_subnormal_share"] = got[i + 1] / m
