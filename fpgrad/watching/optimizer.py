@@ -70,6 +70,18 @@ def _refill(dst: dict, key: Any, v: Any, into: list[torch.Tensor], src: list[tor
     return False
 
 
+def _plain_step(opt: torch.optim.Optimizer) -> None:
+    """``opt.step()`` without torch's step wrapper (``Optimizer.profile_hook_step``: a profiler
+    range and the global and per-optimizer step hooks) where the class has it: the same
+    update, and no hook of the user's sees the shadow (about 60 us less on the bench MLP)."""
+    step = type(opt).step
+    inner = getattr(step, "__wrapped__", None)
+    if getattr(step, "hooked", False) and callable(inner):
+        inner(opt)
+    else:
+        opt.step()
+
+
 class ShadowOptimizer:
     """The user's optimizer rebuilt once in float64 on copies of the weights; each
     :meth:`requested_updates` copies the current weights, gradients, state and hyperparameters
@@ -135,7 +147,7 @@ class ShadowOptimizer:
                         if not _refill(st, k, v, dst, src):
                             _put(st, k, v)
                 torch._foreach_copy_(dst, src)
-                shadow.step()
+                _plain_step(shadow)
         except (TypeError, ValueError, RuntimeError, KeyError):
             self._key = self._shadow = None
             return None
