@@ -38,6 +38,7 @@ def test_bit_stats_is_basic_stats(dt: torch.dtype) -> None:
         t = torch.tensor(vals, dtype=torch.float64).to(dt)
         got, want = bit_stats(t), basic_stats(t, SMALLEST_NORMAL[dt])
         assert str(got) == str(want), (dt, vals)  # str: NaN-free dicts, None and -0.0 alike
+        assert str(bit_stats(t, dense=True)) == str(want), (dt, vals)  # one counting pass
         assert got is not None
         seen.add(tuple(bool(got[c]) for c in ("zeros", "subnormals", "infs", "nans")))
     assert len(seen) == 16  # every combination of the four counts, zero or not, was checked

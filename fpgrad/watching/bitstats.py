@@ -91,6 +91,26 @@ def _scan_state(
 
 
 @njit(**JIT)
+def _scan_dense(a: np.ndarray, mask: Any, out: np.ndarray) -> None:
+    """Into ``out``: the counts of ``b == 0`` and ``b < out[0]`` (the smallest normal's bits on
+    entry), the smallest ``b != 0`` (0 when none) and the largest ``b`` (``b = a[k] & mask``):
+    with that largest below inf's bits, all that :func:`bit_stats` needs, in one pass."""
+    zero, one = a.dtype.type(0), a.dtype.type(1)
+    sn = a.dtype.type(out[0])
+    c0 = c1 = 0
+    mn = ~zero
+    mx = zero
+    for k in range(a.size):
+        b = a[k] & mask
+        c0 += b == zero
+        c1 += b < sn
+        v = b - one  # a zero wraps around to the largest pattern
+        mn = min(mn, v)
+        mx = max(mx, b)
+    out[0], out[1], out[2], out[3] = c0, c1, mn + one, mx
+
+
+@njit(**JIT)
 def _range(a: np.ndarray, mask: Any, out: np.ndarray) -> None:
     """Into ``out``: the smallest and the largest ``a[k] & mask`` (``a`` non-empty)."""
     mn = mx = a[0] & mask
@@ -203,14 +223,28 @@ _COUNTS = ("zeros", "subnormals", "infs", "nans")
 _NONE: dict[str, Any] = {"min_abs": None, "max_abs": None}
 
 
-def bit_stats(t: torch.Tensor) -> dict[str, Any] | None:
+def bit_stats(t: torch.Tensor, dense: bool = False) -> dict[str, Any] | None:
     """``basic_stats`` of ``t`` in one compiled pass: the counts of zeros, subnormals, infs and
     NaNs and the smallest and largest finite non-zero magnitude (None when there is none); None
-    when :func:`bits_of` cannot view ``t``."""
+    when :func:`bits_of` cannot view ``t``. ``dense``: zeros or subnormals are expected (the
+    same result, one counting pass instead of a range pass first)."""
     bits = bits_of(t)
     if bits is None:
         return None
     n = bits.size
+    if n and dense:
+        mask, inf, sn = _CONST[t.dtype]
+        out = np.empty(4, np.uint64)
+        out[0] = sn
+        _scan_dense(bits, mask, out)
+        z, below, mn, hi = out.tolist()
+        if hi < inf:  # finite: the counts are all there is (mn: the smallest b when below == 0)
+            if not below:
+                return dict.fromkeys(_COUNTS, 0) | {
+                    "min_abs": decode(t.dtype, mn),
+                    "max_abs": decode(t.dtype, hi),
+                }
+            return _finite_stats(t.dtype, n, z, below, mn, hi)
     if n:  # first the cheap test: every magnitude normal and finite (two reductions)
         mask, inf, sn = _CONST[t.dtype]
         out = np.empty(2, np.uint64)
@@ -243,6 +277,15 @@ def bit_stats(t: torch.Tensor) -> dict[str, Any] | None:
     st["min_abs"] = decode(t.dtype, mn)
     st["max_abs"] = decode(t.dtype, mx)
     return st
+
+
+def _finite_stats(dtype: torch.dtype, n: int, z: int, below: int, mn: int, mx: int) -> dict:
+    """:func:`bit_stats` of ``n`` finite elements, ``z`` zeros, ``below`` under the smallest
+    normal, smallest non-zero / largest magnitude bits ``mn`` / ``mx``."""
+    st: dict[str, Any] = {"zeros": z, "subnormals": below - z, "infs": 0, "nans": 0}
+    if n == z:
+        return st | _NONE
+    return st | {"min_abs": decode(dtype, mn), "max_abs": decode(dtype, mx)}
 
 
 @njit(**JIT)

@@ -674,6 +674,9 @@ _PLAIN: dict[str, Any] = {
     "subnormal_share": 0.0, "underflow_share": 0.0,
 }  # fmt: skip
 _INF = float("inf")
+#: (id of an aten op, output index) whose latest output held zeros or subnormals: its next one
+#: is counted at once (:func:`~fpgrad.watching.bitstats.bit_stats` ``dense``; a speed hint only).
+_DENSE: set[tuple[int, int]] = set()
 #: Outputs of at most this many elements (on CPU) are first checked in Python (one ``tolist``
 #: instead of ``abs``, ``aminmax`` and two reads): the same minimum and maximum magnitude.
 TINY = 16
@@ -705,8 +708,14 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 row["min_abs"], row["max_abs"] = lo, hi
                 rows.append(row)
                 continue
-        st = bit_stats(t)  # one compiled pass over the bits (CPU contiguous tensors)
+        # one compiled pass over the bits (CPU contiguous tensors); a counting pass at once
+        # where this op's output k held zeros or subnormals last time (the same result)
+        st = bit_stats(t, (id(func), k) in _DENSE)
         if st is not None:
+            if st["zeros"] or st["subnormals"]:
+                _DENSE.add((id(func), k))
+            else:
+                _DENSE.discard((id(func), k))
             if t.numel() and not (st["zeros"] or st["subnormals"] or st["infs"] or st["nans"]):
                 row = _PLAIN.copy()
                 row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
