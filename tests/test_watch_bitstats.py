@@ -91,6 +91,9 @@ def test_state_counts_is_flat_path(dt: torch.dtype, monkeypatch: pytest.MonkeyPa
             groups.append({"eps": eps})
         ents = list(zip(groups, params, strict=True))
         got = optimizer._flat_state_counts(ents, states, Scratch())
+        bitstats._STATE_DENSE.update(id(v) for st in states for v in st.values())
+        assert optimizer._flat_state_counts(ents, states, Scratch()) == got  # counted at once
+        bitstats._STATE_DENSE.clear()
         monkeypatch.setattr(optimizer, "state_counts", lambda *a: None)
         want = optimizer._flat_state_counts(ents, states, Scratch())
         monkeypatch.undo()

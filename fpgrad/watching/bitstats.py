@@ -157,6 +157,11 @@ def to_bits(dtype: torch.dtype, x: float) -> int:
     return int(pk.unpack(unpk.pack(x))[0]) >> shift
 
 
+#: ids of state tensors whose latest count found zeros, subnormals or elements below the eps
+#: threshold: :func:`state_counts` counts them at once (a speed hint only).
+_STATE_DENSE: set[int] = set()
+
+
 def state_counts(
     per: list[list[tuple[Any, torch.Tensor]]],
     eps_of: dict[int, float],
@@ -197,18 +202,25 @@ def state_counts(
             mask, inf, sn = _CONST[v.dtype]
             u = FIELDS[v.dtype][1]
             with_eps = k == "exp_avg_sq" and bool(eps_of)
-            # the cheap test first: with eps, the raw bits (a set sign bit is above ``mask``)
-            if bits.size:
-                _range(bits, ~u(0) if with_eps else mask, out)
-            lo, hi = (out[0], out[1]) if bits.size else (sn, 0)
-            if hi < inf and lo >= sn and (not with_eps or lo >= t2):  # nothing to count
-                vals += [0, 0]
-                below_eps = 0 if with_eps else below_eps
-                continue
+            # the cheap test first (skipped for a tensor that had something to count last
+            # time: the count gives the same zeros there): with eps, the raw bits (a set sign
+            # bit is above ``mask``)
+            if not bits.size or id(v) not in _STATE_DENSE:
+                if bits.size:
+                    _range(bits, ~u(0) if with_eps else mask, out)
+                lo, hi = (out[0], out[1]) if bits.size else (sn, 0)
+                if hi < inf and lo >= sn and (not with_eps or lo >= t2):  # nothing to count
+                    vals += [0, 0]
+                    below_eps = 0 if with_eps else below_eps
+                    continue
             _scan_state(
                 bits, mask, inf, sn, u(t1 if with_eps else 0), u(t2 if with_eps else 0), out
             )
             z, below, lo, hi, bad, neg = out.tolist()
+            if below or (with_eps and hi):
+                _STATE_DENSE.add(id(v))
+            else:
+                _STATE_DENSE.discard(id(v))
             if bad or (with_eps and neg) or lo != hi:
                 return None
             vals += [z, below - z]
