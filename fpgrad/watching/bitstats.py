@@ -218,6 +218,8 @@ def state_counts(
             )
             z, below, lo, hi, bad, neg = out.tolist()
             if below or (with_eps and hi):
+                if len(_STATE_DENSE) >= 4096:  # ids of tensors gone: keep the hint set small
+                    _STATE_DENSE.clear()
                 _STATE_DENSE.add(id(v))
             else:
                 _STATE_DENSE.discard(id(v))

@@ -713,6 +713,8 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         st = bit_stats(t, (id(func), k) in _DENSE)
         if st is not None:
             if st["zeros"] or st["subnormals"]:
+                if len(_DENSE) >= 4096:  # (ids of ops gone: keep the hint set small)
+                    _DENSE.clear()
                 _DENSE.add((id(func), k))
             else:
                 _DENSE.discard((id(func), k))
