@@ -362,7 +362,9 @@ def step_records(
 ) -> list[dict[str, Any]]:
     """The :func:`param_stats` record of every parameter in ``before`` (param_groups order),
     computed for all of them at once: one flat float64 buffer per indicator, segment sums for
-    the counts, ``_foreach`` norms (the same kernel per tensor as ``Tensor.norm``). Falls back
+    the counts, ``_foreach`` norms (the same kernel per tensor as ``Tensor.norm``); for CPU
+    float32/float64 parameters one compiled pass each (``bitstats.update_counts``) writes the
+    update done (the same values) and counts instead of the indicator rows. Falls back
     to :func:`param_stats` per parameter for anything the batch does not cover (non-finite
     updates, several devices, empty or very many parameters, a missing requested update)."""
     ents = [(g, p) for g in opt.param_groups for p in g["params"] if id(p) in before]
