@@ -527,10 +527,6 @@ def _flat_state_counts(
     negative where eps is counted, when the formats or eps values of a key differ, or anything
     else the flat path does not cover: then the per-parameter functions decide."""
     per = [_eligible(st, p) for st, (_, p) in zip(states, ents, strict=True)]
-    groups: dict[Any, list[tuple[int, torch.Tensor]]] = {}
-    for j, kv in enumerate(per):
-        for k, v in kv:
-            groups.setdefault(k, []).append((j, v.detach()))
     eps_of: dict[int, float] = {}
     for j, ((g, _), st) in enumerate(zip(ents, states, strict=True)):
         v, eps = st.get("exp_avg_sq"), g.get("eps")
@@ -543,6 +539,10 @@ def _flat_state_counts(
     fast = state_counts(per, eps_of, _eps_threshold)  # one compiled pass per state tensor
     if fast is not None:
         return fast  # type: ignore[return-value]
+    groups: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+    for j, kv in enumerate(per):
+        for k, v in kv:
+            groups.setdefault(k, []).append((j, v.detach()))
     plans, bounds = [], []
     for key, members in groups.items():
         dtypes = {v.dtype for _, v in members}
