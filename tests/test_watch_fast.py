@@ -425,3 +425,38 @@ def test_dispatch_frames_stay_out_of_dynamo() -> None:
         m(torch.ones(1, 3)).sum().backward()
     assert watcher._Mode.__dict__["__torch_dispatch__"]._torchdynamo_disable
     assert seen and all(cb is None for cb in seen)
+
+
+def test_shadow_step_skips_torch_step_wrapper_and_global_hooks() -> None:
+    # the float64 shadow steps without torch's step wrapper: a global step hook of the user's
+    # sees the user's optimizer only, and the unwrapped step updates as the wrapped one does
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fpgrad.watching.optimizer import _plain_step
+
+    seen: list[int] = []
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: seen.append(id(o)))
+    try:
+        torch.manual_seed(0)
+        m = torch.nn.Linear(5, 3)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        x = torch.randn(4, 5)
+        with fpgrad.watch(m, opt) as w:
+            for _ in range(2):
+                opt.zero_grad()
+                m(x).square().sum().backward()
+                opt.step()
+        assert seen == [id(opt)] * 2 and w._shadow_opt._shadow is not None
+        seen.clear()
+        pairs = []
+        for _ in range(2):
+            q = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+            q.grad = torch.full_like(q, 0.5)
+            pairs.append((q, torch.optim.AdamW([q], lr=0.1, weight_decay=0.1)))
+        for _ in range(3):
+            _plain_step(pairs[0][1])
+            pairs[1][1].step()
+        assert seen == [id(pairs[1][1])] * 3  # the wrapper (and its hooks) ran for .step() only
+        assert torch.equal(pairs[0][0], pairs[1][0])
+    finally:
+        handle.remove()

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from fpgrad.numbers.formats import get_format
-from fpgrad.watching.bitstats import bit_stats
+from fpgrad.watching.bitstats import bit_stats, mm_overlaps
 from fpgrad.watching.exact_fallback import exact_elements
 from fpgrad.watching.leaves import leaves, map_leaves
 
@@ -554,7 +554,9 @@ def _mm_zeros_structural(
     """True when every zero of ``t = mm(A, B)`` lies where each product ``A[i,k] B[k,j]`` has a
     zero factor (no overlap of the supports of row i and column j). There the exact result and
     its float64 recompute are 0 and so is ``fl64(|A| |B|)``: the zero is inherited, as the
-    recompute would find. Checked at the zeros only (rows of A and columns of B gathered there)
+    recompute would find. For CPU tensors of the four formats with ``A``, ``B`` and ``t`` finite:
+    one compiled pass over their bits (:func:`~fpgrad.watching.bitstats.mm_overlaps`, the
+    overlapping zeros counted exactly). Otherwise, with torch: checked at the zeros only (rows of A and columns of B gathered there)
     when they are few, else with a float32 product of the 0/1 support indicators; either way
     counts of overlapping pairs, integers up to 2^24, exact. First, when the zeros lie in few
     rows of ``t`` (``absolute``: ``|t|`` if already computed): the support product of those
@@ -564,6 +566,9 @@ def _mm_zeros_structural(
     a, b = args[0], args[1]
     if a.shape[1] > 2**24:
         return False
+    overlaps = mm_overlaps(a, b, t)  # one compiled pass over the bits (CPU, all finite)
+    if overlaps is not None and overlaps >= 0:
+        return overlaps == 0
     if absolute is None:
         absolute = t.detach().abs()
     rows = (absolute.amin(1) == 0).nonzero().view(-1)  # the rows of t holding its zeros
@@ -669,6 +674,9 @@ _PLAIN: dict[str, Any] = {
     "subnormal_share": 0.0, "underflow_share": 0.0,
 }  # fmt: skip
 _INF = float("inf")
+#: (id of an aten op, output index) whose latest output held zeros or subnormals: its next one
+#: is counted at once (:func:`~fpgrad.watching.bitstats.bit_stats` ``dense``; a speed hint only).
+_DENSE: set[tuple[int, int]] = set()
 #: Outputs of at most this many elements (on CPU) are first checked in Python (one ``tolist``
 #: instead of ``abs``, ``aminmax`` and two reads): the same minimum and maximum magnitude.
 TINY = 16
@@ -700,8 +708,16 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 row["min_abs"], row["max_abs"] = lo, hi
                 rows.append(row)
                 continue
-        st = bit_stats(t)  # one compiled pass over the bits (CPU contiguous tensors)
+        # one compiled pass over the bits (CPU contiguous tensors); a counting pass at once
+        # where this op's output k held zeros or subnormals last time (the same result)
+        st = bit_stats(t, (id(func), k) in _DENSE)
         if st is not None:
+            if st["zeros"] or st["subnormals"]:
+                if len(_DENSE) >= 4096:  # (ids of ops gone: keep the hint set small)
+                    _DENSE.clear()
+                _DENSE.add((id(func), k))
+            else:
+                _DENSE.discard((id(func), k))
             if t.numel() and not (st["zeros"] or st["subnormals"] or st["infs"] or st["nans"]):
                 row = _PLAIN.copy()
                 row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
