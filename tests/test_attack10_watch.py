@@ -148,6 +148,29 @@ def test_cumprod_overflow_beside_an_inf_input() -> None:
     assert row["infs"] == 24 and row["nans"] == 1
 
 
+@pytest.mark.xfail(strict=True, reason="attack10: any non-finite input, inherited")
+def test_float64_input_sum_overflow_beside_an_inf() -> None:
+    """``sum(x, 1, dtype=float32)`` of float64 rows ``[1e308, 1e308, 1]`` and ``[inf, 1, 1]``:
+    row 0 is finite exactly (2e308 + 1), inf in float32 and in float64 (the recompute can
+    overflow on float64 inputs); row 1's inf made it inherited."""
+    x = torch.tensor([[1e308, 1e308, 1.0], [INF, 1.0, 1.0]], dtype=torch.float64)
+    exact = [Fraction(1e308) * 2 + 1, "inf"]
+    row = _check(aten.sum.dim_IntList, (x, [1]), {"dtype": F32}, exact)
+    assert row["infs"] == 2
+
+
+@pytest.mark.xfail(strict=True, reason="attack10: an inf input element is not a NaN one")
+def test_softplus_backward_of_an_inf_gradient() -> None:
+    """``softplus_backward(inf, 1000)``: ``inf * z / (z + 1)`` with ``z = e^1000`` is inf
+    exactly (the factor is about 1), NaN in float32 and float64 (inf / inf); the inf input at
+    that element made the NaN inherited. A NaN input still makes it inherited."""
+    g = torch.tensor([INF, 1.0, NAN], dtype=F32)
+    x = torch.tensor([1000.0, 1.0, 1.0], dtype=F32)
+    exact = ["inf", Fraction(1), None]  # (the middle element is a number: not checked)
+    row = _check(aten.softplus_backward.default, (g, x, 1.0, 1e6), {}, exact)
+    assert row["nans"] == 2 and row["nans_inherited"] == 1
+
+
 # ---- held: guards for what did not break -------------------------------------------------------
 
 
