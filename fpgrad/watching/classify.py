@@ -28,7 +28,8 @@ recompute cannot overflow: exact, reduction, softmax and a few more); undecided 
 pole or a float64 overflow). NaNs: created when the float64 result is not NaN; inherited when
 it is and the recompute cannot overflow or, for pointwise ops, an input element of that output
 element is NaN; undecided otherwise. Subnormals are split per call: created when no floating
-input of the op holds a subnormal of the output's format, inherited otherwise.
+input of the op (a tensor, or a Python float that a selection op writes) holds a subnormal
+of the output's format, inherited otherwise.
 
 Cost: an output with no zero, subnormal, inf or NaN costs one ``abs`` and one ``aminmax`` pass;
 counts use float indicators (``sign``, ``clamp``) summed in float32, not boolean masks (several
@@ -583,7 +584,15 @@ def _split_nans(
     return created, inherited, total - created - inherited
 
 
-def _input_has_subnormal(args: tuple, kwargs: dict, smallest_normal: float) -> bool:
+def _input_has_subnormal(func: Any, args: tuple, kwargs: dict, smallest_normal: float) -> bool:
+    """Whether a floating input tensor, or a Python float argument of a selection op
+    (:data:`SELECTION_OPS`: ``fill(x, 1e-40)`` writes the subnormal it was given), lies strictly
+    between 0 and ``smallest_normal`` in magnitude. (A scalar factor is not an input here:
+    ``x * 2^-20`` in float16 creates its subnormals.)"""
+    if func.overloadpacket.__name__ in SELECTION_OPS:
+        for x in leaves((args, kwargs)):
+            if isinstance(x, float) and 0 < abs(x) < smallest_normal:
+                return True
     for t in _inputs(args, kwargs):
         a = t.detach().abs()
         if bool(((a < smallest_normal) & (a > 0)).any()):
@@ -797,7 +806,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st[created] = st[inherited] = 0
             st[undecided] = st[name]
         if st["subnormals"]:
-            inh = _input_has_subnormal(args, kwargs, sn)
+            inh = _input_has_subnormal(func, args, kwargs, sn)
             st["subnormals_created"] = 0 if inh else st["subnormals"]
             st["subnormals_inherited"] = st["subnormals"] if inh else 0
             st["subnormals_undecided"] = 0
