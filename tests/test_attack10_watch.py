@@ -284,3 +284,33 @@ def test_log_softmax_backward_of_a_large_output_is_not_bounded() -> None:
     out = func(g, y, 1, F32)
     (row,) = op_stats(func, (g, y, 1, F32), {}, out)
     assert out[0, 0] == -INF and row["infs_inherited"] <= row["infs"] - 1
+
+
+@pytest.mark.xfail(strict=True, reason="attack10: an undecided first inf reported inherited")
+def test_first_nonfinite_of_an_undecided_overflow_is_not_called_inherited(tmp_path) -> None:
+    """``exp(1000)`` in float32: inf, and float64 overflows too, so the watch cannot prove it
+    created (undecided; e^1000 is finite: created in truth). The step's ``first_nonfinite``
+    said ``created: False`` and the watch report printed that as "inherited"."""
+    from fpgrad.present.report.watch import build
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(x + self.b).sum()
+
+    model = M()
+    with fpgrad.watch(model) as w:
+        model(torch.tensor([1000.0, 1.0])).backward()
+    recs = w.records()
+    rows = recs.to_dict("records") if hasattr(recs, "to_dict") else recs
+    (exp_row,) = [r for r in rows if r.get("op") == "aten.exp.default"]
+    assert exp_row["infs"] == 1 and exp_row["infs_undecided"] == 1
+    (step,) = [r for r in rows if r.get("kind") == "step"]
+    first = step["first_nonfinite"]
+    assert first["op"] == "aten.exp.default" and not first["created"]
+    md, _ = build(rows, tmp_path)
+    (line,) = [x for x in md.splitlines() if "aten.exp.default" in x and "forward" in x][:1]
+    assert "inherited" not in line and "undecided" in line
