@@ -286,7 +286,6 @@ def test_log_softmax_backward_of_a_large_output_is_not_bounded() -> None:
     assert out[0, 0] == -INF and row["infs_inherited"] <= row["infs"] - 1
 
 
-@pytest.mark.xfail(strict=True, reason="attack10: an undecided first inf reported inherited")
 def test_first_nonfinite_of_an_undecided_overflow_is_not_called_inherited(tmp_path) -> None:
     """``exp(1000)`` in float32: inf, and float64 overflows too, so the watch cannot prove it
     created (undecided; e^1000 is finite: created in truth). The step's ``first_nonfinite``
