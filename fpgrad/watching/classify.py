@@ -134,6 +134,18 @@ def _abs64(x: Any) -> Any:
     return x
 
 
+def _ints64(x: Any) -> Any:
+    """An integer (not bool) tensor as float64, exactly: every element is at most 2^53 in
+    magnitude (else ``ValueError``); anything else as it is."""
+    if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
+        if x.dtype == torch.bool:
+            return x
+        if x.numel() and int(x.detach().abs().max()) > 2**53:
+            raise ValueError("an integer beyond 2^53")
+        return x.detach().to(torch.float64)
+    return x
+
+
 def _float_outputs(out: Any) -> list[torch.Tensor | None]:
     if isinstance(out, torch.Tensor):  # the common case, without walking a structure
         return [out if out.dtype in FORMAT_OF else None]
@@ -143,15 +155,23 @@ def _float_outputs(out: Any) -> list[torch.Tensor | None]:
 
 def recompute(func: Any, args: tuple, kwargs: dict, absolute: bool = False) -> list | None:
     """The op's float64 outputs on the same inputs (on ``|inputs|`` if ``absolute``), or None
-    when the op cannot run in float64. An output the recompute does not give in float64 (an op
-    of integer tensors and a float scalar runs in the default dtype again) is None."""
+    when the op cannot run in float64. An op of integer tensors and float scalars (``arange(n) *
+    0.5``) would run in the default dtype again: it runs with its integer tensors widened
+    exactly (:func:`_ints64`); an output still not in float64 is None."""
     conv = _abs64 if absolute else _to64
     try:
         with torch.no_grad():
             out = func(*map_leaves(conv, args), **map_leaves(conv, kwargs))
+            outs = _float_outputs(out)
+            if any(o is not None and o.dtype != torch.float64 for o in outs):
+
+                def wide(x: Any) -> Any:
+                    return conv(_ints64(x))
+
+                outs = _float_outputs(func(*map_leaves(wide, args), **map_leaves(wide, kwargs)))
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None
-    return [o if o is None or o.dtype == torch.float64 else None for o in _float_outputs(out)]
+    return [o if o is None or o.dtype == torch.float64 else None for o in outs]
 
 
 def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
