@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fpgrad.present.report.watch import CREATOR_HEADERS, _scale, creators
+from fpgrad.present.report.watch import CREATOR_HEADERS, _scale, creators, first_status
 from fpgrad.run.runlog import record
 from fpgrad.run.torch_native import one_torch_thread
 from fpgrad.scenarios.base import ScenarioResult, Section, records_runs
@@ -105,7 +105,7 @@ def run(small: bool = False) -> ScenarioResult:
             "yes" if s["skipped"] else "no",
             created_at[s["step"]],
             *(
-                (f["op"], f["module"], f["direction"], "created" if f["created"] else "inherited")
+                (f["op"], f["module"], f["direction"], first_status(f))
                 if (f := s["first_nonfinite"])
                 else ("-", "-", "-", "-")
             ),

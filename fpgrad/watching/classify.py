@@ -23,11 +23,13 @@ zeros (``x * 1e-300`` underflows in float64 where the exact product does not): s
 created or undecided, never inherited.
 
 Infs: created when the float64 result is finite; inherited when it is not and an input is
-non-finite (an input element of that output element for pointwise ops); undecided otherwise (a
-pole or a float64 overflow). NaNs: created when the float64 result is not NaN; inherited when it
-is and the recompute cannot overflow (exact and reduction ops) or an input is non-finite (per
-element for pointwise ops); undecided otherwise. Subnormals are split per call: created when no floating
-input of the op holds a subnormal of the output's format, inherited otherwise.
+non-finite (an input element of that output element for pointwise ops; any, for ops whose
+recompute cannot overflow: exact, reduction, softmax and a few more); undecided otherwise (a
+pole or a float64 overflow). NaNs: created when the float64 result is not NaN; inherited when
+it is and the recompute cannot overflow or, for pointwise ops, an input element of that output
+element is NaN; undecided otherwise. Subnormals are split per call: created when no floating
+input of the op (a tensor, or a Python float that a selection op writes) holds a subnormal
+of the output's format, inherited otherwise.
 
 Cost: an output with no zero, subnormal, inf or NaN costs one ``abs`` and one ``aminmax`` pass;
 counts use float indicators (``sign``, ``clamp``) summed in float32, not boolean masks (several
@@ -105,6 +107,8 @@ _COUNT_KEYS = [(n, f"{n}_created", f"{n}_inherited", f"{n}_undecided") for n in 
 def family(func: Any) -> str:
     """The proof family of an aten op: exact, reduction, pointwise or other."""
     name = func.overloadpacket.__name__
+    if name == "scatter" and "reduce" in func._overloadname:  # sums or products of many
+        return "other"
     if name in EXACT_OPS:
         return "exact"
     if name in REDUCTION_OPS:
@@ -130,6 +134,18 @@ def _abs64(x: Any) -> Any:
     return x
 
 
+def _ints64(x: Any) -> Any:
+    """An integer (not bool) tensor as float64, exactly: every element is at most 2^53 in
+    magnitude (else ``ValueError``); anything else as it is."""
+    if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
+        if x.dtype == torch.bool:
+            return x
+        if x.numel() and int(x.detach().abs().max()) > 2**53:
+            raise ValueError("an integer beyond 2^53")
+        return x.detach().to(torch.float64)
+    return x
+
+
 def _float_outputs(out: Any) -> list[torch.Tensor | None]:
     if isinstance(out, torch.Tensor):  # the common case, without walking a structure
         return [out if out.dtype in FORMAT_OF else None]
@@ -139,14 +155,23 @@ def _float_outputs(out: Any) -> list[torch.Tensor | None]:
 
 def recompute(func: Any, args: tuple, kwargs: dict, absolute: bool = False) -> list | None:
     """The op's float64 outputs on the same inputs (on ``|inputs|`` if ``absolute``), or None
-    when the op cannot run in float64."""
+    when the op cannot run in float64. An op of integer tensors and float scalars (``arange(n) *
+    0.5``) would run in the default dtype again: it runs with its integer tensors widened
+    exactly (:func:`_ints64`); an output still not in float64 is None."""
     conv = _abs64 if absolute else _to64
     try:
         with torch.no_grad():
             out = func(*map_leaves(conv, args), **map_leaves(conv, kwargs))
+            outs = _float_outputs(out)
+            if any(o is not None and o.dtype != torch.float64 for o in outs):
+
+                def wide(x: Any) -> Any:
+                    return conv(_ints64(x))
+
+                outs = _float_outputs(func(*map_leaves(wide, args), **map_leaves(wide, kwargs)))
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None
-    return _float_outputs(out)
+    return [o if o is None or o.dtype == torch.float64 else None for o in outs]
 
 
 def _inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -373,7 +398,8 @@ _SCALAR_RANGE = (2.0**-600, 2.0**600)
 def _wide_scalar(sh: _Shadow) -> bool:
     """A numeric scalar or 0-d float64 tensor argument outside :data:`_SCALAR_RANGE`
     (``x * 1e-300``, ``x / 1e300``): the float64 recompute may underflow to 0 where the exact
-    result is not 0, so its zero proves nothing."""
+    result is not 0, so its zero proves nothing. So does a Python int that float64 does not
+    hold (``x + -(2**60 + 1)`` at ``x = 2**60``: 0 in float64, -1 exactly)."""
     lo, hi = _SCALAR_RANGE
     for x in leaves((sh.args, sh.kwargs)):
         if isinstance(x, torch.Tensor):
@@ -382,10 +408,63 @@ def _wide_scalar(sh: _Shadow) -> bool:
             x = float(x)
         elif isinstance(x, bool) or not isinstance(x, (int, float)):
             continue
+        elif isinstance(x, int) and not -(2**53) <= x <= 2**53:
+            try:
+                if float(x) != x:  # (exact comparison of an int and a float)
+                    return True
+            except OverflowError:
+                return True
         a = abs(float(x))
         if a != 0 and a == a and (a < lo or hi < a < float("inf")):
             return True
     return False
+
+
+#: Ops outside the exact and reduction families whose float64 recompute cannot overflow on
+#: float32-or-narrower inputs (as :func:`_may_overflow` bounds them): ``_softmax`` and
+#: ``_log_softmax`` subtract the row maximum (``exp <= 1``, a log of a sum in ``[0, log n]``),
+#: ``_softmax_backward_data`` is ``y (g - sum(g y))`` (products of three float32 values),
+#: ``nll_loss_forward`` a sum of products of two over a sum of weights (below 2^700; with no
+#: negative weight, checked, the float64 sum of weights is 0 only when the exact one is),
+#: ``_log_softmax_backward_data`` ``g - exp(y) sum(g)`` with ``y <= 80`` where finite
+#: (checked; a log-probability is <= 0).
+BOUNDED_OPS = frozenset(
+    "_softmax _log_softmax _softmax_backward_data _log_softmax_backward_data "
+    "nll_loss_forward".split()
+)
+
+
+def _bounded(sh: _Shadow) -> bool:
+    """Whether a float64 inf or NaN of the recompute comes from a non-finite input (never an
+    overflow): exact and reduction ops and :data:`BOUNDED_OPS`, unless :func:`_may_overflow`."""
+    name = sh.func.overloadpacket.__name__
+    if sh.fam not in ("exact", "reduction") and name not in BOUNDED_OPS:
+        return False
+    if name == "_log_softmax_backward_data":
+        y = sh.args[1] if len(sh.args) > 1 else sh.kwargs.get("output")
+        if not isinstance(y, torch.Tensor):
+            return False
+        y = y.detach()
+        if y.numel() and float(torch.where(torch.isfinite(y), y, -_INF).amax()) > 80:
+            return False
+    if name == "nll_loss_forward":
+        w = sh.args[2] if len(sh.args) > 2 else sh.kwargs.get("weight")
+        if isinstance(w, torch.Tensor) and bool((w.detach() < 0).any()):
+            return False
+    return not _may_overflow(sh)
+
+
+def _may_overflow(sh: _Shadow) -> bool:
+    """Whether the float64 recompute may overflow where the exact value is finite: with a wide
+    scalar (:func:`_wide_scalar`), or a float64 tensor input of an op that is not a selection
+    (``sum(x, dtype=float32)`` of a float64 ``x = [1e308, 1e308]``). Otherwise an exact or
+    reduction op sees float32-or-narrower values (products of at most three of them lie below
+    2^384, sums of fewer than 2^600 such terms below 2^1000) or copies its inputs: no overflow."""
+    if _wide_scalar(sh):
+        return True
+    if sh.func.overloadpacket.__name__ in SELECTION_OPS:
+        return False
+    return any(t.dtype == torch.float64 and t.dim() for t in _inputs(sh.args, sh.kwargs))
 
 
 def _split_zeros(
@@ -465,7 +544,8 @@ def _split_infs(
     """Infs of ``t`` (the output at ``sel``, or all of it): created where the float64 value is
     finite; else inherited where an input is not finite: for a pointwise op, an input element
     of *this* output element (``exp([1000, inf])``: the first inf is a float64 overflow from a
-    finite input, undecided), for other ops any input element; else undecided."""
+    finite input, undecided), for other ops any input element if float64 cannot overflow
+    (:func:`_bounded`; ``cumprod`` can overflow); else undecided."""
     inf = torch.isinf(t)
     total = int(inf.sum())
     created = int((inf & torch.isfinite(r)).sum())
@@ -473,23 +553,28 @@ def _split_infs(
     if sh.inputs_finite():
         return created, 0, rest
     bad = _nonfinite_at(sh, t.shape if sel is None else sel.shape, sel)
-    if bad is None:
-        return created, rest, 0
+    if bad is None:  # float64 cannot overflow (see _split_nans), else any inf may be its own
+        if _bounded(sh):
+            return created, rest, 0
+        return created, 0, rest
     inherited = int((inf & ~torch.isfinite(r) & bad).sum())
     return created, inherited, rest - inherited
 
 
-def _nonfinite_at(sh: _Shadow, shape: torch.Size, sel: torch.Tensor | None) -> torch.Tensor | None:
+def _nonfinite_at(
+    sh: _Shadow, shape: torch.Size, sel: torch.Tensor | None, nan_only: bool = False
+) -> torch.Tensor | None:
     """For a pointwise op (torch's tag or the pointwise family): whether some input element
-    at each output element (``sel``'s, or all of them) is not finite; None for other ops or
-    inputs that do not broadcast."""
+    at each output element (``sel``'s, or all of them) is not finite (is NaN if ``nan_only``);
+    None for other ops or inputs that do not broadcast."""
     if not (sh._pointwise or sh.fam == "pointwise"):
         return None
     xs = _inputs(sh.args, sh.kwargs)
     bad = torch.zeros(shape, dtype=torch.bool, device=xs[0].device if xs else None)
+    test = torch.isnan if nan_only else lambda x: ~torch.isfinite(x)
     try:
         for x in xs:
-            bad |= ~torch.isfinite(x.detach().broadcast_to(shape))
+            bad |= test(x.detach().broadcast_to(shape))
     except RuntimeError:
         return None
     return bad if sel is None else sh.pick(bad, sel)
@@ -499,25 +584,35 @@ def _split_nans(
     sh: _Shadow, t: torch.Tensor, r: torch.Tensor, sel: torch.Tensor | None
 ) -> tuple[int, int, int]:
     """NaNs of ``t``: created where the float64 value is a number. A float64 NaN is inherited
-    where the recompute cannot overflow (exact and reduction ops without a wide scalar:
-    ``0/0``, ``inf - inf`` of the inputs) or where an input is not finite (per element for a
-    pointwise op, any for others); elsewhere it may be a float64 overflow of a finite exact
-    value (``softplus_backward`` at 1000, ``cumprod`` of 3e38s then 0): undecided."""
+    where the recompute cannot overflow (:func:`_bounded`: exact and reduction ops,
+    ``0/0``, ``inf - inf`` of the inputs) or, for a pointwise op, where an input element of
+    this output element is NaN (the exact value of an op at a NaN is NaN); elsewhere it may be
+    a float64 overflow of a number (``softplus_backward`` at 1000, ``cumprod`` of 3e38s then 0,
+    also beside an inf: ``softplus_backward(inf, 1000)`` is ``inf * e^1000 / (e^1000 + 1)``, inf
+    exactly, NaN in float64; ``cumprod`` with an inf in another row): undecided."""
     nan = torch.isnan(t)
     total = int(nan.sum())
     created = int((nan & ~torch.isnan(r)).sum())
-    if sh.fam in ("exact", "reduction") and not _wide_scalar(sh):
+    if _bounded(sh):
         return created, total - created, 0
     if sh.inputs_finite():
         return created, 0, total - created
-    bad = _nonfinite_at(sh, t.shape if sel is None else sel.shape, sel)
-    if bad is None:
-        return created, total - created, 0
+    bad = _nonfinite_at(sh, t.shape if sel is None else sel.shape, sel, nan_only=True)
+    if bad is None:  # an inf input elsewhere does not stop a float64 overflow here
+        return created, 0, total - created
     inherited = int((nan & torch.isnan(r) & bad).sum())
     return created, inherited, total - created - inherited
 
 
-def _input_has_subnormal(args: tuple, kwargs: dict, smallest_normal: float) -> bool:
+def _input_has_subnormal(func: Any, args: tuple, kwargs: dict, smallest_normal: float) -> bool:
+    """Whether a floating input tensor, or a Python float argument of a selection op
+    (:data:`SELECTION_OPS`: ``fill(x, 1e-40)`` writes the subnormal it was given), lies strictly
+    between 0 and ``smallest_normal`` in magnitude. (A scalar factor is not an input here:
+    ``x * 2^-20`` in float16 creates its subnormals.)"""
+    if func.overloadpacket.__name__ in SELECTION_OPS:
+        for x in leaves((args, kwargs)):
+            if isinstance(x, float) and 0 < abs(x) < smallest_normal:
+                return True
     for t in _inputs(args, kwargs):
         a = t.detach().abs()
         if bool(((a < smallest_normal) & (a > 0)).any()):
@@ -747,7 +842,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             st[created] = st[inherited] = 0
             st[undecided] = st[name]
         if st["subnormals"]:
-            inh = _input_has_subnormal(args, kwargs, sn)
+            inh = _input_has_subnormal(func, args, kwargs, sn)
             st["subnormals_created"] = 0 if inh else st["subnormals"]
             st["subnormals_inherited"] = st["subnormals"] if inh else 0
             st["subnormals_undecided"] = 0

@@ -248,6 +248,8 @@ class Watcher:
                     "op": op,
                     "direction": row["direction"],
                     "created": row["infs_created"] + row["nans_created"] > 0,
+                    "inherited": row["infs_inherited"] + row["nans_inherited"]
+                    == row["infs"] + row["nans"],
                 }
             elif (
                 self._first is not None
@@ -260,6 +262,7 @@ class Watcher:
                     "op": op,
                     "direction": row["direction"],
                     "created": True,
+                    "inherited": False,
                 }
             self._pending.append(row)
         self._seq += 1

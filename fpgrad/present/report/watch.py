@@ -149,6 +149,15 @@ def _swamped(opt: list[dict], path: Path) -> None:
     save_png(fig, path)
 
 
+def first_status(first: dict) -> str:
+    """created / inherited / undecided: the verdict on a step's first op with an inf or NaN.
+    Records written before the ``inherited`` key said only whether it created one: their
+    other firsts are undecided (inherited is not proven)."""
+    if first["created"]:
+        return "created"
+    return "inherited" if first.get("inherited", False) else "undecided"
+
+
 def build(recs: list[dict], out: Path) -> tuple[str, list[str]]:
     """The Markdown text and the PNG files it refers to (written into ``out``)."""
     k = _by_kind(recs)
@@ -169,7 +178,7 @@ def build(recs: list[dict], out: Path) -> tuple[str, list[str]]:
             _fmt(s["next_scale"]),
             _fmt(s["skipped"]),
             *(
-                (f["module"], f["op"], f["direction"], "created" if f["created"] else "inherited")
+                (f["module"], f["op"], f["direction"], first_status(f))
                 if (f := s["first_nonfinite"])
                 else (("not sampled",) + ("-",) * 3 if not s["sampled"] else ("none",) + ("-",) * 3)
             ),
