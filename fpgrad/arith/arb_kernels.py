@@ -1,0 +1,184 @@
+"""Arb matrix products straight from object arrays of python-flint balls (no arb_mat copies).
+
+:meth:`fpgrad.arith.arb.ArbArith.matmul` spends about a third of its time building an arb_mat
+from the operands' balls (``arb_mat(a.tolist())``: a Python list and a deep copy per ball) and
+a new python-flint ball per entry of the product (``arb_mat.entries``). :func:`matmul` computes
+the same product with FLINT's own routine and no copies: a compiled loop (numba) gathers the
+operands' ``arb_struct`` values (shallow copies, as FLINT's classical product gathers the
+columns of B) and calls FLINT's ``arb_dot`` for each entry straight into a fresh python-flint
+ball, exactly as ``arb_mat_mul_classical`` does (FLINT 3: ``tmp[j * br + i] = B[i][j]``, then
+``arb_dot(C[i][j], NULL, 0, A->rows[i], 1, tmp + j * br, 1, br, prec)``). ``arb_mat_mul``
+takes that classical path whenever a dimension is at most 40 on one thread, so the balls are
+identical bit for bit to ``arb_mat`` products (tests/test_arb_kernels.py); elsewhere (larger
+products, several FLINT threads, an inner dimension of 2 or less, A and B the same matrix)
+:func:`usable` says no and the caller keeps arb_mat.
+
+It reads python-flint's objects in memory: where a ball's ``arb_struct`` lies in its object is
+found on a known value and checked on products against python-flint's own arithmetic when the
+kernel is first used; any mismatch (another python-flint layout, no numba, no FLINT library
+found) leaves :func:`available` False and the arb_mat path in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from typing import Any
+
+import numpy as np
+from flint import arb, ctx
+
+_ARB_BYTES = 48  #: sizeof(arb_struct): arf (exponent, size, two limbs), mag (exponent, limb)
+#: arb_mat_mul's classical path for any precision: a dimension at most this (FLINT 3 cutoffs
+#: 60, 50 and 40 by precision)
+CLASSICAL_MAX_DIM = 40
+
+_state: dict[str, Any] = {}
+
+
+def _find_offset() -> int | None:
+    """Byte offset of the arb_struct in a python-flint arb object: where arb(3) shows
+    arf exponent 2, size 2 (one limb, positive), limb 0xC000..., mag 0 (radius 0)."""
+    probe = arb(3)
+    size = type(probe).__basicsize__
+    words = (ctypes.c_uint64 * (size // 8)).from_address(id(probe))
+    for word in range(2, size // 8 - 5):
+        if list(words[word : word + 6]) == [2, 2, 0xC000000000000000, 0, 0, 0]:
+            if size - 8 * word == _ARB_BYTES:
+                return 8 * word
+    return None
+
+
+def _load() -> bool:
+    """Find FLINT's functions through python-flint's own extension module (the library it
+    loaded), compile the kernel and check it against python-flint's products."""
+    try:
+        import numba
+
+        offset = _find_offset()
+        if offset is None:
+            return False
+        lib = ctypes.CDLL(sys.modules[arb.__module__].__file__)  # dlsym follows its libflint
+        i64 = ctypes.c_int64
+        dot = lib.arb_dot
+        dot.argtypes = [i64] * 9
+        dot.restype = None
+        threads = lib.flint_get_num_threads
+        threads.argtypes = []
+        threads.restype = ctypes.c_int
+        copy = ctypes.CDLL(None).memcpy
+        copy.argtypes = [i64, i64, i64]
+        copy.restype = i64
+    except (ImportError, OSError, AttributeError, TypeError):
+        return False
+
+    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
+    def kernel(
+        out: np.ndarray,
+        a: np.ndarray,
+        b: np.ndarray,
+        shape: tuple[int, int, int],
+        prec: int,
+        tp: int,
+        word: np.ndarray,
+        sa: np.ndarray,
+        sb: np.ndarray,
+    ) -> bool:  # pragma: no cover - compiled
+        # the scratch arrays come from the caller: an array made here could be freed by
+        # numba's reference counting right after its address is taken
+        m, n, p = shape
+        pw = word.ctypes.data
+        for ptrs in (out, a, b):  # every object an arb ball (its type pointer), or nothing done
+            for q in ptrs:
+                copy(pw, q + 8, 8)
+                if word[0] != tp:
+                    return False
+        pa, pb = sa.ctypes.data, sb.ctypes.data  # A's rows, B's columns, gathered
+        for i in range(m * n):
+            copy(pa + _ARB_BYTES * i, a[i] + offset, _ARB_BYTES)
+        for k in range(n):
+            for j in range(p):
+                copy(pb + _ARB_BYTES * (j * n + k), b[k * p + j] + offset, _ARB_BYTES)
+        for i in range(m):
+            for j in range(p):
+                dot(out[i * p + j] + offset, 0, 0, pa + _ARB_BYTES * i * n, 1,
+                    pb + _ARB_BYTES * j * n, 1, n, prec)  # fmt: skip
+        return True
+
+    _state.update(kernel=kernel, threads=threads)
+    return _self_check()
+
+
+def _self_check() -> bool:
+    """Products of inexact balls of mixed signs and exponents, an exact operand and exact
+    zeros, at three precisions, against arb_mat (midpoints and radii)."""
+    from flint import arb_mat
+
+    rng = np.random.default_rng(1)
+    old = ctx.prec
+    try:
+        for prec, (m, n, p) in ((64, (3, 5, 4)), (200, (7, 3, 2)), (700, (4, 9, 6))):
+            ctx.prec = prec
+            vals = rng.standard_normal((2, 16, 16)) * np.exp2(rng.integers(-60, 60, (2, 16, 16)))
+            a = np.array([arb(v) / 3 for v in vals[0, :m, :n].ravel()], dtype=object)
+            b = np.array([arb(v) for v in vals[1, :n, :p].ravel()], dtype=object)
+            a[0], b[1] = arb(0), arb(0)
+            a, b = a.reshape(m, n), b.reshape(n, p)
+            got = _product(a, b, prec)
+            want = arb_mat(a.tolist()) * arb_mat(b.tolist())
+            for x, y in zip(got.ravel(), want.entries(), strict=True):
+                if not (x.mid() == y.mid() and x.rad() == y.rad()):
+                    return False
+    finally:
+        ctx.prec = old
+    return True
+
+
+def available() -> bool:
+    """Is the kernel compiled and checked (loaded on first call)?"""
+    if "ok" not in _state:
+        _state["ok"] = False  # a failing load is not retried
+        _state["ok"] = _load()
+    return bool(_state["ok"])
+
+
+def usable(a: np.ndarray, b: np.ndarray) -> bool:
+    """Will :func:`matmul` give arb_mat's balls for ``a @ b`` (2-D object arrays)?"""
+    m, n = a.shape
+    p = b.shape[1]
+    return (
+        a is not b
+        and n >= 3
+        and min(m, n, p) <= CLASSICAL_MAX_DIM
+        and available()
+        and _state["threads"]() == 1
+    )
+
+
+def _addresses(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The object pointers of ``a`` in row-major order (and the array that holds them)."""
+    held = np.ascontiguousarray(a)
+    ptrs = np.ctypeslib.as_array((ctypes.c_int64 * held.size).from_address(held.ctypes.data))
+    return ptrs.copy(), held
+
+
+def _product(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
+    m, n = a.shape
+    p = b.shape[1]
+    out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls (-0 = 0)
+    pa, ha = _addresses(a)
+    pb, hb = _addresses(b)
+    po, ho = _addresses(out)
+    word = np.empty(1, dtype=np.int64)
+    sa = np.empty(m * n * 6, dtype=np.int64)
+    sb = np.empty(n * p * 6, dtype=np.int64)
+    done = _state["kernel"](po, pa, pb, (m, n, p), prec, id(arb), word, sa, sb)
+    del ha, hb, ho  # the operands and the result stayed alive through the kernel
+    if not done:  # checked before anything was read: an element is not an arb ball
+        raise TypeError("object arrays of python-flint arb balls only")
+    return out
+
+
+def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
+    """``a @ b`` at ``prec`` bits, the balls of ``arb_mat_mul`` (only where :func:`usable`)."""
+    return _product(a, b, prec)

@@ -1,0 +1,130 @@
+"""fpgrad.arith.arb_kernels: Arb products from object arrays, the balls of arb_mat bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flint import arb, arb_mat, ctx
+
+from fpgrad.arith import arb_kernels as K
+from fpgrad.arith.arb import ArbArith
+
+
+def _eq(x: arb, y: arb) -> bool:
+    """Exactly the same value (NaN equal to NaN)."""
+    return bool(x == y) or (x.is_nan() and y.is_nan())
+
+
+def _same(got: np.ndarray, want: arb_mat) -> bool:
+    return all(
+        _eq(x.mid(), y.mid()) and _eq(x.rad(), y.rad())
+        for x, y in zip(got.ravel(), want.entries(), strict=True)
+    )
+
+
+def _balls(rng: np.random.Generator, shape: tuple[int, int], kind: str) -> np.ndarray:
+    """Inexact balls over a wide exponent range, exact float64 values and exact zeros."""
+    vals = rng.standard_normal(shape) * np.exp2(rng.integers(-80, 80, shape))
+    out = np.empty(shape, dtype=object)
+    for idx, v in np.ndenumerate(vals):
+        pick = rng.integers(4) if kind == "mixed" else 0
+        out[idx] = [arb(v) / 7, arb(float(v)), arb(0), arb(v, abs(v) * 1e-30)][pick]
+    return out
+
+
+def test_kernel_loads() -> None:
+    assert K.available()
+
+
+@pytest.mark.parametrize("prec", [53, 128, 300, 467, 1100])
+@pytest.mark.parametrize("shape", [(64, 64, 32), (64, 10, 32), (10, 64, 32), (3, 3, 3), (1, 7, 40)])
+def test_products_equal_arb_mat(prec: int, shape: tuple[int, int, int]) -> None:
+    m, n, p = shape
+    rng = np.random.default_rng(prec + m)
+    old = ctx.prec
+    ctx.prec = prec
+    try:
+        a, b = _balls(rng, (m, n), "mixed"), _balls(rng, (n, p), "mixed")
+        want = arb_mat(a.tolist()) * arb_mat(b.tolist())
+        assert K.usable(a, b)
+        assert _same(K.matmul(a, b, prec), want)
+        # transposed views (the backward's operands) and ArbArith's own product
+        at = np.ascontiguousarray(a.T)
+        assert _same(K.matmul(at.T, b, prec), want)
+        assert _same(ArbArith(prec).matmul(at.T, b), want)
+    finally:
+        ctx.prec = old
+
+
+def test_special_balls() -> None:
+    """NaN and unbounded balls (arb_dot's simple path) come out as arb_mat's."""
+    old = ctx.prec
+    ctx.prec = 200
+    try:
+        rng = np.random.default_rng(3)
+        a, b = _balls(rng, (5, 6), "mixed"), _balls(rng, (6, 4), "mixed")
+        a[1, 2], b[3, 1] = arb("nan"), arb(0, float("inf"))
+        got = K.matmul(a, b, 200)
+        assert any(v.is_nan() for v in got.ravel()) and any(not v.is_finite() for v in got.ravel())
+        assert _same(got, arb_mat(a.tolist()) * arb_mat(b.tolist()))
+    finally:
+        ctx.prec = old
+
+
+def test_not_usable_where_arb_mat_differs() -> None:
+    a = np.full((50, 50), arb(1), dtype=object)
+    assert not K.usable(a, np.full((50, 50), arb(1), dtype=object))  # block product
+    assert not K.usable(a[:, :2], np.full((2, 3), arb(1), dtype=object))  # inner dim <= 2
+    sq = np.full((4, 4), arb(1), dtype=object)
+    assert not K.usable(sq, sq)  # arb_mat squares A == B
+
+
+def test_not_arb_elements() -> None:
+    """An element that is not an arb ball: the kernel refuses before reading anything, and
+    ArbArith's product converts it through arb_mat."""
+    a = np.full((3, 4), arb(1) / 3, dtype=object)
+    b = np.full((4, 2), arb(2), dtype=object)
+    a[1, 1] = 5  # a Python int
+    with pytest.raises(TypeError):
+        K.matmul(a, b, 64)
+    got = ArbArith(64).matmul(a, b)
+    old = ctx.prec
+    ctx.prec = 64
+    try:
+        assert _same(got, arb_mat(a.tolist()) * arb_mat(b.tolist()))
+    finally:
+        ctx.prec = old
+
+
+def test_exact_run_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few Adam steps of a small ReLU classifier: the same balls with and without it."""
+    from fpgrad.run.optim import OptimConfig
+    from fpgrad.training import ExactRun, batch_schedule
+    from tests.nets import net_from
+
+    rng = np.random.default_rng(5)
+    layers = [
+        {"type": "dense", "out": 8, "init": "he_normal"},
+        {"type": "relu"},
+        {"type": "dense", "out": 4},
+    ]
+    x = (rng.integers(0, 17, (12, 6)) / 16).tolist()
+    net = net_from(layers, "cross_entropy", x, rng.integers(0, 4, 12).tolist(), seed=2)
+    cfg = OptimConfig(name="adam", lr=1e-3)
+    schedule = batch_schedule(12, 4, 6, 0)
+    runs, calls = [], []
+    real = K.matmul
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(K, "usable", lambda *args: False)
+        else:
+            monkeypatch.setattr(K, "matmul", lambda *args: calls.append(1) or real(*args))
+        run = ExactRun(net, cfg, 300)
+        for rows in schedule:
+            run.step(rows)
+        runs.append(run)
+    assert calls  # the kernel computed products in the first run
+    for k, v in runs[0].params.items():
+        w = runs[1].params[k]
+        pairs = zip(v.ravel(), w.ravel(), strict=True)
+        assert all(a.mid() == b.mid() and a.rad() == b.rad() for a, b in pairs)
