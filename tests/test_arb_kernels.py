@@ -96,8 +96,18 @@ def test_not_arb_elements() -> None:
         ctx.prec = old
 
 
-def test_exact_run_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A few Adam steps of a small ReLU classifier: the same balls with and without it."""
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "adam", "lr": 1e-3},
+        {"name": "adam", "lr": 1e-2, "weight_decay": 0.1, "decoupled": True},
+        {"name": "adam", "lr": 1e-2, "weight_decay": 0.1},
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    ],
+)
+def test_exact_run_unchanged(monkeypatch: pytest.MonkeyPatch, cfg: dict) -> None:
+    """A few steps of a small ReLU classifier: the same balls (parameters, Adam's m and v)
+    with the kernels and without them (arb_mat products, one ufunc per operation)."""
     from fpgrad.run.optim import OptimConfig
     from fpgrad.training import ExactRun, batch_schedule
     from tests.nets import net_from
@@ -110,21 +120,42 @@ def test_exact_run_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     x = (rng.integers(0, 17, (12, 6)) / 16).tolist()
     net = net_from(layers, "cross_entropy", x, rng.integers(0, 4, 12).tolist(), seed=2)
-    cfg = OptimConfig(name="adam", lr=1e-3)
-    schedule = batch_schedule(12, 4, 6, 0)
+    schedule = batch_schedule(12, 5, 6, 0)
     runs, calls = [], []
-    real = K.matmul
+    real, fast = K.matmul, ArbArith.adam_update
     for use in (True, False):
-        if not use:
-            monkeypatch.setattr(K, "usable", lambda *args: False)
+        if use:
+            monkeypatch.setattr(K, "matmul", lambda *args: calls.append("mm") or real(*args))
+            monkeypatch.setattr(
+                ArbArith, "adam_update", lambda *args: calls.append("adam") or fast(*args)
+            )
         else:
-            monkeypatch.setattr(K, "matmul", lambda *args: calls.append(1) or real(*args))
-        run = ExactRun(net, cfg, 300)
+            monkeypatch.setattr(K, "usable", lambda *args: False)
+            monkeypatch.delattr(ArbArith, "adam_update")
+        run = ExactRun(net, OptimConfig(**cfg), 300)
         for rows in schedule:
             run.step(rows)
         runs.append(run)
-    assert calls  # the kernel computed products in the first run
-    for k, v in runs[0].params.items():
-        w = runs[1].params[k]
-        pairs = zip(v.ravel(), w.ravel(), strict=True)
-        assert all(a.mid() == b.mid() and a.rad() == b.rad() for a, b in pairs)
+    assert "mm" in calls and (("adam" in calls) == (cfg["name"] == "adam"))
+    for which in ("params", "m", "v"):
+        got = runs[0].params if which == "params" else getattr(runs[0].opt, which)
+        want = runs[1].params if which == "params" else getattr(runs[1].opt, which)
+        assert got.keys() == want.keys()
+        for k, v in got.items():
+            pairs = zip(v.ravel(), want[k].ravel(), strict=True)
+            assert all(a.mid() == b.mid() and a.rad() == b.rad() for a, b in pairs)
+
+
+def test_adam_update_declines() -> None:
+    """A second moment whose ball reaches below 0 (ArbArith.sqrt cuts it) or an element
+    that is not an arb ball: None, the optimizer's own operations instead."""
+    ar = ArbArith(128)
+    ones = np.full((2, 3), arb(1) / 3, dtype=object)
+    scal = [arb(0.9), arb(0.1), arb(0.999), arb(0.001), arb(1), arb(1e-8), arb(1e-3)]
+    assert ar.adam_update(ones, ones, ones, ones, scal) is not None
+    g = ones.copy()
+    g[0, 1] = arb(0, 1e-3)  # g * g reaches below 0
+    assert ar.adam_update(ones, np.full((2, 3), arb(0), dtype=object), g, ones, scal) is None
+    w = ones.copy()
+    w[1, 2] = 0.5
+    assert ar.adam_update(ones, ones, ones, w, scal) is None

@@ -203,6 +203,16 @@ class ArbArith(ExactDerivatives):
             # fromiter: no per-element probing for nested sequences (np.array does that)
             return np.fromiter(prod.entries(), dtype=object, count=m * p).reshape(m, p)
 
+    def adam_update(
+        self, m: np.ndarray, v: np.ndarray, g: np.ndarray, w: np.ndarray, scalars: list[Any]
+    ) -> tuple[np.ndarray, ...] | None:
+        """Adam's new m, v, update and parameter in one pass, the balls of the optimizer's
+        own operations (:func:`fpgrad.arith.arb_kernels.adam_update`); None: not here."""
+        balls = [np.asarray(c, dtype=object).item() for c in scalars]
+        if any(type(c) is not arb for c in balls):
+            return None
+        return arb_kernels.adam_update(m, v, g, w, balls, self.prec)
+
     def sum(self, a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
         with self._p():
             if a.shape[axis] == 0:

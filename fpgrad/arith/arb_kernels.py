@@ -1,4 +1,4 @@
-"""Arb matrix products straight from object arrays of python-flint balls (no arb_mat copies).
+"""Arb products and Adam's update straight from object arrays of python-flint balls.
 
 :meth:`fpgrad.arith.arb.ArbArith.matmul` spends about a third of its time building an arb_mat
 from the operands' balls (``arb_mat(a.tolist())``: a Python list and a deep copy per ball) and
@@ -12,6 +12,13 @@ takes that classical path whenever a dimension is at most 40 on one thread, so t
 identical bit for bit to ``arb_mat`` products (tests/test_arb_kernels.py); elsewhere (larger
 products, several FLINT threads, an inner dimension of 2 or less, A and B the same matrix)
 :func:`usable` says no and the caller keeps arb_mat.
+
+:func:`adam_update` does Adam's elementwise update (m, v, the update and the parameter) in
+one compiled pass through the same FLINT calls, in the same order and with the same operands,
+that :class:`fpgrad.run.optim.ArithOptimizer` makes through ArbArith's ufuncs (arb_mul,
+arb_add, arb_ge against 0 for ArbArith.sqrt's plain case, arb_sqrt, arb_div, arb_sub at the
+working precision), so the balls are the same, without a python-flint object per
+intermediate (13 per element before, 4 now).
 
 It reads python-flint's objects in memory: where a ball's ``arb_struct`` lies in its object is
 found on a known value and checked on products against python-flint's own arithmetic when the
@@ -63,6 +70,15 @@ def _load() -> bool:
         dot = lib.arb_dot
         dot.argtypes = [i64] * 9
         dot.restype = None
+        ops = {}
+        for name, args in (("add", 4), ("sub", 4), ("mul", 4), ("div", 4), ("sqrt", 3)):
+            fn = getattr(lib, "arb_" + name)
+            fn.argtypes = [i64] * args
+            fn.restype = None
+            ops[name] = fn
+        ge = lib.arb_ge
+        ge.argtypes = [i64, i64]
+        ge.restype = ctypes.c_int
         threads = lib.flint_get_num_threads
         threads.argtypes = []
         threads.restype = ctypes.c_int
@@ -105,13 +121,64 @@ def _load() -> bool:
                     pb + _ARB_BYTES * j * n, 1, n, prec)  # fmt: skip
         return True
 
-    _state.update(kernel=kernel, threads=threads)
+    add, sub, mul, div, sqrt = (ops[k] for k in ("add", "sub", "mul", "div", "sqrt"))
+
+    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
+    def adam(
+        outs: np.ndarray,
+        ins: np.ndarray,
+        scal: np.ndarray,
+        tmp: np.ndarray,
+        prec: int,
+        tp: int,
+        word: np.ndarray,
+    ) -> bool:  # pragma: no cover - compiled
+        pw = word.ctypes.data
+        for ptrs in (outs.ravel(), ins.ravel(), scal, tmp):  # all arb balls, or nothing done
+            for q in ptrs:
+                copy(pw, q + 8, 8)
+                if word[0] != tp:
+                    return False
+        b1, c1, b2, c2, sb, eps, rate, zero = scal + offset
+        t1, t2, t3, t4, t5, s, dq, den, d = tmp + offset
+        for i in range(ins.shape[1]):
+            m, v, g, w = (
+                ins[0, i] + offset,
+                ins[1, i] + offset,
+                ins[2, i] + offset,
+                ins[3, i] + offset,
+            )
+            m2, v2, u, w2 = (
+                outs[0, i] + offset,
+                outs[1, i] + offset,
+                outs[2, i] + offset,
+                outs[3, i] + offset,
+            )
+            mul(t1, m, b1, prec)  # m = m b1 + g (1 - b1)
+            mul(t2, g, c1, prec)
+            add(m2, t1, t2, prec)
+            mul(t3, v, b2, prec)  # v = v b2 + g g (1 - b2)
+            mul(t4, g, g, prec)
+            mul(t5, t4, c2, prec)
+            add(v2, t3, t5, prec)
+            if ge(v2, zero) == 0:  # ArbArith.sqrt's cut to [0, inf): the Python path
+                return False
+            sqrt(s, v2, prec)  # denom = sqrt(v) / sqrt(bc2) + eps
+            div(dq, s, sb, prec)
+            add(den, dq, eps, prec)
+            div(d, m2, den, prec)  # update = lr / bc1 * (m / denom)
+            mul(u, rate, d, prec)
+            sub(w2, w, u, prec)
+        return True
+
+    _state.update(kernel=kernel, threads=threads, adam=adam)
     return _self_check()
 
 
 def _self_check() -> bool:
     """Products of inexact balls of mixed signs and exponents, an exact operand and exact
-    zeros, at three precisions, against arb_mat (midpoints and radii)."""
+    zeros, at three precisions, against arb_mat, and an Adam update against python-flint's
+    operations (midpoints and radii)."""
     from flint import arb_mat
 
     rng = np.random.default_rng(1)
@@ -129,6 +196,22 @@ def _self_check() -> bool:
             for x, y in zip(got.ravel(), want.entries(), strict=True):
                 if not (x.mid() == y.mid() and x.rad() == y.rad()):
                     return False
+        ctx.prec = 300
+        ma, va, ga, wa = (
+            np.array([arb(x) / 7 for x in rng.standard_normal(5)], dtype=object) for _ in range(4)
+        )
+        va = va * va
+        scal = [arb(x) / 3 for x in rng.random(7)]
+        b1, c1, b2, c2, sb, eps, rate = scal
+        m2 = ma * b1 + ga * c1
+        v2 = va * b2 + ga * ga * c2
+        u = rate * (m2 / (np.array([x.sqrt() for x in v2], dtype=object) / sb + eps))
+        fused = _adam(ma, va, ga, wa, scal, 300)
+        if fused is None:
+            return False
+        for x, y in zip(np.concatenate(fused), np.concatenate((m2, v2, u, wa - u)), strict=True):
+            if not (x.mid() == y.mid() and x.rad() == y.rad()):
+                return False
     finally:
         ctx.prec = old
     return True
@@ -177,6 +260,47 @@ def _product(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
     if not done:  # checked before anything was read: an element is not an arb ball
         raise TypeError("object arrays of python-flint arb balls only")
     return out
+
+
+def adam_update(
+    m: np.ndarray, v: np.ndarray, g: np.ndarray, w: np.ndarray, scalars: list[Any], prec: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Adam's m, v, update and parameter, every element through the arb calls that
+    :class:`fpgrad.run.optim.ArithOptimizer` makes through ArbArith (the same balls), without
+    a python-flint ball per intermediate. ``scalars``: beta1, 1 - beta1, beta2, 1 - beta2,
+    sqrt(1 - beta2^t), eps, lr / (1 - beta1^t) as arb balls. None where it does not apply
+    (not loaded, another shape, an element that is not an arb ball, a second moment whose
+    ball reaches below 0): the caller takes its own path."""
+    if not (available() and m.shape == v.shape == g.shape == w.shape and m.size):
+        return None
+    return _adam(m, v, g, w, scalars, prec)
+
+
+def _adam(
+    m: np.ndarray, v: np.ndarray, g: np.ndarray, w: np.ndarray, scalars: list[Any], prec: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    arrays = [np.asarray(a, dtype=object) for a in (m, v, g, w)]
+    if any(a.dtype != object for a in arrays):
+        return None
+    ins = np.stack([np.ascontiguousarray(a).ravel() for a in arrays])
+    outs = np.negative(np.full(ins.shape, arb(0), dtype=object))  # fresh zero balls
+    tmp = np.negative(np.full(9, arb(0), dtype=object))
+    scal = np.array([*scalars, arb(0)], dtype=object)
+    held = [_addresses(a) for a in (outs, ins, scal, tmp)]
+    done = _state["adam"](
+        held[0][0].reshape(outs.shape), held[1][0].reshape(ins.shape), held[2][0],
+        held[3][0], prec, id(arb), np.empty(1, dtype=np.int64),
+    )  # fmt: skip
+    del held  # every ball stayed alive through the kernel
+    if not done:
+        return None
+    shape = m.shape
+    return (
+        outs[0].reshape(shape),
+        outs[1].reshape(shape),
+        outs[2].reshape(shape),
+        outs[3].reshape(shape),
+    )
 
 
 def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
