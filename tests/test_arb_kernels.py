@@ -107,7 +107,7 @@ def test_not_arb_elements() -> None:
 )
 def test_exact_run_unchanged(monkeypatch: pytest.MonkeyPatch, cfg: dict) -> None:
     """A few steps of a small ReLU classifier: the same balls (parameters, Adam's m and v)
-    with the kernels and without them (arb_mat products, one ufunc per operation)."""
+    and the same float64 history with the kernels and without them."""
     from fpgrad.run.optim import OptimConfig
     from fpgrad.training import ExactRun, batch_schedule
     from tests.nets import net_from
@@ -129,14 +129,16 @@ def test_exact_run_unchanged(monkeypatch: pytest.MonkeyPatch, cfg: dict) -> None
             monkeypatch.setattr(
                 ArbArith, "adam_update", lambda *args: calls.append("adam") or fast(*args)
             )
-        else:
-            monkeypatch.setattr(K, "usable", lambda *args: False)
-            monkeypatch.delattr(ArbArith, "adam_update")
+        else:  # every kernel off: arb_mat, one ufunc per operation, Python floats
+            monkeypatch.setattr(K, "available", lambda: False)
         run = ExactRun(net, OptimConfig(**cfg), 300)
         for rows in schedule:
             run.step(rows)
         runs.append(run)
     assert "mm" in calls and (("adam" in calls) == (cfg["name"] == "adam"))
+    assert runs[0].history.loss == runs[1].history.loss
+    assert all(np.array_equal(a, b) for a, b in zip(*(r.history.params for r in runs), strict=True))
+    assert runs[0].history.dead_units == runs[1].history.dead_units
     for which in ("params", "m", "v"):
         got = runs[0].params if which == "params" else getattr(runs[0].opt, which)
         want = runs[1].params if which == "params" else getattr(runs[1].opt, which)
@@ -159,3 +161,33 @@ def test_adam_update_declines() -> None:
     w = ones.copy()
     w[1, 2] = 0.5
     assert ar.adam_update(ones, ones, ones, w, scal) is None
+
+
+def test_floats_and_signs_as_python_flint() -> None:
+    """float(ball) and the sign tests of ArbArith.positive, element by element, on balls of
+    every kind (ties, huge, tiny, zero, straddling 0, NaN, unbounded) and several shapes."""
+    rng = np.random.default_rng(7)
+    old = ctx.prec
+    ctx.prec = 300
+    try:
+        tie = arb(2) ** -53
+        vals = [arb(1) + tie, arb(1) + 3 * tie, arb(-1) - tie * (1 + tie), arb(2) ** -1075]
+        vals += [arb(2) ** 1100, -(arb(2) ** 1100), arb(0), arb(0, 1e-9), arb("nan")]
+        vals += [arb(0, float("inf")), arb(3, float("inf")), -(arb(2) ** -1074)]
+        vals += [arb(v) / 3 for v in rng.standard_normal(40)]
+        arr = np.array(vals, dtype=object)
+        for a in (arr, arr[:50].reshape(5, 10), arr[:50].reshape(5, 10).T, arr[3:4].reshape(())):
+            want = np.array([float(x) for x in a.ravel()]).reshape(a.shape)
+            got = K.to_float64(a)
+            assert got is not None and np.array_equal(got, want, equal_nan=True)
+            assert np.array_equal(ArbArith(64).to_float64(a), want, equal_nan=True)
+            both = K.signs(a, arb(0))
+            assert both is not None
+            assert both[0].tolist() == np.vectorize(lambda x: bool(x > 0))(a).tolist()
+            assert both[1].tolist() == np.vectorize(lambda x: bool(x <= 0))(a).tolist()
+        mask = ArbArith(64).positive(arr)
+        assert mask.tolist() == [bool(x > 0) for x in vals]
+        assert mask.unsure.tolist() == [not (x > 0) and not (x <= 0) for x in vals]
+        assert K.to_float64(np.array([arb(1), 2.0], dtype=object)) is None  # not all arb
+    finally:
+        ctx.prec = old

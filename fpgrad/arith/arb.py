@@ -282,8 +282,12 @@ class ArbArith(ExactDerivatives):
         """a > 0 where the ball decides it; ``unsure`` where it contains 0 and is not 0."""
         arr = _obj(a)
         # arb's comparisons are True only where every point of the ball satisfies them
-        yes = np.asarray(np.greater(arr, _ZERO), dtype=bool)
-        no = np.asarray(np.less_equal(arr, _ZERO), dtype=bool)
+        both = arb_kernels.signs(arr, _ZERO) if arr.size else None
+        if both is not None:
+            yes, no = both
+        else:
+            yes = np.asarray(np.greater(arr, _ZERO), dtype=bool)
+            no = np.asarray(np.less_equal(arr, _ZERO), dtype=bool)
         unsure = ~(yes | no)
         n = int(unsure.sum())
         self.uncertain_branches += n
@@ -313,6 +317,9 @@ class ArbArith(ExactDerivatives):
 
     def to_float64(self, a: Any) -> np.ndarray:
         arr = _obj(a)
+        fast = arb_kernels.to_float64(arr) if arr.size else None
+        if fast is not None:
+            return fast
         return np.fromiter(map(float, arr.ravel()), np.float64, arr.size).reshape(arr.shape)
 
     # ---- cancellation-free derivatives --------------------------------------------------

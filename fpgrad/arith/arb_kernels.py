@@ -40,6 +40,8 @@ _ARB_BYTES = 48  #: sizeof(arb_struct): arf (exponent, size, two limbs), mag (ex
 #: 60, 50 and 40 by precision)
 CLASSICAL_MAX_DIM = 40
 
+_RND_NEAR = 4  #: FLINT's ARF_RND_NEAR (python-flint's float(): arf_get_d(mid, ARF_RND_NEAR))
+
 _state: dict[str, Any] = {}
 
 
@@ -76,9 +78,13 @@ def _load() -> bool:
             fn.argtypes = [i64] * args
             fn.restype = None
             ops[name] = fn
-        ge = lib.arb_ge
-        ge.argtypes = [i64, i64]
-        ge.restype = ctypes.c_int
+        ge, gt, le = lib.arb_ge, lib.arb_gt, lib.arb_le
+        for fn in (ge, gt, le):
+            fn.argtypes = [i64, i64]
+            fn.restype = ctypes.c_int
+        get_d = lib.arf_get_d
+        get_d.argtypes = [i64, ctypes.c_int]
+        get_d.restype = ctypes.c_double
         threads = lib.flint_get_num_threads
         threads.argtypes = []
         threads.restype = ctypes.c_int
@@ -171,7 +177,34 @@ def _load() -> bool:
             sub(w2, w, u, prec)
         return True
 
-    _state.update(kernel=kernel, threads=threads, adam=adam)
+    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
+    def floats(ptrs: np.ndarray, out: np.ndarray, tp: int, word: np.ndarray) -> bool:
+        """float(ball) for each: arf_get_d of the midpoint, to nearest (ARF_RND_NEAR)."""
+        pw = word.ctypes.data  # pragma: no cover - compiled
+        for q in ptrs:
+            copy(pw, q + 8, 8)
+            if word[0] != tp:
+                return False
+        for i in range(ptrs.size):
+            out[i] = get_d(ptrs[i] + offset, _RND_NEAR)
+        return True
+
+    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
+    def signs(
+        ptrs: np.ndarray, zero: int, yes: np.ndarray, no: np.ndarray, tp: int, word: np.ndarray
+    ) -> bool:
+        """ball > 0 and ball <= 0 (arb_gt, arb_le against ``zero``) for each."""
+        pw = word.ctypes.data  # pragma: no cover - compiled
+        for q in ptrs:
+            copy(pw, q + 8, 8)
+            if word[0] != tp:
+                return False
+        for i in range(ptrs.size):
+            yes[i] = gt(ptrs[i] + offset, zero + offset) != 0
+            no[i] = le(ptrs[i] + offset, zero + offset) != 0
+        return True
+
+    _state.update(kernel=kernel, threads=threads, adam=adam, floats=floats, signs=signs)
     return _self_check()
 
 
@@ -212,6 +245,27 @@ def _self_check() -> bool:
         for x, y in zip(np.concatenate(fused), np.concatenate((m2, v2, u, wa - u)), strict=True):
             if not (x.mid() == y.mid() and x.rad() == y.rad()):
                 return False
+        # float(): ties to even, below and above the halfway points, tiny and huge values
+        tie = arb(2) ** -53
+        vals = [arb(1) + tie, arb(1) + 3 * tie, arb(-1) - tie * (1 + tie), arb(1) / 3]
+        vals += [arb(2) ** -1080, arb(2) ** 1030, arb(0), -arb(0.5), arb(0, 1), arb("nan")]
+        vals += list(ma) + list(u)
+        arr = np.array(vals, dtype=object)
+        flo = np.empty(arr.size)
+        if not _state["floats"](*_addresses(arr)[:1], flo, id(arb), np.empty(1, np.int64)):
+            return False
+        want_f = np.array([float(x) for x in vals])
+        if not np.array_equal(flo, want_f, equal_nan=True):
+            return False
+        yes, no = np.empty(arr.size, bool), np.empty(arr.size, bool)
+        zero = arb(0)
+        ptrs = _addresses(arr)[0]
+        if not _state["signs"](ptrs, id(zero), yes, no, id(arb), np.empty(1, np.int64)):
+            return False
+        if [bool(x > zero) for x in vals] != yes.tolist():
+            return False
+        if [bool(x <= zero) for x in vals] != no.tolist():
+            return False
     finally:
         ctx.prec = old
     return True
@@ -301,6 +355,30 @@ def _adam(
         outs[2].reshape(shape),
         outs[3].reshape(shape),
     )
+
+
+def to_float64(a: np.ndarray) -> np.ndarray | None:
+    """``float(ball)`` of every element (nearest float64 to the midpoint), as python-flint
+    gives it; None where not loaded or an element is not an arb ball."""
+    if not available():
+        return None
+    ptrs, held = _addresses(a)
+    out = np.empty(a.size, dtype=np.float64)
+    done = _state["floats"](ptrs, out, id(arb), np.empty(1, dtype=np.int64))
+    del held
+    return out.reshape(a.shape) if done else None
+
+
+def signs(a: np.ndarray, zero: arb) -> tuple[np.ndarray, np.ndarray] | None:
+    """(``a > zero``, ``a <= zero``) elementwise as python-flint compares balls (True only
+    where every point of the ball satisfies it); None where it does not apply."""
+    if not available() or type(zero) is not arb:
+        return None
+    ptrs, held = _addresses(a)
+    yes, no = np.empty(a.size, dtype=bool), np.empty(a.size, dtype=bool)
+    done = _state["signs"](ptrs, id(zero), yes, no, id(arb), np.empty(1, dtype=np.int64))
+    del held
+    return (yes.reshape(a.shape), no.reshape(a.shape)) if done else None
 
 
 def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
