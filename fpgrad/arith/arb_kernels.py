@@ -3,7 +3,8 @@
 :meth:`fpgrad.arith.arb.ArbArith.matmul` spends about a third of its time building an arb_mat
 from the operands' balls (``arb_mat(a.tolist())``: a Python list and a deep copy per ball) and
 a new python-flint ball per entry of the product (``arb_mat.entries``). :func:`matmul` computes
-the same product with FLINT's own routine and no copies: a compiled loop (numba) gathers the
+the same product with FLINT's own routine and no copies: a compiled loop
+(:mod:`fpgrad.arith.jit_arb`, numba, cached on disk) gathers the
 operands' ``arb_struct`` values (shallow copies, as FLINT's classical product gathers the
 columns of B) and calls FLINT's ``arb_dot`` for each entry straight into a fresh python-flint
 ball, exactly as ``arb_mat_mul_classical`` does (FLINT 3: ``tmp[j * br + i] = B[i][j]``, then
@@ -18,18 +19,20 @@ one compiled pass through the same FLINT calls, in the same order and with the s
 that :class:`fpgrad.run.optim.ArithOptimizer` makes through ArbArith's ufuncs (arb_mul,
 arb_add, arb_ge against 0 for ArbArith.sqrt's plain case, arb_sqrt, arb_div, arb_sub at the
 working precision), so the balls are the same, without a python-flint object per
-intermediate (13 per element before, 4 now).
+intermediate (13 per element before, 4 now). :func:`signs` (ArbArith.positive's arb_gt and
+arb_le against 0) and :func:`to_float64` (python-flint's float(): arf_get_d of the midpoint,
+to nearest) likewise, without a Python call per element.
 
 It reads python-flint's objects in memory: where a ball's ``arb_struct`` lies in its object is
-found on a known value and checked on products against python-flint's own arithmetic when the
-kernel is first used; any mismatch (another python-flint layout, no numba, no FLINT library
-found) leaves :func:`available` False and the arb_mat path in place.
+found on a known value, FLINT's functions are those of the libflint python-flint loaded (found
+in /proc/self/maps), and every kernel is checked against python-flint's own arithmetic when
+first used; any mismatch or failure (another python-flint layout, no numba, no libflint in the
+mappings) leaves :func:`available` False and python-flint's own paths in place.
 """
 
 from __future__ import annotations
 
 import ctypes
-import sys
 from typing import Any
 
 import numpy as np
@@ -39,8 +42,6 @@ _ARB_BYTES = 48  #: sizeof(arb_struct): arf (exponent, size, two limbs), mag (ex
 #: arb_mat_mul's classical path for any precision: a dimension at most this (FLINT 3 cutoffs
 #: 60, 50 and 40 by precision)
 CLASSICAL_MAX_DIM = 40
-
-_RND_NEAR = 4  #: FLINT's ARF_RND_NEAR (python-flint's float(): arf_get_d(mid, ARF_RND_NEAR))
 
 _state: dict[str, Any] = {}
 
@@ -58,153 +59,38 @@ def _find_offset() -> int | None:
     return None
 
 
-def _load() -> bool:
-    """Find FLINT's functions through python-flint's own extension module (the library it
-    loaded), compile the kernel and check it against python-flint's products."""
+def _flint_library() -> str | None:
+    """The path of the libflint that python-flint loaded (from the process's mappings)."""
     try:
-        import numba
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "libflint" in path.rsplit("/", 1)[-1]:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _load() -> bool:
+    """Make python-flint's libflint visible to LLVM, compile (or load from numba's cache)
+    the kernels of :mod:`fpgrad.arith.jit_arb` and check them against python-flint."""
+    try:
+        import llvmlite.binding as llvm
 
         offset = _find_offset()
-        if offset is None:
+        path = _flint_library()
+        if offset is None or path is None:
             return False
-        lib = ctypes.CDLL(sys.modules[arb.__module__].__file__)  # dlsym follows its libflint
-        i64 = ctypes.c_int64
-        dot = lib.arb_dot
-        dot.argtypes = [i64] * 9
-        dot.restype = None
-        ops = {}
-        for name, args in (("add", 4), ("sub", 4), ("mul", 4), ("div", 4), ("sqrt", 3)):
-            fn = getattr(lib, "arb_" + name)
-            fn.argtypes = [i64] * args
-            fn.restype = None
-            ops[name] = fn
-        ge, gt, le = lib.arb_ge, lib.arb_gt, lib.arb_le
-        for fn in (ge, gt, le):
-            fn.argtypes = [i64, i64]
-            fn.restype = ctypes.c_int
-        get_d = lib.arf_get_d
-        get_d.argtypes = [i64, ctypes.c_int]
-        get_d.restype = ctypes.c_double
+        llvm.load_library_permanently(path)  # the library already loaded: the same one
+        lib = ctypes.CDLL(path)
         threads = lib.flint_get_num_threads
         threads.argtypes = []
         threads.restype = ctypes.c_int
-        copy = ctypes.CDLL(None).memcpy
-        copy.argtypes = [i64, i64, i64]
-        copy.restype = i64
-    except (ImportError, OSError, AttributeError, TypeError):
+        from fpgrad.arith import jit_arb
+    except (ImportError, OSError, AttributeError, RuntimeError):
         return False
-
-    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
-    def kernel(
-        out: np.ndarray,
-        a: np.ndarray,
-        b: np.ndarray,
-        shape: tuple[int, int, int],
-        prec: int,
-        tp: int,
-        word: np.ndarray,
-        sa: np.ndarray,
-        sb: np.ndarray,
-    ) -> bool:  # pragma: no cover - compiled
-        # the scratch arrays come from the caller: an array made here could be freed by
-        # numba's reference counting right after its address is taken
-        m, n, p = shape
-        pw = word.ctypes.data
-        for ptrs in (out, a, b):  # every object an arb ball (its type pointer), or nothing done
-            for q in ptrs:
-                copy(pw, q + 8, 8)
-                if word[0] != tp:
-                    return False
-        pa, pb = sa.ctypes.data, sb.ctypes.data  # A's rows, B's columns, gathered
-        for i in range(m * n):
-            copy(pa + _ARB_BYTES * i, a[i] + offset, _ARB_BYTES)
-        for k in range(n):
-            for j in range(p):
-                copy(pb + _ARB_BYTES * (j * n + k), b[k * p + j] + offset, _ARB_BYTES)
-        for i in range(m):
-            for j in range(p):
-                dot(out[i * p + j] + offset, 0, 0, pa + _ARB_BYTES * i * n, 1,
-                    pb + _ARB_BYTES * j * n, 1, n, prec)  # fmt: skip
-        return True
-
-    add, sub, mul, div, sqrt = (ops[k] for k in ("add", "sub", "mul", "div", "sqrt"))
-
-    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
-    def adam(
-        outs: np.ndarray,
-        ins: np.ndarray,
-        scal: np.ndarray,
-        tmp: np.ndarray,
-        prec: int,
-        tp: int,
-        word: np.ndarray,
-    ) -> bool:  # pragma: no cover - compiled
-        pw = word.ctypes.data
-        for ptrs in (outs.ravel(), ins.ravel(), scal, tmp):  # all arb balls, or nothing done
-            for q in ptrs:
-                copy(pw, q + 8, 8)
-                if word[0] != tp:
-                    return False
-        b1, c1, b2, c2, sb, eps, rate, zero = scal + offset
-        t1, t2, t3, t4, t5, s, dq, den, d = tmp + offset
-        for i in range(ins.shape[1]):
-            m, v, g, w = (
-                ins[0, i] + offset,
-                ins[1, i] + offset,
-                ins[2, i] + offset,
-                ins[3, i] + offset,
-            )
-            m2, v2, u, w2 = (
-                outs[0, i] + offset,
-                outs[1, i] + offset,
-                outs[2, i] + offset,
-                outs[3, i] + offset,
-            )
-            mul(t1, m, b1, prec)  # m = m b1 + g (1 - b1)
-            mul(t2, g, c1, prec)
-            add(m2, t1, t2, prec)
-            mul(t3, v, b2, prec)  # v = v b2 + g g (1 - b2)
-            mul(t4, g, g, prec)
-            mul(t5, t4, c2, prec)
-            add(v2, t3, t5, prec)
-            if ge(v2, zero) == 0:  # ArbArith.sqrt's cut to [0, inf): the Python path
-                return False
-            sqrt(s, v2, prec)  # denom = sqrt(v) / sqrt(bc2) + eps
-            div(dq, s, sb, prec)
-            add(den, dq, eps, prec)
-            div(d, m2, den, prec)  # update = lr / bc1 * (m / denom)
-            mul(u, rate, d, prec)
-            sub(w2, w, u, prec)
-        return True
-
-    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
-    def floats(ptrs: np.ndarray, out: np.ndarray, tp: int, word: np.ndarray) -> bool:
-        """float(ball) for each: arf_get_d of the midpoint, to nearest (ARF_RND_NEAR)."""
-        pw = word.ctypes.data  # pragma: no cover - compiled
-        for q in ptrs:
-            copy(pw, q + 8, 8)
-            if word[0] != tp:
-                return False
-        for i in range(ptrs.size):
-            out[i] = get_d(ptrs[i] + offset, _RND_NEAR)
-        return True
-
-    @numba.njit(cache=False)  # ctypes functions: numba cannot cache it on disk
-    def signs(
-        ptrs: np.ndarray, zero: int, yes: np.ndarray, no: np.ndarray, tp: int, word: np.ndarray
-    ) -> bool:
-        """ball > 0 and ball <= 0 (arb_gt, arb_le against ``zero``) for each."""
-        pw = word.ctypes.data  # pragma: no cover - compiled
-        for q in ptrs:
-            copy(pw, q + 8, 8)
-            if word[0] != tp:
-                return False
-        for i in range(ptrs.size):
-            yes[i] = gt(ptrs[i] + offset, zero + offset) != 0
-            no[i] = le(ptrs[i] + offset, zero + offset) != 0
-        return True
-
-    _state.update(kernel=kernel, threads=threads, adam=adam, floats=floats, signs=signs)
+    _state.update(jit=jit_arb, off=offset, threads=threads)
     return _self_check()
 
 
@@ -247,24 +133,24 @@ def _self_check() -> bool:
                 return False
         # float(): ties to even, below and above the halfway points, tiny and huge values
         tie = arb(2) ** -53
-        vals = [arb(1) + tie, arb(1) + 3 * tie, arb(-1) - tie * (1 + tie), arb(1) / 3]
-        vals += [arb(2) ** -1080, arb(2) ** 1030, arb(0), -arb(0.5), arb(0, 1), arb("nan")]
-        vals += list(ma) + list(u)
-        arr = np.array(vals, dtype=object)
+        balls = [arb(1) + tie, arb(1) + 3 * tie, arb(-1) - tie * (1 + tie), arb(1) / 3]
+        balls += [arb(2) ** -1080, arb(2) ** 1030, arb(0), -arb(0.5), arb(0, 1), arb("nan")]
+        balls += list(ma) + list(u)
+        arr = np.array(balls, dtype=object)
         flo = np.empty(arr.size)
-        if not _state["floats"](*_addresses(arr)[:1], flo, id(arb), np.empty(1, np.int64)):
+        ptrs = _addresses(arr)[0]
+        if not _state["jit"].floats(ptrs, flo, _state["off"], id(arb)):
             return False
-        want_f = np.array([float(x) for x in vals])
+        want_f = np.array([float(x) for x in balls])
         if not np.array_equal(flo, want_f, equal_nan=True):
             return False
         yes, no = np.empty(arr.size, bool), np.empty(arr.size, bool)
         zero = arb(0)
-        ptrs = _addresses(arr)[0]
-        if not _state["signs"](ptrs, id(zero), yes, no, id(arb), np.empty(1, np.int64)):
+        if not _state["jit"].signs(ptrs, id(zero), yes, no, _state["off"], id(arb)):
             return False
-        if [bool(x > zero) for x in vals] != yes.tolist():
+        if [bool(x > zero) for x in balls] != yes.tolist():
             return False
-        if [bool(x <= zero) for x in vals] != no.tolist():
+        if [bool(x <= zero) for x in balls] != no.tolist():
             return False
     finally:
         ctx.prec = old
@@ -306,11 +192,12 @@ def _product(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
     pa, ha = _addresses(a)
     pb, hb = _addresses(b)
     po, ho = _addresses(out)
-    word = np.empty(1, dtype=np.int64)
-    sa = np.empty(m * n * 6, dtype=np.int64)
+    sa = np.empty(m * n * 6, dtype=np.int64)  # scratch: A's rows and B's columns, gathered
     sb = np.empty(n * p * 6, dtype=np.int64)
-    done = _state["kernel"](po, pa, pb, (m, n, p), prec, id(arb), word, sa, sb)
-    del ha, hb, ho  # the operands and the result stayed alive through the kernel
+    done = _state["jit"].product(
+        po, pa, pb, (m, n, p), prec, _state["off"], id(arb), sa.ctypes.data, sb.ctypes.data
+    )
+    del ha, hb, ho, sa, sb  # the operands, the result and the scratch lived through it
     if not done:  # checked before anything was read: an element is not an arb ball
         raise TypeError("object arrays of python-flint arb balls only")
     return out
@@ -341,9 +228,9 @@ def _adam(
     tmp = np.negative(np.full(9, arb(0), dtype=object))
     scal = np.array([*scalars, arb(0)], dtype=object)
     held = [_addresses(a) for a in (outs, ins, scal, tmp)]
-    done = _state["adam"](
+    done = _state["jit"].adam(
         held[0][0].reshape(outs.shape), held[1][0].reshape(ins.shape), held[2][0],
-        held[3][0], prec, id(arb), np.empty(1, dtype=np.int64),
+        held[3][0], prec, _state["off"], id(arb),
     )  # fmt: skip
     del held  # every ball stayed alive through the kernel
     if not done:
@@ -364,7 +251,7 @@ def to_float64(a: np.ndarray) -> np.ndarray | None:
         return None
     ptrs, held = _addresses(a)
     out = np.empty(a.size, dtype=np.float64)
-    done = _state["floats"](ptrs, out, id(arb), np.empty(1, dtype=np.int64))
+    done = _state["jit"].floats(ptrs, out, _state["off"], id(arb))
     del held
     return out.reshape(a.shape) if done else None
 
@@ -376,7 +263,7 @@ def signs(a: np.ndarray, zero: arb) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     ptrs, held = _addresses(a)
     yes, no = np.empty(a.size, dtype=bool), np.empty(a.size, dtype=bool)
-    done = _state["signs"](ptrs, id(zero), yes, no, id(arb), np.empty(1, dtype=np.int64))
+    done = _state["jit"].signs(ptrs, id(zero), yes, no, _state["off"], id(arb))
     del held
     return (yes.reshape(a.shape), no.reshape(a.shape)) if done else None
 
