@@ -60,16 +60,27 @@ def _find_offset() -> int | None:
 
 
 def _flint_library() -> str | None:
-    """The path of the libflint that python-flint loaded (from the process's mappings)."""
+    """The path of the libflint that python-flint loaded (from the process's mappings): the
+    one in python-flint's own folder (its wheel's ``python_flint.libs``) or else the only one
+    mapped; None when that is not clear."""
+    import os
+
+    import flint
+
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if "libflint" in path.rsplit("/", 1)[-1]:
-                    return path
+            found = {
+                line.split()[-1]
+                for line in maps
+                if "libflint" in line.split()[-1].rsplit("/", 1)[-1]
+            }
     except OSError:
-        pass
-    return None
+        return None
+    home = os.path.dirname(os.path.dirname(os.path.realpath(flint.__file__)))
+    own = [f for f in found if os.path.realpath(f).startswith(home + os.sep)]
+    if len(own) == 1:
+        return own[0]
+    return found.pop() if len(found) == 1 and not own else None
 
 
 def _load() -> bool:
