@@ -17,8 +17,12 @@ run (the Arb run's time excludes the digit checks the script makes after every s
 amplifies small errors over N Adam steps: the 150-bit ball midpoints against the 100-bit
 ball midpoints (each step's rounding, 2^-100, carried along) and against a run from initial
 weights moved by 1e-20 relative (random signs, in the second word), beside the 150-bit radii.
+``--profile N`` profiles N Adam steps of the Arb run at ``--arb-bits`` (default 467, the mean
+working precision of the 1,000-step run) after one warm-up step: CPU time per step of the trace
+(forward and backward; of which the matrix products), of the optimizer and of the rest, then
+cProfile's top functions by own and by cumulative time.
 Usage: ``python scripts/bench_train_long.py [--steps 1000] [--every 25] [--optimizers adam]
-[--arb-bits B] [--fixed] [--no-arb] [--sensitivity N]``.
+[--arb-bits B] [--fixed] [--no-arb] [--sensitivity N] [--profile N]``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
@@ -155,6 +160,57 @@ def sensitivity(net: Network, steps: int, every: int) -> None:
             )
 
 
+def profile(net: Network, steps: int, bits: int) -> None:
+    """Where an Arb step's time goes (see the module docstring; a measurement, CPU times)."""
+    import cProfile
+    import pstats
+
+    from fpgrad.arith.arb import ArbArith
+
+    schedule = batch_schedule(net.x.shape[0], steps + 1, BATCH, 0)
+    run = ExactRun(net, OPTIMIZERS["adam"], bits)
+    run.adaptive = False
+    run.record_initial()
+    run.step(schedule[0])  # the graph's capture and first conversions
+    spent = {"trace": 0.0, "products": 0.0, "optimizer": 0.0}
+
+    def timed(what: str, fn: Any) -> Any:
+        def call(*args: Any) -> Any:
+            t0 = time.process_time()
+            out = fn(*args)
+            spent[what] += time.process_time() - t0
+            return out
+
+        return call
+
+    matmul = ArbArith.matmul
+    ArbArith.matmul = timed("products", matmul)  # type: ignore[method-assign]
+    run.trace = timed("trace", run.trace)  # type: ignore[method-assign]
+    run.opt.step = timed("optimizer", run.opt.step)  # type: ignore[method-assign]
+    t0 = time.process_time()
+    try:
+        for rows in schedule[1:]:
+            run.step(rows)
+    finally:
+        ArbArith.matmul = matmul  # type: ignore[method-assign]
+    total = time.process_time() - t0
+    rest = total - spent["trace"] - spent["optimizer"]
+    print(
+        f"Adam, Arb balls at {bits} bits, {steps} steps: {total / steps * 1e3:.1f} ms per step: "
+        f"trace {spent['trace'] / steps * 1e3:.1f} (matrix products "
+        f"{spent['products'] / steps * 1e3:.1f}), optimizer {spent['optimizer'] / steps * 1e3:.1f}, "
+        f"rest {rest / steps * 1e3:.1f}"
+    )
+    prof = cProfile.Profile()
+    prof.enable()
+    for rows in schedule[1:]:
+        run.step(rows)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(15)
+    stats.sort_stats("cumtime").print_stats(15)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -168,6 +224,7 @@ def main() -> int:
         "--fixed", action="store_true", help="Arb run at one precision throughout (not adaptive)"
     )
     ap.add_argument("--sensitivity", type=int, default=0, metavar="N")
+    ap.add_argument("--profile", type=int, default=0, metavar="N")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +233,9 @@ def main() -> int:
         net = load_model_file(Path(tmp, "digits.toml")).network
     if args.sensitivity:
         sensitivity(net, args.sensitivity, args.every)
+        return 0
+    if args.profile:
+        profile(net, args.profile, args.arb_bits or 467)
         return 0
     print(
         f"digits example ({net.name}: {net.x.shape[0]} samples), batches of {BATCH}, exact run in "

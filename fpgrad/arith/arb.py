@@ -27,6 +27,7 @@ import mpmath
 import numpy as np
 from flint import arb, arb_mat, ctx
 
+from fpgrad.arith import arb_kernels
 from fpgrad.arith.base import ExactDerivatives
 
 #: exact-result marker of ``arb.rel_accuracy_bits`` (FLINT's ARF_PREC_EXACT)
@@ -69,11 +70,15 @@ def _obj(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=object)
 
 
+def _objects(a: Any) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 2
+
+
 _ARB = np.frompyfunc(arb, 1, 1)
-_EXP = np.frompyfunc(lambda v: v.exp(), 1, 1)
-_LOG = np.frompyfunc(lambda v: v.log(), 1, 1)
-_LOG1P = np.frompyfunc(lambda v: v.log1p(), 1, 1)
-_TANH = np.frompyfunc(lambda v: v.tanh(), 1, 1)
+_EXP = np.frompyfunc(arb.exp, 1, 1)  # method descriptors: no Python frame per element
+_LOG = np.frompyfunc(arb.log, 1, 1)
+_LOG1P = np.frompyfunc(arb.log1p, 1, 1)
+_TANH = np.frompyfunc(arb.tanh, 1, 1)
 _SECH2 = np.frompyfunc(lambda v: v.sech() ** 2, 1, 1)
 # square roots in networks are of non-negative quantities (a variance plus eps, Adam's second
 # moment): a ball that reaches below 0 only by its radius is cut to its non-negative part; a
@@ -86,8 +91,8 @@ _ABS = np.frompyfunc(abs, 1, 1)
 _ZERO = arb(0)
 _NCDF = np.frompyfunc(lambda v: (-v / arb(2).sqrt()).erfc() / 2, 1, 1)
 _NPDF = np.frompyfunc(lambda v: (-(v * v) / 2).exp() / (2 * arb.pi()).sqrt(), 1, 1)
-_MAX = np.frompyfunc(lambda a, b: a.max(b), 2, 1)
-_UNION = np.frompyfunc(lambda a, b: a.union(b), 2, 1)
+_MAX = np.frompyfunc(arb.max, 2, 1)
+_UNION = np.frompyfunc(arb.union, 2, 1)
 
 
 def _to_arb(arr: np.ndarray) -> np.ndarray:
@@ -188,10 +193,25 @@ class ArbArith(ExactDerivatives):
         p = b.shape[1]
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
+        if _objects(a) and _objects(b) and arb_kernels.usable(a, b):
+            try:  # arb_mat's balls without its copies (fpgrad.arith.arb_kernels)
+                return arb_kernels.matmul(a, b, self.prec)
+            except TypeError:  # an element that is not an arb ball: arb_mat converts it
+                pass
         with self._p():
             prod = _as_mat(a) * _as_mat(b)
             # fromiter: no per-element probing for nested sequences (np.array does that)
             return np.fromiter(prod.entries(), dtype=object, count=m * p).reshape(m, p)
+
+    def adam_update(
+        self, m: np.ndarray, v: np.ndarray, g: np.ndarray, w: np.ndarray, scalars: list[Any]
+    ) -> tuple[np.ndarray, ...] | None:
+        """Adam's new m, v, update and parameter in one pass, the balls of the optimizer's
+        own operations (:func:`fpgrad.arith.arb_kernels.adam_update`); None: not here."""
+        balls = [np.asarray(c, dtype=object).item() for c in scalars]
+        if any(type(c) is not arb for c in balls):
+            return None
+        return arb_kernels.adam_update(m, v, g, w, balls, self.prec)
 
     def sum(self, a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
         with self._p():
@@ -262,8 +282,12 @@ class ArbArith(ExactDerivatives):
         """a > 0 where the ball decides it; ``unsure`` where it contains 0 and is not 0."""
         arr = _obj(a)
         # arb's comparisons are True only where every point of the ball satisfies them
-        yes = np.asarray(np.greater(arr, _ZERO), dtype=bool)
-        no = np.asarray(np.less_equal(arr, _ZERO), dtype=bool)
+        both = arb_kernels.signs(arr, _ZERO) if arr.size else None
+        if both is not None:
+            yes, no = both
+        else:
+            yes = np.asarray(np.greater(arr, _ZERO), dtype=bool)
+            no = np.asarray(np.less_equal(arr, _ZERO), dtype=bool)
         unsure = ~(yes | no)
         n = int(unsure.sum())
         self.uncertain_branches += n
@@ -293,6 +317,9 @@ class ArbArith(ExactDerivatives):
 
     def to_float64(self, a: Any) -> np.ndarray:
         arr = _obj(a)
+        fast = arb_kernels.to_float64(arr) if arr.size else None
+        if fast is not None:
+            return fast
         return np.fromiter(map(float, arr.ravel()), np.float64, arr.size).reshape(arr.shape)
 
     # ---- cancellation-free derivatives --------------------------------------------------
@@ -347,7 +374,7 @@ def radii(values: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(values))
 
 
-_REL_BITS = np.frompyfunc(lambda v: v.rel_accuracy_bits(), 1, 1)
+_REL_BITS = np.frompyfunc(arb.rel_accuracy_bits, 1, 1)
 
 
 def rel_bits(values: np.ndarray) -> np.ndarray:
@@ -367,7 +394,7 @@ def min_rel_bits(values: np.ndarray) -> int | None:
 
 def exact_zero(values: np.ndarray) -> np.ndarray:
     """Balls that are exactly 0 (radius 0 at 0)."""
-    return np.asarray(np.frompyfunc(lambda v: v.is_zero(), 1, 1)(_obj(values)), dtype=bool)
+    return np.asarray(np.frompyfunc(arb.is_zero, 1, 1)(_obj(values)), dtype=bool)
 
 
 def contains_zero(values: np.ndarray) -> np.ndarray:

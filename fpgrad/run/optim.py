@@ -193,6 +193,17 @@ class ArithOptimizer:
                 continue
             b1, b2 = ar.const(cfg.beta1), ar.const(cfg.beta2)
             one = ar.const(1.0)
+            fast = None if self.fused else getattr(ar, "adam_update", None)
+            if fast is not None:  # the same operations in one pass (Arb balls)
+                bc1 = ar.sub(one, self._power(b1, cfg.beta1, self.steps))
+                bc2 = ar.sub(one, self._power(b2, cfg.beta2, self.steps))
+                scalars = [b1, ar.sub(one, b1), b2, ar.sub(one, b2), ar.sqrt(bc2)]
+                done = fast(
+                    self.m[k], self.v[k], g, w, [*scalars, ar.const(cfg.eps), ar.div(lr, bc1)]
+                )
+                if done is not None:
+                    self.m[k], self.v[k], self.update[k], out[k] = done
+                    continue
             self.m[k] = ar.add(ar.mul(self.m[k], b1), ar.mul(g, ar.sub(one, b1)))
             self.v[k] = ar.add(ar.mul(self.v[k], b2), ar.mul(ar.mul(g, g), ar.sub(one, b2)))
             bc1 = ar.sub(one, self._power(b1, cfg.beta1, self.steps))
