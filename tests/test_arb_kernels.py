@@ -36,6 +36,15 @@ def test_kernel_loads() -> None:
     assert K.available()
 
 
+def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FPGRAD_ARB_KERNELS=0 keeps python-flint's paths (a fresh decision, not the cached one)."""
+    monkeypatch.setattr(K, "_state", {})
+    monkeypatch.setenv(K.KERNELS_ENV, "0")
+    assert not K.available()
+    a = np.array([[arb(1), arb(2), arb(3)]], dtype=object)
+    assert not K.usable(a, a.T.copy())
+
+
 @pytest.mark.parametrize("prec", [53, 128, 300, 467, 1100])
 @pytest.mark.parametrize("shape", [(64, 64, 32), (64, 10, 32), (10, 64, 32), (3, 3, 3), (1, 7, 40)])
 def test_products_equal_arb_mat(prec: int, shape: tuple[int, int, int]) -> None:

@@ -33,6 +33,7 @@ mappings) leaves :func:`available` False and python-flint's own paths in place.
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 import numpy as np
@@ -168,11 +169,17 @@ def _self_check() -> bool:
     return True
 
 
+#: "0" (or "off", "false", "no") keeps python-flint's own paths: the balls are the same, slower
+KERNELS_ENV = "FPGRAD_ARB_KERNELS"
+
+
 def available() -> bool:
-    """Is the kernel compiled and checked (loaded on first call)?"""
+    """Is the kernel compiled and checked (loaded on first call; never where
+    :data:`KERNELS_ENV` switches it off)?"""
     if "ok" not in _state:
         _state["ok"] = False  # a failing load is not retried
-        _state["ok"] = _load()
+        off = os.environ.get(KERNELS_ENV, "1").strip().lower() in ("0", "off", "false", "no")
+        _state["ok"] = not off and _load()
     return bool(_state["ok"])
 
 
