@@ -17,20 +17,9 @@ import pytest
 
 from fpgrad.arith import crt
 from fpgrad.arith.ball import Ball, BallArith, exact_zeros
+from tests.test_attack7_crt import SHIFT, _ints
 
-SHIFT = 1074
 SHAPES = {"crt": (64, 192, 64), "float64": (8, 16, 8)}  # CRT: its smallest shape
-
-
-def _ints(words: np.ndarray) -> np.ndarray:
-    out = np.empty(words.shape[1:], dtype=object)
-    for idx in np.ndindex(*words.shape[1:]):
-        total = 0
-        for w in words[(slice(None), *idx)]:
-            num, den = float(w).as_integer_ratio()
-            total += num * (2**SHIFT // den)
-        out[idx] = total
-    return out
 
 
 def _operands(k: int, seed: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:

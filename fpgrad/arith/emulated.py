@@ -61,14 +61,12 @@ format except float64, and custom ``eXmY`` with X <= 9, Y <= 25.
 >>> float(EmulatedArith("float16", mode="down").sub(ar.const(1.0), ar.const(2.0**-24)))
 0.99951171875
 
-Long module: the strict emulated machine: every Arith slot correctly rounded into one format;
-the slots are checked against each other.
+The functions' float64 and mpmath forms live in :mod:`fpgrad.arith.emulated_functions`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -76,6 +74,24 @@ import numpy as np
 from mpmath.ctx_mp import MPContext
 
 from fpgrad.arith.base import OutputDerivatives
+from fpgrad.arith.emulated_functions import (
+    F64Function,
+    MPFunction,
+    _f64_exp,
+    _f64_log,
+    _f64_log1p,
+    _f64_ncdf,
+    _f64_npdf,
+    _f64_sigmoid,
+    _f64_tanh,
+    _mp_exp,
+    _mp_log,
+    _mp_log1p,
+    _mp_ncdf,
+    _mp_npdf,
+    _mp_sigmoid,
+    _mp_tanh,
+)
 from fpgrad.arith.expansion import two_prod, two_sum
 from fpgrad.errors import InputError
 from fpgrad.numbers.formats import FLOAT32, Format, get_format
@@ -407,99 +423,6 @@ class EmulatedArith(OutputDerivatives):
             frac = float((mid - Fraction(lo_n)) / (Fraction(hi_n) - Fraction(lo_n)))
             return hi_n if self.rng.random() < frac else lo_n
         raise ArithmeticError(f"Ziv loop did not converge at {x!r}")  # pragma: no cover
-
-
-# The functions at high precision, as (base, u): the value is the exact ``base`` plus ``u``, and
-# ``u`` carries a small *relative* error. Saturating functions put their distance to +-1 in u,
-# so that tanh(1415) = 1 - 2e-1229 is never taken for 1 by an error bound relative to 1.
-MPFunction = Callable[[MPContext, Any], tuple[int, Any]]
-
-
-def _mp_exp(c: MPContext, v: Any) -> tuple[int, Any]:
-    return 0, c.exp(v)
-
-
-def _mp_log(c: MPContext, v: Any) -> tuple[int, Any]:
-    return 0, c.log(v)
-
-
-def _mp_log1p(c: MPContext, v: Any) -> tuple[int, Any]:
-    return 0, c.log1p(v)
-
-
-def _mp_tanh(c: MPContext, v: Any) -> tuple[int, Any]:
-    if abs(v) < 1:
-        return 0, c.tanh(v)
-    sign = 1 if v > 0 else -1
-    return sign, -sign * 2 / (c.exp(2 * abs(v)) + 1)  # tanh |v| = 1 - 2 / (e^(2|v|) + 1)
-
-
-def _mp_sigmoid(c: MPContext, v: Any) -> tuple[int, Any]:
-    if v > 0:
-        return 1, -1 / (1 + c.exp(v))  # sigmoid(v) = 1 - sigmoid(-v)
-    return 0, 1 / (1 + c.exp(-v))
-
-
-def _mp_ncdf(c: MPContext, v: Any) -> tuple[int, Any]:
-    if v > 0:
-        return 1, -c.erfc(v / c.sqrt(2)) / 2  # Phi(v) = 1 - Phi(-v)
-    return 0, c.erfc(-v / c.sqrt(2)) / 2
-
-
-def _mp_npdf(c: MPContext, v: Any) -> tuple[int, Any]:
-    return 0, c.exp(-v * v / 2) / c.sqrt(2 * c.pi)
-
-
-# The functions in float64, as (base, u): the value is the exact base (0 or +-1) plus u, and u
-# has a relative error below FUNC_REL_ERR (each is a few libm operations of <= 4 ulp each).
-# Saturating functions carry their distance to +-1 in u, as the mpmath versions below.
-F64Function = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def _f64_exp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.zeros_like(x), np.exp(x)
-
-
-def _f64_log(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.zeros_like(x), np.log(x)
-
-
-def _f64_log1p(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.zeros_like(x), np.log1p(x)
-
-
-def _f64_tanh(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    big = np.abs(x) >= 1
-    sign = np.where(x > 0, 1.0, -1.0)
-    tail = -sign * 2.0 / (np.exp(2.0 * np.abs(x)) + 1.0)  # tanh|x| = 1 - 2 / (e^(2|x|) + 1)
-    return np.where(big, sign, 0.0), np.where(big, tail, np.tanh(x))
-
-
-def _f64_sigmoid(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pos = x > 0
-    tail = 1.0 / (1.0 + np.exp(np.abs(x)))  # sigmoid(-|x|), relative error a few ulps
-    return np.where(pos, 1.0, 0.0), np.where(pos, -tail, tail)  # sigmoid(x) = 1 - sigmoid(-x)
-
-
-_ERFC = np.frompyfunc(math.erfc, 1, 1)
-_RSQRT2 = math.sqrt(0.5)
-_RSQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _f64_ncdf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Phi(x) = erfc(-x / sqrt 2) / 2 (x <= 0) or 1 - erfc(x / sqrt 2) / 2: libm's erfc (a few
-    ulps) of an argument t off by 2 ulps, whose effect 2 t^2 2**-52 stays below 3e-13 where
-    erfc(t) is a normal float64 (t < 27); tests/test_emulated_gelu.py checks every float16 and
-    bfloat16 input against MPFR."""
-    tail = np.asarray(_ERFC(np.abs(x) * _RSQRT2), dtype=np.float64) * 0.5
-    pos = x > 0
-    return np.where(pos, 1.0, 0.0), np.where(pos, -tail, tail)
-
-
-def _f64_npdf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """exp(-x^2 / 2) / sqrt(2 pi) from the exact square (hi + lo): a few ulps."""
-    hi, lo = two_prod(x, x)
-    return np.zeros_like(x), np.exp(-0.5 * hi) * np.exp(-0.5 * lo) * _RSQRT2PI
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -26,8 +26,8 @@ What a result claims, per element (:meth:`ExactResult.zero`, :meth:`ExactResult.
 * **certified**: the ball excludes 0; its digits are ``-log10(rad / |mid|)``, so the sign and
   every reported digit are proven.
 
-Long module: the certifier (escalation, memory and size bounds) and the queries on its result
-(zeros, undetermined values, digits, enclosures) are one proof procedure, reviewed together.
+The digits of ball arrays and their decimal strings (:func:`ball_digits`, :func:`arb_digits`,
+:func:`decimal_string`, ...) live in :mod:`fpgrad.reference.digits` and are imported here.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ from fpgrad.arith.ball import MAX_BITS as FAST_MAX_BITS
 from fpgrad.errors import InputError
 from fpgrad.model.network import Network
 from fpgrad.reference.array import ExactArray
+from fpgrad.reference.digits import arb_digits, ball_summary, hi_lo_arb
+from fpgrad.reference.digits import arb_min_digits as arb_min_digits  # re-exported
+from fpgrad.reference.digits import ball_digits as ball_digits  # re-exported
+from fpgrad.reference.digits import decimal_string as decimal_string  # re-exported
 from fpgrad.run.evaluate import Trace
 
 DEFAULT_BITS = 150  # the fast path's top level
@@ -420,75 +424,6 @@ def _all_undetermined(result: ExactResult) -> None:
     result.certified_digits = 0.0
 
 
-def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(certified digits, exact zeros, undetermined, radii) of a multi-word ball array.
-
-    Exact zero: radius 0 at 0. Undetermined: the ball contains 0 otherwise. Digits:
-    ``-log10(rad / |mid|)`` with ``|mid| >= |word 0| / HI_BOUND``, capped at ``cap``; one
-    compiled pass (:func:`fpgrad.arith.jit_ball.digits`).
-    """
-    return ball_summary(ball, cap)[:4]  # type: ignore[return-value]
-
-
-def ball_summary(
-    ball: Ball, cap: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """:func:`ball_digits` and the least digits of the elements neither zero nor undetermined
-    (``cap`` when there are none), from the same pass."""
-    from fpgrad.arith import jit_ball
-
-    r = np.asarray(ball.rad, dtype=np.float64)
-    m0 = np.ascontiguousarray(ball.mid[0], dtype=np.float64).reshape(-1)
-    d = np.empty(r.shape)
-    zero = np.empty(r.shape, dtype=bool)
-    undet = np.empty(r.shape, dtype=bool)
-    low = jit_ball.digits(
-        m0, np.ascontiguousarray(r).reshape(-1), float(cap),
-        d.reshape(-1), zero.reshape(-1), undet.reshape(-1),
-    )  # fmt: skip
-    return d, zero, undet, r, float(low)
-
-
-def arb_digits(
-    values: np.ndarray, cap: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(certified digits, exact zeros, undetermined, radii) of an Arb ball array."""
-    arr = np.asarray(values, dtype=object)
-    zero = arbmod.exact_zero(arr)
-    undet = ~zero & arbmod.contains_zero(arr)
-    bits = arbmod.rel_bits(arr)  # a lower bound on -log2(rad / |mid|)
-    d = np.clip(bits * math.log10(2), 0.0, cap)
-    d = np.where(zero, np.inf, np.where(undet, 0.0, d))
-    return d, zero, undet, arbmod.radii(arr)
-
-
-def arb_min_digits(values: np.ndarray, cap: float) -> float | None:
-    """The fewest certified digits in an Arb ball array, as :func:`arb_digits` counts them
-    (exact zeros left out: None when all are; a ball that contains 0 counts 0), without the
-    radii."""
-    arr = np.asarray(values, dtype=object)
-    zero = arbmod.exact_zero(arr)
-    if zero.all():
-        return None
-    if (arbmod.contains_zero(arr) & ~zero).any():
-        return 0.0
-    return float(np.clip(np.min(arbmod.rel_bits(arr)[~zero]) * math.log10(2), 0.0, cap))
-
-
-def hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest float64 of each midpoint and the nearest float64 of the rest."""
-    arr = np.asarray(values, dtype=object)
-    mids = arbmod.to_mpf(arr, 64)
-    flat = mids.ravel()
-    hi = np.empty(flat.size)
-    lo = np.empty(flat.size)
-    for i, v in enumerate(flat):
-        h = float(v)
-        hi[i] = h
-        lo[i] = float(v - h) if math.isfinite(h) else 0.0
-    return hi.reshape(arr.shape), lo.reshape(arr.shape)
-
-
 def trace_items(trace: Trace) -> Iterator[tuple[str, Any]]:
     """(key, value) of every value of a trace: the loss, forward, backward, gradients."""
     yield "loss", trace.loss
@@ -556,12 +491,3 @@ class _Progress:
 
         ar.matmul = matmul
         return ar
-
-
-def decimal_string(value: Any, digits: float) -> str:
-    """``value`` as a decimal string with ``digits`` significant digits (all, for exact zeros)."""
-    if value == 0:
-        return "0"
-    n = 40 if math.isinf(digits) else max(1, int(digits))
-    ctx = getattr(value, "context", mpmath.mp)  # print in the value's own precision, never 53 bits
-    return ctx.nstr(value, n, strip_zeros=False, min_fixed=1, max_fixed=0)

@@ -1,0 +1,96 @@
+"""Certified digits of ball arrays (multi-word balls and Arb balls) and their decimal strings:
+the queries :class:`fpgrad.reference.exact.ExactResult` is built from and answers with.
+
+What the digits claim is stated in :mod:`fpgrad.reference.exact`: an exact zero is the ball
+{0}; an undetermined value's ball contains 0; otherwise the digits are ``-log10(rad / |mid|)``
+(a lower bound), so the sign and every reported digit are proven.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mpmath
+import numpy as np
+
+from fpgrad.arith import arb as arbmod
+from fpgrad.arith.ball import Ball
+
+
+def ball_digits(ball: Ball, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(certified digits, exact zeros, undetermined, radii) of a multi-word ball array.
+
+    Exact zero: radius 0 at 0. Undetermined: the ball contains 0 otherwise. Digits:
+    ``-log10(rad / |mid|)`` with ``|mid| >= |word 0| / HI_BOUND``, capped at ``cap``; one
+    compiled pass (:func:`fpgrad.arith.jit_ball.digits`).
+    """
+    return ball_summary(ball, cap)[:4]  # type: ignore[return-value]
+
+
+def ball_summary(
+    ball: Ball, cap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """:func:`ball_digits` and the least digits of the elements neither zero nor undetermined
+    (``cap`` when there are none), from the same pass."""
+    from fpgrad.arith import jit_ball
+
+    r = np.asarray(ball.rad, dtype=np.float64)
+    m0 = np.ascontiguousarray(ball.mid[0], dtype=np.float64).reshape(-1)
+    d = np.empty(r.shape)
+    zero = np.empty(r.shape, dtype=bool)
+    undet = np.empty(r.shape, dtype=bool)
+    low = jit_ball.digits(
+        m0, np.ascontiguousarray(r).reshape(-1), float(cap),
+        d.reshape(-1), zero.reshape(-1), undet.reshape(-1),
+    )  # fmt: skip
+    return d, zero, undet, r, float(low)
+
+
+def arb_digits(
+    values: np.ndarray, cap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(certified digits, exact zeros, undetermined, radii) of an Arb ball array."""
+    arr = np.asarray(values, dtype=object)
+    zero = arbmod.exact_zero(arr)
+    undet = ~zero & arbmod.contains_zero(arr)
+    bits = arbmod.rel_bits(arr)  # a lower bound on -log2(rad / |mid|)
+    d = np.clip(bits * math.log10(2), 0.0, cap)
+    d = np.where(zero, np.inf, np.where(undet, 0.0, d))
+    return d, zero, undet, arbmod.radii(arr)
+
+
+def arb_min_digits(values: np.ndarray, cap: float) -> float | None:
+    """The fewest certified digits in an Arb ball array, as :func:`arb_digits` counts them
+    (exact zeros left out: None when all are; a ball that contains 0 counts 0), without the
+    radii."""
+    arr = np.asarray(values, dtype=object)
+    zero = arbmod.exact_zero(arr)
+    if zero.all():
+        return None
+    if (arbmod.contains_zero(arr) & ~zero).any():
+        return 0.0
+    return float(np.clip(np.min(arbmod.rel_bits(arr)[~zero]) * math.log10(2), 0.0, cap))
+
+
+def hi_lo_arb(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest float64 of each midpoint and the nearest float64 of the rest."""
+    arr = np.asarray(values, dtype=object)
+    mids = arbmod.to_mpf(arr, 64)
+    flat = mids.ravel()
+    hi = np.empty(flat.size)
+    lo = np.empty(flat.size)
+    for i, v in enumerate(flat):
+        h = float(v)
+        hi[i] = h
+        lo[i] = float(v - h) if math.isfinite(h) else 0.0
+    return hi.reshape(arr.shape), lo.reshape(arr.shape)
+
+
+def decimal_string(value: Any, digits: float) -> str:
+    """``value`` as a decimal string with ``digits`` significant digits (all, for exact zeros)."""
+    if value == 0:
+        return "0"
+    n = 40 if math.isinf(digits) else max(1, int(digits))
+    ctx = getattr(value, "context", mpmath.mp)  # print in the value's own precision, never 53 bits
+    return ctx.nstr(value, n, strip_zeros=False, min_fixed=1, max_fixed=0)
