@@ -243,51 +243,6 @@ def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
     return flagged
 
 
-# The scales and slicing steps shared with fpgrad.arith.jit_crt.residues, inlined there: numba's
-# disk cache checks only a kernel's own file, so after editing these touch jit_crt.py too (or
-# clear __pycache__), as for the intrinsics of jit_words.
-@njit(inline="always", **JIT)
-def scales(words: np.ndarray, per_row: bool, top: np.ndarray, expo: np.ndarray) -> None:
-    """The scales of :func:`slices` and :func:`fpgrad.arith.jit_crt.residues` for (K, R, C)
-    ``words``: ``top[q]`` the largest ``|word 0|`` of row (``per_row``) or column q (0 if
-    none; NaN passed over) and ``expo[q]`` the exponent of ``top[q] (1 + 2**-48)``, so
-    ``|word 0| <= top[q] < 2**expo[q]`` (``2**-48`` covers ``HI_BOUND``)."""
-    rows, cols = words.shape[1], words.shape[2]
-    top[:] = 0.0
-    for r in range(rows):
-        if per_row:
-            mx = 0.0
-            for c in range(cols):
-                v = abs(words[0, r, c])
-                mx = v if v > mx else mx
-            top[r] = mx
-        else:
-            for c in range(cols):
-                v = abs(words[0, r, c])
-                top[c] = v if v > top[c] else top[c]
-    for q in range(top.shape[0]):
-        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
-
-
-@njit(inline="always", **JIT)
-def scale_row(tab: np.ndarray, i: int, r: int, per_row: bool, out: np.ndarray) -> None:
-    """``out[c] = tab[i, r]`` for every c (``per_row``: row r has one scale) or ``tab[i, c]``
-    (column c's): the per-element values of slice i for row r."""
-    if per_row:
-        for c in range(out.shape[0]):
-            out[c] = tab[i, r]
-    else:
-        for c in range(out.shape[0]):
-            out[c] = tab[i, c]
-
-
-@njit(inline="always", **JIT)
-def split3(x0: float, x1: float, x2: float, sigma: float) -> tuple[float, float, float]:
-    """``(x + sigma) - sigma`` for each of three words: each rounded to a multiple of the unit
-    ``ulp(sigma)``, exactly where ``|x| <= 2**51 ulp(sigma)`` (the proof at :func:`slices`)."""
-    return (x0 + sigma) - sigma, (x1 + sigma) - sigma, (x2 + sigma) - sigma
-
-
 @njit(**JIT)
 def slices(
     words: np.ndarray,
@@ -308,8 +263,7 @@ def slices(
 
     Element (r, c) has the words ``words[:, r, c]``.
     Each row (``per_row``) or column q gets the scale 2**expo[q] above the largest |word 0|
-    in it (``top[q]``; both computed here by :func:`scales`, as
-    :func:`fpgrad.arith.ozaki.scale_exponents`).
+    in it (``top[q]``; both computed here, as :func:`fpgrad.arith.ozaki.scale_exponents`).
     Slice i < count of an element is the sum of its words rounded to multiples of
     2**(e - bits (i + 1)) by ``(w + sigma) - sigma``, one word at a time, stored at
     ``sl[s_at[i] + r s_r + c]``; the float64 sum of what remains after t slices (t = 0: the
@@ -340,11 +294,25 @@ def slices(
     if nw < 1 or nw > 3:
         raise ValueError("jit_ball.slices: 1 to 3 words")
     rem = np.zeros((3, cols))
-    scales(words, per_row, top, expo)
+    top[:] = 0.0
+    for r in range(rows):  # the scales
+        for c in range(cols):
+            rem[0, c] = abs(words[0, r, c])
+        if per_row:
+            mx = 0.0
+            for c in range(cols):
+                v = rem[0, c]
+                mx = v if v > mx else mx
+            top[r] = mx
+        else:
+            for c in range(cols):
+                v = rem[0, c]
+                top[c] = v if v > top[c] else top[c]
     sig = np.empty((count, top.shape[0]))  # 1.5 * 2**(e - bits (i + 1) + 52)
     lim = np.empty((count, top.shape[0]))  # cap[i] * 2**(e - bits (i + 1))
     wlim = np.empty(top.shape[0])  # 2**e, 0 for a zero scale: the bound on every |word|
     for q in range(top.shape[0]):
+        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
         wlim[q] = math.ldexp(1.0, expo[q]) if top[q] > 0.0 else 0.0
         for i in range(count):
             sig[i, q] = math.ldexp(1.5, expo[q] - bits * (i + 1) + 52)
@@ -378,15 +346,23 @@ def slices(
         if live:
             last_rem = max(last_rem, 0)
         for i in range(count):
-            scale_row(sig, i, r, per_row, srow)
-            scale_row(lim, i, r, per_row, lrow)
+            if per_row:
+                for c in range(cols):
+                    srow[c] = sig[i, r]
+                    lrow[c] = lim[i, r]
+            else:
+                for c in range(cols):
+                    srow[c] = sig[i, c]
+                    lrow[c] = lim[i, c]
             base_s = np.uint64(s_at[i] + r * s_r)
             digits = False
             live = False
             for c in range(cols):
                 sigma = srow[c]
                 x0, x1, x2 = rem[0, c], rem[1, c], rem[2, c]
-                s0, s1, s2 = split3(x0, x1, x2, sigma)
+                s0 = (x0 + sigma) - sigma
+                s1 = (x1 + sigma) - sigma
+                s2 = (x2 + sigma) - sigma
                 x0, x1, x2 = x0 - s0, x1 - s1, x2 - s2
                 rem[0, c], rem[1, c], rem[2, c] = x0, x1, x2
                 si = (s0 + s1) + s2  # exact: multiples of one unit, far below 2**53 of it

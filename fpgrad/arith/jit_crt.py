@@ -15,7 +15,6 @@ import math
 import numpy as np
 from numba import njit
 
-from fpgrad.arith.jit_ball import scale_row, scales, split3
 from fpgrad.arith.jit_words import JIT
 
 ROUND = 1.5 * 2.0**52  # (x + ROUND) - ROUND: x rounded to the nearest integer, |x| <= 2**51
@@ -46,10 +45,9 @@ def residues(
     """Symmetric residues of the scaled integers of a (R, C) matrix of K <= 3 words.
 
     Each row (``per_row``) or column q gets the scale exponent ``expo[q]`` of
-    :func:`fpgrad.arith.jit_ball.slices` (:func:`fpgrad.arith.jit_ball.scales`: ``max |word 0|
-    (1 + 2**-48) < 2**expo``; ``top[q]`` the max). Element x becomes the integer
-    ``X = sum_i d_i 2**(bc (nch - 1 - i))``, its chunk i the sum over words of
-    ``(w + sigma_i) - sigma_i`` (:func:`fpgrad.arith.jit_ball.split3`; w: the word's remainder,
+    :func:`fpgrad.arith.jit_ball.slices` (``max |word 0| (1 + 2**-48) < 2**expo``; ``top[q]``
+    the max). Element x becomes the integer ``X = sum_i d_i 2**(bc (nch - 1 - i))``, its
+    chunk i the sum over words of ``(w + sigma_i) - sigma_i`` (w: the word's remainder,
     ``ulp(sigma_i) = 2**(e - bc (i + 1))``), scaled by ``2**(bc (i + 1) - e)`` to an integer
     ``d_i``; each word's remainder after chunk nch is at most half its unit, so
     ``|x - X 2**(e - bc nch)| <= K 2**(e - bc nch - 1)``. ``out[j, r, c] = X mod mods[j]``
@@ -64,7 +62,18 @@ def residues(
     """
     nw, rows, cols = words.shape
     nq = top.shape[0]
-    scales(words, per_row, top, expo)
+    top[:] = 0.0
+    for r in range(rows):
+        if per_row:
+            mx = 0.0
+            for c in range(cols):
+                v = abs(words[0, r, c])
+                mx = v if v > mx else mx
+            top[r] = mx
+        else:
+            for c in range(cols):
+                v = abs(words[0, r, c])
+                top[c] = v if v > top[c] else top[c]
     over = 0
     for q in range(nq):  # a zero scale claims the row (column) is 0: every word must be
         if top[q] == 0.0:
@@ -73,6 +82,7 @@ def residues(
                     v = words[w, q, s] if per_row else words[w, s, q]
                     over += v != 0.0  # NaN too
     for q in range(nq):
+        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
         if top[q] > 0.0 and (expo[q] < lo or expo[q] > hi):
             return -1
     sig = np.empty((nch, nq))
@@ -98,14 +108,22 @@ def residues(
             for c in range(cols):
                 rem[w, c] = words[w, r, c]
         for i in range(nch):
-            scale_row(sig, i, r, per_row, srow)
-            scale_row(up, i, r, per_row, urow)
+            if per_row:
+                for c in range(cols):
+                    srow[c] = sig[i, r]
+                    urow[c] = up[i, r]
+            else:
+                for c in range(cols):
+                    srow[c] = sig[i, c]
+                    urow[c] = up[i, c]
             ci = ch[i]
             cap = caps[i]
             for c in range(cols):
                 sigma = srow[c]
                 x0, x1, x2 = rem[0, c], rem[1, c], rem[2, c]
-                s0, s1, s2 = split3(x0, x1, x2, sigma)
+                s0 = (x0 + sigma) - sigma
+                s1 = (x1 + sigma) - sigma
+                s2 = (x2 + sigma) - sigma
                 rem[0, c], rem[1, c], rem[2, c] = x0 - s0, x1 - s1, x2 - s2
                 d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled by 2**k
                 ci[c] = d
