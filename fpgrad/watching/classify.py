@@ -39,6 +39,8 @@ recomputed: its float64 recompute would equal the output, so every zero is inher
 an ``mm`` whose zeros all lie where no product is non-zero (zero rows of A or columns of B,
 e.g. dead units, else checked at the zeros), nor an ``nll_loss_backward`` whose zeros are
 exactly its off-target elements: the recompute would find those zeros inherited too.
+A cast (``_to_copy``) of a tensor counted earlier in the step takes its counts from that
+tensor's, without a pass (:mod:`~fpgrad.watching.casts`, with the proof).
 
 Modules: :mod:`~fpgrad.watching.families` (op families, formats),
 :mod:`~fpgrad.watching.recompute` (the float64 recompute), :mod:`~fpgrad.watching.splitting`
@@ -53,6 +55,7 @@ from typing import Any
 import torch
 
 from fpgrad.watching.bitstats import bit_stats
+from fpgrad.watching.casts import cast_stats, remember
 from fpgrad.watching.families import (
     FORMAT_OF,
     NONNEGATIVE_OPS,
@@ -209,25 +212,31 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             continue
         sn = SMALLEST_NORMAL[t.dtype]
         known = None
-        if 0 < t.numel() <= TINY and t.is_cpu:  # a few numbers: their magnitudes in Python
+        # a cast of a tensor counted earlier in the step: its counts follow from that one's
+        st = cast_stats(func, args, t) if k == 0 else None
+        if st is None and 0 < t.numel() <= TINY and t.is_cpu:  # a few numbers: in Python
             mags = [abs(v) for v in t.detach().reshape(-1).tolist()]  # exact floats
             lo, hi = min(mags), max(mags)
             if lo >= sn and hi < _INF and all(v == v for v in mags):  # (NaN: not plain)
                 row = _PLAIN.copy()
                 row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
                 row["min_abs"], row["max_abs"] = lo, hi
+                remember(t, row)
                 rows.append(row)
                 continue
-        # one compiled pass over the bits (CPU contiguous tensors); a counting pass at once
-        # where this op's output k held zeros or subnormals last time (the same result)
-        st = bit_stats(t, (id(func), k) in _DENSE)
+        if st is None:
+            # one compiled pass over the bits (CPU contiguous tensors); a counting pass at
+            # once where this op's output k held zeros or subnormals last time (the same result)
+            st = bit_stats(t, (id(func), k) in _DENSE)
+            if st is not None:
+                if st["zeros"] or st["subnormals"]:
+                    if len(_DENSE) >= 4096:  # (ids of ops gone: keep the hint set small)
+                        _DENSE.clear()
+                    _DENSE.add((id(func), k))
+                else:
+                    _DENSE.discard((id(func), k))
         if st is not None:
-            if st["zeros"] or st["subnormals"]:
-                if len(_DENSE) >= 4096:  # (ids of ops gone: keep the hint set small)
-                    _DENSE.clear()
-                _DENSE.add((id(func), k))
-            else:
-                _DENSE.discard((id(func), k))
+            remember(t, st)
             if t.numel() and not (st["zeros"] or st["subnormals"] or st["infs"] or st["nans"]):
                 row = _PLAIN.copy()
                 row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
@@ -246,12 +255,14 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
                 row = _PLAIN.copy()
                 row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
                 row["min_abs"], row["max_abs"] = lo, hi
+                remember(t, row)
                 rows.append(row)
                 continue
             known = (a, lo, hi)
         absolute = known[0] if known is not None and known[0].dtype == t.dtype else None
         if st is None:
             st = basic_stats(t, sn, known)
+            remember(t, st)
         st.update({"out": k, "dtype": FORMAT_OF[t.dtype], "numel": t.numel(), "family": fam})
         for name, created, inherited, undecided in _COUNT_KEYS:
             st[created] = st[inherited] = 0
