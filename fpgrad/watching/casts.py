@@ -1,28 +1,21 @@
-"""The counts of a cast (``_to_copy`` to another format) from those of its input, no pass over it.
+"""The counts of a widening cast (``_to_copy``) from those of its input, without a pass over it.
 
-Under autocast most casts read a tensor that an earlier op of the same step wrote and the watch
-already counted (a ``bfloat16`` weight gradient widened to ``float32``, the ``bfloat16`` logits
-widened for the loss, their gradient narrowed back). :func:`remember` keeps each counted
-output's counts (zeros, subnormals, infs, NaNs, smallest and largest finite non-zero magnitude)
-by ``id``, with a weak reference, its version counter, data pointer, shape, strides and dtype;
-:func:`cast_stats` gives a cast's counts when its input is such a tensor, unchanged since (the
-same object, version, pointer, shape, strides and dtype), and the counts follow exactly:
-
-* **widening** (the output format holds every input value: ``bfloat16`` or ``float16`` to
-  ``float32``, anything to ``float64``): each output element is its input element, so zeros,
-  infs, NaNs and the finite non-zero magnitudes are the same; the subnormals are the same when
-  both formats have the same smallest normal (``bfloat16`` and ``float32``), and none when the
-  input has none (a wider format's smallest normal is not larger).
-* **narrowing** from ``float32`` (to ``bfloat16`` or ``float16``) of a finite input without
-  subnormals whose smallest non-zero magnitude is at least the output's smallest normal ``s``:
-  round-to-nearest-even is odd and non-decreasing, so ``|RN(x)| = RN(|x|)``, a zero stays a zero,
-  a non-zero ``|x| >= s`` gives ``RN(|x|) >= RN(s) = s`` (no new zero or subnormal), the
-  smallest and largest magnitudes are ``RN(min)`` and ``RN(max)``, and when ``RN(max)`` is finite
-  no element overflows. Otherwise (an overflow, a subnormal): no derivation.
-
-Anything else (other ops, inputs not counted this step, ``float64`` narrowed: torch may round it
-twice) is counted as before. The counts are what a pass over the output would find; the rest of
-the record (created / inherited) is decided from them as for any output.
+Under autocast most casts of tensors that an earlier op of the same step wrote widen a
+``bfloat16`` (or ``float16``) tensor the watch already counted: a weight or bias gradient
+widened to ``float32``, the logits widened for the loss. :func:`remember` keeps each counted
+half-precision output's counts (zeros, subnormals, infs, NaNs, smallest and largest finite
+non-zero magnitude) by ``id``, with a weak reference, its version counter, data pointer, shape,
+strides and dtype; :func:`cast_stats` gives a cast's counts when its input is such a tensor
+unchanged since (the same object, version, pointer, shape, strides and dtype), or a
+contiguous view of all of one (same data pointer, same number of elements, both contiguous:
+the same elements in the same order). The output format holds every input value (``float32``
+or ``float64`` from ``bfloat16`` or ``float16``), so each output element is its input element:
+zeros, infs, NaNs and the finite non-zero magnitudes are the same; the subnormals are the same
+when both formats have the same smallest normal (``bfloat16`` and ``float32``) and none when
+the input has none (the wider format's smallest normal is not larger); else no derivation.
+Anything else (other ops, narrowing casts, inputs not counted this step) is counted as before.
+The counts are what a pass over the output would find; the rest of the record (created /
+inherited) is decided from them as for any output.
 """
 
 from __future__ import annotations
@@ -40,15 +33,16 @@ _COUNTED: dict[int, tuple] = {}
 #: At most this many entries (then emptied: only a speed-up is lost).
 LIMIT = 4096
 _TO_COPY = torch.ops.aten._to_copy.default
-#: (x, dtype) -> ``x`` (a float32 value) rounded to nearest even into ``dtype``.
-_RN: dict[tuple[float, torch.dtype], float] = {}
-_NARROW_FROM = torch.float32
-_NARROW_TO = (torch.bfloat16, torch.float16)
+#: The formats whose outputs are kept (the inputs of widening casts worth a derivation).
+KEPT = (torch.bfloat16, torch.float16)
 
 
 def remember(t: torch.Tensor, st: dict[str, Any]) -> None:
     """Keep the counts ``st`` of the output ``t`` (``zeros``, ``subnormals``, ``infs``, ``nans``,
-    ``min_abs``, ``max_abs``) for the casts of it later in the step."""
+    ``min_abs``, ``max_abs``) for the casts of it later in the step (formats of :data:`KEPT`
+    only)."""
+    if t.dtype not in KEPT:
+        return
     if len(_COUNTED) >= LIMIT:
         _COUNTED.clear()
     _COUNTED[id(t)] = (
@@ -65,17 +59,6 @@ def remember(t: torch.Tensor, st: dict[str, Any]) -> None:
 def forget() -> None:
     """Drop every kept count (at the end of a step)."""
     _COUNTED.clear()
-
-
-def _rn(x: float, dtype: torch.dtype) -> float:
-    """The float32 value ``x`` rounded to nearest even into ``dtype`` (cached, 256 pairs)."""
-    key = (x, dtype)
-    got = _RN.get(key)
-    if got is None:
-        if len(_RN) >= 256:
-            _RN.clear()
-        got = _RN[key] = float(torch.tensor(x, dtype=_NARROW_FROM).to(dtype))
-    return got
 
 
 def _kept(x: torch.Tensor) -> tuple | None:
@@ -114,17 +97,8 @@ def cast_stats(func: Any, args: tuple, t: torch.Tensor) -> dict[str, Any] | None
     dtype = x.dtype
     z, s, i, n, lo, hi = counts
     out = t.dtype
-    if dtype in _WIDER.get(out, ()):  # every input value is an output value
-        if s and SMALLEST_NORMAL[out] != SMALLEST_NORMAL[dtype]:
-            return None
-        return {"zeros": z, "subnormals": s, "infs": i, "nans": n, "min_abs": lo, "max_abs": hi}
-    if dtype is not _NARROW_FROM or out not in _NARROW_TO or s or i or n:
+    if dtype not in _WIDER.get(out, ()):  # not every input value is an output value
         return None
-    if lo is None:  # all zeros
-        return {"zeros": z, "subnormals": 0, "infs": 0, "nans": 0, "min_abs": None, "max_abs": None}
-    if lo < SMALLEST_NORMAL[out]:
+    if s and SMALLEST_NORMAL[out] != SMALLEST_NORMAL[dtype]:
         return None
-    rlo, rhi = _rn(lo, out), _rn(hi, out)
-    if rhi == float("inf"):
-        return None
-    return {"zeros": z, "subnormals": 0, "infs": 0, "nans": 0, "min_abs": rlo, "max_abs": rhi}
+    return {"zeros": z, "subnormals": s, "infs": i, "nans": n, "min_abs": lo, "max_abs": hi}

@@ -39,8 +39,8 @@ recomputed: its float64 recompute would equal the output, so every zero is inher
 an ``mm`` whose zeros all lie where no product is non-zero (zero rows of A or columns of B,
 e.g. dead units, else checked at the zeros), nor an ``nll_loss_backward`` whose zeros are
 exactly its off-target elements: the recompute would find those zeros inherited too.
-A cast (``_to_copy``) of a tensor counted earlier in the step takes its counts from that
-tensor's, without a pass (:mod:`~fpgrad.watching.casts`, with the proof).
+A widening cast (``_to_copy``) of a half-precision tensor counted earlier in the step takes
+its counts from that tensor's, without a pass (:mod:`~fpgrad.watching.casts`, with the proof).
 
 Modules: :mod:`~fpgrad.watching.families` (op families, formats),
 :mod:`~fpgrad.watching.recompute` (the float64 recompute), :mod:`~fpgrad.watching.splitting`
@@ -212,7 +212,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
             continue
         sn = SMALLEST_NORMAL[t.dtype]
         known = None
-        # a cast of a tensor counted earlier in the step: its counts follow from that one's
+        # a widening cast of a tensor counted earlier in the step: the same counts
         st = cast_stats(func, args, t) if k == 0 else None
         if st is None and 0 < t.numel() <= TINY and t.is_cpu:  # a few numbers: in Python
             mags = [abs(v) for v in t.detach().reshape(-1).tolist()]  # exact floats
