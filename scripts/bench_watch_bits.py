@@ -19,17 +19,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_watch_ab as ab  # noqa: E402
 
 import fpgrad  # noqa: E402
-from fpgrad.watching import classify, optimizer  # noqa: E402
+from fpgrad.watching import classify, optimizer_state  # noqa: E402
 
-_ON = (classify.bit_stats, optimizer.state_counts)
+_ON = (classify.bit_stats, optimizer_state.state_counts)
 
 
 def _mode(k: str) -> None:
     if k == "torch path":
         classify.bit_stats = lambda t: None  # type: ignore[assignment]
-        optimizer.state_counts = lambda *a: None  # type: ignore[assignment]
+        optimizer_state.state_counts = lambda *a: None  # type: ignore[assignment]
     else:
-        classify.bit_stats, optimizer.state_counts = _ON
+        classify.bit_stats, optimizer_state.state_counts = _ON
 
 
 def main() -> None:

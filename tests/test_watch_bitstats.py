@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fpgrad.watching import bitstats, optimizer
+from fpgrad.watching import bitstats, optimizer, optimizer_state
 from fpgrad.watching.bitstats import bit_stats, bits_of, state_counts
 from fpgrad.watching.classify import SMALLEST_NORMAL, basic_stats, op_stats
 from fpgrad.watching.scratch import Scratch
@@ -65,8 +65,8 @@ def test_state_counts_is_flat_path(dt: torch.dtype, monkeypatch: pytest.MonkeyPa
     """Adam-like states with zeros, subnormals and values on both sides of every threshold
     (smallest normal, the eps band): the same counts as the torch flat path, or None alike."""
     eps = 1e-3 if dt in (torch.float16, torch.bfloat16) else 1e-8
-    t_lo = optimizer._eps_threshold(dt, eps * (1 - 2.0**-30))
-    t_hi = optimizer._eps_threshold(dt, eps * (1 + 2.0**-30))
+    t_lo = optimizer_state._eps_threshold(dt, eps * (1 - 2.0**-30))
+    t_hi = optimizer_state._eps_threshold(dt, eps * (1 + 2.0**-30))
     sn = SMALLEST_NORMAL[dt]
     sub = float(torch.tensor(sn / 4, dtype=dt))
     g = torch.Generator().manual_seed(1)
@@ -90,19 +90,19 @@ def test_state_counts_is_flat_path(dt: torch.dtype, monkeypatch: pytest.MonkeyPa
             states.append({"step": torch.tensor(1.0), "exp_avg": avg, "exp_avg_sq": sq})
             groups.append({"eps": eps})
         ents = list(zip(groups, params, strict=True))
-        got = optimizer._flat_state_counts(ents, states, Scratch())
+        got = optimizer_state._flat_state_counts(ents, states, Scratch())
         bitstats._STATE_DENSE.update(id(v) for st in states for v in st.values())
-        assert optimizer._flat_state_counts(ents, states, Scratch()) == got  # counted at once
+        assert optimizer_state._flat_state_counts(ents, states, Scratch()) == got  # counted at once
         bitstats._STATE_DENSE.clear()
-        monkeypatch.setattr(optimizer, "state_counts", lambda *a: None)
-        want = optimizer._flat_state_counts(ents, states, Scratch())
+        monkeypatch.setattr(optimizer_state, "state_counts", lambda *a: None)
+        want = optimizer_state._flat_state_counts(ents, states, Scratch())
         monkeypatch.undo()
         assert (got is None) == (want is None), trial
         assert got == want, trial  # ints against the flat path's float sums
         compared += got is not None
     assert compared >= 20  # most trials have counts (some fall back near eps)
     per = [[("exp_avg_sq", torch.zeros(4, dtype=dt)[::2])]]  # no bit view: None
-    assert state_counts(per, {0: eps}, optimizer._eps_threshold) is None
+    assert state_counts(per, {0: eps}, optimizer_state._eps_threshold) is None
 
 
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -113,7 +113,7 @@ def test_mm_structural_kernel_is_the_torch_check(
     # sparse factors (dead rows / columns, scattered zeros, a cancellation, subnormal factors),
     # strided like autograd's mm of a transposed activation; the compiled count of overlapping
     # zeros must give the torch paths' answer (mm_overlaps switched off) and a brute force one
-    from fpgrad.watching import classify
+    from fpgrad.watching import structural
 
     mm = torch.ops.aten.mm.default
     tiny = torch.finfo(dt).tiny / 4
@@ -138,10 +138,10 @@ def test_mm_structural_kernel_is_the_torch_check(
             continue
         supports = (a.double() != 0).double() @ (b.double() != 0).double()
         brute = bool(((t != 0) | (supports == 0)).all())
-        fast = classify._mm_zeros_structural(mm, (a, b), t, zeros)
+        fast = structural._mm_zeros_structural(mm, (a, b), t, zeros)
         with monkeypatch.context() as mp:
-            mp.setattr(classify, "mm_overlaps", lambda *_: None)
-            slow = classify._mm_zeros_structural(mm, (a, b), t, zeros)
+            mp.setattr(structural, "mm_overlaps", lambda *_: None)
+            slow = structural._mm_zeros_structural(mm, (a, b), t, zeros)
         assert fast == slow == brute, (seed, fast, slow, brute)
         assert bitstats.mm_overlaps(a, b, t) == int(((t == 0) & (supports > 0)).sum())
 

@@ -10,7 +10,7 @@ import torch
 
 import fpgrad
 from fpgrad.numbers.formats import get_format
-from fpgrad.watching import classify
+from fpgrad.watching import classify, splitting, structural
 from fpgrad.watching.classify import FORMAT_OF, basic_stats, op_stats
 from fpgrad.watching.optimizer import ShadowOptimizer, param_stats, requested_updates
 
@@ -56,14 +56,15 @@ def test_selection_shortcut_reports_what_the_recompute_does(
     assert shortcut  # the ReLU outputs (and threshold_backward) have zeros: the shortcut ran
     nll = [r for r in fast if r.get("op") == "aten.nll_loss_backward.default"]
     assert nll and all(r["zeros"] for r in nll)  # the off-target zeros: that shortcut ran too
-    monkeypatch.setattr(classify, "SELECTION_OPS", frozenset())
+    monkeypatch.setattr(structural, "SELECTION_OPS", frozenset())  # where it is read
+    monkeypatch.setattr(splitting, "SELECTION_OPS", frozenset())
     monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
     monkeypatch.setattr(classify, "_nll_zeros_structural", lambda *_: False)
     _same(fast, _mlp_records(dtype, autocast, factor))
 
 
 def test_selection_needs_inputs_and_scalars_in_the_output_format() -> None:
-    sel = classify._selection_exact
+    sel = structural._selection_exact
     x16, x32 = torch.ones(3, dtype=torch.float16), torch.ones(3)
     relu, clamp = torch.ops.aten.relu.default, torch.ops.aten.clamp.default
     assert sel(relu, (x32,), {}, torch.float32) and sel(relu, (x16,), {}, torch.float32)
@@ -186,8 +187,8 @@ def test_mm_structural_zeros_equal_a_brute_force_check(rows: int, cancel: bool) 
     zeros = int((t == 0).sum())
     assert zeros >= 20 * rows
     mm = torch.ops.aten.mm.default
-    assert classify._mm_zeros_structural(mm, (a, b), t, zeros) == _mm_structural_brute(a, b)
-    assert classify._mm_zeros_structural(mm, (a, b), t, zeros) is (not cancel)
+    assert structural._mm_zeros_structural(mm, (a, b), t, zeros) == _mm_structural_brute(a, b)
+    assert structural._mm_zeros_structural(mm, (a, b), t, zeros) is (not cancel)
 
 
 def test_param_stats_state_counts_and_eps_share_match_numpy() -> None:
@@ -249,13 +250,13 @@ def test_mm_structural_zeros_shortcut_matches_the_recompute(monkeypatch) -> None
     # row 0: supports disjoint from column 0 (a structural zero); row 1, column 1: 1 - 1 cancels
     # (an exact zero, but the supports overlap: the shortcut declines, the recompute decides)
     out = mm(a[:1], b)  # one zero, structural
-    assert classify._mm_zeros_structural(mm, (a[:1], b), out, 1)
+    assert structural._mm_zeros_structural(mm, (a[:1], b), out, 1)
     out = mm(a[1:2], b)  # two zeros: (1,0) structural, (1,1) a cancellation
-    assert not classify._mm_zeros_structural(mm, (a[1:2], b), out, 2)
+    assert not structural._mm_zeros_structural(mm, (a[1:2], b), out, 2)
     # a float32-underflowing product: fl32 gives 0, the exact result 2^-60 * 5 is not
     x, y = torch.tensor([[2.0**-100, 0.0]]), torch.tensor([[2.0**-60], [1.0]])
     out = mm(x, y)
-    assert out.item() == 0.0 and not classify._mm_zeros_structural(mm, (x, y), out, 1)
+    assert out.item() == 0.0 and not structural._mm_zeros_structural(mm, (x, y), out, 1)
     fast = [op_stats(mm, (x, y), {}, mm(x, y))[0] for x, y in ((a, b), (a[:1], b), (x, y))]
     monkeypatch.setattr(classify, "_mm_zeros_structural", lambda *_: False)
     slow = [op_stats(mm, (x, y), {}, mm(x, y))[0] for x, y in ((a, b), (a[:1], b), (x, y))]
@@ -266,7 +267,7 @@ def test_mm_zero_lines_count_dead_rows_and_columns_only() -> None:
     nan = float("nan")
     a = torch.tensor([[0.0, 0.0], [1.0, 2.0], [0.0, nan], [-0.0, 0.0]])  # rows 0, 3 zero
     b = torch.tensor([[1.0, 0.0, 3.0], [1.0, 0.0, 0.0]])  # column 1 zero
-    assert classify._zero_lines(a, b) == 2 * 3 + 1 * 4 - 2 * 1
+    assert structural._zero_lines(a, b) == 2 * 3 + 1 * 4 - 2 * 1
 
 
 def test_nll_backward_shortcut_matches_the_recompute(monkeypatch) -> None:
@@ -285,7 +286,7 @@ def test_nll_backward_shortcut_matches_the_recompute(monkeypatch) -> None:
         tw = torch.tensor(5.0)
         args = (go, lp, target, w, red, -100, tw)
         out = nll_bw(*args)
-        took.append(classify._nll_zeros_structural(nll_bw, args, {}, out, int((out == 0).sum())))
+        took.append(structural._nll_zeros_structural(nll_bw, args, {}, out, int((out == 0).sum())))
         fast.append(op_stats(nll_bw, args, {}, out)[0])
     monkeypatch.setattr(classify, "_nll_zeros_structural", lambda *_: False)
     for w, red, go in cases:

@@ -5,259 +5,43 @@ computes in float64 on the same weights and gradients; an element is **swamped**
 update is non-zero but the real step left the weight unchanged (``w + u == w`` in the weight's
 format, or the update itself rounded to zero). The user's optimizer is never touched: the
 float64 step runs on copies (a :class:`ShadowOptimizer` built once per watch, its tensors
-refilled on each sampled step).
-
-Long module: the optimizer record (swamped updates, update-to-weight ratios, state underflow) is
-one float64 shadow step over shared columnar buffers.
+refilled on each sampled step: :mod:`~fpgrad.watching.shadow_optimizer`). State tensors' zero,
+subnormal and eps-dominated shares: :mod:`~fpgrad.watching.optimizer_state`.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import torch
 
-from fpgrad.numbers.formats import get_format
-from fpgrad.watching.bitstats import state_counts, update_counts
-from fpgrad.watching.classify import FORMAT_OF, SMALLEST_NORMAL, count
+from fpgrad.watching.bitstats import update_counts
+from fpgrad.watching.families import FORMAT_OF
+from fpgrad.watching.optimizer_state import (
+    _eps_count,
+    _eps_threshold,
+    _flat_state_counts,
+    _state_counts,
+)
 from fpgrad.watching.scratch import Scratch
+from fpgrad.watching.shadow_optimizer import ShadowOptimizer, _plain_step, requested_updates
+
+__all__ = [
+    "BATCH_LIMIT",
+    "MAP_LIMIT",
+    "ShadowOptimizer",
+    "_eps_threshold",
+    "_plain_step",
+    "param_stats",
+    "requested_updates",
+    "step_records",
+    "widen",
+]
+
 
 #: Parameters up to this size keep their per-element swamped map in the records.
 MAP_LIMIT = 4096
-
-
-def _hyper(g: dict) -> dict:
-    """A param_group's hyperparameters for the float64 shadow: the multi-tensor (``foreach``)
-    implementation where the optimizer has one (fewer Python calls; elementwise the same
-    operations as the single-tensor one: tests/test_watch_fast.py compares the two bit for bit
-    for six optimizers), never ``fused`` or ``capturable``."""
-    ng = {k: v for k, v in g.items() if k != "params"}
-    for k in ("foreach", "fused", "capturable"):
-        if k in ng:
-            ng[k] = False
-    if "foreach" in ng and not ng.get("differentiable"):
-        ng["foreach"] = True
-    return ng
-
-
-def _put(dst: dict, key: Any, v: Any) -> None:
-    """``dst[key] = v`` for a state entry: a float64 copy of a floating tensor (``step`` keeps its
-    dtype), reusing the tensor already there when its shape and dtype fit."""
-    if not isinstance(v, torch.Tensor):
-        dst[key] = v
-        return
-    dtype = torch.float64 if v.is_floating_point() and key != "step" else v.dtype
-    old = dst.get(key)
-    if isinstance(old, torch.Tensor) and old.shape == v.shape and old.dtype == dtype:
-        old.copy_(v.detach())
-    else:
-        dst[key] = v.detach().to(dtype, copy=True)
-
-
-def _refill(dst: dict, key: Any, v: Any, into: list[torch.Tensor], src: list[torch.Tensor]) -> bool:
-    """For :func:`_put` of a tensor that fits the one already in ``dst``: queue the copy
-    (``into``, ``src``) instead of doing it; False when :func:`_put` must do it."""
-    if not isinstance(v, torch.Tensor):
-        return False
-    old = dst.get(key)
-    dtype = torch.float64 if v.is_floating_point() and key != "step" else v.dtype
-    if isinstance(old, torch.Tensor) and old.shape == v.shape and old.dtype == dtype:
-        into.append(old)
-        src.append(v.detach())
-        return True
-    return False
-
-
-def _plain_step(opt: torch.optim.Optimizer) -> None:
-    """``opt.step()`` without torch's step wrapper (``Optimizer.profile_hook_step``: a profiler
-    range and the global and per-optimizer step hooks) where the class has it: the same
-    update, and no hook of the user's sees the shadow (about 60 us less on the bench MLP)."""
-    step = type(opt).step
-    inner = getattr(step, "__wrapped__", None)
-    if getattr(step, "hooked", False) and callable(inner):
-        inner(opt)
-    else:
-        opt.step()
-
-
-class ShadowOptimizer:
-    """The user's optimizer rebuilt once in float64 on copies of the weights; each
-    :meth:`requested_updates` copies the current weights, gradients, state and hyperparameters
-    into it (reusing its tensors) and steps it. The user's optimizer is never touched."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._shadow: torch.optim.Optimizer | None = None
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def _build(self, opt: torch.optim.Optimizer) -> None:
-        groups, self._pairs = [], []
-        for g in opt.param_groups:
-            ps = []
-            for p in g["params"]:
-                q = p.detach().to(torch.float64, copy=True)
-                ps.append(q)
-                self._pairs.append((p, q))
-            groups.append(_hyper(g) | {"params": ps})
-        self._shadow = type(opt)(groups)
-
-    def requested_updates(
-        self, opt: torch.optim.Optimizer, before: dict[int, torch.Tensor] | None = None
-    ) -> dict[int, torch.Tensor] | None:
-        """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
-        optimizer cannot be rebuilt from its param_groups (then swamping is not reported).
-        ``before``: the weights now, already in float64 (saves widening them again). The
-        updates live in the shadow's tensors until the next call."""
-        key = (type(opt), tuple(tuple(map(id, g["params"])) for g in opt.param_groups))
-        try:
-            if key != self._key or self._shadow is None:
-                self._key = None
-                self._build(opt)
-                self._key = key
-            shadow = self._shadow
-            assert shadow is not None
-            for g, sg in zip(opt.param_groups, shadow.param_groups, strict=True):
-                sg.update(_hyper(g))
-            dst: list[torch.Tensor] = []  # refilled with one _foreach_copy_ (same values
-            src: list[torch.Tensor] = []  # as a copy_ per tensor, fewer calls)
-            ostate, sstate = opt.state, shadow.state
-            with torch.no_grad():  # copies of tensors that require grad: no graph recorded
-                for p, q in self._pairs:
-                    dst.append(q)
-                    src.append(p)
-                    grad = p.grad
-                    if grad is None:
-                        q.grad = None
-                    elif q.grad is None or q.grad.shape != grad.shape:
-                        q.grad = grad.to(torch.float64, copy=True)
-                    else:
-                        dst.append(q.grad)
-                        src.append(grad)
-                    state = ostate.get(p)
-                    if state is None:
-                        sstate.pop(q, None)
-                        continue
-                    st = sstate[q]
-                    if st.keys() != state.keys():
-                        for k in [k for k in st if k not in state]:
-                            del st[k]
-                    for k, v in state.items():
-                        if not _refill(st, k, v, dst, src):
-                            _put(st, k, v)
-                torch._foreach_copy_(dst, src)
-                _plain_step(shadow)
-        except (TypeError, ValueError, RuntimeError, KeyError):
-            self._key = self._shadow = None
-            return None
-        qs, ws = [], []
-        for p, q in self._pairs:
-            if p.grad is not None:
-                w = before.get(id(p)) if before is not None else None
-                qs.append(q)
-                ws.append(w if w is not None else p.detach().to(torch.float64))
-        if qs:
-            torch._foreach_sub_(qs, ws)
-        return {id(p): q for p, q in self._pairs if p.grad is not None}
-
-
-def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
-    """Per parameter (by ``id``), the float64 update the optimizer asks for (a fresh shadow; a
-    :class:`ShadowOptimizer` kept across steps does the same with its tensors reused)."""
-    return ShadowOptimizer().requested_updates(opt)
-
-
-def _eps_threshold(dtype: torch.dtype, eps: float) -> float:
-    """The smallest ``x >= 0`` of ``dtype`` with ``not (math.sqrt(x) < eps)`` (``0 < eps <
-    inf``): the correctly rounded square root is non-decreasing, so for ``x >= 0`` of ``dtype``,
-    ``math.sqrt(x) < eps`` exactly when ``x <`` this threshold. Found by bisection over the bit
-    patterns of ``dtype``; cached. (torch's float64 ``sqrt`` is not always correctly rounded
-    on CPU, so :func:`_flat_state_counts` uses this only away from ``eps``.)"""
-    key = (dtype, eps)
-    got = _THRESHOLDS.get(key)
-    if got is not None:
-        return got
-    value = _FROM_BITS[dtype]
-    inf_bits = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000}.get(
-        dtype, 0x7FF0000000000000
-    )
-    lo, hi = 0, inf_bits  # sqrt(inf) = inf is not below eps: find the first bit pattern that fails
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if math.sqrt(value(mid)) < eps:
-            lo = mid + 1
-        else:
-            hi = mid
-    got = _THRESHOLDS[key] = value(lo)
-    return got
-
-
-#: dtype -> the value (a float) of a non-negative bit pattern of that format.
-_FROM_BITS = {
-    torch.float16: lambda k: struct.unpack("<e", struct.pack("<H", k))[0],
-    torch.bfloat16: lambda k: struct.unpack("<f", struct.pack("<I", k << 16))[0],
-    torch.float32: lambda k: struct.unpack("<f", struct.pack("<I", k))[0],
-    torch.float64: lambda k: struct.unpack("<d", struct.pack("<Q", k))[0],
-}
-_THRESHOLDS: dict[tuple[torch.dtype, float], float] = {}
-
-
-def _rsub(x: torch.Tensor, c: float, buf: torch.Tensor) -> torch.Tensor:
-    """``c - x`` written into ``buf`` (as ``-x + c``: the same exact sum, so the same rounding)."""
-    return buf.copy_(x).neg_().add_(c)
-
-
-def _state_counts(
-    state: dict, p: torch.Tensor, scratch: Scratch
-) -> tuple[list[torch.Tensor], list[Any], dict[Any, tuple[float, float]]]:
-    """(zero count, subnormal count) 0-d tensors of each floating state tensor shaped like
-    ``p``, flattened, with the state keys they belong to and each tensor's (min, max)."""
-    vals: list[torch.Tensor] = []
-    keys = []
-    bounds: dict[Any, tuple[float, float]] = {}
-    for key, v in state.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel():
-            sn = get_format(FORMAT_OF.get(v.dtype, "float32")).smallest_normal
-            # counted in the state's own format (float32 for narrower ones): a zero is a zero
-            # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
-            v = v.detach()
-            vlo, vhi = torch.stack(torch.aminmax(v)).tolist()
-            bounds[key] = (vlo, vhi)
-            if vlo >= 0:  # no negative, no NaN: |v| is v (up to the sign of zeros)
-                a, lo, hi = v, vlo, vhi
-            else:
-                a = torch.abs(v, out=scratch.get("state", v.shape, v.dtype, v.device))
-                lo, hi = torch.stack(torch.aminmax(a)).tolist()
-            if lo >= sn and hi < float("inf"):  # no zero, subnormal, inf or NaN
-                vals += [torch.zeros((), dtype=torch.float64)] * 2
-                keys.append(key)
-                continue
-            if a.dtype != torch.float64:
-                a = a.float()
-            if hi < float("inf"):
-                buf = scratch.get("state_ind", a.shape, a.dtype, a.device)
-                zero = torch.sign(a, out=buf).sub_(1).neg_()  # 1 - sign(|v|)
-                nz = count(zero)
-                vals += [nz, count(_rsub(a, sn, buf).clamp_(min=0).sign_()) - nz]
-            else:
-                vals += [(a == 0).sum(), ((a > 0) & (a < sn)).sum()]
-            keys.append(key)
-    return vals, keys, bounds
-
-
-def _eps_count(state: dict, group: dict) -> torch.Tensor | None:
-    """For an Adam-like state (``exp_avg_sq`` and a float ``eps``): the number of elements whose
-    float64 ``sqrt(exp_avg_sq)`` (torch's) is below ``eps``; else None."""
-    v = state.get("exp_avg_sq")
-    eps = group.get("eps")
-    if not (isinstance(v, torch.Tensor) and isinstance(eps, float)):
-        return None
-    v = v.detach()
-    root = v.to(torch.float64).sqrt()
-    if bool(torch.isfinite(root.sum())):  # no NaN: eps - root > 0 exactly when root < eps
-        return count((eps - root).clamp_(min=0).sign_())
-    return (root < eps).sum()
 
 
 def param_stats(
@@ -507,119 +291,6 @@ def _rounded(x: float, dtype: torch.dtype) -> float:
             _ROUNDED.clear()
         got = _ROUNDED[key] = float(torch.tensor(x, dtype=dtype))
     return got
-
-
-def _eligible(state: dict, p: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
-    return [
-        (k, v)
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel()
-    ]
-
-
-def _flat_state_counts(
-    ents: list, states: list[dict], scratch: Scratch
-) -> tuple[list[tuple[list[float], list[Any]]], list[float | None]] | None:
-    """:func:`_state_counts` and :func:`_eps_count` of every parameter at once: the state
-    tensors of one key copied into one flat buffer (float32 for narrower formats, as
-    :func:`_state_counts` counts), indicator rows (non-zero, below the smallest normal, below
-    the eps threshold) and per-parameter sums. None when a state tensor is not finite or
-    negative where eps is counted, when the formats or eps values of a key differ, or anything
-    else the flat path does not cover: then the per-parameter functions decide."""
-    per = [_eligible(st, p) for st, (_, p) in zip(states, ents, strict=True)]
-    eps_of: dict[int, float] = {}
-    for j, ((g, _), st) in enumerate(zip(ents, states, strict=True)):
-        v, eps = st.get("exp_avg_sq"), g.get("eps")
-        if isinstance(v, torch.Tensor) and isinstance(eps, float):
-            if not any(k == "exp_avg_sq" for k, _ in per[j]):
-                return None
-            eps_of[j] = eps
-    if len(set(eps_of.values())) > 1:
-        return None
-    fast = state_counts(per, eps_of, _eps_threshold)  # one compiled pass per state tensor
-    if fast is not None:
-        return fast  # type: ignore[return-value]
-    groups: dict[Any, list[tuple[int, torch.Tensor]]] = {}
-    for j, kv in enumerate(per):
-        for k, v in kv:
-            groups.setdefault(k, []).append((j, v.detach()))
-    plans, bounds = [], []
-    for key, members in groups.items():
-        dtypes = {v.dtype for _, v in members}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in FORMAT_OF:
-            return None
-        dtype = next(iter(dtypes))
-        cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        with_eps = key == "exp_avg_sq" and bool(eps_of)
-        rows = 4 if with_eps else 2
-        shapes = [v.shape for _, v in members]
-        lay = scratch.layout(f"state_{key}", rows + 1, shapes, cdt, members[0][1].device)
-        torch._foreach_copy_(lay.views[0], [v for _, v in members])
-        if not with_eps:  # |v| (exp_avg_sq must be >= 0 as it is: its eps share needs that)
-            lay.row(0).abs_()
-        bounds.append(torch.stack(torch.aminmax(lay.row(0))))
-        plans.append((key, members, lay, dtype, rows, with_eps))
-    got_b = torch.cat(bounds).tolist() if bounds else []
-    counts: dict[tuple[Any, int], Any] = {}
-    for (key, members, lay, dtype, rows, with_eps), lo, hi in zip(
-        plans, got_b[0::2], got_b[1::2], strict=True
-    ):
-        if not (lo > float("-inf") and hi < float("inf")):  # an inf or NaN (NaN fails too)
-            return None
-        sn = SMALLEST_NORMAL[dtype]
-        band = None
-        if with_eps:
-            eps = next(iter(eps_of.values()))
-            if not (0 < eps < float("inf") and lo >= 0):
-                return None
-            # below t_lo, sqrt(v) < eps(1 - 2^-30) and so is torch's float64 sqrt (accurate to
-            # far better than 2^-30); from t_hi on, neither is below eps. Elements between:
-            # the per-parameter path computes torch's sqrt itself.
-            band = (
-                _eps_threshold(dtype, eps * (1 - 2.0**-30)),
-                _eps_threshold(dtype, eps * (1 + 2.0**-30)),
-            )
-            if float("inf") in band:
-                return None
-        if lo >= sn and (band is None or lo >= band[1]):  # nothing below any threshold
-            for j, v in members:
-                counts[(key, j)] = [float(v.numel())] + [0.0] * (rows - 1)
-            continue
-        # 0/1 indicator rows, each one comparison written as floats (no NaN here)
-        f = lay.row(0)
-        torch.ne(f, 0, out=lay.row(1))  # non-zero
-        torch.lt(f, sn, out=lay.row(2))  # |v| < sn
-        if band is not None:
-            torch.lt(f, band[0], out=lay.row(3))  # v < t_lo
-            torch.lt(f, band[1], out=lay.row(4))  # v < t_hi
-        for (j, _), part in zip(members, lay.parts(1, rows + 1), strict=True):
-            counts[(key, j)] = part.sum(1)
-    order = [c for c in counts if isinstance(counts[c], torch.Tensor)]
-    got = torch.cat([counts[c] for c in order]).tolist() if order else []
-    pos, i = {}, 0
-    for c in order:
-        pos[c] = got[i : i + counts[c].numel()]
-        i += counts[c].numel()
-    for c in counts:
-        if c not in pos:
-            pos[c] = counts[c]
-    state_vals = []
-    eps_vals: list[float | None] = []
-    for j, kv in enumerate(per):
-        vals: list[float] = []
-        for k, v in kv:
-            nonzero, below = pos[(k, j)][:2]
-            zero = v.numel() - nonzero
-            vals += [zero, below - zero]
-        state_vals.append((vals, [k for k, _ in kv]))
-        if j in eps_of:
-            below_lo, below_hi = pos[("exp_avg_sq", j)][2:4]
-            if below_lo != below_hi:  # an element within 2^-30 of eps: let torch's sqrt decide
-                return None
-            eps_vals.append(below_lo)
-        else:
-            eps_vals.append(None)
-    return state_vals, eps_vals
 
 
 def _one_by_one(

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from fpgrad.errors import InputError
+from fpgrad.watching.casts import forget
 from fpgrad.watching.classify import op_stats
 from fpgrad.watching.modules import ModuleStack
 from fpgrad.watching.optimizer import ShadowOptimizer, step_records, widen
@@ -204,6 +205,7 @@ class Watcher:
         }
         self._emit([*self._pending, rec])
         self._pending = []
+        forget()  # counts of this step's outputs: the casts of later steps read new tensors
         self._step += 1
         self._in_step = self._sampling = False
 
