@@ -418,7 +418,6 @@ def _isolated(code: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="attack11: usable() ignores b's row count")
 def test_incompatible_shapes_raise_as_arb_mat() -> None:
     """a (m x n) @ b (n' x p) with n != n': arb_mat raises ValueError. The kernel read
     only b's first n rows (n < n': a silent wrong product) or past b's pointers (n > n':
@@ -438,7 +437,6 @@ def test_incompatible_shapes_raise_as_arb_mat() -> None:
     assert run.returncode == 0 and run.stdout.strip() == "ValueError", run.stderr[-500:]
 
 
-@pytest.mark.xfail(strict=True, reason="attack11: the kernels read numbers as object pointers")
 def test_numeric_arrays_refused() -> None:
     """The module's public functions on float or int arrays: their values were read as
     object pointers (a segfault at address 8); usable() said True."""
