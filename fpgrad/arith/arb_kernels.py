@@ -184,7 +184,11 @@ def available() -> bool:
 
 
 def usable(a: np.ndarray, b: np.ndarray) -> bool:
-    """Will :func:`matmul` give arb_mat's balls for ``a @ b`` (2-D object arrays)?"""
+    """Will :func:`matmul` give arb_mat's balls for ``a @ b``? Only for 2-D object arrays
+    whose shapes match (b has as many rows as a has columns: the kernel reads exactly
+    ``n * p`` of b's pointers; arb_mat raises ValueError otherwise)."""
+    if not (_objects(a) and _objects(b) and a.shape[1] == b.shape[0]):
+        return False
     m, n = a.shape
     p = b.shape[1]
     return (
@@ -196,16 +200,28 @@ def usable(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
+def _objects(a: object) -> bool:
+    """A 2-D numpy array of Python objects (its cells are object pointers)?"""
+    return isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 2
+
+
 def _addresses(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The object pointers of ``a`` in row-major order (and the array that holds them)."""
+    """The object pointers of ``a`` in row-major order (and the array that holds them);
+    TypeError unless ``a`` holds Python objects (numbers are not pointers to read)."""
     held = np.ascontiguousarray(a)
+    if held.dtype != object:
+        raise TypeError("object arrays of python-flint arb balls only")
     ptrs = np.ctypeslib.as_array((ctypes.c_int64 * held.size).from_address(held.ctypes.data))
     return ptrs.copy(), held
 
 
 def _product(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
+    if not (_objects(a) and _objects(b)):
+        raise TypeError("object arrays of python-flint arb balls only")
     m, n = a.shape
     p = b.shape[1]
+    if b.shape[0] != n:  # checked before the kernel reads n * p of b's pointers
+        raise ValueError("incompatible shapes for matrix multiplication")
     out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls (-0 = 0)
     pa, ha = _addresses(a)
     pb, hb = _addresses(b)
@@ -231,6 +247,8 @@ def adam_update(
     (not loaded, another shape, an element that is not an arb ball, a second moment whose
     ball reaches below 0): the caller takes its own path."""
     if not (available() and m.shape == v.shape == g.shape == w.shape and m.size):
+        return None
+    if len(scalars) != 7:  # the kernel unpacks exactly seven
         return None
     return _adam(m, v, g, w, scalars, prec)
 
@@ -265,7 +283,8 @@ def _adam(
 def to_float64(a: np.ndarray) -> np.ndarray | None:
     """``float(ball)`` of every element (nearest float64 to the midpoint), as python-flint
     gives it; None where not loaded or an element is not an arb ball."""
-    if not available():
+    a = np.asarray(a)
+    if not (available() and a.dtype == object):
         return None
     ptrs, held = _addresses(a)
     out = np.empty(a.size, dtype=np.float64)
@@ -277,7 +296,8 @@ def to_float64(a: np.ndarray) -> np.ndarray | None:
 def signs(a: np.ndarray, zero: arb) -> tuple[np.ndarray, np.ndarray] | None:
     """(``a > zero``, ``a <= zero``) elementwise as python-flint compares balls (True only
     where every point of the ball satisfies it); None where it does not apply."""
-    if not available() or type(zero) is not arb:
+    a = np.asarray(a)
+    if not (available() and type(zero) is arb and a.dtype == object):
         return None
     ptrs, held = _addresses(a)
     yes, no = np.empty(a.size, dtype=bool), np.empty(a.size, dtype=bool)
