@@ -200,3 +200,16 @@ def test_floats_and_signs_as_python_flint() -> None:
         assert K.to_float64(np.array([arb(1), 2.0], dtype=object)) is None  # not all arb
     finally:
         ctx.prec = old
+
+
+def test_direct_matmul_loads_or_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """matmul called before anything loaded the kernels loads them (no KeyError), and refuses
+    in one exception where they are off."""
+    a = np.array([[arb(1), arb(2), arb(3)]], dtype=object)
+    b = np.array([[arb(4)], [arb(5)], [arb(6)]], dtype=object)
+    monkeypatch.setattr(K, "_state", {})
+    assert K.matmul(a, b, 64)[0, 0] == 32
+    monkeypatch.setattr(K, "_state", {})
+    monkeypatch.setenv(K.KERNELS_ENV, "0")
+    with pytest.raises(RuntimeError, match="not available"):
+        K.matmul(a, b, 64)

@@ -308,4 +308,6 @@ def signs(a: np.ndarray, zero: arb) -> tuple[np.ndarray, np.ndarray] | None:
 
 def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
     """``a @ b`` at ``prec`` bits, the balls of ``arb_mat_mul`` (only where :func:`usable`)."""
+    if not available():  # loads the kernels; a direct call before usable() found none
+        raise RuntimeError("arb_kernels.matmul: the kernels are not available here (see usable)")
     return _product(a, b, prec)
