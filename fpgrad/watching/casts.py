@@ -16,6 +16,12 @@ the input has none (the wider format's smallest normal is not larger); else no d
 Anything else (other ops, narrowing casts, inputs not counted this step) is counted as before.
 The counts are what a pass over the output would find; the rest of the record (created /
 inherited) is decided from them as for any output.
+
+A write through an alias with a version counter of its own (``y.data.zero_()``, ``out=y.data``)
+leaves ``y``'s version as it was: the watch calls :func:`written` after each mutating op, which
+drops the counts of every kept tensor in a storage the op wrote. Inference tensors (no version
+counter) are never kept. A write torch does not see at all (through ``numpy()``, a raw storage)
+is not detected: the counts kept before it are used.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def remember(t: torch.Tensor, st: dict[str, Any]) -> None:
     """Keep the counts ``st`` of the output ``t`` (``zeros``, ``subnormals``, ``infs``, ``nans``,
     ``min_abs``, ``max_abs``) for the casts of it later in the step (formats of :data:`KEPT`
     only)."""
-    if t.dtype not in KEPT:
+    if t.dtype not in KEPT or t.is_inference():  # (an inference tensor has no version)
         return
     if len(_COUNTED) >= LIMIT:
         _COUNTED.clear()
@@ -54,6 +60,36 @@ def remember(t: torch.Tensor, st: dict[str, Any]) -> None:
         t.dtype,
         (st["zeros"], st["subnormals"], st["infs"], st["nans"], st["min_abs"], st["max_abs"]),
     )
+
+
+#: id of a mutating op -> (positions, names) of its arguments that it writes.
+_WRITES: dict[int, tuple[Any, list[int], list[str]]] = {}
+
+
+def written(func: Any, args: tuple, kwargs: dict) -> None:
+    """Drop the counts of every kept tensor whose data lies in a storage that the mutating op
+    ``func`` wrote (its arguments marked written in its schema, tensors or lists of them)."""
+    if not _COUNTED:
+        return
+    w = _WRITES.get(id(func))
+    if w is None or w[0] is not func:
+        sch = func._schema.arguments
+        pos = [i for i, a in enumerate(sch) if a.alias_info is not None and a.alias_info.is_write]
+        w = _WRITES[id(func)] = (func, pos, [sch[i].name for i in pos])
+    _, pos, names = w
+    hit = [args[i] if i < len(args) else kwargs.get(n) for i, n in zip(pos, names, strict=True)]
+    spans = []
+    for x in hit:
+        for t in x if isinstance(x, (list, tuple)) else (x,):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                try:
+                    s = t.untyped_storage()
+                    spans.append((s.data_ptr(), s.data_ptr() + max(s.nbytes(), 1)))
+                except (RuntimeError, NotImplementedError):  # no storage to read: drop all
+                    _COUNTED.clear()
+                    return
+    for k in [k for k, e in _COUNTED.items() if any(lo <= e[2] < hi for lo, hi in spans)]:
+        del _COUNTED[k]
 
 
 def forget() -> None:
