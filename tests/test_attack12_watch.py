@@ -167,6 +167,30 @@ def test_cast_after_a_write_through_data(name: str) -> None:
     assert not _diff(row, truth), _diff(row, truth)
 
 
+@pytest.mark.parametrize(
+    ("func", "make_args"),
+    [
+        (aten.fill_.Scalar, lambda y: ((y.data.view(-1)[5:9], 0.0), {})),
+        (aten._foreach_mul_.Scalar, lambda y: (([torch.ones(2), y.data[1:]], 0.0), {})),
+        (aten.mul.out, lambda y: ((torch.ones(3, 4), 0.0), {"out": y.data[1:]})),
+    ],
+    ids=["offset alias", "foreach list", "out= kwarg"],
+)
+def test_written_drops_the_written_storage_only(func: Any, make_args: Callable) -> None:
+    """casts.written: a write into part of ``y``'s storage (an offset alias, a list argument of
+    a foreach op, an ``out=`` keyword) drops ``y``'s counts; ``z``, in another storage, keeps
+    its own."""
+    casts.forget()
+    y, z = (torch.randn(4, 4) + 4).bfloat16(), (torch.randn(4) + 4).bfloat16()
+    for t in (y, z):
+        casts.remember(t, _truth(t))
+    args, kw = make_args(y)
+    func(*args, **kw)
+    casts.written(func, args, kw)
+    assert casts._kept(y) is None and casts._kept(z) is not None
+    casts.forget()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="a write torch never sees (numpy, a storage) cannot be told from no write without "
