@@ -477,3 +477,69 @@ def test_optimizer_records_and_weights(name: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(w0, w1, strict=True))
     key = lambda r: (r["step"], r["param"])  # noqa: E731 (param_groups order in the watch)
     assert sorted(got, key=key) == sorted(want, key=key)
+
+
+# ---- whole steps: the fast paths on against off ----------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    """Autocast nesting (bfloat16 outside, float16 inside), a channels_last convolution, an
+    in-place ReLU, a ``no_grad`` write and a ``.data`` write to half-precision outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1).to(memory_format=torch.channels_last)
+        self.lin = torch.nn.Linear(128, 65)
+        self.out = torch.nn.Linear(65, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.relu_(self.conv(x.contiguous(memory_format=torch.channels_last)))
+            h = self.lin(h.flatten(1))
+            with torch.no_grad():
+                h[:, ::7] = 0.0
+            with torch.autocast("cpu", dtype=torch.float16):
+                g = self.out(h.float().relu())
+            g.data[:, 0] = 0.0  # (g's version unchanged: a cast of g must not reuse counts)
+        return g.float().sum() + h.float().pow(2).mean()
+
+
+class _NoHints(set):
+    """A dense-hint set that keeps nothing."""
+
+    def add(self, x: Any) -> None:
+        pass
+
+
+def _watched_records(fast: bool, monkeypatch: Any) -> tuple[list[dict], list[torch.Tensor]]:
+    from fpgrad.watching import classify
+
+    with monkeypatch.context() as mp:
+        if not fast:
+            mp.setattr(classify, "cast_stats", lambda *a: None)
+            mp.setattr(structural, "mm_overlaps", lambda *a: None)
+            mp.setattr(classify, "_DENSE", _NoHints())  # the range pass first, always
+        torch.manual_seed(0)
+        m = _Net()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+        x = torch.randn(3, 2, 4, 8)
+        with fpgrad.watch(m, opt) as w:
+            for _ in range(3):
+                opt.zero_grad()
+                m(x).backward()
+                opt.step()
+        return list(w.records()), [p.detach().clone() for p in m.parameters()]
+
+
+def test_whole_steps_fast_paths_on_and_off(monkeypatch: Any) -> None:
+    """Every record of three watched steps is the same with the cast derivation, the mm kernel
+    and the dense hints on as with all three off (NaN-aware), and the weights are the same."""
+    on, w_on = _watched_records(True, monkeypatch)
+    off, w_off = _watched_records(False, monkeypatch)
+    assert len(on) == len(off)
+    for a, b in zip(on, off, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            same = a[k] == b[k] or (a[k] != a[k] and b[k] != b[k])
+            assert same, (k, a[k], b[k], a.get("op"))
+    assert all(torch.equal(a, b) for a, b in zip(w_on, w_off, strict=True))
