@@ -492,23 +492,13 @@ OPTIMIZERS: dict[str, tuple] = {
 }
 
 
-FOUND = {
-    "non-contiguous and empty params, adam": "found: aminmax of an empty Adam state raises",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=FOUND[n])) if n in FOUND else n
-        for n in OPTIMIZERS
-    ],
-)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_optimizer_records_and_weights(name: str) -> None:
     """Watched training ends with the weights of unwatched training (bit for bit) and its
     optimizer records (moved, asked, swamped, the map) equal the oracle's field for field.
     Found here: a tensor lr (the shadow forced the multi-tensor step, which refuses it: no
-    request) and sparse gradients (op_stats read ``aminmax`` of one: the step raised)."""
+    request), sparse gradients (op_stats read ``aminmax`` of one: the step raised) and an empty
+    parameter with Adam (``aminmax`` of its empty state: the step raised)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want, w0 = _train(OPTIMIZERS[name], False)
