@@ -16,6 +16,13 @@ the input has none (the wider format's smallest normal is not larger); else no d
 Anything else (other ops, narrowing casts, inputs not counted this step) is counted as before.
 The counts are what a pass over the output would find; the rest of the record (created /
 inherited) is decided from them as for any output.
+
+A write through an alias with a version counter of its own (``y.data.zero_()``, ``out=y.data``)
+leaves ``y``'s version as it was: the watch calls :func:`written` after each mutating op, which
+drops the counts of every kept tensor in a storage the op wrote (a storage known by the address
+of its start). Inference tensors (no version
+counter) are never kept. A write torch does not see at all (through ``numpy()``, a raw storage)
+is not detected: the counts kept before it are used.
 """
 
 from __future__ import annotations
@@ -41,24 +48,58 @@ def remember(t: torch.Tensor, st: dict[str, Any]) -> None:
     """Keep the counts ``st`` of the output ``t`` (``zeros``, ``subnormals``, ``infs``, ``nans``,
     ``min_abs``, ``max_abs``) for the casts of it later in the step (formats of :data:`KEPT`
     only)."""
-    if t.dtype not in KEPT:
+    if t.dtype not in KEPT or t.is_inference():  # (an inference tensor has no version)
         return
     if len(_COUNTED) >= LIMIT:
-        _COUNTED.clear()
+        forget()
+    ptr = t.data_ptr()
     _COUNTED[id(t)] = (
         weakref.ref(t),
         t._version,
-        t.data_ptr(),
+        ptr,
         t.shape,
         t.stride(),
         t.dtype,
         (st["zeros"], st["subnormals"], st["infs"], st["nans"], st["min_abs"], st["max_abs"]),
     )
+    _BY_STORAGE.setdefault(ptr - int(t.storage_offset()) * t.element_size(), []).append(id(t))
+
+
+#: storage start (``data_ptr - storage_offset * element_size``, the same for every tensor of a
+#: storage) -> ids kept with data in it (an id may be stale: dropping it only costs a count).
+_BY_STORAGE: dict[int, list[int]] = {}
+#: id of a mutating op -> (the op, positions and names of the arguments that it writes).
+_WRITES: dict[int, tuple[Any, list[int], list[str]]] = {}
+
+
+def written(func: Any, args: tuple, kwargs: dict) -> None:
+    """Drop the counts of every kept tensor in a storage that the mutating op ``func`` wrote
+    (its arguments marked written in its schema, tensors or lists of them)."""
+    if not _COUNTED:
+        return
+    w = _WRITES.get(id(func))
+    if w is None or w[0] is not func:
+        sch = func._schema.arguments
+        pos = [i for i, a in enumerate(sch) if a.alias_info is not None and a.alias_info.is_write]
+        w = _WRITES[id(func)] = (func, pos, [sch[i].name for i in pos])
+    _, pos, names = w
+    for i, n in zip(pos, names, strict=True):
+        x = args[i] if i < len(args) else kwargs.get(n)
+        for t in x if isinstance(x, (list, tuple)) else (x,):
+            if isinstance(t, torch.Tensor):
+                try:
+                    start = t.data_ptr() - int(t.storage_offset()) * t.element_size()
+                except (RuntimeError, NotImplementedError):  # no storage to read: drop all
+                    forget()
+                    return
+                for k in _BY_STORAGE.pop(start, ()):
+                    _COUNTED.pop(k, None)
 
 
 def forget() -> None:
     """Drop every kept count (at the end of a step)."""
     _COUNTED.clear()
+    _BY_STORAGE.clear()
 
 
 def _kept(x: torch.Tensor) -> tuple | None:

@@ -196,7 +196,8 @@ TINY = 16
 
 
 def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, Any]]:
-    """One statistics dict per floating output of ``func(*args, **kwargs) -> out``. Fast path:
+    """One statistics dict per floating strided output of ``func(*args, **kwargs) -> out``
+    (sparse outputs, e.g. an ``Embedding(sparse=True)`` gradient, are not recorded). Fast path:
     one ``abs`` and one ``aminmax`` pass prove an output has nothing to classify (up to
     :data:`TINY` elements: their magnitudes in Python)."""
     rows = []
@@ -208,7 +209,7 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
     _, fam, seeded, nonneg = info
     sh: _Shadow | None = None
     for k, t in enumerate(_float_outputs(out)):
-        if t is None:
+        if t is None or t.layout != torch.strided:  # (a sparse gradient: no record)
             continue
         sn = SMALLEST_NORMAL[t.dtype]
         known = None

@@ -69,6 +69,10 @@ def _state_counts(
             # counted in the state's own format (float32 for narrower ones): a zero is a zero
             # and ``sn - |v|`` is positive exactly when ``|v| < sn`` (gradual underflow)
             v = v.detach()
+            if not v.numel():  # nothing to count (and aminmax of nothing raises)
+                vals += [torch.zeros((), dtype=torch.float64)] * 2
+                keys.append(key)
+                continue
             vlo, vhi = torch.stack(torch.aminmax(v)).tolist()
             bounds[key] = (vlo, vhi)
             if vlo >= 0:  # no negative, no NaN: |v| is v (up to the sign of zeros)

@@ -15,12 +15,20 @@ def _hyper(g: dict) -> dict:
     """A param_group's hyperparameters for the float64 shadow: the multi-tensor (``foreach``)
     implementation where the optimizer has one (fewer Python calls; elementwise the same
     operations as the single-tensor one: tests/test_watch_fast.py compares the two bit for bit
-    for six optimizers), never ``fused`` or ``capturable``."""
+    for six optimizers), never ``fused`` or ``capturable``; the single-tensor one when a
+    hyperparameter is a tensor."""
     ng = {k: v for k, v in g.items() if k != "params"}
     for k in ("foreach", "fused", "capturable"):
         if k in ng:
             ng[k] = False
-    if "foreach" in ng and not ng.get("differentiable"):
+    # a tensor hyperparameter (lr, betas) is refused by the multi-tensor step when not
+    # capturable (Adam's constructor raises): the single-tensor step then, as torch's default
+    tensors = any(
+        isinstance(v, torch.Tensor)
+        or (isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v))
+        for v in ng.values()
+    )
+    if "foreach" in ng and not ng.get("differentiable") and not tensors:
         ng["foreach"] = True
     return ng
 

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from fpgrad.errors import InputError
-from fpgrad.watching.casts import forget
+from fpgrad.watching.casts import forget, written
 from fpgrad.watching.classify import op_stats
 from fpgrad.watching.modules import ModuleStack
 from fpgrad.watching.optimizer import ShadowOptimizer, step_records, widen
@@ -227,6 +227,8 @@ class Watcher:
         if mutable and not skip:
             before = tree_map(_clone, (args, kwargs))
         out = func(*args, **kwargs)
+        if mutable:  # (through an alias such as ``y.data``, y's version is unchanged)
+            written(func, args, kwargs)
         if skip:
             return out
         backward = torch._C._current_graph_task_id() != -1
