@@ -354,7 +354,8 @@ def test_two_python_threads() -> None:
 
     def work(seed: int) -> None:
         for k in range(60):
-            x, y = _plain((5, 6), seed + k), _plain((6, 4), seed + 1000 + k)
+            with lock:  # _plain sets the global precision too (unlocked, it raced the oracle's)
+                x, y = _plain((5, 6), seed + k), _plain((6, 4), seed + 1000 + k)
             got = _reprs(K.matmul(x, y, 64 + seed))
             fl = K.to_float64(x)
             with lock:
