@@ -70,10 +70,6 @@ def _obj(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=object)
 
 
-def _objects(a: Any) -> bool:
-    return isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 2
-
-
 _ARB = np.frompyfunc(arb, 1, 1)
 _EXP = np.frompyfunc(arb.exp, 1, 1)  # method descriptors: no Python frame per element
 _LOG = np.frompyfunc(arb.log, 1, 1)
@@ -193,7 +189,7 @@ class ArbArith(ExactDerivatives):
         p = b.shape[1]
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
-        if _objects(a) and _objects(b) and arb_kernels.usable(a, b):
+        if arb_kernels.usable(a, b):  # 2-D object arrays of matching shapes, small enough
             try:  # arb_mat's balls without its copies (fpgrad.arith.arb_kernels)
                 return arb_kernels.matmul(a, b, self.prec)
             except TypeError:  # an element that is not an arb ball: arb_mat converts it
