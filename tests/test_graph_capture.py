@@ -198,3 +198,24 @@ def test_training_mode_dropout_is_refused_with_the_fix() -> None:
     with pytest.raises(InputError, match=r"bernoulli_.float in 1 \(dropout.*model\.eval\(\)"):
         fpgrad.from_module(model, torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())
     fpgrad.from_module(model.eval(), torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())
+
+
+def test_float32_constants_made_in_the_forward_are_named_with_the_fix() -> None:
+    class Eye(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) @ torch.eye(3)
+
+    with pytest.raises(InputError) as err:
+        fpgrad.from_module(Eye(), torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())
+    msg = str(err.value)
+    assert "\n" not in msg and "dtype=x.dtype" in msg and "control flow" not in msg
+
+    class Typed(Eye):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) @ torch.eye(3, dtype=x.dtype)
+
+    fpgrad.from_module(Typed(), torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,6 +194,10 @@ class _Smoothing(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+#: torch's messages for two operands of different floating dtypes (float64 traced, float32 made)
+_MIXED_DTYPES = re.compile(r"(?i)(double|float64)\W.*\W(float|float32)\b|\b(float|float32)\W.*(double|float64)")
+
+
 def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) -> Graph:
     """Trace ``loss(model(*inputs), targets)`` and its gradient w.r.t. every parameter.
 
@@ -236,6 +241,13 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _MIXED_DTYPES.search(first):
+            raise InputError(
+                f"torch could not trace the model in float64 ({first}): the forward creates "
+                "float32 tensors (torch.eye, torch.ones, torch.tensor ... without dtype=) that "
+                "meet the model's values; create them with dtype=x.dtype so that the model runs "
+                "in every precision"
+            ) from None
         raise InputError(
             f"torch could not trace the model's forward and backward ({first}); fpgrad needs "
             "a forward that make_fx can trace (no data-dependent Python control flow)"
