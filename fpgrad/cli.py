@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fpgrad.errors import InputError
+from fpgrad.errors import SWITCHES, InputError, switch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -662,6 +662,8 @@ def _main(argv: Sequence[str] | None) -> int:
             parser.print_help()
             return 2
         check_args(args)
+        for name in SWITCHES:  # a bad value fails before any work, whichever path reads it
+            switch(name)
         return int(args.func(args))
     except InputError as exc:
         print(f"fpgrad: error: {one_line(str(exc))}", file=sys.stderr)

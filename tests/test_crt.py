@@ -245,7 +245,8 @@ def test_engine_choice_is_by_capability_and_shape(monkeypatch: pytest.MonkeyPatc
         ({"avx512_vnni": False, "avx_vnni": True}, "", False),  # not in INT8_FEATURES
         ({"avx2": True}, "1", True),  # the override, both ways
         ({"avx512_vnni": True}, "0", False),
-        ({"avx512_vnni": True}, "yes", True),  # not "0" or "1": the features decide
+        ({"avx2": True}, "yes", True),  # the words of fpgrad.errors.switch too
+        ({"avx512_vnni": True}, "off", False),
     ],
 )
 def test_fast_is_the_cpu_features_or_the_override(

@@ -33,7 +33,6 @@ mappings) leaves :func:`available` False and python-flint's own paths in place.
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Any
 
 import numpy as np
@@ -178,8 +177,9 @@ def available() -> bool:
     :data:`KERNELS_ENV` switches it off)?"""
     if "ok" not in _state:
         _state["ok"] = False  # a failing load is not retried
-        off = os.environ.get(KERNELS_ENV, "1").strip().lower() in ("0", "off", "false", "no")
-        _state["ok"] = not off and _load()
+        from fpgrad.errors import switch
+
+        _state["ok"] = switch(KERNELS_ENV) is not False and _load()
     return bool(_state["ok"])
 
 

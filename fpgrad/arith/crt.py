@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -198,9 +197,11 @@ def fast() -> bool:
     """Whether this machine has one of :data:`INT8_FEATURES` (or :data:`INT8_ENV` is "1", and
     not "0"): a fixed property of the machine, decided once, never a timing, so results do not
     depend on load. Without torch (or its capability query): False."""
-    forced = os.environ.get(INT8_ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
+    from fpgrad.errors import switch
+
+    forced = switch(INT8_ENV)
+    if forced is not None:
+        return forced
     try:
         import torch
 

@@ -248,10 +248,11 @@ def _load_kernel() -> Any:
     numba is not installed or ``FPGRAD_ROUNDING_KERNEL=0``."""
     global _kernel
     if _kernel is None:
-        import os
+        from fpgrad.errors import switch
 
+        wanted = switch(KERNEL_ENV) is not False  # a bad value raises before the cache
         _kernel = False
-        if os.environ.get(KERNEL_ENV, "1").strip() not in ("0", "false", "no", "off"):
+        if wanted:
             try:
                 from fpgrad.numbers._rounding_kernel import round_bits
             except ImportError:  # numba is not installed: the numpy path serves
