@@ -468,3 +468,27 @@ def test_group_norm_zero_sum_identity(groups: int) -> None:
     assert ex.method == "fast"
     assert ex.zeros["grads/b"].all() == (groups == 4)
     assert not ex.zeros["grads/b"].any() or groups == 4
+
+
+@pytest.mark.parametrize("p", [2, 1])
+def test_a_zero_norm_row_stays_on_the_fast_balls(p: int) -> None:
+    """The backward's ``x / norm`` where ``norm == 0`` exactly is masked by its only reader:
+    the exact systems skip those elements instead of dividing by 0 (a range error that sent
+    the whole run to Arb), and the masked gradient is certified against the oracle."""
+    x = np.array([[0.0, 0.0, 0.0], [0.5, 1.5, -2.5], [3.0, -1.0, 0.25]])
+    w = np.ones((3, 3)) * np.array([1.0, -2.0, 0.75])
+    t = _t(np.linspace(-1, 1, 9).reshape(3, 3))
+    model = Scaled(w, lambda h: h / (torch.linalg.vector_norm(h, p, dim=-1, keepdim=True) + 1))
+    ex = check(model, _t(x), t, nn.MSELoss(), _scaled_oracle(lambda h: _rows(h, _norm_rows(p))))
+    assert ex.method == "fast" and ex.certified_digits >= 17
+
+
+def test_an_unmasked_division_by_a_zero_norm_is_never_certified() -> None:
+    """``h / ||h||`` of a zero row is 0/0 (torch: NaN): no reader masks it, so the division
+    is the system's own and the values it reaches end undetermined, never certified."""
+    x = np.array([[0.0, 0.0, 0.0], [0.5, 1.5, -2.5]])
+    model = Scaled(np.ones((2, 3)), lambda h: h / h.norm(dim=-1, keepdim=True))
+    net = fpgrad.from_module(model.double(), _t(x), _t(np.zeros((2, 3))), nn.MSELoss())
+    r = exact_graph(net.graph, allow_uncertified=True, max_bits=512).result
+    assert r.undetermined_masks["loss"].all()
+    assert r.undetermined_masks["grads/w"][0].all()

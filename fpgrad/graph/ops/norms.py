@@ -12,9 +12,11 @@ import math
 from typing import Any, NoReturn
 
 import numpy as np
+from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
+from fpgrad.graph.names import PASS_THROUGH
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.registry import op
 
@@ -155,6 +157,50 @@ def eq_scalar(cx: Any, x: Any, c: float) -> np.ndarray:
         return ~(above | below)
     ref = np.asarray(ar.const(float(c)), dtype=np.float64)
     return np.asarray(np.asarray(x, dtype=np.float64) == ref)
+
+
+def _through(node: Any) -> Any:
+    while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def _masks_its_zeros(cx: Any) -> bool:
+    """Does every reader of this division overwrite its elements where the divisor is 0?
+    True when each is a ``masked_fill`` of it by ``eq(s, 0)`` with the divisor ``s`` or
+    ``s * c`` (``mul.Scalar``, c finite and non-zero): torch's masked norm and std backward."""
+    src, users = cx.origin(1), list(cx.node.users)
+    if src is None or not users:
+        return False
+    for u in users:
+        fill = str(u.target) in ("aten.masked_fill.Scalar", "aten.masked_fill_.Scalar")
+        m = u.args[1] if fill and u.args[0] is cx.node else None
+        if not (isinstance(m, fx.Node) and str(m.target) == "aten.eq.Scalar" and m.args[1] == 0):
+            return False
+        s = _through(m.args[0])
+        scaled = str(src.target) == "aten.mul.Scalar" and _through(src.args[0]) is s
+        if not (src is s or (scaled and math.isfinite(src.args[1]) and src.args[1] != 0)):
+            return False
+    return True
+
+
+def masked_division(cx: Any, a: Any, b: Any) -> Any | None:
+    """``a / b`` in the exact systems where ``b`` is exactly 0 at elements every reader
+    overwrites (:func:`_masks_its_zeros`): those elements are 0 instead of a division by 0
+    (which the fast balls count as a range error, sending the run to Arb); no other element
+    changes. None where this does not apply (the caller divides). ``b == 0`` is decided as
+    :func:`eq_scalar` decides it (undecided: escalation, as the ``eq`` node's own)."""
+    ar = cx.ar
+    if not isinstance(ar, ExactDerivatives) or isinstance(b, (int, float)):
+        return None
+    if not _masks_its_zeros(cx):
+        return None
+    zero = eq_scalar(cx, b, 0.0)
+    if not zero.any():
+        return None
+    q = ar.div(a, ar.where(zero, ar.asarray(np.ones(zero.shape)), b))
+    shape = shapes.shape(q)
+    return ar.where(np.broadcast_to(zero, shape), ar.asarray(np.zeros(shape)), q)
 
 
 @op("aten.add_.Scalar")
