@@ -30,7 +30,7 @@ import fpgrad
 from fpgrad.arith.emulated import EmulatedArith
 from fpgrad.errors import InputError
 from fpgrad.graph.exact import exact_graph
-from fpgrad.graph.ops import norms
+from fpgrad.graph.ops import OPS, norms
 from tests.oracle import interval_ad as A
 from tests.test_attack5_certificates import _t, check
 
@@ -492,3 +492,31 @@ def test_an_unmasked_division_by_a_zero_norm_is_never_certified() -> None:
     r = exact_graph(net.graph, allow_uncertified=True, max_bits=512).result
     assert r.undetermined_masks["loss"].all()
     assert r.undetermined_masks["grads/w"][0].all()
+
+
+def test_in_place_scalar_add_on_an_integer_buffer_stays_integer() -> None:
+    cx = _cx("bfloat16")
+    out = norms.add_scalar_inplace(cx, np.array([3, 4], dtype=np.int64), 1)
+    assert out.dtype.kind == "i" and out.tolist() == [4, 5]
+
+
+@pytest.mark.skipif(
+    "aten.clamp_min.default" not in OPS,
+    reason="F.normalize needs clamp_min, ge.Scalar and where.self (the comparison ops)",
+)
+def test_f_normalize_with_a_zero_row() -> None:
+    """F.normalize: the norm clamped at 1e-12, the masked ``x / norm`` of its backward; a
+    zero row (norm exactly 0) included."""
+    torch.manual_seed(0)
+    model = Around(lambda t: F.normalize(t, dim=-1))
+    with torch.no_grad():
+        model.inp.bias.zero_()
+    x = torch.randn(4, 6)
+    x[0] = 0.0  # row 0 of inp(x) is exactly 0
+    y = torch.tensor([0, 1, 2, 0])
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    cmp = fpgrad.compare(net, "float32")
+    ref = _eager(model, x, y, torch.float32)
+    for name in net.param_names:
+        assert np.array_equal(cmp.values("float32")[name], ref[name]), name
+    assert cmp.certified_digits >= 17

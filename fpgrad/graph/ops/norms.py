@@ -207,6 +207,8 @@ def masked_division(cx: Any, a: Any, b: Any) -> Any | None:
 def add_scalar_inplace(cx: Any, a: Any, b: float, alpha: float = 1) -> Any:
     """In-place ``a + alpha b`` (RMSNorm's ``+ eps`` on a fresh mean), as a new value
     (capture refuses in-place ops whose input is read later or through a view)."""
+    if isinstance(a, np.ndarray) and a.dtype.kind in "iu":  # an integer buffer (a counter)
+        return a + b * alpha
     from fpgrad.graph.ops.pointwise import add
 
     return add(cx, a, b, alpha)
