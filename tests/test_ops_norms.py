@@ -520,3 +520,43 @@ def test_f_normalize_with_a_zero_row() -> None:
     for name in net.param_names:
         assert np.array_equal(cmp.values("float32")[name], ref[name]), name
     assert cmp.certified_digits >= 17
+
+
+def test_emulated_group_norm_by_hand() -> None:
+    """One sample, two channels in one group, one position: every operation rounded once
+    into bfloat16 (sums left to right)."""
+    fmt = "bfloat16"
+    R, cx = _rounded(fmt), _cx(fmt)
+    x, w, b = R([[[1.3], [-0.7]]]), R([0.9, 1.7]), R([0.1, -0.2])
+    v = x.ravel()
+    mean = R(R(v[0] + v[1]) / 2)
+    xc = R(v - mean)
+    var = R(R(R(xc[0] * xc[0]) + R(xc[1] * xc[1])) / 2)
+    rstd = R(1 / _fn(mpmath.sqrt, fmt)(R(var + R(1e-5))))
+    y = R(R(R(xc * rstd) * w) + b)
+    out, m, r = norms.group_norm(cx, x, w, b, 1, 2, 1, 1, 1e-5)
+    assert np.array_equal(out.ravel(), y) and m.ravel()[0] == mean and r.ravel()[0] == rstd[0]
+
+
+def test_eq_scalar_exact_and_emulated() -> None:
+    """Exact: ``== 0`` decided on the fast balls and Arb (an exact zero ball is 0); ``== c``
+    exactly at c and next to it (the next float64) decided by Arb, while the fast balls'
+    ``x - c`` keeps a radius: undecided there, counted (the run goes to Arb), never guessed.
+    Emulated: c rounded into the format first (0.1 in bfloat16 is 0.10009765625), NaN is
+    equal to nothing."""
+    from fpgrad.arith.arb import ArbArith
+    from fpgrad.arith.ball import BallArith
+
+    vals = np.array([0.5, np.nextafter(0.5, 1.0), 0.0, -0.5])
+    for ar in (BallArith(150), ArbArith(128)):
+        cx = SimpleNamespace(ar=ar, label=lambda: "op")
+        assert norms.eq_scalar(cx, ar.asarray(vals), 0).tolist() == [False, False, True, False]
+        assert ar.uncertain_branches == 0
+        at_half = norms.eq_scalar(cx, ar.asarray(vals), 0.5).tolist()
+        if isinstance(ar, ArbArith):
+            assert at_half == [True, False, False, False] and ar.uncertain_branches == 0
+        else:
+            assert ar.uncertain_branches > 0
+    cx = _cx("bfloat16")
+    x = cx.ar.asarray(np.array([0.1, 0.2, np.nan]))
+    assert norms.eq_scalar(cx, x, 0.1).tolist() == [True, False, False]
