@@ -1,7 +1,7 @@
 """Reductions and normalisations (:mod:`fpgrad.graph.ops.norms`): group norm, RMSNorm, std,
 vector norms, logsumexp, GLU.
 
-Each op in a small model: the native columns (float32, float64) equal torch eager autograd
+Each op in a small model: the native columns (bfloat16, float32, float64) equal torch eager autograd
 bit for bit, the exact reference certifies and agrees with torch float64, an emulated column
 runs; the exact enclosures contain the independent interval oracle
 (:mod:`tests.oracle.interval_ad`, each op written from its definition with torch's convention
@@ -125,8 +125,12 @@ def test_native_bit_for_bit_exact_certified_emulated_runs(case: str) -> None:
     model, x = MODELS[case]()
     y = torch.tensor([0, 1, 2, 0])[: x.shape[0]]
     net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
-    cmp = fpgrad.compare(net, "float32,float64,bfloat16:emulated")
-    for prec, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+    # F.rms_norm upcasts half and bfloat16 inputs to float32 in eager, ops the float32 trace
+    # lacks: capture refuses those native columns ("the eager run diverges")
+    low = [] if case.startswith("rms") else [("bfloat16", torch.bfloat16)]
+    natives = [*low, ("float32", torch.float32), ("float64", torch.float64)]
+    cmp = fpgrad.compare(net, ",".join([*(p for p, _ in natives), "bfloat16:emulated"]))
+    for prec, dtype in natives:
         ref = _eager(model, x, y, dtype)
         for name in net.param_names:
             assert np.array_equal(cmp.values(prec)[name], ref[name]), (prec, name)
