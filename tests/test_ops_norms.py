@@ -485,6 +485,15 @@ def test_a_zero_norm_row_stays_on_the_fast_balls(p: int) -> None:
     model = Scaled(w, lambda h: h / (torch.linalg.vector_norm(h, p, dim=-1, keepdim=True) + 1))
     ex = check(model, _t(x), t, nn.MSELoss(), _scaled_oracle(lambda h: _rows(h, _norm_rows(p))))
     assert ex.method == "fast" and ex.certified_digits >= 17
+    # the emulated machines divide 0 by 0 (NaN) and mask it, as torch does: no NaN leaks
+    net = fpgrad.from_module(model, _t(x), t, nn.MSELoss())
+    cmp = fpgrad.compare(net, "float64,bfloat16:emulated,fp8_e4m3")  # fp8: emulated only
+    for prec in ("bfloat16:emulated", "fp8_e4m3"):
+        assert np.isfinite(cmp.values(prec)["w"]).all(), prec
+        assert not cmp.values(prec)["w"][0].any(), prec  # x is 0 there: a NaN would stay
+    m64 = copy.deepcopy(model)
+    nn.MSELoss()(m64(_t(x)), t).backward()
+    assert np.array_equal(cmp.values("float64")["w"], m64.w.grad.numpy())
 
 
 def test_an_unmasked_division_by_a_zero_norm_is_never_certified() -> None:
