@@ -74,6 +74,12 @@ def _gn(groups: int, c: int, affine: bool = True) -> nn.Module:
     return m
 
 
+def _add_in_place(t: torch.Tensor) -> torch.Tensor:
+    m = t.mean(-1, keepdim=True)
+    m.add_(1.0)  # later reads see the written value (the trace reads the add_ node)
+    return t * m
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "group_norm": lambda: (Around(_gn(2, 6)), torch.randn(4, 6)),
     "group_norm_1_group_no_affine": lambda: (Around(_gn(1, 6, affine=False)), torch.randn(4, 6)),
@@ -104,6 +110,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
         torch.randn(4, 6),
     ),
     "glu": lambda: (Around(lambda t: F.glu(t, -1), d_out=3), torch.randn(4, 6)),
+    "add_scalar_in_place": lambda: (Around(_add_in_place), torch.randn(4, 6)),
     "glu_dim0": lambda: (Around(lambda t: torch.cat([F.glu(t, 0)] * 2)), torch.randn(4, 6)),
 }
 
