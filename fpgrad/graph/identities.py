@@ -252,6 +252,17 @@ class _Pass:
             return None
         return (_along(shape, list(range(len(shape) - len(normalized), len(shape)))), None, None)
 
+    def group_norm_backward(self, node: fx.Node) -> Any:
+        """dx sums to 0 over each (sample, group), as layer norm's: sum(x - mean) = 0."""
+        g, x, mean, rstd, _w, n, c, hw, groups, mask = node.args[:10]
+        fwd, gn = _item_of(mean, "aten.native_group_norm.default", 1), _shape(g)
+        if not mask[0] or fwd is None or _item_of(rstd, str(fwd.target), 2) is not fwd or gn is None:
+            return None
+        if origin(fwd.args[0]) is not origin(x) or list(fwd.args[3:7]) != [n, c, hw, groups]:
+            return None  # x (N, C, *) flat: index // (C/G HxW) = n G + c // (C/G), its group
+        gid = np.repeat(np.arange(n * groups, dtype=np.int64), (c // groups) * hw)
+        return (canon(gid.reshape(gn)), None, None)
+
     def softmax_backward(self, node: fx.Node, forward: str) -> Fact:
         g, y, dim = node.args[:3]
         fwd = origin(y)
@@ -440,6 +451,7 @@ def _concludes(node: fx.Node) -> bool:
 _RULES: dict[str, Callable[[_Pass, fx.Node], Any]] = {
     "aten.native_batch_norm_backward.default": _Pass.batch_norm_backward,
     "aten.native_layer_norm_backward.default": _Pass.layer_norm_backward,
+    "aten.native_group_norm_backward.default": _Pass.group_norm_backward,
     "aten._softmax_backward_data.default": lambda p, n: p.softmax_backward(
         n, "aten._softmax.default"
     ),
@@ -463,14 +475,14 @@ _RULES: dict[str, Callable[[_Pass, fx.Node], Any]] = {
 _SOFTMAX = {"aten._softmax_backward_data.default", "aten._log_softmax_backward_data.default"}
 _SOURCES = {
     "aten.native_batch_norm_backward.default",
-    "aten.native_layer_norm_backward.default",
+    "aten.native_layer_norm_backward.default", "aten.native_group_norm_backward.default",
     "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
     "aten.convolution_backward.default",
 }
 
 
 _SEEDS = {*_SOFTMAX, *_FILLS, "aten.native_batch_norm_backward.default",
-          "aten.native_layer_norm_backward.default",
+          "aten.native_layer_norm_backward.default", "aten.native_group_norm_backward.default",
           "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"}  # fmt: skip
 _KEYS: dict[Any, str] = {}
 

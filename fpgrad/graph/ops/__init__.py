@@ -126,6 +126,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     linear,
     loss,
     norm,
+    norms,
     pointwise,
     reduce,
     shape,

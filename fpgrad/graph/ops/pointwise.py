@@ -96,7 +96,12 @@ def mul(cx: Any, a: Any, b: Any) -> Any:
 
 @op("aten.div.Tensor", "aten.div.Scalar")
 def div(cx: Any, a: Any, b: Any) -> Any:
-    return cx.ar.div(scalar(cx, a), scalar(cx, b))
+    """a / b; in the exact systems a division whose readers all mask ``b == 0`` (a norm's
+    or std's backward) skips those elements (:func:`fpgrad.graph.ops.norms.masked_division`)."""
+    from fpgrad.graph.ops.norms import masked_division
+
+    out = masked_division(cx, a, b)
+    return cx.ar.div(scalar(cx, a), scalar(cx, b)) if out is None else out
 
 
 @op("aten.neg.default")

@@ -85,7 +85,8 @@ def var_backward_divisor(cx: Any, scale: float) -> tuple[int, float] | None:
     """``(n, correction)`` when the node is var's backward scale: an ``aten.mul.Scalar(g,
     scale)`` of the backward (it reads the loss; torch's Python ``t * 0.5`` traces as
     ``mul.Tensor``), a user multiplies it by ``x - mean(x, dims)``, the graph has
-    ``var.correction(x, dims, correction)`` and ``scale == 2 / (n - correction)`` as torch
+    ``var.correction(x, dims, correction)`` (or ``std.correction``: std's backward scales by
+    the same constant) and ``scale == 2 / (n - correction)`` as torch
     computes it in float64; else None."""
     if str(cx.node.target) != "aten.mul.Scalar":
         return None
@@ -104,7 +105,7 @@ def var_backward_divisor(cx: Any, scale: float) -> tuple[int, float] | None:
                 continue
             dims = mean.args[1] if len(mean.args) > 1 else None
             for var in x.users:
-                if str(var.target) != "aten.var.correction":
+                if str(var.target) not in ("aten.var.correction", "aten.std.correction"):
                     continue
                 vdims = var.args[1] if len(var.args) > 1 else var.kwargs.get("dim")
                 if sorted(vdims or []) != sorted(dims or []):
