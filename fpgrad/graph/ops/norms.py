@@ -18,7 +18,7 @@ from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
 from fpgrad.graph.names import PASS_THROUGH
 from fpgrad.graph.ops._util import sum_dims
-from fpgrad.graph.ops.registry import op
+from fpgrad.graph.ops.registry import OPS, op
 
 
 def _refuse(cx: Any, what: str) -> NoReturn:
@@ -209,9 +209,7 @@ def add_scalar_inplace(cx: Any, a: Any, b: float, alpha: float = 1) -> Any:
     (capture refuses in-place ops whose input is read later or through a view)."""
     if isinstance(a, np.ndarray) and a.dtype.kind in "iu":  # an integer buffer (a counter)
         return a + b * alpha
-    from fpgrad.graph.ops.pointwise import add
-
-    return add(cx, a, b, alpha)
+    return OPS["aten.add.Scalar"](cx, a, b, alpha)  # pointwise.add (which imports this module)
 
 
 # ---- logsumexp, GLU ------------------------------------------------------------------------
