@@ -68,8 +68,13 @@ def _beta_x(cx: Any, x: Any, beta: float) -> Any:
 
 
 def _log_branch(cx: Any, t: Any, linear: np.ndarray) -> Any:
-    """``t`` where the log branch is taken, 0 elsewhere (exact systems only)."""
-    return cx.ar.where(linear, zeros(cx, shapes.shape(t)), t)
+    """``t`` where the log branch may be taken, 0 where the linear one surely is (exact
+    systems only; an undecided element keeps ``t``, so its log branch is not widened)."""
+    unsure = getattr(linear, "unsure", None)
+    sure = np.asarray(linear, dtype=bool)
+    if unsure is not None:
+        sure = sure & ~np.asarray(unsure, dtype=bool)
+    return cx.ar.where(sure, zeros(cx, shapes.shape(t)), t)
 
 
 @op("aten.softplus.default")
