@@ -48,6 +48,10 @@ ORACLES: dict[str, tuple[Callable, Callable]] = {
         lambda x, w: F.softplus(w * x * 3, beta=2.0, threshold=5.0),
         lambda x, w: _softplus(w * x * 3, 2.0, 5.0),
     ),
+    "softplus_negative_beta": (
+        lambda x, w: F.softplus(w * x * 3, beta=-1.5, threshold=-2.0),
+        lambda x, w: _softplus(w * x * 3, -1.5, -2.0),
+    ),
     "logsigmoid": (
         lambda x, w: F.logsigmoid(w * x * 9),
         lambda x, w: _u(lambda v: -CTX.log(1 + CTX.exp(-v)))(w * x * 9),
