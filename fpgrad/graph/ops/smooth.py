@@ -159,8 +159,11 @@ def celu_scale(cx: Any, alpha: float, scale: float, input_scale: float) -> bool:
     """Is this ``elu_backward`` (exact systems) celu's, whose ``input_scale`` torch derived
     from alpha (``1 / alpha``, or ``1 / float32(alpha)`` as derivatives.yaml writes it)? Then
     its derivative is ``exp(x / alpha)`` exactly: ``input_scale scale alpha`` stands for 1."""
-    node = cx.node.args[5] if len(cx.node.args) > 5 else None
-    if not _exact(cx) or scale != 1 or not isinstance(node, fx.Node):
+    if not _exact(cx) or scale != 1:
+        return False
+    backward = getattr(cx, "node", None)  # None: called outside a graph
+    node = backward.args[5] if backward is not None and len(backward.args) > 5 else None
+    if not isinstance(node, fx.Node):
         return False
     alpha = float(alpha)
     if input_scale not in (1.0 / alpha, 1.0 / float(np.float32(alpha))):
