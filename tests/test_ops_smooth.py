@@ -278,6 +278,7 @@ _MP_FNS: dict[str, Callable[[Any], tuple[Any, Any]]] = {
     "atan": lambda m: (0, gmpy2.atan(m)),
 }  # fmt: skip
 _MPFR: dict[tuple[str, str], tuple[list, list, list, list]] = {}
+_SPECS = {**FORMATS, "float32": (24, -148, 128)}  # MPFR's IEEE single
 
 
 def _mpfr(fn: str, fmt: str, x: np.ndarray, mode: Mode) -> np.ndarray:
@@ -293,11 +294,14 @@ def _mpfr(fn: str, fmt: str, x: np.ndarray, mode: Mode) -> np.ndarray:
                 if t == 0 and v != 0:
                     assert fn in ("softplus", "expm1", "erf")  # e^-65504: below MPFR's range
                     t = gmpy2.mpfr(2) ** -(10**6) * (1 if fn != "erf" or v < 0 else -1)
+                if gmpy2.is_infinite(t):  # e^(8e33): beyond MPFR's range, finite and huge
+                    assert fn == "expm1" and v > 0
+                    t = gmpy2.mpfr(2) ** (10**6)
                 base.append(gmpy2.mpfr(b))
                 tail.append(t)
             _MPFR[fn, fmt] = (base, tail, [t * (1 - eps) for t in tail],
                               [t * (1 + eps) for t in tail])  # fmt: skip
-    prec, emin, emax = FORMATS[fmt]
+    prec, emin, emax = _SPECS[fmt]
     low = gmpy2.context(precision=prec, emin=emin, emax=emax, subnormalize=True,
                         round=MODES[mode])  # fmt: skip
     base, tail, below, above = _MPFR[fn, fmt]
@@ -325,3 +329,26 @@ def test_new_kernels_correctly_rounded_on_every_input(fmt: str, mode: Mode) -> N
         assert bad.size == 0, (
             f"{fn} {fmt} {mode}: {x[bad[:5]]} -> {got[bad[:5]]}, MPFR {want[bad[:5]]}"
         )
+
+
+def _float32_sample() -> np.ndarray:
+    """4000 random float32 bit patterns (finite: up to 3e38, where sin's argument reduction
+    matters) and 4000 uniform values in [-40, 40]."""
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
+    with np.errstate(invalid="ignore"):
+        x = bits.view(np.float32).astype(np.float64)
+    dense = rng.uniform(-40, 40, 4000).astype(np.float32).astype(np.float64)
+    return np.concatenate([x[np.isfinite(x)], dense])
+
+
+@pytest.mark.parametrize("mode", [Mode.NEAREST_EVEN, Mode.DOWN])
+def test_new_kernels_correctly_rounded_on_float32_samples(mode: Mode) -> None:
+    """float32 (24 bits: the libm error bound 2**-40 is tighter there) on a sample."""
+    x = _float32_sample()
+    ar = EmulatedArith("float32", mode=mode)
+    for fn in _MP_FNS:
+        got = getattr(ar, fn)(ar.asarray(x))
+        want = _mpfr(fn, "float32", x, mode)
+        bad = np.flatnonzero(~((got == want) | (np.isnan(got) & np.isnan(want))))
+        assert bad.size == 0, f"{fn} float32 {mode}: {x[bad[:5]]} -> {got[bad[:5]]}"
