@@ -192,6 +192,8 @@ def test_saturation_keeps_relative_accuracy() -> None:
     """Tails of 1e-300 and below (exp(-700) ~ 2**-1010) are certified relative to themselves."""
     _corner(F.softplus, [-700.0, -40.0, 700.0, 15.0], [1.0] * 4, _sig)
     _corner(F.logsigmoid, [700.0, -700.0, 40.0, -40.0], [1.0] * 4, lambda v: _sig(-v))
+    big = lambda z: F.softplus(z, threshold=1e6)  # noqa: E731  the log branch at 1000
+    _corner(big, [1000.0, -1000.0, 1e5], [1.0] * 3, _sig)
     mish = lambda v: CTX.diff(lambda s: s * CTX.tanh(CTX.log1p(CTX.exp(s))), v)  # noqa: E731
     _corner(F.mish, [-700.0, -30.0, 30.0, 0.5], [1.0] * 4, mish)
     _corner(torch.erf, [30.0, -5.0, 1e-300, 0.25], [1.0] * 4,
@@ -352,3 +354,30 @@ def test_new_kernels_correctly_rounded_on_float32_samples(mode: Mode) -> None:
         want = _mpfr(fn, "float32", x, mode)
         bad = np.flatnonzero(~((got == want) | (np.isnan(got) & np.isnan(want))))
         assert bad.size == 0, f"{fn} float32 {mode}: {x[bad[:5]]} -> {got[bad[:5]]}"
+
+
+@pytest.mark.parametrize(
+    ("f", "z", "value"),
+    [
+        (F.softplus, -700.0, lambda v: CTX.log1p(CTX.exp(v))),
+        (F.logsigmoid, 700.0, lambda v: -CTX.log1p(CTX.exp(-v))),
+        (F.mish, -700.0, lambda v: v * CTX.tanh(CTX.log1p(CTX.exp(v)))),
+        (torch.erf, 1e-300, CTX.erf),
+        (torch.expm1, -1e-300, CTX.expm1),
+        (torch.log1p, 1e-300, CTX.log1p),
+        (torch.sin, 1e-300, CTX.sin),
+        (torch.atan, -1e-300, CTX.atan),
+        (lambda x: F.celu(x, 0.7), -1e-300, lambda v: CTX.mpf(0.7) * CTX.expm1(v / CTX.mpf(0.7))),
+    ],
+)
+def test_tiny_forward_values_are_certified_relative_to_themselves(
+    f: Callable, z: float, value: Callable
+) -> None:
+    """One element: the loss is f(z) itself (tiny), every certified digit right."""
+    model = Dot(f, [z])
+    net = fpgrad.from_module(model, torch.ones(1, dtype=torch.float64),
+                             torch.ones(1, dtype=torch.float64), _dot)  # fmt: skip
+    ex = exact_graph(net.graph).result
+    want = value(CTX.mpf(z))
+    _claims(ex, "loss", np.array(want, dtype=object).reshape(()), abs(want) * CTX.mpf(10) ** -100)
+    assert ex.digits["loss"] >= 17

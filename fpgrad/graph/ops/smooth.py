@@ -19,7 +19,8 @@ every point of its input balls, hence so does any composition):
   slot: :class:`~fpgrad.graph.ops.pointwise.MissingSlot` sends the run to Arb); ``erf`` is
   Arb's erf itself, not ``2 Phi(x sqrt 2) - 1`` (which cancels near 0); erf's backward scale
   ``fl(2 / sqrt(pi))`` is the real ``2 sqrt(2) phi(0)`` (:func:`erf_scale`);
-- celu: ``alpha (exp(x / alpha) - 1)`` with the exact quotient (torch's ``1 / alpha`` in
+- celu: ``alpha expm1(x / alpha)`` with the exact quotient (``exp - 1`` in the fast balls,
+  whose cancellation near 0 sends tiny arguments to Arb) (torch's ``1 / alpha`` in
   float64 forward and ``1 / float32(alpha)`` backward both stand for it: :func:`celu_scale`).
 
 Strict machines (emulated formats): torch's formulas op by op, each transcendental one
@@ -151,7 +152,9 @@ def celu(cx: Any, x: Any, alpha: float = 1.0) -> Any:
         return elu(cx, x, alpha, 1.0, 1.0 / float(alpha))
     ar = cx.ar
     a = ar.const(float(alpha))
-    neg = ar.mul(ar.sub(ar.exp(ar.div(x, a)), ar.const(1.0)), a)
+    u = ar.div(x, a)
+    em1 = getattr(ar, "expm1", None)  # Arb's: no cancellation near 0 (the fast balls: exp - 1)
+    neg = ar.mul(em1(u) if em1 is not None else ar.sub(ar.exp(u), ar.const(1.0)), a)
     return ar.where(ar.positive(x), x, neg)
 
 
