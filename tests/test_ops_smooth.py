@@ -199,6 +199,9 @@ def test_saturation_keeps_relative_accuracy() -> None:
     _corner(torch.erf, [30.0, -5.0, 1e-300, 0.25], [1.0] * 4,
             lambda v: 2 / CTX.sqrt(CTX.pi) * CTX.exp(-v * v))  # fmt: skip
     _corner(torch.expm1, [-800.0, 1e-300, -1e-20, 3.0], [1.0] * 4, CTX.exp)
+    # torch's expm1 backward is grad (expm1(x) + 1): read as exp(x), no cancellation at -300
+    ex = _corner(torch.expm1, [-300.0, -40.0, 0.5], [1.0] * 3, CTX.exp)
+    assert ex.method == "fast" and min(ex.digits["grads/w"]) > 40
 
 
 def test_tiny_arguments() -> None:
@@ -381,3 +384,31 @@ def test_tiny_forward_values_are_certified_relative_to_themselves(
     want = value(CTX.mpf(z))
     _claims(ex, "loss", np.array(want, dtype=object).reshape(()), abs(want) * CTX.mpf(10) ** -100)
     assert ex.digits["loss"] >= 17
+
+
+@pytest.mark.parametrize("bits", [100, 150])
+def test_ball_expm1_encloses_at_both_ends_of_every_ball(bits: int) -> None:
+    """BallArith.expm1 (Taylor below 2**-4, exp - 1 above) against mpmath at 600 bits: e^x - 1
+    is increasing, so a ball holding its values at both ends of the input ball holds all."""
+    from fpgrad.arith import expansion as xp
+    from fpgrad.arith.ball import BallArith
+    from fpgrad.arith.ball_base import Ball
+
+    ba = BallArith(bits)
+    rng = np.random.default_rng(bits)
+    edges = [0.0, 2.0**-790, -(2.0**-700), 2.0**-10, 0.0625, -0.0625, 0.0625 * (1 + 2**-52),
+             1.0, -30.0, 20.0]  # fmt: skip
+    xs = np.concatenate([edges, rng.uniform(-0.07, 0.07, 300), rng.uniform(-3, 3, 100),
+                         np.ldexp(rng.uniform(-1, 1, 100), rng.integers(-790, -5, 100))])  # fmt: skip
+    ctx = CTX.clone()
+    ctx.prec = 600
+    for rad in (0.0, 2.0**-1000, 2.0**-200, 2.0**-60, 2.0**-8):
+        out = ba.expm1(Ball(xp.from_float(xs, ba.k), np.full(xs.shape, rad)))
+        assert ba.range_errors == 0
+        for i, x in enumerate(xs.tolist()):
+            m = sum(ctx.mpf(float(w)) for w in out.mid[:, i])
+            r = ctx.mpf(float(out.rad[i]))
+            for end in (ctx.mpf(x) - rad, ctx.mpf(x) + rad):
+                assert abs(ctx.expm1(end) - m) <= r, (x, rad)
+            if rad == 0:  # relative accuracy of the eta the reference assumes
+                assert r <= abs(m) * (2.0**-80 if ba.k == 2 else 2.0**-130)

@@ -30,6 +30,12 @@ def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
         if isinstance(x, NegInfMasked) and alpha == 1:
             only_softmax(cx)
             return NegInfMasked(add(cx, x.value, y), x.mask)
+    if isinstance(cx.ar, ExactDerivatives) and isinstance(b, int | float):
+        from fpgrad.graph.ops.smooth import expm1_plus_one
+
+        found = expm1_plus_one(cx, b, alpha)  # expm1's backward: exp(x), not expm1(x) + 1
+        if found is not None:
+            return found
     if isinstance(b, float) and alpha == 1 and isinstance(cx.ar, ExactDerivatives):
         from fpgrad.graph.ops.derived import derived_constant
 

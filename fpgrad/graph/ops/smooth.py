@@ -15,13 +15,15 @@ every point of its input balls, hence so does any composition):
   (the fast balls escalate to Arb, whose ``where`` takes the union of both branches, and the
   reference ends undetermined at its cap); the log branch is computed on 0 where the linear one
   is taken, so a large ``beta x`` leaves no range error behind;
-- ``expm1``, ``erf``, ``sin``, ``cos``, ``atan``: Arb's functions (the fast balls have no such
-  slot: :class:`~fpgrad.graph.ops.pointwise.MissingSlot` sends the run to Arb); ``erf`` is
-  Arb's erf itself, not ``2 Phi(x sqrt 2) - 1`` (which cancels near 0); erf's backward scale
+- ``expm1``: the system's (the fast balls' Taylor polynomial near 0 with a proven tail,
+  :meth:`~fpgrad.arith.ball_functions.BallFunctions.expm1`; Arb's); its backward's
+  ``expm1(x) + 1`` is ``exp(x)`` (:func:`expm1_plus_one`);
+- ``erf``, ``sin``, ``cos``, ``atan``: Arb's functions (the fast balls have no such slot:
+  :class:`~fpgrad.graph.ops.pointwise.MissingSlot` sends the run to Arb); ``erf`` is Arb's erf
+  itself, not ``2 Phi(x sqrt 2) - 1`` (which cancels near 0); erf's backward scale
   ``fl(2 / sqrt(pi))`` is the real ``2 sqrt(2) phi(0)`` (:func:`erf_scale`);
-- celu: ``alpha expm1(x / alpha)`` with the exact quotient (``exp - 1`` in the fast balls,
-  whose cancellation near 0 sends tiny arguments to Arb) (torch's ``1 / alpha`` in
-  float64 forward and ``1 / float32(alpha)`` backward both stand for it: :func:`celu_scale`).
+- celu: ``alpha expm1(x / alpha)`` with the exact quotient (torch's ``1 / alpha`` in float64
+  forward and ``1 / float32(alpha)`` backward both stand for it: :func:`celu_scale`).
 
 Strict machines (emulated formats): torch's formulas op by op, each transcendental one
 correctly rounded function of the format (as sigmoid, tanh and GELU's Phi): softplus is
@@ -147,14 +149,12 @@ def mish_backward(cx: Any, grad: Any, x: Any) -> Any:
 @op("aten.celu.default")
 def celu(cx: Any, x: Any, alpha: float = 1.0) -> Any:
     """``x`` for x > 0, else ``alpha (exp(x / alpha) - 1)`` (torch: elu with input_scale
-    ``1 / alpha``; the exact systems divide by alpha itself)."""
+    ``1 / alpha``; the exact systems: ``alpha expm1(x / alpha)``, dividing by alpha itself)."""
     if not _exact(cx):
         return elu(cx, x, alpha, 1.0, 1.0 / float(alpha))
     ar = cx.ar
     a = ar.const(float(alpha))
-    u = ar.div(x, a)
-    em1 = getattr(ar, "expm1", None)  # Arb's: no cancellation near 0 (the fast balls: exp - 1)
-    neg = ar.mul(em1(u) if em1 is not None else ar.sub(ar.exp(u), ar.const(1.0)), a)
+    neg = ar.mul(_slot(cx, "expm1")(ar.div(x, a)), a)  # no cancellation near 0
     return ar.where(ar.positive(x), x, neg)
 
 
@@ -187,6 +187,20 @@ def log1p(cx: Any, x: Any) -> Any:
 @op("aten.expm1.default")
 def expm1(cx: Any, x: Any) -> Any:
     return _slot(cx, "expm1")(x)
+
+
+def expm1_plus_one(cx: Any, b: float, alpha: float) -> Any | None:
+    """``exp(x)`` (in ``cx.ar``) where this ``add.Scalar`` node adds 1 to ``expm1(x)`` (torch's
+    expm1 backward: ``grad (result + 1)``): the same real, without the cancellation of
+    ``expm1(x) + 1`` for x << 0; else None."""
+    if b != 1 or alpha != 1 or str(cx.node.target) != "aten.add.Scalar":
+        return None
+    if not isinstance(cx.node.args[0], fx.Node):
+        return None
+    src = cx.origin(0)
+    if src is None or str(src.target) != "aten.expm1.default":
+        return None
+    return cx.ar.exp(cx.value(src.args[0]))
 
 
 @op("aten.erf.default")
