@@ -123,6 +123,7 @@ def unsupported_message(graph: Graph) -> str:
 from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
     conv,
+    index,
     linear,
     loss,
     norm,

@@ -1,0 +1,347 @@
+"""Data movement and indexing: flips, rolls, repeats, triangles, padding, gathers, scatters,
+nearest upsampling, the first maximum along a dimension, cumulative sums.
+
+Every forward op here copies values: which input element (or fill) each output element
+holds is found by replaying the op in torch on the float64 numbers ``1..n`` (exact below
+2^53; 0 is a fill), so index semantics (negative dims, shifts, reflection, nearest-neighbour
+rounding) are torch's own; values never pass through torch. The sums of the backward ops
+(``index_add``, ``scatter_add``, ``index_put(accumulate=True)``, padding and upsampling
+backward) and ``cumsum`` are additions of the system, one slot call per addend, each target
+summing its addends in the order torch's CPU kernels do (source order along the index).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fpgrad.errors import InputError
+from fpgrad.graph import shapes
+from fpgrad.graph.ops.conv import _first_max
+from fpgrad.graph.ops.registry import op
+
+
+# ---- index maps ------------------------------------------------------------------------------
+def _tensors(args: Any) -> Any:
+    """Integer numpy arrays (index tensors) as torch tensors, lists recursively."""
+    if isinstance(args, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(args))
+    if isinstance(args, (list, tuple)):
+        return type(args)(_tensors(a) for a in args)
+    return args
+
+
+def _replay(fn: Callable[..., torch.Tensor], shape: Any, *args: Any) -> np.ndarray:
+    """For each element of ``fn(x, *args)``, the flat index in ``x`` (of ``shape``) it copies,
+    -1 where it is a fill: ``fn`` run by torch on ``1..n`` in float64 (exact: n < 2^53)."""
+    n = math.prod(int(s) for s in shape)
+    if n >= 2**53:
+        raise InputError(f"a tensor of {n} elements is too large to index")
+    ids = torch.arange(1, n + 1, dtype=torch.float64).reshape(tuple(int(s) for s in shape))
+    with torch.no_grad():
+        out = fn(ids, *_tensors(args))
+    return out.numpy().astype(np.int64) - 1
+
+
+def _flat_ids(shape: Any) -> torch.Tensor:
+    """The int64 flat indices ``0..n-1`` in ``shape``."""
+    n = math.prod(int(s) for s in shape)
+    return torch.arange(n, dtype=torch.int64).reshape(tuple(int(s) for s in shape))
+
+
+def _pick(cx: Any, x: Any, src: np.ndarray, fill: float = 0.0) -> Any:
+    """An array of ``src``'s shape: element ``x.flat[src]``, or ``fill`` where ``src < 0``."""
+    out_shape = src.shape
+    fills = src < 0
+    if fills.all():
+        return cx.ar.asarray(np.full(out_shape, float(fill)))
+    flat = shapes.reshape(x, (-1,))
+    picked = shapes.reshape(shapes.index(flat, (np.where(fills, 0, src).ravel(),)), out_shape)
+    if not fills.any():
+        return picked
+    return cx.ar.where(~fills, picked, cx.ar.asarray(np.full(out_shape, float(fill))))
+
+
+def _ranks(t: np.ndarray) -> np.ndarray:
+    """For each entry of the 1-D ``t``, how many earlier entries equal it."""
+    order = np.argsort(t, kind="stable")
+    s = t[order]
+    pos = np.arange(t.size)
+    new = np.ones(t.size, dtype=bool)
+    new[1:] = s[1:] != s[:-1]
+    start = np.maximum.accumulate(np.where(new, pos, 0))
+    rank = np.empty(t.size, dtype=np.int64)
+    rank[order] = pos - start
+    return rank
+
+
+def _accumulate(cx: Any, base: Any, targets: np.ndarray, values: Any) -> Any:
+    """``base`` with ``values.flat[i]`` added to ``base.flat[targets.flat[i]]`` for every
+    ``i``, each target summing its addends in increasing ``i`` (one addition each, rounded
+    by the system): round ``r`` adds every target's ``r``-th addend."""
+    shape = shapes.shape(base)
+    total = shapes.reshape(base, (-1,))
+    t = targets.ravel()
+    v = shapes.reshape(values, (-1,))
+    if t.size != shapes.shape(v)[0]:
+        raise ValueError(f"{t.size} targets for {shapes.shape(v)[0]} values")
+    rank = _ranks(t)
+    for r in range(int(rank.max()) + 1 if t.size else 0):
+        sel = np.nonzero(rank == r)[0]
+        tr = t[sel]
+        new = cx.ar.add(shapes.index(total, (tr,)), shapes.index(v, (sel,)))
+        total = shapes.place(total, new, (tr,))
+    return shapes.reshape(total, shape)
+
+
+def _assign(cx: Any, base: Any, targets: np.ndarray, values: Any, what: str) -> Any:
+    """``base`` with ``base.flat[targets.flat[i]] = values.flat[i]``; refused where two
+    values go to one place (torch leaves which one is written unspecified)."""
+    t = targets.ravel()
+    if np.unique(t).size != t.size:
+        raise InputError(f"{cx.label()}: {what} writes two values to one element (torch leaves "
+                         "which one unspecified); use an accumulating form (scatter_add, "
+                         "index_put(accumulate=True))")  # fmt: skip
+    shape = shapes.shape(base)
+    flat = shapes.place(shapes.reshape(base, (-1,)), shapes.reshape(values, (-1,)), (t,))
+    return shapes.reshape(flat, shape)
+
+
+def _zeros(cx: Any, shape: Any) -> Any:
+    return cx.ar.asarray(np.zeros(tuple(int(s) for s in shape)))
+
+
+# ---- pure movement ---------------------------------------------------------------------------
+@op("aten.flip.default")
+def flip(cx: Any, x: Any, dims: Any) -> Any:
+    return _pick(cx, x, _replay(torch.flip, shapes.shape(x), dims))
+
+
+@op("aten.roll.default")
+def roll(cx: Any, x: Any, shifts: Any, dims: Any = ()) -> Any:
+    return _pick(cx, x, _replay(torch.roll, shapes.shape(x), shifts, dims))
+
+
+@op("aten.repeat.default")
+def repeat(cx: Any, x: Any, repeats: Any) -> Any:
+    return _pick(cx, x, _replay(torch.Tensor.repeat, shapes.shape(x), list(repeats)))
+
+
+@op("aten.triu.default")
+def triu(cx: Any, x: Any, diagonal: int = 0) -> Any:
+    """x above the diagonal, exact zeros elsewhere (torch writes 0, not 0 * x)."""
+    return _pick(cx, x, _replay(torch.triu, shapes.shape(x), diagonal))
+
+
+@op("aten.tril.default")
+def tril(cx: Any, x: Any, diagonal: int = 0) -> Any:
+    return _pick(cx, x, _replay(torch.tril, shapes.shape(x), diagonal))
+
+
+@op("aten.constant_pad_nd.default")
+def constant_pad_nd(cx: Any, x: Any, pad: Any, value: float = 0.0) -> Any:
+    """Negative pads crop; the fill is ``value`` (torch's float64, taken exactly, or rounded
+    into the format); a non-finite fill is refused."""
+    if not math.isfinite(float(value)):
+        raise InputError(f"{cx.label()}: padding with {value} is not supported (finite only)")
+    src = _replay(torch.constant_pad_nd, shapes.shape(x), list(pad), 0.0)
+    return _pick(cx, x, src, float(value))
+
+
+_PADS = {  # forward op of each padding backward
+    "aten.reflection_pad1d_backward.default": torch.ops.aten.reflection_pad1d.default,
+    "aten.reflection_pad2d_backward.default": torch.ops.aten.reflection_pad2d.default,
+    "aten.reflection_pad3d_backward.default": torch.ops.aten.reflection_pad3d.default,
+    "aten.replication_pad1d_backward.default": torch.ops.aten.replication_pad1d.default,
+    "aten.replication_pad2d_backward.default": torch.ops.aten.replication_pad2d.default,
+    "aten.replication_pad3d_backward.default": torch.ops.aten.replication_pad3d.default,
+}
+
+
+@op(*(k.replace("_backward", "") for k in _PADS))
+def pad_copy(cx: Any, x: Any, padding: Any) -> Any:
+    """Reflection and replication padding: every output element a copy of an input one."""
+    return _pick(cx, x, _replay(cx.node.target, shapes.shape(x), list(padding)))
+
+
+@op(*_PADS)
+def pad_copy_backward(cx: Any, g: Any, x: Any, padding: Any) -> Any:
+    """Each output position's gradient added to the input element it copies, in output order
+    (torch's CPU loop)."""
+    forward = _PADS[str(cx.node.target)]
+    src = _replay(forward, shapes.shape(x), list(padding))
+    return _accumulate(cx, _zeros(cx, shapes.shape(x)), src, g)
+
+
+_UPSAMPLE = {  # forward op of each nearest-upsampling backward
+    "aten.upsample_nearest1d_backward.default": torch.ops.aten.upsample_nearest1d.default,
+    "aten.upsample_nearest2d_backward.default": torch.ops.aten.upsample_nearest2d.default,
+    "aten.upsample_nearest3d_backward.default": torch.ops.aten.upsample_nearest3d.default,
+    "aten._upsample_nearest_exact1d_backward.default":
+        torch.ops.aten._upsample_nearest_exact1d.default,
+    "aten._upsample_nearest_exact2d_backward.default":
+        torch.ops.aten._upsample_nearest_exact2d.default,
+    "aten._upsample_nearest_exact3d_backward.default":
+        torch.ops.aten._upsample_nearest_exact3d.default,
+}  # fmt: skip
+
+
+@op(*(k.replace("_backward", "") for k in _UPSAMPLE))
+def upsample_nearest(cx: Any, x: Any, output_size: Any, *scales: Any) -> Any:
+    """Each output element a copy of its nearest source (torch's index rule, replayed)."""
+    return _pick(cx, x, _replay(cx.node.target, shapes.shape(x), output_size, *scales))
+
+
+@op(*_UPSAMPLE)
+def upsample_nearest_backward(
+    cx: Any, g: Any, output_size: Any, input_size: Any, *scales: Any
+) -> Any:
+    """Each output gradient added to its source, in output order (torch's CPU loop)."""
+    forward = _UPSAMPLE[str(cx.node.target)]
+    src = _replay(forward, input_size, output_size, *scales)
+    return _accumulate(cx, _zeros(cx, input_size), src, g)
+
+
+# ---- index tensors ---------------------------------------------------------------------------
+@op("aten.new_zeros.default")
+def new_zeros(cx: Any, x: Any, size: Any, **kwargs: Any) -> Any:
+    """Exact zeros of the system (integer or boolean zeros for such a ``dtype``)."""
+    dtype = kwargs.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        return torch.zeros(tuple(size), dtype=dtype).numpy()
+    return _zeros(cx, size)
+
+
+@op("aten.index_select.default")
+def index_select(cx: Any, x: Any, dim: int, index: np.ndarray) -> Any:
+    return _pick(cx, x, _replay(torch.index_select, shapes.shape(x), dim, index))
+
+
+@op("aten.index_add.default")
+def index_add(cx: Any, x: Any, dim: int, index: np.ndarray, source: Any, alpha: Any = 1) -> Any:
+    """``x`` with ``source``'s slices added at ``index`` along ``dim``, in index order."""
+    if alpha != 1:
+        raise InputError(f"{cx.label()}: index_add with alpha={alpha} is not supported")
+    targets = torch.index_select(_flat_ids(shapes.shape(x)), dim, _tensors(index)).numpy()
+    return _accumulate(cx, x, targets, source)
+
+
+@op("aten.gather.default")
+def gather(cx: Any, x: Any, dim: int, index: np.ndarray, sparse_grad: bool = False) -> Any:
+    return _pick(cx, x, _replay(torch.gather, shapes.shape(x), dim, index))
+
+
+def _scatter_places(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> tuple[Any, Any]:
+    """(flat targets in ``x``, the values of ``src`` at ``index``'s positions)."""
+    index = np.asarray(index)
+    shape = shapes.shape(x)
+    if index.ndim == 0:
+        index, shape1 = index.reshape(1), (1,) * max(len(shape), 1)
+    else:
+        shape1 = shape
+    d = int(dim) % max(len(shape1), 1)
+    if index.size and (index.min() < -shape1[d] or index.max() >= shape1[d]):
+        raise InputError(f"{cx.label()}: index out of range")
+    coords: list[Any] = list(np.indices(index.shape))
+    coords[d] = index % shape1[d]
+    targets = np.ravel_multi_index(tuple(coords), shape1)
+    if src is None:
+        return targets, None
+    s_shape = shapes.shape(src) or (1,)
+    own = np.ravel_multi_index(tuple(np.indices(index.shape)), s_shape)
+    return targets, shapes.index(shapes.reshape(src, (-1,)), (own.ravel(),))
+
+
+@op("aten.scatter_add.default")
+def scatter_add(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> Any:
+    """``x`` plus ``src``'s values added at ``index`` along ``dim``, in index order."""
+    targets, vals = _scatter_places(cx, x, dim, index, src)
+    return _accumulate(cx, x, targets, vals)
+
+
+@op("aten.scatter.src")
+def scatter_src(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> Any:
+    targets, vals = _scatter_places(cx, x, dim, index, src)
+    return _assign(cx, x, targets, vals, "scatter")
+
+
+@op("aten.scatter.value")
+def scatter_value(cx: Any, x: Any, dim: int, index: np.ndarray, value: float) -> Any:
+    targets, _ = _scatter_places(cx, x, dim, index, None)
+    fill = cx.ar.asarray(np.full(targets.size, float(value)))
+    return _assign(cx, x, targets, fill, "scatter")
+
+
+def _index_targets(x: Any, indices: Any) -> np.ndarray:
+    """Flat indices of ``x[indices]`` (torch's advanced indexing, replayed)."""
+    idx = [None if i is None else _tensors(np.asarray(i)) for i in indices]
+    return torch.ops.aten.index.Tensor(_flat_ids(shapes.shape(x)), idx).numpy()
+
+
+@op("aten.index.Tensor")
+def index(cx: Any, x: Any, indices: Any) -> Any:
+    return _pick(cx, x, _index_targets(x, indices))
+
+
+@op("aten.index_put.default")
+def index_put(cx: Any, x: Any, indices: Any, values: Any, accumulate: bool = False) -> Any:
+    """``x[indices] = values`` (``+=`` in element order with ``accumulate``)."""
+    targets = _index_targets(x, indices)
+    vals = shapes.expand(values, targets.shape) if shapes.shape(values) != targets.shape else values
+    if accumulate:
+        return _accumulate(cx, x, targets, vals)
+    return _assign(cx, x, targets, vals, "index_put")
+
+
+# ---- first extremum, cumulative sum ----------------------------------------------------------
+def _extremum(cx: Any, x: Any, dim: int, keepdim: bool, lowest: bool) -> tuple[Any, np.ndarray]:
+    ar = cx.ar
+    shape = shapes.shape(x)
+    if not shape:
+        return x, np.zeros((), dtype=np.int64)
+    d = int(dim) % len(shape)
+    others = [i for i in range(len(shape)) if i != d]
+    moved = shapes.permute(x, [*others, d])
+    rows = math.prod(shape[i] for i in others)
+    cols = shapes.reshape(moved, (rows, 1, shape[d], 1, 1))
+    if lowest:  # the first minimum of x is the first maximum of -x (negation is exact)
+        cols = ar.mul(cols, ar.const(-1.0))
+    m = ar.max(cols, axis=2, keepdims=True)
+    first = _first_max(ar, cols, m).reshape([shape[i] for i in others])
+    if lowest:
+        m = ar.mul(m, ar.const(-1.0))
+    out = shapes.reshape(m, [shape[i] for i in others])
+    if keepdim:
+        out, first = shapes.unsqueeze(out, d), np.expand_dims(first, d)
+    return out, first.astype(np.int64)
+
+
+@op("aten.max.dim")
+def max_dim(cx: Any, x: Any, dim: int, keepdim: bool = False) -> tuple[Any, np.ndarray]:
+    """(the maximum along ``dim``, the index of its first occurrence: torch's CPU choice),
+    decided as max pooling decides it: on exact values, an undecidable tie escalates."""
+    return _extremum(cx, x, dim, keepdim, False)
+
+
+@op("aten.min.dim")
+def min_dim(cx: Any, x: Any, dim: int, keepdim: bool = False) -> tuple[Any, np.ndarray]:
+    return _extremum(cx, x, dim, keepdim, True)
+
+
+@op("aten.cumsum.default")
+def cumsum(cx: Any, x: Any, dim: int, dtype: Any = None) -> Any:
+    """Running sums along ``dim``: ``out_i = out_{i-1} + x_i``, one addition of the system
+    each (torch's CPU order)."""
+    shape = shapes.shape(x)
+    if not shape or shape[int(dim) % len(shape)] <= 1:
+        return x
+    d = int(dim) % len(shape)
+    lead = (slice(None),) * d
+    parts = [shapes.index(x, (*lead, slice(0, 1)))]
+    for i in range(1, shape[d]):
+        parts.append(cx.ar.add(parts[-1], shapes.index(x, (*lead, slice(i, i + 1)))))
+    return shapes.cat(parts, d)
