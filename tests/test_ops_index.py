@@ -154,7 +154,8 @@ CASES: dict[str, tuple[Op, Oracle]] = {
     "gather": (lambda h: h.gather(1, _i(GIDX)), _gather),
     "scatter_src": (lambda h: _zero(h).scatter(1, _i(SIDX), h[:2, :3]), _scatter),
     "scatter_add": (
-        lambda h: h.scatter_add(0, _i(AIDX), h[:3, :3] * h[1:4, 2:5]), _scatter_add
+        lambda h: h.scatter_add(0, _i(AIDX), h[:3, :3] * h[1:4, 2:5]),
+        _scatter_add,
     ),  # fmt: skip
     "index_add": (lambda h: _zero(h)[:3].index_add(0, _i(RIDX), h), _index_add),
     "max_dim": (lambda h: h.max(-1).values, lambda h: _extreme(h, -1, False)),
@@ -170,10 +171,12 @@ CASES: dict[str, tuple[Op, Oracle]] = {
         lambda h: h.reshape(2, 2, 6)[[1, 0, 1], :, [3, 3, 3]],
     ),
     "upsample_nearest1d": (
-        lambda h: F.interpolate(h[None], scale_factor=2), lambda h: _up(h, (12,))[None]
+        lambda h: F.interpolate(h[None], scale_factor=2),
+        lambda h: _up(h, (12,))[None],
     ),  # fmt: skip
     "upsample_nearest2d": (
-        lambda h: F.interpolate(h[None, None], size=(5, 9)), lambda h: _up(h, (5, 9))[None, None]
+        lambda h: F.interpolate(h[None, None], size=(5, 9)),
+        lambda h: _up(h, (5, 9))[None, None],
     ),  # fmt: skip
     "upsample_nearest_exact2d": (
         lambda h: F.interpolate(h[None, None], size=(7, 4), mode="nearest-exact"),
@@ -227,3 +230,221 @@ def test_exact_claims_meet_the_interval_oracle(case: str) -> None:
     w, x = _data(3)
     t = _t(np.random.default_rng(4).standard_normal(tuple(op(_t(w) * x).shape)))
     check(Scale(op, w), x, t, nn.MSELoss(), _mse_oracle(oracle))
+
+
+# ---- adversarial corners ---------------------------------------------------------------------
+class Pair(nn.Module):
+    """The max (or min) over (w[0] x, w[1] x + eps), each divided by 3 with ``third``: which
+    row the gradient reaches depends on the first extremum."""
+
+    def __init__(self, w: Any, eps: float, lowest: bool = False, third: bool = False) -> None:
+        super().__init__()
+        self.w, self.eps, self.lowest, self.third = nn.Parameter(_t(w)), eps, lowest, third
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([self.w[0] * x, self.w[1] * x + self.eps], -1)
+        z = z / 3 if self.third else z
+        return z.min(-1).values if self.lowest else z.max(-1).values
+
+
+def _pair_oracle(eps: float, lowest: bool) -> Callable[..., A.V]:
+    def f(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+        xs, w = A.arr(x.numpy()), p["w"]
+        rows = np.stack([w[0] * xs, w[1] * xs + eps], -1)
+        d = _extreme(rows, -1, lowest) - A.arr(t.numpy())
+        return A.total(d * d) / d.size
+
+    return f
+
+
+@pytest.mark.parametrize("bits", [None, 256])
+@pytest.mark.parametrize("lowest", [False, True])
+def test_first_extremum_on_exact_ties_and_near_ties(bits: int | None, lowest: bool) -> None:
+    """Equal integers (exact ties: the first wins, as in torch) and a difference of 2^-70
+    (float64's w x + 2^-70 rounds back to w x, so float64 sees a tie; the exact values do
+    not): the oracle and fpgrad route the gradient by the exact comparison, fast balls and
+    Arb."""
+    w = np.array([[1.0, -2.0, 3.0, 0.0, 5.0], [1.0, -2.0, 3.0, 0.0, 5.0]])
+    x = _t([1.0, 3.0, -1.0, 2.0, 0.5])
+    t = _t([0.5, -1.0, 2.0, 0.25, 1.0])
+    for eps in (0.0, 2.0**-70):
+        ex = check(Pair(w, eps, lowest), x, t, nn.MSELoss(), _pair_oracle(eps, lowest), bits=bits)
+        g = claims(ex, "grads/w")
+        mid = np.asarray(g.mid, dtype=float).reshape(w.shape)
+        winner = 0 if eps == 0.0 or lowest else 1  # the tie keeps the first
+        assert np.all(mid[1 - winner] == 0) and np.all(
+            np.asarray(g.zero).reshape(w.shape)[1 - winner]
+        )
+
+
+def test_a_tie_the_balls_cannot_decide_is_undetermined() -> None:
+    """w[0] x / 3 and w[1] x / 3 with w[0] = w[1]: equal exact values held by balls of
+    positive radius, never decided at any precision: the escalation ends undetermined, every
+    undetermined ball holds 0, nothing is certified wrong."""
+    w = np.array([[1.0, 2.0], [1.0, 2.0]])
+    model = Pair(w, 0.0, third=True).double()
+    x, t = _t([1.0, -3.0]), _t([0.0, 0.0])
+    net = fpgrad.from_module(model, x, t, nn.MSELoss())
+    ex = exact_graph(net.graph, allow_uncertified=True, max_bits=1024).result
+    assert ex.undetermined_count > 0
+    assert any("undecided" in e for e in ex.escalations)
+    g = claims(ex, "grads/w")
+    und = np.ravel(g.undetermined)
+    assert und.any()
+    mid, rad = np.ravel(g.mid), np.ravel(g.rad)
+    assert all(float(mid[i]) - rad[i] <= 0 <= float(mid[i]) + rad[i] for i in np.flatnonzero(und))
+
+
+class Lin(nn.Module):
+    def __init__(self, op: Op, w: Any) -> None:
+        super().__init__()
+        self.op, self.w = op, nn.Parameter(_t(w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(self.w * x)
+
+
+def _dot(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (o * t).sum()
+
+
+BIG = np.array([[1e300, 1.0, 3.0], [1.0, -1e300, 1e-300], [-1e300, 1e300, -1.0],
+                [1e-300, 1.0, 2.0]])  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [None, 256])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("cumsum", lambda h: h.cumsum(0), lambda h: _cumsum(h, 0)),
+        ("index_add", lambda h: torch.zeros(2, 3, dtype=h.dtype).index_add(0, _i([1, 0, 1, 1]), h),
+         lambda h: _index_add_rows(h, [1, 0, 1, 1], 2)),
+        ("scatter_add", lambda h: torch.zeros(2, 3, dtype=h.dtype).scatter_add(
+            0, _i([[1, 0, 1], [0, 0, 1], [1, 0, 1], [1, 1, 1]]), h),
+         lambda h: _scatter_rows(h, [[1, 0, 1], [0, 0, 1], [1, 0, 1], [1, 1, 1]], 2)),
+        ("upsample_backward", lambda h: F.interpolate(h.T[None], size=8)[0].T,
+         lambda h: h[np.arange(8) // 2]),
+    ],
+    ids=lambda c: c[0],
+)  # fmt: skip
+def test_sums_cancel_across_the_float64_range(case: tuple, bits: int | None) -> None:
+    """Addends 1e300, -1e300, 1, 1e-300 meet in one sum (forward for cumsum / index_add /
+    scatter_add, backward for the upsampling and every backward): float64 loses the small
+    ones, the exact reference keeps them (checked against the oracle, fast balls and Arb)."""
+    _, op, oracle = case
+    x = _t(np.ones(BIG.shape))
+    out = op(_t(BIG) * x)
+    t = _t(np.resize([1.0, -1e-300, 1e-8, 1.0, -1.0], tuple(out.shape)))
+
+    def f(p: dict, xx: torch.Tensor, tt: torch.Tensor) -> A.V:
+        o = np.asarray(oracle(p["w"] * A.arr(xx.numpy())), dtype=object)
+        return A.total(o * A.arr(tt.numpy()))
+
+    check(Lin(op, BIG), x, t, _dot, f, bits=bits)
+
+
+def _index_add_rows(h: np.ndarray, idx: list[int], n: int) -> np.ndarray:
+    out = _obj((n, h.shape[1]))
+    for i, r in enumerate(idx):
+        out[r] = out[r] + h[i]
+    return out
+
+
+def _scatter_rows(h: np.ndarray, idx: list[list[int]], n: int) -> np.ndarray:
+    out = _obj((n, h.shape[1]))
+    for i, j in np.ndindex(np.shape(idx)):
+        out[idx[i][j], j] = out[idx[i][j], j] + h[i, j]
+    return out
+
+
+# ---- emulated sums by hand -------------------------------------------------------------------
+def _cx(fmt: str, target: str = "") -> Any:
+    return SimpleNamespace(ar=EmulatedArith(fmt), label=lambda: "test", node=SimpleNamespace(
+        target=target))  # fmt: skip
+
+
+def _bits(a: Any) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).view(np.int64)
+
+
+def _seq(terms: list[float], fmt: str) -> float:
+    """Left-to-right sum, each addition rounded into ``fmt`` (by hand)."""
+    acc = 0.0
+    for v in terms:
+        acc = float(fpgrad.round_to(acc + v, fmt))  # float64 holds the exact sum here
+    return acc
+
+
+def test_emulated_sums_are_rounded_per_addition_in_torch_order() -> None:
+    """bfloat16 (8 bits): 2^-8 + 2^-8 + 1 = 1 + 2^-7 exactly, 1 + 2^-8 + 2^-8 rounds to 1
+    (ties to even, twice): the order of the addends is visible in the result."""
+    fmt, e = "bfloat16", 2.0**-8
+    cx = _cx(fmt)
+    src = cx.ar.asarray(np.array([[e, 5.0], [e, 1.0], [1.0, e], [3.0, e]]))
+    out = ix.index_add(cx, cx.ar.asarray(np.zeros((2, 2))), 0, np.array([1, 1, 1, 0]), src)
+    want = [[3.0, _seq([e], fmt)], [_seq([e, e, 1.0], fmt), _seq([5.0, 1.0, e], fmt)]]
+    assert np.array_equal(_bits(out), _bits(want))
+    assert want[1][0] == 1 + 2 * e and want[1][1] == 6.0  # the order shows
+    got = ix.scatter_add(cx, cx.ar.asarray(np.zeros((2, 2))), 0, np.array([[1, 1], [1, 1], [1, 1]]),
+                         src[:3])  # fmt: skip
+    assert np.array_equal(_bits(got[1]), _bits([_seq([e, e, 1.0], fmt), _seq([5.0, 1.0, e], fmt)]))
+    row = cx.ar.asarray(np.array([[1.0, e, e, e, e], [e, e, 1.0, e, 3.0]]))
+    cs = ix.cumsum(cx, row, -1)
+    want_cs = [[_seq(list(r[: i + 1]), fmt) for i in range(5)] for r in np.asarray(row)]
+    assert np.array_equal(_bits(cs), _bits(want_cs))
+    assert want_cs[0][2] == 1.0 and float(fpgrad.round_to(1 + 2 * e, fmt)) == 1 + 2 * e
+
+
+def test_emulated_upsample_backward_sums_each_source_in_output_order() -> None:
+    fmt, e = "bfloat16", 2.0**-8
+    cx = _cx(fmt, "aten.upsample_nearest1d_backward.default")
+    g = cx.ar.asarray(np.array([[[1.0, e, e, e, e, 1.0]]]))
+    out = ix.upsample_nearest_backward(cx, g, [6], [1, 1, 2], None)
+    assert np.array_equal(_bits(out), _bits([[[_seq([1.0, e, e], fmt), _seq([e, e, 1.0], fmt)]]]))
+
+
+# ---- refusals --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("op", "message"),
+    [
+        (lambda h: _zero(h).scatter(1, _i([[1, 1]]), h[:1, :2]), "two values to one element"),
+        (lambda h: F.pad(h, (1, 1), value=float("inf")), "finite only"),
+        (lambda h: _zero(h)[:2].index_add(0, _i([1, 0, 1, 1]), h, alpha=2.0), "alpha"),
+        (lambda h: h.index_put((_i([1, 1]),), h[:2], accumulate=False), "two values"),
+    ],
+    ids=["scatter_duplicates", "pad_inf", "index_add_alpha", "index_put_duplicates"],
+)
+def test_refused_with_a_reason(op: Op, message: str) -> None:
+    w, x = _data(5)
+    model = Scale(op, w)
+    net = fpgrad.from_module(model, x, torch.zeros(tuple(model(x).shape), dtype=torch.float64),
+                             _dot)  # fmt: skip
+    with pytest.raises(InputError, match=message):
+        compare(net, "bfloat16:emulated")
+
+
+class NearTiePool(nn.Module):
+    """max_pool2d over one 2x2 window holding 2 and 2 + 2^-70 (first): float64 midpoints see
+    a tie, the exact maximum is the second element."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(_t([[2.0, 2.0], [1.0, 1.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d((self.w * x + _t([[0.0, 2.0**-70], [0.0, 0.0]]))[None, None], 2)
+
+
+@pytest.mark.parametrize("bits", [None, 256])
+def test_max_pool_near_tie_below_float64_resolution(bits: int | None) -> None:
+    """Regression (found here): Arb's first maximum was chosen by float64 midpoints and never
+    checked, so at 256 bits the gradient went to w[0, 0] with w[0, 1] a "proven" zero."""
+
+    def f(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
+        h = (p["w"] * A.arr(x.numpy()) + A.arr([[0.0, 2.0**-70], [0.0, 0.0]])).ravel()
+        d = _first(list(h), False) - A.arr(t.numpy()).ravel()[0]
+        return A.total(d * d)
+
+    ex = check(NearTiePool(), _t(np.ones((2, 2))), _t(np.zeros((1, 1, 1, 1))), nn.MSELoss(), f,
+               bits=bits)  # fmt: skip
+    assert np.asarray(claims(ex, "grads/w").zero).ravel().tolist() == [True, False, True, True]
