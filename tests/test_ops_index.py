@@ -448,3 +448,41 @@ def test_max_pool_near_tie_below_float64_resolution(bits: int | None) -> None:
     ex = check(NearTiePool(), _t(np.ones((2, 2))), _t(np.zeros((1, 1, 1, 1))), nn.MSELoss(), f,
                bits=bits)  # fmt: skip
     assert np.asarray(claims(ex, "grads/w").zero).ravel().tolist() == [True, False, True, True]
+
+
+# ---- structural zeros through data movement ------------------------------------------------
+class Between(nn.Module):
+    def __init__(self, op: Op) -> None:
+        super().__init__()
+        self.conv, self.op, self.bn = nn.Conv1d(2, 3, 3), op, nn.BatchNorm1d(3)
+        self.head = nn.LazyLinear(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.op(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("op", "zero"),
+    [
+        (lambda t: t.flip(-1), [0, 1, 2]),
+        (lambda t: t.roll(2, -1), [0, 1, 2]),
+        (lambda t: F.interpolate(t, scale_factor=2), [0, 1, 2]),
+        (lambda t: F.pad(t, (2, 3), mode="reflect"), [0, 1, 2]),
+        (lambda t: F.pad(t[:, None], (2, 3, 0, 0), mode="replicate")[:, 0], [0, 1, 2]),
+        (lambda t: t.triu(), [0]),  # channels 1 and 2 lose elements: no identity
+        (lambda t: t.roll(3), []),  # the flat roll moves elements across channels
+    ],
+    ids=["flip", "roll", "upsample", "reflection_pad", "replication_pad", "triu", "roll_flat"],
+)
+def test_batch_norm_removes_the_conv_bias_through_data_movement(op: Op, zero: list) -> None:
+    """The conv bias in front of training-mode batch norm has a gradient of exactly 0 when
+    the op between them moves each channel's elements within one channel (the identity rules
+    of data movement and of the padding / upsampling backward sums); where it does not, no
+    zero is claimed. Checked against torch float64 (tests/test_graph_identities.check)."""
+    from tests.test_graph_identities import check as identity_check
+
+    torch.manual_seed(0)
+    model = Between(op)
+    x = torch.randn(4, 2, 7)
+    model(x)
+    identity_check(model, (x,), torch.tensor([0, 1, 1, 0]), {"conv.bias": zero})

@@ -206,6 +206,25 @@ def upsample_nearest_backward(
     return _accumulate(cx, _zeros(cx, input_size), src, g)
 
 
+#: backward ops that sum each incoming gradient element into the input element it copied
+COPY_BACKWARDS = frozenset(_PADS) | frozenset(_UPSAMPLE)
+
+
+def backward_sources(node: Any) -> np.ndarray | None:
+    """For a node of :data:`COPY_BACKWARDS`: for each element of its incoming gradient, the
+    flat index of the input element it is added to (from the node's arguments and shapes:
+    the forward replayed by torch); None where the shapes are not recorded."""
+    key = str(node.target)
+    if key in _PADS:
+        val = getattr(node.args[1], "meta", {}).get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        return _replay(_PADS[key], tuple(val.shape), list(node.args[2]))
+    if key in _UPSAMPLE:
+        return _replay(_UPSAMPLE[key], node.args[2], node.args[1], *node.args[3:])
+    return None
+
+
 # ---- index tensors ---------------------------------------------------------------------------
 @op("aten.new_zeros.default")
 def new_zeros(cx: Any, x: Any, size: Any, **kwargs: Any) -> Any:
