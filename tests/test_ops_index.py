@@ -185,6 +185,48 @@ CASES: dict[str, tuple[Op, Oracle]] = {
 }
 
 
+def _setitem(h: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(h)
+    out[_i([2, 0])] = h[:2]  # aten.index_put_
+    return out
+
+
+def _setitem_oracle(h: np.ndarray) -> np.ndarray:
+    out = _obj(SHAPE)
+    out[2], out[0] = h[0], h[1]
+    return out
+
+
+def _windows(h: np.ndarray, size: int, step: int) -> np.ndarray:
+    n = (h.shape[1] - size) // step + 1
+    return np.stack([h[:, j * step : j * step + size] for j in range(n)], 1)
+
+
+CASES.update({
+    "index_put_inplace": (_setitem, _setitem_oracle),
+    "index_add_inplace": (
+        lambda h: torch.zeros_like(h).index_add_(0, _i(RIDX), h),
+        lambda h: np.concatenate([_index_add(h), _obj((1, SHAPE[1]))]),
+    ),
+    "argmax_gather": (
+        lambda h: h.gather(1, h.argmax(1, keepdim=True)),
+        lambda h: _extreme(h, 1, False)[:, None],
+    ),
+    "argmin_flat": (
+        lambda h: torch.take_along_dim(h.flatten(), h.argmin().reshape(1)) * h,
+        lambda h: h * _first(list(h.ravel()), True),
+    ),
+    "unfold_overlapping": (lambda h: h.unfold(1, 4, 1), lambda h: _windows(h, 4, 1)),
+    "unfold_strided": (lambda h: h.unfold(1, 3, 2), lambda h: _windows(h, 3, 2)),
+    "diagonal": (lambda h: torch.diagonal(h, 1), lambda h: np.diagonal(h, 1).copy()),
+    "rot90": (lambda h: torch.rot90(h, 3), lambda h: np.rot90(h, 3)),
+    "unbind": (
+        lambda h: torch.stack(h.unbind(1)[::-1]),
+        lambda h: np.stack([h[:, j] for j in range(SHAPE[1])][::-1]),
+    ),
+})  # fmt: skip
+
+
 class Scale(nn.Module):
     """op(w * x), w of x's shape."""
 
@@ -399,7 +441,7 @@ def test_emulated_upsample_backward_sums_each_source_in_output_order() -> None:
     fmt, e = "bfloat16", 2.0**-8
     cx = _cx(fmt, "aten.upsample_nearest1d_backward.default")
     g = cx.ar.asarray(np.array([[[1.0, e, e, e, e, 1.0]]]))
-    out = ix.upsample_nearest_backward(cx, g, [6], [1, 1, 2], None)
+    out = ix.copy_backward(cx, g, [6], [1, 1, 2], None)
     assert np.array_equal(_bits(out), _bits([[[_seq([1.0, e, e], fmt), _seq([e, e, 1.0], fmt)]]]))
 
 

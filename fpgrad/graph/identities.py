@@ -95,6 +95,7 @@ _MOVES = {
     "aten.upsample_nearest1d.default", "aten.upsample_nearest2d.default",
     "aten.upsample_nearest3d.default", "aten._upsample_nearest_exact1d.default",
     "aten._upsample_nearest_exact2d.default", "aten._upsample_nearest_exact3d.default",
+    "aten.unfold.default", "aten.diagonal.default", "aten.rot90.default", "aten.unbind.int",
 }  # fmt: skip
 #: data movement that fills zeros around its input: a fact even for an input without one
 _FILLS = {"aten.select_backward.default", "aten.slice_backward.default", "aten.triu.default",

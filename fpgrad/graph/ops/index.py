@@ -35,16 +35,27 @@ def _tensors(args: Any) -> Any:
     return args
 
 
-def _replay(fn: Callable[..., torch.Tensor], shape: Any, *args: Any) -> np.ndarray:
-    """For each element of ``fn(x, *args)``, the flat index in ``x`` (of ``shape``) it copies,
-    -1 where it is a fill: ``fn`` run by torch on ``1..n`` in float64 (exact: n < 2^53)."""
-    n = math.prod(int(s) for s in shape)
+def _ids(shape: Any) -> torch.Tensor:
+    """The float64 numbers ``1..n`` in ``shape`` (exact: n < 2^53)."""
+    n = math.prod(int(v) for v in shape)
     if n >= 2**53:
         raise InputError(f"a tensor of {n} elements is too large to index")
-    ids = torch.arange(1, n + 1, dtype=torch.float64).reshape(tuple(int(s) for s in shape))
+    return torch.arange(1, n + 1, dtype=torch.float64).reshape(tuple(int(v) for v in shape))
+
+
+def _replay(fn: Callable[..., torch.Tensor], shape: Any, *args: Any) -> np.ndarray:
+    """For each element of ``fn(x, *args)``, the flat index in ``x`` (of ``shape``) it copies,
+    -1 where it is a fill: ``fn`` run by torch on the numbers ``1..n`` (:func:`_ids`)."""
     with torch.no_grad():
-        out = fn(ids, *_tensors(args))
+        out = fn(_ids(shape), *_tensors(args))
     return out.numpy().astype(np.int64) - 1
+
+
+def _replay_all(fn: Callable[..., Any], shape: Any, *args: Any) -> list[np.ndarray]:
+    """:func:`_replay` for an op returning several tensors."""
+    with torch.no_grad():
+        outs = fn(_ids(shape), *_tensors(args))
+    return [o.numpy().astype(np.int64) - 1 for o in outs]
 
 
 def _flat_ids(shape: Any) -> torch.Tensor:
@@ -152,77 +163,78 @@ def constant_pad_nd(cx: Any, x: Any, pad: Any, value: float = 0.0) -> Any:
     return _pick(cx, x, src, float(value))
 
 
-_PADS = {  # forward op of each padding backward
-    "aten.reflection_pad1d_backward.default": torch.ops.aten.reflection_pad1d.default,
-    "aten.reflection_pad2d_backward.default": torch.ops.aten.reflection_pad2d.default,
-    "aten.reflection_pad3d_backward.default": torch.ops.aten.reflection_pad3d.default,
-    "aten.replication_pad1d_backward.default": torch.ops.aten.replication_pad1d.default,
-    "aten.replication_pad2d_backward.default": torch.ops.aten.replication_pad2d.default,
-    "aten.replication_pad3d_backward.default": torch.ops.aten.replication_pad3d.default,
-}
+_A = torch.ops.aten
+#: each backward of a copying op -> (its forward, input sizes and forward arguments from the
+#: backward's arguments, given a function returning an argument's shape)
+_Spec = tuple[Any, Callable[[tuple, Callable[[Any], Any]], tuple[Any, tuple]]]
 
 
-@op(*(k.replace("_backward", "") for k in _PADS))
-def pad_copy(cx: Any, x: Any, padding: Any) -> Any:
-    """Reflection and replication padding: every output element a copy of an input one."""
-    return _pick(cx, x, _replay(cx.node.target, shapes.shape(x), list(padding)))
+def _pad_args(a: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, tuple]:
+    return shape_of(a[1]), (list(a[2]),)  # (grad, self, padding)
 
 
-@op(*_PADS)
-def pad_copy_backward(cx: Any, g: Any, x: Any, padding: Any) -> Any:
-    """Each output position's gradient added to the input element it copies, in output order
-    (torch's CPU loop)."""
-    forward = _PADS[str(cx.node.target)]
-    src = _replay(forward, shapes.shape(x), list(padding))
-    return _accumulate(cx, _zeros(cx, shapes.shape(x)), src, g)
+def _up_args(a: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, tuple]:
+    return a[2], (a[1], *a[3:])  # (grad, output_size, input_size, *scales)
 
 
-_UPSAMPLE = {  # forward op of each nearest-upsampling backward
-    "aten.upsample_nearest1d_backward.default": torch.ops.aten.upsample_nearest1d.default,
-    "aten.upsample_nearest2d_backward.default": torch.ops.aten.upsample_nearest2d.default,
-    "aten.upsample_nearest3d_backward.default": torch.ops.aten.upsample_nearest3d.default,
-    "aten._upsample_nearest_exact1d_backward.default":
-        torch.ops.aten._upsample_nearest_exact1d.default,
-    "aten._upsample_nearest_exact2d_backward.default":
-        torch.ops.aten._upsample_nearest_exact2d.default,
-    "aten._upsample_nearest_exact3d_backward.default":
-        torch.ops.aten._upsample_nearest_exact3d.default,
+def _sized_args(a: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, tuple]:
+    return a[1], tuple(a[2:])  # (grad, input_sizes, *forward arguments)
+
+
+_COPIES: dict[str, _Spec] = {
+    **{f"aten.{k}{d}d_backward.default": (getattr(_A, f"{k}{d}d").default, _pad_args)
+       for k in ("reflection_pad", "replication_pad") for d in (1, 2, 3)},
+    **{f"aten.{k}{d}d_backward.default": (getattr(_A, f"{k}{d}d").default, _up_args)
+       for k in ("upsample_nearest", "_upsample_nearest_exact") for d in (1, 2, 3)},
+    "aten.unfold_backward.default": (torch.Tensor.unfold, _sized_args),
+    "aten.diagonal_backward.default": (torch.diagonal, _sized_args),
 }  # fmt: skip
-
-
-@op(*(k.replace("_backward", "") for k in _UPSAMPLE))
-def upsample_nearest(cx: Any, x: Any, output_size: Any, *scales: Any) -> Any:
-    """Each output element a copy of its nearest source (torch's index rule, replayed)."""
-    return _pick(cx, x, _replay(cx.node.target, shapes.shape(x), output_size, *scales))
-
-
-@op(*_UPSAMPLE)
-def upsample_nearest_backward(
-    cx: Any, g: Any, output_size: Any, input_size: Any, *scales: Any
-) -> Any:
-    """Each output gradient added to its source, in output order (torch's CPU loop)."""
-    forward = _UPSAMPLE[str(cx.node.target)]
-    src = _replay(forward, input_size, output_size, *scales)
-    return _accumulate(cx, _zeros(cx, input_size), src, g)
-
-
 #: backward ops that sum each incoming gradient element into the input element it copied
-COPY_BACKWARDS = frozenset(_PADS) | frozenset(_UPSAMPLE)
+COPY_BACKWARDS = frozenset(_COPIES)
+
+
+def _copy_map(key: str, args: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """(input sizes, for each incoming gradient element the flat input index it is added to),
+    the forward replayed by torch; (None, None) where a shape is unknown."""
+    forward, split = _COPIES[key]
+    sizes, fargs = split(args, shape_of)
+    if sizes is None:
+        return None, None
+    return tuple(int(v) for v in sizes), _replay(forward, sizes, *fargs)
+
+
+@op(*(k.replace("_backward", "") for k in _COPIES), "aten.unfold.default",
+    "aten.diagonal.default", "aten.rot90.default")  # fmt: skip
+def copy(cx: Any, x: Any, *args: Any) -> Any:
+    """Reflection / replication padding, nearest upsampling, windows (``unfold``), diagonals,
+    rotations: every output element a copy of an input one (torch's index rule, replayed)."""
+    return _pick(cx, x, _replay(cx.node.target, shapes.shape(x), *args))
+
+
+@op("aten.unbind.int")
+def unbind(cx: Any, x: Any, dim: int = 0) -> list:
+    srcs = _replay_all(torch.unbind, shapes.shape(x), dim)
+    return [_pick(cx, x, s) for s in srcs]
+
+
+@op(*_COPIES)
+def copy_backward(cx: Any, g: Any, *args: Any) -> Any:
+    """Each incoming gradient element added to the input element it was copied from, in the
+    order of the incoming gradient (torch's CPU loops)."""
+    sizes, src = _copy_map(str(cx.node.target), (g, *args), shapes.shape)
+    return _accumulate(cx, _zeros(cx, sizes), src, g)
 
 
 def backward_sources(node: Any) -> np.ndarray | None:
     """For a node of :data:`COPY_BACKWARDS`: for each element of its incoming gradient, the
-    flat index of the input element it is added to (from the node's arguments and shapes:
-    the forward replayed by torch); None where the shapes are not recorded."""
-    key = str(node.target)
-    if key in _PADS:
-        val = getattr(node.args[1], "meta", {}).get("val")
-        if not isinstance(val, torch.Tensor):
-            return None
-        return _replay(_PADS[key], tuple(val.shape), list(node.args[2]))
-    if key in _UPSAMPLE:
-        return _replay(_UPSAMPLE[key], node.args[2], node.args[1], *node.args[3:])
-    return None
+    flat index of the input element it is added to (from the node's arguments and recorded
+    shapes); None where a shape is not recorded."""
+
+    def shape_of(a: Any) -> Any:
+        val = getattr(a, "meta", {}).get("val")
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+    return _copy_map(str(node.target), tuple(node.args), shape_of)[1]
 
 
 # ---- index tensors ---------------------------------------------------------------------------
@@ -240,7 +252,7 @@ def index_select(cx: Any, x: Any, dim: int, index: np.ndarray) -> Any:
     return _pick(cx, x, _replay(torch.index_select, shapes.shape(x), dim, index))
 
 
-@op("aten.index_add.default")
+@op("aten.index_add.default", "aten.index_add_.default")
 def index_add(cx: Any, x: Any, dim: int, index: np.ndarray, source: Any, alpha: Any = 1) -> Any:
     """``x`` with ``source``'s slices added at ``index`` along ``dim``, in index order."""
     if alpha != 1:
@@ -275,20 +287,20 @@ def _scatter_places(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> t
     return targets, shapes.index(shapes.reshape(src, (-1,)), (own.ravel(),))
 
 
-@op("aten.scatter_add.default")
+@op("aten.scatter_add.default", "aten.scatter_add_.default")
 def scatter_add(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> Any:
     """``x`` plus ``src``'s values added at ``index`` along ``dim``, in index order."""
     targets, vals = _scatter_places(cx, x, dim, index, src)
     return _accumulate(cx, x, targets, vals)
 
 
-@op("aten.scatter.src")
+@op("aten.scatter.src", "aten.scatter_.src")
 def scatter_src(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> Any:
     targets, vals = _scatter_places(cx, x, dim, index, src)
     return _assign(cx, x, targets, vals, "scatter")
 
 
-@op("aten.scatter.value")
+@op("aten.scatter.value", "aten.scatter_.value")
 def scatter_value(cx: Any, x: Any, dim: int, index: np.ndarray, value: float) -> Any:
     targets, _ = _scatter_places(cx, x, dim, index, None)
     fill = cx.ar.asarray(np.full(targets.size, float(value)))
@@ -306,7 +318,7 @@ def index(cx: Any, x: Any, indices: Any) -> Any:
     return _pick(cx, x, _index_targets(x, indices))
 
 
-@op("aten.index_put.default")
+@op("aten.index_put.default", "aten.index_put_.default")
 def index_put(cx: Any, x: Any, indices: Any, values: Any, accumulate: bool = False) -> Any:
     """``x[indices] = values`` (``+=`` in element order with ``accumulate``)."""
     targets = _index_targets(x, indices)
@@ -349,6 +361,18 @@ def max_dim(cx: Any, x: Any, dim: int, keepdim: bool = False) -> tuple[Any, np.n
 @op("aten.min.dim")
 def min_dim(cx: Any, x: Any, dim: int, keepdim: bool = False) -> tuple[Any, np.ndarray]:
     return _extremum(cx, x, dim, keepdim, True)
+
+
+@op("aten.argmax.default", "aten.argmin.default")
+def argmax(cx: Any, x: Any, dim: Any = None, keepdim: bool = False) -> np.ndarray:
+    """The index of the first maximum (minimum), decided as :func:`max_dim` decides it;
+    ``dim=None``: of the flattened tensor (``keepdim``: every dimension kept as 1)."""
+    lowest = str(cx.node.target) == "aten.argmin.default"
+    if dim is None:
+        shape = shapes.shape(x)
+        first = _extremum(cx, shapes.reshape(x, (-1,)), 0, False, lowest)[1]
+        return first.reshape((1,) * len(shape)) if keepdim else first
+    return _extremum(cx, x, dim, keepdim, lowest)[1]
 
 
 @op("aten.cumsum.default")
