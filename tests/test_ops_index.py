@@ -197,6 +197,13 @@ def _setitem_oracle(h: np.ndarray) -> np.ndarray:
     return out
 
 
+def _fill(h: np.ndarray, where: list[tuple[int, int]], v: float) -> np.ndarray:
+    out = h.copy()
+    for i in where:
+        out[i] = A.V(v)
+    return out
+
+
 def _windows(h: np.ndarray, size: int, step: int) -> np.ndarray:
     n = (h.shape[1] - size) // step + 1
     return np.stack([h[:, j * step : j * step + size] for j in range(n)], 1)
@@ -215,6 +222,13 @@ CASES.update({
     "argmin_flat": (
         lambda h: torch.take_along_dim(h.flatten(), h.argmin().reshape(1)) * h,
         lambda h: h * _first(list(h.ravel()), True),
+    ),
+    "index_bool_mask": (
+        lambda h: h[torch.tensor([True, False, True, True])],
+        lambda h: h[np.array([True, False, True, True])],
+    ),
+    "scatter_value_repeated": (
+        lambda h: h.scatter(1, _i([[1, 1, 2]]), -0.5), lambda h: _fill(h, [(0, 1), (0, 2)], -0.5)
     ),
     "unfold_overlapping": (lambda h: h.unfold(1, 4, 1), lambda h: _windows(h, 4, 1)),
     "unfold_strided": (lambda h: h.unfold(1, 3, 2), lambda h: _windows(h, 3, 2)),

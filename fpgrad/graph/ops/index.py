@@ -302,7 +302,9 @@ def scatter_src(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> Any:
 
 @op("aten.scatter.value", "aten.scatter_.value")
 def scatter_value(cx: Any, x: Any, dim: int, index: np.ndarray, value: float) -> Any:
+    """``value`` written at ``index`` along ``dim`` (a place written twice gets it twice)."""
     targets, _ = _scatter_places(cx, x, dim, index, None)
+    targets = np.unique(targets)
     fill = cx.ar.asarray(np.full(targets.size, float(value)))
     return _assign(cx, x, targets, fill, "scatter")
 
