@@ -273,9 +273,10 @@ def test_native_columns_are_eager_autograd_bit_for_bit(case: str) -> None:
     x32 = x.float()
     y = torch.randn(model(x32).shape, generator=torch.Generator().manual_seed(2))
     net = fpgrad.from_module(model, x32, y, nn.MSELoss())
-    cmp = compare(net, "float16,bfloat16,float32")
+    cmp = compare(net, "float16,bfloat16,float32,float64,bfloat16:emulated")
+    assert cmp.kinds["bfloat16:emulated"] == "emulated"
     for prec, dtype in [("float16", torch.float16), ("bfloat16", torch.bfloat16),
-                        ("float32", torch.float32)]:  # fmt: skip
+                        ("float32", torch.float32), ("float64", torch.float64)]:  # fmt: skip
         ref = eager_grads(model, x32, y, nn.MSELoss(), dtype)
         assert np.array_equal(cmp.values(prec)["w"], ref["w"]), prec
 
@@ -303,10 +304,11 @@ class Pair(nn.Module):
         return z.min(-1).values if self.lowest else z.max(-1).values
 
 
-def _pair_oracle(eps: float, lowest: bool) -> Callable[..., A.V]:
+def _pair_oracle(eps: float, lowest: bool, third: bool = False) -> Callable[..., A.V]:
     def f(p: dict, x: torch.Tensor, t: torch.Tensor) -> A.V:
         xs, w = A.arr(x.numpy()), p["w"]
         rows = np.stack([w[0] * xs, w[1] * xs + eps], -1)
+        rows = rows / 3 if third else rows
         d = _extreme(rows, -1, lowest) - A.arr(t.numpy())
         return A.total(d * d) / d.size
 
@@ -331,6 +333,18 @@ def test_first_extremum_on_exact_ties_and_near_ties(bits: int | None, lowest: bo
         assert np.all(mid[1 - winner] == 0) and np.all(
             np.asarray(g.zero).reshape(w.shape)[1 - winner]
         )
+
+
+def test_a_near_tie_the_fast_balls_cannot_decide_escalates_to_arb() -> None:
+    """(w x + 2^-200) / 3 against w x / 3: the fast balls' radii (~2^-150) hold both orders,
+    Arb at 256 bits decides the second is the maximum; checked against the oracle."""
+    w = np.array([[1.0, -2.0, 3.0], [1.0, -2.0, 3.0]])
+    x, t = _t([1.0, 3.0, -1.0]), _t([0.5, -1.0, 2.0])
+    eps = 2.0**-200
+    ex = check(Pair(w, eps, third=True), x, t, nn.MSELoss(), _pair_oracle(eps, False, True))
+    assert ex.method == "arb" and any("fast" in e for e in ex.escalations), ex.escalations
+    zero = np.asarray(claims(ex, "grads/w").zero).reshape(w.shape)
+    assert zero[0].all() and not zero[1].any()
 
 
 def test_a_tie_the_balls_cannot_decide_is_undetermined() -> None:
