@@ -104,6 +104,15 @@ def _nearest(n_in: int, n_out: int, exact: bool) -> np.ndarray:
     return np.minimum(np.floor(dst * scale).astype(np.int64), n_in - 1)
 
 
+def _up_scaled(h: np.ndarray, factor: float) -> np.ndarray:
+    """torch's nearest with a given scale factor: source floor(dst * fl32(1 / factor))."""
+    n_out = int(np.floor(h.shape[-1] * factor))
+    scale = np.float32(1.0 / factor)
+    src = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64),
+                     h.shape[-1] - 1)  # fmt: skip
+    return h[:, src]
+
+
 def _up(h: np.ndarray, size: tuple[int, ...], exact: bool = False) -> np.ndarray:
     rows = _nearest(h.shape[-2], size[0], exact) if len(size) == 2 else np.arange(h.shape[-2])
     cols = _nearest(h.shape[-1], size[-1], exact)
@@ -173,6 +182,10 @@ CASES: dict[str, tuple[Op, Oracle]] = {
     "upsample_nearest1d": (
         lambda h: F.interpolate(h[None], scale_factor=2),
         lambda h: _up(h, (12,))[None],
+    ),  # fmt: skip
+    "upsample_nearest1d_factor_1_7": (
+        lambda h: F.interpolate(h[None], scale_factor=1.7),
+        lambda h: _up_scaled(h, 1.7)[None],
     ),  # fmt: skip
     "upsample_nearest2d": (
         lambda h: F.interpolate(h[None, None], size=(5, 9)),

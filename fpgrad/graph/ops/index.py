@@ -193,22 +193,27 @@ _COPIES: dict[str, _Spec] = {
 COPY_BACKWARDS = frozenset(_COPIES)
 
 
-def _copy_map(key: str, args: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, Any]:
+def _copy_map(
+    key: str, args: tuple, kwargs: dict, shape_of: Callable[[Any], Any]
+) -> tuple[Any, Any]:
     """(input sizes, for each incoming gradient element the flat input index it is added to),
-    the forward replayed by torch; (None, None) where a shape is unknown."""
+    the forward replayed by torch (keyword arguments passed on: upsampling's ``scales_h``...);
+    (None, None) where a shape is unknown."""
     forward, split = _COPIES[key]
     sizes, fargs = split(args, shape_of)
     if sizes is None:
         return None, None
-    return tuple(int(v) for v in sizes), _replay(forward, sizes, *fargs)
+    src = _replay(lambda t, *a: forward(t, *a, **kwargs), sizes, *fargs)
+    return tuple(int(v) for v in sizes), src
 
 
 @op(*(k.replace("_backward", "") for k in _COPIES), "aten.unfold.default",
     "aten.diagonal.default", "aten.rot90.default")  # fmt: skip
-def copy(cx: Any, x: Any, *args: Any) -> Any:
+def copy(cx: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Reflection / replication padding, nearest upsampling, windows (``unfold``), diagonals,
     rotations: every output element a copy of an input one (torch's index rule, replayed)."""
-    return _pick(cx, x, _replay(cx.node.target, shapes.shape(x), *args))
+    fn = cx.node.target
+    return _pick(cx, x, _replay(lambda t, *a: fn(t, *a, **kwargs), shapes.shape(x), *args))
 
 
 @op("aten.unbind.int")
@@ -218,10 +223,10 @@ def unbind(cx: Any, x: Any, dim: int = 0) -> list:
 
 
 @op(*_COPIES)
-def copy_backward(cx: Any, g: Any, *args: Any) -> Any:
+def copy_backward(cx: Any, g: Any, *args: Any, **kwargs: Any) -> Any:
     """Each incoming gradient element added to the input element it was copied from, in the
     order of the incoming gradient (torch's CPU loops)."""
-    sizes, src = _copy_map(str(cx.node.target), (g, *args), shapes.shape)
+    sizes, src = _copy_map(str(cx.node.target), (g, *args), kwargs, shapes.shape)
     return _accumulate(cx, _zeros(cx, sizes), src, g)
 
 
@@ -234,7 +239,7 @@ def backward_sources(node: Any) -> np.ndarray | None:
         val = getattr(a, "meta", {}).get("val")
         return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
-    return _copy_map(str(node.target), tuple(node.args), shape_of)[1]
+    return _copy_map(str(node.target), tuple(node.args), dict(node.kwargs), shape_of)[1]
 
 
 # ---- index tensors ---------------------------------------------------------------------------
