@@ -440,10 +440,10 @@ def _scatter_rows(h: np.ndarray, idx: list[list[int]], n: int) -> np.ndarray:
     return out
 
 
-# ---- emulated sums by hand -------------------------------------------------------------------
-def _cx(fmt: str, target: str = "") -> Any:
-    return SimpleNamespace(ar=EmulatedArith(fmt), label=lambda: "test", node=SimpleNamespace(
-        target=target))  # fmt: skip
+# ---- emulated sums --------------------------------------------------------------------------
+def _cx(fmt: str, target: str = "", accumulation: str = "fp32") -> Any:
+    return SimpleNamespace(ar=EmulatedArith(fmt, accumulation), label=lambda: "test",
+                           node=SimpleNamespace(target=target))  # fmt: skip
 
 
 def _bits(a: Any) -> np.ndarray:
@@ -458,32 +458,118 @@ def _seq(terms: list[float], fmt: str) -> float:
     return acc
 
 
-def test_emulated_sums_are_rounded_per_addition_in_torch_order() -> None:
-    """bfloat16 (8 bits): 2^-8 + 2^-8 + 1 = 1 + 2^-7 exactly, 1 + 2^-8 + 2^-8 rounds to 1
-    (ties to even, twice): the order of the addends is visible in the result."""
-    fmt, e = "bfloat16", 2.0**-8
-    cx = _cx(fmt)
-    src = cx.ar.asarray(np.array([[e, 5.0], [e, 1.0], [1.0, e], [3.0, e]]))
+def _fp32(terms: list[float], fmt: str) -> float:
+    """A float32 accumulator, rounded once into ``fmt`` (by hand)."""
+    acc = np.float32(0.0)
+    for v in terms:
+        acc = np.float32(acc + np.float32(v))
+    return float(fpgrad.round_to(float(acc), fmt))
+
+
+E = 2.0**-8  # bfloat16 (8 bits): 1 + E is a tie (rounds to 1), 1 + 2E is representable
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "total"),
+    [
+        ("per_op", _seq),
+        ("fp32", _fp32),
+        ("exact", lambda ts, f: float(fpgrad.round_to(sum(ts), f))),
+    ],
+)
+def test_emulated_sums_by_hand(
+    accumulation: str, total: Callable[[list[float], str], float]
+) -> None:
+    """Addends 1, E, E in both orders: rounded per addition, 1 + E + E is 1 and E + E + 1 is
+    1 + 2E; a float32 accumulator or the exact sum give 1 + 2E both ways: the machine's
+    accumulation and the addends' order (torch's) both show."""
+    fmt = "bfloat16"
+    cx = _cx(fmt, accumulation=accumulation)
+    src = cx.ar.asarray(np.array([[E, 1.0], [E, E], [1.0, E], [3.0, 5.0]]))
     out = ix.index_add(cx, cx.ar.asarray(np.zeros((2, 2))), 0, np.array([1, 1, 1, 0]), src)
-    want = [[3.0, _seq([e], fmt)], [_seq([e, e, 1.0], fmt), _seq([5.0, 1.0, e], fmt)]]
+    want = [[3.0, 5.0], [total([E, E, 1.0], fmt), total([1.0, E, E], fmt)]]
     assert np.array_equal(_bits(out), _bits(want))
-    assert want[1][0] == 1 + 2 * e and want[1][1] == 6.0  # the order shows
-    got = ix.scatter_add(cx, cx.ar.asarray(np.zeros((2, 2))), 0, np.array([[1, 1], [1, 1], [1, 1]]),
-                         src[:3])  # fmt: skip
-    assert np.array_equal(_bits(got[1]), _bits([_seq([e, e, 1.0], fmt), _seq([5.0, 1.0, e], fmt)]))
-    row = cx.ar.asarray(np.array([[1.0, e, e, e, e], [e, e, 1.0, e, 3.0]]))
+    idx = np.array([[1, 1], [1, 1], [1, 1]])
+    got = ix.scatter_add(cx, cx.ar.asarray(np.zeros((2, 2))), 0, idx, src[:3])
+    assert np.array_equal(_bits(got[1]), _bits([total([E, E, 1.0], fmt), total([1.0, E, E], fmt)]))
+    row = cx.ar.asarray(np.array([[1.0, E, E, E, E], [E, E, 1.0, E, 3.0]]))
     cs = ix.cumsum(cx, row, -1)
-    want_cs = [[_seq(list(r[: i + 1]), fmt) for i in range(5)] for r in np.asarray(row)]
+    want_cs = [[total(list(r[: i + 1]), fmt) for i in range(5)] for r in np.asarray(row)]
     assert np.array_equal(_bits(cs), _bits(want_cs))
-    assert want_cs[0][2] == 1.0 and float(fpgrad.round_to(1 + 2 * e, fmt)) == 1 + 2 * e
+    up = _cx(fmt, "aten.upsample_nearest1d_backward.default", accumulation)
+    g = up.ar.asarray(np.array([[[1.0, E, E, E, E, 1.0]]]))
+    back = ix.copy_backward(up, g, [6], [1, 1, 2], None)
+    assert np.array_equal(
+        _bits(back), _bits([[[total([1.0, E, E], fmt), total([E, E, 1.0], fmt)]]])
+    )
+    assert (want[1][1] == 1.0) == (accumulation == "per_op")  # the cases tell the modes apart
+    # index_put(accumulate=True): torch's kernel rounds every addition, in every machine
+    put = ix.index_put(cx, cx.ar.asarray(np.zeros(2)), [np.array([1, 1, 1])],
+                       cx.ar.asarray(np.array([1.0, E, E])), True)  # fmt: skip
+    assert np.array_equal(_bits(put), _bits([0.0, _seq([1.0, E, E], fmt)]))
 
 
-def test_emulated_upsample_backward_sums_each_source_in_output_order() -> None:
-    fmt, e = "bfloat16", 2.0**-8
-    cx = _cx(fmt, "aten.upsample_nearest1d_backward.default")
-    g = cx.ar.asarray(np.array([[[1.0, e, e, e, e, 1.0]]]))
-    out = ix.copy_backward(cx, g, [6], [1, 1, 2], None)
-    assert np.array_equal(_bits(out), _bits([[[_seq([1.0, e, e], fmt), _seq([e, e, 1.0], fmt)]]]))
+_UP, _PAD, _UNF, _REP, _UPX = (f"aten.{k}_backward.default" for k in (
+    "upsample_nearest1d", "reflection_pad1d", "unfold", "replication_pad2d",
+    "_upsample_nearest_exact2d"))  # fmt: skip
+#: torch's CPU kernels that round every addition (the others accumulate in float)
+_PER_ADDITION = {"index_put_accumulate", "reflection_pad_backward", "replication_pad2d_backward",
+                 "unfold_backward"}  # fmt: skip
+#: torch's kernel on (values, index) and the same sum by fpgrad's op on (cx, values, index)
+_TORCH_SUMS: dict[str, tuple[Callable[..., Any], Callable[..., Any], str]] = {
+    "index_add": (
+        lambda v, i: torch.zeros(5, 8, dtype=v.dtype).index_add(0, _i(i), v),
+        lambda cx, v, i: ix.index_add(cx, cx.ar.asarray(np.zeros((5, 8))), 0, i, v), ""),
+    "scatter_add": (
+        lambda v, i: torch.ones(5, 8, dtype=v.dtype).scatter_add(0, _i(np.tile(i[:, None], 8)), v),
+        lambda cx, v, i: ix.scatter_add(cx, cx.ar.asarray(np.ones((5, 8))), 0,
+                                        np.tile(i[:, None], 8), v), ""),
+    "index_put_accumulate": (
+        lambda v, i: torch.zeros(5, 8, dtype=v.dtype).index_put((_i(i),), v, accumulate=True),
+        lambda cx, v, i: ix.index_put(cx, cx.ar.asarray(np.zeros((5, 8))), [i], v, True), ""),
+    "cumsum": (lambda v, i: v.cumsum(0), lambda cx, v, i: ix.cumsum(cx, v, 0), ""),
+    "upsample_backward": (
+        lambda v, i: torch.ops.aten.upsample_nearest1d_backward(v.T[None], [400], [1, 8, 7], None),
+        lambda cx, v, i: ix.copy_backward(cx, v.T[None], [400], [1, 8, 7], None), _UP),
+    "reflection_pad_backward": (
+        lambda v, i: torch.ops.aten.reflection_pad1d_backward(
+            v.T[None], torch.zeros(1, 8, 200, dtype=v.dtype), [100, 100]),
+        lambda cx, v, i: ix.copy_backward(cx, v.T[None], np.zeros((1, 8, 200)), [100, 100]), _PAD),
+    "replication_pad2d_backward": (
+        lambda v, i: torch.ops.aten.replication_pad2d_backward(
+            v.reshape(1, 8, 20, 20), torch.zeros(1, 8, 8, 10, dtype=v.dtype), [5, 5, 6, 6]),
+        lambda cx, v, i: ix.copy_backward(cx, v.reshape(1, 8, 20, 20), np.zeros((1, 8, 8, 10)),
+                                          [5, 5, 6, 6]), _REP),
+    "upsample_nearest_exact2d_backward": (
+        lambda v, i: torch.ops.aten._upsample_nearest_exact2d_backward(
+            v.reshape(2, 4, 20, 20), [20, 20], [2, 4, 3, 4], None, None),
+        lambda cx, v, i: ix.copy_backward(cx, v.reshape(2, 4, 20, 20), [20, 20], [2, 4, 3, 4],
+                                          None, None), _UPX),
+    "unfold_backward": (
+        lambda v, i: torch.ops.aten.unfold_backward(v.reshape(8, 50, 8), [8, 57], 1, 8, 1),
+        lambda cx, v, i: ix.copy_backward(cx, v.reshape(8, 50, 8), [8, 57], 1, 8, 1), _UNF),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", sorted(_TORCH_SUMS))
+def test_default_emulated_sums_are_torch_cpu_kernels_bit_for_bit(fmt: str, case: str) -> None:
+    """The default emulated machine reproduces torch's own float16 / bfloat16 CPU kernels bit
+    for bit, 400 x 8 addends over 16 binades: a float32 accumulator rounded once where the
+    kernel accumulates in float (a per_op machine does not match there), every addition
+    rounded where the kernel does that (in every machine)."""
+    rng = np.random.default_rng(7)
+    vals = fpgrad.round_to(
+        rng.standard_normal((400, 8)) * np.exp2(rng.integers(-8, 8, (400, 8))), fmt
+    )
+    idx = rng.integers(0, 5, 400)
+    dt = torch.bfloat16 if fmt == "bfloat16" else torch.float16
+    kernel, mine, target = _TORCH_SUMS[case]
+    want = kernel(torch.from_numpy(vals).to(dt), idx).double().numpy()
+    got = mine(_cx(fmt, target), vals, idx)
+    assert np.array_equal(_bits(got), _bits(want))
+    per_op = mine(_cx(fmt, target, "per_op"), vals, idx)
+    assert np.array_equal(_bits(per_op), _bits(want)) == (case in _PER_ADDITION)
 
 
 # ---- refusals --------------------------------------------------------------------------------

@@ -4,10 +4,13 @@ nearest upsampling, the first maximum along a dimension, cumulative sums.
 Every forward op here copies values: which input element (or fill) each output element
 holds is found by replaying the op in torch on the float64 numbers ``1..n`` (exact below
 2^53; 0 is a fill), so index semantics (negative dims, shifts, reflection, nearest-neighbour
-rounding) are torch's own; values never pass through torch. The sums of the backward ops
-(``index_add``, ``scatter_add``, ``index_put(accumulate=True)``, padding and upsampling
-backward) and ``cumsum`` are additions of the system, one slot call per addend, each target
-summing its addends in the order torch's CPU kernels do (source order along the index).
+rounding) are torch's own; values never pass through torch. The sums (``index_add``,
+``scatter_add``, ``index_put(accumulate=True)``, the padding, upsampling, unfold and diagonal
+backward, ``cumsum``) take each target's addends in the order of torch's CPU kernels
+(source order along the index) and round as those kernels do: where they accumulate in
+float (index_add, scatter_add, upsampling backward, cumsum), as the system's ``sum`` (an
+emulated machine's accumulation: its default, a float32 accumulator rounded once, is
+torch's float16/bfloat16 result); elsewhere every addition rounded.
 """
 
 from __future__ import annotations
@@ -90,23 +93,39 @@ def _ranks(t: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _accumulate(cx: Any, base: Any, targets: np.ndarray, values: Any) -> Any:
+def _accumulate(cx: Any, base: Any, targets: np.ndarray, values: Any, wide: bool) -> Any:
     """``base`` with ``values.flat[i]`` added to ``base.flat[targets.flat[i]]`` for every
-    ``i``, each target summing its addends in increasing ``i`` (one addition each, rounded
-    by the system): round ``r`` adds every target's ``r``-th addend."""
+    ``i``, each target's addends in increasing ``i``. ``wide``: each touched element is the
+    system's ``sum`` of ``(base, its addends, trailing exact zeros)``, so an emulated machine
+    accumulates as its ``sum`` does (fp32, the default: a float32 accumulator rounded once,
+    as torch's CPU kernels for index_add, scatter_add, nearest upsampling's backward and
+    cumsum do in float16 and bfloat16); else one addition of the system per addend, rounded
+    each (torch's kernels for index_put, padding and unfold backward)."""
     shape = shapes.shape(base)
     total = shapes.reshape(base, (-1,))
     t = targets.ravel()
     v = shapes.reshape(values, (-1,))
     if t.size != shapes.shape(v)[0]:
         raise ValueError(f"{t.size} targets for {shapes.shape(v)[0]} values")
+    if t.size == 0:
+        return base
     rank = _ranks(t)
-    for r in range(int(rank.max()) + 1 if t.size else 0):
+    if not wide:  # round r adds every target's r-th addend
+        for r in range(int(rank.max()) + 1):
+            sel = np.nonzero(rank == r)[0]
+            tr = t[sel]
+            new = cx.ar.add(shapes.index(total, (tr,)), shapes.index(v, (sel,)))
+            total = shapes.place(total, new, (tr,))
+        return shapes.reshape(total, shape)
+    touched = np.unique(t)
+    row = np.searchsorted(touched, t)
+    zero = _zeros(cx, (touched.size,))
+    cols = [shapes.index(total, (touched,))]
+    for r in range(int(rank.max()) + 1):
         sel = np.nonzero(rank == r)[0]
-        tr = t[sel]
-        new = cx.ar.add(shapes.index(total, (tr,)), shapes.index(v, (sel,)))
-        total = shapes.place(total, new, (tr,))
-    return shapes.reshape(total, shape)
+        cols.append(shapes.place(zero, shapes.index(v, (sel,)), (row[sel],)))
+    sums = cx.ar.sum(shapes.stack(cols, 1), axis=1)
+    return shapes.reshape(shapes.place(total, sums, (touched,)), shape)
 
 
 def _assign(cx: Any, base: Any, targets: np.ndarray, values: Any, what: str) -> Any:
@@ -227,7 +246,8 @@ def copy_backward(cx: Any, g: Any, *args: Any, **kwargs: Any) -> Any:
     """Each incoming gradient element added to the input element it was copied from, in the
     order of the incoming gradient (torch's CPU loops)."""
     sizes, src = _copy_map(str(cx.node.target), (g, *args), kwargs, shapes.shape)
-    return _accumulate(cx, _zeros(cx, sizes), src, g)
+    wide = "upsample" in str(cx.node.target)  # torch's kernel: a float accumulator
+    return _accumulate(cx, _zeros(cx, sizes), src, g, wide)
 
 
 def backward_sources(node: Any) -> np.ndarray | None:
@@ -263,7 +283,7 @@ def index_add(cx: Any, x: Any, dim: int, index: np.ndarray, source: Any, alpha: 
     if alpha != 1:
         raise InputError(f"{cx.label()}: index_add with alpha={alpha} is not supported")
     targets = torch.index_select(_flat_ids(shapes.shape(x)), dim, _tensors(index)).numpy()
-    return _accumulate(cx, x, targets, source)
+    return _accumulate(cx, x, targets, source, True)
 
 
 @op("aten.gather.default")
@@ -296,7 +316,7 @@ def _scatter_places(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> t
 def scatter_add(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> Any:
     """``x`` plus ``src``'s values added at ``index`` along ``dim``, in index order."""
     targets, vals = _scatter_places(cx, x, dim, index, src)
-    return _accumulate(cx, x, targets, vals)
+    return _accumulate(cx, x, targets, vals, True)
 
 
 @op("aten.scatter.src", "aten.scatter_.src")
@@ -331,7 +351,7 @@ def index_put(cx: Any, x: Any, indices: Any, values: Any, accumulate: bool = Fal
     targets = _index_targets(x, indices)
     vals = shapes.expand(values, targets.shape) if shapes.shape(values) != targets.shape else values
     if accumulate:
-        return _accumulate(cx, x, targets, vals)
+        return _accumulate(cx, x, targets, vals, False)
     return _assign(cx, x, targets, vals, "index_put")
 
 
@@ -384,12 +404,16 @@ def argmax(cx: Any, x: Any, dim: Any = None, keepdim: bool = False) -> np.ndarra
 
 @op("aten.cumsum.default")
 def cumsum(cx: Any, x: Any, dim: int, dtype: Any = None) -> Any:
-    """Running sums along ``dim``: ``out_i = out_{i-1} + x_i``, one addition of the system
-    each (torch's CPU order)."""
+    """Running sums along ``dim``: ``out_i = out_{i-1} + x_i`` (torch's CPU order), one
+    addition of the system each; a system with a ``cumsum`` slot (the emulated machines:
+    their accumulation, as in their ``sum``) computes them itself."""
     shape = shapes.shape(x)
     if not shape or shape[int(dim) % len(shape)] <= 1:
         return x
     d = int(dim) % len(shape)
+    slot = getattr(cx.ar, "cumsum", None)
+    if slot is not None:
+        return slot(x, d)
     lead = (slice(None),) * d
     parts = [shapes.index(x, (*lead, slice(0, 1)))]
     for i in range(1, shape[d]):
