@@ -655,3 +655,16 @@ def test_batch_norm_removes_the_conv_bias_through_data_movement(op: Op, zero: li
     x = torch.randn(4, 2, 7)
     model(x)
     identity_check(model, (x,), torch.tensor([0, 1, 1, 0]), {"conv.bias": zero})
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_emulated_extremum_of_a_row_with_nan_is_its_first_nan(lowest: bool) -> None:
+    """A machine's overflow can make NaN: torch's max/min along a dim return NaN and the
+    index of the first NaN; so do the emulated machines (the exact systems have no NaN)."""
+    x = np.array([[1.0, np.nan, 3.0, np.nan], [2.0, 5.0, -1.0, 5.0], [np.inf, 0.0, np.nan, 1.0]])
+    cx = _cx("bfloat16")
+    fn = ix.min_dim if lowest else ix.max_dim
+    val, where = fn(cx, cx.ar.asarray(x), 1)
+    ref = (torch.from_numpy(x).min if lowest else torch.from_numpy(x).max)(1)
+    assert np.array_equal(where, ref.indices.numpy())
+    assert np.array_equal(np.asarray(val), ref.values.numpy(), equal_nan=True)

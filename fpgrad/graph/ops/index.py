@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
 from fpgrad.graph.ops.conv import _first_max
@@ -357,6 +358,7 @@ def index_put(cx: Any, x: Any, indices: Any, values: Any, accumulate: bool = Fal
 
 # ---- first extremum, cumulative sum ----------------------------------------------------------
 def _extremum(cx: Any, x: Any, dim: int, keepdim: bool, lowest: bool) -> tuple[Any, np.ndarray]:
+    """(the maximum or minimum along ``dim``, the index of its first occurrence)."""
     ar = cx.ar
     shape = shapes.shape(x)
     if not shape:
@@ -370,6 +372,10 @@ def _extremum(cx: Any, x: Any, dim: int, keepdim: bool, lowest: bool) -> tuple[A
         cols = ar.mul(cols, ar.const(-1.0))
     m = ar.max(cols, axis=2, keepdims=True)
     first = _first_max(ar, cols, m).reshape([shape[i] for i in others])
+    if not isinstance(ar, ExactDerivatives):  # a machine's NaN: torch returns the first NaN
+        nan = np.isnan(ar.to_float64(cols)).reshape(rows, shape[d])
+        if nan.any():
+            first = np.where(nan.any(1), np.argmax(nan, 1), first.ravel()).reshape(first.shape)
     if lowest:
         m = ar.mul(m, ar.const(-1.0))
     out = shapes.reshape(m, [shape[i] for i in others])
