@@ -668,3 +668,30 @@ def test_emulated_extremum_of_a_row_with_nan_is_its_first_nan(lowest: bool) -> N
     ref = (torch.from_numpy(x).min if lowest else torch.from_numpy(x).max)(1)
     assert np.array_equal(where, ref.indices.numpy())
     assert np.array_equal(np.asarray(val), ref.values.numpy(), equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda h: F.pad(h, (1, 2, 1, 0, 2, 1), mode="replicate"),
+        lambda h: F.pad(h, (1, 2, 1, 0, 2, 1), mode="reflect"),
+        lambda h: F.interpolate(h, scale_factor=(2, 1, 3)),
+        lambda h: F.interpolate(h, size=(5, 4, 7), mode="nearest-exact"),
+        lambda h: F.interpolate(h.flatten(2), size=50, mode="nearest-exact"),
+    ],
+    ids=["replication_pad3d", "reflection_pad3d", "upsample_nearest3d", "nearest_exact3d",
+         "nearest_exact1d"],
+)  # fmt: skip
+def test_3d_padding_and_upsampling(op: Op) -> None:
+    """Native columns bit for bit; the exact gradients agree with torch float64 (1e-12)."""
+    w = np.random.default_rng(8).standard_normal((1, 2, 3, 3, 4))
+    model = Scale(op, w).float()
+    x = torch.randn(1, 2, 3, 3, 4, generator=torch.Generator().manual_seed(9))
+    y = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(10))
+    cmp = compare(fpgrad.from_module(model, x, y, nn.MSELoss()), "float32,bfloat16")
+    for prec, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        assert np.array_equal(
+            cmp.values(prec)["w"], eager_grads(model, x, y, nn.MSELoss(), dtype)["w"]
+        )
+    ref = eager_grads(model, x, y, nn.MSELoss(), torch.float64)["w"]
+    np.testing.assert_allclose(cmp.column("w").exact.hi, ref, rtol=1e-12, atol=1e-15)
