@@ -62,7 +62,7 @@ from torch import fx
 
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.names import op_key
-from fpgrad.graph.ops.index import COPY_BACKWARDS, backward_sources
+from fpgrad.graph.ops.index import COPY_BACKWARDS, COPY_FORWARDS, ZERO_FILLS, backward_sources
 from fpgrad.graph.zero_facts import (
     ZERO,
     Fact,
@@ -87,19 +87,9 @@ _MOVES = {
     "aten.squeeze.default", "aten.slice.Tensor", "aten.select.int", "aten.cat.default",
     "aten.split.Tensor", "aten.split_with_sizes.default", "aten.select_backward.default",
     "aten.slice_backward.default",
-    # fpgrad/graph/ops/index.py: copies (or torch's exact zero fill) of their one input
-    "aten.flip.default", "aten.roll.default", "aten.repeat.default", "aten.triu.default",
-    "aten.tril.default", "aten.reflection_pad1d.default", "aten.reflection_pad2d.default",
-    "aten.reflection_pad3d.default", "aten.replication_pad1d.default",
-    "aten.replication_pad2d.default", "aten.replication_pad3d.default",
-    "aten.upsample_nearest1d.default", "aten.upsample_nearest2d.default",
-    "aten.upsample_nearest3d.default", "aten._upsample_nearest_exact1d.default",
-    "aten._upsample_nearest_exact2d.default", "aten._upsample_nearest_exact3d.default",
-    "aten.unfold.default", "aten.diagonal.default", "aten.rot90.default", "aten.unbind.int",
-}  # fmt: skip
+} | COPY_FORWARDS  # fmt: skip
 #: data movement that fills zeros around its input: a fact even for an input without one
-_FILLS = {"aten.select_backward.default", "aten.slice_backward.default", "aten.triu.default",
-          "aten.tril.default"}  # fmt: skip
+_FILLS = {"aten.select_backward.default", "aten.slice_backward.default"} | ZERO_FILLS
 _SUMS = {"aten.sum.dim_IntList", "aten.sum.default", "aten.mean.dim", "aten.mean.default"}
 
 
@@ -214,9 +204,7 @@ class _Pass:
         offset, ids, gids = 0, {}, []
         for n, s, f in zip(inputs, shapes, facts, strict=True):
             size = int(np.prod(s, dtype=np.int64))
-            ids[n.name] = torch.arange(offset + 1, offset + size + 1, dtype=torch.float64).reshape(
-                s
-            )
+            ids[n.name] = torch.arange(offset + 1, offset + size + 1, dtype=torch.float64).reshape(s)
             gids.append(_unknown(s).ravel() if f is None else f.ravel())
             offset += size
         gid = np.concatenate(gids) if gids else np.zeros(0, dtype=np.int64)

@@ -211,6 +211,14 @@ _COPIES: dict[str, _Spec] = {
 }  # fmt: skip
 #: backward ops that sum each incoming gradient element into the input element it copied
 COPY_BACKWARDS = frozenset(_COPIES)
+#: ops whose every output element is a copy of one input element or torch's exact zero
+#: fill, replayable by torch on index tensors (:mod:`fpgrad.graph.identities`' moves)
+COPY_FORWARDS = frozenset({k.replace("_backward", "") for k in _COPIES} | {
+    "aten.flip.default", "aten.roll.default", "aten.repeat.default", "aten.triu.default",
+    "aten.tril.default", "aten.unfold.default", "aten.diagonal.default", "aten.rot90.default",
+    "aten.unbind.int"})  # fmt: skip
+#: the copies that fill exact zeros: a structural fact even for an input without one
+ZERO_FILLS = frozenset({"aten.triu.default", "aten.tril.default"})
 
 
 def _copy_map(
