@@ -128,5 +128,6 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     norm,
     pointwise,
     reduce,
+    select,
     shape,
 )

@@ -1,0 +1,462 @@
+"""Comparisons, boolean masks and piecewise-linear selections: gt/ge/lt/le/eq/ne, logical
+and bitwise ops on masks, where, clamp, hardtanh, hardsigmoid, hardswish, PReLU,
+maximum/minimum and amax, forward and backward.
+
+Masks are plain numpy boolean arrays. Exact systems decide a comparison of two values by the
+sign of their difference, computed in the system (:meth:`Arith.positive`): a tie is an exact
+zero, decided as torch decides it; a ball straddling 0 is counted by ``positive`` (the fast
+balls then escalate to Arb; Arb's undecided mask either reaches ``where`` itself, which takes
+the union of both branches, or is untracked and the run is undetermined at the cap). Emulated
+systems compare their rounded values as the machine does (NaN compares false; a Python
+scalar is first rounded into the format, as torch casts it to the tensor's dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from fpgrad.arith.base import ExactDerivatives
+from fpgrad.graph import shapes
+from fpgrad.graph.names import PASS_THROUGH
+from fpgrad.graph.ops._util import scalar
+from fpgrad.graph.ops.registry import op
+
+_WHERE = "aten.where.self"
+_NUMPY = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
+          "eq": np.equal, "ne": np.not_equal}  # fmt: skip
+
+
+def _exact(cx: Any) -> bool:
+    return isinstance(cx.ar, ExactDerivatives)
+
+
+def _plain(x: Any) -> bool:
+    """A numpy boolean or integer array, or a Python number: not a value of the system."""
+    if isinstance(x, (bool, int, float)):
+        return True
+    return isinstance(x, np.ndarray) and x.dtype.kind in "biu"
+
+
+def _full(cx: Any, x: Any, shape: tuple[int, ...]) -> Any:
+    """``x`` (a value or a Python number) as a value of ``shape``."""
+    v = scalar(cx, x)
+    return v if shapes.shape(v) == shape else shapes.expand(v, shape)
+
+
+def _keep(cx: Any, mask: np.ndarray) -> np.ndarray:
+    """``mask`` itself when every reader of this node uses it as a ``where`` condition (Arb's
+    ``where`` then takes the union of both branches where it is undecided); else a plain
+    copy (an undecided element then leaves Arb's mask untracked: nothing is certified)."""
+    users = list(cx.node.users)
+    if users and all(str(u.target) == _WHERE and u.args[0] is cx.node
+                     and cx.node not in u.args[1:] for u in users):  # fmt: skip
+        return mask
+    return np.array(mask, dtype=bool)
+
+
+def greater(cx: Any, a: Any, b: Any) -> np.ndarray:
+    """a > b: in the exact systems the sign of a - b (0 exactly: False); elsewhere the
+    machine's comparison of its values (NaN: False)."""
+    ar = cx.ar
+    if _exact(cx):
+        return ar.positive(ar.sub(scalar(cx, a), scalar(cx, b)))
+    return compare_rounded(cx, a, b, "gt")
+
+
+def compare_rounded(cx: Any, a: Any, b: Any, kind: str) -> np.ndarray:
+    """The comparison ``kind`` of a strict machine's values (Python numbers rounded into its
+    format first), NaN as IEEE compares it."""
+
+    def v(x: Any) -> Any:
+        if isinstance(x, (bool, int, float)):
+            return np.float64(cx.ar.const(float(x)))
+        return np.asarray(x)
+
+    with np.errstate(invalid="ignore"):
+        return np.asarray(_NUMPY[kind](v(a), v(b)), dtype=bool)
+
+
+def compare(cx: Any, a: Any, b: Any, kind: str) -> np.ndarray:
+    """``a kind b`` (gt, ge, lt, le, eq, ne), broadcast; see the module's docstring."""
+    if (_plain(a) and _plain(b)) or not _exact(cx):
+        if _plain(a) and _plain(b):
+            return np.asarray(_NUMPY[kind](np.asarray(a), np.asarray(b)), dtype=bool)
+        return compare_rounded(cx, a, b, kind)
+    if kind == "gt":
+        return greater(cx, a, b)
+    if kind == "lt":
+        return greater(cx, b, a)
+    above, below = greater(cx, a, b), greater(cx, b, a)
+    out = {"ge": ~below, "le": ~above, "eq": ~(above | below), "ne": above | below}[kind]
+    return np.array(out, dtype=bool)
+
+
+def _register(kind: str) -> None:
+    names = [f"aten.{kind}.Tensor", f"aten.{kind}.Scalar"]
+
+    @op(*names)
+    def cmp(cx: Any, a: Any, b: Any) -> np.ndarray:
+        if kind == "eq" and _exact(cx):
+            tied = _ties_of_max(cx)
+            if tied is not None:
+                return tied
+        return _keep(cx, compare(cx, a, b, kind))
+
+    cmp.__name__ = kind
+    cmp.__doc__ = f"torch's ``{kind}`` (a boolean mask): :func:`compare`."
+
+
+for _kind in _NUMPY:
+    _register(_kind)
+
+
+# ---- masks ------------------------------------------------------------------------------------
+def truth(cx: Any, x: Any) -> np.ndarray:
+    """torch's truth value of a tensor: a mask as it is, a number != 0 (decided exactly)."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "b":
+        return np.asarray(x)
+    if _plain(x):
+        return np.asarray(x) != 0
+    return compare(cx, x, 0.0, "ne")
+
+
+@op("aten.logical_and.default", "aten.logical_and_.default")
+def logical_and(cx: Any, a: Any, b: Any) -> np.ndarray:
+    return np.logical_and(truth(cx, a), truth(cx, b))
+
+
+@op("aten.logical_or.default", "aten.logical_or_.default")
+def logical_or(cx: Any, a: Any, b: Any) -> np.ndarray:
+    return np.logical_or(truth(cx, a), truth(cx, b))
+
+
+@op("aten.logical_xor.default", "aten.logical_xor_.default")
+def logical_xor(cx: Any, a: Any, b: Any) -> np.ndarray:
+    return np.logical_xor(truth(cx, a), truth(cx, b))
+
+
+@op("aten.logical_not.default", "aten.logical_not_.default")
+def logical_not(cx: Any, a: Any) -> np.ndarray:
+    return np.logical_not(truth(cx, a))
+
+
+def _bits(cx: Any, *xs: Any) -> list[np.ndarray]:
+    """Operands of a bitwise op: masks or integer arrays (``&``, ``|``, ``~`` of masks)."""
+    out = []
+    for x in xs:
+        if not _plain(x):
+            from fpgrad.errors import InputError
+
+            raise InputError(f"{cx.label()}: a bitwise op of a floating tensor")
+        out.append(np.asarray(x))
+    return out
+
+
+@op("aten.bitwise_and.Tensor", "aten.bitwise_and_.Tensor")
+def bitwise_and(cx: Any, a: Any, b: Any) -> np.ndarray:
+    x, y = _bits(cx, a, b)
+    return np.asarray(x & y)
+
+
+@op("aten.bitwise_or.Tensor", "aten.bitwise_or_.Tensor")
+def bitwise_or(cx: Any, a: Any, b: Any) -> np.ndarray:
+    x, y = _bits(cx, a, b)
+    return np.asarray(x | y)
+
+
+@op("aten.bitwise_xor.Tensor", "aten.bitwise_xor_.Tensor")
+def bitwise_xor(cx: Any, a: Any, b: Any) -> np.ndarray:
+    x, y = _bits(cx, a, b)
+    return np.asarray(x ^ y)
+
+
+@op("aten.bitwise_not.default", "aten.bitwise_not_.default")
+def bitwise_not(cx: Any, a: Any) -> np.ndarray:
+    (x,) = _bits(cx, a)
+    return np.asarray(~x)
+
+
+@op("aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther", "aten.where.Scalar")
+def where(cx: Any, cond: Any, a: Any, b: Any) -> Any:
+    """a where ``cond`` else b, broadcast. A mask straight from a strict comparison reaches
+    the system's ``where`` as it is (Arb: the union of both branches where undecided)."""
+    if not (isinstance(cond, np.ndarray) and cond.dtype.kind == "b"):
+        cond = truth(cx, cond)
+    shape = tuple(np.broadcast_shapes(np.shape(cond), shapes.shape(scalar(cx, a)),
+                                      shapes.shape(scalar(cx, b))))  # fmt: skip
+    if np.shape(cond) != shape:
+        cond = np.broadcast_to(np.asarray(cond), shape)
+    return cx.ar.where(cond, _full(cx, a, shape), _full(cx, b, shape))
+
+
+# ---- clamp and friends -----------------------------------------------------------------------
+def _bound(cx: Any, x: Any) -> Any:
+    """A clamp bound as a value: a Python number as given (exact systems) or rounded into the
+    format, as torch's kernels cast it to the tensor's dtype."""
+    return scalar(cx, x)
+
+
+def clamp_value(cx: Any, x: Any, lo: Any, hi: Any) -> Any:
+    """torch's ``min(max(x, lo), hi)`` (``hi`` when lo > hi; NaN kept; on a tie the input,
+    so -0.0 clamped at 0.0 stays -0.0). Exact systems: branches by exact signs."""
+    ar = cx.ar
+    y = x
+    for bound, upper in ((lo, False), (hi, True)):
+        if bound is None:
+            continue
+        c = _bound(cx, bound)
+        shape = tuple(np.broadcast_shapes(shapes.shape(y), shapes.shape(c)))
+        y = _full(cx, y, shape)
+        if _exact(cx):
+            out = ar.positive(ar.sub(y, c) if upper else ar.sub(c, y))
+        else:
+            yy, cc = np.asarray(y), np.asarray(c)
+            with np.errstate(invalid="ignore"):
+                out = (yy > cc) if upper else (yy < cc)
+        y = ar.where(out, _full(cx, c, shape), y)
+    return y
+
+
+@op("aten.clamp.default", "aten.clamp.Tensor")
+def clamp(cx: Any, x: Any, lo: Any = None, hi: Any = None) -> Any:
+    """torch's clamp; its backward is traced as ge/le/logical_and/where."""
+    return clamp_value(cx, x, lo, hi)
+
+
+@op("aten.clamp_min.default", "aten.clamp_min.Tensor")
+def clamp_min(cx: Any, x: Any, lo: Any) -> Any:
+    return clamp_value(cx, x, lo, None)
+
+
+@op("aten.clamp_max.default", "aten.clamp_max.Tensor")
+def clamp_max(cx: Any, x: Any, hi: Any) -> Any:
+    return clamp_value(cx, x, None, hi)
+
+
+@op("aten.hardtanh.default")
+def hardtanh(cx: Any, x: Any, lo: float = -1.0, hi: float = 1.0) -> Any:
+    """clamp(x, lo, hi) (ReLU6 is hardtanh(0, 6))."""
+    return clamp_value(cx, x, lo, hi)
+
+
+def _inside(cx: Any, x: Any, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x > lo, x < hi): exact signs, or the machine's comparison with the float64 bounds
+    (torch's kernels compare in their compute type with the bound as given)."""
+    ar = cx.ar
+    if _exact(cx):
+        return (ar.positive(ar.sub(x, ar.const(float(lo)))),
+                ar.positive(ar.sub(ar.const(float(hi)), x)))  # fmt: skip
+    xx = np.asarray(x)
+    with np.errstate(invalid="ignore"):
+        return xx > float(lo), xx < float(hi)
+
+
+@op("aten.hardtanh_backward.default")
+def hardtanh_backward(cx: Any, g: Any, x: Any, lo: float, hi: float) -> Any:
+    """torch's ``x <= lo || x >= hi ? 0 : g``: the gradient strictly inside only, and where
+    x is NaN (a strict machine)."""
+    ar = cx.ar
+    shape = shapes.shape(g)
+    zero = ar.asarray(np.zeros(shape))
+    above, below = _inside(cx, x, lo, hi)
+    if not _exact(cx):
+        nan = np.isnan(np.asarray(x))
+        above, below = above | nan, below | nan
+    return ar.where(below, ar.where(above, g, zero), zero)  # each mask as positive gave it
+
+
+@op("aten.hardsigmoid.default")
+def hardsigmoid(cx: Any, x: Any) -> Any:
+    """min(max(x + 3, 0), 6) / 6 (torch's kernel, each step rounded); exact systems: 0 for
+    x <= -3, 1 for x >= 3, else (x + 3) / 6 (exact 0 and 1 where saturated)."""
+    ar = cx.ar
+    shape = shapes.shape(x)
+    t = ar.add(x, ar.const(3.0))
+    if _exact(cx):
+        y = ar.div(t, ar.const(6.0))
+        y = ar.where(ar.positive(ar.mul(t, ar.const(-1.0))), ar.asarray(np.zeros(shape)), y)
+        return ar.where(ar.positive(ar.sub(x, ar.const(3.0))), ar.asarray(np.ones(shape)), y)
+    return ar.div(clamp_value(cx, t, 0.0, 6.0), ar.const(6.0))
+
+
+@op("aten.hardsigmoid_backward.default")
+def hardsigmoid_backward(cx: Any, g: Any, x: Any) -> Any:
+    """torch's ``-3 < x < 3 ? g / 6 : 0`` (NaN: 0); a strict machine multiplies by its
+    rounding of 1/6 as torch's kernel does, the exact systems divide by 6."""
+    ar = cx.ar
+    zero = ar.asarray(np.zeros(shapes.shape(g)))
+    above, below = _inside(cx, x, -3.0, 3.0)
+    if _exact(cx):
+        inner = ar.div(g, ar.const(6.0))
+    else:
+        inner = ar.mul(g, ar.const(1.0 / 6.0))
+    return ar.where(below, ar.where(above, inner, zero), zero)
+
+
+@op("aten.hardswish.default")
+def hardswish(cx: Any, x: Any) -> Any:
+    """x min(max(x + 3, 0), 6) / 6 (torch's kernel: the product, then the division); exact
+    systems: 0 for x <= -3, x for x >= 3, else x (x + 3) / 6."""
+    ar = cx.ar
+    t = ar.add(x, ar.const(3.0))
+    if _exact(cx):
+        y = ar.div(ar.mul(x, t), ar.const(6.0))
+        zero = ar.asarray(np.zeros(shapes.shape(x)))
+        y = ar.where(ar.positive(ar.mul(t, ar.const(-1.0))), zero, y)
+        return ar.where(ar.positive(ar.sub(x, ar.const(3.0))), x, y)
+    return ar.div(ar.mul(x, clamp_value(cx, t, 0.0, 6.0)), ar.const(6.0))
+
+
+@op("aten.hardswish_backward.default")
+def hardswish_backward(cx: Any, g: Any, x: Any) -> Any:
+    """torch's ``x <= -3 ? 0 : (x < 3 ? g (x / 3 + 1/2) : g)`` (NaN: g); the exact systems
+    write the slope as (2x + 3) / 6 (no cancellation near x = -3/2)."""
+    ar = cx.ar
+    zero = ar.asarray(np.zeros(shapes.shape(g)))
+    above, below = _inside(cx, x, -3.0, 3.0)
+    if _exact(cx):
+        slope = ar.div(ar.add(ar.mul(x, ar.const(2.0)), ar.const(3.0)), ar.const(6.0))
+        return ar.where(above, ar.where(below, ar.mul(g, slope), g), zero)
+    nan = np.isnan(np.asarray(x))
+    slope = ar.add(ar.div(x, ar.const(3.0)), ar.const(0.5))
+    return ar.where(above | nan, ar.where(below, ar.mul(g, slope), g), zero)
+
+
+# ---- PReLU -----------------------------------------------------------------------------------
+@op("aten._prelu_kernel.default")
+def prelu(cx: Any, x: Any, w: Any) -> Any:
+    """torch's ``x > 0 ? x : w x`` (w broadcast; NaN: w NaN = NaN)."""
+    ar = cx.ar
+    wx = ar.mul(w, x)
+    shape = shapes.shape(wx)
+    return ar.where(ar.positive(_full(cx, x, shape)), _full(cx, x, shape), wx)
+
+
+@op("aten._prelu_kernel_backward.default")
+def prelu_backward(cx: Any, g: Any, x: Any, w: Any) -> tuple[Any, Any]:
+    """(``x > 0 ? g : w g``, ``x > 0 ? 0 : x g``): torch's kernel, elementwise (the weight's
+    gradient is summed by the traced ``sum``)."""
+    ar = cx.ar
+    shape = shapes.shape(g)
+    pos = ar.positive(_full(cx, x, shape))
+    dx = ar.where(pos, g, _full(cx, ar.mul(w, g), shape))
+    dw = ar.where(pos, ar.asarray(np.zeros(shape)), ar.mul(x, g))
+    return dx, dw
+
+
+# ---- maximum, minimum, amax ------------------------------------------------------------------
+def _extreme(cx: Any, a: Any, b: Any, larger: bool) -> Any:
+    """torch's maximum (``larger``) or minimum: the other operand where it is strictly
+    larger (smaller), else ``a`` (a tie keeps a's -0.0 or 0.0); NaN if either is NaN."""
+    ar = cx.ar
+    shape = tuple(np.broadcast_shapes(shapes.shape(scalar(cx, a)), shapes.shape(scalar(cx, b))))
+    aa, bb = _full(cx, a, shape), _full(cx, b, shape)
+    if _exact(cx):
+        d = ar.sub(bb, aa) if larger else ar.sub(aa, bb)
+        return ar.where(ar.positive(d), bb, aa)
+    x, y = np.asarray(aa, dtype=np.float64), np.asarray(bb, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        pick = (y > x) if larger else (y < x)
+    out = ar.where(pick, bb, aa)
+    return np.where(np.isnan(x) | np.isnan(y), np.nan, out)
+
+
+@op("aten.maximum.default")
+def maximum(cx: Any, a: Any, b: Any) -> Any:
+    """Its backward is traced (eq/where/gt/masked_fill: a tie splits the gradient)."""
+    return _extreme(cx, a, b, True)
+
+
+@op("aten.minimum.default")
+def minimum(cx: Any, a: Any, b: Any) -> Any:
+    return _extreme(cx, a, b, False)
+
+
+def _axes(x: Any, dims: Any) -> list[int]:
+    nd = len(shapes.shape(x))
+    if nd == 0:
+        return []
+    if dims is None or (not isinstance(dims, int) and len(dims) == 0):
+        return list(range(nd))
+    dims = [dims] if isinstance(dims, int) else dims
+    return sorted({int(d) % nd for d in dims})
+
+
+@op("aten.amax.default")
+def amax(cx: Any, x: Any, dims: Any = (), keepdim: bool = False) -> Any:
+    """The largest element over ``dims`` (all when empty), one slot call per axis (NaN
+    propagates in a strict machine, as torch's amax)."""
+    out = x
+    for a in sorted(_axes(x, dims), reverse=True):
+        out = cx.ar.max(out, axis=a, keepdims=True)
+    if not keepdim:
+        axes = _axes(x, dims)
+        out = shapes.reshape(out, [s for i, s in enumerate(shapes.shape(out)) if i not in axes])
+    return out
+
+
+_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
+          "aten.unsqueeze.default", "aten.expand.default", *PASS_THROUGH}  # fmt: skip
+
+
+def _through(node: Any) -> Any:
+    while isinstance(node, fx.Node) and str(node.target) in _VIEWS:
+        node = node.args[0]
+    return node
+
+
+def _ties_of_max(cx: Any) -> np.ndarray | None:
+    """``x == amax(x, dims)`` (amax's traced backward), decided in the exact systems without
+    comparing the maximum's ball with itself: each slice's candidate k (the largest
+    midpoint), then the sign of ``x_k - x_i`` for every other element (exactly 0: a tie,
+    also a maximum). Elsewhere None (the plain comparison)."""
+    node = cx.node
+    for i in (0, 1):
+        m, other = _through(node.args[i]), _through(node.args[1 - i])
+        if not (isinstance(m, fx.Node) and str(m.target) == "aten.amax.default"):
+            continue
+        if _through(m.args[0]) is not other or not isinstance(other, fx.Node):
+            continue
+        x = cx.value(other)
+        if shapes.shape(x) != shapes.shape(cx.value(node.args[1 - i])):
+            continue  # a broadcast or reshaped reader: the plain comparison
+        dims = m.args[1] if len(m.args) > 1 else ()
+        tied = _is_max(cx, x, _axes(x, dims))
+        return None if tied is None else _keep(cx, tied)
+    return None
+
+
+def _is_max(cx: Any, x: Any, axes: list[int]) -> np.ndarray | None:
+    """Which elements of ``x`` equal the maximum over ``axes`` (see :func:`_ties_of_max`);
+    None if an element is proven above the candidate (then no candidate was found)."""
+    ar = cx.ar
+    shape = shapes.shape(x)
+    if not axes or 0 in shape:
+        return np.ones(shape, dtype=bool)
+    keep = [d for d in range(len(shape)) if d not in axes]
+    perm = keep + axes
+    outer = [shape[d] for d in keep]
+    n = int(np.prod([shape[d] for d in axes]))
+    flat = shapes.reshape(shapes.permute(x, perm), [*outer, n])
+    mid = ar.to_float64(flat)
+    k = np.argmax(mid, axis=-1)
+    for _ in range(n):  # move k while an element's midpoint lies above the candidate's
+        chosen = np.arange(n) == k[..., None]
+        top = ar.sum(ar.mul(flat, ar.asarray(chosen.astype(np.float64))), axis=-1, keepdims=True)
+        d = ar.sub(top, flat)
+        dm = ar.to_float64(d)
+        low = np.min(dm, axis=-1)
+        if not (low < 0).any():
+            break
+        k = np.where(low < 0, np.argmin(dm, axis=-1), k)
+    d = ar.where(chosen, ar.mul(d, ar.const(0.0)), d)  # the candidate: exactly 0
+    below = np.array(ar.positive(d), dtype=bool)  # x_i < x_k
+    above = np.array(ar.positive(ar.mul(d, ar.const(-1.0))), dtype=bool)  # x_i > x_k
+    if above.any():
+        return None
+    tie = ~(below | above)
+    inv = np.argsort(perm)
+    return np.transpose(tie.reshape([*outer, *[shape[d] for d in axes]]), inv)
