@@ -1,0 +1,344 @@
+"""Comparisons and piecewise-linear selections (fpgrad/graph/ops/select.py).
+
+(1) each op in a small captured model: float32 and float64 columns equal torch eager autograd
+bit for bit, the exact reference certified and inside an independent mpmath oracle (written
+from the ops' definitions, central differences: tests/oracle/graph_reference.py);
+(2) ties exactly at thresholds, saturation and tiny values against gradients written by hand
+in exact rationals with torch's tie conventions (derivatives.yaml / the CPU kernels);
+(3) a comparison no precision can decide is undetermined, never guessed;
+(4) the emulated machine op by op against ``fpgrad.round_to``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fpgrad
+from fpgrad.arith.emulated import EmulatedArith
+from fpgrad.graph.exact import exact_graph
+from fpgrad.graph.interpret import interpret
+from tests.oracle import graph_reference as R
+from tests.oracle.graph_reference import CTX
+from tests.test_graph_oracle import _claims
+
+M = Callable[[np.ndarray], np.ndarray]
+
+
+def _mp(fn: Callable[..., Any]) -> M:
+    f = np.frompyfunc(fn, 1, 1)
+    return lambda x: np.asarray(f(x), dtype=object)
+
+
+def _clip(lo: Any, hi: Any) -> M:
+    return _mp(lambda v: min(max(v, CTX.mpf(lo)), CTX.mpf(hi)))
+
+
+def _hsig(v: Any) -> Any:
+    return min(max(v / 6 + CTX.mpf(1) / 2, CTX.mpf(0)), CTX.mpf(1))  # the definition
+
+
+def _gt(x: np.ndarray, c: float) -> np.ndarray:
+    return np.asarray(np.frompyfunc(lambda v: v > c, 1, 1)(x), dtype=bool)
+
+
+def _ge(x: np.ndarray, c: float) -> np.ndarray:
+    return np.asarray(np.frompyfunc(lambda v: v >= c, 1, 1)(x), dtype=bool)
+
+
+# name -> (torch function of h (5, 4), the same function on mpf arrays)
+CASES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], M]] = {
+    "hardtanh": (lambda t: F.hardtanh(t, -0.5, 0.5), _clip(-0.5, 0.5)),
+    "relu6": (lambda t: F.relu6(4 * t), lambda x: _clip(0, 6)(4 * x)),
+    "clamp": (lambda t: t.clamp(-0.5, 0.4), _clip(-0.5, 0.4)),
+    "clamp_min": (lambda t: t.clamp_min(0.1), _mp(lambda v: max(v, CTX.mpf(0.1)))),
+    "clamp_max_kw": (lambda t: t.clamp(max=0.2), _mp(lambda v: min(v, CTX.mpf(0.2)))),
+    "clamp_tensor": (lambda t: t.clamp(min=-t, max=t * t), lambda x: np.asarray(
+        [min(max(v, -v), v * v) for v in x.ravel()], dtype=object).reshape(x.shape)),
+    "hardsigmoid": (lambda t: F.hardsigmoid(6 * t), lambda x: _mp(_hsig)(6 * x)),
+    "hardswish": (lambda t: F.hardswish(6 * t), lambda x: 6 * x * _mp(_hsig)(6 * x)),
+    "where_logic": (
+        lambda t: torch.where((t > 0) & ~(t >= 0.5) | (t <= -0.3), t, 0.1 * t),
+        lambda x: np.where((_gt(x, 0) & ~_ge(x, 0.5) | ~_gt(x, -0.3)), x, x * CTX.mpf(0.1)),
+    ),
+    "masks_as_floats": (
+        lambda t: t * (t > 0).float() + t * (t != 0.25) + t * torch.logical_xor(t < 0, t > 0.2),
+        lambda x: x * _gt(x, 0) + x * (_gt(x, 0.25) | ~_ge(x, 0.25)) + x * (~_ge(x, 0) ^ _gt(x, 0.2)),
+    ),
+    "minimum": (lambda t: torch.minimum(t, torch.zeros(())), _mp(lambda v: min(v, 0))),
+    "maximum": (lambda t: torch.maximum(t, 0.5 * t), _mp(lambda v: max(v, v / 2))),
+    "amax_keepdim": (lambda t: t - t.amax(-1, keepdim=True),
+                     lambda x: x - np.max(x, axis=-1, keepdims=True)),
+    "amax_all": (lambda t: t * t.amax((0, 1)), lambda x: x * np.max(x)),
+    "amax_negative_dim": (lambda t: t * t.amax(-2), lambda x: x * np.max(x, axis=-2)),
+}  # fmt: skip
+
+
+def check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: Callable[..., Any],
+          torch_rtol: float = 1e-9) -> None:  # fmt: skip
+    """As tests/test_graph_oracle.check (cross-entropy loss): every claim of the certified
+    reference against the oracle, and torch float64 against the oracle to ``torch_rtol``."""
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    ex = exact_graph(net.graph).result
+    assert ex.certified_digits >= 17 and ex.undetermined_count == 0
+    params = {n: R.mp(p) for n, p in model.named_parameters()}
+    value, grads = R.gradients(lambda p: forward(p, R.mp(x), y.numpy()), params)
+    scale = max([CTX.mpf(1), abs(value)] + [abs(v) for g in grads.values() for v in g.ravel()])
+    _claims(ex, "loss", np.array(value, dtype=object).reshape(()), R.REL_ERR * scale)
+    for name, g in grads.items():
+        _claims(ex, f"grads/{name}", g, R.REL_ERR * scale)
+    ref = _eager(model, x, y, torch.float64)
+    for name, g in grads.items():
+        o = np.array([float(v) for v in g.ravel()]).reshape(g.shape)
+        np.testing.assert_allclose(ref[name], o, rtol=torch_rtol, atol=1e-12 * float(scale))
+
+
+class Net(nn.Module):
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.l, self.f, self.o = nn.Linear(4, 4), f, nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.f(self.l(x)))
+
+
+def _eager(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> dict:
+    m = copy.deepcopy(model).to(dtype)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        nn.CrossEntropyLoss()(m(x.to(dtype)), y).backward()
+    finally:
+        torch.set_num_threads(n)
+    return {k: p.grad.double().numpy() for k, p in m.named_parameters()}
+
+
+def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    return torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_bit_for_bit_and_exact_inside_the_oracle(case: str) -> None:
+    f, fm = CASES[case]
+    x, y = _data(11)
+    model = Net(f)
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    cmp = fpgrad.compare(net, ["float32", "float64", "bfloat16:emulated"])
+    for prec, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        ref = _eager(model, x, y, dtype)
+        for name in net.param_names:
+            assert np.array_equal(cmp.values(prec)[name], ref[name]), (prec, name)
+    assert cmp.certified_digits >= 17
+
+    def forward(p: dict, xs: np.ndarray, t: np.ndarray) -> Any:
+        h = fm(R.linear(xs, p["l.weight"], p["l.bias"]))
+        return R.cross_entropy(R.linear(h, p["o.weight"], p["o.bias"]), t)
+
+    # torch's hardsigmoid_backward multiplies by float32's 1/6 in every dtype (its kernel's
+    # float literal): float64 is 3e-8 off there; the exact reference divides by 6
+    check(model, x, y, forward, 1e-7 if case == "hardsigmoid" else 1e-9)
+
+
+def test_prelu_native_and_oracle() -> None:
+    x, y = _data(5)
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(4, 0.3), nn.Linear(4, 3))
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    cmp = fpgrad.compare(net, ["float32", "float64", "fp8_e4m3"])
+    for prec, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        ref = _eager(model, x, y, dtype)
+        for name in net.param_names:
+            assert np.array_equal(cmp.values(prec)[name], ref[name]), (prec, name)
+
+    def forward(p: dict, xs: np.ndarray, t: np.ndarray) -> Any:
+        z = R.linear(xs, p["0.weight"], p["0.bias"])
+        h = np.where(_gt(z, 0), z, z * p["1.weight"])
+        return R.cross_entropy(R.linear(h, p["2.weight"], p["2.bias"]), t)
+
+    check(model, x, y, forward)
+
+
+# ---- ties, saturation, tiny values: gradients by hand in exact rationals ----------------------
+class Scale(nn.Module):
+    """out = f(w * x), w a parameter of x's shape: each gradient element sees one input."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], w: list[float]) -> None:
+        super().__init__()
+        self.f = f
+        self.w = nn.Parameter(torch.tensor([w], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(self.w * x)
+
+
+Q = Fraction
+W = [-1e30, -6.0, -3.0, -1.0, -0.5, -1e-300, 0.0, 1e-300, 0.5, 1.0, 3.0, 6.0, 1e30]
+
+
+def _step(lo: Q, hi: Q, closed: bool) -> Callable[[Q], tuple[Q, Q]]:
+    def f(z: Q) -> tuple[Q, Q]:
+        v = min(max(z, lo), hi)
+        inside = lo <= z <= hi if closed else lo < z < hi
+        return v, Q(1) if inside else Q(0)
+
+    return f
+
+
+def _hsig_q(z: Q) -> tuple[Q, Q]:
+    return min(max(z / 6 + Q(1, 2), Q(0)), Q(1)), Q(1, 6) if -3 < z < 3 else Q(0)
+
+
+def _hswish_q(z: Q) -> tuple[Q, Q]:
+    d = Q(0) if z <= -3 else ((2 * z + 3) / 6 if z < 3 else Q(1))  # torch's kernel
+    return z * _hsig_q(z)[0], d
+
+
+def _max0_q(z: Q) -> tuple[Q, Q]:
+    return max(z, Q(0)), Q(1) if z > 0 else (Q(1, 2) if z == 0 else Q(0))  # a tie splits
+
+
+def _prelu_q(z: Q) -> tuple[Q, Q]:
+    return (z, Q(1)) if z > 0 else (z / 4, Q(1, 4))
+
+
+TIES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[Q], tuple[Q, Q]]]] = {
+    "hardtanh": (lambda t: F.hardtanh(t, -1.0, 1.0), _step(Q(-1), Q(1), False)),
+    "relu6": (F.relu6, _step(Q(0), Q(6), False)),
+    "clamp": (lambda t: t.clamp(-1.0, 1.0), _step(Q(-1), Q(1), True)),
+    "clamp_min_tiny": (lambda t: t.clamp_min(1e-300), _step(Q(1e-300), Q(10**40), True)),
+    "clamp_max": (lambda t: t.clamp_max(3.0), _step(Q(-(10**40)), Q(3), True)),
+    "hardsigmoid": (F.hardsigmoid, _hsig_q),
+    "hardswish": (F.hardswish, _hswish_q),
+    "maximum_zero": (lambda t: torch.maximum(t, torch.zeros(())), _max0_q),
+    "prelu_fixed": (lambda t: F.prelu(t, torch.tensor([0.25], dtype=t.dtype)), _prelu_q),
+    "where_ge": (lambda t: torch.where(t >= 3, t, t * 0.25), lambda z: (z, Q(1)) if z >= 3
+                 else (z / 4, Q(1, 4))),
+}  # fmt: skip
+
+
+def _exact_claims(net: Any, name: str, want: list[Q]) -> None:
+    """Every element of the certified gradient decided (none undetermined), its ball around
+    the exact rational ``want``, its zeros exact and its certified digits right."""
+    ex = exact_graph(net.graph).result
+    assert ex.undetermined_count == 0 and ex.certified_digits >= 17
+    oracle = np.array([CTX.mpf(q.numerator) / q.denominator for q in want], dtype=object)
+    shape = np.shape(ex.zero(f"grads/{name}"))
+    scale = max([CTX.mpf(1)] + [abs(v) for v in oracle])
+    _claims(ex, f"grads/{name}", oracle.reshape(shape), scale * CTX.mpf(10) ** -100)
+    zero = np.asarray(ex.zero(f"grads/{name}")).ravel()
+    assert all(zero[i] == (q == 0) for i, q in enumerate(want)), (zero, want)
+
+
+@pytest.mark.parametrize("case", sorted(TIES))
+def test_ties_saturation_and_tiny_values_by_hand(case: str) -> None:
+    """L = sum((f(w x) - 1)^2) with x = 1: dL/dw_i = 2 (f(w_i) - 1) f'(w_i) exactly, f' by
+    torch's convention at every threshold (w hits each one exactly)."""
+    f, fq = TIES[case]
+    x = torch.ones(1, len(W), dtype=torch.float64)
+    y = torch.ones(1, len(W), dtype=torch.float64)
+    model = Scale(f, W)
+    loss = nn.MSELoss(reduction="sum")
+    net = fpgrad.from_module(model, x, y, loss)
+    cmp = fpgrad.compare(net, ["float64"])
+    want = []
+    for w in W:
+        v, d = fq(Q(w))
+        want.append(2 * (v - 1) * d)
+    _exact_claims(net, "w", want)
+    m = copy.deepcopy(model)
+    loss(m(x), y).backward()
+    g64 = m.w.grad.numpy().ravel()
+    assert np.array_equal(cmp.values("float64")["w"].ravel(), g64)
+    # the hand-written rule is torch's: the same zeros, and float64 near the exact values
+    # (hardsigmoid: torch's float32 1/6, 3e-8 off)
+    tol = 1e-7 if case == "hardsigmoid" else 1e-15
+    for q, g in zip(want, g64, strict=True):
+        assert (g == 0) == (q == 0) and abs(float(q) - g) <= tol * abs(g), (float(q), g)
+
+
+def test_amax_ties_split_the_gradient_by_count() -> None:
+    """out = amax(w * x, -1) * c per row; a row with k maxima gives each c / k."""
+    w = [[2.0, 1.0, 2.0, 2.0], [-1.0, -1.0, -3.0, -2.0], [5.0, 0.0, 1.0, 4.0]]
+    model = Scale(lambda t: t.amax(-1), [0.0])
+    model.w = nn.Parameter(torch.tensor(w, dtype=torch.float64))
+    x = torch.ones(3, 4, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.float64)
+    loss = nn.MSELoss(reduction="sum")
+    net = fpgrad.from_module(model, x, y, loss)
+    cmp = fpgrad.compare(net, ["float32", "float64"])
+    want = [Q(2 * 2, 3), 0, Q(4, 3), Q(4, 3), Q(-2, 2), Q(-2, 2), 0, 0, Q(10), 0, 0, 0]
+    _exact_claims(net, "w", [Q(v) for v in want])
+    for prec, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        m = copy.deepcopy(model).to(dtype)
+        loss(m(x.to(dtype)), y.to(dtype)).backward()
+        assert np.array_equal(cmp.values(prec)["w"], m.w.grad.double().numpy()), prec
+
+
+# ---- undecidable comparisons ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "f",
+    [
+        pytest.param(lambda t: F.hardtanh(t, -2.0, 2.0), id="hardtanh"),
+        pytest.param(lambda t: t.clamp_min(2.0), id="clamp_min"),
+        pytest.param(lambda t: torch.where(t > 2.0, t, 3 * t), id="where_gt"),
+        pytest.param(lambda t: t * t.amax(-1, keepdim=True), id="amax"),
+    ],
+)
+def test_a_tie_no_precision_decides_is_undetermined(f: Callable[..., Any]) -> None:
+    """exp(log 2) = 2 exactly, but no ball of it is exactly 2: the branch at 2 (or the tie
+    of two maxima) is undecided at every precision, so the gradient is left undetermined at
+    the cap, never certified on a guessed branch."""
+    model = Scale(lambda t: f(torch.exp(torch.log(t))), [2.0, 1.0, 2.0])
+    x = torch.ones(1, 3, dtype=torch.float64)
+    y = torch.zeros(1, 3, dtype=torch.float64)
+    net = fpgrad.from_module(model, x, y, nn.MSELoss(reduction="sum"))
+    ex = exact_graph(net.graph, bits=150, allow_uncertified=True, max_bits=600).result
+    und = np.asarray(ex.undetermined("grads/w")).ravel()
+    assert und[0], "the gradient at the undecidable tie was certified"
+    assert any("undecided" in s for s in ex.escalations), ex.escalations
+
+
+# ---- the emulated machine by hand --------------------------------------------------------------
+def test_emulated_bfloat16_op_by_op() -> None:
+    """bfloat16 emulated: hardswish, hardsigmoid and their backward ops, clamp_min at 0.1 (the
+    bound rounded into the format, 0.10009765625, as torch casts it), each op's value
+    from its inputs with round_to after every operation."""
+    fmt = "bfloat16"
+    rnd = lambda v: fpgrad.round_to(np.asarray(v, dtype=np.float64), fmt)  # noqa: E731
+    f = lambda t: F.hardswish(t) + F.hardsigmoid(t) + t.clamp_min(0.1)  # noqa: E731
+    model = Scale(f, [-3.0, -2.9, -1.3, 0.05, 0.1, 0.7, 2.99, 3.0, 4.1])
+    x = torch.full((1, 9), 1.1, dtype=torch.float64)
+    y = torch.zeros(1, 9, dtype=torch.float64)
+    net = fpgrad.from_module(model, x, y, nn.MSELoss())
+    tr = interpret(net.graph, EmulatedArith(fmt))
+    v = tr.values
+    seen = set()
+    for node in net.graph.gm.graph.nodes:
+        key = str(node.target)
+        args = [v[a.name] if hasattr(a, "name") else a for a in node.args]
+        if key == "aten.hardswish.default":
+            z = args[0]
+            want = rnd(rnd(z * np.clip(rnd(z + 3), 0, 6)) / 6)
+        elif key == "aten.hardsigmoid.default":
+            want = rnd(np.clip(rnd(args[0] + 3), 0, 6) / 6)
+        elif key == "aten.hardswish_backward.default":
+            g, z = args
+            want = np.where(z <= -3, 0.0, np.where(z < 3, rnd(g * rnd(rnd(z / 3) + 0.5)), g))
+        elif key == "aten.hardsigmoid_backward.default":
+            g, z = args
+            want = np.where((z > -3) & (z < 3), rnd(g * rnd(float(np.float32(1) / 6))), 0.0)
+        elif key == "aten.clamp_min.default":
+            want = np.maximum(args[0], 0.10009765625)
+        else:
+            continue
+        seen.add(key)
+        assert np.array_equal(np.asarray(v[node.name]), want), key
+    assert len(seen) == 5, seen
