@@ -350,3 +350,21 @@ def test_emulated_bfloat16_op_by_op() -> None:
         seen.add(key)
         assert np.array_equal(np.asarray(v[node.name]), want), key
     assert len(seen) == 6, seen
+
+
+def test_an_operand_compared_with_itself_is_a_tie_without_a_sign() -> None:
+    """maximum(t, t) and t >= t on tanh values (balls never exact): every element ties,
+    decided structurally (a ball of t - t contains 0 at every precision); torch splits
+    maximum's gradient in halves and passes t >= t everywhere."""
+    f = lambda t: torch.maximum(t.tanh(), t.tanh()) + torch.where(t.tanh() >= t.tanh(), t, 0 * t)  # noqa: E731
+    model = Scale(f, [0.5, -1.0, 2.0])
+    x = torch.ones(1, 3, dtype=torch.float64)
+    y = torch.zeros(1, 3, dtype=torch.float64)
+    net = fpgrad.from_module(model, x, y, nn.MSELoss(reduction="sum"))
+    ex = exact_graph(net.graph).result
+    assert ex.undetermined_count == 0 and ex.certified_digits >= 17
+    m = copy.deepcopy(model)
+    nn.MSELoss(reduction="sum")(m(x), y).backward()
+    mid, _ = ex.enclosure("grads/w")
+    np.testing.assert_allclose(np.asarray(mid, dtype=float).ravel(), m.w.grad.numpy().ravel(),
+                               rtol=1e-14)  # fmt: skip

@@ -20,7 +20,7 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.names import PASS_THROUGH
+from fpgrad.graph.ops._ties import is_max, same, through
 from fpgrad.graph.ops._util import scalar
 from fpgrad.graph.ops.registry import op
 
@@ -94,13 +94,28 @@ def compare(cx: Any, a: Any, b: Any, kind: str) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
+def _same_value(cx: Any, a: Any, b: Any) -> bool:
+    """Are both operands one node's value, element for element (through aliases and
+    same-shape views)? Then every element ties: decided without a ball of x - x."""
+    x, y = cx.node.args[0], cx.node.args[1]
+    if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
+        return False
+    if not same(through(x), through(y), 32):
+        return False
+    base = cx.value(through(x))
+    return shapes.shape(a) == shapes.shape(b) == shapes.shape(base)
+
+
 def _register(kind: str) -> None:
     names = [f"aten.{kind}.Tensor", f"aten.{kind}.Scalar"]
 
     @op(*names)
     def cmp(cx: Any, a: Any, b: Any) -> np.ndarray:
-        if kind == "eq" and _exact(cx):
-            tied = _ties_of_max(cx)
+        if _exact(cx):
+            tie = _same_value(cx, a, b)
+            if tie:
+                return np.full(shapes.shape(a), kind in ("ge", "le", "eq"))
+            tied = _ties_of_max(cx) if kind == "eq" else None
             if tied is not None:
                 return tied
         return _keep(cx, compare(cx, a, b, kind))
@@ -355,6 +370,8 @@ def _extreme(cx: Any, a: Any, b: Any, larger: bool) -> Any:
     ar = cx.ar
     shape = tuple(np.broadcast_shapes(shapes.shape(scalar(cx, a)), shapes.shape(scalar(cx, b))))
     aa, bb = _full(cx, a, shape), _full(cx, b, shape)
+    if _exact(cx) and _same_value(cx, a, b):
+        return aa  # maximum(x, x): no ball of x - x to decide
     if _exact(cx):
         d = ar.sub(bb, aa) if larger else ar.sub(aa, bb)
         return ar.where(ar.positive(d), bb, aa)
@@ -399,16 +416,6 @@ def amax(cx: Any, x: Any, dims: Any = (), keepdim: bool = False) -> Any:
     return out
 
 
-_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
-          "aten.unsqueeze.default", "aten.expand.default", *PASS_THROUGH}  # fmt: skip
-
-
-def _through(node: Any) -> Any:
-    while isinstance(node, fx.Node) and str(node.target) in _VIEWS:
-        node = node.args[0]
-    return node
-
-
 def _ties_of_max(cx: Any) -> np.ndarray | None:
     """``x == amax(x, dims)`` (amax's traced backward), decided in the exact systems without
     comparing the maximum's ball with itself: each slice's candidate k (the largest
@@ -416,48 +423,18 @@ def _ties_of_max(cx: Any) -> np.ndarray | None:
     also a maximum). Elsewhere None (the plain comparison)."""
     node = cx.node
     for i in (0, 1):
-        m, other = _through(node.args[i]), _through(node.args[1 - i])
+        m, other = through(node.args[i]), through(node.args[1 - i])
         if not (isinstance(m, fx.Node) and str(m.target) == "aten.amax.default"):
             continue
-        if _through(m.args[0]) is not other or not isinstance(other, fx.Node):
+        if through(m.args[0]) is not other or not isinstance(other, fx.Node):
             continue
         x = cx.value(other)
-        if shapes.shape(x) != shapes.shape(cx.value(node.args[1 - i])):
-            continue  # a broadcast or reshaped reader: the plain comparison
         dims = m.args[1] if len(m.args) > 1 else ()
-        tied = _is_max(cx, x, _axes(x, dims))
+        axes = _axes(x, dims)
+        kept = tuple(1 if d in axes else s for d, s in enumerate(shapes.shape(x)))
+        if (shapes.shape(x) != shapes.shape(cx.value(node.args[1 - i]))
+                or shapes.shape(cx.value(node.args[i])) != kept):  # fmt: skip
+            continue  # not amax's backward (restored dims against x): the plain comparison
+        tied = is_max(cx, x, axes)
         return None if tied is None else _keep(cx, tied)
     return None
-
-
-def _is_max(cx: Any, x: Any, axes: list[int]) -> np.ndarray | None:
-    """Which elements of ``x`` equal the maximum over ``axes`` (see :func:`_ties_of_max`);
-    None if an element is proven above the candidate (then no candidate was found)."""
-    ar = cx.ar
-    shape = shapes.shape(x)
-    if not axes or 0 in shape:
-        return np.ones(shape, dtype=bool)
-    keep = [d for d in range(len(shape)) if d not in axes]
-    perm = keep + axes
-    outer = [shape[d] for d in keep]
-    n = int(np.prod([shape[d] for d in axes]))
-    flat = shapes.reshape(shapes.permute(x, perm), [*outer, n])
-    mid = ar.to_float64(flat)
-    k = np.argmax(mid, axis=-1)
-    for _ in range(n):  # move k while an element's midpoint lies above the candidate's
-        chosen = np.arange(n) == k[..., None]
-        top = ar.sum(ar.mul(flat, ar.asarray(chosen.astype(np.float64))), axis=-1, keepdims=True)
-        d = ar.sub(top, flat)
-        dm = ar.to_float64(d)
-        low = np.min(dm, axis=-1)
-        if not (low < 0).any():
-            break
-        k = np.where(low < 0, np.argmin(dm, axis=-1), k)
-    d = ar.where(chosen, ar.mul(d, ar.const(0.0)), d)  # the candidate: exactly 0
-    below = np.array(ar.positive(d), dtype=bool)  # x_i < x_k
-    above = np.array(ar.positive(ar.mul(d, ar.const(-1.0))), dtype=bool)  # x_i > x_k
-    if above.any():
-        return None
-    tie = ~(below | above)
-    inv = np.argsort(perm)
-    return np.transpose(tie.reshape([*outer, *[shape[d] for d in axes]]), inv)

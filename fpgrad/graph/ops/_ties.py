@@ -1,0 +1,90 @@
+"""Structural facts the comparisons of :mod:`fpgrad.graph.ops.select` use in the exact
+systems, where a ball of ``x - x`` never decides a tie: one value reached twice (the same
+node, or the same pure op of the same arguments), and the maxima of a tensor (amax's traced
+backward compares ``x`` with ``amax(x)``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from fpgrad.graph import shapes
+from fpgrad.graph.names import PASS_THROUGH
+
+_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
+          "aten.unsqueeze.default", "aten.expand.default", *PASS_THROUGH}  # fmt: skip
+
+
+def through(node: Any) -> Any:
+    while isinstance(node, fx.Node) and str(node.target) in _VIEWS:
+        node = node.args[0]
+    return node
+
+
+_IMPURE = {torch.Tag.inplace, torch.Tag.nondeterministic_seeded, torch.Tag.nondeterministic_bitwise}
+
+
+def pure(node: fx.Node) -> bool:
+    """An aten op whose value is a function of its arguments alone (not random, not in
+    place, not uninitialised memory)."""
+    target = node.target
+    name = str(target).split(".")
+    if len(name) != 3 or name[0] != "aten" or name[1].endswith("_") or "empty" in name[1]:
+        return False
+    return not (_IMPURE & set(getattr(target, "tags", ())))
+
+
+def same(x: Any, y: Any, depth: int) -> bool:
+    """Is ``y`` provably ``x``'s value: the same node, or the same deterministic op of the
+    same arguments (``t.tanh()`` written twice), up to ``depth`` levels?"""
+    if x is y:
+        return True
+    if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)) or depth <= 0:
+        return False
+    if x.op != "call_function" or y.op != "call_function" or x.target != y.target:
+        return False
+    if not pure(x) or x.kwargs != y.kwargs or len(x.args) != len(y.args):
+        return False
+    for a, b in zip(x.args, y.args, strict=True):
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if not same(a, b, depth - 1):
+                return False
+        elif type(a) is not type(b) or a != b:
+            return False
+    return True
+
+
+def is_max(cx: Any, x: Any, axes: list[int]) -> np.ndarray | None:
+    """Which elements of ``x`` equal the maximum over ``axes`` (see :func:`_ties_of_max`);
+    None if an element is proven above the candidate (then no candidate was found)."""
+    ar = cx.ar
+    shape = shapes.shape(x)
+    if not axes or 0 in shape:
+        return np.ones(shape, dtype=bool)
+    keep = [d for d in range(len(shape)) if d not in axes]
+    perm = keep + axes
+    outer = [shape[d] for d in keep]
+    n = int(np.prod([shape[d] for d in axes]))
+    flat = shapes.reshape(shapes.permute(x, perm), [*outer, n])
+    mid = ar.to_float64(flat)
+    k = np.argmax(mid, axis=-1)
+    for _ in range(n):  # move k while an element's midpoint lies above the candidate's
+        chosen = np.arange(n) == k[..., None]
+        top = ar.sum(ar.mul(flat, ar.asarray(chosen.astype(np.float64))), axis=-1, keepdims=True)
+        d = ar.sub(top, flat)
+        dm = ar.to_float64(d)
+        low = np.min(dm, axis=-1)
+        if not (low < 0).any():
+            break
+        k = np.where(low < 0, np.argmin(dm, axis=-1), k)
+    d = ar.where(chosen, ar.mul(d, ar.const(0.0)), d)  # the candidate: exactly 0
+    below = np.array(ar.positive(d), dtype=bool)  # x_i < x_k
+    above = np.array(ar.positive(ar.mul(d, ar.const(-1.0))), dtype=bool)  # x_i > x_k
+    if above.any():
+        return None
+    tie = ~(below | above)
+    inv = np.argsort(perm)
+    return np.transpose(tie.reshape([*outer, *[shape[d] for d in axes]]), inv)
