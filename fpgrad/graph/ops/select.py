@@ -235,23 +235,26 @@ def clamp_value(cx: Any, x: Any, lo: Any, hi: Any) -> Any:
     return y
 
 
-@op("aten.clamp.default", "aten.clamp.Tensor")
+@op("aten.clamp.default", "aten.clamp.Tensor", "aten.clamp_.default", "aten.clamp_.Tensor")
 def clamp(cx: Any, x: Any, lo: Any = None, hi: Any = None) -> Any:
-    """torch's clamp; its backward is traced as ge/le/logical_and/where."""
+    """torch's clamp; its backward is traced as ge/le/logical_and/where. In place (``_``):
+    as a new value (capture refuses one whose input is read later or aliased)."""
     return clamp_value(cx, x, lo, hi)
 
 
-@op("aten.clamp_min.default", "aten.clamp_min.Tensor")
+@op("aten.clamp_min.default", "aten.clamp_min.Tensor", "aten.clamp_min_.default",
+    "aten.clamp_min_.Tensor")  # fmt: skip
 def clamp_min(cx: Any, x: Any, lo: Any) -> Any:
     return clamp_value(cx, x, lo, None)
 
 
-@op("aten.clamp_max.default", "aten.clamp_max.Tensor")
+@op("aten.clamp_max.default", "aten.clamp_max.Tensor", "aten.clamp_max_.default",
+    "aten.clamp_max_.Tensor")  # fmt: skip
 def clamp_max(cx: Any, x: Any, hi: Any) -> Any:
     return clamp_value(cx, x, None, hi)
 
 
-@op("aten.hardtanh.default")
+@op("aten.hardtanh.default", "aten.hardtanh_.default")
 def hardtanh(cx: Any, x: Any, lo: float = -1.0, hi: float = 1.0) -> Any:
     """clamp(x, lo, hi) (ReLU6 is hardtanh(0, 6))."""
     return clamp_value(cx, x, lo, hi)
@@ -283,7 +286,7 @@ def hardtanh_backward(cx: Any, g: Any, x: Any, lo: float, hi: float) -> Any:
     return ar.where(below, ar.where(above, g, zero), zero)  # each mask as positive gave it
 
 
-@op("aten.hardsigmoid.default")
+@op("aten.hardsigmoid.default", "aten.hardsigmoid_.default")
 def hardsigmoid(cx: Any, x: Any) -> Any:
     """min(max(x + 3, 0), 6) / 6 (torch's kernel, each step rounded); exact systems: 0 for
     x <= -3, 1 for x >= 3, else (x + 3) / 6 (exact 0 and 1 where saturated)."""
@@ -312,7 +315,7 @@ def hardsigmoid_backward(cx: Any, g: Any, x: Any) -> Any:
     return ar.where(below, ar.where(above, inner, zero), zero)
 
 
-@op("aten.hardswish.default")
+@op("aten.hardswish.default", "aten.hardswish_.default")
 def hardswish(cx: Any, x: Any) -> Any:
     """x min(max(x + 3, 0), 6) / 6 (torch's kernel: the product, then the division); exact
     systems: 0 for x <= -3, x for x >= 3, else x (x + 3) / 6."""
