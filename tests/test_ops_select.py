@@ -294,26 +294,34 @@ def test_amax_ties_split_the_gradient_by_count() -> None:
 
 # ---- undecidable comparisons ------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "f",
+    ("f", "union"),
     [
-        pytest.param(lambda t: F.hardtanh(t, -2.0, 2.0), id="hardtanh"),
-        pytest.param(lambda t: t.clamp_min(2.0), id="clamp_min"),
-        pytest.param(lambda t: torch.where(t > 2.0, t, 3 * t), id="where_gt"),
-        pytest.param(lambda t: t * t.amax(-1, keepdim=True), id="amax"),
+        pytest.param(lambda t: F.hardtanh(t, -2.0, 2.0), True, id="hardtanh"),
+        pytest.param(lambda t: t.clamp_min(2.0), False, id="clamp_min"),
+        pytest.param(lambda t: torch.where(t > 2.0, t, 3 * t), True, id="where_gt"),
+        pytest.param(lambda t: t * t.amax(-1, keepdim=True), False, id="amax"),
     ],
 )
-def test_a_tie_no_precision_decides_is_undetermined(f: Callable[..., Any]) -> None:
+def test_a_tie_no_precision_decides_is_undetermined(f: Callable[..., Any], union: bool) -> None:
     """exp(log 2) = 2 exactly, but no ball of it is exactly 2: the branch at 2 (or the tie
-    of two maxima) is undecided at every precision, so the gradient is left undetermined at
-    the cap, never certified on a guessed branch."""
-    model = Scale(lambda t: f(torch.exp(torch.log(t))), [2.0, 1.0, 2.0])
-    x = torch.ones(1, 3, dtype=torch.float64)
-    y = torch.zeros(1, 3, dtype=torch.float64)
+    of two maxima) is undecided at every precision, so those gradients are left
+    undetermined at the cap, never certified on a guessed branch. A mask only ``where``
+    reads (hardtanh's backward, ``where(t > 2)``) gives the union of both branches there and
+    the other elements stay certified; a mask read otherwise (clamp's ``ge``, amax's ties)
+    leaves the whole run undetermined."""
+    model = Scale(lambda t: f(torch.exp(torch.log(t))), [2.0, 1.0, 2.0, 0.5])
+    x = torch.ones(1, 4, dtype=torch.float64)
+    y = torch.zeros(1, 4, dtype=torch.float64)
     net = fpgrad.from_module(model, x, y, nn.MSELoss(reduction="sum"))
     ex = exact_graph(net.graph, bits=150, allow_uncertified=True, max_bits=600).result
     und = np.asarray(ex.undetermined("grads/w")).ravel()
-    assert und[0], "the gradient at the undecidable tie was certified"
-    assert any("undecided" in s for s in ex.escalations), ex.escalations
+    digits = np.asarray(ex.digits["grads/w"]).ravel()
+    assert und[0] and und[2], "a gradient at the undecidable tie was certified"
+    assert any("undecided (the cap)" in s for s in ex.escalations), ex.escalations
+    if union:
+        assert not und[1] and not und[3] and min(digits[1], digits[3]) >= 17
+    else:
+        assert und.all() and not digits.any()
 
 
 # ---- the emulated machine by hand --------------------------------------------------------------
@@ -375,3 +383,21 @@ def test_an_operand_compared_with_itself_is_a_tie_without_a_sign() -> None:
     mid, _ = ex.enclosure("grads/w")
     np.testing.assert_allclose(np.asarray(mid, dtype=float).ravel(), m.w.grad.numpy().ravel(),
                                rtol=1e-14)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["clamp_tensor", "hardswish", "where_logic", "masks_as_floats",
+                                  "maximum", "amax_of_tanh", "inplace_modules"])  # fmt: skip
+def test_arb_decides_every_branch_and_agrees_with_the_fast_balls(case: str) -> None:
+    """The Arb fallback runs the same ops (its masks, unions, structural ties): no branch
+    left undecided or untracked, gradients within both enclosures."""
+    from fpgrad.arith.arb import ArbArith
+    from fpgrad.arith.ball import BallArith
+
+    x, y = _data(11)
+    net = fpgrad.from_module(Net(CASES[case][0]), x, y, nn.CrossEntropyLoss())
+    arb, ball = ArbArith(300), BallArith(150)
+    ta, tb = interpret(net.graph, arb, keep=False), interpret(net.graph, ball, keep=False)
+    assert arb.uncertain_branches == 0 and not arb.untracked() and ball.uncertain_branches == 0
+    for name in net.param_names:
+        ga, gb = arb.to_float64(ta.grads[name]), ball.to_float64(tb.grads[name])
+        np.testing.assert_allclose(ga, gb, rtol=1e-15, atol=1e-300)
