@@ -80,6 +80,10 @@ CASES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], M]] = {
         lambda x: x * _gt(x, 0) + x * (_gt(x, 0.25) | ~_ge(x, 0.25)) + x * (~_ge(x, 0) ^ _gt(x, 0.2)),
     ),
     "minimum": (lambda t: torch.minimum(t, torch.zeros(())), _mp(lambda v: min(v, 0))),
+    "normalize_clamp_min": (  # F.normalize's formula, the norm written out
+        lambda t: t / (t * t).sum(-1, keepdim=True).sqrt().clamp_min(1e-12),
+        lambda x: x / np.maximum(R.sqrt(np.sum(x * x, axis=-1, keepdims=True)), CTX.mpf(1e-12)),
+    ),
     "maximum": (lambda t: torch.maximum(t, 0.5 * t), _mp(lambda v: max(v, v / 2))),
     "amax_keepdim": (lambda t: t - t.amax(-1, keepdim=True),
                      lambda x: x - np.max(x, axis=-1, keepdims=True)),
@@ -401,3 +405,45 @@ def test_arb_decides_every_branch_and_agrees_with_the_fast_balls(case: str) -> N
     for name in net.param_names:
         ga, gb = arb.to_float64(ta.grads[name]), ball.to_float64(tb.grads[name])
         np.testing.assert_allclose(ga, gb, rtol=1e-15, atol=1e-300)
+
+
+class DataMasks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.o = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = self.l(x)
+        h = torch.where(keep, h, 0.5 * h)  # a boolean data tensor
+        h = torch.where(x > 0, h, -h)  # a mask from the floating data itself
+        return self.o(torch.where((x <= 0.3) & (h > 0), h, torch.zeros(())))
+
+
+def test_masks_from_data() -> None:
+    """where() on a boolean input and on comparisons of the data: float32/float64 bit for bit,
+    exact inside the oracle."""
+    x, y = _data(7)
+    keep = torch.rand(5, 4) > 0.5
+    model = DataMasks()
+    net = fpgrad.from_module(model, (x, keep), y, nn.CrossEntropyLoss())
+    cmp = fpgrad.compare(net, ["float32", "float64", "bfloat16:emulated"])
+    assert cmp.certified_digits >= 17
+    for prec, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        m = copy.deepcopy(model).to(dtype)
+        nn.CrossEntropyLoss()(m(x.to(dtype), keep), y).backward()
+        for name, p in m.named_parameters():
+            assert np.array_equal(cmp.values(prec)[name], p.grad.double().numpy()), (prec, name)
+    ex = exact_graph(net.graph).result
+    params = {n: R.mp(p) for n, p in model.named_parameters()}
+    xs, k = R.mp(x), keep.numpy()
+
+    def forward(p: dict) -> Any:
+        h = R.linear(xs, p["l.weight"], p["l.bias"])
+        h = np.where(k, h, h * CTX.mpf(0.5))
+        h = np.where(_gt(xs, 0), h, -h)
+        h = np.where(~_gt(xs, 0.3) & _gt(h, 0), h, CTX.mpf(0))
+        return R.cross_entropy(R.linear(h, p["o.weight"], p["o.bias"]), y.numpy())
+
+    value, grads = R.gradients(forward, params)
+    for name, g in grads.items():
+        _claims(ex, f"grads/{name}", g, R.REL_ERR)

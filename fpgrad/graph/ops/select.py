@@ -200,6 +200,8 @@ def where(cx: Any, cond: Any, a: Any, b: Any) -> Any:
     the system's ``where`` as it is (Arb: the union of both branches where undecided)."""
     if not (isinstance(cond, np.ndarray) and cond.dtype.kind == "b"):
         cond = truth(cx, cond)
+    if _plain(a) and _plain(b):  # masks or integers: numpy's where, their dtype kept
+        return np.where(np.asarray(cond), np.asarray(a), np.asarray(b))
     shape = tuple(np.broadcast_shapes(np.shape(cond), shapes.shape(scalar(cx, a)),
                                       shapes.shape(scalar(cx, b))))  # fmt: skip
     if np.shape(cond) != shape:
