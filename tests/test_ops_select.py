@@ -91,6 +91,10 @@ CASES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], M]] = {
     # tanh's balls are never exact: the maximum's tie with itself is structural, not a sign
     "amax_of_tanh": (lambda t: t.tanh() * t.tanh().amax(-1, keepdim=True),
                      lambda x: R.tanh(x) * np.max(R.tanh(x), axis=-1, keepdims=True)),
+    "amin_of_tanh": (lambda t: t.tanh() * t.tanh().amin(-1, keepdim=True) + t.amin((0, 1)),
+                     lambda x: R.tanh(x) * np.min(R.tanh(x), axis=-1, keepdims=True) + np.min(x)),
+    "amax_of_tanh_dims": (lambda t: t.tanh() * t.tanh().amax(-2) + t * t.tanh().amax((0, 1)),
+                          lambda x: R.tanh(x) * np.max(R.tanh(x), axis=-2) + x * np.max(R.tanh(x))),
     "amax_negative_dim": (lambda t: t * t.amax(-2), lambda x: x * np.max(x, axis=-2)),
 }  # fmt: skip
 

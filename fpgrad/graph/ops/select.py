@@ -421,15 +421,25 @@ def amax(cx: Any, x: Any, dims: Any = (), keepdim: bool = False) -> Any:
     return out
 
 
+@op("aten.amin.default")
+def amin(cx: Any, x: Any, dims: Any = (), keepdim: bool = False) -> Any:
+    """-amax(-x) (negation is exact in every system)."""
+    neg = cx.ar.mul(x, cx.ar.const(-1.0))
+    return cx.ar.mul(amax(cx, neg, dims, keepdim), cx.ar.const(-1.0))
+
+
+_EXTREMA = {"aten.amax.default": 1.0, "aten.amin.default": -1.0}
+
+
 def _ties_of_max(cx: Any) -> np.ndarray | None:
-    """``x == amax(x, dims)`` (amax's traced backward), decided in the exact systems without
-    comparing the maximum's ball with itself: each slice's candidate k (the largest
-    midpoint), then the sign of ``x_k - x_i`` for every other element (exactly 0: a tie,
-    also a maximum). Elsewhere None (the plain comparison)."""
+    """``x == amax(x, dims)`` (amax's traced backward; amin's as the maxima of -x), decided
+    in the exact systems without comparing the maximum's ball with itself: each slice's
+    candidate k (the largest midpoint), then the sign of ``x_k - x_i`` for every other
+    element (exactly 0: a tie, also a maximum). Elsewhere None (the plain comparison)."""
     node = cx.node
     for i in (0, 1):
         m, other = through(node.args[i]), through(node.args[1 - i])
-        if not (isinstance(m, fx.Node) and str(m.target) == "aten.amax.default"):
+        if not (isinstance(m, fx.Node) and str(m.target) in _EXTREMA):
             continue
         if through(m.args[0]) is not other or not isinstance(other, fx.Node):
             continue
@@ -440,6 +450,8 @@ def _ties_of_max(cx: Any) -> np.ndarray | None:
         if (shapes.shape(x) != shapes.shape(cx.value(node.args[1 - i]))
                 or shapes.shape(cx.value(node.args[i])) != kept):  # fmt: skip
             continue  # not amax's backward (restored dims against x): the plain comparison
+        if _EXTREMA[str(m.target)] < 0:
+            x = cx.ar.mul(x, cx.ar.const(-1.0))
         tied = is_max(cx, x, axes)
         return None if tied is None else _keep(cx, tied)
     return None
