@@ -451,3 +451,32 @@ def test_masks_from_data() -> None:
     value, grads = R.gradients(forward, params)
     for name, g in grads.items():
         _claims(ex, f"grads/{name}", g, R.REL_ERR)
+
+
+class Blind(nn.Module):
+    """One mask read by two wheres: one of its own shape, one broadcasting it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[2.0, 1.0, 1.5, 0.5]], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.exp(torch.log(self.w * x))
+        m = (t[:, :1] + 1e-200) > 2.0  # true, but no ball of exp(log 2) at 600 bits decides it
+        u = torch.where(m, t[:, :1], t[:, :1])
+        v = torch.where(m, 5.0 * t[:, 1:], t[:, 1:])  # the mask broadcast to (1, 3)
+        return torch.cat([u, v], 1)
+
+
+def test_a_broadcast_undecided_mask_is_never_a_blind_branch() -> None:
+    """An undecided mask must not reach one ``where`` broadcast (a blind branch there: False)
+    while another ``where`` takes its union (which would mark it tracked): every gradient
+    is undetermined or its ball holds the true value, dL/dw = (2 w_0, 50 w_1, 50 w_2, 50 w_3)."""
+    model = Blind()
+    x = torch.ones(1, 4, dtype=torch.float64)
+    y = torch.zeros(1, 4, dtype=torch.float64)
+    net = fpgrad.from_module(model, x, y, nn.MSELoss(reduction="sum"))
+    ex = exact_graph(net.graph, bits=150, allow_uncertified=True, max_bits=600).result
+    want = np.array([Q(4), Q(50), Q(75), Q(25)], dtype=object)
+    oracle = np.array([CTX.mpf(int(q)) for q in want], dtype=object).reshape(1, 4)
+    _claims(ex, "grads/w", oracle, CTX.mpf(0))

@@ -51,10 +51,18 @@ def _keep(cx: Any, mask: np.ndarray) -> np.ndarray:
     ``where`` then takes the union of both branches where it is undecided); else a plain
     copy (an undecided element then leaves Arb's mask untracked: nothing is certified)."""
     users = list(cx.node.users)
-    if users and all(str(u.target) == _WHERE and u.args[0] is cx.node
-                     and cx.node not in u.args[1:] for u in users):  # fmt: skip
+    if users and all(_reads_as_condition(u, cx.node, np.shape(mask)) for u in users):
         return mask
     return np.array(mask, dtype=bool)
+
+
+def _reads_as_condition(user: fx.Node, node: fx.Node, shape: tuple[int, ...]) -> bool:
+    """Is ``user`` a ``where`` whose condition alone is ``node``, with an output of the
+    mask's own shape (a broadcast mask would lose its undecided elements)?"""
+    if str(user.target) != _WHERE or user.args[0] is not node or node in user.args[1:]:
+        return False
+    val = user.meta.get("val")
+    return val is not None and tuple(getattr(val, "shape", ())) == tuple(shape)
 
 
 def greater(cx: Any, a: Any, b: Any) -> np.ndarray:
