@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
@@ -57,12 +58,14 @@ def _keep(cx: Any, mask: np.ndarray) -> np.ndarray:
 
 
 def _reads_as_condition(user: fx.Node, node: fx.Node, shape: tuple[int, ...]) -> bool:
-    """Is ``user`` a ``where`` whose condition alone is ``node``, with an output of the
-    mask's own shape (a broadcast mask would lose its undecided elements)?"""
+    """Is ``user`` a ``where`` whose condition alone is ``node``, selecting floating values
+    (the system's ``where``) into an output of the mask's own shape (a broadcast mask
+    would lose its undecided elements)?"""
     if str(user.target) != _WHERE or user.args[0] is not node or node in user.args[1:]:
         return False
     val = user.meta.get("val")
-    return val is not None and tuple(getattr(val, "shape", ())) == tuple(shape)
+    return (isinstance(val, torch.Tensor) and val.is_floating_point()
+            and tuple(val.shape) == tuple(shape))  # fmt: skip
 
 
 def greater(cx: Any, a: Any, b: Any) -> np.ndarray:
