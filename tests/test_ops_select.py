@@ -393,6 +393,28 @@ def test_an_operand_compared_with_itself_is_a_tie_without_a_sign() -> None:
                                rtol=1e-14)  # fmt: skip
 
 
+def _chain(t: torch.Tensor) -> torch.Tensor:
+    for _ in range(12):
+        t = t * t * 0.5 + t.tanh()
+    return t
+
+
+def test_the_same_deep_computation_written_twice_ties() -> None:
+    """maximum of two copies of a 48-op chain (tanh inside: never exact balls): the same pure
+    ops of the same arguments, level by level, tie structurally."""
+    model = Scale(lambda t: torch.maximum(_chain(t), _chain(t)), [0.1, -0.2])
+    x = torch.ones(1, 2, dtype=torch.float64)
+    y = torch.zeros(1, 2, dtype=torch.float64)
+    net = fpgrad.from_module(model, x, y, nn.MSELoss(reduction="sum"))
+    ex = exact_graph(net.graph).result
+    assert ex.undetermined_count == 0 and ex.certified_digits >= 17
+    m = copy.deepcopy(model)
+    nn.MSELoss(reduction="sum")(m(x), y).backward()
+    mid, _ = ex.enclosure("grads/w")
+    np.testing.assert_allclose(np.asarray(mid, dtype=float).ravel(), m.w.grad.numpy().ravel(),
+                               rtol=1e-14)  # fmt: skip
+
+
 @pytest.mark.parametrize("case", ["clamp_tensor", "hardswish", "where_logic", "masks_as_floats",
                                   "maximum", "amax_of_tanh", "inplace_modules"])  # fmt: skip
 def test_arb_decides_every_branch_and_agrees_with_the_fast_balls(case: str) -> None:

@@ -37,20 +37,30 @@ def pure(node: fx.Node) -> bool:
     return not (_IMPURE & set(getattr(target, "tags", ())))
 
 
-def same(x: Any, y: Any, depth: int) -> bool:
+def same(x: Any, y: Any, depth: int, memo: dict | None = None) -> bool:
     """Is ``y`` provably ``x``'s value: the same node, or the same deterministic op of the
-    same arguments (``t.tanh()`` written twice), up to ``depth`` levels?"""
+    same arguments (``t.tanh()`` written twice), up to ``depth`` levels? Each pair of nodes
+    is compared once (``memo``), so shared subgraphs cost no more than their size."""
     if x is y:
         return True
     if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)) or depth <= 0:
         return False
+    memo = {} if memo is None else memo
+    key = (x, y)
+    if key not in memo:
+        memo[key] = False  # a cycle cannot occur in a graph; this also bounds the work
+        memo[key] = _same_op(x, y, depth, memo)
+    return memo[key]
+
+
+def _same_op(x: fx.Node, y: fx.Node, depth: int, memo: dict) -> bool:
     if x.op != "call_function" or y.op != "call_function" or x.target != y.target:
         return False
     if not pure(x) or x.kwargs != y.kwargs or len(x.args) != len(y.args):
         return False
     for a, b in zip(x.args, y.args, strict=True):
         if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-            if not same(a, b, depth - 1):
+            if not same(a, b, depth - 1, memo):
                 return False
         elif type(a) is not type(b) or a != b:
             return False

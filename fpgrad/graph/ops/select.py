@@ -111,7 +111,7 @@ def _same_value(cx: Any, a: Any, b: Any) -> bool:
     x, y = cx.node.args[0], cx.node.args[1]
     if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
         return False
-    if not same(through(x), through(y), 32):
+    if not same(through(x), through(y), 256):
         return False
     base = cx.value(through(x))
     return shapes.shape(a) == shapes.shape(b) == shapes.shape(base)
