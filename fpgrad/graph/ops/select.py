@@ -41,6 +41,11 @@ def _plain(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.kind in "biu"
 
 
+def _integral(x: Any) -> bool:
+    """A mask, an integer array or a Python bool or int (torch keeps their dtype)."""
+    return not isinstance(x, float) and _plain(x)
+
+
 def _full(cx: Any, x: Any, shape: tuple[int, ...]) -> Any:
     """``x`` (a value or a Python number) as a value of ``shape``."""
     v = scalar(cx, x)
@@ -211,7 +216,7 @@ def where(cx: Any, cond: Any, a: Any, b: Any) -> Any:
     the system's ``where`` as it is (Arb: the union of both branches where undecided)."""
     if not (isinstance(cond, np.ndarray) and cond.dtype.kind == "b"):
         cond = truth(cx, cond)
-    if _plain(a) and _plain(b):  # masks or integers: numpy's where, their dtype kept
+    if _integral(a) and _integral(b):  # masks or integers: numpy's where, their dtype kept
         return np.where(np.asarray(cond), np.asarray(a), np.asarray(b))
     shape = tuple(np.broadcast_shapes(np.shape(cond), shapes.shape(scalar(cx, a)),
                                       shapes.shape(scalar(cx, b))))  # fmt: skip
