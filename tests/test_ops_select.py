@@ -502,3 +502,51 @@ def test_a_broadcast_undecided_mask_is_never_a_blind_branch() -> None:
     want = np.array([Q(4), Q(50), Q(75), Q(25)], dtype=object)
     oracle = np.array([CTX.mpf(int(q)) for q in want], dtype=object).reshape(1, 4)
     _claims(ex, "grads/w", oracle, CTX.mpf(0))
+
+
+class PReLUMax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[-3.0, -0.7, 0.0, 0.3, 1.1, 2.5]], dtype=torch.float64))
+        self.prelu = nn.PReLU(1, 0.3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.w * x
+        return torch.maximum(self.prelu(t), 0.5 * t) + t.amax(-1, keepdim=True)
+
+
+def test_emulated_fp8_prelu_maximum_by_hand() -> None:
+    """fp8_e4m3 (3 fraction bits): PReLU (0.3 -> 0.3125) and its backward, maximum with a
+    tie (the first operand kept), amax, each against round_to applied op by op."""
+    fmt = "fp8_e4m3"
+    rnd = lambda v: fpgrad.round_to(np.asarray(v, dtype=np.float64), fmt)  # noqa: E731
+    model = PReLUMax()
+    x = torch.ones(1, 6, dtype=torch.float64)
+    net = fpgrad.from_module(model, x, torch.zeros(1, 6, dtype=torch.float64), nn.MSELoss())
+    v = interpret(net.graph, EmulatedArith(fmt)).values
+    seen = set()
+    for node in net.graph.gm.graph.nodes:
+        key = str(node.target)
+        args = [v[a.name] if hasattr(a, "name") else a for a in node.args]
+        if key == "aten._prelu_kernel.default":
+            z, w = args
+            assert float(np.ravel(w)[0]) == 0.3125
+            want = np.where(z > 0, z, rnd(w * z))
+        elif key == "aten._prelu_kernel_backward.default":
+            g, z, w = args
+            want_dx, want_dw = np.where(z > 0, g, rnd(w * g)), np.where(z > 0, 0.0, rnd(z * g))
+            got_dx, got_dw = v[node.name]
+            assert np.array_equal(got_dx, want_dx) and np.array_equal(got_dw, want_dw), key
+            seen.add(key)
+            continue
+        elif key == "aten.maximum.default":
+            a, b = args
+            want = np.where(b > a, b, a)
+            assert np.sum(a == b) >= 1  # z = 0: a tie
+        elif key == "aten.amax.default":
+            want = np.max(args[0], axis=-1, keepdims=True)
+        else:
+            continue
+        seen.add(key)
+        assert np.array_equal(np.asarray(v[node.name]), want), key
+    assert len(seen) == 4, seen
