@@ -550,3 +550,38 @@ def test_emulated_fp8_prelu_maximum_by_hand() -> None:
         seen.add(key)
         assert np.array_equal(np.asarray(v[node.name]), want), key
     assert len(seen) == 4, seen
+
+
+class TiedFeatures(nn.Module):
+    """tanh features with duplicated rows of weights: equal values at different positions,
+    whose tanh balls are identical but never exact; max over the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        w = torch.randn(2, 4)
+        self.l = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.l.weight.copy_(torch.cat([w, w]))
+            self.l.bias.copy_(torch.tensor([0.1, -0.2, 0.1, -0.2]))
+        self.o = nn.Linear(1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.l(x)).amax(-1, keepdim=True))
+
+
+def test_amax_ties_of_tanh_values_are_decided_on_tanh_inputs() -> None:
+    """Rows 0 and 2 of the weights are equal: every maximum is a tie of two tanh values.
+    tanh is strictly increasing, so the ties are decided on its (exact) inputs; torch shares
+    the gradient between them, and so does the certified reference."""
+    x, y = _data(3)
+    model = TiedFeatures()
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    cmp = fpgrad.compare(net, ["float64"])
+    assert cmp.certified_digits >= 17
+    ref = _eager(model, x, y, torch.float64)
+    for name in net.param_names:
+        assert np.array_equal(cmp.values("float64")[name], ref[name]), name
+        e = cmp.column(name).exact
+        np.testing.assert_allclose(e.hi, ref[name], rtol=1e-12, atol=1e-15)
+    assert np.array_equal(ref["l.weight"][0], ref["l.weight"][2])  # shared by the tie

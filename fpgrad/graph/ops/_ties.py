@@ -67,6 +67,26 @@ def _same_op(x: fx.Node, y: fx.Node, depth: int, memo: dict) -> bool:
     return True
 
 
+def increasing_root(node: Any) -> fx.Node | None:
+    """``z`` where ``node`` is ``f(z)`` for a chain of strictly increasing elementwise ops
+    (:data:`fpgrad.graph.ops.conv._INCREASING`: tanh, sigmoid, exp, leaky ReLU and ELU with
+    positive coefficients), else None: f(z_i) = f(z_j) exactly when z_i = z_j and the
+    order is the same, so the maxima of f(z) are those of z, which the balls often hold
+    exactly where the balls of f(z) cannot tell two equal values apart."""
+    from fpgrad.graph.ops.conv import _INCREASING
+
+    found = None
+    while isinstance(node, fx.Node) and str(node.target) in _INCREASING:
+        coefs = [node.args[i] if i < len(node.args) else 1 for i in _INCREASING[str(node.target)]]
+        if not all(isinstance(c, (int, float)) and c > 0 for c in coefs):
+            break
+        found = node.args[0]
+        while isinstance(found, fx.Node) and str(found.target) in PASS_THROUGH:
+            found = found.args[0]
+        node = found
+    return found if isinstance(found, fx.Node) else None
+
+
 def is_max(cx: Any, x: Any, axes: list[int]) -> np.ndarray | None:
     """Which elements of ``x`` equal the maximum over ``axes`` (see :func:`_ties_of_max`);
     None if an element is proven above the candidate (then no candidate was found)."""

@@ -21,7 +21,7 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._ties import is_max, same, through
+from fpgrad.graph.ops._ties import increasing_root, is_max, same, through
 from fpgrad.graph.ops._util import scalar
 from fpgrad.graph.ops.registry import op
 
@@ -466,6 +466,9 @@ def _ties_of_max(cx: Any) -> np.ndarray | None:
         if (shapes.shape(x) != shapes.shape(cx.value(node.args[1 - i]))
                 or shapes.shape(cx.value(node.args[i])) != kept):  # fmt: skip
             continue  # not amax's backward (restored dims against x): the plain comparison
+        root = increasing_root(other)  # the same maxima, decided on f's argument
+        if root is not None and shapes.shape(cx.value(root)) == shapes.shape(x):
+            x = cx.value(root)
         if _EXTREMA[str(m.target)] < 0:
             x = cx.ar.mul(x, cx.ar.const(-1.0))
         tied = is_max(cx, x, axes)
