@@ -585,3 +585,26 @@ def test_amax_ties_of_tanh_values_are_decided_on_tanh_inputs() -> None:
         e = cmp.column(name).exact
         np.testing.assert_allclose(e.hi, ref[name], rtol=1e-12, atol=1e-15)
     assert np.array_equal(ref["l.weight"][0], ref["l.weight"][2])  # shared by the tie
+
+
+class ClampParam(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[-2.0, -1.0, 0.5, 1.0, 3.0]], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardtanh(self.w) * x + self.w.clamp(-1.0, 1.0) * x + torch.maximum(self.w, x)
+
+
+def test_ties_of_exact_values_are_decided_by_the_fast_balls() -> None:
+    """A parameter exactly at its bounds, or equal to the data (balls of radius 0 with the
+    same words: one exact value): decided by the fast balls, no escalation to Arb."""
+    model = ClampParam()
+    x = torch.tensor([[1.5, 2.0, 0.5, 0.25, 3.0]], dtype=torch.float64)
+    net = fpgrad.from_module(model, x, torch.zeros(1, 5, dtype=torch.float64), nn.MSELoss())
+    ex = exact_graph(net.graph).result
+    assert ex.method == "fast" and not ex.escalations, ex.escalations
+    m = copy.deepcopy(model)
+    nn.MSELoss()(m(x), torch.zeros(1, 5, dtype=torch.float64)).backward()
+    mid, _ = ex.enclosure("grads/w")
+    np.testing.assert_allclose(np.asarray(mid, dtype=float), m.w.grad.numpy(), rtol=1e-15)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from fpgrad.arith.ball import Ball
 from fpgrad.graph import shapes
 from fpgrad.graph.names import PASS_THROUGH
 
@@ -67,6 +68,25 @@ def _same_op(x: fx.Node, y: fx.Node, depth: int, memo: dict) -> bool:
     return True
 
 
+def difference(ar: Any, a: Any, b: Any) -> Any:
+    """a - b in the system; in the fast balls, where a and b hold identical words and zero
+    radii (one exact value), exactly 0: a tie decided there, not sent to Arb (the balls'
+    subtraction keeps a floor radius even when its result is exact)."""
+    d = ar.sub(a, b)
+    if isinstance(d, Ball) and isinstance(a, Ball) and isinstance(b, Ball):
+        aa, bb = shapes.expand(a, d.shape), shapes.expand(b, d.shape)
+        if aa.mid.shape[0] == bb.mid.shape[0]:
+            tie = (aa.rad == 0) & (bb.rad == 0) & np.all(aa.mid == bb.mid, axis=0)
+            if tie.any():
+                d = ar.where(tie, ar.mul(d, ar.const(0.0)), d)
+    return d
+
+
+def above(ar: Any, a: Any, b: Any) -> Any:
+    """The system's mask of a > b (``positive`` of :func:`difference`)."""
+    return ar.positive(difference(ar, a, b))
+
+
 def increasing_root(node: Any) -> fx.Node | None:
     """``z`` where ``node`` is ``f(z)`` for a chain of strictly increasing elementwise ops
     (:data:`fpgrad.graph.ops.conv._INCREASING`: tanh, sigmoid, exp, leaky ReLU and ELU with
@@ -101,10 +121,11 @@ def is_max(cx: Any, x: Any, axes: list[int]) -> np.ndarray | None:
     flat = shapes.reshape(shapes.permute(x, perm), [*outer, n])
     mid = ar.to_float64(flat)
     k = np.argmax(mid, axis=-1)
+    grid = tuple(np.indices(outer, sparse=True)) if outer else ()
     for _ in range(n):  # move k while an element's midpoint lies above the candidate's
         chosen = np.arange(n) == k[..., None]
-        top = ar.sum(ar.mul(flat, ar.asarray(chosen.astype(np.float64))), axis=-1, keepdims=True)
-        d = ar.sub(top, flat)
+        top = shapes.unsqueeze(shapes.index(flat, (*grid, k)), len(outer))  # x_k, as it is
+        d = difference(ar, top, flat)
         dm = ar.to_float64(d)
         low = np.min(dm, axis=-1)
         if not (low < 0).any():

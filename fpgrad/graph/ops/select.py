@@ -21,7 +21,7 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._ties import increasing_root, is_max, same, through
+from fpgrad.graph.ops._ties import above, increasing_root, is_max, same, through
 from fpgrad.graph.ops._util import scalar
 from fpgrad.graph.ops.registry import op
 
@@ -78,7 +78,7 @@ def greater(cx: Any, a: Any, b: Any) -> np.ndarray:
     machine's comparison of its values (NaN: False)."""
     ar = cx.ar
     if _exact(cx):
-        return ar.positive(ar.sub(scalar(cx, a), scalar(cx, b)))
+        return above(ar, scalar(cx, a), scalar(cx, b))
     return compare_rounded(cx, a, b, "gt")
 
 
@@ -244,7 +244,7 @@ def clamp_value(cx: Any, x: Any, lo: Any, hi: Any) -> Any:
         shape = tuple(np.broadcast_shapes(shapes.shape(y), shapes.shape(c)))
         y = _full(cx, y, shape)
         if _exact(cx):
-            out = ar.positive(ar.sub(y, c) if upper else ar.sub(c, y))
+            out = above(ar, y, c) if upper else above(ar, c, y)
         else:
             yy, cc = np.asarray(y), np.asarray(c)
             with np.errstate(invalid="ignore"):
@@ -283,8 +283,7 @@ def _inside(cx: Any, x: Any, lo: float, hi: float) -> tuple[np.ndarray, np.ndarr
     (torch's kernels compare in their compute type with the bound as given)."""
     ar = cx.ar
     if _exact(cx):
-        return (ar.positive(ar.sub(x, ar.const(float(lo)))),
-                ar.positive(ar.sub(ar.const(float(hi)), x)))  # fmt: skip
+        return above(ar, x, ar.const(float(lo))), above(ar, ar.const(float(hi)), x)
     xx = np.asarray(x)
     with np.errstate(invalid="ignore"):
         return xx > float(lo), xx < float(hi)
@@ -313,8 +312,8 @@ def hardsigmoid(cx: Any, x: Any) -> Any:
     t = ar.add(x, ar.const(3.0))
     if _exact(cx):
         y = ar.div(t, ar.const(6.0))
-        y = ar.where(ar.positive(ar.mul(t, ar.const(-1.0))), ar.asarray(np.zeros(shape)), y)
-        return ar.where(ar.positive(ar.sub(x, ar.const(3.0))), ar.asarray(np.ones(shape)), y)
+        y = ar.where(above(ar, ar.const(-3.0), x), ar.asarray(np.zeros(shape)), y)
+        return ar.where(above(ar, x, ar.const(3.0)), ar.asarray(np.ones(shape)), y)
     return ar.div(clamp_value(cx, t, 0.0, 6.0), ar.const(6.0))
 
 
@@ -342,8 +341,8 @@ def hardswish(cx: Any, x: Any) -> Any:
     if _exact(cx):
         y = ar.div(ar.mul(x, t), ar.const(6.0))
         zero = ar.asarray(np.zeros(shapes.shape(x)))
-        y = ar.where(ar.positive(ar.mul(t, ar.const(-1.0))), zero, y)
-        return ar.where(ar.positive(ar.sub(x, ar.const(3.0))), x, y)
+        y = ar.where(above(ar, ar.const(-3.0), x), zero, y)
+        return ar.where(above(ar, x, ar.const(3.0)), x, y)
     return ar.div(ar.mul(x, clamp_value(cx, t, 0.0, 6.0)), ar.const(6.0))
 
 
@@ -394,8 +393,7 @@ def _extreme(cx: Any, a: Any, b: Any, larger: bool) -> Any:
     if _exact(cx) and _same_value(cx, a, b):
         return aa  # maximum(x, x): no ball of x - x to decide
     if _exact(cx):
-        d = ar.sub(bb, aa) if larger else ar.sub(aa, bb)
-        return ar.where(ar.positive(d), bb, aa)
+        return ar.where(above(ar, bb, aa) if larger else above(ar, aa, bb), bb, aa)
     x, y = np.asarray(aa, dtype=np.float64), np.asarray(bb, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         pick = (y > x) if larger else (y < x)
