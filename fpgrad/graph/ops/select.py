@@ -6,9 +6,12 @@ Masks are plain numpy boolean arrays. Exact systems decide a comparison of two v
 sign of their difference, computed in the system (:meth:`Arith.positive`): a tie is an exact
 zero, decided as torch decides it; a ball straddling 0 is counted by ``positive`` (the fast
 balls then escalate to Arb; Arb's undecided mask either reaches ``where`` itself, which takes
-the union of both branches, or is untracked and the run is undetermined at the cap). Emulated
-systems compare their rounded values as the machine does (NaN compares false; a Python
-scalar is first rounded into the format, as torch casts it to the tensor's dtype).
+the union of both branches, or is untracked and the run is undetermined at the cap). Ties no
+ball can show are structural (:mod:`fpgrad.graph.ops._ties`): an operand compared with itself
+(or the same pure op of the same arguments), and amax's ``x == amax(x)`` (decided on z where
+x = f(z), f strictly increasing). Emulated systems compare their rounded values as the
+machine does (NaN compares false; a Python scalar is first rounded into the format, as torch
+casts it to the tensor's dtype).
 """
 
 from __future__ import annotations
