@@ -608,3 +608,39 @@ def test_ties_of_exact_values_are_decided_by_the_fast_balls() -> None:
     nn.MSELoss()(m(x), torch.zeros(1, 5, dtype=torch.float64)).backward()
     mid, _ = ex.enclosure("grads/w")
     np.testing.assert_allclose(np.asarray(mid, dtype=float), m.w.grad.numpy(), rtol=1e-15)
+
+
+def test_emulated_float32_is_torchs_float32_kernel_on_special_values() -> None:
+    """Each op on float32 emulated (one correctly rounded operation at a time) against
+    torch's float32 CPU kernel on NaN, infinities, signed zeros and every threshold, 64
+    elements (torch's vectorised path, whose NaN branches this machine follows: 0 from
+    hardtanh_backward, NaN from hardswish_backward; the scalar tail would give g)."""
+    import types
+
+    from fpgrad.graph.ops import select as S
+
+    base = [np.nan, -np.inf, -4, -3, -2.9, -1, -0.5, -0.0, 0.0, 0.3, 1, 2.99, 3, 3.5, 6, 7, np.inf]
+    vals = np.resize(np.array(base, dtype=np.float32), 64)
+    grads = np.linspace(-2, 2, 64).astype(np.float32)
+    x, g = vals.astype(np.float64), grads.astype(np.float64)
+    tx, tg, flip = torch.tensor(vals), torch.tensor(grads), torch.tensor(vals[::-1].copy())
+    cx = types.SimpleNamespace(ar=EmulatedArith("float32"))
+    A = torch.ops.aten
+    cases = {
+        "hardtanh": (S.clamp_value(cx, x, -1.0, 1.0), A.hardtanh(tx, -1.0, 1.0)),
+        "hardtanh_backward": (S.hardtanh_backward(cx, g, x, -1.0, 1.0),
+                              A.hardtanh_backward(tg, tx, -1.0, 1.0)),
+        "hardsigmoid": (S.hardsigmoid(cx, x), A.hardsigmoid(tx)),
+        "hardsigmoid_backward": (S.hardsigmoid_backward(cx, g, x), A.hardsigmoid_backward(tg, tx)),
+        "hardswish": (S.hardswish(cx, x), A.hardswish(tx)),
+        "hardswish_backward": (S.hardswish_backward(cx, g, x), A.hardswish_backward(tg, tx)),
+        "clamp": (S.clamp_value(cx, x, -1.0, 3.0), A.clamp(tx, -1.0, 3.0)),
+        "clamp_inverted": (S.clamp_value(cx, x, 3.0, -1.0), A.clamp(tx, 3.0, -1.0)),
+        "maximum": (S.maximum(cx, x, vals[::-1].astype(np.float64)), A.maximum(tx, flip)),
+        "minimum": (S.minimum(cx, x, vals[::-1].astype(np.float64)), A.minimum(tx, flip)),
+    }  # fmt: skip
+    for name, (ours, theirs) in cases.items():
+        o, t = np.asarray(ours, dtype=np.float64), theirs.double().numpy()
+        nan = np.isnan(o) & np.isnan(t)  # a NaN's sign is not compared
+        same = (o == t) & (np.signbit(o) == np.signbit(t))
+        assert np.all(same | nan), (name, x[~(same | nan)], o[~(same | nan)], t[~(same | nan)])

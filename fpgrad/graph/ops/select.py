@@ -294,15 +294,11 @@ def _inside(cx: Any, x: Any, lo: float, hi: float) -> tuple[np.ndarray, np.ndarr
 
 @op("aten.hardtanh_backward.default")
 def hardtanh_backward(cx: Any, g: Any, x: Any, lo: float, hi: float) -> Any:
-    """torch's ``x <= lo || x >= hi ? 0 : g``: the gradient strictly inside only, and where
-    x is NaN (a strict machine)."""
+    """torch's ``x <= lo || x >= hi ? 0 : g``: the gradient strictly inside only; 0 where x
+    is NaN (a strict machine), as torch's vectorised kernel (its scalar tail gives g)."""
     ar = cx.ar
-    shape = shapes.shape(g)
-    zero = ar.asarray(np.zeros(shape))
+    zero = ar.asarray(np.zeros(shapes.shape(g)))
     above, below = _inside(cx, x, lo, hi)
-    if not _exact(cx):
-        nan = np.isnan(np.asarray(x))
-        above, below = above | nan, below | nan
     return ar.where(below, ar.where(above, g, zero), zero)  # each mask as positive gave it
 
 
@@ -351,8 +347,9 @@ def hardswish(cx: Any, x: Any) -> Any:
 
 @op("aten.hardswish_backward.default")
 def hardswish_backward(cx: Any, g: Any, x: Any) -> Any:
-    """torch's ``x <= -3 ? 0 : (x < 3 ? g (x / 3 + 1/2) : g)`` (NaN: g); the exact systems
-    write the slope as (2x + 3) / 6 (no cancellation near x = -3/2)."""
+    """torch's ``x <= -3 ? 0 : (x < 3 ? g (x / 3 + 1/2) : g)`` (NaN: NaN, as torch's
+    vectorised kernel; its scalar tail gives g); the exact systems write the slope as
+    (2x + 3) / 6 (no cancellation near x = -3/2)."""
     ar = cx.ar
     zero = ar.asarray(np.zeros(shapes.shape(g)))
     above, below = _inside(cx, x, -3.0, 3.0)
@@ -361,7 +358,7 @@ def hardswish_backward(cx: Any, g: Any, x: Any) -> Any:
         return ar.where(above, ar.where(below, ar.mul(g, slope), g), zero)
     nan = np.isnan(np.asarray(x))
     slope = ar.add(ar.div(x, ar.const(3.0)), ar.const(0.5))
-    return ar.where(above | nan, ar.where(below, ar.mul(g, slope), g), zero)
+    return ar.where(above | nan, ar.where(below | nan, ar.mul(g, slope), g), zero)
 
 
 # ---- PReLU -----------------------------------------------------------------------------------
