@@ -63,6 +63,11 @@ CASES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], M]] = {
     "clamp_max_kw": (lambda t: t.clamp(max=0.2), _mp(lambda v: min(v, CTX.mpf(0.2)))),
     "clamp_tensor": (lambda t: t.clamp(min=-t, max=t * t), lambda x: np.asarray(
         [min(max(v, -v), v * v) for v in x.ravel()], dtype=object).reshape(x.shape)),
+    "clamp_broadcast": (  # tensor bounds broadcast against (5, 4)
+        lambda t: t.clamp(min=torch.tensor([-0.5, 0.0, 0.1, -1.0]), max=torch.tensor(0.6)),
+        lambda x: np.minimum(np.maximum(x, R.mp(np.float32([-0.5, 0, 0.1, -1]))),
+                             R.mp(np.float32(0.6))[()]),  # the float32 constants
+    ),
     "hardsigmoid": (lambda t: F.hardsigmoid(6 * t), lambda x: _mp(_hsig)(6 * x)),
     "inplace_modules": (
         lambda t: nn.ReLU6(inplace=True)(4 * t) + nn.Hardswish(inplace=True)(6 * t)
