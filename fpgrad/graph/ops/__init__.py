@@ -131,6 +131,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     norms,
     pointwise,
     reduce,
+    select,
     shape,
     smooth,
 )
