@@ -293,6 +293,15 @@ def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]
             j += 1
         elif str(node.target) in _NO_VALUE:
             i += 1
+        elif any("mkldnn_rnn" in str(r[0]) for r in records[j:]):
+            raise InputError(
+                "the eager run calls oneDNN's fused aten.mkldnn_rnn_layer where the graph (traced in "
+                "float64) holds the cell's ops: torch runs nn.LSTM in float32/bfloat16 on CPU "
+                "through oneDNN, whose rounding fpgrad cannot replay; compare inside "
+                "`with torch.backends.mkldnn.flags(enabled=False):` (torch then runs the "
+                "graph's ops, as it does for float64), or compare only float64 / emulated / "
+                "exact columns"
+            )
         else:
             raise InputError(
                 f"the eager run diverges from the captured graph at op {i} ({node.target} "

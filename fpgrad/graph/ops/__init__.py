@@ -54,6 +54,7 @@ def _aliased_write(node: Any, constants: set[str]) -> str:
         node.name not in constants  # torch computes constants, views sharing storage as eager
         and base.op == "call_function"
         and (op_name(base).removeprefix("aten.") in _VIEWS or base.target is operator.getitem)
+        and not split_piece_write_ok(node)  # a piece of a split of a fresh temporary: proven
     ):
         return "it writes through a view or a detached alias; write into a copy (clone())"
     if base.op == "get_attr":
@@ -62,6 +63,13 @@ def _aliased_write(node: Any, constants: set[str]) -> str:
         if any(not _inplace(u) for u in readers):
             return "it writes into a buffer that is read; write into a copy"
     return ""
+
+
+def split_piece_write_ok(node: Any) -> bool:
+    """:func:`fpgrad.graph.ops.recurrent.split_piece_write_ok` (imported late: ops register)."""
+    from fpgrad.graph.ops.recurrent import split_piece_write_ok as ok
+
+    return ok(node)
 
 
 def unsupported_message(graph: Graph) -> str:
@@ -130,6 +138,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     norm,
     norms,
     pointwise,
+    recurrent,
     reduce,
     select,
     shape,

@@ -207,7 +207,7 @@ def tanh(cx: Any, x: Any) -> Any:
 def tanh_backward(cx: Any, grad: Any, t: Any) -> Any:
     """grad * sech^2(z) from tanh's input z when the graph has it (no 1 - t*t cancellation)."""
     src = cx.origin(1)
-    if src is not None and str(src.target) == "aten.tanh.default":
+    if src is not None and str(src.target) in ("aten.tanh.default", "aten.tanh_.default"):
         return cx.ar.mul(grad, cx.ar.tanh_deriv(cx.value(src.args[0]), t))
     ar = cx.ar
     return ar.mul(grad, ar.sub(ar.const(1.0), ar.mul(t, t)))
@@ -222,7 +222,7 @@ def sigmoid(cx: Any, x: Any) -> Any:
 def sigmoid_backward(cx: Any, grad: Any, s: Any) -> Any:
     """grad * s(z) s(-z) from sigmoid's input z when the graph has it (no 1 - s)."""
     src = cx.origin(1)
-    if src is not None and str(src.target) == "aten.sigmoid.default":
+    if src is not None and str(src.target) in ("aten.sigmoid.default", "aten.sigmoid_.default"):
         return cx.ar.mul(grad, cx.ar.sigmoid_deriv(cx.value(src.args[0]), s))
     ar = cx.ar
     return ar.mul(grad, ar.mul(s, ar.sub(ar.const(1.0), s)))
