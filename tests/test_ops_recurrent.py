@@ -12,6 +12,7 @@ in-place rule: a write into a piece of a split is accepted only for a fresh temp
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
@@ -30,7 +31,7 @@ from fpgrad.graph.native import native_run
 from tests.oracle import graph_reference as R
 from tests.oracle import recurrent as O
 from tests.oracle.graph_reference import CTX
-from tests.test_graph_oracle import check
+from tests.test_graph_oracle import _claims
 
 
 class Seq(nn.Module):
@@ -119,11 +120,32 @@ def _model(case: str) -> tuple[nn.Module, torch.Tensor, Callable]:
 ALL = sorted(LAYERS) + sorted(CELLS)
 
 
-@pytest.mark.parametrize("case", ALL)
-def test_exact_reference_against_the_oracle(case: str) -> None:
+@functools.cache
+def _captured(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable, Any]:
+    """(model, x, y, oracle, net): one capture per case for both tests (time)."""
     model, x, oracle = _model(case)
     y = torch.randn(model(x).shape)
-    check(model, x, y, nn.MSELoss(), oracle)
+    return model, x, y, oracle, fpgrad.from_module(model, x, y, nn.MSELoss())
+
+
+def _check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, oracle: Callable, net: Any) -> Any:
+    """tests.test_graph_oracle.check on a captured net: every claim of the certified loss and
+    gradients holds for the oracle (central differences at 120 digits)."""
+    ex = exact_graph(net.graph).result
+    assert ex.certified_digits >= 17 and ex.undetermined_count == 0
+    params = {n: R.mp(p) for n, p in model.named_parameters()}
+    value, grads = R.gradients(lambda p: oracle(p, R.mp(x), R.mp(y)), params)
+    scale = max([CTX.mpf(1), abs(value)] + [abs(v) for g in grads.values() for v in g.ravel()])
+    err = R.REL_ERR * scale
+    _claims(ex, "loss", np.array(value, dtype=object).reshape(()), err)
+    for name, g in grads.items():
+        _claims(ex, f"grads/{name}", g, err)
+    return ex
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_exact_reference_against_the_oracle(case: str) -> None:
+    _check(*_captured(case))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -142,9 +164,7 @@ def _eager(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtyp
 def test_native_columns_are_torch_eager_bit_for_bit(case: str) -> None:
     """float32 nn.LSTM runs oneDNN's fused kernel on CPU: compared with oneDNN off (torch then
     runs the cell's ops, the graph's); with it on the native column is refused (below)."""
-    model, x, _ = _model(case)
-    y = torch.randn(model(x).shape)
-    net = fpgrad.from_module(model, x, y, nn.MSELoss())
+    model, x, y, _, net = _captured(case)
     dtypes = [(torch.float32, "float32"), (torch.float64, "float64")]
     if case in CELLS or case.startswith("gru"):
         dtypes.append((torch.bfloat16, "bfloat16"))
@@ -158,9 +178,7 @@ def test_native_columns_are_torch_eager_bit_for_bit(case: str) -> None:
 
 
 def test_float32_lstm_on_onednn_is_refused_by_name() -> None:
-    model, x, _ = _model("lstm")
-    y = torch.randn(model(x).shape)
-    net = fpgrad.from_module(model, x, y, nn.MSELoss())
+    _, _, _, _, net = _captured("lstm")
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN: float32 LSTM runs the graph's ops")
     with pytest.raises(InputError, match="mkldnn_rnn_layer"):
@@ -185,10 +203,8 @@ def test_saturated_gates_keep_their_digits() -> None:
             cell.bias_hh.zero_()
             cell.weight_ih[:, 0] = 1e-3  # every gate still depends on the data
         y = torch.randn(model(x).shape)
-        check(model, x, y, nn.MSELoss(), oracle)
-        net = fpgrad.from_module(model, x, y, nn.MSELoss())
-        ex = exact_graph(net.graph).result
-        assert ex.method == "fast" and ex.undetermined_count == 0
+        ex = _check(model, x, y, oracle, fpgrad.from_module(model, x, y, nn.MSELoss()))
+        assert ex.method == "fast"
         for name in ("cell.bias_ih", "cell.weight_ih"):
             d = np.asarray(ex.digits[f"grads/{name}"], dtype=np.float64)
             nonzero = ~ex.zero(f"grads/{name}").reshape(d.shape)
@@ -204,9 +220,8 @@ def test_dead_relu_unit_has_exact_zero_gradients() -> None:
         model.rnn.bias_ih_l0[1] = -100.0
     x = torch.randn(2, 3, 2)
     y = torch.randn(2, 2)
-    check(model, x, y, nn.MSELoss(), _layer_oracle("rnn_relu", 3, {"batch_first": True}))
     net = fpgrad.from_module(model, x, y, nn.MSELoss())
-    ex = exact_graph(net.graph).result
+    ex = _check(model, x, y, _layer_oracle("rnn_relu", 3, {"batch_first": True}), net)
     zero = ex.zero("grads/rnn.weight_ih_l0").reshape(3, 2)
     assert zero[1].all() and not zero[[0, 2]].any()
     _, params = _eager(model, x, y, torch.float32)
