@@ -157,13 +157,51 @@ class OpRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.records: list[tuple[Any, Any, int, int | None]] = []
+        self._by_storage: dict[int, list[int]] = {}  # storage address -> records holding it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if args and isinstance(args[0], torch.Tensor) and _writes_first(func):
+            self._freeze(args[0])
         out = func(*args, **(kwargs or {}))
         node = torch._C._current_autograd_node()
         seq = torch.autograd._get_sequence_nr() - 1
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self._by_storage.setdefault(_address(t), []).append(len(self.records))
         self.records.append((func, out, seq, None if node is None else node._sequence_nr()))
         return out
+
+    def _freeze(self, target: torch.Tensor) -> None:
+        """Before an in-place op writes ``target``'s storage: every recorded output sharing
+        that storage is replaced by a copy of its value now (the value its op produced; eager
+        and the graph read it as such), so that later writes do not show in the record."""
+        if target.layout != torch.strided:
+            return
+        key = _address(target)
+        for i in self._by_storage.get(key, ()):
+            func, out, seq, back = self.records[i]
+            if isinstance(out, (tuple, list)):
+                out = type(out)(_copy_if(t, key) for t in out)
+            else:
+                out = _copy_if(out, key)
+            self.records[i] = (func, out, seq, back)
+
+
+def _writes_first(func: Any) -> bool:
+    """Whether the aten op writes into its first argument (``add_``, ``sigmoid_``...)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    info = schema.arguments[0].alias_info
+    return bool(info is not None and info.is_write)
+
+
+def _address(t: torch.Tensor) -> int:
+    return int(t.untyped_storage().data_ptr())
+
+
+def _copy_if(t: Any, key: int) -> Any:
+    return t.clone() if isinstance(t, torch.Tensor) and _address(t) == key else t
 
 
 def as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
