@@ -316,6 +316,12 @@ _NO_VALUE = {"aten.detach.default", "aten.alias.default"}
 _SAME = {("aten.lift_fresh_copy.default", "aten.lift_fresh.default")}
 
 
+def fused_rnn(records: list[Any]) -> bool:
+    """Whether eager ran oneDNN's fused recurrent layer (torch's float32/bfloat16 nn.LSTM on
+    CPU), which the float64 trace holds as the cell's ops."""
+    return any("mkldnn_rnn" in str(r[0]) for r in records)
+
+
 def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]:
     """Pair graph op nodes with recorded eager ops, in order; a detach or alias present on
     one side only is skipped (they change no value). Raises InputError on any other
@@ -331,7 +337,7 @@ def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]
             j += 1
         elif str(node.target) in _NO_VALUE:
             i += 1
-        elif any("mkldnn_rnn" in str(r[0]) for r in records[j:]):
+        elif fused_rnn(records[j:]):
             raise InputError(
                 "the eager run calls oneDNN's fused aten.mkldnn_rnn_layer where the graph (traced in "
                 "float64) holds the cell's ops: torch runs nn.LSTM in float32/bfloat16 on CPU "

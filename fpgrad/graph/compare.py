@@ -134,6 +134,7 @@ def compare_graph(
     places: dict[str, list[dict[str, Any]]] = {}
     forward = forward_nodes(net.graph)
     masks: dict[str, np.ndarray] | None = None
+    fused: list[str] = []
     for p in precs:
         plan = plans.get(p.name)
         if p.kind == "native" or plan is not None:
@@ -145,6 +146,8 @@ def compare_graph(
             fmts = {key: tr.formats[f"grads/{key}"] for key in g}
             node_formats = tr.formats
             loss_formats[p.name] = tr.formats.get("loss", p.name)
+            if tr.fused:
+                fused.append(p.name)
         else:
             record(p.name, "emulated")
             ar = systems(p.name)
@@ -179,6 +182,11 @@ def compare_graph(
         else "exact: evaluated per precision at the parameters and data rounded into it "
         "(a policy: parameters into its params format, data into its data format)"
     ]
+    if fused:
+        notes.append(
+            f"{', '.join(fused)}: torch ran nn.LSTM through oneDNN's fused kernel (CPU): loss "
+            "and gradients are torch's, op-by-op attribution is not available"
+        )
     if loss_scale != 1.0:
         notes.append(
             f"loss scale {loss_scale:g}: gradients are those of the backward of "

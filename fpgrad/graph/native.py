@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function, loss_in
+from fpgrad.errors import InputError
+from fpgrad.graph.capture import Graph, OpRecorder, align, fused_rnn, joint_function, loss_in
 from fpgrad.graph.names import MOVES, op_name
 from fpgrad.run.torch_native import DTYPES, one_torch_thread, to_dtype
 
@@ -46,6 +47,8 @@ class NativeTrace:
     formats: dict[str, str] = field(default_factory=dict)
     #: tap name -> (value, gradient) (:data:`fpgrad.graph.capture.TAPS`)
     taps: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: eager ran oneDNN's fused recurrent layer: no op-by-op values (loss and gradients are)
+    fused: bool = False
 
 
 def _f64(value: Any) -> Any:
@@ -112,9 +115,16 @@ def native_run(
                 out = fn(ps, *args)
     loss, grads, taps = _outputs(graph, out)
     values: dict[str, Any] = {}
+    fused = False
     if rec is not None:
         ops = [n for n in graph.ops if n.target is not operator.getitem]
-        for node, r in align(ops, rec.records):
+        try:
+            pairs = align(ops, rec.records)
+        except InputError:
+            if not fused_rnn(rec.records):
+                raise
+            pairs, fused = [], True  # oneDNN's fused LSTM: loss and grads are eager's
+        for node, r in pairs:
             values[node.name] = _f64(r[1])
         _getitems(graph, values)
     return NativeTrace(
@@ -124,6 +134,7 @@ def native_run(
         values=values,
         formats={**{k: precision for k in values}, **{f"grads/{n}": precision for n in names}},
         taps=taps,
+        fused=fused,
     )
 
 
