@@ -206,6 +206,22 @@ def test_float32_lstm_on_onednn_is_torch_without_op_values() -> None:
         align([n for n in net.graph.ops if n.target is not operator.getitem], rec.records)
 
 
+class _DtypeLSTM(Seq):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * 2 if x.dtype == torch.float32 else x)
+
+
+def test_lstm_forward_that_depends_on_its_dtype_is_still_refused() -> None:
+    """The oneDNN exception holds only where the run with oneDNN off is the graph op for op."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    torch.manual_seed(2)
+    model, x = _DtypeLSTM(nn.LSTM(2, 2, batch_first=True)), torch.randn(2, 3, 2)
+    net = fpgrad.from_module(model, x, torch.randn(2, 2), nn.MSELoss())
+    with pytest.raises(InputError, match="diverges"):
+        native_run(net.graph, "float32")
+
+
 # ---- corners ------------------------------------------------------------------------------
 def test_saturated_gates_keep_their_digits() -> None:
     """LSTM and GRU cells whose gates see pre-activations of +-50: sigmoid'(50) = 1.9e-22 is

@@ -123,6 +123,7 @@ def native_run(
         except InputError:
             if not fused_rnn(rec.records):
                 raise
+            _unfused_run_aligns(ops, fn, ps, args)
             pairs, fused = [], True  # oneDNN's fused LSTM: loss and grads are eager's
         for node, r in pairs:
             values[node.name] = _f64(r[1])
@@ -136,6 +137,20 @@ def native_run(
         taps=taps,
         fused=fused,
     )
+
+
+def _unfused_run_aligns(ops: list[Any], fn: Any, ps: list[torch.Tensor], args: list[Any]) -> None:
+    """Raise InputError unless the same run with oneDNN off is the graph op for op: then the
+    eager run differs from the trace only by oneDNN's fused recurrent kernel (the same
+    function, rounded its way), not by a forward that depends on its dtype."""
+    import warnings
+
+    rec, fresh = OpRecorder(), [p.detach().clone().requires_grad_() for p in ps]
+    with warnings.catch_warnings(), one_torch_thread():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on oneDNN's TF32 flag
+        with torch.backends.mkldnn.flags(enabled=False), rec:
+            fn(fresh, *args)
+    align(ops, rec.records)
 
 
 def _outputs(graph: Graph, out: tuple[Any, ...]) -> tuple[Any, Any, dict[str, Any]]:
