@@ -275,6 +275,9 @@ class _Writes(nn.Module):
         g = x * self.w
         base = g.t().t() if self.how == "view" else x if self.how == "input" else g
         a, b = base.unsafe_chunk(2, 1)
+        if self.how == "base_written":  # the pieces would see this write
+            g.mul_(2.0)
+            return (a * b * self.w[:, :2]).sum(1)
         a.sigmoid_()
         out = (a * b * self.w[:, :2]).sum(1)
         return out + g.sum(1) if self.how == "read" else out  # read: g changed under it
@@ -296,6 +299,8 @@ def test_split_piece_write_needs_a_fresh_unread_base() -> None:
     for how in ("read", "view", "input"):
         with pytest.raises(InputError, match="writes through a view"):
             fpgrad.from_module(_Writes(how), x, y, nn.MSELoss())
+    with pytest.raises(InputError, match="through a view"):  # unsafe_split's pieces are views
+        fpgrad.from_module(_Writes("base_written"), x, y, nn.MSELoss())
 
 
 # ---- the strict machine -------------------------------------------------------------------

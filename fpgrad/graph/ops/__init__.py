@@ -22,7 +22,8 @@ __all__ = ["HINTS", "OPS", "OpFn", "op", "unsupported_message"]
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice",
           "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided",
-          "unfold", "diagonal", "unbind"}  # fmt: skip
+          "unfold", "diagonal", "unbind", "split_with_sizes", "unsafe_split",
+          "unsafe_split_with_sizes", "transpose_"}  # fmt: skip
 
 
 _READS_NEG_INF = {"aten._softmax.default", "aten.masked_fill.Scalar", "aten.masked_fill_.Scalar"}
