@@ -129,5 +129,6 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     norms,
     pointwise,
     reduce,
+    resample,
     shape,
 )
