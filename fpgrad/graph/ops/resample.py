@@ -63,29 +63,40 @@ def _windows(cx: Any, x: Any, pos: list[np.ndarray], ok: list[np.ndarray]) -> tu
 
 
 def _max_pool(cx: Any, x: Any, pos: list[np.ndarray], ok: list[np.ndarray]) -> tuple:
+    """(maxima, flat indices) of (N, C, spatial...) or unbatched (C, spatial...) ``x``."""
     ar = cx.ar
+    xs = shapes.shape(x)
+    unbatched = len(xs) == len(pos) + 1
+    if unbatched:
+        x = shapes.unsqueeze(x, 0)
     c, (mask, flat) = _windows(cx, x, pos, ok)
     m = ar.max(c, axis=2, keepdims=True)
     out = shapes.squeeze_dims(m, [2])
-    z = _increasing_source(cx, shapes.shape(x))
+    z = _increasing_source(cx, xs)
     if z is not None:  # the same first maximum, decided on f's argument
-        c, _ = _windows(cx, z, pos, ok)
+        c, _ = _windows(cx, shapes.unsqueeze(z, 0) if unbatched else z, pos, ok)
         m = ar.max(c, axis=2, keepdims=True)
     s = shapes.shape(c)
     five = (*s[:3], -1, 1)  # _first_max reads (N, C, K, oh, ow)
-    first = _first_max(ar, shapes.reshape(c, five), shapes.reshape(m, (*s[:2], 1, -1, 1)),
-                       None if mask is None else np.reshape(mask, five))  # fmt: skip
+    first = _first_max(
+        ar,
+        shapes.reshape(c, five),
+        shapes.reshape(m, (*s[:2], 1, -1, 1)),
+        None if mask is None else np.reshape(mask, five),
+    )
     first = first.reshape(*s[:2], *s[3:])
     flat = np.broadcast_to(flat, s[2:])
-    return out, np.take_along_axis(flat[None, None], first[:, :, None], 2)[:, :, 0]
+    idx = np.take_along_axis(flat[None, None], first[:, :, None], 2)[:, :, 0]
+    return (shapes.squeeze_dims(out, [0]), idx[0]) if unbatched else (out, idx)
 
 
-def _scatter(cx: Any, g: Any, idx: np.ndarray, in_shape: Any) -> Any:
+def _scatter(cx: Any, g: Any, idx: np.ndarray, in_shape: Any, d: int) -> Any:
     """Zeros of ``in_shape`` with each gradient element added at its flat index within its
-    plane, in output order (torch's CPU loop): rank r of a repeated index is added r-th."""
+    plane (the last ``d`` axes), in output order (torch's CPU loop): rank r of a repeated
+    index is added r-th."""
     ar = cx.ar
-    n, c = in_shape[:2]
-    plane = int(np.prod(in_shape[2:]))
+    n, c = int(np.prod(in_shape[:-d])), 1
+    plane = int(np.prod(in_shape[-d:]))
     gf = shapes.reshape(g, (n * c, -1))
     idx = np.asarray(idx, dtype=np.int64).reshape(n * c, -1)
     rows = np.repeat(np.arange(n * c), idx.shape[1])
@@ -121,15 +132,13 @@ def _adaptive_axis(n: int, o: int) -> tuple[np.ndarray, np.ndarray]:
 def adaptive_max_pool2d(cx: Any, x: Any, size: Any) -> tuple:
     """(max over torch's adaptive windows, flat index of the first maximum in each plane)."""
     s = shapes.shape(x)
-    if len(s) != 4:
-        raise InputError(f"{cx.label()}: adaptive_max_pool2d of a {len(s)}-D input")
-    axes = [_adaptive_axis(int(n), int(o)) for n, o in zip(s[2:], size, strict=True)]
+    axes = [_adaptive_axis(int(n), int(o)) for n, o in zip(s[-2:], size, strict=True)]
     return _max_pool(cx, x, [a[0] for a in axes], [a[1] for a in axes])
 
 
 @op("aten.adaptive_max_pool2d_backward.default")
 def adaptive_max_pool2d_backward(cx: Any, g: Any, x: Any, indices: np.ndarray) -> Any:
-    return _scatter(cx, g, indices, shapes.shape(x))
+    return _scatter(cx, g, indices, shapes.shape(x), 2)
 
 
 def _pool_axis(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> tuple:
@@ -143,14 +152,12 @@ def max_pool3d(cx: Any, x: Any, k: Any, stride: Any = (), padding: Any = 0, dila
                ceil_mode: bool = False) -> tuple:  # fmt: skip
     """(max over each window's cells inside the input, flat index of its first maximum)."""
     s = shapes.shape(x)
-    if len(s) != 5:
-        raise InputError(f"{cx.label()}: max_pool3d of a {len(s)}-D input")
     kk = _three(k)
     st, pd, dl = (_three(stride) if stride else kk), _three(padding), _three(dilation)
     if any(2 * p > q for p, q in zip(pd, kk, strict=True)):
         raise InputError(f"{cx.label()}: pooling padding must be at most half the kernel")
     axes = [_pool_axis(int(n), *a, bool(ceil_mode)) for n, a in
-            zip(s[2:], zip(kk, st, pd, dl, strict=True), strict=True)]  # fmt: skip
+            zip(s[-3:], zip(kk, st, pd, dl, strict=True), strict=True)]  # fmt: skip
     return _max_pool(cx, x, [a[0] for a in axes], [a[1] for a in axes])
 
 
@@ -162,7 +169,7 @@ def _three(v: Any) -> tuple[int, int, int]:
 @op("aten.max_pool3d_with_indices_backward.default")
 def max_pool3d_backward(cx: Any, g: Any, x: Any, k: Any, stride: Any, padding: Any,
                         dilation: Any, ceil_mode: bool, indices: np.ndarray) -> Any:  # fmt: skip
-    return _scatter(cx, g, indices, shapes.shape(x))
+    return _scatter(cx, g, indices, shapes.shape(x), 3)
 
 
 # ---- bilinear upsampling --------------------------------------------------------------------
