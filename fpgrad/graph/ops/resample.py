@@ -196,7 +196,8 @@ def _lin_rows(n: int, o: int, align: bool, scale: Any) -> list[list[tuple[int, F
 
 
 def _lin_rows64(n: int, o: int, align: bool, scale: Any) -> list[list[tuple[int, float]]]:
-    """The same in float64, as torch's float64 kernel computes it."""
+    """The same in float64, as torch's float64 CPU kernel computes it (checked bit for bit
+    against it by tests/test_ops_conv_more.py)."""
     if o == n:
         return [[(i, 1.0), (i, 0.0)] for i in range(o)]
     if align:
@@ -205,7 +206,9 @@ def _lin_rows64(n: int, o: int, align: bool, scale: Any) -> list[list[tuple[int,
         ratio = 1.0 / float(scale) if scale is not None and scale > 0 else n / o
     rows = []
     for j in range(o):
-        src = ratio * j if align else max(ratio * (j + 0.5) - 0.5, 0.0)
+        # torch's CPU build contracts scale * (dst + 0.5) - 0.5 into one fused multiply-add
+        fused = float(Fraction(ratio) * Fraction(j + 0.5) - Fraction(1, 2))
+        src = ratio * j if align else max(fused, 0.0)
         i0 = min(int(np.floor(src)), n - 1)
         lam = min(max(src - i0, 0.0), 1.0)
         rows.append([(i0, 1.0 - lam), (i0 + (1 if i0 < n - 1 else 0), lam)])
