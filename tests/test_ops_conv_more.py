@@ -29,6 +29,7 @@ from torch import nn
 
 import fpgrad
 from fpgrad.arith.emulated import EmulatedArith
+from fpgrad.graph.exact import exact_graph
 from fpgrad.graph.ops import conv_more, resample
 from tests.oracle import interval_ad as A
 from tests.test_attack5_certificates import _t, check
@@ -517,3 +518,30 @@ def test_emulated_bilinear_and_transposed_conv_by_hand(fmt: str) -> None:
     xv, (w0, w1) = np.concatenate([[0.0], xs[0, 0], [0.0]]), w[0, 0]
     hand = [R(R(R(w0 * xv[p + 1]) + R(w1 * xv[p])) + b[0]) for p in range(4)]
     assert np.array_equal(y[0, 0], hand)
+
+
+class StraddleTie(nn.Module):
+    """One adaptive window holding 3 and sqrt(3) sqrt(3): exactly equal, but no ball of the
+    second is a point, so which comes first as the maximum can never be decided."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(_t([[[[2.0, 3.0], [0.5, 1.0]]]]))
+        self.v = nn.Parameter(_t(np.ones((1, 1, 2, 2))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.w, torch.sqrt(self.w) * torch.sqrt(self.w)], -1) * x
+        return F.adaptive_max_pool2d(h, (1, 1)) + (self.v * x[..., :2]).sum()
+
+
+def test_an_undecidable_max_pool_tie_is_undetermined_never_guessed() -> None:
+    """torch float64 computes sqrt(3)^2 = 2.9999999999999996 (the 3 wins); exactly they tie
+    (the first, 3, wins) but no precision can prove it: the run ends at the cap with every
+    claim withdrawn (undetermined), none certified, none a proven zero."""
+    x, t = _t(np.ones((1, 1, 2, 4))), torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    net = fpgrad.from_module(StraddleTie(), x, t, nn.MSELoss())
+    r = exact_graph(net.graph, allow_uncertified=True, max_bits=512).result
+    assert r.bits == 512 and "undecided" in r.escalations[-1]
+    for key in ("loss", "grads/w", "grads/v"):
+        assert np.all(r.undetermined_masks[key]), key
+        assert not np.any(r.zeros[key]), key
