@@ -46,6 +46,24 @@ class Up(nn.Module):
         return self.o(F.interpolate(self.c(x), mode="bilinear", **self.kw).flatten(1))
 
 
+class UNetLike(nn.Module):
+    """Conv, adaptive max pool, conv, transposed conv + bilinear up, skip concat, conv,
+    pixel shuffle, average pool, 1x1 conv, spatial mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1, self.e2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+        self.t, self.c = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(8, 4, 3, padding=1)
+        self.ps, self.o = nn.Conv2d(4, 8, 1), nn.Conv2d(2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.e1(x))
+        b = F.relu(self.e2(F.adaptive_max_pool2d(a, (x.shape[-2] // 2, x.shape[-1] // 2))))
+        up = F.interpolate(b[:, :4], scale_factor=2, mode="bilinear", align_corners=True)
+        h = F.relu(self.c(torch.cat([self.t(b) + up, a], 1)))
+        return self.o(F.avg_pool2d(F.pixel_shuffle(self.ps(h), 2), 2)).mean((-1, -2))
+
+
 def _seq(*m: nn.Module) -> nn.Module:
     return nn.Sequential(*m, nn.Flatten(), nn.LazyLinear(3))
 
@@ -114,6 +132,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "bilinear_size_align": lambda: (Up(size=(5, 7), align_corners=True), _r(4, 2, 6, 6)),
     "bilinear_size_down": lambda: (Up(size=(3, 9), align_corners=False), _r(4, 2, 6, 6)),
     "bilinear_same_size": lambda: (Up(size=(4, 3), align_corners=True), _r(4, 2, 6, 5)),
+    "unet_like": lambda: (UNetLike(), _r(4, 2, 10, 8)),
 }
 
 
