@@ -12,7 +12,8 @@ operation on its (already rounded) operands, rounded once into the format with t
   Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to
   odd", IEEE TC 2008). Plain float64-then-round would be right for round-to-nearest only (53 >=
   2p + 2, Figueroa) and wrong for directed modes (``1 - 2**-100`` rounds up to 1 in float64).
-- ``exp``, ``log``, ``log1p``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density):
+- ``exp``, ``log``, ``log1p``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density),
+  ``softplus``, ``expm1``, ``erf``, ``sin``, ``cos``, ``atan``:
   numpy's (libm's) float64 value ``y`` with a relative error
   bound of 2**-40 (libm and numpy's SIMD kernels are within a few ulps, 2**-50); if the whole
   interval ``y (1 +- 2**-40)`` rounds to one value of the format, that is the correctly rounded
@@ -77,19 +78,31 @@ from fpgrad.arith.base import OutputDerivatives
 from fpgrad.arith.emulated_functions import (
     F64Function,
     MPFunction,
+    _f64_atan,
+    _f64_cos,
+    _f64_erf,
     _f64_exp,
+    _f64_expm1,
     _f64_log,
     _f64_log1p,
     _f64_ncdf,
     _f64_npdf,
     _f64_sigmoid,
+    _f64_sin,
+    _f64_softplus,
     _f64_tanh,
+    _mp_atan,
+    _mp_cos,
+    _mp_erf,
     _mp_exp,
+    _mp_expm1,
     _mp_log,
     _mp_log1p,
     _mp_ncdf,
     _mp_npdf,
     _mp_sigmoid,
+    _mp_sin,
+    _mp_softplus,
     _mp_tanh,
 )
 from fpgrad.arith.expansion import two_prod, two_sum
@@ -386,6 +399,26 @@ class EmulatedArith(OutputDerivatives):
             out = flat.reshape(x.shape)
         return out
 
+    # ---- the smooth activations' functions (fpgrad.graph.ops.smooth), correctly rounded ------
+    def softplus(self, a: Any) -> np.ndarray:
+        """log(1 + e^a) as one function (as sigmoid): no overflow of e^a in the format."""
+        return self._function(a, _f64_softplus, _mp_softplus, ())
+
+    def expm1(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_expm1, _mp_expm1, (0.0,))
+
+    def erf(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_erf, _mp_erf, (0.0,))
+
+    def sin(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_sin, _mp_sin, (0.0,))
+
+    def cos(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_cos, _mp_cos, (0.0,))
+
+    def atan(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_atan, _mp_atan, (0.0,))
+
     @staticmethod
     def _odd_sum(base: np.ndarray, u: np.ndarray) -> np.ndarray:
         """``base + u`` rounded to odd in float64 (exact inputs)."""
@@ -423,6 +456,28 @@ class EmulatedArith(OutputDerivatives):
             frac = float((mid - Fraction(lo_n)) / (Fraction(hi_n) - Fraction(lo_n)))
             return hi_n if self.rng.random() < frac else lo_n
         raise ArithmeticError(f"Ziv loop did not converge at {x!r}")  # pragma: no cover
+
+    def cumsum(self, a: Any, axis: int) -> np.ndarray:
+        """Running sums along ``axis``, each output the machine's :meth:`sum` of its prefix,
+        carried along: per_op rounds every running sum into the format; fp32 keeps a float32
+        accumulator and rounds each output from it (torch's CPU cumsum of float16/bfloat16
+        accumulates in float); exact rounds each exact prefix sum once."""
+        moved = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
+        out = np.empty(moved.shape)
+        acc: Any = None
+        with np.errstate(invalid="ignore", over="ignore"):
+            for i in range(moved.shape[-1]):
+                t = moved[..., i]
+                if self.accumulation == "exact":
+                    out[..., i] = self._exact_sum(moved[..., : i + 1])
+                elif self.accumulation == "per_op":
+                    acc = t if acc is None else self.add(acc, t)
+                    out[..., i] = acc
+                else:  # fp32, as _sequential: acc = RN32(acc + t), t exact
+                    s, e = (t, 0.0) if acc is None else two_sum(acc, t)
+                    acc = round_to(to_odd(s, e), FLOAT32)
+                    out[..., i] = self._round(acc)
+        return np.moveaxis(out, -1, axis)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:

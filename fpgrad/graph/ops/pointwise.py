@@ -10,7 +10,8 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import scalar, zeros
+from fpgrad.graph.ops._util import MissingSlot as MissingSlot  # re-exported: its old home
+from fpgrad.graph.ops._util import _slot, above, scalar, zeros
 from fpgrad.graph.ops.registry import op
 
 
@@ -30,6 +31,12 @@ def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
         if isinstance(x, NegInfMasked) and alpha == 1:
             only_softmax(cx)
             return NegInfMasked(add(cx, x.value, y), x.mask)
+    if isinstance(cx.ar, ExactDerivatives) and isinstance(b, int | float):
+        from fpgrad.graph.ops.smooth import expm1_plus_one
+
+        found = expm1_plus_one(cx, b, alpha)  # expm1's backward: exp(x), not expm1(x) + 1
+        if found is not None:
+            return found
     if isinstance(b, float) and alpha == 1 and isinstance(cx.ar, ExactDerivatives):
         from fpgrad.graph.ops.derived import derived_constant
 
@@ -173,16 +180,6 @@ def relu(cx: Any, x: Any) -> Any:
     return ar.where(np.asarray(x, dtype=np.float64) < 0, zero, x)
 
 
-def above(cx: Any, x: Any, threshold: float = 0.0) -> Any:
-    """torch's ``!(x <= threshold)``: x > threshold, or NaN (a strict machine's NaN takes
-    the branch torch's kernels take for it); the exact systems hold no NaN."""
-    ar = cx.ar
-    if isinstance(ar, ExactDerivatives):
-        return ar.positive(x if threshold == 0 else ar.sub(x, ar.const(float(threshold))))
-    x = np.asarray(x, dtype=np.float64)  # exact comparison with the threshold the format holds
-    return (x > (ar.const(float(threshold)) if threshold != 0 else 0.0)) | np.isnan(x)
-
-
 @op("aten.threshold_backward.default")
 def threshold_backward(cx: Any, grad: Any, out: Any, threshold: float) -> Any:
     """torch's ``out <= threshold ? 0 : grad``: +0.0 below, the gradient where out is NaN."""
@@ -243,17 +240,6 @@ def silu_backward(cx: Any, grad: Any, x: Any) -> Any:
     s = ar.sigmoid(x)
     s_neg = ar.sigmoid(ar.mul(x, ar.const(-1.0)))
     return ar.mul(grad, ar.mul(s, ar.add(ar.const(1.0), ar.mul(x, s_neg))))
-
-
-class MissingSlot(ValueError):
-    """The number system lacks a slot an op needs (the exact reference then uses mpmath)."""
-
-
-def _slot(cx: Any, name: str) -> Any:
-    fn = getattr(cx.ar, name, None)
-    if fn is None:
-        raise MissingSlot(f"{cx.label()} needs the slot {name!r}, which {cx.ar.name} lacks")
-    return fn
 
 
 #: torch's tanh-GELU constants as its CPU kernel holds them (float64): sqrt(2/pi), 0.044715
@@ -460,8 +446,13 @@ def elu_backward(
 
             raise InputError(f"{cx.label()}: in-place ELU is not supported; use inplace=False")
         xr = cx.value(src.args[0])
-    c = _coef(cx, input_scale, scale, alpha)
-    neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), c))
+    from fpgrad.graph.ops.smooth import celu_scale
+
+    if celu_scale(cx, alpha, scale, input_scale):  # celu's: exp(x / alpha), exactly
+        neg = ar.mul(g, ar.exp(ar.div(xr, ar.const(float(alpha)))))
+    else:
+        c = _coef(cx, input_scale, scale, alpha)
+        neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), c))
     # NaN input: the negative branch (NaN), as torch's vectorized kernel (b > 0 selects);
     # its scalar tail (b <= 0 selects) would give g * scale
     return ar.where(ar.positive(xr), ar.mul(g, ar.const(float(scale))), neg)
