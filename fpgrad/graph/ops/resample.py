@@ -15,6 +15,7 @@ rational scale ``in/out``, ``1/scale_factor`` (the float's exact value) or
 
 from __future__ import annotations
 
+import functools
 import itertools
 from fractions import Fraction
 from typing import Any
@@ -221,6 +222,20 @@ def _split(v: int) -> tuple[float, float]:
     return hi, float(v - int(hi))
 
 
+@functools.lru_cache(maxsize=64)
+def _fractions(n: int, o: int, align: bool, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(o, n, 2) numerators and denominators of the exact weights, each as hi + lo float64
+    words (read-only: cached for the forward and backward ops)."""
+    f = [[Fraction(0)] * n for _ in range(o)]
+    for j, frow in enumerate(_lin_rows(n, o, align, scale)):
+        for i, fw in frow:
+            f[j][i] += fw
+    num = np.array([[_split(v.numerator) for v in r] for r in f]).reshape(o, n, 2)
+    den = np.array([[_split(v.denominator) for v in r] for r in f]).reshape(o, n, 2)
+    num.flags.writeable = den.flags.writeable = False
+    return num, den
+
+
 def _matrix(cx: Any, n: int, o: int, align: bool, scale: Any) -> Any:
     """(o, n) interpolation matrix as a value of the system (repeated indices summed)."""
     ar = cx.ar
@@ -230,12 +245,7 @@ def _matrix(cx: Any, n: int, o: int, align: bool, scale: Any) -> Any:
             for i, w in row:
                 m[j, i] += w
         return ar.asarray(m)
-    f = [[Fraction(0)] * n for _ in range(o)]
-    for j, frow in enumerate(_lin_rows(n, o, align, scale)):
-        for i, fw in frow:
-            f[j][i] += fw
-    num = np.array([[_split(v.numerator) for v in r] for r in f])  # (o, n, 2)
-    den = np.array([[_split(v.denominator) for v in r] for r in f])
+    num, den = _fractions(n, o, bool(align), None if scale is None else float(scale))
     if not num[..., 1].any() and not den[..., 1].any() and np.all(den[..., 0] == 1):
         return ar.asarray(num[..., 0].copy())  # integer weights (0 and 1)
     top = ar.add(ar.asarray(num[..., 0].copy()), ar.asarray(num[..., 1].copy()))
