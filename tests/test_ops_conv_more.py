@@ -133,6 +133,15 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "bilinear_size_down": lambda: (Up(size=(3, 9), align_corners=False), _r(4, 2, 6, 6)),
     "bilinear_same_size": lambda: (Up(size=(4, 3), align_corners=True), _r(4, 2, 6, 5)),
     "unet_like": lambda: (UNetLike(), _r(4, 2, 10, 8)),
+    "adaptive_max_1d": lambda: (_seq(nn.Conv1d(2, 3, 2), nn.AdaptiveMaxPool1d(4)), _r(4, 2, 9)),
+    "adaptive_max_none_size": lambda: (
+        _seq(nn.Conv2d(2, 3, 2), nn.AdaptiveMaxPool2d((None, 2))),
+        _r(4, 2, 5, 6),
+    ),
+    "upsampling_bilinear2d_module": lambda: (
+        _seq(nn.Conv2d(2, 3, 2), nn.UpsamplingBilinear2d(scale_factor=2)),
+        _r(4, 2, 4, 3),
+    ),
 }
 
 
