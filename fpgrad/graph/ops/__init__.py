@@ -125,6 +125,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     conv,
     linear,
     loss,
+    losses2,
     norm,
     norms,
     pointwise,

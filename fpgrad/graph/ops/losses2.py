@@ -1,0 +1,242 @@
+"""Smooth L1, BCE on probabilities, ``xlogy`` (KL divergence) and soft margin, forward and
+backward, as torch's CPU kernels define them.
+
+Strict machines (emulated formats) round torch's own sequence of operations (its vectorized
+path); the exact systems compute the real value of torch's definition: every branch is an
+exact comparison (:meth:`Arith.positive`, ties decided as torch decides them; a ball that
+straddles the threshold escalates and ends undetermined at the cap), with cancellation-free
+forms where the output saturates (``1 - sigmoid(z)`` as ``sigmoid(-z)``, softplus as
+``log1p(exp(-|u|)) + max(u, 0)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fpgrad.arith.base import ExactDerivatives
+from fpgrad.graph import shapes
+from fpgrad.graph.ops.loss import REDUCTIONS, _reduce
+from fpgrad.graph.ops.registry import op
+
+#: torch's ``constexpr float EPSILON = 1e-12`` (Loss.cpp), the clamp of BCE's backward
+#: denominator: the float32 nearest 1e-12, 9.999999960041972e-13 exactly
+BCE_EPSILON = float(np.float32(1e-12))
+
+#: the clamp of BCE's logarithms (``std::max(log(.), -100)``)
+LOG_FLOOR = -100.0
+
+
+def _exact(cx: Any) -> bool:
+    return isinstance(cx.ar, ExactDerivatives)
+
+
+def _f64(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _full(cx: Any, shape: tuple[int, ...], v: float) -> Any:
+    return cx.ar.asarray(np.full(shape, v))
+
+
+def _numel(x: Any) -> float:
+    return float(np.prod(shapes.shape(x)))
+
+
+def _mean_norm(cx: Any, out: Any, x: Any, reduction: int) -> Any:
+    """``out / numel(x)`` for "mean" in the exact systems (the exact rational)."""
+    if REDUCTIONS[int(reduction)] == "mean":
+        return cx.ar.div(out, cx.ar.const(_numel(x)))
+    return out
+
+
+# ---- smooth L1 -----------------------------------------------------------------------------
+@op("aten.smooth_l1_loss.default")
+def smooth_l1_loss(cx: Any, x: Any, t: Any, reduction: int = 1, beta: float = 1.0) -> Any:
+    """z = |x - t|: ``0.5 z z / beta`` where z < beta, else ``z - 0.5 beta`` (z = beta: the
+    linear branch, torch's ``z >= beta`` select); beta = 0: ``|x - t|`` (torch's l1_loss)."""
+    ar = cx.ar
+    z = ar.abs(ar.sub(x, t))
+    if float(beta) == 0.0:
+        return _reduce(cx, z, reduction)
+    b, half = ar.const(float(beta)), ar.const(0.5)
+    quad = ar.div(ar.mul(ar.mul(half, z), z), b)
+    lin = ar.sub(z, ar.mul(half, b))
+    if _exact(cx):
+        small = ar.positive(ar.sub(b, z))  # z < beta, decided exactly
+    else:
+        small = ~(_f64(z) >= _f64(b))  # blendv(quad, lin, z >= beta): NaN takes quad
+    return _reduce(cx, ar.where(small, quad, lin), reduction)
+
+
+@op("aten.smooth_l1_loss_backward.default")
+def smooth_l1_loss_backward(
+    cx: Any, g: Any, x: Any, t: Any, reduction: int, beta: float
+) -> Any:  # fmt: skip
+    """``norm * d * g``, d = x - t: d = ``1`` where x - t >= beta, ``-1`` where x - t <= -beta,
+    else ``(x - t) / beta`` (ties: the sign, as torch's kernel); norm = 1 / numel ("mean") or
+    1. beta <= 0: torch's l1_loss_backward, ``sgn(x - t) * (g / numel)``."""
+    ar = cx.ar
+    d = ar.sub(x, t)
+    shape = shapes.shape(d)
+    mean = REDUCTIONS[int(reduction)] == "mean"
+    one, neg_one = _full(cx, shape, 1.0), _full(cx, shape, -1.0)
+    zero = _full(cx, shape, 0.0)
+    if float(beta) <= 0.0:
+        if _exact(cx):
+            sgn = ar.where(
+                ar.positive(d), one, ar.where(ar.positive(ar.sub(zero, d)), neg_one, zero)
+            )
+            return _mean_norm(cx, ar.mul(sgn, g), x, reduction)
+        df = _f64(d)
+        sgn = ar.asarray((df > 0).astype(np.float64) - (df < 0).astype(np.float64))
+        sgn = ar.where(np.isnan(df), d, sgn)
+        return ar.mul(sgn, ar.div(g, ar.const(_numel(x))) if mean else g)
+    b = ar.const(float(beta))
+    if _exact(cx):
+        inner = ar.where(ar.positive(ar.add(d, b)), ar.div(d, b), neg_one)  # x - t > -beta
+        deriv = ar.where(ar.positive(ar.sub(b, d)), inner, one)  # x - t < beta
+        return _mean_norm(cx, ar.mul(deriv, g), x, reduction)
+    df = _f64(d)
+    sign = ar.where(df > 0, one, neg_one)
+    deriv = ar.where(np.abs(df) >= _f64(b), sign, ar.div(d, b))
+    norm = ar.const(1.0 / _numel(x) if mean else 1.0)
+    return ar.mul(ar.mul(norm, deriv), g)
+
+
+# ---- binary cross-entropy on probabilities -------------------------------------------------
+def _one_minus(cx: Any, x: Any, i: int) -> Any:
+    """1 - x; in the exact systems ``sigmoid(-z)`` when argument ``i`` is ``sigmoid(z)`` (no
+    cancellation where the sigmoid saturates at 1: the same real)."""
+    ar = cx.ar
+    src = cx.origin(i)
+    if src is not None and str(src.target) == "aten.sigmoid.default":
+        return ar.sigmoid(ar.mul(cx.value(src.args[0]), ar.const(-1.0)))
+    return ar.sub(ar.const(1.0), x)
+
+
+def _clamped_log(cx: Any, v: Any) -> Any:
+    """``max(log v, -100)`` exactly: log v > -100 iff v > e^-100 (a real comparison; v =
+    e^-100 exactly is impossible for a rational v); the log only where it is taken."""
+    ar = cx.ar
+    shape = shapes.shape(v)
+    above = ar.positive(ar.sub(v, ar.exp(ar.const(LOG_FLOOR))))
+    logs = ar.log(ar.where(above, v, _full(cx, shape, 1.0)))
+    return ar.where(above, logs, _full(cx, shape, LOG_FLOOR))
+
+
+def _max_floor(cx: Any, v: Any, floor: Any) -> Any:
+    """torch's ``std::max(v, floor)``, ``v < floor ? floor : v`` (NaN keeps v), rounded."""
+    vf = _f64(v)
+    return cx.ar.where(vf < _f64(floor), cx.ar.asarray(np.full(vf.shape, _f64(floor))), v)
+
+
+@op("aten.binary_cross_entropy.default")
+def binary_cross_entropy(
+    cx: Any, x: Any, t: Any, weight: Any = None, reduction: int = 1
+) -> Any:  # fmt: skip
+    """``(t - 1) max(log1p(-x), -100) - t max(log x, -100)`` (torch's kernel), times weight,
+    reduced. x is a probability (torch refuses x outside [0, 1] in eager)."""
+    ar = cx.ar
+    if _exact(cx):
+        log_x = _clamped_log(cx, x)
+        log_1mx = _clamped_log(cx, _one_minus(cx, x, 0))
+    else:
+        floor = ar.const(LOG_FLOOR)
+        log_1mx = _max_floor(cx, ar.log1p(ar.mul(x, ar.const(-1.0))), floor)
+        log_x = _max_floor(cx, ar.log(x), floor)
+    terms = ar.sub(ar.mul(ar.sub(t, ar.const(1.0)), log_1mx), ar.mul(t, log_x))
+    if weight is not None:
+        terms = ar.mul(terms, weight)
+    return _reduce(cx, terms, reduction)
+
+
+@op("aten.binary_cross_entropy_backward.default")
+def binary_cross_entropy_backward(
+    cx: Any, g: Any, x: Any, t: Any, weight: Any = None, reduction: int = 1
+) -> Any:  # fmt: skip
+    """``g (x - t) / max((1 - x) x, EPSILON)`` (torch's kernel, EPSILON the float32 1e-12),
+    times weight, over numel for "mean". Exactly: the clamp decided by an exact comparison
+    (a tie gives the same value either way), ``1 - x`` as :func:`_one_minus`, and ``x - t``
+    as ``(1 - t) - (1 - x)`` where t > 1/2 (the same real, no cancellation at t = 1)."""
+    ar = cx.ar
+    eps = ar.const(BCE_EPSILON)
+    if _exact(cx):
+        om = _one_minus(cx, x, 1)
+        den = ar.mul(om, x)
+        den = ar.where(
+            ar.positive(ar.sub(den, eps)), den, _full(cx, shapes.shape(den), BCE_EPSILON)
+        )
+        near_one = ar.to_float64(t) > 0.5  # either form encloses x - t: no verdict rests on it
+        diff = ar.where(near_one, ar.sub(ar.sub(ar.const(1.0), t), om), ar.sub(x, t))
+        out = ar.div(ar.mul(g, diff), den)
+        if weight is not None:
+            out = ar.mul(out, weight)
+        return _mean_norm(cx, out, x, reduction)
+    den = _max_floor(cx, ar.mul(ar.sub(ar.const(1.0), x), x), eps)
+    out = ar.div(ar.mul(g, ar.sub(x, t)), den)
+    if weight is not None:
+        out = ar.mul(out, weight)
+    if REDUCTIONS[int(reduction)] == "mean":
+        out = ar.div(out, ar.const(_numel(x)))
+    return out
+
+
+# ---- xlogy (KL divergence) -----------------------------------------------------------------
+@op("aten.xlogy.Tensor")
+def xlogy(cx: Any, x: Any, y: Any) -> Any:
+    """``x log y``, 0 where x = 0 (also for y = 0), NaN where y is NaN (torch's kernel).
+    Exactly: x = 0 is decided by two exact comparisons (x > 0, x < 0); the log is taken only
+    where x is not 0."""
+    ar = cx.ar
+    shape = np.broadcast_shapes(shapes.shape(x), shapes.shape(y))
+    zero = _full(cx, shape, 0.0)
+    if _exact(cx):
+        xb = ar.add(x, zero)  # broadcast
+        one = _full(cx, shape, 1.0)
+        yb = ar.add(y, zero)
+        pos = ar.positive(xb)
+        neg = ar.positive(ar.sub(zero, xb))
+        ys = ar.where(pos, yb, ar.where(neg, yb, one))
+        prod = ar.mul(xb, ar.log(ys))
+        return ar.where(pos, prod, ar.where(neg, prod, zero))
+    xf, yf = np.broadcast_to(_f64(x), shape), np.broadcast_to(_f64(y), shape)
+    prod = ar.mul(x, ar.log(y))
+    out = ar.where(xf == 0, zero, prod)
+    return ar.where(np.isnan(yf), ar.asarray(np.full(shape, np.nan)), out)
+
+
+# ---- soft margin ---------------------------------------------------------------------------
+def _softplus(cx: Any, u: Any) -> Any:
+    """log(1 + e^u) = log1p(e^-|u|) + max(u, 0): no overflow, no cancellation."""
+    ar = cx.ar
+    zero = _full(cx, shapes.shape(u), 0.0)
+    return ar.add(
+        ar.log1p(ar.exp(ar.mul(ar.abs(u), ar.const(-1.0)))), ar.where(ar.positive(u), u, zero)
+    )
+
+
+@op("aten.soft_margin_loss.default")
+def soft_margin_loss(cx: Any, x: Any, t: Any, reduction: int = 1) -> Any:
+    """``log1p(exp(-x t))``, reduced (torch's ``neg, mul_, exp_, log1p_``); exactly: the
+    softplus of -x t."""
+    ar = cx.ar
+    u = ar.mul(ar.mul(x, ar.const(-1.0)), t)
+    terms = _softplus(cx, u) if _exact(cx) else ar.log1p(ar.exp(u))
+    return _reduce(cx, terms, reduction)
+
+
+@op("aten.soft_margin_loss_backward.default")
+def soft_margin_loss_backward(cx: Any, g: Any, x: Any, t: Any, reduction: int) -> Any:
+    """torch: z = exp(-t x); ``(t z * -norm) / (z + 1) * g``, norm = 1 / numel ("mean") or 1;
+    exactly: ``-t sigmoid(-t x) g / numel`` (no overflow of z)."""
+    ar = cx.ar
+    mean = REDUCTIONS[int(reduction)] == "mean"
+    u = ar.mul(ar.mul(t, ar.const(-1.0)), x)
+    if _exact(cx):
+        out = ar.mul(ar.mul(ar.mul(t, ar.const(-1.0)), ar.sigmoid(u)), g)
+        return _mean_norm(cx, out, x, reduction)
+    z = ar.exp(u)
+    out = ar.mul(ar.mul(t, z), ar.const(-(1.0 / _numel(x) if mean else 1.0)))
+    return ar.mul(ar.div(out, ar.add(z, ar.const(1.0))), g)
