@@ -80,16 +80,29 @@ CASES: dict[str, tuple[bool, Loss, Callable[[], torch.Tensor]]] = {
     "kl_div_log_target": (False, _kl(True), lambda: torch.log_softmax(torch.randn(4, 3), -1)),
     "soft_margin": (False, nn.SoftMarginLoss(), lambda: torch.sign(torch.randn(4, 3))),
     "soft_margin_sum": (False, nn.SoftMarginLoss(reduction="sum"), lambda: torch.randn(4, 3)),
+    "multi_margin": (False, nn.MultiMarginLoss(), lambda: torch.tensor([0, 1, 2, 0])),
+    "multi_margin_p2_weight_sum": (
+        False,
+        nn.MultiMarginLoss(p=2, margin=0.5, weight=W, reduction="sum"),
+        lambda: torch.tensor([2, 1, 2, 0]),
+    ),
+    "multi_margin_none": (
+        False,
+        lambda o, t: F.multi_margin_loss(o, t, margin=2.0, reduction="none").sum(),
+        lambda: torch.tensor([1, 1, 0, 2]),
+    ),
 }
 
 
 def _eager(model: nn.Module, x: torch.Tensor, t: torch.Tensor, loss: Loss,
            dtype: torch.dtype) -> dict:  # fmt: skip
     m = copy.deepcopy(model).to(dtype)
+    if isinstance(loss, nn.Module):  # class weights in the model's dtype (multi_margin needs it)
+        loss = copy.deepcopy(loss).to(dtype)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        loss(m(x.to(dtype)), t.to(dtype)).backward()
+        loss(m(x.to(dtype)), t.to(dtype) if t.is_floating_point() else t).backward()
     finally:
         torch.set_num_threads(n)
     return {k: p.grad.double().numpy() for k, p in m.named_parameters()}
@@ -102,8 +115,9 @@ def test_native_bit_for_bit_exact_certified_emulated_runs(case: str) -> None:
     model, x = _mlp(sigmoid), torch.randn(4, 3)
     t = target()
     net = fpgrad.from_module(model, x, t, loss)
-    natives = [("bfloat16", torch.bfloat16), ("float32", torch.float32),
-               ("float64", torch.float64)]  # fmt: skip
+    natives = [("float32", torch.float32), ("float64", torch.float64)]
+    if not case.startswith("multi_margin"):  # torch's CPU kernel has no bfloat16
+        natives.insert(0, ("bfloat16", torch.bfloat16))
     cmp = fpgrad.compare(net, ",".join([*(p for p, _ in natives), "bfloat16:emulated"]))
     for prec, dtype in natives:
         ref = _eager(model, x, t, loss, dtype)
@@ -241,6 +255,34 @@ def test_soft_margin_against_the_oracle_saturated(bits: int | None) -> None:
         return _reduce(L.elementwise(L.soft_margin, h, tt.numpy()), "mean")
 
     check(Scaled(w), _t(np.ones_like(w)), _t(t), nn.SoftMarginLoss(), oracle, bits=bits)
+
+
+@pytest.mark.parametrize("bits", SYSTEMS)
+@pytest.mark.parametrize(("p", "margin", "reduction"), [(1, 1.0, "mean"), (2, 0.5, "sum")])
+def test_multi_margin_against_the_oracle_at_ties(
+    bits: int | None, p: int, margin: float, reduction: str
+) -> None:
+    """z = margin - x_t + x_d exactly 0 (torch: no term, no gradient), 1e-300 above it, 1e300,
+    class weights: per row sum over d != t of relu(z)^p w[t] / C, relu'(0) = 0."""
+    x = np.array(
+        [[2.0, 2.0 - margin, 0.0, 1e300], [0.5, 0.5 - margin + 2**-40, -3.0, 0.25],
+         [1e-300, 0.0, -1e-300, 2.0 - margin]]
+    )  # fmt: skip
+    tgt = torch.tensor([0, 0, 3])
+    weight = np.array([0.5, 2.0, 1.0, 3.0])
+    c = x.shape[1]
+
+    def oracle(pp: dict, xx: torch.Tensor, tt: torch.Tensor) -> A.V:
+        h = pp["w"] * A.arr(xx.numpy())
+        rows = []
+        for i, ti in enumerate(tt.tolist()):
+            terms = [A.relu(margin - h[i, ti] + h[i, d]) for d in range(c) if d != ti]
+            terms = [v * v for v in terms] if p == 2 else terms
+            rows.append(A.total(np.array(terms, dtype=object)) * weight[ti] / c)
+        return _reduce(np.array(rows, dtype=object), reduction)
+
+    loss = nn.MultiMarginLoss(p=p, margin=margin, weight=_t(weight), reduction=reduction)
+    check(Scaled(np.ones_like(x)), _t(x), tgt, loss, oracle, bits=bits)
 
 
 class Straddle(nn.Module):
@@ -397,3 +439,57 @@ def test_emulated_float32_smooth_l1_and_bce_backward_equal_torch_float32() -> No
         cx, ar.asarray(np.array(3.0)), ar.asarray(a.double().numpy()),
         ar.asarray(t.double().numpy()), 1, 1.0)  # fmt: skip
     assert np.array_equal(got, a2.grad.double().numpy())
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "fp8_e4m3"])
+def test_emulated_multi_margin_by_hand(fmt: str) -> None:
+    """p = 2, margin 0.5, weights, "mean": z = (margin - x_t) + x_d; row sums left to right,
+    / C, then the rows, / N; backward h = (2 g) z w[t], -sum h at the target, times go."""
+    R = _rounded(fmt)
+    cx = _cx(fmt)
+    ar = cx.ar
+    x = R([[0.3, -1.7, 0.9], [2.5, 0.0, -0.6]])
+    w = R([0.5, 2.0, 1.5])
+    tgt = np.array([2, 0])
+    n, c = x.shape
+    z = R(R(0.5 - x[np.arange(n), tgt])[:, None] + x)
+    off = np.ones((n, c), dtype=bool)
+    off[np.arange(n), tgt] = False
+    act = off & (z > 0)
+    h = np.where(act, R(R(z * z) * w[tgt][:, None]), 0.0)
+    rows = R(np.array([_sum(R, h[i : i + 1]) for i in range(n)]) / c)
+    want = R(R(rows[0] + rows[1]) / n)
+    got = losses2.multi_margin_loss(cx, ar.asarray(x), tgt, 2, 0.5, ar.asarray(w), 1)
+    np.testing.assert_array_equal(got, want)
+    go = R(1.25)
+    g = R(1.0 / (n * c))
+    hb = np.where(act, R(R(R(2.0 * g) * z) * w[tgt][:, None]), 0.0)
+    grad = hb.copy()
+    for i in range(n):
+        grad[i, tgt[i]] = _sum(R, -hb[i : i + 1])
+    want = R(grad * go)
+    got = losses2.multi_margin_loss_backward(cx, go, ar.asarray(x), tgt, 2, 0.5, ar.asarray(w), 1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_emulated_float32_multi_margin_equals_torch_float32() -> None:
+    """torch's scalar loops (row sums left to right, "none"; the backward at "mean") rounded
+    by the emulated float32 machine give torch float32's bits."""
+    torch.manual_seed(4)
+    cx = _cx("float32")
+    ar = cx.ar
+    x = torch.randn(5, 7)
+    tgt = torch.tensor([0, 6, 3, 3, 1])
+    w = torch.rand(7) + 0.5
+    out = F.multi_margin_loss(x, tgt, p=2, margin=0.7, weight=w, reduction="none")
+    got = losses2.multi_margin_loss(
+        cx, ar.asarray(x.double().numpy()), tgt.numpy(), 2, 0.7, ar.asarray(w.double().numpy()), 0
+    )
+    np.testing.assert_array_equal(got, out.double().numpy())
+    xs = x.clone().requires_grad_(True)
+    (F.multi_margin_loss(xs, tgt, p=1, margin=0.7, weight=w) * 3).backward()
+    got = losses2.multi_margin_loss_backward(
+        cx, ar.asarray(np.array(3.0)), ar.asarray(x.double().numpy()), tgt.numpy(), 1, 0.7,
+        ar.asarray(w.double().numpy()), 1,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got, xs.grad.double().numpy())

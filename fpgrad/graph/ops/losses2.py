@@ -240,3 +240,86 @@ def soft_margin_loss_backward(cx: Any, g: Any, x: Any, t: Any, reduction: int) -
     z = ar.exp(u)
     out = ar.mul(ar.mul(t, z), ar.const(-(1.0 / _numel(x) if mean else 1.0)))
     return ar.mul(ar.div(out, ar.add(z, ar.const(1.0))), g)
+
+
+# ---- multi-class margin --------------------------------------------------------------------
+def _margin_parts(
+    cx: Any, x: Any, target: Any, margin: float, weight: Any
+) -> tuple[Any, Any, np.ndarray, Any, int]:  # fmt: skip
+    """(x as (N, C), z = (margin - x[i, t_i]) + x[i, d], the mask z > 0 off the target, the
+    per-row weight w[t_i] (None without weights), C)."""
+    ar = cx.ar
+    shape = shapes.shape(x)
+    x2 = shapes.reshape(x, (1, -1)) if len(shape) == 1 else x
+    n, c = shapes.shape(x2)
+    tgt = np.asarray(target, dtype=np.int64).ravel()
+    if tgt.size != n or (tgt.size and (tgt.min() < 0 or tgt.max() >= c)):
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: multi_margin_loss target out of range")
+    picked = shapes.reshape(shapes.index(x2, (np.arange(n), tgt)), (n, 1))
+    z = ar.add(ar.sub(ar.const(float(margin)), picked), x2)
+    off = np.ones((n, c), dtype=bool)
+    off[np.arange(n), tgt] = False
+    # z > 0 off the target, decided exactly in the exact systems (z = 0: no term, as torch);
+    # at the target z is set to -1 first, so no undecidable ``margin - x_t + x_t`` is asked
+    active = ar.positive(ar.where(off, z, _full(cx, (n, c), -1.0)))
+    rows = None if weight is None else shapes.reshape(shapes.index(weight, (tgt,)), (n, 1))
+    return x2, z, active, rows, c
+
+
+@op("aten.multi_margin_loss.default")
+def multi_margin_loss(
+    cx: Any, x: Any, target: Any, p: int = 1, margin: float = 1.0, weight: Any = None,
+    reduction: int = 1,
+) -> Any:  # fmt: skip
+    """Per row: ``sum_{d != t, z > 0} z^p w[t] / C``, z = (margin - x[t]) + x[d] (torch's
+    kernel); "mean" over the rows, "sum" of them, "none" per row (p = 1 or 2)."""
+    ar = cx.ar
+    if int(p) not in (1, 2):
+        from fpgrad.errors import InputError
+
+        raise InputError(f"{cx.label()}: multi_margin_loss supports p = 1 and p = 2 only")
+    x2, z, active, rows, c = _margin_parts(cx, x, target, margin, weight)
+    h = z if int(p) == 1 else ar.mul(z, z)
+    if rows is not None:
+        h = ar.mul(h, rows)
+    h = ar.where(active, h, _full(cx, shapes.shape(z), 0.0))
+    per_row = ar.div(ar.sum(h, axis=1), ar.const(float(c)))
+    if REDUCTIONS[int(reduction)] == "none":
+        return per_row if len(shapes.shape(x)) > 1 else shapes.reshape(per_row, ())
+    total = ar.sum(per_row, axis=0)
+    if REDUCTIONS[int(reduction)] == "mean":
+        total = ar.div(total, ar.const(float(shapes.shape(x2)[0])))
+    return total
+
+
+@op("aten.multi_margin_loss_backward.default")
+def multi_margin_loss_backward(
+    cx: Any, go: Any, x: Any, target: Any, p: int, margin: float, weight: Any = None,
+    reduction: int = 1,
+) -> Any:  # fmt: skip
+    """torch's kernel: h = g (p = 1) or ``2 g z`` (p = 2), times w[t]; h at (i, d) where z > 0,
+    ``-sum h`` at the target, 0 elsewhere; times the upstream gradient. g = 1 / (N C) ("mean")
+    or 1 / C (float64 quotients held in the format; exact rationals in the exact systems)."""
+    ar = cx.ar
+    x2, z, active, rows, c = _margin_parts(cx, x, target, margin, weight)
+    n = shapes.shape(x2)[0]
+    mean = REDUCTIONS[int(reduction)] == "mean"
+    if _exact(cx):
+        g = ar.div(ar.const(1.0), ar.const(float(n * c if mean else c)))
+    else:
+        g = ar.const(1.0 / (n * c) if mean else 1.0 / c)
+    h = _full(cx, shapes.shape(z), 0.0)
+    h = ar.add(h, g) if int(p) == 1 else ar.mul(ar.mul(ar.const(2.0), g), z)
+    if rows is not None:
+        h = ar.mul(h, rows)
+    zero = _full(cx, shapes.shape(z), 0.0)
+    h = ar.where(active, h, zero)
+    hot = np.zeros(shapes.shape(z), dtype=bool)
+    hot[np.arange(n), np.asarray(target, dtype=np.int64).ravel()] = True
+    at_target = ar.sum(ar.mul(h, ar.const(-1.0)), axis=1, keepdims=True)
+    grad = ar.where(hot, ar.add(zero, at_target), h)
+    per_row = REDUCTIONS[int(reduction)] == "none" and len(shapes.shape(go)) > 0
+    grad = ar.mul(grad, shapes.reshape(go, (n, 1)) if per_row else go)
+    return shapes.reshape(grad, shapes.shape(x))
