@@ -327,6 +327,34 @@ class ArbArith(ExactDerivatives):
         with self._p():
             return _obj(s * _SIGMOID(-z))  # s (1 - s) = s(z) s(-z)
 
+    # ---- the smooth activations' functions (fpgrad.graph.ops.smooth): Arb's own ----------
+    def expm1(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_EXPM1(a))
+
+    def erf(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_ERF(a))
+
+    def sin(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_SIN(a))
+
+    def cos(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_COS(a))
+
+    def atan(self, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(_ATAN(a))
+
+
+_EXPM1 = np.frompyfunc(arb.expm1, 1, 1)
+_ERF = np.frompyfunc(arb.erf, 1, 1)
+_SIN = np.frompyfunc(arb.sin, 1, 1)
+_COS = np.frompyfunc(arb.cos, 1, 1)
+_ATAN = np.frompyfunc(arb.atan, 1, 1)
+
 
 # ---- reading balls back ---------------------------------------------------------------------
 _MID_MAN_EXP = np.frompyfunc(lambda v: v.mid().man_exp(), 1, 1)

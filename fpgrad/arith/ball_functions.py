@@ -1,5 +1,5 @@
 """The elementary functions of :class:`fpgrad.arith.ball.BallArith` (exp, log, tanh, sigmoid and
-their derivatives, log1p, the normal density and CDF, sqrt), each with its rigorous error bound.
+their derivatives, log1p, the normal density and CDF, sqrt, expm1), each with its rigorous error bound.
 
 :class:`BallFunctions` is a mixin: :class:`~fpgrad.arith.ball.BallArith` supplies the word
 count ``k``, the error bound ``eta_fn``, the range-error count, the caches and the basic
@@ -235,6 +235,39 @@ class BallFunctions:
         prop = np.where(a.rad == 0, 0.0, prop)
         return self._ball(mid, self._fn_rad(mid, prop))
 
+    def expm1(self, a: Ball) -> Ball:
+        """``e^a - 1`` without cancellation near 0 (celu, ``torch.expm1``).
+
+        ``ub = |word 0| HI_BOUND + rad`` bounds ``|a|`` on the ball. ``ub > 2**-4``:
+        ``exp(a) - 1`` (the ball's own operations). ``ub <= 2**-4``: the Taylor polynomial
+        ``P(a) = a (1 + a/2 (1 + a/3 (... (1 + a/N))))``, N = 24, evaluated in ball arithmetic
+        (an enclosure of P over the ball), its radius grown by ``ub 2**-178``: for every
+        ``|x| <= ub``, ``|e^x - 1 - P(x)| = |sum_{n > N} x^n / n!| <= |x|^(N+1) / (N+1)! /
+        (1 - |x| / (N+2)) <= 2 ub (2**-4)^N / 25! < ub 2**-178.7``. Each branch sees only its
+        own elements (the others are set to an exact 0).
+        """
+        ub = np.abs(a.mid[0]) * HI_BOUND + a.rad
+        small = ub <= 2.0**-4
+
+        def only(mask: np.ndarray) -> Ball:
+            return Ball(np.where(mask, a.mid, 0.0), np.where(mask, a.rad, 0.0))
+
+        out = self.add(self.exp(only(~small)), self.const(-1.0))
+        if small.any():
+            x = only(small)
+            one = self.const(1.0)
+            q = one
+            for n in range(_EXPM1_TERMS, 1, -1):
+                q = self.add(one, self.div(self.mul(x, q), self.const(float(n))))
+            p = self.mul(x, q)
+            tail = np.where(small, ub, 0.0) * _EXPM1_TAIL  # normal: ub >= 2**-800 in range
+            out = self.where(small, Ball(p.mid, (p.rad + tail * RU) * RU), out)
+        return out
+
+
+#: expm1's Taylor terms and its tail bound relative to ub (2 (2**-4)^24 / 25! < 2**-178.7)
+_EXPM1_TERMS = 24
+_EXPM1_TAIL = 2.0**-178
 
 _NCDF_TARGET = 2.0**-170  # the series' tail bound, absolute (certified Phi are above 2**-80)
 

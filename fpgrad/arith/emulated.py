@@ -12,7 +12,8 @@ operation on its (already rounded) operands, rounded once into the format with t
   Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to
   odd", IEEE TC 2008). Plain float64-then-round would be right for round-to-nearest only (53 >=
   2p + 2, Figueroa) and wrong for directed modes (``1 - 2**-100`` rounds up to 1 in float64).
-- ``exp``, ``log``, ``log1p``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density):
+- ``exp``, ``log``, ``log1p``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density),
+  ``softplus``, ``expm1``, ``erf``, ``sin``, ``cos``, ``atan``:
   numpy's (libm's) float64 value ``y`` with a relative error
   bound of 2**-40 (libm and numpy's SIMD kernels are within a few ulps, 2**-50); if the whole
   interval ``y (1 +- 2**-40)`` rounds to one value of the format, that is the correctly rounded
@@ -77,19 +78,31 @@ from fpgrad.arith.base import OutputDerivatives
 from fpgrad.arith.emulated_functions import (
     F64Function,
     MPFunction,
+    _f64_atan,
+    _f64_cos,
+    _f64_erf,
     _f64_exp,
+    _f64_expm1,
     _f64_log,
     _f64_log1p,
     _f64_ncdf,
     _f64_npdf,
     _f64_sigmoid,
+    _f64_sin,
+    _f64_softplus,
     _f64_tanh,
+    _mp_atan,
+    _mp_cos,
+    _mp_erf,
     _mp_exp,
+    _mp_expm1,
     _mp_log,
     _mp_log1p,
     _mp_ncdf,
     _mp_npdf,
     _mp_sigmoid,
+    _mp_sin,
+    _mp_softplus,
     _mp_tanh,
 )
 from fpgrad.arith.expansion import two_prod, two_sum
@@ -385,6 +398,26 @@ class EmulatedArith(OutputDerivatives):
                 flat[i] = self._ziv(float(xf[i]), fmp)
             out = flat.reshape(x.shape)
         return out
+
+    # ---- the smooth activations' functions (fpgrad.graph.ops.smooth), correctly rounded ------
+    def softplus(self, a: Any) -> np.ndarray:
+        """log(1 + e^a) as one function (as sigmoid): no overflow of e^a in the format."""
+        return self._function(a, _f64_softplus, _mp_softplus, ())
+
+    def expm1(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_expm1, _mp_expm1, (0.0,))
+
+    def erf(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_erf, _mp_erf, (0.0,))
+
+    def sin(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_sin, _mp_sin, (0.0,))
+
+    def cos(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_cos, _mp_cos, (0.0,))
+
+    def atan(self, a: Any) -> np.ndarray:
+        return self._function(a, _f64_atan, _mp_atan, (0.0,))
 
     @staticmethod
     def _odd_sum(base: np.ndarray, u: np.ndarray) -> np.ndarray:

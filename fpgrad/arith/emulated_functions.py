@@ -1,5 +1,5 @@
 """The elementary functions of :class:`fpgrad.arith.emulated.EmulatedArith` (exp, log, log1p,
-tanh, sigmoid, ncdf, npdf) as ``(base, u)`` pairs, at high precision (mpmath, for the Ziv
+tanh, sigmoid, ncdf, npdf; softplus, expm1, erf, sin, cos, atan) as ``(base, u)`` pairs, at high precision (mpmath, for the Ziv
 loop) and in float64 (the first, usually decisive, try); the rounding is in
 :mod:`fpgrad.arith.emulated`.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,8 @@ from fpgrad.arith.expansion import two_prod
 # The functions at high precision, as (base, u): the value is the exact ``base`` plus ``u``, and
 # ``u`` carries a small *relative* error. Saturating functions put their distance to +-1 in u,
 # so that tanh(1415) = 1 - 2e-1229 is never taken for 1 by an error bound relative to 1.
-MPFunction = Callable[[MPContext, Any], tuple[int, Any]]
+# The base is an integer, or (softplus) the argument itself as an exact Fraction.
+MPFunction = Callable[[MPContext, Any], tuple[int | Fraction, Any]]
 
 
 def _mp_exp(c: MPContext, v: Any) -> tuple[int, Any]:
@@ -106,3 +108,81 @@ def _f64_npdf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """exp(-x^2 / 2) / sqrt(2 pi) from the exact square (hi + lo): a few ulps."""
     hi, lo = two_prod(x, x)
     return np.zeros_like(x), np.exp(-0.5 * hi) * np.exp(-0.5 * lo) * _RSQRT2PI
+
+
+# ---- the smooth activations' functions (fpgrad.graph.ops.smooth) ----------------------------
+# None of them takes a dyadic value at a non-zero dyadic argument (Lindemann-Weierstrass for
+# softplus, expm1, sin, cos; Lambert for atan); for erf it is not proven, as for ncdf above.
+
+
+def _mp_softplus(c: MPContext, v: Any) -> tuple[int | Fraction, Any]:
+    """log(1 + e^v): v + log1p(e^-v) for v > 0 with the exact v as base (a tail relative to
+    log1p(e^-v), so that v + 2**-4000 is never taken for v), else log1p(e^v)."""
+    if v > 0:  # v is the float64 argument itself: Fraction(float(v)) is exact
+        return Fraction(float(v)), c.log1p(c.exp(-v))
+    return 0, c.log1p(c.exp(v))
+
+
+def _mp_expm1(c: MPContext, v: Any) -> tuple[int, Any]:
+    if v < -1:
+        return -1, c.exp(v)  # -1 + e^v: the distance to -1 in the tail
+    return 0, c.expm1(v)
+
+
+def _mp_erf(c: MPContext, v: Any) -> tuple[int, Any]:
+    if abs(v) > 1:
+        sign = 1 if v > 0 else -1
+        return sign, -sign * c.erfc(abs(v))  # erf(v) = sign (1 - erfc |v|)
+    return 0, c.erf(v)
+
+
+def _mp_sin(c: MPContext, v: Any) -> tuple[int, Any]:
+    return 0, c.sin(v)
+
+
+def _mp_cos(c: MPContext, v: Any) -> tuple[int, Any]:
+    if abs(v) < 1:
+        return 1, -2 * c.sin(v / 2) ** 2  # cos v = 1 - 2 sin^2(v / 2): the distance to 1
+    return 0, c.cos(v)
+
+
+def _mp_atan(c: MPContext, v: Any) -> tuple[int, Any]:
+    return 0, c.atan(v)
+
+
+_ERF = np.frompyfunc(math.erf, 1, 1)
+
+
+def _f64_softplus(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x + log1p(e^-x) (x > 0, base x) or log1p(e^x): exp's few ulps pass through log1p with
+    a factor y / ((1 + y) log1p(y)) <= 1."""
+    pos = x > 0
+    return np.where(pos, x, 0.0), np.log1p(np.exp(-np.abs(x)))
+
+
+def _f64_expm1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    low = x < -1
+    return np.where(low, -1.0, 0.0), np.where(low, np.exp(x), np.expm1(x))
+
+
+def _f64_erf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """libm's erf (|x| <= 1) or sign (1 - erfc |x|), the tail erfc |x| (a few ulps each)."""
+    big = np.abs(x) > 1
+    sign = np.where(x > 0, 1.0, -1.0)
+    tail = -sign * np.asarray(_ERFC(np.abs(x)), dtype=np.float64)
+    return np.where(big, sign, 0.0), np.where(big, tail, np.asarray(_ERF(x), dtype=np.float64))
+
+
+def _f64_sin(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros_like(x), np.sin(x)
+
+
+def _f64_cos(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1 - 2 sin^2(x / 2) for |x| < 1 (x / 2 exact; the tail a few ulps), else libm's cos."""
+    small = np.abs(x) < 1
+    half = np.sin(0.5 * x)
+    return np.where(small, 1.0, 0.0), np.where(small, -2.0 * half * half, np.cos(x))
+
+
+def _f64_atan(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros_like(x), np.arctan(x)

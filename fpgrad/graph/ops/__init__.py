@@ -131,4 +131,5 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     pointwise,
     reduce,
     shape,
+    smooth,
 )

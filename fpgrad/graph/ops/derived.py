@@ -158,9 +158,15 @@ def attention_scale(cx: Any, scale: float) -> Any | None:
 
 def derived_constant(cx: Any, value: float) -> Any | None:
     """The real constant (in ``cx.ar``) that the float ``value`` of this node rounds, where
-    torch derived it from a definition (label smoothing, attention's scale); else None."""
+    torch derived it from a definition (label smoothing, attention's scale, erf's
+    ``2 / sqrt(pi)``); else None."""
     if _is(cx.node, ("aten.mul.Tensor", _MUL)):
         found = attention_scale(cx, value)
+        if found is not None:
+            return found
+        from fpgrad.graph.ops.smooth import erf_scale
+
+        found = erf_scale(cx, value)  # erf's backward: 2 / sqrt(pi)
         if found is not None:
             return found
     return smoothing_factor(cx, value)

@@ -30,6 +30,12 @@ def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
         if isinstance(x, NegInfMasked) and alpha == 1:
             only_softmax(cx)
             return NegInfMasked(add(cx, x.value, y), x.mask)
+    if isinstance(cx.ar, ExactDerivatives) and isinstance(b, int | float):
+        from fpgrad.graph.ops.smooth import expm1_plus_one
+
+        found = expm1_plus_one(cx, b, alpha)  # expm1's backward: exp(x), not expm1(x) + 1
+        if found is not None:
+            return found
     if isinstance(b, float) and alpha == 1 and isinstance(cx.ar, ExactDerivatives):
         from fpgrad.graph.ops.derived import derived_constant
 
@@ -460,8 +466,13 @@ def elu_backward(
 
             raise InputError(f"{cx.label()}: in-place ELU is not supported; use inplace=False")
         xr = cx.value(src.args[0])
-    c = _coef(cx, input_scale, scale, alpha)
-    neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), c))
+    from fpgrad.graph.ops.smooth import celu_scale
+
+    if celu_scale(cx, alpha, scale, input_scale):  # celu's: exp(x / alpha), exactly
+        neg = ar.mul(g, ar.exp(ar.div(xr, ar.const(float(alpha)))))
+    else:
+        c = _coef(cx, input_scale, scale, alpha)
+        neg = ar.mul(g, ar.mul(ar.exp(ar.mul(xr, ar.const(float(input_scale)))), c))
     # NaN input: the negative branch (NaN), as torch's vectorized kernel (b > 0 selects);
     # its scalar tail (b <= 0 selects) would give g * scale
     return ar.where(ar.positive(xr), ar.mul(g, ar.const(float(scale))), neg)
