@@ -493,3 +493,21 @@ def test_emulated_float32_multi_margin_equals_torch_float32() -> None:
         ar.asarray(w.double().numpy()), 1,
     )  # fmt: skip
     np.testing.assert_array_equal(got, xs.grad.double().numpy())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_multi_margin_of_one_sample_native_bit_for_bit(reduction: str) -> None:
+    """A 1-D input and a 0-d target (torch's scalar output, also for "none")."""
+    torch.manual_seed(2)
+    model, x, t = nn.Linear(3, 4), torch.randn(3), torch.tensor(2)
+
+    def loss(o: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return F.multi_margin_loss(o, tt, p=2, margin=1.5, reduction=reduction) * 3
+
+    net = fpgrad.from_module(model, x, t, loss)
+    cmp = fpgrad.compare(net, "float32,float64")
+    for prec, dtype in [("float32", torch.float32), ("float64", torch.float64)]:
+        ref = _eager(model, x, t, loss, dtype)
+        for name in net.param_names:
+            assert np.array_equal(cmp.values(prec)[name], ref[name]), (prec, name)
+    assert cmp.certified_digits >= 17
