@@ -18,7 +18,8 @@ import numpy as np
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
 from fpgrad.graph.ops.loss import REDUCTIONS, _reduce
-from fpgrad.graph.ops.registry import op
+from fpgrad.graph.ops.norms import vector_norm
+from fpgrad.graph.ops.registry import OPS, op
 
 #: torch's ``constexpr float EPSILON = 1e-12`` (Loss.cpp), the clamp of BCE's backward
 #: denominator: the float32 nearest 1e-12, 9.999999960041972e-13 exactly
@@ -323,3 +324,38 @@ def multi_margin_loss_backward(
     per_row = REDUCTIONS[int(reduction)] == "none" and len(shapes.shape(go)) > 0
     grad = ar.mul(grad, shapes.reshape(go, (n, 1)) if per_row else go)
     return shapes.reshape(grad, shapes.shape(x))
+
+
+# ---- the other ops the loss traces read ----------------------------------------------------
+@op("aten.empty_like.default")
+def empty_like(cx: Any, x: Any, **kwargs: Any) -> Any:
+    """Zeros of x's shape: torch's contents are arbitrary, and the traces of
+    ``hinge_embedding_loss`` and ``cosine_embedding_loss`` fill it (``fill_``) before any read."""
+    return _full(cx, shapes.shape(x), 0.0)
+
+
+@op("aten.fill_.Scalar")
+def fill_scalar(cx: Any, x: Any, value: float) -> Any:
+    """A tensor of x's shape holding ``value`` (rounded into the system, as torch casts it),
+    as a new value (capture refuses in-place ops whose input is read later)."""
+    return _full(cx, shapes.shape(x), float(value))
+
+
+@op("aten.sub_.Tensor")
+def sub_inplace(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
+    """In place ``a - alpha b`` (``1 - cos`` on a filled tensor), as a new value."""
+    return OPS["aten.sub.Tensor"](cx, a, b, alpha)
+
+
+@op("aten.sqrt_.default")
+def sqrt_inplace(cx: Any, a: Any) -> Any:
+    """In place sqrt (cosine_embedding_loss's denominator), as a new value."""
+    return cx.ar.sqrt(a)
+
+
+@op("aten.norm.ScalarOpt_dim")
+def norm_dim(cx: Any, x: Any, p: Any = 2, dim: Any = None, keepdim: bool = False) -> Any:
+    """torch.norm over ``dim`` (``F.pairwise_distance``, so ``triplet_margin_loss``): torch
+    computes it as ``linalg_vector_norm`` (:func:`fpgrad.graph.ops.norms.vector_norm`; orders
+    1, 2 and inf), p = None being 2."""
+    return vector_norm(cx, x, 2 if p is None else p, dim, keepdim)
