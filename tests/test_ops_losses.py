@@ -93,6 +93,7 @@ CASES: dict[str, tuple[bool, Loss, Callable[[], torch.Tensor]]] = {
     ),
 }
 
+
 def _pair(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two embeddings of 2 samples from one output of 4 rows: its halves."""
     return o[:2], o[2:]
@@ -322,6 +323,64 @@ def test_multi_margin_against_the_oracle_at_ties(
 
     loss = nn.MultiMarginLoss(p=p, margin=margin, weight=_t(weight), reduction=reduction)
     check(Scaled(np.ones_like(x)), _t(x), tgt, loss, oracle, bits=bits)
+
+
+@needs_cmp
+@pytest.mark.parametrize("bits", SYSTEMS)
+def test_margin_ranking_and_hinge_against_the_oracle_at_ties(bits: int | None) -> None:
+    """margin - t (a - b) exactly 0 and hinge's margin - x exactly 0 (torch's clamp_min
+    backward passes the gradient there: ``ge``), 1e-300 on either side, 1e300."""
+    h = np.array([[1.0, 0.5], [0.0, 0.5], [1e-300, 0.5], [1e300, -3.0]])
+    t = np.array([1.0, -1.0, 1.0, -1.0])
+
+    def ranking(p: dict, xx: torch.Tensor, tt: torch.Tensor) -> A.V:
+        v = p["w"] * A.arr(xx.numpy())
+        ty = tt.numpy()
+        terms = [L.clamp_min(-ty[i] * (v[i, 0] - v[i, 1]) + 0.5, 0.0) for i in range(4)]
+        return _reduce(np.array(terms, dtype=object), "mean")
+
+    def loss(o: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return F.margin_ranking_loss(o[:, 0], o[:, 1], tt, margin=0.5)
+
+    check(Scaled(h), _t(np.ones_like(h)), _t(t), loss, ranking, bits=bits)
+    x = np.array([[0.75, -1.0, 1e-300], [0.75 - 2**-52, 2.0, 0.0]])
+    th = np.array([[-1.0, -1.0, -1.0], [-1.0, 1.0, 1.0]])
+
+    def hinge(p: dict, xx: torch.Tensor, tt: torch.Tensor) -> A.V:
+        v = p["w"] * A.arr(xx.numpy())
+        ty = tt.numpy()
+        terms = L.elementwise(lambda a, b: L.clamp_min(0.75 - a, 0.0) if b == -1 else a, v, ty)
+        return _reduce(terms, "mean")
+
+    check(Scaled(x), _t(np.ones_like(x)), _t(th),
+          lambda o, tt: F.hinge_embedding_loss(o, tt, margin=0.75), hinge, bits=bits)  # fmt: skip
+
+
+@needs_cmp
+@pytest.mark.parametrize("bits", SYSTEMS)
+def test_cosine_similarity_against_the_oracle_at_tiny_norms(bits: int | None) -> None:
+    """1 - cos(h, t) per row, eps 1e-8: a zero row (norm exactly 0: clamped to eps, the norm's
+    backward masked), a row of norm 1e-10 (clamped; torch clamps in place under no_grad, so
+    the gradient flows as if unclamped), rows of 1e-300 and 1e200 (squares outside float64)."""
+    h = np.array([[0.0, 0.0, 0.0], [1e-10, -2e-10, 2e-10], [1e-300, 2e-300, -1e-300],
+                  [1e200, 3.0, -2e200]])  # fmt: skip
+    t = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, -1.0], [2.0, -1.0, 0.25], [1.0, 1.0, 1.0]])
+
+    def oracle(p: dict, xx: torch.Tensor, tt: torch.Tensor) -> A.V:
+        v = p["w"] * A.arr(xx.numpy())
+        tv = A.arr(tt.numpy())
+        rows = []
+        for i in range(v.shape[0]):
+            nv = L.clamp_min_no_grad(L.norm2(v[i]), 1e-8)
+            nt = L.clamp_min_no_grad(L.norm2(tv[i]), 1e-8)
+            cos = A.total((v[i] / nv) * (tv[i] / nt))
+            rows.append(1 - cos)
+        return _reduce(np.array(rows, dtype=object), "mean")
+
+    def loss(o: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return (1 - F.cosine_similarity(o, tt)).mean()
+
+    check(Scaled(h), _t(np.ones_like(h)), _t(t), loss, oracle, bits=bits)
 
 
 class Straddle(nn.Module):

@@ -101,3 +101,38 @@ def elementwise(f: Any, *arrays: Any) -> np.ndarray:
     for i in np.ndindex(out.shape):
         out[i] = f(*(a[i] for a in b))
     return out
+
+
+def clamp_min(v: Any, lo: float) -> V:
+    """max(v, lo) with torch's clamp_min backward: the gradient passes where v >= lo (a tie
+    included), 0 below."""
+    v = lift(v)
+    if v.v.a >= lo:
+        return V(v.v, ((v, iv.mpf(1)),))
+    if v.v.b < lo:
+        return V(iv.mpf(lo), ((v, iv.mpf(0)),))
+    raise Undecided("clamp_min")
+
+
+def clamp_min_no_grad(v: Any, lo: float) -> V:
+    """max(v, lo) with derivative 1: torch clamps cosine_similarity's norms in place under
+    no_grad, so autograd differentiates as if unclamped."""
+    v = lift(v)
+    if v.v.a >= lo:
+        return V(v.v, ((v, iv.mpf(1)),))
+    if v.v.b < lo:
+        return V(iv.mpf(lo), ((v, iv.mpf(1)),))
+    raise Undecided("clamp_min")
+
+
+def norm2(row: np.ndarray) -> V:
+    """sqrt(sum x^2), torch's backward ``x / norm`` masked to 0 where the norm is exactly 0."""
+    s = row[0] * row[0]
+    for x in row[1:]:
+        s = s + x * x
+    if _is_zero(s.v):
+        return V(iv.mpf(0), ((s, iv.mpf(0)),))
+    if not s.v.a > 0:
+        raise Undecided("norm")
+    r = iv.sqrt(s.v)
+    return V(r, ((s, 1 / (2 * r)),))
