@@ -457,6 +457,28 @@ class EmulatedArith(OutputDerivatives):
             return hi_n if self.rng.random() < frac else lo_n
         raise ArithmeticError(f"Ziv loop did not converge at {x!r}")  # pragma: no cover
 
+    def cumsum(self, a: Any, axis: int) -> np.ndarray:
+        """Running sums along ``axis``, each output the machine's :meth:`sum` of its prefix,
+        carried along: per_op rounds every running sum into the format; fp32 keeps a float32
+        accumulator and rounds each output from it (torch's CPU cumsum of float16/bfloat16
+        accumulates in float); exact rounds each exact prefix sum once."""
+        moved = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
+        out = np.empty(moved.shape)
+        acc: Any = None
+        with np.errstate(invalid="ignore", over="ignore"):
+            for i in range(moved.shape[-1]):
+                t = moved[..., i]
+                if self.accumulation == "exact":
+                    out[..., i] = self._exact_sum(moved[..., : i + 1])
+                elif self.accumulation == "per_op":
+                    acc = t if acc is None else self.add(acc, t)
+                    out[..., i] = acc
+                else:  # fp32, as _sequential: acc = RN32(acc + t), t exact
+                    s, e = (t, 0.0) if acc is None else two_sum(acc, t)
+                    acc = round_to(to_odd(s, e), FLOAT32)
+                    out[..., i] = self._round(acc)
+        return np.moveaxis(out, -1, axis)
+
 
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Elementwise equality with NaN equal to NaN."""

@@ -62,6 +62,7 @@ from torch import fx
 
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.names import op_key
+from fpgrad.graph.ops.index import COPY_BACKWARDS, COPY_FORWARDS, ZERO_FILLS, backward_sources
 from fpgrad.graph.zero_facts import (
     ZERO,
     Fact,
@@ -71,6 +72,7 @@ from fpgrad.graph.zero_facts import (
     canon,
     gather,
     matmul,
+    reduce,
     reduce_axes,
     scale,
 )
@@ -85,9 +87,9 @@ _MOVES = {
     "aten.squeeze.default", "aten.slice.Tensor", "aten.select.int", "aten.cat.default",
     "aten.split.Tensor", "aten.split_with_sizes.default", "aten.select_backward.default",
     "aten.slice_backward.default",
-}  # fmt: skip
+} | COPY_FORWARDS  # fmt: skip
 #: data movement that fills zeros around its input: a fact even for an input without one
-_FILLS = {"aten.select_backward.default", "aten.slice_backward.default"}
+_FILLS = {"aten.select_backward.default", "aten.slice_backward.default"} | ZERO_FILLS
 _SUMS = {"aten.sum.dim_IntList", "aten.sum.default", "aten.mean.dim", "aten.mean.default"}
 
 
@@ -345,6 +347,17 @@ class _Pass:
         axes = [int(d) % nd for d in dims] if dims else []
         return reduce_axes(f, axes, keep) if shape else f
 
+    def copy_sums(self, node: fx.Node) -> Fact:
+        """Padding / nearest-upsampling backward: input gradient ``i`` is the sum of the
+        incoming gradient elements copied from ``i`` (each element added to exactly one):
+        the rule of sums, with the copy map replayed by torch."""
+        f, shape = self.fact(node.args[0]), _shape(node)
+        src = backward_sources(node)
+        if f is None or shape is None or src is None or src.shape != f.shape or (src < 0).any():
+            return None
+        out = reduce(f, src, int(np.prod(shape, dtype=np.int64)))
+        return None if out is None else out.reshape(shape)
+
     def add_sub(self, node: fx.Node) -> Fact:
         a, b = node.args[:2]
         out = _shape(node)
@@ -471,6 +484,7 @@ _RULES: dict[str, Callable[[_Pass, fx.Node], Any]] = {
     "aten.bmm.default": _Pass.mm,
     "aten.addmm.default": _Pass.addmm,
     **{k: _Pass.sums for k in _SUMS},
+    **{k: _Pass.copy_sums for k in COPY_BACKWARDS},
 }
 _SOFTMAX = {"aten._softmax_backward_data.default", "aten._log_softmax_backward_data.default"}
 _SOURCES = {

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["HINTS", "OPS", "OpFn", "op", "unsupported_message"]
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice",
-          "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided"}  # fmt: skip
+          "select", "unsqueeze", "squeeze", "alias", "detach", "split", "as_strided",
+          "unfold", "diagonal", "unbind"}  # fmt: skip
 
 
 _READS_NEG_INF = {"aten._softmax.default", "aten.masked_fill.Scalar", "aten.masked_fill_.Scalar"}
@@ -123,6 +124,7 @@ def unsupported_message(graph: Graph) -> str:
 from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
     conv,
+    index,
     linear,
     loss,
     losses2,
@@ -130,6 +132,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     norms,
     pointwise,
     reduce,
+    select,
     shape,
     smooth,
 )

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
 
 
@@ -43,3 +44,24 @@ def count(x: Any, dims: Any) -> int:
     if dims is None or len(dims) == 0:
         return int(np.prod(s)) if s else 1
     return int(np.prod([s[int(d) % len(s)] for d in set(int(d) % len(s) for d in dims)]))
+
+
+class MissingSlot(ValueError):
+    """The number system lacks a slot an op needs (the exact reference then uses mpmath)."""
+
+
+def _slot(cx: Any, name: str) -> Any:
+    fn = getattr(cx.ar, name, None)
+    if fn is None:
+        raise MissingSlot(f"{cx.label()} needs the slot {name!r}, which {cx.ar.name} lacks")
+    return fn
+
+
+def above(cx: Any, x: Any, threshold: float = 0.0) -> Any:
+    """torch's ``!(x <= threshold)``: x > threshold, or NaN (a strict machine's NaN takes
+    the branch torch's kernels take for it); the exact systems hold no NaN."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        return ar.positive(x if threshold == 0 else ar.sub(x, ar.const(float(threshold))))
+    x = np.asarray(x, dtype=np.float64)  # exact comparison with the threshold the format holds
+    return (x > (ar.const(float(threshold)) if threshold != 0 else 0.0)) | np.isnan(x)

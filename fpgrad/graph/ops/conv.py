@@ -337,8 +337,36 @@ def _first_max(ar: Any, cols: Any, m: Any, valid: np.ndarray | None = None) -> n
     top = ar.sum(ar.mul(cols, ar.asarray(chosen.astype(np.float64))), axis=2, keepdims=True)
     d = ar.sub(top, cols)
     d = ar.where(chosen | ~inside, ar.mul(d, ar.const(0.0)), d)  # exactly 0: not compared
-    ar.positive(d)
+    pos = ar.positive(d)
+    unsure = getattr(pos, "unsure", None)
+    low = ~np.asarray(pos, dtype=bool) & inside & ~chosen  # decided d <= 0 (or undecided)
+    if unsure is not None:
+        low &= ~np.asarray(unsure, dtype=bool)
+    if low.any():  # an element above ``top`` by less than float64 resolves: midpoints missed it
+        neg = ar.where(low, ar.mul(d, ar.const(-1.0)), ar.mul(d, ar.const(0.0)))
+        wrong = np.any(np.asarray(ar.positive(neg), dtype=bool), axis=2)
+        if wrong.any():
+            first = np.where(wrong, _scan_first_max(ar, cols, inside), first)
     return first
+
+
+def _scan_first_max(ar: Any, cols: Any, inside: np.ndarray) -> np.ndarray:
+    """torch's first maximum by exact comparisons, offset after offset: a later element
+    inside the input replaces the best only when certainly above it (undecided: counted by
+    positive(), which escalates the precision)."""
+    kk = shapes.shape(cols)[2]
+    best = shapes.index(cols, (slice(None), slice(None), 0))
+    have = inside[:, :, 0].copy()
+    idx = np.zeros(shapes.shape(best), dtype=np.int64)
+    for i in range(1, kk):
+        xi = shapes.index(cols, (slice(None), slice(None), i))
+        d = ar.sub(xi, best)
+        gt = np.asarray(ar.positive(ar.where(have, d, ar.mul(d, ar.const(0.0)))), dtype=bool)
+        take = inside[:, :, i] & (~have | gt)
+        idx = np.where(take, i, idx)
+        best = ar.where(take, xi, best)
+        have |= inside[:, :, i]
+    return idx
 
 
 @op("aten.max_pool2d_with_indices_backward.default")

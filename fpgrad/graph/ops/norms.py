@@ -140,9 +140,9 @@ def std(
     return cx.ar.sqrt(var(cx, x, dims, correction, keepdim))
 
 
-@op("aten.eq.Scalar")
 def eq_scalar(cx: Any, x: Any, c: float) -> np.ndarray:
-    """The boolean mask ``x == c``. Exact systems: neither ``x - c > 0`` nor ``c - x > 0``,
+    """The boolean mask ``x == c`` (the masked division's test; the ``aten.eq.Scalar`` node
+    itself is :mod:`fpgrad.graph.ops.select`'s, which decides the same way). Exact systems: neither ``x - c > 0`` nor ``c - x > 0``,
     both by the system's exact sign test, so a ball exactly at c is equal, one that excludes c
     is not, and one that contains c without being it is undecided (the fast balls count it and
     give way to Arb; Arb's undecided masks never reach a ``where`` of their own, so the run's

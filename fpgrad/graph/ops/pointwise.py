@@ -10,7 +10,8 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import scalar, zeros
+from fpgrad.graph.ops._util import MissingSlot as MissingSlot  # re-exported: its old home
+from fpgrad.graph.ops._util import _slot, above, scalar, zeros
 from fpgrad.graph.ops.registry import op
 
 
@@ -179,16 +180,6 @@ def relu(cx: Any, x: Any) -> Any:
     return ar.where(np.asarray(x, dtype=np.float64) < 0, zero, x)
 
 
-def above(cx: Any, x: Any, threshold: float = 0.0) -> Any:
-    """torch's ``!(x <= threshold)``: x > threshold, or NaN (a strict machine's NaN takes
-    the branch torch's kernels take for it); the exact systems hold no NaN."""
-    ar = cx.ar
-    if isinstance(ar, ExactDerivatives):
-        return ar.positive(x if threshold == 0 else ar.sub(x, ar.const(float(threshold))))
-    x = np.asarray(x, dtype=np.float64)  # exact comparison with the threshold the format holds
-    return (x > (ar.const(float(threshold)) if threshold != 0 else 0.0)) | np.isnan(x)
-
-
 @op("aten.threshold_backward.default")
 def threshold_backward(cx: Any, grad: Any, out: Any, threshold: float) -> Any:
     """torch's ``out <= threshold ? 0 : grad``: +0.0 below, the gradient where out is NaN."""
@@ -249,17 +240,6 @@ def silu_backward(cx: Any, grad: Any, x: Any) -> Any:
     s = ar.sigmoid(x)
     s_neg = ar.sigmoid(ar.mul(x, ar.const(-1.0)))
     return ar.mul(grad, ar.mul(s, ar.add(ar.const(1.0), ar.mul(x, s_neg))))
-
-
-class MissingSlot(ValueError):
-    """The number system lacks a slot an op needs (the exact reference then uses mpmath)."""
-
-
-def _slot(cx: Any, name: str) -> Any:
-    fn = getattr(cx.ar, name, None)
-    if fn is None:
-        raise MissingSlot(f"{cx.label()} needs the slot {name!r}, which {cx.ar.name} lacks")
-    return fn
 
 
 #: torch's tanh-GELU constants as its CPU kernel holds them (float64): sqrt(2/pi), 0.044715

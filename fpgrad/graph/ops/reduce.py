@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import numpy as np
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
@@ -14,11 +15,17 @@ from fpgrad.graph.ops.registry import op
 
 @op("aten.sum.dim_IntList")
 def sum_dim(cx: Any, x: Any, dims: Any, keepdim: bool = False, dtype: Any = None) -> Any:
+    """Sum over ``dims``; a mask or integer array sums in int64, exactly (as torch)."""
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biu":
+        axes = None if dims is None or len(dims) == 0 else tuple(int(d) for d in dims)
+        return np.asarray(np.sum(x, axis=axes, keepdims=keepdim, dtype=np.int64))
     return sum_dims(cx, x, dims, keepdim)
 
 
 @op("aten.sum.default")
 def sum_all(cx: Any, x: Any, dtype: Any = None) -> Any:
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biu":
+        return np.asarray(np.sum(x, dtype=np.int64))
     return sum_dims(cx, x, None, False)
 
 

@@ -21,6 +21,8 @@ def op(*names: str) -> Callable[[OpFn], OpFn]:
 
     def register(fn: OpFn) -> OpFn:
         for name in names:
+            if name in OPS and OPS[name] is not fn:  # two modules claiming one op: a merge slip
+                raise RuntimeError(f"{name} is registered twice ({OPS[name].__module__}, {fn.__module__})")
             OPS[name] = fn
         return fn
 

@@ -44,9 +44,8 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import zeros
-from fpgrad.graph.ops.pointwise import _slot, above, elu
-from fpgrad.graph.ops.registry import op
+from fpgrad.graph.ops._util import _slot, above, zeros
+from fpgrad.graph.ops.registry import OPS, op
 
 
 def _exact(cx: Any) -> bool:
@@ -151,7 +150,7 @@ def celu(cx: Any, x: Any, alpha: float = 1.0) -> Any:
     """``x`` for x > 0, else ``alpha (exp(x / alpha) - 1)`` (torch: elu with input_scale
     ``1 / alpha``; the exact systems: ``alpha expm1(x / alpha)``, dividing by alpha itself)."""
     if not _exact(cx):
-        return elu(cx, x, alpha, 1.0, 1.0 / float(alpha))
+        return OPS["aten.elu.default"](cx, x, alpha, 1.0, 1.0 / float(alpha))  # pointwise.elu
     ar = cx.ar
     a = ar.const(float(alpha))
     neg = ar.mul(_slot(cx, "expm1")(ar.div(x, a)), a)  # no cancellation near 0
