@@ -376,6 +376,34 @@ def test_cosine_similarity_against_the_oracle_at_tiny_norms(bits: int | None) ->
     check(Scaled(h), _t(np.ones_like(h)), _t(t), loss, oracle, bits=bits)
 
 
+@pytest.mark.parametrize("bits", SYSTEMS)
+def test_cosine_embedding_against_the_oracle_at_an_orthogonal_tie(bits: int | None) -> None:
+    """cos = sum(a b) / sqrt((|a|^2 + EPS)(|b|^2 + EPS)), EPS torch's float32 1e-12 (a float64
+    constant of the graph, taken as it is): t = -1 on orthogonal rows with margin 0 puts
+    ``cos - margin`` exactly at clamp_min's 0 (the gradient passes: ``ge``); t = 1 on a row of
+    1e-300 (squares below float64: EPS dominates) and on a pair scaled by 1e200."""
+    a = np.array([[1.0, 0.0, 2.0], [1e-300, 2e-300, -1e-300], [3.0, -1.0, 0.5], [1e200, 1.0, 0.0]])
+    b = np.array([[0.0, 5.0, 0.0], [0.5, 0.25, 1.0], [1.0, 3.0, 0.0], [2e200, -1.0, 1e200]])
+    h = np.concatenate([a, b])
+    t = np.array([-1.0, 1.0, -1.0, 1.0])
+    eps = L.BCE_EPSILON  # the same float32 1e-12 (ATen's Loss.cpp EPSILON)
+
+    def oracle(p: dict, xx: torch.Tensor, tt: torch.Tensor) -> A.V:
+        v = p["w"] * A.arr(xx.numpy())
+        rows = []
+        for i, ti in enumerate(tt.tolist()):
+            x1, x2 = v[i], v[i + 4]
+            m1, m2 = A.total(x1 * x1) + eps, A.total(x2 * x2) + eps
+            cos = A.total(x1 * x2) / A.sqrt(m1 * m2)
+            rows.append(1 - cos if ti == 1 else L.clamp_min(cos - 0.0, 0.0))
+        return _reduce(np.array(rows, dtype=object), "mean")
+
+    def loss(o: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return F.cosine_embedding_loss(o[:4], o[4:], tt, margin=0.0)
+
+    check(Scaled(np.ones_like(h)), _t(h), _t(t), loss, oracle, bits=bits)
+
+
 class Straddle(nn.Module):
     """d = sqrt(w) sqrt(w) - w + c + v x is exactly c + v x, but no ball of it is exact: with
     x = 0 and c = beta no ball decides d < beta; with c = 0, no ball decides the sign of d."""
