@@ -404,6 +404,33 @@ def test_cosine_embedding_against_the_oracle_at_an_orthogonal_tie(bits: int | No
     check(Scaled(np.ones_like(h)), _t(h), _t(t), loss, oracle, bits=bits)
 
 
+@pytest.mark.parametrize("bits", SYSTEMS)
+def test_triplet_margin_against_the_oracle_at_a_zero_distance(bits: int | None) -> None:
+    """d(a, p) = ||a - p + 1e-6||_2 (F.pairwise_distance; 1e-6 the graph's float64): anchor 0
+    and positive 1e-6 give a distance exactly 0 (the norm's backward masked to 0), anchor
+    (3, 4, 0) gives exactly 5; a hinge 5 + d_pos - d_neg active in one row, clamped in the
+    other."""
+    a = np.array([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])
+    pos = np.full((2, 3), 1e-6)
+    neg = np.array([[1.0, 2.0, 2.0], [-30.0, 1.0, 2.0]])
+    h = np.concatenate([a, pos, neg])
+
+    def dist(x: np.ndarray, y: np.ndarray) -> A.V:
+        return L.norm2(x - y + 1e-6)
+
+    def oracle(p: dict, xx: torch.Tensor, tt: torch.Tensor) -> A.V:
+        v = p["w"] * A.arr(xx.numpy())
+        rows = [
+            L.clamp_min(5.0 + dist(v[i], v[i + 2]) - dist(v[i], v[i + 4]), 0.0) for i in range(2)
+        ]
+        return _reduce(np.array(rows, dtype=object), "mean")
+
+    def loss(o: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return F.triplet_margin_loss(o[:2], o[2:4], o[4:], margin=5.0) + 0 * tt.sum()
+
+    check(Scaled(np.ones_like(h)), _t(h), _t(np.zeros(2)), loss, oracle, bits=bits)
+
+
 class Straddle(nn.Module):
     """d = sqrt(w) sqrt(w) - w + c + v x is exactly c + v x, but no ball of it is exact: with
     x = 0 and c = beta no ball decides d < beta; with c = 0, no ball decides the sign of d."""
