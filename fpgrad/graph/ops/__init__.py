@@ -127,6 +127,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     index,
     linear,
     loss,
+    losses2,
     norm,
     norms,
     pointwise,
