@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from fpgrad.watching.bitstats import update_counts
 from fpgrad.watching.families import FORMAT_OF
 from fpgrad.watching.optimizer_state import (
     _eps_count,
@@ -24,6 +23,7 @@ from fpgrad.watching.optimizer_state import (
     _flat_state_counts,
     _state_counts,
 )
+from fpgrad.watching.passes import update_counts
 from fpgrad.watching.scratch import Scratch
 from fpgrad.watching.shadow_optimizer import ShadowOptimizer, _plain_step, requested_updates
 
@@ -147,7 +147,7 @@ def step_records(
     """The :func:`param_stats` record of every parameter in ``before`` (param_groups order),
     computed for all of them at once: one flat float64 buffer per indicator, segment sums for
     the counts, ``_foreach`` norms (the same kernel per tensor as ``Tensor.norm``); for CPU
-    float32/float64 parameters one compiled pass each (``bitstats.update_counts``) writes the
+    float32/float64 parameters one compiled pass each (``passes.update_counts``) writes the
     update done (the same values) and counts instead of the indicator rows. Falls back
     to :func:`param_stats` per parameter for anything the batch does not cover (non-finite
     updates, several devices, empty or very many parameters, a missing requested update)."""
