@@ -128,3 +128,50 @@ def test_count_not_equal_is_torchs_count() -> None:
     assert count_not_equal(t.t(), 0) is None  # non-contiguous: torch's count
     assert count_not_equal(t.to(torch.int16), 0) is None
     assert count_not_equal(t.to(torch.int32), 2**40) is None  # not an int32
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_pending_updates_settle_as_torch_subtracts(dt: torch.dtype) -> None:
+    """The shadow's updates given the weights before: read through ``get`` (torch's
+    subtraction) or settled by step_records' compiled pass, the same tensors, bit for bit, and
+    the same records as from updates subtracted at once."""
+    from fpgrad.watching import optimizer
+    from fpgrad.watching.scratch import Scratch
+    from fpgrad.watching.shadow_optimizer import PendingUpdates, ShadowOptimizer
+
+    def setup() -> tuple:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(30, 70), torch.nn.Linear(70, 3)).to(dt)
+        with torch.no_grad():  # large weights: some updates swamped in float32
+            m[0].weight.mul_(10.0 ** torch.randint(-2, 7, m[0].weight.shape).to(dt))
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+        for _ in range(2):
+            opt.zero_grad()
+            m(torch.randn(5, 30, dtype=dt)).square().mean().backward()
+            if _ == 0:
+                opt.step()
+        params = list(m.parameters())
+        before = {id(p): p.detach().to(torch.float64, copy=True) for p in params}
+        names = {id(p): n for n, p in m.named_parameters()}
+        return m, opt, params, before, names
+
+    _, opt, params, before, _ = setup()
+    pend = ShadowOptimizer().requested_updates(opt, before)
+    assert isinstance(pend, PendingUpdates) and not pend.settled
+    now = {k: v.clone() for k, v in ShadowOptimizer().requested_updates(opt).items()}
+    assert all(torch.equal(pend.get(k), now[k]) for k in now) and pend.settled
+
+    recs = []
+    for lazy in (True, False):
+        _, opt, params, before, names = setup()
+        req = ShadowOptimizer().requested_updates(opt, before if lazy else None)
+        assert isinstance(req, PendingUpdates) == lazy
+        opt.step()
+        got = optimizer.step_records(opt, names, before, req, Scratch())
+        if lazy:
+            assert req.settled
+        recs.append((got, {k: dict.__getitem__(req, k).clone() for k in req}))
+    (a, ra), (b, rb) = recs
+    assert a == b and any(r["swamped"] for r in a) == (dt == torch.float32)
+    va, vb = list(ra.values()), list(rb.values())  # (ids differ: two models, same order)
+    assert len(va) == len(vb) == 4 and all(torch.equal(x, y) for x, y in zip(va, vb, strict=True))

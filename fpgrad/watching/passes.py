@@ -46,19 +46,53 @@ def _update_counts(
     out[0], out[1], out[2] = moved, asked, swamped
 
 
+@njit(**JIT)
+def _update_counts_sub(
+    after: np.ndarray,
+    before: np.ndarray,
+    req: np.ndarray,
+    d: np.ndarray,
+    smap: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """:func:`_update_counts` of a parameter whose ``req`` still holds the float64 shadow's new
+    weights: first ``req = req - before`` in place (one rounded float64 subtraction, as
+    torch's ``_foreach_sub_``), in the same pass."""
+    moved = asked = swamped = 0
+    with_map = smap.size == d.size
+    for k in range(d.size):
+        w = before[k]
+        v = np.float64(after[k]) - w
+        d[k] = v
+        r = req[k] - w
+        req[k] = r
+        m = v != 0.0
+        a = r != 0.0
+        s = a and not m
+        moved += m
+        asked += a
+        swamped += s
+        if with_map:
+            smap[k] = s
+    out[0], out[1], out[2] = moved, asked, swamped
+
+
 def update_counts(
     after: list[torch.Tensor],
     before: list[torch.Tensor],
     req: list[torch.Tensor] | None,
     d: list[torch.Tensor],
     map_limit: int,
+    subtract: bool = False,
 ) -> tuple[list[list[float]], list[list[int] | None]] | None:
     """:func:`_update_counts` of each parameter (its values ``after`` a step, ``before`` it in
     float64, the requested float64 updates or None, ``d`` the float64 buffers receiving the
     update done): the counts [moved], [asked], [swamped] per parameter, as floats, and the
     swamped maps of parameters up to ``map_limit`` elements (None when ``req`` is None). None,
     with nothing written, unless every tensor is a contiguous CPU tensor, the parameters float32
-    or float64 and the others float64."""
+    or float64 and the others float64. ``subtract``: ``req`` holds the shadow's new weights,
+    turned into the requested updates (``req - before``, in place) in the same pass
+    (:func:`_update_counts_sub`)."""
     arrays = []
     for j, p in enumerate(after):
         group = (p, before[j], d[j]) + ((req[j],) if req is not None else ())
@@ -79,7 +113,10 @@ def update_counts(
     out = np.empty(3, np.int64)
     for a, b, dd, *r in arrays:
         smap = np.empty(a.size if r and a.size <= map_limit else 0, np.uint8)
-        _update_counts(a, b, r[0] if r else none, dd, smap, out)
+        if subtract and r:
+            _update_counts_sub(a, b, r[0], dd, smap, out)
+        else:
+            _update_counts(a, b, r[0] if r else none, dd, smap, out)
         for c, v in zip(counts, out.tolist(), strict=True):
             c.append(float(v))
         maps.append(smap.tolist() if r and a.size <= map_limit else None)
