@@ -175,3 +175,37 @@ def test_pending_updates_settle_as_torch_subtracts(dt: torch.dtype) -> None:
     assert a == b and any(r["swamped"] for r in a) == (dt == torch.float32)
     va, vb = list(ra.values()), list(rb.values())  # (ids differ: two models, same order)
     assert len(va) == len(vb) == 4 and all(torch.equal(x, y) for x, y in zip(va, vb, strict=True))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_mm_overlaps_few_and_many_zeros(dt: torch.dtype, transposed: bool) -> None:
+    """Dense factors with a few exact zeros in the product (one by cancellation of overlapping
+    supports, one of disjoint supports), and sparse ones with many: the count of zeros with an
+    overlapping pair is the brute-force count on both sides of the few-zeros switch."""
+    g = torch.Generator().manual_seed(4)
+    for trial in range(16):
+        m, k, n = 20 + trial, 40 + 3 * trial, 30 + 2 * trial
+        dens = 1.0 if trial % 2 else 0.15
+        a = torch.randn(m, k, generator=g) * (torch.rand(m, k, generator=g) < dens)
+        b = torch.randn(k, n, generator=g) * (torch.rand(k, n, generator=g) < dens)
+        a[0], b[:, 0] = 0, 0
+        a[0, :2], b[:2, 0] = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])  # cancels
+        a[1], b[:, 1] = 0, 1.0
+        a[1, 3], b[3, 1] = 2.0, 0.0  # disjoint supports
+        a, b = a.to(dt), b.to(dt)
+        if transposed:
+            a = a.t().contiguous().t()
+        t = torch.ops.aten.mm.default(a, b)
+        if not torch.isfinite(t).all():
+            continue
+        supports = (a.double() != 0).double() @ (b.double() != 0).double()
+        want = int(((t == 0) & (supports > 0)).sum())
+        assert t[0, 0] == 0 and t[1, 1] == 0
+        assert bitstats.mm_overlaps(a, b, t) == want, (dt, trial)
+        bad = a.clone()
+        bad[m - 1, k - 1] = math.inf
+        assert bitstats.mm_overlaps(bad, b, t) == -1
+        bad = b.clone()
+        bad[k - 1, n - 1] = math.nan
+        assert bitstats.mm_overlaps(a, bad, t) == -1

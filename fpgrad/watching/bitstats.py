@@ -329,55 +329,91 @@ def _finite_stats(dtype: torch.dtype, n: int, z: int, below: int, mn: int, mx: i
 
 
 @njit(**JIT)
+def _max2d(x: np.ndarray, mask: Any) -> Any:
+    """The largest ``x & mask`` of a 2-D ``x`` (any strides; read in memory order)."""
+    T = x.dtype.type
+    mx = T(0)
+    r, c = x.shape
+    if x.strides[0] >= x.strides[1]:
+        for i in range(r):
+            for j in range(c):
+                mx = max(mx, T(x[i, j] & mask))
+    else:
+        for j in range(c):
+            for i in range(r):
+                mx = max(mx, T(x[i, j] & mask))
+    return mx
+
+
+@njit(**JIT)
 def _supports(x: np.ndarray, mask: Any, lines: np.ndarray, by_row: bool, out: np.ndarray) -> Any:
     """Into ``out[ln]`` (64-bit words, zeroed): the bits ``k`` of ``x[ln, k] & mask != 0`` (rows
     ``ln`` of ``x``, or with ``by_row`` False, bits ``k`` of ``x[k, ln]``: columns) for the
-    lines ``ln`` flagged in ``lines``; returns the largest ``x & mask`` (every element read, in memory
-    order)."""
-    mx = x.dtype.type(0)
+    lines ``ln`` flagged in ``lines``; returns the largest ``x & mask`` (every element read, in
+    memory order)."""
+    T = x.dtype.type
+    mx = T(0)
     r, c = x.shape
     if x.strides[0] >= x.strides[1]:  # rows contiguous-ish: row outer
         for i in range(r):
             for j in range(c):
-                v = x[i, j] & mask
+                v = T(x[i, j] & mask)
                 mx = max(mx, v)
                 ln, k = (i, j) if by_row else (j, i)
-                if lines[ln]:
+                if lines[ln]:  # (no branch on v: half the elements may be zeros)
                     out[ln, k >> 6] |= np.uint64(v != 0) << np.uint64(k & 63)
     else:
         for j in range(c):
             for i in range(r):
-                v = x[i, j] & mask
+                v = T(x[i, j] & mask)
                 mx = max(mx, v)
                 ln, k = (i, j) if by_row else (j, i)
-                if lines[ln]:
+                if lines[ln]:  # (no branch on v: half the elements may be zeros)
                     out[ln, k >> 6] |= np.uint64(v != 0) << np.uint64(k & 63)
     return mx
 
 
 @njit(**JIT)
 def _mm_overlaps(a: np.ndarray, b: np.ndarray, t: np.ndarray, mask: Any, inf: Any) -> int:
-    """For the bit patterns of ``t = a @ b`` (2-D, any strides): -1 when ``a``, ``b`` or ``t``
-    holds an inf or NaN, else the number of zeros ``t[i, j]`` with some ``k`` where ``a[i, k]``
-    and ``b[k, j]`` are both non-zero (``bits & mask``). The supports of the rows of ``a`` and
-    columns of ``b`` that meet a zero of ``t`` are 64-bit words, tested a word at a time."""
+    """For the bit patterns of ``t = a @ b`` (2-D, any strides, signed views): -1 when ``a``,
+    ``b`` or ``t`` holds an inf or NaN, else the number of zeros ``t[i, j]`` with some ``k``
+    where ``a[i, k]`` and ``b[k, j]`` are both non-zero (``bits & mask``). The supports of the
+    rows of ``a`` and columns of ``b`` that meet a zero of ``t`` are 64-bit words, tested a
+    word at a time; with few zeros (at most (rows + columns) / 4), each zero is tested along
+    ``k`` instead (no supports built; ``a`` and ``b`` still read in full for infs and NaNs)."""
     m, kk = a.shape
     n = b.shape[1]
-    zero = t.dtype.type(0)
+    T = t.dtype.type
+    zero = T(0)
     zr = np.zeros(m, np.uint8)  # rows and columns of t holding a zero (0/1 bytes: bools
     zc = np.zeros(n, np.uint8)  # or-ed in place are many times slower here)
     mx = zero
+    zeros = 0
     for i in range(m):
         r = np.uint8(0)
         for j in range(n):
-            v = t[i, j] & mask
+            v = T(t[i, j] & mask)
             mx = max(mx, v)
             z = np.uint8(v == zero)
             r |= z
             zc[j] |= z
+            zeros += z
         zr[i] = r
     if mx >= inf:
         return -1
+    if 4 * zeros <= m + n:  # few zeros: each tested along k (stops at the first overlap)
+        if _max2d(a, mask) >= inf or _max2d(b, mask) >= inf:
+            return -1
+        bad = 0
+        for i in range(m):
+            if zr[i]:
+                for j in range(n):
+                    if T(t[i, j] & mask) == zero:
+                        for k in range(kk):
+                            if (a[i, k] & mask) != 0 and (b[k, j] & mask) != 0:
+                                bad += 1
+                                break
+        return bad
     w = (kk + 63) // 64
     ra = np.zeros((m, w), np.uint64)
     cb = np.zeros((n, w), np.uint64)
@@ -387,7 +423,7 @@ def _mm_overlaps(a: np.ndarray, b: np.ndarray, t: np.ndarray, mask: Any, inf: An
     for i in range(m):
         if zr[i]:
             for j in range(n):
-                if zc[j] and t[i, j] & mask == zero:
+                if zc[j] and T(t[i, j] & mask) == zero:
                     hit = np.uint64(0)
                     for q in range(w):
                         hit |= ra[i, q] & cb[j, q]
@@ -410,6 +446,6 @@ def mm_overlaps(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> int | None
             v = x.view(f[0]).numpy() if x.dtype == torch.bfloat16 else x.numpy()
         except (RuntimeError, TypeError):
             return None
-        views.append(v.view(f[1]))
-    mask, inf = f[1](f[2]), f[1](f[3])  # (unsigned views here)
+        views.append(v.view(_SIGNED[f[1]]))
+    mask, inf, _ = _CONST[t.dtype]
     return int(_mm_overlaps(views[0], views[1], views[2], mask, inf))

@@ -138,8 +138,8 @@ def count_not_equal(t: torch.Tensor, v: int) -> int | None:
     fits its type."""
     if t.dtype not in (torch.int64, torch.int32) or not t.is_cpu or not t.is_contiguous():
         return None
-    info = np.iinfo(np.int64 if t.dtype == torch.int64 else np.int32)
-    if not info.min <= v <= info.max:
+    top = 2**63 if t.dtype == torch.int64 else 2**31
+    if not -top <= v < top:
         return None
     try:
         a = t.detach().numpy().reshape(-1)
