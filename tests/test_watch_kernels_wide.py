@@ -209,3 +209,19 @@ def test_mm_overlaps_few_and_many_zeros(dt: torch.dtype, transposed: bool) -> No
         bad = b.clone()
         bad[k - 1, n - 1] = math.nan
         assert bitstats.mm_overlaps(a, bad, t) == -1
+
+
+@pytest.mark.parametrize("read", ["dict", "splat", "copy", "iter"])
+def test_pending_updates_settle_on_every_whole_read(read: str) -> None:
+    """dict(x), {**x}, x.copy() and iteration see the updates, never the raw new weights."""
+    from fpgrad.watching.shadow_optimizer import PendingUpdates
+
+    qs = [torch.tensor([3.0, 5.0], dtype=torch.float64)]
+    ws = [torch.tensor([1.0, 1.0], dtype=torch.float64)]
+    pend = PendingUpdates({7: qs[0]}, qs, ws)
+    if read == "iter":
+        keys = list(pend)
+        got = {k: dict.__getitem__(pend, k) for k in keys}
+    else:
+        got = {"dict": dict, "splat": lambda p: {**p}, "copy": lambda p: p.copy()}[read](pend)
+    assert pend.settled and torch.equal(got[7], torch.tensor([2.0, 4.0], dtype=torch.float64))

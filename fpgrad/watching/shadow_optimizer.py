@@ -205,6 +205,14 @@ class PendingUpdates(dict):
         self.settle()
         return super().items()
 
+    def __iter__(self) -> Any:  # also sends dict(x) and **x through __getitem__ (CPython)
+        self.settle()
+        return super().__iter__()
+
+    def copy(self) -> dict:  # type: ignore[override]
+        self.settle()
+        return dict(super().items())
+
 
 def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
     """Per parameter (by ``id``), the float64 update the optimizer asks for (a fresh shadow; a
