@@ -12,6 +12,14 @@ bit equal to the unwatched ones (else it fails).
     PYTHONPATH=. python scripts/bench_watch_ab.py --against /tmp/ref [--rounds 12] [--autocast]
     PYTHONPATH=. python scripts/bench_watch_ab.py --parts [--rounds 10]
 
+``--processes K`` (with ``--against``) instead runs 2K child processes, alternately the
+reference and this tree, each timing only its own watch beside the unwatched step (interleaved,
+``--rounds`` rounds): two packages in one process can speed each other up or slow each other
+down (shared allocator and caches), so the per-process costs (watched minus unwatched, p25 and
+median) are compared, as medians over the K processes of each side. No record comparison.
+
+    PYTHONPATH=. python scripts/bench_watch_ab.py --against /tmp/ref --processes 6 --rounds 6
+
 ``--parts`` instead times this tree's watched step with its parts switched off one after
 another (as ``bench_watch.py --breakdown``: op records, optimizer records, the float64 shadow
 step, the per-op bookkeeping, module tracking), interleaved the same way.
@@ -21,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import re
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,16 +101,66 @@ def _same(a: list[dict], b: list[dict]) -> None:
             assert x[k] == y[k] or nan, (k, x[k], y[k])
 
 
+def _q(v: list[float], f: float) -> float:
+    return sorted(v)[int(f * (len(v) - 1))]
+
+
+def _processes(args: argparse.Namespace) -> None:
+    """``--processes``: a child times one package's watch beside the unwatched step and prints
+    its quantiles; the parent alternates children and compares the per-process costs."""
+    if args.child:
+        pkg = _load_ref(args.against) if args.child == "reference" else fpgrad
+        u: list[float] = []
+        w: list[float] = []
+        for p in (None, pkg):
+            _run(p, 3, args.autocast)  # warm-up
+        for _ in range(args.rounds):
+            u += _run(None, 12, args.autocast)[0][2:]
+            w += _run(pkg, 12, args.autocast)[0][2:]
+        print(json.dumps({f: [_q(u, f) * 1e3, _q(w, f) * 1e3] for f in (0.25, 0.5)}))
+        return
+    got: dict[str, list[dict]] = {"reference": [], "this tree": []}
+    for _ in range(args.processes):
+        for side in got:
+            cmd = [sys.executable, __file__, "--against", str(args.against), "--child", side]
+            cmd += ["--rounds", str(args.rounds)] + (["--autocast"] if args.autocast else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            got[side].append(json.loads(out.strip().splitlines()[-1]))
+    print(
+        f"torch {torch.__version__}, 1 thread, process clock, {args.processes} processes per "
+        f"side (alternating), {args.rounds} rounds of 12 steps each, "
+        f"{'autocast bfloat16' if args.autocast else 'float32'}; medians over the processes"
+    )
+    print("| watch | unwatched p25 ms | watched p25 ms | cost p25 ms | ratio p25 | "
+          "cost median ms | ratio median | costs p25 per process |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for side, runs in got.items():
+        cost = {f: [r[f][1] - r[f][0] for r in runs] for f in ("0.25", "0.5")}
+        ratio = {f: [r[f][1] / r[f][0] for r in runs] for f in ("0.25", "0.5")}
+        med = statistics.median
+        print(
+            f"| {side} | {med(r['0.25'][0] for r in runs):.3f} | "
+            f"{med(r['0.25'][1] for r in runs):.3f} | {med(cost['0.25']):.3f} | "
+            f"{med(ratio['0.25']):.2f}x | {med(cost['0.5']):.3f} | {med(ratio['0.5']):.2f}x | "
+            f"{', '.join(f'{c:.2f}' for c in cost['0.25'])} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", type=Path, help="folder holding fpgrad/")
     ap.add_argument("--parts", action="store_true", help="time the watch's parts instead")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--autocast", action="store_true", help="autocast bfloat16")
+    ap.add_argument("--processes", type=int, default=0, help="K alternating processes per side")
+    ap.add_argument("--child", choices=("reference", "this tree"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if (args.against is None) == (not args.parts):
         ap.error("give --against DIR or --parts")
     torch.set_num_threads(1)
+    if args.child or args.processes:
+        _processes(args)
+        return
     if args.parts:
         cfg: dict[str, Any] = {"unwatched": None, **dict.fromkeys(PARTS, fpgrad)}
     else:

@@ -220,3 +220,12 @@ def test_float32_constants_made_in_the_forward_are_named_with_the_fix() -> None:
             return self.lin(x) @ torch.eye(3, dtype=x.dtype)
 
     fpgrad.from_module(Typed(), torch.randn(2, 3), torch.zeros(2, 3), nn.MSELoss())
+
+
+def test_an_empty_batch_is_refused_in_one_line() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(InputError, match=r"input 0 is empty \(shape \(0, 3\)\).*at least one"):
+        fpgrad.from_module(model, torch.randn(0, 3), empty, nn.CrossEntropyLoss())
+    with pytest.raises(InputError, match="targets is empty"):
+        fpgrad.from_module(model, torch.randn(2, 3), empty, nn.CrossEntropyLoss())

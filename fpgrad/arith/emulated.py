@@ -78,6 +78,7 @@ from fpgrad.arith.base import OutputDerivatives
 from fpgrad.arith.emulated_functions import (
     F64Function,
     MPFunction,
+    _clamp,
     _f64_atan,
     _f64_cos,
     _f64_erf,
@@ -91,6 +92,7 @@ from fpgrad.arith.emulated_functions import (
     _f64_sin,
     _f64_softplus,
     _f64_tanh,
+    _fraction,
     _mp_atan,
     _mp_cos,
     _mp_erf,
@@ -104,6 +106,8 @@ from fpgrad.arith.emulated_functions import (
     _mp_sin,
     _mp_softplus,
     _mp_tanh,
+    _same,
+    _same_scalar,
 )
 from fpgrad.arith.expansion import two_prod, two_sum
 from fpgrad.errors import InputError
@@ -479,34 +483,3 @@ class EmulatedArith(OutputDerivatives):
                     out[..., i] = self._round(acc)
         return np.moveaxis(out, -1, axis)
 
-
-def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Elementwise equality with NaN equal to NaN."""
-    return (a == b) | (np.isnan(a) & np.isnan(b))
-
-
-def _same_scalar(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
-
-
-def _clamp(c: MPContext, v: Any) -> Any:
-    """``v`` with a magnitude above 2**1100 or below 2**-1200 replaced by that power of two
-    (same sign): stand-ins that :func:`~fpgrad.numbers.rounding.round_exact` rounds as it rounds ``v``,
-    in every mode and format, so the exact retry never builds a Fraction of ~x / ln 2 bits."""
-    if not v or not c.isfinite(v):
-        return v
-    e = int(c.mag(v))  # |v| < 2**e, within a few units
-    if e > 1100:
-        return c.ldexp(c.sign(v), 1100)
-    if e < -1200:
-        return c.ldexp(c.sign(v), -1200)
-    return v
-
-
-def _fraction(v: Any) -> Fraction | float:
-    """An mpmath mpf as an exact Fraction (inf/NaN as floats), whatever its context."""
-    sign, man, exp, _ = v._mpf_
-    if not man:
-        return float(v)  # zero, inf or NaN
-    f = Fraction(int(man)) * (Fraction(2) ** int(exp))
-    return -f if sign else f

@@ -186,3 +186,35 @@ def _f64_cos(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _f64_atan(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros_like(x), np.arctan(x)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise equality with NaN equal to NaN."""
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def _same_scalar(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _clamp(c: MPContext, v: Any) -> Any:
+    """``v`` with a magnitude above 2**1100 or below 2**-1200 replaced by that power of two
+    (same sign): stand-ins that :func:`~fpgrad.numbers.rounding.round_exact` rounds as it rounds ``v``,
+    in every mode and format, so the exact retry never builds a Fraction of ~x / ln 2 bits."""
+    if not v or not c.isfinite(v):
+        return v
+    e = int(c.mag(v))  # |v| < 2**e, within a few units
+    if e > 1100:
+        return c.ldexp(c.sign(v), 1100)
+    if e < -1200:
+        return c.ldexp(c.sign(v), -1200)
+    return v
+
+
+def _fraction(v: Any) -> Fraction | float:
+    """An mpmath mpf as an exact Fraction (inf/NaN as floats), whatever its context."""
+    sign, man, exp, _ = v._mpf_
+    if not man:
+        return float(v)  # zero, inf or NaN
+    f = Fraction(int(man)) * (Fraction(2) ** int(exp))
+    return -f if sign else f

@@ -254,6 +254,12 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
     if not isinstance(targets, torch.Tensor):
         raise InputError(f"targets must be a tensor, got {type(targets).__name__}")
     xs = as_tuple(inputs)
+    for what, t in [*((f"input {i}", x) for i, x in enumerate(xs)), ("targets", targets)]:
+        if t.numel() == 0:
+            raise InputError(
+                f"{what} is empty (shape {tuple(t.shape)}): there is no example to diagnose; "
+                "pass at least one example (a batch of size >= 1)"
+            )
     m64 = copy.deepcopy(model).to(torch.float64)
     names = [n for n, _ in m64.named_parameters()]
     if not names:

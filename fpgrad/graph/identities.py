@@ -66,6 +66,8 @@ from fpgrad.graph.ops.index import COPY_BACKWARDS, COPY_FORWARDS, ZERO_FILLS, ba
 from fpgrad.graph.zero_facts import (
     ZERO,
     Fact,
+    _along,
+    _index_in,
     _unknown,
     add,
     broadcast,
@@ -412,23 +414,6 @@ class _Pass:
         if float(node.kwargs.get("beta", 1)) == 0:
             return prod
         return add(broadcast(self.fact(bias), sc, out), prod, out)
-
-
-def _along(shape: tuple[int, ...], axes: list[int]) -> Fact:
-    """Groups: each index of the other axes, its members running over ``axes``."""
-    kept = tuple(1 if a in axes else s for a, s in enumerate(shape))
-    n = int(np.prod(kept, dtype=np.int64))
-    gid = np.broadcast_to(np.arange(n, dtype=np.int64).reshape(kept), shape)
-    return canon(np.ascontiguousarray(gid))
-
-
-def _index_in(shape: tuple[int, ...] | None, out: tuple[int, ...]) -> np.ndarray | None:
-    """For each element of ``out``, the flat index of the element of a tensor of ``shape``
-    broadcast to it."""
-    if shape is None:
-        return None
-    n = int(np.prod(shape, dtype=np.int64))
-    return np.broadcast_to(np.arange(n, dtype=np.int64).reshape(shape), out)
 
 
 def _constant_values(graph: Graph) -> dict[str, Any]:

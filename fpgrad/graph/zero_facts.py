@@ -204,3 +204,20 @@ def matmul(a: Fact, b: Fact, ashape: tuple, bshape: tuple) -> Fact:
     if out is None:
         return None
     return out if batched else out[0]
+
+
+def _along(shape: tuple[int, ...], axes: list[int]) -> Fact:
+    """Groups: each index of the other axes, its members running over ``axes``."""
+    kept = tuple(1 if a in axes else s for a, s in enumerate(shape))
+    n = int(np.prod(kept, dtype=np.int64))
+    gid = np.broadcast_to(np.arange(n, dtype=np.int64).reshape(kept), shape)
+    return canon(np.ascontiguousarray(gid))
+
+
+def _index_in(shape: tuple[int, ...] | None, out: tuple[int, ...]) -> np.ndarray | None:
+    """For each element of ``out``, the flat index of the element of a tensor of ``shape``
+    broadcast to it."""
+    if shape is None:
+        return None
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.broadcast_to(np.arange(n, dtype=np.int64).reshape(shape), out)

@@ -31,27 +31,39 @@ FIELDS: dict[torch.dtype, tuple[torch.dtype, Any, int, int, int]] = {
     torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000, 0x00800000),
     torch.float64: (torch.int64, np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000, 1 << 52),
 }
-#: dtype -> (mask, inf bits, smallest-normal bits) as numpy scalars of the unsigned type.
-_CONST = {d: (u(m), u(i), u(s)) for d, (_, u, m, i, s) in FIELDS.items()}
+#: unsigned numpy dtype -> the signed one of its width.
+_SIGNED = {np.uint16: np.int16, np.uint32: np.int32, np.uint64: np.int64}
+#: dtype -> (mask, inf bits, smallest-normal bits) as numpy scalars of the **signed** type of
+#: its width: the kernels read signed views (``b = bits & mask`` is non-negative, so signed and
+#: unsigned order agree on it, and signed minima and maxima vectorise on AVX2, unsigned ones
+#: do not).
+_CONST = {d: (_SIGNED[u](m), _SIGNED[u](i), _SIGNED[u](s)) for d, (_, u, m, i, s) in FIELDS.items()}
+#: dtype -> the signed scalar with every bit set (the raw bits, sign included, as ``mask``).
+_ALL = {d: _SIGNED[u](-1) for d, (_, u, *_) in FIELDS.items()}
+
+# The kernels below take signed views. Every masked value ``b = T(a[k] & mask)`` is cast back
+# to the element type ``T`` (numba widens ``&`` of small integers to int64; the value is
+# unchanged, and in ``T`` the loops vectorise).
 
 
 @njit(**JIT)
 def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
     """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < inf``, ``b <= inf``, then the
     smallest ``0 < b < inf`` (``inf`` when none) and the largest ``b < inf`` (``b = a[k] &
-    mask``, unsigned)."""
-    zero = a.dtype.type(0)
+    mask``, non-negative)."""
+    T = a.dtype.type
+    zero = T(0)
     c0 = c1 = c2 = c3 = 0
-    mn = inf
+    mn = T(inf)
     mx = zero
     for k in range(a.size):
-        b = a[k] & mask
+        b = T(a[k] & mask)
         c0 += b == zero
         c1 += b < sn
         c2 += b < inf
         c3 += b <= inf
-        mn = min(mn, b if (b != zero) & (b < inf) else inf)
-        mx = max(mx, b if b < inf else zero)
+        mn = min(mn, T(b if (b != zero) & (b < inf) else inf))
+        mx = max(mx, T(b if b < inf else zero))
     out[0], out[1], out[2], out[3], out[4], out[5] = c0, c1, c2, c3, mn, mx
 
 
@@ -59,14 +71,15 @@ def _scan(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
 def _scan_finite(a: np.ndarray, mask: Any, inf: Any, sn: Any, out: np.ndarray) -> None:
     """:func:`_scan` of an ``a`` without inf or NaN (``b < inf`` everywhere): into ``out``
     the counts of ``b == 0`` and ``b < sn`` and the smallest ``b != 0`` (``inf`` when none)."""
-    zero = a.dtype.type(0)
+    T = a.dtype.type
+    zero = T(0)
     c0 = c1 = 0
-    mn = inf
+    mn = T(inf)
     for k in range(a.size):
-        b = a[k] & mask
+        b = T(a[k] & mask)
         c0 += b == zero
         c1 += b < sn
-        mn = min(mn, b if b != zero else inf)
+        mn = min(mn, T(b if b != zero else inf))
     out[0], out[1], out[2] = c0, c1, mn
 
 
@@ -76,11 +89,12 @@ def _scan_state(
 ) -> None:
     """Into ``out``: counts of ``b == 0``, ``b < sn``, ``b < t1``, ``b < t2``, the infinite or
     NaN elements and the negative ones (``-0.0`` excepted; ``b = a[k] & mask``)."""
-    zero = a.dtype.type(0)
+    T = a.dtype.type
+    zero = T(0)
     c0 = c1 = c2 = c3 = c4 = c5 = 0
     for k in range(a.size):
         r = a[k]
-        b = r & mask
+        b = T(r & mask)
         c0 += b == zero
         c1 += b < sn
         c2 += b < t1
@@ -91,39 +105,40 @@ def _scan_state(
 
 
 @njit(**JIT)
-def _scan_dense(a: np.ndarray, mask: Any, out: np.ndarray) -> None:
-    """Into ``out``: the counts of ``b == 0`` and ``b < out[0]`` (the smallest normal's bits on
-    entry), the smallest ``b != 0`` (0 when none) and the largest ``b`` (``b = a[k] & mask``):
-    with that largest below inf's bits, all that :func:`bit_stats` needs, in one pass."""
-    zero, one = a.dtype.type(0), a.dtype.type(1)
-    sn = a.dtype.type(out[0])
+def _scan_dense(a: np.ndarray, mask: Any, sn: Any, out: np.ndarray) -> None:
+    """Into ``out``: the counts of ``b == 0`` and ``b < sn``, the smallest ``b != 0`` (0 when
+    none) and the largest ``b`` (``b = a[k] & mask``): with that largest below inf's bits,
+    all that :func:`bit_stats` needs, in one pass."""
+    T = a.dtype.type
+    zero = T(0)
+    top = T(mask)
     c0 = c1 = 0
-    mn = ~zero
+    mn = top
     mx = zero
     for k in range(a.size):
-        b = a[k] & mask
+        b = T(a[k] & mask)
         c0 += b == zero
         c1 += b < sn
-        v = b - one  # a zero wraps around to the largest pattern
-        mn = min(mn, v)
+        mn = min(mn, T(b if b != zero else top))  # (a b equal to the mask is a NaN: mx says so)
         mx = max(mx, b)
-    out[0], out[1], out[2], out[3] = c0, c1, mn + one, mx
+    out[0], out[1], out[2], out[3] = c0, c1, mn if c0 < a.size else zero, mx
 
 
 @njit(**JIT)
 def _range(a: np.ndarray, mask: Any, out: np.ndarray) -> None:
     """Into ``out``: the smallest and the largest ``a[k] & mask`` (``a`` non-empty)."""
-    mn = mx = a[0] & mask
+    T = a.dtype.type
+    mn = mx = T(a[0] & mask)
     for k in range(a.size):
-        b = a[k] & mask
+        b = T(a[k] & mask)
         mn = min(mn, b)
         mx = max(mx, b)
     out[0], out[1] = mn, mx
 
 
-def bits_of(t: torch.Tensor) -> np.ndarray | None:
-    """The bit patterns of ``t`` as a flat unsigned numpy view (no copy), or None when ``t`` is
-    not a contiguous CPU tensor of one of the four formats."""
+def bits_of(t: torch.Tensor, signed: bool = False) -> np.ndarray | None:
+    """The bit patterns of ``t`` as a flat unsigned (``signed``: signed) numpy view (no copy),
+    or None when ``t`` is not a contiguous CPU tensor of one of the four formats."""
     f = FIELDS.get(t.dtype)
     if f is None or not t.is_cpu or not t.is_contiguous():
         return None
@@ -131,10 +146,12 @@ def bits_of(t: torch.Tensor) -> np.ndarray | None:
         t = t.detach()
     try:  # (a tensor numpy cannot view, e.g. a subclass without storage: the torch path)
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().reshape(-1).view(f[1])
-        return t.numpy().reshape(-1).view(f[1])
+            a = t.view(torch.int16).numpy().reshape(-1)
+        else:
+            a = t.numpy().reshape(-1)
     except (RuntimeError, TypeError):
         return None
+    return a.view(_SIGNED[f[1]] if signed else f[1])
 
 
 _PACK = {
@@ -189,32 +206,32 @@ def state_counts(
         if float("inf") in band:
             return None
         t1, t2 = to_bits(d, band[0]), to_bits(d, band[1])
-    out = np.empty(6, np.uint64)
+    out = np.empty(6, np.int64)
     state_vals: list[tuple[list[int], list[Any]]] = []
     eps_vals: list[int | None] = []
     for j, kv in enumerate(per):
         vals: list[int] = []
         below_eps = None
         for k, v in kv:
-            bits = bits_of(v)
+            bits = bits_of(v, signed=True)
             if bits is None:
                 return None
             mask, inf, sn = _CONST[v.dtype]
-            u = FIELDS[v.dtype][1]
+            s = type(mask)
             with_eps = k == "exp_avg_sq" and bool(eps_of)
             # the cheap test first (skipped for a tensor that had something to count last
             # time: the count gives the same zeros there): with eps, the raw bits (a set sign
-            # bit is above ``mask``)
+            # bit makes them negative, below ``sn``)
             if not bits.size or id(v) not in _STATE_DENSE:
                 if bits.size:
-                    _range(bits, ~u(0) if with_eps else mask, out)
+                    _range(bits, _ALL[v.dtype] if with_eps else mask, out)
                 lo, hi = (out[0], out[1]) if bits.size else (sn, 0)
                 if hi < inf and lo >= sn and (not with_eps or lo >= t2):  # nothing to count
                     vals += [0, 0]
                     below_eps = 0 if with_eps else below_eps
                     continue
             _scan_state(
-                bits, mask, inf, sn, u(t1 if with_eps else 0), u(t2 if with_eps else 0), out
+                bits, mask, inf, sn, s(t1 if with_eps else 0), s(t2 if with_eps else 0), out
             )
             z, below, lo, hi, bad, neg = out.tolist()
             if below or (with_eps and hi):
@@ -242,41 +259,50 @@ def bit_stats(t: torch.Tensor, dense: bool = False) -> dict[str, Any] | None:
     NaNs and the smallest and largest finite non-zero magnitude (None when there is none); None
     when :func:`bits_of` cannot view ``t``. ``dense``: zeros or subnormals are expected (the
     same result, one counting pass instead of a range pass first)."""
-    bits = bits_of(t)
+    got = bit_range(t, dense)
+    if isinstance(got, tuple):
+        return dict.fromkeys(_COUNTS, 0) | {"min_abs": got[0], "max_abs": got[1]}
+    return got
+
+
+#: dtype -> (mask, inf bits, smallest-normal bits) as Python ints (compared in Python: a
+#: comparison with a numpy scalar costs about a microsecond).
+_INTS = {d: (m, i, sn) for d, (_, _, m, i, sn) in FIELDS.items()}
+
+
+def bit_range(t: torch.Tensor, dense: bool = False) -> tuple[float, float] | dict[str, Any] | None:
+    """:func:`bit_stats` of ``t``, except that a non-empty ``t`` whose elements are all normal
+    and finite gives only its (smallest, largest) magnitude as a pair (every count is 0)."""
+    bits = bits_of(t, signed=True)
     if bits is None:
         return None
     n = bits.size
+    dt = t.dtype
     if n and dense:
-        mask, inf, sn = _CONST[t.dtype]
-        out = np.empty(4, np.uint64)
-        out[0] = sn
-        _scan_dense(bits, mask, out)
+        _, inf, _ = _INTS[dt]
+        out = np.empty(4, np.int64)
+        _scan_dense(bits, _CONST[dt][0], _CONST[dt][2], out)
         z, below, mn, hi = out.tolist()
         if hi < inf:  # finite: the counts are all there is (mn: the smallest b when below == 0)
             if not below:
-                return dict.fromkeys(_COUNTS, 0) | {
-                    "min_abs": decode(t.dtype, mn),
-                    "max_abs": decode(t.dtype, hi),
-                }
-            return _finite_stats(t.dtype, n, z, below, mn, hi)
+                return decode(dt, mn), decode(dt, hi)
+            return _finite_stats(dt, n, z, below, mn, hi)
     if n:  # first the cheap test: every magnitude normal and finite (two reductions)
-        mask, inf, sn = _CONST[t.dtype]
-        out = np.empty(2, np.uint64)
-        _range(bits, mask, out)
+        _, inf, sn = _INTS[dt]
+        mask_s, inf_s, sn_s = _CONST[dt]
+        out = np.empty(2, np.int64)
+        _range(bits, mask_s, out)
         lo, hi = out.tolist()
         if lo >= sn and hi < inf:
-            return dict.fromkeys(_COUNTS, 0) | {
-                "min_abs": decode(t.dtype, lo),
-                "max_abs": decode(t.dtype, hi),
-            }
+            return decode(dt, lo), decode(dt, hi)
         if hi < inf:  # no inf, no NaN: fewer counts
-            _scan_finite(bits, mask, inf, sn, out3 := np.empty(3, np.uint64))
+            _scan_finite(bits, mask_s, inf_s, sn_s, out3 := np.empty(3, np.int64))
             z, below, mn = out3.tolist()
             fin = notnan = n
             mx = hi
         else:
-            out = np.empty(6, np.uint64)
-            _scan(bits, mask, inf, sn, out)
+            out = np.empty(6, np.int64)
+            _scan(bits, mask_s, inf_s, sn_s, out)
             z, below, fin, notnan, mn, mx = out.tolist()
     else:
         z = below = fin = notnan = mn = mx = 0
@@ -288,8 +314,8 @@ def bit_stats(t: torch.Tensor, dense: bool = False) -> dict[str, Any] | None:
     }
     if fin - z == 0:  # no finite non-zero element
         return st | _NONE
-    st["min_abs"] = decode(t.dtype, mn)
-    st["max_abs"] = decode(t.dtype, mx)
+    st["min_abs"] = decode(dt, mn)
+    st["max_abs"] = decode(dt, mx)
     return st
 
 
@@ -303,55 +329,91 @@ def _finite_stats(dtype: torch.dtype, n: int, z: int, below: int, mn: int, mx: i
 
 
 @njit(**JIT)
+def _max2d(x: np.ndarray, mask: Any) -> Any:
+    """The largest ``x & mask`` of a 2-D ``x`` (any strides; read in memory order)."""
+    T = x.dtype.type
+    mx = T(0)
+    r, c = x.shape
+    if x.strides[0] >= x.strides[1]:
+        for i in range(r):
+            for j in range(c):
+                mx = max(mx, T(x[i, j] & mask))
+    else:
+        for j in range(c):
+            for i in range(r):
+                mx = max(mx, T(x[i, j] & mask))
+    return mx
+
+
+@njit(**JIT)
 def _supports(x: np.ndarray, mask: Any, lines: np.ndarray, by_row: bool, out: np.ndarray) -> Any:
     """Into ``out[ln]`` (64-bit words, zeroed): the bits ``k`` of ``x[ln, k] & mask != 0`` (rows
     ``ln`` of ``x``, or with ``by_row`` False, bits ``k`` of ``x[k, ln]``: columns) for the
-    lines ``ln`` flagged in ``lines``; returns the largest ``x & mask`` (every element read, in memory
-    order)."""
-    mx = x.dtype.type(0)
+    lines ``ln`` flagged in ``lines``; returns the largest ``x & mask`` (every element read, in
+    memory order)."""
+    T = x.dtype.type
+    mx = T(0)
     r, c = x.shape
     if x.strides[0] >= x.strides[1]:  # rows contiguous-ish: row outer
         for i in range(r):
             for j in range(c):
-                v = x[i, j] & mask
+                v = T(x[i, j] & mask)
                 mx = max(mx, v)
                 ln, k = (i, j) if by_row else (j, i)
-                if lines[ln]:
+                if lines[ln]:  # (no branch on v: half the elements may be zeros)
                     out[ln, k >> 6] |= np.uint64(v != 0) << np.uint64(k & 63)
     else:
         for j in range(c):
             for i in range(r):
-                v = x[i, j] & mask
+                v = T(x[i, j] & mask)
                 mx = max(mx, v)
                 ln, k = (i, j) if by_row else (j, i)
-                if lines[ln]:
+                if lines[ln]:  # (no branch on v: half the elements may be zeros)
                     out[ln, k >> 6] |= np.uint64(v != 0) << np.uint64(k & 63)
     return mx
 
 
 @njit(**JIT)
 def _mm_overlaps(a: np.ndarray, b: np.ndarray, t: np.ndarray, mask: Any, inf: Any) -> int:
-    """For the bit patterns of ``t = a @ b`` (2-D, any strides): -1 when ``a``, ``b`` or ``t``
-    holds an inf or NaN, else the number of zeros ``t[i, j]`` with some ``k`` where ``a[i, k]``
-    and ``b[k, j]`` are both non-zero (``bits & mask``). The supports of the rows of ``a`` and
-    columns of ``b`` that meet a zero of ``t`` are 64-bit words, tested a word at a time."""
+    """For the bit patterns of ``t = a @ b`` (2-D, any strides, signed views): -1 when ``a``,
+    ``b`` or ``t`` holds an inf or NaN, else the number of zeros ``t[i, j]`` with some ``k``
+    where ``a[i, k]`` and ``b[k, j]`` are both non-zero (``bits & mask``). The supports of the
+    rows of ``a`` and columns of ``b`` that meet a zero of ``t`` are 64-bit words, tested a
+    word at a time; with few zeros (at most (rows + columns) / 4), each zero is tested along
+    ``k`` instead (no supports built; ``a`` and ``b`` still read in full for infs and NaNs)."""
     m, kk = a.shape
     n = b.shape[1]
-    zero = t.dtype.type(0)
+    T = t.dtype.type
+    zero = T(0)
     zr = np.zeros(m, np.uint8)  # rows and columns of t holding a zero (0/1 bytes: bools
     zc = np.zeros(n, np.uint8)  # or-ed in place are many times slower here)
     mx = zero
+    zeros = 0
     for i in range(m):
         r = np.uint8(0)
         for j in range(n):
-            v = t[i, j] & mask
+            v = T(t[i, j] & mask)
             mx = max(mx, v)
             z = np.uint8(v == zero)
             r |= z
             zc[j] |= z
+            zeros += z
         zr[i] = r
     if mx >= inf:
         return -1
+    if 4 * zeros <= m + n:  # few zeros: each tested along k (stops at the first overlap)
+        if _max2d(a, mask) >= inf or _max2d(b, mask) >= inf:
+            return -1
+        bad = 0
+        for i in range(m):
+            if zr[i]:
+                for j in range(n):
+                    if T(t[i, j] & mask) == zero:
+                        for k in range(kk):
+                            if (a[i, k] & mask) != 0 and (b[k, j] & mask) != 0:
+                                bad += 1
+                                break
+        return bad
     w = (kk + 63) // 64
     ra = np.zeros((m, w), np.uint64)
     cb = np.zeros((n, w), np.uint64)
@@ -361,7 +423,7 @@ def _mm_overlaps(a: np.ndarray, b: np.ndarray, t: np.ndarray, mask: Any, inf: An
     for i in range(m):
         if zr[i]:
             for j in range(n):
-                if zc[j] and t[i, j] & mask == zero:
+                if zc[j] and T(t[i, j] & mask) == zero:
                     hit = np.uint64(0)
                     for q in range(w):
                         hit |= ra[i, q] & cb[j, q]
@@ -384,77 +446,6 @@ def mm_overlaps(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> int | None
             v = x.view(f[0]).numpy() if x.dtype == torch.bfloat16 else x.numpy()
         except (RuntimeError, TypeError):
             return None
-        views.append(v.view(f[1]))
+        views.append(v.view(_SIGNED[f[1]]))
     mask, inf, _ = _CONST[t.dtype]
     return int(_mm_overlaps(views[0], views[1], views[2], mask, inf))
-
-
-@njit(**JIT)
-def _update_counts(
-    after: np.ndarray,
-    before: np.ndarray,
-    req: np.ndarray,
-    d: np.ndarray,
-    smap: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """One pass over a parameter (flat): ``d = float64(after) - before`` (exact widening, one
-    rounded subtraction, as torch's copy then sub), then into ``out`` the counts of ``d != 0``
-    (moved), ``req != 0`` (asked) and both asked and not moved (swamped), the last also as 0/1
-    bytes in ``smap`` when it has the parameter's size (``req`` empty: no request, two zeros)."""
-    moved = asked = swamped = 0
-    with_req = req.size == d.size
-    with_map = smap.size == d.size
-    for k in range(d.size):
-        v = np.float64(after[k]) - before[k]
-        d[k] = v
-        m = v != 0.0
-        moved += m
-        if with_req:
-            a = req[k] != 0.0
-            s = a and not m
-            asked += a
-            swamped += s
-            if with_map:
-                smap[k] = s
-    out[0], out[1], out[2] = moved, asked, swamped
-
-
-def update_counts(
-    after: list[torch.Tensor],
-    before: list[torch.Tensor],
-    req: list[torch.Tensor] | None,
-    d: list[torch.Tensor],
-    map_limit: int,
-) -> tuple[list[list[float]], list[list[int] | None]] | None:
-    """:func:`_update_counts` of each parameter (its values ``after`` a step, ``before`` it in
-    float64, the requested float64 updates or None, ``d`` the float64 buffers receiving the
-    update done): the counts [moved], [asked], [swamped] per parameter, as floats, and the
-    swamped maps of parameters up to ``map_limit`` elements (None when ``req`` is None). None,
-    with nothing written, unless every tensor is a contiguous CPU tensor, the parameters float32
-    or float64 and the others float64."""
-    arrays = []
-    for j, p in enumerate(after):
-        group = (p, before[j], d[j]) + ((req[j],) if req is not None else ())
-        for x in group:
-            if not (x.is_cpu and x.is_contiguous() and x.layout == torch.strided):
-                return None
-        if p.dtype not in (torch.float32, torch.float64) or any(
-            x.dtype != torch.float64 for x in group[1:]
-        ):
-            return None
-        try:
-            arrays.append([x.detach().numpy().reshape(-1) for x in group])
-        except (RuntimeError, TypeError):
-            return None
-    none = np.empty(0, np.float64)
-    counts: list[list[float]] = [[], [], []]
-    maps: list[list[int] | None] = []
-    out = np.empty(3, np.int64)
-    for a, b, dd, *r in arrays:
-        smap = np.empty(a.size if r and a.size <= map_limit else 0, np.uint8)
-        _update_counts(a, b, r[0] if r else none, dd, smap, out)
-        for c, v in zip(counts, out.tolist(), strict=True):
-            c.append(float(v))
-        maps.append(smap.tolist() if r and a.size <= map_limit else None)
-    return counts, maps

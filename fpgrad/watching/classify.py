@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from fpgrad.watching.bitstats import bit_stats
+from fpgrad.watching.bitstats import bit_range
 from fpgrad.watching.casts import cast_stats, remember
 from fpgrad.watching.families import (
     FORMAT_OF,
@@ -228,7 +228,16 @@ def op_stats(func: Any, args: tuple, kwargs: dict, out: Any) -> list[dict[str, A
         if st is None:
             # one compiled pass over the bits (CPU contiguous tensors); a counting pass at
             # once where this op's output k held zeros or subnormals last time (the same result)
-            st = bit_stats(t, (id(func), k) in _DENSE)
+            got = bit_range(t, (id(func), k) in _DENSE)
+            if isinstance(got, tuple):  # non-empty, every element normal and finite
+                _DENSE.discard((id(func), k))
+                row = _PLAIN.copy()
+                row.update(out=k, dtype=FORMAT_OF[t.dtype], numel=t.numel(), family=fam)
+                row["min_abs"], row["max_abs"] = got
+                remember(t, row)
+                rows.append(row)
+                continue
+            st = got
             if st is not None:
                 if st["zeros"] or st["subnormals"]:
                     if len(_DENSE) >= 4096:  # (ids of ops gone: keep the hint set small)

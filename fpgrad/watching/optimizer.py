@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from fpgrad.watching.bitstats import update_counts
 from fpgrad.watching.families import FORMAT_OF
 from fpgrad.watching.optimizer_state import (
     _eps_count,
@@ -24,8 +23,14 @@ from fpgrad.watching.optimizer_state import (
     _flat_state_counts,
     _state_counts,
 )
+from fpgrad.watching.passes import update_counts
 from fpgrad.watching.scratch import Scratch
-from fpgrad.watching.shadow_optimizer import ShadowOptimizer, _plain_step, requested_updates
+from fpgrad.watching.shadow_optimizer import (
+    PendingUpdates,
+    ShadowOptimizer,
+    _plain_step,
+    requested_updates,
+)
 
 __all__ = [
     "BATCH_LIMIT",
@@ -147,13 +152,18 @@ def step_records(
     """The :func:`param_stats` record of every parameter in ``before`` (param_groups order),
     computed for all of them at once: one flat float64 buffer per indicator, segment sums for
     the counts, ``_foreach`` norms (the same kernel per tensor as ``Tensor.norm``); for CPU
-    float32/float64 parameters one compiled pass each (``bitstats.update_counts``) writes the
+    float32/float64 parameters one compiled pass each (``passes.update_counts``) writes the
     update done (the same values) and counts instead of the indicator rows. Falls back
     to :func:`param_stats` per parameter for anything the batch does not cover (non-finite
     updates, several devices, empty or very many parameters, a missing requested update)."""
     ents = [(g, p) for g in opt.param_groups for p in g["params"] if id(p) in before]
     n = sum(p.numel() for _, p in ents)
-    reqs = None if requested is None else [requested.get(id(p)) for _, p in ents]
+    pending = requested if isinstance(requested, PendingUpdates) else None
+    if pending is not None and not pending.settled:
+        reqs = [pending.raw(id(p)) for _, p in ents]  # new weights: w subtracted below
+    else:
+        reqs = None if requested is None else [requested.get(id(p)) for _, p in ents]
+        pending = None
     if (
         not ents
         or n > BATCH_LIMIT
@@ -169,8 +179,17 @@ def step_records(
     d = rows[0]  # the update done, then the "moved" indicator in the same place
     befores = [before[id(p)] for _, p in ents]
     P = len(ents)
-    # one compiled pass per parameter: d and the counts (CPU float32/float64 parameters)
-    fused = update_counts([p for _, p in ents], befores, reqs, d, MAP_LIMIT)
+    # one compiled pass per parameter: d and the counts (CPU float32/float64 parameters); it
+    # also turns pending new weights into the requested updates when it subtracts the same w
+    sub = pending is not None and _same_subtrahends(pending, reqs, befores)
+    if pending is not None and not sub:
+        pending.settle()
+    fused = update_counts([p for _, p in ents], befores, reqs, d, MAP_LIMIT, sub)
+    if pending is not None:
+        if fused is None:
+            pending.settle()  # nothing written: torch's subtraction
+        else:
+            pending.mark_settled()
     if fused is None:
         torch._foreach_copy_(d, [p.detach() for _, p in ents])
         torch._foreach_sub_(d, befores)
@@ -216,6 +235,20 @@ def step_records(
         else:
             maps.append(small[j].reshape(-1).to(torch.uint8).tolist())
     return _finish(ents, names, opt, scratch, reqs is not None, nrm, cnt, maps)
+
+
+def _same_subtrahends(
+    pending: PendingUpdates, reqs: list[torch.Tensor | None], befores: list[torch.Tensor]
+) -> bool:
+    """Whether settling ``pending`` subtracts exactly ``befores[j]`` from ``reqs[j]`` and
+    nothing else (then the compiled pass may do that subtraction instead)."""
+    subs = pending.subtrahends()
+    if len(subs) != len(reqs):
+        return False
+    for r, w in zip(reqs, befores, strict=True):
+        if r is None or subs.get(id(r)) is not w:
+            return False
+    return True
 
 
 def _finish(

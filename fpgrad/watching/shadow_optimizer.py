@@ -99,8 +99,9 @@ class ShadowOptimizer:
     ) -> dict[int, torch.Tensor] | None:
         """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
         optimizer cannot be rebuilt from its param_groups (then swamping is not reported).
-        ``before``: the weights now, already in float64 (saves widening them again). The
-        updates live in the shadow's tensors until the next call."""
+        ``before``: the weights now, already in float64 (saves widening them again); then a
+        :class:`PendingUpdates` (the subtraction done on first read). The updates live in the
+        shadow's tensors until the next call."""
         key = (type(opt), tuple(tuple(map(id, g["params"])) for g in opt.param_groups))
         try:
             if key != self._key or self._shadow is None:
@@ -148,9 +149,69 @@ class ShadowOptimizer:
                 w = before.get(id(p)) if before is not None else None
                 qs.append(q)
                 ws.append(w if w is not None else p.detach().to(torch.float64))
+        got = {id(p): q for p, q in self._pairs if p.grad is not None}
+        if before is not None:  # the subtraction waits for its first reader
+            return PendingUpdates(got, qs, ws)
         if qs:
             torch._foreach_sub_(qs, ws)
-        return {id(p): q for p, q in self._pairs if p.grad is not None}
+        return got
+
+
+class PendingUpdates(dict):
+    """The requested updates by ``id`` as :meth:`ShadowOptimizer.requested_updates` returns
+    them when given the weights before the step: the values still hold the shadow's new
+    weights ``q`` until the first read (``get``, ``[]``, ``values``, ``items``) subtracts the
+    weights before (``q - w`` in place, torch's ``_foreach_sub_``), so every reader sees the
+    updates. :func:`~fpgrad.watching.optimizer.step_records` instead does that subtraction in
+    its compiled pass over the same tensors (:meth:`raw`, :meth:`subtrahends`,
+    :meth:`mark_settled`): the same values, one pass less."""
+
+    def __init__(self, got: dict, qs: list[torch.Tensor], ws: list[torch.Tensor]) -> None:
+        super().__init__(got)
+        self._qs, self._ws = qs, ws
+        self.settled = not qs
+
+    def settle(self) -> None:
+        """Subtract the weights before, once (torch's ``_foreach_sub_``)."""
+        if not self.settled:
+            torch._foreach_sub_(self._qs, self._ws)
+            self.settled = True
+
+    def mark_settled(self) -> None:
+        """The caller has written ``q - w`` into every value itself."""
+        self.settled = True
+
+    def raw(self, key: Any) -> torch.Tensor | None:
+        """The value of ``key`` as it is now (new weights until settled)."""
+        return super().get(key)
+
+    def subtrahends(self) -> dict[int, torch.Tensor]:
+        """``id`` of each value ``q`` -> the weights ``w`` that settling subtracts from it."""
+        return {id(q): w for q, w in zip(self._qs, self._ws, strict=True)}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.settle()
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        self.settle()
+        return super().__getitem__(key)
+
+    def values(self) -> Any:
+        self.settle()
+        return super().values()
+
+    def items(self) -> Any:
+        self.settle()
+        return super().items()
+
+    def __iter__(self) -> Any:  # also sends dict(x) and **x through __getitem__ (CPython)
+        self.settle()
+        return super().__iter__()
+
+    def copy(self) -> dict:  # type: ignore[override]
+        self.settle()
+        return dict(super().items())
 
 
 def requested_updates(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:

@@ -10,6 +10,7 @@ import torch
 from fpgrad.watching.bitstats import mm_overlaps
 from fpgrad.watching.families import _WIDER, SELECTION_OPS, _fits, count
 from fpgrad.watching.leaves import leaves
+from fpgrad.watching.passes import count_not_equal
 
 
 def _selection_exact(func: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -> bool:
@@ -104,5 +105,7 @@ def _nll_zeros_structural(
     ignore = args[5] if len(args) > 5 else kwargs.get("ignore_index", -100)
     if not isinstance(target, torch.Tensor) or not isinstance(ignore, int):
         return False
-    valid = int((target != ignore).sum())
+    valid = count_not_equal(target, ignore)  # one compiled pass (CPU), else torch's
+    if valid is None:
+        valid = int((target != ignore).sum())
     return t.numel() - valid == zeros

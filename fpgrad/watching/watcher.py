@@ -56,6 +56,9 @@ class _Mode(TorchDispatchMode):
     ) -> Any:
         prior = set_eval_frame(None)
         try:
+            plain = self.watcher._plain.get(id(func))  # a view: run it, nothing to record
+            if plain is not None and plain[0] is func:
+                return plain[1](*args, **(kwargs or {}))
             return self.watcher._on_op(func, args, kwargs or {})
         finally:
             set_eval_frame(prior)
@@ -90,7 +93,9 @@ class Watcher:
         self._records: list[dict[str, Any]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._mode = _Mode(self)
-        self._ops: dict[int, tuple[Any, bool, bool, str]] = {}
+        self._ops: dict[int, tuple[Any, bool, bool, str, Any]] = {}
+        #: id of an op neither mutable nor recorded (views, ...) -> (the op, its ``_op``)
+        self._plain: dict[int, tuple[Any, Any]] = {}
         self._scratch = Scratch()
         self._shadow_opt = ShadowOptimizer()
         self._step = 0
@@ -210,23 +215,30 @@ class Watcher:
         self._in_step = self._sampling = False
 
     # ---- ops --------------------------------------------------------------------------------
-    def _op_info(self, func: Any) -> tuple[Any, bool, bool, str]:
-        """(the op, mutable, not recorded, name) of an aten op, cached per op (by ``id``: an
-        OpOverload's ``__hash__`` is Python code; the op kept to check the entry is its own)."""
+    def _op_info(self, func: Any) -> tuple[Any, bool, bool, str, Any]:
+        """(the op, mutable, not recorded, name, what runs it) of an aten op, cached per op (by
+        ``id``: an OpOverload's ``__hash__`` is Python code; the op kept to check the entry is
+        its own). An OpOverload runs as its ``_op`` (what its ``__call__`` calls, one Python
+        frame less); an op neither mutable nor recorded also goes to :attr:`_plain`."""
         info = self._ops.get(id(func))
         if info is None or info[0] is not func:
             skip = func.is_view or func.overloadpacket.__name__ in UNINITIALISED
-            info = self._ops[id(func)] = (func, func._schema.is_mutable, skip, str(func))
+            mutable = func._schema.is_mutable
+            run = getattr(func, "_op", None) if isinstance(func, torch._ops.OpOverload) else None
+            run = run if callable(run) else func
+            info = self._ops[id(func)] = (func, mutable, skip, str(func), run)
+            if skip and not mutable:
+                self._plain[id(func)] = (func, run)
         return info
 
     def _on_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if not self._sampling or self._phase == "optimizer":
             return func(*args, **kwargs)
-        _, mutable, skip, op = self._op_info(func)
+        _, mutable, skip, op, run = self._op_info(func)
         before = None
         if mutable and not skip:
             before = tree_map(_clone, (args, kwargs))
-        out = func(*args, **kwargs)
+        out = run(*args, **kwargs)
         if mutable:  # (through an alias such as ``y.data``, y's version is unchanged)
             written(func, args, kwargs)
         if skip:

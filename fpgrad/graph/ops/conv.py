@@ -80,9 +80,9 @@ def _uncols(cx: Any, cols: Any, x_shape, k, stride, padding, dilation) -> Any:  
     return shapes.index(total, (..., slice(ph, ph + x_shape[-2]), slice(pw, pw + x_shape[-1])))
 
 
-def _check_conv(cx: Any, transposed: bool, x: Any) -> None:
-    if transposed or len(shapes.shape(x)) not in (3, 4):
-        raise InputError(f"{cx.label()}: only conv1d/conv2d (not transposed) are supported")
+def _other(transposed: bool, x: Any) -> bool:
+    """A transposed or 3-D convolution: :mod:`fpgrad.graph.ops.conv_more` computes it."""
+    return bool(transposed) or len(shapes.shape(x)) not in (3, 4)
 
 
 def _as2d(x: Any) -> tuple[Any, bool]:
@@ -96,7 +96,11 @@ def convolution(
     transposed: bool, output_padding: Any, groups: int,
 ) -> Any:  # fmt: skip
     """Per group: W_g (O_g, C_g kh kw) @ cols_g (C_g kh kw, N oh ow), plus the bias."""
-    _check_conv(cx, transposed, x)
+    if _other(transposed, x):
+        from fpgrad.graph.ops import conv_more
+
+        return conv_more.convolution(cx, x, w, b, stride, padding, dilation, transposed,
+                                     output_padding, groups)  # fmt: skip
     ar = cx.ar
     (x, one_d), (w, _) = _as2d(x), _as2d(w)
     k = shapes.shape(w)[-2:]
@@ -129,7 +133,11 @@ def convolution_backward(
     dilation: Any, transposed: bool, output_padding: Any, groups: int, mask: Any,
 ) -> tuple:  # fmt: skip
     """(dx, dw, db): dW_g = G_g cols_g^T, dcols_g = W_g^T G_g (then placed back), db = sum G."""
-    _check_conv(cx, transposed, x)
+    if _other(transposed, x):
+        from fpgrad.graph.ops import conv_more
+
+        return conv_more.convolution_backward(cx, g, x, w, bias_sizes, stride, padding, dilation,
+                                              transposed, output_padding, groups, mask)  # fmt: skip
     ar = cx.ar
     x_shape3, w_shape3 = shapes.shape(x), shapes.shape(w)
     (x, one_d), (w, _), (g, _) = _as2d(x), _as2d(w), _as2d(g)
