@@ -34,6 +34,9 @@ from tests.oracle import recurrent as O
 from tests.oracle.graph_reference import CTX
 from tests.test_graph_oracle import _claims
 
+#: torch.backends.mkldnn.flags() notes oneDNN's TF32 flag on every use
+pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+
 
 class Seq(nn.Module):
     """A recurrent layer read at its last step, then a linear map to 2 outputs."""
