@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -33,9 +32,6 @@ class _AmaxOfAView(nn.Module):
         return torch.where(t == m, t, 0.0 * t).sum().reshape(1)
 
 
-@pytest.mark.xfail(strict=True, reason="select._ties_of_max follows views (through) from amax's "
-                   "argument and checks only output shapes: certifies loss 3.838 (42 digits), "
-                   "true value 0")
 def test_eq_with_the_amax_of_a_reshaped_view_is_not_amax_backward() -> None:
     """Here t[i, j] == max(t[j, 0], t[j, 1]) holds nowhere (tanh is injective, and each
     t[i, j] differs from both values of row j unless i = j and t[j, j] is row j's larger
