@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -49,3 +50,43 @@ def test_eq_with_the_amax_of_a_reshaped_view_is_not_amax_backward() -> None:
     assert value.item() == 0.0 and not m.w.grad.any()  # torch agrees with the hand analysis
     _claims(ex, "loss", np.array(CTX.mpf(0), dtype=object), CTX.mpf(0))
     _claims(ex, "grads/w", np.zeros((2, 2, 1), dtype=object) + CTX.mpf(0), CTX.mpf(0))
+
+
+class _Celu(nn.Module):
+    def __init__(self, alpha: float, w: list[float]) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.w = nn.Parameter(torch.tensor([w], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.celu(self.w * x, alpha=self.alpha)
+
+
+_F32_ZERO = pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
+                              reason="smooth.celu_scale computes 1 / float(np.float32(alpha)) in "
+                              "Python: ZeroDivisionError where float32(alpha) is 0")
+
+
+@pytest.mark.parametrize("alpha", [pytest.param(1e-300, marks=_F32_ZERO),
+                                   pytest.param(1e-46, marks=_F32_ZERO), 2e-45])
+def test_celu_with_an_alpha_float32_cannot_hold(alpha: float) -> None:
+    """celu(t, alpha) = alpha (e^(t / alpha) - 1) for t <= 0: torch runs it (its backward's
+    ``1 / float32(alpha)`` is inf in C++ where float32(alpha) is 0); the exact reference must not raise, and its
+    gradient of sum celu(w x)^2 must enclose 2 celu(t) celu'(t) x, celu'(t) = e^(t / alpha)
+    below 0 and 1 above (mpmath, from the definition)."""
+    w = [0.5, -alpha, -2 * alpha]
+    x = torch.ones(1, 3, dtype=torch.float64)
+    y = torch.zeros(1, 3, dtype=torch.float64)
+    net = fpgrad.from_module(_Celu(alpha, w), x, y, nn.MSELoss(reduction="sum"))
+    ex = exact_graph(net.graph).result
+    a = CTX.mpf(alpha)
+    want = []
+    for v in w:
+        t = CTX.mpf(v)
+        if t > 0:
+            want.append(2 * t)
+        else:
+            e = CTX.exp(t / a)
+            want.append(2 * a * (e - 1) * e)
+    assert ex.undetermined_count == 0
+    _claims(ex, "grads/w", np.array([want], dtype=object), CTX.mpf(0))
