@@ -168,7 +168,11 @@ def celu_scale(cx: Any, alpha: float, scale: float, input_scale: float) -> bool:
     if not isinstance(node, fx.Node):
         return False
     alpha = float(alpha)
-    if input_scale not in (1.0 / alpha, 1.0 / float(np.float32(alpha))):
+    if alpha == 0:
+        return False
+    a32 = float(np.float32(alpha))  # 0 for |alpha| below float32's range: torch's 1 / 0 is inf
+    inv32 = 1.0 / a32 if a32 != 0 else math.copysign(math.inf, a32)
+    if input_scale not in (1.0 / alpha, inv32):
         return False
     for user in node.users:
         if str(user.target) == "aten.celu.default":
