@@ -84,3 +84,30 @@ def test_celu_with_an_alpha_float32_cannot_hold(alpha: float) -> None:
             want.append(2 * a * (e - 1) * e)
     assert ex.undetermined_count == 0
     _claims(ex, "grads/w", np.array([want], dtype=object), CTX.mpf(0))
+
+
+@pytest.mark.xfail(strict=True, reason="select._inside compares a strict machine's x with the "
+                   "float64 bounds; torch's CPU kernels compare with float32(bound) (float32, "
+                   "bfloat16, float16): x = float32(0.7) or 1.0 at bounds 0.7 or 1 + 2**-30")
+def test_emulated_hardtanh_backward_compares_with_torchs_float32_bounds() -> None:
+    """torch's hardtanh_backward (``x <= lo || x >= hi ? 0 : g``) converts its bounds to its
+    compute type, float, in float32, bfloat16 and float16: where float32(bound) differs from
+    the bound, an input equal to float32(bound) is on the boundary (gradient 0). The
+    emulated machines must give torch's kernel's result there (its forward already does)."""
+    import types
+
+    from fpgrad.arith.emulated import EmulatedArith
+    from fpgrad.graph.ops import select as S
+
+    aten = torch.ops.aten
+    for fmt, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                    ("float16", torch.float16)):  # fmt: skip
+        cx = types.SimpleNamespace(ar=EmulatedArith(fmt))
+        for lo, hi in ((-0.7, 0.7), (-(1 + 2**-30), 1 + 2**-30), (-(0.5 + 2**-20), 0.5 + 2**-20)):
+            xs = sorted({float(torch.tensor(v, dtype=dt).double())
+                         for b in (lo, hi) for v in (b, float(np.float32(b)))})  # fmt: skip
+            tx = torch.tensor(xs, dtype=dt)
+            g = np.linspace(1.0, 2.0, len(xs))
+            ours = np.asarray(S.hardtanh_backward(cx, g, tx.double().numpy(), lo, hi))
+            theirs = aten.hardtanh_backward(torch.tensor(g, dtype=dt), tx, lo, hi).double().numpy()
+            assert np.array_equal(ours, theirs), (fmt, lo, hi, xs, ours, theirs)
