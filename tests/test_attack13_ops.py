@@ -86,9 +86,6 @@ def test_celu_with_an_alpha_float32_cannot_hold(alpha: float) -> None:
     _claims(ex, "grads/w", np.array([want], dtype=object), CTX.mpf(0))
 
 
-@pytest.mark.xfail(strict=True, reason="select._inside compares a strict machine's x with the "
-                   "float64 bounds; torch's CPU kernels compare with float32(bound) (float32, "
-                   "bfloat16, float16): x = float32(0.7) or 1.0 at bounds 0.7 or 1 + 2**-30")
 def test_emulated_hardtanh_backward_compares_with_torchs_float32_bounds() -> None:
     """torch's hardtanh_backward (``x <= lo || x >= hi ? 0 : g``) converts its bounds to its
     compute type, float, in float32, bfloat16 and float16: where float32(bound) differs from

@@ -282,14 +282,19 @@ def hardtanh(cx: Any, x: Any, lo: float = -1.0, hi: float = 1.0) -> Any:
 
 
 def _inside(cx: Any, x: Any, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-    """(x > lo, x < hi): exact signs, or the machine's comparison with the float64 bounds
-    (torch's kernels compare in their compute type with the bound as given)."""
+    """(x > lo, x < hi): exact signs, or the machine's comparison with the bounds in torch's
+    compute type: float32 for a format no wider than float32 (torch's float32, bfloat16 and
+    float16 CPU kernels convert the bounds to float: x = float32(0.7) is on the bound 0.7),
+    float64 otherwise."""
     ar = cx.ar
     if _exact(cx):
         return above(ar, x, ar.const(float(lo))), above(ar, ar.const(float(hi)), x)
     xx = np.asarray(x)
-    with np.errstate(invalid="ignore"):
-        return xx > float(lo), xx < float(hi)
+    fmt = getattr(ar, "fmt", None)
+    narrow = fmt is not None and fmt.man_bits <= 23
+    with np.errstate(invalid="ignore", over="ignore"):
+        a, b = (float(np.float32(lo)), float(np.float32(hi))) if narrow else (float(lo), float(hi))
+        return xx > a, xx < b
 
 
 @op("aten.hardtanh_backward.default")
