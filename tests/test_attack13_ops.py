@@ -108,3 +108,36 @@ def test_emulated_hardtanh_backward_compares_with_torchs_float32_bounds() -> Non
             ours = np.asarray(S.hardtanh_backward(cx, g, tx.double().numpy(), lo, hi))
             theirs = aten.hardtanh_backward(torch.tensor(g, dtype=dt), tx, lo, hi).double().numpy()
             assert np.array_equal(ours, theirs), (fmt, lo, hi, xs, ours, theirs)
+
+
+class _OfOneElement(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[0.5, -1.0, 2.0, 3.0]], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.w * x
+        return (torch.sin(t[0, 0]) + torch.atan(t[0, 2]) * torch.erf(t[0, 3])).reshape(1)
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="shapes.place stores a 0-d object array (Arb's gradient of one "
+                   "selected element) as an element of select_backward's object array; "
+                   "reading the result raises AttributeError ('is_finite')")
+def test_sin_of_one_selected_element_in_arb() -> None:
+    """sin, atan and erf have no fast-ball slot, so the exact reference runs in Arb; the
+    gradient of a function of single elements t[0, k] goes through select_backward with
+    0-d values. L = (sin t0 + atan t2 erf t3)^2 (mean over one element): dL/dw_k from the
+    definitions in mpmath (x = 1, so t = w)."""
+    x = torch.ones(1, 4, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.float64)
+    net = fpgrad.from_module(_OfOneElement(), x, y, nn.MSELoss())
+    cmp = fpgrad.compare(net, ["float32"])
+    assert cmp.certified_digits >= 17
+    ex = exact_graph(net.graph).result
+    t0, t2, t3 = (CTX.mpf(v) for v in (0.5, 2.0, 3.0))
+    f = CTX.sin(t0) + CTX.atan(t2) * CTX.erf(t3)
+    want = [2 * f * CTX.cos(t0), CTX.mpf(0), 2 * f * CTX.erf(t3) / (1 + t2 * t2),
+            2 * f * CTX.atan(t2) * 2 / CTX.sqrt(CTX.pi) * CTX.exp(-t3 * t3)]  # fmt: skip
+    assert ex.undetermined_count == 0
+    _claims(ex, "grads/w", np.array([want], dtype=object), CTX.mpf(0))
