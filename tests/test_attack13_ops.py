@@ -120,10 +120,6 @@ class _OfOneElement(nn.Module):
         return (torch.sin(t[0, 0]) + torch.atan(t[0, 2]) * torch.erf(t[0, 3])).reshape(1)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="shapes.place stores a 0-d object array (Arb's gradient of one "
-                   "selected element) as an element of select_backward's object array; "
-                   "reading the result raises AttributeError ('is_finite')")
 def test_sin_of_one_selected_element_in_arb() -> None:
     """sin, atan and erf have no fast-ball slot, so the exact reference runs in Arb; the
     gradient of a function of single elements t[0, k] goes through select_backward with
