@@ -137,3 +137,31 @@ def test_sin_of_one_selected_element_in_arb() -> None:
             2 * f * CTX.atan(t2) * 2 / CTX.sqrt(CTX.pi) * CTX.exp(-t3 * t3)]  # fmt: skip
     assert ex.undetermined_count == 0
     _claims(ex, "grads/w", np.array([want], dtype=object), CTX.mpf(0))
+
+
+class _LogsumexpOfNothing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.w * x
+        return (torch.logsumexp(t[:, :0], 1).clamp(-5.0, 5.0) + t.sum()).reshape(1)
+
+
+@pytest.mark.xfail(strict=True, reason="norms.logsumexp takes the maximum of an empty row: "
+                   "numpy's ValueError (zero-size array to reduction operation maximum) in "
+                   "every system instead of a refusal")
+def test_logsumexp_over_an_empty_dimension_is_refused_cleanly() -> None:
+    """torch's logsumexp over an empty dimension is -inf (here clamped to -5, a valid model);
+    the exact reference has no -inf, so fpgrad must refuse it with an InputError that says
+    so, not fail inside numpy."""
+    from fpgrad.errors import InputError
+
+    x = torch.ones(1, 3, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.float64)
+    model = _LogsumexpOfNothing()
+    assert model(x).item() == -5.0 + 1.5  # torch runs it
+    net = fpgrad.from_module(model, x, y, nn.MSELoss())
+    with pytest.raises(InputError, match="empty"):
+        fpgrad.compare(net, ["float32", "bfloat16:emulated"])
