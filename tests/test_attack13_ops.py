@@ -149,9 +149,6 @@ class _LogsumexpOfNothing(nn.Module):
         return (torch.logsumexp(t[:, :0], 1).clamp(-5.0, 5.0) + t.sum()).reshape(1)
 
 
-@pytest.mark.xfail(strict=True, reason="norms.logsumexp takes the maximum of an empty row: "
-                   "numpy's ValueError (zero-size array to reduction operation maximum) in "
-                   "every system instead of a refusal")
 def test_logsumexp_over_an_empty_dimension_is_refused_cleanly() -> None:
     """torch's logsumexp over an empty dimension is -inf (here clamped to -5, a valid model);
     the exact reference has no -inf, so fpgrad must refuse it with an InputError that says
