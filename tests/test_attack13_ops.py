@@ -178,9 +178,6 @@ class _ErfPlusItsOwnSlope(nn.Module):
         return torch.erf(t) + (2.0 / math.sqrt(math.pi)) * torch.exp(-(t**2))
 
 
-@pytest.mark.xfail(strict=True, reason="smooth.erf_scale reads any mul of exp(-t^2) by "
-                   "fl(2/sqrt(pi)) beside an erf of t as erf's backward and uses the real "
-                   "2/sqrt(pi): a forward written so is certified to 58 digits, 4.8e-17 off")
 def test_a_forward_constant_equal_to_erfs_backward_scale_is_its_float() -> None:
     """The exact reference evaluates the model's own constant as the float64 it is; only
     torch's backward constant stands for the real 2 / sqrt(pi). Oracle: mpmath with the
