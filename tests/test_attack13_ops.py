@@ -215,14 +215,7 @@ UPSAMPLES = {
 }
 
 
-_NEAREST_IDX = pytest.mark.xfail(
-    strict=True, reason="index.copy_backward maps nearest upsampling's gradient by replaying "
-    "the forward; torch's backward kernel (nearest_idx) copies the index where an output size "
-    "equals the input size or twice it, whatever the scale: exact and emulated grads differ")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_NEAREST_IDX) if c != "mixed_2d" else c
-                                  for c in sorted(UPSAMPLES)])  # fmt: skip
+@pytest.mark.parametrize("case", sorted(UPSAMPLES))
 def test_nearest_upsampling_backward_is_torchs_kernel(case: str) -> None:
     """Integer data: torch float64's gradient is exact, so the exact reference (which
     evaluates torch's backward op) must give it exactly, and float32 emulated must equal
