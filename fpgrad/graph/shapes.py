@@ -90,6 +90,8 @@ def place(zeros: Any, x: Any, idx: tuple[Any, ...]) -> Any:
         rad[idx] = x.rad
         return Ball(mid, rad)
     out = np.array(zeros, copy=True)
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        x = x[()]  # its element: an object array would store a 0-d array as one element
     out[idx] = x
     return out
 

@@ -197,6 +197,18 @@ def _up_args(a: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, tuple]:
     return a[2], (a[1], *a[3:])  # (grad, output_size, input_size, *scales)
 
 
+def _up_nearest_args(a: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, tuple]:
+    """As :func:`_up_args`, but torch's nearest backward kernel (``nearest_idx``) copies the
+    index where an output size equals the input size and halves it where it is twice the
+    input size, whatever the scale (its forward uses the scale): the replayed forward gets no
+    scale there (size ratios 1 and 1/2 give exactly those indices)."""
+    out, sizes = list(a[1]), list(a[2])
+    spatial = sizes[len(sizes) - len(out):]
+    scales = list(a[3:]) + [None] * (len(out) - len(a[3:]))
+    scales = [None if o in (i, 2 * i) else sc for o, i, sc in zip(out, spatial, scales, strict=True)]
+    return a[2], (a[1], *scales)
+
+
 def _sized_args(a: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, tuple]:
     return a[1], tuple(a[2:])  # (grad, input_sizes, *forward arguments)
 
@@ -204,8 +216,10 @@ def _sized_args(a: tuple, shape_of: Callable[[Any], Any]) -> tuple[Any, tuple]:
 _COPIES: dict[str, _Spec] = {
     **{f"aten.{k}{d}d_backward.default": (getattr(_A, f"{k}{d}d").default, _pad_args)
        for k in ("reflection_pad", "replication_pad") for d in (1, 2, 3)},
-    **{f"aten.{k}{d}d_backward.default": (getattr(_A, f"{k}{d}d").default, _up_args)
-       for k in ("upsample_nearest", "_upsample_nearest_exact") for d in (1, 2, 3)},
+    **{f"aten.upsample_nearest{d}d_backward.default": (
+        getattr(_A, f"upsample_nearest{d}d").default, _up_nearest_args) for d in (1, 2, 3)},
+    **{f"aten._upsample_nearest_exact{d}d_backward.default": (
+        getattr(_A, f"_upsample_nearest_exact{d}d").default, _up_args) for d in (1, 2, 3)},
     "aten.unfold_backward.default": (torch.Tensor.unfold, _sized_args),
     "aten.diagonal_backward.default": (torch.diagonal, _sized_args),
 }  # fmt: skip

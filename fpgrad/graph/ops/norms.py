@@ -222,6 +222,10 @@ def logsumexp(cx: Any, x: Any, dims: Any, keepdim: bool = False) -> Any:
     ar = cx.ar
     if not isinstance(dims, (list, tuple)):
         dims = [dims]
+    shape = shapes.shape(x)
+    if shape and any(shape[int(d) % len(shape)] == 0 for d in (dims or range(len(shape)))):
+        _refuse(cx, "logsumexp over an empty dimension (torch: -inf, which the exact reference "
+                "cannot hold)")
     top = _max_dims(cx, x, dims, True)
     if isinstance(ar, ExactDerivatives):
         m = ar.asarray(np.asarray(ar.to_float64(top), dtype=np.float64))

@@ -282,14 +282,19 @@ def hardtanh(cx: Any, x: Any, lo: float = -1.0, hi: float = 1.0) -> Any:
 
 
 def _inside(cx: Any, x: Any, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-    """(x > lo, x < hi): exact signs, or the machine's comparison with the float64 bounds
-    (torch's kernels compare in their compute type with the bound as given)."""
+    """(x > lo, x < hi): exact signs, or the machine's comparison with the bounds in torch's
+    compute type: float32 for a format no wider than float32 (torch's float32, bfloat16 and
+    float16 CPU kernels convert the bounds to float: x = float32(0.7) is on the bound 0.7),
+    float64 otherwise."""
     ar = cx.ar
     if _exact(cx):
         return above(ar, x, ar.const(float(lo))), above(ar, ar.const(float(hi)), x)
     xx = np.asarray(x)
-    with np.errstate(invalid="ignore"):
-        return xx > float(lo), xx < float(hi)
+    fmt = getattr(ar, "fmt", None)
+    narrow = fmt is not None and fmt.man_bits <= 23
+    with np.errstate(invalid="ignore", over="ignore"):
+        a, b = (float(np.float32(lo)), float(np.float32(hi))) if narrow else (float(lo), float(hi))
+        return xx > a, xx < b
 
 
 @op("aten.hardtanh_backward.default")
@@ -449,7 +454,11 @@ def _ties_of_max(cx: Any) -> np.ndarray | None:
     """``x == amax(x, dims)`` (amax's traced backward; amin's as the maxima of -x), decided
     in the exact systems without comparing the maximum's ball with itself: each slice's
     candidate k (the largest midpoint), then the sign of ``x_k - x_i`` for every other
-    element (exactly 0: a tie, also a maximum). Elsewhere None (the plain comparison)."""
+    element (exactly 0: a tie, also a maximum). Elsewhere None (the plain comparison).
+    amax's argument and the compared operand must both have x's shape: the views ``through``
+    skips (reshape, unsqueeze, expand) then keep every element in place (a chain of them
+    from one shape back to the same shape cannot grow the count, so every expand is
+    trivial, and reshapes keep row-major order), so the maxima are over x's own ``dims``."""
     node = cx.node
     for i in (0, 1):
         m, other = through(node.args[i]), through(node.args[1 - i])
@@ -462,6 +471,7 @@ def _ties_of_max(cx: Any) -> np.ndarray | None:
         axes = _axes(x, dims)
         kept = tuple(1 if d in axes else s for d, s in enumerate(shapes.shape(x)))
         if (shapes.shape(x) != shapes.shape(cx.value(node.args[1 - i]))
+                or shapes.shape(cx.value(m.args[0])) != shapes.shape(x)
                 or shapes.shape(cx.value(node.args[i])) != kept):  # fmt: skip
             continue  # not amax's backward (restored dims against x): the plain comparison
         root = increasing_root(other)  # the same maxima, decided on f's argument

@@ -168,7 +168,11 @@ def celu_scale(cx: Any, alpha: float, scale: float, input_scale: float) -> bool:
     if not isinstance(node, fx.Node):
         return False
     alpha = float(alpha)
-    if input_scale not in (1.0 / alpha, 1.0 / float(np.float32(alpha))):
+    if alpha == 0:
+        return False
+    a32 = float(np.float32(alpha))  # 0 for |alpha| below float32's range: torch's 1 / 0 is inf
+    inv32 = 1.0 / a32 if a32 != 0 else math.copysign(math.inf, a32)
+    if input_scale not in (1.0 / alpha, inv32):
         return False
     for user in node.users:
         if str(user.target) == "aten.celu.default":
@@ -226,6 +230,25 @@ def atan(cx: Any, x: Any) -> Any:
 ERF_SCALE = 2.0 / math.sqrt(math.pi)
 
 
+def _feeds_forward_outputs(cx: Any, node: fx.Node) -> bool:
+    """Does ``node`` reach the loss or a tap's value (the graph's forward outputs: flat
+    outputs 0 and those after the gradients, :func:`fpgrad.graph.capture.split_outputs`)?
+    A backward op reaches only gradients."""
+    out = next(n for n in node.graph.nodes if n.op == "output")
+    flat = list(out.args[0])
+    first_value = 1 + len(cx.graph.param_names) + len(cx.graph.taps)
+    targets = {id(v) for v in [flat[0], *flat[first_value:]] if isinstance(v, fx.Node)}
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if id(n) in targets:
+            return True
+        if id(n) not in seen:
+            seen.add(id(n))
+            todo += list(n.users)
+    return False
+
+
 def erf_scale(cx: Any, value: float) -> Any | None:
     """``2 / sqrt(pi) = 2 sqrt(2) phi(0)`` (in ``cx.ar``) where this node multiplies
     ``exp(-x^2)`` of an erf's input ``x`` by torch's float64 ``2 / sqrt(pi)``; else None."""
@@ -243,6 +266,8 @@ def erf_scale(cx: Any, value: float) -> Any | None:
         str(u.target) == "aten.erf.default" for u in chain.users
     ):
         return None
+    if _feeds_forward_outputs(cx, node):
+        return None  # the model's own constant (torch's backward never feeds the loss)
     ar = cx.ar
     two_phi0 = ar.mul(_slot(cx, "npdf")(ar.const(0.0)), ar.const(2.0))
     return ar.mul(ar.sqrt(ar.const(2.0)), two_phi0)
