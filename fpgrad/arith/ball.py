@@ -356,6 +356,9 @@ class BallArith(BallFunctions, ExactDerivatives):
         idx = np.expand_dims(first, axis)
         mid = np.take_along_axis(a.mid, idx[None], axis=axis + 1)
         rad = np.max(a.rad, axis=axis, keepdims=True)  # max is 1-Lipschitz in the sup norm
+        if self.k > 1:  # words not canonical (a round-to-even tie): the order may be off
+            excess = np.max(_excess_over(a.mid, mid), axis=axis, keepdims=True)
+            rad = np.where(excess > 0, (rad + excess) * (1 + 2.0**-52), rad)
         if not keepdims:
             mid = np.squeeze(mid, axis + 1)
             rad = np.squeeze(rad, axis)
@@ -381,3 +384,22 @@ class BallArith(BallFunctions, ExactDerivatives):
     def _domain(self, bad: np.ndarray) -> None:
         if np.any(bad):
             self.range_errors += int(np.sum(bad))
+
+
+def _excess_over(words: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """An upper bound of ``max(0, value(words) - value(chosen))`` per element (``chosen``
+    broadcast along the reduced axis); exactly 0 where the words are equal.
+
+    The lexicographic order of the words is the order of the values for canonical expansions
+    (word 0 the nearest float to the value, and so on down), but an expansion whose word 0 came
+    from a round-to-even tie can sit one unit of word 0 off, so :meth:`BallArith.max` may pick a
+    midpoint below another one. The value difference is ``sum_w (a_w - c_w)`` exactly; each of
+    the k float differences errs by at most 2**-53 of itself (or 2**-1075 when subnormal) and
+    their rounded sum by ``(k - 1) 2**-53`` of the sum of magnitudes, so ``s + 2**-49 sum |d_w|
+    + k 2**-1074`` bounds it for k <= 8 (the bound is then rounded up once more)."""
+    d = words - chosen
+    s = d.sum(axis=0)
+    err = np.abs(d).sum(axis=0) * 2.0**-49 + words.shape[0] * 2.0**-1074
+    ub = (s + err) * (1 + 2.0**-52)
+    same = np.all(d == 0, axis=0)
+    return np.where(same | ~(ub > 0), 0.0, ub)
