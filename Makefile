@@ -17,7 +17,7 @@ report: $(STAMP)
 	$(BIN)/fpgrad report --out reports
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 	$(MAKE) --no-print-directory lint
 
 lint: $(STAMP)
