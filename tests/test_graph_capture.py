@@ -229,3 +229,19 @@ def test_an_empty_batch_is_refused_in_one_line() -> None:
         fpgrad.from_module(model, torch.randn(0, 3), empty, nn.CrossEntropyLoss())
     with pytest.raises(InputError, match="targets is empty"):
         fpgrad.from_module(model, torch.randn(2, 3), empty, nn.CrossEntropyLoss())
+
+
+def test_sums_over_empty_slices_are_exact_zeros() -> None:
+    class EmptySums(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return h + h[:, :0].sum() + h[:, 2:2].sum(dim=1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x, y = EmptySums(), torch.randn(2, 3), torch.zeros(2, 4)
+    cmp = compare(fpgrad.from_module(model, x, y, nn.MSELoss()), "float32,bfloat16:emulated")
+    assert_close_to_float64(cmp, model, x, y, nn.MSELoss())

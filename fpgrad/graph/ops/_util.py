@@ -30,9 +30,14 @@ def sum_dims(cx: Any, x: Any, dims: Any, keepdim: bool) -> Any:
         return x
     axes = range(nd) if dims is None or len(dims) == 0 else dims
     axes = sorted({int(d) % nd for d in axes}, reverse=True)
-    out = x
-    for a in axes:
-        out = cx.ar.sum(out, axis=a, keepdims=True)
+    shape = shapes.shape(x)
+    if 0 in shape:  # a sum over no element is exactly 0 (torch's too), in every system
+        kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
+        out = zeros(cx, kept)
+    else:
+        out = x
+        for a in axes:
+            out = cx.ar.sum(out, axis=a, keepdims=True)
     if not keepdim:
         out = shapes.reshape(out, [s for i, s in enumerate(shapes.shape(out)) if i not in axes])
     return out
