@@ -580,3 +580,35 @@ def test_eq_scalar_exact_and_emulated() -> None:
     cx = _cx("bfloat16")
     x = cx.ar.asarray(np.array([0.1, 0.2, np.nan]))
     assert norms.eq_scalar(cx, x, 0.1).tolist() == [True, False, False]
+
+
+class _InfNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.out(h / (h.norm(p=float("inf"), dim=-1, keepdim=True) + 1))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_order_inf_norm_backward_with_ties(tie: bool) -> None:
+    """The order-inf norm's traced backward (isnan, eq, logical_or, a count): exact gradients
+    equal torch float64's; with |h| tied in a row (1 and -1) the gradient splits by the count."""
+    torch.manual_seed(0)
+    model = _InfNorm()
+    x = torch.randn(4, 3)
+    if tie:
+        with torch.no_grad():
+            model.lin.weight.copy_(torch.eye(3))
+            model.lin.bias.zero_()
+        x = torch.tensor([[1.0, -1.0, 0.5], [0.25, 2.0, -2.0], [3.0, 3.0, 3.0], [0.0, 0.0, 0.0]])
+    y = torch.randn(4, 2)
+    cmp = fpgrad.compare(fpgrad.from_module(model, x, y, nn.MSELoss()), "float32")
+    ref = copy.deepcopy(model).double()
+    nn.MSELoss()(ref(x.double()), y.double()).backward()
+    for name, p in ref.named_parameters():
+        exact = cmp.column(name).exact.hi
+        np.testing.assert_allclose(exact, p.grad.numpy(), rtol=1e-12, atol=1e-15, err_msg=name)

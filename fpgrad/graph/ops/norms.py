@@ -263,3 +263,14 @@ def glu_backward(cx: Any, g: Any, x: Any, dim: int) -> Any:
     s = ar.sigmoid(b)
     second = ar.mul(ar.mul(ar.sigmoid_deriv(b, s), a), g)
     return shapes.cat([ar.mul(s, g), second], d)
+
+
+@op("aten.isnan.default")
+def isnan(cx: Any, x: Any) -> np.ndarray:
+    """The mask of NaN elements (the order-inf norm's backward reads it): all False in the exact
+    systems, which hold no NaN (a NaN there is a range error, never a value); the values as
+    the machine holds them elsewhere."""
+    if isinstance(cx.ar, ExactDerivatives):
+        return np.zeros(shapes.shape(x), dtype=bool)
+    arr = np.asarray(x)
+    return np.isnan(arr) if arr.dtype.kind == "f" else np.zeros(arr.shape, dtype=bool)
