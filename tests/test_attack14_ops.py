@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -26,9 +25,6 @@ class _ScalarWeight(nn.Module):
         return torch.nn.functional.max_pool2d(self.w * x, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="to_dtype's np.ascontiguousarray turns a 0-d parameter "
-                   "into shape (1,): the native run's backward sums with sum.dim_IntList and "
-                   "align refuses the valid model as data-dependent")  # fmt: skip
 def test_a_zero_dim_parameter_runs_natively_bit_for_bit() -> None:
     """A 0-d parameter is a valid model; the native float64 and float32 columns are torch's
     eager loss and gradient (same shape, bit for bit)."""
