@@ -7,11 +7,15 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import fpgrad
+from fpgrad.graph.exact import exact_graph
 from fpgrad.graph.native import native_run
+from tests.oracle.graph_reference import CTX
+from tests.test_graph_oracle import _claims
 
 
 class _ScalarWeight(nn.Module):
@@ -42,4 +46,40 @@ def test_a_zero_dim_parameter_runs_natively_bit_for_bit() -> None:
         assert np.asarray(trace.grads["w"]).shape == ()
         assert np.array_equal(np.asarray(trace.grads["w"]), m.w.grad.double().numpy())
         assert np.asarray(trace.loss) == value.item()
+    fpgrad.compare(net, "float32,bfloat16:emulated")
+
+
+class _GatherOne(nn.Module):
+    """``w[0].gather(0, i)`` with a 0-d index i (valid in torch for a 1-d input: the index
+    counts as one element); its backward is scatter_add with that 0-d index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -3.0]],
+                                           dtype=torch.float64))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.w * x
+        return (t[0].gather(0, torch.tensor(1)) * t[1, 2]).reshape(1)
+
+
+@pytest.mark.xfail(strict=True, reason="_scatter_places reads a 0-d index as indexing a 0-d "
+                   "tensor (shape (1,)): scatter_add refuses index 1 of a 1-d tensor of 3 "
+                   "as out of range")  # fmt: skip
+def test_gather_with_a_zero_dim_index_into_a_vector() -> None:
+    """L = (t01 t12)^2 with t = w (x = 1): dL/dw01 = 2 t01 t12^2, dL/dw12 = 2 t01^2 t12, 0
+    elsewhere (exact dyadic numbers; torch float64 gives them exactly). The exact reference
+    must enclose them, claim the zeros, and the emulated column must run."""
+    x = torch.ones(2, 3, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.float64)
+    model, loss = _GatherOne(), nn.MSELoss()
+    net = fpgrad.from_module(model, x, y, loss)
+    m = copy.deepcopy(model)
+    loss(m(x), y).backward()
+    want = np.zeros((2, 3))
+    want[0, 1], want[1, 2] = 2 * -1.0 * 9.0, 2 * 1.0 * -3.0
+    assert np.array_equal(m.w.grad.numpy(), want)  # torch agrees with the hand derivative
+    ex = exact_graph(net.graph).result
+    _claims(ex, "grads/w", np.array([[CTX.mpf(v) for v in row] for row in want], dtype=object),
+            CTX.mpf(0))  # fmt: skip
     fpgrad.compare(net, "float32,bfloat16:emulated")
