@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -63,9 +62,6 @@ class _GatherOne(nn.Module):
         return (t[0].gather(0, torch.tensor(1)) * t[1, 2]).reshape(1)
 
 
-@pytest.mark.xfail(strict=True, reason="_scatter_places reads a 0-d index as indexing a 0-d "
-                   "tensor (shape (1,)): scatter_add refuses index 1 of a 1-d tensor of 3 "
-                   "as out of range")  # fmt: skip
 def test_gather_with_a_zero_dim_index_into_a_vector() -> None:
     """L = (t01 t12)^2 with t = w (x = 1): dL/dw01 = 2 t01 t12^2, dL/dw12 = 2 t01^2 t12, 0
     elsewhere (exact dyadic numbers; torch float64 gives them exactly). The exact reference
