@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -98,10 +97,6 @@ class _ReadsRunningMean(nn.Module):
         return self.bn(x) + r
 
 
-@pytest.mark.xfail(strict=True, reason="the graph holds buffers as they are after the traced "
-                   "forward: native_batch_norm's in-place running-stat update (no alias "
-                   "annotation in its schema) is not seen, so the exact reference reads the "
-                   "updated running mean and certifies another loss (8.04 for eager's 9.125)")  # fmt: skip
 def test_a_running_mean_read_before_the_batch_norm_updates_it() -> None:
     """L = mean over (i, c) of (b_ic + m_c w_c)^2, b the batch-normalized x (biased variance,
     eps 1e-5), m the running mean before the step; dL/dw_c = sum_i 2 (b_ic + m_c w_c) m_c / 6
