@@ -86,16 +86,27 @@ def _stat_key(node: Any) -> Any:
 
 
 def _running_stat_reads(graph: Graph) -> list[Any]:
-    """Nodes that read a running statistic a training-mode batch norm updates in place. The
-    graph holds such a buffer as the traced forward left it (updated), while eager reads it
-    before the update where the read comes first; a training batch norm's forward and
-    backward do not read the statistics' values, so they alone may use them."""
+    """Live nodes that read a running statistic a training-mode batch norm updates in place.
+    The graph holds a buffer (``get_attr``) as the traced forward left it: updated by torch
+    in float64, a rounded constant, where eager reads the old value before the update and its
+    own dtype's update after it, and the exact reference would read neither the old value nor
+    the real update; any other node holds its value before the update. So every such read is
+    refused, except by a training batch norm's forward and backward (they do not read the
+    statistics' values) and by nodes no output (loss, gradient) depends on (instance norm's
+    mean of its updated copy, written back): they change nothing certified."""
     stats = set()
     for node in graph.ops:
         if op_key(node) in _BN_UPDATES and len(node.args) > 5 and bool(node.args[5]):
             stats |= {_stat_key(a) for a in node.args[3:5] if hasattr(a, "op")}
     if not stats:
         return []
+    live: set[Any] = set()  # the nodes the outputs (loss, gradients) depend on
+    todo = [n for n in graph.gm.graph.nodes if n.op == "output"]
+    while todo:
+        n = todo.pop()
+        if n not in live:
+            live.add(n)
+            todo.extend(n.all_input_nodes)
     bad = []
     for node in graph.gm.graph.nodes:
         if _stat_key(node) not in stats:
@@ -105,9 +116,9 @@ def _running_stat_reads(graph: Graph) -> list[Any]:
             train = (key in _BN_UPDATES and len(u.args) > 5 and bool(u.args[5])) or (
                 key == _BN_BACKWARD and len(u.args) > 7 and bool(u.args[7])
             )
-            own = [k for k, a in enumerate(u.args) if a is node]
-            only_stats = own and all(k in (3, 4) for k in own) and node not in u.kwargs.values()
-            if not (train and only_stats):
+            own = [i for i, a in enumerate(u.args) if a is node]
+            only_stats = own and all(i in (3, 4) for i in own) and node not in u.kwargs.values()
+            if u in live and not (train and only_stats):
                 bad.append(u)
     return bad
 
