@@ -139,3 +139,26 @@ def test_a_running_mean_read_before_the_batch_norm_updates_it(after: bool) -> No
     assert abs(total / 6 - CTX.mpf(value.item())) < 1e-12  # torch agrees with the oracle
     _claims(ex, "loss", np.array(total / 6, dtype=object), CTX.mpf(0))
     _claims(ex, "grads/w", np.array(grads, dtype=object), CTX.mpf(0))
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2).double()
+        self.spare = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)
+
+
+@pytest.mark.xfail(strict=True, reason="the refusal says the forward has data-dependent control "
+                   "flow, not that a parameter does not reach the loss")  # fmt: skip
+def test_a_parameter_that_does_not_reach_the_loss_is_named() -> None:
+    """torch trains such a model (the parameter's grad stays None); fpgrad refuses it, and the
+    refusal must name the parameter and the reason, not blame the forward's control flow."""
+    from fpgrad.errors import InputError
+
+    x = torch.ones(2, 3, dtype=torch.float64)
+    y = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(InputError, match="spare.*does not reach the loss"):
+        fpgrad.from_module(_Unused(), x, y, nn.MSELoss())
