@@ -151,8 +151,6 @@ class _Unused(nn.Module):
         return self.a(x)
 
 
-@pytest.mark.xfail(strict=True, reason="the refusal says the forward has data-dependent control "
-                   "flow, not that a parameter does not reach the loss")  # fmt: skip
 def test_a_parameter_that_does_not_reach_the_loss_is_named() -> None:
     """torch trains such a model (the parameter's grad stays None); fpgrad refuses it, and the
     refusal must name the parameter and the reason, not blame the forward's control flow."""
