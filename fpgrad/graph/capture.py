@@ -285,6 +285,13 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        unused = _UNUSED.search(first)
+        if unused and int(unused.group(1)) < len(names):
+            raise InputError(
+                f"parameter {names[int(unused.group(1))]!r} does not reach the loss (torch "
+                "leaves its gradient None); fpgrad compares every parameter's gradient: remove "
+                "it, or hold it as a buffer"
+            ) from None
         if _MIXED_DTYPES.search(first):
             raise InputError(
                 f"torch could not trace the model in float64 ({first}): the forward creates "
@@ -317,6 +324,8 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
     return graph
 
 
+#: torch.autograd.grad's error for an input the loss does not depend on
+_UNUSED = re.compile(r"differentiated Tensor at index (\d+) appears to not have been used")
 _NO_VALUE = {"aten.detach.default", "aten.alias.default"}
 #: (traced, run) pairs that are one op: make_fx copies a tensor literal that eager lifts
 _SAME = {("aten.lift_fresh_copy.default", "aten.lift_fresh.default")}

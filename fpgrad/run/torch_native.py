@@ -51,8 +51,9 @@ def one_torch_thread() -> Iterator[None]:
 
 def to_dtype(values: np.ndarray, precision: str) -> torch.Tensor:
     """float64 values correctly rounded into a torch dtype (exact cast after rounding)."""
-    rounded = round_to(np.asarray(values, dtype=np.float64), get_format(precision))
-    return torch.from_numpy(np.ascontiguousarray(rounded)).to(DTYPES[precision])
+    arr = np.asarray(values, dtype=np.float64)
+    rounded = np.ascontiguousarray(round_to(arr, get_format(precision))).reshape(arr.shape)
+    return torch.from_numpy(rounded).to(DTYPES[precision])  # 0-d stays 0-d
 
 
 def to_float64(t: torch.Tensor) -> np.ndarray:

@@ -73,6 +73,56 @@ def split_piece_write_ok(node: Any) -> bool:
     return ok(node)
 
 
+#: batch norms that, in training mode, update their running statistics (args 3 and 4) in
+#: place although their schemas mark no write
+_BN_UPDATES = {"aten.native_batch_norm.default", "aten._native_batch_norm_legit.default"}
+_BN_BACKWARD = "aten.native_batch_norm_backward.default"
+
+
+def _stat_key(node: Any) -> Any:
+    """What identifies a tensor's storage in the graph: a buffer's attribute name (each read
+    is its own get_attr node), else the node."""
+    return ("attr", node.target) if getattr(node, "op", None) == "get_attr" else node
+
+
+def _running_stat_reads(graph: Graph) -> list[Any]:
+    """Live nodes that read a running statistic a training-mode batch norm updates in place.
+    The graph holds a buffer (``get_attr``) as the traced forward left it: updated by torch
+    in float64, a rounded constant, where eager reads the old value before the update and its
+    own dtype's update after it, and the exact reference would read neither the old value nor
+    the real update; any other node holds its value before the update. So every such read is
+    refused, except by a training batch norm's forward and backward (they do not read the
+    statistics' values) and by nodes no output (loss, gradient) depends on (instance norm's
+    mean of its updated copy, written back): they change nothing certified."""
+    stats = set()
+    for node in graph.ops:
+        if op_key(node) in _BN_UPDATES and len(node.args) > 5 and bool(node.args[5]):
+            stats |= {_stat_key(a) for a in node.args[3:5] if hasattr(a, "op")}
+    if not stats:
+        return []
+    live: set[Any] = set()  # the nodes the outputs (loss, gradients) depend on
+    todo = [n for n in graph.gm.graph.nodes if n.op == "output"]
+    while todo:
+        n = todo.pop()
+        if n not in live:
+            live.add(n)
+            todo.extend(n.all_input_nodes)
+    bad = []
+    for node in graph.gm.graph.nodes:
+        if _stat_key(node) not in stats:
+            continue
+        for u in node.users:
+            key = op_key(u) if u.op == "call_function" else ""
+            train = (key in _BN_UPDATES and len(u.args) > 5 and bool(u.args[5])) or (
+                key == _BN_BACKWARD and len(u.args) > 7 and bool(u.args[7])
+            )
+            own = [i for i, a in enumerate(u.args) if a is node]
+            only_stats = own and all(i in (3, 4) for i in own) and node not in u.kwargs.values()
+            if u in live and not (train and only_stats):
+                bad.append(u)
+    return bad
+
+
 def unsupported_message(graph: Graph) -> str:
     """One line naming every unsupported op with its module paths, or ''."""
     missing: dict[str, list[str]] = {}
@@ -101,6 +151,9 @@ def unsupported_message(graph: Graph) -> str:
                 where = missing.setdefault(key, [])
                 where.append(f"{graph.paths.get(node.name, '') or '<top>'} (its input is read "
                              "after the in-place op or through a view)")  # fmt: skip
+    for node in _running_stat_reads(graph):
+        where = missing.setdefault(f"{op_key(node)} reading a batch norm's running statistic", [])
+        where.append(graph.paths.get(node.name, "") or "<top>")
     for node in graph.ops:  # -inf from masked_fill is a mask: only softmax may read it
         if (
             op_key(node).startswith("aten.masked_fill")
@@ -121,6 +174,11 @@ def unsupported_message(graph: Graph) -> str:
             hint = "fpgrad runs an in-place op as a new value"
         if key.endswith("reading masked_fill(-inf)"):
             hint = "-inf is a mask that only softmax reads"
+        if key.endswith("running statistic"):
+            hint = (
+                "a training batch norm updates it in place, unannotated: the graph holds "
+                "only the updated value, so a read of it cannot be replayed"
+            )
         parts.append(f"{key} in {', '.join(where)} ({hint})")
     return (
         f"unsupported ops ({len(missing)}): "

@@ -33,7 +33,7 @@ from fpgrad.graph.ops.registry import op
 def _tensors(args: Any) -> Any:
     """Integer numpy arrays (index tensors) as torch tensors, lists recursively."""
     if isinstance(args, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(args))
+        return torch.from_numpy(np.ascontiguousarray(args).reshape(args.shape))  # 0-d: 0-d
     if isinstance(args, (list, tuple)):
         return type(args)(_tensors(a) for a in args)
     return args
@@ -318,10 +318,9 @@ def _scatter_places(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> t
     """(flat targets in ``x``, the values of ``src`` at ``index``'s positions)."""
     index = np.asarray(index)
     shape = shapes.shape(x)
+    shape1 = tuple(shape) or (1,)  # a 0-d index is one element (torch: only for dim <= 1)
     if index.ndim == 0:
-        index, shape1 = index.reshape(1), (1,) * max(len(shape), 1)
-    else:
-        shape1 = shape
+        index = index.reshape((1,) * len(shape1))
     d = int(dim) % max(len(shape1), 1)
     if index.size and (index.min() < -shape1[d] or index.max() >= shape1[d]):
         raise InputError(f"{cx.label()}: index out of range")
