@@ -87,17 +87,25 @@ def above(ar: Any, a: Any, b: Any) -> Any:
     return ar.positive(difference(ar, a, b))
 
 
+#: elementwise ops strictly increasing in their first argument (with these coefficients > 0)
+INCREASING = {
+    "aten.tanh.default": (),
+    "aten.sigmoid.default": (),
+    "aten.exp.default": (),
+    "aten.leaky_relu.default": (1,),
+    "aten.elu.default": (1, 2, 3),
+}
+
+
 def increasing_root(node: Any) -> fx.Node | None:
     """``z`` where ``node`` is ``f(z)`` for a chain of strictly increasing elementwise ops
-    (:data:`fpgrad.graph.ops.conv._INCREASING`: tanh, sigmoid, exp, leaky ReLU and ELU with
+    (:data:`INCREASING`: tanh, sigmoid, exp, leaky ReLU and ELU with
     positive coefficients), else None: f(z_i) = f(z_j) exactly when z_i = z_j and the
     order is the same, so the maxima of f(z) are those of z, which the balls often hold
     exactly where the balls of f(z) cannot tell two equal values apart."""
-    from fpgrad.graph.ops.conv import _INCREASING
-
     found = None
-    while isinstance(node, fx.Node) and str(node.target) in _INCREASING:
-        coefs = [node.args[i] if i < len(node.args) else 1 for i in _INCREASING[str(node.target)]]
+    while isinstance(node, fx.Node) and str(node.target) in INCREASING:
+        coefs = [node.args[i] if i < len(node.args) else 1 for i in INCREASING[str(node.target)]]
         if not all(isinstance(c, (int, float)) and c > 0 for c in coefs):
             break
         found = node.args[0]

@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from torch import fx
 
 from fpgrad.arith.ball import Ball
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
-from fpgrad.graph.names import PASS_THROUGH
+from fpgrad.graph.ops._ties import increasing_root
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.registry import op
 
@@ -283,14 +282,6 @@ def _windows(cx: Any, geo: _Pool, x: Any) -> tuple[Any, np.ndarray | None]:
     return cx.ar.where(mask, cols, shapes.expand(head, shapes.shape(cols))), mask
 
 
-#: elementwise ops strictly increasing in their first argument (with these coefficients > 0)
-_INCREASING = {
-    "aten.tanh.default": (),
-    "aten.sigmoid.default": (),
-    "aten.exp.default": (),
-    "aten.leaky_relu.default": (1,),
-    "aten.elu.default": (1, 2, 3),
-}
 
 
 def _increasing_source(cx: Any, shape: Any) -> Any:
@@ -303,16 +294,8 @@ def _increasing_source(cx: Any, shape: Any) -> Any:
     Elsewhere None: a rounding machine's ``f`` may round different ``z`` to one value."""
     if not isinstance(cx.ar, ExactDerivatives):
         return None
-    node, found = cx.origin(0), None
-    while isinstance(node, fx.Node) and str(node.target) in _INCREASING:
-        coefs = [node.args[i] if i < len(node.args) else 1 for i in _INCREASING[str(node.target)]]
-        if not all(isinstance(c, (int, float)) and c > 0 for c in coefs):
-            break
-        found = node.args[0]
-        while isinstance(found, fx.Node) and str(found.target) in PASS_THROUGH:
-            found = found.args[0]
-        node = found
-    if not isinstance(found, fx.Node):
+    found = increasing_root(cx.origin(0))
+    if found is None:
         return None
     z = cx.value(found)
     return z if shapes.shape(z) == tuple(shape) and not isinstance(z, tuple) else None
