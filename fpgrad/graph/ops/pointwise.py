@@ -171,7 +171,7 @@ def pow_scalar(cx: Any, a: Any, e: float) -> Any:
     return out if e > 0 else ar.div(ar.const(1.0), out)
 
 
-@op("aten.relu.default")
+@op("aten.relu.default", "aten.relu_.default")
 def relu(cx: Any, x: Any) -> Any:
     """torch's ``x < 0 ? 0 : x``: +0.0 for a negative, NaN and -0.0 kept (relu'(0) = 0)."""
     ar, zero = cx.ar, zeros(cx, shapes.shape(x))
@@ -186,7 +186,7 @@ def threshold_backward(cx: Any, grad: Any, out: Any, threshold: float) -> Any:
     return cx.ar.where(above(cx, out, threshold), grad, zeros(cx, shapes.shape(grad)))
 
 
-@op("aten.leaky_relu.default")
+@op("aten.leaky_relu.default", "aten.leaky_relu_.default")
 def leaky_relu(cx: Any, x: Any, slope: float = 0.01) -> Any:
     ar = cx.ar
     return ar.where(ar.positive(x), x, ar.mul(x, ar.const(float(slope))))
@@ -228,7 +228,7 @@ def sigmoid_backward(cx: Any, grad: Any, s: Any) -> Any:
     return ar.mul(grad, ar.mul(s, ar.sub(ar.const(1.0), s)))
 
 
-@op("aten.silu.default")
+@op("aten.silu.default", "aten.silu_.default")
 def silu(cx: Any, x: Any) -> Any:
     return cx.ar.mul(x, cx.ar.sigmoid(x))
 
@@ -411,7 +411,7 @@ def masked_softmax(cx: Any, x: NegInfMasked, dim: int) -> Any:
     return ar.div(e, ar.sum(e, axis=dim, keepdims=True))
 
 
-@op("aten.elu.default")
+@op("aten.elu.default", "aten.elu_.default")
 def elu(cx: Any, x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> Any:
     """scale x for x > 0, else scale alpha (exp(input_scale x) - 1)."""
     ar = cx.ar
@@ -432,6 +432,11 @@ def _coef(cx: Any, *factors: float) -> Any:
     return ar.const(math.prod(float(f) for f in factors))
 
 
+#: the ops whose output ELU's backward may have saved (in place: run as new values, so the
+#: node's input still holds x; nn.ELU/SELU/CELU(inplace=True))
+_ELUS = {"aten.elu.default", "aten.elu_.default", "aten.celu.default", "aten.celu_.default"}
+
+
 @op("aten.elu_backward.default")
 def elu_backward(
     cx: Any, g: Any, alpha: float, scale: float, input_scale: float, is_result: bool, xr: Any
@@ -441,7 +446,7 @@ def elu_backward(
     ar = cx.ar
     if is_result:
         src = cx.origin(5)
-        if src is None or str(src.target) != "aten.elu.default":
+        if src is None or str(src.target) not in _ELUS:
             from fpgrad.errors import InputError
 
             raise InputError(f"{cx.label()}: in-place ELU is not supported; use inplace=False")

@@ -128,7 +128,7 @@ def _softplus_any(cx: Any, x: Any) -> Any:
     return _exact_softplus(cx.ar, x) if _exact(cx) else _slot(cx, "softplus")(x)
 
 
-@op("aten.mish.default")
+@op("aten.mish.default", "aten.mish_.default")
 def mish(cx: Any, x: Any) -> Any:
     """``x tanh(softplus(x))`` (torch's mish has no threshold)."""
     return cx.ar.mul(x, cx.ar.tanh(_softplus_any(cx, x)))
@@ -145,7 +145,7 @@ def mish_backward(cx: Any, grad: Any, x: Any) -> Any:
     return ar.mul(grad, ar.add(t, right))
 
 
-@op("aten.celu.default")
+@op("aten.celu.default", "aten.celu_.default")
 def celu(cx: Any, x: Any, alpha: float = 1.0) -> Any:
     """``x`` for x > 0, else ``alpha (exp(x / alpha) - 1)`` (torch: elu with input_scale
     ``1 / alpha``; the exact systems: ``alpha expm1(x / alpha)``, dividing by alpha itself)."""
@@ -174,8 +174,8 @@ def celu_scale(cx: Any, alpha: float, scale: float, input_scale: float) -> bool:
     inv32 = 1.0 / a32 if a32 != 0 else math.copysign(math.inf, a32)
     if input_scale not in (1.0 / alpha, inv32):
         return False
-    for user in node.users:
-        if str(user.target) == "aten.celu.default":
+    for user in [*node.users, node]:  # celu(x) reads x; in place, torch saves celu_'s output
+        if str(user.target) in ("aten.celu.default", "aten.celu_.default"):
             a = user.args[1] if len(user.args) > 1 else user.kwargs.get("alpha", 1.0)
             if isinstance(a, (int, float)) and float(a) == alpha:
                 return True
