@@ -85,6 +85,13 @@ def _enter_const(ar: Arith, value: Any) -> Any:
     return arr.copy()
 
 
+def _version(value: Any) -> Any:
+    """The in-place version counters of a constant's tensors (views share their base's)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_version(v) for v in value)
+    return value._version if isinstance(value, torch.Tensor) else None
+
+
 def _cast_reads(
     node: fx.Node, env: dict[str, Any], where: dict[str, Arith], here: Arith
 ) -> dict[str, Any]:
@@ -126,6 +133,10 @@ def interpret(
     raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
     env: dict[str, Any] = {}
     consts: dict[str, Any] = {}  # torch values of nodes that read no floating data
+    # the version counters of the constants' tensors when they entered the system: a later
+    # in-place write (``pe[:, 0::2] = sin(...)`` is ``copy_`` into a slice of ``zeros``) changes
+    # what eager reads from the tensor afterwards, so a reader re-enters it
+    versions: dict[str, Any] = {}
     placeholders = iter(zip(feeds, raw, strict=True))
     out_node = None
     constants = graph.constants
@@ -146,7 +157,12 @@ def interpret(
                 **fx.node.map_arg(node.kwargs, lambda n: consts[n.name]),
             )
             env[node.name] = _enter_const(ar, consts[node.name])
+            versions[node.name] = _version(consts[node.name])
         else:
+            for n in node.all_input_nodes:  # a constant written in place since it was entered
+                if n.name in versions and _version(consts[n.name]) != versions[n.name]:
+                    env[n.name] = _enter_const(ar, consts[n.name])
+                    versions[n.name] = _version(consts[n.name])
             here = ar if systems is None else systems.get(node.name, ar)
             cast = {} if systems is None else _cast_reads(node, env, where, here)
             cx = OpContext(here, node, env, graph)
