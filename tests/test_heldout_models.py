@@ -94,3 +94,60 @@ class SinusoidalPositions(nn.Module):
 def test_constant_written_in_place_is_read_as_written() -> None:
     torch.manual_seed(0)
     check(SinusoidalPositions(), torch.randn(2, 4, 3), torch.randn(2), nn.MSELoss())
+
+
+# ---- baddbmm (nn.MultiheadAttention with need_weights and a mask) ----------------------------
+
+
+class PaddedAttention(nn.Module):
+    """``nn.MultiheadAttention`` with a key padding mask and the default ``need_weights``:
+    torch merges the masks into a float ``-inf`` mask and adds it with ``baddbmm``."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        mask = torch.triu(torch.ones(3, 3, dtype=torch.bool), diagonal=1) if self.causal else None
+        return self.attn(x, x, x, key_padding_mask=pad, attn_mask=mask)[0]
+
+
+def test_multihead_attention_need_weights_baddbmm() -> None:
+    torch.manual_seed(1)
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    ex = check(PaddedAttention(), (torch.randn(2, 3, 4), pad), torch.randn(2, 3, 4), nn.MSELoss())
+    # the key third of in_proj_bias: softmax ignores a shift per query (proven zeros)
+    assert ex.zero("grads/attn.in_proj_bias").reshape(-1)[4:8].all()
+
+
+def test_multihead_attention_need_weights_against_oracle() -> None:
+    from tests.oracle import graph_reference as R
+    from tests.test_graph_oracle import check as oracle_check
+
+    torch.manual_seed(6)
+    pad = torch.tensor([[False, False, False], [False, False, True]])
+
+    def f(p: dict, x: np.ndarray, pad: np.ndarray, y: np.ndarray) -> Any:
+        return R.mse(R.multihead(x, p, "attn", 2, R.causal_bias(3), pad), y)
+
+    oracle_check(PaddedAttention(causal=True), (torch.randn(2, 3, 4), pad), torch.randn(2, 3, 4),
+                 nn.MSELoss(), f, undetermined=True)  # fmt: skip
+
+
+class Baddbmm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(2, 3, 4))
+        self.b = nn.Parameter(torch.randn(2, 3, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.baddbmm(self.b, torch.tanh(self.a), x, beta=0.5, alpha=2.0)
+        return torch.baddbmm(h, h, x.transpose(1, 2) @ x, beta=0.0) + torch.baddbmm(h, self.a, x)
+
+
+def test_baddbmm_beta_alpha() -> None:
+    torch.manual_seed(2)
+    check(Baddbmm(), torch.randn(2, 4, 5), torch.randn(2, 3, 5), nn.MSELoss())
+    net = fpgrad.from_module(Baddbmm(), torch.randn(2, 4, 5), torch.randn(2, 3, 5), nn.MSELoss())
+    fpgrad.compare(net, "fp8_e4m3,bfloat16:emulated")  # the emulated columns interpret it

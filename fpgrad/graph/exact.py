@@ -44,7 +44,8 @@ from fpgrad.reference.exact import (
 )
 
 #: ops whose cost is a matrix product (multiply-adds estimated from their output and inputs)
-_PRODUCTS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.convolution", "aten.convolution_backward")
+_PRODUCTS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution",
+             "aten.convolution_backward")  # fmt: skip
 
 
 @dataclass
