@@ -151,3 +151,60 @@ def test_baddbmm_beta_alpha() -> None:
     check(Baddbmm(), torch.randn(2, 4, 5), torch.randn(2, 3, 5), nn.MSELoss())
     net = fpgrad.from_module(Baddbmm(), torch.randn(2, 4, 5), torch.randn(2, 3, 5), nn.MSELoss())
     fpgrad.compare(net, "fp8_e4m3,bfloat16:emulated")  # the emulated columns interpret it
+
+
+# ---- zeros by cancellation: masked softmax rows, 1x1 convolutions ------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Hand-written (nanoGPT-style) causal attention: ``masked_fill(-inf)``, softmax; its
+    backward runs ``masked_fill(g, mask, 0)`` after the softmax backward. ``fill`` other than
+    -inf: a finite score overwritten before the softmax (a near miss: no zero there)."""
+
+    def __init__(self, d: int = 4, fill: float = float("-inf")) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, 2)
+        self.d, self.fill = d, fill
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        q, k, v = self.qkv(x).split(self.d, dim=-1)
+        s = q @ k.transpose(-2, -1) / math.sqrt(self.d)
+        s = s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1), self.fill)
+        return self.out((s.softmax(dim=-1) @ v).mean(1))
+
+
+def test_masked_softmax_key_bias_is_a_proven_zero() -> None:
+    torch.manual_seed(3)
+    ex = check(CausalSelfAttention(), torch.randn(2, 4, 4), torch.randint(0, 2, (2,)),
+               nn.CrossEntropyLoss())  # fmt: skip
+    zero = ex.zero("grads/qkv.bias").reshape(-1)
+    assert zero[4:8].all() and not zero[:4].any() and not zero[8:].any()
+
+
+def test_finite_fill_before_softmax_is_no_zero() -> None:
+    torch.manual_seed(3)
+    ex = check(CausalSelfAttention(fill=0.0), torch.randn(2, 4, 4), torch.randint(0, 2, (2,)),
+               nn.CrossEntropyLoss())  # fmt: skip
+    assert not ex.zero("grads/qkv.bias").any()
+
+
+def _separable(padding: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.Conv2d(3, 4, 1, padding=padding),
+                         nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))  # fmt: skip
+
+
+def test_bias_before_pointwise_conv_and_batch_norm_is_a_proven_zero() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(3, 3, 4, 4)
+    model = _separable(0)
+    model(x)  # materialise the lazy layer
+    ex = check(model, x, torch.randint(0, 2, (3,)), nn.CrossEntropyLoss())
+    assert ex.zero("grads/0.bias").all() and ex.zero("grads/1.bias").all()
+    # padding makes the 1x1 convolution's border outputs its bias alone: no zero
+    model = _separable(1)
+    model(x)
+    ex = check(model, x, torch.randint(0, 2, (3,)), nn.CrossEntropyLoss())
+    assert not ex.zero("grads/0.bias").any() and ex.zero("grads/1.bias").all()
+

@@ -46,7 +46,9 @@ concludes (reductions and the convolution's bias gradient); the exact reference
 (:mod:`fpgrad.graph.exact`) sets them to exact zero balls after checking that each enclosure
 contains 0.
 
-The facts' labels and array-level rules live in :mod:`fpgrad.graph.zero_facts`.
+The facts' labels and array-level rules live in :mod:`fpgrad.graph.zero_facts`; masked softmax
+rows, ``masked_fill(g, m, 0)`` and the 1x1 convolution's input gradient in
+:mod:`fpgrad.graph.identities_more`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from fpgrad.graph import identities_more as more
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.names import op_key
 from fpgrad.graph.ops.index import COPY_BACKWARDS, COPY_FORWARDS, ZERO_FILLS, backward_sources
@@ -276,7 +279,8 @@ class _Pass:
         nd = max(1, len(shape))
         if int(fwd.args[1]) % nd != int(dim) % nd:
             return None
-        return _along(shape, [int(dim) % nd]) if shape else None
+        fact = _along(shape, [int(dim) % nd]) if shape else None
+        return more.softmax_zeros(self, node, fact, fwd) if forward == "aten._softmax.default" else fact
 
     def sdpa_backward(self, node: fx.Node) -> Any:
         fwd = _item_of(node.args[4], "aten._scaled_dot_product_flash_attention_for_cpu.default", 0)
@@ -327,13 +331,6 @@ class _Pass:
             self._consts = _constant_values(self.graph)
         value = self._consts.get(node.name)
         return value if isinstance(value, torch.Tensor) else None
-
-    def conv_backward(self, node: fx.Node) -> Any:
-        g, mask = node.args[0], node.args[10]
-        f, shape = self.fact(g), _shape(g)
-        if f is None or shape is None or not mask[2]:
-            return None
-        return (None, None, reduce_axes(f, [a for a in range(len(shape)) if a != 1], False))
 
     # ---- linear rules ------------------------------------------------------------------------
     def sums(self, node: fx.Node) -> Fact:
@@ -457,7 +454,8 @@ _RULES: dict[str, Callable[[_Pass, fx.Node], Any]] = {
         n, "aten._log_softmax.default"
     ),
     "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": _Pass.sdpa_backward,
-    "aten.convolution_backward.default": _Pass.conv_backward,
+    "aten.convolution_backward.default": more.conv_backward,
+    "aten.masked_fill.Scalar": more.masked_fill_zero,
     "aten.add.Tensor": _Pass.add_sub,
     "aten.sub.Tensor": _Pass.add_sub,
     "aten.mul.Tensor": _Pass.mul_div,
