@@ -12,7 +12,9 @@ import math
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fpgrad
@@ -207,4 +209,57 @@ def test_bias_before_pointwise_conv_and_batch_norm_is_a_proven_zero() -> None:
     model(x)
     ex = check(model, x, torch.randint(0, 2, (3,)), nn.CrossEntropyLoss())
     assert not ex.zero("grads/0.bias").any() and ex.zero("grads/1.bias").all()
+
+
+# ---- native float16/bfloat16 columns of nn.RMSNorm (torch upcasts inside the kernel) ----------
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int = 6, h: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.up = nn.Linear(d, 2 * h, bias=False)
+        self.down = nn.Linear(h, d, bias=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.up(self.norm(x)).chunk(2, dim=-1)
+        return self.head(x + self.down(F.silu(a) * b))
+
+
+def test_rms_norm_half_columns_are_eager_bit_for_bit() -> None:
+    torch.manual_seed(5)
+    model, x, y = SwiGLU(), torch.randn(4, 6), torch.randint(0, 3, (4,))
+    net = fpgrad.from_module(model, x, y, nn.CrossEntropyLoss())
+    for prec, dt in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        tr = native_run(net.graph, prec)
+        el, eg = _eager(model, x, y, nn.CrossEntropyLoss(), dt)
+        _bits(tr.loss, el)
+        for k, g in eg.items():
+            _bits(tr.grads[k], g)
+        # the values torch computed in float32 inside the kernel are judged as float32
+        assert {tr.formats[k] for k in tr.values} == {prec, "float32"}
+    cmp = fpgrad.compare(net, "float16,bfloat16,float32")
+    assert cmp.certified_digits >= 17 and "norm" in cmp.render(max_rows=2)
+
+
+class DtypeDependent(nn.Module):
+    """A forward that computes something else in float16 (a cast and an extra op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            x = x.float().exp().to(x.dtype)
+        return self.fc(x)
+
+
+def test_forward_depending_on_dtype_beyond_casts_is_refused() -> None:
+    from fpgrad.errors import InputError
+
+    net = fpgrad.from_module(DtypeDependent(), torch.randn(2, 3), torch.randn(2, 2), nn.MSELoss())
+    with pytest.raises(InputError, match="diverges"):
+        native_run(net.graph, "float16")
 

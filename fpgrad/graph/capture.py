@@ -337,18 +337,24 @@ def fused_rnn(records: list[Any]) -> bool:
     return any("mkldnn_rnn" in str(r[0]) for r in records)
 
 
-def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]:
+def align(
+    nodes: list[fx.Node], records: list[Any], casts: bool = False
+) -> list[tuple[fx.Node, Any]]:
     """Pair graph op nodes with recorded eager ops, in order; a detach or alias present on
-    one side only is skipped (they change no value). Raises InputError on any other
-    difference: then the graph is not what eager runs."""
+    one side only is skipped (they change no value). With ``casts``, a dtype cast
+    (``_to_copy``) that eager runs and the float64 trace lacks is skipped too: torch's kernel
+    computed part of the same function in another dtype (``F.rms_norm`` upcasts float16 and
+    bfloat16 to float32). Raises InputError on any other difference: then the graph is not
+    what eager runs."""
     pairs: list[tuple[fx.Node, Any]] = []
     i = j = 0
+    skip = _NO_VALUE | ({"aten._to_copy.default"} if casts else set())
     while i < len(nodes) and j < len(records):
         node, rec = nodes[i], records[j]
         if node.target == rec[0] or (str(node.target), str(rec[0])) in _SAME:
             pairs.append((node, rec))
             i, j = i + 1, j + 1
-        elif str(rec[0]) in _NO_VALUE:
+        elif str(rec[0]) in skip:
             j += 1
         elif str(node.target) in _NO_VALUE:
             i += 1
@@ -367,7 +373,7 @@ def align(nodes: list[fx.Node], records: list[Any]) -> list[tuple[fx.Node, Any]]
                 f"traced, {rec[0]} run): the model's forward depends on its dtype or data"
             )
     rest = [n for n in nodes[i:] if str(n.target) not in _NO_VALUE]
-    rest_r = [r for r in records[j:] if str(r[0]) not in _NO_VALUE]
+    rest_r = [r for r in records[j:] if str(r[0]) not in skip]
     if rest or rest_r:
         raise InputError(
             f"the eager run and the captured graph differ in length ({len(rest)} traced ops "

@@ -63,6 +63,14 @@ def _f64(value: Any) -> Any:
     return value
 
 
+def _dtype_name(value: Any) -> str | None:
+    """The torch dtype name (``float32``) of a recorded op output's first floating tensor."""
+    for t in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return str(t.dtype).removeprefix("torch.")
+    return None
+
+
 def _into(value: np.ndarray, precision: str) -> torch.Tensor:
     if np.asarray(value).dtype.kind == "f":
         return to_dtype(value, precision)
@@ -115,25 +123,32 @@ def native_run(
                 out = fn(ps, *args)
     loss, grads, taps = _outputs(graph, out)
     values: dict[str, Any] = {}
+    formats: dict[str, str] = {}  # the dtype each value was computed in
     fused = False
     if rec is not None:
         ops = [n for n in graph.ops if n.target is not operator.getitem]
         try:
             pairs = align(ops, rec.records)
-        except InputError:
-            if not fused_rnn(rec.records):
-                raise
-            _unfused_run_aligns(ops, fn, ps, args)
-            pairs, fused = [], True  # oneDNN's fused LSTM: loss and grads are eager's
+        except InputError as exc:
+            if fused_rnn(rec.records):
+                _unfused_run_aligns(ops, fn, ps, args)
+                pairs, fused = [], True  # oneDNN's fused LSTM: loss and grads are eager's
+            else:  # torch's kernel upcast part of the function (F.rms_norm in float16)
+                try:
+                    pairs = align(ops, rec.records, casts=True)
+                except InputError:
+                    raise exc from None
         for node, r in pairs:
             values[node.name] = _f64(r[1])
+            formats[node.name] = _dtype_name(r[1]) or precision
         _getitems(graph, values)
     return NativeTrace(
         system=precision,
         loss=_f64(loss),
         grads={n: _f64(g) for n, g in zip(names, grads, strict=True)},
         values=values,
-        formats={**{k: precision for k in values}, **{f"grads/{n}": precision for n in names}},
+        formats={**{k: formats.get(k, precision) for k in values},
+                 **{f"grads/{n}": precision for n in names}},  # fmt: skip
         taps=taps,
         fused=fused,
     )
