@@ -263,3 +263,39 @@ def test_forward_depending_on_dtype_beyond_casts_is_refused() -> None:
     with pytest.raises(InputError, match="diverges"):
         native_run(net.graph, "float16")
 
+
+# ---- nn.EmbeddingBag ---------------------------------------------------------------------------
+
+
+class Bags(nn.Module):
+    """Mean bags over 2-D input (padding index, a bag of padding only), sum bags over offsets
+    (an empty bag, ``include_last_offset``, per-sample weights)."""
+
+    def __init__(self, pad: int | None = None, last: bool = False) -> None:
+        super().__init__()
+        self.mean = nn.EmbeddingBag(10, 4, mode="mean", padding_idx=pad)
+        self.sum = nn.EmbeddingBag(10, 4, mode="sum", include_last_offset=last)
+        self.last = last
+
+    def forward(self, tok: torch.Tensor, off: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        off = torch.cat([off, torch.tensor([tok.numel()])]) if self.last else off
+        return (self.mean(tok) * self.sum(tok.reshape(-1), off, per_sample_weights=w)).sum(1)
+
+
+@pytest.mark.parametrize(("pad", "last"), [(None, False), (4, True)])
+def test_embedding_bag_sum_and_mean(pad: int | None, last: bool) -> None:
+    torch.manual_seed(6)
+    tok = torch.tensor([[1, 2, 3], [4, 4, 9], [4, 4, 4]])
+    data = (tok, torch.tensor([0, 2, 2]), torch.randn(9))
+    check(Bags(pad, last), data, torch.randn(3), nn.MSELoss())
+    net = fpgrad.from_module(Bags(pad, last), data, torch.randn(3), nn.MSELoss())
+    fpgrad.compare(net, "fp8_e4m3,bfloat16:emulated")
+
+
+def test_embedding_bag_max_is_refused_in_one_line() -> None:
+    from fpgrad.errors import InputError
+
+    model = nn.Sequential(nn.EmbeddingBag(6, 3, mode="max"), nn.Linear(3, 1))
+    net = fpgrad.from_module(model, torch.tensor([[1, 2], [3, 3]]), torch.randn(2, 1), nn.MSELoss())
+    with pytest.raises(InputError, match="mode='max' is not supported"):
+        exact_graph(net.graph)

@@ -190,6 +190,7 @@ def unsupported_message(graph: Graph) -> str:
 # register the ops (imports for their side effect)
 from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
+    bags,
     conv,
     index,
     linear,
