@@ -299,3 +299,47 @@ def test_embedding_bag_max_is_refused_in_one_line() -> None:
     net = fpgrad.from_module(model, torch.tensor([[1, 2], [3, 3]]), torch.randn(2, 1), nn.MSELoss())
     with pytest.raises(InputError, match="mode='max' is not supported"):
         exact_graph(net.graph)
+
+
+# ---- nn.Bilinear (aten._trilinear) --------------------------------------------------------------
+
+
+class BilinearHead(nn.Module):
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.bil = nn.Bilinear(4, 5, 3, bias=bias)
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.bil(a, torch.tanh(self.fc(b)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bilinear(bias: bool) -> None:
+    torch.manual_seed(7)
+    data = (torch.randn(4, 4), torch.randn(4, 5))
+    check(BilinearHead(bias), data, torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
+    net = fpgrad.from_module(BilinearHead(bias), data, torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
+    fpgrad.compare(net, "fp8_e4m3,bfloat16:emulated")
+
+
+def test_bilinear_against_oracle() -> None:
+    from tests.oracle import graph_reference as R
+    from tests.test_graph_oracle import check as oracle_check
+
+    torch.manual_seed(8)
+
+    def f(p: dict, a: np.ndarray, b: np.ndarray, y: np.ndarray) -> Any:
+        w, bias = p["bil.weight"], p["bil.bias"]
+        out = np.einsum("ni,oij,nj->no", a, w, b) + bias
+        return R.mse(out, y)
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bil = nn.Bilinear(3, 2, 2)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.bil(a, b)
+
+    oracle_check(Two(), (torch.randn(3, 3), torch.randn(3, 2)), torch.randn(3, 2), nn.MSELoss(), f)

@@ -1,4 +1,5 @@
-"""Matrix products: mm, addmm, bmm, baddbmm (through the system's 2-D matmul slot)."""
+"""Matrix products: mm, addmm, bmm, baddbmm (through the system's 2-D matmul slot) and
+``_trilinear`` (``nn.Bilinear``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import scalar
+from fpgrad.graph.ops._util import scalar, sum_dims
 from fpgrad.graph.ops.registry import op
 
 
@@ -60,3 +61,21 @@ def baddbmm(cx: Any, inp: Any, a: Any, b: Any, beta: float = 1, alpha: float = 1
                              "supported (beta = 1 is)")  # fmt: skip
         inp = ar.mul(scalar(cx, inp), scalar(cx, beta))
     return add(cx, prod, inp)
+
+
+@op("aten._trilinear.default")
+def trilinear(cx: Any, i1: Any, i2: Any, i3: Any, expand1: Any, expand2: Any, expand3: Any,
+              sumdim: Any, unroll_dim: int = 1) -> Any:  # fmt: skip
+    """``sum over sumdim of i1 * i2 * i3``, each input unsqueezed at its ``expand`` dims
+    (``nn.Bilinear``: ``x1^T W_o x2`` per output; its weight gradient is another
+    ``_trilinear``): the products broadcast by the system's ``mul`` (``i1 * i2`` first),
+    then the system's sums over ``sumdim``, last axis first (exact in the exact systems;
+    the emulated systems round each product and sum, not in torch's bmm order)."""
+    ar = cx.ar
+    parts = []
+    for x, dims in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        for d in sorted(int(d) for d in dims):
+            x = shapes.unsqueeze(x, d)
+        parts.append(x)
+    prod = ar.mul(ar.mul(parts[0], parts[1]), parts[2])
+    return sum_dims(cx, prod, list(sumdim), False) if len(sumdim) else prod
