@@ -343,3 +343,39 @@ def test_bilinear_against_oracle() -> None:
             return self.bil(a, b)
 
     oracle_check(Two(), (torch.randn(3, 3), torch.randn(3, 2)), torch.randn(3, 2), nn.MSELoss(), f)
+
+
+# ---- a fused (oneDNN) LSTM column beside columns with op-by-op values --------------------------
+
+
+class BiLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(8, 3)
+        self.lstm = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, tok: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.emb(tok))
+        return self.fc(out.amax(1))
+
+
+def test_render_with_a_fused_lstm_column(tmp_path: Any) -> None:
+    """float16 runs the graph's ops (values per op), float32 oneDNN's fused LSTM (none): the
+    "where the signal died" table and the report's figure show the columns that have them."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    torch.manual_seed(9)
+    net = fpgrad.from_module(BiLSTM(), torch.randint(0, 8, (2, 4)), torch.tensor([0, 1]),
+                             nn.CrossEntropyLoss())  # fmt: skip
+    cmp = fpgrad.compare(net, "float16,float32")
+    assert cmp.attribution["float16"]["places"] and not cmp.attribution["float32"]["places"]
+    text = cmp.render(max_rows=4)
+    assert "Where the signal died" in text
+    from fpgrad.present.report.own import write_compare_report
+
+    write_compare_report(cmp, tmp_path)
+    assert (tmp_path / "signal.png").stat().st_size > 0
+    only = fpgrad.compare(net, "float32")
+    only.render(max_rows=4)
+    write_compare_report(only, tmp_path / "only")

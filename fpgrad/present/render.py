@@ -224,8 +224,11 @@ def signal_indices(c: Comparison) -> list[int]:
     places = [c.attribution[p]["places"] for p in c.precisions]
     if not c.kinds:
         return list(range(len(places[0])))
+    # a native column without op-by-op values (oneDNN's fused LSTM) has no places
+    places = [ps for ps in places if ps]
     keys = ("rounding_zero", "subnormal", "overflow")
-    return [i for i in range(len(places[0])) if any(ps[i][k] for ps in places for k in keys)]
+    n = len(places[0]) if places else 0
+    return [i for i in range(n) if any(ps[i][k] for ps in places for k in keys)]
 
 
 def signal_rows(c: Comparison, max_rows: int | None = None) -> tuple[list[list[str]], int]:
@@ -236,11 +239,11 @@ def signal_rows(c: Comparison, max_rows: int | None = None) -> tuple[list[list[s
     shown = chosen[:max_rows] if c.kinds and max_rows else chosen
     rows = []
     for i in shown:
-        place = places[0][i]
+        place = next(ps for ps in places if ps)[i]
         label = f"{place['direction'][:3]} {place['layer']} {place['quantity']}"
         counts = (
-            f"{r['rounding_zero']}/{r['subnormal']}/{r['overflow']}"
-            for r in (ps[i] for ps in places)
+            f"{r['rounding_zero']}/{r['subnormal']}/{r['overflow']}" if r else "-"
+            for r in (ps[i] if ps else None for ps in places)
         )
         rows.append([label, place["op"], *counts])
     return rows, len(chosen) - len(shown)

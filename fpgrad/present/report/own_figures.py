@@ -154,10 +154,11 @@ def _signal(c: Comparison, path: Path) -> None:
     from fpgrad.present.report.plots import plt, save_png
 
     keep = signal_indices(c)[:40] or [0]
-    places = [c.attribution[c.precisions[0]]["places"][j] for j in keep]
+    precisions = [p for p in c.precisions if c.attribution[p]["places"]]  # fused LSTM: none
+    places = [c.attribution[precisions[0]]["places"][j] for j in keep] if precisions else []
     labels = [f"{r['direction'][:3]} {r['layer']} {r['quantity']}" for r in places]
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    for i, p in enumerate(c.precisions):
+    for i, p in enumerate(precisions):
         rows = [c.attribution[p]["places"][j] for j in keep]
         size = np.array([max(1, r["size"]) for r in rows], dtype=float)
         rz = np.array([r["rounding_zero"] for r in rows]) / size
