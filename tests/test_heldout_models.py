@@ -379,3 +379,22 @@ def test_render_with_a_fused_lstm_column(tmp_path: Any) -> None:
     only = fpgrad.compare(net, "float32")
     only.render(max_rows=4)
     write_compare_report(only, tmp_path / "only")
+
+
+# ---- weight normalisation (parametrizations.weight_norm) ----------------------------------------
+
+
+def _weight_normed(dim: int | None) -> nn.Module:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    return nn.Sequential(weight_norm(nn.Conv1d(2, 4, 3, padding=1), dim=dim), nn.GELU(),
+                         nn.Flatten(), weight_norm(nn.Linear(4 * 6, 2), dim=1))  # fmt: skip
+
+
+@pytest.mark.parametrize("dim", [0, None])
+def test_weight_norm(dim: int | None) -> None:
+    torch.manual_seed(10)
+    x, y = torch.randn(3, 2, 6), torch.randn(3, 2)
+    check(_weight_normed(dim), x, y, nn.MSELoss())
+    net = fpgrad.from_module(_weight_normed(dim), x, y, nn.MSELoss())
+    fpgrad.compare(net, "bfloat16:emulated,float16,bfloat16")

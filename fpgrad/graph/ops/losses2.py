@@ -359,3 +359,10 @@ def norm_dim(cx: Any, x: Any, p: Any = 2, dim: Any = None, keepdim: bool = False
     computes it as ``linalg_vector_norm`` (:func:`fpgrad.graph.ops.norms.vector_norm`; orders
     1, 2 and inf), p = None being 2."""
     return vector_norm(cx, x, 2 if p is None else p, dim, keepdim)
+
+
+@op("aten.norm.Scalar")
+def norm_all(cx: Any, x: Any, p: Any = 2) -> Any:
+    """torch.norm of the whole tensor (``x.norm()``; weight_norm with ``dim=None``): as
+    ``linalg_vector_norm`` over every axis."""
+    return vector_norm(cx, x, p, None, False)

@@ -274,3 +274,34 @@ def isnan(cx: Any, x: Any) -> np.ndarray:
         return np.zeros(shapes.shape(x), dtype=bool)
     arr = np.asarray(x)
     return np.isnan(arr) if arr.dtype.kind == "f" else np.zeros(arr.shape, dtype=bool)
+
+
+# ---- weight normalisation (torch.nn.utils.parametrizations.weight_norm) --------------------
+def _except_dim(cx: Any, v: Any, g: Any, dim: int) -> Any:
+    """The 2-norm of ``v`` over every axis but ``dim`` (all axes for -1), shaped as ``g``:
+    sqrt of the system's sum of squares."""
+    nd = len(shapes.shape(v))
+    axes = list(range(nd)) if dim == -1 else [a for a in range(nd) if a != dim % nd]
+    ss = sum_dims(cx, cx.ar.mul(v, v), axes, True)
+    return shapes.reshape(cx.ar.sqrt(ss), shapes.shape(g))
+
+
+@op("aten._weight_norm_interface.default")
+def weight_norm(cx: Any, v: Any, g: Any, dim: int = 0) -> tuple[Any, Any]:
+    """(w, norms): ``w = v * (g / ||v||)``, the norm over every axis but ``dim``."""
+    norms = _except_dim(cx, v, g, dim)
+    return cx.ar.mul(v, cx.ar.div(g, norms)), norms
+
+
+@op("aten._weight_norm_interface_backward.default")
+def weight_norm_backward(cx: Any, grad_w: Any, v: Any, g: Any, norms: Any, dim: int = 0) -> tuple:
+    """torch's ``WeightNormKernel.cpp``: ``grad_g = sum(grad_w v) / norm`` and
+    ``grad_v = (g / norm) (grad_w - v grad_g / norm)`` (sums over every axis but ``dim``)."""
+    ar = cx.ar
+    nd = len(shapes.shape(v))
+    axes = list(range(nd)) if dim == -1 else [a for a in range(nd) if a != dim % nd]
+    keep = shapes.shape(sum_dims(cx, v, axes, True))
+    n = shapes.reshape(norms, keep)
+    grad_g = ar.div(sum_dims(cx, ar.mul(grad_w, v), axes, True), n)
+    grad_v = ar.mul(ar.div(shapes.reshape(g, keep), n), ar.sub(grad_w, ar.mul(v, ar.div(grad_g, n))))
+    return grad_v, shapes.reshape(grad_g, shapes.shape(g))
