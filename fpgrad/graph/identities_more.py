@@ -23,16 +23,34 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import fx
 
+from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.zero_facts import UNKNOWN, ZERO, Fact, canon, matmul, reduce_axes
+
+
+def origin(node: Any) -> Any:
+    """``node`` looking through detach, alias and clone."""
+    while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def _key(node: fx.Node) -> str:
+    return op_key(node)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    return None
 
 
 def _neg_inf_positions(p: Any, node: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     """Where the value of ``node`` (a softmax input of ``shape``) is ``-inf`` by a constant
     mask: ``masked_fill(s, m, -inf)`` or ``s + c`` with ``c`` a constant; else None."""
-    from fpgrad.graph.identities import _key, origin
-
     node = origin(node)
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
@@ -75,8 +93,6 @@ def softmax_zeros(p: Any, node: fx.Node, fact: Fact, fwd: fx.Node) -> Fact:
 
 def masked_fill_zero(p: Any, node: fx.Node) -> Fact:
     """``masked_fill(x, m, 0)`` with a constant ``m``: see the module docstring."""
-    from fpgrad.graph.identities import _shape
-
     if len(node.args) < 3 or node.args[2] != 0 or not isinstance(node.args[1], fx.Node):
         return None
     f, shape = p.fact(node.args[0]), _shape(node)
@@ -97,8 +113,6 @@ def masked_fill_zero(p: Any, node: fx.Node) -> Fact:
 
 def conv_backward(p: Any, node: fx.Node) -> Any:
     """(input gradient of a pointwise convolution, None, bias gradient) facts."""
-    from fpgrad.graph.identities import _shape
-
     g, _x, w = node.args[:3]
     stride, padding, _dil, transposed, _opad, groups, mask = node.args[4:11]
     f, shape, ws = p.fact(g), _shape(g), _shape(w)

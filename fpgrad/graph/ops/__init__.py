@@ -198,6 +198,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     losses2,
     norm,
     norms,
+    ordering,
     pointwise,
     recurrent,
     reduce,
