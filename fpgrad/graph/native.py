@@ -14,8 +14,10 @@ graph gets the same ``mul``: :func:`fpgrad.graph.policy.scaled_seed`). With a po
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,11 +118,12 @@ def native_run(
         fn = joint_function(
             model, names, loss_in(graph.loss_fn, DTYPES[precision], precision), loss_scale
         )
-        if rec is None:
-            out = fn(ps, *args)
-        else:
-            with rec:
+        with kernels_of(precision):
+            if rec is None:
                 out = fn(ps, *args)
+            else:
+                with rec:
+                    out = fn(ps, *args)
     loss, grads, taps = _outputs(graph, out)
     values: dict[str, Any] = {}
     formats: dict[str, str] = {}  # the dtype each value was computed in
@@ -152,6 +155,21 @@ def native_run(
         taps=taps,
         fused=fused,
     )
+
+
+@contextlib.contextmanager
+def kernels_of(precision: str) -> Iterator[None]:
+    """Turn torch's missing CPU kernel for a dtype (``"cdist" not implemented for 'Half'``)
+    into one line naming it and the emulated column that replaces it."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "not implemented for" not in msg:
+            raise
+        base = precision.split(":")[0]
+        raise InputError(f"{precision}: torch has no CPU kernel for this model ({msg}); "
+                         f"compare '{base}:emulated' instead") from None  # fmt: skip
 
 
 def _unfused_run_aligns(ops: list[Any], fn: Any, ps: list[torch.Tensor], args: list[Any]) -> None:
@@ -194,7 +212,7 @@ def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> 
     nodes = [n for n in graph.ops if n.target is not operator.getitem]
     mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
     loss_fn = loss_in(graph.loss_fn, DTYPES[plan.params], plan.params)
-    with one_torch_thread():
+    with one_torch_thread(), kernels_of(name):
         fn = joint_function(model, names, loss_fn, loss_scale)
         if plan.how == "autocast":
             with torch.autocast("cpu", dtype=DTYPES[plan.autocast_dtype]), mode:

@@ -192,6 +192,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
     bags,
     conv,
+    distance,
     index,
     linear,
     loss,
