@@ -207,4 +207,5 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     select,
     shape,
     smooth,
+    steps,
 )

@@ -140,6 +140,25 @@ def std(
     return cx.ar.sqrt(var(cx, x, dims, correction, keepdim))
 
 
+@op("aten.var_mean.correction")
+def var_mean(
+    cx: Any, x: Any, dims: Any = None, correction: float | None = None, keepdim: bool = False
+) -> tuple[Any, Any]:
+    """(var, mean) as :func:`~fpgrad.graph.ops.reduce.var` and ``mean.dim`` compute them."""
+    from fpgrad.graph.ops.reduce import mean_dim, var
+
+    return var(cx, x, dims, correction, keepdim), mean_dim(cx, x, dims, keepdim)
+
+
+@op("aten.std_mean.correction")
+def std_mean(
+    cx: Any, x: Any, dims: Any = None, correction: float | None = None, keepdim: bool = False
+) -> tuple[Any, Any]:
+    from fpgrad.graph.ops.reduce import mean_dim
+
+    return std(cx, x, dims, correction, keepdim), mean_dim(cx, x, dims, keepdim)
+
+
 def eq_scalar(cx: Any, x: Any, c: float) -> np.ndarray:
     """The boolean mask ``x == c`` (the masked division's test; the ``aten.eq.Scalar`` node
     itself is :mod:`fpgrad.graph.ops.select`'s, which decides the same way). Exact systems: neither ``x - c > 0`` nor ``c - x > 0``,

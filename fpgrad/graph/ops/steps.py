@@ -1,0 +1,104 @@
+"""Step functions: ``floor``, ``ceil``, ``trunc``, ``round`` (half to even; the
+straight-through estimators of quantisation-aware training call them) and ``threshold``
+(``nn.Threshold``).
+
+Machines: numpy's ``floor``, ``ceil``, ``trunc``, ``rint`` of the format's values (exact: an
+integer part of a binary float is a float of the same format) and torch's ``x <= t ? v : x``.
+Exact systems: the integer ``n`` is a candidate from the float64 midpoint, then proven:
+``n <= x < n + 1`` (floor), and so on, each bound by the system's exact sign test
+(``positive``); a candidate one off (a midpoint rounded across an integer) moves by one, and a
+ball the test cannot place (an integer inside it, not its value) is counted by ``positive``
+and escalates, then ends undetermined. Their derivative is 0 (torch's backward is
+``zeros_like``); ``threshold``'s is ``threshold_backward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fpgrad.arith.base import ExactDerivatives
+from fpgrad.graph import shapes
+from fpgrad.graph.ops._util import above
+from fpgrad.graph.ops.registry import op
+
+_MACHINE = {"floor": np.floor, "ceil": np.ceil, "trunc": np.trunc, "round": np.rint}
+
+
+def _pos(ar: Any, x: Any) -> np.ndarray:
+    """x > 0, proven (an undecided element is counted by ``positive`` and escalates)."""
+    return np.asarray(ar.positive(x), dtype=bool)
+
+
+def _floor(ar: Any, x: Any) -> tuple[Any, Any]:
+    """(floor(x), x - floor(x)) in the exact system: float64 integer parts of the remainder
+    added up (each exact; two or three suffice even for a multi-word value beyond 2^53), then
+    the remainder proven in [0, 1), moved by one where it is not."""
+    shape = shapes.shape(x)
+    total, rest = ar.asarray(np.zeros(shape)), x
+    for _ in range(4):
+        m = np.floor(np.asarray(ar.to_float64(rest), dtype=np.float64))
+        if not m.any():
+            break
+        total, rest = ar.add(total, ar.asarray(m)), ar.sub(rest, ar.asarray(m))
+    for _ in range(2):
+        low = _pos(ar, ar.mul(rest, ar.const(-1.0)))  # rest < 0
+        high = ~_pos(ar, ar.sub(ar.const(1.0), rest))  # not rest < 1
+        step = high.astype(np.float64) - low
+        if not step.any():
+            break
+        total, rest = ar.add(total, ar.asarray(step)), ar.sub(rest, ar.asarray(step))
+    return total, rest
+
+
+def _integral(cx: Any, x: Any, kind: str) -> Any:
+    ar = cx.ar
+    if not isinstance(ar, ExactDerivatives):
+        return ar.asarray(_MACHINE[kind](np.asarray(x, dtype=np.float64)))
+    f, frac = _floor(ar, x)
+    if kind == "floor":
+        return f
+    up_one = ar.add(f, ar.const(1.0))
+    if kind == "ceil":
+        return ar.where(_pos(ar, frac), up_one, f)  # frac exactly 0: x is f
+    if kind == "trunc":
+        neg = _pos(ar, ar.mul(x, ar.const(-1.0)))
+        return ar.where(neg & _pos(ar, frac), up_one, f)
+    half = ar.sub(frac, ar.const(0.5))
+    up = _pos(ar, half)
+    tie = ~(up | _pos(ar, ar.mul(half, ar.const(-1.0))))  # frac exactly 1/2: to even
+    odd = np.zeros(tie.shape, dtype=bool)
+    if tie.any():  # f's parity, exactly: f - 2 floor(f / 2) > 0
+        g, _ = _floor(ar, ar.mul(f, ar.const(0.5)))
+        odd = _pos(ar, ar.sub(f, ar.mul(g, ar.const(2.0))))
+    return ar.where(up | (tie & odd), up_one, f)
+
+
+@op("aten.floor.default")
+def floor(cx: Any, x: Any) -> Any:
+    return _integral(cx, x, "floor")
+
+
+@op("aten.ceil.default")
+def ceil(cx: Any, x: Any) -> Any:
+    return _integral(cx, x, "ceil")
+
+
+@op("aten.trunc.default")
+def trunc(cx: Any, x: Any) -> Any:
+    return _integral(cx, x, "trunc")
+
+
+@op("aten.round.default")
+def round_(cx: Any, x: Any) -> Any:
+    """Half to even, as torch (``torch.round``: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2)."""
+    return _integral(cx, x, "round")
+
+
+@op("aten.threshold.default", "aten.threshold_.default")
+def threshold(cx: Any, x: Any, t: float, value: float) -> Any:
+    """torch's ``x <= t ? value : x`` (NaN kept), ``value`` as the system's constant."""
+    ar = cx.ar
+    v = float(value) if isinstance(ar, ExactDerivatives) else float(np.float64(ar.const(float(value))))
+    return ar.where(above(cx, x, float(t)), x, ar.asarray(np.full(shapes.shape(x), v)))
