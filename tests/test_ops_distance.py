@@ -5,9 +5,6 @@ one line, and a dtype without a CPU kernel (float16 cdist) named in one line."""
 
 from __future__ import annotations
 
-import copy
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,7 +12,7 @@ from torch import nn
 import fpgrad
 from fpgrad.errors import InputError
 from fpgrad.graph.exact import exact_graph
-from fpgrad.graph.native import native_run
+from tests.oracle.native_exact import check
 
 
 class _Prototypes(nn.Module):
@@ -53,26 +50,8 @@ def _case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, nn.Module]:
 @pytest.mark.parametrize("name", ["p2", "p1", "coincident"])
 def test_cdist_native_bit_for_bit_and_exact(name: str) -> None:
     model, x, y, loss = _case(name)
-    net = fpgrad.from_module(model, x, y, loss)
-    for dt, prec in ((torch.float64, "float64"), (torch.float32, "float32")):
-        trace = native_run(net.graph, prec)
-        m = copy.deepcopy(model).to(dt)
-        yy = y if y.dtype == torch.int64 else y.to(dt)
-        value = loss(m(x.to(dt)), yy)
-        value.backward()
-        assert np.asarray(trace.loss) == value.item()
-        for n, p in m.named_parameters():
-            assert np.array_equal(np.asarray(trace.grads[n]), p.grad.double().numpy()), (prec, n)
-    ex = exact_graph(net.graph).result
-    assert ex.undetermined_count == 0 and ex.certified_digits >= 30
-    m64 = copy.deepcopy(model).double()
-    loss(m64(x.double()), y if y.dtype == torch.int64 else y.double()).backward()
-    for n, p in m64.named_parameters():
-        mid, _ = ex.enclosure(f"grads/{n}")
-        g = p.grad.numpy()
-        assert np.allclose(np.asarray(mid, dtype=np.float64).reshape(g.shape), g, rtol=1e-13,
-                           atol=1e-14), n  # fmt: skip
-    fpgrad.compare(net, "bfloat16:emulated,float16:emulated")
+    check(model, x, y, loss, digits=30)
+    fpgrad.compare(fpgrad.from_module(model, x, y, loss), "bfloat16:emulated,float16:emulated")
 
 
 def test_cdist_other_orders_and_missing_kernels_are_one_line() -> None:

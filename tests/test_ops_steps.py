@@ -5,7 +5,6 @@ float64's loss and gradients; the exact integer parts are proven where float64 c
 
 from __future__ import annotations
 
-import copy
 import math
 from fractions import Fraction
 
@@ -16,8 +15,8 @@ from torch import nn
 
 import fpgrad
 from fpgrad.graph.exact import exact_graph
-from fpgrad.graph.native import native_run
 from tests.oracle.graph_reference import CTX
+from tests.oracle.native_exact import check
 
 
 class _Steps(nn.Module):
@@ -41,25 +40,8 @@ class _Steps(nn.Module):
 def test_steps_native_bit_for_bit_and_exact(seed: int) -> None:
     torch.manual_seed(seed)
     model, x, y = _Steps(), torch.randn(5, 4), torch.randn(5, 6)
-    net = fpgrad.from_module(model, x, y, nn.MSELoss())
-    for dt, name in ((torch.float64, "float64"), (torch.float32, "float32")):
-        trace = native_run(net.graph, name)
-        m = copy.deepcopy(model).to(dt)
-        value = nn.MSELoss()(m(x.to(dt)), y.to(dt))
-        value.backward()
-        assert np.asarray(trace.loss) == value.item()
-        for n, p in m.named_parameters():
-            assert np.array_equal(np.asarray(trace.grads[n]), p.grad.double().numpy()), (name, n)
-    ex = exact_graph(net.graph).result
-    assert ex.undetermined_count == 0 and ex.certified_digits >= 30
-    m64 = copy.deepcopy(model).double()
-    nn.MSELoss()(m64(x.double()), y.double()).backward()
-    for n, p in m64.named_parameters():
-        mid, _ = ex.enclosure(f"grads/{n}")
-        g = p.grad.numpy()
-        assert np.allclose(np.asarray(mid, dtype=np.float64).reshape(g.shape), g, rtol=1e-12,
-                           atol=1e-13), n  # fmt: skip
-    fpgrad.compare(net, "bfloat16:emulated,float16")
+    check(model, x, y, nn.MSELoss(), digits=30)
+    fpgrad.compare(fpgrad.from_module(model, x, y, nn.MSELoss()), "bfloat16:emulated,float16")
 
 
 class _Integer(nn.Module):
