@@ -127,6 +127,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_int(opt("seed"), "--seed", 0, MAX_SEED)
     if isinstance(opt("loss_scale"), float):
         check_float(opt("loss_scale"), "--loss-scale", 0.0, 2.0**1000, open_low=True)
+    if cmd in ("compare", "advise", "run", "watch-report") and opt("out") == "":
+        raise InputError("--out is empty; name a directory (or leave --out out)")
     if cmd in ("train", "sweep") and isinstance(opt("out"), str):
         _out_dir(opt("out"), "--out", create=cmd == "train")
     if cmd == "report" and isinstance(opt("out"), str) and not opt("out").strip():

@@ -36,6 +36,7 @@ file, an imported model and the Python API are held to the same rules.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,10 @@ _INIT_KEYS = {"scheme", "value", "low", "high", "mean", "std", "gain"}
 
 def load_network(path: str | Path) -> Network:
     """Read and validate a network file; raises InputError with a one-line message."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise InputError(
+            f"load_network: path must be a str or pathlib.Path (got {type(path).__name__})"
+        )
     path = Path(path)
     doc = load_toml(path, "network file")
     return parse_network(doc, base=path.parent, source=str(path))
@@ -148,7 +153,9 @@ def parse_policies(doc: Any, net: Network, where: str) -> Network:
     from fpgrad.model.policy import parse_policy
 
     if not isinstance(doc, dict):
-        raise InputError(f"{where}: policy must be tables [policy.NAME]; see docs/howto/policies.md")
+        raise InputError(
+            f"{where}: policy must be tables [policy.NAME]; see docs/howto/policies.md"
+        )
     policies = {}
     for name, table in doc.items():
         policy = parse_policy(name, table, where)
