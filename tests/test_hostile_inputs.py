@@ -354,9 +354,6 @@ class _Payload:
         return (os.system, (f"touch {self.mark}",))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="torch 2.13's refusal was quoted: 're-run with weights_only=False'"
-)
 def test_a_pickled_payload_in_a_state_dict_is_named_not_quoted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,7 +20,6 @@ ever unpickled. ``ExportedProgram.module()`` then runs as any model (:func:`from
 from __future__ import annotations
 
 import io
-import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,10 +94,10 @@ def load_program(path: Path) -> Any:
         raise InputError(f"{path}: the program holds {exc}; fpgrad never unpickles arbitrary "
                          "objects: export a model whose constants are tensors") from None  # fmt: skip
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        what = (f"a pickled object ({found.group(1)})" if found else
-                f"not only tensors ({detail.group(1).strip() if detail else _first_line(exc)})")  # fmt: skip
+        from fpgrad.model.from_torch.model_file import refused_pickle
+
+        found, detail = refused_pickle(exc)
+        what = f"a pickled object ({found})" if found else f"not only tensors ({detail})"
         raise InputError(f"{path}: torch.load(weights_only=True) refused a member of the program: "
                          f"{what}; fpgrad never unpickles arbitrary objects") from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - anything torch cannot read is bad input
