@@ -377,9 +377,6 @@ def test_a_pickled_payload_in_a_state_dict_is_named_not_quoted(
 # ---- names in a network file -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a network's name was not checked: 5 or 'a\\nb' went into reports"
-)
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
@@ -400,7 +397,6 @@ def test_a_network_name_is_a_short_printable_string(
     assert out == ""
 
 
-@pytest.mark.xfail(strict=True, reason="a layer name could hold a newline: tables broke into lines")
 def test_a_layer_name_holds_no_control_character(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

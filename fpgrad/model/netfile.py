@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,17 @@ def load_network(path: str | Path) -> Network:
     return parse_network(doc, base=path.parent, source=str(path))
 
 
+def check_name(value: Any, what: str) -> str:
+    """A name shown in tables and reports: a string of 1 to 200 characters, none of them a
+    control character (a newline or NUL would break the one-line rows)."""
+    if not isinstance(value, str) or not 0 < len(value) <= 200:
+        raise InputError(f"{what} must be a string of 1 to 200 characters (got {value!r:.40})")
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise InputError(f"{what} holds the control character {bad!r}; use printable characters")
+    return value
+
+
 def parse_network(
     doc: dict[str, Any], base: Path | None = None, source: str = "network"
 ) -> Network:
@@ -142,7 +154,8 @@ def parse_network(
         names.add(layer.name)
         layers.append(layer)
     y = _check_targets(loss, y, width, where)
-    net = Network(tuple(layers), loss, x, y, name=str(doc.get("name", Path(source).stem)))
+    net = Network(tuple(layers), loss, x, y, name=check_name(doc.get("name", Path(source).stem),
+                                                             f"{where}: name"))  # fmt: skip
     return parse_policies(doc.get("policy", {}), net, where)
 
 
@@ -332,9 +345,7 @@ def _parse_layer(
             f"{where}: layer {index} ({kind}): unknown key {sorted(unknown)[0]!r}; "
             f"allowed: {', '.join(sorted(allowed))}"
         )
-    name = spec.get("name", f"{kind}{index}")
-    if not isinstance(name, str) or not 0 < len(name) <= 200:
-        raise InputError(f"{where}: layer {index}: name must be a string of 1 to 200 characters")
+    name = check_name(spec.get("name", f"{kind}{index}"), f"{where}: layer {index}: name")
     at = f"{where}: layer {index} ({name})"
     if index == 0 and kind in ACTIVATIONS:
         raise InputError(
