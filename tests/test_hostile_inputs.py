@@ -406,7 +406,6 @@ def test_a_layer_name_holds_no_control_character(
     one_line_error(code, err, "control character")
 
 
-@pytest.mark.xfail(strict=True, reason="from_module's and a .pt2 data file's name were not checked")
 def test_a_captured_model_name_is_a_short_printable_string() -> None:
     for name in (5, "a\nb", ""):
         with pytest.raises(InputError, match="name"):

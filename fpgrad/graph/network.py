@@ -51,6 +51,10 @@ def from_module(
     >>> net.param_names
     ['weight', 'bias']
     """
+    from fpgrad.model.netfile import check_name
+
+    if name is not None:
+        check_name(name, "from_module: name")
     own = parse_policies(policies or {}, "from_module")
     graph = capture(model, inputs, targets, loss)
     return GraphNetwork(graph, name or type(model).__name__, own)

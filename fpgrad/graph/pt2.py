@@ -29,6 +29,7 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.graph.network import GraphNetwork, from_module
+from fpgrad.model.netfile import check_name
 from fpgrad.model.validate import (
     MAX_ELEMENTS,
     MAX_FILE_BYTES,
@@ -266,5 +267,5 @@ def load_pt2(spec: str) -> GraphNetwork:
     except Exception as exc:  # noqa: BLE001 - a program torch cannot unlift is bad input
         raise InputError(f"{name}: torch cannot turn the program into a module "
                          f"({_first_line(exc)})") from None  # fmt: skip
-    label = doc.get("name", path.stem)
-    return from_module(model, inputs, targets, loss, name=str(label))
+    label = check_name(doc.get("name", path.stem), f"{data_path}: name")
+    return from_module(model, inputs, targets, loss, name=label)
