@@ -421,27 +421,24 @@ def test_a_captured_model_name_is_a_short_printable_string() -> None:
     strict=True, reason="a 400-digit count was an OverflowError; NaN literals were reused"
 )
 @pytest.mark.parametrize(
-    ("old", "new"),
+    ("pattern", "replacement"),
     [
-        ('"ok": 2', '"ok": ' + "9" * 400),
-        ('"certified_digits": 39', '"certified_digits": NaN, "x": 39'),
+        (r'"ok": \d+', '"ok": ' + "9" * 400),
+        (r'"certified_digits": [0-9.e+-]+', '"certified_digits": NaN'),
     ],
 )
 def test_a_cell_line_fpgrad_never_writes_is_damaged_and_runs_again(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pattern: str, replacement: str
 ) -> None:
     out = tmp_path / "s"
     args = ["sweep", SHOWCASE, "--out", str(out), "--precisions", "float16", "--workers", "0"]
     code, _, err = cli(args, capsys)
     assert code == 0, err
     log = out / "cells.jsonl"
-    text = log.read_text()
-    cell = text.splitlines()[1]
-    bad = cell.replace('"ok": 2', old).replace(old, new, 1)
-    if new.startswith('"certified_digits"'):
-        bad = re.sub(r'"certified_digits": [0-9.e+-]+', '"certified_digits": NaN', cell)
+    head, cell = log.read_text().splitlines()
+    bad = re.sub(pattern, replacement, cell, count=1)
     assert bad != cell
-    log.write_text(text.replace(cell, bad))
+    log.write_text(f"{head}\n{bad}\n")
     code, _, err = cli([*args, "--json"], capsys)
     assert code == 0, err
     assert "line 2 is damaged" in err and "internal error" not in err
