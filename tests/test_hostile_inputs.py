@@ -417,9 +417,6 @@ def test_a_captured_model_name_is_a_short_printable_string() -> None:
 # ---- sweeps: cells.jsonl lines that JSON reads but fpgrad never writes -----------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a 400-digit count was an OverflowError; NaN literals were reused"
-)
 @pytest.mark.parametrize(
     ("pattern", "replacement"),
     [
