@@ -439,3 +439,32 @@ def test_a_cell_line_fpgrad_never_writes_is_damaged_and_runs_again(
     code, _, err = cli([*args, "--json"], capsys)
     assert code == 0, err
     assert "line 2 is damaged" in err and "internal error" not in err
+
+
+# ---- policy tables -----------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="policy names no command could name, and description = 5")
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ('[policy."a,b"]\ndense = "float16"\n', "policy name"),
+        ('[policy."a+b"]\ndense = "float16"\n', "policy name"),
+        ('[policy."a\\nb"]\ndense = "float16"\n', "control character"),
+        ('[policy.""]\ndense = "float16"\n', "policy name"),
+        ("[policy.p]\ndescription = 5\n", "description must be a string"),
+    ],
+)
+def test_a_policy_table_is_one_that_can_be_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, needle: str
+) -> None:
+    (tmp_path / "n.toml").write_text(Path(SHOWCASE).read_text() + "\n" + table)
+    code, _, err = cli(["policies", "--network", str(tmp_path / "n.toml")], capsys)
+    one_line_error(code, err, needle)
+
+
+@pytest.mark.xfail(strict=True, reason="from_module took a policy named 5")
+def test_from_module_policy_names_are_strings() -> None:
+    with pytest.raises(InputError, match="policy name"):
+        fpgrad.from_module(torch.nn.Linear(2, 1), torch.ones(2, 2), torch.ones(2, 1),
+                           torch.nn.MSELoss(), policies={5: {"linear": "float32"}})  # type: ignore[dict-item]  # fmt: skip
