@@ -444,7 +444,6 @@ def test_a_cell_line_fpgrad_never_writes_is_damaged_and_runs_again(
 # ---- policy tables -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="policy names no command could name, and description = 5")
 @pytest.mark.parametrize(
     ("table", "needle"),
     [
@@ -463,7 +462,6 @@ def test_a_policy_table_is_one_that_can_be_named(
     one_line_error(code, err, needle)
 
 
-@pytest.mark.xfail(strict=True, reason="from_module took a policy named 5")
 def test_from_module_policy_names_are_strings() -> None:
     with pytest.raises(InputError, match="policy name"):
         fpgrad.from_module(torch.nn.Linear(2, 1), torch.ones(2, 2), torch.ones(2, 1),

@@ -29,10 +29,10 @@ import numpy as np
 
 from fpgrad.errors import InputError
 from fpgrad.graph.network import GraphNetwork, from_module
-from fpgrad.model.netfile import check_name
 from fpgrad.model.validate import (
     MAX_ELEMENTS,
     MAX_FILE_BYTES,
+    check_name,
     load_npy,
     load_toml,
     read_bytes,

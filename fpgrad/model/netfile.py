@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import os
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from fpgrad.model.validate import (
     MAX_WIDTH,
     check_float,
     check_int,
+    check_name,
     load_csv,
     load_npy,
     load_toml,
@@ -95,17 +95,6 @@ def load_network(path: str | Path) -> Network:
     path = Path(path)
     doc = load_toml(path, "network file")
     return parse_network(doc, base=path.parent, source=str(path))
-
-
-def check_name(value: Any, what: str) -> str:
-    """A name shown in tables and reports: a string of 1 to 200 characters, none of them a
-    control character (a newline or NUL would break the one-line rows)."""
-    if not isinstance(value, str) or not 0 < len(value) <= 200:
-        raise InputError(f"{what} must be a string of 1 to 200 characters (got {value!r:.40})")
-    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
-    if bad is not None:
-        raise InputError(f"{what} holds the control character {bad!r}; use printable characters")
-    return value
 
 
 def parse_network(
