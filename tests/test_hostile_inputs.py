@@ -466,3 +466,42 @@ def test_from_module_policy_names_are_strings() -> None:
     with pytest.raises(InputError, match="policy name"):
         fpgrad.from_module(torch.nn.Linear(2, 1), torch.ones(2, 2), torch.ones(2, 1),
                            torch.nn.MSELoss(), policies={5: {"linear": "float32"}})  # type: ignore[dict-item]  # fmt: skip
+
+
+# ---- empty option values -----------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True, reason="--tensorboard '' wrote into ./runs/ (SummaryWriter's default)"
+)
+def test_an_empty_tensorboard_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    d = _records(tmp_path, [META, OP, OPT, STEP])
+    code, _, err = cli(
+        ["watch-report", d, "--out", str(tmp_path / "r"), "--tensorboard", ""], capsys
+    )
+    one_line_error(code, err, "--tensorboard is empty")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(InputError, match="tensorboard"):
+        fpgrad.watch(torch.nn.Linear(2, 2), tensorboard="")
+
+
+@pytest.mark.xfail(
+    strict=True, reason="--policy ',,' blamed --precisions; --verdict ',' showed all rows"
+)
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--policy", ","], "--policy"),
+        (["--policy", "autocast,,autocast_bf16"], "--policy"),
+        (["--verdict", ","], "--verdict"),
+        (["--verdict", "rounding_zero,,nan"], "--verdict"),
+    ],
+)
+def test_empty_names_in_a_list_option_name_that_option(
+    capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    code, _, err = cli(["compare", SHOWCASE, "--precisions", "float16", *args], capsys)
+    one_line_error(code, err, needle, "empty")
