@@ -471,9 +471,6 @@ def test_from_module_policy_names_are_strings() -> None:
 # ---- empty option values -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="--tensorboard '' wrote into ./runs/ (SummaryWriter's default)"
-)
 def test_an_empty_tensorboard_directory_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -488,9 +485,6 @@ def test_an_empty_tensorboard_directory_is_refused(
         fpgrad.watch(torch.nn.Linear(2, 2), tensorboard="")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="--policy ',,' blamed --precisions; --verdict ',' showed all rows"
-)
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

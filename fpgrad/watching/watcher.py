@@ -93,6 +93,8 @@ class Watcher:
             ):
                 raise InputError(f"watch: {option} must be a directory path (str or pathlib.Path) "
                                  f"or None (got {type(value).__name__})")  # fmt: skip
+            if value is not None and not str(value).strip():
+                raise InputError(f"watch: {option} is empty; name a directory (or pass None)")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InputError(f"watch: every must be a positive integer (got {every!r})")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
