@@ -499,3 +499,28 @@ def test_empty_names_in_a_list_option_name_that_option(
 ) -> None:
     code, _, err = cli(["compare", SHOWCASE, "--precisions", "float16", *args], capsys)
     one_line_error(code, err, needle, "empty")
+
+
+# ---- .pt2 data in a safetensors file -----------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True, reason="a safetensors file with a bfloat16 tensor was 'not a safetensors file'"
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
+def test_a_safetensors_file_with_a_torch_only_dtype_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dtype: torch.dtype
+) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    save_file({"x": x.to(dtype), "y": torch.tensor([0, 1, 0, 1]), "other": x.bfloat16()},
+              tmp_path / "d.safetensors")  # fmt: skip
+    (tmp_path / "m.toml").write_text(
+        'inputs = ["d.safetensors:x"]\ntargets = "d.safetensors:y"\nloss = "cross_entropy"\n'
+    )
+    code, _, err = cli(["compare", str(tmp_path / "m.pt2"), "--precisions", "float32"], capsys)
+    assert code == 0, err
