@@ -504,9 +504,6 @@ def test_empty_names_in_a_list_option_name_that_option(
 # ---- .pt2 data in a safetensors file -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a safetensors file with a bfloat16 tensor was 'not a safetensors file'"
-)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
 def test_a_safetensors_file_with_a_torch_only_dtype_is_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], dtype: torch.dtype

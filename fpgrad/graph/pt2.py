@@ -188,9 +188,10 @@ def _tensor(spec: Any, base: Path, where: str, what: str) -> Any:
         if not key:
             raise InputError(f"{where}: {what}: name the tensor: {name}:KEY")
         regular_file_size(path, "data file", where=where)
-        from safetensors.numpy import load
+        import torch
+        from safetensors.torch import load
 
-        try:
+        try:  # torch's reader: bfloat16 and float8 tensors too (numpy has no such dtype)
             tensors = load(read_bytes(path, "data file", where=where))
         except Exception as exc:  # noqa: BLE001 - a malformed file is bad input
             raise InputError(
@@ -199,7 +200,11 @@ def _tensor(spec: Any, base: Path, where: str, what: str) -> Any:
         if key not in tensors:
             raise InputError(f"{where}: {name} has no tensor {key!r} "
                              f"(it has {', '.join(sorted(tensors)[:8]) or 'none'})")  # fmt: skip
-        arr = tensors[key]
+        tensor = tensors[key]
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32,
+                                                                torch.float64):  # fmt: skip
+            tensor = tensor.to(torch.float64)  # exact: every narrow format widens exactly
+        arr = tensor.numpy()
         if arr.size > MAX_ELEMENTS:
             raise InputError(f"{where}: {what}: {spec} holds {arr.size} numbers, above the limit "
                              f"of {MAX_ELEMENTS}; use less data")  # fmt: skip
