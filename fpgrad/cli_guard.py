@@ -127,6 +127,14 @@ def check_args(args: argparse.Namespace) -> None:
         check_int(opt("seed"), "--seed", 0, MAX_SEED)
     if isinstance(opt("loss_scale"), float):
         check_float(opt("loss_scale"), "--loss-scale", 0.0, 2.0**1000, open_low=True)
+    if opt("tensorboard") is not None and not str(opt("tensorboard")).strip():
+        raise InputError("--tensorboard is empty; name a directory (or leave --tensorboard out)")
+    for name in ("policy", "verdict"):
+        value = opt(name)
+        if isinstance(value, str) and not all(n.strip() for n in value.split(",")):
+            raise InputError(f"empty name in --{name} {value!r}; separate names by commas")
+    if cmd in ("compare", "advise", "run", "watch-report") and opt("out") == "":
+        raise InputError("--out is empty; name a directory (or leave --out out)")
     if cmd in ("train", "sweep") and isinstance(opt("out"), str):
         _out_dir(opt("out"), "--out", create=cmd == "train")
     if cmd == "report" and isinstance(opt("out"), str) and not opt("out").strip():

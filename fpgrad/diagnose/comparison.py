@@ -100,6 +100,13 @@ def compare(
     ``findings``: the diagnosis in words (:mod:`fpgrad.diagnose.diagnosis`; runs the advisor's counts).
     ``progress``: bars on stderr for phases over 2 s (None: when stderr is a terminal).
     """
+    from fpgrad.diagnose import api_args
+
+    api_args.check_network(net, "compare")
+    api_args.check_names(precisions, "precisions", "compare")
+    api_args.check_int(exact_bits, "exact_bits", "compare")
+    api_args.check_int(exact_max_bits, "exact_max_bits", "compare")
+    api_args.check_real(loss_scale, "loss_scale", "compare")
     if not isinstance(net, Network):  # a captured torch model (fpgrad.from_module)
         from fpgrad.diagnose.captured import to_comparison
         from fpgrad.graph.compare import compare_graph

@@ -246,6 +246,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
     import torch.fx.traceback as fx_traceback
 
     from fpgrad.graph.ops import unsupported_message
+    from fpgrad.graph.values import check_values
 
     if not isinstance(model, nn.Module):
         raise InputError(f"from_module needs a torch nn.Module, got {type(model).__name__}")
@@ -260,6 +261,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
                 f"{what} is empty (shape {tuple(t.shape)}): there is no example to diagnose; "
                 "pass at least one example (a batch of size >= 1)"
             )
+    check_values(model, xs, targets, loss)
     m64 = copy.deepcopy(model).to(torch.float64)
     names = [n for n, _ in m64.named_parameters()]
     if not names:

@@ -51,6 +51,10 @@ def from_module(
     >>> net.param_names
     ['weight', 'bias']
     """
+    from fpgrad.model.validate import check_name
+
+    if name is not None:
+        check_name(name, "from_module: name")
     own = parse_policies(policies or {}, "from_module")
     graph = capture(model, inputs, targets, loss)
     return GraphNetwork(graph, name or type(model).__name__, own)
@@ -64,8 +68,11 @@ def parse_policies(tables: Any, where: str) -> dict[str, Policy]:
         raise InputError(f"{where}: policies must be a dict of name -> policy table")
     out: dict[str, Policy] = {}
     for key, table in tables.items():
+        from fpgrad.model.validate import check_policy_name
+
+        check_policy_name(key, where)
         if isinstance(table, Policy):
-            out[str(key)] = table
+            out[key] = table
         else:
-            out[str(key)] = parse_policy(str(key), table, where)
+            out[key] = parse_policy(key, table, where)
     return out

@@ -20,7 +20,6 @@ ever unpickled. ``ExportedProgram.module()`` then runs as any model (:func:`from
 from __future__ import annotations
 
 import io
-import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from fpgrad.graph.network import GraphNetwork, from_module
 from fpgrad.model.validate import (
     MAX_ELEMENTS,
     MAX_FILE_BYTES,
+    check_name,
     load_npy,
     load_toml,
     read_bytes,
@@ -95,10 +95,10 @@ def load_program(path: Path) -> Any:
         raise InputError(f"{path}: the program holds {exc}; fpgrad never unpickles arbitrary "
                          "objects: export a model whose constants are tensors") from None  # fmt: skip
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        what = (f"a pickled object ({found.group(1)})" if found else
-                f"not only tensors ({detail.group(1).strip() if detail else _first_line(exc)})")  # fmt: skip
+        from fpgrad.model.from_torch.model_file import refused_pickle
+
+        found, detail = refused_pickle(exc)
+        what = f"a pickled object ({found})" if found else f"not only tensors ({detail})"
         raise InputError(f"{path}: torch.load(weights_only=True) refused a member of the program: "
                          f"{what}; fpgrad never unpickles arbitrary objects") from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - anything torch cannot read is bad input
@@ -188,9 +188,10 @@ def _tensor(spec: Any, base: Path, where: str, what: str) -> Any:
         if not key:
             raise InputError(f"{where}: {what}: name the tensor: {name}:KEY")
         regular_file_size(path, "data file", where=where)
-        from safetensors.numpy import load
+        import torch
+        from safetensors.torch import load
 
-        try:
+        try:  # torch's reader: bfloat16 and float8 tensors too (numpy has no such dtype)
             tensors = load(read_bytes(path, "data file", where=where))
         except Exception as exc:  # noqa: BLE001 - a malformed file is bad input
             raise InputError(
@@ -199,7 +200,11 @@ def _tensor(spec: Any, base: Path, where: str, what: str) -> Any:
         if key not in tensors:
             raise InputError(f"{where}: {name} has no tensor {key!r} "
                              f"(it has {', '.join(sorted(tensors)[:8]) or 'none'})")  # fmt: skip
-        arr = tensors[key]
+        tensor = tensors[key]
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32,
+                                                                torch.float64):  # fmt: skip
+            tensor = tensor.to(torch.float64)  # exact: every narrow format widens exactly
+        arr = tensor.numpy()
         if arr.size > MAX_ELEMENTS:
             raise InputError(f"{where}: {what}: {spec} holds {arr.size} numbers, above the limit "
                              f"of {MAX_ELEMENTS}; use less data")  # fmt: skip
@@ -267,5 +272,5 @@ def load_pt2(spec: str) -> GraphNetwork:
     except Exception as exc:  # noqa: BLE001 - a program torch cannot unlift is bad input
         raise InputError(f"{name}: torch cannot turn the program into a module "
                          f"({_first_line(exc)})") from None  # fmt: skip
-    label = doc.get("name", path.stem)
-    return from_module(model, inputs, targets, loss, name=str(label))
+    label = check_name(doc.get("name", path.stem), f"{data_path}: name")
+    return from_module(model, inputs, targets, loss, name=label)

@@ -36,6 +36,7 @@ file, an imported model and the Python API are held to the same rules.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from fpgrad.model.validate import (
     MAX_WIDTH,
     check_float,
     check_int,
+    check_name,
     load_csv,
     load_npy,
     load_toml,
@@ -86,6 +88,10 @@ _INIT_KEYS = {"scheme", "value", "low", "high", "mean", "std", "gain"}
 
 def load_network(path: str | Path) -> Network:
     """Read and validate a network file; raises InputError with a one-line message."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise InputError(
+            f"load_network: path must be a str or pathlib.Path (got {type(path).__name__})"
+        )
     path = Path(path)
     doc = load_toml(path, "network file")
     return parse_network(doc, base=path.parent, source=str(path))
@@ -137,7 +143,8 @@ def parse_network(
         names.add(layer.name)
         layers.append(layer)
     y = _check_targets(loss, y, width, where)
-    net = Network(tuple(layers), loss, x, y, name=str(doc.get("name", Path(source).stem)))
+    net = Network(tuple(layers), loss, x, y, name=check_name(doc.get("name", Path(source).stem),
+                                                             f"{where}: name"))  # fmt: skip
     return parse_policies(doc.get("policy", {}), net, where)
 
 
@@ -148,7 +155,9 @@ def parse_policies(doc: Any, net: Network, where: str) -> Network:
     from fpgrad.model.policy import parse_policy
 
     if not isinstance(doc, dict):
-        raise InputError(f"{where}: policy must be tables [policy.NAME]; see docs/howto/policies.md")
+        raise InputError(
+            f"{where}: policy must be tables [policy.NAME]; see docs/howto/policies.md"
+        )
     policies = {}
     for name, table in doc.items():
         policy = parse_policy(name, table, where)
@@ -325,9 +334,7 @@ def _parse_layer(
             f"{where}: layer {index} ({kind}): unknown key {sorted(unknown)[0]!r}; "
             f"allowed: {', '.join(sorted(allowed))}"
         )
-    name = spec.get("name", f"{kind}{index}")
-    if not isinstance(name, str) or not 0 < len(name) <= 200:
-        raise InputError(f"{where}: layer {index}: name must be a string of 1 to 200 characters")
+    name = check_name(spec.get("name", f"{kind}{index}"), f"{where}: layer {index}: name")
     at = f"{where}: layer {index} ({name})"
     if index == 0 and kind in ACTIVATIONS:
         raise InputError(

@@ -306,6 +306,9 @@ def _emulated_fields(policy: Policy) -> dict[str, Any]:
 
 def parse_policy(name: str, table: Any, where: str = "network") -> Policy:
     """A user policy from a ``[policy.NAME]`` table of a network file."""
+    from fpgrad.model.validate import check_policy_name
+
+    check_policy_name(name, where)
     at = f"{where}: [policy.{name}]"
     if not isinstance(table, Mapping):
         raise InputError(f"{at} must be a table of op = precision entries")
@@ -330,7 +333,9 @@ def parse_policy(name: str, table: Any, where: str = "network") -> Policy:
         elif key == "default":
             kw[key] = _precision(value, f"{at}.default")
         elif key == "description":
-            kw[key] = str(value)
+            if not isinstance(value, str):
+                raise InputError(f"{at}.description must be a string (got {value!r:.40})")
+            kw[key] = value
         elif key == "layers":
             if not isinstance(value, Mapping):
                 raise InputError(f"{at}.layers must be a table of layer name = precision")

@@ -11,6 +11,7 @@ import math
 import os
 import stat
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,26 @@ def load_csv(path: Path, where: str, max_elements: int = MAX_ELEMENTS) -> np.nda
 
 
 # ---- numbers and options --------------------------------------------------------------------
+
+
+def check_name(value: Any, what: str) -> str:
+    """A name shown in tables and reports: a string of 1 to 200 characters, none of them a
+    control character (a newline or NUL would break the one-line rows)."""
+    if not isinstance(value, str) or not 0 < len(value) <= 200:
+        raise InputError(f"{what} must be a string of 1 to 200 characters (got {value!r:.40})")
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise InputError(f"{what} holds the control character {bad!r}; use printable characters")
+    return value
+
+
+def check_policy_name(value: Any, where: str) -> str:
+    """A policy's name: a name (:func:`check_name`) that a command line can name, so without
+    ``,`` (between names), ``+`` (before a run's options) and ``:`` (before a qualifier)."""
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in ",+:"):
+        raise InputError(f"{where}: policy name {value!r:.40} must be a non-empty string without "
+                         "',', '+' or ':' (the command line separates names with them)")  # fmt: skip
+    return check_name(value, f"{where}: policy name")
 
 
 def check_int(value: Any, what: str, low: int, high: int) -> int:

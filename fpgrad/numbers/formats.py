@@ -242,6 +242,10 @@ _CUSTOM = re.compile(r"^e(\d{1,4})m(\d{1,4})$")  # more digits are out of range 
 
 def get_format(name: str) -> Format:
     """The catalogue format called ``name`` (or an alias), or a custom IEEE ``eXmY``."""
+    if not isinstance(name, str):
+        raise InputError(
+            f"a format name must be a string such as 'float16' or 'e5m2' (got {type(name).__name__})"
+        )
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     if key in CATALOGUE:

@@ -101,6 +101,29 @@ def _generator(rng: np.random.Generator | int | None) -> np.random.Generator:
     return np.random.default_rng(0 if rng is None else rng)
 
 
+def _as_values(x: Any) -> np.ndarray:
+    """``x`` as a float64 array: numbers, nested lists of them, numpy arrays, CPU tensors; an
+    InputError for anything else (None, strings, dicts, complex, ragged lists, meta tensors)."""
+    from fpgrad.errors import InputError
+
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise InputError(
+            f"round_to: values must be numbers or an array of them (got {type(x).__name__})"
+        )
+    try:
+        if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
+            x = x.detach().cpu().double().numpy()  # any dtype torch has (bfloat16 too)
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{arr.dtype} values")
+        return np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError, RuntimeError, NotImplementedError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"round_to: values must be real numbers or a rectangular array of them ({first[:120]})"
+        ) from None
+
+
 def round_to(
     x: Any,
     fmt: Format | str,
@@ -140,7 +163,7 @@ def round_to(
     fmt = _as_format(fmt)
     mode = parse_mode(mode)
     sub = fmt.subnormals if subnormals is None else bool(subnormals)
-    x = np.asarray(x, dtype=np.float64)
+    x = _as_values(x)
     if _use_kernel(x.size):
         return _round_to_kernel(x, fmt, mode, sub, rng)
     return _round_to_numpy(x, fmt, mode, sub, rng)

@@ -179,6 +179,10 @@ def _parse_value(
     text = item.strip() if isinstance(item, str) else None
     if text is not None and ".." in text and axis in ("seed", "loss_scale"):
         lo, _, hi = text.partition("..")
+        if ".." in hi:
+            raise InputError(
+                f"grid axis {axis}: range {text[:40]!r} has more than one '..'; write LOW..HIGH"
+            )
         if axis == "seed":
             a, b = _parse_value(axis, lo, task)[0], _parse_value(axis, hi, task)[0]
             if b - a >= MAX_AXIS_VALUES:

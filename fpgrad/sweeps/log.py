@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -41,21 +42,30 @@ _OK = {  # the fields of an "ok" record that the table, CSV and plot read, per t
 }
 
 
+#: integers of a cell line are below this (JSON reads any number of digits)
+_BIG = 2**63
+
+
 def _fits(value: Any, spec: Any) -> bool:
+    """Whether ``value`` is what fpgrad writes for ``spec``: non-finite numbers are written as
+    the strings "inf", "-inf", "nan", never as JSON's NaN/Infinity literals."""
     if spec == _NUM:
         if isinstance(value, str):
             return value in ("inf", "-inf", "nan")
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return abs(value) < _BIG
+        return isinstance(value, float) and math.isfinite(value)
     if spec == "counts":
         return isinstance(value, dict) and all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value.values()
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < _BIG
+            for n in value.values()
         )
     if isinstance(spec, dict):
         return isinstance(value, dict) and all(
             k in value and _fits(value[k], s) for k, s in spec.items()
         )
     if spec is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < _BIG
     return isinstance(value, spec)
 
 

@@ -135,6 +135,17 @@ def sweep(
     if task not in TASKS:
         raise InputError(f"unknown sweep task {task!r}; use compare or train")
     opts = _options(task, options)
+    from fpgrad.diagnose.api_args import check_int
+
+    check_int(workers, "workers", "sweep", none=True)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise InputError(
+            f"sweep: out_dir must be a str or pathlib.Path (got {type(out_dir).__name__})"
+        )
+    if grid is not None and not isinstance(grid, Mapping):
+        raise InputError(
+            f"sweep: grid must be a dict of axis -> values (got {type(grid).__name__})"
+        )
     if workers is not None and (isinstance(workers, bool) or workers < 0):
         raise InputError(f"--workers must be >= 0 (got {workers})")
     if workers is not None and scheduler is not None:

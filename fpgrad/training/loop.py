@@ -42,8 +42,21 @@ def train(
     ``exact_max_bits``: the cap of its precision escalation (default 8192). A captured model
     (:func:`fpgrad.from_module`) trains by :func:`fpgrad.graph.train.train_graph`.
     """
+    from fpgrad.diagnose import api_args
     from fpgrad.graph.network import GraphNetwork
+    from fpgrad.model.validate import MAX_OPTION_COUNT, MAX_STEPS
 
+    api_args.check_network(net, "train")
+    api_args.check_int(steps, "steps", "train", high=MAX_STEPS)
+    if cfg is not None and not isinstance(cfg, OptimConfig):
+        raise InputError(f"train: cfg must be an fpgrad.run.optim.OptimConfig or None (got "
+                         f"{type(cfg).__name__})")  # fmt: skip
+    api_args.check_names(runs, "runs", "train")
+    api_args.check_int(batch_size, "batch_size", "train", high=MAX_OPTION_COUNT, none=True)
+    api_args.check_int(seed, "seed", "train", low=0)
+    api_args.check_int(exact_bits, "exact_bits", "train")
+    api_args.check_int(verdict_every, "verdict_every", "train", 1, MAX_STEPS, none=True)
+    api_args.check_int(exact_max_bits, "exact_max_bits", "train", none=True)
     if isinstance(net, GraphNetwork):
         from fpgrad.graph.train import train_graph
 

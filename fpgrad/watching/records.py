@@ -49,28 +49,45 @@ def _float(v: Any) -> Any:
 
 
 def read_records(directory: str | Path) -> list[dict[str, Any]]:
-    """The records of a watch directory; a bad file raises InputError naming the line."""
+    """The records of a watch directory; a bad file raises InputError naming the line (a last
+    line without its newline is a run still writing it, and is left out)."""
+    from fpgrad.model.validate import read_bytes
+    from fpgrad.watching.schema import check_record
+
     path = Path(directory) / FILENAME
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise InputError(
             f"{str(directory)!r} holds no {FILENAME}; pass the out= directory of fpgrad.watching"
         )
+    data = read_bytes(path, "watch records file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not UTF-8 text (byte {exc.start}); is this a watch directory?"
+        ) from None
+    lines = text.split("\n")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if n > 1 and not line.endswith("\n"):
-                    break  # the run is still writing this line
-                raise InputError(
-                    f"{path}:{n}: not a JSON line; is this a watch directory?"
-                ) from None
-            if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
-                raise InputError(
-                    f"{path}:{n}: not a watch record (kind must be one of {', '.join(KINDS)})"
-                )
-            out.append({k: _float(v) for k, v in rec.items()})
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n > 1 and n == len(lines):
+                break  # the run is still writing this line
+            raise InputError(f"{path}:{n}: not a JSON line; is this a watch directory?") from None
+        except RecursionError:
+            raise InputError(f"{path}:{n}: arrays or objects nest too deep; is this a watch "
+                             "directory?") from None  # fmt: skip
+        except ValueError as exc:  # an integer beyond Python's 4300 digits
+            raise InputError(f"{path}:{n}: a number has too many digits ({exc}); is this a "
+                             "watch directory?") from None  # fmt: skip
+        if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
+            raise InputError(
+                f"{path}:{n}: not a watch record (kind must be one of {', '.join(KINDS)})"
+            )
+        rec = {k: _float(v) for k, v in rec.items()}
+        check_record(rec, f"{path}:{n} ({rec['kind']} record)")
+        out.append(rec)
     return out

@@ -16,6 +16,8 @@ class TensorBoardWriter:
     """Writes the scalars of each batch of records into an event file in ``logdir``."""
 
     def __init__(self, logdir: str | Path) -> None:
+        if not str(logdir).strip():
+            raise InputError("watch tensorboard= is empty; name a directory (or pass None)")
         try:
             import tensorboard  # noqa: F401  (SummaryWriter needs the package itself)
             from torch.utils.tensorboard import SummaryWriter

@@ -14,6 +14,7 @@ parameter (fpgrad.watching.optimizer). Unsampled steps run with no mode installe
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -86,6 +87,14 @@ class Watcher:
             raise InputError("watch: optimizer must be a torch.optim.Optimizer or None")
         if scaler is not None and not (hasattr(scaler, "update") and hasattr(scaler, "get_scale")):
             raise InputError("watch: scaler must be a torch.amp.GradScaler or None")
+        for option, value in (("out", out), ("tensorboard", tensorboard)):
+            if value is not None and (
+                isinstance(value, bytes) or not isinstance(value, (str, os.PathLike))
+            ):
+                raise InputError(f"watch: {option} must be a directory path (str or pathlib.Path) "
+                                 f"or None (got {type(value).__name__})")  # fmt: skip
+            if value is not None and not str(value).strip():
+                raise InputError(f"watch: {option} is empty; name a directory (or pass None)")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InputError(f"watch: every must be a positive integer (got {every!r})")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler

@@ -192,6 +192,13 @@ def advice_from_values(
     lim = _Limits.of(f)
     groups = {"gradients": grads, "signals": signals}
     nonzero = [v for v in (grads, signals, seed) if v.size]
+    if not nonzero:
+        under = f" under policy {policy}" if policy else ""
+        raise InputError(
+            f"{name}: no exact non-zero value is computed in {f.name}{under}, so no loss scale "
+            f"changes anything; advise for a format the network{under} computes in"
+            + (" (drop --format to take the policy's narrowest)" if policy else "")
+        )
     lo_all = min(float(v.mag.min()) for v in nonzero)
     hi_all = max(float(v.mag.max()) for v in nonzero)
     # log2 of each side (a ratio overflows for subnormal values), clamped before rounding

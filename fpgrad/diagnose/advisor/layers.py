@@ -78,6 +78,13 @@ def advise(
     built once; compare's diagnosis advises float16 and bfloat16 on one trace). A captured model
     (:func:`fpgrad.from_module`) is advised by :func:`fpgrad.graph.advise.advise_graph`.
     """
+    from fpgrad.diagnose import api_args
+
+    api_args.check_network(net, "advise")
+    if fmt is not None and not isinstance(fmt, str):
+        get_format(fmt)  # the one-line refusal of a name that is not a string
+    api_args.check_int(bits, "bits", "advise")
+    api_args.check_exponents(exponents, "advise")
     if not isinstance(net, Network):
         from fpgrad.graph.advise import advise_graph
 

@@ -54,17 +54,15 @@ def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, Any]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            found, detail = refused_pickle(exc)
             if found is None:
-                detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
                 raise InputError(
-                    f"{path}: not a state dict file of torch.save "
-                    f"({detail.group(1).strip() if detail else _first_line(exc)}); save the weights "
+                    f"{path}: not a state dict file of torch.save ({detail}); save the weights "
                     "with torch.save(model.state_dict(), PATH)"
                 ) from None
             raise InputError(
                 f"{path}: torch.load(weights_only=True) refused it: it holds a pickled object "
-                f"({found.group(1)}), not only tensors, and fpgrad never unpickles arbitrary "
+                f"({found}), not only tensors, and fpgrad never unpickles arbitrary "
                 "objects; save the weights with torch.save(model.state_dict(), PATH)"
             ) from None
         except Exception as exc:  # noqa: BLE001 - anything torch.load cannot read is bad input
@@ -123,6 +121,26 @@ def _check_tensors(obj: Mapping[Any, Any], path: Path, torch: Any) -> None:
                 f"{path}: the state dict holds more than {MAX_ELEMENTS} numbers; fpgrad's exact "
                 "reference is for smaller models"
             )
+
+
+#: the global a weights-only unpickler refused, in torch's wordings before and after 2.6
+_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+#: torch's preamble, which advises ``weights_only=False``: never quoted
+_PREAMBLE = re.compile(r"^\s*Weights only load failed\.")
+
+
+def refused_pickle(exc: BaseException) -> tuple[str | None, str]:
+    """(the refused global, or None; a one-line detail) of torch.load(weights_only=True)'s
+    UnpicklingError, without torch's advice to load it with weights_only=False."""
+    text = str(exc)
+    found = _GLOBAL.search(text)
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if detail:
+        return (found.group(1) if found else None), detail.group(1).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not _PREAMBLE.match(ln) and "weights_only" not in ln
+             and not ln.startswith("Check the documentation")]  # fmt: skip
+    return (found.group(1) if found else None), (lines[0] if lines else type(exc).__name__)
 
 
 def _first_line(exc: BaseException) -> str:
