@@ -573,3 +573,31 @@ def test_an_undecidable_max_pool_tie_is_undetermined_never_guessed() -> None:
     for key in ("loss", "grads/w", "grads/v"):
         assert np.all(r.undetermined_masks[key]), key
         assert not np.any(r.zeros[key]), key
+
+
+class _AvgPool3d(nn.Module):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__()
+        self.c, self.kw = nn.Conv3d(1, 2, 2), kw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool3d(torch.tanh(self.c(x)), **self.kw).flatten(1)
+
+
+@pytest.mark.parametrize("kw", [
+    {"kernel_size": 2},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True, "count_include_pad": False},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+    {"kernel_size": (2, 3, 2), "stride": 1, "divisor_override": 5},
+])  # fmt: skip
+def test_avg_pool3d_native_bit_for_bit_and_exact(kw: dict) -> None:
+    """nn.AvgPool3d's geometry (padding, ceil_mode's clipped windows, the three divisors):
+    native columns are eager's, the exact balls hold torch float64's."""
+    from tests.oracle.native_exact import check
+
+    torch.manual_seed(0)
+    m, x = _AvgPool3d(**kw), torch.randn(2, 1, 6, 7, 5)
+    with torch.no_grad():
+        y = torch.randn(2, m(x).shape[1])
+    check(m, x, y, nn.MSELoss(), digits=30)
+    fpgrad.compare(fpgrad.from_module(m, x, y, nn.MSELoss()), "bfloat16:emulated")

@@ -1,4 +1,5 @@
-"""Adaptive max pooling (2-D), 3-D max pooling, bilinear upsampling, pixel (un)shuffle.
+"""Adaptive max pooling (2-D), 3-D max and average pooling, bilinear upsampling, pixel
+(un)shuffle.
 
 Max pooling over windows given per spatial axis as (K, O) positions with a validity mask:
 the first maximum is decided on exact values as :func:`fpgrad.graph.ops.conv.max_pool2d`
@@ -25,6 +26,7 @@ import numpy as np
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
+from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.conv import _first_max, _increasing_source, _pool_size
 from fpgrad.graph.ops.registry import op
 
@@ -171,6 +173,74 @@ def _three(v: Any) -> tuple[int, int, int]:
 def max_pool3d_backward(cx: Any, g: Any, x: Any, k: Any, stride: Any, padding: Any,
                         dilation: Any, ceil_mode: bool, indices: np.ndarray) -> Any:  # fmt: skip
     return _scatter(cx, g, indices, shapes.shape(x), 3)
+
+
+def _avg_geometry(cx: Any, s: Any, k: Any, stride: Any, padding: Any, ceil_mode: bool,
+                  count_include_pad: bool, divisor: Any) -> tuple[list, list, np.ndarray]:  # fmt: skip
+    """(positions, masks, divisor per output cell) of torch's 3-D average pooling: the
+    window clipped at the padded input (``count_include_pad``), its cells inside the input,
+    or ``divisor``."""
+    kk = _three(k)
+    st, pd = (_three(stride) if stride else kk), _three(padding)
+    if any(2 * p > q for p, q in zip(pd, kk, strict=True)):
+        raise InputError(f"{cx.label()}: pooling padding must be at most half the kernel")
+    axes, sizes = [], []
+    for n, (k1, s1, p1) in zip(s[-3:], zip(kk, st, pd, strict=True), strict=True):
+        pos, ok = _pool_axis(int(n), k1, s1, p1, 1, bool(ceil_mode))
+        start = pos[0]
+        end = np.minimum(start + k1, int(n) + p1)
+        inside = np.minimum(end, int(n)) - np.maximum(start, 0)
+        axes.append((pos, ok))
+        sizes.append(end - start if count_include_pad else inside)
+    div = np.multiply.outer(np.multiply.outer(sizes[0], sizes[1]), sizes[2]).astype(np.float64)
+    if divisor:
+        div = np.full(div.shape, float(divisor))
+    return [a[0] for a in axes], [a[1] for a in axes], div
+
+
+def _divide(cx: Any, v: Any, div: np.ndarray) -> Any:
+    if np.all(div == div.flat[0]):
+        return cx.ar.div(v, cx.ar.const(float(div.flat[0])))
+    return cx.ar.div(v, cx.ar.asarray(np.broadcast_to(div, shapes.shape(v)).copy()))
+
+
+@op("aten.avg_pool3d.default")
+def avg_pool3d(cx: Any, x: Any, k: Any, stride: Any = (), padding: Any = 0, ceil_mode: bool = False,
+               count_include_pad: bool = True, divisor: Any = None) -> Any:  # fmt: skip
+    """Window sums (cells outside the input are 0) over torch's divisor."""
+    xs = shapes.shape(x)
+    unbatched = len(xs) == 4
+    x = shapes.unsqueeze(x, 0) if unbatched else x
+    pos, ok, div = _avg_geometry(cx, xs, k, stride, padding, ceil_mode, count_include_pad, divisor)
+    c, (mask, _) = _windows(cx, x, pos, ok)
+    if mask is not None:
+        c = cx.ar.where(mask, c, cx.ar.asarray(np.zeros(shapes.shape(c))))
+    out = _divide(cx, sum_dims(cx, c, [2], False), div)
+    return shapes.squeeze_dims(out, [0]) if unbatched else out
+
+
+@op("aten.avg_pool3d_backward.default")
+def avg_pool3d_backward(cx: Any, g: Any, x: Any, k: Any, stride: Any, padding: Any,
+                        ceil_mode: bool, count_include_pad: bool, divisor: Any) -> Any:  # fmt: skip
+    """Each output's ``grad / divisor`` added to its window's cells inside the input, output
+    after output, cells in order (torch's CPU loop)."""
+    xs = shapes.shape(x)
+    unbatched = len(xs) == 4
+    if unbatched:
+        g, xs = shapes.unsqueeze(g, 0), (1, *xs)
+    pos, ok, div = _avg_geometry(cx, xs, k, stride, padding, ceil_mode, count_include_pad, divisor)
+    share = _divide(cx, g, div)  # (N, C, O...)
+    _, (mask, flat) = _windows(cx, cx.ar.asarray(np.zeros((1, 1, *xs[2:]))), pos, ok)
+    kk = flat.shape[0]
+    gs = shapes.shape(share)
+    cells = shapes.expand(shapes.unsqueeze(share, len(gs)), (*gs, kk))  # (N, C, O..., K)
+    if mask is not None:
+        inside = np.moveaxis(np.asarray(mask)[0, 0], 0, -1)  # (O..., K)
+        cells = cx.ar.where(np.broadcast_to(inside, shapes.shape(cells)), cells,
+                            cx.ar.asarray(np.zeros(shapes.shape(cells))))  # fmt: skip
+    idx = np.broadcast_to(np.moveaxis(flat, 0, -1).reshape(1, -1), (gs[0] * gs[1], flat.size))
+    out = _scatter(cx, shapes.reshape(cells, (gs[0], gs[1], -1)), idx, xs, 3)
+    return shapes.squeeze_dims(out, [0]) if unbatched else out
 
 
 # ---- bilinear upsampling --------------------------------------------------------------------
