@@ -1,0 +1,68 @@
+"""Adversarial checks on the newest op families (attack15): each test states a fact that the
+certified reference or a native column must respect, with an oracle written independently of
+fpgrad (exact rationals, mpmath from torch's definitions, torch eager autograd)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fpgrad
+from fpgrad.graph.exact import exact_graph
+from tests.oracle.graph_reference import CTX
+from tests.test_graph_oracle import _claims
+
+
+def _mpf(q: Fraction) -> object:
+    return CTX.mpf(q.numerator) / q.denominator
+
+
+class _VarAndAlpha(nn.Module):
+    """``add(var(x, 1), (x - mean(x, 1)) * w, alpha=2/3)`` with x = p * input: the backward
+    holds var's ``mul.Scalar(g, fl(2 / 3))`` and add's own ``mul.Scalar(g, alpha)``, the same
+    float, each followed by a product with ``x - mean(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor([[1.0, 2.0, 4.0, 8.0], [0.5, -1.0, 3.0, 2.0]],
+                                           dtype=torch.float64))  # fmt: skip
+        self.w = nn.Parameter(torch.tensor([[1.0, 0.5, -2.0, 1.0], [1.0, 2.0, 1.0, 1.0]],
+                                           dtype=torch.float64))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xx = self.p * x
+        d = xx - xx.mean(1, keepdim=True)
+        return torch.add(xx.var(1, keepdim=True), d * self.w, alpha=2 / 3)
+
+
+@pytest.mark.xfail(strict=True, reason="add's alpha = fl(2/3) in the backward is read as var's "
+                   "rational 2 / (n - correction): certified values 1e-16 off")
+def test_a_models_own_alpha_is_not_read_as_var_backward_divisor() -> None:
+    """L = sum_ij (v_i + a d_ij w_ij)^2, v the unbiased variance of row i of p, d = p - mean,
+    a = fl(2/3) (the float64 the model wrote); dL/dw_ij = 2 (v_i + a d_ij w_ij) a d_ij, every
+    term an exact rational (Fractions). The add's backward scales by the float a, which equals
+    var's float64 2 / (4 - 1): the exact reference read it as the rational 2/3 (values
+    certified to 42 digits, 1e-16 off the true ones)."""
+    model = _VarAndAlpha()
+    x = torch.ones(2, 4, dtype=torch.float64)
+    y = torch.zeros(2, 4, dtype=torch.float64)
+    net = fpgrad.from_module(model, x, y, nn.MSELoss(reduction="sum"))
+    ex = exact_graph(net.graph).result
+    a = Fraction(2 / 3)
+    p = [[Fraction(v) for v in row] for row in model.p.detach().tolist()]
+    w = [[Fraction(v) for v in row] for row in model.w.detach().tolist()]
+    gw = np.empty((2, 4), dtype=object)
+    loss = Fraction(0)
+    for i in range(2):
+        mean = sum(p[i]) / 4
+        d = [v - mean for v in p[i]]
+        var = sum(e * e for e in d) / 3
+        for j in range(4):
+            gw[i, j] = _mpf(2 * (var + a * d[j] * w[i][j]) * a * d[j])
+            loss += (var + a * d[j] * w[i][j]) ** 2
+    _claims(ex, "loss", np.array(_mpf(loss), dtype=object).reshape(()), CTX.mpf(0))
+    _claims(ex, "grads/w", gw, CTX.mpf(0))
