@@ -7,7 +7,6 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -39,8 +38,6 @@ class _VarAndAlpha(nn.Module):
         return torch.add(xx.var(1, keepdim=True), d * self.w, alpha=2 / 3)
 
 
-@pytest.mark.xfail(strict=True, reason="add's alpha = fl(2/3) in the backward is read as var's "
-                   "rational 2 / (n - correction): certified values 1e-16 off")
 def test_a_models_own_alpha_is_not_read_as_var_backward_divisor() -> None:
     """L = sum_ij (v_i + a d_ij w_ij)^2, v the unbiased variance of row i of p, d = p - mean,
     a = fl(2/3) (the float64 the model wrote); dL/dw_ij = 2 (v_i + a d_ij w_ij) a d_ij, every

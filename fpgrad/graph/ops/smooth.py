@@ -44,7 +44,7 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import _slot, above, zeros
+from fpgrad.graph.ops._util import _slot, above, feeds_forward_outputs, zeros
 from fpgrad.graph.ops.registry import OPS, op
 
 
@@ -230,25 +230,6 @@ def atan(cx: Any, x: Any) -> Any:
 ERF_SCALE = 2.0 / math.sqrt(math.pi)
 
 
-def _feeds_forward_outputs(cx: Any, node: fx.Node) -> bool:
-    """Does ``node`` reach the loss or a tap's value (the graph's forward outputs: flat
-    outputs 0 and those after the gradients, :func:`fpgrad.graph.capture.split_outputs`)?
-    A backward op reaches only gradients."""
-    out = next(n for n in node.graph.nodes if n.op == "output")
-    flat = list(out.args[0])
-    first_value = 1 + len(cx.graph.param_names) + len(cx.graph.taps)
-    targets = {id(v) for v in [flat[0], *flat[first_value:]] if isinstance(v, fx.Node)}
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if id(n) in targets:
-            return True
-        if id(n) not in seen:
-            seen.add(id(n))
-            todo += list(n.users)
-    return False
-
-
 def erf_scale(cx: Any, value: float) -> Any | None:
     """``2 / sqrt(pi) = 2 sqrt(2) phi(0)`` (in ``cx.ar``) where this node multiplies
     ``exp(-x^2)`` of an erf's input ``x`` by torch's float64 ``2 / sqrt(pi)``; else None."""
@@ -266,7 +247,7 @@ def erf_scale(cx: Any, value: float) -> Any | None:
         str(u.target) == "aten.erf.default" for u in chain.users
     ):
         return None
-    if _feeds_forward_outputs(cx, node):
+    if feeds_forward_outputs(cx, node):
         return None  # the model's own constant (torch's backward never feeds the loss)
     ar = cx.ar
     two_phi0 = ar.mul(_slot(cx, "npdf")(ar.const(0.0)), ar.const(2.0))
