@@ -37,6 +37,7 @@ its backward torch's ``grad (t + (x s) (1 - t t))``; celu is elu with ``input_sc
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -174,12 +175,31 @@ def celu_scale(cx: Any, alpha: float, scale: float, input_scale: float) -> bool:
     inv32 = 1.0 / a32 if a32 != 0 else math.copysign(math.inf, a32)
     if input_scale not in (1.0 / alpha, inv32):
         return False
+    celu = elu = False
     for user in [*node.users, node]:  # celu(x) reads x; in place, torch saves celu_'s output
+        a = _arg(user, 1, "alpha", 1.0)
+        if not isinstance(a, (int, float)) or float(a) != alpha:
+            continue
         if str(user.target) in ("aten.celu.default", "aten.celu_.default"):
-            a = user.args[1] if len(user.args) > 1 else user.kwargs.get("alpha", 1.0)
-            if isinstance(a, (int, float)) and float(a) == alpha:
-                return True
-    return False
+            celu = True
+        elif str(user.target) in ("aten.elu.default", "aten.elu_.default"):
+            elu |= (_arg(user, 2, "scale", 1), _arg(user, 3, "input_scale", 1)) == (1, input_scale)
+    if celu and elu and Fraction(input_scale) * Fraction(alpha) != 1:
+        # an elu of the same input whose backward carries the same constants: this node may
+        # be either's, and their derivatives differ (e^(x / alpha) and alpha input_scale
+        # e^(input_scale x)); which op autograd derived it from is not in the node
+        from fpgrad.errors import InputError
+
+        raise InputError(
+            f"{cx.label()}: elu_backward could be celu's or elu's (elu and celu of the same "
+            f"input with alpha={alpha!r}, whose float32 gives celu's input_scale "
+            f"{input_scale!r}); use a different alpha for one of them"
+        )
+    return celu
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 @op("aten.log1p.default")
