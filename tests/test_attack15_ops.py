@@ -7,7 +7,6 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -161,7 +160,6 @@ _SOFT = torch.tensor([0.9, 0.1, 1.0, 0.3], dtype=torch.float64)
 _POS_WEIGHT = torch.tensor([3.0, 0.7, 1.3, 2.9], dtype=torch.float64)
 
 
-@pytest.mark.xfail(strict=True, reason="pos_weight * target + 1 - target rounded by torch")
 def test_bce_with_logits_against_constant_soft_targets_and_pos_weight() -> None:
     """BCE with logits, pos_weight p and soft targets t held by the loss (constants of the
     graph, not its targets): L = mean_i (p_i t_i sp(-z_i) + (1 - t_i) sp(z_i)), z = w x;

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from fpgrad.arith.base import Arith
+from fpgrad.arith.base import Arith, ExactDerivatives
 from fpgrad.graph.capture import Graph, split_outputs
 from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.ops import OPS
@@ -85,6 +85,32 @@ def _enter_const(ar: Arith, value: Any) -> Any:
     return arr.copy()
 
 
+def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> Any:
+    """Exact systems: the constant ``node`` computed in ``ar`` where it does arithmetic on
+    floating constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss
+    holds): torch's float64 value of such a node is a rounding, not the real the graph
+    defines, and the exact systems compute the model's real function. None where torch's
+    value stands: other systems, a result that is not a finite floating tensor, no floating
+    input (creation ops: zeros, arange, masks of comparisons), a non-finite input (an
+    additive ``-inf`` mask), or an op the registry lacks."""
+    if not isinstance(ar, ExactDerivatives) or op_key(node) not in OPS:
+        return None
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return None
+    if not bool(torch.isfinite(value).all()):
+        return None
+    reads = [env[n.name] for n in node.all_input_nodes]
+    if any(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in reads):
+        return None  # a non-finite constant (_enter_const keeps it as numpy)
+    if all(isinstance(v, np.ndarray) or v is None for v in reads):
+        return None  # no floating input: torch's value is the definition (a creation op)
+    cx = OpContext(ar, node, env, graph)
+    args = fx.node.map_arg(node.args, lambda n: env[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
+    return OPS[op_key(node)](cx, *args, **kwargs)
+
+
 def _cast_reads(
     node: fx.Node, env: dict[str, Any], where: dict[str, Arith], here: Arith
 ) -> dict[str, Any]:
@@ -146,6 +172,9 @@ def interpret(
                 **fx.node.map_arg(node.kwargs, lambda n: consts[n.name]),
             )
             env[node.name] = _enter_const(ar, consts[node.name])
+            exact = _exact_constant(ar, node, env, graph, consts[node.name])
+            if exact is not None:
+                env[node.name] = exact
         else:
             here = ar if systems is None else systems.get(node.name, ar)
             cast = {} if systems is None else _cast_reads(node, env, where, here)
