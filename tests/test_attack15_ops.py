@@ -7,6 +7,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -226,3 +227,53 @@ def test_kl_div_against_a_constant_target_distribution() -> None:
     value, grads = R.gradients(f, {"w": mp(model.w)})
     _claims(ex, "loss", np.array(value, dtype=object).reshape(()), R.REL_ERR)
     _claims(ex, "grads/w", grads["w"], R.REL_ERR)
+
+
+class _SinusoidalTable(nn.Module):
+    """``lin(x + pe)`` with the sinusoidal table built in the forward, written in place into
+    a fresh zeros tensor (``pe[:, 0::2] = sin(..)``, the usual positional encoding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(3, dtype=x.dtype).unsqueeze(1)
+        div = torch.exp(torch.arange(0, 4, 2, dtype=x.dtype) * (-9.210340371976184 / 4))
+        pe = torch.zeros(3, 4, dtype=x.dtype)
+        pe[:, 0::2] = torch.sin(pos * div)
+        pe[:, 1::2] = torch.cos(pos * div)
+        return self.lin(x + pe)
+
+
+@pytest.mark.xfail(strict=True, reason="the in-place writes into the constant table are lost")
+def test_a_positional_table_written_in_place_in_the_forward() -> None:
+    """L = sum (W (x + pe) + b)^2 with pe the table torch computes once in float64 (the graph's
+    constants are torch's float64 values: docs/howto/torch-models.md); with pe, W, b, x
+    dyadic, loss and gradients are exact rationals (Fractions). The interpreter entered the
+    zeros tensor into the system before torch's in-place ``copy_`` into its slices, so the
+    model's ``x + pe`` read zeros: loss 1.7447925870689297 certified exactly (radius 0) for
+    3.2138728907268739."""
+    model = _SinusoidalTable()
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.5, 0.0, -0.75, 1.0], [-2.0, 0.125, 1.0, -0.5]],
+                     dtype=torch.float64)  # fmt: skip
+    net = fpgrad.from_module(model, x, torch.zeros(3, 2, dtype=torch.float64),
+                             nn.MSELoss(reduction="sum"))  # fmt: skip
+    ex = exact_graph(net.graph).result
+    pe = torch.zeros(3, 4, dtype=torch.float64)
+    pos = torch.arange(3, dtype=torch.float64).unsqueeze(1)
+    div = torch.exp(torch.arange(0, 4, 2, dtype=torch.float64) * (-9.210340371976184 / 4))
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    h = [[Fraction(a) + Fraction(b) for a, b in zip(r, s, strict=True)]
+         for r, s in zip(x.tolist(), pe.tolist(), strict=True)]  # fmt: skip
+    w = [[Fraction(v) for v in r] for r in model.lin.weight.detach().tolist()]
+    b = [Fraction(v) for v in model.lin.bias.detach().tolist()]
+    y = [[sum(w[o][k] * h[i][k] for k in range(4)) + b[o] for o in range(2)] for i in range(3)]
+    loss = sum(v * v for r in y for v in r)
+    gw = np.array([[_mpf(sum(2 * y[i][o] * h[i][k] for i in range(3))) for k in range(4)]
+                   for o in range(2)], dtype=object)  # fmt: skip
+    gb = np.array([_mpf(sum(2 * y[i][o] for i in range(3))) for o in range(2)], dtype=object)
+    _claims(ex, "loss", np.array(_mpf(loss), dtype=object).reshape(()), CTX.mpf(0))
+    _claims(ex, "grads/lin.weight", gw, CTX.mpf(0))
+    _claims(ex, "grads/lin.bias", gb, CTX.mpf(0))
