@@ -7,7 +7,6 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -247,7 +246,6 @@ class _SinusoidalTable(nn.Module):
         return self.lin(x + pe)
 
 
-@pytest.mark.xfail(strict=True, reason="the in-place writes into the constant table are lost")
 def test_a_positional_table_written_in_place_in_the_forward() -> None:
     """L = sum (W (x + pe) + b)^2 with pe the table torch computes once in float64 (the graph's
     constants are torch's float64 values: docs/howto/torch-models.md); with pe, W, b, x

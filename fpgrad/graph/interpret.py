@@ -111,6 +111,24 @@ def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph,
     return OPS[op_key(node)](cx, *args, **kwargs)
 
 
+def _reread(
+    ar: Arith, written: Any, consts: dict[str, Any], env: dict[str, Any], fed: set[str]
+) -> None:
+    """After torch's in-place op on a constant (``pe[:, 0::2] = sin(..)``: ``copy_`` into a
+    slice of a fresh ``zeros``), every constant sharing the written storage (the base, its
+    views) is entered again: its system value was taken before the write, and the model's
+    later readers of it (``x + pe``) read it after. Placeholders (``fed``) keep the values
+    given."""
+    if not isinstance(written, torch.Tensor):
+        return
+    ptr = written.untyped_storage().data_ptr()
+    for name, value in consts.items():
+        if name in fed or name not in env or not isinstance(value, torch.Tensor):
+            continue
+        if value.untyped_storage().data_ptr() == ptr:
+            env[name] = _enter_const(ar, value)
+
+
 def _cast_reads(
     node: fx.Node, env: dict[str, Any], where: dict[str, Arith], here: Arith
 ) -> dict[str, Any]:
@@ -155,6 +173,7 @@ def interpret(
     placeholders = iter(zip(feeds, raw, strict=True))
     out_node = None
     constants = graph.constants
+    where_fed = {n.name for n in graph.gm.graph.nodes if n.op == "placeholder"}
     for node in graph.gm.graph.nodes:
         if node.op == "placeholder":
             env[node.name], value = next(placeholders)
@@ -175,6 +194,8 @@ def interpret(
             exact = _exact_constant(ar, node, env, graph, consts[node.name])
             if exact is not None:
                 env[node.name] = exact
+            if op_key(node).split(".")[1].endswith("_"):
+                _reread(ar, consts[node.name], consts, env, where_fed)
         else:
             here = ar if systems is None else systems.get(node.name, ar)
             cast = {} if systems is None else _cast_reads(node, env, where, here)
