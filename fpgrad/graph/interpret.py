@@ -194,7 +194,7 @@ def interpret(
             exact = _exact_constant(ar, node, env, graph, consts[node.name])
             if exact is not None:
                 env[node.name] = exact
-            if op_key(node).split(".")[1].endswith("_"):
+            if op_key(node).count(".") == 2 and op_key(node).split(".")[1].endswith("_"):
                 _reread(ar, consts[node.name], consts, env, where_fed)
         else:
             here = ar if systems is None else systems.get(node.name, ar)
