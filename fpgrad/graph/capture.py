@@ -67,7 +67,8 @@ class Graph:
     @property
     def constants(self) -> set[str]:
         """Nodes that read no floating data (masks, position tables, integer inputs): torch
-        computes them once, in float64, for every system."""
+        computes them once, in float64, for every system (the exact systems redo arithmetic
+        on floating constants themselves: :func:`fpgrad.graph.interpret._exact_constant`)."""
         raw = [*(self.params[n] for n in self.param_names), *self.inputs, self.targets]
         out: set[str] = set()
         placeholders = iter(raw)

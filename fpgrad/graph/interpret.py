@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from fpgrad.arith.base import Arith
+from fpgrad.arith.base import Arith, ExactDerivatives
 from fpgrad.graph.capture import Graph, split_outputs
 from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.ops import OPS
@@ -92,6 +92,50 @@ def _version(value: Any) -> Any:
     return value._version if isinstance(value, torch.Tensor) else None
 
 
+def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> Any:
+    """Exact systems: the constant ``node`` computed in ``ar`` where it does arithmetic on
+    floating constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss
+    holds): torch's float64 value of such a node is a rounding, not the real the graph
+    defines, and the exact systems compute the model's real function. None where torch's
+    value stands: other systems, a result that is not a finite floating tensor, no floating
+    input (creation ops: zeros, arange, masks of comparisons), a non-finite input (an
+    additive ``-inf`` mask), or an op the registry lacks."""
+    if not isinstance(ar, ExactDerivatives) or op_key(node) not in OPS:
+        return None
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return None
+    if not bool(torch.isfinite(value).all()):
+        return None
+    reads = [env[n.name] for n in node.all_input_nodes]
+    if any(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in reads):
+        return None  # a non-finite constant (_enter_const keeps it as numpy)
+    if all(isinstance(v, np.ndarray) or v is None for v in reads):
+        return None  # no floating input: torch's value is the definition (a creation op)
+    cx = OpContext(ar, node, env, graph)
+    args = fx.node.map_arg(node.args, lambda n: env[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
+    return OPS[op_key(node)](cx, *args, **kwargs)
+
+
+def _reread(
+    ar: Arith, written: Any, consts: dict[str, Any], env: dict[str, Any], fed: set[str]
+) -> None:
+    """After torch's in-place op on a constant (``pe[:, 0::2] = sin(..)``: ``copy_`` into a
+    slice of a fresh ``zeros``), every constant sharing the written storage (the base, its
+    views) is entered again: its system value was taken before the write, and the model's
+    later readers of it (``x + pe``) read it after. Placeholders (``fed``) keep the values
+    given."""
+    if not isinstance(written, torch.Tensor):
+        return
+    ptr = written.untyped_storage().data_ptr()
+    for name, value in consts.items():
+        if name in fed or name not in env or not isinstance(value, torch.Tensor):
+            continue
+        if value.untyped_storage().data_ptr() == ptr:
+            env[name] = _enter_const(ar, value)
+
+
 def _cast_reads(
     node: fx.Node, env: dict[str, Any], where: dict[str, Arith], here: Arith
 ) -> dict[str, Any]:
@@ -140,6 +184,7 @@ def interpret(
     placeholders = iter(zip(feeds, raw, strict=True))
     out_node = None
     constants = graph.constants
+    where_fed = {n.name for n in graph.gm.graph.nodes if n.op == "placeholder"}
     for node in graph.gm.graph.nodes:
         if node.op == "placeholder":
             env[node.name], value = next(placeholders)
@@ -158,6 +203,11 @@ def interpret(
             )
             env[node.name] = _enter_const(ar, consts[node.name])
             versions[node.name] = _version(consts[node.name])
+            exact = _exact_constant(ar, node, env, graph, consts[node.name])
+            if exact is not None:
+                env[node.name] = exact
+            if op_key(node).count(".") == 2 and op_key(node).split(".")[1].endswith("_"):
+                _reread(ar, consts[node.name], consts, env, where_fed)
         else:
             for n in node.all_input_nodes:  # a constant written in place since it was entered
                 if n.name in versions and _version(consts[n.name]) != versions[n.name]:

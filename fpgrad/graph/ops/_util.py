@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
@@ -70,3 +71,22 @@ def above(cx: Any, x: Any, threshold: float = 0.0) -> Any:
         return ar.positive(x if threshold == 0 else ar.sub(x, ar.const(float(threshold))))
     x = np.asarray(x, dtype=np.float64)  # exact comparison with the threshold the format holds
     return (x > (ar.const(float(threshold)) if threshold != 0 else 0.0)) | np.isnan(x)
+
+
+def feeds_forward_outputs(cx: Any, node: Any) -> bool:
+    """Does ``node`` reach the loss or a tap's value (the graph's forward outputs: flat
+    outputs 0 and those after the gradients, :func:`fpgrad.graph.capture.split_outputs`)?
+    A backward op reaches only gradients."""
+    out = next(n for n in node.graph.nodes if n.op == "output")
+    flat = list(out.args[0])
+    first_value = 1 + len(cx.graph.param_names) + len(cx.graph.taps)
+    targets = {id(v) for v in [flat[0], *flat[first_value:]] if isinstance(v, fx.Node)}
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if id(n) in targets:
+            return True
+        if id(n) not in seen:
+            seen.add(id(n))
+            todo += list(n.users)
+    return False

@@ -63,9 +63,34 @@ def _backward_pair(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
         return None
     for m1, m2 in (muls, muls[::-1]):
         for user in m1.users:
-            if _is(user, _NLL_BACKWARD) and user.args[0] is m1:
+            if _is(user, _NLL_BACKWARD) and user.args[0] is m1 and _smoothed_forward(user, m1, m2):
                 return m1, m2, user
     return None
+
+
+def _smoothed_forward(back: fx.Node, m1: fx.Node, m2: fx.Node) -> bool:
+    """Does the forward of this ``nll_loss_backward`` (the nll whose total weight it reads)
+    mix its loss with the same two constants (:func:`_forward_pair`)? torch's label smoothing
+    always does; a model that scales its own seed twice (``torch.add(.., alpha=0.9)``, whose
+    forward is an ``add`` with alpha, no ``mul.Scalar``) is no label smoothing."""
+    total = back.args[6] if len(back.args) > 6 else None
+    if not (isinstance(total, fx.Node) and total.target is operator.getitem):
+        return False
+    nll = total.args[0]
+    if not _is(nll, _NLL_FORWARD):
+        return False
+    for item in nll.users:  # type: ignore[union-attr]
+        if item.target is not operator.getitem or item.args[1] != 0:
+            continue
+        for mul in item.users:
+            pair = _forward_pair(mul) if _is(mul, _MUL) else None
+            if (
+                pair is not None
+                and pair[2] is nll
+                and (pair[0].args[1], pair[1].args[1]) == (m1.args[1], m2.args[1])
+            ):
+                return True
+    return False
 
 
 def _probability_pair(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:

@@ -9,7 +9,7 @@ import numpy as np
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
-from fpgrad.graph.ops._util import count, sum_dims
+from fpgrad.graph.ops._util import count, feeds_forward_outputs, sum_dims
 from fpgrad.graph.ops.registry import op
 
 
@@ -94,7 +94,13 @@ def var_backward_divisor(cx: Any, scale: float) -> tuple[int, float] | None:
     ``mul.Tensor``), a user multiplies it by ``x - mean(x, dims)``, the graph has
     ``var.correction(x, dims, correction)`` (or ``std.correction``: std's backward scales by
     the same constant) and ``scale == 2 / (n - correction)`` as torch
-    computes it in float64; else None."""
+    computes it in float64; else None.
+
+    That ``x - mean`` must be the backward's own (it reaches no forward output): autograd
+    emits a fresh ``sub(x, mean(x))`` only in var's (and std's) formula, so the ``mul.Scalar``
+    it multiplies is var's. A forward ``x - mean(x)`` times a backward scale that merely
+    equals the float (``torch.add(var(x), d * w, alpha=2/3)`` at n - correction = 3: add's
+    backward ``mul.Scalar(g, fl(2/3))`` times d) is the model's own float, not 2/3."""
     if str(cx.node.target) != "aten.mul.Scalar":
         return None
     if cx.node not in backward_nodes(cx.node.graph):
@@ -108,7 +114,7 @@ def var_backward_divisor(cx: Any, scale: float) -> tuple[int, float] | None:
             x, mean = dev.args
             if str(getattr(mean, "target", "")) not in ("aten.mean.dim", "aten.mean.default"):
                 continue
-            if mean.args[0] is not x:
+            if mean.args[0] is not x or feeds_forward_outputs(cx, dev):
                 continue
             dims = mean.args[1] if len(mean.args) > 1 else None
             for var in x.users:

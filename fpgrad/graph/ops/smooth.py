@@ -37,6 +37,7 @@ its backward torch's ``grad (t + (x s) (1 - t t))``; celu is elu with ``input_sc
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,7 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import _slot, above, zeros
+from fpgrad.graph.ops._util import _slot, above, feeds_forward_outputs, zeros
 from fpgrad.graph.ops.registry import OPS, op
 
 
@@ -174,12 +175,31 @@ def celu_scale(cx: Any, alpha: float, scale: float, input_scale: float) -> bool:
     inv32 = 1.0 / a32 if a32 != 0 else math.copysign(math.inf, a32)
     if input_scale not in (1.0 / alpha, inv32):
         return False
+    celu = elu = False
     for user in [*node.users, node]:  # celu(x) reads x; in place, torch saves celu_'s output
+        a = _arg(user, 1, "alpha", 1.0)
+        if not isinstance(a, (int, float)) or float(a) != alpha:
+            continue
         if str(user.target) in ("aten.celu.default", "aten.celu_.default"):
-            a = user.args[1] if len(user.args) > 1 else user.kwargs.get("alpha", 1.0)
-            if isinstance(a, (int, float)) and float(a) == alpha:
-                return True
-    return False
+            celu = True
+        elif str(user.target) in ("aten.elu.default", "aten.elu_.default"):
+            elu |= (_arg(user, 2, "scale", 1), _arg(user, 3, "input_scale", 1)) == (1, input_scale)
+    if celu and elu and Fraction(input_scale) * Fraction(alpha) != 1:
+        # an elu of the same input whose backward carries the same constants: this node may
+        # be either's, and their derivatives differ (e^(x / alpha) and alpha input_scale
+        # e^(input_scale x)); which op autograd derived it from is not in the node
+        from fpgrad.errors import InputError
+
+        raise InputError(
+            f"{cx.label()}: elu_backward could be celu's or elu's (elu and celu of the same "
+            f"input with alpha={alpha!r}, whose float32 gives celu's input_scale "
+            f"{input_scale!r}); use a different alpha for one of them"
+        )
+    return celu
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 @op("aten.log1p.default")
@@ -230,25 +250,6 @@ def atan(cx: Any, x: Any) -> Any:
 ERF_SCALE = 2.0 / math.sqrt(math.pi)
 
 
-def _feeds_forward_outputs(cx: Any, node: fx.Node) -> bool:
-    """Does ``node`` reach the loss or a tap's value (the graph's forward outputs: flat
-    outputs 0 and those after the gradients, :func:`fpgrad.graph.capture.split_outputs`)?
-    A backward op reaches only gradients."""
-    out = next(n for n in node.graph.nodes if n.op == "output")
-    flat = list(out.args[0])
-    first_value = 1 + len(cx.graph.param_names) + len(cx.graph.taps)
-    targets = {id(v) for v in [flat[0], *flat[first_value:]] if isinstance(v, fx.Node)}
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if id(n) in targets:
-            return True
-        if id(n) not in seen:
-            seen.add(id(n))
-            todo += list(n.users)
-    return False
-
-
 def erf_scale(cx: Any, value: float) -> Any | None:
     """``2 / sqrt(pi) = 2 sqrt(2) phi(0)`` (in ``cx.ar``) where this node multiplies
     ``exp(-x^2)`` of an erf's input ``x`` by torch's float64 ``2 / sqrt(pi)``; else None."""
@@ -266,7 +267,7 @@ def erf_scale(cx: Any, value: float) -> Any | None:
         str(u.target) == "aten.erf.default" for u in chain.users
     ):
         return None
-    if _feeds_forward_outputs(cx, node):
+    if feeds_forward_outputs(cx, node):
         return None  # the model's own constant (torch's backward never feeds the loss)
     ar = cx.ar
     two_phi0 = ar.mul(_slot(cx, "npdf")(ar.const(0.0)), ar.const(2.0))
