@@ -81,3 +81,29 @@ def test_exact_integer_parts_below_float64_resolution(kind: str) -> None:
     got = Fraction(int(m.man)) * Fraction(2) ** int(m.exp) if m else Fraction(0)
     assert abs(got - want) <= Fraction(float(np.asarray(rad).reshape(-1)[0]))
     assert ex.undetermined_count == 0
+
+
+def test_fractional_powers_and_local_response_norm() -> None:
+    """``** 0.75`` (nn.LocalResponseNorm), ``** (1/3)``, ``** -0.3`` on positive bases: native
+    bit for bit, exact = torch float64; 0 ** -0.25 (a relu's zero into a negative power, whose
+    inf torch masks afterwards) is refused in one line, not certified."""
+    from fpgrad.errors import InputError
+
+    torch.manual_seed(0)
+    lrn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LocalResponseNorm(3), nn.Flatten())
+    check(lrn, torch.randn(2, 1, 5, 5), torch.randn(2, 36), nn.MSELoss(), digits=30)
+
+    class Powers(nn.Module):
+        def __init__(self, eps: float) -> None:
+            super().__init__()
+            self.lin, self.eps = nn.Linear(4, 4), eps
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return (torch.relu(h) + self.eps) ** 0.75 + (h.abs() + 1) ** (1 / 3) + (h * h + 1) ** -0.3
+
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    check(Powers(1e-3), x, y, nn.MSELoss(), digits=30)
+    net = fpgrad.from_module(Powers(0.0), x, y, nn.MSELoss())
+    with pytest.raises(InputError, match="0 to a negative power"):
+        exact_graph(net.graph)

@@ -108,6 +108,8 @@ from fpgrad.arith.emulated_functions import (
     _mp_tanh,
     _same,
     _same_scalar,
+    f64_pow,
+    mp_pow,
 )
 from fpgrad.arith.expansion import two_prod, two_sum
 from fpgrad.errors import InputError
@@ -423,6 +425,10 @@ class EmulatedArith(OutputDerivatives):
     def atan(self, a: Any) -> np.ndarray:
         return self._function(a, _f64_atan, _mp_atan, (0.0,))
 
+    def pow_const(self, a: Any, p: float) -> np.ndarray:
+        """a ** p for a constant p, correctly rounded (NaN below 0, 0 or inf at 0)."""
+        return self._function(a, f64_pow(p), mp_pow(p), (1.0,), positive_only=True)
+
     @staticmethod
     def _odd_sum(base: np.ndarray, u: np.ndarray) -> np.ndarray:
         """``base + u`` rounded to odd in float64 (exact inputs)."""
@@ -436,9 +442,11 @@ class EmulatedArith(OutputDerivatives):
             c.prec = prec
             base, u = fmp(c, c.mpf(x))  # the value is base + u, u within a few ulps of prec
             uf = _fraction(_clamp(c, u))  # a cost that does not grow with the exponent of u
-            if not isinstance(uf, Fraction):  # 0 (exact results are special points) or inf
+            exact = isinstance(base, Fraction) and uf == 0  # pow's exact results: base itself
+            if not isinstance(uf, Fraction) and not exact:  # 0 (exact: special points) or inf
                 return float(self._round(base + uf))
-            err = abs(uf) * Fraction(1, 2 ** (prec - 16))  # 65536 ulps
+            uf = Fraction(uf) if exact else uf
+            err = 0 if exact else abs(uf) * Fraction(1, 2 ** (prec - 16))  # 65536 ulps
             lo, mid, hi = base + uf - err, base + uf, base + uf + err
             if not self.stochastic:
                 r_lo, r_hi = (

@@ -197,6 +197,45 @@ def _same_scalar(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
+def exact_pow(v: Fraction, p: float) -> Fraction | None:
+    """``v ** p`` for ``v > 0`` where it is rational, else None: with v = m 2^j (m odd) and
+    p = num / den in lowest terms (den a power of two), the power is rational exactly when m
+    is an integer's den-th power r^den and den divides j num; it is then r^num 2^(j num / den)."""
+    num, den = Fraction(p).as_integer_ratio()
+    m, j = v.numerator, 0
+    while m % 2 == 0:
+        m, j = m // 2, j + 1
+    d = v.denominator
+    while d % 2 == 0:
+        d, j = d // 2, j - 1
+    if d != 1 or (j * num) % den:
+        return None
+    r = round(m ** (1.0 / den)) if den > 1 else m
+    for cand in (r - 1, r, r + 1):
+        if cand > 0 and cand**den == m:
+            return Fraction(cand) ** num * Fraction(2) ** (j * num // den)
+    return None
+
+
+def mp_pow(p: float) -> MPFunction:
+    """``v ** p`` at the context's precision; an exact power as its Fraction (u = 0)."""
+
+    def f(c: MPContext, v: Any) -> tuple[int | Fraction, Any]:
+        exact = exact_pow(_fraction(v), p) if v > 0 else None  # type: ignore[arg-type]
+        if exact is not None:
+            return exact, c.mpf(0)
+        return 0, c.power(v, c.mpf(p))
+
+    return f
+
+
+def f64_pow(p: float) -> F64Function:
+    def f(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros_like(x), np.power(x, p)
+
+    return f
+
+
 def _clamp(c: MPContext, v: Any) -> Any:
     """``v`` with a magnitude above 2**1100 or below 2**-1200 replaced by that power of two
     (same sign): stand-ins that :func:`~fpgrad.numbers.rounding.round_exact` rounds as it rounds ``v``,

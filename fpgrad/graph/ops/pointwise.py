@@ -147,12 +147,12 @@ def pow_scalar(cx: Any, a: Any, e: float) -> Any:
     (``x.pow(-0.5)``'s backward reads ``x.pow(-1.5)``)."""
     ar = cx.ar
     e = float(e)
-    if not abs(e) <= 64 or 2 * e != int(2 * e):  # inf and NaN included
+    if not abs(e) <= 64:  # inf and NaN included
         from fpgrad.errors import InputError
 
-        raise InputError(
-            f"{cx.label()}: pow with exponent {e} is not supported (integers and halves are)"
-        )
+        raise InputError(f"{cx.label()}: pow with exponent {e} is not supported (|exponent| <= 64 is)")
+    if 2 * e != int(2 * e):
+        return _fractional_pow(cx, a, e)
     if e != int(e):
         base = ar.sqrt(a)
         n = abs(int(2 * e))
@@ -169,6 +169,29 @@ def pow_scalar(cx: Any, a: Any, e: float) -> Any:
         if n:
             base = ar.mul(base, base)
     return out if e > 0 else ar.div(ar.const(1.0), out)
+
+
+def _fractional_pow(cx: Any, a: Any, e: float) -> Any:
+    """``a ** e`` for an exponent that is no integer or half: the machines' correctly rounded
+    power (slot ``pow_const``); the exact systems' ``exp(e log a)`` (enclosing slots), 0 where
+    a is exactly 0 (e > 0); a negative base (torch: NaN) or 0 to a negative power (inf) is
+    refused, and a base the sign test cannot place escalates."""
+    from fpgrad.errors import InputError
+
+    ar = cx.ar
+    if not isinstance(ar, ExactDerivatives):
+        return _slot(cx, "pow_const")(a, e)
+    pos = np.asarray(ar.positive(a), dtype=bool)
+    neg = np.asarray(ar.positive(ar.mul(a, ar.const(-1.0))), dtype=bool)
+    zero = ~(pos | neg)
+    if neg.any() or (zero.any() and e < 0):
+        what = "a negative base (torch: NaN)" if neg.any() else "0 to a negative power (inf)"
+        raise InputError(f"{cx.label()}: pow with exponent {e} of {what}; keep the base positive "
+                         "(clamp it, or add an epsilon)")  # fmt: skip
+    shape = shapes.shape(a)
+    safe = ar.where(zero, ar.asarray(np.ones(shape)), a) if zero.any() else a
+    out = ar.exp(ar.mul(ar.const(e), ar.log(safe)))
+    return ar.where(zero, ar.asarray(np.zeros(shape)), out) if zero.any() else out
 
 
 @op("aten.relu.default", "aten.relu_.default")
