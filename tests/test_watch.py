@@ -350,3 +350,47 @@ def test_dropout_records_are_deterministic_and_skip_uninitialised_outputs() -> N
     assert "aten.bernoulli_.float" in ops or any("dropout" in o for o in ops)
     assert not [o for o in ops if "empty" in o]
     assert json.dumps(a, default=str) == json.dumps(b, default=str)
+
+
+class _Quantised(torch.nn.Module):
+    """Straight-through rounding and a top-2 gate in bfloat16: round/floor of values in
+    (-0.5, 0.5) and (0, 1) are exactly 0 (their zeros are inherited: the exact integer part is
+    0), and the values topk/sort pick are input elements (zeros among them inherited)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 6).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x)) * 0.49
+        q = h + (h.round() - h).detach() + ((h.abs()).floor() - h).detach()
+        v, _ = torch.relu(h).topk(2, -1)
+        s, _ = torch.sort(torch.relu(h), -1)
+        return q + v.sum(-1, keepdim=True) + s
+
+
+def test_integer_parts_and_selections_are_decided_not_undecided() -> None:
+    torch.manual_seed(0)
+    model = _Quantised()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    x = torch.randn(16, 8, dtype=torch.bfloat16)
+    y = torch.randn(16, 6, dtype=torch.bfloat16)
+    twin = copy.deepcopy(model)
+    opt2 = torch.optim.SGD(twin.parameters(), 0.1)
+    with fpgrad.watch(model, opt) as w:
+        for _ in range(2):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+    for _ in range(2):
+        opt2.zero_grad()
+        ((twin(x) - y) ** 2).mean().backward()
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    seen = set()
+    for op in ("aten.round.default", "aten.floor.default", "aten.topk.default", "aten.sort.default"):
+        for r in _ops(w, op=op):
+            seen.add(op)
+            assert r["zeros_undecided"] == 0 and r["zeros_created"] == 0, r
+            assert r["zeros_inherited"] == r["zeros"]
+    assert len(seen) == 4 and any(r["zeros"] for r in _ops(w, op="aten.round.default"))

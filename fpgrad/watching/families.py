@@ -27,7 +27,8 @@ EXACT_OPS = frozenset(
     "minimum max min div detach fill zeros_like ones_like scatter sign square "
     "nll_loss_backward native_dropout_backward sigmoid_backward tanh_backward hardtanh "
     "hardtanh_backward leaky_relu leaky_relu_backward mul_ add_ sub_ div_ zero_ fill_ "
-    "constant_pad_nd max_pool2d_with_indices _unsafe_index embedding".split()
+    "constant_pad_nd max_pool2d_with_indices _unsafe_index embedding floor ceil trunc round "
+    "topk sort kthvalue median".split()
 )
 REDUCTION_OPS = frozenset(
     "mm addmm bmm baddbmm addmv mv dot matmul sum mean convolution convolution_backward linear "
@@ -45,7 +46,7 @@ SELECTION_OPS = frozenset(
     "relu relu_ threshold_backward clone detach copy copy_ _to_copy neg abs cat stack index "
     "index_select gather _unsafe_index embedding where masked_fill clamp clamp_min clamp_max "
     "maximum minimum max min max_pool2d_with_indices constant_pad_nd zero_ fill fill_ "
-    "zeros_like ones_like".split()
+    "zeros_like ones_like topk sort kthvalue median".split()
 )
 #: Ops whose outputs are usually >= 0: their statistics try ``aminmax(t)`` before ``|t|``.
 NONNEGATIVE_OPS = frozenset("relu relu_ abs exp sigmoid _softmax softmax square".split())
