@@ -66,6 +66,8 @@ def family(func: Any) -> str:
     name = func.overloadpacket.__name__
     if name == "scatter" and "reduce" in func._overloadname:  # sums or products of many
         return "other"
+    if name == "round" and func._overloadname == "decimals":  # x * 10^d rounds first
+        return "other"
     if name in EXACT_OPS:
         return "exact"
     if name in REDUCTION_OPS:
