@@ -349,6 +349,21 @@ class ArbArith(ExactDerivatives):
             return _obj(_ATAN(a))
 
 
+def _flint_unary(name: str) -> Any:
+    """A method applying arb's ``name`` (NaN outside its domain: nothing certified there)."""
+    f = np.frompyfunc(getattr(arb, name), 1, 1)
+
+    def method(self: ArbArith, a: np.ndarray) -> np.ndarray:
+        with self._p():
+            return _obj(f(a))
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("sinh", "cosh", "tan", "asin", "acos", "asinh", "acosh", "atanh"):
+    setattr(ArbArith, _name, _flint_unary(_name))
+
 _EXPM1 = np.frompyfunc(arb.expm1, 1, 1)
 _ERF = np.frompyfunc(arb.erf, 1, 1)
 _SIN = np.frompyfunc(arb.sin, 1, 1)

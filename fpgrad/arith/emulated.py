@@ -13,7 +13,8 @@ operation on its (already rounded) operands, rounded once into the format with t
   odd", IEEE TC 2008). Plain float64-then-round would be right for round-to-nearest only (53 >=
   2p + 2, Figueroa) and wrong for directed modes (``1 - 2**-100`` rounds up to 1 in float64).
 - ``exp``, ``log``, ``log1p``, ``tanh``, ``sigmoid``, ``ncdf``, ``npdf`` (GELU's normal CDF and density),
-  ``softplus``, ``expm1``, ``erf``, ``sin``, ``cos``, ``atan``:
+  ``softplus``, ``expm1``, ``erf``, ``sin``, ``cos``, ``atan`` (and
+  :mod:`fpgrad.arith.emulated_trig`'s sinh, cosh, tan, asin, acos, asinh, acosh, atanh):
   numpy's (libm's) float64 value ``y`` with a relative error
   bound of 2**-40 (libm and numpy's SIMD kernels are within a few ulps, 2**-50); if the whole
   interval ``y (1 +- 2**-40)`` rounds to one value of the format, that is the correctly rounded
@@ -111,6 +112,7 @@ from fpgrad.arith.emulated_functions import (
     f64_pow,
     mp_pow,
 )
+from fpgrad.arith.emulated_trig import TrigFunctions
 from fpgrad.arith.expansion import two_prod, two_sum
 from fpgrad.errors import InputError
 from fpgrad.numbers.formats import FLOAT32, Format, get_format
@@ -168,7 +170,7 @@ def to_odd(y: np.ndarray, direction: np.ndarray) -> np.ndarray:
 # ---- the number system --------------------------------------------------------------------
 
 
-class EmulatedArith(OutputDerivatives):
+class EmulatedArith(TrigFunctions, OutputDerivatives):
     """Float64 arrays of values of ``fmt``; every operation rounded once into ``fmt``."""
 
     def __init__(

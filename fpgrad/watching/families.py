@@ -37,7 +37,8 @@ REDUCTION_OPS = frozenset(
 )
 POINTWISE_OPS = frozenset(
     "exp exp2 log log2 log1p expm1 tanh sigmoid pow sqrt rsqrt reciprocal gelu gelu_backward "
-    "silu silu_backward sin cos softplus softplus_backward elu elu_backward erf".split()
+    "silu silu_backward sin cos softplus softplus_backward elu elu_backward erf log10 sinh cosh "
+    "tan asin acos asinh acosh atanh atan".split()
 )
 #: Ops whose every output element is one of their input elements or scalar arguments (or a
 #: constant): with inputs and scalars exactly representable in the output's format, the float64

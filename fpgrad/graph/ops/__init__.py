@@ -208,4 +208,5 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     shape,
     smooth,
     steps,
+    trig,
 )

@@ -1,0 +1,95 @@
+"""Hyperbolic and inverse trigonometric functions of the emulated machines: ``sinh``, ``cosh``,
+``tan``, ``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, correctly rounded in every mode
+as :class:`fpgrad.arith.emulated.EmulatedArith`'s other functions (float64 first, within
+2**-40; the mpmath Ziv loop where that does not decide).
+
+Their only dyadic values are at the exact points given (sinh, tan, asin, asinh, atanh of 0;
+cosh of 0; acos and acosh of 1): elsewhere the value is transcendental (Lindemann-Weierstrass),
+so the loop ends. ``cosh`` carries its distance to 1, ``2 sinh^2(x / 2)`` (x / 2 exact), so
+that a result just above 1 is not lost in a relative bound. Outside a domain (|x| > 1 for
+asin, acos and atanh, x < 1 for acosh) the result is NaN, as torch's; atanh(+-1) = +-inf.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from mpmath.ctx_mp import MPContext
+
+
+def _plain(f: Any) -> Any:
+    def f64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros_like(x), f(x)
+
+    return f64
+
+
+def _mp(name: str) -> Any:
+    def fmp(c: MPContext, v: Any) -> tuple[int, Any]:
+        return 0, getattr(c, name)(v)
+
+    return fmp
+
+
+def _f64_cosh(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ones_like(x), 2 * np.sinh(0.5 * x) ** 2
+
+
+def _mp_cosh(c: MPContext, v: Any) -> tuple[int, Any]:
+    return 1, 2 * c.sinh(v / 2) ** 2
+
+
+#: name -> (float64 function, mpmath function, exact points, domain (lo, hi, open) or None)
+TRIG = {
+    "sinh": (_plain(np.sinh), _mp("sinh"), (0.0,), None),
+    "cosh": (_f64_cosh, _mp_cosh, (0.0,), None),
+    "tan": (_plain(np.tan), _mp("tan"), (0.0,), None),
+    "asin": (_plain(np.arcsin), _mp("asin"), (0.0,), (-1.0, 1.0, False)),
+    "acos": (_plain(np.arccos), _mp("acos"), (1.0,), (-1.0, 1.0, False)),
+    "asinh": (_plain(np.arcsinh), _mp("asinh"), (0.0,), None),
+    "acosh": (_plain(np.arccosh), _mp("acosh"), (1.0,), (1.0, np.inf, False)),
+    "atanh": (_plain(np.arctanh), _mp("atanh"), (0.0,), (-1.0, 1.0, True)),
+}
+
+
+class TrigFunctions:
+    """The functions of :data:`TRIG` as methods (a mixin of EmulatedArith: ``_function``)."""
+
+    def _trig(self, name: str, a: Any) -> np.ndarray:
+        f64, fmp, points, domain = TRIG[name]
+        x = np.asarray(a, dtype=np.float64)
+        if domain is None:
+            return self._function(x, f64, fmp, points)  # type: ignore[attr-defined]
+        lo, hi, is_open = domain
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inside = (x > lo) & (x < hi) if is_open else (x >= lo) & (x <= hi)
+            safe = np.where(inside, x, points[0])
+            out = np.asarray(self._function(safe, f64, fmp, points), dtype=np.float64)  # type: ignore[attr-defined]
+            edge = np.where((x == lo) | (x == hi), f64(x)[1], np.nan)  # atanh(+-1) = +-inf
+            edge = np.asarray(self._round(edge), dtype=np.float64)  # type: ignore[attr-defined]
+        return np.where(inside, out, edge if is_open else np.nan)
+
+    def sinh(self, a: Any) -> np.ndarray:
+        return self._trig("sinh", a)
+
+    def cosh(self, a: Any) -> np.ndarray:
+        return self._trig("cosh", a)
+
+    def tan(self, a: Any) -> np.ndarray:
+        return self._trig("tan", a)
+
+    def asin(self, a: Any) -> np.ndarray:
+        return self._trig("asin", a)
+
+    def acos(self, a: Any) -> np.ndarray:
+        return self._trig("acos", a)
+
+    def asinh(self, a: Any) -> np.ndarray:
+        return self._trig("asinh", a)
+
+    def acosh(self, a: Any) -> np.ndarray:
+        return self._trig("acosh", a)
+
+    def atanh(self, a: Any) -> np.ndarray:
+        return self._trig("atanh", a)
