@@ -1,21 +1,26 @@
-"""Hyperbolic and inverse trigonometric functions of the emulated machines: ``sinh``, ``cosh``,
-``tan``, ``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, correctly rounded in every mode
-as :class:`fpgrad.arith.emulated.EmulatedArith`'s other functions (float64 first, within
-2**-40; the mpmath Ziv loop where that does not decide).
+"""Hyperbolic, inverse trigonometric and base-2/10 functions of the emulated machines: ``sinh``,
+``cosh``, ``tan``, ``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, ``exp2``, ``log2``,
+``log10``, correctly rounded in every mode as :class:`fpgrad.arith.emulated.EmulatedArith`'s
+other functions (float64 first, within 2**-40; the mpmath Ziv loop where that does not decide).
 
-Their only dyadic values are at the exact points given (sinh, tan, asin, asinh, atanh of 0;
-cosh of 0; acos and acosh of 1): elsewhere the value is transcendental (Lindemann-Weierstrass),
-so the loop ends. ``cosh`` carries its distance to 1, ``2 sinh^2(x / 2)`` (x / 2 exact), so
+The trigonometric and hyperbolic ones have dyadic values only at the exact points given (sinh,
+tan, asin, asinh, atanh of 0; cosh of 0; acos and acosh of 1): elsewhere the value is
+transcendental (Lindemann-Weierstrass), so the loop ends. ``exp2`` of an integer, ``log2`` of
+a power of two and ``log10`` of a power of ten are exact: their mpmath functions return that
+value itself (as pow's do), so the loop ends on a rounding boundary too. ``cosh`` carries its distance to 1, ``2 sinh^2(x / 2)`` (x / 2 exact), so
 that a result just above 1 is not lost in a relative bound. Outside a domain (|x| > 1 for
 asin, acos and atanh, x < 1 for acosh) the result is NaN, as torch's; atanh(+-1) = +-inf.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 from mpmath.ctx_mp import MPContext
+
+from fpgrad.arith.emulated_functions import _fraction
 
 
 def _plain(f: Any) -> Any:
@@ -40,6 +45,28 @@ def _mp_cosh(c: MPContext, v: Any) -> tuple[int, Any]:
     return 1, 2 * c.sinh(v / 2) ** 2
 
 
+def _mp_exp2(c: MPContext, v: Any) -> tuple[int | Fraction, Any]:
+    f = _fraction(v)
+    if isinstance(f, Fraction) and f.denominator == 1:
+        return Fraction(2) ** int(f), c.mpf(0)
+    return 0, c.power(2, v)
+
+
+def _mp_log(base: int) -> Any:
+    def fmp(c: MPContext, v: Any) -> tuple[int | Fraction, Any]:
+        f, k = _fraction(v), 0
+        if isinstance(f, Fraction) and f > 0:
+            while f > 1 and f % base == 0:
+                f, k = f / base, k + 1
+            while base == 2 and f < 1 and (1 / f).denominator == 1 and (1 / f) % 2 == 0:
+                f, k = f * 2, k - 1
+            if f == 1:
+                return Fraction(k), c.mpf(0)
+        return 0, c.log(v, base)
+
+    return fmp
+
+
 #: name -> (float64 function, mpmath function, exact points, domain (lo, hi, open) or None)
 TRIG = {
     "sinh": (_plain(np.sinh), _mp("sinh"), (0.0,), None),
@@ -50,6 +77,9 @@ TRIG = {
     "asinh": (_plain(np.arcsinh), _mp("asinh"), (0.0,), None),
     "acosh": (_plain(np.arccosh), _mp("acosh"), (1.0,), (1.0, np.inf, False)),
     "atanh": (_plain(np.arctanh), _mp("atanh"), (0.0,), (-1.0, 1.0, True)),
+    "exp2": (_plain(np.exp2), _mp_exp2, (0.0,), None),
+    "log2": (_plain(np.log2), _mp_log(2), (1.0,), (0.0, np.inf, True)),
+    "log10": (_plain(np.log10), _mp_log(10), (1.0,), (0.0, np.inf, True)),
 }
 
 
@@ -93,3 +123,12 @@ class TrigFunctions:
 
     def atanh(self, a: Any) -> np.ndarray:
         return self._trig("atanh", a)
+
+    def exp2(self, a: Any) -> np.ndarray:
+        return self._trig("exp2", a)
+
+    def log2(self, a: Any) -> np.ndarray:
+        return self._trig("log2", a)
+
+    def log10(self, a: Any) -> np.ndarray:
+        return self._trig("log10", a)

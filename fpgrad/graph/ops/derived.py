@@ -194,4 +194,9 @@ def derived_constant(cx: Any, value: float) -> Any | None:
         found = erf_scale(cx, value)  # erf's backward: 2 / sqrt(pi)
         if found is not None:
             return found
+        from fpgrad.graph.ops.trig import log_scale
+
+        found = log_scale(cx, value)  # exp2's, log2's, log10's backward: ln 2, ln 10
+        if found is not None:
+            return found
     return smoothing_factor(cx, value)

@@ -1,5 +1,5 @@
-"""Hyperbolic and inverse trigonometric functions: ``sinh``, ``cosh``, ``tan``, ``asin``,
-``acos``, ``asinh``, ``acosh``, ``atanh``.
+"""Hyperbolic, inverse trigonometric and base-2/10 functions: ``sinh``, ``cosh``, ``tan``,
+``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, ``exp2``, ``log2``, ``log10``.
 
 Each is one slot: the emulated machines' correctly rounded function
 (:mod:`fpgrad.arith.emulated_trig`), Arb's in the exact systems (the fast balls have none:
@@ -8,13 +8,24 @@ Outside a domain Arb's ball is NaN and nothing is certified there. Their backwar
 torch's formulas in supported ops (``cosh`` for sinh, ``1 + tan^2``, ``rsqrt(1 - x^2)``,
 ``rsqrt(x^2 + 1)``, ``rsqrt(x - 1) rsqrt(x + 1)`` in torch's form, ``1 / (1 - x^2)``), whose
 constants are the integers 1 and 2.
+
+``exp2``, ``log2``, ``log10`` are the machines' slots; in the exact systems ``exp(x ln 2)``,
+``log x / ln 2``, ``log x / ln 10`` with the real logarithms. Their backward multiplies by
+torch's float64 ``ln 2`` (``ln 10``): :func:`log_scale` reads that constant as the real one
+where the node is that backward (``grad exp2(x)`` times it, or the ``x`` of a ``log2(x)``
+times it, divided into the gradient) and reaches no forward output; a model's own
+``x * 0.6931471805599453`` in its forward stays the float.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fpgrad.graph.ops._util import _slot
+from torch import fx
+
+from fpgrad.arith.base import ExactDerivatives
+from fpgrad.graph.names import PASS_THROUGH
+from fpgrad.graph.ops._util import _slot, feeds_forward_outputs
 from fpgrad.graph.ops.registry import op
 
 NAMES = ("sinh", "cosh", "tan", "asin", "acos", "asinh", "acosh", "atanh")
@@ -30,3 +41,61 @@ def _register(name: str) -> None:
 
 for _name in NAMES:
     _register(_name)
+
+
+def _ln(cx: Any, base: float) -> Any:
+    return cx.ar.log(cx.ar.const(base))
+
+
+@op("aten.exp2.default")
+def exp2(cx: Any, x: Any) -> Any:
+    if isinstance(cx.ar, ExactDerivatives):
+        return cx.ar.exp(cx.ar.mul(x, _ln(cx, 2.0)))
+    return _slot(cx, "exp2")(x)
+
+
+@op("aten.log2.default")
+def log2(cx: Any, x: Any) -> Any:
+    if isinstance(cx.ar, ExactDerivatives):
+        return cx.ar.div(cx.ar.log(x), _ln(cx, 2.0))
+    return _slot(cx, "log2")(x)
+
+
+@op("aten.log10.default")
+def log10(cx: Any, x: Any) -> Any:
+    if isinstance(cx.ar, ExactDerivatives):
+        return cx.ar.div(cx.ar.log(x), _ln(cx, 10.0))
+    return _slot(cx, "log10")(x)
+
+
+#: the float64 ln 2 and ln 10 of torch's derivative formulas (its ln 10 is one ulp below the
+#: correctly rounded 2.302585092994046) -> (base, the exp op, the log op)
+_SCALES = {0.6931471805599453: (2.0, "aten.exp2.default", "aten.log2.default"),
+           2.3025850929940455: (10.0, None, "aten.log10.default")}  # fmt: skip
+
+
+def _through(node: Any) -> Any:
+    while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def log_scale(cx: Any, value: float) -> Any | None:
+    """The real ``ln 2`` (``ln 10``) where this ``mul`` is exp2's or log2's (log10's) backward
+    multiplying by torch's float64 one (see the module's docstring); else None."""
+    found = _SCALES.get(value)
+    node = cx.node
+    if found is None or str(node.target) not in ("aten.mul.Scalar", "aten.mul.Tensor"):
+        return None
+    base, exp_op, log_op = found
+    src = node.args[0]
+    ok = False
+    if exp_op and isinstance(src, fx.Node) and str(src.target) == "aten.mul.Tensor":
+        ok = any(str(getattr(_through(a), "target", "")) == exp_op for a in src.args)
+    if not ok and isinstance(src, fx.Node):
+        reads_log = any(str(u.target) == log_op for u in src.users)
+        ok = reads_log and all(str(u.target) == "aten.div.Tensor" and u.args[1] is node
+                               for u in node.users)  # fmt: skip
+    if not ok or feeds_forward_outputs(cx, node):
+        return None
+    return _ln(cx, base)
