@@ -107,3 +107,47 @@ def test_fractional_powers_and_local_response_norm() -> None:
     net = fpgrad.from_module(Powers(0.0), x, y, nn.MSELoss())
     with pytest.raises(InputError, match="0 to a negative power"):
         exact_graph(net.graph)
+
+
+class _Transmittance(nn.Module):
+    """NeRF's transmittance T_i = prod_{j<=i} (1 - alpha_j) by cumprod, along both dims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.sigmoid(self.lin(x))
+        return torch.cumprod(1 - a, -1) * a + torch.cumprod(a, 0)
+
+
+def test_cumprod_and_prod_refusal() -> None:
+    """cumprod: native bit for bit, exact = torch float64; prod is refused in one line with
+    the cumprod rewrite (torch's prod backward differs eagerly and under tracing)."""
+    from fpgrad.errors import InputError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4), torch.randn(3, 5)
+    check(_Transmittance(), x, y, nn.MSELoss(), digits=30)
+
+    class WithZeros(nn.Module):  # relu's zeros inside the running product (torch's masked path)
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cumprod(torch.relu(self.lin(x)) + (self.lin(x) > 0.5).to(x.dtype), -1)
+
+    check(WithZeros(), x, y, nn.MSELoss(), digits=30)
+
+    class Prod(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).prod(-1, keepdim=True)
+
+    with pytest.raises(InputError, match="cumprod") as exc:
+        fpgrad.from_module(Prod(), x, torch.randn(3, 1), nn.MSELoss())
+    assert "\n" not in str(exc.value)

@@ -201,6 +201,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     norms,
     ordering,
     pointwise,
+    products,
     recurrent,
     reduce,
     resample,

@@ -90,3 +90,13 @@ def feeds_forward_outputs(cx: Any, node: Any) -> bool:
             seen.add(id(n))
             todo += list(n.users)
     return False
+
+
+def integers(*xs: Any) -> bool:
+    """Integer tensors (and Python ints) only: torch's integer arithmetic, in numpy int64
+    (cumprod's backward counts zeros and computes indices so)."""
+    arrays = [x for x in xs if isinstance(x, np.ndarray)]
+    return bool(arrays) and all(
+        (isinstance(x, np.ndarray) and x.dtype.kind in "iu") or (isinstance(x, int) and not isinstance(x, bool))
+        for x in xs
+    )

@@ -380,6 +380,12 @@ def index_put(cx: Any, x: Any, indices: Any, values: Any, accumulate: bool = Fal
 # ---- first extremum, cumulative sum ----------------------------------------------------------
 def _extremum(cx: Any, x: Any, dim: int, keepdim: bool, lowest: bool) -> tuple[Any, np.ndarray]:
     """(the maximum or minimum along ``dim``, the index of its first occurrence)."""
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biu" and x.ndim:  # counts, masks
+        d = int(dim) % x.ndim
+        first = (np.argmin if lowest else np.argmax)(x, axis=d)  # the first, as torch's
+        out = np.take_along_axis(x, np.expand_dims(first, d), d)
+        out = out if keepdim else np.squeeze(out, d)
+        return out, first if not keepdim else np.expand_dims(first, d)
     ar = cx.ar
     shape = shapes.shape(x)
     if not shape:
@@ -433,7 +439,10 @@ def argmax(cx: Any, x: Any, dim: Any = None, keepdim: bool = False) -> np.ndarra
 def cumsum(cx: Any, x: Any, dim: int, dtype: Any = None) -> Any:
     """Running sums along ``dim``: ``out_i = out_{i-1} + x_i`` (torch's CPU order), one
     addition of the system each; a system with a ``cumsum`` slot (the emulated machines:
-    their accumulation, as in their ``sum``) computes them itself."""
+    their accumulation, as in their ``sum``) computes them itself. A mask or integer tensor
+    (cumprod's backward counts zeros so) sums as torch's int64."""
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biu":
+        return np.cumsum(x.astype(np.int64), axis=int(dim) % max(x.ndim, 1)) if x.ndim else x
     shape = shapes.shape(x)
     if not shape or shape[int(dim) % len(shape)] <= 1:
         return x

@@ -11,7 +11,7 @@ from torch import fx
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
 from fpgrad.graph.ops._util import MissingSlot as MissingSlot  # re-exported: its old home
-from fpgrad.graph.ops._util import _slot, above, scalar, zeros
+from fpgrad.graph.ops._util import _slot, above, integers, scalar, zeros
 from fpgrad.graph.ops.registry import op
 
 
@@ -19,6 +19,8 @@ from fpgrad.graph.ops.registry import op
 def add(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
     """a + alpha b; a constant additive mask with -inf (``scores + causal``) gives a
     :class:`NegInfMasked` when softmax reads the sum."""
+    if integers(a, b, alpha):
+        return np.asarray(a, dtype=np.int64) + int(alpha) * np.asarray(b, dtype=np.int64)
     for x, y in ((a, b), (b, a)):
         if (
             isinstance(x, np.ndarray)
@@ -64,6 +66,8 @@ def _data(cx: Any, node: Any) -> np.ndarray | None:
 def sub(cx: Any, a: Any, b: Any, alpha: float = 1) -> Any:
     """a - alpha b; in the exact systems ``sigmoid(z) - t`` of data targets (BCE with logits'
     backward) is the system's ``bce_grad`` (``-sigmoid(-z)`` where t = 1: no cancellation)."""
+    if integers(a, b, alpha):
+        return np.asarray(a, dtype=np.int64) - int(alpha) * np.asarray(b, dtype=np.int64)
     src = cx.origin(0) if isinstance(cx.node.args[0], fx.Node) else None
     if alpha == 1 and isinstance(cx.ar, ExactDerivatives) and src is not None:
         if str(src.target) == "aten.sigmoid.default":
@@ -197,6 +201,8 @@ def _fractional_pow(cx: Any, a: Any, e: float) -> Any:
 @op("aten.relu.default", "aten.relu_.default")
 def relu(cx: Any, x: Any) -> Any:
     """torch's ``x < 0 ? 0 : x``: +0.0 for a negative, NaN and -0.0 kept (relu'(0) = 0)."""
+    if integers(x):
+        return np.maximum(x, 0)
     ar, zero = cx.ar, zeros(cx, shapes.shape(x))
     if isinstance(ar, ExactDerivatives):
         return ar.where(ar.positive(x), x, zero)  # no NaN; the branch the certifier tracks
