@@ -1,5 +1,5 @@
-"""Held-out probe: 45 small torch models people write (``scripts/heldout_models_a.py``, ``_b``,
-``_c``), through ``fpgrad.from_module``.
+"""Held-out probe: small torch models people write (``scripts/heldout_models_a.py`` to ``_e``),
+through ``fpgrad.from_module``.
 
 For each model: (1) capture (or a one-line refusal), (2) native float32 and float64 columns
 against torch's own eager autograd bit for bit, (3) the certified exact reference against torch
@@ -22,6 +22,8 @@ from typing import Any
 
 import heldout_models_b  # noqa: F401  (registers part 2)
 import heldout_models_c  # noqa: F401  (registers part 3)
+import heldout_models_d  # noqa: F401  (registers part 4)
+import heldout_models_e  # noqa: F401  (registers part 5)
 import numpy as np
 import torch
 from heldout_models_a import MODELS
