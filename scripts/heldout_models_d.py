@@ -197,12 +197,12 @@ class WaveNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
         skips = torch.zeros_like(h)
-        for i, (f, g, r, s) in enumerate(zip(self.filt, self.gate, self.res, self.skip)):
+        for i, (f, g, r, s) in enumerate(zip(self.filt, self.gate, self.res, self.skip, strict=True)):
             p = F.pad(h, (2**i, 0))
             z = torch.tanh(f(p)) * torch.sigmoid(g(p))
             skips = skips + s(z)
             h = h + r(z)
-        return self.out(F.relu(skips))
+        return self.out(F.relu(skips) + h)  # h: the last residual conv reaches the loss
 
 
 @model

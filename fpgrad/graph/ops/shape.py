@@ -9,8 +9,8 @@ import torch
 
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
-from fpgrad.graph.ops.steps import _integral, _pos
 from fpgrad.graph.ops.registry import op
+from fpgrad.graph.ops.steps import _integral, _pos
 
 
 @op("aten.detach.default", "aten.alias.default", "aten.clone.default",
