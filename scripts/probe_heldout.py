@@ -48,7 +48,9 @@ def eager(
     out = lf(mm(*[_cast(x, dt) for x in _tuple(inputs)]), _cast(targets, dt))
     out.backward()
     grads = {
-        n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in mm.named_parameters()
+        n: (p.grad if p.grad is not None else torch.zeros_like(p))
+        for n, p in mm.named_parameters()
+        if p.requires_grad  # a frozen parameter: torch computes no gradient
     }
     return out.detach(), grads
 

@@ -8,11 +8,13 @@ own rounding) or, where torch float64 is itself inexact, the mpmath oracle's.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fpgrad
+from fpgrad.errors import InputError
 from tests.oracle.native_exact import check
 
 # ---- casts to integers inside a loss (float targets -> class indices) -------------------------
@@ -39,3 +41,34 @@ def test_float_targets_cast_to_class_indices() -> None:
     check(m, torch.randn(6, 4), y2, _mask_loss)
     net = fpgrad.from_module(m, torch.randn(6, 4), y2, _mask_loss)
     fpgrad.compare(net, "bfloat16:emulated,float32").render(max_rows=2)
+
+
+# ---- frozen parameters (requires_grad=False): constants, as buffers -----------------------------
+
+
+class LoRA(nn.Module):
+    """A frozen base layer plus a trainable low-rank update, then a frozen head's bias only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(4, 5)
+        self.a, self.b = nn.Parameter(torch.randn(2, 4) * 0.3), nn.Parameter(torch.randn(5, 2))
+        self.head = nn.Linear(5, 3)
+        self.base.requires_grad_(False)
+        self.head.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.base(x) + x @ self.a.t() @ self.b.t()))
+
+
+def test_frozen_parameters_get_no_gradient() -> None:
+    torch.manual_seed(0)
+    m, x, y = LoRA(), torch.randn(4, 4), torch.tensor([0, 2, 1, 1])
+    check(m, x, y, nn.CrossEntropyLoss())
+    net = fpgrad.from_module(m, x, y, nn.CrossEntropyLoss())
+    assert net.param_names == ["a", "b", "head.bias"]
+    res = fpgrad.compare(net, "bfloat16,float16:emulated")
+    assert set(res.values("bfloat16")) == {"a", "b", "head.bias"}
+    m.requires_grad_(False)
+    with pytest.raises(InputError, match="no parameters that require gradients"):
+        fpgrad.from_module(m, x, y, nn.CrossEntropyLoss())

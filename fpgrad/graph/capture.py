@@ -101,6 +101,13 @@ class Graph:
 TAPS = "fpgrad_taps"
 
 
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters whose gradients are diagnosed: ``named_parameters()`` with
+    ``requires_grad`` (a frozen parameter gets no gradient from torch; it enters the graph as
+    a constant, as a buffer does)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
 def joint_function(
     model: nn.Module, names: list[str], loss_fn: LossFn, scale: float = 1.0
 ) -> Callable[..., Any]:
@@ -264,10 +271,13 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
             )
     check_values(model, xs, targets, loss)
     m64 = copy.deepcopy(model).to(torch.float64)
-    names = [n for n, _ in m64.named_parameters()]
+    names = [n for n, _ in trainable(m64)]
     if not names:
-        raise InputError("the model has no parameters: there is no gradient to diagnose")
-    ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
+        raise InputError(
+            "the model has no parameters that require gradients: there is no gradient to "
+            "diagnose"
+        )
+    ps = [p.detach().clone().requires_grad_() for _, p in trainable(m64)]
     args = [_widen(t) for t in (*xs, targets)]
     # the values as given: the forward may change its inputs in place while it is traced
     params = {n: p.detach().numpy().copy() for n, p in zip(names, ps, strict=True)}
@@ -428,7 +438,7 @@ def _module_paths(
     op that created the autograd node running it (an eager float64 run, matched op by op)."""
     ops = [n for n in gm.graph.nodes if n.op not in _SKIP and n.target is not operator.getitem]
     rec = OpRecorder()
-    ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
+    ps = [p.detach().clone().requires_grad_() for _, p in trainable(m64)]
     with rec:
         joint_function(m64, names, loss)(ps, *args)
     paths: dict[str, str] = {}

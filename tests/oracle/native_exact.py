@@ -31,7 +31,7 @@ def _eager(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any,
     out = lf(m(*xs), y)
     out.backward()
     return out.detach(), {n: p.grad if p.grad is not None else torch.zeros_like(p)
-                          for n, p in m.named_parameters()}  # fmt: skip
+                          for n, p in m.named_parameters() if p.requires_grad}  # fmt: skip
 
 
 def _bits(a: Any, b: torch.Tensor) -> None:
