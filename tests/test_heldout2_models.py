@@ -72,3 +72,30 @@ def test_frozen_parameters_get_no_gradient() -> None:
     m.requires_grad_(False)
     with pytest.raises(InputError, match="no parameters that require gradients"):
         fpgrad.from_module(m, x, y, nn.CrossEntropyLoss())
+
+
+# ---- in-place activations on a batch norm's output (MobileNetV2's BN + ReLU6(inplace=True)) ----
+
+
+def _inverted_residual(train: bool) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(2, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU6(inplace=True),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Hardswish(inplace=True), nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 2))  # fmt: skip
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.train(train)
+
+
+def test_inplace_activation_on_batch_norm_output() -> None:
+    """The item of a batch norm's (or max pool's) output tuple is a fresh tensor, not a view:
+    ReLU6(inplace=True) after it runs as a new value (it was refused as a write through a
+    view)."""
+    x, y = torch.randn(3, 2, 4, 4) * 3, torch.tensor([0, 1, 1])
+    for train in (False, True):
+        check(_inverted_residual(train), x, y, nn.CrossEntropyLoss())
