@@ -29,6 +29,8 @@ import torch
 from heldout_models_a import MODELS
 from torch import nn
 
+from fpgrad.graph.capture import copy_model
+
 # ---------------------------------------------------------------- the checks
 
 
@@ -43,7 +45,7 @@ def _cast(x: Any, dt: torch.dtype) -> Any:
 def eager(
     m: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any, dt: torch.dtype
 ) -> tuple[Any, dict]:
-    mm = copy.deepcopy(m).to(dt)
+    mm = copy_model(m).to(dt)
     lf = copy.deepcopy(loss).to(dt) if isinstance(loss, nn.Module) else loss
     out = lf(mm(*[_cast(x, dt) for x in _tuple(inputs)]), _cast(targets, dt))
     out.backward()

@@ -99,3 +99,35 @@ def test_inplace_activation_on_batch_norm_output() -> None:
     x, y = torch.randn(3, 2, 4, 4) * 3, torch.tensor([0, 1, 1])
     for train in (False, True):
         check(_inverted_residual(train), x, y, nn.CrossEntropyLoss())
+
+
+# ---- torch.nn.utils.weight_norm (legacy): a non-leaf ``weight`` attribute ----------------------
+
+
+class LegacyWeightNormTCN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        import warnings
+
+        from torch.nn.utils import weight_norm
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its deprecation notice
+            self.c1 = weight_norm(nn.Conv1d(2, 3, 3, padding=2))
+            self.fc = weight_norm(nn.Linear(3, 1), dim=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c1(x)[:, :, :-2])  # causal: chomp the right padding
+        return self.fc(h[:, :, -1]).squeeze(-1)
+
+
+def test_legacy_weight_norm_is_copied_and_captured() -> None:
+    """torch refuses to deepcopy the module (its ``weight`` is a non-leaf tensor the
+    pre-hook recomputes); capture crashed with torch's RuntimeError."""
+    torch.manual_seed(0)
+    m, x, y = LegacyWeightNormTCN(), torch.randn(3, 2, 5), torch.randn(3)
+    check(m, x, y, nn.MSELoss())
+    net = fpgrad.from_module(m, x, y, nn.MSELoss())
+    assert net.param_names == ["c1.bias", "c1.weight_g", "c1.weight_v", "fc.bias",
+                               "fc.weight_g", "fc.weight_v"]  # fmt: skip
+    fpgrad.compare(net, "bfloat16,float16:emulated").render(max_rows=2)

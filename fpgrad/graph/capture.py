@@ -101,6 +101,19 @@ class Graph:
 TAPS = "fpgrad_taps"
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where a module holds a tensor computed from its
+    parameters as a plain attribute (``torch.nn.utils.weight_norm``'s ``weight``, which its
+    forward pre-hook recomputes): torch refuses to deepcopy a non-leaf tensor; the copy holds
+    it detached."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters whose gradients are diagnosed: ``named_parameters()`` with
     ``requires_grad`` (a frozen parameter gets no gradient from torch; it enters the graph as
@@ -270,7 +283,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
                 "pass at least one example (a batch of size >= 1)"
             )
     check_values(model, xs, targets, loss)
-    m64 = copy.deepcopy(model).to(torch.float64)
+    m64 = copy_model(model).to(torch.float64)
     names = [n for n, _ in trainable(m64)]
     if not names:
         raise InputError(
@@ -317,7 +330,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
             "a forward that make_fx can trace (no data-dependent Python control flow)"
         ) from None
     fresh = [torch.from_numpy(a.copy()) for a in data]
-    paths = _module_paths(gm, copy.deepcopy(model).to(torch.float64), names, loss, fresh)
+    paths = _module_paths(gm, copy_model(model).to(torch.float64), names, loss, fresh)
     taps = [name for name, _ in getattr(m64, TAPS, None) or ()]
     graph = Graph(
         gm=gm,
@@ -326,7 +339,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         inputs=data[:-1],
         targets=data[-1],
         paths=paths,
-        model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
+        model=copy_model(model),  # a snapshot: later changes to the user's model do not leak
         loss_fn=loss,
         taps=taps,
         smoothing=tuple(seen.values),

@@ -15,7 +15,6 @@ graph gets the same ``mul``: :func:`fpgrad.graph.policy.scaled_seed`). With a po
 from __future__ import annotations
 
 import contextlib
-import copy
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from fpgrad.graph.capture import (
     Graph,
     OpRecorder,
     align,
+    copy_model,
     fused_rnn,
     joint_function,
     loss_in,
@@ -90,7 +90,7 @@ def _into(value: np.ndarray, precision: str) -> torch.Tensor:
 def model_in(graph: Graph, precision: str) -> torch.nn.Module:
     """A copy of the model with parameters and floating buffers correctly rounded into
     ``precision`` (from the captured float64 values)."""
-    model = copy.deepcopy(graph.model).to(torch.float64)
+    model = copy_model(graph.model).to(torch.float64)
     with torch.no_grad():
         for name, p in model.named_parameters():  # frozen ones are rounded as buffers are
             value = graph.params[name] if name in graph.params else p.detach().numpy()
