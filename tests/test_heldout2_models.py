@@ -131,3 +131,40 @@ def test_legacy_weight_norm_is_copied_and_captured() -> None:
     assert net.param_names == ["c1.bias", "c1.weight_g", "c1.weight_v", "fc.bias",
                                "fc.weight_g", "fc.weight_v"]  # fmt: skip
     fpgrad.compare(net, "bfloat16,float16:emulated").render(max_rows=2)
+
+
+# ---- mv, dot, vdot (spectral_norm's sigma = u . (W v)) -----------------------------------------
+
+
+class SpectralNormDisc(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import spectral_norm
+
+        self.c = spectral_norm(nn.Conv2d(1, 3, 3, stride=2, padding=1))
+        self.fc = spectral_norm(nn.Linear(3 * 2 * 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.leaky_relu(self.c(x), 0.2).flatten(1)).squeeze(-1)
+
+
+class MatVec(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+        self.u = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [torch.dot(self.u, torch.tanh(torch.mv(self.w, xi))) for xi in x]
+        return torch.stack(rows) + torch.vdot(self.u, self.u)
+
+
+def test_mv_dot_vdot_and_spectral_norm_eval() -> None:
+    torch.manual_seed(0)
+    check(MatVec(), torch.randn(3, 4), torch.randn(3), nn.MSELoss())
+    m = SpectralNormDisc()
+    m(torch.randn(2, 1, 4, 4))  # one power iteration in training mode, then frozen
+    x, y = torch.randn(4, 1, 4, 4), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    check(m.eval(), x, y, nn.BCEWithLogitsLoss())
+    with pytest.raises(InputError, match=r"aten\.div\.out .*model\.eval\(\)"):
+        fpgrad.from_module(m.train(), x, y, nn.BCEWithLogitsLoss())

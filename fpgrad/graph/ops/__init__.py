@@ -182,6 +182,12 @@ def unsupported_message(graph: Graph) -> str:
         hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
         if key in OPS:  # implemented: refused for its in-place write alone
             hint = "fpgrad runs an in-place op as a new value"
+        if key.endswith(".out") and key not in OPS:
+            hint = (
+                "it writes into a tensor given as out=, as spectral_norm's power iteration "
+                "does in training mode (F.normalize(..., out=u)): not replayed; call "
+                "model.eval() to freeze the power-iteration vectors"
+            )
         if key.endswith("reading masked_fill(-inf)"):
             hint = "-inf is a mask that only softmax reads"
         if key.endswith("running statistic"):
