@@ -8,6 +8,7 @@ own rounding) or, where torch float64 is itself inexact, the mpmath oracle's.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,3 +169,49 @@ def test_mv_dot_vdot_and_spectral_norm_eval() -> None:
     check(m.eval(), x, y, nn.BCEWithLogitsLoss())
     with pytest.raises(InputError, match=r"aten\.div\.out .*model\.eval\(\)"):
         fpgrad.from_module(m.train(), x, y, nn.BCEWithLogitsLoss())
+
+
+# ---- im2col / col2im (nn.Unfold, nn.Fold) ------------------------------------------------------
+
+
+class UnfoldFold(nn.Module):
+    """Overlapping padded, dilated windows (``nn.Unfold``), a patch embedding, and ``nn.Fold``
+    summing overlapping windows back into an image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unfold = nn.Unfold(kernel_size=(2, 3), dilation=(1, 2), padding=1, stride=(1, 2))
+        self.embed = nn.Linear(2 * 6, 4)
+        self.back = nn.Linear(4, 2 * 4)
+        self.fold = nn.Fold(output_size=(5, 4), kernel_size=2, padding=(1, 0), stride=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.gelu(self.embed(self.unfold(x).transpose(1, 2)))  # (B, 6 x 2 windows, 4)
+        return self.fold(self.back(p).transpose(1, 2))  # 6 x 2 windows of 2 x 2
+
+
+def test_unfold_and_fold() -> None:
+    torch.manual_seed(0)
+    check(UnfoldFold(), torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 4), nn.MSELoss())
+    net = fpgrad.from_module(UnfoldFold(), torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 4),
+                             nn.MSELoss())  # fmt: skip
+    fpgrad.compare(net, "float16,float16:emulated").render(max_rows=2)
+
+
+def test_col2im_emulated_is_torch_kernel_bit_for_bit() -> None:
+    """Every addition rounded, in the columns' order (torch's ``data_im += data_col``), in
+    float16 and bfloat16 over 16 binades; im2col copies exactly."""
+    from types import SimpleNamespace
+
+    from fpgrad.arith.emulated import EmulatedArith
+    from fpgrad.graph.ops import index as ix
+
+    rng = np.random.default_rng(3)
+    args = ([6, 7], [3, 3], [1, 2], [1, 1], [1, 1])  # output, kernel, dilation, padding, stride
+    for fmt, dt in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        v = fpgrad.round_to(rng.standard_normal((2, 2 * 9, 6 * 5)) *
+                            np.exp2(rng.integers(-8, 8, (2, 18, 30))), fmt)  # fmt: skip
+        cx = SimpleNamespace(ar=EmulatedArith(fmt, "fp32"), label=lambda: "test")
+        want = torch.ops.aten.col2im(torch.from_numpy(v).to(dt), *args).double().numpy()
+        got = np.asarray(ix.col2im(cx, v, *args), dtype=np.float64)
+        assert np.array_equal(got.view(np.int64), want.view(np.int64))
