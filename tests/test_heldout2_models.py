@@ -215,3 +215,23 @@ def test_col2im_emulated_is_torch_kernel_bit_for_bit() -> None:
         want = torch.ops.aten.col2im(torch.from_numpy(v).to(dt), *args).double().numpy()
         got = np.asarray(ix.col2im(cx, v, *args), dtype=np.float64)
         assert np.array_equal(got.view(np.int64), want.view(np.int64))
+
+
+def test_reading_a_value_as_a_number_is_refused_in_one_line() -> None:
+    """``F.one_hot`` in a loss checks its classes with ``.item()``: one line naming the cause
+    and the traceable form, not torch's advice to change make_fx's tracing mode."""
+
+    def margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (F.one_hot(y, 3).to(out.dtype) * F.relu(0.9 - out) ** 2).sum(1).mean()
+
+    m, x, y = nn.Linear(4, 3), torch.randn(2, 4), torch.tensor([0, 2])
+    with pytest.raises(InputError) as err:
+        fpgrad.from_module(m, x, y, margin)
+    msg = str(err.value)
+    assert "\n" not in msg and "F.one_hot" in msg and "tracing_mode" not in msg
+
+    def scattered(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = torch.zeros_like(out).scatter(1, y[:, None], 1.0)
+        return (t * F.relu(0.9 - out) ** 2).sum(1).mean()
+
+    check(m, x, y, scattered)

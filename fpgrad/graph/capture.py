@@ -325,6 +325,13 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
                 "meet the model's values; create them with dtype=x.dtype so that the model runs "
                 "in every precision"
             ) from None
+        if "_local_scalar_dense" in first:
+            raise InputError(
+                "torch could not trace the model's forward and backward: the model or the loss "
+                "reads a tensor's value as a Python number (.item(), float(t), if t: ..., "
+                "F.one_hot, which checks its classes so); fpgrad needs a forward that make_fx "
+                "can trace: write one-hot targets as zeros(...).scatter(1, y[:, None], 1.0)"
+            ) from None
         raise InputError(
             f"torch could not trace the model's forward and backward ({first}); fpgrad needs "
             "a forward that make_fx can trace (no data-dependent Python control flow)"
