@@ -235,3 +235,35 @@ def test_reading_a_value_as_a_number_is_refused_in_one_line() -> None:
         return (t * F.relu(0.9 - out) ** 2).sum(1).mean()
 
     check(m, x, y, scattered)
+
+
+def test_circular_padding_is_refused_with_a_rewrite() -> None:
+    """``padding_mode='circular'`` is ``new_empty`` plus ``copy_`` into slices (and an
+    as_strided backward): refused in one line that names the ``torch.cat`` form, which runs."""
+
+    class CatCircular(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.head = nn.Linear(2 * 4 * 4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.cat([x[..., -1:], x, x[..., :1]], -1)
+            x = torch.cat([x[..., -1:, :], x, x[..., :1, :]], -2)
+            return self.head(self.conv(x).flatten(1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 4, 4), torch.tensor([0, 1])
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Flatten(),
+                      nn.Linear(2 * 4 * 4, 2))  # fmt: skip
+    with pytest.raises(InputError) as err:
+        fpgrad.from_module(m, x, y, nn.CrossEntropyLoss())
+    assert "\n" not in str(err.value) and "torch.cat" in str(err.value)
+    cat = CatCircular()
+    with torch.no_grad():
+        cat.conv.weight.copy_(m[0].weight)
+        cat.conv.bias.copy_(m[0].bias)
+        cat.head.weight.copy_(m[2].weight)
+        cat.head.bias.copy_(m[2].bias)
+    assert torch.equal(cat(x), m(x))
+    check(cat, x, y, nn.CrossEntropyLoss())
