@@ -267,3 +267,31 @@ def test_circular_padding_is_refused_with_a_rewrite() -> None:
         cat.head.bias.copy_(m[2].bias)
     assert torch.equal(cat(x), m(x))
     check(cat, x, y, nn.CrossEntropyLoss())
+
+
+# ---- nll_loss2d: cross-entropy per position ((N, C, H, W) and (N, C, L) logits) ----------------
+
+
+def _seg_losses() -> list:
+    w = torch.tensor([1.0, 2.0, 0.5])
+    return [
+        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(weight=w, ignore_index=1),
+        nn.CrossEntropyLoss(reduction="sum"),
+        lambda out, y: (F.cross_entropy(out, y, weight=torch.tensor([1.0, 2.0, 0.5], dtype=out.dtype),
+                                        reduction="none") ** 2).mean(),  # fmt: skip
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+    ]
+
+
+def test_cross_entropy_per_position() -> None:
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    seq = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1))
+    x2, y2 = torch.randn(2, 2, 3, 4), torch.randint(0, 3, (2, 3, 4))
+    x1, y1 = torch.randn(2, 2, 5), torch.randint(0, 3, (2, 5))
+    for loss in _seg_losses():
+        check(seg, x2, y2, loss)
+        check(seq, x1, y1, loss)
+    net = fpgrad.from_module(seg, x2, y2, _seg_losses()[1])
+    fpgrad.compare(net, "bfloat16,float16:emulated").render(max_rows=2)
