@@ -1,5 +1,5 @@
-"""Held-out probe: 45 small torch models people write (``scripts/heldout_models_a.py``, ``_b``,
-``_c``), through ``fpgrad.from_module``.
+"""Held-out probe: small torch models people write (``scripts/heldout_models_a.py`` to ``_e``),
+through ``fpgrad.from_module``.
 
 For each model: (1) capture (or a one-line refusal), (2) native float32 and float64 columns
 against torch's own eager autograd bit for bit, (3) the certified exact reference against torch
@@ -22,10 +22,14 @@ from typing import Any
 
 import heldout_models_b  # noqa: F401  (registers part 2)
 import heldout_models_c  # noqa: F401  (registers part 3)
+import heldout_models_d  # noqa: F401  (registers part 4)
+import heldout_models_e  # noqa: F401  (registers part 5)
 import numpy as np
 import torch
 from heldout_models_a import MODELS
 from torch import nn
+
+from fpgrad.graph.capture import copy_model
 
 # ---------------------------------------------------------------- the checks
 
@@ -41,12 +45,14 @@ def _cast(x: Any, dt: torch.dtype) -> Any:
 def eager(
     m: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any, dt: torch.dtype
 ) -> tuple[Any, dict]:
-    mm = copy.deepcopy(m).to(dt)
+    mm = copy_model(m).to(dt)
     lf = copy.deepcopy(loss).to(dt) if isinstance(loss, nn.Module) else loss
     out = lf(mm(*[_cast(x, dt) for x in _tuple(inputs)]), _cast(targets, dt))
     out.backward()
     grads = {
-        n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in mm.named_parameters()
+        n: (p.grad if p.grad is not None else torch.zeros_like(p))
+        for n, p in mm.named_parameters()
+        if p.requires_grad  # a frozen parameter: torch computes no gradient
     }
     return out.detach(), grads
 

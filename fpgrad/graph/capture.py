@@ -101,6 +101,26 @@ class Graph:
 TAPS = "fpgrad_taps"
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where a module holds a tensor computed from its
+    parameters as a plain attribute (``torch.nn.utils.weight_norm``'s ``weight``, which its
+    forward pre-hook recomputes): torch refuses to deepcopy a non-leaf tensor; the copy holds
+    it detached."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters whose gradients are diagnosed: ``named_parameters()`` with
+    ``requires_grad`` (a frozen parameter gets no gradient from torch; it enters the graph as
+    a constant, as a buffer does)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
 def joint_function(
     model: nn.Module, names: list[str], loss_fn: LossFn, scale: float = 1.0
 ) -> Callable[..., Any]:
@@ -263,11 +283,14 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
                 "pass at least one example (a batch of size >= 1)"
             )
     check_values(model, xs, targets, loss)
-    m64 = copy.deepcopy(model).to(torch.float64)
-    names = [n for n, _ in m64.named_parameters()]
+    m64 = copy_model(model).to(torch.float64)
+    names = [n for n, _ in trainable(m64)]
     if not names:
-        raise InputError("the model has no parameters: there is no gradient to diagnose")
-    ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
+        raise InputError(
+            "the model has no parameters that require gradients: there is no gradient to "
+            "diagnose"
+        )
+    ps = [p.detach().clone().requires_grad_() for _, p in trainable(m64)]
     args = [_widen(t) for t in (*xs, targets)]
     # the values as given: the forward may change its inputs in place while it is traced
     params = {n: p.detach().numpy().copy() for n, p in zip(names, ps, strict=True)}
@@ -302,12 +325,19 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
                 "meet the model's values; create them with dtype=x.dtype so that the model runs "
                 "in every precision"
             ) from None
+        if "_local_scalar_dense" in first:
+            raise InputError(
+                "torch could not trace the model's forward and backward: the model or the loss "
+                "reads a tensor's value as a Python number (.item(), float(t), if t: ..., "
+                "F.one_hot, which checks its classes so); fpgrad needs a forward that make_fx "
+                "can trace: write one-hot targets as zeros(...).scatter(1, y[:, None], 1.0)"
+            ) from None
         raise InputError(
             f"torch could not trace the model's forward and backward ({first}); fpgrad needs "
             "a forward that make_fx can trace (no data-dependent Python control flow)"
         ) from None
     fresh = [torch.from_numpy(a.copy()) for a in data]
-    paths = _module_paths(gm, copy.deepcopy(model).to(torch.float64), names, loss, fresh)
+    paths = _module_paths(gm, copy_model(model).to(torch.float64), names, loss, fresh)
     taps = [name for name, _ in getattr(m64, TAPS, None) or ()]
     graph = Graph(
         gm=gm,
@@ -316,7 +346,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         inputs=data[:-1],
         targets=data[-1],
         paths=paths,
-        model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
+        model=copy_model(model),  # a snapshot: later changes to the user's model do not leak
         loss_fn=loss,
         taps=taps,
         smoothing=tuple(seen.values),
@@ -428,7 +458,7 @@ def _module_paths(
     op that created the autograd node running it (an eager float64 run, matched op by op)."""
     ops = [n for n in gm.graph.nodes if n.op not in _SKIP and n.target is not operator.getitem]
     rec = OpRecorder()
-    ps = [p.detach().clone().requires_grad_() for _, p in m64.named_parameters()]
+    ps = [p.detach().clone().requires_grad_() for _, p in trainable(m64)]
     with rec:
         joint_function(m64, names, loss)(ps, *args)
     paths: dict[str, str] = {}

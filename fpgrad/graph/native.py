@@ -15,7 +15,6 @@ graph gets the same ``mul``: :func:`fpgrad.graph.policy.scaled_seed`). With a po
 from __future__ import annotations
 
 import contextlib
-import copy
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,16 @@ import numpy as np
 import torch
 
 from fpgrad.errors import InputError
-from fpgrad.graph.capture import Graph, OpRecorder, align, fused_rnn, joint_function, loss_in
+from fpgrad.graph.capture import (
+    Graph,
+    OpRecorder,
+    align,
+    copy_model,
+    fused_rnn,
+    joint_function,
+    loss_in,
+    trainable,
+)
 from fpgrad.graph.names import MOVES, op_name
 from fpgrad.run.torch_native import DTYPES, one_torch_thread, to_dtype
 
@@ -82,10 +90,11 @@ def _into(value: np.ndarray, precision: str) -> torch.Tensor:
 def model_in(graph: Graph, precision: str) -> torch.nn.Module:
     """A copy of the model with parameters and floating buffers correctly rounded into
     ``precision`` (from the captured float64 values)."""
-    model = copy.deepcopy(graph.model).to(torch.float64)
+    model = copy_model(graph.model).to(torch.float64)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data = to_dtype(graph.params[name], precision)
+        for name, p in model.named_parameters():  # frozen ones are rounded as buffers are
+            value = graph.params[name] if name in graph.params else p.detach().numpy()
+            p.data = to_dtype(value, precision)
         for _, b in model.named_buffers():
             if b.is_floating_point():
                 b.data = to_dtype(b.detach().numpy(), precision)
@@ -111,7 +120,7 @@ def native_run(
     graph = scaled_seed(graph, loss_scale)
     model = model_in(graph, precision)
     names = graph.param_names
-    ps = [p.detach().clone().requires_grad_() for _, p in model.named_parameters()]
+    ps = [p.detach().clone().requires_grad_() for _, p in trainable(model)]
     args = [_into(x, precision) for x in (*graph.inputs, graph.targets)]
     rec = OpRecorder() if keep else None
     with one_torch_thread():
@@ -207,7 +216,7 @@ def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> 
     graph = scaled_seed(graph, loss_scale)
     model = model_in(graph, plan.params)
     names = graph.param_names
-    ps = [p.detach().clone().requires_grad_() for _, p in model.named_parameters()]
+    ps = [p.detach().clone().requires_grad_() for _, p in trainable(model)]
     args = [_into(x, plan.data) for x in (*graph.inputs, graph.targets)]
     nodes = [n for n in graph.ops if n.target is not operator.getitem]
     mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)

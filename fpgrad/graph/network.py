@@ -24,7 +24,8 @@ class GraphNetwork:
 
     @property
     def param_names(self) -> list[str]:
-        """Parameter names, as ``model.named_parameters()`` gives them."""
+        """Parameter names, as ``model.named_parameters()`` gives them (those that require
+        gradients)."""
         return list(self.graph.param_names)
 
 

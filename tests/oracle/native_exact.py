@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fpgrad
+from fpgrad.graph.capture import copy_model
 from fpgrad.graph.exact import exact_graph
 from fpgrad.graph.native import native_run
 
@@ -23,7 +24,7 @@ def _tuple(x: Any) -> tuple:
 
 def _eager(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any,
            dt: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-    m = copy.deepcopy(model).to(dt)
+    m = copy_model(model).to(dt)  # deepcopy, also of torch.nn.utils.weight_norm's modules
     lf = copy.deepcopy(loss).to(dt) if isinstance(loss, nn.Module) else loss
     xs = [x.to(dt) if x.is_floating_point() else x for x in _tuple(inputs)]
     y = targets.to(dt) if targets.is_floating_point() else targets
@@ -31,7 +32,7 @@ def _eager(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any,
     out = lf(m(*xs), y)
     out.backward()
     return out.detach(), {n: p.grad if p.grad is not None else torch.zeros_like(p)
-                          for n, p in m.named_parameters()}  # fmt: skip
+                          for n, p in m.named_parameters() if p.requires_grad}  # fmt: skip
 
 
 def _bits(a: Any, b: torch.Tensor) -> None:

@@ -54,7 +54,7 @@ def _aliased_write(node: Any, constants: set[str]) -> str:
     if (
         node.name not in constants  # torch computes constants, views sharing storage as eager
         and base.op == "call_function"
-        and (op_name(base).removeprefix("aten.") in _VIEWS or base.target is operator.getitem)
+        and _is_view(base)
         and not split_piece_write_ok(node)  # a piece of a split of a fresh temporary: proven
     ):
         return "it writes through a view or a detached alias; write into a copy (clone())"
@@ -64,6 +64,16 @@ def _aliased_write(node: Any, constants: set[str]) -> str:
         if any(not _inplace(u) for u in readers):
             return "it writes into a buffer that is read; write into a copy"
     return ""
+
+
+def _is_view(node: Any) -> bool:
+    """``node`` shares storage with another value: a view op, or an item of a view op's list
+    (``split``, ``unbind``); an item of another op's tuple (a batch norm's output, a
+    max-pool's values) is that op's own fresh tensor."""
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return not hasattr(src, "op") or src.op != "call_function" or _is_view(src)
+    return op_name(node).removeprefix("aten.") in _VIEWS
 
 
 def split_piece_write_ok(node: Any) -> bool:
@@ -172,6 +182,12 @@ def unsupported_message(graph: Graph) -> str:
         hint = HINTS.get(name.removesuffix("_backward"), "not implemented yet")
         if key in OPS:  # implemented: refused for its in-place write alone
             hint = "fpgrad runs an in-place op as a new value"
+        if key.endswith(".out") and key not in OPS:
+            hint = (
+                "it writes into a tensor given as out=, as spectral_norm's power iteration "
+                "does in training mode (F.normalize(..., out=u)): not replayed; call "
+                "model.eval() to freeze the power-iteration vectors"
+            )
         if key.endswith("reading masked_fill(-inf)"):
             hint = "-inf is a mask that only softmax reads"
         if key.endswith("running statistic"):

@@ -250,10 +250,11 @@ def _copy_map(
 
 
 @op(*(k.replace("_backward", "") for k in _COPIES), "aten.unfold.default",
-    "aten.diagonal.default", "aten.rot90.default")  # fmt: skip
+    "aten.diagonal.default", "aten.rot90.default", "aten.im2col.default")  # fmt: skip
 def copy(cx: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """Reflection / replication padding, nearest upsampling, windows (``unfold``), diagonals,
-    rotations: every output element a copy of an input one (torch's index rule, replayed)."""
+    """Reflection / replication padding, nearest upsampling, windows (``unfold``, ``im2col``:
+    ``nn.Unfold``, its zero padding a fill), diagonals, rotations: every output element a copy
+    of an input one (torch's index rule, replayed)."""
     fn = cx.node.target
     return _pick(cx, x, _replay(lambda t, *a: fn(t, *a, **kwargs), shapes.shape(x), *args))
 
@@ -271,6 +272,23 @@ def copy_backward(cx: Any, g: Any, *args: Any, **kwargs: Any) -> Any:
     sizes, src = _copy_map(str(cx.node.target), (g, *args), kwargs, shapes.shape)
     wide = "upsample" in str(cx.node.target)  # torch's kernel: a float accumulator
     return _accumulate(cx, _zeros(cx, sizes), src, g, wide)
+
+
+@op("aten.col2im.default")
+def col2im(cx: Any, cols: Any, output_size: Any, kernel_size: Any, dilation: Any,
+           padding: Any, stride: Any) -> Any:  # fmt: skip
+    """``nn.Fold`` (and ``im2col``'s backward): each column element added into the image
+    element ``im2col`` copies it from (``im2col`` replayed on the image's shape; elements
+    from the zero padding are dropped), in the columns' order with every addition rounded,
+    as torch's CPU kernel (``col2im``: ``data_im[...] += data_col[...]``)."""
+    cshape = [int(v) for v in shapes.shape(cols)]
+    kh, kw = (int(v) for v in kernel_size)
+    sizes = (*cshape[:-2], cshape[-2] // (kh * kw), *(int(v) for v in output_size))
+    im2col = torch.ops.aten.im2col.default
+    src = _replay(im2col, sizes, kernel_size, dilation, padding, stride).ravel()
+    keep = np.flatnonzero(src >= 0)
+    vals = shapes.index(shapes.reshape(cols, (-1,)), (keep,))
+    return _accumulate(cx, _zeros(cx, sizes), src[keep], vals, False)
 
 
 def backward_sources(node: Any) -> np.ndarray | None:

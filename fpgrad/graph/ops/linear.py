@@ -1,5 +1,5 @@
-"""Matrix products: mm, addmm, bmm, baddbmm (through the system's 2-D matmul slot) and
-``_trilinear`` (``nn.Bilinear``)."""
+"""Matrix products: mm, addmm, bmm, baddbmm, mv, dot, vdot (through the system's 2-D matmul
+slot) and ``_trilinear`` (``nn.Bilinear``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,19 @@ from fpgrad.graph.ops.registry import op
 @op("aten.mm.default")
 def mm(cx: Any, a: Any, b: Any) -> Any:
     return cx.ar.matmul(a, b)
+
+
+@op("aten.mv.default")
+def mv(cx: Any, a: Any, v: Any) -> Any:
+    """Matrix times vector (``spectral_norm``'s power iteration): ``a @ v[:, None]``."""
+    return shapes.reshape(cx.ar.matmul(a, shapes.unsqueeze(v, 1)), [shapes.shape(a)[0]])
+
+
+@op("aten.dot.default", "aten.vdot.default")
+def dot(cx: Any, u: Any, v: Any) -> Any:
+    """The inner product of two vectors (real: ``vdot`` conjugates nothing), a 0-d value:
+    ``u[None, :] @ v[:, None]``."""
+    return shapes.reshape(cx.ar.matmul(shapes.unsqueeze(u, 0), shapes.unsqueeze(v, 1)), [])
 
 
 @op("aten.addmm.default")

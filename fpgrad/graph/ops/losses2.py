@@ -17,7 +17,7 @@ import numpy as np
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops.loss import REDUCTIONS, _reduce
+from fpgrad.graph.ops.loss import REDUCTIONS, _reduce, nll_loss_backward, nll_loss_forward
 from fpgrad.graph.ops.norms import vector_norm
 from fpgrad.graph.ops.registry import OPS, op
 
@@ -366,3 +366,37 @@ def norm_all(cx: Any, x: Any, p: Any = 2) -> Any:
     """torch.norm of the whole tensor (``x.norm()``; weight_norm with ``dim=None``): as
     ``linalg_vector_norm`` over every axis."""
     return vector_norm(cx, x, p, None, False)
+
+
+# ---- nll_loss2d (cross-entropy per position: (N, C, H, W) or (N, C, L) logits) ----------------
+def _rows(logp: Any) -> Any:
+    """(N, C, *S) -> (N * prod(S), C): the class axis last, one row per position."""
+    nd = len(shapes.shape(logp))
+    moved = shapes.permute(logp, [0, *range(2, nd), 1])
+    return shapes.reshape(moved, (-1, shapes.shape(logp)[1]))
+
+
+@op("aten.nll_loss2d_forward.default")
+def nll_loss2d_forward(
+    cx: Any, logp: Any, target: np.ndarray, weight: Any, reduction: int, ignore: int
+) -> tuple[Any, Any]:
+    """``nll_loss_forward`` on the positions as rows (``nn.CrossEntropyLoss`` on segmentation
+    or per-time-step logits); "none" gives the (N, H, W) map."""
+    t = np.asarray(target)
+    loss, total = nll_loss_forward(cx, _rows(logp), t.ravel(), weight, reduction, ignore)
+    return (shapes.reshape(loss, t.shape) if int(reduction) == 0 else loss), total
+
+
+@op("aten.nll_loss2d_backward.default")
+def nll_loss2d_backward(
+    cx: Any, go: Any, logp: Any, target: np.ndarray, weight: Any, reduction: int, ignore: int,
+    total_w: Any,
+) -> Any:  # fmt: skip
+    """``nll_loss_backward`` on the positions as rows, moved back to (N, C, *S)."""
+    shape = shapes.shape(logp)
+    g = shapes.reshape(go, (-1,)) if int(reduction) == 0 else go
+    rows = nll_loss_backward(cx, g, _rows(logp), np.asarray(target).ravel(), weight, reduction,
+                             ignore, total_w)  # fmt: skip
+    nd = len(shape)
+    moved = shapes.reshape(rows, (shape[0], *shape[2:], shape[1]))
+    return shapes.permute(moved, [0, nd - 1, *range(1, nd - 1)])

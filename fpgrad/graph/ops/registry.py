@@ -13,6 +13,11 @@ HINTS: dict[str, str] = {
     "aten.native_dropout": "dropout in training mode draws random masks: call model.eval()",
     "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
     "aten.bernoulli_": "dropout in training mode draws random masks: call model.eval()",
+    "aten.new_empty": (
+        "circular padding (padding_mode='circular', F.pad(mode='circular')) fills new_empty "
+        "by writes into its slices, which fpgrad does not replay: pad with "
+        "torch.cat([x[..., -p:], x, x[..., :p]], -1) per dimension"
+    ),
 }
 
 

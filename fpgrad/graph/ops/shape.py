@@ -5,15 +5,44 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
+from fpgrad.errors import InputError
 from fpgrad.graph import shapes
 from fpgrad.graph.ops.registry import op
+from fpgrad.graph.ops.steps import _integral, _pos
 
 
 @op("aten.detach.default", "aten.alias.default", "aten.clone.default",
-    "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.contiguous.default")  # fmt: skip
+    "aten.lift_fresh_copy.default", "aten.contiguous.default")  # fmt: skip
 def identity(cx: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return x
+
+
+@op("aten._to_copy.default")
+def to_copy(cx: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """A cast. Floating to floating keeps the value (every system holds its values in its own
+    format; the native columns are torch's casts). To an integer or boolean dtype (targets
+    held as floats, ``y.long()``, ``(y > 0).long()`` in a loss): numpy integers, a floating
+    value truncated toward zero as torch does (``steps.trunc``, proven in the exact systems)
+    or tested against 0; from integers or booleans to floating: the system's array."""
+    dt = cx.node.kwargs.get("dtype")  # the interpreter drops torch-only keywords
+    if dt is None:
+        return x
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biu":
+        if dt.is_floating_point:
+            return cx.ar.asarray(x.astype(np.float64))
+        return x.astype(torch.empty((), dtype=dt).numpy().dtype)
+    if dt.is_floating_point or dt.is_complex:
+        return x
+    ar = cx.ar
+    if dt == torch.bool:
+        return _pos(ar, x) | _pos(ar, ar.mul(x, ar.const(-1.0)))
+    whole = np.asarray(ar.to_float64(_integral(cx, x, "trunc")), dtype=np.float64)
+    if not np.isfinite(whole).all() or (np.abs(whole) >= 2.0**53).any():
+        raise InputError(f"{cx.label()}: a cast to {dt} of a value that is not finite or "
+                         "beyond 2^53 (torch's result is then unspecified)")  # fmt: skip
+    return whole.astype(torch.empty((), dtype=dt).numpy().dtype)
 
 
 @op("getitem")
