@@ -57,13 +57,12 @@ def test_a_constant_written_in_place_keeps_its_exact_values() -> None:
 
 
 class _Fraction(nn.Module):
-    """``(t - q(t)) * v`` with t = sum(w * x), q one of floor/ceil/trunc/round: with w the
-    powers 2^500, 2^400, ..., 2^100 and 1/2, t is a six-word exact value."""
+    """``(t - q(t)) * v`` with t = sum(w * x), q one of floor/ceil/trunc/round: with w powers
+    of 2 far apart, t is an exact value of many words."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, ws: list[float]) -> None:
         super().__init__()
         self.kind = kind
-        ws = [2.0**e for e in (500, 400, 300, 200, 100)] + [0.5]
         self.w = nn.Parameter(torch.tensor(ws, dtype=torch.float64))
         self.v = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
 
@@ -72,23 +71,41 @@ class _Fraction(nn.Module):
         return (t - getattr(torch, self.kind)(t)) * self.v
 
 
-@pytest.mark.xfail(strict=True, reason="floor's integer part of a many-word value stops early")
+def _q(kind: str, t: Fraction) -> int:
+    f = t.numerator // t.denominator
+    if kind == "ceil" or (kind == "trunc" and t < 0):
+        return -((-t.numerator) // t.denominator)
+    if kind == "round":
+        return f + 1 if t - f > Fraction(1, 2) or (t - f == Fraction(1, 2) and f % 2) else f
+    return f
+
+
+_WORDS = {
+    "six": [2.0**e for e in (500, 400, 300, 200, 100)] + [0.5],
+    "signs": [s * 2.0**e for s, e in ((-1, 500), (1, 400), (-1, 300), (1, 200), (-1, 100), (1, 1))]
+    + [-0.5, 1e-300],
+    "negative": [-(2.0**e) for e in (600, 450, 300, 150)] + [-3.5],
+}
+
+
+@pytest.mark.parametrize("words", sorted(_WORDS))
 @pytest.mark.parametrize("kind", ["floor", "ceil", "trunc", "round"])
-def test_integer_part_of_a_many_word_value(kind: str) -> None:
-    """t = 2^500 + 2^400 + 2^300 + 2^200 + 2^100 + 1/2 (Fractions): t - floor(t) = 1/2,
-    t - ceil(t) = -1/2, trunc = floor (t > 0), round: half to even, t - round(t) = 1/2
-    (the integer part is even). L = (r v)^2, dL/dv = 2 r^2 v, dL/dw_i = 2 r v^2 (the step's
-    derivative is 0). The integer part was taken in four float64 pieces and corrected by at
-    most two: 2^100 - 3/2 was left as the fraction, certified to 308 digits."""
-    x = torch.ones(6, dtype=torch.float64)
+def test_integer_part_of_a_many_word_value(kind: str, words: str) -> None:
+    """t = sum w (Fractions, e.g. 2^500 + 2^400 + 2^300 + 2^200 + 2^100 + 1/2), r = t - q(t)
+    from the definitions (round: half to even). L = (r v)^2, dL/dv = 2 r^2 v, dL/dw_i = 2 r v^2
+    (the step's derivative is 0). The integer part was taken in four float64 pieces and
+    corrected by at most two: 2^100 - 3/2 was left as the fraction, certified to 308 digits."""
+    ws = _WORDS[words]
+    x = torch.ones(len(ws), dtype=torch.float64)
     y = torch.zeros(1, dtype=torch.float64)
-    net = fpgrad.from_module(_Fraction(kind), x, y, lambda o, t: ((o - t) ** 2).sum())
+    net = fpgrad.from_module(_Fraction(kind, ws), x, y, lambda o, t: ((o - t) ** 2).sum())
     try:
         ex = exact_graph(net.graph).result
     except fpgrad.errors.InputError as e:  # a one-line refusal is acceptable
         assert "\n" not in str(e)
         return
-    r = Fraction(-1, 2) if kind == "ceil" else Fraction(1, 2)
+    t = sum((Fraction(w) for w in ws), Fraction(0))
+    r = t - _q(kind, t)
     _claims(ex, "loss", np.array(_mpf(r * r), dtype=object).reshape(()), CTX.mpf(0))
     _claims(ex, "grads/v", np.array([_mpf(2 * r * r)], dtype=object), CTX.mpf(0))
-    _claims(ex, "grads/w", np.array([_mpf(2 * r)] * 6, dtype=object), CTX.mpf(0))
+    _claims(ex, "grads/w", np.array([_mpf(2 * r)] * len(ws), dtype=object), CTX.mpf(0))
