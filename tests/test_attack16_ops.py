@@ -56,6 +56,35 @@ def test_a_constant_written_in_place_keeps_its_exact_values() -> None:
     assert ex.certified_digits >= 30
 
 
+class _SineTable(nn.Module):
+    """``w * x + sin(fl(k + 1) * 0.7)``, k = 0..3: a constant computed from float64 constants
+    (no in-place write); 3 * fl(0.7) is not a float64, so torch's table is a rounding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(4, dtype=torch.float64) + 1.0
+        return (self.w * x + torch.sin(pos * 0.7)).sum(0, keepdim=True)
+
+
+@pytest.mark.xfail(strict=True, reason="Arb's values are numpy object arrays, read as torch's")
+def test_a_constant_table_is_exact_in_arb_too() -> None:
+    """L = (4 + sum_k sin(k c))^2, c = fl(0.7), k = 1..4 (mpmath at 120 digits). The Arb
+    system's values are numpy object arrays, which ``_exact_constant`` took for torch's own
+    (integers, masks): the table entered as torch's float64 sines, certified to 77 digits
+    and 1e-15 off."""
+    x = torch.ones(4, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.float64)
+    net = fpgrad.from_module(_SineTable(), x, y, nn.MSELoss())
+    ex = exact_graph(net.graph).result
+    c = CTX.mpf(0.7)
+    s = 4 + sum(CTX.sin(k * c) for k in range(1, 5))
+    _claims(ex, "loss", np.array(s * s, dtype=object).reshape(()), CTX.mpf(10) ** -100)
+    _claims(ex, "grads/w", np.array([2 * s] * 4, dtype=object), CTX.mpf(10) ** -100)
+
+
 class _Fraction(nn.Module):
     """``(t - q(t)) * v`` with t = sum(w * x), q one of floor/ceil/trunc/round: with w powers
     of 2 far apart, t is an exact value of many words."""
