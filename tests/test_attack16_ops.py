@@ -39,7 +39,7 @@ class _SinePositions(nn.Module):
         return (self.w * x + pe).sum(0, keepdim=True)
 
 
-@pytest.mark.xfail(strict=True, reason="an in-place write re-enters torch's float64 roundings")
+
 def test_a_constant_written_in_place_keeps_its_exact_values() -> None:
     """L = (sum_i w_i + sin(c) + cos(c) + sin(2c) + cos(2c))^2 with c = fl(0.7) (the products
     k * c are exact in float64 for k = 1, 2); dL/dw_i = 2 sqrt(L). The re-read after each
@@ -69,7 +69,7 @@ class _SineTable(nn.Module):
         return (self.w * x + torch.sin(pos * 0.7)).sum(0, keepdim=True)
 
 
-@pytest.mark.xfail(strict=True, reason="Arb's values are numpy object arrays, read as torch's")
+
 def test_a_constant_table_is_exact_in_arb_too() -> None:
     """L = (4 + sum_k sin(k c))^2, c = fl(0.7), k = 1..4 (mpmath at 120 digits). The Arb
     system's values are numpy object arrays, which ``_exact_constant`` took for torch's own
