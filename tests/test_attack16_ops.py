@@ -56,6 +56,45 @@ def test_a_constant_written_in_place_keeps_its_exact_values() -> None:
     assert ex.certified_digits >= 30
 
 
+class _Overlapping(nn.Module):
+    """A table written three times through overlapping views (a row, a column, a transposed
+    slice), with a view taken before the writes and read both before and after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, 4, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pe = torch.zeros(3, 4, dtype=torch.float64)
+        v = pe[:, 1:3]
+        before = (self.w * x + v.sum()).sum()
+        pe[0] = torch.sin(torch.arange(4, dtype=torch.float64) * 0.3)
+        pe[:, 2] = torch.cos(torch.arange(3, dtype=torch.float64) * 0.7)
+        pe.T[3, 1:] = torch.exp(torch.tensor([0.1, 0.2], dtype=torch.float64))
+        return (self.w * x + pe).sum().reshape(1) + v.sum() * 3 + before
+
+
+def test_overlapping_writes_into_a_constant_table() -> None:
+    """pe (mpmath): row 0 sin(j fl(0.3)), column 2 cos(i fl(0.7)) over it, pe[1:, 3] =
+    exp(fl(0.1)), exp(fl(0.2)); the view v = pe[:, 1:3] reads zeros before the writes and
+    the written values after. L = (12 + sum pe + 3 sum v + 12)^2, dL/dw = 4 sqrt(L) each
+    (w enters twice)."""
+    x = torch.ones(3, 4, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.float64)
+    net = fpgrad.from_module(_Overlapping(), x, y, nn.MSELoss())
+    ex = exact_graph(net.graph).result
+    pe = [[CTX.mpf(0)] * 4 for _ in range(3)]
+    for j in range(4):
+        pe[0][j] = CTX.sin(j * CTX.mpf(0.3))
+    for i in range(3):
+        pe[i][2] = CTX.cos(i * CTX.mpf(0.7))
+    pe[1][3], pe[2][3] = CTX.exp(CTX.mpf(0.1)), CTX.exp(CTX.mpf(0.2))
+    s = 24 + sum(sum(r) for r in pe) + 3 * sum(pe[i][j] for i in range(3) for j in (1, 2))
+    _claims(ex, "loss", np.array(s * s, dtype=object).reshape(()), CTX.mpf(10) ** -100)
+    _claims(ex, "grads/w", np.array([[4 * s] * 4] * 3, dtype=object), CTX.mpf(10) ** -100)
+    assert ex.certified_digits >= 30
+
+
 class _SineTable(nn.Module):
     """``w * x + sin(fl(k + 1) * 0.7)``, k = 0..3: a constant computed from float64 constants
     (no in-place write); 3 * fl(0.7) is not a float64, so torch's table is a rounding."""
