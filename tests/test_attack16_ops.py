@@ -139,10 +139,7 @@ class _Thirds(nn.Module):
         return (self.w * x + c.to(torch.float64)).sum().reshape(1)
 
 
-_XF = pytest.mark.xfail(strict=True, reason="an integer constant's arithmetic keeps torch's rounding")
-
-
-@pytest.mark.parametrize("kind", ["float_div", *(pytest.param(k, marks=_XF) for k in ("int_div", "int_mul", "int_sqrt"))])
+@pytest.mark.parametrize("kind", ["float_div", "int_div", "int_mul", "int_sqrt"])
 def test_arithmetic_on_an_integer_constant_is_exact(kind: str) -> None:
     """L = (4 + sum_k c(k))^2 over k = 0..3 with c(k) = k / 3, k fl(0.1) or sqrt(k) (mpmath).
     ``arange(4.0) / 3`` was computed exactly, ``arange(4) / 3`` (an integer tensor: read as a

@@ -95,28 +95,37 @@ def _version(value: Any) -> Any:
 
 def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> Any:
     """Exact systems: the constant ``node`` computed in ``ar`` where it does arithmetic on
-    floating constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss
-    holds): torch's float64 value of such a node is a rounding, not the real the graph
-    defines, and the exact systems compute the model's real function. None where torch's
+    constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss holds,
+    ``arange(4) / 3``): torch's value of such a node is a rounding, not the real the graph
+    defines, and the exact systems compute the model's real function. An integer input
+    enters the system as its exact value (below 2^53); masks stay masks. None where torch's
     value stands: other systems, a result that is not a finite floating tensor, no floating
-    input (creation ops: zeros, arange, masks of comparisons), a non-finite input (an
-    additive ``-inf`` mask), or an op the registry lacks."""
+    or integer input (creation ops: zeros, arange; masks of comparisons), a non-finite input
+    (an additive ``-inf`` mask), or an op the registry lacks."""
     if not isinstance(ar, ExactDerivatives) or op_key(node) not in OPS:
         return None
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return None
     if not bool(torch.isfinite(value).all()):
         return None
-    reads = [env[n.name] for n in node.all_input_nodes]
-    if any(_raw(v) and v.dtype.kind == "f" for v in reads):
+    reads = {n.name: env[n.name] for n in node.all_input_nodes}
+    if any(_raw(v) and v.dtype.kind == "f" for v in reads.values()):
         return None  # a non-finite constant (_enter_const keeps it as numpy)
-    if all(_raw(v) or v is None for v in reads):
-        return None  # no floating input: torch's value is the definition (a creation op)
-    cx = OpContext(ar, node, env, graph)
-    args = fx.node.map_arg(node.args, lambda n: env[n.name])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    ints: dict[str, Any] = {}
+    if all(_raw(v) or v is None for v in reads.values()):  # no value of the system read
+        ints = {k: v for k, v in reads.items() if _raw(v) and v.dtype.kind in "iu"}
+        if not ints or not all(np.all(np.abs(v) <= 2**53) for v in ints.values()):
+            return None  # torch's value is the definition (a creation op, a mask's selection)
+        ints = {k: ar.asarray(v.astype(np.float64)) for k, v in ints.items()}
+        reads.update(ints)  # an integer tensor's arithmetic (``arange(4) / 3``): exact values
+    cx = OpContext(ar, node, {**env, **ints} if ints else env, graph)
+    args = fx.node.map_arg(node.args, lambda n: reads[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: reads[n.name])
     kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
-    return OPS[op_key(node)](cx, *args, **kwargs)
+    out = OPS[op_key(node)](cx, *args, **kwargs)
+    if isinstance(out, (tuple, list)) or _raw(out) or tuple(shapes.shape(out)) != tuple(value.shape):
+        return None  # the op kept torch's numbers (a selection of integers)
+    return out
 
 
 def _raw(a: Any) -> bool:
