@@ -210,7 +210,6 @@ def test_integer_part_of_a_many_word_value(kind: str, words: str) -> None:
     _claims(ex, "grads/w", np.array([_mpf(2 * r)] * len(ws), dtype=object), CTX.mpf(0))
 
 
-@pytest.mark.xfail(strict=True, reason="deepcopy of a weight_norm module raises in capture")
 def test_a_fresh_weight_norm_module_is_captured() -> None:
     """``nn.utils.weight_norm(nn.Linear(3, 2))`` before any forward holds ``weight`` as a
     non-leaf tensor (computed with grad at ``apply``), which ``copy.deepcopy`` refuses:

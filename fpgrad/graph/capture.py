@@ -237,6 +237,18 @@ class _Smoothing(TorchFunctionMode):
 _MIXED_DTYPES = re.compile(r"(?i)(double|float64)\W.*\W(float|float32)\b|\b(float|float32)\W.*(double|float64)")
 
 
+
+def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model)``, where a module attribute holding a non-leaf tensor (the
+    ``weight`` that ``nn.utils.weight_norm`` computes with grad at ``apply``, recomputed by
+    its forward pre-hook) is copied detached: deepcopy refuses non-leaf tensors."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
 def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) -> Graph:
     """Trace ``loss(model(*inputs), targets)`` and its gradient w.r.t. every parameter.
 
@@ -263,7 +275,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
                 "pass at least one example (a batch of size >= 1)"
             )
     check_values(model, xs, targets, loss)
-    m64 = copy.deepcopy(model).to(torch.float64)
+    m64 = copy_model(model).to(torch.float64)
     names = [n for n, _ in m64.named_parameters()]
     if not names:
         raise InputError("the model has no parameters: there is no gradient to diagnose")
@@ -307,7 +319,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
             "a forward that make_fx can trace (no data-dependent Python control flow)"
         ) from None
     fresh = [torch.from_numpy(a.copy()) for a in data]
-    paths = _module_paths(gm, copy.deepcopy(model).to(torch.float64), names, loss, fresh)
+    paths = _module_paths(gm, copy_model(model).to(torch.float64), names, loss, fresh)
     taps = [name for name, _ in getattr(m64, TAPS, None) or ()]
     graph = Graph(
         gm=gm,
@@ -316,7 +328,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         inputs=data[:-1],
         targets=data[-1],
         paths=paths,
-        model=copy.deepcopy(model),  # a snapshot: later changes to the user's model do not leak
+        model=copy_model(model),  # a snapshot: later changes to the user's model do not leak
         loss_fn=loss,
         taps=taps,
         smoothing=tuple(seen.values),

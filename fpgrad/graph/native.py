@@ -15,7 +15,6 @@ graph gets the same ``mul``: :func:`fpgrad.graph.policy.scaled_seed`). With a po
 from __future__ import annotations
 
 import contextlib
-import copy
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,15 @@ import numpy as np
 import torch
 
 from fpgrad.errors import InputError
-from fpgrad.graph.capture import Graph, OpRecorder, align, fused_rnn, joint_function, loss_in
+from fpgrad.graph.capture import (
+    Graph,
+    OpRecorder,
+    align,
+    copy_model,
+    fused_rnn,
+    joint_function,
+    loss_in,
+)
 from fpgrad.graph.names import MOVES, op_name
 from fpgrad.run.torch_native import DTYPES, one_torch_thread, to_dtype
 
@@ -82,7 +89,7 @@ def _into(value: np.ndarray, precision: str) -> torch.Tensor:
 def model_in(graph: Graph, precision: str) -> torch.nn.Module:
     """A copy of the model with parameters and floating buffers correctly rounded into
     ``precision`` (from the captured float64 values)."""
-    model = copy.deepcopy(graph.model).to(torch.float64)
+    model = copy_model(graph.model).to(torch.float64)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.data = to_dtype(graph.params[name], precision)

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from fpgrad.errors import InputError
-from fpgrad.graph.capture import Graph, OpRecorder, align, joint_function
+from fpgrad.graph.capture import Graph, OpRecorder, align, copy_model, joint_function
 from fpgrad.graph.names import op_name
 from fpgrad.model.policy import GROUPS, INPUT, Policy
 from fpgrad.run.torch_native import DTYPES, one_torch_thread
@@ -92,7 +92,7 @@ def op_class(node: fx.Node) -> str:
 def owners(graph: Graph) -> dict[str, str]:
     """Backward op node -> the forward op node whose autograd node runs it (an eager float64
     run, matched op by op through autograd sequence numbers)."""
-    model = copy.deepcopy(graph.model).to(torch.float64)
+    model = copy_model(graph.model).to(torch.float64)
     ps = [p.detach().clone().requires_grad_() for _, p in model.named_parameters()]
     args = [torch.from_numpy(np.array(a, copy=True)) for a in (*graph.inputs, graph.targets)]
     rec = OpRecorder()

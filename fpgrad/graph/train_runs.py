@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from fpgrad.errors import InputError
-from fpgrad.graph.capture import Graph, joint_function, loss_in
+from fpgrad.graph.capture import Graph, copy_model, joint_function, loss_in
 from fpgrad.graph.interpret import interpret
 from fpgrad.graph.native import _NAMES, _into, model_in
 from fpgrad.graph.ops.pointwise import MissingSlot
@@ -210,7 +210,7 @@ class GraphTorchRun(_TorchState):
         inf/NaN, from a second pass of this step on a copy of the model with hooks (they
         observe; the training itself runs without them); None when none is found or the
         model refuses backward hooks (in-place ops on a module's input)."""
-        model = copy.deepcopy(self.model)
+        model = copy_model(self.model)
         found: list[dict[str, Any]] = []
 
         def bad(values: Any) -> bool:
