@@ -234,3 +234,34 @@ def test_a_fresh_weight_norm_module_is_captured() -> None:
         mid, rad = ex.enclosure(f"grads/{name}")
         m = np.array([float(v) for v in np.asarray(mid, dtype=object).reshape(-1)])
         assert np.all(np.abs(m - p.grad.numpy().reshape(-1)) <= np.asarray(rad).reshape(-1) + 1e-12)
+
+
+class _LateMask(nn.Module):
+    """Attention scores plus an additive ``-inf`` table ``c`` (``add`` saves no operand), with
+    more ``-inf`` written into ``c`` after the scores have read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = (nn.Linear(3, 3).double() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.zeros(4, 4, dtype=x.dtype)
+        c[0, 1:] = float("-inf")
+        scores = self.q(x) @ self.k(x).T + c
+        c[1, 0] = float("-inf")  # after the read: the scores never see it
+        c[2, :2] = float("-inf")
+        return torch.softmax(scores, -1) @ self.v(x)
+
+
+@pytest.mark.xfail(strict=True, reason="the mask rule reads the constant after later writes")
+def test_a_mask_written_after_its_read_proves_no_zero() -> None:
+    """The softmax backward is 0 only where the scores read ``-inf``: row 0 beyond key 0. The
+    structural rule took the table's final value (row 1 key 0, row 2 keys 0-1 too), proved
+    three nonzero elements 0, and the run stopped in a RuntimeError ("a bug in fpgrad")."""
+    from tests.oracle.native_exact import check
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    check(_LateMask(), x, y, nn.MSELoss(), digits=17)
