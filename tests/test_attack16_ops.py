@@ -254,7 +254,6 @@ class _LateMask(nn.Module):
         return torch.softmax(scores, -1) @ self.v(x)
 
 
-@pytest.mark.xfail(strict=True, reason="the mask rule reads the constant after later writes")
 def test_a_mask_written_after_its_read_proves_no_zero() -> None:
     """The softmax backward is 0 only where the scores read ``-inf``: row 0 beyond key 0. The
     structural rule took the table's final value (row 1 key 0, row 2 keys 0-1 too), proved
