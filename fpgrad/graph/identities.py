@@ -151,7 +151,7 @@ class _Pass:
         self.graph = graph
         self.facts: dict[str, Any] = {}
         self.zeros: dict[str, np.ndarray] = {}
-        self._consts: dict[str, Any] | None = None
+        self._consts: tuple[dict[str, Any], set[tuple[str, str]]] | None = None
 
     def fact(self, node: Any) -> Fact:
         if not isinstance(node, fx.Node):
@@ -302,18 +302,20 @@ class _Pass:
         if node.kwargs.get("scale") != fwd.kwargs.get("scale"):
             return None
         qs, ks = _shape(node.args[1]), _shape(node.args[2])
-        if qs is None or ks is None or not self.every_query_keeps_a_key(qs, ks, causal, mask):
+        if qs is None or ks is None or not self.every_query_keeps_a_key(qs, ks, causal, mask, (fwd, node)):
             return None
         return (None, _along(ks, [len(ks) - 2]), None)
 
-    def every_query_keeps_a_key(self, qs: tuple, ks: tuple, causal: bool, mask: Any) -> bool:
-        """Does every softmax row of the attention have a key that is not masked?"""
+    def every_query_keeps_a_key(self, qs: tuple, ks: tuple, causal: bool, mask: Any, readers: tuple) -> bool:
+        """Does every softmax row of the attention have a key that is not masked (the mask as
+        each of ``readers`` reads it)?"""
         lq, lk = qs[-2], ks[-2]
         keep = np.ones((lq, lk), dtype=bool)
         if causal:
             keep &= np.tril(np.ones((lq, lk), dtype=bool))
         if mask is not None:
-            value = self.constant(mask)
+            values = [self.constant(mask, r) for r in readers]
+            value = values[0] if all(v is not None for v in values) else None
             if value is None:
                 return False  # a mask computed from floating data: not known statically
             arr = value.detach().numpy()
@@ -325,11 +327,14 @@ class _Pass:
                 keep = keep & ~np.isneginf(arr)
         return bool(lk > 0 and keep.any(axis=-1).all())
 
-    def constant(self, node: fx.Node) -> torch.Tensor | None:
-        """The torch value of a constant node (one that reads no floating data)."""
+    def constant(self, node: fx.Node, reader: fx.Node) -> torch.Tensor | None:
+        """The torch value of a constant node (one that reads no floating data) as ``reader``
+        reads it; None where it was written in place after that read."""
         if self._consts is None:
-            self._consts = _constant_values(self.graph)
-        value = self._consts.get(node.name)
+            self._consts = more.constant_values(self.graph)
+        value = self._consts[0].get(node.name)
+        if (reader.name, node.name) in self._consts[1]:
+            return None
         return value if isinstance(value, torch.Tensor) else None
 
     # ---- linear rules ------------------------------------------------------------------------
@@ -411,27 +416,6 @@ class _Pass:
         if float(node.kwargs.get("beta", 1)) == 0:
             return prod
         return add(broadcast(self.fact(bias), sc, out), prod, out)
-
-
-def _constant_values(graph: Graph) -> dict[str, Any]:
-    """Torch values of the graph's constant nodes, computed as the interpreter does."""
-    raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
-    names = graph.constants
-    values: dict[str, Any] = {}
-    feeds = iter(raw)
-    for node in graph.gm.graph.nodes:
-        if node.op == "placeholder":
-            value = next(feeds)
-            if np.asarray(value).dtype.kind != "f":  # a copy: in-place ops must not reach it
-                values[node.name] = torch.from_numpy(np.array(value, copy=True))
-        elif node.op == "get_attr":
-            values[node.name] = getattr(graph.gm, str(node.target)).clone()
-        elif node.op == "call_function" and node.name in names:
-            values[node.name] = node.target(
-                *fx.node.map_arg(node.args, lambda n: values[n.name]),
-                **fx.node.map_arg(node.kwargs, lambda n: values[n.name]),
-            )
-    return values
 
 
 def _concludes(node: fx.Node) -> bool:

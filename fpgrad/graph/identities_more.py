@@ -59,14 +59,14 @@ def _neg_inf_positions(p: Any, node: Any, shape: tuple[int, ...]) -> np.ndarray 
         value, mask = node.args[2], node.args[1]
         if not (isinstance(value, float) and value == float("-inf")) or not isinstance(mask, fx.Node):
             return None
-        m = p.constant(mask)
+        m = p.constant(mask, node)
         if m is None or m.dtype.is_floating_point:
             return None
         arr = m.detach().numpy().astype(bool)
     elif key == "aten.add.Tensor" and len(node.args) == 2 and not node.kwargs:
         arr = None
         for x in node.args:
-            c = p.constant(x) if isinstance(x, fx.Node) else None
+            c = p.constant(x, node) if isinstance(x, fx.Node) else None
             if c is not None and c.dtype.is_floating_point:
                 arr = np.isneginf(c.detach().numpy())
         if arr is None:
@@ -96,7 +96,7 @@ def masked_fill_zero(p: Any, node: fx.Node) -> Fact:
     if len(node.args) < 3 or node.args[2] != 0 or not isinstance(node.args[1], fx.Node):
         return None
     f, shape = p.fact(node.args[0]), _shape(node)
-    m = p.constant(node.args[1])
+    m = p.constant(node.args[1], node)
     if f is None or shape is None or m is None or m.dtype.is_floating_point or f.shape != shape:
         return None
     try:
@@ -133,3 +133,31 @@ def conv_backward(p: Any, node: fx.Node) -> Any:
         if out is not None:
             grad_in = canon(np.ascontiguousarray(np.moveaxis(out.reshape(*lead.shape[:-1], c), -1, 1)))
     return (grad_in, None, bias)
+
+
+def constant_values(graph: Any) -> tuple[dict[str, Any], set[tuple[str, str]]]:
+    """Torch values of the graph's constant nodes, computed as the interpreter does, and the
+    (reader, constant) pairs where the constant's tensor was written in place after the read
+    (the final value is not what that reader saw: ``c[1, 0] = -inf`` after ``scores + c``)."""
+    raw = [*(graph.params[n] for n in graph.param_names), *graph.inputs, graph.targets]
+    names = graph.constants
+    values: dict[str, Any] = {}
+    seen: dict[tuple[str, str], int] = {}
+    feeds = iter(raw)
+    for node in graph.gm.graph.nodes:
+        for a in node.all_input_nodes:
+            if isinstance(values.get(a.name), torch.Tensor):
+                seen[(node.name, a.name)] = values[a.name]._version
+        if node.op == "placeholder":
+            value = next(feeds)
+            if np.asarray(value).dtype.kind != "f":  # a copy: in-place ops must not reach it
+                values[node.name] = torch.from_numpy(np.array(value, copy=True))
+        elif node.op == "get_attr":
+            values[node.name] = getattr(graph.gm, str(node.target)).clone()
+        elif node.op == "call_function" and node.name in names:
+            values[node.name] = node.target(
+                *fx.node.map_arg(node.args, lambda n: values[n.name]),
+                **fx.node.map_arg(node.kwargs, lambda n: values[n.name]),
+            )
+    stale = {key for key, v in seen.items() if values[key[1]]._version != v}
+    return values, stale

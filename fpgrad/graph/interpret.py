@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from fpgrad.arith.base import Arith, ExactDerivatives
+from fpgrad.graph import shapes
 from fpgrad.graph.capture import Graph, split_outputs
 from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.ops import OPS
@@ -94,46 +95,109 @@ def _version(value: Any) -> Any:
 
 def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> Any:
     """Exact systems: the constant ``node`` computed in ``ar`` where it does arithmetic on
-    floating constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss
-    holds): torch's float64 value of such a node is a rounding, not the real the graph
-    defines, and the exact systems compute the model's real function. None where torch's
+    constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss holds,
+    ``arange(4) / 3``): torch's value of such a node is a rounding, not the real the graph
+    defines, and the exact systems compute the model's real function. An integer input
+    enters the system as its exact value (below 2^53); masks stay masks. None where torch's
     value stands: other systems, a result that is not a finite floating tensor, no floating
-    input (creation ops: zeros, arange, masks of comparisons), a non-finite input (an
-    additive ``-inf`` mask), or an op the registry lacks."""
+    or integer input (creation ops: zeros, arange; masks of comparisons), a non-finite input
+    (an additive ``-inf`` mask), or an op the registry lacks."""
     if not isinstance(ar, ExactDerivatives) or op_key(node) not in OPS:
         return None
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return None
     if not bool(torch.isfinite(value).all()):
         return None
-    reads = [env[n.name] for n in node.all_input_nodes]
-    if any(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in reads):
+    reads = {n.name: env[n.name] for n in node.all_input_nodes}
+    if any(_raw(v) and v.dtype.kind == "f" for v in reads.values()):
         return None  # a non-finite constant (_enter_const keeps it as numpy)
-    if all(isinstance(v, np.ndarray) or v is None for v in reads):
-        return None  # no floating input: torch's value is the definition (a creation op)
-    cx = OpContext(ar, node, env, graph)
-    args = fx.node.map_arg(node.args, lambda n: env[n.name])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    ints: dict[str, Any] = {}
+    if all(_raw(v) or v is None for v in reads.values()):  # no value of the system read
+        ints = {k: v for k, v in reads.items() if _raw(v) and v.dtype.kind in "iu"}
+        if not ints or not all(np.all(np.abs(v) <= 2**53) for v in ints.values()):
+            return None  # torch's value is the definition (a creation op, a mask's selection)
+        ints = {k: ar.asarray(v.astype(np.float64)) for k, v in ints.items()}
+        reads.update(ints)  # an integer tensor's arithmetic (``arange(4) / 3``): exact values
+    cx = OpContext(ar, node, {**env, **ints} if ints else env, graph)
+    args = fx.node.map_arg(node.args, lambda n: reads[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: reads[n.name])
     kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
-    return OPS[op_key(node)](cx, *args, **kwargs)
+    out = OPS[op_key(node)](cx, *args, **kwargs)
+    if isinstance(out, (tuple, list)) or _raw(out) or tuple(shapes.shape(out)) != tuple(value.shape):
+        return None  # the op kept torch's numbers (a selection of integers)
+    return out
+
+
+def _raw(a: Any) -> bool:
+    """A numpy array of torch's values (integers, masks, non-finite floats), not the system's."""
+    return isinstance(a, np.ndarray) and a.dtype.kind != "O"
+
+
+def _offsets(t: torch.Tensor) -> np.ndarray:
+    """The storage element offset of each element of ``t`` (t's shape)."""
+    n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    flat = torch.arange(n, dtype=torch.int64)
+    return torch.as_strided(flat, t.shape, t.stride(), t.storage_offset()).numpy()
+
+
+def _written(ar: Arith, node: fx.Node, env: dict[str, Any], consts: dict[str, Any]) -> Any:
+    """Exact systems: the value ``copy_(dst, src)`` writes (src broadcast, same dtype), in the
+    system; None for other writes (their own op computes it, :func:`_exact_constant`)."""
+    if not isinstance(ar, ExactDerivatives) or op_key(node) != "aten.copy_.default":
+        return None
+    dst, src = node.args[0], node.args[1]
+    if not (isinstance(dst, fx.Node) and isinstance(src, fx.Node)):
+        return None
+    v, d, s = env.get(src.name), consts.get(dst.name), consts.get(src.name)
+    if v is None or _raw(v) or not isinstance(d, torch.Tensor):
+        return None
+    if not isinstance(s, torch.Tensor) or s.dtype != d.dtype:
+        return None  # a cast into another format: torch's rounding is the definition here
+    return shapes.expand(v, tuple(d.shape))
 
 
 def _reread(
-    ar: Arith, written: Any, consts: dict[str, Any], env: dict[str, Any], fed: set[str]
-) -> None:
+    ar: Arith,
+    written: Any,
+    exact: Any,
+    consts: dict[str, Any],
+    env: dict[str, Any],
+    fed: set[str],
+) -> list[str]:
     """After torch's in-place op on a constant (``pe[:, 0::2] = sin(..)``: ``copy_`` into a
     slice of a fresh ``zeros``), every constant sharing the written storage (the base, its
     views) is entered again: its system value was taken before the write, and the model's
-    later readers of it (``x + pe``) read it after. Placeholders (``fed``) keep the values
-    given."""
+    later readers of it (``x + pe``) read it after. Element by element (storage offsets):
+    a written element takes ``exact`` (the system's value of the write, e.g. the exact sines;
+    torch's where None), the others keep their system values. Placeholders (``fed``) keep
+    the values given. Returns the names entered again."""
     if not isinstance(written, torch.Tensor):
-        return
+        return []
     ptr = written.untyped_storage().data_ptr()
+    src = exact if exact is not None else _enter_const(ar, written)
+    w_off = _offsets(written).ravel()
+    order = np.argsort(w_off, kind="stable")
+    names = []
     for name, value in consts.items():
         if name in fed or name not in env or not isinstance(value, torch.Tensor):
             continue
-        if value.untyped_storage().data_ptr() == ptr:
-            env[name] = _enter_const(ar, value)
+        if value.untyped_storage().data_ptr() != ptr:
+            continue
+        names.append(name)
+        old, fresh = env[name], _enter_const(ar, value)
+        same = value.dtype == written.dtype and tuple(shapes.shape(old)) == tuple(value.shape)
+        if not same or any(_raw(a) for a in (old, src, fresh)):
+            env[name] = fresh  # torch's values (integers, masks, non-finite, other formats)
+            continue
+        off = _offsets(value)
+        at = np.clip(np.searchsorted(w_off, off, sorter=order), 0, max(w_off.size - 1, 0))
+        hit = order[at] if w_off.size else np.zeros(off.shape, dtype=np.int64)
+        mask = (w_off[hit] == off) if w_off.size else np.zeros(off.shape, dtype=bool)
+        if mask.any():
+            flat = shapes.reshape(src, (-1,))
+            picked = shapes.reshape(shapes.index(flat, (np.where(mask, hit, 0).ravel(),)), off.shape)
+            env[name] = ar.where(mask, picked, old)
+    return names
 
 
 def _cast_reads(
@@ -207,7 +271,9 @@ def interpret(
             if exact is not None:
                 env[node.name] = exact
             if op_key(node).count(".") == 2 and op_key(node).split(".")[1].endswith("_"):
-                _reread(ar, consts[node.name], consts, env, where_fed)
+                wrote = exact if exact is not None else _written(ar, node, env, consts)
+                for name in _reread(ar, consts[node.name], wrote, consts, env, where_fed):
+                    versions[name] = _version(consts[name])
         else:
             for n in node.all_input_nodes:  # a constant written in place since it was entered
                 if n.name in versions and _version(consts[n.name]) != versions[n.name]:

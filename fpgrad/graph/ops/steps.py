@@ -19,9 +19,13 @@ from typing import Any
 import numpy as np
 
 from fpgrad.arith.base import ExactDerivatives
+from fpgrad.errors import InputError
 from fpgrad.graph import shapes
 from fpgrad.graph.ops._util import above
 from fpgrad.graph.ops.registry import op
+
+#: float64 pieces of an integer part: 2^1024 falls below 2^53 in 20, each piece 2^-52 of the last
+_PIECES = 40
 
 _MACHINE = {"floor": np.floor, "ceil": np.ceil, "trunc": np.trunc, "round": np.rint}
 
@@ -33,23 +37,31 @@ def _pos(ar: Any, x: Any) -> np.ndarray:
 
 def _floor(ar: Any, x: Any) -> tuple[Any, Any]:
     """(floor(x), x - floor(x)) in the exact system: float64 integer parts of the remainder
-    added up (each exact; two or three suffice even for a multi-word value beyond 2^53), then
-    the remainder proven in [0, 1), moved by one where it is not."""
+    added up (each exact) until the remainder's float64 floor is -1, 0 or 1 (a value of many
+    words far apart needs one piece per word), then the remainder proven in [0, 1), moved by one where
+    it is not; a remainder that does not settle is refused, never returned unproven."""
     shape = shapes.shape(x)
     total, rest = ar.asarray(np.zeros(shape)), x
-    for _ in range(4):
+    for _ in range(_PIECES):  # each piece leaves at most half an ulp of the float: 2^-52 of it
         m = np.floor(np.asarray(ar.to_float64(rest), dtype=np.float64))
-        if not m.any():
+        if not np.isfinite(m).all():
+            raise InputError("floor of a value beyond float64's range")
+        if not (np.abs(m) > 1).any():  # rest in [-1, 2): the steps below place it
             break
         total, rest = ar.add(total, ar.asarray(m)), ar.sub(rest, ar.asarray(m))
-    for _ in range(2):
+    else:
+        raise InputError(f"floor: the integer part did not settle in {_PIECES} pieces")
+    undecided = getattr(ar, "uncertain_branches", 0)
+    for _ in range(3):
         low = _pos(ar, ar.mul(rest, ar.const(-1.0)))  # rest < 0
         high = ~_pos(ar, ar.sub(ar.const(1.0), rest))  # not rest < 1
         step = high.astype(np.float64) - low
         if not step.any():
-            break
+            return total, rest
         total, rest = ar.add(total, ar.asarray(step)), ar.sub(rest, ar.asarray(step))
-    return total, rest
+    if getattr(ar, "uncertain_branches", 0) != undecided:  # counted: escalates, never claimed
+        return total, rest
+    raise InputError("floor: the fraction left is not proven in [0, 1)")
 
 
 def _integral(cx: Any, x: Any, kind: str) -> Any:
