@@ -257,7 +257,6 @@ class _Smoothing(TorchFunctionMode):
 _MIXED_DTYPES = re.compile(r"(?i)(double|float64)\W.*\W(float|float32)\b|\b(float|float32)\W.*(double|float64)")
 
 
-
 def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) -> Graph:
     """Trace ``loss(model(*inputs), targets)`` and its gradient w.r.t. every parameter.
 
