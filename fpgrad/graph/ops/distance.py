@@ -25,16 +25,17 @@ from fpgrad.graph.ops.norms import eq_scalar
 from fpgrad.graph.ops.registry import op
 
 
-def _refuse(cx: Any, what: str) -> NoReturn:
-    raise InputError(f"{cx.node.name} (aten._cdist): {what}; use p=1 or p=2, or write the distance with "
-                     "torch ops (x1[:, None] - x2[None]).norm(dim=-1)")  # fmt: skip
+def _refuse(cx: Any, what: str, fix: str = "use p=1 or p=2") -> NoReturn:
+    raise InputError(f"{cx.label()}: {what}; {fix}, or write the distance with torch ops "
+                     "(x1[:, None] - x2[None]).norm(dim=-1)")  # fmt: skip
 
 
 def _pairs(cx: Any, x1: Any, x2: Any) -> Any:
     """``x1_i - x2_j`` of shape (..., P, R, M)."""
     s1, s2 = tuple(shapes.shape(x1)), tuple(shapes.shape(x2))
     if len(s1) < 2 or s1[:-2] != s2[:-2] or s1[-1] != s2[-1]:
-        _refuse(cx, f"operands of shapes {list(s1)} and {list(s2)} (equal batch shapes only)")
+        _refuse(cx, f"operands of shapes {list(s1)} and {list(s2)}",
+                "expand both to one batch shape and the same feature size")  # fmt: skip
     full = (*s1[:-1], s2[-2], s1[-1])
     a = shapes.expand(shapes.unsqueeze(x1, len(s1) - 1), full)
     b = shapes.expand(shapes.unsqueeze(x2, len(s2) - 2), full)
