@@ -151,3 +151,53 @@ def test_cumprod_and_prod_refusal() -> None:
     with pytest.raises(InputError, match="cumprod") as exc:
         fpgrad.from_module(Prod(), x, torch.randn(3, 1), nn.MSELoss())
     assert "\n" not in str(exc.value)
+
+
+class _Shrinks(nn.Module):
+    """Hardshrink, softshrink, RReLU in eval mode, nan_to_num on finite values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.rrelu = nn.RReLU(0.1, 0.3).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return (nn.functional.hardshrink(h, 0.3) + nn.functional.softshrink(h, 0.2)
+                + self.rrelu(h) + torch.nan_to_num(h * h))  # fmt: skip
+
+
+def test_shrinks_rrelu_and_nan_to_num() -> None:
+    """Native bit for bit and exact = torch float64; emulated float16 equals torch's float16
+    kernel on values at and around the thresholds (both in the format); RReLU in training mode
+    is refused in one line."""
+    from fpgrad.arith.emulated import EmulatedArith
+    from fpgrad.errors import InputError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randn(5, 6)
+    check(_Shrinks(), x, y, nn.MSELoss(), digits=30)
+    for dt, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+        v = torch.tensor([-0.5, -0.3, -0.2998, 0.0, -0.0, 0.2, 0.3, 0.30005, 1.0, float("nan"),
+                          float("inf"), -float("inf")], dtype=dt)  # fmt: skip
+        _same_as_torch(EmulatedArith(name), v)
+    train = _Shrinks()
+    train.rrelu.train()
+    with pytest.raises(InputError, match="RReLU in training mode"):
+        fpgrad.compare(fpgrad.from_module(train, x, y, nn.MSELoss()), "float32")
+
+
+def _same_as_torch(ar: object, v: torch.Tensor) -> None:
+    from fpgrad.graph.ops import steps
+
+    cx = type("Cx", (), {"ar": ar, "label": lambda self: "t"})()
+    a = v.double().numpy()
+    for got, want in [
+        (steps.hardshrink(cx, a, 0.3), nn.functional.hardshrink(v, 0.3)),
+        (steps.softshrink(cx, a, 0.3), nn.functional.softshrink(v, 0.3)),
+        (steps.nan_to_num(cx, a), torch.nan_to_num(v)),
+        (steps.nan_to_num(cx, a, 1.0, 2.0, -3.0), torch.nan_to_num(v, 1.0, 2.0, -3.0)),
+    ]:
+        w = want.double().numpy()
+        g = np.asarray(got, dtype=np.float64)
+        assert np.array_equal(g, w, equal_nan=True) and np.array_equal(np.signbit(g), np.signbit(w))

@@ -114,3 +114,90 @@ def threshold(cx: Any, x: Any, t: float, value: float) -> Any:
     ar = cx.ar
     v = float(value) if isinstance(ar, ExactDerivatives) else float(np.float64(ar.const(float(value))))
     return ar.where(above(cx, x, float(t)), x, ar.asarray(np.full(shapes.shape(x), v)))
+
+
+def _outside(cx: Any, x: Any, lambd: float) -> np.ndarray:
+    """torch's ``!(x >= -lambd && x <= lambd)`` with ``lambd`` in the system (NaN: True)."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        lam = ar.const(float(lambd))
+        up = np.asarray(ar.positive(ar.sub(x, lam)), dtype=bool)
+        down = np.asarray(ar.positive(ar.sub(ar.mul(x, ar.const(-1.0)), lam)), dtype=bool)
+        return up | down
+    v, lam = np.asarray(x, dtype=np.float64), float(np.float64(ar.const(float(lambd))))
+    with np.errstate(invalid="ignore"):
+        return ~((v >= -lam) & (v <= lam))
+
+
+@op("aten.hardshrink.default")
+def hardshrink(cx: Any, x: Any, lambd: float = 0.5) -> Any:
+    """x where |x| > lambd, else +0 (torch's kernel)."""
+    return cx.ar.where(_outside(cx, x, lambd), x, cx.ar.asarray(np.zeros(shapes.shape(x))))
+
+
+@op("aten.hardshrink_backward.default", "aten.softshrink_backward.default")
+def shrink_backward(cx: Any, g: Any, x: Any, lambd: float) -> Any:
+    return cx.ar.where(_outside(cx, x, lambd), g, cx.ar.asarray(np.zeros(shapes.shape(g))))
+
+
+@op("aten.softshrink.default")
+def softshrink(cx: Any, x: Any, lambd: float = 0.5) -> Any:
+    """x - lambd above lambd, x + lambd below -lambd, x * 0 between (a signed zero). A
+    machine narrower than float32 computes as torch's float16/bfloat16 kernel: in float32
+    (lambd, the comparisons and the difference), then one rounding into the format."""
+    ar = cx.ar
+    lam = ar.const(float(lambd))
+    fmt = getattr(ar, "fmt", None)
+    if fmt is not None and fmt.precision < 24 and not isinstance(ar, ExactDerivatives):
+        v = np.asarray(x, dtype=np.float64)
+        l32 = np.float32(lambd)
+        with np.errstate(invalid="ignore", over="ignore"):
+            v32 = v.astype(np.float32)
+            out = np.where(v > l32, ar._round((v32 - l32).astype(np.float64)), v * 0.0)
+            return np.where(v < -l32, ar._round((v32 + l32).astype(np.float64)), out)
+    if isinstance(ar, ExactDerivatives):
+        up = np.asarray(ar.positive(ar.sub(x, lam)), dtype=bool)
+        down = np.asarray(ar.positive(ar.sub(ar.mul(x, ar.const(-1.0)), lam)), dtype=bool)
+    else:
+        v, lf = np.asarray(x, dtype=np.float64), float(np.float64(lam))
+        with np.errstate(invalid="ignore"):
+            up, down = v > lf, v < -lf
+    mid = ar.mul(x, ar.const(0.0))
+    out = ar.where(down, ar.add(x, lam), mid) if down.any() else mid
+    return ar.where(up, ar.sub(x, lam), out) if up.any() else out
+
+
+@op("aten.rrelu_with_noise.default", "aten.rrelu_with_noise_backward.default")
+def rrelu(cx: Any, *args: Any, **kwargs: Any) -> Any:
+    """Randomized leaky ReLU in eval mode: leaky ReLU with slope (lower + upper) / 2 (torch's
+    float64 value); training mode draws random slopes and is refused."""
+    from fpgrad.errors import InputError
+    from fpgrad.graph.ops.pointwise import leaky_relu, leaky_relu_backward
+
+    backward = str(cx.node.target).startswith("aten.rrelu_with_noise_backward")
+    names = ["g"] * backward + ["x", "noise", "lower", "upper", "training"]
+    vals = dict(zip(names, args, strict=False)) | kwargs
+    lower, upper = float(vals.get("lower", 1 / 8)), float(vals.get("upper", 1 / 3))
+    if vals.get("training", False):
+        raise InputError(f"{cx.label()}: RReLU in training mode draws random slopes; call model.eval()")
+    slope = (lower + upper) / 2
+    if backward:
+        return leaky_relu_backward(cx, vals["g"], vals["x"], slope, False)
+    return leaky_relu(cx, vals["x"], slope)
+
+
+@op("aten.nan_to_num.default")
+def nan_to_num(cx: Any, x: Any, nan: float | None = None, posinf: float | None = None,
+               neginf: float | None = None) -> Any:  # fmt: skip
+    """The exact systems hold no NaN or infinity: x itself. An emulated machine: NaN -> nan
+    (0), +-inf -> posinf / neginf (the format's largest finite value by default), as torch."""
+    ar = cx.ar
+    if isinstance(ar, ExactDerivatives):
+        return x
+    big = float(ar.fmt.max)  # type: ignore[attr-defined]
+    v = np.asarray(x, dtype=np.float64)
+    fills = [float(np.float64(ar.const(float(f)))) if f is not None else d
+             for f, d in ((nan, 0.0), (posinf, big), (neginf, -big))]  # fmt: skip
+    out = np.where(np.isnan(v), fills[0], v)
+    out = np.where(np.isposinf(v), fills[1], out)
+    return ar.asarray(np.where(np.isneginf(v), fills[2], out))
