@@ -1,0 +1,59 @@
+"""Adversarial checks on the newest op families (attack17): each test states a fact that the
+certified reference must respect, with an oracle written independently of fpgrad (torch's own
+eager autograd for the native columns and for integer semantics, exact rationals, mpmath at
+120 digits, MPFR)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tests.oracle.native_exact import check
+
+
+class _Ints(nn.Module):
+    """``w * x * k`` (or ``w * x + k``) where ``k`` is integer (or boolean) arithmetic on
+    ``w * x > 0``: a value the parameters decide, so not a constant torch computes once."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], add: bool = False) -> None:
+        super().__init__()
+        self.f, self.add = f, add
+        self.w = nn.Parameter(torch.linspace(0.3, 1.1, 4, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.w * x
+        k = self.f(z)
+        return z + k if self.add else z * k
+
+
+_INTEGER_MODELS: dict[str, tuple[Callable[[torch.Tensor], Any], bool]] = {
+    # uint8: 0 - 1 wraps to 255
+    "uint8_wrap": (lambda z: ((z > 0).to(torch.uint8) - 1).double(), False),
+    # int8: 100 * 1 + 100 wraps to -56
+    "int8_mul_wrap": (lambda z: ((z > 0).to(torch.int8) * 100 + 100).double(), False),
+    # int64: (1 + 2^62) * 2 wraps to -2^63 + 2
+    "int64_mul_wrap": (lambda z: (((z > 0).long() + 2**62) * 2).double() * 1e-19, True),
+    # bool + bool is a logical or in torch (True + True = True)
+    "bool_plus_bool": (lambda z: ((z > 0) + (z > 0.1)).double(), False),
+    # int32 stays int32: 2^31 - 1 + 1 wraps
+    "int32_wrap": (lambda z: ((z > 0).int() + (2**31 - 1)).double() * 1e-9, True),
+    # a 0-d argmax minus 5 plus arange: negative indices wrap
+    "argmax_index": (lambda z: z[z.argmax(0) - 5 + torch.arange(4)], True),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="integer arithmetic in numpy int64 / the system's floats")
+@pytest.mark.parametrize("kind", sorted(_INTEGER_MODELS))
+def test_integer_arithmetic_follows_torch(kind: str) -> None:
+    """Integer and boolean tensors computed from the parameters (``(w x > 0).to(uint8) - 1``)
+    are torch's integers: wrap-around in their own dtype, bool + bool a logical or. add/sub
+    forced int64, mul went through the system's floats (no wrap), a 0-d argmax crashed in
+    the ball arithmetic (AttributeError): the loss was certified 862 where torch's is 4e-6."""
+    f, add = _INTEGER_MODELS[kind]
+    x = torch.linspace(-0.7, 0.9, 4, dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.float64)
+    check(_Ints(f, add), x, y, nn.MSELoss(), digits=15)
