@@ -46,7 +46,6 @@ _INTEGER_MODELS: dict[str, tuple[Callable[[torch.Tensor], Any], bool]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="integer arithmetic in numpy int64 / the system's floats")
 @pytest.mark.parametrize("kind", sorted(_INTEGER_MODELS))
 def test_integer_arithmetic_follows_torch(kind: str) -> None:
     """Integer and boolean tensors computed from the parameters (``(w x > 0).to(uint8) - 1``)
@@ -57,3 +56,4 @@ def test_integer_arithmetic_follows_torch(kind: str) -> None:
     x = torch.linspace(-0.7, 0.9, 4, dtype=torch.float64)
     y = torch.zeros(4, dtype=torch.float64)
     check(_Ints(f, add), x, y, nn.MSELoss(), digits=15)
+

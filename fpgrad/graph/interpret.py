@@ -200,6 +200,32 @@ def _reread(
     return names
 
 
+def _integer_op(node: fx.Node, env: dict[str, Any]) -> Any:
+    """torch's own result where ``node`` reads only integer or boolean arrays and gives
+    integers or booleans (``(z > 0).to(uint8) - 1``, ``argmax - 1``, ``mask + mask``): torch's
+    integer semantics (wrap-around in the dtype, bool + bool an or, type promotion) exactly,
+    in every system; None otherwise (the op's own function runs)."""
+    reads = [env[n.name] for n in node.all_input_nodes]
+    if not reads or not all(isinstance(v, (np.ndarray, np.generic)) and np.asarray(v).dtype.kind in "biu"
+                            for v in reads):  # fmt: skip
+        return None
+
+    def tensor(n: fx.Node) -> torch.Tensor:
+        return torch.from_numpy(np.array(env[n.name], copy=True))
+
+    try:
+        out = node.target(*fx.node.map_arg(node.args, tensor), **fx.node.map_arg(node.kwargs, tensor))
+    except (RuntimeError, TypeError):
+        return None
+    many = isinstance(out, (tuple, list))
+    outs = list(out) if many else [out]
+    if not outs or not all(isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex())
+                           for o in outs):  # fmt: skip
+        return None
+    arrays = [o.numpy().copy() for o in outs]
+    return tuple(arrays) if many else arrays[0]
+
+
 def _cast_reads(
     node: fx.Node, env: dict[str, Any], where: dict[str, Arith], here: Arith
 ) -> dict[str, Any]:
@@ -285,7 +311,8 @@ def interpret(
             args = fx.node.map_arg(node.args, lambda n, c=cast: c.get(n.name, env[n.name]))
             kwargs = fx.node.map_arg(node.kwargs, lambda n, c=cast: c.get(n.name, env[n.name]))
             kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
-            env[node.name] = OPS[op_key(node)](cx, *args, **kwargs)
+            done = _integer_op(node, env)
+            env[node.name] = OPS[op_key(node)](cx, *args, **kwargs) if done is None else done
             if systems is not None:
                 where[node.name] = here
             if settle is not None:
