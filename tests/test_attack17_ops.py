@@ -8,11 +8,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import fpgrad
+from fpgrad.graph.exact import exact_graph
+from tests.oracle.graph_reference import CTX
 from tests.oracle.native_exact import check
+from tests.test_graph_oracle import _claims
 
 
 class _Ints(nn.Module):
@@ -57,3 +62,62 @@ def test_integer_arithmetic_follows_torch(kind: str) -> None:
     y = torch.zeros(4, dtype=torch.float64)
     check(_Ints(f, add), x, y, nn.MSELoss(), digits=15)
 
+
+_LN2 = 0.6931471805599453
+
+
+class _Exp2Grad(torch.autograd.Function):
+    """forward 3 u; backward g * exp2(u) * fl(ln 2): a user's gradient, not exp2's derivative
+    (no exp2 in the forward), written with torch's float ln 2."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u)
+        return u * 3
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (u,) = ctx.saved_tensors
+        return g * torch.exp2(u) * _LN2
+
+
+class _Log2Grad(torch.autograd.Function):
+    """forward 3 u; backward g / (u * fl(ln 2)), beside a detached log2 of the same u."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u)
+        return u * 3
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (u,) = ctx.saved_tensors
+        return g / (u * _LN2)
+
+
+class _UserLn2(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.w = nn.Parameter(torch.tensor([0.5, 1.25], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.w * x
+        if self.kind == "exp2":
+            return _Exp2Grad.apply(u)
+        return _Log2Grad.apply(u) + torch.log2(u).detach()
+
+
+@pytest.mark.xfail(strict=True, reason="log_scale reads a custom backward's float ln 2 as the real one")
+@pytest.mark.parametrize("kind", ["exp2", "log2"])
+def test_a_custom_backwards_float_ln2_stays_the_float(kind: str) -> None:
+    """L = sum F(w x) with x = 1; dL/dw_i = 2^w_i fl(ln 2) (exp2) or 1 / (w_i fl(ln 2)) (log2),
+    fl(ln 2) the float exactly (mpmath). The ``mul`` by 0.6931471805599453 matched exp2's
+    (log2's) backward pattern and was read as the real ln 2: certified to 42 digits, 3e-17 off."""
+    x, y = torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    net = fpgrad.from_module(_UserLn2(kind), x, y, lambda o, t: o.sum())
+    ex = exact_graph(net.graph).result
+    c = CTX.mpf(_LN2)
+    ws = [CTX.mpf(0.5), CTX.mpf(1.25)]
+    want = [CTX.mpf(2) ** w * c if kind == "exp2" else 1 / (w * c) for w in ws]
+    _claims(ex, "grads/w", np.array(want, dtype=object), CTX.mpf(10) ** -60)
