@@ -73,10 +73,11 @@ def above(cx: Any, x: Any, threshold: float = 0.0) -> Any:
     return (x > (ar.const(float(threshold)) if threshold != 0 else 0.0)) | np.isnan(x)
 
 
-def feeds_forward_outputs(cx: Any, node: Any) -> bool:
+def feeds_forward_outputs(cx: Any, node: Any, detached: bool = True) -> bool:
     """Does ``node`` reach the loss or a tap's value (the graph's forward outputs: flat
     outputs 0 and those after the gradients, :func:`fpgrad.graph.capture.split_outputs`)?
-    A backward op reaches only gradients."""
+    A backward op reaches only gradients. ``detached=False``: not through ``detach`` (a
+    value the loss is differentiated through)."""
     out = next(n for n in node.graph.nodes if n.op == "output")
     flat = list(out.args[0])
     first_value = 1 + len(cx.graph.param_names) + len(cx.graph.taps)
@@ -88,7 +89,7 @@ def feeds_forward_outputs(cx: Any, node: Any) -> bool:
             return True
         if id(n) not in seen:
             seen.add(id(n))
-            todo += list(n.users)
+            todo += [u for u in n.users if detached or str(u.target) != "aten.detach.default"]
     return False
 
 
