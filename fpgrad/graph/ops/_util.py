@@ -15,9 +15,23 @@ def scalar(cx: Any, x: Any) -> Any:
     """A Python number as a constant of the system; arrays pass through."""
     if isinstance(x, (bool, int, float)):
         return cx.ar.const(float(x))
-    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":  # a constant computed by torch
+    if isinstance(x, np.ndarray) and x.dtype.kind in "iu":
+        return enter_integers(cx.ar, x)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "bf":  # a constant computed by torch
         return cx.ar.asarray(x.astype(np.float64))
     return x
+
+
+def enter_integers(ar: Any, x: np.ndarray) -> Any:
+    """An integer array as values of ``ar``: in the exact systems the integers themselves
+    (beyond 2^53 as the sum of the float64 nearest and the small rest), elsewhere their
+    float64 roundings (torch's conversion)."""
+    hi = np.asarray(x).astype(np.float64)
+    if not isinstance(ar, ExactDerivatives) or not (np.abs(hi) > 2.0**53).any():
+        return ar.asarray(hi)
+    exact = np.asarray(x).astype(object)
+    rest = exact - np.vectorize(int, otypes=[object])(hi) if exact.size else exact
+    return ar.add(ar.asarray(hi), ar.asarray(np.asarray(rest, dtype=object).astype(np.float64)))
 
 
 def zeros(cx: Any, shape: tuple[int, ...]) -> Any:
