@@ -17,10 +17,12 @@ import torch
 from torch import fx
 
 from fpgrad.arith.base import Arith, ExactDerivatives
+from fpgrad.errors import InputError
 from fpgrad.graph import shapes
 from fpgrad.graph.capture import Graph, split_outputs
 from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.ops import OPS
+from fpgrad.graph.ops._util import enter_integers
 
 
 @dataclass
@@ -93,18 +95,26 @@ def _version(value: Any) -> Any:
     return value._version if isinstance(value, torch.Tensor) else None
 
 
+#: in-place ops whose out-of-place overload has another name
+_INPLACE = {"aten.pow_.Scalar": "aten.pow.Tensor_Scalar", "aten.pow_.Tensor": "aten.pow.Tensor_Tensor"}
+
+
 def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> Any:
     """Exact systems: the constant ``node`` computed in ``ar`` where it does arithmetic on
     constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss holds,
-    ``arange(4) / 3``): torch's value of such a node is a rounding, not the real the graph
-    defines, and the exact systems compute the model's real function. An integer input
-    enters the system as its exact value (below 2^53); masks stay masks. None where torch's
-    value stands: other systems, a result that is not a finite floating tensor, no floating
-    or integer input (creation ops: zeros, arange; masks of comparisons), a non-finite input
-    (an additive ``-inf`` mask), or an op the registry lacks."""
-    if not isinstance(ar, ExactDerivatives) or op_key(node) not in OPS:
+    ``arange(4) / 3``, ``pe.exp_()``: an in-place op as its out-of-place one): torch's value of
+    such a node is a rounding, not the real the graph defines, and the exact systems compute
+    the model's real function. An integer input enters the system as its exact value; masks
+    stay masks. None where torch's value stands: other systems, a result that is not a finite
+    floating tensor, no floating or integer input (creation ops: zeros, arange; masks of
+    comparisons), a non-finite input (an additive ``-inf`` mask), or an op the registry lacks
+    whose values are all among what it read (a selection: ``diag_embed``, ``full_like``);
+    such an op computing new values (``lgamma``) is refused (:func:`_selection`)."""
+    if not isinstance(ar, ExactDerivatives):
         return None
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            _selection(ar, node, env, graph, value)  # ``var_mean`` of a constant: refused
         return None
     if not bool(torch.isfinite(value).all()):
         return None
@@ -114,18 +124,55 @@ def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph,
     ints: dict[str, Any] = {}
     if all(_raw(v) or v is None for v in reads.values()):  # no value of the system read
         ints = {k: v for k, v in reads.items() if _raw(v) and v.dtype.kind in "iu"}
-        if not ints or not all(np.all(np.abs(v) <= 2**53) for v in ints.values()):
+        if not ints:
             return None  # torch's value is the definition (a creation op, a mask's selection)
-        ints = {k: ar.asarray(v.astype(np.float64)) for k, v in ints.items()}
+        ints = {k: enter_integers(ar, v) for k, v in ints.items()}
         reads.update(ints)  # an integer tensor's arithmetic (``arange(4) / 3``): exact values
+    key = op_key(node)
+    if key == "aten.copy_.default":
+        return None  # the write's value: :func:`_written`
+    if key not in OPS and key.count(".") == 2 and key.split(".")[1].endswith("_"):
+        a, name, overload = key.split(".")
+        key = _INPLACE.get(key, f"{a}.{name[:-1]}.{overload}")  # ``exp_`` computes ``exp``
+    if key not in OPS:
+        return _selection(ar, node, env, graph, value)
     cx = OpContext(ar, node, {**env, **ints} if ints else env, graph)
     args = fx.node.map_arg(node.args, lambda n: reads[n.name])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: reads[n.name])
     kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
-    out = OPS[op_key(node)](cx, *args, **kwargs)
+    out = OPS[key](cx, *args, **kwargs)
     if isinstance(out, (tuple, list)) or _raw(out) or tuple(shapes.shape(out)) != tuple(value.shape):
         return None  # the op kept torch's numbers (a selection of integers)
     return out
+
+
+def _selection(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> None:
+    """None where every floating element of torch's ``value`` is one of the numbers ``node``
+    read (its inputs' values, its number arguments, 0): a selection, which torch computes
+    exactly; else :class:`~fpgrad.errors.InputError`: torch's float64 value of an op the
+    exact systems lack (``lgamma`` of a constant) is a rounding of the real one."""
+    pool: list[np.ndarray] = [np.zeros(1)]
+    for n in node.all_input_nodes:
+        for v in env[n.name] if isinstance(env[n.name], (tuple, list)) else [env[n.name]]:
+            if _raw(v) or isinstance(v, np.generic):
+                pool.append(np.asarray(v, dtype=np.float64).ravel())
+            elif v is not None and not isinstance(v, (bool, int, float)):
+                pool.append(np.asarray(ar.to_float64(v), dtype=np.float64).ravel())
+    nums: list[float] = []
+    fx.node.map_aggregate((node.args, node.kwargs),
+                          lambda a: nums.append(float(a)) if isinstance(a, (int, float)) else None)  # fmt: skip
+    pool.append(np.asarray(nums, dtype=np.float64))
+    have = np.concatenate(pool)
+    outs = value if isinstance(value, (tuple, list)) else [value]
+    for t in outs:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            got = t.detach().to(torch.float64).numpy().ravel()
+            if not np.isin(got[np.isfinite(got)], have).all():
+                raise InputError(
+                    f"{graph.label(node)}: a constant computed by {op_key(node)}, which the exact "
+                    "systems cannot compute (torch's float64 values are roundings of the real "
+                    "ones); compute it before the model and pass it as a buffer or an input")
+    return None
 
 
 def _raw(a: Any) -> bool:
@@ -198,6 +245,32 @@ def _reread(
             picked = shapes.reshape(shapes.index(flat, (np.where(mask, hit, 0).ravel(),)), off.shape)
             env[name] = ar.where(mask, picked, old)
     return names
+
+
+def _integer_op(node: fx.Node, env: dict[str, Any]) -> Any:
+    """torch's own result where ``node`` reads only integer or boolean arrays and gives
+    integers or booleans (``(z > 0).to(uint8) - 1``, ``argmax - 1``, ``mask + mask``): torch's
+    integer semantics (wrap-around in the dtype, bool + bool an or, type promotion) exactly,
+    in every system; None otherwise (the op's own function runs)."""
+    reads = [env[n.name] for n in node.all_input_nodes]
+    if not reads or not all(isinstance(v, (np.ndarray, np.generic)) and np.asarray(v).dtype.kind in "biu"
+                            for v in reads):  # fmt: skip
+        return None
+
+    def tensor(n: fx.Node) -> torch.Tensor:
+        return torch.from_numpy(np.array(env[n.name], copy=True))
+
+    try:
+        out = node.target(*fx.node.map_arg(node.args, tensor), **fx.node.map_arg(node.kwargs, tensor))
+    except (RuntimeError, TypeError):
+        return None
+    many = isinstance(out, (tuple, list))
+    outs = list(out) if many else [out]
+    if not outs or not all(isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex())
+                           for o in outs):  # fmt: skip
+        return None
+    arrays = [o.numpy().copy() for o in outs]
+    return tuple(arrays) if many else arrays[0]
 
 
 def _cast_reads(
@@ -285,7 +358,8 @@ def interpret(
             args = fx.node.map_arg(node.args, lambda n, c=cast: c.get(n.name, env[n.name]))
             kwargs = fx.node.map_arg(node.kwargs, lambda n, c=cast: c.get(n.name, env[n.name]))
             kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
-            env[node.name] = OPS[op_key(node)](cx, *args, **kwargs)
+            done = _integer_op(node, env)
+            env[node.name] = OPS[op_key(node)](cx, *args, **kwargs) if done is None else done
             if systems is not None:
                 where[node.name] = here
             if settle is not None:

@@ -15,9 +15,23 @@ def scalar(cx: Any, x: Any) -> Any:
     """A Python number as a constant of the system; arrays pass through."""
     if isinstance(x, (bool, int, float)):
         return cx.ar.const(float(x))
-    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":  # a constant computed by torch
+    if isinstance(x, np.ndarray) and x.dtype.kind in "iu":
+        return enter_integers(cx.ar, x)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "bf":  # a constant computed by torch
         return cx.ar.asarray(x.astype(np.float64))
     return x
+
+
+def enter_integers(ar: Any, x: np.ndarray) -> Any:
+    """An integer array as values of ``ar``: in the exact systems the integers themselves
+    (beyond 2^53 as the sum of the float64 nearest and the small rest), elsewhere their
+    float64 roundings (torch's conversion)."""
+    hi = np.asarray(x).astype(np.float64)
+    if not isinstance(ar, ExactDerivatives) or not (np.abs(hi) > 2.0**53).any():
+        return ar.asarray(hi)
+    exact = np.asarray(x).astype(object)
+    rest = exact - np.vectorize(int, otypes=[object])(hi) if exact.size else exact
+    return ar.add(ar.asarray(hi), ar.asarray(np.asarray(rest, dtype=object).astype(np.float64)))
 
 
 def zeros(cx: Any, shape: tuple[int, ...]) -> Any:
@@ -73,10 +87,11 @@ def above(cx: Any, x: Any, threshold: float = 0.0) -> Any:
     return (x > (ar.const(float(threshold)) if threshold != 0 else 0.0)) | np.isnan(x)
 
 
-def feeds_forward_outputs(cx: Any, node: Any) -> bool:
+def feeds_forward_outputs(cx: Any, node: Any, detached: bool = True) -> bool:
     """Does ``node`` reach the loss or a tap's value (the graph's forward outputs: flat
     outputs 0 and those after the gradients, :func:`fpgrad.graph.capture.split_outputs`)?
-    A backward op reaches only gradients."""
+    A backward op reaches only gradients. ``detached=False``: not through ``detach`` (a
+    value the loss is differentiated through)."""
     out = next(n for n in node.graph.nodes if n.op == "output")
     flat = list(out.args[0])
     first_value = 1 + len(cx.graph.param_names) + len(cx.graph.taps)
@@ -88,7 +103,7 @@ def feeds_forward_outputs(cx: Any, node: Any) -> bool:
             return True
         if id(n) not in seen:
             seen.add(id(n))
-            todo += list(n.users)
+            todo += [u for u in n.users if detached or str(u.target) != "aten.detach.default"]
     return False
 
 

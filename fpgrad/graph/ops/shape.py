@@ -9,6 +9,7 @@ import torch
 
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
+from fpgrad.graph.ops._util import enter_integers
 from fpgrad.graph.ops.registry import op
 from fpgrad.graph.ops.steps import _integral, _pos
 
@@ -31,7 +32,7 @@ def to_copy(cx: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         return x
     if isinstance(x, np.ndarray) and x.dtype.kind in "biu":
         if dt.is_floating_point:
-            return cx.ar.asarray(x.astype(np.float64))
+            return enter_integers(cx.ar, x) if x.dtype.kind in "iu" else cx.ar.asarray(x.astype(np.float64))
         return x.astype(torch.empty((), dtype=dt).numpy().dtype)
     if dt.is_floating_point or dt.is_complex:
         return x

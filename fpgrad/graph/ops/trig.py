@@ -80,9 +80,20 @@ def _through(node: Any) -> Any:
     return node
 
 
+def _scale_muls(cx: Any, node: fx.Node, value: float) -> list[fx.Node]:
+    """The backward's ``mul`` nodes reading ``node`` that multiply by ``value``."""
+    return [u for u in node.users if str(u.target) in ("aten.mul.Scalar", "aten.mul.Tensor")
+            and len(u.args) == 2 and u.args[0] is node and u.args[1] == value
+            and not feeds_forward_outputs(cx, u)]  # fmt: skip
+
+
 def log_scale(cx: Any, value: float) -> Any | None:
     """The real ``ln 2`` (``ln 10``) where this ``mul`` is exp2's or log2's (log10's) backward
-    multiplying by torch's float64 one (see the module's docstring); else None."""
+    multiplying by torch's float64 one (see the module's docstring); else None. The exp2
+    (log2) must be a forward value the loss is differentiated through (not one computed in a
+    custom backward, nor a detached one), with no more such products than it has backwards
+    (one per differentiated exp2, one per differentiated log2 of ``x``): a custom
+    ``autograd.Function``'s own ``* 0.6931471805599453`` stays the float."""
     found = _SCALES.get(value)
     node = cx.node
     if found is None or str(node.target) not in ("aten.mul.Scalar", "aten.mul.Tensor"):
@@ -91,11 +102,14 @@ def log_scale(cx: Any, value: float) -> Any | None:
     src = node.args[0]
     ok = False
     if exp_op and isinstance(src, fx.Node) and str(src.target) == "aten.mul.Tensor":
-        ok = any(str(getattr(_through(a), "target", "")) == exp_op for a in src.args)
+        for e in {_through(a) for a in src.args if str(getattr(_through(a), "target", "")) == exp_op}:
+            prods = [m for p in e.users for m in _scale_muls(cx, p, value)
+                     if str(p.target) == "aten.mul.Tensor"]  # fmt: skip
+            ok = ok or (len(prods) <= 1 and feeds_forward_outputs(cx, e, detached=False))
     if not ok and isinstance(src, fx.Node):
-        reads_log = any(str(u.target) == log_op for u in src.users)
-        ok = reads_log and all(str(u.target) == "aten.div.Tensor" and u.args[1] is node
-                               for u in node.users)  # fmt: skip
+        logs = [u for u in src.users if str(u.target) == log_op and feeds_forward_outputs(cx, u, False)]
+        ok = 0 < len(_scale_muls(cx, src, value)) <= len(logs) and all(
+            str(u.target) == "aten.div.Tensor" and u.args[1] is node for u in node.users)
     if not ok or feeds_forward_outputs(cx, node):
         return None
     return _ln(cx, base)
