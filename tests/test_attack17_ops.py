@@ -142,6 +142,10 @@ class _Table(nn.Module):
             c = k.clone().pow_(0.5)
         elif self.kind == "lgamma":
             c = torch.lgamma(k + 1.5)
+        elif self.kind == "diag_thirds":  # a selection the registry lacks, of computed values
+            c = torch.diag_embed(k / 3).sum(0)
+        elif self.kind == "split_thirds":  # a tuple-valued op of computed values
+            c = torch.cat(list(torch.split(k / 3, 2)))
         elif self.kind == "atan2":
             c = torch.atan2(k, torch.tensor(3.0, dtype=torch.float64))
         else:  # integers beyond 2^53, as float64 and divided by 3 (float32)
@@ -161,17 +165,22 @@ def _table(kind: str, k: int) -> Any:
         return CTX.loggamma(k + CTX.mpf(1.5))
     if kind == "atan2":
         return CTX.atan2(k, 3)
+    if kind.endswith("thirds"):
+        return CTX.mpf(k) / 3
     big = [2**60 + 1, 3, 2**53 + 1, -(2**62) - 3][k]
     return CTX.mpf(big) * CTX.mpf(2) ** -60 * (1 + CTX.mpf(1) / 3)
 
 
-@pytest.mark.parametrize("kind", ["exp_", "sin_slice", "pow_", "lgamma", "atan2", "big_ints"])
+@pytest.mark.parametrize(
+    "kind", ["exp_", "sin_slice", "pow_", "lgamma", "atan2", "big_ints", "diag_thirds", "split_thirds"]
+)
 def test_a_constant_computed_by_torch_is_the_real_value_or_refused(kind: str) -> None:
     """L = (4 + sum_k c_k)^2 (mpmath): c = exp(k) by ``exp_``, sin(k) by ``c[1:].sin_()``,
     sqrt(k) by ``pow_(0.5)``, lgamma(k + 1.5), atan2(k, 3), integers beyond 2^53 cast and
     divided. ``torch.exp(k)`` is computed exactly, but an in-place op or an op the registry
-    lacks entered torch's float64 values (1.5e-14 off at 43 certified digits), and integers
-    beyond 2^53 their float roundings. A one-line refusal is acceptable."""
+    lacks entered torch's float64 values (1.5e-14 off at 43 certified digits), integers
+    beyond 2^53 their float roundings, and diag_embed or split of ``arange(4) / 3`` torch's
+    float64 thirds (6.7e-16 off). A one-line refusal is acceptable."""
     x, y = torch.ones(4, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     net = fpgrad.from_module(_Table(kind), x, y, nn.MSELoss())
     try:

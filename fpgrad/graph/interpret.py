@@ -99,7 +99,9 @@ def _version(value: Any) -> Any:
 _INPLACE = {"aten.pow_.Scalar": "aten.pow.Tensor_Scalar", "aten.pow_.Tensor": "aten.pow.Tensor_Tensor"}
 
 
-def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> Any:
+def _exact_constant(
+    ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any, computed: set[str]
+) -> Any:
     """Exact systems: the constant ``node`` computed in ``ar`` where it does arithmetic on
     constants (``pos_weight * t + 1 - t`` of BCE's backward against targets the loss holds,
     ``arange(4) / 3``, ``pe.exp_()``: an in-place op as its out-of-place one): torch's value of
@@ -112,11 +114,11 @@ def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph,
     such an op computing new values (``lgamma``) is refused (:func:`_selection`)."""
     if not isinstance(ar, ExactDerivatives):
         return None
-    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
-        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-            _selection(ar, node, env, graph, value)  # ``var_mean`` of a constant: refused
+    many = isinstance(value, (tuple, list)) and any(
+        isinstance(v, torch.Tensor) and v.is_floating_point() for v in value)
+    if not many and not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return None
-    if not bool(torch.isfinite(value).all()):
+    if not many and not bool(torch.isfinite(value).all()):
         return None
     reads = {n.name: env[n.name] for n in node.all_input_nodes}
     if any(_raw(v) and v.dtype.kind == "f" for v in reads.values()):
@@ -135,22 +137,33 @@ def _exact_constant(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph,
         a, name, overload = key.split(".")
         key = _INPLACE.get(key, f"{a}.{name[:-1]}.{overload}")  # ``exp_`` computes ``exp``
     if key not in OPS:
-        return _selection(ar, node, env, graph, value)
+        return _selection(ar, node, env, graph, value, computed)
     cx = OpContext(ar, node, {**env, **ints} if ints else env, graph)
     args = fx.node.map_arg(node.args, lambda n: reads[n.name])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: reads[n.name])
     kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
     out = OPS[key](cx, *args, **kwargs)
+    if many:  # split, unbind, sort of a constant: the system's values, or refused
+        pairs = list(zip(value, out, strict=True)) if isinstance(out, (tuple, list)) and len(out) == len(value) else []
+        if not pairs or any(isinstance(t, torch.Tensor) and t.is_floating_point()
+                            and (_raw(o) or tuple(shapes.shape(o)) != tuple(t.shape)) for t, o in pairs):  # fmt: skip
+            return _selection(ar, node, env, graph, value, computed)
+        return type(value)(out)
     if isinstance(out, (tuple, list)) or _raw(out) or tuple(shapes.shape(out)) != tuple(value.shape):
         return None  # the op kept torch's numbers (a selection of integers)
     return out
 
 
-def _selection(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any) -> None:
-    """None where every floating element of torch's ``value`` is one of the numbers ``node``
+def _selection(
+    ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, value: Any, computed: set[str]
+) -> None:
+    """None where ``node`` reads only torch's own numbers (no constant the system computed:
+    ``computed``) and every floating element of torch's ``value`` is one of the numbers it
     read (its inputs' values, its number arguments, 0): a selection, which torch computes
     exactly; else :class:`~fpgrad.errors.InputError`: torch's float64 value of an op the
-    exact systems lack (``lgamma`` of a constant) is a rounding of the real one."""
+    exact systems lack (``lgamma`` of a constant, ``diag`` of ``arange(4) / 3``) is a
+    rounding of the real one."""
+    fresh = any(n.name in computed for n in node.all_input_nodes)
     pool: list[np.ndarray] = [np.zeros(1)]
     for n in node.all_input_nodes:
         for v in env[n.name] if isinstance(env[n.name], (tuple, list)) else [env[n.name]]:
@@ -167,7 +180,7 @@ def _selection(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, valu
     for t in outs:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             got = t.detach().to(torch.float64).numpy().ravel()
-            if not np.isin(got[np.isfinite(got)], have).all():
+            if fresh or not np.isin(got[np.isfinite(got)], have).all():
                 raise InputError(
                     f"{graph.label(node)}: a constant computed by {op_key(node)}, which the exact "
                     "systems cannot compute (torch's float64 values are roundings of the real "
@@ -318,6 +331,7 @@ def interpret(
     # in-place write (``pe[:, 0::2] = sin(...)`` is ``copy_`` into a slice of ``zeros``) changes
     # what eager reads from the tensor afterwards, so a reader re-enters it
     versions: dict[str, Any] = {}
+    computed: set[str] = set()  # constants whose values the system computed (not torch's)
     placeholders = iter(zip(feeds, raw, strict=True))
     out_node = None
     constants = graph.constants
@@ -340,13 +354,16 @@ def interpret(
             )
             env[node.name] = _enter_const(ar, consts[node.name])
             versions[node.name] = _version(consts[node.name])
-            exact = _exact_constant(ar, node, env, graph, consts[node.name])
+            exact = _exact_constant(ar, node, env, graph, consts[node.name], computed)
             if exact is not None:
                 env[node.name] = exact
+                computed.add(node.name)
             if op_key(node).count(".") == 2 and op_key(node).split(".")[1].endswith("_"):
                 wrote = exact if exact is not None else _written(ar, node, env, consts)
                 for name in _reread(ar, consts[node.name], wrote, consts, env, where_fed):
                     versions[name] = _version(consts[name])
+                    if wrote is not None or name in computed:
+                        computed.add(name)
         else:
             for n in node.all_input_nodes:  # a constant written in place since it was entered
                 if n.name in versions and _version(consts[n.name]) != versions[n.name]:
