@@ -468,8 +468,14 @@ def cumsum(cx: Any, x: Any, dim: int, dtype: Any = None) -> Any:
     slot = getattr(cx.ar, "cumsum", None)
     if slot is not None:
         return slot(x, d)
+    return running(x, d, cx.ar.add)
+
+
+def running(x: Any, d: int, combine: Callable[[Any, Any], Any]) -> Any:
+    """``out_i = combine(out_(i-1), x_i)`` along dimension ``d`` (``out_0 = x_0``), one call
+    of the system's operation each, in torch's CPU order (cumsum, cumprod)."""
     lead = (slice(None),) * d
     parts = [shapes.index(x, (*lead, slice(0, 1)))]
-    for i in range(1, shape[d]):
-        parts.append(cx.ar.add(parts[-1], shapes.index(x, (*lead, slice(i, i + 1)))))
+    for i in range(1, shapes.shape(x)[d]):
+        parts.append(combine(parts[-1], shapes.index(x, (*lead, slice(i, i + 1)))))
     return shapes.cat(parts, d)

@@ -13,20 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from fpgrad.graph import shapes
+from fpgrad.graph.ops.index import running
 from fpgrad.graph.ops.registry import HINTS, op
 
 
 @op("aten.cumprod.default")
 def cumprod(cx: Any, x: Any, dim: int, dtype: Any = None) -> Any:
     shape = shapes.shape(x)
-    if not shape:
+    if not shape or not shape[int(dim) % len(shape)]:
         return x
-    d = int(dim) % len(shape)
-    lead = (slice(None),) * d
-    parts = [shapes.index(x, (*lead, slice(0, 1)))]
-    for i in range(1, shape[d]):
-        parts.append(cx.ar.mul(parts[-1], shapes.index(x, (*lead, slice(i, i + 1)))))
-    return shapes.cat(parts, d) if shape[d] else x
+    return running(x, int(dim) % len(shape), cx.ar.mul)
 
 
 # torch's prod backward is data-dependent: eagerly grad * result / input (inputs without zeros),

@@ -116,17 +116,26 @@ def threshold(cx: Any, x: Any, t: float, value: float) -> Any:
     return ar.where(above(cx, x, float(t)), x, ar.asarray(np.full(shapes.shape(x), v)))
 
 
-def _outside(cx: Any, x: Any, lambd: float) -> np.ndarray:
-    """torch's ``!(x >= -lambd && x <= lambd)`` with ``lambd`` in the system (NaN: True)."""
+def _sides(cx: Any, x: Any, lambd: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x > lambd, x < -lambd) with ``lambd`` in the system: the exact systems' sign tests,
+    a machine's comparisons of its values (NaN: neither)."""
     ar = cx.ar
+    lam = ar.const(float(lambd))
     if isinstance(ar, ExactDerivatives):
-        lam = ar.const(float(lambd))
         up = np.asarray(ar.positive(ar.sub(x, lam)), dtype=bool)
         down = np.asarray(ar.positive(ar.sub(ar.mul(x, ar.const(-1.0)), lam)), dtype=bool)
-        return up | down
-    v, lam = np.asarray(x, dtype=np.float64), float(np.float64(ar.const(float(lambd))))
+        return up, down
+    v, lf = np.asarray(x, dtype=np.float64), float(np.float64(lam))
     with np.errstate(invalid="ignore"):
-        return ~((v >= -lam) & (v <= lam))
+        return v > lf, v < -lf
+
+
+def _outside(cx: Any, x: Any, lambd: float) -> np.ndarray:
+    """torch's ``!(x >= -lambd && x <= lambd)`` with ``lambd`` in the system (NaN: True)."""
+    up, down = _sides(cx, x, lambd)
+    if isinstance(cx.ar, ExactDerivatives):  # no NaN there
+        return up | down
+    return up | down | np.isnan(np.asarray(x, dtype=np.float64))
 
 
 @op("aten.hardshrink.default")
@@ -155,13 +164,7 @@ def softshrink(cx: Any, x: Any, lambd: float = 0.5) -> Any:
             v32 = v.astype(np.float32)
             out = np.where(v > l32, ar._round((v32 - l32).astype(np.float64)), v * 0.0)
             return np.where(v < -l32, ar._round((v32 + l32).astype(np.float64)), out)
-    if isinstance(ar, ExactDerivatives):
-        up = np.asarray(ar.positive(ar.sub(x, lam)), dtype=bool)
-        down = np.asarray(ar.positive(ar.sub(ar.mul(x, ar.const(-1.0)), lam)), dtype=bool)
-    else:
-        v, lf = np.asarray(x, dtype=np.float64), float(np.float64(lam))
-        with np.errstate(invalid="ignore"):
-            up, down = v > lf, v < -lf
+    up, down = _sides(cx, x, lambd)
     mid = ar.mul(x, ar.const(0.0))
     out = ar.where(down, ar.add(x, lam), mid) if down.any() else mid
     return ar.where(up, ar.sub(x, lam), out) if up.any() else out
