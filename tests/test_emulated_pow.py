@@ -17,20 +17,14 @@ from fpgrad.arith.emulated import EmulatedArith
 from fpgrad.arith.emulated_functions import exact_pow
 from fpgrad.numbers.formats import Format, get_format
 from fpgrad.numbers.rounding import Mode
-from tests.test_emulated import DIRECTED, all_values, as_float, assert_same, context, finish
+from tests.test_emulated import DIRECTED, all_values, assert_same
+from tests.test_ops_trig import oracle
 
 EXPONENTS = [0.75, -0.25, 1 / 3, 2.125, -1.75, 0.0625, 1.25]
 
 
 def oracle_pow(fmt: Format, mode: Mode, a: np.ndarray, p: float) -> np.ndarray:
-    ctx = context(fmt, mode)
-    out = []
-    for x in a.tolist():
-        if x != x:
-            out.append(float("nan"))
-        else:
-            out.append(as_float(ctx.pow(mpfr(x), mpfr(p))))
-    return finish(out, fmt, mode)
+    return oracle(fmt, mode, "pow", a, mpfr(p))
 
 
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])

@@ -40,10 +40,13 @@ def test_trig_model_native_bit_for_bit_and_exact() -> None:
     fpgrad.compare(fpgrad.from_module(model, x, y, nn.MSELoss()), "bfloat16:emulated,float16")
 
 
-def oracle(fmt: Format, mode: Mode, name: str, a: np.ndarray) -> np.ndarray:
+def oracle(fmt: Format, mode: Mode, name: str, a: np.ndarray, *more: object) -> np.ndarray:
+    """MPFR's function ``name`` of every value of ``a`` (then ``more`` arguments), correctly
+    rounded into ``fmt`` in ``mode``; NaN for NaN."""
     ctx = context(fmt, mode)
     f = getattr(ctx, name)
-    return finish([float("nan") if v != v else as_float(f(mpfr(v))) for v in a.tolist()], fmt, mode)
+    return finish([float("nan") if v != v else as_float(f(mpfr(v), *more)) for v in a.tolist()],
+                  fmt, mode)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
