@@ -64,7 +64,7 @@ from torch import fx
 
 from fpgrad.graph import identities_more as more
 from fpgrad.graph.capture import Graph
-from fpgrad.graph.names import op_key
+from fpgrad.graph.names import op_key, origin
 from fpgrad.graph.ops.index import COPY_BACKWARDS, COPY_FORWARDS, ZERO_FILLS, backward_sources
 from fpgrad.graph.zero_facts import (
     ZERO,
@@ -82,7 +82,6 @@ from fpgrad.graph.zero_facts import (
     scale,
 )
 
-_PASS = {"aten.detach.default", "aten.alias.default", "aten.clone.default"}
 #: ops whose every output element is a copy of one input element or a zero fill
 _MOVES = {
     "aten.detach.default", "aten.alias.default", "aten.clone.default",
@@ -122,13 +121,6 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 def _floating(node: Any) -> bool:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return isinstance(val, torch.Tensor) and val.is_floating_point()
-
-
-def origin(node: Any) -> Any:
-    """``node`` looking through detach, alias and clone."""
-    while isinstance(node, fx.Node) and str(node.target) in _PASS:
-        node = node.args[0]
-    return node
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:

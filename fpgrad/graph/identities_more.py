@@ -26,15 +26,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from fpgrad.graph.names import PASS_THROUGH, op_key
+from fpgrad.graph.names import op_key, origin
 from fpgrad.graph.zero_facts import UNKNOWN, ZERO, Fact, canon, matmul, reduce_axes
-
-
-def origin(node: Any) -> Any:
-    """``node`` looking through detach, alias and clone."""
-    while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
-        node = node.args[0]
-    return node
 
 
 def _key(node: fx.Node) -> str:

@@ -10,6 +10,13 @@ from torch import fx
 PASS_THROUGH = frozenset({"aten.detach.default", "aten.alias.default", "aten.clone.default"})
 
 
+def origin(node: object) -> object:
+    """``node`` looking through detach, alias and clone (:data:`PASS_THROUGH`)."""
+    while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
 def op_name(node: fx.Node) -> str:
     """``aten.addmm`` for an aten node (overload dropped), ``getitem`` for tuple access."""
     if node.target is operator.getitem:

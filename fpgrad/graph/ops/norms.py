@@ -16,7 +16,7 @@ from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.names import PASS_THROUGH
+from fpgrad.graph.names import origin as _through
 from fpgrad.graph.ops._util import sum_dims
 from fpgrad.graph.ops.registry import OPS, op
 
@@ -176,12 +176,6 @@ def eq_scalar(cx: Any, x: Any, c: float) -> np.ndarray:
         return ~(above | below)
     ref = np.asarray(ar.const(float(c)), dtype=np.float64)
     return np.asarray(np.asarray(x, dtype=np.float64) == ref)
-
-
-def _through(node: Any) -> Any:
-    while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
-        node = node.args[0]
-    return node
 
 
 def _masks_its_zeros(cx: Any) -> bool:

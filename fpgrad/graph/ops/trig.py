@@ -24,7 +24,7 @@ from typing import Any
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
-from fpgrad.graph.names import PASS_THROUGH
+from fpgrad.graph.names import origin as _through
 from fpgrad.graph.ops._util import _slot, feeds_forward_outputs
 from fpgrad.graph.ops.registry import op
 
@@ -72,12 +72,6 @@ def log10(cx: Any, x: Any) -> Any:
 #: correctly rounded 2.302585092994046) -> (base, the exp op, the log op)
 _SCALES = {0.6931471805599453: (2.0, "aten.exp2.default", "aten.log2.default"),
            2.3025850929940455: (10.0, None, "aten.log10.default")}  # fmt: skip
-
-
-def _through(node: Any) -> Any:
-    while isinstance(node, fx.Node) and str(node.target) in PASS_THROUGH:
-        node = node.args[0]
-    return node
 
 
 def _scale_muls(cx: Any, node: fx.Node, value: float) -> list[fx.Node]:
