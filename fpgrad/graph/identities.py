@@ -64,6 +64,7 @@ from torch import fx
 
 from fpgrad.graph import identities_more as more
 from fpgrad.graph.capture import Graph
+from fpgrad.graph.identities_linear import LinearForms
 from fpgrad.graph.names import op_key, origin
 from fpgrad.graph.ops.index import COPY_BACKWARDS, COPY_FORWARDS, ZERO_FILLS, backward_sources
 from fpgrad.graph.zero_facts import (
@@ -90,7 +91,7 @@ _MOVES = {
     "aten.expand.default", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims",
     "aten.squeeze.default", "aten.slice.Tensor", "aten.select.int", "aten.cat.default",
     "aten.split.Tensor", "aten.split_with_sizes.default", "aten.select_backward.default",
-    "aten.slice_backward.default",
+    "aten.slice_backward.default", "aten.stack.default",
 } | COPY_FORWARDS  # fmt: skip
 #: data movement that fills zeros around its input: a fact even for an input without one
 _FILLS = {"aten.select_backward.default", "aten.slice_backward.default"} | ZERO_FILLS
@@ -144,6 +145,8 @@ class _Pass:
         self.facts: dict[str, Any] = {}
         self.zeros: dict[str, np.ndarray] = {}
         self._consts: tuple[dict[str, Any], set[tuple[str, str]]] | None = None
+        self.linear = LinearForms(graph.gm.graph)
+        self.cancelled: set[str] = set()  # a + alpha b proven 0 by its linear form
 
     def fact(self, node: Any) -> Fact:
         if not isinstance(node, fx.Node):
@@ -157,7 +160,9 @@ class _Pass:
             if node.op != "call_function" or node.name in constants:
                 continue
             key = _key(node)
-            if key not in _SEEDS and not any(n.name in self.facts for n in node.all_input_nodes):
+            if key not in _SEEDS and key not in _ADD_SUB and not any(
+                n.name in self.facts for n in node.all_input_nodes
+            ):
                 continue  # no fact flows in and the op creates none
             try:
                 out = self.rule(node, key)
@@ -170,7 +175,8 @@ class _Pass:
                     continue
                 out = tuple(out)
             self.facts[node.name] = out
-            if _concludes(node) and isinstance(out, np.ndarray) and (out == ZERO).any():
+            concludes = _concludes(node) or node.name in self.cancelled
+            if concludes and isinstance(out, np.ndarray) and (out == ZERO).any():
                 self.zeros[node.name] = out == ZERO
         return Identities(self.zeros, self.facts)
 
@@ -363,6 +369,9 @@ class _Pass:
             return self._operand(a, out) if b == 0 else None
         if not isinstance(a, fx.Node):
             return None
+        if self.linear.cancels(node):  # every coefficient of its linear form cancels
+            self.cancelled.add(node.name)
+            return np.full(out, ZERO, dtype=np.int64)
         return add(self._operand(a, out), self._operand(b, out), out)
 
     def _operand(self, x: Any, out: tuple[int, ...]) -> Fact:
@@ -445,6 +454,7 @@ _RULES: dict[str, Callable[[_Pass, fx.Node], Any]] = {
     **{k: _Pass.sums for k in _SUMS},
     **{k: _Pass.copy_sums for k in COPY_BACKWARDS},
 }
+_ADD_SUB = {"aten.add.Tensor", "aten.sub.Tensor"}
 _SOFTMAX = {"aten._softmax_backward_data.default", "aten._log_softmax_backward_data.default"}
 _SOURCES = {
     "aten.native_batch_norm_backward.default",
