@@ -167,8 +167,7 @@ def test_mv_dot_vdot_and_spectral_norm_eval() -> None:
     m(torch.randn(2, 1, 4, 4))  # one power iteration in training mode, then frozen
     x, y = torch.randn(4, 1, 4, 4), torch.tensor([1.0, 0.0, 1.0, 0.0])
     check(m.eval(), x, y, nn.BCEWithLogitsLoss())
-    with pytest.raises(InputError, match=r"aten\.div\.out .*model\.eval\(\)"):
-        fpgrad.from_module(m.train(), x, y, nn.BCEWithLogitsLoss())
+    check(m.train(), x, y, nn.BCEWithLogitsLoss())  # the power iteration's out= writes
 
 
 # ---- im2col / col2im (nn.Unfold, nn.Fold) ------------------------------------------------------

@@ -267,6 +267,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
     import torch.fx.traceback as fx_traceback
 
     from fpgrad.graph.ops import unsupported_message
+    from fpgrad.graph.out_writes import restore_out_targets
     from fpgrad.graph.values import check_values
 
     if not isinstance(model, nn.Module):
@@ -291,6 +292,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
             "diagnose"
         )
     ps = [p.detach().clone().requires_grad_() for _, p in trainable(m64)]
+    before = {id(b): b.detach().clone() for b in m64.buffers()}  # out= may write them
     args = [_widen(t) for t in (*xs, targets)]
     # the values as given: the forward may change its inputs in place while it is traced
     params = {n: p.detach().numpy().copy() for n, p in zip(names, ps, strict=True)}
@@ -336,6 +338,7 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
             f"torch could not trace the model's forward and backward ({first}); fpgrad needs "
             "a forward that make_fx can trace (no data-dependent Python control flow)"
         ) from None
+    restore_out_targets(gm, before)
     fresh = [torch.from_numpy(a.copy()) for a in data]
     paths = _module_paths(gm, copy_model(model).to(torch.float64), names, loss, fresh)
     taps = [name for name, _ in getattr(m64, TAPS, None) or ()]

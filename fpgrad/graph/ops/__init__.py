@@ -133,6 +133,9 @@ def _running_stat_reads(graph: Graph) -> list[Any]:
     return bad
 
 
+from fpgrad.graph.out_writes import out_written_reads  # noqa: E402
+
+
 def unsupported_message(graph: Graph) -> str:
     """One line naming every unsupported op with its module paths, or ''."""
     missing: dict[str, list[str]] = {}
@@ -161,6 +164,9 @@ def unsupported_message(graph: Graph) -> str:
                 where = missing.setdefault(key, [])
                 where.append(f"{graph.paths.get(node.name, '') or '<top>'} (its input is read "
                              "after the in-place op or through a view)")  # fmt: skip
+    for node in out_written_reads(graph):
+        where = missing.setdefault(f"{op_key(node)} reading a buffer written through out=", [])
+        where.append(graph.paths.get(node.name, "") or "<top>")
     for node in _running_stat_reads(graph):
         where = missing.setdefault(f"{op_key(node)} reading a batch norm's running statistic", [])
         where.append(graph.paths.get(node.name, "") or "<top>")
@@ -184,12 +190,14 @@ def unsupported_message(graph: Graph) -> str:
             hint = "fpgrad runs an in-place op as a new value"
         if key.endswith(".out") and key not in OPS:
             hint = (
-                "it writes into a tensor given as out=, as spectral_norm's power iteration "
-                "does in training mode (F.normalize(..., out=u)): not replayed; call "
-                "model.eval() to freeze the power-iteration vectors"
+                "it writes into a tensor given as out=: only torch.div's out= (F.normalize, "
+                "spectral_norm's power iteration) is replayed; compute a new tensor instead"
             )
         if key.endswith("reading masked_fill(-inf)"):
             hint = "-inf is a mask that only softmax reads"
+        if key.endswith("written through out="):
+            hint = ("the graph reads the buffer's value before the write; read the op's "
+                    "result instead")
         if key.endswith("running statistic"):
             hint = (
                 "a training batch norm updates it in place, unannotated: the graph holds "

@@ -115,6 +115,14 @@ def div(cx: Any, a: Any, b: Any) -> Any:
     return cx.ar.div(scalar(cx, a), scalar(cx, b)) if out is None else out
 
 
+@op("aten.div.out")
+def div_out(cx: Any, a: Any, b: Any, out: Any = None) -> Any:
+    """``torch.div(a, b, out=buf)`` (``F.normalize(.., out=u)`` of spectral_norm's power
+    iteration in training): the quotient as a new value, which the graph's readers of this
+    node read; the buffer's reads before the write see its old value (capture restores it)."""
+    return div(cx, a, b)
+
+
 @op("aten.neg.default")
 def neg(cx: Any, a: Any) -> Any:
     return cx.ar.mul(a, cx.ar.const(-1.0))  # exact in every system
