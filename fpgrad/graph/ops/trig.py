@@ -1,5 +1,6 @@
 """Hyperbolic, inverse trigonometric and base-2/10 functions: ``sinh``, ``cosh``, ``tan``,
-``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, ``exp2``, ``log2``, ``log10``.
+``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, ``exp2``, ``log2``, ``log10``, and
+``atan2`` (:func:`atan2`: two arguments, a cut on the negative x axis).
 
 Each is one slot: the emulated machines' correctly rounded function
 (:mod:`fpgrad.arith.emulated_trig`), Arb's in the exact systems (the fast balls have none:
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
+from fpgrad.errors import InputError
 from fpgrad.graph.names import origin as _through
 from fpgrad.graph.ops._util import _slot, feeds_forward_outputs
 from fpgrad.graph.ops.registry import op
@@ -107,3 +110,25 @@ def log_scale(cx: Any, value: float) -> Any | None:
     if not ok or feeds_forward_outputs(cx, node):
         return None
     return _ln(cx, base)
+
+
+@op("aten.atan2.default", "aten.atan2_.default")
+def atan2(cx: Any, y: Any, x: Any) -> Any:
+    """atan2(y, x): the machines' correctly rounded atan2 (signed zeros and +-pi on the
+    negative x axis as C99), Arb's in the exact systems (the fast balls have none). The exact
+    systems hold no signed zero: where y is proven exactly 0 and x is not proven positive,
+    torch's value is +-pi (or +-0 at x = 0) by the sign of a zero, so the run is refused in one
+    line; where the balls cannot decide, Arb's ball spans the cut and nothing is certified."""
+    ar = cx.ar
+    fn = _slot(cx, "atan2")
+    if isinstance(ar, ExactDerivatives):
+        before = getattr(ar, "uncertain_branches", 0)
+        yp = np.asarray(ar.positive(y), dtype=bool)
+        yn = np.asarray(ar.positive(ar.mul(y, ar.const(-1.0))), dtype=bool)
+        xp = np.asarray(ar.positive(x), dtype=bool)
+        on_cut = ~(yp | yn) & ~xp
+        if on_cut.any() and getattr(ar, "uncertain_branches", 0) == before:
+            raise InputError(f"{cx.label()}: atan2 at y = 0 exactly with x <= 0: torch gives +-pi "
+                             "(or +-0) by the sign of a zero, which the exact reference does not "
+                             "hold; keep y off 0 there (add an epsilon) or x > 0")  # fmt: skip
+    return fn(y, x)
