@@ -252,3 +252,36 @@ def test_pow_tensor_negative_base_integer_power_refused_on_machines() -> None:
     with pytest.raises(InputError, match="negative base"):
         pow_tensor(Cx, np.array([-2.0]), np.array([3.0]))
     assert Mode.NEAREST_EVEN in DIRECTED
+
+
+class _Watched(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return torch.cummax(torch.relu(h), 1).values + torch.atan2(torch.relu(h), h * h + 1)
+
+
+def test_watch_families_of_the_new_ops() -> None:
+    """cummax copies input elements (its zeros, relu's, are inherited); atan2's zeros (y = 0,
+    x > 0) are exact zeros of a pointwise op: never created; lerp is in no proven family."""
+    from fpgrad.watching.families import family
+
+    assert family(torch.ops.aten.lerp.Scalar) == "other"
+    assert family(torch.ops.aten.cummax.default) == "exact"
+    assert family(torch.ops.aten.atan2.default) == "pointwise"
+    torch.manual_seed(0)
+    model = _Watched()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    with fpgrad.watch(model, opt) as w:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    rows = [r for r in w.records() if r.get("op") == "aten.cummax.default"]
+    assert rows and any(r["zeros"] for r in rows)
+    for r in rows:
+        assert r["zeros_undecided"] == 0 and r["zeros_created"] == 0 and r["zeros_inherited"] == r["zeros"]
+    assert all(r["zeros_created"] == 0 for r in w.records() if r.get("op") == "aten.atan2.default")

@@ -206,8 +206,8 @@ def unsupported_message(graph: Graph) -> str:
 # register the ops (imports for their side effect)
 from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
-    blend,
     bags,
+    blend,
     conv,
     cumulative,
     distance,
