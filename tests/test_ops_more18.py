@@ -195,7 +195,9 @@ def test_blend_kernels_equal_torch_bit_for_bit(dtype: torch.dtype) -> None:
     # lerp is exactly a at w = 0 and exactly b at w = 1 (the kernel's two branches)
     A = np.array([1.0, -0.0, 3.5])
     B = np.array([7.25, 2.0, -1.0])
-    assert np.array_equal(lerp(Cx, A, B, 1.0), B) and np.array_equal(lerp(Cx, A, B, 0.0), [1.0, 0.0, 3.5])
+    assert np.array_equal(lerp(Cx, A, B, 1.0), B) and np.array_equal(
+        lerp(Cx, A, B, 0.0), [1.0, 0.0, 3.5]
+    )
 
 
 def test_logcumsumexp_machine_edges_match_torch() -> None:
@@ -239,7 +241,7 @@ def test_refused_in_one_line(kind: str) -> None:
 
 
 def test_pow_tensor_negative_base_integer_power_refused_on_machines() -> None:
-    from fpgrad.graph.ops.pointwise import pow_tensor
+    from fpgrad.graph.ops.trig import pow_tensor
 
     class Cx:
         ar = EmulatedArith("float16")
@@ -283,5 +285,9 @@ def test_watch_families_of_the_new_ops() -> None:
     rows = [r for r in w.records() if r.get("op") == "aten.cummax.default"]
     assert rows and any(r["zeros"] for r in rows)
     for r in rows:
-        assert r["zeros_undecided"] == 0 and r["zeros_created"] == 0 and r["zeros_inherited"] == r["zeros"]
+        assert (
+            r["zeros_undecided"] == 0
+            and r["zeros_created"] == 0
+            and r["zeros_inherited"] == r["zeros"]
+        )
     assert all(r["zeros_created"] == 0 for r in w.records() if r.get("op") == "aten.atan2.default")

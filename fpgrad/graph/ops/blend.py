@@ -48,14 +48,18 @@ def _machine(cx: Any) -> tuple[Any, Any]:
 
 def _value(m: Any, v: Any) -> Any:
     """A Python scalar as the kernel's scalar (converted into m's format), a tensor as itself."""
-    return m.const(float(v)) if isinstance(v, (bool, int, float)) else np.asarray(v, dtype=np.float64)
+    return (
+        m.const(float(v)) if isinstance(v, (bool, int, float)) else np.asarray(v, dtype=np.float64)
+    )
 
 
 @op("aten.addcmul.default", "aten.addcmul_.default")
 def addcmul(cx: Any, a: Any, t1: Any, t2: Any, *, value: float = 1) -> Any:
     ar = cx.ar
     if isinstance(ar, ExactDerivatives):
-        return ar.add(scalar(cx, a), ar.mul(ar.mul(scalar(cx, t1), ar.const(float(value))), scalar(cx, t2)))
+        return ar.add(
+            scalar(cx, a), ar.mul(ar.mul(scalar(cx, t1), ar.const(float(value))), scalar(cx, t2))
+        )
     m, out = _machine(cx)
     return out(m.fma(m.mul(m.const(float(value)), _value(m, t1)), _value(m, t2), _value(m, a)))
 
@@ -67,7 +71,9 @@ def addcdiv(cx: Any, a: Any, t1: Any, t2: Any, *, value: float = 1) -> Any:
         q = ar.div(ar.mul(scalar(cx, t1), ar.const(float(value))), scalar(cx, t2))
         return ar.add(scalar(cx, a), q)
     m, out = _machine(cx)
-    return out(m.add(_value(m, a), m.div(m.mul(m.const(float(value)), _value(m, t1)), _value(m, t2))))
+    return out(
+        m.add(_value(m, a), m.div(m.mul(m.const(float(value)), _value(m, t1)), _value(m, t2)))
+    )
 
 
 @op("aten.lerp.Scalar", "aten.lerp.Tensor", "aten.lerp_.Scalar", "aten.lerp_.Tensor")
@@ -84,7 +90,11 @@ def lerp(cx: Any, a: Any, b: Any, w: Any) -> Any:
         small = np.broadcast_to(np.abs(np.asarray(w, dtype=np.float64)) < 0.5, shape)
     low = m.fma(w, d, a)
     high = m.fma(m.sub(w, m.const(1.0)), d, b)
-    return out(np.where(small, np.broadcast_to(low, shape), np.broadcast_to(high, shape)).astype(np.float64))
+    return out(
+        np.where(small, np.broadcast_to(low, shape), np.broadcast_to(high, shape)).astype(
+            np.float64
+        )
+    )
 
 
 _LERPS = ("aten.lerp.Scalar", "aten.lerp_.Scalar")
@@ -107,9 +117,15 @@ def lerp_scale(cx: Any, value: float) -> Any | None:
         return None
     lerps = [n for n in graph.nodes if str(n.target) in _LERPS and float(n.args[2]) in ws
              and feeds_forward_outputs(cx, n, detached=False)]  # fmt: skip
-    muls = [n for n in graph.nodes if str(n.target) == "aten.mul.Scalar" and len(n.args) == 2
-            and n.args[1] == value and isinstance(n.args[0], fx.Node)
-            and not feeds_forward_outputs(cx, n.args[0])]  # a gradient times the constant
+    muls = [
+        n
+        for n in graph.nodes
+        if str(n.target) == "aten.mul.Scalar"
+        and len(n.args) == 2
+        and n.args[1] == value
+        and isinstance(n.args[0], fx.Node)
+        and not feeds_forward_outputs(cx, n.args[0])
+    ]  # a gradient times the constant
     if not lerps or node not in muls or len(muls) > len(lerps):
         return None
     ar = cx.ar

@@ -198,34 +198,6 @@ def _fractional_pow(cx: Any, a: Any, e: float) -> Any:
     return ar.where(zero, ar.asarray(np.zeros(shape)), out) if zero.any() else out
 
 
-@op("aten.pow.Tensor_Tensor", "aten.pow_.Tensor")
-def pow_tensor(cx: Any, a: Any, b: Any) -> Any:
-    """``a ** b`` of two tensors, for a positive base: the machines' correctly rounded power
-    (slot ``pow_tensor``: IEEE 754's exact cases at a base of 0, 1 or inf and an exponent of 0
-    or inf, NaN for a negative base and a non-integer exponent, as torch); the exact systems'
-    ``exp(b log a)`` with every base proven positive. A base torch would raise to an integer
-    power while negative (a real value), and in the exact systems any base not proven
-    positive, is refused in one line; a base the sign test cannot place escalates."""
-    from fpgrad.errors import InputError
-
-    ar = cx.ar
-    a, b = scalar(cx, a), scalar(cx, b)
-    hint = "keep the base positive (clamp it, or add an epsilon; exp(b * log(a)) says so)"
-    if not isinstance(ar, ExactDerivatives):
-        av, bv = np.broadcast_arrays(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
-        with np.errstate(invalid="ignore"):
-            if ((av < 0) & (np.floor(bv) == bv)).any():
-                raise InputError(f"{cx.label()}: pow(tensor, tensor) of a negative base to an "
-                                 f"integer power; {hint}")  # fmt: skip
-        return _slot(cx, "pow_tensor")(a, b)
-    before = getattr(ar, "uncertain_branches", 0)
-    pos = np.asarray(ar.positive(a), dtype=bool)
-    if not pos.all() and getattr(ar, "uncertain_branches", 0) == before:
-        raise InputError(f"{cx.label()}: pow(tensor, tensor) of a base that is not positive "
-                         f"(0 or negative); {hint}")  # fmt: skip
-    return ar.exp(ar.mul(b, ar.log(a)))
-
-
 @op("aten.relu.default", "aten.relu_.default")
 def relu(cx: Any, x: Any) -> Any:
     """torch's ``x < 0 ? 0 : x``: +0.0 for a negative, NaN and -0.0 kept (relu'(0) = 0)."""
