@@ -348,6 +348,12 @@ class ArbArith(ExactDerivatives):
         with self._p():
             return _obj(_ATAN(a))
 
+    def atan2(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Arb's atan2: where y's ball contains 0 and x's reaches x <= 0 the ball spans the
+        cut (+-pi), nothing certified there."""
+        with self._p():
+            return _obj(_ATAN2(y, x))
+
 
 def _flint_unary(name: str) -> Any:
     """A method applying arb's ``name`` (NaN outside its domain: nothing certified there)."""
@@ -369,6 +375,7 @@ _ERF = np.frompyfunc(arb.erf, 1, 1)
 _SIN = np.frompyfunc(arb.sin, 1, 1)
 _COS = np.frompyfunc(arb.cos, 1, 1)
 _ATAN = np.frompyfunc(arb.atan, 1, 1)
+_ATAN2 = np.frompyfunc(arb.atan2, 2, 1)
 
 
 # ---- reading balls back ---------------------------------------------------------------------

@@ -84,7 +84,11 @@ def _enter_const(ar: Arith, value: Any) -> Any:
     arr = value.detach().numpy()
     if arr.dtype.kind == "f":
         arr = arr.astype(np.float64)
-        return ar.asarray(arr) if np.isfinite(arr).all() else arr
+        if not np.isfinite(arr).all():
+            return arr
+        from fpgrad.graph.ops._util import lowest_as_format  # float64's max: the format's
+
+        return ar.asarray(lowest_as_format(ar, arr))
     return arr.copy()
 
 

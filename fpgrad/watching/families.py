@@ -2,7 +2,10 @@
 
 An aten op's **family** (exact, reduction, pointwise, other) says which proof decides whether a
 float64 recompute of it tells a created special value from an inherited one (see
-:mod:`fpgrad.watching.classify`).
+:mod:`fpgrad.watching.classify`). ``cummax``/``cummin`` copy input elements (exact, selection);
+``atan2`` is pointwise (its float64 value is 0 only where y is 0); ``lerp``, ``addcmul``,
+``addcdiv`` and ``logcumsumexp`` are other: a float64 recompute of a fused or scaled step can
+round to 0 where the exact result is not, so their contested zeros stay undecided.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ EXACT_OPS = frozenset(
     "nll_loss_backward native_dropout_backward sigmoid_backward tanh_backward hardtanh "
     "hardtanh_backward leaky_relu leaky_relu_backward mul_ add_ sub_ div_ zero_ fill_ "
     "constant_pad_nd max_pool2d_with_indices _unsafe_index embedding floor ceil trunc round "
-    "topk sort kthvalue median".split()
+    "topk sort kthvalue median cummax cummin".split()
 )
 REDUCTION_OPS = frozenset(
     "mm addmm bmm baddbmm addmv mv dot matmul sum mean convolution convolution_backward linear "
@@ -38,7 +41,7 @@ REDUCTION_OPS = frozenset(
 POINTWISE_OPS = frozenset(
     "exp exp2 log log2 log1p expm1 tanh sigmoid pow sqrt rsqrt reciprocal gelu gelu_backward "
     "silu silu_backward sin cos softplus softplus_backward elu elu_backward erf log10 sinh cosh "
-    "tan asin acos asinh acosh atanh atan".split()
+    "tan asin acos asinh acosh atanh atan atan2".split()
 )
 #: Ops whose every output element is one of their input elements or scalar arguments (or a
 #: constant): with inputs and scalars exactly representable in the output's format, the float64
@@ -47,7 +50,7 @@ SELECTION_OPS = frozenset(
     "relu relu_ threshold_backward clone detach copy copy_ _to_copy neg abs cat stack index "
     "index_select gather _unsafe_index embedding where masked_fill clamp clamp_min clamp_max "
     "maximum minimum max min max_pool2d_with_indices constant_pad_nd zero_ fill fill_ "
-    "zeros_like ones_like topk sort kthvalue median".split()
+    "zeros_like ones_like topk sort kthvalue median cummax cummin".split()
 )
 #: Ops whose outputs are usually >= 0: their statistics try ``aminmax(t)`` before ``|t|``.
 NONNEGATIVE_OPS = frozenset("relu relu_ abs exp sigmoid _softmax softmax square".split())

@@ -215,7 +215,9 @@ def unsupported_message(graph: Graph) -> str:
 from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
     bags,
+    blend,
     conv,
+    cumulative,
     distance,
     index,
     linear,

@@ -18,8 +18,21 @@ def scalar(cx: Any, x: Any) -> Any:
     if isinstance(x, np.ndarray) and x.dtype.kind in "iu":
         return enter_integers(cx.ar, x)
     if isinstance(x, np.ndarray) and x.dtype.kind in "bf":  # a constant computed by torch
-        return cx.ar.asarray(x.astype(np.float64))
+        return cx.ar.asarray(lowest_as_format(cx.ar, x.astype(np.float64)))
     return x
+
+
+_F64_MAX = float(np.finfo(np.float64).max)
+
+
+def lowest_as_format(ar: Any, x: np.ndarray) -> np.ndarray:
+    """A float64 constant with float64's largest magnitude (torch's ``lowest()`` or ``max()``
+    of the float64 trace, e.g. in logcumsumexp's backward) as a machine's largest magnitude:
+    what torch's formula uses in that dtype, not the infinity rounding would give."""
+    fmt = getattr(ar, "fmt", None)
+    if fmt is None or isinstance(ar, ExactDerivatives) or not (np.abs(x) == _F64_MAX).any():
+        return x
+    return np.where(np.abs(x) == _F64_MAX, np.copysign(float(fmt.max), x), x)
 
 
 def enter_integers(ar: Any, x: np.ndarray) -> Any:

@@ -199,4 +199,9 @@ def derived_constant(cx: Any, value: float) -> Any | None:
         found = log_scale(cx, value)  # exp2's, log2's, log10's backward: ln 2, ln 10
         if found is not None:
             return found
+        from fpgrad.graph.ops.blend import lerp_scale
+
+        found = lerp_scale(cx, value)  # lerp's backward: 1 - w
+        if found is not None:
+            return found
     return smoothing_factor(cx, value)

@@ -1,5 +1,7 @@
 """Hyperbolic, inverse trigonometric and base-2/10 functions: ``sinh``, ``cosh``, ``tan``,
-``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, ``exp2``, ``log2``, ``log10``.
+``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, ``exp2``, ``log2``, ``log10``, and
+``atan2`` (:func:`atan2`: two arguments, a cut on the negative x axis), and the power of two
+tensors ``pow.Tensor_Tensor`` (:func:`pow_tensor`, positive bases).
 
 Each is one slot: the emulated machines' correctly rounded function
 (:mod:`fpgrad.arith.emulated_trig`), Arb's in the exact systems (the fast balls have none:
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
+from fpgrad.errors import InputError
 from fpgrad.graph.names import origin as _through
-from fpgrad.graph.ops._util import _slot, feeds_forward_outputs
+from fpgrad.graph.ops._util import _slot, feeds_forward_outputs, scalar
 from fpgrad.graph.ops.registry import op
 
 NAMES = ("sinh", "cosh", "tan", "asin", "acos", "asinh", "acosh", "atanh")
@@ -96,14 +100,69 @@ def log_scale(cx: Any, value: float) -> Any | None:
     src = node.args[0]
     ok = False
     if exp_op and isinstance(src, fx.Node) and str(src.target) == "aten.mul.Tensor":
-        for e in {_through(a) for a in src.args if str(getattr(_through(a), "target", "")) == exp_op}:
+        for e in {
+            _through(a) for a in src.args if str(getattr(_through(a), "target", "")) == exp_op
+        }:
             prods = [m for p in e.users for m in _scale_muls(cx, p, value)
                      if str(p.target) == "aten.mul.Tensor"]  # fmt: skip
             ok = ok or (len(prods) <= 1 and feeds_forward_outputs(cx, e, detached=False))
     if not ok and isinstance(src, fx.Node):
-        logs = [u for u in src.users if str(u.target) == log_op and feeds_forward_outputs(cx, u, False)]
+        logs = [
+            u for u in src.users if str(u.target) == log_op and feeds_forward_outputs(cx, u, False)
+        ]
         ok = 0 < len(_scale_muls(cx, src, value)) <= len(logs) and all(
-            str(u.target) == "aten.div.Tensor" and u.args[1] is node for u in node.users)
+            str(u.target) == "aten.div.Tensor" and u.args[1] is node for u in node.users
+        )
     if not ok or feeds_forward_outputs(cx, node):
         return None
     return _ln(cx, base)
+
+
+@op("aten.atan2.default", "aten.atan2_.default")
+def atan2(cx: Any, y: Any, x: Any) -> Any:
+    """atan2(y, x): the machines' correctly rounded atan2 (signed zeros and +-pi on the
+    negative x axis as C99), Arb's in the exact systems (the fast balls have none). The exact
+    systems hold no signed zero: where y is proven exactly 0 and x is not proven positive,
+    torch's value is +-pi (or +-0 at x = 0) by the sign of a zero, so the run is refused in one
+    line; where the balls cannot decide, Arb's ball spans the cut and nothing is certified."""
+    ar = cx.ar
+    fn = _slot(cx, "atan2")
+    if isinstance(ar, ExactDerivatives):
+        before = getattr(ar, "uncertain_branches", 0)
+        yp = np.asarray(ar.positive(y), dtype=bool)
+        yn = np.asarray(ar.positive(ar.mul(y, ar.const(-1.0))), dtype=bool)
+        xp = np.asarray(ar.positive(x), dtype=bool)
+        on_cut = ~(yp | yn) & ~xp
+        if on_cut.any() and getattr(ar, "uncertain_branches", 0) == before:
+            raise InputError(f"{cx.label()}: atan2 at y = 0 exactly with x <= 0: torch gives +-pi "
+                             "(or +-0) by the sign of a zero, which the exact reference does not "
+                             "hold; keep y off 0 there (add an epsilon) or x > 0")  # fmt: skip
+    return fn(y, x)
+
+
+@op("aten.pow.Tensor_Tensor", "aten.pow_.Tensor")
+def pow_tensor(cx: Any, a: Any, b: Any) -> Any:
+    """``a ** b`` of two tensors, for a positive base: the machines' correctly rounded power
+    (slot ``pow_tensor``: IEEE 754's exact cases at a base of 0, 1 or inf and an exponent of 0
+    or inf, NaN for a negative base and a non-integer exponent, as torch); the exact systems'
+    ``exp(b log a)`` with every base proven positive. A base torch would raise to an integer
+    power while negative (a real value), and in the exact systems any base not proven
+    positive, is refused in one line; a base the sign test cannot place escalates."""
+    ar = cx.ar
+    a, b = scalar(cx, a), scalar(cx, b)
+    hint = "keep the base positive (clamp it, or add an epsilon; exp(b * log(a)) says so)"
+    if not isinstance(ar, ExactDerivatives):
+        av, bv = np.broadcast_arrays(
+            np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        )
+        with np.errstate(invalid="ignore"):
+            if ((av < 0) & (np.floor(bv) == bv)).any():
+                raise InputError(f"{cx.label()}: pow(tensor, tensor) of a negative base to an "
+                                 f"integer power; {hint}")  # fmt: skip
+        return _slot(cx, "pow_tensor")(a, b)
+    before = getattr(ar, "uncertain_branches", 0)
+    pos = np.asarray(ar.positive(a), dtype=bool)
+    if not pos.all() and getattr(ar, "uncertain_branches", 0) == before:
+        raise InputError(f"{cx.label()}: pow(tensor, tensor) of a base that is not positive "
+                         f"(0 or negative); {hint}")  # fmt: skip
+    return ar.exp(ar.mul(b, ar.log(a)))
