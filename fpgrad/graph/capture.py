@@ -150,11 +150,12 @@ def no_checkpoint() -> Any:
 
     saved = ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator
     ckpt.CheckpointFunction = _Recompute  # type: ignore[misc,assignment]
-    ckpt._checkpoint_without_reentrant_generator = _plain_generator  # type: ignore[assignment]
+    ckpt._checkpoint_without_reentrant_generator = _plain_generator
     try:
         yield
     finally:
-        ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator = saved
+        ckpt.CheckpointFunction = saved[0]  # type: ignore[misc]
+        ckpt._checkpoint_without_reentrant_generator = saved[1]
 
 
 def joint_function(
