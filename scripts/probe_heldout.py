@@ -8,7 +8,11 @@ magnitude, float64's own error; zero claims listed with torch's values there;
 certified digits >= 17), (4) ``fpgrad.compare(net, "float16,bfloat16,float32")`` with its
 render, timed.
 
-    PYTHONPATH=. python scripts/probe_heldout.py [NAME ...] [--no-compare] [--json OUT]
+    PYTHONPATH=. python scripts/probe_heldout.py [NAME ...] [--part f] [--half] [--no-compare]
+        [--json OUT]
+
+``--part f`` probes the models of ``heldout_models_f.py`` only; ``--half`` checks the native
+float16 and bfloat16 columns bit for bit too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import heldout_models_b  # noqa: F401  (registers part 2)
 import heldout_models_c  # noqa: F401  (registers part 3)
 import heldout_models_d  # noqa: F401  (registers part 4)
 import heldout_models_e  # noqa: F401  (registers part 5)
+import heldout_models_f  # noqa: F401  (registers part 6)
 import numpy as np
 import torch
 from heldout_models_a import MODELS
@@ -65,7 +70,7 @@ def _same(a: np.ndarray, b: torch.Tensor) -> bool:
     )
 
 
-def probe(name: str, do_compare: bool) -> dict[str, Any]:
+def probe(name: str, do_compare: bool, half: bool = False) -> dict[str, Any]:
     import fpgrad
     from fpgrad.graph.exact import exact_graph
     from fpgrad.graph.native import native_run
@@ -87,7 +92,10 @@ def probe(name: str, do_compare: bool) -> dict[str, Any]:
         return rec
     # (2) native columns bit for bit
     native = {}
-    for prec, dt in (("float32", torch.float32), ("float64", torch.float64)):
+    dts = [("float32", torch.float32), ("float64", torch.float64)]
+    if half:
+        dts += [("float16", torch.float16), ("bfloat16", torch.bfloat16)]
+    for prec, dt in dts:
         try:
             tr = native_run(net.graph, prec)
             el, eg = eager(m, inputs, targets, loss, dt)
@@ -159,11 +167,18 @@ def main(argv: list[str]) -> int:
     if "--json" in argv:
         out = argv[argv.index("--json") + 1]
         argv = [a for a in argv if a != out]
-    names = [a for a in argv if not a.startswith("--")] or list(MODELS)
+    half = "--half" in argv
+    part = None
+    if "--part" in argv:
+        part = argv[argv.index("--part") + 1]
+        argv = [a for a in argv if a != part]
+    names = [a for a in argv if not a.startswith("--")] or [
+        n for n in MODELS if part is None or MODELS[n].__module__ == f"heldout_models_{part}"
+    ]
     torch.set_num_threads(1)
     rows = []
     for name in names:
-        rec = probe(name, do_compare)
+        rec = probe(name, do_compare, half)
         rows.append(rec)
         flag = "  SLOW" if rec["wall"] > 60 else ""
         print(f"{name:24s} capture={rec['capture'][:110]}", flush=True)

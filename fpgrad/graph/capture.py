@@ -20,6 +20,7 @@ import copy
 import operator
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,42 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+class _Recompute:
+    """``torch.utils.checkpoint``'s reentrant form, as a plain call (see :func:`no_checkpoint`)."""
+
+    @staticmethod
+    def apply(function: Callable[..., Any], _preserve: bool, *args: Any) -> Any:
+        if torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            return function(*args)
+        with torch.no_grad():  # torch's: no input that requires grad, no gradient through it
+            return function(*args)
+
+
+def _plain_generator(*_args: Any, **_kwargs: Any) -> Any:
+    yield  # checkpoint(use_reentrant=False) runs its function between two next() calls
+
+
+@contextmanager
+def no_checkpoint() -> Any:
+    """``torch.utils.checkpoint.checkpoint`` (either form, so ``checkpoint_sequential`` too) as
+    a plain call of its function. Checkpointing saves memory by running the forward again in
+    the backward; the recomputed values are the forward's own, so the loss and gradients are
+    the same bit for bit, but the recomputation re-enters the modules inside the backward,
+    which make_fx's module stack rejects and which would not pair op by op with the graph."""
+    import torch.utils.checkpoint as ckpt
+
+    saved = ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator
+    ckpt.CheckpointFunction = _Recompute  # type: ignore[misc,assignment]
+    ckpt._checkpoint_without_reentrant_generator = _plain_generator
+    try:
+        yield
+    finally:
+        ckpt.CheckpointFunction = saved[0]  # type: ignore[misc]
+        ckpt._checkpoint_without_reentrant_generator = saved[1]
+
+
 def joint_function(
     model: nn.Module, names: list[str], loss_fn: LossFn, scale: float = 1.0
 ) -> Callable[..., Any]:
@@ -130,8 +167,9 @@ def joint_function(
 
     def joint(params: list[torch.Tensor], *args: torch.Tensor) -> tuple[Any, ...]:
         *inputs, targets = args
-        out = functional_call(model, dict(zip(names, params, strict=True)), tuple(inputs))
-        loss = loss_fn(out, targets)
+        with no_checkpoint():
+            out = functional_call(model, dict(zip(names, params, strict=True)), tuple(inputs))
+            loss = loss_fn(out, targets)
         taps = [t for _, t in getattr(model, TAPS, None) or ()]
         wrt = [*params, *taps]
         if scale == 1.0:
@@ -254,7 +292,10 @@ class _Smoothing(TorchFunctionMode):
 
 
 #: torch's messages for two operands of different floating dtypes (float64 traced, float32 made)
-_MIXED_DTYPES = re.compile(r"(?i)(double|float64)\W.*\W(float|float32)\b|\b(float|float32)\W.*(double|float64)")
+_MIXED_DTYPES = re.compile(
+    r"(?i)(double|float64)\W.*\W(float|float32)\b|\b(float|float32)\W.*(double|float64)"
+    r"|expected self\.dtype to be equal to src\.dtype"  # scatter, scatter_reduce: no names
+)
 
 
 def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) -> Graph:
