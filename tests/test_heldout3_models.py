@@ -135,7 +135,7 @@ def test_scatter_reduce_emulated_is_torch_cpu_kernel(fmt: str, reduce: str,
     """torch's float16 / bfloat16 CPU kernel bit for bit (sum and mean: a float32 accumulator
     rounded once, then mean's division rounded once), 400 x 8 values over 16 binades, an
     index that is not an expanded one, two rows no index reaches."""
-    from fpgrad.graph.ops import index as ix
+    from fpgrad.graph.ops import scatter_reduce as ix
     from tests.test_ops_index import _bits, _cx
 
     rng = np.random.default_rng(3)

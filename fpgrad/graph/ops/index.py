@@ -304,41 +304,6 @@ def backward_sources(node: Any) -> np.ndarray | None:
 
 
 # ---- index tensors ---------------------------------------------------------------------------
-def _filled(cx: Any, size: Any, value: Any, dtype: Any) -> Any:
-    """``size`` filled with ``value``: rounded into the system as torch casts a fill (an
-    integer or boolean array for such a ``dtype``)."""
-    shape = tuple(int(v) for v in size)
-    if dtype is not None and not dtype.is_floating_point:
-        return torch.full(shape, value, dtype=dtype).numpy()
-    if isinstance(value, bool) or not math.isfinite(float(value)):
-        raise InputError(f"{cx.label()}: a fill of {value!r} is not supported (finite only)")
-    return cx.ar.asarray(np.full(shape, float(value)))
-
-
-@op("aten.new_ones.default")
-def new_ones(cx: Any, x: Any, size: Any, **kwargs: Any) -> Any:
-    return _filled(cx, size, 1, kwargs.get("dtype"))
-
-
-@op("aten.new_full.default")
-def new_full(cx: Any, x: Any, size: Any, value: Any, **kwargs: Any) -> Any:
-    """``x.new_full(size, value)``: also ``torch.full`` in a trace, where make_fx names it so."""
-    return _filled(cx, size, value, kwargs.get("dtype"))
-
-
-@op("aten.full.default")
-def full(cx: Any, size: Any, value: Any, **kwargs: Any) -> Any:
-    return _filled(cx, size, value, kwargs.get("dtype"))
-
-
-@op("aten.full_like.default")
-def full_like(cx: Any, x: Any, value: Any, **kwargs: Any) -> Any:
-    dtype = kwargs.get("dtype")
-    if dtype is None and isinstance(x, np.ndarray) and not np.issubdtype(x.dtype, np.floating):
-        return np.full(x.shape, value, dtype=x.dtype)  # an index tensor's like
-    return _filled(cx, shapes.shape(x), value, dtype)
-
-
 @op("aten.new_zeros.default")
 def new_zeros(cx: Any, x: Any, size: Any, **kwargs: Any) -> Any:
     """Exact zeros of the system (integer or boolean zeros for such a ``dtype``)."""
@@ -392,57 +357,6 @@ def scatter_add(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any) -> Any:
     """``x`` plus ``src``'s values added at ``index`` along ``dim``, in index order."""
     targets, vals = _scatter_places(cx, x, dim, index, src)
     return _accumulate(cx, x, targets, vals, True)
-
-
-@op("aten.scatter_reduce.two", "aten.scatter_reduce_.two")
-def scatter_reduce(cx: Any, x: Any, dim: int, index: np.ndarray, src: Any, reduce: str,
-                   include_self: bool = True) -> Any:  # fmt: skip
-    """torch's ``scatter_reduce`` (``sum``, ``mean``, ``amax``, ``amin``): each element of ``x``
-    that ``index`` reaches becomes the reduction of its ``src`` values, in index order, and of
-    its own value with ``include_self`` (else the reduction's identity, as torch's kernel
-    fills it); the others keep ``x``'s. ``sum`` accumulates as ``scatter_add`` (torch's float16
-    and bfloat16 kernels in float, rounded once), ``mean`` is that sum divided by the count
-    (``include_self`` counts x's own), rounded once as torch's ``div_``; ``amax``/``amin``
-    pick the largest (smallest) with the system's ``max`` (NaN propagates). ``prod`` is
-    refused."""
-    if reduce not in ("sum", "mean", "amax", "amin"):
-        raise InputError(f"{cx.label()}: scatter_reduce with reduce={reduce!r} is not "
-                         "supported (sum, mean, amax and amin are)")  # fmt: skip
-    targets, vals = _scatter_places(cx, x, dim, index, src)
-    t = np.asarray(targets).ravel()
-    shape = shapes.shape(x)
-    if t.size == 0:
-        return x
-    touched = np.unique(t)
-    flat = shapes.reshape(x, (-1,))
-    if reduce in ("sum", "mean"):
-        base = flat if include_self else shapes.place(flat, _zeros(cx, (touched.size,)), (touched,))
-        out = shapes.reshape(_accumulate(cx, base, t, vals, True), (-1,))
-        if reduce == "mean":
-            count = np.bincount(t, minlength=int(np.prod(shape or (1,)))).astype(np.float64)
-            count = count[touched] + (1.0 if include_self else 0.0)
-            mean = cx.ar.div(shapes.index(out, (touched,)), cx.ar.asarray(count))
-            out = shapes.place(out, mean, (touched,))
-        return shapes.reshape(out, shape)
-    v = shapes.reshape(vals, (-1,))
-    if reduce == "amin":
-        v = cx.ar.mul(v, cx.ar.const(-1.0))
-        flat = cx.ar.mul(flat, cx.ar.const(-1.0))
-    rank = _ranks(t)
-    row = np.searchsorted(touched, t)
-    first = np.empty(touched.size, dtype=np.int64)
-    first[row[rank == 0]] = np.nonzero(rank == 0)[0]
-    lead = shapes.index(flat, (touched,)) if include_self else shapes.index(v, (first,))
-    cols = [lead]
-    for r in range(int(rank.max()) + 1):
-        sel = np.nonzero(rank == r)[0]
-        filler = shapes.index(v, (first,))  # a repeat of a value already taken: no change
-        cols.append(shapes.place(filler, shapes.index(v, (sel,)), (row[sel],)))
-    best = cx.ar.max(shapes.stack(cols, 1), axis=1)
-    out = shapes.place(flat, best, (touched,))
-    if reduce == "amin":
-        out = cx.ar.mul(out, cx.ar.const(-1.0))
-    return shapes.reshape(out, shape)
 
 
 @op("aten.scatter.src", "aten.scatter_.src")
