@@ -204,4 +204,9 @@ def derived_constant(cx: Any, value: float) -> Any | None:
         found = lerp_scale(cx, value)  # lerp's backward: 1 - w
         if found is not None:
             return found
+        from fpgrad.graph.ops.trig import pow_base_scale
+
+        found = pow_base_scale(cx, value)  # pow.Scalar's backward: ln(base)
+        if found is not None:
+            return found
     return smoothing_factor(cx, value)

@@ -1,7 +1,8 @@
 """Hyperbolic, inverse trigonometric and base-2/10 functions: ``sinh``, ``cosh``, ``tan``,
 ``asin``, ``acos``, ``asinh``, ``acosh``, ``atanh``, ``exp2``, ``log2``, ``log10``, and
 ``atan2`` (:func:`atan2`: two arguments, a cut on the negative x axis), and the power of two
-tensors ``pow.Tensor_Tensor`` (:func:`pow_tensor`, positive bases).
+tensors ``pow.Tensor_Tensor`` (:func:`pow_tensor`, positive bases) and of a number to a tensor
+``pow.Scalar`` (:func:`pow_scalar_base`; the backward's ``ln(base)`` read as the real one).
 
 Each is one slot: the emulated machines' correctly rounded function
 (:mod:`fpgrad.arith.emulated_trig`), Arb's in the exact systems (the fast balls have none:
@@ -21,6 +22,7 @@ times it, divided into the gradient) and reaches no forward output; a model's ow
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -166,3 +168,52 @@ def pow_tensor(cx: Any, a: Any, b: Any) -> Any:
         raise InputError(f"{cx.label()}: pow(tensor, tensor) of a base that is not positive "
                          f"(0 or negative); {hint}")  # fmt: skip
     return ar.exp(ar.mul(b, ar.log(a)))
+
+
+@op("aten.pow.Scalar")
+def pow_scalar_base(cx: Any, base: Any, e: Any) -> Any:
+    """``base ** e`` with a Python number base (RoPE's ``10000 ** (arange(0, d, 2) / d)``): the
+    power of two tensors, the base a constant (:func:`pow_tensor`). Its backward multiplies
+    ``base ** e`` by torch's float64 ``ln(base)``: :func:`pow_base_scale` reads it as the real
+    one."""
+    return pow_tensor(cx, base, e)
+
+
+def pow_base_scale(cx: Any, value: float) -> Any | None:
+    """The real ``ln(base)`` where this ``mul`` is the backward of a differentiated
+    ``pow.Scalar(base, e)``: ``detach(base ** e) * fl(ln base)`` (the float within 2 ulps of
+    the real logarithm, whatever the platform's ``log``), no forward output reading it and no
+    more such products than the power has backwards (one); else None (a model's own constant
+    stays the float)."""
+    node = cx.node
+    if str(node.target) not in ("aten.mul.Scalar", "aten.mul.Tensor") or len(node.args) != 2:
+        return None
+    src = node.args[0]
+    power = _through(src)
+    if not (isinstance(src, fx.Node) and src is not power and isinstance(power, fx.Node)):
+        return None  # the backward reads the power through detach
+    if str(power.target) != "aten.pow.Scalar" or not isinstance(power.args[0], int | float):
+        return None
+    base = float(power.args[0])
+    if not (math.isfinite(base) and base > 0 and base != 1):
+        return None
+    if abs(value - math.log(base)) > 2 * math.ulp(math.log(base)):
+        return None
+    readers = [m for d in _detached(power) for m in _scale_muls(cx, d, value)]
+    if len(readers) > 1 or not feeds_forward_outputs(cx, power, detached=False):
+        return None
+    if feeds_forward_outputs(cx, node):
+        return None
+    return cx.ar.log(cx.ar.const(base))
+
+
+def _detached(node: fx.Node) -> list[fx.Node]:
+    """Every node reading ``node`` through detach, alias or clone chains."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if str(u.target) in ("aten.detach.default", "aten.alias.default", "aten.clone.default"):
+                out.append(u)
+                todo.append(u)
+    return out
