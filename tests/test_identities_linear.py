@@ -181,3 +181,32 @@ def test_broadcast_terms_cancel_only_when_they_match() -> None:
     assert zeros and all(m.all() for m in zeros.values())
     assert all(tuple(ops[k].meta["val"].shape) == (4, 2) for k in zeros)  # only `zero`
     check(Broadcast(), x, y, nn.MSELoss())
+
+
+def _triplet(z: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+    a, p, n = z.chunk(3, 0)
+    return nn.TripletMarginLoss(margin=1.0)(a, p, n)
+
+
+def test_triplet_shared_bias_through_cat_is_a_proven_zero() -> None:
+    """The last bias cancels in a - p and a - n: its gradient sums
+    ``cat([g1 + g2, -g1, -g2])`` over the batch (torch float64 gives 1e-16 there)."""
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    ex = check(m, torch.randn(9, 4), torch.zeros(9), _triplet)
+    assert ex.zero("grads/2.bias").all() and not ex.zero("grads/0.bias").any()
+
+
+def test_sum_of_cat_only_over_its_axis() -> None:
+    """``cat([t, -t], 0)`` summed over axis 0 is 0; over axis 1 it is not."""
+
+    def over(dim: int) -> bool:
+        def f(x: torch.Tensor) -> torch.Tensor:
+            t = torch.tanh(x)
+            return torch.cat([t, -t], 0).sum([dim], keepdim=True)
+
+        gm = make_fx(f)(torch.randn(2, 3))
+        node = next(n for n in gm.graph.nodes if str(n.target) == "aten.sum.dim_IntList")
+        return LinearForms(gm.graph).cancels(node)
+
+    assert over(0) and over(-2) and not over(1)

@@ -186,6 +186,9 @@ class _Pass:
             parent, i = node.args
             f = self.facts.get(parent.name) if isinstance(parent, fx.Node) else None
             return f[i] if isinstance(f, tuple) and i < len(f) else None
+        if key in _ADD_SUB and self.linear.cancels(node):  # its linear form cancels
+            self.cancelled.add(node.name)
+            return np.full(_shape(node) or (), ZERO, dtype=np.int64)
         fn = _RULES.get(key)
         if fn is not None:
             return fn(self, node)
@@ -369,9 +372,6 @@ class _Pass:
             return self._operand(a, out) if b == 0 else None
         if not isinstance(a, fx.Node):
             return None
-        if self.linear.cancels(node):  # every coefficient of its linear form cancels
-            self.cancelled.add(node.name)
-            return np.full(out, ZERO, dtype=np.int64)
         return add(self._operand(a, out), self._operand(b, out), out)
 
     def _operand(self, x: Any, out: tuple[int, ...]) -> Fact:
@@ -454,7 +454,8 @@ _RULES: dict[str, Callable[[_Pass, fx.Node], Any]] = {
     **{k: _Pass.sums for k in _SUMS},
     **{k: _Pass.copy_sums for k in COPY_BACKWARDS},
 }
-_ADD_SUB = {"aten.add.Tensor", "aten.sub.Tensor"}
+#: ops whose linear form may cancel (:mod:`fpgrad.graph.identities_linear`)
+_ADD_SUB = {"aten.add.Tensor", "aten.sub.Tensor", "aten.sum.dim_IntList"}
 _SOFTMAX = {"aten._softmax_backward_data.default", "aten._log_softmax_backward_data.default"}
 _SOURCES = {
     "aten.native_batch_norm_backward.default",

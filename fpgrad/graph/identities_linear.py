@@ -1,4 +1,5 @@
-"""Cancellation proven from linear structure: ``a + alpha b`` that is exactly 0 everywhere.
+"""Cancellation proven from linear structure: ``a + alpha b`` (or a sum over a ``cat``'s axis)
+that is exactly 0 everywhere.
 
 Each floating node gets a *linear form*: its exact value as a sum ``sum_k c_k T_k`` with
 rational coefficients ``c_k`` and *terms* ``T_k``, each term a node the form does not look into
@@ -16,7 +17,8 @@ whatever their values: the gradient of a bias shared by the two branches of a Si
 * detach, alias, clone, contiguous: the same values, the same form;
 * views and reductions (view, reshape, transposes, permute, (un)squeeze, expand, select,
   slice, sum, mean) are linear: ``L(sum c_k T_k) = sum c_k L(T_k)``, a term per (op, its
-  non-tensor arguments, term);
+  non-tensor arguments, term); a sum over the axis of a ``cat`` is the sum of its pieces'
+  sums (the triplet loss's shared bias: ``cat([g1 + g2, -g1, -g2])`` summed over the batch);
 * ``mm``, ``bmm`` and ``mul`` of two tensors are bilinear: the products of the terms (``mul``'s
   pair in a fixed order: it commutes).
 
@@ -116,8 +118,12 @@ class LinearForms:
         self._ids: dict[tuple, int] = {}
 
     def cancels(self, node: fx.Node) -> bool:
-        """Is ``node`` (``a + alpha b`` or ``a - alpha b``) exactly 0 by its linear form?"""
-        if op_key(node) not in _SUMS or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        """Is ``node`` (``a + alpha b``, ``a - alpha b``, or a sum over a ``cat``'s axis)
+        exactly 0 by its linear form?"""
+        if op_key(node) in _SUMS:
+            if not all(isinstance(a, fx.Node) for a in node.args[:2]):
+                return False
+        elif _cat_summed(node) is None:
             return False
         form = self.form(node)
         return form is not None and not form
@@ -154,6 +160,8 @@ class LinearForms:
             return []
         key = op_key(node)
         if key in _SAME or key in _LINEAR or key == "aten.neg.default":
+            if _cat_summed(node) is not None:
+                return [node.args[0], *node.args[0].args[0]]
             return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
         if key in _SUMS or key in _SCALE or key in _BILINEAR:
             return [a for a in node.args[:2] if isinstance(a, fx.Node)]
@@ -179,6 +187,17 @@ class LinearForms:
             return self._get(args[0])
         if key == "aten.neg.default":
             return _scaled(self._get(args[0]), Fraction(-1))
+        pieces = _cat_summed(node)
+        if pieces is not None:  # sum over the cat's axis: the sum of the pieces' sums
+            out: Form = {}
+            for piece in pieces:
+                f = self._get(piece)
+                if f is None:
+                    return None
+                for t, c in f.items():
+                    term = self._term(("sum", pieces.dims, pieces.keep, t))
+                    out[term] = out.get(term, Fraction(0)) + c
+            return {t: c for t, c in out.items() if c != 0}
         if key in _LINEAR:
             inner = self._get(args[0])
             if inner is None:
@@ -235,6 +254,42 @@ class LinearForms:
                 t = self._term((key, *pair))
                 out[t] = out.get(t, Fraction(0)) + ca * cb
         return {t: c for t, c in out.items() if c != 0}
+
+
+class _Pieces(list):
+    """The pieces of a ``cat`` that a sum reduces over its axis, with the sum's normalised
+    dims and keepdim."""
+
+    dims: tuple[int, ...] = ()
+    keep: bool = False
+
+
+def _cat_summed(node: fx.Node) -> _Pieces | None:
+    """``sum(cat(pieces, d), dims, keepdim)`` with ``d`` among ``dims`` (no dtype): the
+    pieces, each a floating node; else None. Then the sum is the sum of the pieces' sums."""
+    if op_key(node) != "aten.sum.dim_IntList" or node.kwargs.get("dtype") is not None:
+        return None
+    cat = node.args[0]
+    if not isinstance(cat, fx.Node) or op_key(cat) != "aten.cat.default":
+        return None
+    shape = _shape(cat)
+    pieces = cat.args[0]
+    if shape is None or not shape or not isinstance(pieces, list | tuple):
+        return None
+    if not all(isinstance(p, fx.Node) and _shape(p) is not None for p in pieces):
+        return None
+    nd = len(shape)
+    cdim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if not dims or not isinstance(cdim, int) or any(len(_shape(p) or ()) != nd for p in pieces):
+        return None
+    norm = tuple(sorted({int(d) % nd for d in dims}))
+    if int(cdim) % nd not in norm:
+        return None
+    out = _Pieces(pieces)
+    out.dims, out.keep = norm, bool(keep)
+    return out
 
 
 def _scaled(form: Form | None, c: Fraction) -> Form | None:
