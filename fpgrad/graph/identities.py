@@ -66,6 +66,7 @@ from fpgrad.graph import identities_more as more
 from fpgrad.graph.capture import Graph
 from fpgrad.graph.identities_linear import LinearForms
 from fpgrad.graph.names import op_key, origin
+from fpgrad.graph.ops.derived import literal_scale
 from fpgrad.graph.ops.index import COPY_BACKWARDS, COPY_FORWARDS, ZERO_FILLS, backward_sources
 from fpgrad.graph.zero_facts import (
     ZERO,
@@ -145,7 +146,7 @@ class _Pass:
         self.facts: dict[str, Any] = {}
         self.zeros: dict[str, np.ndarray] = {}
         self._consts: tuple[dict[str, Any], set[tuple[str, str]]] | None = None
-        self.linear = LinearForms(graph.gm.graph)
+        self.linear = LinearForms(graph.gm.graph, lambda n: literal_scale(graph, n))
         self.cancelled: set[str] = set()  # a + alpha b proven 0 by its linear form
 
     def fact(self, node: Any) -> Fact:

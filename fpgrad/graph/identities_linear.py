@@ -11,7 +11,9 @@ whatever their values: the gradient of a bias shared by the two branches of a Si
 **Forms** (each an identity of real numbers; anything else is an atom):
 
 * ``neg``: ``-1`` times; ``x * c``, ``x / c`` with a finite Python number ``c``: the exact
-  rational of ``c`` (``c != 0`` to divide);
+  rational of ``c`` (``c != 0`` to divide), unless the exact systems multiply by another real
+  there (``literal``: torch's float64 ``fl(1 - w)`` of lerp's backward read as ``1 - w``, and
+  the other derived constants of :mod:`fpgrad.graph.ops.derived`): such a product is an atom;
 * ``a + alpha b``, ``a - alpha b`` (two tensors, ``alpha`` finite): the sum of the forms, an
   operand broadcast to the output's shape first wrapped in that broadcast;
 * detach, alias, clone, contiguous: the same values, the same form;
@@ -33,6 +35,7 @@ non-finite ones (``-inf - -inf``) as they are.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -112,7 +115,9 @@ def _written(graph: fx.Graph) -> set[str]:
 class LinearForms:
     """Linear forms of a graph's floating nodes, computed on demand and cached."""
 
-    def __init__(self, graph: fx.Graph) -> None:
+    def __init__(self, graph: fx.Graph, literal: Callable[[fx.Node], bool] | None = None) -> None:
+        #: does the exact reference multiply by this scale node's Python number itself?
+        self._literal = literal or (lambda node: True)
         self._written = _written(graph)
         self._forms: dict[str, Form | None] = {}
         self._ids: dict[tuple, int] = {}
@@ -210,6 +215,8 @@ class LinearForms:
             a, b = args
             num = _number(b)
             if isinstance(a, fx.Node) and num is not None:
+                if not self._literal(node):
+                    return None  # a derived real (lerp's 1 - w, ...): no rational coefficient
                 if key.startswith("aten.div"):
                     return _scaled(self._get(a), 1 / num)
                 return _scaled(self._get(a), num)

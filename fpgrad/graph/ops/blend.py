@@ -26,6 +26,7 @@ import numpy as np
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
+from fpgrad.errors import InputError
 from fpgrad.graph.ops._util import feeds_forward_outputs, scalar
 from fpgrad.graph.ops.registry import op
 
@@ -100,23 +101,40 @@ def lerp(cx: Any, a: Any, b: Any, w: Any) -> Any:
 _LERPS = ("aten.lerp.Scalar", "aten.lerp_.Scalar")
 
 
+def _differentiated(cx: Any, x: Any) -> bool:
+    """Does ``x`` depend on a parameter other than through ``detach`` (so that autograd
+    emits a gradient for it)?"""
+    params = [n for n in cx.node.graph.nodes if n.op == "placeholder"][: len(cx.graph.param_names)]
+    targets, seen, todo = {id(p) for p in params}, set(), [x]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or id(n) in seen:
+            continue
+        if id(n) in targets:
+            return True
+        seen.add(id(n))
+        if str(n.target) != "aten.detach.default":
+            todo += n.all_input_nodes
+    return False
+
+
 def lerp_scale(cx: Any, value: float) -> Any | None:
     """The real ``1 - w`` where this ``mul.Scalar`` is a ``lerp(a, b, w)``'s backward for
     ``a`` multiplying by torch's float64 ``fl(1 - w)`` (0.7 for w = 0.3 is 2^-54 off); else
-    None. The node must multiply a gradient (a value that reaches no forward output), every differentiated ``lerp.Scalar`` whose
-    ``fl(1 - w)`` is ``value`` must share one ``w``, and there are no more such products in the
-    backward than such lerps (a custom backward's own ``* 0.7`` beside them stays the float)."""
+    None. The node must multiply a gradient (a value that reaches no forward output); the
+    lerps counted are the differentiated ``lerp.Scalar`` whose ``a`` depends on a parameter
+    (only those have that backward) and whose ``fl(1 - w)`` is ``value``. Where those lerps
+    have several ``w``, or the backward has more such products than lerps (a model's own
+    ``add(.., alpha=0.7)`` or custom backward's ``* 0.7`` beside them), the products cannot
+    be told apart: an InputError."""
     node = cx.node
     if str(node.target) != "aten.mul.Scalar" or not isinstance(value, float):
         return None
     graph = node.graph
-    ws = {float(n.args[2]) for n in graph.nodes
-          if str(n.target) in _LERPS and isinstance(n.args[2], (int, float))
-          and 1.0 - float(n.args[2]) == value}  # fmt: skip
-    if len(ws) != 1:
-        return None
-    lerps = [n for n in graph.nodes if str(n.target) in _LERPS and float(n.args[2]) in ws
-             and feeds_forward_outputs(cx, n, detached=False)]  # fmt: skip
+    lerps = [n for n in graph.nodes if str(n.target) in _LERPS
+             and isinstance(n.args[2], (int, float)) and 1.0 - float(n.args[2]) == value
+             and feeds_forward_outputs(cx, n, detached=False)
+             and _differentiated(cx, n.args[0])]  # fmt: skip
     muls = [
         n
         for n in graph.nodes
@@ -126,7 +144,15 @@ def lerp_scale(cx: Any, value: float) -> Any | None:
         and isinstance(n.args[0], fx.Node)
         and not feeds_forward_outputs(cx, n.args[0])
     ]  # a gradient times the constant
-    if not lerps or node not in muls or len(muls) > len(lerps):
+    if not lerps or node not in muls:
         return None
+    ws = {float(n.args[2]) for n in lerps}
+    if len(ws) != 1 or len(muls) > len(lerps):
+        raise InputError(
+            f"{cx.label()}: the backward multiplies by {value!r}, torch's float64 1 - w of "
+            f"lerp (w in {sorted(ws)}), in {len(muls)} places for {len(lerps)} lerps: the exact "
+            "reference cannot tell lerp's 1 - w from the model's own constant; use another "
+            "weight or constant (or a tensor weight)"
+        )
     ar = cx.ar
     return ar.sub(ar.const(1.0), ar.const(ws.pop()))

@@ -210,3 +210,43 @@ def derived_constant(cx: Any, value: float) -> Any | None:
         if found is not None:
             return found
     return smoothing_factor(cx, value)
+
+
+class _Probe:
+    """An arithmetic that computes nothing: every operation returns this probe (never None)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+class _ProbeContext:
+    """What the derived-constant rules read of an op's context, before any evaluation: the
+    node, the graph, a probe arithmetic, and values of the traced shapes."""
+
+    def __init__(self, graph: Any, node: fx.Node) -> None:
+        import numpy as np
+
+        self.graph, self.node, self.ar, self._np = graph, node, _Probe(), np
+
+    def value(self, node: Any) -> Any:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else node
+        return self._np.zeros(tuple(val.shape)) if hasattr(val, "shape") else val
+
+    def label(self) -> str:
+        return self.graph.label(self.node)
+
+
+def literal_scale(graph: Any, node: fx.Node) -> bool:
+    """Do the exact systems multiply by this ``mul`` node's Python float itself? False where
+    they read it as a derived real (:func:`derived_constant`, var's backward ``2 / (n - c)``)
+    or where the rules cannot tell before evaluation."""
+    from fpgrad.graph.ops.reduce import var_backward_divisor
+
+    value = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(value, float):
+        return True  # mul reads only float scalars as derived constants
+    cx = _ProbeContext(graph, node)
+    try:
+        return derived_constant(cx, value) is None and var_backward_divisor(cx, value) is None
+    except Exception:  # noqa: BLE001 - a rule that cannot run on the probe: no rational
+        return False
