@@ -14,9 +14,10 @@ HINTS: dict[str, str] = {
     "aten.bernoulli": "random ops cannot be replayed in every column: call model.eval()",
     "aten.bernoulli_": "dropout in training mode draws random masks: call model.eval()",
     "aten.new_empty": (
-        "circular padding (padding_mode='circular', F.pad(mode='circular')) fills new_empty "
-        "by writes into its slices, which fpgrad does not replay: pad with "
-        "torch.cat([x[..., -p:], x, x[..., :p]], -1) per dimension"
+        "new_empty filled by writes into its slices (circular padding: padding_mode="
+        "'circular', F.pad(mode='circular'); nn.AdaptiveLogSoftmaxWithLoss.log_prob) is not "
+        "replayed: build the tensor with torch.cat of its pieces (circular padding: "
+        "torch.cat([x[..., -p:], x, x[..., :p]], -1) per dimension)"
     ),
 }
 
