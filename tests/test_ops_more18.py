@@ -291,3 +291,31 @@ def test_watch_families_of_the_new_ops() -> None:
             and r["zeros_inherited"] == r["zeros"]
         )
     assert all(r["zeros_created"] == 0 for r in w.records() if r.get("op") == "aten.atan2.default")
+
+
+class _OwnMax(nn.Module):
+    """A model's own float64-maximum constant: rounded into the format (inf in float16), as
+    torch's float16 run holds it; only a backward formula's fill stands for the dtype's max."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        c = torch.tensor(1.7976931348623157e308, dtype=x.dtype)
+        return torch.where(h > 0, h, c) * 1e-4
+
+
+def test_a_models_own_float64_max_is_rounded_into_the_format() -> None:
+    """Was: float16:emulated loss 5.59 (the constant taken as 65504) where torch float16 gives
+    inf (attack19's open item)."""
+    from fpgrad.graph.interpret import interpret
+    from fpgrad.graph.native import native_run
+    from fpgrad.graph.precisions import emulated_systems
+
+    torch.manual_seed(0)
+    net = fpgrad.from_module(_OwnMax(), torch.randn(4, 3), torch.randn(4, 2), nn.MSELoss())
+    native = float(native_run(net.graph, "float16").loss)
+    emulated = float(interpret(net.graph, emulated_systems()("float16:emulated")).loss)
+    assert native == emulated == float("inf")

@@ -22,7 +22,7 @@ from fpgrad.graph import shapes
 from fpgrad.graph.capture import Graph, split_outputs
 from fpgrad.graph.names import PASS_THROUGH, op_key
 from fpgrad.graph.ops import OPS
-from fpgrad.graph.ops._util import enter_integers
+from fpgrad.graph.ops._util import enter_integers, formula_fill, lowest_as_format
 
 
 @dataclass
@@ -74,11 +74,13 @@ def _enter(ar: Arith, value: Any) -> Any:
 _TORCH_ONLY = ("dtype", "layout", "device", "pin_memory", "memory_format")
 
 
-def _enter_const(ar: Arith, value: Any) -> Any:
+def _enter_const(ar: Arith, value: Any, lowest: bool = False) -> Any:
     """A constant's value: finite floating arrays in the system; integers, booleans and
-    arrays with infinities (additive -inf masks) as numpy arrays."""
+    arrays with infinities (additive -inf masks) as numpy arrays. ``lowest``: a fill of a
+    backward formula (:func:`~fpgrad.graph.ops._util.formula_fill`), whose float64 maximum is
+    the format's largest (:func:`~fpgrad.graph.ops._util.lowest_as_format`)."""
     if isinstance(value, (tuple, list)):
-        return type(value)(_enter_const(ar, v) for v in value)
+        return type(value)(_enter_const(ar, v, lowest) for v in value)
     if not isinstance(value, torch.Tensor):
         return value
     arr = value.detach().numpy()
@@ -86,9 +88,9 @@ def _enter_const(ar: Arith, value: Any) -> Any:
         arr = arr.astype(np.float64)
         if not np.isfinite(arr).all():
             return arr
-        from fpgrad.graph.ops._util import lowest_as_format  # float64's max: the format's
-
-        return ar.asarray(lowest_as_format(ar, arr))
+        if not lowest:
+            return ar.asarray(arr)
+        return ar.asarray(lowest_as_format(ar, arr))  # float64's max: the format's
     return arr.copy()
 
 
@@ -356,7 +358,7 @@ def interpret(
                 *fx.node.map_arg(node.args, lambda n: consts[n.name]),
                 **fx.node.map_arg(node.kwargs, lambda n: consts[n.name]),
             )
-            env[node.name] = _enter_const(ar, consts[node.name])
+            env[node.name] = _enter_const(ar, consts[node.name], formula_fill(graph, node))
             versions[node.name] = _version(consts[node.name])
             exact = _exact_constant(ar, node, env, graph, consts[node.name], computed)
             if exact is not None:

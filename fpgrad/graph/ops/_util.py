@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,25 @@ def scalar(cx: Any, x: Any) -> Any:
     if isinstance(x, np.ndarray) and x.dtype.kind in "iu":
         return enter_integers(cx.ar, x)
     if isinstance(x, np.ndarray) and x.dtype.kind in "bf":  # a constant computed by torch
-        return cx.ar.asarray(lowest_as_format(cx.ar, x.astype(np.float64)))
+        return cx.ar.asarray(x.astype(np.float64))
     return x
 
 
 _F64_MAX = float(np.finfo(np.float64).max)
+
+
+#: ops that create a filled constant (torch's ``lowest()`` in a backward formula)
+_FILLS = {"aten.scalar_tensor.default", "aten.full.default", "aten.full_like.default",
+          "aten.new_full.default"}  # fmt: skip
+
+
+def formula_fill(graph: Any, node: Any) -> bool:
+    """Is ``node`` a fill that only the backward reads (logcumsumexp's ``lowest()``), so that
+    its float64 maximum stands for the dtype's? A model's own constant (one that reaches the
+    loss) is rounded into the format as any value is."""
+    if getattr(node, "op", None) != "call_function" or str(node.target) not in _FILLS:
+        return False
+    return not feeds_forward_outputs(SimpleNamespace(graph=graph), node)
 
 
 def lowest_as_format(ar: Any, x: np.ndarray) -> np.ndarray:
