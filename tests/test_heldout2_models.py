@@ -294,3 +294,35 @@ def test_cross_entropy_per_position() -> None:
         check(seq, x1, y1, loss)
     net = fpgrad.from_module(seg, x2, y2, _seg_losses()[1])
     fpgrad.compare(net, "bfloat16,float16:emulated").render(max_rows=2)
+
+
+def test_packed_sequences_and_gaussian_nll_are_refused_with_their_rewrites() -> None:
+    """pack_padded_sequence reads its lengths and F.gaussian_nll_loss checks var < 0 as Python
+    values: the one line names each and the traceable form (heldout3's packed LSTM, GNLL)."""
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2]), batch_first=True)
+            return self.head(self.rnn(p)[1][0][-1])
+
+    def gnll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.gaussian_nll_loss(out[:, 0], y, F.softplus(out[:, 1]))
+
+    torch.manual_seed(0)
+    for model, x, y, loss, name in (
+        (Packed(), torch.randn(2, 3, 3), torch.randn(2, 2), nn.MSELoss(), "pack_padded_sequence"),
+        (nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4), gnll, "gaussian_nll_loss"),
+    ):
+        with pytest.raises(InputError) as err:
+            fpgrad.from_module(model, x, y, loss)
+        assert "\n" not in str(err.value) and name in str(err.value)
+
+    def written(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        var = F.softplus(out[:, 1])
+        return (0.5 * (torch.log(var) + (out[:, 0] - y) ** 2 / var)).mean()
+
+    check(nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4), written)

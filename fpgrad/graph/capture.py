@@ -335,9 +335,12 @@ def capture(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: LossFn) 
         if "_local_scalar_dense" in first:
             raise InputError(
                 "torch could not trace the model's forward and backward: the model or the loss "
-                "reads a tensor's value as a Python number (.item(), float(t), if t: ..., "
-                "F.one_hot, which checks its classes so); fpgrad needs a forward that make_fx "
-                "can trace: write one-hot targets as zeros(...).scatter(1, y[:, None], 1.0)"
+                "reads a tensor's value as a Python number (.item(), float(t), if t: ...; "
+                "F.one_hot checks its classes so, pack_padded_sequence reads its lengths, "
+                "F.gaussian_nll_loss checks var < 0); fpgrad needs a forward that make_fx can "
+                "trace: write one-hot targets as zeros(...).scatter(1, y[:, None], 1.0), pad "
+                "sequences and mask instead of packing, write the Gaussian NLL as "
+                "0.5 * (log(var) + (x - t)**2 / var)"
             ) from None
         raise InputError(
             f"torch could not trace the model's forward and backward ({first}); fpgrad needs "
