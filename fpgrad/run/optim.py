@@ -51,6 +51,11 @@ class OptimConfig:
             raise InputError(f"learning rate must be positive and finite (got {self.lr})")
         if not 0 <= self.momentum < 1:
             raise InputError(f"momentum must be in [0, 1) (got {self.momentum})")
+        if self.name == "adam" and self.momentum:
+            raise InputError(
+                f"momentum {self.momentum} is SGD's: torch.optim.Adam has none (its first "
+                f"moment's decay is beta1 = {self.beta1}); drop --momentum or use --optimizer sgd"
+            )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InputError(f"weight decay must be >= 0 (got {self.weight_decay})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
