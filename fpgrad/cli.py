@@ -178,6 +178,10 @@ def _train(args: argparse.Namespace) -> int:
     from fpgrad.run.optim import OptimConfig
     from fpgrad.training import train
 
+    if args.decoupled and not args.weight_decay:
+        raise InputError("--decoupled decouples --weight-decay, which is 0 here: give "
+                         "--weight-decay WD (AdamW: --optimizer adam --weight-decay 0.01 "
+                         "--decoupled), or drop --decoupled")  # fmt: skip
     net = load_script(args.network) if is_script(args.network) else _load_network(args.network)
     cfg = OptimConfig(
         name=args.optimizer,

@@ -44,6 +44,12 @@ def test_adam_with_momentum_is_refused(tmp_path, capsys) -> None:  # noqa: ANN00
             "--momentum", "0.9", "--precisions", "float32"]  # fmt: skip
     assert cli.main(argv) == 2
     assert "momentum" in capsys.readouterr().err
+    # --decoupled without --weight-decay was silently a no-op
+    argv = ["train", f"{script}:build", "--steps", "1", "--optimizer", "adam", "--decoupled",
+            "--precisions", "float32"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--decoupled" in err and err.count("\n") == 1
 
 
 # ---- attacks that held: kinks of the margin losses and of ReLU after exact cancellation ------
