@@ -478,7 +478,7 @@ class ConvNeXtTiny(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))
         stages: list[nn.Module] = []
-        for i, (d, n) in enumerate(zip(dims, depths)):
+        for i, (d, n) in enumerate(zip(dims, depths, strict=True)):
             if i > 0:
                 stages += [LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], d, 2, 2)]
             stages += [ConvNeXtBlock(d) for _ in range(n)]
