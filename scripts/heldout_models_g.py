@@ -123,7 +123,11 @@ class InvertedResidual(nn.Module):
         self.use_res = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
-            layers += [nn.Conv2d(cin, hid, 1, bias=False), nn.BatchNorm2d(hid), nn.ReLU6(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, hid, 1, bias=False),
+                nn.BatchNorm2d(hid),
+                nn.ReLU6(inplace=True),
+            ]
         layers += [
             nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False), nn.BatchNorm2d(hid),
             nn.ReLU6(inplace=True), nn.Conv2d(hid, cout, 1, bias=False), nn.BatchNorm2d(cout),
@@ -676,8 +680,11 @@ def main(argv: list[str]) -> int:
             p = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True,
                                text=True, timeout=timeout, env=env)  # fmt: skip
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            rec = json.loads(lines[-1][7:]) if lines else {
-                "model": name, "crash": f"rc {p.returncode}", "stderr": p.stderr[-3000:]}
+            rec = (
+                json.loads(lines[-1][7:])
+                if lines
+                else {"model": name, "crash": f"rc {p.returncode}", "stderr": p.stderr[-3000:]}
+            )
         except subprocess.TimeoutExpired:
             rec = {"model": name, "crash": f"timeout {timeout:.0f}s"}
         rec["child_wall_s"] = time.perf_counter() - t0

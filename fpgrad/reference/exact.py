@@ -277,7 +277,7 @@ def _check(result: ExactResult, allow_uncertified: bool) -> ExactResult:
         skipped = [e for e in result.escalations if e.startswith("arb not tried: ")]
         if skipped:  # a higher cap changes nothing: the Arb fallback never ran
             fix = (
-                f"the certified Arb fallback was not tried ({skipped[0][len('arb not tried: '):]}"
+                f"the certified Arb fallback was not tried ({skipped[0][len('arb not tried: ') :]}"
                 "); use a smaller batch or model, or pass --allow-uncertified (the fast balls "
                 "still enclose every value)"
             )
