@@ -370,6 +370,7 @@ def _mask_positions(graph: Graph, values: dict[str, Any]) -> dict[str, np.ndarra
     def value(arg: Any) -> Any:
         return values.get(arg.name) if isinstance(arg, fx.Node) else None
 
+    constants = graph.constants  # a walk of the whole graph: once, not per node
     for node in graph.gm.graph.nodes:
         if node.op == "placeholder":
             v = np.asarray(next(feed, None))
@@ -381,7 +382,7 @@ def _mask_positions(graph: Graph, values: dict[str, Any]) -> dict[str, np.ndarra
         v = values.get(node.name)
         if not (isinstance(v, np.ndarray) and v.dtype.kind == "f"):
             continue
-        if node.name in graph.constants:
+        if node.name in constants:
             if np.isneginf(v).any():
                 out[node.name] = np.isneginf(v)
             continue

@@ -274,10 +274,24 @@ def _check(result: ExactResult, allow_uncertified: bool) -> ExactResult:
     if result.certified_digits < REQUIRED_DIGITS and not allow_uncertified:
         digits = result.digits
         worst = min(digits, key=lambda k: _min_digits(digits[k], result.undetermined_masks[k]))
+        skipped = [e for e in result.escalations if e.startswith("arb not tried: ")]
+        if skipped:  # a higher cap changes nothing: the Arb fallback never ran
+            fix = (
+                f"the certified Arb fallback was not tried ({skipped[0][len('arb not tried: ') :]}"
+                "); use a smaller batch or model, or pass --allow-uncertified (the fast balls "
+                "still enclose every value)"
+            )
+        elif any(e.startswith("arb: precision capped") for e in result.escalations):
+            fix = (
+                f"the Arb fallback stopped at {result.bits} bits, its memory bound for this "
+                "network (a higher --exact-max-bits changes nothing); use a smaller batch or "
+                "model, or pass --allow-uncertified"
+            )
+        else:
+            fix = "raise --exact-max-bits or pass --allow-uncertified"
         raise InputError(
             f"the exact reference certifies only {result.certified_digits:.1f} digits at "
-            f"{result.bits} bits (worst: {worst}); raise --exact-max-bits or pass "
-            "--allow-uncertified"
+            f"{result.bits} bits (worst: {worst}); {fix}"
         )
     return result
 
