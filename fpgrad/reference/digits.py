@@ -94,3 +94,26 @@ def decimal_string(value: Any, digits: float) -> str:
     n = 40 if math.isinf(digits) else max(1, int(digits))
     ctx = getattr(value, "context", mpmath.mp)  # print in the value's own precision, never 53 bits
     return ctx.nstr(value, n, strip_zeros=False, min_fixed=1, max_fixed=0)
+
+
+def min_digits(d: np.ndarray, undetermined: np.ndarray) -> float:
+    """The fewest certified digits of ``d`` outside the undetermined elements (inf if none)."""
+    kept = d[~undetermined]
+    return float(kept.min()) if kept.size else math.inf
+
+
+def uncertified_fix(escalations: list[str], bits: int) -> str:
+    """What to do when the exact reference certifies too few digits, from its escalations: a
+    higher cap only helps where Arb stopped at the cap (not where it was not tried, or stopped
+    at its memory bound)."""
+    skip = "arb not tried: "
+    skipped = [e for e in escalations if e.startswith(skip)]
+    if skipped:  # a higher cap changes nothing: the Arb fallback never ran
+        return (f"the certified Arb fallback was not tried ({skipped[0][len(skip):]}); use a "
+                "smaller batch or model, or pass --allow-uncertified (the fast balls still "
+                "enclose every value)")  # fmt: skip
+    if any(e.startswith("arb: precision capped") for e in escalations):
+        return (f"the Arb fallback stopped at {bits} bits, its memory bound for this network (a "
+                "higher --exact-max-bits changes nothing); use a smaller batch or model, or "
+                "pass --allow-uncertified")  # fmt: skip
+    return "raise --exact-max-bits or pass --allow-uncertified"

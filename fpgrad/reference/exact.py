@@ -51,7 +51,7 @@ from fpgrad.arith.ball import MAX_BITS as FAST_MAX_BITS
 from fpgrad.errors import InputError
 from fpgrad.model.network import Network
 from fpgrad.reference.array import ExactArray
-from fpgrad.reference.digits import arb_digits, ball_summary, hi_lo_arb
+from fpgrad.reference.digits import arb_digits, ball_summary, hi_lo_arb, min_digits, uncertified_fix
 from fpgrad.reference.digits import arb_min_digits as arb_min_digits  # re-exported
 from fpgrad.reference.digits import ball_digits as ball_digits  # re-exported
 from fpgrad.reference.digits import decimal_string as decimal_string  # re-exported
@@ -273,32 +273,13 @@ def _finish(result: ExactResult, bits: int, max_bits: int) -> ExactResult:
 def _check(result: ExactResult, allow_uncertified: bool) -> ExactResult:
     if result.certified_digits < REQUIRED_DIGITS and not allow_uncertified:
         digits = result.digits
-        worst = min(digits, key=lambda k: _min_digits(digits[k], result.undetermined_masks[k]))
-        skipped = [e for e in result.escalations if e.startswith("arb not tried: ")]
-        if skipped:  # a higher cap changes nothing: the Arb fallback never ran
-            fix = (
-                f"the certified Arb fallback was not tried ({skipped[0][len('arb not tried: ') :]}"
-                "); use a smaller batch or model, or pass --allow-uncertified (the fast balls "
-                "still enclose every value)"
-            )
-        elif any(e.startswith("arb: precision capped") for e in result.escalations):
-            fix = (
-                f"the Arb fallback stopped at {result.bits} bits, its memory bound for this "
-                "network (a higher --exact-max-bits changes nothing); use a smaller batch or "
-                "model, or pass --allow-uncertified"
-            )
-        else:
-            fix = "raise --exact-max-bits or pass --allow-uncertified"
+        worst = min(digits, key=lambda k: min_digits(digits[k], result.undetermined_masks[k]))
+        fix = uncertified_fix(result.escalations, result.bits)
         raise InputError(
             f"the exact reference certifies only {result.certified_digits:.1f} digits at "
             f"{result.bits} bits (worst: {worst}); {fix}"
         )
     return result
-
-
-def _min_digits(d: np.ndarray, undetermined: np.ndarray) -> float:
-    kept = d[~undetermined]
-    return float(kept.min()) if kept.size else math.inf
 
 
 def layer_work(net: Network) -> Work:
