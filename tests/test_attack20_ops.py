@@ -312,3 +312,7 @@ def test_adam_at_an_exact_relu_kink_is_not_vouched_for() -> None:
             mids, rads = _ball_mids(run.params[name])
             assert abs(mids[0] - w2) <= mpmath.mpf(float(rads[0])), (name, g2)
     assert digits < 17
+    from fpgrad.training.exact_run import _few_digits_note
+
+    note = _few_digits_note(run, digits, "arb", 512)  # why, not only 'raise --exact-bits'
+    assert "stayed undecided" in note and "exactly at its kink" in note

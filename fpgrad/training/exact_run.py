@@ -236,6 +236,13 @@ def _few_digits_note(exact: ExactRun, digits: float, method: str, max_bits: int 
             f"; balls containing 0 in {shown} (a value exactly 0 by cancellation stays "
             "undetermined at every precision)"
         )
+    undecided = int(getattr(exact.ar, "uncertain_branches", 0) or 0)
+    if undecided and not _is_ball(next(iter(exact.params.values()), None)):
+        where += (
+            f"; {undecided} comparisons (a ReLU input, a maximum) stayed undecided and their "
+            "balls hold both branches: more bits decide one only if it is not exactly at its "
+            "kink"
+        )
     if method == "arb" and exact.bits >= cap:
         fix = f"raise --exact-max-bits (the Arb run stopped at its cap, {cap} bits)"
     else:
