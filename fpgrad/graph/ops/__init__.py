@@ -215,6 +215,7 @@ def unsupported_message(graph: Graph) -> str:
 from fpgrad.graph.ops import (  # noqa: E402, F401
     attention,
     bags,
+    bicubic,
     blend,
     conv,
     cumulative,
