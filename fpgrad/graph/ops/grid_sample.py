@@ -99,9 +99,12 @@ def _coords(cx: Any, g: Any, size: int, align: bool, border: bool) -> tuple[Any,
     ar = cx.ar
     exact = isinstance(ar, ExactDerivatives)
     sf = (size - 1) / 2 if align else size / 2
-    c = ar.mul(ar.add(g, ar.const(1.0)), ar.const(sf))
-    if not align:
-        c = ar.sub(c, ar.const(0.5))
+    if align:
+        c = ar.mul(ar.add(g, ar.const(1.0)), ar.const(sf))
+    elif exact:
+        c = ar.sub(ar.mul(ar.add(g, ar.const(1.0)), ar.const(sf)), ar.const(0.5))
+    else:  # torch's CPU build contracts (g + 1) * sf - 0.5 into one fused multiply-add
+        c = ar.fma(ar.add(g, ar.const(1.0)), ar.const(sf), ar.const(-0.5))
     s = shapes.shape(c)
     if not border:
         return c, ar.asarray(np.full(s, float(np.float64(ar.const(sf))) if not exact else sf))
@@ -201,19 +204,29 @@ def grid_sampler_2d(cx: Any, x: Any, grid: Any, interp: int, padding: int, align
         return _gather(cx, x, *geo["near"])
     ar, out = cx.ar, None
     for iy, ix, ok, wt in geo["corners"].values():
-        term = ar.mul(_gather(cx, x, iy, ix, ok), _per_channel(cx, wt, c))
-        out = term if out is None else ar.add(out, term)
+        v, wc = _gather(cx, x, iy, ix, ok), _per_channel(cx, wt, c)
+        out = ar.mul(v, wc) if out is None else _fma(ar, v, wc, out)
     return out
 
 
-def _channel_sum(cx: Any, t: Any) -> Any:
-    """Sum over axis 1 of (N, C, Ho, Wo): channel after channel (torch's loop)."""
+def _fma(ar: Any, a: Any, b: Any, c: Any) -> Any:
+    """``a b + c``: one rounding on a machine (torch's CPU build contracts the kernel's
+    ``acc + a * b``), the exact product and sum in the exact systems."""
+    if isinstance(ar, ExactDerivatives):
+        return ar.add(ar.mul(a, b), c)
+    return ar.fma(a, b, c)
+
+
+def _channel_sum(cx: Any, t: Any, g: Any) -> Any:
+    """``sum_c t g`` over axis 1 of (N, C, Ho, Wo): from +0, channel after channel, each
+    ``acc + t g`` fused on a machine (torch's loop as its CPU build compiles it)."""
     ar = cx.ar
     if isinstance(ar, ExactDerivatives):
-        return shapes.squeeze_dims(ar.sum(t, axis=1, keepdims=True), [1])
-    acc = shapes.index(t, (slice(None), 0))
-    for k in range(1, shapes.shape(t)[1]):
-        acc = ar.add(acc, shapes.index(t, (slice(None), k)))
+        return shapes.squeeze_dims(ar.sum(ar.mul(t, g), axis=1, keepdims=True), [1])
+    n, _, ho, wo = shapes.shape(t)
+    acc = ar.asarray(np.zeros((n, ho, wo)))
+    for k in range(shapes.shape(t)[1]):
+        acc = ar.fma(shapes.index(t, (slice(None), k)), shapes.index(g, (slice(None), k)), acc)
     return acc
 
 
@@ -245,10 +258,10 @@ def grid_sampler_2d_backward(cx: Any, g: Any, x: Any, grid: Any, interp: int, pa
     cs = geo["corners"]
     val = {k: _gather(cx, x, iy, ix, ok) for k, (iy, ix, ok, _) in cs.items()}
     pc = {k: _per_channel(cx, geo[k + "_"], c) for k in ("w", "e", "n", "s")}
-    tx = ar.add(ar.mul(ar.sub(val["ne"], val["nw"]), pc["s"]), ar.mul(ar.sub(val["se"], val["sw"]), pc["n"]))
-    ty = ar.add(ar.mul(ar.sub(val["sw"], val["nw"]), pc["e"]), ar.mul(ar.sub(val["se"], val["ne"]), pc["w"]))
-    gx = ar.mul(_channel_sum(cx, ar.mul(tx, g)), geo["mx"])
-    gy = ar.mul(_channel_sum(cx, ar.mul(ty, g)), geo["my"])
+    tx = _fma(ar, ar.sub(val["se"], val["sw"]), pc["n"], ar.mul(ar.sub(val["ne"], val["nw"]), pc["s"]))
+    ty = _fma(ar, ar.sub(val["se"], val["ne"]), pc["w"], ar.mul(ar.sub(val["sw"], val["nw"]), pc["e"]))
+    gx = ar.mul(_channel_sum(cx, tx, g), geo["mx"])
+    gy = ar.mul(_channel_sum(cx, ty, g), geo["my"])
     gg = shapes.stack([gx, gy], 3)
     gi = None
     if mask[0]:
