@@ -221,6 +221,7 @@ from fpgrad.graph.ops import (  # noqa: E402, F401
     cumulative,
     distance,
     fills,
+    grid_sample,
     index,
     linear,
     loss,
