@@ -203,3 +203,37 @@ def test_conv2d_forward_and_weight_bias_grads_follow_the_documented_steps(mode: 
     _, dw, db = tr.values[next(k for k in tr.values if k.startswith("convolution_backward"))]
     assert np.asarray(dw).ravel().tolist() == [o.dot_fp32(g, col) for col in cols]
     assert float(np.asarray(db).ravel()[0]) == o.sum_fp32(g)
+
+
+# ---- held: softmax and log_softmax step by step, three formats, four modes --------------------
+
+
+class _Cx:
+    def __init__(self, ar: object) -> None:
+        self.ar = ar
+
+    def origin(self, i: int) -> None:
+        return None
+
+    def label(self) -> str:
+        return "test"
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e5m2", "fp8_e4m3", "float16"])
+@pytest.mark.parametrize("mode", DIRECTED)
+def test_softmax_and_log_softmax_follow_the_documented_steps(fmt: str, mode: Mode) -> None:
+    """Row [1.5, -0.75, 3, -12, 0, -0]: ``z - max`` rounded, exp correctly rounded (MPFR),
+    the fp32 sum rounded once, then ``e / sum`` and ``(z - max) - log(sum)`` one rounding
+    each (held: exp(-15) underflows e4m3/e5m2 to 0 or the smallest subnormal by mode)."""
+    from fpgrad.arith.emulated import EmulatedArith
+    from fpgrad.graph.ops import loss as loss_ops
+
+    ar, o = EmulatedArith(fmt, mode=mode), Oracle(fmt, mode)
+    z = ar.asarray(np.array([[1.5, -0.75, 3.0, -12.0, 0.0, -0.0]]))
+    zl = z.ravel().tolist()
+    s = [o.sub(v, max(zl)) for v in zl]
+    e = [o._fin(o.ctx.exp(mpfr(v))) for v in s]
+    total = o.sum_fp32(e)
+    assert loss_ops.softmax(_Cx(ar), z, 1).ravel().tolist() == [o.div(v, total) for v in e]
+    lt = o._fin(o.ctx.log(mpfr(total)))
+    assert loss_ops.log_softmax(_Cx(ar), z, 1).ravel().tolist() == [o.sub(v, lt) for v in s]
