@@ -502,15 +502,14 @@ def _fn(f: Callable[[Any], Any], fmt: str) -> Callable[[np.ndarray], np.ndarray]
 
 
 def _sum(R: Callable[[Any], np.ndarray], v: np.ndarray) -> Any:
-    """fpgrad's per-op sum of a matrix: each row left to right, then the rows."""
-
-    def line(a: Any) -> Any:
-        acc = a[0]
-        for e in a[1:]:
-            acc = R(acc + e)
-        return acc
-
-    return line([line(row) for row in v])
+    """fpgrad's per-op sum of a matrix: every element left to right in row-major order, each
+    add rounded (one accumulation over the reduced axes; it had summed each row into the
+    format, then the rows: tests/test_attack21_emulated.py)."""
+    flat = np.asarray(v).ravel()
+    acc = flat[0]
+    for e in flat[1:]:
+        acc = R(acc + e)
+    return acc
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "fp8_e4m3"])

@@ -40,9 +40,11 @@ operation on its (already rounded) operands, rounded once into the format with t
     nearest float64, a second ``fsum`` the sign of the remainder, hence the odd-rounded sum).
 
 - ``max``, ``abs``, ``where``, ``positive``: exact.
-- ``asarray`` and ``const`` (storage: parameters, data, constants such as 1, 2 or the batch
-  size) round to nearest even whatever the mode, as the native path and the ``rounded``
-  reference store them; the chosen mode applies to every operation.
+- ``asarray`` and ``const`` (storage: parameters, data, constants such as 1 or 2) round to
+  nearest even whatever the mode, as the native path and the ``rounded`` reference store
+  them; the chosen mode applies to every operation. Element counts (the divisor of a mean,
+  a norm's statistics, an average pool's window) are not stored: ``count`` keeps the exact
+  integer, so ``sum / n`` is one correctly rounded division by n itself.
 - Stochastic modes draw from one seeded numpy Generator per machine, in evaluation order, so a
   run is reproducible. Their probability ``(x - lo) / (hi - lo)`` is that of the odd-rounded
   float64 value (error below 2**-(52 - p)) for arithmetic and of the float64 value (2**-(39 - p))
@@ -209,6 +211,11 @@ class EmulatedArith(TrigFunctions, OutputDerivatives):
 
     def const(self, value: float) -> np.ndarray:
         return round_to(float(value), self.fmt)
+
+    def count(self, n: Any) -> np.ndarray:
+        """An element count as the exact float64 integer, not stored in the format: a mean
+        divides by n itself (one rounding of ``sum / n``), as torch's kernels do."""
+        return np.asarray(n, dtype=np.float64)
 
     def to_float64(self, a: Any) -> np.ndarray:
         return np.array(a, dtype=np.float64)

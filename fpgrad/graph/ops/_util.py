@@ -67,7 +67,8 @@ def zeros(cx: Any, shape: tuple[int, ...]) -> Any:
 
 
 def sum_dims(cx: Any, x: Any, dims: Any, keepdim: bool) -> Any:
-    """Sum over ``dims`` (None or empty: all), one slot call per axis, last axis first."""
+    """Sum over ``dims`` (None or empty: all): in the exact systems one slot call per axis,
+    last axis first; in a rounding machine one slot call over the reduced axes flattened."""
     nd = len(shapes.shape(x))
     if nd == 0:
         return x
@@ -77,6 +78,20 @@ def sum_dims(cx: Any, x: Any, dims: Any, keepdim: bool) -> Any:
     if 0 in shape:  # a sum over no element is exactly 0 (torch's too), in every system
         kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
         out = zeros(cx, kept)
+    elif len(axes) > 1 and not isinstance(cx.ar, ExactDerivatives):
+        # a rounding machine sums every reduced element in one accumulation, rounded once
+        # (torch's float16/bfloat16 ``sum`` over several dims: one float accumulator): the
+        # reduced axes moved last in their order and flattened, row-major as torch's
+        # contiguous order. One slot call per axis rounded into the format per axis:
+        # fp8_e5m2's sum of three rows [2, 0.25] gave 2 + 2 + 2 = 6 for 6.75 -> 7, and
+        # float16's of three rows [1024, 0.5] 3072 where torch gives 3074.
+        order = sorted(axes)
+        kept_axes = [i for i in range(nd) if i not in order]
+        moved = shapes.reshape(shapes.permute(x, (*kept_axes, *order)),
+                               (*(shape[i] for i in kept_axes), -1))  # fmt: skip
+        out = cx.ar.sum(moved, axis=len(kept_axes), keepdims=False)
+        kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
+        out = shapes.reshape(out, kept)
     else:
         out = x
         for a in axes:
@@ -84,6 +99,20 @@ def sum_dims(cx: Any, x: Any, dims: Any, keepdim: bool) -> Any:
     if not keepdim:
         out = shapes.reshape(out, [s for i, s in enumerate(shapes.shape(out)) if i not in axes])
     return out
+
+
+def exact_count(ar: Any, n: Any) -> Any:
+    """An element count (a mean's, a norm's or a pooling window's divisor; a scalar or an
+    array) as a value of the system, exactly: the operation is a division by ``n`` itself,
+    correctly rounded once, as torch's kernels divide by the integer count in float (float16
+    and bfloat16 too). A rounding machine must not store ``n`` in its format first: fp8_e5m2
+    holds 9 as 8, so a mean of 9 elements summing to 10 gave 10 / 8 = 1.25 for 1.0, and
+    float16 holds 2049 as 2048 (``ar.count``: the float64 integer, unrounded)."""
+    arr = np.asarray(n, dtype=np.float64)
+    exact = getattr(ar, "count", None)
+    if exact is not None:
+        return exact(arr)
+    return ar.const(float(arr)) if arr.ndim == 0 else ar.asarray(arr)
 
 
 def count(x: Any, dims: Any) -> int:

@@ -17,7 +17,7 @@ from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
 from fpgrad.graph.ops._ties import increasing_root
-from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops._util import exact_count, sum_dims
 from fpgrad.graph.ops.registry import op
 
 
@@ -390,8 +390,8 @@ def avg_pool2d(
 def _divisor(cx: Any, geo: _Pool, like: Any, count_include_pad: bool, divisor: Any) -> Any:
     div = geo.divisors(count_include_pad, divisor)
     if np.all(div == div.flat[0]):
-        return cx.ar.const(float(div.flat[0]))
-    return cx.ar.asarray(np.broadcast_to(div, shapes.shape(like)).copy())
+        return exact_count(cx.ar, div.flat[0])
+    return exact_count(cx.ar, np.broadcast_to(div, shapes.shape(like)).copy())
 
 
 @op("aten.avg_pool2d_backward.default")
@@ -446,7 +446,7 @@ def adaptive_avg_pool2d(cx: Any, x: Any, size: Any) -> Any:
         return avg_pool2d(cx, x, k, k)
     ah, aw, counts = _adaptive(cx, shapes.shape(x), size)
     total = _apply_rows(cx, x, ah, aw)
-    return cx.ar.div(total, cx.ar.asarray(np.broadcast_to(counts, shapes.shape(total)).copy()))
+    return cx.ar.div(total, exact_count(cx.ar, np.broadcast_to(counts, shapes.shape(total)).copy()))
 
 
 @op("aten._adaptive_avg_pool2d_backward.default")
@@ -457,5 +457,5 @@ def adaptive_avg_pool2d_backward(cx: Any, g: Any, x: Any) -> Any:
         k = (h // oh, w // ow)
         return avg_pool2d_backward(cx, g, x, k, k, 0, False, True, None)
     ah, aw, counts = _adaptive(cx, shapes.shape(x), (oh, ow))
-    share = cx.ar.div(g, cx.ar.asarray(np.broadcast_to(counts, shapes.shape(g)).copy()))
+    share = cx.ar.div(g, exact_count(cx.ar, np.broadcast_to(counts, shapes.shape(g)).copy()))
     return _apply_rows(cx, share, ah.T, aw.T)

@@ -15,7 +15,7 @@ import numpy as np
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops._util import exact_count, sum_dims
 from fpgrad.graph.ops.pointwise import NegInfMasked, masked_softmax
 from fpgrad.graph.ops.registry import op
 
@@ -198,7 +198,7 @@ def mse_loss(cx: Any, a: Any, b: Any, reduction: int = 1) -> Any:
         return sq
     total = sum_dims(cx, sq, None, False)
     if REDUCTIONS[int(reduction)] == "mean":
-        total = ar.div(total, ar.const(float(np.prod(shapes.shape(sq)))))
+        total = ar.div(total, exact_count(ar, np.prod(shapes.shape(sq))))
     return total
 
 
@@ -220,7 +220,7 @@ def _reduce(cx: Any, terms: Any, reduction: int) -> Any:
         return terms
     total = sum_dims(cx, terms, None, False)
     if REDUCTIONS[int(reduction)] == "mean":
-        total = cx.ar.div(total, cx.ar.const(float(np.prod(shapes.shape(terms)))))
+        total = cx.ar.div(total, exact_count(cx.ar, np.prod(shapes.shape(terms))))
     return total
 
 
@@ -273,7 +273,7 @@ def huber_loss_backward(cx: Any, g: Any, x: Any, t: Any, reduction: int, delta: 
     clamp = ar.where(small, d, ar.where(pos, ar.asarray(full), ar.asarray(-full)))
     out = ar.mul(clamp, g)
     if REDUCTIONS[int(reduction)] == "mean":
-        out = ar.div(out, ar.const(float(np.prod(shapes.shape(x)))))
+        out = ar.div(out, exact_count(ar, np.prod(shapes.shape(x))))
     return out
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
+from fpgrad.graph.ops._util import exact_count
 from fpgrad.graph.ops.loss import REDUCTIONS, _reduce, nll_loss_backward, nll_loss_forward
 from fpgrad.graph.ops.norms import vector_norm
 from fpgrad.graph.ops.registry import OPS, op
@@ -286,12 +287,12 @@ def multi_margin_loss(
     if rows is not None:
         h = ar.mul(h, rows)
     h = ar.where(active, h, _full(cx, shapes.shape(z), 0.0))
-    per_row = ar.div(ar.sum(h, axis=1), ar.const(float(c)))
+    per_row = ar.div(ar.sum(h, axis=1), exact_count(ar, c))
     if REDUCTIONS[int(reduction)] == "none":
         return per_row if len(shapes.shape(x)) > 1 else shapes.reshape(per_row, ())
     total = ar.sum(per_row, axis=0)
     if REDUCTIONS[int(reduction)] == "mean":
-        total = ar.div(total, ar.const(float(shapes.shape(x2)[0])))
+        total = ar.div(total, exact_count(ar, shapes.shape(x2)[0]))
     return total
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops._util import exact_count, sum_dims
 from fpgrad.graph.ops.registry import op
 
 
@@ -22,7 +22,7 @@ def layer_norm(cx: Any, x: Any, normalized: Any, w: Any, b: Any, eps: float) -> 
     """(y, mean, rstd) with rstd = 1 / sqrt(var + eps), var the biased variance."""
     ar = cx.ar
     axes = _axes(x, normalized)
-    n = ar.const(float(_numel(x, axes)))
+    n = exact_count(ar, _numel(x, axes))
     mean = ar.div(sum_dims(cx, x, axes, True), n)
     xc = ar.sub(x, mean)
     var = ar.div(sum_dims(cx, ar.mul(xc, xc), axes, True), n)
@@ -51,7 +51,7 @@ def layer_norm_backward(
     ar = cx.ar
     axes = _axes(x, normalized)
     lead = list(range(len(shapes.shape(x)) - len(axes)))
-    n = ar.const(float(_numel(x, axes)))
+    n = exact_count(ar, _numel(x, axes))
     xhat = ar.mul(ar.sub(x, mean), rstd)
     gw = g if w is None else ar.mul(g, w)
     m1 = ar.div(sum_dims(cx, gw, axes, True), n)
@@ -88,7 +88,7 @@ def batch_norm(
     ar = cx.ar
     axes, cs = _channel_axes(x)
     if training:
-        n = ar.const(float(_numel(x, axes)))
+        n = exact_count(ar, _numel(x, axes))
         mean = ar.div(sum_dims(cx, x, axes, True), n)
         xc = ar.sub(x, mean)
         var = ar.div(sum_dims(cx, ar.mul(xc, xc), axes, True), n)
@@ -122,7 +122,7 @@ def batch_norm_backward(
     xhat = ar.mul(ar.sub(x, mean), rstd)
     gw = g if w is None else ar.mul(g, _per_channel(w, cs))
     if training:
-        n = ar.const(float(_numel(x, axes)))
+        n = exact_count(ar, _numel(x, axes))
         m1 = ar.div(sum_dims(cx, gw, axes, True), n)
         m2 = ar.div(sum_dims(cx, ar.mul(gw, xhat), axes, True), n)
         dx = ar.mul(rstd, ar.sub(ar.sub(gw, m1), ar.mul(xhat, m2)))

@@ -17,7 +17,7 @@ from torch import fx
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
 from fpgrad.graph.names import origin as _through
-from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops._util import exact_count, sum_dims
 from fpgrad.graph.ops.registry import OPS, op
 
 
@@ -48,7 +48,7 @@ def group_norm(
     ar = cx.ar
     n, c, hw, g = int(n), int(c), int(hw), int(g)
     xg, _ = _groups(x, n, c, hw, g)
-    cnt = ar.const(float((c // g) * hw))
+    cnt = exact_count(ar, (c // g) * hw)
     mean = ar.div(sum_dims(cx, xg, [2], True), cnt)
     xc = ar.sub(xg, mean)
     var = ar.div(sum_dims(cx, ar.mul(xc, xc), [2], True), cnt)
@@ -80,7 +80,7 @@ def group_norm_backward(
     _, g3 = _groups(gy, n, c, hw, g)  # (N, C, HxW)
     gw3 = g3 if w is None else ar.mul(g3, _channel(w, c))
     gw = shapes.reshape(gw3, (n, g, (c // g) * hw))
-    cnt = ar.const(float((c // g) * hw))
+    cnt = exact_count(ar, (c // g) * hw)
     dx = dw = db = None
     if mask[0]:
         m1 = ar.div(sum_dims(cx, gw, [2], True), cnt)

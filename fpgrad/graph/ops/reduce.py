@@ -9,7 +9,7 @@ import numpy as np
 from torch import fx
 
 from fpgrad.arith.base import ExactDerivatives
-from fpgrad.graph.ops._util import count, feeds_forward_outputs, sum_dims
+from fpgrad.graph.ops._util import count, exact_count, feeds_forward_outputs, sum_dims
 from fpgrad.graph.ops.registry import op
 
 
@@ -31,12 +31,12 @@ def sum_all(cx: Any, x: Any, dtype: Any = None) -> Any:
 
 @op("aten.mean.dim")
 def mean_dim(cx: Any, x: Any, dims: Any, keepdim: bool = False, dtype: Any = None) -> Any:
-    return cx.ar.div(sum_dims(cx, x, dims, keepdim), cx.ar.const(float(count(x, dims))))
+    return cx.ar.div(sum_dims(cx, x, dims, keepdim), exact_count(cx.ar, count(x, dims)))
 
 
 @op("aten.mean.default")
 def mean_all(cx: Any, x: Any, dtype: Any = None) -> Any:
-    return cx.ar.div(sum_dims(cx, x, None, False), cx.ar.const(float(count(x, None))))
+    return cx.ar.div(sum_dims(cx, x, None, False), exact_count(cx.ar, count(x, None)))
 
 
 @op("aten.var.correction")
@@ -54,7 +54,7 @@ def var(
 
         raise InputError(f"{cx.label()}: var of {n} elements with correction {c} divides by "
                          f"{n - c}; use a smaller correction")  # fmt: skip
-    mean = ar.div(sum_dims(cx, x, dims, True), ar.const(float(n)))
+    mean = ar.div(sum_dims(cx, x, dims, True), exact_count(ar, n))
     d = ar.sub(x, mean)
     return ar.div(sum_dims(cx, ar.mul(d, d), dims, keepdim), dof(cx, n, c))
 
@@ -65,7 +65,7 @@ def dof(cx: Any, n: int, c: float) -> Any:
     ar = cx.ar
     if isinstance(ar, ExactDerivatives):
         return ar.sub(ar.const(float(n)), ar.const(float(c)))
-    return ar.const(float(n - c))
+    return exact_count(ar, float(n - c))
 
 
 _BACKWARD: WeakKeyDictionary[fx.Graph, set[fx.Node]] = WeakKeyDictionary()

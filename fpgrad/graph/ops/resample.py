@@ -26,7 +26,7 @@ import numpy as np
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
-from fpgrad.graph.ops._util import sum_dims
+from fpgrad.graph.ops._util import exact_count, sum_dims
 from fpgrad.graph.ops.conv import _first_max, _increasing_source, _pool_size
 from fpgrad.graph.ops.registry import op
 
@@ -200,8 +200,8 @@ def _avg_geometry(cx: Any, s: Any, k: Any, stride: Any, padding: Any, ceil_mode:
 
 def _divide(cx: Any, v: Any, div: np.ndarray) -> Any:
     if np.all(div == div.flat[0]):
-        return cx.ar.div(v, cx.ar.const(float(div.flat[0])))
-    return cx.ar.div(v, cx.ar.asarray(np.broadcast_to(div, shapes.shape(v)).copy()))
+        return cx.ar.div(v, exact_count(cx.ar, div.flat[0]))
+    return cx.ar.div(v, exact_count(cx.ar, np.broadcast_to(div, shapes.shape(v)).copy()))
 
 
 @op("aten.avg_pool3d.default")
