@@ -237,3 +237,23 @@ def test_softmax_and_log_softmax_follow_the_documented_steps(fmt: str, mode: Mod
     assert loss_ops.softmax(_Cx(ar), z, 1).ravel().tolist() == [o.div(v, total) for v in e]
     lt = o._fin(o.ctx.log(mpfr(total)))
     assert loss_ops.log_softmax(_Cx(ar), z, 1).ravel().tolist() == [o.sub(v, lt) for v in s]
+
+
+def test_machine_max_pool_takes_the_last_nan_of_a_window() -> None:
+    """torch's CPU pooling kernels keep ``val > best || isnan(val)``: a window with NaN (an
+    fp8 overflow, say) sends its gradient to its last NaN; the machine took offset 0."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+
+    from fpgrad.arith.emulated import EmulatedArith
+    from fpgrad.graph.ops import OPS
+
+    nan = float("nan")
+    x = np.array([[[[1.0, nan, 3.0, nan], [nan, 5.0, 2.0, 0.5]]]])
+    cx = SimpleNamespace(ar=EmulatedArith("float32", "fp32"), label=lambda: "test",
+                         node=SimpleNamespace(target="aten.max_pool2d_with_indices.default"))  # fmt: skip
+    _, idx = OPS["aten.max_pool2d_with_indices.default"](cx, cx.ar.asarray(x), [1, 4], [1, 4])
+    _, want = F.max_pool2d_with_indices(torch.from_numpy(x).float(), (1, 4))
+    assert np.array_equal(np.asarray(idx).reshape(-1), want.numpy().reshape(-1) % 4)

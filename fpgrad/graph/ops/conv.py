@@ -338,6 +338,11 @@ def _first_max(ar: Any, cols: Any, m: Any, valid: np.ndarray | None = None) -> n
         wrong = np.any(np.asarray(ar.positive(neg), dtype=bool), axis=2)
         if wrong.any():
             first = np.where(wrong, _scan_first_max(ar, cols, inside), first)
+    if not isinstance(ar, ExactDerivatives):  # a machine's NaN: torch's pooling kernels take
+        nan = np.isnan(mid) & inside  # ``val > best || isnan(val)``: the window's last NaN
+        if nan.any():
+            last = kk - 1 - np.argmax(nan[:, :, ::-1], axis=2)
+            first = np.where(nan.any(axis=2), last, first)
     return first
 
 
