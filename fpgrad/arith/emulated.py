@@ -42,9 +42,8 @@ operation on its (already rounded) operands, rounded once into the format with t
 - ``max``, ``abs``, ``where``, ``positive``: exact.
 - ``asarray`` and ``const`` (storage: parameters, data, constants such as 1 or 2) round to
   nearest even whatever the mode, as the native path and the ``rounded`` reference store
-  them; the chosen mode applies to every operation. Element counts (the divisor of a mean,
-  a norm's statistics, an average pool's window) are not stored: ``count`` keeps the exact
-  integer, so ``sum / n`` is one correctly rounded division by n itself.
+  them; the chosen mode applies to every operation. Element counts (a mean's divisor, a
+  norm's or an average pool's) are exact (``count``): ``sum / n`` is one rounding.
 - Stochastic modes draw from one seeded numpy Generator per machine, in evaluation order, so a
   run is reproducible. Their probability ``(x - lo) / (hi - lo)`` is that of the odd-rounded
   float64 value (error below 2**-(52 - p)) for arithmetic and of the float64 value (2**-(39 - p))
@@ -213,8 +212,7 @@ class EmulatedArith(TrigFunctions, OutputDerivatives):
         return round_to(float(value), self.fmt)
 
     def count(self, n: Any) -> np.ndarray:
-        """An element count as the exact float64 integer, not stored in the format: a mean
-        divides by n itself (one rounding of ``sum / n``), as torch's kernels do."""
+        """An element count, exact (not stored in the format): ``sum / n`` rounds once."""
         return np.asarray(n, dtype=np.float64)
 
     def to_float64(self, a: Any) -> np.ndarray:
