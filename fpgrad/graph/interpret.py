@@ -101,6 +101,13 @@ def _version(value: Any) -> Any:
     return value._version if isinstance(value, torch.Tensor) else None
 
 
+#: fresh allocations whose values are undefined (torch's uninitialised memory): a constant of
+#: one is zeros, so that what a later in-place write leaves is deterministic (the garbage's
+#: NaN or inf sent the write's exact values back to torch's float64 ones, a wrong certificate)
+_EMPTY = frozenset({"aten.empty.memory_format", "aten.empty_like.default",
+                    "aten.new_empty.default", "aten.empty_strided.default",
+                    "aten.new_empty_strided.default", "aten.empty_permuted.default"})  # fmt: skip
+
 #: in-place ops whose out-of-place overload has another name
 _INPLACE = {"aten.pow_.Scalar": "aten.pow.Tensor_Scalar", "aten.pow_.Tensor": "aten.pow.Tensor_Tensor"}
 
@@ -252,7 +259,20 @@ def _reread(
         names.append(name)
         old, fresh = env[name], _enter_const(ar, value)
         same = value.dtype == written.dtype and tuple(shapes.shape(old)) == tuple(value.shape)
+        if value is written and src is not None and not _raw(src) and (
+            tuple(shapes.shape(src)) == tuple(value.shape)
+        ):
+            env[name] = src  # the op's own tensor (``unsqueeze_``: a new shape): its value
+            continue
         if not same or any(_raw(a) for a in (old, src, fresh)):
+            marks = _written_mask(value, w_off, order) if same else None
+            if isinstance(ar, ExactDerivatives) and fresh_is_rounded(old, src, written, value, marks):
+                raise InputError(
+                    f"a constant holding -inf or NaN ({name}) is written in place with values the "
+                    "exact systems compute (torch's float64 ones are roundings): keep the finite "
+                    "table and the -inf mask apart (add the table to the scores, then "
+                    "masked_fill(mask, float('-inf')) on the sum)"
+                )
             env[name] = fresh  # torch's values (integers, masks, non-finite, other formats)
             continue
         off = _offsets(value)
@@ -264,6 +284,66 @@ def _reread(
             picked = shapes.reshape(shapes.index(flat, (np.where(mask, hit, 0).ravel(),)), off.shape)
             env[name] = ar.where(mask, picked, old)
     return names
+
+
+def fresh_is_rounded(old: Any, src: Any, written: torch.Tensor, value: torch.Tensor,
+                     mask: np.ndarray | None) -> bool:  # fmt: skip
+    """Would torch's values after an in-place write replace exact values of the system? The
+    written source's (``src``: the system's, where it is not torch's numbers) where it is not
+    exactly torch's written floats, or the old system value's at the elements not written
+    (``mask``: the written ones, where the shapes agree) where it is not exactly torch's."""
+    from fpgrad.graph.exact_floats import equals_floats
+
+    if src is not None and not _raw(src) and written.is_floating_point():
+        if not equals_floats(src, written.detach().to(torch.float64).numpy()):
+            return True
+    if _raw(old) or old is None or mask is None or not value.is_floating_point():
+        return False
+    now = value.detach().to(torch.float64).numpy()
+    keep = ~mask
+    if not keep.any():
+        return False
+    flat = shapes.reshape(old, (-1,))
+    idx = np.nonzero(keep.ravel())[0]
+    return not equals_floats(shapes.index(flat, (idx,)), now.ravel()[idx])
+
+
+def non_finite_exact(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph,
+                     consts: dict[str, Any], computed: set[str]) -> None:  # fmt: skip
+    """A constant with -inf or NaN stays torch's numbers (a mask): sound only where each finite
+    element is one of the exact numbers the op read (a selection: ``masked_fill(t, m, -inf)``,
+    ``where(m, t, -inf)``, ``triu`` of a filled table, ``t + mask`` of zeros). An input the
+    system computed counts only where its values are exactly torch's floats; otherwise
+    (``where(m, arange / 3, -inf)``: torch's 1/3 is a rounding) InputError, one line."""
+    from fpgrad.graph.exact_floats import equals_floats
+
+    value = consts[node.name]
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return
+    key = op_key(node)
+    if key.count(".") == 2 and key.split(".")[1].endswith("_"):
+        return  # an in-place op changed its input's torch values: _reread judges the write
+    rounded = [n.name for n in node.all_input_nodes if n.name in computed and isinstance(
+        consts.get(n.name), torch.Tensor) and not equals_floats(
+        env[n.name], consts[n.name].detach().to(torch.float64).numpy())]  # fmt: skip
+    try:
+        _selection(ar, node, env, graph, value, set(rounded))
+    except InputError:
+        raise InputError(
+            f"{graph.label(node)}: a constant holding -inf or NaN whose finite values torch "
+            f"rounds ({op_key(node)}): the exact systems hold such a mask only with exact "
+            "finite values; keep the finite table and the -inf mask apart (add the table to the "
+            "scores, then masked_fill(mask, float('-inf')) on the sum), or pass it as an input"
+        ) from None
+
+
+def _written_mask(value: torch.Tensor, w_off: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Which elements of ``value`` (its shape) the write (storage offsets ``w_off``) reached."""
+    off = _offsets(value)
+    if not w_off.size:
+        return np.zeros(off.shape, dtype=bool)
+    at = np.clip(np.searchsorted(w_off, off, sorter=order), 0, w_off.size - 1)
+    return w_off[order[at]] == off
 
 
 def _integer_op(node: fx.Node, env: dict[str, Any]) -> Any:
@@ -358,12 +438,16 @@ def interpret(
                 *fx.node.map_arg(node.args, lambda n: consts[n.name]),
                 **fx.node.map_arg(node.kwargs, lambda n: consts[n.name]),
             )
+            if op_key(node) in _EMPTY and isinstance(consts[node.name], torch.Tensor):
+                consts[node.name].zero_()  # uninitialised memory: deterministic zeros
             env[node.name] = _enter_const(ar, consts[node.name], formula_fill(graph, node))
             versions[node.name] = _version(consts[node.name])
             exact = _exact_constant(ar, node, env, graph, consts[node.name], computed)
             if exact is not None:
                 env[node.name] = exact
                 computed.add(node.name)
+            elif isinstance(ar, ExactDerivatives) and _raw(env[node.name]):
+                non_finite_exact(ar, node, env, graph, consts, computed)
             if op_key(node).count(".") == 2 and op_key(node).split(".")[1].endswith("_"):
                 wrote = exact if exact is not None else _written(ar, node, env, consts)
                 for name in _reread(ar, consts[node.name], wrote, consts, env, where_fed):

@@ -1,0 +1,32 @@
+"""Whether an exact system's values are exactly given float64 numbers (a ball of radius 0 at
+that float, an exact Arb ball, an mpmath number equal to it): where they are, torch's float64
+values of a constant are the real ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fpgrad.arith.ball import Ball
+
+
+def equals_floats(v: Any, floats: np.ndarray) -> bool:
+    """Is every element of the system value ``v`` exactly the float64 in ``floats``?"""
+    if isinstance(v, Ball):
+        mid, rad = np.asarray(v.mid), np.asarray(v.rad)
+        if mid.shape[1:] != floats.shape:
+            return False
+        return bool(np.all(rad == 0) and np.all(mid[1:] == 0) and np.array_equal(mid[0], floats))
+    arr = np.asarray(v, dtype=object)
+    if arr.shape != floats.shape:
+        return False
+    for x, f in zip(arr.ravel(), floats.ravel(), strict=True):
+        if hasattr(x, "is_exact"):  # an Arb ball
+            from flint import arb
+
+            if not (x.is_exact() and x == arb(float(f))):
+                return False
+        elif not x == float(f):  # mpmath: an exact comparison with the float
+            return False
+    return True
