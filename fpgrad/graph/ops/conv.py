@@ -211,12 +211,16 @@ class _Pool:
         return shapes.stack([shapes.index(xp, (..., *idx)) for _, _, idx in offsets], 2)
 
     def uncols(self, cx: Any, cols: Any, x_shape: Any) -> Any:
-        """The adjoint of :meth:`cols`: each offset placed, summed, the padding cropped."""
+        """The adjoint of :meth:`cols`: each offset placed, summed, the padding cropped.
+        The offsets are added last first: an input cell then takes its addends in the order
+        of the windows that read it (row-major over the output), torch's CPU pooling
+        backward order (``grad_input[i] += ...`` output after output, each add rounded)."""
         (ph, pw), (eh, ew) = self.pad, self.extra
         n, c, h, w = x_shape
         zeros = cx.ar.asarray(np.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew)))
         total = None
-        for i, (_, _, idx) in enumerate(_offsets(self.k, self.st, self.dil, *self.out)):
+        offsets = list(enumerate(_offsets(self.k, self.st, self.dil, *self.out)))
+        for i, (_, _, idx) in reversed(offsets):
             part = shapes.place(zeros, shapes.index(cols, (slice(None), slice(None), i)),
                                 (..., *idx))  # fmt: skip
             total = part if total is None else cx.ar.add(total, part)
