@@ -81,3 +81,83 @@ def test_pool2d_backward_equals_torchs_kernels(dtype: torch.dtype, fmt: str) -> 
         _, idx = OPS[MAXPOOL](cx, _np(x), *geo)
         got = OPS["aten.max_pool2d_with_indices_backward.default"](cx, _np(g), _np(x), *geo, idx)
         assert np.array_equal(got, _np(xr.grad))
+
+
+# ---- finding 2: resampling by dense matrices spread one inf or NaN over the whole row --------
+
+
+def _reads(n: int, o: int) -> list[set[int]]:
+    """The input cells torch's float64 bilinear kernel reads for each output (NaN probes)."""
+    out: list[set[int]] = [set() for _ in range(o)]
+    for i in range(n):
+        x = torch.zeros(1, 1, 1, n, dtype=torch.float64)
+        x[..., i] = float("nan")
+        y = F.interpolate(x, size=(1, o), mode="bilinear", align_corners=False)[0, 0, 0]
+        for j in range(o):
+            if torch.isnan(y[j]):
+                out[j].add(i)
+    return out
+
+
+@pytest.mark.parametrize("mode", DIRECTED)
+def test_bilinear_keeps_an_overflow_local(mode: Mode) -> None:
+    """fp8_e5m2 bilinear (1, 6) -> (1, 12) of [1, inf, 2, 3, 4, 5]: the column multiplied the
+    whole row by its (12, 6) weight matrix, 0 * inf = NaN in all 12 outputs; torch's kernel
+    reads two cells per output, so the 7 outputs that do not read the inf are finite: each
+    is (1 - l) x_i0 + l x_i1 in the fp32 accumulator, rounded once (the oracle). Backward:
+    an inf gradient at output 0 reaches only input cells 0 and 1 (was: 5 NaN cells)."""
+    o, cx = Oracle("fp8_e5m2", mode), _cx("fp8_e5m2", mode)
+    xs = [1.0, float("inf"), 2.0, 3.0, 4.0, 5.0]
+    y = OPS["aten.upsample_bilinear2d.default"](cx, np.array([[[xs]]]), [1, 12], False)[0, 0, 0]
+    reads = _reads(6, 12)
+    from fpgrad.graph.ops.resample import _lin_rows64
+
+    for j, row in enumerate(_lin_rows64(6, 12, False, None)):
+        if 1 in reads[j]:
+            continue
+        (i0, w0), (i1, w1) = row
+        terms = [o.store(w0) * xs[i0], o.store(w1) * xs[i1]]
+        assert y[j] == o.sum_fp32(terms if i0 != i1 else [o.store(w0 + w1) * xs[i0]])
+    g = np.ones((1, 1, 1, 12))
+    g[..., 0] = np.inf
+    dx = OPS["aten.upsample_bilinear2d_backward.default"](cx, g, [1, 12], [1, 1, 1, 6], False)
+    assert np.isfinite(dx.ravel()[2:]).all()
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e5m2", "float16"])
+def test_bicubic_and_adaptive_avg_pool_keep_an_overflow_local(fmt: str) -> None:
+    """An inf in the last cell of a 7-wide row: adaptive_avg_pool2d to 3 windows
+    ([0, 3), [2, 5), [4, 7)) gave [inf?, NaN, NaN] through its 0/1 matrix; torch's kernel and
+    the documented window sums give finite first two windows. Bicubic 7 -> 14: outputs whose
+    four taps miss cell 6 stay finite (were all NaN)."""
+    cx = _cx(fmt)
+    x = np.array([[[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, np.inf]]]])
+    got = OPS["aten._adaptive_avg_pool2d.default"](cx, x, [1, 3]).ravel()
+    want = F.adaptive_avg_pool2d(torch.from_numpy(x), (1, 3)).numpy().ravel()
+    assert np.isfinite(got[:2]).all() and np.isinf(got[2]) and got[2] == want[2]
+    y = OPS["aten.upsample_bicubic2d.default"](cx, x, [1, 14], False).ravel()
+    ref = F.interpolate(torch.from_numpy(x), size=(1, 14), mode="bicubic").numpy().ravel()
+    assert np.array_equal(np.isfinite(y), np.isfinite(ref)) and np.isfinite(y[:8]).all()
+
+
+# ---- finding 3: bilinear tap index is torch's floorf of the float64 source coordinate ----------
+
+
+def test_bilinear_weights_equal_torchs_float64_kernel_on_every_small_geometry() -> None:
+    """torch takes ``floorf`` of the float64 source coordinate (a float): for 3 -> 7, output 3,
+    the fused coordinate 0.9999999999999999 is 1.0f, index 1, weights [0, 1, 0]; the column
+    floored the double (index 0, weights [1.1e-16, 1, 0]): 24 of 1008 geometries differed
+    (float32:emulated gave 1.1e-16 for the 0 of [1, 0, 0] there)."""
+    from fpgrad.graph.ops import resample
+
+    cx = SimpleNamespace(ar=SimpleNamespace(asarray=lambda m: m))
+    for n in range(1, 9):
+        for o in range(1, 20):
+            for align, scale in [(False, None), (True, None), (False, o / n * 1.03)]:
+                eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, 1, n)
+                ref = torch.ops.aten.upsample_bilinear2d(eye, [1, o], align, 1.0, scale)
+                got = resample._matrix(cx, n, o, align, scale)
+                assert np.array_equal(got, ref.reshape(n, o).T.numpy()), (n, o, align, scale)
+    y = OPS["aten.upsample_bilinear2d.default"](_cx("float32"), np.array([[[[1.0, 0, 0]]]]),
+                                                [1, 7], False)  # fmt: skip
+    assert y.ravel()[3] == 0.0

@@ -433,8 +433,16 @@ def _adaptive(cx: Any, x_shape: Any, size: Any) -> tuple[np.ndarray, np.ndarray,
 
 
 def _apply_rows(cx: Any, x: Any, left: np.ndarray, right: np.ndarray) -> Any:
-    """left @ x @ right^T over the last two axes of (N, C, a, b), by the system's matmul."""
+    """left @ x @ right^T over the last two axes of (N, C, a, b), by the system's matmul
+    (a rounding machine: over each window's cells only, :mod:`fpgrad.graph.ops.taps`)."""
     ar = cx.ar
+    if not isinstance(ar, ExactDerivatives):
+        from fpgrad.graph.ops import taps
+
+        def rows(m: np.ndarray) -> list:
+            return [[(int(i), float(m[j, i])) for i in np.nonzero(m[j])[0]] for j in range(len(m))]
+
+        return taps.separable(cx, x, rows(left), rows(right), left.shape[1], right.shape[1])
     n, c, a, b = shapes.shape(x)
     y = ar.matmul(shapes.reshape(x, (n * c * a, b)), ar.asarray(right.T.copy()))
     y = shapes.reshape(shapes.transpose(shapes.reshape(y, (n * c, a, -1)), 1, 2), (-1, a))
