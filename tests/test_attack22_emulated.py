@@ -161,3 +161,27 @@ def test_bilinear_weights_equal_torchs_float64_kernel_on_every_small_geometry() 
     y = OPS["aten.upsample_bilinear2d.default"](_cx("float32"), np.array([[[[1.0, 0, 0]]]]),
                                                 [1, 7], False)  # fmt: skip
     assert y.ravel()[3] == 0.0
+
+
+# ---- finding 4: embedding (bag) sums by one-hot matmul spread an inf to every row -------------
+
+
+@pytest.mark.parametrize("mode", DIRECTED)
+def test_embedding_backward_keeps_an_overflow_in_its_row(mode: Mode) -> None:
+    """fp8_e5m2 embedding backward, tokens [0, 2, 1, 2], gradient rows of ones with an inf in
+    token 1's first column: the column took onehot^T @ g, so rows 0, 1 and 3 got 0 * inf =
+    NaN there; torch (float16: [[1, 1, 1], [1, 1, 1], [inf, 2, 2], [0, 0, 0]]) and the
+    documented per-row fp32 sum keep it in row 2. Embedding-bag backward alike."""
+    o, cx = Oracle("fp8_e5m2", mode), _cx("fp8_e5m2", mode)
+    idx = np.array([0, 2, 1, 2])
+    g = np.full((4, 3), 1.25)
+    g[1, 0] = np.inf
+    got = OPS["aten.embedding_dense_backward.default"](cx, g, idx, 4, -1, False)
+    want = [[o.sum_fp32([g[t, d] for t in range(4) if idx[t] == r]) if r in idx else 0.0
+             for d in range(3)] for r in range(4)]  # fmt: skip
+    assert np.array_equal(got, np.array(want))
+    bag = OPS["aten._embedding_bag_backward.default"](cx, g[:2], idx, np.array([0, 2]),
+                                                      None, None, None, 4, False, 0, False, None)  # fmt: skip
+    # bags [0, 2] and [1, 2]; bag 1's gradient has the inf: rows 1 and 2 get inf, not NaN
+    assert np.isfinite(bag[[0, 3]]).all() and np.isfinite(bag[1:3, 1:]).all()
+    assert np.isposinf(bag[1:3, 0]).all()

@@ -68,3 +68,18 @@ def separable(cx: Any, x: Any, rows_h: list, rows_w: list, h: int, w: int,
     y = shapes.transpose(y, -1, -2)
     y = along_last(cx, y, rows_h, h, adjoint)
     return shapes.transpose(y, -1, -2)
+
+
+def select_sum(cx: Any, member: np.ndarray, x: Any) -> Any:
+    """``member @ x`` for a 0/1 (or weight) matrix ``member`` (R, T) and values (T, D): row r
+    the sum of the rows t of ``x`` with ``member[r, t] != 0``, t ascending. The exact systems
+    take the matmul; a rounding machine sums the selected rows only (an embedding's inf
+    gradient stays in its own row: ``0 * inf`` had made every row NaN)."""
+    from fpgrad.arith.base import ExactDerivatives
+
+    if isinstance(cx.ar, ExactDerivatives):
+        return cx.ar.matmul(cx.ar.asarray(member), x)
+    rows = [[(int(t), float(member[r, t])) for t in np.nonzero(member[r])[0]]
+            for r in range(member.shape[0])]  # fmt: skip
+    y = along_last(cx, shapes.transpose(x, 0, 1), rows, member.shape[1])
+    return shapes.transpose(y, 0, 1)
