@@ -185,3 +185,73 @@ def test_embedding_backward_keeps_an_overflow_in_its_row(mode: Mode) -> None:
     # bags [0, 2] and [1, 2]; bag 1's gradient has the inf: rows 1 and 2 get inf, not NaN
     assert np.isfinite(bag[[0, 3]]).all() and np.isfinite(bag[1:3, 1:]).all()
     assert np.isposinf(bag[1:3, 0]).all()
+
+
+# ---- held: SiLU and tanh-GELU step by step (fp8_e4m3, fp8_e5m2; four modes) ------------------
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("mode", DIRECTED)
+def test_silu_and_tanh_gelu_follow_the_documented_steps(fmt: str, mode: Mode) -> None:
+    """silu = x * sigmoid(x), its backward g * (s(x) * (1 + x * s(-x))); tanh GELU
+    (x * 0.5) * (1 + tanh(beta * (x + (x * x * x) * kappa))) with torch's float64 constants
+    stored in the format; each step one correctly rounded operation (sigmoid and tanh
+    correctly rounded: sigmoid at 400 bits then rounded, tanh MPFR's in the format). Inputs
+    include -0, subnormals, a cube past e4m3's 448 (NaN there: no inf) and large negatives:
+    tanh(-256) is -0.875 toward zero and up in e5m2, the GELU then -1.25 (held)."""
+    import gmpy2
+    from gmpy2 import mpfr
+
+    from fpgrad.graph.ops.pointwise import GELU_BETA, GELU_KAPPA
+
+    o, cx = Oracle(fmt, mode), _cx(fmt, mode)
+    w = gmpy2.context(precision=400, emax=1 << 24, emin=-(1 << 24))
+
+    def sig(v: float) -> float:
+        return o._fin(o.ctx.plus(w.div(1, w.add(1, w.exp(-mpfr(v))))))
+
+    def tanh(v: float) -> float:
+        return v if np.isnan(v) else o._fin(o.ctx.tanh(mpfr(v)))  # MPFR's, in the format
+
+    xs = [o.store(v) for v in [-0.0, 0.0, 0.001953125, -0.013671875, 0.6875, -1.75, 3.0,
+                               -6.5, 8.0, 13.0, -20.0, 0.15625]]  # fmt: skip
+    gs = [o.store(v) for v in [1.0, -0.5, 3.0, 0.1, -2.0, 1.5, 0.75, -1.0, 2.0, 0.3, 5.0, -3.5]]
+    x, g = np.array(xs), np.array(gs)
+    silu = OPS["aten.silu.default"](cx, x)
+    dsilu = OPS["aten.silu_backward.default"](cx, g, x)
+    gelu = OPS["aten.gelu.default"](cx, x, "tanh")
+    beta, kappa, half, one = o.store(GELU_BETA), o.store(GELU_KAPPA), o.store(0.5), o.store(1.0)
+    for i, (v, gv) in enumerate(zip(xs, gs, strict=True)):
+        s = sig(v)
+        want = o.mul(gv, o.mul(s, o.add(one, o.mul(v, sig(-v)))))
+        assert np.array_equal([silu[i], dsilu[i]], [o.mul(v, s), want], equal_nan=True), v
+        cube = o.mul(o.mul(v, v), v)
+        inner = o.mul(o.add(v, o.mul(cube, kappa)), beta)
+        want = o.mul(o.mul(v, half), o.add(one, tanh(inner)))
+        assert np.array_equal([gelu[i]], [want], equal_nan=True), v
+
+
+# ---- held: conv2d input gradient (2 output channels, stride 2, dilation 2, padding 1) -------
+
+
+@pytest.mark.parametrize("mode", DIRECTED)
+def test_conv2d_input_gradient_follows_the_documented_steps(mode: Mode) -> None:
+    """fp8_e4m3 convolution_backward's grad_input: per kernel offset the dot over output
+    channels (fp32 accumulator, one rounding), placed back offset after offset (ki-major),
+    each addition rounded: torch's col2im order (float16 equals torch bit for bit, held)."""
+    o, cx = Oracle("fp8_e4m3", mode), _cx("fp8_e4m3", mode)
+    rng = np.random.default_rng(3)
+    x = np.array([o.store(v) for v in rng.standard_normal(25)]).reshape(1, 1, 5, 5)
+    w = np.array([o.store(v) for v in rng.standard_normal(18) * 2]).reshape(2, 1, 3, 3)
+    g = np.array([o.store(v) for v in rng.standard_normal(8) * 3]).reshape(1, 2, 2, 2)
+    dx, _, _ = OPS["aten.convolution_backward.default"](cx, g, x, w, [2], [2, 2], [1, 1], [2, 2],
+                                                        False, [0, 0], 1, [True, False, False])  # fmt: skip
+    for i, j in np.ndindex(5, 5):
+        acc = None
+        for ki, kj in np.ndindex(3, 3):
+            oi, oj = i + 1 - 2 * ki, j + 1 - 2 * kj  # padded cell = stride * out + dilation * k
+            part = 0.0
+            if oi % 2 == 0 and oj % 2 == 0 and 0 <= oi // 2 < 2 and 0 <= oj // 2 < 2:
+                part = o.dot_fp32(list(w[:, 0, ki, kj]), list(g[0, :, oi // 2, oj // 2]))
+            acc = part if acc is None else o.add(acc, part)
+        assert dx[0, 0, i, j] == acc, (i, j)
