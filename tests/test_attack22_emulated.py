@@ -255,3 +255,14 @@ def test_conv2d_input_gradient_follows_the_documented_steps(mode: Mode) -> None:
                 part = o.dot_fp32(list(w[:, 0, ki, kj]), list(g[0, :, oi // 2, oj // 2]))
             acc = part if acc is None else o.add(acc, part)
         assert dx[0, 0, i, j] == acc, (i, j)
+
+
+@pytest.mark.parametrize("mode", DIRECTED)
+def test_nearest_upsample_backward_is_one_fp32_accumulation(mode: Mode) -> None:
+    """fp8_e5m2 nearest 2x backward onto one cell of gradients [1, 0.125, 0.125, 0.125]: the
+    float32 accumulator, rounded once (1.375 -> 1.5 nearest/up, 1.25 toward zero/down; per-add
+    rounding would give 1 to nearest). Held."""
+    o, cx = Oracle("fp8_e5m2", mode), _cx("fp8_e5m2", mode)
+    g = np.array([[[[1.0, 0.125], [0.125, 0.125]]]])
+    got = OPS["aten.upsample_nearest2d_backward.default"](cx, g, [2, 2], [1, 1, 1, 1], None, None)
+    assert got.ravel()[0] == o.sum_fp32([1.0, 0.125, 0.125, 0.125])
