@@ -262,7 +262,8 @@ def test_nearest_upsample_backward_is_one_fp32_accumulation(mode: Mode) -> None:
     """fp8_e5m2 nearest 2x backward onto one cell of gradients [1, 0.125, 0.125, 0.125]: the
     float32 accumulator, rounded once (1.375 -> 1.5 nearest/up, 1.25 toward zero/down; per-add
     rounding would give 1 to nearest). Held."""
-    o, cx = Oracle("fp8_e5m2", mode), _cx("fp8_e5m2", mode)
+    o = Oracle("fp8_e5m2", mode)
+    cx = _cx("fp8_e5m2", mode, "aten.upsample_nearest2d_backward.default")
     g = np.array([[[[1.0, 0.125], [0.125, 0.125]]]])
     got = OPS["aten.upsample_nearest2d_backward.default"](cx, g, [2, 2], [1, 1, 1, 1], None, None)
     assert got.ravel()[0] == o.sum_fp32([1.0, 0.125, 0.125, 0.125])
