@@ -267,3 +267,13 @@ def test_nearest_upsample_backward_is_one_fp32_accumulation(mode: Mode) -> None:
     g = np.array([[[[1.0, 0.125], [0.125, 0.125]]]])
     got = OPS["aten.upsample_nearest2d_backward.default"](cx, g, [2, 2], [1, 1, 1, 1], None, None)
     assert got.ravel()[0] == o.sum_fp32([1.0, 0.125, 0.125, 0.125])
+
+
+def test_norm_eps_is_stored_in_the_format() -> None:
+    """Documented (emulate-a-format.md): group norm of a constant group, eps = 1e-5, stores
+    eps as 0 in fp8_e4m3 (rstd = 1/sqrt(0): NaN, no inf), 2^-16 in fp8_e5m2 (rstd 256)."""
+    x = np.full((1, 2, 2, 2), 1.5)
+    _, _, r = OPS["aten.native_group_norm.default"](_cx("fp8_e4m3"), x, None, None, 1, 2, 4, 1, 1e-5)
+    assert np.isnan(r).all()
+    _, _, r = OPS["aten.native_group_norm.default"](_cx("fp8_e5m2"), x, None, None, 1, 2, 4, 1, 1e-5)
+    assert (r == 256.0).all()
