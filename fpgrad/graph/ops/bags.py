@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fpgrad.graph import shapes
+from fpgrad.graph.ops import taps
 from fpgrad.graph.ops.registry import op
 
 _MODES = {0: "sum", 1: "mean", 2: "max"}
@@ -65,7 +66,7 @@ def embedding_bag(cx: Any, weight: Any, indices: Any, offsets: Any, scale_grad_b
         rows = ar.mul(rows, shapes.unsqueeze(per_sample_weights, 1))
     member = np.zeros((n_bags, idx.size))
     member[bag[keep], np.arange(idx.size)[keep]] = 1.0
-    out = ar.matmul(ar.asarray(member), rows)
+    out = taps.select_sum(cx, member, rows)
     if mode == 1:
         out = ar.div(out, _sizes(cx, bag, keep, n_bags))
     # torch's integer outputs (offset2bag, bag_size, max_indices), from its own kernel
@@ -98,4 +99,4 @@ def embedding_bag_backward(cx: Any, grad: Any, indices: Any, offsets: Any, offse
         entries = ar.mul(entries, shapes.unsqueeze(per_sample_weights, 1))
     onehot = np.zeros((int(num_weights), idx.size))
     onehot[idx[keep], np.arange(idx.size)[keep]] = 1.0
-    return ar.matmul(ar.asarray(onehot), entries)
+    return taps.select_sum(cx, onehot, entries)

@@ -25,6 +25,7 @@ import numpy as np
 
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
+from fpgrad.graph.ops import taps
 from fpgrad.graph.ops.registry import op
 from fpgrad.graph.ops.resample import _both, _split
 
@@ -97,12 +98,24 @@ def _matrix(cx: Any, n: int, o: int, align: bool, scale: Any) -> Any:
     return ar.div(top, bottom)
 
 
+def _taps(cx: Any, x: Any, size: Any, in_size: Any, align: bool, scales: Any,
+          adjoint: bool) -> Any:  # fmt: skip
+    """A rounding machine's bicubic map by each output's four taps (torch's kernel reads no
+    other cell: an infinite input stays local; :mod:`fpgrad.graph.ops.taps`)."""
+    (oh, ow), (h, w) = size, in_size
+    rows_h = _rows(h, oh, align, _scale(scales[0]), False)
+    rows_w = _rows(w, ow, align, _scale(scales[1]), False)
+    return taps.separable(cx, x, rows_h, rows_w, h, w, adjoint)
+
+
 @op("aten.upsample_bicubic2d.default")
 def upsample_bicubic2d(cx: Any, x: Any, size: Any, align_corners: bool, scales_h: Any = None,
                        scales_w: Any = None) -> Any:  # fmt: skip
     """``A_h x A_w^T`` (module docstring: the weights per system)."""
     h, w = shapes.shape(x)[-2:]
     oh, ow = (int(v) for v in size)
+    if not isinstance(cx.ar, ExactDerivatives):
+        return _taps(cx, x, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), False)
     left = _matrix(cx, h, oh, bool(align_corners), scales_h)
     right = _matrix(cx, w, ow, bool(align_corners), scales_w)
     return _both(cx, x, left, right)
@@ -113,6 +126,8 @@ def upsample_bicubic2d_backward(cx: Any, g: Any, size: Any, in_size: Any, align_
                                 scales_h: Any = None, scales_w: Any = None) -> Any:  # fmt: skip
     """The adjoint ``A_h^T g A_w``."""
     (oh, ow), (h, w) = (int(v) for v in size), (int(v) for v in in_size[-2:])
+    if not isinstance(cx.ar, ExactDerivatives):
+        return _taps(cx, g, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), True)
     left = _matrix(cx, h, oh, bool(align_corners), scales_h)
     right = _matrix(cx, w, ow, bool(align_corners), scales_w)
     return _both(cx, g, shapes.transpose(left, 0, 1), shapes.transpose(right, 0, 1))

@@ -211,12 +211,16 @@ class _Pool:
         return shapes.stack([shapes.index(xp, (..., *idx)) for _, _, idx in offsets], 2)
 
     def uncols(self, cx: Any, cols: Any, x_shape: Any) -> Any:
-        """The adjoint of :meth:`cols`: each offset placed, summed, the padding cropped."""
+        """The adjoint of :meth:`cols`: each offset placed, summed, the padding cropped.
+        The offsets are added last first: an input cell then takes its addends in the order
+        of the windows that read it (row-major over the output), torch's CPU pooling
+        backward order (``grad_input[i] += ...`` output after output, each add rounded)."""
         (ph, pw), (eh, ew) = self.pad, self.extra
         n, c, h, w = x_shape
         zeros = cx.ar.asarray(np.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew)))
         total = None
-        for i, (_, _, idx) in enumerate(_offsets(self.k, self.st, self.dil, *self.out)):
+        offsets = list(enumerate(_offsets(self.k, self.st, self.dil, *self.out)))
+        for i, (_, _, idx) in reversed(offsets):
             part = shapes.place(zeros, shapes.index(cols, (slice(None), slice(None), i)),
                                 (..., *idx))  # fmt: skip
             total = part if total is None else cx.ar.add(total, part)
@@ -429,8 +433,16 @@ def _adaptive(cx: Any, x_shape: Any, size: Any) -> tuple[np.ndarray, np.ndarray,
 
 
 def _apply_rows(cx: Any, x: Any, left: np.ndarray, right: np.ndarray) -> Any:
-    """left @ x @ right^T over the last two axes of (N, C, a, b), by the system's matmul."""
+    """left @ x @ right^T over the last two axes of (N, C, a, b), by the system's matmul
+    (a rounding machine: over each window's cells only, :mod:`fpgrad.graph.ops.taps`)."""
     ar = cx.ar
+    if not isinstance(ar, ExactDerivatives):
+        from fpgrad.graph.ops import taps
+
+        def rows(m: np.ndarray) -> list:
+            return [[(int(i), float(m[j, i])) for i in np.nonzero(m[j])[0]] for j in range(len(m))]
+
+        return taps.separable(cx, x, rows(left), rows(right), left.shape[1], right.shape[1])
     n, c, a, b = shapes.shape(x)
     y = ar.matmul(shapes.reshape(x, (n * c * a, b)), ar.asarray(right.T.copy()))
     y = shapes.reshape(shapes.transpose(shapes.reshape(y, (n * c, a, -1)), 1, 2), (-1, a))

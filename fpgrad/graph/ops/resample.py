@@ -26,6 +26,7 @@ import numpy as np
 from fpgrad.arith.base import ExactDerivatives
 from fpgrad.errors import InputError
 from fpgrad.graph import shapes
+from fpgrad.graph.ops import taps
 from fpgrad.graph.ops._util import exact_count, sum_dims
 from fpgrad.graph.ops.conv import _first_max, _increasing_source, _pool_size
 from fpgrad.graph.ops.registry import op
@@ -268,7 +269,9 @@ def _lin_rows(n: int, o: int, align: bool, scale: Any) -> list[list[tuple[int, F
 
 def _lin_rows64(n: int, o: int, align: bool, scale: Any) -> list[list[tuple[int, float]]]:
     """The same in float64, as torch's float64 CPU kernel computes it (checked bit for bit
-    against it by tests/test_ops_conv_more.py)."""
+    against it by tests/test_ops_conv_more.py). An axis of equal sizes: torch's taps ``i``
+    and ``i`` with weights 1 and 0 (``UpSample.h``; both axes equal too: an infinite input
+    is NaN there, as in torch)."""
     if o == n:
         return [[(i, 1.0), (i, 0.0)] for i in range(o)]
     if align:
@@ -280,7 +283,7 @@ def _lin_rows64(n: int, o: int, align: bool, scale: Any) -> list[list[tuple[int,
         # torch's CPU build contracts scale * (dst + 0.5) - 0.5 into one fused multiply-add
         fused = float(Fraction(ratio) * Fraction(j + 0.5) - Fraction(1, 2))
         src = ratio * j if align else max(fused, 0.0)
-        i0 = min(int(np.floor(src)), n - 1)
+        i0 = min(int(np.floor(np.float32(src))), n - 1)  # torch's floorf: src as a float
         lam = min(max(src - i0, 0.0), 1.0)
         rows.append([(i0, 1.0 - lam), (i0 + (1 if i0 < n - 1 else 0), lam)])
     return rows
@@ -323,6 +326,15 @@ def _matrix(cx: Any, n: int, o: int, align: bool, scale: Any) -> Any:
     return ar.div(top, bottom)
 
 
+def _lin_taps(cx: Any, size: Any, in_size: Any, align: bool, scales: Any, x: Any,
+              adjoint: bool) -> Any:  # fmt: skip
+    """A rounding machine's bilinear map by torch's taps (:mod:`fpgrad.graph.ops.taps`)."""
+    (oh, ow), (h, w) = size, in_size
+    rows_h = _lin_rows64(h, oh, align, scales[0])
+    rows_w = _lin_rows64(w, ow, align, scales[1])
+    return taps.separable(cx, x, rows_h, rows_w, h, w, adjoint)
+
+
 def _both(cx: Any, x: Any, left: Any, right: Any) -> Any:
     """``left @ x @ right^T`` over the last two axes of (N, C, a, b): the width first."""
     ar = cx.ar
@@ -341,6 +353,9 @@ def upsample_bilinear2d(cx: Any, x: Any, size: Any, align_corners: bool, scales_
     """``A_h x A_w^T`` (module docstring: the weights per system)."""
     h, w = shapes.shape(x)[-2:]
     oh, ow = (int(v) for v in size)
+    if not isinstance(cx.ar, ExactDerivatives):
+        return _lin_taps(cx, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), x,
+                         False)  # fmt: skip
     left = _matrix(cx, h, oh, bool(align_corners), scales_h)
     right = _matrix(cx, w, ow, bool(align_corners), scales_w)
     return _both(cx, x, left, right)
@@ -351,6 +366,9 @@ def upsample_bilinear2d_backward(cx: Any, g: Any, size: Any, in_size: Any, align
                                  scales_h: Any = None, scales_w: Any = None) -> Any:  # fmt: skip
     """The adjoint ``A_h^T g A_w``."""
     (oh, ow), (h, w) = (int(v) for v in size), (int(v) for v in in_size[-2:])
+    if not isinstance(cx.ar, ExactDerivatives):
+        return _lin_taps(cx, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), g,
+                         True)  # fmt: skip
     left = _matrix(cx, h, oh, bool(align_corners), scales_h)
     right = _matrix(cx, w, ow, bool(align_corners), scales_w)
     return _both(cx, g, shapes.transpose(left, 0, 1), shapes.transpose(right, 0, 1))
