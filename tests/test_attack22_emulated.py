@@ -149,14 +149,14 @@ def test_bilinear_weights_equal_torchs_float64_kernel_on_every_small_geometry() 
     floored the double (index 0, weights [1.1e-16, 1, 0]): 24 of 1008 geometries differed
     (float32:emulated gave 1.1e-16 for the 0 of [1, 0, 0] there)."""
     from fpgrad.graph.ops import resample
+    from tests.test_ops_conv_more import dense_rows
 
-    cx = SimpleNamespace(ar=SimpleNamespace(asarray=lambda m: m))
     for n in range(1, 9):
         for o in range(1, 20):
             for align, scale in [(False, None), (True, None), (False, o / n * 1.03)]:
                 eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, 1, n)
                 ref = torch.ops.aten.upsample_bilinear2d(eye, [1, o], align, 1.0, scale)
-                got = resample._matrix(cx, n, o, align, scale)
+                got = dense_rows(resample._lin_rows64(n, o, align, scale), n, o)
                 assert np.array_equal(got, ref.reshape(n, o).T.numpy()), (n, o, align, scale)
     y = OPS["aten.upsample_bilinear2d.default"](_cx("float32"), np.array([[[[1.0, 0, 0]]]]),
                                                 [1, 7], False)  # fmt: skip

@@ -16,18 +16,13 @@ kernel, whose columns are the native ones).
 
 from __future__ import annotations
 
-import functools
 import math
 from fractions import Fraction
 from typing import Any
 
-import numpy as np
-
-from fpgrad.arith.base import ExactDerivatives
 from fpgrad.graph import shapes
-from fpgrad.graph.ops import taps
 from fpgrad.graph.ops.registry import op
-from fpgrad.graph.ops.resample import _both, _split
+from fpgrad.graph.ops.resample import separable
 
 _A = Fraction(-3, 4)
 
@@ -66,68 +61,27 @@ def _rows(n: int, o: int, align: bool, scale: float | None, exact: bool) -> list
     return rows
 
 
-@functools.lru_cache(maxsize=64)
-def _fractions(n: int, o: int, align: bool, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(o, n, 2) numerators and denominators of the exact weights as hi + lo float64 words."""
-    f = [[Fraction(0)] * n for _ in range(o)]
-    for j, row in enumerate(_rows(n, o, align, scale, True)):
-        for i, w in row:
-            f[j][i] += w
-    num = np.array([[_split(v.numerator) for v in r] for r in f]).reshape(o, n, 2)
-    den = np.array([[_split(v.denominator) for v in r] for r in f]).reshape(o, n, 2)
-    num.flags.writeable = den.flags.writeable = False
-    return num, den
+def exact_rows(n: int, o: int, align: bool, scale: float | None) -> list[list[tuple[int, Any]]]:
+    """The four taps of each output index with exact rational weights."""
+    return _rows(n, o, align, scale, True)
 
 
-def _scale(scale: Any) -> float | None:
-    return None if scale is None else float(scale)
-
-
-def _matrix(cx: Any, n: int, o: int, align: bool, scale: Any) -> Any:
-    """(o, n) interpolation matrix as a value of the system (repeated taps summed)."""
-    ar = cx.ar
-    if not isinstance(ar, ExactDerivatives):
-        m = np.zeros((o, n))
-        for j, row in enumerate(_rows(n, o, align, _scale(scale), False)):
-            for i, w in row:
-                m[j, i] += w
-        return ar.asarray(m)
-    num, den = _fractions(n, o, bool(align), _scale(scale))
-    top = ar.add(ar.asarray(num[..., 0].copy()), ar.asarray(num[..., 1].copy()))
-    bottom = ar.add(ar.asarray(den[..., 0].copy()), ar.asarray(den[..., 1].copy()))
-    return ar.div(top, bottom)
-
-
-def _taps(cx: Any, x: Any, size: Any, in_size: Any, align: bool, scales: Any,
-          adjoint: bool) -> Any:  # fmt: skip
-    """A rounding machine's bicubic map by each output's four taps (torch's kernel reads no
-    other cell: an infinite input stays local; :mod:`fpgrad.graph.ops.taps`)."""
-    (oh, ow), (h, w) = size, in_size
-    rows_h = _rows(h, oh, align, _scale(scales[0]), False)
-    rows_w = _rows(w, ow, align, _scale(scales[1]), False)
-    return taps.separable(cx, x, rows_h, rows_w, h, w, adjoint)
+def float_rows(n: int, o: int, align: bool, scale: float | None) -> list[list[tuple[int, Any]]]:
+    """The same with weights computed in float64 (the rounding machines' taps)."""
+    return _rows(n, o, align, scale, False)
 
 
 @op("aten.upsample_bicubic2d.default")
 def upsample_bicubic2d(cx: Any, x: Any, size: Any, align_corners: bool, scales_h: Any = None,
                        scales_w: Any = None) -> Any:  # fmt: skip
     """``A_h x A_w^T`` (module docstring: the weights per system)."""
-    h, w = shapes.shape(x)[-2:]
-    oh, ow = (int(v) for v in size)
-    if not isinstance(cx.ar, ExactDerivatives):
-        return _taps(cx, x, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), False)
-    left = _matrix(cx, h, oh, bool(align_corners), scales_h)
-    right = _matrix(cx, w, ow, bool(align_corners), scales_w)
-    return _both(cx, x, left, right)
+    return separable(cx, x, size, shapes.shape(x), align_corners, (scales_h, scales_w), False,
+                     exact_rows, float_rows)  # fmt: skip
 
 
 @op("aten.upsample_bicubic2d_backward.default")
 def upsample_bicubic2d_backward(cx: Any, g: Any, size: Any, in_size: Any, align_corners: bool,
                                 scales_h: Any = None, scales_w: Any = None) -> Any:  # fmt: skip
     """The adjoint ``A_h^T g A_w``."""
-    (oh, ow), (h, w) = (int(v) for v in size), (int(v) for v in in_size[-2:])
-    if not isinstance(cx.ar, ExactDerivatives):
-        return _taps(cx, g, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), True)
-    left = _matrix(cx, h, oh, bool(align_corners), scales_h)
-    right = _matrix(cx, w, ow, bool(align_corners), scales_w)
-    return _both(cx, g, shapes.transpose(left, 0, 1), shapes.transpose(right, 0, 1))
+    return separable(cx, g, size, in_size, align_corners, (scales_h, scales_w), True,
+                     exact_rows, float_rows)  # fmt: skip

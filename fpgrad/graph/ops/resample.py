@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -295,12 +296,17 @@ def _split(v: int) -> tuple[float, float]:
     return hi, float(v - int(hi))
 
 
+#: per output index of an axis, the (input index, weight) pairs: (n, o, align, scale) -> rows
+Rows = Callable[[int, int, bool, "float | None"], list[list[tuple[int, Any]]]]
+
+
 @functools.lru_cache(maxsize=64)
-def _fractions(n: int, o: int, align: bool, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(o, n, 2) numerators and denominators of the exact weights, each as hi + lo float64
-    words (read-only: cached for the forward and backward ops)."""
+def _fractions(rows: Rows, n: int, o: int, align: bool, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(o, n, 2) numerators and denominators of the exact weights ``rows`` gives (repeated
+    indices summed), each as hi + lo float64 words (read-only: cached for the forward and
+    backward ops)."""
     f = [[Fraction(0)] * n for _ in range(o)]
-    for j, frow in enumerate(_lin_rows(n, o, align, scale)):
+    for j, frow in enumerate(rows(n, o, align, scale)):
         for i, fw in frow:
             f[j][i] += fw
     num = np.array([[_split(v.numerator) for v in r] for r in f]).reshape(o, n, 2)
@@ -309,30 +315,15 @@ def _fractions(n: int, o: int, align: bool, scale: float | None) -> tuple[np.nda
     return num, den
 
 
-def _matrix(cx: Any, n: int, o: int, align: bool, scale: Any) -> Any:
-    """(o, n) interpolation matrix as a value of the system (repeated indices summed)."""
+def _matrix(cx: Any, rows: Rows, n: int, o: int, align: bool, scale: float | None) -> Any:
+    """(o, n) interpolation matrix of the exact ``rows`` as a value of the exact system."""
     ar = cx.ar
-    if not isinstance(cx.ar, ExactDerivatives):
-        m = np.zeros((o, n))
-        for j, row in enumerate(_lin_rows64(n, o, align, scale)):
-            for i, w in row:
-                m[j, i] += w
-        return ar.asarray(m)
-    num, den = _fractions(n, o, bool(align), None if scale is None else float(scale))
+    num, den = _fractions(rows, n, o, align, scale)
     if not num[..., 1].any() and not den[..., 1].any() and np.all(den[..., 0] == 1):
         return ar.asarray(num[..., 0].copy())  # integer weights (0 and 1)
     top = ar.add(ar.asarray(num[..., 0].copy()), ar.asarray(num[..., 1].copy()))
     bottom = ar.add(ar.asarray(den[..., 0].copy()), ar.asarray(den[..., 1].copy()))
     return ar.div(top, bottom)
-
-
-def _lin_taps(cx: Any, size: Any, in_size: Any, align: bool, scales: Any, x: Any,
-              adjoint: bool) -> Any:  # fmt: skip
-    """A rounding machine's bilinear map by torch's taps (:mod:`fpgrad.graph.ops.taps`)."""
-    (oh, ow), (h, w) = size, in_size
-    rows_h = _lin_rows64(h, oh, align, scales[0])
-    rows_w = _lin_rows64(w, ow, align, scales[1])
-    return taps.separable(cx, x, rows_h, rows_w, h, w, adjoint)
 
 
 def _both(cx: Any, x: Any, left: Any, right: Any) -> Any:
@@ -347,31 +338,39 @@ def _both(cx: Any, x: Any, left: Any, right: Any) -> Any:
     return shapes.transpose(shapes.reshape(y, (n, c, q, p)), 2, 3)
 
 
+def separable(cx: Any, x: Any, size: Any, in_size: Any, align: Any, scales: Any, adjoint: bool,
+              exact_rows: Rows, float_rows: Rows) -> Any:  # fmt: skip
+    """A separable interpolation of (N, C, H, W) ``x`` to ``size`` (``adjoint``: its adjoint,
+    the backward, of an (N, C, oh, ow) gradient to ``in_size``): ``A_h x A_w^T`` with the
+    exact rows' rational matrices in the exact systems; a rounding machine reads each
+    output's own taps with the float64 rows (:func:`fpgrad.graph.ops.taps.separable`)."""
+    (oh, ow), (h, w) = (int(v) for v in size), (int(v) for v in in_size[-2:])
+    align = bool(align)
+    sh, sw = (None if v is None else float(v) for v in scales)
+    if not isinstance(cx.ar, ExactDerivatives):
+        rows_h, rows_w = float_rows(h, oh, align, sh), float_rows(w, ow, align, sw)
+        return taps.separable(cx, x, rows_h, rows_w, h, w, adjoint)
+    left = _matrix(cx, exact_rows, h, oh, align, sh)
+    right = _matrix(cx, exact_rows, w, ow, align, sw)
+    if adjoint:
+        return _both(cx, x, shapes.transpose(left, 0, 1), shapes.transpose(right, 0, 1))
+    return _both(cx, x, left, right)
+
+
 @op("aten.upsample_bilinear2d.default")
 def upsample_bilinear2d(cx: Any, x: Any, size: Any, align_corners: bool, scales_h: Any = None,
                         scales_w: Any = None) -> Any:  # fmt: skip
     """``A_h x A_w^T`` (module docstring: the weights per system)."""
-    h, w = shapes.shape(x)[-2:]
-    oh, ow = (int(v) for v in size)
-    if not isinstance(cx.ar, ExactDerivatives):
-        return _lin_taps(cx, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), x,
-                         False)  # fmt: skip
-    left = _matrix(cx, h, oh, bool(align_corners), scales_h)
-    right = _matrix(cx, w, ow, bool(align_corners), scales_w)
-    return _both(cx, x, left, right)
+    return separable(cx, x, size, shapes.shape(x), align_corners, (scales_h, scales_w), False,
+                     _lin_rows, _lin_rows64)  # fmt: skip
 
 
 @op("aten.upsample_bilinear2d_backward.default")
 def upsample_bilinear2d_backward(cx: Any, g: Any, size: Any, in_size: Any, align_corners: bool,
                                  scales_h: Any = None, scales_w: Any = None) -> Any:  # fmt: skip
     """The adjoint ``A_h^T g A_w``."""
-    (oh, ow), (h, w) = (int(v) for v in size), (int(v) for v in in_size[-2:])
-    if not isinstance(cx.ar, ExactDerivatives):
-        return _lin_taps(cx, (oh, ow), (h, w), bool(align_corners), (scales_h, scales_w), g,
-                         True)  # fmt: skip
-    left = _matrix(cx, h, oh, bool(align_corners), scales_h)
-    right = _matrix(cx, w, ow, bool(align_corners), scales_w)
-    return _both(cx, g, shapes.transpose(left, 0, 1), shapes.transpose(right, 0, 1))
+    return separable(cx, g, size, in_size, align_corners, (scales_h, scales_w), True,
+                     _lin_rows, _lin_rows64)  # fmt: skip
 
 
 # ---- pixel shuffle ------------------------------------------------------------------------
