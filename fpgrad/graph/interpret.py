@@ -265,7 +265,7 @@ def _reread(
             env[name] = src  # the op's own tensor (``unsqueeze_``: a new shape): its value
             continue
         if not same or any(_raw(a) for a in (old, src, fresh)):
-            marks = _written_mask(value, w_off, order) if same else None
+            marks = _written_mask(value, w_off, order)[1] if same else None
             if isinstance(ar, ExactDerivatives) and fresh_is_rounded(old, src, written, value, marks):
                 raise InputError(
                     f"a constant holding -inf or NaN ({name}) is written in place with values the "
@@ -275,13 +275,10 @@ def _reread(
                 )
             env[name] = fresh  # torch's values (integers, masks, non-finite, other formats)
             continue
-        off = _offsets(value)
-        at = np.clip(np.searchsorted(w_off, off, sorter=order), 0, max(w_off.size - 1, 0))
-        hit = order[at] if w_off.size else np.zeros(off.shape, dtype=np.int64)
-        mask = (w_off[hit] == off) if w_off.size else np.zeros(off.shape, dtype=bool)
+        hit, mask = _written_mask(value, w_off, order)
         if mask.any():
             flat = shapes.reshape(src, (-1,))
-            picked = shapes.reshape(shapes.index(flat, (np.where(mask, hit, 0).ravel(),)), off.shape)
+            picked = shapes.reshape(shapes.index(flat, (np.where(mask, hit, 0).ravel(),)), mask.shape)
             env[name] = ar.where(mask, picked, old)
     return names
 
@@ -337,13 +334,14 @@ def non_finite_exact(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph
         ) from None
 
 
-def _written_mask(value: torch.Tensor, w_off: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Which elements of ``value`` (its shape) the write (storage offsets ``w_off``) reached."""
+def _written_mask(value: torch.Tensor, w_off: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(for each element of ``value``, the index of the written element at its storage offset;
+    whether the write, storage offsets ``w_off`` sorted by ``order``, reached it)."""
     off = _offsets(value)
     if not w_off.size:
-        return np.zeros(off.shape, dtype=bool)
-    at = np.clip(np.searchsorted(w_off, off, sorter=order), 0, w_off.size - 1)
-    return w_off[order[at]] == off
+        return np.zeros(off.shape, dtype=np.int64), np.zeros(off.shape, dtype=bool)
+    hit = order[np.clip(np.searchsorted(w_off, off, sorter=order), 0, w_off.size - 1)]
+    return hit, w_off[hit] == off
 
 
 def _integer_op(node: fx.Node, env: dict[str, Any]) -> Any:
