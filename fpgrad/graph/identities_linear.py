@@ -43,6 +43,7 @@ import torch
 from torch import fx
 
 from fpgrad.graph.names import op_key
+from fpgrad.graph.ops import _inplace, _is_view
 
 MAX_TERMS = 16
 Form = dict[int, Fraction]
@@ -59,20 +60,8 @@ _LINEAR = {
 _BILINEAR = {"aten.mm.default", "aten.bmm.default", "aten.mul.Tensor"}
 _SCALE = {"aten.mul.Tensor", "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar"}
 _SUMS = {"aten.add.Tensor", "aten.sub.Tensor"}
-#: ops whose output shares storage with their first argument
-_VIEWS = {
-    "aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.t.default",
-    "aten.transpose.int", "aten.permute.default", "aten.unsqueeze.default", "aten.squeeze.dim",
-    "aten.squeeze.dims", "aten.squeeze.default", "aten.expand.default", "aten.select.int",
-    "aten.slice.Tensor", "aten.detach.default", "aten.alias.default", "aten.as_strided.default",
-    "aten.diagonal.default", "aten.unfold.default", "aten.split.Tensor", "aten.unbind.int",
-    "aten.split_with_sizes.default", "aten.narrow.default", "aten.view_as_real.default",
-}  # fmt: skip
-
-
-def _inplace(key: str) -> bool:
-    parts = key.split(".")
-    return len(parts) == 3 and parts[1].endswith("_")
+#: views beyond :func:`fpgrad.graph.ops._is_view`'s (outputs sharing their input's storage)
+_MORE_VIEWS = {"aten.narrow.default", "aten.view_as_real.default"}
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -102,11 +91,11 @@ def _written(graph: fx.Graph) -> set[str]:
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         key, base = op_key(node), node.args[0]
-        if key in _VIEWS or key == "getitem" or _inplace(key):
+        if _is_view(node) or key in _MORE_VIEWS or key == "getitem" or _inplace(node):
             parent.setdefault(node.name, node.name)
             parent.setdefault(base.name, base.name)
             parent[find(node.name)] = find(base.name)  # the output aliases its first argument
-        if _inplace(key):
+        if _inplace(node):
             targets.append(base.name)
     roots = {find(t) for t in targets}
     return {n for n in parent if find(n) in roots}
