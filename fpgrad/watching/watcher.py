@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from fpgrad.errors import InputError
+from fpgrad.watching.adam_pass import adam_updates
 from fpgrad.watching.casts import forget, written
 from fpgrad.watching.classify import op_stats
 from fpgrad.watching.modules import ModuleStack
@@ -303,7 +304,9 @@ class Watcher:
         if self._sampling:  # float64 copies: the statistics and the shadow need them widened
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             self._before = widen(params, self._scratch)
-            self._requested = self._shadow_opt.requested_updates(opt, self._before)
+            self._requested = adam_updates(opt, self._before, self._scratch)
+            if self._requested is None:
+                self._requested = self._shadow_opt.requested_updates(opt, self._before)
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
