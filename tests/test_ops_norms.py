@@ -559,12 +559,13 @@ def test_emulated_group_norm_by_hand() -> None:
 
 def test_eq_scalar_exact_and_emulated() -> None:
     """Exact: ``== 0`` decided on the fast balls and Arb (an exact zero ball is 0); ``== c``
-    exactly at c and next to it (the next float64) decided by Arb, while the fast balls'
-    ``x - c`` keeps a radius: undecided there, counted (the run goes to Arb), never guessed.
+    exactly at c and next to it (the next float64) decided by both (exact single floats
+    subtract exactly in the fast balls too), while a ball with a radius around c is
+    undecided there, counted (the run goes to Arb), never guessed.
     Emulated: c rounded into the format first (0.1 in bfloat16 is 0.10009765625), NaN is
     equal to nothing."""
     from fpgrad.arith.arb import ArbArith
-    from fpgrad.arith.ball import BallArith
+    from fpgrad.arith.ball import Ball, BallArith
 
     vals = np.array([0.5, np.nextafter(0.5, 1.0), 0.0, -0.5])
     for ar in (BallArith(150), ArbArith(128)):
@@ -572,10 +573,12 @@ def test_eq_scalar_exact_and_emulated() -> None:
         assert norms.eq_scalar(cx, ar.asarray(vals), 0).tolist() == [False, False, True, False]
         assert ar.uncertain_branches == 0
         at_half = norms.eq_scalar(cx, ar.asarray(vals), 0.5).tolist()
-        if isinstance(ar, ArbArith):
-            assert at_half == [True, False, False, False] and ar.uncertain_branches == 0
-        else:
-            assert ar.uncertain_branches > 0
+        assert at_half == [True, False, False, False] and ar.uncertain_branches == 0
+    ba = BallArith(150)
+    cx = SimpleNamespace(ar=ba, label=lambda: "op")
+    around = Ball(ba.asarray(np.array([0.5])).mid, np.array([1e-30]))  # holds 0.5 and more
+    norms.eq_scalar(cx, around, 0.5)
+    assert ba.uncertain_branches > 0
     cx = _cx("bfloat16")
     x = cx.ar.asarray(np.array([0.1, 0.2, np.nan]))
     assert norms.eq_scalar(cx, x, 0.1).tolist() == [True, False, False]

@@ -14,6 +14,7 @@ import numpy as np
 
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.ball_base import HI_BOUND, RU, Ball, _flat, _jit, _words_tag
+from fpgrad.arith.jit_ball import TINY_PAD
 
 # error bound of the elementary functions per word count: measured worst cases are 2**-98
 # (k=2) and 2**-148.1 (k=3: tanh just above |z| = 2**-10, where E - 1 cancels ~9 bits; found
@@ -208,7 +209,10 @@ class BallFunctions:
         tail = np.where(ub > 0, np.maximum(tail, 2.0**-700), 0.0)  # no bound rounds to 0
         series = Ball(series.mid, (series.rad + tail) * RU)
         out = self.add(self.const(0.5), self.mul(self.npdf(x), series))
-        out = Ball(out.mid, (out.rad + lip * np.where(mid_range, a.rad, 0.0)) * RU)
+        # lip * rad can round below 2**-1074 (to 0 for a subnormal rad): a pad keeps the ball
+        # of a non-zero rad from being the point Phi(mid) (0 +- 5e-324 gave {1/2})
+        r_in = np.where(mid_range, a.rad, 0.0)
+        out = Ball(out.mid, (out.rad + lip * r_in + np.where(r_in > 0, TINY_PAD, 0.0)) * RU)
         far = ~mid_range
         if far.any():
             lo = np.abs(a.mid[0]) / HI_BOUND - a.rad  # every point of the ball has |a| >= lo

@@ -28,6 +28,13 @@ w_two_sum = words_intrinsic(lambda k, a, b: two_sum(a, b), "cc", 2)
 
 
 TINY_PAD = 8 * 2.0**-1074  #: covers the absolute (subnormal) rounding of a radius formula
+TWO_PROD_MIN = 2.0**-969  #: products at least this large have an exact TwoProd error term
+
+
+@njit(**JIT)
+def _single(rad: float, w: tuple) -> bool:
+    """An exact single float: radius 0 and every word after the first 0."""
+    return rad == 0.0 and w[1] == 0.0 and w[2] == 0.0
 
 
 @njit(**JIT)
@@ -54,6 +61,15 @@ def binop(
     An operand of shape (k, 1, C) broadcasts along the rows. ``eta``: the relative error
     bound of the k-word operation (expansion.ETA[k]).
 
+    Exact operands (radius 0, one non-zero word at most: inputs, parameters, constants) add,
+    subtract and multiply without a rounding term. For k = 2 and 3 (:mod:`.jit_words`) with
+    every lower word 0, ``add`` returns TwoSum(a0, b0) = (s, e) with s + e = a0 + b0 exactly
+    (the later TwoSums and FastTwoSums meet only zeros and the exact pair (s, e)), and ``mul``
+    returns TwoProd(a0, b0) = (p, fma(a0, b0, -p)), exact when |p| >= 2**-969 or an operand is
+    0; an overflow or a product below that is a range error (``bad``), whose evaluation is
+    discarded. Such a sum or product is the exact value, so its radius is 0: ``1 - 1.0`` is
+    the ball {0}, and ``0 * finfo(float64).min`` stays {0} instead of a radius of 1e264.
+
     Division's radius ``(ra + q0 HI rb) / den`` (``den = |b0| / HI - rb``: ``|b| >= den`` on
     the ball) rounds each of its operations to nearest: relatively within 2**-53 (covered by
     RU) where the result is normal, within 2**-1075 absolutely where it falls below 2**-1022,
@@ -76,7 +92,11 @@ def binop(
                 b0 = bm[0, ib, c] * sgn
                 b = (b0, bm[1, ib, c] * sgn, bm[2, ib, c] * sgn if k == 3 else 0.0)
                 m = w_add(kw, a, b)
-                orad[r, c] = (ar[ia, c] + br[ib, c] + eta * (abs(a[0]) + abs(b0))) * RU
+                ra, rb = ar[ia, c], br[ib, c]
+                # two single floats (exact: radius 0, lower words 0) add exactly: the words are
+                # their TwoSum (proof in the docstring), so no rounding term
+                e = 0.0 if _single(ra, a) and _single(rb, b) else eta
+                orad[r, c] = (ra + rb + e * (abs(a[0]) + abs(b0))) * RU
                 om[0, r, c], om[1, r, c] = m[0], m[1]
                 if k == 3:
                     om[2, r, c] = m[2]
@@ -95,7 +115,15 @@ def binop(
                     if (ra > 0.0 and (rb > 0.0 or b0 > 0.0)) or (rb > 0.0 and a0 > 0.0)
                     else 0.0
                 )
-                orad[r, c] = ((a0 * rb + b0 * ra) * HI_BOUND + ra * rb + eta * abs(m[0]) + pad) * RU
+                # two single floats multiply exactly (TwoProd) unless the product is below
+                # 2**-969 (then its error can fall below 2**-1074; a range error here anyway)
+                exact = (
+                    _single(ra, a)
+                    and _single(rb, b)
+                    and (abs(m[0]) >= TWO_PROD_MIN or a0 == 0.0 or b0 == 0.0)
+                )
+                e = 0.0 if exact else eta
+                orad[r, c] = ((a0 * rb + b0 * ra) * HI_BOUND + ra * rb + e * abs(m[0]) + pad) * RU
                 om[0, r, c], om[1, r, c] = m[0], m[1]
                 if k == 3:
                     om[2, r, c] = m[2]
