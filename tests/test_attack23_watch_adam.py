@@ -169,3 +169,43 @@ def test_watched_corners_match_the_shadow_and_change_nothing(
             assert torch.equal(opt.state[p][k], popt.state[q][k])
     if scaler is not None:
         assert scaler.get_scale() == pscaler.get_scale()
+
+
+def _step_with_betas(betas: tuple[float, float], watched: bool) -> tuple:
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x = torch.randn(8, 4)
+    err: Exception | None = None
+    w = fpgrad.watch(m, opt)
+    if watched:
+        w.__enter__()
+    for i in range(3):
+        opt.zero_grad()
+        m(x).sum().backward()
+        if i == 2:
+            opt.param_groups[0]["betas"] = betas  # set after construction (a scheduler may)
+        try:
+            opt.step()
+        except Exception as e:  # torch's own step refuses these betas
+            err = e
+    if watched:
+        w.__exit__(None, None, None)
+    return type(err), {k: v.clone() for k, v in opt.state[m.weight].items()}, m.weight.detach()
+
+
+@pytest.mark.parametrize("path", ["pass", "shadow"])
+@pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, 1.5)])
+def test_betas_torch_refuses_raise_from_torchs_step_as_unwatched(
+    betas: tuple[float, float], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 - b1^t = 0 (lr / 0) and 1 - b2^t < 0 (a complex root): the watch raised first
+    # (ZeroDivisionError, TypeError), before torch's step counted the step and moved the moments
+    if path == "shadow":
+        monkeypatch.setattr(watcher, "adam_updates", lambda *a: None)
+    want = _step_with_betas(betas, watched=False)
+    got = _step_with_betas(betas, watched=True)
+    assert want[0] is not None and got[0] is want[0]
+    assert got[1].keys() == want[1].keys()
+    assert all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+    assert torch.equal(got[2], want[2])

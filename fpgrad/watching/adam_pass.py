@@ -152,26 +152,26 @@ def adam_updates(
             t = float(step) + 1  # torch: state_steps += 1 (in the step's dtype), then .item()
             if isinstance(step, torch.Tensor) and step.dtype == torch.float32:
                 t = float(np.float32(t))  # float32 steps stop at 2^24 (torch's default dtype)
-            bc1 = 1 - b1**t
-            bc2 = 1 - b2**t
-            ss = (lr / bc1) * -1
-            bc2s = bc2**0.5
             mode = 0
             if wd != 0:
                 mode = 2 if decoupled else 1
-            factor = 1 - lr * wd if mode == 2 else float(wd)
             wl = 1 - b1
             if not abs(wl) < 0.5:
                 mode += 3
-            jobs.append((p, arrays, (wl, b2, 1 - b2, ss, bc2s, eps, factor, mode)))
+            try:  # a beta of 1 (lr / 0) or above (a complex root): torch's step raises itself
+                ss = (lr / (1 - b1**t)) * -1
+                bc2s = (1 - b2**t) ** 0.5
+                factor = 1 - lr * wd if mode % 3 == 2 else wd
+                consts = [float(x) for x in (wl, b2, 1 - b2, ss, bc2s, eps, factor)]
+            except (ArithmeticError, TypeError):
+                return None
+            jobs.append((p, arrays, (*consts, mode)))
     if not jobs:
         return None
     shapes = [p.shape for p, _, _ in jobs]
     views = scratch.layout("requested", 1, shapes, torch.float64, jobs[0][0].device).views[0]
     got: dict[int, torch.Tensor] = {}
     for (p, (w, g_, m, v), consts), out in zip(jobs, views, strict=True):
-        wl, b2, c2, ss, bc2s, eps, factor, mode = consts
-        _adam(w, g_, m, v, out.numpy().reshape(-1), float(wl), float(b2), float(c2),
-              float(ss), float(bc2s), float(eps), float(factor), mode)  # fmt: skip
+        _adam(w, g_, m, v, out.numpy().reshape(-1), *consts)
         got[id(p)] = out
     return got
