@@ -31,7 +31,7 @@ def _oracle(
     wl = 1 - b1
     m = m + wl * (g - m) if abs(wl) < 0.5 else g - (g - m) * (1 - wl)
     v = v * b2
-    v = v + (1 - b2) * (g * g)
+    v = v + ((1 - b2) * g) * g
     ss = (lr / (1 - b1**t)) * -1
     den = math.sqrt(v) / (1 - b2**t) ** 0.5
     den = den + eps

@@ -12,15 +12,16 @@ multi-tensor step (``torch.optim.adam._multi_tensor_adam``)::
     g' = g + wd w                       (L2 weight decay: Adam with weight_decay)
     w' = w (1 - lr wd)                  (decoupled: AdamW)
     m' = m + (1 - b1) (g' - m)          (torch's lerp; m' = g' - (g' - m) b1 when 1 - b1 >= 0.5)
-    v' = v b2 + (1 - b2) (g' g')
+    v' = v b2 + ((1 - b2) g') g'       (torch's addcmul: value * t1 * t2)
     u  = (w' + ((-lr / (1 - b1^t)) m') / (sqrt(v') / (1 - b2^t)^0.5 + eps)) - w
 
-with t the state's step plus one. torch's own float64 step can differ from it in the last bit
-of an element (its vectorised lerp fuses a multiply-add; its float64 sqrt is not correctly
-rounded: 1.3% of random inputs, measured), so a requested update that lands within a float64
-rounding of leaving ``w`` unchanged may be zero in one and not the other; the update norms
-differ in their last bits at most (tests/test_watch_adam_pass.py). Anything else: None, and
-the float64 shadow runs.
+with t the state's step plus one (in the step's dtype: a float32 step stops at 2^24). torch's
+own float64 step can differ from it in the last bit of an element (its vectorised lerp, addcmul
+and ``add(alpha=)`` fuse multiply-adds; its float64 sqrt is not correctly rounded: 1.3% of
+random inputs, measured), so a requested update that lands within a float64 rounding of
+leaving ``w`` unchanged may be zero in one and not the other; the update norms differ in their
+last bits at most (tests/test_watch_adam_pass.py). Anything else: None, and the float64 shadow
+runs.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _adam(
             gk = np.float64(g[k])
             mk = np.float64(m[k])
             mk = mk + wl * (gk - mk)
-            vk = np.float64(v[k]) * b2 + c2 * (gk * gk)
+            vk = np.float64(v[k]) * b2 + (c2 * gk) * gk
             u[k] = (w0 + (ss * mk) / (np.sqrt(vk) / bc2s + eps)) - w0
         return
     for k in range(n):
@@ -82,7 +83,7 @@ def _adam(
             mk = gk - (gk - mk) * (1.0 - wl)
         else:
             mk = mk + wl * (gk - mk)
-        vk = np.float64(v[k]) * b2 + c2 * (gk * gk)
+        vk = np.float64(v[k]) * b2 + (c2 * gk) * gk
         u[k] = (wk + (ss * mk) / (np.sqrt(vk) / bc2s + eps)) - w0
 
 
@@ -136,7 +137,11 @@ def adam_updates(
             if st is None or grad is None or set(st) != {"step", "exp_avg", "exp_avg_sq"}:
                 return None
             step = st["step"]
-            if isinstance(step, torch.Tensor) and (step.numel() != 1 or not step.is_cpu):
+            if isinstance(step, torch.Tensor) and (
+                step.numel() != 1
+                or not step.is_cpu
+                or step.dtype in (torch.float16, torch.bfloat16)
+            ):
                 return None
             w = before[id(p)]
             arrays = [_view(x) for x in (w, grad, st["exp_avg"], st["exp_avg_sq"])]
@@ -144,27 +149,29 @@ def adam_updates(
                 return None
             if len({a.dtype for a in arrays[1:]}) != 1 or grad.dtype != p.dtype:  # type: ignore[union-attr]
                 return None
-            t = float(step) + 1  # torch: state_steps += 1, then step.item()
-            bc1 = 1 - b1**t
-            bc2 = 1 - b2**t
-            ss = (lr / bc1) * -1
-            bc2s = bc2**0.5
+            t = float(step) + 1  # torch: state_steps += 1 (in the step's dtype), then .item()
+            if isinstance(step, torch.Tensor) and step.dtype == torch.float32:
+                t = float(np.float32(t))  # float32 steps stop at 2^24 (torch's default dtype)
             mode = 0
             if wd != 0:
                 mode = 2 if decoupled else 1
-            factor = 1 - lr * wd if mode == 2 else float(wd)
             wl = 1 - b1
             if not abs(wl) < 0.5:
                 mode += 3
-            jobs.append((p, arrays, (wl, b2, 1 - b2, ss, bc2s, eps, factor, mode)))
+            try:  # a beta of 1 (lr / 0) or above (a complex root): torch's step raises itself
+                ss = (lr / (1 - b1**t)) * -1
+                bc2s = (1 - b2**t) ** 0.5
+                factor = 1 - lr * wd if mode % 3 == 2 else wd
+                consts = [float(x) for x in (wl, b2, 1 - b2, ss, bc2s, eps, factor)]
+            except (ArithmeticError, TypeError):
+                return None
+            jobs.append((p, arrays, (*consts, mode)))
     if not jobs:
         return None
     shapes = [p.shape for p, _, _ in jobs]
     views = scratch.layout("requested", 1, shapes, torch.float64, jobs[0][0].device).views[0]
     got: dict[int, torch.Tensor] = {}
     for (p, (w, g_, m, v), consts), out in zip(jobs, views, strict=True):
-        wl, b2, c2, ss, bc2s, eps, factor, mode = consts
-        _adam(w, g_, m, v, out.numpy().reshape(-1), float(wl), float(b2), float(c2),
-              float(ss), float(bc2s), float(eps), float(factor), mode)  # fmt: skip
+        _adam(w, g_, m, v, out.numpy().reshape(-1), *consts)
         got[id(p)] = out
     return got

@@ -140,7 +140,7 @@ class ShadowOptimizer:
                             _put(st, k, v)
                 torch._foreach_copy_(dst, src)
                 _plain_step(shadow)
-        except (TypeError, ValueError, RuntimeError, KeyError):
+        except (TypeError, ValueError, RuntimeError, KeyError, ArithmeticError):
             self._key = self._shadow = None
             return None
         qs, ws = [], []
