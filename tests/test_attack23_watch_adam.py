@@ -209,3 +209,66 @@ def test_betas_torch_refuses_raise_from_torchs_step_as_unwatched(
     assert got[1].keys() == want[1].keys()
     assert all(torch.equal(got[1][k], want[1][k]) for k in want[1])
     assert torch.equal(got[2], want[2])
+
+
+def test_a_step_that_raises_ends_there_and_the_next_step_is_recorded() -> None:
+    # an exception inside optimizer.step() (its post-hook never runs), caught by the loop:
+    # that step ends, not stepped, at the next forward, whose ops are recorded again
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 4)
+    calls = {"n": 0}
+
+    def flaky(*_: object) -> None:  # a pre-hook after the watch's: the step raises after it
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+
+    with fpgrad.watch(model, opt) as w:
+        opt.register_step_pre_hook(flaky)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            try:
+                opt.step()
+            except RuntimeError:
+                pass
+    recs = w.records()
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    assert [s["skipped"] for s in steps] == [False, True, False]
+    ops = [r for r in recs if r["kind"] == "op"]
+    assert {r["step"] for r in ops} == {0, 1, 2}
+
+
+def test_step_with_a_closure_records_no_optimizer_statistics_and_changes_nothing() -> None:
+    def run(watched: bool) -> tuple[list[torch.Tensor], list[dict]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+        x, y = torch.randn(6, 4), torch.randn(6, 1)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        recs: list[dict] = []
+        if watched:
+            with fpgrad.watch(model, opt) as w:
+                for _ in range(2):
+                    opt.step(closure)
+            recs = list(w.records())
+        else:
+            for _ in range(2):
+                opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()], recs
+
+    plain, _ = run(False)
+    watched, recs = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
+    # the closure's forward and backward run inside the step: not recorded per op (documented)
+    assert not [r for r in recs if r["kind"] in ("optimizer", "op")]
+    assert [r["skipped"] for r in recs if r["kind"] == "step"] == [False, False]

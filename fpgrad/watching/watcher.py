@@ -109,7 +109,7 @@ class Watcher:
         self._scratch = Scratch()
         self._shadow_opt = ShadowOptimizer()
         self._step = 0
-        self._in_step = self._sampling = self._mode_on = False
+        self._in_step = self._sampling = self._mode_on = self._closure = False
         self._phase = "model"
 
     # ---- public ---------------------------------------------------------------------------
@@ -182,6 +182,13 @@ class Watcher:
             self._records.extend(recs)
 
     def _on_forward(self, module: Any, inputs: Any) -> None:
+        if self._phase == "optimizer" and not self._closure:
+            # the previous ``optimizer.step()`` raised (its post-hook never ran) and the loop
+            # went on: that step ends here, not stepped, and this forward starts the next
+            self._phase = "model"
+            self._before = self._requested = None
+            if self._in_step:
+                self._end_step()
         if self._in_step and self.optimizer is None and self.scaler is None:
             self._end_step()
         if not self._in_step:
@@ -298,10 +305,14 @@ class Watcher:
     def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._phase = "optimizer"
         self._before = self._requested = None
+        # ``step(closure)`` (args: the optimizer, then the step's own): the closure's forward and
+        # backward run inside the step (their ops unrecorded) and make the gradients the step
+        # uses, so no optimizer record either
+        self._closure = (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None
         if self._mode_on:  # the optimizer's own ops are not recorded: run them unobserved
             self._mode.__exit__(None, None, None)
             self._mode_on = False
-        if self._sampling:  # float64 copies: the statistics and the shadow need them widened
+        if self._sampling and not self._closure:  # float64 copies for the statistics
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             self._before = widen(params, self._scratch)
             self._requested = adam_updates(opt, self._before, self._scratch)
@@ -309,7 +320,7 @@ class Watcher:
                 self._requested = self._shadow_opt.requested_updates(opt, self._before)
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
-        self._stepped = True
+        self._stepped, self._closure = True, False
         if self._before is not None:
             recs = step_records(opt, self._names, self._before, self._requested, self._scratch)
             for rec in recs:
