@@ -68,7 +68,9 @@ def binop(
     returns TwoProd(a0, b0) = (p, fma(a0, b0, -p)), exact when |p| >= 2**-969 or an operand is
     0; an overflow or a product below that is a range error (``bad``), whose evaluation is
     discarded. Such a sum or product is the exact value, so its radius is 0: ``1 - 1.0`` is
-    the ball {0}, and ``0 * finfo(float64).min`` stays {0} instead of a radius of 1e264.
+    the ball {0} (a proven zero, where it was 0 +- 2**-147), and ``(1 - mask) * -1e4`` is exact.
+    (``finfo(float64).min`` itself lies above the guarded 2**800: a range error, so a mask
+    built from it still sends the evaluation to Arb.)
 
     Division's radius ``(ra + q0 HI rb) / den`` (``den = |b0| / HI - rb``: ``|b| >= den`` on
     the ball) rounds each of its operations to nearest: relatively within 2**-53 (covered by
