@@ -4,6 +4,11 @@ Nodes run in graph order (no recursion); each op is the function :data:`fpgrad.g
 registers for it, written once against the :class:`~fpgrad.arith.base.Arith` slots.
 Floating tensors (parameters, inputs, targets, constants) enter the system through
 ``ar.asarray`` of their float64 values; integer tensors stay numpy integer arrays.
+
+Long module: besides the interpreter loop, the rules for constants (which of torch's float64
+values of a constant the exact systems may keep, what an in-place write on one leaves, when a
+-inf mask's finite values are exact) live here, beside the loop that enters constants, since
+each rule reads the loop's environment and its record of computed constants.
 """
 
 from __future__ import annotations
@@ -109,7 +114,18 @@ _EMPTY = frozenset({"aten.empty.memory_format", "aten.empty_like.default",
                     "aten.new_empty_strided.default", "aten.empty_permuted.default"})  # fmt: skip
 
 #: in-place ops whose out-of-place overload has another name
-_INPLACE = {"aten.pow_.Scalar": "aten.pow.Tensor_Scalar", "aten.pow_.Tensor": "aten.pow.Tensor_Tensor"}
+_INPLACE = {
+    "aten.pow_.Scalar": "aten.pow.Tensor_Scalar",
+    "aten.pow_.Tensor": "aten.pow.Tensor_Tensor",
+}
+
+
+def _out_of_place(key: str) -> str:
+    """The registered out-of-place op an in-place one (``aten.exp_.default``) computes."""
+    if key not in OPS and key.count(".") == 2 and key.split(".")[1].endswith("_"):
+        a, name, overload = key.split(".")
+        return _INPLACE.get(key, f"{a}.{name[:-1]}.{overload}")
+    return key
 
 
 def _exact_constant(
@@ -128,7 +144,8 @@ def _exact_constant(
     if not isinstance(ar, ExactDerivatives):
         return None
     many = isinstance(value, (tuple, list)) and any(
-        isinstance(v, torch.Tensor) and v.is_floating_point() for v in value)
+        isinstance(v, torch.Tensor) and v.is_floating_point() for v in value
+    )
     if not many and not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return None
     if not many and not bool(torch.isfinite(value).all()):
@@ -146,9 +163,7 @@ def _exact_constant(
     key = op_key(node)
     if key == "aten.copy_.default":
         return None  # the write's value: :func:`_written`
-    if key not in OPS and key.count(".") == 2 and key.split(".")[1].endswith("_"):
-        a, name, overload = key.split(".")
-        key = _INPLACE.get(key, f"{a}.{name[:-1]}.{overload}")  # ``exp_`` computes ``exp``
+    key = _out_of_place(key)  # ``exp_`` computes ``exp``
     if key not in OPS:
         return _selection(ar, node, env, graph, value, computed)
     cx = OpContext(ar, node, {**env, **ints} if ints else env, graph)
@@ -157,12 +172,20 @@ def _exact_constant(
     kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
     out = OPS[key](cx, *args, **kwargs)
     if many:  # split, unbind, sort of a constant: the system's values, or refused
-        pairs = list(zip(value, out, strict=True)) if isinstance(out, (tuple, list)) and len(out) == len(value) else []
+        pairs = (
+            list(zip(value, out, strict=True))
+            if isinstance(out, (tuple, list)) and len(out) == len(value)
+            else []
+        )
         if not pairs or any(isinstance(t, torch.Tensor) and t.is_floating_point()
                             and (_raw(o) or tuple(shapes.shape(o)) != tuple(t.shape)) for t, o in pairs):  # fmt: skip
             return _selection(ar, node, env, graph, value, computed)
         return type(value)(out)
-    if isinstance(out, (tuple, list)) or _raw(out) or tuple(shapes.shape(out)) != tuple(value.shape):
+    if (
+        isinstance(out, (tuple, list))
+        or _raw(out)
+        or tuple(shapes.shape(out)) != tuple(value.shape)
+    ):
         return None  # the op kept torch's numbers (a selection of integers)
     return out
 
@@ -197,7 +220,8 @@ def _selection(
                 raise InputError(
                     f"{graph.label(node)}: a constant computed by {op_key(node)}, which the exact "
                     "systems cannot compute (torch's float64 values are roundings of the real "
-                    "ones); compute it before the model and pass it as a buffer or an input")
+                    "ones); compute it before the model and pass it as a buffer or an input"
+                )
     return None
 
 
@@ -259,14 +283,19 @@ def _reread(
         names.append(name)
         old, fresh = env[name], _enter_const(ar, value)
         same = value.dtype == written.dtype and tuple(shapes.shape(old)) == tuple(value.shape)
-        if value is written and src is not None and not _raw(src) and (
-            tuple(shapes.shape(src)) == tuple(value.shape)
+        if (
+            value is written
+            and src is not None
+            and not _raw(src)
+            and (tuple(shapes.shape(src)) == tuple(value.shape))
         ):
             env[name] = src  # the op's own tensor (``unsqueeze_``: a new shape): its value
             continue
         if not same or any(_raw(a) for a in (old, src, fresh)):
             marks = _written_mask(value, w_off, order)[1] if same else None
-            if isinstance(ar, ExactDerivatives) and fresh_is_rounded(old, src, written, value, marks):
+            if isinstance(ar, ExactDerivatives) and fresh_is_rounded(
+                old, src, written, value, marks
+            ):
                 raise InputError(
                     f"a constant holding -inf or NaN ({name}) is written in place with values the "
                     "exact systems compute (torch's float64 ones are roundings): keep the finite "
@@ -278,7 +307,9 @@ def _reread(
         hit, mask = _written_mask(value, w_off, order)
         if mask.any():
             flat = shapes.reshape(src, (-1,))
-            picked = shapes.reshape(shapes.index(flat, (np.where(mask, hit, 0).ravel(),)), mask.shape)
+            picked = shapes.reshape(
+                shapes.index(flat, (np.where(mask, hit, 0).ravel(),)), mask.shape
+            )
             env[name] = ar.where(mask, picked, old)
     return names
 
@@ -305,36 +336,137 @@ def fresh_is_rounded(old: Any, src: Any, written: torch.Tensor, value: torch.Ten
     return not equals_floats(shapes.index(flat, (idx,)), now.ravel()[idx])
 
 
-def non_finite_exact(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph,
-                     consts: dict[str, Any], computed: set[str]) -> None:  # fmt: skip
-    """A constant with -inf or NaN stays torch's numbers (a mask): sound only where each finite
-    element is one of the exact numbers the op read (a selection: ``masked_fill(t, m, -inf)``,
-    ``where(m, t, -inf)``, ``triu`` of a filled table, ``t + mask`` of zeros). An input the
-    system computed counts only where its values are exactly torch's floats; otherwise
-    (``where(m, arange / 3, -inf)``: torch's 1/3 is a rounding) InputError, one line."""
+#: ops whose every output element is one of their inputs' elements or number arguments (or 0):
+#: for these, torch's values of a constant are exact when those elements are
+_SELECTS = {"where", "masked_fill", "constant_pad_nd", "fill", "full_like", "clamp", "clamp_min",
+            "clamp_max", "maximum", "minimum", "max", "min", "amax", "amin", "sort", "topk",
+            "cummax", "cummin", "triu", "tril", "index", "index_select", "gather", "cat", "stack",
+            "flip", "roll", "repeat", "expand", "view", "_unsafe_view", "reshape", "permute",
+            "transpose", "t", "unsqueeze", "squeeze", "slice", "select", "clone", "alias",
+            "detach", "lift_fresh_copy", "_to_copy", "contiguous", "relu", "diagonal",
+            "diag_embed", "index_put", "scatter", "masked_scatter", "unfold", "split",
+            "split_with_sizes", "unbind", "narrow", "zeros_like", "ones_like", "empty_like", "full",
+            "new_full", "scalar_tensor", "zeros", "ones", "new_zeros", "new_ones", "nan_to_num"}  # fmt: skip
+
+
+#: the most elements a constant checked in Arb may have (:func:`_probe`)
+PROBE_MAX = 1 << 16
+
+
+def _floats(ar: Arith, v: Any) -> np.ndarray | None:
+    """The float64 numbers the system value ``v`` is exactly (None where it is not)."""
+    from fpgrad.graph.exact_floats import equals_floats
+
+    if v is None or isinstance(v, (tuple, list, bool, int, float)):
+        return None
+    try:
+        floats = np.asarray(ar.to_float64(v), dtype=np.float64)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return floats if equals_floats(v, floats) else None
+
+
+def _probe(
+    ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, consts: dict[str, Any]
+) -> bool:
+    """Is torch's value of the constant ``node`` exactly the real one at each of its finite
+    elements? The op runs in Arb at 4096 bits (exact on sums and products of float64 numbers)
+    on exactly torch's values of its inputs: a non-finite constant read (torch's numbers, with
+    -inf or NaN) as Arb's exact infinities (``exp(-inf)`` and ``1 / inf`` are exactly 0 there,
+    ``atan(-inf)`` a ball: refused), a value of the system only where it is exactly float64
+    numbers (read before an in-place write). False where
+    the op is missing or fails, or the constant has more than :data:`PROBE_MAX` elements."""
+    from fpgrad.arith.arb import ArbArith
     from fpgrad.graph.exact_floats import equals_floats
 
     value = consts[node.name]
-    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+    outs = list(value) if isinstance(value, (tuple, list)) else [value]
+    if sum(t.numel() for t in outs if isinstance(t, torch.Tensor)) > PROBE_MAX:
+        return False
+    key = _out_of_place(op_key(node))
+    if key not in OPS:
+        return False
+    arb = ArbArith(4096)
+    reads: dict[str, Any] = {}
+    for n in node.all_input_nodes:
+        v = env[n.name]
+        if _raw(v) and v.dtype.kind == "f":
+            reads[n.name] = arb.asarray(v)  # exact infinities: exp(-inf) = 1 / inf = 0
+        elif _raw(v) or v is None:
+            reads[n.name] = v
+        else:
+            floats = _floats(ar, v)
+            if floats is None:
+                return False  # the system's value is no float64 numbers: no exact input
+            reads[n.name] = arb.asarray(floats)
+    try:
+        args = fx.node.map_arg(node.args, lambda n: reads[n.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: reads[n.name])
+        kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY}
+        out = OPS[key](OpContext(arb, node, {**env, **reads}, graph), *args, **kwargs)
+        got = list(out) if isinstance(out, (tuple, list)) else [out]
+        if len(got) != len(outs):
+            return False
+        for t, o in zip(outs, got, strict=True):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                continue
+            if _raw(o) or tuple(shapes.shape(o)) != tuple(t.shape):
+                return False
+            now = t.detach().to(torch.float64).numpy().ravel()
+            idx = np.nonzero(np.isfinite(now))[0]
+            if not equals_floats(shapes.index(shapes.reshape(o, (-1,)), (idx,)), now[idx]):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - any failure of the probe is a refusal, never a claim
+        return False
+
+
+def non_finite_exact(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph,
+                     consts: dict[str, Any], computed: set[str]) -> None:  # fmt: skip
+    """A constant with -inf or NaN, or computed from one, stays torch's numbers: sound only
+    where each finite element is exactly the real one. Either the op, run in the system on
+    its inputs (:func:`_probe`), gives exactly torch's finite values (``triu`` of a filled
+    table, ``t + mask`` of zeros), or the op is a selection (:data:`_SELECTS`; an op the
+    registry lacks) and each finite element is one of the exact numbers it read
+    (``masked_fill(t, m, -inf)``, ``where(m, t, -inf)``; an input the system computed counts
+    only where its values are exactly torch's floats). Otherwise (``where(m, arange / 3,
+    -inf)``: torch's 1/3 is a rounding; ``exp(mask + 0.5)``; ``log`` of a table whose rounded
+    logarithm happens to equal one of its entries) InputError, one line. The value a
+    ``copy_`` writes is judged by :func:`_reread`."""
+
+    value = consts[node.name]
+    many = isinstance(value, (tuple, list))
+    if not any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() for t in (value if many else [value])
+    ):
         return
     key = op_key(node)
-    if key.count(".") == 2 and key.split(".")[1].endswith("_"):
-        return  # an in-place op changed its input's torch values: _reread judges the write
-    rounded = [n.name for n in node.all_input_nodes if n.name in computed and isinstance(
-        consts.get(n.name), torch.Tensor) and not equals_floats(
-        env[n.name], consts[n.name].detach().to(torch.float64).numpy())]  # fmt: skip
+    if key == "aten.copy_.default" or _probe(ar, node, env, graph, consts):
+        return
+    base = key.split(".")[1] if key.count(".") == 2 else key
+    selects = base.rstrip("_") in _SELECTS or base in _SELECTS or key not in OPS
+    rounded = [
+        n.name
+        for n in node.all_input_nodes  # read before an in-place write: env's
+        if n.name in computed and not _raw(env[n.name]) and _floats(ar, env[n.name]) is None
+    ]
     try:
+        if not selects:
+            raise InputError(key)
         _selection(ar, node, env, graph, value, set(rounded))
     except InputError:
         raise InputError(
-            f"{graph.label(node)}: a constant holding -inf or NaN whose finite values torch "
-            f"rounds ({op_key(node)}): the exact systems hold such a mask only with exact "
-            "finite values; keep the finite table and the -inf mask apart (add the table to the "
-            "scores, then masked_fill(mask, float('-inf')) on the sum), or pass it as an input"
+            f"{graph.label(node)}: a constant holding -inf or NaN, or computed from one, whose "
+            f"finite values are not exactly the real ones ({key}: torch's float64 values are "
+            "roundings); the exact systems hold such a mask only with exact finite values; keep "
+            "the finite table and the -inf mask apart (add the table to the scores, then "
+            "masked_fill(mask, float('-inf')) on the sum), or pass it as an input"
         ) from None
 
 
-def _written_mask(value: torch.Tensor, w_off: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _written_mask(
+    value: torch.Tensor, w_off: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(for each element of ``value``, the index of the written element at its storage offset;
     whether the write, storage offsets ``w_off`` sorted by ``order``, reached it)."""
     off = _offsets(value)
@@ -358,7 +490,9 @@ def _integer_op(node: fx.Node, env: dict[str, Any]) -> Any:
         return torch.from_numpy(np.array(env[n.name], copy=True))
 
     try:
-        out = node.target(*fx.node.map_arg(node.args, tensor), **fx.node.map_arg(node.kwargs, tensor))
+        out = node.target(
+            *fx.node.map_arg(node.args, tensor), **fx.node.map_arg(node.kwargs, tensor)
+        )
     except (RuntimeError, TypeError):
         return None
     many = isinstance(out, (tuple, list))
@@ -444,7 +578,8 @@ def interpret(
             if exact is not None:
                 env[node.name] = exact
                 computed.add(node.name)
-            elif isinstance(ar, ExactDerivatives) and _raw(env[node.name]):
+            elif isinstance(ar, ExactDerivatives) and (_raw(env[node.name]) or any(
+                    _raw(env[n.name]) and env[n.name].dtype.kind == "f" for n in node.all_input_nodes)):  # fmt: skip
                 non_finite_exact(ar, node, env, graph, consts, computed)
             if op_key(node).count(".") == 2 and op_key(node).split(".")[1].endswith("_"):
                 wrote = exact if exact is not None else _written(ar, node, env, consts)
