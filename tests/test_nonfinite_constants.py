@@ -96,3 +96,57 @@ def test_an_empty_constant_is_deterministic() -> None:
         ar = BallArith(150)
         interpret(net.graph, ar)
         assert ar.range_errors == 0
+
+
+class Alibi(nn.Module):
+    """Causal -inf mask plus an ALiBi table over T keys (T * T above the Arb probe's bound):
+    built from exact numbers (slope 2**-3 times integer distances), or with 0.1 + 0.2 added
+    (torch's sum is a rounding)."""
+
+    def __init__(self, t: int, rounded: bool) -> None:
+        super().__init__()
+        self.lin, self.t, self.rounded = nn.Linear(2, 2), t, rounded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        pos = torch.arange(t, dtype=x.dtype)
+        table = (pos[None, :] - pos[:, None]) * 0.125
+        mask = torch.full((t, t), float("-inf"), dtype=x.dtype).triu(1) + table
+        if self.rounded:
+            mask = (mask + torch.full((t, t), 0.1, dtype=x.dtype)) + torch.full(
+                (t, t), 0.2, dtype=x.dtype
+            )
+        h = self.lin(x)  # (t, 2)
+        return ((h @ h.T) * 0.01 + mask).softmax(-1).sum(0, keepdim=True)
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+def test_a_large_computed_mask_is_checked_by_twosum(rounded: bool) -> None:
+    from fpgrad.graph import interpret as itp
+
+    t = 260
+    assert t * t > itp.PROBE_MAX
+    torch.manual_seed(0)
+    net = fpgrad.from_module(Alibi(t, rounded), torch.randn(t, 2), torch.rand(1, t), nn.MSELoss())
+    if rounded:
+        with pytest.raises(InputError, match="-inf"):
+            exact_graph(net.graph)
+        return
+    res = exact_graph(net.graph).result
+    assert res.certified_digits >= 17
+
+
+def test_sum_is_exact() -> None:
+    from fpgrad.graph.exact_floats import sum_is_exact
+
+    a = np.array([1.0, -np.inf, 2.0**-1074, 1e308, 3.0])
+    b = np.array([2.0**-60, 5.0, 2.0**-1074, 1e308, -3.0])
+    with np.errstate(over="ignore"):
+        s = a + b
+    assert not sum_is_exact(a, b, s)  # 1 + 2**-60 rounds
+    assert sum_is_exact(a[1:], b[1:], s[1:])  # -inf skipped, subnormals exact, inf skipped
+    assert sum_is_exact(
+        np.array([[0.5], [0.25]]),
+        np.array([1.0, -np.inf]),
+        np.array([[1.5, -np.inf], [1.25, -np.inf]]),
+    )

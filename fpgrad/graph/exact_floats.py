@@ -30,3 +30,17 @@ def equals_floats(v: Any, floats: np.ndarray) -> bool:
         elif not x == float(f):  # mpmath: an exact comparison with the float
             return False
     return True
+
+
+def sum_is_exact(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> bool:
+    """Is every finite element of ``s`` exactly the real ``a + b`` (numpy broadcasting, as
+    torch's)? TwoSum: ``t = a + b`` and its error ``(a - (t - (t - a))) + (b - (t - a))`` are
+    exact for finite ``t`` (subnormals included), so ``t == s`` with a zero error proves it.
+    A finite ``s`` has finite operands (an infinite one makes ``t`` inf or NaN)."""
+    with np.errstate(all="ignore"):
+        t = a + b
+        bb = t - a
+        err = (a - (t - bb)) + (b - bb)
+    fin = np.isfinite(s)
+    t, err = np.broadcast_to(t, s.shape)[fin], np.broadcast_to(err, s.shape)[fin]
+    return bool(np.all(t == s[fin]) and np.all(err == 0))

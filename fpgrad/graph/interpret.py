@@ -366,6 +366,35 @@ def _floats(ar: Arith, v: Any) -> np.ndarray | None:
     return floats if equals_floats(v, floats) else None
 
 
+_SUMS = ("aten.add.Tensor", "aten.sub.Tensor")
+
+
+def _sum_probe(
+    ar: Arith, node: fx.Node, env: dict[str, Any], value: torch.Tensor, key: str
+) -> bool | None:
+    """:func:`_probe` of ``a + b`` / ``a - b`` (alpha 1) on float64 numbers by
+    :func:`~fpgrad.graph.exact_floats.sum_is_exact` (a causal mask plus an ALiBi table of any
+    size); None where it does not apply (then the Arb probe)."""
+    from fpgrad.graph.exact_floats import sum_is_exact
+
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2 or not value.is_floating_point():
+        return None
+    ops = []
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            v = env[a.name]
+            floats = v if _raw(v) and v.dtype.kind == "f" else _floats(ar, v)
+            if floats is None:
+                return None
+            ops.append(np.asarray(floats, dtype=np.float64))
+        elif isinstance(a, (int, float)) and not isinstance(a, bool):
+            ops.append(np.asarray(float(a)))
+        else:
+            return None
+    b = -ops[1] if key == "aten.sub.Tensor" else ops[1]
+    return sum_is_exact(ops[0], b, value.detach().to(torch.float64).numpy())
+
+
 def _probe(
     ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph, consts: dict[str, Any]
 ) -> bool:
@@ -381,9 +410,13 @@ def _probe(
 
     value = consts[node.name]
     outs = list(value) if isinstance(value, (tuple, list)) else [value]
+    key = _out_of_place(op_key(node))
+    if key in _SUMS and isinstance(value, torch.Tensor):  # any size: a vectorised TwoSum
+        got = _sum_probe(ar, node, env, value, key)
+        if got is not None:
+            return got
     if sum(t.numel() for t in outs if isinstance(t, torch.Tensor)) > PROBE_MAX:
         return False
-    key = _out_of_place(op_key(node))
     if key not in OPS:
         return False
     arb = ArbArith(4096)

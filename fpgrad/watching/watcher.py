@@ -109,6 +109,8 @@ class Watcher:
         self._scratch = Scratch()
         self._shadow_opt = ShadowOptimizer()
         self._step = 0
+        self._before: dict[int, torch.Tensor] | None = None  # float64 weights before a step
+        self._requested: dict[int, torch.Tensor] | None = None  # the requested updates
         self._in_step = self._sampling = self._mode_on = self._closure = False
         self._phase = "model"
 
