@@ -150,3 +150,26 @@ def test_sum_is_exact() -> None:
         np.array([1.0, -np.inf]),
         np.array([[1.5, -np.inf], [1.25, -np.inf]]),
     )
+
+
+class Written(nn.Module):
+    """``empty`` written in slices: -inf, then 0.25 (exact) into a view of the written table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.empty(3, 4, dtype=x.dtype)
+        e[:, 0] = float("-inf")
+        e[:, 1:] = 0.25
+        return (self.lin(x) + e[0]).softmax(-1)
+
+
+def test_a_fill_of_a_written_table_is_refused_for_what_it_is() -> None:
+    # the refusal names the reason (read from a constant computed earlier), not a rounding
+    torch.manual_seed(0)
+    net = fpgrad.from_module(Written(), torch.randn(2, 3), torch.rand(2, 4), nn.MSELoss())
+    with pytest.raises(InputError, match="computed earlier") as err:
+        exact_graph(net.graph)
+    assert "\n" not in str(err.value) and "roundings" not in str(err.value)

@@ -217,10 +217,16 @@ def _selection(
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             got = t.detach().to(torch.float64).numpy().ravel()
             if fresh or not np.isin(got[np.isfinite(got)], have).all():
+                why = (
+                    "from a constant computed earlier in the forward (its values in torch are "
+                    "not checked as exact here)"
+                    if fresh
+                    else "which the exact systems cannot compute (torch's float64 values are "
+                    "roundings of the real ones)"
+                )
                 raise InputError(
-                    f"{graph.label(node)}: a constant computed by {op_key(node)}, which the exact "
-                    "systems cannot compute (torch's float64 values are roundings of the real "
-                    "ones); compute it before the model and pass it as a buffer or an input"
+                    f"{graph.label(node)}: a constant computed by {op_key(node)} {why}; compute "
+                    "it before the model and pass it as a buffer or an input"
                 )
     return None
 
