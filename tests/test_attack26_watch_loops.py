@@ -211,3 +211,33 @@ def test_autograd_grad_with_respect_to_several_leaf_inputs() -> None:
         opt.step()
     assert [s["skipped"] for s in _steps(w)] == [False]
     assert any(r["module"] == "f" and r["direction"] == "backward" for r in _ops(w))
+
+
+class _KwargBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        assert hidden is not None
+        return torch.tanh(self.lin(hidden))
+
+
+class _KwargNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.blk, self.c = nn.Linear(4, 8), _KwargBlock(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.blk(hidden=self.a(x) * 3.0))
+
+
+def test_a_module_called_with_keyword_inputs_leaves_the_stack_in_backward() -> None:
+    # the pre-hook saw the positional inputs only: no hook popped "blk" in backward, and the
+    # backward of the root's own ``* 3.0`` was attributed to it
+    torch.manual_seed(0)
+    m = _KwargNet()
+    with fpgrad.watch(m) as w:
+        m(torch.randn(3, 4)).sum().backward()
+    muls = [(r["module"], r["direction"]) for r in _ops(w) if r["op"] == "aten.mul.Tensor"]
+    assert muls == [("(root)", "forward"), ("(root)", "backward")]

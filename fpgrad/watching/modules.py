@@ -53,7 +53,8 @@ class ModuleStack:
         self._callback_queued = False
         for name, mod in model.named_modules():
             path = name or "(root)"
-            self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
+            # (with_kwargs: the inputs passed by keyword pop the module in backward too)
+            self._handles.append(mod.register_forward_pre_hook(self._pre(path), with_kwargs=True))
             # (always_call: popped when the forward raises, too)
             self._handles.append(mod.register_forward_hook(self._post(path), always_call=True))
 
@@ -104,10 +105,10 @@ class ModuleStack:
             self._bw_done()
 
     def _pre(self, path: str) -> Callable[..., None]:
-        def hook(mod: torch.nn.Module, inputs: Any) -> None:
+        def hook(mod: torch.nn.Module, inputs: Any, kwargs: dict) -> None:
             self.stack.append(path)
             if self._active() and torch.is_grad_enabled():
-                ts = _grad_tensors(inputs)
+                ts = _grad_tensors((inputs, kwargs) if kwargs else inputs)
                 if ts:
                     self._grad_handles.append(_grad_hook(ts, self._bw_pop(path)))
 
