@@ -31,7 +31,11 @@ def _grad_tensors(x: Any) -> list[torch.Tensor]:
 
 def _grad_hook(ts: list[torch.Tensor], fn: Callable[..., None]) -> Any:
     """Call ``fn`` once the gradients of all of ``ts`` are computed in a backward pass: a plain
-    tensor hook for one tensor (much cheaper), else a multi-grad hook."""
+    tensor hook for one tensor (much cheaper), else a multi-grad hook. Of several tensors the
+    leaves are left out (the non-leaves, else the first leaf alone): torch's multi-grad hook
+    raises in ``torch.autograd.grad`` when one of its tensors is a leaf (pytorch#131753)."""
+    if len(ts) > 1:
+        ts = [t for t in ts if t.grad_fn is not None] or ts[:1]
     if len(ts) == 1:
         return ts[0].register_hook(lambda _grad: fn())
     return register_multi_grad_hook(ts, fn)
@@ -49,8 +53,10 @@ class ModuleStack:
         self._callback_queued = False
         for name, mod in model.named_modules():
             path = name or "(root)"
-            self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
-            self._handles.append(mod.register_forward_hook(self._post(path)))
+            # (with_kwargs: the inputs passed by keyword pop the module in backward too)
+            self._handles.append(mod.register_forward_pre_hook(self._pre(path), with_kwargs=True))
+            # (always_call: popped when the forward raises, too)
+            self._handles.append(mod.register_forward_hook(self._post(path), always_call=True))
 
     @property
     def current(self) -> str:
@@ -92,11 +98,17 @@ class ModuleStack:
         self.stack.clear()
         self._callback_queued = False
 
+    def backward_ended(self) -> None:
+        """No backward is running (the model's forward starts, outside backward): a backward
+        that raised never ran its callback; drop what it left."""
+        if self._callback_queued:
+            self._bw_done()
+
     def _pre(self, path: str) -> Callable[..., None]:
-        def hook(mod: torch.nn.Module, inputs: Any) -> None:
+        def hook(mod: torch.nn.Module, inputs: Any, kwargs: dict) -> None:
             self.stack.append(path)
             if self._active() and torch.is_grad_enabled():
-                ts = _grad_tensors(inputs)
+                ts = _grad_tensors((inputs, kwargs) if kwargs else inputs)
                 if ts:
                     self._grad_handles.append(_grad_hook(ts, self._bw_pop(path)))
 

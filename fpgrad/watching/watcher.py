@@ -2,7 +2,8 @@
 
 A step starts at the model's first forward call after the previous step ended, and ends after
 ``scaler.update()`` (with a GradScaler), else after ``optimizer.step()`` (with an optimizer),
-else at the model's next forward call (each forward, with its backward, is a step). On sampled
+else at the model's next forward call (each forward, with its backward, is a step); a forward
+in backward (``torch.utils.checkpoint``'s recompute) neither starts nor ends one. On sampled
 steps (every ``every``-th, from step 0) a ``TorchDispatchMode`` sees each aten op forward and
 backward: it runs the op exactly as it would run unwatched and then records statistics of the
 outputs (fpgrad.watching.classify); view ops, which copy nothing, and ops returning uninitialised
@@ -66,6 +67,10 @@ class _Mode(TorchDispatchMode):
             set_eval_frame(prior)
 
 
+#: The watch now entered (one at a time: each would see the other's ops and its statistics).
+_ACTIVE: list[Watcher] = []
+
+
 def _clone(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
@@ -126,6 +131,11 @@ class Watcher:
         return pd.DataFrame(recs)
 
     def __enter__(self) -> Watcher:
+        if _ACTIVE:
+            raise InputError(
+                "watch: another fpgrad.watch is active (one at a time; watch several models "
+                "as one nn.Module holding them)"
+            )
         if not getattr(_Mode.__torch_dispatch__, "_torchdynamo_disable", False):
             from torch._dynamo.decorators import skip  # torch.optim imports it anyway
 
@@ -139,8 +149,11 @@ class Watcher:
             self._handles.append(self.optimizer.register_step_post_hook(self._opt_post))
         if self.scaler is not None:
             original = self.scaler.update
+            self._prior_update = vars(self.scaler).get("update")
 
             def update(new_scale: Any = None) -> None:
+                if not self._in_step:  # (an update with no forward since the last step)
+                    self._begin_step()
                 used = float(self.scaler.get_scale())
                 original(new_scale)
                 self._end_step(scale=used, next_scale=float(self.scaler.get_scale()))
@@ -158,16 +171,22 @@ class Watcher:
                 }
             ]
         )
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._in_step:
-            self._end_step()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if self._in_step:  # cut by the exit: neither stepped nor skipped is known
+            self._end_step(cut=True)
         for h in self._handles:
             h.remove()
         self._stack.close()
         if self.scaler is not None and "update" in vars(self.scaler):
-            del self.scaler.update
+            if self._prior_update is not None:
+                self.scaler.update = self._prior_update
+            else:
+                del self.scaler.update
         if self._writer is not None:
             self._writer.close()
         if self._tb is not None:
@@ -184,6 +203,12 @@ class Watcher:
             self._records.extend(recs)
 
     def _on_forward(self, module: Any, inputs: Any) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            return  # a recompute in backward (torch.utils.checkpoint): within the step
+        # a new forward: ops outside the model are forward again (gradient accumulation), and
+        # what a backward that raised left on the module stack is dropped
+        self._backward_seen = False
+        self._stack.backward_ended()
         if self._phase == "optimizer" and not self._closure:
             # the previous ``optimizer.step()`` raised (its post-hook never ran) and the loop
             # went on: that step ends here, not stepped, and this forward starts the next
@@ -206,12 +231,16 @@ class Watcher:
             self._mode.__enter__()
             self._mode_on = True
 
-    def _end_step(self, scale: float | None = None, next_scale: float | None = None) -> None:
+    def _end_step(
+        self, scale: float | None = None, next_scale: float | None = None, cut: bool = False
+    ) -> None:
         if self._mode_on:
             self._mode.__exit__(None, None, None)
             self._mode_on = False
         self._stack.clear_grad_hooks()
-        if self.optimizer is not None:
+        if cut:
+            skipped = None
+        elif self.optimizer is not None:
             skipped = not self._stepped
         elif scale is not None and next_scale is not None:
             skipped = next_scale < scale
@@ -264,6 +293,8 @@ class Watcher:
             return out
         backward = torch._C._current_graph_task_id() != -1
         self._backward_seen |= backward
+        if not backward and self._stack._callback_queued:  # a backward raised: drop its stack
+            self._stack.backward_ended()
         a, k = before if before is not None else (args, kwargs)
         module = self._stack.current
         if backward:
@@ -305,6 +336,8 @@ class Watcher:
 
     # ---- optimizer ------------------------------------------------------------------------
     def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if not self._in_step:  # (a step with no forward since the last one)
+            self._begin_step()
         self._phase = "optimizer"
         self._before = self._requested = None
         # ``step(closure)`` (args: the optimizer, then the step's own): the closure's forward and
