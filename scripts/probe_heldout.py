@@ -11,7 +11,8 @@ render, timed.
     PYTHONPATH=. python scripts/probe_heldout.py [NAME ...] [--part f] [--half] [--no-compare]
         [--json OUT]
 
-``--part f`` probes the models of ``heldout_models_f.py`` only; ``--half`` checks the native
+``--part f`` probes the models of ``heldout_models_f.py`` only (``--part h``: those of
+``heldout_models_h.py``); ``--half`` checks the native
 float16 and bfloat16 columns bit for bit too.
 """
 
@@ -29,6 +30,7 @@ import heldout_models_c  # noqa: F401  (registers part 3)
 import heldout_models_d  # noqa: F401  (registers part 4)
 import heldout_models_e  # noqa: F401  (registers part 5)
 import heldout_models_f  # noqa: F401  (registers part 6)
+import heldout_models_h  # noqa: F401  (registers part 8)
 import numpy as np
 import torch
 from heldout_models_a import MODELS

@@ -159,8 +159,10 @@ def native_run(
         loss=_f64(loss),
         grads={n: _f64(g) for n, g in zip(names, grads, strict=True)},
         values=values,
-        formats={**{k: formats.get(k, precision) for k in values},
-                 **{f"grads/{n}": precision for n in names}},  # fmt: skip
+        formats={
+            **{k: formats.get(k, precision) for k in values},
+            **{f"grads/{n}": precision for n in names},
+        },  # fmt: skip
         taps=taps,
         fused=fused,
     )
@@ -174,9 +176,17 @@ def kernels_of(precision: str) -> Iterator[None]:
         yield
     except (NotImplementedError, RuntimeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        base = precision.split(":")[0].split("+")[0]
+        if "cannot be converted to type" in msg and "without overflow" in msg:
+            # the model's own code in this dtype: a Python number beyond its range
+            # (x.new_full(.., -1e38) in float16): torch itself refuses to run it
+            raise InputError(f"{precision}: the model itself fails in {base} under torch ({msg}): "
+                             f"a number it writes into a {base} tensor (new_full, fill, "
+                             f"masked_fill, torch.full) is beyond {base}'s range; write "
+                             "torch.finfo(x.dtype).min or .max, or leave "
+                             f"{base} out of --precisions") from None  # fmt: skip
         if "not implemented for" not in msg:
             raise
-        base = precision.split(":")[0]
         raise InputError(f"{precision}: torch has no CPU kernel for this model ({msg}); "
                          f"compare '{base}:emulated' instead") from None  # fmt: skip
 
@@ -221,15 +231,26 @@ def _policy_run(graph: Graph, plan: GraphPlan, name: str, loss_scale: float) -> 
     nodes = [n for n in graph.ops if n.target is not operator.getitem]
     mode = CastMode(nodes, plan.dtypes, keep_f64=plan.how == "cuda", owners=plan.owners)
     loss_fn = loss_in(graph.loss_fn, DTYPES[plan.params], plan.params)
-    with one_torch_thread(), kernels_of(name):
-        fn = joint_function(model, names, loss_fn, loss_scale)
-        if plan.how == "autocast":
-            with torch.autocast("cpu", dtype=DTYPES[plan.autocast_dtype]), mode:
-                out = fn(ps, *args)
-        else:
-            with mode:
-                out = fn(ps, *args)
-    mode.finish()
+    try:
+        with one_torch_thread(), kernels_of(name):
+            fn = joint_function(model, names, loss_fn, loss_scale)
+            if plan.how == "autocast":
+                with torch.autocast("cpu", dtype=DTYPES[plan.autocast_dtype]), mode:
+                    out = fn(ps, *args)
+            else:
+                with mode:
+                    out = fn(ps, *args)
+        mode.finish()
+    except InputError as exc:
+        if plan.how != "autocast" or "the policy run" not in str(exc):
+            raise
+        # real autocast's casts are autograd nodes: a value read both through a cast and
+        # directly has its gradients added in another order than the float64 trace's
+        raise InputError(
+            f"{exc}, or torch.autocast's casts (autograd nodes) ordered the backward "
+            f'differently from the captured graph; a policy with extends = "{name}" casts '
+            "the same ops below autograd (docs/howto/policies.md)"
+        ) from None
     loss, grads, taps = _outputs(graph, out)
     formats = {
         k: _NAMES[v.dtype]

@@ -83,6 +83,7 @@ CUDA_FP32 = frozenset(
 #: lists applied by casting on this CPU), "cast" (the policy's own rules, cast per op)
 HOWS = ("autocast", "cuda", "cast")
 _FREE = {"aten._to_copy.default", "aten.detach.default", "aten.alias.default"}
+_SAME = {("aten.lift_fresh_copy.default", "aten.lift_fresh.default")}  # as capture.align
 
 
 def op_class(node: fx.Node) -> str:
@@ -244,6 +245,21 @@ def _key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
 
+def _model_cast(node: fx.Node, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a ``_to_copy`` run in another floating dtype than the traced one is the
+    model's own cast of a mask or integers (``(y > k).to(logits.dtype)``: float64 in the
+    trace, the run's dtype eagerly); autocast never casts a non-floating tensor."""
+    src = args[0] if args else None
+    want, traced = kwargs.get("dtype"), node.kwargs.get("dtype")
+    return (
+        isinstance(src, torch.Tensor)
+        and not src.is_floating_point()
+        and isinstance(want, torch.dtype)
+        and want.is_floating_point
+        and traced == torch.float64
+    )
+
+
 class CastMode(TorchDispatchMode):
     """Casts each op's floating inputs to its node's precision and records its output.
 
@@ -269,10 +285,14 @@ class CastMode(TorchDispatchMode):
         self.i = 0
         self.values: dict[str, Any] = {}
 
-    def _node(self, func: Any, kwargs: dict[str, Any]) -> fx.Node | None:
+    def _node(self, func: Any, kwargs: dict[str, Any], args: tuple = ()) -> fx.Node | None:
         if str(func) == "aten._to_copy.default":  # a cast the graph has casts to its dtype
             nxt = self.nodes[self.i] if self.i < len(self.nodes) else None
-            if nxt is None or nxt.target != func or nxt.kwargs.get("dtype") != kwargs.get("dtype"):
+            if nxt is None or nxt.target != func:
+                return None
+            if nxt.kwargs.get("dtype") != kwargs.get("dtype") and not _model_cast(
+                nxt, args, kwargs
+            ):
                 return None
         while (
             self.i < len(self.nodes)
@@ -280,7 +300,10 @@ class CastMode(TorchDispatchMode):
             and str(self.nodes[self.i].target) in _FREE - {"aten._to_copy.default"}
         ):
             self.i += 1
-        if self.i < len(self.nodes) and self.nodes[self.i].target == func:
+        if self.i < len(self.nodes) and (
+            self.nodes[self.i].target == func
+            or (str(self.nodes[self.i].target), str(func)) in _SAME
+        ):
             self.i += 1
             return self.nodes[self.i - 1]
         if str(func) in _FREE:
@@ -293,7 +316,7 @@ class CastMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        node = self._node(func, kwargs)
+        node = self._node(func, kwargs, args)
         prec = None if node is None else self.dtypes.get(node.name)
         if node is not None and prec is not None:
             dtype = DTYPES[prec]

@@ -24,6 +24,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from fpgrad.errors import InputError
+from fpgrad.graph.native import kernels_of
 from fpgrad.graph.train_exact import exact_check, exact_run
 from fpgrad.graph.train_runs import GraphEmulatedRun, GraphTorchRun, Trainee
 from fpgrad.numbers.formats import get_format
@@ -152,8 +153,9 @@ def train_graph(
             s.label: (GraphEmulatedRun if s.emulated else GraphTorchRun)(trainee, s, cfg, seed)
             for s in specs
         }
-        for r in native.values():
-            r.record_initial()
+        for label, r in native.items():
+            with kernels_of(label):  # the model's own failure in a dtype: one line
+                r.record_initial()
         iterator: Any = range(steps)
         if progress:
             from tqdm import tqdm
@@ -161,7 +163,10 @@ def train_graph(
             iterator = tqdm(iterator, desc="fpgrad train", unit="step", leave=False)
         for t in iterator:  # every run's step first: a refusal comes before exact work
             rows = schedule[t]
-            stepped = [(run, run.current_params(), run.step(rows)) for run in native.values()]
+            stepped = []
+            for label, run in native.items():
+                with kernels_of(label):
+                    stepped.append((run, run.current_params(), run.step(rows)))
             if t % every and t != steps - 1:
                 continue
             for run, before, grads in stepped:

@@ -42,12 +42,18 @@ def _bits(a: Any, b: torch.Tensor) -> None:
     assert np.array_equal(np.signbit(got), np.signbit(ref))
 
 
+NATIVE = ("float32", "float64")
+
+
 def check(model: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any,
-          digits: float = 17.0, undetermined: int = 0) -> Any:  # fmt: skip
-    """Native float32/float64 bit for bit against eager torch; exact balls around torch
-    float64; certified digits; the exact result is returned for further claims."""
+          digits: float = 17.0, undetermined: int = 0,
+          native: tuple[str, ...] = NATIVE) -> Any:  # fmt: skip
+    """Native columns (float32/float64, or ``native``) bit for bit against eager torch; exact
+    balls around torch float64; certified digits; the exact result is returned for further
+    claims."""
     net = fpgrad.from_module(model, inputs, targets, loss)
-    for prec, dt in (("float32", torch.float32), ("float64", torch.float64)):
+    for prec in native:
+        dt = getattr(torch, prec)
         tr = native_run(net.graph, prec)
         el, eg = _eager(model, inputs, targets, loss, dt)
         _bits(tr.loss, el)

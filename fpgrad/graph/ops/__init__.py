@@ -195,9 +195,16 @@ def unsupported_message(graph: Graph) -> str:
             )
         if key.endswith("reading masked_fill(-inf)"):
             hint = "-inf is a mask that only softmax reads"
+            if key.startswith("aten._log_softmax"):  # F.cross_entropy of masked logits
+                hint += (
+                    "; for a cross-entropy over masked logits (SimCLR's self-similarity) fill "
+                    "with torch.finfo(x.dtype).min instead: its weight underflows to 0 in every "
+                    "torch dtype, and the exact reference keeps its real, tiny value"
+                )
         if key.endswith("written through out="):
-            hint = ("the graph reads the buffer's value before the write; read the op's "
-                    "result instead")
+            hint = (
+                "the graph reads the buffer's value before the write; read the op's result instead"
+            )
         if key.endswith("running statistic"):
             hint = (
                 "a training batch norm updates it in place, unannotated: the graph holds "
