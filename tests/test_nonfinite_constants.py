@@ -144,7 +144,8 @@ def test_sum_is_exact() -> None:
     with np.errstate(over="ignore"):
         s = a + b
     assert not sum_is_exact(a, b, s)  # 1 + 2**-60 rounds
-    assert sum_is_exact(a[1:], b[1:], s[1:])  # -inf skipped, subnormals exact, inf skipped
+    assert sum_is_exact(a[1:3], b[1:3], s[1:3])  # -inf skipped, subnormals exact
+    assert not sum_is_exact(a[3:], b[3:], s[3:])  # 1e308 + 1e308 overflows (attack27)
     assert sum_is_exact(
         np.array([[0.5], [0.25]]),
         np.array([1.0, -np.inf]),

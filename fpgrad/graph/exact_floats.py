@@ -36,11 +36,26 @@ def sum_is_exact(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> bool:
     """Is every finite element of ``s`` exactly the real ``a + b`` (numpy broadcasting, as
     torch's)? TwoSum: ``t = a + b`` and its error ``(a - (t - (t - a))) + (b - (t - a))`` are
     exact for finite ``t`` (subnormals included), so ``t == s`` with a zero error proves it.
-    A finite ``s`` has finite operands (an infinite one makes ``t`` inf or NaN)."""
+    A finite ``s`` has finite operands (an infinite one makes ``t`` inf or NaN); an infinite or
+    NaN ``s`` of finite operands is an overflow (the real sum is finite): False."""
     with np.errstate(all="ignore"):
         t = a + b
         bb = t - a
         err = (a - (t - bb)) + (b - bb)
     fin = np.isfinite(s)
+    if np.any(np.broadcast_to(np.isfinite(a) & np.isfinite(b), s.shape) & ~fin):
+        return False
     t, err = np.broadcast_to(t, s.shape)[fin], np.broadcast_to(err, s.shape)[fin]
     return bool(np.all(t == s[fin]) and np.all(err == 0))
+
+
+def all_non_finite(v: Any) -> bool:
+    """Is every element of the system value ``v`` infinite or NaN (where torch's value is: a
+    finite real one there, an overflow of finite inputs, is no exact value)?"""
+    if isinstance(v, Ball):
+        return not bool(np.any(np.isfinite(np.asarray(v.mid)).all(axis=0)))
+    for x in np.asarray(v, dtype=object).ravel():
+        fin = x.is_finite() if hasattr(x, "is_finite") else np.isfinite(float(x))
+        if fin:
+            return False
+    return True

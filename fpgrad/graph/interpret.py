@@ -412,7 +412,7 @@ def _probe(
     numbers (read before an in-place write). False where
     the op is missing or fails, or the constant has more than :data:`PROBE_MAX` elements."""
     from fpgrad.arith.arb import ArbArith
-    from fpgrad.graph.exact_floats import equals_floats
+    from fpgrad.graph.exact_floats import all_non_finite, equals_floats
 
     value = consts[node.name]
     outs = list(value) if isinstance(value, (tuple, list)) else [value]
@@ -453,7 +453,11 @@ def _probe(
                 return False
             now = t.detach().to(torch.float64).numpy().ravel()
             idx = np.nonzero(np.isfinite(now))[0]
-            if not equals_floats(shapes.index(shapes.reshape(o, (-1,)), (idx,)), now[idx]):
+            flat = shapes.reshape(o, (-1,))
+            if not equals_floats(shapes.index(flat, (idx,)), now[idx]):
+                return False
+            inf = np.nonzero(~np.isfinite(now))[0]  # an overflow of finite inputs: refused
+            if inf.size and not all_non_finite(shapes.index(flat, (inf,))):
                 return False
         return True
     except Exception:  # noqa: BLE001 - any failure of the probe is a refusal, never a claim

@@ -117,6 +117,7 @@ class Watcher:
         self._before: dict[int, torch.Tensor] | None = None  # float64 weights before a step
         self._requested: dict[int, torch.Tensor] | None = None  # the requested updates
         self._in_step = self._sampling = self._mode_on = self._closure = False
+        self._in_closure = 0  # a step's closure is running (its forwards are within the step)
         self._phase = "model"
 
     # ---- public ---------------------------------------------------------------------------
@@ -209,7 +210,7 @@ class Watcher:
         # what a backward that raised left on the module stack is dropped
         self._backward_seen = False
         self._stack.backward_ended()
-        if self._phase == "optimizer" and not self._closure:
+        if self._phase == "optimizer" and not self._in_closure:
             # the previous ``optimizer.step()`` raised (its post-hook never ran) and the loop
             # went on: that step ends here, not stepped, and this forward starts the next
             self._phase = "model"
@@ -335,7 +336,9 @@ class Watcher:
         return out
 
     # ---- optimizer ------------------------------------------------------------------------
-    def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+    def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> Any:
+        if self._phase == "optimizer" and self._in_step:
+            self._end_step()  # the previous step raised (no post-hook), no forward since
         if not self._in_step:  # (a step with no forward since the last one)
             self._begin_step()
         self._phase = "optimizer"
@@ -353,6 +356,21 @@ class Watcher:
             self._requested = adam_updates(opt, self._before, self._scratch)
             if self._requested is None:
                 self._requested = self._shadow_opt.requested_updates(opt, self._before)
+        if not self._closure:
+            return None
+        # the closure runs marked, so that a forward after a step whose closure raised ends it
+        closure = args[1] if len(args) > 1 and args[1] is not None else kwargs["closure"]
+
+        def marked(*a: Any, **k: Any) -> Any:
+            self._in_closure += 1
+            try:
+                return closure(*a, **k)
+            finally:
+                self._in_closure -= 1
+
+        if len(args) > 1 and args[1] is not None:
+            return (args[0], marked, *args[2:]), kwargs
+        return args, {**kwargs, "closure": marked}
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._stepped, self._closure = True, False
