@@ -241,3 +241,31 @@ def test_a_module_called_with_keyword_inputs_leaves_the_stack_in_backward() -> N
         m(torch.randn(3, 4)).sum().backward()
     muls = [(r["module"], r["direction"]) for r in _ops(w) if r["op"] == "aten.mul.Tensor"]
     assert muls == [("(root)", "forward"), ("(root)", "backward")]
+
+
+def test_the_watchs_own_loss_scale_reads_take_no_op_number(monkeypatch) -> None:
+    # scaler.update() is wrapped; the wrapper's two get_scale() reads are the watch's, not the
+    # user's: no op record or op number for them (GradScaler.step's one found_inf .item() is)
+    from fpgrad.watching import watcher
+
+    seen: list[str] = []
+    real = watcher.op_stats
+
+    def logged(func, args, kwargs, out):  # type: ignore[no-untyped-def]
+        seen.append(str(func))
+        return real(func, args, kwargs, out)
+
+    monkeypatch.setattr(watcher, "op_stats", logged)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.randn(3, 4)
+    with fpgrad.watch(model, opt, scaler) as w:
+        for _ in range(2):
+            opt.zero_grad()
+            scaler.scale(model(x).square().sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert seen.count("aten._local_scalar_dense.default") == 2  # one per step: scaler.step's
+    assert [r["scale"] for r in w.records() if r["kind"] == "step"] == [65536.0, 65536.0]

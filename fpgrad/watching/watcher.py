@@ -155,9 +155,9 @@ class Watcher:
             def update(new_scale: Any = None) -> None:
                 if not self._in_step:  # (an update with no forward since the last step)
                     self._begin_step()
-                used = float(self.scaler.get_scale())
+                used = self._own_read(self.scaler.get_scale)
                 original(new_scale)
-                self._end_step(scale=used, next_scale=float(self.scaler.get_scale()))
+                self._end_step(scale=used, next_scale=self._own_read(self.scaler.get_scale))
 
             self.scaler.update = update
         self._emit(
@@ -193,6 +193,15 @@ class Watcher:
         if self._tb is not None:
             self._tb.close()
         self._scratch.clear()
+
+    def _own_read(self, read: Any) -> float:
+        """``float(read())`` run unobserved: the watch's own ops (the loss scale's
+        ``_local_scalar_dense``) take no op number of the user's step."""
+        prior, self._phase = self._phase, "optimizer"
+        try:
+            return float(read())
+        finally:
+            self._phase = prior
 
     # ---- steps ----------------------------------------------------------------------------
     def _emit(self, recs: list[dict[str, Any]]) -> None:
