@@ -97,6 +97,16 @@ class ShadowOptimizer:
     def requested_updates(
         self, opt: torch.optim.Optimizer, before: dict[int, torch.Tensor] | None = None
     ) -> dict[int, torch.Tensor] | None:
+        """:meth:`_requested_updates` with torch's CPU and CUDA generators restored after it: the
+        shadow is the user's class, whose step may draw random numbers (noise, stochastic
+        rounding) that must not advance the user's generators."""
+        cuda = {p.device.index or 0 for g in opt.param_groups for p in g["params"] if p.is_cuda}
+        with torch.random.fork_rng(devices=sorted(cuda), device_type="cuda"):
+            return self._requested_updates(opt, before)
+
+    def _requested_updates(
+        self, opt: torch.optim.Optimizer, before: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor] | None:
         """Per parameter (by ``id``), the float64 update the optimizer asks for, or None when the
         optimizer cannot be rebuilt from its param_groups (then swamping is not reported).
         ``before``: the weights now, already in float64 (saves widening them again); then a
@@ -140,7 +150,7 @@ class ShadowOptimizer:
                             _put(st, k, v)
                 torch._foreach_copy_(dst, src)
                 _plain_step(shadow)
-        except (TypeError, ValueError, RuntimeError, KeyError, ArithmeticError):
+        except Exception:  # of the user's class in float64 (a dtype assert, a NaN check)
             self._key = self._shadow = None
             return None
         qs, ws = [], []

@@ -16,6 +16,7 @@ parameter (fpgrad.watching.optimizer). Unsampled steps run with no mode installe
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -69,6 +70,26 @@ class _Mode(TorchDispatchMode):
 
 #: The watch now entered (one at a time: each would see the other's ops and its statistics).
 _ACTIVE: list[Watcher] = []
+
+
+#: The code of torch's step wrapper (``Optimizer.profile_hook_step``), which runs the step hooks.
+_STEP_CODE = getattr(
+    torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None), "__code__", None
+)
+
+
+def _nested(opt: Any) -> bool:
+    """Whether a step hook runs for a step called inside another step of ``opt``: a subclass
+    whose ``step`` calls ``super().step()`` runs torch's wrapper, and so the hooks, twice once
+    the parent class has its wrapper too. Such an inner step is part of the outer one."""
+    f, seen = sys._getframe(1), 0
+    while f is not None:
+        if f.f_code is _STEP_CODE and f.f_locals.get("self") is opt:
+            seen += 1
+            if seen > 1:
+                return True
+        f = f.f_back  # type: ignore[assignment]
+    return False
 
 
 def _clone(x: Any) -> Any:
@@ -156,7 +177,11 @@ class Watcher:
                 if not self._in_step:  # (an update with no forward since the last step)
                     self._begin_step()
                 used = self._own_read(self.scaler.get_scale)
-                original(new_scale)
+                try:
+                    original(new_scale)
+                except BaseException:  # (no inf checks recorded, ...): the step ends here
+                    self._end_step(scale=used)
+                    raise
                 self._end_step(scale=used, next_scale=self._own_read(self.scaler.get_scale))
 
             self.scaler.update = update
@@ -346,6 +371,8 @@ class Watcher:
 
     # ---- optimizer ------------------------------------------------------------------------
     def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> Any:
+        if _nested(opt):
+            return None
         if self._phase == "optimizer" and self._in_step:
             self._end_step()  # the previous step raised (no post-hook), no forward since
         if not self._in_step:  # (a step with no forward since the last one)
@@ -382,6 +409,8 @@ class Watcher:
         return args, {**kwargs, "closure": marked}
 
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if _nested(opt):
+            return
         self._stepped, self._closure = True, False
         if self._before is not None:
             recs = step_records(opt, self._names, self._before, self._requested, self._scratch)
