@@ -26,7 +26,6 @@ Each model runs in a child process of its own (its peak RSS is its own), one thr
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from heldout_checks import eager, native_checks
 from torch import nn
 
 Case = tuple[nn.Module, Any, torch.Tensor, Any]
@@ -503,33 +503,6 @@ def convnext_stage() -> Case:
 # ---------------------------------------------------------------- the checks
 
 
-def _tuple(x: Any) -> tuple:
-    return x if isinstance(x, tuple) else (x,)
-
-
-def _cast(x: Any, dt: torch.dtype) -> Any:
-    return x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-
-
-def eager(m: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any,
-          dt: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-    from fpgrad.graph.capture import copy_model
-
-    mm = copy_model(m).to(dt)
-    lf = copy.deepcopy(loss).to(dt) if isinstance(loss, nn.Module) else loss
-    out = lf(mm(*[_cast(x, dt) for x in _tuple(inputs)]), _cast(targets, dt))
-    out.backward()
-    return out.detach(), {n: p.grad if p.grad is not None else torch.zeros_like(p)
-                          for n, p in mm.named_parameters() if p.requires_grad}  # fmt: skip
-
-
-def _same(a: Any, b: torch.Tensor) -> bool:
-    ref = b.detach().double().numpy()
-    got = np.asarray(a, dtype=np.float64).reshape(ref.shape)
-    return bool(np.array_equal(got, ref, equal_nan=True)
-                and np.array_equal(np.signbit(got), np.signbit(ref)))  # fmt: skip
-
-
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -537,7 +510,6 @@ def _rss_mib() -> float:
 def child(name: str) -> dict[str, Any]:
     import fpgrad
     from fpgrad.errors import InputError
-    from fpgrad.graph.native import native_run
 
     torch.set_num_threads(1)
     rec: dict[str, Any] = {"model": name}
@@ -587,18 +559,8 @@ def child(name: str) -> dict[str, Any]:
         rec["trace"] = traceback.format_exc()
         return rec
     # (2) native bit for bit
-    native = {}
-    for prec, dt in (("float32", torch.float32), ("float64", torch.float64)):
-        try:
-            tr = native_run(net.graph, prec)
-            el, eg = eager(m, inputs, targets, loss, dt)
-            bad = [k for k in eg if not _same(tr.grads[k], eg[k])]
-            if not _same(tr.loss, el):
-                bad.insert(0, "loss")
-            native[prec] = "yes" if not bad else "NO: " + ",".join(bad[:4])
-        except Exception as e:  # noqa: BLE001
-            native[prec] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            rec["trace"] = traceback.format_exc()
+    native = native_checks(net, m, inputs, targets, loss,
+                           [("float32", torch.float32), ("float64", torch.float64)], rec)  # fmt: skip
     rec["native"] = native
     # (3) exact against torch float64
     from fpgrad.graph.exact import exact_graph

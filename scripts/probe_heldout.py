@@ -18,7 +18,6 @@ float16 and bfloat16 columns bit for bit too.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -33,49 +32,15 @@ import heldout_models_f  # noqa: F401  (registers part 6)
 import heldout_models_h  # noqa: F401  (registers part 8)
 import numpy as np
 import torch
+from heldout_checks import eager, native_checks
 from heldout_models_a import MODELS
-from torch import nn
-
-from fpgrad.graph.capture import copy_model
 
 # ---------------------------------------------------------------- the checks
-
-
-def _tuple(x: Any) -> tuple:
-    return x if isinstance(x, tuple) else (x,)
-
-
-def _cast(x: Any, dt: torch.dtype) -> Any:
-    return x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-
-
-def eager(
-    m: nn.Module, inputs: Any, targets: torch.Tensor, loss: Any, dt: torch.dtype
-) -> tuple[Any, dict]:
-    mm = copy_model(m).to(dt)
-    lf = copy.deepcopy(loss).to(dt) if isinstance(loss, nn.Module) else loss
-    out = lf(mm(*[_cast(x, dt) for x in _tuple(inputs)]), _cast(targets, dt))
-    out.backward()
-    grads = {
-        n: (p.grad if p.grad is not None else torch.zeros_like(p))
-        for n, p in mm.named_parameters()
-        if p.requires_grad  # a frozen parameter: torch computes no gradient
-    }
-    return out.detach(), grads
-
-
-def _same(a: np.ndarray, b: torch.Tensor) -> bool:
-    b = b.detach().double().numpy()
-    a = np.asarray(a, dtype=np.float64).reshape(b.shape)
-    return bool(
-        np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
-    )
 
 
 def probe(name: str, do_compare: bool, half: bool = False) -> dict[str, Any]:
     import fpgrad
     from fpgrad.graph.exact import exact_graph
-    from fpgrad.graph.native import native_run
 
     rec: dict[str, Any] = {"model": name}
     torch.manual_seed(0)
@@ -93,21 +58,10 @@ def probe(name: str, do_compare: bool, half: bool = False) -> dict[str, Any]:
         rec["wall"] = time.perf_counter() - t0
         return rec
     # (2) native columns bit for bit
-    native = {}
     dts = [("float32", torch.float32), ("float64", torch.float64)]
     if half:
         dts += [("float16", torch.float16), ("bfloat16", torch.bfloat16)]
-    for prec, dt in dts:
-        try:
-            tr = native_run(net.graph, prec)
-            el, eg = eager(m, inputs, targets, loss, dt)
-            bad = [k for k in eg if not _same(tr.grads[k], eg[k])]
-            if not _same(tr.loss, el):
-                bad.insert(0, "loss")
-            native[prec] = "yes" if not bad else "NO: " + ",".join(bad[:4])
-        except Exception as e:  # noqa: BLE001
-            native[prec] = f"CRASH {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            rec["trace"] = traceback.format_exc()
+    native = native_checks(net, m, inputs, targets, loss, dts, rec, crash="CRASH ")
     rec["native"] = native
     # (3) exact
     try:
