@@ -244,17 +244,21 @@ class Watcher:
         # what a backward that raised left on the module stack is dropped
         self._backward_seen = False
         self._stack.backward_ended()
-        if self._phase == "optimizer" and not self._in_closure:
-            # the previous ``optimizer.step()`` raised (its post-hook never ran) and the loop
-            # went on: that step ends here, not stepped, and this forward starts the next
-            self._phase = "model"
-            self._before = self._requested = None
-            if self._in_step:
-                self._end_step()
+        self._end_raised_step()
         if self._in_step and self.optimizer is None and self.scaler is None:
             self._end_step()
         if not self._in_step:
             self._begin_step()
+
+    def _end_raised_step(self) -> None:
+        """The previous ``optimizer.step()`` raised (its post-hook never ran: the phase is still
+        the optimizer's, and no closure of it runs) and the loop went on: that step ends here,
+        not stepped."""
+        if self._phase == "optimizer" and not self._in_closure:
+            self._phase = "model"
+            self._before = self._requested = None
+            if self._in_step:
+                self._end_step()
 
     def _begin_step(self) -> None:
         self._in_step, self._stepped, self._backward_seen = True, False, False
@@ -373,8 +377,7 @@ class Watcher:
     def _opt_pre(self, opt: Any, args: Any, kwargs: Any) -> Any:
         if _nested(opt):
             return None
-        if self._phase == "optimizer" and self._in_step:
-            self._end_step()  # the previous step raised (no post-hook), no forward since
+        self._end_raised_step()  # (no forward since it)
         if not self._in_step:  # (a step with no forward since the last one)
             self._begin_step()
         self._phase = "optimizer"
@@ -382,7 +385,8 @@ class Watcher:
         # ``step(closure)`` (args: the optimizer, then the step's own): the closure's forward and
         # backward run inside the step (their ops unrecorded) and make the gradients the step
         # uses, so no optimizer record either
-        self._closure = (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None
+        positional = len(args) > 1 and args[1] is not None
+        self._closure = positional or kwargs.get("closure") is not None
         if self._mode_on:  # the optimizer's own ops are not recorded: run them unobserved
             self._mode.__exit__(None, None, None)
             self._mode_on = False
@@ -395,7 +399,7 @@ class Watcher:
         if not self._closure:
             return None
         # the closure runs marked, so that a forward after a step whose closure raised ends it
-        closure = args[1] if len(args) > 1 and args[1] is not None else kwargs["closure"]
+        closure = args[1] if positional else kwargs["closure"]
 
         def marked(*a: Any, **k: Any) -> Any:
             self._in_closure += 1
@@ -404,7 +408,7 @@ class Watcher:
             finally:
                 self._in_closure -= 1
 
-        if len(args) > 1 and args[1] is not None:
+        if positional:
             return (args[0], marked, *args[2:]), kwargs
         return args, {**kwargs, "closure": marked}
 
