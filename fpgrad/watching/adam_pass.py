@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from fpgrad.watching.passes import flat_view
 from fpgrad.watching.scratch import Scratch
 
 #: numba options: IEEE division (0/0 is NaN, as in torch) lets the loops vectorise.
@@ -88,25 +89,11 @@ def _adam(
 
 
 _FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
+_FLOATS = (torch.float32, torch.float64)
 
 
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _view(t: torch.Tensor) -> np.ndarray | None:
-    """A flat numpy view of a CPU contiguous float32/float64 tensor, or None."""
-    if (
-        t.dtype not in (torch.float32, torch.float64)
-        or not t.is_cpu
-        or t.layout != torch.strided
-        or not t.is_contiguous()
-    ):
-        return None
-    try:
-        return t.detach().numpy().reshape(-1)
-    except (RuntimeError, TypeError):
-        return None
 
 
 def adam_updates(
@@ -144,7 +131,7 @@ def adam_updates(
             ):
                 return None
             w = before[id(p)]
-            arrays = [_view(x) for x in (w, grad, st["exp_avg"], st["exp_avg_sq"])]
+            arrays = [flat_view(x, _FLOATS) for x in (w, grad, st["exp_avg"], st["exp_avg_sq"])]
             if any(a is None for a in arrays) or len({a.size for a in arrays}) != 1:  # type: ignore[union-attr]
                 return None
             if len({a.dtype for a in arrays[1:]}) != 1 or grad.dtype != p.dtype:  # type: ignore[union-attr]

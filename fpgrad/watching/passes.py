@@ -15,6 +15,21 @@ from numba import njit
 from fpgrad.arith.jit_words import JIT
 
 
+def flat_view(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> np.ndarray | None:
+    """A flat numpy view (no copy) of a CPU contiguous strided tensor of one of ``dtypes``, or
+    None (the callers' torch paths)."""
+    if t.dtype not in dtypes or not t.is_cpu or t.layout != torch.strided or not t.is_contiguous():
+        return None
+    try:
+        return t.detach().numpy().reshape(-1)
+    except (RuntimeError, TypeError):
+        return None
+
+
+_PARAMS = (torch.float32, torch.float64)
+_F64 = (torch.float64,)
+
+
 @njit(**JIT)
 def _update_counts(
     after: np.ndarray,
@@ -95,18 +110,11 @@ def update_counts(
     (:func:`_update_counts_sub`)."""
     arrays = []
     for j, p in enumerate(after):
-        group = (p, before[j], d[j]) + ((req[j],) if req is not None else ())
-        for x in group:
-            if not (x.is_cpu and x.is_contiguous() and x.layout == torch.strided):
-                return None
-        if p.dtype not in (torch.float32, torch.float64) or any(
-            x.dtype != torch.float64 for x in group[1:]
-        ):
+        rest = (before[j], d[j]) + ((req[j],) if req is not None else ())
+        views = [flat_view(p, _PARAMS), *(flat_view(x, _F64) for x in rest)]
+        if any(v is None for v in views):
             return None
-        try:
-            arrays.append([x.detach().numpy().reshape(-1) for x in group])
-        except (RuntimeError, TypeError):
-            return None
+        arrays.append(views)
     none = np.empty(0, np.float64)
     counts: list[list[float]] = [[], [], []]
     maps: list[list[int] | None] = []
@@ -136,13 +144,10 @@ def count_not_equal(t: torch.Tensor, v: int) -> int | None:
     """The number of elements of the integer tensor ``t`` other than ``v`` (one compiled pass),
     or None unless ``t`` is a contiguous CPU int64 or int32 tensor that numpy can view and ``v``
     fits its type."""
-    if t.dtype not in (torch.int64, torch.int32) or not t.is_cpu or not t.is_contiguous():
-        return None
     top = 2**63 if t.dtype == torch.int64 else 2**31
     if not -top <= v < top:
         return None
-    try:
-        a = t.detach().numpy().reshape(-1)
-    except (RuntimeError, TypeError):
+    a = flat_view(t, (torch.int64, torch.int32))
+    if a is None:
         return None
     return int(_count_ne(a, a.dtype.type(v)))
