@@ -174,3 +174,24 @@ def test_a_fill_of_a_written_table_is_refused_for_what_it_is() -> None:
     with pytest.raises(InputError, match="computed earlier") as err:
         exact_graph(net.graph)
     assert "\n" not in str(err.value) and "roundings" not in str(err.value)
+
+
+class IntTable(nn.Module):
+    """A causal -inf mask plus an int64 distance table (T * T above the Arb probe's bound)."""
+
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.lin, self.t = nn.Linear(2, 2), t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(self.t)
+        mask = torch.full((self.t, self.t), float("-inf"), dtype=x.dtype).triu(1)
+        h = self.lin(x)
+        return ((h @ h.T) * 0.01 + (mask + (pos[None, :] - pos[:, None]))).softmax(-1).sum(0)
+
+
+def test_an_integer_table_added_to_a_large_mask_is_exact() -> None:
+    t = 260
+    torch.manual_seed(0)
+    net = fpgrad.from_module(IntTable(t), torch.randn(t, 2), torch.rand(t), nn.MSELoss())
+    assert exact_graph(net.graph).result.certified_digits >= 17

@@ -389,7 +389,12 @@ def _sum_probe(
     for a in node.args:
         if isinstance(a, fx.Node):
             v = env[a.name]
-            floats = v if _raw(v) and v.dtype.kind == "f" else _floats(ar, v)
+            if _raw(v):  # torch's numbers: integers and booleans only where float64 holds them
+                floats = v.astype(np.float64)
+                if v.dtype.kind != "f" and not np.array_equal(floats.astype(v.dtype), v):
+                    return None
+            else:
+                floats = _floats(ar, v)
             if floats is None:
                 return None
             ops.append(np.asarray(floats, dtype=np.float64))
