@@ -357,7 +357,7 @@ def test_adversarial_products_within_their_bound(monkeypatch: pytest.MonkeyPatch
         prec = int(rng.choice([53, 64, 80, 100, 108, 120, 133, 140, 149]))
         n = int(rng.integers(1, 40))
         m, p = rng.integers(1, 4, 2)
-        bits = crt.plan(n, prec, int(ka), int(kb), ROUNDING).bits
+        bits = crt.plan(n, prec, int(ka), int(kb), ROUNDING).a.bits
         a = _gen(rng, int(ka), (int(m), n), prec, str(ra), bits)
         b = _gen(rng, int(kb), (int(p), n), prec, str(rb), bits).transpose(0, 2, 1)
         with monkeypatch.context() as mp:
@@ -408,10 +408,11 @@ def test_both_engines_enclose_adversarial_ball_products(
 def test_engine_shape_ball_products_enclose_on_a_sample(
     flip: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real path (crt.applies by shape, 64 x 192 x 64) on mixed adversarial rows, a
-    transposed operand (the flipped product) and int64 sums: 8 x 8 elements checked."""
+    """The real path (crt.applies and crt.cost choose the engine for 64 x 192 x 64) on mixed
+    adversarial rows, a transposed operand (the flipped product) and int64 sums: 8 x 8
+    elements checked."""
     rng = np.random.default_rng(77 + flip)
-    m, n = crt.MIN_OUTER, crt.MIN_INNER
+    m, n = 64, 192
     ar = BallArith(150)
     regs = ["spread", "trunc", "zeros", "edge", "res127", "pow2", "opposing", "subnormal"]
     am = np.concatenate([_gen(rng, 3, (8, n), ar.mm_prec, r) for r in regs], axis=1)
@@ -423,8 +424,8 @@ def test_engine_shape_ball_products_enclose_on_a_sample(
     calls: list[bool] = []
     real = crt.matmul
 
-    def spy(*args: object) -> object:
-        out = real(*args)  # type: ignore[arg-type]
+    def spy(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
         calls.append(out is not None)
         return out
 
@@ -444,8 +445,8 @@ def test_window_edges_are_sound_or_declined(prec: int) -> None:
     n = 24
     pl = crt.plan(n, prec, 2, 2, ROUNDING)
     pairs = []
-    for total in range(2 * pl.bits - 942, 2 * pl.bits - 937):
-        pairs += [(ea, total - ea) for ea in (pl.lo - 1, pl.lo, pl.lo + 1, total // 2)]
+    for total in range(2 * pl.a.bits - 942, 2 * pl.a.bits - 937):
+        pairs += [(ea, total - ea) for ea in (pl.a.lo - 1, pl.a.lo, pl.a.lo + 1, total // 2)]
     pairs += [(ea, t - ea) for t in (898, 899, 900, 901) for ea in (1001, 1000, 999, 500)]
     seen = {"none": 0, "done": 0}
     for ea, eb in pairs:

@@ -75,14 +75,14 @@ def test_residues_are_those_of_one_integer_within_the_truncation_bound() -> None
     pl = crt.plan(64, PREC, 3, 3, ROUNDING)
     x = _words(rng, (4, 64), -60, 0)
     x[:, 0] = 0.0
-    x[0, 0, :8] = [0.5, 127 * 2.0**-pl.bits, -127 * 2.0**-pl.bits, 2.0**-pl.bits,
-                   -(2.0**-pl.bits), 128 * 2.0**-pl.bits, -(0.5 - 2.0**-54), 3 * 2.0**-pl.bits]  # fmt: skip
+    x[0, 0, :8] = [0.5, 127 * 2.0**-pl.a.bits, -127 * 2.0**-pl.a.bits, 2.0**-pl.a.bits,
+                   -(2.0**-pl.a.bits), 128 * 2.0**-pl.a.bits, -(0.5 - 2.0**-54), 3 * 2.0**-pl.a.bits]  # fmt: skip
     x[:, 1] = np.abs(x[:, 1])  # one sign only
     nm = len(pl.mods)
     out = np.empty((nm, 4, 64), dtype=np.int8)
     expo, top = np.empty(4, dtype=np.int64), np.empty(4)
     over = jit_crt.residues(
-        x, True, pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab, pl.caps, expo, top, out
+        x, True, pl.a.bc, pl.a.nch, pl.a.lo, pl.a.hi, pl.mods, pl.a.rtab, pl.a.caps, expo, top, out
     )
     assert over == 0 and expo[0] == 0
     mods = [int(m) for m in pl.mods]
@@ -99,9 +99,9 @@ def test_residues_are_those_of_one_integer_within_the_truncation_bound() -> None
             big = big - big_m if big > big_m // 2 else big
             seen.add(big)
             val = sum(Fraction(float(w)) for w in x[:, r, c])
-            unit = Fraction(2) ** (int(expo[r]) - pl.bits)
+            unit = Fraction(2) ** (int(expo[r]) - pl.a.bits)
             assert abs(val - big * unit) <= 3 * unit / 2
-    assert {127, -127, 1, -1, 128, 3, 0, 2 ** (pl.bits - 1)} <= seen
+    assert {127, -127, 1, -1, 128, 3, 0, 2 ** (pl.a.bits - 1)} <= seen
 
 
 def test_inner_dimension_cut_for_the_int32_accumulator(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,10 +120,10 @@ def test_recombination_at_the_extremes_of_its_range() -> None:
     n = 256
     pl = crt.plan(n, PREC, 3, 3, ROUNDING)
     mods = [int(m) for m in pl.mods]
-    amax = sum(int(c) * 2 ** (pl.bc * (pl.nch - 1 - i)) for i, c in enumerate(pl.caps))
+    amax = sum(int(c) * 2 ** (pl.a.bc * (pl.a.nch - 1 - i)) for i, c in enumerate(pl.a.caps))
     cmax = n * amax * amax
     rng = np.random.default_rng(5)
-    values = [0, 1, -1, cmax, -cmax, cmax - 1, 2 ** (2 * pl.bits), -(2 ** (2 * pl.bits)) + 12345]
+    values = [0, 1, -1, cmax, -cmax, cmax - 1, 2 ** (2 * pl.a.bits), -(2 ** (2 * pl.a.bits)) + 12345]
     values += [int(v) for v in rng.integers(-(2**62), 2**62, 8)]
     values += [cmax * int(v) // 2**20 for v in rng.integers(-(2**20), 2**20, 8)]
     big = np.array([[c % m + m * int(rng.integers(-1000, 1000)) for c in values] for m in mods])
@@ -133,9 +133,9 @@ def test_recombination_at_the_extremes_of_its_range() -> None:
     bad = jit_crt.recombine(prods, pl.mods, pl.cinv, pl.limbs, crt.BETA, pl.top, pl.cap, pl.pw,
                             scale, terms)  # fmt: skip
     assert bad == 0
-    drop = Fraction(n * 2 ** (2 * pl.bits), 2 ** (PREC + 12))
+    drop = Fraction(n * 2 ** (2 * pl.a.bits), 2 ** (PREC + 12))
     for e, c in enumerate(values):
-        got = sum((Fraction(float(t)) for t in terms[:, e]), Fraction(0)) * 2 ** (2 * pl.bits)
+        got = sum((Fraction(float(t)) for t in terms[:, e]), Fraction(0)) * 2 ** (2 * pl.a.bits)
         assert abs(got - c) <= drop
     big_m = int(np.prod([Fraction(m) for m in mods]))
     beyond = np.array([[(big_m // 2 - 1) % m] for m in mods], dtype=np.int64)

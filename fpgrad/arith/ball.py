@@ -270,7 +270,7 @@ class BallArith(BallFunctions, ExactDerivatives):
         left, right = (bt, at) if flip else (am, bm)  # (a b)^T = b^T a^T
         done = None
         if crt.applies(left.shape[1], n, right.shape[2]):  # int8 GEMMs (exact int_mm here)
-            done = crt.matmul(left, right, self.mm_prec, 8 * self.eta)
+            done = crt.matmul(left, right, self.mm_prec, 8 * self.eta, choose=True)
         if done is None:
             done = ozaki.matmul_levels(left, right, self.mm_prec, 8 * self.eta)
         terms, bound, risk = done

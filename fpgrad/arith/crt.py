@@ -36,12 +36,11 @@ import numpy as np
 INT32_TERMS = (2**31 - 1) // 127**2  #: 133144 products of |x| <= 127 sum below 2**31
 BETA = 40  # limb width of the CRT constants
 CHUNK_BITS = 40  # widest chunk of A' in the residue kernel
-# shapes this engine takes: its residues and CRT cost per element of A, B and C (about 40
-# moduli each), its GEMMs per multiply-add, so it needs a long inner dimension and a wide
-# result; elsewhere the float64 slices are as fast or faster (docs/benchmarks.md). A shape
-# rule: results never depend on timing.
-MIN_INNER = 192
-MIN_OUTER = 64
+# the least shapes this engine is tried on; within them :func:`cost` chooses between it and
+# the float64 slices (its residues and CRT cost per element of A, B and C, about 20-42 moduli
+# each, its GEMMs per multiply-add): a shape rule, results never depend on timing.
+MIN_INNER = 8
+MIN_OUTER = 8
 
 
 def _moduli() -> tuple[int, ...]:
@@ -57,23 +56,34 @@ MODULI = _moduli()
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The constants of one product shape (see :func:`plan`)."""
+class Cut:
+    """How one operand becomes integers: B = nch * bc bits below its scale 2**e, cut in nch
+    chunks of bc bits (the residue kernel's layout), and whether that is exact."""
 
-    bits: int  # B = nch * bc
+    bits: int  # B
     nch: int
     bc: int
-    mods: np.ndarray  # (N,) int64
     rtab: np.ndarray  # (nch, N) float64: 2**(bc (nch - 1 - i)) mod m_j, symmetric
+    caps: np.ndarray  # (nch,) bounds on the chunks |d_i| the residue kernel checks
+    amax: int  # sum_i caps_i 2**(bc (nch - 1 - i)): a bound on |X| the checks prove
+    exact: bool  # every word a multiple of 2**(e - B): X 2**(e - B) is the operand (checked)
+    lo: int  # window of scale exponents
+    hi: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The constants of one product shape (see :func:`plan`); ``a``, ``b``: its operands' cuts."""
+
+    a: Cut
+    b: Cut
+    mods: np.ndarray  # (N,) int64
     cinv: np.ndarray  # (N,) int64: (M / m_j)**-1 mod m_j, symmetric
     limbs: np.ndarray  # (J - j0, N + 1) float64: BETA-bit limbs j0.. of M / m_j, then of -M
     top: int  # jt - j0: the highest limb that can be non-zero, from j0
     cap: float  # bound on |limb jt|: (Cmax + D + P(jt)) / 2**(BETA jt), rounded up
-    caps: np.ndarray  # (nch,) bounds on the chunks |d_i| the residue kernel checks
-    pw: np.ndarray  # (J - j0,) 2**(BETA (j0 + l) - 2B)
+    pw: np.ndarray  # (J - j0,) 2**(BETA (j0 + l) - Ba - Bb)
     factor: float  # error bound per unit of n 2**(ea + eb)
-    lo: int  # window of scale exponents
-    hi: int
 
 
 def _sym(x: int, m: int) -> int:
@@ -81,22 +91,48 @@ def _sym(x: int, m: int) -> int:
     return r - m if r > m // 2 else r
 
 
-@functools.lru_cache(maxsize=64)
-def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
+def _chunks(bits: int) -> tuple[int, int, int, list[int], int]:
+    """(B, nch, bc, caps, amax) for at least ``bits`` bits: the fewest chunks of at most
+    CHUNK_BITS, B rounded up to a multiple of their number."""
+    nch = -(-bits // CHUNK_BITS)
+    bits = nch * (-(-bits // nch))
+    bc = bits // nch
+    caps = [2**bc + 4] + [2 ** (bc + 1)] * (nch - 1)
+    amax = sum(c * 2 ** (bc * (nch - 1 - i)) for i, c in enumerate(caps))
+    return bits, nch, bc, caps, amax
+
+
+def _trunc(ka: int, kb: int, ca: tuple, cb: tuple, exact_a: bool, exact_b: bool) -> Fraction:
+    """The cut's error per unit ``n 2**(ea + eb)``: ``ab - A'B' uv = (a - A'u) b + A'u (b - B'v)``
+    with ``|a - A'u| <= ka u/2`` (0 when exact), ``|b| <= (Bmax + kb/2) v`` (``B'v`` when
+    exact) and ``|A'| <= Amax``; u = 2**(ea - Ba), v = 2**(eb - Bb)."""
+    (ba, *_, amax), (bb, *_, bmax) = ca, cb
+    left = 0 if exact_a else ka * (2 * bmax + (0 if exact_b else kb))
+    right = 0 if exact_b else 2 * kb * amax
+    return Fraction(left + right, 2 ** (ba + bb + 2))
+
+
+@functools.lru_cache(maxsize=256)
+def plan(
+    n: int, prec: int, ka: int, kb: int, rounding: float, exact_a: int = 0, exact_b: int = 0
+) -> Plan:
     """Constants for (ka, m, n) @ (kb, n, p) words to about 2**-prec of n max|a row| max|b col|.
 
-    B: the fewest bits (a multiple of the chunk count) whose truncation error is at most
-    ``2**-(prec+9)`` per unit ``n 2**(ea+eb)``, about the float64 engine's error at this prec.
-    It rests only on what the residue kernel checks: chunks ``|d_0| <= 2**bc + 4`` (rounding
-    the words of ``|a| < 2**e`` one at a time adds at most ka/2) and ``|d_i| <= 2**(bc+1)``
-    after, so ``|A'| <= Amax = sum_i cap_i 2**(bc (nch-1-i))``; each word rounds to its last
-    unit ``u = 2**(e-B)``, ``|a - A' u| <= ka u/2`` and ``|b| <= (Bmax + kb/2) v``, so
-    ``|ab - A'B' uv| <= n uv (ka (Bmax + kb/2) + kb Amax) / 2``. ``|C'| <= Cmax = n Amax
-    Bmax``; moduli until ``M >= 8 Cmax``. Each limb sum
-    is at most ``Smax = (127 N + N/2 + 1) (2**BETA - 1)``, so the limbs below j0, not
-    computed, add up to at most ``D = Smax (2**(BETA j0) - 1) / (2**BETA - 1)`` (j0 the
-    largest with ``D <= 2**-(prec+12) n 2**(2B)``); the kept ones, carried from j0, sum to
-    ``K = C' - D``, and after the carries those from j0 to below j add up to at most
+    ``exact_a`` (``exact_b``) > 0: a's (b's) words are multiples of ``2**(e - exact_a)`` with
+    e its row's (column's) scale, so a's cut of at least that many bits is exact (the residue
+    kernel checks it: a remainder is a fault). A truncated operand gets B bits, the fewest (a
+    multiple of the chunk count; both the same when both are truncated) whose truncation error
+    is at most ``2**-(prec+9)`` per unit ``n 2**(ea+eb)``, about the float64 engine's error at
+    this prec. It rests only on what the residue kernel checks: chunks ``|d_0| <= 2**bc + 4``
+    (rounding the words of ``|a| < 2**e`` one at a time adds at most ka/2) and ``|d_i| <=
+    2**(bc+1)`` after, so ``|A'| <= Amax = sum_i cap_i 2**(bc (nch-1-i))``; each word rounds to
+    its last unit ``u = 2**(e-Ba)``, ``|a - A' u| <= ka u/2`` and ``|b| <= (Bmax + kb/2) v``,
+    so ``|ab - A'B' uv| <= n uv (ka (Bmax + kb/2) + kb Amax) / 2``, with a term 0 for an exact
+    operand (:func:`_trunc`). ``|C'| <= Cmax = n Amax Bmax``; moduli until ``M >= 8 Cmax``.
+    Each limb sum is at most ``Smax = (127 N + N/2 + 1) (2**BETA - 1)``, so the limbs below
+    j0, not computed, add up to at most ``D = Smax (2**(BETA j0) - 1) / (2**BETA - 1)`` (j0
+    the largest with ``D <= 2**-(prec+12) n 2**(Ba+Bb)``); the kept ones, carried from j0, sum
+    to ``K = C' - D``, and after the carries those from j0 to below j add up to at most
     ``P(j) = 2**(BETA-1) (2**(BETA j) - 2**(BETA j0)) / (2**BETA - 1)``: the limbs above jt
     (the least with ``Cmax + D + P(jt+1) < 2**(BETA (jt+1))``) are 0, limb jt is at most
     ``(Cmax + D + P(jt)) / 2**(BETA jt)`` (both checked per element) and the terms' absolute
@@ -105,20 +141,28 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
     """
     if not (1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1):
         raise ValueError(f"no CRT plan for {ka} x {kb} words, inner dimension {n}")
-    bits = prec + 3
+    target = Fraction(1, 2 ** (prec + 9))
+    bits_a = exact_a if exact_a else prec + 3
+    bits_b = exact_b if exact_b else prec + 3
     while True:
-        nch = -(-bits // CHUNK_BITS)
-        bits = nch * (-(-bits // nch))
-        bc = bits // nch
-        caps = [2**bc + 4] + [2 ** (bc + 1)] * (nch - 1)
-        amax = bmax = sum(c * 2 ** (bc * (nch - 1 - i)) for i, c in enumerate(caps))
-        trunc = Fraction(ka * (2 * bmax + kb) + 2 * kb * amax, 2 ** (2 * bits + 2))
-        if trunc <= Fraction(1, 2 ** (prec + 9)):
+        ca, cb = _chunks(bits_a), _chunks(bits_b)
+        if not (exact_a or exact_b):  # both truncated: one width (the cut of the past)
+            cb = ca
+        if _trunc(ka, kb, ca, cb, bool(exact_a), bool(exact_b)) <= target:
             break
-        bits += 1
-    if nch > 4:  # the residue kernel's chunks: prec <= 149
-        raise ValueError(f"no CRT plan for {bits}-bit operands (at most 4 chunks)")
-    assert nch * 2 ** (bc + 1) * 127 <= 2**50, "residues exact (jit_crt)"
+        if exact_a and exact_b:  # unreachable: exact cuts err by 0
+            raise AssertionError("exact cuts with a truncation error")
+        if not exact_a:
+            bits_a = ca[0] + 1
+        if not exact_b:
+            bits_b = cb[0] + 1
+    if max(ca[1], cb[1]) > 4:  # the residue kernel's chunks: prec <= 149
+        raise ValueError(f"no CRT plan for {max(ca[0], cb[0])}-bit operands (at most 4 chunks)")
+    for c in (ca, cb):
+        assert c[1] * 2 ** (c[2] + 1) * 127 <= 2**50, "residues exact (jit_crt)"
+    amax, bmax = ca[4], cb[4]
+    trunc = _trunc(ka, kb, ca, cb, bool(exact_a), bool(exact_b))
+    width = ca[0] + cb[0]  # Ba + Bb
     cmax = n * amax * bmax
     mods: list[int] = []
     big_m = 1
@@ -128,18 +172,27 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
         mods.append(m)
         big_m *= m
     if big_m < 8 * cmax:
-        raise ValueError(f"no CRT basis for {bits}-bit operands and inner dimension {n}")
+        raise ValueError(f"no CRT basis for {width}-bit products and inner dimension {n}")
     nm = len(mods)
     assert nm * nm < 2**50 // 8, "recombine's k exact: N**2 2**-53 < 1/2 - 1/8"
-    rtab = np.array(
-        [[_sym(pow(2, bc * (nch - 1 - i), m), m) for m in mods] for i in range(nch)], dtype=float
-    )
-    assert np.abs(rtab).max() <= 127
+
+    def cut(c: tuple, exact: bool) -> Cut:
+        bits, nch, bc, caps, amax = c
+        rtab = np.array(
+            [[_sym(pow(2, bc * (nch - 1 - i), m), m) for m in mods] for i in range(nch)],
+            dtype=float,
+        )
+        assert np.abs(rtab).max() <= 127
+        chunk_caps = np.array(caps, dtype=float)
+        for arr in (rtab, chunk_caps):
+            arr.flags.writeable = False
+        return Cut(bits, nch, bc, rtab, chunk_caps, amax, exact, bits - 1000 + 8, 1000)
+
     cinv = [_sym(pow(big_m // m, -1, m), m) for m in mods]
     nj = -(-big_m.bit_length() // BETA)
     smax = (127 * nm + nm // 2 + 1) * (2**BETA - 1)
     assert smax + 2**14 < 2**53, "limb sums and carries exact"
-    unit = Fraction(n * 2 ** (2 * bits))
+    unit = Fraction(n * 2**width)
 
     def dropped(j0: int) -> Fraction:
         return Fraction(smax * (2 ** (BETA * j0) - 1), 2**BETA - 1)
@@ -165,14 +218,13 @@ def plan(n: int, prec: int, ka: int, kb: int, rounding: float) -> Plan:
     factor = (trunc + dropped(j0) / unit + Fraction(rounding) * terms_sum / unit) * (
         1 + Fraction(1, 2**40)
     )
-    pw = np.array([math.ldexp(1.0, BETA * j - 2 * bits) for j in range(j0, nj)])
-    chunk_caps = np.array(caps, dtype=float)
-    for arr in (rtab, limbs, pw, chunk_caps):
+    pw = np.array([math.ldexp(1.0, BETA * j - width) for j in range(j0, nj)])
+    for arr in (limbs, pw):
         arr.flags.writeable = False
     return Plan(
-        bits, nch, bc, np.array(mods, dtype=np.int64), rtab,
-        np.array(cinv, dtype=np.int64), limbs, jt - j0, float(cap), chunk_caps, pw,
-        float(factor) * (1 + 2.0**-50), bits - 1000 + 8, 1000,
+        cut(ca, bool(exact_a)), cut(cb, bool(exact_b)), np.array(mods, dtype=np.int64),
+        np.array(cinv, dtype=np.int64), limbs, jt - j0, float(cap), pw,
+        float(factor) * (1 + 2.0**-50),
     )  # fmt: skip
 
 
@@ -259,36 +311,79 @@ def _int_products(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
     return total
 
 
+def exact_widths(
+    a: np.ndarray, b: np.ndarray, n: int, prec: int, rounding: float
+) -> tuple[int, int]:
+    """(exact_a, exact_b) for :func:`plan`: an operand whose words fit its truncated cut's
+    width exactly (:func:`fpgrad.arith.jit_crt.exact_bits`, rounded up to a multiple of 4:
+    float32 and float64 data, exact sums of a few of them) is cut exactly at that width; 0
+    otherwise (multi-word balls)."""
+    from fpgrad.arith import jit_crt
+
+    full = plan(n, prec, a.shape[0], b.shape[0], rounding)
+    out = []
+    for x, per_row, c in ((a, True, full.a), (b, False, full.b)):
+        need = jit_crt.exact_bits(x, per_row, c.bits)
+        out.append(max(4, -(-need // 4) * 4) if need <= c.bits else 0)
+    return out[0], out[1]
+
+
+def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple[float, float]:
+    """Estimated CPU milliseconds of an (m, n) @ (n, p) product of ka and kb words in this
+    engine (plan ``pl``) and in :func:`fpgrad.arith.ozaki.matmul_levels`: least-squares fits
+    over 135 shapes (m, n, p from 10 to 512, 1 and 3 words, docs/benchmarks.md) on an AVX-512
+    VNNI EPYC. Fixed constants, so the engine chosen is a function of shapes and words only."""
+    from fpgrad.arith import ozaki
+
+    nm = len(pl.mods)
+    elems = m * n * ka + n * p * kb
+    crt_ms = 4.01e-9 * nm * m * n * p + 0.519e-6 * nm * m * p + 4.24e-6 * elems + 0.144
+    levels, bits = ozaki._plan(n, prec, ka, kb, True)[:2]
+    ends = []  # (slices with digits, remainder index) of a and b
+    for c in (pl.a, pl.b):
+        ends.append((-(-c.bits // bits),) * 2 if c.exact else (levels, levels + 1))
+    (na, ra), (nb, rb) = ends
+    pairs = sum(max(0, min(s, na - 1) - max(0, s - nb + 1) + 1) for s in range(levels))
+    hi = levels if ra >= levels else min(levels - 1, na - 1)
+    pairs += max(0, hi - max(0, levels - rb) + 1)
+    oz_ms = 31.4e-9 * pairs * m * n * p + 0.71e-6 * levels * elems
+    return crt_ms, oz_ms + 0.103e-6 * m * p * (levels + 1) + 0.053
+
+
 def matmul(
-    a: np.ndarray, b: np.ndarray, prec: int, rounding: float = 0.0
+    a: np.ndarray, b: np.ndarray, prec: int, rounding: float = 0.0, choose: bool = False
 ) -> tuple[np.ndarray, np.ndarray, bool] | None:
     """As :func:`fpgrad.arith.ozaki.matmul_levels` (terms, bound, risk), or None where this
     engine does not apply (no :func:`plan`: more than 3 words, prec above 149; a scale
-    outside the window; a fault of :func:`fpgrad.arith.jit_crt.residues`)."""
+    outside the window; a fault of :func:`fpgrad.arith.jit_crt.residues`) or, with
+    ``choose``, where :func:`cost` finds the float64 slices cheaper."""
     from fpgrad.arith import jit_crt
 
     ka, m, n = a.shape
     kb, _, p = b.shape
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    b = np.ascontiguousarray(b, dtype=np.float64)
     try:
-        pl = plan(n, prec, ka, kb, rounding)
+        pl = plan(n, prec, ka, kb, rounding, *exact_widths(a, b, n, prec, rounding))
     except ValueError:
         return None
+    if choose:
+        crt_ms, oz_ms = cost(m, n, p, ka, kb, pl, prec)
+        if oz_ms <= crt_ms:
+            return None
     nm = len(pl.mods)
     ra = np.empty((nm, m, n), dtype=np.int8)
     rb = np.empty((nm, n, p), dtype=np.int8)
     ea, top_a = np.empty(m, dtype=np.int64), np.empty(m)
     eb, top_b = np.empty(p, dtype=np.int64), np.empty(p)
-    a = np.ascontiguousarray(a, dtype=np.float64)
-    b = np.ascontiguousarray(b, dtype=np.float64)
-    args = (pl.bc, pl.nch, pl.lo, pl.hi, pl.mods, pl.rtab, pl.caps)
-    if jit_crt.residues(a, True, *args, ea, top_a, ra) != 0:
-        return None
-    if jit_crt.residues(b, False, *args, eb, top_b, rb) != 0:
-        return None
+    for x, per_row, c, e, t, r in ((a, True, pl.a, ea, top_a, ra), (b, False, pl.b, eb, top_b, rb)):
+        args = (c.bc, c.nch, c.lo, c.hi, pl.mods, c.rtab, c.caps, e, t, r, c.exact)
+        if jit_crt.residues(x, per_row, *args) != 0:
+            return None
     nz_a, nz_b = top_a > 0, top_b > 0
     ea_nz, eb_nz = ea[nz_a], eb[nz_b]
     if ea_nz.size and eb_nz.size:  # every term a normal float64 (as ozaki's risk test)
-        if ea_nz.min() + eb_nz.min() - 2 * pl.bits - 60 < -1000:
+        if ea_nz.min() + eb_nz.min() - pl.a.bits - pl.b.bits - 60 < -1000:
             return None
         if ea_nz.max() + eb_nz.max() > 900:
             return None

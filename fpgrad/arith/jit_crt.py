@@ -41,6 +41,7 @@ def residues(
     expo: np.ndarray,
     top: np.ndarray,
     out: np.ndarray,
+    exact: bool = False,
 ) -> int:
     """Symmetric residues of the scaled integers of a (R, C) matrix of K <= 3 words.
 
@@ -57,8 +58,9 @@ def residues(
     written) when a non-zero scale leaves [lo, hi], else the number of faults: chunks with
     ``|d_i| > caps[i]`` or NaN, lower words with ``|w1| + |w2| > caps[i]`` units before chunk
     i (so every ``(w + sigma) - sigma`` and the sum of a chunk are exact) and rows or columns
-    whose word 0 is all zero (scale 0) holding a non-zero or NaN word. Where that count is
-    not 0, the residues are void.
+    whose word 0 is all zero (scale 0) holding a non-zero or NaN word; with ``exact``, also
+    elements with a non-zero remainder after chunk nch (so that ``x = X 2**(e - bc nch)``
+    wherever the count is 0). Where that count is not 0, the residues are void.
     """
     nw, rows, cols = words.shape
     nq = top.shape[0]
@@ -129,6 +131,9 @@ def residues(
                 ci[c] = d
                 low = (abs(x1) + abs(x2)) * urow[c]  # huge lower words (cancelling or not)
                 over += (not abs(d) <= cap) | (not low <= cap)  # NaN counted
+        if exact:  # nothing left below the last chunk (NaN counted)
+            for c in range(cols):
+                over += (rem[0, c] != 0.0) | (rem[1, c] != 0.0) | (rem[2, c] != 0.0)
         c0, c1, c2, c3 = ch[0], ch[1], ch[2], ch[3]
         for j in range(nm):  # one pass per modulus over 1-D views: LLVM vectorises it
             t0, t1, t2, t3 = tab[0, j], tab[1, j], tab[2, j], tab[3, j]
@@ -138,6 +143,69 @@ def residues(
                 x = ((c0[c] * t0 + c1[c] * t1) + c2[c] * t2) + c3[c] * t3
                 oj[c] = np.int8(x - m * _rint(x * inv))
     return over
+
+
+@njit(**JIT)
+def exact_bits(words: np.ndarray, per_row: bool, limit: int) -> int:
+    """The fewest bits B with every word of a (K, R, C) matrix a multiple of ``2**(e - B)``,
+    e the scale exponent of its row (``per_row``) or column as :func:`residues` takes it
+    (``max |word 0| (1 + 2**-48) < 2**e``); ``limit + 1`` as soon as B would exceed ``limit``
+    (and for NaN or inf). 0 when every word is 0. A finite word ``m 2**(f - 1075)`` (m its
+    integer significand, f its biased exponent, 1 for subnormals) is a multiple of
+    ``2**(f - 1075 + t)``, t the trailing zero bits of m, read from the float64 ``2**t``.
+    Rows are scanned lowest word first, so multi-word balls stop at their first row.
+    """
+    nw, rows, cols = words.shape
+    nq = rows if per_row else cols
+    top = np.zeros(nq)
+    for r in range(rows):
+        w0 = words[0, r]
+        if per_row:
+            mx = 0.0
+            for c in range(cols):
+                v = abs(w0[c])
+                mx = v if v > mx else mx
+            top[r] = mx
+        else:
+            for c in range(cols):
+                v = abs(w0[c])
+                top[c] = v if v > top[c] else top[c]
+    expo = np.empty(nq, dtype=np.int64)
+    for q in range(nq):
+        if not top[q] < math.inf:  # inf or NaN
+            return limit + 1
+        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
+    bits = words.view(np.int64)
+    lowf = np.empty(cols)
+    lowi = lowf.view(np.int64)
+    field = np.empty(cols, dtype=np.int64)
+    need = 0
+    for r in range(rows):
+        for w in range(nw - 1, -1, -1):
+            row = bits[w, r]
+            live = 0
+            for c in range(cols):  # a zero row of a lower word: skipped
+                live |= row[c] << 1  # the sign bit dropped: -0.0 is zero
+            if live == 0:
+                continue
+            for c in range(cols):  # branch-free: vectorised
+                raw = row[c]
+                f = (raw >> 52) & 0x7FF
+                mant = (raw & 0xFFFFFFFFFFFFF) | (np.int64(f != 0) << 52)
+                lowf[c] = float(mant & -mant)  # 2**t (0 for a zero word)
+                field[c] = f
+            bad = 0
+            er = expo[r] if per_row else 0
+            for c in range(cols):
+                e = er if per_row else expo[c]
+                f = field[c]
+                b = e - ((f if f else 1) - 1075 + ((lowi[c] >> 52) - 1023))
+                b = b if lowi[c] != 0 else 0  # a zero word fits any width
+                need = b if b > need else need
+                bad |= f == 0x7FF
+            if need > limit or bad:
+                return limit + 1
+    return need
 
 
 @njit(**JIT)
