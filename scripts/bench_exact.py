@@ -139,8 +139,8 @@ def float64_only(fn):  # noqa: ANN001, ANN201 - a wrapper
 
 
 def int8_forced(fn):  # noqa: ANN001, ANN201 - a wrapper
-    """``fn`` with the int8 CRT engine taken wherever the shape rule allows, whatever this
-    CPU's int8 unit (fpgrad.arith.crt.fast forced on): the engine choice before issue 14's
+    """``fn`` with the int8 CRT engine taken wherever fpgrad.arith.crt.cost chooses it, whatever
+    this CPU's int8 unit (fpgrad.arith.crt.fast forced on): the engine choice before issue 14's
     capability gate."""
     from fpgrad.arith import crt
 
@@ -384,7 +384,10 @@ def main() -> int:
     if args.engine == "float64":
         engine = "float64 slices (--engine float64)"
     elif crt_on:
-        engine = "int8 CRT where the shape rule allows (this CPU has an int8 unit), else float64 slices"
+        engine = (
+            "int8 CRT where fpgrad.arith.crt.cost chooses it (this CPU has an int8 unit; "
+            "float32/float64 operands cut exactly, fewer moduli), else float64 slices"
+        )
     else:
         why = "torch._int_mm inexact or absent" if crt.fast() else "no int8 dot-product unit"
         engine = f"float64 slices ({why}: fpgrad.arith.crt.fast/usable)"

@@ -412,6 +412,26 @@ def slices(
 
 
 @njit(**JIT)
+def flags(m0: np.ndarray, rad: np.ndarray, cap: float, zero: np.ndarray,
+          undet: np.ndarray) -> float:  # fmt: skip
+    """:func:`digits` without the per-element digits: the exact zeros and undetermined
+    elements, and the least digits of the others (``cap`` if none), from the largest
+    ``rad HI_BOUND / |m0|`` among them (one logarithm; log2 is monotone)."""
+    worst = 0.0
+    for i in range(m0.size):
+        m, r = abs(m0[i]), rad[i]
+        z = m == 0.0 and r == 0.0
+        u = not z and not (m / HI_BOUND > r)
+        zero[i], undet[i] = z, u
+        if not z and not u and r != 0.0:
+            x = r * HI_BOUND / m
+            worst = x if x > worst else worst
+    if worst == 0.0:
+        return cap
+    return min(max(-math.log2(worst) * LOG10_2, 0.0), cap)
+
+
+@njit(**JIT)
 def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.ndarray,
            undet: np.ndarray) -> float:  # fmt: skip
     """The numpy formulas of :func:`fpgrad.reference.exact.ball_digits` in one pass (1-D);

@@ -9,6 +9,7 @@ What the digits claim is stated in :mod:`fpgrad.reference.exact`: an exact zero 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import mpmath
@@ -45,6 +46,59 @@ def ball_summary(
         d.reshape(-1), zero.reshape(-1), undet.reshape(-1),
     )  # fmt: skip
     return d, zero, undet, r, float(low)
+
+
+def ball_flags(ball: Ball, cap: float) -> tuple[None, np.ndarray, np.ndarray, np.ndarray, float]:
+    """:func:`ball_summary` without the digits array (None in its place): exact zeros,
+    undetermined elements, radii and the least digits, in one pass without a logarithm per
+    element (:func:`fpgrad.arith.jit_ball.flags`); :class:`LazyDigits` makes the digits when
+    asked."""
+    from fpgrad.arith import jit_ball
+
+    r = np.asarray(ball.rad, dtype=np.float64)
+    m0 = np.ascontiguousarray(ball.mid[0], dtype=np.float64).reshape(-1)
+    zero = np.empty(r.shape, dtype=bool)
+    undet = np.empty(r.shape, dtype=bool)
+    low = jit_ball.flags(
+        m0, np.ascontiguousarray(r).reshape(-1), float(cap), zero.reshape(-1), undet.reshape(-1)
+    )
+    return None, zero, undet, r, float(low)
+
+
+class LazyDigits(MutableMapping):
+    """Certified digits per key (as :func:`ball_digits`), each array made at its first read:
+    a trace holds far more values than a table shows. Keys keep their order; a value set
+    replaces the one that would be made."""
+
+    def __init__(self, cap: float) -> None:
+        self._cap = cap
+        self._balls: dict[str, Ball | None] = {}
+        self._made: dict[str, np.ndarray] = {}
+
+    def add(self, key: str, ball: Ball) -> None:
+        self._balls[key] = ball
+        self._made.pop(key, None)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._made:
+            ball = self._balls[key]  # KeyError for an unknown key
+            assert ball is not None
+            self._made[key] = ball_summary(ball, self._cap)[0]
+        return self._made[key]
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        self._made[key] = value
+        self._balls.setdefault(key, None)
+
+    def __delitem__(self, key: str) -> None:
+        del self._balls[key]
+        self._made.pop(key, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._balls)
+
+    def __len__(self) -> int:
+        return len(self._balls)
 
 
 def arb_digits(

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +51,17 @@ from fpgrad.arith.ball import MAX_BITS as FAST_MAX_BITS
 from fpgrad.errors import InputError
 from fpgrad.model.network import Network
 from fpgrad.reference.array import ExactArray
-from fpgrad.reference.digits import arb_digits, ball_summary, hi_lo_arb, min_digits, uncertified_fix
+from fpgrad.reference.digits import (
+    LazyDigits,
+    arb_digits,
+    ball_flags,
+    hi_lo_arb,
+    min_digits,
+    uncertified_fix,
+)
 from fpgrad.reference.digits import arb_min_digits as arb_min_digits  # re-exported
 from fpgrad.reference.digits import ball_digits as ball_digits  # re-exported
+from fpgrad.reference.digits import ball_summary as ball_summary  # re-exported
 from fpgrad.reference.digits import decimal_string as decimal_string  # re-exported
 from fpgrad.run.evaluate import Trace
 
@@ -90,7 +98,7 @@ class ExactResult:
 
     bits: int
     certified_digits: float
-    digits: dict[str, np.ndarray]
+    digits: MutableMapping[str, np.ndarray]
     method: str
     zeros: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     undetermined_masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -319,14 +327,18 @@ def _summarise(
     cap: float,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict, float]:
     """digits, zeros, undetermined masks, radii per key, and the certified minimum."""
-    digits: dict[str, np.ndarray] = {}
+    digits: Any = LazyDigits(cap) if digits_of is ball_flags else {}
     zeros: dict[str, np.ndarray] = {}
     undet: dict[str, np.ndarray] = {}
     rads: dict[str, np.ndarray] = {}
     worst = cap
     for key, value in items:
         d, z, u, r, *low = digits_of(value, cap)  # the least kept digits, when given
-        digits[key], zeros[key], undet[key], rads[key] = d, z, u, r
+        zeros[key], undet[key], rads[key] = z, u, r
+        if d is None:  # ball_flags: made when read
+            digits.add(key, value)
+        else:
+            digits[key] = d
         if low:
             worst = min(worst, low[0])
             continue
@@ -349,7 +361,7 @@ def _fast(run: Run, work: Work, bits: int, progress: bool | None) -> tuple[Exact
         for _, ball in items:  # compute the lazy products now, so their range is checked
             ball.rad  # noqa: B018
     cap = math.floor(bits * math.log10(2))
-    result = _result(items, raw, ball_summary, cap, bits, "fast")
+    result = _result(items, raw, ball_flags, cap, bits, "fast")
     n_und = result.undetermined_count
     # a NaN radius or word 0 makes its element undetermined (ball_digits): none without
     broken = n_und and sum(int(np.isnan(b.rad).sum() + np.isnan(b.mid[0]).sum()) for _, b in items)
