@@ -114,6 +114,18 @@ def test_inner_dimension_cut_for_the_int32_accumulator(monkeypatch: pytest.Monke
     assert np.array_equal(whole, cut)
 
 
+def test_row_blocks_give_the_same_terms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recombination in blocks of rows (BLOCK_OUT results each, a partial last block)
+    gives the terms and bound of one block."""
+    rng = np.random.default_rng(41)
+    a, b = _words(rng, (7, 40), -20, 20), _words(rng, (40, 5), -20, 20)
+    whole, bound = _check(a, b)
+    for block in (1, 5, 11):  # a row per block (p > block), two rows, two and a bit
+        monkeypatch.setattr(crt, "BLOCK_OUT", block)
+        cut, cbound = _check(a, b)
+        assert np.array_equal(whole, cut) and np.array_equal(bound, cbound)
+
+
 def test_recombination_at_the_extremes_of_its_range() -> None:
     """Integers C from 0 to +-Cmax (and with multiples of each modulus added, as GEMM sums
     give them) come back within the dropped-limb bound; C beyond the proven range is caught."""

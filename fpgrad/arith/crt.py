@@ -3,25 +3,28 @@
 Each row of A (each column of B) gets the power-of-two scale 2**e of
 :func:`fpgrad.arith.ozaki.scale_exponents`; its elements are cut to integers
 ``A' = round(a 2**(B - e))`` of about B bits (``|a - A' 2**(e - B)| <= ka 2**(e - B - 1)``,
-:func:`fpgrad.arith.jit_crt.residues`). The integer product ``C' = A' B'`` is known modulo N
-pairwise-coprime odd moduli m_j <= 255: one exact int8 GEMM (``torch._int_mm``, int32
-accumulator) of the symmetric residues each, |residue| <= 127, so an inner dimension of at
-most :data:`INT32_TERMS` cannot overflow (longer ones are cut and summed in int64). With
-``M = prod m_j >= 8 max|C'|``, the CRT gives C' exactly (:func:`fpgrad.arith.jit_crt.recombine`):
-its CRT digits times the 40-bit limbs of the constants ``M / m_j`` and M (every partial sum
-an integer below 2**53), carried to balanced limbs. The limbs above about 2**-(prec + 12) of
-``n 2**(2B)`` are the terms; the ones below (not computed), the truncation to A', B' and the
-caller's rounding of the terms' sum go into the bound (:func:`plan`).
+:func:`fpgrad.arith.jit_crt.residues`), or exactly (``A' = a 2**(B - e)``) at the least width
+B that holds every word of the operand (:func:`exact_widths`: float32 and float64 data, where
+B is about 53 plus the exponent spread of a row, instead of prec + 11). The integer product
+``C' = A' B'`` is known modulo N pairwise-coprime odd moduli m_j <= 255: one exact int8 GEMM
+(``torch._int_mm``, int32 accumulator) of the symmetric residues each, |residue| <= 127, so an
+inner dimension of at most :data:`INT32_TERMS` cannot overflow (longer ones are cut and
+summed in int64). With ``M = prod m_j >= 8 max|C'|``, the CRT gives C' exactly
+(:func:`fpgrad.arith.jit_crt.recombine`, in blocks of rows of :data:`BLOCK_OUT` results): its
+CRT digits times the 40-bit limbs of the constants ``M / m_j`` and M (every partial sum an
+integer below 2**53), carried to balanced limbs. The limbs above about 2**-(prec + 12) of
+``n 2**(Ba + Bb)`` are the terms; the ones below (not computed), the truncation to A', B' and
+the caller's rounding of the terms' sum go into the bound (:func:`plan`).
 
 The engine is used where the CPU has an int8 dot-product unit (:func:`fast`, a property of the
 machine) and ``torch._int_mm`` exists and passes an exactness probe (:func:`usable`; both
 decided once per process) for products with an inner dimension of at least :data:`MIN_INNER`
-and a result at least :data:`MIN_OUTER` wide both ways (:func:`applies`); else
-:func:`fpgrad.arith.ozaki.matmul_levels`.
+and a result at least :data:`MIN_OUTER` wide both ways (:func:`applies`) that :func:`cost`
+estimates cheaper here than the float64 slices; else :func:`fpgrad.arith.ozaki.matmul_levels`.
 Rows whose scale leaves the window of :func:`plan` (magnitudes near 2**-860 or 2**1000), words
 the residue kernel rejects (NaN, lower words far above word 0, a zero word 0 over non-zero
-words) and precisions or word counts without a plan make :func:`matmul` return None: the
-float64 engine (and its range accounting) takes the product.
+words, a remainder under an exact cut) and precisions or word counts without a plan make
+:func:`matmul` return None: the float64 engine (and its range accounting) takes the product.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ CHUNK_BITS = 40  # widest chunk of A' in the residue kernel
 # each, its GEMMs per multiply-add): a shape rule, results never depend on timing.
 MIN_INNER = 8
 MIN_OUTER = 8
+BLOCK_OUT = 65536  # results per block of rows: N int32 residue products of 11 MB at most
 
 
 def _moduli() -> tuple[int, ...]:
@@ -139,8 +143,8 @@ def plan(
     values add up to at most ``Cmax + D + 2 P(jt)``, against which ``rounding`` (the
     caller's relative error on their sum) is charged. All in rationals, rounded up once.
     """
-    if not (1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1):
-        raise ValueError(f"no CRT plan for {ka} x {kb} words, inner dimension {n}")
+    if not (1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1 and prec >= 1):
+        raise ValueError(f"no CRT plan for {ka} x {kb} words, inner dimension {n}, prec {prec}")
     target = Fraction(1, 2 ** (prec + 9))
     bits_a = exact_a if exact_a else prec + 3
     bits_b = exact_b if exact_b else prec + 3
@@ -331,13 +335,18 @@ def exact_widths(
 def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple[float, float]:
     """Estimated CPU milliseconds of an (m, n) @ (n, p) product of ka and kb words in this
     engine (plan ``pl``) and in :func:`fpgrad.arith.ozaki.matmul_levels`: least-squares fits
-    over 135 shapes (m, n, p from 10 to 512, 1 and 3 words, docs/benchmarks.md) on an AVX-512
-    VNNI EPYC. Fixed constants, so the engine chosen is a function of shapes and words only."""
+    of relative error over 159 shapes (m, n, p from 10 to 1024, 1 and 3 words; the
+    recombination per result and modulus grows with the result's size, the cache it
+    outgrows) on an AVX-512 VNNI EPYC, one thread. Fixed constants, so the engine chosen is a
+    function of shapes and words only (5 of the 159 choices cost over 10% more than the
+    other engine's measured time, 1.2 ms of 369 in all)."""
     from fpgrad.arith import ozaki
 
     nm = len(pl.mods)
     elems = m * n * ka + n * p * kb
-    crt_ms = 4.01e-9 * nm * m * n * p + 0.519e-6 * nm * m * p + 4.24e-6 * elems + 0.144
+    big = max(0.0, math.log2(max(m * p, 1) / 16384))
+    crt_ms = 2.818e-9 * nm * m * n * p + (0.474e-6 + 0.159e-6 * big) * nm * m * p
+    crt_ms += 4.14e-6 * elems + 0.131
     levels, bits = ozaki._plan(n, prec, ka, kb, True)[:2]
     ends = []  # (slices with digits, remainder index) of a and b
     for c in (pl.a, pl.b):
@@ -346,8 +355,8 @@ def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple
     pairs = sum(max(0, min(s, na - 1) - max(0, s - nb + 1) + 1) for s in range(levels))
     hi = levels if ra >= levels else min(levels - 1, na - 1)
     pairs += max(0, hi - max(0, levels - rb) + 1)
-    oz_ms = 31.4e-9 * pairs * m * n * p + 0.71e-6 * levels * elems
-    return crt_ms, oz_ms + 0.103e-6 * m * p * (levels + 1) + 0.053
+    oz_ms = 32.41e-9 * pairs * m * n * p + 0.681e-6 * levels * elems
+    return crt_ms, oz_ms + 0.114e-6 * m * p * (levels + 1) + 0.047
 
 
 def matmul(
@@ -387,15 +396,18 @@ def matmul(
             return None
         if ea_nz.max() + eb_nz.max() > 900:
             return None
-    prods = _int_products(ra, rb).reshape(nm, m * p)
     assert n * 127**3 <= 2**50, "recombine: |prods cinv| <= 2**50 (jit_crt)"
     scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
     scale = np.multiply.outer(scale_a, np.where(nz_b, np.ldexp(1.0, eb), 0.0))  # exact, normal
     terms = np.empty((pl.top + 1, m, p))
-    bad = jit_crt.recombine(
-        prods, pl.mods, pl.cinv, pl.limbs, BETA, pl.top, pl.cap, pl.pw, scale.reshape(-1),
-        terms.reshape(len(terms), -1),
-    )  # fmt: skip
-    if bad:
-        raise AssertionError(f"CRT product beyond its proven bound ({bad} limbs)")
+    rows = max(1, min(m, BLOCK_OUT // max(p, 1)))
+    for r0 in range(0, m, rows):  # row blocks: their N residue products stay in cache
+        r1 = min(m, r0 + rows)
+        prods = _int_products(ra[:, r0:r1], rb).reshape(nm, (r1 - r0) * p)
+        bad = jit_crt.recombine(
+            prods, pl.mods, pl.cinv, pl.limbs, BETA, pl.top, pl.cap, pl.pw,
+            scale[r0:r1].reshape(-1), terms[:, r0:r1].reshape(len(terms), -1),
+        )  # fmt: skip
+        if bad:
+            raise AssertionError(f"CRT product beyond its proven bound ({bad} limbs)")
     return terms, scale * (pl.factor * n * (1 + 2.0**-40)), False
