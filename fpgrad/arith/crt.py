@@ -338,15 +338,14 @@ def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple
     of relative error over 159 shapes (m, n, p from 10 to 1024, 1 and 3 words; the
     recombination per result and modulus grows with the result's size, the cache it
     outgrows) on an AVX-512 VNNI EPYC, one thread. Fixed constants, so the engine chosen is a
-    function of shapes and words only (5 of the 159 choices cost over 10% more than the
-    other engine's measured time, 1.2 ms of 369 in all)."""
+    function of shapes and words only (3 of the 159 choices cost over 10% more than the
+    other engine's measured time, 0.7 ms of 369 in all)."""
     from fpgrad.arith import ozaki
 
     nm = len(pl.mods)
-    elems = m * n * ka + n * p * kb
     big = max(0.0, math.log2(max(m * p, 1) / 16384))
-    crt_ms = 2.818e-9 * nm * m * n * p + (0.474e-6 + 0.159e-6 * big) * nm * m * p
-    crt_ms += 4.14e-6 * elems + 0.131
+    crt_ms = 2.800e-9 * nm * m * n * p + (0.4757e-6 + 0.1584e-6 * big) * nm * m * p
+    crt_ms += 4.028e-6 * m * n * ka + 4.324e-6 * n * p * kb + 0.130
     levels, bits = ozaki._plan(n, prec, ka, kb, True)[:2]
     ends = []  # (slices with digits, remainder index) of a and b
     for c in (pl.a, pl.b):
@@ -355,8 +354,8 @@ def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple
     pairs = sum(max(0, min(s, na - 1) - max(0, s - nb + 1) + 1) for s in range(levels))
     hi = levels if ra >= levels else min(levels - 1, na - 1)
     pairs += max(0, hi - max(0, levels - rb) + 1)
-    oz_ms = 32.41e-9 * pairs * m * n * p + 0.681e-6 * levels * elems
-    return crt_ms, oz_ms + 0.114e-6 * m * p * (levels + 1) + 0.047
+    oz_ms = 31.81e-9 * pairs * m * n * p + levels * (0.532e-6 * m * n * ka + 1.190e-6 * n * p * kb)
+    return crt_ms, oz_ms + 0.166e-6 * m * p * (levels + 1) + 0.036
 
 
 def matmul(
