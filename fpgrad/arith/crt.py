@@ -319,16 +319,16 @@ def exact_widths(
     a: np.ndarray, b: np.ndarray, n: int, prec: int, rounding: float
 ) -> tuple[int, int]:
     """(exact_a, exact_b) for :func:`plan`: an operand whose words fit its truncated cut's
-    width exactly (:func:`fpgrad.arith.jit_crt.exact_bits`, rounded up to a multiple of 4:
-    float32 and float64 data, exact sums of a few of them) is cut exactly at that width; 0
-    otherwise (multi-word balls)."""
+    width exactly (:func:`fpgrad.arith.jit_crt.exact_bits`, rounded up to a multiple of 4 and
+    at most that width: float32 and float64 data, exact sums of a few of them) is cut exactly at
+    that width; 0 otherwise (multi-word balls)."""
     from fpgrad.arith import jit_crt
 
     full = plan(n, prec, a.shape[0], b.shape[0], rounding)
     out = []
     for x, per_row, c in ((a, True, full.a), (b, False, full.b)):
         need = jit_crt.exact_bits(x, per_row, c.bits)
-        out.append(max(4, -(-need // 4) * 4) if need <= c.bits else 0)
+        out.append(min(max(4, -(-need // 4) * 4), c.bits) if need <= c.bits else 0)
     return out[0], out[1]
 
 
