@@ -412,6 +412,14 @@ def slices(
 
 
 @njit(**JIT)
+def _zero_undet(m: float, r: float) -> tuple[bool, bool]:
+    """(exact zero, undetermined) of a ball with |word 0| m and radius r, as :func:`digits`
+    defines them."""
+    z = m == 0.0 and r == 0.0
+    return z, not z and not (m / HI_BOUND > r)
+
+
+@njit(**JIT)
 def flags(m0: np.ndarray, rad: np.ndarray, cap: float, zero: np.ndarray,
           undet: np.ndarray) -> float:  # fmt: skip
     """:func:`digits` without the per-element digits: the exact zeros and undetermined
@@ -420,8 +428,7 @@ def flags(m0: np.ndarray, rad: np.ndarray, cap: float, zero: np.ndarray,
     worst = 0.0
     for i in range(m0.size):
         m, r = abs(m0[i]), rad[i]
-        z = m == 0.0 and r == 0.0
-        u = not z and not (m / HI_BOUND > r)
+        z, u = _zero_undet(m, r)
         zero[i], undet[i] = z, u
         if not z and not u and r != 0.0:
             x = r * HI_BOUND / m
@@ -445,8 +452,7 @@ def digits(m0: np.ndarray, rad: np.ndarray, cap: float, d: np.ndarray, zero: np.
     low = cap
     for i in range(m0.size):
         m, r = abs(m0[i]), rad[i]
-        z = m == 0.0 and r == 0.0
-        u = not z and not (m / HI_BOUND > r)
+        z, u = _zero_undet(m, r)
         zero[i], undet[i] = z, u
         if z:
             d[i] = np.inf

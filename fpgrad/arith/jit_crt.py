@@ -28,6 +28,32 @@ def _rint(x: float) -> float:
 
 
 @njit(**JIT)
+def _tops(words: np.ndarray, per_row: bool, top: np.ndarray) -> None:
+    """``top[q]``: the largest |word 0| of row (``per_row``) or column q (NaN passed over)."""
+    rows, cols = words.shape[1], words.shape[2]
+    top[:] = 0.0
+    for r in range(rows):
+        w0 = words[0, r]
+        if per_row:
+            mx = 0.0
+            for c in range(cols):
+                v = abs(w0[c])
+                mx = v if v > mx else mx
+            top[r] = mx
+        else:
+            for c in range(cols):
+                v = abs(w0[c])
+                top[c] = v if v > top[c] else top[c]
+
+
+@njit(**JIT)
+def _scale_exponent(top: float) -> int:
+    """e with ``top (1 + 2**-48) < 2**e``: the scale of a row or column whose words are
+    bounded by its largest word 0 (:func:`fpgrad.arith.jit_ball.slices` takes the same)."""
+    return math.frexp(top * (1.0 + 2.0**-48))[1]
+
+
+@njit(**JIT)
 def residues(
     words: np.ndarray,
     per_row: bool,
@@ -64,18 +90,7 @@ def residues(
     """
     nw, rows, cols = words.shape
     nq = top.shape[0]
-    top[:] = 0.0
-    for r in range(rows):
-        if per_row:
-            mx = 0.0
-            for c in range(cols):
-                v = abs(words[0, r, c])
-                mx = v if v > mx else mx
-            top[r] = mx
-        else:
-            for c in range(cols):
-                v = abs(words[0, r, c])
-                top[c] = v if v > top[c] else top[c]
+    _tops(words, per_row, top)
     over = 0
     for q in range(nq):  # a zero scale claims the row (column) is 0: every word must be
         if top[q] == 0.0:
@@ -84,7 +99,7 @@ def residues(
                     v = words[w, q, s] if per_row else words[w, s, q]
                     over += v != 0.0  # NaN too
     for q in range(nq):
-        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
+        expo[q] = _scale_exponent(top[q])
         if top[q] > 0.0 and (expo[q] < lo or expo[q] > hi):
             return -1
     sig = np.empty((nch, nq))
@@ -157,24 +172,13 @@ def exact_bits(words: np.ndarray, per_row: bool, limit: int) -> int:
     """
     nw, rows, cols = words.shape
     nq = rows if per_row else cols
-    top = np.zeros(nq)
-    for r in range(rows):
-        w0 = words[0, r]
-        if per_row:
-            mx = 0.0
-            for c in range(cols):
-                v = abs(w0[c])
-                mx = v if v > mx else mx
-            top[r] = mx
-        else:
-            for c in range(cols):
-                v = abs(w0[c])
-                top[c] = v if v > top[c] else top[c]
+    top = np.empty(nq)
+    _tops(words, per_row, top)
     expo = np.empty(nq, dtype=np.int64)
     for q in range(nq):
-        if not top[q] < math.inf:  # inf or NaN
+        if not top[q] < math.inf:  # inf
             return limit + 1
-        expo[q] = math.frexp(top[q] * (1.0 + 2.0**-48))[1]
+        expo[q] = _scale_exponent(top[q])
     bits = words.view(np.int64)
     lowf = np.empty(cols)
     lowi = lowf.view(np.int64)

@@ -492,7 +492,7 @@ def non_finite_exact(ar: Arith, node: fx.Node, env: dict[str, Any], graph: Graph
     if key == "aten.copy_.default" or _probe(ar, node, env, graph, consts):
         return
     base = key.split(".")[1] if key.count(".") == 2 else key
-    selects = base.rstrip("_") in _SELECTS or base in _SELECTS or key not in OPS
+    selects = base.rstrip("_") in _SELECTS or key not in OPS  # (fill_: fill)
     rounded = [
         n.name
         for n in node.all_input_nodes  # read before an in-place write: env's

@@ -325,9 +325,9 @@ def _summarise(
     items: list[tuple[str, Any]],
     digits_of: Any,
     cap: float,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict, float]:
-    """digits, zeros, undetermined masks, radii per key, and the certified minimum."""
-    digits: Any = LazyDigits(cap) if digits_of is ball_flags else {}
+) -> tuple[LazyDigits, dict[str, np.ndarray], dict[str, np.ndarray], dict, float]:
+    """digits (made when read where ``digits_of`` gives None), zeros, undetermined, radii, min."""
+    digits = LazyDigits(cap)
     zeros: dict[str, np.ndarray] = {}
     undet: dict[str, np.ndarray] = {}
     rads: dict[str, np.ndarray] = {}
