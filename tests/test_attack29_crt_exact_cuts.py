@@ -28,7 +28,7 @@ import pytest
 from fpgrad.arith import crt, jit_crt
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.ball import Ball, BallArith
-from tests.test_attack7_crt import SHIFT, _ints, _misses
+from tests.test_attack7_crt import SHIFT, _ints, _misses, spy_crt
 from tests.test_crt_exact_cuts import _need
 
 pytestmark = pytest.mark.skipif(not crt.usable(), reason="torch._int_mm absent or inexact here")
@@ -350,14 +350,7 @@ def test_ball_products_enclose_with_either_engine(
     gives the same engine and the same bits."""
     rng = np.random.default_rng(2904 + seed)
     monkeypatch.setattr(crt, "fast", lambda: True)
-    real, calls = crt.matmul, []
-
-    def spy(*args: object, **kwargs: object) -> object:
-        out = real(*args, **kwargs)  # type: ignore[arg-type]
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(crt, "matmul", spy)
+    calls = spy_crt(monkeypatch)
     kinds = ["f64", "f32", "int", "pow2", "edge", "sparse", "spread"]
     seen: Counter[str] = Counter()
     for case in range(12):
@@ -470,14 +463,7 @@ def test_exact_trace_of_a_relu_mlp_against_fractions(
     monkeypatch.setattr(crt, "fast", lambda: True)
     if engine == "forced":
         monkeypatch.setattr(crt, "cost", lambda *a, **kw: (0.0, 1.0))
-    real, calls = crt.matmul, []
-
-    def spy(*args: object, **kwargs: object) -> object:
-        out = real(*args, **kwargs)  # type: ignore[arg-type]
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(crt, "matmul", spy)
+    calls = spy_crt(monkeypatch)
     for seed, kind in enumerate(("f64", "f32", "dyadic")):
         rng = np.random.default_rng(2906 + seed)
         sizes, batch = (12, 8, 10, 8), 9

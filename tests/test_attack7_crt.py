@@ -23,6 +23,20 @@ SHIFT = 1074  # every float64 is an integer times 2**-1074
 pytestmark = pytest.mark.skipif(not crt.usable(), reason="torch._int_mm absent or inexact here")
 
 
+def spy_crt(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, per call of crt.matmul from here on, whether the int8 engine computed it."""
+    real = crt.matmul
+    calls: list[bool] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(crt, "matmul", spy)
+    return calls
+
+
 def _ints(x: np.ndarray) -> np.ndarray:
     """(k, r, c) words -> (r, c) exact sums as Python ints times 2**SHIFT."""
     out = np.empty(x.shape[1:], dtype=object)
@@ -421,15 +435,7 @@ def test_engine_shape_ball_products_enclose_on_a_sample(
     monkeypatch.setattr(crt, "fast", lambda: True)  # the engine, whatever this CPU's int8 unit
     assert crt.applies(m, n, m)
     monkeypatch.setattr(crt, "INT32_TERMS", 50)
-    calls: list[bool] = []
-    real = crt.matmul
-
-    def spy(*args: object, **kwargs: object) -> object:
-        out = real(*args, **kwargs)  # type: ignore[arg-type]
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(crt, "matmul", spy)
+    calls = spy_crt(monkeypatch)
     out = ar._matmul(Ball(am, np.zeros((m, n))), Ball(bm, np.zeros((n, m))))
     assert calls == [True] and ar.range_errors == 0
     rows, cols = rng.choice(m, 8, replace=False), rng.choice(m, 8, replace=False)

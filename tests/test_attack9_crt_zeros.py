@@ -10,14 +10,12 @@ everything the product sees. Oracle: Python integers (every word times 2**1074).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 from fpgrad.arith import crt
 from fpgrad.arith.ball import Ball, BallArith, exact_zeros
-from tests.test_attack7_crt import SHIFT, _ints
+from tests.test_attack7_crt import SHIFT, _ints, spy_crt
 
 SHAPES = {"crt": (64, 192, 64), "float64": (8, 16, 8)}  # CRT: its smallest shape
 
@@ -62,15 +60,7 @@ def test_exact_zeros_and_signs_after_products_are_proven(
     if engine == "crt" and not crt.usable():
         pytest.skip("torch._int_mm absent or inexact here")
     ba = BallArith(bits)
-    used: list[Any] = []
-    real = crt.matmul
-
-    def spy(*args: Any, **kw: Any) -> Any:
-        out = real(*args, **kw)
-        used.append(out is not None)
-        return out
-
-    monkeypatch.setattr(crt, "matmul", spy)
+    used = spy_crt(monkeypatch)
     monkeypatch.setattr(crt, "fast", lambda: True)  # the engine, whatever this CPU's int8 unit
     m, n, p = SHAPES[engine]
     a, b = _operands(ba.k, seed, SHAPES[engine])
