@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numba import njit
 
-from fpgrad.arith.jit_words import JIT
+from fpgrad.arith.jit_words import JIT, words_tag
 
 ROUND = 1.5 * 2.0**52  # (x + ROUND) - ROUND: x rounded to the nearest integer, |x| <= 2**51
 
@@ -53,7 +53,6 @@ def _scale_exponent(top: float) -> int:
     return math.frexp(top * (1.0 + 2.0**-48))[1]
 
 
-@njit(**JIT)
 def residues(
     words: np.ndarray,
     per_row: bool,
@@ -87,8 +86,41 @@ def residues(
     whose word 0 is all zero (scale 0) holding a non-zero or NaN word; with ``exact``, also
     elements with a non-zero remainder after chunk nch (so that ``x = X 2**(e - bc nch)``
     wherever the count is 0). Where that count is not 0, the residues are void.
+
+    The kernel compiles once per (K, nch) (:func:`fpgrad.arith.jit_words.words_tag`), so
+    missing words and chunks cost nothing.
     """
-    nw, rows, cols = words.shape
+    if not (1 <= words.shape[0] <= 3 and 1 <= nch <= 4):
+        raise ValueError("residues: 1 to 3 words and 1 to 4 chunks")
+    return _residues(
+        words, per_row, bc, lo, hi, mods, rtab, caps, expo, top, out, exact,
+        words_tag(words.shape[0]), words_tag(nch),
+    )  # fmt: skip
+
+
+@njit(fastmath={"contract"}, **JIT)
+def _residues(
+    words: np.ndarray,
+    per_row: bool,
+    bc: int,
+    lo: int,
+    hi: int,
+    mods: np.ndarray,
+    rtab: np.ndarray,
+    caps: np.ndarray,
+    expo: np.ndarray,
+    top: np.ndarray,
+    out: np.ndarray,
+    exact: bool,
+    kw: tuple[float, ...],
+    kc: tuple[float, ...],
+) -> int:
+    """:func:`residues` for ``len(kw)`` words and ``len(kc)`` chunks (constants). Fused
+    multiply-adds (``contract``) change nothing: the chunk sums ``sum_i d_i rtab[i, j]`` are
+    integers below 2**50 (exact either way), ``m rint(.)`` is exact, and an unrounded
+    ``x fl(1/m)`` is nearer ``x / m`` than its rounding, so the rint is the same."""
+    nw, nch = len(kw), len(kc)
+    rows, cols = words.shape[1], words.shape[2]
     nq = top.shape[0]
     _tops(words, per_row, top)
     over = 0
@@ -115,11 +147,12 @@ def residues(
         fm[j] = float(mods[j])
         im[j] = 1.0 / fm[j]
     rem = np.zeros((3, cols))
-    ch = np.zeros((4, cols))  # chunks nch .. 3 stay 0 (with rtab rows of 0)
+    ch = np.zeros((4, cols))
     tab = np.zeros((4, nm))
     tab[:nch] = rtab
     srow = np.empty(cols)
     urow = np.empty(cols)
+    r0, r1, r2 = rem[0], rem[1], rem[2]
     for r in range(rows):
         for w in range(nw):
             for c in range(cols):
@@ -135,27 +168,43 @@ def residues(
                     urow[c] = up[i, c]
             ci = ch[i]
             cap = caps[i]
-            for c in range(cols):
-                sigma = srow[c]
-                x0, x1, x2 = rem[0, c], rem[1, c], rem[2, c]
-                s0 = (x0 + sigma) - sigma
-                s1 = (x1 + sigma) - sigma
-                s2 = (x2 + sigma) - sigma
-                rem[0, c], rem[1, c], rem[2, c] = x0 - s0, x1 - s1, x2 - s2
-                d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled by 2**k
-                ci[c] = d
-                low = (abs(x1) + abs(x2)) * urow[c]  # huge lower words (cancelling or not)
-                over += (not abs(d) <= cap) | (not low <= cap)  # NaN counted
+            if nw == 1:
+                for c in range(cols):
+                    sigma = srow[c]
+                    x0 = r0[c]
+                    s0 = (x0 + sigma) - sigma
+                    r0[c] = x0 - s0
+                    d = s0 * urow[c]  # exact: a multiple of one unit, scaled by 2**k
+                    ci[c] = d
+                    over += not abs(d) <= cap  # NaN counted
+            else:
+                for c in range(cols):
+                    sigma = srow[c]
+                    x0, x1, x2 = r0[c], r1[c], r2[c]
+                    s0 = (x0 + sigma) - sigma
+                    s1 = (x1 + sigma) - sigma
+                    s2 = (x2 + sigma) - sigma  # 0 for two words
+                    r0[c], r1[c], r2[c] = x0 - s0, x1 - s1, x2 - s2
+                    d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled
+                    ci[c] = d
+                    low = (abs(x1) + abs(x2)) * urow[c]  # huge lower words
+                    over += (not abs(d) <= cap) | (not low <= cap)  # NaN counted
         if exact:  # nothing left below the last chunk (NaN counted)
             for c in range(cols):
-                over += (rem[0, c] != 0.0) | (rem[1, c] != 0.0) | (rem[2, c] != 0.0)
+                over += (r0[c] != 0.0) | (r1[c] != 0.0) | (r2[c] != 0.0)
         c0, c1, c2, c3 = ch[0], ch[1], ch[2], ch[3]
         for j in range(nm):  # one pass per modulus over 1-D views: LLVM vectorises it
             t0, t1, t2, t3 = tab[0, j], tab[1, j], tab[2, j], tab[3, j]
             m, inv = fm[j], im[j]
             oj = out[j, r]
             for c in range(cols):
-                x = ((c0[c] * t0 + c1[c] * t1) + c2[c] * t2) + c3[c] * t3
+                x = c0[c] * t0
+                if nch > 1:
+                    x += c1[c] * t1
+                if nch > 2:
+                    x += c2[c] * t2
+                if nch > 3:
+                    x += c3[c] * t3
                 oj[c] = np.int8(x - m * _rint(x * inv))
     return over
 
@@ -212,7 +261,9 @@ def exact_bits(words: np.ndarray, per_row: bool, limit: int) -> int:
     return need
 
 
-@njit(**JIT)
+MAX_LIMBS = 8  #: the most limbs :func:`recombine` sums (its accumulators)
+
+
 def recombine(
     prods: np.ndarray,
     mods: np.ndarray,
@@ -231,7 +282,7 @@ def recombine(
     inverse of ``M / m_j`` mod m_j, M the product of the moduli; exact while
     ``|prods| 127 <= 2**50``), so ``C = sum_j t_j M / m_j - k M`` with
     ``k = rint(sum_j t_j fl(1/m_j))`` whenever ``|C| / M <= 1/2 - N**2 2**-53`` (the float
-    sum errs by at most ``(N + 2) 2**-53 sum_j |t_j / m_j| <= N**2 2**-53``). Limb sums
+    sum errs by at most ``(N + 2) 2**-53 sum_j |t_j / m_j|``). Limb sums
     ``S_l = sum_j t_j limbs[l, j] + k limbs[l, N]`` (signed limbs of ``M / m_j`` and -M, from the
     caller's lowest kept limb up; integers below 2**53 in every partial sum, the caller's
     bound), then carries upward: ``v = S_l + carry``, ``carry = rint(v 2**-beta)``, limb
@@ -240,13 +291,44 @@ def recombine(
     Returns how many limbs above ``top`` and final carries are non-zero, plus how many limbs
     ``top`` exceed ``cap`` in absolute value: 0 whenever C is within the caller's bound (so
     a wrong k, off by at least M, is caught; anything counted is a fault).
+
+    The kernel compiles once per number of limbs (at most :data:`MAX_LIMBS`), whose sums
+    it accumulates in one pass over each digit.
     """
+    if not 1 <= limbs.shape[0] <= MAX_LIMBS:
+        raise ValueError(f"recombine: 1 to {MAX_LIMBS} limbs")
+    return _recombine(
+        prods, mods, cinv, limbs, beta, top, cap, pw, scale, terms, words_tag(limbs.shape[0])
+    )
+
+
+@njit(fastmath={"contract"}, **JIT)
+def _recombine(
+    prods: np.ndarray,
+    mods: np.ndarray,
+    cinv: np.ndarray,
+    limbs: np.ndarray,
+    beta: int,
+    top: int,
+    cap: float,
+    pw: np.ndarray,
+    scale: np.ndarray,
+    terms: np.ndarray,
+    kl: tuple[float, ...],
+) -> int:
+    """:func:`recombine` for ``len(kl)`` limbs (a constant). Fused multiply-adds
+    (``contract``) change nothing proven: every limb sum, ``m rint(.)``, ``v 2**-beta`` and
+    ``cy 2**beta`` is exact either way, an unrounded ``t fl(1/m)`` only brings the rint nearer
+    ``t / m``, and the k sum rounds once per term instead of twice (within the bound)."""
+    nl = len(kl)
     nm, size = prods.shape
-    nl = limbs.shape[0]
     block = 256
-    tb = np.empty((nm + 1, block))
+    lw = np.zeros((MAX_LIMBS, nm + 1))
+    lw[:nl] = limbs
     ksum = np.empty(block)
-    acc = np.empty(block)
+    acc = np.zeros((MAX_LIMBS, block))
+    a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+    a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
     carry = np.empty(block)
     down = math.ldexp(1.0, -beta)
     up = math.ldexp(1.0, beta)
@@ -255,33 +337,48 @@ def recombine(
         n = min(block, size - start)
         for e in range(n):
             ksum[e] = 0.0
-        for j in range(nm):
-            m = float(mods[j])
-            inv = 1.0 / m
-            ci = float(cinv[j])
-            pj, tj = prods[j, start : start + n], tb[j]
-            for e in range(n):
-                t = float(pj[e]) * ci
-                t = t - m * _rint(t * inv)
-                tj[e] = t
-                ksum[e] += t * inv
-        tk = tb[nm]
-        for e in range(n):
-            tk[e] = _rint(ksum[e])  # k, against the limbs of -M
-            carry[e] = 0.0
         for lo in range(nl):
             for e in range(n):
-                acc[e] = 0.0
-            for j in range(nm + 1):
-                w = limbs[lo, j]
-                tj = tb[j]
-                for e in range(n):
-                    acc[e] += tj[e] * w
+                acc[lo, e] = 0.0
+        for j in range(nm + 1):  # digit j (j = nm: k) times the limbs of its constant
+            w0, w1, w2, w3 = lw[0, j], lw[1, j], lw[2, j], lw[3, j]
+            w4, w5, w6, w7 = lw[4, j], lw[5, j], lw[6, j], lw[7, j]
+            last = j == nm
+            m = 1.0 if last else float(mods[j])
+            inv = 1.0 / m
+            ci = 1.0 if last else float(cinv[j])
+            pj = prods[min(j, nm - 1), start : start + n]
+            for e in range(n):
+                if last:
+                    t = _rint(ksum[e])  # k, against the limbs of -M
+                else:
+                    t = float(pj[e]) * ci
+                    t = t - m * _rint(t * inv)
+                    ksum[e] += t * inv
+                a0[e] += t * w0
+                if nl > 1:
+                    a1[e] += t * w1
+                if nl > 2:
+                    a2[e] += t * w2
+                if nl > 3:
+                    a3[e] += t * w3
+                if nl > 4:
+                    a4[e] += t * w4
+                if nl > 5:
+                    a5[e] += t * w5
+                if nl > 6:
+                    a6[e] += t * w6
+                if nl > 7:
+                    a7[e] += t * w7
+        for e in range(n):
+            carry[e] = 0.0
+        for lo in range(nl):
+            ac = acc[lo]
             if lo <= top:
                 f = pw[lo]
                 sc, out = scale[start : start + n], terms[top - lo, start : start + n]
                 for e in range(n):
-                    v = acc[e] + carry[e]
+                    v = ac[e] + carry[e]
                     cy = _rint(v * down)
                     carry[e] = cy
                     limb = v - cy * up
@@ -290,7 +387,7 @@ def recombine(
                         bad += abs(limb) > cap
             else:
                 for e in range(n):
-                    v = acc[e] + carry[e]
+                    v = ac[e] + carry[e]
                     cy = _rint(v * down)
                     carry[e] = cy
                     bad += (v - cy * up) != 0.0
