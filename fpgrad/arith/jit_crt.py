@@ -11,6 +11,7 @@ exact); a residue is reduced by ``y = x - m rint(x fl(1/m))`` for an odd modulus
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -54,19 +55,7 @@ def _scale_exponent(top: float) -> int:
 
 
 def residues(
-    words: np.ndarray,
-    per_row: bool,
-    bc: int,
-    nch: int,
-    lo: int,
-    hi: int,
-    mods: np.ndarray,
-    rtab: np.ndarray,
-    caps: np.ndarray,
-    expo: np.ndarray,
-    top: np.ndarray,
-    out: np.ndarray,
-    exact: bool = False,
+    words: np.ndarray, per_row: bool, bc: int, nch: int, *args: Any, exact: bool = False
 ) -> int:
     """Symmetric residues of the scaled integers of a (R, C) matrix of K <= 3 words.
 
@@ -92,10 +81,10 @@ def residues(
     """
     if not (1 <= words.shape[0] <= 3 and 1 <= nch <= 4):
         raise ValueError("residues: 1 to 3 words and 1 to 4 chunks")
-    return _residues(
-        words, per_row, bc, lo, hi, mods, rtab, caps, expo, top, out, exact,
-        words_tag(words.shape[0]), words_tag(nch),
-    )  # fmt: skip
+    if len(args) == 9:  # (lo, hi, mods, rtab, caps, expo, top, out, exact)
+        *args, exact = args
+    tags = words_tag(words.shape[0]), words_tag(nch)
+    return _residues(words, per_row, bc, *args, bool(exact), *tags)
 
 
 @njit(fastmath={"contract"}, **JIT)
@@ -265,16 +254,7 @@ MAX_LIMBS = 8  #: the most limbs :func:`recombine` sums (its accumulators)
 
 
 def recombine(
-    prods: np.ndarray,
-    mods: np.ndarray,
-    cinv: np.ndarray,
-    limbs: np.ndarray,
-    beta: int,
-    top: int,
-    cap: float,
-    pw: np.ndarray,
-    scale: np.ndarray,
-    terms: np.ndarray,
+    prods: np.ndarray, mods: np.ndarray, cinv: np.ndarray, limbs: np.ndarray, *args: Any
 ) -> int:
     """Terms of the integers C (one per column e) given ``prods[j, e] = C mod mods[j]``.
 
@@ -297,9 +277,7 @@ def recombine(
     """
     if not 1 <= limbs.shape[0] <= MAX_LIMBS:
         raise ValueError(f"recombine: 1 to {MAX_LIMBS} limbs")
-    return _recombine(
-        prods, mods, cinv, limbs, beta, top, cap, pw, scale, terms, words_tag(limbs.shape[0])
-    )
+    return _recombine(prods, mods, cinv, limbs, *args, words_tag(limbs.shape[0]))
 
 
 @njit(fastmath={"contract"}, **JIT)
