@@ -57,7 +57,8 @@ def _scale_exponent(top: float) -> int:
 def residues(
     words: np.ndarray, per_row: bool, bc: int, nch: int, *args: Any, exact: bool = False
 ) -> int:
-    """Symmetric residues of the scaled integers of a (R, C) matrix of K <= 3 words.
+    """Symmetric residues of the scaled integers of a (R, C) matrix of K <= 3 words;
+    ``args``: lo, hi, mods, rtab, caps, expo, top, out (then ``exact``, by position or name).
 
     Each row (``per_row``) or column q gets the scale exponent ``expo[q]`` of
     :func:`fpgrad.arith.jit_ball.slices` (``max |word 0| (1 + 2**-48) < 2**expo``; ``top[q]``
@@ -256,7 +257,8 @@ MAX_LIMBS = 8  #: the most limbs :func:`recombine` sums (its accumulators)
 def recombine(
     prods: np.ndarray, mods: np.ndarray, cinv: np.ndarray, limbs: np.ndarray, *args: Any
 ) -> int:
-    """Terms of the integers C (one per column e) given ``prods[j, e] = C mod mods[j]``.
+    """Terms of the integers C (one per column e) given ``prods[j, e] = C mod mods[j]``;
+    ``args``: beta, top, cap, pw, scale, terms.
 
     CRT digits: ``t_j`` = the symmetric residue of ``prods[j] cinv[j]`` (``cinv[j]`` the
     inverse of ``M / m_j`` mod m_j, M the product of the moduli; exact while
