@@ -139,3 +139,26 @@ def test_engine_choice_is_a_function_of_shapes_and_words(monkeypatch: pytest.Mon
             want = sum((fa[i][q] * fb[q][j] for q in range(64)), Fraction(0))
             got = sum(Fraction(float(w)) for w in out.mid[:, i, j])
             assert abs(want - got) <= Fraction(float(out.rad[i, j]))
+
+
+def test_the_window_keeps_every_sigma_finite() -> None:
+    """A cut's window [lo, hi] is where the residue kernel's constants are finite and normal
+    (chunk 0's sigma 1.5 2**(e - bc + 52), the last unit 2**(e - B)): a row at the top of
+    the window is cut, one above it declined (-1), not turned into NaN chunks."""
+    import math
+
+    for n, prec, ea, eb in ((8, 53, 4, 4), (256, PREC, 0, 72), (64, 100, 0, 0)):
+        pl = crt.plan(n, prec, 1, 1, ROUNDING, ea, eb)
+        for c in (pl.a, pl.b):
+            assert math.isfinite(math.ldexp(1.5, c.hi - c.bc + 52))
+            assert math.ldexp(1.0, c.lo - c.bits) >= 2.0**-1022
+    pl = crt.plan(8, 53, 1, 1, ROUNDING, 4, 4)
+    c = pl.a
+    for e, want in ((c.hi, 0), (c.hi + 1, -1)):
+        x = np.full((1, 1, 8), 2.0 ** (e - 1))  # scale exponent e
+        out = np.empty((len(pl.mods), 1, 8), dtype=np.int8)
+        got = jit_crt.residues(
+            x, True, c.bc, c.nch, c.lo, c.hi, pl.mods, c.rtab, c.caps,
+            np.empty(1, dtype=np.int64), np.empty(1), out, c.exact,
+        )  # fmt: skip
+        assert got == want
