@@ -333,20 +333,31 @@ def exact_widths(
     return out[0], out[1]
 
 
-def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple[float, float]:
-    """Estimated CPU milliseconds of an (m, n) @ (n, p) product of ka and kb words in this
-    engine (plan ``pl``) and in :func:`fpgrad.arith.ozaki.matmul_levels`: least-squares fits
-    of relative error over 159 shapes (m, n, p from 10 to 1024, 1 and 3 words; the
-    recombination per result and modulus grows with the result's size, the cache it
-    outgrows) on an AVX-512 VNNI EPYC, one thread. Fixed constants, so the engine chosen is a
-    function of shapes and words only (3 of the 159 choices cost over 10% more than the
-    other engine's measured time, 0.7 ms of 369 in all)."""
-    from fpgrad.arith import ozaki
+# The constants of :func:`cost` (milliseconds) for the terms of :func:`crt_terms` and
+# :func:`slice_terms`: least-squares fits of relative error on an AVX-512 VNNI EPYC (159
+# shapes; 3 of the choices cost over 10% more than the other engine's measured time). Refits on
+# a Xeon with AMX-INT8 (``scripts/fit_crt_cost.py``, 150 shapes) chose within 1.3% of these in
+# total time, so one set serves both: the engine chosen is a function of shapes and words
+# only, never of a timing or of the machine beyond :func:`fast`.
+CRT_COSTS = (2.800e-9, 0.4757e-6, 0.1584e-6, 0.0, 0.0, 4.028e-6, 4.324e-6, 0.130)
+SLICE_COSTS = (31.81e-9, 0.532e-6, 1.190e-6, 0.166e-6, 0.036)
 
+
+def crt_terms(m: int, n: int, p: int, ka: int, kb: int, pl: Plan) -> list[float]:
+    """What the CRT engine's time grows with: its GEMMs (per multiply-add and modulus), the
+    recombination per result and modulus (growing with the result's size, the cache it
+    outgrows), the residues per element and modulus, the cuts per word, and a fixed part."""
     nm = len(pl.mods)
     big = max(0.0, math.log2(max(m * p, 1) / 16384))
-    crt_ms = 2.800e-9 * nm * m * n * p + (0.4757e-6 + 0.1584e-6 * big) * nm * m * p
-    crt_ms += 4.028e-6 * m * n * ka + 4.324e-6 * n * p * kb + 0.130
+    return [nm * m * n * p, nm * m * p, big * nm * m * p, nm * m * n, nm * n * p, m * n * ka,
+            n * p * kb, 1.0]  # fmt: skip
+
+
+def slice_terms(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> list[float]:
+    """What :func:`fpgrad.arith.ozaki.matmul_levels` takes time for: its slice-pair GEMMs, the
+    slicing of each operand per level, the sum of the levels per result, a fixed part."""
+    from fpgrad.arith import ozaki
+
     levels, bits = ozaki._plan(n, prec, ka, kb, True)[:2]
     ends = []  # (slices with digits, remainder index) of a and b
     for c in (pl.a, pl.b):
@@ -355,8 +366,15 @@ def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple
     pairs = sum(max(0, min(s, na - 1) - max(0, s - nb + 1) + 1) for s in range(levels))
     hi = levels if ra >= levels else min(levels - 1, na - 1)
     pairs += max(0, hi - max(0, levels - rb) + 1)
-    oz_ms = 31.81e-9 * pairs * m * n * p + levels * (0.532e-6 * m * n * ka + 1.190e-6 * n * p * kb)
-    return crt_ms, oz_ms + 0.166e-6 * m * p * (levels + 1) + 0.036
+    return [pairs * m * n * p, levels * m * n * ka, levels * n * p * kb, m * p * (levels + 1), 1.0]
+
+
+def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple[float, float]:
+    """Estimated CPU milliseconds of an (m, n) @ (n, p) product of ka and kb words in this
+    engine (plan ``pl``) and in :func:`fpgrad.arith.ozaki.matmul_levels`: the terms of
+    :func:`crt_terms` and :func:`slice_terms` times :data:`CRT_COSTS` and :data:`SLICE_COSTS`."""
+    tc, to = crt_terms(m, n, p, ka, kb, pl), slice_terms(m, n, p, ka, kb, pl, prec)
+    return float(np.dot(CRT_COSTS, tc)), float(np.dot(SLICE_COSTS, to))
 
 
 def matmul(
