@@ -7,7 +7,8 @@ one of each, at the products' precision of 150-bit balls; fastest of ``--repeats
 times, one thread. Fits each engine's terms (the features of :func:`features`) by non-negative
 least squares of relative error, prints the constants, and how often each model (the fitted
 one and the one in crt.py now) chooses an engine that measured more than 10% slower.
-Usage: ``python scripts/fit_crt_cost.py [--shapes N] [--repeats R] [--seed S]``.
+Usage: ``python scripts/fit_crt_cost.py [--shapes N] [--repeats R] [--seed S]`` (scipy for its
+non-negative least squares: installed with the dev extras, which scikit-learn needs).
 """
 
 from __future__ import annotations
