@@ -4,9 +4,11 @@ Times both exact product engines, :func:`fpgrad.arith.crt.matmul` (int8 GEMMs an
 and :func:`fpgrad.arith.ozaki.matmul_levels` (float64 slices), on random shapes (m, n, p from
 10 to 1024) with the operands a trace gives them: 3-word balls, float64 data (cut exactly) or
 one of each, at the products' precision of 150-bit balls; fastest of ``--repeats`` process CPU
-times, one thread. Fits each engine's terms (the features of :func:`features`) by non-negative
-least squares of relative error, prints the constants, and how often each model (the fitted
-one and the one in crt.py now) chooses an engine that measured more than 10% slower.
+times, one thread. Fits each engine's terms (:func:`fpgrad.arith.crt.crt_terms`,
+:func:`fpgrad.arith.crt.slice_terms`) by non-negative least squares, weighted three ways
+(relative error, its square root, absolute time), prints the constants, and how often each
+model (the three fits and the constants in crt.py now) chooses an engine that measured more
+than 10% slower, and its total time against the better engine's.
 Usage: ``python scripts/fit_crt_cost.py [--shapes N] [--repeats R] [--seed S]`` (scipy for its
 non-negative least squares: installed with the dev extras, which scikit-learn needs).
 """
