@@ -390,7 +390,7 @@ def test_dense_layer_shape_exact_weights_sampled(
     (exact), radii on the activations; 8 x 8 sampled elements against the exact supremum."""
     rng = np.random.default_rng(2905 + bits)
     monkeypatch.setattr(crt, "fast", lambda: True)
-    real, calls = crt.matmul, []
+    real, calls = crt.matmul_words, []
 
     def spy(*args: object, **kwargs: object) -> object:
         out = real(*args, **kwargs)  # type: ignore[arg-type]
@@ -399,7 +399,7 @@ def test_dense_layer_shape_exact_weights_sampled(
             args[2], args[3])))  # type: ignore[index, arg-type]  # fmt: skip
         return out
 
-    monkeypatch.setattr(crt, "matmul", spy)
+    monkeypatch.setattr(crt, "matmul_words", spy)
     ar = BallArith(bits)
     m, n = 64, 192
     weight = rng.uniform(-1, 1, (m, n)) / np.sqrt(n)

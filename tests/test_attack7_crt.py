@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not crt.usable(), reason="torch._int_mm absent o
 
 
 def spy_crt(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Record, per call of crt.matmul from here on, whether the int8 engine computed it."""
-    real = crt.matmul
+    """Record, per product of the CRT engine from here on (crt.matmul_words, which crt.matmul
+    and BallArith call), whether the int8 engine computed it."""
+    real = crt.matmul_words
     calls: list[bool] = []
 
     def spy(*args: object, **kwargs: object) -> object:
@@ -33,7 +34,7 @@ def spy_crt(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(crt, "matmul", spy)
+    monkeypatch.setattr(crt, "matmul_words", spy)
     return calls
 
 

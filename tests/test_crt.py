@@ -291,3 +291,28 @@ def test_fast_without_a_capability_query(monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         monkeypatch.undo()
         crt.fast.cache_clear()
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_words_at_once_are_the_renormalised_terms(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """crt.matmul_words renormalises each block's terms in the recombination: the same words,
+    bit for bit, and the same count of results out of the guarded range, as jit_ball.renorm
+    on crt.matmul's terms; across row blocks, and with results beyond 2**800 (counted)."""
+    from fpgrad.arith import jit_ball
+    from fpgrad.arith.jit_words import words_tag
+
+    monkeypatch.setattr(crt, "BLOCK_OUT", 700)  # several row blocks, blocks of 256 split
+    rng = np.random.default_rng(31)
+    for m, n, p, scale in ((37, 50, 29, 0), (64, 192, 64, 0), (9, 16, 11, 420)):
+        a = _words(rng, (m, n), -30, 30)[:k] * 2.0**scale  # k = 2: the 3-word values cut
+        b = np.ldexp(rng.normal(size=(1, n, p)), scale)  # float64 data: an exact cut
+        b[0, :, 0] = 0.0  # a zero column: zero results
+        for prec in (PREC if k == 3 else 108, 60):
+            terms, bound, risk = crt.matmul(a, b, prec, ROUNDING)
+            want = np.empty((k, m * p))
+            flagged = jit_ball.renorm(words_tag(k), terms.reshape(len(terms), -1), want)
+            words, bound2, risk2, got = crt.matmul_words(a, b, prec, ROUNDING, False, k)
+            assert np.array_equal(words.reshape(k, -1), want, equal_nan=True)
+            assert np.array_equal(np.signbit(words.reshape(k, -1)), np.signbit(want))
+            assert got == flagged and np.array_equal(bound, bound2) and risk == risk2
+            assert (flagged > 0) == (scale > 0)

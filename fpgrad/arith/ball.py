@@ -270,20 +270,22 @@ class BallArith(BallFunctions, ExactDerivatives):
         left, right = (bt, at) if flip else (am, bm)  # (a b)^T = b^T a^T
         done = None
         if crt.applies(left.shape[1], n, right.shape[2]):  # int8 GEMMs (exact int_mm here)
-            done = crt.matmul(left, right, self.mm_prec, 8 * self.eta, choose=True)
-        if done is None:
-            done = ozaki.matmul_levels(left, right, self.mm_prec, 8 * self.eta)
-        terms, bound, risk = done
+            done = crt.matmul_words(left, right, self.mm_prec, 8 * self.eta, True, self.k)
+        if done is not None:  # the words of the renormalised terms, and the range count
+            mid, bound, risk, flagged = done
+            self.range_errors += flagged
+        else:
+            terms, bound, risk = ozaki.matmul_levels(left, right, self.mm_prec, 8 * self.eta)
+            if len(terms):
+                mid = np.empty((self.k, *terms.shape[1:]))
+                tag = _words_tag(self.k)
+                self.range_errors += jb.renorm(
+                    tag, terms.reshape(len(terms), -1), mid.reshape(self.k, -1)
+                )
+            else:
+                mid = np.zeros((self.k, *terms.shape[1:]))
         if risk:
             self.range_errors += 1
-        if len(terms):
-            mid = np.empty((self.k, *terms.shape[1:]))
-            tag = _words_tag(self.k)
-            self.range_errors += jb.renorm(
-                tag, terms.reshape(len(terms), -1), mid.reshape(self.k, -1)
-            )
-        else:
-            mid = np.zeros((self.k, *terms.shape[1:]))
         if flip:
             mid, bound = np.ascontiguousarray(mid.transpose(0, 2, 1)), bound.T
         rad = bound  # includes the rounding of the terms into k words (normwise, see ozaki)

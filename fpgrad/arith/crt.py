@@ -384,6 +384,17 @@ def matmul(
     engine does not apply (no :func:`plan`: more than 3 words, prec above 149; a scale
     outside the window; a fault of :func:`fpgrad.arith.jit_crt.residues`) or, with
     ``choose``, where :func:`cost` finds the float64 slices cheaper."""
+    done = matmul_words(a, b, prec, rounding, choose, 0)
+    return None if done is None else done[:3]
+
+
+def matmul_words(
+    a: np.ndarray, b: np.ndarray, prec: int, rounding: float, choose: bool, words: int
+) -> tuple[np.ndarray, np.ndarray, bool, int] | None:
+    """As :func:`matmul`, but with ``words`` = k > 0 the first array is the k words of each
+    result (its terms renormalised by :func:`fpgrad.arith.jit_crt.recombine_words`: the words
+    of :func:`fpgrad.arith.jit_ball.renorm`, without the terms in memory), and the last item
+    counts the results whose word 0 leaves the guarded range (0 with the terms)."""
     from fpgrad.arith import jit_crt
 
     ka, m, n = a.shape
@@ -417,15 +428,19 @@ def matmul(
     assert n * 127**3 <= 2**50, "recombine: |prods cinv| <= 2**50 (jit_crt)"
     scale_a = np.where(nz_a, np.ldexp(1.0, ea), 0.0)
     scale = np.multiply.outer(scale_a, np.where(nz_b, np.ldexp(1.0, eb), 0.0))  # exact, normal
-    terms = np.empty((pl.top + 1, m, p))
+    out = np.empty((words or pl.top + 1, m, p))  # the words, or the terms
+    kernel = jit_crt.recombine_words if words else jit_crt.recombine
     rows = max(1, min(m, BLOCK_OUT // max(p, 1)))
+    flagged = 0
     for r0 in range(0, m, rows):  # row blocks: their N residue products stay in cache
         r1 = min(m, r0 + rows)
         prods = _int_products(ra[:, r0:r1], rb).reshape(nm, (r1 - r0) * p)
-        bad = jit_crt.recombine(
+        done = kernel(
             prods, pl.mods, pl.cinv, pl.limbs, BETA, pl.top, pl.cap, pl.pw,
-            scale[r0:r1].reshape(-1), terms[:, r0:r1].reshape(len(terms), -1),
+            scale[r0:r1].reshape(-1), out[:, r0:r1].reshape(len(out), -1),
         )  # fmt: skip
+        bad, fl = done if words else (done, 0)
+        flagged += fl
         if bad:
             raise AssertionError(f"CRT product beyond its proven bound ({bad} limbs)")
-    return terms, scale * (pl.factor * n * (1 + 2.0**-40)), False
+    return out, scale * (pl.factor * n * (1 + 2.0**-40)), False, flagged

@@ -223,6 +223,41 @@ def sum_rows(
 
 
 @njit(**JIT)
+def renorm_block(
+    kw: tuple, rest: np.ndarray, nterms: int, n: int, s: np.ndarray, words: np.ndarray
+) -> None:
+    """words[:k, :n] = expansion.renorm of the terms rest[:nterms, :n] (overwritten), element
+    by element; ``s`` a scratch row. The one body of :func:`renorm` and of the CRT engine's
+    renormalisation (:func:`fpgrad.arith.jit_crt.recombine_words`), so both give the same words."""
+    k = len(kw)
+    count = nterms
+    nw = 0
+    while nw < k - 1 and count > 1:  # VecSum: peel off one word, keep the errors
+        for j in range(n):
+            s[j] = rest[count - 1, j]
+        for t in range(count - 2, -1, -1):
+            for j in range(n):
+                x = w_two_sum(kw, rest[t, j], s[j])
+                s[j], rest[t, j] = x[0], x[1]
+        for j in range(n):
+            words[nw, j] = s[j]
+        nw += 1
+        count -= 1
+    for j in range(n):
+        words[nw, j] = rest[0, j]
+    for t in range(1, count):
+        for j in range(n):
+            words[nw, j] = words[nw, j] + rest[t, j]
+    for i in range(nw + 1, k):
+        for j in range(n):
+            words[i, j] = 0.0
+    for i in range(k - 1):
+        for j in range(n):
+            x = w_two_sum(kw, words[i, j], words[i + 1, j])
+            words[i, j], words[i + 1, j] = x[0], x[1]
+
+
+@njit(**JIT)
 def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
     """out (k, N) = expansion.renorm of the T >= 1 terms (T, N), element by element.
 
@@ -240,31 +275,7 @@ def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
         for t in range(nterms):
             for j in range(n):
                 rest[t, j] = terms[t, start + j]
-        count = nterms
-        nw = 0
-        while nw < k - 1 and count > 1:  # VecSum: peel off one word, keep the errors
-            for j in range(n):
-                s[j] = rest[count - 1, j]
-            for t in range(count - 2, -1, -1):
-                for j in range(n):
-                    x = w_two_sum(kw, rest[t, j], s[j])
-                    s[j], rest[t, j] = x[0], x[1]
-            for j in range(n):
-                words[nw, j] = s[j]
-            nw += 1
-            count -= 1
-        for j in range(n):
-            words[nw, j] = rest[0, j]
-        for t in range(1, count):
-            for j in range(n):
-                words[nw, j] = words[nw, j] + rest[t, j]
-        for i in range(nw + 1, k):
-            for j in range(n):
-                words[i, j] = 0.0
-        for i in range(k - 1):
-            for j in range(n):
-                x = w_two_sum(kw, words[i, j], words[i + 1, j])
-                words[i, j], words[i + 1, j] = x[0], x[1]
+        renorm_block(kw, rest, nterms, n, s, words)
         for i in range(k):
             for j in range(n):
                 out[i, start + j] = words[i, j]

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from fpgrad.arith.jit_ball import bad as bad_range
+from fpgrad.arith.jit_ball import renorm_block
 from fpgrad.arith.jit_words import JIT, words_tag
 
 ROUND = 1.5 * 2.0**52  # (x + ROUND) - ROUND: x rounded to the nearest integer, |x| <= 2**51
@@ -277,9 +279,28 @@ def recombine(
     The kernel compiles once per number of limbs (at most :data:`MAX_LIMBS`), whose sums
     it accumulates in one pass over each digit.
     """
+    return _recombine(prods, mods, cinv, limbs, *args, _NO_WORDS, _tags(limbs), ())[0]
+
+
+_NO_WORDS = np.empty((1, 1))
+
+
+def _tags(limbs: np.ndarray) -> tuple[float, ...]:
     if not 1 <= limbs.shape[0] <= MAX_LIMBS:
         raise ValueError(f"recombine: 1 to {MAX_LIMBS} limbs")
-    return _recombine(prods, mods, cinv, limbs, *args, words_tag(limbs.shape[0]))
+    return words_tag(limbs.shape[0])
+
+
+def recombine_words(
+    prods: np.ndarray, mods: np.ndarray, cinv: np.ndarray, limbs: np.ndarray, *args: Any
+) -> tuple[int, int]:
+    """:func:`recombine` with each result's terms renormalised into k words at once (the
+    words of :func:`fpgrad.arith.jit_ball.renorm` on the terms, by the same code, without
+    the terms in memory); ``args``: beta, top, cap, pw, scale, mid (k, size). Returns (the
+    faults of :func:`recombine`, the results whose word 0 leaves the guarded range)."""
+    *rest, mid = args
+    return _recombine(prods, mods, cinv, limbs, *rest, _NO_WORDS, mid, _tags(limbs),
+                      words_tag(mid.shape[0]))  # fmt: skip
 
 
 @njit(fastmath={"contract"}, **JIT)
@@ -294,10 +315,13 @@ def _recombine(
     pw: np.ndarray,
     scale: np.ndarray,
     terms: np.ndarray,
+    mid: np.ndarray,
     kl: tuple[float, ...],
-) -> int:
-    """:func:`recombine` for ``len(kl)`` limbs (a constant). Fused multiply-adds
-    (``contract``) change nothing proven: every limb sum, ``m rint(.)``, ``v 2**-beta`` and
+    kw: tuple[float, ...],
+) -> tuple[int, int]:
+    """:func:`recombine` for ``len(kl)`` limbs (a constant), into ``terms``, or with
+    ``len(kw)`` = k > 0 words, renormalised into ``mid`` (:func:`recombine_words`). Fused
+    multiply-adds (``contract``) change nothing proven: every limb sum, ``m rint(.)``, ``v 2**-beta`` and
     ``cy 2**beta`` is exact either way, an unrounded ``t fl(1/m)`` only brings the rint nearer
     ``t / m``, and the k sum rounds once per term instead of twice (within the bound)."""
     nl = len(kl)
@@ -310,9 +334,14 @@ def _recombine(
     a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
     a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
     carry = np.empty(block)
+    k = len(kw)
+    rest = np.empty((top + 1 if k else 1, block))  # a block's terms, renormalised in place
+    s = np.empty(block)
+    words = np.empty((3, block))
     down = math.ldexp(1.0, -beta)
     up = math.ldexp(1.0, beta)
     bad = 0
+    flagged = 0
     for start in range(0, size, block):
         n = min(block, size - start)
         for e in range(n):
@@ -356,7 +385,8 @@ def _recombine(
             ac = acc[lo]
             if lo <= top:
                 f = pw[lo]
-                sc, out = scale[start : start + n], terms[top - lo, start : start + n]
+                sc = scale[start : start + n]
+                out = rest[top - lo, :n] if k else terms[top - lo, start : start + n]
                 for e in range(n):
                     v = ac[e] + carry[e]
                     cy = _rint(v * down)
@@ -373,4 +403,11 @@ def _recombine(
                     bad += (v - cy * up) != 0.0
         for e in range(n):
             bad += carry[e] != 0.0
-    return bad
+        if k:
+            renorm_block(kw, rest, top + 1, n, s, words)
+            for i in range(k):
+                for e in range(n):
+                    mid[i, start + e] = words[i, e]
+            for e in range(n):
+                flagged += bad_range(words[0, e])
+    return bad, flagged
