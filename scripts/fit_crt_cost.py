@@ -7,7 +7,7 @@ one of each, at the products' precision of 150-bit balls; fastest of ``--repeats
 times, one thread. Fits each engine's terms (:func:`fpgrad.arith.crt.crt_terms`,
 :func:`fpgrad.arith.crt.slice_terms`) by non-negative least squares, weighted three ways
 (relative error, its square root, absolute time), prints the constants, and how often each
-model (the three fits and the constants in crt.py now) chooses an engine that measured more
+model (the three fits, this machine class's constants in crt.py, and ``--try`` ones) chooses an engine that measured more
 than 10% slower, and its total time against the better engine's.
 Usage: ``python scripts/fit_crt_cost.py [--shapes N] [--repeats R] [--seed S]`` (scipy for its
 non-negative least squares: installed with the dev extras, which scikit-learn needs).
@@ -78,6 +78,15 @@ def main() -> int:
     ap.add_argument("--shapes", type=int, default=120)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--try",
+        dest="candidates",
+        action="append",
+        default=[],
+        metavar="CRT/SLICES",
+        help="also score these constants (8 comma-separated CRT ones, '/', 5 slice ones): a fit "
+        "from another seed, checked on shapes it was not fitted to",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not (crt.fast() and crt.usable()):
@@ -106,7 +115,7 @@ def main() -> int:
     caps = torch.cpu.get_capabilities()
     units = [f for f in crt.INT8_FEATURES if caps.get(f)]
     print(f"{len(rows)} shapes, {args.repeats} repeats, torch {torch.__version__}, int8 units: "
-          f"{', '.join(units)}; crt.cost now: the constants of crt.py")  # fmt: skip
+          f"{', '.join(units)}; crt.cost now: the constants of crt.py for class {crt.machine()!r}")  # fmt: skip
     fits = []
     for power in (1.0, 0.5, 0.0):
         kc, ko = fit(xc, tc, power), fit(xo, to, power)
@@ -117,6 +126,14 @@ def main() -> int:
     for name, ec, eo in (
         *fits,
         ("crt.cost now", np.array([r[9][0] for r in rows]), np.array([r[9][1] for r in rows])),
+        *[
+            (
+                f"--try {c}",
+                xc @ np.array(c.split("/")[0].split(","), dtype=float),
+                xo @ np.array(c.split("/")[1].split(","), dtype=float),
+            )
+            for c in args.candidates
+        ],  # fmt: skip
     ):
         took = np.where(ec < eo, tc, to)
         better = np.minimum(tc, to)

@@ -116,10 +116,15 @@ def test_exact_cuts_need_fewer_moduli_and_bound_no_truncation() -> None:
     assert both.factor < 2.0**-140
 
 
-def test_engine_choice_is_a_function_of_shapes_and_words(monkeypatch: pytest.MonkeyPatch) -> None:
-    """crt.cost, fixed constants: tiny products go to the float64 slices, the MLP's large
-    ones to the int8 GEMMs; whichever engine runs, the ball encloses the exact product."""
+@pytest.mark.parametrize("cls", sorted(crt.COSTS))
+def test_engine_choice_is_a_function_of_shapes_and_words(
+    cls: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """crt.cost, fixed constants per machine class: tiny products go to the float64 slices,
+    the MLP's large ones to the int8 GEMMs; whichever engine runs, the ball encloses the
+    exact product."""
     monkeypatch.setattr(crt, "fast", lambda: True)
+    monkeypatch.setattr(crt, "machine", lambda: cls)
     pl = crt.plan(10, PREC, 3, 3, ROUNDING)
     c, o = crt.cost(10, 10, 10, 3, 3, pl, PREC)
     assert o < c

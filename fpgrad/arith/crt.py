@@ -334,13 +334,35 @@ def exact_widths(
 
 
 # The constants of :func:`cost` (milliseconds) for the terms of :func:`crt_terms` and
-# :func:`slice_terms`: least-squares fits of relative error on an AVX-512 VNNI EPYC (159
-# shapes; 3 of the choices cost over 10% more than the other engine's measured time). Refits on
-# a Xeon with AMX-INT8 (``scripts/fit_crt_cost.py``, 150 shapes) chose within 1.3% of these in
-# total time, so one set serves both: the engine chosen is a function of shapes and words
-# only, never of a timing or of the machine beyond :func:`fast`.
-CRT_COSTS = (2.800e-9, 0.4757e-6, 0.1584e-6, 0.0, 0.0, 4.028e-6, 4.324e-6, 0.130)
-SLICE_COSTS = (31.81e-9, 0.532e-6, 1.190e-6, 0.166e-6, 0.036)
+# :func:`slice_terms`, per machine class (:func:`machine`), fitted by
+# ``scripts/fit_crt_cost.py``: on an AVX-512 VNNI EPYC (relative least squares, 159 shapes; 3
+# of the choices cost over 10% more than the other engine's measured time), and on a Xeon with
+# AMX-INT8, where the int8 GEMMs are faster and the per-element work slower (weights
+# ``y**-0.5``, 200 shapes, seed 1; on 200 other shapes, seed 2, its choices took 0.7% more
+# time than the better engine's, the EPYC's constants 5.0%). Fixed constants of the class:
+# the engine chosen is a function of shapes, words and the machine, never of a timing.
+COSTS = {
+    "vnni": (
+        (2.800e-9, 0.4757e-6, 0.1584e-6, 0.0, 0.0, 4.028e-6, 4.324e-6, 0.130),
+        (31.81e-9, 0.532e-6, 1.190e-6, 0.166e-6, 0.036),
+    ),
+    "amx": (
+        (1.992e-9, 1.536e-6, 0.1485e-6, 0.7008e-6, 0.6861e-6, 0.0, 0.0, 0.1393),
+        (35.37e-9, 2.55e-6, 1.83e-6, 0.0, 0.0),
+    ),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> str:
+    """The class of :data:`COSTS` this machine belongs to: "amx" where torch reports
+    ``amx_int8``, else "vnni"; decided once, like :func:`fast`."""
+    try:
+        import torch
+
+        return "amx" if torch.cpu.get_capabilities().get("amx_int8", False) else "vnni"
+    except Exception:  # noqa: BLE001 - no torch, an older torch
+        return "vnni"
 
 
 def crt_terms(m: int, n: int, p: int, ka: int, kb: int, pl: Plan) -> list[float]:
@@ -372,9 +394,10 @@ def slice_terms(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -
 def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple[float, float]:
     """Estimated CPU milliseconds of an (m, n) @ (n, p) product of ka and kb words in this
     engine (plan ``pl``) and in :func:`fpgrad.arith.ozaki.matmul_levels`: the terms of
-    :func:`crt_terms` and :func:`slice_terms` times :data:`CRT_COSTS` and :data:`SLICE_COSTS`."""
+    :func:`crt_terms` and :func:`slice_terms` times this machine class's :data:`COSTS`."""
+    kc, ko = COSTS[machine()]
     tc, to = crt_terms(m, n, p, ka, kb, pl), slice_terms(m, n, p, ka, kb, pl, prec)
-    return float(np.dot(CRT_COSTS, tc)), float(np.dot(SLICE_COSTS, to))
+    return float(np.dot(kc, tc)), float(np.dot(ko, to))
 
 
 def matmul(
