@@ -118,6 +118,9 @@ def probe(name: str, do_compare: bool, half: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:  # the options are read by hand: say them, run nothing
+        print(__doc__)
+        return 0
     do_compare = "--no-compare" not in argv
     out = None
     if "--json" in argv:
