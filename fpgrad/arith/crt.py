@@ -71,8 +71,8 @@ class Cut:
     caps: np.ndarray  # (nch,) bounds on the chunks |d_i| the residue kernel checks
     amax: int  # sum_i caps_i 2**(bc (nch - 1 - i)): a bound on |X| the checks prove
     exact: bool  # every word a multiple of 2**(e - B): X 2**(e - B) is the operand (checked)
-    lo: int  # window of scale exponents (the residue kernel's sigma finite: hi <= 971 + bc)
-    hi: int
+    lo: int  # window of scale exponents: every residue-kernel constant normal and finite
+    hi: int  # (chunk 0's sigma, 1.5 2**(e - bc + 52), needs e <= 971 + bc)
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,8 @@ def plan(
         chunk_caps = np.array(caps, dtype=float)
         for arr in (rtab, chunk_caps):
             arr.flags.writeable = False
-        # the window: every chunk's sigma (2**(e - bc i + 52.6)) and unit normal and finite
+        # the window: every chunk's sigma 1.5 2**(e - bc (i + 1) + 52) and unit 2**(e - B)
+        # normal and finite (chunk 0's sigma the largest, the last unit the smallest)
         return Cut(bits, nch, bc, rtab, chunk_caps, amax, exact, bits - 992, min(1000, 971 + bc))
 
     cinv = [_sym(pow(big_m // m, -1, m), m) for m in mods]
