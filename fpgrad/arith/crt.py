@@ -250,6 +250,17 @@ INT8_FEATURES = ("avx512_vnni", "amx_int8")
 INT8_ENV = "FPGRAD_INT8_GEMM"  # "1" or "0": overrides :func:`fast` (read once per process)
 
 
+def _capabilities() -> dict:
+    """torch's CPU capabilities (``torch.cpu.get_capabilities()``); empty without torch or its
+    capability query. Read by :func:`fast` and :func:`machine`, each decided once."""
+    try:
+        import torch
+
+        return dict(torch.cpu.get_capabilities())
+    except Exception:  # noqa: BLE001 - no torch, an older torch
+        return {}
+
+
 @functools.lru_cache(maxsize=1)
 def fast() -> bool:
     """Whether this machine has one of :data:`INT8_FEATURES` (or :data:`INT8_ENV` is "1", and
@@ -260,13 +271,7 @@ def fast() -> bool:
     forced = switch(INT8_ENV)
     if forced is not None:
         return forced
-    try:
-        import torch
-
-        caps = torch.cpu.get_capabilities()
-    except Exception:  # noqa: BLE001 - no torch, an older torch: the float64 engine
-        return False
-    return any(bool(caps.get(f, False)) for f in INT8_FEATURES)
+    return any(bool(_capabilities().get(f, False)) for f in INT8_FEATURES)
 
 
 @functools.lru_cache(maxsize=1)
@@ -358,12 +363,7 @@ COSTS = {
 def machine() -> str:
     """The class of :data:`COSTS` this machine belongs to: "amx" where torch reports
     ``amx_int8``, else "vnni"; decided once, like :func:`fast`."""
-    try:
-        import torch
-
-        return "amx" if torch.cpu.get_capabilities().get("amx_int8", False) else "vnni"
-    except Exception:  # noqa: BLE001 - no torch, an older torch
-        return "vnni"
+    return "amx" if _capabilities().get("amx_int8", False) else "vnni"
 
 
 def crt_terms(m: int, n: int, p: int, ka: int, kb: int, pl: Plan) -> list[float]:

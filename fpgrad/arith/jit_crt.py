@@ -286,6 +286,7 @@ _NO_WORDS = np.empty((1, 1))
 
 
 def _tags(limbs: np.ndarray) -> tuple[float, ...]:
+    """The limb count as a compile-time constant (1 to :data:`MAX_LIMBS`)."""
     if not 1 <= limbs.shape[0] <= MAX_LIMBS:
         raise ValueError(f"recombine: 1 to {MAX_LIMBS} limbs")
     return words_tag(limbs.shape[0])
@@ -321,9 +322,10 @@ def _recombine(
 ) -> tuple[int, int]:
     """:func:`recombine` for ``len(kl)`` limbs (a constant), into ``terms``, or with
     ``len(kw)`` = k > 0 words, renormalised into ``mid`` (:func:`recombine_words`). Fused
-    multiply-adds (``contract``) change nothing proven: every limb sum, ``m rint(.)``, ``v 2**-beta`` and
-    ``cy 2**beta`` is exact either way, an unrounded ``t fl(1/m)`` only brings the rint nearer
-    ``t / m``, and the k sum rounds once per term instead of twice (within the bound)."""
+    multiply-adds (``contract``) change nothing proven: every limb sum, ``m rint(.)``,
+    ``v 2**-beta`` and ``cy 2**beta`` is exact either way, an unrounded ``t fl(1/m)`` only
+    brings the rint nearer ``t / m``, and the k sum rounds once per term instead of twice
+    (within the bound)."""
     nl = len(kl)
     nm, size = prods.shape
     block = 256
@@ -381,26 +383,24 @@ def _recombine(
                     a7[e] += t * w7
         for e in range(n):
             carry[e] = 0.0
-        for lo in range(nl):
+        for lo in range(nl):  # carried upward: limbs up to top are terms, those above 0
             ac = acc[lo]
-            if lo <= top:
-                f = pw[lo]
-                sc = scale[start : start + n]
-                out = rest[top - lo, :n] if k else terms[top - lo, start : start + n]
-                for e in range(n):
-                    v = ac[e] + carry[e]
-                    cy = _rint(v * down)
-                    carry[e] = cy
-                    limb = v - cy * up
+            keep = lo <= top
+            f = pw[lo]
+            sc = scale[start : start + n]
+            row = top - lo if keep else 0
+            out = rest[row, :n] if k else terms[row, start : start + n]
+            for e in range(n):
+                v = ac[e] + carry[e]
+                cy = _rint(v * down)
+                carry[e] = cy
+                limb = v - cy * up
+                if keep:
                     out[e] = (limb * f) * sc[e]
                     if lo == top:
                         bad += abs(limb) > cap
-            else:
-                for e in range(n):
-                    v = ac[e] + carry[e]
-                    cy = _rint(v * down)
-                    carry[e] = cy
-                    bad += (v - cy * up) != 0.0
+                else:
+                    bad += limb != 0.0
         for e in range(n):
             bad += carry[e] != 0.0
         if k:
