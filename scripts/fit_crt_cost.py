@@ -88,6 +88,15 @@ def main() -> int:
         "from another seed, checked on shapes it was not fitted to",
     )
     args = ap.parse_args()
+    tries = []
+    for c in args.candidates:
+        try:
+            kc, ko = (np.array(part.split(","), dtype=float) for part in c.split("/"))
+        except ValueError:
+            kc = ko = np.empty(0)
+        if (len(kc), len(ko)) != (8, 5):
+            ap.error(f"--try {c!r}: give 8 comma-separated CRT constants, '/', then 5 slice ones")
+        tries.append((f"--try {c}", kc, ko))
     torch.set_num_threads(1)
     if not (crt.fast() and crt.usable()):
         print("this machine has no int8 CRT engine (crt.fast, crt.usable): nothing to fit")
@@ -105,15 +114,12 @@ def main() -> int:
             continue
         tc = best(lambda: crt.matmul(a, b, PREC), args.repeats)  # noqa: B023
         to = best(lambda: ozaki.matmul_levels(a, b, PREC), args.repeats)  # noqa: B023
-        pl = crt.plan(n, PREC, 3, 3, 0.0, *crt.exact_widths(a, b, n, PREC, 0.0))
-        now = crt.cost(m, n, p, 3, 3, pl, PREC)
-        rows.append((m, n, p, wa, wb, tc, to, f[0], f[1], now))
+        rows.append((m, n, p, wa, wb, tc, to, f[0], f[1]))
     tc = np.array([r[5] for r in rows])
     to = np.array([r[6] for r in rows])
     xc = np.array([r[7] for r in rows])
     xo = np.array([r[8] for r in rows])
-    caps = torch.cpu.get_capabilities()
-    units = [f for f in crt.INT8_FEATURES if caps.get(f)]
+    units = [f for f in crt.INT8_FEATURES if crt._capabilities().get(f)]
     print(f"{len(rows)} shapes, {args.repeats} repeats, torch {torch.__version__}, int8 units: "
           f"{', '.join(units)}; crt.cost now: the constants of crt.py for class {crt.machine()!r}")  # fmt: skip
     fits = []
@@ -122,19 +128,10 @@ def main() -> int:
         print(f"fit with weights y**-{power:g}:")
         print("  CRT constants:   ", ", ".join(f"{c:.4g}" for c in kc))
         print("  slices constants:", ", ".join(f"{c:.4g}" for c in ko))
-        fits.append((f"fit y**-{power:g}", xc @ kc, xo @ ko))
-    for name, ec, eo in (
-        *fits,
-        ("crt.cost now", np.array([r[9][0] for r in rows]), np.array([r[9][1] for r in rows])),
-        *[
-            (
-                f"--try {c}",
-                xc @ np.array(c.split("/")[0].split(","), dtype=float),
-                xo @ np.array(c.split("/")[1].split(","), dtype=float),
-            )
-            for c in args.candidates
-        ],  # fmt: skip
-    ):
+        fits.append((f"fit y**-{power:g}", kc, ko))
+    now = ("crt.cost now", *(np.array(k) for k in crt.COSTS[crt.machine()]))
+    for name, kc, ko in [*fits, now, *tries]:
+        ec, eo = xc @ kc, xo @ ko
         took = np.where(ec < eo, tc, to)
         better = np.minimum(tc, to)
         bad = took > 1.1 * better
