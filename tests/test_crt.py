@@ -316,3 +316,26 @@ def test_words_at_once_are_the_renormalised_terms(k: int, monkeypatch: pytest.Mo
             assert np.array_equal(np.signbit(words.reshape(k, -1)), np.signbit(want))
             assert got == flagged and np.array_equal(bound, bound2) and risk == risk2
             assert (flagged > 0) == (scale > 0)
+
+
+@pytest.mark.parametrize(
+    ("caps", "want"),
+    [
+        ({"amx_int8": True, "avx512_vnni": True}, "amx"),
+        ({"avx512_vnni": True}, "vnni"),
+        ({}, "vnni"),
+    ],
+)
+def test_machine_class_is_torchs_amx_capability(
+    caps: dict, want: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """crt.machine picks the cost constants' class from torch's capabilities, once."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    crt.machine.cache_clear()
+    try:
+        assert crt.machine() == want and want in crt.COSTS
+    finally:
+        monkeypatch.undo()
+        crt.machine.cache_clear()
