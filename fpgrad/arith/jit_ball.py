@@ -222,7 +222,7 @@ def sum_rows(
             rsum[c] += rad[i, c]
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def renorm_block(
     kw: tuple, rest: np.ndarray, nterms: int, n: int, s: np.ndarray, words: np.ndarray
 ) -> None:
@@ -233,28 +233,36 @@ def renorm_block(
     count = nterms
     nw = 0
     while nw < k - 1 and count > 1:  # VecSum: peel off one word, keep the errors
+        last = rest[count - 1]
         for j in range(n):
-            s[j] = rest[count - 1, j]
+            s[j] = last[j]
         for t in range(count - 2, -1, -1):
+            rt = rest[t]  # 1-D views: LLVM vectorises these loops (2x faster than 2-D indexing)
             for j in range(n):
-                x = w_two_sum(kw, rest[t, j], s[j])
-                s[j], rest[t, j] = x[0], x[1]
+                x = w_two_sum(kw, rt[j], s[j])
+                s[j], rt[j] = x[0], x[1]
+        wn = words[nw]
         for j in range(n):
-            words[nw, j] = s[j]
+            wn[j] = s[j]
         nw += 1
         count -= 1
+    wn = words[nw]
+    r0 = rest[0]
     for j in range(n):
-        words[nw, j] = rest[0, j]
+        wn[j] = r0[j]
     for t in range(1, count):
+        rt = rest[t]
         for j in range(n):
-            words[nw, j] = words[nw, j] + rest[t, j]
+            wn[j] = wn[j] + rt[j]
     for i in range(nw + 1, k):
+        wi = words[i]
         for j in range(n):
-            words[i, j] = 0.0
+            wi[j] = 0.0
     for i in range(k - 1):
+        hi, lo = words[i], words[i + 1]
         for j in range(n):
-            x = w_two_sum(kw, words[i, j], words[i + 1, j])
-            words[i, j], words[i + 1, j] = x[0], x[1]
+            x = w_two_sum(kw, hi[j], lo[j])
+            hi[j], lo[j] = x[0], x[1]
 
 
 @njit(**JIT)

@@ -56,6 +56,108 @@ def _scale_exponent(top: float) -> int:
     return math.frexp(top * (1.0 + 2.0**-48))[1]
 
 
+@njit(**JIT)
+def _scales(
+    words: np.ndarray,
+    per_row: bool,
+    bc: int,
+    nch: int,
+    lo: int,
+    hi: int,
+    expo: np.ndarray,
+    top: np.ndarray,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """The scales of a cut (:func:`residues`): ``top``, ``expo`` per row or column, each
+    chunk's sigma and the factor that scales it to an integer; the count of faults of zero
+    rows or columns holding a non-zero or NaN word, or -1 when a non-zero scale leaves
+    [lo, hi]."""
+    nw = words.shape[0]
+    rows, cols = words.shape[1], words.shape[2]
+    nq = top.shape[0]
+    _tops(words, per_row, top)
+    over = 0
+    for q in range(nq):  # a zero scale claims the row (column) is 0: every word must be
+        if top[q] == 0.0:
+            for w in range(nw):
+                for s in range(cols if per_row else rows):
+                    v = words[w, q, s] if per_row else words[w, s, q]
+                    over += v != 0.0  # NaN too
+    sig = np.empty((nch, nq))
+    up = np.empty((nch, nq))
+    for q in range(nq):
+        expo[q] = _scale_exponent(top[q])
+        if top[q] > 0.0 and (expo[q] < lo or expo[q] > hi):
+            return -1, sig, up
+    for q in range(nq):
+        for i in range(nch):
+            sig[i, q] = math.ldexp(1.5, expo[q] - bc * (i + 1) + 52)
+            up[i, q] = math.ldexp(1.0, bc * (i + 1) - expo[q])
+    return over, sig, up
+
+
+@njit(inline="always", **JIT)
+def _cut_row(
+    words: np.ndarray,
+    r: int,
+    per_row: bool,
+    nw: int,
+    nch: int,
+    sig: np.ndarray,
+    up: np.ndarray,
+    caps: np.ndarray,
+    exact: bool,
+    rem: np.ndarray,
+    ch: np.ndarray,
+    srow: np.ndarray,
+    urow: np.ndarray,
+) -> int:
+    """Row r of a cut (:func:`residues`): its nch chunks into ``ch[:nch]`` (integers), the
+    words' remainders left in ``rem``; returns the row's faults (chunks over their caps or
+    NaN, huge lower words, with ``exact`` a remainder left)."""
+    cols = words.shape[2]
+    over = 0
+    r0, r1, r2 = rem[0], rem[1], rem[2]
+    for w in range(nw):
+        for c in range(cols):
+            rem[w, c] = words[w, r, c]
+    for i in range(nch):
+        if per_row:
+            for c in range(cols):
+                srow[c] = sig[i, r]
+                urow[c] = up[i, r]
+        else:
+            for c in range(cols):
+                srow[c] = sig[i, c]
+                urow[c] = up[i, c]
+        ci = ch[i]
+        cap = caps[i]
+        if nw == 1:
+            for c in range(cols):
+                sigma = srow[c]
+                x0 = r0[c]
+                s0 = (x0 + sigma) - sigma
+                r0[c] = x0 - s0
+                d = s0 * urow[c]  # exact: a multiple of one unit, scaled by 2**k
+                ci[c] = d
+                over += not abs(d) <= cap  # NaN counted
+        else:
+            for c in range(cols):
+                sigma = srow[c]
+                x0, x1, x2 = r0[c], r1[c], r2[c]
+                s0 = (x0 + sigma) - sigma
+                s1 = (x1 + sigma) - sigma
+                s2 = (x2 + sigma) - sigma  # 0 for two words
+                r0[c], r1[c], r2[c] = x0 - s0, x1 - s1, x2 - s2
+                d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled
+                ci[c] = d
+                low = (abs(x1) + abs(x2)) * urow[c]  # huge lower words
+                over += (not abs(d) <= cap) | (not low <= cap)  # NaN counted
+    if exact:  # nothing left below the last chunk (NaN counted)
+        for c in range(cols):
+            over += (r0[c] != 0.0) | (r1[c] != 0.0) | (r2[c] != 0.0)
+    return over
+
+
 def residues(
     words: np.ndarray, per_row: bool, bc: int, nch: int, *args: Any, exact: bool = False
 ) -> int:
@@ -113,25 +215,9 @@ def _residues(
     ``x fl(1/m)`` is nearer ``x / m`` than its rounding, so the rint is the same."""
     nw, nch = len(kw), len(kc)
     rows, cols = words.shape[1], words.shape[2]
-    nq = top.shape[0]
-    _tops(words, per_row, top)
-    over = 0
-    for q in range(nq):  # a zero scale claims the row (column) is 0: every word must be
-        if top[q] == 0.0:
-            for w in range(nw):
-                for s in range(cols if per_row else rows):
-                    v = words[w, q, s] if per_row else words[w, s, q]
-                    over += v != 0.0  # NaN too
-    for q in range(nq):
-        expo[q] = _scale_exponent(top[q])
-        if top[q] > 0.0 and (expo[q] < lo or expo[q] > hi):
-            return -1
-    sig = np.empty((nch, nq))
-    up = np.empty((nch, nq))
-    for q in range(nq):
-        for i in range(nch):
-            sig[i, q] = math.ldexp(1.5, expo[q] - bc * (i + 1) + 52)
-            up[i, q] = math.ldexp(1.0, bc * (i + 1) - expo[q])
+    over, sig, up = _scales(words, per_row, bc, nch, lo, hi, expo, top)
+    if over < 0:
+        return -1
     nm = mods.shape[0]
     fm = np.empty(nm)
     im = np.empty(nm)
@@ -144,46 +230,8 @@ def _residues(
     tab[:nch] = rtab
     srow = np.empty(cols)
     urow = np.empty(cols)
-    r0, r1, r2 = rem[0], rem[1], rem[2]
     for r in range(rows):
-        for w in range(nw):
-            for c in range(cols):
-                rem[w, c] = words[w, r, c]
-        for i in range(nch):
-            if per_row:
-                for c in range(cols):
-                    srow[c] = sig[i, r]
-                    urow[c] = up[i, r]
-            else:
-                for c in range(cols):
-                    srow[c] = sig[i, c]
-                    urow[c] = up[i, c]
-            ci = ch[i]
-            cap = caps[i]
-            if nw == 1:
-                for c in range(cols):
-                    sigma = srow[c]
-                    x0 = r0[c]
-                    s0 = (x0 + sigma) - sigma
-                    r0[c] = x0 - s0
-                    d = s0 * urow[c]  # exact: a multiple of one unit, scaled by 2**k
-                    ci[c] = d
-                    over += not abs(d) <= cap  # NaN counted
-            else:
-                for c in range(cols):
-                    sigma = srow[c]
-                    x0, x1, x2 = r0[c], r1[c], r2[c]
-                    s0 = (x0 + sigma) - sigma
-                    s1 = (x1 + sigma) - sigma
-                    s2 = (x2 + sigma) - sigma  # 0 for two words
-                    r0[c], r1[c], r2[c] = x0 - s0, x1 - s1, x2 - s2
-                    d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled
-                    ci[c] = d
-                    low = (abs(x1) + abs(x2)) * urow[c]  # huge lower words
-                    over += (not abs(d) <= cap) | (not low <= cap)  # NaN counted
-        if exact:  # nothing left below the last chunk (NaN counted)
-            for c in range(cols):
-                over += (r0[c] != 0.0) | (r1[c] != 0.0) | (r2[c] != 0.0)
+        over += _cut_row(words, r, per_row, nw, nch, sig, up, caps, exact, rem, ch, srow, urow)
         c0, c1, c2, c3 = ch[0], ch[1], ch[2], ch[3]
         for j in range(nm):  # one pass per modulus over 1-D views: LLVM vectorises it
             t0, t1, t2, t3 = tab[0, j], tab[1, j], tab[2, j], tab[3, j]
@@ -305,6 +353,20 @@ def recombine_words(
 
 
 @njit(fastmath={"contract"}, **JIT)
+def _four(
+    a: float, t0: float, t1: float, t2: float, t3: float, w0: float, w1: float, w2: float,
+    w3: float,
+) -> float:
+    """``a + t0 w0 + t1 w1 + t2 w2 + t3 w3``, added left to right (exact for the limb sums of
+    :func:`_recombine`, integers below 2**53 after every step)."""
+    a += t0 * w0
+    a += t1 * w1
+    a += t2 * w2
+    a += t3 * w3
+    return a
+
+
+@njit(fastmath={"contract"}, **JIT)
 def _recombine(
     prods: np.ndarray,
     mods: np.ndarray,
@@ -351,7 +413,55 @@ def _recombine(
         for lo in range(nl):
             for e in range(n):
                 acc[lo, e] = 0.0
-        for j in range(nm + 1):  # digit j (j = nm: k) times the limbs of its constant
+        j = 0
+        while j + 4 <= nm:  # four digits per pass: the accumulators loaded and stored once
+            q0, q1, q2, q3 = prods[j, start : start + n], prods[j + 1, start : start + n], \
+                prods[j + 2, start : start + n], prods[j + 3, start : start + n]  # fmt: skip
+            m0, m1, m2, m3 = float(mods[j]), float(mods[j + 1]), float(mods[j + 2]), \
+                float(mods[j + 3])  # fmt: skip
+            i0, i1, i2, i3 = 1.0 / m0, 1.0 / m1, 1.0 / m2, 1.0 / m3
+            c0, c1, c2, c3 = float(cinv[j]), float(cinv[j + 1]), float(cinv[j + 2]), \
+                float(cinv[j + 3])  # fmt: skip
+            v00, v01, v02, v03 = lw[0, j], lw[0, j + 1], lw[0, j + 2], lw[0, j + 3]
+            v10, v11, v12, v13 = lw[1, j], lw[1, j + 1], lw[1, j + 2], lw[1, j + 3]
+            v20, v21, v22, v23 = lw[2, j], lw[2, j + 1], lw[2, j + 2], lw[2, j + 3]
+            v30, v31, v32, v33 = lw[3, j], lw[3, j + 1], lw[3, j + 2], lw[3, j + 3]
+            v40, v41, v42, v43 = lw[4, j], lw[4, j + 1], lw[4, j + 2], lw[4, j + 3]
+            v50, v51, v52, v53 = lw[5, j], lw[5, j + 1], lw[5, j + 2], lw[5, j + 3]
+            v60, v61, v62, v63 = lw[6, j], lw[6, j + 1], lw[6, j + 2], lw[6, j + 3]
+            v70, v71, v72, v73 = lw[7, j], lw[7, j + 1], lw[7, j + 2], lw[7, j + 3]
+            for e in range(n):
+                t0 = float(q0[e]) * c0
+                t0 = t0 - m0 * _rint(t0 * i0)
+                t1 = float(q1[e]) * c1
+                t1 = t1 - m1 * _rint(t1 * i1)
+                t2 = float(q2[e]) * c2
+                t2 = t2 - m2 * _rint(t2 * i2)
+                t3 = float(q3[e]) * c3
+                t3 = t3 - m3 * _rint(t3 * i3)
+                ks = ksum[e]
+                ks += t0 * i0
+                ks += t1 * i1
+                ks += t2 * i2
+                ks += t3 * i3
+                ksum[e] = ks
+                a0[e] = _four(a0[e], t0, t1, t2, t3, v00, v01, v02, v03)
+                if nl > 1:
+                    a1[e] = _four(a1[e], t0, t1, t2, t3, v10, v11, v12, v13)
+                if nl > 2:
+                    a2[e] = _four(a2[e], t0, t1, t2, t3, v20, v21, v22, v23)
+                if nl > 3:
+                    a3[e] = _four(a3[e], t0, t1, t2, t3, v30, v31, v32, v33)
+                if nl > 4:
+                    a4[e] = _four(a4[e], t0, t1, t2, t3, v40, v41, v42, v43)
+                if nl > 5:
+                    a5[e] = _four(a5[e], t0, t1, t2, t3, v50, v51, v52, v53)
+                if nl > 6:
+                    a6[e] = _four(a6[e], t0, t1, t2, t3, v60, v61, v62, v63)
+                if nl > 7:
+                    a7[e] = _four(a7[e], t0, t1, t2, t3, v70, v71, v72, v73)
+            j += 4
+        for j in range(j, nm + 1):  # the digits left, one per pass, then k (j = nm)
             w0, w1, w2, w3 = lw[0, j], lw[1, j], lw[2, j], lw[3, j]
             w4, w5, w6, w7 = lw[4, j], lw[5, j], lw[6, j], lw[7, j]
             last = j == nm
