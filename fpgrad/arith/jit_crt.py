@@ -354,7 +354,14 @@ def recombine_words(
 
 @njit(fastmath={"contract"}, **JIT)
 def _four(
-    a: float, t0: float, t1: float, t2: float, t3: float, w0: float, w1: float, w2: float,
+    a: float,
+    t0: float,
+    t1: float,
+    t2: float,
+    t3: float,
+    w0: float,
+    w1: float,
+    w2: float,
     w3: float,
 ) -> float:
     """``a + t0 w0 + t1 w1 + t2 w2 + t3 w3``, added left to right (exact for the limb sums of
@@ -461,7 +468,8 @@ def _recombine(
                 if nl > 7:
                     a7[e] = _four(a7[e], t0, t1, t2, t3, v70, v71, v72, v73)
             j += 4
-        for j in range(j, nm + 1):  # the digits left, one per pass, then k (j = nm)
+        first = j
+        for j in range(first, nm + 1):  # the digits left, one per pass, then k (j = nm)
             w0, w1, w2, w3 = lw[0, j], lw[1, j], lw[2, j], lw[3, j]
             w4, w5, w6, w7 = lw[4, j], lw[5, j], lw[6, j], lw[7, j]
             last = j == nm
