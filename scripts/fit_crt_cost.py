@@ -1,11 +1,12 @@
 """Refit the constants of :func:`fpgrad.arith.crt.cost` on this machine (issue 14).
 
-Times both exact product engines, :func:`fpgrad.arith.crt.matmul` (int8 GEMMs and the CRT)
-and :func:`fpgrad.arith.ozaki.matmul_levels` (float64 slices), on random shapes (m, n, p from
+Times the exact product engines, :func:`fpgrad.arith.crt.matmul` (int8 GEMMs and the CRT),
+:func:`fpgrad.arith.ozaki.matmul_levels` (float64 slices) and
+:func:`fpgrad.arith.digits.matmul_words` (int8 GEMMs of base-256 digits), on random shapes (m, n, p from
 10 to 1024) with the operands a trace gives them: 3-word balls, float64 data (cut exactly) or
 one of each, at the products' precision of 150-bit balls; fastest of ``--repeats`` process CPU
 times, one thread. Fits each engine's terms (:func:`fpgrad.arith.crt.crt_terms`,
-:func:`fpgrad.arith.crt.slice_terms`) by non-negative least squares, weighted three ways
+:func:`fpgrad.arith.crt.slice_terms`, :func:`fpgrad.arith.crt.digit_terms`) by non-negative least squares, weighted three ways
 (relative error, its square root, absolute time), prints the constants, and how often each
 model (the three fits, this machine class's constants in crt.py, and ``--try`` ones) chooses an engine that measured more
 than 10% slower, and its total time against the better engine's.
@@ -31,7 +32,7 @@ from scipy.optimize import nnls  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fpgrad.arith import crt, ozaki  # noqa: E402
+from fpgrad.arith import crt, digits, ozaki  # noqa: E402
 
 PREC = 133  # BallArith(150).mm_prec
 SIZES = (10, 32, 64, 128, 256, 512, 1024)
@@ -57,13 +58,17 @@ def best(fn, repeats: int) -> float:  # noqa: ANN001
     return t * 1e3
 
 
-def features(m: int, n: int, p: int, a: np.ndarray, b: np.ndarray) -> tuple[list, list] | None:
-    """The terms of :func:`fpgrad.arith.crt.cost` for both engines (None: no CRT plan)."""
+def features(m: int, n: int, p: int, a: np.ndarray, b: np.ndarray) -> tuple | None:
+    """The terms of :func:`fpgrad.arith.crt.cost` for the CRT and slice engines, those of
+    :func:`fpgrad.arith.crt.digit_terms` and the digit plan (None: no plan)."""
+    widths = crt.exact_widths(a, b, n, PREC, 0.0)
     try:
-        pl = crt.plan(n, PREC, 3, 3, 0.0, *crt.exact_widths(a, b, n, PREC, 0.0))
+        pl = crt.plan(n, PREC, 3, 3, 0.0, *widths)
+        dp = digits.plan(n, PREC, 3, 3, 0.0, *widths)
     except ValueError:
         return None
-    return crt.crt_terms(m, n, p, 3, 3, pl), crt.slice_terms(m, n, p, 3, 3, pl, PREC)
+    return (crt.crt_terms(m, n, p, 3, 3, pl), crt.slice_terms(m, n, p, 3, 3, pl, PREC),
+            crt.digit_terms(m, n, p, dp), dp)  # fmt: skip
 
 
 def fit(x: np.ndarray, y: np.ndarray, power: float) -> np.ndarray:
@@ -112,33 +117,45 @@ def main() -> int:
         f = features(m, n, p, a, b)
         if f is None:
             continue
-        tc = best(lambda: crt.matmul(a, b, PREC), args.repeats)  # noqa: B023
+        tc = best(lambda: crt.matmul_words(a, b, PREC, 0.0, False, 3), args.repeats)  # noqa: B023
         to = best(lambda: ozaki.matmul_levels(a, b, PREC), args.repeats)  # noqa: B023
-        rows.append((m, n, p, wa, wb, tc, to, f[0], f[1]))
+        td = best(lambda: digits.matmul_words(a, b, PREC, 0.0, 3, f[3]), args.repeats)  # noqa: B023
+        rows.append((m, n, p, wa, wb, tc, to, f[0], f[1], td, f[2]))
     tc = np.array([r[5] for r in rows])
     to = np.array([r[6] for r in rows])
     xc = np.array([r[7] for r in rows])
     xo = np.array([r[8] for r in rows])
+    td = np.array([r[9] for r in rows])
+    xd = np.array([r[10] for r in rows])
     units = [f for f in crt.INT8_FEATURES if crt._capabilities().get(f)]
     print(f"{len(rows)} shapes, {args.repeats} repeats, torch {torch.__version__}, int8 units: "
           f"{', '.join(units)}; crt.cost now: the constants of crt.py for class {crt.machine()!r}")  # fmt: skip
     fits = []
     for power in (1.0, 0.5, 0.0):
-        kc, ko = fit(xc, tc, power), fit(xo, to, power)
+        kc, ko, kd = fit(xc, tc, power), fit(xo, to, power), fit(xd, td, power)
         print(f"fit with weights y**-{power:g}:")
         print("  CRT constants:   ", ", ".join(f"{c:.4g}" for c in kc))
         print("  slices constants:", ", ".join(f"{c:.4g}" for c in ko))
-        fits.append((f"fit y**-{power:g}", kc, ko))
-    now = ("crt.cost now", *(np.array(k) for k in crt.COSTS[crt.machine()]))
-    for name, kc, ko in [*fits, now, *tries]:
+        print("  digit constants: ", ", ".join(f"{c:.4g}" for c in kd))
+        fits.append((f"fit y**-{power:g}", kc, ko, kd))
+    kd_now = crt.DIGIT_COSTS.get(crt.machine())
+    now = ("crt.cost now", *(np.array(k) for k in crt.COSTS[crt.machine()]),
+           None if kd_now is None else np.array(kd_now))  # fmt: skip
+    for name, kc, ko, kd in [*fits, now, *((*t, None) for t in tries)]:
         ec, eo = xc @ kc, xo @ ko
-        took = np.where(ec < eo, tc, to)
-        better = np.minimum(tc, to)
+        ed = np.full(len(rows), np.inf) if kd is None else xd @ kd
+        took = np.where(ed < np.minimum(ec, eo), td, np.where(ec < eo, tc, to))
+        better = np.minimum(np.minimum(tc, to), td if kd is not None else np.inf)
         bad = took > 1.1 * better
         print(f"{name}: {int(bad.sum())} of {len(rows)} choices over 10% slower than the other "
               f"engine; {took.sum():.1f} ms in all against {better.sum():.1f} ms at best; "
               f"relative error of the estimates: CRT {np.median(abs(ec / tc - 1)):.0%}, "
-              f"slices {np.median(abs(eo / to - 1)):.0%} (median)")  # fmt: skip
+              f"slices {np.median(abs(eo / to - 1)):.0%} (median)"
+              + ("" if kd is None else f", digits {np.median(abs(ed / td - 1)):.0%}"))  # fmt: skip
+    took_2 = np.minimum(tc, to)
+    print(f"measured: the better of CRT and slices {took_2.sum():.1f} ms in all; with the digit "
+          f"engine as a third choice {np.minimum(took_2, td).sum():.1f} ms; digits fastest on "
+          f"{int((td < took_2).sum())} of {len(rows)} shapes")  # fmt: skip
     return 0
 
 
