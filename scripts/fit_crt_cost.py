@@ -6,7 +6,7 @@ Times the exact product engines, :func:`fpgrad.arith.crt.matmul` (int8 GEMMs and
 10 to 1024) with the operands a trace gives them: 3-word balls, float64 data (cut exactly) or
 one of each, at the products' precision of 150-bit balls; fastest of ``--repeats`` process CPU
 times, one thread. Fits each engine's terms (:func:`fpgrad.arith.crt.crt_terms`,
-:func:`fpgrad.arith.crt.slice_terms`, :func:`fpgrad.arith.crt.digit_terms`) by non-negative least squares, weighted three ways
+:func:`fpgrad.arith.crt.slice_terms`, :func:`fpgrad.arith.digits.cost_terms`) by non-negative least squares, weighted three ways
 (relative error, its square root, absolute time), prints the constants, and how often each
 model (the three fits, this machine class's constants in crt.py, and ``--try`` ones) chooses an engine that measured more
 than 10% slower, and its total time against the better engine's.
@@ -60,7 +60,7 @@ def best(fn, repeats: int) -> float:  # noqa: ANN001
 
 def features(m: int, n: int, p: int, a: np.ndarray, b: np.ndarray) -> tuple | None:
     """The terms of :func:`fpgrad.arith.crt.cost` for the CRT and slice engines, those of
-    :func:`fpgrad.arith.crt.digit_terms` and the digit plan (None: no plan)."""
+    :func:`fpgrad.arith.digits.cost_terms` and the digit plan (None: no plan)."""
     widths = crt.exact_widths(a, b, n, PREC, 0.0)
     try:
         pl = crt.plan(n, PREC, 3, 3, 0.0, *widths)
@@ -68,7 +68,7 @@ def features(m: int, n: int, p: int, a: np.ndarray, b: np.ndarray) -> tuple | No
     except ValueError:
         return None
     return (crt.crt_terms(m, n, p, 3, 3, pl), crt.slice_terms(m, n, p, 3, 3, pl, PREC),
-            crt.digit_terms(m, n, p, dp), dp)  # fmt: skip
+            digits.cost_terms(m, n, p, dp), dp)  # fmt: skip
 
 
 def fit(x: np.ndarray, y: np.ndarray, power: float) -> np.ndarray:
@@ -138,7 +138,7 @@ def main() -> int:
         print("  slices constants:", ", ".join(f"{c:.4g}" for c in ko))
         print("  digit constants: ", ", ".join(f"{c:.4g}" for c in kd))
         fits.append((f"fit y**-{power:g}", kc, ko, kd))
-    kd_now = crt.DIGIT_COSTS.get(crt.machine())
+    kd_now = digits.COSTS.get(crt.machine())
     now = ("crt.cost now", *(np.array(k) for k in crt.COSTS[crt.machine()]),
            None if kd_now is None else np.array(kd_now))  # fmt: skip
     for name, kc, ko, kd in [*fits, now, *((*t, None) for t in tries)]:

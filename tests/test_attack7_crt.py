@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from fpgrad.arith import crt, ozaki
+from fpgrad.arith import crt, digits, ozaki
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.ball import Ball, BallArith
 
@@ -434,6 +434,7 @@ def test_engine_shape_ball_products_enclose_on_a_sample(
     bt = np.concatenate([_gen(rng, 3, (8, n), ar.mm_prec, r) for r in regs[::-1]], axis=1)
     bm = bt.transpose(0, 2, 1) if flip else np.ascontiguousarray(bt.transpose(0, 2, 1))
     monkeypatch.setattr(crt, "fast", lambda: True)  # the engine, whatever this CPU's int8 unit
+    monkeypatch.setattr(digits, "COSTS", {})  # not the digit engine (tests/test_digits.py)
     assert crt.applies(m, n, m)
     monkeypatch.setattr(crt, "INT32_TERMS", 50)
     calls = spy_crt(monkeypatch)

@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from fpgrad.arith import crt, digits, jit_digits
+from fpgrad.arith import crt, digits, jit_digits, products
 from fpgrad.arith import expansion as xp
 
 pytestmark = pytest.mark.skipif(
@@ -158,8 +158,8 @@ def test_plan_meets_its_target() -> None:
         assert big * 65793 < 2**50
 
 
-def test_crt_chooses_the_digit_engine_by_machine_class(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the class has digit constants and they estimate it cheaper, crt.matmul_words
+def test_products_choose_the_digit_engine_by_machine_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the class has digit constants and they estimate it cheaper, products.matmul_words
     returns the digit engine's words; a class without them never takes it."""
     rng = np.random.default_rng(2)
     a, b = _words(rng, (256, 128), 3, spread=1), _words(rng, (128, 256), 3, spread=1)
@@ -177,9 +177,9 @@ def test_crt_chooses_the_digit_engine_by_machine_class(monkeypatch: pytest.Monke
         calls.clear()
         pl = crt.plan(128, 133, 3, 3, ROUND3)
         dp = digits.plan(128, 133, 3, 3, ROUND3)
-        dig = crt.digit_cost(256, 128, 256, dp)
+        dig = digits.cost(256, 128, 256, dp)
         crt_ms, oz_ms = crt.cost(256, 128, 256, 3, 3, pl, 133)
-        out = crt.matmul_words(a, b, 133, ROUND3, True, 3)
+        out = products.matmul_words(a, b, 133, ROUND3, 3)
         took = dig is not None and dig < min(crt_ms, oz_ms)
         assert bool(calls) == took
         if cls == "vnni":

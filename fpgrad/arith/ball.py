@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fpgrad.arith import crt, ozaki, radius
+from fpgrad.arith import crt, ozaki, products, radius
 from fpgrad.arith import expansion as xp
 from fpgrad.arith.ball_base import HI_BOUND, RANGE, RU, Ball, _jit, _words_tag, exact_zeros
 from fpgrad.arith.ball_functions import ETA_FN, BallFunctions
@@ -270,7 +270,7 @@ class BallArith(BallFunctions, ExactDerivatives):
         left, right = (bt, at) if flip else (am, bm)  # (a b)^T = b^T a^T
         done = None
         if crt.applies(left.shape[1], n, right.shape[2]):  # int8 GEMMs (exact int_mm here)
-            done = crt.matmul_words(left, right, self.mm_prec, 8 * self.eta, True, self.k)
+            done = products.matmul_words(left, right, self.mm_prec, 8 * self.eta, self.k)
         if done is not None:  # the words of the renormalised terms, and the range count
             mid, bound, risk, flagged = done
             self.range_errors += flagged

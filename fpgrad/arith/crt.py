@@ -33,7 +33,6 @@ import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
 
 import numpy as np
 
@@ -358,12 +357,6 @@ COSTS: dict[str, tuple[tuple[float, ...], ...]] = {
         (35.37e-9, 2.55e-6, 1.83e-6, 0.0, 0.0),
     ),
 }
-#: The constants of the int8 digit engine (:func:`digit_terms`, :mod:`fpgrad.arith.digits`)
-#: per machine class, fitted by ``scripts/fit_crt_cost.py`` where it was measured; a class
-#: without them never takes that engine.
-DIGIT_COSTS: dict[str, tuple[float, ...]] = {
-    "amx": (1.031e-9, 0.9054e-6, 35.39e-6, 1.25e-6, 1.76e-6, 0.09413),
-}
 
 
 @functools.lru_cache(maxsize=1)
@@ -399,21 +392,6 @@ def slice_terms(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -
     return [pairs * m * n * p, levels * m * n * ka, levels * n * p * kb, m * p * (levels + 1), 1.0]
 
 
-def digit_terms(m: int, n: int, p: int, dp: Any) -> list[float]:
-    """What :func:`fpgrad.arith.digits.matmul_words` takes time for (plan ``dp``): its GEMMs
-    (per multiply-add of a digit pair), the diagonals it recombines and the results it
-    renormalises, the digits it cuts per element of A and B, a fixed part."""
-    return [dp.pairs() * m * n * p, (dp.last + 1) * m * p, m * p, m * n * dp.ta, n * p * dp.tb,
-            1.0]  # fmt: skip
-
-
-def digit_cost(m: int, n: int, p: int, dp: Any) -> float | None:
-    """Estimated CPU milliseconds of the digit engine here (:data:`DIGIT_COSTS` of this
-    machine class), or None where the class has no constants for it."""
-    k = DIGIT_COSTS.get(machine())
-    return None if k is None else float(np.dot(k, digit_terms(m, n, p, dp)))
-
-
 def cost(m: int, n: int, p: int, ka: int, kb: int, pl: Plan, prec: int) -> tuple[float, float]:
     """Estimated CPU milliseconds of an (m, n) @ (n, p) product of ka and kb words in this
     engine (plan ``pl``) and in :func:`fpgrad.arith.ozaki.matmul_levels`: the terms of
@@ -447,25 +425,13 @@ def matmul_words(
     kb, _, p = b.shape
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
-    widths = exact_widths(a, b, n, prec, rounding)
     try:
+        widths = exact_widths(a, b, n, prec, rounding)
         pl = plan(n, prec, ka, kb, rounding, *widths)
     except ValueError:
         return None
     if choose:
         crt_ms, oz_ms = cost(m, n, p, ka, kb, pl, prec)
-        if words and machine() in DIGIT_COSTS:  # the int8 digit engine, where it is cheaper
-            from fpgrad.arith import digits
-
-            try:
-                dp = digits.plan(n, prec, ka, kb, rounding, *widths)
-            except ValueError:
-                dp = None
-            dig_ms = None if dp is None else digit_cost(m, n, p, dp)
-            if dig_ms is not None and dig_ms < min(crt_ms, oz_ms):
-                by_digits = digits.matmul_words(a, b, prec, rounding, words, dp)
-                if by_digits is not None:
-                    return by_digits
         if oz_ms <= crt_ms:
             return None
     nm = len(pl.mods)

@@ -56,6 +56,30 @@ class Plan:
         return sum(_count(s, self.ta, self.tb) for s in range(self.last + 1))
 
 
+#: The constants of :func:`cost` (milliseconds, for the terms of :func:`cost_terms`) per
+#: machine class (:func:`fpgrad.arith.crt.machine`), fitted by ``scripts/fit_crt_cost.py``
+#: where this engine was measured: on the Xeon with AMX-INT8 (weights ``y**-0.5``, 100 shapes,
+#: seed 1). A class without constants never takes this engine.
+COSTS: dict[str, tuple[float, ...]] = {
+    "amx": (1.031e-9, 0.9054e-6, 35.39e-6, 1.25e-6, 1.76e-6, 0.09413),
+}
+
+
+def cost_terms(m: int, n: int, p: int, pl: Plan) -> list[float]:
+    """What :func:`matmul_words` takes time for: its GEMMs (per multiply-add of a digit
+    pair), the diagonals it recombines and the results it renormalises, the digits it cuts per
+    element of A and B, a fixed part."""
+    return [pl.pairs() * m * n * p, (pl.last + 1) * m * p, m * p, m * n * pl.ta, n * p * pl.tb,
+            1.0]  # fmt: skip
+
+
+def cost(m: int, n: int, p: int, pl: Plan) -> float | None:
+    """Estimated CPU milliseconds of this engine here (:data:`COSTS` of this machine class),
+    or None where the class has no constants for it."""
+    k = COSTS.get(crt.machine())
+    return None if k is None else float(np.dot(k, cost_terms(m, n, p, pl)))
+
+
 def _count(s: int, ta: int, tb: int) -> int:
     """c_s: the pairs (i, j), i < ta, j < tb, with i + j = s."""
     return max(0, min(s, ta - 1) - max(0, s - tb + 1) + 1)

@@ -18,144 +18,8 @@ from numba import njit
 
 from fpgrad.arith.jit_ball import bad as bad_range
 from fpgrad.arith.jit_ball import renorm_block
+from fpgrad.arith.jit_cut import cut_row, rint, scale_exponent, scales, tops
 from fpgrad.arith.jit_words import JIT, words_tag
-
-ROUND = 1.5 * 2.0**52  # (x + ROUND) - ROUND: x rounded to the nearest integer, |x| <= 2**51
-
-
-@njit(**JIT)
-def _rint(x: float) -> float:
-    """x rounded to the nearest integer (ties to even) for |x| <= 2**51, in two additions
-    (``ulp(ROUND + x) = 1``): unlike libm's rint, LLVM vectorises it."""
-    return (x + ROUND) - ROUND
-
-
-@njit(**JIT)
-def _tops(words: np.ndarray, per_row: bool, top: np.ndarray) -> None:
-    """``top[q]``: the largest |word 0| of row (``per_row``) or column q (NaN passed over)."""
-    rows, cols = words.shape[1], words.shape[2]
-    top[:] = 0.0
-    for r in range(rows):
-        w0 = words[0, r]
-        if per_row:
-            mx = 0.0
-            for c in range(cols):
-                v = abs(w0[c])
-                mx = v if v > mx else mx
-            top[r] = mx
-        else:
-            for c in range(cols):
-                v = abs(w0[c])
-                top[c] = v if v > top[c] else top[c]
-
-
-@njit(**JIT)
-def _scale_exponent(top: float) -> int:
-    """e with ``top (1 + 2**-48) < 2**e``: the scale of a row or column whose words are
-    bounded by its largest word 0 (:func:`fpgrad.arith.jit_ball.slices` takes the same)."""
-    return math.frexp(top * (1.0 + 2.0**-48))[1]
-
-
-@njit(**JIT)
-def _scales(
-    words: np.ndarray,
-    per_row: bool,
-    bc: int,
-    nch: int,
-    lo: int,
-    hi: int,
-    expo: np.ndarray,
-    top: np.ndarray,
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """The scales of a cut (:func:`residues`): ``top``, ``expo`` per row or column, each
-    chunk's sigma and the factor that scales it to an integer; the count of faults of zero
-    rows or columns holding a non-zero or NaN word, or -1 when a non-zero scale leaves
-    [lo, hi]."""
-    nw = words.shape[0]
-    rows, cols = words.shape[1], words.shape[2]
-    nq = top.shape[0]
-    _tops(words, per_row, top)
-    over = 0
-    for q in range(nq):  # a zero scale claims the row (column) is 0: every word must be
-        if top[q] == 0.0:
-            for w in range(nw):
-                for s in range(cols if per_row else rows):
-                    v = words[w, q, s] if per_row else words[w, s, q]
-                    over += v != 0.0  # NaN too
-    sig = np.empty((nch, nq))
-    up = np.empty((nch, nq))
-    for q in range(nq):
-        expo[q] = _scale_exponent(top[q])
-        if top[q] > 0.0 and (expo[q] < lo or expo[q] > hi):
-            return -1, sig, up
-    for q in range(nq):
-        for i in range(nch):
-            sig[i, q] = math.ldexp(1.5, expo[q] - bc * (i + 1) + 52)
-            up[i, q] = math.ldexp(1.0, bc * (i + 1) - expo[q])
-    return over, sig, up
-
-
-@njit(inline="always", **JIT)
-def _cut_row(
-    words: np.ndarray,
-    r: int,
-    per_row: bool,
-    nw: int,
-    nch: int,
-    sig: np.ndarray,
-    up: np.ndarray,
-    caps: np.ndarray,
-    exact: bool,
-    rem: np.ndarray,
-    ch: np.ndarray,
-    srow: np.ndarray,
-    urow: np.ndarray,
-) -> int:
-    """Row r of a cut (:func:`residues`): its nch chunks into ``ch[:nch]`` (integers), the
-    words' remainders left in ``rem``; returns the row's faults (chunks over their caps or
-    NaN, huge lower words, with ``exact`` a remainder left)."""
-    cols = words.shape[2]
-    over = 0
-    r0, r1, r2 = rem[0], rem[1], rem[2]
-    for w in range(nw):
-        for c in range(cols):
-            rem[w, c] = words[w, r, c]
-    for i in range(nch):
-        if per_row:
-            for c in range(cols):
-                srow[c] = sig[i, r]
-                urow[c] = up[i, r]
-        else:
-            for c in range(cols):
-                srow[c] = sig[i, c]
-                urow[c] = up[i, c]
-        ci = ch[i]
-        cap = caps[i]
-        if nw == 1:
-            for c in range(cols):
-                sigma = srow[c]
-                x0 = r0[c]
-                s0 = (x0 + sigma) - sigma
-                r0[c] = x0 - s0
-                d = s0 * urow[c]  # exact: a multiple of one unit, scaled by 2**k
-                ci[c] = d
-                over += not abs(d) <= cap  # NaN counted
-        else:
-            for c in range(cols):
-                sigma = srow[c]
-                x0, x1, x2 = r0[c], r1[c], r2[c]
-                s0 = (x0 + sigma) - sigma
-                s1 = (x1 + sigma) - sigma
-                s2 = (x2 + sigma) - sigma  # 0 for two words
-                r0[c], r1[c], r2[c] = x0 - s0, x1 - s1, x2 - s2
-                d = ((s0 + s1) + s2) * urow[c]  # exact: multiples of one unit, scaled
-                ci[c] = d
-                low = (abs(x1) + abs(x2)) * urow[c]  # huge lower words
-                over += (not abs(d) <= cap) | (not low <= cap)  # NaN counted
-    if exact:  # nothing left below the last chunk (NaN counted)
-        for c in range(cols):
-            over += (r0[c] != 0.0) | (r1[c] != 0.0) | (r2[c] != 0.0)
-    return over
 
 
 def residues(
@@ -215,7 +79,7 @@ def _residues(
     ``x fl(1/m)`` is nearer ``x / m`` than its rounding, so the rint is the same."""
     nw, nch = len(kw), len(kc)
     rows, cols = words.shape[1], words.shape[2]
-    over, sig, up = _scales(words, per_row, bc, nch, lo, hi, expo, top)
+    over, sig, up = scales(words, per_row, bc, nch, lo, hi, expo, top)
     if over < 0:
         return -1
     nm = mods.shape[0]
@@ -231,7 +95,7 @@ def _residues(
     srow = np.empty(cols)
     urow = np.empty(cols)
     for r in range(rows):
-        over += _cut_row(words, r, per_row, nw, nch, sig, up, caps, exact, rem, ch, srow, urow)
+        over += cut_row(words, r, per_row, nw, nch, sig, up, caps, exact, rem, ch, srow, urow)
         c0, c1, c2, c3 = ch[0], ch[1], ch[2], ch[3]
         for j in range(nm):  # one pass per modulus over 1-D views: LLVM vectorises it
             t0, t1, t2, t3 = tab[0, j], tab[1, j], tab[2, j], tab[3, j]
@@ -245,7 +109,7 @@ def _residues(
                     x += c2[c] * t2
                 if nch > 3:
                     x += c3[c] * t3
-                oj[c] = np.int8(x - m * _rint(x * inv))
+                oj[c] = np.int8(x - m * rint(x * inv))
     return over
 
 
@@ -262,12 +126,12 @@ def exact_bits(words: np.ndarray, per_row: bool, limit: int) -> int:
     nw, rows, cols = words.shape
     nq = rows if per_row else cols
     top = np.empty(nq)
-    _tops(words, per_row, top)
+    tops(words, per_row, top)
     expo = np.empty(nq, dtype=np.int64)
     for q in range(nq):
         if not top[q] < math.inf:  # inf
             return limit + 1
-        expo[q] = _scale_exponent(top[q])
+        expo[q] = scale_exponent(top[q])
     bits = words.view(np.int64)
     lowf = np.empty(cols)
     lowi = lowf.view(np.int64)
@@ -439,13 +303,13 @@ def _recombine(
             v70, v71, v72, v73 = lw[7, j], lw[7, j + 1], lw[7, j + 2], lw[7, j + 3]
             for e in range(n):
                 t0 = float(q0[e]) * c0
-                t0 = t0 - m0 * _rint(t0 * i0)
+                t0 = t0 - m0 * rint(t0 * i0)
                 t1 = float(q1[e]) * c1
-                t1 = t1 - m1 * _rint(t1 * i1)
+                t1 = t1 - m1 * rint(t1 * i1)
                 t2 = float(q2[e]) * c2
-                t2 = t2 - m2 * _rint(t2 * i2)
+                t2 = t2 - m2 * rint(t2 * i2)
                 t3 = float(q3[e]) * c3
-                t3 = t3 - m3 * _rint(t3 * i3)
+                t3 = t3 - m3 * rint(t3 * i3)
                 ks = ksum[e]
                 ks += t0 * i0
                 ks += t1 * i1
@@ -479,10 +343,10 @@ def _recombine(
             pj = prods[min(j, nm - 1), start : start + n]
             for e in range(n):
                 if last:
-                    t = _rint(ksum[e])  # k, against the limbs of -M
+                    t = rint(ksum[e])  # k, against the limbs of -M
                 else:
                     t = float(pj[e]) * ci
-                    t = t - m * _rint(t * inv)
+                    t = t - m * rint(t * inv)
                     ksum[e] += t * inv
                 a0[e] += t * w0
                 if nl > 1:
@@ -510,7 +374,7 @@ def _recombine(
             out = rest[row, :n] if k else terms[row, start : start + n]
             for e in range(n):
                 v = ac[e] + carry[e]
-                cy = _rint(v * down)
+                cy = rint(v * down)
                 carry[e] = cy
                 limb = v - cy * up
                 if keep:

@@ -16,7 +16,7 @@ from numba import njit
 
 from fpgrad.arith.jit_ball import bad as bad_range
 from fpgrad.arith.jit_ball import renorm_block
-from fpgrad.arith.jit_crt import _cut_row, _rint, _scales
+from fpgrad.arith.jit_cut import cut_row, rint, scales
 from fpgrad.arith.jit_words import JIT, words_tag
 
 
@@ -57,7 +57,7 @@ def _digits(
     nw = words.shape[0]
     rows, cols = words.shape[1], words.shape[2]
     ndig = out.shape[1] if per_row else out.shape[0]
-    over, sig, up = _scales(words, per_row, bc, nch, lo, hi, expo, top)
+    over, sig, up = scales(words, per_row, bc, nch, lo, hi, expo, top)
     if over < 0:
         return -1
     rem = np.zeros((3, cols))
@@ -66,7 +66,7 @@ def _digits(
     urow = np.empty(cols)
     acc = np.empty(cols, dtype=np.int64)
     for r in range(rows):
-        over += _cut_row(words, r, per_row, nw, nch, sig, up, caps, exact, rem, ch, srow, urow)
+        over += cut_row(words, r, per_row, nw, nch, sig, up, caps, exact, rem, ch, srow, urow)
         for c in range(cols):
             acc[c] = 0
         nxt = nch - 1  # the next chunk to enter, lowest first (bit offset bc (nch - 1 - i))
@@ -147,7 +147,7 @@ def _combine(
             up, lo, w = grp[g - 1], grp[g], shift[g]
             iw = 1.0 / w
             for e in range(n):
-                c = _rint(lo[e] * iw)
+                c = rint(lo[e] * iw)
                 lo[e] = lo[e] - c * w
                 up[e] = up[e] + c
         f0 = pw[0]
