@@ -35,6 +35,13 @@ import numpy as np
 
 from fpgrad.arith import crt
 
+#: the longest inner dimension :mod:`fpgrad.arith.products` gives this engine: its GEMM work
+#: grows with n (about T**2 / 2 digit pairs against N moduli) while the per-element work it
+#: saves does not; on the AMX Xeon it measured 10-25% ahead of the CRT engine at n = 64 and 128,
+#: within 10% either way at n = 256, 10-25% behind at n = 512 (standalone products, a loaded
+#: machine), and chosen at n = 1024 in a trace it made the benchmark's W = 1024 line slower
+#: (22.4x against 21.1x); the cost model chooses within this limit
+MAX_INNER = 256
 GROUP = 3  # diagonals per float64 integer of the recombination: below 2**50 (plan checks)
 PAIR_TERMS = (2**31 - 1) // 2**14  #: digit products of |g h| <= 2**14 summing below 2**31
 

@@ -22,11 +22,12 @@ def matmul_words(
     """The k = ``words`` words of ``a @ b`` ((ka, m, n) and (kb, n, p) words), their bound,
     the risk flag and the results whose word 0 leaves the guarded range, from the int8 engine
     that :func:`fpgrad.arith.crt.cost` and :func:`fpgrad.arith.digits.cost` estimate cheapest
-    here; None where the float64 slices are estimated cheaper or no int8 engine applies (the
-    caller then takes them)."""
-    if words and crt.machine() in digits.COSTS:
-        ka, m, n = a.shape
-        kb, _, p = b.shape
+    here (the digit engine only up to an inner dimension of :data:`fpgrad.arith.digits.MAX_INNER`);
+    None where the float64 slices are estimated cheaper or no int8 engine applies (the caller
+    then takes them)."""
+    ka, m, n = a.shape
+    kb, _, p = b.shape
+    if words and n <= digits.MAX_INNER and crt.machine() in digits.COSTS:
         try:
             widths = crt.exact_widths(a, b, n, prec, rounding)
             pl = crt.plan(n, prec, ka, kb, rounding, *widths)
