@@ -385,8 +385,8 @@ def main() -> int:
         engine = "float64 slices (--engine float64)"
     elif crt_on:
         engine = (
-            "int8 CRT where fpgrad.arith.crt.cost chooses it (this CPU has an int8 unit; "
-            "float32/float64 operands cut exactly, fewer moduli), else float64 slices"
+            "int8 CRT or int8 digits where fpgrad.arith.products' cost model chooses them (this "
+            "CPU has an int8 unit; float32/float64 operands cut exactly), else float64 slices"
         )
     else:
         why = "torch._int_mm inexact or absent" if crt.fast() else "no int8 dot-product unit"
@@ -406,7 +406,7 @@ def main() -> int:
         )
     if crt_on:
         print(
-            f"the same with every product on float64 slices (no int8 CRT): {times[2] * 1e3:.2f} ms "
+            f"the same with every product on float64 slices (no int8 engine): {times[2] * 1e3:.2f} ms "
             f"= {times[2] / t_torch:.1f}x (same rounds)"
         )
     if forced:
