@@ -190,3 +190,13 @@ def test_products_choose_the_digit_engine_by_machine_class(monkeypatch: pytest.M
             assert out is not None
             ref = real(a, b, 133, ROUND3, 3)
             assert ref is not None and np.array_equal(out[0], ref[0])
+
+
+def test_a_word_count_out_of_range_is_an_error() -> None:
+    """Not a crash of the compiled kernels' 3-row scratch (attack31): a ValueError."""
+    rng = np.random.default_rng(1)
+    a, b = _words(rng, (4, 5), 3), _words(rng, (5, 3), 3)
+    with pytest.raises(ValueError, match="words"):
+        digits.matmul_words(a, b, 133, ROUND3, 4)
+    with pytest.raises(ValueError, match="words"):
+        crt.matmul_words(a, b, 133, ROUND3, False, 4)

@@ -423,6 +423,8 @@ def matmul_words(
 
     ka, m, n = a.shape
     kb, _, p = b.shape
+    if not 0 <= words <= 3:
+        raise ValueError(f"crt.matmul_words: 0 (the terms) to 3 words, not {words}")
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
     try:

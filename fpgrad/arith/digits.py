@@ -113,7 +113,7 @@ def plan(
 ) -> Plan:
     """Constants for (ka, m, n) @ (kb, n, p) words to ``2**-(prec + 2)`` of n max|a row|
     max|b col| (the float64 slices' promise): the cut's error (:func:`crt._trunc`) and the
-    dropped diagonals each at most ``2**-(prec + 4)``, the rounding charged on top (module
+    dropped diagonals each at most ``2**-(prec + 8)``, the rounding charged on top (module
     docstring). ``exact_a``, ``exact_b``: as :func:`fpgrad.arith.crt.plan`. All in rationals,
     rounded up once; ValueError where no cut of at most 4 chunks reaches ``prec``."""
     if not (1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1 and prec >= 1):
@@ -144,7 +144,8 @@ def plan(
         return Fraction(2**14 * tail, 2**width)
 
     big = max(_count(s, ta, tb) for s in range(top + 1)) * n * 2**14
-    assert big * (256**GROUP - 1) // 255 < 2**50, "combine's groups exact (jit_digits)"
+    if big * (256**GROUP - 1) // 255 >= 2**50:  # the combine's groups would not stay exact
+        raise ValueError(f"no digit plan for inner dimension {n} at prec {prec}")
     last = 0
     while last < top and omitted(last) > target:
         last += 1
@@ -230,6 +231,8 @@ def matmul_words(
 
     ka, m, n = a.shape
     kb, _, p = b.shape
+    if not 1 <= words <= 3:
+        raise ValueError(f"digits.matmul_words: 1 to 3 words, not {words}")
     if n > PAIR_TERMS or not usable():
         return None
     a = np.ascontiguousarray(a, dtype=np.float64)
