@@ -413,12 +413,19 @@ def matmul(
 
 
 def matmul_words(
-    a: np.ndarray, b: np.ndarray, prec: int, rounding: float, choose: bool, words: int
+    a: np.ndarray,
+    b: np.ndarray,
+    prec: int,
+    rounding: float,
+    choose: bool,
+    words: int,
+    widths: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool, int] | None:
     """As :func:`matmul`, but with ``words`` = k > 0 the first array is the k words of each
     result (its terms renormalised by :func:`fpgrad.arith.jit_crt.recombine_words`: the words
     of :func:`fpgrad.arith.jit_ball.renorm`, without the terms in memory), and the last item
-    counts the results whose word 0 leaves the guarded range (0 with the terms)."""
+    counts the results whose word 0 leaves the guarded range (0 with the terms). ``widths``:
+    :func:`exact_widths` of these operands, if the caller has them."""
     from fpgrad.arith import jit_crt
 
     ka, m, n = a.shape
@@ -428,7 +435,8 @@ def matmul_words(
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
     try:
-        widths = exact_widths(a, b, n, prec, rounding)
+        if widths is None:
+            widths = exact_widths(a, b, n, prec, rounding)
         pl = plan(n, prec, ka, kb, rounding, *widths)
     except ValueError:
         return None

@@ -27,7 +27,10 @@ def matmul_words(
     then takes them)."""
     ka, m, n = a.shape
     kb, _, p = b.shape
+    widths = None
     if words and n <= digits.MAX_INNER and crt.machine() in digits.COSTS:
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        b = np.ascontiguousarray(b, dtype=np.float64)
         try:
             widths = crt.exact_widths(a, b, n, prec, rounding)
             pl = crt.plan(n, prec, ka, kb, rounding, *widths)
@@ -41,4 +44,4 @@ def matmul_words(
                 done = digits.matmul_words(a, b, prec, rounding, words, dp)
                 if done is not None:
                     return done
-    return crt.matmul_words(a, b, prec, rounding, True, words)
+    return crt.matmul_words(a, b, prec, rounding, True, words, widths)
