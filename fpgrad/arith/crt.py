@@ -309,9 +309,9 @@ def _int_products(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
     step = INT32_TERMS
     if n <= step:
         out = torch.empty((nm, m, p), dtype=torch.int32)
-        ta, tb = torch.from_numpy(ra), torch.from_numpy(rb)
-        for j in range(nm):
-            torch._int_mm(ta[j], tb[j], out=out[j])
+        la, lb, lo = torch.from_numpy(ra).unbind(0), torch.from_numpy(rb).unbind(0), out.unbind(0)
+        for x, y, z in zip(la, lb, lo, strict=True):  # views made at once, not three per call
+            torch._int_mm(x, y, out=z)
         return out.numpy()
     total = np.zeros((nm, m, p), dtype=np.int64)
     for lo in range(0, n, step):
