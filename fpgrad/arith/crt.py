@@ -420,12 +420,14 @@ def matmul_words(
     choose: bool,
     words: int,
     widths: tuple[int, int] | None = None,
+    costs: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool, int] | None:
     """As :func:`matmul`, but with ``words`` = k > 0 the first array is the k words of each
     result (its terms renormalised by :func:`fpgrad.arith.jit_crt.recombine_words`: the words
     of :func:`fpgrad.arith.jit_ball.renorm`, without the terms in memory), and the last item
     counts the results whose word 0 leaves the guarded range (0 with the terms). ``widths``:
-    :func:`exact_widths` of these operands, if the caller has them."""
+    :func:`exact_widths` of these operands, ``costs``: their :func:`cost`, if the caller has
+    them."""
     from fpgrad.arith import jit_crt
 
     ka, m, n = a.shape
@@ -441,7 +443,7 @@ def matmul_words(
     except ValueError:
         return None
     if choose:
-        crt_ms, oz_ms = cost(m, n, p, ka, kb, pl, prec)
+        crt_ms, oz_ms = cost(m, n, p, ka, kb, pl, prec) if costs is None else costs
         if oz_ms <= crt_ms:
             return None
     nm = len(pl.mods)

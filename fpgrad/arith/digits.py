@@ -60,7 +60,7 @@ class Plan:
 
     def pairs(self) -> int:
         """The digit pairs of the kept diagonals (GEMMs of n multiply-adds per result)."""
-        return sum(_count(s, self.ta, self.tb) for s in range(self.last + 1))
+        return _pairs(self.ta, self.tb, self.last)
 
 
 #: The constants of :func:`cost` (milliseconds, for the terms of :func:`cost_terms`) per
@@ -85,6 +85,11 @@ def cost(m: int, n: int, p: int, pl: Plan) -> float | None:
     or None where the class has no constants for it."""
     k = COSTS.get(crt.machine())
     return None if k is None else float(np.dot(k, cost_terms(m, n, p, pl)))
+
+
+@functools.lru_cache(maxsize=256)
+def _pairs(ta: int, tb: int, last: int) -> int:
+    return sum(_count(s, ta, tb) for s in range(last + 1))
 
 
 def _count(s: int, ta: int, tb: int) -> int:

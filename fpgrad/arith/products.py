@@ -44,4 +44,5 @@ def matmul_words(
                 done = digits.matmul_words(a, b, prec, rounding, words, dp)
                 if done is not None:
                     return done
+            return crt.matmul_words(a, b, prec, rounding, True, words, widths, (crt_ms, oz_ms))
     return crt.matmul_words(a, b, prec, rounding, True, words, widths)
