@@ -15,13 +15,15 @@ Against the CRT engine this needs more GEMM work (about ``T**2 / 2`` digit pairs
 N moduli) but far less per element (a digit per 8 bits instead of a residue per modulus, and
 T/3 terms per result instead of N times the limbs): where int8 GEMMs are as fast as on a CPU
 with AMX-INT8 it is the cheaper engine for moderate inner dimensions, which
-:func:`fpgrad.arith.crt.cost` decides per shape and machine class. The bound (:func:`plan`):
+:mod:`fpgrad.arith.products` decides per shape and machine class (:func:`cost`). The bound
+(:func:`plan`):
 ``|ab - A'B' uv| <= trunc n 2**(ea + eb)`` (the CRT engine's cut error, :func:`crt._trunc`),
 the diagonals past S at most ``n 2**14 sum_{s > S} c_s 256**(Ta + Tb - 2 - s) uv`` (c_s the
 pairs of diagonal s, ``|g| <= 128``), and the caller's rounding of the terms' sum against
-``n (Amax + Ha)(Bmax + Hb) uv``, a bound on the sum of all pairs' absolute values (``Ha``: the
+``n (Amax + Ha)(Bmax + Hb) uv`` (a bound on the sum of all pairs' absolute values; ``Ha``: the
 digits below the top one add at most ``128 (256**(T-1) - 1) / 255``, and the top one at most
-``Amax / 256**(T-1) + 1/2`` units of its weight).
+``Amax / 256**(T-1) + 1/2`` units of its weight) plus twice the half-weights the carries
+between groups leave (the terms renormalised are the carried groups).
 """
 
 from __future__ import annotations
