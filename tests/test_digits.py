@@ -200,3 +200,42 @@ def test_a_word_count_out_of_range_is_an_error() -> None:
         digits.matmul_words(a, b, 133, ROUND3, 4)
     with pytest.raises(ValueError, match="words"):
         crt.matmul_words(a, b, 133, ROUND3, False, 4)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_ball_products_in_the_digit_engine_enclose(
+    flip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BallArith's real path with the digit engine forced (an "amx" class, its cost 0) on
+    attack7's adversarial rows (spread, truncation edges, zeros, subnormal, opposing pairs),
+    radii on both operands and a transposed operand: every checked element encloses the
+    exact product of the midpoints."""
+    from fpgrad.arith.ball import BallArith
+    from fpgrad.arith.ball_base import Ball
+    from tests.test_attack7_crt import _encloses, _gen
+
+    rng = np.random.default_rng(31 + flip)
+    m, n = 48, 96
+    ar = BallArith(150)
+    regs = ["spread", "trunc", "zeros", "edge", "res127", "pow2", "opposing", "subnormal"]
+    am = np.concatenate([_gen(rng, 3, (6, n), ar.mm_prec, r) for r in regs], axis=1)
+    bt = np.concatenate([_gen(rng, 3, (6, n), ar.mm_prec, r) for r in regs[::-1]], axis=1)
+    bm = bt.transpose(0, 2, 1) if flip else np.ascontiguousarray(bt.transpose(0, 2, 1))
+    monkeypatch.setattr(crt, "fast", lambda: True)
+    monkeypatch.setattr(crt, "machine", lambda: "amx")
+    monkeypatch.setattr(digits, "cost", lambda *a: 0.0)
+    calls: list[bool] = []
+    real = digits.matmul_words
+
+    def spy(*args: object) -> object:
+        out = real(*args)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(digits, "matmul_words", spy)
+    ra = np.abs(am[0]) * 2.0**-100
+    out = ar._matmul(Ball(am, ra), Ball(bm, np.zeros((n, m))))
+    assert calls == [True]
+    rows, cols = rng.choice(m, 8, replace=False), rng.choice(m, 8, replace=False)
+    sub = Ball(out.mid[:, rows][:, :, cols], np.asarray(out.rad)[np.ix_(rows, cols)])
+    assert _encloses(am[:, rows], bm[:, :, cols], sub)
