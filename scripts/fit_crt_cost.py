@@ -1,15 +1,19 @@
-"""Refit the constants of :func:`fpgrad.arith.crt.cost` on this machine (issue 14).
+"""Refit the constants of the exact product engines' cost model on this machine (issue 14).
 
-Times the exact product engines, :func:`fpgrad.arith.crt.matmul` (int8 GEMMs and the CRT),
+Times the three engines as :class:`fpgrad.arith.ball.BallArith` calls them (k = 3 words out):
+:func:`fpgrad.arith.crt.matmul_words` (int8 GEMMs and the CRT; the constants in ``crt.COSTS``
+were fitted on its terms, before the renormalisation moved into it, which costs little more),
 :func:`fpgrad.arith.ozaki.matmul_levels` (float64 slices) and
-:func:`fpgrad.arith.digits.matmul_words` (int8 GEMMs of base-256 digits), on random shapes (m, n, p from
-10 to 1024) with the operands a trace gives them: 3-word balls, float64 data (cut exactly) or
-one of each, at the products' precision of 150-bit balls; fastest of ``--repeats`` process CPU
-times, one thread. Fits each engine's terms (:func:`fpgrad.arith.crt.crt_terms`,
-:func:`fpgrad.arith.crt.slice_terms`, :func:`fpgrad.arith.digits.cost_terms`) by non-negative least squares, weighted three ways
+:func:`fpgrad.arith.digits.matmul_words` (int8 GEMMs of base-256 digits), on random shapes
+(m, n, p from 10 to 1024) with the operands a trace gives them: 3-word balls, float64 data
+(cut exactly) or one of each, at the products' precision of 150-bit balls; fastest of
+``--repeats`` process CPU times, one thread. Fits each engine's terms
+(:func:`fpgrad.arith.crt.crt_terms`, :func:`fpgrad.arith.crt.slice_terms`,
+:func:`fpgrad.arith.digits.cost_terms`) by non-negative least squares, weighted three ways
 (relative error, its square root, absolute time), prints the constants, and how often each
-model (the three fits, this machine class's constants in crt.py, and ``--try`` ones) chooses an engine that measured more
-than 10% slower, and its total time against the better engine's.
+model (the three fits, this machine class's constants in ``crt.COSTS`` and ``digits.COSTS``,
+and ``--try`` ones for the first two engines) chooses an engine that measured more than 10%
+slower, and its total time against the best engine's.
 Usage: ``python scripts/fit_crt_cost.py [--shapes N] [--repeats R] [--seed S]`` (scipy for its
 non-negative least squares: installed with the dev extras, which scikit-learn needs).
 """
