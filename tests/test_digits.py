@@ -239,3 +239,17 @@ def test_ball_products_in_the_digit_engine_enclose(
     rows, cols = rng.choice(m, 8, replace=False), rng.choice(m, 8, replace=False)
     sub = Ball(out.mid[:, rows][:, :, cols], np.asarray(out.rad)[np.ix_(rows, cols)])
     assert _encloses(am[:, rows], bm[:, :, cols], sub)
+
+
+def test_row_blocks_give_the_same_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results computed in blocks of rows (at most digits.BLOCK_OUT each, bounding the diagonal
+    sums in memory) are the words and bounds of one block, bit for bit."""
+    rng = np.random.default_rng(21)
+    a, b = _words(rng, (37, 24), 3), _words(rng, (24, 11), 2)
+    whole = digits.matmul_words(a, b, 133, ROUND3, 3)
+    monkeypatch.setattr(digits, "BLOCK_OUT", 40)  # 3 rows of 11 results per block
+    blocked = digits.matmul_words(a, b, 133, ROUND3, 3)
+    assert whole is not None and blocked is not None
+    assert np.array_equal(whole[0], blocked[0]) and np.array_equal(whole[1], blocked[1])
+    assert whole[3] == blocked[3]
+    _check(a[:, :5], b, (blocked[0][:, :5], blocked[1][:5]))
