@@ -50,6 +50,20 @@ def _check(a: np.ndarray, b: np.ndarray, out: tuple) -> float:
     return worst
 
 
+def _spy_digits(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, per call of the digit engine from here on, whether it computed the product."""
+    real = digits.matmul_words
+    calls: list[bool] = []
+
+    def spy(*args: object) -> object:
+        out = real(*args)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(digits, "matmul_words", spy)
+    return calls
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_products_are_within_their_bound(seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -163,14 +177,8 @@ def test_products_choose_the_digit_engine_by_machine_class(monkeypatch: pytest.M
     returns the digit engine's words; a class without them never takes it."""
     rng = np.random.default_rng(2)
     a, b = _words(rng, (256, 128), 3, spread=1), _words(rng, (128, 256), 3, spread=1)
-    calls: list[int] = []
     real = digits.matmul_words
-
-    def spy(*args: object) -> object:
-        calls.append(1)
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(digits, "matmul_words", spy)
+    calls = _spy_digits(monkeypatch)
     monkeypatch.setattr(crt, "fast", lambda: True)
     for cls in ("amx", "vnni"):
         monkeypatch.setattr(crt, "machine", lambda cls=cls: cls)
@@ -224,15 +232,7 @@ def test_ball_products_in_the_digit_engine_enclose(
     monkeypatch.setattr(crt, "fast", lambda: True)
     monkeypatch.setattr(crt, "machine", lambda: "amx")
     monkeypatch.setattr(digits, "cost", lambda *a: 0.0)
-    calls: list[bool] = []
-    real = digits.matmul_words
-
-    def spy(*args: object) -> object:
-        out = real(*args)  # type: ignore[arg-type]
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(digits, "matmul_words", spy)
+    calls = _spy_digits(monkeypatch)
     ra = np.abs(am[0]) * 2.0**-100
     out = ar._matmul(Ball(am, ra), Ball(bm, np.zeros((n, m))))
     assert calls == [True]

@@ -116,6 +116,32 @@ def _trunc(ka: int, kb: int, ca: tuple, cb: tuple, exact_a: bool, exact_b: bool)
     return Fraction(left + right, 2 ** (ba + bb + 2))
 
 
+def cut_widths(
+    prec: int, ka: int, kb: int, exact_a: int, exact_b: int, target: Fraction, same: bool
+) -> tuple[tuple, tuple]:
+    """The cuts (:func:`_chunks`) of both operands: exact ones at their widths, truncated ones
+    from ``prec + 3`` bits up (one width for both when ``same`` and both are truncated) until
+    :func:`_trunc` is at most ``target``; ValueError past 4 chunks (the residue kernel's:
+    prec <= 149)."""
+    bits_a = exact_a if exact_a else prec + 3
+    bits_b = exact_b if exact_b else prec + 3
+    while True:
+        ca, cb = _chunks(bits_a), _chunks(bits_b)
+        if same and not (exact_a or exact_b):  # both truncated: one width (the CRT's cut)
+            cb = ca
+        if _trunc(ka, kb, ca, cb, bool(exact_a), bool(exact_b)) <= target:
+            break
+        if exact_a and exact_b:  # unreachable: exact cuts err by 0
+            raise AssertionError("exact cuts with a truncation error")
+        if not exact_a:
+            bits_a = ca[0] + 1
+        if not exact_b:
+            bits_b = cb[0] + 1
+    if max(ca[1], cb[1]) > 4:
+        raise ValueError(f"no cut of {max(ca[0], cb[0])}-bit operands (at most 4 chunks)")
+    return ca, cb
+
+
 @functools.lru_cache(maxsize=256)
 def plan(
     n: int, prec: int, ka: int, kb: int, rounding: float, exact_a: int = 0, exact_b: int = 0
@@ -146,22 +172,7 @@ def plan(
     if not (1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1 and prec >= 1):
         raise ValueError(f"no CRT plan for {ka} x {kb} words, inner dimension {n}, prec {prec}")
     target = Fraction(1, 2 ** (prec + 9))
-    bits_a = exact_a if exact_a else prec + 3
-    bits_b = exact_b if exact_b else prec + 3
-    while True:
-        ca, cb = _chunks(bits_a), _chunks(bits_b)
-        if not (exact_a or exact_b):  # both truncated: one width (the cut of the past)
-            cb = ca
-        if _trunc(ka, kb, ca, cb, bool(exact_a), bool(exact_b)) <= target:
-            break
-        if exact_a and exact_b:  # unreachable: exact cuts err by 0
-            raise AssertionError("exact cuts with a truncation error")
-        if not exact_a:
-            bits_a = ca[0] + 1
-        if not exact_b:
-            bits_b = cb[0] + 1
-    if max(ca[1], cb[1]) > 4:  # the residue kernel's chunks: prec <= 149
-        raise ValueError(f"no CRT plan for {max(ca[0], cb[0])}-bit operands (at most 4 chunks)")
+    ca, cb = cut_widths(prec, ka, kb, exact_a, exact_b, target, True)
     for c in (ca, cb):
         assert c[1] * 2 ** (c[2] + 1) * 127 <= 2**50, "residues exact (jit_crt)"
     amax, bmax = ca[4], cb[4]

@@ -130,20 +130,7 @@ def plan(
     if not (1 <= ka <= 3 and 1 <= kb <= 3 and n >= 1 and prec >= 1):
         raise ValueError(f"no digit plan for {ka} x {kb} words, inner dimension {n}, prec {prec}")
     target = Fraction(1, 2 ** (prec + 8))
-    bits_a = exact_a if exact_a else prec + 3
-    bits_b = exact_b if exact_b else prec + 3
-    while True:
-        ca, cb = crt._chunks(bits_a), crt._chunks(bits_b)
-        if crt._trunc(ka, kb, ca, cb, bool(exact_a), bool(exact_b)) <= target:
-            break
-        if exact_a and exact_b:
-            raise AssertionError("exact cuts with a truncation error")
-        if not exact_a:
-            bits_a = ca[0] + 1
-        if not exact_b:
-            bits_b = cb[0] + 1
-    if max(ca[1], cb[1]) > 4:
-        raise ValueError(f"no digit plan for {max(ca[0], cb[0])}-bit operands (at most 4 chunks)")
+    ca, cb = crt.cut_widths(prec, ka, kb, exact_a, exact_b, target, False)
     trunc = crt._trunc(ka, kb, ca, cb, bool(exact_a), bool(exact_b))
     amax, bmax = ca[4], cb[4]
     ta, tb = _ndigits(amax), _ndigits(bmax)

@@ -265,6 +265,23 @@ def renorm_block(
             hi[j], lo[j] = x[0], x[1]
 
 
+@njit(inline="always", **JIT)
+def renorm_store(kw: tuple, rest: np.ndarray, nterms: int, n: int, s: np.ndarray,
+                 words: np.ndarray, out: np.ndarray, start: int) -> int:  # fmt: skip
+    """:func:`renorm_block` of a block, its k words into ``out[:, start:start + n]``; returns
+    how many results' word 0 leaves the guarded range. What :func:`renorm`, the CRT
+    recombination and the digit engine's combine each do with a block's terms."""
+    renorm_block(kw, rest, nterms, n, s, words)
+    for i in range(len(kw)):
+        oi = out[i]
+        for j in range(n):
+            oi[start + j] = words[i, j]
+    flagged = 0
+    for j in range(n):
+        flagged += bad(words[0, j])
+    return flagged
+
+
 @njit(**JIT)
 def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
     """out (k, N) = expansion.renorm of the T >= 1 terms (T, N), element by element.
@@ -272,7 +289,6 @@ def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
     The same operations in the same order as the numpy version, run on blocks of elements.
     Returns the number of results whose word 0 leaves the guarded range.
     """
-    k = len(kw)
     nterms, size = terms.shape
     rest = np.empty((nterms, BLOCK))
     s = np.empty(BLOCK)
@@ -283,12 +299,7 @@ def renorm(kw: tuple, terms: np.ndarray, out: np.ndarray) -> int:
         for t in range(nterms):
             for j in range(n):
                 rest[t, j] = terms[t, start + j]
-        renorm_block(kw, rest, nterms, n, s, words)
-        for i in range(k):
-            for j in range(n):
-                out[i, start + j] = words[i, j]
-        for j in range(n):
-            flagged += bad(words[0, j])
+        flagged += renorm_store(kw, rest, nterms, n, s, words, out, start)
     return flagged
 
 

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from fpgrad.arith.jit_ball import bad as bad_range
-from fpgrad.arith.jit_ball import renorm_block
+from fpgrad.arith.jit_ball import renorm_store
 from fpgrad.arith.jit_cut import cut_row, rint, scale_exponent, scales, tops
 from fpgrad.arith.jit_words import JIT, words_tag
 
@@ -216,6 +215,14 @@ def recombine_words(
                       words_tag(mid.shape[0]))  # fmt: skip
 
 
+@njit(fastmath={"contract"}, inline="always", **JIT)
+def _digit(p: float, ci: float, m: float, inv: float) -> float:
+    """The CRT digit of a residue product p: the symmetric residue of ``p ci`` modulo m
+    (``inv = 1/m``; exact, see :func:`recombine`)."""
+    t = p * ci
+    return t - m * rint(t * inv)
+
+
 @njit(fastmath={"contract"}, **JIT)
 def _four(
     a: float,
@@ -302,14 +309,10 @@ def _recombine(
             v60, v61, v62, v63 = lw[6, j], lw[6, j + 1], lw[6, j + 2], lw[6, j + 3]
             v70, v71, v72, v73 = lw[7, j], lw[7, j + 1], lw[7, j + 2], lw[7, j + 3]
             for e in range(n):
-                t0 = float(q0[e]) * c0
-                t0 = t0 - m0 * rint(t0 * i0)
-                t1 = float(q1[e]) * c1
-                t1 = t1 - m1 * rint(t1 * i1)
-                t2 = float(q2[e]) * c2
-                t2 = t2 - m2 * rint(t2 * i2)
-                t3 = float(q3[e]) * c3
-                t3 = t3 - m3 * rint(t3 * i3)
+                t0 = _digit(float(q0[e]), c0, m0, i0)
+                t1 = _digit(float(q1[e]), c1, m1, i1)
+                t2 = _digit(float(q2[e]), c2, m2, i2)
+                t3 = _digit(float(q3[e]), c3, m3, i3)
                 ks = ksum[e]
                 ks += t0 * i0
                 ks += t1 * i1
@@ -345,8 +348,7 @@ def _recombine(
                 if last:
                     t = rint(ksum[e])  # k, against the limbs of -M
                 else:
-                    t = float(pj[e]) * ci
-                    t = t - m * rint(t * inv)
+                    t = _digit(float(pj[e]), ci, m, inv)
                     ksum[e] += t * inv
                 a0[e] += t * w0
                 if nl > 1:
@@ -386,10 +388,5 @@ def _recombine(
         for e in range(n):
             bad += carry[e] != 0.0
         if k:
-            renorm_block(kw, rest, top + 1, n, s, words)
-            for i in range(k):
-                for e in range(n):
-                    mid[i, start + e] = words[i, e]
-            for e in range(n):
-                flagged += bad_range(words[0, e])
+            flagged += renorm_store(kw, rest, top + 1, n, s, words, mid, start)
     return bad, flagged

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from fpgrad.arith.jit_ball import bad as bad_range
-from fpgrad.arith.jit_ball import renorm_block
+from fpgrad.arith.jit_ball import renorm_store
 from fpgrad.arith.jit_cut import cut_row, rint, scales
 from fpgrad.arith.jit_words import JIT, words_tag
 
@@ -121,7 +120,6 @@ def _combine(
     nd, size = diags.shape
     ng = pw.shape[0]
     nt = 1 + ng // 2  # the first group, then pairs of groups
-    k = len(kw)
     block = 256
     grp = np.empty((ng, block))
     rest = np.empty((nt, block))
@@ -165,10 +163,5 @@ def _combine(
             else:
                 for e in range(n):
                     rest[t, e] = (hi[e] * f) * sc[e]
-        renorm_block(kw, rest, nt, n, s, words)
-        for i in range(k):
-            for e in range(n):
-                mid[i, start + e] = words[i, e]
-        for e in range(n):
-            flagged += bad_range(words[0, e])
+        flagged += renorm_store(kw, rest, nt, n, s, words, mid, start)
     return 0, flagged
