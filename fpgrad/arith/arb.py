@@ -27,7 +27,7 @@ import mpmath
 import numpy as np
 from flint import arb, arb_mat, ctx
 
-from fpgrad.arith import arb_kernels
+from fpgrad.arith import arb_kernels, arb_slices
 from fpgrad.arith.base import ExactDerivatives
 
 #: exact-result marker of ``arb.rel_accuracy_bits`` (FLINT's ARF_PREC_EXACT)
@@ -128,6 +128,19 @@ def _as_mat(a: Any) -> Any:
     return _kept_mat(a)
 
 
+def _balls2d(a: Any, b: Any) -> bool:
+    """Both 2-D object arrays of matching shapes (the slice engine's operands)?"""
+    return (
+        isinstance(a, np.ndarray)
+        and isinstance(b, np.ndarray)
+        and a.dtype == object
+        and b.dtype == object
+        and a.ndim == 2
+        and b.ndim == 2
+        and a.shape[1] == b.shape[0]
+    )
+
+
 def _kept_mat(a: np.ndarray) -> Any:
     key = id(a)
     mat = _MATS.get(key)
@@ -146,8 +159,11 @@ class ArbArith(ExactDerivatives):
     #: the cross-entropy backward reuses the log-softmax's exponentials (fpgrad.graph.ops.loss)
     reuse_softmax = True
 
-    def __init__(self, prec: int) -> None:
+    def __init__(self, prec: int, slice_products: bool = False) -> None:
         self.prec = int(prec)
+        #: matrix products at arb_slices.MIN_PREC to MAX_PREC bits through exact float64
+        #: slices (:mod:`fpgrad.arith.arb_slices`: enclosures, not arb_dot's balls bit for bit)
+        self.slice_products = slice_products
         self.name = f"arb@{self.prec}"
         self.uncertain_branches = 0
         self.range_errors = 0  # arb has no range limit; kept for the Arith bookkeeping
@@ -189,6 +205,14 @@ class ArbArith(ExactDerivatives):
         p = b.shape[1]
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
+        if (
+            self.slice_products
+            and arb_slices.MIN_PREC <= self.prec <= arb_slices.MAX_PREC
+            and _balls2d(a, b)
+        ):
+            done = arb_slices.matmul(a, b, self.prec)
+            if done is not None:
+                return done
         if arb_kernels.usable(a, b):  # 2-D object arrays of matching shapes, small enough
             try:  # arb_mat's balls without its copies (fpgrad.arith.arb_kernels)
                 return arb_kernels.matmul(a, b, self.prec)

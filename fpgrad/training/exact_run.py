@@ -35,7 +35,7 @@ class ExactRun:
         else:
             from fpgrad.arith.arb import ArbArith
 
-            self.ar = ArbArith(bits)
+            self.ar = ArbArith(bits, slice_products=True)
         self.bits = self.ar.bits if balls else bits
         self.params = {k: self.ar.asarray(v) for k, v in net.params.items()}
         self.opt = ArithOptimizer(self.ar, self.params, cfg)

@@ -1,0 +1,313 @@
+"""Products of Arb balls through exact float64 slices (Ozaki scheme I at any precision).
+
+FLINT's ``arb_dot`` multiplies and adds every term at the working precision: about 60-80 ns
+per term of two 467-bit balls here, 17-37 ns where one operand is short. :func:`matmul` gives
+an enclosure of the same product from float64 BLAS instead:
+
+- Each row of A (column of B) gets the scale ``e``: the largest exponent of its midpoints and
+  radii, so ``|mid| < 2**e`` and ``rad < 2**e``. Each midpoint is cut toward 0 into T signed
+  slices of ``beta`` bits, ``mid = sum_t s_t 2**(e - (t+1) beta) + r`` with ``|s_t| < 2**beta``
+  and ``|r| < 2**(e - T beta)`` (``r = 0`` where the slices hold every bit of every midpoint).
+- For each diagonal ``s = i + j`` up to S, one BLAS product of A's slices i side by side
+  with B's slices s - i stacked: every term is an integer below ``2**(2 beta)`` and ``beta``
+  is the largest with ``n min(Ta, Tb) (2**beta - 1)**2 < 2**53``, so every partial sum, in
+  any order, with or without fused multiply-adds, is an exact integer: the products are exact.
+- Each result's diagonals are summed exactly (integer digits of base ``2**beta`` with
+  carries), set as an arf and rounded to ``prec`` bits by ``arb_set_round`` (its rounding goes
+  into the radius).
+- The radius also gets, as ``mag_set_d_2exp_fmpz`` (an upper bound) of a float64 bound: the
+  cut remainders and the diagonals past S, for each term whose midpoints are both non-zero
+  (the others are exact zeros) at most ``2**(ea+eb) (2**-Ta beta + 2**-Tb beta + sum_{s>S}
+  cnt(s) 2**-s beta)`` (each slice pair ``|a_i b_j| < 2**(ea + eb - (i+j) beta)``; the bound in
+  rationals, chosen below ``2**-(prec+GUARD)``; a term is 0 for an operand cut exactly), and
+  ``|mid A| rad B + rad A |mid B| + rad A rad B`` from upper bounds of |mid| and rad relative
+  to their scales (radii scaled by a power of two per matrix so that none underflows) through
+  BLAS with its error bound (:func:`fpgrad.arith.ball._nonneg_matmul`).
+
+So the result encloses the exact product of any matrices in the balls, as arb_dot's does; it
+is not bit-identical to it: its midpoint error is relative to ``n 2**(ea+eb)`` (the rows' and
+columns' scales), not to each term, with GUARD bits to spare. Used by
+:class:`fpgrad.arith.arb.ArbArith` where ``slice_products`` is set (the exact training run,
+:mod:`fpgrad.training.exact_run`) and the precision is from :data:`MIN_PREC` to :data:`MAX_PREC`; it declines
+(None: the caller keeps arb_dot) for non-finite balls, exponents beyond 2**40 and elements
+that are not balls.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from flint import arb
+
+from fpgrad.arith import arb_kernels
+
+GUARD = 16  #: cut remainders and dropped diagonals below 2**-(prec+GUARD) 2**(ea+eb) a term
+#: the precisions that take this engine (scripts/bench_arb_products.py: arb_dot is about as
+#: fast below, and faster above, where a slice pair per 21 bits of both operands grows as the
+#: square of the precision)
+MIN_PREC, MAX_PREC = 128, 1200
+_state: dict[str, Any] = {}
+
+
+def _jit() -> Any | None:
+    """The compiled kernels (after arb_kernels has loaded libflint and checked the layout),
+    checked once against exact rationals; None where that fails."""
+    if "ok" not in _state:
+        _state["ok"] = False
+        if arb_kernels.available():
+            try:
+                from fpgrad.arith import jit_arb_slices
+            except (ImportError, OSError, RuntimeError):
+                return None
+            _state["jit"] = jit_arb_slices
+            _state["ok"] = _self_check(jit_arb_slices)
+    return _state["jit"] if _state["ok"] else None
+
+
+def _read(a: np.ndarray, jit: Any) -> tuple[np.ndarray, ...] | None:
+    ptrs, held = arb_kernels._addresses(a)
+    n = ptrs.size
+    mexp, nl, limbs, low = (np.empty(n, np.int64) for _ in range(4))
+    rman, rexp = np.empty(n, np.int64), np.empty(n, np.int64)
+    neg = np.empty(n, np.bool_)
+    status = jit.scan(
+        ptrs, arb_kernels._state["off"], id(arb), mexp, nl, limbs, neg, low, rman, rexp
+    )
+    if status:
+        return None
+    return held, mexp, nl, limbs, neg, low, rman, rexp
+
+
+def _scales(mexp: np.ndarray, rman: np.ndarray, rexp: np.ndarray, axis: int) -> np.ndarray:
+    """Per row (axis 1) or column (axis 0): the largest exponent of its non-zero midpoints
+    and radii (0 where all are 0)."""
+    from fpgrad.arith.jit_arb_slices import ZERO_EXP
+
+    low = np.iinfo(np.int64).min
+    e = np.maximum(np.where(mexp != ZERO_EXP, mexp, low), np.where(rman > 0, rexp, low))
+    top = e.max(axis=axis)
+    return np.where(top == low, 0, top)
+
+
+def _up(x: Fraction) -> tuple[float, int]:
+    """(f, k) with ``f 2**k >= x`` (f a float64 in [0.5, 1] or 0)."""
+    if x <= 0:
+        return 0.0, 0
+    k = x.numerator.bit_length() - x.denominator.bit_length() + 1  # x < 2**k
+    scaled = x / Fraction(2) ** k
+    f = float(scaled)
+    if Fraction(f) < scaled:
+        f = math.nextafter(f, math.inf)
+    return f, k
+
+
+def plan(n: int, prec: int, wa: int, wb: int) -> tuple[int, int, int, int, Fraction] | None:
+    """(beta, Ta, Tb, S, eps): slice width, slices of A and B, last diagonal and the bound of
+    the cut remainders and dropped diagonals per term, in units of ``2**(ea+eb)``. ``wa`` (``wb``):
+    the bits below the scale that A's (B's) midpoints reach (0: all zero). None where no
+    slice width of at least 8 bits keeps the products exact."""
+    clamp = prec + GUARD + 28  # above this, wa and wb cut to the cap for every width
+    return _plan(n, prec, min(wa, clamp), min(wb, clamp))
+
+
+@lru_cache(maxsize=256)
+def _plan(n: int, prec: int, wa: int, wb: int) -> tuple[int, int, int, int, Fraction] | None:
+    for beta in range(26, 7, -1):
+        cap = -(-(prec + GUARD + 2) // beta)
+        ta = min(cap, -(-wa // beta))
+        tb = min(cap, -(-wb // beta))
+        if n * max(1, min(ta, tb)) * (2**beta - 1) ** 2 < 2**53:
+            break
+    else:
+        return None
+    if ta == 0 or tb == 0:
+        return beta, ta, tb, 0, Fraction(0)
+    # integers in units of 2**-(beta (ta + tb)): 2**-(beta t) is 2**(beta (ta + tb - t))
+    full = ta + tb
+
+    def unit(t: int) -> int:
+        return 1 << (beta * (full - t))
+
+    cut = (0 if wa <= ta * beta else unit(ta)) + (0 if wb <= tb * beta else unit(tb))
+    target = Fraction(1, 2 ** (prec + GUARD)) * (1 << (beta * full))
+    dropped = 0
+    last = full - 2
+    while last > 0:  # drop diagonals from the end while the bound allows
+        more = dropped + (min(last, ta - 1) - max(0, last - tb + 1) + 1) * unit(last)
+        if cut + more > target:
+            break
+        dropped = more
+        last -= 1
+    return beta, ta, tb, last, Fraction(cut + dropped, 1 << (beta * full))
+
+
+def _radii(rman: np.ndarray, rexp: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
+    """(r', K): ``rad / 2**scale <= r' 2**K`` elementwise, r' <= 1, none below 2**-900 but
+    0 (K the largest exponent of ``rad / 2**scale``; 0 where every radius is 0)."""
+    pos = rman > 0
+    if not pos.any():
+        return np.zeros(rman.shape), 0
+    rel = rexp - scale  # rad < 2**rel
+    k = int(rel[pos].max())
+    shift = np.where(pos, rel - k - 30, 0)
+    out = np.ldexp(rman.astype(np.float64), np.maximum(shift, -1100))
+    return np.where(pos & (shift < -900 + 30), np.maximum(out, 2.0**-900), out), k
+
+
+def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
+    """``a @ b`` (2-D object arrays of arb balls, n >= 1) as enclosing balls at ``prec``
+    bits, or None where this engine declines (see the module docstring)."""
+    jit = _jit()
+    return None if jit is None else _product(a, b, prec, jit)
+
+
+def _product(a: np.ndarray, b: np.ndarray, prec: int, jit: Any) -> np.ndarray | None:
+    m, n = a.shape
+    p = b.shape[1]
+    ra = _read(a, jit)
+    rb = _read(b, jit)
+    if ra is None or rb is None:
+        return None
+    _, mexp_a, nl_a, limbs_a, neg_a, low_a, rman_a, rexp_a = ra
+    _, mexp_b, nl_b, limbs_b, neg_b, low_b, rman_b, rexp_b = rb
+    ea = _scales(mexp_a.reshape(m, n), rman_a.reshape(m, n), rexp_a.reshape(m, n), 1)
+    eb = _scales(mexp_b.reshape(n, p), rman_b.reshape(n, p), rexp_b.reshape(n, p), 0)
+    sa = np.repeat(ea, n)
+    sb = np.tile(eb, n)
+    nz_a, nz_b = nl_a > 0, nl_b > 0
+    wa = int((sa - low_a)[nz_a].max()) if nz_a.any() else 0
+    wb = int((sb - low_b)[nz_b].max()) if nz_b.any() else 0
+    pl = plan(n, prec, wa, wb)
+    if pl is None:
+        return None
+    beta, ta, tb, last, eps = pl
+    acat = np.empty((m, ta, n))  # acat[i, t, k]: slice t of a_ik; rows (m, ta n) in BLAS
+    al_a = np.empty(m * n)
+    jit.cut(mexp_a, nl_a, limbs_a, neg_a, sa, beta, acat, False, al_a)
+    brev = np.empty((tb, n, p))  # brev[tb - 1 - t, k, j]: slice t of b_kj
+    al_b = np.empty(n * p)
+    jit.cut(mexp_b, nl_b, limbs_b, neg_b, sb, beta, brev.reshape(tb, 1, n * p), True, al_b)
+    diag = np.zeros((last + 1, m, p))
+    if ta and tb:
+        rows = acat.reshape(m, ta * n)
+        for s in range(last + 1):
+            lo, hi = max(0, s - tb + 1), min(s, ta - 1)
+            # slices lo..hi of A's rows side by side: a view with a row stride, no copy
+            left = rows[:, lo * n : (hi + 1) * n]
+            np.matmul(left, brev[tb - 1 - s + lo : tb - s + hi].reshape(-1, p), out=diag[s])
+    rad_a, ka = _radii(rman_a, rexp_a, sa)
+    rad_b, kb = _radii(rman_b, rexp_b, sb)
+    pairs = None
+    if eps:  # the terms whose midpoints are both non-zero: N_ij (exact small integers)
+        pairs = nz_a.reshape(m, n).astype(np.float64) @ nz_b.reshape(n, p).astype(np.float64)
+    err_f, err_e = _errors(
+        al_a.reshape(m, n), al_b.reshape(n, p), (rad_a.reshape(m, n), ka),
+        (rad_b.reshape(n, p), kb), pairs, eps,
+    )  # fmt: skip
+    out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls
+    po, ho = arb_kernels._addresses(out)
+    words = np.zeros((last * beta + 56) // 64 + 2, dtype=np.uint64)
+    done = jit.assemble(
+        diag, ea, eb, beta, err_f, np.full((m, p), err_e, np.int64), po, prec,
+        arb_kernels._state["off"], id(arb), np.zeros(7, np.int64),
+        np.zeros(last + 1, np.int64), words,
+    )  # fmt: skip
+    del ra, rb, ho  # the operands and the result lived through the kernels
+    return out if done else None
+
+
+def _errors(
+    al_a: np.ndarray, al_b: np.ndarray, rad_a: tuple[np.ndarray, int],
+    rad_b: tuple[np.ndarray, int], pairs: np.ndarray | None, eps: Fraction,
+) -> tuple[np.ndarray, int]:  # fmt: skip
+    """(f, E): every result's radius bound is at most ``f 2**(E + ea + eb)``: ``|mid A| rad
+    B + rad A |mid B| + rad A rad B`` and ``eps N`` (``pairs`` N: the terms whose midpoints
+    are both non-zero, the only ones cut or dropped), each relative to the scales."""
+    from fpgrad.arith.ball import _nonneg_matmul
+
+    gamma = 1.0 + (al_a.shape[1] + 4) * 2.0**-52
+    (ra, ka), (rb, kb) = rad_a, rad_b
+    terms: list[tuple[np.ndarray | float, int]] = []
+    if rb.any():
+        terms.append((_nonneg_matmul(al_a, rb, gamma), kb))
+    if ra.any():
+        terms.append((_nonneg_matmul(ra, al_b, gamma), ka))
+        if rb.any():
+            terms.append((_nonneg_matmul(ra, rb, gamma), ka + kb))
+    f, k = _up(eps)
+    if f and pairs is not None:
+        terms.append((pairs * f, k))  # exact: N < 2**53 times a float, rounded up below
+    shape = (al_a.shape[0], al_b.shape[1])
+    if not terms:
+        return np.zeros(shape), 0
+    top = max(k for _, k in terms)
+    total = np.zeros(shape)
+    for t, k in terms:
+        t = np.asarray(t, dtype=np.float64)
+        part = np.ldexp(t, max(k - top, -1100))
+        total += np.where(t > 0, np.maximum(part, 2.0**-1074), 0.0)
+    return total * (1.0 + 2.0**-50), top
+
+
+def _self_check(jit: Any) -> bool:
+    """Random products (exact and inexact balls, zeros, mixed exponents) at three precisions:
+    the exact product of the midpoints inside each ball, the ball within 2**-(prec-8) of
+    n max|a row| max|b col| plus the radius terms."""
+    rng = np.random.default_rng(7)
+    for prec, (m, n, p) in ((128, (3, 5, 4)), (467, (6, 9, 5)), (1600, (4, 3, 7))):
+        a, b, fa, fb = _random_pair(rng, m, n, p, prec)
+        got = _product(a, b, prec, jit)
+        if got is None:
+            return False
+        want = fa @ fb
+        for i in range(m):
+            for j in range(p):
+                if not _contains(got[i, j], want[i, j]):
+                    return False
+    return True
+
+
+def _fraction(x: arb) -> Fraction:
+    man, exp = x.mid().man_exp()
+    return Fraction(int(man)) * Fraction(2) ** int(exp)
+
+
+def _contains(ball: arb, value: Fraction) -> bool:
+    mid = _fraction(ball)
+    rad = _fraction(arb(ball.rad()))
+    return abs(mid - value) <= rad
+
+
+def _random_pair(
+    rng: np.random.Generator, m: int, n: int, p: int, prec: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact balls of ``prec``-bit midpoints (some short, some zero) and their rationals."""
+    from flint import ctx
+
+    old = ctx.prec
+    ctx.prec = prec
+    try:
+        out = []
+        for shape in ((m, n), (n, p)):
+            vals = []
+            for _ in range(shape[0] * shape[1]):
+                kind = rng.integers(0, 4)
+                if kind == 0:
+                    vals.append(arb(0))
+                elif kind == 1:
+                    vals.append(arb(int(rng.integers(-16, 17))))
+                else:
+                    e = int(rng.integers(-40, 40))
+                    vals.append(arb(float(rng.standard_normal())) * arb(2) ** e / 3)
+            arr = np.empty(len(vals), dtype=object)
+            arr[:] = [arb(v.mid()) for v in vals]
+            out.append(arr.reshape(shape))
+    finally:
+        ctx.prec = old
+    fa = np.array([[_fraction(x) for x in row] for row in out[0]], dtype=object)
+    fb = np.array([[_fraction(x) for x in row] for row in out[1]], dtype=object)
+    return out[0], out[1], fa, fb
