@@ -14,6 +14,11 @@ from fpgrad.arith.arb import ArbArith
 pytestmark = pytest.mark.skipif(S._jit() is None, reason="no compiled Arb kernels here")
 
 
+def _engine(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
+    """The engine itself at any precision (matmul leaves some to arb_dot)."""
+    return S._product(a, b, prec, S._jit(), choose=False)
+
+
 def _q(x: arb) -> Fraction:
     man, exp = x.mid().man_exp()
     return Fraction(int(man)) * Fraction(2) ** int(exp)
@@ -79,7 +84,7 @@ def test_encloses_every_product_of_points_in_the_balls(prec: int, spread: int) -
     for m, n, p in ((3, 5, 4), (1, 7, 1), (4, 1, 3), (2, 33, 3)):
         a = _balls(rng, (m, n), prec, spread)
         b = _balls(rng, (n, p), prec, spread)
-        got = S.matmul(a, b, prec)
+        got = _engine(a, b, prec)
         assert got is not None
         _encloses(got, a, b, rng)
 
@@ -106,7 +111,7 @@ def test_zero_rows_and_columns_stay_exact_zeros() -> None:
         b = np.array([[arb(5) / 11, arb(0)], [arb(1) / 13, arb(0)]], dtype=object)
     finally:
         ctx.prec = 53
-    got = S.matmul(a, b, 467)
+    got = _engine(a, b, 467)
     assert got is not None
     assert got[1, 0] == 0 and got[1, 0].rad() == 0
     assert got[0, 1] == 0 and got[0, 1].rad() == 0
@@ -127,7 +132,7 @@ def test_as_sharp_as_arb_mat() -> None:
         want = arb_mat(a.tolist()) * arb_mat(b.tolist())
     finally:
         ctx.prec = 53
-    got = S.matmul(a, b, prec)
+    got = _engine(a, b, prec)
     assert got is not None
     for x, y in zip(got.ravel(), want.entries(), strict=True):
         assert x.overlaps(y)
@@ -186,6 +191,22 @@ def test_arbarith_takes_slices_only_when_asked(monkeypatch: pytest.MonkeyPatch) 
     got = ArbArith(300, slice_products=True).matmul(a, b)
     assert calls == [300]
     _encloses(got, a, b, rng)
-    ArbArith(S.MAX_PREC + 1, slice_products=True).matmul(a, b)
     ArbArith(S.MIN_PREC - 1, slice_products=True).matmul(a, b)
     assert calls == [300]
+
+
+def test_full_operands_outside_their_precisions_keep_arb_dot() -> None:
+    """Two full-precision operands above FULL_PRECS: declined (arb_dot is faster there);
+    a narrow operand (small integers) still takes the slices."""
+    rng = np.random.default_rng(11)
+    prec = S.FULL_PRECS[1] + 200
+    ctx.prec = prec
+    try:
+        full = np.array([arb(float(v)) / 3 for v in rng.standard_normal(12)], dtype=object)
+    finally:
+        ctx.prec = 53
+    ints = np.array([arb(int(v)) for v in rng.integers(0, 17, 12)], dtype=object)
+    assert S.matmul(full.reshape(3, 4), full.reshape(4, 3), prec) is None
+    got = S.matmul(ints.reshape(3, 4), full.reshape(4, 3), prec)
+    assert got is not None
+    _encloses(got, ints.reshape(3, 4), full.reshape(4, 3), rng)

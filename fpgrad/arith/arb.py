@@ -161,8 +161,8 @@ class ArbArith(ExactDerivatives):
 
     def __init__(self, prec: int, slice_products: bool = False) -> None:
         self.prec = int(prec)
-        #: matrix products at arb_slices.MIN_PREC to MAX_PREC bits through exact float64
-        #: slices (:mod:`fpgrad.arith.arb_slices`: enclosures, not arb_dot's balls bit for bit)
+        #: matrix products from arb_slices.MIN_PREC bits through exact float64 slices where
+        #: they are faster (:mod:`fpgrad.arith.arb_slices`: enclosures, not arb_dot's balls)
         self.slice_products = slice_products
         self.name = f"arb@{self.prec}"
         self.uncertain_branches = 0
@@ -205,11 +205,7 @@ class ArbArith(ExactDerivatives):
         p = b.shape[1]
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
-        if (
-            self.slice_products
-            and arb_slices.MIN_PREC <= self.prec <= arb_slices.MAX_PREC
-            and _balls2d(a, b)
-        ):
+        if self.slice_products and self.prec >= arb_slices.MIN_PREC and _balls2d(a, b):
             done = arb_slices.matmul(a, b, self.prec)
             if done is not None:
                 return done

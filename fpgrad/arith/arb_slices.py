@@ -28,7 +28,8 @@ So the result encloses the exact product of any matrices in the balls, as arb_do
 is not bit-identical to it: its midpoint error is relative to ``n 2**(ea+eb)`` (the rows' and
 columns' scales), not to each term, with GUARD bits to spare. Used by
 :class:`fpgrad.arith.arb.ArbArith` where ``slice_products`` is set (the exact training run,
-:mod:`fpgrad.training.exact_run`) and the precision is from :data:`MIN_PREC` to :data:`MAX_PREC`; it declines
+:mod:`fpgrad.training.exact_run`) from :data:`MIN_PREC` bits (and only within :data:`FULL_PRECS` where both operands need
+more than one slice: see there); it declines
 (None: the caller keeps arb_dot) for non-finite balls, exponents beyond 2**40 and elements
 that are not balls.
 """
@@ -46,10 +47,14 @@ from flint import arb
 from fpgrad.arith import arb_kernels
 
 GUARD = 16  #: cut remainders and dropped diagonals below 2**-(prec+GUARD) 2**(ea+eb) a term
-#: the precisions that take this engine (scripts/bench_arb_products.py: arb_dot is about as
-#: fast below, and faster above, where a slice pair per 21 bits of both operands grows as the
-#: square of the precision)
-MIN_PREC, MAX_PREC = 128, 1200
+#: the least precision that takes this engine, and the precisions at which a product of two
+#: operands that both need more than one slice takes it (scripts/bench_arb_products.py: with
+#: one narrow operand, such as pixel data, the slices are 2-3x faster than arb_dot from 200 to
+#: 1600 bits and 1.7-2x at 128; with two full-precision operands 1.2-1.3x from 200 to 800
+#: bits, about even at 128 and 1200, and 2x slower at 1600, where the slice pairs, one per
+#: 21 bits of each operand, grow as the square of the precision)
+MIN_PREC = 128
+FULL_PRECS = (160, 1000)
 _state: dict[str, Any] = {}
 
 
@@ -165,7 +170,9 @@ def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
     return None if jit is None else _product(a, b, prec, jit)
 
 
-def _product(a: np.ndarray, b: np.ndarray, prec: int, jit: Any) -> np.ndarray | None:
+def _product(
+    a: np.ndarray, b: np.ndarray, prec: int, jit: Any, choose: bool = True
+) -> np.ndarray | None:
     m, n = a.shape
     p = b.shape[1]
     ra = _read(a, jit)
@@ -185,6 +192,8 @@ def _product(a: np.ndarray, b: np.ndarray, prec: int, jit: Any) -> np.ndarray | 
     if pl is None:
         return None
     beta, ta, tb, last, eps = pl
+    if choose and min(ta, tb) > 1 and not FULL_PRECS[0] <= prec <= FULL_PRECS[1]:
+        return None  # arb_dot is as fast or faster here
     acat = np.empty((m, ta, n))  # acat[i, t, k]: slice t of a_ik; rows (m, ta n) in BLAS
     al_a = np.empty(m * n)
     jit.cut(mexp_a, nl_a, limbs_a, neg_a, sa, beta, acat, False, al_a)
@@ -260,7 +269,7 @@ def _self_check(jit: Any) -> bool:
     rng = np.random.default_rng(7)
     for prec, (m, n, p) in ((128, (3, 5, 4)), (467, (6, 9, 5)), (1600, (4, 3, 7))):
         a, b, fa, fb = _random_pair(rng, m, n, p, prec)
-        got = _product(a, b, prec, jit)
+        got = _product(a, b, prec, jit, choose=False)
         if got is None:
             return False
         want = fa @ fb
