@@ -13,8 +13,8 @@ an enclosure of the same product from float64 BLAS instead:
   is the largest with ``n min(Ta, Tb) (2**beta - 1)**2 < 2**53``, so every partial sum, in
   any order, with or without fused multiply-adds, is an exact integer: the products are exact.
 - Each result's diagonals are summed exactly (integer digits of base ``2**beta`` with
-  carries), set as an arf and rounded to ``prec`` bits by ``arb_set_round`` (its rounding goes
-  into the radius).
+  carries), set as the ball's midpoint and truncated to ``prec`` bits (one unit in the last
+  place into the radius where inexact).
 - The radius also gets, as ``mag_set_d_2exp_fmpz`` (an upper bound) of a float64 bound: the
   cut remainders and the diagonals past S, for each term whose midpoints are both non-zero
   (the others are exact zeros) at most ``2**(ea+eb) (2**-Ta beta + 2**-Tb beta + sum_{s>S}
@@ -222,7 +222,7 @@ def _product(
     words = np.zeros((last * beta + 56) // 64 + 2, dtype=np.uint64)
     done = jit.assemble(
         diag, ea, eb, beta, err_f, np.full((m, p), err_e, np.int64), po, prec,
-        arb_kernels._state["off"], id(arb), np.zeros(7, np.int64),
+        arb_kernels._state["off"], id(arb), np.zeros(1, np.int64),
         np.zeros(last + 1, np.int64), words,
     )  # fmt: skip
     del ra, rb, ho  # the operands and the result lived through the kernels

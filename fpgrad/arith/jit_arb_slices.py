@@ -21,18 +21,16 @@ from fpgrad.arith.jit_arb import JIT, all_arb, load_word
 
 _I = types.int64
 _V = types.void
-arf_init = types.ExternalFunction("arf_init", _V(_I))
-arf_clear = types.ExternalFunction("arf_clear", _V(_I))
 arf_set_mpn = types.ExternalFunction("arf_set_mpn", _V(_I, _I, _I, types.int32))
 arf_mul_2exp_si = types.ExternalFunction("arf_mul_2exp_si", _V(_I, _I, _I))
-arb_set_arf = types.ExternalFunction("arb_set_arf", _V(_I, _I))
-arb_set_round = types.ExternalFunction("arb_set_round", _V(_I, _I, _I))
+arf_set_round = types.ExternalFunction("arf_set_round", types.int32(_I, _I, _I, types.int32))
 mag_set_d_2exp_fmpz = types.ExternalFunction("mag_set_d_2exp_fmpz", _V(_I, types.float64, _I))
-arb_add_error_mag = types.ExternalFunction("arb_add_error_mag", _V(_I, _I))
+arb_add_error_2exp_si = types.ExternalFunction("arb_add_error_2exp_si", _V(_I, _I))
 
 SMALL = 1 << 40  #: exponents read only below this in magnitude (fmpz small: below 2**62)
 ZERO_EXP = -(1 << 62)  #: ``mexp`` of an exact zero midpoint
 MAG_BITS = 30
+RND_DOWN = 0  #: FLINT's ARF_RND_DOWN (toward 0)
 
 
 @njit(**JIT)
@@ -161,19 +159,17 @@ def assemble(
     digits: np.ndarray, words: np.ndarray,
 ) -> bool:  # fmt: skip
     """Each result ``C_ij = 2**(ea_i + eb_j) sum_s diag[s, i, j] 2**-((s+2) beta)`` (the
-    diagonals exact integers below 2**53) summed exactly in base-2**beta digits, rounded to
-    ``prec`` bits by arb_set_round (its error in the radius), and ``err_f 2**err_e`` added to
-    the radius (mag_set_d_2exp_fmpz: an upper bound); ``out`` fresh balls, row-major.
-    ``scratch``: 7 int64 (an arf, a mag, an exponent); ``digits``: S + 1 int64; ``words``:
+    diagonals exact integers below 2**53) summed exactly in base-2**beta digits, set as the
+    ball's midpoint and truncated to ``prec`` bits (arf_set_round toward 0; where inexact, one
+    unit in its last place added to the radius); the radius set to an upper bound of ``err_f
+    2**(err_e + ea + eb)`` first (mag_set_d_2exp_fmpz). ``out``: fresh zero balls, row-major.
+    ``scratch``: one int64 (the exponent, a small fmpz); ``digits``: S + 1 int64; ``words``:
     uint64 limbs for at least ``S beta + 56`` bits."""
     if not all_arb(out, tp):
         return False
     ns, m, p = diag.shape
     last = ns - 1
-    tmp = scratch.ctypes.data
-    mag = tmp + 32
-    expo = tmp + 48
-    arf_init(tmp)
+    expo = scratch.ctypes.data  # an fmpz (a small one: the int64 itself)
     for i in range(m):
         for j in range(p):
             for s in range(ns):
@@ -206,17 +202,14 @@ def assemble(
             top = nw
             while top > 0 and words[top - 1] == 0:
                 top -= 1
-            ball = out[i * p + j] + off
+            ball = out[i * p + j] + off  # a fresh zero ball: arf at 0, mag at 32
+            if err_f[i, j] > 0.0:  # the radius first: an upper bound of err_f 2**(err_e+ea+eb)
+                scratch[0] = err_e[i, j] + ea[i] + eb[j]
+                mag_set_d_2exp_fmpz(ball + 32, err_f[i, j], expo)
             if top > 0:
-                arf_set_mpn(tmp, words.ctypes.data, top, 1 if negative else 0)
-                arf_mul_2exp_si(tmp, tmp, ea[i] + eb[j] - (last + 2) * beta)
-                arb_set_arf(ball, tmp)
-                arb_set_round(ball, ball, prec)
-            if err_f[i, j] > 0.0:
-                scratch[4] = 0
-                scratch[5] = 0
-                scratch[6] = err_e[i, j] + ea[i] + eb[j]
-                mag_set_d_2exp_fmpz(mag, err_f[i, j], expo)
-                arb_add_error_mag(ball, mag)
-    arf_clear(tmp)
+                arf_set_mpn(ball, words.ctypes.data, top, 1 if negative else 0)
+                arf_mul_2exp_si(ball, ball, ea[i] + eb[j] - (last + 2) * beta)
+                if arf_set_round(ball, ball, prec, RND_DOWN) != 0:
+                    # truncated to prec bits: below one unit in the last place, 2**(exp - prec)
+                    arb_add_error_2exp_si(ball, load_word(ball) - prec)
     return True
