@@ -19,7 +19,7 @@ import pytest
 from flint import arb
 
 from fpgrad.arith import arb as arbmod
-from fpgrad.arith import arb_kernels
+from fpgrad.arith import arb_kernels, arb_slices
 from fpgrad.arith.arb import ArbArith
 
 
@@ -109,6 +109,7 @@ def test_no_stale_matrix_on_exact_training_and_reference(monkeypatch: pytest.Mon
     stats = _spy(monkeypatch)
     # the arb_mat path that holds the cache (the compiled kernels take small products without it)
     monkeypatch.setattr(arb_kernels, "available", lambda: False)
+    monkeypatch.setattr(arb_slices, "MIN_PREC", 10**9)  # nor the slice products
     rng = np.random.default_rng(5)
     x = rng.normal(size=(6, 3)).tolist()
     layers: list[dict[str, Any]] = [
