@@ -87,17 +87,6 @@ def _read(a: np.ndarray, jit: Any) -> tuple[np.ndarray, ...] | None:
     return held, mexp, nl, limbs, neg, low, rman, rexp
 
 
-def _scales(mexp: np.ndarray, rman: np.ndarray, rexp: np.ndarray, axis: int) -> np.ndarray:
-    """Per row (axis 1) or column (axis 0): the largest exponent of its non-zero midpoints
-    and radii (0 where all are 0)."""
-    from fpgrad.arith.jit_arb_slices import ZERO_EXP
-
-    low = np.iinfo(np.int64).min
-    e = np.maximum(np.where(mexp != ZERO_EXP, mexp, low), np.where(rman > 0, rexp, low))
-    top = e.max(axis=axis)
-    return np.where(top == low, 0, top)
-
-
 def _up(x: Fraction) -> tuple[float, int]:
     """(f, k) with ``f 2**k >= x`` (f a float64 in [0.5, 1] or 0)."""
     if x <= 0:
@@ -150,17 +139,8 @@ def _plan(n: int, prec: int, wa: int, wb: int) -> tuple[int, int, int, int, Frac
     return beta, ta, tb, last, Fraction(cut + dropped, 1 << (beta * full))
 
 
-def _radii(rman: np.ndarray, rexp: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
-    """(r', K): ``rad / 2**scale <= r' 2**K`` elementwise, r' <= 1, none below 2**-900 but
-    0 (K the largest exponent of ``rad / 2**scale``; 0 where every radius is 0)."""
-    pos = rman > 0
-    if not pos.any():
-        return np.zeros(rman.shape), 0
-    rel = rexp - scale  # rad < 2**rel
-    k = int(rel[pos].max())
-    shift = np.where(pos, rel - k - 30, 0)
-    out = np.ldexp(rman.astype(np.float64), np.maximum(shift, -1100))
-    return np.where(pos & (shift < -900 + 30), np.maximum(out, 2.0**-900), out), k
+def _two(size: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.empty(size), np.empty(size)
 
 
 def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
@@ -181,13 +161,10 @@ def _product(
         return None
     _, mexp_a, nl_a, limbs_a, neg_a, low_a, rman_a, rexp_a = ra
     _, mexp_b, nl_b, limbs_b, neg_b, low_b, rman_b, rexp_b = rb
-    ea = _scales(mexp_a.reshape(m, n), rman_a.reshape(m, n), rexp_a.reshape(m, n), 1)
-    eb = _scales(mexp_b.reshape(n, p), rman_b.reshape(n, p), rexp_b.reshape(n, p), 0)
-    sa = np.repeat(ea, n)
-    sb = np.tile(eb, n)
-    nz_a, nz_b = nl_a > 0, nl_b > 0
-    wa = int((sa - low_a)[nz_a].max()) if nz_a.any() else 0
-    wb = int((sb - low_b)[nz_b].max()) if nz_b.any() else 0
+    ea, sa, rad_a, nz_a = np.empty(m, np.int64), np.empty(m * n, np.int64), *_two(m * n)
+    eb, sb, rad_b, nz_b = np.empty(p, np.int64), np.empty(n * p, np.int64), *_two(n * p)
+    wa, ka = jit.prepare(mexp_a, low_a, rman_a, rexp_a, n, True, ea, sa, rad_a, nz_a)
+    wb, kb = jit.prepare(mexp_b, low_b, rman_b, rexp_b, p, False, eb, sb, rad_b, nz_b)
     pl = plan(n, prec, wa, wb)
     if pl is None:
         return None
@@ -208,11 +185,9 @@ def _product(
             # slices lo..hi of A's rows side by side: a view with a row stride, no copy
             left = rows[:, lo * n : (hi + 1) * n]
             np.matmul(left, brev[tb - 1 - s + lo : tb - s + hi].reshape(-1, p), out=diag[s])
-    rad_a, ka = _radii(rman_a, rexp_a, sa)
-    rad_b, kb = _radii(rman_b, rexp_b, sb)
     pairs = None
     if eps:  # the terms whose midpoints are both non-zero: N_ij (exact small integers)
-        pairs = nz_a.reshape(m, n).astype(np.float64) @ nz_b.reshape(n, p).astype(np.float64)
+        pairs = nz_a.reshape(m, n) @ nz_b.reshape(n, p)
     err_f, err_e = _errors(
         al_a.reshape(m, n), al_b.reshape(n, p), (rad_a.reshape(m, n), ka),
         (rad_b.reshape(n, p), kb), pairs, eps,
@@ -236,17 +211,17 @@ def _errors(
     """(f, E): every result's radius bound is at most ``f 2**(E + ea + eb)``: ``|mid A| rad
     B + rad A |mid B| + rad A rad B`` and ``eps N`` (``pairs`` N: the terms whose midpoints
     are both non-zero, the only ones cut or dropped), each relative to the scales."""
-    from fpgrad.arith.ball import _nonneg_matmul
-
     gamma = 1.0 + (al_a.shape[1] + 4) * 2.0**-52
     (ra, ka), (rb, kb) = rad_a, rad_b
     terms: list[tuple[np.ndarray | float, int]] = []
-    if rb.any():
-        terms.append((_nonneg_matmul(al_a, rb, gamma), kb))
-    if ra.any():
-        terms.append((_nonneg_matmul(ra, al_b, gamma), ka))
-        if rb.any():
-            terms.append((_nonneg_matmul(ra, rb, gamma), ka + kb))
+    # every non-zero operand is in [FLOOR, 1] (jit_arb_slices.prepare and cut): no product
+    # or partial sum of BLAS underflows, so each error is at most gamma - 1 of the result
+    if kb or rb.any():
+        terms.append(((al_a @ rb) * gamma, kb))
+    if ka or ra.any():
+        terms.append(((ra @ al_b) * gamma, ka))
+        if kb or rb.any():
+            terms.append(((ra @ rb) * gamma, ka + kb))
     f, k = _up(eps)
     if f and pairs is not None:
         terms.append((pairs * f, k))  # exact: N < 2**53 times a float, rounded up below
@@ -257,8 +232,9 @@ def _errors(
     total = np.zeros(shape)
     for t, k in terms:
         t = np.asarray(t, dtype=np.float64)
-        part = np.ldexp(t, max(k - top, -1100))
-        total += np.where(t > 0, np.maximum(part, 2.0**-1074), 0.0)
+        total += np.ldexp(t, max(k - top, -1100))  # exact while t 2**(k - top) >= 2**-1022
+        if k - top < -20:  # t >= 2**-1000 where positive: it may round in the subnormals
+            total += np.where(t > 0, 2.0**-1074, 0.0)
     return total * (1.0 + 2.0**-50), top
 
 

@@ -35,12 +35,9 @@ RND_DOWN = 0  #: FLINT's ARF_RND_DOWN (toward 0)
 
 @njit(**JIT)
 def _ctz(x: np.uint64) -> int:
-    """Trailing zero bits of a non-zero limb."""
-    n = 0
-    while (x & np.uint64(1)) == 0:
-        x >>= np.uint64(1)
-        n += 1
-    return n
+    """Trailing zero bits of a non-zero limb: the exponent of its lowest set bit, a power of
+    two that float64 holds exactly."""
+    return math.frexp(float(x & (~x + np.uint64(1))))[1] - 1
 
 
 @njit(**JIT)
@@ -85,6 +82,56 @@ def scan(
     return 0
 
 
+FLOOR = 2.0**-500  #: radius and |mid| ratios below this are raised to it (upper bounds)
+
+
+@njit(**JIT)
+def prepare(
+    mexp: np.ndarray, low: np.ndarray, rman: np.ndarray, rexp: np.ndarray, cols: int,
+    by_row: bool, scale: np.ndarray, elem: np.ndarray, rho: np.ndarray, nz: np.ndarray,
+) -> tuple[int, int]:  # fmt: skip
+    """For a (rows, cols) operand read by :func:`scan`: ``scale`` per row (``by_row``) or
+    column, the largest exponent of its non-zero midpoints and radii (0 where all are 0), and
+    ``elem`` each element's; ``nz`` 1.0 where the midpoint is not 0; ``rho`` with ``rad /
+    2**scale <= rho 2**K``, ``rho <= 1`` and at least :data:`FLOOR` where the radius is not 0.
+    Returns (w, K): the bits below the scale that the midpoints reach (0: all zero) and K
+    (0 where every radius is 0)."""
+    n = mexp.size
+    lowest = -(1 << 62)
+    for g in range(scale.size):
+        scale[g] = lowest
+    for i in range(n):
+        g = i // cols if by_row else i % cols
+        if mexp[i] != ZERO_EXP and mexp[i] > scale[g]:
+            scale[g] = mexp[i]
+        if rman[i] > 0 and rexp[i] > scale[g]:
+            scale[g] = rexp[i]
+    for g in range(scale.size):
+        if scale[g] == lowest:
+            scale[g] = 0
+    w = 0
+    k = lowest
+    for i in range(n):
+        e = scale[i // cols] if by_row else scale[i % cols]
+        elem[i] = e
+        if mexp[i] != ZERO_EXP:
+            nz[i] = 1.0
+            w = max(w, e - low[i])
+        else:
+            nz[i] = 0.0
+        if rman[i] > 0:
+            k = max(k, rexp[i] - e)  # rad < 2**(rexp - e) of the scale
+    if k == lowest:
+        k = 0
+    for i in range(n):
+        if rman[i] > 0:
+            shift = rexp[i] - elem[i] - k - MAG_BITS  # rad / 2**e = rman 2**(shift + K)
+            rho[i] = FLOOR if shift < -500 - MAG_BITS else max(math.ldexp(rman[i], shift), FLOOR)
+        else:
+            rho[i] = 0.0
+    return w, k
+
+
 @njit(**JIT)
 def _bits(addr: int, nl: int, lo: int, width: int) -> int:
     """Bits ``lo .. lo + width - 1`` (width <= 32) of the integer in ``nl`` limbs at ``addr``,
@@ -117,7 +164,7 @@ def cut(
     (truncation toward 0). Element ``i`` of ``out`` (R, T, C) is ``out[i // C, t, i % C]``,
     or with ``reverse`` (R = 1) ``out[0 ... T - 1 - t ...]``: ``out[T - 1 - t, 0, i]`` read as
     (T, 1, C). ``alpha[i]``: an upper bound of ``|mid| / 2**e`` (its top 53 bits rounded up;
-    2**-900 where it is below that and not 0)."""
+    at least :data:`FLOOR` where it is not 0)."""
     nt = out.shape[0] if reverse else out.shape[1]
     cols = out.shape[2]
     for i in range(mexp.size):
@@ -142,14 +189,14 @@ def cut(
                 out[nt - 1 - t, 0, i] = v
             else:
                 out[r0, t, c0] = v
-        if top < -900:  # |mid| / 2**e < 2**top: no subnormal rounding
-            alpha[i] = 2.0**-900
+        if top < -500:  # |mid| / 2**e < 2**top <= FLOOR
+            alpha[i] = FLOOR
         else:
             hi = np.uint64(load_word(addr + 8 * (k - 1))) >> np.uint64(11)  # top 53 bits
             rest = (np.uint64(load_word(addr + 8 * (k - 1))) & np.uint64(2047)) != 0
             for w in range(k - 1):
                 rest = rest or load_word(addr + 8 * w) != 0
-            alpha[i] = math.ldexp(float(hi) + (1.0 if rest else 0.0), top - 53)
+            alpha[i] = max(math.ldexp(float(hi) + (1.0 if rest else 0.0), top - 53), FLOOR)
 
 
 @njit(**JIT)
