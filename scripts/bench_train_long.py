@@ -21,8 +21,12 @@ weights moved by 1e-20 relative (random signs, in the second word), beside the 1
 working precision of the 1,000-step run) after one warm-up step: CPU time per step of the trace
 (forward and backward; of which the matrix products), of the optimizer and of the rest, then
 cProfile's top functions by own and by cumulative time.
+``--products PRECS`` times Adam steps of the Arb run at each of these fixed precisions with
+the matrix products through exact float64 slices (:mod:`fpgrad.arith.arb_slices`, what the run
+takes) and through FLINT's arb_dot, alternating (5 rounds of 8 steps, the fastest round), and
+prints both and their ratio.
 Usage: ``python scripts/bench_train_long.py [--steps 1000] [--every 25] [--optimizers adam]
-[--arb-bits B] [--fixed] [--no-arb] [--sensitivity N] [--profile N]``.
+[--arb-bits B] [--fixed] [--no-arb] [--sensitivity N] [--profile N] [--products 200,467]``.
 """
 
 from __future__ import annotations
@@ -211,6 +215,32 @@ def profile(net: Network, steps: int, bits: int) -> None:
     stats.sort_stats("cumtime").print_stats(15)
 
 
+def products(net: Network, precs: list[int]) -> None:
+    """Adam steps with the slice products against arb_dot's, alternating (a measurement)."""
+    schedule = batch_schedule(net.x.shape[0], 41, BATCH, 0)
+    print("Adam steps of the Arb run, CPU ms per step (fastest of 5 rounds of 8 steps):")
+    for prec in precs:
+        runs, best = {}, {}
+        for slices in (True, False):
+            run = ExactRun(net, OPTIMIZERS["adam"], prec)
+            run.adaptive = False
+            run.ar.slice_products = slices
+            run.record_initial()
+            run.step(schedule[0])  # the graph's capture, the kernels' first use
+            runs[slices], best[slices] = run, float("inf")
+        for k in range(5):
+            for slices in (True, False):
+                t0 = time.process_time()
+                for rows in schedule[1 + 8 * k : 9 + 8 * k]:
+                    runs[slices].step(rows)
+                best[slices] = min(best[slices], (time.process_time() - t0) / 8)
+        print(
+            f"  {prec} bits: slice products {best[True] * 1e3:.2f} ms, arb_dot "
+            f"{best[False] * 1e3:.2f} ms ({best[False] / best[True]:.2f}x)",
+            flush=True,
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -225,6 +255,7 @@ def main() -> int:
     )
     ap.add_argument("--sensitivity", type=int, default=0, metavar="N")
     ap.add_argument("--profile", type=int, default=0, metavar="N")
+    ap.add_argument("--products", default="", metavar="PRECS")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,6 +267,9 @@ def main() -> int:
         return 0
     if args.profile:
         profile(net, args.profile, args.arb_bits or 467)
+        return 0
+    if args.products:
+        products(net, [int(x) for x in args.products.split(",")])
         return 0
     print(
         f"digits example ({net.name}: {net.x.shape[0]} samples), batches of {BATCH}, exact run in "
