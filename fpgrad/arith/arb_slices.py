@@ -87,6 +87,7 @@ def _read(a: np.ndarray, jit: Any) -> tuple[np.ndarray, ...] | None:
     return held, mexp, nl, limbs, neg, low, rman, rexp
 
 
+@lru_cache(maxsize=256)
 def _up(x: Fraction) -> tuple[float, int]:
     """(f, k) with ``f 2**k >= x`` (f a float64 in [0.5, 1] or 0)."""
     if x <= 0:
@@ -190,7 +191,7 @@ def _product(
         pairs = nz_a.reshape(m, n) @ nz_b.reshape(n, p)
     err_f, err_e = _errors(
         al_a.reshape(m, n), al_b.reshape(n, p), (rad_a.reshape(m, n), ka),
-        (rad_b.reshape(n, p), kb), pairs, eps,
+        (rad_b.reshape(n, p), kb), pairs, _up(eps),
     )  # fmt: skip
     out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls
     po, ho = arb_kernels._addresses(out)
@@ -206,7 +207,7 @@ def _product(
 
 def _errors(
     al_a: np.ndarray, al_b: np.ndarray, rad_a: tuple[np.ndarray, int],
-    rad_b: tuple[np.ndarray, int], pairs: np.ndarray | None, eps: Fraction,
+    rad_b: tuple[np.ndarray, int], pairs: np.ndarray | None, eps: tuple[float, int],
 ) -> tuple[np.ndarray, int]:  # fmt: skip
     """(f, E): every result's radius bound is at most ``f 2**(E + ea + eb)``: ``|mid A| rad
     B + rad A |mid B| + rad A rad B`` and ``eps N`` (``pairs`` N: the terms whose midpoints
@@ -222,7 +223,7 @@ def _errors(
         terms.append(((ra @ al_b) * gamma, ka))
         if kb or rb.any():
             terms.append(((ra @ rb) * gamma, ka + kb))
-    f, k = _up(eps)
+    f, k = eps  # eps <= f 2**k
     if f and pairs is not None:
         terms.append((pairs * f, k))  # exact: N < 2**53 times a float, rounded up below
     shape = (al_a.shape[0], al_b.shape[1])
