@@ -212,7 +212,7 @@ def profile(net: Network, steps: int, bits: int) -> None:
     prof.disable()
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(15)
-    stats.sort_stats("cumtime").print_stats(int(os.environ.get("FPGRAD_PROFILE_ROWS", "15")))
+    stats.sort_stats("cumtime").print_stats(15)
 
 
 def products(net: Network, precs: list[int]) -> None:
