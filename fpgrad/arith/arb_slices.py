@@ -21,17 +21,17 @@ an enclosure of the same product from float64 BLAS instead:
   cnt(s) 2**-s beta)`` (each slice pair ``|a_i b_j| < 2**(ea + eb - (i+j) beta)``; the bound in
   rationals, chosen below ``2**-(prec+GUARD)``; a term is 0 for an operand cut exactly), and
   ``|mid A| rad B + rad A |mid B| + rad A rad B`` from upper bounds of |mid| and rad relative
-  to their scales (radii scaled by a power of two per matrix so that none underflows) through
-  BLAS with its error bound (:func:`fpgrad.arith.ball._nonneg_matmul`).
+  to their scales (radii scaled by a power of two per matrix, every non-zero value raised to at
+  least 2**-500, so no product or sum in BLAS underflows) through BLAS with its error bound.
 
 So the result encloses the exact product of any matrices in the balls, as arb_dot's does; it
-is not bit-identical to it: its midpoint error is relative to ``n 2**(ea+eb)`` (the rows' and
-columns' scales), not to each term, with GUARD bits to spare. Used by
+is not bit-identical to it: its midpoint error is relative to the rows' and columns' scales
+``2**(ea+eb)`` per term, not to each term, with GUARD bits to spare. Used by
 :class:`fpgrad.arith.arb.ArbArith` where ``slice_products`` is set (the exact training run,
-:mod:`fpgrad.training.exact_run`) from :data:`MIN_PREC` bits (and only within :data:`FULL_PRECS` where both operands need
-more than one slice: see there); it declines
-(None: the caller keeps arb_dot) for non-finite balls, exponents beyond 2**40 and elements
-that are not balls.
+:mod:`fpgrad.training.exact_run`) from :data:`MIN_PREC` bits (and only within
+:data:`FULL_PRECS` where both operands need more than one slice); it declines (None: the
+caller keeps arb_dot) for non-finite balls, exponents beyond 2**40 and elements that are not
+balls.
 """
 
 from __future__ import annotations
