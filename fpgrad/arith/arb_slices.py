@@ -21,8 +21,9 @@ an enclosure of the same product from float64 BLAS instead:
   cnt(s) 2**-s beta)`` (each slice pair ``|a_i b_j| < 2**(ea + eb - (i+j) beta)``; the bound in
   rationals, chosen below ``2**-(prec+GUARD)``; a term is 0 for an operand cut exactly), and
   ``|mid A| rad B + rad A |mid B| + rad A rad B`` from upper bounds of |mid| and rad relative
-  to their scales (radii scaled by a power of two per matrix, every non-zero value raised to at
-  least 2**-500, so no product or sum in BLAS underflows) through BLAS with its error bound.
+  to their scales (radii scaled by a power of two per row of A and column of B, every non-zero
+  value raised to at least 2**-1022) through BLAS with its error bound, subnormals included
+  (:func:`fpgrad.arith.ball._nonneg_matmul`).
 
 So the result encloses the exact product of any matrices in the balls, as arb_dot's does; it
 is not bit-identical to it: its midpoint error is relative to the rows' and columns' scales
@@ -140,8 +141,8 @@ def _plan(n: int, prec: int, wa: int, wb: int) -> tuple[int, int, int, int, Frac
     return beta, ta, tb, last, Fraction(cut + dropped, 1 << (beta * full))
 
 
-def _two(size: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.empty(size), np.empty(size)
+def _objects(a: object) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 2
 
 
 def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
@@ -154,18 +155,23 @@ def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
 def _product(
     a: np.ndarray, b: np.ndarray, prec: int, jit: Any, choose: bool = True
 ) -> np.ndarray | None:
+    if not (_objects(a) and _objects(b)):
+        raise TypeError("arb_slices: 2-D object arrays of arb balls only")
     m, n = a.shape
     p = b.shape[1]
+    if b.shape[0] != n or prec < 2:  # checked before the kernels read n * p of b's pointers
+        raise ValueError(f"arb_slices: {a.shape} @ {b.shape} at {prec} bits")
     ra = _read(a, jit)
     rb = _read(b, jit)
     if ra is None or rb is None:
         return None
     _, mexp_a, nl_a, limbs_a, neg_a, low_a, rman_a, rexp_a = ra
     _, mexp_b, nl_b, limbs_b, neg_b, low_b, rman_b, rexp_b = rb
-    ea, sa, rad_a, nz_a = np.empty(m, np.int64), np.empty(m * n, np.int64), *_two(m * n)
-    eb, sb, rad_b, nz_b = np.empty(p, np.int64), np.empty(n * p, np.int64), *_two(n * p)
-    wa, ka = jit.prepare(mexp_a, low_a, rman_a, rexp_a, n, True, ea, sa, rad_a, nz_a)
-    wb, kb = jit.prepare(mexp_b, low_b, rman_b, rexp_b, p, False, eb, sb, rad_b, nz_b)
+    ea, ka, sa = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m * n, np.int64)
+    eb, kb, sb = np.empty(p, np.int64), np.empty(p, np.int64), np.empty(n * p, np.int64)
+    rad_a, nz_a, rad_b, nz_b = np.empty(m * n), np.empty(m * n), np.empty(n * p), np.empty(n * p)
+    wa, has_a = jit.prepare(mexp_a, low_a, rman_a, rexp_a, n, True, ea, sa, ka, rad_a, nz_a)
+    wb, has_b = jit.prepare(mexp_b, low_b, rman_b, rexp_b, p, False, eb, sb, kb, rad_b, nz_b)
     pl = plan(n, prec, wa, wb)
     if pl is None:
         return None
@@ -190,14 +196,15 @@ def _product(
     if eps:  # the terms whose midpoints are both non-zero: N_ij (exact small integers)
         pairs = nz_a.reshape(m, n) @ nz_b.reshape(n, p)
     err_f, err_e = _errors(
-        al_a.reshape(m, n), al_b.reshape(n, p), (rad_a.reshape(m, n), ka),
-        (rad_b.reshape(n, p), kb), pairs, _up(eps),
+        al_a.reshape(m, n), al_b.reshape(n, p),
+        (rad_a.reshape(m, n), ka[:, None]) if has_a else None,
+        (rad_b.reshape(n, p), kb[None, :]) if has_b else None, pairs, _up(eps),
     )  # fmt: skip
     out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls
     po, ho = arb_kernels._addresses(out)
     words = np.zeros((last * beta + 56) // 64 + 2, dtype=np.uint64)
     done = jit.assemble(
-        diag, ea, eb, beta, err_f, np.full((m, p), err_e, np.int64), po, prec,
+        diag, ea, eb, beta, err_f, err_e, po, prec,
         arb_kernels._state["off"], id(arb), np.zeros(1, np.int64),
         np.zeros(last + 1, np.int64), words,
     )  # fmt: skip
@@ -206,37 +213,43 @@ def _product(
 
 
 def _errors(
-    al_a: np.ndarray, al_b: np.ndarray, rad_a: tuple[np.ndarray, int],
-    rad_b: tuple[np.ndarray, int], pairs: np.ndarray | None, eps: tuple[float, int],
-) -> tuple[np.ndarray, int]:  # fmt: skip
-    """(f, E): every result's radius bound is at most ``f 2**(E + ea + eb)``: ``|mid A| rad
-    B + rad A |mid B| + rad A rad B`` and ``eps N`` (``pairs`` N: the terms whose midpoints
-    are both non-zero, the only ones cut or dropped), each relative to the scales."""
+    al_a: np.ndarray, al_b: np.ndarray, rad_a: tuple[np.ndarray, np.ndarray] | None,
+    rad_b: tuple[np.ndarray, np.ndarray] | None, pairs: np.ndarray | None,
+    eps: tuple[float, int],
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(f, E): every result's radius bound is at most ``f 2**(E + ea + eb)`` elementwise:
+    ``|mid A| rad B + rad A |mid B| + rad A rad B`` (the radii ``rho 2**K`` with K per row of
+    A, per column of B) and ``eps N`` (``pairs`` N: the terms whose midpoints are both
+    non-zero, the only ones cut or dropped), each relative to the scales."""
+    from fpgrad.arith.ball import _nonneg_matmul
+
+    shape = (al_a.shape[0], al_b.shape[1])
     gamma = 1.0 + (al_a.shape[1] + 4) * 2.0**-52
-    (ra, ka), (rb, kb) = rad_a, rad_b
-    terms: list[tuple[np.ndarray | float, int]] = []
-    # every non-zero operand is in [FLOOR, 1] (jit_arb_slices.prepare and cut): no product
-    # or partial sum of BLAS underflows, so each error is at most gamma - 1 of the result
-    if kb or rb.any():
-        terms.append(((al_a @ rb) * gamma, kb))
-    if ka or ra.any():
-        terms.append(((ra @ al_b) * gamma, ka))
-        if kb or rb.any():
-            terms.append(((ra @ rb) * gamma, ka + kb))
+    terms: list[tuple[np.ndarray, np.ndarray | int]] = []
+    # every non-zero operand is a normal float64 in (0, 1] (jit_arb_slices.prepare and cut);
+    # _nonneg_matmul bounds BLAS's rounding, in the subnormals too
+    if rad_b is not None:
+        rb, kb = rad_b
+        terms.append((_nonneg_matmul(al_a, rb, gamma), kb))
+    if rad_a is not None:
+        ra, ka = rad_a
+        terms.append((_nonneg_matmul(ra, al_b, gamma), ka))
+        if rad_b is not None:
+            terms.append((_nonneg_matmul(ra, rb, gamma), ka + kb))
     f, k = eps  # eps <= f 2**k
     if f and pairs is not None:
         terms.append((pairs * f, k))  # exact: N < 2**53 times a float, rounded up below
-    shape = (al_a.shape[0], al_b.shape[1])
     if not terms:
-        return np.zeros(shape), 0
-    top = max(k for _, k in terms)
+        return np.zeros(shape), np.zeros(shape, np.int64)
+    top = np.broadcast_to(terms[0][1], shape)
+    for _, kt in terms[1:]:
+        top = np.maximum(top, kt)
     total = np.zeros(shape)
-    for t, k in terms:
-        t = np.asarray(t, dtype=np.float64)
-        total += np.ldexp(t, max(k - top, -1100))  # exact while t 2**(k - top) >= 2**-1022
-        if k - top < -20:  # t >= 2**-1000 where positive: it may round in the subnormals
-            total += np.where(t > 0, 2.0**-1074, 0.0)
-    return total * (1.0 + 2.0**-50), top
+    for t, kt in terms:
+        shift = np.maximum(kt - top, -1100)  # t 2**shift exact while >= 2**-1022
+        total += np.ldexp(t, shift)
+        total += np.where((t > 0) & (shift < 0), 2.0**-1074, 0.0)  # it may round in the subnormals
+    return total * (1.0 + 2.0**-50), np.ascontiguousarray(top, dtype=np.int64)
 
 
 def _self_check(jit: Any) -> bool:

@@ -82,24 +82,27 @@ def scan(
     return 0
 
 
-FLOOR = 2.0**-500  #: radius and |mid| ratios below this are raised to it (upper bounds)
+FLOOR = 2.0**-1022  #: radius and |mid| ratios below this are raised to it (upper bounds)
 
 
 @njit(**JIT)
 def prepare(
     mexp: np.ndarray, low: np.ndarray, rman: np.ndarray, rexp: np.ndarray, cols: int,
-    by_row: bool, scale: np.ndarray, elem: np.ndarray, rho: np.ndarray, nz: np.ndarray,
-) -> tuple[int, int]:  # fmt: skip
-    """For a (rows, cols) operand read by :func:`scan`: ``scale`` per row (``by_row``) or
-    column, the largest exponent of its non-zero midpoints and radii (0 where all are 0), and
-    ``elem`` each element's; ``nz`` 1.0 where the midpoint is not 0; ``rho`` with ``rad /
-    2**scale <= rho 2**K``, ``rho <= 1`` and at least :data:`FLOOR` where the radius is not 0.
-    Returns (w, K): the bits below the scale that the midpoints reach (0: all zero) and K
-    (0 where every radius is 0)."""
+    by_row: bool, scale: np.ndarray, elem: np.ndarray, kgrp: np.ndarray, rho: np.ndarray,
+    nz: np.ndarray,
+) -> tuple[int, bool]:  # fmt: skip
+    """For a (rows, cols) operand read by :func:`scan`, per row (``by_row``) or column g:
+    ``scale[g]`` the largest exponent of its non-zero midpoints and radii (0 where all are
+    0) and ``kgrp[g]`` the largest exponent of its radii relative to that scale (0 where all
+    are 0); ``elem`` each element's scale; ``nz`` 1.0 where the midpoint is not 0; ``rho``
+    with ``rad / 2**scale <= rho 2**kgrp``, ``rho <= 1`` and at least :data:`FLOOR` where the
+    radius is not 0. Returns (w, any radius): the bits below the scale that the midpoints
+    reach (0: all zero), and whether a radius is not 0."""
     n = mexp.size
     lowest = -(1 << 62)
     for g in range(scale.size):
         scale[g] = lowest
+        kgrp[g] = lowest
     for i in range(n):
         g = i // cols if by_row else i % cols
         if mexp[i] != ZERO_EXP and mexp[i] > scale[g]:
@@ -110,9 +113,9 @@ def prepare(
         if scale[g] == lowest:
             scale[g] = 0
     w = 0
-    k = lowest
     for i in range(n):
-        e = scale[i // cols] if by_row else scale[i % cols]
+        g = i // cols if by_row else i % cols
+        e = scale[g]
         elem[i] = e
         if mexp[i] != ZERO_EXP:
             nz[i] = 1.0
@@ -120,16 +123,21 @@ def prepare(
         else:
             nz[i] = 0.0
         if rman[i] > 0:
-            k = max(k, rexp[i] - e)  # rad < 2**(rexp - e) of the scale
-    if k == lowest:
-        k = 0
+            kgrp[g] = max(kgrp[g], rexp[i] - e)  # rad < 2**(rexp - e) of the scale
+    radius = False
+    for g in range(kgrp.size):
+        if kgrp[g] == lowest:
+            kgrp[g] = 0
+        else:
+            radius = True
     for i in range(n):
         if rman[i] > 0:
-            shift = rexp[i] - elem[i] - k - MAG_BITS  # rad / 2**e = rman 2**(shift + K)
-            rho[i] = FLOOR if shift < -500 - MAG_BITS else max(math.ldexp(rman[i], shift), FLOOR)
+            g = i // cols if by_row else i % cols
+            shift = rexp[i] - elem[i] - kgrp[g] - MAG_BITS  # rad / 2**e = rman 2**(shift + K)
+            rho[i] = FLOOR if shift < -1022 - MAG_BITS else max(math.ldexp(rman[i], shift), FLOOR)
         else:
             rho[i] = 0.0
-    return w, k
+    return w, radius
 
 
 @njit(**JIT)
@@ -189,8 +197,8 @@ def cut(
                 out[nt - 1 - t, 0, i] = v
             else:
                 out[r0, t, c0] = v
-        if top < -500:  # |mid| / 2**e < 2**top <= FLOOR
-            alpha[i] = FLOOR
+        if top < -1000:  # |mid| / 2**e < 2**top: FLOOR, no subnormal rounding below
+            alpha[i] = max(2.0**-1000, FLOOR)
         else:
             hi = np.uint64(load_word(addr + 8 * (k - 1))) >> np.uint64(11)  # top 53 bits
             rest = (np.uint64(load_word(addr + 8 * (k - 1))) & np.uint64(2047)) != 0
