@@ -7,7 +7,6 @@ FLINT. Declining (None) is always allowed.
 
 from __future__ import annotations
 
-import inspect
 import random
 import subprocess
 import sys
@@ -29,9 +28,7 @@ PRECS = (64, 128, 129, 200, 467, 700, 1023, 1024, 1200, 2000)
 def _engine(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
     """The engine itself at any precision and operand widths (matmul may leave some to
     arb_dot)."""
-    if "choose" in inspect.signature(S._product).parameters:
-        return S._product(a, b, prec, S._jit(), choose=False)
-    return S.matmul(a, b, prec)
+    return S._product(a, b, prec, S._jit(), choose=False)
 
 
 def _q(x: arb) -> Fraction:
