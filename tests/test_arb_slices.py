@@ -77,7 +77,7 @@ def _encloses(got: np.ndarray, a: np.ndarray, b: np.ndarray, rng: np.random.Gene
                 assert abs(_q(ball) - want[idx]) <= _r(ball), (idx, ball, float(want[idx]))
 
 
-@pytest.mark.parametrize("prec", [128, 300, 467, 1200])
+@pytest.mark.parametrize("prec", [128, 300, 467, 960, 1200])
 @pytest.mark.parametrize("spread", [0, 40, 400])
 def test_encloses_every_product_of_points_in_the_balls(prec: int, spread: int) -> None:
     rng = np.random.default_rng([prec, spread])
@@ -85,8 +85,28 @@ def test_encloses_every_product_of_points_in_the_balls(prec: int, spread: int) -
         a = _balls(rng, (m, n), prec, spread)
         b = _balls(rng, (n, p), prec, spread)
         got = _engine(a, b, prec)
-        assert got is not None
+        if got is None:  # radii over 1,000 binades in a row: declined where a floor could show
+            assert prec + S.GUARD > S.FLOORED_PRECS
+            continue
         _encloses(got, a, b, rng)
+
+
+def test_declines_above_the_floors_precision_only_where_a_floor_was_hit() -> None:
+    """Above FLOORED_PRECS, radii 1,100 binades apart in a row decline; uniform radii (the
+    exact run's balls) do not."""
+    prec = 1200
+    ctx.prec = prec
+    try:
+        third = arb(1) / 3
+        wide = np.array([[third + arb(0, 2.0**-10), third + arb(0, 2.0**-1110)]], dtype=object)
+        even = np.array([[third + arb(0, 2.0**-1190), third + arb(0, 2.0**-1195)]], dtype=object)
+        b = np.array([[arb(3)], [arb(5)]], dtype=object)
+    finally:
+        ctx.prec = 53
+    assert S.matmul(wide, b, prec) is None
+    got = S.matmul(even, b, prec)
+    assert got is not None
+    _encloses(got, even, b, np.random.default_rng(0))
 
 
 def test_exact_operands_give_exact_products() -> None:

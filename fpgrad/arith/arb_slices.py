@@ -21,9 +21,11 @@ an enclosure of the same product from float64 BLAS instead:
   cnt(s) 2**-s beta)`` (each slice pair ``|a_i b_j| < 2**(ea + eb - (i+j) beta)``; the bound in
   rationals, chosen below ``2**-(prec+GUARD)``; a term is 0 for an operand cut exactly), and
   ``|mid A| rad B + rad A |mid B| + rad A rad B`` from upper bounds of |mid| and rad relative
-  to their scales (radii scaled by a power of two per row of A and column of B, every non-zero
-  value raised to at least 2**-1022) through BLAS with its error bound, subnormals included
-  (:func:`fpgrad.arith.ball._nonneg_matmul`).
+  to their scales (radii scaled by a power of two per row of A and column of B, raised to at
+  least 2**-1022 of the largest there, |mid| to at least 2**-1000 of its scale) through BLAS
+  with its error bound, subnormals included (:func:`fpgrad.arith.ball._nonneg_matmul`); each
+  result's exponent from its non-zero terms. Above :data:`FLOORED_PRECS` a product that hit a
+  floor declines (the floors' bumps could pass ``2**-(prec+GUARD)`` of the scales there).
 
 So the result encloses the exact product of any matrices in the balls, as arb_dot's does; it
 is not bit-identical to it: its midpoint error is relative to the rows' and columns' scales
@@ -56,6 +58,9 @@ GUARD = 16  #: cut remainders and dropped diagonals below 2**-(prec+GUARD) 2**(e
 #: grow as the square of the precision)
 MIN_PREC = 128
 FULL_PRECS = (128, 1000)
+#: the floors (radii 2**-1022 of their row's or column's largest, |mid| 2**-1000 of its scale)
+#: stay below 2**-(prec+GUARD) of the scales up to here; above, a product that hit one declines
+FLOORED_PRECS = 990
 _state: dict[str, Any] = {}
 
 
@@ -170,8 +175,8 @@ def _product(
     ea, ka, sa = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m * n, np.int64)
     eb, kb, sb = np.empty(p, np.int64), np.empty(p, np.int64), np.empty(n * p, np.int64)
     rad_a, nz_a, rad_b, nz_b = np.empty(m * n), np.empty(m * n), np.empty(n * p), np.empty(n * p)
-    wa, has_a = jit.prepare(mexp_a, low_a, rman_a, rexp_a, n, True, ea, sa, ka, rad_a, nz_a)
-    wb, has_b = jit.prepare(mexp_b, low_b, rman_b, rexp_b, p, False, eb, sb, kb, rad_b, nz_b)
+    wa, has_a, fl_a = jit.prepare(mexp_a, low_a, rman_a, rexp_a, n, True, ea, sa, ka, rad_a, nz_a)
+    wb, has_b, fl_b = jit.prepare(mexp_b, low_b, rman_b, rexp_b, p, False, eb, sb, kb, rad_b, nz_b)
     pl = plan(n, prec, wa, wb)
     if pl is None:
         return None
@@ -180,10 +185,12 @@ def _product(
         return None  # arb_dot is as fast or faster here
     acat = np.empty((m, ta, n))  # acat[i, t, k]: slice t of a_ik; rows (m, ta n) in BLAS
     al_a = np.empty(m * n)
-    jit.cut(mexp_a, nl_a, limbs_a, neg_a, sa, beta, acat, False, al_a)
+    fl_a |= jit.cut(mexp_a, nl_a, limbs_a, neg_a, sa, beta, acat, False, al_a)
     brev = np.empty((tb, n, p))  # brev[tb - 1 - t, k, j]: slice t of b_kj
     al_b = np.empty(n * p)
-    jit.cut(mexp_b, nl_b, limbs_b, neg_b, sb, beta, brev.reshape(tb, 1, n * p), True, al_b)
+    fl_b |= jit.cut(mexp_b, nl_b, limbs_b, neg_b, sb, beta, brev.reshape(tb, 1, n * p), True, al_b)
+    if (fl_a or fl_b) and prec + GUARD > FLOORED_PRECS:
+        return None  # a floor's bump could pass 2**-(prec+GUARD) of the scales: arb_dot's
     diag = np.zeros((last + 1, m, p))
     if ta and tb:
         rows = acat.reshape(m, ta * n)
@@ -241,15 +248,19 @@ def _errors(
         terms.append((pairs * f, k))  # exact: N < 2**53 times a float, rounded up below
     if not terms:
         return np.zeros(shape), np.zeros(shape, np.int64)
-    top = np.broadcast_to(terms[0][1], shape)
-    for _, kt in terms[1:]:
-        top = np.maximum(top, kt)
+    # each entry's exponent from the terms that are not 0 there (attack33: a row without
+    # radii, or a term meeting an exact 0, set it before and pushed the others to 2**-1074)
+    low = np.int64(-(1 << 62))
+    top = np.full(shape, low, np.int64)
+    for t, kt in terms:
+        top = np.where(np.asarray(t) > 0, np.maximum(top, kt), top)
+    top = np.where(top == low, 0, top)
     total = np.zeros(shape)
     for t, kt in terms:
         shift = np.maximum(kt - top, -1100)  # t 2**shift exact while >= 2**-1022
         total += np.ldexp(t, shift)
         total += np.where((t > 0) & (shift < 0), 2.0**-1074, 0.0)  # it may round in the subnormals
-    return total * (1.0 + 2.0**-50), np.ascontiguousarray(top, dtype=np.int64)
+    return total * (1.0 + 2.0**-50), top
 
 
 def _self_check(jit: Any) -> bool:

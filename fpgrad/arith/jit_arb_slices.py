@@ -90,14 +90,15 @@ def prepare(
     mexp: np.ndarray, low: np.ndarray, rman: np.ndarray, rexp: np.ndarray, cols: int,
     by_row: bool, scale: np.ndarray, elem: np.ndarray, kgrp: np.ndarray, rho: np.ndarray,
     nz: np.ndarray,
-) -> tuple[int, bool]:  # fmt: skip
+) -> tuple[int, bool, bool]:  # fmt: skip
     """For a (rows, cols) operand read by :func:`scan`, per row (``by_row``) or column g:
     ``scale[g]`` the largest exponent of its non-zero midpoints and radii (0 where all are
     0) and ``kgrp[g]`` the largest exponent of its radii relative to that scale (0 where all
     are 0); ``elem`` each element's scale; ``nz`` 1.0 where the midpoint is not 0; ``rho``
     with ``rad / 2**scale <= rho 2**kgrp``, ``rho <= 1`` and at least :data:`FLOOR` where the
-    radius is not 0. Returns (w, any radius): the bits below the scale that the midpoints
-    reach (0: all zero), and whether a radius is not 0."""
+    radius is not 0. Returns (w, any radius, floored): the bits below the scale that the
+    midpoints reach (0: all zero), whether a radius is not 0, and whether one was raised to
+    :data:`FLOOR`."""
     n = mexp.size
     lowest = -(1 << 62)
     for g in range(scale.size):
@@ -130,14 +131,17 @@ def prepare(
             kgrp[g] = 0
         else:
             radius = True
+    floored = False
     for i in range(n):
         if rman[i] > 0:
             g = i // cols if by_row else i % cols
             shift = rexp[i] - elem[i] - kgrp[g] - MAG_BITS  # rad / 2**e = rman 2**(shift + K)
+            if shift < -1022:  # rman < 2**30: below 2**-992, maybe below FLOOR
+                floored = True
             rho[i] = FLOOR if shift < -1022 - MAG_BITS else max(math.ldexp(rman[i], shift), FLOOR)
         else:
             rho[i] = 0.0
-    return w, radius
+    return w, radius, floored
 
 
 @njit(**JIT)
@@ -165,16 +169,17 @@ def _bits(addr: int, nl: int, lo: int, width: int) -> int:
 def cut(
     mexp: np.ndarray, nl: np.ndarray, limbs: np.ndarray, neg: np.ndarray, scale: np.ndarray,
     beta: int, out: np.ndarray, reverse: bool, alpha: np.ndarray,
-) -> None:  # fmt: skip
+) -> bool:  # fmt: skip
     """Slices of each midpoint against its row's (column's) ``scale`` e: the signed bits
     ``2**-(t+1) beta .. 2**-t beta`` of ``mid / 2**e`` (|mid| < 2**e), so ``mid = sum_t s_t
     2**(e - (t+1) beta) + r`` with ``|r| < 2**(e - T beta)`` and ``r`` of mid's sign
     (truncation toward 0). Element ``i`` of ``out`` (R, T, C) is ``out[i // C, t, i % C]``,
     or with ``reverse`` (R = 1) ``out[0 ... T - 1 - t ...]``: ``out[T - 1 - t, 0, i]`` read as
     (T, 1, C). ``alpha[i]``: an upper bound of ``|mid| / 2**e`` (its top 53 bits rounded up;
-    at least :data:`FLOOR` where it is not 0)."""
+    at least 2**-1000 where it is not 0). Returns whether one was raised to 2**-1000."""
     nt = out.shape[0] if reverse else out.shape[1]
     cols = out.shape[2]
+    floored = False
     for i in range(mexp.size):
         r0 = i // cols
         c0 = i - r0 * cols
@@ -197,14 +202,16 @@ def cut(
                 out[nt - 1 - t, 0, i] = v
             else:
                 out[r0, t, c0] = v
-        if top < -1000:  # |mid| / 2**e < 2**top: FLOOR, no subnormal rounding below
-            alpha[i] = max(2.0**-1000, FLOOR)
+        if top < -999:  # |mid| / 2**e < 2**top: 2**-1000 at most, no subnormal rounding
+            alpha[i] = 2.0**-1000
+            floored = True
         else:
             hi = np.uint64(load_word(addr + 8 * (k - 1))) >> np.uint64(11)  # top 53 bits
             rest = (np.uint64(load_word(addr + 8 * (k - 1))) & np.uint64(2047)) != 0
             for w in range(k - 1):
                 rest = rest or load_word(addr + 8 * w) != 0
-            alpha[i] = max(math.ldexp(float(hi) + (1.0 if rest else 0.0), top - 53), FLOOR)
+            alpha[i] = math.ldexp(float(hi) + (1.0 if rest else 0.0), top - 53)
+    return floored
 
 
 @njit(**JIT)
