@@ -175,8 +175,12 @@ def _product(
     ea, ka, sa = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m * n, np.int64)
     eb, kb, sb = np.empty(p, np.int64), np.empty(p, np.int64), np.empty(n * p, np.int64)
     rad_a, nz_a, rad_b, nz_b = np.empty(m * n), np.empty(m * n), np.empty(n * p), np.empty(n * p)
-    wa, has_a, fl_a = jit.prepare(mexp_a, low_a, rman_a, rexp_a, n, True, ea, sa, ka, rad_a, nz_a)
-    wb, has_b, fl_b = jit.prepare(mexp_b, low_b, rman_b, rexp_b, p, False, eb, sb, kb, rad_b, nz_b)
+    wa, has_a, fl_a, rmin_a = jit.prepare(
+        mexp_a, low_a, rman_a, rexp_a, n, True, ea, sa, ka, rad_a, nz_a
+    )
+    wb, has_b, fl_b, rmin_b = jit.prepare(
+        mexp_b, low_b, rman_b, rexp_b, p, False, eb, sb, kb, rad_b, nz_b
+    )
     pl = plan(n, prec, wa, wb)
     if pl is None:
         return None
@@ -185,11 +189,11 @@ def _product(
         return None  # arb_dot is as fast or faster here
     acat = np.empty((m, ta, n))  # acat[i, t, k]: slice t of a_ik; rows (m, ta n) in BLAS
     al_a = np.empty(m * n)
-    fl_a |= jit.cut(mexp_a, nl_a, limbs_a, neg_a, sa, beta, acat, False, al_a)
+    cut_a = jit.cut(mexp_a, nl_a, limbs_a, neg_a, sa, beta, acat, False, al_a)
     brev = np.empty((tb, n, p))  # brev[tb - 1 - t, k, j]: slice t of b_kj
     al_b = np.empty(n * p)
-    fl_b |= jit.cut(mexp_b, nl_b, limbs_b, neg_b, sb, beta, brev.reshape(tb, 1, n * p), True, al_b)
-    if (fl_a or fl_b) and prec + GUARD > FLOORED_PRECS:
+    cut_b = jit.cut(mexp_b, nl_b, limbs_b, neg_b, sb, beta, brev.reshape(tb, 1, n * p), True, al_b)
+    if (fl_a or fl_b or cut_a[0] or cut_b[0]) and prec + GUARD > FLOORED_PRECS:
         return None  # a floor's bump could pass 2**-(prec+GUARD) of the scales: arb_dot's
     diag = np.zeros((last + 1, m, p))
     if ta and tb:
@@ -203,9 +207,9 @@ def _product(
     if eps:  # the terms whose midpoints are both non-zero: N_ij (exact small integers)
         pairs = nz_a.reshape(m, n) @ nz_b.reshape(n, p)
     err_f, err_e = _errors(
-        al_a.reshape(m, n), al_b.reshape(n, p),
-        (rad_a.reshape(m, n), ka[:, None]) if has_a else None,
-        (rad_b.reshape(n, p), kb[None, :]) if has_b else None, pairs, _up(eps),
+        (al_a.reshape(m, n), cut_a[1]), (al_b.reshape(n, p), cut_b[1]),
+        (rad_a.reshape(m, n), ka[:, None], rmin_a) if has_a else None,
+        (rad_b.reshape(n, p), kb[None, :], rmin_b) if has_b else None, pairs, _up(eps),
     )  # fmt: skip
     out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls
     po, ho = arb_kernels._addresses(out)
@@ -220,47 +224,53 @@ def _product(
 
 
 def _errors(
-    al_a: np.ndarray, al_b: np.ndarray, rad_a: tuple[np.ndarray, np.ndarray] | None,
-    rad_b: tuple[np.ndarray, np.ndarray] | None, pairs: np.ndarray | None,
+    al_a: tuple[np.ndarray, float], al_b: tuple[np.ndarray, float],
+    rad_a: tuple[np.ndarray, np.ndarray, float] | None,
+    rad_b: tuple[np.ndarray, np.ndarray, float] | None, pairs: np.ndarray | None,
     eps: tuple[float, int],
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(f, E): every result's radius bound is at most ``f 2**(E + ea + eb)`` elementwise:
     ``|mid A| rad B + rad A |mid B| + rad A rad B`` (the radii ``rho 2**K`` with K per row of
     A, per column of B) and ``eps N`` (``pairs`` N: the terms whose midpoints are both
-    non-zero, the only ones cut or dropped), each relative to the scales."""
-    from fpgrad.arith.ball import _nonneg_matmul
+    non-zero, the only ones cut or dropped), each relative to the scales. Each operand comes
+    with its least positive entry."""
+    aa, bb = al_a[0], al_b[0]
+    shape = (aa.shape[0], bb.shape[1])
+    n = aa.shape[1]
+    gamma = 1.0 + (n + 4) * 2.0**-52
 
-    shape = (al_a.shape[0], al_b.shape[1])
-    gamma = 1.0 + (al_a.shape[1] + 4) * 2.0**-52
+    def upper(p: tuple[np.ndarray, float], q: tuple[np.ndarray, float]) -> np.ndarray:
+        # non-negative operands, every positive one a normal float64 <= 1: BLAS errs by at
+        # most gamma - 1 of the result unless a term can fall below 2**-1020, where each of
+        # the n products and additions may also lose 2**-1075 (ball._nonneg_matmul)
+        out = (p[0] @ q[0]) * gamma
+        if p[1] * q[1] < 2.0**-1020:
+            terms = (p[0] > 0).astype(np.float64) @ (q[0] > 0).astype(np.float64)
+            out += np.where(terms > 0, n * 2.0**-1074, 0.0)
+        return out
+
     terms: list[tuple[np.ndarray, np.ndarray | int]] = []
-    # every non-zero operand is a normal float64 in (0, 1] (jit_arb_slices.prepare and cut);
-    # _nonneg_matmul bounds BLAS's rounding, in the subnormals too
     if rad_b is not None:
-        rb, kb = rad_b
-        terms.append((_nonneg_matmul(al_a, rb, gamma), kb))
+        rb, kb, rbmin = rad_b
+        terms.append((upper(al_a, (rb, rbmin)), kb))
     if rad_a is not None:
-        ra, ka = rad_a
-        terms.append((_nonneg_matmul(ra, al_b, gamma), ka))
+        ra, ka, ramin = rad_a
+        terms.append((upper((ra, ramin), al_b), ka))
         if rad_b is not None:
-            terms.append((_nonneg_matmul(ra, rb, gamma), ka + kb))
+            terms.append((upper((ra, ramin), (rb, rbmin)), ka + kb))
     f, k = eps  # eps <= f 2**k
     if f and pairs is not None:
         terms.append((pairs * f, k))  # exact: N < 2**53 times a float, rounded up below
     if not terms:
         return np.zeros(shape), np.zeros(shape, np.int64)
-    # each entry's exponent from the terms that are not 0 there (attack33: a row without
-    # radii, or a term meeting an exact 0, set it before and pushed the others to 2**-1074)
-    low = np.int64(-(1 << 62))
-    top = np.full(shape, low, np.int64)
-    for t, kt in terms:
-        top = np.where(np.asarray(t) > 0, np.maximum(top, kt), top)
-    top = np.where(top == low, 0, top)
-    total = np.zeros(shape)
-    for t, kt in terms:
-        shift = np.maximum(kt - top, -1100)  # t 2**shift exact while >= 2**-1022
-        total += np.ldexp(t, shift)
-        total += np.where((t > 0) & (shift < 0), 2.0**-1074, 0.0)  # it may round in the subnormals
-    return total * (1.0 + 2.0**-50), top
+    ts = np.empty((len(terms), *shape))
+    ks = np.empty((len(terms), *shape), np.int64)
+    for i, (t, kt) in enumerate(terms):
+        ts[i] = t
+        ks[i] = kt
+    f_out, e_out = np.empty(shape), np.empty(shape, np.int64)
+    _state["jit"].combine(ts, ks, f_out, e_out)
+    return f_out, e_out
 
 
 def _self_check(jit: Any) -> bool:

@@ -90,15 +90,15 @@ def prepare(
     mexp: np.ndarray, low: np.ndarray, rman: np.ndarray, rexp: np.ndarray, cols: int,
     by_row: bool, scale: np.ndarray, elem: np.ndarray, kgrp: np.ndarray, rho: np.ndarray,
     nz: np.ndarray,
-) -> tuple[int, bool, bool]:  # fmt: skip
+) -> tuple[int, bool, bool, float]:  # fmt: skip
     """For a (rows, cols) operand read by :func:`scan`, per row (``by_row``) or column g:
     ``scale[g]`` the largest exponent of its non-zero midpoints and radii (0 where all are
     0) and ``kgrp[g]`` the largest exponent of its radii relative to that scale (0 where all
     are 0); ``elem`` each element's scale; ``nz`` 1.0 where the midpoint is not 0; ``rho``
     with ``rad / 2**scale <= rho 2**kgrp``, ``rho <= 1`` and at least :data:`FLOOR` where the
-    radius is not 0. Returns (w, any radius, floored): the bits below the scale that the
-    midpoints reach (0: all zero), whether a radius is not 0, and whether one was raised to
-    :data:`FLOOR`."""
+    radius is not 0. Returns (w, any radius, floored, least): the bits below the scale that
+    the midpoints reach (0: all zero), whether a radius is not 0, whether one was raised to
+    :data:`FLOOR`, and the least positive ``rho`` (inf where none is)."""
     n = mexp.size
     lowest = -(1 << 62)
     for g in range(scale.size):
@@ -132,6 +132,7 @@ def prepare(
         else:
             radius = True
     floored = False
+    least = math.inf
     for i in range(n):
         if rman[i] > 0:
             g = i // cols if by_row else i % cols
@@ -139,9 +140,10 @@ def prepare(
             if shift < -1022:  # rman < 2**30: below 2**-992, maybe below FLOOR
                 floored = True
             rho[i] = FLOOR if shift < -1022 - MAG_BITS else max(math.ldexp(rman[i], shift), FLOOR)
+            least = min(least, rho[i])
         else:
             rho[i] = 0.0
-    return w, radius, floored
+    return w, radius, floored, least
 
 
 @njit(**JIT)
@@ -169,17 +171,19 @@ def _bits(addr: int, nl: int, lo: int, width: int) -> int:
 def cut(
     mexp: np.ndarray, nl: np.ndarray, limbs: np.ndarray, neg: np.ndarray, scale: np.ndarray,
     beta: int, out: np.ndarray, reverse: bool, alpha: np.ndarray,
-) -> bool:  # fmt: skip
+) -> tuple[bool, float]:  # fmt: skip
     """Slices of each midpoint against its row's (column's) ``scale`` e: the signed bits
     ``2**-(t+1) beta .. 2**-t beta`` of ``mid / 2**e`` (|mid| < 2**e), so ``mid = sum_t s_t
     2**(e - (t+1) beta) + r`` with ``|r| < 2**(e - T beta)`` and ``r`` of mid's sign
     (truncation toward 0). Element ``i`` of ``out`` (R, T, C) is ``out[i // C, t, i % C]``,
     or with ``reverse`` (R = 1) ``out[0 ... T - 1 - t ...]``: ``out[T - 1 - t, 0, i]`` read as
     (T, 1, C). ``alpha[i]``: an upper bound of ``|mid| / 2**e`` (its top 53 bits rounded up;
-    at least 2**-1000 where it is not 0). Returns whether one was raised to 2**-1000."""
+    at least 2**-1000 where it is not 0). Returns whether one was raised to 2**-1000, and
+    the least positive ``alpha`` (inf where none is)."""
     nt = out.shape[0] if reverse else out.shape[1]
     cols = out.shape[2]
     floored = False
+    least = math.inf
     for i in range(mexp.size):
         r0 = i // cols
         c0 = i - r0 * cols
@@ -211,7 +215,37 @@ def cut(
             for w in range(k - 1):
                 rest = rest or load_word(addr + 8 * w) != 0
             alpha[i] = math.ldexp(float(hi) + (1.0 if rest else 0.0), top - 53)
-    return floored
+        least = min(least, alpha[i])
+    return floored, least
+
+
+@njit(**JIT)
+def combine(ts: np.ndarray, ks: np.ndarray, f: np.ndarray, e: np.ndarray) -> None:
+    """``f 2**e >= sum_i ts[i] 2**ks[i]`` elementwise (ts >= 0): e the largest ks[i] among the
+    terms that are not 0 there (0 where all are), each term shifted by ``ks[i] - e`` (exact
+    down to 2**-1022; where it is negative the term may round in the subnormals, so 2**-1074
+    more; shifts below -1100 taken as -1100, larger), the sum times 1 + 2**-50 for its own
+    roundings (at most 5 of 2**-53 relative)."""
+    nt, m, p = ts.shape
+    low = -(1 << 62)
+    for i in range(m):
+        for j in range(p):
+            top = low
+            for t in range(nt):
+                if ts[t, i, j] > 0.0 and ks[t, i, j] > top:
+                    top = ks[t, i, j]
+            if top == low:
+                top = 0
+            total = 0.0
+            for t in range(nt):
+                v = ts[t, i, j]
+                if v > 0.0:
+                    shift = max(ks[t, i, j] - top, -1100)
+                    total += math.ldexp(v, shift)
+                    if shift < 0:
+                        total += 2.0**-1074
+            f[i, j] = total * (1.0 + 2.0**-50)
+            e[i, j] = top
 
 
 @njit(**JIT)
