@@ -52,9 +52,9 @@ from fpgrad.arith import arb_kernels
 GUARD = 16  #: cut remainders and dropped diagonals below 2**-(prec+GUARD) 2**(ea+eb) a term
 #: the least precision that takes this engine, and the precisions at which a product of two
 #: operands that both need more than one slice takes it (scripts/bench_arb_products.py: with
-#: one narrow operand, such as pixel data, the slices are 2-4.5x faster than arb_dot from 128
-#: to 1600 bits; with two full-precision operands 1.3-2x from 128 to 800 bits, about even at
-#: 1200 and 1.1-1.8x slower at 1600, where the slice pairs, one per 21 bits of each operand,
+#: one narrow operand, such as pixel data, the slices are 1.9-4.3x faster than arb_dot from
+#: 128 to 1600 bits; with two full-precision operands 1.2-2x from 128 to 800 bits, about even
+#: at 1200 and 1.2-2x slower at 1600, where the slice pairs, one per 21 bits of each operand,
 #: grow as the square of the precision)
 MIN_PREC = 128
 FULL_PRECS = (128, 1000)
