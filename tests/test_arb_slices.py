@@ -260,3 +260,17 @@ def test_exact_training_run_with_slice_products(monkeypatch: pytest.MonkeyPatch)
         for x_, y_ in zip(v.ravel(), runs[1].params[k].ravel(), strict=True):
             assert x_.overlaps(y_)
     assert abs(runs[0].digits_now() - runs[1].digits_now()) < 1.0
+
+
+def test_switched_off_with_the_arb_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FPGRAD_ARB_KERNELS=0 also keeps FLINT's own products (the slices read the balls'
+    memory as the kernels do): a fresh decision, not the cached one."""
+    from fpgrad.arith import arb_kernels as K
+
+    monkeypatch.setattr(K, "_state", {})
+    monkeypatch.setattr(S, "_state", {})
+    monkeypatch.setenv(K.KERNELS_ENV, "0")
+    a = np.array([[arb(1), arb(2), arb(3)]], dtype=object)
+    assert S.matmul(a, a.T.copy(), 200) is None
+    got = ArbArith(200, slice_products=True).matmul(a, a.T.copy())
+    assert got[0, 0] == 14
