@@ -209,7 +209,7 @@ def _product(
     err_f, err_e = _errors(
         (al_a.reshape(m, n), cut_a[1]), (al_b.reshape(n, p), cut_b[1]),
         (rad_a.reshape(m, n), ka[:, None], rmin_a) if has_a else None,
-        (rad_b.reshape(n, p), kb[None, :], rmin_b) if has_b else None, pairs, _up(eps),
+        (rad_b.reshape(n, p), kb[None, :], rmin_b) if has_b else None, pairs, _up(eps), jit,
     )  # fmt: skip
     out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls
     po, ho = arb_kernels._addresses(out)
@@ -227,7 +227,7 @@ def _errors(
     al_a: tuple[np.ndarray, float], al_b: tuple[np.ndarray, float],
     rad_a: tuple[np.ndarray, np.ndarray, float] | None,
     rad_b: tuple[np.ndarray, np.ndarray, float] | None, pairs: np.ndarray | None,
-    eps: tuple[float, int],
+    eps: tuple[float, int], jit: Any,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(f, E): every result's radius bound is at most ``f 2**(E + ea + eb)`` elementwise:
     ``|mid A| rad B + rad A |mid B| + rad A rad B`` (the radii ``rho 2**K`` with K per row of
@@ -269,7 +269,7 @@ def _errors(
         ts[i] = t
         ks[i] = kt
     f_out, e_out = np.empty(shape), np.empty(shape, np.int64)
-    _state["jit"].combine(ts, ks, f_out, e_out)
+    jit.combine(ts, ks, f_out, e_out)
     return f_out, e_out
 
 
