@@ -274,9 +274,9 @@ def _errors(
 
 
 def _self_check(jit: Any) -> bool:
-    """Random products (exact and inexact balls, zeros, mixed exponents) at three precisions:
-    the exact product of the midpoints inside each ball, the ball within 2**-(prec-8) of
-    n max|a row| max|b col| plus the radius terms."""
+    """Random products at three precisions: exact balls (short, long and zero midpoints, mixed
+    exponents), the exact product of the midpoints inside each result; then balls with radii
+    (the radii read from the balls' memory too), the extreme corners inside each result."""
     rng = np.random.default_rng(7)
     for prec, (m, n, p) in ((128, (3, 5, 4)), (467, (6, 9, 5)), (1600, (4, 3, 7))):
         a, b, fa, fb = _random_pair(rng, m, n, p, prec)
@@ -288,7 +288,36 @@ def _self_check(jit: Any) -> bool:
             for j in range(p):
                 if not _contains(got[i, j], want[i, j]):
                     return False
+    # radii of 2**-20 .. 2**-2 of the midpoints: a radius misread shows at a corner
+    a = np.array(
+        [[arb(k + 2, 2.0**-k) for k in range(3)], [arb(-3, 0.25), arb(1, 2**-20), arb(0.5)]]
+    )
+    b = np.array([[arb(1.5, 2.0**-5)], [arb(-2, 0.5)], [arb(7)]])
+    got = _product(a.astype(object), b.astype(object), 200, jit, choose=False)
+    if got is None:
+        return False
+    for i in range(2):
+        lo = hi = Fraction(0)
+        for k in range(3):  # the exact range of a sum of products of intervals
+            ends = [
+                x * y
+                for x in (
+                    _fraction(a[i, k]) - _radius(a[i, k]),
+                    _fraction(a[i, k]) + _radius(a[i, k]),
+                )
+                for y in (
+                    _fraction(b[k, 0]) - _radius(b[k, 0]),
+                    _fraction(b[k, 0]) + _radius(b[k, 0]),
+                )
+            ]
+            lo, hi = lo + min(ends), hi + max(ends)
+        if not (_contains(got[i, 0], lo) and _contains(got[i, 0], hi)):
+            return False
     return True
+
+
+def _radius(x: arb) -> Fraction:
+    return _fraction(arb(x.rad()))
 
 
 def _fraction(x: arb) -> Fraction:
@@ -297,9 +326,7 @@ def _fraction(x: arb) -> Fraction:
 
 
 def _contains(ball: arb, value: Fraction) -> bool:
-    mid = _fraction(ball)
-    rad = _fraction(arb(ball.rad()))
-    return abs(mid - value) <= rad
+    return abs(_fraction(ball) - value) <= _radius(ball)
 
 
 def _random_pair(
