@@ -128,19 +128,6 @@ def _as_mat(a: Any) -> Any:
     return _kept_mat(a)
 
 
-def _balls2d(a: Any, b: Any) -> bool:
-    """Both 2-D object arrays of matching shapes (the slice engine's operands)?"""
-    return (
-        isinstance(a, np.ndarray)
-        and isinstance(b, np.ndarray)
-        and a.dtype == object
-        and b.dtype == object
-        and a.ndim == 2
-        and b.ndim == 2
-        and a.shape[1] == b.shape[0]
-    )
-
-
 def _kept_mat(a: np.ndarray) -> Any:
     key = id(a)
     mat = _MATS.get(key)
@@ -205,7 +192,7 @@ class ArbArith(ExactDerivatives):
         p = b.shape[1]
         if m == 0 or n == 0 or p == 0:
             return _obj(np.full((m, p), arb(0), dtype=object))
-        if self.slice_products and self.prec >= arb_slices.MIN_PREC and _balls2d(a, b):
+        if self.slice_products and arb_slices.usable(a, b, self.prec):
             done = arb_slices.matmul(a, b, self.prec)
             if done is not None:
                 return done

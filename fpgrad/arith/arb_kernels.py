@@ -200,6 +200,11 @@ def usable(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
+def fresh(shape: int | tuple[int, ...]) -> np.ndarray:
+    """New zero balls, one object each (-0 = 0), for a kernel to write into."""
+    return np.negative(np.full(shape, arb(0), dtype=object))
+
+
 def _objects(a: object) -> bool:
     """A 2-D numpy array of Python objects (its cells are object pointers)?"""
     return isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 2
@@ -222,7 +227,7 @@ def _product(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray:
     p = b.shape[1]
     if b.shape[0] != n:  # checked before the kernel reads n * p of b's pointers
         raise ValueError("incompatible shapes for matrix multiplication")
-    out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls (-0 = 0)
+    out = fresh((m, p))
     pa, ha = _addresses(a)
     pb, hb = _addresses(b)
     po, ho = _addresses(out)
@@ -260,8 +265,8 @@ def _adam(
     if any(a.dtype != object for a in arrays):
         return None
     ins = np.stack([np.ascontiguousarray(a).ravel() for a in arrays])
-    outs = np.negative(np.full(ins.shape, arb(0), dtype=object))  # fresh zero balls
-    tmp = np.negative(np.full(9, arb(0), dtype=object))
+    outs = fresh(ins.shape)
+    tmp = fresh(9)
     scal = np.array([*scalars, arb(0)], dtype=object)
     held = [_addresses(a) for a in (outs, ins, scal, tmp)]
     done = _state["jit"].adam(

@@ -146,8 +146,11 @@ def _plan(n: int, prec: int, wa: int, wb: int) -> tuple[int, int, int, int, Frac
     return beta, ta, tb, last, Fraction(cut + dropped, 1 << (beta * full))
 
 
-def _objects(a: object) -> bool:
-    return isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 2
+def usable(a: Any, b: Any, prec: int) -> bool:
+    """Does :func:`matmul` take ``a @ b`` at ``prec`` bits: 2-D object arrays of matching
+    shapes, from :data:`MIN_PREC` bits (it may still decline: None)?"""
+    objects = arb_kernels._objects
+    return prec >= MIN_PREC and objects(a) and objects(b) and a.shape[1] == b.shape[0]
 
 
 def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
@@ -160,7 +163,7 @@ def matmul(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
 def _product(
     a: np.ndarray, b: np.ndarray, prec: int, jit: Any, choose: bool = True
 ) -> np.ndarray | None:
-    if not (_objects(a) and _objects(b)):
+    if not (arb_kernels._objects(a) and arb_kernels._objects(b)):
         raise TypeError("arb_slices: 2-D object arrays of arb balls only")
     m, n = a.shape
     p = b.shape[1]
@@ -211,7 +214,7 @@ def _product(
         (rad_a.reshape(m, n), ka[:, None], rmin_a) if has_a else None,
         (rad_b.reshape(n, p), kb[None, :], rmin_b) if has_b else None, pairs, _up(eps), jit,
     )  # fmt: skip
-    out = np.negative(np.full((m, p), arb(0), dtype=object))  # fresh zero balls
+    out = arb_kernels.fresh((m, p))
     po, ho = arb_kernels._addresses(out)
     words = np.zeros((last * beta + 56) // 64 + 2, dtype=np.uint64)
     done = jit.assemble(
