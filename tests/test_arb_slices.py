@@ -10,22 +10,11 @@ from flint import arb, arb_mat, ctx
 
 from fpgrad.arith import arb_slices as S
 from fpgrad.arith.arb import ArbArith
+from tests.arb_exact import engine as _engine
+from tests.arb_exact import q as _q
+from tests.arb_exact import r as _r
 
 pytestmark = pytest.mark.skipif(S._jit() is None, reason="no compiled Arb kernels here")
-
-
-def _engine(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
-    """The engine itself at any precision (matmul leaves some to arb_dot)."""
-    return S._product(a, b, prec, S._jit(), choose=False)
-
-
-def _q(x: arb) -> Fraction:
-    man, exp = x.mid().man_exp()
-    return Fraction(int(man)) * Fraction(2) ** int(exp)
-
-
-def _r(x: arb) -> Fraction:
-    return _q(arb(x.rad()))
 
 
 def _balls(rng: np.random.Generator, shape: tuple[int, int], prec: int, spread: int) -> np.ndarray:

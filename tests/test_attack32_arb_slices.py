@@ -18,48 +18,16 @@ import pytest
 from flint import acb, arb, arb_mat, arf, ctx
 
 from fpgrad.arith import arb_slices as S
+from tests.arb_exact import ball as _ball
+from tests.arb_exact import engine as _engine
+from tests.arb_exact import obj as _obj
+from tests.arb_exact import q as _q
+from tests.arb_exact import r as _r
 
 pytestmark = pytest.mark.skipif(S._jit() is None, reason="no compiled Arb slice kernels")
 
 F = Fraction
 PRECS = (64, 128, 129, 200, 467, 700, 1023, 1024, 1200, 2000)
-
-
-def _engine(a: np.ndarray, b: np.ndarray, prec: int) -> np.ndarray | None:
-    """The engine itself at any precision and operand widths (matmul may leave some to
-    arb_dot)."""
-    return S._product(a, b, prec, S._jit(), choose=False)
-
-
-def _q(x: arb) -> Fraction:
-    man, exp = x.mid().man_exp()
-    return F(int(man)) * F(2) ** int(exp)
-
-
-def _r(x: arb) -> Fraction:
-    return _q(arb(x.rad()))
-
-
-def _arf(v: Fraction | int) -> arf:
-    v = F(v)
-    if v == 0:
-        return arf(0)
-    d = v.denominator
-    assert d & (d - 1) == 0, "dyadic values only"
-    return arf((v.numerator, -(d.bit_length() - 1)))
-
-
-def _ball(mid: Fraction | int, rad: Fraction | int = 0) -> arb:
-    """An exact dyadic midpoint (any number of limbs) and radius (rounded up by arb)."""
-    return arb(_arf(mid), _arf(rad))
-
-
-def _obj(rows: list[list[arb]]) -> np.ndarray:
-    out = np.empty((len(rows), len(rows[0])), dtype=object)
-    for i, row in enumerate(rows):
-        for j, v in enumerate(row):
-            out[i, j] = v
-    return out
 
 
 def _bad_entries(got: np.ndarray | None, a: np.ndarray, b: np.ndarray) -> list[tuple]:
